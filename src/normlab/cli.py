@@ -1,0 +1,64 @@
+"""The ``normlab`` command line (one Typer app)."""
+
+from __future__ import annotations
+
+import time
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="normlab: normalization for transformers. Norms, placements, studies, benchmarks, audits.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+
+
+@app.callback()
+def _root() -> None:
+    """normlab: normalization for transformers."""
+
+
+@app.command()
+def norms(
+    hidden: int = typer.Option(256, help="Hidden size of the demo input."),
+    rows: int = typer.Option(2048, help="Rows (batch x time) of the demo input."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """List the registered norms and measure each one's defining property and CPU cost."""
+    import torch
+
+    from normlab.norms import build_norm, get_norm_entry, norm_names
+
+    torch.manual_seed(seed)
+    x = torch.randn(rows // 16, 16, hidden) * 2.0 + 3.0  # mean 3, std 2: far from normalized
+    table = Table(title=f"normlab norms on x ~ N(3, 2^2), shape {list(x.shape)}, CPU fp32")
+    for col in ("name", "equation (paper)", "mean(y)", "rms(y) per row", "fwd+bwd ms"):
+        table.add_column(col, overflow="fold")
+    for name in norm_names():
+        norm = build_norm(name, hidden).train()
+        xg = x.clone().requires_grad_(True)
+        y = norm(xg)
+        y.square().mean().backward()
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            norm(xg).square().mean().backward()
+            times.append(time.perf_counter() - t0)
+        y = y.detach()
+        rms = y.square().mean(-1).sqrt()
+        table.add_row(
+            name, get_norm_entry(name).summary, f"{y.mean():+.3f}",
+            f"{rms.mean():.3f} ± {rms.std():.3f}", f"{sorted(times)[2] * 1e3:.2f}",
+        )
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

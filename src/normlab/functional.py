@@ -1,0 +1,250 @@
+"""normlab's public ops: argument checks, then dispatch to the backend in force.
+
+Every function here has one reference in ``normlab.ops.reference``; which
+implementation runs is decided by ``normlab.set_backend`` (see ``normlab.backend``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from normlab.backend import resolve
+from normlab.errors import NormArgumentError
+from normlab.ops import get_impl
+
+__all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "dropout_add"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def _check_tensor(op: str, name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: expected {name} to be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise NormArgumentError(
+            f"{op}: expected {name} to have a floating-point dtype "
+            f"(float16, bfloat16, float32 or float64), got {t.dtype}"
+        )
+    return t
+
+
+def _check_normalized_shape(op: str, x: Tensor, normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
+    if isinstance(normalized_shape, numbers.Integral):
+        shape = (int(normalized_shape),)
+    else:
+        try:
+            shape = tuple(int(d) for d in normalized_shape)
+        except TypeError:
+            raise TypeError(
+                f"{op}: expected normalized_shape to be an int or a sequence of ints, "
+                f"got {normalized_shape!r}"
+            ) from None
+    if not shape:
+        raise NormArgumentError(f"{op}: expected normalized_shape to have at least one dimension, got ()")
+    if len(shape) > x.dim() or tuple(x.shape[x.dim() - len(shape):]) != shape:
+        raise NormArgumentError(
+            f"{op}: Given normalized_shape={list(shape)}, expected input with shape "
+            f"[*, {', '.join(map(str, shape))}], but got input of size{list(x.shape)}"
+        )
+    return shape
+
+
+def _check_param(op: str, name: str, p: Tensor | None, shape: tuple[int, ...], x: Tensor,
+                 dtypes: tuple[torch.dtype, ...] | None = None) -> None:
+    """weight/bias: the normalized shape, x's device, and one of ``dtypes`` (any float if None)."""
+    if p is None:
+        return
+    _check_tensor(op, name, p)
+    if tuple(p.shape) != shape:
+        raise NormArgumentError(
+            f"{op}: Expected {name} to be of same shape as normalized_shape, but got {name} "
+            f"of shape {list(p.shape)} and normalized_shape = {list(shape)}"
+        )
+    if p.device != x.device:
+        raise NormArgumentError(f"{op}: expected {name} on {x.device} (the input's device), got {p.device}")
+    if dtypes is not None and p.dtype not in dtypes:
+        raise NormArgumentError(
+            f"{op}: mixed dtype: expected {name} to have dtype "
+            f"{' or '.join(sorted({str(d) for d in dtypes}))} for input of dtype {x.dtype}, got {p.dtype}"
+        )
+
+
+def _layer_norm_param_dtypes(x_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    """LayerNorm's rule, as torch's CPU kernel: x's dtype, or float32 for half-precision x."""
+    return (x_dtype, torch.float32) if x_dtype in _HALF else (x_dtype,)
+
+
+def _check_eps(op: str, eps: float | None, allow_none: bool) -> None:
+    if eps is None and allow_none:
+        return
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
+        expected = "None or a finite number >= 0" if allow_none else "a finite number >= 0"
+        raise NormArgumentError(f"{op}: expected eps to be {expected}, got {eps!r}")
+
+
+def _check_residual_args(op: str, x: Tensor, residual: Tensor | None, dropout_p: float,
+                         generator: torch.Generator | None,
+                         residual_dtype: torch.dtype | None) -> None:
+    if residual is not None:
+        _check_tensor(op, "residual", residual)
+        if residual.shape != x.shape:
+            raise NormArgumentError(
+                f"{op}: expected residual of the input's shape {list(x.shape)}, got {list(residual.shape)}"
+            )
+        if residual.device != x.device:
+            raise NormArgumentError(f"{op}: expected residual on {x.device} (the input's device), got {residual.device}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p <= 1.0:
+        raise NormArgumentError(f"{op}: expected dropout_p in [0, 1], got {dropout_p!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{op}: expected generator to be a torch.Generator or None, got {type(generator).__name__}")
+    if residual_dtype is not None and (
+        not isinstance(residual_dtype, torch.dtype) or not residual_dtype.is_floating_point
+    ):
+        raise NormArgumentError(f"{op}: expected residual_dtype to be a floating-point torch.dtype or None, got {residual_dtype!r}")
+
+
+def _fused_shape(op: str, x: Tensor, normalized_shape: int | Sequence[int] | None,
+                 weight: Tensor | None, bias: Tensor | None) -> tuple[int, ...]:
+    """The fused add+norm ops normalize over ``normalized_shape`` if given, else over the
+    parameters' shape, else over the last dim."""
+    if normalized_shape is not None:
+        return _check_normalized_shape(op, x, normalized_shape)
+    param = weight if weight is not None else bias
+    if param is not None and isinstance(param, Tensor):
+        return _check_normalized_shape(op, x, tuple(param.shape))
+    if x.dim() == 0:
+        raise NormArgumentError(f"{op}: expected input with at least one dimension, got a 0-dim tensor")
+    return tuple(x.shape[-1:])
+
+
+def _fused_param_dtypes(x: Tensor, residual_dtype: torch.dtype | None) -> tuple[torch.dtype, ...]:
+    """Fused add+norm parameters: float32, the activation dtype or the residual dtype."""
+    return tuple({x.dtype, residual_dtype or x.dtype, torch.float32})
+
+
+# ---------------------------------------------------------------------------- ops
+
+
+def layer_norm(
+    x: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Layer normalization over the trailing ``normalized_shape`` dims (Ba et al. 2016).
+
+    y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias, biased variance, statistics in
+    float32 (float64 for float64 input); same semantics as ``torch.nn.functional.layer_norm``."""
+    op = "layer_norm"
+    _check_tensor(op, "input", x)
+    shape = _check_normalized_shape(op, x, normalized_shape)
+    _check_param(op, "weight", weight, shape, x, _layer_norm_param_dtypes(x.dtype))
+    _check_param(op, "bias", bias, shape, x, _layer_norm_param_dtypes(x.dtype))
+    _check_eps(op, eps, allow_none=False)
+    return get_impl(op, resolve(x))(x, shape, weight, bias, float(eps))
+
+
+def rms_norm(
+    x: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+) -> Tensor:
+    """RMS normalization over the trailing ``normalized_shape`` dims (Zhang & Sennrich 2019).
+
+    y = x / sqrt(mean(x^2) + eps) * weight; eps=None uses float32's machine epsilon
+    (float64's for float64 input), as ``torch.nn.functional.rms_norm``. Output keeps x's dtype."""
+    op = "rms_norm"
+    _check_tensor(op, "input", x)
+    shape = _check_normalized_shape(op, x, normalized_shape)
+    _check_param(op, "weight", weight, shape, x)
+    _check_eps(op, eps, allow_none=True)
+    return get_impl(op, resolve(x))(x, shape, weight, None if eps is None else float(eps))
+
+
+def dropout_add(
+    x: Tensor,
+    residual: Tensor | None,
+    *,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    generator: torch.Generator | None = None,
+    residual_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """new_residual = residual + dropout(x), summed in float32 (float64) and stored in
+    ``residual_dtype`` (default x.dtype). ``residual=None`` is a zero residual."""
+    op = "dropout_add"
+    _check_tensor(op, "input", x)
+    _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype)
+    return get_impl(op, resolve(x))(
+        x, residual, dropout_p=float(dropout_p), training=bool(training), generator=generator,
+        residual_dtype=residual_dtype,
+    )
+
+
+def add_layer_norm(
+    x: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float = 1e-5,
+    *,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    generator: torch.Generator | None = None,
+    residual_dtype: torch.dtype | None = None,
+    normalized_shape: int | Sequence[int] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Fused residual add + dropout + LayerNorm: returns (out, new_residual).
+
+    new_residual = residual + dropout(x)   (stored in residual_dtype, default x.dtype)
+    out          = layer_norm(new_residual) over normalized_shape (default: weight's
+                   shape, the last dim without weight and bias), in x's dtype.
+    Post-LN uses ``out`` as the next residual, Pre-LN uses ``new_residual``."""
+    op = "add_layer_norm"
+    _check_tensor(op, "input", x)
+    _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype)
+    shape = _fused_shape(op, x, normalized_shape, weight, bias)
+    dtypes = _fused_param_dtypes(x, residual_dtype)
+    _check_param(op, "weight", weight, shape, x, dtypes)
+    _check_param(op, "bias", bias, shape, x, dtypes)
+    _check_eps(op, eps, allow_none=False)
+    return get_impl(op, resolve(x))(
+        x, residual, weight, bias, float(eps), dropout_p=float(dropout_p), training=bool(training),
+        generator=generator, residual_dtype=residual_dtype, normalized_shape=shape,
+    )
+
+
+def add_rms_norm(
+    x: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    eps: float | None = None,
+    *,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    generator: torch.Generator | None = None,
+    residual_dtype: torch.dtype | None = None,
+    normalized_shape: int | Sequence[int] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Fused residual add + dropout + RMSNorm: returns (out, new_residual), as add_layer_norm."""
+    op = "add_rms_norm"
+    _check_tensor(op, "input", x)
+    _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype)
+    shape = _fused_shape(op, x, normalized_shape, weight, None)
+    _check_param(op, "weight", weight, shape, x, _fused_param_dtypes(x, residual_dtype))
+    _check_eps(op, eps, allow_none=True)
+    return get_impl(op, resolve(x))(
+        x, residual, weight, None if eps is None else float(eps), dropout_p=float(dropout_p),
+        training=bool(training), generator=generator, residual_dtype=residual_dtype,
+        normalized_shape=shape,
+    )

@@ -1,0 +1,43 @@
+"""The forward protocol every registered norm follows.
+
+    norm(x)                                   -> normalized x
+    norm(x, residual, dropout_p=p)            -> (norm(residual + dropout(x)), residual + dropout(x))
+    norm(x, padding_mask=mask)                -> norms with batch statistics ignore padded positions
+
+so a transformer block calls any norm the same way, and LayerNorm/RMSNorm take the
+fused add+norm kernel behind that call.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from normlab import functional as F
+
+
+class ResidualNorm:
+    """Mixin: ``forward(x, residual=None, *, dropout_p=0.0, residual_dtype=None, padding_mask=None)``.
+
+    Subclasses implement ``normalize(x, padding_mask)``; norms with a fused add+norm op
+    also override ``add_normalize``. ``padding_mask`` (bool, True at padded positions,
+    shape ``x.shape[:-1]``) matters only to norms that mix positions (batch statistics);
+    per-position norms ignore it, which is exact for them."""
+
+    def normalize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def add_normalize(self, x: Tensor, residual: Tensor, dropout_p: float,
+                      residual_dtype: torch.dtype | None,
+                      padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        new_residual = F.dropout_add(
+            x, residual, dropout_p=dropout_p, training=self.training, residual_dtype=residual_dtype
+        )
+        return self.normalize(new_residual, padding_mask).to(x.dtype), new_residual
+
+    def forward(self, x: Tensor, residual: Tensor | None = None, *, dropout_p: float = 0.0,
+                residual_dtype: torch.dtype | None = None,
+                padding_mask: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        if residual is None:
+            return self.normalize(x, padding_mask)
+        return self.add_normalize(x, residual, dropout_p, residual_dtype, padding_mask)

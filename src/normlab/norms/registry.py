@@ -1,0 +1,73 @@
+"""The norm registry: ``build_norm(name, dim, **kw)`` and ``norm_names()``.
+
+A norm is added by decorating its class with ``@register_norm("name")`` in its own
+file; callers (models, studies, the CLI) only ever use the registry.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from normlab.errors import NormArgumentError
+
+
+@dataclass(frozen=True)
+class NormEntry:
+    name: str
+    cls: type[nn.Module]
+    has_eps: bool
+
+    @property
+    def summary(self) -> str:
+        """The one docstring line with the norm's equation and paper."""
+        return (inspect.getdoc(self.cls) or "").splitlines()[0]
+
+
+_REGISTRY: dict[str, NormEntry] = {}
+
+
+def register_norm(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: make ``cls`` buildable as ``build_norm(name, dim, **kw)``.
+
+    ``cls(dim, **kw)`` must accept the norm's size first; its forward follows the
+    protocol of ``normlab.norms.base.ResidualNorm``."""
+
+    def wrap(cls: type[nn.Module]) -> type[nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"register_norm: a norm named {name!r} is already registered")
+        has_eps = "eps" in inspect.signature(cls.__init__).parameters
+        _REGISTRY[name] = NormEntry(name, cls, has_eps)
+        return cls
+
+    return wrap
+
+
+def norm_names() -> list[str]:
+    """The registered norm names, in registration order."""
+    return list(_REGISTRY)
+
+
+def get_norm_entry(name: str) -> NormEntry:
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise NormArgumentError(
+            f"unknown norm {name!r}; expected one of: {', '.join(norm_names())}"
+        ) from None
+
+
+def build_norm(name: str, dim: int, **kw) -> nn.Module:
+    """Build the norm registered as ``name`` over a last dim of size ``dim``.
+
+    ``eps`` is passed to norms that have one and ignored by those that have none
+    (``dyt``, ``none``), so a model can pass its ``norm_eps`` whatever the norm."""
+    entry = get_norm_entry(name)
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise NormArgumentError(f"build_norm: expected dim to be an int >= 1, got {dim!r}")
+    if not entry.has_eps or kw.get("eps", 0.0) is None:
+        kw.pop("eps", None)  # None: the norm's own default
+    return entry.cls(dim, **kw)

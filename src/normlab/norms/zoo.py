@@ -1,0 +1,278 @@
+"""The norms beyond LayerNorm/RMSNorm: ScaleNorm, PowerNorm, masked BatchNorm, DyT, none.
+
+Each class's first docstring line is its equation and paper (shown by ``normlab norms``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from normlab.errors import NormArgumentError
+from normlab.norms.base import ResidualNorm
+from normlab.norms.registry import register_norm
+from normlab.ops.reference import compute_dtype
+
+
+def _check_last_dim(name: str, x: Tensor, dim: int) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected input to be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise NormArgumentError(f"{name}: expected input to have a floating-point dtype, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != dim:
+        raise NormArgumentError(
+            f"{name}: expected input with shape [*, {dim}], but got input of size{list(x.shape)}"
+        )
+
+
+def _valid_positions(name: str, x: Tensor, padding_mask: Tensor | None) -> Tensor:
+    """A float [*x.shape[:-1], 1] tensor: 1 at real positions, 0 at padded ones."""
+    if padding_mask is None:
+        return x.new_ones((*x.shape[:-1], 1), dtype=compute_dtype(x.dtype))
+    if not isinstance(padding_mask, Tensor) or padding_mask.dtype != torch.bool or \
+            tuple(padding_mask.shape) != tuple(x.shape[:-1]):
+        got = (f"{list(padding_mask.shape)} {padding_mask.dtype}" if isinstance(padding_mask, Tensor)
+               else type(padding_mask).__name__)
+        raise NormArgumentError(
+            f"{name}: expected padding_mask of shape {list(x.shape[:-1])} (the input's shape "
+            f"without the channel dim) and dtype torch.bool (True = padded), got {got}"
+        )
+    if padding_mask.device != x.device:
+        raise NormArgumentError(f"{name}: expected padding_mask on {x.device}, got {padding_mask.device}")
+    return (~padding_mask).unsqueeze(-1).to(compute_dtype(x.dtype))
+
+
+@register_norm("scalenorm")
+class ScaleNorm(ResidualNorm, nn.Module):
+    """y = g * x / max(||x||_2, eps), one learnable scalar g = sqrt(d) at init (Nguyen & Salazar 2019, "Transformers without Tears")."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None) -> None:
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.g = nn.Parameter(torch.empty((), device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.g, math.sqrt(self.dim))
+
+    def normalize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        _check_last_dim("ScaleNorm", x, self.dim)
+        xf = x.to(compute_dtype(x.dtype))
+        norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).clamp_min(self.eps)
+        return (self.g * xf / norm).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}"
+
+
+@register_norm("dyt")
+class DyT(ResidualNorm, nn.Module):
+    """y = gamma * tanh(alpha * x) + beta, alpha a learnable scalar (Zhu et al. 2025, "Transformers without Normalization")."""
+
+    def __init__(self, dim: int, alpha_init: float = 0.5, elementwise_affine: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.dim, self.alpha_init = dim, alpha_init
+        factory = {"device": device, "dtype": dtype}
+        self.alpha = nn.Parameter(torch.empty(1, **factory))
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(dim, **factory))
+            self.bias = nn.Parameter(torch.empty(dim, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.alpha, self.alpha_init)
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def normalize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        _check_last_dim("DyT", x, self.dim)
+        y = torch.tanh(self.alpha * x.to(compute_dtype(x.dtype)))
+        if self.weight is not None:
+            y = y * self.weight + self.bias
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, alpha_init={self.alpha_init}, elementwise_affine={self.weight is not None}"
+
+
+@register_norm("none")
+class NoNorm(ResidualNorm, nn.Module):
+    """y = x: no normalization (norm-free baselines; with placement "none")."""
+
+    def __init__(self, dim: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def normalize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}"
+
+
+@register_norm("batchnorm")
+class MaskedBatchNorm(ResidualNorm, nn.Module):
+    """y = (x - mu_B) / sqrt(var_B + eps) * gamma + beta, statistics over the real (unpadded) positions of the batch (Ioffe & Szegedy 2015, masked for sequences)."""
+
+    uses_batch_statistics = True
+
+    def __init__(self, dim: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.dim, self.eps, self.momentum = dim, eps, momentum
+        factory = {"device": device, "dtype": dtype}
+        if affine:
+            self.weight = nn.Parameter(torch.empty(dim, **factory))
+            self.bias = nn.Parameter(torch.empty(dim, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        stat = {"device": device, "dtype": torch.float32 if dtype is None else dtype}
+        self.register_buffer("running_mean", torch.zeros(dim, **stat))
+        self.register_buffer("running_var", torch.ones(dim, **stat))
+        self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long, device=device))
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+        self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def normalize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        _check_last_dim("MaskedBatchNorm", x, self.dim)
+        valid = _valid_positions("MaskedBatchNorm", x, padding_mask)
+        xf = x.to(valid.dtype)
+        if self.training:
+            n = valid.sum()
+            if n.item() < 2:
+                raise NormArgumentError(
+                    f"MaskedBatchNorm: expected more than 1 real (unpadded) position per channel "
+                    f"when training, got {int(n.item())}"
+                )
+            xv = torch.where(valid.bool(), xf, 0.0)  # padded values never reach the statistics
+            dims = tuple(range(x.dim() - 1))
+            mean = xv.sum(dims) / n
+            var = (((xv - mean) * valid).square()).sum(dims) / n
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+                unbiased = var * n / (n - 1)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
+        else:
+            mean, var = self.running_mean.to(xf.dtype), self.running_var.to(xf.dtype)
+        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            y = y * self.weight + self.bias
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}, momentum={self.momentum}, affine={self.weight is not None}"
+
+
+class _PowerNormScale(torch.autograd.Function):
+    """x_hat = x / psi with PowerNorm's approximate backward (Shen et al. 2020, Algorithm 1):
+
+        dL/dx = (g - Gamma * x_hat) / psi,   g = dL/dx_hat,
+        Gamma <- alpha_bkw * Gamma + (1 - alpha_bkw) * mean_B(g * x_hat)
+
+    Gamma is the running estimate of the term that exact backpropagation through the
+    batch statistic would subtract; it is updated in place during backward."""
+
+    @staticmethod
+    def forward(ctx, x, psi, grad_ema, valid, alpha_bkw):
+        x_hat = x / psi
+        ctx.save_for_backward(x_hat, psi, valid)
+        ctx.grad_ema, ctx.alpha_bkw = grad_ema, alpha_bkw  # a buffer, read at backward time
+        return x_hat
+
+    @staticmethod
+    def backward(ctx, g):
+        x_hat, psi, valid = ctx.saved_tensors
+        grad_ema = ctx.grad_ema
+        dx = (g - grad_ema * x_hat) / psi
+        with torch.no_grad():
+            dims = tuple(range(g.dim() - 1))
+            batch_term = (g * x_hat * valid).sum(dims) / valid.sum().clamp_min(1)
+            grad_ema.mul_(ctx.alpha_bkw).add_((1 - ctx.alpha_bkw) * batch_term)
+        return dx, None, None, None, None
+
+
+@register_norm("powernorm")
+class PowerNorm(ResidualNorm, nn.Module):
+    """y = gamma * x / psi + beta, psi^2 a running quadratic mean of x over batches, no mean subtraction, approximate backprop (Shen et al. 2020, "PowerNorm: Rethinking Batch Normalization in Transformers").
+
+    Training step t: psi_B^2 = mean over real positions of x^2 (per channel);
+    the forward divides by psi_{t-1} (by psi_B during the first ``warmup_iters`` steps);
+    psi_t^2 = alpha_fwd * psi_{t-1}^2 + (1 - alpha_fwd) * psi_B^2 (a plain average of
+    the batches seen during warm-up). Eval divides by the running psi.
+    """
+
+    uses_batch_statistics = True
+
+    def __init__(self, dim: int, eps: float = 1e-5, alpha_fwd: float = 0.9, alpha_bkw: float = 0.9,
+                 warmup_iters: int = 100, affine: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        self.dim, self.eps, self.alpha_fwd, self.alpha_bkw = dim, eps, alpha_fwd, alpha_bkw
+        self.warmup_iters = warmup_iters
+        factory = {"device": device, "dtype": dtype}
+        if affine:
+            self.weight = nn.Parameter(torch.empty(dim, **factory))
+            self.bias = nn.Parameter(torch.empty(dim, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("running_phi", torch.ones(dim, device=device))
+        self.register_buffer("grad_ema", torch.zeros(dim, device=device))
+        self.register_buffer("iters", torch.zeros((), dtype=torch.long, device=device))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.running_phi.fill_(1.0)
+        self.grad_ema.zero_()
+        self.iters.zero_()
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def normalize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        _check_last_dim("PowerNorm", x, self.dim)
+        valid = _valid_positions("PowerNorm", x, padding_mask)
+        xf = x.to(valid.dtype)
+        if self.training:
+            n = valid.sum()
+            if n.item() < 1:
+                raise NormArgumentError("PowerNorm: expected at least one real (unpadded) position when training")
+            dims = tuple(range(x.dim() - 1))
+            with torch.no_grad():
+                batch_phi = (torch.where(valid.bool(), xf, 0.0).square()).sum(dims) / n
+                self.iters += 1
+                t = int(self.iters.item())
+                phi = batch_phi if t <= self.warmup_iters else self.running_phi.clone()
+                if t <= self.warmup_iters:
+                    self.running_phi.mul_((t - 1) / t).add_(batch_phi / t)
+                else:
+                    self.running_phi.mul_(self.alpha_fwd).add_((1 - self.alpha_fwd) * batch_phi)
+            psi = torch.sqrt(phi.to(xf.dtype) + self.eps)
+            y = _PowerNormScale.apply(xf, psi, self.grad_ema, valid, self.alpha_bkw)
+        else:
+            y = xf / torch.sqrt(self.running_phi.to(xf.dtype) + self.eps)
+        if self.weight is not None:
+            y = y * self.weight + self.bias
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.dim}, eps={self.eps}, alpha_fwd={self.alpha_fwd}, alpha_bkw={self.alpha_bkw}, "
+                f"warmup_iters={self.warmup_iters}, affine={self.weight is not None}")

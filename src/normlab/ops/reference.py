@@ -1,0 +1,175 @@
+"""The one pure-torch reference of every normlab op.
+
+Every other implementation (the eager torch path, the Triton kernels) is tested
+against these functions. They favour clarity over speed:
+
+* statistics are computed in float32 (float64 for float64 input), as torch does;
+* the variance is the biased one (divide by N);
+* the result is cast back to the input's dtype once, at the end.
+
+Autograd differentiates them, so they also define the reference gradients.
+Arguments are assumed valid here: ``normlab.functional`` checks them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are computed in: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def default_rms_eps(dtype: torch.dtype) -> float:
+    """RMSNorm's eps when none is given, as torch's code does: the machine epsilon of
+    the compute dtype (float32's for fp16/bf16/fp32 input, float64's for fp64)."""
+    return torch.finfo(compute_dtype(dtype)).eps
+
+
+def _dims(normalized_shape: Sequence[int]) -> tuple[int, ...]:
+    return tuple(range(-len(normalized_shape), 0))
+
+
+def _norm_shape(x: Tensor, param: Tensor | None) -> tuple[int, ...]:
+    """Without normalized_shape, the fused add+norm ops normalize over the parameter's shape,
+    or the last dim without one."""
+    return tuple(param.shape) if param is not None else tuple(x.shape[-1:])
+
+
+def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    # type promotion: a float32 y times a bf16 weight stays float32, as in torch
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def layer_norm(
+    x: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias over the trailing dims (Ba et al. 2016)."""
+    dims = _dims(normalized_shape)
+    xf = x.to(compute_dtype(x.dtype))
+    centered = xf - xf.mean(dims, keepdim=True)
+    var = centered.square().mean(dims, keepdim=True)
+    return _affine(centered * torch.rsqrt(var + eps), weight, bias).to(x.dtype)
+
+
+def rms_norm(
+    x: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+) -> Tensor:
+    """y = x / sqrt(mean(x^2) + eps) * weight over the trailing dims (Zhang & Sennrich 2019)."""
+    if eps is None:
+        eps = default_rms_eps(x.dtype)
+    dims = _dims(normalized_shape)
+    xf = x.to(compute_dtype(x.dtype))
+    rstd = torch.rsqrt(xf.square().mean(dims, keepdim=True) + eps)
+    return _affine(xf * rstd, weight, None).to(x.dtype)
+
+
+def dropout_add(
+    x: Tensor,
+    residual: Tensor | None,
+    *,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    generator: torch.Generator | None = None,
+    residual_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """new_residual = residual + dropout(x), summed in the compute dtype and rounded once
+    to ``residual_dtype`` (default: x.dtype). ``residual=None`` means a zero residual."""
+    ct = compute_dtype(x.dtype) if residual is None else torch.promote_types(
+        compute_dtype(x.dtype), compute_dtype(residual.dtype)
+    )
+    h = x.to(ct)
+    if training and dropout_p > 0.0:
+        if dropout_p >= 1.0:
+            h = torch.zeros_like(h)
+        else:
+            keep = torch.empty(x.shape, dtype=ct, device=x.device).bernoulli_(
+                1.0 - dropout_p, generator=generator
+            )
+            h = h * keep / (1.0 - dropout_p)
+    if residual is not None:
+        h = residual.to(ct) + h
+    return h.to(residual_dtype or x.dtype)
+
+
+def add_layer_norm(
+    x: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float = 1e-5,
+    *,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    generator: torch.Generator | None = None,
+    residual_dtype: torch.dtype | None = None,
+    normalized_shape: Sequence[int] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(layer_norm(new_residual), new_residual) with new_residual = residual + dropout(x).
+
+    The norm reads the stored (rounded) new_residual, so ``out`` is exactly the norm of
+    the tensor the next block sees; ``out`` has x's dtype."""
+    new_residual = dropout_add(
+        x, residual, dropout_p=dropout_p, training=training, generator=generator,
+        residual_dtype=residual_dtype,
+    )
+    shape = normalized_shape or _norm_shape(x, weight if weight is not None else bias)
+    out = layer_norm(new_residual, shape, weight, bias, eps)
+    return out.to(x.dtype), new_residual
+
+
+def add_rms_norm(
+    x: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    eps: float | None = None,
+    *,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    generator: torch.Generator | None = None,
+    residual_dtype: torch.dtype | None = None,
+    normalized_shape: Sequence[int] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(rms_norm(new_residual), new_residual) with new_residual = residual + dropout(x)."""
+    new_residual = dropout_add(
+        x, residual, dropout_p=dropout_p, training=training, generator=generator,
+        residual_dtype=residual_dtype,
+    )
+    out = rms_norm(new_residual, normalized_shape or _norm_shape(x, weight), weight, eps)
+    return out.to(x.dtype), new_residual
+
+
+def per_example_param_grad_sq(
+    grad_out: Tensor, x_hat: Tensor, normalized_shape: Sequence[int]
+) -> tuple[Tensor, Tensor]:
+    """Per-example squared norms of a norm layer's weight and bias gradients.
+
+    For y = x_hat * weight + bias with examples along dim 0 of ``x_hat`` (shape
+    [B, ..., *normalized_shape]), example b contributes
+    dL_b/dweight = sum over b's positions of grad_out * x_hat and
+    dL_b/dbias = sum over b's positions of grad_out. Returns float32 [B] tensors
+    (||dL_b/dweight||^2, ||dL_b/dbias||^2) (Gray et al. 2024: these alone predict the
+    gradient noise scale). ``x_hat`` is the normalized input before the affine step."""
+    b = grad_out.shape[0]
+    n = len(normalized_shape)
+    ct = torch.promote_types(compute_dtype(grad_out.dtype), compute_dtype(x_hat.dtype))
+    g = grad_out.to(ct).reshape(b, -1, *normalized_shape)
+    dweight = (g * x_hat.to(ct).reshape(g.shape)).sum(1)
+    dbias = g.sum(1)
+    dims = tuple(range(1, n + 1))
+    return dweight.square().sum(dims).float(), dbias.square().sum(dims).float()
