@@ -8,7 +8,6 @@ optional residual for the fused add + dropout + norm.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from normlab import functional as F

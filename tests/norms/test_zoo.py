@@ -1,0 +1,248 @@
+"""Each zoo norm: its defining property, its gradients, the residual protocol."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import normlab
+from normlab import NormArgumentError
+from normlab.norms import get_norm_entry
+from normlab.ops import reference as R
+
+
+def test_registry_lists_every_norm_with_its_paper():
+    names = normlab.norm_names()
+    assert names == ["layernorm", "rmsnorm", "scalenorm", "dyt", "none", "batchnorm", "powernorm"]
+    for name in names:
+        summary = get_norm_entry(name).summary
+        assert "y = " in summary and "(" in summary, name
+        m = normlab.build_norm(name, 12, eps=1e-4)
+        assert isinstance(m, nn.Module)
+        if get_norm_entry(name).has_eps:
+            assert m.eps == 1e-4
+
+
+def test_build_norm_errors_and_eps_handling():
+    with pytest.raises(NormArgumentError, match="unknown norm 'layrnorm'.*layernorm, rmsnorm"):
+        normlab.build_norm("layrnorm", 8)
+    with pytest.raises(NormArgumentError, match="dim.*int >= 1.*0"):
+        normlab.build_norm("layernorm", 0)
+    assert isinstance(normlab.build_norm("dyt", 8, eps=1e-5), normlab.DyT)  # eps ignored
+    assert normlab.build_norm("rmsnorm", 8, eps=None).eps is None
+    assert normlab.build_norm("layernorm", 8, eps=None).eps == 1e-5  # None: the default
+    with pytest.raises(TypeError):
+        normlab.build_norm("layernorm", 8, epsilon=1e-5)
+
+
+@pytest.mark.parametrize("name", ["layernorm", "rmsnorm", "scalenorm", "dyt", "none", "batchnorm", "powernorm"])
+def test_residual_protocol_for_every_norm(name):
+    torch.manual_seed(0)
+    m = normlab.build_norm(name, 16).eval()
+    x, r = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    out, new_r = m(x, r)
+    torch.testing.assert_close(new_r, r + x)
+    torch.testing.assert_close(out, m(r + x))
+
+
+def test_rmsnorm_output_has_unit_rms_before_affine():
+    x = torch.randn(10, 300) * 5 + 2
+    y = normlab.RMSNorm(300, elementwise_affine=False)(x)
+    torch.testing.assert_close(y.square().mean(-1), torch.ones(10), atol=1e-5, rtol=1e-5)
+
+
+def test_layernorm_output_is_standardized():
+    x = torch.randn(10, 300) * 5 + 2
+    y = normlab.LayerNorm(300, elementwise_affine=False)(x)
+    torch.testing.assert_close(y.mean(-1), torch.zeros(10), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.var(-1, unbiased=False), torch.ones(10), atol=1e-4, rtol=0)
+
+
+def test_scalenorm_output_has_norm_g():
+    m = normlab.ScaleNorm(64)
+    assert m.g.item() == pytest.approx(8.0)  # sqrt(64)
+    with torch.no_grad():
+        m.g.fill_(3.5)
+    y = m(torch.randn(7, 64) * 10)
+    torch.testing.assert_close(y.norm(dim=-1), torch.full((7,), 3.5))
+    assert torch.equal(m(torch.zeros(2, 64)), torch.zeros(2, 64))  # eps clamps the zero row
+
+
+def test_dyt_equation_and_init():
+    m = normlab.DyT(6)
+    assert m.alpha.item() == 0.5 and torch.equal(m.weight, torch.ones(6))
+    with torch.no_grad():
+        m.alpha.fill_(1.7)
+        m.weight.copy_(torch.arange(6.0))
+        m.bias.fill_(0.25)
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(m(x), torch.arange(6.0) * torch.tanh(1.7 * x) + 0.25)
+    assert normlab.DyT(6, alpha_init=0.2).alpha.item() == pytest.approx(0.2)
+
+
+def test_none_is_identity():
+    x = torch.randn(3, 4)
+    assert normlab.build_norm("none", 4)(x) is x
+
+
+# ------------------------------------------------------------- masked batch norm
+
+
+def _padded_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([7, 3, 5])
+    x = torch.randn(3, 7, 4, generator=g) * 2 + 1
+    pad = torch.arange(7)[None, :] >= lengths[:, None]
+    return x, pad
+
+
+def test_masked_batchnorm_statistics_ignore_padded_positions_exactly():
+    x, pad = _padded_batch()
+    m = normlab.MaskedBatchNorm(4)
+    ref = nn.BatchNorm1d(4)  # torch's batch norm on the real positions only
+    y = m(x, padding_mask=pad)
+    y_ref = ref(x[~pad])
+    torch.testing.assert_close(y[~pad], y_ref)
+    torch.testing.assert_close(m.running_mean, ref.running_mean)
+    torch.testing.assert_close(m.running_var, ref.running_var)
+    # garbage (even inf/nan) in padded positions changes nothing at real positions
+    x2 = x.clone()
+    x2[pad] = float("inf")
+    x2[pad.nonzero()[0][0], pad.nonzero()[0][1]] = float("nan")
+    m2 = normlab.MaskedBatchNorm(4)
+    torch.testing.assert_close(m2(x2, padding_mask=pad)[~pad], y[~pad])
+    # and the gradient into padded positions through the statistics is zero
+    xg = x.clone().requires_grad_(True)
+    out = normlab.MaskedBatchNorm(4)(xg, padding_mask=pad)
+    (g,) = torch.autograd.grad((out * (~pad).unsqueeze(-1)).square().sum(), xg)
+    assert torch.equal(g[pad], torch.zeros_like(g[pad]))
+
+
+def test_masked_batchnorm_without_padding_equals_batchnorm_and_eval_uses_running_stats():
+    x, _ = _padded_batch(1)
+    m, ref = normlab.MaskedBatchNorm(4), nn.BatchNorm1d(4)
+    for _ in range(3):
+        torch.testing.assert_close(m(x), ref(x.reshape(-1, 4)).reshape(x.shape))
+    m.eval(), ref.eval()
+    torch.testing.assert_close(m(x), ref(x.reshape(-1, 4)).reshape(x.shape))
+
+
+def test_masked_batchnorm_bad_mask():
+    x, pad = _padded_batch()
+    m = normlab.MaskedBatchNorm(4)
+    with pytest.raises(NormArgumentError, match=r"padding_mask of shape \[3, 7\].*got \[3, 6\]"):
+        m(x, padding_mask=pad[:, :6])
+    with pytest.raises(NormArgumentError, match="padding_mask.*torch.bool"):
+        m(x, padding_mask=pad.long())
+    with pytest.raises(NormArgumentError, match="more than 1 real"):
+        m(x, padding_mask=torch.ones(3, 7, dtype=torch.bool))
+
+
+# ------------------------------------------------------------- PowerNorm
+
+
+def test_powernorm_eval_uses_running_quadratic_mean():
+    m = normlab.PowerNorm(4, warmup_iters=2, alpha_fwd=0.5)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 6, 4, generator=g) * s for s in (1.0, 2.0, 3.0, 0.5)]
+    phi = torch.ones(4)
+    for t, xb in enumerate(batches, start=1):
+        y = m(xb)
+        batch_phi = xb.square().mean((0, 1))
+        used = batch_phi if t <= 2 else phi
+        torch.testing.assert_close(y, xb / torch.sqrt(used + m.eps))  # affine is identity at init
+        phi = phi * (t - 1) / t + batch_phi / t if t <= 2 else 0.5 * phi + 0.5 * batch_phi
+        torch.testing.assert_close(m.running_phi, phi)
+    m.eval()
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(m(x), x / torch.sqrt(phi + m.eps))
+    assert torch.equal(m.running_phi, phi)  # eval does not update the statistic
+
+
+def test_powernorm_relaxes_zero_mean():
+    m = normlab.PowerNorm(4)
+    x = torch.randn(4, 8, 4) + 5.0
+    y = m(x)
+    assert (y.mean((0, 1)) > 0.9).all()  # no mean subtraction: the mean survives
+
+
+def test_powernorm_padding_is_ignored_in_statistics():
+    x, pad = _padded_batch()
+    m = normlab.PowerNorm(4, warmup_iters=10)
+    y = m(x, padding_mask=pad)
+    phi = x[~pad].square().mean(0)
+    torch.testing.assert_close(y[~pad], x[~pad] / torch.sqrt(phi + m.eps))
+
+
+def test_powernorm_approximate_backward():
+    # dL/dx = (g - Gamma * x_hat) / psi; Gamma <- a * Gamma + (1 - a) * mean(g * x_hat)
+    m = normlab.PowerNorm(3, warmup_iters=0, alpha_bkw=0.8, affine=False)
+    with torch.no_grad():
+        m.running_phi.copy_(torch.tensor([1.0, 4.0, 9.0]))
+        m.grad_ema.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    x = torch.randn(5, 3, requires_grad=True)
+    g = torch.randn(5, 3)
+    y = m(x)
+    psi = torch.sqrt(torch.tensor([1.0, 4.0, 9.0]) + m.eps)
+    x_hat = x.detach() / psi
+    torch.testing.assert_close(y, x_hat)
+    gamma = m.grad_ema.clone()
+    (dx,) = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(dx, (g - gamma * x_hat) / psi)
+    torch.testing.assert_close(m.grad_ema, 0.8 * gamma + 0.2 * (g * x_hat).mean(0))
+
+
+# ------------------------------------------------------------- AdaLN
+
+
+def test_adaln_is_plain_layernorm_at_init_and_modulates_after():
+    torch.manual_seed(0)
+    m = normlab.AdaLN(8, cond_dim=5)
+    x, c = torch.randn(2, 3, 8), torch.randn(2, 5)
+    torch.testing.assert_close(m(x, c), R.layer_norm(x, (8,), eps=1e-6))
+    with torch.no_grad():
+        m.modulation.bias.copy_(torch.cat([torch.full((8,), 0.5), torch.full((8,), 1.0)]))
+    torch.testing.assert_close(m(x, c), R.layer_norm(x, (8,), eps=1e-6) * 2.0 + 0.5)
+    with pytest.raises(NormArgumentError, match=r"cond of shape \[2, 5\]"):
+        m(x, torch.randn(2, 4))
+
+
+# ------------------------------------------------------------- gradcheck
+
+
+@pytest.mark.parametrize("name", ["scalenorm", "dyt", "batchnorm", "powernorm_eval", "rmsnorm", "layernorm"])
+def test_gradcheck_float64_zoo(name):
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    if name == "powernorm_eval":
+        m = normlab.PowerNorm(5).double().eval()
+    else:
+        m = normlab.build_norm(name, 5).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    params = [p for p in m.parameters()]
+
+    def fn(x, *ps):
+        saved = [p.data for p in params]
+        for p, q in zip(params, ps):
+            p.data = q
+        try:
+            return torch.func.functional_call(m, dict(zip([n for n, _ in m.named_parameters()], ps)), (x,))
+        finally:
+            for p, s in zip(params, saved):
+                p.data = s
+
+    assert torch.autograd.gradcheck(fn, (x, *[p.detach().clone().requires_grad_(True) for p in params]))
+
+
+def test_gradcheck_adaln():
+    torch.manual_seed(0)
+    m = normlab.AdaLN(4, 3).double()
+    with torch.no_grad():
+        m.modulation.weight.normal_()
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(m, (x, c))
+    assert math.isfinite(m(x, c).sum().item())

@@ -1,0 +1,54 @@
+"""set_backend / NORMLAB_BACKEND select the implementation; bad values fail clearly."""
+
+import pytest
+import torch
+
+import normlab
+from normlab import backend
+from normlab.ops import get_impl, reference
+
+
+def test_set_backend_is_a_setter_and_a_context_manager():
+    start = normlab.get_backend()
+    with normlab.set_backend("torch"):
+        assert normlab.get_backend() == "torch"
+        with normlab.set_backend("auto"):
+            assert normlab.get_backend() == "auto"
+        assert normlab.get_backend() == "torch"
+    assert normlab.get_backend() == start
+    normlab.set_backend("TORCH")
+    try:
+        assert normlab.get_backend() == "torch"
+    finally:
+        normlab.set_backend(start)
+
+
+def test_bad_backend_names():
+    with pytest.raises(ValueError, match=r"set_backend\(name\).*'auto', 'torch', 'triton'.*'cuda'"):
+        normlab.set_backend("cuda")
+
+
+def test_environment_variable(monkeypatch):
+    monkeypatch.setattr(backend, "_current", None)
+    monkeypatch.setenv("NORMLAB_BACKEND", "torch")
+    assert normlab.get_backend() == "torch"
+    monkeypatch.setattr(backend, "_current", None)
+    monkeypatch.setenv("NORMLAB_BACKEND", "fast")
+    with pytest.raises(ValueError, match="NORMLAB_BACKEND.*'fast'"):
+        normlab.get_backend()
+    monkeypatch.setattr(backend, "_current", None)
+
+
+def test_cpu_tensors_resolve_to_torch_under_auto():
+    x = torch.randn(2, 3)
+    with normlab.set_backend("auto"):
+        assert backend.resolve(x) == "torch"
+    assert get_impl("rms_norm", "torch")(x, (3,), None, None).shape == (2, 3)
+    assert get_impl("add_rms_norm", "torch") is not None
+    assert reference.layer_norm is not None
+
+
+def test_forcing_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with normlab.set_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        normlab.functional.layer_norm(torch.randn(2, 3), 3)
