@@ -56,6 +56,11 @@ def norms(
     console.print(table)
 
 
+from normlab.studies.cli import study  # noqa: E402
+
+app.command()(study)
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,53 @@
+"""``normlab study PRESET``: the command behind ``make run``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def study(
+    preset: str = typer.Argument(None, help="Study preset (see --list)."),
+    list_presets: bool = typer.Option(False, "--list", help="Describe the presets and exit."),
+    out: Path = typer.Option(Path("runs"), help="Output folder; the study writes to OUT/PRESET."),
+    device: str = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    dtype: str = typer.Option("fp32", help="fp32, or bf16 (autocast)."),
+    seeds: int = typer.Option(None, help="Run every configuration with seeds 0..N-1."),
+    steps: int = typer.Option(None, help="Training steps per run (overrides the preset)."),
+    data: Path = typer.Option(None, help="Text file or folder to train on (default: the Python standard library's sources)."),
+) -> None:
+    """Reproduce published normalization findings; resumable, writes a report with plots."""
+    from normlab.studies.data import DataError
+    from normlab.studies.presets import get_study, preset_names
+    from normlab.studies.runner import apply_overrides, run_study
+    from normlab.studies.train import Interrupted, setup_env
+
+    if list_presets or preset is None:
+        table = Table(title="normlab study presets")
+        table.add_column("preset")
+        table.add_column("runs", justify="right")
+        table.add_column("what it reproduces")
+        for name in preset_names():
+            s = get_study(name)
+            table.add_row(name, str(len(s.runs)), s.description)
+        console.print(table)
+        if preset is None and not list_presets:
+            raise typer.Exit(code=2)
+        return
+    try:
+        spec = apply_overrides(get_study(preset), seeds=seeds, steps=steps)
+        env = setup_env(device, dtype)
+        _, report = run_study(spec, out, env, data=str(data) if data else None, console=console)
+    except (ValueError, DataError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(code=2) from None
+    except Interrupted as e:
+        console.print(f"[yellow]{e}[/yellow]")
+        raise typer.Exit(code=130) from None
+    if report is not None:
+        console.print(f"report: {report}")

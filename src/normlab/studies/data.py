@@ -1,0 +1,175 @@
+"""Tasks for the studies: byte-level language modeling and a synthetic seq2seq task.
+
+* The default corpus needs no download: the source files of the running Python's
+  standard library, read as bytes (vocab 256), split into train/validation by file
+  with a hash of the file's relative path (deterministic).
+* ``--data PATH``: a text file or a folder of them, read the same way.
+* ``NumberWords``: number -> English words, generated from a seed (encoder-decoder).
+
+Batches are pure functions of (seed, step): a resumed or data-parallel run sees
+exactly the data of an uninterrupted single-process run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".json", ".csv", ".tsv", ".html", ".xml", ".yaml", ".yml", ".toml")
+VOCAB_SIZE = 256
+
+
+class DataError(ValueError):
+    """The data the user pointed at cannot be used."""
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _is_validation(rel_path: str, val_percent: int) -> bool:
+    digest = hashlib.sha256(rel_path.encode()).digest()
+    return int.from_bytes(digest[:4], "little") % 100 < val_percent
+
+
+def _collect_files(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(
+        f for f in path.rglob("*")
+        if f.is_file() and f.suffix in suffixes and "site-packages" not in f.parts
+        and "__pycache__" not in f.parts
+    )
+
+
+@dataclass
+class ByteCorpus:
+    """Train and validation byte streams (uint8 tensors) and where they came from."""
+
+    train: Tensor
+    val: Tensor
+    source: str
+    n_files: int
+
+    @classmethod
+    def from_path(cls, path: str | Path | None = None, *, val_percent: int = 5,
+                  max_bytes: int | None = None) -> ByteCorpus:
+        """Read ``path`` (a file or folder; default: the Python standard library) as bytes.
+
+        Files are split into train/validation by a hash of their path relative to
+        ``path``; ``max_bytes`` caps each split (files in sorted order)."""
+        root = stdlib_root() if path is None else Path(path).expanduser()
+        if not root.exists():
+            raise DataError(f"--data: {str(root)!r} does not exist")
+        suffixes = (".py",) if path is None else TEXT_SUFFIXES
+        files = _collect_files(root, suffixes)
+        if not files:
+            raise DataError(f"--data: no text files ({', '.join(suffixes)}) under {str(root)!r}")
+        parts: dict[bool, list[bytes]] = {False: [], True: []}
+        sizes = {False: 0, True: 0}
+        for f in files:
+            rel = f.name if root.is_file() else f.relative_to(root).as_posix()
+            is_val = _is_validation(rel, val_percent) if len(files) > 1 else False
+            if max_bytes is not None and sizes[is_val] >= max_bytes:
+                continue
+            blob = f.read_bytes()
+            parts[is_val].append(blob)
+            sizes[is_val] += len(blob)
+        train = b"\n".join(parts[False])
+        val = b"\n".join(parts[True])
+        if len(files) == 1 or len(val) == 0:  # one file (or an unlucky split): hold out the tail
+            whole = train + val
+            cut = int(len(whole) * (1 - val_percent / 100))
+            train, val = whole[:cut], whole[cut:]
+        if max_bytes is not None:
+            train, val = train[:max_bytes], val[:max_bytes]
+        if len(train) < 2 or len(val) < 2:
+            raise DataError(f"--data: {str(root)!r} holds too little text ({len(train) + len(val)} bytes)")
+        return cls(
+            train=torch.frombuffer(bytearray(train), dtype=torch.uint8),
+            val=torch.frombuffer(bytearray(val), dtype=torch.uint8),
+            source="python-stdlib" if path is None else str(root),
+            n_files=len(files),
+        )
+
+
+def lm_batch(stream: Tensor, batch_size: int, seq_len: int, seed: int, step: int) -> tuple[Tensor, Tensor]:
+    """Random windows of ``seq_len + 1`` bytes -> (inputs, targets), int64 [B, T].
+
+    A pure function of (seed, step), so resuming or splitting a batch across ranks
+    reproduces the same data."""
+    if stream.numel() <= seq_len + 1:
+        raise DataError(f"the corpus ({stream.numel()} bytes) is shorter than seq_len + 1 = {seq_len + 1}")
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    starts = torch.randint(0, stream.numel() - seq_len - 1, (batch_size,), generator=g)
+    idx = starts[:, None] + torch.arange(seq_len + 1)
+    windows = stream[idx].long()
+    return windows[:, :-1], windows[:, 1:]
+
+
+# ------------------------------------------------------------------ seq2seq task
+
+PAD, BOS, EOS = 0, 2, 3
+_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def number_to_words(n: int) -> str:
+    """English words for 0 <= n < 10**9, e.g. 1234 -> 'one thousand two hundred thirty-four'."""
+    if not 0 <= n < 10**9:
+        raise ValueError(f"number_to_words: expected 0 <= n < 10**9, got {n}")
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        return _TENS[n // 10] + ("" if n % 10 == 0 else "-" + _ONES[n % 10])
+    if n < 1000:
+        rest = n % 100
+        return _ONES[n // 100] + " hundred" + ("" if rest == 0 else " " + number_to_words(rest))
+    for size, word in ((10**6, "million"), (1000, "thousand")):
+        if n >= size:
+            rest = n % size
+            return number_to_words(n // size) + f" {word}" + ("" if rest == 0 else " " + number_to_words(rest))
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class NumberWords:
+    """Number -> English words as a byte-level transduction: '4052' -> 'four thousand fifty-two'.
+
+    Source: the digits; target: BOS + words + EOS; both padded with PAD (0)."""
+
+    max_value: int = 99_999
+    src_len: int = 8
+    tgt_len: int = 48
+
+    def batch(self, batch_size: int, seed: int, step: int) -> dict[str, Tensor]:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        numbers = torch.randint(0, self.max_value + 1, (batch_size,), generator=g).tolist()
+        src = torch.full((batch_size, self.src_len), PAD, dtype=torch.long)
+        tgt = torch.full((batch_size, self.tgt_len + 1), PAD, dtype=torch.long)
+        for i, n in enumerate(numbers):
+            digits = str(n).encode()
+            words = number_to_words(n).encode()
+            if len(digits) > self.src_len or len(words) + 2 > self.tgt_len + 1:
+                raise ValueError(f"NumberWords: {n} does not fit src_len/tgt_len")
+            src[i, : len(digits)] = torch.tensor(list(digits))
+            seq = [BOS, *words, EOS]
+            tgt[i, : len(seq)] = torch.tensor(seq)
+        return {
+            "src": src,
+            "src_padding_mask": src == PAD,
+            "tgt_in": tgt[:, :-1],
+            "tgt_out": tgt[:, 1:],
+        }
+
+
+def exact_match(predicted: Tensor, target: Tensor) -> float:
+    """Fraction of rows whose tokens up to and including EOS all match (PAD ignored)."""
+    mask = target != PAD
+    same = (predicted == target) | ~mask
+    return same.all(dim=1).float().mean().item()

@@ -1,0 +1,85 @@
+"""What a study is: a declarative list of runs, and the claims its report checks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run (or, with kind="probe", one measurement at initialization).
+
+    ``model`` holds TransformerConfig fields (vocab and sequence length come from the
+    task); ``tags`` label the run for the report (e.g. {"warmup": "none"})."""
+
+    name: str
+    model: dict[str, Any]
+    task: str = "lm"                 # "lm" (byte-level LM) | "seq2seq" (number -> words)
+    kind: str = "train"              # "train" | "probe" (gradients at init, no update)
+    lr: float = 1e-3
+    warmup_steps: int = 0
+    schedule: str = "constant"       # after warm-up: "constant" | "cosine" | "inverse_sqrt"
+    steps: int = 200
+    batch_size: int = 16
+    seq_len: int = 64
+    seed: int = 0
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    eval_every: int = 50
+    eval_batches: int = 4
+    log_every: int = 10
+    diag_every: int = 25
+    checkpoint_every: int = 100
+    probe_batches: int = 4
+    tags: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.task in ("lm", "seq2seq"), f"task must be 'lm' or 'seq2seq', got {self.task!r}"),
+            (self.kind in ("train", "probe"), f"kind must be 'train' or 'probe', got {self.kind!r}"),
+            (self.schedule in ("constant", "cosine", "inverse_sqrt"),
+             f"schedule must be 'constant', 'cosine' or 'inverse_sqrt', got {self.schedule!r}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (self.steps >= 0, f"steps must be >= 0, got {self.steps}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.seq_len >= 2, f"seq_len must be >= 2, got {self.seq_len}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"RunSpec {self.name!r}: {message}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunSpec:
+        d = dict(d)
+        d["betas"] = tuple(d.get("betas", (0.9, 0.98)))
+        return cls(**d)
+
+    def fingerprint(self) -> str:
+        """Identifies the run's settings: a checkpoint is resumed only by the same spec."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def with_overrides(self, **kw: Any) -> RunSpec:
+        d = self.to_dict()
+        d.update({k: v for k, v in kw.items() if v is not None})
+        return RunSpec.from_dict(d)
+
+
+@dataclass(frozen=True)
+class Study:
+    """A named, declarative list of runs; ``claims`` names the published findings
+    (keys of ``normlab.studies.claims.CLAIMS``) that its report checks."""
+
+    name: str
+    description: str
+    runs: tuple[RunSpec, ...]
+    claims: tuple[str, ...] = ()

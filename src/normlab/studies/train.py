@@ -1,0 +1,409 @@
+"""Running a study: training loop, checkpoints and resume, Ctrl-C, data parallelism.
+
+Each run writes ``<out>/<study>/<run>/``: ``metrics.jsonl`` (one JSON record per logged
+step), ``checkpoint/`` (model + optimizer + RNG state, every ``checkpoint_every``
+steps and on Ctrl-C) and ``result.json`` once finished. Re-running the same command
+skips finished runs and resumes unfinished ones from their checkpoint; because a
+batch is a pure function of (seed, step) and the RNG state is restored, the resumed
+run's numbers equal an uninterrupted run's.
+
+Under ``torchrun`` every rank takes its slice of each global batch and DDP averages
+the gradients, so the loss curve matches a single-process run with the same global
+batch (gloo on CPU, nccl on GPU). Rank 0 alone writes files and shows progress.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as TF
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from normlab.studies.data import VOCAB_SIZE, ByteCorpus, NumberWords, exact_match, lm_batch
+from normlab.studies.spec import RunSpec
+
+CHECKPOINT = "checkpoint"
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a run: its state was saved; re-run the same command to resume."""
+
+    def __init__(self, run: str, step: int) -> None:
+        super().__init__(f"interrupted in run {run!r} at step {step}; state saved, re-run the same command to resume")
+        self.run, self.step = run, step
+
+
+# ------------------------------------------------------------------ environment
+
+
+@dataclass(frozen=True)
+class Env:
+    """Where runs execute: device, autocast dtype and the data-parallel group."""
+
+    device: torch.device
+    dtype: str = "fp32"  # "fp32" | "bf16" (autocast)
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.dtype == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def all_mean(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t)
+        return t.item() / self.world
+
+
+def setup_env(device: str | None = None, dtype: str = "fp32") -> Env:
+    """Env for this process; initializes torch.distributed when launched by torchrun."""
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"--dtype: expected 'fp32' or 'bf16', got {dtype!r}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    if world > 1:
+        if dev.type == "cuda":
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(dev)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Env(device=dev, dtype=dtype, rank=rank, world=world)
+
+
+# ------------------------------------------------------------------ model, data, schedule
+
+
+def build_model(spec: RunSpec) -> nn.Module:
+    from normlab.models import Seq2SeqTransformer, TransformerConfig, TransformerLM
+
+    if spec.task == "lm":
+        cfg = TransformerConfig(**{"vocab_size": VOCAB_SIZE, "max_seq_len": spec.seq_len, **spec.model})
+        return TransformerLM(cfg)
+    task = NumberWords()
+    cfg = TransformerConfig(**{"vocab_size": VOCAB_SIZE, "max_seq_len": max(task.src_len, task.tgt_len), **spec.model})
+    return Seq2SeqTransformer(cfg)
+
+
+def lr_factor(spec: RunSpec) -> Callable[[int], float]:
+    """Linear warm-up over ``warmup_steps``, then constant, cosine (to 10%) or 1/sqrt decay."""
+
+    def factor(step: int) -> float:
+        s = step + 1
+        if spec.warmup_steps and s <= spec.warmup_steps:
+            return s / spec.warmup_steps
+        if spec.schedule == "cosine":
+            span = max(1, spec.steps - spec.warmup_steps)
+            progress = min(1.0, (s - spec.warmup_steps) / span)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        if spec.schedule == "inverse_sqrt":
+            return math.sqrt(max(1, spec.warmup_steps) / s)
+        return 1.0
+
+    return factor
+
+
+class Task:
+    """The data and loss of a run; batches are pure functions of (seed, step)."""
+
+    def __init__(self, spec: RunSpec, corpus: ByteCorpus | None) -> None:
+        self.spec = spec
+        self.corpus = corpus
+        self.numbers = NumberWords() if spec.task == "seq2seq" else None
+
+    def batch(self, step: int, split: str, env: Env) -> dict[str, Tensor]:
+        s = self.spec
+        seed = s.seed if split == "train" else 10_000 + s.seed
+        if self.numbers is not None:
+            full = self.numbers.batch(s.batch_size, seed, step)
+        else:
+            stream = self.corpus.train if split == "train" else self.corpus.val
+            x, y = lm_batch(stream, s.batch_size, s.seq_len, seed, step)
+            full = {"x": x, "y": y}
+        rows = slice(env.rank, None, env.world) if split == "train" else slice(None)
+        return {k: v[rows].to(env.device) for k, v in full.items()}
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+        """Mean token cross-entropy and the number of tokens it averages over."""
+        if self.numbers is None:
+            logits = model(batch["x"])
+            return TF.cross_entropy(logits.flatten(0, 1).float(), batch["y"].flatten()), batch["y"].numel()
+        logits = model(batch["src"], batch["tgt_in"], src_padding_mask=batch["src_padding_mask"])
+        target = batch["tgt_out"]
+        loss = TF.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=0)
+        return loss, int((target != 0).sum())
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, env: Env) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        losses, accs = [], []
+        for i in range(self.spec.eval_batches):
+            batch = self.batch(i, "val", env)
+            with env.autocast():
+                loss, _ = self.loss(model, batch)
+            losses.append(loss.item())
+            if self.numbers is not None:
+                accs.append(exact_match(greedy_decode(model, batch["src"], batch["src_padding_mask"],
+                                                      batch["tgt_out"].shape[1]), batch["tgt_out"]))
+        model.train(was_training)
+        out = {"val_loss": sum(losses) / len(losses)}
+        if accs:
+            out["val_exact_match"] = sum(accs) / len(accs)
+        return out
+
+
+@torch.no_grad()
+def greedy_decode(model: nn.Module, src: Tensor, src_padding_mask: Tensor, length: int) -> Tensor:
+    """Greedy decoding from BOS for ``length`` tokens; after EOS the output is PAD."""
+    from normlab.studies.data import BOS, EOS, PAD
+
+    out = torch.full((src.shape[0], 1), BOS, dtype=torch.long, device=src.device)
+    done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
+    for _ in range(length):
+        logits = model(src, out, src_padding_mask=src_padding_mask)
+        nxt = logits[:, -1].argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
+        done |= nxt == EOS
+        out = torch.cat([out, nxt[:, None]], dim=1)
+    return out[:, 1:]
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def _rng_state() -> dict[str, Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save_checkpoint(run_dir: Path, spec: RunSpec, step: int, model: nn.Module,
+                    optimizer: torch.optim.Optimizer, scheduler: Any, extra: dict[str, Any]) -> None:
+    """Write the checkpoint to a temporary folder, then swap it in (a crash mid-write
+    never leaves a half checkpoint)."""
+    tmp = run_dir / (CHECKPOINT + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    save_file({f"rng.{k}": v for k, v in _rng_state().items()}, tmp / "rng.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "fingerprint": spec.fingerprint(), **extra}))
+    final = run_dir / CHECKPOINT
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+
+
+def load_checkpoint(run_dir: Path, spec: RunSpec, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, device: torch.device) -> dict[str, Any] | None:
+    ckpt = run_dir / CHECKPOINT
+    if not (ckpt / "state.json").exists():
+        return None
+    state = json.loads((ckpt / "state.json").read_text())
+    if state.get("fingerprint") != spec.fingerprint():
+        return None  # settings changed: start over
+    model.load_state_dict(load_file(ckpt / "model.safetensors", device=str(device)))
+    opt = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    rng = load_file(ckpt / "rng.safetensors")
+    torch.set_rng_state(rng["rng.cpu"])
+    if "rng.cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["rng.cuda"])
+    return state
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records up to ``step`` (what a resumed run has already logged)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+# ------------------------------------------------------------------ one run
+
+
+class _StepBoundaryInterrupt:
+    """Defers Ctrl-C to the end of the current step, so the saved state is a whole step;
+    a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self._flag = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self._flag:
+            raise KeyboardInterrupt
+        self._flag = True
+
+    def requested(self, env: Env) -> bool:
+        if env.world == 1:
+            return self._flag
+        t = torch.tensor([float(self._flag)], device=env.device if env.device.type == "cuda" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+        return bool(t.item())
+
+    def restore(self) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _result_fields(spec: RunSpec) -> dict[str, Any]:
+    m = spec.model
+    return {
+        "name": spec.name, "task": spec.task, "kind": spec.kind,
+        "placement": m.get("placement", "pre"), "norm": m.get("norm", "layernorm"),
+        "n_layers": m.get("n_layers"), "d_model": m.get("d_model"), "init": m.get("init", "xavier"),
+        "lr": spec.lr, "warmup_steps": spec.warmup_steps, "seed": spec.seed, "steps": spec.steps,
+        "tags": spec.tags,
+    }
+
+
+def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
+            on_step: Callable[[int], None] | None = None,
+            diagnostics: Any = None) -> dict[str, Any]:
+    """Train (or probe) one run to completion, resuming from its checkpoint if any.
+
+    ``diagnostics`` (see ``normlab.studies.probes``) measures gradient norms, activation
+    statistics and the gradient noise scale every ``diag_every`` steps."""
+    from normlab.studies import probes
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    done = run_dir / "result.json"
+    if done.exists():
+        result = json.loads(done.read_text())
+        if result.get("fingerprint") == spec.fingerprint():
+            return result
+    torch.manual_seed(spec.seed)
+    model = build_model(spec).to(env.device)
+    task = Task(spec, corpus)
+    diagnostics = diagnostics or probes.Diagnostics(model, spec)
+    if spec.kind == "probe":
+        result = {**_result_fields(spec), **probes.gradients_at_init(model, task, env), "diverged": False,
+                  "fingerprint": spec.fingerprint()}
+        if env.is_main:
+            done.write_text(json.dumps(result, indent=1))
+        return result
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(spec))
+    metrics_path = run_dir / "metrics.jsonl"
+    state = load_checkpoint(run_dir, spec, model, optimizer, scheduler, env.device)
+    start = state["step"] if state else 0
+    if env.is_main:
+        if state:
+            _truncate_metrics(metrics_path, start - 1)
+        else:
+            metrics_path.unlink(missing_ok=True)
+    train_model = model
+    if env.world > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+
+    def log(record: dict[str, Any]) -> None:
+        if env.is_main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    recent: list[float] = []
+    diverged_at = None
+    train_time, train_tokens = (state or {}).get("train_time", 0.0), (state or {}).get("train_tokens", 0)
+    last_eval: dict[str, float] = {}
+    stop = _StepBoundaryInterrupt()
+    try:
+        for step in range(start, spec.steps):
+            model.train()
+            batch = task.batch(step, "train", env)
+            diag_now = diagnostics is not None and spec.diag_every and step % spec.diag_every == 0
+            t0 = time.perf_counter()
+            with diagnostics.capture(diag_now):
+                with env.autocast():
+                    loss, n_tokens = task.loss(train_model, batch)
+                loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip or float("inf"))
+            loss_value = env.all_mean(loss.item())
+            finite = math.isfinite(loss_value) and math.isfinite(env.all_mean(float(grad_norm)))
+            if finite:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            elapsed = time.perf_counter() - t0
+            record: dict[str, Any] = {"step": step, "train_loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                                      "grad_norm": float(grad_norm)}
+            if diag_now:
+                record.update(diagnostics.collect())
+            else:  # throughput counts plain training steps only
+                train_time += elapsed
+                train_tokens += n_tokens * env.world
+            if not finite:
+                diverged_at = step
+                record["diverged"] = True
+                log(record)
+                break
+            recent = (recent + [loss_value])[-10:]
+            last_step = step == spec.steps - 1
+            if spec.eval_every and (step % spec.eval_every == 0 or last_step):
+                last_eval = task.evaluate(model, env)
+                record.update(last_eval)
+            if step % spec.log_every == 0 or last_step or diag_now or "val_loss" in record:
+                log(record)
+            if on_step:
+                on_step(step + 1)
+            interrupted = stop.requested(env)
+            periodic = spec.checkpoint_every and (step + 1) % spec.checkpoint_every == 0
+            if env.is_main and (periodic or interrupted) and not last_step:
+                save_checkpoint(run_dir, spec, step + 1, model, optimizer, scheduler,
+                                {"train_time": train_time, "train_tokens": train_tokens})
+            if interrupted and not last_step:
+                raise Interrupted(spec.name, step + 1)
+    finally:
+        stop.restore()
+        diagnostics.close()
+
+    result = {
+        **_result_fields(spec),
+        "final_train_loss": sum(recent) / len(recent) if recent else float("nan"),
+        "final_val_loss": last_eval.get("val_loss", float("nan")) if diverged_at is None else float("nan"),
+        "diverged": diverged_at is not None,
+        "diverged_step": diverged_at,
+        "tokens_per_s": train_tokens / train_time if train_time > 0 else float("nan"),
+        "fingerprint": spec.fingerprint(),
+    }
+    if "val_exact_match" in last_eval:
+        result["final_val_exact_match"] = last_eval["val_exact_match"]
+    if env.is_main:
+        done.write_text(json.dumps(result, indent=1))
+        shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)
+    return result
