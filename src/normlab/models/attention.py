@@ -74,18 +74,15 @@ def cross_attention_mask(context_padding_mask: Tensor | None) -> Tensor | None:
 # ---------------------------------------------------------------------------- positions
 
 
-class Rotary(nn.Module):
-    """RoPE tables (Su et al. 2021, "RoFormer"): angle theta_i t, theta_i = base^(-2i/d_head)."""
-
-    def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0) -> None:
-        super().__init__()
-        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
-
-    def forward(self, seq_len: int) -> tuple[Tensor, Tensor]:
-        return self.cos[:seq_len], self.sin[:seq_len]
+def rope_tables(seq_len: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """RoPE's (cos, sin) [seq_len, head_dim / 2] of the angles t * theta_i,
+    theta_i = base^(-2i / head_dim) (Su et al. 2021, "RoFormer"); computed in float32
+    (float64 for float64 models) on every call, so they never go stale or lose precision."""
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=ct, device=device) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=ct, device=device), inv_freq)
+    return angles.cos(), angles.sin()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -95,11 +92,11 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def sinusoidal_table(max_seq_len: int, d_model: int) -> Tensor:
-    """PE[t, 2i] = sin(t / 10000^(2i/d)), PE[t, 2i+1] = cos(t / 10000^(2i/d)) (Vaswani et al. 2017)."""
-    t = torch.arange(max_seq_len, dtype=torch.float64)[:, None]
-    div = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float64) * (-math.log(10000.0) / d_model))
-    pe = torch.zeros(max_seq_len, d_model, dtype=torch.float64)
-    pe[:, 0::2] = torch.sin(t * div)
-    pe[:, 1::2] = torch.cos(t * div)[:, : d_model // 2]
-    return pe.float()
+def sinusoidal_table(seq_len: int, d_model: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """PE[t, 2i] = sin(t / 10000^(2i/d)), PE[t, 2i+1] = cos(t / 10000^(2i/d)) (Vaswani et al. 2017),
+    computed in float32 (float64 for float64 models)."""
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    t = torch.arange(seq_len, dtype=ct, device=device)[:, None]
+    angles = t * torch.exp(torch.arange(0, d_model, 2, dtype=ct, device=device) * (-math.log(10000.0) / d_model))
+    pe = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)[:, :d_model]
+    return pe.to(dtype)

@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from normlab.models.attention import (
     Attention,
-    Rotary,
     cross_attention_mask,
+    rope_tables,
     self_attention_mask,
     sinusoidal_table,
 )
@@ -59,10 +59,7 @@ class Embedding(nn.Module):
         super().__init__()
         self.tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.positions = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positional == "learned" else None
-        if cfg.positional == "sinusoidal":
-            self.register_buffer("table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
-        else:
-            self.table = None
+        self.sinusoidal = cfg.positional == "sinusoidal"
         self.scale = math.sqrt(cfg.d_model) if cfg.init == "xavier" else 1.0
         self.norm = _build_norm(cfg, cfg.d_model) if norm else None
         self.dropout = cfg.dropout
@@ -74,8 +71,8 @@ class Embedding(nn.Module):
         t = tokens.shape[1]
         if self.positions is not None:
             x = x + self.positions.weight[:t]
-        elif self.table is not None:
-            x = x + self.table[:t].to(x.dtype)
+        elif self.sinusoidal:
+            x = x + sinusoidal_table(t, x.shape[-1], x.dtype, x.device)
         if self.norm is not None:
             x = self.norm(x, padding_mask=padding_mask)
         return F.dropout(x, self.dropout, self.training)
@@ -156,7 +153,7 @@ class Stack(nn.Module):
                  causal: bool, cross_attention: bool = False) -> None:
         super().__init__()
         self.placement, self.causal, self.dropout = placement, causal, cfg.dropout
-        self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len) if cfg.positional == "rope" else None
+        self.rope_dim = cfg.head_dim if cfg.positional == "rope" else None
         self.blocks = nn.ModuleList(
             Block(cfg, placement, causal=causal, cross_attention=cross_attention) for _ in range(n_layers)
         )
@@ -165,7 +162,7 @@ class Stack(nn.Module):
     def run_blocks(self, x: Tensor, *, padding_mask: Tensor | None = None, context: Tensor | None = None,
                    context_padding_mask: Tensor | None = None) -> Tensor:
         attn_mask, is_causal = self_attention_mask(padding_mask, self.causal)
-        rope = self.rotary(x.shape[1]) if self.rotary is not None else None
+        rope = None if self.rope_dim is None else rope_tables(x.shape[1], self.rope_dim, x.dtype, x.device)
         context_mask = cross_attention_mask(context_padding_mask)
         stream = self.placement.start(x)
         for block in self.blocks:
