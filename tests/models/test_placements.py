@@ -123,7 +123,8 @@ def test_placements_differ_from_each_other(placement):
         if other == placement or {placement, other} == {"sandwich", "peri"}:
             continue
         try:
-            ref = stack_ref(other, model, _embedded(model, tokens, cfg), cfg, causal=True)
+            ref = stack_ref(other, model, _embedded(model, tokens, cfg), cfg, causal=True,
+                            alpha=deepnorm_alpha("decoder", 0, cfg.n_layers))
         except (KeyError, TypeError):
             continue  # the other equation needs norms this placement does not have
         assert not torch.allclose(out, ref, atol=1e-3), other
