@@ -1,0 +1,146 @@
+"""TransformerConfig: every choice that defines a model, validated on construction.
+
+The config is the experiment's identity: two models built from equal configs (and the
+same seed) are the same model, and ``to_dict``/``from_dict`` round-trip it through JSON.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from normlab.models.placement import placement_names
+from normlab.norms import norm_names
+
+POSITIONALS = ("learned", "sinusoidal", "rope")
+INITS = ("xavier", "gpt2")
+ACTIVATIONS = ("gelu", "relu")
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """The hyperparameters of a TransformerLM, TransformerEncoder or Seq2SeqTransformer.
+
+    vocab_size        tokens in the vocabulary (shared by source and target in seq2seq)
+    d_model           width of the residual stream
+    n_heads           attention heads (d_model must be divisible by n_heads)
+    n_layers          blocks of the LM, of the encoder, and of the seq2seq encoder
+    n_decoder_layers  blocks of the seq2seq decoder (None: n_layers)
+    d_ff              hidden width of the feed-forward sublayer (None: 4 * d_model)
+    dropout           dropout on each sublayer output before the residual add, and on
+                      the embeddings (Vaswani et al. 2017)
+    attention_dropout dropout on the attention probabilities
+    max_seq_len       longest sequence the positional encoding covers
+    positional        "learned" | "sinusoidal" (Vaswani et al.) | "rope" (Su et al. 2021)
+    norm              any ``normlab.norm_names()`` entry
+    norm_eps          eps passed to norms that have one (None: each norm's default)
+    placement         any ``placement_names()`` entry: where the norms sit
+    residual_scale    lambda in x + lambda * F(x) (Liu et al. 2020, "Rethinking Skip
+                      Connection with Layer Normalization"); 1.0 is the plain residual
+    embedding_norm    a norm after the embeddings (as BERT); Peri-LN has one regardless
+    tie_embeddings    the output head shares the token embedding matrix
+    init              "xavier" (Vaswani et al., Xiong et al.) | "gpt2" (Radford et al. 2019);
+                      see ``normlab.models.init.init_weights``
+    activation        the FFN's nonlinearity: "gelu" | "relu"
+
+    ``d_ff`` and ``n_decoder_layers`` given as None are resolved on construction, so the
+    config always records the numbers the model was built with.
+    """
+
+    vocab_size: int = 256
+    d_model: int = 256
+    n_heads: int = 4
+    n_layers: int = 4
+    n_decoder_layers: int | None = None
+    d_ff: int | None = None
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    max_seq_len: int = 512
+    positional: str = "learned"
+    norm: str = "layernorm"
+    norm_eps: float | None = 1e-5
+    placement: str = "pre"
+    residual_scale: float = 1.0
+    embedding_norm: bool = False
+    tie_embeddings: bool = True
+    init: str = "xavier"
+    activation: str = "gelu"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_heads", "n_layers", "max_seq_len"):
+            _check_int(name, getattr(self, name))
+        if self.n_decoder_layers is None:
+            object.__setattr__(self, "n_decoder_layers", self.n_layers)
+        _check_int("n_decoder_layers", self.n_decoder_layers)
+        if self.d_ff is None:
+            object.__setattr__(self, "d_ff", 4 * self.d_model)
+        _check_int("d_ff", self.d_ff)
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"TransformerConfig: expected d_model to be divisible by n_heads, got "
+                f"d_model={self.d_model}, n_heads={self.n_heads}"
+            )
+        if self.positional == "rope" and (self.d_model // self.n_heads) % 2:
+            raise ValueError(
+                f"TransformerConfig: positional='rope' needs an even head dim (d_model / n_heads), "
+                f"got {self.d_model // self.n_heads}"
+            )
+        for name in ("dropout", "attention_dropout"):
+            p = getattr(self, name)
+            if not _is_real(p) or not 0.0 <= p < 1.0:
+                raise ValueError(f"TransformerConfig: expected {name} in [0, 1), got {p!r}")
+        if self.norm_eps is not None and (not _is_real(self.norm_eps) or not math.isfinite(self.norm_eps)
+                                          or self.norm_eps < 0):
+            raise ValueError(
+                f"TransformerConfig: expected norm_eps to be None or a finite number >= 0, got {self.norm_eps!r}"
+            )
+        if not _is_real(self.residual_scale) or not math.isfinite(self.residual_scale) or self.residual_scale <= 0:
+            raise ValueError(
+                f"TransformerConfig: expected residual_scale to be a finite number > 0, got {self.residual_scale!r}"
+            )
+        _check_choice("positional", self.positional, POSITIONALS)
+        _check_choice("norm", self.norm, norm_names())
+        _check_choice("placement", self.placement, placement_names())
+        _check_choice("init", self.init, INITS)
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        for name in ("embedding_norm", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TransformerConfig: expected {name} to be a bool, got {getattr(self, name)!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, JSON-serialisable dict of every field."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TransformerConfig:
+        """The config ``to_dict`` wrote; unknown keys are an error, missing ones take defaults."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"TransformerConfig.from_dict: unknown field(s) {', '.join(unknown)}; "
+                f"expected any of: {', '.join(sorted(known))}"
+            )
+        return cls(**d)
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _check_int(name: str, v: object) -> None:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+        raise ValueError(f"TransformerConfig: expected {name} to be an int >= 1, got {v!r}")
+
+
+def _check_choice(name: str, v: object, choices: list[str] | tuple[str, ...]) -> None:
+    if not isinstance(v, str) or v not in choices:
+        raise ValueError(
+            f"TransformerConfig: unknown {name} {v!r}; expected one of: {', '.join(choices)}"
+        )

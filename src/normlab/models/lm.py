@@ -1,0 +1,46 @@
+"""TransformerLM: a decoder-only, causal language model."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from normlab.models.block import Embedding, Stack, check_padding_mask, check_tokens
+from normlab.models.config import TransformerConfig
+from normlab.models.init import init_weights
+from normlab.models.placement import build_placement
+
+
+class TransformerLM(Stack):
+    """logits = head(Stack_causal(Embedding(tokens))).
+
+    Modules: ``embed`` (``embed.tokens``, ``embed.positions``, ``embed.norm``), ``blocks``,
+    ``final_norm``, ``head`` (sharing ``embed.tokens.weight`` when ``tie_embeddings``).
+    DeepNorm/Sub-LN constants are the decoder-only ones for M = n_layers."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        placement = build_placement(cfg, "decoder", 0, cfg.n_layers)
+        super().__init__(cfg, placement, cfg.n_layers, causal=True)
+        self.cfg = cfg
+        self.embed = Embedding(cfg, norm=cfg.embedding_norm or placement.embedding_norm)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.tokens.weight
+        init_weights(self, cfg)
+
+    def forward(self, tokens: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """tokens [B, T] (long) -> logits [B, T, vocab_size]; position t sees tokens <= t.
+
+        ``padding_mask`` [B, T] (True = padded) keeps padded keys out of attention and
+        padded positions out of batch-statistics norms."""
+        check_tokens("TransformerLM", tokens, self.cfg.max_seq_len)
+        check_padding_mask("TransformerLM", "padding_mask", padding_mask, tokens)
+        x = self.embed(tokens, padding_mask)
+        return self.head(self.run_blocks(x, padding_mask=padding_mask))
+
+    def loss(self, tokens: Tensor, targets: Tensor, padding_mask: Tensor | None = None,
+             ignore_index: int = -100) -> Tensor:
+        """Mean cross-entropy of ``forward(tokens)`` against ``targets`` [B, T] (positions
+        with ``ignore_index`` excluded)."""
+        logits = self(tokens, padding_mask)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)

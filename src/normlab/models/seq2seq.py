@@ -1,0 +1,56 @@
+"""Seq2SeqTransformer: encoder-decoder with cross-attention (Vaswani et al. 2017)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from normlab.models.block import Embedding, Stack, check_padding_mask, check_tokens
+from normlab.models.config import TransformerConfig
+from normlab.models.init import init_weights
+from normlab.models.placement import build_placement
+
+
+class Seq2SeqTransformer(nn.Module):
+    """logits = head(Decoder(Embedding(tgt), memory)), memory = Encoder(Embedding(src)).
+
+    Encoder blocks: self-attention, FFN. Decoder blocks: causal self-attention,
+    cross-attention to the memory, FFN; every sublayer gets its norms from the placement.
+    Source and target share ``embed`` (one vocabulary). Modules: ``embed``,
+    ``encoder.blocks``, ``encoder.final_norm``, ``decoder.blocks``, ``decoder.final_norm``,
+    ``head``. DeepNorm/Sub-LN constants are the encoder-decoder ones for
+    N = n_layers, M = n_decoder_layers."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        n, m = cfg.n_layers, cfg.n_decoder_layers
+        enc_place = build_placement(cfg, "encoder", n, m)
+        dec_place = build_placement(cfg, "decoder", n, m)
+        self.embed = Embedding(cfg, norm=cfg.embedding_norm or enc_place.embedding_norm)
+        self.encoder = Stack(cfg, enc_place, n, causal=False)
+        self.decoder = Stack(cfg, dec_place, m, causal=True, cross_attention=True)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.tokens.weight
+        init_weights(self, cfg)
+
+    def encode(self, src: Tensor, src_padding_mask: Tensor | None = None) -> Tensor:
+        """src [B, S] -> memory [B, S, d_model]."""
+        check_tokens("Seq2SeqTransformer", src, self.cfg.max_seq_len)
+        check_padding_mask("Seq2SeqTransformer", "src_padding_mask", src_padding_mask, src)
+        return self.encoder.run_blocks(self.embed(src, src_padding_mask), padding_mask=src_padding_mask)
+
+    def decode(self, tgt: Tensor, memory: Tensor, src_padding_mask: Tensor | None = None,
+               tgt_padding_mask: Tensor | None = None) -> Tensor:
+        """tgt [B, T] and memory [B, S, d_model] -> logits [B, T, vocab_size]."""
+        check_tokens("Seq2SeqTransformer", tgt, self.cfg.max_seq_len)
+        check_padding_mask("Seq2SeqTransformer", "tgt_padding_mask", tgt_padding_mask, tgt)
+        h = self.decoder.run_blocks(self.embed(tgt, tgt_padding_mask), padding_mask=tgt_padding_mask,
+                                    context=memory, context_padding_mask=src_padding_mask)
+        return self.head(h)
+
+    def forward(self, src: Tensor, tgt: Tensor, src_padding_mask: Tensor | None = None,
+                tgt_padding_mask: Tensor | None = None) -> Tensor:
+        """src [B, S], tgt [B, T] (long; True = padded in the masks) -> logits [B, T, vocab_size]."""
+        memory = self.encode(src, src_padding_mask)
+        return self.decode(tgt, memory, src_padding_mask, tgt_padding_mask)
