@@ -39,7 +39,7 @@ class TorchLM(nn.Module):
 
     def forward(self, tokens: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         t = tokens.shape[1]
-        causal = nn.Transformer.generate_square_subsequent_mask(t, device=tokens.device)
+        causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).triu(1)  # True = masked
         x = self.embed(tokens)
         for block in self.blocks:
             x = block(x, src_mask=causal, src_key_padding_mask=padding_mask, is_causal=True)
