@@ -105,3 +105,22 @@ def lm_loss(model: nn.Module, window: Tensor) -> Tensor:
     """Mean next-byte cross-entropy of a window [B, T + 1]."""
     logits = model(window[:, :-1])
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), window[:, 1:].reshape(-1))
+
+
+# ---------------------------------------------------------------- factories for `normlab audit`
+
+
+def small_torch_transformer() -> nn.Module:
+    """torch.nn.Transformer (Post-LN default, so with its double LayerNorm), small."""
+    return nn.Transformer(d_model=32, nhead=2, num_encoder_layers=2, num_decoder_layers=2,
+                          dim_feedforward=64, dropout=0.0, batch_first=True)
+
+
+def fp16_tiny_eps_lm() -> nn.Module:
+    """A Pre-LN LM whose norms are float16 with eps=1e-12."""
+    model = torch_lm("pre", n_layers=2, d_model=16, n_heads=2)
+    for mod in model.modules():
+        if isinstance(mod, nn.LayerNorm):
+            mod.eps = 1e-12
+            mod.half()
+    return model
