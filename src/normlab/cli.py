@@ -56,6 +56,16 @@ def norms(
     console.print(table)
 
 
+@app.command()
+def audit(
+    model: str = typer.Argument(..., help="pkg.module:factory, or a local Hugging Face config dir/name."),
+) -> None:
+    """Audit a model's normalization: double norms, missing final norm, eps, BatchNorm, dead norms."""
+    from normlab.diagnostics.cli import audit_command
+
+    audit_command(model)
+
+
 from normlab.studies.cli import study  # noqa: E402
 
 app.command()(study)

@@ -1,0 +1,476 @@
+"""``audit(model)``: structural checks for the normalization mistakes that break training.
+
+Each check is a function ``(context) -> list[Finding]`` in :data:`CHECKS`. The context
+holds the model and, when an example input is given (or one can be made up), a *trace*
+of one forward: which tensor every norm and every block consumed and produced. That
+data flow is what tells "two norms back to back" apart from "a norm, then a residual
+add, then a norm", and a Pre-LN block (its norms read the block's input, its output is
+an add) from a Post-LN one (its output is a norm's output).
+
+Findings (kind: severity)
+    double-norm          warning  a norm applied directly to another norm's output
+    pre-ln-no-final-norm warning  a Pre-LN stack whose output reaches no norm
+    eps-underflow        error    eps rounds to 0 in the norm's parameter dtype
+    batchnorm-padding    warning  torch BatchNorm in a sequence model (padding in the stats)
+    dead-norm            error    a norm's weight is all zero (or not finite)
+    norm-far-from-init   warning  ||w - w_init|| > 10 ||w_init||
+    deep-post-ln-no-warmup warning  Post-LN with more than 12 layers and no lr warm-up
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from normlab.diagnostics.structure import find_block_lists, is_norm
+
+SEVERITIES = ("error", "warning", "info")
+POST_LN_MAX_SAFE_DEPTH = 12
+FAR_FROM_INIT = 10.0
+
+
+@dataclass
+class Finding:
+    severity: str      # "error" | "warning" | "info"
+    kind: str          # e.g. "double-norm"
+    module: str        # module path in model.named_modules() ("" = the model)
+    message: str
+    suggestion: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------ trace
+
+
+@dataclass
+class _NormCall:
+    path: str
+    input_id: int                # the tensor it normalizes
+    consumed: set[int]           # every tensor argument
+    output_id: int | None = None
+
+
+@dataclass
+class _BlockCall:
+    stack: str
+    index: int
+    path: str
+    input_id: int | None
+    output_id: int | None = None
+
+
+@dataclass
+class Trace:
+    norm_calls: list[_NormCall] = field(default_factory=list)
+    block_calls: list[_BlockCall] = field(default_factory=list)
+    keep: list[Tensor] = field(default_factory=list)  # holds tensors so ids stay unique
+
+    def norm_outputs(self) -> dict[int, str]:
+        return {c.output_id: c.path for c in self.norm_calls if c.output_id is not None}
+
+
+def _tensor_args(args, kwargs) -> list[Tensor]:
+    out = [a for a in args if isinstance(a, Tensor)]
+    out += [v for v in kwargs.values() if isinstance(v, Tensor)]
+    return out
+
+
+def _first_tensor(obj) -> Tensor | None:
+    if isinstance(obj, Tensor):
+        return obj
+    if isinstance(obj, (tuple, list)) and obj and isinstance(obj[0], Tensor):
+        return obj[0]
+    return None
+
+
+def _call(model: nn.Module, example_input):
+    if isinstance(example_input, dict):
+        return model(**example_input)
+    if isinstance(example_input, (tuple, list)):
+        return model(*example_input)
+    return model(example_input)
+
+
+def trace_forward(model: nn.Module, example_input) -> Trace:
+    """Run one forward of ``model`` on ``example_input`` (a tensor, a tuple of positional
+    arguments or a dict of keyword arguments) and record the norms' and blocks' data flow.
+    Buffers (BatchNorm running statistics ...) are restored afterwards."""
+    trace = Trace()
+    handles = []
+    lists = find_block_lists(model)
+
+    def norm_pre(path):
+        def hook(module, args, kwargs):
+            ts = _tensor_args(args, kwargs)
+            if not ts:
+                return
+            trace.keep.extend(ts)
+            trace.norm_calls.append(_NormCall(path, id(ts[0]), {id(t) for t in ts}))
+        return hook
+
+    def norm_post(path):
+        def hook(module, args, kwargs, output):
+            out = _first_tensor(output)
+            if out is not None and trace.norm_calls:
+                trace.keep.append(out)
+                for c in reversed(trace.norm_calls):
+                    if c.path == path and c.output_id is None:
+                        c.output_id = id(out)
+                        break
+        return hook
+
+    def block_pre(stack, i, path):
+        def hook(module, args, kwargs):
+            ts = _tensor_args(args, kwargs)
+            x = ts[0] if ts else None
+            if x is not None:
+                trace.keep.append(x)
+            trace.block_calls.append(_BlockCall(stack, i, path, None if x is None else id(x)))
+        return hook
+
+    def block_post(path):
+        def hook(module, args, kwargs, output):
+            out = _first_tensor(output)
+            if out is None and hasattr(output, "last_hidden_state"):
+                out = output.last_hidden_state
+            if out is not None:
+                trace.keep.append(out)
+                for c in reversed(trace.block_calls):
+                    if c.path == path and c.output_id is None:
+                        c.output_id = id(out)
+                        break
+        return hook
+
+    for path, mod in model.named_modules():
+        if is_norm(mod):
+            handles.append(mod.register_forward_pre_hook(norm_pre(path), with_kwargs=True))
+            handles.append(mod.register_forward_hook(norm_post(path), with_kwargs=True))
+    for stack, container in lists:
+        for i, block in enumerate(container.children()):
+            path = f"{stack}.{i}" if stack else str(i)
+            handles.append(block.register_forward_pre_hook(block_pre(stack, i, path), with_kwargs=True))
+            handles.append(block.register_forward_hook(block_post(path), with_kwargs=True))
+    buffers = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()
+               if not isinstance(v, nn.Parameter)}
+    try:
+        with torch.enable_grad():  # grad mode keeps torch's encoder off its fused fast path
+            _call(model, example_input)
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            state = model.state_dict(keep_vars=True)
+            for k, v in buffers.items():
+                state[k].copy_(v)
+    return trace
+
+
+def example_input_for(model: nn.Module):
+    """A small made-up input for ``model``, or None: (src, tgt) for nn.Transformer, token ids
+    [2, 8] when the model has an nn.Embedding, else a float [2, 8, in_features]."""
+    p = next(model.parameters(), None)
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    device = p.device if p is not None else None
+    g = torch.Generator().manual_seed(0)
+    if isinstance(model, nn.Transformer):
+        d = model.d_model
+        shape = (2, 8, d) if model.batch_first else (8, 2, d)
+        return (torch.randn(shape, generator=g).to(device, dtype),
+                torch.randn(shape, generator=g).to(device, dtype))
+    for mod in model.modules():
+        if isinstance(mod, nn.Embedding):
+            return torch.randint(0, mod.num_embeddings, (2, 8), generator=g).to(device)
+        if isinstance(mod, nn.Linear):
+            return torch.randn(2, 8, mod.in_features, generator=g).to(device, dtype)
+    return None
+
+
+# ---------------------------------------------------------------------------- context
+
+
+@dataclass
+class AuditContext:
+    model: nn.Module
+    trace: Trace | None
+    optimizer: torch.optim.Optimizer | None
+    scheduler: object | None
+    block_lists: list[tuple[str, nn.Module]]
+    trace_error: str | None = None
+
+    def placement(self, stack: str) -> str | None:
+        """"pre", "post" or None (unknown) for the blocks of ``stack``: from the blocks'
+        ``norm_first`` (torch) or ``placement`` attribute, else from the trace."""
+        blocks = list(dict(self.block_lists)[stack].children())
+        first = blocks[0]
+        if isinstance(getattr(first, "norm_first", None), bool):
+            return "pre" if first.norm_first else "post"
+        named = getattr(first, "placement", None)
+        name = getattr(named, "name", named)
+        if isinstance(name, str) and name.lower() in ("pre", "post"):
+            return name.lower()
+        if self.trace is None:
+            return None
+        votes = [self._traced_placement(c) for c in self.trace.block_calls if c.stack == stack]
+        votes = [v for v in votes if v is not None]
+        if votes and all(v == votes[0] for v in votes):
+            return votes[0]
+        return None
+
+    def _traced_placement(self, call: _BlockCall) -> str | None:
+        inside = [c for c in self.trace.norm_calls if c.path.startswith(call.path + ".")]
+        if not inside:
+            return None
+        if call.output_id is not None and any(c.output_id == call.output_id for c in inside):
+            return "post"
+        if call.input_id is not None and any(call.input_id in c.consumed for c in inside):
+            return "pre"
+        return None
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_double_norm(ctx: AuditContext) -> list[Finding]:
+    found: dict[str, str] = {}
+    if ctx.trace is not None:
+        outputs = ctx.trace.norm_outputs()
+        for c in ctx.trace.norm_calls:
+            if c.input_id in outputs:
+                found.setdefault(c.path, outputs[c.input_id])
+    else:  # known structure: torch's TransformerEncoder/Decoder with a norm after Post-LN layers
+        for path, mod in ctx.model.named_modules():
+            if isinstance(mod, (nn.TransformerEncoder, nn.TransformerDecoder)) and \
+                    mod.norm is not None and len(mod.layers) and \
+                    getattr(mod.layers[-1], "norm_first", True) is False:
+                last = len(mod.layers) - 1
+                last_norm = "norm2" if isinstance(mod, nn.TransformerEncoder) else "norm3"
+                prefix = f"{path}." if path else ""
+                found[f"{prefix}norm"] = f"{prefix}layers.{last}.{last_norm}"
+    return [
+        Finding("warning", "double-norm", path,
+                f"'{path}' normalizes the output of '{prev}' with nothing in between: the second "
+                f"norm only rescales an already normalized tensor (the Post-LN double LayerNorm "
+                f"of torch.nn.Transformer)",
+                f"drop '{path}' (e.g. norm=None for a Post-LN nn.TransformerEncoder/Decoder), or "
+                f"use Pre-LN (norm_first=True), where a final norm is needed")
+        for path, prev in found.items()
+    ]
+
+
+def check_pre_ln_final_norm(ctx: AuditContext) -> list[Finding]:
+    out = []
+    for stack, container in ctx.block_lists:
+        if ctx.placement(stack) != "pre":
+            continue
+        last = len(container) - 1
+        last_path = f"{stack}.{last}" if stack else str(last)
+        if ctx.trace is not None:
+            calls = [c for c in ctx.trace.block_calls if c.path == last_path]
+            if not calls or calls[-1].output_id is None:
+                continue
+            out_id = calls[-1].output_id
+            if any(out_id in c.consumed for c in ctx.trace.norm_calls
+                   if not c.path.startswith(last_path + ".")):
+                continue
+        else:
+            parent = ctx.model.get_submodule(stack.rsplit(".", 1)[0]) if "." in stack else ctx.model
+            if not (isinstance(parent, (nn.TransformerEncoder, nn.TransformerDecoder)) and parent.norm is None):
+                continue
+        out.append(Finding(
+            "warning", "pre-ln-no-final-norm", stack or "",
+            f"the Pre-LN stack '{stack}' ends without a norm: the residual stream, which grows "
+            f"with depth in Pre-LN, reaches the output unnormalized",
+            "add a final norm after the last block (norm=LayerNorm(d) for nn.TransformerEncoder)"))
+    return out
+
+
+def _param_dtype(mod: nn.Module) -> torch.dtype | None:
+    p = next(mod.parameters(recurse=False), None)
+    return p.dtype if p is not None and p.is_floating_point() else None
+
+
+def check_eps(ctx: AuditContext) -> list[Finding]:
+    out = []
+    for path, mod in ctx.model.named_modules():
+        eps = getattr(mod, "eps", None)
+        if not is_norm(mod) or not isinstance(eps, (int, float)):
+            continue
+        dtype = _param_dtype(mod) or torch.get_default_dtype()
+        if eps <= 0 or torch.tensor(float(eps), dtype=dtype).item() == 0.0:
+            smallest = torch.finfo(dtype).smallest_normal
+            out.append(Finding(
+                "error", "eps-underflow", path,
+                f"eps={eps:g} rounds to 0 in {dtype} (smallest normal {smallest:.3g}): a row with "
+                f"zero variance divides by zero",
+                "use eps=1e-5 (LayerNorm) or 1e-6 (RMSNorm), or keep the norm's parameters in float32"))
+    return out
+
+
+def _is_sequence_model(model: nn.Module) -> bool:
+    from normlab.diagnostics.structure import _ATTN_TOKENS
+
+    for path, mod in model.named_modules():
+        if isinstance(mod, (nn.MultiheadAttention, nn.Embedding)):
+            return True
+        if path and path.rsplit(".", 1)[-1].lower() in _ATTN_TOKENS:
+            return True
+    return False
+
+
+def check_batchnorm(ctx: AuditContext) -> list[Finding]:
+    if not _is_sequence_model(ctx.model):
+        return []
+    return [
+        Finding("warning", "batchnorm-padding", path,
+                f"torch {type(mod).__name__} in a sequence model: its batch statistics (and running "
+                f"averages) include padded positions, so they change with the padding amount",
+                "use LayerNorm/RMSNorm, or normlab.MaskedBatchNorm with a padding_mask")
+        for path, mod in ctx.model.named_modules()
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm)
+    ]
+
+
+def _init_params(mod: nn.Module) -> dict[str, Tensor] | None:
+    if not hasattr(mod, "reset_parameters"):
+        return None
+    fresh = copy.deepcopy(mod)
+    with torch.no_grad():
+        fresh.reset_parameters()
+    return {k: v.detach() for k, v in fresh.named_parameters(recurse=False)}
+
+
+def check_norm_weights(ctx: AuditContext) -> list[Finding]:
+    out = []
+    for path, mod in ctx.model.named_modules():
+        if not is_norm(mod):
+            continue
+        params = {k: v.detach() for k, v in mod.named_parameters(recurse=False)
+                  if v is not None and not k.endswith("bias")}
+        if not params:
+            continue
+        init = _init_params(mod) or {}
+        for name, w in params.items():
+            w0 = init.get(name, torch.ones_like(w))
+            full = f"{path}.{name}" if path else name
+            w64, w064 = w.double(), w0.double()
+            if not torch.isfinite(w64).all():
+                out.append(Finding("error", "dead-norm", path, f"'{full}' has non-finite values",
+                                   "restart from a checkpoint before the divergence; lower the lr"))
+            elif w64.abs().max() == 0 and w064.abs().max() > 0:
+                out.append(Finding(
+                    "error", "dead-norm", path,
+                    f"'{full}' is all zero: the norm outputs a constant (its bias) and passes no "
+                    f"gradient to its input",
+                    "re-initialize the weight (ones), check weight decay on norm weights (usually excluded)"))
+            elif w064.norm() > 0:
+                rel = float((w64 - w064).norm() / w064.norm())
+                if rel > FAR_FROM_INIT:
+                    out.append(Finding(
+                        "warning", "norm-far-from-init", path,
+                        f"'{full}' is {rel:.1f}x its init norm away from its init (||w - w0|| / "
+                        f"||w0||): the norm amplifies what it normalizes",
+                        "check the lr and weight decay of norm parameters; consider clipping"))
+    return out
+
+
+def _lrs(optimizer) -> list[float]:
+    return [float(g["lr"]) for g in optimizer.param_groups]
+
+
+def has_warmup(optimizer=None, scheduler=None, probe_steps: int = 200) -> bool:
+    """True if the learning rate starts below half its peak in the first ``probe_steps``
+    scheduler steps (probed on the scheduler's state, which is restored), or the optimizer
+    is RAdam (rectified: warm-up built in)."""
+    if optimizer is None and scheduler is not None:
+        optimizer = getattr(scheduler, "optimizer", None)
+    if isinstance(optimizer, torch.optim.RAdam):
+        return True
+    if scheduler is None or optimizer is None:
+        return False
+    start = _lrs(optimizer)
+    state = scheduler.state_dict()
+    lrs = [start]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(probe_steps):
+                scheduler.step()
+                lrs.append(_lrs(optimizer))
+    finally:
+        scheduler.load_state_dict(state)
+        for g, lr in zip(optimizer.param_groups, start, strict=True):
+            g["lr"] = lr
+    peak = [max(col) for col in zip(*lrs, strict=True)]
+    return any(s < 0.5 * p for s, p in zip(start, peak, strict=True))
+
+
+def check_deep_post_ln(ctx: AuditContext) -> list[Finding]:
+    if ctx.optimizer is None and ctx.scheduler is None:
+        return []
+    if has_warmup(ctx.optimizer, ctx.scheduler):
+        return []
+    return [
+        Finding("warning", "deep-post-ln-no-warmup", stack,
+                f"Post-LN stack '{stack}' has {len(container)} layers (> {POST_LN_MAX_SAFE_DEPTH}) "
+                f"and the learning rate has no warm-up: at init the last layers' gradients are "
+                f"the largest (Xiong et al. 2020), a known cause of early divergence",
+                "add a linear warm-up (e.g. 4000 steps), or use Pre-LN / DeepNorm")
+        for stack, container in ctx.block_lists
+        if len(container) > POST_LN_MAX_SAFE_DEPTH and ctx.placement(stack) == "post"
+    ]
+
+
+CHECKS: list[Callable[[AuditContext], list[Finding]]] = [
+    check_double_norm, check_pre_ln_final_norm, check_eps, check_batchnorm, check_norm_weights,
+    check_deep_post_ln,
+]
+
+
+def audit(model: nn.Module, example_input=None, optimizer=None, scheduler=None) -> list[Finding]:
+    """Check ``model`` for normalization mistakes; returns findings, most severe first.
+
+    ``example_input`` (a tensor, a tuple of positional arguments or a dict of keyword
+    arguments) is used for one traced forward; without it one is made up when possible
+    (:func:`example_input_for`), else structural checks fall back to known module types.
+    ``optimizer``/``scheduler`` enable the warm-up check."""
+    trace, err = None, None
+    if example_input is None:
+        example_input = example_input_for(model)
+    if example_input is not None:
+        try:
+            trace = trace_forward(model, example_input)
+        except Exception as e:  # a made-up input may not fit: fall back to structure
+            err = f"{type(e).__name__}: {e}"
+    ctx = AuditContext(model, trace, optimizer, scheduler, find_block_lists(model), err)
+    findings: list[Finding] = []
+    if err is not None:
+        findings.append(Finding(
+            "info", "no-trace", "", f"the example forward failed ({err}); data-flow checks "
+            f"fell back to known module structure", "pass example_input= (or a factory that "
+            "returns (model, example_input))"))
+    for check in CHECKS:
+        findings.extend(check(ctx))
+    findings.sort(key=lambda f: SEVERITIES.index(f.severity))
+    return findings
+
+
+def findings_table(findings: list[Finding], title: str = "normlab audit"):
+    """A rich.table.Table of findings."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("severity", "kind", "module", "message", "suggestion"):
+        table.add_column(col, overflow="fold")
+    colors = {"error": "red", "warning": "yellow", "info": "cyan"}
+    for f in findings:
+        table.add_row(f"[{colors.get(f.severity, 'white')}]{f.severity}[/]", f.kind,
+                      f.module or "(model)", f.message, f.suggestion)
+    return table
+

@@ -1,0 +1,243 @@
+"""Per-parameter gradient norms, grouped per layer and per sublayer kind.
+
+The measurement behind Xiong et al. 2020 ("On Layer Normalization in the Transformer
+Architecture", Figure 3): at initialization the gradient norm of the FFN output weight
+W2 grows with the layer index in Post-LN and stays flat in Pre-LN.
+
+    records = grad_norms(model, loss)       # one GradNormRecord per parameter
+    records.by_layer("ffn_w2")              # [||grad W2||_F of layer 0, 1, ...]
+    records.table()                         # a rich Table, one row per (stack, layer)
+    records.plot("grads.png")               # gradient norm vs layer, one line per kind
+
+Layers and kinds are inferred by :mod:`normlab.diagnostics.structure`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from normlab.diagnostics.structure import SUBLAYER_KINDS, iter_param_info
+
+
+@dataclass
+class GradNormRecord:
+    """One parameter's gradient norm ||grad||_2 (Frobenius for matrices) and its place."""
+
+    name: str            # dotted parameter name, as in model.named_parameters()
+    stack: str           # path of its block list ("" outside every block)
+    layer: int | None    # index in that block list (None outside)
+    kind: str            # one of SUBLAYER_KINDS
+    grad_norm: float
+    param_norm: float
+    numel: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class GradNorms(list):
+    """A list of :class:`GradNormRecord` with grouping, a Rich table and a plot."""
+
+    def grouped(self, *, weights_only: bool = False) -> list[dict]:
+        """One record per (stack, layer, kind): {"stack", "layer", "kind", "grad_norm", "numel"},
+        grad_norm = sqrt(sum of the members' squared norms). ``weights_only`` keeps only
+        parameters whose name does not end in "bias"."""
+        acc: dict[tuple, list[float]] = defaultdict(lambda: [0.0, 0])
+        for r in self:
+            if weights_only and r.name.rsplit(".", 1)[-1].endswith("bias"):
+                continue
+            a = acc[(r.stack, r.layer, r.kind)]
+            a[0] += r.grad_norm ** 2
+            a[1] += r.numel
+        out = [{"stack": s, "layer": layer, "kind": k, "grad_norm": math.sqrt(v[0]), "numel": v[1]}
+               for (s, layer, k), v in acc.items()]
+        out.sort(key=lambda d: (d["stack"], -1 if d["layer"] is None else d["layer"],
+                                SUBLAYER_KINDS.index(d["kind"]) if d["kind"] in SUBLAYER_KINDS else 99))
+        return out
+
+    def stacks(self) -> list[str]:
+        """Block-list paths present, in order of first appearance."""
+        return list(dict.fromkeys(r.stack for r in self if r.layer is not None))
+
+    def by_layer(self, kind: str, *, stack: str | None = None, weights_only: bool = True) -> list[float]:
+        """Gradient norm of ``kind`` in each layer of ``stack`` (default: the first stack);
+        0.0 for a layer without that kind."""
+        stacks = self.stacks()
+        if not stacks:
+            return []
+        stack = stacks[0] if stack is None else stack
+        groups = [g for g in self.grouped(weights_only=weights_only)
+                  if g["stack"] == stack and g["layer"] is not None]
+        n = max((g["layer"] for g in groups), default=-1) + 1
+        out = [0.0] * n
+        for g in groups:
+            if g["kind"] == kind:
+                out[g["layer"]] = g["grad_norm"]
+        return out
+
+    def table(self, title: str = "gradient norms per layer and sublayer kind"):
+        """A rich.table.Table: one row per (stack, layer), one column per kind."""
+        from rich.table import Table
+
+        groups = self.grouped()
+        kinds = [k for k in SUBLAYER_KINDS if any(g["kind"] == k for g in groups)]
+        table = Table(title=title)
+        table.add_column("stack")
+        table.add_column("layer", justify="right")
+        for k in kinds:
+            table.add_column(k, justify="right")
+        rows: dict[tuple, dict[str, float]] = {}
+        for g in groups:
+            rows.setdefault((g["stack"], g["layer"]), {})[g["kind"]] = g["grad_norm"]
+        for (stack, layer), vals in rows.items():
+            table.add_row(stack or "-", "-" if layer is None else str(layer),
+                          *(f"{vals[k]:.3e}" if k in vals else "" for k in kinds))
+        return table
+
+    def plot(self, path: str | Path, *, title: str = "gradient norm vs layer",
+             weights_only: bool = True) -> Path:
+        """Write a PNG: gradient norm (log scale) vs layer index, one line per (stack, kind)."""
+        return plot_grad_norms([("", self)], path, title=title, weights_only=weights_only)
+
+
+def plot_grad_norms(runs: list[tuple[str, GradNorms]], path: str | Path, *,
+                    title: str = "gradient norm vs layer", weights_only: bool = True) -> Path:
+    """Write a PNG comparing runs (label, records): gradient norm vs layer per kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, recs in runs:
+        for stack in recs.stacks():
+            for kind in SUBLAYER_KINDS:
+                ys = recs.by_layer(kind, stack=stack, weights_only=weights_only)
+                if not any(ys):
+                    continue
+                name = " ".join(s for s in (label, stack, kind) if s)
+                ax.plot(range(len(ys)), ys, marker="o", label=name)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("gradient norm" + (" (weights)" if weights_only else ""))
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _records(model: nn.Module, grads: dict[int, Tensor | None]) -> GradNorms:
+    infos = [(info, p) for info, p in iter_param_info(model) if grads.get(id(p)) is not None]
+    if not infos:
+        return GradNorms()
+    # one device sync for all norms
+    gn = torch.stack([grads[id(p)].detach().float().norm() for _, p in infos]).tolist()
+    pn = torch.stack([p.detach().float().norm() for _, p in infos]).tolist()
+    return GradNorms(GradNormRecord(i.name, i.stack, i.layer, i.kind, g, w, p.numel())
+                     for (i, p), g, w in zip(infos, gn, pn, strict=True))
+
+
+def grad_norms(model: nn.Module, loss: Tensor | None = None) -> GradNorms:
+    """Gradient norm of every parameter of ``model``, with its layer and sublayer kind.
+
+    With ``loss``, the gradients of ``loss`` w.r.t. the parameters are computed with
+    ``torch.autograd.grad`` (``.grad`` is left untouched, the graph is retained).
+    Without, the parameters' current ``.grad`` is read. Parameters without a gradient
+    are left out."""
+    if loss is None:
+        return _records(model, {id(p): p.grad for p in model.parameters()})
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return _records(model, {id(p): g for p, g in zip(params, grads, strict=True)})
+
+
+class GradientMonitor:
+    """Records per-parameter gradient norms during training with tensor hooks.
+
+    Every parameter gets a hook that stores the norm of the gradient flowing into it in
+    that backward (the contribution of this backward, before accumulation into
+    ``.grad``). A *step* is one forward of ``model``; on steps where
+    ``step % every == 0`` the hooks record, on the others they return at once.
+
+        with GradientMonitor(model, every=10) as mon:
+            for batch in data:
+                loss_fn(model(batch)).backward(); opt.step(); opt.zero_grad()
+        mon.history      # [(step, GradNorms), ...]
+        mon.last         # the latest GradNorms
+
+    ``attach()``/``detach()`` do the same as entering/leaving the context.
+    """
+
+    def __init__(self, model: nn.Module, every: int = 1) -> None:
+        if every < 1:
+            raise ValueError(f"GradientMonitor: expected every >= 1, got {every}")
+        self.model, self.every = model, every
+        self.step = -1
+        self.history: list[tuple[int, GradNorms]] = []
+        self._handles: list = []
+        self._pending: dict[int, Tensor] = {}
+        self._params: list[nn.Parameter] = []
+        self._flushed_step = -1
+
+    # --------------------------------------------------------------- attach / detach
+    def attach(self) -> GradientMonitor:
+        if self._handles:
+            return self
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        self._handles.append(self.model.register_forward_pre_hook(self._on_forward))
+        for p in self._params:
+            self._handles.append(p.register_hook(self._make_hook(p)))
+        return self
+
+    def detach(self) -> None:
+        self.flush()
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> GradientMonitor:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    # ---------------------------------------------------------------------- hooks
+    def _sampling(self) -> bool:
+        return self.step >= 0 and self.step % self.every == 0
+
+    def _on_forward(self, module, args) -> None:
+        self.flush()
+        self.step += 1
+
+    def _make_hook(self, p: nn.Parameter):
+        key = id(p)
+
+        def hook(grad: Tensor) -> None:
+            if self._sampling():
+                prev = self._pending.get(key)
+                sq = grad.detach().float().square().sum()
+                self._pending[key] = sq if prev is None else prev + sq
+        return hook
+
+    def flush(self) -> None:
+        """Turn the norms gathered since the last step into a GradNorms entry of ``history``."""
+        if not self._pending or self._flushed_step == self.step:
+            return
+        grads = {k: v.sqrt() for k, v in self._pending.items()}
+        self._pending = {}
+        self._flushed_step = self.step
+        self.history.append((self.step, _records(self.model, grads)))
+
+    @property
+    def last(self) -> GradNorms:
+        self.flush()
+        return self.history[-1][1] if self.history else GradNorms()

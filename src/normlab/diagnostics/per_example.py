@@ -1,0 +1,201 @@
+"""Per-example squared gradient norms of every LayerNorm/RMSNorm's weight and bias.
+
+For a norm y = x_hat * weight + bias applied to a batch whose dim 0 is the example,
+example b's contribution to the weight gradient is sum over b's positions of
+grad_out * x_hat, and to the bias gradient sum over b's positions of grad_out
+(``normlab.ops.reference.per_example_param_grad_sq``). Recording these squared norms
+costs one reduction per norm layer, and Gray et al. 2024 ("Normalization Layer
+Per-Example Gradients are Sufficient to Predict Gradient Noise Scale in Transformers")
+showed they predict the whole model's gradient noise scale.
+
+    with per_example_grad_norms(model) as rec:
+        loss = loss_fn(model(tokens))          # the forward runs inside the context
+        loss.backward()
+    rec["blocks.0.norm1"]  # {"weight": float32 [B], "bias": float32 [B]}
+    rec.total()            # float32 [B]: summed over all norm layers
+    rec.batch_grad_sq()    # ||gradient of this backward||^2 over the same parameters
+
+Positions whose grad_out is zero (padding that the loss ignores) contribute nothing.
+Here the numbers come from a forward hook (which keeps the norm's input) and a tensor
+hook on its output (which sees grad_out); the interface does not depend on that.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from normlab.ops import reference
+
+
+class _Call:
+    """One forward call of a norm whose backward has not run yet."""
+
+    done = False
+
+
+def _supported(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and getattr(module, "weight", None) is not None
+
+
+class PerExampleGradNorms:
+    """The recorder behind :func:`per_example_grad_norms`; a read-only mapping name -> dict."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._modules = {name: m for name, m in model.named_modules() if _supported(m)}
+        self._handles: list = []
+        self._pending: dict[str, weakref.ref] = {}
+        self._results: dict[str, dict[str, Tensor]] = {}
+        self._batch_sq: dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    def attach(self) -> PerExampleGradNorms:
+        if self._handles:
+            return self
+        for name, mod in self._modules.items():
+            self._handles.append(mod.register_forward_hook(self._forward_hook(name), with_kwargs=True))
+            for pname, p in mod.named_parameters(recurse=False):
+                if p.requires_grad:
+                    self._handles.append(p.register_hook(self._param_hook(f"{name}.{pname}")))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> PerExampleGradNorms:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    # ----------------------------------------------------------------------- hooks
+    def _forward_hook(self, name: str):
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else kwargs.get("input", kwargs.get("x"))
+            out = output
+            residual = args[1] if len(args) > 1 else kwargs.get("residual")
+            if residual is not None and isinstance(output, tuple):
+                out, x = output  # normlab norm(x, residual): normalizes residual + x
+            if not isinstance(out, Tensor) or not out.requires_grad:
+                return
+            prev = self._pending.get(name)
+            if prev is not None and prev() is not None and not prev().done:
+                raise RuntimeError(
+                    f"per_example_grad_norms: norm '{name}' was called more than once before "
+                    f"backward; its parameters are shared between the calls, so per-example "
+                    f"gradients of one call are not defined. Call each norm once per forward "
+                    f"inside the context (or record outside it)."
+                )
+            self._results.pop(name, None)  # a new forward: the previous backward's numbers go
+            call = _Call()  # lives as long as the graph holding grad_hook
+            self._pending[name] = weakref.ref(call)
+            shape = tuple(module.normalized_shape)
+            xd = x.detach()
+            if xd.dim() <= len(shape):
+                raise RuntimeError(
+                    f"per_example_grad_norms: norm '{name}' got input of size {list(xd.shape)}; "
+                    f"expected [B, ..., {', '.join(map(str, shape))}] with the example along dim 0"
+                )
+
+            def grad_hook(grad_out: Tensor) -> None:
+                call.done = True
+                xc = xd.to(reference.compute_dtype(xd.dtype))
+                if isinstance(module, nn.LayerNorm):
+                    x_hat = reference.layer_norm(xc, shape, eps=module.eps)
+                else:
+                    x_hat = reference.rms_norm(xc, shape, eps=module.eps)
+                w_sq, b_sq = reference.per_example_param_grad_sq(grad_out, x_hat, shape)
+                self._check_batch(name, w_sq.shape[0])
+                rec = {"weight": w_sq}
+                if getattr(module, "bias", None) is not None:
+                    rec["bias"] = b_sq
+                self._results[name] = rec
+
+            out.register_hook(grad_hook)
+        return hook
+
+    def _param_hook(self, key: str):
+        def hook(grad: Tensor) -> None:
+            self._batch_sq[key] = grad.detach().float().square().sum()
+        return hook
+
+    def _check_batch(self, name: str, b: int) -> None:
+        for other, rec in self._results.items():
+            if other != name and rec["weight"].shape[0] != b:
+                raise RuntimeError(
+                    f"per_example_grad_norms: norm '{name}' saw a batch of {b} examples (dim 0 of "
+                    f"its input) but '{other}' saw {rec['weight'].shape[0]}; every norm must see "
+                    f"the examples along dim 0 (for batch_first=False modules, dim 0 is time)"
+                )
+            break
+
+    # --------------------------------------------------------------------- results
+    def __getitem__(self, name: str) -> dict[str, Tensor]:
+        if name not in self._results:
+            if name not in self._modules:
+                raise KeyError(
+                    f"per_example_grad_norms: '{name}' is not a LayerNorm/RMSNorm with a weight in "
+                    f"the model; recorded norms: {sorted(self._modules)}"
+                )
+            raise KeyError(
+                f"per_example_grad_norms: nothing recorded for '{name}': run the forward and the "
+                f"backward inside `with per_example_grad_norms(model)` (the forward keeps the "
+                f"norm's input)"
+            )
+        return self._results[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._results
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._results)
+
+    def __len__(self) -> int:
+        return len(self._results)
+
+    def keys(self):
+        return self._results.keys()
+
+    def items(self):
+        return self._results.items()
+
+    def total(self) -> Tensor:
+        """Sum over all recorded norm layers and their parameters: float32 [B]."""
+        if not self._results:
+            raise RuntimeError(
+                "per_example_grad_norms: nothing recorded; run the forward and the backward "
+                "inside the context"
+            )
+        tensors = [t for rec in self._results.values() for t in rec.values()]
+        sizes = {t.shape[0] for t in tensors}
+        if len(sizes) != 1:
+            raise RuntimeError(f"per_example_grad_norms: norms saw different batch sizes {sorted(sizes)}")
+        return torch.stack(tensors).sum(0)
+
+    def batch_grad_sq(self) -> float:
+        """||g||^2 of the gradient of the latest backward over the recorded norm parameters
+        (the sum of the examples' contributions, before accumulation into ``.grad``)."""
+        keys = [f"{n}.{k}" for n, rec in self._results.items() for k in rec]
+        missing = [k for k in keys if k not in self._batch_sq]
+        if missing:
+            raise RuntimeError(f"per_example_grad_norms: no batch gradient seen for {missing}")
+        return float(sum(self._batch_sq[k] for k in keys))
+
+
+def per_example_grad_norms(model: nn.Module) -> PerExampleGradNorms:
+    """Context manager recording per-example squared gradient norms of every
+    ``nn.LayerNorm``/``nn.RMSNorm`` (normlab's included) with a weight in ``model``.
+
+    Run the forward and the backward inside the context; then ``rec[name]`` (name as in
+    ``model.named_modules()``) is {"weight": float32 [B], "bias": float32 [B]} ("bias"
+    only when the norm has one): the squared L2 norm of each example's contribution to
+    that parameter's gradient in the latest backward. ``rec.total()`` is their sum.
+    Dim 0 of each norm's input is the example. A norm called twice before backward
+    (shared parameters) raises; so do norms that disagree on the batch size."""
+    return PerExampleGradNorms(model)

@@ -1,0 +1,250 @@
+"""What a module is, read from any ``torch.nn.Module``: its blocks, layers and sublayer kinds.
+
+The diagnostics group parameters and activations by *layer* (the index of the repeated
+block they sit in) and by *sublayer kind*. Both are inferred from module types and
+dotted names, so they work on normlab's models, ``torch.nn.Transformer`` and Hugging
+Face models alike.
+
+Blocks
+    A *block list* is an ``nn.ModuleList`` or ``nn.Sequential`` of at least two children
+    that all have the same type (``encoder.layers``, ``transformer.h``, ``model.layers``,
+    ``blocks``). Lists nested inside another block list's blocks are ignored. A parameter's
+    *stack* is the path of its block list and its *layer* the child's index; parameters
+    outside every block list get ``layer=None``.
+
+Sublayer kinds (first matching rule wins; see :data:`KIND_RULES`)
+    ``norm``       the owning module is a norm: torch's LayerNorm/RMSNorm/GroupNorm/
+                   BatchNorm, any normlab norm, or a class whose name ends in "Norm"
+    ``embedding``  the owning module is an ``nn.Embedding``, or a path token is one of
+                   embed, embeddings, wte, wpe, tok_emb, pos_emb, word_embeddings, ...
+    ``attention``  inside an ``nn.MultiheadAttention``, or a path token is one of
+                   self_attn, attn, attention, selfattention, cross_attn,
+                   multihead_attn, encdecattention, or a projection named q/k/v/o,
+                   q_proj, k_proj, v_proj, o_proj, out_proj, qkv, c_attn, wq, wk, wv,
+                   query, key, value
+    ``ffn_w2``     the FFN's output projection: linear2, fc2, down_proj, w2, wo,
+                   dense_4h_to_h, fc_out, c_proj (in an mlp), output.dense (BERT)
+    ``ffn_w1``     the FFN's input projection(s): linear1, fc1, up_proj, gate_proj, w1, w3,
+                   wi, wi_0, wi_1, c_fc, dense_h_to_4h, fc_in, intermediate.dense
+    ``ffn_w1/w2``  fallback inside a container named mlp/ffn/feed_forward/...: the last
+                   registered ``nn.Linear`` is ``ffn_w2``, the others ``ffn_w1``
+    ``head``       outside every block: a path token is one of lm_head, head, classifier,
+                   unembed, output, decoder (the final projection)
+    ``other``      everything else
+
+Extend with :func:`register_kind_rule` (prepended, so it wins over the built-in rules).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from torch import nn
+
+SUBLAYER_KINDS = ("attention", "ffn_w1", "ffn_w2", "norm", "embedding", "head", "other")
+
+_NORM_TYPES: tuple[type, ...] = (
+    nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.LocalResponseNorm,
+)
+
+_EMBED_TOKENS = {"embed", "embeds", "embedding", "embeddings", "wte", "wpe", "tok_emb", "pos_emb",
+                 "word_embeddings", "position_embeddings", "token_type_embeddings", "embed_tokens",
+                 "embed_positions", "tok_embeddings", "shared"}
+_ATTN_TOKENS = {"self_attn", "attn", "attention", "selfattention", "self_attention", "cross_attn",
+                "cross_attention", "multihead_attn", "encdecattention", "crossattention", "mixer_attn",
+                "q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "qkv", "qkv_proj", "c_attn",
+                "wq", "wk", "wv", "query", "key", "value", "q", "k", "v", "o", "in_proj"}
+_FFN_W2_TOKENS = {"linear2", "fc2", "down_proj", "w2", "wo", "dense_4h_to_h", "fc_out", "proj_out"}
+_FFN_W1_TOKENS = {"linear1", "fc1", "up_proj", "gate_proj", "w1", "w3", "wi", "wi_0", "wi_1",
+                  "c_fc", "dense_h_to_4h", "fc_in", "gate_up_proj", "proj_in"}
+_FFN_CONTAINERS = {"mlp", "ffn", "feed_forward", "feedforward", "ff", "densereludense", "fc",
+                   "intermediate", "moe"}
+_HEAD_TOKENS = {"lm_head", "head", "classifier", "unembed", "output", "decoder", "out_head",
+                "score", "logits"}
+
+
+def is_norm(module: nn.Module) -> bool:
+    """True for torch's and normlab's norm layers (and any class named ``*Norm``)."""
+    if isinstance(module, _NORM_TYPES):
+        return True
+    from normlab.norms import ResidualNorm
+
+    if isinstance(module, ResidualNorm):
+        return True
+    name = type(module).__name__
+    return name.endswith("Norm") or name.endswith("LayerNorm") or name.endswith("RMSNorm")
+
+
+@dataclass(frozen=True)
+class ParamContext:
+    """What a kind rule sees: the parameter's dotted name, its owning module and ancestors."""
+
+    name: str                      # "blocks.3.linear2.weight"
+    module: nn.Module              # the module that owns the parameter
+    ancestors: tuple[nn.Module, ...]  # root first, owner last
+    tokens: tuple[str, ...]        # lower-cased path tokens of the owner: ("blocks", "3", "linear2")
+    in_block: bool                 # inside a detected block
+    siblings_linear: tuple[str, ...] = ()  # names of the Linear children of the owner's parent
+
+
+KindRule = Callable[[ParamContext], "str | None"]
+
+
+def _rule_norm(c: ParamContext) -> str | None:
+    return "norm" if is_norm(c.module) else None
+
+
+def _rule_embedding(c: ParamContext) -> str | None:
+    if isinstance(c.module, nn.Embedding) or any(t in _EMBED_TOKENS for t in c.tokens):
+        return "embedding"
+    return None
+
+
+def _rule_attention(c: ParamContext) -> str | None:
+    if any(isinstance(a, nn.MultiheadAttention) for a in c.ancestors):
+        return "attention"
+    if any(t in _ATTN_TOKENS for t in c.tokens):
+        return "attention"
+    return None
+
+
+def _rule_ffn_named(c: ParamContext) -> str | None:
+    if not c.tokens:
+        return None
+    last = c.tokens[-1]
+    if last in _FFN_W2_TOKENS:
+        return "ffn_w2"
+    if last in _FFN_W1_TOKENS:
+        return "ffn_w1"
+    parent = c.tokens[-2] if len(c.tokens) > 1 else ""
+    if last == "c_proj" and parent in _FFN_CONTAINERS:  # GPT-2's mlp.c_proj
+        return "ffn_w2"
+    if last == "dense" and parent == "intermediate":    # BERT
+        return "ffn_w1"
+    if last == "dense" and parent == "output":          # BERT's layer.output.dense
+        return "ffn_w2"
+    return None
+
+
+def _rule_ffn_container(c: ParamContext) -> str | None:
+    if len(c.tokens) < 2 or c.tokens[-2] not in _FFN_CONTAINERS or not isinstance(c.module, nn.Linear):
+        return None
+    if c.siblings_linear and c.tokens[-1] == c.siblings_linear[-1].lower():
+        return "ffn_w2"
+    return "ffn_w1"
+
+
+def _rule_head(c: ParamContext) -> str | None:
+    if not c.in_block and any(t in _HEAD_TOKENS for t in c.tokens):
+        return "head"
+    return None
+
+
+KIND_RULES: list[KindRule] = [
+    _rule_norm, _rule_embedding, _rule_attention, _rule_ffn_named, _rule_ffn_container, _rule_head,
+]
+
+
+def register_kind_rule(rule: KindRule) -> KindRule:
+    """Add a rule ``ParamContext -> kind | None``; it is tried before the built-in ones."""
+    KIND_RULES.insert(0, rule)
+    return rule
+
+
+# ------------------------------------------------------------------------ block lists
+
+
+def find_block_lists(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """All block lists of ``model`` as (path, container), the longest first.
+
+    A block list is an ``nn.ModuleList``/``nn.Sequential`` of >= 2 same-typed children
+    that are not themselves containers, and that is not inside another block list."""
+    found: list[tuple[str, nn.Module]] = []
+    for path, mod in model.named_modules():
+        if not isinstance(mod, (nn.ModuleList, nn.Sequential)):
+            continue
+        children = list(mod.children())
+        if len(children) < 2 or isinstance(children[0], (nn.ModuleList, nn.Sequential)):
+            continue
+        if len({type(c) for c in children}) != 1:
+            continue
+        if not any(True for _ in children[0].parameters()):
+            continue
+        if any(path.startswith(p + ".") or (p == "" and path) for p, _ in found):
+            continue
+        found.append((path, mod))
+    found.sort(key=lambda pm: -len(pm[1]))
+    return found
+
+
+def find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
+    """The main block list (the longest): (path, blocks). ``("", [])`` when there is none."""
+    lists = find_block_lists(model)
+    if not lists:
+        return "", []
+    path, mod = lists[0]
+    return path, list(mod.children())
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """Where one parameter sits: its stack (block-list path), layer index and sublayer kind."""
+
+    name: str
+    stack: str
+    layer: int | None
+    kind: str
+
+
+def _layer_of(path: str, block_lists: list[tuple[str, nn.Module]]) -> tuple[str, int | None]:
+    for bpath, _ in block_lists:
+        prefix = bpath + "." if bpath else ""
+        if path.startswith(prefix) and path != bpath:
+            head = path[len(prefix):].split(".", 1)[0]
+            if head.isdigit():
+                return bpath, int(head)
+    return "", None
+
+
+def sublayer_kind(ctx: ParamContext) -> str:
+    for rule in KIND_RULES:
+        kind = rule(ctx)
+        if kind is not None:
+            return kind
+    return "other"
+
+
+def iter_param_info(model: nn.Module) -> Iterator[tuple[ParamInfo, nn.Parameter]]:
+    """Every (distinct) parameter of ``model`` with its stack, layer and sublayer kind."""
+    block_lists = find_block_lists(model)
+    seen: set[int] = set()
+
+    def walk(mod: nn.Module, prefix: str, ancestors: tuple[nn.Module, ...], parent: nn.Module | None):
+        ancestors = ancestors + (mod,)
+        tokens = tuple(t.lower() for t in prefix.split(".")) if prefix else ()
+        stack, layer = _layer_of(prefix, block_lists)
+        siblings = ()
+        if parent is not None:
+            siblings = tuple(n for n, c in parent.named_children() if isinstance(c, nn.Linear))
+        for pname, p in mod.named_parameters(recurse=False):
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            ctx = ParamContext(_join(prefix, pname), mod, ancestors, tokens, layer is not None,
+                               siblings)
+            yield ParamInfo(ctx.name, stack, layer, sublayer_kind(ctx)), p
+        for cname, child in mod.named_children():
+            yield from walk(child, _join(prefix, cname), ancestors, mod)
+
+    yield from walk(model, "", (), None)
+
+
+def module_layer(path: str, model: nn.Module,
+                 block_lists: list[tuple[str, nn.Module]] | None = None) -> tuple[str, int | None]:
+    """(stack, layer) of the module at ``path``."""
+    return _layer_of(path, find_block_lists(model) if block_lists is None else block_lists)

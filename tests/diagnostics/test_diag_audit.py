@@ -1,0 +1,226 @@
+"""audit(): every finding kind has a model that triggers it and one that does not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _hooks import hook_count
+from _torch_models import torch_lm
+from torch import nn
+from typer.testing import CliRunner
+
+import normlab
+from normlab.cli import app
+from normlab.diagnostics import Finding, audit, has_warmup
+
+pytestmark = pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")
+
+
+def kinds(findings: list[Finding]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for f in findings:
+        assert f.severity in ("error", "warning", "info") and f.message and f.suggestion
+        out.setdefault(f.kind, set()).add(f.module)
+    return out
+
+
+# ------------------------------------------------------------------------ double norm
+
+
+def test_double_norm_in_default_torch_transformer():
+    model = nn.Transformer()  # Post-LN, with encoder.norm and decoder.norm
+    found = audit(model)
+    assert kinds(found) == {"double-norm": {"encoder.norm", "decoder.norm"}}
+    assert "encoder.layers.5.norm2" in [f for f in found if f.module == "encoder.norm"][0].message
+    assert hook_count(model) == 0
+
+
+def test_no_double_norm_in_pre_ln_torch_transformer():
+    assert audit(nn.Transformer(norm_first=True)) == []
+
+
+class _NeedsMask(nn.Module):
+    """A Post-LN encoder with a final norm whose forward a made-up input cannot call."""
+
+    def __init__(self, norm_first=False):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, norm_first=norm_first)
+        self.encoder = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(16),
+                                             enable_nested_tensor=False)
+
+    def forward(self, x, required_mask):
+        return self.encoder(x, src_key_padding_mask=required_mask)
+
+
+def test_double_norm_from_known_structure_without_trace():
+    found = kinds(audit(_NeedsMask()))
+    assert found["double-norm"] == {"encoder.norm"} and "no-trace" in found
+    assert "double-norm" not in kinds(audit(_NeedsMask(norm_first=True)))
+    x, mask = torch.randn(2, 5, 16), torch.zeros(2, 5, dtype=torch.bool)
+    traced = kinds(audit(_NeedsMask(), example_input=(x, mask)))
+    assert traced == {"double-norm": {"encoder.norm"}}
+
+
+def test_norm_after_residual_add_is_not_double():
+    class AddThenNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.LayerNorm(8), nn.LayerNorm(8)
+
+        def forward(self, x):
+            return self.b(self.a(x) + x)
+
+    class Back2Back(AddThenNorm):
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    x = torch.randn(2, 8)
+    assert audit(AddThenNorm(), x) == []
+    assert kinds(audit(Back2Back(), x)) == {"double-norm": {"b"}}
+
+
+# ----------------------------------------------------------------- Pre-LN final norm
+
+
+def test_pre_ln_without_final_norm():
+    model = torch_lm("pre", n_layers=2, d_model=16, n_heads=2)
+    assert audit(model) == []  # Pre-LN with a final norm: nothing wrong
+    model.final_norm = None
+    assert kinds(audit(model)) == {"pre-ln-no-final-norm": {"blocks"}}
+    assert audit(torch_lm("post", n_layers=2, d_model=16, n_heads=2)) == []
+    # torch's encoder: known structure when the forward cannot be traced
+    no_norm = _NeedsMask(norm_first=True)
+    no_norm.encoder.norm = None
+    assert "pre-ln-no-final-norm" in kinds(audit(no_norm))
+
+
+def test_hf_gpt2_is_clean():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=32)
+    model = transformers.GPT2LMHeadModel(cfg)
+    assert audit(model) == []
+    model.transformer.ln_f = nn.Identity()
+    assert kinds(audit(model)) == {"pre-ln-no-final-norm": {"transformer.h"}}
+
+
+# -------------------------------------------------------------------------------- eps
+
+
+def test_eps_underflow_in_fp16():
+    def model(eps, dtype):
+        m = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8, eps=eps))
+        return m.to(dtype)
+
+    assert kinds(audit(model(1e-12, torch.float16)))["eps-underflow"] == {"1"}
+    assert audit(model(1e-5, torch.float16)) == []
+    assert audit(model(1e-12, torch.bfloat16)) == []  # bf16 has float32's range
+    assert audit(model(1e-12, torch.float32)) == []
+    assert kinds(audit(model(0.0, torch.float32)))["eps-underflow"] == {"1"}
+    (f,) = [f for f in audit(model(1e-12, torch.float16)) if f.kind == "eps-underflow"]
+    assert f.severity == "error" and "float16" in f.message
+
+
+# ------------------------------------------------------------------------- BatchNorm
+
+
+class _BNBlock(nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.norm = norm
+
+    def forward(self, x):
+        h = x + self.attn(x, x, x, need_weights=False)[0]
+        return self.norm(h.transpose(1, 2)).transpose(1, 2) if isinstance(self.norm, nn.BatchNorm1d) \
+            else self.norm(h)
+
+
+def test_batchnorm_over_padded_sequences():
+    model = nn.Sequential(nn.Embedding(20, 8), _BNBlock(nn.BatchNorm1d(8)))
+    before = model[1].norm.running_mean.clone()
+    assert kinds(audit(model)) == {"batchnorm-padding": {"1.norm"}}
+    assert torch.equal(model[1].norm.running_mean, before)  # the trace left the stats alone
+    assert audit(nn.Sequential(nn.Embedding(20, 8), _BNBlock(normlab.MaskedBatchNorm(8)))) == []
+    cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    assert audit(cnn, torch.randn(2, 3, 8, 8)) == []
+
+
+# ------------------------------------------------------------------ dead / far weights
+
+
+def test_dead_and_far_from_init_norm_weights():
+    model = torch_lm("pre", n_layers=2, d_model=16, n_heads=2)
+    assert audit(model) == []
+    with torch.no_grad():
+        model.blocks[1].norm2.weight.zero_()
+        model.final_norm.weight.mul_(50.0)
+        model.blocks[0].norm1.weight.mul_(3.0)  # 2x its init away: fine
+    found = audit(model)
+    assert kinds(found) == {"dead-norm": {"blocks.1.norm2"}, "norm-far-from-init": {"final_norm"}}
+    assert [f.severity for f in found] == ["error", "warning"]
+    with torch.no_grad():
+        model.blocks[1].norm2.weight.fill_(float("nan"))
+    assert kinds(audit(model, example_input=torch.zeros(1, 4, dtype=torch.long)))["dead-norm"] == \
+        {"blocks.1.norm2"}
+
+
+def test_zoo_norm_inits_are_not_flagged():
+    for norm in (normlab.ScaleNorm(8), normlab.DyT(8), normlab.RMSNorm(8), normlab.PowerNorm(8)):
+        assert audit(nn.Sequential(nn.Linear(8, 8), norm)) == []
+    model = nn.Sequential(nn.Linear(8, 8), normlab.ScaleNorm(8))
+    with torch.no_grad():
+        model[1].g.zero_()
+    assert kinds(audit(model)) == {"dead-norm": {"1"}}
+
+
+# --------------------------------------------------------------- deep Post-LN warm-up
+
+
+def _opt(model):
+    return torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+
+def test_deep_post_ln_without_warmup():
+    deep_post = torch_lm("post", n_layers=13, d_model=16, n_heads=2)
+    opt = _opt(deep_post)
+    assert audit(deep_post) == []  # no optimizer given: no opinion
+    assert kinds(audit(deep_post, optimizer=opt)) == {"deep-post-ln-no-warmup": {"blocks"}}
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1000)
+    assert kinds(audit(deep_post, optimizer=opt, scheduler=cosine)) == {"deep-post-ln-no-warmup": {"blocks"}}
+
+    opt = _opt(deep_post)
+    warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, total_iters=100)
+    assert audit(deep_post, optimizer=opt, scheduler=warm) == []
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-5) and warm.last_epoch == 0  # restored
+    opt = _opt(deep_post)
+    lam = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
+    assert audit(deep_post, scheduler=lam) == []
+    assert audit(deep_post, optimizer=torch.optim.RAdam(deep_post.parameters())) == []
+    assert audit(torch_lm("post", n_layers=12, d_model=16, n_heads=2), optimizer=opt) == []
+    assert audit(torch_lm("pre", n_layers=13, d_model=16, n_heads=2), optimizer=opt) == []
+
+
+def test_has_warmup_one_cycle():
+    opt = _opt(nn.Linear(2, 2))
+    assert has_warmup(opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=1000))
+    opt = _opt(nn.Linear(2, 2))
+    assert not has_warmup(opt, torch.optim.lr_scheduler.StepLR(opt, step_size=10))
+
+
+# -------------------------------------------------------------------------------- CLI
+
+
+def test_cli_factory_and_hf_config(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(app, ["audit", "_torch_models:small_torch_transformer"])
+    assert res.exit_code == 0, res.output
+    assert "double-norm" in res.output and "encoder.norm" in res.output
+    res = runner.invoke(app, ["audit", "_torch_models:fp16_tiny_eps_lm"])
+    assert res.exit_code == 1 and "eps-underflow" in res.output
+    res = runner.invoke(app, ["audit", "no_such_module_xyz:make"])
+    assert res.exit_code == 2 and "pkg.module:factory" in res.output
+    transformers = pytest.importorskip("transformers")
+    transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50,
+                            n_positions=32).save_pretrained(tmp_path)
+    res = runner.invoke(app, ["audit", str(tmp_path)])
+    assert res.exit_code == 0 and "no findings" in res.output and "GPT2LMHeadModel" in res.output

@@ -1,0 +1,164 @@
+"""per_example_grad_norms against torch.func.vmap(torch.func.grad(...))."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _torch_models import VOCAB, torch_lm
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+import normlab
+from normlab.diagnostics import per_example_grad_norms
+
+NORMS = {
+    "torch.LayerNorm": nn.LayerNorm,
+    "torch.RMSNorm": nn.RMSNorm,
+    "normlab.LayerNorm": normlab.LayerNorm,
+    "normlab.RMSNorm": normlab.RMSNorm,
+}
+
+
+def _padded_batch(lengths, t, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (len(lengths), t + 1), generator=g)
+    pad = torch.arange(t + 1)[None, :] >= torch.tensor(lengths)[:, None]  # True = padded
+    tokens = tokens.masked_fill(pad, 0)
+    return tokens, pad
+
+
+def _example_loss(model, tokens, pad):
+    """Per-example loss [B]: mean next-byte cross-entropy over the example's real targets."""
+    logits = model(tokens[:, :-1], padding_mask=pad[:, :-1])
+    ce = nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
+    real = (~pad[:, 1:]).float()
+    return (ce * real).sum(1) / real.sum(1)
+
+
+def _randomize_norms(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+                m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g))
+                if getattr(m, "bias", None) is not None:
+                    m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
+
+
+def _vmap_per_example_sq(model, tokens, pad):
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_one(p, tok, pd):
+        return _example_loss(lambda *a, **kw: functional_call(model, p, a, kw), tok[None], pd[None])[0]
+
+    grads = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, tokens, pad)
+    return {k: g.flatten(1).square().sum(1) for k, g in grads.items()}
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+@pytest.mark.parametrize("norm", list(NORMS), ids=list(NORMS))
+def test_matches_vmap_grad_with_padding(norm):
+    model = torch_lm("pre", n_layers=2, d_model=16, n_heads=2, seed=0, norm=NORMS[norm])
+    _randomize_norms(model)
+    tokens, pad = _padded_batch([9, 4, 7, 2], t=9)
+    with per_example_grad_norms(model) as rec:
+        _example_loss(model, tokens, pad).sum().backward()
+    expected = _vmap_per_example_sq(model, tokens, pad)
+    norm_names = [n for n, m in model.named_modules() if isinstance(m, NORMS[norm])]
+    assert sorted(rec) == sorted(norm_names) and len(norm_names) == 5
+    total = torch.zeros(4)
+    for name in norm_names:
+        params = dict(model.get_submodule(name).named_parameters())
+        assert sorted(rec[name]) == sorted(params)  # "bias" only where the norm has one
+        for pname in params:
+            got = rec[name][pname]
+            assert got.dtype == torch.float32 and got.shape == (4,)
+            torch.testing.assert_close(got, expected[f"{name}.{pname}"], rtol=1e-5, atol=1e-10)
+            total += got
+    torch.testing.assert_close(rec.total(), total, rtol=1e-6, atol=0)
+    # the batch gradient of this backward over the same parameters
+    batch_sq = sum(float(p.grad.square().sum()) for n in norm_names
+                   for p in model.get_submodule(n).parameters())
+    assert rec.batch_grad_sq() == pytest.approx(batch_sq, rel=1e-5)
+
+
+def test_padding_contributes_nothing():
+    """A padded example's norms equal those of the same example alone, without padding."""
+    model = torch_lm("post", n_layers=2, d_model=16, n_heads=2, seed=3)
+    _randomize_norms(model)
+    tokens, pad = _padded_batch([9, 5], t=9, seed=4)
+    with per_example_grad_norms(model) as rec:
+        _example_loss(model, tokens, pad).sum().backward()
+    padded = rec["blocks.1.norm2"]["weight"][1]
+    with per_example_grad_norms(model) as alone:
+        _example_loss(model, tokens[1:, :5], pad[1:, :5]).sum().backward()
+    torch.testing.assert_close(padded, alone["blocks.1.norm2"]["weight"][0], rtol=1e-4, atol=0)
+    assert padded > 0
+
+
+@pytest.mark.parametrize("cls", [normlab.LayerNorm, normlab.RMSNorm])
+def test_normlab_norm_with_residual(cls):
+    """norm(x, residual) normalizes residual + x: the recorded norms use that sum."""
+    torch.manual_seed(0)
+    norm = cls(8)
+    _randomize_norms(norm)
+    x, r = torch.randn(3, 5, 8), torch.randn(3, 5, 8)
+    c = torch.randn(3, 5, 8)
+
+    def loss_b(p, xb, rb, cb):
+        out, _ = functional_call(norm, p, (xb, rb))
+        return (out * cb).sum()
+
+    params = {k: v.detach() for k, v in norm.named_parameters()}
+    expected = vmap(grad(loss_b), in_dims=(None, 0, 0, 0))(params, x, r, c)
+    with per_example_grad_norms(norm) as rec:
+        out, new_res = norm(x, r)
+        (out * c).sum().backward()
+    for pname, g in expected.items():
+        torch.testing.assert_close(rec[""][pname], g.square().sum(1), rtol=1e-5, atol=1e-10)
+
+
+class _SharedNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.norm(self.norm(x) * 2)
+
+
+class _TransposedNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.LayerNorm(8), nn.LayerNorm(8)
+
+    def forward(self, x):  # b sees time along dim 0
+        return self.a(x) + self.b(x.transpose(0, 1)).transpose(0, 1)
+
+
+def test_errors_shared_norm_batch_mismatch_and_no_forward():
+    m = _SharedNorm()
+    with pytest.raises(RuntimeError, match="called more than once"):
+        with per_example_grad_norms(m):
+            m(torch.randn(2, 3, 8)).sum().backward()
+    m = _TransposedNorm()
+    with pytest.raises(RuntimeError, match="batch of"):
+        with per_example_grad_norms(m):
+            m(torch.randn(2, 3, 8)).sum().backward()
+    m = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    loss = m(torch.randn(2, 8)).sum()
+    with per_example_grad_norms(m) as rec:
+        loss.backward()  # the forward ran outside the context
+    with pytest.raises(KeyError, match="run the forward and the backward inside"):
+        rec["1"]
+    with pytest.raises(KeyError, match="not a LayerNorm/RMSNorm"):
+        rec["0"]
+
+
+def test_forward_without_backward_then_new_step_is_fine():
+    """A dropped graph (forward, no backward) does not count as a shared call."""
+    m = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    with per_example_grad_norms(m) as rec:
+        m(torch.randn(2, 4, 8)).sum()       # graph dropped
+        m(torch.randn(3, 4, 8)).square().sum().backward()
+    assert rec["1"]["weight"].shape == (3,) and bool((rec["1"]["weight"] > 0).all())
