@@ -1,0 +1,134 @@
+"""Causality, padding masks, dropout in eval, RoPE's relative positions, input checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from normlab.models import Seq2SeqTransformer, TransformerConfig, TransformerEncoder, TransformerLM
+from normlab.models.attention import apply_rope, rope_tables
+
+PLACEMENTS = ["post", "pre", "sandwich", "deepnorm", "subln", "resi_dual", "peri", "none"]
+
+
+def _cfg(**kw):
+    base = dict(vocab_size=19, d_model=16, n_heads=2, n_layers=2, d_ff=32, dropout=0.0, max_seq_len=12)
+    base.update(kw)
+    return TransformerConfig(**base)
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_lm_is_causal(placement):
+    torch.manual_seed(0)
+    model = TransformerLM(_cfg(placement=placement, positional="rope")).eval()
+    tokens = torch.randint(0, 19, (2, 9))
+    changed = tokens.clone()
+    changed[:, 5:] = (changed[:, 5:] + 7) % 19
+    a, b = model(tokens), model(changed)
+    torch.testing.assert_close(a[:, :5], b[:, :5], rtol=0, atol=1e-6)
+    assert (a[:, 5:] - b[:, 5:]).abs().max() > 1e-3  # the future did change
+
+
+def test_seq2seq_decoder_is_causal_and_reads_the_source():
+    torch.manual_seed(1)
+    model = Seq2SeqTransformer(_cfg(placement="pre")).eval()
+    src, tgt = torch.randint(0, 19, (2, 6)), torch.randint(0, 19, (2, 8))
+    tgt2 = tgt.clone()
+    tgt2[:, 4:] = (tgt2[:, 4:] + 3) % 19
+    a, b = model(src, tgt), model(src, tgt2)
+    torch.testing.assert_close(a[:, :4], b[:, :4], rtol=0, atol=1e-6)
+    assert (model(src.flip(1), tgt) - a).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "batchnorm", "powernorm"])
+@pytest.mark.parametrize("placement", ["post", "peri", "subln", "resi_dual"])
+def test_padding_changes_nothing_at_real_positions(placement, norm):
+    """Train mode, so batch-statistics norms use batch statistics: they must skip padding."""
+    torch.manual_seed(2)
+    cfg = _cfg(placement=placement, norm=norm, embedding_norm=True)
+    model = TransformerEncoder(cfg).train()
+    tokens = torch.randint(0, 19, (3, 8))
+    pad = torch.zeros(3, 8, dtype=torch.bool)
+    pad[0, 5:] = True
+    pad[2, 2:] = True
+    other = torch.where(pad, (tokens + 5) % 19, tokens)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    a = model(tokens, pad)
+    model.load_state_dict(state)  # running statistics back to where they were
+    b = model(other, pad)
+    torch.testing.assert_close(a[~pad], b[~pad], rtol=0, atol=1e-5)
+    assert (a[pad] - b[pad]).abs().max() > 1e-3
+
+
+def test_padded_batch_equals_unpadded_sequences():
+    torch.manual_seed(3)
+    model = TransformerEncoder(_cfg(placement="pre")).eval()
+    tokens = torch.randint(0, 19, (2, 7))
+    pad = torch.tensor([[False] * 7, [False] * 4 + [True] * 3])
+    out = model(tokens, pad)
+    torch.testing.assert_close(out[1, :4], model(tokens[1:, :4])[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[0], model(tokens[:1])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_lm_left_padding_is_finite_and_changes_nothing():
+    torch.manual_seed(4)
+    model = TransformerLM(_cfg(placement="pre")).eval()
+    tokens = torch.randint(0, 19, (2, 9))
+    pad = torch.zeros(2, 9, dtype=torch.bool)
+    pad[0, :3] = True  # left padding: the first query has no real key at or before it
+    out = model(tokens, pad)
+    assert torch.isfinite(out).all()
+    other = model(torch.where(pad, (tokens + 1) % 19, tokens), pad)
+    torch.testing.assert_close(out[~pad], other[~pad], rtol=0, atol=1e-6)
+
+
+def test_seq2seq_source_padding_changes_nothing():
+    torch.manual_seed(5)
+    model = Seq2SeqTransformer(_cfg(placement="sandwich", norm="batchnorm")).train()
+    src, tgt = torch.randint(0, 19, (2, 6)), torch.randint(0, 19, (2, 5))
+    src_pad = torch.tensor([[False] * 6, [False] * 3 + [True] * 3])
+    tgt_pad = torch.tensor([[False] * 5, [False] * 4 + [True]])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    a = model(src, tgt, src_pad, tgt_pad)
+    model.load_state_dict(state)
+    b = model(torch.where(src_pad, 0, src), torch.where(tgt_pad, 0, tgt), src_pad, tgt_pad)
+    torch.testing.assert_close(a[~tgt_pad], b[~tgt_pad], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_dropout_only_in_training(placement):
+    torch.manual_seed(6)
+    cfg = _cfg(placement=placement, dropout=0.5, attention_dropout=0.5)
+    model = TransformerLM(cfg)
+    quiet = TransformerLM(_cfg(placement=placement))
+    quiet.load_state_dict(model.state_dict())
+    tokens = torch.randint(0, 19, (2, 8))
+    model.eval()
+    torch.testing.assert_close(model(tokens), quiet.eval()(tokens), rtol=0, atol=0)
+    model.train()
+    assert (model(tokens) - model(tokens)).abs().max() > 1e-3
+
+
+def test_rope_scores_depend_on_relative_position_only():
+    torch.manual_seed(7)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    cos, sin = rope_tables(20, 8, torch.float32, torch.device("cpu"))
+
+    def score(tq, tk):
+        return (apply_rope(q, cos[tq:tq + 1], sin[tq:tq + 1]) * apply_rope(k, cos[tk:tk + 1], sin[tk:tk + 1])).sum()
+
+    torch.testing.assert_close(score(5, 2), score(15, 12), rtol=1e-5, atol=1e-5)
+    assert (score(5, 2) - score(5, 4)).abs() > 1e-3
+    assert (apply_rope(q, cos[:1], sin[:1]) - q).abs().max() == 0  # position 0 is not rotated
+
+
+def test_bad_inputs_give_clear_errors():
+    model = TransformerLM(_cfg())
+    with pytest.raises(ValueError, match=r"seq_len <= max_seq_len=12, got 13"):
+        model(torch.zeros(1, 13, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"tokens of shape \[batch, seq_len\] and dtype torch.long"):
+        model(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"padding_mask of shape \(1, 4\).*torch.bool"):
+        model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="n_outputs"):
+        TransformerEncoder(_cfg(), n_outputs=0)
