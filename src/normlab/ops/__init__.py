@@ -38,3 +38,8 @@ def get_impl(op: str, backend: str) -> Callable:
         return _IMPLS[key]
     except KeyError:
         raise NotImplementedError(f"normlab: op {op!r} has no {backend!r} implementation") from None
+
+
+# the torch backend is always needed: register it now, so the first op call never
+# imports a module (torch.compile(fullgraph=True) cannot trace an import)
+importlib.import_module(_BACKEND_MODULES["torch"])

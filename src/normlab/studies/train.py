@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as TF
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import Tensor, nn
 
 from normlab.studies.data import VOCAB_SIZE, ByteCorpus, NumberWords, exact_match, lm_batch
@@ -209,7 +209,7 @@ def save_checkpoint(run_dir: Path, spec: RunSpec, step: int, model: nn.Module,
     tmp = run_dir / (CHECKPOINT + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    save_model(model, str(tmp / "model.safetensors"))  # handles tied (shared) weights
     save_file({f"rng.{k}": v for k, v in _rng_state().items()}, tmp / "rng.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "fingerprint": spec.fingerprint(), **extra}))
@@ -226,7 +226,7 @@ def load_checkpoint(run_dir: Path, spec: RunSpec, model: nn.Module, optimizer: t
     state = json.loads((ckpt / "state.json").read_text())
     if state.get("fingerprint") != spec.fingerprint():
         return None  # settings changed: start over
-    model.load_state_dict(load_file(ckpt / "model.safetensors", device=str(device)))
+    load_model(model, str(ckpt / "model.safetensors"), device=str(device))
     opt = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
@@ -309,7 +309,7 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
     torch.manual_seed(spec.seed)
     model = build_model(spec).to(env.device)
     task = Task(spec, corpus)
-    diagnostics = diagnostics or probes.Diagnostics(model, spec)
+    diagnostics = diagnostics or probes.Diagnostics(model)
     if spec.kind == "probe":
         result = {**_result_fields(spec), **probes.gradients_at_init(model, task, env), "diverged": False,
                   "fingerprint": spec.fingerprint()}
@@ -346,13 +346,14 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
         for step in range(start, spec.steps):
             model.train()
             batch = task.batch(step, "train", env)
-            diag_now = diagnostics is not None and spec.diag_every and step % spec.diag_every == 0
+            diag_now = bool(spec.diag_every) and step % spec.diag_every == 0
             t0 = time.perf_counter()
             with diagnostics.capture(diag_now):
                 with env.autocast():
                     loss, n_tokens = task.loss(train_model, batch)
                 loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip or float("inf"))
+            measured = diagnostics.collect() if diag_now else {}
             loss_value = env.all_mean(loss.item())
             finite = math.isfinite(loss_value) and math.isfinite(env.all_mean(float(grad_norm)))
             if finite:
@@ -362,9 +363,8 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
             elapsed = time.perf_counter() - t0
             record: dict[str, Any] = {"step": step, "train_loss": loss_value, "lr": scheduler.get_last_lr()[0],
                                       "grad_norm": float(grad_norm)}
-            if diag_now:
-                record.update(diagnostics.collect())
-            else:  # throughput counts plain training steps only
+            record.update(measured)
+            if not diag_now:  # throughput counts plain training steps only
                 train_time += elapsed
                 train_tokens += n_tokens * env.world
             if not finite:

@@ -1,0 +1,90 @@
+"""What a study measures besides the loss, through ``normlab.diagnostics``.
+
+* during training, every ``diag_every`` steps: gradient norms by layer and sublayer
+  kind, the residual stream's RMS after each block, and the gradient noise scale
+  estimated from the norm layers' per-example gradients (Gray et al. 2024), smoothed
+  by an EMA;
+* at initialization (probe runs): the same gradient norms and activation statistics,
+  averaged over ``probe_batches`` batches (Xiong et al. 2020, Fig. 3).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack, contextmanager
+from statistics import mean
+from typing import Any
+
+from torch import nn
+
+from normlab.diagnostics import ActivationMonitor, NoiseScaleEMA, grad_norms, per_example_grad_norms
+from normlab.diagnostics.noise_scale import gradient_noise_scale
+
+PROFILE_KINDS = ("ffn_w1", "ffn_w2", "attention", "norm")
+
+
+def _profiles(model: nn.Module) -> dict[str, list[float]]:
+    """Gradient norm per layer for each sublayer kind, from the current ``.grad``."""
+    norms = grad_norms(model)
+    return {kind: norms.by_layer(kind) for kind in PROFILE_KINDS}
+
+
+class Diagnostics:
+    """Measurements of one training run, taken on the steps it is asked to."""
+
+    def __init__(self, model: nn.Module, ema_beta: float = 0.9) -> None:
+        self.model = model
+        self.noise = NoiseScaleEMA(beta=ema_beta)
+        self._activations: ActivationMonitor | None = None
+        self._per_example = None
+
+    @contextmanager
+    def capture(self, active: bool):
+        """Wrap one step's forward and backward; records only when ``active``."""
+        if not active:
+            yield
+            return
+        self._activations = ActivationMonitor(self.model)
+        self._per_example = per_example_grad_norms(self.model)
+        with ExitStack() as stack:
+            stack.enter_context(self._activations)
+            stack.enter_context(self._per_example)
+            yield
+
+    def collect(self) -> dict[str, Any]:
+        """The measurements of the captured step; call after backward, before zero_grad."""
+        out: dict[str, Any] = {"grad_norms_by_layer": _profiles(self.model)}
+        if self._activations is not None:
+            out["activation_rms_by_layer"] = self._activations.residual_rms()
+        if self._per_example is not None and len(self._per_example):
+            per_example, batch_sq = self._per_example.total(), self._per_example.batch_grad_sq()
+            if per_example.shape[0] >= 2:
+                step = gradient_noise_scale(per_example, batch_sq)
+                out["gns_step"] = step.b_simple
+                out["gns"] = self.noise.update_estimates(step.g_sq, step.trace_sigma)
+        self._activations = self._per_example = None
+        return {k: v for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}
+
+    def close(self) -> None:
+        self._activations = self._per_example = None
+
+
+def gradients_at_init(model: nn.Module, task: Any, env: Any) -> dict[str, Any]:
+    """Mean gradient-norm profiles and residual RMS at initialization over the probe batches."""
+    model.train()
+    grads: list[dict[str, list[float]]] = []
+    rms: list[list[float]] = []
+    for i in range(task.spec.probe_batches):
+        batch = task.batch(i, "train", env)
+        with ActivationMonitor(model) as monitor:
+            with env.autocast():
+                loss, _ = task.loss(model, batch)
+            loss.backward()
+        grads.append(_profiles(model))
+        rms.append(monitor.residual_rms())
+        model.zero_grad(set_to_none=True)
+    return {
+        "grad_norms_by_layer": {k: [mean(v) for v in zip(*(g[k] for g in grads))] for k in PROFILE_KINDS},
+        "activation_rms_by_layer": [mean(v) for v in zip(*rms)],
+        "probe_loss": loss.item(),
+    }
