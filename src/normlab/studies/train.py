@@ -311,8 +311,10 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
     task = Task(spec, corpus)
     diagnostics = diagnostics or probes.Diagnostics(model)
     if spec.kind == "probe":
-        result = {**_result_fields(spec), **probes.gradients_at_init(model, task, env), "diverged": False,
-                  "fingerprint": spec.fingerprint()}
+        measured = probes.gradients_at_init(model, task, env)
+        result = {**_result_fields(spec), **measured, "final_train_loss": measured["probe_loss"],
+                  "final_val_loss": math.nan, "diverged": not math.isfinite(measured["probe_loss"]),
+                  "diverged_step": None, "tokens_per_s": math.nan, "fingerprint": spec.fingerprint()}
         if env.is_main:
             done.write_text(json.dumps(result, indent=1))
         return result

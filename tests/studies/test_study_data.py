@@ -1,0 +1,103 @@
+"""Study tasks: the stdlib corpus, user data, batches as pure functions, number -> words."""
+
+import pytest
+import torch
+
+from normlab.studies.data import (
+    BOS,
+    EOS,
+    PAD,
+    ByteCorpus,
+    DataError,
+    NumberWords,
+    exact_match,
+    lm_batch,
+    number_to_words,
+)
+
+
+@pytest.fixture(scope="module")
+def stdlib():
+    return ByteCorpus.from_path(max_bytes=2_000_000)
+
+
+def test_stdlib_corpus_is_real_python_split_by_file(stdlib):
+    assert stdlib.source == "python-stdlib" and stdlib.n_files > 100
+    assert stdlib.train.dtype == torch.uint8 and stdlib.train.numel() == 2_000_000
+    assert b"def " in bytes(stdlib.train[:200_000].tolist())
+    # deterministic: the same split twice
+    again = ByteCorpus.from_path(max_bytes=2_000_000)
+    assert torch.equal(again.train, stdlib.train) and torch.equal(again.val, stdlib.val)
+    assert 0 < stdlib.val.numel() < stdlib.train.numel()
+
+
+def test_split_is_by_whole_file(tmp_path):
+    for i in range(60):
+        (tmp_path / f"f{i}.txt").write_text(f"<file {i}>" * 20)
+    c = ByteCorpus.from_path(tmp_path, val_percent=20)
+    train, val = bytes(c.train.tolist()).decode(), bytes(c.val.tolist()).decode()
+    in_val = {i for i in range(60) if f"<file {i}>" in val}
+    in_train = {i for i in range(60) if f"<file {i}>" in train}
+    assert in_val and in_train and not in_val & in_train and in_val | in_train == set(range(60))
+
+
+def test_lm_batches_are_pure_functions_of_seed_and_step(stdlib):
+    x1, y1 = lm_batch(stdlib.train, 4, 32, seed=1, step=7)
+    x2, y2 = lm_batch(stdlib.train, 4, 32, seed=1, step=7)
+    x3, _ = lm_batch(stdlib.train, 4, 32, seed=1, step=8)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2) and not torch.equal(x1, x3)
+    assert torch.equal(x1[:, 1:], y1[:, :-1])  # targets are inputs shifted by one
+    assert x1.dtype == torch.long and x1.max() < 256
+
+
+def test_user_data_file_and_folder(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world " * 200)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.md").write_text("lorem ipsum " * 200)
+    c = ByteCorpus.from_path(tmp_path)
+    assert c.n_files == 2 and c.train.numel() + c.val.numel() >= 4800
+    single = ByteCorpus.from_path(tmp_path / "a.txt")
+    assert single.n_files == 1 and single.val.numel() > 0
+    assert bytes(single.train[:11].tolist()) == b"hello world"
+
+
+def test_user_data_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        ByteCorpus.from_path(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no text files"):
+        ByteCorpus.from_path(tmp_path / "empty")
+    (tmp_path / "tiny.txt").write_text("x")
+    with pytest.raises(DataError, match="too little text"):
+        ByteCorpus.from_path(tmp_path / "tiny.txt")
+    with pytest.raises(DataError, match="shorter than seq_len"):
+        lm_batch(torch.zeros(10, dtype=torch.uint8), 2, 64, 0, 0)
+
+
+@pytest.mark.parametrize("n, words", [
+    (0, "zero"), (13, "thirteen"), (40, "forty"), (42, "forty-two"), (100, "one hundred"),
+    (4052, "four thousand fifty-two"), (1_000_000, "one million"),
+    (99_999, "ninety-nine thousand nine hundred ninety-nine"),
+])
+def test_number_to_words(n, words):
+    assert number_to_words(n) == words
+
+
+def test_number_words_batches():
+    task = NumberWords()
+    b = task.batch(8, seed=3, step=0)
+    assert torch.equal(b["src"], task.batch(8, seed=3, step=0)["src"])
+    for i in range(8):
+        digits = bytes(t for t in b["src"][i].tolist() if t != PAD).decode()
+        seq = b["tgt_in"][i].tolist()
+        assert seq[0] == BOS
+        words = bytes(t for t in b["tgt_out"][i].tolist() if t not in (PAD, EOS)).decode()
+        assert words == number_to_words(int(digits))
+        assert EOS in b["tgt_out"][i].tolist()
+    assert torch.equal(b["src_padding_mask"], b["src"] == PAD)
+
+
+def test_exact_match_ignores_padding():
+    target = torch.tensor([[5, 6, EOS, PAD], [5, 6, EOS, PAD]])
+    pred = torch.tensor([[5, 6, EOS, 9], [5, 7, EOS, PAD]])
+    assert exact_match(pred, target) == 0.5
