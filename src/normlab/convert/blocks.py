@@ -43,10 +43,11 @@ class BlockSpec:
 @dataclass(frozen=True)
 class ModelSpec:
     """``final_norms``: norm path -> consumers (None: the output leaves the model).
-    ``embeddings``: modules (or parameters) whose output starts the residual stream."""
+    ``embeddings``: modules (or parameters) whose output starts the residual stream
+    (None: the stream starts at a model input)."""
 
     final_norms: dict[str, tuple[Consumer, ...] | None]
-    embeddings: tuple[str, ...]
+    embeddings: tuple[str, ...] | None
 
 
 @dataclass(frozen=True)
@@ -324,4 +325,4 @@ def _torch_transformer(root: nn.Module) -> ModelSpec:
             Consumer(f"decoder.layers.{i}.multihead_attn", "kv") for i in range(len(root.decoder.layers)))
     if root.decoder.norm is not None:
         finals["decoder.norm"] = None
-    return ModelSpec(final_norms=finals, embeddings=())
+    return ModelSpec(final_norms=finals, embeddings=None)

@@ -71,11 +71,13 @@ class LinearView:
         return [p for p in (m.weight, getattr(m, "bias", None)) if p is not None]
 
     def fold_input_affine(self, gamma: Tensor | None, beta: Tensor | None) -> None:
-        """W(gamma * x + beta) + b  ->  (W diag(gamma)) x + (W beta + b)."""
+        """W(gamma * x + beta) + b  ->  (W diag(gamma)) x + (W beta + b).
+
+        Without a bias, beta must be zero (the caller checks)."""
         w = self.weight()
         w64 = w.double()
-        if beta is not None:
-            b = self.bias()
+        b = self.bias()
+        if beta is not None and b is not None:
             b.copy_((b.double() + w64 @ beta.double()).to(b.dtype))
         if gamma is not None:
             w.copy_((w64 * gamma.double()).to(w.dtype))

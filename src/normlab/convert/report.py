@@ -62,3 +62,8 @@ class ConversionReport:
             for e in self.entries
         ]
         return "\n".join(lines)
+
+
+class ConversionError(ValueError):
+    """A transform that cannot be applied exactly to this model; the message says why.
+    The model is left unchanged."""

@@ -9,7 +9,7 @@ from torch import nn
 
 from normlab.convert.blocks import block_entry, block_spec
 from normlab.convert.detect import NormSemantics, is_norm_like, semantics
-from normlab.convert.fused import fuse
+from normlab.convert.fused import fuse, is_fused
 from normlab.convert.report import ConversionReport
 from normlab.norms import LayerNorm, RMSNorm
 from normlab.norms.base import ResidualNorm
@@ -103,15 +103,16 @@ def _describe(sem: NormSemantics, new: nn.Module) -> str:
     return f"-> normlab.{type(new).__name__} (eps={sem.eps}; {sem.verified})"
 
 
-def _fuse_known_blocks(model: nn.Module, report: ConversionReport) -> None:
+def _fuse_known_blocks(model: nn.Module, report: ConversionReport, quiet: bool = False) -> None:
     for path, block in model.named_modules():
         base, entry = block_entry(block)
-        if entry is None or entry.forward is None:
+        if entry is None or entry.forward is None or is_fused(block):
             continue
         spec = block_spec(block)
         norms = [getattr(block, n, None) for n in spec.fused_norms]
         if not all(isinstance(n, ResidualNorm) for n in norms):
-            report.add(path, block, "left", "not fused: some of its norms are not normlab modules")
+            if not quiet:
+                report.add(path, block, "left", "not fused: some of its norms are not normlab modules")
             continue
         fuse(block)
         report.add(path, base.__name__, "fused",
