@@ -46,9 +46,9 @@ def _check_consumers(views: list[LinearView], beta, shared, norm_path: str) -> s
         if why:
             return why
         for p in v.parameters():
-            names = shared[id(p)]
-            if len(names) > 1:
-                return (f"consumer {v.path} shares its parameter with {', '.join(n for n in names[1:])} "
+            others = [n for n in shared[id(p)] if n.rpartition(".")[0] != v.path]
+            if others:
+                return (f"consumer {v.path} shares its parameter with {', '.join(others)} "
                         "(tied weights): folding would change the other use too")
         if beta is not None and v.bias() is None and bool(beta.detach().ne(0).any()):
             return f"consumer {v.path} has no bias to absorb the norm's beta"

@@ -102,7 +102,6 @@ def layernorm_to_rmsnorm(model: nn.Module, *, example_inputs=None, atol: float =
     report = ConversionReport("layernorm_to_rmsnorm", model)
     undo = []
     shared = _shared_params(model)
-    writer_params = {id(p) for v in a.writers for p in v.parameters()}
     seen = set()
     with torch.no_grad():
         for v in a.writers:
