@@ -86,6 +86,8 @@ def analyse(model: nn.Module) -> Analysis:
             a.writers = [_view(model, e) for e in mspec.embeddings] + block_writers
         return a
     _trace(model, a, blocks)
+    if not pre_ok:
+        a.writers = "the model has Post-LN blocks: the residual stream is re-normalized, not a sum of writers"
     return a
 
 
