@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import time
 
 import typer
@@ -14,6 +15,7 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console()
+app.command(name="convert")(importlib.import_module("normlab.convert.cli").convert)
 
 
 @app.callback()

@@ -1,0 +1,328 @@
+"""The table of known transformer blocks and models: where their norms sit.
+
+For each block type, one entry says
+
+* ``pre_norms``: norm -> the Linear-like layers that read its output (Pre-LN: the
+  output feeds only those layers, so its affine can be folded into them);
+* ``post_norms``: norms whose output *is* the residual stream (Post-LN);
+* ``writers``: the layers whose output is added to the residual stream;
+* ``forward``: the same block's forward with the residual add fused into the norm that
+  follows it (normlab's ``norm(x, residual) -> (norm(residual + x), residual + x)``).
+
+Model entries add the model-level pieces: the embeddings that start the residual
+stream and the final norm(s) with their consumers. Supporting a new architecture is
+one ``register_block`` (and, for whole-model transforms, one ``register_model``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A Linear-like layer reading a norm's output (``rows`` for packed attention inputs)."""
+
+    path: str
+    rows: str = "all"
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    pre_norms: dict[str, tuple[Consumer, ...]] = field(default_factory=dict)
+    post_norms: tuple[str, ...] = ()
+    writers: tuple[str, ...] = ()
+    fused_norms: tuple[str, ...] = ()  # the norms the fused forward calls with a residual
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """``final_norms``: norm path -> consumers (None: the output leaves the model).
+    ``embeddings``: modules (or parameters) whose output starts the residual stream
+    (None: the stream starts at a model input)."""
+
+    final_norms: dict[str, tuple[Consumer, ...] | None]
+    embeddings: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class _BlockEntry:
+    spec: Callable[[nn.Module], BlockSpec]
+    forward: Callable | None
+
+
+_BLOCKS: dict[str, _BlockEntry] = {}
+_MODELS: dict[str, Callable[[nn.Module], ModelSpec]] = {}
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_block(*qualified_names: str, forward: Callable | None = None):
+    """Decorator: ``spec(module) -> BlockSpec`` for the classes named ``module.QualName``."""
+
+    def wrap(spec: Callable[[nn.Module], BlockSpec]):
+        for name in qualified_names:
+            _BLOCKS[name] = _BlockEntry(spec, forward)
+        return spec
+
+    return wrap
+
+
+def register_model(*qualified_names: str):
+    def wrap(spec: Callable[[nn.Module], ModelSpec]):
+        for name in qualified_names:
+            _MODELS[name] = spec
+        return spec
+
+    return wrap
+
+
+def _lookup(table: dict, module: nn.Module | type):
+    for cls in (module if isinstance(module, type) else type(module)).__mro__:
+        entry = table.get(_qualified(cls))
+        if entry is not None:
+            return cls, entry
+    return None, None
+
+
+def block_entry(module: nn.Module | type) -> tuple[type | None, _BlockEntry | None]:
+    """(the registered base class, its entry) for a known block (or class), else (None, None)."""
+    return _lookup(_BLOCKS, module)
+
+
+def block_spec(module: nn.Module) -> BlockSpec | None:
+    _, entry = block_entry(module)
+    return None if entry is None else entry.spec(module)
+
+
+def model_spec(module: nn.Module) -> ModelSpec | None:
+    _, spec = _lookup(_MODELS, module)
+    return None if spec is None else spec(module)
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def _consumers(module: nn.Module, *paths: str) -> tuple[Consumer, ...]:
+    return tuple(Consumer(p) for p in paths if _has(module, p))
+
+
+# ---------------------------------------------------------------------- torch.nn blocks
+
+
+def _torch_encoder_layer_forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+    src_key_padding_mask = F._canonical_mask(
+        mask=src_key_padding_mask, mask_name="src_key_padding_mask",
+        other_type=F._none_or_dtype(src_mask), other_name="src_mask", target_type=src.dtype,
+    )
+    src_mask = F._canonical_mask(
+        mask=src_mask, mask_name="src_mask", other_type=None, other_name="",
+        target_type=src.dtype, check_other=False,
+    )
+    x = src
+    if self.norm_first:
+        sa = self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+        h, x = self.norm2(sa, x)
+        return x + self._ff_block(h)
+    x, _ = self.norm1(self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal), x)
+    x, _ = self.norm2(self._ff_block(x), x)
+    return x
+
+
+@register_block("torch.nn.modules.transformer.TransformerEncoderLayer",
+                forward=_torch_encoder_layer_forward)
+def _torch_encoder_layer(m: nn.Module) -> BlockSpec:
+    if m.norm_first:
+        return BlockSpec(
+            pre_norms={"norm1": (Consumer("self_attn", "all"),), "norm2": (Consumer("linear1"),)},
+            writers=("self_attn.out_proj", "linear2"), fused_norms=("norm2",),
+        )
+    return BlockSpec(post_norms=("norm1", "norm2"), writers=("self_attn.out_proj", "linear2"),
+                     fused_norms=("norm1", "norm2"))
+
+
+def _torch_decoder_layer_forward(self, tgt, memory, tgt_mask=None, memory_mask=None,
+                                 tgt_key_padding_mask=None, memory_key_padding_mask=None,
+                                 tgt_is_causal=False, memory_is_causal=False):
+    x = tgt
+    if self.norm_first:
+        sa = self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
+        h, x = self.norm2(sa, x)
+        ca = self._mha_block(h, memory, memory_mask, memory_key_padding_mask, memory_is_causal)
+        h, x = self.norm3(ca, x)
+        return x + self._ff_block(h)
+    x, _ = self.norm1(self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal), x)
+    x, _ = self.norm2(self._mha_block(x, memory, memory_mask, memory_key_padding_mask,
+                                      memory_is_causal), x)
+    x, _ = self.norm3(self._ff_block(x), x)
+    return x
+
+
+@register_block("torch.nn.modules.transformer.TransformerDecoderLayer",
+                forward=_torch_decoder_layer_forward)
+def _torch_decoder_layer(m: nn.Module) -> BlockSpec:
+    writers = ("self_attn.out_proj", "multihead_attn.out_proj", "linear2")
+    if m.norm_first:
+        return BlockSpec(
+            pre_norms={"norm1": (Consumer("self_attn", "all"),),
+                       "norm2": (Consumer("multihead_attn", "q"),),
+                       "norm3": (Consumer("linear1"),)},
+            writers=writers, fused_norms=("norm2", "norm3"),
+        )
+    return BlockSpec(post_norms=("norm1", "norm2", "norm3"), writers=writers,
+                     fused_norms=("norm1", "norm2", "norm3"))
+
+
+# ------------------------------------------------------------- Hugging Face transformers
+
+# Llama and the architectures sharing its decoder layer (same attribute names, same forward)
+LLAMA_LIKE = {
+    "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3",
+}
+
+
+def _llama_layer_forward(self, hidden_states, *args, **kwargs):
+    if args:  # positional extras: bind them to the original signature's names
+        bound = inspect.signature(type(self)._normlab_base.forward).bind(
+            self, hidden_states, *args, **kwargs)
+        kwargs = {k: v for k, v in bound.arguments.items() if k not in ("self", "hidden_states")}
+        kwargs.update(kwargs.pop("kwargs", {}))
+    h, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+    h, residual = self.post_attention_layernorm(h, hidden_states)
+    return residual + self.mlp(h)
+
+
+def _llama_layer(m: nn.Module) -> BlockSpec:
+    return BlockSpec(
+        pre_norms={
+            "input_layernorm": _consumers(m, "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            "post_attention_layernorm": _consumers(m, "mlp.gate_proj", "mlp.up_proj"),
+        },
+        writers=("self_attn.o_proj", "mlp.down_proj"),
+        fused_norms=("post_attention_layernorm",),
+    )
+
+
+for _mod, _prefix in LLAMA_LIKE.items():
+    register_block(f"transformers.models.{_mod}.modeling_{_mod}.{_prefix}DecoderLayer",
+                   forward=_llama_layer_forward)(_llama_layer)
+
+
+def _gpt2_block_forward(self, hidden_states, past_key_values=None, attention_mask=None,
+                        encoder_hidden_states=None, encoder_attention_mask=None,
+                        use_cache=False, **kwargs):
+    residual = hidden_states
+    attn, _ = self.attn(self.ln_1(hidden_states), past_key_values=past_key_values,
+                        attention_mask=attention_mask, use_cache=use_cache, **kwargs)
+    if encoder_hidden_states is not None:
+        if not hasattr(self, "crossattention"):
+            raise ValueError(f"If `encoder_hidden_states` are passed, {self} has to be instantiated "
+                             "with cross-attention layers by setting `config.add_cross_attention=True`")
+        h, residual = self.ln_cross_attn(attn, residual)
+        attn, _ = self.crossattention(h, past_key_values=past_key_values,
+                                      attention_mask=attention_mask,
+                                      encoder_hidden_states=encoder_hidden_states,
+                                      encoder_attention_mask=encoder_attention_mask)
+    h, residual = self.ln_2(attn, residual)
+    return residual + self.mlp(h)
+
+
+@register_block("transformers.models.gpt2.modeling_gpt2.GPT2Block", forward=_gpt2_block_forward)
+def _gpt2_block(m: nn.Module) -> BlockSpec:
+    pre = {"ln_1": (Consumer("attn.c_attn"),), "ln_2": (Consumer("mlp.c_fc"),)}
+    writers = ["attn.c_proj", "mlp.c_proj"]
+    fused = ["ln_2"]
+    if _has(m, "ln_cross_attn"):
+        pre["ln_cross_attn"] = (Consumer("crossattention.q_attn"),)
+        writers.append("crossattention.c_proj")
+        fused.append("ln_cross_attn")
+    return BlockSpec(pre_norms=pre, writers=tuple(writers), fused_norms=tuple(fused))
+
+
+def _bert_output_forward(self, hidden_states, input_tensor):
+    return self.LayerNorm(self.dropout(self.dense(hidden_states)), input_tensor)[0]
+
+
+@register_block("transformers.models.bert.modeling_bert.BertSelfOutput",
+                "transformers.models.bert.modeling_bert.BertOutput",
+                forward=_bert_output_forward)
+def _bert_output(m: nn.Module) -> BlockSpec:
+    return BlockSpec(post_norms=("LayerNorm",), writers=("dense",), fused_norms=("LayerNorm",))
+
+
+@register_block("transformers.models.bert.modeling_bert.BertEmbeddings")
+def _bert_embeddings(m: nn.Module) -> BlockSpec:
+    return BlockSpec(post_norms=("LayerNorm",))
+
+
+# T5: each sublayer normalizes its input (Pre-LN, RMS); the residual add ends the
+# sublayer and the next norm sits in the next sublayer, so there is no in-block fusion.
+@register_block("transformers.models.t5.modeling_t5.T5LayerSelfAttention")
+def _t5_self_attention(m: nn.Module) -> BlockSpec:
+    return BlockSpec(pre_norms={"layer_norm": _consumers(m, "SelfAttention.q", "SelfAttention.k",
+                                                         "SelfAttention.v")},
+                     writers=("SelfAttention.o",))
+
+
+@register_block("transformers.models.t5.modeling_t5.T5LayerCrossAttention")
+def _t5_cross_attention(m: nn.Module) -> BlockSpec:
+    return BlockSpec(pre_norms={"layer_norm": _consumers(m, "EncDecAttention.q")},
+                     writers=("EncDecAttention.o",))
+
+
+@register_block("transformers.models.t5.modeling_t5.T5LayerFF")
+def _t5_ff(m: nn.Module) -> BlockSpec:
+    return BlockSpec(
+        pre_norms={"layer_norm": _consumers(m, "DenseReluDense.wi", "DenseReluDense.wi_0",
+                                            "DenseReluDense.wi_1")},
+        writers=("DenseReluDense.wo",),
+    )
+
+
+# ------------------------------------------------------------------------- models
+
+
+def _lm_head(root: nn.Module, norm: str, embeddings: tuple[str, ...], head: str = "lm_head") -> ModelSpec:
+    consumers = (Consumer(head),) if _has(root, head) else None
+    return ModelSpec(final_norms={norm: consumers},
+                     embeddings=tuple(e for e in embeddings if _has(root, e)))
+
+
+for _mod, _prefix in LLAMA_LIKE.items():
+    _base = f"transformers.models.{_mod}.modeling_{_mod}.{_prefix}"
+    register_model(f"{_base}ForCausalLM")(lambda r: _lm_head(r, "model.norm", ("model.embed_tokens",)))
+    register_model(f"{_base}Model")(lambda r: _lm_head(r, "norm", ("embed_tokens",)))
+
+register_model("transformers.models.gpt2.modeling_gpt2.GPT2LMHeadModel")(
+    lambda r: _lm_head(r, "transformer.ln_f", ("transformer.wte", "transformer.wpe")))
+register_model("transformers.models.gpt2.modeling_gpt2.GPT2Model")(
+    lambda r: _lm_head(r, "ln_f", ("wte", "wpe")))
+# the encoder's final norm output is also returned (encoder_last_hidden_state): not folded
+register_model("transformers.models.t5.modeling_t5.T5ForConditionalGeneration")(
+    lambda r: ModelSpec(final_norms={"encoder.final_layer_norm": None,
+                                     "decoder.final_layer_norm": (Consumer("lm_head"),)},
+                        embeddings=("shared",)))
+
+
+@register_model("torch.nn.modules.transformer.Transformer")
+def _torch_transformer(root: nn.Module) -> ModelSpec:
+    # the encoder's output (memory) feeds only the decoder layers' cross-attention k/v
+    finals: dict[str, tuple[Consumer, ...] | None] = {}
+    if root.encoder.norm is not None:
+        finals["encoder.norm"] = tuple(
+            Consumer(f"decoder.layers.{i}.multihead_attn", "kv") for i in range(len(root.decoder.layers)))
+    if root.decoder.norm is not None:
+        finals["decoder.norm"] = None
+    return ModelSpec(final_norms=finals, embeddings=None)

@@ -1,0 +1,162 @@
+"""Recognize a norm module's exact semantics, so it can be replaced by normlab's.
+
+torch.nn.LayerNorm / torch.nn.RMSNorm are normlab's own semantics by construction.
+Any other module that looks like a per-row norm (no children, a ``weight`` (and
+``bias``) of the normalized shape, an eps attribute) is checked numerically: a copy
+with random parameters is run next to the normlab candidate on a probe input, forward
+and backward. It is accepted only if both agree within the dtype's rounding; otherwise
+the reason is returned (e.g. Gemma's ``x * (1 + weight)``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from normlab.norms import LayerNorm, RMSNorm
+
+EPS_ATTRS = ("eps", "variance_epsilon", "epsilon", "layer_norm_eps")
+
+# forward and input-gradient agreement demanded of a candidate, by probe dtype
+PROBE_TOL = {
+    torch.float64: (1e-9, 1e-9),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (4e-3, 4e-3),
+    torch.bfloat16: (3e-2, 2e-2),
+}
+
+
+@dataclass(frozen=True)
+class NormSemantics:
+    """What a norm computes: normlab's ``kind`` ("layernorm" | "rmsnorm") with these arguments."""
+
+    kind: str
+    shape: tuple[int, ...]
+    eps: float | None
+    affine: bool
+    bias: bool
+    verified: str  # how the match was established
+
+    def build(self, like: nn.Module) -> nn.Module:
+        """A normlab module with these semantics, sharing ``like``'s parameter objects."""
+        w = getattr(like, "weight", None)
+        b = getattr(like, "bias", None)
+        factory = {"device": "meta"}
+        if self.kind == "layernorm":
+            new = LayerNorm(self.shape, eps=self.eps, elementwise_affine=self.affine,
+                            bias=self.bias, **factory)
+        else:
+            new = RMSNorm(self.shape, eps=self.eps, elementwise_affine=self.affine, **factory)
+        # the very same Parameter objects: tied weights and optimizer state stay valid
+        if self.affine:
+            new.weight = w
+        if self.bias:
+            new.bias = b
+        new.train(like.training)
+        return new
+
+
+def is_norm_like(module: nn.Module) -> bool:
+    """Modules the transforms consider (and report on): torch's and anyone's ``*Norm*`` classes."""
+    name = type(module).__name__
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)) or (
+        "Norm" in name and not list(module.children())
+    )
+
+
+def _eps_of(module: nn.Module) -> float | None:
+    for attr in EPS_ATTRS:
+        v = getattr(module, attr, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    return None
+
+
+def _inherits_forward(module: nn.Module, base: type) -> bool:
+    return isinstance(module, base) and type(module).forward is base.forward
+
+
+def semantics(module: nn.Module) -> NormSemantics | str:
+    """The module's semantics as a normlab norm, or the reason it has none."""
+    if _inherits_forward(module, nn.LayerNorm):
+        return NormSemantics("layernorm", tuple(module.normalized_shape), module.eps,
+                             module.elementwise_affine, module.bias is not None, "torch.nn.LayerNorm")
+    if _inherits_forward(module, nn.RMSNorm):
+        return NormSemantics("rmsnorm", tuple(module.normalized_shape), module.eps,
+                             module.elementwise_affine, False, "torch.nn.RMSNorm")
+    if isinstance(module, (nn.GroupNorm, nn.modules.batchnorm._NormBase)):
+        return f"{type(module).__name__} normalizes over channels or the batch, not per row"
+    if list(module.children()):
+        return "has submodules; not a plain per-row norm"
+    params = dict(module.named_parameters(recurse=False))
+    if set(params) - {"weight", "bias"} or list(module.buffers(recurse=False)):
+        extra = sorted(set(params) - {"weight", "bias"}) + [n for n, _ in module.named_buffers(recurse=False)]
+        return f"has state besides weight/bias ({', '.join(extra)})"
+    eps = _eps_of(module)
+    if eps is None:
+        return f"no eps attribute ({' / '.join(EPS_ATTRS)})"
+    shape = getattr(module, "normalized_shape", None)
+    ref = params.get("weight", params.get("bias"))
+    if shape is None and ref is not None:
+        shape = tuple(ref.shape)
+    if shape is None:
+        return "no weight and no normalized_shape: cannot tell the normalized shape"
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    for p in params.values():
+        if tuple(p.shape) != shape:
+            return f"parameter of shape {list(p.shape)} does not match the normalized shape {list(shape)}"
+    has_w, has_b = "weight" in params, "bias" in params
+    if has_b and not has_w:
+        return "a bias without a weight has no normlab counterpart"
+    kinds = ("layernorm",) if has_b else ("rmsnorm", "layernorm")
+    diffs = []
+    for kind in kinds:
+        cand = NormSemantics(kind, shape, eps, has_w, has_b, "")
+        ok, detail = _probe(module, cand)
+        if ok:
+            return NormSemantics(kind, shape, eps, has_w, has_b, detail)
+        diffs.append(f"{kind}: {detail}")
+    return ("forward differs from normlab's " + "; ".join(diffs)
+            + " (e.g. a (1 + weight) scale, a different cast order or a mean-free variance)")
+
+
+def _probe(module: nn.Module, cand: NormSemantics) -> tuple[bool, str]:
+    """Run a randomized copy of ``module`` and the candidate on the same probe; compare
+    outputs (values and dtype) and input gradients."""
+    ref_p = next(module.parameters(), None)
+    if ref_p is not None and ref_p.device.type == "meta":
+        return False, "parameters on the meta device: cannot verify"
+    dtype = ref_p.dtype if ref_p is not None else torch.float32
+    device = ref_p.device if ref_p is not None else torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    orig = copy.deepcopy(module).train(False)
+    with torch.no_grad():
+        for p in orig.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen).mul_(0.5).add_(1.0))
+    new = cand.build(orig)
+    x = (torch.randn(3, 5, *cand.shape, generator=gen) * 3 + 1.5).to(device, dtype)
+    g = torch.randn(x.shape, generator=gen).to(device, dtype)
+    outs = []
+    with torch.enable_grad():
+        for m in (orig, new):
+            xi = x.clone().requires_grad_(True)
+            try:
+                y = m(xi)
+            except Exception as err:  # a module that rejects the probe cannot be verified
+                return False, f"probe failed ({type(err).__name__}: {err})"
+            (gx,) = torch.autograd.grad(y, xi, g.to(y.dtype))
+            outs.append((y.detach(), gx))
+    (y0, g0), (y1, g1) = outs
+    if y0.dtype != y1.dtype:
+        return False, f"output dtype {y0.dtype} vs normlab's {y1.dtype}"
+    atol, rtol = PROBE_TOL.get(dtype, (1e-5, 1e-5))
+    dy = (y0.double() - y1.double()).abs().max().item()
+    if not torch.allclose(y0.double(), y1.double(), atol=atol, rtol=rtol):
+        return False, f"max |output diff| {dy:.3g} on a probe"
+    scale = max(1.0, g0.double().abs().max().item())
+    if not torch.allclose(g0.double(), g1.double(), atol=atol * 10 * scale, rtol=rtol * 10):
+        return False, "input gradients differ on a probe"
+    return True, f"verified on a {str(dtype).removeprefix('torch.')} probe (max |diff| {dy:.1e})"

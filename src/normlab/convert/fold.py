@@ -1,0 +1,120 @@
+"""fold_norm_affine: move each norm's gamma/beta into the Linear layers reading it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from normlab.convert.analysis import analyse
+from normlab.convert.detect import NormSemantics, semantics
+from normlab.convert.linear import LinearView
+from normlab.convert.report import ConversionReport
+from normlab.convert.rms import RMSNormWithBias
+from normlab.convert.swap import (
+    _all_paths,
+    _fuse_known_blocks,
+    _selected,
+    norm_modules,
+    replace_module,
+)
+
+
+def _shared_params(model: nn.Module) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return names
+
+
+def _affine_of(module: nn.Module) -> tuple[NormSemantics | str, torch.Tensor | None, torch.Tensor | None]:
+    if isinstance(module, RMSNormWithBias):
+        sem = NormSemantics("rmsnorm", tuple(module.normalized_shape), module.eps, True, True, "")
+    else:
+        sem = semantics(module)
+    if isinstance(sem, str):
+        return sem, None, None
+    w = module.weight if sem.affine else None
+    b = module.bias if sem.bias else None
+    return sem, w, b
+
+
+def _check_consumers(views: list[LinearView], beta, shared, norm_path: str) -> str | None:
+    for v in views:
+        why = v.check()
+        if why:
+            return why
+        for p in v.parameters():
+            others = [n for n in shared[id(p)] if n.rpartition(".")[0] != v.path]
+            if others:
+                return (f"consumer {v.path} shares its parameter with {', '.join(others)} "
+                        "(tied weights): folding would change the other use too")
+        if beta is not None and v.bias() is None and bool(beta.detach().ne(0).any()):
+            return f"consumer {v.path} has no bias to absorb the norm's beta"
+    return None
+
+
+def fold_norm_affine(
+    model: nn.Module,
+    *,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+) -> ConversionReport:
+    """For inference: fold each norm's gamma (and beta) into the Linear layers that read
+    its output, leaving a non-affine normlab norm, in place.
+
+        W (gamma * n(x) + beta) + b  =  (W diag(gamma)) n(x) + (W beta + b)
+
+    Consumers are found from the known-block table (Q/K/V and FFN-input projections of
+    Pre-LN blocks, GPT-2's Conv1D, the LM head after the final norm) or by tracing the
+    model with torch.fx. A norm is left (with the reason in the report) when its output
+    also feeds anything but Linear layers (a non-linear path, or the residual stream as
+    in Post-LN), when a consumer's weight is tied to another module, or when its
+    consumers are unknown. Exact in real arithmetic; the weights are updated in float64
+    and rounded once. The folded norms lose their weight/bias state_dict entries.
+    """
+    from normlab.convert.swap import _patterns
+
+    include, exclude = _patterns(include), _patterns(exclude)
+    report = ConversionReport("fold_norm_affine", model)
+    analysis = analyse(model)
+    shared = _shared_params(model)
+    paths = _all_paths(model)
+    for path, module in norm_modules(model):
+        sem, gamma, beta = _affine_of(module)
+        if isinstance(sem, str):
+            report.add(path, module, "left", f"not a norm normlab reproduces: {sem}")
+            continue
+        if gamma is None and beta is None:
+            report.add(path, module, "left", "no affine parameters to fold")
+            continue
+        if not all(_selected(p, include, exclude) for p in paths[id(module)]):
+            report.add(path, module, "left", "filtered out by include/exclude")
+            continue
+        views = analysis.consumers.get(path, "consumers unknown")
+        if isinstance(views, str):
+            report.add(path, module, "left", f"cannot fold: {views}")
+            continue
+        if not views:
+            report.add(path, module, "left", "cannot fold: no consumer found")
+            continue
+        why = _check_consumers(views, beta, shared, path)
+        if why:
+            report.add(path, module, "left", f"cannot fold: {why}")
+            continue
+        with torch.no_grad():
+            g = None if gamma is None else gamma.detach()
+            b = None if beta is None else beta.detach()
+            for v in views:
+                v.fold_input_affine(g, b)
+        plain = NormSemantics(sem.kind, sem.shape, sem.eps, False, False, "").build(module)
+        for p in paths[id(module)]:
+            replace_module(model, p, plain)
+        report.add(path, module, "folded",
+                   "gamma" + (" and beta" if beta is not None else "") + " -> "
+                   + ", ".join(v.path + ("" if v.rows == "all" else f"[{v.rows}]") for v in views))
+    # known blocks now holding normlab norms run normlab's forward (torch's encoder-layer
+    # fast path would hand the non-affine norms' missing weights to its own kernel)
+    _fuse_known_blocks(model, report, quiet=True)
+    return report

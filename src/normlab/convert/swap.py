@@ -1,0 +1,124 @@
+"""swap_norms: replace a model's norm layers by normlab's, in place."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+
+from torch import nn
+
+from normlab.convert.blocks import block_entry, block_spec
+from normlab.convert.detect import NormSemantics, is_norm_like, semantics
+from normlab.convert.fused import fuse, is_fused
+from normlab.convert.report import ConversionReport
+from normlab.norms import LayerNorm, RMSNorm
+from normlab.norms.base import ResidualNorm
+
+
+def _patterns(p: str | Iterable[str] | None) -> tuple[str, ...] | None:
+    if p is None:
+        return None
+    return (p,) if isinstance(p, str) else tuple(p)
+
+
+def _selected(path: str, include, exclude) -> bool:
+    if include is not None and not any(fnmatch.fnmatchcase(path, pat) for pat in include):
+        return False
+    return not (exclude is not None and any(fnmatch.fnmatchcase(path, pat) for pat in exclude))
+
+
+def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    """Put ``new`` at ``path``, carrying over the old module's hooks."""
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    old = getattr(parent, name)
+    for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                 "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+                 "_forward_hooks_always_called", "_state_dict_hooks", "_load_state_dict_pre_hooks"):
+        if hasattr(old, attr):
+            setattr(new, attr, getattr(old, attr))
+    setattr(parent, name, new)
+
+
+def norm_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of every norm-like module; a module reachable by several paths once."""
+    seen: set[int] = set()
+    out = []
+    for path, m in model.named_modules():
+        if is_norm_like(m) and id(m) not in seen:
+            seen.add(id(m))
+            out.append((path, m))
+    return out
+
+
+def _all_paths(model: nn.Module) -> dict[int, list[str]]:
+    paths: dict[int, list[str]] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(path)
+    return paths
+
+
+def swap_norms(
+    model: nn.Module,
+    *,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+) -> ConversionReport:
+    """Replace every LayerNorm/RMSNorm-like module of ``model`` by normlab.LayerNorm /
+    normlab.RMSNorm, in place; return the report of what was swapped and what was left.
+
+    Swapped: torch.nn.LayerNorm, torch.nn.RMSNorm, and any other norm class whose
+    forward normlab reproduces, checked on a probe (Hugging Face's LlamaRMSNorm and its
+    Mistral/Qwen2/... copies, T5LayerNorm, ...). Left, with the reason: norms normlab does
+    not reproduce (e.g. Gemma's ``x * (1 + weight)``), batch/group norms, and paths
+    filtered out by ``include``/``exclude`` (fnmatch patterns over module paths). The
+    parameters are the same Parameter objects (dtype, device, ties and optimizer state
+    kept); module paths and state_dict keys do not change. Blocks of a known type
+    (``normlab.convert.blocks``) whose norms all became normlab's get the forward that
+    fuses their residual adds into the norms.
+    """
+    include, exclude = _patterns(include), _patterns(exclude)
+    report = ConversionReport("swap_norms", model)
+    paths = _all_paths(model)
+    for path, module in norm_modules(model):
+        if isinstance(module, (LayerNorm, RMSNorm)):
+            report.add(path, module, "left", "already a normlab module")
+            continue
+        if not all(_selected(p, include, exclude) for p in paths[id(module)]):
+            report.add(path, module, "left", "filtered out by include/exclude")
+            continue
+        sem = semantics(module)
+        if isinstance(sem, str):
+            report.add(path, module, "left", sem)
+            continue
+        new = sem.build(module)
+        for p in paths[id(module)]:
+            replace_module(model, p, new)
+        report.add(path, module, "swapped", _describe(sem, new))
+    _fuse_known_blocks(model, report)
+    return report
+
+
+def _describe(sem: NormSemantics, new: nn.Module) -> str:
+    return f"-> normlab.{type(new).__name__} (eps={sem.eps}; {sem.verified})"
+
+
+def _fuse_known_blocks(model: nn.Module, report: ConversionReport, quiet: bool = False) -> None:
+    for path, block in model.named_modules():
+        base, entry = block_entry(block)
+        if entry is None or entry.forward is None or is_fused(block):
+            continue
+        spec = block_spec(block)
+        norms = [getattr(block, n, None) for n in spec.fused_norms]
+        if not all(isinstance(n, ResidualNorm) for n in norms):
+            if not quiet:
+                report.add(path, block, "left", "not fused: some of its norms are not normlab modules")
+            continue
+        fuse(block)
+        report.add(path, base.__name__, "fused",
+                   "residual add fused into " + ", ".join(spec.fused_norms))
+    # torch's encoder turns padded input into nested tensors on its fast path; normlab's
+    # norms take dense tensors
+    for _, m in model.named_modules():
+        if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False):
+            m.use_nested_tensor = False

@@ -1,0 +1,134 @@
+"""normlab in Hugging Face transformers models (``pip install 'normlab[hf]'``).
+
+    apply_normlab(model)          an existing model: swap its norms for normlab's and
+                                  fuse the residual adds of known blocks (in place)
+    patch("llama")                before instantiation: models built while patched are
+                                  created with normlab's norms and fused blocks;
+                                  ``patch(...)`` is also a context manager, ``.undo()``
+
+Supported: Llama, Mistral, Qwen2, Qwen3 (RMSNorm; fused add+norm after attention),
+GPT-2 (LayerNorm, Pre-LN; fused before the MLP and cross-attention), BERT (LayerNorm,
+Post-LN; fused in BertSelfOutput/BertOutput), T5 (T5LayerNorm == RMSNorm; not fused).
+Gemma-style ``x * (1 + weight)`` norms are left: normlab's RMSNorm scales by weight.
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+
+from torch import nn
+
+from normlab.convert import ConversionReport, swap_norms
+from normlab.convert.fused import fused_class
+from normlab.norms import LayerNorm, RMSNorm
+
+
+def _transformers():
+    try:
+        return importlib.import_module("transformers")
+    except ImportError as err:
+        raise ImportError(
+            "normlab.integrations.hf needs Hugging Face transformers: pip install 'normlab[hf]'"
+        ) from err
+
+
+def apply_normlab(model: nn.Module) -> ConversionReport:
+    """Swap a Hugging Face model's norms for normlab's and fuse known blocks, in place.
+
+    Same as ``normlab.convert.swap_norms`` (see its report), after checking that the
+    model is a transformers PreTrainedModel."""
+    t = _transformers()
+    if not isinstance(model, t.PreTrainedModel):
+        raise TypeError(f"apply_normlab(model): expected a transformers PreTrainedModel, got "
+                        f"{type(model).__name__}; use normlab.convert.swap_norms for other models")
+    report = swap_norms(model)
+    report.transform = "apply_normlab"
+    return report
+
+
+def _hf_norm_class(base: type, name: str) -> type:
+    """A normlab norm taking Hugging Face's constructor arguments ``(hidden_size, eps)``."""
+
+    def __init__(self, hidden_size, eps=1e-6, **kwargs):
+        base.__init__(self, hidden_size, eps=eps, **kwargs)
+
+    return type(name, (base,), {
+        "__init__": __init__, "__module__": __name__, "__qualname__": name,
+        "variance_epsilon": property(lambda self: self.eps),
+        "__doc__": f"normlab.{base.__name__} built with Hugging Face's {name}(hidden_size, eps) arguments.",
+    })
+
+
+LlamaStyleRMSNorm = _hf_norm_class(RMSNorm, "LlamaStyleRMSNorm")
+
+
+class _TorchNNWithNormlab(types.ModuleType):
+    """``torch.nn`` as seen by a patched modeling file: LayerNorm/RMSNorm are normlab's."""
+
+    def __init__(self) -> None:
+        super().__init__("torch.nn")
+        self.LayerNorm = LayerNorm
+        self.RMSNorm = RMSNorm
+
+    def __getattr__(self, name: str):
+        return getattr(nn, name)
+
+
+# architecture -> (modeling module, {attribute: replacement maker}, fused block classes)
+_LLAMA_LIKE = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+ARCHITECTURES = (*_LLAMA_LIKE, "gpt2", "bert", "t5")
+
+
+def _plan(architecture: str) -> tuple[str, dict[str, object], tuple[str, ...]]:
+    if architecture in _LLAMA_LIKE:
+        p = _LLAMA_LIKE[architecture]
+        return (f"transformers.models.{architecture}.modeling_{architecture}",
+                {f"{p}RMSNorm": LlamaStyleRMSNorm}, (f"{p}DecoderLayer",))
+    if architecture == "gpt2":
+        return "transformers.models.gpt2.modeling_gpt2", {"nn": _TorchNNWithNormlab()}, ("GPT2Block",)
+    if architecture == "bert":
+        return ("transformers.models.bert.modeling_bert", {"nn": _TorchNNWithNormlab()},
+                ("BertSelfOutput", "BertOutput"))
+    if architecture == "t5":
+        return "transformers.models.t5.modeling_t5", {"T5LayerNorm": LlamaStyleRMSNorm}, ()
+    raise ValueError(f"patch(architecture): expected one of {', '.join(ARCHITECTURES)}, got {architecture!r}")
+
+
+class patch:
+    """Patch a transformers architecture so models built afterwards use normlab.
+
+    >>> with patch("llama"):
+    ...     model = LlamaForCausalLM(config)     # normlab RMSNorm, fused decoder layers
+    >>> handle = patch("gpt2"); ...; handle.undo()
+
+    Only construction is affected: models built before, or after ``undo()``, are not."""
+
+    def __init__(self, architecture: str) -> None:
+        _transformers()
+        module_name, replacements, blocks = _plan(architecture.lower())
+        self.architecture = architecture.lower()
+        self._module = importlib.import_module(module_name)
+        self._saved: dict[str, object] = {}
+        for name, new in replacements.items():
+            self._saved[name] = getattr(self._module, name)
+            setattr(self._module, name, new)
+        for name in blocks:
+            base = getattr(self._module, name)
+            self._saved[name] = base
+            setattr(self._module, name, fused_class(base))
+
+    def undo(self) -> None:
+        """Restore the architecture's original classes (idempotent)."""
+        for name, old in self._saved.items():
+            setattr(self._module, name, old)
+        self._saved = {}
+
+    def __enter__(self) -> patch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.undo()
+
+    def __repr__(self) -> str:
+        return f"patch({self.architecture!r}, active={bool(self._saved)})"
