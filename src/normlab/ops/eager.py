@@ -18,6 +18,6 @@ def layer_norm(x, normalized_shape, weight, bias, eps):
 
 
 register_impl("rms_norm", "torch")(reference.rms_norm)
-register_impl("dropout_add", "torch")(reference.dropout_add)
+dropout_add = register_impl("dropout_add", "torch")(reference.dropout_add)
 register_impl("add_layer_norm", "torch")(reference.add_layer_norm)
 register_impl("add_rms_norm", "torch")(reference.add_rms_norm)
