@@ -67,7 +67,8 @@ def fused_norm_backward(
     if per_example_grad_sq is not None:
         per_example_grad_sq.copy_(sq)
     empty = dout.new_empty((0,))
-    return (dx, dres if dres is not None else empty, dw if dw is not None else empty.clone(),
+    return (dx, dres if dres is not None else empty,
+            dw.reshape(weight.shape) if dw is not None else empty.clone(),
             db if db is not None else empty.clone())
 
 
@@ -93,18 +94,21 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
     ctx.meta = (hidden, is_rms, dropout_p, store_residual, x.dtype,
                 residual.dtype if residual is not None else None,
-                bias.dtype if bias is not None else None)
+                bias.dtype if bias is not None else None,
+                bias.shape if bias is not None else None)
 
 
 def _backward(ctx, dout, dnew_res, _dmean, _drstd):
     h, weight, mean, rstd, seed, per_example_grad_sq = ctx.saved_tensors
-    hidden, is_rms, dropout_p, store_residual, x_dtype, residual_dtype, bias_dtype = ctx.meta
+    (hidden, is_rms, dropout_p, store_residual, x_dtype, residual_dtype, bias_dtype,
+     bias_shape) = ctx.meta
     dx, dres, dw, db = torch.ops.normlab.fused_norm_backward(
         dout, dnew_res if store_residual else None, h, weight, mean, rstd, seed,
         per_example_grad_sq, hidden, is_rms, dropout_p, x_dtype, residual_dtype, bias_dtype,
     )
     return (dx, dres if residual_dtype is not None else None,
-            dw if weight is not None else None, db if bias_dtype is not None else None,
+            dw if weight is not None else None,
+            db.reshape(bias_shape) if bias_dtype is not None else None,
             None, None, None, None, None, None, None, None)
 
 
