@@ -122,15 +122,16 @@ def _reduce_partials_kernel(
     pid = tl.program_id(0)
     cols = pid * BLOCK + tl.arange(0, BLOCK)
     mask = cols < hidden
+    part = PART + cols  # pointers advance row by row (64-bit, whatever the buffer size)
     total = tl.zeros([BLOCK], dtype=tl.float32)
-    for b in range(n_examples):
+    for _b in range(n_examples):
         acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for c in range(n_chunks):
-            part_row = (b * n_chunks + c).to(tl.int64)
-            acc += tl.load(PART + part_row * hidden + cols, mask=mask, other=0.0)
+        for _c in range(n_chunks):
+            acc += tl.load(part, mask=mask, other=0.0)
+            part += hidden
         total += acc
         if PER_EXAMPLE:
-            tl.store(SQ + b.to(tl.int64) * n_col_blocks + pid, tl.sum(acc * acc, axis=0))
+            tl.store(SQ + _b * n_col_blocks + pid, tl.sum(acc * acc, axis=0))
     tl.store(OUT + cols, total.to(OUT.dtype.element_ty), mask=mask)
 
 
