@@ -45,13 +45,15 @@ class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, normalized_shape, weight, bias, eps, per_example_grad_sq):
         out, mean, rstd = torch.native_layer_norm(x, normalized_shape, weight, bias, eps)
-        ctx.save_for_backward(x, weight, bias, mean, rstd, per_example_grad_sq)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.per_example_grad_sq = per_example_grad_sq  # written, not read: no version check
         ctx.normalized_shape = normalized_shape
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, weight, bias, mean, rstd, buffer = ctx.saved_tensors
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        buffer = ctx.per_example_grad_sq
         mask = [ctx.needs_input_grad[0], weight is not None, bias is not None]
         dx, dw, db = torch.ops.aten.native_layer_norm_backward(
             dout, x, ctx.normalized_shape, mean, rstd, weight, bias, mask
@@ -94,13 +96,15 @@ class RMSNormFunction(torch.autograd.Function):
         y.mul_(rstd)
         if weight is not None:
             y = y.mul_(weight.reshape(-1)) if weight.dtype != torch.float64 or ct == weight.dtype else y * weight.reshape(-1)
-        ctx.save_for_backward(x, weight, rstd, per_example_grad_sq)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.per_example_grad_sq = per_example_grad_sq
         ctx.normalized_shape = tuple(normalized_shape)
         return y.to(x.dtype).reshape(x.shape)
 
     @staticmethod
     def backward(ctx, dout):
-        x, weight, rstd, buffer = ctx.saved_tensors
+        x, weight, rstd = ctx.saved_tensors
+        buffer = ctx.per_example_grad_sq
         ct = rstd.dtype
         hidden = math.prod(ctx.normalized_shape)
         x2 = x.reshape(-1, hidden)
