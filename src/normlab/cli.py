@@ -56,6 +56,9 @@ def norms(
     console.print(table)
 
 
+app.add_typer(__import__("normlab.bench", fromlist=["app"]).app, name="bench", help="Benchmarks.")
+
+
 def main() -> None:
     app()
 
