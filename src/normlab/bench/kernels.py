@@ -278,7 +278,9 @@ def write_outputs(records: list[Record], out: Path, stem: str) -> list[Path]:
     lines = [f"# normlab bench kernels: {r0.device}", "",
              f"torch {r0.torch_version}, dtype {r0.dtype}, copy bandwidth {r0.copy_gbps} GB/s "
              "(measured in the same run). Median times; `vs torch` = torch-eager time / this "
-             "time (> 1: faster than torch eager).", "",
+             "time (> 1: faster than torch eager).",
+             f"Load average at the end of the run: {_load()} (other processes share the device "
+             "when it is above the core count).", "",
              "| op | pass | rows | hidden | impl | median ms | GB/s | vs torch | vs copy |",
              "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r.op} | {r.pass_} | {r.rows} | {r.hidden} | {r.impl} | {r.median_ms:.3f} | "
@@ -288,6 +290,13 @@ def write_outputs(records: list[Record], out: Path, stem: str) -> list[Path]:
     md_path.write_text("\n".join(lines) + "\n")
     _plot(records, png_path)
     return [csv_path, md_path, png_path]
+
+
+def _load() -> str:
+    try:
+        return ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
 
 
 def _plot(records: list[Record], path: Path) -> None:
