@@ -1,6 +1,7 @@
 """Which implementation runs an op: ``set_backend("auto" | "torch" | "triton")``.
 
-auto:   Triton kernels on CUDA tensors, the torch path on CPU tensors.
+auto:   Triton kernels on CUDA tensors, the torch path on CPU tensors (and for float64,
+        which the kernels do not run).
 torch:  always the torch path (the reference or a fused torch equivalent).
 triton: always the Triton kernels; on CPU tensors this needs ``TRITON_INTERPRET=1``
         (the Triton interpreter), otherwise it raises.
@@ -73,7 +74,8 @@ def resolve(x: torch.Tensor) -> str:
     if choice == "torch":
         return "torch"
     if choice == "auto":
-        return "triton" if x.is_cuda and triton_available() else "torch"
+        kernel_dtype = x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        return "triton" if x.is_cuda and kernel_dtype and triton_available() else "torch"
     if not triton_available():
         raise RuntimeError(
             "normlab backend 'triton' was asked for, but triton is not installed "

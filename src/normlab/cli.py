@@ -68,9 +68,12 @@ def audit(
     audit_command(model)
 
 
+# commands whose bodies live with their subsystem
+from normlab.bench import app as bench_app  # noqa: E402
 from normlab.studies.cli import study  # noqa: E402
 
 app.command()(study)
+app.add_typer(bench_app, name="bench", help="Benchmarks: normlab's kernels against torch and peers.")
 
 
 def main() -> None:

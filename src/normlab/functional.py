@@ -130,6 +130,29 @@ def _fused_param_dtypes(x: Tensor, residual_dtype: torch.dtype | None) -> tuple[
     return tuple({x.dtype, residual_dtype or x.dtype, torch.float32})
 
 
+def _check_per_example(op: str, buffer: Tensor | None, x: Tensor, shape: tuple[int, ...],
+                       weight: Tensor | None) -> None:
+    """per_example_grad_sq: float32 [2, x.shape[0]] on x's device, for an input with an
+    example dim in front of the normalized dims, and a weight to take gradients of."""
+    if buffer is None:
+        return
+    if not isinstance(buffer, Tensor):
+        raise TypeError(f"{op}: expected per_example_grad_sq to be a torch.Tensor or None, got {type(buffer).__name__}")
+    if x.dim() <= len(shape):
+        raise NormArgumentError(
+            f"{op}: per_example_grad_sq needs an example dim (dim 0) in front of the normalized "
+            f"dims: expected input with more than {len(shape)} dims, got shape {list(x.shape)}"
+        )
+    if weight is None:
+        raise NormArgumentError(f"{op}: per_example_grad_sq needs weight (the parameter whose per-example gradient norms it holds), got None")
+    expected = [2, x.shape[0]]
+    if buffer.dtype != torch.float32 or list(buffer.shape) != expected or buffer.device != x.device:
+        raise NormArgumentError(
+            f"{op}: expected per_example_grad_sq to be a float32 tensor of shape {expected} on "
+            f"{x.device}, got {buffer.dtype} of shape {list(buffer.shape)} on {buffer.device}"
+        )
+
+
 # ---------------------------------------------------------------------------- ops
 
 
@@ -139,18 +162,30 @@ def layer_norm(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     eps: float = 1e-5,
+    *,
+    per_example_grad_sq: Tensor | None = None,
 ) -> Tensor:
     """Layer normalization over the trailing ``normalized_shape`` dims (Ba et al. 2016).
 
     y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias, biased variance, statistics in
-    float32 (float64 for float64 input); same semantics as ``torch.nn.functional.layer_norm``."""
+    float32 (float64 for float64 input); same semantics as ``torch.nn.functional.layer_norm``.
+
+    ``per_example_grad_sq`` (keyword-only, optional): a caller-allocated float32 tensor
+    of shape [2, x.shape[0]] on x's device. The backward pass overwrites it with, for
+    each example b along dim 0 of x, ||dL_b/dweight||^2 (row 0) and ||dL_b/dbias||^2
+    (row 1; zeros without a bias), L_b being the loss through example b's positions
+    (Gray et al. 2024, "Normalization Layer Per-Example Gradients are Sufficient to
+    Predict Gradient Noise Scale in Transformers"). Untouched if no backward runs; needs
+    weight and a dim in front of the normalized dims."""
     op = "layer_norm"
     _check_tensor(op, "input", x)
     shape = _check_normalized_shape(op, x, normalized_shape)
     _check_param(op, "weight", weight, shape, x, _layer_norm_param_dtypes(x.dtype))
     _check_param(op, "bias", bias, shape, x, _layer_norm_param_dtypes(x.dtype))
     _check_eps(op, eps, allow_none=False)
-    return get_impl(op, resolve(x))(x, shape, weight, bias, float(eps))
+    _check_per_example(op, per_example_grad_sq, x, shape, weight)
+    return get_impl(op, resolve(x))(x, shape, weight, bias, float(eps),
+                                    per_example_grad_sq=per_example_grad_sq)
 
 
 def rms_norm(
@@ -158,17 +193,23 @@ def rms_norm(
     normalized_shape: int | Sequence[int],
     weight: Tensor | None = None,
     eps: float | None = None,
+    *,
+    per_example_grad_sq: Tensor | None = None,
 ) -> Tensor:
     """RMS normalization over the trailing ``normalized_shape`` dims (Zhang & Sennrich 2019).
 
     y = x / sqrt(mean(x^2) + eps) * weight; eps=None uses float32's machine epsilon
-    (float64's for float64 input), as ``torch.nn.functional.rms_norm``. Output keeps x's dtype."""
+    (float64's for float64 input), as ``torch.nn.functional.rms_norm``. Output keeps x's dtype.
+
+    ``per_example_grad_sq``: as in ``layer_norm`` (row 1, the bias row, is zeros)."""
     op = "rms_norm"
     _check_tensor(op, "input", x)
     shape = _check_normalized_shape(op, x, normalized_shape)
     _check_param(op, "weight", weight, shape, x)
     _check_eps(op, eps, allow_none=True)
-    return get_impl(op, resolve(x))(x, shape, weight, None if eps is None else float(eps))
+    _check_per_example(op, per_example_grad_sq, x, shape, weight)
+    return get_impl(op, resolve(x))(x, shape, weight, None if eps is None else float(eps),
+                                    per_example_grad_sq=per_example_grad_sq)
 
 
 def dropout_add(
@@ -203,13 +244,16 @@ def add_layer_norm(
     generator: torch.Generator | None = None,
     residual_dtype: torch.dtype | None = None,
     normalized_shape: int | Sequence[int] | None = None,
+    per_example_grad_sq: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused residual add + dropout + LayerNorm: returns (out, new_residual).
 
     new_residual = residual + dropout(x)   (stored in residual_dtype, default x.dtype)
     out          = layer_norm(new_residual) over normalized_shape (default: weight's
                    shape, the last dim without weight and bias), in x's dtype.
-    Post-LN uses ``out`` as the next residual, Pre-LN uses ``new_residual``."""
+    Post-LN uses ``out`` as the next residual, Pre-LN uses ``new_residual``.
+
+    ``per_example_grad_sq``: as in ``layer_norm``, for this norm's weight and bias."""
     op = "add_layer_norm"
     _check_tensor(op, "input", x)
     _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype)
@@ -218,9 +262,11 @@ def add_layer_norm(
     _check_param(op, "weight", weight, shape, x, dtypes)
     _check_param(op, "bias", bias, shape, x, dtypes)
     _check_eps(op, eps, allow_none=False)
+    _check_per_example(op, per_example_grad_sq, x, shape, weight)
     return get_impl(op, resolve(x))(
         x, residual, weight, bias, float(eps), dropout_p=float(dropout_p), training=bool(training),
         generator=generator, residual_dtype=residual_dtype, normalized_shape=shape,
+        per_example_grad_sq=per_example_grad_sq,
     )
 
 
@@ -235,16 +281,20 @@ def add_rms_norm(
     generator: torch.Generator | None = None,
     residual_dtype: torch.dtype | None = None,
     normalized_shape: int | Sequence[int] | None = None,
+    per_example_grad_sq: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Fused residual add + dropout + RMSNorm: returns (out, new_residual), as add_layer_norm."""
+    """Fused residual add + dropout + RMSNorm: returns (out, new_residual), as add_layer_norm.
+
+    ``per_example_grad_sq``: as in ``layer_norm`` (row 1, the bias row, is zeros)."""
     op = "add_rms_norm"
     _check_tensor(op, "input", x)
     _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype)
     shape = _fused_shape(op, x, normalized_shape, weight, None)
     _check_param(op, "weight", weight, shape, x, _fused_param_dtypes(x, residual_dtype))
     _check_eps(op, eps, allow_none=True)
+    _check_per_example(op, per_example_grad_sq, x, shape, weight)
     return get_impl(op, resolve(x))(
         x, residual, weight, None if eps is None else float(eps), dropout_p=float(dropout_p),
         training=bool(training), generator=generator, residual_dtype=residual_dtype,
-        normalized_shape=shape,
+        normalized_shape=shape, per_example_grad_sq=per_example_grad_sq,
     )

@@ -1,0 +1,7 @@
+"""Benchmarks: ``normlab bench kernels`` (norm kernels vs torch eager and torch.compile).
+
+``app`` is the ``normlab bench`` Typer sub-app; each benchmark module adds its command."""
+
+from normlab.bench.kernels import app
+
+__all__ = ["app"]

@@ -1,0 +1,385 @@
+"""``normlab bench kernels``: effective bandwidth of the norm ops, normlab vs torch.
+
+For the forward, backward and forward+backward of LayerNorm, RMSNorm and the fused
+residual add + norm, over rows x hidden, this measures the median time (CUDA events
+after warm-up on a GPU; ``time.perf_counter`` on the CPU), the effective bandwidth
+(bytes that must move / median time) and two ratios measured in the same run: against
+torch eager (torch-eager time / this time, > 1 is faster) and against the device's copy
+bandwidth. Implementations: normlab (backend auto), torch eager, torch.compile of the
+eager code, and Liger-Kernel / Apex when importable.
+
+On the CPU every implementation allocates its outputs (normlab's API has no ``out=``),
+so page faults of fresh allocations are part of every timing alike.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import normlab
+from normlab.backend import resolve
+
+app = typer.Typer(help="Benchmarks of normlab's kernels.", no_args_is_help=True)
+
+OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
+PASSES = ("fwd", "bwd", "fwdbwd")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+GPU_ROWS = (4096, 16384, 65536)
+GPU_HIDDEN = (768, 1024, 2048, 4096, 5120, 8192, 12288, 16384)
+CPU_ROWS = (4096,)
+CPU_HIDDEN = (768, 1024, 2048, 4096)
+
+
+@dataclass
+class Record:
+    op: str
+    pass_: str
+    dtype: str
+    rows: int
+    hidden: int
+    impl: str
+    device: str
+    median_ms: float
+    gbps: float
+    ratio_vs_torch: float
+    ratio_vs_copy: float
+    copy_gbps: float
+    torch_version: str
+    torch_path: str
+    impl_path: str
+
+    def as_json(self) -> dict:
+        d = asdict(self)
+        d["pass"] = d.pop("pass_")
+        return d
+
+
+# ----------------------------------------------------------------------------- device
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+class Timer:
+    """Median wall time of a callable: CUDA events on a GPU, perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device, warmup: int, reps: int):
+        self.device, self.warmup, self.reps = device, warmup, reps
+
+    def median_ms(self, fn: Callable[[], object]) -> float:
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            for _ in range(self.reps):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+        else:
+            for _ in range(self.reps):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, timer: Timer, nbytes: int) -> float:
+    """GB/s of a device-to-device copy of ``nbytes`` (read + write counted)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = timer.median_ms(lambda: dst.copy_(src))
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+# ----------------------------------------------------------------------------- workloads
+
+
+def _torch_eager(op: str, hidden: int) -> Callable:
+    F = torch.nn.functional
+    if op == "layer_norm":
+        return lambda x, r, w, b: F.layer_norm(x, (hidden,), w, b)
+    if op == "rms_norm":
+        return lambda x, r, w, b: F.rms_norm(x, (hidden,), w)
+    if op == "add_layer_norm":
+        def add_ln(x, r, w, b):
+            h = r + x
+            return F.layer_norm(h, (hidden,), w, b), h
+        return add_ln
+
+    def add_rms(x, r, w, b):
+        h = r + x
+        return F.rms_norm(h, (hidden,), w), h
+    return add_rms
+
+
+def _normlab(op: str, hidden: int) -> Callable:
+    F = normlab.functional
+    return {
+        "layer_norm": lambda x, r, w, b: F.layer_norm(x, hidden, w, b),
+        "rms_norm": lambda x, r, w, b: F.rms_norm(x, hidden, w),
+        "add_layer_norm": lambda x, r, w, b: F.add_layer_norm(x, r, w, b),
+        "add_rms_norm": lambda x, r, w, b: F.add_rms_norm(x, r, w),
+    }[op]
+
+
+def _liger(op: str, hidden: int) -> Callable | None:
+    if importlib.util.find_spec("liger_kernel") is None:
+        return None
+    from liger_kernel.transformers.functional import liger_layer_norm, liger_rms_norm
+    if op == "layer_norm":
+        return lambda x, r, w, b: liger_layer_norm(x, w, b, 1e-5)
+    if op == "rms_norm":
+        return lambda x, r, w, b: liger_rms_norm(x, w, 1e-6)
+    return None
+
+
+def _apex(op: str, hidden: int) -> Callable | None:
+    if importlib.util.find_spec("apex") is None:
+        return None
+    from apex.normalization.fused_layer_norm import fused_layer_norm_affine, fused_rms_norm_affine
+    if op == "layer_norm":
+        return lambda x, r, w, b: fused_layer_norm_affine(x, w, b, (hidden,), 1e-5)
+    if op == "rms_norm":
+        return lambda x, r, w, b: fused_rms_norm_affine(x, w, (hidden,), 1e-6)
+    return None
+
+
+def bytes_moved(op: str, pass_: str, rows: int, hidden: int, itemsize: int) -> int:
+    """Bytes that must move: each [rows, hidden] tensor read or written once."""
+    fused = op.startswith("add")
+    tensors = {"fwd": 4 if fused else 2,          # x (+ residual) in; out (+ new_residual) out
+               "bwd": 5 if fused else 3}          # dout (+ dnew_residual), h in; dx (+ dresidual)
+    n = tensors["fwd"] + tensors["bwd"] if pass_ == "fwdbwd" else tensors[pass_]
+    return n * rows * hidden * itemsize
+
+
+def _first(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+def time_pass(fn: Callable, inputs: tuple, pass_: str, timer: Timer) -> float:
+    x, r, w, b = inputs
+    leaves = [t for t in (x, r, w, b) if t is not None and t.requires_grad]
+    if pass_ == "fwd":
+        with torch.no_grad():
+            return timer.median_ms(lambda: fn(*inputs))
+    outs = _first(fn(*inputs))
+    grads = [torch.randn_like(o) for o in outs]
+    if pass_ == "bwd":
+        return timer.median_ms(
+            lambda: torch.autograd.grad(outs, leaves, grads, retain_graph=True))
+
+    def fwdbwd():
+        torch.autograd.grad(_first(fn(*inputs)), leaves, grads)
+    return timer.median_ms(fwdbwd)
+
+
+def torch_path(fn: Callable, inputs: tuple, device: torch.device) -> str:
+    """What torch actually ran for its eager op: the kernels (GPU) or aten ops (CPU) the
+    profiler saw in one forward."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.no_grad(), profile(activities=acts) as prof:
+        fn(*inputs)
+    names = []
+    for e in prof.events():
+        on_device = getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
+        if (device.type == "cuda" and on_device) or (device.type == "cpu" and e.name.startswith("aten::")):
+            if e.name not in names:
+                names.append(e.name)
+    return "+".join(n[:60] for n in names[:8])
+
+
+# ----------------------------------------------------------------------------- runner
+
+
+def _inputs(op: str, rows: int, hidden: int, device: torch.device, dtype: torch.dtype) -> tuple:
+    """(x, residual, weight, bias), all requiring grad; None where the op has none."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    return (t(rows, hidden), t(rows, hidden) if op.startswith("add") else None,
+            t(hidden), t(hidden) if "layer" in op else None)
+
+
+def run(device: torch.device, dtype: torch.dtype, rows_list, hidden_list, ops, passes,
+        compile_: bool, timer: Timer, copy_bytes: int) -> list[Record]:
+    name = device_name(device)
+    copy_gbps = copy_bandwidth(device, timer, copy_bytes)
+    records: list[Record] = []
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    for op in ops:
+        for rows in rows_list:
+            for hidden in hidden_list:
+                inputs = _inputs(op, rows, hidden, device, dtype)
+                eager = _torch_eager(op, hidden)
+                impls = {"normlab": _normlab(op, hidden), "torch": eager}
+                if compile_:
+                    impls["torch.compile"] = torch.compile(eager, dynamic=False)
+                for label, make in (("liger", _liger), ("apex", _apex)):
+                    fn = make(op, hidden)
+                    if fn is not None:
+                        impls[label] = fn
+                path = torch_path(eager, inputs, device)
+                normlab_path = f"normlab backend {resolve(inputs[0])}"
+                for pass_ in passes:
+                    times = {k: time_pass(fn, inputs, pass_, timer) for k, fn in impls.items()}
+                    nbytes = bytes_moved(op, pass_, rows, hidden, itemsize)
+                    for impl, ms in times.items():
+                        gbps = nbytes / (ms * 1e-3) / 1e9
+                        records.append(Record(
+                            op, pass_, str(dtype).removeprefix("torch."), rows, hidden, impl, name,
+                            round(ms, 6), round(gbps, 4), round(times["torch"] / ms, 3),
+                            round(gbps / copy_gbps, 4), round(copy_gbps, 2), torch.__version__,
+                            path, normlab_path if impl == "normlab" else impl,
+                        ))
+    return records
+
+
+def write_outputs(records: list[Record], out: Path, stem: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [r.as_json() for r in records]
+    csv_path, md_path, png_path = out / f"{stem}.csv", out / f"{stem}.md", out / f"{stem}.png"
+    with csv_path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    r0 = records[0]
+    lines = [f"# normlab bench kernels: {r0.device}", "",
+             f"torch {r0.torch_version}, dtype {r0.dtype}, copy bandwidth {r0.copy_gbps} GB/s "
+             "(measured in the same run). Median times; `vs torch` = torch-eager time / this "
+             "time (> 1: faster than torch eager).",
+             f"Load average at the end of the run: {_load()} (other processes share the device "
+             "when it is above the core count).", "",
+             "| op | pass | rows | hidden | impl | median ms | GB/s | vs torch | vs copy |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.op} | {r.pass_} | {r.rows} | {r.hidden} | {r.impl} | {r.median_ms:.3f} | "
+              f"{r.gbps:.1f} | {r.ratio_vs_torch:.2f} | {r.ratio_vs_copy:.2f} |" for r in records]
+    paths = {(r.op, r.torch_path) for r in records}
+    lines += ["", "torch eager ran (profiler):", ""] + [f"- {op}: `{p}`" for op, p in sorted(paths)]
+    md_path.write_text("\n".join(lines) + "\n")
+    _plot(records, png_path)
+    return [csv_path, md_path, png_path]
+
+
+def _load() -> str:
+    try:
+        return ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def _plot(records: list[Record], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ops = sorted({r.op for r in records}, key=OPS.index)
+    passes = sorted({r.pass_ for r in records}, key=PASSES.index)
+    rows_max = max(r.rows for r in records)
+    fig, axes = plt.subplots(len(passes), len(ops), figsize=(4 * len(ops), 3 * len(passes)),
+                             squeeze=False, sharey=True)
+    for i, p in enumerate(passes):
+        for j, op in enumerate(ops):
+            ax = axes[i][j]
+            sel = [r for r in records if r.op == op and r.pass_ == p and r.rows == rows_max]
+            for impl in sorted({r.impl for r in sel}):
+                pts = sorted((r.hidden, r.gbps) for r in sel if r.impl == impl)
+                ax.plot([h for h, _ in pts], [g for _, g in pts], marker="o", label=impl)
+            if sel:
+                ax.axhline(sel[0].copy_gbps, color="grey", ls="--", lw=0.8, label="copy")
+            ax.set_title(f"{op} {p}", fontsize=9)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("hidden")
+            if j == 0:
+                ax.set_ylabel("GB/s")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{records[0].device}, {records[0].dtype}, rows={rows_max}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _ints(text: str | None) -> tuple[int, ...] | None:
+    return tuple(int(v) for v in text.split(",")) if text else None
+
+
+@app.command("kernels")
+def kernels(
+    device: str = typer.Option(None, help="cuda or cpu (default: cuda when available)."),
+    dtype: str = typer.Option("bf16", help="Activation dtype: bf16, fp16 or fp32."),
+    quick: bool = typer.Option(False, help="A few shapes and repetitions (CPU: seconds)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON record per measurement."),
+    out: str = typer.Option("benchmarks/results", help="Directory for the CSV, MD and PNG."),
+    rows: str = typer.Option(None, help="Comma-separated row counts (overrides the defaults)."),
+    hidden: str = typer.Option(None, help="Comma-separated hidden sizes (overrides the defaults)."),
+    ops: str = typer.Option(",".join(OPS), help="Comma-separated ops."),
+    compile_: bool = typer.Option(None, "--compile/--no-compile",
+                                  help="Include torch.compile (default: on, off for --quick on CPU)."),
+    threads: int = typer.Option(None, help="torch CPU threads (default: torch's)."),
+) -> None:
+    """LayerNorm / RMSNorm / add+norm: fwd, bwd, fwd+bwd GB/s, normlab vs torch."""
+    console = Console()
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter("no CUDA device is available", param_hint="--device")
+    if dtype not in DTYPES:
+        raise typer.BadParameter(f"expected one of {', '.join(DTYPES)}, got {dtype!r}", param_hint="--dtype")
+    op_list = tuple(o.strip() for o in ops.split(","))
+    bad = [o for o in op_list if o not in OPS]
+    if bad:
+        raise typer.BadParameter(f"unknown op(s) {bad}; expected among {OPS}", param_hint="--ops")
+    if threads:
+        torch.set_num_threads(threads)
+    gpu = dev.type == "cuda"
+    rows_list = _ints(rows) or ((16384,) if quick and gpu else (1024,) if quick else GPU_ROWS if gpu else CPU_ROWS)
+    hidden_list = _ints(hidden) or ((1024, 4096) if quick else GPU_HIDDEN if gpu else CPU_HIDDEN)
+    if compile_ is None:
+        compile_ = gpu or not quick
+    timer = Timer(dev, warmup=3 if quick else 10, reps=5 if quick else (50 if gpu else 15))
+    records = run(dev, DTYPES[dtype], rows_list, hidden_list, op_list, PASSES, compile_, timer,
+                  copy_bytes=(64 << 20) if quick or not gpu else (1 << 30))
+    stem = f"kernels-{dev.type}-{dtype}"
+    paths = write_outputs(records, Path(out), stem)
+    if as_json:
+        for r in records:
+            print(json.dumps(r.as_json()))
+        return
+    table = Table(title=f"normlab bench kernels: {records[0].device}, {dtype}, "
+                        f"copy {records[0].copy_gbps} GB/s, torch {torch.__version__}")
+    for col in ("op", "pass", "rows", "hidden", "impl", "median ms", "GB/s", "vs torch", "vs copy"):
+        table.add_column(col, justify="right" if col not in ("op", "pass", "impl") else "left")
+    for r in records:
+        table.add_row(r.op, r.pass_, str(r.rows), str(r.hidden), r.impl, f"{r.median_ms:.3f}",
+                      f"{r.gbps:.1f}", f"{r.ratio_vs_torch:.2f}", f"{r.ratio_vs_copy:.2f}")
+    console.print(table)
+    console.print("wrote " + ", ".join(str(p) for p in paths))

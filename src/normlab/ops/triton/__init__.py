@@ -1,0 +1,74 @@
+"""The Triton backend: fused LayerNorm/RMSNorm kernels (``norm.py``) behind PyTorch
+custom ops (``custom_ops.py``), registered as normlab's "triton" implementations.
+
+Importing this package registers the impls; ``normlab.ops.get_impl`` imports it on
+first use of the triton backend.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from normlab.ops import eager, reference, register_impl
+from normlab.ops.triton import custom_ops, launch
+from normlab.ops.triton.launch import MAX_HIDDEN, force_looped
+
+__all__ = ["MAX_HIDDEN", "custom_ops", "force_looped"]
+
+
+def _seed(generator: torch.Generator | None) -> Tensor:
+    """An int64 scalar seed for the Philox dropout stream, drawn from ``generator``."""
+    device = generator.device if generator is not None else "cpu"
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64, generator=generator, device=device)
+
+
+def _fused(
+    op: str, x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
+    eps: float | None, normalized_shape: Sequence[int], *, is_rms: bool, dropout_p: float = 0.0,
+    training: bool = False, generator: torch.Generator | None = None,
+    residual_dtype: torch.dtype | None = None, per_example_grad_sq: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    hidden = math.prod(normalized_shape)
+    launch.check_supported(op, x, hidden)
+    if eps is None:
+        eps = reference.default_rms_eps(x.dtype)
+    p = dropout_p if training else 0.0
+    seed = _seed(generator) if p > 0.0 else None
+    store = residual is not None or seed is not None or residual_dtype not in (None, x.dtype)
+    out, new_res, _mean, _rstd = torch.ops.normlab.fused_norm(
+        x, residual, weight, bias, seed, per_example_grad_sq, float(eps), hidden, is_rms, p,
+        residual_dtype, store,
+    )
+    return out, (new_res if store else x)
+
+
+@register_impl("layer_norm", "triton")
+def layer_norm(x, normalized_shape, weight, bias, eps, *, per_example_grad_sq=None):
+    return _fused("layer_norm", x, None, weight, bias, eps, normalized_shape, is_rms=False,
+                  per_example_grad_sq=per_example_grad_sq)[0]
+
+
+@register_impl("rms_norm", "triton")
+def rms_norm(x, normalized_shape, weight, eps, *, per_example_grad_sq=None):
+    return _fused("rms_norm", x, None, weight, None, eps, normalized_shape, is_rms=True,
+                  per_example_grad_sq=per_example_grad_sq)[0]
+
+
+@register_impl("add_layer_norm", "triton")
+def add_layer_norm(x, residual, weight, bias, eps, *, normalized_shape, **kw):
+    return _fused("add_layer_norm", x, residual, weight, bias, eps, normalized_shape,
+                  is_rms=False, **kw)
+
+
+@register_impl("add_rms_norm", "triton")
+def add_rms_norm(x, residual, weight, eps, *, normalized_shape, **kw):
+    return _fused("add_rms_norm", x, residual, weight, None, eps, normalized_shape,
+                  is_rms=True, **kw)
+
+
+# dropout_add alone has no reduction to fuse: it is elementwise and torch's own ops run it
+register_impl("dropout_add", "triton")(eager.dropout_add)

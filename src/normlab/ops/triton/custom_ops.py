@@ -1,0 +1,115 @@
+"""The Triton norm kernels as PyTorch ops: ``normlab::fused_norm`` and
+``normlab::fused_norm_backward``.
+
+Both are opaque ``torch.library.custom_op``s with hand-written fake (meta) functions,
+and the forward's autograd formula calls the backward op, so ``torch.compile(...,
+fullgraph=True)`` and ``torch.export`` see two graph nodes and never trace into
+Triton. One op pair serves LayerNorm and RMSNorm, with or without the residual add and
+dropout; the registered impls in ``normlab.ops.triton`` pick the flags.
+"""
+
+from __future__ import annotations
+
+from typing import Optional  # noqa: UP035 - custom_op's schema inference reads typing.Optional
+
+import torch
+from torch import Tensor
+
+from normlab.ops.triton.norm import Dropout, norm_backward, norm_forward
+
+
+def _dropout(seed: Tensor | None, dropout_p: float) -> Dropout | None:
+    return Dropout(dropout_p, int(seed)) if seed is not None else None
+
+
+@torch.library.custom_op("normlab::fused_norm", mutates_args=())
+def fused_norm(
+    x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],  # noqa: UP045
+    seed: Optional[Tensor], per_example_grad_sq: Optional[Tensor], eps: float, hidden: int,  # noqa: UP045
+    is_rms: bool, dropout_p: float, residual_dtype: Optional[torch.dtype],  # noqa: UP045
+    store_residual: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out, new_residual, mean, rstd) of residual + dropout(x) normalized over the last
+    ``hidden`` elements. ``seed`` (int64 scalar) turns dropout on; new_residual is empty
+    unless ``store_residual``; ``per_example_grad_sq`` is only carried to the backward."""
+    return norm_forward(
+        x, residual, weight, bias, eps, hidden=hidden, is_rms=is_rms,
+        dropout=_dropout(seed, dropout_p), residual_dtype=residual_dtype,
+        store_residual=store_residual,
+    )
+
+
+@fused_norm.register_fake
+def _fused_norm_fake(x, residual, weight, bias, seed, per_example_grad_sq, eps, hidden, is_rms,
+                     dropout_p, residual_dtype, store_residual):
+    rows = x.numel() // hidden
+    out = x.new_empty(x.shape)
+    new_res = x.new_empty(x.shape if store_residual else (0,), dtype=residual_dtype or x.dtype)
+    mean = x.new_empty((0,) if is_rms else (rows,), dtype=torch.float32)
+    return out, new_res, mean, x.new_empty((rows,), dtype=torch.float32)
+
+
+@torch.library.custom_op("normlab::fused_norm_backward", mutates_args=("per_example_grad_sq",))
+def fused_norm_backward(
+    dout: Tensor, dnew_residual: Optional[Tensor], h: Tensor, weight: Optional[Tensor],  # noqa: UP045
+    mean: Tensor, rstd: Tensor, seed: Optional[Tensor], per_example_grad_sq: Optional[Tensor],  # noqa: UP045
+    hidden: int, is_rms: bool, dropout_p: float, x_dtype: torch.dtype,
+    residual_grad_dtype: Optional[torch.dtype], bias_dtype: Optional[torch.dtype],  # noqa: UP045
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dresidual, dweight, dbias), each empty where its input is absent; writes each
+    example's squared weight/bias gradient norms into ``per_example_grad_sq`` [2, B]."""
+    dx, dres, dw, db, sq = norm_backward(
+        dout, dnew_residual, h, weight, bias_dtype, mean, rstd, hidden=hidden, is_rms=is_rms,
+        dropout=_dropout(seed, dropout_p), x_dtype=x_dtype,
+        residual_grad_dtype=residual_grad_dtype,
+        examples=per_example_grad_sq.shape[1] if per_example_grad_sq is not None else None,
+    )
+    if per_example_grad_sq is not None:
+        per_example_grad_sq.copy_(sq)
+    empty = dout.new_empty((0,))
+    return (dx, dres if dres is not None else empty,
+            dw.reshape(weight.shape) if dw is not None else empty.clone(),
+            db if db is not None else empty.clone())
+
+
+@fused_norm_backward.register_fake
+def _fused_norm_backward_fake(dout, dnew_residual, h, weight, mean, rstd, seed,
+                              per_example_grad_sq, hidden, is_rms, dropout_p, x_dtype,
+                              residual_grad_dtype, bias_dtype):
+    dx = dout.new_empty(dout.shape, dtype=x_dtype)
+    dres = dout.new_empty(dout.shape if residual_grad_dtype is not None else (0,),
+                          dtype=residual_grad_dtype or x_dtype)
+    dw = weight.new_empty(weight.shape) if weight is not None else dout.new_empty((0,))
+    db = (dout.new_empty((hidden,), dtype=bias_dtype) if bias_dtype is not None
+          else dout.new_empty((0,)))
+    return dx, dres, dw, db
+
+
+def _setup_context(ctx, inputs, output):
+    (x, residual, weight, bias, seed, per_example_grad_sq, _eps, hidden, is_rms, dropout_p,
+     _residual_dtype, store_residual) = inputs
+    _out, new_res, mean, rstd = output
+    ctx.save_for_backward(new_res if store_residual else x, weight, mean, rstd, seed,
+                          per_example_grad_sq)
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.meta = (hidden, is_rms, dropout_p, store_residual, x.dtype,
+                residual.dtype if residual is not None else None,
+                bias.dtype if bias is not None else None,
+                bias.shape if bias is not None else None)
+
+
+def _backward(ctx, dout, dnew_res, _dmean, _drstd):
+    h, weight, mean, rstd, seed, per_example_grad_sq = ctx.saved_tensors
+    (hidden, is_rms, dropout_p, store_residual, x_dtype, residual_dtype, bias_dtype,
+     bias_shape) = ctx.meta
+    dx, dres, dw, db = torch.ops.normlab.fused_norm_backward(
+        dout, dnew_res if store_residual else None, h, weight, mean, rstd, seed,
+        per_example_grad_sq, hidden, is_rms, dropout_p, x_dtype, residual_dtype, bias_dtype,
+    )
+    return (dx, dres if residual_dtype is not None else None,
+            dw if weight is not None else None,
+            db.reshape(bias_shape) if bias_dtype is not None else None,
+            None, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("normlab::fused_norm", _backward, setup_context=_setup_context)

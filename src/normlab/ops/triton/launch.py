@@ -1,0 +1,154 @@
+"""What every normlab Triton kernel shares: row layout, block sizes, grids, and the
+deterministic column reduction of per-program partial sums.
+
+A norm kernel sees its input as a 2-D [rows, hidden] matrix with unit stride along the
+hidden dim and any row stride; ``as_rows`` builds that view and copies only when no
+such view exists. Rows that fit one block run the single-block kernels; wider rows run
+the looped kernels, which walk the row in chunks. ``force_looped`` shrinks the
+single-block limit so tests reach the looped kernels on small rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from normlab.errors import NormArgumentError
+
+MAX_HIDDEN = 65536
+"""The widest normalized size (elements per row) the kernels support."""
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_limits = {"single_block": 16384, "chunk": 4096}
+
+
+@contextlib.contextmanager
+def force_looped(block: int) -> Iterator[None]:
+    """Within the block, rows wider than ``block`` elements run the looped kernels in
+    chunks of ``block`` (a power of two), so tests reach them on small rows."""
+    if block < 1 or block & (block - 1):
+        raise ValueError(f"force_looped(block): expected a power of two >= 1, got {block}")
+    saved = dict(_limits)
+    _limits.update(single_block=block, chunk=block)
+    try:
+        yield
+    finally:
+        _limits.update(saved)
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    block: int       # elements one program holds at a time
+    looped: bool     # True: walk the row in chunks of ``block``
+    num_warps: int
+
+
+def block_config(hidden: int) -> BlockConfig:
+    """Block size and warps for rows of ``hidden`` elements."""
+    full = triton.next_power_of_2(hidden)
+    looped = full > _limits["single_block"]
+    block = min(full, _limits["chunk"]) if looped else full
+    num_warps = 16 if block >= 8192 else 8 if block >= 2048 else 4 if block >= 512 else 2 if block >= 128 else 1
+    return BlockConfig(block, looped, num_warps)
+
+
+def check_supported(op: str, x: torch.Tensor, hidden: int) -> None:
+    """Clear errors for what the kernels do not run, before anything is launched."""
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise NormArgumentError(
+            f"{op}: the triton backend supports input dtypes float16, bfloat16 and float32, "
+            f"got {x.dtype}; use normlab.set_backend('auto') or ('torch') for {x.dtype}"
+        )
+    if not 1 <= hidden <= MAX_HIDDEN:
+        raise NormArgumentError(
+            f"{op}: the triton backend supports normalized sizes (product of normalized_shape) "
+            f"from 1 to {MAX_HIDDEN}, got {hidden}; use normlab.set_backend('torch') for wider rows"
+        )
+
+
+def as_rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
+    """``t`` as [rows, hidden] with unit stride along hidden; a view whenever one exists."""
+    rows = t.reshape(-1, hidden)
+    if rows.stride(1) != 1 and hidden > 1:
+        rows = rows.contiguous()
+    return rows
+
+
+def row_stride(rows: torch.Tensor) -> int:
+    return rows.stride(0) if rows.shape[0] > 1 else rows.shape[1]
+
+
+def num_programs_target(device: torch.device) -> int:
+    """How many programs a row-parallel backward aims for: a few per SM on a GPU; few
+    on the CPU interpreter, where each program runs in turn."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+@dataclass(frozen=True)
+class RowSplit:
+    """Rows split into ``examples`` contiguous groups of ``rows_per_example`` rows, each
+    group into ``chunks`` programs of at most ``rows_per_program`` rows; program
+    (b, c) writes row b * chunks + c of the partial-sum buffers."""
+    examples: int
+    rows_per_example: int
+    chunks: int
+    rows_per_program: int
+
+
+def split_rows(rows: int, examples: int, device: torch.device) -> RowSplit:
+    per_example = rows // examples
+    chunks = max(1, min(per_example, math.ceil(num_programs_target(device) / examples)))
+    per_program = max(1, math.ceil(per_example / chunks))
+    chunks = max(1, math.ceil(per_example / per_program))
+    return RowSplit(examples, per_example, chunks, per_program)
+
+
+@triton.jit
+def _reduce_partials_kernel(
+    PART, OUT, SQ, hidden, n_examples, n_chunks, n_col_blocks,
+    PER_EXAMPLE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # column block ``pid`` of OUT = sum of all partial rows; with PER_EXAMPLE, also
+    # SQ[b, pid] = sum over these columns of (example b's sum)^2
+    pid = tl.program_id(0)
+    cols = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < hidden
+    part = PART + cols  # pointers advance row by row (64-bit, whatever the buffer size)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for _b in range(n_examples):
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for _c in range(n_chunks):
+            acc += tl.load(part, mask=mask, other=0.0)
+            part += hidden
+        total += acc
+        if PER_EXAMPLE:
+            tl.store(SQ + _b * n_col_blocks + pid, tl.sum(acc * acc, axis=0))
+    tl.store(OUT + cols, total.to(OUT.dtype.element_ty), mask=mask)
+
+
+def reduce_partials(
+    partials: torch.Tensor, split: RowSplit, out_dtype: torch.dtype, per_example: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sum the [examples * chunks, hidden] float32 partials over rows, in a fixed order
+    (deterministic, no atomics). Returns (sum in ``out_dtype``, and with ``per_example``
+    the float32 [examples] squared norms of each example's sum)."""
+    hidden = partials.shape[1]
+    out = torch.empty(hidden, dtype=out_dtype, device=partials.device)
+    block = min(triton.next_power_of_2(hidden), 1024)
+    n_col_blocks = triton.cdiv(hidden, block)
+    sq = (torch.empty(split.examples, n_col_blocks, dtype=torch.float32, device=partials.device)
+          if per_example else None)
+    _reduce_partials_kernel[(n_col_blocks,)](
+        partials, out, sq, hidden, split.examples, split.chunks, n_col_blocks,
+        PER_EXAMPLE=per_example, BLOCK=block, num_warps=4,
+    )
+    return out, (sq.sum(1) if per_example else None)

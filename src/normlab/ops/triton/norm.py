@@ -1,0 +1,391 @@
+"""Fused residual add + dropout + LayerNorm/RMSNorm kernels, forward and backward.
+
+One kernel family serves both norms (``IS_RMS`` drops the mean) and every fusion
+(``HAS_RES``: residual add, ``HAS_DROPOUT``: Philox dropout on x, ``STORE_RES``: write
+new_residual). Per row, in float32:
+
+    h    = residual + dropout(x)     rounded once to residual_dtype (the stored tensor)
+    xhat = (h - mean) * rstd         rstd = 1 / sqrt(Var[h] + eps)   (RMS: mean = 0)
+    out  = xhat * weight + bias
+
+Backward, per row, with g = dout * weight and N = hidden:
+
+    dh = rstd * (g - xhat * mean(g * xhat) - mean(g))   (RMS: without mean(g))
+         + dnew_residual
+    dx = dropout'(dh) (the same mask, regenerated from the seed), dresidual = dh
+
+dweight = sum over rows of dout * xhat and dbias = sum of dout are accumulated per
+program and summed by ``launch.reduce_partials``; the same partials give each
+example's squared gradient norms (Gray et al. 2024) at the cost of one extra pass over
+the small partial buffer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from normlab.ops.triton import launch
+
+
+@triton.jit
+def _load_row(PTR, stride, row, cols, mask):
+    return tl.load(PTR + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _keep(seed, row, hidden, cols, drop_p):
+    # Philox stream indexed by the element's flat position: forward and backward
+    # regenerate the same mask from (seed, position)
+    return tl.rand(seed, row * hidden + cols) >= drop_p
+
+
+@triton.jit
+def _new_residual(X, RES, row, cols, mask, stride_x, stride_res, hidden, seed, drop_p, drop_scale,
+                  HAS_RES: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    h = _load_row(X, stride_x, row, cols, mask)
+    if HAS_DROPOUT:
+        h = tl.where(_keep(seed, row, hidden, cols, drop_p), h * drop_scale, 0.0)
+    if HAS_RES:
+        h += _load_row(RES, stride_res, row, cols, mask)
+    return h
+
+
+@triton.jit
+def _affine_store(Y, RES_OUT, W, B, row, cols, mask, stride_y, xhat,
+                  HAS_W: tl.constexpr, HAS_B: tl.constexpr, ROUND_TO_RES: tl.constexpr):
+    y = xhat
+    if HAS_W:
+        y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_B:
+        y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    if ROUND_TO_RES:  # the norm's result is rounded to new_residual's dtype, then to x's
+        y = y.to(RES_OUT.dtype.element_ty)
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fwd_kernel(
+    X, RES, W, B, Y, RES_OUT, MEAN, RSTD,
+    stride_x, stride_res, stride_y, stride_res_out,
+    hidden, eps, seed, drop_p, drop_scale,
+    IS_RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    STORE_RES: tl.constexpr, ROUND_TO_RES: tl.constexpr, HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    h = _new_residual(X, RES, row, cols, mask, stride_x, stride_res, hidden, seed, drop_p,
+                      drop_scale, HAS_RES, HAS_DROPOUT)
+    if STORE_RES:
+        stored = h.to(RES_OUT.dtype.element_ty)
+        tl.store(RES_OUT + row * stride_res_out + cols, stored, mask=mask)
+        h = stored.to(tl.float32)  # normalize what the next block will read
+    if IS_RMS:
+        centered = h
+    else:
+        mean = tl.sum(h, axis=0) / hidden
+        centered = tl.where(mask, h - mean, 0.0)
+        tl.store(MEAN + row, mean)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / hidden + eps)
+    tl.store(RSTD + row, rstd)
+    _affine_store(Y, RES_OUT, W, B, row, cols, mask, stride_y, centered * rstd,
+                  HAS_W, HAS_B, ROUND_TO_RES)
+
+
+@triton.jit
+def _fwd_looped_kernel(
+    X, RES, W, B, Y, RES_OUT, MEAN, RSTD,
+    stride_x, stride_res, stride_y, stride_res_out,
+    hidden, eps, seed, drop_p, drop_scale,
+    IS_RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    STORE_RES: tl.constexpr, ROUND_TO_RES: tl.constexpr, HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # wide rows: pass 1 forms (and stores) h and its sum; pass 2 the centred sum of
+    # squares (LayerNorm only); pass 3 normalizes. Passes 2-3 re-read the stored h.
+    row = tl.program_id(0).to(tl.int64)
+    if STORE_RES:
+        H = RES_OUT
+        stride_h = stride_res_out
+    else:
+        H = X
+        stride_h = stride_x
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, hidden, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < hidden
+        h = _new_residual(X, RES, row, cols, mask, stride_x, stride_res, hidden, seed, drop_p,
+                          drop_scale, HAS_RES, HAS_DROPOUT)
+        if STORE_RES:
+            stored = h.to(RES_OUT.dtype.element_ty)
+            tl.store(RES_OUT + row * stride_res_out + cols, stored, mask=mask)
+            h = stored.to(tl.float32)
+        if IS_RMS:
+            acc += h * h
+        else:
+            acc += h
+    tl.debug_barrier()  # the stored h is re-read by other threads of this program
+    if IS_RMS:
+        mean = 0.0
+        var = tl.sum(acc, axis=0) / hidden
+    else:
+        mean = tl.sum(acc, axis=0) / hidden
+        tl.store(MEAN + row, mean)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, hidden, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < hidden
+            centered = tl.where(mask, _load_row(H, stride_h, row, cols, mask) - mean, 0.0)
+            acc += centered * centered
+        var = tl.sum(acc, axis=0) / hidden
+    rstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(RSTD + row, rstd)
+    for start in range(0, hidden, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < hidden
+        xhat = (_load_row(H, stride_h, row, cols, mask) - mean) * rstd
+        _affine_store(Y, RES_OUT, W, B, row, cols, mask, stride_y, xhat, HAS_W, HAS_B, ROUND_TO_RES)
+
+
+@triton.jit
+def _row_range(rows_per_example, rows_per_program):
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64)
+    first = b * rows_per_example + c * rows_per_program
+    last = tl.minimum(first + rows_per_program, (b + 1) * rows_per_example)
+    return first, last, b * tl.num_programs(1) + c
+
+
+@triton.jit
+def _xhat(h, row, MEAN, rstd, mask, IS_RMS: tl.constexpr):
+    if IS_RMS:
+        xhat = h * rstd
+    else:
+        xhat = tl.where(mask, (h - tl.load(MEAN + row)) * rstd, 0.0)
+    return xhat
+
+
+@triton.jit
+def _store_grads(DX, DRES, DRES_OUT, row, cols, mask, stride_dx, stride_dres, stride_dres_out,
+                 dh, hidden, seed, drop_p, drop_scale,
+                 HAS_DRES_OUT: tl.constexpr, HAS_RES: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    if HAS_DRES_OUT:
+        dh += _load_row(DRES_OUT, stride_dres_out, row, cols, mask)
+    if HAS_RES:
+        tl.store(DRES + row * stride_dres + cols, dh.to(DRES.dtype.element_ty), mask=mask)
+    if HAS_DROPOUT:
+        dh = tl.where(_keep(seed, row, hidden, cols, drop_p), dh * drop_scale, 0.0)
+    tl.store(DX + row * stride_dx + cols, dh.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_kernel(
+    DY, DRES_OUT, H, W, MEAN, RSTD, DX, DRES, DW_PART, DB_PART, C1, C2,
+    stride_dy, stride_dres_out, stride_h, stride_dx, stride_dres,
+    hidden, rows_per_example, rows_per_program, seed, drop_p, drop_scale,
+    IS_RMS: tl.constexpr, HAS_DRES_OUT: tl.constexpr, HAS_RES: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr,
+):
+    first, last, part_row = _row_range(rows_per_example, rows_per_program)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    if HAS_W:
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK], dtype=tl.float32)
+    db = tl.zeros([BLOCK], dtype=tl.float32)
+    for row in range(first, last):
+        dy = _load_row(DY, stride_dy, row, cols, mask)
+        rstd = tl.load(RSTD + row)
+        xhat = _xhat(_load_row(H, stride_h, row, cols, mask), row, MEAN, rstd, mask, IS_RMS)
+        g = dy
+        if HAS_W:
+            dw += dy * xhat
+            g = dy * w
+        if HAS_B:
+            db += dy
+        c1 = tl.sum(xhat * g, axis=0) / hidden
+        if IS_RMS:
+            dh = (g - xhat * c1) * rstd
+        else:
+            dh = (g - (xhat * c1 + tl.sum(g, axis=0) / hidden)) * rstd
+        _store_grads(DX, DRES, DRES_OUT, row, cols, mask, stride_dx, stride_dres, stride_dres_out,
+                     dh, hidden, seed, drop_p, drop_scale, HAS_DRES_OUT, HAS_RES, HAS_DROPOUT)
+    if HAS_W:
+        tl.store(DW_PART + part_row * hidden + cols, dw, mask=mask)
+    if HAS_B:
+        tl.store(DB_PART + part_row * hidden + cols, db, mask=mask)
+
+
+@triton.jit
+def _bwd_looped_kernel(
+    DY, DRES_OUT, H, W, MEAN, RSTD, DX, DRES, DW_PART, DB_PART, C1, C2,
+    stride_dy, stride_dres_out, stride_h, stride_dx, stride_dres,
+    hidden, rows_per_example, rows_per_program, seed, drop_p, drop_scale,
+    IS_RMS: tl.constexpr, HAS_DRES_OUT: tl.constexpr, HAS_RES: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # wide rows: pass A reduces each row's mean(g * xhat) and mean(g) into C1/C2; pass B
+    # walks column chunks outermost, so the dweight/dbias partials of a chunk stay in
+    # registers while the program's rows stream through
+    first, last, part_row = _row_range(rows_per_example, rows_per_program)
+    for row in range(first, last):
+        rstd = tl.load(RSTD + row)
+        a1 = tl.zeros([BLOCK], dtype=tl.float32)
+        a2 = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, hidden, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < hidden
+            g = _load_row(DY, stride_dy, row, cols, mask)
+            if HAS_W:
+                g = g * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            xhat = _xhat(_load_row(H, stride_h, row, cols, mask), row, MEAN, rstd, mask, IS_RMS)
+            a1 += xhat * g
+            a2 += g
+        tl.store(C1 + row, tl.sum(a1, axis=0) / hidden)
+        if not IS_RMS:
+            tl.store(C2 + row, tl.sum(a2, axis=0) / hidden)
+    tl.debug_barrier()  # C1/C2 are read back by every thread of this program
+    for start in range(0, hidden, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < hidden
+        if HAS_W:
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK], dtype=tl.float32)
+        db = tl.zeros([BLOCK], dtype=tl.float32)
+        for row in range(first, last):
+            dy = _load_row(DY, stride_dy, row, cols, mask)
+            rstd = tl.load(RSTD + row)
+            xhat = _xhat(_load_row(H, stride_h, row, cols, mask), row, MEAN, rstd, mask, IS_RMS)
+            g = dy
+            if HAS_W:
+                dw += dy * xhat
+                g = dy * w
+            if HAS_B:
+                db += dy
+            if IS_RMS:
+                dh = (g - xhat * tl.load(C1 + row)) * rstd
+            else:
+                dh = (g - (xhat * tl.load(C1 + row) + tl.load(C2 + row))) * rstd
+            _store_grads(DX, DRES, DRES_OUT, row, cols, mask, stride_dx, stride_dres,
+                         stride_dres_out, dh, hidden, seed, drop_p, drop_scale,
+                         HAS_DRES_OUT, HAS_RES, HAS_DROPOUT)
+        if HAS_W:
+            tl.store(DW_PART + part_row * hidden + cols, dw, mask=mask)
+        if HAS_B:
+            tl.store(DB_PART + part_row * hidden + cols, db, mask=mask)
+
+
+# ------------------------------------------------------------------------------ host side
+
+
+@dataclass(frozen=True)
+class Dropout:
+    """Dropout on x with keep probability 1 - p, mask from the Philox stream ``seed``."""
+    p: float
+    seed: int
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / (1.0 - self.p) if self.p < 1.0 else 0.0
+
+
+def _dropout_args(dropout: Dropout | None) -> tuple[int, float, float]:
+    return (dropout.seed, dropout.p, dropout.scale) if dropout is not None else (0, 0.0, 1.0)
+
+
+def norm_forward(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
+    bias: torch.Tensor | None, eps: float, *, hidden: int, is_rms: bool,
+    dropout: Dropout | None, residual_dtype: torch.dtype | None, store_residual: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, new_residual, mean, rstd): out and new_residual have x's shape (contiguous),
+    new_residual is empty unless ``store_residual``; mean/rstd are float32 [rows] (mean
+    empty for RMSNorm)."""
+    x2 = launch.as_rows(x, hidden)
+    rows = x2.shape[0]
+    res2 = launch.as_rows(residual, hidden) if residual is not None else None
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    res_dtype = residual_dtype or x.dtype
+    new_res = torch.empty(x.shape if store_residual else (0,), dtype=res_dtype, device=x.device)
+    mean = torch.empty(0 if is_rms else rows, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+    if rows == 0:
+        return out, new_res, mean, rstd
+    cfg = launch.block_config(hidden)
+    kernel = _fwd_looped_kernel if cfg.looped else _fwd_kernel
+    seed, p, scale = _dropout_args(dropout)
+    kernel[(rows,)](
+        x2, res2, weight, bias, out, new_res if store_residual else None, mean, rstd,
+        launch.row_stride(x2), launch.row_stride(res2) if res2 is not None else 0, hidden, hidden,
+        hidden, eps, seed, p, scale,
+        IS_RMS=is_rms, HAS_RES=res2 is not None, HAS_DROPOUT=dropout is not None,
+        STORE_RES=store_residual, ROUND_TO_RES=store_residual and res_dtype != x.dtype,
+        HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=cfg.block,
+        num_warps=cfg.num_warps,
+    )
+    return out, new_res, mean, rstd
+
+
+def norm_backward(
+    dout: torch.Tensor, dnew_residual: torch.Tensor | None, h: torch.Tensor,
+    weight: torch.Tensor | None, bias_dtype: torch.dtype | None, mean: torch.Tensor,
+    rstd: torch.Tensor, *, hidden: int, is_rms: bool, dropout: Dropout | None,
+    x_dtype: torch.dtype, residual_grad_dtype: torch.dtype | None, examples: int | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None,
+           torch.Tensor | None]:
+    """(dx, dresidual, dweight, dbias, per_example_sq): ``h`` is the normalized input
+    (the stored new_residual). With ``examples`` set, per_example_sq is float32
+    [2, examples]: each example's ||dweight||^2 and ||dbias||^2 (zeros without bias)."""
+    h2 = launch.as_rows(h, hidden)
+    rows = h2.shape[0]
+    dy2 = launch.as_rows(dout, hidden)
+    dres_out2 = launch.as_rows(dnew_residual, hidden) if dnew_residual is not None else None
+    device = h.device
+    dx = torch.empty(h.shape, dtype=x_dtype, device=device)
+    dres = (torch.empty(h.shape, dtype=residual_grad_dtype, device=device)
+            if residual_grad_dtype is not None else None)
+    per_example = examples is not None
+    split = launch.split_rows(rows, examples or 1, device) if rows else None
+    if rows == 0:
+        dw = torch.zeros(hidden, dtype=weight.dtype, device=device) if weight is not None else None
+        db = torch.zeros(hidden, dtype=bias_dtype, device=device) if bias_dtype is not None else None
+        sq = torch.zeros(2, examples, device=device) if per_example else None
+        return dx, dres, dw, db, sq
+    n_parts = split.examples * split.chunks
+    dw_part = (torch.empty(n_parts, hidden, dtype=torch.float32, device=device)
+               if weight is not None else None)
+    db_part = (torch.empty(n_parts, hidden, dtype=torch.float32, device=device)
+               if bias_dtype is not None else None)
+    cfg = launch.block_config(hidden)
+    if cfg.looped:
+        kernel = _bwd_looped_kernel
+        c1 = torch.empty(rows, dtype=torch.float32, device=device)
+        c2 = torch.empty(rows, dtype=torch.float32, device=device)
+    else:
+        kernel, c1, c2 = _bwd_kernel, None, None
+    seed, p, scale = _dropout_args(dropout)
+    kernel[(split.examples, split.chunks)](
+        dy2, dres_out2, h2, weight, mean, rstd, dx, dres, dw_part, db_part, c1, c2,
+        launch.row_stride(dy2), launch.row_stride(dres_out2) if dres_out2 is not None else 0,
+        launch.row_stride(h2), hidden, hidden,
+        hidden, split.rows_per_example, split.rows_per_program, seed, p, scale,
+        IS_RMS=is_rms, HAS_DRES_OUT=dres_out2 is not None, HAS_RES=dres is not None,
+        HAS_DROPOUT=dropout is not None, HAS_W=weight is not None,
+        HAS_B=bias_dtype is not None, BLOCK=cfg.block, num_warps=cfg.num_warps,
+    )
+    dw = db = None
+    sq = torch.zeros(2, examples, device=device) if per_example else None
+    if dw_part is not None:
+        dw, dw_sq = launch.reduce_partials(dw_part, split, weight.dtype, per_example)
+        if per_example:
+            sq[0] = dw_sq
+    if db_part is not None:
+        db, db_sq = launch.reduce_partials(db_part, split, bias_dtype, per_example)
+        if per_example:
+            sq[1] = db_sq
+    return dx, dres, dw, db, sq

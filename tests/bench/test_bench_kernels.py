@@ -1,0 +1,50 @@
+"""``normlab bench kernels --quick --json`` on tiny sizes through Typer's CliRunner:
+the records' fields and values are sane (no timing thresholds)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from typer.testing import CliRunner
+
+from normlab.cli import app
+
+FIELDS = {"op", "pass", "dtype", "rows", "hidden", "impl", "device", "median_ms", "gbps",
+          "ratio_vs_torch", "ratio_vs_copy", "copy_gbps", "torch_version", "torch_path"}
+
+
+def test_bench_kernels_quick_json(tmp_path):
+    result = CliRunner().invoke(app, [
+        "bench", "kernels", "--device", "cpu", "--dtype", "fp32", "--quick", "--json",
+        "--rows", "8", "--hidden", "16,32", "--ops", "rms_norm,add_layer_norm",
+        "--out", str(tmp_path),
+    ])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    # 2 ops x 2 hidden x 3 passes x 2 impls (normlab, torch eager; compile off for --quick on CPU)
+    assert len(records) == 24
+    import torch
+    for r in records:
+        assert FIELDS <= set(r)
+        assert r["dtype"] == "float32" and r["rows"] == 8 and r["hidden"] in (16, 32)
+        assert r["pass"] in ("fwd", "bwd", "fwdbwd") and r["impl"] in ("normlab", "torch")
+        assert r["torch_version"] == torch.__version__ and "cores" in r["device"]
+        assert r["median_ms"] > 0 and r["gbps"] > 0 and r["copy_gbps"] > 0
+        n = {"fwd": 2, "bwd": 3, "fwdbwd": 5}[r["pass"]] + (
+            {"fwd": 2, "bwd": 2, "fwdbwd": 4}[r["pass"]] if r["op"] == "add_layer_norm" else 0)
+        assert math.isclose(r["gbps"], n * 8 * r["hidden"] * 4 / (r["median_ms"] * 1e-3) / 1e9,
+                            rel_tol=0.05, abs_tol=1e-3)
+        if r["impl"] == "torch":
+            assert r["ratio_vs_torch"] == 1.0
+    torch_paths = {r["op"]: r["torch_path"] for r in records}
+    assert "aten::layer_norm" in torch_paths["add_layer_norm"]
+    assert "aten::rms_norm" in torch_paths["rms_norm"]
+    for suffix in ("csv", "md", "png"):
+        assert (tmp_path / f"kernels-cpu-fp32.{suffix}").stat().st_size > 0
+    assert "| rms_norm | fwd | 8 | 16 | normlab |" in (tmp_path / "kernels-cpu-fp32.md").read_text()
+
+
+def test_bench_rejects_bad_dtype():
+    result = CliRunner().invoke(app, ["bench", "kernels", "--device", "cpu", "--dtype", "int8"])
+    assert result.exit_code != 0 and "bf16" in result.output

@@ -1,0 +1,129 @@
+"""Per-example squared gradient norms of the norm's weight and bias (Gray et al. 2024),
+from the fused backward, against torch.func's vmap(grad(...)) of the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import grad, vmap
+
+import normlab
+from normlab.errors import NormArgumentError
+from tests.ops.helpers import DEVICE, OPS, backend, call, call_reference, make_inputs, needs_kernels
+
+BACKENDS = ["torch", pytest.param("triton", marks=needs_kernels)]
+
+
+def oracle(op, a, shape, cotangents):
+    """[2, B] per-example ||dL_b/dweight||^2, ||dL_b/dbias||^2 by vmap(grad) on the reference."""
+    has_b, has_r = a.get("bias") is not None, a.get("residual") is not None
+
+    def loss(w, b, xb, rb, *gs):
+        inp = {"x": xb.unsqueeze(0), "weight": w, "bias": b if has_b else None,
+               "residual": rb.unsqueeze(0) if has_r else None}
+        outs = call_reference(op, inp, shape)
+        return sum((o.float() * g.unsqueeze(0)).sum() for o, g in zip(outs, gs, strict=True))
+
+    x = a["x"]
+    b = a["bias"] if has_b else torch.zeros((), device=x.device)
+    r = a["residual"] if has_r else torch.zeros(x.shape[0], device=x.device)
+    argnums = (0, 1) if has_b else (0,)
+    per = vmap(grad(loss, argnums=argnums), in_dims=(None, None, 0, 0, *[0] * len(cotangents)))(
+        a["weight"], b, x, r, *cotangents)
+    sq = torch.zeros(2, x.shape[0], device=x.device)
+    for i, g in enumerate(per):
+        sq[i] = g.float().flatten(1).square().sum(1)
+    return sq
+
+
+def run(op, a, shape, name, **kw):
+    buf = torch.full((2, a["x"].shape[0]), float("nan"), device=a["x"].device)
+    leaves = [t.requires_grad_() for t in (a["x"], a["weight"], a.get("bias")) if t is not None]
+    with backend(name):
+        outs = call(op, a, shape, per_example_grad_sq=buf, **kw)
+    gen = torch.Generator().manual_seed(5)
+    cot = [torch.randn(o.shape, generator=gen).to(o.device) for o in outs]
+    torch.autograd.grad(sum((o.float() * c).sum() for o, c in zip(outs, cot, strict=True)), leaves)
+    for t in leaves:
+        t.requires_grad_(False)
+    return buf, cot
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("shape,hidden", [((3, 5, 17), (17,)), ((4, 16), (16,)), ((2, 3, 4, 6), (4, 6))])
+def test_matches_vmap_grad(name, op, shape, hidden):
+    a = make_inputs(op, shape, hidden, torch.float32, device=DEVICE)
+    buf, cot = run(op, a, hidden, name)
+    expected = oracle(op, a, hidden, cot)
+    assert expected[0].min() > 0
+    torch.testing.assert_close(buf, expected, rtol=1e-4, atol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("op", ["layer_norm", "add_rms_norm"])
+def test_looped_kernel_matches_vmap_grad(op):
+    from normlab.ops.triton import force_looped
+    a = make_inputs(op, (3, 4, 40), (40,), torch.float32, device=DEVICE)
+    with force_looped(16):
+        buf, cot = run(op, a, (40,), "triton")
+    torch.testing.assert_close(buf, oracle(op, a, (40,), cot), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_without_bias_the_bias_row_is_zero(name):
+    a = make_inputs("layer_norm", (3, 4, 8), (8,), torch.float32, bias=False, device=DEVICE)
+    buf, cot = run("layer_norm", a, (8,), name)
+    torch.testing.assert_close(buf, oracle("layer_norm", a, (8,), cot), rtol=1e-4, atol=1e-6)
+    assert (buf[1] == 0).all()
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_gradients_unchanged_by_per_example(name):
+    a = make_inputs("add_layer_norm", (3, 5, 12), (12,), torch.float32, device=DEVICE)
+    res = []
+    for buf in (None, torch.zeros(2, 3, device=DEVICE)):
+        leaves = [a[k].detach().requires_grad_() for k in ("x", "residual", "weight", "bias")]
+        with backend(name):
+            out, new_res = normlab.functional.add_layer_norm(*leaves, per_example_grad_sq=buf)
+        res.append(torch.autograd.grad(out.square().sum() + new_res.sum(), leaves))
+    # dx, dresidual bit-identical; dweight/dbias summed in another (fixed) order
+    for i, (p, q) in enumerate(zip(*res, strict=True)):
+        torch.testing.assert_close(p, q, rtol=0 if i < 2 else 1e-6, atol=0 if i < 2 else 1e-6)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("cls", [normlab.LayerNorm, normlab.RMSNorm])
+def test_module_collects_per_example_grad_sq(name, cls):
+    m = cls(10).to(DEVICE)
+    with torch.no_grad():
+        m.weight.copy_(torch.linspace(0.5, 2.0, 10))
+    m.collect_per_example_grad_sq = True
+    x = torch.randn(4, 3, 10, device=DEVICE)
+    with backend(name):
+        y = m(x)
+    cot = torch.randn_like(y)
+    (y * cot).sum().backward()
+    op = "layer_norm" if cls is normlab.LayerNorm else "rms_norm"
+    a = {"x": x, "weight": m.weight.detach(), "bias": getattr(m, "bias", None)}
+    if a["bias"] is not None:
+        a["bias"] = a["bias"].detach()
+    torch.testing.assert_close(m.per_example_grad_sq, oracle(op, a, (10,), [cot]),
+                               rtol=1e-4, atol=1e-6)
+    m.collect_per_example_grad_sq = False
+    m.per_example_grad_sq = None
+    m(x)
+    assert m.per_example_grad_sq is None
+
+
+def test_bad_buffers_are_rejected():
+    F = normlab.functional
+    x, w = torch.randn(3, 4, 8), torch.ones(8)
+    with pytest.raises(NormArgumentError, match=r"shape \[2, 3\]"):
+        F.layer_norm(x, 8, w, per_example_grad_sq=torch.zeros(3, 2))
+    with pytest.raises(NormArgumentError, match="float32"):
+        F.rms_norm(x, 8, w, per_example_grad_sq=torch.zeros(2, 3, dtype=torch.float64))
+    with pytest.raises(NormArgumentError, match="needs weight"):
+        F.rms_norm(x, 8, None, per_example_grad_sq=torch.zeros(2, 3))
+    with pytest.raises(NormArgumentError, match="example dim"):
+        F.layer_norm(torch.randn(8), 8, w, per_example_grad_sq=torch.zeros(2, 8))
