@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import time
 
 import typer
@@ -15,7 +14,6 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console()
-app.command(name="convert")(importlib.import_module("normlab.convert.cli").convert)
 
 
 @app.callback()
@@ -70,9 +68,11 @@ def audit(
 
 # commands whose bodies live with their subsystem
 from normlab.bench import app as bench_app  # noqa: E402
+from normlab.convert.cli import convert  # noqa: E402
 from normlab.studies.cli import study  # noqa: E402
 
 app.command()(study)
+app.command()(convert)
 app.add_typer(bench_app, name="bench", help="Benchmarks: normlab's kernels against torch and peers.")
 
 
