@@ -14,6 +14,7 @@ backward it holds each example's ||dL_b/dweight||^2 and ||dL_b/dbias||^2 (see
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from normlab import functional as F

@@ -15,10 +15,14 @@ from typing import Any
 
 from normlab.studies.spec import RunSpec, Study
 
-# tiny models for CPU; the published comparisons hold at any width, depth is what matters
-TINY = {"d_model": 64, "n_heads": 4, "d_ff": 256, "dropout": 0.0, "init": "xavier"}
-SMALL = {"d_model": 128, "n_heads": 4, "d_ff": 512, "dropout": 0.0, "init": "xavier"}
-GPU = {"d_model": 512, "n_heads": 8, "d_ff": 2048, "dropout": 0.1, "init": "xavier"}
+# The original Transformer's setting, which Xiong et al. analyse: ReLU FFN, sinusoidal
+# positions, Xavier init. (With GELU and learned positions the Post-LN gradient growth at
+# initialization is much weaker at these sizes: measured x0.9-1.2 first->last layer vs x1.7.)
+# Tiny widths for CPU; depth is what the published comparisons are about.
+ORIGINAL = {"activation": "relu", "positional": "sinusoidal", "init": "xavier"}
+TINY = {**ORIGINAL, "d_model": 64, "n_heads": 4, "d_ff": 256, "dropout": 0.0}
+SMALL = {**ORIGINAL, "d_model": 128, "n_heads": 4, "d_ff": 512, "dropout": 0.0}
+GPU = {**ORIGINAL, "d_model": 512, "n_heads": 8, "d_ff": 2048, "dropout": 0.1}
 
 NORMS = ("layernorm", "rmsnorm", "scalenorm", "powernorm", "batchnorm", "dyt")
 
