@@ -40,18 +40,28 @@ def _write_per_example(buffer: Tensor, grad_out: Tensor, x_hat: Tensor, examples
 
 
 class LayerNormFunction(torch.autograd.Function):
-    """torch's fused layer norm, whose backward also writes per-example gradient norms."""
+    """torch's fused layer norm, whose backward also writes per-example gradient norms.
+
+    (forward + setup_context, so torch.func transforms such as vmap(grad) pass through;
+    mean and rstd are non-differentiable outputs kept for the backward.)"""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, normalized_shape, weight, bias, eps, per_example_grad_sq):
-        out, mean, rstd = torch.native_layer_norm(x, normalized_shape, weight, bias, eps)
+    def forward(x, normalized_shape, weight, bias, eps, per_example_grad_sq):
+        return torch.native_layer_norm(x, normalized_shape, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, normalized_shape, weight, bias, _, per_example_grad_sq = inputs
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.per_example_grad_sq = per_example_grad_sq  # written, not read: no version check
         ctx.normalized_shape = normalized_shape
-        return out
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout, _dmean, _drstd):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         buffer = ctx.per_example_grad_sq
         mask = [ctx.needs_input_grad[0], weight is not None, bias is not None]
@@ -71,7 +81,7 @@ def layer_norm(x, normalized_shape, weight, bias, eps, *, per_example_grad_sq=No
         # torch's native op is already one fused pass on every device
         return F.layer_norm(x, normalized_shape, weight, bias, eps)
     return LayerNormFunction.apply(x, list(normalized_shape), weight, bias, eps,
-                                   per_example_grad_sq)
+                                   per_example_grad_sq)[0]
 
 
 # ----------------------------------------------------------------------- rms norm
@@ -83,10 +93,14 @@ class RMSNormFunction(torch.autograd.Function):
     Forward: one fused reduction (``vector_norm``) for rstd, then y in place. Backward,
     with P = dy * x, c = (P @ weight) * rstd^3 / N (a matrix-vector product):
     dx = (dy * weight) * rstd - x * c and dweight = P^T @ rstd, so dy and x are
-    each read twice and no [rows, hidden] intermediate is kept."""
+    each read twice and no [rows, hidden] intermediate is kept. (forward + setup_context
+    with a generated vmap rule, so torch.func transforms pass through; rstd is a
+    non-differentiable output kept for the backward.)"""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, normalized_shape, weight, eps, per_example_grad_sq):
+    def forward(x, normalized_shape, weight, eps, per_example_grad_sq):
         hidden = math.prod(normalized_shape)
         ct = reference.compute_dtype(x.dtype)
         x2 = x.reshape(-1, hidden)
@@ -96,31 +110,49 @@ class RMSNormFunction(torch.autograd.Function):
         y.mul_(rstd)
         if weight is not None:
             y = y.mul_(weight.reshape(-1)) if weight.dtype != torch.float64 or ct == weight.dtype else y * weight.reshape(-1)
-        ctx.save_for_backward(x, weight, rstd)
-        ctx.per_example_grad_sq = per_example_grad_sq
-        ctx.normalized_shape = tuple(normalized_shape)
-        return y.to(x.dtype).reshape(x.shape)
+        return y.to(x.dtype).reshape(x.shape), rstd
 
     @staticmethod
-    def backward(ctx, dout):
+    def setup_context(ctx, inputs, output):
+        x, normalized_shape, weight, eps, per_example_grad_sq = inputs
+        _, rstd = output
+        ctx.mark_non_differentiable(rstd)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.eps = eps
+        ctx.per_example_grad_sq = per_example_grad_sq
+        ctx.normalized_shape = tuple(normalized_shape)
+
+    @staticmethod
+    def backward(ctx, dout, _drstd):
         x, weight, rstd = ctx.saved_tensors
         buffer = ctx.per_example_grad_sq
         ct = rstd.dtype
         hidden = math.prod(ctx.normalized_shape)
         x2 = x.reshape(-1, hidden)
-        dyf = dout.reshape(-1, hidden).to(ct, copy=True)
-        p = dyf * x2  # dy * x in the compute dtype
-        dx = dw = None
         if buffer is not None:
-            _write_per_example(buffer, dyf, x2 * rstd, buffer.shape[1], ctx.normalized_shape, False)
+            _write_per_example(buffer, dout.reshape(-1, hidden).to(ct), x2 * rstd, buffer.shape[1],
+                               ctx.normalized_shape, False)
+        if torch.is_grad_enabled():
+            # create_graph (double backward): out-of-place ops, and rstd recomputed from x
+            # so the second derivative flows through it too
+            rstd = torch.rsqrt(x2.to(ct).square().mean(1, keepdim=True) + ctx.eps)
+            dyf = dout.reshape(-1, hidden).to(ct)
+        else:
+            dyf = dout.reshape(-1, hidden).to(ct, copy=True)  # scratch, updated in place below
+        p = dyf * x2
+        dx = dw = None
         if weight is not None and ctx.needs_input_grad[2]:
             dw = torch.mv(p.t(), rstd.squeeze(1)).to(weight.dtype).reshape(weight.shape)
         if ctx.needs_input_grad[0]:
             w = weight.reshape(-1).to(ct) if weight is not None else None
-            c = torch.mv(p, w) if w is not None else p.sum(1)
-            c = c.unsqueeze(1).mul_(rstd.pow(3)).div_(hidden)
-            g = dyf.mul_(w) if w is not None else dyf
-            dx = g.mul_(rstd).addcmul_(x2, c, value=-1).to(x.dtype).reshape(x.shape)
+            c = (torch.mv(p, w) if w is not None else p.sum(1)).unsqueeze(1) * rstd.pow(3) / hidden
+            if torch.is_grad_enabled():
+                g = dyf * w if w is not None else dyf
+                dx = g * rstd - x2 * c
+            else:
+                g = dyf.mul_(w) if w is not None else dyf
+                dx = g.mul_(rstd).addcmul_(x2, c, value=-1)
+            dx = dx.to(x.dtype).reshape(x.shape)
         return dx, None, dw, None, None
 
 
@@ -128,7 +160,7 @@ class RMSNormFunction(torch.autograd.Function):
 def rms_norm(x, normalized_shape, weight, eps, *, per_example_grad_sq=None):
     if eps is None:
         eps = reference.default_rms_eps(x.dtype)
-    return RMSNormFunction.apply(x, tuple(normalized_shape), weight, eps, per_example_grad_sq)
+    return RMSNormFunction.apply(x, tuple(normalized_shape), weight, eps, per_example_grad_sq)[0]
 
 
 # ----------------------------------------------------------------------- residual add
