@@ -24,7 +24,7 @@ def lm_factory(request):
     return LM_FACTORIES[request.param]
 
 
-def _ffn_w2_profile(factory, placement, seeds=(0, 1, 2), n_batches=2):
+def _ffn_w2_profile(factory, placement, seeds=range(6), n_batches=2):
     """Mean over seeds and batches of ||grad W2||_F per layer at initialization."""
     rows = []
     for seed in seeds:
@@ -39,14 +39,24 @@ def test_xiong_post_ln_grows_pre_ln_does_not(lm_factory):
     post = _ffn_w2_profile(lm_factory, "post")
     pre = _ffn_w2_profile(lm_factory, "pre")
     assert post.shape == pre.shape == (12,)
+    # Per seed the Post-LN growth is noisy (last/first 1.1 to 1.9 over 3 seeds); over
+    # 6 seeds x 2 batches it was 1.34 to 1.64 on four disjoint seed sets.
+    layer = torch.arange(12.0)
+
+    def log_slope(y):
+        return float(((layer - layer.mean()) * (y.log() - y.log().mean())).sum()
+                     / (layer - layer.mean()).square().sum())
+
     # the last layer's FFN output-weight gradient is larger in Post-LN
     assert post[-1] > 1.5 * pre[-1]
-    # Post-LN: grows from the first to the last layer (ends and thirds)
-    assert post[-1] > 1.3 * post[0]
-    assert post[8:].mean() > 1.2 * post[:4].mean()
+    # Post-LN: grows from the first to the last layer (ends, outer thirds, fitted trend)
+    assert post[-1] > 1.15 * post[0]
+    assert post[8:].mean() > 1.1 * post[:4].mean()
+    assert log_slope(post) > 0.01
     # Pre-LN: does not grow
-    assert pre[-1] <= pre[0]
-    assert pre[8:].mean() <= pre[:4].mean()
+    assert pre[-1] < pre[0]
+    assert pre[8:].mean() < pre[:4].mean()
+    assert log_slope(pre) < 0
 
 
 def test_grad_norms_values_grouping_and_grad_untouched():
