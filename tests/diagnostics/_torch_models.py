@@ -74,7 +74,20 @@ def torch_lm(placement: str, *, n_layers: int = 2, d_model: int = 32, n_heads: i
     return xavier_init(model)
 
 
-LM_FACTORIES: dict[str, Callable[..., nn.Module]] = {"torch": torch_lm}
+def normlab_lm(placement: str, *, n_layers: int = 2, d_model: int = 32, n_heads: int = 4,
+               d_ff: int | None = None, seed: int = 0) -> nn.Module:
+    """normlab's TransformerLM in the original Transformer's setting (ReLU FFN, sinusoidal
+    positions, Xavier init), the setting Xiong et al. analyse."""
+    from normlab.models import TransformerConfig, TransformerLM
+
+    torch.manual_seed(seed)
+    return TransformerLM(TransformerConfig(
+        vocab_size=VOCAB, d_model=d_model, n_heads=n_heads, n_layers=n_layers, d_ff=d_ff,
+        placement=placement, dropout=0.0, activation="relu", positional="sinusoidal",
+        init="xavier", max_seq_len=512))
+
+
+LM_FACTORIES: dict[str, Callable[..., nn.Module]] = {"torch": torch_lm, "normlab": normlab_lm}
 
 
 def stdlib_bytes(n_bytes: int = 200_000) -> Tensor:
