@@ -28,7 +28,7 @@ test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q
 
 run: $(VENV)/.installed-run
-	$(BIN)/normlab norms
+	$(BIN)/normlab study quick
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests
