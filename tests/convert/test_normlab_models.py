@@ -169,6 +169,23 @@ def test_layernorm_to_rmsnorm_refusals_leave_the_model_unchanged(kw, match):
     assert model.head.weight is model.embed.tokens.weight and model.cfg.tie_embeddings
 
 
+def test_a_placement_outside_the_table_is_left_and_refused():
+    from normlab.models.placement import PreNorm
+
+    class Unlisted(PreNorm):
+        pass
+
+    model = _model("lm")
+    model.placement = Unlisted()
+    for block in model.blocks:
+        block.placement = model.placement
+    report = fold_norm_affine(model)
+    assert report.changed == []
+    assert all("consumers unknown: placement Unlisted" in why for why in report.left.values())
+    with pytest.raises(ConversionError, match="residual stream unknown: blocks.0: placement Unlisted"):
+        layernorm_to_rmsnorm(model)
+
+
 def test_cli_round_trip_rms_then_fold(tmp_path):
     model = _model("lm", tie_embeddings=True)
     save_model(model, tmp_path / "lm.safetensors")
