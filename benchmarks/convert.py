@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import statistics
 import sys
@@ -72,6 +73,14 @@ def _hf(name):
                                             num_hidden_layers=4, num_attention_heads=4))
 
 
+def _normlab_lm():
+    from normlab.models import TransformerConfig, TransformerLM
+
+    return TransformerLM(TransformerConfig(vocab_size=1000, d_model=256, n_heads=4, n_layers=4, d_ff=1024,
+                                           max_seq_len=256, dropout=0.0, placement="pre", norm="layernorm",
+                                           tie_embeddings=False))
+
+
 def _step(model, idx):
     with torch.no_grad():
         out = model(idx)
@@ -102,6 +111,7 @@ TRANSFORMS = {
 PLAN = [
     ("torch Pre-LN LM (d256, 4 layers)", lambda: PreLNLM(), list(TRANSFORMS)),
     ("MLP Pre-LN stack (d128, 8 blocks)", lambda: MLPStack(), list(TRANSFORMS)),
+    ("normlab Pre-LN TransformerLM (d256, 4 layers)", _normlab_lm, list(TRANSFORMS)),
     ("HF GPT-2 (d256, 4 layers)", lambda: _hf("gpt2"), list(TRANSFORMS)),
     ("HF Llama (d256, 4 layers)", lambda: _hf("llama"), ["swap_norms", "fold_norm_affine"]),
 ]
@@ -135,6 +145,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     idx = torch.randint(0, 1000, (args.batch, args.seq))
+    load_before = _load()
     rows = []
     for label, make, transforms in PLAN:
         try:
@@ -148,13 +159,15 @@ def main() -> None:
             before, after, ratio = _time(base, conv, idx, args.repeats)
             rows.append((label, name, before * 1e3, after * 1e3, ratio, err))
             print(f"{label:36s} {name:28s} {before*1e3:8.2f} ms -> {after*1e3:8.2f} ms  x{ratio:.2f}  max|diff| {err:.1e}", flush=True)
+    load_after = _load()
     lines = [
         "# normlab.convert: inference step time before/after, CPU",
         "",
         f"Device: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}; "
         f"fp32, batch {args.batch} x seq {args.seq}, eval forward under no_grad, "
         f"medians of {args.repeats} alternating repeats; speedup = median of paired before/after "
-        f"ratios. Load average while measuring: {_load()}.",
+        f"ratios. Load average (1 min) before / after measuring: {load_before} / {load_after} "
+        f"on {os.cpu_count()} cores.",
         "",
         "| model | transform | before (ms) | after (ms) | speedup | max abs diff of outputs |",
         "|---|---|---:|---:|---:|---:|",

@@ -34,11 +34,14 @@ def _join(prefix: str, path: str) -> str:
 class Analysis:
     """``consumers``: norm path -> the Linear views reading its output, or why unknown.
     ``writers``: modules writing the residual stream, or why it cannot be established.
-    ``stream_norms``: the norms whose input is that residual stream."""
+    ``stream_norms``: the norms whose input is that residual stream.
+    ``branch_norms``: norm path -> why it reads a branch rather than the stream (Sub-LN's
+    inner norms): a LayerNorm there stays one under layernorm_to_rmsnorm."""
 
     consumers: dict[str, list[LinearView] | str] = field(default_factory=dict)
     writers: list[LinearView] | str = ""
     stream_norms: set[str] = field(default_factory=set)
+    branch_norms: dict[str, str] = field(default_factory=dict)
 
 
 def _view(model: nn.Module, path: str, rows: str = "all") -> LinearView:
@@ -55,39 +58,59 @@ def _known_blocks(model: nn.Module) -> list[tuple[str, nn.Module, BlockSpec]]:
     return out
 
 
+_POST_LN = "the model has Post-LN blocks: the residual stream is re-normalized, not a sum of writers"
+
+
 def analyse(model: nn.Module) -> Analysis:
     a = Analysis()
     blocks = _known_blocks(model)
     block_writers: list[LinearView] = []
-    pre_ok = True
-    for path, _, spec in blocks:
+    stream_why: str | None = None  # why the stream is not a sum of Linear writers, first found
+    for path, block, spec in blocks:
+        if spec.unknown:
+            for sub, m in block.named_modules():
+                if sub and is_norm_like(m):
+                    a.consumers[_join(path, sub)] = f"consumers unknown: {spec.unknown}"
+            stream_why = stream_why or f"residual stream unknown: {path}: {spec.unknown}"
+            continue
         for norm, cons in spec.pre_norms.items():
             a.consumers[_join(path, norm)] = [_view(model, _join(path, c.path), c.rows) for c in cons]
             a.stream_norms.add(_join(path, norm))
+        for norm, cons in spec.inner_norms.items():
+            a.consumers[_join(path, norm)] = [_view(model, _join(path, c.path), c.rows) for c in cons]
+            a.branch_norms[_join(path, norm)] = "reads its sublayer's branch, not the residual stream"
         for norm in spec.post_norms:
             a.consumers[_join(path, norm)] = (
                 "Post-LN: its output is the residual stream (it feeds the next block and the "
                 "residual add), not only Linear layers")
-            pre_ok = False
+            stream_why = stream_why or _POST_LN
+        for norm, what in spec.writer_norms.items():
+            a.consumers[_join(path, norm)] = (
+                f"its output is written to the residual stream ({what}), not read only by Linear layers")
+            stream_why = stream_why or (
+                f"{_join(path, norm)} writes the residual stream ({what}): a norm's output is not "
+                "zero-mean, so the stream cannot be centered")
         block_writers += [_view(model, _join(path, w)) for w in spec.writers if _has(model, _join(path, w))]
     mspec = model_spec(model)
     if mspec is not None:
         for norm, cons in mspec.final_norms.items():
-            a.consumers[norm] = (
-                [_view(model, c.path, c.rows) for c in cons] if cons is not None
-                else "its output leaves the model (a model output); no consumer to fold into")
+            if cons is None:
+                cons = "its output leaves the model (a model output); no consumer to fold into"
+            a.consumers[norm] = cons if isinstance(cons, str) else [_view(model, c.path, c.rows) for c in cons]
             a.stream_norms.add(norm)
-        if not pre_ok:
-            a.writers = "the model has Post-LN blocks: the residual stream is re-normalized, not a sum of writers"
+        if stream_why:
+            a.writers = stream_why
         elif mspec.embeddings is None:
             a.writers = ("the residual stream starts at a model input, which cannot be made zero-mean; "
                          "convert a model that includes its embedding")
+        elif isinstance(mspec.embeddings, str):
+            a.writers = mspec.embeddings
         else:
             a.writers = [_view(model, e) for e in mspec.embeddings] + block_writers
         return a
     _trace(model, a, blocks)
-    if not pre_ok:
-        a.writers = "the model has Post-LN blocks: the residual stream is re-normalized, not a sum of writers"
+    if stream_why:
+        a.writers = stream_why
     return a
 
 
@@ -254,6 +277,11 @@ def _block_writers(model, path: str, m: nn.Module) -> list[LinearView] | str:
     spec = block_spec(m)
     if spec is None:
         return f"the residual stream passes through {path} ({type(m).__name__}), whose structure is unknown"
+    if spec.unknown:
+        return f"residual stream unknown: {path}: {spec.unknown}"
     if spec.post_norms:
         return f"{path} is a Post-LN block: its norm output is the residual stream"
+    for norm, what in spec.writer_norms.items():
+        return (f"{path}.{norm} writes the residual stream ({what}): a norm's output is not "
+                "zero-mean, so the stream cannot be centered")
     return [LinearView(model.get_submodule(f"{path}.{w}"), f"{path}.{w}") for w in spec.writers if _has(model, f"{path}.{w}")]

@@ -5,6 +5,11 @@ For each block type, one entry says
 * ``pre_norms``: norm -> the Linear-like layers that read its output (Pre-LN: the
   output feeds only those layers, so its affine can be folded into them);
 * ``post_norms``: norms whose output *is* the residual stream (Post-LN);
+* ``inner_norms``: norm -> the Linear-like layers reading its output, for norms inside
+  a sublayer (Sub-LN): foldable like ``pre_norms``, but they read a branch, not the stream;
+* ``writer_norms``: norm -> what it is, for norms whose output is written into the
+  residual stream (Sandwich-/Peri-LN's Norm_out(F), an embedding norm): not foldable,
+  and the stream they write cannot be centered;
 * ``writers``: the layers whose output is added to the residual stream;
 * ``forward``: the same block's forward with the residual add fused into the norm that
   follows it (normlab's ``norm(x, residual) -> (norm(residual + x), residual + x)``).
@@ -34,20 +39,28 @@ class Consumer:
 
 @dataclass(frozen=True)
 class BlockSpec:
+    """Where a block's norms sit (paths relative to the block); ``unknown``: why the
+    block's structure cannot be told (its norms are left and its stream refused)."""
+
     pre_norms: dict[str, tuple[Consumer, ...]] = field(default_factory=dict)
     post_norms: tuple[str, ...] = ()
     writers: tuple[str, ...] = ()
     fused_norms: tuple[str, ...] = ()  # the norms the fused forward calls with a residual
+    inner_norms: dict[str, tuple[Consumer, ...]] = field(default_factory=dict)
+    writer_norms: dict[str, str] = field(default_factory=dict)
+    unknown: str | None = None
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """``final_norms``: norm path -> consumers (None: the output leaves the model).
+    """``final_norms``: norm path -> consumers (None: the output leaves the model; a str:
+    why its output is not read only by Linear layers).
     ``embeddings``: modules (or parameters) whose output starts the residual stream
-    (None: the stream starts at a model input)."""
+    (None: the stream starts at a model input; a str: why the stream's start cannot be
+    made zero-mean)."""
 
-    final_norms: dict[str, tuple[Consumer, ...] | None]
-    embeddings: tuple[str, ...] | None
+    final_norms: dict[str, tuple[Consumer, ...] | str | None]
+    embeddings: tuple[str, ...] | str | None
 
 
 @dataclass(frozen=True)
@@ -326,3 +339,115 @@ def _torch_transformer(root: nn.Module) -> ModelSpec:
     if root.decoder.norm is not None:
         finals["decoder.norm"] = None
     return ModelSpec(final_norms=finals, embeddings=None)
+
+
+# ------------------------------------------------------------------ normlab's own models
+#
+# One Block class for every placement: the placement strategy's norm slots say where
+# each norm sits (normlab.models.placement): "in" reads the stream and feeds the
+# sublayer's input projections, "inner" sits inside the sublayer before its output
+# projection, "out" normalizes the sublayer's output before the residual add, "add"
+# normalizes the stream after it. The Block already calls norm(x, residual) (the fused
+# add+norm protocol), so no forward is registered.
+
+_NORMLAB_INPUTS = {
+    "attn": ("attn.q_proj", "attn.k_proj", "attn.v_proj"),
+    "cross_attn": ("cross_attn.q_proj",),  # its keys and values read the encoder's output
+    "ffn": ("ffn.w1",),
+}
+_NORMLAB_OUTPUTS = {"attn": "attn.out_proj", "cross_attn": "cross_attn.out_proj", "ffn": "ffn.w2"}
+
+
+def _normlab_placements() -> tuple[type, ...]:
+    """The placements whose slots mean exactly what the table above says (subclasses may
+    change the data flow, so they are not assumed to)."""
+    from normlab.models import placement as P
+
+    return (P.PostNorm, P.PreNorm, P.SandwichNorm, P.DeepNorm, P.SubLN, P.ResiDual, P.PeriNorm,
+            P.NoPlacement)
+
+
+def _unknown_placement(placement) -> str | None:
+    if type(placement) in _normlab_placements():
+        return None
+    return (f"placement {type(placement).__name__} ({getattr(placement, 'name', '')!r}) is not in "
+            "normlab.convert's table (normlab/convert/blocks.py)")
+
+
+@register_block("normlab.models.block.Block")
+def _normlab_block(m: nn.Module) -> BlockSpec:
+    place = m.placement
+    subs = m.sublayer_names
+    writers = tuple(_NORMLAB_OUTPUTS[s] for s in subs)
+    unknown = _unknown_placement(place)
+    if unknown:
+        return BlockSpec(writers=writers, unknown=unknown)
+    pre: dict[str, tuple[Consumer, ...]] = {}
+    inner: dict[str, tuple[Consumer, ...]] = {}
+    post: list[str] = []
+    out: dict[str, str] = {}
+    for s in subs:
+        for slot in place.norm_slots(s):
+            path = f"norms.{s}_{slot}"
+            if slot == "in":
+                pre[path] = tuple(Consumer(c) for c in _NORMLAB_INPUTS[s])
+            elif slot == "inner":
+                inner[path] = (Consumer(_NORMLAB_OUTPUTS[s]),)
+            elif slot == "add":
+                post.append(path)
+            else:
+                out[path] = f"{place.name} placement: Norm_out(F) before the residual add"
+    return BlockSpec(pre_norms=pre, post_norms=tuple(post), writers=writers,
+                     fused_norms=tuple(pre) + tuple(post), inner_norms=inner, writer_norms=out)
+
+
+@register_block("normlab.models.block.Embedding")
+def _normlab_embedding(m: nn.Module) -> BlockSpec:
+    if m.norm is None:
+        return BlockSpec()
+    return BlockSpec(writer_norms={"norm": "the embedding norm: its output is the stream's start x_0"})
+
+
+def _normlab_final(stack: nn.Module, path: str, consumers: tuple[Consumer, ...] | None) -> dict:
+    if stack.final_norm is None:
+        return {}
+    from normlab.models.placement import ResiDual
+
+    unknown = _unknown_placement(stack.placement)
+    if unknown:
+        return {path: f"consumers unknown: {unknown}"}
+    if isinstance(stack.placement, ResiDual):
+        return {path: "its output is added to the Post-LN stream (ResiDual: y = x_L + Norm_final(d_L)), "
+                      "not read only by Linear layers"}
+    return {path: consumers}
+
+
+def _normlab_embeddings(root: nn.Module) -> tuple[str, ...] | str:
+    embed = root.embed
+    if embed.sinusoidal:
+        return ("embed adds a fixed sinusoidal position table to the residual stream: it is not "
+                "zero-mean and has no parameter to center (learned or RoPE positions convert)")
+    return ("embed.tokens",) + (("embed.positions",) if embed.positions is not None else ())
+
+
+@register_model("normlab.models.lm.TransformerLM")
+def _normlab_lm(root: nn.Module) -> ModelSpec:
+    return ModelSpec(final_norms=_normlab_final(root, "final_norm", (Consumer("head"),)),
+                     embeddings=_normlab_embeddings(root))
+
+
+@register_model("normlab.models.encoder.TransformerEncoder")
+def _normlab_encoder(root: nn.Module) -> ModelSpec:
+    head = (Consumer("head"),) if root.head is not None else None
+    return ModelSpec(final_norms=_normlab_final(root, "final_norm", head),
+                     embeddings=_normlab_embeddings(root))
+
+
+@register_model("normlab.models.seq2seq.Seq2SeqTransformer")
+def _normlab_seq2seq(root: nn.Module) -> ModelSpec:
+    # the encoder's output (memory) feeds only the decoder blocks' cross-attention keys/values
+    memory = tuple(Consumer(f"decoder.blocks.{i}.cross_attn.{p}")
+                   for i in range(len(root.decoder.blocks)) for p in ("k_proj", "v_proj"))
+    finals = _normlab_final(root.encoder, "encoder.final_norm", memory)
+    finals.update(_normlab_final(root.decoder, "decoder.final_norm", (Consumer("head"),)))
+    return ModelSpec(final_norms=finals, embeddings=_normlab_embeddings(root))

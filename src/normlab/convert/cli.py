@@ -25,28 +25,85 @@ def _load_hf(src: Path):
     return cls.from_pretrained(src, local_files_only=True)
 
 
-def _load_normlab(weights: Path, config: Path):
-    """A normlab model from its JSON config (TransformerConfig fields) and a safetensors state dict."""
-    try:
-        from normlab.models import TransformerConfig, TransformerLM
-    except ImportError as err:
-        raise typer.BadParameter("normlab.models is not available in this installation; "
-                                 "convert a Hugging Face model directory instead") from err
-    from safetensors.torch import load_model
+def _load_normlab(weights: Path, config: Path | None):
+    """A normlab model from a safetensors file: rebuilt from the config and class that
+    ``normlab.models.save_model`` stores in its metadata, or, for a plain state dict, a
+    TransformerLM built from ``config`` (a JSON of TransformerConfig fields)."""
+    import safetensors.torch
+    from safetensors import safe_open
 
-    model = TransformerLM(TransformerConfig(**json.loads(config.read_text())))
-    load_model(model, weights)
+    from normlab.models import TransformerConfig, TransformerLM, load_model
+
+    with safe_open(str(weights), framework="pt") as f:
+        meta = f.metadata() or {}
+    if config is None:
+        if "normlab.model" not in meta:
+            raise typer.BadParameter(f"{weights} has no normlab model metadata (normlab.models.save_model "
+                                     "writes it); pass --config with the TransformerConfig JSON")
+        return load_model(weights)
+    try:
+        cfg = TransformerConfig.from_dict(json.loads(config.read_text()))
+    except ValueError as err:
+        raise typer.BadParameter(f"--config {config}: {err}") from err
+    model = TransformerLM(cfg)
+    safetensors.torch.load_model(model, str(weights), strict=True)
     return model
+
+
+def _rebuild(model):
+    """A fresh model of ``model``'s class and config (its head width for an encoder)."""
+    from normlab.models import TransformerEncoder
+
+    if isinstance(model, TransformerEncoder):
+        return TransformerEncoder(model.cfg, n_outputs=None if model.head is None else model.head.out_features)
+    return type(model)(model.cfg)
+
+
+def _save_normlab(model, out: Path) -> Path:
+    """Write the converted weights in the model's own architecture with ``save_model``.
+
+    The norms a transform made non-affine reload with weight 1 (and bias 0), which is
+    exact; a LayerNorm that layernorm_to_rmsnorm turned into an RMSNorm reloads as a
+    LayerNorm, exact on the now zero-mean stream (re-apply the transforms after loading
+    for the speed: they leave converted weights unchanged)."""
+    import torch
+
+    from normlab.convert.detect import is_norm_like
+    from normlab.models import save_model
+
+    fresh = _rebuild(model)
+    result = fresh.load_state_dict(model.state_dict(), strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(f"convert: weights {', '.join(result.unexpected_keys)} have no place in "
+                           f"{type(model).__name__}({model.cfg})")
+    with torch.no_grad():
+        for key in result.missing_keys:
+            path, _, name = key.rpartition(".")
+            module = fresh.get_submodule(path)
+            if not is_norm_like(module) or name not in ("weight", "bias"):
+                raise RuntimeError(f"convert: the converted model has no {key}, which is not a norm affine")
+            getattr(module, name).fill_(1.0 if name == "weight" else 0.0)
+    path = out / "model.safetensors"
+    save_model(fresh, path)
+    (out / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2))
+    return path
 
 
 def _example_inputs(model):
     import torch
 
+    from normlab.models import Seq2SeqTransformer, TransformerConfig
+
+    gen = torch.Generator().manual_seed(0)
+    cfg = getattr(model, "cfg", None)
+    if isinstance(cfg, TransformerConfig):  # normlab's models take token ids positionally
+        ids = torch.randint(0, cfg.vocab_size, (2, min(8, cfg.max_seq_len)), generator=gen)
+        return (ids, ids.flip(-1)) if isinstance(model, Seq2SeqTransformer) else (ids,)
     cfg = getattr(model, "config", None)
     vocab = getattr(cfg, "vocab_size", None)
     if not vocab:
         return None
-    ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, vocab, (2, 8), generator=gen)
     inputs = {"input_ids": ids}
     if getattr(cfg, "is_encoder_decoder", False):
         inputs["decoder_input_ids"] = ids
@@ -54,10 +111,10 @@ def _example_inputs(model):
 
 
 def convert(
-    src: Annotated[Path, typer.Argument(help="A local Hugging Face model directory, or a normlab .safetensors state dict.")],
+    src: Annotated[Path, typer.Argument(help="A local Hugging Face model directory, or a normlab .safetensors file (normlab.models.save_model, or a state dict with --config).")],
     out: Annotated[Path, typer.Argument(help="Directory to write the converted model and report to.")],
     transform: Annotated[list[str] | None, typer.Option("--transform", "-t", help="swap | fold | rms; repeat to chain, applied in order (default: swap).")] = None,
-    config: Annotated[Path | None, typer.Option(help="The normlab model's JSON config (with a .safetensors SRC).")] = None,
+    config: Annotated[Path | None, typer.Option(help="A TransformerConfig JSON, for a .safetensors SRC without normlab metadata (built as a TransformerLM).")] = None,
 ) -> None:
     """Convert a saved model: swap its norms for normlab's, fold norm affines, or turn
     Pre-LN into Pre-RMSNorm; write it to OUT with the report (normlab_convert.json)."""
@@ -73,8 +130,6 @@ def convert(
     if src.is_dir():
         model, kind = _load_hf(src), "hf"
     elif src.suffix == ".safetensors":
-        if config is None:
-            raise typer.BadParameter("a .safetensors SRC needs --config (the normlab model's JSON config)")
         model, kind = _load_normlab(src, config), "normlab"
     else:
         raise typer.BadParameter(f"SRC must be a model directory or a .safetensors file, got {src}")
@@ -100,9 +155,20 @@ def convert(
         # weights stay exact in the original architecture (norm weights 1, zero-mean stream)
         model.save_pretrained(out)
     else:
-        from safetensors.torch import save_model
+        import torch
 
-        save_model(model, str(out / "model.safetensors"))
-        (out / "config.json").write_text(config.read_text())
+        from normlab.convert.verify import run_outputs
+        from normlab.models import load_model
+
+        path = _save_normlab(model, out)
+        inputs = _example_inputs(model)
+        want, got = run_outputs(model, inputs), run_outputs(load_model(path), inputs)
+        worst = max(float((a.double() - b.double()).abs().max()) for a, b in zip(want, got))
+        if not all(torch.allclose(a.double(), b.double(), atol=1e-4, rtol=1e-4) for a, b in zip(want, got)):
+            console.print(f"[red]the written model's outputs differ from the converted model's by up to "
+                          f"{worst:.3g}[/red]")
+            raise typer.Exit(1)
+        console.print(f"reloaded {path.name} with normlab.models.load_model: outputs equal the converted "
+                      f"model's (max |diff| {worst:.2g})", highlight=False)
     (out / "normlab_convert.json").write_text(json.dumps(reports, indent=2))
     console.print(f"wrote {out}")

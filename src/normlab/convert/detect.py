@@ -79,8 +79,21 @@ def _inherits_forward(module: nn.Module, base: type) -> bool:
     return isinstance(module, base) and type(module).forward is base.forward
 
 
+def _is_exactly(module: nn.Module, cls: type) -> bool:
+    """An instance of normlab's ``cls`` computing what ``cls`` computes (no override)."""
+    t = type(module)
+    return isinstance(module, cls) and all(
+        getattr(t, f) is getattr(cls, f) for f in ("forward", "normalize", "add_normalize"))
+
+
 def semantics(module: nn.Module) -> NormSemantics | str:
     """The module's semantics as a normlab norm, or the reason it has none."""
+    if _is_exactly(module, LayerNorm):
+        return NormSemantics("layernorm", tuple(module.normalized_shape), module.eps,
+                             module.elementwise_affine, module.bias is not None, "normlab.LayerNorm")
+    if _is_exactly(module, RMSNorm):
+        return NormSemantics("rmsnorm", tuple(module.normalized_shape), module.eps,
+                             module.elementwise_affine, False, "normlab.RMSNorm")
     if _inherits_forward(module, nn.LayerNorm):
         return NormSemantics("layernorm", tuple(module.normalized_shape), module.eps,
                              module.elementwise_affine, module.bias is not None, "torch.nn.LayerNorm")

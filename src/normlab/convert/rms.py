@@ -12,6 +12,8 @@ and Efficient Pre-LN Transformers".)
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor, nn
 
@@ -79,7 +81,7 @@ def layernorm_to_rmsnorm(model: nn.Module, *, example_inputs=None, atol: float =
     a = analyse(model)
     if isinstance(a.writers, str):
         raise ConversionError(f"layernorm_to_rmsnorm: {a.writers}")
-    plans = []
+    plans, left = [], []
     for path, m in norm_modules(model):
         sem = m if isinstance(m, RMSNormWithBias) else semantics(m)
         if isinstance(sem, str):
@@ -91,6 +93,9 @@ def layernorm_to_rmsnorm(model: nn.Module, *, example_inputs=None, atol: float =
                     f"layernorm_to_rmsnorm: {path} ({type(m).__name__}) reads the residual stream and "
                     "is not a LayerNorm: centering the stream would change its output")
             continue
+        if path in a.branch_norms:
+            left.append((path, m, f"{a.branch_norms[path]}: stays a LayerNorm"))
+            continue
         if path not in a.stream_norms:
             raise ConversionError(f"layernorm_to_rmsnorm: the LayerNorm {path} does not read the "
                                   "residual stream (its input is not a known sum of writers)")
@@ -100,6 +105,8 @@ def layernorm_to_rmsnorm(model: nn.Module, *, example_inputs=None, atol: float =
     before = None if example_inputs is None else _outputs(model, example_inputs)
 
     report = ConversionReport("layernorm_to_rmsnorm", model)
+    for path, m, why in left:
+        report.add(path, m, "left", why)
     undo = []
     shared = _shared_params(model)
     seen = set()
@@ -116,7 +123,7 @@ def layernorm_to_rmsnorm(model: nn.Module, *, example_inputs=None, atol: float =
                     original = v.module.weight
                     v.module.weight = nn.Parameter(original.detach().clone(), original.requires_grad)
                     undo.append(lambda m=v.module, o=original: setattr(m, "weight", o))
-                    _untie_config(model)
+                    undo.append(_untie_config(model))
                     report.add(v.path, v.module, "untied", f"from {', '.join(others)}, which keeps the original weights")
                 elif others:
                     raise ConversionError(
@@ -160,7 +167,16 @@ def _is_writer_name(name: str, v) -> bool:
     return name.rpartition(".")[0] == v.path or name == v.path
 
 
-def _untie_config(model: nn.Module) -> None:
+def _untie_config(model: nn.Module):
+    """Record the untying in the model's config (Hugging Face ``config.tie_word_embeddings``,
+    normlab's frozen ``cfg.tie_embeddings``); returns the undo."""
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "tie_word_embeddings"):
+        was = cfg.tie_word_embeddings
         cfg.tie_word_embeddings = False
+        return lambda: setattr(cfg, "tie_word_embeddings", was)
+    cfg = getattr(model, "cfg", None)
+    if dataclasses.is_dataclass(cfg) and getattr(cfg, "tie_embeddings", False):
+        model.cfg = dataclasses.replace(cfg, tie_embeddings=False)
+        return lambda: setattr(model, "cfg", cfg)
+    return lambda: None

@@ -81,7 +81,7 @@ def swap_norms(
     report = ConversionReport("swap_norms", model)
     paths = _all_paths(model)
     for path, module in norm_modules(model):
-        if isinstance(module, (LayerNorm, RMSNorm)):
+        if isinstance(module, (LayerNorm, RMSNorm, ResidualNorm)):
             report.add(path, module, "left", "already a normlab module")
             continue
         if not all(_selected(p, include, exclude) for p in paths[id(module)]):
