@@ -259,9 +259,12 @@ def write_html(out: Path, study_name: str, description: str, claim_keys: tuple[s
              f"<h1>normlab study: {esc(study_name)}</h1><p class='sub'>{esc(description)}</p>",
              "<p class='src'>" + " · ".join(f"{esc(k)}: {esc(str(v))}" for k, v in meta.items()) + "</p>",
              "<h2>Published claims and what these runs measured</h2>"]
-    for key in claim_keys:
-        claim = CLAIMS[key]
-        verdict = claim.judge(results)
+    verdicts = [(CLAIMS[key], CLAIMS[key].judge(results)) for key in claim_keys]
+    if verdicts:
+        tally = {o: sum(v.outcome == o for _, v in verdicts) for o in ("agrees", "disagrees", "inconclusive")}
+        parts.append(f"<p><b>{tally['agrees']} of {len(verdicts)} claims agree</b> with these runs"
+                     f" ({tally['disagrees']} disagree, {tally['inconclusive']} inconclusive).</p>")
+    for claim, verdict in verdicts:
         parts.append(
             f"<div class='claim'><b>{esc(claim.title)}</b> <span class='verdict {verdict.outcome}'>"
             f"{esc(verdict.outcome)}</span><div class='src'>{esc(claim.source)}</div>"
