@@ -61,6 +61,17 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _profiles_by_placement(ax, runs: list[Result], profile) -> None:
+    """One curve per placement: ``profile(run)`` per layer, mean and band over its runs."""
+    groups: dict[str, list[list[float]]] = defaultdict(list)
+    for r in runs:
+        values = profile(r)
+        if values:
+            groups[r["placement"]].append(values)
+    for p, profiles in groups.items():
+        _band(ax, [list(range(1, len(v) + 1)) for v in profiles], profiles, p, COLORS.get(p))
+
+
 def plot_loss_curves(results: list[Result], metrics: dict[str, list], study: str, path: Path,
                      panel_key: str | None = None) -> Path | None:
     runs = [r for r in results if _study_of(r) == study and r.get("kind") == "train"]
@@ -98,13 +109,7 @@ def plot_grad_by_layer(results: list[Result], path: Path, kinds=("ffn_w2", "ffn_
         return None
     fig, axes = plt.subplots(1, len(kinds), figsize=(4.6 * len(kinds), 3.4), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
-        groups: dict[str, list[Result]] = defaultdict(list)
-        for r in runs:
-            groups[r["placement"]].append(r)
-        for p, rs in groups.items():
-            profiles = [r["grad_norms_by_layer"][kind] for r in rs if kind in r["grad_norms_by_layer"]]
-            if profiles:
-                _band(ax, [list(range(1, len(v) + 1)) for v in profiles], profiles, p, COLORS.get(p))
+        _profiles_by_placement(ax, runs, lambda r, kind=kind: r["grad_norms_by_layer"].get(kind))
         ax.set_yscale("log")
         ax.set_xlabel("layer")
         ax.set_ylabel(f"|grad| of {kind}")
@@ -119,12 +124,7 @@ def plot_activation_rms(results: list[Result], path: Path) -> Path | None:
     if not runs:
         return None
     fig, ax = plt.subplots(figsize=(4.8, 3.4))
-    groups: dict[str, list[Result]] = defaultdict(list)
-    for r in runs:
-        groups[r["placement"]].append(r)
-    for p, rs in groups.items():
-        profiles = [r["activation_rms_by_layer"] for r in rs]
-        _band(ax, [list(range(1, len(v) + 1)) for v in profiles], profiles, p, COLORS.get(p))
+    _profiles_by_placement(ax, runs, lambda r: r["activation_rms_by_layer"])
     ax.set_xlabel("block")
     ax.set_ylabel("residual stream RMS")
     ax.set_title("Residual stream scale by depth (init)")
