@@ -49,27 +49,28 @@ def _fused_norm_fake(x, residual, weight, bias, seed, per_example_grad_sq, eps, 
     return out, new_res, mean, x.new_empty((rows,), dtype=torch.float32)
 
 
-@torch.library.custom_op("normlab::fused_norm_backward", mutates_args=("per_example_grad_sq",))
+@torch.library.custom_op("normlab::fused_norm_backward", mutates_args=())
 def fused_norm_backward(
     dout: Tensor, dnew_residual: Optional[Tensor], h: Tensor, weight: Optional[Tensor],  # noqa: UP045
     mean: Tensor, rstd: Tensor, seed: Optional[Tensor], per_example_grad_sq: Optional[Tensor],  # noqa: UP045
     hidden: int, is_rms: bool, dropout_p: float, x_dtype: torch.dtype,
     residual_grad_dtype: Optional[torch.dtype], bias_dtype: Optional[torch.dtype],  # noqa: UP045
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dresidual, dweight, dbias), each empty where its input is absent; writes each
-    example's squared weight/bias gradient norms into ``per_example_grad_sq`` [2, B]."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dresidual, dweight, dbias, per_example_sq), each empty where its input is
+    absent. ``per_example_grad_sq`` [2, B] is read for its shape only (the op is
+    functional): per_example_sq is a new float32 [2, B] tensor with each example's
+    squared weight/bias gradient norms, which the autograd formula copies into it."""
     dx, dres, dw, db, sq = norm_backward(
         dout, dnew_residual, h, weight, bias_dtype, mean, rstd, hidden=hidden, is_rms=is_rms,
         dropout=_dropout(seed, dropout_p), x_dtype=x_dtype,
         residual_grad_dtype=residual_grad_dtype,
         examples=per_example_grad_sq.shape[1] if per_example_grad_sq is not None else None,
     )
-    if per_example_grad_sq is not None:
-        per_example_grad_sq.copy_(sq)
     empty = dout.new_empty((0,))
     return (dx, dres if dres is not None else empty,
             dw.reshape(weight.shape) if dw is not None else empty.clone(),
-            db if db is not None else empty.clone())
+            db if db is not None else empty.clone(),
+            sq if sq is not None else dout.new_empty((0,), dtype=torch.float32))
 
 
 @fused_norm_backward.register_fake
@@ -82,15 +83,19 @@ def _fused_norm_backward_fake(dout, dnew_residual, h, weight, mean, rstd, seed,
     dw = weight.new_empty(weight.shape) if weight is not None else dout.new_empty((0,))
     db = (dout.new_empty((hidden,), dtype=bias_dtype) if bias_dtype is not None
           else dout.new_empty((0,)))
-    return dx, dres, dw, db
+    sq = dout.new_empty(per_example_grad_sq.shape if per_example_grad_sq is not None else (0,),
+                        dtype=torch.float32)
+    return dx, dres, dw, db, sq
 
 
 def _setup_context(ctx, inputs, output):
     (x, residual, weight, bias, seed, per_example_grad_sq, _eps, hidden, is_rms, dropout_p,
      _residual_dtype, store_residual) = inputs
     _out, new_res, mean, rstd = output
-    ctx.save_for_backward(new_res if store_residual else x, weight, mean, rstd, seed,
-                          per_example_grad_sq)
+    ctx.save_for_backward(new_res if store_residual else x, weight, mean, rstd, seed)
+    # written by the backward, never read: held outside the saved tensors, so their
+    # version check does not fire when a retained graph is run backward again
+    ctx.per_example_grad_sq = per_example_grad_sq
     ctx.mark_non_differentiable(mean, rstd)
     ctx.meta = (hidden, is_rms, dropout_p, store_residual, x.dtype,
                 residual.dtype if residual is not None else None,
@@ -99,13 +104,16 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, dnew_res, _dmean, _drstd):
-    h, weight, mean, rstd, seed, per_example_grad_sq = ctx.saved_tensors
+    h, weight, mean, rstd, seed = ctx.saved_tensors
+    per_example_grad_sq = ctx.per_example_grad_sq
     (hidden, is_rms, dropout_p, store_residual, x_dtype, residual_dtype, bias_dtype,
      bias_shape) = ctx.meta
-    dx, dres, dw, db = torch.ops.normlab.fused_norm_backward(
+    dx, dres, dw, db, sq = torch.ops.normlab.fused_norm_backward(
         dout, dnew_res if store_residual else None, h, weight, mean, rstd, seed,
         per_example_grad_sq, hidden, is_rms, dropout_p, x_dtype, residual_dtype, bias_dtype,
     )
+    if per_example_grad_sq is not None:
+        per_example_grad_sq.copy_(sq)
     return (dx, dres if residual_dtype is not None else None,
             dw if weight is not None else None,
             db.reshape(bias_shape) if bias_dtype is not None else None,
