@@ -15,6 +15,7 @@ from typing import Optional  # noqa: UP035 - custom_op's schema inference reads 
 import torch
 from torch import Tensor
 
+from normlab.ops.triton.launch import row_shape
 from normlab.ops.triton.norm import Dropout, norm_backward, norm_forward
 
 
@@ -30,7 +31,7 @@ def fused_norm(
     store_residual: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, new_residual, mean, rstd) of residual + dropout(x) normalized over the last
-    ``hidden`` elements. ``seed`` (int64 scalar) turns dropout on; new_residual is empty
+    ``hidden`` elements; mean/rstd have x's row dims as shape (mean empty for RMSNorm). ``seed`` (int64 scalar) turns dropout on; new_residual is empty
     unless ``store_residual``; ``per_example_grad_sq`` is only carried to the backward."""
     return norm_forward(
         x, residual, weight, bias, eps, hidden=hidden, is_rms=is_rms,
@@ -42,11 +43,11 @@ def fused_norm(
 @fused_norm.register_fake
 def _fused_norm_fake(x, residual, weight, bias, seed, per_example_grad_sq, eps, hidden, is_rms,
                      dropout_p, residual_dtype, store_residual):
-    rows = x.numel() // hidden
+    stats_shape = row_shape(x.shape, hidden)
     out = x.new_empty(x.shape)
     new_res = x.new_empty(x.shape if store_residual else (0,), dtype=residual_dtype or x.dtype)
-    mean = x.new_empty((0,) if is_rms else (rows,), dtype=torch.float32)
-    return out, new_res, mean, x.new_empty((rows,), dtype=torch.float32)
+    mean = x.new_empty((0,) if is_rms else stats_shape, dtype=torch.float32)
+    return out, new_res, mean, x.new_empty(stats_shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("normlab::fused_norm_backward", mutates_args=())
