@@ -6,6 +6,12 @@ and the forward's autograd formula calls the backward op, so ``torch.compile(...
 fullgraph=True)`` and ``torch.export`` see two graph nodes and never trace into
 Triton. One op pair serves LayerNorm and RMSNorm, with or without the residual add and
 dropout; the registered impls in ``normlab.ops.triton`` pick the flags.
+
+The per-example buffer is an input of the forward op (carried to the backward) and of
+the backward op (for its shape only); both ops are functional. The autograd formula
+holds the buffer on ``ctx`` (not among the saved tensors, whose version check would
+fire when a retained graph runs backward again) and copies the squared norms into it.
+DTensor sharding rules of both ops live in ``sharding.py``.
 """
 
 from __future__ import annotations
