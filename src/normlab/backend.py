@@ -45,6 +45,10 @@ class set_backend:
     def __init__(self, name: str) -> None:
         global _current
         name = _check_name(name, "set_backend(name)")
+        if name == "triton" and triton_available():
+            # register the kernels now: torch.compile cannot trace the import that a
+            # first use would otherwise run
+            importlib.import_module("normlab.ops.triton")
         self._previous = get_backend()
         _current = name
 

@@ -127,3 +127,43 @@ def test_bad_buffers_are_rejected():
         F.rms_norm(x, 8, None, per_example_grad_sq=torch.zeros(2, 3))
     with pytest.raises(NormArgumentError, match="example dim"):
         F.layer_norm(torch.randn(8), 8, w, per_example_grad_sq=torch.zeros(2, 8))
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("op", ["layer_norm", "add_rms_norm"])
+def test_retain_graph_each_backward_writes_the_buffer(name, op):
+    a = make_inputs(op, (3, 4, 8), (8,), torch.float32, device=DEVICE)
+    leaves = [t.requires_grad_() for t in (a["x"], a["weight"], a.get("bias")) if t is not None]
+    buf = torch.full((2, 3), float("nan"), device=DEVICE)
+    with backend(name):
+        outs = call(op, a, (8,), per_example_grad_sq=buf)
+    gen = torch.Generator().manual_seed(7)
+    for retain in (True, True, False):
+        cot = [torch.randn(o.shape, generator=gen).to(o.device) for o in outs]
+        buf.fill_(float("nan"))
+        torch.autograd.grad(sum((o * c).sum() for o, c in zip(outs, cot, strict=True)), leaves,
+                            retain_graph=retain)
+        torch.testing.assert_close(buf, oracle(op, a, (8,), cot), rtol=1e-4, atol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_fullgraph_writes_the_buffer(compiler):
+    import torch._inductor.config
+
+    def f(x, residual, weight, buf):
+        out, new_residual = normlab.functional.add_rms_norm(x, residual, weight,
+                                                            per_example_grad_sq=buf)
+        return out, new_residual
+
+    a = make_inputs("add_rms_norm", (3, 4, 8), (8,), torch.float32, device=DEVICE)
+    leaves = [a[k].requires_grad_() for k in ("x", "residual", "weight")]
+    buf = torch.full((2, 3), float("nan"), device=DEVICE)
+    torch._dynamo.reset()
+    # inductor's on-disk caches do not key on the op's Python fake: compile afresh
+    with backend("triton"), torch._inductor.config.patch(force_disable_caches=True):
+        outs = torch.compile(f, fullgraph=True, backend=compiler)(*leaves, buf)
+    gen = torch.Generator().manual_seed(3)
+    cot = [torch.randn(o.shape, generator=gen).to(o.device) for o in outs]
+    torch.autograd.grad(sum((o * c).sum() for o, c in zip(outs, cot, strict=True)), leaves)
+    torch.testing.assert_close(buf, oracle("add_rms_norm", a, (8,), cot), rtol=1e-4, atol=1e-6)

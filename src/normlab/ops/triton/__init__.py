@@ -17,6 +17,9 @@ from normlab.ops import eager, reference, register_impl
 from normlab.ops.triton import custom_ops, launch
 from normlab.ops.triton.launch import MAX_HIDDEN, force_looped
 
+if torch.distributed.is_available():
+    from normlab.ops.triton import sharding  # noqa: F401  (DTensor rules of the ops)
+
 __all__ = ["MAX_HIDDEN", "custom_ops", "force_looped"]
 
 
@@ -37,6 +40,13 @@ def _fused(
     if eps is None:
         eps = reference.default_rms_eps(x.dtype)
     p = dropout_p if training else 0.0
+    if p > 0.0 and any(not pl.is_replicate() for pl in getattr(x, "placements", ())):
+        # one seed for all shards: each shard would draw the mask of its local positions,
+        # the same mask on every shard
+        raise NotImplementedError(
+            f"{op}: dropout on a sharded DTensor is not supported by the triton backend "
+            f"(placements {tuple(x.placements)}); apply dropout before sharding, or replicate x"
+        )
     seed = _seed(generator) if p > 0.0 else None
     store = residual is not None or seed is not None or residual_dtype not in (None, x.dtype)
     out, new_res, _mean, _rstd = torch.ops.normlab.fused_norm(

@@ -6,6 +6,12 @@ and the forward's autograd formula calls the backward op, so ``torch.compile(...
 fullgraph=True)`` and ``torch.export`` see two graph nodes and never trace into
 Triton. One op pair serves LayerNorm and RMSNorm, with or without the residual add and
 dropout; the registered impls in ``normlab.ops.triton`` pick the flags.
+
+The per-example buffer is an input of the forward op (carried to the backward) and of
+the backward op (for its shape only); both ops are functional. The autograd formula
+holds the buffer on ``ctx`` (not among the saved tensors, whose version check would
+fire when a retained graph runs backward again) and copies the squared norms into it.
+DTensor sharding rules of both ops live in ``sharding.py``.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Optional  # noqa: UP035 - custom_op's schema inference reads 
 import torch
 from torch import Tensor
 
+from normlab.ops.triton.launch import row_shape
 from normlab.ops.triton.norm import Dropout, norm_backward, norm_forward
 
 
@@ -30,7 +37,7 @@ def fused_norm(
     store_residual: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, new_residual, mean, rstd) of residual + dropout(x) normalized over the last
-    ``hidden`` elements. ``seed`` (int64 scalar) turns dropout on; new_residual is empty
+    ``hidden`` elements; mean/rstd have x's row dims as shape (mean empty for RMSNorm). ``seed`` (int64 scalar) turns dropout on; new_residual is empty
     unless ``store_residual``; ``per_example_grad_sq`` is only carried to the backward."""
     return norm_forward(
         x, residual, weight, bias, eps, hidden=hidden, is_rms=is_rms,
@@ -42,34 +49,35 @@ def fused_norm(
 @fused_norm.register_fake
 def _fused_norm_fake(x, residual, weight, bias, seed, per_example_grad_sq, eps, hidden, is_rms,
                      dropout_p, residual_dtype, store_residual):
-    rows = x.numel() // hidden
+    stats_shape = row_shape(x.shape, hidden)
     out = x.new_empty(x.shape)
     new_res = x.new_empty(x.shape if store_residual else (0,), dtype=residual_dtype or x.dtype)
-    mean = x.new_empty((0,) if is_rms else (rows,), dtype=torch.float32)
-    return out, new_res, mean, x.new_empty((rows,), dtype=torch.float32)
+    mean = x.new_empty((0,) if is_rms else stats_shape, dtype=torch.float32)
+    return out, new_res, mean, x.new_empty(stats_shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("normlab::fused_norm_backward", mutates_args=("per_example_grad_sq",))
+@torch.library.custom_op("normlab::fused_norm_backward", mutates_args=())
 def fused_norm_backward(
     dout: Tensor, dnew_residual: Optional[Tensor], h: Tensor, weight: Optional[Tensor],  # noqa: UP045
     mean: Tensor, rstd: Tensor, seed: Optional[Tensor], per_example_grad_sq: Optional[Tensor],  # noqa: UP045
     hidden: int, is_rms: bool, dropout_p: float, x_dtype: torch.dtype,
     residual_grad_dtype: Optional[torch.dtype], bias_dtype: Optional[torch.dtype],  # noqa: UP045
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dresidual, dweight, dbias), each empty where its input is absent; writes each
-    example's squared weight/bias gradient norms into ``per_example_grad_sq`` [2, B]."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dresidual, dweight, dbias, per_example_sq), each empty where its input is
+    absent. ``per_example_grad_sq`` [2, B] is read for its shape only (the op is
+    functional): per_example_sq is a new float32 [2, B] tensor with each example's
+    squared weight/bias gradient norms, which the autograd formula copies into it."""
     dx, dres, dw, db, sq = norm_backward(
         dout, dnew_residual, h, weight, bias_dtype, mean, rstd, hidden=hidden, is_rms=is_rms,
         dropout=_dropout(seed, dropout_p), x_dtype=x_dtype,
         residual_grad_dtype=residual_grad_dtype,
         examples=per_example_grad_sq.shape[1] if per_example_grad_sq is not None else None,
     )
-    if per_example_grad_sq is not None:
-        per_example_grad_sq.copy_(sq)
     empty = dout.new_empty((0,))
     return (dx, dres if dres is not None else empty,
             dw.reshape(weight.shape) if dw is not None else empty.clone(),
-            db if db is not None else empty.clone())
+            db if db is not None else empty.clone(),
+            sq if sq is not None else dout.new_empty((0,), dtype=torch.float32))
 
 
 @fused_norm_backward.register_fake
@@ -82,15 +90,19 @@ def _fused_norm_backward_fake(dout, dnew_residual, h, weight, mean, rstd, seed,
     dw = weight.new_empty(weight.shape) if weight is not None else dout.new_empty((0,))
     db = (dout.new_empty((hidden,), dtype=bias_dtype) if bias_dtype is not None
           else dout.new_empty((0,)))
-    return dx, dres, dw, db
+    sq = dout.new_empty(per_example_grad_sq.shape if per_example_grad_sq is not None else (0,),
+                        dtype=torch.float32)
+    return dx, dres, dw, db, sq
 
 
 def _setup_context(ctx, inputs, output):
     (x, residual, weight, bias, seed, per_example_grad_sq, _eps, hidden, is_rms, dropout_p,
      _residual_dtype, store_residual) = inputs
     _out, new_res, mean, rstd = output
-    ctx.save_for_backward(new_res if store_residual else x, weight, mean, rstd, seed,
-                          per_example_grad_sq)
+    ctx.save_for_backward(new_res if store_residual else x, weight, mean, rstd, seed)
+    # written by the backward, never read: held outside the saved tensors, so their
+    # version check does not fire when a retained graph is run backward again
+    ctx.per_example_grad_sq = per_example_grad_sq
     ctx.mark_non_differentiable(mean, rstd)
     ctx.meta = (hidden, is_rms, dropout_p, store_residual, x.dtype,
                 residual.dtype if residual is not None else None,
@@ -99,13 +111,16 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, dnew_res, _dmean, _drstd):
-    h, weight, mean, rstd, seed, per_example_grad_sq = ctx.saved_tensors
+    h, weight, mean, rstd, seed = ctx.saved_tensors
+    per_example_grad_sq = ctx.per_example_grad_sq
     (hidden, is_rms, dropout_p, store_residual, x_dtype, residual_dtype, bias_dtype,
      bias_shape) = ctx.meta
-    dx, dres, dw, db = torch.ops.normlab.fused_norm_backward(
+    dx, dres, dw, db, sq = torch.ops.normlab.fused_norm_backward(
         dout, dnew_res if store_residual else None, h, weight, mean, rstd, seed,
         per_example_grad_sq, hidden, is_rms, dropout_p, x_dtype, residual_dtype, bias_dtype,
     )
+    if per_example_grad_sq is not None:
+        per_example_grad_sq.copy_(sq)
     return (dx, dres if residual_dtype is not None else None,
             dw if weight is not None else None,
             db.reshape(bias_shape) if bias_dtype is not None else None,

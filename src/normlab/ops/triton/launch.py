@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +79,28 @@ def as_rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
     if rows.stride(1) != 1 and hidden > 1:
         rows = rows.contiguous()
     return rows
+
+
+def row_shape(shape: Sequence[int], hidden: int) -> tuple[int, ...]:
+    """The leading (row) dims of a tensor of ``shape`` normalized over its trailing
+    ``hidden`` elements: ``shape`` without the fewest trailing dims whose product is
+    ``hidden``. Per-row statistics (mean, rstd) have this shape, so a sharding of the
+    input along a row dim is the same sharding of its statistics."""
+    k, size = 0, 1
+    while size != hidden and k < len(shape):
+        k += 1
+        size *= shape[len(shape) - k]
+    return tuple(shape[: len(shape) - k])
+
+
+def normalized_dims(shape: Sequence[int], hidden: int) -> int:
+    """How many trailing dims of ``shape`` may belong to the normalized ``hidden``
+    elements: the most trailing dims whose product is ``hidden`` (size-1 dims in front
+    of the normalized shape are counted in, as they cannot be told apart from it)."""
+    k = len(shape) - len(row_shape(shape, hidden))
+    while k < len(shape) and shape[len(shape) - k - 1] == 1:
+        k += 1
+    return k
 
 
 def row_stride(rows: torch.Tensor) -> int:

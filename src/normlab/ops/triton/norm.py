@@ -304,16 +304,17 @@ def norm_forward(
     dropout: Dropout | None, residual_dtype: torch.dtype | None, store_residual: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, new_residual, mean, rstd): out and new_residual have x's shape (contiguous),
-    new_residual is empty unless ``store_residual``; mean/rstd are float32 [rows] (mean
-    empty for RMSNorm)."""
+    new_residual is empty unless ``store_residual``; mean/rstd are float32 with x's row
+    dims as shape (``launch.row_shape``; mean empty for RMSNorm)."""
     x2 = launch.as_rows(x, hidden)
     rows = x2.shape[0]
     res2 = launch.as_rows(residual, hidden) if residual is not None else None
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     res_dtype = residual_dtype or x.dtype
     new_res = torch.empty(x.shape if store_residual else (0,), dtype=res_dtype, device=x.device)
-    mean = torch.empty(0 if is_rms else rows, dtype=torch.float32, device=x.device)
-    rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+    stats_shape = launch.row_shape(x.shape, hidden)
+    mean = torch.empty((0,) if is_rms else stats_shape, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(stats_shape, dtype=torch.float32, device=x.device)
     if rows == 0:
         return out, new_res, mean, rstd
     cfg = launch.block_config(hidden)
