@@ -54,6 +54,14 @@ def _band(ax, xs_list: list[list[float]], ys_list: list[list[float]], label: str
         ax.fill_between(common, [min(c) for c in zip(*rows)], [max(c) for c in zip(*rows)], color=color, alpha=0.2)
 
 
+def _label(ax, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -111,11 +119,7 @@ def plot_grad_by_layer(results: list[Result], path: Path, kinds=("ffn_w2", "ffn_
     for ax, kind in zip(axes[0], kinds):
         _profiles_by_placement(ax, runs, lambda r, kind=kind: r["grad_norms_by_layer"].get(kind))
         ax.set_yscale("log")
-        ax.set_xlabel("layer")
-        ax.set_ylabel(f"|grad| of {kind}")
-        ax.set_title(f"{kind} gradient norm at initialization")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _label(ax, "layer", f"|grad| of {kind}", f"{kind} gradient norm at initialization")
     return _save(fig, path)
 
 
@@ -125,11 +129,7 @@ def plot_activation_rms(results: list[Result], path: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(4.8, 3.4))
     _profiles_by_placement(ax, runs, lambda r: r["activation_rms_by_layer"])
-    ax.set_xlabel("block")
-    ax.set_ylabel("residual stream RMS")
-    ax.set_title("Residual stream scale by depth (init)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _label(ax, "block", "residual stream RMS", "Residual stream scale by depth (init)")
     return _save(fig, path)
 
 
@@ -179,11 +179,7 @@ def plot_depth(results: list[Result], path: Path) -> Path | None:
             if math.isnan(v):
                 ax.annotate("diverged", (n, ax.get_ylim()[1]), fontsize=7, color=COLORS.get(p))
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("layers")
-    ax.set_ylabel("final validation loss")
-    ax.set_title("Depth")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _label(ax, "layers", "final validation loss", "Depth")
     return _save(fig, path)
 
 
