@@ -109,7 +109,9 @@ def _final_state(run_dir):
 
 
 def test_resume_after_ctrl_c_equals_uninterrupted_run(tmp_path, corpus):
-    spec = _spec("resume", model={**MICRO, "placement": "post", "dropout": 0.1}, checkpoint_every=100)
+    # dropout on, diagnostics (with the noise-scale EMA) every 3 steps, interrupted mid-run
+    spec = _spec("resume", model={**MICRO, "placement": "post", "dropout": 0.1}, checkpoint_every=100,
+                 steps=12, diag_every=3)
     straight = run_one(spec, tmp_path / "a", _cpu(), corpus)
 
     def ctrl_c_at_4(n):
@@ -123,8 +125,11 @@ def test_resume_after_ctrl_c_equals_uninterrupted_run(tmp_path, corpus):
     resumed = run_one(spec, tmp_path / "b", _cpu(), corpus)
     a, b = _final_state(tmp_path / "a"), _final_state(tmp_path / "b")
     assert [m["step"] for m in a] == [m["step"] for m in b]
-    assert [m["train_loss"] for m in a] == [m["train_loss"] for m in b]  # exact: same data, same RNG
-    assert resumed["final_val_loss"] == straight["final_val_loss"]
+    assert [m["train_loss"] for m in a] == [m["train_loss"] for m in b]  # exact: same data, same masks
+    assert [m.get("gns") for m in a] == [m.get("gns") for m in b]  # the EMA continues across the resume
+    assert any(m.get("gns") for m in a[6:])
+    for key in ("final_train_loss", "final_val_loss"):
+        assert resumed[key] == straight[key], key
     assert not (tmp_path / "b" / "checkpoint").exists()  # cleaned once finished
 
 
@@ -137,7 +142,7 @@ def test_changed_settings_do_not_resume_a_stale_checkpoint(tmp_path, corpus):
 
 
 def test_divergence_is_recorded_not_raised(tmp_path, corpus, monkeypatch):
-    real_loss = Task.loss
+    real_loss = Task.loss_sum
 
     def poisoned(self, model, batch):
         loss, n = real_loss(self, model, batch)
@@ -145,7 +150,7 @@ def test_divergence_is_recorded_not_raised(tmp_path, corpus, monkeypatch):
         return (loss * float("nan") if poisoned.calls == 6 else loss), n
 
     poisoned.calls = 0
-    monkeypatch.setattr(Task, "loss", poisoned)
+    monkeypatch.setattr(Task, "loss_sum", poisoned)
     result = run_one(_spec("div", diag_every=0), tmp_path / "d", _cpu(), corpus)
     assert result["diverged"] and result["diverged_step"] is not None and math.isnan(result["final_val_loss"])
     last = _final_state(tmp_path / "d")[-1]
@@ -158,7 +163,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, out, corpus_train, corpus_val):
+def _ddp_worker(rank, world, port, out, corpus_train, corpus_val, specs):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
     from normlab.studies.data import ByteCorpus
     from normlab.studies.train import run_one, setup_env
@@ -166,19 +171,31 @@ def _ddp_worker(rank, world, port, out, corpus_train, corpus_val):
     torch.set_num_threads(1)
     env = setup_env("cpu")
     corpus = ByteCorpus(corpus_train, corpus_val, "test", 1)
-    run_one(_spec("ddp", diag_every=0), out, env, corpus)
+    for spec in specs:
+        run_one(spec, out / spec.name, env, corpus)
     torch.distributed.destroy_process_group()
 
 
 def test_ddp_two_processes_match_one(tmp_path, corpus):
-    single = tmp_path / "single"
-    run_one(_spec("ddp", diag_every=0), single, _cpu(), corpus)
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), tmp_path / "ddp", corpus.train, corpus.val),
+    # the LM (equal tokens per rank) and seq2seq (different non-pad token counts per rank:
+    # the loss must be the mean over the global batch's tokens, not a mean of rank means)
+    specs = [_spec("ddp-lm", diag_every=0),
+             _spec("ddp-s2s", task="seq2seq", steps=4, eval_every=4, diag_every=0)]
+    for spec in specs:
+        run_one(spec, tmp_path / "single" / spec.name, _cpu(), corpus)
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), tmp_path / "ddp", corpus.train, corpus.val, specs),
                        nprocs=2, start_method="spawn")
-    one, two = _final_state(single), _final_state(tmp_path / "ddp")
-    assert len(one) == len(two) == 8
-    for a, b in zip(one, two):
-        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5, abs=1e-6)
+    for spec in specs:
+        one, two = _final_state(tmp_path / "single" / spec.name), _final_state(tmp_path / "ddp" / spec.name)
+        assert len(one) == len(two) == spec.steps
+        for a, b in zip(one, two):
+            assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5, abs=1e-6), spec.name
+
+
+def test_batch_must_split_evenly_over_processes(tmp_path, corpus):
+    env = Env(device=torch.device("cpu"), rank=0, world=3)
+    with pytest.raises(ValueError, match="batch_size 4 does not split evenly over 3 processes"):
+        run_one(_spec("uneven"), tmp_path / "u", env, corpus)
 
 
 def test_study_cli_lists_and_rejects(tmp_path):

@@ -111,6 +111,14 @@ class NoiseScaleEMA:
         est = gradient_noise_scale(per_example_sq, batch_grad_sq, reduction=reduction)
         return self.update_estimates(est.g_sq, est.trace_sigma)
 
+    def state_dict(self) -> dict[str, float]:
+        """What a checkpoint needs to continue the averages exactly."""
+        return {"beta": self.beta, "steps": self.steps, "g_sq": self._g_sq, "trace_sigma": self._trace}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.beta, self.steps = float(state["beta"]), int(state["steps"])
+        self._g_sq, self._trace = float(state["g_sq"]), float(state["trace_sigma"])
+
     @property
     def g_sq(self) -> float:
         return self._g_sq / (1 - self.beta ** self.steps) if self.steps else math.nan

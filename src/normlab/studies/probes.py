@@ -68,6 +68,13 @@ class Diagnostics:
     def close(self) -> None:
         self._activations = self._per_example = None
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"noise": self.noise.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "noise" in state:
+            self.noise.load_state_dict(state["noise"])
+
 
 def gradients_at_init(model: nn.Module, task: Any, env: Any) -> dict[str, Any]:
     """Mean gradient-norm profiles and residual RMS at initialization over the probe batches."""

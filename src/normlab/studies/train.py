@@ -1,15 +1,18 @@
 """Running a study: training loop, checkpoints and resume, Ctrl-C, data parallelism.
 
 Each run writes ``<out>/<study>/<run>/``: ``metrics.jsonl`` (one JSON record per logged
-step), ``checkpoint/`` (model + optimizer + RNG state, every ``checkpoint_every``
-steps and on Ctrl-C) and ``result.json`` once finished. Re-running the same command
-skips finished runs and resumes unfinished ones from their checkpoint; because a
-batch is a pure function of (seed, step) and the RNG state is restored, the resumed
-run's numbers equal an uninterrupted run's.
+step), ``checkpoint/`` (model, optimizer, scheduler, the running loss window and the
+noise-scale EMA, every ``checkpoint_every`` steps and on Ctrl-C) and ``result.json``
+once finished. Re-running the same command skips finished runs and resumes unfinished
+ones from their checkpoint; because a batch and the step's dropout masks are pure
+functions of (seed, step[, rank]), the resumed run's numbers equal an uninterrupted
+run's.
 
-Under ``torchrun`` every rank takes its slice of each global batch and DDP averages
-the gradients, so the loss curve matches a single-process run with the same global
-batch (gloo on CPU, nccl on GPU). Rank 0 alone writes files and shows progress.
+Under ``torchrun`` every rank takes its slice of each global batch (the batch size must
+split evenly), the loss is the mean over the global batch's tokens, and DDP averages
+the gradients: without dropout the loss curve matches a single-process run with the
+same global batch (gloo on CPU, nccl on GPU); with dropout each rank draws its own
+masks. Rank 0 alone writes files and shows progress.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as TF
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
 from normlab.studies.data import VOCAB_SIZE, ByteCorpus, NumberWords, exact_match, lm_batch
@@ -66,12 +69,13 @@ class Env:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def all_mean(self, value: float) -> float:
+    def all_sum(self, value: float) -> float:
+        """``value`` summed over the ranks."""
         if self.world == 1:
             return value
         t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
         dist.all_reduce(t)
-        return t.item() / self.world
+        return t.item()
 
 
 def setup_env(device: str | None = None, dtype: str = "fp32") -> Env:
@@ -146,15 +150,24 @@ class Task:
         rows = slice(env.rank, None, env.world) if split == "train" else slice(None)
         return {k: v[rows].to(env.device) for k, v in full.items()}
 
-    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
-        """Mean token cross-entropy and the number of tokens it averages over."""
+    def loss_sum(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+        """Token cross-entropy summed over the batch's (non-pad) tokens, and their count.
+
+        Summed, not averaged: across ranks with different token counts the mean is then
+        taken over the global batch's tokens (``run_one``)."""
         if self.numbers is None:
             logits = model(batch["x"])
-            return TF.cross_entropy(logits.flatten(0, 1).float(), batch["y"].flatten()), batch["y"].numel()
+            target = batch["y"]
+            return TF.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="sum"), target.numel()
         logits = model(batch["src"], batch["tgt_in"], src_padding_mask=batch["src_padding_mask"])
         target = batch["tgt_out"]
-        loss = TF.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=0)
+        loss = TF.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=0, reduction="sum")
         return loss, int((target != 0).sum())
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+        """Mean token cross-entropy of one batch on this process, and its token count."""
+        total, n = self.loss_sum(model, batch)
+        return total / max(n, 1), n
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, env: Env) -> dict[str, float]:
@@ -195,13 +208,6 @@ def greedy_decode(model: nn.Module, src: Tensor, src_padding_mask: Tensor, lengt
 # ------------------------------------------------------------------ checkpoints
 
 
-def _rng_state() -> dict[str, Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
 def save_checkpoint(run_dir: Path, spec: RunSpec, step: int, model: nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: Any, extra: dict[str, Any]) -> None:
     """Write the checkpoint to a temporary folder, then swap it in (a crash mid-write
@@ -210,7 +216,6 @@ def save_checkpoint(run_dir: Path, spec: RunSpec, step: int, model: nn.Module,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_model(model, str(tmp / "model.safetensors"))  # handles tied (shared) weights
-    save_file({f"rng.{k}": v for k, v in _rng_state().items()}, tmp / "rng.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "fingerprint": spec.fingerprint(), **extra}))
     final = run_dir / CHECKPOINT
@@ -230,10 +235,6 @@ def load_checkpoint(run_dir: Path, spec: RunSpec, model: nn.Module, optimizer: t
     opt = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
-    rng = load_file(ckpt / "rng.safetensors")
-    torch.set_rng_state(rng["rng.cpu"])
-    if "rng.cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["rng.cuda"])
     return state
 
 
@@ -246,6 +247,10 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 # ------------------------------------------------------------------ one run
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step) * 4_099 + rank
 
 
 class _StepBoundaryInterrupt:
@@ -306,6 +311,9 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
         result = json.loads(done.read_text())
         if result.get("fingerprint") == spec.fingerprint():
             return result
+    if spec.kind == "train" and spec.batch_size % env.world:
+        raise ValueError(f"RunSpec {spec.name!r}: batch_size {spec.batch_size} does not split evenly "
+                         f"over {env.world} processes")
     torch.manual_seed(spec.seed)
     model = build_model(spec).to(env.device)
     task = Task(spec, corpus)
@@ -339,25 +347,32 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
             with metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    recent: list[float] = []
+    state = state or {}
+    recent: list[float] = state.get("recent", [])
+    diagnostics.load_state_dict(state.get("diagnostics", {}))
     diverged_at = None
-    train_time, train_tokens = (state or {}).get("train_time", 0.0), (state or {}).get("train_tokens", 0)
+    train_time, train_tokens = state.get("train_time", 0.0), state.get("train_tokens", 0)
     last_eval: dict[str, float] = {}
     stop = _StepBoundaryInterrupt()
     try:
         for step in range(start, spec.steps):
             model.train()
+            # dropout masks, like the data, are a pure function of (seed, step, rank)
+            torch.manual_seed(_step_seed(spec.seed, step, env.rank))
             batch = task.batch(step, "train", env)
             diag_now = bool(spec.diag_every) and step % spec.diag_every == 0
             t0 = time.perf_counter()
             with diagnostics.capture(diag_now):
                 with env.autocast():
-                    loss, n_tokens = task.loss(train_model, batch)
-                loss.backward()
+                    loss_sum, n_local = task.loss_sum(train_model, batch)
+                n_tokens = int(env.all_sum(n_local))
+                # DDP averages gradients over ranks: scaling by world / n_tokens makes the
+                # gradient that of the mean over the global batch's tokens
+                (loss_sum * (env.world / max(n_tokens, 1))).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip or float("inf"))
             measured = diagnostics.collect() if diag_now else {}
-            loss_value = env.all_mean(loss.item())
-            finite = math.isfinite(loss_value) and math.isfinite(env.all_mean(float(grad_norm)))
+            loss_value = env.all_sum(loss_sum.item()) / max(n_tokens, 1)
+            finite = math.isfinite(loss_value) and math.isfinite(float(grad_norm))
             if finite:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -368,7 +383,7 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
             record.update(measured)
             if not diag_now:  # throughput counts plain training steps only
                 train_time += elapsed
-                train_tokens += n_tokens * env.world
+                train_tokens += n_tokens
             if not finite:
                 diverged_at = step
                 record["diverged"] = True
@@ -387,7 +402,8 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
             periodic = spec.checkpoint_every and (step + 1) % spec.checkpoint_every == 0
             if env.is_main and (periodic or interrupted) and not last_step:
                 save_checkpoint(run_dir, spec, step + 1, model, optimizer, scheduler,
-                                {"train_time": train_time, "train_tokens": train_tokens})
+                                {"train_time": train_time, "train_tokens": train_tokens, "recent": recent,
+                                 "diagnostics": diagnostics.state_dict()})
             if interrupted and not last_step:
                 raise Interrupted(spec.name, step + 1)
     finally:
