@@ -113,3 +113,27 @@ def test_all_monitors_leave_no_hooks():
         lm_loss(model, window).backward()
     audit(model)
     assert hook_count(model) == 0
+
+
+@pytest.mark.parametrize("placement", ["pre", "sandwich", "peri", "post"])
+def test_residual_of_normlab_blocks_is_the_stream_the_next_block_reads(placement):
+    # Pre-LN-family blocks return (residual, pending branch); the stream after block l is
+    # what block l+1's first norm receives (its fused add's new_residual), measured
+    # independently at that norm's input; after the last block, the final norm's input.
+    from normlab.models import TransformerConfig, TransformerLM
+
+    torch.manual_seed(0)
+    model = TransformerLM(TransformerConfig(vocab_size=50, d_model=16, n_heads=2, n_layers=3,
+                                            placement=placement, dropout=0.0, max_seq_len=16))
+    with ActivationMonitor(model) as mon:
+        model(torch.randint(0, 50, (2, 12)))
+    residual = mon.residual_rms()
+    norm_in = {r.module: r.rms for r in mon.records if r.site == "norm_input"}
+    first_norm = "attn_add" if placement == "post" else "attn_in"
+    nxt = [norm_in[f"blocks.{i}.norms.{first_norm}"] for i in (1, 2)]
+    if placement != "post":
+        nxt.append(norm_in["final_norm"])
+        assert residual == pytest.approx(nxt, rel=1e-5)
+    else:  # Post-LN: the block output is the normalized stream, the next add's residual input
+        assert residual[:2] != pytest.approx(nxt, rel=1e-3)  # (next norm input = stream + F)
+        assert residual == pytest.approx([1.0, 1.0, 1.0], rel=0.05)

@@ -2,8 +2,10 @@
 
 Sites
     ``residual``    the output of each block of every block list (see
-                    :func:`normlab.diagnostics.structure.find_block_lists`): the residual
-                    stream after that layer (the first tensor when a block returns a tuple)
+                    :func:`normlab.diagnostics.structure.find_block_lists`; a block with a
+                    ``residual_stream(output)`` method, as normlab's, says which tensor
+                    its output stands for, else its first tensor is taken): the residual
+                    stream after that layer
     ``norm_input``  the input of every norm module (for normlab norms called with a
                     residual, the normalized sum residual + x is what is measured)
 
@@ -123,7 +125,10 @@ class ActivationMonitor:
     def _block_hook(self, path: str, stack: str, layer: int):
         def hook(module, args, output):
             if self._sampling():
-                x = _first_tensor(output)
+                # a block that knows what its output means says so (normlab's Blocks,
+                # whose Pre-LN output is (residual, pending branch)); else its first tensor
+                read = getattr(module, "residual_stream", None)
+                x = read(output) if callable(read) else _first_tensor(output)
                 if x is not None and x.is_floating_point():
                     self._raw.append((self.step, "residual", path, stack, layer, tensor_stats(x)))
         return hook

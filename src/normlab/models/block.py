@@ -140,6 +140,11 @@ class Block(nn.Module):
         return place.sublayer(self.norms, "ffn", lambda h: self.ffn(
             h, inner_norm=self._inner("ffn"), padding_mask=padding_mask), stream, **kw)
 
+    def residual_stream(self, output: tuple) -> Tensor:
+        """The residual stream after this block, from its ``forward`` output (the protocol
+        ``normlab.diagnostics.ActivationMonitor`` reads)."""
+        return self.placement.stream_value(output)
+
     def extra_repr(self) -> str:
         return f"placement={self.placement!r}, causal={self.causal}"
 

@@ -151,6 +151,10 @@ class Placement:
                padding_mask: Tensor | None) -> Tensor:
         return stream[0]
 
+    def stream_value(self, stream: Stream) -> Tensor:
+        """The residual stream x_{l+1} that a block's output ``stream`` stands for."""
+        return stream[0]
+
     def __repr__(self) -> str:
         extra = "".join(
             f", {k}={getattr(self, k):.6g}" for k in ("skip_scale", "branch_gain") if getattr(self, k) != 1.0
@@ -243,6 +247,12 @@ class PreNorm(Placement):
         residual, pending = stream
         out, _ = _add_norm(final_norm, pending, residual, dropout_p, padding_mask)
         return out
+
+    def stream_value(self, stream):
+        """residual + pending: the last sublayer's output is added by the next norm's fused
+        op (with its dropout, which this value leaves out)."""
+        residual, pending = stream
+        return residual if pending is None else residual + pending
 
 
 @register_placement("sandwich")
