@@ -167,3 +167,28 @@ def test_compile_fullgraph_writes_the_buffer(compiler):
     cot = [torch.randn(o.shape, generator=gen).to(o.device) for o in outs]
     torch.autograd.grad(sum((o * c).sum() for o, c in zip(outs, cot, strict=True)), leaves)
     torch.testing.assert_close(buf, oracle("add_rms_norm", a, (8,), cot), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [normlab.LayerNorm, normlab.RMSNorm])
+def test_module_buffer_refuses_a_norm_called_twice_before_backward(cls):
+    # shared parameters: the per-example gradient is g1_b + g2_b, which per-call buffers
+    # cannot give; reading must raise, not return the last call's numbers
+    torch.manual_seed(0)
+    m = cls(6)
+    m.collect_per_example_grad_sq = True
+    x = torch.randn(3, 4, 6)
+    loss = m(x).square().sum() + m(2 * x + 1).square().sum()
+    loss.backward()
+    with pytest.raises(RuntimeError, match="ran 2 times before its backward"):
+        _ = m.per_example_grad_sq
+    # once per backward works again, step after step (earlier calls are done)
+    for _ in range(2):
+        m(x).square().sum().backward()
+        assert m.per_example_grad_sq.shape == (2, 3)
+    # a forward whose backward never ran, then a normal step: the stale call makes reading refuse
+    m(x)
+    m(x).square().sum().backward()
+    with pytest.raises(RuntimeError, match="ran 2 times"):
+        _ = m.per_example_grad_sq
+    m.per_example_grad_sq = None
+    assert m.per_example_grad_sq is None

@@ -7,9 +7,11 @@ optional residual for the fused add + dropout + norm.
 
 Per-example gradient norms: set ``module.collect_per_example_grad_sq = True``; each
 forward then allocates a float32 [2, x.shape[0]] buffer, passes it to the op as
-``per_example_grad_sq`` and keeps it as ``module.per_example_grad_sq``; after the
+``per_example_grad_sq``, and ``module.per_example_grad_sq`` returns it; after the
 backward it holds each example's ||dL_b/dweight||^2 and ||dL_b/dbias||^2 (see
-``normlab.functional.layer_norm``).
+``normlab.functional.layer_norm``). A norm called more than once before the backward
+(shared parameters) has per-example gradients g1_b + g2_b, whose norms the per-call
+buffers cannot give: reading ``per_example_grad_sq`` then raises instead of answering.
 """
 
 from __future__ import annotations
@@ -23,16 +25,49 @@ from normlab.norms.registry import register_norm
 
 
 class _PerExampleGradSq:
-    """Mixin: ``collect_per_example_grad_sq`` switches on the per-example buffer."""
+    """Mixin: ``collect_per_example_grad_sq`` switches on the per-example buffer.
+
+    Each forward's buffer is kept with a flag that a gradient reaching the forward's
+    outputs sets; a forward after every earlier one got its gradient starts over."""
 
     collect_per_example_grad_sq: bool = False
-    per_example_grad_sq: Tensor | None = None
 
     def _per_example_buffer(self, x: Tensor) -> Tensor | None:
         if not self.collect_per_example_grad_sq or self.weight is None or not torch.is_grad_enabled():
             return None
-        self.per_example_grad_sq = torch.zeros(2, x.shape[0], dtype=torch.float32, device=x.device)
-        return self.per_example_grad_sq
+        calls = self.__dict__.setdefault("_per_example_calls", [])
+        if all(done for _, done in calls):
+            calls.clear()
+        buffer = torch.zeros(2, x.shape[0], dtype=torch.float32, device=x.device)
+        calls.append([buffer, False])
+        return buffer
+
+    def _watch_backward(self, result):
+        """Mark the latest call done when a gradient reaches any of its outputs."""
+        calls = self.__dict__.get("_per_example_calls")
+        if calls:
+            entry = calls[-1]
+            for t in result if isinstance(result, tuple) else (result,):
+                if t.requires_grad:
+                    t.register_hook(lambda grad, entry=entry: entry.__setitem__(1, True))
+        return result
+
+    @property
+    def per_example_grad_sq(self) -> Tensor | None:
+        calls = self.__dict__.get("_per_example_calls") or []
+        if len(calls) > 1:
+            raise RuntimeError(
+                f"{type(self).__name__}: per_example_grad_sq is undefined: the norm ran {len(calls)} "
+                "times before its backward (shared parameters); per-example gradient norms need "
+                "one call per backward"
+            )
+        return calls[0][0] if calls else None
+
+    @per_example_grad_sq.setter
+    def per_example_grad_sq(self, value: None) -> None:
+        if value is not None:
+            raise ValueError("per_example_grad_sq can only be reset to None")
+        self.__dict__.pop("_per_example_calls", None)
 
 
 @register_norm("layernorm")
@@ -40,16 +75,17 @@ class LayerNorm(_PerExampleGradSq, ResidualNorm, nn.LayerNorm):
     """y = (x - E[x]) / sqrt(Var[x] + eps) * gamma + beta (Ba et al. 2016, "Layer Normalization")."""
 
     def normalize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps,
-                            per_example_grad_sq=self._per_example_buffer(x))
+        return self._watch_backward(F.layer_norm(
+            x, self.normalized_shape, self.weight, self.bias, self.eps,
+            per_example_grad_sq=self._per_example_buffer(x)))
 
     def add_normalize(self, x, residual, dropout_p, residual_dtype, padding_mask):
-        return F.add_layer_norm(
+        return self._watch_backward(F.add_layer_norm(
             x, residual, self.weight, self.bias, self.eps, dropout_p=dropout_p,
             training=self.training, residual_dtype=residual_dtype,
             normalized_shape=self.normalized_shape,
             per_example_grad_sq=self._per_example_buffer(x),
-        )
+        ))
 
 
 @register_norm("rmsnorm")
@@ -57,12 +93,13 @@ class RMSNorm(_PerExampleGradSq, ResidualNorm, nn.RMSNorm):
     """y = x / sqrt(mean(x^2) + eps) * gamma (Zhang & Sennrich 2019, "Root Mean Square Layer Normalization")."""
 
     def normalize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps,
-                          per_example_grad_sq=self._per_example_buffer(x))
+        return self._watch_backward(F.rms_norm(
+            x, self.normalized_shape, self.weight, self.eps,
+            per_example_grad_sq=self._per_example_buffer(x)))
 
     def add_normalize(self, x, residual, dropout_p, residual_dtype, padding_mask):
-        return F.add_rms_norm(
+        return self._watch_backward(F.add_rms_norm(
             x, residual, self.weight, self.eps, dropout_p=dropout_p, training=self.training,
             residual_dtype=residual_dtype, normalized_shape=self.normalized_shape,
             per_example_grad_sq=self._per_example_buffer(x),
-        )
+        ))
