@@ -166,14 +166,14 @@ def _free_port():
 def _ddp_worker(rank, world, port, out, corpus_train, corpus_val, specs):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
     from normlab.studies.data import ByteCorpus
-    from normlab.studies.train import run_one, setup_env
+    from normlab.studies.train import run_one, setup_env, teardown_env
 
     torch.set_num_threads(1)
     env = setup_env("cpu")
     corpus = ByteCorpus(corpus_train, corpus_val, "test", 1)
     for spec in specs:
         run_one(spec, out / spec.name, env, corpus)
-    torch.distributed.destroy_process_group()
+    teardown_env(env)
 
 
 def test_ddp_two_processes_match_one(tmp_path, corpus):

@@ -16,8 +16,10 @@ showed they predict the whole model's gradient noise scale.
     rec.batch_grad_sq()    # ||gradient of this backward||^2 over the same parameters
 
 Positions whose grad_out is zero (padding that the loss ignores) contribute nothing.
-Here the numbers come from a forward hook (which keeps the norm's input) and a tensor
-hook on its output (which sees grad_out); the interface does not depend on that.
+For normlab's LayerNorm/RMSNorm the numbers come from the fused backward itself (the
+op's ``per_example_grad_sq`` buffer, switched on while the context is active: no extra
+pass). For torch's nn.LayerNorm/nn.RMSNorm they come from a forward hook (which keeps
+the norm's input) and a tensor hook on its output (which sees grad_out).
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ def _supported(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and getattr(module, "weight", None) is not None
 
 
+def _from_backward(module: nn.Module) -> bool:
+    """normlab norms compute per-example norms inside their own backward."""
+    return hasattr(module, "collect_per_example_grad_sq")
+
+
 class PerExampleGradNorms:
     """The recorder behind :func:`per_example_grad_norms`; a read-only mapping name -> dict."""
 
@@ -51,12 +58,17 @@ class PerExampleGradNorms:
         self._pending: dict[str, weakref.ref] = {}
         self._results: dict[str, dict[str, Tensor]] = {}
         self._batch_sq: dict[str, Tensor] = {}
+        self._collect_was: dict[str, bool] = {}
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self) -> PerExampleGradNorms:
         if self._handles:
             return self
         for name, mod in self._modules.items():
+            if _from_backward(mod):
+                self._collect_was[name] = mod.collect_per_example_grad_sq
+                mod.collect_per_example_grad_sq = True
+                mod.per_example_grad_sq = None
             self._handles.append(mod.register_forward_hook(self._forward_hook(name), with_kwargs=True))
             for pname, p in mod.named_parameters(recurse=False):
                 if p.requires_grad:
@@ -67,6 +79,9 @@ class PerExampleGradNorms:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for name, was in self._collect_was.items():
+            self._modules[name].collect_per_example_grad_sq = was
+        self._collect_was.clear()
 
     def __enter__(self) -> PerExampleGradNorms:
         return self.attach()
@@ -103,8 +118,18 @@ class PerExampleGradNorms:
                     f"expected [B, ..., {', '.join(map(str, shape))}] with the example along dim 0"
                 )
 
+            buffer = module.per_example_grad_sq if _from_backward(module) else None
+
             def grad_hook(grad_out: Tensor) -> None:
                 call.done = True
+                if buffer is not None:
+                    # views of the buffer that the op's backward (running next) fills in place
+                    self._check_batch(name, buffer.shape[1])
+                    rec = {"weight": buffer[0]}
+                    if getattr(module, "bias", None) is not None:
+                        rec["bias"] = buffer[1]
+                    self._results[name] = rec
+                    return
                 xc = xd.to(reference.compute_dtype(xd.dtype))
                 if isinstance(module, nn.LayerNorm):
                     x_hat = reference.layer_norm(xc, shape, eps=module.eps)

@@ -25,7 +25,7 @@ def study(
     from normlab.studies.data import DataError
     from normlab.studies.presets import get_study, preset_names
     from normlab.studies.runner import apply_overrides, run_study
-    from normlab.studies.train import Interrupted, setup_env
+    from normlab.studies.train import Interrupted, setup_env, teardown_env
 
     if list_presets or preset is None:
         table = Table(title="normlab study presets")
@@ -42,7 +42,13 @@ def study(
     try:
         spec = apply_overrides(get_study(preset), seeds=seeds, steps=steps)
         env = setup_env(device, dtype)
-        _, report = run_study(spec, out, env, data=str(data) if data else None, console=console)
+        try:
+            _, report = run_study(spec, out, env, data=str(data) if data else None, console=console)
+        except Interrupted:
+            teardown_env(env)  # every rank stops at the same step
+            raise
+        # (on other errors this process exits; torchrun ends the others)
+        teardown_env(env)
     except (ValueError, DataError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(code=2) from None

@@ -98,6 +98,13 @@ def setup_env(device: str | None = None, dtype: str = "fp32") -> Env:
     return Env(device=dev, dtype=dtype, rank=rank, world=world)
 
 
+def teardown_env(env: Env) -> None:
+    """Leave the process group together: no rank tears it down while another still talks."""
+    if env.world > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 # ------------------------------------------------------------------ model, data, schedule
 
 
