@@ -19,8 +19,8 @@ import torch
 from torch import fx, nn
 
 from normlab.convert.blocks import BlockSpec, block_entry, block_spec, model_spec
-from normlab.convert.detect import is_norm_like
 from normlab.convert.linear import LinearView, is_linear_like
+from normlab.norms import is_norm
 
 _CONTAINERS = (nn.TransformerEncoder, nn.TransformerDecoder)
 _ADDS = (operator.add, operator.iadd, torch.add)
@@ -69,7 +69,7 @@ def analyse(model: nn.Module) -> Analysis:
     for path, block, spec in blocks:
         if spec.unknown:
             for sub, m in block.named_modules():
-                if sub and is_norm_like(m):
+                if sub and is_norm(m):
                     a.consumers[_join(path, sub)] = f"consumers unknown: {spec.unknown}"
             stream_why = stream_why or f"residual stream unknown: {path}: {spec.unknown}"
             continue
@@ -125,7 +125,7 @@ def _has(model: nn.Module, path: str) -> bool:
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return (
-            is_norm_like(m) or is_linear_like(m)
+            is_norm(m) or is_linear_like(m)
             or isinstance(m, (nn.Embedding, nn.MultiheadAttention, nn.Dropout, *_CONTAINERS))
             or block_entry(m)[1] is not None or super().is_leaf_module(m, qualname)
         )
@@ -137,7 +137,7 @@ def _trace(model: nn.Module, a: Analysis, blocks) -> None:
     except Exception as err:  # any tracing failure means: structure unknown
         reason = f"consumers unknown: not a known block, and torch.fx cannot trace {type(model).__name__} ({type(err).__name__})"
         for path, m in model.named_modules():
-            if is_norm_like(m):
+            if is_norm(m):
                 a.consumers.setdefault(path, reason)
         a.writers = f"residual stream unknown: torch.fx cannot trace {type(model).__name__} ({type(err).__name__}: {err})"
         return
@@ -148,7 +148,7 @@ def _trace(model: nn.Module, a: Analysis, blocks) -> None:
             calls.setdefault(n.target, []).append(n)
     # consumers of norms that are graph nodes (not inside known blocks)
     for n in graph.nodes:
-        if n.op != "call_module" or not is_norm_like(mod[n.target]) or n.target in a.consumers:
+        if n.op != "call_module" or not is_norm(mod[n.target]) or n.target in a.consumers:
             continue
         a.consumers[n.target] = _fx_consumers(model, mod, calls, n)
     for n in graph.nodes:  # a torch encoder/decoder's final norm: its users are the container's
@@ -157,7 +157,7 @@ def _trace(model: nn.Module, a: Analysis, blocks) -> None:
             a.consumers[f"{n.target}.norm"] = _fx_consumers(model, mod, calls, n)
             a.stream_norms.add(f"{n.target}.norm")
     for path, m in model.named_modules():
-        if is_norm_like(m):
+        if is_norm(m):
             a.consumers.setdefault(path, "consumers unknown: not reached as a leaf in the torch.fx graph")
     a.writers = _fx_stream(model, mod, graph, a)
 
@@ -231,13 +231,13 @@ def _fx_stream(model, mod, graph: fx.Graph, a: Analysis) -> list[LinearView] | s
         if n.op != "call_module":
             continue
         m = mod[n.target]
-        if is_norm_like(m):
+        if is_norm(m):
             roots.append(n)
             a.stream_norms.add(n.target)
         elif isinstance(m, _CONTAINERS) or block_entry(m)[1] is not None:
             roots.append(n)
     for n in roots:
-        if not is_norm_like(mod[n.target]):
+        if not is_norm(mod[n.target]):
             inner = _block_writers(model, n.target, mod[n.target])
             if isinstance(inner, str):
                 return inner

@@ -68,8 +68,8 @@ def _save_normlab(model, out: Path) -> Path:
     for the speed: they leave converted weights unchanged)."""
     import torch
 
-    from normlab.convert.detect import is_norm_like
     from normlab.models import save_model
+    from normlab.norms import is_norm
 
     fresh = _rebuild(model)
     result = fresh.load_state_dict(model.state_dict(), strict=False)
@@ -80,7 +80,7 @@ def _save_normlab(model, out: Path) -> Path:
         for key in result.missing_keys:
             path, _, name = key.rpartition(".")
             module = fresh.get_submodule(path)
-            if not is_norm_like(module) or name not in ("weight", "bias"):
+            if not is_norm(module) or name not in ("weight", "bias"):
                 raise RuntimeError(f"convert: the converted model has no {key}, which is not a norm affine")
             getattr(module, name).fill_(1.0 if name == "weight" else 0.0)
     path = out / "model.safetensors"

@@ -59,14 +59,6 @@ class NormSemantics:
         return new
 
 
-def is_norm_like(module: nn.Module) -> bool:
-    """Modules the transforms consider (and report on): torch's and anyone's ``*Norm*`` classes."""
-    name = type(module).__name__
-    return isinstance(module, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)) or (
-        "Norm" in name and not list(module.children())
-    )
-
-
 def _eps_of(module: nn.Module) -> float | None:
     for attr in EPS_ATTRS:
         v = getattr(module, attr, None)

@@ -8,10 +8,10 @@ from collections.abc import Iterable
 from torch import nn
 
 from normlab.convert.blocks import block_entry, block_spec
-from normlab.convert.detect import NormSemantics, is_norm_like, semantics
+from normlab.convert.detect import NormSemantics, semantics
 from normlab.convert.fused import fuse, is_fused
 from normlab.convert.report import ConversionReport
-from normlab.norms import LayerNorm, RMSNorm
+from normlab.norms import LayerNorm, RMSNorm, is_norm
 from normlab.norms.base import ResidualNorm
 
 
@@ -45,7 +45,7 @@ def norm_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     seen: set[int] = set()
     out = []
     for path, m in model.named_modules():
-        if is_norm_like(m) and id(m) not in seen:
+        if is_norm(m) and id(m) not in seen:
             seen.add(id(m))
             out.append((path, m))
     return out

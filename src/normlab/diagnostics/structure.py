@@ -42,11 +42,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-SUBLAYER_KINDS = ("attention", "ffn_w1", "ffn_w2", "norm", "embedding", "head", "other")
+from normlab.norms.registry import is_norm
 
-_NORM_TYPES: tuple[type, ...] = (
-    nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.LocalResponseNorm,
-)
+SUBLAYER_KINDS = ("attention", "ffn_w1", "ffn_w2", "norm", "embedding", "head", "other")
 
 _EMBED_TOKENS = {"embed", "embeds", "embedding", "embeddings", "wte", "wpe", "tok_emb", "pos_emb",
                  "word_embeddings", "position_embeddings", "token_type_embeddings", "embed_tokens",
@@ -62,18 +60,6 @@ _FFN_CONTAINERS = {"mlp", "ffn", "feed_forward", "feedforward", "ff", "denserelu
                    "intermediate", "moe"}
 _HEAD_TOKENS = {"lm_head", "head", "classifier", "unembed", "output", "decoder", "out_head",
                 "score", "logits"}
-
-
-def is_norm(module: nn.Module) -> bool:
-    """True for torch's and normlab's norm layers (and any class named ``*Norm``)."""
-    if isinstance(module, _NORM_TYPES):
-        return True
-    from normlab.norms import ResidualNorm
-
-    if isinstance(module, ResidualNorm):
-        return True
-    name = type(module).__name__
-    return name.endswith("Norm") or name.endswith("LayerNorm") or name.endswith("RMSNorm")
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,21 @@ def register_norm(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
     return wrap
 
 
+_TORCH_NORM_TYPES: tuple[type, ...] = (
+    nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.LocalResponseNorm,
+)
+
+
+def is_norm(module: nn.Module) -> bool:
+    """True for a normalization layer: torch's, normlab's (every registered norm), and any
+    other leaf module whose class name ends in ``Norm`` (LlamaRMSNorm, T5LayerNorm, ...)."""
+    from normlab.norms.base import ResidualNorm
+
+    if isinstance(module, (*_TORCH_NORM_TYPES, ResidualNorm)):
+        return True
+    return type(module).__name__.endswith("Norm") and next(module.children(), None) is None
+
+
 def norm_names() -> list[str]:
     """The registered norm names, in registration order."""
     return list(_REGISTRY)
