@@ -10,6 +10,10 @@ Supported: Llama, Mistral, Qwen2, Qwen3 (RMSNorm; fused add+norm after attention
 GPT-2 (LayerNorm, Pre-LN; fused before the MLP and cross-attention), BERT (LayerNorm,
 Post-LN; fused in BertSelfOutput/BertOutput), T5 (T5LayerNorm == RMSNorm; not fused).
 Gemma-style ``x * (1 + weight)`` norms are left: normlab's RMSNorm scales by weight.
+Numerics: identical in float32; in bf16/fp16 within one rounding, because LlamaRMSNorm
+(and T5LayerNorm) round to the input dtype before multiplying by the weight and normlab
+rounds once after. ``apply_normlab`` checks each norm on a probe input before swapping;
+``patch`` replaces the classes without a probe.
 """
 
 from __future__ import annotations
