@@ -14,13 +14,8 @@ so page faults of fresh allocations are part of every timing alike.
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
-import os
-import platform
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,12 +27,18 @@ from rich.table import Table
 
 import normlab
 from normlab.backend import resolve
-
-app = typer.Typer(help="Benchmarks of normlab's kernels.", no_args_is_help=True)
+from normlab.bench.common import (
+    Timer,
+    app,
+    device_name,
+    load_average,
+    pick_device,
+    pick_dtype,
+    write_csv,
+)
 
 OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
 PASSES = ("fwd", "bwd", "fwdbwd")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GPU_ROWS = (4096, 16384, 65536)
 GPU_HIDDEN = (768, 1024, 2048, 4096, 5120, 8192, 12288, 16384)
 CPU_ROWS = (4096,)
@@ -69,47 +70,6 @@ class Record:
 
 
 # ----------------------------------------------------------------------------- device
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or "CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-
-
-class Timer:
-    """Median wall time of a callable: CUDA events on a GPU, perf_counter on the CPU."""
-
-    def __init__(self, device: torch.device, warmup: int, reps: int):
-        self.device, self.warmup, self.reps = device, warmup, reps
-
-    def median_ms(self, fn: Callable[[], object]) -> float:
-        for _ in range(self.warmup):
-            fn()
-        times = []
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            for _ in range(self.reps):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-        else:
-            for _ in range(self.reps):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
 
 
 def copy_bandwidth(device: torch.device, timer: Timer, nbytes: int) -> float:
@@ -267,19 +227,14 @@ def run(device: torch.device, dtype: torch.dtype, rows_list, hidden_list, ops, p
 
 
 def write_outputs(records: list[Record], out: Path, stem: str) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    rows = [r.as_json() for r in records]
     csv_path, md_path, png_path = out / f"{stem}.csv", out / f"{stem}.md", out / f"{stem}.png"
-    with csv_path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv([r.as_json() for r in records], csv_path)
     r0 = records[0]
     lines = [f"# normlab bench kernels: {r0.device}", "",
              f"torch {r0.torch_version}, dtype {r0.dtype}, copy bandwidth {r0.copy_gbps} GB/s "
              "(measured in the same run). Median times; `vs torch` = torch-eager time / this "
              "time (> 1: faster than torch eager).",
-             f"Load average at the end of the run: {_load()} (other processes share the device "
+             f"Load average at the end of the run: {load_average()} (other processes share the device "
              "when it is above the core count).", "",
              "| op | pass | rows | hidden | impl | median ms | GB/s | vs torch | vs copy |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -290,13 +245,6 @@ def write_outputs(records: list[Record], out: Path, stem: str) -> list[Path]:
     md_path.write_text("\n".join(lines) + "\n")
     _plot(records, png_path)
     return [csv_path, md_path, png_path]
-
-
-def _load() -> str:
-    try:
-        return ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def _plot(records: list[Record], path: Path) -> None:
@@ -349,11 +297,8 @@ def kernels(
 ) -> None:
     """LayerNorm / RMSNorm / add+norm: fwd, bwd, fwd+bwd GB/s, normlab vs torch."""
     console = Console()
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise typer.BadParameter("no CUDA device is available", param_hint="--device")
-    if dtype not in DTYPES:
-        raise typer.BadParameter(f"expected one of {', '.join(DTYPES)}, got {dtype!r}", param_hint="--dtype")
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype)
     op_list = tuple(o.strip() for o in ops.split(","))
     bad = [o for o in op_list if o not in OPS]
     if bad:
@@ -366,7 +311,7 @@ def kernels(
     if compile_ is None:
         compile_ = gpu or not quick
     timer = Timer(dev, warmup=3 if quick else 10, reps=5 if quick else (50 if gpu else 15))
-    records = run(dev, DTYPES[dtype], rows_list, hidden_list, op_list, PASSES, compile_, timer,
+    records = run(dev, torch_dtype, rows_list, hidden_list, op_list, PASSES, compile_, timer,
                   copy_bytes=(64 << 20) if quick or not gpu else (1 << 30))
     stem = f"kernels-{dev.type}-{dtype}"
     paths = write_outputs(records, Path(out), stem)
