@@ -1,0 +1,275 @@
+"""``normlab bench e2e``: a whole TransformerLM's training step and inference forward.
+
+For placements pre and post and norms layernorm and rmsnorm, over a few model sizes,
+this measures the median time of
+
+* ``train``: one training step, forward + cross-entropy + backward + ``torch.optim.Adam``
+  step (gradients set to None before each forward),
+* ``infer``: one forward in eval mode under ``torch.no_grad()``,
+
+for these implementations of the same model (one model and one optimizer per
+configuration, so every implementation steps the same parameters):
+
+* ``normlab``: backend "auto" (fused Triton kernels on CUDA, normlab's torch path on CPU),
+* ``torch``: backend "torch" (normlab's unfused torch path, on CUDA too),
+* ``torch.compile``: ``torch.compile(model)`` run under backend "torch" (inductor sees
+  the torch ops of the norms and fuses them itself),
+* ``normlab+compile`` (CUDA only): ``torch.compile(model)`` under backend "auto", the
+  Triton kernels as opaque custom ops in the compiled graph.
+
+The implementations are timed side by side (``Timer.median_ms_interleaved``: each round
+runs each of them once), and ``ratio_vs_torch`` = the ``torch`` run's median / this
+median (> 1: faster). On the CPU, backends "auto" and "torch" run the same code, so
+their ratio shows the noise of the run. Dropout is 0 (as in most LLM pre-training).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import normlab
+from normlab.backend import resolve
+from normlab.bench.common import (
+    Timer,
+    app,
+    device_name,
+    load_average,
+    pick_device,
+    pick_dtype,
+    write_csv,
+)
+from normlab.models import TransformerConfig, TransformerLM
+
+PLACEMENTS = ("pre", "post")
+NORMS = ("layernorm", "rmsnorm")
+STEPS = ("train", "infer")
+E2E_DTYPES = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class Size:
+    d_model: int
+    n_layers: int
+    n_heads: int
+    batch: int
+    seq_len: int
+    vocab_size: int
+
+
+CPU_QUICK = (Size(256, 4, 4, 8, 128, 1024),)
+CPU_SIZES = CPU_QUICK + (Size(512, 6, 8, 8, 256, 4096),)
+GPU_QUICK = (Size(1024, 12, 16, 8, 1024, 32000),)
+GPU_SIZES = GPU_QUICK + (Size(2048, 24, 16, 8, 1024, 32000),)
+
+
+@dataclass
+class Record:
+    step: str
+    placement: str
+    norm: str
+    d_model: int
+    n_layers: int
+    n_heads: int
+    batch: int
+    seq_len: int
+    vocab_size: int
+    params: int
+    dtype: str
+    impl: str
+    backend: str        # what normlab's norm ops ran on: "triton" or "torch"
+    compiled: bool
+    device: str
+    median_ms: float
+    tokens_per_s: float
+    ratio_vs_torch: float
+    reps: int
+    torch_version: str
+    load_avg: str       # os.getloadavg() right after this configuration was measured
+
+    def as_json(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- workloads
+
+
+@dataclass
+class Impl:
+    name: str
+    backend: str                      # the normlab backend in force while it runs
+    forward: Callable                 # the model, or its torch.compile wrapper
+    compiled: bool
+
+
+def _impls(model: torch.nn.Module, device: torch.device, compile_: bool) -> list[Impl]:
+    impls = [Impl("normlab", "auto", model, False), Impl("torch", "torch", model, False)]
+    if compile_:
+        impls.append(Impl("torch.compile", "torch", torch.compile(model), True))
+        if device.type == "cuda":
+            impls.append(Impl("normlab+compile", "auto", torch.compile(model), True))
+    return impls
+
+
+def _step_fn(step: str, impl: Impl, model: torch.nn.Module, opt: torch.optim.Optimizer,
+             tokens: torch.Tensor, targets: torch.Tensor) -> Callable[[], object]:
+    forward = impl.forward
+
+    if step == "train":
+        def train() -> None:
+            with normlab.set_backend(impl.backend):
+                opt.zero_grad(set_to_none=True)
+                logits = forward(tokens)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+                loss.backward()
+                opt.step()
+        return train
+
+    def infer() -> None:
+        with normlab.set_backend(impl.backend), torch.no_grad():
+            forward(tokens)
+    return infer
+
+
+def measure(size: Size, placement: str, norm: str, device: torch.device, dtype: torch.dtype,
+            compile_: bool, timer: Timer, name: str) -> list[Record]:
+    """Every step x implementation of one model configuration, timed side by side."""
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=size.vocab_size, d_model=size.d_model, n_heads=size.n_heads,
+                            n_layers=size.n_layers, max_seq_len=size.seq_len, norm=norm,
+                            placement=placement, dropout=0.0)
+    model = TransformerLM(cfg).to(device=device, dtype=dtype)
+    params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    data = torch.randint(0, size.vocab_size, (size.batch, size.seq_len + 1), generator=g).to(device)
+    tokens, targets = data[:, :-1], data[:, 1:]
+    impls = _impls(model, device, compile_)
+    probe = torch.empty(0, device=device, dtype=dtype)
+    records: list[Record] = []
+    for step in STEPS:
+        model.train(step == "train")
+        times = timer.median_ms_interleaved(
+            {i.name: _step_fn(step, i, model, opt, tokens, targets) for i in impls})
+        load = load_average()
+        for i in impls:
+            with normlab.set_backend(i.backend):
+                backend = resolve(probe)
+            ms = times[i.name]
+            records.append(Record(
+                step, placement, norm, size.d_model, size.n_layers, size.n_heads, size.batch,
+                size.seq_len, size.vocab_size, params, str(dtype).removeprefix("torch."), i.name,
+                backend, i.compiled, name, round(ms, 4),
+                round(size.batch * size.seq_len / (ms * 1e-3), 1), round(times["torch"] / ms, 3),
+                timer.reps, torch.__version__, load,
+            ))
+    del impls, model, opt
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return records
+
+
+def run(device: torch.device, dtype: torch.dtype, sizes: tuple[Size, ...], compile_: bool,
+        timer: Timer, console: Console | None = None) -> list[Record]:
+    name = device_name(device)
+    records: list[Record] = []
+    for size in sizes:
+        for placement in PLACEMENTS:
+            for norm in NORMS:
+                try:
+                    records += measure(size, placement, norm, device, dtype, compile_, timer, name)
+                except torch.OutOfMemoryError:
+                    torch._dynamo.reset()
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    if console is not None:
+                        console.print(f"[yellow]skipped {size} {placement} {norm}: out of memory")
+    return records
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def write_outputs(records: list[Record], out: Path, stem: str, load_before: str) -> list[Path]:
+    csv_path, md_path = out / f"{stem}.csv", out / f"{stem}.md"
+    write_csv([r.as_json() for r in records], csv_path)
+    r0 = records[0]
+    lines = [f"# normlab bench e2e: {r0.device}", "",
+             f"torch {r0.torch_version}, dtype {r0.dtype}, TransformerLM (GELU FFN 4x, learned "
+             "positions, tied embeddings, dropout 0), `torch.optim.Adam`. `train` = forward + "
+             "cross-entropy + backward + Adam step; `infer` = eval-mode forward under no_grad. "
+             f"Median of {r0.reps} steps per implementation, the implementations timed side by "
+             "side (each round runs each once). `vs torch` = the backend-\"torch\" run's time / "
+             "this time (> 1: faster); `backend` = what normlab's norm ops ran on.",
+             f"Load average (1, 5, 15 min) before the run: {load_before}; at the end: "
+             f"{load_average()} (other processes share the device when it is above the core count).",
+             "", "| step | placement | norm | d_model | layers | batch x seq | params (M) | impl | backend "
+             "| median ms | tokens/s | vs torch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.step} | {r.placement} | {r.norm} | {r.d_model} | {r.n_layers} | "
+              f"{r.batch} x {r.seq_len} | {r.params / 1e6:.1f} | {r.impl} | {r.backend} | "
+              f"{r.median_ms:.2f} | {r.tokens_per_s:,.0f} | {r.ratio_vs_torch:.2f} |" for r in records]
+    md_path.write_text("\n".join(lines) + "\n")
+    return [csv_path, md_path]
+
+
+@app.command("e2e")
+def e2e(
+    device: str = typer.Option(None, help="cuda or cpu (default: cuda when available)."),
+    dtype: str = typer.Option("fp32", help="Model and activation dtype: fp32 or bf16."),
+    quick: bool = typer.Option(False, help="One model size and few steps (CPU: d_model 256, 4 layers)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON record per measurement."),
+    out: str = typer.Option("benchmarks/results", help="Directory for the CSV and MD."),
+    compile_: bool = typer.Option(None, "--compile/--no-compile",
+                                  help="Include torch.compile of the model (default: on for CUDA, off for CPU)."),
+    threads: int = typer.Option(None, help="torch CPU threads (default: torch's)."),
+    d_model: int = typer.Option(None, hidden=True, help="One custom size: d_model."),
+    n_layers: int = typer.Option(None, hidden=True, help="One custom size: layers."),
+    tokens: int = typer.Option(None, hidden=True, help="One custom size: sequence length."),
+    batch: int = typer.Option(None, hidden=True, help="One custom size: batch."),
+) -> None:
+    """TransformerLM training step and inference forward: normlab vs its torch path and torch.compile."""
+    console = Console()
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, E2E_DTYPES)
+    if threads:
+        torch.set_num_threads(threads)
+    gpu = dev.type == "cuda"
+    sizes = (GPU_QUICK if quick else GPU_SIZES) if gpu else (CPU_QUICK if quick else CPU_SIZES)
+    if any(v is not None for v in (d_model, n_layers, tokens, batch)):
+        base = sizes[0]
+        d = d_model or base.d_model
+        sizes = (Size(d, n_layers or base.n_layers, max(1, d // 64), batch or base.batch,
+                      tokens or base.seq_len, base.vocab_size if d_model is None else max(64, 4 * d)),)
+    if compile_ is None:
+        compile_ = gpu
+    timer = Timer(dev, warmup=2 if quick else 3, reps=(10 if quick else 30) if not gpu else (20 if quick else 50))
+    load_before = load_average()
+    records = run(dev, torch_dtype, sizes, compile_, timer, console)
+    if not records:
+        raise typer.Exit(1)
+    paths = write_outputs(records, Path(out), f"e2e-{dev.type}-{dtype}", load_before)
+    if as_json:
+        for r in records:
+            print(json.dumps(r.as_json()))
+        return
+    table = Table(title=f"normlab bench e2e: {records[0].device}, {dtype}, torch {torch.__version__}, "
+                        f"load {load_average()}")
+    for col in ("step", "placement", "norm", "model", "impl", "median ms", "tokens/s", "vs torch"):
+        table.add_column(col, justify="left" if col in ("step", "placement", "norm", "model", "impl") else "right")
+    for r in records:
+        table.add_row(r.step, r.placement, r.norm, f"d{r.d_model} L{r.n_layers} {r.batch}x{r.seq_len}", r.impl,
+                      f"{r.median_ms:.2f}", f"{r.tokens_per_s:,.0f}", f"{r.ratio_vs_torch:.2f}")
+    console.print(table)
+    console.print("wrote " + ", ".join(str(p) for p in paths))

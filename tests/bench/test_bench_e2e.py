@@ -1,0 +1,60 @@
+"""``normlab bench e2e --quick --json`` on a tiny model through Typer's CliRunner: the
+records' fields and values are sane (no timing thresholds)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+from typer.testing import CliRunner
+
+from normlab.cli import app
+
+FIELDS = {"step", "placement", "norm", "d_model", "n_layers", "n_heads", "batch", "seq_len",
+          "vocab_size", "params", "dtype", "impl", "backend", "compiled", "device", "median_ms",
+          "tokens_per_s", "ratio_vs_torch", "reps", "torch_version", "load_avg"}
+
+
+def test_bench_e2e_quick_json(tmp_path):
+    threads = torch.get_num_threads()
+    try:  # one thread: a second one only waits for a busy core on a shared machine
+        result = CliRunner().invoke(app, [
+            "bench", "e2e", "--device", "cpu", "--dtype", "fp32", "--quick", "--json", "--threads", "1",
+            "--d-model", "32", "--n-layers", "2", "--tokens", "16", "--batch", "2", "--out", str(tmp_path),
+        ])
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    # 2 placements x 2 norms x 2 steps x 2 impls (compile off by default on CPU)
+    assert len(records) == 16
+    assert {(r["placement"], r["norm"], r["step"], r["impl"]) for r in records} == {
+        (p, n, s, i) for p in ("pre", "post") for n in ("layernorm", "rmsnorm")
+        for s in ("train", "infer") for i in ("normlab", "torch")}
+    for r in records:
+        assert FIELDS <= set(r)
+        assert (r["d_model"], r["n_layers"], r["seq_len"], r["batch"]) == (32, 2, 16, 2)
+        assert r["dtype"] == "float32" and r["params"] > 0 and r["reps"] > 0
+        assert r["torch_version"] == torch.__version__ and "cores" in r["device"]
+        assert r["backend"] == "torch" and r["compiled"] is False  # CPU: auto runs the torch path
+        assert r["median_ms"] > 0 and r["tokens_per_s"] > 0
+        assert math.isclose(r["tokens_per_s"], 2 * 16 / (r["median_ms"] * 1e-3), rel_tol=1e-3)
+        assert len(r["load_avg"].split(",")) == 3 or r["load_avg"] == "n/a"
+        if r["impl"] == "torch":
+            assert r["ratio_vs_torch"] == 1.0
+    by_key = {(r["placement"], r["norm"], r["step"], r["impl"]): r for r in records}
+    for (p, n, s, _impl), r in by_key.items():
+        torch_ms = by_key[(p, n, s, "torch")]["median_ms"]
+        assert math.isclose(r["ratio_vs_torch"], torch_ms / r["median_ms"], rel_tol=1e-2)
+    for suffix in ("csv", "md"):
+        assert (tmp_path / f"e2e-cpu-fp32.{suffix}").stat().st_size > 0
+    md = (tmp_path / "e2e-cpu-fp32.md").read_text()
+    assert md.startswith("# normlab bench e2e: ") and torch.__version__ in md and "Load average" in md
+    assert "| train | pre | rmsnorm | 32 | 2 | 2 x 16 |" in md
+    assert len((tmp_path / "e2e-cpu-fp32.csv").read_text().splitlines()) == 17
+
+
+def test_bench_e2e_rejects_fp16():
+    result = CliRunner().invoke(app, ["bench", "e2e", "--device", "cpu", "--dtype", "fp16"])
+    assert result.exit_code != 0 and "fp32" in result.output
