@@ -37,7 +37,7 @@ def test_apply_normlab_on_hf_and_rejects_other_models():
     model = perturb(hf_model("qwen2"), scale=0.05)
     kw = hf_inputs("qwen2")
     y0 = _logits(model, kw)
-    report = apply_normlab(model)
+    report = apply_normlab(model).normlab_report
     assert report.transform == "apply_normlab" and len(report.paths("swapped")) == 5
     torch.testing.assert_close(_logits(model, kw), y0)
     with pytest.raises(TypeError, match="expected a transformers PreTrainedModel"):

@@ -73,14 +73,14 @@ def test_swap_is_a_noop_and_fold_is_exact_or_refused(placement, kind):
     y0 = _out(model, args)
     params = dict(model.named_parameters())
 
-    swapped = swap_norms(model)
+    swapped = swap_norms(model).normlab_report
     assert swapped.changed == []
     assert set(swapped.left.values()) <= {"already a normlab module"}
     assert all(p is params[n] for n, p in model.named_parameters())
     assert torch.equal(_out(model, args), y0)
 
     paths = _norm_paths(model)
-    report = fold_norm_affine(model)
+    report = fold_norm_affine(model).normlab_report
     torch.testing.assert_close(_out(model, args), y0, atol=1e-5, rtol=1e-5)
     for path in paths:
         why = _expected_fold(path, kind, placement)
@@ -97,7 +97,7 @@ def test_swap_is_a_noop_and_fold_is_exact_or_refused(placement, kind):
 @pytest.mark.parametrize("kind", ["lm", "seq2seq"])
 def test_fold_refuses_a_head_tied_to_the_embedding(kind):
     model = _model(kind, tie_embeddings=True, norm="rmsnorm")
-    report = fold_norm_affine(model)
+    report = fold_norm_affine(model).normlab_report
     final = "decoder.final_norm" if kind == "seq2seq" else "final_norm"
     assert "shares its parameter with embed.tokens.weight (tied weights)" in report.left[final]
 
@@ -106,7 +106,7 @@ def test_fold_rmsnorm_lm_folds_the_final_norm_into_an_untied_head():
     model = _model("lm", norm="rmsnorm", positional="rope")
     args = _inputs("lm")
     y0 = _out(model, args)
-    report = fold_norm_affine(model)
+    report = fold_norm_affine(model).normlab_report
     assert report.left == {} and "final_norm" in report.paths("folded")
     torch.testing.assert_close(_out(model, args), y0, atol=1e-5, rtol=1e-5)
 
@@ -118,7 +118,7 @@ def test_layernorm_to_rmsnorm_pre_ln_lm_is_exact(positional, tie):
     args = _inputs("lm")
     y0 = _out(model, args)
     head = model.head.weight.detach().clone()
-    report = layernorm_to_rmsnorm(model, example_inputs=args)
+    report = layernorm_to_rmsnorm(model, example_inputs=args).normlab_report
     torch.testing.assert_close(_out(model, args), y0, atol=1e-5, rtol=1e-5)
     assert report.paths("converted") == [f"blocks.{i}.norms.{s}_in" for i in (0, 1) for s in ("attn", "ffn")] + [
         "final_norm"]
@@ -129,7 +129,7 @@ def test_layernorm_to_rmsnorm_pre_ln_lm_is_exact(positional, tie):
     assert report.paths("untied") == (["embed.tokens"] if tie else [])
     assert model.cfg.tie_embeddings is False and torch.equal(model.head.weight, head)
     # RMSNormWithBias keeps gamma and beta; fold moves those of the block norms into q/k/v and w1
-    folded = fold_norm_affine(model)
+    folded = fold_norm_affine(model).normlab_report
     assert len(folded.paths("folded")) == 4
     torch.testing.assert_close(_out(model, args), y0, atol=2e-5, rtol=2e-5)
 
@@ -140,7 +140,7 @@ def test_layernorm_to_rmsnorm_other_pre_ln_models(kind, placement):
     model = _model(kind, placement=placement, tie_embeddings=True)
     args = _inputs(kind)
     y0 = _out(model, args)
-    report = layernorm_to_rmsnorm(model, example_inputs=args)
+    report = layernorm_to_rmsnorm(model, example_inputs=args).normlab_report
     torch.testing.assert_close(_out(model, args), y0, atol=1e-5, rtol=1e-5)
     inner = [p for p in _norm_paths(model) if p.endswith("_inner")]
     assert sorted(report.left) == sorted(inner)
@@ -179,7 +179,7 @@ def test_a_placement_outside_the_table_is_left_and_refused():
     model.placement = Unlisted()
     for block in model.blocks:
         block.placement = model.placement
-    report = fold_norm_affine(model)
+    report = fold_norm_affine(model).normlab_report
     assert report.changed == []
     assert all("consumers unknown: placement Unlisted" in why for why in report.left.values())
     with pytest.raises(ConversionError, match="residual stream unknown: blocks.0: placement Unlisted"):

@@ -22,7 +22,7 @@ def test_hand_built_prenorm_models(make, vocab):
     idx = torch.randint(0, vocab, (2, 9))
     y0 = _out(model, idx)
     keys = list(model.state_dict())
-    report = layernorm_to_rmsnorm(model, example_inputs=idx)
+    report = layernorm_to_rmsnorm(model, example_inputs=idx).normlab_report
     assert report.paths("verified") == ["<root>"]
     torch.testing.assert_close(_out(model, idx), y0, atol=1e-5, rtol=1e-5)
     assert list(model.state_dict()) == keys  # beta kept in RMSNormWithBias
@@ -31,7 +31,7 @@ def test_hand_built_prenorm_models(make, vocab):
     emb = model.tok if make is PreLNLM else model.emb
     assert emb.weight.mean(-1).abs().max() < 1e-6
     # then beta and gamma fold away where a Linear with a bias reads the norm
-    folded = fold_norm_affine(model)
+    folded = fold_norm_affine(model).normlab_report
     assert folded.paths("folded")
     torch.testing.assert_close(_out(model, idx), y0, atol=2e-5, rtol=2e-5)
 
@@ -42,7 +42,7 @@ def test_gpt2_unties_embedding_and_stays_exact():
     kw = hf_inputs("gpt2")
     y0 = _out(model, **kw)
     head = model.lm_head.weight.detach().clone()
-    report = layernorm_to_rmsnorm(model, example_inputs=kw)
+    report = layernorm_to_rmsnorm(model, example_inputs=kw).normlab_report
     assert report.paths("untied") == ["transformer.wte"]
     assert len(report.paths("converted")) == 5
     assert isinstance(model.transformer.h[0].ln_1, normlab.RMSNorm)

@@ -42,7 +42,7 @@ def test_torch_encoder_layers_swapped_and_fused(norm_first):
     mask = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
     before = _fwd_bwd(model, x, src_key_padding_mask=mask)
     keys = list(model.state_dict())
-    report = swap_norms(model)
+    report = swap_norms(model).normlab_report
     after = _fwd_bwd(model, x, src_key_padding_mask=mask)
     _assert_same(before, after)
     assert list(model.state_dict()) == keys
@@ -59,7 +59,7 @@ def test_torch_transformer_eval_matches_fast_path():
     mask = nn.Transformer.generate_square_subsequent_mask(5)
     with torch.no_grad():
         y0 = model(src, tgt, tgt_mask=mask)
-        report = swap_norms(model)
+        report = swap_norms(model).normlab_report
         y1 = model(src, tgt, tgt_mask=mask)
     torch.testing.assert_close(y1, y0, atol=2e-5, rtol=2e-5)
     assert len(report.paths("swapped")) == 12 and len(report.paths("fused")) == 4
@@ -92,11 +92,11 @@ def test_dtype_preserved(dtype):
 
 def test_include_exclude_and_already_normlab():
     model = PreLNLM()
-    report = swap_norms(model, exclude="encoder.*")
+    report = swap_norms(model, exclude="encoder.*").normlab_report
     assert report.paths("swapped") == ["ln_f"]
     assert report.left["encoder.layers.0.norm1"] == "filtered out by include/exclude"
     assert type(model.encoder.layers[0].norm1) is nn.LayerNorm
-    again = swap_norms(model, include=["ln_f"])
+    again = swap_norms(model, include=["ln_f"]).normlab_report
     assert again.left["ln_f"] == "already a normlab module"
 
 
@@ -104,7 +104,7 @@ def test_batchnorm_and_hooks():
     model = nn.Sequential(nn.BatchNorm1d(8), nn.LayerNorm(8))
     seen = []
     model[1].register_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
-    report = swap_norms(model)
+    report = swap_norms(model).normlab_report
     assert report.paths("swapped") == ["1"]
     assert "normalizes over channels or the batch" in report.left["0"]
     model.eval()(torch.randn(3, 8))
@@ -114,7 +114,7 @@ def test_batchnorm_and_hooks():
 def test_shared_norm_swapped_once_at_every_path():
     ln = nn.LayerNorm(8)
     model = nn.ModuleDict({"a": ln, "b": ln})
-    report = swap_norms(model)
+    report = swap_norms(model).normlab_report
     assert report.paths("swapped") == ["a"] and model["a"] is model["b"]
 
 
@@ -153,7 +153,7 @@ class _OnePlusRMSNorm(_HalfCastRMSNorm):
 
 def test_custom_norms_verified_on_a_probe():
     model = nn.Sequential(_HalfCastRMSNorm(16), _OnePlusRMSNorm(16))
-    report = swap_norms(model)
+    report = swap_norms(model).normlab_report
     assert report.paths("swapped") == ["0"] and isinstance(model[0], normlab.RMSNorm)
     assert model[0].eps == 1e-6
     assert report.left["1"].startswith("forward differs from normlab's rmsnorm")
@@ -167,7 +167,7 @@ def test_hf_models_logits_and_gradients(name):
     kw = hf_inputs(name)
     before = _fwd_bwd(model, **kw)
     keys = list(model.state_dict())
-    report = swap_norms(model)
+    report = swap_norms(model).normlab_report
     after = _fwd_bwd(model, **kw)
     _assert_same(before, after, atol=5e-5, rtol=5e-5)
     assert list(model.state_dict()) == keys
@@ -178,7 +178,7 @@ def test_hf_models_logits_and_gradients(name):
 
 def test_hf_gemma_norm_left_with_reason():
     model = hf_model("gemma")
-    report = swap_norms(model)
+    report = swap_norms(model).normlab_report
     assert not report.paths("swapped") and len(report.left) == 5
     assert all("forward differs" in why for why in report.left.values())
 
@@ -189,8 +189,31 @@ def test_hf_llama_bf16_swapped_within_rounding():
     kw = hf_inputs("llama")
     with torch.no_grad():
         y0 = model(**kw).logits.float()
-        report = swap_norms(model)
+        report = swap_norms(model).normlab_report
         y1 = model(**kw).logits.float()
     assert len(report.paths("swapped")) == 5
     assert "bfloat16 probe" in report.entries[0].detail
     torch.testing.assert_close(y1, y0, atol=6e-2, rtol=5e-2)
+
+
+def test_transforms_return_the_model_with_its_report():
+    from normlab.convert import fold_norm_affine, layernorm_to_rmsnorm
+
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, norm_first=True)
+    model = nn.Sequential(layer).eval()
+    x = torch.randn(2, 5, 16)
+    before = model(x)
+    assert swap_norms(model) is model  # in place: `model = swap_norms(model)` keeps working
+    assert model.normlab_report.transform == "swap_norms"
+    assert set(model.normlab_report.paths("swapped")) == {"0.norm1", "0.norm2"}
+    torch.testing.assert_close(model(x), before)
+    assert fold_norm_affine(model) is model
+    assert model.normlab_report.transform == "fold_norm_affine"
+    assert model.normlab_report.paths("folded") == ["0.norm1", "0.norm2"]
+    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+    # a refusal raises and leaves the model (and its last report) as it was
+    from normlab.convert import ConversionError
+
+    with pytest.raises(ConversionError, match="starts at the model input"):
+        layernorm_to_rmsnorm(model)
+    assert model.normlab_report.transform == "fold_norm_affine"

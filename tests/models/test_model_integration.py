@@ -128,6 +128,7 @@ def _ddp_worker(rank, world_size, init_file, out_dir):
         F.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten()).backward()
         grads = {n: p.grad for n, p in model.module.named_parameters()}
         torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears the group down while the other still talks (gloo aborts)
     finally:
         dist.destroy_process_group()
 

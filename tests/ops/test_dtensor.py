@@ -106,6 +106,7 @@ def _worker(rank, store_path):
             assert tuple(buf.placements) == (Shard(1),)
             assert want[0].min() > 0
             _close(buf.full_tensor(), want, "per_example_grad_sq")
+        dist.barrier()  # no rank tears the group down while the other still talks (gloo aborts)
     except BaseException:
         traceback.print_exc()
         raise

@@ -138,11 +138,11 @@ def convert(
     for t in transform:
         try:
             if t == "swap":
-                r = swap_norms(model)
+                r = swap_norms(model).normlab_report
             elif t == "fold":
-                r = fold_norm_affine(model)
+                r = fold_norm_affine(model).normlab_report
             else:
-                r = layernorm_to_rmsnorm(model, example_inputs=_example_inputs(model))
+                r = layernorm_to_rmsnorm(model, example_inputs=_example_inputs(model)).normlab_report
         except ConversionError as err:
             console.print(f"[red]{err}[/red]")
             raise typer.Exit(1) from err

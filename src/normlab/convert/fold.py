@@ -60,9 +60,10 @@ def fold_norm_affine(
     *,
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
-) -> ConversionReport:
+) -> nn.Module:
     """For inference: fold each norm's gamma (and beta) into the Linear layers that read
-    its output, leaving a non-affine normlab norm, in place.
+    its output, leaving a non-affine normlab norm, in place; returns the model (the report
+    is ``model.normlab_report``).
 
         W (gamma * n(x) + beta) + b  =  (W diag(gamma)) n(x) + (W beta + b)
 
@@ -117,4 +118,4 @@ def fold_norm_affine(
     # known blocks now holding normlab norms run normlab's forward (torch's encoder-layer
     # fast path would hand the non-affine norms' missing weights to its own kernel)
     _fuse_known_blocks(model, report, quiet=True)
-    return report
+    return report.attach()

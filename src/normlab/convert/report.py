@@ -30,6 +30,11 @@ class ConversionReport:
         kind = module if isinstance(module, str) else type(module).__name__
         self.entries.append(Entry(path or "<root>", kind, action, detail))
 
+    def attach(self) -> nn.Module:
+        """Keep this report on the model as ``model.normlab_report``; return the model."""
+        self.model.normlab_report = self
+        return self.model
+
     def paths(self, action: str) -> list[str]:
         """Module paths with this action, in model order."""
         return [e.path for e in self.entries if e.action == action]

@@ -56,8 +56,9 @@ def _outputs(model: nn.Module, example_inputs) -> list[Tensor]:
 
 
 def layernorm_to_rmsnorm(model: nn.Module, *, example_inputs=None, atol: float = 1e-4,
-                         rtol: float = 1e-4) -> ConversionReport:
-    """Convert a Pre-LN transformer to Pre-RMSNorm, exactly, in place.
+                         rtol: float = 1e-4) -> nn.Module:
+    """Convert a Pre-LN transformer to Pre-RMSNorm, exactly, in place; returns the model
+    (the report is ``model.normlab_report``).
 
     Every module writing the residual stream (embeddings, positional tables, attention
     and FFN output projections) gets zero-mean outputs; every LayerNorm reading the
@@ -160,7 +161,7 @@ def layernorm_to_rmsnorm(model: nn.Module, *, example_inputs=None, atol: float =
             raise ConversionError(f"layernorm_to_rmsnorm: outputs changed by up to {worst:.3g} on the "
                                   "example inputs; the model is left unchanged")
         report.add("<root>", model, "verified", f"outputs equal on the example inputs (max |diff| {worst:.2g})")
-    return report
+    return report.attach()
 
 
 def _is_writer_name(name: str, v) -> bool:

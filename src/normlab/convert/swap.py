@@ -63,9 +63,10 @@ def swap_norms(
     *,
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
-) -> ConversionReport:
+) -> nn.Module:
     """Replace every LayerNorm/RMSNorm-like module of ``model`` by normlab.LayerNorm /
-    normlab.RMSNorm, in place; return the report of what was swapped and what was left.
+    normlab.RMSNorm, in place; returns the model, with the report of what was swapped and
+    what was left (and why) as ``model.normlab_report``.
 
     Swapped: torch.nn.LayerNorm, torch.nn.RMSNorm, and any other norm class whose
     forward normlab reproduces, checked on a probe (Hugging Face's LlamaRMSNorm and its
@@ -96,7 +97,7 @@ def swap_norms(
             replace_module(model, p, new)
         report.add(path, module, "swapped", _describe(sem, new))
     _fuse_known_blocks(model, report)
-    return report
+    return report.attach()
 
 
 def _describe(sem: NormSemantics, new: nn.Module) -> str:

@@ -23,7 +23,7 @@ import types
 
 from torch import nn
 
-from normlab.convert import ConversionReport, swap_norms
+from normlab.convert import swap_norms
 from normlab.convert.fused import fused_class
 from normlab.norms import LayerNorm, RMSNorm
 
@@ -37,18 +37,17 @@ def _transformers():
         ) from err
 
 
-def apply_normlab(model: nn.Module) -> ConversionReport:
+def apply_normlab(model: nn.Module) -> nn.Module:
     """Swap a Hugging Face model's norms for normlab's and fuse known blocks, in place.
 
-    Same as ``normlab.convert.swap_norms`` (see its report), after checking that the
+    Same as ``normlab.convert.swap_norms`` (the report is ``model.normlab_report``), after checking that the
     model is a transformers PreTrainedModel."""
     t = _transformers()
     if not isinstance(model, t.PreTrainedModel):
         raise TypeError(f"apply_normlab(model): expected a transformers PreTrainedModel, got "
                         f"{type(model).__name__}; use normlab.convert.swap_norms for other models")
-    report = swap_norms(model)
-    report.transform = "apply_normlab"
-    return report
+    swap_norms(model).normlab_report.transform = "apply_normlab"
+    return model
 
 
 def _hf_norm_class(base: type, name: str) -> type:
