@@ -28,6 +28,10 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _limits = {"single_block": 16384, "chunk": 4096}
 
+# launch settings that ``tuning`` overrides (None: the defaults of ``block_config``)
+_tune: dict[str, int | None] = {"fwd_warps": None, "bwd_warps": None, "num_stages": None,
+                                "programs_per_sm": None}
+
 
 @contextlib.contextmanager
 def force_looped(block: int) -> Iterator[None]:
@@ -43,20 +47,43 @@ def force_looped(block: int) -> Iterator[None]:
         _limits.update(saved)
 
 
+@contextlib.contextmanager
+def tuning(**settings: int | None) -> Iterator[None]:
+    """Within the block, launch with these settings instead of the defaults (for
+    benchmark sweeps): ``fwd_warps``, ``bwd_warps``, ``num_stages`` and
+    ``programs_per_sm`` (backward programs per multiprocessor)."""
+    unknown = set(settings) - set(_tune)
+    if unknown:
+        raise ValueError(f"tuning(): unknown settings {sorted(unknown)}; expected among {sorted(_tune)}")
+    saved = dict(_tune)
+    _tune.update(settings)
+    try:
+        yield
+    finally:
+        _tune.update(saved)
+
+
 @dataclass(frozen=True)
 class BlockConfig:
     block: int       # elements one program holds at a time
     looped: bool     # True: walk the row in chunks of ``block``
-    num_warps: int
+    num_warps: int   # forward
+    bwd_warps: int
+    num_stages: int
+
+
+def _default_warps(block: int) -> int:
+    return 16 if block >= 8192 else 8 if block >= 2048 else 4 if block >= 512 else 2 if block >= 128 else 1
 
 
 def block_config(hidden: int) -> BlockConfig:
-    """Block size and warps for rows of ``hidden`` elements."""
+    """Block size, warps and pipelining depth for rows of ``hidden`` elements."""
     full = triton.next_power_of_2(hidden)
     looped = full > _limits["single_block"]
     block = min(full, _limits["chunk"]) if looped else full
-    num_warps = 16 if block >= 8192 else 8 if block >= 2048 else 4 if block >= 512 else 2 if block >= 128 else 1
-    return BlockConfig(block, looped, num_warps)
+    warps = _default_warps(block)
+    return BlockConfig(block, looped, _tune["fwd_warps"] or warps, _tune["bwd_warps"] or warps,
+                       _tune["num_stages"] or 3)  # 3: Triton's own default
 
 
 def check_supported(op: str, x: torch.Tensor, hidden: int) -> None:
@@ -111,7 +138,8 @@ def num_programs_target(device: torch.device) -> int:
     """How many programs a row-parallel backward aims for: a few per SM on a GPU; few
     on the CPU interpreter, where each program runs in turn."""
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        per_sm = _tune["programs_per_sm"] or 4
+        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     return 4
 
 

@@ -327,7 +327,7 @@ def norm_forward(
         IS_RMS=is_rms, HAS_RES=res2 is not None, HAS_DROPOUT=dropout is not None,
         STORE_RES=store_residual, ROUND_TO_RES=store_residual and res_dtype != x.dtype,
         HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=cfg.block,
-        num_warps=cfg.num_warps,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, new_res, mean, rstd
 
@@ -377,7 +377,8 @@ def norm_backward(
         hidden, split.rows_per_example, split.rows_per_program, seed, p, scale,
         IS_RMS=is_rms, HAS_DRES_OUT=dres_out2 is not None, HAS_RES=dres is not None,
         HAS_DROPOUT=dropout is not None, HAS_W=weight is not None,
-        HAS_B=bias_dtype is not None, BLOCK=cfg.block, num_warps=cfg.num_warps,
+        HAS_B=bias_dtype is not None, BLOCK=cfg.block, num_warps=cfg.bwd_warps,
+        num_stages=cfg.num_stages,
     )
     dw = db = None
     sq = torch.zeros(2, examples, device=device) if per_example else None
