@@ -18,3 +18,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_backend():
+    """Each test starts from the backend the session started with, whatever an earlier
+    test in the same worker process left behind."""
+    from normlab import backend
+    saved = backend._current
+    yield
+    backend._current = saved

@@ -63,9 +63,13 @@ class set_backend:
         return f"set_backend({get_backend()!r})"
 
 
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """True when the triton package can be imported."""
-    return importlib.util.find_spec("triton") is not None
+    """True when the triton package can be imported (looked up once, at import: a
+    constant that torch.compile can trace through)."""
+    return _TRITON_FOUND
 
 
 def triton_interpreter_on() -> bool:

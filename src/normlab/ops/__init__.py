@@ -41,5 +41,18 @@ def get_impl(op: str, backend: str) -> Callable:
 
 
 # the torch backend is always needed: register it now, so the first op call never
-# imports a module (torch.compile(fullgraph=True) cannot trace an import)
+# imports a module (torch.compile(fullgraph=True) cannot trace an import). Where CUDA
+# and triton are both present, "auto" sends CUDA tensors to the triton backend: register
+# it now too, for the same reason.
 importlib.import_module(_BACKEND_MODULES["torch"])
+
+
+def _import_triton_backend_for_cuda() -> None:
+    import torch
+
+    from normlab.backend import triton_available
+    if triton_available() and torch.cuda.is_available():
+        importlib.import_module(_BACKEND_MODULES["triton"])
+
+
+_import_triton_backend_for_cuda()

@@ -30,7 +30,7 @@ _limits = {"single_block": 16384, "chunk": 4096}
 
 # launch settings that ``tuning`` overrides (None: the defaults of ``block_config``)
 _tune: dict[str, int | None] = {"fwd_warps": None, "bwd_warps": None, "num_stages": None,
-                                "programs_per_sm": None}
+                                "programs_per_sm": None, "fwd_rows": None, "bwd_rows": None}
 
 
 @contextlib.contextmanager
@@ -50,7 +50,8 @@ def force_looped(block: int) -> Iterator[None]:
 @contextlib.contextmanager
 def tuning(**settings: int | None) -> Iterator[None]:
     """Within the block, launch with these settings instead of the defaults (for
-    benchmark sweeps): ``fwd_warps``, ``bwd_warps``, ``num_stages`` and
+    benchmark sweeps): ``fwd_warps``, ``bwd_warps``, ``num_stages``, ``fwd_rows`` /
+    ``bwd_rows`` (rows per tile, powers of two; single-block kernels only) and
     ``programs_per_sm`` (backward programs per multiprocessor)."""
     unknown = set(settings) - set(_tune)
     if unknown:
@@ -65,24 +66,36 @@ def tuning(**settings: int | None) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class BlockConfig:
-    block: int       # elements one program holds at a time
+    block: int       # columns one program holds at a time
     looped: bool     # True: walk the row in chunks of ``block``
+    rows: int        # forward: rows per program (a tile of rows x block)
     num_warps: int   # forward
+    bwd_rows: int    # backward: rows per step of a program's loop
     bwd_warps: int
     num_stages: int
 
 
-def _default_warps(block: int) -> int:
-    return 16 if block >= 8192 else 8 if block >= 2048 else 4 if block >= 512 else 2 if block >= 128 else 1
+TILE = 4096
+"""Elements a single-block program aims to hold per step: narrow rows are stacked into
+tiles of several rows, so each step moves enough bytes to hide memory latency."""
+
+
+def _default_warps(elements: int) -> int:
+    return (16 if elements >= 8192 else 8 if elements >= 2048 else 4 if elements >= 512
+            else 2 if elements >= 128 else 1)
 
 
 def block_config(hidden: int) -> BlockConfig:
-    """Block size, warps and pipelining depth for rows of ``hidden`` elements."""
+    """Block size, rows per tile, warps and pipelining depth for rows of ``hidden``
+    elements."""
     full = triton.next_power_of_2(hidden)
     looped = full > _limits["single_block"]
     block = min(full, _limits["chunk"]) if looped else full
-    warps = _default_warps(block)
-    return BlockConfig(block, looped, _tune["fwd_warps"] or warps, _tune["bwd_warps"] or warps,
+    rows = 1 if looped else max(1, min(16, TILE // block))
+    fwd_rows = 1 if looped else (_tune["fwd_rows"] or rows)
+    bwd_rows = 1 if looped else (_tune["bwd_rows"] or rows)
+    return BlockConfig(block, looped, fwd_rows, _tune["fwd_warps"] or _default_warps(block * fwd_rows),
+                       bwd_rows, _tune["bwd_warps"] or _default_warps(block * bwd_rows),
                        _tune["num_stages"] or 3)  # 3: Triton's own default
 
 
@@ -165,24 +178,28 @@ def split_rows(rows: int, examples: int, device: torch.device) -> RowSplit:
 @triton.jit
 def _reduce_partials_kernel(
     PART, OUT, SQ, hidden, n_examples, n_chunks, n_col_blocks,
-    PER_EXAMPLE: tl.constexpr, BLOCK: tl.constexpr,
+    PER_EXAMPLE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    # column block ``pid`` of OUT = sum of all partial rows; with PER_EXAMPLE, also
-    # SQ[b, pid] = sum over these columns of (example b's sum)^2
+    # column block ``pid`` of OUT = sum of all partial rows, read in [BLOCK_R, BLOCK_C]
+    # tiles; with PER_EXAMPLE, also SQ[b, pid] = sum over these columns of (example b's
+    # sum)^2. The order of the sums is fixed: the result is deterministic.
     pid = tl.program_id(0)
-    cols = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < hidden
-    part = PART + cols  # pointers advance row by row (64-bit, whatever the buffer size)
-    total = tl.zeros([BLOCK], dtype=tl.float32)
-    for _b in range(n_examples):
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for _c in range(n_chunks):
-            acc += tl.load(part, mask=mask, other=0.0)
-            part += hidden
-        total += acc
+    cols1 = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    cols = cols1[None, :]
+    rr = tl.arange(0, BLOCK_R)[:, None]
+    total = tl.zeros([BLOCK_C], dtype=tl.float32)
+    base = PART  # advances one example at a time (64-bit pointers, whatever the size)
+    for b in range(n_examples):
+        acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+        for c0 in range(0, n_chunks, BLOCK_R):
+            r = c0 + rr
+            acc += tl.load(base + r * hidden + cols, mask=(r < n_chunks) & (cols < hidden), other=0.0)
+        base += n_chunks * hidden
+        s = tl.sum(acc, axis=0)
+        total += s
         if PER_EXAMPLE:
-            tl.store(SQ + _b * n_col_blocks + pid, tl.sum(acc * acc, axis=0))
-    tl.store(OUT + cols, total.to(OUT.dtype.element_ty), mask=mask)
+            tl.store(SQ + b * n_col_blocks + pid, tl.sum(s * s, axis=0))
+    tl.store(OUT + cols1, total.to(OUT.dtype.element_ty), mask=cols1 < hidden)
 
 
 def reduce_partials(
@@ -193,12 +210,14 @@ def reduce_partials(
     the float32 [examples] squared norms of each example's sum)."""
     hidden = partials.shape[1]
     out = torch.empty(hidden, dtype=out_dtype, device=partials.device)
-    block = min(triton.next_power_of_2(hidden), 1024)
-    n_col_blocks = triton.cdiv(hidden, block)
+    # narrow column blocks: many programs share the (small, row-long) reduction
+    block_c = min(triton.next_power_of_2(hidden), 32 if hidden <= 2048 else 64 if hidden <= 8192 else 128)
+    block_r = min(max(1, 4096 // block_c), triton.next_power_of_2(split.chunks))
+    n_col_blocks = triton.cdiv(hidden, block_c)
     sq = (torch.empty(split.examples, n_col_blocks, dtype=torch.float32, device=partials.device)
           if per_example else None)
     _reduce_partials_kernel[(n_col_blocks,)](
         partials, out, sq, hidden, split.examples, split.chunks, n_col_blocks,
-        PER_EXAMPLE=per_example, BLOCK=block, num_warps=4,
+        PER_EXAMPLE=per_example, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=4,
     )
     return out, (sq.sum(1) if per_example else None)

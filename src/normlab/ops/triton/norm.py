@@ -55,13 +55,13 @@ def _new_residual(X, RES, row, cols, mask, stride_x, stride_res, hidden, seed, d
 
 
 @triton.jit
-def _affine_store(Y, RES_OUT, W, B, row, cols, mask, stride_y, xhat,
+def _affine_store(Y, RES_OUT, W, B, row, cols, mask, stride_y, xhat, hidden,
                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, ROUND_TO_RES: tl.constexpr):
     y = xhat
     if HAS_W:
-        y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        y = y * tl.load(W + cols, mask=cols < hidden, other=0.0).to(tl.float32)
     if HAS_B:
-        y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        y = y + tl.load(B + cols, mask=cols < hidden, other=0.0).to(tl.float32)
     if ROUND_TO_RES:  # the norm's result is rounded to new_residual's dtype, then to x's
         y = y.to(RES_OUT.dtype.element_ty)
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
@@ -71,14 +71,16 @@ def _affine_store(Y, RES_OUT, W, B, row, cols, mask, stride_y, xhat,
 def _fwd_kernel(
     X, RES, W, B, Y, RES_OUT, MEAN, RSTD,
     stride_x, stride_res, stride_y, stride_res_out,
-    hidden, eps, seed, drop_p, drop_scale,
+    rows, hidden, eps, seed, drop_p, drop_scale,
     IS_RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     STORE_RES: tl.constexpr, ROUND_TO_RES: tl.constexpr, HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_B: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < hidden
+    # a tile of ROWS whole rows per program: narrow rows get enough bytes in flight
+    row1 = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row = row1[:, None]
+    cols = tl.arange(0, BLOCK)[None, :]
+    mask = (row < rows) & (cols < hidden)
     h = _new_residual(X, RES, row, cols, mask, stride_x, stride_res, hidden, seed, drop_p,
                       drop_scale, HAS_RES, HAS_DROPOUT)
     if STORE_RES:
@@ -88,12 +90,12 @@ def _fwd_kernel(
     if IS_RMS:
         centered = h
     else:
-        mean = tl.sum(h, axis=0) / hidden
-        centered = tl.where(mask, h - mean, 0.0)
-        tl.store(MEAN + row, mean)
-    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / hidden + eps)
-    tl.store(RSTD + row, rstd)
-    _affine_store(Y, RES_OUT, W, B, row, cols, mask, stride_y, centered * rstd,
+        mean = tl.sum(h, axis=1) / hidden
+        centered = tl.where(mask, h - mean[:, None], 0.0)
+        tl.store(MEAN + row1, mean, mask=row1 < rows)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / hidden + eps)
+    tl.store(RSTD + row1, rstd, mask=row1 < rows)
+    _affine_store(Y, RES_OUT, W, B, row, cols, mask, stride_y, centered * rstd[:, None], hidden,
                   HAS_W, HAS_B, ROUND_TO_RES)
 
 
@@ -101,10 +103,10 @@ def _fwd_kernel(
 def _fwd_looped_kernel(
     X, RES, W, B, Y, RES_OUT, MEAN, RSTD,
     stride_x, stride_res, stride_y, stride_res_out,
-    hidden, eps, seed, drop_p, drop_scale,
+    rows, hidden, eps, seed, drop_p, drop_scale,
     IS_RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     STORE_RES: tl.constexpr, ROUND_TO_RES: tl.constexpr, HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_B: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):
     # wide rows: pass 1 forms (and stores) h and its sum; pass 2 the centred sum of
     # squares (LayerNorm only); pass 3 normalizes. Passes 2-3 re-read the stored h.
@@ -149,7 +151,8 @@ def _fwd_looped_kernel(
         cols = start + tl.arange(0, BLOCK)
         mask = cols < hidden
         xhat = (_load_row(H, stride_h, row, cols, mask) - mean) * rstd
-        _affine_store(Y, RES_OUT, W, B, row, cols, mask, stride_y, xhat, HAS_W, HAS_B, ROUND_TO_RES)
+        _affine_store(Y, RES_OUT, W, B, row, cols, mask, stride_y, xhat, hidden, HAS_W, HAS_B,
+                      ROUND_TO_RES)
 
 
 @triton.jit
@@ -162,11 +165,11 @@ def _row_range(rows_per_example, rows_per_program):
 
 
 @triton.jit
-def _xhat(h, row, MEAN, rstd, mask, IS_RMS: tl.constexpr):
+def _xhat(h, row, MEAN, rstd, mask, row_mask, IS_RMS: tl.constexpr):
     if IS_RMS:
         xhat = h * rstd
     else:
-        xhat = tl.where(mask, (h - tl.load(MEAN + row)) * rstd, 0.0)
+        xhat = tl.where(mask, (h - tl.load(MEAN + row, mask=row_mask, other=0.0)) * rstd, 0.0)
     return xhat
 
 
@@ -190,35 +193,43 @@ def _bwd_kernel(
     hidden, rows_per_example, rows_per_program, seed, drop_p, drop_scale,
     IS_RMS: tl.constexpr, HAS_DRES_OUT: tl.constexpr, HAS_RES: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
+    # the program's rows stream through in tiles of ROWS rows; dweight/dbias partials
+    # stay in registers and are written once
     first, last, part_row = _row_range(rows_per_example, rows_per_program)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < hidden
+    cols1 = tl.arange(0, BLOCK)
+    cols = cols1[None, :]
+    col_mask = cols < hidden
     if HAS_W:
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK], dtype=tl.float32)
-    db = tl.zeros([BLOCK], dtype=tl.float32)
-    for row in range(first, last):
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    db = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    for start in range(first, last, ROWS):
+        row = start + tl.arange(0, ROWS)[:, None]
+        row_mask = row < last
+        mask = row_mask & col_mask
         dy = _load_row(DY, stride_dy, row, cols, mask)
-        rstd = tl.load(RSTD + row)
-        xhat = _xhat(_load_row(H, stride_h, row, cols, mask), row, MEAN, rstd, mask, IS_RMS)
+        rstd = tl.load(RSTD + row, mask=row_mask, other=0.0)
+        xhat = _xhat(_load_row(H, stride_h, row, cols, mask), row, MEAN, rstd, mask, row_mask,
+                     IS_RMS)
         g = dy
         if HAS_W:
             dw += dy * xhat
             g = dy * w
         if HAS_B:
             db += dy
-        c1 = tl.sum(xhat * g, axis=0) / hidden
+        c1 = tl.sum(xhat * g, axis=1)[:, None] / hidden
         if IS_RMS:
             dh = (g - xhat * c1) * rstd
         else:
-            dh = (g - (xhat * c1 + tl.sum(g, axis=0) / hidden)) * rstd
+            dh = (g - (xhat * c1 + tl.sum(g, axis=1)[:, None] / hidden)) * rstd
         _store_grads(DX, DRES, DRES_OUT, row, cols, mask, stride_dx, stride_dres, stride_dres_out,
                      dh, hidden, seed, drop_p, drop_scale, HAS_DRES_OUT, HAS_RES, HAS_DROPOUT)
     if HAS_W:
-        tl.store(DW_PART + part_row * hidden + cols, dw, mask=mask)
+        tl.store(DW_PART + part_row * hidden + cols1, tl.sum(dw, axis=0), mask=cols1 < hidden)
     if HAS_B:
-        tl.store(DB_PART + part_row * hidden + cols, db, mask=mask)
+        tl.store(DB_PART + part_row * hidden + cols1, tl.sum(db, axis=0), mask=cols1 < hidden)
 
 
 @triton.jit
@@ -228,6 +239,7 @@ def _bwd_looped_kernel(
     hidden, rows_per_example, rows_per_program, seed, drop_p, drop_scale,
     IS_RMS: tl.constexpr, HAS_DRES_OUT: tl.constexpr, HAS_RES: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     # wide rows: pass A reduces each row's mean(g * xhat) and mean(g) into C1/C2; pass B
     # walks column chunks outermost, so the dweight/dbias partials of a chunk stay in
@@ -243,7 +255,8 @@ def _bwd_looped_kernel(
             g = _load_row(DY, stride_dy, row, cols, mask)
             if HAS_W:
                 g = g * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-            xhat = _xhat(_load_row(H, stride_h, row, cols, mask), row, MEAN, rstd, mask, IS_RMS)
+            xhat = _xhat(_load_row(H, stride_h, row, cols, mask), row, MEAN, rstd, mask, True,
+                         IS_RMS)
             a1 += xhat * g
             a2 += g
         tl.store(C1 + row, tl.sum(a1, axis=0) / hidden)
@@ -260,7 +273,8 @@ def _bwd_looped_kernel(
         for row in range(first, last):
             dy = _load_row(DY, stride_dy, row, cols, mask)
             rstd = tl.load(RSTD + row)
-            xhat = _xhat(_load_row(H, stride_h, row, cols, mask), row, MEAN, rstd, mask, IS_RMS)
+            xhat = _xhat(_load_row(H, stride_h, row, cols, mask), row, MEAN, rstd, mask, True,
+                         IS_RMS)
             g = dy
             if HAS_W:
                 dw += dy * xhat
@@ -320,13 +334,13 @@ def norm_forward(
     cfg = launch.block_config(hidden)
     kernel = _fwd_looped_kernel if cfg.looped else _fwd_kernel
     seed, p, scale = _dropout_args(dropout)
-    kernel[(rows,)](
+    kernel[(triton.cdiv(rows, cfg.rows),)](
         x2, res2, weight, bias, out, new_res if store_residual else None, mean, rstd,
         launch.row_stride(x2), launch.row_stride(res2) if res2 is not None else 0, hidden, hidden,
-        hidden, eps, seed, p, scale,
+        rows, hidden, eps, seed, p, scale,
         IS_RMS=is_rms, HAS_RES=res2 is not None, HAS_DROPOUT=dropout is not None,
         STORE_RES=store_residual, ROUND_TO_RES=store_residual and res_dtype != x.dtype,
-        HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=cfg.block,
+        HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=cfg.block, ROWS=cfg.rows,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, new_res, mean, rstd
@@ -377,7 +391,7 @@ def norm_backward(
         hidden, split.rows_per_example, split.rows_per_program, seed, p, scale,
         IS_RMS=is_rms, HAS_DRES_OUT=dres_out2 is not None, HAS_RES=dres is not None,
         HAS_DROPOUT=dropout is not None, HAS_W=weight is not None,
-        HAS_B=bias_dtype is not None, BLOCK=cfg.block, num_warps=cfg.bwd_warps,
+        HAS_B=bias_dtype is not None, BLOCK=cfg.block, ROWS=cfg.bwd_rows, num_warps=cfg.bwd_warps,
         num_stages=cfg.num_stages,
     )
     dw = db = None

@@ -1,0 +1,102 @@
+"""Host-side (CPU) cost of one norm call on a CUDA device, layer by layer.
+
+The tensors are tiny, so the GPU never holds the host back: each number is the time the
+host spends issuing the call (median of perf_counter over many calls). Prints the
+layers from the raw Triton launch up to the public API with autograd, torch's own op for
+scale, and a cProfile of the API's forward + backward.
+
+    python benchmarks/host_overhead.py
+"""
+
+from __future__ import annotations
+
+import cProfile
+import pstats
+import statistics
+import time
+
+import torch
+
+import normlab
+from normlab.ops.triton import launch, norm
+
+
+def host_us(fn, n=3000) -> float:
+    for _ in range(200):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    return statistics.median(ts) * 1e6
+
+
+def main() -> None:
+    dev = "cuda"
+    hidden = 1024
+    x = torch.randn(8, hidden, device=dev, dtype=torch.bfloat16)
+    r = torch.randn_like(x)
+    w = torch.randn(hidden, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(hidden, device=dev, dtype=torch.bfloat16)
+    F = normlab.functional
+    out, _, mean, rstd = norm.norm_forward(x, None, w, b, 1e-5, hidden=hidden, is_rms=False,
+                                           dropout=None, residual_dtype=None, store_residual=False)
+    cfg = launch.block_config(hidden)
+    y = torch.empty_like(x)
+
+    def raw_launch():
+        norm._fwd_kernel[(triton_cdiv(8, cfg.rows),)](
+            x, None, w, b, y, None, mean, rstd, hidden, 0, hidden, hidden, 8, hidden, 1e-5, 0,
+            0.0, 1.0, IS_RMS=False, HAS_RES=False, HAS_DROPOUT=False, STORE_RES=False,
+            ROUND_TO_RES=False, HAS_W=True, HAS_B=True, BLOCK=cfg.block, ROWS=cfg.rows,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    g = torch.randn_like(x)
+    rows = {
+        "triton launch (fwd kernel)": raw_launch,
+        "norm_forward": lambda: norm.norm_forward(
+            x, None, w, b, 1e-5, hidden=hidden, is_rms=False, dropout=None,
+            residual_dtype=None, store_residual=False),
+        "norm_backward": lambda: norm.norm_backward(
+            g, None, x, w, b.dtype, mean, rstd, hidden=hidden, is_rms=False, dropout=None,
+            x_dtype=x.dtype, residual_grad_dtype=None, examples=None),
+        "custom op fwd": lambda: torch.ops.normlab.fused_norm(
+            x, None, w, b, None, None, 1e-5, hidden, False, 0.0, None, False),
+    }
+    res = {}
+    with torch.no_grad():
+        for k, fn in rows.items():
+            res[k] = host_us(fn)
+        res["api layer_norm fwd (no_grad)"] = host_us(lambda: F.layer_norm(x, hidden, w, b))
+        res["api add_rms_norm fwd (no_grad)"] = host_us(lambda: F.add_rms_norm(x, r, w))
+        res["torch F.layer_norm fwd (no_grad)"] = host_us(
+            lambda: torch.nn.functional.layer_norm(x, (hidden,), w, b))
+    xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+
+    def api_fwdbwd():
+        torch.autograd.grad(F.layer_norm(xg, hidden, wg, bg), (xg, wg, bg), g)
+
+    def torch_fwdbwd():
+        torch.autograd.grad(torch.nn.functional.layer_norm(xg, (hidden,), wg, bg), (xg, wg, bg), g)
+    res["api layer_norm fwd+bwd"] = host_us(api_fwdbwd, 1500)
+    res["torch layer_norm fwd+bwd"] = host_us(torch_fwdbwd, 1500)
+    for k, v in res.items():
+        print(f"{k:40s} {v:8.1f} us")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(300):
+        api_fwdbwd()
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
+def triton_cdiv(a, b):
+    return (a + b - 1) // b
+
+
+if __name__ == "__main__":
+    main()
