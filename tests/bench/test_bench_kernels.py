@@ -20,7 +20,9 @@ def test_bench_kernels_quick_json(tmp_path):
         "--rows", "8", "--hidden", "16,32", "--ops", "rms_norm,add_layer_norm",
         "--out", str(tmp_path),
     ])
-    assert result.exit_code == 0, result.output
+    import traceback
+    assert result.exit_code == 0, (result.output, traceback.format_exception(*result.exc_info)
+                                   if result.exc_info else None)
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     # 2 ops x 2 hidden x 3 passes x 2 impls (normlab, torch eager; compile off for --quick on CPU)
     assert len(records) == 24

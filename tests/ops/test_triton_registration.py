@@ -114,3 +114,58 @@ def test_export_runs_the_op():
     text = str(ep.graph)
     assert text.count("normlab.fused_norm") == 2, text
     torch.testing.assert_close(ep.module()(x, r), expected)
+
+
+def test_eager_function_and_op_agree_bit_for_bit():
+    """Eager calls on plain tensors take FusedNorm; compile/export take the op: the same
+    kernels and formula, so the same bits, per-example buffer included."""
+    from normlab.ops.triton import custom_ops
+    results = []
+    for path in ("function", "op"):
+        (x, res, w, b, seed, _, eps, hidden, is_rms, p, rdt, store) = _fwd_args(False, True, True)
+        buf = torch.zeros(2, 3, device=DEVICE)
+        args = (x, res, w, b, seed, buf, eps, hidden, is_rms, p, rdt, store)
+        if path == "function":
+            out, new_res = custom_ops.FusedNorm.apply(*args)
+        else:
+            out, new_res, _mean, _rstd = torch.ops.normlab.fused_norm(*args)
+        g = torch.Generator().manual_seed(1)
+        cots = [torch.randn(t.shape, generator=g).to(DEVICE) for t in (out, new_res)]
+        grads = torch.autograd.grad((out * cots[0]).sum() + (new_res * cots[1]).sum(), (x, res, w, b))
+        results.append((out, new_res, *grads, buf))
+    for a, b_ in zip(*results, strict=True):
+        assert torch.equal(a, b_)
+    assert results[0][-1].min() > 0
+
+
+def test_use_ops_picks_the_op_where_the_function_cannot_go():
+    from torch.distributed.tensor import DTensor  # noqa: F401  (a subclass exists)
+
+    from normlab.ops.triton import custom_ops
+    x = torch.randn(2, 4)
+    assert not custom_ops.use_ops(x, None)
+    assert custom_ops.use_ops(x, torch.nn.Parameter(torch.randn(4)).as_subclass(_Sub))
+    seen = []
+
+    def f(t):
+        seen.append(custom_ops.use_ops(t))
+        return t * 2
+    torch.func.vmap(f)(x)
+    torch.compile(f, backend="eager", fullgraph=True)(x)
+    assert seen[0] is True and seen[-1] is True
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def test_double_backward_is_refused():
+    # the kernels' backward is not differentiable: a second derivative raises (the torch
+    # backend is the one to use for gradient penalties)
+    x = torch.randn(3, 16, device=DEVICE, requires_grad=True)
+    w = torch.randn(16, device=DEVICE, requires_grad=True)
+    with normlab.set_backend("triton"):
+        y = normlab.functional.rms_norm(x, 16, w)
+    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="not have been used in the graph"):
+        torch.autograd.grad(gx.sum(), x)

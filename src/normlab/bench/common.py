@@ -52,15 +52,17 @@ class Timer:
 
     def once_ms(self, fn: Callable[[], object]) -> float:
         """One timed call. On a GPU the queue is drained, then the L2 cache is flushed by
-        overwriting a 256 MiB buffer (so no input is timed from the cache), then the call
-        is timed with CUDA events; the flush keeps the GPU busy while the host queues the
-        call, so host-side launch cost that the GPU would hide in a training loop stays
-        out of the number (as in ``triton.testing.do_bench``)."""
+        reading a 256 MiB buffer (so no input is timed from the cache, and no dirty line
+        of the flush is written back during the call, as a flush by writing would), then
+        the call is timed with CUDA events. The flush keeps the GPU busy for about 0.1 ms
+        while the host queues the call, so host-side cost up to that much, which the GPU
+        hides in a training loop, stays out of the number (as in
+        ``triton.testing.do_bench``); ``benchmarks/host_overhead.py`` measures it."""
         if self.device.type == "cuda":
             if self._flush is None:
-                self._flush = torch.empty(256 << 20, dtype=torch.int8, device=self.device)
+                self._flush = torch.ones(64 << 20, dtype=torch.float32, device=self.device)
             torch.cuda.synchronize(self.device)
-            self._flush.zero_()
+            self._flush.sum()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()

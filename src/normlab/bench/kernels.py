@@ -193,20 +193,35 @@ def _inputs(op: str, rows: int, hidden: int, device: torch.device, dtype: torch.
 
 
 def run(device: torch.device, dtype: torch.dtype, rows_list, hidden_list, ops, passes,
-        compile_: bool, timer: Timer, copy_bytes: int) -> list[Record]:
+        compile_: bool, timer: Timer, copy_bytes: int,
+        progress: Callable[[str], None] | None = None,
+        checkpoint: Callable[[list[Record]], None] | None = None) -> list[Record]:
+    """Every measurement, in table order. ``progress`` is called after each shape,
+    ``checkpoint`` with the records so far after each (op, hidden)."""
     name = device_name(device)
     copy_gbps = copy_bandwidth(device, timer, copy_bytes)
     records: list[Record] = []
     itemsize = torch.tensor([], dtype=dtype).element_size()
     for op in ops:
-        for rows in rows_list:
-            for hidden in hidden_list:
+        for hidden in hidden_list:
+            eager = _torch_eager(op, hidden)
+            compiled = None
+            if compile_:
+                # one compile per (op, hidden), the row count dynamic (marked on the
+                # inputs): inductor's norm kernels depend on hidden, not on rows
+                torch._dynamo.reset()
+                compiled = torch.compile(eager)
+            for rows in rows_list:
                 inputs = _inputs(op, rows, hidden, device, dtype)
-                eager = _torch_eager(op, hidden)
+                if compiled is not None:
+                    for t in inputs[:2]:
+                        if t is not None:
+                            torch._dynamo.mark_dynamic(t, 0)
                 impls = {"normlab": _normlab(op, hidden), "torch": eager}
-                if compile_:
-                    impls["torch.compile"] = torch.compile(eager, dynamic=False)
-                for label, make in (("liger", _liger), ("apex", _apex)):
+                if compiled is not None:
+                    impls["torch.compile"] = compiled
+                # Liger-Kernel and Apex run CUDA tensors only
+                for label, make in ((("liger", _liger), ("apex", _apex)) if device.type == "cuda" else ()):
                     fn = make(op, hidden)
                     if fn is not None:
                         impls[label] = fn
@@ -223,10 +238,19 @@ def run(device: torch.device, dtype: torch.dtype, rows_list, hidden_list, ops, p
                             round(gbps / copy_gbps, 4), round(copy_gbps, 2), torch.__version__,
                             path, normlab_path if impl == "normlab" else impl,
                         ))
+                if progress is not None:
+                    progress(f"{op} {rows}x{hidden}")
+            if checkpoint is not None:
+                checkpoint(records)
+    records.sort(key=_order)
     return records
 
 
-def write_outputs(records: list[Record], out: Path, stem: str) -> list[Path]:
+def _order(r: Record) -> tuple:
+    return (OPS.index(r.op), r.rows, r.hidden, PASSES.index(r.pass_))
+
+
+def write_outputs(records: list[Record], out: Path, stem: str, plot: bool = True) -> list[Path]:
     csv_path, md_path, png_path = out / f"{stem}.csv", out / f"{stem}.md", out / f"{stem}.png"
     write_csv([r.as_json() for r in records], csv_path)
     r0 = records[0]
@@ -243,6 +267,8 @@ def write_outputs(records: list[Record], out: Path, stem: str) -> list[Path]:
     paths = {(r.op, r.torch_path) for r in records}
     lines += ["", "torch eager ran (profiler):", ""] + [f"- {op}: `{p}`" for op, p in sorted(paths)]
     md_path.write_text("\n".join(lines) + "\n")
+    if not plot:
+        return [csv_path, md_path]
     _plot(records, png_path)
     return [csv_path, md_path, png_path]
 
@@ -311,9 +337,19 @@ def kernels(
     if compile_ is None:
         compile_ = gpu or not quick
     timer = Timer(dev, warmup=3 if quick else 10, reps=5 if quick else (50 if gpu else 15))
-    records = run(dev, torch_dtype, rows_list, hidden_list, op_list, PASSES, compile_, timer,
-                  copy_bytes=(64 << 20) if quick or not gpu else (1 << 30))
-    stem = f"kernels-{dev.type}-{dtype}"
+    from rich.progress import Progress
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("bench kernels", total=len(op_list) * len(rows_list) * len(hidden_list))
+
+        def advance(what: str) -> None:
+            bar.update(task, advance=1, description=what)
+        stem = f"kernels-{dev.type}-{dtype}"
+
+        def save(so_far: list[Record]) -> None:  # partial tables survive an interruption
+            write_outputs(sorted(so_far, key=_order), Path(out), stem, plot=False)
+        records = run(dev, torch_dtype, rows_list, hidden_list, op_list, PASSES, compile_, timer,
+                      copy_bytes=(64 << 20) if quick or not gpu else (1 << 30), progress=advance,
+                      checkpoint=save)
     paths = write_outputs(records, Path(out), stem)
     if as_json:
         for r in records:

@@ -12,6 +12,11 @@ the backward op (for its shape only); both ops are functional. The autograd form
 holds the buffer on ``ctx`` (not among the saved tensors, whose version check would
 fire when a retained graph runs backward again) and copies the squared norms into it.
 DTensor sharding rules of both ops live in ``sharding.py``.
+
+In eager mode on plain tensors, ``FusedNorm`` (a plain ``torch.autograd.Function``
+over the same kernels and the same backward formula) runs instead of the ops: the
+dispatcher's Python layers of a custom op cost more host time per call than the
+kernels of a mid-sized norm take on the GPU. ``use_ops`` says which path a call takes.
 """
 
 from __future__ import annotations
@@ -128,3 +133,51 @@ def _backward(ctx, dout, dnew_res, _dmean, _drstd):
 
 
 torch.library.register_autograd("normlab::fused_norm", _backward, setup_context=_setup_context)
+
+
+def use_ops(*tensors: Tensor | None) -> bool:
+    """True where a call must go through the registered ops: under torch.compile or
+    export, under functorch transforms, and for tensor subclasses (DTensor, fake
+    tensors); plain tensors in eager mode take ``FusedNorm``."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return True
+    return any(t is not None and type(t) is not Tensor for t in tensors)
+
+
+class FusedNorm(torch.autograd.Function):
+    """``fused_norm`` for eager mode: (out, new_residual), with the same saved state and
+    backward as the op's autograd formula."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, seed, per_example_grad_sq, eps, hidden, is_rms,
+                dropout_p, residual_dtype, store_residual):
+        out, new_res, mean, rstd = norm_forward(
+            x, residual, weight, bias, eps, hidden=hidden, is_rms=is_rms,
+            dropout=_dropout(seed, dropout_p), residual_dtype=residual_dtype,
+            store_residual=store_residual,
+        )
+        ctx.save_for_backward(new_res if store_residual else x, weight, mean, rstd)
+        ctx.dropout = _dropout(seed, dropout_p)
+        ctx.per_example_grad_sq = per_example_grad_sq
+        ctx.meta = (hidden, is_rms, store_residual, x.dtype,
+                    residual.dtype if residual is not None else None,
+                    bias.dtype if bias is not None else None,
+                    bias.shape if bias is not None else None)
+        return out, new_res
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dnew_res):
+        h, weight, mean, rstd = ctx.saved_tensors
+        hidden, is_rms, store_residual, x_dtype, residual_dtype, bias_dtype, bias_shape = ctx.meta
+        buf = ctx.per_example_grad_sq
+        dx, dres, dw, db, sq = norm_backward(
+            dout, dnew_res if store_residual else None, h, weight, bias_dtype, mean, rstd,
+            hidden=hidden, is_rms=is_rms, dropout=ctx.dropout, x_dtype=x_dtype,
+            residual_grad_dtype=residual_dtype, examples=buf.shape[1] if buf is not None else None,
+        )
+        if buf is not None:
+            buf.copy_(sq)
+        return (dx, dres, dw.reshape(weight.shape) if dw is not None else None,
+                db.reshape(bias_shape) if db is not None else None,
+                None, None, None, None, None, None, None, None)

@@ -11,6 +11,7 @@ single-block limit so tests reach the looped kernels on small rows.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -73,11 +74,18 @@ class BlockConfig:
     bwd_rows: int    # backward: rows per step of a program's loop
     bwd_warps: int
     num_stages: int
+    programs_per_sm: int  # backward
 
 
 TILE = 4096
 """Elements a single-block program aims to hold per step: narrow rows are stacked into
 tiles of several rows, so each step moves enough bytes to hide memory latency."""
+
+# Backward launch settings by block size: (rows per step, warps, programs per SM), from
+# the sweep of benchmarks/tune_triton.py on an H100 (bf16, 16384 rows; see
+# benchmarks/results/tuning-h100.md). Narrower blocks stack rows up to TILE elements.
+_BWD_SETTINGS = {1024: (4, 4, 4), 2048: (1, 8, 4), 4096: (1, 8, 2), 8192: (1, 16, 1),
+                 16384: (1, 8, 2)}
 
 
 def _default_warps(elements: int) -> int:
@@ -86,17 +94,31 @@ def _default_warps(elements: int) -> int:
 
 
 def block_config(hidden: int) -> BlockConfig:
-    """Block size, rows per tile, warps and pipelining depth for rows of ``hidden``
-    elements."""
+    """Block size, rows per tile, warps, pipelining depth and backward programs per SM
+    for rows of ``hidden`` elements."""
+    return _block_config(hidden, tuple(_tune.values()), tuple(_limits.values()))
+
+
+@functools.lru_cache(maxsize=1024)
+def _block_config(hidden: int, _tune_key: tuple, _limits_key: tuple) -> BlockConfig:
     full = triton.next_power_of_2(hidden)
     looped = full > _limits["single_block"]
     block = min(full, _limits["chunk"]) if looped else full
-    rows = 1 if looped else max(1, min(16, TILE // block))
-    fwd_rows = 1 if looped else (_tune["fwd_rows"] or rows)
-    bwd_rows = 1 if looped else (_tune["bwd_rows"] or rows)
-    return BlockConfig(block, looped, fwd_rows, _tune["fwd_warps"] or _default_warps(block * fwd_rows),
-                       bwd_rows, _tune["bwd_warps"] or _default_warps(block * bwd_rows),
-                       _tune["num_stages"] or 3)  # 3: Triton's own default
+    if looped:
+        fwd_rows, fwd_warps = 1, _default_warps(block)
+        bwd_rows, bwd_warps, per_sm = 1, _default_warps(block), 4
+    else:
+        fwd_rows = max(1, min(16, TILE // block))
+        fwd_warps = min(4, _default_warps(block * fwd_rows)) if block <= 2048 else (
+            8 if block == 4096 else 16)
+        bwd_rows, bwd_warps, per_sm = _BWD_SETTINGS.get(
+            block, (fwd_rows, min(4, _default_warps(block * fwd_rows)), 4))
+    fwd_rows = 1 if looped else (_tune["fwd_rows"] or fwd_rows)
+    bwd_rows = 1 if looped else (_tune["bwd_rows"] or bwd_rows)
+    return BlockConfig(block, looped, fwd_rows, _tune["fwd_warps"] or fwd_warps,
+                       bwd_rows, _tune["bwd_warps"] or bwd_warps,
+                       _tune["num_stages"] or 3,  # 3: Triton's own default
+                       _tune["programs_per_sm"] or per_sm)
 
 
 def check_supported(op: str, x: torch.Tensor, hidden: int) -> None:
@@ -147,12 +169,17 @@ def row_stride(rows: torch.Tensor) -> int:
     return rows.stride(0) if rows.shape[0] > 1 else rows.shape[1]
 
 
-def num_programs_target(device: torch.device) -> int:
+@functools.lru_cache(maxsize=64)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_programs_target(device: torch.device, programs_per_sm: int = 4) -> int:
     """How many programs a row-parallel backward aims for: a few per SM on a GPU; few
     on the CPU interpreter, where each program runs in turn."""
     if device.type == "cuda":
-        per_sm = _tune["programs_per_sm"] or 4
-        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return programs_per_sm * _sm_count(index)
     return 4
 
 
@@ -167,9 +194,10 @@ class RowSplit:
     rows_per_program: int
 
 
-def split_rows(rows: int, examples: int, device: torch.device) -> RowSplit:
+def split_rows(rows: int, examples: int, device: torch.device, programs_per_sm: int = 4) -> RowSplit:
     per_example = rows // examples
-    chunks = max(1, min(per_example, math.ceil(num_programs_target(device) / examples)))
+    target = num_programs_target(device, programs_per_sm)
+    chunks = max(1, min(per_example, math.ceil(target / examples)))
     per_program = max(1, math.ceil(per_example / chunks))
     chunks = max(1, math.ceil(per_example / per_program))
     return RowSplit(examples, per_example, chunks, per_program)
@@ -202,22 +230,31 @@ def _reduce_partials_kernel(
     tl.store(OUT + cols1, total.to(OUT.dtype.element_ty), mask=cols1 < hidden)
 
 
+def _reduce_block_c(hidden: int) -> int:
+    # narrow column blocks: many programs share the (small, row-long) reduction
+    return min(triton.next_power_of_2(hidden), 32 if hidden <= 2048 else 64 if hidden <= 8192 else 128)
+
+
+def reduce_col_blocks(hidden: int) -> int:
+    """How many column blocks ``reduce_partials`` splits ``hidden`` columns into."""
+    return triton.cdiv(hidden, _reduce_block_c(hidden))
+
+
 def reduce_partials(
-    partials: torch.Tensor, split: RowSplit, out_dtype: torch.dtype, per_example: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    partials: torch.Tensor, split: RowSplit, out_dtype: torch.dtype, sq: torch.Tensor | None,
+) -> torch.Tensor:
     """Sum the [examples * chunks, hidden] float32 partials over rows, in a fixed order
-    (deterministic, no atomics). Returns (sum in ``out_dtype``, and with ``per_example``
-    the float32 [examples] squared norms of each example's sum)."""
+    (deterministic, no atomics), and return the sum in ``out_dtype``. With ``sq`` (float32
+    [examples, reduce_col_blocks(hidden)], contiguous), also write there, per example and
+    column block, the squared norm of that example's sum: ``sq.sum(1)`` is each
+    example's squared gradient norm."""
     hidden = partials.shape[1]
     out = torch.empty(hidden, dtype=out_dtype, device=partials.device)
-    # narrow column blocks: many programs share the (small, row-long) reduction
-    block_c = min(triton.next_power_of_2(hidden), 32 if hidden <= 2048 else 64 if hidden <= 8192 else 128)
+    block_c = _reduce_block_c(hidden)
     block_r = min(max(1, 4096 // block_c), triton.next_power_of_2(split.chunks))
     n_col_blocks = triton.cdiv(hidden, block_c)
-    sq = (torch.empty(split.examples, n_col_blocks, dtype=torch.float32, device=partials.device)
-          if per_example else None)
     _reduce_partials_kernel[(n_col_blocks,)](
         partials, out, sq, hidden, split.examples, split.chunks, n_col_blocks,
-        PER_EXAMPLE=per_example, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=4,
+        PER_EXAMPLE=sq is not None, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=4,
     )
-    return out, (sq.sum(1) if per_example else None)
+    return out

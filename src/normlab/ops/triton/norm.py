@@ -365,7 +365,8 @@ def norm_backward(
     dres = (torch.empty(h.shape, dtype=residual_grad_dtype, device=device)
             if residual_grad_dtype is not None else None)
     per_example = examples is not None
-    split = launch.split_rows(rows, examples or 1, device) if rows else None
+    cfg = launch.block_config(hidden)
+    split = launch.split_rows(rows, examples or 1, device, cfg.programs_per_sm) if rows else None
     if rows == 0:
         dw = torch.zeros(hidden, dtype=weight.dtype, device=device) if weight is not None else None
         db = torch.zeros(hidden, dtype=bias_dtype, device=device) if bias_dtype is not None else None
@@ -376,7 +377,6 @@ def norm_backward(
                if weight is not None else None)
     db_part = (torch.empty(n_parts, hidden, dtype=torch.float32, device=device)
                if bias_dtype is not None else None)
-    cfg = launch.block_config(hidden)
     if cfg.looped:
         kernel = _bwd_looped_kernel
         c1 = torch.empty(rows, dtype=torch.float32, device=device)
@@ -395,13 +395,12 @@ def norm_backward(
         num_stages=cfg.num_stages,
     )
     dw = db = None
-    sq = torch.zeros(2, examples, device=device) if per_example else None
+    # per example: each reduction writes its column blocks' squared sums into one
+    # [2, examples, column blocks] buffer (zeros where a parameter is absent), summed once
+    sq_parts = (torch.zeros(2, examples, launch.reduce_col_blocks(hidden), device=device)
+                if per_example else None)
     if dw_part is not None:
-        dw, dw_sq = launch.reduce_partials(dw_part, split, weight.dtype, per_example)
-        if per_example:
-            sq[0] = dw_sq
+        dw = launch.reduce_partials(dw_part, split, weight.dtype, sq_parts[0] if per_example else None)
     if db_part is not None:
-        db, db_sq = launch.reduce_partials(db_part, split, bias_dtype, per_example)
-        if per_example:
-            sq[1] = db_sq
-    return dx, dres, dw, db, sq
+        db = launch.reduce_partials(db_part, split, bias_dtype, sq_parts[1] if per_example else None)
+    return dx, dres, dw, db, (sq_parts.sum(2) if per_example else None)
