@@ -175,8 +175,10 @@ class FusedNorm(torch.autograd.Function):
             dout, dnew_res if store_residual else None, h, weight, bias_dtype, mean, rstd,
             hidden=hidden, is_rms=is_rms, dropout=ctx.dropout, x_dtype=x_dtype,
             residual_grad_dtype=residual_dtype, examples=buf.shape[1] if buf is not None else None,
+            out_sq=buf if buf is not None and buf.is_contiguous() and buf.dtype == torch.float32
+            else None,
         )
-        if buf is not None:
+        if buf is not None and sq is not buf:
             buf.copy_(sq)
         return (dx, dres, dw.reshape(weight.shape) if dw is not None else None,
                 db.reshape(bias_shape) if db is not None else None,

@@ -111,8 +111,11 @@ def _block_config(hidden: int, _tune_key: tuple, _limits_key: tuple) -> BlockCon
         fwd_rows = max(1, min(16, TILE // block))
         fwd_warps = min(4, _default_warps(block * fwd_rows)) if block <= 2048 else (
             8 if block == 4096 else 16)
+        # narrow blocks: backward tiles of up to 1024 elements (4 warps), the most that
+        # compile without register spills on sm_90 (tests/ops/sm90.py)
+        small_rows = max(1, min(16, 1024 // block))
         bwd_rows, bwd_warps, per_sm = _BWD_SETTINGS.get(
-            block, (fwd_rows, min(4, _default_warps(block * fwd_rows)), 4))
+            block, (small_rows, min(4, _default_warps(block * small_rows)), 4))
     fwd_rows = 1 if looped else (_tune["fwd_rows"] or fwd_rows)
     bwd_rows = 1 if looped else (_tune["bwd_rows"] or bwd_rows)
     return BlockConfig(block, looped, fwd_rows, _tune["fwd_warps"] or fwd_warps,
@@ -205,19 +208,23 @@ def split_rows(rows: int, examples: int, device: torch.device, programs_per_sm: 
 
 @triton.jit
 def _reduce_partials_kernel(
-    PART, OUT, SQ, hidden, n_examples, n_chunks, n_col_blocks,
-    PER_EXAMPLE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    PART, OUT_W, OUT_B, SQ, hidden, n_examples, n_chunks, n_col_blocks,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, PER_EXAMPLE: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
-    # column block ``pid`` of OUT = sum of all partial rows, read in [BLOCK_R, BLOCK_C]
-    # tiles; with PER_EXAMPLE, also SQ[b, pid] = sum over these columns of (example b's
-    # sum)^2. The order of the sums is fixed: the result is deterministic.
+    # program (pid, k): column block ``pid`` of partial buffer k (weight first when there
+    # is one, then bias) summed over its rows, read in [BLOCK_R, BLOCK_C] tiles; with
+    # PER_EXAMPLE, also SQ[which, b, pid] = sum over these columns of (example b's sum)^2,
+    # which = 0 for the weight, 1 for the bias. The order of the sums is fixed: the
+    # result is deterministic.
     pid = tl.program_id(0)
+    k = tl.program_id(1)
     cols1 = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     cols = cols1[None, :]
     rr = tl.arange(0, BLOCK_R)[:, None]
     total = tl.zeros([BLOCK_C], dtype=tl.float32)
-    base = PART  # advances one example at a time (64-bit pointers, whatever the size)
-    for b in range(n_examples):
+    base = PART + k.to(tl.int64) * n_examples * n_chunks * hidden
+    for b in range(n_examples):  # ``base`` advances one example at a time
         acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
         for c0 in range(0, n_chunks, BLOCK_R):
             r = c0 + rr
@@ -226,8 +233,17 @@ def _reduce_partials_kernel(
         s = tl.sum(acc, axis=0)
         total += s
         if PER_EXAMPLE:
-            tl.store(SQ + b * n_col_blocks + pid, tl.sum(s * s, axis=0))
-    tl.store(OUT + cols1, total.to(OUT.dtype.element_ty), mask=cols1 < hidden)
+            which = k + (0 if HAS_W else 1)  # the SQ row: 0 weight, 1 bias
+            tl.store(SQ + (which * n_examples + b) * n_col_blocks + pid, tl.sum(s * s, axis=0))
+    if HAS_W and HAS_B:
+        if k == 0:
+            tl.store(OUT_W + cols1, total.to(OUT_W.dtype.element_ty), mask=cols1 < hidden)
+        else:
+            tl.store(OUT_B + cols1, total.to(OUT_B.dtype.element_ty), mask=cols1 < hidden)
+    elif HAS_W:
+        tl.store(OUT_W + cols1, total.to(OUT_W.dtype.element_ty), mask=cols1 < hidden)
+    else:
+        tl.store(OUT_B + cols1, total.to(OUT_B.dtype.element_ty), mask=cols1 < hidden)
 
 
 def _reduce_block_c(hidden: int) -> int:
@@ -241,20 +257,27 @@ def reduce_col_blocks(hidden: int) -> int:
 
 
 def reduce_partials(
-    partials: torch.Tensor, split: RowSplit, out_dtype: torch.dtype, sq: torch.Tensor | None,
-) -> torch.Tensor:
-    """Sum the [examples * chunks, hidden] float32 partials over rows, in a fixed order
-    (deterministic, no atomics), and return the sum in ``out_dtype``. With ``sq`` (float32
-    [examples, reduce_col_blocks(hidden)], contiguous), also write there, per example and
-    column block, the squared norm of that example's sum: ``sq.sum(1)`` is each
-    example's squared gradient norm."""
-    hidden = partials.shape[1]
-    out = torch.empty(hidden, dtype=out_dtype, device=partials.device)
+    partials: torch.Tensor, split: RowSplit, weight_dtype: torch.dtype | None,
+    bias_dtype: torch.dtype | None, sq: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Sum float32 partials [k, examples * chunks, hidden] over their rows, in a fixed
+    order (deterministic, no atomics), in one launch: buffer 0 is dweight's when
+    ``weight_dtype`` is given, the last dbias's when ``bias_dtype`` is. Returns (dweight,
+    dbias) in those dtypes. With ``sq`` (float32 [2, examples, reduce_col_blocks(hidden)],
+    contiguous), also write there, per parameter (0 weight, 1 bias), example and column
+    block, the squared norm of that example's sum: ``sq.sum(2)`` is each example's
+    squared gradient norm of each parameter."""
+    hidden = partials.shape[2]
+    device = partials.device
+    dw = torch.empty(hidden, dtype=weight_dtype, device=device) if weight_dtype is not None else None
+    db = torch.empty(hidden, dtype=bias_dtype, device=device) if bias_dtype is not None else None
     block_c = _reduce_block_c(hidden)
     block_r = min(max(1, 4096 // block_c), triton.next_power_of_2(split.chunks))
     n_col_blocks = triton.cdiv(hidden, block_c)
-    _reduce_partials_kernel[(n_col_blocks,)](
-        partials, out, sq, hidden, split.examples, split.chunks, n_col_blocks,
-        PER_EXAMPLE=sq is not None, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=4,
+    _reduce_partials_kernel[(n_col_blocks, partials.shape[0])](
+        partials, dw, db, sq, hidden, split.examples, split.chunks, n_col_blocks,
+        HAS_W=dw is not None, HAS_B=db is not None, PER_EXAMPLE=sq is not None, BLOCK_C=block_c,
+        BLOCK_R=block_r,
+        num_warps=4,
     )
-    return out
+    return dw, db

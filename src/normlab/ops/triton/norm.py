@@ -201,8 +201,6 @@ def _bwd_kernel(
     cols1 = tl.arange(0, BLOCK)
     cols = cols1[None, :]
     col_mask = cols < hidden
-    if HAS_W:
-        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
     dw = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     db = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     for start in range(first, last, ROWS):
@@ -215,6 +213,8 @@ def _bwd_kernel(
                      IS_RMS)
         g = dy
         if HAS_W:
+            # reloaded each step (from L1): registers go to the row instead
+            w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
             dw += dy * xhat
             g = dy * w
         if HAS_B:
@@ -351,11 +351,13 @@ def norm_backward(
     weight: torch.Tensor | None, bias_dtype: torch.dtype | None, mean: torch.Tensor,
     rstd: torch.Tensor, *, hidden: int, is_rms: bool, dropout: Dropout | None,
     x_dtype: torch.dtype, residual_grad_dtype: torch.dtype | None, examples: int | None,
+    out_sq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None,
            torch.Tensor | None]:
     """(dx, dresidual, dweight, dbias, per_example_sq): ``h`` is the normalized input
     (the stored new_residual). With ``examples`` set, per_example_sq is float32
-    [2, examples]: each example's ||dweight||^2 and ||dbias||^2 (zeros without bias)."""
+    [2, examples]: each example's ||dweight||^2 and ||dbias||^2 (zeros without bias),
+    written into ``out_sq`` when given (a float32 [2, examples] tensor)."""
     h2 = launch.as_rows(h, hidden)
     rows = h2.shape[0]
     dy2 = launch.as_rows(dout, hidden)
@@ -370,13 +372,15 @@ def norm_backward(
     if rows == 0:
         dw = torch.zeros(hidden, dtype=weight.dtype, device=device) if weight is not None else None
         db = torch.zeros(hidden, dtype=bias_dtype, device=device) if bias_dtype is not None else None
-        sq = torch.zeros(2, examples, device=device) if per_example else None
+        sq = None
+        if per_example:
+            sq = torch.zeros(2, examples, device=device) if out_sq is None else out_sq.zero_()
         return dx, dres, dw, db, sq
     n_parts = split.examples * split.chunks
-    dw_part = (torch.empty(n_parts, hidden, dtype=torch.float32, device=device)
-               if weight is not None else None)
-    db_part = (torch.empty(n_parts, hidden, dtype=torch.float32, device=device)
-               if bias_dtype is not None else None)
+    n_bufs = (weight is not None) + (bias_dtype is not None)
+    parts = torch.empty(n_bufs, n_parts, hidden, dtype=torch.float32, device=device) if n_bufs else None
+    dw_part = parts[0] if weight is not None else None
+    db_part = parts[n_bufs - 1] if bias_dtype is not None else None
     if cfg.looped:
         kernel = _bwd_looped_kernel
         c1 = torch.empty(rows, dtype=torch.float32, device=device)
@@ -395,12 +399,18 @@ def norm_backward(
         num_stages=cfg.num_stages,
     )
     dw = db = None
-    # per example: each reduction writes its column blocks' squared sums into one
-    # [2, examples, column blocks] buffer (zeros where a parameter is absent), summed once
-    sq_parts = (torch.zeros(2, examples, launch.reduce_col_blocks(hidden), device=device)
-                if per_example else None)
-    if dw_part is not None:
-        dw = launch.reduce_partials(dw_part, split, weight.dtype, sq_parts[0] if per_example else None)
-    if db_part is not None:
-        db = launch.reduce_partials(db_part, split, bias_dtype, sq_parts[1] if per_example else None)
-    return dx, dres, dw, db, (sq_parts.sum(2) if per_example else None)
+    # per example: the reduction writes its column blocks' squared sums into one
+    # [2, examples, column blocks] buffer (zeros for an absent parameter), summed once
+    sq_parts = None
+    if per_example:
+        alloc = torch.empty if n_bufs == 2 else torch.zeros
+        sq_parts = alloc(2, examples, launch.reduce_col_blocks(hidden), device=device)
+    if parts is not None:
+        dw, db = launch.reduce_partials(parts, split, weight.dtype if weight is not None else None,
+                                        bias_dtype, sq_parts)
+    elif per_example:
+        return dx, dres, dw, db, (torch.zeros(2, examples, device=device) if out_sq is None
+                                  else out_sq.zero_())
+    if not per_example:
+        return dx, dres, dw, db, None
+    return dx, dres, dw, db, (sq_parts.sum(2) if out_sq is None else torch.sum(sq_parts, 2, out=out_sq))
