@@ -144,7 +144,9 @@ def test_use_ops_picks_the_op_where_the_function_cannot_go():
     from normlab.ops.triton import custom_ops
     x = torch.randn(2, 4)
     assert not custom_ops.use_ops(x, None)
-    assert custom_ops.use_ops(x, torch.nn.Parameter(torch.randn(4)).as_subclass(_Sub))
+    # a module's weights are Parameters: still the eager path
+    assert not custom_ops.use_ops(x, torch.nn.Parameter(torch.randn(4)))
+    assert custom_ops.use_ops(x, torch.randn(4).as_subclass(_Sub))
     seen = []
 
     def f(t):
@@ -169,3 +171,13 @@ def test_double_backward_is_refused():
     (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="not have been used in the graph"):
         torch.autograd.grad(gx.sum(), x)
+
+
+def test_modules_take_the_eager_function_in_eager_mode():
+    # a module's weights are Parameters; the op's dispatch would cost host time per call
+    x = torch.randn(3, 16, device=DEVICE, requires_grad=True)
+    with normlab.set_backend("triton"):
+        y = normlab.LayerNorm(16).to(DEVICE)(x)
+        out, _ = normlab.RMSNorm(16).to(DEVICE)(x, torch.randn_like(x))
+    assert "FusedNorm" in type(y.grad_fn).__name__
+    assert "FusedNorm" in type(out.grad_fn).__name__

@@ -138,10 +138,13 @@ torch.library.register_autograd("normlab::fused_norm", _backward, setup_context=
 def use_ops(*tensors: Tensor | None) -> bool:
     """True where a call must go through the registered ops: under torch.compile or
     export, under functorch transforms, and for tensor subclasses (DTensor, fake
-    tensors); plain tensors in eager mode take ``FusedNorm``."""
+    tensors); plain tensors and Parameters in eager mode take ``FusedNorm``."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return True
-    return any(t is not None and type(t) is not Tensor for t in tensors)
+    return any(t is not None and type(t) not in _PLAIN for t in tensors)
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)  # a module's weights are Parameters
 
 
 class FusedNorm(torch.autograd.Function):
