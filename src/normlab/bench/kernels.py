@@ -211,7 +211,8 @@ def run(device: torch.device, dtype: torch.dtype, rows_list, hidden_list, ops, p
                 # inputs): inductor's norm kernels depend on hidden, not on rows
                 torch._dynamo.reset()
                 # the backward is timed on a retained graph, which donated buffers forbid
-                torch._functorch.config.donated_buffer = False
+                if hasattr(torch._functorch.config, "donated_buffer"):
+                    torch._functorch.config.donated_buffer = False
                 compiled = torch.compile(eager)
             for rows in rows_list:
                 inputs = _inputs(op, rows, hidden, device, dtype)
