@@ -100,36 +100,48 @@ def _fused_norm_backward_fake(dout, dnew_residual, h, weight, mean, rstd, seed,
     return dx, dres, dw, db, sq
 
 
-def _setup_context(ctx, inputs, output):
+def _save_state(ctx, inputs, new_res, mean, rstd) -> None:
+    """What both autograd formulas (the op's and ``FusedNorm``'s) keep for the backward."""
     (x, residual, weight, bias, seed, per_example_grad_sq, _eps, hidden, is_rms, dropout_p,
      _residual_dtype, store_residual) = inputs
-    _out, new_res, mean, rstd = output
     ctx.save_for_backward(new_res if store_residual else x, weight, mean, rstd, seed)
     # written by the backward, never read: held outside the saved tensors, so their
     # version check does not fire when a retained graph is run backward again
     ctx.per_example_grad_sq = per_example_grad_sq
-    ctx.mark_non_differentiable(mean, rstd)
     ctx.meta = (hidden, is_rms, dropout_p, store_residual, x.dtype,
                 residual.dtype if residual is not None else None,
                 bias.dtype if bias is not None else None,
                 bias.shape if bias is not None else None)
 
 
+def _input_grads(ctx, dx, dres, dw, db) -> tuple:
+    """The gradients of fused_norm's 12 inputs from the backward's results."""
+    _h, weight, *_ = ctx.saved_tensors
+    _hidden, _rms, _p, _store, _x_dtype, residual_dtype, bias_dtype, bias_shape = ctx.meta
+    return (dx, dres if residual_dtype is not None else None,
+            dw.reshape(weight.shape) if weight is not None else None,
+            db.reshape(bias_shape) if bias_dtype is not None else None,
+            None, None, None, None, None, None, None, None)
+
+
+def _setup_context(ctx, inputs, output):
+    _out, new_res, mean, rstd = output
+    _save_state(ctx, inputs, new_res, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
 def _backward(ctx, dout, dnew_res, _dmean, _drstd):
     h, weight, mean, rstd, seed = ctx.saved_tensors
     per_example_grad_sq = ctx.per_example_grad_sq
     (hidden, is_rms, dropout_p, store_residual, x_dtype, residual_dtype, bias_dtype,
-     bias_shape) = ctx.meta
+     _bias_shape) = ctx.meta
     dx, dres, dw, db, sq = torch.ops.normlab.fused_norm_backward(
         dout, dnew_res if store_residual else None, h, weight, mean, rstd, seed,
         per_example_grad_sq, hidden, is_rms, dropout_p, x_dtype, residual_dtype, bias_dtype,
     )
     if per_example_grad_sq is not None:
         per_example_grad_sq.copy_(sq)
-    return (dx, dres if residual_dtype is not None else None,
-            dw if weight is not None else None,
-            db.reshape(bias_shape) if bias_dtype is not None else None,
-            None, None, None, None, None, None, None, None)
+    return _input_grads(ctx, dx, dres, dw, db)
 
 
 torch.library.register_autograd("normlab::fused_norm", _backward, setup_context=_setup_context)
@@ -159,30 +171,24 @@ class FusedNorm(torch.autograd.Function):
             dropout=_dropout(seed, dropout_p), residual_dtype=residual_dtype,
             store_residual=store_residual,
         )
-        ctx.save_for_backward(new_res if store_residual else x, weight, mean, rstd)
-        ctx.dropout = _dropout(seed, dropout_p)
-        ctx.per_example_grad_sq = per_example_grad_sq
-        ctx.meta = (hidden, is_rms, store_residual, x.dtype,
-                    residual.dtype if residual is not None else None,
-                    bias.dtype if bias is not None else None,
-                    bias.shape if bias is not None else None)
+        _save_state(ctx, (x, residual, weight, bias, seed, per_example_grad_sq, eps, hidden,
+                          is_rms, dropout_p, residual_dtype, store_residual), new_res, mean, rstd)
         return out, new_res
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dnew_res):
-        h, weight, mean, rstd = ctx.saved_tensors
-        hidden, is_rms, store_residual, x_dtype, residual_dtype, bias_dtype, bias_shape = ctx.meta
+        h, weight, mean, rstd, seed = ctx.saved_tensors
+        (hidden, is_rms, dropout_p, store_residual, x_dtype, residual_dtype, bias_dtype,
+         _bias_shape) = ctx.meta
         buf = ctx.per_example_grad_sq
         dx, dres, dw, db, sq = norm_backward(
             dout, dnew_res if store_residual else None, h, weight, bias_dtype, mean, rstd,
-            hidden=hidden, is_rms=is_rms, dropout=ctx.dropout, x_dtype=x_dtype,
+            hidden=hidden, is_rms=is_rms, dropout=_dropout(seed, dropout_p), x_dtype=x_dtype,
             residual_grad_dtype=residual_dtype, examples=buf.shape[1] if buf is not None else None,
             out_sq=buf if buf is not None and buf.is_contiguous() and buf.dtype == torch.float32
             else None,
         )
         if buf is not None and sq is not buf:
             buf.copy_(sq)
-        return (dx, dres, dw.reshape(weight.shape) if dw is not None else None,
-                db.reshape(bias_shape) if db is not None else None,
-                None, None, None, None, None, None, None, None)
+        return _input_grads(ctx, dx, dres, dw, db)
