@@ -81,17 +81,61 @@ def main() -> None:
 
     def torch_fwdbwd():
         torch.autograd.grad(torch.nn.functional.layer_norm(xg, (hidden,), wg, bg), (xg, wg, bg), g)
+    y_keep = F.layer_norm(xg, hidden, wg, bg)
+
+    def api_bwd_only():
+        torch.autograd.grad(y_keep, (xg, wg, bg), g, retain_graph=True)
+
+    class Identity(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.view_as(t)
+
+        @staticmethod
+        def backward(ctx, gt):
+            return gt
+
+    def identity_fwdbwd():
+        torch.autograd.grad(Identity.apply(xg), (xg,), g)
+
+    res["api layer_norm fwd (grad mode, graph built)"] = host_us(
+        lambda: F.layer_norm(xg, hidden, wg, bg), 1500)
+    res["api layer_norm bwd only (retained graph)"] = host_us(api_bwd_only, 1500)
     res["api layer_norm fwd+bwd"] = host_us(api_fwdbwd, 1500)
     res["torch layer_norm fwd+bwd"] = host_us(torch_fwdbwd, 1500)
+    res["python autograd.Function identity fwd+bwd"] = host_us(identity_fwdbwd, 1500)
+    try:
+        from liger_kernel.transformers.functional import liger_layer_norm
+
+        def liger_fwdbwd():
+            torch.autograd.grad(liger_layer_norm(xg, wg, bg, 1e-5), (xg, wg, bg), g)
+        res["liger layer_norm fwd+bwd"] = host_us(liger_fwdbwd, 1500)
+    except ImportError:
+        pass
+    with torch.autograd.set_multithreading_enabled(False):  # backward on this thread
+        res["api layer_norm fwd+bwd, one thread"] = host_us(api_fwdbwd, 1500)
+        res["torch layer_norm fwd+bwd, one thread"] = host_us(torch_fwdbwd, 1500)
     for k, v in res.items():
-        print(f"{k:40s} {v:8.1f} us")
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(300):
-        api_fwdbwd()
-    prof.disable()
-    torch.cuda.synchronize()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        print(f"{k:48s} {v:8.1f} us")
+    for name, fn in (("api fwd+bwd", api_fwdbwd), ("api bwd only", api_bwd_only)):
+        prof = cProfile.Profile()
+        with torch.autograd.set_multithreading_enabled(False):
+            prof.enable()
+            for _ in range(300):
+                fn()
+            prof.disable()
+        torch.cuda.synchronize()
+        print(f"\n## cProfile of 300 x {name} (backward on the calling thread)")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
+    # the backward runs on autograd's device thread, where cProfile of the main thread
+    # does not look: the profiler's CPU view covers every thread
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        for _ in range(50):
+            api_fwdbwd()
+        torch.cuda.synchronize()
+    print(p.key_averages().table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=70))
 
 
 def triton_cdiv(a, b):
