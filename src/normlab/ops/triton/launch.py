@@ -77,6 +77,17 @@ class BlockConfig:
     programs_per_sm: int  # backward
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive ints (plain Python: ``triton.cdiv`` is a constexpr function
+    whose host-side call costs microseconds in recent Triton releases)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), in plain Python like ``cdiv``."""
+    return 1 << (n - 1).bit_length()
+
+
 TILE = 4096
 """Elements a single-block program aims to hold per step: narrow rows are stacked into
 tiles of several rows, so each step moves enough bytes to hide memory latency."""
@@ -101,7 +112,7 @@ def block_config(hidden: int) -> BlockConfig:
 
 @functools.lru_cache(maxsize=1024)
 def _block_config(hidden: int, _tune_key: tuple, _limits_key: tuple) -> BlockConfig:
-    full = triton.next_power_of_2(hidden)
+    full = next_power_of_2(hidden)
     looped = full > _limits["single_block"]
     block = min(full, _limits["chunk"]) if looped else full
     if looped:
@@ -138,12 +149,16 @@ def check_supported(op: str, x: torch.Tensor, hidden: int) -> None:
         )
 
 
-def as_rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
-    """``t`` as [rows, hidden] with unit stride along hidden; a view whenever one exists."""
+def as_rows(t: torch.Tensor, hidden: int) -> tuple[torch.Tensor, int, int]:
+    """(tensor, rows, row stride) for the kernels, which read ``t`` as [rows, hidden] with
+    unit stride along hidden: ``t`` itself when contiguous (no view is built: the kernels
+    need only its pointer), else a [rows, hidden] view whenever one exists, else a copy."""
+    if t.is_contiguous():
+        return t, t.numel() // hidden, hidden
     rows = t.reshape(-1, hidden)
     if rows.stride(1) != 1 and hidden > 1:
         rows = rows.contiguous()
-    return rows
+    return rows, rows.shape[0], rows.stride(0) if rows.shape[0] > 1 else hidden
 
 
 def row_shape(shape: Sequence[int], hidden: int) -> tuple[int, ...]:
@@ -166,10 +181,6 @@ def normalized_dims(shape: Sequence[int], hidden: int) -> int:
     while k < len(shape) and shape[len(shape) - k - 1] == 1:
         k += 1
     return k
-
-
-def row_stride(rows: torch.Tensor) -> int:
-    return rows.stride(0) if rows.shape[0] > 1 else rows.shape[1]
 
 
 @functools.lru_cache(maxsize=64)
@@ -246,14 +257,15 @@ def _reduce_partials_kernel(
         tl.store(OUT_B + cols1, total.to(OUT_B.dtype.element_ty), mask=cols1 < hidden)
 
 
+@functools.lru_cache(maxsize=1024)
 def _reduce_block_c(hidden: int) -> int:
     # narrow column blocks: many programs share the (small, row-long) reduction
-    return min(triton.next_power_of_2(hidden), 32 if hidden <= 2048 else 64 if hidden <= 8192 else 128)
+    return min(next_power_of_2(hidden), 32 if hidden <= 2048 else 64 if hidden <= 8192 else 128)
 
 
 def reduce_col_blocks(hidden: int) -> int:
     """How many column blocks ``reduce_partials`` splits ``hidden`` columns into."""
-    return triton.cdiv(hidden, _reduce_block_c(hidden))
+    return cdiv(hidden, _reduce_block_c(hidden))
 
 
 def reduce_partials(
@@ -272,8 +284,8 @@ def reduce_partials(
     dw = torch.empty(hidden, dtype=weight_dtype, device=device) if weight_dtype is not None else None
     db = torch.empty(hidden, dtype=bias_dtype, device=device) if bias_dtype is not None else None
     block_c = _reduce_block_c(hidden)
-    block_r = min(max(1, 4096 // block_c), triton.next_power_of_2(split.chunks))
-    n_col_blocks = triton.cdiv(hidden, block_c)
+    block_r = min(max(1, 4096 // block_c), next_power_of_2(split.chunks))
+    n_col_blocks = cdiv(hidden, block_c)
     _reduce_partials_kernel[(n_col_blocks, partials.shape[0])](
         partials, dw, db, sq, hidden, split.examples, split.chunks, n_col_blocks,
         HAS_W=dw is not None, HAS_B=db is not None, PER_EXAMPLE=sq is not None, BLOCK_C=block_c,

@@ -320,9 +320,8 @@ def norm_forward(
     """(out, new_residual, mean, rstd): out and new_residual have x's shape (contiguous),
     new_residual is empty unless ``store_residual``; mean/rstd are float32 with x's row
     dims as shape (``launch.row_shape``; mean empty for RMSNorm)."""
-    x2 = launch.as_rows(x, hidden)
-    rows = x2.shape[0]
-    res2 = launch.as_rows(residual, hidden) if residual is not None else None
+    x2, rows, x_stride = launch.as_rows(x, hidden)
+    res2, _, res_stride = launch.as_rows(residual, hidden) if residual is not None else (None, 0, 0)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     res_dtype = residual_dtype or x.dtype
     new_res = torch.empty(x.shape if store_residual else (0,), dtype=res_dtype, device=x.device)
@@ -334,9 +333,9 @@ def norm_forward(
     cfg = launch.block_config(hidden)
     kernel = _fwd_looped_kernel if cfg.looped else _fwd_kernel
     seed, p, scale = _dropout_args(dropout)
-    kernel[(triton.cdiv(rows, cfg.rows),)](
+    kernel[(launch.cdiv(rows, cfg.rows),)](
         x2, res2, weight, bias, out, new_res if store_residual else None, mean, rstd,
-        launch.row_stride(x2), launch.row_stride(res2) if res2 is not None else 0, hidden, hidden,
+        x_stride, res_stride, hidden, hidden,
         rows, hidden, eps, seed, p, scale,
         IS_RMS=is_rms, HAS_RES=res2 is not None, HAS_DROPOUT=dropout is not None,
         STORE_RES=store_residual, ROUND_TO_RES=store_residual and res_dtype != x.dtype,
@@ -358,10 +357,10 @@ def norm_backward(
     (the stored new_residual). With ``examples`` set, per_example_sq is float32
     [2, examples]: each example's ||dweight||^2 and ||dbias||^2 (zeros without bias),
     written into ``out_sq`` when given (a float32 [2, examples] tensor)."""
-    h2 = launch.as_rows(h, hidden)
-    rows = h2.shape[0]
-    dy2 = launch.as_rows(dout, hidden)
-    dres_out2 = launch.as_rows(dnew_residual, hidden) if dnew_residual is not None else None
+    h2, rows, h_stride = launch.as_rows(h, hidden)
+    dy2, _, dy_stride = launch.as_rows(dout, hidden)
+    dres_out2, _, dres_out_stride = (launch.as_rows(dnew_residual, hidden)
+                                     if dnew_residual is not None else (None, 0, 0))
     device = h.device
     dx = torch.empty(h.shape, dtype=x_dtype, device=device)
     dres = (torch.empty(h.shape, dtype=residual_grad_dtype, device=device)
@@ -390,8 +389,7 @@ def norm_backward(
     seed, p, scale = _dropout_args(dropout)
     kernel[(split.examples, split.chunks)](
         dy2, dres_out2, h2, weight, mean, rstd, dx, dres, dw_part, db_part, c1, c2,
-        launch.row_stride(dy2), launch.row_stride(dres_out2) if dres_out2 is not None else 0,
-        launch.row_stride(h2), hidden, hidden,
+        dy_stride, dres_out_stride, h_stride, hidden, hidden,
         hidden, split.rows_per_example, split.rows_per_program, seed, p, scale,
         IS_RMS=is_rms, HAS_DRES_OUT=dres_out2 is not None, HAS_RES=dres is not None,
         HAS_DROPOUT=dropout is not None, HAS_W=weight is not None,
