@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from normlab.cli import app
 
 FIELDS = {"op", "pass", "dtype", "rows", "hidden", "impl", "device", "median_ms", "gbps",
-          "ratio_vs_torch", "ratio_vs_copy", "copy_gbps", "torch_version", "torch_path"}
+          "ratio_vs_torch", "ratio_vs_copy", "copy_gbps", "torch_version", "torch_path", "host_ms"}
 
 
 def test_bench_kernels_quick_json(tmp_path):
@@ -33,6 +33,7 @@ def test_bench_kernels_quick_json(tmp_path):
         assert r["pass"] in ("fwd", "bwd", "fwdbwd") and r["impl"] in ("normlab", "torch")
         assert r["torch_version"] == torch.__version__ and "cores" in r["device"]
         assert r["median_ms"] > 0 and r["gbps"] > 0 and r["copy_gbps"] > 0
+        assert r["host_ms"] == r["median_ms"]  # on the CPU the host time is the timing
         n = {"fwd": 2, "bwd": 3, "fwdbwd": 5}[r["pass"]] + (
             {"fwd": 2, "bwd": 2, "fwdbwd": 4}[r["pass"]] if r["op"] == "add_layer_norm" else 0)
         assert math.isclose(r["gbps"], n * 8 * r["hidden"] * 4 / (r["median_ms"] * 1e-3) / 1e9,

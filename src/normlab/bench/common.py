@@ -43,56 +43,103 @@ def load_average() -> str:
 
 
 class Timer:
-    """Median wall time of a callable: CUDA events on a GPU, perf_counter on the CPU."""
+    """Median wall time of a callable: CUDA events on a GPU, perf_counter on the CPU.
 
-    def __init__(self, device: torch.device, warmup: int, reps: int):
+    On a GPU, with ``hide_host`` (the default), each timed call is preceded on the GPU by
+    a wait (``torch.cuda._sleep``) longer than the host needs to issue the call, sized
+    from the host time seen in the warm-up: the events then bracket the GPU's work alone,
+    as in a training loop where the host runs ahead of the GPU. Without it, host-side
+    cost beyond the L2 flush's ~0.1 ms shows up in the time (as it does when a model is
+    host-bound). Either way ``last_host_ms`` is the median host time of the last timed
+    callable's calls (on the CPU: the timing itself)."""
+
+    def __init__(self, device: torch.device, warmup: int, reps: int, hide_host: bool = True):
         self.device, self.warmup, self.reps = device, warmup, reps
+        self.hide_host = hide_host and device.type == "cuda"
+        self.last_host_ms = float("nan")
+        self.host_ms: dict[str, float] = {}  # per callable of median_ms_interleaved
 
     _flush: torch.Tensor | None = None
+    _cycles_per_ms: float | None = None
 
-    def once_ms(self, fn: Callable[[], object]) -> float:
-        """One timed call. On a GPU the queue is drained, then the L2 cache is flushed by
-        reading a 256 MiB buffer (so no input is timed from the cache, and no dirty line
-        of the flush is written back during the call, as a flush by writing would), then
-        the call is timed with CUDA events. The flush keeps the GPU busy for about 0.1 ms
-        while the host queues the call, so host-side cost up to that much, which the GPU
-        hides in a training loop, stays out of the number (as in
-        ``triton.testing.do_bench``); ``benchmarks/host_overhead.py`` measures it."""
+    def _sleep_cycles_per_ms(self) -> float:
+        """The GPU's ``torch.cuda._sleep`` cycles per millisecond, measured once."""
+        if self._cycles_per_ms is None:
+            n = 2_000_000
+            torch.cuda._sleep(n)  # first call: module load
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(self.device)
+            start.record()
+            torch.cuda._sleep(n)
+            end.record()
+            end.synchronize()
+            Timer._cycles_per_ms = n / max(start.elapsed_time(end), 1e-3)
+        return self._cycles_per_ms
+
+    def hold_ms(self, host_ms: float) -> float:
+        """How long the GPU waits before a timed call whose host time is ``host_ms``:
+        twice that plus 50 us (host time varies from call to call)."""
+        return 2.0 * host_ms + 0.05
+
+    def _host_ms(self, fn: Callable[[], object]) -> float:
+        """Host time of one call issued to an idle GPU, so the queue never pushes back."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    def once_ms(self, fn: Callable[[], object], hold_ms: float = 0.0) -> tuple[float, float]:
+        """One timed call: (time ms, host time ms). On a GPU the queue is drained, then the
+        L2 cache is flushed by reading a 256 MiB buffer (so no input is timed from the
+        cache, and no dirty line of the flush is written back during the call, as a flush
+        by writing would), then the GPU waits ``hold_ms`` (see the class), then the call
+        is timed with CUDA events."""
         if self.device.type == "cuda":
             if self._flush is None:
                 self._flush = torch.ones(64 << 20, dtype=torch.float32, device=self.device)
             torch.cuda.synchronize(self.device)
             self._flush.sum()
+            if hold_ms > 0:
+                torch.cuda._sleep(int(hold_ms * self._sleep_cycles_per_ms()))
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+            t0 = time.perf_counter()
             fn()
+            host = (time.perf_counter() - t0) * 1e3
             end.record()
             end.synchronize()
-            return start.elapsed_time(end)
+            return start.elapsed_time(end), host
         t0 = time.perf_counter()
         fn()
-        return (time.perf_counter() - t0) * 1e3
+        ms = (time.perf_counter() - t0) * 1e3
+        return ms, ms
 
-    def median_ms(self, fn: Callable[[], object]) -> float:
-        for _ in range(self.warmup):
-            fn()
+    def _warm(self, fn: Callable[[], object]) -> float:
+        """Warm-up calls; the hold (ms) for the timed calls of ``fn``."""
+        host = [self._host_ms(fn) for _ in range(max(self.warmup, 1))]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return statistics.median(self.once_ms(fn) for _ in range(self.reps))
+        return self.hold_ms(statistics.median(host)) if self.hide_host else 0.0
+
+    def median_ms(self, fn: Callable[[], object]) -> float:
+        hold = self._warm(fn)
+        runs = [self.once_ms(fn, hold) for _ in range(self.reps)]
+        self.last_host_ms = statistics.median(h for _, h in runs)
+        return statistics.median(t for t, _ in runs)
 
     def median_ms_interleaved(self, fns: dict[str, Callable[[], object]]) -> dict[str, float]:
         """Median time of each callable, measured side by side: after the warm-up of each,
         every round times each callable once (the order rotating from round to round), so a
         change of the machine's load during the run falls on all of them alike."""
-        for fn in fns.values():
-            for _ in range(self.warmup):
-                fn()
+        holds = {k: self._warm(fn) for k, fn in fns.items()}
         names = list(fns)
-        times: dict[str, list[float]] = {k: [] for k in names}
+        runs: dict[str, list[tuple[float, float]]] = {k: [] for k in names}
         for i in range(self.reps):
             for k in names[i % len(names):] + names[:i % len(names)]:
-                times[k].append(self.once_ms(fns[k]))
-        return {k: statistics.median(v) for k, v in times.items()}
+                runs[k].append(self.once_ms(fns[k], holds[k]))
+        self.host_ms = {k: statistics.median(h for _, h in v) for k, v in runs.items()}
+        return {k: statistics.median(t for t, _ in v) for k, v in runs.items()}
 
 
 def pick_device(device: str | None) -> torch.device:

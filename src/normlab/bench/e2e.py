@@ -19,7 +19,8 @@ configuration, so every implementation steps the same parameters):
 
 The implementations are timed side by side (``Timer.median_ms_interleaved``: each round
 runs each of them once), and ``ratio_vs_torch`` = the ``torch`` run's median / this
-median (> 1: faster). On the CPU, backends "auto" and "torch" run the same code, so
+median (> 1: faster). Each time is a whole step as it runs, host time included where
+the GPU waits for the host (unlike ``bench kernels``, which times the GPU's work). On the CPU, backends "auto" and "torch" run the same code, so
 their ratio shows the noise of the run. Dropout is 0 (as in most LLM pre-training).
 """
 
@@ -254,7 +255,9 @@ def e2e(
                       tokens or base.seq_len, base.vocab_size if d_model is None else max(64, 4 * d)),)
     if compile_ is None:
         compile_ = gpu
-    timer = Timer(dev, warmup=2 if quick else 3, reps=(10 if quick else 30) if not gpu else (20 if quick else 50))
+    # a whole step as it runs: host time the GPU cannot hide counts (hide_host off)
+    timer = Timer(dev, warmup=2 if quick else 3, reps=(10 if quick else 30) if not gpu else (20 if quick else 50),
+                  hide_host=False)
     load_before = load_average()
     records = run(dev, torch_dtype, sizes, compile_, timer, console)
     if not records:

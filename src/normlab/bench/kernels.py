@@ -62,6 +62,7 @@ class Record:
     torch_version: str
     torch_path: str
     impl_path: str
+    host_ms: float  # median host time of one call (on a GPU: issuing it; see Timer)
 
     def as_json(self) -> dict:
         d = asdict(self)
@@ -146,7 +147,13 @@ def _first(out):
     return out if isinstance(out, tuple) else (out,)
 
 
-def time_pass(fn: Callable, inputs: tuple, pass_: str, timer: Timer) -> float:
+def time_pass(fn: Callable, inputs: tuple, pass_: str, timer: Timer) -> tuple[float, float]:
+    """(median ms, median host ms) of one pass."""
+    ms = _time_pass(fn, inputs, pass_, timer)
+    return ms, timer.last_host_ms
+
+
+def _time_pass(fn: Callable, inputs: tuple, pass_: str, timer: Timer) -> float:
     x, r, w, b = inputs
     leaves = [t for t in (x, r, w, b) if t is not None and t.requires_grad]
     if pass_ == "fwd":
@@ -233,13 +240,13 @@ def run(device: torch.device, dtype: torch.dtype, rows_list, hidden_list, ops, p
                 for pass_ in passes:
                     times = {k: time_pass(fn, inputs, pass_, timer) for k, fn in impls.items()}
                     nbytes = bytes_moved(op, pass_, rows, hidden, itemsize)
-                    for impl, ms in times.items():
+                    for impl, (ms, host_ms) in times.items():
                         gbps = nbytes / (ms * 1e-3) / 1e9
                         records.append(Record(
                             op, pass_, str(dtype).removeprefix("torch."), rows, hidden, impl, name,
-                            round(ms, 6), round(gbps, 4), round(times["torch"] / ms, 3),
+                            round(ms, 6), round(gbps, 4), round(times["torch"][0] / ms, 3),
                             round(gbps / copy_gbps, 4), round(copy_gbps, 2), torch.__version__,
-                            path, normlab_path if impl == "normlab" else impl,
+                            path, normlab_path if impl == "normlab" else impl, round(host_ms, 6),
                         ))
                 if progress is not None:
                     progress(f"{op} {rows}x{hidden}")
@@ -253,20 +260,34 @@ def _order(r: Record) -> tuple:
     return (OPS.index(r.op), r.rows, r.hidden, PASSES.index(r.pass_))
 
 
-def write_outputs(records: list[Record], out: Path, stem: str, plot: bool = True) -> list[Path]:
+def timing_note(device_type: str, host_hidden: bool) -> str:
+    """What the times of a table include, for its header."""
+    if device_type != "cuda":  # perf_counter around each call
+        return "(the timing itself on the CPU)."
+    if host_hidden:
+        return ("(issuing it); the GPU waited until the host had issued each timed call, so "
+                "the times are the GPU's alone, as when the host runs ahead in a training loop.")
+    return ("(issuing it); host time beyond the ~0.1 ms of the L2 flush before each call is "
+            "part of the times (--no-hide-host).")
+
+
+def write_outputs(records: list[Record], out: Path, stem: str, plot: bool = True,
+                  host_hidden: bool = False, device_type: str = "cpu") -> list[Path]:
     csv_path, md_path, png_path = out / f"{stem}.csv", out / f"{stem}.md", out / f"{stem}.png"
     write_csv([r.as_json() for r in records], csv_path)
     r0 = records[0]
     lines = [f"# normlab bench kernels: {r0.device}", "",
              f"torch {r0.torch_version}, dtype {r0.dtype}, copy bandwidth {r0.copy_gbps} GB/s "
              "(measured in the same run). Median times; `vs torch` = torch-eager time / this "
-             "time (> 1: faster than torch eager).",
+             "time (> 1: faster than torch eager). `host ms` = median host time of one call "
+             + timing_note(device_type, host_hidden),
              f"Load average at the end of the run: {load_average()} (other processes share the device "
              "when it is above the core count).", "",
-             "| op | pass | rows | hidden | impl | median ms | GB/s | vs torch | vs copy |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| op | pass | rows | hidden | impl | median ms | GB/s | vs torch | vs copy | host ms |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r.op} | {r.pass_} | {r.rows} | {r.hidden} | {r.impl} | {r.median_ms:.3f} | "
-              f"{r.gbps:.1f} | {r.ratio_vs_torch:.2f} | {r.ratio_vs_copy:.2f} |" for r in records]
+              f"{r.gbps:.1f} | {r.ratio_vs_torch:.2f} | {r.ratio_vs_copy:.2f} | {r.host_ms:.3f} |"
+              for r in records]
     paths = {(r.op, r.torch_path) for r in records}
     lines += ["", "torch eager ran (profiler):", ""] + [f"- {op}: `{p}`" for op, p in sorted(paths)]
     md_path.write_text("\n".join(lines) + "\n")
@@ -323,6 +344,10 @@ def kernels(
     compile_: bool = typer.Option(None, "--compile/--no-compile",
                                   help="Include torch.compile (default: on, off for --quick on CPU)."),
     threads: int = typer.Option(None, help="torch CPU threads (default: torch's)."),
+    hide_host: bool = typer.Option(
+        True, "--hide-host/--no-hide-host",
+        help="GPU: hold the GPU until the host has issued each timed call, so the times are "
+             "the kernels' (default); --no-hide-host times host-bound calls as they run."),
 ) -> None:
     """LayerNorm / RMSNorm / add+norm: fwd, bwd, fwd+bwd GB/s, normlab vs torch."""
     console = Console()
@@ -339,7 +364,8 @@ def kernels(
     hidden_list = _ints(hidden) or ((1024, 4096) if quick else GPU_HIDDEN if gpu else CPU_HIDDEN)
     if compile_ is None:
         compile_ = gpu or not quick
-    timer = Timer(dev, warmup=3 if quick else 10, reps=5 if quick else (50 if gpu else 15))
+    timer = Timer(dev, warmup=3 if quick else 10, reps=5 if quick else (50 if gpu else 15),
+                  hide_host=hide_host)
     from rich.progress import Progress
     with Progress(console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task("bench kernels", total=len(op_list) * len(rows_list) * len(hidden_list))
@@ -349,11 +375,13 @@ def kernels(
         stem = f"kernels-{dev.type}-{dtype}"
 
         def save(so_far: list[Record]) -> None:  # partial tables survive an interruption
-            write_outputs(sorted(so_far, key=_order), Path(out), stem, plot=False)
+            write_outputs(sorted(so_far, key=_order), Path(out), stem, plot=False,
+                          host_hidden=timer.hide_host, device_type=dev.type)
         records = run(dev, torch_dtype, rows_list, hidden_list, op_list, PASSES, compile_, timer,
                       copy_bytes=(64 << 20) if quick or not gpu else (1 << 30), progress=advance,
                       checkpoint=save)
-    paths = write_outputs(records, Path(out), stem)
+    paths = write_outputs(records, Path(out), stem, host_hidden=timer.hide_host,
+                          device_type=dev.type)
     if as_json:
         for r in records:
             print(json.dumps(r.as_json()))
