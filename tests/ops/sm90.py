@@ -72,7 +72,7 @@ def fwd_variant(hidden: int, *, rms: bool, res: bool, dropout: bool, dtype=torch
 
 
 def bwd_variant(hidden: int, *, rms: bool, res: bool, dropout: bool, dtype=torch.bfloat16,
-                weight=True, bias=True):
+                weight=True, bias=True, zero_sq=False):
     cfg = launch.block_config(hidden)
     dt = _TYPES[dtype]
     has_b = bias and not rms
@@ -80,22 +80,22 @@ def bwd_variant(hidden: int, *, rms: bool, res: bool, dropout: bool, dtype=torch
                  MEAN=None if rms else "*fp32", RSTD="*fp32", DX=dt, DRES=dt if res else None,
                  DW_PART="*fp32" if weight else None, DB_PART="*fp32" if has_b else None,
                  C1="*fp32" if cfg.looped else None, C2="*fp32" if cfg.looped else None,
-                 stride_dy="i32", stride_dres_out="i32", stride_h="i32", stride_dx="i32",
+                 SQ="*fp32" if zero_sq else None, n_sq="i32", stride_dy="i32", stride_dres_out="i32", stride_h="i32", stride_dx="i32",
                  stride_dres="i32", hidden="i32", rows_per_example="i32",
                  rows_per_program="i32", seed="i64", drop_p="fp32", drop_scale="fp32")
     kernel = norm._bwd_looped_kernel if cfg.looped else norm._bwd_kernel
     consts = dict(IS_RMS=rms, HAS_DRES_OUT=res, HAS_RES=res, HAS_DROPOUT=dropout,
-                  HAS_W=weight, HAS_B=has_b, BLOCK=cfg.block, ROWS=cfg.bwd_rows)
+                  HAS_W=weight, HAS_B=has_b, BLOCK=cfg.block, ROWS=cfg.bwd_rows, ZERO_SQ=zero_sq)
     return compile_sm90(kernel, types, consts, cfg.bwd_warps, cfg.num_stages)
 
 
-def reduce_variant(hidden: int, *, weight: bool, bias: bool, per_example: bool):
+def reduce_variant(hidden: int, *, weight: bool, bias: bool, per_example: bool, atomic=False):
     block_c = launch._reduce_block_c(hidden)
     types = dict(PART="*fp32", OUT_W="*bf16" if weight else None, OUT_B="*bf16" if bias else None,
                  SQ="*fp32" if per_example else None, hidden="i32", n_examples="i32",
                  n_chunks="i32", n_col_blocks="i32")
     consts = dict(HAS_W=weight, HAS_B=bias, PER_EXAMPLE=per_example, BLOCK_C=block_c,
-                  BLOCK_R=max(1, 4096 // block_c))
+                  BLOCK_R=max(1, 4096 // block_c), ATOMIC_SQ=per_example and atomic)
     return compile_sm90(launch._reduce_partials_kernel, types, consts, 4)
 
 

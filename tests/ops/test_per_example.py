@@ -60,6 +60,34 @@ def test_matches_vmap_grad(name, op, shape, hidden):
     torch.testing.assert_close(buf, expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.fixture
+def deterministic():
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+@needs_kernels
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("fixed_order", [False, True], ids=["atomic", "deterministic"])
+def test_sums_over_column_blocks(op, fixed_order, request):
+    # 100 columns: several column blocks of the reduction add into each example's sum
+    # (atomically by default; in a fixed order under deterministic algorithms)
+    if fixed_order:
+        request.getfixturevalue("deterministic")
+    a = make_inputs(op, (3, 4, 100), (100,), torch.float32, device=DEVICE)
+    bufs = []
+    for _ in range(2):
+        buf, cot = run(op, a, (100,), "triton")
+        bufs.append(buf)
+    torch.testing.assert_close(bufs[0], oracle(op, a, (100,), cot), rtol=1e-4, atol=1e-6)
+    if fixed_order:
+        assert torch.equal(bufs[0], bufs[1])
+
+
 @needs_kernels
 @pytest.mark.parametrize("op", ["layer_norm", "add_rms_norm"])
 def test_looped_kernel_matches_vmap_grad(op):

@@ -77,3 +77,22 @@ def test_per_example_grad_sq_at_scale():
     sq_w, sq_b = reference.per_example_param_grad_sq(g.float(), xhat, (n,))
     torch.testing.assert_close(buf[0], sq_w, rtol=2e-2, atol=1e-3)
     torch.testing.assert_close(buf[1], sq_b, rtol=2e-2, atol=1e-3)
+
+
+def test_per_example_grad_sq_deterministic_mode_is_bitwise_repeatable():
+    b, t, n = 8, 512, 4096
+    x = torch.randn(b, t, n, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, device="cuda", requires_grad=True)
+    g = torch.randn_like(x)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        bufs = []
+        for _ in range(3):
+            buf = torch.full((2, b), float("nan"), device="cuda")
+            y = normlab.functional.rms_norm(x, n, w, per_example_grad_sq=buf)
+            torch.autograd.grad(y, (w,), g)
+            bufs.append(buf)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert all(torch.equal(bufs[0], u) for u in bufs[1:]) and bufs[0][1].eq(0).all()

@@ -36,6 +36,11 @@ for w, b, pe in itertools.product((True, False), (True, False), (True, False)):
     if w or b:
         for hidden in (64, 4096, 65536):
             sm90.reduce_variant(hidden, weight=w, bias=b, per_example=pe)
+            if pe:
+                sm90.reduce_variant(hidden, weight=w, bias=b, per_example=pe, atomic=True)
+# per-example backward: program (0, 0) zeroes the atomic sums' buffer
+for hidden in (1024, 16384, 40000):
+    sm90.bwd_variant(hidden, rms=True, res=False, dropout=False, zero_sq=True)
 print(json.dumps(out))
 """
 

@@ -221,13 +221,14 @@ def split_rows(rows: int, examples: int, device: torch.device, programs_per_sm: 
 def _reduce_partials_kernel(
     PART, OUT_W, OUT_B, SQ, hidden, n_examples, n_chunks, n_col_blocks,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, PER_EXAMPLE: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_R: tl.constexpr, ATOMIC_SQ: tl.constexpr,
 ):
     # program (pid, k): column block ``pid`` of partial buffer k (weight first when there
     # is one, then bias) summed over its rows, read in [BLOCK_R, BLOCK_C] tiles; with
     # PER_EXAMPLE, also SQ[which, b, pid] = sum over these columns of (example b's sum)^2,
-    # which = 0 for the weight, 1 for the bias. The order of the sums is fixed: the
-    # result is deterministic.
+    # which = 0 for the weight, 1 for the bias; with ATOMIC_SQ, that square is added
+    # into SQ[which, b] instead (SQ zeroed before). The order of the dweight/dbias sums
+    # is fixed: they are deterministic.
     pid = tl.program_id(0)
     k = tl.program_id(1)
     cols1 = pid * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -245,7 +246,10 @@ def _reduce_partials_kernel(
         total += s
         if PER_EXAMPLE:
             which = k + (0 if HAS_W else 1)  # the SQ row: 0 weight, 1 bias
-            tl.store(SQ + (which * n_examples + b) * n_col_blocks + pid, tl.sum(s * s, axis=0))
+            if ATOMIC_SQ:
+                tl.atomic_add(SQ + which * n_examples + b, tl.sum(s * s, axis=0), sem="relaxed")
+            else:
+                tl.store(SQ + (which * n_examples + b) * n_col_blocks + pid, tl.sum(s * s, axis=0))
     if HAS_W and HAS_B:
         if k == 0:
             tl.store(OUT_W + cols1, total.to(OUT_W.dtype.element_ty), mask=cols1 < hidden)
@@ -270,7 +274,7 @@ def reduce_col_blocks(hidden: int) -> int:
 
 def reduce_partials(
     partials: torch.Tensor, split: RowSplit, weight_dtype: torch.dtype | None,
-    bias_dtype: torch.dtype | None, sq: torch.Tensor | None,
+    bias_dtype: torch.dtype | None, sq: torch.Tensor | None, atomic: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Sum float32 partials [k, examples * chunks, hidden] over their rows, in a fixed
     order (deterministic, no atomics), in one launch: buffer 0 is dweight's when
@@ -278,7 +282,9 @@ def reduce_partials(
     dbias) in those dtypes. With ``sq`` (float32 [2, examples, reduce_col_blocks(hidden)],
     contiguous), also write there, per parameter (0 weight, 1 bias), example and column
     block, the squared norm of that example's sum: ``sq.sum(2)`` is each example's
-    squared gradient norm of each parameter."""
+    squared gradient norm of each parameter. With ``atomic``, ``sq`` is float32
+    [2, examples], zeroed beforehand, and each column block adds its squares into it
+    (not deterministic in the last bits)."""
     hidden = partials.shape[2]
     device = partials.device
     dw = torch.empty(hidden, dtype=weight_dtype, device=device) if weight_dtype is not None else None
@@ -289,7 +295,7 @@ def reduce_partials(
     _reduce_partials_kernel[(n_col_blocks, partials.shape[0])](
         partials, dw, db, sq, hidden, split.examples, split.chunks, n_col_blocks,
         HAS_W=dw is not None, HAS_B=db is not None, PER_EXAMPLE=sq is not None, BLOCK_C=block_c,
-        BLOCK_R=block_r,
+        BLOCK_R=block_r, ATOMIC_SQ=atomic,
         num_warps=4,
     )
     return dw, db

@@ -187,16 +187,28 @@ def _store_grads(DX, DRES, DRES_OUT, row, cols, mask, stride_dx, stride_dres, st
 
 
 @triton.jit
+def _zero_first(SQ, n_sq, ZERO_SQ: tl.constexpr):
+    # program (0, 0) zeroes the n_sq floats of SQ, which the column reduction launched
+    # next adds each example's squared gradient norms into
+    if ZERO_SQ:
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            offs = tl.arange(0, 128)
+            for s0 in range(0, n_sq, 128):
+                tl.store(SQ + s0 + offs, tl.zeros([128], dtype=tl.float32), mask=s0 + offs < n_sq)
+
+
+@triton.jit
 def _bwd_kernel(
-    DY, DRES_OUT, H, W, MEAN, RSTD, DX, DRES, DW_PART, DB_PART, C1, C2,
+    DY, DRES_OUT, H, W, MEAN, RSTD, DX, DRES, DW_PART, DB_PART, C1, C2, SQ,
     stride_dy, stride_dres_out, stride_h, stride_dx, stride_dres,
-    hidden, rows_per_example, rows_per_program, seed, drop_p, drop_scale,
+    hidden, rows_per_example, rows_per_program, seed, drop_p, drop_scale, n_sq,
     IS_RMS: tl.constexpr, HAS_DRES_OUT: tl.constexpr, HAS_RES: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr,
-    ROWS: tl.constexpr,
+    ROWS: tl.constexpr, ZERO_SQ: tl.constexpr,
 ):
     # the program's rows stream through in tiles of ROWS rows; dweight/dbias partials
     # stay in registers and are written once
+    _zero_first(SQ, n_sq, ZERO_SQ)
     first, last, part_row = _row_range(rows_per_example, rows_per_program)
     cols1 = tl.arange(0, BLOCK)
     cols = cols1[None, :]
@@ -234,16 +246,17 @@ def _bwd_kernel(
 
 @triton.jit
 def _bwd_looped_kernel(
-    DY, DRES_OUT, H, W, MEAN, RSTD, DX, DRES, DW_PART, DB_PART, C1, C2,
+    DY, DRES_OUT, H, W, MEAN, RSTD, DX, DRES, DW_PART, DB_PART, C1, C2, SQ,
     stride_dy, stride_dres_out, stride_h, stride_dx, stride_dres,
-    hidden, rows_per_example, rows_per_program, seed, drop_p, drop_scale,
+    hidden, rows_per_example, rows_per_program, seed, drop_p, drop_scale, n_sq,
     IS_RMS: tl.constexpr, HAS_DRES_OUT: tl.constexpr, HAS_RES: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr,
-    ROWS: tl.constexpr,
+    ROWS: tl.constexpr, ZERO_SQ: tl.constexpr,
 ):
     # wide rows: pass A reduces each row's mean(g * xhat) and mean(g) into C1/C2; pass B
     # walks column chunks outermost, so the dweight/dbias partials of a chunk stay in
     # registers while the program's rows stream through
+    _zero_first(SQ, n_sq, ZERO_SQ)
     first, last, part_row = _row_range(rows_per_example, rows_per_program)
     for row in range(first, last):
         rstd = tl.load(RSTD + row)
@@ -387,28 +400,35 @@ def norm_backward(
     else:
         kernel, c1, c2 = _bwd_kernel, None, None
     seed, p, scale = _dropout_args(dropout)
+    # per example, unless deterministic algorithms are asked for: the backward kernel
+    # zeroes the [2, examples] result and the column reduction adds each column block's
+    # squared sums into it with atomics (no extra launch; the float32 sums' last bits may
+    # vary from run to run). With torch.use_deterministic_algorithms(True): the reduction
+    # writes a [2, examples, column blocks] buffer, summed in a fixed order by one more op.
+    atomic = per_example and parts is not None and not torch.are_deterministic_algorithms_enabled()
+    sq = None
+    if atomic:
+        sq = out_sq if out_sq is not None else torch.empty(2, examples, device=device)
     kernel[(split.examples, split.chunks)](
-        dy2, dres_out2, h2, weight, mean, rstd, dx, dres, dw_part, db_part, c1, c2,
+        dy2, dres_out2, h2, weight, mean, rstd, dx, dres, dw_part, db_part, c1, c2, sq,
         dy_stride, dres_out_stride, h_stride, hidden, hidden,
         hidden, split.rows_per_example, split.rows_per_program, seed, p, scale,
+        2 * examples if atomic else 0,
         IS_RMS=is_rms, HAS_DRES_OUT=dres_out2 is not None, HAS_RES=dres is not None,
         HAS_DROPOUT=dropout is not None, HAS_W=weight is not None,
-        HAS_B=bias_dtype is not None, BLOCK=cfg.block, ROWS=cfg.bwd_rows, num_warps=cfg.bwd_warps,
-        num_stages=cfg.num_stages,
+        HAS_B=bias_dtype is not None, BLOCK=cfg.block, ROWS=cfg.bwd_rows, ZERO_SQ=atomic,
+        num_warps=cfg.bwd_warps, num_stages=cfg.num_stages,
     )
-    dw = db = None
-    # per example: the reduction writes its column blocks' squared sums into one
-    # [2, examples, column blocks] buffer (zeros for an absent parameter), summed once
-    sq_parts = None
-    if per_example:
-        alloc = torch.empty if n_bufs == 2 else torch.zeros
-        sq_parts = alloc(2, examples, launch.reduce_col_blocks(hidden), device=device)
-    if parts is not None:
-        dw, db = launch.reduce_partials(parts, split, weight.dtype if weight is not None else None,
-                                        bias_dtype, sq_parts)
-    elif per_example:
-        return dx, dres, dw, db, (torch.zeros(2, examples, device=device) if out_sq is None
-                                  else out_sq.zero_())
-    if not per_example:
-        return dx, dres, dw, db, None
+    if parts is None:  # neither weight nor bias: nothing to reduce
+        if per_example:
+            sq = torch.zeros(2, examples, device=device) if out_sq is None else out_sq.zero_()
+        return dx, dres, None, None, sq
+    weight_dtype = weight.dtype if weight is not None else None
+    if atomic or not per_example:
+        dw, db = launch.reduce_partials(parts, split, weight_dtype, bias_dtype, sq, atomic=atomic)
+        return dx, dres, dw, db, sq
+    # deterministic per-example sums (zeros for an absent parameter)
+    alloc = torch.empty if n_bufs == 2 else torch.zeros
+    sq_parts = alloc(2, examples, launch.reduce_col_blocks(hidden), device=device)
+    dw, db = launch.reduce_partials(parts, split, weight_dtype, bias_dtype, sq_parts)
     return dx, dres, dw, db, (sq_parts.sum(2) if out_sq is None else torch.sum(sq_parts, 2, out=out_sq))
