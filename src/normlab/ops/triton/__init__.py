@@ -49,13 +49,15 @@ def _fused(
         )
     seed = _seed(generator) if p > 0.0 else None
     store = residual is not None or seed is not None or residual_dtype not in (None, x.dtype)
-    args = (x, residual, weight, bias, seed, per_example_grad_sq, float(eps), hidden, is_rms, p,
-            residual_dtype, store)
     if custom_ops.use_ops(x, residual, weight, bias, per_example_grad_sq):
-        out, new_res, _mean, _rstd = torch.ops.normlab.fused_norm(*args)
-    else:
-        out, new_res = custom_ops.FusedNorm.apply(*args)
-    return out, (new_res if store else x)
+        out, new_res, _mean, _rstd = torch.ops.normlab.fused_norm(
+            x, residual, weight, bias, seed, per_example_grad_sq, float(eps), hidden, is_rms, p,
+            residual_dtype, store)
+        return out, (new_res if store else x)
+    spec = (seed, per_example_grad_sq, float(eps), hidden, is_rms, p, residual_dtype, store)
+    if store:
+        return custom_ops.FusedNorm.apply(x, residual, weight, bias, spec)
+    return custom_ops.FusedNorm.apply(x, residual, weight, bias, spec), x
 
 
 @register_impl("layer_norm", "triton")

@@ -100,10 +100,9 @@ def _fused_norm_backward_fake(dout, dnew_residual, h, weight, mean, rstd, seed,
     return dx, dres, dw, db, sq
 
 
-def _save_state(ctx, inputs, new_res, mean, rstd) -> None:
+def _save_state(ctx, x, residual, weight, bias, seed, per_example_grad_sq, hidden, is_rms,
+                dropout_p, store_residual, new_res, mean, rstd) -> None:
     """What both autograd formulas (the op's and ``FusedNorm``'s) keep for the backward."""
-    (x, residual, weight, bias, seed, per_example_grad_sq, _eps, hidden, is_rms, dropout_p,
-     _residual_dtype, store_residual) = inputs
     ctx.save_for_backward(new_res if store_residual else x, weight, mean, rstd, seed)
     # written by the backward, never read: held outside the saved tensors, so their
     # version check does not fire when a retained graph is run backward again
@@ -114,19 +113,21 @@ def _save_state(ctx, inputs, new_res, mean, rstd) -> None:
                 bias.shape if bias is not None else None)
 
 
-def _input_grads(ctx, dx, dres, dw, db) -> tuple:
-    """The gradients of fused_norm's 12 inputs from the backward's results."""
+def _param_grads(ctx, dx, dres, dw, db) -> tuple:
+    """The gradients of (x, residual, weight, bias) from the backward's results."""
     _h, weight, *_ = ctx.saved_tensors
     _hidden, _rms, _p, _store, _x_dtype, residual_dtype, bias_dtype, bias_shape = ctx.meta
     return (dx, dres if residual_dtype is not None else None,
             dw.reshape(weight.shape) if weight is not None else None,
-            db.reshape(bias_shape) if bias_dtype is not None else None,
-            None, None, None, None, None, None, None, None)
+            db.reshape(bias_shape) if bias_dtype is not None else None)
 
 
 def _setup_context(ctx, inputs, output):
     _out, new_res, mean, rstd = output
-    _save_state(ctx, inputs, new_res, mean, rstd)
+    (x, residual, weight, bias, seed, per_example_grad_sq, _eps, hidden, is_rms, dropout_p,
+     _residual_dtype, store_residual) = inputs
+    _save_state(ctx, x, residual, weight, bias, seed, per_example_grad_sq, hidden, is_rms,
+                dropout_p, store_residual, new_res, mean, rstd)
     ctx.mark_non_differentiable(mean, rstd)
 
 
@@ -141,7 +142,7 @@ def _backward(ctx, dout, dnew_res, _dmean, _drstd):
     )
     if per_example_grad_sq is not None:
         per_example_grad_sq.copy_(sq)
-    return _input_grads(ctx, dx, dres, dw, db)
+    return _param_grads(ctx, dx, dres, dw, db) + (None,) * 8
 
 
 torch.library.register_autograd("normlab::fused_norm", _backward, setup_context=_setup_context)
@@ -160,35 +161,49 @@ _PLAIN = (Tensor, torch.nn.Parameter)  # a module's weights are Parameters
 
 
 class FusedNorm(torch.autograd.Function):
-    """``fused_norm`` for eager mode: (out, new_residual), with the same saved state and
-    backward as the op's autograd formula."""
+    """``fused_norm`` for eager mode: ``apply(x, residual, weight, bias, spec)`` with
+    ``spec`` = (seed, per_example_grad_sq, eps, hidden, is_rms, dropout_p, residual_dtype,
+    store_residual), the op's other inputs; returns out, or (out, new_residual) with
+    ``store_residual``. Same saved state and backward formula as the op's autograd.
+
+    Host time per call is what this path exists for: one tensor output where no residual
+    is stored, the settings in one argument, and ``once_differentiable``'s wrapping only
+    where a graph of the backward is being built (where it refuses a second derivative)."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, seed, per_example_grad_sq, eps, hidden, is_rms,
-                dropout_p, residual_dtype, store_residual):
+    def forward(ctx, x, residual, weight, bias, spec):
+        seed, per_example_grad_sq, eps, hidden, is_rms, dropout_p, residual_dtype, store = spec
         out, new_res, mean, rstd = norm_forward(
             x, residual, weight, bias, eps, hidden=hidden, is_rms=is_rms,
             dropout=_dropout(seed, dropout_p), residual_dtype=residual_dtype,
-            store_residual=store_residual,
+            store_residual=store,
         )
-        _save_state(ctx, (x, residual, weight, bias, seed, per_example_grad_sq, eps, hidden,
-                          is_rms, dropout_p, residual_dtype, store_residual), new_res, mean, rstd)
-        return out, new_res
+        _save_state(ctx, x, residual, weight, bias, seed, per_example_grad_sq, hidden, is_rms,
+                    dropout_p, store, new_res, mean, rstd)
+        return (out, new_res) if store else out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout, dnew_res):
-        h, weight, mean, rstd, seed = ctx.saved_tensors
-        (hidden, is_rms, dropout_p, store_residual, x_dtype, residual_dtype, bias_dtype,
-         _bias_shape) = ctx.meta
-        buf = ctx.per_example_grad_sq
-        dx, dres, dw, db, sq = norm_backward(
-            dout, dnew_res if store_residual else None, h, weight, bias_dtype, mean, rstd,
-            hidden=hidden, is_rms=is_rms, dropout=_dropout(seed, dropout_p), x_dtype=x_dtype,
-            residual_grad_dtype=residual_dtype, examples=buf.shape[1] if buf is not None else None,
-            out_sq=buf if buf is not None and buf.is_contiguous() and buf.dtype == torch.float32
-            else None,
-        )
-        if buf is not None and sq is not buf:
-            buf.copy_(sq)
-        return _input_grads(ctx, dx, dres, dw, db)
+    def backward(ctx, dout, dnew_res=None):
+        if torch.is_grad_enabled():  # create_graph: the result must refuse a 2nd derivative
+            return _fused_backward_once(ctx, dout, dnew_res)
+        return _fused_backward(ctx, dout, dnew_res)
+
+
+def _fused_backward(ctx, dout, dnew_res):
+    h, weight, mean, rstd, seed = ctx.saved_tensors
+    (hidden, is_rms, dropout_p, store_residual, x_dtype, residual_dtype, bias_dtype,
+     _bias_shape) = ctx.meta
+    buf = ctx.per_example_grad_sq
+    dx, dres, dw, db, sq = norm_backward(
+        dout, dnew_res if store_residual else None, h, weight, bias_dtype, mean, rstd,
+        hidden=hidden, is_rms=is_rms, dropout=_dropout(seed, dropout_p), x_dtype=x_dtype,
+        residual_grad_dtype=residual_dtype, examples=buf.shape[1] if buf is not None else None,
+        out_sq=buf if buf is not None and buf.is_contiguous() and buf.dtype == torch.float32
+        else None,
+    )
+    if buf is not None and sq is not buf:
+        buf.copy_(sq)
+    return _param_grads(ctx, dx, dres, dw, db) + (None,)
+
+
+_fused_backward_once = torch.autograd.function.once_differentiable(_fused_backward)
