@@ -44,11 +44,17 @@ def fused_norm(
     """(out, new_residual, mean, rstd) of residual + dropout(x) normalized over the last
     ``hidden`` elements; mean/rstd have x's row dims as shape (mean empty for RMSNorm). ``seed`` (int64 scalar) turns dropout on; new_residual is empty
     unless ``store_residual``; ``per_example_grad_sq`` is only carried to the backward."""
-    return norm_forward(
+    out, new_res, mean, rstd = norm_forward(
         x, residual, weight, bias, eps, hidden=hidden, is_rms=is_rms,
         dropout=_dropout(seed, dropout_p), residual_dtype=residual_dtype,
         store_residual=store_residual,
     )
+    # an op's outputs are tensors: empty ones where nothing is stored
+    if new_res is None:
+        new_res = x.new_empty((0,), dtype=residual_dtype or x.dtype)
+    if mean is None:
+        mean = x.new_empty((0,), dtype=torch.float32)
+    return out, new_res, mean, rstd
 
 
 @fused_norm.register_fake

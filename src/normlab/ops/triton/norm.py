@@ -331,15 +331,15 @@ def norm_forward(
     dropout: Dropout | None, residual_dtype: torch.dtype | None, store_residual: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, new_residual, mean, rstd): out and new_residual have x's shape (contiguous),
-    new_residual is empty unless ``store_residual``; mean/rstd are float32 with x's row
-    dims as shape (``launch.row_shape``; mean empty for RMSNorm)."""
+    new_residual is None unless ``store_residual``; mean/rstd are float32 with x's row
+    dims as shape (``launch.row_shape``; mean None for RMSNorm)."""
     x2, rows, x_stride = launch.as_rows(x, hidden)
     res2, _, res_stride = launch.as_rows(residual, hidden) if residual is not None else (None, 0, 0)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     res_dtype = residual_dtype or x.dtype
-    new_res = torch.empty(x.shape if store_residual else (0,), dtype=res_dtype, device=x.device)
+    new_res = torch.empty(x.shape, dtype=res_dtype, device=x.device) if store_residual else None
     stats_shape = launch.row_shape(x.shape, hidden)
-    mean = torch.empty((0,) if is_rms else stats_shape, dtype=torch.float32, device=x.device)
+    mean = None if is_rms else torch.empty(stats_shape, dtype=torch.float32, device=x.device)
     rstd = torch.empty(stats_shape, dtype=torch.float32, device=x.device)
     if rows == 0:
         return out, new_res, mean, rstd
@@ -347,7 +347,7 @@ def norm_forward(
     kernel = _fwd_looped_kernel if cfg.looped else _fwd_kernel
     seed, p, scale = _dropout_args(dropout)
     kernel[(launch.cdiv(rows, cfg.rows),)](
-        x2, res2, weight, bias, out, new_res if store_residual else None, mean, rstd,
+        x2, res2, weight, bias, out, new_res, mean, rstd,
         x_stride, res_stride, hidden, hidden,
         rows, hidden, eps, seed, p, scale,
         IS_RMS=is_rms, HAS_RES=res2 is not None, HAS_DROPOUT=dropout is not None,
