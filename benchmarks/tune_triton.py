@@ -185,13 +185,16 @@ def main(argv=None) -> None:
         block = triton.next_power_of_2(hidden)
         rows_opts = [r for r in tile_rows if r * block <= 16384]
 
-        def warps_ok(v, r):  # 4 to 64 elements per thread
-            return 4 <= r * block // (32 * v) <= 64
+        def warps_ok(v, r, sp=1):  # 4 to 64 elements per thread
+            return 4 <= r * block // sp // (32 * v) <= 64
+        # the column-split backward (programs sharing each row) for wide rows
+        splits = (1, 2, 4) if block >= 8192 else (1,)
         for pass_, grid in (("fwd", [dict(fwd_warps=v, fwd_rows=r)
                                      for v, r in itertools.product(fwd_warps, rows_opts) if warps_ok(v, r)]
                              if sweep else [{}]),
-                            ("bwd", [dict(bwd_warps=v, bwd_rows=r, programs_per_sm=p)
-                                     for v, r, p in itertools.product(bwd_warps, rows_opts, ppsm) if warps_ok(v, r)]
+                            ("bwd", [dict(bwd_warps=v, bwd_rows=r, programs_per_sm=p, bwd_split=sp)
+                                     for v, r, p, sp in itertools.product(bwd_warps, rows_opts, ppsm, splits)
+                                     if warps_ok(v, r, sp) and (sp == 1 or r == 1)]
                              if sweep else [{}])):
             for settings in grid:
                 try:

@@ -90,6 +90,16 @@ def test_sums_over_column_blocks(op, fixed_order, request):
 
 @needs_kernels
 @pytest.mark.parametrize("op", ["layer_norm", "add_rms_norm"])
+def test_column_split_backward_matches_vmap_grad(op):
+    from normlab.ops.triton import launch
+    a = make_inputs(op, (3, 4, 40), (40,), torch.float32, device=DEVICE)
+    with launch.tuning(bwd_split=2):
+        buf, cot = run(op, a, (40,), "triton")
+    torch.testing.assert_close(buf, oracle(op, a, (40,), cot), rtol=1e-4, atol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("op", ["layer_norm", "add_rms_norm"])
 def test_looped_kernel_matches_vmap_grad(op):
     from normlab.ops.triton import force_looped
     a = make_inputs(op, (3, 4, 40), (40,), torch.float32, device=DEVICE)

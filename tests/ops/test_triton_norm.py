@@ -53,6 +53,39 @@ def test_looped_kernels(op, hidden, block):
 
 
 @pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("hidden,split", [(17, 4), (40, 2), (1000, 2)])
+def test_column_split_backward(op, hidden, split):
+    # the backward's programs share each row, each owning 1/split of its columns (17 in
+    # 4 parts of 8: the last part is all padding)
+    from normlab.ops.triton import launch
+    a = make_inputs(op, (9, hidden), (hidden,), torch.float32, seed=hidden)
+    with launch.tuning(bwd_split=split):
+        assert launch.block_config(hidden).bwd_split == split
+        check_against_reference(op, a, (hidden,), torch.float32)
+
+
+def test_column_split_with_dropout_and_residual_matches_unsplit():
+    from normlab.ops.triton import launch
+    a = make_inputs("add_layer_norm", (6, 40), (40,), torch.float32)
+    grads = []
+    for split in (1, 2):
+        leaves = [a[k].clone().requires_grad_() for k in ("x", "residual", "weight", "bias")]
+        gen = torch.Generator(device=DEVICE).manual_seed(3)
+        with launch.tuning(bwd_split=split):
+            out, new_res = normlab.functional.add_layer_norm(
+                *leaves, dropout_p=0.3, training=True, generator=gen)
+            grads.append(torch.autograd.grad(out.square().sum() + new_res.sum(), leaves))
+    for p, q in zip(*grads, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_tuning_rejects_a_split_that_is_not_a_power_of_two():
+    from normlab.ops.triton import launch
+    with pytest.raises(ValueError, match="bwd_split.*power of two"), launch.tuning(bwd_split=3):
+        pass
+
+
+@pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("weight_fp32", [False, True])
 def test_half_precision(op, dtype, weight_fp32):

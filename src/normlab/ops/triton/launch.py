@@ -31,7 +31,8 @@ _limits = {"single_block": 16384, "chunk": 4096}
 
 # launch settings that ``tuning`` overrides (None: the defaults of ``block_config``)
 _tune: dict[str, int | None] = {"fwd_warps": None, "bwd_warps": None, "num_stages": None,
-                                "programs_per_sm": None, "fwd_rows": None, "bwd_rows": None}
+                                "programs_per_sm": None, "fwd_rows": None, "bwd_rows": None,
+                                "bwd_split": None}
 
 
 @contextlib.contextmanager
@@ -53,10 +54,16 @@ def tuning(**settings: int | None) -> Iterator[None]:
     """Within the block, launch with these settings instead of the defaults (for
     benchmark sweeps): ``fwd_warps``, ``bwd_warps``, ``num_stages``, ``fwd_rows`` /
     ``bwd_rows`` (rows per tile, powers of two; single-block kernels only) and
-    ``programs_per_sm`` (backward programs per multiprocessor)."""
+    ``programs_per_sm`` (backward programs per multiprocessor), ``bwd_split`` (single-block
+    backward: programs sharing each row, each owning a part of its columns; a power of
+    two, 1 = off)."""
     unknown = set(settings) - set(_tune)
     if unknown:
         raise ValueError(f"tuning(): unknown settings {sorted(unknown)}; expected among {sorted(_tune)}")
+    for key in ("fwd_rows", "bwd_rows", "bwd_split"):
+        v = settings.get(key)
+        if v is not None and (v < 1 or v & (v - 1)):
+            raise ValueError(f"tuning({key}): expected a power of two >= 1, got {v}")
     saved = dict(_tune)
     _tune.update(settings)
     try:
@@ -75,6 +82,7 @@ class BlockConfig:
     bwd_warps: int
     num_stages: int
     programs_per_sm: int  # backward
+    bwd_split: int = 1    # backward: programs per row, each owning BLOCK / bwd_split columns
 
 
 def cdiv(a: int, b: int) -> int:
@@ -129,10 +137,11 @@ def _block_config(hidden: int, _tune_key: tuple, _limits_key: tuple) -> BlockCon
             block, (small_rows, min(4, _default_warps(block * small_rows)), 4))
     fwd_rows = 1 if looped else (_tune["fwd_rows"] or fwd_rows)
     bwd_rows = 1 if looped else (_tune["bwd_rows"] or bwd_rows)
+    bwd_split = 1 if looped else min(block, _tune["bwd_split"] or 1)
     return BlockConfig(block, looped, fwd_rows, _tune["fwd_warps"] or fwd_warps,
                        bwd_rows, _tune["bwd_warps"] or bwd_warps,
                        _tune["num_stages"] or 3,  # 3: Triton's own default
-                       _tune["programs_per_sm"] or per_sm)
+                       _tune["programs_per_sm"] or per_sm, bwd_split)
 
 
 def check_supported(op: str, x: torch.Tensor, hidden: int) -> None:

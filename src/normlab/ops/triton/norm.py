@@ -245,6 +245,71 @@ def _bwd_kernel(
 
 
 @triton.jit
+def _bwd_split_kernel(
+    DY, DRES_OUT, H, W, MEAN, RSTD, DX, DRES, DW_PART, DB_PART, C1, C2, SQ,
+    stride_dy, stride_dres_out, stride_h, stride_dx, stride_dres,
+    hidden, rows_per_example, rows_per_program, seed, drop_p, drop_scale, n_sq,
+    IS_RMS: tl.constexpr, HAS_DRES_OUT: tl.constexpr, HAS_RES: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr,
+    ROWS: tl.constexpr, ZERO_SQ: tl.constexpr, SPLIT: tl.constexpr,
+):
+    # wide rows, columns split SPLIT ways: program (b * SPLIT + s, c) owns column part s
+    # of its rows, so its dweight/dbias partials are a part wide, not a row (a whole
+    # row's are half an SM's registers for LayerNorm at 16384). Per row it first sums
+    # the row's statistics over every part (its own last), then reloads its own part,
+    # fresh in the cache, for dx and the partials. The SPLIT programs of a row run side by
+    # side (adjacent program ids), so the row comes from HBM once and from L2 after.
+    _zero_first(SQ, n_sq, ZERO_SQ)
+    PART: tl.constexpr = BLOCK // SPLIT
+    pid0 = tl.program_id(0)
+    b = (pid0 // SPLIT).to(tl.int64)
+    s = pid0 % SPLIT
+    c = tl.program_id(1).to(tl.int64)
+    first = b * rows_per_example + c * rows_per_program
+    last = tl.minimum(first + rows_per_program, (b + 1) * rows_per_example)
+    part_row = b * tl.num_programs(1) + c
+    own = s * PART + tl.arange(0, PART)
+    own_mask = own < hidden
+    dw = tl.zeros([PART], dtype=tl.float32)
+    db = tl.zeros([PART], dtype=tl.float32)
+    for row in range(first, last):
+        rstd = tl.load(RSTD + row)
+        a1 = 0.0
+        a2 = 0.0
+        for k in range(1, SPLIT + 1):
+            cols = ((s + k) % SPLIT) * PART + tl.arange(0, PART)
+            mask = cols < hidden
+            g = _load_row(DY, stride_dy, row, cols, mask)
+            if HAS_W:
+                g = g * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            xhat = _xhat(_load_row(H, stride_h, row, cols, mask), row, MEAN, rstd, mask, True,
+                         IS_RMS)
+            a1 += tl.sum(xhat * g, axis=0)
+            a2 += tl.sum(g, axis=0)
+        c1 = a1 / hidden
+        dy = _load_row(DY, stride_dy, row, own, own_mask)
+        xhat = _xhat(_load_row(H, stride_h, row, own, own_mask), row, MEAN, rstd, own_mask, True,
+                     IS_RMS)
+        g = dy
+        if HAS_W:
+            dw += dy * xhat
+            g = dy * tl.load(W + own, mask=own_mask, other=0.0).to(tl.float32)
+        if HAS_B:
+            db += dy
+        if IS_RMS:
+            dh = (g - xhat * c1) * rstd
+        else:
+            dh = (g - (xhat * c1 + a2 / hidden)) * rstd
+        _store_grads(DX, DRES, DRES_OUT, row, own, own_mask, stride_dx, stride_dres,
+                     stride_dres_out, dh, hidden, seed, drop_p, drop_scale, HAS_DRES_OUT, HAS_RES,
+                     HAS_DROPOUT)
+    if HAS_W:
+        tl.store(DW_PART + part_row * hidden + own, dw, mask=own_mask)
+    if HAS_B:
+        tl.store(DB_PART + part_row * hidden + own, db, mask=own_mask)
+
+
+@triton.jit
 def _bwd_looped_kernel(
     DY, DRES_OUT, H, W, MEAN, RSTD, DX, DRES, DW_PART, DB_PART, C1, C2, SQ,
     stride_dy, stride_dres_out, stride_h, stride_dx, stride_dres,
@@ -393,10 +458,16 @@ def norm_backward(
     parts = torch.empty(n_bufs, n_parts, hidden, dtype=torch.float32, device=device) if n_bufs else None
     dw_part = parts[0] if weight is not None else None
     db_part = parts[n_bufs - 1] if bias_dtype is not None else None
+    grid: tuple[int, int] = (split.examples, split.chunks)
+    extra = {}
     if cfg.looped:
         kernel = _bwd_looped_kernel
         c1 = torch.empty(rows, dtype=torch.float32, device=device)
         c2 = torch.empty(rows, dtype=torch.float32, device=device)
+    elif cfg.bwd_split > 1:
+        kernel, c1, c2 = _bwd_split_kernel, None, None
+        grid = (split.examples * cfg.bwd_split, split.chunks)
+        extra = {"SPLIT": cfg.bwd_split}
     else:
         kernel, c1, c2 = _bwd_kernel, None, None
     seed, p, scale = _dropout_args(dropout)
@@ -409,7 +480,7 @@ def norm_backward(
     sq = None
     if atomic:
         sq = out_sq if out_sq is not None else torch.empty(2, examples, device=device)
-    kernel[(split.examples, split.chunks)](
+    kernel[grid](
         dy2, dres_out2, h2, weight, mean, rstd, dx, dres, dw_part, db_part, c1, c2, sq,
         dy_stride, dres_out_stride, h_stride, hidden, hidden,
         hidden, split.rows_per_example, split.rows_per_program, seed, p, scale,
@@ -417,7 +488,7 @@ def norm_backward(
         IS_RMS=is_rms, HAS_DRES_OUT=dres_out2 is not None, HAS_RES=dres is not None,
         HAS_DROPOUT=dropout is not None, HAS_W=weight is not None,
         HAS_B=bias_dtype is not None, BLOCK=cfg.block, ROWS=cfg.bwd_rows, ZERO_SQ=atomic,
-        num_warps=cfg.bwd_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.bwd_warps, num_stages=cfg.num_stages, **extra,
     )
     if parts is None:  # neither weight nor bias: nothing to reduce
         if per_example:
