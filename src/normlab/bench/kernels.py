@@ -147,27 +147,24 @@ def _first(out):
     return out if isinstance(out, tuple) else (out,)
 
 
-def time_pass(fn: Callable, inputs: tuple, pass_: str, timer: Timer) -> tuple[float, float]:
-    """(median ms, median host ms) of one pass."""
-    ms = _time_pass(fn, inputs, pass_, timer)
-    return ms, timer.last_host_ms
-
-
-def _time_pass(fn: Callable, inputs: tuple, pass_: str, timer: Timer) -> float:
+def pass_fn(fn: Callable, inputs: tuple, pass_: str) -> Callable[[], object]:
+    """One call of ``pass_`` of ``fn`` on ``inputs``: the forward under no_grad, the
+    backward through a retained graph built here, or forward + backward."""
     x, r, w, b = inputs
     leaves = [t for t in (x, r, w, b) if t is not None and t.requires_grad]
     if pass_ == "fwd":
-        with torch.no_grad():
-            return timer.median_ms(lambda: fn(*inputs))
+        def fwd():
+            with torch.no_grad():
+                return fn(*inputs)
+        return fwd
     outs = _first(fn(*inputs))
     grads = [torch.randn_like(o) for o in outs]
     if pass_ == "bwd":
-        return timer.median_ms(
-            lambda: torch.autograd.grad(outs, leaves, grads, retain_graph=True))
+        return lambda: torch.autograd.grad(outs, leaves, grads, retain_graph=True)
 
     def fwdbwd():
         torch.autograd.grad(_first(fn(*inputs)), leaves, grads)
-    return timer.median_ms(fwdbwd)
+    return fwdbwd
 
 
 def torch_path(fn: Callable, inputs: tuple, device: torch.device) -> str:
@@ -238,7 +235,11 @@ def run(device: torch.device, dtype: torch.dtype, rows_list, hidden_list, ops, p
                 path = torch_path(eager, inputs, device)
                 normlab_path = f"normlab backend {resolve(inputs[0])}"
                 for pass_ in passes:
-                    times = {k: time_pass(fn, inputs, pass_, timer) for k, fn in impls.items()}
+                    # side by side: every round times each implementation once, so a
+                    # change of the machine's load falls on all of them alike
+                    ms_by_impl = timer.median_ms_interleaved(
+                        {k: pass_fn(fn, inputs, pass_) for k, fn in impls.items()})
+                    times = {k: (ms, timer.host_ms[k]) for k, ms in ms_by_impl.items()}
                     nbytes = bytes_moved(op, pass_, rows, hidden, itemsize)
                     for impl, (ms, host_ms) in times.items():
                         gbps = nbytes / (ms * 1e-3) / 1e9
