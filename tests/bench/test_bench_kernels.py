@@ -14,7 +14,12 @@ FIELDS = {"op", "pass", "dtype", "rows", "hidden", "impl", "device", "median_ms"
           "ratio_vs_torch", "ratio_vs_copy", "copy_gbps", "torch_version", "torch_path", "host_ms"}
 
 
-def test_bench_kernels_quick_json(tmp_path):
+def test_bench_kernels_quick_json(tmp_path, monkeypatch):
+    # the CPU bench keeps freed memory for reuse (process-wide malloc settings): stubbed
+    # here, so the test process keeps its own (test_keep_freed_memory checks the real one)
+    import normlab.bench.kernels as bk
+    calls = []
+    monkeypatch.setattr(bk, "keep_freed_memory", lambda: calls.append(1) or True)
     result = CliRunner().invoke(app, [
         "bench", "kernels", "--device", "cpu", "--dtype", "fp32", "--quick", "--json",
         "--rows", "8", "--hidden", "16,32", "--ops", "rms_norm,add_layer_norm",
@@ -45,7 +50,20 @@ def test_bench_kernels_quick_json(tmp_path):
     assert "aten::rms_norm" in torch_paths["rms_norm"]
     for suffix in ("csv", "md", "png"):
         assert (tmp_path / f"kernels-cpu-fp32.{suffix}").stat().st_size > 0
-    assert "| rms_norm | fwd | 8 | 16 | normlab |" in (tmp_path / "kernels-cpu-fp32.md").read_text()
+    md = (tmp_path / "kernels-cpu-fp32.md").read_text()
+    assert "| rms_norm | fwd | 8 | 16 | normlab |" in md
+    assert calls == [1] and "kept freed memory for reuse" in md
+
+
+def test_keep_freed_memory():
+    import subprocess
+    import sys
+    code = "from normlab.bench.common import keep_freed_memory; print(keep_freed_memory())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    import platform
+    expected = "True" if platform.libc_ver()[0] == "glibc" else None
+    if expected:
+        assert out.stdout.strip() == expected
 
 
 def test_bench_rejects_bad_dtype():

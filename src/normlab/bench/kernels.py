@@ -31,6 +31,7 @@ from normlab.bench.common import (
     Timer,
     app,
     device_name,
+    keep_freed_memory,
     load_average,
     pick_device,
     pick_dtype,
@@ -261,10 +262,13 @@ def _order(r: Record) -> tuple:
     return (OPS.index(r.op), r.rows, r.hidden, PASSES.index(r.pass_))
 
 
-def timing_note(device_type: str, host_hidden: bool) -> str:
+def timing_note(device_type: str, host_hidden: bool, steady_malloc: bool = False) -> str:
     """What the times of a table include, for its header."""
     if device_type != "cuda":  # perf_counter around each call
-        return "(the timing itself on the CPU)."
+        return "(the timing itself on the CPU)." + (
+            " glibc's malloc kept freed memory for reuse during the run (mallopt), so the "
+            "times are of the calls, not of page faults on fresh allocations."
+            if steady_malloc else "")
     if host_hidden:
         return ("(issuing it); the GPU waited until the host had issued each timed call, so "
                 "the times are the GPU's alone, as when the host runs ahead in a training loop.")
@@ -273,7 +277,8 @@ def timing_note(device_type: str, host_hidden: bool) -> str:
 
 
 def write_outputs(records: list[Record], out: Path, stem: str, plot: bool = True,
-                  host_hidden: bool = False, device_type: str = "cpu") -> list[Path]:
+                  host_hidden: bool = False, device_type: str = "cpu",
+                  steady_malloc: bool = False) -> list[Path]:
     csv_path, md_path, png_path = out / f"{stem}.csv", out / f"{stem}.md", out / f"{stem}.png"
     write_csv([r.as_json() for r in records], csv_path)
     r0 = records[0]
@@ -281,7 +286,7 @@ def write_outputs(records: list[Record], out: Path, stem: str, plot: bool = True
              f"torch {r0.torch_version}, dtype {r0.dtype}, copy bandwidth {r0.copy_gbps} GB/s "
              "(measured in the same run). Median times; `vs torch` = torch-eager time / this "
              "time (> 1: faster than torch eager). `host ms` = median host time of one call "
-             + timing_note(device_type, host_hidden),
+             + timing_note(device_type, host_hidden, steady_malloc),
              f"Load average at the end of the run: {load_average()} (other processes share the device "
              "when it is above the core count).", "",
              "| op | pass | rows | hidden | impl | median ms | GB/s | vs torch | vs copy | host ms |",
@@ -361,6 +366,7 @@ def kernels(
     if threads:
         torch.set_num_threads(threads)
     gpu = dev.type == "cuda"
+    steady_malloc = not gpu and keep_freed_memory()
     rows_list = _ints(rows) or ((16384,) if quick and gpu else (1024,) if quick else GPU_ROWS if gpu else CPU_ROWS)
     hidden_list = _ints(hidden) or ((1024, 4096) if quick else GPU_HIDDEN if gpu else CPU_HIDDEN)
     if compile_ is None:
@@ -377,12 +383,13 @@ def kernels(
 
         def save(so_far: list[Record]) -> None:  # partial tables survive an interruption
             write_outputs(sorted(so_far, key=_order), Path(out), stem, plot=False,
-                          host_hidden=timer.hide_host, device_type=dev.type)
+                          host_hidden=timer.hide_host, device_type=dev.type,
+                          steady_malloc=steady_malloc)
         records = run(dev, torch_dtype, rows_list, hidden_list, op_list, PASSES, compile_, timer,
                       copy_bytes=(64 << 20) if quick or not gpu else (1 << 30), progress=advance,
                       checkpoint=save)
     paths = write_outputs(records, Path(out), stem, host_hidden=timer.hide_host,
-                          device_type=dev.type)
+                          device_type=dev.type, steady_malloc=steady_malloc)
     if as_json:
         for r in records:
             print(json.dumps(r.as_json()))
