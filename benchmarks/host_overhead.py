@@ -5,11 +5,15 @@ host spends issuing the call (median of perf_counter over many calls). Prints th
 layers from the raw Triton launch up to the public API with autograd, torch's own op for
 scale, and a cProfile of the API's forward + backward.
 
-    python benchmarks/host_overhead.py
+    python benchmarks/host_overhead.py [--device cuda]
+
+(``--device cpu`` with TRITON_INTERPRET=1 runs the same layers through the interpreter:
+a smoke test of the script, not a measurement.)
 """
 
 from __future__ import annotations
 
+import argparse
 import cProfile
 import pstats
 import statistics
@@ -21,21 +25,32 @@ import normlab
 from normlab.ops.triton import launch, norm
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def host_us(fn, n=3000) -> float:
-    for _ in range(200):
+    for _ in range(min(200, n)):
         fn()
-    torch.cuda.synchronize()
+    _sync()
     ts = []
     for _ in range(n):
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
-    torch.cuda.synchronize()
+    _sync()
     return statistics.median(ts) * 1e6
 
 
-def main() -> None:
-    dev = "cuda"
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--calls", type=int, default=3000, help="timed calls per layer")
+    a = ap.parse_args(argv)
+    dev, calls = a.device, a.calls
+    if dev == "cpu":
+        normlab.set_backend("triton")
     hidden = 1024
     x = torch.randn(8, hidden, device=dev, dtype=torch.bfloat16)
     r = torch.randn_like(x)
@@ -69,11 +84,11 @@ def main() -> None:
     res = {}
     with torch.no_grad():
         for k, fn in rows.items():
-            res[k] = host_us(fn)
-        res["api layer_norm fwd (no_grad)"] = host_us(lambda: F.layer_norm(x, hidden, w, b))
-        res["api add_rms_norm fwd (no_grad)"] = host_us(lambda: F.add_rms_norm(x, r, w))
+            res[k] = host_us(fn, calls)
+        res["api layer_norm fwd (no_grad)"] = host_us(lambda: F.layer_norm(x, hidden, w, b), calls)
+        res["api add_rms_norm fwd (no_grad)"] = host_us(lambda: F.add_rms_norm(x, r, w), calls)
         res["torch F.layer_norm fwd (no_grad)"] = host_us(
-            lambda: torch.nn.functional.layer_norm(x, (hidden,), w, b))
+            lambda: torch.nn.functional.layer_norm(x, (hidden,), w, b), calls)
     xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
 
     def api_fwdbwd():
@@ -99,42 +114,43 @@ def main() -> None:
         torch.autograd.grad(Identity.apply(xg), (xg,), g)
 
     res["api layer_norm fwd (grad mode, graph built)"] = host_us(
-        lambda: F.layer_norm(xg, hidden, wg, bg), 1500)
-    res["api layer_norm bwd only (retained graph)"] = host_us(api_bwd_only, 1500)
-    res["api layer_norm fwd+bwd"] = host_us(api_fwdbwd, 1500)
-    res["torch layer_norm fwd+bwd"] = host_us(torch_fwdbwd, 1500)
-    res["python autograd.Function identity fwd+bwd"] = host_us(identity_fwdbwd, 1500)
+        lambda: F.layer_norm(xg, hidden, wg, bg), calls // 2)
+    res["api layer_norm bwd only (retained graph)"] = host_us(api_bwd_only, calls // 2)
+    res["api layer_norm fwd+bwd"] = host_us(api_fwdbwd, calls // 2)
+    res["torch layer_norm fwd+bwd"] = host_us(torch_fwdbwd, calls // 2)
+    res["python autograd.Function identity fwd+bwd"] = host_us(identity_fwdbwd, calls // 2)
     try:
         from liger_kernel.transformers.functional import liger_layer_norm
 
         def liger_fwdbwd():
             torch.autograd.grad(liger_layer_norm(xg, wg, bg, 1e-5), (xg, wg, bg), g)
-        res["liger layer_norm fwd+bwd"] = host_us(liger_fwdbwd, 1500)
+        res["liger layer_norm fwd+bwd"] = host_us(liger_fwdbwd, calls // 2)
     except ImportError:
         pass
     with torch.autograd.set_multithreading_enabled(False):  # backward on this thread
-        res["api layer_norm fwd+bwd, one thread"] = host_us(api_fwdbwd, 1500)
-        res["torch layer_norm fwd+bwd, one thread"] = host_us(torch_fwdbwd, 1500)
+        res["api layer_norm fwd+bwd, one thread"] = host_us(api_fwdbwd, calls // 2)
+        res["torch layer_norm fwd+bwd, one thread"] = host_us(torch_fwdbwd, calls // 2)
     for k, v in res.items():
         print(f"{k:48s} {v:8.1f} us")
     for name, fn in (("api fwd+bwd", api_fwdbwd), ("api bwd only", api_bwd_only)):
         prof = cProfile.Profile()
         with torch.autograd.set_multithreading_enabled(False):
             prof.enable()
-            for _ in range(300):
+            for _ in range(max(1, calls // 10)):
                 fn()
             prof.disable()
-        torch.cuda.synchronize()
-        print(f"\n## cProfile of 300 x {name} (backward on the calling thread)")
+        _sync()
+        print(f"\n## cProfile of {max(1, calls // 10)} x {name} (backward on the calling thread)")
         pstats.Stats(prof).sort_stats("tottime").print_stats(30)
         pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
     # the backward runs on autograd's device thread, where cProfile of the main thread
     # does not look: the profiler's CPU view covers every thread
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
-        for _ in range(50):
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    with profile(activities=acts) as p:
+        for _ in range(min(50, calls)):
             api_fwdbwd()
-        torch.cuda.synchronize()
+        _sync()
     print(p.key_averages().table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=70))
 
 

@@ -104,10 +104,15 @@ class RMSNormFunction(torch.autograd.Function):
         hidden = math.prod(normalized_shape)
         ct = reference.compute_dtype(x.dtype)
         x2 = x.reshape(-1, hidden)
-        y = x2.to(ct, copy=True)
-        rstd = torch.linalg.vector_norm(y, dim=1, keepdim=True)
-        rstd = rstd.square_().div_(hidden).add_(eps).rsqrt_()
-        y.mul_(rstd)
+        if x2.dtype == ct:  # no conversion: y = x * rstd is the first pass that writes
+            rstd = torch.linalg.vector_norm(x2, dim=1, keepdim=True)
+            rstd = rstd.square_().div_(hidden).add_(eps).rsqrt_()
+            y = x2 * rstd
+        else:
+            y = x2.to(ct)
+            rstd = torch.linalg.vector_norm(y, dim=1, keepdim=True)
+            rstd = rstd.square_().div_(hidden).add_(eps).rsqrt_()
+            y.mul_(rstd)
         if weight is not None:
             y = y.mul_(weight.reshape(-1)) if weight.dtype != torch.float64 or ct == weight.dtype else y * weight.reshape(-1)
         return y.to(x.dtype).reshape(x.shape), rstd
