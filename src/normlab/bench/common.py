@@ -42,6 +42,19 @@ def load_average() -> str:
         return "n/a"
 
 
+def _cpu_flush_bytes() -> int:
+    """Twice the CPU's last-level cache (from sysfs; 64 MiB where it cannot be read)."""
+    for index in (3, 2):
+        try:
+            text = Path(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        if text and text[-1] in units and text[:-1].isdigit():
+            return max(2 * int(text[:-1]) * units[text[-1]], 8 << 20)
+    return 64 << 20
+
+
 class Timer:
     """Median wall time of a callable: CUDA events on a GPU, perf_counter on the CPU.
 
@@ -60,6 +73,7 @@ class Timer:
         self.host_ms: dict[str, float] = {}  # per callable of median_ms_interleaved
 
     _flush: torch.Tensor | None = None
+    _cpu_flush: torch.Tensor | None = None
     _cycles_per_ms: float | None = None
 
     def _sleep_cycles_per_ms(self) -> float:
@@ -94,7 +108,8 @@ class Timer:
         L2 cache is flushed by reading a 256 MiB buffer (so no input is timed from the
         cache, and no dirty line of the flush is written back during the call, as a flush
         by writing would), then the GPU waits ``hold_ms`` (see the class), then the call
-        is timed with CUDA events."""
+        is timed with CUDA events. On the CPU, a buffer twice the last-level cache is read
+        first, so no implementation finds its inputs cached by the one timed before it."""
         if self.device.type == "cuda":
             if self._flush is None:
                 self._flush = torch.ones(64 << 20, dtype=torch.float32, device=self.device)
@@ -110,6 +125,9 @@ class Timer:
             end.record()
             end.synchronize()
             return start.elapsed_time(end), host
+        if self._cpu_flush is None:
+            self._cpu_flush = torch.ones(_cpu_flush_bytes() // 4, dtype=torch.float32)
+        self._cpu_flush.sum()  # every timed call starts from cold caches, as on the GPU
         t0 = time.perf_counter()
         fn()
         ms = (time.perf_counter() - t0) * 1e3
