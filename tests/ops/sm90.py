@@ -85,12 +85,10 @@ def bwd_variant(hidden: int, *, rms: bool, res: bool, dropout: bool, dtype=torch
                  SQ="*fp32" if zero_sq else None, n_sq="i32", stride_dy="i32", stride_dres_out="i32", stride_h="i32", stride_dx="i32",
                  stride_dres="i32", hidden="i32", rows_per_example="i32",
                  rows_per_program="i32", seed="i64", drop_p="fp32", drop_scale="fp32")
-    kernel = (norm._bwd_looped_kernel if cfg.looped else
-              norm._bwd_split_kernel if cfg.bwd_split > 1 else norm._bwd_kernel)
+    kernel, extra = norm.backward_kernel(cfg)
     consts = dict(IS_RMS=rms, HAS_DRES_OUT=res, HAS_RES=res, HAS_DROPOUT=dropout,
-                  HAS_W=weight, HAS_B=has_b, BLOCK=cfg.block, ROWS=cfg.bwd_rows, ZERO_SQ=zero_sq)
-    if cfg.bwd_split > 1:
-        consts["SPLIT"] = cfg.bwd_split
+                  HAS_W=weight, HAS_B=has_b, BLOCK=cfg.block, ROWS=cfg.bwd_rows, ZERO_SQ=zero_sq,
+                  **extra)
     return compile_sm90(kernel, types, consts, cfg.bwd_warps, cfg.num_stages)
 
 

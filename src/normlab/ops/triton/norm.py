@@ -390,6 +390,15 @@ def _dropout_args(dropout: Dropout | None) -> tuple[int, float, float]:
     return (dropout.seed, dropout.p, dropout.scale) if dropout is not None else (0, 0.0, 1.0)
 
 
+def backward_kernel(cfg: launch.BlockConfig) -> tuple[triton.JITFunction, dict]:
+    """The backward kernel a launch config runs, and the constexprs only it takes."""
+    if cfg.looped:
+        return _bwd_looped_kernel, {}
+    if cfg.bwd_split > 1:
+        return _bwd_split_kernel, {"SPLIT": cfg.bwd_split}
+    return _bwd_kernel, {}
+
+
 def norm_forward(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
     bias: torch.Tensor | None, eps: float, *, hidden: int, is_rms: bool,
@@ -458,18 +467,12 @@ def norm_backward(
     parts = torch.empty(n_bufs, n_parts, hidden, dtype=torch.float32, device=device) if n_bufs else None
     dw_part = parts[0] if weight is not None else None
     db_part = parts[n_bufs - 1] if bias_dtype is not None else None
-    grid: tuple[int, int] = (split.examples, split.chunks)
-    extra = {}
-    if cfg.looped:
-        kernel = _bwd_looped_kernel
+    kernel, extra = backward_kernel(cfg)
+    grid = (split.examples * cfg.bwd_split, split.chunks)  # bwd_split is 1 unless split
+    c1 = c2 = None
+    if cfg.looped:  # per-row statistics of pass A
         c1 = torch.empty(rows, dtype=torch.float32, device=device)
         c2 = torch.empty(rows, dtype=torch.float32, device=device)
-    elif cfg.bwd_split > 1:
-        kernel, c1, c2 = _bwd_split_kernel, None, None
-        grid = (split.examples * cfg.bwd_split, split.chunks)
-        extra = {"SPLIT": cfg.bwd_split}
-    else:
-        kernel, c1, c2 = _bwd_kernel, None, None
     seed, p, scale = _dropout_args(dropout)
     # per example, unless deterministic algorithms are asked for: the backward kernel
     # zeroes the [2, examples] result and the column reduction adds each column block's
