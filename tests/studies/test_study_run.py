@@ -24,7 +24,8 @@ MICRO = {"d_model": 16, "n_heads": 2, "d_ff": 32, "dropout": 0.0, "n_layers": 2}
 
 def _spec(name="r", **kw):
     base = dict(name=name, model={**MICRO, "placement": "pre"}, steps=8, batch_size=4, seq_len=16,
-                eval_every=4, eval_batches=1, log_every=1, diag_every=3, checkpoint_every=3,
+                eval_every=4, eval_batches=1, val_bytes=4096, val_bytes_during=1024, log_every=1, diag_every=3,
+                checkpoint_every=3,
                 tags={"study": "warmup", "group": "pre"})
     base.update(kw)
     return RunSpec(**base)
@@ -56,10 +57,13 @@ def test_every_preset_plan_builds(name):
 
 
 def test_overrides_seeds_and_steps():
-    study = apply_overrides(get_study("norms"), seeds=2, steps=30)
-    assert len(study.runs) == 2 * len(get_study("norms").runs)
-    assert {r.seed for r in study.runs} == {0, 1}
-    assert all(r.steps == 30 and r.eval_every <= 30 for r in study.runs)
+    base = get_study("norms")  # 3 seeds per configuration, and one speed run
+    study = apply_overrides(base, seeds=2, steps=30)
+    trained = [r for r in study.runs if r.kind == "train"]
+    assert len(trained) == 2 * sum(r.kind == "train" for r in base.runs) // 3
+    assert {r.seed for r in trained} == {0, 1}
+    assert all(r.steps == 30 and r.eval_every <= 30 for r in trained)
+    assert [r for r in study.runs if r.kind == "speed"] == [r for r in base.runs if r.kind == "speed"]
 
 
 def test_tiny_study_end_to_end_writes_report(tmp_path, corpus, monkeypatch):
@@ -74,15 +78,29 @@ def test_tiny_study_end_to_end_writes_report(tmp_path, corpus, monkeypatch):
               tags={"study": "norms", "group": "rmsnorm"}),
         _spec("s2s", task="seq2seq", steps=3, eval_every=3, tags={"study": "other"}),
     )
-    study = Study("tiny", "a tiny study", runs, claims=("xiong-grad-init", "rmsnorm-matches-layernorm"))
+    study = Study("tiny", "a tiny study", runs,
+                  claims=("xiong-postln-grad-grows", "xiong-last-layer-larger", "rmsnorm-matches-layernorm"))
     monkeypatch.setattr("normlab.studies.runner.ByteCorpus.from_path", lambda *a, **k: corpus)
-    results, report = run_study(study, tmp_path, _cpu())
+    results, report = run_study(study, tmp_path, _cpu(), workers=1)
     out = tmp_path / "tiny"
-    summary = json.loads((out / "summary.json").read_text())
+    full = json.loads((out / "summary.json").read_text())
+    summary = full["runs"]
     assert [r["name"] for r in summary] == [r.name for r in runs]
     for key in ("name", "placement", "norm", "n_layers", "lr", "warmup_steps", "seed", "init", "steps",
-                "final_train_loss", "final_val_loss", "diverged", "tokens_per_s"):
+                "final_train_loss", "final_val_loss", "diverged", "tokens_per_s", "config", "n_params"):
         assert all(key in r for r in summary), key
+    for key in ("d_model", "n_layers", "n_heads", "d_ff", "placement", "norm", "lr", "warmup_steps", "batch_size",
+                "seq_len", "steps", "activation", "positional", "init", "betas", "seed", "schedule", "optimizer"):
+        assert all(key in r["config"] for r in summary), key
+    prov = full["provenance"]
+    for key in ("normlab_version", "git_commit", "torch_version", "python_version", "device", "threads",
+                "corpus_sha256", "wall_s"):
+        assert key in prov, key
+    assert prov["corpus_sha256"] == corpus.sha256() and prov["torch_version"] == torch.__version__
+    assert prov["git_commit"] is None or len(prov["git_commit"].split("-")[0]) == 40
+    claims = json.loads((out / "claims.json").read_text())
+    assert [c["id"] for c in claims][:1] == ["xiong-postln-grad-grows@L3"] and len(claims) == 3
+    assert all(c["verdict"] in ("agrees", "disagrees", "inconclusive") for c in claims)
     ln = next(r for r in summary if r["name"] == "norms-layernorm")
     assert 0 < ln["final_val_loss"] < 6 and ln["tokens_per_s"] > 0 and not ln["diverged"]
     assert "final_val_exact_match" in next(r for r in summary if r["name"] == "s2s")
@@ -95,10 +113,19 @@ def test_tiny_study_end_to_end_writes_report(tmp_path, corpus, monkeypatch):
     html = report.read_text()
     assert report == out / "index.html"
     assert f"{ln['final_val_loss']:.3f}" in html and "Post-LN" in html and "data:image/png;base64," in html
-    for png in ("grad_by_layer.png", "activation_rms.png", "loss_norms.png", "tokens_per_s.png"):
+    assert "corpus_sha256" in html and prov["corpus_sha256"] in html  # provenance in the header
+    assert "claims agree" not in html and "95% CI" in html  # a claims table, no tally
+    for c in claims:
+        assert c["id"] in html
+    for png in ("grad_by_layer.png", "loss_norms.png", "lr_norms.png", "norms.png"):
         assert (out / png).stat().st_size > 1000
+    # final weights are kept, and load into the model they came from
+    from safetensors.torch import load_file
+
+    weights = load_file(out / "norms-layernorm" / "model.safetensors")
+    assert ln["weights"] == "model.safetensors" and any(k.endswith("weight") for k in weights)
     # a second invocation finds every run finished and reproduces the summary
-    again, _ = run_study(study, tmp_path, _cpu())
+    again, _ = run_study(study, tmp_path, _cpu(), workers=1)
     trained = [r["name"] for r in results if r["kind"] == "train"]
     assert [r["final_val_loss"] for r in again if r["name"] in trained] == \
         [r["final_val_loss"] for r in results if r["name"] in trained]

@@ -25,7 +25,7 @@ from normlab.norms import build_norm
 
 
 def _build_norm(cfg: TransformerConfig, dim: int) -> nn.Module:
-    return build_norm(cfg.norm, dim, eps=cfg.norm_eps)
+    return build_norm(cfg.norm, dim, eps=cfg.norm_eps, **(cfg.norm_options or {}))
 
 
 def check_tokens(where: str, tokens: Tensor, max_seq_len: int) -> None:

@@ -36,6 +36,8 @@ class TransformerConfig:
     positional        "learned" | "sinusoidal" (Vaswani et al.) | "rope" (Su et al. 2021)
     norm              any ``normlab.norm_names()`` entry
     norm_eps          eps passed to norms that have one (None: each norm's default)
+    norm_options      further keyword arguments of the norm, e.g. {"alpha_init": 1.0} for
+                      DyT (None: the norm's defaults); checked by building one norm
     placement         any ``placement_names()`` entry: where the norms sit
     residual_scale    lambda in x + lambda * F(x) (Liu et al. 2020, "Rethinking Skip
                       Connection with Layer Normalization"); 1.0 is the plain residual
@@ -61,6 +63,7 @@ class TransformerConfig:
     positional: str = "learned"
     norm: str = "layernorm"
     norm_eps: float | None = 1e-5
+    norm_options: dict[str, Any] | None = None
     placement: str = "pre"
     residual_scale: float = 1.0
     embedding_norm: bool = False
@@ -105,6 +108,20 @@ class TransformerConfig:
         _check_choice("placement", self.placement, placement_names())
         _check_choice("init", self.init, INITS)
         _check_choice("activation", self.activation, ACTIVATIONS)
+        if self.norm_options is not None:
+            if not isinstance(self.norm_options, dict) or not all(isinstance(k, str) for k in self.norm_options):
+                raise ValueError(
+                    f"TransformerConfig: expected norm_options to be None or a dict of keyword arguments, "
+                    f"got {self.norm_options!r}"
+                )
+            from normlab.norms import build_norm
+
+            try:
+                build_norm(self.norm, 1, eps=self.norm_eps, **self.norm_options)
+            except TypeError as e:
+                raise ValueError(f"TransformerConfig: norm_options {self.norm_options!r} do not fit norm "
+                                 f"{self.norm!r}: {e}") from None
+            object.__setattr__(self, "norm_options", dict(self.norm_options))
         for name in ("embedding_norm", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TransformerConfig: expected {name} to be a bool, got {getattr(self, name)!r}")

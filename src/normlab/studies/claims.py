@@ -1,181 +1,582 @@
-"""The published findings a study checks, each with how it is judged from the runs.
+"""The published findings a study checks, each a falsifiable statement about the runs.
 
-A claim's ``judge(results)`` returns a ``Verdict``: "agrees", "disagrees" or
-"inconclusive" (not enough runs, or a margin too small to call), and the numbers it
-read, so the report shows what was measured next to what was claimed.
+A ``Claim`` states one half of a paper's claim, the statistic that tests it and the test
+(``normlab.studies.stats``): directional, equivalence or non-inferiority, judged against
+a margin the preset fixes before the runs. ``judge(claim, results, margin)`` returns one
+row per measurement (a claim judged at several learning rates gives several rows), each
+with the estimate, its 95% t-interval over paired seeds and the verdict: "agrees",
+"disagrees" or "inconclusive" (the interval straddles the margin). A statement that is
+true by construction is a "sanity" row, never a verdict.
+
+How runs are read:
+
+* a configuration is compared at **its own best learning rate** (and, for DyT, its best
+  alpha0): the setting with the lowest mean loss over seeds on the *select* half of the
+  fixed validation set (even windows); the comparison itself uses the *test* half (odd
+  windows), so the choice of setting does not bias the judged numbers;
+* a run **failed** when its loss went non-finite or it ended no better than the
+  unigram baseline (a model of byte frequencies alone); a failed run counts with the
+  baseline's loss, so failures stay in the paired statistics instead of dropping out;
+* seeds pair runs: the same seed gives the same data order and (equal shapes) init.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from itertools import product
-from statistics import mean
 from typing import Any
 
+from normlab.studies.spec import Margin
+from normlab.studies.stats import Interval, mean_ci, paired_ci, slope, verdict
+
 Result = dict[str, Any]
+UNIFORM_BYTE_LOSS = math.log(256)  # the baseline when a result does not carry its own
 
 
 @dataclass(frozen=True)
-class Verdict:
-    outcome: str  # "agrees" | "disagrees" | "inconclusive"
-    measured: str
+class Measurement:
+    """One measured statistic: ``suffix`` tells rows of one claim apart (e.g. "@lr=0.003")."""
+
+    suffix: str
+    interval: Interval
+    detail: str
+    setup: str = ""
 
 
 @dataclass(frozen=True)
 class Claim:
-    key: str
+    id: str
     title: str
-    source: str
-    statement: str
-    judge: Callable[[list[Result]], Verdict]
+    papers: tuple[str, ...]
+    statement: str          # the paper's claim, in its own terms
+    statistic: str          # what is computed from the runs
+    test: str               # "directional" | "equivalence" | "noninferiority" | "sanity"
+    paper_setup: str        # the paper's setting, for the scope line
+    measure: Callable[[list[Result]], list[Measurement]]
+    margin: Margin          # the default; a preset may fix another before its runs
 
 
-def _of(results: list[Result], study: str, **match: Any) -> list[Result]:
-    return [r for r in results if r.get("tags", {}).get("study") == study
-            and all(r.get(k, r.get("tags", {}).get(k)) == v for k, v in match.items())]
+# ------------------------------------------------------------------ reading runs
 
 
-def _mean_profile(runs: list[Result], key: str, kind: str | None = None) -> list[float] | None:
-    profiles = [r[key][kind] if kind else r[key] for r in runs if r.get(key) and (kind is None or kind in r[key])]
-    if not profiles:
+def _tag(r: Result, key: str, default: Any = None) -> Any:
+    return r.get("tags", {}).get(key, default)
+
+
+def runs_of(results: Iterable[Result], study: str, **match: Any) -> list[Result]:
+    """Runs of ``study`` (their own, or shared with it through the tag "also") whose
+    fields or tags equal ``match``."""
+    return [r for r in results if (_tag(r, "study") == study or study in _tag(r, "also", ()))
+            and all(r.get(k, _tag(r, k)) == v for k, v in match.items())]
+
+
+def baseline(r: Result) -> float:
+    return r.get("baseline_val_loss", UNIFORM_BYTE_LOSS)
+
+
+def failed(r: Result) -> bool:
+    """Diverged, non-finite, or no better than byte frequencies alone."""
+    loss = r.get("final_val_loss")
+    loss = math.nan if loss is None else loss
+    return bool(r.get("diverged")) or not math.isfinite(loss) or loss >= baseline(r)
+
+
+def judged_loss(r: Result, half: str = "test") -> float:
+    """The final validation loss on one half of the fixed set ("select" | "test");
+    a failed run counts with the unigram baseline's loss."""
+    if failed(r):
+        return baseline(r)
+    value = r.get(f"final_val_loss_{half}")
+    return r["final_val_loss"] if value is None or not math.isfinite(value) else value
+
+
+def _setting(r: Result) -> tuple:
+    """What a sweep varies besides the seed: the lr and any swept model option."""
+    return (r["lr"], _tag(r, "alpha0"))
+
+
+def _setting_text(setting: tuple) -> str:
+    lr, alpha0 = setting
+    return f"lr {lr:g}" + (f", alpha0 {alpha0:g}" if alpha0 is not None else "")
+
+
+@dataclass(frozen=True)
+class Best:
+    """A configuration at its best setting: per-seed test-half losses there, and the sweep."""
+
+    setting: tuple
+    by_seed: dict[int, float]
+    sweep: dict[tuple, float]      # setting -> mean select-half loss over seeds
+    failures: dict[tuple, int]     # setting -> failed seeds
+    seeds: int
+
+    @property
+    def at_edge(self) -> bool:
+        lrs = sorted({s[0] for s in self.sweep})
+        return len(lrs) > 1 and self.setting[0] in (lrs[0], lrs[-1])
+
+    @property
+    def largest_stable_lr(self) -> float | None:
+        """The largest lr at which no seed failed (any swept option)."""
+        ok = [s[0] for s, n in self.failures.items() if n == 0]
+        return max(ok) if ok else None
+
+    def text(self, name: str) -> str:
+        edge = " (edge of the sweep)" if self.at_edge else ""
+        stable = self.largest_stable_lr
+        return (f"{name}: best {_setting_text(self.setting)}{edge}, test loss "
+                f"{_mean(self.by_seed.values()):.3f}; largest stable lr "
+                f"{'none' if stable is None else f'{stable:g}'}")
+
+
+def best_setting(runs: list[Result]) -> Best | None:
+    """The setting (lr, alpha0) with the lowest mean select-half loss over seeds."""
+    if not runs:
         return None
-    return [mean(vals) for vals in zip(*profiles)]
-
-
-def _loss(r: Result) -> float:
-    return math.inf if r.get("diverged") or not math.isfinite(r.get("final_val_loss", math.nan)) else r["final_val_loss"]
-
-
-def _fmt(x: float) -> str:
-    return "diverged" if math.isinf(x) else f"{x:.3f}"
-
-
-# ------------------------------------------------------------------ judges
-
-
-def _xiong(results: list[Result]) -> Verdict:
-    post = _mean_profile(_of(results, "grad-at-init", placement="post"), "grad_norms_by_layer", "ffn_w2")
-    pre = _mean_profile(_of(results, "grad-at-init", placement="pre"), "grad_norms_by_layer", "ffn_w2")
-    if not post or not pre or len(post) < 2:
-        return Verdict("inconclusive", "needs Post-LN and Pre-LN probes of at least 2 layers")
-    post_growth, pre_growth = post[-1] / post[0], pre[-1] / pre[0]
-    measured = (f"FFN W2 gradient norm, first -> last layer: Post-LN {post[0]:.3g} -> {post[-1]:.3g} "
-                f"(x{post_growth:.2f}), Pre-LN {pre[0]:.3g} -> {pre[-1]:.3g} (x{pre_growth:.2f}); "
-                f"last layer Post/Pre = {post[-1] / pre[-1]:.2f}")
-    ok = post[-1] > pre[-1] and post_growth > 1.2 and pre_growth <= 1.1
-    bad = post[-1] <= pre[-1] or post_growth <= 1.0
-    return Verdict("agrees" if ok else "disagrees" if bad else "inconclusive", measured)
-
-
-def _residual_growth(results: list[Result]) -> Verdict:
-    pre = _mean_profile(_of(results, "grad-at-init", placement="pre"), "activation_rms_by_layer")
-    post = _mean_profile(_of(results, "grad-at-init", placement="post"), "activation_rms_by_layer")
-    if not pre or not post or len(pre) < 2:
-        return Verdict("inconclusive", "needs Post-LN and Pre-LN probes with activation statistics")
-    pre_growth, post_growth = pre[-1] / pre[0], post[-1] / post[0]
-    measured = (f"residual-stream RMS, first -> last block: Pre-LN {pre[0]:.3g} -> {pre[-1]:.3g} "
-                f"(x{pre_growth:.2f}); Post-LN {post[0]:.3g} -> {post[-1]:.3g} (x{post_growth:.2f})")
-    ok = pre_growth > 1.5 and 0.5 < post_growth < 1.5
-    return Verdict("agrees" if ok else "disagrees", measured)
-
-
-def _warmup(results: list[Result]) -> Verdict:
-    runs = _of(results, "warmup")
-    by = defaultdict(list)
+    cells: dict[tuple, list[Result]] = defaultdict(list)
     for r in runs:
-        by[(r["placement"], r["warmup_steps"] > 0, r["lr"])].append(_loss(r))
-    lrs = sorted({r["lr"] for r in runs})
-    if not lrs or not all((p, w, lrs[-1]) in by for p in ("post", "pre") for w in (False, True)):
-        return Verdict("inconclusive", "needs Post-LN and Pre-LN runs with and without warm-up")
-    lines, post_gaps, pre_gaps = [], [], []
-    for lr in lrs:
-        cell = {k: mean(by[(*k, lr)]) for k in product(("post", "pre"), (False, True)) if (*k, lr) in by}
-        if len(cell) < 4:
-            continue
-        post_gaps.append(cell[("post", False)] - cell[("post", True)])
-        pre_gaps.append(cell[("pre", False)] - cell[("pre", True)])
-        lines.append(f"lr {lr:g}: Post-LN {_fmt(cell[('post', False)])} without / {_fmt(cell[('post', True)])} "
-                     f"with warm-up; Pre-LN {_fmt(cell[('pre', False)])} / {_fmt(cell[('pre', True)])}")
-    measured = "final validation loss: " + "; ".join(lines)
-    post_gap, pre_gap = post_gaps[-1], pre_gaps[-1]  # at the largest learning rate
-    if post_gap > 0.05 and post_gap > 2 * max(pre_gap, 0.0):
-        return Verdict("agrees", measured)
-    if post_gap <= 0.0:
-        return Verdict("disagrees", measured)
-    return Verdict("inconclusive", measured)
+        cells[_setting(r)].append(r)
+    sweep = {s: _mean(judged_loss(r, "select") for r in rs) for s, rs in cells.items()}
+    best = min(sweep, key=lambda s: (sweep[s], s[0]))
+    return Best(setting=best, by_seed={r["seed"]: judged_loss(r) for r in cells[best]}, sweep=sweep,
+                failures={s: sum(failed(r) for r in rs) for s, rs in cells.items()},
+                seeds=len({r["seed"] for r in runs}))
 
 
-def _deepnorm(results: list[Result]) -> Verdict:
-    runs = _of(results, "depth")
-    depths = sorted({r["n_layers"] for r in runs})
+def at_setting(runs: list[Result], lr: float) -> dict[int, float]:
+    return {r["seed"]: judged_loss(r) for r in runs if r["lr"] == lr}
+
+
+def _mean(values: Iterable[float]) -> float:
+    xs = list(values)
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def _ci_text(i: Interval, unit: str = "") -> str:
+    if not math.isfinite(i.lo):
+        return f"{i.estimate:+.3f}{unit} (n={i.n}, no interval)"
+    return f"{i.estimate:+.3f}{unit} [{i.lo:+.3f}, {i.hi:+.3f}] (n={i.n})"
+
+
+def _missing(what: str) -> list[Measurement]:
+    return [Measurement("", Interval(math.nan, math.nan, math.nan, 0), f"not measured: needs {what}")]
+
+
+def run_setup(runs: list[Result]) -> str:
+    """Our side of a claim's scope, from the runs' records."""
+    trained = [r for r in runs if r.get("kind") == "train"]
+    if not trained:
+        probes = [r for r in runs if r.get("kind") == "probe"]
+        if not probes:
+            return ""
+        cfg = probes[0].get("config", {})
+        return (f"here: byte-level LM at initialization, d_model {probes[0].get('d_model')}, "
+                f"{sorted({r['n_layers'] for r in probes})} layers, batch {cfg.get('batch_size', '?')} x "
+                f"{cfg.get('seq_len', '?')} bytes, {cfg.get('probe_batches', '?')} batches per seed, "
+                f"{len({r['seed'] for r in probes})} seeds")
+    r0 = trained[0]
+    cfg = r0.get("config", {})
+    params = sorted({r.get("n_params", 0) for r in trained})
+    tokens = r0["steps"] * cfg.get("batch_size", 0) * cfg.get("seq_len", 0)
+    lrs = sorted({r["lr"] for r in trained})
+    return (f"here: byte-level LM, {params[0] / 1e3:.0f}k-{params[-1] / 1e3:.0f}k parameters "
+            f"(d_model {r0.get('d_model')}, {sorted({r['n_layers'] for r in trained})} layers), "
+            f"{r0['steps']} steps x {cfg.get('batch_size', '?')} x {cfg.get('seq_len', '?')} bytes "
+            f"({tokens / 1e6:.2f}M tokens), Adam{tuple(cfg.get('betas', ()))}, "
+            f"{cfg.get('schedule', 'constant')} lr after warm-up, lr swept over {[f'{x:g}' for x in lrs]}, "
+            f"{len({r['seed'] for r in trained})} seeds")
+
+
+# ------------------------------------------------------------------ gradients and activations at init
+
+XIONG_DEPTH = 6  # Xiong et al.'s Fig. 3 model: a 6-layer Transformer (the translation base)
+
+
+def _probes(results: list[Result], placement: str, n_layers: int | None = None) -> list[Result]:
+    return [r for r in runs_of(results, "grad-at-init", placement=placement)
+            if r.get("grad_norms_by_layer") and (n_layers is None or r["n_layers"] == n_layers)]
+
+
+def _judged_depth(results: list[Result]) -> int | None:
+    depths = sorted({r["n_layers"] for r in runs_of(results, "grad-at-init")})
     if not depths:
-        return Verdict("inconclusive", "needs depth runs")
-    lines = []
-    for n in depths:
-        cell = {p: mean(_loss(r) for r in _of(results, "depth", placement=p, n_layers=n))
-                for p in ("post", "pre", "deepnorm") if _of(results, "depth", placement=p, n_layers=n)}
-        lines.append(f"{n} layers: " + ", ".join(f"{p} {_fmt(v)}" for p, v in cell.items()))
-    deepest = {p: mean(_loss(r) for r in _of(results, "depth", placement=p, n_layers=depths[-1]))
-               for p in ("post", "deepnorm") if _of(results, "depth", placement=p, n_layers=depths[-1])}
-    measured = "final validation loss: " + "; ".join(lines)
-    if len(deepest) < 2:
-        return Verdict("inconclusive", measured)
-    if math.isfinite(deepest["deepnorm"]) and deepest["deepnorm"] <= deepest["post"]:
-        return Verdict("agrees", measured)
-    return Verdict("disagrees", measured)
+        return None
+    return XIONG_DEPTH if XIONG_DEPTH in depths else depths[-1]
 
 
-def _norm_pair(a: str, b: str, margin: float, better: bool) -> Callable[[list[Result]], Verdict]:
-    """a's final loss within ``margin`` of b's (better=False), or below b's (better=True)."""
+def _log_slope(profile: list[float]) -> float:
+    return slope(list(range(1, len(profile) + 1)), [math.log(v) for v in profile])
 
-    def judge(results: list[Result]) -> Verdict:
-        ra, rb = _of(results, "norms", norm=a), _of(results, "norms", norm=b)
+
+def _grad_slope(placement: str) -> Callable[[list[Result]], list[Measurement]]:
+    def measure(results: list[Result]) -> list[Measurement]:
+        depth = _judged_depth(results)
+        runs = _probes(results, placement, depth)
+        if not runs or depth is None or depth < 2:
+            return _missing(f"{placement} probes of at least 2 layers")
+        slopes = {r["seed"]: _log_slope(r["grad_norms_by_layer"]["ffn_w2"]) for r in runs}
+        i = mean_ci(list(slopes.values()))
+        growth = math.exp(i.estimate * (depth - 1))
+        return [Measurement(f"@L{depth}", i,
+                            f"slope of ln|grad W2| per layer, {placement}: {_ci_text(i)}; first -> last layer "
+                            f"x{growth:.2f} at the mean slope", run_setup(runs))]
+
+    return measure
+
+
+def _last_layer_ratio(results: list[Result]) -> list[Measurement]:
+    depth = _judged_depth(results)
+    post, pre = _probes(results, "post", depth), _probes(results, "pre", depth)
+    if not post or not pre:
+        return _missing("Post-LN and Pre-LN probes")
+    a = {r["seed"]: math.log(r["grad_norms_by_layer"]["ffn_w2"][-1]) for r in post}
+    b = {r["seed"]: math.log(r["grad_norms_by_layer"]["ffn_w2"][-1]) for r in pre}
+    i = paired_ci(a, b)
+    return [Measurement(f"@L{depth}", i, f"ln(last-layer |grad W2| Post-LN / Pre-LN), paired by seed: "
+                        f"{_ci_text(i)} (ratio x{math.exp(i.estimate):.2f})", run_setup(post + pre))]
+
+
+def _residual_exponent(results: list[Result]) -> list[Measurement]:
+    runs = [r for r in runs_of(results, "grad-at-init", placement="pre") if r.get("activation_rms_by_layer")]
+    by_seed: dict[int, dict[int, float]] = defaultdict(dict)
+    for r in runs:
+        by_seed[r["seed"]][r["n_layers"]] = r["activation_rms_by_layer"][-1]
+    exps = {}
+    for seed, cells in by_seed.items():
+        if len(cells) >= 2:
+            depths = sorted(cells)
+            exps[seed] = slope([math.log(n) for n in depths], [math.log(cells[n]) for n in depths])
+    if not exps:
+        return _missing("Pre-LN probes at two or more depths")
+    i = mean_ci(list(exps.values()))
+    shifted = Interval(i.estimate - 0.5, i.lo - 0.5, i.hi - 0.5, i.n)
+    depths = sorted({n for cells in by_seed.values() for n in cells})
+    return [Measurement("", shifted, f"fitted exponent b of last-block RMS ~ L^b over depths {depths}: "
+                        f"{_ci_text(i)}; statistic b - 0.5 = {_ci_text(shifted)}", run_setup(runs))]
+
+
+def _postln_stream(results: list[Result]) -> list[Measurement]:
+    runs = [r for r in runs_of(results, "grad-at-init", placement="post") if r.get("activation_rms_by_layer")]
+    if not runs:
+        return _missing("Post-LN probes")
+    values = [v for r in runs for v in r["activation_rms_by_layer"]]
+    i = Interval(_mean(values), min(values), max(values), len(runs))
+    return [Measurement("", i, f"Post-LN residual RMS after every block, all probes: {min(values):.3f} to "
+                        f"{max(values):.3f} (a LayerNorm output: 1 up to eps and gamma = 1 at init)",
+                        run_setup(runs))]
+
+
+# ------------------------------------------------------------------ warm-up
+
+def _warmup_runs(results: list[Result]) -> dict[tuple[str, bool], list[Result]]:
+    runs = runs_of(results, "warmup")
+    return {(p, w): [r for r in runs if r["placement"] == p and (r["warmup_steps"] > 0) == w]
+            for p in ("post", "pre") for w in (False, True)}
+
+
+def _interaction(cells: dict[tuple[str, bool], dict[int, float]]) -> Interval:
+    """[L(post, none) - L(post, warm-up)] - [L(pre, none) - L(pre, warm-up)], paired by seed."""
+    seeds = set.intersection(*(set(c) for c in cells.values()))
+    d = {s: (cells[("post", False)][s] - cells[("post", True)][s])
+         - (cells[("pre", False)][s] - cells[("pre", True)][s]) for s in seeds}
+    return mean_ci(list(d.values()))
+
+
+def _warmup_text(cells: dict[tuple[str, bool], dict[int, float]]) -> str:
+    m = {k: _mean(v.values()) for k, v in cells.items()}
+    return (f"test loss Post-LN {m[('post', False)]:.3f} without / {m[('post', True)]:.3f} with warm-up, "
+            f"Pre-LN {m[('pre', False)]:.3f} / {m[('pre', True)]:.3f}")
+
+
+def _warmup_each_lr(results: list[Result]) -> list[Measurement]:
+    groups = _warmup_runs(results)
+    if not all(groups.values()):
+        return _missing("Post-LN and Pre-LN runs with and without warm-up")
+    setup = run_setup([r for rs in groups.values() for r in rs])
+    lrs = sorted(set.intersection(*({r["lr"] for r in rs} for rs in groups.values())))
+    out = []
+    for lr in lrs:
+        cells = {k: at_setting(rs, lr) for k, rs in groups.items()}
+        i = _interaction(cells)
+        fails = ", ".join(f"{p}{' warm-up' if w else ' none'} {sum(failed(r) for r in rs if r['lr'] == lr)}"
+                          for (p, w), rs in groups.items())
+        out.append(Measurement(f"@lr={lr:g}", i, f"lr {lr:g}: {_warmup_text(cells)}; what warm-up buys Post-LN "
+                               f"minus what it buys Pre-LN: {_ci_text(i, ' nats')}; failed runs: {fails}", setup))
+    return out
+
+
+def _warmup_best(results: list[Result]) -> list[Measurement]:
+    groups = _warmup_runs(results)
+    if not all(groups.values()):
+        return _missing("Post-LN and Pre-LN runs with and without warm-up")
+    best = {k: best_setting(rs) for k, rs in groups.items()}
+    i = _interaction({k: b.by_seed for k, b in best.items()})
+    names = {("post", False): "Post-LN none", ("post", True): "Post-LN warm-up",
+             ("pre", False): "Pre-LN none", ("pre", True): "Pre-LN warm-up"}
+    detail = "; ".join(b.text(names[k]) for k, b in best.items())
+    return [Measurement("@best-lr", i, f"each at its own best lr: {detail}; interaction {_ci_text(i, ' nats')}",
+                        run_setup([r for rs in groups.values() for r in rs]))]
+
+
+def _preln_without_warmup(results: list[Result]) -> list[Measurement]:
+    groups = _warmup_runs(results)
+    if not groups[("pre", False)] or not groups[("pre", True)]:
+        return _missing("Pre-LN runs with and without warm-up")
+    none, warm = best_setting(groups[("pre", False)]), best_setting(groups[("pre", True)])
+    i = paired_ci(none.by_seed, warm.by_seed)
+    return [Measurement("@best-lr", i, f"{none.text('Pre-LN none')}; {warm.text('Pre-LN warm-up')}; "
+                        f"L(none) - L(warm-up) = {_ci_text(i, ' nats')}",
+                        run_setup(groups[("pre", False)] + groups[("pre", True)]))]
+
+
+# ------------------------------------------------------------------ depth and DeepNorm
+
+def _deepest(results: list[Result]) -> tuple[int | None, dict[str, list[Result]]]:
+    runs = runs_of(results, "depth")
+    depths = sorted({r["n_layers"] for r in runs if r["placement"] == "deepnorm"})
+    if not depths:
+        return None, {}
+    n = depths[-1]
+    return n, {p: [r for r in runs if r["placement"] == p and r["n_layers"] == n] for p in ("post", "pre", "deepnorm")}
+
+
+def _deepnorm_beats(other: str) -> Callable[[list[Result]], list[Measurement]]:
+    def measure(results: list[Result]) -> list[Measurement]:
+        n, cells = _deepest(results)
+        if n is None or not cells[other] or not cells["deepnorm"]:
+            return _missing(f"DeepNorm and {other} runs at the same depth")
+        b_other, b_deep = best_setting(cells[other]), best_setting(cells["deepnorm"])
+        i = paired_ci(b_other.by_seed, b_deep.by_seed)
+        return [Measurement(f"@L{n}", i, f"{b_other.text(other)}; {b_deep.text('deepnorm')}; "
+                            f"L({other}) - L(deepnorm) = {_ci_text(i, ' nats')}",
+                            run_setup(cells[other] + cells["deepnorm"]))]
+
+    return measure
+
+
+def _deepnorm_stability(results: list[Result]) -> list[Measurement]:
+    n, cells = _deepest(results)
+    if n is None or not cells["post"] or not cells["deepnorm"]:
+        return _missing("DeepNorm and Post-LN runs at the same depth")
+
+    def fails_by_seed(runs: list[Result]) -> dict[int, float]:
+        out: dict[int, float] = defaultdict(float)
+        for r in runs:
+            out[r["seed"]] += failed(r)
+        return dict(out)
+
+    i = paired_ci(fails_by_seed(cells["post"]), fails_by_seed(cells["deepnorm"]))
+    lrs = sorted({r["lr"] for r in cells["post"]})
+    counts = {p: f"{sum(failed(r) for r in rs)}/{len(rs)}" for p, rs in cells.items() if rs}
+    stable = {p: best_setting(rs).largest_stable_lr for p, rs in cells.items() if rs}
+    detail = (f"{n} layers, lrs {[f'{x:g}' for x in lrs]}: failed runs " + ", ".join(f"{p} {c}" for p, c in counts.items())
+              + "; largest stable lr " + ", ".join(f"{p} {'none' if s is None else f'{s:g}'}" for p, s in stable.items())
+              + f"; Post-LN minus DeepNorm failures per seed {_ci_text(i)}")
+    if i.n and i.estimate == 0 and i.lo == i.hi == 0:
+        detail += " (no failures at these settings: stability is not tested here)"
+    return [Measurement(f"@L{n}", i, detail, run_setup(cells["post"] + cells["deepnorm"]))]
+
+
+# ------------------------------------------------------------------ norms
+
+def _norm_runs(results: list[Result], name: str) -> list[Result]:
+    return [r for r in runs_of(results, "norms", norm=name) if r.get("kind") == "train"]
+
+
+def _norm_difference(a: str, b: str) -> Callable[[list[Result]], list[Measurement]]:
+    """L(a) - L(b) at each one's own best setting, paired by seed."""
+
+    def measure(results: list[Result]) -> list[Measurement]:
+        ra, rb = _norm_runs(results, a), _norm_runs(results, b)
         if not ra or not rb:
-            return Verdict("inconclusive", f"needs {a} and {b} runs")
-        la, lb = mean(_loss(r) for r in ra), mean(_loss(r) for r in rb)
-        ta = mean(r.get("tokens_per_s", math.nan) for r in ra)
-        tb = mean(r.get("tokens_per_s", math.nan) for r in rb)
-        measured = (f"final validation loss {a} {_fmt(la)} vs {b} {_fmt(lb)}; "
-                    f"tokens/s {a} {ta:,.0f} vs {b} {tb:,.0f}")
-        if better:
-            ok = la < lb
-        else:
-            ok = math.isfinite(la) and abs(la - lb) <= margin
-        return Verdict("agrees" if ok else "disagrees", measured)
+            return _missing(f"{a} and {b} runs")
+        ba, bb = best_setting(ra), best_setting(rb)
+        i = paired_ci(ba.by_seed, bb.by_seed)
+        return [Measurement("", i, f"{ba.text(a)}; {bb.text(b)}; L({a}) - L({b}) = {_ci_text(i, ' nats')}",
+                            run_setup(ra + rb))]
 
-    return judge
+    return measure
 
 
-CLAIMS: dict[str, Claim] = {c.key: c for c in [
-    Claim("xiong-grad-init", "Post-LN's gradients at initialization grow toward the output",
-          "Xiong et al. 2020, On Layer Normalization in the Transformer Architecture (Fig. 3)",
-          "At initialization, the gradient norm of the FFN weights grows with the layer index in Post-LN "
-          "and stays flat (or shrinks) in Pre-LN; the last layer's is larger in Post-LN.", _xiong),
-    Claim("pre-ln-residual-growth", "Pre-LN's residual stream grows with depth",
-          "Xiong et al. 2020; Liu et al. 2020, Understanding the Difficulty of Training Transformers",
-          "In Pre-LN the residual stream's scale grows with depth (each block adds to an unnormalized sum); "
-          "in Post-LN every block's output is normalized, so it stays flat.", _residual_growth),
-    Claim("postln-needs-warmup", "Post-LN needs learning-rate warm-up, Pre-LN does not",
-          "Xiong et al. 2020; Liu et al. 2020",
-          "Without warm-up, Post-LN trains worse or diverges at larger learning rates, while Pre-LN "
-          "reaches about the same loss with or without warm-up.", _warmup),
-    Claim("deepnorm-depth", "DeepNorm trains deep Post-LN-style stacks",
-          "Wang et al. 2022, DeepNet: Scaling Transformers to 1,000 Layers",
-          "Scaling the residual by alpha and the initialization by beta keeps a deep Post-LN-style model "
-          "trainable: at the largest depth DeepNorm reaches a loss at least as low as Post-LN.", _deepnorm),
-    Claim("rmsnorm-matches-layernorm", "RMSNorm matches LayerNorm",
-          "Zhang & Sennrich 2019, Root Mean Square Layer Normalization",
-          "Dropping the re-centering costs no quality: RMSNorm's loss is within 0.05 nats of LayerNorm's.",
-          _norm_pair("rmsnorm", "layernorm", 0.05, better=False)),
-    Claim("dyt-matches-layernorm", "Dynamic Tanh replaces LayerNorm",
-          "Zhu et al. 2025, Transformers without Normalization",
-          "An element-wise tanh(alpha x) in place of every norm trains to within 0.1 nats of LayerNorm.",
-          _norm_pair("dyt", "layernorm", 0.1, better=False)),
+def _negated(measure: Callable[[list[Result]], list[Measurement]]) -> Callable[[list[Result]], list[Measurement]]:
+    def flipped(results: list[Result]) -> list[Measurement]:
+        out = []
+        for m in measure(results):
+            i = m.interval
+            out.append(Measurement(m.suffix, Interval(-i.estimate, -i.hi, -i.lo, i.n),
+                                   m.detail + " (statistic: the negative, so > 0 favours the claim)", m.setup))
+        return out
+
+    return flipped
+
+
+def _rmsnorm_speed(results: list[Result]) -> list[Measurement]:
+    runs = [r for r in runs_of(results, "norms") if r.get("kind") == "speed" and r.get("speed_ratios")
+            and r["norm"] == "rmsnorm" and r.get("speed_against", {}).get("norm") == "layernorm"]
+    if not runs:
+        return _missing("a side-by-side speed run (normlab study measures one per norms study)")
+    r = runs[0]
+    i = mean_ci([math.log(x) for x in r["speed_ratios"]])
+    return [Measurement("", i, f"training step, RMSNorm vs LayerNorm models timed side by side in "
+                        f"{len(r['speed_ratios'])} interleaved rounds ({r.get('threads', '?')} thread(s)): "
+                        f"{r['tokens_per_s']:,.0f} vs {r['baseline_tokens_per_s']:,.0f} tokens/s (medians); "
+                        f"ln(speed ratio) {_ci_text(i)} = x{math.exp(i.estimate):.3f}",
+                        f"here: {r.get('n_params', 0) / 1e3:.0f}k-parameter model, {r.get('n_layers')} layers, "
+                        f"d_model {r.get('d_model')}, the default backend on this device")]
+
+
+# ------------------------------------------------------------------ the claims
+
+XIONG = "Xiong et al. 2020, On Layer Normalization in the Transformer Architecture (ICML)"
+XIONG_SETUP = ("paper: 6-layer Transformer-base translation (IWSLT14 De-En, WMT14 En-De) and 12/24-layer BERT, "
+               "trained to convergence, Adam(0.9, 0.98), inverse-sqrt schedule; Fig. 3 measured at init")
+DEEPNET = "Wang et al. 2022, DeepNet: Scaling Transformers to 1,000 Layers"
+DEEPNET_SETUP = ("paper: encoder-decoder translation models of 18 to 1,000 layers (d_model 512), WMT-17 "
+                 "and OPUS-100, trained to convergence with warm-up and inverse-sqrt decay")
+NORMS_NOTE = "every norm at Pre-LN placement, each at its own best lr"
+MARGIN_SIGN = Margin(0.0, "a directional claim: the sign decides; an interval covering 0 is inconclusive")
+MARGIN_EQUIV = Margin(0.05, "0.05 nats is 2% of a final loss near 2.5 nats/byte and 4x the seed SD of one "
+                      "run measured before these presets were fixed (0.012 nats: LayerNorm, d_model 64, "
+                      "seeds 0-2)")
+
+CLAIMS: dict[str, Claim] = {c.id: c for c in [
+    Claim("xiong-postln-grad-grows", "Post-LN's gradients at initialization grow toward the output", (XIONG,),
+          "At initialization the gradient norm of the FFN weights W2 grows with the layer index in "
+          "Post-LN (Fig. 3; Theorem 1: the last layer's is O(d sqrt(ln d)), independent of L).",
+          "slope of ln |grad W2| against layer index, fitted per seed; mean over seeds", "directional",
+          XIONG_SETUP, _grad_slope("post"), MARGIN_SIGN),
+    Claim("xiong-preln-grad-flat", "Pre-LN's gradients at initialization stay flat across layers", (XIONG,),
+          "In Pre-LN the gradient norm of W2 stays about the same across layers (Fig. 3), at "
+          "O(d sqrt(ln d / L)) (Theorem 1).",
+          "slope of ln |grad W2| against layer index, fitted per seed; mean over seeds", "equivalence",
+          XIONG_SETUP, _grad_slope("pre"),
+          Margin(0.04, "|slope| < 0.04 per layer is < x1.22 from first to last of 6 layers, the spread of "
+                 "Xiong et al.'s Pre-LN curve in Fig. 3")),
+    Claim("xiong-last-layer-larger", "Post-LN's last-layer gradient is larger than Pre-LN's", (XIONG,),
+          "At initialization the last layer's W2 gradient is larger in Post-LN than in Pre-LN, by a "
+          "factor that grows like sqrt(L) (Theorem 1).",
+          "ln(last-layer |grad W2| Post-LN / Pre-LN), paired by seed", "directional", XIONG_SETUP,
+          _last_layer_ratio, MARGIN_SIGN),
+    Claim("preln-residual-sqrt-depth", "Pre-LN's residual stream grows like sqrt(depth) at init", (XIONG,),
+          "In Pre-LN the squared norm of the input to the final LayerNorm grows linearly with the number "
+          "of layers (Xiong et al., Lemma 2), so its RMS grows like L^0.5.",
+          "b - 0.5, b the exponent of a per-seed fit ln RMS(last block) = a + b ln L over probe depths",
+          "equivalence", XIONG_SETUP, _residual_exponent,
+          Margin(0.25, "halfway between the claimed 0.5 and the alternatives it rules out: 0 (no growth) "
+                 "and 1 (RMS linear in depth)")),
+    Claim("postln-stream-normalized", "Post-LN's residual stream is a LayerNorm output", (XIONG,),
+          "In Post-LN every block ends with a LayerNorm, so the stream's RMS is 1 at every depth.",
+          "Post-LN residual RMS after each block (min to max)", "sanity", XIONG_SETUP, _postln_stream,
+          Margin(0.0, "true by construction: shown as a check of the measurement, not judged")),
+    Claim("postln-needs-warmup", "Post-LN needs learning-rate warm-up; Pre-LN does not", (XIONG,),
+          "Post-LN needs a learning-rate warm-up stage: without it, it trains much worse or not at all; "
+          "Pre-LN trains without warm-up (Sec. 3.2 and 4).",
+          "[L(Post-LN, no warm-up) - L(Post-LN, warm-up)] - [same for Pre-LN], paired by seed, at each lr",
+          "directional", XIONG_SETUP, _warmup_each_lr, MARGIN_SIGN),
+    Claim("postln-needs-warmup-best-lr", "Post-LN needs warm-up, at each configuration's best lr", (XIONG,),
+          "The same claim when every configuration has its own tuned learning rate: warm-up still "
+          "buys Post-LN more than it buys Pre-LN.",
+          "the warm-up interaction above, each of the four configurations at its own best lr",
+          "directional", XIONG_SETUP, _warmup_best, MARGIN_SIGN),
+    Claim("preln-without-warmup", "Pre-LN without warm-up matches Pre-LN with it", (XIONG,),
+          "Pre-LN without the warm-up stage reaches results comparable to the baselines with it (Sec. 4).",
+          "L(Pre-LN, no warm-up) - L(Pre-LN, warm-up), each at its best lr, paired by seed",
+          "noninferiority", XIONG_SETUP, _preln_without_warmup, MARGIN_EQUIV),
+    Claim("deepnorm-beats-postln", "DeepNorm trains deep stacks better than Post-LN", (DEEPNET,),
+          "DeepNorm (x_{l+1} = LN(alpha x_l + G(x_l)), weights scaled by beta at init) keeps deep "
+          "Post-LN-style models trainable and better than Post-LN at depth.",
+          "L(Post-LN) - L(DeepNorm) at the deepest depth, each at its own best lr, paired by seed",
+          "directional", DEEPNET_SETUP, _deepnorm_beats("post"), MARGIN_SIGN),
+    Claim("deepnorm-beats-preln", "DeepNorm outperforms Pre-LN at depth", (DEEPNET,),
+          "DeepNorm combines Post-LN's performance with Pre-LN's stability: deep DeepNet models "
+          "outperform Pre-LN models of the same depth.",
+          "L(Pre-LN) - L(DeepNorm) at the deepest depth, each at its own best lr, paired by seed",
+          "directional", DEEPNET_SETUP, _deepnorm_beats("pre"), MARGIN_SIGN),
+    Claim("deepnorm-stability", "DeepNorm is stable where Post-LN is not", (DEEPNET,),
+          "DeepNorm bounds the model update, so deep models train stably at learning rates where "
+          "Post-LN diverges.",
+          "failed runs over the lr sweep per seed, Post-LN minus DeepNorm, paired by seed",
+          "directional", DEEPNET_SETUP, _deepnorm_stability, MARGIN_SIGN),
+    Claim("rmsnorm-matches-layernorm", "RMSNorm matches LayerNorm's quality",
+          ("Zhang & Sennrich 2019, Root Mean Square Layer Normalization (NeurIPS)",),
+          "Dropping re-centering costs nothing: RMSNorm achieves performance comparable to LayerNorm.",
+          "L(RMSNorm) - L(LayerNorm), each at its own best lr, paired by seed", "equivalence",
+          "paper: RNN/Transformer translation, reading comprehension, image-caption retrieval, "
+          "CIFAR-10; trained to convergence; " + NORMS_NOTE,
+          _norm_difference("rmsnorm", "layernorm"), MARGIN_EQUIV),
+    Claim("rmsnorm-faster", "RMSNorm is faster than LayerNorm",
+          ("Zhang & Sennrich 2019, Root Mean Square Layer Normalization (NeurIPS)",),
+          "RMSNorm reduces running time by 7%-64% over LayerNorm across models.",
+          "ln(tokens/s of the RMSNorm model / the LayerNorm model) per interleaved timing round, "
+          "mean over rounds", "directional",
+          "paper: the models above, in their TensorFlow/Theano implementations on GPUs",
+          _rmsnorm_speed, MARGIN_SIGN),
+    Claim("dyt-matches-layernorm", "Dynamic Tanh replaces LayerNorm without loss",
+          ("Zhu et al. 2025, Transformers without Normalization (CVPR)",),
+          "Replacing every norm with DyT(x) = gamma * tanh(alpha x) + beta matches or exceeds the "
+          "normalized model, with mostly the default alpha0 and the baseline's hyperparameters.",
+          "L(DyT) - L(LayerNorm), DyT at its best (lr, alpha0) and LayerNorm at its best lr, paired by seed",
+          "noninferiority",
+          "paper: ViT, ConvNeXt, DiT, LLaMA 7B-70B, wav2vec, DNA models; trained to convergence "
+          "with tuned recipes; alpha0 tuned for LLMs; " + NORMS_NOTE,
+          _norm_difference("dyt", "layernorm"), MARGIN_EQUIV),
     Claim("powernorm-beats-batchnorm", "PowerNorm fixes batch normalization for transformers",
-          "Shen et al. 2020, PowerNorm: Rethinking Batch Normalization in Transformers",
-          "Batch statistics fluctuate in NLP batches; PowerNorm's running quadratic mean trains to a lower "
-          "loss than (masked) batch normalization.", _norm_pair("powernorm", "batchnorm", 0.0, better=True)),
+          ("Shen et al. 2020, PowerNorm: Rethinking Batch Normalization in Transformers (ICML)",),
+          "Batch statistics fluctuate in NLP batches; PowerNorm (a running quadratic mean, no mean "
+          "subtraction) trains clearly better than batch normalization.",
+          "L(BatchNorm) - L(PowerNorm), each at its own best lr, paired by seed", "directional",
+          "paper: Transformer-base/big translation (IWSLT14, WMT14) and language modeling (PTB, "
+          "WikiText-103), trained to convergence; " + NORMS_NOTE,
+          _negated(_norm_difference("powernorm", "batchnorm")), MARGIN_SIGN),
+    Claim("powernorm-beats-layernorm", "PowerNorm outperforms LayerNorm",
+          ("Shen et al. 2020, PowerNorm: Rethinking Batch Normalization in Transformers (ICML)",),
+          "PowerNorm outperforms LayerNorm (e.g. +0.4/+0.6 BLEU on IWSLT14/WMT14, lower perplexity "
+          "on PTB and WikiText-103).",
+          "L(LayerNorm) - L(PowerNorm), each at its own best lr, paired by seed", "directional",
+          "paper: Transformer-base/big translation (IWSLT14, WMT14) and language modeling (PTB, "
+          "WikiText-103), trained to convergence; " + NORMS_NOTE,
+          _negated(_norm_difference("powernorm", "layernorm")), MARGIN_SIGN),
 ]}
+
+
+def judge(claim: Claim, results: list[Result], margin: Margin | None = None) -> list[dict[str, Any]]:
+    """The claims.json rows of ``claim`` on ``results``, judged against ``margin``
+    (default: the claim's own)."""
+    margin = margin or claim.margin
+    rows = []
+    for m in claim.measure(results):
+        if claim.test == "sanity":
+            outcome = "sanity"
+            ci = [m.interval.lo, m.interval.hi]
+        else:
+            outcome = verdict(claim.test, m.interval, margin.value)
+            ci = m.interval.ci95
+        rows.append({
+            "id": claim.id + m.suffix,
+            "claim": claim.id,
+            "title": claim.title,
+            "papers": list(claim.papers),
+            "statement": claim.statement,
+            "statistic": claim.statistic,
+            "test": claim.test,
+            "margin": margin.value,
+            "margin_why": margin.why,
+            "estimate": m.interval.estimate if math.isfinite(m.interval.estimate) else None,
+            "ci95": ci,
+            "n_seeds": m.interval.n,
+            "interval": "95% Student-t over paired seeds" if claim.id != "rmsnorm-faster"
+                        else "95% Student-t over interleaved timing rounds",
+            "verdict": outcome,
+            "scope": "; ".join(x for x in (m.setup, claim.paper_setup) if x),
+            "measured": m.detail,
+        })
+    return rows
+
+
+def judge_all(claim_ids: Iterable[str], results: list[Result], margins: dict[str, Margin] | None = None
+              ) -> list[dict[str, Any]]:
+    """Every row of every named claim, in order."""
+    margins = margins or {}
+    return [row for cid in claim_ids for row in judge(CLAIMS[cid], results, margins.get(cid))]

@@ -20,6 +20,9 @@ def study(
     seeds: int = typer.Option(None, help="Run every configuration with seeds 0..N-1."),
     steps: int = typer.Option(None, help="Training steps per run (overrides the preset)."),
     data: Path = typer.Option(None, help="Text file or folder to train on (default: the Python standard library's sources)."),
+    workers: int = typer.Option(None, help="Runs side by side on a CPU (default: one per core, one thread each)."),
+    keep_weights: bool = typer.Option(True, "--keep-weights/--no-keep-weights",
+                                      help="Keep each run's final weights as <run>/model.safetensors."),
 ) -> None:
     """Reproduce published normalization findings; resumable, writes a report with plots."""
     from normlab.studies.data import DataError
@@ -43,7 +46,8 @@ def study(
         spec = apply_overrides(get_study(preset), seeds=seeds, steps=steps)
         env = setup_env(device, dtype)
         try:
-            _, report = run_study(spec, out, env, data=str(data) if data else None, console=console)
+            _, report = run_study(spec, out, env, data=str(data) if data else None, console=console,
+                                  workers=workers, keep_weights=keep_weights)
         except Interrupted:
             teardown_env(env)  # every rank stops at the same step
             raise
@@ -56,4 +60,24 @@ def study(
         console.print(f"[yellow]{e}[/yellow]")
         raise typer.Exit(code=130) from None
     if report is not None:
+        _print_claims(report.parent / "claims.json")
         console.print(f"report: {report}")
+
+
+def _print_claims(path: Path) -> None:
+    import json
+
+    rows = json.loads(path.read_text())
+    if not rows:
+        return
+    table = Table(title="claims (95% t-intervals over paired seeds)")
+    for col in ("claim", "estimate", "95% CI", "margin", "n", "verdict"):
+        table.add_column(col)
+    colors = {"agrees": "green", "disagrees": "red", "inconclusive": "yellow", "sanity": "blue"}
+    for r in rows:
+        ci = r["ci95"]
+        ci_text = "-" if ci[0] is None or ci[1] is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+        est = "-" if r["estimate"] is None else f"{r['estimate']:+.3f}"
+        table.add_row(r["id"], est, ci_text, f"{r['margin']:g}", str(r["n_seeds"]),
+                      f"[{colors[r['verdict']]}]{r['verdict']}[/]")
+    console.print(table)

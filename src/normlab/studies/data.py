@@ -97,6 +97,21 @@ class ByteCorpus:
             n_files=len(files),
         )
 
+    def sha256(self) -> str:
+        """Identifies the bytes a study trained and validated on (both splits, in order)."""
+        h = hashlib.sha256()
+        h.update(self.train.numpy().tobytes())
+        h.update(b"\x00--validation--\x00")
+        h.update(self.val.numpy().tobytes())
+        return h.hexdigest()
+
+    def unigram_val_loss(self) -> float:
+        """Cross-entropy (nats/byte) of the validation bytes under the training bytes'
+        frequencies (add-one smoothed): the loss of a model that learned only byte counts."""
+        counts = torch.bincount(self.train.long(), minlength=VOCAB_SIZE).double() + 1.0
+        logp = (counts / counts.sum()).log()
+        return float(-logp[self.val.long()].mean())
+
 
 def lm_batch(stream: Tensor, batch_size: int, seq_len: int, seed: int, step: int) -> tuple[Tensor, Tensor]:
     """Random windows of ``seq_len + 1`` bytes -> (inputs, targets), int64 [B, T].
@@ -108,6 +123,20 @@ def lm_batch(stream: Tensor, batch_size: int, seq_len: int, seed: int, step: int
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(0, stream.numel() - seq_len - 1, (batch_size,), generator=g)
     idx = starts[:, None] + torch.arange(seq_len + 1)
+    windows = stream[idx].long()
+    return windows[:, :-1], windows[:, 1:]
+
+
+def fixed_windows(stream: Tensor, seq_len: int, max_bytes: int) -> tuple[Tensor, Tensor]:
+    """The validation set: the first ``max_bytes`` bytes of ``stream`` (or all of it)
+    cut into consecutive, non-overlapping windows -> (inputs, targets), int64 [N, T].
+
+    The same for every run and every seed: it depends on the data and seq_len alone."""
+    usable = min(max_bytes, stream.numel() - 1)
+    n = usable // seq_len
+    if n < 1:
+        raise DataError(f"the validation split ({stream.numel()} bytes) is shorter than seq_len + 1 = {seq_len + 1}")
+    idx = (torch.arange(n) * seq_len)[:, None] + torch.arange(seq_len + 1)
     windows = stream[idx].long()
     return windows[:, :-1], windows[:, 1:]
 

@@ -1,11 +1,18 @@
 """The study presets: each a small declarative list of runs and the claims it checks.
 
-    grad-at-init  Xiong et al. 2020, Fig. 3: FFN gradient norms by layer at init
-    warmup        Post-LN vs Pre-LN with and without learning-rate warm-up
-    depth         Post-LN vs Pre-LN vs DeepNorm as depth grows
-    norms         the norm zoo at equal placement: loss and tokens/s
-    quick         a subset of all four that finishes in minutes on a 2-core CPU
-    full          sizes meant for a GPU
+    grad-at-init  Xiong et al. 2020, Fig. 3: FFN gradient norms by layer at init, and
+                  the residual stream's growth with depth (probes at several depths)
+    warmup        Post-LN vs Pre-LN with and without learning-rate warm-up, lr sweep
+    depth         Post-LN vs Pre-LN vs DeepNorm at depth, lr sweep: loss and stability
+    norms         the norm zoo at Pre-LN placement, lr sweep (DyT also over alpha0),
+                  and RMSNorm's speed timed side by side
+    quick         all four at CPU sizes: 3 seeds, 3 learning rates, minutes on 2 cores
+    full          all four at sizes meant for a GPU: 5 seeds, 4 learning rates
+
+Every configuration a training claim compares runs over the same seeds (paired: same
+data order, same init where the shapes allow) and over a log-spaced lr sweep, so each
+is compared at its own best lr. The margins the claims are judged against are fixed in
+``normlab.studies.claims`` (each with its justification), before any run.
 """
 
 from __future__ import annotations
@@ -18,70 +25,106 @@ from normlab.studies.spec import RunSpec, Study
 # The original Transformer's setting, which Xiong et al. analyse: ReLU FFN, sinusoidal
 # positions, Xavier init. (With GELU and learned positions the Post-LN gradient growth at
 # initialization is much weaker at these sizes: measured x0.9-1.2 first->last layer vs x1.7.)
-# Tiny widths for CPU; depth is what the published comparisons are about.
 ORIGINAL = {"activation": "relu", "positional": "sinusoidal", "init": "xavier"}
+MICRO = {**ORIGINAL, "d_model": 32, "n_heads": 2, "d_ff": 128, "dropout": 0.0}
 TINY = {**ORIGINAL, "d_model": 64, "n_heads": 4, "d_ff": 256, "dropout": 0.0}
 SMALL = {**ORIGINAL, "d_model": 128, "n_heads": 4, "d_ff": 512, "dropout": 0.0}
 GPU = {**ORIGINAL, "d_model": 512, "n_heads": 8, "d_ff": 2048, "dropout": 0.1}
 
 NORMS = ("layernorm", "rmsnorm", "scalenorm", "powernorm", "batchnorm", "dyt")
+DYT_ALPHA0 = (0.25, 0.5, 1.0)  # Zhu et al.'s default is 0.5; they tune it for LLMs
+QUICK_LRS = (1e-3, 3e-3, 1e-2)
+FULL_LRS = (2.5e-4, 5e-4, 1e-3, 2e-3)
 
 
 def _model(base: dict[str, Any], **kw: Any) -> dict[str, Any]:
     return {**base, **kw}
 
 
-def grad_at_init(*, base=SMALL, n_layers=12, seeds=(0, 1, 2), batch_size=8, seq_len=64,
-                 probe_batches=4, placements=("post", "pre", "deepnorm", "peri")) -> list[RunSpec]:
+def _train(name: str, model: dict[str, Any], *, lr: float, warmup_steps: int, steps: int, seed: int,
+           batch_size: int, seq_len: int, tags: dict[str, Any], **kw: Any) -> RunSpec:
+    return RunSpec(name=name, model=model, lr=lr, warmup_steps=warmup_steps, steps=steps, seed=seed,
+                   batch_size=batch_size, seq_len=seq_len, eval_every=max(1, steps // 3),
+                   diag_every=max(1, steps // 6), checkpoint_every=max(1, steps // 2),
+                   log_every=max(1, min(10, steps // 10)), tags={**tags, "lr": lr}, **kw)
+
+
+def grad_at_init(*, base=SMALL, depths=(3, 6, 12, 24), seeds=tuple(range(6)), batch_size=8, seq_len=64,
+                 probe_batches=4, placements=("post", "pre"), extra=("deepnorm", "peri"),
+                 extra_depth=6) -> list[RunSpec]:
+    """Probes at initialization: Post-LN and Pre-LN at every depth (the gradient profile
+    is judged at 6 layers, the residual growth fitted over depths), ``extra`` placements
+    at ``extra_depth`` for the plot."""
+    cells = [(p, n) for p, n in product(placements, depths)] + [(p, extra_depth) for p in extra]
     return [
-        RunSpec(name=f"init-{p}-L{n_layers}-s{s}", model=_model(base, placement=p, n_layers=n_layers),
-                kind="probe", seed=s, batch_size=batch_size, seq_len=seq_len, probe_batches=probe_batches,
-                steps=0, tags={"study": "grad-at-init", "group": p})
-        for p, s in product(placements, seeds)
+        RunSpec(name=f"init-{p}-L{n}-s{s}", model=_model(base, placement=p, n_layers=n), kind="probe", seed=s,
+                batch_size=batch_size, seq_len=seq_len, probe_batches=probe_batches, steps=0,
+                tags={"study": "grad-at-init", "group": p, "depth": n})
+        for (p, n), s in product(cells, seeds)
     ]
 
 
-def warmup(*, base=TINY, n_layers=6, lrs=(5e-4, 1e-3, 2e-3), warmups=(0, 100), steps=300,
-           seeds=(0,), batch_size=16, seq_len=64, placements=("post", "pre")) -> list[RunSpec]:
+def warmup(*, base=TINY, n_layers=6, lrs=QUICK_LRS, warmup_steps=40, steps=150, seeds=(0, 1, 2),
+           batch_size=16, seq_len=64, placements=("post", "pre"), **kw: Any) -> list[RunSpec]:
+    """Post-LN and Pre-LN, with and without warm-up, over the lr sweep. The runs with
+    warm-up double as the depth study's shallow points (tag "also")."""
     return [
-        RunSpec(name=f"warmup-{p}-lr{lr:g}-w{w}-s{s}", model=_model(base, placement=p, n_layers=n_layers),
-                lr=lr, warmup_steps=w, steps=steps, seed=s, batch_size=batch_size, seq_len=seq_len,
-                eval_every=max(1, steps // 4), diag_every=max(1, steps // 6),
-                checkpoint_every=max(1, steps // 2),
-                tags={"study": "warmup", "group": f"{p} {'warm-up' if w else 'no warm-up'}", "lr": lr})
-        for p, lr, w, s in product(placements, lrs, warmups, seeds)
+        _train(f"warmup-{p}-L{n_layers}-lr{lr:g}-w{w}-s{s}", _model(base, placement=p, n_layers=n_layers),
+               lr=lr, warmup_steps=w, steps=steps, seed=s, batch_size=batch_size, seq_len=seq_len,
+               tags={"study": "warmup", "group": f"{p} {'warm-up' if w else 'no warm-up'}", "depth": n_layers,
+                     **({"also": ["depth"]} if w else {})}, **kw)
+        for p, w, lr, s in product(placements, (0, warmup_steps), lrs, seeds)
     ]
 
 
-def depth(*, base=TINY, depths=(6, 12, 24, 48), lr=1e-3, warmup_steps=50, steps=300, seeds=(0,),
-          batch_size=16, seq_len=64, placements=("post", "pre", "deepnorm")) -> list[RunSpec]:
+def depth(*, base=TINY, depths=(16,), lrs=QUICK_LRS, warmup_steps=40, steps=150, seeds=(0, 1, 2),
+          batch_size=16, seq_len=64, placements=("post", "pre", "deepnorm"), shallow: int | None = 6,
+          **kw: Any) -> list[RunSpec]:
+    """Post-LN, Pre-LN and DeepNorm at ``depths`` over the lr sweep; DeepNorm also at
+    ``shallow`` (where the warm-up study has Post-LN and Pre-LN with warm-up)."""
+    cells = [(p, n) for p, n in product(placements, depths)]
+    if shallow is not None:
+        cells.append(("deepnorm", shallow))
     return [
-        RunSpec(name=f"depth-{p}-L{n}-s{s}", model=_model(base, placement=p, n_layers=n), lr=lr,
-                warmup_steps=warmup_steps, steps=steps, seed=s, batch_size=batch_size, seq_len=seq_len,
-                eval_every=max(1, steps // 4), diag_every=max(1, steps // 6),
-                checkpoint_every=max(1, steps // 2),
-                tags={"study": "depth", "group": p, "depth": n})
-        for p, n, s in product(placements, depths, seeds)
+        _train(f"depth-{p}-L{n}-lr{lr:g}-s{s}", _model(base, placement=p, n_layers=n), lr=lr,
+               warmup_steps=warmup_steps, steps=steps, seed=s, batch_size=batch_size, seq_len=seq_len,
+               tags={"study": "depth", "group": p, "depth": n}, **kw)
+        for (p, n), lr, s in product(cells, lrs, seeds)
     ]
 
 
-def norms(*, base=TINY, n_layers=4, lr=1e-3, warmup_steps=50, steps=300, seeds=(0,), batch_size=16,
-          seq_len=64, names=NORMS, placement="pre") -> list[RunSpec]:
-    return [
-        RunSpec(name=f"norms-{n}-s{s}", model=_model(base, placement=placement, norm=n, n_layers=n_layers),
-                lr=lr, warmup_steps=warmup_steps, steps=steps, seed=s, batch_size=batch_size, seq_len=seq_len,
-                eval_every=max(1, steps // 4), diag_every=max(1, steps // 6),
-                checkpoint_every=max(1, steps // 2),
-                tags={"study": "norms", "group": n})
-        for n, s in product(names, seeds)
+def norms(*, base=TINY, n_layers=4, lrs=QUICK_LRS, warmup_steps=40, steps=150, seeds=(0, 1, 2),
+          batch_size=16, seq_len=64, names=NORMS, alpha0=DYT_ALPHA0, placement="pre", speed_steps=5,
+          **kw: Any) -> list[RunSpec]:
+    """The norms at ``placement`` over the lr sweep (DyT also over ``alpha0``), and one
+    side-by-side speed run of the RMSNorm model against the LayerNorm model."""
+    cells: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+    for n in names:
+        if n == "dyt":
+            cells += [(f"dyt-a{a:g}", {"norm": n, "norm_options": {"alpha_init": a}}, {"alpha0": a}) for a in alpha0]
+        else:
+            cells.append((n, {"norm": n}, {}))
+    runs = [
+        _train(f"norms-{label}-L{n_layers}-lr{lr:g}-s{s}", _model(base, placement=placement, n_layers=n_layers, **m),
+               lr=lr, warmup_steps=warmup_steps, steps=steps, seed=s, batch_size=batch_size, seq_len=seq_len,
+               tags={"study": "norms", "group": m["norm"], **t}, **kw)
+        for (label, m, t), lr, s in product(cells, lrs, seeds)
     ]
+    if "rmsnorm" in names and "layernorm" in names:
+        runs.append(RunSpec(name=f"speed-rmsnorm-vs-layernorm-L{n_layers}", kind="speed",
+                            model=_model(base, placement=placement, n_layers=n_layers, norm="rmsnorm"),
+                            speed_against={"norm": "layernorm"}, steps=speed_steps, batch_size=batch_size,
+                            seq_len=seq_len, tags={"study": "norms", "group": "speed"}))
+    return runs
 
 
 CLAIMS_BY_STUDY = {
-    "grad-at-init": ("xiong-grad-init", "pre-ln-residual-growth"),
-    "warmup": ("postln-needs-warmup",),
-    "depth": ("deepnorm-depth",),
-    "norms": ("rmsnorm-matches-layernorm", "dyt-matches-layernorm", "powernorm-beats-batchnorm"),
+    "grad-at-init": ("xiong-postln-grad-grows", "xiong-preln-grad-flat", "xiong-last-layer-larger",
+                     "preln-residual-sqrt-depth", "postln-stream-normalized"),
+    "warmup": ("postln-needs-warmup", "postln-needs-warmup-best-lr", "preln-without-warmup"),
+    "depth": ("deepnorm-beats-postln", "deepnorm-beats-preln", "deepnorm-stability"),
+    "norms": ("rmsnorm-matches-layernorm", "rmsnorm-faster", "dyt-matches-layernorm",
+              "powernorm-beats-batchnorm", "powernorm-beats-layernorm"),
 }
 
 
@@ -93,36 +136,49 @@ def _all_claims() -> tuple[str, ...]:
     return tuple(c for cs in CLAIMS_BY_STUDY.values() for c in cs)
 
 
+def _quick() -> Study:
+    # sized to finish in minutes on 2 CPU cores: 120 steps, the norms at 3 layers, the
+    # depth study at 12 layers only (its 6-layer Post-LN and Pre-LN points are the warm-up
+    # study's runs with warm-up)
+    train = {"base": MICRO, "steps": 120, "warmup_steps": 30, "lrs": QUICK_LRS, "seeds": (0, 1, 2),
+             "batch_size": 16, "seq_len": 64, "val_bytes_during": 16_384}
+    runs = (grad_at_init(seeds=tuple(range(6)), probe_batches=4)
+            + warmup(n_layers=6, **train)
+            + depth(depths=(12,), shallow=None, **train)
+            + norms(n_layers=3, names=("layernorm", "rmsnorm", "powernorm", "batchnorm", "dyt"), **train))
+    return _study("quick", "Every study at CPU sizes (d_model 32, 3-12 layers, 120 steps): 3 paired seeds, "
+                  "3 learning rates per configuration, probes over 6 seeds; minutes on a 2-core CPU.",
+                  runs, _all_claims())
+
+
+def _full() -> Study:
+    train = {"base": GPU, "steps": 20000, "warmup_steps": 4000, "lrs": FULL_LRS, "seeds": tuple(range(5)),
+             "batch_size": 64, "seq_len": 256}
+    runs = (grad_at_init(base=GPU, seeds=tuple(range(10)), batch_size=16, seq_len=256)
+            + warmup(n_layers=12, **train)
+            + depth(depths=(24, 48), **train)
+            + norms(n_layers=12, **train))
+    return _study("full", "Every study at sizes meant for a GPU (d_model 512, up to 48 layers, 20k steps): "
+                  "5 paired seeds, 4 learning rates per configuration.", runs, _all_claims())
+
+
 PRESETS = {
     "grad-at-init": lambda: _study(
-        "grad-at-init", "Xiong et al. 2020 Fig. 3: FFN gradient norms by layer at initialization, "
-        "Post-LN vs Pre-LN (and DeepNorm, Peri-LN), 12 layers, averaged over seeds and batches.",
+        "grad-at-init", "Xiong et al. 2020 Fig. 3: FFN gradient norms by layer at initialization, Post-LN vs "
+        "Pre-LN at 3-24 layers (and DeepNorm, Peri-LN at 6), 6 seeds; the residual stream's growth with depth.",
         grad_at_init(), CLAIMS_BY_STUDY["grad-at-init"]),
     "warmup": lambda: _study(
-        "warmup", "Post-LN vs Pre-LN, with and without learning-rate warm-up, at three learning rates, "
-        "Adam(0.9, 0.98).", warmup(), CLAIMS_BY_STUDY["warmup"]),
+        "warmup", "Post-LN vs Pre-LN at 6 layers, with and without learning-rate warm-up, at 3 learning "
+        "rates and 3 paired seeds, Adam(0.9, 0.98).", warmup(), CLAIMS_BY_STUDY["warmup"]),
     "depth": lambda: _study(
-        "depth", "Post-LN vs Pre-LN vs DeepNorm at 6-48 layers: which train, and the loss reached.",
-        depth(), CLAIMS_BY_STUDY["depth"]),
+        "depth", "Post-LN vs Pre-LN vs DeepNorm at 16 layers over 3 learning rates and 3 paired seeds: "
+        "the loss reached and which runs fail.", depth(), CLAIMS_BY_STUDY["depth"]),
     "norms": lambda: _study(
-        "norms", "LayerNorm vs RMSNorm vs ScaleNorm vs PowerNorm vs masked BatchNorm vs DyT at Pre-LN "
-        "placement: validation loss and tokens/s.", norms(), CLAIMS_BY_STUDY["norms"]),
-    "quick": lambda: _study(
-        "quick", "A small subset of every study that runs in minutes on a 2-core CPU and draws every plot.",
-        grad_at_init(seeds=(0, 1, 2), probe_batches=2)
-        + warmup(n_layers=6, lrs=(1e-3, 3e-3), warmups=(0, 60), steps=200)
-        + depth(depths=(4, 16), steps=150, placements=("post", "pre", "deepnorm"))
-        + norms(steps=150),
-        _all_claims()),
-    "full": lambda: _study(
-        "full", "Every study at sizes meant for a GPU (d_model 512, up to 48 layers, 3 seeds).",
-        grad_at_init(base=GPU, seeds=(0, 1, 2, 3, 4), batch_size=16, seq_len=256)
-        + warmup(base=GPU, n_layers=12, lrs=(5e-4, 1e-3, 2e-3), warmups=(0, 4000), steps=20000,
-                 seeds=(0, 1, 2), batch_size=64, seq_len=256)
-        + depth(base=GPU, steps=20000, warmup_steps=4000, seeds=(0, 1, 2), batch_size=64, seq_len=256)
-        + norms(base=GPU, n_layers=12, steps=20000, warmup_steps=4000, seeds=(0, 1, 2), batch_size=64,
-                seq_len=256),
-        _all_claims()),
+        "norms", "LayerNorm, RMSNorm, ScaleNorm, PowerNorm, masked BatchNorm and DyT (3 alpha0) at Pre-LN "
+        "placement over 3 learning rates and 3 paired seeds; RMSNorm's speed timed side by side.",
+        norms(), CLAIMS_BY_STUDY["norms"]),
+    "quick": _quick,
+    "full": _full,
 }
 
 

@@ -1,7 +1,8 @@
 """The study report: PNG plots and one self-contained ``index.html``.
 
-The HTML embeds its plots (base64), states each published claim, what the runs
-measured, and whether they agree.
+The HTML shows the provenance, the claims table (each claim's statistic, margin,
+estimate, 95% interval over paired seeds, verdict and scope), the plots (bands are 95%
+t-intervals over seeds) and every run.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import json
 import math
 from collections import defaultdict
 from pathlib import Path
-from statistics import mean
 from typing import Any
 
 import matplotlib
@@ -20,11 +20,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from normlab.studies.claims import CLAIMS  # noqa: E402
+from normlab.studies.claims import best_setting, judged_loss, runs_of  # noqa: E402
+from normlab.studies.stats import mean_ci  # noqa: E402
 
 Result = dict[str, Any]
 COLORS = {"post": "#d62728", "pre": "#1f77b4", "deepnorm": "#2ca02c", "peri": "#9467bd", "sandwich": "#8c564b",
-          "subln": "#e377c2", "resi_dual": "#7f7f7f", "none": "#bcbd22"}
+          "subln": "#e377c2", "resi_dual": "#7f7f7f", "none": "#bcbd22", "layernorm": "#1f77b4",
+          "rmsnorm": "#ff7f0e", "scalenorm": "#8c564b", "powernorm": "#2ca02c", "batchnorm": "#d62728",
+          "dyt": "#9467bd"}
 
 
 def load_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -34,32 +37,33 @@ def load_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _study_of(r: Result) -> str:
-    return r.get("tags", {}).get("study", "")
-
-
 def _group(r: Result) -> str:
     return str(r.get("tags", {}).get("group", r["name"]))
 
 
-def _band(ax, xs_list: list[list[float]], ys_list: list[list[float]], label: str, color: str | None) -> None:
-    """Mean curve with a min-max band over seeds (curves aligned on common steps)."""
+def _color(key: str, i: int):
+    return COLORS.get(key.split()[0], plt.cm.tab10(i % 10))
+
+
+def _band(ax, xs_list: list[list[float]], ys_list: list[list[float]], label: str, color, **kw) -> None:
+    """Mean curve over seeds with its 95% t-interval band (curves aligned on common xs)."""
     common = sorted(set.intersection(*[set(xs) for xs in xs_list])) if xs_list else []
     if not common:
         return
     rows = [[dict(zip(xs, ys))[x] for x in common] for xs, ys in zip(xs_list, ys_list)]
-    avg = [mean(col) for col in zip(*rows)]
-    ax.plot(common, avg, label=label, color=color, lw=1.6)
+    cis = [mean_ci(col) for col in zip(*rows)]
+    ax.plot(common, [c.estimate for c in cis], label=label, color=color, lw=1.6, **kw)
     if len(rows) > 1:
-        ax.fill_between(common, [min(c) for c in zip(*rows)], [max(c) for c in zip(*rows)], color=color, alpha=0.2)
+        ax.fill_between(common, [c.lo for c in cis], [c.hi for c in cis], color=color, alpha=0.18, lw=0)
 
 
-def _label(ax, xlabel: str, ylabel: str, title: str) -> None:
+def _finish(ax, xlabel: str, ylabel: str, title: str) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
 
 
 def _save(fig, path: Path) -> Path:
@@ -69,140 +73,155 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _profiles_by_placement(ax, runs: list[Result], profile) -> None:
-    """One curve per placement: ``profile(run)`` per layer, mean and band over its runs."""
-    groups: dict[str, list[list[float]]] = defaultdict(list)
-    for r in runs:
-        values = profile(r)
-        if values:
-            groups[r["placement"]].append(values)
-    for p, profiles in groups.items():
-        _band(ax, [list(range(1, len(v) + 1)) for v in profiles], profiles, p, COLORS.get(p))
+def _trained(results: list[Result], study: str) -> list[Result]:
+    return [r for r in runs_of(results, study) if r.get("kind") == "train"]
 
 
-def plot_loss_curves(results: list[Result], metrics: dict[str, list], study: str, path: Path,
-                     panel_key: str | None = None) -> Path | None:
-    runs = [r for r in results if _study_of(r) == study and r.get("kind") == "train"]
-    if not runs:
-        return None
-    panels = sorted({r["tags"].get(panel_key) for r in runs}, key=str) if panel_key else [None]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False, sharey=True)
-    for ax, panel in zip(axes[0], panels):
-        groups: dict[str, list[Result]] = defaultdict(list)
-        for r in runs:
-            if panel_key is None or r["tags"].get(panel_key) == panel:
-                groups[_group(r)].append(r)
-        for i, (g, rs) in enumerate(sorted(groups.items())):
-            xs_list, ys_list = [], []
-            for r in rs:
-                recs = [m for m in metrics.get(r["name"], []) if math.isfinite(m.get("train_loss", math.nan))]
-                xs_list.append([m["step"] for m in recs])
-                ys_list.append([m["train_loss"] for m in recs])
-            color = COLORS.get(g.split()[0], plt.cm.tab10(i % 10))
-            style_label = g + (" (diverged)" if any(r.get("diverged") for r in rs) else "")
-            _band(ax, xs_list, ys_list, style_label, color)
-            if "no warm-up" in g and ax.lines:
-                ax.lines[-1].set_linestyle("--")
-        ax.set_title(f"{panel_key} = {panel}" if panel_key else study)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("train loss (nats/byte)")
-    return _save(fig, path)
+# ------------------------------------------------------------------ init probes
 
 
 def plot_grad_by_layer(results: list[Result], path: Path, kinds=("ffn_w2", "ffn_w1")) -> Path | None:
     runs = [r for r in results if r.get("kind") == "probe" and r.get("grad_norms_by_layer")]
     if not runs:
         return None
+    depths = sorted({r["n_layers"] for r in runs})
+    depth = 6 if 6 in depths else depths[-1]
+    runs = [r for r in runs if r["n_layers"] == depth]
     fig, axes = plt.subplots(1, len(kinds), figsize=(4.6 * len(kinds), 3.4), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
-        _profiles_by_placement(ax, runs, lambda r, kind=kind: r["grad_norms_by_layer"].get(kind))
+        groups: dict[str, list[list[float]]] = defaultdict(list)
+        for r in runs:
+            if r["grad_norms_by_layer"].get(kind):
+                groups[r["placement"]].append(r["grad_norms_by_layer"][kind])
+        for i, (p, profiles) in enumerate(sorted(groups.items())):
+            _band(ax, [list(range(1, len(v) + 1)) for v in profiles], profiles,
+                  f"{p} ({len(profiles)} seeds)", _color(p, i))
         ax.set_yscale("log")
-        _label(ax, "layer", f"|grad| of {kind}", f"{kind} gradient norm at initialization")
+        _finish(ax, "layer", f"|grad| of {kind}", f"{kind} gradient norm at init, {depth} layers")
     return _save(fig, path)
 
 
-def plot_activation_rms(results: list[Result], path: Path) -> Path | None:
+def plot_residual_growth(results: list[Result], path: Path) -> Path | None:
     runs = [r for r in results if r.get("kind") == "probe" and r.get("activation_rms_by_layer")]
     if not runs:
         return None
     fig, ax = plt.subplots(figsize=(4.8, 3.4))
-    _profiles_by_placement(ax, runs, lambda r: r["activation_rms_by_layer"])
-    _label(ax, "block", "residual stream RMS", "Residual stream scale by depth (init)")
+    for i, p in enumerate(sorted({r["placement"] for r in runs})):
+        cells: dict[int, list[float]] = defaultdict(list)
+        for r in runs:
+            if r["placement"] == p:
+                cells[r["n_layers"]].append(r["activation_rms_by_layer"][-1])
+        depths = sorted(cells)
+        if len(depths) < 2:
+            continue
+        cis = [mean_ci(cells[n]) for n in depths]
+        color = _color(p, i)
+        ax.errorbar(depths, [c.estimate for c in cis],
+                    yerr=[[c.estimate - c.lo if math.isfinite(c.lo) else 0 for c in cis],
+                          [c.hi - c.estimate if math.isfinite(c.hi) else 0 for c in cis]],
+                    fmt="o-", color=color, label=p, capsize=3)
+        if p == "pre":
+            ref = cis[0].estimate
+            ax.plot(depths, [ref * (n / depths[0]) ** 0.5 for n in depths], ":", color=color, label="pre: L^0.5")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    _finish(ax, "layers L", "RMS of the last block's residual", "Residual stream at init vs depth")
     return _save(fig, path)
 
 
-def plot_lr_heatmap(results: list[Result], path: Path) -> Path | None:
-    runs = [r for r in results if _study_of(r) == "warmup"]
+# ------------------------------------------------------------------ training
+
+
+def plot_loss_curves(results: list[Result], metrics: dict[str, list], study: str, path: Path) -> Path | None:
+    """Train loss per group at its best lr (mean and 95% band over seeds)."""
+    runs = _trained(results, study)
     if not runs:
         return None
-    rows = sorted({_group(r) for r in runs})
-    lrs = sorted({r["lr"] for r in runs})
-    grid = [[math.nan] * len(lrs) for _ in rows]
-    for i, g in enumerate(rows):
-        for j, lr in enumerate(lrs):
-            cell = [r for r in runs if _group(r) == g and r["lr"] == lr]
-            if cell:
-                vals = [math.inf if r.get("diverged") else r.get("final_val_loss", math.nan) for r in cell]
-                grid[i][j] = mean(vals)
-    finite = [v for row in grid for v in row if math.isfinite(v)]
-    vmax = max(finite) if finite else 1.0
-    shown = [[v if math.isfinite(v) else vmax for v in row] for row in grid]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(lrs), 0.9 + 0.55 * len(rows)))
-    im = ax.imshow(shown, cmap="viridis_r", aspect="auto")
-    for i, row in enumerate(grid):
-        for j, v in enumerate(row):
-            ax.text(j, i, "div." if math.isinf(v) else ("-" if math.isnan(v) else f"{v:.2f}"),
-                    ha="center", va="center", color="w", fontsize=8)
-    ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
-    ax.set_yticks(range(len(rows)), rows)
-    ax.set_xlabel("peak learning rate")
-    ax.set_title("final validation loss")
-    fig.colorbar(im, ax=ax)
+    panels = sorted({r["n_layers"] for r in runs})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.4), squeeze=False, sharey=True)
+    for ax, n in zip(axes[0], panels):
+        groups: dict[str, list[Result]] = defaultdict(list)
+        for r in runs:
+            if r["n_layers"] == n:
+                groups[_group(r)].append(r)
+        for i, (g, rs) in enumerate(sorted(groups.items())):
+            best = best_setting(rs)
+            chosen = [r for r in rs if (r["lr"], r.get("tags", {}).get("alpha0")) == best.setting]
+            xs_list, ys_list = [], []
+            for r in chosen:
+                recs = [m for m in metrics.get(r["name"], []) if math.isfinite(m.get("train_loss", math.nan))]
+                xs_list.append([m["step"] for m in recs])
+                ys_list.append([m["train_loss"] for m in recs])
+            style = "--" if "no warm-up" in g else "-"
+            _band(ax, xs_list, ys_list, f"{g} (lr {best.setting[0]:g})", _color(g, i), linestyle=style)
+        _finish(ax, "step", "train loss (nats/byte)", f"{study}: {n} layers, each at its best lr")
+    return _save(fig, path)
+
+
+def plot_loss_vs_lr(results: list[Result], study: str, path: Path) -> Path | None:
+    """Final test-half validation loss against lr per configuration, 95% band over seeds."""
+    runs = _trained(results, study)
+    if not runs:
+        return None
+    panels = sorted({r["n_layers"] for r in runs})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.4), squeeze=False, sharey=True)
+    for ax, n in zip(axes[0], panels):
+        groups: dict[str, list[Result]] = defaultdict(list)
+        for r in runs:
+            if r["n_layers"] == n:
+                alpha = r.get("tags", {}).get("alpha0")
+                groups[_group(r) + (f" a0={alpha:g}" if alpha is not None else "")].append(r)
+        for i, (g, rs) in enumerate(sorted(groups.items())):
+            lrs = sorted({r["lr"] for r in rs})
+            cis = [mean_ci([judged_loss(r) for r in rs if r["lr"] == lr]) for lr in lrs]
+            color = _color(g, i)
+            style = "--" if "no warm-up" in g or "a0=" in g and "a0=0.5" not in g else "-"
+            ax.plot(lrs, [c.estimate for c in cis], "o" + style, color=color, label=g, ms=3)
+            if all(math.isfinite(c.lo) for c in cis):
+                ax.fill_between(lrs, [c.lo for c in cis], [c.hi for c in cis], color=color, alpha=0.15, lw=0)
+        baseline = runs[0].get("baseline_val_loss")
+        if baseline:
+            ax.axhline(baseline, color="k", lw=0.8, ls=":", label="unigram (failed)")
+        ax.set_xscale("log")
+        _finish(ax, "peak learning rate", "final val loss (test half)", f"{study}: {n} layers")
     return _save(fig, path)
 
 
 def plot_depth(results: list[Result], path: Path) -> Path | None:
-    runs = [r for r in results if _study_of(r) == "depth"]
+    runs = _trained(results, "depth")
     if not runs:
         return None
     fig, ax = plt.subplots(figsize=(4.8, 3.4))
-    for p in sorted({r["placement"] for r in runs}):
+    for i, p in enumerate(sorted({r["placement"] for r in runs})):
         depths = sorted({r["n_layers"] for r in runs if r["placement"] == p})
-        losses = []
+        cis = []
         for n in depths:
-            cell = [r for r in runs if r["placement"] == p and r["n_layers"] == n]
-            losses.append(mean(math.nan if r.get("diverged") else r.get("final_val_loss", math.nan) for r in cell))
-        ax.plot(depths, losses, "o-", label=p, color=COLORS.get(p))
-        for n, v in zip(depths, losses):
-            if math.isnan(v):
-                ax.annotate("diverged", (n, ax.get_ylim()[1]), fontsize=7, color=COLORS.get(p))
+            best = best_setting([r for r in runs if r["placement"] == p and r["n_layers"] == n])
+            cis.append(mean_ci(list(best.by_seed.values())))
+        ax.errorbar(depths, [c.estimate for c in cis],
+                    yerr=[[c.estimate - c.lo if math.isfinite(c.lo) else 0 for c in cis],
+                          [c.hi - c.estimate if math.isfinite(c.hi) else 0 for c in cis]],
+                    fmt="o-", color=_color(p, i), label=p, capsize=3)
     ax.set_xscale("log", base=2)
-    _label(ax, "layers", "final validation loss", "Depth")
+    _finish(ax, "layers", "final val loss at best lr", "Depth (95% CI over seeds)")
     return _save(fig, path)
 
 
-def plot_tokens_per_s(results: list[Result], path: Path) -> Path | None:
-    runs = [r for r in results if _study_of(r) == "norms" and math.isfinite(r.get("tokens_per_s", math.nan))]
+def plot_norms(results: list[Result], path: Path) -> Path | None:
+    runs = _trained(results, "norms")
     if not runs:
         return None
     names = sorted({r["norm"] for r in runs})
-    speed = [mean(r["tokens_per_s"] for r in runs if r["norm"] == n) for n in names]
-    loss = [mean(r.get("final_val_loss", math.nan) for r in runs if r["norm"] == n) for n in names]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
-    a1.bar(names, speed, color="#1f77b4")
-    a1.set_ylabel("training tokens/s")
-    a1.set_title("Throughput by norm")
-    a2.bar(names, loss, color="#ff7f0e")
-    a2.set_ylabel("final validation loss")
-    a2.set_title("Loss by norm")
-    finite = [v for v in loss if math.isfinite(v)]
+    cis = [mean_ci(list(best_setting([r for r in runs if r["norm"] == n]).by_seed.values())) for n in names]
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    ax.bar(names, [c.estimate for c in cis], color=[_color(n, i) for i, n in enumerate(names)],
+           yerr=[[c.estimate - c.lo if math.isfinite(c.lo) else 0 for c in cis],
+                 [c.hi - c.estimate if math.isfinite(c.hi) else 0 for c in cis]], capsize=4)
+    finite = [c.estimate for c in cis if math.isfinite(c.estimate)]
     if finite:
-        a2.set_ylim(min(finite) * 0.95, max(finite) * 1.03)
-    for ax in (a1, a2):
-        ax.tick_params(axis="x", rotation=30)
-        ax.grid(alpha=0.3, axis="y")
+        ax.set_ylim(min(finite) * 0.97, max(finite) * 1.02)
+    ax.tick_params(axis="x", rotation=30)
+    _finish(ax, "norm", "final val loss at best setting", "Norms at Pre-LN (95% CI over seeds)")
     return _save(fig, path)
 
 
@@ -210,29 +229,52 @@ def make_plots(out: Path, results: list[Result], metrics: dict[str, list]) -> di
     """Draw every plot the runs allow; returns {title: path}."""
     plots = {
         "Gradient norm by layer at initialization": plot_grad_by_layer(results, out / "grad_by_layer.png"),
-        "Residual stream RMS by depth": plot_activation_rms(results, out / "activation_rms.png"),
-        "Warm-up study: loss curves": plot_loss_curves(results, metrics, "warmup", out / "loss_warmup.png", "lr"),
-        "Warm-up study: final loss by learning rate": plot_lr_heatmap(results, out / "lr_heatmap.png"),
-        "Depth study: loss curves": plot_loss_curves(results, metrics, "depth", out / "loss_depth.png", "depth"),
+        "Residual stream RMS against depth at initialization": plot_residual_growth(results, out / "activation_rms.png"),
+        "Warm-up study: final loss against learning rate": plot_loss_vs_lr(results, "warmup", out / "lr_warmup.png"),
+        "Warm-up study: loss curves": plot_loss_curves(results, metrics, "warmup", out / "loss_warmup.png"),
+        "Depth study: final loss against learning rate": plot_loss_vs_lr(results, "depth", out / "lr_depth.png"),
         "Depth study: final loss by depth": plot_depth(results, out / "depth.png"),
+        "Norms study: final loss against learning rate": plot_loss_vs_lr(results, "norms", out / "lr_norms.png"),
         "Norms study: loss curves": plot_loss_curves(results, metrics, "norms", out / "loss_norms.png"),
-        "Norms study: throughput and loss": plot_tokens_per_s(results, out / "tokens_per_s.png"),
+        "Norms study: final loss by norm": plot_norms(results, out / "norms.png"),
     }
     return {k: v for k, v in plots.items() if v is not None}
+
+
+def configurations(results: list[Result]) -> list[dict[str, Any]]:
+    """One row per trained configuration (study, group, depth): its best setting, the
+    mean test-half loss there with its 95% interval, the largest stable lr, failures."""
+    cells: dict[tuple, list[Result]] = defaultdict(list)
+    for r in results:
+        if r.get("kind") == "train":
+            cells[(r.get("tags", {}).get("study", ""), _group(r), r["n_layers"])].append(r)
+    rows = []
+    for (study, group, n), runs in cells.items():
+        best = best_setting(runs)
+        ci = mean_ci(list(best.by_seed.values()))
+        lr, alpha0 = best.setting
+        rows.append({"study": study, "configuration": group, "layers": n,
+                     "best": f"lr {lr:g}" + (f", alpha0 {alpha0:g}" if alpha0 is not None else "")
+                     + (" (edge)" if best.at_edge else ""),
+                     "loss": ci.estimate, "ci95": ci.ci95, "seeds": best.seeds,
+                     "largest_stable_lr": best.largest_stable_lr,
+                     "failed": f"{sum(best.failures.values())}/{len(runs)}",
+                     "lrs": sorted({r['lr'] for r in runs})})
+    return rows
 
 
 # ------------------------------------------------------------------ HTML
 
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 h1{margin-bottom:.2em} .sub{color:#666;margin-top:0}
 table{border-collapse:collapse;width:100%;font-size:13px;margin:1em 0}
-th,td{border:1px solid #ddd;padding:4px 8px;text-align:left} th{background:#f4f4f4}
-.claim{border:1px solid #ddd;border-radius:6px;padding:.8em 1em;margin:1em 0}
-.verdict{display:inline-block;padding:2px 10px;border-radius:10px;color:#fff;font-weight:600;font-size:13px}
-.agrees{background:#2e7d32} .disagrees{background:#c62828} .inconclusive{background:#9e9e9e}
-.src{color:#666;font-size:13px} figure{margin:1.2em 0} img{max-width:100%;border:1px solid #eee}
-figcaption{font-size:13px;color:#555} td.num{text-align:right;font-variant-numeric:tabular-nums}
+th,td{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top} th{background:#f4f4f4}
+.verdict{display:inline-block;padding:2px 10px;border-radius:10px;color:#fff;font-weight:600;font-size:12px;white-space:nowrap}
+.agrees{background:#2e7d32} .disagrees{background:#c62828} .inconclusive{background:#9e9e9e} .sanity{background:#5c6bc0}
+.src{color:#666;font-size:12px} figure{margin:1.2em 0} img{max-width:100%;border:1px solid #eee}
+figcaption{font-size:13px;color:#555} td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+details{margin:.4em 0} summary{cursor:pointer}
 """
 
 
@@ -242,45 +284,128 @@ def _img(path: Path) -> str:
 
 
 def _num(v: Any, fmt: str = "{:.3f}") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
     if isinstance(v, float):
-        return "-" if math.isnan(v) else fmt.format(v)
-    return html.escape(str(v)) if v is not None else "-"
+        return fmt.format(v)
+    return html.escape(str(v))
 
 
-def write_html(out: Path, study_name: str, description: str, claim_keys: tuple[str, ...],
-               results: list[Result], plots: dict[str, Path], meta: dict[str, Any]) -> Path:
+def _ci(ci: list) -> str:
+    if not ci or ci[0] is None or ci[1] is None:
+        return "-"
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+_TEST_WORDS = {"directional": "> margin", "equivalence": "|x| < margin", "noninferiority": "< margin",
+               "sanity": "by construction"}
+
+
+def write_html(out: Path, study_name: str, description: str, rows: list[dict[str, Any]],
+               results: list[Result], plots: dict[str, Path], prov: dict[str, Any]) -> Path:
     esc = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>normlab study: {esc(study_name)}</title>"
              f"<style>{_CSS}</style></head><body>",
              f"<h1>normlab study: {esc(study_name)}</h1><p class='sub'>{esc(description)}</p>",
-             "<p class='src'>" + " · ".join(f"{esc(k)}: {esc(str(v))}" for k, v in meta.items()) + "</p>",
-             "<h2>Published claims and what these runs measured</h2>"]
-    verdicts = [(CLAIMS[key], CLAIMS[key].judge(results)) for key in claim_keys]
-    if verdicts:
-        tally = {o: sum(v.outcome == o for _, v in verdicts) for o in ("agrees", "disagrees", "inconclusive")}
-        parts.append(f"<p><b>{tally['agrees']} of {len(verdicts)} claims agree</b> with these runs"
-                     f" ({tally['disagrees']} disagree, {tally['inconclusive']} inconclusive).</p>")
-    for claim, verdict in verdicts:
+             "<h2>Provenance</h2><table>"]
+    for k, v in prov.items():
+        parts.append(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>")
+    parts.append("</table>")
+    if rows:
         parts.append(
-            f"<div class='claim'><b>{esc(claim.title)}</b> <span class='verdict {verdict.outcome}'>"
-            f"{esc(verdict.outcome)}</span><div class='src'>{esc(claim.source)}</div>"
-            f"<p><i>Claim:</i> {esc(claim.statement)}</p><p><i>Measured:</i> {esc(verdict.measured)}</p></div>")
-    parts.append("<h2>Plots</h2>")
+            "<h2>Claims</h2><p class='src'>Each row tests one half of a paper's claim. The estimate is a mean over "
+            "paired seeds (same data order and init); the interval is its 95% Student-t interval. A verdict "
+            "compares the interval with the margin fixed before the runs: <b>agrees</b> when the whole "
+            "interval is on the claim's side, <b>disagrees</b> when it is wholly on the other side, "
+            "<b>inconclusive</b> when it straddles the margin. <b>sanity</b> rows are true by construction "
+            "and are not verdicts. Losses are nats/byte on the test half of a fixed validation set; each "
+            "configuration is taken at its own best lr, chosen on the other half.</p>"
+            "<table><tr><th>claim</th><th>statistic</th><th>test</th><th>margin</th><th>estimate</th>"
+            "<th>95% CI</th><th>n</th><th>verdict</th></tr>")
+        for row in rows:
+            parts.append(
+                f"<tr><td><b>{esc(row['title'])}</b><div class='src'>{esc(row['id'])} · "
+                f"{esc('; '.join(row['papers']))}</div></td><td>{esc(row['statistic'])}</td>"
+                f"<td>{esc(row['test'])} ({esc(_TEST_WORDS[row['test']])})</td>"
+                f"<td class='num'>{_num(row['margin'], '{:g}')}</td><td class='num'>{_num(row['estimate'], '{:+.3f}')}</td>"
+                f"<td class='num'>{_ci(row['ci95'])}</td><td class='num'>{row['n_seeds']}</td>"
+                f"<td><span class='verdict {esc(row['verdict'])}'>{esc(row['verdict'])}</span></td></tr>")
+        parts.append("</table><h2>What each claim says, what was measured, and the scope</h2>")
+        for row in rows:
+            parts.append(
+                f"<details><summary><b>{esc(row['id'])}</b> <span class='verdict {esc(row['verdict'])}'>"
+                f"{esc(row['verdict'])}</span> {esc(row['title'])}</summary>"
+                f"<p><i>Claim:</i> {esc(row['statement'])}</p><p><i>Measured:</i> {esc(row['measured'])}</p>"
+                f"<p><i>Margin:</i> {_num(row['margin'], '{:g}')}: {esc(row['margin_why'])}</p>"
+                f"<p><i>Scope:</i> {esc(row['scope'])}</p></details>")
+    configs = configurations(results)
+    if configs:
+        parts.append("<h2>Configurations at their best setting</h2><p class='src'>Best setting: the lowest mean "
+                     "loss over seeds on the select half of the validation set; loss: the test half there, mean "
+                     "and 95% t-interval over seeds; largest stable lr: the largest lr of the sweep at which no "
+                     "seed failed (non-finite, or no better than the unigram baseline).</p><table><tr>"
+                     "<th>study</th><th>configuration</th><th>layers</th><th>lrs swept</th><th>best</th>"
+                     "<th>loss</th><th>95% CI</th><th>seeds</th><th>largest stable lr</th><th>failed runs</th></tr>")
+        for c in configs:
+            parts.append(
+                f"<tr><td>{esc(c['study'])}</td><td>{esc(c['configuration'])}</td><td class='num'>{c['layers']}</td>"
+                f"<td>{esc(', '.join(f'{x:g}' for x in c['lrs']))}</td><td>{esc(c['best'])}</td>"
+                f"<td class='num'>{_num(c['loss'])}</td><td class='num'>{_ci(c['ci95'])}</td>"
+                f"<td class='num'>{c['seeds']}</td><td class='num'>{_num(c['largest_stable_lr'], '{:g}')}</td>"
+                f"<td class='num'>{esc(c['failed'])}</td></tr>")
+        parts.append("</table>")
+    parts.append("<h2>Plots</h2><p class='src'>Bands and error bars: 95% t-intervals over seeds.</p>")
     for title, path in plots.items():
         parts.append(f"<figure>{_img(path)}<figcaption>{esc(title)} ({esc(path.name)})</figcaption></figure>")
     parts.append("<h2>Runs</h2><table><tr><th>run</th><th>placement</th><th>norm</th><th>layers</th><th>lr</th>"
                  "<th>warm-up</th><th>seed</th><th>steps</th><th>final train loss</th><th>final val loss</th>"
-                 "<th>diverged</th><th>tokens/s</th></tr>")
+                 "<th>status</th><th>tokens/s</th></tr>")
     for r in results:
-        diverged = f"at step {r.get('diverged_step')}" if r.get("diverged") else "no"
+        if r.get("kind") != "train":
+            status = r.get("kind", "")
+        elif r.get("diverged"):
+            status = f"diverged at step {r.get('diverged_step')}"
+        elif r.get("baseline_val_loss") and (r.get("final_val_loss") or 0) >= r["baseline_val_loss"]:
+            status = "failed (no better than unigram)"
+        else:
+            status = "ok"
         parts.append(
             f"<tr><td>{esc(r['name'])}</td><td>{esc(str(r['placement']))}</td><td>{esc(str(r['norm']))}</td>"
             f"<td class='num'>{_num(r.get('n_layers'))}</td><td class='num'>{_num(r['lr'], '{:g}')}</td>"
             f"<td class='num'>{_num(r['warmup_steps'])}</td><td class='num'>{_num(r['seed'])}</td>"
-            f"<td class='num'>{_num(r['steps'])}</td><td class='num'>{_num(r.get('final_train_loss', math.nan))}</td>"
-            f"<td class='num'>{_num(r.get('final_val_loss', math.nan))}</td><td>{diverged if r.get('kind') == 'train' else 'probe'}</td>"
-            f"<td class='num'>{_num(r.get('tokens_per_s', math.nan), '{:,.0f}')}</td></tr>")
+            f"<td class='num'>{_num(r['steps'])}</td><td class='num'>{_num(r.get('final_train_loss'))}</td>"
+            f"<td class='num'>{_num(r.get('final_val_loss'))}</td><td>{esc(status)}</td>"
+            f"<td class='num'>{_num(r.get('tokens_per_s'), '{:,.0f}')}</td></tr>")
     parts.append("</table></body></html>")
     path = out / "index.html"
     path.write_text("\n".join(parts))
+    return path
+
+
+def write_markdown(out: Path, study_name: str, rows: list[dict[str, Any]], prov: dict[str, Any],
+                   results: list[Result] | None = None) -> Path:
+    """``claims.md``: the provenance and the claims table, for a README or a results folder."""
+    lines = [f"# normlab study {study_name}", ""]
+    lines += [f"- {k}: {v}" for k, v in prov.items()]
+    lines += ["", "Estimates are means over paired seeds with 95% Student-t intervals; verdicts compare the "
+              "interval with the margin fixed before the runs.", "",
+              "| claim | statistic | test | margin | estimate | 95% CI | n | verdict |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        est = "-" if r["estimate"] is None else f"{r['estimate']:+.3f}"
+        lines.append(f"| `{r['id']}` | {r['statistic']} | {r['test']} | {r['margin']:g} | {est} | {_ci(r['ci95'])} "
+                     f"| {r['n_seeds']} | **{r['verdict']}** |")
+    configs = configurations(results or [])
+    if configs:
+        lines += ["", "## Configurations at their best setting", "",
+                  "| study | configuration | layers | best | loss (test half) | 95% CI | largest stable lr | failed |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for c in configs:
+            stable = "none" if c["largest_stable_lr"] is None else f"{c['largest_stable_lr']:g}"
+            lines.append(f"| {c['study']} | {c['configuration']} | {c['layers']} | {c['best']} | {c['loss']:.3f} "
+                         f"| {_ci(c['ci95'])} | {stable} | {c['failed']} |")
+    lines += ["", "## Measured", ""]
+    lines += [f"- `{r['id']}`: {r['measured']}" for r in rows]
+    path = out / "claims.md"
+    path.write_text("\n".join(lines) + "\n")
     return path

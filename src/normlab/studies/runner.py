@@ -1,12 +1,29 @@
-"""``normlab study``: run a preset's runs (resuming), then write summary and report."""
+"""``normlab study``: run a preset's runs (resuming), then write summary, claims and report.
+
+Runs are independent, so on a CPU they run side by side in worker processes (by
+default one per core, one thread each: tiny models use a second thread poorly and a
+second core fully). Every run is seeded, so the numbers do not depend on how many
+workers ran them. Under torchrun or on a GPU the runs go one after another.
+
+Ctrl-C finishes each running run's current step and saves it; the finished runs are
+in ``summary.json``; the same command resumes.
+"""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import math
+import os
 import platform
 import re
+import signal
+import subprocess
+import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,90 +38,337 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from normlab.studies.claims import judge_all
 from normlab.studies.data import ByteCorpus
-from normlab.studies.report import load_metrics, make_plots, write_html
+from normlab.studies.report import load_metrics, make_plots, write_html, write_markdown
 from normlab.studies.spec import RunSpec, Study
 from normlab.studies.train import Env, Interrupted, run_one
 
 
 def apply_overrides(study: Study, *, seeds: int | None = None, steps: int | None = None) -> Study:
     """``seeds``: run every configuration with seeds 0..seeds-1; ``steps``: train for that
-    many steps (intervals scaled to match). Probes keep their own settings."""
+    many steps (intervals scaled to match). Probes and speed runs keep their own settings."""
     runs: list[RunSpec] = list(study.runs)
     if seeds is not None:
         if seeds < 1:
             raise ValueError(f"--seeds: expected >= 1, got {seeds}")
         bases: dict[str, RunSpec] = {}
         for r in runs:
-            bases.setdefault(re.sub(r"-s\d+$", "", r.name), r)
-        runs = [replace(r, name=f"{base}-s{s}", seed=s) for base, r in bases.items() for s in range(seeds)]
+            bases.setdefault(r.name if r.kind == "speed" else re.sub(r"-s\d+$", "", r.name), r)
+        runs = [r if r.kind == "speed" else replace(r, name=f"{base}-s{s}", seed=s)
+                for base, r in bases.items() for s in (range(1) if r.kind == "speed" else range(seeds))]
     if steps is not None:
         if steps < 1:
             raise ValueError(f"--steps: expected >= 1, got {steps}")
-        runs = [r if r.kind == "probe" else r.with_overrides(
-            steps=steps, eval_every=max(1, steps // 4), diag_every=max(1, steps // 6),
+        runs = [r if r.kind != "train" else r.with_overrides(
+            steps=steps, eval_every=max(1, steps // 3), diag_every=max(1, steps // 6),
             checkpoint_every=max(1, steps // 2), warmup_steps=min(r.warmup_steps, steps // 2),
             log_every=max(1, min(r.log_every, steps // 10))) for r in runs]
     return replace(study, runs=tuple(runs))
 
 
 def _work(r: RunSpec) -> int:
-    return r.probe_batches if r.kind == "probe" else r.steps
+    return r.probe_batches if r.kind == "probe" else r.steps if r.kind == "train" else 1
 
 
-def run_study(study: Study, out: Path, env: Env, *, data: str | None = None,
-              console: Console | None = None) -> tuple[list[dict[str, Any]], Path | None]:
-    """Run (or resume) every run of ``study`` under ``out/<study>``; returns the results and
-    the report's path (None on ranks other than 0)."""
+def _cost(r: RunSpec) -> float:
+    """A rough relative cost, to start the longest runs first."""
+    layers = r.model.get("n_layers", 4) * r.model.get("d_model", 64) ** 0.5
+    return layers * (r.steps * r.batch_size * r.seq_len + r.val_bytes if r.kind == "train" else r.batch_size * 64)
+
+
+def default_workers(env: Env) -> int:
+    """One worker per core on a CPU in a single process; otherwise runs go one by one."""
+    if env.world > 1 or env.device.type != "cpu":
+        return 1
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+# ------------------------------------------------------------------ provenance
+
+
+def _git_commit() -> str | None:
+    """The commit of the checkout normlab runs from (with "-dirty" if it has changes), else None."""
+    here = Path(__file__).resolve().parent
+    try:
+        top = subprocess.run(["git", "-C", str(here), "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, timeout=10)
+        if top.returncode != 0 or not (Path(top.stdout.strip()) / "src" / "normlab").is_dir():
+            return None
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (head + ("-dirty" if dirty else "")) or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return (platform.processor() or platform.machine()) + f" ({os.cpu_count()} cores)"
+
+
+def provenance(env: Env, corpus: ByteCorpus | None, *, workers: int, threads: int) -> dict[str, Any]:
+    """What a reader needs to reproduce the study: code, libraries, machine and data."""
+    try:
+        version = importlib.metadata.version("normlab")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    out: dict[str, Any] = {
+        "normlab_version": version, "git_commit": _git_commit(), "torch_version": torch.__version__,
+        "python_version": platform.python_version(), "platform": platform.platform(),
+        "device": _device_name(env.device), "device_type": env.device.type, "dtype": env.dtype,
+        "processes": env.world, "workers": workers, "threads": threads,
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "corpus_source": None, "corpus_sha256": None,
+    }
+    if corpus is not None:
+        out.update(corpus_source=corpus.source, corpus_files=corpus.n_files, train_bytes=int(corpus.train.numel()),
+                   val_bytes=int(corpus.val.numel()), corpus_sha256=corpus.sha256(),
+                   unigram_val_loss=corpus.unigram_val_loss())
+    return out
+
+
+# ------------------------------------------------------------------ running
+
+
+def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, console: Console | None = None,
+              workers: int | None = None, keep_weights: bool = True,
+              corpus: ByteCorpus | None = None) -> tuple[list[dict[str, Any]], Path | None]:
+    """Run (or resume) every run of ``study`` under ``out/<study>``, then judge its claims
+    and write the report; returns the results and the report's path (None on ranks other
+    than 0)."""
     console = console or Console()
     study_dir = out / study.name
     study_dir.mkdir(parents=True, exist_ok=True)
-    needs_corpus = any(r.task == "lm" for r in study.runs)
-    corpus = ByteCorpus.from_path(data) if needs_corpus else None
-    results: list[dict[str, Any]] = []
+    if corpus is None and any(r.task == "lm" for r in study.runs):
+        corpus = ByteCorpus.from_path(data)
+    workers = default_workers(env) if workers is None else workers
+    if workers < 1:
+        raise ValueError(f"--workers: expected >= 1, got {workers}")
+    if workers > 1 and (env.world > 1 or env.device.type != "cpu"):
+        raise ValueError("--workers > 1 runs CPU runs side by side; it cannot combine with torchrun or a GPU")
+    workers = min(workers, max(1, len(study.runs)))
+    threads = max(1, torch.get_num_threads() // workers) if workers > 1 else torch.get_num_threads()
+    prov = provenance(env, corpus, workers=workers, threads=threads) if env.is_main else {}
+    unigram = prov.get("unigram_val_loss") if prov else (corpus.unigram_val_loss() if corpus else None)
     started = time.perf_counter()
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not env.is_main,
     )
+    results: dict[str, dict[str, Any]] = {}
+
+    def finish(spec: RunSpec, result: dict[str, Any]) -> None:
+        if unigram is not None and spec.task == "lm":
+            result["baseline_val_loss"] = unigram
+        results[spec.name] = result
+        if env.is_main:
+            _write_summary(study_dir, study, _ordered(study, results), prov)
+
     try:
         with progress:
-            overall = progress.add_task(f"{study.name}: {len(study.runs)} runs",
-                                        total=sum(_work(r) for r in study.runs))
-            done_before = 0
-            for spec in study.runs:
-                task_id = progress.add_task(spec.name, total=_work(spec))
-
-                def on_step(n: int, task_id=task_id, base=done_before) -> None:
-                    progress.update(task_id, completed=n)
-                    progress.update(overall, completed=base + n)
-
-                result = run_one(spec, study_dir / spec.name, env, corpus, on_step=on_step)
-                results.append(result)
-                done_before += _work(spec)
-                progress.update(task_id, completed=_work(spec))
-                progress.update(overall, completed=done_before)
-                progress.remove_task(task_id)
-                if env.is_main:
-                    _write_summary(study_dir, results)
+            if workers == 1:
+                _run_serial(study.runs, study.name, study_dir, env, corpus, progress, finish, keep_weights)
+            else:
+                # timings run alone, after the pool, with a worker's thread count: nothing shares the cores
+                parallel = tuple(r for r in study.runs if r.kind != "speed")
+                _run_parallel(replace(study, runs=parallel), study_dir, corpus, progress, finish, keep_weights,
+                              workers, threads)
+                timed = tuple(r for r in study.runs if r.kind == "speed")
+                if timed:
+                    before = torch.get_num_threads()
+                    torch.set_num_threads(threads)
+                    try:
+                        _run_serial(timed, "timing", study_dir, env, corpus, progress, finish, keep_weights)
+                    finally:
+                        torch.set_num_threads(before)
     except Interrupted:
         if env.is_main:
-            _write_summary(study_dir, results)
+            _write_summary(study_dir, study, _ordered(study, results), prov)
         raise
+    ordered = _ordered(study, results)
     report = None
     if env.is_main:
-        meta = {"runs": len(results), "device": str(env.device), "dtype": env.dtype, "processes": env.world,
-                "torch": torch.__version__, "python": platform.python_version(),
-                "data": corpus.source if corpus else "synthetic", "wall time (s)": f"{time.perf_counter() - started:.0f}"}
-        report = write_report(study_dir, study, results, meta)
-    return results, report
+        prov["wall_s"] = round(time.perf_counter() - started, 1)
+        prov["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        _write_summary(study_dir, study, ordered, prov)
+        rows = judge_all(study.claims, ordered, study.margins)
+        (study_dir / "claims.json").write_text(json.dumps(_json_safe(rows), indent=1))
+        report = write_report(study_dir, study, ordered, prov, rows)
+    return ordered, report
 
 
-def _write_summary(study_dir: Path, results: list[dict[str, Any]]) -> None:
-    (study_dir / "summary.json").write_text(json.dumps(results, indent=1, default=str))
+def _ordered(study: Study, results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    return [results[r.name] for r in study.runs if r.name in results]
 
 
-def write_report(study_dir: Path, study: Study, results: list[dict[str, Any]], meta: dict[str, Any]) -> Path:
+def _run_serial(runs, title, study_dir, env, corpus, progress, finish, keep_weights) -> None:
+    overall = progress.add_task(f"{title}: {len(runs)} runs", total=sum(_work(r) for r in runs))
+    done_before = 0
+    for spec in runs:
+        task_id = progress.add_task(spec.name, total=_work(spec))
+
+        def on_step(n: int, task_id=task_id, base=done_before) -> None:
+            progress.update(task_id, completed=n)
+            progress.update(overall, completed=base + n)
+
+        result = run_one(spec, study_dir / spec.name, env, corpus, on_step=on_step, keep_weights=keep_weights)
+        done_before += _work(spec)
+        progress.update(overall, completed=done_before)
+        progress.remove_task(task_id)
+        finish(spec, result)
+
+
+# worker-process state, set once by _init_worker
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(threads: int, train: torch.Tensor | None, val: torch.Tensor | None, source: str, n_files: int,
+                 queue: Any, stop: Any) -> None:
+    os.setpgrp()  # a terminal's Ctrl-C reaches the parent alone, which tells the workers through ``stop``
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # outside a training run; run_one handles its own
+    torch.set_num_threads(threads)
+    corpus = ByteCorpus(train, val, source, n_files) if train is not None else None
+    _WORKER.update(corpus=corpus, queue=queue, stop=stop)
+
+
+def _worker_run(spec: RunSpec, run_dir: Path, keep_weights: bool) -> dict[str, Any] | None:
+    """One run in a worker; None when the study was stopped before it began."""
+    queue, stop = _WORKER["queue"], _WORKER["stop"]
+    if stop.is_set():
+        return None
+    last, signalled = [0.0], [False]
+
+    def on_step(n: int) -> None:
+        if stop.is_set() and not signalled[0]:
+            signalled[0] = True
+            os.kill(os.getpid(), signal.SIGINT)  # run_one saves at the end of this step and stops
+        now = time.monotonic()
+        if now - last[0] > 0.2 or n == spec.steps:
+            last[0] = now
+            queue.put((spec.name, n))
+
+    return run_one(spec, run_dir, Env(device=torch.device("cpu")), _WORKER["corpus"], on_step=on_step,
+                   keep_weights=keep_weights)
+
+
+def _run_parallel(study, study_dir, corpus, progress, finish, keep_weights, workers, threads) -> None:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue, stop = ctx.Queue(), ctx.Event()
+    specs = {r.name: r for r in study.runs}
+    order = sorted(study.runs, key=_cost, reverse=True)  # longest first: the pool ends together
+    overall = progress.add_task(f"{study.name}: {len(study.runs)} runs on {workers} workers",
+                                total=sum(_work(r) for r in study.runs))
+    bars: dict[str, Any] = {}
+    completed: dict[str, int] = {}
+    executor = ProcessPoolExecutor(
+        max_workers=workers, mp_context=ctx, initializer=_init_worker,
+        initargs=(threads, corpus.train if corpus else None, corpus.val if corpus else None,
+                  corpus.source if corpus else "", corpus.n_files if corpus else 0, queue, stop))
+
+    def on_sigint(signum, frame) -> None:
+        if stop.is_set():  # a second Ctrl-C: stop the workers at once
+            for proc in list(getattr(executor, "_processes", {}).values()):
+                try:
+                    os.kill(proc.pid, signal.SIGINT)
+                except OSError:
+                    pass
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, on_sigint) if _in_main_thread() else None
+    interrupted: Interrupted | None = None
+    try:
+        pending: dict[Future, RunSpec] = {
+            executor.submit(_worker_run, spec, study_dir / spec.name, keep_weights): spec for spec in order}
+        while pending:
+            done, _ = wait(list(pending), timeout=0.2, return_when=FIRST_COMPLETED)
+            _drain(queue, specs, bars, completed, progress, overall)
+            for fut in done:
+                spec = pending.pop(fut)
+                if spec.name in bars:
+                    progress.remove_task(bars.pop(spec.name))
+                if fut.cancelled():
+                    continue
+                try:
+                    result = fut.result()
+                except Interrupted as e:
+                    interrupted = interrupted or e
+                    continue
+                if result is not None:
+                    completed[spec.name] = _work(spec)
+                    finish(spec, result)
+            progress.update(overall, completed=sum(completed.values()))
+            if stop.is_set():
+                for fut in [f for f in pending if f.cancel()]:
+                    pending.pop(fut)
+        if stop.is_set() and interrupted is None:
+            interrupted = Interrupted(study.name, 0)
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if interrupted is not None:
+        raise interrupted
+
+
+def _drain(queue, specs, bars, completed, progress, overall) -> None:
+    import queue as queue_module
+
+    while True:
+        try:
+            name, n = queue.get_nowait()
+        except queue_module.Empty:
+            break
+        if name not in bars:
+            bars[name] = progress.add_task(name, total=_work(specs[name]))
+        progress.update(bars[name], completed=n)
+        completed[name] = n
+    progress.update(overall, completed=sum(completed.values()))
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+# ------------------------------------------------------------------ outputs
+
+
+def _json_safe(obj: Any) -> Any:
+    """nan/inf -> None, so the files are strict JSON that any tool reads."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _write_summary(study_dir: Path, study: Study, results: list[dict[str, Any]], prov: dict[str, Any]) -> None:
+    summary = {"study": study.name, "description": study.description, "provenance": prov, "runs": results}
+    tmp = study_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(_json_safe(summary), indent=1, default=str))
+    tmp.replace(study_dir / "summary.json")
+
+
+def write_report(study_dir: Path, study: Study, results: list[dict[str, Any]], prov: dict[str, Any],
+                 rows: list[dict[str, Any]]) -> Path:
     metrics = {r["name"]: load_metrics(study_dir / r["name"]) for r in results}
     plots = make_plots(study_dir, results, metrics)
-    return write_html(study_dir, study.name, study.description, study.claims, results, plots, meta)
+    write_markdown(study_dir, study.name, rows, prov, results)
+    return write_html(study_dir, study.name, study.description, rows, results, plots, prov)

@@ -18,7 +18,7 @@ class RunSpec:
     name: str
     model: dict[str, Any]
     task: str = "lm"                 # "lm" (byte-level LM) | "seq2seq" (number -> words)
-    kind: str = "train"              # "train" | "probe" (gradients at init, no update)
+    kind: str = "train"              # "train" | "probe" (gradients at init, no update) | "speed"
     lr: float = 1e-3
     warmup_steps: int = 0
     schedule: str = "constant"       # after warm-up: "constant" | "cosine" | "inverse_sqrt"
@@ -30,17 +30,22 @@ class RunSpec:
     weight_decay: float = 0.0
     grad_clip: float | None = None
     eval_every: int = 50
-    eval_batches: int = 4
+    eval_batches: int = 4            # seq2seq: validation batches (a fixed seed, whatever the run's)
+    val_bytes: int = 262_144         # LM: the fixed validation set judged at the end of the run
+    val_bytes_during: int = 32_768   # LM: its prefix, evaluated every eval_every steps
     log_every: int = 10
     diag_every: int = 25
     checkpoint_every: int = 100
     probe_batches: int = 4
+    speed_against: dict[str, Any] = field(default_factory=dict)  # kind="speed": the baseline's model overrides
+    speed_rounds: int = 12                                       # kind="speed": interleaved timing rounds
     tags: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         checks = [
             (self.task in ("lm", "seq2seq"), f"task must be 'lm' or 'seq2seq', got {self.task!r}"),
-            (self.kind in ("train", "probe"), f"kind must be 'train' or 'probe', got {self.kind!r}"),
+            (self.kind in ("train", "probe", "speed"),
+             f"kind must be 'train', 'probe' or 'speed', got {self.kind!r}"),
             (self.schedule in ("constant", "cosine", "inverse_sqrt"),
              f"schedule must be 'constant', 'cosine' or 'inverse_sqrt', got {self.schedule!r}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
@@ -48,6 +53,10 @@ class RunSpec:
             (self.steps >= 0, f"steps must be >= 0, got {self.steps}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.seq_len >= 2, f"seq_len must be >= 2, got {self.seq_len}"),
+            (self.val_bytes > self.seq_len, f"val_bytes must be > seq_len, got {self.val_bytes}"),
+            (0 < self.val_bytes_during <= self.val_bytes,
+             f"val_bytes_during must be in (0, val_bytes], got {self.val_bytes_during}"),
+            (self.speed_rounds >= 2, f"speed_rounds must be >= 2, got {self.speed_rounds}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -75,11 +84,21 @@ class RunSpec:
 
 
 @dataclass(frozen=True)
+class Margin:
+    """A claim's margin, fixed in the preset before any run, and why it is that number."""
+
+    value: float
+    why: str
+
+
+@dataclass(frozen=True)
 class Study:
     """A named, declarative list of runs; ``claims`` names the published findings
-    (keys of ``normlab.studies.claims.CLAIMS``) that its report checks."""
+    (keys of ``normlab.studies.claims.CLAIMS``) that its report checks, ``margins`` the
+    margin each is judged against (fixed here, before the runs)."""
 
     name: str
     description: str
     runs: tuple[RunSpec, ...]
     claims: tuple[str, ...] = ()
+    margins: dict[str, Margin] = field(default_factory=dict)

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -34,10 +35,19 @@ import torch.nn.functional as TF
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
-from normlab.studies.data import VOCAB_SIZE, ByteCorpus, NumberWords, exact_match, lm_batch
+from normlab.studies.data import (
+    VOCAB_SIZE,
+    ByteCorpus,
+    NumberWords,
+    exact_match,
+    fixed_windows,
+    lm_batch,
+)
 from normlab.studies.spec import RunSpec
 
 CHECKPOINT = "checkpoint"
+WEIGHTS = "model.safetensors"
+EVAL_CHUNK = 64  # validation windows per forward pass (faster than larger ones on a CPU)
 
 
 class Interrupted(Exception):
@@ -46,6 +56,9 @@ class Interrupted(Exception):
     def __init__(self, run: str, step: int) -> None:
         super().__init__(f"interrupted in run {run!r} at step {step}; state saved, re-run the same command to resume")
         self.run, self.step = run, step
+
+    def __reduce__(self):  # raised in a worker process, re-raised in the parent
+        return (Interrupted, (self.run, self.step))
 
 
 # ------------------------------------------------------------------ environment
@@ -138,16 +151,21 @@ def lr_factor(spec: RunSpec) -> Callable[[int], float]:
 
 
 class Task:
-    """The data and loss of a run; batches are pure functions of (seed, step)."""
+    """The data and loss of a run. Training batches are pure functions of (seed, step);
+    the validation data is the same for every run and seed (``fixed_windows`` for the LM,
+    a fixed generator seed for seq2seq)."""
+
+    VAL_SEED = 10_000
 
     def __init__(self, spec: RunSpec, corpus: ByteCorpus | None) -> None:
         self.spec = spec
         self.corpus = corpus
         self.numbers = NumberWords() if spec.task == "seq2seq" else None
+        self._val: dict[int, tuple[Tensor, Tensor]] = {}
 
     def batch(self, step: int, split: str, env: Env) -> dict[str, Tensor]:
         s = self.spec
-        seed = s.seed if split == "train" else 10_000 + s.seed
+        seed = s.seed if split == "train" else self.VAL_SEED
         if self.numbers is not None:
             full = self.numbers.batch(s.batch_size, seed, step)
         else:
@@ -176,24 +194,55 @@ class Task:
         total, n = self.loss_sum(model, batch)
         return total / max(n, 1), n
 
+    def val_windows(self, final: bool) -> tuple[Tensor, Tensor]:
+        """The fixed validation windows: all ``val_bytes`` at the end of a run, the first
+        ``val_bytes_during`` of them during it."""
+        size = self.spec.val_bytes if final else self.spec.val_bytes_during
+        if size not in self._val:
+            self._val[size] = fixed_windows(self.corpus.val, self.spec.seq_len, size)
+        return self._val[size]
+
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, env: Env) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, env: Env, final: bool = True) -> dict[str, float]:
+        """Validation loss (nats/token) on the fixed validation set.
+
+        LM: every window's mean loss; ``val_loss_select`` and ``val_loss_test`` are the
+        even and odd windows, so a study can pick a learning rate on one half and judge
+        on the other. seq2seq: ``eval_batches`` batches of a fixed seed, and exact match."""
         was_training = model.training
         model.eval()
+        try:
+            if self.numbers is None:
+                return self._evaluate_lm(model, env, final)
+            return self._evaluate_seq2seq(model, env)
+        finally:
+            model.train(was_training)
+
+    def _evaluate_lm(self, model: nn.Module, env: Env, final: bool) -> dict[str, float]:
+        x, y = self.val_windows(final)
+        per_window = []
+        for i in range(0, x.shape[0], EVAL_CHUNK):
+            xb, yb = x[i:i + EVAL_CHUNK].to(env.device), y[i:i + EVAL_CHUNK].to(env.device)
+            with env.autocast():
+                logits = model(xb)
+            loss = TF.cross_entropy(logits.flatten(0, 1).float(), yb.flatten(), reduction="none")
+            per_window.append(loss.view(yb.shape).mean(1).double().cpu())
+        w = torch.cat(per_window)
+        out = {"val_loss": float(w.mean())}
+        if w.numel() >= 2:
+            out["val_loss_select"], out["val_loss_test"] = float(w[0::2].mean()), float(w[1::2].mean())
+        return out
+
+    def _evaluate_seq2seq(self, model: nn.Module, env: Env) -> dict[str, float]:
         losses, accs = [], []
         for i in range(self.spec.eval_batches):
             batch = self.batch(i, "val", env)
             with env.autocast():
                 loss, _ = self.loss(model, batch)
             losses.append(loss.item())
-            if self.numbers is not None:
-                accs.append(exact_match(greedy_decode(model, batch["src"], batch["src_padding_mask"],
-                                                      batch["tgt_out"].shape[1]), batch["tgt_out"]))
-        model.train(was_training)
-        out = {"val_loss": sum(losses) / len(losses)}
-        if accs:
-            out["val_exact_match"] = sum(accs) / len(accs)
-        return out
+            accs.append(exact_match(greedy_decode(model, batch["src"], batch["src_padding_mask"],
+                                                  batch["tgt_out"].shape[1]), batch["tgt_out"]))
+        return {"val_loss": sum(losses) / len(losses), "val_exact_match": sum(accs) / len(accs)}
 
 
 @torch.no_grad()
@@ -292,24 +341,98 @@ class _StepBoundaryInterrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def _result_fields(spec: RunSpec) -> dict[str, Any]:
+def _result_fields(spec: RunSpec, model: nn.Module | None = None) -> dict[str, Any]:
     m = spec.model
-    return {
+    out = {
         "name": spec.name, "task": spec.task, "kind": spec.kind,
         "placement": m.get("placement", "pre"), "norm": m.get("norm", "layernorm"),
         "n_layers": m.get("n_layers"), "d_model": m.get("d_model"), "init": m.get("init", "xavier"),
         "lr": spec.lr, "warmup_steps": spec.warmup_steps, "seed": spec.seed, "steps": spec.steps,
         "tags": spec.tags,
     }
+    if model is not None:
+        out["n_params"] = sum(p.numel() for p in model.parameters())
+        out["config"] = run_config(spec, model)
+    return out
+
+
+def run_config(spec: RunSpec, model: nn.Module) -> dict[str, Any]:
+    """Every setting that defines a run: the model's resolved TransformerConfig and the
+    training settings (optimizer, schedule, batch, data)."""
+    return {
+        **model.cfg.to_dict(), "task": spec.task, "kind": spec.kind, "seed": spec.seed,
+        "optimizer": "Adam", "lr": spec.lr, "betas": list(spec.betas), "eps": 1e-8,
+        "weight_decay": spec.weight_decay, "grad_clip": spec.grad_clip, "warmup_steps": spec.warmup_steps,
+        "schedule": spec.schedule, "steps": spec.steps, "batch_size": spec.batch_size, "seq_len": spec.seq_len,
+        "val_bytes": spec.val_bytes, "val_bytes_during": spec.val_bytes_during, "eval_every": spec.eval_every,
+        "probe_batches": spec.probe_batches,
+    }
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    """Write through a temporary file, so a crash never leaves half a result."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+def speed_run(spec: RunSpec, env: Env, corpus: ByteCorpus | None) -> dict[str, Any]:
+    """Training-step throughput of ``spec.model`` against a baseline (``spec.speed_against``
+    applied to it), timed side by side in one process: ``speed_rounds`` interleaved rounds,
+    the order alternating, each timing ``steps`` steps of each model on the same batches.
+
+    Returns both models' tokens/s and the per-round ratio (model / baseline)."""
+    task = Task(spec, corpus)
+    models, optimizers = [], []
+    for overrides in ({}, spec.speed_against):
+        torch.manual_seed(spec.seed)
+        model = build_model(spec.with_overrides(model={**spec.model, **overrides})).to(env.device)
+        models.append(model)
+        optimizers.append(torch.optim.Adam(model.parameters(), lr=spec.lr, betas=spec.betas, foreach=True))
+    batches = [task.batch(i, "train", env) for i in range(max(1, spec.steps))]
+
+    def timed(i: int) -> float:
+        model, opt = models[i], optimizers[i]
+        if env.device.type == "cuda":
+            torch.cuda.synchronize(env.device)
+        t0 = time.perf_counter()
+        for batch in batches:
+            with env.autocast():
+                loss, _ = task.loss(model, batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if env.device.type == "cuda":
+            torch.cuda.synchronize(env.device)
+        return time.perf_counter() - t0
+
+    timed(0), timed(1)  # warm-up
+    seconds: list[tuple[float, float]] = []
+    for r in range(spec.speed_rounds):
+        order = (0, 1) if r % 2 == 0 else (1, 0)
+        t = {i: timed(i) for i in order}
+        seconds.append((t[0], t[1]))
+    tokens = sum(int(b["x"].numel()) if "x" in b else int(b["tgt_out"].numel()) for b in batches)
+    return {
+        **_result_fields(spec, models[0]),
+        "speed_against": spec.speed_against,
+        "tokens_per_s": statistics.median(tokens / a for a, _ in seconds),
+        "baseline_tokens_per_s": statistics.median(tokens / b for _, b in seconds),
+        "speed_ratios": [b / a for a, b in seconds],  # > 1: the model is faster than its baseline
+        "threads": torch.get_num_threads(),
+        "final_val_loss": math.nan, "diverged": False, "diverged_step": None,
+        "fingerprint": spec.fingerprint(),
+    }
 
 
 def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
             on_step: Callable[[int], None] | None = None,
-            diagnostics: Any = None) -> dict[str, Any]:
-    """Train (or probe) one run to completion, resuming from its checkpoint if any.
+            diagnostics: Any = None, keep_weights: bool = True) -> dict[str, Any]:
+    """Train (or probe, or time) one run to completion, resuming from its checkpoint if any.
 
     ``diagnostics`` (see ``normlab.studies.probes``) measures gradient norms, activation
-    statistics and the gradient noise scale every ``diag_every`` steps."""
+    statistics and the gradient noise scale every ``diag_every`` steps. ``keep_weights``:
+    the trained model is kept as ``<run>/model.safetensors``."""
     from normlab.studies import probes
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -321,20 +444,27 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
     if spec.kind == "train" and spec.batch_size % env.world:
         raise ValueError(f"RunSpec {spec.name!r}: batch_size {spec.batch_size} does not split evenly "
                          f"over {env.world} processes")
+    if spec.kind == "speed":
+        result = speed_run(spec, env, corpus)
+        if env.is_main:
+            _write_json(done, result)
+        return result
     torch.manual_seed(spec.seed)
     model = build_model(spec).to(env.device)
     task = Task(spec, corpus)
     diagnostics = diagnostics or probes.Diagnostics(model)
     if spec.kind == "probe":
         measured = probes.gradients_at_init(model, task, env)
-        result = {**_result_fields(spec), **measured, "final_train_loss": measured["probe_loss"],
+        result = {**_result_fields(spec, model), **measured, "final_train_loss": measured["probe_loss"],
                   "final_val_loss": math.nan, "diverged": not math.isfinite(measured["probe_loss"]),
                   "diverged_step": None, "tokens_per_s": math.nan, "fingerprint": spec.fingerprint()}
         if env.is_main:
-            done.write_text(json.dumps(result, indent=1))
+            _write_json(done, result)
         return result
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+    # foreach: one fused update over all parameters (on CPU a third of a tiny model's step otherwise)
+    optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay,
+                                 foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(spec))
     metrics_path = run_dir / "metrics.jsonl"
     state = load_checkpoint(run_dir, spec, model, optimizer, scheduler, env.device)
@@ -398,8 +528,8 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
                 break
             recent = (recent + [loss_value])[-10:]
             last_step = step == spec.steps - 1
-            if spec.eval_every and (step % spec.eval_every == 0 or last_step):
-                last_eval = task.evaluate(model, env)
+            if last_step or (spec.eval_every and step % spec.eval_every == 0):
+                last_eval = task.evaluate(model, env, final=last_step)
                 record.update(last_eval)
             if step % spec.log_every == 0 or last_step or diag_now or "val_loss" in record:
                 log(record)
@@ -417,10 +547,13 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
         stop.restore()
         diagnostics.close()
 
+    finished = diverged_at is None
     result = {
-        **_result_fields(spec),
+        **_result_fields(spec, model),
         "final_train_loss": sum(recent) / len(recent) if recent else float("nan"),
-        "final_val_loss": last_eval.get("val_loss", float("nan")) if diverged_at is None else float("nan"),
+        "final_val_loss": last_eval.get("val_loss", float("nan")) if finished else float("nan"),
+        "final_val_loss_select": last_eval.get("val_loss_select", float("nan")) if finished else float("nan"),
+        "final_val_loss_test": last_eval.get("val_loss_test", float("nan")) if finished else float("nan"),
         "diverged": diverged_at is not None,
         "diverged_step": diverged_at,
         "tokens_per_s": train_tokens / train_time if train_time > 0 else float("nan"),
@@ -429,6 +562,9 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
     if "val_exact_match" in last_eval:
         result["final_val_exact_match"] = last_eval["val_exact_match"]
     if env.is_main:
-        done.write_text(json.dumps(result, indent=1))
+        if keep_weights:
+            save_model(model, str(run_dir / WEIGHTS))
+            result["weights"] = WEIGHTS
+        _write_json(done, result)
         shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)
     return result

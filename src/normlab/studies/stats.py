@@ -1,0 +1,106 @@
+"""The statistics behind a study's verdicts: t-intervals over seeds, slopes, and the
+three tests a claim can be judged by.
+
+Every interval here is a two-sided 95% Student-t interval over independent units
+(seeds, or timing rounds): mean +- t(0.975, n-1) * sd / sqrt(n). A comparison of two
+configurations uses the *paired* differences (same seed: same data order and, where the
+shapes allow, the same initialization), so seed-to-seed variation common to both cancels.
+
+A verdict compares the interval with a margin fixed before the runs:
+
+    directional     the claim says estimate > margin
+                    agrees: lo > margin; disagrees: hi < margin; else inconclusive
+    equivalence     the claim says |estimate| < margin
+                    agrees: -margin < lo and hi < margin; disagrees: lo > margin or
+                    hi < -margin; else inconclusive
+    noninferiority  the claim says estimate < margin (estimate: how much worse)
+                    agrees: hi < margin; disagrees: lo > margin; else inconclusive
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+TESTS = ("directional", "equivalence", "noninferiority")
+VERDICTS = ("agrees", "disagrees", "inconclusive", "sanity")
+
+# t(0.975, df) for df = 1..30 (the usual table); larger df interpolate towards 1.96 in 1/df
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+         2.052, 2.048, 2.045, 2.042)
+
+
+def t975(df: int) -> float:
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (df >= 1)."""
+    if df < 1:
+        raise ValueError(f"t975: expected df >= 1, got {df}")
+    if df <= 30:
+        return _T975[df - 1]
+    return 1.960 + (2.042 - 1.960) * 30 / df  # within 0.002 of the exact quantile for df > 30
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean and its 95% t-interval over ``n`` units; lo/hi are nan when n < 2."""
+
+    estimate: float
+    lo: float
+    hi: float
+    n: int
+
+    @property
+    def ci95(self) -> list[float | None]:
+        return [_finite_or_none(self.lo), _finite_or_none(self.hi)]
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def mean_ci(values: Sequence[float]) -> Interval:
+    """Mean of ``values`` with its 95% t-interval (nan bounds for fewer than 2 values)."""
+    xs = [float(v) for v in values]
+    n = len(xs)
+    if n == 0:
+        return Interval(math.nan, math.nan, math.nan, 0)
+    m = sum(xs) / n
+    if n < 2 or not all(math.isfinite(x) for x in xs):
+        return Interval(m, math.nan, math.nan, n)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+    half = t975(n - 1) * sd / math.sqrt(n)
+    return Interval(m, m - half, m + half, n)
+
+
+def paired_ci(a: dict, b: dict) -> Interval:
+    """Mean of a[k] - b[k] over the keys (seeds) both hold, with its 95% t-interval."""
+    keys = sorted(set(a) & set(b))
+    return mean_ci([a[k] - b[k] for k in keys])
+
+
+def slope(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Least-squares slope of ys on xs."""
+    if len(xs) != len(ys) or len(xs) < 2:
+        raise ValueError(f"slope: expected two equally long sequences of >= 2 points, got {len(xs)} and {len(ys)}")
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        raise ValueError("slope: the xs are all equal")
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+
+
+def verdict(test: str, interval: Interval, margin: float) -> str:
+    """agrees | disagrees | inconclusive: where the interval lies against the margin."""
+    lo, hi = interval.lo, interval.hi
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "inconclusive"
+    if test == "directional":
+        return "agrees" if lo > margin else "disagrees" if hi < margin else "inconclusive"
+    if test == "equivalence":
+        if -margin < lo and hi < margin:
+            return "agrees"
+        return "disagrees" if lo > margin or hi < -margin else "inconclusive"
+    if test == "noninferiority":
+        return "agrees" if hi < margin else "disagrees" if lo > margin else "inconclusive"
+    raise ValueError(f"verdict: unknown test {test!r}; expected one of: {', '.join(TESTS)}")

@@ -1,0 +1,256 @@
+"""Every claim's judge on synthetic summaries built to give each of its verdicts, and the
+rules the judges share: best lr chosen on one half and judged on the other, failed runs
+counted at the unigram baseline, paired seeds, the claims.json contract."""
+
+import math
+
+import pytest
+
+from normlab.studies.claims import CLAIMS, best_setting, failed, judge, judge_all, judged_loss
+from normlab.studies.presets import CLAIMS_BY_STUDY, get_study
+from normlab.studies.spec import Margin
+
+BASELINE = 3.2
+SEEDS = (0, 1, 2, 3, 4)
+NOISE = {0: 0.0, 1: 1.0, 2: -1.0, 3: 0.5, 4: -0.5}  # per-seed jitter (times a scale)
+LRS = (1e-3, 3e-3, 1e-2)
+LR_PENALTY = {1e-3: 0.05, 3e-3: 0.0, 1e-2: 0.08}  # 3e-3 is every configuration's best lr
+
+
+def _run(study, seed, lr, loss, *, placement="pre", norm="layernorm", n_layers=4, warmup=40, group=None,
+         alpha0=None, diverged=False, select=None):
+    tags = {"study": study, "group": group or (norm if study == "norms" else placement), "lr": lr}
+    if alpha0 is not None:
+        tags["alpha0"] = alpha0
+    return {"name": f"{study}-{placement}-{norm}-{n_layers}-{lr}-{warmup}-{alpha0}-{seed}", "kind": "train",
+            "task": "lm", "placement": placement, "norm": norm, "n_layers": n_layers, "d_model": 32, "lr": lr,
+            "warmup_steps": warmup, "seed": seed, "steps": 150, "tags": tags, "diverged": diverged,
+            "final_val_loss": math.nan if diverged else loss,
+            "final_val_loss_select": math.nan if diverged else (loss if select is None else select),
+            "final_val_loss_test": math.nan if diverged else loss, "baseline_val_loss": BASELINE,
+            "n_params": 50_000, "config": {"batch_size": 16, "seq_len": 64, "betas": [0.9, 0.98]}}
+
+
+def _probe(placement, n_layers, seed, w2, rms):
+    return {"name": f"init-{placement}-L{n_layers}-s{seed}", "kind": "probe", "task": "lm",
+            "placement": placement, "norm": "layernorm", "n_layers": n_layers, "d_model": 128, "lr": 1e-3,
+            "warmup_steps": 0, "seed": seed, "steps": 0, "final_val_loss": math.nan,
+            "tags": {"study": "grad-at-init", "group": placement},
+            "grad_norms_by_layer": {"ffn_w2": w2, "ffn_w1": w2}, "activation_rms_by_layer": rms,
+            "config": {"batch_size": 8, "seq_len": 64, "probe_batches": 4}}
+
+
+def _sweep(study, offset, scale, **kw):
+    """Runs of one configuration over LRS x SEEDS: loss 2.4 + LR_PENALTY + offset + jitter."""
+    return [_run(study, s, lr, 2.4 + LR_PENALTY[lr] + offset + scale * NOISE[s], **kw) for lr in LRS for s in SEEDS]
+
+
+# effect (on the claim's statistic) and jitter scale that give each verdict, for a
+# statistic judged against margin 0 (directional) or 0.05 (equivalence, noninferiority)
+DIRECTIONAL = {"agrees": (0.2, 0.01), "disagrees": (-0.2, 0.01), "inconclusive": (0.0, 0.1)}
+EQUIVALENT = {"agrees": (0.0, 0.005), "disagrees": (0.2, 0.005), "inconclusive": (0.045, 0.03)}
+
+
+# ------------------------------------------------------------------ scenario builders
+
+
+def _slope_probes(placement, mean_slope, scale, depth=6):
+    return [_probe(placement, depth, s, [math.exp((mean_slope + scale * NOISE[s]) * layer) for layer in range(depth)],
+                   [1.0] * depth) for s in SEEDS]
+
+
+def _xiong_grows(outcome):
+    return _slope_probes("post", *{"agrees": (0.1, 0.01), "disagrees": (-0.1, 0.01),
+                                    "inconclusive": (0.0, 0.1)}[outcome])
+
+
+def _xiong_flat(outcome):
+    return _slope_probes("pre", *{"agrees": (0.0, 0.005), "disagrees": (-0.15, 0.005),
+                                   "inconclusive": (0.035, 0.02)}[outcome])
+
+
+def _last_layer(outcome):
+    effect, scale = {"agrees": (0.5, 0.05), "disagrees": (-0.5, 0.05), "inconclusive": (0.0, 0.3)}[outcome]
+    post = [_probe("post", 6, s, [1.0] * 5 + [math.exp(effect + scale * NOISE[s])], [1.0] * 6) for s in SEEDS]
+    pre = [_probe("pre", 6, s, [1.0] * 6, [1.0] * 6) for s in SEEDS]
+    return post + pre
+
+
+def _residual(outcome):
+    b, scale = {"agrees": (0.5, 0.02), "disagrees": (1.0, 0.02), "inconclusive": (0.75, 0.1)}[outcome]
+    return [_probe("pre", n, s, [1.0] * n, [1.0] * (n - 1) + [1.3 * n ** (b + scale * NOISE[s])])
+            for n in (3, 6, 12, 24) for s in SEEDS]
+
+
+def _warmup_interaction(outcome):
+    effect, scale = DIRECTIONAL[outcome]
+    return (_sweep("warmup", effect, scale, placement="post", warmup=0)
+            + _sweep("warmup", 0.0, 0.0, placement="post", warmup=40)
+            + _sweep("warmup", 0.0, 0.0, placement="pre", warmup=0)
+            + _sweep("warmup", 0.0, 0.0, placement="pre", warmup=40))
+
+
+def _preln_without_warmup(outcome):
+    effect, scale = EQUIVALENT[outcome]
+    return (_sweep("warmup", effect, scale, placement="pre", warmup=0)
+            + _sweep("warmup", 0.0, 0.0, placement="pre", warmup=40))
+
+
+def _deepnorm_vs(other):
+    def build(outcome):
+        effect, scale = DIRECTIONAL[outcome]
+        return (_sweep("depth", effect, scale, placement=other, n_layers=12)
+                + _sweep("depth", 0.0, 0.0, placement="deepnorm", n_layers=12))
+
+    return build
+
+
+def _deepnorm_stability(outcome):
+    runs = []
+    for placement in ("post", "deepnorm"):
+        fails = {"agrees": placement == "post", "disagrees": placement == "deepnorm", "inconclusive": False}[outcome]
+        runs += [_run("depth", s, lr, 2.4, placement=placement, n_layers=12, diverged=fails and lr > 1e-3)
+                 for lr in LRS for s in SEEDS]
+    return runs
+
+
+def _norm_pair(a, b, flip=False, equivalence=False):
+    def build(outcome):
+        effect, scale = (EQUIVALENT if equivalence else DIRECTIONAL)[outcome]
+        return (_sweep("norms", -effect if flip else effect, scale, norm=a)
+                + _sweep("norms", 0.0, 0.0, norm=b))
+
+    return build
+
+
+def _dyt(outcome):
+    effect, scale = EQUIVALENT[outcome]
+    runs = _sweep("norms", 0.0, 0.0, norm="layernorm")
+    for alpha0, extra in ((0.25, 0.3), (0.5, 0.1), (1.0, 0.0)):  # alpha0 = 1 is DyT's best
+        runs += _sweep("norms", effect + extra, scale, norm="dyt", alpha0=alpha0)
+    return runs
+
+
+def _speed(outcome):
+    ratio, scale = {"agrees": (1.2, 0.01), "disagrees": (0.8, 0.01), "inconclusive": (1.0, 0.1)}[outcome]
+    return [{"name": "speed", "kind": "speed", "placement": "pre", "norm": "rmsnorm", "n_layers": 4, "d_model": 32,
+             "lr": 1e-3, "warmup_steps": 0, "seed": 0, "steps": 5, "tags": {"study": "norms", "group": "speed"},
+             "speed_against": {"norm": "layernorm"}, "tokens_per_s": 1000.0 * ratio, "baseline_tokens_per_s": 1000.0,
+             "speed_ratios": [ratio * (1 + scale * NOISE[i % 5]) for i in range(10)], "threads": 1}]
+
+
+SCENARIOS = {
+    "xiong-postln-grad-grows": _xiong_grows,
+    "xiong-preln-grad-flat": _xiong_flat,
+    "xiong-last-layer-larger": _last_layer,
+    "preln-residual-sqrt-depth": _residual,
+    "postln-needs-warmup": _warmup_interaction,
+    "postln-needs-warmup-best-lr": _warmup_interaction,
+    "preln-without-warmup": _preln_without_warmup,
+    "deepnorm-beats-postln": _deepnorm_vs("post"),
+    "deepnorm-beats-preln": _deepnorm_vs("pre"),
+    "deepnorm-stability": _deepnorm_stability,
+    "rmsnorm-matches-layernorm": _norm_pair("rmsnorm", "layernorm", equivalence=True),
+    "rmsnorm-faster": _speed,
+    "dyt-matches-layernorm": _dyt,
+    # the statistic is L(other) - L(powernorm): powernorm's own offset is the negative effect
+    "powernorm-beats-batchnorm": _norm_pair("powernorm", "batchnorm", flip=True),
+    "powernorm-beats-layernorm": _norm_pair("powernorm", "layernorm", flip=True),
+}
+
+
+def test_every_claim_has_scenarios_and_every_preset_claim_exists():
+    judged = {c for c, claim in CLAIMS.items() if claim.test != "sanity"}
+    assert judged == set(SCENARIOS)
+    for claims in CLAIMS_BY_STUDY.values():
+        assert all(c in CLAIMS for c in claims)
+
+
+@pytest.mark.parametrize("outcome", ["agrees", "disagrees", "inconclusive"])
+@pytest.mark.parametrize("claim_id", sorted(SCENARIOS))
+def test_judge_gives_each_verdict(claim_id, outcome):
+    rows = judge(CLAIMS[claim_id], SCENARIOS[claim_id](outcome))
+    assert rows, claim_id
+    assert {r["verdict"] for r in rows} == {outcome}, [(r["id"], r["estimate"], r["ci95"]) for r in rows]
+    for r in rows:
+        assert r["n_seeds"] >= 3 and r["estimate"] is not None
+
+
+def test_warmup_is_judged_at_every_lr_and_at_the_best():
+    rows = judge(CLAIMS["postln-needs-warmup"], _warmup_interaction("agrees"))
+    assert [r["id"] for r in rows] == [f"postln-needs-warmup@lr={lr:g}" for lr in LRS]
+    assert all(r["estimate"] == pytest.approx(0.2) for r in rows)
+    best = judge(CLAIMS["postln-needs-warmup-best-lr"], _warmup_interaction("agrees"))
+    assert [r["id"] for r in best] == ["postln-needs-warmup-best-lr@best-lr"]
+    assert "best lr 0.003" in best[0]["measured"]
+
+
+def test_sanity_rows_are_never_verdicts():
+    probes = [_probe("post", n, s, [1.0] * n, [1.0] * n) for n in (3, 6) for s in SEEDS]
+    (row,) = judge(CLAIMS["postln-stream-normalized"], probes)
+    assert row["verdict"] == "sanity" and row["estimate"] == pytest.approx(1.0)
+
+
+def test_missing_runs_are_inconclusive_with_a_reason():
+    for claim in CLAIMS.values():
+        rows = judge(claim, [])
+        assert len(rows) == 1 and rows[0]["verdict"] in ("inconclusive", "sanity")
+        assert rows[0]["measured"].startswith("not measured: needs")
+
+
+def test_margin_from_the_preset_overrides_the_default():
+    results = _norm_pair("rmsnorm", "layernorm", equivalence=True)("inconclusive")  # diff 0.045 +- 0.03
+    assert judge(CLAIMS["rmsnorm-matches-layernorm"], results)[0]["verdict"] == "inconclusive"
+    (row,) = judge(CLAIMS["rmsnorm-matches-layernorm"], results, Margin(0.2, "wide"))
+    assert row["verdict"] == "agrees" and row["margin"] == 0.2 and row["margin_why"] == "wide"
+
+
+def test_best_lr_is_chosen_on_the_select_half_and_judged_on_the_test_half():
+    runs = [_run("norms", s, lr, 2.5, select=2.5) for lr in (1e-3, 1e-2) for s in SEEDS]
+    # at 3e-3 the select half looks best, the test half is worse: the judged loss is the test half's
+    runs += [_run("norms", s, 3e-3, 2.7, select=2.3) for s in SEEDS]
+    best = best_setting(runs)
+    assert best.setting == (3e-3, None)
+    assert set(best.by_seed.values()) == {2.7}
+    assert best.largest_stable_lr == 1e-2 and not best.at_edge
+
+
+def test_failed_runs_count_at_the_unigram_baseline():
+    ok = _run("norms", 0, 1e-3, 2.4)
+    diverged = _run("norms", 0, 1e-3, 2.4, diverged=True)
+    stuck = _run("norms", 0, 1e-3, BASELINE + 0.3)
+    assert not failed(ok) and failed(diverged) and failed(stuck)
+    assert judged_loss(diverged) == judged_loss(stuck) == BASELINE
+    # a failure stays in the paired statistic rather than dropping the seed
+    runs = _sweep("depth", 0.0, 0.0, placement="post", n_layers=12)
+    runs = [dict(r, diverged=True, final_val_loss=math.nan) if r["lr"] == 1e-2 and r["seed"] == 0 else r
+            for r in runs]
+    rows = judge(CLAIMS["deepnorm-stability"], runs + _sweep("depth", 0.0, 0.0, placement="deepnorm", n_layers=12))
+    assert rows[0]["n_seeds"] == 5 and rows[0]["estimate"] == pytest.approx(0.2)
+    assert "largest stable lr post 0.003" in rows[0]["measured"]
+
+
+def test_claims_json_contract():
+    results = _warmup_interaction("agrees") + _norm_pair("rmsnorm", "layernorm", equivalence=True)("agrees")
+    rows = judge_all(("postln-needs-warmup", "rmsnorm-matches-layernorm"), results)
+    required = {"id", "papers", "statement", "statistic", "margin", "estimate", "ci95", "n_seeds", "verdict", "scope"}
+    for r in rows:
+        assert required <= set(r)
+        assert isinstance(r["papers"], list) and r["papers"] and len(r["ci95"]) == 2
+        assert r["verdict"] in ("agrees", "disagrees", "inconclusive", "sanity")
+        assert "here:" in r["scope"] and "paper:" in r["scope"]
+
+
+def test_quick_and_full_presets_meet_the_seed_and_lr_minimums():
+    for name, min_seeds, min_lrs in (("quick", 3, 3), ("full", 5, 4)):
+        study = get_study(name)
+        cells: dict[tuple, set] = {}
+        for r in study.runs:
+            if r.kind != "train":
+                continue
+            key = (r.tags["study"], r.tags["group"], r.model["n_layers"], r.tags.get("alpha0"), r.warmup_steps > 0)
+            cells.setdefault(key, set()).add((r.lr, r.seed))
+        for key, cell in cells.items():
+            assert len({s for _, s in cell}) >= min_seeds, (name, key)
+            assert len({lr for lr, _ in cell}) >= min_lrs, (name, key)
+            assert len(cell) == len({lr for lr, _ in cell}) * len({s for _, s in cell}), (name, key)  # full grid

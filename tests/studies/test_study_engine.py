@@ -1,0 +1,181 @@
+"""The study engine: the fixed validation set, runs side by side in worker processes
+(equal to one after another), stopping a worker's run, the speed run, kept weights,
+and norm options in the model config."""
+
+import json
+import math
+import queue
+import threading
+
+import pytest
+import torch
+
+from normlab.models import TransformerConfig, TransformerLM
+from normlab.studies import runner
+from normlab.studies.data import ByteCorpus, fixed_windows
+from normlab.studies.spec import RunSpec, Study
+from normlab.studies.train import Env, Interrupted, Task, build_model, run_one
+
+MICRO = {"d_model": 16, "n_heads": 2, "d_ff": 32, "dropout": 0.0, "n_layers": 2}
+
+
+def _spec(name="r", **kw):
+    base = dict(name=name, model={**MICRO, "placement": "pre"}, steps=6, batch_size=4, seq_len=16, eval_every=3,
+                val_bytes=4096, val_bytes_during=1024, log_every=1, diag_every=0, checkpoint_every=100,
+                tags={"study": "norms", "group": "layernorm"})
+    base.update(kw)
+    return RunSpec(**base)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return ByteCorpus.from_path(max_bytes=200_000)
+
+
+def _cpu():
+    return Env(device=torch.device("cpu"))
+
+
+def test_fixed_windows_are_the_prefix_in_order():
+    stream = torch.arange(100, dtype=torch.uint8)
+    x, y = fixed_windows(stream, seq_len=8, max_bytes=40)
+    assert x.shape == y.shape == (5, 8)
+    assert torch.equal(x.flatten(), torch.arange(40))  # consecutive, non-overlapping, every byte once
+    assert torch.equal(y.flatten(), torch.arange(1, 41))
+    x_all, _ = fixed_windows(stream, seq_len=8, max_bytes=10**6)  # smaller split: all of it
+    assert x_all.shape == (99 // 8, 8)
+
+
+def test_validation_set_is_the_same_for_every_seed_and_at_least_256_kib(corpus):
+    assert RunSpec(name="d", model={}).val_bytes >= 256 * 1024
+    a, b = Task(_spec(seed=0), corpus), Task(_spec(seed=7), corpus)
+    for final in (True, False):
+        assert torch.equal(a.val_windows(final)[0], b.val_windows(final)[0])
+    assert a.val_windows(True)[0].numel() == 4096 // 16 * 16
+    assert torch.equal(a.val_windows(False)[0], a.val_windows(True)[0][: 1024 // 16])
+    torch.manual_seed(0)
+    model = build_model(_spec())
+    ea, eb = a.evaluate(model, _cpu()), b.evaluate(model, _cpu())
+    assert ea == eb  # the same model scores the same whatever the run's seed
+    halves = (ea["val_loss_select"] + ea["val_loss_test"]) / 2
+    assert halves == pytest.approx(ea["val_loss"], rel=1e-6)  # equal-sized halves average to the whole
+
+
+def test_evaluation_matches_a_direct_cross_entropy(corpus):
+    torch.manual_seed(0)
+    model = build_model(_spec()).eval()
+    task = Task(_spec(), corpus)
+    x, y = task.val_windows(True)
+    with torch.no_grad():
+        direct = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
+    assert task.evaluate(model, _cpu())["val_loss"] == pytest.approx(direct, rel=1e-5)
+
+
+def test_runs_evaluate_on_the_fixed_set_during_and_at_the_end(tmp_path, corpus):
+    result = run_one(_spec(), tmp_path / "r", _cpu(), corpus)
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    evals = [m["step"] for m in records if "val_loss" in m]
+    assert evals == [0, 3, 5]
+    assert result["final_val_loss"] == records[-1]["val_loss"]
+    assert {"final_val_loss_select", "final_val_loss_test"} <= set(result)
+
+
+def test_weights_kept_or_not(tmp_path, corpus):
+    from safetensors.torch import load_model
+
+    kept = run_one(_spec(), tmp_path / "k", _cpu(), corpus)
+    model = build_model(_spec())
+    load_model(model, str(tmp_path / "k" / "model.safetensors"))
+    task = Task(_spec(), corpus)
+    assert task.evaluate(model, _cpu())["val_loss"] == pytest.approx(kept["final_val_loss"], rel=1e-6)
+    dropped = run_one(_spec(), tmp_path / "d", _cpu(), corpus, keep_weights=False)
+    assert not (tmp_path / "d" / "model.safetensors").exists() and "weights" not in dropped
+
+
+def _study(seeds=(0, 1)):
+    runs = [_spec(f"n-{norm}-s{s}", seed=s, model={**MICRO, "placement": "pre", "norm": norm},
+                  tags={"study": "norms", "group": norm}) for norm in ("layernorm", "rmsnorm") for s in seeds]
+    runs.append(RunSpec(name="init-post", model={**MICRO, "placement": "post", "n_layers": 3}, kind="probe",
+                        batch_size=4, seq_len=16, probe_batches=2, tags={"study": "grad-at-init", "group": "post"}))
+    return Study("pool", "side by side", tuple(runs), claims=("rmsnorm-matches-layernorm",))
+
+
+def test_workers_side_by_side_equal_one_after_another(tmp_path, corpus):
+    study = _study()
+    serial, _ = runner.run_study(study, tmp_path / "one", _cpu(), workers=1, corpus=corpus)
+    parallel, report = runner.run_study(study, tmp_path / "two", _cpu(), workers=2, corpus=corpus)
+    assert [r["name"] for r in parallel] == [r.name for r in study.runs]  # study order, not finishing order
+    for a, b in zip(serial, parallel):
+        for key in ("final_val_loss", "final_train_loss", "probe_loss"):
+            assert a.get(key) == b.get(key) or (math.isnan(a.get(key, 0.0)) and math.isnan(b.get(key, 0.0))), key
+    prov = json.loads((tmp_path / "two" / "pool" / "summary.json").read_text())["provenance"]
+    assert prov["workers"] == 2 and prov["threads"] >= 1
+    assert report.exists()
+
+
+def test_workers_must_be_positive_and_cpu_only(tmp_path, corpus):
+    with pytest.raises(ValueError, match="--workers: expected >= 1, got 0"):
+        runner.run_study(_study(), tmp_path, _cpu(), workers=0, corpus=corpus)
+    with pytest.raises(ValueError, match="cannot combine with torchrun"):
+        runner.run_study(_study(), tmp_path, Env(device=torch.device("cpu"), world=2), workers=2, corpus=corpus)
+
+
+class _StopAt(queue.Queue):
+    """A progress queue that raises the study's stop flag when a run reports step ``at``."""
+
+    def __init__(self, stop, at):
+        super().__init__()
+        self.stop, self.at = stop, at
+
+    def put(self, item, *a, **k):
+        super().put(item, *a, **k)
+        if item[1] >= self.at:
+            self.stop.set()
+
+
+def test_a_stopped_worker_run_saves_and_resumes_to_the_same_numbers(tmp_path, corpus, monkeypatch):
+    spec = _spec("stopped", steps=12, model={**MICRO, "placement": "post", "dropout": 0.1})
+    straight = run_one(spec, tmp_path / "a", _cpu(), corpus)
+    stop = threading.Event()
+    monkeypatch.setattr(runner, "_WORKER", {"corpus": corpus, "queue": _StopAt(stop, 4), "stop": stop})
+    monkeypatch.setattr(runner.time, "monotonic", iter(range(0, 10**6, 10)).__next__)  # report every step
+    with pytest.raises(Interrupted):
+        runner._worker_run(spec, tmp_path / "b", True)
+    assert (tmp_path / "b" / "checkpoint" / "model.safetensors").exists()
+    assert runner._worker_run(spec, tmp_path / "c", True) is None  # stopped before it began: not run
+    assert not (tmp_path / "c").exists()
+    resumed = run_one(spec, tmp_path / "b", _cpu(), corpus)
+    assert resumed["final_val_loss"] == straight["final_val_loss"]
+
+
+def test_interrupted_survives_the_trip_from_a_worker():
+    import pickle
+
+    e = pickle.loads(pickle.dumps(Interrupted("run-a", 7)))
+    assert isinstance(e, Interrupted) and e.run == "run-a" and e.step == 7 and "step 7" in str(e)
+
+
+def test_speed_run_times_both_models_side_by_side(tmp_path, corpus):
+    spec = RunSpec(name="speed", kind="speed", model={**MICRO, "placement": "pre", "norm": "rmsnorm"},
+                   speed_against={"norm": "layernorm"}, steps=2, batch_size=4, seq_len=16, speed_rounds=4,
+                   tags={"study": "norms", "group": "speed"})
+    result = run_one(spec, tmp_path / "s", _cpu(), corpus)
+    assert len(result["speed_ratios"]) == 4 and all(r > 0 for r in result["speed_ratios"])
+    assert result["tokens_per_s"] > 0 and result["baseline_tokens_per_s"] > 0
+    assert result["config"]["norm"] == "rmsnorm" and result["speed_against"] == {"norm": "layernorm"}
+    from normlab.studies.claims import CLAIMS, judge
+
+    (row,) = judge(CLAIMS["rmsnorm-faster"], [result])
+    assert row["n_seeds"] == 4 and row["estimate"] == pytest.approx(
+        sum(math.log(r) for r in result["speed_ratios"]) / 4)
+
+
+def test_norm_options_reach_the_norm_and_are_checked():
+    cfg = TransformerConfig(d_model=16, n_heads=2, norm="dyt", norm_options={"alpha_init": 2.0})
+    alphas = {float(m.alpha) for m in TransformerLM(cfg).modules() if type(m).__name__ == "DyT"}
+    assert alphas == {2.0}
+    assert TransformerConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="norm_options .* do not fit norm 'layernorm'"):
+        TransformerConfig(norm="layernorm", norm_options={"alpha_init": 1.0})
+    with pytest.raises(ValueError, match="expected norm_options to be None or a dict"):
+        TransformerConfig(norm_options=[("alpha_init", 1.0)])
