@@ -94,5 +94,8 @@ def test_verdicts(test, lo, hi, margin, expected):
 
 def test_no_interval_is_inconclusive_and_unknown_test_is_an_error():
     assert verdict("directional", Interval(1.0, math.nan, math.nan, 1), 0.0) == "inconclusive"
+    # every unit equal: a zero-width interval carries no spread to judge by
+    assert verdict("directional", mean_ci([2.0, 2.0, 2.0]), 0.0) == "inconclusive"
+    assert verdict("equivalence", mean_ci([0.0, 0.0, 0.0]), 0.05) == "inconclusive"
     with pytest.raises(ValueError, match="unknown test 'two-sided'"):
         verdict("two-sided", _iv(0, 1), 0.0)

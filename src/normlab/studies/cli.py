@@ -71,8 +71,9 @@ def _print_claims(path: Path) -> None:
     if not rows:
         return
     table = Table(title="claims (95% t-intervals over paired seeds)")
-    for col in ("claim", "estimate", "95% CI", "margin", "n", "verdict"):
-        table.add_column(col)
+    table.add_column("claim", overflow="fold")
+    for col in ("estimate", "95% CI", "margin", "n", "verdict"):
+        table.add_column(col, no_wrap=True)
     colors = {"agrees": "green", "disagrees": "red", "inconclusive": "yellow", "sanity": "blue"}
     for r in rows:
         ci = r["ci95"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,6 +55,7 @@ class ByteCorpus:
     val: Tensor
     source: str
     n_files: int
+    _unigram_logp: Tensor | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_path(cls, path: str | Path | None = None, *, val_percent: int = 5,
@@ -105,12 +106,24 @@ class ByteCorpus:
         h.update(self.val.numpy().tobytes())
         return h.hexdigest()
 
-    def unigram_val_loss(self) -> float:
-        """Cross-entropy (nats/byte) of the validation bytes under the training bytes'
-        frequencies (add-one smoothed): the loss of a model that learned only byte counts."""
-        counts = torch.bincount(self.train.long(), minlength=VOCAB_SIZE).double() + 1.0
-        logp = (counts / counts.sum()).log()
-        return float(-logp[self.val.long()].mean())
+    def unigram_val_loss(self, targets: Tensor | None = None) -> float:
+        """Cross-entropy (nats/byte) of ``targets`` (default: the validation bytes) under the
+        training bytes' frequencies (add-one smoothed): the loss of a model that learned
+        only byte counts."""
+        if self._unigram_logp is None:
+            counts = torch.bincount(self.train.long(), minlength=VOCAB_SIZE).double() + 1.0
+            self._unigram_logp = (counts / counts.sum()).log()
+        targets = self.val if targets is None else targets
+        return float(-self._unigram_logp[targets.long()].mean())
+
+    def baselines(self, seq_len: int, val_bytes: int) -> dict[str, float]:
+        """The unigram loss on the fixed validation set of a run, and on its two halves."""
+        _, y = fixed_windows(self.val, seq_len, val_bytes)
+        out = {"baseline_val_loss": self.unigram_val_loss(y)}
+        if y.shape[0] >= 2:
+            out["baseline_val_loss_select"] = self.unigram_val_loss(y[0::2])
+            out["baseline_val_loss_test"] = self.unigram_val_loss(y[1::2])
+        return out
 
 
 def lm_batch(stream: Tensor, batch_size: int, seq_len: int, seed: int, step: int) -> tuple[Tensor, Tensor]:

@@ -34,6 +34,11 @@ GPU = {**ORIGINAL, "d_model": 512, "n_heads": 8, "d_ff": 2048, "dropout": 0.1}
 NORMS = ("layernorm", "rmsnorm", "scalenorm", "powernorm", "batchnorm", "dyt")
 DYT_ALPHA0 = (0.25, 0.5, 1.0)  # Zhu et al.'s default is 0.5; they tune it for LLMs
 QUICK_LRS = (1e-3, 3e-3, 1e-2)
+# the quick depth and norms models (d_model 32, 3 and 12 layers, 120 steps) train best at
+# larger lrs: with QUICK_LRS every Pre-LN, DeepNorm and norm configuration's best lr was
+# the sweep's largest, so their sweep is one step of x3.16 up (warm-up keeps QUICK_LRS,
+# which brackets Post-LN's best)
+QUICK_LRS_HIGH = (3e-3, 1e-2, 3e-2)
 FULL_LRS = (2.5e-4, 5e-4, 1e-3, 2e-3)
 
 
@@ -120,7 +125,7 @@ def norms(*, base=TINY, n_layers=4, lrs=QUICK_LRS, warmup_steps=40, steps=150, s
 
 CLAIMS_BY_STUDY = {
     "grad-at-init": ("xiong-postln-grad-grows", "xiong-preln-grad-flat", "xiong-last-layer-larger",
-                     "preln-residual-sqrt-depth", "postln-stream-normalized"),
+                     "xiong-ratio-grows-sqrt-depth", "preln-stream-variance-linear", "postln-stream-normalized"),
     "warmup": ("postln-needs-warmup", "postln-needs-warmup-best-lr", "preln-without-warmup"),
     "depth": ("deepnorm-beats-postln", "deepnorm-beats-preln", "deepnorm-stability"),
     "norms": ("rmsnorm-matches-layernorm", "rmsnorm-faster", "dyt-matches-layernorm",
@@ -142,10 +147,11 @@ def _quick() -> Study:
     # study's runs with warm-up)
     train = {"base": MICRO, "steps": 120, "warmup_steps": 30, "lrs": QUICK_LRS, "seeds": (0, 1, 2),
              "batch_size": 16, "seq_len": 64, "val_bytes_during": 16_384}
+    high = {**train, "lrs": QUICK_LRS_HIGH}
     runs = (grad_at_init(seeds=tuple(range(6)), probe_batches=4)
             + warmup(n_layers=6, **train)
-            + depth(depths=(12,), shallow=None, **train)
-            + norms(n_layers=3, names=("layernorm", "rmsnorm", "powernorm", "batchnorm", "dyt"), **train))
+            + depth(depths=(12,), shallow=None, **high)
+            + norms(n_layers=3, names=("layernorm", "rmsnorm", "powernorm", "batchnorm", "dyt"), **high))
     return _study("quick", "Every study at CPU sizes (d_model 32, 3-12 layers, 120 steps): 3 paired seeds, "
                   "3 learning rates per configuration, probes over 6 seeds; minutes on a 2-core CPU.",
                   runs, _all_claims())

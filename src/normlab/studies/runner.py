@@ -160,7 +160,7 @@ def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, con
     workers = min(workers, max(1, len(study.runs)))
     threads = max(1, torch.get_num_threads() // workers) if workers > 1 else torch.get_num_threads()
     prov = provenance(env, corpus, workers=workers, threads=threads) if env.is_main else {}
-    unigram = prov.get("unigram_val_loss") if prov else (corpus.unigram_val_loss() if corpus else None)
+    baselines: dict[tuple[int, int], dict[str, float]] = {}
     started = time.perf_counter()
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -169,8 +169,11 @@ def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, con
     results: dict[str, dict[str, Any]] = {}
 
     def finish(spec: RunSpec, result: dict[str, Any]) -> None:
-        if unigram is not None and spec.task == "lm":
-            result["baseline_val_loss"] = unigram
+        if corpus is not None and spec.task == "lm":
+            key = (spec.seq_len, spec.val_bytes)
+            if key not in baselines:
+                baselines[key] = corpus.baselines(*key)
+            result.update(baselines[key])
         results[spec.name] = result
         if env.is_main:
             _write_summary(study_dir, study, _ordered(study, results), prov)

@@ -6,7 +6,9 @@ Every interval here is a two-sided 95% Student-t interval over independent units
 configurations uses the *paired* differences (same seed: same data order and, where the
 shapes allow, the same initialization), so seed-to-seed variation common to both cancels.
 
-A verdict compares the interval with a margin fixed before the runs:
+A verdict compares the interval with a margin fixed before the runs (a zero-width
+interval, every unit equal, is inconclusive: n equal values carry no spread to judge by;
+for equivalence a 95% interval is stricter than the 90% of the usual two one-sided tests):
 
     directional     the claim says estimate > margin
                     agrees: lo > margin; disagrees: hi < margin; else inconclusive
@@ -93,8 +95,8 @@ def slope(xs: Sequence[float], ys: Sequence[float]) -> float:
 def verdict(test: str, interval: Interval, margin: float) -> str:
     """agrees | disagrees | inconclusive: where the interval lies against the margin."""
     lo, hi = interval.lo, interval.hi
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return "inconclusive"
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo == hi:
+        return "inconclusive"  # no interval, or a degenerate one (every unit equal: no spread to judge by)
     if test == "directional":
         return "agrees" if lo > margin else "disagrees" if hi < margin else "inconclusive"
     if test == "equivalence":
