@@ -136,7 +136,13 @@ class Best:
         ok = [s[0] for s, n in self.failures.items() if n == 0]
         return max(ok) if ok else None
 
+    @property
+    def all_failed(self) -> bool:
+        return all(n >= self.seeds for n in self.failures.values())
+
     def text(self, name: str) -> str:
+        if self.all_failed:
+            return f"{name}: every run of the sweep failed (counted at the unigram baseline)"
         edge = " (edge of the sweep)" if self.at_edge else ""
         stable = self.largest_stable_lr
         varied = len(set(self.chosen.values())) > 1
@@ -147,6 +153,8 @@ class Best:
 
     def caveats(self, name: str) -> list[str]:
         out = []
+        if self.all_failed:
+            return [f"every run of {name} failed: it is compared as the unigram baseline"]
         if self.at_edge:
             out.append(f"{name}'s best lr is at the edge of the sweep: a better one may lie outside it")
         if not self.complete:
@@ -224,7 +232,7 @@ def run_setup(runs: list[Result]) -> str:
             return ""
         cfg = probes[0].get("config", {})
         return (f"here: byte-level LM at initialization, d_model {probes[0].get('d_model')}, "
-                f"{sorted({r['n_layers'] for r in probes})} layers, batch {cfg.get('batch_size', '?')} x "
+                f"{_list(sorted({r['n_layers'] for r in probes}))} layers, batch {cfg.get('batch_size', '?')} x "
                 f"{cfg.get('seq_len', '?')} bytes, {cfg.get('probe_batches', '?')} batches per seed, "
                 f"{len({r['seed'] for r in probes})} seeds")
     r0 = trained[0]
@@ -232,12 +240,20 @@ def run_setup(runs: list[Result]) -> str:
     params = sorted({r.get("n_params", 0) for r in trained})
     tokens = r0["steps"] * cfg.get("batch_size", 0) * cfg.get("seq_len", 0)
     lrs = sorted({r["lr"] for r in trained})
-    return (f"here: byte-level LM, {params[0] / 1e3:.0f}k-{params[-1] / 1e3:.0f}k parameters "
-            f"(d_model {r0.get('d_model')}, {sorted({r['n_layers'] for r in trained})} layers), "
+    size = (f"{params[0] / 1e3:.0f}k" if params[0] == params[-1]
+            else f"{params[0] / 1e3:.0f}k-{params[-1] / 1e3:.0f}k")
+    warm = sorted({r["warmup_steps"] for r in trained})
+    return (f"here: byte-level LM, {size} parameters "
+            f"(d_model {r0.get('d_model')}, {_list(sorted({r['n_layers'] for r in trained}))} layers), "
             f"{r0['steps']} steps x {cfg.get('batch_size', '?')} x {cfg.get('seq_len', '?')} bytes "
-            f"({tokens / 1e6:.2f}M tokens), Adam{tuple(cfg.get('betas', ()))}, "
-            f"{cfg.get('schedule', 'constant')} lr after warm-up, lr swept over {[f'{x:g}' for x in lrs]}, "
-            f"{len({r['seed'] for r in trained})} seeds")
+            f"({tokens / 1e6:.2f}M tokens), Adam{tuple(cfg.get('betas', ()))}, linear warm-up of "
+            f"{_list(warm)} steps then a {cfg.get('schedule', 'constant')} lr, lr swept over "
+            f"{_list(f'{x:g}' for x in lrs)}, {len({r['seed'] for r in trained})} paired seeds")
+
+
+def _list(items: Iterable[Any]) -> str:
+    xs = [str(x) for x in items]
+    return xs[0] if len(xs) == 1 else ", ".join(xs[:-1]) + " and " + xs[-1] if xs else "-"
 
 
 def compare(name_a: str, runs_a: list[Result], name_b: str, runs_b: list[Result], suffix: str = "",
@@ -245,10 +261,13 @@ def compare(name_a: str, runs_a: list[Result], name_b: str, runs_b: list[Result]
     """L(a) - L(b), each at its own (cross-fitted) best setting, paired by seed."""
     ba, bb = best_setting(runs_a), best_setting(runs_b)
     i = paired_ci(ba.by_seed, bb.by_seed)
+    caveats = ba.caveats(name_a) + bb.caveats(name_b)
+    for name, best, runs in ((name_a, ba, runs_a), (name_b, bb, runs_b)):
+        if _mostly_failed(best, runs) and not best.all_failed:
+            caveats.append(f"most seeds of {name} failed at their chosen setting: counted at the unigram baseline")
     return Measurement(suffix, i, f"{ba.text(name_a)}; {bb.text(name_b)}; L({name_a}) - L({name_b}) = "
                        f"{_ci_text(i, ' nats')}", run_setup(runs_a + runs_b) if setup is None else setup,
-                       tuple(ba.caveats(name_a) + bb.caveats(name_b)),
-                       _both_failed_note([(name_a, ba, runs_a), (name_b, bb, runs_b)]))
+                       tuple(caveats), _both_failed_note([(name_a, ba, runs_a), (name_b, bb, runs_b)]))
 
 
 # ------------------------------------------------------------------ gradients and activations at init
@@ -398,7 +417,8 @@ def _warmup_each_lr(results: list[Result]) -> list[Measurement]:
         cells = {k: at_setting(rs, lr) for k, rs in groups.items()}
         i = _interaction(cells)
         failures = {k: sum(failed(r) for r in rs if r["lr"] == lr) for k, rs in groups.items()}
-        fails = ", ".join(f"{p}{' warm-up' if w else ' none'} {n}" for (p, w), n in failures.items())
+        fails = ", ".join(f"{'Post-LN' if p == 'post' else 'Pre-LN'} {'with' if w else 'without'} warm-up {n}"
+                          for (p, w), n in failures.items())
         post_always = all(failures[("post", w)] == len(cells[("post", w)]) for w in (False, True))
         note = ("Post-LN failed on every seed with and without warm-up at this lr: the statistic would "
                 "measure Pre-LN alone") if post_always else None
@@ -414,8 +434,8 @@ def _warmup_best(results: list[Result]) -> list[Measurement]:
         return _missing("Post-LN and Pre-LN runs with and without warm-up")
     best = {k: best_setting(rs) for k, rs in groups.items()}
     i = _interaction({k: b.by_seed for k, b in best.items()})
-    names = {("post", False): "Post-LN none", ("post", True): "Post-LN warm-up",
-             ("pre", False): "Pre-LN none", ("pre", True): "Pre-LN warm-up"}
+    names = {("post", False): "Post-LN without warm-up", ("post", True): "Post-LN with warm-up",
+             ("pre", False): "Pre-LN without warm-up", ("pre", True): "Pre-LN with warm-up"}
     detail = "; ".join(b.text(names[k]) for k, b in best.items())
     caveats = tuple(c for k, b in best.items() for c in b.caveats(names[k]))
     return [Measurement("@best-lr", i, f"each at its own best lr: {detail}; interaction {_ci_text(i, ' nats')}",
@@ -426,7 +446,8 @@ def _preln_without_warmup(results: list[Result]) -> list[Measurement]:
     groups = _warmup_runs(results)
     if not groups[("pre", False)] or not groups[("pre", True)]:
         return _missing("Pre-LN runs with and without warm-up")
-    m = compare("Pre-LN none", groups[("pre", False)], "Pre-LN warm-up", groups[("pre", True)], "@best-lr")
+    m = compare("Pre-LN without warm-up", groups[("pre", False)], "Pre-LN with warm-up", groups[("pre", True)],
+                "@best-lr")
     return [m]
 
 
@@ -523,8 +544,10 @@ def _rmsnorm_speed(results: list[Result]) -> list[Measurement]:
 # ------------------------------------------------------------------ the claims
 
 XIONG = "Xiong et al. 2020, On Layer Normalization in the Transformer Architecture (ICML)"
-XIONG_SETUP = ("paper: 6-layer Transformer-base translation (IWSLT14 De-En, WMT14 En-De) and 12/24-layer BERT, "
-               "trained to convergence, Adam(0.9, 0.98), inverse-sqrt schedule; Fig. 3 measured at init")
+XIONG_SETUP = ("paper: 6-layer Transformer-base translation (IWSLT14 De-En, WMT14 En-De) at initialization "
+               "(Fig. 3); the theory for any depth")
+XIONG_TRAIN = ("paper: 6-layer Transformer-base translation (IWSLT14 De-En, WMT14 En-De) and 12/24-layer BERT, "
+               "trained to convergence, Adam(0.9, 0.98), warm-up then inverse-sqrt decay")
 DEEPNET = "Wang et al. 2022, DeepNet: Scaling Transformers to 1,000 Layers"
 DEEPNET_SETUP = ("paper: encoder-decoder translation models of 18 to 1,000 layers (d_model 512), WMT-17 "
                  "and OPUS-100, trained to convergence with warm-up and inverse-sqrt decay")
@@ -575,16 +598,16 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in [
           "Post-LN needs a learning-rate warm-up stage: without it, it trains much worse or not at all; "
           "Pre-LN trains without warm-up (Sec. 3.2 and 4).",
           "[L(Post-LN, no warm-up) - L(Post-LN, warm-up)] - [same for Pre-LN], paired by seed, at each lr",
-          "directional", XIONG_SETUP, _warmup_each_lr, MARGIN_SIGN),
+          "directional", XIONG_TRAIN, _warmup_each_lr, MARGIN_SIGN),
     Claim("postln-needs-warmup-best-lr", "Post-LN needs warm-up, at each configuration's best lr", (XIONG,),
           "The same claim when every configuration has its own tuned learning rate: warm-up still "
           "buys Post-LN more than it buys Pre-LN.",
           "the warm-up interaction above, each of the four configurations at its own best lr",
-          "directional", XIONG_SETUP, _warmup_best, MARGIN_SIGN),
+          "directional", XIONG_TRAIN, _warmup_best, MARGIN_SIGN),
     Claim("preln-without-warmup", "Pre-LN without warm-up matches Pre-LN with it", (XIONG,),
           "Pre-LN without the warm-up stage reaches results comparable to the baselines with it (Sec. 4).",
           "L(Pre-LN, no warm-up) - L(Pre-LN, warm-up), each at its best lr, paired by seed",
-          "noninferiority", XIONG_SETUP, _preln_without_warmup, MARGIN_EQUIV),
+          "noninferiority", XIONG_TRAIN, _preln_without_warmup, MARGIN_EQUIV),
     Claim("deepnorm-beats-postln", "DeepNorm trains deep stacks better than Post-LN", (DEEPNET,),
           "DeepNorm (x_{l+1} = LN(alpha x_l + G(x_l)), weights scaled by beta at init) keeps deep "
           "Post-LN-style models trainable and better than Post-LN at depth.",
@@ -598,7 +621,8 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in [
     Claim("deepnorm-stability", "DeepNorm is stable where Post-LN is not", (DEEPNET,),
           "DeepNorm bounds the model update, so deep models train stably at learning rates where "
           "Post-LN diverges.",
-          "failed runs over the lr sweep per seed, Post-LN minus DeepNorm, paired by seed",
+          "runs that failed to train (diverged, or ended no better than the unigram baseline) over the lr "
+          "sweep per seed, Post-LN minus DeepNorm, paired by seed",
           "directional", DEEPNET_SETUP, _deepnorm_stability, MARGIN_SIGN),
     Claim("rmsnorm-matches-layernorm", "RMSNorm matches LayerNorm's quality",
           ("Zhang & Sennrich 2019, Root Mean Square Layer Normalization (NeurIPS)",),
@@ -656,9 +680,9 @@ def judge(claim: Claim, results: list[Result], margin: Margin | None = None) -> 
             outcome = "inconclusive" if m.undetermined else verdict(claim.test, m.interval, margin.value)
             i = m.interval
             if i.n >= 2 and i.lo == i.hi and i.estimate != margin.value:
-                m = replace(m, detail=m.detail + f" Every seed gave the same value, so the t-interval has no "
-                            f"width; a sign test over {i.n} seeds gives one-sided p = {0.5 ** i.n:.3g} at best "
-                            f"(p < 0.05 needs 5 seeds), so the row is inconclusive.")
+                m = replace(m, caveats=m.caveats + (
+                    f"every seed gave the same value ({i.estimate:+g}): the t-interval has no width, and a sign "
+                    f"test over {i.n} seeds gives one-sided p = {0.5 ** i.n:.3g} at best (p < 0.05 needs 5 seeds)",))
             ci = m.interval.ci95
             interval = ("95% Student-t over interleaved timing rounds" if claim.id == "rmsnorm-faster"
                         else "95% Student-t over paired seeds")

@@ -27,7 +27,9 @@ Result = dict[str, Any]
 COLORS = {"post": "#d62728", "pre": "#1f77b4", "deepnorm": "#2ca02c", "peri": "#9467bd", "sandwich": "#8c564b",
           "subln": "#e377c2", "resi_dual": "#7f7f7f", "none": "#bcbd22", "layernorm": "#1f77b4",
           "rmsnorm": "#ff7f0e", "scalenorm": "#8c564b", "powernorm": "#2ca02c", "batchnorm": "#d62728",
-          "dyt": "#9467bd"}
+          "dyt": "#9467bd", "post warm-up": "#d62728", "post no warm-up": "#ff9896", "pre warm-up": "#1f77b4",
+          "pre no warm-up": "#9ecae1", "dyt a0=0.25": "#c5b0d5", "dyt a0=0.5": "#9467bd", "dyt a0=1": "#54278f"}
+DPI = 150
 
 
 def load_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -42,7 +44,7 @@ def _group(r: Result) -> str:
 
 
 def _color(key: str, i: int):
-    return COLORS.get(key.split()[0], plt.cm.tab10(i % 10))
+    return COLORS.get(key, COLORS.get(key.split()[0], plt.cm.tab10(i % 10)))
 
 
 def _band(ax, xs_list: list[list[float]], ys_list: list[list[float]], label: str, color, **kw) -> None:
@@ -58,17 +60,20 @@ def _band(ax, xs_list: list[list[float]], ys_list: list[list[float]], label: str
 
 
 def _finish(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """Labels, grid, and the legend under the axes, where it covers no data."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(3, len(handles)),
+                  handlelength=3, frameon=False)
 
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
 
@@ -87,7 +92,7 @@ def plot_grad_by_layer(results: list[Result], path: Path, kinds=("ffn_w2", "ffn_
     depths = sorted({r["n_layers"] for r in runs})
     depth = 6 if 6 in depths else depths[-1]
     runs = [r for r in runs if r["n_layers"] == depth]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4.6 * len(kinds), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.6 * len(kinds), 4.2), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         groups: dict[str, list[list[float]]] = defaultdict(list)
         for r in runs:
@@ -105,7 +110,7 @@ def plot_residual_growth(results: list[Result], path: Path) -> Path | None:
     runs = [r for r in results if r.get("kind") == "probe" and r.get("activation_rms_by_layer")]
     if not runs:
         return None
-    fig, ax = plt.subplots(figsize=(4.8, 3.4))
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
     for i, p in enumerate(sorted({r["placement"] for r in runs})):
         cells: dict[int, list[float]] = defaultdict(list)
         for r in runs:
@@ -138,7 +143,7 @@ def plot_loss_curves(results: list[Result], metrics: dict[str, list], study: str
     if not runs:
         return None
     panels = sorted({r["n_layers"] for r in runs})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.4), squeeze=False, sharey=True)
     for ax, n in zip(axes[0], panels):
         groups: dict[str, list[Result]] = defaultdict(list)
         for r in runs:
@@ -152,8 +157,7 @@ def plot_loss_curves(results: list[Result], metrics: dict[str, list], study: str
                 recs = [m for m in metrics.get(r["name"], []) if math.isfinite(m.get("train_loss", math.nan))]
                 xs_list.append([m["step"] for m in recs])
                 ys_list.append([m["train_loss"] for m in recs])
-            style = "--" if "no warm-up" in g else "-"
-            _band(ax, xs_list, ys_list, f"{g} (lr {best.setting[0]:g})", _color(g, i), linestyle=style)
+            _band(ax, xs_list, ys_list, f"{g} (lr {best.setting[0]:g})", _color(g, i))
         _finish(ax, "step", "train loss (nats/byte)", f"{study}: {n} layers, each at its best lr")
     return _save(fig, path)
 
@@ -164,7 +168,7 @@ def plot_loss_vs_lr(results: list[Result], study: str, path: Path) -> Path | Non
     if not runs:
         return None
     panels = sorted({r["n_layers"] for r in runs})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.4), squeeze=False, sharey=True)
     for ax, n in zip(axes[0], panels):
         groups: dict[str, list[Result]] = defaultdict(list)
         for r in runs:
@@ -175,8 +179,7 @@ def plot_loss_vs_lr(results: list[Result], study: str, path: Path) -> Path | Non
             lrs = sorted({r["lr"] for r in rs})
             cis = [mean_ci([judged_loss(r) for r in rs if r["lr"] == lr]) for lr in lrs]
             color = _color(g, i)
-            style = "--" if "no warm-up" in g or "a0=" in g and "a0=0.5" not in g else "-"
-            ax.plot(lrs, [c.estimate for c in cis], "o" + style, color=color, label=g, ms=3)
+            ax.plot(lrs, [c.estimate for c in cis], "o-", color=color, label=g, ms=3)
             if all(math.isfinite(c.lo) for c in cis):
                 ax.fill_between(lrs, [c.lo for c in cis], [c.hi for c in cis], color=color, alpha=0.15, lw=0)
         baseline = runs[0].get("baseline_val_loss")
@@ -191,18 +194,33 @@ def plot_depth(results: list[Result], path: Path) -> Path | None:
     runs = _trained(results, "depth")
     if not runs:
         return None
-    fig, ax = plt.subplots(figsize=(4.8, 3.4))
-    for i, p in enumerate(sorted({r["placement"] for r in runs})):
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    placements = sorted({r["placement"] for r in runs})
+    depths_all = sorted({r["n_layers"] for r in runs})
+    for i, p in enumerate(placements):
         depths = sorted({r["n_layers"] for r in runs if r["placement"] == p})
-        cis = []
+        shift = 1 + 0.03 * (i - (len(placements) - 1) / 2)  # side by side, not on top of each other
+        xs, cis, failed_at = [], [], []
         for n in depths:
             best = best_setting([r for r in runs if r["placement"] == p and r["n_layers"] == n])
+            if best.all_failed:
+                failed_at.append(n * shift)
+                continue
+            xs.append(n * shift)
             cis.append(mean_ci(list(best.by_seed.values())))
-        ax.errorbar(depths, [c.estimate for c in cis],
-                    yerr=[[c.estimate - c.lo if math.isfinite(c.lo) else 0 for c in cis],
-                          [c.hi - c.estimate if math.isfinite(c.hi) else 0 for c in cis]],
-                    fmt="o-", color=_color(p, i), label=p, capsize=3)
+        color = _color(p, i)
+        if xs:
+            ax.errorbar(xs, [c.estimate for c in cis],
+                        yerr=[[c.estimate - c.lo if math.isfinite(c.lo) else 0 for c in cis],
+                              [c.hi - c.estimate if math.isfinite(c.hi) else 0 for c in cis]],
+                        fmt="o-", color=color, label=p, capsize=3)
+        if failed_at:
+            top = max((r.get("baseline_val_loss") or 0) for r in runs)
+            ax.plot(failed_at, [top] * len(failed_at), "x", color=color, ms=9, mew=2,
+                    label=f"{p}: every run failed")
     ax.set_xscale("log", base=2)
+    ax.set_xticks(depths_all, [str(n) for n in depths_all])
+    ax.minorticks_off()
     _finish(ax, "layers", "final val loss at best lr", "Depth (95% CI over seeds)")
     return _save(fig, path)
 
@@ -213,15 +231,14 @@ def plot_norms(results: list[Result], path: Path) -> Path | None:
         return None
     names = sorted({r["norm"] for r in runs})
     cis = [mean_ci(list(best_setting([r for r in runs if r["norm"] == n]).by_seed.values())) for n in names]
-    fig, ax = plt.subplots(figsize=(5.2, 3.4))
-    ax.bar(names, [c.estimate for c in cis], color=[_color(n, i) for i, n in enumerate(names)],
-           yerr=[[c.estimate - c.lo if math.isfinite(c.lo) else 0 for c in cis],
-                 [c.hi - c.estimate if math.isfinite(c.hi) else 0 for c in cis]], capsize=4)
-    finite = [c.estimate for c in cis if math.isfinite(c.estimate)]
-    if finite:
-        ax.set_ylim(min(finite) * 0.97, max(finite) * 1.02)
-    ax.tick_params(axis="x", rotation=30)
-    _finish(ax, "norm", "final val loss at best setting", "Norms at Pre-LN (95% CI over seeds)")
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for i, (n, c) in enumerate(zip(names, cis)):
+        ax.errorbar([i], [c.estimate], yerr=[[c.estimate - c.lo if math.isfinite(c.lo) else 0],
+                                            [c.hi - c.estimate if math.isfinite(c.hi) else 0]],
+                    fmt="o", color=_color(n, i), capsize=5, ms=6)
+    ax.set_xticks(range(len(names)), names, rotation=30)
+    ax.set_xlim(-0.6, len(names) - 0.4)
+    _finish(ax, "norm", "final val loss at best setting", "Norms at Pre-LN (mean, 95% CI over seeds)")
     return _save(fig, path)
 
 
@@ -254,8 +271,10 @@ def configurations(results: list[Result]) -> list[dict[str, Any]]:
         ci = mean_ci(list(best.by_seed.values()))
         lr, alpha0 = best.setting
         rows.append({"study": study, "configuration": group, "layers": n,
-                     "best": f"lr {lr:g}" + (f", alpha0 {alpha0:g}" if alpha0 is not None else "")
+                     "best": "none: every run failed" if best.all_failed else
+                     f"lr {lr:g}" + (f", alpha0 {alpha0:g}" if alpha0 is not None else "")
                      + (" (edge)" if best.at_edge else ""),
+                     "all_failed": best.all_failed,
                      "loss": ci.estimate, "ci95": ci.ci95, "seeds": best.seeds,
                      "largest_stable_lr": best.largest_stable_lr,
                      "failed": f"{sum(best.failures.values())}/{len(runs)}",
@@ -273,6 +292,7 @@ th,td{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top} 
 .verdict{display:inline-block;padding:2px 10px;border-radius:10px;color:#fff;font-weight:600;font-size:12px;white-space:nowrap}
 .agrees{background:#2e7d32} .disagrees{background:#c62828} .inconclusive{background:#9e9e9e} .sanity{background:#5c6bc0}
 .src{color:#666;font-size:12px} figure{margin:1.2em 0} img{max-width:100%;border:1px solid #eee}
+.caveat{color:#a15c00;font-size:12px} td.name{white-space:nowrap}
 figcaption{font-size:13px;color:#555} td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 details{margin:.4em 0} summary{cursor:pointer}
 """
@@ -323,9 +343,10 @@ def write_html(out: Path, study_name: str, description: str, rows: list[dict[str
             "<table><tr><th>claim</th><th>statistic</th><th>test</th><th>margin</th><th>estimate</th>"
             "<th>95% CI</th><th>n</th><th>verdict</th></tr>")
         for row in rows:
+            caveats = "".join(f"<div class='caveat'>caveat: {esc(c)}</div>" for c in row.get("caveats", []))
             parts.append(
                 f"<tr><td><b>{esc(row['title'])}</b><div class='src'>{esc(row['id'])} · "
-                f"{esc('; '.join(row['papers']))}</div></td><td>{esc(row['statistic'])}</td>"
+                f"{esc('; '.join(row['papers']))}</div>{caveats}</td><td>{esc(row['statistic'])}</td>"
                 f"<td>{esc(row['test'])} ({esc(_TEST_WORDS[row['test']])})</td>"
                 f"<td class='num'>{_num(row['margin'], '{:g}')}</td><td class='num'>{_num(row['estimate'], '{:+.3f}')}</td>"
                 f"<td class='num'>{_ci(row['ci95'])}</td><td class='num'>{row['n_seeds']}</td>"
@@ -337,7 +358,9 @@ def write_html(out: Path, study_name: str, description: str, rows: list[dict[str
                 f"{esc(row['verdict'])}</span> {esc(row['title'])}</summary>"
                 f"<p><i>Claim:</i> {esc(row['statement'])}</p><p><i>Measured:</i> {esc(row['measured'])}</p>"
                 f"<p><i>Margin:</i> {_num(row['margin'], '{:g}')}: {esc(row['margin_why'])}</p>"
-                f"<p><i>Scope:</i> {esc(row['scope'])}</p></details>")
+                f"<p><i>Interval:</i> {esc(row['interval'])}</p>"
+                + "".join(f"<p class='caveat'>Caveat: {esc(c)}</p>" for c in row.get("caveats", []))
+                + f"<p><i>Scope:</i> {esc(row['scope'])}</p></details>")
     configs = configurations(results)
     if configs:
         parts.append("<h2>Configurations at their best setting</h2><p class='src'>Best setting: the lowest mean "
@@ -350,30 +373,41 @@ def write_html(out: Path, study_name: str, description: str, rows: list[dict[str
             parts.append(
                 f"<tr><td>{esc(c['study'])}</td><td>{esc(c['configuration'])}</td><td class='num'>{c['layers']}</td>"
                 f"<td>{esc(', '.join(f'{x:g}' for x in c['lrs']))}</td><td>{esc(c['best'])}</td>"
-                f"<td class='num'>{_num(c['loss'])}</td><td class='num'>{_ci(c['ci95'])}</td>"
-                f"<td class='num'>{c['seeds']}</td><td class='num'>{_num(c['largest_stable_lr'], '{:g}')}</td>"
+                + ("<td colspan='2'>unigram baseline</td>" if c["all_failed"] else
+                   f"<td class='num'>{_num(c['loss'])}</td><td class='num'>{_ci(c['ci95'])}</td>")
+                + f"<td class='num'>{c['seeds']}</td><td class='num'>{_num(c['largest_stable_lr'], '{:g}')}</td>"
                 f"<td class='num'>{esc(c['failed'])}</td></tr>")
         parts.append("</table>")
-    parts.append("<h2>Plots</h2><p class='src'>Bands and error bars: 95% t-intervals over seeds.</p>")
+    parts.append("<h2>Plots</h2><p class='src'>Bands and error bars: 95% t-intervals over seeds. Placements: "
+                 "post = Post-LN, x + F(x) then a norm (Vaswani et al. 2017); pre = Pre-LN, x + F(norm(x)) "
+                 "(Xiong et al. 2020); deepnorm = norm(alpha x + F(x)) with beta-scaled init (Wang et al. 2022); "
+                 "peri = Peri-LN, norms on each sublayer's input and output and on the embeddings (Kim et al. 2025).</p>")
     for title, path in plots.items():
         parts.append(f"<figure>{_img(path)}<figcaption>{esc(title)} ({esc(path.name)})</figcaption></figure>")
     parts.append("<h2>Runs</h2><table><tr><th>run</th><th>placement</th><th>norm</th><th>layers</th><th>lr</th>"
                  "<th>warm-up</th><th>seed</th><th>steps</th><th>final train loss</th><th>final val loss</th>"
                  "<th>status</th><th>tokens/s</th></tr>")
     for r in results:
-        if r.get("kind") != "train":
-            status = r.get("kind", "")
+        kind = r.get("kind")
+        if kind == "probe":
+            status = "probe at init"
+        elif kind == "speed":
+            status = (f"timing vs {', '.join(f'{k}={v}' for k, v in r.get('speed_against', {}).items())}: "
+                      f"{_num(r.get('baseline_tokens_per_s'), '{:,.0f}')} tokens/s")
         elif r.get("diverged"):
             status = f"diverged at step {r.get('diverged_step')}"
         elif r.get("baseline_val_loss") and (r.get("final_val_loss") or 0) >= r["baseline_val_loss"]:
-            status = "failed (no better than unigram)"
+            status = "did not train (no better than unigram)"
         else:
             status = "ok"
+        train = kind == "train"
         parts.append(
-            f"<tr><td>{esc(r['name'])}</td><td>{esc(str(r['placement']))}</td><td>{esc(str(r['norm']))}</td>"
-            f"<td class='num'>{_num(r.get('n_layers'))}</td><td class='num'>{_num(r['lr'], '{:g}')}</td>"
-            f"<td class='num'>{_num(r['warmup_steps'])}</td><td class='num'>{_num(r['seed'])}</td>"
-            f"<td class='num'>{_num(r['steps'])}</td><td class='num'>{_num(r.get('final_train_loss'))}</td>"
+            f"<tr><td class='name'>{esc(r['name'])}</td><td>{esc(str(r['placement']))}</td>"
+            f"<td>{esc(str(r['norm']))}</td><td class='num'>{_num(r.get('n_layers'))}</td>"
+            f"<td class='num'>{_num(r['lr'], '{:g}') if train else '-'}</td>"
+            f"<td class='num'>{_num(r['warmup_steps']) if train else '-'}</td><td class='num'>{_num(r['seed'])}</td>"
+            f"<td class='num'>{_num(r['steps']) if train else '-'}</td>"
+            f"<td class='num'>{_num(r.get('final_train_loss')) if train else '-'}</td>"
             f"<td class='num'>{_num(r.get('final_val_loss'))}</td><td>{esc(status)}</td>"
             f"<td class='num'>{_num(r.get('tokens_per_s'), '{:,.0f}')}</td></tr>")
     parts.append("</table></body></html>")
@@ -398,14 +432,17 @@ def write_markdown(out: Path, study_name: str, rows: list[dict[str, Any]], prov:
     configs = configurations(results or [])
     if configs:
         lines += ["", "## Configurations at their best setting", "",
-                  "| study | configuration | layers | best | loss (test half) | 95% CI | largest stable lr | failed |",
+                  "| study | configuration | layers | best | loss (test half) | 95% CI | largest lr, no seed failed "
+                  "| failed |",
                   "|---|---|---|---|---|---|---|---|"]
         for c in configs:
             stable = "none" if c["largest_stable_lr"] is None else f"{c['largest_stable_lr']:g}"
-            lines.append(f"| {c['study']} | {c['configuration']} | {c['layers']} | {c['best']} | {c['loss']:.3f} "
-                         f"| {_ci(c['ci95'])} | {stable} | {c['failed']} |")
+            loss = "unigram baseline | -" if c["all_failed"] else f"{c['loss']:.3f} | {_ci(c['ci95'])}"
+            lines.append(f"| {c['study']} | {c['configuration']} | {c['layers']} | {c['best']} | {loss} "
+                         f"| {stable} | {c['failed']} |")
     lines += ["", "## Measured", ""]
-    lines += [f"- `{r['id']}`: {r['measured']}" for r in rows]
+    lines += [f"- `{r['id']}`: {r['measured']}" + "".join(f" Caveat: {c}." for c in r.get("caveats", []))
+              for r in rows]
     path = out / "claims.md"
     path.write_text("\n".join(lines) + "\n")
     return path

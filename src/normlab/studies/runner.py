@@ -160,6 +160,9 @@ def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, con
     workers = min(workers, max(1, len(study.runs)))
     threads = max(1, torch.get_num_threads() // workers) if workers > 1 else torch.get_num_threads()
     prov = provenance(env, corpus, workers=workers, threads=threads) if env.is_main else {}
+    if prov:
+        prov["runs"] = len(study.runs)
+        prov["runs_found_finished"] = sum(_finished(spec, study_dir / spec.name) for spec in study.runs)
     baselines: dict[tuple[int, int], dict[str, float]] = {}
     started = time.perf_counter()
     progress = Progress(
@@ -202,13 +205,21 @@ def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, con
     ordered = _ordered(study, results)
     report = None
     if env.is_main:
-        prov["wall_s"] = round(time.perf_counter() - started, 1)
+        prov["wall_s"] = round(time.perf_counter() - started, 1)  # this invocation
+        prov["run_time_s"] = round(sum(r.get("wall_s") or 0.0 for r in ordered), 1)  # every run, when it ran
         prov["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         _write_summary(study_dir, study, ordered, prov)
         rows = judge_all(study.claims, ordered, study.margins)
         (study_dir / "claims.json").write_text(json.dumps(_json_safe(rows), indent=1))
         report = write_report(study_dir, study, ordered, prov, rows)
     return ordered, report
+
+
+def _finished(spec: RunSpec, run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "result.json").read_text()).get("fingerprint") == spec.fingerprint()
+    except (OSError, ValueError):
+        return False
 
 
 def _ordered(study: Study, results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

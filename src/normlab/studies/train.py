@@ -444,6 +444,7 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
     if spec.kind == "train" and spec.batch_size % env.world:
         raise ValueError(f"RunSpec {spec.name!r}: batch_size {spec.batch_size} does not split evenly "
                          f"over {env.world} processes")
+    started = time.perf_counter()
     if spec.kind == "speed":
         result = speed_run(spec, env, corpus)
         if env.is_main:
@@ -457,7 +458,8 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
         measured = probes.gradients_at_init(model, task, env)
         result = {**_result_fields(spec, model), **measured, "final_train_loss": measured["probe_loss"],
                   "final_val_loss": math.nan, "diverged": not math.isfinite(measured["probe_loss"]),
-                  "diverged_step": None, "tokens_per_s": math.nan, "fingerprint": spec.fingerprint()}
+                  "diverged_step": None, "tokens_per_s": math.nan, "fingerprint": spec.fingerprint(),
+                  "wall_s": round(time.perf_counter() - started, 3)}
         if env.is_main:
             _write_json(done, result)
         return result
@@ -540,7 +542,8 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
             if env.is_main and (periodic or interrupted) and not last_step:
                 save_checkpoint(run_dir, spec, step + 1, model, optimizer, scheduler,
                                 {"train_time": train_time, "train_tokens": train_tokens, "recent": recent,
-                                 "diagnostics": diagnostics.state_dict()})
+                                 "diagnostics": diagnostics.state_dict(),
+                                 "wall_s": state.get("wall_s", 0.0) + time.perf_counter() - started})
             if interrupted and not last_step:
                 raise Interrupted(spec.name, step + 1)
     finally:
@@ -558,6 +561,7 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
         "diverged_step": diverged_at,
         "tokens_per_s": train_tokens / train_time if train_time > 0 else float("nan"),
         "fingerprint": spec.fingerprint(),
+        "wall_s": round(state.get("wall_s", 0.0) + time.perf_counter() - started, 3),  # this process + earlier ones
     }
     if "val_exact_match" in last_eval:
         result["final_val_exact_match"] = last_eval["val_exact_match"]
