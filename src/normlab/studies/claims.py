@@ -343,7 +343,7 @@ def _ratio_growth(results: list[Result]) -> list[Measurement]:
     shifted = Interval(i.estimate - 0.5, i.lo - 0.5, i.hi - 0.5, i.n)
     depths = sorted({n for c in ratios.values() for n in c})
     return [Measurement("", shifted, f"exponent of the last-layer ratio Post-LN / Pre-LN against L over depths "
-                        f"{depths}: {_ci_text(i)}; statistic exponent - 0.5 = {_ci_text(shifted)}",
+                        f"{_list(depths)}: {_ci_text(i)}; statistic exponent - 0.5 = {_ci_text(shifted)}",
                         run_setup(post + pre))]
 
 
@@ -487,7 +487,7 @@ def _deepnorm_stability(results: list[Result]) -> list[Measurement]:
     lrs = sorted({r["lr"] for r in cells["post"]})
     counts = {p: f"{sum(failed(r) for r in rs)}/{len(rs)}" for p, rs in cells.items() if rs}
     stable = {p: best_setting(rs).largest_stable_lr for p, rs in cells.items() if rs}
-    detail = (f"{n} layers, lrs {[f'{x:g}' for x in lrs]}: failed runs " + ", ".join(f"{p} {c}" for p, c in counts.items())
+    detail = (f"{n} layers, lrs {_list(f'{x:g}' for x in lrs)}: failed runs " + ", ".join(f"{p} {c}" for p, c in counts.items())
               + "; largest stable lr " + ", ".join(f"{p} {'none' if s is None else f'{s:g}'}" for p, s in stable.items())
               + f"; Post-LN minus DeepNorm failures per seed {_ci_text(i)}")
     if i.n and i.estimate == 0 and i.lo == i.hi == 0:

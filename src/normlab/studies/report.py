@@ -130,6 +130,9 @@ def plot_residual_growth(results: list[Result], path: Path) -> Path | None:
             ax.plot(depths, [ref * (n / depths[0]) ** 0.5 for n in depths], ":", color=color, label="pre: L^0.5")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
+    depths = sorted({r["n_layers"] for r in runs})
+    ax.set_xticks(depths, [str(n) for n in depths])
+    ax.minorticks_off()
     _finish(ax, "layers L", "RMS of the last block's residual", "Residual stream at init vs depth")
     return _save(fig, path)
 
@@ -427,7 +430,7 @@ def write_markdown(out: Path, study_name: str, rows: list[dict[str, Any]], prov:
               "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         est = "-" if r["estimate"] is None else f"{r['estimate']:+.3f}"
-        lines.append(f"| `{r['id']}` | {r['statistic']} | {r['test']} | {r['margin']:g} | {est} | {_ci(r['ci95'])} "
+        lines.append(f"| `{r['id']}` | {r['statistic'].replace('|', chr(92) + '|')} | {r['test']} | {r['margin']:g} | {est} | {_ci(r['ci95'])} "
                      f"| {r['n_seeds']} | **{r['verdict']}** |")
     configs = configurations(results or [])
     if configs:
