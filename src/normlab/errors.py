@@ -6,3 +6,9 @@ class NormArgumentError(ValueError, RuntimeError):
 
     A ValueError (the argument's value is wrong) and a RuntimeError (what torch raises
     for the same checks), so code written against either keeps working."""
+
+
+class NormDtypeError(NormArgumentError, NotImplementedError):
+    """An input dtype normlab's ops do not run (integers, bool, complex): also a
+    NotImplementedError, which is what torch raises for the same call ("not implemented
+    for 'Long'"), so drop-in code that catches torch's type keeps working."""

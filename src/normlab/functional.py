@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from normlab.backend import resolve
-from normlab.errors import NormArgumentError
+from normlab.errors import NormArgumentError, NormDtypeError
 from normlab.ops import get_impl
 
 __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "dropout_add"]
@@ -29,7 +29,7 @@ def _check_tensor(op: str, name: str, t: object) -> Tensor:
     if not isinstance(t, Tensor):
         raise TypeError(f"{op}: expected {name} to be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
-        raise NormArgumentError(
+        raise NormDtypeError(
             f"{op}: expected {name} to have a floating-point dtype "
             f"(float16, bfloat16, float32 or float64), got {t.dtype}"
         )
@@ -82,12 +82,17 @@ def _layer_norm_param_dtypes(x_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
     return (x_dtype, torch.float32) if x_dtype in _HALF else (x_dtype,)
 
 
-def _check_eps(op: str, eps: float | None, allow_none: bool) -> None:
+def _check_eps(op: str, eps: float | Tensor | None, allow_none: bool) -> float | None:
+    """eps as a float: any finite number, as torch takes (torch's own OpInfo samples use
+    eps=-0.5), or a 0-dim tensor holding one; inf and nan are refused."""
     if eps is None and allow_none:
-        return
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
-        expected = "None or a finite number >= 0" if allow_none else "a finite number >= 0"
+        return None
+    if isinstance(eps, Tensor) and eps.dim() == 0 and not eps.is_complex():
+        eps = eps.item()
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps):
+        expected = "None or a finite number" if allow_none else "a finite number"
         raise NormArgumentError(f"{op}: expected eps to be {expected}, got {eps!r}")
+    return float(eps)
 
 
 def _check_residual_args(op: str, x: Tensor, residual: Tensor | None, dropout_p: float,
@@ -182,10 +187,9 @@ def layer_norm(
     shape = _check_normalized_shape(op, x, normalized_shape)
     _check_param(op, "weight", weight, shape, x, _layer_norm_param_dtypes(x.dtype))
     _check_param(op, "bias", bias, shape, x, _layer_norm_param_dtypes(x.dtype))
-    _check_eps(op, eps, allow_none=False)
+    eps = _check_eps(op, eps, allow_none=False)
     _check_per_example(op, per_example_grad_sq, x, shape, weight)
-    return get_impl(op, resolve(x))(x, shape, weight, bias, float(eps),
-                                    per_example_grad_sq=per_example_grad_sq)
+    return get_impl(op, resolve(x))(x, shape, weight, bias, eps, per_example_grad_sq=per_example_grad_sq)
 
 
 def rms_norm(
@@ -206,10 +210,9 @@ def rms_norm(
     _check_tensor(op, "input", x)
     shape = _check_normalized_shape(op, x, normalized_shape)
     _check_param(op, "weight", weight, shape, x)
-    _check_eps(op, eps, allow_none=True)
+    eps = _check_eps(op, eps, allow_none=True)
     _check_per_example(op, per_example_grad_sq, x, shape, weight)
-    return get_impl(op, resolve(x))(x, shape, weight, None if eps is None else float(eps),
-                                    per_example_grad_sq=per_example_grad_sq)
+    return get_impl(op, resolve(x))(x, shape, weight, eps, per_example_grad_sq=per_example_grad_sq)
 
 
 def dropout_add(
@@ -261,10 +264,10 @@ def add_layer_norm(
     dtypes = _fused_param_dtypes(x, residual_dtype)
     _check_param(op, "weight", weight, shape, x, dtypes)
     _check_param(op, "bias", bias, shape, x, dtypes)
-    _check_eps(op, eps, allow_none=False)
+    eps = _check_eps(op, eps, allow_none=False)
     _check_per_example(op, per_example_grad_sq, x, shape, weight)
     return get_impl(op, resolve(x))(
-        x, residual, weight, bias, float(eps), dropout_p=float(dropout_p), training=bool(training),
+        x, residual, weight, bias, eps, dropout_p=float(dropout_p), training=bool(training),
         generator=generator, residual_dtype=residual_dtype, normalized_shape=shape,
         per_example_grad_sq=per_example_grad_sq,
     )
@@ -291,10 +294,10 @@ def add_rms_norm(
     _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype)
     shape = _fused_shape(op, x, normalized_shape, weight, None)
     _check_param(op, "weight", weight, shape, x, _fused_param_dtypes(x, residual_dtype))
-    _check_eps(op, eps, allow_none=True)
+    eps = _check_eps(op, eps, allow_none=True)
     _check_per_example(op, per_example_grad_sq, x, shape, weight)
     return get_impl(op, resolve(x))(
-        x, residual, weight, None if eps is None else float(eps), dropout_p=float(dropout_p),
+        x, residual, weight, eps, dropout_p=float(dropout_p),
         training=bool(training), generator=generator, residual_dtype=residual_dtype,
         normalized_shape=shape, per_example_grad_sq=per_example_grad_sq,
     )

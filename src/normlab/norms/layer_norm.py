@@ -16,12 +16,51 @@ buffers cannot give: reading ``per_example_grad_sq`` then raises instead of answ
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
 from normlab import functional as F
+from normlab.backend import get_backend, resolve
 from normlab.norms.base import ResidualNorm
 from normlab.norms.registry import register_norm
+from normlab.ops import get_impl
+
+
+class _CheckedOnce:
+    """Mixin: a norm call's arguments are checked once per call signature (the input's
+    type, dtype, device, rank and last dim, and the backend in force); later calls with
+    that signature go straight to the implementation the first call resolved (norms over
+    one dim; over several dims every call is checked). Changing
+    the parameters (``.to()``, assigning weight, bias or eps) forgets the signatures.
+    Under torch.compile, and while per-example gradients are collected, every call takes
+    the checked path."""
+
+    def _call(self, op: str, public: Callable, x: Tensor, *args) -> Tensor:
+        """``public(x, *args)`` (the checked op) on a signature's first call, then the
+        implementation it resolved to, unchecked."""
+        shape = x.shape
+        key = (x.__class__, x.dtype, x.device, shape[-1] if len(shape) else None, len(shape), get_backend())
+        impls = self.__dict__.get("_impls")
+        impl = impls.get(key) if impls is not None else None
+        if impl is not None:
+            return impl(x, *args)
+        out = public(x, *args)  # raises normlab's argument errors for a bad call
+        self.__dict__.setdefault("_impls", {})[key] = get_impl(op, resolve(x))
+        return out
+
+    def _forget_signatures(self) -> None:
+        self.__dict__.pop("_impls", None)
+
+    def _apply(self, fn, recurse=True):
+        self._forget_signatures()
+        return super()._apply(fn, recurse)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("weight", "bias", "eps", "normalized_shape"):
+            self.__dict__.pop("_impls", None)
+        super().__setattr__(name, value)
 
 
 class _PerExampleGradSq:
@@ -71,10 +110,14 @@ class _PerExampleGradSq:
 
 
 @register_norm("layernorm")
-class LayerNorm(_PerExampleGradSq, ResidualNorm, nn.LayerNorm):
+class LayerNorm(_CheckedOnce, _PerExampleGradSq, ResidualNorm, nn.LayerNorm):
     """y = (x - E[x]) / sqrt(Var[x] + eps) * gamma + beta (Ba et al. 2016, "Layer Normalization")."""
 
     def normalize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        if len(self.normalized_shape) == 1 and not self.collect_per_example_grad_sq \
+                and not torch.compiler.is_compiling():
+            return self._call("layer_norm", F.layer_norm, x, self.normalized_shape, self.weight, self.bias,
+                              self.eps)
         return self._watch_backward(F.layer_norm(
             x, self.normalized_shape, self.weight, self.bias, self.eps,
             per_example_grad_sq=self._per_example_buffer(x)))
@@ -89,10 +132,13 @@ class LayerNorm(_PerExampleGradSq, ResidualNorm, nn.LayerNorm):
 
 
 @register_norm("rmsnorm")
-class RMSNorm(_PerExampleGradSq, ResidualNorm, nn.RMSNorm):
+class RMSNorm(_CheckedOnce, _PerExampleGradSq, ResidualNorm, nn.RMSNorm):
     """y = x / sqrt(mean(x^2) + eps) * gamma (Zhang & Sennrich 2019, "Root Mean Square Layer Normalization")."""
 
     def normalize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        if len(self.normalized_shape) == 1 and not self.collect_per_example_grad_sq \
+                and not torch.compiler.is_compiling():
+            return self._call("rms_norm", F.rms_norm, x, self.normalized_shape, self.weight, self.eps)
         return self._watch_backward(F.rms_norm(
             x, self.normalized_shape, self.weight, self.eps,
             per_example_grad_sq=self._per_example_buffer(x)))

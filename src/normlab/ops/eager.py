@@ -87,35 +87,109 @@ def layer_norm(x, normalized_shape, weight, bias, eps, *, per_example_grad_sq=No
 # ----------------------------------------------------------------------- rms norm
 
 
-class RMSNormFunction(torch.autograd.Function):
-    """y = x * rstd * weight, rstd = 1 / sqrt(mean(x^2) + eps), in float32 (float64).
+# torch's fused CPU forward (y and rstd in one kernel); private, so looked up once and optional
+_FUSED_RMS_FORWARD = getattr(torch.ops.aten, "_fused_rms_norm", None)
+# up to this many elements it beats the vector_norm path below on a CPU (fixed cost:
+# 14 vs 45 us at 8 x 64); past it, its single pass is slower (0.97 vs 0.25 ms at
+# 1024 x 512 fp32). Measured in benchmarks/results/rms-forward-cpu.md.
+FUSED_RMS_MAX_NUMEL = 1 << 17
 
-    Forward: one fused reduction (``vector_norm``) for rstd, then y in place. Backward,
-    with P = dy * x, c = (P @ weight) * rstd^3 / N (a matrix-vector product):
-    dx = (dy * weight) * rstd - x * c and dweight = P^T @ rstd, so dy and x are
-    each read twice and no [rows, hidden] intermediate is kept. (forward + setup_context
-    with a generated vmap rule, so torch.func transforms pass through; rstd is a
-    non-differentiable output kept for the backward.)"""
+
+def _rms_forward(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None,
+                 eps: float, fused_ok: bool = False) -> tuple[Tensor, Tensor]:
+    """y = x * rstd * weight and rstd [rows, 1], rstd = 1 / sqrt(mean(x^2) + eps), in
+    float32 (float64); y in x's dtype, rounded once.
+
+    Small CPU inputs (``fused_ok``, weight in x's dtype): torch's fused forward, which
+    gives the same bits. Otherwise one fused reduction (``vector_norm``) for rstd, then y
+    in place."""
+    if (fused_ok and _FUSED_RMS_FORWARD is not None and x.device.type == "cpu"
+            and x.numel() <= FUSED_RMS_MAX_NUMEL and (weight is None or weight.dtype == x.dtype)):
+        y, rstd = _FUSED_RMS_FORWARD(x, list(normalized_shape), weight, eps)
+        return y, rstd.reshape(-1, 1)
+    hidden = math.prod(normalized_shape)
+    ct = reference.compute_dtype(x.dtype)
+    x2 = x.reshape(-1, hidden)
+    if x2.dtype == ct:  # no conversion: y = x * rstd is the first pass that writes
+        rstd = torch.linalg.vector_norm(x2, dim=1, keepdim=True)
+        rstd = rstd.square_().div_(hidden).add_(eps).rsqrt_()
+        y = x2 * rstd
+    else:
+        y = x2.to(ct)
+        rstd = torch.linalg.vector_norm(y, dim=1, keepdim=True)
+        rstd = rstd.square_().div_(hidden).add_(eps).rsqrt_()
+        y.mul_(rstd)
+    if weight is not None:
+        y = y.mul_(weight.reshape(-1)) if weight.dtype != torch.float64 or ct == weight.dtype else y * weight.reshape(-1)
+    return y.to(x.dtype).reshape(x.shape), rstd
+
+
+def _rms_backward(x: Tensor, weight: Tensor | None, rstd: Tensor, dout: Tensor, normalized_shape: tuple,
+                  eps: float, needs_x: bool, needs_weight: bool,
+                  per_example_grad_sq: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """With P = dy * x, c = (P @ weight) * rstd^3 / N (a matrix-vector product):
+    dx = (dy * weight) * rstd - x * c and dweight = P^T @ rstd, so dy and x are each read
+    twice and no [rows, hidden] intermediate is kept."""
+    ct = rstd.dtype
+    hidden = math.prod(normalized_shape)
+    x2 = x.reshape(-1, hidden)
+    if per_example_grad_sq is not None:
+        _write_per_example(per_example_grad_sq, dout.reshape(-1, hidden).to(ct), x2 * rstd,
+                           per_example_grad_sq.shape[1], normalized_shape, False)
+    if torch.is_grad_enabled():
+        # create_graph (double backward): out-of-place ops, and rstd recomputed from x
+        # so the second derivative flows through it too
+        rstd = torch.rsqrt(x2.to(ct).square().mean(1, keepdim=True) + eps)
+        dyf = dout.reshape(-1, hidden).to(ct)
+    else:
+        dyf = dout.reshape(-1, hidden).to(ct, copy=True)  # scratch, updated in place below
+    p = dyf * x2
+    dx = dw = None
+    if weight is not None and needs_weight:
+        # in the weight's dtype (a float64 weight with float32 input gets a float64 gradient)
+        wt = torch.promote_types(ct, weight.dtype)
+        dw = torch.mv(p.t().to(wt), rstd.squeeze(1).to(wt)).to(weight.dtype).reshape(weight.shape)
+    if needs_x:
+        w = weight.reshape(-1).to(ct) if weight is not None else None
+        c = (torch.mv(p, w) if w is not None else p.sum(1)).unsqueeze(1) * rstd.pow(3) / hidden
+        if torch.is_grad_enabled():
+            g = dyf * w if w is not None else dyf
+            dx = g * rstd - x2 * c
+        else:
+            g = dyf.mul_(w) if w is not None else dyf
+            dx = g.mul_(rstd).addcmul_(x2, c, value=-1)
+        dx = dx.to(x.dtype).reshape(x.shape)
+    return dx, dw
+
+
+def _rms_jvp(x: Tensor, weight: Tensor | None, rstd: Tensor, normalized_shape: tuple,
+             dx: Tensor | None, dweight: Tensor | None) -> Tensor:
+    """Forward-mode derivative of y = x * rstd * w:
+    dy = dx * rstd * w - x * rstd^3 * mean(x * dx) * w + x * rstd * dw."""
+    ct = rstd.dtype
+    hidden = math.prod(normalized_shape)
+    x2 = x.reshape(-1, hidden).to(ct)
+    out = torch.zeros_like(x2)
+    if dx is not None:
+        d2 = dx.reshape(-1, hidden).to(ct)
+        out = d2 * rstd - x2 * rstd.pow(3) * (x2 * d2).mean(1, keepdim=True)
+        if weight is not None:
+            out = out * weight.reshape(-1).to(ct)
+    if dweight is not None:
+        out = out + x2 * rstd * dweight.reshape(-1).to(ct)
+    return out.to(x.dtype).reshape(x.shape)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """RMSNorm with the hand-written backward of ``_rms_backward`` and forward-mode AD,
+    in the forward + setup_context form that torch.func transforms (vmap, grad, jvp) and
+    torch.compile need; rstd is a non-differentiable output kept for the backward."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x, normalized_shape, weight, eps, per_example_grad_sq):
-        hidden = math.prod(normalized_shape)
-        ct = reference.compute_dtype(x.dtype)
-        x2 = x.reshape(-1, hidden)
-        if x2.dtype == ct:  # no conversion: y = x * rstd is the first pass that writes
-            rstd = torch.linalg.vector_norm(x2, dim=1, keepdim=True)
-            rstd = rstd.square_().div_(hidden).add_(eps).rsqrt_()
-            y = x2 * rstd
-        else:
-            y = x2.to(ct)
-            rstd = torch.linalg.vector_norm(y, dim=1, keepdim=True)
-            rstd = rstd.square_().div_(hidden).add_(eps).rsqrt_()
-            y.mul_(rstd)
-        if weight is not None:
-            y = y.mul_(weight.reshape(-1)) if weight.dtype != torch.float64 or ct == weight.dtype else y * weight.reshape(-1)
-        return y.to(x.dtype).reshape(x.shape), rstd
+        return _rms_forward(x, normalized_shape, weight, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -123,6 +197,7 @@ class RMSNormFunction(torch.autograd.Function):
         _, rstd = output
         ctx.mark_non_differentiable(rstd)
         ctx.save_for_backward(x, weight, rstd)
+        ctx.saved_for_jvp = (x, weight, rstd)
         ctx.eps = eps
         ctx.per_example_grad_sq = per_example_grad_sq
         ctx.normalized_shape = tuple(normalized_shape)
@@ -130,41 +205,65 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _drstd):
         x, weight, rstd = ctx.saved_tensors
-        buffer = ctx.per_example_grad_sq
-        ct = rstd.dtype
-        hidden = math.prod(ctx.normalized_shape)
-        x2 = x.reshape(-1, hidden)
-        if buffer is not None:
-            _write_per_example(buffer, dout.reshape(-1, hidden).to(ct), x2 * rstd, buffer.shape[1],
-                               ctx.normalized_shape, False)
-        if torch.is_grad_enabled():
-            # create_graph (double backward): out-of-place ops, and rstd recomputed from x
-            # so the second derivative flows through it too
-            rstd = torch.rsqrt(x2.to(ct).square().mean(1, keepdim=True) + ctx.eps)
-            dyf = dout.reshape(-1, hidden).to(ct)
-        else:
-            dyf = dout.reshape(-1, hidden).to(ct, copy=True)  # scratch, updated in place below
-        p = dyf * x2
-        dx = dw = None
-        if weight is not None and ctx.needs_input_grad[2]:
-            dw = torch.mv(p.t(), rstd.squeeze(1)).to(weight.dtype).reshape(weight.shape)
-        if ctx.needs_input_grad[0]:
-            w = weight.reshape(-1).to(ct) if weight is not None else None
-            c = (torch.mv(p, w) if w is not None else p.sum(1)).unsqueeze(1) * rstd.pow(3) / hidden
-            if torch.is_grad_enabled():
-                g = dyf * w if w is not None else dyf
-                dx = g * rstd - x2 * c
-            else:
-                g = dyf.mul_(w) if w is not None else dyf
-                dx = g.mul_(rstd).addcmul_(x2, c, value=-1)
-            dx = dx.to(x.dtype).reshape(x.shape)
+        dx, dw = _rms_backward(x, weight, rstd, dout, ctx.normalized_shape, ctx.eps, ctx.needs_input_grad[0],
+                               ctx.needs_input_grad[2], ctx.per_example_grad_sq)
         return dx, None, dw, None, None
+
+    @staticmethod
+    def jvp(ctx, dx, _dshape, dweight, _deps, _dbuffer):
+        x, weight, rstd = ctx.saved_for_jvp
+        return _rms_jvp(x, weight, rstd, ctx.normalized_shape, dx, dweight), None
+
+
+class _RMSNormEager(torch.autograd.Function):
+    """The same op for plain eager calls: the ctx-in-forward form of autograd.Function
+    costs about 45 us less per call than the setup_context form (measured on CPU), which
+    at small shapes is most of the op."""
+
+    @staticmethod
+    def forward(ctx, x, normalized_shape, weight, eps, per_example_grad_sq):
+        y, rstd = _rms_forward(x, normalized_shape, weight, eps, fused_ok=True)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.eps, ctx.per_example_grad_sq, ctx.normalized_shape = eps, per_example_grad_sq, tuple(normalized_shape)
+        return y
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = _rms_backward(x, weight, rstd, dout, ctx.normalized_shape, ctx.eps, ctx.needs_input_grad[0],
+                               ctx.needs_input_grad[2], ctx.per_example_grad_sq)
+        return dx, None, dw, None, None
+
+
+def _plain_eager() -> bool:
+    """No torch.func transform and no compilation: the cheap autograd.Function form works."""
+    return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+
+
+# Up to this many elements torch's own rms_norm (its fused CPU forward and its autograd)
+# is faster than normlab's forward + backward on a CPU: the Python autograd.Function
+# costs more than the work (at 8 x 64 fp32: forward 21 vs 46 us, forward + backward
+# 110-180 vs 290 us); from 131072 elements normlab's backward wins (0.64 vs 1.5 ms at
+# 1024 x 128). See docs/kernels.md, "Which implementation runs".
+NATIVE_RMS_MAX_NUMEL = 1 << 16
+
+
+def native_rms_ok(x: Tensor, weight: Tensor | None) -> bool:
+    """torch.rms_norm gives normlab's result (same bits forward) and is the faster path."""
+    return (x.device.type == "cpu" and x.numel() <= NATIVE_RMS_MAX_NUMEL
+            and (weight is None or weight.dtype == x.dtype))
 
 
 @register_impl("rms_norm", "torch")
 def rms_norm(x, normalized_shape, weight, eps, *, per_example_grad_sq=None):
     if eps is None:
         eps = reference.default_rms_eps(x.dtype)
+    if per_example_grad_sq is None and native_rms_ok(x, weight):
+        return torch.rms_norm(x, normalized_shape, weight, eps)
+    if _plain_eager():
+        if not torch.is_grad_enabled() or not (x.requires_grad or (weight is not None and weight.requires_grad)):
+            return _rms_forward(x, normalized_shape, weight, eps, fused_ok=True)[0]  # nothing to differentiate
+        return _RMSNormEager.apply(x, tuple(normalized_shape), weight, eps, per_example_grad_sq)
     return RMSNormFunction.apply(x, tuple(normalized_shape), weight, eps, per_example_grad_sq)[0]
 
 

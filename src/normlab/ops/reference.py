@@ -24,10 +24,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+_F32_EPS, _F64_EPS = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
+
+
 def default_rms_eps(dtype: torch.dtype) -> float:
     """RMSNorm's eps when none is given, as torch's code does: the machine epsilon of
     the compute dtype (float32's for fp16/bf16/fp32 input, float64's for fp64)."""
-    return torch.finfo(compute_dtype(dtype)).eps
+    return _F64_EPS if dtype == torch.float64 else _F32_EPS
 
 
 def _dims(normalized_shape: Sequence[int]) -> tuple[int, ...]:
