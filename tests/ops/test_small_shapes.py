@@ -157,3 +157,23 @@ def test_modules_check_a_call_signature_once(cls, op, monkeypatch):
     norm(x.double())
     norm(x.double())
     assert len(checks) == 7
+
+
+@pytest.mark.parametrize("rows", [4, 64])  # torch's path and normlab's
+def test_output_layout_matches_torch(rows):
+    x = torch.randn(2, 8, rows, 300).contiguous(memory_format=torch.channels_last)
+    ours, theirs = F.rms_norm(x, 300), torch.rms_norm(x, (300,), None, None)
+    assert ours.stride() == theirs.stride()
+    torch.testing.assert_close(ours, theirs)
+    xt = torch.randn(300, rows * 10).t()
+    assert F.rms_norm(xt, 300).stride() == torch.rms_norm(xt, (300,), None, None).stride()
+    assert F.layer_norm(x, 300).stride() == torch.nn.functional.layer_norm(x, (300,)).stride()
+
+
+def test_complex_input_and_integer_weight_are_refused_with_a_reason():
+    from normlab.errors import NormDtypeError
+
+    with pytest.raises(NormDtypeError, match="input.*floating-point.*complex64"):
+        F.rms_norm(torch.randn(2, 4, dtype=torch.complex64), 4)
+    with pytest.raises(NormDtypeError, match="weight.*floating-point.*int32"):
+        F.rms_norm(torch.randn(2, 4), 4, torch.ones(4, dtype=torch.int32))

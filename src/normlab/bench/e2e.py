@@ -231,7 +231,8 @@ def e2e(
     dtype: str = typer.Option("fp32", help="Model and activation dtype: fp32 or bf16."),
     quick: bool = typer.Option(False, help="One model size and few steps (CPU: d_model 256, 4 layers)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON record per measurement."),
-    out: str = typer.Option("benchmarks/results", help="Directory for the CSV and MD."),
+    out: str = typer.Option("runs/bench", help="Directory for the CSV and MD (committed tables: "
+                                               "--out benchmarks/results)."),
     compile_: bool = typer.Option(None, "--compile/--no-compile",
                                   help="Include torch.compile of the model (default: on for CUDA, off for CPU)."),
     threads: int = typer.Option(None, help="torch CPU threads (default: torch's)."),

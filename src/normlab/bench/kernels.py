@@ -200,9 +200,13 @@ def _inputs(op: str, rows: int, hidden: int, device: torch.device, dtype: torch.
 def run(device: torch.device, dtype: torch.dtype, rows_list, hidden_list, ops, passes,
         compile_: bool, timer: Timer, copy_bytes: int,
         progress: Callable[[str], None] | None = None,
-        checkpoint: Callable[[list[Record]], None] | None = None) -> list[Record]:
-    """Every measurement, in table order. ``progress`` is called after each shape,
-    ``checkpoint`` with the records so far after each (op, hidden)."""
+        checkpoint: Callable[[list[Record]], None] | None = None,
+        shapes: tuple[tuple[int, int], ...] | None = None) -> list[Record]:
+    """Every measurement, in table order: rows_list x hidden_list, or the (rows, hidden)
+    pairs of ``shapes``. ``progress`` is called after each shape, ``checkpoint`` with the
+    records so far after each (op, hidden)."""
+    if shapes:
+        hidden_list = sorted({h for _, h in shapes})
     name = device_name(device)
     copy_gbps = copy_bandwidth(device, timer, copy_bytes)
     records: list[Record] = []
@@ -219,7 +223,7 @@ def run(device: torch.device, dtype: torch.dtype, rows_list, hidden_list, ops, p
                 if hasattr(torch._functorch.config, "donated_buffer"):
                     torch._functorch.config.donated_buffer = False
                 compiled = torch.compile(eager)
-            for rows in rows_list:
+            for rows in ([r for r, h in shapes if h == hidden] if shapes else rows_list):
                 inputs = _inputs(op, rows, hidden, device, dtype)
                 if compiled is not None:
                     for t in inputs[:2]:
@@ -337,15 +341,32 @@ def _ints(text: str | None) -> tuple[int, ...] | None:
     return tuple(int(v) for v in text.split(",")) if text else None
 
 
+def parse_shapes(text: str | None) -> tuple[tuple[int, int], ...] | None:
+    """"8x64,256x128" -> ((8, 64), (256, 128))."""
+    if not text:
+        return None
+    out = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise typer.BadParameter(f"expected ROWSxHIDDEN pairs such as 8x64,4096x1024; got {item!r}",
+                                     param_hint="--shapes")
+        out.append((int(parts[0]), int(parts[1])))
+    return tuple(out)
+
+
 @app.command("kernels")
 def kernels(
     device: str = typer.Option(None, help="cuda or cpu (default: cuda when available)."),
     dtype: str = typer.Option("bf16", help="Activation dtype: bf16, fp16 or fp32."),
     quick: bool = typer.Option(False, help="A few shapes and repetitions (CPU: seconds)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON record per measurement."),
-    out: str = typer.Option("benchmarks/results", help="Directory for the CSV, MD and PNG."),
+    out: str = typer.Option("runs/bench", help="Directory for the CSV, MD and PNG (committed tables: "
+                                               "--out benchmarks/results)."),
     rows: str = typer.Option(None, help="Comma-separated row counts (overrides the defaults)."),
     hidden: str = typer.Option(None, help="Comma-separated hidden sizes (overrides the defaults)."),
+    shapes: str = typer.Option(None, help="Comma-separated ROWSxHIDDEN pairs, e.g. 8x64,256x128,2048x128,"
+                                          "4096x1024 (instead of rows x hidden)."),
     ops: str = typer.Option(",".join(OPS), help="Comma-separated ops."),
     compile_: bool = typer.Option(None, "--compile/--no-compile",
                                   help="Include torch.compile (default: on, off for --quick on CPU)."),
@@ -367,6 +388,7 @@ def kernels(
         torch.set_num_threads(threads)
     gpu = dev.type == "cuda"
     steady_malloc = not gpu and keep_freed_memory()
+    shape_pairs = parse_shapes(shapes)
     rows_list = _ints(rows) or ((16384,) if quick and gpu else (1024,) if quick else GPU_ROWS if gpu else CPU_ROWS)
     hidden_list = _ints(hidden) or ((1024, 4096) if quick else GPU_HIDDEN if gpu else CPU_HIDDEN)
     if compile_ is None:
@@ -375,7 +397,8 @@ def kernels(
                   hide_host=hide_host)
     from rich.progress import Progress
     with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("bench kernels", total=len(op_list) * len(rows_list) * len(hidden_list))
+        n_shapes = len(shape_pairs) if shape_pairs else len(rows_list) * len(hidden_list)
+        task = bar.add_task("bench kernels", total=len(op_list) * n_shapes)
 
         def advance(what: str) -> None:
             bar.update(task, advance=1, description=what)
@@ -387,7 +410,7 @@ def kernels(
                           steady_malloc=steady_malloc)
         records = run(dev, torch_dtype, rows_list, hidden_list, op_list, PASSES, compile_, timer,
                       copy_bytes=(64 << 20) if quick or not gpu else (1 << 30), progress=advance,
-                      checkpoint=save)
+                      checkpoint=save, shapes=shape_pairs)
     paths = write_outputs(records, Path(out), stem, host_hidden=timer.hide_host,
                           device_type=dev.type, steady_malloc=steady_malloc)
     if as_json:

@@ -110,6 +110,8 @@ def _rms_forward(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | No
     hidden = math.prod(normalized_shape)
     ct = reference.compute_dtype(x.dtype)
     x2 = x.reshape(-1, hidden)
+    if not x2.is_contiguous():  # rows read in order, and a row-major y, as torch returns
+        x2 = x2.contiguous()
     if x2.dtype == ct:  # no conversion: y = x * rstd is the first pass that writes
         rstd = torch.linalg.vector_norm(x2, dim=1, keepdim=True)
         rstd = rstd.square_().div_(hidden).add_(eps).rsqrt_()
@@ -121,7 +123,10 @@ def _rms_forward(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | No
         y.mul_(rstd)
     if weight is not None:
         y = y.mul_(weight.reshape(-1)) if weight.dtype != torch.float64 or ct == weight.dtype else y * weight.reshape(-1)
-    return y.to(x.dtype).reshape(x.shape), rstd
+    y = y.to(x.dtype).reshape(x.shape)
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        y = y.contiguous(memory_format=torch.channels_last)  # as torch's rms_norm keeps it
+    return y, rstd
 
 
 def _rms_backward(x: Tensor, weight: Tensor | None, rstd: Tensor, dout: Tensor, normalized_shape: tuple,
