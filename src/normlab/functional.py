@@ -37,7 +37,11 @@ def _check_tensor(op: str, name: str, t: object) -> Tensor:
 
 
 def _check_normalized_shape(op: str, x: Tensor, normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
-    if isinstance(normalized_shape, numbers.Integral):
+    if type(normalized_shape) is int:  # the common call, checked without the general path
+        if x.dim() >= 1 and x.shape[-1] == normalized_shape:
+            return (normalized_shape,)
+        shape = (normalized_shape,)
+    elif isinstance(normalized_shape, numbers.Integral):
         shape = (int(normalized_shape),)
     else:
         try:
@@ -63,7 +67,7 @@ def _check_param(op: str, name: str, p: Tensor | None, shape: tuple[int, ...], x
     if p is None:
         return
     _check_tensor(op, name, p)
-    if tuple(p.shape) != shape:
+    if p.shape != shape:
         raise NormArgumentError(
             f"{op}: Expected {name} to be of same shape as normalized_shape, but got {name} "
             f"of shape {list(p.shape)} and normalized_shape = {list(shape)}"
@@ -85,6 +89,8 @@ def _layer_norm_param_dtypes(x_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
 def _check_eps(op: str, eps: float | Tensor | None, allow_none: bool) -> float | None:
     """eps as a float: any finite number, as torch takes (torch's own OpInfo samples use
     eps=-0.5), or a 0-dim tensor holding one; inf and nan are refused."""
+    if type(eps) is float and math.isfinite(eps):
+        return eps
     if eps is None and allow_none:
         return None
     if isinstance(eps, Tensor) and eps.dim() == 0 and not eps.is_complex():
@@ -106,7 +112,8 @@ def _check_residual_args(op: str, x: Tensor, residual: Tensor | None, dropout_p:
             )
         if residual.device != x.device:
             raise NormArgumentError(f"{op}: expected residual on {x.device} (the input's device), got {residual.device}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p <= 1.0:
+    if (type(dropout_p) is not float and (isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real))) \
+            or not 0.0 <= dropout_p <= 1.0:
         raise NormArgumentError(f"{op}: expected dropout_p in [0, 1], got {dropout_p!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"{op}: expected generator to be a torch.Generator or None, got {type(generator).__name__}")
