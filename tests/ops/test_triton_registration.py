@@ -126,7 +126,7 @@ def test_eager_function_and_op_agree_bit_for_bit():
         buf = torch.zeros(2, 3, device=DEVICE)
         args = (x, res, w, b, seed, buf, eps, hidden, is_rms, p, rdt, store)
         if path == "function":
-            out, new_res = custom_ops.FusedNorm.apply(*args[:4], args[4:])
+            out, new_res = custom_ops.FusedNorm.apply(*args[:4], custom_ops.FusedSpec(*args[4:]))
         else:
             out, new_res, _mean, _rstd = torch.ops.normlab.fused_norm(*args)
         g = torch.Generator().manual_seed(1)

@@ -54,7 +54,7 @@ def _fused(
             x, residual, weight, bias, seed, per_example_grad_sq, float(eps), hidden, is_rms, p,
             residual_dtype, store)
         return out, (new_res if store else x)
-    spec = (seed, per_example_grad_sq, float(eps), hidden, is_rms, p, residual_dtype, store)
+    spec = custom_ops.FusedSpec(seed, per_example_grad_sq, float(eps), hidden, is_rms, p, residual_dtype, store)
     if store:
         return custom_ops.FusedNorm.apply(x, residual, weight, bias, spec)
     return custom_ops.FusedNorm.apply(x, residual, weight, bias, spec), x

@@ -21,7 +21,10 @@ kernels of a mid-sized norm take on the GPU. ``use_ops`` says which path a call 
 
 from __future__ import annotations
 
-from typing import Optional  # noqa: UP035 - custom_op's schema inference reads typing.Optional
+from typing import (
+    NamedTuple,
+    Optional,  # noqa: UP035 - custom_op's schema inference reads typing.Optional
+)
 
 import torch
 from torch import Tensor
@@ -106,6 +109,33 @@ def _fused_norm_backward_fake(dout, dnew_residual, h, weight, mean, rstd, seed,
     return dx, dres, dw, db, sq
 
 
+class FusedSpec(NamedTuple):
+    """The fused op's settings (its non-tensor inputs and the optional ones), passed to
+    ``FusedNorm.apply`` as one argument."""
+
+    seed: Tensor | None
+    per_example_grad_sq: Tensor | None
+    eps: float
+    hidden: int
+    is_rms: bool
+    dropout_p: float
+    residual_dtype: torch.dtype | None
+    store_residual: bool
+
+
+class SavedMeta(NamedTuple):
+    """The non-tensor state the backward needs, kept on ``ctx.meta``."""
+
+    hidden: int
+    is_rms: bool
+    dropout_p: float
+    store_residual: bool
+    x_dtype: torch.dtype
+    residual_dtype: torch.dtype | None  # None: no residual input, so no residual gradient
+    bias_dtype: torch.dtype | None      # None: no bias
+    bias_shape: torch.Size | None
+
+
 def _save_state(ctx, x, residual, weight, bias, seed, per_example_grad_sq, hidden, is_rms,
                 dropout_p, store_residual, new_res, mean, rstd) -> None:
     """What both autograd formulas (the op's and ``FusedNorm``'s) keep for the backward."""
@@ -113,19 +143,18 @@ def _save_state(ctx, x, residual, weight, bias, seed, per_example_grad_sq, hidde
     # written by the backward, never read: held outside the saved tensors, so their
     # version check does not fire when a retained graph is run backward again
     ctx.per_example_grad_sq = per_example_grad_sq
-    ctx.meta = (hidden, is_rms, dropout_p, store_residual, x.dtype,
-                residual.dtype if residual is not None else None,
-                bias.dtype if bias is not None else None,
-                bias.shape if bias is not None else None)
+    ctx.meta = SavedMeta(hidden, is_rms, dropout_p, store_residual, x.dtype,
+                         residual.dtype if residual is not None else None,
+                         bias.dtype if bias is not None else None,
+                         bias.shape if bias is not None else None)
 
 
 def _param_grads(ctx, dx, dres, dw, db) -> tuple:
     """The gradients of (x, residual, weight, bias) from the backward's results."""
-    _h, weight, *_ = ctx.saved_tensors
-    _hidden, _rms, _p, _store, _x_dtype, residual_dtype, bias_dtype, bias_shape = ctx.meta
-    return (dx, dres if residual_dtype is not None else None,
+    weight, meta = ctx.saved_tensors[1], ctx.meta
+    return (dx, dres if meta.residual_dtype is not None else None,
             dw.reshape(weight.shape) if weight is not None else None,
-            db.reshape(bias_shape) if bias_dtype is not None else None)
+            db.reshape(meta.bias_shape) if meta.bias_dtype is not None else None)
 
 
 def _setup_context(ctx, inputs, output):
@@ -139,12 +168,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dnew_res, _dmean, _drstd):
     h, weight, mean, rstd, seed = ctx.saved_tensors
-    per_example_grad_sq = ctx.per_example_grad_sq
-    (hidden, is_rms, dropout_p, store_residual, x_dtype, residual_dtype, bias_dtype,
-     _bias_shape) = ctx.meta
+    per_example_grad_sq, meta = ctx.per_example_grad_sq, ctx.meta
     dx, dres, dw, db, sq = torch.ops.normlab.fused_norm_backward(
-        dout, dnew_res if store_residual else None, h, weight, mean, rstd, seed,
-        per_example_grad_sq, hidden, is_rms, dropout_p, x_dtype, residual_dtype, bias_dtype,
+        dout, dnew_res if meta.store_residual else None, h, weight, mean, rstd, seed,
+        per_example_grad_sq, meta.hidden, meta.is_rms, meta.dropout_p, meta.x_dtype, meta.residual_dtype,
+        meta.bias_dtype,
     )
     if per_example_grad_sq is not None:
         per_example_grad_sq.copy_(sq)
@@ -168,25 +196,23 @@ _PLAIN = (Tensor, torch.nn.Parameter)  # a module's weights are Parameters
 
 class FusedNorm(torch.autograd.Function):
     """``fused_norm`` for eager mode: ``apply(x, residual, weight, bias, spec)`` with
-    ``spec`` = (seed, per_example_grad_sq, eps, hidden, is_rms, dropout_p, residual_dtype,
-    store_residual), the op's other inputs; returns out, or (out, new_residual) with
-    ``store_residual``. Same saved state and backward formula as the op's autograd.
+    ``spec`` a ``FusedSpec``, the op's other inputs; returns out, or (out, new_residual)
+    with ``spec.store_residual``. Same saved state and backward formula as the op's autograd.
 
     Host time per call is what this path exists for: one tensor output where no residual
     is stored, the settings in one argument, and ``once_differentiable``'s wrapping only
     where a graph of the backward is being built (where it refuses a second derivative)."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, spec):
-        seed, per_example_grad_sq, eps, hidden, is_rms, dropout_p, residual_dtype, store = spec
+    def forward(ctx, x, residual, weight, bias, spec: FusedSpec):
         out, new_res, mean, rstd = norm_forward(
-            x, residual, weight, bias, eps, hidden=hidden, is_rms=is_rms,
-            dropout=_dropout(seed, dropout_p), residual_dtype=residual_dtype,
-            store_residual=store,
+            x, residual, weight, bias, spec.eps, hidden=spec.hidden, is_rms=spec.is_rms,
+            dropout=_dropout(spec.seed, spec.dropout_p), residual_dtype=spec.residual_dtype,
+            store_residual=spec.store_residual,
         )
-        _save_state(ctx, x, residual, weight, bias, seed, per_example_grad_sq, hidden, is_rms,
-                    dropout_p, store, new_res, mean, rstd)
-        return (out, new_res) if store else out
+        _save_state(ctx, x, residual, weight, bias, spec.seed, spec.per_example_grad_sq, spec.hidden,
+                    spec.is_rms, spec.dropout_p, spec.store_residual, new_res, mean, rstd)
+        return (out, new_res) if spec.store_residual else out
 
     @staticmethod
     def backward(ctx, dout, dnew_res=None):
@@ -197,13 +223,11 @@ class FusedNorm(torch.autograd.Function):
 
 def _fused_backward(ctx, dout, dnew_res):
     h, weight, mean, rstd, seed = ctx.saved_tensors
-    (hidden, is_rms, dropout_p, store_residual, x_dtype, residual_dtype, bias_dtype,
-     _bias_shape) = ctx.meta
-    buf = ctx.per_example_grad_sq
+    meta, buf = ctx.meta, ctx.per_example_grad_sq
     dx, dres, dw, db, sq = norm_backward(
-        dout, dnew_res if store_residual else None, h, weight, bias_dtype, mean, rstd,
-        hidden=hidden, is_rms=is_rms, dropout=_dropout(seed, dropout_p), x_dtype=x_dtype,
-        residual_grad_dtype=residual_dtype, examples=buf.shape[1] if buf is not None else None,
+        dout, dnew_res if meta.store_residual else None, h, weight, meta.bias_dtype, mean, rstd,
+        hidden=meta.hidden, is_rms=meta.is_rms, dropout=_dropout(seed, meta.dropout_p), x_dtype=meta.x_dtype,
+        residual_grad_dtype=meta.residual_dtype, examples=buf.shape[1] if buf is not None else None,
         out_sq=buf if buf is not None and buf.is_contiguous() and buf.dtype == torch.float32
         else None,
     )
