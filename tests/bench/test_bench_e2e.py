@@ -13,7 +13,7 @@ from normlab.cli import app
 
 FIELDS = {"step", "placement", "norm", "d_model", "n_layers", "n_heads", "batch", "seq_len",
           "vocab_size", "params", "dtype", "impl", "backend", "compiled", "device", "median_ms",
-          "tokens_per_s", "ratio_vs_torch", "reps", "torch_version", "load_avg"}
+          "tokens_per_s", "ratio_vs_torch", "ratio_vs_torch_norms", "reps", "torch_version", "load_avg"}
 
 
 def test_bench_e2e_quick_json(tmp_path):
@@ -27,11 +27,11 @@ def test_bench_e2e_quick_json(tmp_path):
         torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    # 2 placements x 2 norms x 2 steps x 2 impls (compile off by default on CPU)
-    assert len(records) == 16
+    # 2 placements x 2 norms x 2 steps x 3 impls (compile off by default on CPU)
+    assert len(records) == 24
     assert {(r["placement"], r["norm"], r["step"], r["impl"]) for r in records} == {
         (p, n, s, i) for p in ("pre", "post") for n in ("layernorm", "rmsnorm")
-        for s in ("train", "infer") for i in ("normlab", "torch")}
+        for s in ("train", "infer") for i in ("normlab", "torch", "torch norms")}
     for r in records:
         assert FIELDS <= set(r)
         assert (r["d_model"], r["n_layers"], r["seq_len"], r["batch"]) == (32, 2, 16, 2)
@@ -47,12 +47,37 @@ def test_bench_e2e_quick_json(tmp_path):
     for (p, n, s, _impl), r in by_key.items():
         torch_ms = by_key[(p, n, s, "torch")]["median_ms"]
         assert math.isclose(r["ratio_vs_torch"], torch_ms / r["median_ms"], rel_tol=1e-2)
+        torch_norms_ms = by_key[(p, n, s, "torch norms")]["median_ms"]
+        assert math.isclose(r["ratio_vs_torch_norms"], torch_norms_ms / r["median_ms"], rel_tol=1e-2)
     for suffix in ("csv", "md"):
         assert (tmp_path / f"e2e-cpu-fp32.{suffix}").stat().st_size > 0
     md = (tmp_path / "e2e-cpu-fp32.md").read_text()
     assert md.startswith("# normlab bench e2e: ") and torch.__version__ in md and "Load average" in md
     assert "| train | pre | rmsnorm | 32 | 2 | 2 x 16 |" in md
-    assert len((tmp_path / "e2e-cpu-fp32.csv").read_text().splitlines()) == 17
+    assert len((tmp_path / "e2e-cpu-fp32.csv").read_text().splitlines()) == 25
+
+
+def test_torch_norms_baseline_is_the_same_model():
+    """The baseline swaps normlab's norms for torch's own modules, parameters kept: the
+    same logits and gradients, and not one normlab norm left."""
+    import normlab
+    from normlab.bench.e2e import with_torch_norms
+    from normlab.models import TransformerConfig, TransformerLM
+
+    for placement, norm in (("pre", "layernorm"), ("post", "rmsnorm"), ("sandwich", "layernorm")):
+        torch.manual_seed(0)
+        model = TransformerLM(TransformerConfig(vocab_size=50, d_model=16, n_heads=2, n_layers=2, max_seq_len=8,
+                                                norm=norm, placement=placement, dropout=0.0))
+        baseline = with_torch_norms(model)
+        assert not any(isinstance(m, (normlab.LayerNorm, normlab.RMSNorm)) for m in baseline.modules())
+        assert any(type(m).__module__ == "normlab.bench.e2e" for m in baseline.modules())
+        tokens = torch.randint(0, 50, (2, 8))
+        a, b = model(tokens), baseline(tokens)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        a.square().mean().backward()
+        b.square().mean().backward()
+        for (name, p), q in zip(model.named_parameters(), baseline.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_bench_e2e_rejects_fp16():

@@ -177,3 +177,22 @@ def test_complex_input_and_integer_weight_are_refused_with_a_reason():
         F.rms_norm(torch.randn(2, 4, dtype=torch.complex64), 4)
     with pytest.raises(NormDtypeError, match="weight.*floating-point.*int32"):
         F.rms_norm(torch.randn(2, 4), 4, torch.ones(4, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dtype,wdtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+def test_under_compile_rms_norm_is_torchs_op_with_normlabs_dtype(dtype, wdtype):
+    # torch.compile sees torch's own rms_norm (inductor fuses it); the result keeps x's dtype
+    torch._dynamo.reset()
+    x = torch.randn(300, 400).to(dtype).requires_grad_()  # above the eager switch
+    w = torch.randn(400, dtype=wdtype, requires_grad=True)
+    compiled = torch.compile(lambda a, b: F.rms_norm(a, 400, b, 1e-6), fullgraph=True)
+    y = compiled(x, w)
+    assert y.dtype == dtype
+    ref = reference.rms_norm(x, (400,), w, 1e-6)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y, ref, rtol=tol, atol=tol)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, w), g)
+    want = torch.autograd.grad(ref, (x, w), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=tol * 10, atol=tol * 10)

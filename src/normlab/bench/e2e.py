@@ -50,6 +50,7 @@ from normlab.bench.common import (
     write_csv,
 )
 from normlab.models import TransformerConfig, TransformerLM
+from normlab.norms.base import ResidualNorm
 
 PLACEMENTS = ("pre", "post")
 NORMS = ("layernorm", "rmsnorm")
@@ -93,6 +94,7 @@ class Record:
     median_ms: float
     tokens_per_s: float
     ratio_vs_torch: float
+    ratio_vs_torch_norms: float  # the same model with torch's own norm modules, compiled alike / this
     reps: int
     torch_version: str
     load_avg: str       # os.getloadavg() right after this configuration was measured
@@ -104,26 +106,78 @@ class Record:
 # ----------------------------------------------------------------------------- workloads
 
 
+class _TorchLayerNorm(ResidualNorm, torch.nn.LayerNorm):
+    """torch.nn.LayerNorm behind the block's norm protocol, with plain torch ops for the
+    residual add: the baseline "the same model with torch's norms"."""
+
+    def normalize(self, x, padding_mask=None):
+        return torch.nn.LayerNorm.forward(self, x)
+
+    def add_normalize(self, x, residual, dropout_p, residual_dtype, padding_mask):
+        new = (residual + F.dropout(x, dropout_p, self.training)).to(residual_dtype or x.dtype)
+        return self.normalize(new).to(x.dtype), new
+
+
+class _TorchRMSNorm(ResidualNorm, torch.nn.RMSNorm):
+    """torch.nn.RMSNorm behind the block's norm protocol (see ``_TorchLayerNorm``)."""
+
+    def normalize(self, x, padding_mask=None):
+        return torch.nn.RMSNorm.forward(self, x)
+
+    add_normalize = _TorchLayerNorm.add_normalize
+
+
+def with_torch_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose normlab LayerNorm/RMSNorm modules are torch's own, with
+    the same parameters."""
+    copy = __import__("copy").deepcopy(model)
+    swaps = {normlab.LayerNorm: (_TorchLayerNorm, ("normalized_shape", "eps", "elementwise_affine")),
+             normlab.RMSNorm: (_TorchRMSNorm, ("normalized_shape", "eps", "elementwise_affine"))}
+    for parent in list(copy.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) in swaps:
+                cls, fields = swaps[type(child)]
+                kw = {f: getattr(child, f) for f in fields}
+                if cls is _TorchLayerNorm:
+                    kw["bias"] = child.bias is not None
+                    kw["normalized_shape"] = tuple(kw["normalized_shape"])
+                p = next(child.parameters(), None)
+                new = cls(**kw, device=p.device if p is not None else None, dtype=p.dtype if p is not None else None)
+                new.load_state_dict(child.state_dict())
+                setattr(parent, name, new)
+    return copy
+
+
 @dataclass
 class Impl:
     name: str
     backend: str                      # the normlab backend in force while it runs
     forward: Callable                 # the model, or its torch.compile wrapper
     compiled: bool
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
 
 
 def _impls(model: torch.nn.Module, device: torch.device, compile_: bool) -> list[Impl]:
-    impls = [Impl("normlab", "auto", model, False), Impl("torch", "torch", model, False)]
+    """normlab (backend auto), its torch backend, and the same model with torch's own
+    norms; with ``compile_``, each model compiled too."""
+    torch_norms = with_torch_norms(model)
+
+    def opt(m: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.Adam(m.parameters(), lr=1e-4)
+
+    model_opt, torch_opt = opt(model), opt(torch_norms)
+    impls = [Impl("normlab", "auto", model, False, model, model_opt),
+             Impl("torch", "torch", model, False, model, model_opt),
+             Impl("torch norms", "torch", torch_norms, False, torch_norms, torch_opt)]
     if compile_:
-        impls.append(Impl("torch.compile", "torch", torch.compile(model), True))
-        if device.type == "cuda":
-            impls.append(Impl("normlab+compile", "auto", torch.compile(model), True))
+        impls += [Impl("normlab+compile", "auto", torch.compile(model), True, model, model_opt),
+                  Impl("torch norms+compile", "torch", torch.compile(torch_norms), True, torch_norms, torch_opt)]
     return impls
 
 
-def _step_fn(step: str, impl: Impl, model: torch.nn.Module, opt: torch.optim.Optimizer,
-             tokens: torch.Tensor, targets: torch.Tensor) -> Callable[[], object]:
-    forward = impl.forward
+def _step_fn(step: str, impl: Impl, tokens: torch.Tensor, targets: torch.Tensor) -> Callable[[], object]:
+    forward, opt = impl.forward, impl.opt
 
     if step == "train":
         def train() -> None:
@@ -150,7 +204,6 @@ def measure(size: Size, placement: str, norm: str, device: torch.device, dtype: 
                             placement=placement, dropout=0.0)
     model = TransformerLM(cfg).to(device=device, dtype=dtype)
     params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     g = torch.Generator(device="cpu").manual_seed(0)
     data = torch.randint(0, size.vocab_size, (size.batch, size.seq_len + 1), generator=g).to(device)
     tokens, targets = data[:, :-1], data[:, 1:]
@@ -158,9 +211,9 @@ def measure(size: Size, placement: str, norm: str, device: torch.device, dtype: 
     probe = torch.empty(0, device=device, dtype=dtype)
     records: list[Record] = []
     for step in STEPS:
-        model.train(step == "train")
-        times = timer.median_ms_interleaved(
-            {i.name: _step_fn(step, i, model, opt, tokens, targets) for i in impls})
+        for i in impls:
+            i.model.train(step == "train")
+        times = timer.median_ms_interleaved({i.name: _step_fn(step, i, tokens, targets) for i in impls})
         load = load_average()
         for i in impls:
             with normlab.set_backend(i.backend):
@@ -171,9 +224,10 @@ def measure(size: Size, placement: str, norm: str, device: torch.device, dtype: 
                 size.seq_len, size.vocab_size, params, str(dtype).removeprefix("torch."), i.name,
                 backend, i.compiled, name, round(ms, 4),
                 round(size.batch * size.seq_len / (ms * 1e-3), 1), round(times["torch"] / ms, 3),
+                round(times["torch norms+compile" if i.compiled else "torch norms"] / ms, 3),
                 timer.reps, torch.__version__, load,
             ))
-    del impls, model, opt
+    del impls, model
     torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
@@ -212,15 +266,18 @@ def write_outputs(records: list[Record], out: Path, stem: str, load_before: str)
              "cross-entropy + backward + Adam step; `infer` = eval-mode forward under no_grad. "
              f"Median of {r0.reps} steps per implementation, the implementations timed side by "
              "side (each round runs each once). `vs torch` = the backend-\"torch\" run's time / "
-             "this time (> 1: faster); `backend` = what normlab's norm ops ran on.",
+             "this time (> 1: faster); `vs torch norms` = the time of the same model with torch's own "
+             "LayerNorm/RMSNorm modules (compiled alike) / this time; `backend` = what normlab's norm "
+             "ops ran on.",
              f"Load average (1, 5, 15 min) before the run: {load_before}; at the end: "
              f"{load_average()} (other processes share the device when it is above the core count).",
              "", "| step | placement | norm | d_model | layers | batch x seq | params (M) | impl | backend "
-             "| median ms | tokens/s | vs torch |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| median ms | tokens/s | vs torch | vs torch norms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r.step} | {r.placement} | {r.norm} | {r.d_model} | {r.n_layers} | "
               f"{r.batch} x {r.seq_len} | {r.params / 1e6:.1f} | {r.impl} | {r.backend} | "
-              f"{r.median_ms:.2f} | {r.tokens_per_s:,.0f} | {r.ratio_vs_torch:.2f} |" for r in records]
+              f"{r.median_ms:.2f} | {r.tokens_per_s:,.0f} | {r.ratio_vs_torch:.2f} | "
+              f"{r.ratio_vs_torch_norms:.2f} |" for r in records]
     md_path.write_text("\n".join(lines) + "\n")
     return [csv_path, md_path]
 
@@ -270,10 +327,12 @@ def e2e(
         return
     table = Table(title=f"normlab bench e2e: {records[0].device}, {dtype}, torch {torch.__version__}, "
                         f"load {load_average()}")
-    for col in ("step", "placement", "norm", "model", "impl", "median ms", "tokens/s", "vs torch"):
+    for col in ("step", "placement", "norm", "model", "impl", "median ms", "tokens/s", "vs torch",
+                "vs torch norms"):
         table.add_column(col, justify="left" if col in ("step", "placement", "norm", "model", "impl") else "right")
     for r in records:
         table.add_row(r.step, r.placement, r.norm, f"d{r.d_model} L{r.n_layers} {r.batch}x{r.seq_len}", r.impl,
-                      f"{r.median_ms:.2f}", f"{r.tokens_per_s:,.0f}", f"{r.ratio_vs_torch:.2f}")
+                      f"{r.median_ms:.2f}", f"{r.tokens_per_s:,.0f}", f"{r.ratio_vs_torch:.2f}",
+                      f"{r.ratio_vs_torch_norms:.2f}")
     console.print(table)
     console.print("wrote " + ", ".join(str(p) for p in paths))

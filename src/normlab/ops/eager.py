@@ -263,8 +263,13 @@ def native_rms_ok(x: Tensor, weight: Tensor | None) -> bool:
 def rms_norm(x, normalized_shape, weight, eps, *, per_example_grad_sq=None):
     if eps is None:
         eps = reference.default_rms_eps(x.dtype)
-    if per_example_grad_sq is None and native_rms_ok(x, weight):
-        return torch.rms_norm(x, normalized_shape, weight, eps)
+    if per_example_grad_sq is None:
+        if torch.compiler.is_compiling():
+            # torch's own op decomposes into primitives that inductor fuses with the
+            # neighbouring ops, forward and backward; one rounding to x's dtype, as normlab's
+            return torch.rms_norm(x, normalized_shape, weight, eps).to(x.dtype)
+        if native_rms_ok(x, weight):
+            return torch.rms_norm(x, normalized_shape, weight, eps)
     if _plain_eager():
         if not torch.is_grad_enabled() or not (x.requires_grad or (weight is not None and weight.requires_grad)):
             return _rms_forward(x, normalized_shape, weight, eps, fused_ok=True)[0]  # nothing to differentiate
