@@ -140,18 +140,30 @@ def plot_residual_growth(results: list[Result], path: Path) -> Path | None:
 # ------------------------------------------------------------------ training
 
 
-def plot_loss_curves(results: list[Result], metrics: dict[str, list], study: str, path: Path) -> Path | None:
-    """Train loss per group at its best lr (mean and 95% band over seeds)."""
+def _depth_panels(results: list[Result], study: str, key) -> tuple[Any, list[tuple[Any, int, dict]]]:
+    """A figure with one panel per depth of ``study``'s trained runs, and for each panel
+    (axes, depth, {key(run): runs}); (None, []) without runs."""
     runs = _trained(results, study)
     if not runs:
-        return None
-    panels = sorted({r["n_layers"] for r in runs})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.4), squeeze=False, sharey=True)
-    for ax, n in zip(axes[0], panels):
+        return None, []
+    depths = sorted({r["n_layers"] for r in runs})
+    fig, axes = plt.subplots(1, len(depths), figsize=(4.6 * len(depths), 4.4), squeeze=False, sharey=True)
+    panels = []
+    for ax, n in zip(axes[0], depths):
         groups: dict[str, list[Result]] = defaultdict(list)
         for r in runs:
             if r["n_layers"] == n:
-                groups[_group(r)].append(r)
+                groups[key(r)].append(r)
+        panels.append((ax, n, groups))
+    return fig, panels
+
+
+def plot_loss_curves(results: list[Result], metrics: dict[str, list], study: str, path: Path) -> Path | None:
+    """Train loss per group at its best lr (mean and 95% band over seeds)."""
+    fig, panels = _depth_panels(results, study, _group)
+    if fig is None:
+        return None
+    for ax, n, groups in panels:
         for i, (g, rs) in enumerate(sorted(groups.items())):
             best = best_setting(rs)
             chosen = [r for r in rs if (r["lr"], r.get("tags", {}).get("alpha0")) == best.setting]
@@ -167,17 +179,16 @@ def plot_loss_curves(results: list[Result], metrics: dict[str, list], study: str
 
 def plot_loss_vs_lr(results: list[Result], study: str, path: Path) -> Path | None:
     """Final test-half validation loss against lr per configuration, 95% band over seeds."""
-    runs = _trained(results, study)
-    if not runs:
+
+    def label(r: Result) -> str:
+        alpha = r.get("tags", {}).get("alpha0")
+        return _group(r) + (f" a0={alpha:g}" if alpha is not None else "")
+
+    fig, panels = _depth_panels(results, study, label)
+    if fig is None:
         return None
-    panels = sorted({r["n_layers"] for r in runs})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.4), squeeze=False, sharey=True)
-    for ax, n in zip(axes[0], panels):
-        groups: dict[str, list[Result]] = defaultdict(list)
-        for r in runs:
-            if r["n_layers"] == n:
-                alpha = r.get("tags", {}).get("alpha0")
-                groups[_group(r) + (f" a0={alpha:g}" if alpha is not None else "")].append(r)
+    runs = _trained(results, study)
+    for ax, n, groups in panels:
         for i, (g, rs) in enumerate(sorted(groups.items())):
             lrs = sorted({r["lr"] for r in rs})
             cis = [mean_ci([judged_loss(r) for r in rs if r["lr"] == lr]) for lr in lrs]
@@ -189,6 +200,9 @@ def plot_loss_vs_lr(results: list[Result], study: str, path: Path) -> Path | Non
         if baseline:
             ax.axhline(baseline, color="k", lw=0.8, ls=":", label="unigram (failed)")
         ax.set_xscale("log")
+        lrs_swept = sorted({r["lr"] for rs in groups.values() for r in rs})
+        ax.set_xticks(lrs_swept, [f"{x:g}" for x in lrs_swept])
+        ax.minorticks_off()
         _finish(ax, "peak learning rate", "final val loss (test half)", f"{study}: {n} layers")
     return _save(fig, path)
 
