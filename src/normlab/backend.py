@@ -48,7 +48,9 @@ class set_backend:
         if name == "triton" and triton_available():
             # register the kernels now: torch.compile cannot trace the import that a
             # first use would otherwise run
-            importlib.import_module("normlab.ops.triton")
+            from normlab.ops import triton_ops
+
+            triton_ops()
         self._previous = get_backend()
         _current = name
 

@@ -1,7 +1,9 @@
 """normlab's public ops: argument checks, then dispatch to the backend in force.
 
-Every function here has one reference in ``normlab.ops.reference``; which
-implementation runs is decided by ``normlab.set_backend`` (see ``normlab.backend``).
+Every function here has one reference in ``normlab.ops.reference``; after the checks,
+``backend_ops(x)`` picks ``normlab.ops.eager`` or ``normlab.ops.triton`` by the backend
+in force (``normlab.set_backend``, see ``normlab.backend``) and calls its function of
+the same name.
 """
 
 from __future__ import annotations
@@ -13,9 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from normlab.backend import resolve
 from normlab.errors import NormArgumentError, NormDtypeError
-from normlab.ops import get_impl
+from normlab.ops import backend_ops
 
 __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "dropout_add"]
 
@@ -196,7 +197,7 @@ def layer_norm(
     _check_param(op, "bias", bias, shape, x, _layer_norm_param_dtypes(x.dtype))
     eps = _check_eps(op, eps, allow_none=False)
     _check_per_example(op, per_example_grad_sq, x, shape, weight)
-    return get_impl(op, resolve(x))(x, shape, weight, bias, eps, per_example_grad_sq=per_example_grad_sq)
+    return getattr(backend_ops(x), op)(x, shape, weight, bias, eps, per_example_grad_sq=per_example_grad_sq)
 
 
 def rms_norm(
@@ -219,7 +220,7 @@ def rms_norm(
     _check_param(op, "weight", weight, shape, x)
     eps = _check_eps(op, eps, allow_none=True)
     _check_per_example(op, per_example_grad_sq, x, shape, weight)
-    return get_impl(op, resolve(x))(x, shape, weight, eps, per_example_grad_sq=per_example_grad_sq)
+    return getattr(backend_ops(x), op)(x, shape, weight, eps, per_example_grad_sq=per_example_grad_sq)
 
 
 def dropout_add(
@@ -236,7 +237,7 @@ def dropout_add(
     op = "dropout_add"
     _check_tensor(op, "input", x)
     _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype)
-    return get_impl(op, resolve(x))(
+    return getattr(backend_ops(x), op)(
         x, residual, dropout_p=float(dropout_p), training=bool(training), generator=generator,
         residual_dtype=residual_dtype,
     )
@@ -273,7 +274,7 @@ def add_layer_norm(
     _check_param(op, "bias", bias, shape, x, dtypes)
     eps = _check_eps(op, eps, allow_none=False)
     _check_per_example(op, per_example_grad_sq, x, shape, weight)
-    return get_impl(op, resolve(x))(
+    return getattr(backend_ops(x), op)(
         x, residual, weight, bias, eps, dropout_p=float(dropout_p), training=bool(training),
         generator=generator, residual_dtype=residual_dtype, normalized_shape=shape,
         per_example_grad_sq=per_example_grad_sq,
@@ -303,7 +304,7 @@ def add_rms_norm(
     _check_param(op, "weight", weight, shape, x, _fused_param_dtypes(x, residual_dtype))
     eps = _check_eps(op, eps, allow_none=True)
     _check_per_example(op, per_example_grad_sq, x, shape, weight)
-    return get_impl(op, resolve(x))(
+    return getattr(backend_ops(x), op)(
         x, residual, weight, eps, dropout_p=float(dropout_p),
         training=bool(training), generator=generator, residual_dtype=residual_dtype,
         normalized_shape=shape, per_example_grad_sq=per_example_grad_sq,

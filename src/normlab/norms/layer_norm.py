@@ -22,10 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from normlab import functional as F
-from normlab.backend import get_backend, resolve
+from normlab.backend import get_backend
 from normlab.norms.base import ResidualNorm
 from normlab.norms.registry import register_norm
-from normlab.ops import get_impl
+from normlab.ops import backend_ops
 
 
 class _CheckedOnce:
@@ -47,7 +47,7 @@ class _CheckedOnce:
         if impl is not None:
             return impl(x, *args)
         out = public(x, *args)  # raises normlab's argument errors for a bad call
-        self.__dict__.setdefault("_impls", {})[key] = get_impl(op, resolve(x))
+        self.__dict__.setdefault("_impls", {})[key] = getattr(backend_ops(x), op)
         return out
 
     def _forget_signatures(self) -> None:

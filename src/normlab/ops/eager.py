@@ -1,7 +1,7 @@
 """The torch backend: what runs on CPU tensors (and on CUDA with backend "torch").
 
 Each op is the fastest exact torch formulation measured so far; where nothing beats it
-the reference itself runs. Registered under backend "torch" in ``normlab.ops``.
+the reference itself runs: the backend "torch" of ``normlab.ops``.
 
 * layer_norm: ``torch.nn.functional.layer_norm`` (one fused pass on every device).
 * rms_norm: ``RMSNormFunction``, one fused reduction (``vector_norm``) for the
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from normlab.ops import reference, register_impl
+from normlab.ops import reference
 
 # ----------------------------------------------------------------------- per-example
 
@@ -75,7 +75,6 @@ class LayerNormFunction(torch.autograd.Function):
         return dx, None, dw, db, None, None
 
 
-@register_impl("layer_norm", "torch")
 def layer_norm(x, normalized_shape, weight, bias, eps, *, per_example_grad_sq=None):
     if per_example_grad_sq is None:
         # torch's native op is already one fused pass on every device
@@ -259,7 +258,6 @@ def native_rms_ok(x: Tensor, weight: Tensor | None) -> bool:
             and (weight is None or weight.dtype == x.dtype))
 
 
-@register_impl("rms_norm", "torch")
 def rms_norm(x, normalized_shape, weight, eps, *, per_example_grad_sq=None):
     if eps is None:
         eps = reference.default_rms_eps(x.dtype)
@@ -280,7 +278,6 @@ def rms_norm(x, normalized_shape, weight, eps, *, per_example_grad_sq=None):
 # ----------------------------------------------------------------------- residual add
 
 
-@register_impl("dropout_add", "torch")
 def dropout_add(x, residual, *, dropout_p=0.0, training=False, generator=None,
                 residual_dtype=None):
     """residual + dropout(x), formed in float32 and rounded once to residual_dtype.
@@ -310,7 +307,6 @@ def _layer_norm_native_ok(h: Tensor, *params: Tensor | None) -> bool:
     return all(p is None or p.dtype in allowed for p in params)
 
 
-@register_impl("add_layer_norm", "torch")
 def add_layer_norm(x, residual, weight, bias, eps, *, dropout_p=0.0, training=False,
                    generator=None, residual_dtype=None, normalized_shape=None,
                    per_example_grad_sq=None):
@@ -329,7 +325,6 @@ def add_layer_norm(x, residual, weight, bias, eps, *, dropout_p=0.0, training=Fa
     return out.to(x.dtype), new_residual
 
 
-@register_impl("add_rms_norm", "torch")
 def add_rms_norm(x, residual, weight, eps, *, dropout_p=0.0, training=False, generator=None,
                  residual_dtype=None, normalized_shape=None, per_example_grad_sq=None):
     new_residual = dropout_add(x, residual, dropout_p=dropout_p, training=training,

@@ -1,8 +1,7 @@
 """The Triton backend: fused LayerNorm/RMSNorm kernels (``norm.py``) behind PyTorch
-custom ops (``custom_ops.py``), registered as normlab's "triton" implementations.
-
-Importing this package registers the impls; ``normlab.ops.get_impl`` imports it on
-first use of the triton backend.
+custom ops (``custom_ops.py``); the functions here have the names and signatures of
+``normlab.ops.eager``'s. ``normlab.ops.triton_ops()`` imports this package on first use
+(importing it registers the custom ops).
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from normlab.ops import eager, reference, register_impl
+from normlab.ops import eager, reference
 from normlab.ops.triton import custom_ops, launch
 from normlab.ops.triton.launch import MAX_HIDDEN, force_looped
 
@@ -60,29 +59,25 @@ def _fused(
     return custom_ops.FusedNorm.apply(x, residual, weight, bias, spec), x
 
 
-@register_impl("layer_norm", "triton")
 def layer_norm(x, normalized_shape, weight, bias, eps, *, per_example_grad_sq=None):
     return _fused("layer_norm", x, None, weight, bias, eps, normalized_shape, is_rms=False,
                   per_example_grad_sq=per_example_grad_sq)[0]
 
 
-@register_impl("rms_norm", "triton")
 def rms_norm(x, normalized_shape, weight, eps, *, per_example_grad_sq=None):
     return _fused("rms_norm", x, None, weight, None, eps, normalized_shape, is_rms=True,
                   per_example_grad_sq=per_example_grad_sq)[0]
 
 
-@register_impl("add_layer_norm", "triton")
 def add_layer_norm(x, residual, weight, bias, eps, *, normalized_shape, **kw):
     return _fused("add_layer_norm", x, residual, weight, bias, eps, normalized_shape,
                   is_rms=False, **kw)
 
 
-@register_impl("add_rms_norm", "triton")
 def add_rms_norm(x, residual, weight, eps, *, normalized_shape, **kw):
     return _fused("add_rms_norm", x, residual, weight, None, eps, normalized_shape,
                   is_rms=True, **kw)
 
 
 # dropout_add alone has no reduction to fuse: it is elementwise and torch's own ops run it
-register_impl("dropout_add", "triton")(eager.dropout_add)
+dropout_add = eager.dropout_add
