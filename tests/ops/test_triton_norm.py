@@ -216,3 +216,27 @@ def test_call_matches_module_forward():
     x = torch.randn(5, 24, device=DEVICE)
     a = {"x": x, "weight": m.weight.detach(), "bias": None}
     torch.testing.assert_close(m(x), call("rms_norm", a, (24,))[0])
+
+
+def test_launch_overrides_are_values_per_context():
+    """force_looped/tuning set an immutable value for their block only (threads see their own)."""
+    import threading
+
+    from normlab.ops.triton import launch
+
+    base = launch.block_config(1024)
+    assert launch.current_overrides() == launch.DEFAULT_OVERRIDES
+    with launch.force_looped(256):
+        assert launch.block_config(1024).looped and launch.block_config(1024).block == 256
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(launch.block_config(1024)))
+        t.start()
+        t.join()
+        assert seen == [base]  # another thread: the defaults
+        with launch.tuning(fwd_warps=2):
+            assert launch.block_config(1024).num_warps == 2 and launch.block_config(1024).looped
+    assert launch.block_config(1024) == base
+    explicit = launch.block_config(1024, launch.LaunchOverrides(single_block=512, chunk=512))
+    assert explicit.looped and explicit.block == 512 and launch.block_config(1024) == base
+    with pytest.raises(ValueError, match="unknown settings"):
+        launch.tuning(chunk=3)

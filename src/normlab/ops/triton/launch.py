@@ -4,13 +4,17 @@ deterministic column reduction of per-program partial sums.
 A norm kernel sees its input as a 2-D [rows, hidden] matrix with unit stride along the
 hidden dim and any row stride; ``as_rows`` builds that view and copies only when no
 such view exists. Rows that fit one block run the single-block kernels; wider rows run
-the looped kernels, which walk the row in chunks. ``force_looped`` shrinks the
-single-block limit so tests reach the looped kernels on small rows.
+the looped kernels, which walk the row in chunks. The launch settings are a pure
+function of the row width and an immutable ``LaunchOverrides`` value (``force_looped``
+shrinks the single-block limit so tests reach the looped kernels on small rows;
+``tuning`` is for benchmark sweeps).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import dataclasses
 import functools
 import math
 from collections.abc import Iterator, Sequence
@@ -27,49 +31,72 @@ MAX_HIDDEN = 65536
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-_limits = {"single_block": 16384, "chunk": 4096}
+@dataclass(frozen=True)
+class LaunchOverrides:
+    """Launch settings that replace ``block_config``'s defaults: an immutable value, set for
+    a block of code by ``force_looped`` / ``tuning`` (a context variable, so threads and
+    tasks each see their own) or passed to ``block_config`` explicitly.
 
-# launch settings that ``tuning`` overrides (None: the defaults of ``block_config``)
-_tune: dict[str, int | None] = {"fwd_warps": None, "bwd_warps": None, "num_stages": None,
-                                "programs_per_sm": None, "fwd_rows": None, "bwd_rows": None,
-                                "bwd_split": None}
+    single_block  rows up to this many elements run the single-block kernels
+    chunk         the looped kernels' chunk (a power of two)
+    fwd_warps, bwd_warps, num_stages, programs_per_sm: as ``BlockConfig``'s fields
+    fwd_rows, bwd_rows  rows per tile (powers of two; single-block kernels only)
+    bwd_split     single-block backward: programs sharing each row (a power of two)
+    None: the default."""
+
+    single_block: int = 16384
+    chunk: int = 4096
+    fwd_warps: int | None = None
+    bwd_warps: int | None = None
+    num_stages: int | None = None
+    programs_per_sm: int | None = None
+    fwd_rows: int | None = None
+    bwd_rows: int | None = None
+    bwd_split: int | None = None
+
+
+DEFAULT_OVERRIDES = LaunchOverrides()
+_overrides: contextvars.ContextVar[LaunchOverrides] = contextvars.ContextVar(
+    "normlab_launch_overrides", default=DEFAULT_OVERRIDES)
+_TUNABLE = ("fwd_warps", "bwd_warps", "num_stages", "programs_per_sm", "fwd_rows", "bwd_rows", "bwd_split")
+
+
+def current_overrides() -> LaunchOverrides:
+    return _overrides.get()
 
 
 @contextlib.contextmanager
-def force_looped(block: int) -> Iterator[None]:
+def _overriding(**changes: int | None) -> Iterator[None]:
+    token = _overrides.set(dataclasses.replace(_overrides.get(), **changes))
+    try:
+        yield
+    finally:
+        _overrides.reset(token)
+
+
+def force_looped(block: int) -> contextlib.AbstractContextManager[None]:
     """Within the block, rows wider than ``block`` elements run the looped kernels in
     chunks of ``block`` (a power of two), so tests reach them on small rows."""
     if block < 1 or block & (block - 1):
         raise ValueError(f"force_looped(block): expected a power of two >= 1, got {block}")
-    saved = dict(_limits)
-    _limits.update(single_block=block, chunk=block)
-    try:
-        yield
-    finally:
-        _limits.update(saved)
+    return _overriding(single_block=block, chunk=block)
 
 
-@contextlib.contextmanager
-def tuning(**settings: int | None) -> Iterator[None]:
+def tuning(**settings: int | None) -> contextlib.AbstractContextManager[None]:
     """Within the block, launch with these settings instead of the defaults (for
     benchmark sweeps): ``fwd_warps``, ``bwd_warps``, ``num_stages``, ``fwd_rows`` /
     ``bwd_rows`` (rows per tile, powers of two; single-block kernels only) and
     ``programs_per_sm`` (backward programs per multiprocessor), ``bwd_split`` (single-block
     backward: programs sharing each row, each owning a part of its columns; a power of
     two, 1 = off)."""
-    unknown = set(settings) - set(_tune)
+    unknown = set(settings) - set(_TUNABLE)
     if unknown:
-        raise ValueError(f"tuning(): unknown settings {sorted(unknown)}; expected among {sorted(_tune)}")
+        raise ValueError(f"tuning(): unknown settings {sorted(unknown)}; expected among {sorted(_TUNABLE)}")
     for key in ("fwd_rows", "bwd_rows", "bwd_split"):
         v = settings.get(key)
         if v is not None and (v < 1 or v & (v - 1)):
             raise ValueError(f"tuning({key}): expected a power of two >= 1, got {v}")
-    saved = dict(_tune)
-    _tune.update(settings)
-    try:
-        yield
-    finally:
-        _tune.update(saved)
+    return _overriding(**settings)
 
 
 @dataclass(frozen=True)
@@ -112,17 +139,18 @@ def _default_warps(elements: int) -> int:
             else 2 if elements >= 128 else 1)
 
 
-def block_config(hidden: int) -> BlockConfig:
+def block_config(hidden: int, overrides: LaunchOverrides | None = None) -> BlockConfig:
     """Block size, rows per tile, warps, pipelining depth and backward programs per SM
-    for rows of ``hidden`` elements."""
-    return _block_config(hidden, tuple(_tune.values()), tuple(_limits.values()))
+    for rows of ``hidden`` elements: a pure function of (hidden, overrides), cached;
+    ``overrides`` defaults to the ones in force (``force_looped``, ``tuning``)."""
+    return _block_config(hidden, overrides if overrides is not None else _overrides.get())
 
 
 @functools.lru_cache(maxsize=1024)
-def _block_config(hidden: int, _tune_key: tuple, _limits_key: tuple) -> BlockConfig:
+def _block_config(hidden: int, o: LaunchOverrides) -> BlockConfig:
     full = next_power_of_2(hidden)
-    looped = full > _limits["single_block"]
-    block = min(full, _limits["chunk"]) if looped else full
+    looped = full > o.single_block
+    block = min(full, o.chunk) if looped else full
     if looped:
         fwd_rows, fwd_warps = 1, _default_warps(block)
         bwd_rows, bwd_warps, per_sm = 1, _default_warps(block), 4
@@ -135,13 +163,12 @@ def _block_config(hidden: int, _tune_key: tuple, _limits_key: tuple) -> BlockCon
         small_rows = max(1, min(16, 1024 // block))
         bwd_rows, bwd_warps, per_sm = _BWD_SETTINGS.get(
             block, (small_rows, min(4, _default_warps(block * small_rows)), 4))
-    fwd_rows = 1 if looped else (_tune["fwd_rows"] or fwd_rows)
-    bwd_rows = 1 if looped else (_tune["bwd_rows"] or bwd_rows)
-    bwd_split = 1 if looped else min(block, _tune["bwd_split"] or 1)
-    return BlockConfig(block, looped, fwd_rows, _tune["fwd_warps"] or fwd_warps,
-                       bwd_rows, _tune["bwd_warps"] or bwd_warps,
-                       _tune["num_stages"] or 3,  # 3: Triton's own default
-                       _tune["programs_per_sm"] or per_sm, bwd_split)
+    fwd_rows = 1 if looped else (o.fwd_rows or fwd_rows)
+    bwd_rows = 1 if looped else (o.bwd_rows or bwd_rows)
+    bwd_split = 1 if looped else min(block, o.bwd_split or 1)
+    return BlockConfig(block, looped, fwd_rows, o.fwd_warps or fwd_warps, bwd_rows, o.bwd_warps or bwd_warps,
+                       o.num_stages or 3,  # 3: Triton's own default
+                       o.programs_per_sm or per_sm, bwd_split)
 
 
 def check_supported(op: str, x: torch.Tensor, hidden: int) -> None:
