@@ -52,3 +52,22 @@ def test_forcing_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with normlab.set_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         normlab.functional.layer_norm(torch.randn(2, 3), 3)
+
+
+def test_auto_on_cuda_chooses_by_size(monkeypatch):
+    """The documented rule: kernels from AUTO_TRITON_MIN_ELEMENTS elements per call on
+    CUDA, torch's ops below, on the CPU and for float64 (decided without a GPU)."""
+    monkeypatch.setattr(backend, "triton_available", lambda: True)
+    big = backend.AUTO_TRITON_MIN_ELEMENTS
+    assert backend.auto_choice(True, torch.bfloat16, big) == "triton"
+    assert backend.auto_choice(True, torch.float32, 4 * big) == "triton"
+    assert backend.auto_choice(True, torch.bfloat16, big - 1) == "torch"
+    assert backend.auto_choice(True, torch.float64, 4 * big) == "torch"
+    assert backend.auto_choice(False, torch.bfloat16, 4 * big) == "torch"
+    monkeypatch.setattr(backend, "triton_available", lambda: False)
+    assert backend.auto_choice(True, torch.bfloat16, 4 * big) == "torch"
+    # the rule is the one the docs state
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "kernels.md").read_text()
+    assert f"{backend.AUTO_TRITON_MIN_ELEMENTS:,}" in docs

@@ -1,7 +1,8 @@
 """Which implementation runs an op: ``set_backend("auto" | "torch" | "triton")``.
 
-auto:   Triton kernels on CUDA tensors, the torch path on CPU tensors (and for float64,
-        which the kernels do not run).
+auto:   on CUDA, Triton kernels for calls of at least AUTO_TRITON_MIN_ELEMENTS elements
+        and torch's ops below (where a call's host time outweighs the kernels' gain);
+        the torch path on CPU tensors and for float64, which the kernels do not run.
 torch:  always the torch path (the reference or a fused torch equivalent).
 triton: always the Triton kernels; on CPU tensors this needs ``TRITON_INTERPRET=1``
         (the Triton interpreter), otherwise it raises.
@@ -78,14 +79,30 @@ def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# ``auto`` on CUDA: normlab's kernels from this many elements per call, torch's ops below.
+# From the committed H100 table (benchmarks/results/kernels-cuda-bf16.md, bf16, forward +
+# backward, normlab / torch eager): every norm op was slower below 2^26 elements per call
+# (0.10-0.77 at 4096 rows, 0.17-1.14 at 16384 rows and hidden <= 4096) and faster from
+# 2^27 (1.02-1.99 at 16384 x 8192 and 65536 x 2048 up); the e2e step at 8 x 1024 x 1024
+# (2^23 per call) was 0.69-1.02x with the kernels. Re-derive it from a new table.
+AUTO_TRITON_MIN_ELEMENTS = 1 << 27
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def auto_choice(is_cuda: bool, dtype: torch.dtype, numel: int) -> str:
+    """What ``auto`` runs for a call on a tensor of that device kind, dtype and size."""
+    if is_cuda and dtype in _KERNEL_DTYPES and numel >= AUTO_TRITON_MIN_ELEMENTS and triton_available():
+        return "triton"
+    return "torch"
+
+
 def resolve(x: torch.Tensor) -> str:
     """The backend that will run an op on ``x``: "torch" or "triton"."""
     choice = get_backend()
     if choice == "torch":
         return "torch"
     if choice == "auto":
-        kernel_dtype = x.dtype in (torch.float16, torch.bfloat16, torch.float32)
-        return "triton" if x.is_cuda and kernel_dtype and triton_available() else "torch"
+        return auto_choice(x.is_cuda, x.dtype, x.numel()) if x.is_cuda else "torch"
     if not triton_available():
         raise RuntimeError(
             "normlab backend 'triton' was asked for, but triton is not installed "

@@ -113,6 +113,16 @@ def _normlab(op: str, hidden: int) -> Callable:
     }[op]
 
 
+def _forced_triton(fn: Callable) -> Callable:
+    """``fn`` under backend "triton": normlab's kernels whatever the call's size."""
+
+    def forced(*args):
+        with normlab.set_backend("triton"):
+            return fn(*args)
+
+    return forced
+
+
 def _liger(op: str, hidden: int) -> Callable | None:
     if importlib.util.find_spec("liger_kernel") is None:
         return None
@@ -230,6 +240,8 @@ def run(device: torch.device, dtype: torch.dtype, rows_list, hidden_list, ops, p
                         if t is not None:
                             torch._dynamo.mark_dynamic(t, 0)
                 impls = {"normlab": _normlab(op, hidden), "torch": eager}
+                if device.type == "cuda":  # auto runs torch's ops below its size: time the kernels too
+                    impls["normlab triton"] = _forced_triton(_normlab(op, hidden))
                 if compiled is not None:
                     impls["torch.compile"] = compiled
                 # Liger-Kernel and Apex run CUDA tensors only

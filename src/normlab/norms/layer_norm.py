@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab import functional as F
-from normlab.backend import get_backend
+from normlab.backend import AUTO_TRITON_MIN_ELEMENTS, get_backend
 from normlab.norms.base import ResidualNorm
 from normlab.norms.registry import register_norm
 from normlab.ops import backend_ops
@@ -41,7 +41,10 @@ class _CheckedOnce:
         """``public(x, *args)`` (the checked op) on a signature's first call, then the
         implementation it resolved to, unchecked."""
         shape = x.shape
-        key = (x.__class__, x.dtype, x.device, shape[-1] if len(shape) else None, len(shape), get_backend())
+        # on CUDA ``auto`` chooses by size: the size class is part of the signature there
+        size_class = x.numel() >= AUTO_TRITON_MIN_ELEMENTS if x.is_cuda else None
+        key = (x.__class__, x.dtype, x.device, shape[-1] if len(shape) else None, len(shape), get_backend(),
+               size_class)
         impls = self.__dict__.get("_impls")
         impl = impls.get(key) if impls is not None else None
         if impl is not None:
