@@ -14,6 +14,7 @@ import argparse
 import torch
 
 import normlab
+import normlab.diagnostics.per_example as PE
 from normlab.bench.common import Timer, device_name
 
 
@@ -42,10 +43,12 @@ def main(argv=None) -> None:
             leaves = (x, w, b) if op == "layer_norm" else (x, w)
 
             def call(per_example):
+                ops = PE if per_example else F  # the per-example variant, or the plain op
                 kw = {"per_example_grad_sq": buf} if per_example else {}
-                if op == "layer_norm":
-                    return F.layer_norm(x, hidden, w, b, **kw)
-                return F.rms_norm(x, hidden, w, **kw)
+                with normlab.set_backend("triton"):  # the kernels, whatever auto would pick
+                    if op == "layer_norm":
+                        return ops.layer_norm(x, hidden, w, b, **kw)
+                    return ops.rms_norm(x, hidden, w, **kw)
             y0, y1 = call(False), call(True)
             g = torch.randn_like(y0)
             t = timer.median_ms_interleaved({

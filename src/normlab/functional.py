@@ -169,7 +169,7 @@ def _check_per_example(op: str, buffer: Tensor | None, x: Tensor, shape: tuple[i
 # ---------------------------------------------------------------------------- ops
 
 
-def layer_norm(
+def _layer_norm(
     x: Tensor,
     normalized_shape: int | Sequence[int],
     weight: Tensor | None = None,
@@ -183,13 +183,12 @@ def layer_norm(
     y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias, biased variance, statistics in
     float32 (float64 for float64 input); same semantics as ``torch.nn.functional.layer_norm``.
 
-    ``per_example_grad_sq`` (keyword-only, optional): a caller-allocated float32 tensor
-    of shape [2, x.shape[0]] on x's device. The backward pass overwrites it with, for
-    each example b along dim 0 of x, ||dL_b/dweight||^2 (row 0) and ||dL_b/dbias||^2
-    (row 1; zeros without a bias), L_b being the loss through example b's positions
-    (Gray et al. 2024, "Normalization Layer Per-Example Gradients are Sufficient to
-    Predict Gradient Noise Scale in Transformers"). Untouched if no backward runs; needs
-    weight and a dim in front of the normalized dims."""
+    (With ``per_example_grad_sq``, the variant ``normlab.diagnostics.per_example.layer_norm``:
+    a caller-allocated float32 tensor of shape [2, x.shape[0]] on x's device that the
+    backward overwrites with, for each example b along dim 0 of x, ||dL_b/dweight||^2
+    (row 0) and ||dL_b/dbias||^2 (row 1; zeros without a bias), L_b being the loss
+    through example b's positions (Gray et al. 2024). Untouched if no backward runs;
+    needs weight and a dim in front of the normalized dims.)"""
     op = "layer_norm"
     _check_tensor(op, "input", x)
     shape = _check_normalized_shape(op, x, normalized_shape)
@@ -200,7 +199,7 @@ def layer_norm(
     return getattr(backend_ops(x), op)(x, shape, weight, bias, eps, per_example_grad_sq=per_example_grad_sq)
 
 
-def rms_norm(
+def _rms_norm(
     x: Tensor,
     normalized_shape: int | Sequence[int],
     weight: Tensor | None = None,
@@ -213,7 +212,7 @@ def rms_norm(
     y = x / sqrt(mean(x^2) + eps) * weight; eps=None uses float32's machine epsilon
     (float64's for float64 input), as ``torch.nn.functional.rms_norm``. Output keeps x's dtype.
 
-    ``per_example_grad_sq``: as in ``layer_norm`` (row 1, the bias row, is zeros)."""
+    (``per_example_grad_sq``: as in ``_layer_norm``; row 1, the bias row, is zeros.)"""
     op = "rms_norm"
     _check_tensor(op, "input", x)
     shape = _check_normalized_shape(op, x, normalized_shape)
@@ -243,7 +242,7 @@ def dropout_add(
     )
 
 
-def add_layer_norm(
+def _add_layer_norm(
     x: Tensor,
     residual: Tensor | None,
     weight: Tensor | None,
@@ -264,7 +263,7 @@ def add_layer_norm(
                    shape, the last dim without weight and bias), in x's dtype.
     Post-LN uses ``out`` as the next residual, Pre-LN uses ``new_residual``.
 
-    ``per_example_grad_sq``: as in ``layer_norm``, for this norm's weight and bias."""
+    (``per_example_grad_sq``: as in ``_layer_norm``, for this norm's weight and bias.)"""
     op = "add_layer_norm"
     _check_tensor(op, "input", x)
     _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype)
@@ -281,7 +280,7 @@ def add_layer_norm(
     )
 
 
-def add_rms_norm(
+def _add_rms_norm(
     x: Tensor,
     residual: Tensor | None,
     weight: Tensor | None,
@@ -296,7 +295,7 @@ def add_rms_norm(
 ) -> tuple[Tensor, Tensor]:
     """Fused residual add + dropout + RMSNorm: returns (out, new_residual), as add_layer_norm.
 
-    ``per_example_grad_sq``: as in ``layer_norm`` (row 1, the bias row, is zeros)."""
+    (``per_example_grad_sq``: as in ``_layer_norm``; row 1, the bias row, is zeros.)"""
     op = "add_rms_norm"
     _check_tensor(op, "input", x)
     _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype)
@@ -309,3 +308,49 @@ def add_rms_norm(
         training=bool(training), generator=generator, residual_dtype=residual_dtype,
         normalized_shape=shape, per_example_grad_sq=per_example_grad_sq,
     )
+
+
+# ---------------------------------------------------------------------------- the public ops
+# The signatures carry no per-example buffer: per-example gradient norms are an opt-in
+# variant (``normlab.diagnostics.per_example``), entered by ``per_example_grad_norms``.
+
+
+def layer_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
+               bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    """Layer normalization over the trailing ``normalized_shape`` dims (Ba et al. 2016).
+
+    y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias, biased variance, statistics in
+    float32 (float64 for float64 input); same semantics as ``torch.nn.functional.layer_norm``."""
+    return _layer_norm(x, normalized_shape, weight, bias, eps)
+
+
+def rms_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
+             eps: float | None = None) -> Tensor:
+    """RMS normalization over the trailing ``normalized_shape`` dims (Zhang & Sennrich 2019).
+
+    y = x / sqrt(mean(x^2) + eps) * weight; eps=None uses float32's machine epsilon
+    (float64's for float64 input), as ``torch.nn.functional.rms_norm``. Output keeps x's dtype."""
+    return _rms_norm(x, normalized_shape, weight, eps)
+
+
+def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
+                   eps: float = 1e-5, *, dropout_p: float = 0.0, training: bool = False,
+                   generator: torch.Generator | None = None, residual_dtype: torch.dtype | None = None,
+                   normalized_shape: int | Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+    """Fused residual add + dropout + LayerNorm: returns (out, new_residual).
+
+    new_residual = residual + dropout(x)   (stored in residual_dtype, default x.dtype)
+    out          = layer_norm(new_residual) over normalized_shape (default: weight's
+                   shape, the last dim without weight and bias), in x's dtype.
+    Post-LN uses ``out`` as the next residual, Pre-LN uses ``new_residual``."""
+    return _add_layer_norm(x, residual, weight, bias, eps, dropout_p=dropout_p, training=training,
+                           generator=generator, residual_dtype=residual_dtype, normalized_shape=normalized_shape)
+
+
+def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps: float | None = None, *,
+                 dropout_p: float = 0.0, training: bool = False, generator: torch.Generator | None = None,
+                 residual_dtype: torch.dtype | None = None,
+                 normalized_shape: int | Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+    """Fused residual add + dropout + RMSNorm: returns (out, new_residual), as add_layer_norm."""
+    return _add_rms_norm(x, residual, weight, eps, dropout_p=dropout_p, training=training, generator=generator,
+                         residual_dtype=residual_dtype, normalized_shape=normalized_shape)

@@ -162,3 +162,14 @@ def test_forward_without_backward_then_new_step_is_fine():
         m(torch.randn(2, 4, 8)).sum()       # graph dropped
         m(torch.randn(3, 4, 8)).square().sum().backward()
     assert rec["1"]["weight"].shape == (3,) and bool((rec["1"]["weight"] > 0).all())
+
+
+def test_public_ops_carry_no_per_example_buffer_and_the_variants_do():
+    import inspect
+
+    import normlab.diagnostics.per_example as per_example
+    from normlab import functional
+
+    for name in ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"):
+        assert "per_example_grad_sq" not in inspect.signature(getattr(functional, name)).parameters, name
+        assert "per_example_grad_sq" in inspect.signature(getattr(per_example, name)).parameters, name

@@ -67,8 +67,12 @@ def make_inputs(op, shape, hidden_shape, dtype, *, weight_dtype=None, bias=True,
 
 
 def call(op, a, hidden_shape, **kw):
-    """Run ``normlab.functional.<op>`` on the input dict; returns a tuple of outputs."""
-    F = normlab.functional
+    """Run ``normlab.functional.<op>`` on the input dict (its per-example variant in
+    ``normlab.diagnostics.per_example`` when ``per_example_grad_sq`` is given); returns a
+    tuple of outputs."""
+    import normlab.diagnostics.per_example as per_example
+
+    F = per_example if "per_example_grad_sq" in kw else normlab.functional
     if op == "layer_norm":
         return (F.layer_norm(a["x"], hidden_shape, a["weight"], a["bias"], **kw),)
     if op == "rms_norm":

@@ -75,6 +75,7 @@ def _worker(rank, store_path):
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
         F = normlab.functional
+        import normlab.diagnostics.per_example as PE
         x, r, w, b, cots = _inputs()
         with (mock.patch.object(custom_ops, "norm_forward", wraps=custom_ops.norm_forward) as fwd,
               mock.patch.object(custom_ops, "norm_backward", wraps=custom_ops.norm_backward) as bwd):
@@ -98,10 +99,10 @@ def _worker(rank, store_path):
             # data parallel with the per-example buffer sharded along the examples
             with normlab.set_backend("triton"):
                 want = torch.zeros(2, 2)
-                _run(lambda x, w: (F.layer_norm(x, 16, w, per_example_grad_sq=want),), [x, w],
+                _run(lambda x, w: (PE.layer_norm(x, 16, w, per_example_grad_sq=want),), [x, w],
                      cots, lambda i, t: t)
                 buf = distribute_tensor(torch.zeros(2, 2), mesh, [Shard(1)])
-                _run(lambda x, w: (F.layer_norm(x, 16, w, per_example_grad_sq=buf),), [x, w], cots,
+                _run(lambda x, w: (PE.layer_norm(x, 16, w, per_example_grad_sq=buf),), [x, w], cots,
                      lambda i, t: distribute_tensor(t, mesh, [Shard(0) if i == 0 else rep]))
             assert tuple(buf.placements) == (Shard(1),)
             assert want[0].min() > 0

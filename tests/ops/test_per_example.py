@@ -8,6 +8,7 @@ import torch
 from torch.func import grad, vmap
 
 import normlab
+import normlab.diagnostics.per_example as per_example
 from normlab.errors import NormArgumentError
 from tests.ops.helpers import DEVICE, OPS, backend, call, call_reference, make_inputs, needs_kernels
 
@@ -123,7 +124,7 @@ def test_gradients_unchanged_by_per_example(name):
     for buf in (None, torch.zeros(2, 3, device=DEVICE)):
         leaves = [a[k].detach().requires_grad_() for k in ("x", "residual", "weight", "bias")]
         with backend(name):
-            out, new_res = normlab.functional.add_layer_norm(*leaves, per_example_grad_sq=buf)
+            out, new_res = per_example.add_layer_norm(*leaves, per_example_grad_sq=buf)
         res.append(torch.autograd.grad(out.square().sum() + new_res.sum(), leaves))
     # dx, dresidual bit-identical; dweight/dbias summed in another (fixed) order
     for i, (p, q) in enumerate(zip(*res, strict=True)):
@@ -155,7 +156,7 @@ def test_module_collects_per_example_grad_sq(name, cls):
 
 
 def test_bad_buffers_are_rejected():
-    F = normlab.functional
+    F = per_example
     x, w = torch.randn(3, 4, 8), torch.ones(8)
     with pytest.raises(NormArgumentError, match=r"shape \[2, 3\]"):
         F.layer_norm(x, 8, w, per_example_grad_sq=torch.zeros(3, 2))
@@ -190,8 +191,8 @@ def test_compile_fullgraph_writes_the_buffer(compiler):
     import torch._inductor.config
 
     def f(x, residual, weight, buf):
-        out, new_residual = normlab.functional.add_rms_norm(x, residual, weight,
-                                                            per_example_grad_sq=buf)
+        out, new_residual = per_example.add_rms_norm(x, residual, weight,
+                                              per_example_grad_sq=buf)
         return out, new_residual
 
     a = make_inputs("add_rms_norm", (3, 4, 8), (8,), torch.float32, device=DEVICE)

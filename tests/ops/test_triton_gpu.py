@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import normlab
+import normlab.diagnostics.per_example as per_example
 from normlab.ops import reference
 from tests.ops.helpers import GRAD_TOL, OPS, assert_close, call, make_inputs
 
@@ -70,7 +71,7 @@ def test_per_example_grad_sq_at_scale():
     bias = torch.randn(n, device="cuda", requires_grad=True)
     buf = torch.zeros(2, b, device="cuda")
     with normlab.set_backend("triton"):  # below auto's size for the kernels
-        y = normlab.functional.layer_norm(x, n, w, bias, per_example_grad_sq=buf)
+        y = per_example.layer_norm(x, n, w, bias, per_example_grad_sq=buf)
     g = torch.randn_like(y)
     torch.autograd.grad(y, (w, bias), g)
     xf = x.float()
@@ -92,7 +93,7 @@ def test_per_example_grad_sq_deterministic_mode_is_bitwise_repeatable():
         for _ in range(3):
             buf = torch.full((2, b), float("nan"), device="cuda")
             with normlab.set_backend("triton"):
-                y = normlab.functional.rms_norm(x, n, w, per_example_grad_sq=buf)
+                y = per_example.rms_norm(x, n, w, per_example_grad_sq=buf)
             torch.autograd.grad(y, (w,), g)
             bufs.append(buf)
     finally:

@@ -30,7 +30,45 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from normlab import functional as _F
 from normlab.ops import reference
+
+# ----------------------------------------------------------------------- the op variants
+# The public ops (``normlab.functional``) carry no per-example buffer; these variants take
+# one, and the backward of normlab's LayerNorm/RMSNorm fills it from the fused pass.
+
+
+def layer_norm(x: Tensor, normalized_shape, weight: Tensor | None = None, bias: Tensor | None = None,
+               eps: float = 1e-5, *, per_example_grad_sq: Tensor) -> Tensor:
+    """``normlab.functional.layer_norm`` that also writes per-example squared gradient norms.
+
+    ``per_example_grad_sq``: a caller-allocated float32 tensor of shape [2, x.shape[0]] on
+    x's device. The backward overwrites it with, for each example b along dim 0 of x,
+    ||dL_b/dweight||^2 (row 0) and ||dL_b/dbias||^2 (row 1; zeros without a bias), L_b
+    being the loss through example b's positions (Gray et al. 2024). Untouched if no
+    backward runs; needs weight and a dim in front of the normalized dims."""
+    return _F._layer_norm(x, normalized_shape, weight, bias, eps, per_example_grad_sq=per_example_grad_sq)
+
+
+def rms_norm(x: Tensor, normalized_shape, weight: Tensor | None = None, eps: float | None = None, *,
+             per_example_grad_sq: Tensor) -> Tensor:
+    """``normlab.functional.rms_norm`` that also writes per-example squared gradient norms
+    (as ``layer_norm`` here; row 1, the bias row, is zeros)."""
+    return _F._rms_norm(x, normalized_shape, weight, eps, per_example_grad_sq=per_example_grad_sq)
+
+
+def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
+                   eps: float = 1e-5, *, per_example_grad_sq: Tensor, **kw) -> tuple[Tensor, Tensor]:
+    """``normlab.functional.add_layer_norm`` (same keywords) that also writes per-example
+    squared gradient norms of this norm's weight and bias."""
+    return _F._add_layer_norm(x, residual, weight, bias, eps, per_example_grad_sq=per_example_grad_sq, **kw)
+
+
+def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps: float | None = None, *,
+                 per_example_grad_sq: Tensor, **kw) -> tuple[Tensor, Tensor]:
+    """``normlab.functional.add_rms_norm`` (same keywords) that also writes per-example
+    squared gradient norms of this norm's weight (row 1 zeros)."""
+    return _F._add_rms_norm(x, residual, weight, eps, per_example_grad_sq=per_example_grad_sq, **kw)
 
 
 class _Call:

@@ -121,12 +121,12 @@ class LayerNorm(_CheckedOnce, _PerExampleGradSq, ResidualNorm, nn.LayerNorm):
                 and not torch.compiler.is_compiling():
             return self._call("layer_norm", F.layer_norm, x, self.normalized_shape, self.weight, self.bias,
                               self.eps)
-        return self._watch_backward(F.layer_norm(
+        return self._watch_backward(F._layer_norm(
             x, self.normalized_shape, self.weight, self.bias, self.eps,
             per_example_grad_sq=self._per_example_buffer(x)))
 
     def add_normalize(self, x, residual, dropout_p, residual_dtype, padding_mask):
-        return self._watch_backward(F.add_layer_norm(
+        return self._watch_backward(F._add_layer_norm(
             x, residual, self.weight, self.bias, self.eps, dropout_p=dropout_p,
             training=self.training, residual_dtype=residual_dtype,
             normalized_shape=self.normalized_shape,
@@ -142,12 +142,12 @@ class RMSNorm(_CheckedOnce, _PerExampleGradSq, ResidualNorm, nn.RMSNorm):
         if len(self.normalized_shape) == 1 and not self.collect_per_example_grad_sq \
                 and not torch.compiler.is_compiling():
             return self._call("rms_norm", F.rms_norm, x, self.normalized_shape, self.weight, self.eps)
-        return self._watch_backward(F.rms_norm(
+        return self._watch_backward(F._rms_norm(
             x, self.normalized_shape, self.weight, self.eps,
             per_example_grad_sq=self._per_example_buffer(x)))
 
     def add_normalize(self, x, residual, dropout_p, residual_dtype, padding_mask):
-        return self._watch_backward(F.add_rms_norm(
+        return self._watch_backward(F._add_rms_norm(
             x, residual, self.weight, self.eps, dropout_p=dropout_p, training=self.training,
             residual_dtype=residual_dtype, normalized_shape=self.normalized_shape,
             per_example_grad_sq=self._per_example_buffer(x),
