@@ -307,9 +307,21 @@ def _layer_norm_native_ok(h: Tensor, *params: Tensor | None) -> bool:
     return all(p is None or p.dtype in allowed for p in params)
 
 
+def _plain_add(x, residual, dropout_p, training, residual_dtype):
+    """residual + x when that is the whole dropout_add (no dropout, one dtype), else None."""
+    if residual is not None and not (training and dropout_p > 0.0) and residual.dtype == x.dtype \
+            and residual_dtype in (None, x.dtype) and x.dtype != torch.float64:
+        return residual + x
+    return None
+
+
 def add_layer_norm(x, residual, weight, bias, eps, *, dropout_p=0.0, training=False,
                    generator=None, residual_dtype=None, normalized_shape=None,
                    per_example_grad_sq=None):
+    new_residual = _plain_add(x, residual, dropout_p, training, residual_dtype)
+    if new_residual is not None and per_example_grad_sq is None and _layer_norm_native_ok(new_residual, weight, bias):
+        # the common call, in two torch ops: torch's fused kernel gives x's dtype already
+        return F.layer_norm(new_residual, normalized_shape, weight, bias, eps), new_residual
     new_residual = dropout_add(x, residual, dropout_p=dropout_p, training=training,
                                generator=generator, residual_dtype=residual_dtype)
     if _layer_norm_native_ok(new_residual, weight, bias):
@@ -327,6 +339,10 @@ def add_layer_norm(x, residual, weight, bias, eps, *, dropout_p=0.0, training=Fa
 
 def add_rms_norm(x, residual, weight, eps, *, dropout_p=0.0, training=False, generator=None,
                  residual_dtype=None, normalized_shape=None, per_example_grad_sq=None):
+    new_residual = _plain_add(x, residual, dropout_p, training, residual_dtype)
+    if new_residual is not None:
+        out = rms_norm(new_residual, normalized_shape, weight, eps, per_example_grad_sq=per_example_grad_sq)
+        return out, new_residual  # rms_norm keeps new_residual's dtype, which is x's
     new_residual = dropout_add(x, residual, dropout_p=dropout_p, training=training,
                                generator=generator, residual_dtype=residual_dtype)
     out = rms_norm(new_residual, normalized_shape, weight, eps,
