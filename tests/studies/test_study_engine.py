@@ -186,3 +186,15 @@ def test_norm_options_reach_the_norm_and_are_checked():
         TransformerConfig(norm="layernorm", norm_options={"alpha_init": 1.0})
     with pytest.raises(ValueError, match="expected norm_options to be None or a dict"):
         TransformerConfig(norm_options=[("alpha_init", 1.0)])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failing_run_is_reported_and_the_others_go_on(tmp_path, corpus, workers):
+    good = _spec("good", seed=0)
+    bad = _spec("bad", model={**MICRO, "n_heads": 3, "placement": "pre"})  # 16 is not divisible by 3
+    study = Study("crash", "one run fails", (bad, good))
+    results, report = runner.run_study(study, tmp_path, _cpu(), workers=workers, corpus=corpus)
+    assert [r["name"] for r in results] == ["good"] and report.exists()
+    summary = json.loads((tmp_path / "crash" / "summary.json").read_text())
+    (failed,) = summary["failed"]
+    assert failed["name"] == "bad" and "divisible" in failed["error"] and "Traceback" in failed["error"]

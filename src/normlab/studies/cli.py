@@ -62,6 +62,13 @@ def study(
     if report is not None:
         _print_claims(report.parent / "claims.json")
         console.print(f"report: {report}")
+        import json
+
+        failed = json.loads((report.parent / "summary.json").read_text()).get("failed", [])
+        if failed:
+            console.print(f"[red]{len(failed)} run(s) failed[/red] (tracebacks in summary.json): "
+                          + ", ".join(f["name"] for f in failed))
+            raise typer.Exit(code=1)
 
 
 def _print_claims(path: Path) -> None:

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -170,6 +171,14 @@ def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, con
         TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not env.is_main,
     )
     results: dict[str, dict[str, Any]] = {}
+    failures: dict[str, str] = {}  # run name -> its traceback: the other runs go on
+
+    def fail(spec: RunSpec, error: BaseException) -> None:
+        failures[spec.name] = "".join(traceback.format_exception(error)).strip()
+        last = failures[spec.name].splitlines()[-1]
+        console.print(f"[red]run {spec.name} failed:[/red] {last} (traceback in summary.json)")
+        if env.is_main:
+            _write_summary(study_dir, study, _ordered(study, results), prov, failures)
 
     def finish(spec: RunSpec, result: dict[str, Any]) -> None:
         if corpus is not None and spec.task == "lm":
@@ -179,28 +188,29 @@ def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, con
             result.update(baselines[key])
         results[spec.name] = result
         if env.is_main:
-            _write_summary(study_dir, study, _ordered(study, results), prov)
+            _write_summary(study_dir, study, _ordered(study, results), prov, failures)
 
     try:
         with progress:
             if workers == 1:
-                _run_serial(study.runs, study.name, study_dir, env, corpus, progress, finish, keep_weights)
+                _run_serial(study.runs, study.name, study_dir, env, corpus, progress, finish, keep_weights,
+                            fail if env.world == 1 else None)
             else:
                 # timings run alone, after the pool, with a worker's thread count: nothing shares the cores
                 parallel = tuple(r for r in study.runs if r.kind != "speed")
-                _run_parallel(replace(study, runs=parallel), study_dir, corpus, progress, finish, keep_weights,
-                              workers, threads)
+                _run_parallel(replace(study, runs=parallel), study_dir, corpus, progress, finish, fail,
+                              keep_weights, workers, threads)
                 timed = tuple(r for r in study.runs if r.kind == "speed")
                 if timed:
                     before = torch.get_num_threads()
                     torch.set_num_threads(threads)
                     try:
-                        _run_serial(timed, "timing", study_dir, env, corpus, progress, finish, keep_weights)
+                        _run_serial(timed, "timing", study_dir, env, corpus, progress, finish, keep_weights, fail)
                     finally:
                         torch.set_num_threads(before)
     except Interrupted:
         if env.is_main:
-            _write_summary(study_dir, study, _ordered(study, results), prov)
+            _write_summary(study_dir, study, _ordered(study, results), prov, failures)
         raise
     ordered = _ordered(study, results)
     report = None
@@ -208,7 +218,7 @@ def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, con
         prov["wall_s"] = round(time.perf_counter() - started, 1)  # this invocation
         prov["run_time_s"] = round(sum(r.get("wall_s") or 0.0 for r in ordered), 1)  # every run, when it ran
         prov["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        _write_summary(study_dir, study, ordered, prov)
+        _write_summary(study_dir, study, ordered, prov, failures)
         rows = judge_all(study.claims, ordered, study.margins)
         (study_dir / "claims.json").write_text(json.dumps(_json_safe(rows), indent=1))
         report = write_report(study_dir, study, ordered, prov, rows)
@@ -226,7 +236,8 @@ def _ordered(study: Study, results: dict[str, dict[str, Any]]) -> list[dict[str,
     return [results[r.name] for r in study.runs if r.name in results]
 
 
-def _run_serial(runs, title, study_dir, env, corpus, progress, finish, keep_weights) -> None:
+def _run_serial(runs, title, study_dir, env, corpus, progress, finish, keep_weights, fail=None) -> None:
+    """One run after another; ``fail`` (None: raise) records a run that raised."""
     overall = progress.add_task(f"{title}: {len(runs)} runs", total=sum(_work(r) for r in runs))
     done_before = 0
     for spec in runs:
@@ -236,11 +247,20 @@ def _run_serial(runs, title, study_dir, env, corpus, progress, finish, keep_weig
             progress.update(task_id, completed=n)
             progress.update(overall, completed=base + n)
 
-        result = run_one(spec, study_dir / spec.name, env, corpus, on_step=on_step, keep_weights=keep_weights)
+        try:
+            result = run_one(spec, study_dir / spec.name, env, corpus, on_step=on_step, keep_weights=keep_weights)
+        except Interrupted:
+            raise
+        except Exception as e:
+            if fail is None:
+                raise
+            result = None
+            fail(spec, e)
         done_before += _work(spec)
         progress.update(overall, completed=done_before)
         progress.remove_task(task_id)
-        finish(spec, result)
+        if result is not None:
+            finish(spec, result)
 
 
 # worker-process state, set once by _init_worker
@@ -276,7 +296,7 @@ def _worker_run(spec: RunSpec, run_dir: Path, keep_weights: bool) -> dict[str, A
                    keep_weights=keep_weights)
 
 
-def _run_parallel(study, study_dir, corpus, progress, finish, keep_weights, workers, threads) -> None:
+def _run_parallel(study, study_dir, corpus, progress, finish, fail, keep_weights, workers, threads) -> None:
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -320,6 +340,9 @@ def _run_parallel(study, study_dir, corpus, progress, finish, keep_weights, work
                     result = fut.result()
                 except Interrupted as e:
                     interrupted = interrupted or e
+                    continue
+                except Exception as e:  # the run's error, with the worker's traceback
+                    fail(spec, e)
                     continue
                 if result is not None:
                     completed[spec.name] = _work(spec)
@@ -373,8 +396,10 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def _write_summary(study_dir: Path, study: Study, results: list[dict[str, Any]], prov: dict[str, Any]) -> None:
-    summary = {"study": study.name, "description": study.description, "provenance": prov, "runs": results}
+def _write_summary(study_dir: Path, study: Study, results: list[dict[str, Any]], prov: dict[str, Any],
+                   failures: dict[str, str] | None = None) -> None:
+    summary = {"study": study.name, "description": study.description, "provenance": prov, "runs": results,
+               "failed": [{"name": name, "error": text} for name, text in (failures or {}).items()]}
     tmp = study_dir / "summary.json.tmp"
     tmp.write_text(json.dumps(_json_safe(summary), indent=1, default=str))
     tmp.replace(study_dir / "summary.json")
