@@ -198,3 +198,5 @@ def test_a_failing_run_is_reported_and_the_others_go_on(tmp_path, corpus, worker
     summary = json.loads((tmp_path / "crash" / "summary.json").read_text())
     (failed,) = summary["failed"]
     assert failed["name"] == "bad" and "divisible" in failed["error"] and "Traceback" in failed["error"]
+    html = report.read_text()
+    assert "Failed runs" in html and "divisible" in html

@@ -339,7 +339,8 @@ _TEST_WORDS = {"directional": "> margin", "equivalence": "|x| < margin", "noninf
 
 
 def write_html(out: Path, study_name: str, description: str, rows: list[dict[str, Any]],
-               results: list[Result], plots: dict[str, Path], prov: dict[str, Any]) -> Path:
+               results: list[Result], plots: dict[str, Path], prov: dict[str, Any],
+               failures: dict[str, str] | None = None) -> Path:
     esc = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>normlab study: {esc(study_name)}</title>"
              f"<style>{_CSS}</style></head><body>",
@@ -348,6 +349,13 @@ def write_html(out: Path, study_name: str, description: str, rows: list[dict[str
     for k, v in prov.items():
         parts.append(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>")
     parts.append("</table>")
+    if failures:
+        parts.append(f"<h2>Failed runs</h2><p class='caveat'>{len(failures)} run(s) raised; the claims are judged "
+                     "on the runs that finished. Tracebacks are in summary.json.</p><table>"
+                     "<tr><th>run</th><th>error</th></tr>")
+        for name, text in failures.items():
+            parts.append(f"<tr><td class='name'>{esc(name)}</td><td>{esc(text.splitlines()[-1])}</td></tr>")
+        parts.append("</table>")
     if rows:
         parts.append(
             "<h2>Claims</h2><p class='src'>Each row tests one half of a paper's claim. The estimate is a mean over "

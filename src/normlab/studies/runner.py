@@ -221,7 +221,7 @@ def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, con
         _write_summary(study_dir, study, ordered, prov, failures)
         rows = judge_all(study.claims, ordered, study.margins)
         (study_dir / "claims.json").write_text(json.dumps(_json_safe(rows), indent=1))
-        report = write_report(study_dir, study, ordered, prov, rows)
+        report = write_report(study_dir, study, ordered, prov, rows, failures)
     return ordered, report
 
 
@@ -406,8 +406,8 @@ def _write_summary(study_dir: Path, study: Study, results: list[dict[str, Any]],
 
 
 def write_report(study_dir: Path, study: Study, results: list[dict[str, Any]], prov: dict[str, Any],
-                 rows: list[dict[str, Any]]) -> Path:
+                 rows: list[dict[str, Any]], failures: dict[str, str] | None = None) -> Path:
     metrics = {r["name"]: load_metrics(study_dir / r["name"]) for r in results}
     plots = make_plots(study_dir, results, metrics)
     write_markdown(study_dir, study.name, rows, prov, results)
-    return write_html(study_dir, study.name, study.description, rows, results, plots, prov)
+    return write_html(study_dir, study.name, study.description, rows, results, plots, prov, failures)
