@@ -12,28 +12,20 @@ import torch
 
 from normlab.models import TransformerConfig, TransformerLM
 from normlab.studies import runner
-from normlab.studies.data import ByteCorpus, fixed_windows
+from normlab.studies.data import fixed_windows
 from normlab.studies.spec import RunSpec, Study
 from normlab.studies.train import Env, Interrupted, Task, build_model, run_one
+from tests.studies.conftest import MICRO, cpu_env, micro_spec
 
-MICRO = {"d_model": 16, "n_heads": 2, "d_ff": 32, "dropout": 0.0, "n_layers": 2}
+_cpu = cpu_env
 
 
 def _spec(name="r", **kw):
-    base = dict(name=name, model={**MICRO, "placement": "pre"}, steps=6, batch_size=4, seq_len=16, eval_every=3,
-                val_bytes=4096, val_bytes_during=1024, log_every=1, diag_every=0, checkpoint_every=100,
+    """The shared micro run, shorter, without diagnostics or periodic checkpoints."""
+    base = dict(steps=6, eval_every=3, diag_every=0, checkpoint_every=100,
                 tags={"study": "norms", "group": "layernorm"})
     base.update(kw)
-    return RunSpec(**base)
-
-
-@pytest.fixture(scope="module")
-def corpus():
-    return ByteCorpus.from_path(max_bytes=200_000)
-
-
-def _cpu():
-    return Env(device=torch.device("cpu"))
+    return micro_spec(name, **base)
 
 
 def test_fixed_windows_are_the_prefix_in_order():

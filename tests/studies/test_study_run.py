@@ -18,28 +18,9 @@ from normlab.studies.presets import get_study, preset_names
 from normlab.studies.runner import apply_overrides, run_study
 from normlab.studies.spec import RunSpec, Study
 from normlab.studies.train import Env, Interrupted, Task, run_one
+from tests.studies.conftest import MICRO, cpu_env, micro_spec
 
-MICRO = {"d_model": 16, "n_heads": 2, "d_ff": 32, "dropout": 0.0, "n_layers": 2}
-
-
-def _spec(name="r", **kw):
-    base = dict(name=name, model={**MICRO, "placement": "pre"}, steps=8, batch_size=4, seq_len=16,
-                eval_every=4, eval_batches=1, val_bytes=4096, val_bytes_during=1024, log_every=1, diag_every=3,
-                checkpoint_every=3,
-                tags={"study": "warmup", "group": "pre"})
-    base.update(kw)
-    return RunSpec(**base)
-
-
-@pytest.fixture(scope="module")
-def corpus():
-    from normlab.studies.data import ByteCorpus
-
-    return ByteCorpus.from_path(max_bytes=200_000)
-
-
-def _cpu():
-    return Env(device=torch.device("cpu"))
+_spec, _cpu = micro_spec, cpu_env
 
 
 @pytest.mark.parametrize("name", preset_names())
