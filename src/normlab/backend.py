@@ -49,9 +49,7 @@ class set_backend:
         if name == "triton" and triton_available():
             # register the kernels now: torch.compile cannot trace the import that a
             # first use would otherwise run
-            from normlab.ops import triton_ops
-
-            triton_ops()
+            importlib.import_module("normlab.ops.triton")  # it hands itself to normlab.ops
         self._previous = get_backend()
         _current = name
 
@@ -102,7 +100,7 @@ def resolve(x: torch.Tensor) -> str:
     if choice == "torch":
         return "torch"
     if choice == "auto":
-        return auto_choice(x.is_cuda, x.dtype, x.numel()) if x.is_cuda else "torch"
+        return auto_choice(True, x.dtype, x.numel()) if x.is_cuda else "torch"
     if not triton_available():
         raise RuntimeError(
             "normlab backend 'triton' was asked for, but triton is not installed "

@@ -240,7 +240,8 @@ class _RMSNormEager(torch.autograd.Function):
 
 
 def _plain_eager() -> bool:
-    """No torch.func transform and no compilation: the cheap autograd.Function form works."""
+    """No torch.func transform and no compilation (per-example calls reach here under
+    compile): the cheap autograd.Function form works."""
     return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
 
 

@@ -81,3 +81,16 @@ def add_rms_norm(x, residual, weight, eps, *, normalized_shape, **kw):
 
 # dropout_add alone has no reduction to fuse: it is elementwise and torch's own ops run it
 dropout_add = eager.dropout_add
+
+
+def _announce() -> None:
+    """Hand this module to ``normlab.ops`` (however it was imported), so choosing the triton
+    backend never runs an import on the op path."""
+    import sys
+
+    import normlab.ops
+
+    normlab.ops._triton = sys.modules[__name__]
+
+
+_announce()
