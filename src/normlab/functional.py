@@ -15,12 +15,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from normlab.backend import get_backend
 from normlab.errors import NormArgumentError, NormDtypeError
 from normlab.ops import backend_ops
+from normlab.ops.eager import NATIVE_RMS_MAX_NUMEL
 
 __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "dropout_add"]
 
 _HALF = (torch.float16, torch.bfloat16)
+_isfinite = math.isfinite
 
 
 # ---------------------------------------------------------------------------- checks
@@ -313,6 +316,15 @@ def _add_rms_norm(
 # ---------------------------------------------------------------------------- the public ops
 # The signatures carry no per-example buffer: per-example gradient norms are an opt-in
 # variant (``normlab.diagnostics.per_example``), entered by ``per_example_grad_norms``.
+#
+# The common CPU call takes a short path: where the checked path would end in torch's own
+# op (``ops.eager``: torch's fused layer_norm; rms_norm up to NATIVE_RMS_MAX_NUMEL elements
+# with a weight in x's dtype), the public op calls that op first. torch's op checks the
+# same shapes, devices and dtypes (the parity tests cover every case where it accepts
+# what normlab refuses, which the guards here exclude: non-finite eps, broadcasting
+# residuals, dropout_p outside [0, 1]); a call it refuses goes on to the checked path,
+# which raises normlab's error naming the argument. This keeps the host time of a small
+# call at torch's (docs/kernels.md, "Host time").
 
 
 def layer_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
@@ -321,6 +333,12 @@ def layer_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor 
 
     y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias, biased variance, statistics in
     float32 (float64 for float64 input); same semantics as ``torch.nn.functional.layer_norm``."""
+    if type(x) is Tensor and x.is_cpu and type(eps) is float and _isfinite(eps) and get_backend() != "triton":
+        try:
+            return torch.layer_norm(
+                x, (normalized_shape,) if type(normalized_shape) is int else normalized_shape, weight, bias, eps)
+        except Exception:  # noqa: BLE001 - the checked path below names the bad argument
+            pass
     return _layer_norm(x, normalized_shape, weight, bias, eps)
 
 
@@ -330,7 +348,35 @@ def rms_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | 
 
     y = x / sqrt(mean(x^2) + eps) * weight; eps=None uses float32's machine epsilon
     (float64's for float64 input), as ``torch.nn.functional.rms_norm``. Output keeps x's dtype."""
+    if type(x) is Tensor and x.is_cpu and (eps is None or (type(eps) is float and _isfinite(eps))) \
+            and get_backend() != "triton":
+        try:
+            # torch takes complex input, which normlab refuses (docs/kernels.md)
+            if x.numel() <= NATIVE_RMS_MAX_NUMEL and (weight is None or weight.dtype is x.dtype) \
+                    and x.is_floating_point():
+                return torch.rms_norm(
+                    x, (normalized_shape,) if type(normalized_shape) is int else normalized_shape, weight, eps)
+        except Exception:  # noqa: BLE001 - the checked path below names the bad argument
+            pass
     return _rms_norm(x, normalized_shape, weight, eps)
+
+
+def _plain_residual_add(x: Tensor, residual: Tensor | None, eps: float | None, eps_optional: bool,
+                        dropout_p: float, training: bool, generator: torch.Generator | None,
+                        residual_dtype: torch.dtype | None) -> Tensor | None:
+    """residual + x for a fused add+norm call whose checked path is that sum and then
+    torch's norm (CPU, no dropout, one dtype, no generator, a finite eps), else None."""
+    if (type(x) is Tensor and type(residual) is Tensor and x.is_cpu
+            and (residual_dtype is None or residual_dtype is x.dtype) and generator is None and type(dropout_p) is float and 0.0 <= dropout_p <= 1.0
+            and (dropout_p == 0.0 or not training)
+            and ((eps is None and eps_optional) or (type(eps) is float and _isfinite(eps)))
+            and x.dtype is residual.dtype and x.dtype is not torch.float64
+            and residual.shape == x.shape and get_backend() != "triton"):
+        try:
+            return residual + x
+        except Exception:  # noqa: BLE001 - the checked path names the bad argument
+            return None
+    return None
 
 
 def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
@@ -343,6 +389,15 @@ def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bi
     out          = layer_norm(new_residual) over normalized_shape (default: weight's
                    shape, the last dim without weight and bias), in x's dtype.
     Post-LN uses ``out`` as the next residual, Pre-LN uses ``new_residual``."""
+    if weight is not None or normalized_shape is not None:
+        h = _plain_residual_add(x, residual, eps, False, dropout_p, training, generator, residual_dtype)
+        if h is not None:
+            try:
+                shape = weight.shape if normalized_shape is None else \
+                    (normalized_shape,) if type(normalized_shape) is int else normalized_shape
+                return torch.layer_norm(h, shape, weight, bias, eps), h
+            except Exception:  # noqa: BLE001 - the checked path below names the bad argument
+                pass
     return _add_layer_norm(x, residual, weight, bias, eps, dropout_p=dropout_p, training=training,
                            generator=generator, residual_dtype=residual_dtype, normalized_shape=normalized_shape)
 
@@ -352,5 +407,16 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps:
                  residual_dtype: torch.dtype | None = None,
                  normalized_shape: int | Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
     """Fused residual add + dropout + RMSNorm: returns (out, new_residual), as add_layer_norm."""
+    if weight is not None or normalized_shape is not None:
+        h = _plain_residual_add(x, residual, eps, True, dropout_p, training, generator, residual_dtype)
+        if h is not None:
+            try:
+                if h.numel() <= NATIVE_RMS_MAX_NUMEL and (weight is None or weight.dtype is h.dtype) \
+                        and h.is_floating_point():
+                    shape = weight.shape if normalized_shape is None else \
+                    (normalized_shape,) if type(normalized_shape) is int else normalized_shape
+                    return torch.rms_norm(h, shape, weight, eps), h
+            except Exception:  # noqa: BLE001 - the checked path below names the bad argument
+                pass
     return _add_rms_norm(x, residual, weight, eps, dropout_p=dropout_p, training=training, generator=generator,
                          residual_dtype=residual_dtype, normalized_shape=normalized_shape)

@@ -129,6 +129,10 @@ def test_any_finite_eps_as_torch_and_a_0dim_tensor_eps():
         F.layer_norm(x, 6, eps=float("nan"))
 
 
+class _Sub(torch.Tensor):
+    """A tensor subclass: the modules' path for tensors other than plain CPU ones."""
+
+
 @pytest.mark.parametrize("cls,op", [(normlab.LayerNorm, "layer_norm"), (normlab.RMSNorm, "rms_norm")])
 def test_modules_check_a_call_signature_once(cls, op, monkeypatch):
     from normlab import functional
@@ -137,16 +141,15 @@ def test_modules_check_a_call_signature_once(cls, op, monkeypatch):
     real = getattr(functional, "_" + op)  # where the checks run, for the public op and its per-example variant
     monkeypatch.setattr(functional, "_" + op, lambda *a, **k: checks.append(1) or real(*a, **k))
     norm = cls(16)
-    x = torch.randn(4, 16)
+    x = torch.randn(4, 16).as_subclass(_Sub)
     first = norm(x)
     assert norm(x).equal(first) and len(checks) == 1  # the second call skips the checks
-    norm(torch.randn(9, 16))  # another row count: same signature
+    norm(torch.randn(9, 16).as_subclass(_Sub))  # another row count: same signature
     assert len(checks) == 1
-    norm(x.double().float().to(torch.bfloat16).float())  # same dtype again
-    norm(torch.randn(2, 3, 16))  # another rank: checked
+    norm(torch.randn(2, 3, 16).as_subclass(_Sub))  # another rank: checked
     assert len(checks) == 2
     with pytest.raises(NormArgumentError):  # a bad last dim is caught on its first call
-        norm(torch.randn(4, 15))
+        norm(torch.randn(4, 15).as_subclass(_Sub))
     norm.double()  # parameters moved: signatures forgotten
     norm(x.double())
     assert len(checks) == 4
@@ -157,6 +160,28 @@ def test_modules_check_a_call_signature_once(cls, op, monkeypatch):
     norm(x.double())
     norm(x.double())
     assert len(checks) == 7
+
+
+@pytest.mark.parametrize("cls,op", [(normlab.LayerNorm, "layer_norm"), (normlab.RMSNorm, "rms_norm")])
+def test_modules_on_a_cpu_call_torchs_op_and_check_only_what_it_refuses(cls, op, monkeypatch):
+    from normlab import functional
+
+    checks = []
+    real = getattr(functional, "_" + op)
+    monkeypatch.setattr(functional, "_" + op, lambda *a, **k: checks.append(1) or real(*a, **k))
+    norm = cls(16)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(4, 16)
+    theirs = torch.nn.LayerNorm(16) if op == "layer_norm" else torch.nn.RMSNorm(16)
+    theirs.load_state_dict(norm.state_dict())
+    assert norm(x).equal(theirs(x)) and not checks  # torch's op, no check of normlab's
+    with pytest.raises(NormArgumentError, match="normalized_shape"):  # torch refused: normlab's error
+        norm(torch.randn(4, 15))
+    assert len(checks) == 1
+    norm.eps = float("inf")  # a value torch would take: the guard sends it to the checks
+    with pytest.raises(NormArgumentError, match="eps"):
+        norm(x)
+    assert len(checks) == 2
 
 
 @pytest.mark.parametrize("rows", [4, 64])  # torch's path and normlab's

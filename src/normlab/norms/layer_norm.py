@@ -117,15 +117,23 @@ class LayerNorm(_CheckedOnce, _PerExampleGradSq, ResidualNorm, nn.LayerNorm):
     """y = (x - E[x]) / sqrt(Var[x] + eps) * gamma + beta (Ba et al. 2016, "Layer Normalization")."""
 
     def normalize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        if len(self.normalized_shape) == 1 and not self.collect_per_example_grad_sq \
-                and not torch.compiler.is_compiling():
-            return self._call("layer_norm", F.layer_norm, x, self.normalized_shape, self.weight, self.bias,
-                              self.eps)
+        if not self.collect_per_example_grad_sq:
+            params = self._parameters  # nn.Module.__getattr__ costs ~1 us a parameter
+            if "weight" in params and "bias" in params:
+                if x.__class__ is Tensor and x.is_cpu:  # functional's short path to torch's op
+                    return F.layer_norm(x, self.normalized_shape, params["weight"], params["bias"], self.eps)
+                if len(self.normalized_shape) == 1 and not torch.compiler.is_compiling():
+                    return self._call("layer_norm", F.layer_norm, x, self.normalized_shape,
+                                      params["weight"], params["bias"], self.eps)
         return self._watch_backward(F._layer_norm(
             x, self.normalized_shape, self.weight, self.bias, self.eps,
             per_example_grad_sq=self._per_example_buffer(x)))
 
     def add_normalize(self, x, residual, dropout_p, residual_dtype, padding_mask):
+        if not self.collect_per_example_grad_sq:
+            return F.add_layer_norm(x, residual, self.weight, self.bias, self.eps, dropout_p=dropout_p,
+                                    training=self.training, residual_dtype=residual_dtype,
+                                    normalized_shape=self.normalized_shape)
         return self._watch_backward(F._add_layer_norm(
             x, residual, self.weight, self.bias, self.eps, dropout_p=dropout_p,
             training=self.training, residual_dtype=residual_dtype,
@@ -139,14 +147,22 @@ class RMSNorm(_CheckedOnce, _PerExampleGradSq, ResidualNorm, nn.RMSNorm):
     """y = x / sqrt(mean(x^2) + eps) * gamma (Zhang & Sennrich 2019, "Root Mean Square Layer Normalization")."""
 
     def normalize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        if len(self.normalized_shape) == 1 and not self.collect_per_example_grad_sq \
-                and not torch.compiler.is_compiling():
-            return self._call("rms_norm", F.rms_norm, x, self.normalized_shape, self.weight, self.eps)
+        if not self.collect_per_example_grad_sq:
+            params = self._parameters  # nn.Module.__getattr__ costs ~1 us a parameter
+            if "weight" in params:
+                if x.__class__ is Tensor and x.is_cpu:  # functional's short path to torch's op
+                    return F.rms_norm(x, self.normalized_shape, params["weight"], self.eps)
+                if len(self.normalized_shape) == 1 and not torch.compiler.is_compiling():
+                    return self._call("rms_norm", F.rms_norm, x, self.normalized_shape, params["weight"],
+                                      self.eps)
         return self._watch_backward(F._rms_norm(
             x, self.normalized_shape, self.weight, self.eps,
             per_example_grad_sq=self._per_example_buffer(x)))
 
     def add_normalize(self, x, residual, dropout_p, residual_dtype, padding_mask):
+        if not self.collect_per_example_grad_sq:
+            return F.add_rms_norm(x, residual, self.weight, self.eps, dropout_p=dropout_p, training=self.training,
+                                  residual_dtype=residual_dtype, normalized_shape=self.normalized_shape)
         return self._watch_backward(F._add_rms_norm(
             x, residual, self.weight, self.eps, dropout_p=dropout_p, training=self.training,
             residual_dtype=residual_dtype, normalized_shape=self.normalized_shape,
