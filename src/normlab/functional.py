@@ -24,6 +24,9 @@ __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "dropout_
 
 _HALF = (torch.float16, torch.bfloat16)
 _isfinite = math.isfinite
+# the dtypes whose fused add is a plain ``residual + x`` on the torch backend (float64 goes
+# through the reference, which gives the same sum)
+_SHORT_ADD_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32))
 
 
 # ---------------------------------------------------------------------------- checks
@@ -361,21 +364,23 @@ def rms_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | 
     return _rms_norm(x, normalized_shape, weight, eps)
 
 
-def _plain_residual_add(x: Tensor, residual: Tensor | None, eps: float | None, eps_optional: bool,
-                        dropout_p: float, training: bool, generator: torch.Generator | None,
+def _plain_residual_add(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps: float | None,
+                        rms: bool, dropout_p: float, training: bool, generator: torch.Generator | None,
                         residual_dtype: torch.dtype | None) -> Tensor | None:
     """residual + x for a fused add+norm call whose checked path is that sum and then
-    torch's norm (CPU, no dropout, one dtype, no generator, a finite eps), else None."""
-    if (type(x) is Tensor and type(residual) is Tensor and x.is_cpu
-            and (residual_dtype is None or residual_dtype is x.dtype) and generator is None and type(dropout_p) is float and 0.0 <= dropout_p <= 1.0
-            and (dropout_p == 0.0 or not training)
-            and ((eps is None and eps_optional) or (type(eps) is float and _isfinite(eps)))
-            and x.dtype is residual.dtype and x.dtype is not torch.float64
-            and residual.shape == x.shape and get_backend() != "triton"):
-        try:
+    torch's norm (CPU; no dropout, generator or mixed dtypes; a finite eps; for RMSNorm a
+    weight in x's dtype and at most NATIVE_RMS_MAX_NUMEL elements), else None."""
+    try:
+        if (type(x) is Tensor and type(residual) is Tensor and x.is_cpu and generator is None
+                and (dt := x.dtype) in _SHORT_ADD_DTYPES and residual.dtype is dt
+                and (residual_dtype is None or residual_dtype is dt)
+                and type(dropout_p) is float and 0.0 <= dropout_p <= 1.0 and (dropout_p == 0.0 or not training)
+                and ((type(eps) is float and _isfinite(eps)) or (eps is None and rms))
+                and (not rms or ((weight is None or weight.dtype is dt) and x.numel() <= NATIVE_RMS_MAX_NUMEL))
+                and residual.shape == x.shape and get_backend() != "triton"):
             return residual + x
-        except Exception:  # noqa: BLE001 - the checked path names the bad argument
-            return None
+    except Exception:  # noqa: BLE001 - the checked path names the bad argument
+        pass
     return None
 
 
@@ -389,15 +394,13 @@ def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bi
     out          = layer_norm(new_residual) over normalized_shape (default: weight's
                    shape, the last dim without weight and bias), in x's dtype.
     Post-LN uses ``out`` as the next residual, Pre-LN uses ``new_residual``."""
-    if weight is not None or normalized_shape is not None:
-        h = _plain_residual_add(x, residual, eps, False, dropout_p, training, generator, residual_dtype)
-        if h is not None:
-            try:
-                shape = weight.shape if normalized_shape is None else \
-                    (normalized_shape,) if type(normalized_shape) is int else normalized_shape
-                return torch.layer_norm(h, shape, weight, bias, eps), h
-            except Exception:  # noqa: BLE001 - the checked path below names the bad argument
-                pass
+    if (weight is not None or normalized_shape is not None) and (h := _plain_residual_add(
+            x, residual, weight, eps, False, dropout_p, training, generator, residual_dtype)) is not None:
+        try:
+            return torch.layer_norm(h, weight.shape if normalized_shape is None else (normalized_shape,)
+                                    if type(normalized_shape) is int else normalized_shape, weight, bias, eps), h
+        except Exception:  # noqa: BLE001 - the checked path below names the bad argument
+            pass
     return _add_layer_norm(x, residual, weight, bias, eps, dropout_p=dropout_p, training=training,
                            generator=generator, residual_dtype=residual_dtype, normalized_shape=normalized_shape)
 
@@ -407,16 +410,12 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps:
                  residual_dtype: torch.dtype | None = None,
                  normalized_shape: int | Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
     """Fused residual add + dropout + RMSNorm: returns (out, new_residual), as add_layer_norm."""
-    if weight is not None or normalized_shape is not None:
-        h = _plain_residual_add(x, residual, eps, True, dropout_p, training, generator, residual_dtype)
-        if h is not None:
-            try:
-                if h.numel() <= NATIVE_RMS_MAX_NUMEL and (weight is None or weight.dtype is h.dtype) \
-                        and h.is_floating_point():
-                    shape = weight.shape if normalized_shape is None else \
-                    (normalized_shape,) if type(normalized_shape) is int else normalized_shape
-                    return torch.rms_norm(h, shape, weight, eps), h
-            except Exception:  # noqa: BLE001 - the checked path below names the bad argument
-                pass
+    if (weight is not None or normalized_shape is not None) and (h := _plain_residual_add(
+            x, residual, weight, eps, True, dropout_p, training, generator, residual_dtype)) is not None:
+        try:
+            return torch.rms_norm(h, weight.shape if normalized_shape is None else (normalized_shape,)
+                                  if type(normalized_shape) is int else normalized_shape, weight, eps), h
+        except Exception:  # noqa: BLE001 - the checked path below names the bad argument
+            pass
     return _add_rms_norm(x, residual, weight, eps, dropout_p=dropout_p, training=training, generator=generator,
                          residual_dtype=residual_dtype, normalized_shape=normalized_shape)

@@ -1,0 +1,103 @@
+"""Time per call of normlab's public ops and modules against torch's, on a CPU, at the
+small shapes where the host's work is the whole cost.
+
+Each case runs beside its torch counterpart in interleaved rounds (all cases once per
+round, in turn), so drifts in the machine's speed hit both alike; the table gives the
+median over rounds and the ratio of the two medians (torch / normlab: above 1, normlab
+is faster).
+
+    python benchmarks/host_time_cpu.py [--rounds 21] [--out benchmarks/results/host-time-cpu.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import timeit
+
+import torch
+import torch.nn.functional as TF
+
+import normlab
+from normlab import functional as F
+
+
+def _cases(rows: int, hidden: int, dtype: torch.dtype, grad: bool):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, hidden, generator=g).to(dtype).requires_grad_(grad)
+    r = torch.randn(rows, hidden, generator=g).to(dtype).requires_grad_(grad)
+    w = torch.randn(hidden, generator=g).to(dtype).requires_grad_(grad)
+    b = torch.randn(hidden, generator=g).to(dtype).requires_grad_(grad)
+    dy = torch.randn(rows, hidden, generator=g).to(dtype)
+    ln_t, ln_n = torch.nn.LayerNorm(hidden, dtype=dtype), normlab.LayerNorm(hidden, dtype=dtype)
+    rms_t, rms_n = torch.nn.RMSNorm(hidden, dtype=dtype), normlab.RMSNorm(hidden, dtype=dtype)
+
+    def run(f):
+        if not grad:
+            return f
+        def fb():
+            out = f()
+            (out[0] if isinstance(out, tuple) else out).backward(dy)
+        return fb
+
+    return {
+        "layer_norm": (run(lambda: TF.layer_norm(x, (hidden,), w, b)), run(lambda: F.layer_norm(x, hidden, w, b))),
+        "rms_norm": (run(lambda: TF.rms_norm(x, (hidden,), w)), run(lambda: F.rms_norm(x, hidden, w))),
+        "add_layer_norm": (run(lambda: TF.layer_norm(x + r, (hidden,), w, b)),
+                           run(lambda: F.add_layer_norm(x, r, w, b))),
+        "add_rms_norm": (run(lambda: TF.rms_norm(x + r, (hidden,), w)), run(lambda: F.add_rms_norm(x, r, w))),
+        "LayerNorm module": (run(lambda: ln_t(x)), run(lambda: ln_n(x))),
+        "RMSNorm module": (run(lambda: rms_t(x)), run(lambda: rms_n(x))),
+    }
+
+
+def measure(rows, hidden, dtype, grad, rounds, number) -> list[tuple[str, float, float]]:
+    cases = _cases(rows, hidden, dtype, grad)
+    times = {name: ([], []) for name in cases}
+    for theirs, ours in cases.values():
+        for _ in range(max(number // 10, 20)):
+            theirs()
+            ours()
+    for _ in range(rounds):
+        for name, (theirs, ours) in cases.items():
+            times[name][0].append(timeit.timeit(theirs, number=number) / number * 1e6)
+            times[name][1].append(timeit.timeit(ours, number=number) / number * 1e6)
+    return [(name, statistics.median(t), statistics.median(o)) for name, (t, o) in times.items()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=21)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None, help="write the table as Markdown here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    lines = [
+        "# Time per call on a CPU: normlab's public ops and modules against torch's",
+        "",
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), "
+        f"torch {torch.__version__}, backend {normlab.get_backend()}. Medians over {args.rounds} "
+        "interleaved rounds (`benchmarks/host_time_cpu.py`); ratio = torch / normlab (above 1: "
+        "normlab faster). torch's fused add+norm counterpart is `x + r` then its norm.",
+        "",
+        "| op | dtype | shape | pass | torch us | normlab us | ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for dtype in (torch.float32, torch.bfloat16):
+        for rows, hidden in ((8, 64), (256, 128)):
+            for grad in (False, True):
+                number = 200 if grad else 1000
+                for name, t, o in measure(rows, hidden, dtype, grad, args.rounds, number):
+                    line = (f"| {name} | {str(dtype).removeprefix('torch.')} | {rows}x{hidden} | "
+                            f"{'fwd+bwd' if grad else 'fwd'} | {t:.1f} | {o:.1f} | {t / o:.2f} |")
+                    print(line, flush=True)
+                    lines.append(line)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
