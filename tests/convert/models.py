@@ -98,6 +98,32 @@ def hf_model(name: str) -> nn.Module:
             vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=64, max_position_embeddings=16, hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0))
+    layers = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    if name.startswith("gpt_neox"):  # gpt_neox: parallel residual; gpt_neox_sequential
+        return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+            **layers, intermediate_size=64, use_parallel_residual=name == "gpt_neox"))
+    if name.startswith("opt"):  # opt; opt_project (narrower embedding); opt_post (350m's Post-LN)
+        return transformers.OPTForCausalLM(transformers.OPTConfig(
+            **layers, ffn_dim=64, max_position_embeddings=32, word_embed_proj_dim=16 if name == "opt_project" else 32,
+            do_layer_norm_before=name != "opt_post"))
+    if name.startswith("falcon"):  # falcon (7B layout); falcon_new (two norms); falcon_sequential
+        extra = {"falcon": {}, "falcon_new": dict(new_decoder_architecture=True, num_kv_heads=2),
+                 "falcon_sequential": dict(parallel_attn=False, bias=True)}[name]
+        return transformers.FalconForCausalLM(transformers.FalconConfig(**layers, **extra))
+    if name.startswith("phi") and name != "phi3":  # phi; phi_qk (LayerNorms on q and k)
+        return transformers.PhiForCausalLM(transformers.PhiConfig(
+            **layers, intermediate_size=64, qk_layernorm=name == "phi_qk"))
+    if name == "phi3":
+        return transformers.Phi3ForCausalLM(transformers.Phi3Config(
+            **layers, intermediate_size=64, pad_token_id=0, bos_token_id=0, eos_token_id=0))
+    if name == "qwen3":
+        return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**small, head_dim=8))
+    if name == "roberta":
+        return transformers.RobertaForMaskedLM(transformers.RobertaConfig(
+            **layers, intermediate_size=64, max_position_embeddings=40, pad_token_id=1,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    if name == "bloom":  # a family outside normlab's table
+        return transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=4))
     if name == "t5":
         return transformers.T5ForConditionalGeneration(transformers.T5Config(
             vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,

@@ -23,7 +23,8 @@ def test_torch_prenorm_lm_folds_blocks_and_reports_head_without_bias():
     report = fold_norm_affine(model).normlab_report
     torch.testing.assert_close(_out(model, idx), y0, atol=1e-5, rtol=1e-5)
     assert report.paths("folded") == [f"encoder.layers.{i}.norm{j}" for i in (0, 1) for j in (1, 2)]
-    assert report.left["ln_f"] == "cannot fold: consumer head has no bias to absorb the norm's beta"
+    assert report.left["ln_f"] == ("cannot fold: consumer head has no bias to absorb the norm's beta "
+                                   "(add_bias=True gives it one)")
     norm1 = model.encoder.layers[0].norm1
     assert isinstance(norm1, normlab.LayerNorm) and norm1.weight is None and norm1.bias is None
 

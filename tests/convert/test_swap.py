@@ -52,6 +52,23 @@ def test_torch_encoder_layers_swapped_and_fused(norm_first):
     assert isinstance(model.layers[0], nn.TransformerEncoderLayer) and is_fused(model.layers[0])
 
 
+@pytest.mark.parametrize("masks", ["bool", "float", "causal"])
+def test_fused_torch_encoder_layer_takes_every_mask_form(masks):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, norm_first=True)
+    model = perturb(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False))
+    x = torch.randn(2, 5, 16)
+    causal = nn.Transformer.generate_square_subsequent_mask(5)  # float, -inf above the diagonal
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    kw = {"bool": dict(mask=causal.isinf(), src_key_padding_mask=pad),
+          "float": dict(mask=causal, src_key_padding_mask=torch.zeros(2, 5).masked_fill(pad, float("-inf"))),
+          "causal": dict(mask=causal, is_causal=True)}[masks]
+    before = _fwd_bwd(model, x, **kw)
+    swap_norms(model)
+    assert is_fused(model.layers[0])
+    _assert_same(before, _fwd_bwd(model, x, **kw))
+
+
 def test_torch_transformer_eval_matches_fast_path():
     torch.manual_seed(0)
     model = perturb(nn.Transformer(32, 4, 2, 2, 64, dropout=0.0, batch_first=True, norm_first=True)).eval()
@@ -180,7 +197,8 @@ def test_hf_gemma_norm_left_with_reason():
     model = hf_model("gemma")
     report = swap_norms(model).normlab_report
     assert not report.paths("swapped") and len(report.left) == 5
-    assert all("forward differs" in why for why in report.left.values())
+    assert all("GemmaRMSNorm scales by (1 + weight)" in why and "max |output diff|" in why
+               for why in report.left.values())
 
 
 def test_hf_llama_bf16_swapped_within_rounding():

@@ -2,9 +2,10 @@
 
 Two sources, first match wins:
 
-1. the known-block and known-model table (``normlab.convert.blocks``);
-2. a torch.fx trace of the model, for models built from plain torch modules (norms,
-   Linear, Embedding, Dropout, MultiheadAttention and known blocks are leaves).
+1. the known-block and known-model table (``normlab.convert.blocks``), the only source
+   for Hugging Face models;
+2. a torch.fx trace of the model, for other models built from plain torch modules
+   (norms, Linear, Embedding, Dropout, MultiheadAttention and known blocks are leaves).
 
 Anything neither source establishes is reported as unknown: the transforms refuse
 rather than guess.
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from normlab.convert.blocks import BlockSpec, block_entry, block_spec, model_spec
+from normlab.convert.blocks import BlockSpec, block_entry, block_spec, hf_families, model_spec
 from normlab.convert.linear import LinearView, is_linear_like
 from normlab.norms import is_norm
 
@@ -77,7 +78,8 @@ def analyse(model: nn.Module) -> Analysis:
             a.consumers[_join(path, norm)] = [_view(model, _join(path, c.path), c.rows) for c in cons]
             a.stream_norms.add(_join(path, norm))
         for norm, cons in spec.inner_norms.items():
-            a.consumers[_join(path, norm)] = [_view(model, _join(path, c.path), c.rows) for c in cons]
+            a.consumers[_join(path, norm)] = cons if isinstance(cons, str) else [
+                _view(model, _join(path, c.path), c.rows) for c in cons]
             a.branch_norms[_join(path, norm)] = "reads its sublayer's branch, not the residual stream"
         for norm in spec.post_norms:
             a.consumers[_join(path, norm)] = (
@@ -108,10 +110,23 @@ def analyse(model: nn.Module) -> Analysis:
         else:
             a.writers = [_view(model, e) for e in mspec.embeddings] + block_writers
         return a
+    if _is_hugging_face(model):
+        # a Hugging Face model's structure comes from the table, never from a trace
+        why = (f"{type(model).__name__} is not in normlab's table of Hugging Face models "
+               f"(normlab/convert/blocks.py; it has {', '.join(hf_families())})")
+        for path, m in model.named_modules():
+            if is_norm(m):
+                a.consumers.setdefault(path, f"consumers unknown: {why}")
+        a.writers = stream_why or f"residual stream unknown: {why}"
+        return a
     _trace(model, a, blocks)
     if stream_why:
         a.writers = stream_why
     return a
+
+
+def _is_hugging_face(model: nn.Module) -> bool:
+    return any(c.__module__.startswith("transformers.") for c in type(model).__mro__)
 
 
 def _has(model: nn.Module, path: str) -> bool:

@@ -25,7 +25,6 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -46,7 +45,7 @@ class BlockSpec:
     post_norms: tuple[str, ...] = ()
     writers: tuple[str, ...] = ()
     fused_norms: tuple[str, ...] = ()  # the norms the fused forward calls with a residual
-    inner_norms: dict[str, tuple[Consumer, ...]] = field(default_factory=dict)
+    inner_norms: dict[str, tuple[Consumer, ...] | str] = field(default_factory=dict)  # str: why not foldable
     writer_norms: dict[str, str] = field(default_factory=dict)
     unknown: str | None = None
 
@@ -115,6 +114,11 @@ def block_spec(module: nn.Module) -> BlockSpec | None:
     return None if entry is None else entry.spec(module)
 
 
+def hf_families() -> list[str]:
+    """The Hugging Face model families in the model table (``gpt2``, ``llama``, ...)."""
+    return sorted({name.split(".")[2] for name in _MODELS if name.startswith("transformers.models.")})
+
+
 def model_spec(module: nn.Module) -> ModelSpec | None:
     _, spec = _lookup(_MODELS, module)
     return None if spec is None else spec(module)
@@ -136,14 +140,8 @@ def _consumers(module: nn.Module, *paths: str) -> tuple[Consumer, ...]:
 
 
 def _torch_encoder_layer_forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
-    src_key_padding_mask = F._canonical_mask(
-        mask=src_key_padding_mask, mask_name="src_key_padding_mask",
-        other_type=F._none_or_dtype(src_mask), other_name="src_mask", target_type=src.dtype,
-    )
-    src_mask = F._canonical_mask(
-        mask=src_mask, mask_name="src_mask", other_type=None, other_name="",
-        target_type=src.dtype, check_other=False,
-    )
+    # the masks go to self_attn as given: MultiheadAttention checks and converts them
+    # itself (torch's layer converts them first only for its fused fast path)
     x = src
     if self.norm_first:
         sa = self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
@@ -200,6 +198,9 @@ def _torch_decoder_layer(m: nn.Module) -> BlockSpec:
 
 # ------------------------------------------------------------- Hugging Face transformers
 
+_QK_NORM = ("it normalizes the query or key heads, whose output feeds the rotary embedding "
+            "and the attention scores, not Linear layers")
+
 # Llama and the architectures sharing its decoder layer (same attribute names, same forward)
 LLAMA_LIKE = {
     "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3",
@@ -218,6 +219,8 @@ def _llama_layer_forward(self, hidden_states, *args, **kwargs):
 
 
 def _llama_layer(m: nn.Module) -> BlockSpec:
+    # Qwen3's RMSNorms on the query and key heads read the attention's branch
+    inner = {n: _QK_NORM for n in ("self_attn.q_norm", "self_attn.k_norm") if _has(m, n)}
     return BlockSpec(
         pre_norms={
             "input_layernorm": _consumers(m, "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -225,6 +228,7 @@ def _llama_layer(m: nn.Module) -> BlockSpec:
         },
         writers=("self_attn.o_proj", "mlp.down_proj"),
         fused_norms=("post_attention_layernorm",),
+        inner_norms=inner,
     )
 
 
@@ -304,6 +308,85 @@ def _t5_ff(m: nn.Module) -> BlockSpec:
     )
 
 
+# GPT-NeoX (Pythia): two LayerNorms read the stream; with ``use_parallel_residual`` both
+# read the block's input (x + attn(ln1(x)) + mlp(ln2(x))), else the second reads x + attn.
+# Either way each norm reads the stream and feeds only its branch's input projection.
+@register_block("transformers.models.gpt_neox.modeling_gpt_neox.GPTNeoXLayer")
+def _gpt_neox_layer(m: nn.Module) -> BlockSpec:
+    return BlockSpec(
+        pre_norms={"input_layernorm": _consumers(m, "attention.query_key_value"),
+                   "post_attention_layernorm": _consumers(m, "mlp.dense_h_to_4h")},
+        writers=("attention.dense", "mlp.dense_4h_to_h"),
+    )
+
+
+# OPT: Pre-LN with ``do_layer_norm_before`` (every size but 350m), else Post-LN.
+@register_block("transformers.models.opt.modeling_opt.OPTDecoderLayer")
+def _opt_layer(m: nn.Module) -> BlockSpec:
+    writers = ("self_attn.out_proj", "fc2")
+    if not m.do_layer_norm_before:
+        return BlockSpec(post_norms=("self_attn_layer_norm", "final_layer_norm"), writers=writers)
+    return BlockSpec(
+        pre_norms={"self_attn_layer_norm": _consumers(m, "self_attn.q_proj", "self_attn.k_proj",
+                                                      "self_attn.v_proj"),
+                   "final_layer_norm": _consumers(m, "fc1")},
+        writers=writers,
+    )
+
+
+# Falcon: a parallel block (attention and MLP read the same input, both outputs added)
+# with one shared norm (7B/40B layout, ``num_ln_in_parallel_attn=1``) or one per branch
+# (``ln_attn``/``ln_mlp``, the new decoder architecture), or a sequential Pre-LN block.
+@register_block("transformers.models.falcon.modeling_falcon.FalconDecoderLayer")
+def _falcon_layer(m: nn.Module) -> BlockSpec:
+    cfg = m.config
+    writers = ("self_attention.dense", "mlp.dense_4h_to_h")
+    qkv, mlp_in = "self_attention.query_key_value", "mlp.dense_h_to_4h"
+    if cfg.new_decoder_architecture and cfg.num_ln_in_parallel_attn == 2:
+        pre = {"ln_attn": _consumers(m, qkv), "ln_mlp": _consumers(m, mlp_in)}
+    elif cfg.new_decoder_architecture or cfg.parallel_attn:
+        pre = {"input_layernorm": _consumers(m, qkv, mlp_in)}
+    else:
+        pre = {"input_layernorm": _consumers(m, qkv), "post_attention_layernorm": _consumers(m, mlp_in)}
+    return BlockSpec(pre_norms=pre, writers=writers)
+
+
+# Phi (phi-1, phi-1.5, phi-2): a parallel block with one shared LayerNorm; optional
+# LayerNorms on the query and key heads read the attention's branch, not the stream.
+@register_block("transformers.models.phi.modeling_phi.PhiDecoderLayer")
+def _phi_layer(m: nn.Module) -> BlockSpec:
+    inner = {n: _QK_NORM for n in ("self_attn.q_layernorm", "self_attn.k_layernorm") if _has(m, n)}
+    return BlockSpec(
+        pre_norms={"input_layernorm": _consumers(m, "self_attn.q_proj", "self_attn.k_proj",
+                                                 "self_attn.v_proj", "mlp.fc1")},
+        writers=("self_attn.dense", "mlp.fc2"), inner_norms=inner,
+    )
+
+
+# Phi-3: Llama's layout with packed projections (qkv_proj, gate_up_proj).
+@register_block("transformers.models.phi3.modeling_phi3.Phi3DecoderLayer")
+def _phi3_layer(m: nn.Module) -> BlockSpec:
+    return BlockSpec(
+        pre_norms={"input_layernorm": _consumers(m, "self_attn.qkv_proj"),
+                   "post_attention_layernorm": _consumers(m, "mlp.gate_up_proj")},
+        writers=("self_attn.o_proj", "mlp.down_proj"),
+    )
+
+
+# Gemma: Llama's layout; its RMSNorm scales by (1 + weight), which normlab.convert.detect
+# names when it declines the norm.
+@register_block("transformers.models.gemma.modeling_gemma.GemmaDecoderLayer")
+def _gemma_layer(m: nn.Module) -> BlockSpec:
+    return _llama_layer(m)
+
+
+# RoBERTa: BERT's Post-LN sublayer outputs and embeddings under other class names.
+register_block("transformers.models.roberta.modeling_roberta.RobertaSelfOutput",
+               "transformers.models.roberta.modeling_roberta.RobertaOutput",
+               forward=_bert_output_forward)(_bert_output)
+register_block("transformers.models.roberta.modeling_roberta.RobertaEmbeddings")(_bert_embeddings)
+
+
 # ------------------------------------------------------------------------- models
 
 
@@ -318,6 +401,49 @@ for _mod, _prefix in LLAMA_LIKE.items():
     register_model(f"{_base}ForCausalLM")(lambda r: _lm_head(r, "model.norm", ("model.embed_tokens",)))
     register_model(f"{_base}Model")(lambda r: _lm_head(r, "norm", ("embed_tokens",)))
 
+_HF = "transformers.models"
+register_model(f"{_HF}.gpt_neox.modeling_gpt_neox.GPTNeoXForCausalLM")(
+    lambda r: _lm_head(r, "gpt_neox.final_layer_norm", ("gpt_neox.embed_in",)))
+register_model(f"{_HF}.gpt_neox.modeling_gpt_neox.GPTNeoXModel")(
+    lambda r: _lm_head(r, "final_layer_norm", ("embed_in",)))
+register_model(f"{_HF}.falcon.modeling_falcon.FalconForCausalLM")(
+    lambda r: _lm_head(r, "transformer.ln_f", ("transformer.word_embeddings",)))
+register_model(f"{_HF}.falcon.modeling_falcon.FalconModel")(lambda r: _lm_head(r, "ln_f", ("word_embeddings",)))
+for _mod, _prefix in {"phi": "Phi", "phi3": "Phi3", "gemma": "Gemma"}.items():
+    _norm = "final_layernorm" if _mod == "phi" else "norm"
+    register_model(f"{_HF}.{_mod}.modeling_{_mod}.{_prefix}ForCausalLM")(
+        lambda r, n=_norm: _lm_head(r, f"model.{n}", ("model.embed_tokens",)))
+    register_model(f"{_HF}.{_mod}.modeling_{_mod}.{_prefix}Model")(
+        lambda r, n=_norm: _lm_head(r, n, ("embed_tokens",)))
+
+
+_BERT_START = "the stream starts at the embeddings' LayerNorm (Post-LN): not a sum of writers"
+for _mod, _prefix, _head_norm, _decoder in (
+        ("bert", "Bert", "cls.predictions.transform.LayerNorm", "cls.predictions.decoder"),
+        ("roberta", "Roberta", "lm_head.layer_norm", "lm_head.decoder")):
+    # the masked-LM head's norm reads the head's dense + activation, and feeds its decoder
+    register_model(f"{_HF}.{_mod}.modeling_{_mod}.{_prefix}ForMaskedLM")(
+        lambda r, n=_head_norm, d=_decoder: ModelSpec(final_norms={n: (Consumer(d),)}, embeddings=_BERT_START))
+    register_model(f"{_HF}.{_mod}.modeling_{_mod}.{_prefix}Model")(
+        lambda r: ModelSpec(final_norms={}, embeddings=_BERT_START))
+
+
+def _opt(root: nn.Module, decoder: str) -> ModelSpec:
+    """OPT: the stream starts at the token embedding (through ``project_in`` where the
+    embedding is narrower) plus the learned positions; the final norm (Pre-LN sizes only)
+    feeds ``project_out`` where present, else the head."""
+    d = root.get_submodule(decoder)
+    pre = decoder + "."
+    tokens = pre + ("project_in" if d.project_in is not None else "embed_tokens")
+    finals: dict[str, tuple[Consumer, ...] | str | None] = {}
+    if d.final_layer_norm is not None:
+        reader = pre + "project_out" if d.project_out is not None else "lm_head"
+        finals[pre + "final_layer_norm"] = (Consumer(reader),) if _has(root, reader) else None
+    return ModelSpec(final_norms=finals, embeddings=(tokens, pre + "embed_positions"))
+
+
+register_model(f"{_HF}.opt.modeling_opt.OPTForCausalLM")(lambda r: _opt(r, "model.decoder"))
+register_model(f"{_HF}.opt.modeling_opt.OPTModel")(lambda r: _opt(r, "decoder"))
 register_model("transformers.models.gpt2.modeling_gpt2.GPT2LMHeadModel")(
     lambda r: _lm_head(r, "transformer.ln_f", ("transformer.wte", "transformer.wpe")))
 register_model("transformers.models.gpt2.modeling_gpt2.GPT2Model")(

@@ -124,8 +124,21 @@ def semantics(module: nn.Module) -> NormSemantics | str:
         if ok:
             return NormSemantics(kind, shape, eps, has_w, has_b, detail)
         diffs.append(f"{kind}: {detail}")
+    known = _KNOWN_VARIANTS.get(type(module).__name__)
+    if known and type(module).__module__.startswith("transformers."):
+        return f"{type(module).__name__} {known} (probe: " + "; ".join(diffs) + ")"
     return ("forward differs from normlab's " + "; ".join(diffs)
             + " (e.g. a (1 + weight) scale, a different cast order or a mean-free variance)")
+
+
+# Hugging Face norms known to compute something else than normlab's norms; the probe
+# decides, these name the difference in the reason
+_GEMMA = "scales by (1 + weight), Gemma's zero-centred gamma, which normlab's RMSNorm does not take"
+_KNOWN_VARIANTS = {
+    "GemmaRMSNorm": _GEMMA, "Gemma2RMSNorm": _GEMMA, "Gemma3RMSNorm": _GEMMA,
+    "CohereLayerNorm": ("normalizes over the last dim only while its weight is [heads, head_dim] "
+                        "(Cohere's per-head q/k norm)"),
+}
 
 
 def _probe(module: nn.Module, cand: NormSemantics) -> tuple[bool, str]:

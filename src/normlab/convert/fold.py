@@ -13,19 +13,14 @@ from normlab.convert.linear import LinearView
 from normlab.convert.report import ConversionReport
 from normlab.convert.rms import RMSNormWithBias
 from normlab.convert.swap import (
-    _all_paths,
-    _fuse_known_blocks,
-    _selected,
+    all_paths,
+    fuse_known_blocks,
     norm_modules,
+    patterns,
     replace_module,
+    selected,
+    shared_params,
 )
-
-
-def _shared_params(model: nn.Module) -> dict[int, list[str]]:
-    names: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    return names
 
 
 def _affine_of(module: nn.Module) -> tuple[NormSemantics | str, torch.Tensor | None, torch.Tensor | None]:
@@ -40,7 +35,11 @@ def _affine_of(module: nn.Module) -> tuple[NormSemantics | str, torch.Tensor | N
     return sem, w, b
 
 
-def _check_consumers(views: list[LinearView], beta, shared, norm_path: str) -> str | None:
+def _needs_bias(v: LinearView, beta) -> bool:
+    return beta is not None and v.bias() is None and bool(beta.detach().ne(0).any())
+
+
+def _check_consumers(views: list[LinearView], beta, shared, norm_path: str, add_bias: bool) -> str | None:
     for v in views:
         why = v.check()
         if why:
@@ -50,8 +49,9 @@ def _check_consumers(views: list[LinearView], beta, shared, norm_path: str) -> s
             if others:
                 return (f"consumer {v.path} shares its parameter with {', '.join(others)} "
                         "(tied weights): folding would change the other use too")
-        if beta is not None and v.bias() is None and bool(beta.detach().ne(0).any()):
-            return f"consumer {v.path} has no bias to absorb the norm's beta"
+        if _needs_bias(v, beta) and not (add_bias and isinstance(v.module, nn.Linear)):
+            return (f"consumer {v.path} has no bias to absorb the norm's beta"
+                    + ("" if add_bias else " (add_bias=True gives it one)"))
     return None
 
 
@@ -60,6 +60,7 @@ def fold_norm_affine(
     *,
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
+    add_bias: bool = False,
 ) -> nn.Module:
     """For inference: fold each norm's gamma (and beta) into the Linear layers that read
     its output, leaving a non-affine normlab norm, in place; returns the model (the report
@@ -72,16 +73,17 @@ def fold_norm_affine(
     model with torch.fx. A norm is left (with the reason in the report) when its output
     also feeds anything but Linear layers (a non-linear path, or the residual stream as
     in Post-LN), when a consumer's weight is tied to another module, or when its
-    consumers are unknown. Exact in real arithmetic; the weights are updated in float64
-    and rounded once. The folded norms lose their weight/bias state_dict entries.
+    consumers are unknown. A norm's beta needs a bias in each consumer to go to: with
+    ``add_bias=True`` a ``torch.nn.Linear`` consumer without one gets a bias (adding a
+    ``<consumer>.bias`` state_dict entry), else the norm is left. Exact in real
+    arithmetic; the weights are updated in float64 and rounded once. The folded norms
+    lose their weight/bias state_dict entries.
     """
-    from normlab.convert.swap import _patterns
-
-    include, exclude = _patterns(include), _patterns(exclude)
+    include, exclude = patterns(include), patterns(exclude)
     report = ConversionReport("fold_norm_affine", model)
     analysis = analyse(model)
-    shared = _shared_params(model)
-    paths = _all_paths(model)
+    shared = shared_params(model)
+    paths = all_paths(model)
     for path, module in norm_modules(model):
         sem, gamma, beta = _affine_of(module)
         if isinstance(sem, str):
@@ -90,7 +92,7 @@ def fold_norm_affine(
         if gamma is None and beta is None:
             report.add(path, module, "left", "no affine parameters to fold")
             continue
-        if not all(_selected(p, include, exclude) for p in paths[id(module)]):
+        if not all(selected(p, include, exclude) for p in paths[id(module)]):
             report.add(path, module, "left", "filtered out by include/exclude")
             continue
         views = analysis.consumers.get(path, "consumers unknown")
@@ -100,7 +102,7 @@ def fold_norm_affine(
         if not views:
             report.add(path, module, "left", "cannot fold: no consumer found")
             continue
-        why = _check_consumers(views, beta, shared, path)
+        why = _check_consumers(views, beta, shared, path, add_bias)
         if why:
             report.add(path, module, "left", f"cannot fold: {why}")
             continue
@@ -108,6 +110,11 @@ def fold_norm_affine(
             g = None if gamma is None else gamma.detach()
             b = None if beta is None else beta.detach()
             for v in views:
+                if _needs_bias(v, b):
+                    w = v.module.weight
+                    v.module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
+                                                 requires_grad=w.requires_grad)
+                    report.add(v.path, v.module, "added", f"a zero bias, to absorb {path}'s beta")
                 v.fold_input_affine(g, b)
         plain = NormSemantics(sem.kind, sem.shape, sem.eps, False, False, "").build(module)
         for p in paths[id(module)]:
@@ -117,5 +124,5 @@ def fold_norm_affine(
                    + ", ".join(v.path + ("" if v.rows == "all" else f"[{v.rows}]") for v in views))
     # known blocks now holding normlab norms run normlab's forward (torch's encoder-layer
     # fast path would hand the non-affine norms' missing weights to its own kernel)
-    _fuse_known_blocks(model, report, quiet=True)
+    fuse_known_blocks(model, report, quiet=True)
     return report.attach()

@@ -18,7 +18,17 @@ import torch
 from torch import Tensor, nn
 
 from normlab import functional as F
+from normlab.convert.analysis import analyse
+from normlab.convert.detect import semantics
 from normlab.convert.report import ConversionError, ConversionReport
+from normlab.convert.swap import (
+    all_paths,
+    fuse_known_blocks,
+    norm_modules,
+    replace_module,
+    shared_params,
+)
+from normlab.convert.verify import run_outputs
 from normlab.norms import RMSNorm
 
 
@@ -50,8 +60,6 @@ class RMSNormWithBias(RMSNorm):
 
 
 def _outputs(model: nn.Module, example_inputs) -> list[Tensor]:
-    from normlab.convert.verify import run_outputs
-
     return run_outputs(model, example_inputs)
 
 
@@ -74,11 +82,6 @@ def layernorm_to_rmsnorm(model: nn.Module, *, example_inputs=None, atol: float =
     ``example_inputs`` (a tensor, tuple or dict for ``model(...)``) are given and the
     outputs before and after differ beyond ``atol``/``rtol``.
     """
-    from normlab.convert.analysis import analyse
-    from normlab.convert.detect import semantics
-    from normlab.convert.fold import _shared_params
-    from normlab.convert.swap import _all_paths, _fuse_known_blocks, norm_modules, replace_module
-
     a = analyse(model)
     if isinstance(a.writers, str):
         raise ConversionError(f"layernorm_to_rmsnorm: {a.writers}")
@@ -109,7 +112,7 @@ def layernorm_to_rmsnorm(model: nn.Module, *, example_inputs=None, atol: float =
     for path, m, why in left:
         report.add(path, m, "left", why)
     undo = []
-    shared = _shared_params(model)
+    shared = shared_params(model)
     seen = set()
     with torch.no_grad():
         for v in a.writers:
@@ -137,7 +140,7 @@ def layernorm_to_rmsnorm(model: nn.Module, *, example_inputs=None, atol: float =
             report.add(v.path + ("" if v.rows == "all" else f"[{v.rows}]"),
                        v.module if not isinstance(v.module, nn.Parameter) else "Parameter",
                        "centered", "outputs made zero-mean over the hidden dim")
-    paths = _all_paths(model)
+    paths = all_paths(model)
     for path, m, sem in plans:
         if sem.bias:
             new = RMSNormWithBias(sem.shape, eps=sem.eps, device="meta")
@@ -151,7 +154,7 @@ def layernorm_to_rmsnorm(model: nn.Module, *, example_inputs=None, atol: float =
             replace_module(model, p, new)
             undo.append(lambda p=p, m=m: replace_module(model, p, m))
         report.add(path, m, "converted", f"-> {type(new).__name__} (eps={sem.eps})")
-    _fuse_known_blocks(model, report, quiet=True)
+    fuse_known_blocks(model, report, quiet=True)
     if before is not None:
         after = _outputs(model, example_inputs)
         worst = max((float((x.double() - y.double()).abs().max()) for x, y in zip(before, after)), default=0.0)

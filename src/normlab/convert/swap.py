@@ -15,13 +15,13 @@ from normlab.norms import LayerNorm, RMSNorm, is_norm
 from normlab.norms.base import ResidualNorm
 
 
-def _patterns(p: str | Iterable[str] | None) -> tuple[str, ...] | None:
+def patterns(p: str | Iterable[str] | None) -> tuple[str, ...] | None:
     if p is None:
         return None
     return (p,) if isinstance(p, str) else tuple(p)
 
 
-def _selected(path: str, include, exclude) -> bool:
+def selected(path: str, include, exclude) -> bool:
     if include is not None and not any(fnmatch.fnmatchcase(path, pat) for pat in include):
         return False
     return not (exclude is not None and any(fnmatch.fnmatchcase(path, pat) for pat in exclude))
@@ -51,7 +51,7 @@ def norm_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def _all_paths(model: nn.Module) -> dict[int, list[str]]:
+def all_paths(model: nn.Module) -> dict[int, list[str]]:
     paths: dict[int, list[str]] = {}
     for path, m in model.named_modules(remove_duplicate=False):
         paths.setdefault(id(m), []).append(path)
@@ -78,14 +78,14 @@ def swap_norms(
     (``normlab.convert.blocks``) whose norms all became normlab's get the forward that
     fuses their residual adds into the norms.
     """
-    include, exclude = _patterns(include), _patterns(exclude)
+    include, exclude = patterns(include), patterns(exclude)
     report = ConversionReport("swap_norms", model)
-    paths = _all_paths(model)
+    paths = all_paths(model)
     for path, module in norm_modules(model):
         if isinstance(module, (LayerNorm, RMSNorm, ResidualNorm)):
             report.add(path, module, "left", "already a normlab module")
             continue
-        if not all(_selected(p, include, exclude) for p in paths[id(module)]):
+        if not all(selected(p, include, exclude) for p in paths[id(module)]):
             report.add(path, module, "left", "filtered out by include/exclude")
             continue
         sem = semantics(module)
@@ -96,7 +96,7 @@ def swap_norms(
         for p in paths[id(module)]:
             replace_module(model, p, new)
         report.add(path, module, "swapped", _describe(sem, new))
-    _fuse_known_blocks(model, report)
+    fuse_known_blocks(model, report)
     return report.attach()
 
 
@@ -104,7 +104,15 @@ def _describe(sem: NormSemantics, new: nn.Module) -> str:
     return f"-> normlab.{type(new).__name__} (eps={sem.eps}; {sem.verified})"
 
 
-def _fuse_known_blocks(model: nn.Module, report: ConversionReport, quiet: bool = False) -> None:
+def shared_params(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> every name it has in the model (several: tied)."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return names
+
+
+def fuse_known_blocks(model: nn.Module, report: ConversionReport, quiet: bool = False) -> None:
     for path, block in model.named_modules():
         base, entry = block_entry(block)
         if entry is None or entry.forward is None or is_fused(block):
