@@ -14,9 +14,10 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
+# the main job is the `normlab` command: the study extra (.[dev] includes it)
 $(VENV)/.installed-run: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q -e ".[study]"
 	touch $@
 
 $(VENV)/.installed-dev: $(BIN)/python pyproject.toml
