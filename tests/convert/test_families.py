@@ -166,3 +166,22 @@ if __name__ == "__main__":  # rewrite the table in docs/convert.md
     head, rest = text.split(BEGIN)
     DOCS.write_text(head + BEGIN + "\n" + family_table() + "\n" + END + rest.split(END)[1])
     sys.exit(0)
+
+
+# ------------------------------------------------------------ diagnostics read the table
+
+
+@pytest.mark.parametrize("name,post", [("opt_post", True), ("opt", False), ("bert", True), ("gpt_neox", False),
+                                       ("falcon", False)])
+def test_audit_reads_pre_or_post_ln_from_the_structure_table(name, post):
+    from normlab.diagnostics import audit
+    from normlab.diagnostics.audit import AuditContext
+    from normlab.diagnostics.structure import find_block_lists
+
+    model = _model(name)
+    ctx = AuditContext(model, None, None, None, find_block_lists(model))
+    assert {ctx.placement(stack) for stack, _ in ctx.block_lists} == {"post" if post else "pre"}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # no warm-up
+    deep = [f for f in audit(model, example_input=hf_inputs(name), optimizer=opt)
+            if f.code == "deep-post-ln-no-warmup"]
+    assert deep == []  # two layers: under the depth that warrants the warning

@@ -469,12 +469,12 @@ def _torch_transformer(root: nn.Module) -> ModelSpec:
 
 # ------------------------------------------------------------------ normlab's own models
 #
-# One Block class for every placement: the placement strategy's norm slots say where
-# each norm sits (normlab.models.placement): "in" reads the stream and feeds the
-# sublayer's input projections, "inner" sits inside the sublayer before its output
-# projection, "out" normalizes the sublayer's output before the residual add, "add"
-# normalizes the stream after it. The Block already calls norm(x, residual) (the fused
-# add+norm protocol), so no forward is registered.
+# One Block class for every placement, read from the placement's declared structure
+# (normlab.models.placement: ``norm_roles``, ``final_norm_reads``): a norm feeding its
+# sublayer's input reads the stream (foldable into the input projections), one feeding
+# the output projection reads the branch, one whose output is added to the stream
+# writes it, and one whose output is the stream is Post-LN. The Block already calls
+# norm(x, residual) (the fused add+norm protocol), so no forward is registered.
 
 _NORMLAB_INPUTS = {
     "attn": ("attn.q_proj", "attn.k_proj", "attn.v_proj"),
@@ -484,20 +484,9 @@ _NORMLAB_INPUTS = {
 _NORMLAB_OUTPUTS = {"attn": "attn.out_proj", "cross_attn": "cross_attn.out_proj", "ffn": "ffn.w2"}
 
 
-def _normlab_placements() -> tuple[type, ...]:
-    """The placements whose slots mean exactly what the table above says (subclasses may
-    change the data flow, so they are not assumed to)."""
-    from normlab.models import placement as P
-
-    return (P.PostNorm, P.PreNorm, P.SandwichNorm, P.DeepNorm, P.SubLN, P.ResiDual, P.PeriNorm,
-            P.NoPlacement)
-
-
 def _unknown_placement(placement) -> str | None:
-    if type(placement) in _normlab_placements():
-        return None
-    return (f"placement {type(placement).__name__} ({getattr(placement, 'name', '')!r}) is not in "
-            "normlab.convert's table (normlab/convert/blocks.py)")
+    why = type(placement).undeclared_data_flow()
+    return None if why is None else f"placement {type(placement).__name__}'s structure is not declared: {why}"
 
 
 @register_block("normlab.models.block.Block")
@@ -509,17 +498,17 @@ def _normlab_block(m: nn.Module) -> BlockSpec:
     if unknown:
         return BlockSpec(writers=writers, unknown=unknown)
     pre: dict[str, tuple[Consumer, ...]] = {}
-    inner: dict[str, tuple[Consumer, ...]] = {}
+    inner: dict[str, tuple[Consumer, ...] | str] = {}
     post: list[str] = []
     out: dict[str, str] = {}
     for s in subs:
-        for slot in place.norm_slots(s):
+        for slot, role in place.norm_roles(s):
             path = f"norms.{s}_{slot}"
-            if slot == "in":
+            if role.output == "sublayer_input":
                 pre[path] = tuple(Consumer(c) for c in _NORMLAB_INPUTS[s])
-            elif slot == "inner":
+            elif role.output == "output_projection":
                 inner[path] = (Consumer(_NORMLAB_OUTPUTS[s]),)
-            elif slot == "add":
+            elif role.output == "stream":
                 post.append(path)
             else:
                 out[path] = f"{place.name} placement: Norm_out(F) before the residual add"
@@ -537,12 +526,10 @@ def _normlab_embedding(m: nn.Module) -> BlockSpec:
 def _normlab_final(stack: nn.Module, path: str, consumers: tuple[Consumer, ...] | None) -> dict:
     if stack.final_norm is None:
         return {}
-    from normlab.models.placement import ResiDual
-
     unknown = _unknown_placement(stack.placement)
     if unknown:
         return {path: f"consumers unknown: {unknown}"}
-    if isinstance(stack.placement, ResiDual):
+    if stack.placement.final_norm_reads == "dual":
         return {path: "its output is added to the Post-LN stream (ResiDual: y = x_L + Norm_final(d_L)), "
                       "not read only by Linear layers"}
     return {path: consumers}

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
+from normlab.convert.blocks import block_spec
 from normlab.diagnostics.structure import find_block_lists, is_norm
 
 SEVERITIES = ("error", "warning", "info")
@@ -205,16 +206,17 @@ class AuditContext:
     trace_error: str | None = None
 
     def placement(self, stack: str) -> str | None:
-        """"pre", "post" or None (unknown) for the blocks of ``stack``: from the blocks'
-        ``norm_first`` (torch) or ``placement`` attribute, else from the trace."""
-        blocks = list(dict(self.block_lists)[stack].children())
-        first = blocks[0]
-        if isinstance(getattr(first, "norm_first", None), bool):
-            return "pre" if first.norm_first else "post"
-        named = getattr(first, "placement", None)
-        name = getattr(named, "name", named)
-        if isinstance(name, str) and name.lower() in ("pre", "post"):
-            return name.lower()
+        """"pre", "post", "deepnorm" (Post-LN with an up-weighted skip) or None (unknown)
+        for the blocks of ``stack``: from the model-structure table
+        (``normlab.convert.blocks``: normlab's placements, torch's layers, the Hugging
+        Face families), else from the trace."""
+        first = next(iter(dict(self.block_lists)[stack].children()))
+        # the block, or the known sublayers it is made of (BERT's BertSelfOutput/BertOutput)
+        specs = [s for s in map(block_spec, first.modules()) if s is not None]
+        if specs and all(s.unknown is None for s in specs) and any(s.post_norms or s.pre_norms for s in specs):
+            if not any(s.post_norms for s in specs):
+                return "pre"
+            return "deepnorm" if getattr(getattr(first, "placement", None), "skip_scale", 1.0) > 1.0 else "post"
         if self.trace is None:
             return None
         votes = [self._traced_placement(c) for c in self.trace.block_calls if c.stack == stack]

@@ -6,12 +6,21 @@ stack asks it how to start (``start``) and end (``finish``) the residual stream.
 else in the model knows placement names. A new placement is one class here, registered
 with ``@register_placement(name)``.
 
-Norm slots of a sublayer F (``blocks.i.norms.<sublayer>_<slot>``):
+Norm slots of a sublayer F (``blocks.i.norms.<sublayer>_<slot>``), and what each does
+(``SLOT_ROLES``, the data that ``normlab.convert`` and ``normlab.diagnostics`` read):
 
-    in     Norm(x) feeds F                          (Pre-LN and its descendants)
-    out    Norm(F(.)) before the residual add       (Sandwich, Peri-LN)
-    add    Norm(x + F(.)) after the residual add    (Post-LN, DeepNorm, ResiDual)
-    inner  inside F, before its output projection   (Sub-LN / Magneto)
+    slot   computes                                 reads       its output             used by
+    in     Norm(x) feeds F                          the stream  F's input projections  Pre-LN and descendants
+    out    Norm(F(.)) before the residual add       F's branch  is added to the stream Sandwich, Peri-LN
+    add    Norm(x + F(.)) after the residual add    the stream  is the new stream      Post-LN, DeepNorm, ResiDual
+    inner  inside F, before its output projection   F's branch  F's output projection  Sub-LN / Magneto
+
+What writes the stream: each sublayer's output projection (through its ``out`` norm
+where there is one), and the embeddings (through the embedding norm where there is
+one). A placement that changes how its sublayers run (``start``, ``sublayer``,
+``output``, ``finish``, ``stream_value``) states its ``slots`` in the same class, so
+its declared structure is never inherited from a parent whose data flow it changed
+(``Placement.undeclared_data_flow``).
 
 In the equations below F is the sublayer (self-attention, cross-attention or FFN),
 lambda is ``residual_scale`` and every F(.) passes dropout before it is added. Where a
@@ -24,7 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +44,25 @@ if TYPE_CHECKING:
     from normlab.models.config import TransformerConfig
 
 Stream = tuple  # the placement's residual state: one or two tensors (and a pending output)
+
+
+class SlotRole(NamedTuple):
+    """What a norm slot does: what it reads, and where its output goes."""
+
+    reads: str   # "stream" (the residual stream) or "branch" (a value inside the sublayer)
+    output: str  # "sublayer_input", "output_projection", "stream_write" (added to the stream)
+                 # or "stream" (it is the new stream: Post-LN)
+
+
+SLOT_ROLES: dict[str, SlotRole] = {
+    "in": SlotRole("stream", "sublayer_input"),
+    "out": SlotRole("branch", "stream_write"),
+    "add": SlotRole("stream", "stream"),
+    "inner": SlotRole("branch", "output_projection"),
+}
+
+# the methods through which a placement changes how its sublayers and stream run
+_DATA_FLOW = ("start", "sublayer", "output", "finish", "stream_value")
 
 ROLES = ("encoder", "decoder")
 
@@ -116,7 +144,10 @@ class Placement:
     name: ClassVar[str] = ""
     slots: ClassVar[tuple[str, ...]] = ()
     final_norm: ClassVar[bool] = False
-    embedding_norm: ClassVar[bool] = False
+    # what the final norm reads: "stream" (the residual stream; its output leaves the
+    # stack) or "dual" (ResiDual's second stream; its output is added to the first)
+    final_norm_reads: ClassVar[str] = "stream"
+    embedding_norm: ClassVar[bool] = False  # Norm_emb: its output is the stream's start
     gain_cross_attention: ClassVar[bool] = True  # does branch_gain reach cross-attention?
 
     def __init__(self, residual_scale: float = 1.0, skip_scale: float = 1.0,
@@ -135,6 +166,24 @@ class Placement:
     def norm_slots(self, sublayer: str) -> tuple[str, ...]:
         """The norm slots of ``sublayer`` ("attn", "cross_attn" or "ffn")."""
         return self.slots
+
+    def norm_roles(self, sublayer: str) -> tuple[tuple[str, SlotRole], ...]:
+        """(slot, what it does) for each norm of ``sublayer``."""
+        return tuple((slot, SLOT_ROLES[slot]) for slot in self.norm_slots(sublayer))
+
+    @classmethod
+    def undeclared_data_flow(cls) -> str | None:
+        """None when the declared structure (slots, final norm) describes this placement:
+        every class in its lineage that changes the data flow also states its slots.
+        Otherwise why it cannot be relied on."""
+        for c in cls.__mro__:
+            if c is Placement:
+                return None
+            changed = [m for m in _DATA_FLOW if m in vars(c)]
+            if changed and "slots" not in vars(c):
+                return (f"{c.__name__} changes {', '.join(changed)} without stating its norm slots "
+                        "(a `slots = (...)` in the same class)")
+        return None
 
     def branch(self, f: Tensor) -> Tensor:
         """lambda * F(x)."""
@@ -309,6 +358,7 @@ class ResiDual(Placement):
 
     slots = ("add",)
     final_norm = True
+    final_norm_reads = "dual"
 
     def start(self, x):
         return (x, x)
@@ -339,6 +389,8 @@ class PeriNorm(SandwichNorm):
 @register_placement("none")
 class NoPlacement(Placement):
     """No norms: x_{l+1} = x_l + lambda F(x_l) (norm-free baseline; for DyT in place of every norm use placement "pre" with norm "dyt")."""
+
+    slots = ()
 
     def sublayer(self, norms, name, fn, stream, *, dropout_p, padding_mask):
         (x,) = stream
