@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from normlab import NormArgumentError
 from normlab import functional as F
 from normlab.ops import reference as R
-from tests._tolerances import DTYPES, assert_close
+from tests._tolerances import DTYPES, GRAD, OUTPUT, assert_close
 
 HIDDEN = [1, 3, 64, 1000, 4097]
 LEADING = [(), (0,), (2,), (3, 5)]
@@ -67,13 +67,13 @@ def test_layer_norm_matches_torch_and_reference(hidden, lead, nsdims, dtype, aff
     theirs = TF.layer_norm(x, ns, w, b, 1e-5)
     ref = R.layer_norm(x, ns, w, b, 1e-5)
     assert ours.dtype == dtype and ours.shape == x.shape
-    assert_close(ours, theirs, dtype)
-    assert_close(ref, theirs, dtype)
+    assert_close(ours, theirs, dtype, OUTPUT)
+    assert_close(ref, theirs, dtype, OUTPUT)
     amp = _amplification(x, ns)
     for mine, torchs, refs in zip(_grads(ours, (x, w, b)), _grads(theirs, (x, w, b)),
                                   _grads(ref, (x, w, b))):
-        assert_close(mine, torchs, dtype, grad=True, amplification=amp)
-        assert_close(refs, torchs, dtype, grad=True, amplification=amp)
+        assert_close(mine, torchs, dtype, GRAD, amplification=amp)
+        assert_close(refs, torchs, dtype, GRAD, amplification=amp)
 
 
 @pytest.mark.parametrize("affine", ["none", "weight"])
@@ -87,20 +87,20 @@ def test_rms_norm_matches_torch_and_reference(hidden, lead, nsdims, dtype, affin
         ours = F.rms_norm(x, ns, w, eps)
         theirs = TF.rms_norm(x, ns, w, eps)
         assert ours.dtype == dtype
-        assert_close(ours, theirs, dtype)
-        assert_close(R.rms_norm(x, ns, w, eps), theirs, dtype)
+        assert_close(ours, theirs, dtype, OUTPUT)
+        assert_close(R.rms_norm(x, ns, w, eps), theirs, dtype, OUTPUT)
         for mine, torchs in zip(_grads(ours, (x, w)), _grads(theirs, (x, w))):
-            assert_close(mine, torchs, dtype, grad=True, amplification=_amplification(x, ns))
+            assert_close(mine, torchs, dtype, GRAD, amplification=_amplification(x, ns))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_input_with_float32_params_is_allowed(dtype):
     x = torch.randn(4, 33).to(dtype)
     w, b = torch.randn(33), torch.randn(33)
-    assert_close(F.layer_norm(x, 33, w, b), TF.layer_norm(x, (33,), w, b), dtype)
+    assert_close(F.layer_norm(x, 33, w, b), TF.layer_norm(x, (33,), w, b), dtype, OUTPUT)
     out = F.rms_norm(x, 33, w)
     assert out.dtype == dtype
-    assert_close(out, TF.rms_norm(x, (33,), w), dtype)
+    assert_close(out, TF.rms_norm(x, (33,), w), dtype, OUTPUT)
 
 
 def test_rms_norm_default_eps_follows_torch_code():
@@ -209,7 +209,7 @@ def test_fused_add_norm_low_precision_with_float32_residual(dtype):
     out, new_r = F.add_rms_norm(x, r, w, residual_dtype=torch.float32)
     assert new_r.dtype == torch.float32 and out.dtype == dtype
     torch.testing.assert_close(new_r, r + x.float())
-    assert_close(out, TF.rms_norm(r + x.float(), (96,), w), dtype)
+    assert_close(out, TF.rms_norm(r + x.float(), (96,), w), dtype, OUTPUT)
 
 
 def test_fused_add_norm_with_two_dim_normalized_shape_and_no_affine():

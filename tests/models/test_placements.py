@@ -1,10 +1,9 @@
-"""Each placement's forward equals its paper's equation, written by hand (model_refs)."""
+"""Each placement's forward equals its paper's equation, written by hand (reference.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from model_refs import deepnorm_alpha, embed_ref, linear, stack_ref
 
 from normlab.models import (
     Seq2SeqTransformer,
@@ -14,6 +13,7 @@ from normlab.models import (
     placement_names,
 )
 from normlab.norms import ResidualNorm
+from tests.models.reference import deepnorm_alpha, embed_ref, linear, stack_ref
 
 PLACEMENTS = ["post", "pre", "sandwich", "deepnorm", "subln", "resi_dual", "peri", "none"]
 

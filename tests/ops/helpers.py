@@ -1,5 +1,6 @@
-"""Shared pieces of the op tests: the device the kernels run on, per-dtype tolerances,
-and a runner that compares an op's outputs and gradients with ops/reference.py."""
+"""Shared pieces of the op tests: the device the kernels run on, inputs, and a runner that
+compares an op's outputs and gradients with ops/reference.py (at the tolerances of
+tests/_tolerances.py: BACKEND_OUTPUT, GRAD)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 import normlab
 from normlab.ops import reference
+from tests._tolerances import BACKEND_OUTPUT, GRAD, assert_close
 
 # the kernels run on CUDA where present, else on the CPU under the Triton interpreter
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -18,30 +20,6 @@ needs_kernels = pytest.mark.skipif(
     DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
     reason="Triton kernels need CUDA or TRITON_INTERPRET=1",
 )
-
-# (rtol, atol relative to the largest magnitude of the expected tensor)
-TOL = {
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (2e-3, 2e-3),
-    torch.bfloat16: (1.6e-2, 1.6e-2),
-    torch.float64: (1e-10, 1e-10),
-}
-# gradients go through more roundings in the low-precision reference
-GRAD_TOL = {
-    torch.float32: (1e-4, 1e-4),
-    torch.float16: (1e-2, 1e-2),
-    torch.bfloat16: (5e-2, 5e-2),
-    torch.float64: (1e-9, 1e-9),
-}
-
-
-def assert_close(actual, expected, dtype, table=TOL, what=""):
-    rtol, atol = table[dtype]
-    scale = float(expected.detach().abs().max()) if expected.numel() else 1.0
-    # gradients that cancel to ~0 (hidden size 1) are compared at the scale of their terms
-    floor = 1.0 if table is GRAD_TOL else 1e-2
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * max(scale, floor),
-                               check_dtype=True, msg=lambda m: f"{what}: {m}")
 
 
 def backend(name):
@@ -117,11 +95,11 @@ def check_against_reference(op, a, hidden_shape, dtype, *, backward=True, **kw):
         expected = call_reference(op, ref_in, hidden_shape, **kw)
     for i, (o, e) in enumerate(zip(ours, expected, strict=True)):
         assert o.shape == e.shape and o.dtype == e.dtype, (i, o.shape, e.shape, o.dtype, e.dtype)
-        assert_close(o, e, dtype, what=f"{op} output {i}")
+        assert_close(o, e, dtype, BACKEND_OUTPUT, what=f"{op} output {i}")
     if not backward or ours[0].numel() == 0 and not any(t.numel() for t in leaves.values()):
         return
     got = grads(ours, [ours_in[n] for n in names])
     want = grads(expected, [ref_in[n] for n in names])
     for n, gg, ww in zip(names, got, want, strict=True):
         assert gg.dtype == ww.dtype and gg.shape == ww.shape, (n, gg.dtype, ww.dtype)
-        assert_close(gg, ww, dtype, GRAD_TOL, what=f"{op} d{n}")
+        assert_close(gg, ww, dtype, GRAD, what=f"{op} d{n}")

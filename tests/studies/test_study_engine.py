@@ -15,7 +15,7 @@ from normlab.studies import runner
 from normlab.studies.data import fixed_windows
 from normlab.studies.spec import RunSpec, Study
 from normlab.studies.train import Env, Interrupted, Task, build_model, run_one
-from tests.studies.conftest import MICRO, cpu_env, micro_spec
+from tests.studies.helpers import MICRO, cpu_env, micro_spec
 
 _cpu = cpu_env
 

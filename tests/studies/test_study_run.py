@@ -18,7 +18,7 @@ from normlab.studies.presets import get_study, preset_names
 from normlab.studies.runner import apply_overrides, run_study
 from normlab.studies.spec import RunSpec, Study
 from normlab.studies.train import Env, Interrupted, Task, run_one
-from tests.studies.conftest import MICRO, cpu_env, micro_spec
+from tests.studies.helpers import MICRO, cpu_env, micro_spec
 
 _spec, _cpu = micro_spec, cpu_env
 

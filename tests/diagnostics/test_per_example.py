@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _torch_models import VOCAB, torch_lm
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import normlab
 from normlab.diagnostics import per_example_grad_norms
+from tests.diagnostics.torch_models import VOCAB, torch_lm
 
 NORMS = {
     "torch.LayerNorm": nn.LayerNorm,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _hooks import hook_count
-from _torch_models import LM_FACTORIES, lm_loss, text_batches, torch_lm
 from rich.console import Console
 from torch import nn
 
@@ -17,6 +15,8 @@ from normlab.diagnostics import (
     register_kind_rule,
     structure,
 )
+from tests.diagnostics.helpers import hook_count
+from tests.diagnostics.torch_models import LM_FACTORIES, lm_loss, text_batches, torch_lm
 
 
 @pytest.fixture(params=list(LM_FACTORIES))

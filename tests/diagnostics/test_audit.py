@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _hooks import hook_count
-from _torch_models import torch_lm
 from torch import nn
 from typer.testing import CliRunner
 
 import normlab
 from normlab.cli import app
 from normlab.diagnostics import Finding, audit, has_warmup
+from tests.diagnostics.helpers import hook_count
+from tests.diagnostics.torch_models import torch_lm
 
 pytestmark = pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")
 
@@ -212,10 +212,10 @@ def test_has_warmup_one_cycle():
 
 def test_cli_factory_and_hf_config(tmp_path):
     runner = CliRunner()
-    res = runner.invoke(app, ["audit", "_torch_models:small_torch_transformer"])
+    res = runner.invoke(app, ["audit", "tests.diagnostics.torch_models:small_torch_transformer"])
     assert res.exit_code == 0, res.output
     assert "double-norm" in res.output and "encoder.norm" in res.output
-    res = runner.invoke(app, ["audit", "_torch_models:fp16_tiny_eps_lm"])
+    res = runner.invoke(app, ["audit", "tests.diagnostics.torch_models:fp16_tiny_eps_lm"])
     assert res.exit_code == 1 and "eps-underflow" in res.output
     res = runner.invoke(app, ["audit", "no_such_module_xyz:make"])
     assert res.exit_code == 2 and "pkg.module:factory" in res.output

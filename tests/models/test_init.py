@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from model_refs import deepnorm_alpha, deepnorm_beta
 
 from normlab.models import (
     Seq2SeqTransformer,
@@ -16,6 +15,7 @@ from normlab.models import (
     deepnorm_constants,
     subln_gains,
 )
+from tests.models.reference import deepnorm_alpha, deepnorm_beta
 
 PAIRS = [(6, 6), (18, 18), (100, 100), (0, 12), (12, 0)]
 

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-from _hooks import hook_count
-from _torch_models import text_batches, torch_lm
 from rich.console import Console
 from torch import nn
 
 import normlab
 from normlab.diagnostics import ActivationMonitor, per_example_grad_norms, tensor_stats
+from tests.diagnostics.helpers import hook_count
+from tests.diagnostics.torch_models import text_batches, torch_lm
 
 
 def _manual_stream(model, tokens):
@@ -105,9 +105,8 @@ def test_normlab_residual_norm_input_is_the_sum():
 def test_all_monitors_leave_no_hooks():
     model = torch_lm("pre", n_layers=2, d_model=16, n_heads=2)
     window = text_batches(1, 2, 8)[0]
-    from _torch_models import lm_loss
-
     from normlab.diagnostics import GradientMonitor, audit
+    from tests.diagnostics.torch_models import lm_loss
     with ActivationMonitor(model), GradientMonitor(model), per_example_grad_norms(model):
         assert hook_count(model) > 0
         lm_loss(model, window).backward()

@@ -1,0 +1,22 @@
+"""What the study tests share: a micro model, a run spec builder, the CPU."""
+
+import torch
+
+from normlab.studies.spec import RunSpec
+from normlab.studies.train import Env
+
+MICRO = {"d_model": 16, "n_heads": 2, "d_ff": 32, "dropout": 0.0, "n_layers": 2}
+
+
+def micro_spec(name="r", **kw) -> RunSpec:
+    """A run of the micro model on short windows and a 4 KiB validation set; ``kw``
+    overrides any field."""
+    base = dict(name=name, model={**MICRO, "placement": "pre"}, steps=8, batch_size=4, seq_len=16, eval_every=4,
+                eval_batches=1, val_bytes=4096, val_bytes_during=1024, log_every=1, diag_every=3,
+                checkpoint_every=3, tags={"study": "warmup", "group": "pre"})
+    base.update(kw)
+    return RunSpec(**base)
+
+
+def cpu_env() -> Env:
+    return Env(device=torch.device("cpu"))
