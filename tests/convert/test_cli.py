@@ -7,8 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from normlab.cli import app
-
-from .models import hf_inputs, hf_model, perturb
+from tests.convert.models import hf_inputs, hf_model, perturb
 
 transformers = pytest.importorskip("transformers", reason="transformers not installed (pip install 'normlab[hf]')")
 

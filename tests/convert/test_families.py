@@ -13,8 +13,7 @@ import torch
 from normlab.convert import ConversionError, fold_norm_affine, layernorm_to_rmsnorm, swap_norms
 from normlab.convert.blocks import hf_families
 from normlab.norms import RMSNorm
-
-from .models import hf_inputs, hf_model, perturb
+from tests.convert.models import hf_inputs, hf_model, perturb
 
 pytest.importorskip("transformers", reason="transformers not installed (pip install 'normlab[hf]')")
 

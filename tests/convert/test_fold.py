@@ -6,8 +6,7 @@ from torch import nn
 
 import normlab
 from normlab.convert import fold_norm_affine
-
-from .models import MLPStack, PreLNLM, ResidualTap, hf_inputs, hf_model, perturb
+from tests.convert.models import MLPStack, PreLNLM, ResidualTap, hf_inputs, hf_model, perturb
 
 
 def _out(model, *args, **kw):

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 import normlab
-
-from .models import hf_inputs, hf_model, perturb
+from tests.convert.models import hf_inputs, hf_model, perturb
 
 transformers = pytest.importorskip("transformers", reason="transformers not installed (pip install 'normlab[hf]')")
 from normlab.integrations.hf import apply_normlab, patch  # noqa: E402

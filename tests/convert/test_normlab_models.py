@@ -19,8 +19,7 @@ from normlab.models import (
     placement_names,
     save_model,
 )
-
-from .models import perturb
+from tests.convert.models import perturb
 
 KINDS = ("lm", "encoder", "seq2seq")
 POST_LN = "cannot fold: Post-LN: its output is the residual stream"

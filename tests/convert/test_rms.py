@@ -6,8 +6,7 @@ from torch import nn
 
 import normlab
 from normlab.convert import ConversionError, RMSNormWithBias, fold_norm_affine, layernorm_to_rmsnorm
-
-from .models import MLPStack, PreLNLM, hf_inputs, hf_model, perturb
+from tests.convert.models import MLPStack, PreLNLM, hf_inputs, hf_model, perturb
 
 
 def _out(model, *args, **kw):

@@ -9,8 +9,7 @@ from torch import nn
 import normlab
 from normlab.convert import swap_norms
 from normlab.convert.fused import is_fused, unfuse
-
-from .models import PreLNLM, hf_inputs, hf_model, perturb
+from tests.convert.models import PreLNLM, hf_inputs, hf_model, perturb
 
 
 def _grads(model):

@@ -402,8 +402,9 @@ for _mod, _prefix in LLAMA_LIKE.items():
     register_model(f"{_base}Model")(lambda r: _lm_head(r, "norm", ("embed_tokens",)))
 
 _HF = "transformers.models"
-register_model(f"{_HF}.gpt_neox.modeling_gpt_neox.GPTNeoXForCausalLM")(
-    lambda r: _lm_head(r, "gpt_neox.final_layer_norm", ("gpt_neox.embed_in",)))
+register_model(f"{_HF}.gpt_neox.modeling_gpt_neox.GPTNeoXForCausalLM")(  # older 5.x releases name the head embed_out
+    lambda r: _lm_head(r, "gpt_neox.final_layer_norm", ("gpt_neox.embed_in",),
+                       head="lm_head" if _has(r, "lm_head") else "embed_out"))
 register_model(f"{_HF}.gpt_neox.modeling_gpt_neox.GPTNeoXModel")(
     lambda r: _lm_head(r, "final_layer_norm", ("embed_in",)))
 register_model(f"{_HF}.falcon.modeling_falcon.FalconForCausalLM")(
