@@ -485,19 +485,11 @@ _NORMLAB_INPUTS = {
 _NORMLAB_OUTPUTS = {"attn": "attn.out_proj", "cross_attn": "cross_attn.out_proj", "ffn": "ffn.w2"}
 
 
-def _unknown_placement(placement) -> str | None:
-    why = type(placement).undeclared_data_flow()
-    return None if why is None else f"placement {type(placement).__name__}'s structure is not declared: {why}"
-
-
 @register_block("normlab.models.block.Block")
 def _normlab_block(m: nn.Module) -> BlockSpec:
     place = m.placement
     subs = m.sublayer_names
     writers = tuple(_NORMLAB_OUTPUTS[s] for s in subs)
-    unknown = _unknown_placement(place)
-    if unknown:
-        return BlockSpec(writers=writers, unknown=unknown)
     pre: dict[str, tuple[Consumer, ...]] = {}
     inner: dict[str, tuple[Consumer, ...] | str] = {}
     post: list[str] = []
@@ -527,9 +519,6 @@ def _normlab_embedding(m: nn.Module) -> BlockSpec:
 def _normlab_final(stack: nn.Module, path: str, consumers: tuple[Consumer, ...] | None) -> dict:
     if stack.final_norm is None:
         return {}
-    unknown = _unknown_placement(stack.placement)
-    if unknown:
-        return {path: f"consumers unknown: {unknown}"}
     if stack.placement.final_norm_reads == "dual":
         return {path: "its output is added to the Post-LN stream (ResiDual: y = x_L + Norm_final(d_L)), "
                       "not read only by Linear layers"}

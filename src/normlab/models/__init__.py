@@ -28,7 +28,7 @@ projections are nn.Linear. The init (``init_weights``) is in one function.
 """
 
 from normlab.models.attention import Attention
-from normlab.models.block import Block, Embedding, FeedForward, Stack
+from normlab.models.block import Block, BlockStack, Embedding, FeedForward, Stack, Stream
 from normlab.models.checkpoint import load_model, save_model
 from normlab.models.config import TransformerConfig
 from normlab.models.encoder import TransformerEncoder
@@ -47,8 +47,8 @@ from normlab.models.placement import (
 from normlab.models.seq2seq import Seq2SeqTransformer
 
 __all__ = [
-    "Attention", "Block", "DeepNormConstants", "Embedding", "FeedForward", "Placement", "Seq2SeqTransformer",
-    "Stack", "TransformerConfig", "TransformerEncoder", "TransformerLM", "build_placement",
+    "Attention", "Block", "BlockStack", "DeepNormConstants", "Embedding", "FeedForward", "Placement", "Seq2SeqTransformer",
+    "Stack", "Stream", "TransformerConfig", "TransformerEncoder", "TransformerLM", "build_placement",
     "deepnorm_constants", "get_placement", "init_weights", "load_model", "placement_names",
     "register_placement", "save_model", "subln_gains",
 ]

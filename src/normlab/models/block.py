@@ -1,17 +1,20 @@
 """The pieces every model is made of, in data-flow order: Embedding, FeedForward, Block, Stack.
 
-There is one Block class. Its placement (``normlab.models.placement``) decides which
-norms each sublayer has and how each sublayer's output joins the residual stream.
+There is one Block class. Its placement (``normlab.models.placement``) declares which
+norms each sublayer has; ``Block.sublayer`` writes out what each of them computes.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from normlab import functional as NF
 from normlab.models.attention import (
     Attention,
     cross_attention_mask,
@@ -99,6 +102,34 @@ class FeedForward(nn.Module):
         return f"activation={self.activation}"
 
 
+class Stream(NamedTuple):
+    """The residual state between sublayers.
+
+    ``x``: the residual stream. ``pending``: a sublayer output not added yet (Pre-LN
+    placements: the next norm's fused op adds it, so the stream is ``x + pending``).
+    ``dual``: ResiDual's second stream d."""
+
+    x: Tensor
+    pending: Tensor | None = None
+    dual: Tensor | None = None
+
+    @property
+    def value(self) -> Tensor:
+        """The residual stream this state stands for (with a pending output added, its
+        dropout left out)."""
+        return self.x if self.pending is None else self.x + self.pending
+
+
+def _add_norm(norm: nn.Module, f: Tensor | None, residual: Tensor, dropout_p: float,
+              padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(Norm(residual + dropout(f)), residual + dropout(f)) as one fused op; f=None: no add.
+
+    The new residual keeps the residual's dtype (float32 under autocast)."""
+    if f is None:
+        return norm(residual, padding_mask=padding_mask), residual
+    return norm(f, residual, dropout_p=dropout_p, residual_dtype=residual.dtype, padding_mask=padding_mask)
+
+
 class Block(nn.Module):
     """One transformer layer: self-attention (``attn``), cross-attention (``cross_attn``, in
     seq2seq decoders), FFN (``ffn``); each sublayer gets the norms its placement names,
@@ -121,38 +152,81 @@ class Block(nn.Module):
     def sublayer_names(self) -> tuple[str, ...]:
         return ("attn", "cross_attn", "ffn") if self.cross_attn is not None else ("attn", "ffn")
 
-    def _inner(self, sub: str) -> nn.Module | None:
-        key = f"{sub}_inner"
+    def _norm(self, sub: str, slot: str) -> nn.Module | None:
+        key = f"{sub}_{slot}"
         return self.norms[key] if key in self.norms else None
 
-    def forward(self, stream: tuple, *, attn_mask: Tensor | None = None, is_causal: bool = False,
+    def forward(self, stream: Stream, *, attn_mask: Tensor | None = None, is_causal: bool = False,
                 rope: tuple[Tensor, Tensor] | None = None, padding_mask: Tensor | None = None,
-                context: Tensor | None = None, context_mask: Tensor | None = None) -> tuple:
-        place = self.placement
-        kw = {"dropout_p": self.dropout if self.training else 0.0, "padding_mask": padding_mask}
-        stream = place.sublayer(self.norms, "attn", lambda h: self.attn(
-            h, attn_mask=attn_mask, is_causal=is_causal, rope=rope, inner_norm=self._inner("attn"),
-            padding_mask=padding_mask), stream, **kw)
+                context: Tensor | None = None, context_mask: Tensor | None = None) -> Stream:
+        p = self.dropout if self.training else 0.0
+        stream = self.sublayer("attn", stream, lambda h: self.attn(
+            h, attn_mask=attn_mask, is_causal=is_causal, rope=rope, inner_norm=self._norm("attn", "inner"),
+            padding_mask=padding_mask), p, padding_mask)
         if self.cross_attn is not None:
-            stream = place.sublayer(self.norms, "cross_attn", lambda h: self.cross_attn(
-                h, context, attn_mask=context_mask, inner_norm=self._inner("cross_attn"),
-                padding_mask=padding_mask), stream, **kw)
-        return place.sublayer(self.norms, "ffn", lambda h: self.ffn(
-            h, inner_norm=self._inner("ffn"), padding_mask=padding_mask), stream, **kw)
+            stream = self.sublayer("cross_attn", stream, lambda h: self.cross_attn(
+                h, context, attn_mask=context_mask, inner_norm=self._norm("cross_attn", "inner"),
+                padding_mask=padding_mask), p, padding_mask)
+        return self.sublayer("ffn", stream, lambda h: self.ffn(
+            h, inner_norm=self._norm("ffn", "inner"), padding_mask=padding_mask), p, padding_mask)
 
-    def residual_stream(self, output: tuple) -> Tensor:
+    def sublayer(self, sub: str, s: Stream, F_: Callable[[Tensor], Tensor], dropout_p: float,
+                 padding_mask: Tensor | None) -> Stream:
+        """One sublayer F (``F_``, with its ``inner`` norm inside) in its placement's slots,
+        with lambda = ``residual_scale`` and alpha = ``skip_scale``:
+
+            'in' (Pre-LN family):  h, x = Norm_in(x + pending), x + pending    (one fused op)
+            otherwise:             h = x
+            f = lambda * Norm_out(F(h))                                         ('out' if declared)
+            'in':                  pending = f     (added by the next norm's fused op)
+            'add', dual (ResiDual): f = dropout(f); d = d + f; x = Norm_add(x + f)
+            'add' (Post-LN):       x = Norm_add(alpha * x + dropout(f))        (one fused op)
+            no norm:               x = x + dropout(f)"""
+        place = self.placement
+        norm_in, norm_out, norm_add = self._norm(sub, "in"), self._norm(sub, "out"), self._norm(sub, "add")
+        x = s.x
+        if norm_in is not None:
+            h, x = _add_norm(norm_in, s.pending, x, dropout_p, padding_mask)
+        else:
+            h = x
+        f = F_(h)
+        if norm_out is not None:
+            f = norm_out(f, padding_mask=padding_mask)
+        if place.residual_scale != 1.0:
+            f = f * place.residual_scale
+        if norm_in is not None:
+            return Stream(x, f, s.dual)
+        if norm_add is not None and place.dual_stream:
+            if dropout_p > 0.0:
+                f = F.dropout(f, dropout_p, training=True)
+            x, _ = _add_norm(norm_add, f, x, 0.0, padding_mask)
+            return Stream(x, None, s.dual + f)
+        if norm_add is not None:
+            skip = x if place.skip_scale == 1.0 else x * place.skip_scale
+            x, _ = _add_norm(norm_add, f, skip, dropout_p, padding_mask)
+            return Stream(x, None, s.dual)
+        return Stream(NF.dropout_add(f, x, dropout_p=dropout_p, training=dropout_p > 0.0, residual_dtype=x.dtype),
+                      None, s.dual)
+
+    def residual_stream(self, output: Stream) -> Tensor:
         """The residual stream after this block, from its ``forward`` output (the protocol
         ``normlab.diagnostics.ActivationMonitor`` reads)."""
-        return self.placement.stream_value(output)
+        return output.value
 
     def extra_repr(self) -> str:
         return f"placement={self.placement!r}, causal={self.causal}"
 
 
-class Stack(nn.Module):
-    """A stack of Blocks (``blocks``) and the placement's ``final_norm`` (None if it has none).
+class BlockStack(nn.Module):
+    """What every stack of Blocks holds: ``blocks`` and the placement's ``final_norm`` (None
+    if it has none), and ``run_blocks``, the embedded input [B, T, d] -> the stack's output:
 
-    ``run_blocks(x)`` maps the embedded input [B, T, d] to the stack's output [B, T, d]."""
+        Stream(x_0) -> blocks -> Norm_final(x_L + pending)     (a final norm reading the stream)
+                                 x_L + Norm_final(d_L)         (ResiDual: one reading the dual stream)
+                                 x_L                           (no final norm)
+
+    It has no ``forward``: ``Stack`` (the encoder and decoder of a seq2seq model) takes
+    embeddings, ``TransformerLM`` and ``TransformerEncoder`` take tokens."""
 
     def __init__(self, cfg: TransformerConfig, placement: Placement, n_layers: int, *,
                  causal: bool, cross_attention: bool = False) -> None:
@@ -169,12 +243,24 @@ class Stack(nn.Module):
         attn_mask, is_causal = self_attention_mask(padding_mask, self.causal)
         rope = None if self.rope_dim is None else rope_tables(x.shape[1], self.rope_dim, x.dtype, x.device)
         context_mask = cross_attention_mask(context_padding_mask)
-        stream = self.placement.start(x)
+        p = self.dropout if self.training else 0.0
+        stream = Stream(x, None, x if self.placement.dual_stream else None)
         for block in self.blocks:
             stream = block(stream, attn_mask=attn_mask, is_causal=is_causal, rope=rope,
                            padding_mask=padding_mask, context=context, context_mask=context_mask)
-        return self.placement.finish(self.final_norm, stream, padding_mask=padding_mask,
-                                     dropout_p=self.dropout if self.training else 0.0)
+        if self.final_norm is None:
+            if stream.pending is None:
+                return stream.x
+            return NF.dropout_add(stream.pending, stream.x, dropout_p=p, training=p > 0.0,
+                                  residual_dtype=stream.x.dtype)
+        if self.placement.final_norm_reads == "dual":
+            return stream.x + self.final_norm(stream.dual, padding_mask=padding_mask)
+        out, _ = _add_norm(self.final_norm, stream.pending, stream.x, p, padding_mask)
+        return out
+
+
+class Stack(BlockStack):
+    """A stack of Blocks as a module of its own: embeddings [B, T, d] -> [B, T, d]."""
 
     def forward(self, x: Tensor, *, padding_mask: Tensor | None = None, context: Tensor | None = None,
                 context_padding_mask: Tensor | None = None) -> Tensor:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from normlab.models.block import Embedding, Stack, check_padding_mask, check_tokens
+from normlab.models.block import BlockStack, Embedding, check_padding_mask, check_tokens
 from normlab.models.config import TransformerConfig
 from normlab.models.init import init_weights
 from normlab.models.placement import build_placement
 
 
-class TransformerEncoder(Stack):
+class TransformerEncoder(BlockStack):
     """h = Stack(Embedding(tokens)), bidirectional; with a head, outputs = head(h).
 
     ``n_outputs``: width of an optional per-position linear head (``head``); a head over

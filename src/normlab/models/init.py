@@ -6,7 +6,7 @@ import math
 
 from torch import nn
 
-from normlab.models.block import Embedding, Stack
+from normlab.models.block import BlockStack, Embedding
 from normlab.models.config import TransformerConfig
 
 
@@ -42,7 +42,7 @@ def init_weights(model: nn.Module, cfg: TransformerConfig) -> None:
             if module.positions is not None:
                 nn.init.normal_(module.positions.weight, 0.0, 0.02)
 
-    for stack in (m for m in model.modules() if isinstance(m, Stack)):
+    for stack in (m for m in model.modules() if isinstance(m, BlockStack)):
         n_branches = sum(len(block.sublayer_names) for block in stack.blocks)
         gain = stack.placement.branch_gain
         for block in stack.blocks:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from normlab.models.block import Embedding, Stack, check_padding_mask, check_tokens
+from normlab.models.block import BlockStack, Embedding, check_padding_mask, check_tokens
 from normlab.models.config import TransformerConfig
 from normlab.models.init import init_weights
 from normlab.models.placement import build_placement
 
 
-class TransformerLM(Stack):
+class TransformerLM(BlockStack):
     """logits = head(Stack_causal(Embedding(tokens))).
 
     Modules: ``embed`` (``embed.tokens``, ``embed.positions``, ``embed.norm``), ``blocks``,

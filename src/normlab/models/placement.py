@@ -1,13 +1,16 @@
-"""Norm placements: where the norms of a sublayer sit and how its output joins the stream.
+"""Norm placements: where the norms of a sublayer sit, declared as data.
 
-A placement is a small strategy object. The one ``Block`` asks it which norms each
-sublayer has (``norm_slots``) and hands it every sublayer to run (``sublayer``); the
-stack asks it how to start (``start``) and end (``finish``) the residual stream. Nothing
-else in the model knows placement names. A new placement is one class here, registered
-with ``@register_placement(name)``.
+A placement is a small declaration: the norm slots of each sublayer (``norm_slots``),
+whether a final norm closes the stack and what it reads, whether the embeddings are
+normalized, and its constants (lambda, DeepNorm's alpha and beta, Magneto's gamma). The
+one ``Block`` (``normlab.models.block``) runs every placement from this declaration, and
+``normlab.convert`` and ``normlab.diagnostics`` read the same declaration; nothing else
+knows placement names. A new placement is one class here, registered with
+``@register_placement(name)``; a new kind of slot is one entry in ``SLOT_ROLES`` and one
+case in ``Block``.
 
 Norm slots of a sublayer F (``blocks.i.norms.<sublayer>_<slot>``), and what each does
-(``SLOT_ROLES``, the data that ``normlab.convert`` and ``normlab.diagnostics`` read):
+(``SLOT_ROLES``):
 
     slot   computes                                 reads       its output             used by
     in     Norm(x) feeds F                          the stream  F's input projections  Pre-LN and descendants
@@ -16,35 +19,21 @@ Norm slots of a sublayer F (``blocks.i.norms.<sublayer>_<slot>``), and what each
     inner  inside F, before its output projection   F's branch  F's output projection  Sub-LN / Magneto
 
 What writes the stream: each sublayer's output projection (through its ``out`` norm
-where there is one), and the embeddings (through the embedding norm where there is
-one). A placement that changes how its sublayers run (``start``, ``sublayer``,
-``output``, ``finish``, ``stream_value``) states its ``slots`` in the same class, so
-its declared structure is never inherited from a parent whose data flow it changed
-(``Placement.undeclared_data_flow``).
+where there is one), and the embeddings (through the embedding norm where there is one).
 
-In the equations below F is the sublayer (self-attention, cross-attention or FFN),
-lambda is ``residual_scale`` and every F(.) passes dropout before it is added. Where a
-placement allows, the add and the next norm run as one fused op,
+Where a placement allows, the add and the next norm run as one fused op,
 ``norm(f, residual, dropout_p=p) -> (Norm(residual + dropout(f)), residual + dropout(f))``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
-import torch
-from torch import Tensor, nn
-
-from normlab import functional as NF
-
 if TYPE_CHECKING:
     from normlab.models.config import TransformerConfig
-
-Stream = tuple  # the placement's residual state: one or two tensors (and a pending output)
-
 
 class SlotRole(NamedTuple):
     """What a norm slot does: what it reads, and where its output goes."""
@@ -60,9 +49,6 @@ SLOT_ROLES: dict[str, SlotRole] = {
     "add": SlotRole("stream", "stream"),
     "inner": SlotRole("branch", "output_projection"),
 }
-
-# the methods through which a placement changes how its sublayers and stream run
-_DATA_FLOW = ("start", "sublayer", "output", "finish", "stream_value")
 
 ROLES = ("encoder", "decoder")
 
@@ -122,22 +108,14 @@ def _check_depths(op: str, n: int, m: int) -> tuple[int, int]:
 # ---------------------------------------------------------------------------- base
 
 
-def _add_norm(norm: nn.Module, f: Tensor | None, residual: Tensor, dropout_p: float,
-              padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(Norm(residual + dropout(f)), residual + dropout(f)) as one fused op; f=None: no add.
-
-    The new residual keeps the residual's dtype (float32 under autocast)."""
-    if f is None:
-        return norm(residual, padding_mask=padding_mask), residual
-    return norm(f, residual, dropout_p=dropout_p, residual_dtype=residual.dtype, padding_mask=padding_mask)
-
-
 class Placement:
     """Where a sublayer's norms sit and how its output joins the residual stream.
 
     ``slots``: the norm slots of every sublayer ("in", "out", "add", "inner");
-    ``final_norm``: one norm after the last block; ``embedding_norm``: one norm on the
-    embeddings. ``skip_scale`` multiplies the skip path (DeepNorm's alpha) and
+    ``final_norm``: one norm after the last block, reading ``final_norm_reads``;
+    ``embedding_norm``: one norm on the embeddings. ``dual_stream``: ResiDual's second,
+    Pre-LN-style stream d beside the Post-LN one. ``residual_scale`` is lambda on every
+    sublayer output, ``skip_scale`` multiplies the skip path (DeepNorm's alpha) and
     ``branch_gain`` the init of the FFN, value and output projections (DeepNorm's beta,
     Magneto's gamma); ``init_weights`` applies it."""
 
@@ -147,6 +125,7 @@ class Placement:
     # what the final norm reads: "stream" (the residual stream; its output leaves the
     # stack) or "dual" (ResiDual's second stream; its output is added to the first)
     final_norm_reads: ClassVar[str] = "stream"
+    dual_stream: ClassVar[bool] = False
     embedding_norm: ClassVar[bool] = False  # Norm_emb: its output is the stream's start
     gain_cross_attention: ClassVar[bool] = True  # does branch_gain reach cross-attention?
 
@@ -157,11 +136,11 @@ class Placement:
         self.branch_gain = float(branch_gain)
 
     @classmethod
-    def for_stack(cls, cfg: TransformerConfig, role: str, n_encoder_layers: int,
+    def for_stack(cls, residual_scale: float, role: str, n_encoder_layers: int,
                   n_decoder_layers: int) -> Placement:
         """The placement of one stack (``role`` "encoder" or "decoder") of a model with
         that many encoder and decoder layers (0 for a stack the model does not have)."""
-        return cls(residual_scale=cfg.residual_scale)
+        return cls(residual_scale=residual_scale)
 
     def norm_slots(self, sublayer: str) -> tuple[str, ...]:
         """The norm slots of ``sublayer`` ("attn", "cross_attn" or "ffn")."""
@@ -170,39 +149,6 @@ class Placement:
     def norm_roles(self, sublayer: str) -> tuple[tuple[str, SlotRole], ...]:
         """(slot, what it does) for each norm of ``sublayer``."""
         return tuple((slot, SLOT_ROLES[slot]) for slot in self.norm_slots(sublayer))
-
-    @classmethod
-    def undeclared_data_flow(cls) -> str | None:
-        """None when the declared structure (slots, final norm) describes this placement:
-        every class in its lineage that changes the data flow also states its slots.
-        Otherwise why it cannot be relied on."""
-        for c in cls.__mro__:
-            if c is Placement:
-                return None
-            changed = [m for m in _DATA_FLOW if m in vars(c)]
-            if changed and "slots" not in vars(c):
-                return (f"{c.__name__} changes {', '.join(changed)} without stating its norm slots "
-                        "(a `slots = (...)` in the same class)")
-        return None
-
-    def branch(self, f: Tensor) -> Tensor:
-        """lambda * F(x)."""
-        return f if self.residual_scale == 1.0 else f * self.residual_scale
-
-    def start(self, x: Tensor) -> Stream:
-        return (x,)
-
-    def sublayer(self, norms: Mapping[str, nn.Module], name: str, fn: Callable[[Tensor], Tensor],
-                 stream: Stream, *, dropout_p: float, padding_mask: Tensor | None) -> Stream:
-        raise NotImplementedError
-
-    def finish(self, final_norm: nn.Module | None, stream: Stream, *, dropout_p: float,
-               padding_mask: Tensor | None) -> Tensor:
-        return stream[0]
-
-    def stream_value(self, stream: Stream) -> Tensor:
-        """The residual stream x_{l+1} that a block's output ``stream`` stands for."""
-        return stream[0]
 
     def __repr__(self) -> str:
         extra = "".join(
@@ -245,63 +191,28 @@ def build_placement(cfg: TransformerConfig, role: str, n_encoder_layers: int,
     """The placement object of one stack of a model built from ``cfg``."""
     if role not in ROLES:
         raise ValueError(f"build_placement: expected role in {ROLES}, got {role!r}")
-    return get_placement(cfg.placement).for_stack(cfg, role, n_encoder_layers, n_decoder_layers)
+    return get_placement(cfg.placement).for_stack(cfg.residual_scale, role, n_encoder_layers, n_decoder_layers)
 
 
 # ---------------------------------------------------------------------------- placements
+# Each docstring gives the equations the Block runs from the declaration below it.
 
 
 @register_placement("post")
 class PostNorm(Placement):
     """Post-LN: x_{l+1} = Norm(x_l + lambda F(x_l)) (Vaswani et al. 2017, "Attention Is All You Need").
 
-    No final norm: the stream leaving the last block is already normalized. The fused
-    op's ``out`` is the new stream."""
+    No final norm: the stream leaving the last block is already normalized."""
 
     slots = ("add",)
-
-    def skip(self, x: Tensor) -> Tensor:
-        return x
-
-    def sublayer(self, norms, name, fn, stream, *, dropout_p, padding_mask):
-        (x,) = stream
-        out, _ = _add_norm(norms[f"{name}_add"], self.branch(fn(x)), self.skip(x), dropout_p, padding_mask)
-        return (out,)
 
 
 @register_placement("pre")
 class PreNorm(Placement):
-    """Pre-LN: x_{l+1} = x_l + lambda F(Norm(x_l)); y = Norm_final(x_L) (Xiong et al. 2020, "On Layer Normalization in the Transformer Architecture").
-
-    The stream is (residual, pending): a sublayer's output is added by the next norm's
-    fused op, whose ``new_residual`` is the stream and whose ``out`` feeds the next
-    sublayer (the final norm closes the last add)."""
+    """Pre-LN: x_{l+1} = x_l + lambda F(Norm(x_l)); y = Norm_final(x_L) (Xiong et al. 2020, "On Layer Normalization in the Transformer Architecture")."""
 
     slots = ("in",)
     final_norm = True
-
-    def start(self, x):
-        return (x, None)
-
-    def sublayer(self, norms, name, fn, stream, *, dropout_p, padding_mask):
-        residual, pending = stream
-        h, residual = _add_norm(norms[f"{name}_in"], pending, residual, dropout_p, padding_mask)
-        return residual, self.branch(self.output(norms, name, fn(h), padding_mask))
-
-    def output(self, norms, name, f, padding_mask):
-        """What the sublayer adds to the stream (before lambda and dropout)."""
-        return f
-
-    def finish(self, final_norm, stream, *, dropout_p, padding_mask):
-        residual, pending = stream
-        out, _ = _add_norm(final_norm, pending, residual, dropout_p, padding_mask)
-        return out
-
-    def stream_value(self, stream):
-        """residual + pending: the last sublayer's output is added by the next norm's fused
-        op (with its dropout, which this value leaves out)."""
-        residual, pending = stream
-        return residual if pending is None else residual + pending
 
 
 @register_placement("sandwich")
@@ -309,9 +220,6 @@ class SandwichNorm(PreNorm):
     """Sandwich-LN: x_{l+1} = x_l + lambda Norm_out(F(Norm_in(x_l))); y = Norm_final(x_L) (Ding et al. 2021, "CogView")."""
 
     slots = ("in", "out")
-
-    def output(self, norms, name, f, padding_mask):
-        return norms[f"{name}_out"](f, padding_mask=padding_mask)
 
 
 @register_placement("deepnorm")
@@ -322,12 +230,9 @@ class DeepNorm(PostNorm):
     (as in torchscale)."""
 
     @classmethod
-    def for_stack(cls, cfg, role, n_encoder_layers, n_decoder_layers):
+    def for_stack(cls, residual_scale, role, n_encoder_layers, n_decoder_layers):
         c = deepnorm_constants(n_encoder_layers, n_decoder_layers)[role]
-        return cls(residual_scale=cfg.residual_scale, skip_scale=c.alpha, branch_gain=c.beta)
-
-    def skip(self, x):
-        return x * self.skip_scale
+        return cls(residual_scale=residual_scale, skip_scale=c.alpha, branch_gain=c.beta)
 
 
 @register_placement("subln")
@@ -342,9 +247,9 @@ class SubLN(PreNorm):
     gain_cross_attention = False
 
     @classmethod
-    def for_stack(cls, cfg, role, n_encoder_layers, n_decoder_layers):
+    def for_stack(cls, residual_scale, role, n_encoder_layers, n_decoder_layers):
         gain = subln_gains(n_encoder_layers, n_decoder_layers)[role]
-        return cls(residual_scale=cfg.residual_scale, branch_gain=gain)
+        return cls(residual_scale=residual_scale, branch_gain=gain)
 
     def norm_slots(self, sublayer):
         return ("in",) if sublayer == "cross_attn" else self.slots
@@ -359,22 +264,7 @@ class ResiDual(Placement):
     slots = ("add",)
     final_norm = True
     final_norm_reads = "dual"
-
-    def start(self, x):
-        return (x, x)
-
-    def sublayer(self, norms, name, fn, stream, *, dropout_p, padding_mask):
-        x, dual = stream
-        f = self.branch(fn(x))
-        if dropout_p > 0.0:
-            f = torch.nn.functional.dropout(f, dropout_p, training=True)
-        dual = dual + f
-        x, _ = _add_norm(norms[f"{name}_add"], f, x, 0.0, padding_mask)
-        return x, dual
-
-    def finish(self, final_norm, stream, *, dropout_p, padding_mask):
-        x, dual = stream
-        return x + final_norm(dual, padding_mask=padding_mask)
+    dual_stream = True
 
 
 @register_placement("peri")
@@ -389,10 +279,3 @@ class PeriNorm(SandwichNorm):
 @register_placement("none")
 class NoPlacement(Placement):
     """No norms: x_{l+1} = x_l + lambda F(x_l) (norm-free baseline; for DyT in place of every norm use placement "pre" with norm "dyt")."""
-
-    slots = ()
-
-    def sublayer(self, norms, name, fn, stream, *, dropout_p, padding_mask):
-        (x,) = stream
-        f = self.branch(fn(x))
-        return (NF.dropout_add(f, x, dropout_p=dropout_p, training=dropout_p > 0.0, residual_dtype=x.dtype),)

@@ -38,15 +38,15 @@ class Seq2SeqTransformer(nn.Module):
         """src [B, S] -> memory [B, S, d_model]."""
         check_tokens("Seq2SeqTransformer", src, self.cfg.max_seq_len)
         check_padding_mask("Seq2SeqTransformer", "src_padding_mask", src_padding_mask, src)
-        return self.encoder.run_blocks(self.embed(src, src_padding_mask), padding_mask=src_padding_mask)
+        return self.encoder(self.embed(src, src_padding_mask), padding_mask=src_padding_mask)
 
     def decode(self, tgt: Tensor, memory: Tensor, src_padding_mask: Tensor | None = None,
                tgt_padding_mask: Tensor | None = None) -> Tensor:
         """tgt [B, T] and memory [B, S, d_model] -> logits [B, T, vocab_size]."""
         check_tokens("Seq2SeqTransformer", tgt, self.cfg.max_seq_len)
         check_padding_mask("Seq2SeqTransformer", "tgt_padding_mask", tgt_padding_mask, tgt)
-        h = self.decoder.run_blocks(self.embed(tgt, tgt_padding_mask), padding_mask=tgt_padding_mask,
-                                    context=memory, context_padding_mask=src_padding_mask)
+        h = self.decoder(self.embed(tgt, tgt_padding_mask), padding_mask=tgt_padding_mask,
+                         context=memory, context_padding_mask=src_padding_mask)
         return self.head(h)
 
     def forward(self, src: Tensor, tgt: Tensor, src_padding_mask: Tensor | None = None,
