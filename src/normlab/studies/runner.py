@@ -43,7 +43,7 @@ from normlab.studies.claims import judge_all
 from normlab.studies.data import ByteCorpus
 from normlab.studies.report import load_metrics, make_plots, write_html, write_markdown
 from normlab.studies.spec import RunSpec, Study
-from normlab.studies.train import Env, Interrupted, run_one
+from normlab.studies.train import Env, Interrupted, model_config, run_one
 
 
 def apply_overrides(study: Study, *, seeds: int | None = None, steps: int | None = None) -> Study:
@@ -74,7 +74,11 @@ def _work(r: RunSpec) -> int:
 
 def _cost(r: RunSpec) -> float:
     """A rough relative cost, to start the longest runs first."""
-    layers = r.model.get("n_layers", 4) * r.model.get("d_model", 64) ** 0.5
+    try:
+        cfg = model_config(r)
+    except ValueError:  # a bad model setting: the run itself reports it, in its turn
+        return 0.0
+    layers = cfg.n_layers * cfg.d_model ** 0.5
     return layers * (r.steps * r.batch_size * r.seq_len + r.val_bytes if r.kind == "train" else r.batch_size * 64)
 
 

@@ -121,15 +121,20 @@ def teardown_env(env: Env) -> None:
 # ------------------------------------------------------------------ model, data, schedule
 
 
-def build_model(spec: RunSpec) -> nn.Module:
-    from normlab.models import Seq2SeqTransformer, TransformerConfig, TransformerLM
+def model_config(spec: RunSpec):
+    """The run's resolved ``TransformerConfig``: ``spec.model``'s settings over the
+    config's own defaults, with the task's vocabulary and sequence length. The one place
+    a run's model settings are read (nothing restates the config's defaults)."""
+    from normlab.models import TransformerConfig
 
-    if spec.task == "lm":
-        cfg = TransformerConfig(**{"vocab_size": VOCAB_SIZE, "max_seq_len": spec.seq_len, **spec.model})
-        return TransformerLM(cfg)
-    task = NumberWords()
-    cfg = TransformerConfig(**{"vocab_size": VOCAB_SIZE, "max_seq_len": max(task.src_len, task.tgt_len), **spec.model})
-    return Seq2SeqTransformer(cfg)
+    seq_len = spec.seq_len if spec.task == "lm" else max(NumberWords().src_len, NumberWords().tgt_len)
+    return TransformerConfig(**{"vocab_size": VOCAB_SIZE, "max_seq_len": seq_len, **spec.model})
+
+
+def build_model(spec: RunSpec) -> nn.Module:
+    from normlab.models import Seq2SeqTransformer, TransformerLM
+
+    return (TransformerLM if spec.task == "lm" else Seq2SeqTransformer)(model_config(spec))
 
 
 def lr_factor(spec: RunSpec) -> Callable[[int], float]:
@@ -342,11 +347,10 @@ class _StepBoundaryInterrupt:
 
 
 def _result_fields(spec: RunSpec, model: nn.Module | None = None) -> dict[str, Any]:
-    m = spec.model
+    m = model_config(spec)
     out = {
         "name": spec.name, "task": spec.task, "kind": spec.kind,
-        "placement": m.get("placement", "pre"), "norm": m.get("norm", "layernorm"),
-        "n_layers": m.get("n_layers"), "d_model": m.get("d_model"), "init": m.get("init", "xavier"),
+        "placement": m.placement, "norm": m.norm, "n_layers": m.n_layers, "d_model": m.d_model, "init": m.init,
         "lr": spec.lr, "warmup_steps": spec.warmup_steps, "seed": spec.seed, "steps": spec.steps,
         "tags": spec.tags,
     }
