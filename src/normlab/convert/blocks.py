@@ -48,6 +48,10 @@ class BlockSpec:
     inner_norms: dict[str, tuple[Consumer, ...] | str] = field(default_factory=dict)  # str: why not foldable
     writer_norms: dict[str, str] = field(default_factory=dict)
     unknown: str | None = None
+    # module path (relative to the block) -> sublayer kind of the parameters under it:
+    # "attention", "ffn_w1" (the FFN's input projections) or "ffn_w2" (its output one);
+    # what normlab.diagnostics groups gradients by
+    kinds: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,31 @@ def block_spec(module: nn.Module) -> BlockSpec | None:
     return None if entry is None else entry.spec(module)
 
 
+def structure_kinds(model: nn.Module) -> dict[str, str]:
+    """Module path -> sublayer kind ("attention", "ffn_w1", "ffn_w2", "embedding",
+    "head") for every part of ``model`` the table describes: its known blocks' sublayers,
+    the known model's embeddings, and the Linear layers reading its final norm outside
+    every block (the head)."""
+    out: dict[str, str] = {}
+    blocks = []
+    for path, m in model.named_modules():
+        spec = block_spec(m)
+        if spec is None:
+            continue
+        blocks.append(path)
+        for sub, kind in spec.kinds.items():
+            out[f"{path}.{sub}" if path else sub] = kind
+    mspec = model_spec(model)
+    if mspec is not None:
+        if isinstance(mspec.embeddings, tuple):
+            out.update({e: "embedding" for e in mspec.embeddings})
+        for cons in mspec.final_norms.values():
+            for c in cons if isinstance(cons, tuple) else ():
+                if not any(c.path.startswith(b + ".") for b in blocks):
+                    out[c.path] = "head"
+    return out
+
+
 def hf_families() -> list[str]:
     """The Hugging Face model families in the model table (``gpt2``, ``llama``, ...)."""
     return sorted({name.split(".")[2] for name in _MODELS if name.startswith("transformers.models.")})
@@ -138,6 +167,9 @@ def _consumers(module: nn.Module, *paths: str) -> tuple[Consumer, ...]:
 
 # ---------------------------------------------------------------------- torch.nn blocks
 
+_TORCH_KINDS = {"self_attn": "attention", "multihead_attn": "attention", "linear1": "ffn_w1",
+                "linear2": "ffn_w2"}
+
 
 def _torch_encoder_layer_forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
     # the masks go to self_attn as given: MultiheadAttention checks and converts them
@@ -155,13 +187,14 @@ def _torch_encoder_layer_forward(self, src, src_mask=None, src_key_padding_mask=
 @register_block("torch.nn.modules.transformer.TransformerEncoderLayer",
                 forward=_torch_encoder_layer_forward)
 def _torch_encoder_layer(m: nn.Module) -> BlockSpec:
+    kinds = _TORCH_KINDS
     if m.norm_first:
         return BlockSpec(
             pre_norms={"norm1": (Consumer("self_attn", "all"),), "norm2": (Consumer("linear1"),)},
-            writers=("self_attn.out_proj", "linear2"), fused_norms=("norm2",),
+            writers=("self_attn.out_proj", "linear2"), fused_norms=("norm2",), kinds=kinds,
         )
     return BlockSpec(post_norms=("norm1", "norm2"), writers=("self_attn.out_proj", "linear2"),
-                     fused_norms=("norm1", "norm2"))
+                     fused_norms=("norm1", "norm2"), kinds=kinds)
 
 
 def _torch_decoder_layer_forward(self, tgt, memory, tgt_mask=None, memory_mask=None,
@@ -190,10 +223,10 @@ def _torch_decoder_layer(m: nn.Module) -> BlockSpec:
             pre_norms={"norm1": (Consumer("self_attn", "all"),),
                        "norm2": (Consumer("multihead_attn", "q"),),
                        "norm3": (Consumer("linear1"),)},
-            writers=writers, fused_norms=("norm2", "norm3"),
+            writers=writers, fused_norms=("norm2", "norm3"), kinds=_TORCH_KINDS,
         )
     return BlockSpec(post_norms=("norm1", "norm2", "norm3"), writers=writers,
-                     fused_norms=("norm1", "norm2", "norm3"))
+                     fused_norms=("norm1", "norm2", "norm3"), kinds=_TORCH_KINDS)
 
 
 # ------------------------------------------------------------- Hugging Face transformers
@@ -229,6 +262,8 @@ def _llama_layer(m: nn.Module) -> BlockSpec:
         writers=("self_attn.o_proj", "mlp.down_proj"),
         fused_norms=("post_attention_layernorm",),
         inner_norms=inner,
+        kinds={"self_attn": "attention", "mlp.gate_proj": "ffn_w1", "mlp.up_proj": "ffn_w1",
+               "mlp.down_proj": "ffn_w2"},
     )
 
 
@@ -265,7 +300,9 @@ def _gpt2_block(m: nn.Module) -> BlockSpec:
         pre["ln_cross_attn"] = (Consumer("crossattention.q_attn"),)
         writers.append("crossattention.c_proj")
         fused.append("ln_cross_attn")
-    return BlockSpec(pre_norms=pre, writers=tuple(writers), fused_norms=tuple(fused))
+    return BlockSpec(pre_norms=pre, writers=tuple(writers), fused_norms=tuple(fused),
+                     kinds={"attn": "attention", "crossattention": "attention", "mlp.c_fc": "ffn_w1",
+                            "mlp.c_proj": "ffn_w2"})
 
 
 def _bert_output_forward(self, hidden_states, input_tensor):
@@ -279,6 +316,14 @@ def _bert_output(m: nn.Module) -> BlockSpec:
     return BlockSpec(post_norms=("LayerNorm",), writers=("dense",), fused_norms=("LayerNorm",))
 
 
+# the layer holding BERT's sublayers: only which of its parameters are which
+@register_block("transformers.models.bert.modeling_bert.BertLayer",
+                "transformers.models.roberta.modeling_roberta.RobertaLayer")
+def _bert_layer(m: nn.Module) -> BlockSpec:
+    return BlockSpec(kinds={"attention": "attention", "crossattention": "attention",
+                            "intermediate.dense": "ffn_w1", "output.dense": "ffn_w2"})
+
+
 @register_block("transformers.models.bert.modeling_bert.BertEmbeddings")
 def _bert_embeddings(m: nn.Module) -> BlockSpec:
     return BlockSpec(post_norms=("LayerNorm",))
@@ -290,13 +335,13 @@ def _bert_embeddings(m: nn.Module) -> BlockSpec:
 def _t5_self_attention(m: nn.Module) -> BlockSpec:
     return BlockSpec(pre_norms={"layer_norm": _consumers(m, "SelfAttention.q", "SelfAttention.k",
                                                          "SelfAttention.v")},
-                     writers=("SelfAttention.o",))
+                     writers=("SelfAttention.o",), kinds={"SelfAttention": "attention"})
 
 
 @register_block("transformers.models.t5.modeling_t5.T5LayerCrossAttention")
 def _t5_cross_attention(m: nn.Module) -> BlockSpec:
     return BlockSpec(pre_norms={"layer_norm": _consumers(m, "EncDecAttention.q")},
-                     writers=("EncDecAttention.o",))
+                     writers=("EncDecAttention.o",), kinds={"EncDecAttention": "attention"})
 
 
 @register_block("transformers.models.t5.modeling_t5.T5LayerFF")
@@ -305,6 +350,8 @@ def _t5_ff(m: nn.Module) -> BlockSpec:
         pre_norms={"layer_norm": _consumers(m, "DenseReluDense.wi", "DenseReluDense.wi_0",
                                             "DenseReluDense.wi_1")},
         writers=("DenseReluDense.wo",),
+        kinds={"DenseReluDense.wi": "ffn_w1", "DenseReluDense.wi_0": "ffn_w1", "DenseReluDense.wi_1": "ffn_w1",
+               "DenseReluDense.wo": "ffn_w2"},
     )
 
 
@@ -317,6 +364,7 @@ def _gpt_neox_layer(m: nn.Module) -> BlockSpec:
         pre_norms={"input_layernorm": _consumers(m, "attention.query_key_value"),
                    "post_attention_layernorm": _consumers(m, "mlp.dense_h_to_4h")},
         writers=("attention.dense", "mlp.dense_4h_to_h"),
+        kinds={"attention": "attention", "mlp.dense_h_to_4h": "ffn_w1", "mlp.dense_4h_to_h": "ffn_w2"},
     )
 
 
@@ -324,13 +372,14 @@ def _gpt_neox_layer(m: nn.Module) -> BlockSpec:
 @register_block("transformers.models.opt.modeling_opt.OPTDecoderLayer")
 def _opt_layer(m: nn.Module) -> BlockSpec:
     writers = ("self_attn.out_proj", "fc2")
+    kinds = {"self_attn": "attention", "fc1": "ffn_w1", "fc2": "ffn_w2"}
     if not m.do_layer_norm_before:
-        return BlockSpec(post_norms=("self_attn_layer_norm", "final_layer_norm"), writers=writers)
+        return BlockSpec(post_norms=("self_attn_layer_norm", "final_layer_norm"), writers=writers, kinds=kinds)
     return BlockSpec(
         pre_norms={"self_attn_layer_norm": _consumers(m, "self_attn.q_proj", "self_attn.k_proj",
                                                       "self_attn.v_proj"),
                    "final_layer_norm": _consumers(m, "fc1")},
-        writers=writers,
+        writers=writers, kinds=kinds,
     )
 
 
@@ -348,7 +397,8 @@ def _falcon_layer(m: nn.Module) -> BlockSpec:
         pre = {"input_layernorm": _consumers(m, qkv, mlp_in)}
     else:
         pre = {"input_layernorm": _consumers(m, qkv), "post_attention_layernorm": _consumers(m, mlp_in)}
-    return BlockSpec(pre_norms=pre, writers=writers)
+    return BlockSpec(pre_norms=pre, writers=writers,
+                     kinds={"self_attention": "attention", mlp_in: "ffn_w1", "mlp.dense_4h_to_h": "ffn_w2"})
 
 
 # Phi (phi-1, phi-1.5, phi-2): a parallel block with one shared LayerNorm; optional
@@ -360,6 +410,7 @@ def _phi_layer(m: nn.Module) -> BlockSpec:
         pre_norms={"input_layernorm": _consumers(m, "self_attn.q_proj", "self_attn.k_proj",
                                                  "self_attn.v_proj", "mlp.fc1")},
         writers=("self_attn.dense", "mlp.fc2"), inner_norms=inner,
+        kinds={"self_attn": "attention", "mlp.fc1": "ffn_w1", "mlp.fc2": "ffn_w2"},
     )
 
 
@@ -370,6 +421,7 @@ def _phi3_layer(m: nn.Module) -> BlockSpec:
         pre_norms={"input_layernorm": _consumers(m, "self_attn.qkv_proj"),
                    "post_attention_layernorm": _consumers(m, "mlp.gate_up_proj")},
         writers=("self_attn.o_proj", "mlp.down_proj"),
+        kinds={"self_attn": "attention", "mlp.gate_up_proj": "ffn_w1", "mlp.down_proj": "ffn_w2"},
     )
 
 
@@ -506,7 +558,8 @@ def _normlab_block(m: nn.Module) -> BlockSpec:
             else:
                 out[path] = f"{place.name} placement: Norm_out(F) before the residual add"
     return BlockSpec(pre_norms=pre, post_norms=tuple(post), writers=writers,
-                     fused_norms=tuple(pre) + tuple(post), inner_norms=inner, writer_norms=out)
+                     fused_norms=tuple(pre) + tuple(post), inner_norms=inner, writer_norms=out,
+                     kinds={"attn": "attention", "cross_attn": "attention", "ffn.w1": "ffn_w1", "ffn.w2": "ffn_w2"})
 
 
 @register_block("normlab.models.block.Embedding")

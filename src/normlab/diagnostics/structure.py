@@ -1,9 +1,11 @@
 """What a module is, read from any ``torch.nn.Module``: its blocks, layers and sublayer kinds.
 
 The diagnostics group parameters and activations by *layer* (the index of the repeated
-block they sit in) and by *sublayer kind*. Both are inferred from module types and
-dotted names, so they work on normlab's models, ``torch.nn.Transformer`` and Hugging
-Face models alike.
+block they sit in) and by *sublayer kind*. A parameter's kind comes from the
+model-structure table (``normlab.convert.blocks``: normlab's Block, torch's
+encoder/decoder layers, the Hugging Face families, each declaring which of its modules
+are attention, FFN input and FFN output projections, plus the known models' embeddings
+and heads). The name rules below cover only models outside the table.
 
 Blocks
     A *block list* is an ``nn.ModuleList`` or ``nn.Sequential`` of at least two children
@@ -12,7 +14,7 @@ Blocks
     *stack* is the path of its block list and its *layer* the child's index; parameters
     outside every block list get ``layer=None``.
 
-Sublayer kinds (first matching rule wins; see :data:`KIND_RULES`)
+Sublayer kinds outside the table (first matching rule wins; see :data:`KIND_RULES`)
     ``norm``       the owning module is a norm: torch's LayerNorm/RMSNorm/GroupNorm/
                    BatchNorm, any normlab norm, or a class whose name ends in "Norm"
     ``embedding``  the owning module is an ``nn.Embedding``, or a path token is one of
@@ -42,6 +44,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from normlab.convert.blocks import structure_kinds
 from normlab.norms.registry import is_norm
 
 SUBLAYER_KINDS = ("attention", "ffn_w1", "ffn_w2", "norm", "embedding", "head", "other")
@@ -205,9 +208,22 @@ def sublayer_kind(ctx: ParamContext) -> str:
     return "other"
 
 
+def _table_kind(path: str, table: dict[str, str]) -> str | None:
+    """The kind the structure table gives the module at ``path`` (longest prefix)."""
+    while True:
+        if path in table:
+            return table[path]
+        if "." not in path:
+            return None
+        path = path.rsplit(".", 1)[0]
+
+
 def iter_param_info(model: nn.Module) -> Iterator[tuple[ParamInfo, nn.Parameter]]:
-    """Every (distinct) parameter of ``model`` with its stack, layer and sublayer kind."""
+    """Every (distinct) parameter of ``model`` with its stack, layer and sublayer kind:
+    a norm by its type; then what the model-structure table (``normlab.convert.blocks``)
+    says of the known blocks and models; the name rules only for the rest."""
     block_lists = find_block_lists(model)
+    table = structure_kinds(model)
     seen: set[int] = set()
 
     def walk(mod: nn.Module, prefix: str, ancestors: tuple[nn.Module, ...], parent: nn.Module | None):
@@ -223,7 +239,8 @@ def iter_param_info(model: nn.Module) -> Iterator[tuple[ParamInfo, nn.Parameter]
             seen.add(id(p))
             ctx = ParamContext(_join(prefix, pname), mod, ancestors, tokens, layer is not None,
                                siblings)
-            yield ParamInfo(ctx.name, stack, layer, sublayer_kind(ctx)), p
+            kind = "norm" if is_norm(mod) else _table_kind(prefix, table) or sublayer_kind(ctx)
+            yield ParamInfo(ctx.name, stack, layer, kind), p
         for cname, child in mod.named_children():
             yield from walk(child, _join(prefix, cname), ancestors, mod)
 
