@@ -23,8 +23,22 @@ def study(
     workers: int = typer.Option(None, help="Runs side by side on a CPU (default: one per core, one thread each)."),
     keep_weights: bool = typer.Option(True, "--keep-weights/--no-keep-weights",
                                       help="Keep each run's final weights as <run>/model.safetensors."),
+    launcher: str = typer.Option(None, help="Run each run as a job: slurm, or local (subprocesses); "
+                                            "needs normlab[cluster]."),
+    partition: str = typer.Option(None, help="--launcher slurm: the SLURM partition."),
+    time_min: int = typer.Option(60, help="--launcher: wall-time limit per job, minutes (a job over it "
+                                          "is requeued and resumes)."),
+    cpus_per_run: int = typer.Option(1, help="--launcher: CPU cores (torch threads) per run."),
+    gpus_per_run: int = typer.Option(0, help="--launcher: GPUs per run (0: the runs train on CPUs)."),
+    mem_gb: float = typer.Option(None, help="--launcher: memory per job, GB."),
+    max_parallel: int = typer.Option(None, help="--launcher slurm: at most this many jobs at once."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="--launcher: wait for the jobs and write the "
+                                                             "report (--no-wait: submit and exit)."),
+    report_only: bool = typer.Option(False, "--report-only", help="Run nothing: merge the finished runs "
+                                                                  "into the summary and report."),
 ) -> None:
     """Reproduce published normalization findings; resumable, writes a report with plots."""
+    from normlab.studies.cluster import JobOptions
     from normlab.studies.data import DataError
     from normlab.studies.presets import get_study, preset_names
     from normlab.studies.runner import apply_overrides, run_study
@@ -45,15 +59,18 @@ def study(
     try:
         spec = apply_overrides(get_study(preset), seeds=seeds, steps=steps)
         env = setup_env(device, dtype)
+        options = JobOptions(partition=partition, time_min=time_min, cpus_per_run=cpus_per_run,
+                             gpus_per_run=gpus_per_run, mem_gb=mem_gb, max_parallel=max_parallel)
         try:
             _, report = run_study(spec, out, env, data=str(data) if data else None, console=console,
-                                  workers=workers, keep_weights=keep_weights)
+                                  workers=workers, keep_weights=keep_weights, launcher=launcher,
+                                  job_options=options, wait=wait, report_only=report_only)
         except Interrupted:
             teardown_env(env)  # every rank stops at the same step
             raise
         # (on other errors this process exits; torchrun ends the others)
         teardown_env(env)
-    except (ValueError, DataError) as e:
+    except (ValueError, DataError, ImportError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(code=2) from None
     except Interrupted as e:
@@ -64,7 +81,12 @@ def study(
         console.print(f"report: {report}")
         import json
 
-        failed = json.loads((report.parent / "summary.json").read_text()).get("failed", [])
+        summary = json.loads((report.parent / "summary.json").read_text())
+        missing = summary["provenance"].get("not_finished") or []
+        if missing:
+            more = f" and {len(missing) - 8} more (summary.json: provenance.not_finished)" if len(missing) > 8 else ""
+            console.print(f"[yellow]{len(missing)} run(s) not finished yet[/yellow]: " + ", ".join(missing[:8]) + more)
+        failed = summary.get("failed", [])
         if failed:
             console.print(f"[red]{len(failed)} run(s) failed[/red] (tracebacks in summary.json): "
                           + ", ".join(f["name"] for f in failed))

@@ -39,7 +39,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from normlab.studies import cluster
 from normlab.studies.claims import judge_all
+from normlab.studies.cluster import JobOptions
 from normlab.studies.data import ByteCorpus
 from normlab.studies.report import load_metrics, make_plots, write_html, write_markdown
 from normlab.studies.spec import RunSpec, Study
@@ -148,15 +150,29 @@ def provenance(env: Env, corpus: ByteCorpus | None, *, workers: int, threads: in
 
 def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, console: Console | None = None,
               workers: int | None = None, keep_weights: bool = True,
-              corpus: ByteCorpus | None = None) -> tuple[list[dict[str, Any]], Path | None]:
+              corpus: ByteCorpus | None = None, launcher: str | None = None,
+              job_options: JobOptions | None = None, wait: bool = True,
+              report_only: bool = False) -> tuple[list[dict[str, Any]], Path | None]:
     """Run (or resume) every run of ``study`` under ``out/<study>``, then judge its claims
     and write the report; returns the results and the report's path (None on ranks other
-    than 0)."""
+    than 0, and when jobs were submitted without waiting for them).
+
+    ``launcher`` ("local" or "slurm", see ``normlab.studies.cluster``) submits each
+    unfinished run as a job; ``wait=False`` returns once they are submitted.
+    ``report_only`` runs nothing: it merges the runs that have finished (by anyone) into
+    the summary and report, and lists the others as not finished."""
     console = console or Console()
     study_dir = out / study.name
     study_dir.mkdir(parents=True, exist_ok=True)
+    corpus_given = corpus is not None
     if corpus is None and any(r.task == "lm" for r in study.runs):
         corpus = ByteCorpus.from_path(data)
+    if launcher is not None or report_only:
+        if workers not in (None, 1):
+            raise ValueError("--workers runs on this machine; it cannot combine with --launcher or --report-only")
+        if env.world > 1:
+            raise ValueError("--launcher and --report-only cannot run under torchrun")
+        workers = 1
     workers = default_workers(env) if workers is None else workers
     if workers < 1:
         raise ValueError(f"--workers: expected >= 1, got {workers}")
@@ -168,6 +184,12 @@ def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, con
     if prov:
         prov["runs"] = len(study.runs)
         prov["runs_found_finished"] = sum(_finished(spec, study_dir / spec.name) for spec in study.runs)
+        if launcher is not None:
+            options = job_options or JobOptions()
+            prov.update(launcher=launcher, workers=None, threads=options.cpus_per_run,
+                        job_options={k: v for k, v in vars(options).items() if v is not None})
+        if report_only:
+            prov.update(report_only=True, workers=None, threads=None)
     baselines: dict[tuple[int, int], dict[str, float]] = {}
     started = time.perf_counter()
     progress = Progress(
@@ -196,7 +218,25 @@ def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, con
 
     try:
         with progress:
-            if workers == 1:
+            if report_only:
+                for spec in study.runs:
+                    if _finished(spec, study_dir / spec.name):
+                        finish(spec, json.loads((study_dir / spec.name / "result.json").read_text()))
+                prov["not_finished"] = [r.name for r in study.runs if r.name not in results]
+            elif launcher is not None:
+                pending = [r for r in study.runs if not _finished(r, study_dir / r.name)]
+                jobs = cluster.submit(pending, study_dir, launcher, job_options or JobOptions(), data=data,
+                                      ship_corpus=corpus if corpus_given else None, dtype=env.dtype,
+                                      keep_weights=keep_weights) if pending else {}
+                if not wait:
+                    console.print(f"submitted {len(jobs)} job(s) ({launcher}; ids in {study_dir / 'jobs.json'}); "
+                                  f"`normlab study {study.name} --report-only` merges the finished runs")
+                    return [], None
+                _wait_for_jobs(study, jobs, progress, fail)
+                for spec in study.runs:
+                    if spec.name not in failures and _finished(spec, study_dir / spec.name):
+                        finish(spec, json.loads((study_dir / spec.name / "result.json").read_text()))
+            elif workers == 1:
                 _run_serial(study.runs, study.name, study_dir, env, corpus, progress, finish, keep_weights,
                             fail if env.world == 1 else None)
             else:
@@ -229,6 +269,27 @@ def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, con
     return ordered, report
 
 
+def _counts(study: str, done: int, running: int, failed: int, total: int, where: str = "") -> str:
+    """The progress view's headline: runs done, running and failed, across workers or jobs."""
+    return (f"{study}: {done} done, {running} running, {failed} failed of {total}{where}")
+
+
+def _wait_for_jobs(study: Study, jobs: dict[str, Any], progress: Progress, fail) -> None:
+    specs = {r.name: r for r in study.runs}
+    task = progress.add_task(_counts(study.name, 0, 0, 0, len(jobs), " jobs"), total=max(1, len(jobs)))
+
+    def on_update(done, running, failed, pending) -> None:
+        progress.update(task, completed=len(done) + len(failed),
+                        description=_counts(study.name, len(done), len(running), len(failed), len(jobs), " jobs"))
+
+    try:
+        errors = cluster.wait(jobs, on_update)
+    except KeyboardInterrupt:
+        raise Interrupted(study.name, 0) from None  # the jobs go on; --report-only merges them later
+    for name, err in errors.items():
+        fail(specs[name], err)
+
+
 def _finished(spec: RunSpec, run_dir: Path) -> bool:
     try:
         return json.loads((run_dir / "result.json").read_text()).get("fingerprint") == spec.fingerprint()
@@ -242,9 +303,10 @@ def _ordered(study: Study, results: dict[str, dict[str, Any]]) -> list[dict[str,
 
 def _run_serial(runs, title, study_dir, env, corpus, progress, finish, keep_weights, fail=None) -> None:
     """One run after another; ``fail`` (None: raise) records a run that raised."""
-    overall = progress.add_task(f"{title}: {len(runs)} runs", total=sum(_work(r) for r in runs))
-    done_before = 0
+    overall = progress.add_task(_counts(title, 0, 0, 0, len(runs)), total=sum(_work(r) for r in runs))
+    done_before, n_done, n_failed = 0, 0, 0
     for spec in runs:
+        progress.update(overall, description=_counts(title, n_done, 1, n_failed, len(runs)))
         task_id = progress.add_task(spec.name, total=_work(spec))
 
         def on_step(n: int, task_id=task_id, base=done_before) -> None:
@@ -259,10 +321,13 @@ def _run_serial(runs, title, study_dir, env, corpus, progress, finish, keep_weig
             if fail is None:
                 raise
             result = None
+            n_failed += 1
             fail(spec, e)
+        n_done += result is not None
         done_before += _work(spec)
         progress.update(overall, completed=done_before)
         progress.remove_task(task_id)
+        progress.update(overall, description=_counts(title, n_done, 0, n_failed, len(runs)))
         if result is not None:
             finish(spec, result)
 
@@ -307,8 +372,10 @@ def _run_parallel(study, study_dir, corpus, progress, finish, fail, keep_weights
     queue, stop = ctx.Queue(), ctx.Event()
     specs = {r.name: r for r in study.runs}
     order = sorted(study.runs, key=_cost, reverse=True)  # longest first: the pool ends together
-    overall = progress.add_task(f"{study.name}: {len(study.runs)} runs on {workers} workers",
+    where = f" on {workers} workers"
+    overall = progress.add_task(_counts(study.name, 0, 0, 0, len(study.runs), where),
                                 total=sum(_work(r) for r in study.runs))
+    n_done, n_failed = [0], [0]
     bars: dict[str, Any] = {}
     completed: dict[str, int] = {}
     executor = ProcessPoolExecutor(
@@ -346,12 +413,15 @@ def _run_parallel(study, study_dir, corpus, progress, finish, fail, keep_weights
                     interrupted = interrupted or e
                     continue
                 except Exception as e:  # the run's error, with the worker's traceback
+                    n_failed[0] += 1
                     fail(spec, e)
                     continue
                 if result is not None:
+                    n_done[0] += 1
                     completed[spec.name] = _work(spec)
                     finish(spec, result)
-            progress.update(overall, completed=sum(completed.values()))
+            progress.update(overall, completed=sum(completed.values()),
+                            description=_counts(study.name, n_done[0], len(bars), n_failed[0], len(study.runs), where))
             if stop.is_set():
                 for fut in [f for f in pending if f.cancel()]:
                     pending.pop(fut)

@@ -1,0 +1,140 @@
+"""A study's runs as jobs on a cluster, through submitit (the optional ``normlab[cluster]``).
+
+Each run is one job. It writes to its own folder under the study's output folder, which
+the jobs and the submitting command share (a cluster's shared file system): its
+checkpoint as it trains, its ``result.json`` when done. Nothing else passes between
+them, so the command that submitted the jobs, or a later ``normlab study PRESET
+--report-only``, merges whatever has finished into one summary and report.
+
+``launcher="slurm"`` submits to SLURM; a job that SLURM preempts or times out is
+requeued by submitit and resumes from its run's last checkpoint. ``launcher="local"``
+runs the same jobs as local subprocesses through submitit's local executor (all at
+once: for a few runs, and for the tests); on one machine ``--workers`` is the better
+tool. Why submitit and not Ray: docs/studies.md, "Runs on a cluster".
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from normlab.studies.spec import RunSpec
+
+LAUNCHERS = ("local", "slurm")
+
+
+def _submitit():
+    try:
+        import submitit
+    except ImportError as err:
+        raise ImportError("normlab study --launcher needs submitit: pip install 'normlab[cluster]'") from err
+    return submitit
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """What each run's job asks the cluster for."""
+
+    partition: str | None = None   # SLURM partition
+    time_min: int = 60             # wall-time limit per job; a job over it is requeued and resumes
+    cpus_per_run: int = 1          # CPU cores (and torch threads) per run
+    gpus_per_run: int = 0          # GPUs per run (0: the run trains on the CPU)
+    mem_gb: float | None = None    # memory per job
+    max_parallel: int | None = None  # SLURM: at most this many of the study's jobs at once
+
+
+def run_in_job(spec: RunSpec, run_dir: str, data: str | None, corpus: Any, dtype: str, device: str,
+               threads: int, keep_weights: bool) -> dict[str, Any]:
+    """One run, inside its job: the same ``run_one`` as every other way of running it,
+    resuming from the run's checkpoint when the job is a requeued one."""
+    from normlab.studies.data import ByteCorpus
+    from normlab.studies.train import Env, run_one
+
+    torch.set_num_threads(threads)
+    if corpus is None and spec.task == "lm":
+        corpus = ByteCorpus.from_path(data)
+    return run_one(spec, Path(run_dir), Env(device=torch.device(device), dtype=dtype), corpus,
+                   keep_weights=keep_weights)
+
+
+try:  # the optional extra; without it RunJob is a plain callable and ``submit`` says what to install
+    from submitit.helpers import Checkpointable as _Checkpointable
+except ImportError:  # pragma: no cover - exercised only without the extra
+    _Checkpointable = object
+
+
+class RunJob(_Checkpointable):
+    """``run_in_job`` as a submitit job: on preemption or timeout it resubmits itself with
+    the same arguments, and the run resumes from its checkpoint."""
+
+    def __call__(self, *args):
+        return run_in_job(*args)
+
+
+def submit(runs: list[RunSpec], study_dir: Path, launcher: str, options: JobOptions, *, data: str | None,
+           ship_corpus: Any, dtype: str, keep_weights: bool) -> dict[str, Any]:
+    """Submit one job per run; returns {run name: submitit Job} and records the job ids in
+    ``study_dir/jobs.json``. Each job reads the corpus from ``data`` (the default corpus
+    when None) unless ``ship_corpus`` hands it one in memory."""
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"--launcher: expected one of {', '.join(LAUNCHERS)}, got {launcher!r}")
+    if launcher == "slurm" and not options.partition:
+        raise ValueError("--launcher slurm: expected --partition (the SLURM partition to submit to)")
+    submitit = _submitit()
+    executor = submitit.AutoExecutor(folder=study_dir / "jobs" / "%j", cluster=launcher)
+    params: dict[str, Any] = dict(name=f"normlab-{study_dir.name}", timeout_min=options.time_min,
+                                  cpus_per_task=options.cpus_per_run, gpus_per_node=options.gpus_per_run)
+    if options.mem_gb is not None:
+        params["mem_gb"] = options.mem_gb
+    if launcher == "slurm":
+        params["slurm_partition"] = options.partition
+        if options.max_parallel:
+            params["slurm_array_parallelism"] = options.max_parallel
+    executor.update_parameters(**params)
+    device = "cuda" if options.gpus_per_run > 0 else "cpu"
+    jobs: dict[str, Any] = {}
+    with executor.batch():
+        for spec in runs:
+            jobs[spec.name] = executor.submit(
+                RunJob(), spec, str(study_dir / spec.name), data, ship_corpus, dtype, device,
+                options.cpus_per_run, keep_weights)
+    record = _read_jobs(study_dir)
+    record.update({name: {"job_id": job.job_id, "launcher": launcher} for name, job in jobs.items()})
+    (study_dir / "jobs.json").write_text(json.dumps(record, indent=1))
+    return jobs
+
+
+def _read_jobs(study_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((study_dir / "jobs.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def wait(jobs: dict[str, Any], on_update, poll_s: float = 1.0) -> dict[str, BaseException]:
+    """Wait for every job; ``on_update(done, running, failed, pending)`` after each poll
+    (run names). Returns the failed runs' errors."""
+    failed: dict[str, BaseException] = {}
+    done: set[str] = set()
+    while True:
+        running, pending = [], []
+        for name, job in jobs.items():
+            if name in done or name in failed:
+                continue
+            if job.done():
+                try:
+                    job.result()
+                    done.add(name)
+                except Exception as err:  # the job's error, with the run's traceback from its log
+                    failed[name] = err
+                continue
+            (running if job.state.upper() in ("RUNNING", "COMPLETING") else pending).append(name)
+        on_update(sorted(done), running, sorted(failed), pending)
+        if not running and not pending:
+            return failed
+        time.sleep(poll_s)

@@ -1,0 +1,108 @@
+"""Runs as jobs through submitit's local executor (the same code a SLURM job runs):
+the results equal one-after-another runs, a failing job is reported by its run's name,
+--no-wait then --report-only merges what has finished, and bad options are refused."""
+
+import json
+import math
+import time
+
+import pytest
+import torch
+
+from normlab.studies import runner
+from normlab.studies.cluster import JobOptions
+from normlab.studies.spec import Study
+from tests.studies.helpers import MICRO, cpu_env, micro_spec
+
+pytest.importorskip("submitit", reason="submitit not installed (pip install 'normlab[cluster]')")
+
+
+def _spec(name, **kw):
+    base = dict(steps=6, eval_every=3, diag_every=0, checkpoint_every=100, tags={"study": "norms", "group": "g"})
+    base.update(kw)
+    return micro_spec(name, **base)
+
+
+def _study(*runs):
+    return Study(name="jobs", description="runs as jobs", runs=tuple(runs))
+
+
+def _same(a, b):
+    for key in ("final_val_loss", "final_train_loss"):
+        assert a[key] == b[key] or (math.isnan(a[key]) and math.isnan(b[key])), key
+
+
+def test_local_jobs_equal_one_after_another(tmp_path, corpus):
+    # bit for bit at equal thread counts (a job runs --cpus-per-run threads, here 1)
+    study = _study(_spec("a"), _spec("b", model={**MICRO, "placement": "post"}, seed=1))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial, _ = runner.run_study(study, tmp_path / "one", cpu_env(), workers=1, corpus=corpus)
+    finally:
+        torch.set_num_threads(threads)
+    jobs, report = runner.run_study(study, tmp_path / "jobs", cpu_env(), corpus=corpus, launcher="local",
+                                    job_options=JobOptions(time_min=10))
+    assert [r["name"] for r in jobs] == ["a", "b"] and report.exists()
+    for a, b in zip(serial, jobs):
+        _same(a, b)
+    summary = json.loads((tmp_path / "jobs" / "jobs" / "summary.json").read_text())
+    assert summary["provenance"]["launcher"] == "local" and summary["failed"] == []
+    ids = json.loads((tmp_path / "jobs" / "jobs" / "jobs.json").read_text())
+    assert set(ids) == {"a", "b"} and all(v["launcher"] == "local" for v in ids.values())
+    # a second invocation finds every run finished: nothing is submitted again
+    again, _ = runner.run_study(study, tmp_path / "jobs", cpu_env(), corpus=corpus, launcher="local")
+    assert json.loads((tmp_path / "jobs" / "jobs" / "jobs.json").read_text()) == ids
+    _same(again[0], jobs[0])
+
+
+def test_a_failing_job_is_reported_by_its_run_and_the_others_finish(tmp_path, corpus):
+    bad = _spec("bad", model={**MICRO, "n_heads": 3})  # d_model 16 does not split into 3 heads
+    results, _ = runner.run_study(_study(_spec("good"), bad), tmp_path, cpu_env(), corpus=corpus, launcher="local")
+    assert [r["name"] for r in results] == ["good"]
+    failed = json.loads((tmp_path / "jobs" / "summary.json").read_text())["failed"]
+    assert [f["name"] for f in failed] == ["bad"] and "divisible by n_heads" in failed[0]["error"]
+
+
+def test_no_wait_then_report_only_merges_what_finished(tmp_path, corpus):
+    study = _study(_spec("x"), _spec("y", seed=1))
+    early, report = runner.run_study(study, tmp_path, cpu_env(), corpus=corpus, report_only=True)
+    assert early == [] and report.exists()
+    summary = json.loads((tmp_path / "jobs" / "summary.json").read_text())
+    assert summary["provenance"]["not_finished"] == ["x", "y"]
+    submitted, report = runner.run_study(study, tmp_path, cpu_env(), corpus=corpus, launcher="local", wait=False)
+    assert submitted == [] and report is None
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / "jobs" / n / "result.json").exists() for n in ("x", "y")):
+        assert time.monotonic() < deadline, "the local jobs did not finish"
+        time.sleep(0.5)
+    merged, report = runner.run_study(study, tmp_path, cpu_env(), corpus=corpus, report_only=True)
+    assert [r["name"] for r in merged] == ["x", "y"] and report.exists()
+    assert json.loads((tmp_path / "jobs" / "summary.json").read_text())["provenance"]["not_finished"] == []
+
+
+def test_bad_launcher_options_are_refused(tmp_path, corpus):
+    study = _study(_spec("z"))
+    with pytest.raises(ValueError, match="--launcher: expected one of local, slurm, got 'ray'"):
+        runner.run_study(study, tmp_path, cpu_env(), corpus=corpus, launcher="ray")
+    with pytest.raises(ValueError, match="--launcher slurm: expected --partition"):
+        runner.run_study(study, tmp_path, cpu_env(), corpus=corpus, launcher="slurm")
+    with pytest.raises(ValueError, match="cannot combine with --launcher"):
+        runner.run_study(study, tmp_path, cpu_env(), corpus=corpus, launcher="local", workers=2)
+
+
+def test_the_cli_report_only_and_launcher_options(tmp_path):
+    from typer.testing import CliRunner
+
+    from normlab.cli import app
+
+    out = CliRunner().invoke(app, ["study", "quick", "--report-only", "--out", str(tmp_path)],
+                             env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    from normlab.studies.presets import get_study
+
+    n = len(get_study("quick").runs)
+    assert f"{n} run(s) not finished yet" in out.output and "more (summary.json" in out.output
+    assert (tmp_path / "quick" / "index.html").exists() and (tmp_path / "quick" / "claims.json").exists()
+    bad = CliRunner().invoke(app, ["study", "quick", "--launcher", "slurm", "--out", str(tmp_path)])
+    assert bad.exit_code == 2 and "expected --partition" in bad.output
