@@ -151,7 +151,62 @@ def _speed(outcome):
              "speed_ratios": [ratio * (1 + scale * NOISE[i % 5]) for i in range(10)], "threads": 1}]
 
 
+# ------------------------------------------------------------------ mechanisms
+
+
+def _equivalent(outcome, margin):
+    """(statistic, jitter) giving ``outcome`` for an equivalence test at ``margin``."""
+    return {"agrees": (0.0, 0.05 * margin), "disagrees": (4.0 * margin, 0.05 * margin),
+            "inconclusive": (0.9 * margin, 0.6 * margin)}[outcome]
+
+
+def _init_depth(placement, theory, margin=0.25):
+    def build(outcome):
+        stat, jitter = _equivalent(outcome, margin)
+        runs = []
+        for s in SEEDS:
+            e = theory + stat + jitter * NOISE[s]
+            for n in (6, 12, 24, 48):
+                r = _probe(placement, n, s, [1.0] * (n - 1) + [math.exp(e * math.log(n))], [1.0] * n)
+                r["tags"]["study"] = "init-depth" if n == 48 else "grad-at-init"  # read from both studies
+                runs.append(r)
+        return runs
+
+    return build
+
+
+def _update_run(placement, n_layers, seed, change):
+    return {"name": f"update-{placement}-L{n_layers}-s{seed}", "kind": "update", "task": "lm",
+            "placement": placement, "norm": "layernorm", "n_layers": n_layers, "d_model": 64, "lr": 1e-5,
+            "warmup_steps": 0, "seed": seed, "steps": 0, "final_val_loss": math.nan, "output_change_sq": change,
+            "tags": {"study": "amplification", "group": placement}, "config": {"probe_batches": 2}}
+
+
+def _updates(placement, slope_of_seed, x=math.log):
+    return [_update_run(placement, n, s, math.exp(slope_of_seed(s) * x(n))) for s in SEEDS for n in (6, 12, 24)]
+
+
+def _update_exponent(placement, theory, margin=None, x=math.log):
+    def build(outcome):
+        stat, jitter = DIRECTIONAL[outcome] if margin is None else _equivalent(outcome, margin)
+        return _updates(placement, lambda s: theory + stat + jitter * NOISE[s], x)
+
+    return build
+
+
+def _update_gap(outcome):
+    effect, jitter = DIRECTIONAL[outcome]
+    return _updates("post", lambda s: 1.0 + effect + jitter * NOISE[s]) + _updates("pre", lambda s: 1.0)
+
+
 SCENARIOS = {
+    "init-depth-post": _init_depth("post", 0.0),
+    "init-depth-pre": _init_depth("pre", -0.5),
+    "liu-postln-update-grows": _update_exponent("post", 0.0),
+    "liu-postln-update-linear-in-n": _update_exponent("post", 1.0, margin=0.3),
+    "liu-preln-update-slower": _update_gap,
+    "liu-preln-update-log-n": _update_exponent("pre", 1.0, margin=0.7, x=lambda n: math.log(math.log(n))),
+    "deepnet-update-bounded": _update_exponent("deepnorm", 0.0, margin=0.2),
     "xiong-postln-grad-grows": _xiong_grows,
     "xiong-preln-grad-flat": _xiong_flat,
     "xiong-last-layer-larger": _last_layer,

@@ -203,3 +203,17 @@ def test_a_runs_model_settings_are_read_from_the_resolved_config():
     assert cfg.n_layers == defaults.n_layers and fields["n_layers"] == defaults.n_layers
     assert (fields["placement"], fields["norm"], fields["init"]) == (defaults.placement, defaults.norm, defaults.init)
     assert fields["d_model"] == 16 and cfg.max_seq_len == spec.seq_len
+
+
+def test_the_update_probe_measures_a_change_quadratic_in_a_small_lr(tmp_path, corpus):
+    """One Adam step moves every parameter by about lr: in the linear regime the output
+    change ||dF||^2 scales as lr^2, and a model with no update does not change."""
+    base = dict(model={**MICRO, "placement": "pre", "n_layers": 3}, kind="update", batch_size=4, seq_len=16,
+                probe_batches=2, steps=0, tags={"study": "amplification", "group": "pre"})
+    small = run_one(RunSpec(name="u1", lr=1e-6, **base), tmp_path / "u1", _cpu(), corpus)
+    double = run_one(RunSpec(name="u2", lr=2e-6, **base), tmp_path / "u2", _cpu(), corpus)
+    assert small["output_change_sq"] > 0 and small["output_sq"] > 0
+    assert double["output_change_sq"] / small["output_change_sq"] == pytest.approx(4.0, rel=0.05)
+    assert small["kind"] == "update" and small["n_layers"] == 3 and math.isfinite(small["probe_loss"])
+    with pytest.raises(ValueError, match="kind 'update' measures the LM's stack output"):
+        run_one(RunSpec(name="u3", lr=1e-6, **{**base, "task": "seq2seq"}), tmp_path / "u3", _cpu(), corpus)

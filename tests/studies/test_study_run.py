@@ -34,7 +34,8 @@ def test_every_preset_plan_builds(name):
     for spec in first.values():  # the models of the preset build (cheaply: one of each kind)
         small = spec.with_overrides(model={**spec.model, "d_model": 16, "n_heads": 2, "d_ff": 32, "n_layers": 2})
         assert build_model(small) is not None
-    assert {r.tags["study"] for r in get_study("quick").runs} == {"grad-at-init", "warmup", "depth", "norms"}
+    assert {r.tags["study"] for r in get_study("quick").runs} == {"grad-at-init", "warmup", "depth", "norms",
+                                                                  "init-depth", "amplification"}
 
 
 def test_overrides_seeds_and_steps():

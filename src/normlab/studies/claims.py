@@ -541,6 +541,104 @@ def _rmsnorm_speed(results: list[Result]) -> list[Measurement]:
                         f"d_model {r.get('d_model')}, the default backend on this device")]
 
 
+# ------------------------------------------------------------------ mechanisms
+
+INIT_DEPTH_MIN = 6  # the depths Xiong et al.'s Theorem 1 is checked over start here (as the issue's 6-48)
+
+
+def _last_grad_by_depth(results: list[Result], placement: str) -> dict[int, dict[int, float]]:
+    """seed -> {depth: ln(last-layer |grad W2|)} from the probes at init of both studies."""
+    out: dict[int, dict[int, float]] = defaultdict(dict)
+    for r in runs_of(results, "grad-at-init", placement=placement) + runs_of(results, "init-depth", placement=placement):
+        w2 = r.get("grad_norms_by_layer", {}).get("ffn_w2")
+        if _positive(w2) and r["n_layers"] >= INIT_DEPTH_MIN:
+            out[r["seed"]][r["n_layers"]] = math.log(w2[-1])
+    return out
+
+
+def _depth_slopes(by_seed: dict[int, dict[int, float]], x: Callable[[int], float]) -> dict[int, float]:
+    """Per seed, the slope of its values against x(depth), over at least two depths."""
+    return {s: slope([x(n) for n in sorted(c)], [c[n] for n in sorted(c)]) for s, c in by_seed.items() if len(c) >= 2}
+
+
+def _init_depth(placement: str, theory: float) -> Callable[[list[Result]], list[Measurement]]:
+    """Per seed: slope of ln(last-layer |grad W2|) against ln L; the statistic is slope - theory."""
+
+    def measure(results: list[Result]) -> list[Measurement]:
+        by_seed = _last_grad_by_depth(results, placement)
+        slopes = _depth_slopes(by_seed, math.log)
+        if not slopes:
+            return _missing(f"{placement} probes at two or more depths of at least {INIT_DEPTH_MIN} layers")
+        i = mean_ci(list(slopes.values()))
+        shifted = Interval(i.estimate - theory, i.lo - theory, i.hi - theory, i.n)
+        depths = sorted({n for c in by_seed.values() for n in c})
+        runs = [r for r in runs_of(results, "grad-at-init", placement=placement)
+                + runs_of(results, "init-depth", placement=placement) if r["n_layers"] in depths]
+        means = {n: math.exp(_mean(c[n] for c in by_seed.values() if n in c)) for n in depths}
+        return [Measurement("", shifted,
+                            f"last-layer |grad W2| at {_list(depths)} layers: "
+                            f"{_list(f'{means[n]:.3g}' for n in depths)} (geometric mean over seeds); exponent of L: "
+                            f"{_ci_text(i)}; statistic exponent - ({theory:g}) = {_ci_text(shifted)}",
+                            run_setup(runs))]
+
+    return measure
+
+
+def _update_by_depth(results: list[Result], placement: str) -> dict[int, dict[int, float]]:
+    """seed -> {depth: ln of the output change after one Adam update}."""
+    out: dict[int, dict[int, float]] = defaultdict(dict)
+    for r in runs_of(results, "amplification", placement=placement):
+        v = r.get("output_change_sq")
+        if v is not None and math.isfinite(v) and v > 0:
+            out[r["seed"]][r["n_layers"]] = math.log(v)
+    return out
+
+
+def _update_setup(results: list[Result]) -> str:
+    runs = runs_of(results, "amplification")
+    if not runs:
+        return ""
+    r0 = runs[0]
+    return (f"here: byte-level LM at initialization, d_model {r0.get('d_model')}, "
+            f"{_list(sorted({r['n_layers'] for r in runs}))} layers, one Adam step at lr {r0['lr']:g} on "
+            f"{r0.get('config', {}).get('probe_batches', '?')} batches, output change on one fixed validation "
+            f"batch, {len({r['seed'] for r in runs})} seeds")
+
+
+def _update_exponent(placement: str, x: Callable[[int], float], theory: float, x_text: str
+                     ) -> Callable[[list[Result]], list[Measurement]]:
+    """Per seed: slope of ln ||dF||^2 against x(N); the statistic is slope - theory."""
+
+    def measure(results: list[Result]) -> list[Measurement]:
+        by_seed = _update_by_depth(results, placement)
+        slopes = _depth_slopes(by_seed, x)
+        if not slopes:
+            return _missing(f"{placement} update probes at two or more depths")
+        i = mean_ci(list(slopes.values()))
+        shifted = Interval(i.estimate - theory, i.lo - theory, i.hi - theory, i.n)
+        depths = sorted({n for c in by_seed.values() for n in c})
+        means = {n: math.exp(_mean(c[n] for c in by_seed.values() if n in c)) for n in depths}
+        return [Measurement("", shifted,
+                            f"{placement}: output change ||dF||^2 per coordinate at {_list(depths)} layers: "
+                            f"{_list(f'{means[n]:.3g}' for n in depths)} (geometric mean over seeds); slope of "
+                            f"ln ||dF||^2 against {x_text}: {_ci_text(i)}; statistic slope - {theory:g} = "
+                            f"{_ci_text(shifted)}", _update_setup(results))]
+
+    return measure
+
+
+def _update_growth_gap(results: list[Result]) -> list[Measurement]:
+    """Per seed: slope(Post-LN) - slope(Pre-LN) of ln ||dF||^2 against ln N."""
+    post = _depth_slopes(_update_by_depth(results, "post"), math.log)
+    pre = _depth_slopes(_update_by_depth(results, "pre"), math.log)
+    if not post or not pre:
+        return _missing("Post-LN and Pre-LN update probes at two or more depths")
+    i = paired_ci(post, pre)
+    return [Measurement("", i, f"exponent of N in ||dF||^2, Post-LN - Pre-LN, paired by seed: {_ci_text(i)} "
+                        f"(Post-LN {_mean(post.values()):.2f}, Pre-LN {_mean(pre.values()):.2f})",
+                        _update_setup(results))]
+
+
 # ------------------------------------------------------------------ the claims
 
 XIONG = "Xiong et al. 2020, On Layer Normalization in the Transformer Architecture (ICML)"
@@ -557,6 +655,13 @@ MARGIN_EQUIV = Margin(0.05, "0.05 nats is 2% of a final loss near 2.5 nats/byte,
                       "we would call a change in quality at this scale; the one noise measurement made before "
                       "the presets were fixed (an unpaired seed SD of 0.012 nats over 3 seeds, LayerNorm, "
                       "d_model 64) is rough, and the paired interval carries the noise itself")
+
+LIU = "Liu et al. 2020, Understanding the Difficulty of Training Transformers (EMNLP)"
+LIU_SETUP = ("paper: 6- to 18-layer encoder-decoder translation models (WMT14 En-De, IWSLT14 De-En), the output "
+             "change after an update at initialization (Fig. 5; Theorem 2 under simplifying assumptions)")
+UPDATE_NOTE = ("DeepNet's Theorem 4.3 bounds the update of its encoder-decoder analysis, with its alpha and beta, "
+               "under SGD-style assumptions")
+LOG_SLOPE = math.log(math.log(24) / math.log(6)) / math.log(4)  # ln ln N against ln N between 6 and 24 layers
 
 CLAIMS: dict[str, Claim] = {c.id: c for c in [
     Claim("xiong-postln-grad-grows", "Post-LN's gradients at initialization grow toward the output", (XIONG,),
@@ -594,6 +699,50 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in [
           "In Post-LN every block ends with a LayerNorm, so the stream's RMS is 1 at every depth.",
           "Post-LN residual RMS after each block (min to max)", "sanity", XIONG_SETUP, _postln_stream,
           Margin(0.0, "true by construction: shown as a check of the measurement, not judged")),
+    Claim("init-depth-post", "Post-LN's last-layer gradient at init does not depend on depth", (XIONG,),
+          "Theorem 1: at initialization the gradient of the last layer's W2 is O(d sqrt(ln d)) in Post-LN, "
+          "independent of the number of layers L.",
+          "e, the exponent of L in the last-layer |grad W2| (slope of its log against ln L over 6-48 layers, "
+          "fitted per seed); mean over seeds", "equivalence", XIONG_SETUP, _init_depth("post", 0.0),
+          Margin(0.25, "halfway from the claimed exponent 0 to Pre-LN's -0.5, the alternative the theorem "
+                 "sets it against")),
+    Claim("init-depth-pre", "Pre-LN's last-layer gradient at init shrinks like 1/sqrt(L)", (XIONG,),
+          "Theorem 1: at initialization the gradient of the last layer's W2 is O(d sqrt(ln d / L)) in "
+          "Pre-LN: it shrinks like L^-0.5.",
+          "e + 0.5, e the exponent of L in the last-layer |grad W2| over 6-48 layers, fitted per seed",
+          "equivalence", XIONG_SETUP, _init_depth("pre", -0.5),
+          Margin(0.25, "halfway from the claimed exponent -0.5 to the alternatives 0 (depth-independent) "
+                 "and -1")),
+    Claim("liu-postln-update-grows", "Post-LN amplifies a small update more with depth", (LIU,),
+          "The change of a Post-LN model's output after an update at initialization grows with the "
+          "number of layers N (Fig. 5; Theorem 2: Var[F(x, W) - F(x, W*)] = O(N)).",
+          "slope of ln ||dF||^2 against ln N over the probe depths, fitted per seed; mean over seeds",
+          "directional", LIU_SETUP, _update_exponent("post", math.log, 0.0, "ln N"), MARGIN_SIGN),
+    Claim("liu-postln-update-linear-in-n", "Post-LN's output change grows like N", (LIU,),
+          "Theorem 2: for Post-LN, Var[F(x, W) - F(x, W*)] = O(N): linear in the number of layers.",
+          "slope of ln ||dF||^2 against ln N, minus 1, fitted per seed", "equivalence", LIU_SETUP,
+          _update_exponent("post", math.log, 1.0, "ln N"),
+          Margin(0.3, f"about halfway from the claimed exponent 1 to the log-N law's effective exponent at "
+                 f"6-24 layers ({LOG_SLOPE:.2f}); N^2 would be 1 away")),
+    Claim("liu-preln-update-slower", "Pre-LN's output change grows more slowly with depth than Post-LN's", (LIU,),
+          "Pre-LN's output change after an update grows like log N, Post-LN's like N (Theorem 2): "
+          "Pre-LN's grows more slowly with depth.",
+          "slope(Post-LN) - slope(Pre-LN) of ln ||dF||^2 against ln N, paired by seed", "directional",
+          LIU_SETUP, _update_growth_gap, MARGIN_SIGN),
+    Claim("liu-preln-update-log-n", "Pre-LN's output change grows like log N", (LIU,),
+          "Theorem 2: for Pre-LN, Var[F(x, W) - F(x, W*)] = O(log N).",
+          "slope of ln ||dF||^2 against ln ln N, minus 1, fitted per seed", "equivalence", LIU_SETUP,
+          _update_exponent("pre", lambda n: math.log(math.log(n)), 1.0, "ln ln N"),
+          Margin(0.7, "halfway from the claimed 1 to linear growth in N, whose slope against ln ln N is "
+                 f"{1 / LOG_SLOPE:.2f} at 6-24 layers")),
+    Claim("deepnet-update-bounded", "DeepNorm keeps the model update bounded as depth grows", (DEEPNET,),
+          "DeepNorm's alpha and beta bound the model update by a constant independent of the depth N "
+          "(Sec. 4, Theorem 4.3), where Post-LN's grows with N.",
+          "slope of ln ||dF||^2 against ln N for DeepNorm, fitted per seed; mean over seeds", "equivalence",
+          DEEPNET_SETUP + "; " + UPDATE_NOTE,
+          _update_exponent("deepnorm", math.log, 0.0, "ln N"),
+          Margin(0.2, f"half the log-N law's effective exponent at 6-24 layers ({LOG_SLOPE:.2f}): a bounded "
+                 "update is told apart from Pre-LN's claimed slow growth")),
     Claim("postln-needs-warmup", "Post-LN needs learning-rate warm-up; Pre-LN does not", (XIONG,),
           "Post-LN needs a learning-rate warm-up stage: without it, it trains much worse or not at all; "
           "Pre-LN trains without warm-up (Sec. 3.2 and 4).",

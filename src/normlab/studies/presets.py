@@ -6,8 +6,12 @@
     depth         Post-LN vs Pre-LN vs DeepNorm at depth, lr sweep: loss and stability
     norms         the norm zoo at Pre-LN placement, lr sweep (DyT also over alpha0),
                   and RMSNorm's speed timed side by side
-    quick         all four at CPU sizes: 3 seeds, 3 learning rates, minutes on 2 cores
-    full          all four at sizes meant for a GPU: 5 seeds, 4 learning rates
+    init-depth    Xiong et al. 2020, Theorem 1: the last layer's gradient at init against
+                  depth, Post-LN vs Pre-LN at 6-48 layers
+    amplification Liu et al. 2020 / Wang et al. 2022: the output change after one Adam
+                  update at init against depth, Post-LN vs Pre-LN vs DeepNorm
+    quick         all of them at CPU sizes: 3 seeds, 3 learning rates, minutes on 2 cores
+    full          all of them at sizes meant for a GPU: 5 seeds, 4 learning rates
 
 Every configuration a training claim compares runs over the same seeds (paired: same
 data order, same init where the shapes allow) and over a log-spaced lr sweep, so each
@@ -66,6 +70,36 @@ def grad_at_init(*, base=SMALL, depths=(3, 6, 12, 24), seeds=tuple(range(6)), ba
                 batch_size=batch_size, seq_len=seq_len, probe_batches=probe_batches, steps=0,
                 tags={"study": "grad-at-init", "group": p, "depth": n})
         for (p, n), s in product(cells, seeds)
+    ]
+
+
+def init_depth(*, base=SMALL, depths=(6, 12, 24, 48), seeds=tuple(range(6)), batch_size=8, seq_len=64,
+               probe_batches=4, placements=("post", "pre")) -> list[RunSpec]:
+    """Probes at initialization over depths, for the last layer's gradient against L. The
+    same probes as ``grad_at_init`` (same names, same measurements): in ``quick`` this
+    study adds only the depths grad-at-init does not have."""
+    return [
+        RunSpec(name=f"init-{p}-L{n}-s{s}", model=_model(base, placement=p, n_layers=n), kind="probe", seed=s,
+                batch_size=batch_size, seq_len=seq_len, probe_batches=probe_batches, steps=0,
+                tags={"study": "init-depth", "group": p, "depth": n})
+        for p, n, s in product(placements, depths, seeds)
+    ]
+
+
+# One Adam step this small moves the output linearly: ||dF||^2 scaled as lr^2 within 2%
+# from 1e-5 to 1e-4 for Pre-LN and DeepNorm at 6-24 layers and Post-LN at 6 (d_model 64),
+# where at 1e-4 a 24-layer Post-LN model's output change already saturates.
+UPDATE_LR = 1e-5
+
+
+def amplification(*, base=TINY, depths=(6, 12, 24), seeds=tuple(range(6)), lr=UPDATE_LR, batch_size=8,
+                  seq_len=64, probe_batches=2, placements=("post", "pre", "deepnorm")) -> list[RunSpec]:
+    """The output change after one Adam update at initialization, by depth and placement."""
+    return [
+        RunSpec(name=f"update-{p}-L{n}-s{s}", model=_model(base, placement=p, n_layers=n), kind="update", seed=s,
+                lr=lr, batch_size=batch_size, seq_len=seq_len, probe_batches=probe_batches, steps=0,
+                tags={"study": "amplification", "group": p, "depth": n})
+        for p, n, s in product(placements, depths, seeds)
     ]
 
 
@@ -130,6 +164,9 @@ CLAIMS_BY_STUDY = {
     "depth": ("deepnorm-beats-postln", "deepnorm-beats-preln", "deepnorm-stability"),
     "norms": ("rmsnorm-matches-layernorm", "rmsnorm-faster", "dyt-matches-layernorm",
               "powernorm-beats-batchnorm", "powernorm-beats-layernorm"),
+    "init-depth": ("init-depth-post", "init-depth-pre"),
+    "amplification": ("liu-postln-update-grows", "liu-postln-update-linear-in-n", "liu-preln-update-slower",
+                      "liu-preln-update-log-n", "deepnet-update-bounded"),
 }
 
 
@@ -151,9 +188,12 @@ def _quick() -> Study:
     runs = (grad_at_init(seeds=tuple(range(6)), probe_batches=4)
             + warmup(n_layers=6, **train)
             + depth(depths=(12,), shallow=None, **high)
-            + norms(n_layers=3, names=("layernorm", "rmsnorm", "powernorm", "batchnorm", "dyt"), **high))
+            + norms(n_layers=3, names=("layernorm", "rmsnorm", "powernorm", "batchnorm", "dyt"), **high)
+            + init_depth(depths=(48,))  # its 6-24 layer probes are grad-at-init's
+            + amplification())
     return _study("quick", "Every study at CPU sizes (d_model 32, 3-12 layers, 120 steps): 3 paired seeds, "
-                  "3 learning rates per configuration, probes over 6 seeds; minutes on a 2-core CPU.",
+                  "3 learning rates per configuration, probes at init over 6 seeds (d_model 64-128, up to "
+                  "48 layers); minutes on a 2-core CPU.",
                   runs, _all_claims())
 
 
@@ -163,7 +203,9 @@ def _full() -> Study:
     runs = (grad_at_init(base=GPU, seeds=tuple(range(10)), batch_size=16, seq_len=256)
             + warmup(n_layers=12, **train)
             + depth(depths=(24, 48), **train)
-            + norms(n_layers=12, **train))
+            + norms(n_layers=12, **train)
+            + init_depth(base=GPU, depths=(48, 96), seeds=tuple(range(10)), batch_size=16, seq_len=256)
+            + amplification(base=GPU, depths=(6, 12, 24, 48), seeds=tuple(range(10)), batch_size=16, seq_len=256))
     return _study("full", "Every study at sizes meant for a GPU (d_model 512, up to 48 layers, 20k steps): "
                   "5 paired seeds, 4 learning rates per configuration.", runs, _all_claims())
 
@@ -183,6 +225,14 @@ PRESETS = {
         "norms", "LayerNorm, RMSNorm, ScaleNorm, PowerNorm, masked BatchNorm and DyT (3 alpha0) at Pre-LN "
         "placement over 3 learning rates and 3 paired seeds; RMSNorm's speed timed side by side.",
         norms(), CLAIMS_BY_STUDY["norms"]),
+    "init-depth": lambda: _study(
+        "init-depth", "Xiong et al. 2020 Theorem 1: the last layer's W2 gradient at initialization against depth, "
+        "Post-LN vs Pre-LN at 6, 12, 24 and 48 layers, 6 seeds, no training.", init_depth(),
+        CLAIMS_BY_STUDY["init-depth"]),
+    "amplification": lambda: _study(
+        "amplification", "Liu et al. 2020 / Wang et al. 2022: the output change after one Adam update at "
+        "initialization against depth, Post-LN vs Pre-LN vs DeepNorm at 6, 12 and 24 layers, 6 seeds.",
+        amplification(), CLAIMS_BY_STUDY["amplification"]),
     "quick": _quick,
     "full": _full,
 }

@@ -5,7 +5,9 @@
   estimated from the norm layers' per-example gradients (Gray et al. 2024), smoothed
   by an EMA;
 * at initialization (probe runs): the same gradient norms and activation statistics,
-  averaged over ``probe_batches`` batches (Xiong et al. 2020, Fig. 3).
+  averaged over ``probe_batches`` batches (Xiong et al. 2020, Fig. 3);
+* at initialization (update runs): how much one Adam update changes the model's output
+  (Liu et al. 2020, Theorem 2 and Fig. 5; Wang et al. 2022, Sec. 4).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from contextlib import ExitStack, contextmanager
 from statistics import mean
 from typing import Any
 
+import torch
 from torch import nn
 
 from normlab.diagnostics import ActivationMonitor, NoiseScaleEMA, grad_norms, per_example_grad_norms
@@ -95,3 +98,35 @@ def gradients_at_init(model: nn.Module, task: Any, env: Any) -> dict[str, Any]:
         "activation_rms_by_layer": [mean(v) for v in zip(*rms)],
         "probe_loss": loss.item(),
     }
+
+
+def output_change_after_update(model: nn.Module, task: Any, env: Any) -> dict[str, Any]:
+    """||F(x; theta + delta) - F(x; theta)||^2 per coordinate after one Adam update delta at
+    initialization (Liu et al. 2020's amplification of a small update through the layers).
+
+    F is the stack's output, the hidden states the head reads (after the final norm where
+    the placement has one), on one fixed validation batch, the same for every run; delta
+    is one Adam step (the run's lr and betas) on the gradient of the mean loss over
+    ``probe_batches`` training batches. Adam's first step moves every parameter by about
+    lr whatever its gradient's scale, so the change measures the amplification alone."""
+    spec = task.spec
+    held = task.batch(0, "val", env)["x"]
+
+    def output() -> torch.Tensor:
+        model.eval()
+        with torch.no_grad(), env.autocast():
+            return model.run_blocks(model.embed(held)).float()
+
+    before = output()
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, betas=spec.betas)
+    losses = []
+    for i in range(spec.probe_batches):
+        with env.autocast():
+            loss, _ = task.loss(model, task.batch(i, "train", env))
+        (loss / spec.probe_batches).backward()
+        losses.append(loss.item())
+    optimizer.step()
+    after = output()
+    change = float((after - before).pow(2).mean())
+    return {"output_change_sq": change, "output_sq": float(before.pow(2).mean()), "probe_loss": mean(losses)}

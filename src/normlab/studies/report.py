@@ -137,6 +137,59 @@ def plot_residual_growth(results: list[Result], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def _depth_errorbars(ax, cells: dict[str, dict[int, list[float]]], ref: dict[str, float] | None = None) -> None:
+    """Per group: the mean over seeds at each depth with its 95% t-interval, log-log;
+    ``ref``: group -> exponent of a dotted reference line through the first point."""
+    for i, (group, by_depth) in enumerate(sorted(cells.items())):
+        depths = sorted(by_depth)
+        if not depths:
+            continue
+        cis = [mean_ci(by_depth[n]) for n in depths]
+        color = _color(group, i)
+        ax.errorbar(depths, [c.estimate for c in cis],
+                    yerr=[[c.estimate - c.lo if math.isfinite(c.lo) else 0 for c in cis],
+                          [c.hi - c.estimate if math.isfinite(c.hi) else 0 for c in cis]],
+                    fmt="o-", color=color, label=f"{group} ({len(by_depth[depths[0]])} seeds)", capsize=3)
+        if ref and group in ref and len(depths) > 1:
+            ax.plot(depths, [cis[0].estimate * (n / depths[0]) ** ref[group] for n in depths], ":", color=color,
+                    label=f"{group}: L^{ref[group]:g}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    depths = sorted({n for by_depth in cells.values() for n in by_depth})
+    ax.set_xticks(depths, [str(n) for n in depths])
+    ax.minorticks_off()
+
+
+def plot_init_depth(results: list[Result], path: Path) -> Path | None:
+    """Xiong et al.'s Theorem 1: the last layer's W2 gradient at init against depth."""
+    runs = runs_of(results, "grad-at-init") + runs_of(results, "init-depth")
+    cells: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        w2 = r.get("grad_norms_by_layer", {}).get("ffn_w2")
+        if r["placement"] in ("post", "pre") and w2 and r["n_layers"] >= 6:
+            cells[r["placement"]][r["n_layers"]].append(w2[-1])
+    if not runs_of(results, "init-depth") or not cells:
+        return None
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    _depth_errorbars(ax, cells, {"post": 0.0, "pre": -0.5})
+    _finish(ax, "layers L", "last layer's |grad W2|", "Last-layer gradient at init vs depth (theory: dotted)")
+    return _save(fig, path)
+
+
+def plot_amplification(results: list[Result], path: Path) -> Path | None:
+    """Liu et al.'s amplification: the output change after one Adam update, by depth."""
+    cells: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs_of(results, "amplification"):
+        if r.get("output_change_sq") is not None:
+            cells[r["placement"]][r["n_layers"]].append(r["output_change_sq"])
+    if not cells:
+        return None
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    _depth_errorbars(ax, cells, {"post": 1.0, "deepnorm": 0.0})
+    _finish(ax, "layers N", "||dF||^2 per coordinate", "Output change after one update at init (theory: dotted)")
+    return _save(fig, path)
+
+
 # ------------------------------------------------------------------ training
 
 
@@ -264,6 +317,9 @@ def make_plots(out: Path, results: list[Result], metrics: dict[str, list]) -> di
     plots = {
         "Gradient norm by layer at initialization": plot_grad_by_layer(results, out / "grad_by_layer.png"),
         "Residual stream RMS against depth at initialization": plot_residual_growth(results, out / "activation_rms.png"),
+        "Last layer's gradient at initialization against depth": plot_init_depth(results, out / "init_depth.png"),
+        "Output change after one update at initialization against depth":
+            plot_amplification(results, out / "amplification.png"),
         "Warm-up study: final loss against learning rate": plot_loss_vs_lr(results, "warmup", out / "lr_warmup.png"),
         "Warm-up study: loss curves": plot_loss_curves(results, metrics, "warmup", out / "loss_warmup.png"),
         "Depth study: final loss against learning rate": plot_loss_vs_lr(results, "depth", out / "lr_depth.png"),
@@ -416,6 +472,8 @@ def write_html(out: Path, study_name: str, description: str, rows: list[dict[str
         kind = r.get("kind")
         if kind == "probe":
             status = "probe at init"
+        elif kind == "update":
+            status = f"one update at init: ||dF||^2 = {_num(r.get('output_change_sq'), '{:.3g}')}"
         elif kind == "speed":
             status = (f"timing vs {', '.join(f'{k}={v}' for k, v in r.get('speed_against', {}).items())}: "
                       f"{_num(r.get('baseline_tokens_per_s'), '{:,.0f}')} tokens/s")

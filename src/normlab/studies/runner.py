@@ -71,7 +71,7 @@ def apply_overrides(study: Study, *, seeds: int | None = None, steps: int | None
 
 
 def _work(r: RunSpec) -> int:
-    return r.probe_batches if r.kind == "probe" else r.steps if r.kind == "train" else 1
+    return r.probe_batches if r.kind in ("probe", "update") else r.steps if r.kind == "train" else 1
 
 
 def _cost(r: RunSpec) -> float:

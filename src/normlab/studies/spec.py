@@ -18,7 +18,8 @@ class RunSpec:
     name: str
     model: dict[str, Any]
     task: str = "lm"                 # "lm" (byte-level LM) | "seq2seq" (number -> words)
-    kind: str = "train"              # "train" | "probe" (gradients at init, no update) | "speed"
+    kind: str = "train"              # "train" | "probe" (gradients at init, no update) | "update"
+                                     # (the output change after one Adam update at init) | "speed"
     lr: float = 1e-3
     warmup_steps: int = 0
     schedule: str = "constant"       # after warm-up: "constant" | "cosine" | "inverse_sqrt"
@@ -44,8 +45,8 @@ class RunSpec:
     def __post_init__(self) -> None:
         checks = [
             (self.task in ("lm", "seq2seq"), f"task must be 'lm' or 'seq2seq', got {self.task!r}"),
-            (self.kind in ("train", "probe", "speed"),
-             f"kind must be 'train', 'probe' or 'speed', got {self.kind!r}"),
+            (self.kind in ("train", "probe", "update", "speed"),
+             f"kind must be 'train', 'probe', 'update' or 'speed', got {self.kind!r}"),
             (self.schedule in ("constant", "cosine", "inverse_sqrt"),
              f"schedule must be 'constant', 'cosine' or 'inverse_sqrt', got {self.schedule!r}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),

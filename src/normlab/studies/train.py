@@ -458,8 +458,12 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
     model = build_model(spec).to(env.device)
     task = Task(spec, corpus)
     diagnostics = diagnostics or probes.Diagnostics(model)
-    if spec.kind == "probe":
-        measured = probes.gradients_at_init(model, task, env)
+    if spec.kind in ("probe", "update"):
+        if spec.task != "lm" and spec.kind == "update":
+            raise ValueError(f"RunSpec {spec.name!r}: kind 'update' measures the LM's stack output; got task "
+                             f"{spec.task!r}")
+        measured = (probes.gradients_at_init if spec.kind == "probe" else probes.output_change_after_update)(
+            model, task, env)
         result = {**_result_fields(spec, model), **measured, "final_train_loss": measured["probe_loss"],
                   "final_val_loss": math.nan, "diverged": not math.isfinite(measured["probe_loss"]),
                   "diverged_step": None, "tokens_per_s": math.nan, "fingerprint": spec.fingerprint(),
