@@ -199,7 +199,32 @@ def _update_gap(outcome):
     return _updates("post", lambda s: 1.0 + effect + jitter * NOISE[s]) + _updates("pre", lambda s: 1.0)
 
 
+def _act_run(placement, seed, rms_final, max_final):
+    r = _run("activations", seed, 3e-3, 2.4, placement=placement, n_layers=12)
+    r.update(activation_rms_by_layer_init=[1.0] * 12, activation_max_by_layer_init=[4.0] * 12,
+             activation_rms_by_layer_final=[1.0] * 11 + [rms_final], activation_max_by_layer_final=[4.0] * 11 + [max_final])
+    return r
+
+
+def _activations_grow(outcome):
+    effect, jitter = DIRECTIONAL[outcome]
+    return [_act_run("pre", s, 1.0, 4.0 * math.exp(effect + jitter * NOISE[s])) for s in SEEDS]
+
+
+def _activation_gap(stat):
+    def build(outcome):
+        effect, jitter = DIRECTIONAL[outcome]
+        pre = [math.exp(effect + jitter * NOISE[s]) for s in SEEDS]
+        return ([_act_run("pre", s, *((v, 4.0) if stat == "rms" else (1.0, 4.0 * v))) for s, v in zip(SEEDS, pre)]
+                + [_act_run("peri", s, 1.0, 4.0) for s in SEEDS])
+
+    return build
+
+
 SCENARIOS = {
+    "preln-activations-grow": _activations_grow,
+    "peri-bounds-max-activations": _activation_gap("max"),
+    "peri-bounds-rms": _activation_gap("rms"),
     "init-depth-post": _init_depth("post", 0.0),
     "init-depth-pre": _init_depth("pre", -0.5),
     "liu-postln-update-grows": _update_exponent("post", 0.0),
@@ -368,5 +393,8 @@ def test_quick_and_full_presets_meet_the_seed_and_lr_minimums():
             cells.setdefault(key, set()).add((r.lr, r.seed))
         for key, cell in cells.items():
             assert len({s for _, s in cell}) >= min_seeds, (name, key)
+            if key[0] == "activations":  # a mechanism compared at one shared lr, as the paper does: no sweep
+                assert len({lr for lr, _ in cell}) == 1, (name, key)
+                continue
             assert len({lr for lr, _ in cell}) >= min_lrs, (name, key)
             assert len(cell) == len({lr for lr, _ in cell}) * len({s for _, s in cell}), (name, key)  # full grid

@@ -20,7 +20,9 @@ from normlab.norms import LayerNorm, RMSNorm
 
 EPS_ATTRS = ("eps", "variance_epsilon", "epsilon", "layer_norm_eps")
 
-# forward and input-gradient agreement demanded of a candidate, by probe dtype
+# forward and input-gradient agreement demanded of a candidate, by probe dtype: a runtime
+# acceptance rule (a foreign norm may round in another order than normlab's, within one
+# rounding of its dtype), not a test tolerance; the tests' one table is tests/_tolerances.py
 PROBE_TOL = {
     torch.float64: (1e-9, 1e-9),
     torch.float32: (1e-5, 1e-5),

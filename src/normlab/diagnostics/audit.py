@@ -248,13 +248,14 @@ def check_double_norm(ctx: AuditContext) -> list[Finding]:
                 found.setdefault(c.path, outputs[c.input_id])
     else:  # known structure: torch's TransformerEncoder/Decoder with a norm after Post-LN layers
         for path, mod in ctx.model.named_modules():
-            if isinstance(mod, (nn.TransformerEncoder, nn.TransformerDecoder)) and \
-                    mod.norm is not None and len(mod.layers) and \
-                    getattr(mod.layers[-1], "norm_first", True) is False:
+            if not (isinstance(mod, (nn.TransformerEncoder, nn.TransformerDecoder)) and mod.norm is not None
+                    and len(mod.layers)):
+                continue
+            spec = block_spec(mod.layers[-1])  # the structure table says which norm ends the layer
+            if spec is not None and spec.unknown is None and spec.post_norms:
                 last = len(mod.layers) - 1
-                last_norm = "norm2" if isinstance(mod, nn.TransformerEncoder) else "norm3"
                 prefix = f"{path}." if path else ""
-                found[f"{prefix}norm"] = f"{prefix}layers.{last}.{last_norm}"
+                found[f"{prefix}norm"] = f"{prefix}layers.{last}.{spec.post_norms[-1]}"
     return [
         Finding("warning", "double-norm", path,
                 f"'{path}' normalizes the output of '{prev}' with nothing in between: the second "

@@ -639,6 +639,55 @@ def _update_growth_gap(results: list[Result]) -> list[Measurement]:
                         _update_setup(results))]
 
 
+def _last_block(r: Result, stat: str, when: str) -> float | None:
+    """ln of ``stat`` ("rms" | "max") of the residual stream after the last block, at the
+    first ("init") or latest ("final") diagnostics step of a training run."""
+    values = r.get(f"activation_{stat}_by_layer_{when}")
+    if not _positive(values) or failed(r):
+        return None
+    return math.log(values[-1])
+
+
+def _activation_runs(results: list[Result], placement: str) -> list[Result]:
+    return [r for r in runs_of(results, "activations", placement=placement) if r.get("kind") == "train"]
+
+
+def _activation_growth(placement: str, stat: str) -> Callable[[list[Result]], list[Measurement]]:
+    """Per seed: ln(stat at the last diagnostics step / stat at step 0), last block."""
+
+    def measure(results: list[Result]) -> list[Measurement]:
+        runs = _activation_runs(results, placement)
+        growth = {r["seed"]: _last_block(r, stat, "final") - _last_block(r, stat, "init") for r in runs
+                  if _last_block(r, stat, "final") is not None and _last_block(r, stat, "init") is not None}
+        if not growth:
+            return _missing(f"{placement} training runs with activation statistics")
+        i = mean_ci(list(growth.values()))
+        return [Measurement("", i, f"{placement}: ln({stat} of the last block's residual at the last diagnostics "
+                            f"step / at step 0): {_ci_text(i)} (x{math.exp(i.estimate):.2f})", run_setup(runs))]
+
+    return measure
+
+
+def _activation_gap(stat: str) -> Callable[[list[Result]], list[Measurement]]:
+    """Per seed: ln(stat, Pre-LN) - ln(stat, Peri-LN) at the last diagnostics step, last block."""
+
+    def measure(results: list[Result]) -> list[Measurement]:
+        pre = {r["seed"]: _last_block(r, stat, "final") for r in _activation_runs(results, "pre")}
+        peri = {r["seed"]: _last_block(r, stat, "final") for r in _activation_runs(results, "peri")}
+        pre = {k: v for k, v in pre.items() if v is not None}
+        peri = {k: v for k, v in peri.items() if v is not None}
+        if not pre or not peri:
+            return _missing("Pre-LN and Peri-LN training runs with activation statistics")
+        i = paired_ci(pre, peri)
+        runs = _activation_runs(results, "pre") + _activation_runs(results, "peri")
+        return [Measurement("", i, f"ln({stat} of the last block's residual) Pre-LN - Peri-LN after training, "
+                            f"paired by seed: {_ci_text(i)} (Pre-LN x{math.exp(i.estimate):.2f} Peri-LN's; Pre-LN "
+                            f"{math.exp(_mean(pre.values())):.3g}, Peri-LN {math.exp(_mean(peri.values())):.3g})",
+                            run_setup(runs))]
+
+    return measure
+
+
 # ------------------------------------------------------------------ the claims
 
 XIONG = "Xiong et al. 2020, On Layer Normalization in the Transformer Architecture (ICML)"
@@ -661,6 +710,9 @@ LIU_SETUP = ("paper: 6- to 18-layer encoder-decoder translation models (WMT14 En
              "change after an update at initialization (Fig. 5; Theorem 2 under simplifying assumptions)")
 UPDATE_NOTE = ("DeepNet's Theorem 4.3 bounds the update of its encoder-decoder analysis, with its alpha and beta, "
                "under SGD-style assumptions")
+PERI = "Kim et al. 2025, Peri-LN: Revisiting Normalization Layer in the Transformer Architecture (ICML)"
+PERI_SETUP = ("paper: decoder-only LMs of 400M-3.2B parameters pre-trained on 30B tokens, the hidden states "
+              "of each layer tracked through training")
 LOG_SLOPE = math.log(math.log(24) / math.log(6)) / math.log(4)  # ln ln N against ln N between 6 and 24 layers
 
 CLAIMS: dict[str, Claim] = {c.id: c for c in [
@@ -743,6 +795,22 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in [
           _update_exponent("deepnorm", math.log, 0.0, "ln N"),
           Margin(0.2, f"half the log-N law's effective exponent at 6-24 layers ({LOG_SLOPE:.2f}): a bounded "
                  "update is told apart from Pre-LN's claimed slow growth")),
+    Claim("preln-activations-grow", "Pre-LN's residual stream grows large during training", (PERI,),
+          "In Pre-LN the hidden states' magnitude grows during training, up to massive activations, because "
+          "every sublayer adds its unnormalized output to the stream (Sec. 3-4, the hidden-state norms by "
+          "layer through training).",
+          "ln(max |x| of the last block's residual at the last diagnostics step / at step 0), per seed; "
+          "mean over seeds", "directional", PERI_SETUP, _activation_growth("pre", "max"), MARGIN_SIGN),
+    Claim("peri-bounds-max-activations", "Peri-LN keeps the largest activations smaller than Pre-LN", (PERI,),
+          "Normalizing each sublayer's output as well as its input (Peri-LN) keeps the hidden states' "
+          "growth moderate where Pre-LN's explodes.",
+          "ln(max |x| of the last block's residual) Pre-LN - Peri-LN after training, paired by seed",
+          "directional", PERI_SETUP, _activation_gap("max"), MARGIN_SIGN),
+    Claim("peri-bounds-rms", "Peri-LN keeps the residual stream's scale smaller than Pre-LN", (PERI,),
+          "Peri-LN keeps the variance of the hidden states bounded across layers and training, Pre-LN's "
+          "grows.",
+          "ln(RMS of the last block's residual) Pre-LN - Peri-LN after training, paired by seed",
+          "directional", PERI_SETUP, _activation_gap("rms"), MARGIN_SIGN),
     Claim("postln-needs-warmup", "Post-LN needs learning-rate warm-up; Pre-LN does not", (XIONG,),
           "Post-LN needs a learning-rate warm-up stage: without it, it trains much worse or not at all; "
           "Pre-LN trains without warm-up (Sec. 3.2 and 4).",

@@ -10,6 +10,8 @@
                   depth, Post-LN vs Pre-LN at 6-48 layers
     amplification Liu et al. 2020 / Wang et al. 2022: the output change after one Adam
                   update at init against depth, Post-LN vs Pre-LN vs DeepNorm
+    activations   Kim et al. 2025: the residual stream's scale through training, Pre-LN vs
+                  Peri-LN (and Sandwich, Post-LN)
     quick         all of them at CPU sizes: 3 seeds, 3 learning rates, minutes on 2 cores
     full          all of them at sizes meant for a GPU: 5 seeds, 4 learning rates
 
@@ -103,6 +105,18 @@ def amplification(*, base=TINY, depths=(6, 12, 24), seeds=tuple(range(6)), lr=UP
     ]
 
 
+def activations(*, base=MICRO, n_layers=12, lr=3e-3, warmup_steps=30, steps=300, seeds=(0, 1, 2), batch_size=16,
+                seq_len=64, placements=("pre", "peri", "sandwich", "post"), **kw: Any) -> list[RunSpec]:
+    """The residual stream's RMS and max |x| by layer through training, at one lr for every
+    placement (the paper trains its placements with the same hyperparameters)."""
+    return [
+        _train(f"act-{p}-L{n_layers}-s{s}", _model(base, placement=p, n_layers=n_layers), lr=lr,
+               warmup_steps=warmup_steps, steps=steps, seed=s, batch_size=batch_size, seq_len=seq_len,
+               tags={"study": "activations", "group": p, "depth": n_layers}, **kw)
+        for p, s in product(placements, seeds)
+    ]
+
+
 def warmup(*, base=TINY, n_layers=6, lrs=QUICK_LRS, warmup_steps=40, steps=150, seeds=(0, 1, 2),
            batch_size=16, seq_len=64, placements=("post", "pre"), **kw: Any) -> list[RunSpec]:
     """Post-LN and Pre-LN, with and without warm-up, over the lr sweep. The runs with
@@ -165,6 +179,7 @@ CLAIMS_BY_STUDY = {
     "norms": ("rmsnorm-matches-layernorm", "rmsnorm-faster", "dyt-matches-layernorm",
               "powernorm-beats-batchnorm", "powernorm-beats-layernorm"),
     "init-depth": ("init-depth-post", "init-depth-pre"),
+    "activations": ("preln-activations-grow", "peri-bounds-max-activations", "peri-bounds-rms"),
     "amplification": ("liu-postln-update-grows", "liu-postln-update-linear-in-n", "liu-preln-update-slower",
                       "liu-preln-update-log-n", "deepnet-update-bounded"),
 }
@@ -190,7 +205,9 @@ def _quick() -> Study:
             + depth(depths=(12,), shallow=None, **high)
             + norms(n_layers=3, names=("layernorm", "rmsnorm", "powernorm", "batchnorm", "dyt"), **high)
             + init_depth(depths=(48,))  # its 6-24 layer probes are grad-at-init's
-            + amplification())
+            + amplification()
+            # 200 steps and no Post-LN (its stream is a norm's output) keep make run within 10 minutes
+            + activations(steps=200, placements=("pre", "peri", "sandwich"), val_bytes_during=16_384))
     return _study("quick", "Every study at CPU sizes (d_model 32, 3-12 layers, 120 steps): 3 paired seeds, "
                   "3 learning rates per configuration, probes at init over 6 seeds (d_model 64-128, up to "
                   "48 layers); minutes on a 2-core CPU.",
@@ -205,7 +222,9 @@ def _full() -> Study:
             + depth(depths=(24, 48), **train)
             + norms(n_layers=12, **train)
             + init_depth(base=GPU, depths=(48, 96), seeds=tuple(range(10)), batch_size=16, seq_len=256)
-            + amplification(base=GPU, depths=(6, 12, 24, 48), seeds=tuple(range(10)), batch_size=16, seq_len=256))
+            + amplification(base=GPU, depths=(6, 12, 24, 48), seeds=tuple(range(10)), batch_size=16, seq_len=256)
+            + activations(base=GPU, n_layers=24, lr=1e-3, warmup_steps=4000, steps=20000, seeds=tuple(range(5)),
+                          batch_size=64, seq_len=256))
     return _study("full", "Every study at sizes meant for a GPU (d_model 512, up to 48 layers, 20k steps): "
                   "5 paired seeds, 4 learning rates per configuration.", runs, _all_claims())
 
@@ -233,6 +252,10 @@ PRESETS = {
         "amplification", "Liu et al. 2020 / Wang et al. 2022: the output change after one Adam update at "
         "initialization against depth, Post-LN vs Pre-LN vs DeepNorm at 6, 12 and 24 layers, 6 seeds.",
         amplification(), CLAIMS_BY_STUDY["amplification"]),
+    "activations": lambda: _study(
+        "activations", "Kim et al. 2025 (Peri-LN): the residual stream's RMS and max |x| by layer through 300 "
+        "steps of training, Pre-LN vs Peri-LN vs Sandwich vs Post-LN at 12 layers, one lr, 3 paired seeds.",
+        activations(), CLAIMS_BY_STUDY["activations"]),
     "quick": _quick,
     "full": _full,
 }

@@ -1,7 +1,7 @@
 """What a study measures besides the loss, through ``normlab.diagnostics``.
 
 * during training, every ``diag_every`` steps: gradient norms by layer and sublayer
-  kind, the residual stream's RMS after each block, and the gradient noise scale
+  kind, the residual stream's RMS and max |x| after each block, and the gradient noise scale
   estimated from the norm layers' per-example gradients (Gray et al. 2024), smoothed
   by an EMA;
 * at initialization (probe runs): the same gradient norms and activation statistics,
@@ -59,6 +59,7 @@ class Diagnostics:
         out: dict[str, Any] = {"grad_norms_by_layer": _profiles(self.model)}
         if self._activations is not None:
             out["activation_rms_by_layer"] = self._activations.residual_rms()
+            out["activation_max_by_layer"] = self._activations.residual_rms(stat="max_abs")
         if self._per_example is not None and len(self._per_example):
             per_example, batch_sq = self._per_example.total(), self._per_example.batch_grad_sq()
             if per_example.shape[0] >= 2:

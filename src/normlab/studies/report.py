@@ -190,6 +190,35 @@ def plot_amplification(results: list[Result], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_activations(results: list[Result], metrics: dict[str, list], path: Path) -> Path | None:
+    """Kim et al.'s hidden-state growth: the last block's max |x| through training, and
+    the residual RMS by layer at the last diagnostics step, per placement."""
+    runs = [r for r in _trained(results, "activations") if r.get("activation_rms_by_layer_final")]
+    if not runs:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(9.4, 4.4))
+    groups: dict[str, list[Result]] = defaultdict(list)
+    for r in runs:
+        groups[r["placement"]].append(r)
+    for i, (p, rs) in enumerate(sorted(groups.items())):
+        color = _color(p, i)
+        xs, ys = [], []
+        for r in rs:
+            pts = [(m["step"], m["activation_max_by_layer"][-1]) for m in metrics.get(r["name"], [])
+                   if m.get("activation_max_by_layer")]
+            if pts:
+                xs.append([x for x, _ in pts])
+                ys.append([y for _, y in pts])
+        _band(axes[0], xs, ys, f"{p} ({len(rs)} seeds)", color)
+        profiles = [r["activation_rms_by_layer_final"] for r in rs]
+        _band(axes[1], [list(range(1, len(v) + 1)) for v in profiles], profiles, f"{p} ({len(rs)} seeds)", color)
+    for ax in axes:
+        ax.set_yscale("log")
+    _finish(axes[0], "step", "max |x| after the last block", "Largest activation through training")
+    _finish(axes[1], "block", "residual RMS", "Residual RMS by block after training")
+    return _save(fig, path)
+
+
 # ------------------------------------------------------------------ training
 
 
@@ -320,6 +349,8 @@ def make_plots(out: Path, results: list[Result], metrics: dict[str, list]) -> di
         "Last layer's gradient at initialization against depth": plot_init_depth(results, out / "init_depth.png"),
         "Output change after one update at initialization against depth":
             plot_amplification(results, out / "amplification.png"),
+        "Activations study: the residual stream through training":
+            plot_activations(results, metrics, out / "activations.png"),
         "Warm-up study: final loss against learning rate": plot_loss_vs_lr(results, "warmup", out / "lr_warmup.png"),
         "Warm-up study: loss curves": plot_loss_curves(results, metrics, "warmup", out / "loss_warmup.png"),
         "Depth study: final loss against learning rate": plot_loss_vs_lr(results, "depth", out / "lr_depth.png"),

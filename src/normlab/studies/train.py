@@ -429,6 +429,9 @@ def speed_run(spec: RunSpec, env: Env, corpus: ByteCorpus | None) -> dict[str, A
     }
 
 
+_ACTIVATION_KEYS = ("activation_rms_by_layer", "activation_max_by_layer")
+
+
 def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
             on_step: Callable[[int], None] | None = None,
             diagnostics: Any = None, keep_weights: bool = True) -> dict[str, Any]:
@@ -496,6 +499,7 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
 
     state = state or {}
     recent: list[float] = state.get("recent", [])
+    activations: dict[str, dict[str, list[float]]] = state.get("activations", {})
     diagnostics.load_state_dict(state.get("diagnostics", {}))
     diverged_at = None
     train_time, train_tokens = state.get("train_time", 0.0), state.get("train_tokens", 0)
@@ -528,6 +532,9 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
             record: dict[str, Any] = {"step": step, "train_loss": loss_value, "lr": scheduler.get_last_lr()[0],
                                       "grad_norm": float(grad_norm)}
             record.update(measured)
+            if "activation_rms_by_layer" in measured:  # the stream at the first and latest diagnostics step
+                activations.setdefault("init", {k: measured[k] for k in _ACTIVATION_KEYS if k in measured})
+                activations["final"] = {k: measured[k] for k in _ACTIVATION_KEYS if k in measured}
             if not diag_now:  # throughput counts plain training steps only
                 train_time += elapsed
                 train_tokens += n_tokens
@@ -550,7 +557,7 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
             if env.is_main and (periodic or interrupted) and not last_step:
                 save_checkpoint(run_dir, spec, step + 1, model, optimizer, scheduler,
                                 {"train_time": train_time, "train_tokens": train_tokens, "recent": recent,
-                                 "diagnostics": diagnostics.state_dict(),
+                                 "diagnostics": diagnostics.state_dict(), "activations": activations,
                                  "wall_s": state.get("wall_s", 0.0) + time.perf_counter() - started})
             if interrupted and not last_step:
                 raise Interrupted(spec.name, step + 1)
@@ -573,6 +580,8 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
     }
     if "val_exact_match" in last_eval:
         result["final_val_exact_match"] = last_eval["val_exact_match"]
+    for when, stats in activations.items():  # e.g. activation_max_by_layer_final
+        result.update({f"{k}_{when}": v for k, v in stats.items()})
     if env.is_main:
         if keep_weights:
             save_model(model, str(run_dir / WEIGHTS))
