@@ -221,7 +221,18 @@ def _activation_gap(stat):
     return build
 
 
+def _gns(outcome):
+    stat, jitter = _equivalent(outcome, math.log(2))
+    runs = []
+    for s in SEEDS:
+        r = _run("gns", s, 3e-3, 2.4, norm="layernorm", n_layers=3)
+        r.update(gns_total=2.0, gns_norms=2.0 * math.exp(stat + jitter * NOISE[s]))
+        runs.append(r)
+    return runs
+
+
 SCENARIOS = {
+    "gray-norm-gns-matches-total": _gns,
     "preln-activations-grow": _activations_grow,
     "peri-bounds-max-activations": _activation_gap("max"),
     "peri-bounds-rms": _activation_gap("rms"),
@@ -393,7 +404,7 @@ def test_quick_and_full_presets_meet_the_seed_and_lr_minimums():
             cells.setdefault(key, set()).add((r.lr, r.seed))
         for key, cell in cells.items():
             assert len({s for _, s in cell}) >= min_seeds, (name, key)
-            if key[0] == "activations":  # a mechanism compared at one shared lr, as the paper does: no sweep
+            if key[0] in ("activations", "gns"):  # mechanisms compared at one shared lr: no sweep
                 assert len({lr for lr, _ in cell}) == 1, (name, key)
                 continue
             assert len({lr for lr, _ in cell}) >= min_lrs, (name, key)

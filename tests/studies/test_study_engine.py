@@ -217,3 +217,40 @@ def test_the_update_probe_measures_a_change_quadratic_in_a_small_lr(tmp_path, co
     assert small["kind"] == "update" and small["n_layers"] == 3 and math.isfinite(small["probe_loss"])
     with pytest.raises(ValueError, match="kind 'update' measures the LM's stack output"):
         run_one(RunSpec(name="u3", lr=1e-6, **{**base, "task": "seq2seq"}), tmp_path / "u3", _cpu(), corpus)
+
+
+def test_the_whole_models_noise_scale_matches_torch_func_per_example_gradients(corpus):
+    """probes.total_noise_scale (one example at a time) against per-example gradients from
+    torch.func (vmap over grad), and it leaves .grad and the RNG as they were."""
+    from torch.func import functional_call, grad, vmap
+
+    from normlab.diagnostics.noise_scale import gradient_noise_scale
+    from normlab.studies.probes import total_noise_scale
+
+    spec = _spec("g", model={**MICRO, "placement": "pre", "n_layers": 2}, batch_size=4)
+    torch.manual_seed(0)
+    model = build_model(spec)
+    task = Task(spec, corpus)
+    batch = task.batch(0, "train", _cpu())
+    loss, _ = task.loss(model, batch)
+    loss.backward()
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    rng = torch.get_rng_state()
+    got = total_noise_scale(model, task, batch, _cpu())
+    assert all(torch.equal(p.grad, before[n]) for n, p in model.named_parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def example_loss(ps, x, y):
+        logits = functional_call(model, ps, (x[None],))
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), y)
+
+    per = vmap(grad(example_loss), in_dims=(None, 0, 0), randomness="same")(params, batch["x"], batch["y"])
+    n = batch["x"].shape[0]
+    sq = sum(g.double().flatten(1).pow(2).sum(1) for g in per.values())
+    batch_sq = sum(float(g.double().mean(0).pow(2).sum()) for g in per.values())
+    want = gradient_noise_scale(sq / (n * n), batch_sq)
+    assert got["gns_total_step"] == pytest.approx(want.b_simple, rel=1e-5)
+    assert got["gns_total_g_sq"] == pytest.approx(want.g_sq, rel=1e-5)
+    assert batch_sq == pytest.approx(sum(float(g.double().pow(2).sum()) for g in before.values()), rel=1e-5)

@@ -35,7 +35,7 @@ def test_every_preset_plan_builds(name):
         small = spec.with_overrides(model={**spec.model, "d_model": 16, "n_heads": 2, "d_ff": 32, "n_layers": 2})
         assert build_model(small) is not None
     assert {r.tags["study"] for r in get_study("quick").runs} == {"grad-at-init", "warmup", "depth", "norms",
-                                                                  "init-depth", "amplification", "activations"}
+                                                                  "init-depth", "amplification", "activations", "gns"}
 
 
 def test_overrides_seeds_and_steps():

@@ -688,6 +688,30 @@ def _activation_gap(stat: str) -> Callable[[list[Result]], list[Measurement]]:
     return measure
 
 
+GNS_COVERAGE = ("normlab's per-example gradients cover LayerNorm and RMSNorm (torch's and normlab's, with a "
+                "weight); DyT and ScaleNorm have no per-example path yet, and masked BatchNorm and PowerNorm mix "
+                "the examples through batch statistics, so their per-example gradients are not separable: models "
+                "with those norms get no norm-layer estimate")
+
+
+def _gns_ratio(results: list[Result]) -> list[Measurement]:
+    """Per configuration and seed: ln(B_simple from the norm layers / from every parameter)."""
+    runs = [r for r in runs_of(results, "gns") if r.get("kind") == "train" and not failed(r)]
+    rows = []
+    for norm in sorted({r["norm"] for r in runs}):
+        ratios = {r["seed"]: math.log(r["gns_norms"] / r["gns_total"]) for r in runs
+                  if r["norm"] == norm and (r.get("gns_norms") or 0) > 0 and (r.get("gns_total") or 0) > 0}
+        if not ratios:
+            continue
+        i = mean_ci(list(ratios.values()))
+        mine = [r for r in runs if r["norm"] == norm]
+        rows.append(Measurement(
+            f"@{norm}", i, f"{norm}: B_simple from the norm layers {_mean(r['gns_norms'] for r in mine):.3g}, from "
+            f"every parameter {_mean(r['gns_total'] for r in mine):.3g} (means over seeds); ln(norms / total): "
+            f"{_ci_text(i)} (x{math.exp(i.estimate):.2f}). {GNS_COVERAGE}.", run_setup(mine)))
+    return rows or _missing(f"gns training runs with both estimates. {GNS_COVERAGE}")
+
+
 # ------------------------------------------------------------------ the claims
 
 XIONG = "Xiong et al. 2020, On Layer Normalization in the Transformer Architecture (ICML)"
@@ -713,6 +737,9 @@ UPDATE_NOTE = ("DeepNet's Theorem 4.3 bounds the update of its encoder-decoder a
 PERI = "Kim et al. 2025, Peri-LN: Revisiting Normalization Layer in the Transformer Architecture (ICML)"
 PERI_SETUP = ("paper: decoder-only LMs of 400M-3.2B parameters pre-trained on 30B tokens, the hidden states "
               "of each layer tracked through training")
+GRAY = "Gray et al. 2024, Normalization Layer Per-Example Gradients are Sufficient to Predict Gradient Noise Scale in Transformers (NeurIPS)"
+GRAY_SETUP = ("paper: GPT-2-style models up to 111M parameters pre-trained on OpenWebText, the noise scale tracked "
+              "through training")
 LOG_SLOPE = math.log(math.log(24) / math.log(6)) / math.log(4)  # ln ln N against ln N between 6 and 24 layers
 
 CLAIMS: dict[str, Claim] = {c.id: c for c in [
@@ -811,6 +838,15 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in [
           "grows.",
           "ln(RMS of the last block's residual) Pre-LN - Peri-LN after training, paired by seed",
           "directional", PERI_SETUP, _activation_gap("rms"), MARGIN_SIGN),
+    Claim("gray-norm-gns-matches-total", "The norm layers' per-example gradients give the model's noise scale",
+          (GRAY,),
+          "The gradient noise scale B_simple estimated from the normalization layers' per-example gradients "
+          "alone predicts the whole model's, which then needs no per-example gradients of the other layers.",
+          "ln(B_simple from the norm layers' per-example gradients / from every parameter's), each summed over "
+          "the diagnostics steps of a run before dividing, per seed; mean over seeds", "equivalence",
+          GRAY_SETUP, _gns_ratio,
+          Margin(math.log(2), "within a factor of 2: the GNS picks a batch size, and a factor of 2 is the "
+                 "step of a batch-size sweep")),
     Claim("postln-needs-warmup", "Post-LN needs learning-rate warm-up; Pre-LN does not", (XIONG,),
           "Post-LN needs a learning-rate warm-up stage: without it, it trains much worse or not at all; "
           "Pre-LN trains without warm-up (Sec. 3.2 and 4).",

@@ -12,6 +12,8 @@
                   update at init against depth, Post-LN vs Pre-LN vs DeepNorm
     activations   Kim et al. 2025: the residual stream's scale through training, Pre-LN vs
                   Peri-LN (and Sandwich, Post-LN)
+    gns           Gray et al. 2024: the noise scale from the norm layers' per-example
+                  gradients against the whole model's
     quick         all of them at CPU sizes: 3 seeds, 3 learning rates, minutes on 2 cores
     full          all of them at sizes meant for a GPU: 5 seeds, 4 learning rates
 
@@ -117,6 +119,18 @@ def activations(*, base=MICRO, n_layers=12, lr=3e-3, warmup_steps=30, steps=300,
     ]
 
 
+def gns(*, base=MICRO, n_layers=3, lr=3e-3, warmup_steps=30, steps=150, seeds=(0, 1, 2), batch_size=16,
+        seq_len=64, names=("layernorm", "rmsnorm"), **kw: Any) -> list[RunSpec]:
+    """Training runs that also measure the whole model's noise scale from every
+    parameter's per-example gradients at each diagnostics step, beside the norm layers'."""
+    return [
+        _train(f"gns-{n}-L{n_layers}-s{s}", _model(base, placement="pre", n_layers=n_layers, norm=n), lr=lr,
+               warmup_steps=warmup_steps, steps=steps, seed=s, batch_size=batch_size, seq_len=seq_len,
+               total_gns=True, tags={"study": "gns", "group": n}, **kw)
+        for n, s in product(names, seeds)
+    ]
+
+
 def warmup(*, base=TINY, n_layers=6, lrs=QUICK_LRS, warmup_steps=40, steps=150, seeds=(0, 1, 2),
            batch_size=16, seq_len=64, placements=("post", "pre"), **kw: Any) -> list[RunSpec]:
     """Post-LN and Pre-LN, with and without warm-up, over the lr sweep. The runs with
@@ -180,6 +194,7 @@ CLAIMS_BY_STUDY = {
               "powernorm-beats-batchnorm", "powernorm-beats-layernorm"),
     "init-depth": ("init-depth-post", "init-depth-pre"),
     "activations": ("preln-activations-grow", "peri-bounds-max-activations", "peri-bounds-rms"),
+    "gns": ("gray-norm-gns-matches-total",),
     "amplification": ("liu-postln-update-grows", "liu-postln-update-linear-in-n", "liu-preln-update-slower",
                       "liu-preln-update-log-n", "deepnet-update-bounded"),
 }
@@ -207,7 +222,8 @@ def _quick() -> Study:
             + init_depth(depths=(48,))  # its 6-24 layer probes are grad-at-init's
             + amplification()
             # 200 steps and no Post-LN (its stream is a norm's output) keep make run within 10 minutes
-            + activations(steps=200, placements=("pre", "peri", "sandwich"), val_bytes_during=16_384))
+            + activations(steps=200, placements=("pre", "peri", "sandwich"), val_bytes_during=16_384)
+            + gns(steps=120, val_bytes_during=16_384))
     return _study("quick", "Every study at CPU sizes (d_model 32, 3-12 layers, 120 steps): 3 paired seeds, "
                   "3 learning rates per configuration, probes at init over 6 seeds (d_model 64-128, up to "
                   "48 layers); minutes on a 2-core CPU.",
@@ -224,7 +240,9 @@ def _full() -> Study:
             + init_depth(base=GPU, depths=(48, 96), seeds=tuple(range(10)), batch_size=16, seq_len=256)
             + amplification(base=GPU, depths=(6, 12, 24, 48), seeds=tuple(range(10)), batch_size=16, seq_len=256)
             + activations(base=GPU, n_layers=24, lr=1e-3, warmup_steps=4000, steps=20000, seeds=tuple(range(5)),
-                          batch_size=64, seq_len=256))
+                          batch_size=64, seq_len=256)
+            + gns(base=GPU, n_layers=6, lr=1e-3, warmup_steps=1000, steps=5000, seeds=tuple(range(5)),
+                  batch_size=32, seq_len=256))
     return _study("full", "Every study at sizes meant for a GPU (d_model 512, up to 48 layers, 20k steps): "
                   "5 paired seeds, 4 learning rates per configuration.", runs, _all_claims())
 
@@ -256,6 +274,10 @@ PRESETS = {
         "activations", "Kim et al. 2025 (Peri-LN): the residual stream's RMS and max |x| by layer through 300 "
         "steps of training, Pre-LN vs Peri-LN vs Sandwich vs Post-LN at 12 layers, one lr, 3 paired seeds.",
         activations(), CLAIMS_BY_STUDY["activations"]),
+    "gns": lambda: _study(
+        "gns", "Gray et al. 2024: the gradient noise scale from the norm layers' per-example gradients against "
+        "the whole model's from every parameter's, through 150 steps of training, LayerNorm and RMSNorm at "
+        "Pre-LN, 3 paired seeds.", gns(), CLAIMS_BY_STUDY["gns"]),
     "quick": _quick,
     "full": _full,
 }

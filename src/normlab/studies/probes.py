@@ -65,6 +65,7 @@ class Diagnostics:
             if per_example.shape[0] >= 2:
                 step = gradient_noise_scale(per_example, batch_sq)
                 out["gns_step"] = step.b_simple
+                out["gns_g_sq"], out["gns_trace"] = step.g_sq, step.trace_sigma
                 out["gns"] = self.noise.update_estimates(step.g_sq, step.trace_sigma)
         self._activations = self._per_example = None
         return {k: v for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}
@@ -131,3 +132,31 @@ def output_change_after_update(model: nn.Module, task: Any, env: Any) -> dict[st
     after = output()
     change = float((after - before).pow(2).mean())
     return {"output_change_sq": change, "output_sq": float(before.pow(2).mean()), "probe_loss": mean(losses)}
+
+
+def total_noise_scale(model: nn.Module, task: Any, batch: dict[str, Any], env: Any) -> dict[str, float]:
+    """The whole model's B_simple on ``batch``, from every parameter's per-example
+    gradients, one example at a time (Gray et al. 2024 validate the norm layers'
+    estimate against it). Leaves the model's ``.grad`` and the RNG as they were."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved = [None if p.grad is None else p.grad.detach().clone() for p in params]
+    n = next(iter(batch.values())).shape[0]
+    total = [torch.zeros_like(p) for p in params]
+    per_example = []
+    with torch.random.fork_rng(devices=[]):
+        for i in range(n):
+            for p in params:
+                p.grad = None
+            with env.autocast():
+                loss, _ = task.loss(model, {k: v[i:i + 1] for k, v in batch.items()})
+            loss.backward()
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+            per_example.append(sum(float(g.double().pow(2).sum()) for g in grads))
+            for t, g in zip(total, grads):
+                t.add_(g)
+    for p, g in zip(params, saved):
+        p.grad = g
+    # the loss is the mean over examples (equal token counts): contribution g_i / n, batch gradient mean g_i
+    batch_sq = sum(float((t.double() / n).pow(2).sum()) for t in total)
+    step = gradient_noise_scale(torch.tensor(per_example, dtype=torch.float64) / (n * n), batch_sq)
+    return {"gns_total_step": step.b_simple, "gns_total_g_sq": step.g_sq, "gns_total_trace": step.trace_sigma}

@@ -219,6 +219,35 @@ def plot_activations(results: list[Result], metrics: dict[str, list], path: Path
     return _save(fig, path)
 
 
+def plot_gns(results: list[Result], metrics: dict[str, list], path: Path) -> Path | None:
+    """Gray et al.: B_simple from the norm layers against every parameter's, through training."""
+    runs = [r for r in _trained(results, "gns") if r.get("gns_total")]
+    if not runs:
+        return None
+    norms = sorted({r["norm"] for r in runs})
+    fig, axes = plt.subplots(1, len(norms), figsize=(4.6 * len(norms), 4.2), squeeze=False, sharey=True)
+    sources = (("gns_trace", "gns_g_sq", "norm layers"), ("gns_total_trace", "gns_total_g_sq", "every parameter"))
+    for ax, norm in zip(axes[0], norms):
+        for i, (trace, g_sq, label) in enumerate(sources):
+            xs, ys = [], []
+            for r in runs:
+                if r["norm"] != norm:
+                    continue
+                pts, num, den = [], 0.0, 0.0
+                for m in metrics.get(r["name"], []):  # the claim's estimate up to each step: sums, divided last
+                    if m.get(trace) is not None and m.get(g_sq) is not None:
+                        num, den = num + m[trace], den + m[g_sq]
+                        if den > 0 and num > 0:
+                            pts.append((m["step"], num / den))
+                if pts:
+                    xs.append([x for x, _ in pts])
+                    ys.append([y for _, y in pts])
+            _band(ax, xs, ys, f"{label} ({len(xs)} seeds)", plt.cm.tab10(i))
+        ax.set_yscale("log")
+        _finish(ax, "step", "B_simple (sums up to the step)", f"Gradient noise scale, {norm}")
+    return _save(fig, path)
+
+
 # ------------------------------------------------------------------ training
 
 
@@ -351,6 +380,8 @@ def make_plots(out: Path, results: list[Result], metrics: dict[str, list]) -> di
             plot_amplification(results, out / "amplification.png"),
         "Activations study: the residual stream through training":
             plot_activations(results, metrics, out / "activations.png"),
+        "GNS study: the noise scale from the norm layers and from every parameter":
+            plot_gns(results, metrics, out / "gns.png"),
         "Warm-up study: final loss against learning rate": plot_loss_vs_lr(results, "warmup", out / "lr_warmup.png"),
         "Warm-up study: loss curves": plot_loss_curves(results, metrics, "warmup", out / "loss_warmup.png"),
         "Depth study: final loss against learning rate": plot_loss_vs_lr(results, "depth", out / "lr_depth.png"),

@@ -38,6 +38,7 @@ class RunSpec:
     diag_every: int = 25
     checkpoint_every: int = 100
     probe_batches: int = 4
+    total_gns: bool = False          # also the whole model's noise scale at each diagnostics step (the gns study)
     speed_against: dict[str, Any] = field(default_factory=dict)  # kind="speed": the baseline's model overrides
     speed_rounds: int = 12                                       # kind="speed": interleaved timing rounds
     tags: dict[str, Any] = field(default_factory=dict)

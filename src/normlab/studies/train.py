@@ -500,6 +500,7 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
     state = state or {}
     recent: list[float] = state.get("recent", [])
     activations: dict[str, dict[str, list[float]]] = state.get("activations", {})
+    noise_sums: dict[str, float] = state.get("noise_sums", {})  # total_gns: estimates summed over steps
     diagnostics.load_state_dict(state.get("diagnostics", {}))
     diverged_at = None
     train_time, train_tokens = state.get("train_time", 0.0), state.get("train_tokens", 0)
@@ -522,6 +523,11 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
                 (loss_sum * (env.world / max(n_tokens, 1))).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip or float("inf"))
             measured = diagnostics.collect() if diag_now else {}
+            if diag_now and spec.total_gns and env.world == 1:
+                measured.update(probes.total_noise_scale(model, task, batch, env))
+                for k in ("gns_g_sq", "gns_trace", "gns_total_g_sq", "gns_total_trace"):
+                    if k in measured and math.isfinite(measured[k]):
+                        noise_sums[k] = noise_sums.get(k, 0.0) + measured[k]
             loss_value = env.all_sum(loss_sum.item()) / max(n_tokens, 1)
             finite = math.isfinite(loss_value) and math.isfinite(float(grad_norm))
             if finite:
@@ -558,6 +564,7 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
                 save_checkpoint(run_dir, spec, step + 1, model, optimizer, scheduler,
                                 {"train_time": train_time, "train_tokens": train_tokens, "recent": recent,
                                  "diagnostics": diagnostics.state_dict(), "activations": activations,
+                                 "noise_sums": noise_sums,
                                  "wall_s": state.get("wall_s", 0.0) + time.perf_counter() - started})
             if interrupted and not last_step:
                 raise Interrupted(spec.name, step + 1)
@@ -582,6 +589,11 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
         result["final_val_exact_match"] = last_eval["val_exact_match"]
     for when, stats in activations.items():  # e.g. activation_max_by_layer_final
         result.update({f"{k}_{when}": v for k, v in stats.items()})
+    if noise_sums:  # B_simple over the diagnostics steps: numerators and denominators summed, divided last
+        for key, trace, g_sq in (("gns_norms", "gns_trace", "gns_g_sq"),
+                                 ("gns_total", "gns_total_trace", "gns_total_g_sq")):
+            if noise_sums.get(g_sq, 0.0) > 0:
+                result[key] = noise_sums[trace] / noise_sums[g_sq]
     if env.is_main:
         if keep_weights:
             save_model(model, str(run_dir / WEIGHTS))
