@@ -1,5 +1,7 @@
 """What the study tests share: a micro model, a run spec builder, the CPU."""
 
+from contextlib import contextmanager
+
 import torch
 
 from normlab.studies.spec import RunSpec
@@ -20,3 +22,15 @@ def micro_spec(name="r", **kw) -> RunSpec:
 
 def cpu_env() -> Env:
     return Env(device=torch.device("cpu"))
+
+
+@contextmanager
+def one_thread():
+    """torch at one thread inside the block: a worker's or a job's thread count, so a run in
+    this process is bit for bit theirs (another count sums in another order)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -7,12 +7,11 @@ import math
 import time
 
 import pytest
-import torch
 
 from normlab.studies import runner
 from normlab.studies.cluster import JobOptions
 from normlab.studies.spec import Study
-from tests.studies.helpers import MICRO, cpu_env, micro_spec
+from tests.studies.helpers import MICRO, cpu_env, micro_spec, one_thread
 
 pytest.importorskip("submitit", reason="submitit not installed (pip install 'normlab[cluster]')")
 
@@ -35,12 +34,8 @@ def _same(a, b):
 def test_local_jobs_equal_one_after_another(tmp_path, corpus):
     # bit for bit at equal thread counts (a job runs --cpus-per-run threads, here 1)
     study = _study(_spec("a"), _spec("b", model={**MICRO, "placement": "post"}, seed=1))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         serial, _ = runner.run_study(study, tmp_path / "one", cpu_env(), workers=1, corpus=corpus)
-    finally:
-        torch.set_num_threads(threads)
     jobs, report = runner.run_study(study, tmp_path / "jobs", cpu_env(), corpus=corpus, launcher="local",
                                     job_options=JobOptions(time_min=10))
     assert [r["name"] for r in jobs] == ["a", "b"] and report.exists()

@@ -15,7 +15,7 @@ from normlab.studies import runner
 from normlab.studies.data import fixed_windows
 from normlab.studies.spec import RunSpec, Study
 from normlab.studies.train import Env, Interrupted, Task, build_model, run_one
-from tests.studies.helpers import MICRO, cpu_env, micro_spec
+from tests.studies.helpers import MICRO, cpu_env, micro_spec, one_thread
 
 _cpu = cpu_env
 
@@ -96,12 +96,8 @@ def test_workers_side_by_side_equal_one_after_another(tmp_path, corpus):
     # bit for bit at equal thread counts (a worker runs one thread; more threads change
     # the order of floating-point sums, by about 1e-9 relative)
     study = _study()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         serial, _ = runner.run_study(study, tmp_path / "one", _cpu(), workers=1, corpus=corpus)
-    finally:
-        torch.set_num_threads(threads)
     parallel, report = runner.run_study(study, tmp_path / "two", _cpu(), workers=2, corpus=corpus)
     assert [r["name"] for r in parallel] == [r.name for r in study.runs]  # study order, not finishing order
     for a, b in zip(serial, parallel):

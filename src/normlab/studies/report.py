@@ -106,37 +106,6 @@ def plot_grad_by_layer(results: list[Result], path: Path, kinds=("ffn_w2", "ffn_
     return _save(fig, path)
 
 
-def plot_residual_growth(results: list[Result], path: Path) -> Path | None:
-    runs = [r for r in results if r.get("kind") == "probe" and r.get("activation_rms_by_layer")]
-    if not runs:
-        return None
-    fig, ax = plt.subplots(figsize=(4.8, 4.2))
-    for i, p in enumerate(sorted({r["placement"] for r in runs})):
-        cells: dict[int, list[float]] = defaultdict(list)
-        for r in runs:
-            if r["placement"] == p:
-                cells[r["n_layers"]].append(r["activation_rms_by_layer"][-1])
-        depths = sorted(cells)
-        if len(depths) < 2:
-            continue
-        cis = [mean_ci(cells[n]) for n in depths]
-        color = _color(p, i)
-        ax.errorbar(depths, [c.estimate for c in cis],
-                    yerr=[[c.estimate - c.lo if math.isfinite(c.lo) else 0 for c in cis],
-                          [c.hi - c.estimate if math.isfinite(c.hi) else 0 for c in cis]],
-                    fmt="o-", color=color, label=p, capsize=3)
-        if p == "pre":
-            ref = cis[0].estimate
-            ax.plot(depths, [ref * (n / depths[0]) ** 0.5 for n in depths], ":", color=color, label="pre: L^0.5")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log", base=2)
-    depths = sorted({r["n_layers"] for r in runs})
-    ax.set_xticks(depths, [str(n) for n in depths])
-    ax.minorticks_off()
-    _finish(ax, "layers L", "RMS of the last block's residual", "Residual stream at init vs depth")
-    return _save(fig, path)
-
-
 def _depth_errorbars(ax, cells: dict[str, dict[int, list[float]]], ref: dict[str, float] | None = None) -> None:
     """Per group: the mean over seeds at each depth with its 95% t-interval, log-log;
     ``ref``: group -> exponent of a dotted reference line through the first point."""
@@ -158,6 +127,20 @@ def _depth_errorbars(ax, cells: dict[str, dict[int, list[float]]], ref: dict[str
     depths = sorted({n for by_depth in cells.values() for n in by_depth})
     ax.set_xticks(depths, [str(n) for n in depths])
     ax.minorticks_off()
+
+
+def plot_residual_growth(results: list[Result], path: Path) -> Path | None:
+    runs = [r for r in results if r.get("kind") == "probe" and r.get("activation_rms_by_layer")]
+    if not runs:
+        return None
+    cells: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        cells[r["placement"]][r["n_layers"]].append(r["activation_rms_by_layer"][-1])
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    _depth_errorbars(ax, {p: c for p, c in cells.items() if len(c) >= 2}, {"pre": 0.5})
+    ax.set_yscale("log", base=2)  # RMS from 1 to a few: powers of 2 label it
+    _finish(ax, "layers L", "RMS of the last block's residual", "Residual stream at init vs depth")
+    return _save(fig, path)
 
 
 def plot_init_depth(results: list[Result], path: Path) -> Path | None:
