@@ -17,7 +17,7 @@ from torch import Tensor
 
 from normlab.backend import get_backend
 from normlab.errors import NormArgumentError, NormDtypeError
-from normlab.ops import backend_ops
+from normlab.ops import backend_ops, reference
 from normlab.ops.eager import NATIVE_RMS_MAX_NUMEL
 
 __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "dropout_add"]
@@ -228,6 +228,26 @@ def _rms_norm(
     return getattr(backend_ops(x), op)(x, shape, weight, eps, per_example_grad_sq=per_example_grad_sq)
 
 
+def _check_cast(op: str, offset: float, casting_mode: str) -> None:
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Real) or not math.isfinite(offset):
+        raise NormArgumentError(f"{op}: expected offset to be a finite number, got {offset!r}")
+    if casting_mode not in reference.CASTING_MODES:
+        raise NormArgumentError(f"{op}: expected casting_mode to be one of {', '.join(reference.CASTING_MODES)}, "
+                                f"got {casting_mode!r}")
+
+
+def _rms_norm_cast(x, normalized_shape, weight, eps, offset, casting_mode) -> Tensor:
+    """rms_norm with an offset or a casting mode: torch ops on every device (the Triton
+    kernels do not take them yet), differentiable by autograd."""
+    op = "rms_norm"
+    _check_tensor(op, "input", x)
+    shape = _check_normalized_shape(op, x, normalized_shape)
+    _check_param(op, "weight", weight, shape, x)
+    eps = _check_eps(op, eps, allow_none=True)
+    _check_cast(op, offset, casting_mode)
+    return reference.rms_norm_cast(x, shape, weight, eps, offset=float(offset), casting_mode=casting_mode)
+
+
 def dropout_add(
     x: Tensor,
     residual: Tensor | None,
@@ -346,11 +366,19 @@ def layer_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor 
 
 
 def rms_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
-             eps: float | None = None) -> Tensor:
+             eps: float | None = None, *, offset: float = 0.0, casting_mode: str = "torch") -> Tensor:
     """RMS normalization over the trailing ``normalized_shape`` dims (Zhang & Sennrich 2019).
 
     y = x / sqrt(mean(x^2) + eps) * weight; eps=None uses float32's machine epsilon
-    (float64's for float64 input), as ``torch.nn.functional.rms_norm``. Output keeps x's dtype."""
+    (float64's for float64 input), as ``torch.nn.functional.rms_norm``. Output keeps x's dtype.
+
+    ``offset``: the scale is (offset + weight), formed in float32 (Gemma's zero-centred
+    gamma is offset=1). ``casting_mode``: "torch" (``nn.RMSNorm``'s numerics), "llama"
+    (normalize in float32, cast to x's dtype, then multiply by the weight) or "gemma"
+    (multiply by (offset + weight) in float32, then cast); bit for bit Hugging Face's
+    ``LlamaRMSNorm`` / ``GemmaRMSNorm`` (see ``ops.reference.rms_norm_cast``)."""
+    if offset != 0.0 or casting_mode != "torch":
+        return _rms_norm_cast(x, normalized_shape, weight, eps, offset, casting_mode)
     if type(x) is Tensor and x.is_cpu and (eps is None or (type(eps) is float and _isfinite(eps))) \
             and get_backend() != "triton":
         try:
@@ -408,8 +436,18 @@ def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bi
 def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps: float | None = None, *,
                  dropout_p: float = 0.0, training: bool = False, generator: torch.Generator | None = None,
                  residual_dtype: torch.dtype | None = None,
-                 normalized_shape: int | Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
-    """Fused residual add + dropout + RMSNorm: returns (out, new_residual), as add_layer_norm."""
+                 normalized_shape: int | Sequence[int] | None = None, offset: float = 0.0,
+                 casting_mode: str = "torch") -> tuple[Tensor, Tensor]:
+    """Fused residual add + dropout + RMSNorm: returns (out, new_residual), as add_layer_norm
+    (``offset`` and ``casting_mode`` as in ``rms_norm``)."""
+    if offset != 0.0 or casting_mode != "torch":
+        op = "add_rms_norm"
+        _check_tensor(op, "input", x)
+        _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype)
+        new_residual = dropout_add(x, residual, dropout_p=dropout_p, training=training, generator=generator,
+                                   residual_dtype=residual_dtype)
+        shape = _fused_shape(op, new_residual, normalized_shape, weight, None)
+        return _rms_norm_cast(new_residual, shape, weight, eps, offset, casting_mode).to(x.dtype), new_residual
     if (weight is not None or normalized_shape is not None) and (h := _plain_residual_add(
             x, residual, weight, eps, True, dropout_p, training, generator, residual_dtype)) is not None:
         try:

@@ -16,11 +16,16 @@ PAIRS = [(normlab.LayerNorm, nn.LayerNorm), (normlab.RMSNorm, nn.RMSNorm)]
 
 @pytest.mark.parametrize("ours, theirs", PAIRS)
 def test_constructor_signature_and_defaults_match_torch(ours, theirs):
-    sig_ours = inspect.signature(ours.__init__).parameters
-    sig_theirs = inspect.signature(theirs.__init__).parameters
-    assert [(p.name, p.default) for p in sig_ours.values()] == [
-        (p.name, p.default) for p in sig_theirs.values()
+    sig_ours = list(inspect.signature(ours.__init__).parameters.values())
+    sig_theirs = list(inspect.signature(theirs.__init__).parameters.values())
+    # torch's arguments, in torch's order and with torch's defaults; normlab's own come after,
+    # keyword-only, with defaults that keep torch's numerics (RMSNorm: offset 0, casting "torch")
+    assert [(p.name, p.default, p.kind) for p in sig_ours[:len(sig_theirs)]] == [
+        (p.name, p.default, p.kind) for p in sig_theirs
     ]
+    extra = {p.name: p.default for p in sig_ours[len(sig_theirs):]}
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in sig_ours[len(sig_theirs):])
+    assert extra == ({"offset": 0.0, "casting_mode": "torch"} if ours is normlab.RMSNorm else {})
 
 
 @pytest.mark.parametrize("kw", [{}, {"elementwise_affine": False}, {"eps": 1e-3}, {"bias": False}])

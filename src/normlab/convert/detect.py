@@ -85,6 +85,9 @@ def semantics(module: nn.Module) -> NormSemantics | str:
     if _is_exactly(module, LayerNorm):
         return NormSemantics("layernorm", tuple(module.normalized_shape), module.eps,
                              module.elementwise_affine, module.bias is not None, "normlab.LayerNorm")
+    if _is_exactly(module, RMSNorm) and (module.offset != 0.0 or module.casting_mode != "torch"):
+        return (f"normlab.RMSNorm with offset={module.offset:g}, casting_mode={module.casting_mode!r}: "
+                "the transforms do not take a weight offset or a casting mode yet")
     if _is_exactly(module, RMSNorm):
         return NormSemantics("rmsnorm", tuple(module.normalized_shape), module.eps,
                              module.elementwise_affine, False, "normlab.RMSNorm")

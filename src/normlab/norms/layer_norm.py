@@ -144,9 +144,40 @@ class LayerNorm(_CheckedOnce, _PerExampleGradSq, ResidualNorm, nn.LayerNorm):
 
 @register_norm("rmsnorm")
 class RMSNorm(_CheckedOnce, _PerExampleGradSq, ResidualNorm, nn.RMSNorm):
-    """y = x / sqrt(mean(x^2) + eps) * gamma (Zhang & Sennrich 2019, "Root Mean Square Layer Normalization")."""
+    """y = x / sqrt(mean(x^2) + eps) * gamma (Zhang & Sennrich 2019, "Root Mean Square Layer Normalization").
+
+    ``offset``: the scale is (offset + gamma), formed in float32, and gamma starts at
+    1 - offset (Gemma's zero-centred gamma: offset=1, gamma starts at 0).
+    ``casting_mode``: "torch" (``nn.RMSNorm``'s numerics, the default), "llama" or
+    "gemma" (Hugging Face's casting orders, bit for bit; see ``normlab.functional.rms_norm``)."""
+
+    offset: float = 0.0
+    casting_mode: str = "torch"
+
+    def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True,
+                 device=None, dtype=None, *, offset: float = 0.0, casting_mode: str = "torch") -> None:
+        F._check_cast("RMSNorm", offset, casting_mode)
+        self.__dict__["offset"], self.__dict__["casting_mode"] = float(offset), casting_mode
+        super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, device=device,
+                         dtype=dtype)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.offset != 0.0 and getattr(self, "weight", None) is not None:
+            with torch.no_grad():
+                self.weight.fill_(1.0 - self.offset)
+
+    def extra_repr(self) -> str:
+        extra = "".join(f", {k}={getattr(self, k)!r}" for k, default in (("offset", 0.0), ("casting_mode", "torch"))
+                        if getattr(self, k) != default)
+        return super().extra_repr() + extra
 
     def normalize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        if self.offset != 0.0 or self.casting_mode != "torch":
+            if self.collect_per_example_grad_sq:
+                raise NotImplementedError("RMSNorm: per-example gradient norms do not take offset or casting_mode yet")
+            return F.rms_norm(x, self.normalized_shape, self.weight, self.eps, offset=self.offset,
+                              casting_mode=self.casting_mode)
         if not self.collect_per_example_grad_sq:
             params = self._parameters  # nn.Module.__getattr__ costs ~1 us a parameter
             if "weight" in params:
@@ -160,9 +191,13 @@ class RMSNorm(_CheckedOnce, _PerExampleGradSq, ResidualNorm, nn.RMSNorm):
             per_example_grad_sq=self._per_example_buffer(x)))
 
     def add_normalize(self, x, residual, dropout_p, residual_dtype, padding_mask):
+        cast = self.offset != 0.0 or self.casting_mode != "torch"
+        if cast and self.collect_per_example_grad_sq:
+            raise NotImplementedError("RMSNorm: per-example gradient norms do not take offset or casting_mode yet")
         if not self.collect_per_example_grad_sq:
             return F.add_rms_norm(x, residual, self.weight, self.eps, dropout_p=dropout_p, training=self.training,
-                                  residual_dtype=residual_dtype, normalized_shape=self.normalized_shape)
+                                  residual_dtype=residual_dtype, normalized_shape=self.normalized_shape,
+                                  **({"offset": self.offset, "casting_mode": self.casting_mode} if cast else {}))
         return self._watch_backward(F._add_rms_norm(
             x, residual, self.weight, self.eps, dropout_p=dropout_p, training=self.training,
             residual_dtype=residual_dtype, normalized_shape=self.normalized_shape,

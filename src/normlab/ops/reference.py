@@ -82,6 +82,49 @@ def rms_norm(
     return _affine(xf * rstd, weight, None).to(x.dtype)
 
 
+CASTING_MODES = ("torch", "llama", "gemma")
+
+
+def rms_norm_cast(
+    x: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None,
+    eps: float | None,
+    *,
+    offset: float = 0.0,
+    casting_mode: str = "torch",
+) -> Tensor:
+    """RMSNorm with a weight offset and one of the casting orders practitioners' models use,
+    op for op as they compute it (so the bits match):
+
+        "torch": y = x / sqrt(mean(x^2) + eps) in float32 (float64), times (offset + w)
+                 formed in float32, rounded once to x's dtype;
+        "llama": h = x / sqrt(mean(x^2) + eps) in float32, cast to x's dtype, then
+                 (offset + w) * h  (Hugging Face's LlamaRMSNorm; offset 0);
+        "gemma": h = x / sqrt(mean(x^2) + eps) in float32, times (offset + w) in float32,
+                 cast to x's dtype (Hugging Face's GemmaRMSNorm with offset 1).
+
+    The offset is added in float32 (float64 for float64), never to a half-precision weight
+    first: 1 + 0.0039 rounds to 1.0 in bfloat16."""
+    if eps is None:
+        eps = default_rms_eps(x.dtype)
+    dims = _dims(normalized_shape)
+    ct = compute_dtype(x.dtype)
+    h = x.to(ct)
+    h = h * torch.rsqrt(h.pow(2).mean(dims, keepdim=True) + eps)
+    if casting_mode == "llama":
+        h = h.to(x.dtype)
+        if weight is None:
+            return h if offset == 0.0 else h * offset
+        w = weight if offset == 0.0 else (weight.to(ct) + offset).to(weight.dtype)
+        return w * h
+    if weight is not None:
+        h = h * (weight.to(ct) + offset)
+    elif offset != 0.0:
+        h = h * offset
+    return h.to(x.dtype)
+
+
 def dropout_add(
     x: Tensor,
     residual: Tensor | None,
