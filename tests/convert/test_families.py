@@ -35,7 +35,7 @@ FAMILIES = {
     "qwen2": ("refuses", "is not a LayerNorm"),
     "qwen3": ("refuses", "is not a LayerNorm"),
     "phi3": ("refuses", "is not a LayerNorm"),
-    "gemma": ("refuses", r"\(1 \+ weight\)"),
+    "gemma": ("refuses", "is not a LayerNorm"),  # an RMSNorm already: (1 + weight), swapped as offset 1
     "bert": ("refuses", "Post-LN"),
     "roberta": ("refuses", "Post-LN"),
     "t5": ("refuses", "is not a LayerNorm"),

@@ -167,13 +167,27 @@ class _OnePlusRMSNorm(_HalfCastRMSNorm):
         return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * (1 + self.weight)).to(x.dtype)
 
 
+class _MeanFreeNorm(_HalfCastRMSNorm):
+    """Neither normlab norm: the variance around the mean, but no mean subtracted."""
+
+    def forward(self, x):
+        v = x.var(-1, unbiased=False, keepdim=True)
+        return self.weight * x * torch.rsqrt(v + self.variance_epsilon)
+
+
 def test_custom_norms_verified_on_a_probe():
-    model = nn.Sequential(_HalfCastRMSNorm(16), _OnePlusRMSNorm(16))
+    model = nn.Sequential(_HalfCastRMSNorm(16), _OnePlusRMSNorm(16), _MeanFreeNorm(16))
+    x = torch.randn(3, 16)
+    y = model(x)
     report = swap_norms(model).normlab_report
-    assert report.paths("swapped") == ["0"] and isinstance(model[0], normlab.RMSNorm)
+    assert report.paths("swapped") == ["0", "1"] and isinstance(model[0], normlab.RMSNorm)
     assert model[0].eps == 1e-6
-    assert report.left["1"].startswith("forward differs from normlab's rmsnorm")
-    assert type(model[1]) is _OnePlusRMSNorm
+    # (1 + weight) in float32: normlab's RMSNorm with offset 1, casting "gemma"
+    assert (model[1].offset, model[1].casting_mode) == (1.0, "gemma")
+    assert report.left["2"].startswith(
+        "forward differs from normlab's rmsnorm")
+    assert type(model[2]) is _MeanFreeNorm
+    torch.testing.assert_close(model(x), y, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "gpt2", "bert", "t5"])
@@ -192,12 +206,18 @@ def test_hf_models_logits_and_gradients(name):
     assert len(report.paths("fused")) == fused
 
 
-def test_hf_gemma_norm_left_with_reason():
-    model = hf_model("gemma")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hf_gemma_norms_swapped_bit_for_bit(dtype):
+    torch.manual_seed(0)
+    model = perturb(hf_model("gemma"), scale=0.05).to(dtype).eval()
+    kw = hf_inputs("gemma")
+    with torch.no_grad():
+        y0 = model(**kw).logits
     report = swap_norms(model).normlab_report
-    assert not report.paths("swapped") and len(report.left) == 5
-    assert all("GemmaRMSNorm scales by (1 + weight)" in why and "max |output diff|" in why
-               for why in report.left.values())
+    assert len(report.paths("swapped")) == 5 and not report.left
+    assert all("offset=1, casting_mode='gemma'" in e.detail for e in report.entries if e.action == "swapped")
+    with torch.no_grad():
+        assert torch.equal(model(**kw).logits, y0)
 
 
 def test_hf_llama_bf16_swapped_within_rounding():

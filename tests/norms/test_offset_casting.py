@@ -111,8 +111,12 @@ def test_bad_offset_and_casting_mode_are_refused_by_name():
         m(x)
 
 
-def test_convert_declines_a_norm_with_an_offset_with_the_reason():
+def test_convert_reads_the_offset_and_folding_declines_it_with_the_reason():
+    from normlab.convert import fold_norm_affine
     from normlab.convert.detect import semantics
 
-    why = semantics(normlab.RMSNorm(4, offset=1.0, casting_mode="gemma"))
-    assert isinstance(why, str) and "weight offset" in why
+    sem = semantics(normlab.RMSNorm(4, offset=1.0, casting_mode="gemma"))
+    assert (sem.kind, sem.offset, sem.casting_mode, sem.plain) == ("rmsnorm", 1.0, "gemma", False)
+    model = torch.nn.Sequential(normlab.RMSNorm(4, offset=1.0, casting_mode="gemma"), torch.nn.Linear(4, 2))
+    report = fold_norm_affine(model).normlab_report
+    assert "folding does not take a weight offset yet" in report.left["0"]

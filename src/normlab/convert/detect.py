@@ -11,7 +11,7 @@ the reason is returned (e.g. Gemma's ``x * (1 + weight)``).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -41,6 +41,14 @@ class NormSemantics:
     affine: bool
     bias: bool
     verified: str  # how the match was established
+    offset: float = 0.0          # RMSNorm: the scale is offset + weight (Gemma: 1)
+    casting_mode: str = "torch"  # RMSNorm: "torch" | "llama" | "gemma"
+
+    @property
+    def plain(self) -> bool:
+        """The norm's weight is its scale (no offset, torch's casting): the form the
+        transforms fold and convert."""
+        return self.offset == 0.0 and self.casting_mode == "torch"
 
     def build(self, like: nn.Module) -> nn.Module:
         """A normlab module with these semantics, sharing ``like``'s parameter objects."""
@@ -51,7 +59,8 @@ class NormSemantics:
             new = LayerNorm(self.shape, eps=self.eps, elementwise_affine=self.affine,
                             bias=self.bias, **factory)
         else:
-            new = RMSNorm(self.shape, eps=self.eps, elementwise_affine=self.affine, **factory)
+            new = RMSNorm(self.shape, eps=self.eps, elementwise_affine=self.affine, offset=self.offset,
+                          casting_mode=self.casting_mode, **factory)
         # the very same Parameter objects: tied weights and optimizer state stay valid
         if self.affine:
             new.weight = w
@@ -85,12 +94,9 @@ def semantics(module: nn.Module) -> NormSemantics | str:
     if _is_exactly(module, LayerNorm):
         return NormSemantics("layernorm", tuple(module.normalized_shape), module.eps,
                              module.elementwise_affine, module.bias is not None, "normlab.LayerNorm")
-    if _is_exactly(module, RMSNorm) and (module.offset != 0.0 or module.casting_mode != "torch"):
-        return (f"normlab.RMSNorm with offset={module.offset:g}, casting_mode={module.casting_mode!r}: "
-                "the transforms do not take a weight offset or a casting mode yet")
     if _is_exactly(module, RMSNorm):
         return NormSemantics("rmsnorm", tuple(module.normalized_shape), module.eps,
-                             module.elementwise_affine, False, "normlab.RMSNorm")
+                             module.elementwise_affine, False, "normlab.RMSNorm", module.offset, module.casting_mode)
     if _inherits_forward(module, nn.LayerNorm):
         return NormSemantics("layernorm", tuple(module.normalized_shape), module.eps,
                              module.elementwise_affine, module.bias is not None, "torch.nn.LayerNorm")
@@ -129,6 +135,12 @@ def semantics(module: nn.Module) -> NormSemantics | str:
         if ok:
             return NormSemantics(kind, shape, eps, has_w, has_b, detail)
         diffs.append(f"{kind}: {detail}")
+    if has_w and not has_b:  # Gemma's zero-centred gamma: x / rms(x) * (1 + weight), in float32
+        cand = NormSemantics("rmsnorm", shape, eps, True, False, "", 1.0, "gemma")
+        ok, detail = _probe(module, cand)
+        if ok:
+            return replace(cand, verified=f"as RMSNorm(offset=1, casting_mode='gemma'), {detail}")
+        diffs.append(f"rmsnorm(offset=1, gemma): {detail}")
     known = _KNOWN_VARIANTS.get(type(module).__name__)
     if known and type(module).__module__.startswith("transformers."):
         return f"{type(module).__name__} {known} (probe: " + "; ".join(diffs) + ")"

@@ -89,6 +89,10 @@ def fold_norm_affine(
         if isinstance(sem, str):
             report.add(path, module, "left", f"not a norm normlab reproduces: {sem}")
             continue
+        if not sem.plain:
+            report.add(path, module, "left", f"cannot fold: its scale is offset + weight (offset={sem.offset:g}, "
+                       f"casting_mode={sem.casting_mode!r}); folding does not take a weight offset yet")
+            continue
         if gamma is None and beta is None:
             report.add(path, module, "left", "no affine parameters to fold")
             continue
