@@ -89,6 +89,10 @@ def hf_model(name: str) -> nn.Module:
         return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**small))
     if name == "gemma":
         return transformers.GemmaForCausalLM(transformers.GemmaConfig(**small, head_dim=8))
+    if name == "gemma2":
+        return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**small, head_dim=8))
+    if name == "gemma3":  # q/k norms too
+        return transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**small, head_dim=8))
     if name == "gpt2":
         return transformers.GPT2LMHeadModel(transformers.GPT2Config(
             vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=16, bos_token_id=0,

@@ -206,15 +206,16 @@ def test_hf_models_logits_and_gradients(name):
     assert len(report.paths("fused")) == fused
 
 
+@pytest.mark.parametrize("name,norms", [("gemma", 5), ("gemma2", 9), ("gemma3", 13)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_hf_gemma_norms_swapped_bit_for_bit(dtype):
+def test_hf_gemma_norms_swapped_bit_for_bit(name, norms, dtype):
     torch.manual_seed(0)
-    model = perturb(hf_model("gemma"), scale=0.05).to(dtype).eval()
-    kw = hf_inputs("gemma")
+    model = perturb(hf_model(name), scale=0.05).to(dtype).eval()
+    kw = hf_inputs(name)
     with torch.no_grad():
         y0 = model(**kw).logits
     report = swap_norms(model).normlab_report
-    assert len(report.paths("swapped")) == 5 and not report.left
+    assert len(report.paths("swapped")) == norms and not report.left  # Gemma3: its q/k norms too
     assert all("offset=1, casting_mode='gemma'" in e.detail for e in report.entries if e.action == "swapped")
     with torch.no_grad():
         assert torch.equal(model(**kw).logits, y0)
