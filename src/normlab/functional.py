@@ -236,6 +236,22 @@ def _check_cast(op: str, offset: float, casting_mode: str) -> None:
                                 f"got {casting_mode!r}")
 
 
+def _layer_norm_offset(x, normalized_shape, weight, bias, eps, offset) -> Tensor:
+    """layer_norm with a weight offset: torch ops in float32 (float64) on every device."""
+    op = "layer_norm"
+    _check_tensor(op, "input", x)
+    shape = _check_normalized_shape(op, x, normalized_shape)
+    _check_param(op, "weight", weight, shape, x)
+    _check_param(op, "bias", bias, shape, x)
+    eps = _check_eps(op, eps, allow_none=False)
+    _check_cast(op, offset, "torch")
+    ct = reference.compute_dtype(x.dtype)
+    scale = None if weight is None else weight.to(ct) + float(offset)
+    if weight is None:  # a scale of offset alone
+        scale = torch.full(shape, float(offset), dtype=ct, device=x.device)
+    return reference.layer_norm(x, shape, scale, None if bias is None else bias.to(ct), eps)
+
+
 def _rms_norm_cast(x, normalized_shape, weight, eps, offset, casting_mode) -> Tensor:
     """rms_norm with an offset or a casting mode: torch ops on every device (the Triton
     kernels do not take them yet), differentiable by autograd."""
@@ -351,11 +367,15 @@ def _add_rms_norm(
 
 
 def layer_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
-               bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+               bias: Tensor | None = None, eps: float = 1e-5, *, offset: float = 0.0) -> Tensor:
     """Layer normalization over the trailing ``normalized_shape`` dims (Ba et al. 2016).
 
     y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias, biased variance, statistics in
-    float32 (float64 for float64 input); same semantics as ``torch.nn.functional.layer_norm``."""
+    float32 (float64 for float64 input); same semantics as ``torch.nn.functional.layer_norm``.
+    ``offset``: the scale is (offset + weight), formed in float32 (LayerNorm1p,
+    zero-centred gamma: offset=1), and y is rounded once to x's dtype."""
+    if offset != 0.0:
+        return _layer_norm_offset(x, normalized_shape, weight, bias, eps, offset)
     if type(x) is Tensor and x.is_cpu and type(eps) is float and _isfinite(eps) and get_backend() != "triton":
         try:
             return torch.layer_norm(
@@ -415,13 +435,23 @@ def _plain_residual_add(x: Tensor, residual: Tensor | None, weight: Tensor | Non
 def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
                    eps: float = 1e-5, *, dropout_p: float = 0.0, training: bool = False,
                    generator: torch.Generator | None = None, residual_dtype: torch.dtype | None = None,
-                   normalized_shape: int | Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+                   normalized_shape: int | Sequence[int] | None = None,
+                   offset: float = 0.0) -> tuple[Tensor, Tensor]:
     """Fused residual add + dropout + LayerNorm: returns (out, new_residual).
 
     new_residual = residual + dropout(x)   (stored in residual_dtype, default x.dtype)
     out          = layer_norm(new_residual) over normalized_shape (default: weight's
                    shape, the last dim without weight and bias), in x's dtype.
-    Post-LN uses ``out`` as the next residual, Pre-LN uses ``new_residual``."""
+    Post-LN uses ``out`` as the next residual, Pre-LN uses ``new_residual``.
+    (``offset`` as in ``layer_norm``.)"""
+    if offset != 0.0:
+        op = "add_layer_norm"
+        _check_tensor(op, "input", x)
+        _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype)
+        new_residual = dropout_add(x, residual, dropout_p=dropout_p, training=training, generator=generator,
+                                   residual_dtype=residual_dtype)
+        shape = _fused_shape(op, new_residual, normalized_shape, weight, bias)
+        return (_layer_norm_offset(new_residual, shape, weight, bias, eps, offset).to(x.dtype), new_residual)
     if (weight is not None or normalized_shape is not None) and (h := _plain_residual_add(
             x, residual, weight, eps, False, dropout_p, training, generator, residual_dtype)) is not None:
         try:

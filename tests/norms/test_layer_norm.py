@@ -25,7 +25,7 @@ def test_constructor_signature_and_defaults_match_torch(ours, theirs):
     ]
     extra = {p.name: p.default for p in sig_ours[len(sig_theirs):]}
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in sig_ours[len(sig_theirs):])
-    assert extra == ({"offset": 0.0, "casting_mode": "torch"} if ours is normlab.RMSNorm else {})
+    assert extra == ({"offset": 0.0, "casting_mode": "torch"} if ours is normlab.RMSNorm else {"offset": 0.0})
 
 
 @pytest.mark.parametrize("kw", [{}, {"elementwise_affine": False}, {"eps": 1e-3}, {"bias": False}])

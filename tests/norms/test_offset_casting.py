@@ -1,6 +1,6 @@
 """RMSNorm's weight offset and casting modes: bit for bit Hugging Face's GemmaRMSNorm and
 LlamaRMSNorm, forward and backward, in fp32, bf16 and fp16; the offset formed in float32;
-gradients in float64; clear errors for bad values."""
+gradients in float64; clear errors for bad values. LayerNorm's offset (LayerNorm1p)."""
 
 from __future__ import annotations
 
@@ -120,3 +120,43 @@ def test_convert_reads_the_offset_and_folding_declines_it_with_the_reason():
     model = torch.nn.Sequential(normlab.RMSNorm(4, offset=1.0, casting_mode="gemma"), torch.nn.Linear(4, 2))
     report = fold_norm_affine(model).normlab_report
     assert "folding does not take a weight offset yet" in report.left["0"]
+
+
+# ------------------------------------------------------------------ LayerNorm's offset
+
+
+def test_layer_norm_offset_is_the_reference_with_offset_plus_weight():
+    torch.manual_seed(4)
+    x = torch.randn(5, 33, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(33, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(33, dtype=torch.float64, requires_grad=True)
+    got = F.layer_norm(x, 33, w, b, 1e-5, offset=1.0)
+    torch.testing.assert_close(got, reference.layer_norm(x, (33,), w + 1.0, b, 1e-5), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, c, d: F.layer_norm(a, 33, c, d, 1e-5, offset=0.5), (x, w, b))
+    r = torch.randn(5, 33, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, c, d: F.add_layer_norm(a, c, d, None, offset=0.5)[0], (x, r, w))
+    out, res = F.add_layer_norm(x, r, w, b, offset=1.0)
+    assert torch.equal(res, r + x) and torch.equal(out, F.layer_norm(r + x, 33, w, b, offset=1.0))
+
+
+def test_layer_norm_offset_in_float32_and_the_module_starts_at_gain_one():
+    w = torch.full((8,), 2.0 ** -9, dtype=torch.bfloat16)
+    x = torch.randn(4, 8)
+    x_hat = torch.nn.functional.layer_norm(x, (8,))
+    torch.testing.assert_close(F.layer_norm(x, 8, w, None, offset=1.0), x_hat * (1.0 + 2.0 ** -9))
+    m = normlab.LayerNorm(8, offset=1.0)
+    assert torch.equal(m.weight, torch.zeros(8)) and list(m.state_dict()) == ["weight", "bias"]
+    torch.testing.assert_close(m(x), torch.nn.LayerNorm(8)(x))
+    assert "offset=1.0" in repr(m) and "offset" not in repr(normlab.LayerNorm(8))
+    with pytest.raises(NormArgumentError, match="expected offset to be a finite number"):
+        normlab.LayerNorm(8, offset=float("nan"))
+
+
+def test_convert_leaves_a_layernorm_with_an_offset():
+    from normlab.convert import ConversionError, fold_norm_affine, layernorm_to_rmsnorm
+
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 8), normlab.LayerNorm(8, offset=1.0), torch.nn.Linear(8, 3))
+    report = fold_norm_affine(model).normlab_report
+    assert "folding does not take a weight offset yet" in report.left["1"]
+    with pytest.raises(ConversionError, match="offset"):
+        layernorm_to_rmsnorm(model)

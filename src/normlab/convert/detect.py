@@ -57,7 +57,7 @@ class NormSemantics:
         factory = {"device": "meta"}
         if self.kind == "layernorm":
             new = LayerNorm(self.shape, eps=self.eps, elementwise_affine=self.affine,
-                            bias=self.bias, **factory)
+                            bias=self.bias, offset=self.offset, **factory)
         else:
             new = RMSNorm(self.shape, eps=self.eps, elementwise_affine=self.affine, offset=self.offset,
                           casting_mode=self.casting_mode, **factory)
@@ -93,7 +93,7 @@ def semantics(module: nn.Module) -> NormSemantics | str:
     """The module's semantics as a normlab norm, or the reason it has none."""
     if _is_exactly(module, LayerNorm):
         return NormSemantics("layernorm", tuple(module.normalized_shape), module.eps,
-                             module.elementwise_affine, module.bias is not None, "normlab.LayerNorm")
+                             module.elementwise_affine, module.bias is not None, "normlab.LayerNorm", module.offset)
     if _is_exactly(module, RMSNorm):
         return NormSemantics("rmsnorm", tuple(module.normalized_shape), module.eps,
                              module.elementwise_affine, False, "normlab.RMSNorm", module.offset, module.casting_mode)

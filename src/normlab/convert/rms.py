@@ -100,6 +100,9 @@ def layernorm_to_rmsnorm(model: nn.Module, *, example_inputs=None, atol: float =
         if path in a.branch_norms:
             left.append((path, m, f"{a.branch_norms[path]}: stays a LayerNorm"))
             continue
+        if not sem.plain:
+            raise ConversionError(f"layernorm_to_rmsnorm: {path}'s scale is offset + weight (offset={sem.offset:g}): "
+                                  "the conversion does not take a weight offset yet")
         if path not in a.stream_norms:
             raise ConversionError(f"layernorm_to_rmsnorm: the LayerNorm {path} does not read the "
                                   "residual stream (its input is not a known sum of writers)")

@@ -114,9 +114,34 @@ class _PerExampleGradSq:
 
 @register_norm("layernorm")
 class LayerNorm(_CheckedOnce, _PerExampleGradSq, ResidualNorm, nn.LayerNorm):
-    """y = (x - E[x]) / sqrt(Var[x] + eps) * gamma + beta (Ba et al. 2016, "Layer Normalization")."""
+    """y = (x - E[x]) / sqrt(Var[x] + eps) * gamma + beta (Ba et al. 2016, "Layer Normalization").
+
+    ``offset``: the scale is (offset + gamma), formed in float32, and gamma starts at
+    1 - offset (LayerNorm1p / zero-centred gamma: offset=1, gamma starts at 0)."""
+
+    offset: float = 0.0
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
+                 device=None, dtype=None, *, offset: float = 0.0) -> None:
+        F._check_cast("LayerNorm", offset, "torch")
+        self.__dict__["offset"] = float(offset)
+        super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias,
+                         device=device, dtype=dtype)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.offset != 0.0 and getattr(self, "weight", None) is not None:
+            with torch.no_grad():
+                self.weight.fill_(1.0 - self.offset)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", offset={self.offset!r}" if self.offset != 0.0 else "")
 
     def normalize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        if self.offset != 0.0:
+            if self.collect_per_example_grad_sq:
+                raise NotImplementedError("LayerNorm: per-example gradient norms do not take offset yet")
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, offset=self.offset)
         if not self.collect_per_example_grad_sq:
             params = self._parameters  # nn.Module.__getattr__ costs ~1 us a parameter
             if "weight" in params and "bias" in params:
@@ -130,10 +155,13 @@ class LayerNorm(_CheckedOnce, _PerExampleGradSq, ResidualNorm, nn.LayerNorm):
             per_example_grad_sq=self._per_example_buffer(x)))
 
     def add_normalize(self, x, residual, dropout_p, residual_dtype, padding_mask):
+        if self.offset != 0.0 and self.collect_per_example_grad_sq:
+            raise NotImplementedError("LayerNorm: per-example gradient norms do not take offset yet")
         if not self.collect_per_example_grad_sq:
             return F.add_layer_norm(x, residual, self.weight, self.bias, self.eps, dropout_p=dropout_p,
                                     training=self.training, residual_dtype=residual_dtype,
-                                    normalized_shape=self.normalized_shape)
+                                    normalized_shape=self.normalized_shape,
+                                    **({"offset": self.offset} if self.offset != 0.0 else {}))
         return self._watch_backward(F._add_layer_norm(
             x, residual, self.weight, self.bias, self.eps, dropout_p=dropout_p,
             training=self.training, residual_dtype=residual_dtype,
