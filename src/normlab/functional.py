@@ -252,6 +252,18 @@ def _layer_norm_offset(x, normalized_shape, weight, bias, eps, offset) -> Tensor
     return reference.layer_norm(x, shape, scale, None if bias is None else bias.to(ct), eps)
 
 
+def _add_then_norm(op, x, residual, weight, bias, dropout_p, training, generator, residual_dtype,
+                   normalized_shape, norm) -> tuple[Tensor, Tensor]:
+    """A fused add+norm op in two steps, for the norm options the fused kernels do not take:
+    new_residual = dropout_add(x, residual), then ``norm(new_residual, shape)`` in x's dtype."""
+    _check_tensor(op, "input", x)
+    _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype)
+    new_residual = dropout_add(x, residual, dropout_p=dropout_p, training=training, generator=generator,
+                               residual_dtype=residual_dtype)
+    shape = _fused_shape(op, new_residual, normalized_shape, weight, bias)
+    return norm(new_residual, shape).to(x.dtype), new_residual
+
+
 def _rms_norm_cast(x, normalized_shape, weight, eps, offset, casting_mode) -> Tensor:
     """rms_norm with an offset or a casting mode: torch ops on every device (the Triton
     kernels do not take them yet), differentiable by autograd."""
@@ -445,13 +457,9 @@ def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bi
     Post-LN uses ``out`` as the next residual, Pre-LN uses ``new_residual``.
     (``offset`` as in ``layer_norm``.)"""
     if offset != 0.0:
-        op = "add_layer_norm"
-        _check_tensor(op, "input", x)
-        _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype)
-        new_residual = dropout_add(x, residual, dropout_p=dropout_p, training=training, generator=generator,
-                                   residual_dtype=residual_dtype)
-        shape = _fused_shape(op, new_residual, normalized_shape, weight, bias)
-        return (_layer_norm_offset(new_residual, shape, weight, bias, eps, offset).to(x.dtype), new_residual)
+        return _add_then_norm("add_layer_norm", x, residual, weight, bias, dropout_p, training, generator,
+                              residual_dtype, normalized_shape,
+                              lambda h, shape: _layer_norm_offset(h, shape, weight, bias, eps, offset))
     if (weight is not None or normalized_shape is not None) and (h := _plain_residual_add(
             x, residual, weight, eps, False, dropout_p, training, generator, residual_dtype)) is not None:
         try:
@@ -471,13 +479,9 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps:
     """Fused residual add + dropout + RMSNorm: returns (out, new_residual), as add_layer_norm
     (``offset`` and ``casting_mode`` as in ``rms_norm``)."""
     if offset != 0.0 or casting_mode != "torch":
-        op = "add_rms_norm"
-        _check_tensor(op, "input", x)
-        _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype)
-        new_residual = dropout_add(x, residual, dropout_p=dropout_p, training=training, generator=generator,
-                                   residual_dtype=residual_dtype)
-        shape = _fused_shape(op, new_residual, normalized_shape, weight, None)
-        return _rms_norm_cast(new_residual, shape, weight, eps, offset, casting_mode).to(x.dtype), new_residual
+        return _add_then_norm("add_rms_norm", x, residual, weight, None, dropout_p, training, generator,
+                              residual_dtype, normalized_shape,
+                              lambda h, shape: _rms_norm_cast(h, shape, weight, eps, offset, casting_mode))
     if (weight is not None or normalized_shape is not None) and (h := _plain_residual_add(
             x, residual, weight, eps, True, dropout_p, training, generator, residual_dtype)) is not None:
         try:

@@ -112,8 +112,20 @@ class _PerExampleGradSq:
         self.__dict__.pop("_per_example_calls", None)
 
 
+class _WeightOffset:
+    """Mixin: the scale is offset + weight, so the weight starts at 1 - offset (gain 1)."""
+
+    offset: float = 0.0
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.offset != 0.0 and getattr(self, "weight", None) is not None:
+            with torch.no_grad():
+                self.weight.fill_(1.0 - self.offset)
+
+
 @register_norm("layernorm")
-class LayerNorm(_CheckedOnce, _PerExampleGradSq, ResidualNorm, nn.LayerNorm):
+class LayerNorm(_CheckedOnce, _PerExampleGradSq, _WeightOffset, ResidualNorm, nn.LayerNorm):
     """y = (x - E[x]) / sqrt(Var[x] + eps) * gamma + beta (Ba et al. 2016, "Layer Normalization").
 
     ``offset``: the scale is (offset + gamma), formed in float32, and gamma starts at
@@ -127,12 +139,6 @@ class LayerNorm(_CheckedOnce, _PerExampleGradSq, ResidualNorm, nn.LayerNorm):
         self.__dict__["offset"] = float(offset)
         super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias,
                          device=device, dtype=dtype)
-
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        if self.offset != 0.0 and getattr(self, "weight", None) is not None:
-            with torch.no_grad():
-                self.weight.fill_(1.0 - self.offset)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", offset={self.offset!r}" if self.offset != 0.0 else "")
@@ -171,7 +177,7 @@ class LayerNorm(_CheckedOnce, _PerExampleGradSq, ResidualNorm, nn.LayerNorm):
 
 
 @register_norm("rmsnorm")
-class RMSNorm(_CheckedOnce, _PerExampleGradSq, ResidualNorm, nn.RMSNorm):
+class RMSNorm(_CheckedOnce, _PerExampleGradSq, _WeightOffset, ResidualNorm, nn.RMSNorm):
     """y = x / sqrt(mean(x^2) + eps) * gamma (Zhang & Sennrich 2019, "Root Mean Square Layer Normalization").
 
     ``offset``: the scale is (offset + gamma), formed in float32, and gamma starts at
@@ -188,12 +194,6 @@ class RMSNorm(_CheckedOnce, _PerExampleGradSq, ResidualNorm, nn.RMSNorm):
         self.__dict__["offset"], self.__dict__["casting_mode"] = float(offset), casting_mode
         super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, device=device,
                          dtype=dtype)
-
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        if self.offset != 0.0 and getattr(self, "weight", None) is not None:
-            with torch.no_grad():
-                self.weight.fill_(1.0 - self.offset)
 
     def extra_repr(self) -> str:
         extra = "".join(f", {k}={getattr(self, k)!r}" for k, default in (("offset", 0.0), ("casting_mode", "torch"))
