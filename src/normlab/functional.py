@@ -246,9 +246,8 @@ def _layer_norm_offset(x, normalized_shape, weight, bias, eps, offset) -> Tensor
     eps = _check_eps(op, eps, allow_none=False)
     _check_cast(op, offset, "torch")
     ct = reference.compute_dtype(x.dtype)
-    scale = None if weight is None else weight.to(ct) + float(offset)
-    if weight is None:  # a scale of offset alone
-        scale = torch.full(shape, float(offset), dtype=ct, device=x.device)
+    scale = (torch.full(shape, float(offset), dtype=ct, device=x.device) if weight is None  # offset alone
+             else weight.to(ct) + float(offset))
     return reference.layer_norm(x, shape, scale, None if bias is None else bias.to(ct), eps)
 
 
@@ -424,21 +423,26 @@ def rms_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | 
     return _rms_norm(x, normalized_shape, weight, eps)
 
 
-def _plain_residual_add(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps: float | None,
-                        rms: bool, dropout_p: float, training: bool, generator: torch.Generator | None,
-                        residual_dtype: torch.dtype | None) -> Tensor | None:
-    """residual + x for a fused add+norm call whose checked path is that sum and then
-    torch's norm (CPU; no dropout, generator or mixed dtypes; a finite eps; for RMSNorm a
-    weight in x's dtype and at most NATIVE_RMS_MAX_NUMEL elements), else None."""
+def _plain_residual_add(x: Tensor, residual: Tensor | None, weight: Tensor | None,
+                        normalized_shape: int | Sequence[int] | None, eps: float | None, rms: bool,
+                        dropout_p: float, training: bool, generator: torch.Generator | None,
+                        residual_dtype: torch.dtype | None) -> tuple[Tensor, Sequence[int]] | None:
+    """(residual + x, the normalized shape) for a fused add+norm call whose checked path is
+    that sum and then torch's norm (CPU; no dropout, generator or mixed dtypes; a finite
+    eps; a weight or a normalized_shape; for RMSNorm a weight in x's dtype and at most
+    NATIVE_RMS_MAX_NUMEL elements), else None."""
     try:
-        if (type(x) is Tensor and type(residual) is Tensor and x.is_cpu and generator is None
+        if ((weight is not None or normalized_shape is not None)
+                and type(x) is Tensor and type(residual) is Tensor and x.is_cpu and generator is None
                 and (dt := x.dtype) in _SHORT_ADD_DTYPES and residual.dtype is dt
                 and (residual_dtype is None or residual_dtype is dt)
                 and type(dropout_p) is float and 0.0 <= dropout_p <= 1.0 and (dropout_p == 0.0 or not training)
                 and ((type(eps) is float and _isfinite(eps)) or (eps is None and rms))
                 and (not rms or ((weight is None or weight.dtype is dt) and x.numel() <= NATIVE_RMS_MAX_NUMEL))
                 and residual.shape == x.shape and get_backend() != "triton"):
-            return residual + x
+            shape = weight.shape if normalized_shape is None else \
+                (normalized_shape,) if type(normalized_shape) is int else normalized_shape
+            return residual + x, shape
     except Exception:  # noqa: BLE001 - the checked path names the bad argument
         pass
     return None
@@ -460,11 +464,10 @@ def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bi
         return _add_then_norm("add_layer_norm", x, residual, weight, bias, dropout_p, training, generator,
                               residual_dtype, normalized_shape,
                               lambda h, shape: _layer_norm_offset(h, shape, weight, bias, eps, offset))
-    if (weight is not None or normalized_shape is not None) and (h := _plain_residual_add(
-            x, residual, weight, eps, False, dropout_p, training, generator, residual_dtype)) is not None:
+    if (plain := _plain_residual_add(x, residual, weight, normalized_shape, eps, False, dropout_p, training,
+                                     generator, residual_dtype)) is not None:
         try:
-            return torch.layer_norm(h, weight.shape if normalized_shape is None else (normalized_shape,)
-                                    if type(normalized_shape) is int else normalized_shape, weight, bias, eps), h
+            return torch.layer_norm(plain[0], plain[1], weight, bias, eps), plain[0]
         except Exception:  # noqa: BLE001 - the checked path below names the bad argument
             pass
     return _add_layer_norm(x, residual, weight, bias, eps, dropout_p=dropout_p, training=training,
@@ -482,11 +485,10 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps:
         return _add_then_norm("add_rms_norm", x, residual, weight, None, dropout_p, training, generator,
                               residual_dtype, normalized_shape,
                               lambda h, shape: _rms_norm_cast(h, shape, weight, eps, offset, casting_mode))
-    if (weight is not None or normalized_shape is not None) and (h := _plain_residual_add(
-            x, residual, weight, eps, True, dropout_p, training, generator, residual_dtype)) is not None:
+    if (plain := _plain_residual_add(x, residual, weight, normalized_shape, eps, True, dropout_p, training,
+                                     generator, residual_dtype)) is not None:
         try:
-            return torch.rms_norm(h, weight.shape if normalized_shape is None else (normalized_shape,)
-                                  if type(normalized_shape) is int else normalized_shape, weight, eps), h
+            return torch.rms_norm(plain[0], plain[1], weight, eps), plain[0]
         except Exception:  # noqa: BLE001 - the checked path below names the bad argument
             pass
     return _add_rms_norm(x, residual, weight, eps, dropout_p=dropout_p, training=training, generator=generator,

@@ -44,7 +44,7 @@ def test_the_docs_slot_table_is_generated_from_the_declarations():
 def test_every_registered_placement_declares_known_slots(name):
     cls = get_placement(name)
     assert all(slot in SLOT_ROLES for sub in ("attn", "cross_attn", "ffn") for slot in cls().norm_slots(sub))
-    assert cls.final_norm_reads in ("stream", "dual") and cls.dual_stream == (cls.final_norm_reads == "dual")
+    assert cls.final_norm_reads in ("stream", "dual") and cls().dual_stream == (cls.final_norm_reads == "dual")
 
 
 @pytest.mark.parametrize("name", ["pre", "post", "sandwich", "subln"])

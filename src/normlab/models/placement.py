@@ -113,8 +113,8 @@ class Placement:
 
     ``slots``: the norm slots of every sublayer ("in", "out", "add", "inner");
     ``final_norm``: one norm after the last block, reading ``final_norm_reads``;
-    ``embedding_norm``: one norm on the embeddings. ``dual_stream``: ResiDual's second,
-    Pre-LN-style stream d beside the Post-LN one. ``residual_scale`` is lambda on every
+    ``embedding_norm``: one norm on the embeddings. ``dual_stream`` (from
+    ``final_norm_reads``): ResiDual's second, Pre-LN-style stream d beside the Post-LN one. ``residual_scale`` is lambda on every
     sublayer output, ``skip_scale`` multiplies the skip path (DeepNorm's alpha) and
     ``branch_gain`` the init of the FFN, value and output projections (DeepNorm's beta,
     Magneto's gamma); ``init_weights`` applies it."""
@@ -125,7 +125,6 @@ class Placement:
     # what the final norm reads: "stream" (the residual stream; its output leaves the
     # stack) or "dual" (ResiDual's second stream; its output is added to the first)
     final_norm_reads: ClassVar[str] = "stream"
-    dual_stream: ClassVar[bool] = False
     embedding_norm: ClassVar[bool] = False  # Norm_emb: its output is the stream's start
     gain_cross_attention: ClassVar[bool] = True  # does branch_gain reach cross-attention?
 
@@ -141,6 +140,11 @@ class Placement:
         """The placement of one stack (``role`` "encoder" or "decoder") of a model with
         that many encoder and decoder layers (0 for a stack the model does not have)."""
         return cls(residual_scale=residual_scale)
+
+    @property
+    def dual_stream(self) -> bool:
+        """A second, Pre-LN-style stream runs beside the first: the one the final norm reads."""
+        return self.final_norm_reads == "dual"
 
     def norm_slots(self, sublayer: str) -> tuple[str, ...]:
         """The norm slots of ``sublayer`` ("attn", "cross_attn" or "ffn")."""
@@ -264,7 +268,6 @@ class ResiDual(Placement):
     slots = ("add",)
     final_norm = True
     final_norm_reads = "dual"
-    dual_stream = True
 
 
 @register_placement("peri")
