@@ -11,6 +11,7 @@ import normlab
 from normlab.cli import app
 from normlab.convert import ConversionError, fold_norm_affine, layernorm_to_rmsnorm, swap_norms
 from normlab.models import (
+    Block,
     Seq2SeqTransformer,
     TransformerConfig,
     TransformerEncoder,
@@ -64,9 +65,16 @@ def _expected_fold(path: str, kind: str, placement: str) -> str | None:
     return {"in": None, "inner": None, "add": POST_LN, "out": WRITES_STREAM + f"{placement} placement"}[slot]
 
 
+QK_NORM = "cannot fold: QK-norm: it normalizes each query or key head"
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("placement", placement_names())
 def test_swap_is_a_noop_and_fold_is_exact_or_refused(placement, kind):
+    if kind == "seq2seq" and placement == "parallel":
+        with pytest.raises(ValueError, match="does not support cross-attention"):
+            _model(kind, placement=placement)
+        return
     model = _model(kind, placement=placement)
     args = _inputs(kind)
     y0 = _out(model, args)
@@ -91,6 +99,43 @@ def test_swap_is_a_noop_and_fold_is_exact_or_refused(placement, kind):
             assert why in report.left[path], report.left[path]
     if placement == "none":
         assert paths == [] and report.entries == []
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("placement,options", [("parallel", {"shared_norm": False}), ("parallel", None),
+                                               ("olmo2", None), ("pre", None)])
+@pytest.mark.parametrize("qk_norm", ["layernorm", "rmsnorm"])
+def test_placement_options_and_qk_norm_swap_and_fold(placement, options, qk_norm, kind):
+    """The parallel block's input norms fold (a shared one into q/k/v and w1 at once);
+    OLMo 2's output norms and the QK-norms stay, with the reason."""
+    if kind == "seq2seq" and placement == "parallel":
+        return
+    model = _model(kind, placement=placement, placement_options=options, qk_norm=qk_norm)
+    args = _inputs(kind)
+    y0 = _out(model, args)
+    assert swap_norms(model).normlab_report.changed == []
+    assert torch.equal(_out(model, args), y0)
+    paths = _norm_paths(model)
+    report = fold_norm_affine(model).normlab_report
+    torch.testing.assert_close(_out(model, args), y0, atol=1e-5, rtol=1e-5)
+    qk = [p for p in paths if p.endswith(("q_norm", "k_norm"))]
+    assert len(qk) == 2 * sum(len(b.sublayer_names) - 1 for b in model.modules() if isinstance(b, Block))
+    for path in paths:
+        if path in qk:
+            assert report.left[path].startswith(QK_NORM), report.left[path]
+            assert model.get_submodule(path).weight is not None
+            continue
+        why = _expected_fold(path, kind, placement)
+        if why is None:
+            assert path in report.paths("folded"), report.left.get(path)
+        else:
+            assert why in report.left[path], report.left[path]
+    if placement == "parallel":  # a shared norm folds into both sublayers' input projections
+        shared = (options or {}).get("shared_norm", True)
+        detail = next(e.detail for e in report.entries if e.path == "blocks.0.norms.attn_in" and e.action == "folded")
+        assert "blocks.0.attn.q_proj" in detail and "blocks.0.attn.v_proj" in detail
+        assert ("blocks.0.ffn.w1" in detail) == shared
+        assert ("blocks.0.norms.ffn_in" in paths) == (not shared)
 
 
 @pytest.mark.parametrize("kind", ["lm", "seq2seq"])
@@ -134,7 +179,7 @@ def test_layernorm_to_rmsnorm_pre_ln_lm_is_exact(positional, tie):
 
 
 @pytest.mark.parametrize("kind,placement", [("encoder", "pre"), ("seq2seq", "pre"), ("lm", "subln"),
-                                            ("seq2seq", "subln")])
+                                            ("seq2seq", "subln"), ("lm", "parallel"), ("encoder", "parallel")])
 def test_layernorm_to_rmsnorm_other_pre_ln_models(kind, placement):
     model = _model(kind, placement=placement, tie_embeddings=True)
     args = _inputs(kind)
@@ -155,6 +200,7 @@ def test_layernorm_to_rmsnorm_other_pre_ln_models(kind, placement):
     ({"placement": "resi_dual"}, "the model has Post-LN blocks"),
     ({"placement": "sandwich"}, r"blocks\.0\.norms\.attn_out writes the residual stream \(sandwich placement"),
     ({"placement": "peri"}, "writes the residual stream .* the stream cannot be centered"),
+    ({"placement": "olmo2"}, r"blocks\.0\.norms\.attn_out writes the residual stream \(olmo2 placement"),
     ({"embedding_norm": True}, r"embed\.norm writes the residual stream \(the embedding norm"),
     ({"positional": "sinusoidal"}, "fixed sinusoidal position table"),
     ({"norm": "rmsnorm"}, r"blocks\.0\.norms\.attn_in \(RMSNorm\) reads the residual stream and is not a LayerNorm"),
@@ -166,6 +212,21 @@ def test_layernorm_to_rmsnorm_refusals_leave_the_model_unchanged(kw, match):
         layernorm_to_rmsnorm(model)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert model.head.weight is model.embed.tokens.weight and model.cfg.tie_embeddings
+
+
+@pytest.mark.parametrize("options", [None, {"shared_norm": False}])
+def test_layernorm_to_rmsnorm_parallel_with_qk_norm(options):
+    """The stream's norms become RMSNorms; the LayerNorms on the query and key heads read
+    the attention's branch and stay."""
+    model = _model("lm", placement="parallel", placement_options=options, qk_norm="layernorm")
+    args = _inputs("lm")
+    y0 = _out(model, args)
+    report = layernorm_to_rmsnorm(model, example_inputs=args).normlab_report
+    torch.testing.assert_close(_out(model, args), y0, atol=1e-5, rtol=1e-5)
+    slots = ("attn",) if options is None else ("attn", "ffn")
+    assert report.paths("converted") == [f"blocks.{i}.norms.{s}_in" for i in (0, 1) for s in slots] + ["final_norm"]
+    assert sorted(report.left) == sorted(f"blocks.{i}.attn.{n}" for i in (0, 1) for n in ("q_norm", "k_norm"))
+    assert type(model.blocks[0].attn.q_norm) is normlab.LayerNorm
 
 
 def _with_placement(placement):

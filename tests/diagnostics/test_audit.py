@@ -103,6 +103,26 @@ def test_hf_gpt2_is_clean():
     assert kinds(audit(model)) == {"pre-ln-no-final-norm": {"transformer.h"}}
 
 
+@pytest.mark.parametrize("placement,options,qk_norm", [
+    ("parallel", None, None), ("parallel", {"shared_norm": False}, "rmsnorm"), ("olmo2", None, "layernorm"),
+    ("pre", None, "rmsnorm"),
+])
+def test_normlab_parallel_olmo2_and_qk_norm_models(placement, options, qk_norm):
+    """Clean as built (the QK-norm reads the attention's projections, not another norm:
+    no double norm); a parallel stack (Pre-LN family) without its final norm is flagged."""
+    from normlab.models import TransformerConfig, TransformerLM
+
+    torch.manual_seed(0)
+    model = TransformerLM(TransformerConfig(vocab_size=50, d_model=16, n_heads=2, n_layers=2, d_ff=32,
+                                            placement=placement, placement_options=options, qk_norm=qk_norm))
+    tokens = torch.randint(0, 50, (2, 8))
+    assert audit(model, example_input=tokens) == []
+    assert hook_count(model) == 0
+    model.final_norm = None
+    found = kinds(audit(model, example_input=tokens))
+    assert found == ({} if placement == "olmo2" else {"pre-ln-no-final-norm": {"blocks"}})
+
+
 # -------------------------------------------------------------------------------- eps
 
 

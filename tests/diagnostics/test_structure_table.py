@@ -18,15 +18,21 @@ pytest.importorskip("transformers", reason="transformers not installed (pip inst
 FAMILIES = ["gpt2", "gpt_neox", "opt", "falcon", "phi", "phi3", "llama", "qwen3", "gemma", "bert", "roberta", "t5"]
 
 
+NORMLAB = {"normlab": {}, "normlab-parallel": {"placement": "parallel", "qk_norm": "rmsnorm"},
+           "normlab-parallel-two-norms": {"placement": "parallel", "placement_options": {"shared_norm": False}},
+           "normlab-olmo2": {"placement": "olmo2", "qk_norm": "layernorm"}}
+
+
 def _build(name):
-    if name == "normlab":
-        return TransformerLM(TransformerConfig(vocab_size=50, d_model=16, n_heads=2, n_layers=3, d_ff=32))
+    if name in NORMLAB:
+        return TransformerLM(TransformerConfig(vocab_size=50, d_model=16, n_heads=2, n_layers=3, d_ff=32,
+                                               **NORMLAB[name]))
     if name == "torch":
         return PreLNLM(layers=3)
     return hf_model(name)
 
 
-@pytest.mark.parametrize("name", ["normlab", "torch", *FAMILIES])
+@pytest.mark.parametrize("name", [*NORMLAB, "torch", *FAMILIES])
 def test_every_linear_in_a_block_has_its_kind_from_the_table(name):
     model = _build(name)
     table = structure_kinds(model)
@@ -55,3 +61,38 @@ def test_the_tables_embeddings_and_head(name):
     if head in kinds:  # a tied head's weight is the embedding's, listed once
         assert kinds[head] == "head"
     assert any(k == "embedding" for k in kinds.values())
+
+
+@pytest.mark.parametrize("name", ["normlab-parallel", "normlab-olmo2"])
+def test_qk_norms_are_grouped_under_attention(name):
+    """QK-norm parameters are norms (their own kind), inside the attention sublayer of the
+    table; the table declares them as branch norms (not foldable), never stream norms."""
+    from normlab.convert.blocks import block_spec
+
+    model = _build(name)
+    table = structure_kinds(model)
+    for i in range(3):
+        for qk in ("q_norm", "k_norm"):
+            assert _table_kind(f"blocks.{i}.attn.{qk}", table) == "attention"
+        spec = block_spec(model.blocks[i])
+        assert set(spec.inner_norms) >= {"attn.q_norm", "attn.k_norm"}
+        assert all(isinstance(spec.inner_norms[f"attn.{qk}"], str) for qk in ("q_norm", "k_norm"))
+        assert not any("q_norm" in n or "k_norm" in n for n in (*spec.pre_norms, *spec.writer_norms))
+    info = {i.name: i.kind for i, _ in iter_param_info(model)}
+    assert info["blocks.0.attn.q_norm.weight"] == "norm"
+
+
+def test_the_parallel_blocks_shared_norm_feeds_both_sublayers():
+    from normlab.convert.blocks import block_spec
+
+    shared = block_spec(_build("normlab-parallel").blocks[0])
+    assert {c.path for c in shared.pre_norms["norms.attn_in"]} == {"attn.q_proj", "attn.k_proj", "attn.v_proj",
+                                                                  "ffn.w1"}
+    assert shared.fused_norms == ("norms.attn_in",)
+    two = block_spec(_build("normlab-parallel-two-norms").blocks[0])
+    assert {c.path for c in two.pre_norms["norms.attn_in"]} == {"attn.q_proj", "attn.k_proj", "attn.v_proj"}
+    assert [c.path for c in two.pre_norms["norms.ffn_in"]] == ["ffn.w1"]
+    assert two.fused_norms == ("norms.attn_in",)  # the FFN's norm reads the same sum, with no add
+    olmo2 = block_spec(_build("normlab-olmo2").blocks[0])
+    assert set(olmo2.writer_norms) == {"norms.attn_out", "norms.ffn_out"} and not olmo2.pre_norms
+    assert olmo2.writers == ("attn.out_proj", "ffn.w2")

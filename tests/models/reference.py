@@ -31,8 +31,23 @@ def rope_ref(x, base=10000.0):
     return out
 
 
+def head_norm_ref(norm, y):
+    """QK-norm over the last dim of y, written out: RMSNorm y / sqrt(mean(y^2) + eps) * w,
+    LayerNorm (y - mean) / sqrt(var + eps) * w + b (biased variance); eps None: y's
+    dtype's machine epsilon (torch.nn.RMSNorm's default)."""
+    eps = norm.eps if norm.eps is not None else torch.finfo(y.dtype).eps
+    if type(norm).__name__ == "RMSNorm":
+        out = y / torch.sqrt((y * y).mean(-1, keepdim=True) + eps)
+        return out * norm.weight
+    mu = y.mean(-1, keepdim=True)
+    var = ((y - mu) ** 2).mean(-1, keepdim=True)
+    return (y - mu) / torch.sqrt(var + eps) * norm.weight + norm.bias
+
+
 def attention_ref(attn, x, context=None, *, causal=False, key_padding=None, rope=False, inner_norm=None):
-    """W_out [softmax(Q K^T / sqrt(d_head) + mask) V]; inner_norm before W_out (Sub-LN)."""
+    """W_out [softmax(Q K^T / sqrt(d_head) + mask) V]; Q and K per head through the
+    attention's q_norm / k_norm where it has them (QK-norm, before RoPE); inner_norm
+    before W_out (Sub-LN)."""
     kv = x if context is None else context
     b, t, d = x.shape
     s = kv.shape[1]
@@ -43,6 +58,8 @@ def attention_ref(attn, x, context=None, *, causal=False, key_padding=None, rope
         return y.reshape(b, -1, h, hd).transpose(1, 2)
 
     q, k, v = heads(linear(attn.q_proj, x)), heads(linear(attn.k_proj, kv)), heads(linear(attn.v_proj, kv))
+    if getattr(attn, "q_norm", None) is not None:
+        q, k = head_norm_ref(attn.q_norm, q), head_norm_ref(attn.k_norm, k)
     if rope:
         q, k = rope_ref(q), rope_ref(k)
     scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
@@ -132,6 +149,18 @@ def stack_ref(placement, stack, x, cfg, *, causal, alpha=1.0, padding=None, memo
                 d = d + fx
                 x = n[f"{name}_add"](x + fx)
         return x + stack.final_norm(d)
+    if placement == "olmo2":                      # x = x + lam Norm(F(x)); Norm_final(x)
+        for n, subs in layers:
+            for name, f in subs:
+                x = x + lam * n[f"{name}_out"](f(x))
+        return stack.final_norm(x)
+    if placement == "parallel":                   # x = x + lam (Attn(Norm_a(x)) + FFN(Norm_f(x))); Norm_final(x)
+        for n, subs in layers:
+            fs = dict(subs)
+            assert set(fs) == {"attn", "ffn"}
+            norm_f = n["ffn_in"] if "ffn_in" in n else n["attn_in"]  # one shared norm, or two
+            x = x + lam * (fs["attn"](n["attn_in"](x)) + fs["ffn"](norm_f(x)))
+        return stack.final_norm(x)
     if placement == "none":                       # x = x + lam F(x)
         for _, subs in layers:
             for _, f in subs:

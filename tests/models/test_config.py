@@ -30,6 +30,18 @@ from normlab.models import TransformerConfig, placement_names
     ({"activation": "swish"}, r"unknown activation 'swish'"),
     ({"positional": "rope", "d_model": 12, "n_heads": 4}, r"even head dim"),
     ({"tie_embeddings": 1}, r"tie_embeddings to be a bool"),
+    ({"qk_norm": "l2"}, r"unknown qk_norm 'l2'; expected None or one of: rmsnorm, layernorm"),
+    ({"qk_norm": "dyt"}, r"unknown qk_norm 'dyt'"),
+    ({"qk_norm": True}, r"unknown qk_norm True"),
+    ({"placement_options": [("shared_norm", True)], "placement": "parallel"},
+     r"expected placement_options to be None or a dict of keyword arguments"),
+    ({"placement_options": {"shared_norm": False}},
+     r"unknown placement_options key\(s\) 'shared_norm' for placement 'pre'; expected any of: none \(it takes no options\)"),
+    ({"placement_options": {"shared": False}, "placement": "parallel"},
+     r"unknown placement_options key\(s\) 'shared' for placement 'parallel'; expected any of: shared_norm"),
+    ({"placement_options": {"shared_norm": "no"}, "placement": "parallel"},
+     r"placement_options \{'shared_norm': 'no'\} do not fit placement 'parallel': .*shared_norm to be a bool"),
+    ({"placement_options": {"alpha": 1.0}, "placement": "deepnorm"}, r"unknown placement_options key\(s\) 'alpha'"),
 ])
 def test_bad_config(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -68,6 +80,29 @@ def test_dict_round_trip_through_json():
     again = TransformerConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
     assert set(cfg.to_dict()) == {f.name for f in dataclasses.fields(TransformerConfig)}
+
+
+@pytest.mark.parametrize("kw", [
+    {"placement": "parallel", "placement_options": {"shared_norm": False}, "qk_norm": "rmsnorm"},
+    {"placement": "parallel", "placement_options": {}, "qk_norm": "layernorm"},
+    {"placement": "olmo2", "qk_norm": None},
+])
+def test_new_fields_round_trip_through_json(kw):
+    cfg = TransformerConfig(d_model=32, n_heads=2, **kw)
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert d["placement_options"] == kw.get("placement_options") and d["qk_norm"] == kw["qk_norm"]
+    assert TransformerConfig.from_dict(d) == cfg
+
+
+def test_new_fields_defaults_and_copies():
+    cfg = TransformerConfig()
+    assert cfg.qk_norm is None and cfg.placement_options is None
+    opts = {"shared_norm": False}
+    cfg = TransformerConfig(placement="parallel", placement_options=opts)
+    opts["shared_norm"] = True  # the config keeps its own copy
+    assert cfg.placement_options == {"shared_norm": False}
+    with pytest.raises(ValueError, match="unknown placement_options key"):
+        dataclasses.replace(cfg, placement="pre")  # the options are checked against the new placement
 
 
 def test_from_dict_rejects_unknown_fields():

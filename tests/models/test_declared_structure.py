@@ -25,9 +25,14 @@ def slot_table() -> str:
         p = get_placement(name)()
         subs = []
         for sub in ("attn", "cross_attn", "ffn"):
+            if p.parallel and sub == "cross_attn":
+                subs.append(f"{sub}: not supported (attention and FFN run side by side)")
+                continue
             roles = p.norm_roles(sub)
-            subs.append(f"{sub}: " + (", ".join(f"`{slot}` {r.reads} -> {_WHAT[r.output]}" for slot, r in roles)
-                                      or "none"))
+            parts = [f"`{slot}` {r.reads} -> {_WHAT[r.output]}" for slot, r in roles]
+            if p.input_norm_of(sub) != sub:
+                parts.insert(0, f"reads {p.input_norm_of(sub)}'s `in` norm (shared)")
+            subs.append(f"{sub}: " + (", ".join(parts) or "none"))
         final = {"stream": "the stream", "dual": "the dual stream (added to the output)"}[p.final_norm_reads] \
             if p.final_norm else "no final norm"
         rows.append(f"| `{name}` | {'; '.join(subs)} | {final} | {'yes: the stream starts at it' if p.embedding_norm else 'no'} |")
@@ -47,7 +52,7 @@ def test_every_registered_placement_declares_known_slots(name):
     assert cls.final_norm_reads in ("stream", "dual") and cls().dual_stream == (cls.final_norm_reads == "dual")
 
 
-@pytest.mark.parametrize("name", ["pre", "post", "sandwich", "subln"])
+@pytest.mark.parametrize("name", ["pre", "post", "sandwich", "subln", "olmo2", "parallel"])
 def test_the_declared_roles_are_what_the_block_computes(name):
     """A norm declared to read the stream sees the residual stream itself (the previous
     block's output, or it plus the previous sublayer's branch); one declared to read a

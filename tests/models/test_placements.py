@@ -15,7 +15,12 @@ from normlab.models import (
 from normlab.norms import ResidualNorm
 from tests.models.reference import deepnorm_alpha, embed_ref, linear, stack_ref
 
-PLACEMENTS = ["post", "pre", "sandwich", "deepnorm", "subln", "resi_dual", "peri", "none"]
+PLACEMENTS = ["post", "pre", "sandwich", "deepnorm", "subln", "resi_dual", "peri", "olmo2", "parallel", "none"]
+# a parallel block has no cross-attention: a seq2seq model refuses it
+SEQ2SEQ = [p for p in PLACEMENTS if p != "parallel"]
+# (placement, placement_options): every placement, and the parallel block with two norms
+VARIANTS = [(p, None) for p in PLACEMENTS] + [("parallel", {"shared_norm": False})]
+VARIANT_IDS = [p if o is None else f"{p}-two-norms" for p, o in VARIANTS]
 
 
 def test_registry_lists_every_placement():
@@ -53,11 +58,11 @@ def _embedded(model, tokens, cfg):
     return x
 
 
-@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("placement,options", VARIANTS, ids=VARIANT_IDS)
 @pytest.mark.parametrize("residual_scale,positional", [(1.0, "learned"), (0.7, "sinusoidal")])
-def test_lm_matches_equation(placement, residual_scale, positional):
+def test_lm_matches_equation(placement, options, residual_scale, positional):
     torch.manual_seed(0)
-    cfg = _cfg(placement, residual_scale=residual_scale, positional=positional)
+    cfg = _cfg(placement, residual_scale=residual_scale, positional=positional, placement_options=options)
     model = _prepare(TransformerLM(cfg))
     tokens = torch.randint(0, cfg.vocab_size, (2, 7))
     x = _embedded(model, tokens, cfg)
@@ -65,10 +70,10 @@ def test_lm_matches_equation(placement, residual_scale, positional):
     torch.testing.assert_close(model(tokens), linear(model.head, h), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("placement", PLACEMENTS)
-def test_lm_with_rope_matches_equation(placement):
+@pytest.mark.parametrize("placement,options", VARIANTS, ids=VARIANT_IDS)
+def test_lm_with_rope_matches_equation(placement, options):
     torch.manual_seed(1)
-    cfg = _cfg(placement, positional="rope", init="gpt2")
+    cfg = _cfg(placement, positional="rope", init="gpt2", placement_options=options)
     model = _prepare(TransformerLM(cfg))
     tokens = torch.randint(0, cfg.vocab_size, (2, 6))
     x = _embedded(model, tokens, cfg)
@@ -76,10 +81,10 @@ def test_lm_with_rope_matches_equation(placement):
     torch.testing.assert_close(model(tokens), linear(model.head, h), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("placement", PLACEMENTS)
-def test_encoder_matches_equation(placement):
+@pytest.mark.parametrize("placement,options", VARIANTS, ids=VARIANT_IDS)
+def test_encoder_matches_equation(placement, options):
     torch.manual_seed(2)
-    cfg = _cfg(placement, n_layers=3, activation="relu", residual_scale=1.3)
+    cfg = _cfg(placement, n_layers=3, activation="relu", residual_scale=1.3, placement_options=options)
     model = _prepare(TransformerEncoder(cfg, n_outputs=5))
     tokens = torch.randint(0, cfg.vocab_size, (3, 5))
     x = _embedded(model, tokens, cfg)
@@ -88,7 +93,7 @@ def test_encoder_matches_equation(placement):
     torch.testing.assert_close(model(tokens), linear(model.head, h), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("placement", SEQ2SEQ)
 def test_seq2seq_matches_equation(placement):
     torch.manual_seed(3)
     cfg = _cfg(placement, n_layers=2, n_decoder_layers=3)
@@ -132,14 +137,21 @@ def test_placements_differ_from_each_other(placement):
     assert compared >= 1 or placement == "none"  # every other equation has norms
 
 
+def test_seq2seq_refuses_the_parallel_block():
+    with pytest.raises(ValueError, match=r"placement 'parallel' .* does not support cross-attention"):
+        Seq2SeqTransformer(_cfg("parallel"))
+    with pytest.raises(ValueError, match=r"placement 'parallel' .* does not support cross-attention"):
+        Seq2SeqTransformer(_cfg("parallel", placement_options={"shared_norm": False}))
+
+
 # ---------------------------------------------------------------------------- norm counts
 
 # per block: norms per sublayer (+ Sub-LN's inner norms on self-attention and FFN);
 # per stack: the final norm; per model: Peri-LN's embedding norm
 PER_SUBLAYER = {"post": 1, "pre": 1, "sandwich": 2, "deepnorm": 1, "subln": 1, "resi_dual": 1,
-                "peri": 2, "none": 0}
+                "peri": 2, "olmo2": 1, "none": 0}
 FINAL = {"post": 0, "pre": 1, "sandwich": 1, "deepnorm": 0, "subln": 1, "resi_dual": 1, "peri": 1,
-         "none": 0}
+         "olmo2": 1, "none": 0}
 INNER = {"subln": 2}
 EMBED = {"peri": 1}
 
@@ -148,7 +160,7 @@ def _norms(model):
     return {name: m for name, m in model.named_modules() if isinstance(m, ResidualNorm)}
 
 
-@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("placement", SEQ2SEQ)
 @pytest.mark.parametrize("embedding_norm", [False, True])
 def test_norm_counts(placement, embedding_norm):
     n, m = 3, 2
@@ -160,6 +172,18 @@ def test_norm_counts(placement, embedding_norm):
     assert len(_norms(Seq2SeqTransformer(cfg))) == stack(n, 2) + stack(m, 3) + emb
 
 
+@pytest.mark.parametrize("shared,per_block", [(True, 1), (False, 2)])
+@pytest.mark.parametrize("embedding_norm", [False, True])
+def test_parallel_norm_counts(shared, per_block, embedding_norm):
+    """One shared input norm per block (GPT-J, PaLM), or one per branch (GPT-NeoX); plus
+    the final norm."""
+    n = 3
+    cfg = _cfg("parallel", n_layers=n, embedding_norm=embedding_norm, placement_options={"shared_norm": shared})
+    for model in (TransformerLM(cfg), TransformerEncoder(cfg)):
+        assert len(_norms(model)) == n * per_block + 1 + embedding_norm
+        assert set(model.blocks[0].norms) == ({"attn_in"} if shared else {"attn_in", "ffn_in"})
+
+
 EXPECTED_BLOCK_NORMS = {
     "post": {"attn_add", "ffn_add"},
     "deepnorm": {"attn_add", "ffn_add"},
@@ -168,11 +192,13 @@ EXPECTED_BLOCK_NORMS = {
     "peri": {"attn_in", "attn_out", "ffn_in", "ffn_out"},
     "subln": {"attn_in", "attn_inner", "ffn_in", "ffn_inner"},
     "resi_dual": {"attn_add", "ffn_add"},
+    "olmo2": {"attn_out", "ffn_out"},
+    "parallel": {"attn_in"},
     "none": set(),
 }
 
 
-@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("placement", SEQ2SEQ)
 def test_module_names(placement):
     """The naming scheme diagnostics rely on (see the normlab.models docstring)."""
     cfg = _cfg(placement, norm="rmsnorm")
@@ -195,4 +221,10 @@ def test_module_names(placement):
         assert params["decoder.blocks.0.norms.ffn_inner.weight"].shape == (24,)
     lm_names = dict(TransformerLM(cfg).named_modules())
     assert {"blocks.1.attn.out_proj", "blocks.1.ffn.w2", "embed.tokens", "head"} <= set(lm_names)
-    assert ("final_norm" in lm_names) == (placement in {"pre", "sandwich", "subln", "resi_dual", "peri"})
+    assert ("final_norm" in lm_names) == (placement in {"pre", "sandwich", "subln", "resi_dual", "peri", "olmo2"})
+
+
+def test_parallel_module_names():
+    lm = TransformerLM(_cfg("parallel", norm="rmsnorm"))
+    assert set(lm.blocks[1].norms) == EXPECTED_BLOCK_NORMS["parallel"]
+    assert {"blocks.1.norms.attn_in", "final_norm"} <= set(_norms(lm))

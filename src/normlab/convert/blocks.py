@@ -432,6 +432,21 @@ def _gemma_layer(m: nn.Module) -> BlockSpec:
     return _llama_layer(m)
 
 
+# Cohere (Command-R): a parallel block, x + attn(norm(x)) + mlp(norm(x)), with one shared
+# LayerNorm (no bias); with ``use_qk_norm``, per-head LayerNorms on the query and key
+# heads read the attention's branch, not the stream.
+@register_block("transformers.models.cohere.modeling_cohere.CohereDecoderLayer")
+def _cohere_layer(m: nn.Module) -> BlockSpec:
+    inner = {n: _QK_NORM for n in ("self_attn.q_norm", "self_attn.k_norm") if _has(m, n)}
+    return BlockSpec(
+        pre_norms={"input_layernorm": _consumers(m, "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                 "mlp.gate_proj", "mlp.up_proj")},
+        writers=("self_attn.o_proj", "mlp.down_proj"), inner_norms=inner,
+        kinds={"self_attn": "attention", "mlp.gate_proj": "ffn_w1", "mlp.up_proj": "ffn_w1",
+               "mlp.down_proj": "ffn_w2"},
+    )
+
+
 # RoBERTa: BERT's Post-LN sublayer outputs and embeddings under other class names.
 register_block("transformers.models.roberta.modeling_roberta.RobertaSelfOutput",
                "transformers.models.roberta.modeling_roberta.RobertaOutput",
@@ -462,7 +477,7 @@ register_model(f"{_HF}.gpt_neox.modeling_gpt_neox.GPTNeoXModel")(
 register_model(f"{_HF}.falcon.modeling_falcon.FalconForCausalLM")(
     lambda r: _lm_head(r, "transformer.ln_f", ("transformer.word_embeddings",)))
 register_model(f"{_HF}.falcon.modeling_falcon.FalconModel")(lambda r: _lm_head(r, "ln_f", ("word_embeddings",)))
-for _mod, _prefix in {"phi": "Phi", "phi3": "Phi3", "gemma": "Gemma"}.items():
+for _mod, _prefix in {"phi": "Phi", "phi3": "Phi3", "gemma": "Gemma", "cohere": "Cohere"}.items():
     _norm = "final_layernorm" if _mod == "phi" else "norm"
     register_model(f"{_HF}.{_mod}.modeling_{_mod}.{_prefix}ForCausalLM")(
         lambda r, n=_norm: _lm_head(r, f"model.{n}", ("model.embed_tokens",)))
@@ -523,11 +538,15 @@ def _torch_transformer(root: nn.Module) -> ModelSpec:
 # ------------------------------------------------------------------ normlab's own models
 #
 # One Block class for every placement, read from the placement's declared structure
-# (normlab.models.placement: ``norm_roles``, ``final_norm_reads``): a norm feeding its
-# sublayer's input reads the stream (foldable into the input projections), one feeding
-# the output projection reads the branch, one whose output is added to the stream
-# writes it, and one whose output is the stream is Post-LN. The Block already calls
-# norm(x, residual) (the fused add+norm protocol), so no forward is registered.
+# (normlab.models.placement: ``norm_roles``, ``input_norm_of``, ``parallel``,
+# ``final_norm_reads``): a norm feeding its sublayer's input reads the stream (foldable
+# into the input projections; a parallel block's shared input norm into those of every
+# sublayer it feeds), one feeding the output projection reads the branch, one whose
+# output is added to the stream writes it (Sandwich-, Peri-LN, OLMo 2), and one whose
+# output is the stream is Post-LN. QK-norm (``attn.q_norm``, ``attn.k_norm``) reads the
+# attention's branch and feeds the attention scores, not a Linear layer. The Block
+# already calls norm(x, residual) (the fused add+norm protocol), so no forward is
+# registered.
 
 _NORMLAB_INPUTS = {
     "attn": ("attn.q_proj", "attn.k_proj", "attn.v_proj"),
@@ -535,6 +554,8 @@ _NORMLAB_INPUTS = {
     "ffn": ("ffn.w1",),
 }
 _NORMLAB_OUTPUTS = {"attn": "attn.out_proj", "cross_attn": "cross_attn.out_proj", "ffn": "ffn.w2"}
+_NORMLAB_QK_NORM = ("QK-norm: it normalizes each query or key head, whose output feeds the attention "
+                    "scores (through RoPE where used), not Linear layers")
 
 
 @register_block("normlab.models.block.Block")
@@ -550,15 +571,24 @@ def _normlab_block(m: nn.Module) -> BlockSpec:
         for slot, role in place.norm_roles(s):
             path = f"norms.{s}_{slot}"
             if role.output == "sublayer_input":
-                pre[path] = tuple(Consumer(c) for c in _NORMLAB_INPUTS[s])
+                # the inputs of every sublayer this norm feeds (a parallel block's shared norm)
+                pre[path] = tuple(Consumer(c) for t in subs if place.input_norm_of(t) == s
+                                  for c in _NORMLAB_INPUTS[t])
             elif role.output == "output_projection":
                 inner[path] = (Consumer(_NORMLAB_OUTPUTS[s]),)
             elif role.output == "stream":
                 post.append(path)
             else:
                 out[path] = f"{place.name} placement: Norm_out(F) before the residual add"
+        sublayer = m.get_submodule(s)
+        for qk in ("q_norm", "k_norm"):
+            if getattr(sublayer, qk, None) is not None:
+                inner[f"{s}.{qk}"] = _NORMLAB_QK_NORM
+    # the norms called with a residual (the fused add): every input norm of a sequential
+    # block, only the first one of a parallel block (the others read the same sum)
+    fused = tuple(p for p in pre if not place.parallel or p == f"norms.{subs[0]}_in") + tuple(post)
     return BlockSpec(pre_norms=pre, post_norms=tuple(post), writers=writers,
-                     fused_norms=tuple(pre) + tuple(post), inner_norms=inner, writer_norms=out,
+                     fused_norms=fused, inner_norms=inner, writer_norms=out,
                      kinds={"attn": "attention", "cross_attn": "attention", "ffn.w1": "ffn_w1", "ffn.w2": "ffn_w2"})
 
 

@@ -7,13 +7,16 @@
     s2s = Seq2SeqTransformer(cfg)      # s2s(src, tgt, src_padding_mask, tgt_padding_mask) -> logits
 
 Placements (``placement_names()``): post, pre, sandwich, deepnorm, subln, resi_dual,
-peri, none; each class's docstring holds its equation and paper.
+peri, olmo2, parallel, none; each class's docstring holds its equation and paper.
+``placement_options`` sets a placement's options (``{"shared_norm": False}``: the
+parallel block's two input norms); ``qk_norm`` adds per-head QK-norm to every attention.
 
 Module names (stable; diagnostics may rely on them). ``S`` is the stack prefix: empty
 for TransformerLM and TransformerEncoder, ``encoder.`` / ``decoder.`` in Seq2SeqTransformer.
 
     embed.tokens, embed.positions (learned), embed.norm     token/position embeddings, embedding norm
     S blocks.{i}.attn.{q_proj,k_proj,v_proj,out_proj}      self-attention projections
+    S blocks.{i}.attn.{q_norm,k_norm}                        QK-norm (``qk_norm``; also in cross_attn)
     S blocks.{i}.cross_attn.{q_proj,k_proj,v_proj,out_proj} cross-attention (seq2seq decoder)
     S blocks.{i}.ffn.w1, S blocks.{i}.ffn.w2                 FFN input / output projections
     S blocks.{i}.norms.{sublayer}_{slot}                     every norm of block i:

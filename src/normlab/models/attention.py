@@ -2,7 +2,8 @@
 
 Attention(x, context) = W_out [softmax(Q K^T / sqrt(d_head) + mask) V]_heads with
 Q = W_q x, K = W_k context, V = W_v context (context = x for self-attention);
-Sub-LN puts a norm on the heads' output before W_out.
+QK-norm normalizes each head's query and key (before RoPE); Sub-LN puts a norm on the
+heads' output before W_out.
 """
 
 from __future__ import annotations
@@ -13,12 +14,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from normlab.norms import build_norm
+
 
 class Attention(nn.Module):
     """Self- or cross-attention with separate q/k/v/out projections (``q_proj``, ``k_proj``,
-    ``v_proj``, ``out_proj``), so an init or a diagnostic can address each one."""
+    ``v_proj``, ``out_proj``), so an init or a diagnostic can address each one.
 
-    def __init__(self, d_model: int, n_heads: int, attention_dropout: float = 0.0) -> None:
+    ``qk_norm`` ("rmsnorm" | "layernorm" | None): QK-norm, ``q_norm`` and ``k_norm`` over
+    each head's head_dim features (eps ``qk_norm_eps``, None: the norm's default, with an
+    elementwise affine shared by the heads), applied to Q and K after the projection
+    and head split, before RoPE (as Qwen3 and Gemma 3 do):
+    Q_h = Norm_q(W_q x)_h, K_h = Norm_k(W_k context)_h."""
+
+    def __init__(self, d_model: int, n_heads: int, attention_dropout: float = 0.0, *,
+                 qk_norm: str | None = None, qk_norm_eps: float | None = None) -> None:
         super().__init__()
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
         self.attention_dropout = attention_dropout
@@ -26,6 +36,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d_model, d_model)
         self.v_proj = nn.Linear(d_model, d_model)
         self.out_proj = nn.Linear(d_model, d_model)
+        if qk_norm not in (None, "rmsnorm", "layernorm"):
+            raise ValueError(f"Attention: expected qk_norm to be None, 'rmsnorm' or 'layernorm', got {qk_norm!r}")
+        self.q_norm = build_norm(qk_norm, self.head_dim, eps=qk_norm_eps) if qk_norm else None
+        self.k_norm = build_norm(qk_norm, self.head_dim, eps=qk_norm_eps) if qk_norm else None
 
     def forward(self, x: Tensor, context: Tensor | None = None, *, attn_mask: Tensor | None = None,
                 is_causal: bool = False, rope: tuple[Tensor, Tensor] | None = None,
@@ -34,7 +48,8 @@ class Attention(nn.Module):
         attend, broadcastable to [B, H, T, S]; rope: (cos, sin) of the T positions;
         inner_norm: Sub-LN's norm before ``out_proj`` (given ``padding_mask`` of x)."""
         kv = x if context is None else context
-        q, k, v = (self._heads(p(t)) for p, t in ((self.q_proj, x), (self.k_proj, kv), (self.v_proj, kv)))
+        q, k, v = (self._heads(p(t), n) for p, t, n in ((self.q_proj, x, self.q_norm), (self.k_proj, kv, self.k_norm),
+                                                         (self.v_proj, kv, None)))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         y = F.scaled_dot_product_attention(
@@ -46,8 +61,13 @@ class Attention(nn.Module):
             y = inner_norm(y, padding_mask=padding_mask)
         return self.out_proj(y)
 
-    def _heads(self, t: Tensor) -> Tensor:
-        return t.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)
+    def _heads(self, t: Tensor, norm: nn.Module | None = None) -> Tensor:
+        """[B, T, d] -> [B, H, T, head_dim], each head normalized by ``norm`` (QK-norm) on
+        the [B, T, H, head_dim] view, before the transpose."""
+        t = t.unflatten(-1, (self.n_heads, self.head_dim))
+        if norm is not None:
+            t = norm(t)
+        return t.transpose(1, 2)
 
 
 def self_attention_mask(padding_mask: Tensor | None, causal: bool) -> tuple[Tensor | None, bool]:

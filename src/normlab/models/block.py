@@ -1,7 +1,8 @@
 """The pieces every model is made of, in data-flow order: Embedding, FeedForward, Block, Stack.
 
 There is one Block class. Its placement (``normlab.models.placement``) declares which
-norms each sublayer has; ``Block.sublayer`` writes out what each of them computes.
+norms each sublayer has; ``Block.sublayer`` (``Block.parallel_sublayers`` for a parallel
+placement) writes out what each of them computes.
 """
 
 from __future__ import annotations
@@ -133,14 +134,31 @@ def _add_norm(norm: nn.Module, f: Tensor | None, residual: Tensor, dropout_p: fl
 class Block(nn.Module):
     """One transformer layer: self-attention (``attn``), cross-attention (``cross_attn``, in
     seq2seq decoders), FFN (``ffn``); each sublayer gets the norms its placement names,
-    held in ``norms`` as ``<sublayer>_<slot>`` (``attn_in``, ``ffn_add``, ...)."""
+    held in ``norms`` as ``<sublayer>_<slot>`` (``attn_in``, ``ffn_add``, ...). The
+    sublayers run one after another (``sublayer``), or side by side where the placement
+    is ``parallel`` (``parallel_sublayers``; a shared input norm is one module, held by
+    the sublayer ``input_norm_of`` names). With ``cfg.qk_norm`` each attention holds
+    ``q_norm`` and ``k_norm``."""
 
     def __init__(self, cfg: TransformerConfig, placement: Placement, *, causal: bool,
                  cross_attention: bool) -> None:
         super().__init__()
+        if placement.parallel:
+            if cross_attention:
+                raise ValueError(
+                    f"Block: placement {placement.name!r} runs attention and FFN side by side on the same "
+                    f"input and does not support cross-attention (the decoder of a Seq2SeqTransformer); "
+                    f"use it in a TransformerLM or TransformerEncoder"
+                )
+            other = sorted({slot for sub in ("attn", "ffn") for slot in placement.norm_slots(sub)}
+                           - {"in", "out", "inner"})
+            if other:
+                raise ValueError(f"Block: a parallel placement takes 'in', 'out' and 'inner' norm slots, "
+                                 f"placement {placement.name!r} declares {', '.join(map(repr, other))}")
         self.placement, self.causal, self.dropout = placement, causal, cfg.dropout
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
-        self.cross_attn = Attention(cfg.d_model, cfg.n_heads, cfg.attention_dropout) if cross_attention else None
+        qk = dict(qk_norm=cfg.qk_norm, qk_norm_eps=cfg.norm_eps)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.attention_dropout, **qk)
+        self.cross_attn = Attention(cfg.d_model, cfg.n_heads, cfg.attention_dropout, **qk) if cross_attention else None
         self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation)
         self.norms = nn.ModuleDict()
         for sub in self.sublayer_names:
@@ -160,15 +178,22 @@ class Block(nn.Module):
                 rope: tuple[Tensor, Tensor] | None = None, padding_mask: Tensor | None = None,
                 context: Tensor | None = None, context_mask: Tensor | None = None) -> Stream:
         p = self.dropout if self.training else 0.0
-        stream = self.sublayer("attn", stream, lambda h: self.attn(
-            h, attn_mask=attn_mask, is_causal=is_causal, rope=rope, inner_norm=self._norm("attn", "inner"),
-            padding_mask=padding_mask), p, padding_mask)
+
+        def attn(h: Tensor) -> Tensor:
+            return self.attn(h, attn_mask=attn_mask, is_causal=is_causal, rope=rope,
+                             inner_norm=self._norm("attn", "inner"), padding_mask=padding_mask)
+
+        def ffn(h: Tensor) -> Tensor:
+            return self.ffn(h, inner_norm=self._norm("ffn", "inner"), padding_mask=padding_mask)
+
+        if self.placement.parallel:
+            return self.parallel_sublayers(stream, attn, ffn, p, padding_mask)
+        stream = self.sublayer("attn", stream, attn, p, padding_mask)
         if self.cross_attn is not None:
             stream = self.sublayer("cross_attn", stream, lambda h: self.cross_attn(
                 h, context, attn_mask=context_mask, inner_norm=self._norm("cross_attn", "inner"),
                 padding_mask=padding_mask), p, padding_mask)
-        return self.sublayer("ffn", stream, lambda h: self.ffn(
-            h, inner_norm=self._norm("ffn", "inner"), padding_mask=padding_mask), p, padding_mask)
+        return self.sublayer("ffn", stream, ffn, p, padding_mask)
 
     def sublayer(self, sub: str, s: Stream, F_: Callable[[Tensor], Tensor], dropout_p: float,
                  padding_mask: Tensor | None) -> Stream:
@@ -181,19 +206,15 @@ class Block(nn.Module):
             'in':                  pending = f     (added by the next norm's fused op)
             'add', dual (ResiDual): f = dropout(f); d = d + f; x = Norm_add(x + f)
             'add' (Post-LN):       x = Norm_add(alpha * x + dropout(f))        (one fused op)
-            no norm:               x = x + dropout(f)"""
+            no norm (OLMo 2's 'out' only, or none): x = x + dropout(f)"""
         place = self.placement
-        norm_in, norm_out, norm_add = self._norm(sub, "in"), self._norm(sub, "out"), self._norm(sub, "add")
+        norm_in, norm_add = self._norm(sub, "in"), self._norm(sub, "add")
         x = s.x
         if norm_in is not None:
             h, x = _add_norm(norm_in, s.pending, x, dropout_p, padding_mask)
         else:
             h = x
-        f = F_(h)
-        if norm_out is not None:
-            f = norm_out(f, padding_mask=padding_mask)
-        if place.residual_scale != 1.0:
-            f = f * place.residual_scale
+        f = self._branch(sub, F_(h), padding_mask)
         if norm_in is not None:
             return Stream(x, f, s.dual)
         if norm_add is not None and place.dual_stream:
@@ -207,6 +228,47 @@ class Block(nn.Module):
             return Stream(x, None, s.dual)
         return Stream(NF.dropout_add(f, x, dropout_p=dropout_p, training=dropout_p > 0.0, residual_dtype=x.dtype),
                       None, s.dual)
+
+    def parallel_sublayers(self, s: Stream, attn: Callable[[Tensor], Tensor], ffn: Callable[[Tensor], Tensor],
+                           dropout_p: float, padding_mask: Tensor | None) -> Stream:
+        """Attention and FFN side by side on the same stream value x (a parallel placement):
+
+            'in':      h_a, x = Norm_attn_in(x + pending), x + pending         (one fused op)
+                       h_f = h_a (a shared norm: ``input_norm_of("ffn") == "attn"``), or
+                       h_f = Norm_ffn_in(x)                                   (the same x, no second add)
+            no 'in':   x = x + dropout(pending); h_a = h_f = x
+            a = lambda * Norm_out(Attn(h_a)), f = lambda * Norm_out(FFN(h_f))  ('out' if declared)
+            x = x + dropout(f); pending = a   (added, with its own dropout, by the next norm's fused op)
+
+        so the stream after the block is x + dropout(Attn) + dropout(FFN), each branch with
+        its own dropout (GPT-NeoX's parallel residual)."""
+        place = self.placement
+        norm_a, norm_f = self._norm("attn", "in"), self._norm("ffn", "in")
+        x = s.x
+        if norm_a is not None:
+            h_a, x = _add_norm(norm_a, s.pending, x, dropout_p, padding_mask)
+        else:
+            if s.pending is not None:
+                x = NF.dropout_add(s.pending, x, dropout_p=dropout_p, training=dropout_p > 0.0,
+                                   residual_dtype=x.dtype)
+            h_a = x
+        if place.input_norm_of("ffn") == "attn":
+            h_f = h_a
+        else:
+            h_f = x if norm_f is None else norm_f(x, padding_mask=padding_mask)
+        a = self._branch("attn", attn(h_a), padding_mask)
+        f = self._branch("ffn", ffn(h_f), padding_mask)
+        x = NF.dropout_add(f, x, dropout_p=dropout_p, training=dropout_p > 0.0, residual_dtype=x.dtype)
+        return Stream(x, a, s.dual)
+
+    def _branch(self, sub: str, f: Tensor, padding_mask: Tensor | None) -> Tensor:
+        """lambda * Norm_out(f): a sublayer's output as it joins the stream."""
+        norm_out = self._norm(sub, "out")
+        if norm_out is not None:
+            f = norm_out(f, padding_mask=padding_mask)
+        if self.placement.residual_scale != 1.0:
+            f = f * self.placement.residual_scale
+        return f
 
     def residual_stream(self, output: Stream) -> Tensor:
         """The residual stream after this block, from its ``forward`` output (the protocol

@@ -11,10 +11,11 @@ import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from normlab.models.placement import placement_names
+from normlab.models.placement import get_placement, placement_names
 from normlab.norms import norm_names
 
-POSITIONALS = ("learned", "sinusoidal", "rope")
+POSITIONALS = ("learned", "sinusoidal", "rope", "none")
+QK_NORMS = ("rmsnorm", "layernorm")
 INITS = ("xavier", "gpt2")
 ACTIVATIONS = ("gelu", "relu")
 
@@ -33,12 +34,21 @@ class TransformerConfig:
                       the embeddings (Vaswani et al. 2017)
     attention_dropout dropout on the attention probabilities
     max_seq_len       longest sequence the positional encoding covers
-    positional        "learned" | "sinusoidal" (Vaswani et al.) | "rope" (Su et al. 2021)
+    positional        "learned" | "sinusoidal" (Vaswani et al.) | "rope" (Su et al. 2021) |
+                      "none" (no positions: the model sees a bag of tokens, e.g. majority)
     norm              any ``normlab.norm_names()`` entry
     norm_eps          eps passed to norms that have one (None: each norm's default)
     norm_options      further keyword arguments of the norm, e.g. {"alpha_init": 1.0} for
                       DyT (None: the norm's defaults); checked by building one norm
+    qk_norm           None | "rmsnorm" | "layernorm": a norm over each head's query and
+                      key (head_dim wide, eps from norm_eps) after their projections,
+                      before RoPE, in self- and cross-attention (QK-norm as in Qwen3 and
+                      Gemma 3; Dehghani et al. 2023, "Scaling Vision Transformers to 22
+                      Billion Parameters")
     placement         any ``placement_names()`` entry: where the norms sit
+    placement_options keyword arguments of the placement class (None: its defaults), e.g.
+                      {"shared_norm": False} for "parallel" (two input norms, GPT-NeoX);
+                      the keys a placement takes are its ``options``
     residual_scale    lambda in x + lambda * F(x) (Liu et al. 2020, "Rethinking Skip
                       Connection with Layer Normalization"); 1.0 is the plain residual
     embedding_norm    a norm after the embeddings (as BERT); Peri-LN has one regardless
@@ -64,7 +74,9 @@ class TransformerConfig:
     norm: str = "layernorm"
     norm_eps: float | None = 1e-5
     norm_options: dict[str, Any] | None = None
+    qk_norm: str | None = None
     placement: str = "pre"
+    placement_options: dict[str, Any] | None = None
     residual_scale: float = 1.0
     embedding_norm: bool = False
     tie_embeddings: bool = True
@@ -122,9 +134,37 @@ class TransformerConfig:
                 raise ValueError(f"TransformerConfig: norm_options {self.norm_options!r} do not fit norm "
                                  f"{self.norm!r}: {e}") from None
             object.__setattr__(self, "norm_options", dict(self.norm_options))
+        if self.qk_norm is not None and (not isinstance(self.qk_norm, str) or self.qk_norm not in QK_NORMS):
+            raise ValueError(
+                f"TransformerConfig: unknown qk_norm {self.qk_norm!r}; expected None or one of: {', '.join(QK_NORMS)}"
+            )
+        if self.placement_options is not None:
+            self._check_placement_options()
         for name in ("embedding_norm", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TransformerConfig: expected {name} to be a bool, got {getattr(self, name)!r}")
+
+    def _check_placement_options(self) -> None:
+        opts = self.placement_options
+        if not isinstance(opts, dict) or not all(isinstance(k, str) for k in opts):
+            raise ValueError(
+                f"TransformerConfig: expected placement_options to be None or a dict of keyword arguments, "
+                f"got {opts!r}"
+            )
+        cls = get_placement(self.placement)
+        unknown = sorted(set(opts) - set(cls.options))
+        if unknown:
+            expected = ", ".join(cls.options) if cls.options else "none (it takes no options)"
+            raise ValueError(
+                f"TransformerConfig: unknown placement_options key(s) {', '.join(map(repr, unknown))} for "
+                f"placement {self.placement!r}; expected any of: {expected}"
+            )
+        try:
+            cls(**opts)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"TransformerConfig: placement_options {opts!r} do not fit placement "
+                             f"{self.placement!r}: {e}") from None
+        object.__setattr__(self, "placement_options", dict(opts))
 
     @property
     def head_dim(self) -> int:

@@ -1,9 +1,12 @@
 """Norm placements: where the norms of a sublayer sit, declared as data.
 
 A placement is a small declaration: the norm slots of each sublayer (``norm_slots``),
-whether a final norm closes the stack and what it reads, whether the embeddings are
-normalized, and its constants (lambda, DeepNorm's alpha and beta, Magneto's gamma). The
-one ``Block`` (``normlab.models.block``) runs every placement from this declaration, and
+whether the sublayers run one after another or side by side (``parallel``) and which
+of them share an input norm (``input_norm_of``), whether a final norm closes the stack
+and what it reads, whether the embeddings are normalized, its constants (lambda,
+DeepNorm's alpha and beta, Magneto's gamma) and the options it takes (``options``,
+given as ``TransformerConfig.placement_options``). The one ``Block``
+(``normlab.models.block``) runs every placement from this declaration, and
 ``normlab.convert`` and ``normlab.diagnostics`` read the same declaration; nothing else
 knows placement names. A new placement is one class here, registered with
 ``@register_placement(name)``; a new kind of slot is one entry in ``SLOT_ROLES`` and one
@@ -13,13 +16,18 @@ Norm slots of a sublayer F (``blocks.i.norms.<sublayer>_<slot>``), and what each
 (``SLOT_ROLES``):
 
     slot   computes                                 reads       its output             used by
-    in     Norm(x) feeds F                          the stream  F's input projections  Pre-LN and descendants
-    out    Norm(F(.)) before the residual add       F's branch  is added to the stream Sandwich, Peri-LN
+    in     Norm(x) feeds F                          the stream  F's input projections  Pre-LN and descendants, parallel
+    out    Norm(F(.)) before the residual add       F's branch  is added to the stream Sandwich, Peri-LN, OLMo 2
     add    Norm(x + F(.)) after the residual add    the stream  is the new stream      Post-LN, DeepNorm, ResiDual
     inner  inside F, before its output projection   F's branch  F's output projection  Sub-LN / Magneto
 
 What writes the stream: each sublayer's output projection (through its ``out`` norm
 where there is one), and the embeddings (through the embedding norm where there is one).
+
+A parallel placement (``parallel = True``) runs attention and FFN side by side on the
+same stream value and adds both outputs; where the FFN reads the attention's input norm
+(``input_norm_of("ffn") == "attn"``) that one norm feeds both sublayers and the FFN has
+no ``in`` slot of its own.
 
 Where a placement allows, the add and the next norm run as one fused op,
 ``norm(f, residual, dropout_p=p) -> (Norm(residual + dropout(f)), residual + dropout(f))``.
@@ -117,10 +125,16 @@ class Placement:
     ``final_norm_reads``): ResiDual's second, Pre-LN-style stream d beside the Post-LN one. ``residual_scale`` is lambda on every
     sublayer output, ``skip_scale`` multiplies the skip path (DeepNorm's alpha) and
     ``branch_gain`` the init of the FFN, value and output projections (DeepNorm's beta,
-    Magneto's gamma); ``init_weights`` applies it."""
+    Magneto's gamma); ``init_weights`` applies it. ``parallel``: the sublayers all read
+    the same stream value and their outputs are added together (GPT-J's parallel block;
+    "in", "out" and "inner" slots only, no cross-attention); ``input_norm_of`` says which
+    sublayer's ``in`` norm feeds a sublayer. ``options``: the keyword arguments the
+    class takes beyond the constants (``TransformerConfig.placement_options``)."""
 
     name: ClassVar[str] = ""
     slots: ClassVar[tuple[str, ...]] = ()
+    parallel: ClassVar[bool] = False
+    options: ClassVar[tuple[str, ...]] = ()
     final_norm: ClassVar[bool] = False
     # what the final norm reads: "stream" (the residual stream; its output leaves the
     # stack) or "dual" (ResiDual's second stream; its output is added to the first)
@@ -136,10 +150,11 @@ class Placement:
 
     @classmethod
     def for_stack(cls, residual_scale: float, role: str, n_encoder_layers: int,
-                  n_decoder_layers: int) -> Placement:
+                  n_decoder_layers: int, **options) -> Placement:
         """The placement of one stack (``role`` "encoder" or "decoder") of a model with
-        that many encoder and decoder layers (0 for a stack the model does not have)."""
-        return cls(residual_scale=residual_scale)
+        that many encoder and decoder layers (0 for a stack the model does not have);
+        ``options``: the placement's own keyword arguments (``options``)."""
+        return cls(residual_scale=residual_scale, **options)
 
     @property
     def dual_stream(self) -> bool:
@@ -154,10 +169,15 @@ class Placement:
         """(slot, what it does) for each norm of ``sublayer``."""
         return tuple((slot, SLOT_ROLES[slot]) for slot in self.norm_slots(sublayer))
 
+    def input_norm_of(self, sublayer: str) -> str:
+        """The sublayer whose ``in`` norm feeds ``sublayer``'s input: itself, or, where a
+        parallel block shares one input norm, the sublayer that holds it."""
+        return sublayer
+
     def __repr__(self) -> str:
         extra = "".join(
             f", {k}={getattr(self, k):.6g}" for k in ("skip_scale", "branch_gain") if getattr(self, k) != 1.0
-        )
+        ) + "".join(f", {k}={getattr(self, k)!r}" for k in self.options)
         return f"{type(self).__name__}(residual_scale={self.residual_scale:g}{extra})"
 
 
@@ -192,10 +212,12 @@ def get_placement(name: str) -> type[Placement]:
 
 def build_placement(cfg: TransformerConfig, role: str, n_encoder_layers: int,
                     n_decoder_layers: int) -> Placement:
-    """The placement object of one stack of a model built from ``cfg``."""
+    """The placement object of one stack of a model built from ``cfg`` (with its
+    ``placement_options``)."""
     if role not in ROLES:
         raise ValueError(f"build_placement: expected role in {ROLES}, got {role!r}")
-    return get_placement(cfg.placement).for_stack(cfg.residual_scale, role, n_encoder_layers, n_decoder_layers)
+    return get_placement(cfg.placement).for_stack(cfg.residual_scale, role, n_encoder_layers, n_decoder_layers,
+                                                  **(cfg.placement_options or {}))
 
 
 # ---------------------------------------------------------------------------- placements
@@ -234,9 +256,9 @@ class DeepNorm(PostNorm):
     (as in torchscale)."""
 
     @classmethod
-    def for_stack(cls, residual_scale, role, n_encoder_layers, n_decoder_layers):
+    def for_stack(cls, residual_scale, role, n_encoder_layers, n_decoder_layers, **options):
         c = deepnorm_constants(n_encoder_layers, n_decoder_layers)[role]
-        return cls(residual_scale=residual_scale, skip_scale=c.alpha, branch_gain=c.beta)
+        return cls(residual_scale=residual_scale, skip_scale=c.alpha, branch_gain=c.beta, **options)
 
 
 @register_placement("subln")
@@ -251,9 +273,9 @@ class SubLN(PreNorm):
     gain_cross_attention = False
 
     @classmethod
-    def for_stack(cls, residual_scale, role, n_encoder_layers, n_decoder_layers):
+    def for_stack(cls, residual_scale, role, n_encoder_layers, n_decoder_layers, **options):
         gain = subln_gains(n_encoder_layers, n_decoder_layers)[role]
-        return cls(residual_scale=residual_scale, branch_gain=gain)
+        return cls(residual_scale=residual_scale, branch_gain=gain, **options)
 
     def norm_slots(self, sublayer):
         return ("in",) if sublayer == "cross_attn" else self.slots
@@ -277,6 +299,49 @@ class PeriNorm(SandwichNorm):
     The block is Sandwich-LN's; Peri-LN adds the embedding norm of the paper's models."""
 
     embedding_norm = True
+
+
+@register_placement("olmo2")
+class OLMo2Norm(Placement):
+    """OLMo 2: x_{l+1} = x_l + lambda Norm_out(F(x_l)); y = Norm_final(x_L) (Team OLMo 2024, "2 OLMo 2 Furious").
+
+    The norm sits on each sublayer's output only (the paper's reordered norm): nothing
+    normalizes a sublayer's input, and the final norm closes the stack. OLMo 2 also
+    normalizes queries and keys, over the whole projection; ``TransformerConfig(qk_norm=...)``
+    is the per-head QK-norm of Qwen3 and Gemma 3."""
+
+    slots = ("out",)
+    final_norm = True
+
+
+@register_placement("parallel")
+class ParallelNorm(Placement):
+    """Parallel block: x_{l+1} = x_l + lambda (Attn(Norm_a(x_l)) + FFN(Norm_f(x_l))); y = Norm_final(x_L) (GPT-J, Wang & Komatsuzaki 2021; GPT-NeoX, Black et al. 2022; PaLM, Chowdhery et al. 2022; Falcon, Almazrouei et al. 2023).
+
+    Both sublayers read the same stream value. ``shared_norm=True`` (the default; GPT-J,
+    PaLM, Falcon-7B/40B): Norm_a = Norm_f, one module (``attn_in``) feeding attention and
+    FFN; ``shared_norm=False`` (GPT-NeoX, Falcon's new decoder): two norms, ``attn_in``
+    and ``ffn_in``, both reading x_l. Each branch has its own dropout (as GPT-NeoX's
+    ``post_attention_dropout`` / ``post_mlp_dropout``). No cross-attention (a seq2seq
+    decoder refuses this placement)."""
+
+    slots = ("in",)
+    final_norm = True
+    parallel = True
+    options = ("shared_norm",)
+
+    def __init__(self, residual_scale: float = 1.0, skip_scale: float = 1.0, branch_gain: float = 1.0, *,
+                 shared_norm: bool = True) -> None:
+        if not isinstance(shared_norm, bool):
+            raise ValueError(f"ParallelNorm: expected shared_norm to be a bool, got {shared_norm!r}")
+        super().__init__(residual_scale, skip_scale, branch_gain)
+        self.shared_norm = shared_norm
+
+    def norm_slots(self, sublayer):
+        return () if sublayer == "ffn" and self.shared_norm else self.slots
+
+    def input_norm_of(self, sublayer):
+        return "attn" if sublayer == "ffn" and self.shared_norm else sublayer
 
 
 @register_placement("none")
