@@ -6,6 +6,8 @@ how atol is read. Pass the entry to :func:`assert_close`.
                     atol relative to the expected tensor's largest magnitude (>= 1e-2)
     GRAD            gradients vs a reference's autograd, atol relative to the expected
                     tensor's largest magnitude (>= 1), plus an amplification term
+    PARAM_GRAD_SUM  weight/bias gradients summed over many rows vs the float64
+                    reference (the float32 sum), atol as GRAD's
 
 OUTPUT and BACKEND_OUTPUT hold the same numbers and differ in how atol is read; neither
 is tighter at every element (an absolute atol is tighter for tensors larger than 1 in
@@ -68,6 +70,24 @@ GRAD = Tolerance(
         torch.float32: (1e-4, 1e-4),
         torch.float16: (1e-2, 1e-2),
         torch.bfloat16: (5e-2, 5e-2),
+    },
+    atol_floor=1.0,
+)
+
+# A parameter's gradient (dweight, dbias) summed over many rows, vs the float64
+# reference, per the coarser of the parameter's dtype and the compute dtype (float32
+# for fp16/bf16/fp32 activations: their x_hat is a float32 value): rtol is one rounding
+# to that dtype (half an ulp, with margin), atol (relative to the largest |expected|) a
+# float32 sum's error. A sum formed in the activations' dtype misses by far more: about
+# 1e-1 (bfloat16) and 6e-3 (float16) of the largest |dweight| at 8192 rows (torch's CPU
+# layer_norm backward), and a bfloat16 sum of ones stops at 256
+# (tests/ops/test_mixed_dtypes.py).
+PARAM_GRAD_SUM = Tolerance(
+    per_dtype={
+        torch.float64: (1e-12, 1e-12),
+        torch.float32: (1e-6, 1e-5),
+        torch.float16: (5e-4, 1e-5),
+        torch.bfloat16: (4e-3, 1e-5),
     },
     atol_floor=1.0,
 )

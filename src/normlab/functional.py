@@ -4,6 +4,12 @@ Every function here has one reference in ``normlab.ops.reference``; after the ch
 ``backend_ops(x)`` picks ``normlab.ops.eager`` or ``normlab.ops.triton`` by the backend
 in force (``normlab.set_backend``, see ``normlab.backend``) and calls its function of
 the same name.
+
+Weight and bias may have any floating-point dtype, whatever x's (float32 weights with
+bfloat16 activations, ...): as in torch, the output keeps x's dtype and each gradient
+has its tensor's dtype; the weight and bias gradients are summed in float32 (on the
+torch backend float64 for float64 x or parameters) and rounded once to the parameter's
+dtype (docs/kernels.md, "Mixed dtypes").
 """
 
 from __future__ import annotations
@@ -69,28 +75,20 @@ def _check_normalized_shape(op: str, x: Tensor, normalized_shape: int | Sequence
 
 
 def _check_param(op: str, name: str, p: Tensor | None, shape: tuple[int, ...], x: Tensor,
-                 dtypes: tuple[torch.dtype, ...] | None = None) -> None:
-    """weight/bias: the normalized shape, x's device, and one of ``dtypes`` (any float if None)."""
+                 what: str = "normalized_shape") -> None:
+    """weight/bias: the normalized shape (``what`` names the expected shape), x's device
+    and a floating-point dtype (any: the output keeps x's dtype, and each parameter's
+    gradient is summed in float32, float64 for float64, then rounded to its dtype)."""
     if p is None:
         return
     _check_tensor(op, name, p)
     if p.shape != shape:
         raise NormArgumentError(
-            f"{op}: Expected {name} to be of same shape as normalized_shape, but got {name} "
-            f"of shape {list(p.shape)} and normalized_shape = {list(shape)}"
+            f"{op}: Expected {name} to be of same shape as {what}, but got {name} "
+            f"of shape {list(p.shape)} and {what} = {list(shape)}"
         )
     if p.device != x.device:
         raise NormArgumentError(f"{op}: expected {name} on {x.device} (the input's device), got {p.device}")
-    if dtypes is not None and p.dtype not in dtypes:
-        raise NormArgumentError(
-            f"{op}: mixed dtype: expected {name} to have dtype "
-            f"{' or '.join(sorted({str(d) for d in dtypes}))} for input of dtype {x.dtype}, got {p.dtype}"
-        )
-
-
-def _layer_norm_param_dtypes(x_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
-    """LayerNorm's rule, as torch's CPU kernel: x's dtype, or float32 for half-precision x."""
-    return (x_dtype, torch.float32) if x_dtype in _HALF else (x_dtype,)
 
 
 def _check_eps(op: str, eps: float | Tensor | None, allow_none: bool) -> float | None:
@@ -144,11 +142,6 @@ def _fused_shape(op: str, x: Tensor, normalized_shape: int | Sequence[int] | Non
     return tuple(x.shape[-1:])
 
 
-def _fused_param_dtypes(x: Tensor, residual_dtype: torch.dtype | None) -> tuple[torch.dtype, ...]:
-    """Fused add+norm parameters: float32, the activation dtype or the residual dtype."""
-    return tuple({x.dtype, residual_dtype or x.dtype, torch.float32})
-
-
 def _check_per_example(op: str, buffer: Tensor | None, x: Tensor, shape: tuple[int, ...],
                        weight: Tensor | None) -> None:
     """per_example_grad_sq: float32 [2, x.shape[0]] on x's device, for an input with an
@@ -198,8 +191,8 @@ def _layer_norm(
     op = "layer_norm"
     _check_tensor(op, "input", x)
     shape = _check_normalized_shape(op, x, normalized_shape)
-    _check_param(op, "weight", weight, shape, x, _layer_norm_param_dtypes(x.dtype))
-    _check_param(op, "bias", bias, shape, x, _layer_norm_param_dtypes(x.dtype))
+    _check_param(op, "weight", weight, shape, x)
+    _check_param(op, "bias", bias, shape, x)
     eps = _check_eps(op, eps, allow_none=False)
     _check_per_example(op, per_example_grad_sq, x, shape, weight)
     return getattr(backend_ops(x), op)(x, shape, weight, bias, eps, per_example_grad_sq=per_example_grad_sq)
@@ -236,18 +229,40 @@ def _check_cast(op: str, offset: float, casting_mode: str) -> None:
                                 f"got {casting_mode!r}")
 
 
-def _layer_norm_offset(x, normalized_shape, weight, bias, eps, offset) -> Tensor:
-    """layer_norm with a weight offset: torch ops in float32 (float64) on every device."""
+def _check_weight_shape(op: str, x: Tensor, shape: tuple[int, ...], weight_shape: Sequence[int]) -> tuple[int, ...]:
+    """weight_shape: normalized_shape with dims in front of it, which x ends with."""
+    wshape = tuple(int(d) for d in weight_shape)
+    if wshape[len(wshape) - len(shape):] != shape:
+        raise NormArgumentError(f"{op}: expected weight_shape to end with normalized_shape {list(shape)}, "
+                                f"got {list(wshape)}")
+    if len(wshape) > x.dim() or tuple(x.shape[x.dim() - len(wshape):]) != wshape:
+        raise NormArgumentError(f"{op}: weight_shape={list(wshape)}: expected input with shape "
+                                f"[*, {', '.join(map(str, wshape))}], but got input of size{list(x.shape)}")
+    return wshape
+
+
+def _layer_norm_torch_ops(x, normalized_shape, weight, bias, eps, offset,
+                          weight_shape: Sequence[int] | None = None) -> Tensor:
+    """layer_norm as torch ops in float32 (float64) on every device, rounded once to x's
+    dtype (``ops.reference.layer_norm``), for what the kernels do not take: a weight
+    offset (the scale offset + weight, formed in float32), or weight and bias of
+    ``weight_shape``: normalized_shape with dims in front of it, one weight per head
+    (broadcast over those trailing dims of x, which x must end with; Cohere's q/k norm
+    normalizes each head over head_dim with weight_shape (heads, head_dim))."""
     op = "layer_norm"
     _check_tensor(op, "input", x)
     shape = _check_normalized_shape(op, x, normalized_shape)
-    _check_param(op, "weight", weight, shape, x)
-    _check_param(op, "bias", bias, shape, x)
+    pshape = shape if weight_shape is None else _check_weight_shape(op, x, shape, weight_shape)
+    what = "normalized_shape" if pshape == shape else "weight_shape"
+    _check_param(op, "weight", weight, pshape, x, what)
+    _check_param(op, "bias", bias, pshape, x, what)
     eps = _check_eps(op, eps, allow_none=False)
     _check_cast(op, offset, "torch")
     ct = reference.compute_dtype(x.dtype)
-    scale = (torch.full(shape, float(offset), dtype=ct, device=x.device) if weight is None  # offset alone
-             else weight.to(ct) + float(offset))
+    scale = weight
+    if offset != 0.0:
+        scale = (torch.full(pshape, float(offset), dtype=ct, device=x.device) if weight is None  # offset alone
+                 else weight.to(ct) + float(offset))
     return reference.layer_norm(x, shape, scale, None if bias is None else bias.to(ct), eps)
 
 
@@ -321,9 +336,8 @@ def _add_layer_norm(
     _check_tensor(op, "input", x)
     _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype)
     shape = _fused_shape(op, x, normalized_shape, weight, bias)
-    dtypes = _fused_param_dtypes(x, residual_dtype)
-    _check_param(op, "weight", weight, shape, x, dtypes)
-    _check_param(op, "bias", bias, shape, x, dtypes)
+    _check_param(op, "weight", weight, shape, x)
+    _check_param(op, "bias", bias, shape, x)
     eps = _check_eps(op, eps, allow_none=False)
     _check_per_example(op, per_example_grad_sq, x, shape, weight)
     return getattr(backend_ops(x), op)(
@@ -353,7 +367,7 @@ def _add_rms_norm(
     _check_tensor(op, "input", x)
     _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype)
     shape = _fused_shape(op, x, normalized_shape, weight, None)
-    _check_param(op, "weight", weight, shape, x, _fused_param_dtypes(x, residual_dtype))
+    _check_param(op, "weight", weight, shape, x)
     eps = _check_eps(op, eps, allow_none=True)
     _check_per_example(op, per_example_grad_sq, x, shape, weight)
     return getattr(backend_ops(x), op)(
@@ -374,7 +388,16 @@ def _add_rms_norm(
 # what normlab refuses, which the guards here exclude: non-finite eps, broadcasting
 # residuals, dropout_p outside [0, 1]); a call it refuses goes on to the checked path,
 # which raises normlab's error naming the argument. This keeps the host time of a small
-# call at torch's (docs/kernels.md, "Host time").
+# call at torch's (docs/kernels.md, "Host time"). layer_norm of half-precision x with a
+# parameter gradient to take is not such a call (``_param_grad``).
+
+
+def _param_grad(weight: object, bias: object) -> bool:
+    """A weight or bias gradient will be taken. torch's CPU layer_norm backward sums those
+    in x's dtype (a bfloat16 sum of ones stops at 256), so with half-precision x the call
+    takes the checked path, whose sums are float32 (``ops.eager.layer_norm_native_ok``)."""
+    return torch.is_grad_enabled() and (
+        getattr(weight, "requires_grad", False) or getattr(bias, "requires_grad", False))
 
 
 def layer_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
@@ -386,8 +409,9 @@ def layer_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor 
     ``offset``: the scale is (offset + weight), formed in float32 (LayerNorm1p,
     zero-centred gamma: offset=1), and y is rounded once to x's dtype."""
     if offset != 0.0:
-        return _layer_norm_offset(x, normalized_shape, weight, bias, eps, offset)
-    if type(x) is Tensor and x.is_cpu and type(eps) is float and _isfinite(eps) and get_backend() != "triton":
+        return _layer_norm_torch_ops(x, normalized_shape, weight, bias, eps, offset)
+    if type(x) is Tensor and x.is_cpu and type(eps) is float and _isfinite(eps) and get_backend() != "triton" \
+            and (x.dtype not in _HALF or not _param_grad(weight, bias)):
         try:
             return torch.layer_norm(
                 x, (normalized_shape,) if type(normalized_shape) is int else normalized_shape, weight, bias, eps)
@@ -423,14 +447,14 @@ def rms_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | 
     return _rms_norm(x, normalized_shape, weight, eps)
 
 
-def _plain_residual_add(x: Tensor, residual: Tensor | None, weight: Tensor | None,
+def _plain_residual_add(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
                         normalized_shape: int | Sequence[int] | None, eps: float | None, rms: bool,
                         dropout_p: float, training: bool, generator: torch.Generator | None,
                         residual_dtype: torch.dtype | None) -> tuple[Tensor, Sequence[int]] | None:
     """(residual + x, the normalized shape) for a fused add+norm call whose checked path is
     that sum and then torch's norm (CPU; no dropout, generator or mixed dtypes; a finite
     eps; a weight or a normalized_shape; for RMSNorm a weight in x's dtype and at most
-    NATIVE_RMS_MAX_NUMEL elements), else None."""
+    NATIVE_RMS_MAX_NUMEL elements; for LayerNorm no half-precision x with a ``_param_grad``), else None."""
     try:
         if ((weight is not None or normalized_shape is not None)
                 and type(x) is Tensor and type(residual) is Tensor and x.is_cpu and generator is None
@@ -439,6 +463,7 @@ def _plain_residual_add(x: Tensor, residual: Tensor | None, weight: Tensor | Non
                 and type(dropout_p) is float and 0.0 <= dropout_p <= 1.0 and (dropout_p == 0.0 or not training)
                 and ((type(eps) is float and _isfinite(eps)) or (eps is None and rms))
                 and (not rms or ((weight is None or weight.dtype is dt) and x.numel() <= NATIVE_RMS_MAX_NUMEL))
+                and (rms or dt not in _HALF or not _param_grad(weight, bias))
                 and residual.shape == x.shape and get_backend() != "triton"):
             shape = weight.shape if normalized_shape is None else \
                 (normalized_shape,) if type(normalized_shape) is int else normalized_shape
@@ -463,8 +488,8 @@ def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bi
     if offset != 0.0:
         return _add_then_norm("add_layer_norm", x, residual, weight, bias, dropout_p, training, generator,
                               residual_dtype, normalized_shape,
-                              lambda h, shape: _layer_norm_offset(h, shape, weight, bias, eps, offset))
-    if (plain := _plain_residual_add(x, residual, weight, normalized_shape, eps, False, dropout_p, training,
+                              lambda h, shape: _layer_norm_torch_ops(h, shape, weight, bias, eps, offset))
+    if (plain := _plain_residual_add(x, residual, weight, bias, normalized_shape, eps, False, dropout_p, training,
                                      generator, residual_dtype)) is not None:
         try:
             return torch.layer_norm(plain[0], plain[1], weight, bias, eps), plain[0]
@@ -485,7 +510,7 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps:
         return _add_then_norm("add_rms_norm", x, residual, weight, None, dropout_p, training, generator,
                               residual_dtype, normalized_shape,
                               lambda h, shape: _rms_norm_cast(h, shape, weight, eps, offset, casting_mode))
-    if (plain := _plain_residual_add(x, residual, weight, normalized_shape, eps, True, dropout_p, training,
+    if (plain := _plain_residual_add(x, residual, weight, None, normalized_shape, eps, True, dropout_p, training,
                                      generator, residual_dtype)) is not None:
         try:
             return torch.rms_norm(plain[0], plain[1], weight, eps), plain[0]

@@ -122,6 +122,10 @@ def hf_model(name: str) -> nn.Module:
             **layers, intermediate_size=64, pad_token_id=0, bos_token_id=0, eos_token_id=0))
     if name == "qwen3":
         return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**small, head_dim=8))
+    if name == "cohere":  # a parallel block; LayerNorms without bias, per-head ones on q and k
+        return transformers.CohereForCausalLM(transformers.CohereConfig(**small, use_qk_norm=True, eos_token_id=2))
+    if name == "olmo2":  # RMSNorms on the sublayers' outputs and on the whole q and k projections
+        return transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**small, eos_token_id=2))
     if name == "roberta":
         return transformers.RobertaForMaskedLM(transformers.RobertaConfig(
             **layers, intermediate_size=64, max_position_embeddings=40, pad_token_id=1,

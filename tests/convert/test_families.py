@@ -36,6 +36,7 @@ FAMILIES = {
     "qwen3": ("refuses", "is not a LayerNorm"),
     "phi3": ("refuses", "is not a LayerNorm"),
     "gemma": ("refuses", "is not a LayerNorm"),  # an RMSNorm already: (1 + weight), swapped as offset 1
+    "cohere": ("converts", None),  # a parallel block; its per-head q/k LayerNorms read a branch and stay
     "bert": ("refuses", "Post-LN"),
     "roberta": ("refuses", "Post-LN"),
     "t5": ("refuses", "is not a LayerNorm"),

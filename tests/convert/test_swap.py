@@ -190,7 +190,7 @@ def test_custom_norms_verified_on_a_probe():
     torch.testing.assert_close(model(x), y, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "gpt2", "bert", "t5"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "gpt2", "bert", "t5", "cohere", "olmo2"])
 def test_hf_models_logits_and_gradients(name):
     torch.manual_seed(0)
     model = perturb(hf_model(name), scale=0.05)
@@ -202,7 +202,7 @@ def test_hf_models_logits_and_gradients(name):
     _assert_same(before, after, atol=5e-5, rtol=5e-5)
     assert list(model.state_dict()) == keys
     assert not report.left and report.paths("swapped")
-    fused = {"llama": 2, "mistral": 2, "qwen2": 2, "gpt2": 2, "bert": 4, "t5": 0}[name]
+    fused = {"llama": 2, "mistral": 2, "qwen2": 2, "gpt2": 2, "bert": 4, "t5": 0, "cohere": 0, "olmo2": 0}[name]
     assert len(report.paths("fused")) == fused
 
 
@@ -219,6 +219,49 @@ def test_hf_gemma_norms_swapped_bit_for_bit(name, norms, dtype):
     assert all("offset=1, casting_mode='gemma'" in e.detail for e in report.entries if e.action == "swapped")
     with torch.no_grad():
         assert torch.equal(model(**kw).logits, y0)
+
+
+# the families with norms on the query and key heads, each norm swapped (q/k norms included).
+# Logits bit for bit, except where normlab's norm rounds in another order: Cohere's block
+# LayerNorms in float32 (torch's fused kernel forms the mean and variance in another order
+# than Cohere's ops: ~2e-8 on the logits) and Qwen3's RMSNorm in bfloat16 (it rounds
+# before the weight multiply, as Llama's: one bfloat16 rounding).
+QK_FAMILIES = {"cohere": 7, "olmo2": 9, "qwen3": 9}
+NOT_BITWISE = {("cohere", torch.float32), ("qwen3", torch.bfloat16)}
+
+
+@pytest.mark.parametrize("name", list(QK_FAMILIES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hf_qk_norm_families_swap_every_norm(name, dtype):
+    torch.manual_seed(0)
+    model = perturb(hf_model(name), scale=0.05).to(dtype).eval()
+    kw = hf_inputs(name)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        y0 = model(**kw).logits
+    report = swap_norms(model).normlab_report
+    assert len(report.paths("swapped")) == QK_FAMILIES[name] and not report.left
+    assert all(p is params[n] for n, p in model.named_parameters())  # the same Parameter objects
+    with torch.no_grad():
+        y1 = model(**kw).logits
+    if (name, dtype) in NOT_BITWISE:
+        bf16 = dtype == torch.bfloat16
+        torch.testing.assert_close(y1, y0, atol=6e-2 if bf16 else 1e-6, rtol=5e-2 if bf16 else 1e-6)
+    else:
+        assert torch.equal(y1, y0)
+
+
+def test_cohere_per_head_qk_norms_become_layer_norms_with_a_weight_per_head():
+    torch.manual_seed(0)
+    model = perturb(hf_model("cohere"), scale=0.05).eval()
+    attn = model.model.layers[0].self_attn
+    q_weight = attn.q_norm.weight
+    report = swap_norms(model).normlab_report
+    assert isinstance(attn.q_norm, normlab.LayerNorm) and attn.q_norm.weight is q_weight
+    assert (attn.q_norm.normalized_shape, attn.q_norm.weight_shape, attn.q_norm.bias) == ((8,), (4, 8), None)
+    assert attn.k_norm.weight_shape == (2, 8)
+    assert "a weight per head" in report.entries[0].detail
+    assert list(model.state_dict()["model.layers.0.self_attn.q_norm.weight"].shape) == [4, 8]
 
 
 def test_hf_llama_bf16_swapped_within_rounding():

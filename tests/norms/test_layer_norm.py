@@ -19,13 +19,15 @@ def test_constructor_signature_and_defaults_match_torch(ours, theirs):
     sig_ours = list(inspect.signature(ours.__init__).parameters.values())
     sig_theirs = list(inspect.signature(theirs.__init__).parameters.values())
     # torch's arguments, in torch's order and with torch's defaults; normlab's own come after,
-    # keyword-only, with defaults that keep torch's numerics (RMSNorm: offset 0, casting "torch")
+    # keyword-only, with defaults that keep torch's numerics (RMSNorm: offset 0, casting "torch";
+    # LayerNorm: offset 0, a weight of the normalized shape)
     assert [(p.name, p.default, p.kind) for p in sig_ours[:len(sig_theirs)]] == [
         (p.name, p.default, p.kind) for p in sig_theirs
     ]
     extra = {p.name: p.default for p in sig_ours[len(sig_theirs):]}
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in sig_ours[len(sig_theirs):])
-    assert extra == ({"offset": 0.0, "casting_mode": "torch"} if ours is normlab.RMSNorm else {"offset": 0.0})
+    assert extra == ({"offset": 0.0, "casting_mode": "torch"} if ours is normlab.RMSNorm
+                     else {"offset": 0.0, "weight_shape": None})
 
 
 @pytest.mark.parametrize("kw", [{}, {"elementwise_affine": False}, {"eps": 1e-3}, {"bias": False}])

@@ -1,6 +1,7 @@
 """RMSNorm's weight offset and casting modes: bit for bit Hugging Face's GemmaRMSNorm and
 LlamaRMSNorm, forward and backward, in fp32, bf16 and fp16; the offset formed in float32;
-gradients in float64; clear errors for bad values. LayerNorm's offset (LayerNorm1p)."""
+gradients in float64; clear errors for bad values. LayerNorm's offset (LayerNorm1p) and
+its weight per head (Cohere's q/k norm)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import normlab
 from normlab import functional as F
 from normlab.errors import NormArgumentError
 from normlab.ops import reference
+from tests._tolerances import GRAD, assert_close
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -160,3 +162,62 @@ def test_convert_leaves_a_layernorm_with_an_offset():
     assert "folding does not take a weight offset yet" in report.left["1"]
     with pytest.raises(ConversionError, match="offset"):
         layernorm_to_rmsnorm(model)
+
+
+# ------------------------------------------------------------------ LayerNorm's weight per head
+
+
+def _per_head_layer_norm(x, weight, eps=1e-5):
+    """Cohere's q/k norm, op for op (transformers' CohereLayerNorm): over the last dim in
+    float32, times a [heads, head_dim] weight in float32, rounded once."""
+    h = x.to(torch.float32)
+    mean = h.mean(-1, keepdim=True)
+    var = (h - mean).pow(2).mean(-1, keepdim=True)
+    return (weight.to(torch.float32) * ((h - mean) * torch.rsqrt(var + eps))).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_layer_norm_with_a_weight_per_head_is_coheres_qk_norm_bit_for_bit(dtype):
+    torch.manual_seed(0)
+    m = normlab.LayerNorm(8, bias=False, weight_shape=(4, 8), dtype=dtype)
+    assert m.weight.shape == (4, 8) and torch.equal(m.weight, torch.ones(4, 8, dtype=dtype))
+    assert list(m.state_dict()) == ["weight"] and "weight_shape=(4, 8)" in repr(m)
+    with torch.no_grad():
+        m.weight.normal_(1.0, 0.5)
+    x = (torch.randn(2, 5, 4, 8) * 3 + 1).to(dtype).requires_grad_()
+    y = m(x)
+    assert y.dtype == dtype and torch.equal(y, _per_head_layer_norm(x, m.weight))
+    g = torch.randn(y.shape).to(dtype)
+    got = torch.autograd.grad(y, (x, m.weight), g)
+    want = torch.autograd.grad(_per_head_layer_norm(x, m.weight), (x, m.weight), g)
+    for a, b in zip(got, want, strict=True):  # autograd of the same math, summed in another order
+        assert a.dtype == b.dtype
+        assert_close(a, b, dtype, GRAD)
+
+
+def test_layer_norm_weight_per_head_in_float64_with_bias_and_residual():
+    torch.manual_seed(1)
+    m = normlab.LayerNorm(6, weight_shape=(3, 6), dtype=torch.float64)
+    with torch.no_grad():
+        m.weight.normal_()
+        m.bias.normal_()
+    x = torch.randn(4, 3, 6, dtype=torch.float64, requires_grad=True)
+    ref = reference.layer_norm(x, (6,), m.weight, m.bias)  # the reference broadcasts the affine
+    torch.testing.assert_close(m(x), ref, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, w, b: F._layer_norm_torch_ops(a, 6, w, b, 1e-5, 0.0, (3, 6)),
+                                    (x, m.weight, m.bias))
+    r = torch.randn(4, 3, 6, dtype=torch.float64)
+    out, new_res = m(x, r)
+    assert torch.equal(new_res, r + x) and torch.equal(out, m(r + x))
+
+
+def test_layer_norm_weight_shape_errors_name_the_argument():
+    with pytest.raises(NormArgumentError, match="weight_shape to end with normalized_shape"):
+        normlab.LayerNorm(8, weight_shape=(8, 4))
+    m = normlab.LayerNorm(8, weight_shape=(4, 8))
+    with pytest.raises(NormArgumentError, match=r"weight_shape=\[4, 8\].*\[\*, 4, 8\]"):
+        m(torch.randn(2, 3, 8))
+    assert normlab.LayerNorm(8, weight_shape=8).weight_shape is None  # the normalized shape: a plain LayerNorm
+    m.collect_per_example_grad_sq = True
+    with pytest.raises(NotImplementedError, match="weight_shape"):
+        m(torch.randn(2, 4, 8))

@@ -61,6 +61,17 @@ def test_matches_vmap_grad(name, op, shape, hidden):
     torch.testing.assert_close(buf, expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("op", ["layer_norm", "add_rms_norm"])
+@pytest.mark.parametrize("x_dtype,weight_dtype", [(torch.float16, torch.float32), (torch.float32, torch.float64)])
+def test_mixed_dtypes_match_vmap_grad(name, op, x_dtype, weight_dtype):
+    # parameters in another dtype than x (float16 x: the Triton interpreter rounds float32
+    # to bfloat16 toward zero, which the stored new_residual would show against the oracle)
+    a = make_inputs(op, (3, 5, 17), (17,), x_dtype, weight_dtype=weight_dtype, device=DEVICE)
+    buf, cot = run(op, a, (17,), name)
+    torch.testing.assert_close(buf, oracle(op, a, (17,), cot), rtol=1e-4, atol=1e-6)
+
+
 @pytest.fixture
 def deterministic():
     before = torch.are_deterministic_algorithms_enabled()

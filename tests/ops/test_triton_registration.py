@@ -16,14 +16,15 @@ if DEVICE == "cuda" or __import__("os").environ.get("TRITON_INTERPRET") == "1":
 pytestmark = needs_kernels
 
 
-def _fwd_args(is_rms, residual, dropout, residual_dtype=None, dtype=torch.float32):
+def _fwd_args(is_rms, residual, dropout, residual_dtype=None, dtype=torch.float32,
+              weight_dtype=torch.float32, bias_dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
     def t(*s, dt=dtype, grad=True):
         return (torch.randn(*s, generator=g).to(dt).to(DEVICE)).requires_grad_(grad)
     x = t(3, 5, 16)
     res = t(3, 5, 16) if residual else None
-    w = t(16, dt=torch.float32)
-    b = None if is_rms else t(16, dt=torch.float32)
+    w = t(16, dt=weight_dtype)
+    b = None if is_rms else t(16, dt=bias_dtype)
     seed = torch.tensor(1234) if dropout else None
     store = residual or dropout or residual_dtype is not None
     return (x, res, w, b, seed, None, 1e-5, 16, is_rms, 0.25 if dropout else 0.0, residual_dtype,
@@ -35,7 +36,8 @@ def _fwd_args(is_rms, residual, dropout, residual_dtype=None, dtype=torch.float3
     _fwd_args(True, False, False),
     _fwd_args(True, True, True),
     _fwd_args(False, True, False, torch.float32, torch.bfloat16),
-], ids=["add_ln", "rms", "add_rms_dropout", "add_ln_bf16_fp32_residual"])
+    _fwd_args(False, True, False, weight_dtype=torch.bfloat16, bias_dtype=torch.float64),
+], ids=["add_ln", "rms", "add_rms_dropout", "add_ln_bf16_fp32_residual", "add_ln_bf16_weight_fp64_bias"])
 def test_opcheck_forward(args):
     torch.library.opcheck(torch.ops.normlab.fused_norm.default, args)
 

@@ -5,7 +5,10 @@ Any other module that looks like a per-row norm (no children, a ``weight`` (and
 ``bias``) of the normalized shape, an eps attribute) is checked numerically: a copy
 with random parameters is run next to the normlab candidate on a probe input, forward
 and backward. It is accepted only if both agree within the dtype's rounding; otherwise
-the reason is returned (e.g. Gemma's ``x * (1 + weight)``).
+the reason is returned. A weight-only norm that matches neither norm is probed as
+Gemma's ``x * (1 + weight)`` (RMSNorm with offset 1), and one whose weight has several
+dims as a LayerNorm over the last dim with one weight per head (``weight_shape``:
+Cohere's q/k norm).
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ class NormSemantics:
     verified: str  # how the match was established
     offset: float = 0.0          # RMSNorm: the scale is offset + weight (Gemma: 1)
     casting_mode: str = "torch"  # RMSNorm: "torch" | "llama" | "gemma"
+    # LayerNorm: the weight/bias shape where it has dims in front of ``shape`` (one weight
+    # per head: Cohere's q/k norm); None: ``shape``
+    weight_shape: tuple[int, ...] | None = None
 
     @property
     def plain(self) -> bool:
@@ -57,7 +63,7 @@ class NormSemantics:
         factory = {"device": "meta"}
         if self.kind == "layernorm":
             new = LayerNorm(self.shape, eps=self.eps, elementwise_affine=self.affine,
-                            bias=self.bias, offset=self.offset, **factory)
+                            bias=self.bias, offset=self.offset, weight_shape=self.weight_shape, **factory)
         else:
             new = RMSNorm(self.shape, eps=self.eps, elementwise_affine=self.affine, offset=self.offset,
                           casting_mode=self.casting_mode, **factory)
@@ -93,7 +99,8 @@ def semantics(module: nn.Module) -> NormSemantics | str:
     """The module's semantics as a normlab norm, or the reason it has none."""
     if _is_exactly(module, LayerNorm):
         return NormSemantics("layernorm", tuple(module.normalized_shape), module.eps,
-                             module.elementwise_affine, module.bias is not None, "normlab.LayerNorm", module.offset)
+                             module.elementwise_affine, module.bias is not None, "normlab.LayerNorm", module.offset,
+                             weight_shape=module.weight_shape)
     if _is_exactly(module, RMSNorm):
         return NormSemantics("rmsnorm", tuple(module.normalized_shape), module.eps,
                              module.elementwise_affine, False, "normlab.RMSNorm", module.offset, module.casting_mode)
@@ -115,6 +122,7 @@ def semantics(module: nn.Module) -> NormSemantics | str:
     if eps is None:
         return f"no eps attribute ({' / '.join(EPS_ATTRS)})"
     shape = getattr(module, "normalized_shape", None)
+    per_head = shape is None  # the shape read off the weight: its leading dims may be heads
     ref = params.get("weight", params.get("bias"))
     if shape is None and ref is not None:
         shape = tuple(ref.shape)
@@ -141,6 +149,12 @@ def semantics(module: nn.Module) -> NormSemantics | str:
         if ok:
             return replace(cand, verified=f"as RMSNorm(offset=1, casting_mode='gemma'), {detail}")
         diffs.append(f"rmsnorm(offset=1, gemma): {detail}")
+    if per_head and len(shape) > 1:  # one weight per head, each head normalized over the last dim
+        cand = NormSemantics("layernorm", shape[-1:], eps, has_w, has_b, "", weight_shape=shape)
+        ok, detail = _probe(module, cand)
+        if ok:
+            return replace(cand, verified=f"over the last dim with a weight per head, {detail}")
+        diffs.append(f"layernorm over the last dim, a weight per head: {detail}")
     known = _KNOWN_VARIANTS.get(type(module).__name__)
     if known and type(module).__module__.startswith("transformers."):
         return f"{type(module).__name__} {known} (probe: " + "; ".join(diffs) + ")"
@@ -153,8 +167,6 @@ def semantics(module: nn.Module) -> NormSemantics | str:
 _GEMMA = "scales by (1 + weight), Gemma's zero-centred gamma, which normlab's RMSNorm does not take"
 _KNOWN_VARIANTS = {
     "GemmaRMSNorm": _GEMMA, "Gemma2RMSNorm": _GEMMA, "Gemma3RMSNorm": _GEMMA,
-    "CohereLayerNorm": ("normalizes over the last dim only while its weight is [heads, head_dim] "
-                        "(Cohere's per-head q/k norm)"),
 }
 
 
@@ -172,7 +184,7 @@ def _probe(module: nn.Module, cand: NormSemantics) -> tuple[bool, str]:
         for p in orig.parameters():
             p.copy_(torch.randn(p.shape, generator=gen).mul_(0.5).add_(1.0))
     new = cand.build(orig)
-    x = (torch.randn(3, 5, *cand.shape, generator=gen) * 3 + 1.5).to(device, dtype)
+    x = (torch.randn(3, 5, *(cand.weight_shape or cand.shape), generator=gen) * 3 + 1.5).to(device, dtype)
     g = torch.randn(x.shape, generator=gen).to(device, dtype)
     outs = []
     with torch.enable_grad():

@@ -106,6 +106,11 @@ def fold_norm_affine(
         if not views:
             report.add(path, module, "left", "cannot fold: no consumer found")
             continue
+        if sem.weight_shape is not None:
+            report.add(path, module, "left", f"cannot fold: one weight per head (weight_shape="
+                       f"{list(sem.weight_shape)}, normalized over {list(sem.shape)}); folding takes a weight "
+                       "of the normalized shape")
+            continue
         why = _check_consumers(views, beta, shared, path, add_bias)
         if why:
             report.add(path, module, "left", f"cannot fold: {why}")

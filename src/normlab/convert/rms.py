@@ -103,6 +103,9 @@ def layernorm_to_rmsnorm(model: nn.Module, *, example_inputs=None, atol: float =
         if not sem.plain:
             raise ConversionError(f"layernorm_to_rmsnorm: {path}'s scale is offset + weight (offset={sem.offset:g}): "
                                   "the conversion does not take a weight offset yet")
+        if sem.weight_shape is not None:
+            raise ConversionError(f"layernorm_to_rmsnorm: {path} has one weight per head "
+                                  f"{list(sem.weight_shape)}: the conversion takes a weight of the normalized shape")
         if path not in a.stream_norms:
             raise ConversionError(f"layernorm_to_rmsnorm: the LayerNorm {path} does not read the "
                                   "residual stream (its input is not a known sum of writers)")

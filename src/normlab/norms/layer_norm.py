@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from normlab import functional as F
 from normlab.backend import AUTO_TRITON_MIN_ELEMENTS, get_backend
+from normlab.errors import NormArgumentError
 from normlab.norms.base import ResidualNorm
 from normlab.norms.registry import register_norm
 from normlab.ops import backend_ops
@@ -129,25 +130,52 @@ class LayerNorm(_CheckedOnce, _PerExampleGradSq, _WeightOffset, ResidualNorm, nn
     """y = (x - E[x]) / sqrt(Var[x] + eps) * gamma + beta (Ba et al. 2016, "Layer Normalization").
 
     ``offset``: the scale is (offset + gamma), formed in float32, and gamma starts at
-    1 - offset (LayerNorm1p / zero-centred gamma: offset=1, gamma starts at 0)."""
+    1 - offset (LayerNorm1p / zero-centred gamma: offset=1, gamma starts at 0).
+
+    ``weight_shape``: the shape of gamma and beta when it has dims in front of
+    ``normalized_shape`` (default: normalized_shape). The statistics are over
+    normalized_shape and gamma/beta broadcast over those leading dims, so the input ends
+    with weight_shape: one gamma per head. Cohere's q/k norm is
+    ``LayerNorm(head_dim, bias=False, weight_shape=(heads, head_dim))`` on queries of
+    shape [..., heads, head_dim]. Such a norm (as one with an offset) runs torch ops in
+    float32 (float64 for float64 input), rounded once to the input's dtype, on every
+    device: the fused kernels take a gamma of the normalized shape only."""
 
     offset: float = 0.0
+    weight_shape: tuple[int, ...] | None = None  # None: normalized_shape
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
-                 device=None, dtype=None, *, offset: float = 0.0) -> None:
+                 device=None, dtype=None, *, offset: float = 0.0, weight_shape=None) -> None:
         F._check_cast("LayerNorm", offset, "torch")
         self.__dict__["offset"] = float(offset)
         super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias,
                          device=device, dtype=dtype)
+        if weight_shape is not None:
+            shape = (weight_shape,) if isinstance(weight_shape, int) else tuple(int(d) for d in weight_shape)
+            n = len(self.normalized_shape)
+            if shape[len(shape) - n:] != self.normalized_shape:
+                raise NormArgumentError(f"LayerNorm: expected weight_shape to end with normalized_shape "
+                                        f"{list(self.normalized_shape)}, got {list(shape)}")
+            if shape != self.normalized_shape:
+                self.__dict__["weight_shape"] = shape
+                factory = {"device": device, "dtype": dtype}
+                if self.weight is not None:
+                    self.weight = nn.Parameter(torch.empty(shape, **factory))
+                if self.bias is not None:
+                    self.bias = nn.Parameter(torch.empty(shape, **factory))
+                self.reset_parameters()
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (f", offset={self.offset!r}" if self.offset != 0.0 else "")
+        return (super().extra_repr() + (f", offset={self.offset!r}" if self.offset != 0.0 else "")
+                + (f", weight_shape={self.weight_shape}" if self.weight_shape is not None else ""))
 
     def normalize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        if self.offset != 0.0:
+        if self.offset != 0.0 or self.weight_shape is not None:
             if self.collect_per_example_grad_sq:
-                raise NotImplementedError("LayerNorm: per-example gradient norms do not take offset yet")
-            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, offset=self.offset)
+                raise NotImplementedError("LayerNorm: per-example gradient norms do not take offset or "
+                                          "weight_shape yet")
+            return F._layer_norm_torch_ops(x, self.normalized_shape, self.weight, self.bias, self.eps,
+                                           self.offset, self.weight_shape)
         if not self.collect_per_example_grad_sq:
             params = self._parameters  # nn.Module.__getattr__ costs ~1 us a parameter
             if "weight" in params and "bias" in params:
@@ -161,8 +189,11 @@ class LayerNorm(_CheckedOnce, _PerExampleGradSq, _WeightOffset, ResidualNorm, nn
             per_example_grad_sq=self._per_example_buffer(x)))
 
     def add_normalize(self, x, residual, dropout_p, residual_dtype, padding_mask):
-        if self.offset != 0.0 and self.collect_per_example_grad_sq:
-            raise NotImplementedError("LayerNorm: per-example gradient norms do not take offset yet")
+        if (self.offset != 0.0 or self.weight_shape is not None) and self.collect_per_example_grad_sq:
+            raise NotImplementedError("LayerNorm: per-example gradient norms do not take offset or "
+                                      "weight_shape yet")
+        if self.weight_shape is not None:  # the add, then normalize: no fused op takes a per-head gamma
+            return ResidualNorm.add_normalize(self, x, residual, dropout_p, residual_dtype, padding_mask)
         if not self.collect_per_example_grad_sq:
             return F.add_layer_norm(x, residual, self.weight, self.bias, self.eps, dropout_p=dropout_p,
                                     training=self.training, residual_dtype=residual_dtype,

@@ -3,12 +3,18 @@
 Each op is the fastest exact torch formulation measured so far; where nothing beats it
 the reference itself runs: the backend "torch" of ``normlab.ops``.
 
-* layer_norm: ``torch.nn.functional.layer_norm`` (one fused pass on every device).
+* layer_norm: ``torch.nn.functional.layer_norm`` (one fused pass on every device)
+  where torch's kernels take the parameters' dtypes and sum the parameter gradients in
+  float32; otherwise ``LayerNormFunction`` (torch's kernels, normlab's float32 sums).
 * rms_norm: ``RMSNormFunction``, one fused reduction (``vector_norm``) for the
   statistics and a hand-written backward with few passes; torch's own rms_norm is a
   chain of pointwise ops on CPU and its autograd saves every intermediate.
 * add_*_norm: the residual add (with dropout, one ``addcmul``) in a single pass, then
   the norm above.
+
+Parameters of any floating-point dtype: out keeps x's dtype, and dweight/dbias are
+summed in float32 (float64 for float64 x or parameters), then rounded to each
+parameter's dtype.
 
 Per-example gradient norms (``per_example_grad_sq``): the norm runs in an
 autograd.Function whose backward also computes ``reference.per_example_param_grad_sq``.
@@ -39,17 +45,86 @@ def _write_per_example(buffer: Tensor, grad_out: Tensor, x_hat: Tensor, examples
 # ----------------------------------------------------------------------- layer norm
 
 
-class LayerNormFunction(torch.autograd.Function):
-    """torch's fused layer norm, whose backward also writes per-example gradient norms.
+_HALF = (torch.float16, torch.bfloat16)
 
-    (forward + setup_context, so torch.func transforms such as vmap(grad) pass through;
-    mean and rstd are non-differentiable outputs kept for the backward.)"""
+
+def _params_native(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    """torch's layer_norm kernels take these parameters with x: all of one dtype, x's,
+    or float32 for half-precision x."""
+    dt = weight.dtype if weight is not None else bias.dtype if bias is not None else x.dtype
+    return ((bias is None or bias.dtype is dt)
+            and (dt is x.dtype or (dt is torch.float32 and x.dtype in _HALF)))
+
+
+def layer_norm_native_ok(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    """torch's own layer_norm gives normlab's result, gradients included: parameters it
+    pairs with x, and no parameter gradient from half-precision x off CUDA (torch's CPU
+    backward sums dweight and dbias in x's dtype: a bfloat16 sum of ones stops growing
+    at 256)."""
+    if not _params_native(x, weight, bias):
+        return False
+    return (x.dtype not in _HALF or x.is_cuda or not torch.is_grad_enabled()
+            or not ((weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)))
+
+
+def _layer_norm_operands(x: Tensor, weight: Tensor | None,
+                         bias: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(x, weight, bias) for torch's kernels, run in the compute dtype: parameters cast to
+    float32 (float64 where x or a parameter is float64), and x too for a float64
+    parameter. Half-precision x stays: torch's kernels pair it with float32 parameters
+    (and give the same output bits as with half-precision ones, with float32 statistics)."""
+    ct = reference.compute_dtype(x.dtype)
+    if (weight is not None and weight.dtype is torch.float64) or (bias is not None and bias.dtype is torch.float64):
+        ct = torch.float64
+    return (x if ct is torch.float32 or x.dtype is ct else x.to(ct),
+            None if weight is None else weight.to(ct), None if bias is None else bias.to(ct))
+
+
+def _layer_norm_forward(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None,
+                        bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, mean, rstd): torch's kernel on ``_layer_norm_operands`` (the same output bits
+    as torch's op wherever torch takes the call), out rounded to x's dtype."""
+    xa, wa, ba = _layer_norm_operands(x, weight, bias)
+    out, mean, rstd = torch.native_layer_norm(xa, normalized_shape, wa, ba, eps)
+    return out.to(x.dtype), mean, rstd
+
+
+def _layer_norm_backward(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor,
+                         dout: Tensor, normalized_shape: Sequence[int], needs: Sequence[bool],
+                         per_example_grad_sq: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(dx, dweight, dbias) from torch's backward kernel run in the compute dtype (x and
+    dout converted first: its CPU kernel sums dweight/dbias in its input's dtype), each
+    rounded to its tensor's dtype; ``needs``: the input-gradient flags of (x, weight, bias)."""
+    xa, wa, ba = _layer_norm_operands(x, weight, bias)
+    ct = mean.dtype  # the compute dtype: float32, or float64
+    xc, dc = xa.to(ct), dout.to(ct)
+    mask = [needs[0], weight is not None and needs[1], bias is not None and needs[2]]
+    dx, dw, db = torch.ops.aten.native_layer_norm_backward(dc, xc, normalized_shape, mean, rstd, wa, ba, mask)
+    if per_example_grad_sq is not None:
+        _write_per_example(per_example_grad_sq, dc, (xc - mean) * rstd, per_example_grad_sq.shape[1],
+                           normalized_shape, bias is not None)
+    return (None if dx is None else dx.to(x.dtype), None if dw is None else dw.to(weight.dtype),
+            None if db is None else db.to(bias.dtype))
+
+
+def _x_weight_bias(needs_input_grad: tuple[bool, ...]) -> tuple[bool, bool, bool]:
+    """The input-gradient flags of (x, weight, bias) among the op's inputs."""
+    return needs_input_grad[0], needs_input_grad[2], needs_input_grad[3]
+
+
+class LayerNormFunction(torch.autograd.Function):
+    """torch's fused layer norm with parameters of any dtype, dweight and dbias summed in
+    float32 (float64 for float64 x or parameters) and rounded once to each parameter's
+    dtype (``_layer_norm_forward``, ``_layer_norm_backward``), and, with
+    ``per_example_grad_sq``, the per-example gradient norms. (forward + setup_context,
+    so torch.func transforms such as vmap(grad) and torch.compile pass through; mean and
+    rstd are non-differentiable outputs kept for the backward.)"""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x, normalized_shape, weight, bias, eps, per_example_grad_sq):
-        return torch.native_layer_norm(x, normalized_shape, weight, bias, eps)
+        return _layer_norm_forward(x, normalized_shape, weight, bias, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -63,24 +138,43 @@ class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dmean, _drstd):
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        buffer = ctx.per_example_grad_sq
-        mask = [ctx.needs_input_grad[0], weight is not None, bias is not None]
-        dx, dw, db = torch.ops.aten.native_layer_norm_backward(
-            dout, x, ctx.normalized_shape, mean, rstd, weight, bias, mask
-        )
-        if buffer is not None:
-            x_hat = (x.to(mean.dtype) - mean) * rstd
-            _write_per_example(buffer, dout, x_hat, buffer.shape[1], ctx.normalized_shape,
-                               bias is not None)
+        dx, dw, db = _layer_norm_backward(x, weight, bias, mean, rstd, dout, ctx.normalized_shape,
+                                          _x_weight_bias(ctx.needs_input_grad),
+                                          ctx.per_example_grad_sq)
+        return dx, None, dw, db, None, None
+
+
+class _LayerNormEager(torch.autograd.Function):
+    """The same op for plain eager calls, in the ctx-in-forward form (about 50 us cheaper
+    per call on a CPU, as ``_RMSNormEager``)."""
+
+    @staticmethod
+    def forward(ctx, x, normalized_shape, weight, bias, eps, per_example_grad_sq):
+        out, mean, rstd = _layer_norm_forward(x, normalized_shape, weight, bias, eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.per_example_grad_sq, ctx.normalized_shape = per_example_grad_sq, normalized_shape
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        dx, dw, db = _layer_norm_backward(x, weight, bias, mean, rstd, dout, ctx.normalized_shape,
+                                          _x_weight_bias(ctx.needs_input_grad),
+                                          ctx.per_example_grad_sq)
         return dx, None, dw, db, None, None
 
 
 def layer_norm(x, normalized_shape, weight, bias, eps, *, per_example_grad_sq=None):
-    if per_example_grad_sq is None:
+    if per_example_grad_sq is None and layer_norm_native_ok(x, weight, bias):
         # torch's native op is already one fused pass on every device
         return F.layer_norm(x, normalized_shape, weight, bias, eps)
-    return LayerNormFunction.apply(x, list(normalized_shape), weight, bias, eps,
-                                   per_example_grad_sq)[0]
+    if _plain_eager():
+        if per_example_grad_sq is None and not (torch.is_grad_enabled() and (
+                x.requires_grad or (weight is not None and weight.requires_grad)
+                or (bias is not None and bias.requires_grad))):
+            return _layer_norm_forward(x, normalized_shape, weight, bias, eps)[0]  # nothing to differentiate
+        return _LayerNormEager.apply(x, list(normalized_shape), weight, bias, eps, per_example_grad_sq)
+    return LayerNormFunction.apply(x, list(normalized_shape), weight, bias, eps, per_example_grad_sq)[0]
 
 
 # ----------------------------------------------------------------------- rms norm
@@ -303,11 +397,6 @@ def dropout_add(x, residual, *, dropout_p=0.0, training=False, generator=None,
     return torch.addcmul(residual, x, keep_scaled).to(out_dtype)
 
 
-def _layer_norm_native_ok(h: Tensor, *params: Tensor | None) -> bool:
-    allowed = (h.dtype, torch.float32) if h.dtype in (torch.float16, torch.bfloat16) else (h.dtype,)
-    return all(p is None or p.dtype in allowed for p in params)
-
-
 def _plain_add(x, residual, dropout_p, training, residual_dtype):
     """residual + x when that is the whole dropout_add (no dropout, one dtype), else None."""
     if residual is not None and not (training and dropout_p > 0.0) and residual.dtype == x.dtype \
@@ -320,21 +409,14 @@ def add_layer_norm(x, residual, weight, bias, eps, *, dropout_p=0.0, training=Fa
                    generator=None, residual_dtype=None, normalized_shape=None,
                    per_example_grad_sq=None):
     new_residual = _plain_add(x, residual, dropout_p, training, residual_dtype)
-    if new_residual is not None and per_example_grad_sq is None and _layer_norm_native_ok(new_residual, weight, bias):
-        # the common call, in two torch ops: torch's fused kernel gives x's dtype already
-        return F.layer_norm(new_residual, normalized_shape, weight, bias, eps), new_residual
+    if new_residual is not None:
+        # the common call, in two torch ops: layer_norm keeps new_residual's dtype, x's
+        return layer_norm(new_residual, normalized_shape, weight, bias, eps,
+                          per_example_grad_sq=per_example_grad_sq), new_residual
     new_residual = dropout_add(x, residual, dropout_p=dropout_p, training=training,
                                generator=generator, residual_dtype=residual_dtype)
-    if _layer_norm_native_ok(new_residual, weight, bias):
-        out = layer_norm(new_residual, normalized_shape, weight, bias, eps,
-                         per_example_grad_sq=per_example_grad_sq)
-    else:
-        if per_example_grad_sq is not None:
-            raise NotImplementedError(
-                "add_layer_norm: per_example_grad_sq needs weight/bias in new_residual's dtype "
-                "or float32 on the torch backend"
-            )
-        out = reference.layer_norm(new_residual, normalized_shape, weight, bias, eps)
+    out = layer_norm(new_residual, normalized_shape, weight, bias, eps,
+                     per_example_grad_sq=per_example_grad_sq)
     return out.to(x.dtype), new_residual
 
 
