@@ -231,7 +231,75 @@ def _gns(outcome):
     return runs
 
 
+def _majority_run(norm, seed, lr, accuracy):
+    r = _run("expressivity", seed, lr, 0.5, norm=norm, n_layers=1)
+    r.update(task="majority", baseline_val_loss=math.log(20), chance_accuracy=0.05, final_val_accuracy=accuracy,
+             val_accuracy_mean_select=accuracy, val_accuracy_mean_test=accuracy)
+    return r
+
+
+def _majority(other):
+    """error(other) - error(LayerNorm) = the effect; LayerNorm at accuracy 0.8 at its best lr."""
+
+    def build(outcome):
+        effect, jitter = DIRECTIONAL[outcome]
+        return [_majority_run(n, s, lr, 0.8 - LR_PENALTY[lr] - (0.0 if n == "layernorm" else effect + jitter * NOISE[s]))
+                for n in ("layernorm", other) for lr in LRS for s in SEEDS]
+
+    return build
+
+
+def _keys_run(norm, seed, fractions):
+    r = _run("expressivity", seed, 3e-3, 2.9, norm=norm)
+    r.update(unselectable_by_layer=fractions, undetermined_by_layer=[0.0] * len(fractions))
+    return r
+
+
+def _unselectable(outcome):
+    effect, jitter = DIRECTIONAL[outcome]  # against the margin 0.01
+    return ([_keys_run("none", s, [0.01 + effect + jitter * NOISE[s]] * 4) for s in SEEDS]
+            + [_keys_run(n, s, [0.0] * 4) for n in ("layernorm", "rmsnorm") for s in SEEDS])
+
+
+def _qk_run(group, seed, lr, loss, logit):
+    r = _run("qk-norm", seed, lr, loss, group=group)
+    r["attention_logit_max"] = logit
+    return r
+
+
+def _qk_logits(outcome):
+    """ln(logit without / with QK-norm) at the largest lr = the effect; 1.0 at the others."""
+    effect, jitter = DIRECTIONAL[outcome]
+    top = max(LRS)
+    return ([_qk_run("no qk-norm", s, lr, 2.4, 10.0 * (math.exp(effect + jitter * NOISE[s]) if lr == top else 1.0))
+             for lr in LRS for s in SEEDS]
+            + [_qk_run("qk-norm", s, lr, 2.4, 10.0) for lr in LRS for s in SEEDS])
+
+
+def _qk_sensitivity(outcome):
+    """A bump of 3 b at the largest lr raises the sensitivity (mean - best over 3 lrs) by b."""
+    top = max(LRS)
+    bumps = {"agrees": (lambda s: 0.2 + 0.01 * NOISE[s], lambda s: 0.0),
+             "disagrees": (lambda s: 0.0, lambda s: 0.2 + 0.01 * NOISE[s]),
+             "inconclusive": (lambda s: 0.1 + 0.1 * NOISE[s], lambda s: 0.1)}[outcome]
+    return [_qk_run(g, s, lr, 2.4 + LR_PENALTY[lr] + (3 * bump(s) if lr == top else 0.0), 10.0)
+            for g, bump in zip(("no qk-norm", "qk-norm"), bumps) for lr in LRS for s in SEEDS]
+
+
+def _qk_best(outcome):
+    stat, jitter = _equivalent(outcome, 0.05)
+    return ([_qk_run("qk-norm", s, lr, 2.4 + LR_PENALTY[lr] + stat + jitter * NOISE[s], 10.0) for lr in LRS
+             for s in SEEDS]
+            + [_qk_run("no qk-norm", s, lr, 2.4 + LR_PENALTY[lr], 10.0) for lr in LRS for s in SEEDS])
+
+
 SCENARIOS = {
+    "wortsman-qk-norm-bounds-logits": _qk_logits,
+    "wortsman-qk-norm-lr-sensitivity": _qk_sensitivity,
+    "wortsman-qk-norm-keeps-best-loss": _qk_best,
+    "brody-projection-majority": _majority("rmsnorm"),
+    "brody-norm-majority": _majority("none"),
+    "brody-scaling-selects-keys": _unselectable,
     "gray-norm-gns-matches-total": _gns,
     "preln-activations-grow": _activations_grow,
     "peri-bounds-max-activations": _activation_gap("max"),
@@ -400,12 +468,34 @@ def test_quick_and_full_presets_meet_the_seed_and_lr_minimums():
         for r in study.runs:
             if r.kind != "train":
                 continue
-            key = (r.tags["study"], r.tags["group"], r.model["n_layers"], r.tags.get("alpha0"), r.warmup_steps > 0)
+            key = (r.tags["study"], r.tags["group"], r.model["n_layers"], r.tags.get("alpha0"), r.warmup_steps > 0,
+                   r.tags.get("part"))
             cells.setdefault(key, set()).add((r.lr, r.seed))
         for key, cell in cells.items():
             assert len({s for _, s in cell}) >= min_seeds, (name, key)
-            if key[0] in ("activations", "gns"):  # mechanisms compared at one shared lr: no sweep
+            if key[0] in ("activations", "gns") or key[-1] == "keys":  # measured at one shared lr: no sweep
                 assert len({lr for lr, _ in cell}) == 1, (name, key)
                 continue
             assert len({lr for lr, _ in cell}) >= min_lrs, (name, key)
             assert len(cell) == len({lr for lr, _ in cell}) * len({s for _, s in cell}), (name, key)  # full grid
+
+
+def test_majority_claims_pick_each_norms_lr_on_accuracy_and_count_failures_at_chance():
+    runs = _majority("rmsnorm")("agrees")
+    (row,) = judge(CLAIMS["brody-projection-majority"], runs)
+    assert row["estimate"] == pytest.approx(0.2) and "best lr 0.003" in row["measured"]
+    # every RMSNorm run fails: counted at chance (error 0.95), against LayerNorm's 0.2
+    for r in runs:
+        if r["norm"] == "rmsnorm":
+            r.update(diverged=True, final_val_loss=math.nan)
+    (row,) = judge(CLAIMS["brody-projection-majority"], runs)
+    assert row["estimate"] == pytest.approx(0.95 - 0.2)
+
+
+def test_scaled_keys_sanity_rows_report_the_largest_fraction():
+    runs = _unselectable("agrees")
+    runs[-1]["unselectable_by_layer"] = [0.0, 0.0, 0.0, 0.004]
+    rows = {r["id"]: r for r in judge(CLAIMS["brody-scaled-keys-selectable"], runs)}
+    assert set(rows) == {"brody-scaled-keys-selectable@layernorm", "brody-scaled-keys-selectable@rmsnorm"}
+    assert rows["brody-scaled-keys-selectable@rmsnorm"]["estimate"] == pytest.approx(0.001)
+    assert all(r["verdict"] == "sanity" for r in rows.values())

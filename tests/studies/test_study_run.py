@@ -30,12 +30,13 @@ def test_every_preset_plan_builds(name):
     assert all(c in CLAIMS for c in study.claims)
     from normlab.studies.train import build_model
 
-    first = {r.kind: r for r in study.runs}
-    for spec in first.values():  # the models of the preset build (cheaply: one of each kind)
+    first = {(r.kind, r.task): r for r in study.runs}
+    for spec in first.values():  # the models of the preset build (cheaply: one of each kind and task)
         small = spec.with_overrides(model={**spec.model, "d_model": 16, "n_heads": 2, "d_ff": 32, "n_layers": 2})
         assert build_model(small) is not None
     assert {r.tags["study"] for r in get_study("quick").runs} == {"grad-at-init", "warmup", "depth", "norms",
-                                                                  "init-depth", "amplification", "activations", "gns"}
+                                                                  "init-depth", "amplification", "activations", "gns",
+                                                                  "expressivity"}
 
 
 def test_overrides_seeds_and_steps():

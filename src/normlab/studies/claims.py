@@ -124,6 +124,7 @@ class Best:
     failures: dict[tuple, int]      # setting -> failed seeds
     seeds: int
     complete: bool                  # every setting ran every seed
+    metric: str = "test loss"       # what by_seed holds
 
     @property
     def at_edge(self) -> bool:
@@ -148,7 +149,7 @@ class Best:
         varied = len(set(self.chosen.values())) > 1
         return (f"{name}: best {_setting_text(self.setting)}{edge}"
                 + (" (cross-fitted choice differs by seed)" if varied else "")
-                + f", test loss {_mean(self.by_seed.values()):.3f}; largest stable lr "
+                + f", {self.metric} {_mean(self.by_seed.values()):.3f}; largest stable lr "
                 f"{'none' if stable is None else f'{stable:g}'}")
 
     def caveats(self, name: str) -> list[str]:
@@ -162,9 +163,12 @@ class Best:
         return out
 
 
-def best_setting(runs: list[Result]) -> Best | None:
+def best_setting(runs: list[Result], value: Callable[[Result, str], float] | None = None,
+                 metric: str = "test loss") -> Best | None:
     """Each seed's test-half loss at the setting (lr, alpha0) with the lowest mean
-    select-half loss over the other seeds; and the best setting over all seeds."""
+    select-half loss over the other seeds; and the best setting over all seeds.
+    ``value(run, half)``: what is minimised and judged in place of ``judged_loss``."""
+    value = value or judged_loss
     if not runs:
         return None
     cells: dict[tuple, dict[int, Result]] = defaultdict(dict)
@@ -175,19 +179,19 @@ def best_setting(runs: list[Result]) -> Best | None:
     def choose(exclude: int | None) -> tuple:
         means = {}
         for setting, by_seed in cells.items():
-            used = [judged_loss(r, "select") for s, r in by_seed.items() if s != exclude]
+            used = [value(r, "select") for s, r in by_seed.items() if s != exclude]
             means[setting] = _mean(used) if used else math.inf
         return min(means, key=lambda st: (means[st], st[0]))
 
-    sweep = {st: _mean(judged_loss(r, "select") for r in by_seed.values()) for st, by_seed in cells.items()}
+    sweep = {st: _mean(value(r, "select") for r in by_seed.values()) for st, by_seed in cells.items()}
     chosen, by_seed = {}, {}
     for seed in seeds:
         st = choose(seed if len(seeds) > 1 else None)
         if seed in cells[st]:
-            chosen[seed], by_seed[seed] = st, judged_loss(cells[st][seed])
+            chosen[seed], by_seed[seed] = st, value(cells[st][seed], "test")
     return Best(setting=choose(None), by_seed=by_seed, chosen=chosen, sweep=sweep,
                 failures={st: sum(failed(r) for r in bs.values()) for st, bs in cells.items()},
-                seeds=len(seeds), complete=all(len(bs) == len(seeds) for bs in cells.values()))
+                seeds=len(seeds), complete=all(len(bs) == len(seeds) for bs in cells.values()), metric=metric)
 
 
 def _mostly_failed(best: Best, runs: list[Result]) -> bool:
@@ -712,6 +716,157 @@ def _gns_ratio(results: list[Result]) -> list[Measurement]:
     return rows or _missing(f"gns training runs with both estimates. {GNS_COVERAGE}")
 
 
+def judged_error(r: Result, half: str = "test") -> float:
+    """1 - the majority run's validation accuracy averaged over its evaluations during
+    training, on one half of the fixed validation set (how fast it learned, lower is
+    better); a failed run counts at chance (1 - 1/classes)."""
+    chance = r.get("chance_accuracy", 0.0)
+    if failed(r):
+        return 1.0 - chance
+    value = r.get(f"val_accuracy_mean_{half}")
+    return 1.0 - chance if value is None or not math.isfinite(value) else 1.0 - value
+
+
+def _majority_runs(results: list[Result], norm: str) -> list[Result]:
+    return [r for r in runs_of(results, "expressivity", norm=norm, task="majority") if r.get("kind") == "train"]
+
+
+def _keys_runs(results: list[Result], norm: str) -> list[Result]:
+    """The expressivity study's LM runs that tested their attention inputs for selectability."""
+    return [r for r in runs_of(results, "expressivity", norm=norm, task="lm") if r.get("unselectable_by_layer")]
+
+
+def _majority_setup(runs: list[Result]) -> str:
+    if not runs:
+        return ""
+    r0 = runs[0]
+    cfg = r0.get("config", {})
+    options = cfg.get("task_options") or {}
+    return (f"here: majority of {cfg.get('seq_len', '?')} tokens over {options.get('classes', '?')} classes (ahead by "
+            f">= {options.get('margin', '?')}), one Pre-LN encoder layer, d_model {r0.get('d_model')}, "
+            f"{cfg.get('n_heads', '?')} head(s), FFN {cfg.get('d_ff', '?')}, no positions, the same norm before "
+            f"attention, before the FFN and at the end, {r0['steps']} steps x {cfg.get('batch_size', '?')} "
+            f"sequences, lr swept over {_list(f'{x:g}' for x in sorted({r['lr'] for r in runs}))}, "
+            f"{len({r['seed'] for r in runs})} paired seeds")
+
+
+def _majority_gap(other: str) -> Callable[[list[Result]], list[Measurement]]:
+    """error(other) - error(LayerNorm), each at its own cross-fitted best lr, paired by seed;
+    the error is 1 - the accuracy averaged over the run's evaluations."""
+
+    def measure(results: list[Result]) -> list[Measurement]:
+        ln, ot = _majority_runs(results, "layernorm"), _majority_runs(results, other)
+        if not ln or not ot:
+            return _missing(f"majority runs with LayerNorm and {other}")
+        bl = best_setting(ln, judged_error, "mean test accuracy error")
+        bo = best_setting(ot, judged_error, "mean test accuracy error")
+        i = paired_ci(bo.by_seed, bl.by_seed)
+        final = {n: _mean(r["final_val_accuracy"] for r in rs if r["lr"] == b.setting[0]
+                          and math.isfinite(r.get("final_val_accuracy", math.nan)))
+                 for n, b, rs in (("layernorm", bl, ln), (other, bo, ot))}
+        return [Measurement("", i, f"{bl.text('layernorm')}; {bo.text(other)}; mean accuracy over training "
+                            f"LayerNorm {1 - _mean(bl.by_seed.values()):.3f}, {other} {1 - _mean(bo.by_seed.values()):.3f}; "
+                            f"final accuracy at the best lr LayerNorm {final['layernorm']:.3f}, {other} "
+                            f"{final[other]:.3f}; error({other}) - error(LayerNorm) = {_ci_text(i)}",
+                            _majority_setup(ln + ot), tuple(bl.caveats("LayerNorm") + bo.caveats(other)))]
+
+    return measure
+
+
+def _unselectable_mean(r: Result) -> float | None:
+    """The fraction of a run's attention inputs that are unselectable, averaged over its layers."""
+    values = r.get("unselectable_by_layer")
+    return _mean(values) if values and not failed(r) else None
+
+
+def _unselectable_gap(results: list[Result]) -> list[Measurement]:
+    """fraction of unselectable attention inputs without a norm - with LayerNorm, paired by seed."""
+    none = {r["seed"]: _unselectable_mean(r) for r in _keys_runs(results, "none")}
+    ln = {r["seed"]: _unselectable_mean(r) for r in _keys_runs(results, "layernorm")}
+    none, ln = {k: v for k, v in none.items() if v is not None}, {k: v for k, v in ln.items() if v is not None}
+    if not none or not ln:
+        return _missing("LM runs with and without LayerNorm that tested their attention inputs")
+    i = paired_ci(none, ln)
+    runs = _keys_runs(results, "none") + _keys_runs(results, "layernorm")
+    undetermined = max((max(r.get("undetermined_by_layer") or [0.0]) for r in runs), default=0.0)
+    by_layer = [_mean(v) for v in zip(*(r["unselectable_by_layer"] for r in _keys_runs(results, "none")))]
+    return [Measurement("", i, f"unselectable attention inputs: no norm {_mean(none.values()):.3f} (by layer "
+                        f"{', '.join(f'{v:.3f}' for v in by_layer)}), LayerNorm {_mean(ln.values()):.3f} (means over "
+                        f"seeds); difference {_ci_text(i)}; at most {undetermined:.3f} of any layer's vectors were "
+                        f"left undetermined", run_setup(runs))]
+
+
+def _scaled_keys(results: list[Result]) -> list[Measurement]:
+    """Sanity: the fraction of unselectable attention inputs behind LayerNorm and RMSNorm (0 by construction)."""
+    rows = []
+    for norm in ("layernorm", "rmsnorm"):
+        values = [v for r in _keys_runs(results, norm) if (v := _unselectable_mean(r)) is not None]
+        if values:
+            rows.append(Measurement(f"@{norm}", Interval(max(values), min(values), max(values), len(values)),
+                                    f"{norm}: the largest fraction of unselectable attention inputs over "
+                                    f"{len(values)} runs: {max(values):.4f} (scaling puts the norm's outputs on an "
+                                    f"ellipsoid, whose points are all vertices: 0 up to the test's tolerance)",
+                                    run_setup(_keys_runs(results, norm))))
+    return rows or _missing("LM runs with LayerNorm or RMSNorm that tested their attention inputs")
+
+
+def _qk_runs(results: list[Result], group: str) -> list[Result]:
+    return [r for r in runs_of(results, "qk-norm", group=group) if r.get("kind") == "train"]
+
+
+def _qk_logits(results: list[Result]) -> list[Measurement]:
+    """ln(largest attention logit during training) without - with QK-norm at the sweep's
+    largest lr, paired by seed."""
+    plain, qk = _qk_runs(results, "no qk-norm"), _qk_runs(results, "qk-norm")
+    lrs = sorted({r["lr"] for r in plain} & {r["lr"] for r in qk})
+    if not lrs:
+        return _missing("qk-norm runs with and without QK-norm at a shared lr")
+
+    def logs(runs: list[Result], lr: float) -> dict[int, float]:
+        return {r["seed"]: math.log(r["attention_logit_max"]) for r in runs
+                if r["lr"] == lr and (r.get("attention_logit_max") or 0) > 0}
+
+    profile = "; ".join(f"lr {lr:g}: {math.exp(_mean(logs(plain, lr).values())):.3g} vs "
+                        f"{math.exp(_mean(logs(qk, lr).values())):.3g}" for lr in lrs
+                        if logs(plain, lr) and logs(qk, lr))
+    top = lrs[-1]
+    i = paired_ci(logs(plain, top), logs(qk, top))
+    failures = {g: sum(failed(r) for r in rs if r["lr"] == top) for g, rs in (("without", plain), ("with", qk))}
+    return [Measurement(f"@lr={top:g}", i, f"largest attention logit over training (geometric means over seeds), "
+                        f"without vs with QK-norm: {profile}; at lr {top:g} ln(without / with) = {_ci_text(i)} "
+                        f"(x{math.exp(i.estimate):.2f}); failed runs at lr {top:g}: {failures['without']} without, "
+                        f"{failures['with']} with (their logits up to the last diagnostics step count)",
+                        run_setup(plain + qk))]
+
+
+def _lr_sensitivity(runs: list[Result]) -> dict[int, float]:
+    """Per seed: the mean over the sweep of L(lr) - min over the sweep of L, each loss
+    counted at most at the unigram baseline (a failed run counts there) (Wortsman et
+    al.'s E_lr[min(L(lr), L0) - L*], with the baseline as the cap)."""
+    by_seed: dict[int, list[float]] = defaultdict(list)
+    for r in runs:
+        by_seed[r["seed"]].append(judged_loss(r))
+    return {s: _mean(ls) - min(ls) for s, ls in by_seed.items()}
+
+
+def _qk_sensitivity(results: list[Result]) -> list[Measurement]:
+    plain, qk = _qk_runs(results, "no qk-norm"), _qk_runs(results, "qk-norm")
+    if not plain or not qk:
+        return _missing("qk-norm runs with and without QK-norm")
+    a, b = _lr_sensitivity(plain), _lr_sensitivity(qk)
+    i = paired_ci(a, b)
+    return [Measurement("", i, f"lr sensitivity over {len({r['lr'] for r in plain})} lrs: without QK-norm "
+                        f"{_mean(a.values()):.3f}, with {_mean(b.values()):.3f} nats; without - with = "
+                        f"{_ci_text(i, ' nats')}", run_setup(plain + qk))]
+
+
+def _qk_best(results: list[Result]) -> list[Measurement]:
+    plain, qk = _qk_runs(results, "no qk-norm"), _qk_runs(results, "qk-norm")
+    if not plain or not qk:
+        return _missing("qk-norm runs with and without QK-norm")
+    return [compare("QK-norm", qk, "no QK-norm", plain)]
+
+
 # ------------------------------------------------------------------ the claims
 
 XIONG = "Xiong et al. 2020, On Layer Normalization in the Transformer Architecture (ICML)"
@@ -737,6 +892,17 @@ UPDATE_NOTE = ("DeepNet's Theorem 4.3 bounds the update of its encoder-decoder a
 PERI = "Kim et al. 2025, Peri-LN: Revisiting Normalization Layer in the Transformer Architecture (ICML)"
 PERI_SETUP = ("paper: decoder-only LMs of 400M-3.2B parameters pre-trained on 30B tokens, the hidden states "
               "of each layer tracked through training")
+WORTSMAN = ("Wortsman et al. 2023, Small-scale proxies for large-scale Transformer training instabilities "
+            "(ICLR 2024)")
+DEHGHANI = "Dehghani et al. 2023, Scaling Vision Transformers to 22 Billion Parameters (ICML)"
+WORTSMAN_SETUP = ("paper: Pre-LN decoder-only LMs from 9M to 1.2B parameters on C4, AdamW with warm-up and cosine "
+                  "decay, lr swept from 3e-4 to 3e-1 (Wortsman); ViT-22B, where logit growth appeared at scale "
+                  "(Dehghani)")
+BRODY = "Brody, Alon & Yahav 2023, On the Expressivity Role of LayerNorm in Transformers' Attention (Findings of ACL)"
+BRODY_SETUP = ("paper: majority of 50 tokens over 20 classes (ahead by >= 6), one Pre-LN encoder layer, d 8, one "
+               "head, FFN 8, no positions, LayerNorm (no affine) or its scaling alone before attention only, batch "
+               "6000, Adam lr 1e-3, up to 1000 epochs of 80k sequences; unselectable keys measured in GPT-2 and BERT "
+               "trained with small hidden sizes, on SQuAD sentences")
 GRAY = "Gray et al. 2024, Normalization Layer Per-Example Gradients are Sufficient to Predict Gradient Noise Scale in Transformers (NeurIPS)"
 GRAY_SETUP = ("paper: GPT-2-style models up to 111M parameters pre-trained on OpenWebText, the noise scale tracked "
               "through training")
@@ -847,6 +1013,52 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in [
           GRAY_SETUP, _gns_ratio,
           Margin(math.log(2), "within a factor of 2: the GNS picks a batch size, and a factor of 2 is the "
                  "step of a batch-size sweep")),
+    Claim("brody-projection-majority", "LayerNorm's projection helps attention compute majority", (BRODY,),
+          "LayerNorm projects its input onto the hyperplane orthogonal to [1, ..., 1]; a query orthogonal to "
+          "that hyperplane's image attends to all keys equally, so attention after LayerNorm computes "
+          "functions such as majority without having to learn that query: with projection, a small model "
+          "learns majority faster and better than with scaling alone (Sec. 3.1, 4.1, Fig. 2-3).",
+          "error(RMSNorm) - error(LayerNorm), error = 1 - validation accuracy averaged over the evaluations "
+          "during training, each at its own cross-fitted best lr, paired by seed", "directional",
+          BRODY_SETUP, _majority_gap("rmsnorm"), MARGIN_SIGN),
+    Claim("brody-norm-majority", "A LayerNorm before narrow attention helps compute majority", (BRODY,),
+          "Both components help the attention that follows LayerNorm: a small model with LayerNorm learns "
+          "majority faster and better than the same model without it (Sec. 4.1; the paper's runs without "
+          "any norm).",
+          "error(no norm) - error(LayerNorm), as above", "directional", BRODY_SETUP, _majority_gap("none"),
+          MARGIN_SIGN),
+    Claim("brody-scaling-selects-keys", "Without LayerNorm's scaling, some keys are unselectable", (BRODY,),
+          "A key inside the convex hull of the other keys can never receive the highest attention score; "
+          "LayerNorm's scaling puts every key on a sphere, so none is unselectable, where without it a "
+          "fraction of the keys are (Sec. 3.2, 4.2, Tables 1-2).",
+          "fraction of attention inputs (the norm's outputs; the stream without a norm) inside the convex hull "
+          "of their sequence's others, without a norm - with LayerNorm, averaged over layers, paired by seed",
+          "directional", BRODY_SETUP, _unselectable_gap,
+          Margin(0.01, "one key in a hundred: fewer would not limit what attention can select in practice")),
+    Claim("brody-scaled-keys-selectable", "Keys behind LayerNorm and RMSNorm are all selectable", (BRODY,),
+          "Scaling every vector to the same norm leaves no key inside the hull of the others (Sec. 3.2).",
+          "the largest fraction of unselectable attention inputs over the LM runs with each scaling norm",
+          "sanity",
+          BRODY_SETUP, _scaled_keys, MARGIN_SIGN),
+    Claim("wortsman-qk-norm-bounds-logits", "QK-norm stops the attention logits from growing at high lr",
+          (WORTSMAN, DEHGHANI),
+          "At high learning rates the attention logits grow until the softmax collapses to one-hot and "
+          "training diverges (attention logit growth); a LayerNorm on the queries and keys (qk-layernorm) "
+          "prevents it (Dehghani et al. Sec. 3.1; Wortsman et al. Sec. 3.1, Fig. 3-4).",
+          "ln(largest attention logit at any diagnostics step) without - with QK-norm at the sweep's largest "
+          "lr, paired by seed", "directional", WORTSMAN_SETUP, _qk_logits, MARGIN_SIGN),
+    Claim("wortsman-qk-norm-lr-sensitivity", "QK-norm makes the loss less sensitive to the learning rate",
+          (WORTSMAN,),
+          "qk-layernorm reduces LR sensitivity, E_lr[min(L(lr), L0) - L*] over a log-spaced sweep, "
+          "so the loss stays good over a wider range of learning rates (Sec. 3.1, Fig. 1-2).",
+          "LR sensitivity (mean over the sweep of L(lr) - its best L, losses capped at the unigram baseline) "
+          "without - with QK-norm, per seed, paired by seed", "directional", WORTSMAN_SETUP, _qk_sensitivity,
+          MARGIN_SIGN),
+    Claim("wortsman-qk-norm-keeps-best-loss", "QK-norm costs nothing at the best learning rate", (WORTSMAN,),
+          "With qk-layernorm the loss at the optimal learning rate is about the same as without it: the gain "
+          "is in stability, not in the best loss (Sec. 3.1, Fig. 1).",
+          "L(QK-norm) - L(no QK-norm), each at its own cross-fitted best lr, paired by seed", "noninferiority",
+          WORTSMAN_SETUP, _qk_best, MARGIN_EQUIV),
     Claim("postln-needs-warmup", "Post-LN needs learning-rate warm-up; Pre-LN does not", (XIONG,),
           "Post-LN needs a learning-rate warm-up stage: without it, it trains much worse or not at all; "
           "Pre-LN trains without warm-up (Sec. 3.2 and 4).",

@@ -1,10 +1,12 @@
-"""Tasks for the studies: byte-level language modeling and a synthetic seq2seq task.
+"""Tasks for the studies: byte-level language modeling, a synthetic seq2seq task, and majority.
 
 * The default corpus needs no download: the source files of the running Python's
   standard library, read as bytes (vocab 256), split into train/validation by file
   with a hash of the file's relative path (deterministic).
 * ``--data PATH``: a text file or a folder of them, read the same way.
 * ``NumberWords``: number -> English words, generated from a seed (encoder-decoder).
+* ``majority_batch``: sequences of class tokens whose most frequent class is the label
+  at every position (Brody et al. 2023), generated from a seed (encoder).
 
 Batches are pure functions of (seed, step): a resumed or data-parallel run sees
 exactly the data of an uninterrupted single-process run.
@@ -215,3 +217,59 @@ def exact_match(predicted: Tensor, target: Tensor) -> float:
     mask = target != PAD
     same = (predicted == target) | ~mask
     return same.all(dim=1).float().mean().item()
+
+
+# ------------------------------------------------------------------ majority task
+
+
+@dataclass(frozen=True)
+class Majority:
+    """The majority task of Brody et al. 2023: a sequence of ``seq_len`` tokens from
+    ``classes`` classes, whose most frequent class beats every other by at least
+    ``margin`` occurrences; the label, at every position, is that class.
+
+    Rows are drawn as: the majority class m uniformly; its count c uniformly from the
+    smallest count that leaves room for the rest (each other class at most c - margin)
+    to ``seq_len // 2``; the other seq_len - c tokens spread over the other classes
+    uniformly at random under that cap; the positions shuffled."""
+
+    classes: int = 20
+    margin: int = 6
+
+    def __post_init__(self) -> None:
+        if isinstance(self.classes, bool) or not isinstance(self.classes, int) or self.classes < 2:
+            raise ValueError(f"Majority: expected classes to be an int >= 2, got {self.classes!r}")
+        if isinstance(self.margin, bool) or not isinstance(self.margin, int) or self.margin < 1:
+            raise ValueError(f"Majority: expected margin to be an int >= 1, got {self.margin!r}")
+
+    def count_range(self, seq_len: int) -> tuple[int, int]:
+        """The majority class's smallest and largest count in a sequence of ``seq_len``."""
+        lo = -(-(seq_len + (self.classes - 1) * self.margin) // self.classes)
+        lo = max(lo, self.margin)
+        hi = max(lo, seq_len // 2)
+        if lo > seq_len:
+            raise ValueError(f"Majority: seq_len {seq_len} is too short for {self.classes} classes with "
+                             f"margin {self.margin}")
+        return lo, hi
+
+    def batch(self, batch_size: int, seq_len: int, seed: int, step: int) -> tuple[Tensor, Tensor]:
+        """(tokens [B, T] int64, labels [B] int64): a pure function of (seed, step)."""
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        b, k = batch_size, self.classes
+        lo, hi = self.count_range(seq_len)
+        order = torch.rand(b, k, generator=g).argsort(dim=1)  # order[:, 0] is the majority class
+        top = torch.randint(lo, hi + 1, (b,), generator=g)
+        cap = top - self.margin  # each other class at most this often
+        rest = seq_len - top
+        # spread `rest` tokens over (classes - 1) x cap slots, chosen without replacement
+        width = int(cap.max()) if b else 0
+        keys = torch.rand(b, k - 1, max(width, 1), generator=g)
+        keys = keys.masked_fill(torch.arange(max(width, 1)) >= cap[:, None, None], 2.0)
+        rank = keys.flatten(1).argsort(dim=1).argsort(dim=1)
+        others = (rank < rest[:, None]).view(b, k - 1, -1).sum(-1)
+        counts = torch.zeros(b, k, dtype=torch.long)
+        counts.scatter_(1, order, torch.cat([top[:, None], others], dim=1))
+        ends = counts.cumsum(1)
+        sorted_tokens = torch.searchsorted(ends, torch.arange(seq_len).expand(b, seq_len).contiguous(), right=True)
+        shuffle = torch.rand(b, seq_len, generator=g).argsort(dim=1)
+        return sorted_tokens.gather(1, shuffle), order[:, 0].clone()

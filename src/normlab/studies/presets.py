@@ -14,7 +14,11 @@
                   Peri-LN (and Sandwich, Post-LN)
     gns           Gray et al. 2024: the noise scale from the norm layers' per-example
                   gradients against the whole model's
-    quick         all of them at CPU sizes: 3 seeds, 3 learning rates, minutes on 2 cores
+    expressivity  Brody et al. 2023: LayerNorm vs RMSNorm vs no norm before a narrow
+                  attention layer on the majority task, and the keys no query can select
+    qk-norm       Wortsman et al. 2023 / Dehghani et al. 2023: with and without QK-norm
+                  over a wide lr sweep: attention logit growth, lr sensitivity
+    quick         all of them but qk-norm at CPU sizes: 3 seeds, 3 learning rates, minutes on 2 cores
     full          all of them at sizes meant for a GPU: 5 seeds, 4 learning rates
 
 Every configuration a training claim compares runs over the same seeds (paired: same
@@ -56,10 +60,10 @@ def _model(base: dict[str, Any], **kw: Any) -> dict[str, Any]:
 
 def _train(name: str, model: dict[str, Any], *, lr: float, warmup_steps: int, steps: int, seed: int,
            batch_size: int, seq_len: int, tags: dict[str, Any], **kw: Any) -> RunSpec:
+    every = {"eval_every": max(1, steps // 3), "diag_every": max(1, steps // 6),
+             "checkpoint_every": max(1, steps // 2), "log_every": max(1, min(10, steps // 10))}
     return RunSpec(name=name, model=model, lr=lr, warmup_steps=warmup_steps, steps=steps, seed=seed,
-                   batch_size=batch_size, seq_len=seq_len, eval_every=max(1, steps // 3),
-                   diag_every=max(1, steps // 6), checkpoint_every=max(1, steps // 2),
-                   log_every=max(1, min(10, steps // 10)), tags={**tags, "lr": lr}, **kw)
+                   batch_size=batch_size, seq_len=seq_len, tags={**tags, "lr": lr}, **{**every, **kw})
 
 
 def grad_at_init(*, base=SMALL, depths=(3, 6, 12, 24), seeds=tuple(range(6)), batch_size=8, seq_len=64,
@@ -131,6 +135,65 @@ def gns(*, base=MICRO, n_layers=3, lr=3e-3, warmup_steps=30, steps=150, seeds=(0
     ]
 
 
+# Brody et al. 2023's majority model: one Pre-LN layer, d_model 8, one head, FFN width 8,
+# no positions (majority is a function of the bag of tokens), ReLU, no dropout
+MAJORITY = {**ORIGINAL, "positional": "none", "d_model": 8, "n_heads": 1, "d_ff": 8, "n_layers": 1, "dropout": 0.0}
+MAJORITY_TASK = {"classes": 20, "margin": 6}  # the paper's 20 classes, majority ahead by >= 6 of 50
+# at 200 steps every norm's best lr on the majority task was QUICK_LRS_HIGH's largest (3e-2,
+# measured over 3 seeds), so its sweep is one step of x3.16 up
+MAJORITY_LRS = (1e-2, 3e-2, 1e-1)
+# Brody et al.'s unselectable-keys models: GPT-2 with hidden size 8, 4 heads, 4 layers
+KEYS_MODEL = {"activation": "gelu", "positional": "learned", "init": "gpt2", "d_model": 8, "n_heads": 4,
+              "d_ff": 32, "n_layers": 4, "dropout": 0.0}
+EXPRESSIVITY_NORMS = ("layernorm", "rmsnorm", "none")
+
+
+def expressivity(*, base=MAJORITY, names=EXPRESSIVITY_NORMS, lrs=MAJORITY_LRS, warmup_steps=20, steps=400,
+                 seeds=(0, 1, 2), batch_size=128, seq_len=50, task_options=MAJORITY_TASK, keys_base=KEYS_MODEL,
+                 keys_lr=3e-3, keys_steps=None, keys_batch_size=16, keys_seq_len=64, **kw: Any) -> list[RunSpec]:
+    """Brody et al. 2023 with every norm of the model (before attention, before the FFN,
+    and the final one) LayerNorm (projection and scaling), RMSNorm (scaling only) or none:
+
+    * the majority task at a width where attention is narrow, over the lr sweep;
+    * a byte-level LM of hidden size 8 at one lr, whose attention inputs are tested for
+      selectability at the end (``keys_steps`` steps, default ``steps``)."""
+    majority = [
+        _train(f"majority-{n}-d{base['d_model']}-lr{lr:g}-s{s}", _model(base, placement="pre", norm=n), lr=lr,
+               warmup_steps=warmup_steps, steps=steps, seed=s, batch_size=batch_size, seq_len=seq_len,
+               task="majority", task_options=dict(task_options), eval_batches=4,
+               tags={"study": "expressivity", "group": n, "part": "majority", "width": base["d_model"]},
+               **{"eval_every": max(1, steps // 16), **kw})
+        for n, lr, s in product(names, lrs, seeds)
+    ]
+    keys_steps = steps if keys_steps is None else keys_steps
+    keys = [
+        _train(f"keys-{n}-d{keys_base['d_model']}-s{s}", _model(keys_base, placement="pre", norm=n), lr=keys_lr,
+               warmup_steps=warmup_steps, steps=keys_steps, seed=s, batch_size=keys_batch_size,
+               seq_len=keys_seq_len, unselectable_keys=True,
+               tags={"study": "expressivity", "group": n, "part": "keys", "width": keys_base["d_model"]}, **kw)
+        for n, s in product(names, seeds)
+    ]
+    return majority + keys
+
+
+QK_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)  # log-spaced, up to where training breaks
+
+
+def qk_norm(*, base=MICRO, n_layers=4, lrs=QK_LRS, warmup_steps=20, steps=200, seeds=(0, 1, 2), batch_size=16,
+            seq_len=64, variants=(None, "layernorm"), schedule="cosine", **kw: Any) -> list[RunSpec]:
+    """Pre-LN with and without QK-norm (a LayerNorm on each head's queries and keys) over
+    a wide lr sweep, warm-up then cosine decay as in Wortsman et al.; every diagnostics
+    step records each layer's largest attention logit."""
+    return [
+        _train(f"qk-{v or 'none'}-L{n_layers}-lr{lr:g}-s{s}", _model(base, placement="pre", n_layers=n_layers,
+                                                                    qk_norm=v),
+               lr=lr, warmup_steps=warmup_steps, steps=steps, seed=s, batch_size=batch_size, seq_len=seq_len,
+               schedule=schedule, tags={"study": "qk-norm", "group": "qk-norm" if v else "no qk-norm",
+                                        "depth": n_layers}, **kw)
+        for v, lr, s in product(variants, lrs, seeds)
+    ]
+
+
 def warmup(*, base=TINY, n_layers=6, lrs=QUICK_LRS, warmup_steps=40, steps=150, seeds=(0, 1, 2),
            batch_size=16, seq_len=64, placements=("post", "pre"), **kw: Any) -> list[RunSpec]:
     """Post-LN and Pre-LN, with and without warm-up, over the lr sweep. The runs with
@@ -195,6 +258,9 @@ CLAIMS_BY_STUDY = {
     "init-depth": ("init-depth-post", "init-depth-pre"),
     "activations": ("preln-activations-grow", "peri-bounds-max-activations", "peri-bounds-rms"),
     "gns": ("gray-norm-gns-matches-total",),
+    "qk-norm": ("wortsman-qk-norm-bounds-logits", "wortsman-qk-norm-lr-sensitivity", "wortsman-qk-norm-keeps-best-loss"),
+    "expressivity": ("brody-projection-majority", "brody-norm-majority", "brody-scaling-selects-keys",
+                     "brody-scaled-keys-selectable"),
     "amplification": ("liu-postln-update-grows", "liu-postln-update-linear-in-n", "liu-preln-update-slower",
                       "liu-preln-update-log-n", "deepnet-update-bounded"),
 }
@@ -204,8 +270,8 @@ def _study(name: str, description: str, runs: list[RunSpec], claims: tuple[str, 
     return Study(name=name, description=description, runs=tuple(runs), claims=claims)
 
 
-def _all_claims() -> tuple[str, ...]:
-    return tuple(c for cs in CLAIMS_BY_STUDY.values() for c in cs)
+def _all_claims(exclude: tuple[str, ...] = ()) -> tuple[str, ...]:
+    return tuple(c for study, cs in CLAIMS_BY_STUDY.items() if study not in exclude for c in cs)
 
 
 def _quick() -> Study:
@@ -223,11 +289,13 @@ def _quick() -> Study:
             + amplification()
             # 200 steps and no Post-LN (its stream is a norm's output) keep make run within 10 minutes
             + activations(steps=200, placements=("pre", "peri", "sandwich"), val_bytes_during=16_384)
-            + gns(steps=120, val_bytes_during=16_384))
+            + gns(steps=120, val_bytes_during=16_384)
+            + expressivity(steps=200, val_bytes_during=16_384))
     return _study("quick", "Every study at CPU sizes (d_model 32, 3-12 layers, 120 steps): 3 paired seeds, "
                   "3 learning rates per configuration, probes at init over 6 seeds (d_model 64-128, up to "
-                  "48 layers); minutes on a 2-core CPU.",
-                  runs, _all_claims())
+                  "48 layers); minutes on a 2-core CPU. qk-norm runs on its own (its 36 runs do not fit the "
+                  "budget of make run).",
+                  runs, _all_claims(exclude=("qk-norm",)))
 
 
 def _full() -> Study:
@@ -242,7 +310,11 @@ def _full() -> Study:
             + activations(base=GPU, n_layers=24, lr=1e-3, warmup_steps=4000, steps=20000, seeds=tuple(range(5)),
                           batch_size=64, seq_len=256)
             + gns(base=GPU, n_layers=6, lr=1e-3, warmup_steps=1000, steps=5000, seeds=tuple(range(5)),
-                  batch_size=32, seq_len=256))
+                  batch_size=32, seq_len=256)
+            + expressivity(lrs=(1e-3, 3e-3, 1e-2, 3e-2), steps=5000, seeds=tuple(range(5)), batch_size=1024,
+                           warmup_steps=100, keys_steps=20000, keys_batch_size=64, keys_seq_len=256)
+            + qk_norm(base=GPU, n_layers=12, lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2), warmup_steps=1000,
+                      steps=10000, seeds=tuple(range(5)), batch_size=64, seq_len=256))
     return _study("full", "Every study at sizes meant for a GPU (d_model 512, up to 48 layers, 20k steps): "
                   "5 paired seeds, 4 learning rates per configuration.", runs, _all_claims())
 
@@ -278,6 +350,14 @@ PRESETS = {
         "gns", "Gray et al. 2024: the gradient noise scale from the norm layers' per-example gradients against "
         "the whole model's from every parameter's, through 150 steps of training, LayerNorm and RMSNorm at "
         "Pre-LN, 3 paired seeds.", gns(), CLAIMS_BY_STUDY["gns"]),
+    "expressivity": lambda: _study(
+        "expressivity", "Brody et al. 2023: the majority of 50 tokens over 20 classes, one Pre-LN layer of "
+        "width 8 with LayerNorm, RMSNorm or no norm, over 3 learning rates and 3 paired seeds; the keys no "
+        "query can select.", expressivity(), CLAIMS_BY_STUDY["expressivity"]),
+    "qk-norm": lambda: _study(
+        "qk-norm", "Wortsman et al. 2023 / Dehghani et al. 2023: Pre-LN at 4 layers (d_model 32) with and without "
+        "QK-norm over 6 learning rates from 1e-3 to 0.3 and 3 paired seeds: the largest attention logit, the "
+        "final loss and the lr sensitivity.", qk_norm(), CLAIMS_BY_STUDY["qk-norm"]),
     "quick": _quick,
     "full": _full,
 }

@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from normlab.studies.claims import best_setting, judged_loss, runs_of  # noqa: E402
+from normlab.studies.claims import best_setting, judged_error, judged_loss, runs_of  # noqa: E402
 from normlab.studies.stats import mean_ci  # noqa: E402
 
 Result = dict[str, Any]
@@ -231,6 +231,61 @@ def plot_gns(results: list[Result], metrics: dict[str, list], path: Path) -> Pat
     return _save(fig, path)
 
 
+def plot_expressivity(results: list[Result], metrics: dict[str, list], path: Path) -> Path | None:
+    """Brody et al.: majority accuracy through training, each norm at its best lr; and the
+    fraction of unselectable attention inputs by layer in the LM runs."""
+    majority = [r for r in _trained(results, "expressivity") if r.get("task") == "majority"]
+    keys = [r for r in _trained(results, "expressivity") if r.get("unselectable_by_layer")]
+    if not majority and not keys:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(9.4, 4.2))
+    for i, norm in enumerate(sorted({r["norm"] for r in majority})):
+        runs = [r for r in majority if r["norm"] == norm]
+        best = best_setting(runs, judged_error)
+        xs, ys = [], []
+        for r in runs:
+            if r["lr"] != best.setting[0]:
+                continue
+            pts = [(m["step"], m["val_accuracy"]) for m in metrics.get(r["name"], []) if "val_accuracy" in m]
+            if pts:
+                xs.append([x for x, _ in pts])
+                ys.append([y for _, y in pts])
+        _band(axes[0], xs, ys, f"{norm}, lr {best.setting[0]:g} ({len(xs)} seeds)", _color(norm, i))
+    if majority:
+        axes[0].axhline(majority[0].get("chance_accuracy", 0.0), color="k", lw=0.8, ls=":", label="chance")
+    for i, norm in enumerate(sorted({r["norm"] for r in keys})):
+        profiles = [r["unselectable_by_layer"] for r in keys if r["norm"] == norm]
+        _band(axes[1], [list(range(1, len(v) + 1)) for v in profiles], profiles, f"{norm} ({len(profiles)} seeds)",
+              _color(norm, i), marker="o")
+    depth = max((len(r["unselectable_by_layer"]) for r in keys), default=0)
+    axes[1].set_xticks(range(1, depth + 1))
+    _finish(axes[0], "step", "validation accuracy", "Majority, one layer of width 8")
+    _finish(axes[1], "layer", "fraction of attention inputs", "Unselectable keys, byte-level LM of width 8")
+    return _save(fig, path)
+
+
+def plot_qk_logits(results: list[Result], path: Path) -> Path | None:
+    """Wortsman et al.: the largest attention logit during training against lr, with and
+    without QK-norm (geometric mean over seeds, 95% band)."""
+    runs = [r for r in _trained(results, "qk-norm") if (r.get("attention_logit_max") or 0) > 0]
+    if not runs:
+        return None
+    fig, ax = plt.subplots(figsize=(5.2, 4.2))
+    for i, g in enumerate(sorted({_group(r) for r in runs})):
+        mine = [r for r in runs if _group(r) == g]
+        lrs = sorted({r["lr"] for r in mine})
+        cis = [mean_ci([math.log(r["attention_logit_max"]) for r in mine if r["lr"] == lr]) for lr in lrs]
+        color = plt.cm.tab10(i)
+        ax.plot(lrs, [math.exp(c.estimate) for c in cis], "o-", color=color, label=g, ms=3)
+        if all(math.isfinite(c.lo) for c in cis):
+            ax.fill_between(lrs, [math.exp(c.lo) for c in cis], [math.exp(c.hi) for c in cis], color=color,
+                            alpha=0.15, lw=0)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    _finish(ax, "peak learning rate", "largest attention logit during training", "Attention logit growth")
+    return _save(fig, path)
+
+
 # ------------------------------------------------------------------ training
 
 
@@ -365,6 +420,11 @@ def make_plots(out: Path, results: list[Result], metrics: dict[str, list]) -> di
             plot_activations(results, metrics, out / "activations.png"),
         "GNS study: the noise scale from the norm layers and from every parameter":
             plot_gns(results, metrics, out / "gns.png"),
+        "Expressivity study: majority, and the keys no query can select":
+            plot_expressivity(results, metrics, out / "expressivity.png"),
+        "QK-norm study: final loss against learning rate": plot_loss_vs_lr(results, "qk-norm", out / "lr_qk.png"),
+        "QK-norm study: the largest attention logit against learning rate":
+            plot_qk_logits(results, out / "qk_logits.png"),
         "Warm-up study: final loss against learning rate": plot_loss_vs_lr(results, "warmup", out / "lr_warmup.png"),
         "Warm-up study: loss curves": plot_loss_curves(results, metrics, "warmup", out / "loss_warmup.png"),
         "Depth study: final loss against learning rate": plot_loss_vs_lr(results, "depth", out / "lr_depth.png"),

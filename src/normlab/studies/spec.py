@@ -17,7 +17,8 @@ class RunSpec:
 
     name: str
     model: dict[str, Any]
-    task: str = "lm"                 # "lm" (byte-level LM) | "seq2seq" (number -> words)
+    task: str = "lm"                 # "lm" (byte-level LM) | "seq2seq" (number -> words) | "majority"
+                                     # (the majority class of a sequence, at every position; an encoder)
     kind: str = "train"              # "train" | "probe" (gradients at init, no update) | "update"
                                      # (the output change after one Adam update at init) | "speed"
     lr: float = 1e-3
@@ -39,13 +40,18 @@ class RunSpec:
     checkpoint_every: int = 100
     probe_batches: int = 4
     total_gns: bool = False          # also the whole model's noise scale at each diagnostics step (the gns study)
+    unselectable_keys: bool = False  # at the end, the fraction of attention keys no query can rank first
+    task_options: dict[str, Any] = field(default_factory=dict)  # majority: {"classes": 20, "margin": 6}
     speed_against: dict[str, Any] = field(default_factory=dict)  # kind="speed": the baseline's model overrides
     speed_rounds: int = 12                                       # kind="speed": interleaved timing rounds
     tags: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         checks = [
-            (self.task in ("lm", "seq2seq"), f"task must be 'lm' or 'seq2seq', got {self.task!r}"),
+            (self.task in ("lm", "seq2seq", "majority"),
+             f"task must be 'lm', 'seq2seq' or 'majority', got {self.task!r}"),
+            (not self.task_options or self.task == "majority",
+             f"task_options are for task 'majority', got {self.task_options!r} for task {self.task!r}"),
             (self.kind in ("train", "probe", "update", "speed"),
              f"kind must be 'train', 'probe', 'update' or 'speed', got {self.kind!r}"),
             (self.schedule in ("constant", "cosine", "inverse_sqrt"),
@@ -63,6 +69,13 @@ class RunSpec:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"RunSpec {self.name!r}: {message}")
+        if self.task == "majority":
+            from normlab.studies.data import Majority
+
+            try:
+                Majority(**self.task_options).count_range(self.seq_len)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"RunSpec {self.name!r}: task_options {self.task_options!r}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -77,12 +90,19 @@ class RunSpec:
 
     def fingerprint(self) -> str:
         """Identifies the run's settings: a checkpoint is resumed only by the same spec."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        d = self.to_dict()
+        for key, default in _LATER_FIELDS.items():  # fields added later leave older runs' fingerprints as they were
+            if d.get(key) == default:
+                d.pop(key)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def with_overrides(self, **kw: Any) -> RunSpec:
         d = self.to_dict()
         d.update({k: v for k, v in kw.items() if v is not None})
         return RunSpec.from_dict(d)
+
+
+_LATER_FIELDS: dict[str, Any] = {"unselectable_keys": False, "task_options": {}}
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from normlab.studies.data import (
     VOCAB_SIZE,
     ByteCorpus,
+    Majority,
     NumberWords,
     exact_match,
     fixed_windows,
@@ -48,6 +49,7 @@ from normlab.studies.spec import RunSpec
 CHECKPOINT = "checkpoint"
 WEIGHTS = "model.safetensors"
 EVAL_CHUNK = 64  # validation windows per forward pass (faster than larger ones on a CPU)
+UNSELECTABLE_SEQUENCES = 8  # validation sequences whose attention inputs are tested for selectability
 
 
 class Interrupted(Exception):
@@ -127,14 +129,25 @@ def model_config(spec: RunSpec):
     a run's model settings are read (nothing restates the config's defaults)."""
     from normlab.models import TransformerConfig
 
-    seq_len = spec.seq_len if spec.task == "lm" else max(NumberWords().src_len, NumberWords().tgt_len)
-    return TransformerConfig(**{"vocab_size": VOCAB_SIZE, "max_seq_len": seq_len, **spec.model})
+    if spec.task == "seq2seq":
+        seq_len, vocab = max(NumberWords().src_len, NumberWords().tgt_len), VOCAB_SIZE
+    elif spec.task == "majority":
+        seq_len, vocab = spec.seq_len, Majority(**spec.task_options).classes
+    else:
+        seq_len, vocab = spec.seq_len, VOCAB_SIZE
+    return TransformerConfig(**{"vocab_size": vocab, "max_seq_len": seq_len, **spec.model})
 
 
 def build_model(spec: RunSpec) -> nn.Module:
-    from normlab.models import Seq2SeqTransformer, TransformerLM
+    """The run's model: a TransformerLM (lm), a Seq2SeqTransformer (seq2seq), or a
+    TransformerEncoder whose head over the classes is tied to the token embedding
+    (majority, as Brody et al.'s model reads its logits)."""
+    from normlab.models import Seq2SeqTransformer, TransformerEncoder, TransformerLM
 
-    return (TransformerLM if spec.task == "lm" else Seq2SeqTransformer)(model_config(spec))
+    cfg = model_config(spec)
+    if spec.task == "majority":
+        return TransformerEncoder(cfg, n_outputs=cfg.vocab_size)
+    return (TransformerLM if spec.task == "lm" else Seq2SeqTransformer)(cfg)
 
 
 def lr_factor(spec: RunSpec) -> Callable[[int], float]:
@@ -166,6 +179,7 @@ class Task:
         self.spec = spec
         self.corpus = corpus
         self.numbers = NumberWords() if spec.task == "seq2seq" else None
+        self.majority = Majority(**spec.task_options) if spec.task == "majority" else None
         self._val: dict[int, tuple[Tensor, Tensor]] = {}
 
     def batch(self, step: int, split: str, env: Env) -> dict[str, Tensor]:
@@ -173,6 +187,9 @@ class Task:
         seed = s.seed if split == "train" else self.VAL_SEED
         if self.numbers is not None:
             full = self.numbers.batch(s.batch_size, seed, step)
+        elif self.majority is not None:
+            x, label = self.majority.batch(s.batch_size, s.seq_len, seed, step)
+            full = {"x": x, "y": label[:, None].expand_as(x).contiguous()}
         else:
             stream = self.corpus.train if split == "train" else self.corpus.val
             x, y = lm_batch(stream, s.batch_size, s.seq_len, seed, step)
@@ -185,7 +202,7 @@ class Task:
 
         Summed, not averaged: across ranks with different token counts the mean is then
         taken over the global batch's tokens (``run_one``)."""
-        if self.numbers is None:
+        if self.numbers is None:  # lm and majority: a target at every position
             logits = model(batch["x"])
             target = batch["y"]
             return TF.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="sum"), target.numel()
@@ -217,13 +234,15 @@ class Task:
         was_training = model.training
         model.eval()
         try:
+            if self.majority is not None:
+                return self._evaluate_majority(model, env, final)
             if self.numbers is None:
                 return self._evaluate_lm(model, env, final)
             return self._evaluate_seq2seq(model, env)
         finally:
             model.train(was_training)
 
-    def _evaluate_lm(self, model: nn.Module, env: Env, final: bool) -> dict[str, float]:
+    def _evaluate_lm(self, model: nn.Module, env: Env, final: bool) -> dict[str, Any]:
         x, y = self.val_windows(final)
         per_window = []
         for i in range(0, x.shape[0], EVAL_CHUNK):
@@ -233,9 +252,35 @@ class Task:
             loss = TF.cross_entropy(logits.flatten(0, 1).float(), yb.flatten(), reduction="none")
             per_window.append(loss.view(yb.shape).mean(1).double().cpu())
         w = torch.cat(per_window)
-        out = {"val_loss": float(w.mean())}
+        out: dict[str, Any] = {"val_loss": float(w.mean())}
         if w.numel() >= 2:
             out["val_loss_select"], out["val_loss_test"] = float(w[0::2].mean()), float(w[1::2].mean())
+        if final and self.spec.unselectable_keys:
+            from normlab.studies.probes import unselectable_keys
+
+            out.update(unselectable_keys(model, x[:UNSELECTABLE_SEQUENCES].to(env.device), env))
+        return out
+
+    def _evaluate_majority(self, model: nn.Module, env: Env, final: bool) -> dict[str, Any]:
+        """Loss and accuracy over every position of ``eval_batches`` batches of a fixed seed
+        (``_select``/``_test``: the even and odd sequences); at the end of a run with
+        ``unselectable_keys``, the unselectable fraction of each layer's keys on the first
+        ``UNSELECTABLE_SEQUENCES`` sequences."""
+        from normlab.studies.probes import unselectable_keys
+
+        xs, ys = zip(*((b["x"], b["y"]) for b in (self.batch(i, "val", env) for i in range(self.spec.eval_batches))))
+        x, y = torch.cat(xs), torch.cat(ys)
+        with env.autocast():
+            logits = model(x).float()
+        loss = TF.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1).double()
+        correct = (logits.argmax(-1) == y).double().mean(1)
+        out: dict[str, Any] = {"val_loss": float(loss.mean()), "val_accuracy": float(correct.mean())}
+        if x.shape[0] >= 2:
+            out["val_loss_select"], out["val_loss_test"] = float(loss[0::2].mean()), float(loss[1::2].mean())
+            out["val_accuracy_select"] = float(correct[0::2].mean())
+            out["val_accuracy_test"] = float(correct[1::2].mean())
+        if final and self.spec.unselectable_keys:
+            out.update(unselectable_keys(model, x[:UNSELECTABLE_SEQUENCES], env))
         return out
 
     def _evaluate_seq2seq(self, model: nn.Module, env: Env) -> dict[str, float]:
@@ -501,6 +546,7 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
     recent: list[float] = state.get("recent", [])
     activations: dict[str, dict[str, list[float]]] = state.get("activations", {})
     noise_sums: dict[str, float] = state.get("noise_sums", {})  # total_gns: estimates summed over steps
+    logit_max: float | None = state.get("logit_max")
     diagnostics.load_state_dict(state.get("diagnostics", {}))
     diverged_at = None
     train_time, train_tokens = state.get("train_time", 0.0), state.get("train_tokens", 0)
@@ -538,6 +584,9 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
             record: dict[str, Any] = {"step": step, "train_loss": loss_value, "lr": scheduler.get_last_lr()[0],
                                       "grad_norm": float(grad_norm)}
             record.update(measured)
+            logits = [v for v in measured.get("attention_logit_max_by_layer", ()) if math.isfinite(v)]
+            if logits:  # the largest attention logit seen at any diagnostics step
+                logit_max = max(logits) if logit_max is None else max(logit_max, *logits)
             if "activation_rms_by_layer" in measured:  # the stream at the first and latest diagnostics step
                 activations.setdefault("init", {k: measured[k] for k in _ACTIVATION_KEYS if k in measured})
                 activations["final"] = {k: measured[k] for k in _ACTIVATION_KEYS if k in measured}
@@ -564,7 +613,7 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
                 save_checkpoint(run_dir, spec, step + 1, model, optimizer, scheduler,
                                 {"train_time": train_time, "train_tokens": train_tokens, "recent": recent,
                                  "diagnostics": diagnostics.state_dict(), "activations": activations,
-                                 "noise_sums": noise_sums,
+                                 "noise_sums": noise_sums, "logit_max": logit_max,
                                  "wall_s": state.get("wall_s", 0.0) + time.perf_counter() - started})
             if interrupted and not last_step:
                 raise Interrupted(spec.name, step + 1)
@@ -587,6 +636,21 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
     }
     if "val_exact_match" in last_eval:
         result["final_val_exact_match"] = last_eval["val_exact_match"]
+    if logit_max is not None:
+        result["attention_logit_max"] = logit_max
+    for key in ("unselectable_by_layer", "undetermined_by_layer"):
+        if finished and key in last_eval:
+            result[key] = last_eval[key]
+    if task.majority is not None:  # chance: the uniform guess over the classes
+        chance = math.log(task.majority.classes)
+        result.update(baseline_val_loss=chance, baseline_val_loss_select=chance, baseline_val_loss_test=chance,
+                      chance_accuracy=1.0 / task.majority.classes)
+        for key in ("val_accuracy", "val_accuracy_select", "val_accuracy_test"):
+            result[f"final_{key}"] = last_eval.get(key, float("nan")) if finished else float("nan")
+        if finished and env.is_main:  # how fast it learned: the accuracy averaged over the evaluations
+            evals = [m for m in map(json.loads, metrics_path.read_text().splitlines()) if "val_accuracy_test" in m]
+            for half in ("select", "test"):
+                result[f"val_accuracy_mean_{half}"] = sum(m[f"val_accuracy_{half}"] for m in evals) / len(evals)
     for when, stats in activations.items():  # e.g. activation_max_by_layer_final
         result.update({f"{k}_{when}": v for k, v in stats.items()})
     if noise_sums:  # B_simple over the diagnostics steps: numerators and denominators summed, divided last

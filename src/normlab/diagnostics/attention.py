@@ -1,0 +1,73 @@
+"""The largest attention logit of each self-attention layer: what grows before a
+transformer diverges at a high learning rate (Dehghani et al. 2023; Wortsman et al. 2023).
+
+``AttentionLogitMonitor(model)`` hooks every normlab ``Attention`` module that attends
+to its own input (self-attention) and, on each forward pass inside the ``with`` block,
+recomputes that call's logits q . k / sqrt(head_dim) (QK-norm and RoPE included) without
+gradients, and keeps the largest over the positions the call may attend to. The model's
+own forward is untouched: the attention still runs through SDPA, which never forms the
+logits, so this costs one extra q/k product per monitored call.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class AttentionLogitMonitor:
+    """Context manager: ``by_layer()`` -> the largest logit of each self-attention module
+    (in module order) over the calls seen, or NaN for one not called."""
+
+    def __init__(self, model: nn.Module) -> None:
+        from normlab.models.attention import Attention
+
+        self.modules = [(name, m) for name, m in model.named_modules()
+                        if isinstance(m, Attention) and not name.endswith("cross_attn")]
+        self._max: dict[str, Tensor] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> AttentionLogitMonitor:
+        self._max.clear()
+        for name, m in self.modules:
+            self._handles.append(m.register_forward_hook(self._hook(name), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str):
+        def hook(module, args, kwargs, output):
+            value = max_logit(module, args[0], attn_mask=kwargs.get("attn_mask"),
+                              is_causal=bool(kwargs.get("is_causal", False)), rope=kwargs.get("rope"))
+            prev = self._max.get(name)
+            self._max[name] = value if prev is None else torch.maximum(prev, value)
+
+        return hook
+
+    def by_layer(self) -> list[float]:
+        return [float(self._max[name]) if name in self._max else math.nan for name, _ in self.modules]
+
+
+@torch.no_grad()
+def max_logit(attn: nn.Module, x: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False,
+              rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """The largest q . k / sqrt(head_dim) of ``attn`` (a normlab ``Attention``) on
+    self-attention over ``x`` [B, T, d], over the (query, key) pairs the mask allows."""
+    from normlab.models.attention import apply_rope
+
+    q = attn._heads(attn.q_proj(x), attn.q_norm)
+    k = attn._heads(attn.k_proj(x), attn.k_norm)
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    logits = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(attn.head_dim)
+    allowed = torch.ones(logits.shape[-2:], dtype=torch.bool, device=logits.device)
+    if is_causal:
+        allowed = allowed.tril()
+    if attn_mask is not None:
+        allowed = allowed & attn_mask
+    return logits.masked_fill(~allowed, -math.inf).amax()
