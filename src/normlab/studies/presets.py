@@ -290,7 +290,8 @@ def _quick() -> Study:
             # 200 steps and no Post-LN (its stream is a norm's output) keep make run within 10 minutes
             + activations(steps=200, placements=("pre", "peri", "sandwich"), val_bytes_during=16_384)
             + gns(steps=120, val_bytes_during=16_384)
-            + expressivity(steps=200, val_bytes_during=16_384))
+            # 120 steps of 64 sequences, like the other quick runs' budget, keep make run within 10 minutes
+            + expressivity(steps=120, batch_size=64, val_bytes_during=16_384))
     return _study("quick", "Every study at CPU sizes (d_model 32, 3-12 layers, 120 steps): 3 paired seeds, "
                   "3 learning rates per configuration, probes at init over 6 seeds (d_model 64-128, up to "
                   "48 layers); minutes on a 2-core CPU. qk-norm runs on its own (its 36 runs do not fit the "
