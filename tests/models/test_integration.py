@@ -70,10 +70,15 @@ def test_load_model_rejects_a_plain_file(tmp_path):
 # ---------------------------------------------------------------------------- autocast
 
 
-@pytest.mark.parametrize("placement", PLACEMENTS)
-def test_autocast_bf16_cpu(placement):
+# the newer placements with their options and QK-norm, beside every placement without them
+AUTOCAST_CASES = [(p, None, None) for p in PLACEMENTS] + [
+    ("olmo2", None, "rmsnorm"), ("parallel", None, "rmsnorm"), ("parallel", {"shared_norm": False}, "rmsnorm")]
+
+
+@pytest.mark.parametrize("placement,options,qk_norm", AUTOCAST_CASES)
+def test_autocast_bf16_cpu(placement, options, qk_norm):
     torch.manual_seed(1)
-    model = TransformerLM(_cfg(placement=placement, norm="rmsnorm"))
+    model = TransformerLM(_cfg(placement=placement, norm="rmsnorm", placement_options=options, qk_norm=qk_norm))
     tokens = torch.randint(0, 29, (2, 8))
     ref = model(tokens)
     with torch.autocast("cpu", dtype=torch.bfloat16):

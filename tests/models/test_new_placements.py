@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import normlab
 from normlab.models import (
@@ -15,7 +14,6 @@ from normlab.models import (
     Block,
     Seq2SeqTransformer,
     Stream,
-    TransformerConfig,
     TransformerEncoder,
     TransformerLM,
     load_model,
@@ -31,26 +29,15 @@ from tests.models.reference import (
     linear,
     stack_ref,
 )
+from tests.models.test_placements import _cfg as placements_cfg
+from tests.models.test_placements import _randomize_norms
 
 NEW = [("olmo2", None), ("parallel", None), ("parallel", {"shared_norm": False})]
 NEW_IDS = ["olmo2", "parallel", "parallel-two-norms"]
 
 
 def _cfg(placement="pre", **kw):
-    base = dict(vocab_size=23, d_model=16, n_heads=2, n_layers=2, d_ff=24, dropout=0.0, placement=placement,
-                max_seq_len=16)
-    base.update(kw)
-    return TransformerConfig(**base)
-
-
-def _randomize_norms(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, ResidualNorm):
-                for p in m.parameters():
-                    p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return model
+    return placements_cfg(placement, **{"dropout": 0.0, **kw})
 
 
 # ---------------------------------------------------------------------------- equations
@@ -239,22 +226,6 @@ def test_padding_changes_nothing_at_real_positions(placement, options):
     model.load_state_dict(state)
     b = model(torch.where(pad, (tokens + 5) % 23, tokens), pad)
     torch.testing.assert_close(a[~pad], b[~pad], rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize("placement,options", NEW, ids=NEW_IDS)
-def test_autocast_bf16_cpu(placement, options):
-    torch.manual_seed(9)
-    model = TransformerLM(_cfg(placement, placement_options=options, norm="rmsnorm", qk_norm="rmsnorm"))
-    tokens = torch.randint(0, 23, (2, 8))
-    ref = model(tokens)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = model(tokens)
-        loss = F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
-    assert logits.dtype == torch.bfloat16
-    assert (logits.float() - ref).abs().max() / ref.abs().max() < 0.05
-    loss.backward()
-    for name, p in model.named_parameters():
-        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
 
 
 def test_safetensors_round_trip_keeps_placement_options_and_qk_norm(tmp_path):
