@@ -20,7 +20,11 @@ def study(
     seeds: int = typer.Option(None, help="Run every configuration with seeds 0..N-1."),
     steps: int = typer.Option(None, help="Training steps per run (overrides the preset)."),
     data: Path = typer.Option(None, help="Text file or folder to train on (default: the Python standard library's sources)."),
-    workers: int = typer.Option(None, help="Runs side by side on a CPU (default: one per core, one thread each)."),
+    workers: str = typer.Option("auto", help="Runs side by side in worker processes: a number, or auto (one per "
+                                              "core, one thread each, on a CPU; one per GPU, or --runs-per-gpu, "
+                                              "on cuda)."),
+    runs_per_gpu: int = typer.Option(None, help="--device cuda: workers per GPU (default 1), each its own run; "
+                                                "workers = GPUs x this."),
     keep_weights: bool = typer.Option(True, "--keep-weights/--no-keep-weights",
                                       help="Keep each run's final weights as <run>/model.safetensors."),
     launcher: str = typer.Option(None, help="Run each run as a job: slurm, or local (subprocesses); "
@@ -57,14 +61,16 @@ def study(
             raise typer.Exit(code=2)
         return
     try:
+        n_workers = _parse_workers(workers)
         spec = apply_overrides(get_study(preset), seeds=seeds, steps=steps)
         env = setup_env(device, dtype)
         options = JobOptions(partition=partition, time_min=time_min, cpus_per_run=cpus_per_run,
                              gpus_per_run=gpus_per_run, mem_gb=mem_gb, max_parallel=max_parallel)
         try:
             _, report = run_study(spec, out, env, data=str(data) if data else None, console=console,
-                                  workers=workers, keep_weights=keep_weights, launcher=launcher,
-                                  job_options=options, wait=wait, report_only=report_only)
+                                  workers=n_workers, keep_weights=keep_weights, launcher=launcher,
+                                  job_options=options, wait=wait, report_only=report_only,
+                                  runs_per_gpu=runs_per_gpu)
         except Interrupted:
             teardown_env(env)  # every rank stops at the same step
             raise
@@ -91,6 +97,16 @@ def study(
             console.print(f"[red]{len(failed)} run(s) failed[/red] (tracebacks in summary.json): "
                           + ", ".join(f["name"] for f in failed))
             raise typer.Exit(code=1)
+
+
+def _parse_workers(text: str | None) -> int | None:
+    """``--workers``: a number, or auto (None: run_study picks from the machine)."""
+    if text is None or text.strip().lower() == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--workers: expected a number or auto, got {text!r}") from None
 
 
 def _print_claims(path: Path) -> None:

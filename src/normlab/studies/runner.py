@@ -1,9 +1,11 @@
 """``normlab study``: run a preset's runs (resuming), then write summary, claims and report.
 
-Runs are independent, so on a CPU they run side by side in worker processes (by
-default one per core, one thread each: tiny models use a second thread poorly and a
-second core fully). Every run is seeded, so the numbers do not depend on how many
-workers ran them. Under torchrun or on a GPU the runs go one after another.
+Runs are independent, so they run side by side in worker processes: on a CPU by
+default one per core, one thread each (tiny models use a second thread poorly and a
+second core fully); on GPUs one per GPU, or ``runs_per_gpu`` per GPU, each worker pinned
+to one GPU. Every run is seeded, so the numbers do not depend on how many workers ran
+them. Under torchrun (one data-parallel run over the processes) the runs go one after
+another.
 
 Ctrl-C finishes each running run's current step and saves it; the finished runs are
 in ``summary.json``; the same command resumes.
@@ -84,11 +86,71 @@ def _cost(r: RunSpec) -> float:
     return layers * (r.steps * r.batch_size * r.seq_len + r.val_bytes if r.kind == "train" else r.batch_size * 64)
 
 
-def default_workers(env: Env) -> int:
-    """One worker per core on a CPU in a single process; otherwise runs go one by one."""
-    if env.world > 1 or env.device.type != "cpu":
+def default_workers(env: Env, runs_per_gpu: int = 1) -> int:
+    """``--workers auto``: in a single process, one worker per core on a CPU and
+    ``runs_per_gpu`` per visible GPU on CUDA; under torchrun (or on another device) one."""
+    if env.world > 1:
+        return 1
+    if env.device.type == "cuda":
+        return len(gpu_plan(len(_gpus(env)), runs_per_gpu))
+    if env.device.type != "cpu":
         return 1
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def gpu_plan(n_gpus: int, runs_per_gpu: int = 1, workers: int | None = None) -> list[int]:
+    """The GPU (an index into the visible ones) of each worker: worker k gets GPU
+    k % n_gpus. ``workers`` None: ``n_gpus * runs_per_gpu`` workers, ``runs_per_gpu`` on
+    each GPU; else that many, spread round-robin (``runs_per_gpu`` is then unused)."""
+    if n_gpus < 1:
+        raise ValueError("--device cuda: no GPU is visible")
+    if runs_per_gpu < 1:
+        raise ValueError(f"--runs-per-gpu: expected >= 1, got {runs_per_gpu}")
+    if workers is None:
+        workers = n_gpus * runs_per_gpu
+    if workers < 1:
+        raise ValueError(f"--workers: expected >= 1, got {workers}")
+    return [k % n_gpus for k in range(workers)]
+
+
+def _gpus(env: Env) -> list[int]:
+    """The CUDA device indices runs may use: the one named (``--device cuda:1``), else every visible one."""
+    if env.device.index is not None:
+        return [env.device.index]
+    return list(range(torch.cuda.device_count()))
+
+
+def _check_workers(env: Env, workers: int | None, runs_per_gpu: int | None, elsewhere: bool) -> None:
+    """Refuse worker settings that cannot hold, before anything is loaded or run;
+    ``elsewhere``: the runs go to --launcher jobs or none run (--report-only)."""
+    if runs_per_gpu is not None:
+        if runs_per_gpu < 1:
+            raise ValueError(f"--runs-per-gpu: expected >= 1, got {runs_per_gpu}")
+        if env.device.type != "cuda":
+            raise ValueError(f"--runs-per-gpu places runs on GPUs; the device is {env.device.type} "
+                             "(use --device cuda, or --workers on a CPU)")
+        if elsewhere:
+            raise ValueError("--runs-per-gpu runs on this machine; it cannot combine with --launcher or "
+                             "--report-only (--gpus-per-run sizes a job)")
+        if env.world > 1:
+            raise ValueError("--runs-per-gpu cannot combine with torchrun (one data-parallel run over the "
+                             "processes)")
+        if workers is not None:
+            raise ValueError("--runs-per-gpu and --workers: give one (the workers are the GPUs x --runs-per-gpu, "
+                             "or --workers N spread over the GPUs)")
+    if elsewhere:
+        if workers not in (None, 1):
+            raise ValueError("--workers runs on this machine; it cannot combine with --launcher or --report-only")
+        if env.world > 1:
+            raise ValueError("--launcher and --report-only cannot run under torchrun")
+    if workers is not None and workers < 1:
+        raise ValueError(f"--workers: expected >= 1, got {workers}")
+    if workers is not None and workers > 1:
+        if env.world > 1:
+            raise ValueError("--workers > 1 runs the runs side by side on this machine; it cannot combine with "
+                             "torchrun (one data-parallel run over the processes)")
+        if env.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"--workers > 1 runs on a CPU or CUDA GPUs, not on {env.device.type}")
 
 
 # ------------------------------------------------------------------ provenance
@@ -152,7 +214,8 @@ def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, con
               workers: int | None = None, keep_weights: bool = True,
               corpus: ByteCorpus | None = None, launcher: str | None = None,
               job_options: JobOptions | None = None, wait: bool = True,
-              report_only: bool = False) -> tuple[list[dict[str, Any]], Path | None]:
+              report_only: bool = False, runs_per_gpu: int | None = None
+              ) -> tuple[list[dict[str, Any]], Path | None]:
     """Run (or resume) every run of ``study`` under ``out/<study>``, then judge its claims
     and write the report; returns the results and the report's path (None on ranks other
     than 0, and when jobs were submitted without waiting for them).
@@ -160,27 +223,29 @@ def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, con
     ``launcher`` ("local" or "slurm", see ``normlab.studies.cluster``) submits each
     unfinished run as a job; ``wait=False`` returns once they are submitted.
     ``report_only`` runs nothing: it merges the runs that have finished (by anyone) into
-    the summary and report, and lists the others as not finished."""
+    the summary and report, and lists the others as not finished.
+
+    ``workers`` None (auto): one per core on a CPU, ``runs_per_gpu`` (default 1) per
+    visible GPU on CUDA. On CUDA worker k runs on GPU k % GPUs (``gpu_plan``)."""
     console = console or Console()
+    _check_workers(env, workers, runs_per_gpu, launcher is not None or report_only)
     study_dir = out / study.name
     study_dir.mkdir(parents=True, exist_ok=True)
     corpus_given = corpus is not None
     if corpus is None and any(r.task == "lm" for r in study.runs):
         corpus = ByteCorpus.from_path(data)
     if launcher is not None or report_only:
-        if workers not in (None, 1):
-            raise ValueError("--workers runs on this machine; it cannot combine with --launcher or --report-only")
-        if env.world > 1:
-            raise ValueError("--launcher and --report-only cannot run under torchrun")
         workers = 1
-    workers = default_workers(env) if workers is None else workers
-    if workers < 1:
-        raise ValueError(f"--workers: expected >= 1, got {workers}")
-    if workers > 1 and (env.world > 1 or env.device.type != "cpu"):
-        raise ValueError("--workers > 1 runs CPU runs side by side; it cannot combine with torchrun or a GPU")
-    workers = min(workers, max(1, len(study.runs)))
+    workers = default_workers(env, runs_per_gpu or 1) if workers is None else workers
+    workers = min(workers, max(1, len(study.runs)))  # more workers than runs: the spare ones idle
     threads = max(1, torch.get_num_threads() // workers) if workers > 1 else torch.get_num_threads()
+    devices = [str(env.device)] * workers
+    if env.device.type == "cuda" and workers > 1:
+        gpus = _gpus(env)
+        devices = [f"cuda:{gpus[i]}" for i in gpu_plan(len(gpus), workers=workers)]
     prov = provenance(env, corpus, workers=workers, threads=threads) if env.is_main else {}
+    if prov and env.device.type == "cuda" and workers > 1:
+        prov.update(worker_devices=devices, runs_per_gpu=runs_per_gpu)
     if prov:
         prov["runs"] = len(study.runs)
         prov["runs_found_finished"] = sum(_finished(spec, study_dir / spec.name) for spec in study.runs)
@@ -243,7 +308,7 @@ def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, con
                 # timings run alone, after the pool, with a worker's thread count: nothing shares the cores
                 parallel = tuple(r for r in study.runs if r.kind != "speed")
                 _run_parallel(replace(study, runs=parallel), study_dir, corpus, progress, finish, fail,
-                              keep_weights, workers, threads)
+                              keep_weights, workers, threads, devices=devices, dtype=env.dtype)
                 timed = tuple(r for r in study.runs if r.kind == "speed")
                 if timed:
                     before = torch.get_num_threads()
@@ -337,16 +402,33 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(threads: int, train: torch.Tensor | None, val: torch.Tensor | None, source: str, n_files: int,
-                 queue: Any, stop: Any) -> None:
+                 queue: Any, stop: Any, slots: Any = None, devices: tuple[str, ...] = ("cpu",),
+                 dtype: str = "fp32") -> None:
     os.setpgrp()  # a terminal's Ctrl-C reaches the parent alone, which tells the workers through ``stop``
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # outside a training run; run_one handles its own
     torch.set_num_threads(threads)
+    device = _pin_worker(slots, devices)
     corpus = ByteCorpus(train, val, source, n_files) if train is not None else None
-    _WORKER.update(corpus=corpus, queue=queue, stop=stop)
+    _WORKER.update(corpus=corpus, queue=queue, stop=stop, device=device, dtype=dtype)
+
+
+def _pin_worker(slots: Any, devices: tuple[str, ...]) -> torch.device:
+    """This worker's device: the k-th worker to start (``slots``, a shared counter) takes
+    ``devices[k % len(devices)]``. A GPU becomes the worker's current device too: a
+    spawned worker has not touched CUDA yet, and whatever ``run_one`` puts on "cuda"
+    without an index lands on its own GPU."""
+    k = 0
+    if slots is not None:
+        with slots.get_lock():
+            k, slots.value = slots.value, slots.value + 1
+    device = torch.device(devices[k % len(devices)])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def _worker_run(spec: RunSpec, run_dir: Path, keep_weights: bool) -> dict[str, Any] | None:
-    """One run in a worker; None when the study was stopped before it began."""
+    """One run in a worker, on the worker's device; None when the study was stopped before it began."""
     queue, stop = _WORKER["queue"], _WORKER["stop"]
     if stop.is_set():
         return None
@@ -361,18 +443,23 @@ def _worker_run(spec: RunSpec, run_dir: Path, keep_weights: bool) -> dict[str, A
             last[0] = now
             queue.put((spec.name, n))
 
-    return run_one(spec, run_dir, Env(device=torch.device("cpu")), _WORKER["corpus"], on_step=on_step,
-                   keep_weights=keep_weights)
+    env = Env(device=_WORKER.get("device", torch.device("cpu")), dtype=_WORKER.get("dtype", "fp32"))
+    return run_one(spec, run_dir, env, _WORKER["corpus"], on_step=on_step, keep_weights=keep_weights)
 
 
-def _run_parallel(study, study_dir, corpus, progress, finish, fail, keep_weights, workers, threads) -> None:
+def _run_parallel(study, study_dir, corpus, progress, finish, fail, keep_weights, workers, threads,
+                  devices=None, dtype="fp32") -> None:
+    """The runs in ``workers`` spawned processes of ``threads`` threads; worker k runs on
+    ``devices[k]`` (default: all on the CPU) with autocast ``dtype``."""
     import multiprocessing as mp
 
-    ctx = mp.get_context("spawn")
-    queue, stop = ctx.Queue(), ctx.Event()
+    ctx = mp.get_context("spawn")  # CUDA cannot run in a forked child
+    queue, stop, slots = ctx.Queue(), ctx.Event(), ctx.Value("i", 0)
+    devices = tuple(devices or ["cpu"] * workers)
     specs = {r.name: r for r in study.runs}
     order = sorted(study.runs, key=_cost, reverse=True)  # longest first: the pool ends together
-    where = f" on {workers} workers"
+    gpus = sorted({d for d in devices if d.startswith("cuda")})
+    where = f" on {workers} workers" + (f" ({len(gpus)} GPU{'s' if len(gpus) > 1 else ''})" if gpus else "")
     overall = progress.add_task(_counts(study.name, 0, 0, 0, len(study.runs), where),
                                 total=sum(_work(r) for r in study.runs))
     n_done, n_failed = [0], [0]
@@ -381,7 +468,8 @@ def _run_parallel(study, study_dir, corpus, progress, finish, fail, keep_weights
     executor = ProcessPoolExecutor(
         max_workers=workers, mp_context=ctx, initializer=_init_worker,
         initargs=(threads, corpus.train if corpus else None, corpus.val if corpus else None,
-                  corpus.source if corpus else "", corpus.n_files if corpus else 0, queue, stop))
+                  corpus.source if corpus else "", corpus.n_files if corpus else 0, queue, stop, slots,
+                  devices, dtype))
 
     def on_sigint(signum, frame) -> None:
         if stop.is_set():  # a second Ctrl-C: stop the workers at once
