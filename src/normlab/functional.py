@@ -518,3 +518,57 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps:
             pass
     return _add_rms_norm(x, residual, weight, eps, dropout_p=dropout_p, training=training, generator=generator,
                          residual_dtype=residual_dtype, normalized_shape=normalized_shape)
+
+
+# ---------------------------------------------------------------------------- adaptive norm
+
+
+def _check_modulation(op: str, name: str, t: object, x: Tensor) -> Tensor:
+    """scale/shift: a floating-point tensor on x's device whose shape broadcasts to x's,
+    with x's last dim (D) and, at x's rank, a leading dim of B or 1."""
+    _check_tensor(op, name, t)
+    if t.device != x.device:
+        raise NormArgumentError(f"{op}: expected {name} on {x.device} (the input's device), got {t.device}")
+    d, b = x.shape[-1], x.shape[0]
+    shape = list(t.shape)
+    broadcasts = t.dim() <= x.dim() and all(s in (1, n) for s, n in zip(reversed(shape), reversed(x.shape)))
+    if t.dim() == 0 or shape[-1] != d or not broadcasts:
+        raise NormArgumentError(
+            f"{op}: expected {name} to broadcast to the input's shape {list(x.shape)} with last dim {d} "
+            f"([{b}, 1, ..., {d}] per example or {list(x.shape)} per token), got {name} of shape {shape}"
+        )
+    return t
+
+
+def adaln_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6, *,
+                   norm: str = "layernorm", normalized_shape: int | Sequence[int] | None = None) -> Tensor:
+    """Adaptive normalization, fused: y = Norm(x) * (1 + scale) + shift (DiT's adaLN
+    modulation, Peebles & Xie 2023), forward and backward in one op.
+
+    Norm: ``norm="layernorm"`` (no affine) or ``"rmsnorm"``, over the last dim D (the only
+    ``normalized_shape`` taken: None, D or (D,)). ``scale`` and ``shift`` broadcast to x's
+    shape with last dim D: [B, 1, ..., D] (one modulation per example), x's shape (one per
+    token), or [D] / [1, ..., D] (shared). Statistics and the modulation in float32
+    (float64 when any tensor is float64), y rounded once to the promoted dtype of x, scale
+    and shift; the scale and shift gradients are summed over the broadcast dims in float32
+    (float64) and rounded once to each one's dtype (docs/kernels.md, "Fused AdaLN")."""
+    op = "adaln_modulate"
+    _check_tensor(op, "input", x)
+    if x.dim() == 0:
+        raise NormArgumentError(f"{op}: expected input with at least one dimension, got a 0-dim tensor")
+    if normalized_shape is not None:
+        shape = _check_normalized_shape(op, x, normalized_shape)
+        if len(shape) != 1:
+            raise NormArgumentError(
+                f"{op}: normalizes over the last dim only: expected normalized_shape None, {x.shape[-1]} "
+                f"or ({x.shape[-1]},), got {list(shape)}"
+            )
+    if norm not in reference.ADALN_NORMS:
+        raise NormArgumentError(f"{op}: expected norm to be one of {', '.join(reference.ADALN_NORMS)}, got {norm!r}")
+    _check_modulation(op, "scale", scale, x)
+    _check_modulation(op, "shift", shift, x)
+    eps = _check_eps(op, eps, allow_none=False)
+    return backend_ops(x).adaln_modulate(x, scale, shift, eps, is_rms=norm == "rmsnorm")
+
+
+__all__ += ["adaln_modulate"]

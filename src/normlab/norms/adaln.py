@@ -7,17 +7,23 @@ from torch import Tensor, nn
 
 from normlab import functional as F
 from normlab.errors import NormArgumentError
+from normlab.ops.reference import ADALN_NORMS
 
 
 class AdaLN(nn.Module):
     """y = LN(x) * (1 + scale(c)) + shift(c), [shift, scale] = Linear(SiLU(c)) zero-initialised (Peebles & Xie 2023, "Scalable Diffusion Models with Transformers").
 
     ``x``: [B, ..., dim]; ``cond``: [B, cond_dim]. At initialization the modulation is
-    zero, so the module is a LayerNorm without affine parameters."""
+    zero, so the module is a LayerNorm without affine parameters. ``norm="rmsnorm"``
+    normalizes with RMSNorm instead. The norm and the modulation run as one fused op
+    (``normlab.functional.adaln_modulate``), forward and backward."""
 
-    def __init__(self, dim: int, cond_dim: int, eps: float = 1e-6, device=None, dtype=None) -> None:
+    def __init__(self, dim: int, cond_dim: int, eps: float = 1e-6, device=None, dtype=None,
+                 norm: str = "layernorm") -> None:
         super().__init__()
-        self.dim, self.cond_dim, self.eps = dim, cond_dim, eps
+        if norm not in ADALN_NORMS:
+            raise NormArgumentError(f"AdaLN: expected norm to be one of {', '.join(ADALN_NORMS)}, got {norm!r}")
+        self.dim, self.cond_dim, self.eps, self.norm = dim, cond_dim, eps, norm
         self.modulation = nn.Linear(cond_dim, 2 * dim, device=device, dtype=dtype)
         self.reset_parameters()
 
@@ -35,8 +41,8 @@ class AdaLN(nn.Module):
             )
         shift, scale = self.modulation(torch.nn.functional.silu(cond)).chunk(2, dim=-1)
         view = (x.shape[0],) + (1,) * (x.dim() - 2) + (self.dim,)
-        y = F.layer_norm(x, (self.dim,), None, None, self.eps)
-        return y * (1 + scale.view(view)) + shift.view(view)
+        return F.adaln_modulate(x, scale.view(view), shift.view(view), self.eps, norm=self.norm)
 
     def extra_repr(self) -> str:
-        return f"{self.dim}, cond_dim={self.cond_dim}, eps={self.eps}"
+        norm = "" if self.norm == "layernorm" else f", norm={self.norm!r}"
+        return f"{self.dim}, cond_dim={self.cond_dim}, eps={self.eps}{norm}"

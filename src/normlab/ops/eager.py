@@ -431,3 +431,85 @@ def add_rms_norm(x, residual, weight, eps, *, dropout_p=0.0, training=False, gen
     out = rms_norm(new_residual, normalized_shape, weight, eps,
                    per_example_grad_sq=per_example_grad_sq)
     return out.to(x.dtype), new_residual
+
+
+# ----------------------------------------------------------------------- adaln
+
+
+def _adaln_stats(xf: Tensor, eps: float, is_rms: bool) -> tuple[Tensor | None, Tensor]:
+    """(mean, rstd) over the last dim, keepdim, in xf's dtype (mean None for RMSNorm)."""
+    if is_rms:
+        return None, torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    var, mean = torch.var_mean(xf, -1, correction=0, keepdim=True)
+    return mean, torch.rsqrt(var + eps)
+
+
+def _adaln_xhat(xf: Tensor, mean: Tensor | None, rstd: Tensor) -> Tensor:
+    return xf * rstd if mean is None else (xf - mean) * rstd
+
+
+def _adaln_dtypes(x: Tensor, scale: Tensor, shift: Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """(compute dtype, output dtype): float32 (float64 when any tensor is float64), and the
+    promoted dtype of x, scale and shift, which the unfused expression returns."""
+    out = torch.promote_types(torch.promote_types(x.dtype, scale.dtype), shift.dtype)
+    return reference.compute_dtype(out), out
+
+
+class _AdaLNModulate(torch.autograd.Function):
+    """y = Norm(x) * (1 + scale) + shift in one expression (``addcmul``), statistics in
+    float32 (float64), rounded once. Saves (x, mean, rstd, scale); the backward forms
+    dshift = sum of dy and dscale = sum of dy * xhat over the broadcast dims (in the
+    compute dtype, rounded once to each parameter's dtype) and dx as the norm's backward
+    with the per-row gain g = (1 + scale):
+
+        LayerNorm  dx = rstd * (g*dy - mean(g*dy) - xhat * mean(g*dy * xhat))
+        RMSNorm    dx = rstd * (g*dy - xhat * mean(g*dy * xhat))
+
+    With ``create_graph`` the backward recomputes the statistics from x out of place,
+    so second derivatives flow through it."""
+
+    @staticmethod
+    def forward(ctx, x, scale, shift, eps, is_rms):
+        ct, out_dtype = _adaln_dtypes(x, scale, shift)
+        xf = x.to(ct)
+        mean, rstd = _adaln_stats(xf, eps, is_rms)
+        y = torch.addcmul(shift.to(ct), _adaln_xhat(xf, mean, rstd), scale.to(ct) + 1)
+        ctx.save_for_backward(x, mean, rstd, scale)
+        ctx.eps, ctx.is_rms, ctx.ct, ctx.shift_shape, ctx.shift_dtype = eps, is_rms, ct, shift.shape, shift.dtype
+        return y.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, mean, rstd, scale = ctx.saved_tensors
+        ct = ctx.ct
+        xf = x.to(ct)
+        if torch.is_grad_enabled():  # create_graph: statistics as functions of x
+            mean, rstd = _adaln_stats(xf, ctx.eps, ctx.is_rms)
+        dyf = dy.to(ct)
+        xhat = _adaln_xhat(xf, mean, rstd)
+        needs_x, needs_scale, needs_shift = ctx.needs_input_grad[:3]
+        dx = dscale = dshift = None
+        if needs_shift:
+            dshift = dyf.sum_to_size(ctx.shift_shape).to(ctx.shift_dtype)
+        if needs_scale:
+            dscale = (dyf * xhat).sum_to_size(scale.shape).to(scale.dtype)
+        if needs_x:
+            g = dyf * (scale.to(ct) + 1)
+            c1 = (g * xhat).mean(-1, keepdim=True)
+            dx = g - xhat * c1 if mean is None else g - g.mean(-1, keepdim=True) - xhat * c1
+            dx = (dx * rstd).to(x.dtype)
+        return dx, dscale, dshift, None, None
+
+
+def adaln_modulate(x, scale, shift, eps, *, is_rms=False):
+    """Norm(x) * (1 + scale) + shift over the last dim (``reference.adaln_modulate``)."""
+    if not _plain_eager():
+        # torch.func transforms and compilation: torch ops that autograd (and inductor) see
+        return reference.adaln_modulate(x, x.shape[-1:], scale, shift, eps,
+                                        norm="rmsnorm" if is_rms else "layernorm")
+    if not torch.is_grad_enabled() or not (x.requires_grad or scale.requires_grad or shift.requires_grad):
+        ct, out_dtype = _adaln_dtypes(x, scale, shift)  # nothing to differentiate
+        xf = x.to(ct)
+        mean, rstd = _adaln_stats(xf, eps, is_rms)
+        return torch.addcmul(shift.to(ct), _adaln_xhat(xf, mean, rstd), scale.to(ct) + 1).to(out_dtype)
+    return _AdaLNModulate.apply(x, scale, shift, eps, is_rms)

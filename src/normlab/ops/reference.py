@@ -221,3 +221,38 @@ def per_example_param_grad_sq(
     dbias = g.sum(1)
     dims = tuple(range(1, n + 1))
     return dweight.square().sum(dims).float(), dbias.square().sum(dims).float()
+
+
+ADALN_NORMS = ("layernorm", "rmsnorm")
+
+
+def adaln_modulate(
+    x: Tensor,
+    normalized_shape: Sequence[int],
+    scale: Tensor,
+    shift: Tensor,
+    eps: float,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    norm: str = "layernorm",
+) -> Tensor:
+    """Adaptive normalization (DiT's adaLN modulation, Peebles & Xie 2023):
+
+        y = Norm(x) * (1 + scale) + shift
+
+    Norm is ``layer_norm`` (weight, bias) or ``rms_norm`` (weight) over the trailing
+    ``normalized_shape`` dims; scale and shift broadcast against x: [B, 1, ..., D] (one
+    modulation per example), x's shape (one per token), or any shape that broadcasts.
+    Computed in float32 (float64 when any tensor is float64) and rounded once to the
+    promoted dtype of x, scale and shift (the unfused expression's dtype)."""
+    out_dtype = torch.promote_types(torch.promote_types(x.dtype, scale.dtype), shift.dtype)
+    ct = compute_dtype(out_dtype)
+    dims = _dims(normalized_shape)
+    xf = x.to(ct)
+    if norm == "rmsnorm":
+        h = xf * torch.rsqrt(xf.square().mean(dims, keepdim=True) + eps)
+    else:
+        centered = xf - xf.mean(dims, keepdim=True)
+        h = centered * torch.rsqrt(centered.square().mean(dims, keepdim=True) + eps)
+    h = _affine(h, None if weight is None else weight.to(ct), None if bias is None else bias.to(ct))
+    return (h * (1 + scale.to(ct)) + shift.to(ct)).to(out_dtype)

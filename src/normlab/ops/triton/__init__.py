@@ -94,3 +94,7 @@ def _announce() -> None:
 
 
 _announce()
+
+
+# fused AdaLN (norm + modulation), on its own kernels
+from normlab.ops.triton.adaln import adaln_modulate  # noqa: E402, F401
