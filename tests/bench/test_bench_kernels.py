@@ -69,3 +69,31 @@ def test_keep_freed_memory():
 def test_bench_rejects_bad_dtype():
     result = CliRunner().invoke(app, ["bench", "kernels", "--device", "cpu", "--dtype", "int8"])
     assert result.exit_code != 0 and "bf16" in result.output
+
+
+def test_bench_kernels_qk_norm_on_a_transposed_view(tmp_path, monkeypatch):
+    import normlab.bench.kernels as bk
+    monkeypatch.setattr(bk, "keep_freed_memory", lambda: True)
+    seen = []
+    real_inputs = bk._inputs
+    monkeypatch.setattr(bk, "_inputs", lambda *a, **k: seen.append(real_inputs(*a, **k)) or seen[-1])
+    result = CliRunner().invoke(app, [
+        "bench", "kernels", "--device", "cpu", "--dtype", "fp32", "--quick", "--json",
+        "--ops", "qk_rms_norm,qk_layer_norm", "--qk-shapes", "1x2x8x64", "--out", str(tmp_path),
+    ])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(records) == 2 * 3 * 2  # ops x passes x impls
+    for r in records:
+        assert r["op"] in ("qk_rms_norm", "qk_layer_norm") and r["impl"] in ("normlab", "torch")
+        assert (r["rows"], r["hidden"], r["shape"]) == (16, 64, "1x2x8x64")
+        assert r["median_ms"] > 0 and r["gbps"] > 0
+    x = seen[0][0]  # [B, H, T, hd] view of a contiguous [B, T, H, hd]
+    assert x.shape == (1, 2, 8, 64) and x.stride() == (1024, 64, 128, 1)
+    assert "qk_rms_norm 1x2x8x64" in (tmp_path / "kernels-cpu-fp32.md").read_text()
+
+
+def test_bench_rejects_bad_qk_shapes():
+    result = CliRunner().invoke(app, ["bench", "kernels", "--device", "cpu", "--ops", "qk_rms_norm",
+                                      "--qk-shapes", "8x128"])
+    assert result.exit_code != 0 and "BxHxTxHD" in result.output

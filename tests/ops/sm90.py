@@ -54,7 +54,7 @@ def resource_usage(compiled) -> dict:
 
 
 def fwd_variant(hidden: int, *, rms: bool, res: bool, dropout: bool, dtype=torch.bfloat16,
-                res_dtype=None, weight=True, bias=True):
+                res_dtype=None, weight=True, bias=True, strided=False):
     cfg = launch.block_config(hidden)
     dt = _TYPES[dtype]
     store = res or dropout or res_dtype is not None
@@ -63,16 +63,17 @@ def fwd_variant(hidden: int, *, rms: bool, res: bool, dropout: bool, dtype=torch
                  RES_OUT=_TYPES[res_dtype or dtype] if store else None,
                  MEAN=None if rms else "*fp32", RSTD="*fp32", stride_x="i32", stride_res="i32",
                  stride_y="i32", stride_res_out="i32", rows="i32", hidden="i32", eps="fp32",
-                 seed="i64", drop_p="fp32", drop_scale="fp32")
+                 seed="i64", drop_p="fp32", drop_scale="fp32", stride_x1="i32", stride_x2="i32",
+                 n1="i32", n2="i32")
     kernel = norm._fwd_looped_kernel if cfg.looped else norm._fwd_kernel
     consts = dict(IS_RMS=rms, HAS_RES=res, HAS_DROPOUT=dropout, STORE_RES=store,
                   ROUND_TO_RES=store and res_dtype not in (None, dtype), HAS_W=weight,
-                  HAS_B=bias and not rms, BLOCK=cfg.block, ROWS=cfg.rows)
+                  HAS_B=bias and not rms, BLOCK=cfg.block, ROWS=cfg.rows, STRIDED=strided)
     return compile_sm90(kernel, types, consts, cfg.num_warps, cfg.num_stages)
 
 
 def bwd_variant(hidden: int, *, rms: bool, res: bool, dropout: bool, dtype=torch.bfloat16,
-                weight=True, bias=True, zero_sq=False):
+                weight=True, bias=True, zero_sq=False, strided=False):
     """The backward kernel the launch settings in force pick for ``hidden`` (single-block,
     column-split or looped), compiled."""
     cfg = launch.block_config(hidden)
@@ -84,11 +85,13 @@ def bwd_variant(hidden: int, *, rms: bool, res: bool, dropout: bool, dtype=torch
                  C1="*fp32" if cfg.looped else None, C2="*fp32" if cfg.looped else None,
                  SQ="*fp32" if zero_sq else None, n_sq="i32", stride_dy="i32", stride_dres_out="i32", stride_h="i32", stride_dx="i32",
                  stride_dres="i32", hidden="i32", rows_per_example="i32",
-                 rows_per_program="i32", seed="i64", drop_p="fp32", drop_scale="fp32")
+                 rows_per_program="i32", seed="i64", drop_p="fp32", drop_scale="fp32",
+                 stride_dy1="i32", stride_dy2="i32", stride_h1="i32", stride_h2="i32", n1="i32",
+                 n2="i32")
     kernel, extra = norm.backward_kernel(cfg)
     consts = dict(IS_RMS=rms, HAS_DRES_OUT=res, HAS_RES=res, HAS_DROPOUT=dropout,
                   HAS_W=weight, HAS_B=has_b, BLOCK=cfg.block, ROWS=cfg.bwd_rows, ZERO_SQ=zero_sq,
-                  **extra)
+                  STRIDED=strided, **extra)
     return compile_sm90(kernel, types, consts, cfg.bwd_warps, cfg.num_stages)
 
 

@@ -45,6 +45,16 @@ for split, res in itertools.product((2, 4), (False, True)):
     with launch.tuning(bwd_split=split):
         usage = sm90.resource_usage(sm90.bwd_variant(16384, rms=False, res=res, dropout=res))
     out.append(["bwd-split%d" % split, 16384, False, res, usage.get("STACK", 0)])
+# rows found through up to three row dims (a transposed [B, T, H, hd] view), every
+# kernel: single-block, looped, column split
+for hidden in (64, 128, 256, 40000):
+    for rms in (False, True):
+        sm90.fwd_variant(hidden, rms=rms, res=False, dropout=False, strided=True)
+        usage = sm90.resource_usage(sm90.bwd_variant(hidden, rms=rms, res=False, dropout=False,
+                                                     strided=True))
+        out.append(["bwd-strided", hidden, rms, False, usage.get("STACK", 0)])
+with launch.tuning(bwd_split=2):
+    sm90.bwd_variant(16384, rms=False, res=False, dropout=False, strided=True)
 # per-example backward: program (0, 0) zeroes the atomic sums' buffer
 for hidden in (1024, 16384, 40000):
     sm90.bwd_variant(hidden, rms=True, res=False, dropout=False, zero_sq=True)

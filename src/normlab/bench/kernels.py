@@ -8,6 +8,11 @@ torch eager (torch-eager time / this time, > 1 is faster) and against the device
 bandwidth. Implementations: normlab (backend auto), torch eager, torch.compile of the
 eager code, and Liger-Kernel / Apex when importable.
 
+QK-norm (``qk_layer_norm``, ``qk_rms_norm``, chosen with ``--ops``): the norm over
+head_dim of a [B, H, T, hd] view of a contiguous [B, T, H, hd] tensor (``.transpose(1,
+2)``, as q and k are laid out after the projection), at the [B, H, T, hd] shapes of
+``--qk-shapes``; normlab and torch eager (and torch.compile) run on the same view.
+
 On the CPU every implementation allocates its outputs (normlab's API has no ``out=``),
 so page faults of fresh allocations are part of every timing alike.
 """
@@ -39,11 +44,17 @@ from normlab.bench.common import (
 )
 
 OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
+QK_OPS = ("qk_layer_norm", "qk_rms_norm")
+ALL_OPS = OPS + QK_OPS
 PASSES = ("fwd", "bwd", "fwdbwd")
 GPU_ROWS = (4096, 16384, 65536)
 GPU_HIDDEN = (768, 1024, 2048, 4096, 5120, 8192, 12288, 16384)
 CPU_ROWS = (4096,)
 CPU_HIDDEN = (768, 1024, 2048, 4096)
+# QK-norm shapes: (B, H, T, head_dim), x a [B, H, T, hd] view of a contiguous [B, T, H, hd]
+GPU_QK_SHAPES = ((8, 32, 4096, 128),)
+CPU_QK_SHAPES = ((2, 8, 256, 128),)
+CPU_QK_QUICK = ((2, 8, 64, 128),)
 
 
 @dataclass
@@ -64,6 +75,7 @@ class Record:
     torch_path: str
     impl_path: str
     host_ms: float  # median host time of one call (on a GPU: issuing it; see Timer)
+    shape: str = ""  # x's shape: ROWSxHIDDEN, or BxHxTxHD for the qk ops (a transposed view)
 
     def as_json(self) -> dict:
         d = asdict(self)
@@ -111,6 +123,11 @@ def _normlab(op: str, hidden: int) -> Callable:
         "add_layer_norm": lambda x, r, w, b: F.add_layer_norm(x, r, w, b),
         "add_rms_norm": lambda x, r, w, b: F.add_rms_norm(x, r, w),
     }[op]
+
+
+def _base_op(op: str) -> str:
+    """The norm a qk op runs (``qk_rms_norm`` -> ``rms_norm``)."""
+    return op.removeprefix("qk_")
 
 
 def _forced_triton(fn: Callable) -> Callable:
@@ -197,12 +214,19 @@ def torch_path(fn: Callable, inputs: tuple, device: torch.device) -> str:
 # ----------------------------------------------------------------------------- runner
 
 
-def _inputs(op: str, rows: int, hidden: int, device: torch.device, dtype: torch.dtype) -> tuple:
-    """(x, residual, weight, bias), all requiring grad; None where the op has none."""
+def _inputs(op: str, rows: int, hidden: int, device: torch.device, dtype: torch.dtype,
+            qk_shape: tuple[int, int, int, int] | None = None) -> tuple:
+    """(x, residual, weight, bias), all requiring grad; None where the op has none. With
+    ``qk_shape`` (B, H, T, hd), x is a [B, H, T, hd] view of a contiguous [B, T, H, hd]."""
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def t(*shape):
         return torch.randn(*shape, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    if qk_shape is not None:
+        b, h, s, hd = qk_shape
+        x = torch.randn(b, s, h, hd, generator=g).to(device=device, dtype=dtype)
+        return (x.transpose(1, 2).requires_grad_(), None, t(hd),
+                t(hd) if "layer" in op else None)
     return (t(rows, hidden), t(rows, hidden) if op.startswith("add") else None,
             t(hidden), t(hidden) if "layer" in op else None)
 
@@ -211,10 +235,12 @@ def run(device: torch.device, dtype: torch.dtype, rows_list, hidden_list, ops, p
         compile_: bool, timer: Timer, copy_bytes: int,
         progress: Callable[[str], None] | None = None,
         checkpoint: Callable[[list[Record]], None] | None = None,
-        shapes: tuple[tuple[int, int], ...] | None = None) -> list[Record]:
+        shapes: tuple[tuple[int, int], ...] | None = None,
+        qk_shapes: tuple[tuple[int, int, int, int], ...] = ()) -> list[Record]:
     """Every measurement, in table order: rows_list x hidden_list, or the (rows, hidden)
-    pairs of ``shapes``. ``progress`` is called after each shape, ``checkpoint`` with the
-    records so far after each (op, hidden)."""
+    pairs of ``shapes``; the qk ops at each (B, H, T, hd) of ``qk_shapes``. ``progress``
+    is called after each shape, ``checkpoint`` with the records so far after each (op,
+    hidden)."""
     if shapes:
         hidden_list = sorted({h for _, h in shapes})
     name = device_name(device)
@@ -222,8 +248,9 @@ def run(device: torch.device, dtype: torch.dtype, rows_list, hidden_list, ops, p
     records: list[Record] = []
     itemsize = torch.tensor([], dtype=dtype).element_size()
     for op in ops:
-        for hidden in hidden_list:
-            eager = _torch_eager(op, hidden)
+        qk = op in QK_OPS
+        for hidden in (sorted({s[3] for s in qk_shapes}) if qk else hidden_list):
+            eager = _torch_eager(_base_op(op), hidden)
             compiled = None
             if compile_:
                 # one compile per (op, hidden), the row count dynamic (marked on the
@@ -233,24 +260,30 @@ def run(device: torch.device, dtype: torch.dtype, rows_list, hidden_list, ops, p
                 if hasattr(torch._functorch.config, "donated_buffer"):
                     torch._functorch.config.donated_buffer = False
                 compiled = torch.compile(eager)
-            for rows in ([r for r, h in shapes if h == hidden] if shapes else rows_list):
-                inputs = _inputs(op, rows, hidden, device, dtype)
+            if qk:
+                cases = [(s[0] * s[1] * s[2], s) for s in qk_shapes if s[3] == hidden]
+            else:
+                cases = [(r, None) for r in ([r for r, h in shapes if h == hidden] if shapes else rows_list)]
+            for rows, qk_shape in cases:
+                inputs = _inputs(op, rows, hidden, device, dtype, qk_shape)
                 if compiled is not None:
                     for t in inputs[:2]:
                         if t is not None:
                             torch._dynamo.mark_dynamic(t, 0)
-                impls = {"normlab": _normlab(op, hidden), "torch": eager}
+                impls = {"normlab": _normlab(_base_op(op), hidden), "torch": eager}
                 if device.type == "cuda":  # auto runs torch's ops below its size: time the kernels too
-                    impls["normlab triton"] = _forced_triton(_normlab(op, hidden))
+                    impls["normlab triton"] = _forced_triton(_normlab(_base_op(op), hidden))
                 if compiled is not None:
                     impls["torch.compile"] = compiled
-                # Liger-Kernel and Apex run CUDA tensors only
-                for label, make in ((("liger", _liger), ("apex", _apex)) if device.type == "cuda" else ()):
+                # Liger-Kernel and Apex run CUDA tensors only (and rows of one stride: not qk)
+                for label, make in ((("liger", _liger), ("apex", _apex)) if device.type == "cuda" and not qk
+                                    else ()):
                     fn = make(op, hidden)
                     if fn is not None:
                         impls[label] = fn
                 path = torch_path(eager, inputs, device)
                 normlab_path = f"normlab backend {resolve(inputs[0])}"
+                shape_text = "x".join(map(str, qk_shape or (rows, hidden)))
                 for pass_ in passes:
                     # side by side: every round times each implementation once, so a
                     # change of the machine's load falls on all of them alike
@@ -265,9 +298,10 @@ def run(device: torch.device, dtype: torch.dtype, rows_list, hidden_list, ops, p
                             round(ms, 6), round(gbps, 4), round(times["torch"][0] / ms, 3),
                             round(gbps / copy_gbps, 4), round(copy_gbps, 2), torch.__version__,
                             path, normlab_path if impl == "normlab" else impl, round(host_ms, 6),
+                            shape_text,
                         ))
                 if progress is not None:
-                    progress(f"{op} {rows}x{hidden}")
+                    progress(f"{op} {shape_text}")
             if checkpoint is not None:
                 checkpoint(records)
     records.sort(key=_order)
@@ -275,7 +309,7 @@ def run(device: torch.device, dtype: torch.dtype, rows_list, hidden_list, ops, p
 
 
 def _order(r: Record) -> tuple:
-    return (OPS.index(r.op), r.rows, r.hidden, PASSES.index(r.pass_))
+    return (ALL_OPS.index(r.op), r.rows, r.hidden, PASSES.index(r.pass_))
 
 
 def timing_note(device_type: str, host_hidden: bool, steady_malloc: bool = False) -> str:
@@ -310,6 +344,11 @@ def write_outputs(records: list[Record], out: Path, stem: str, plot: bool = True
     lines += [f"| {r.op} | {r.pass_} | {r.rows} | {r.hidden} | {r.impl} | {r.median_ms:.3f} | "
               f"{r.gbps:.1f} | {r.ratio_vs_torch:.2f} | {r.ratio_vs_copy:.2f} | {r.host_ms:.3f} |"
               for r in records]
+    qk = sorted({(r.op, r.shape) for r in records if r.op in QK_OPS})
+    if qk:
+        lines += ["", "qk ops: x is a [B, H, T, hd] view of a contiguous [B, T, H, hd] tensor "
+                  "(`.transpose(1, 2)`), rows = B * H * T: "
+                  + ", ".join(f"{op} {shape}" for op, shape in qk)]
     paths = {(r.op, r.torch_path) for r in records}
     lines += ["", "torch eager ran (profiler):", ""] + [f"- {op}: `{p}`" for op, p in sorted(paths)]
     md_path.write_text("\n".join(lines) + "\n")
@@ -323,15 +362,16 @@ def _plot(records: list[Record], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    ops = sorted({r.op for r in records}, key=OPS.index)
+    ops = sorted({r.op for r in records}, key=ALL_OPS.index)
     passes = sorted({r.pass_ for r in records}, key=PASSES.index)
-    rows_max = max(r.rows for r in records)
+    rows_max = max(r.rows for r in records if r.op in OPS) if any(r.op in OPS for r in records) else 0
     fig, axes = plt.subplots(len(passes), len(ops), figsize=(4 * len(ops), 3 * len(passes)),
                              squeeze=False, sharey=True)
     for i, p in enumerate(passes):
         for j, op in enumerate(ops):
             ax = axes[i][j]
-            sel = [r for r in records if r.op == op and r.pass_ == p and r.rows == rows_max]
+            rows_op = rows_max if op in OPS else max(r.rows for r in records if r.op == op)
+            sel = [r for r in records if r.op == op and r.pass_ == p and r.rows == rows_op]
             for impl in sorted({r.impl for r in sel}):
                 pts = sorted((r.hidden, r.gbps) for r in sel if r.impl == impl)
                 ax.plot([h for h, _ in pts], [g for _, g in pts], marker="o", label=impl)
@@ -343,7 +383,8 @@ def _plot(records: list[Record], path: Path) -> None:
             if j == 0:
                 ax.set_ylabel("GB/s")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{records[0].device}, {records[0].dtype}, rows={rows_max}", fontsize=9)
+    fig.suptitle(f"{records[0].device}, {records[0].dtype}" + (f", rows={rows_max}" if rows_max else ""),
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -367,6 +408,20 @@ def parse_shapes(text: str | None) -> tuple[tuple[int, int], ...] | None:
     return tuple(out)
 
 
+def parse_qk_shapes(text: str | None) -> tuple[tuple[int, int, int, int], ...] | None:
+    """"8x32x4096x128,1x2x8x64" -> ((8, 32, 4096, 128), (1, 2, 8, 64)): (B, H, T, hd)."""
+    if not text:
+        return None
+    out = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 4 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise typer.BadParameter(f"expected BxHxTxHD shapes such as 8x32x4096x128; got {item!r}",
+                                     param_hint="--qk-shapes")
+        out.append(tuple(int(p) for p in parts))
+    return tuple(out)
+
+
 @app.command("kernels")
 def kernels(
     device: str = typer.Option(None, help="cuda or cpu (default: cuda when available)."),
@@ -379,7 +434,12 @@ def kernels(
     hidden: str = typer.Option(None, help="Comma-separated hidden sizes (overrides the defaults)."),
     shapes: str = typer.Option(None, help="Comma-separated ROWSxHIDDEN pairs, e.g. 8x64,256x128,2048x128,"
                                           "4096x1024 (instead of rows x hidden)."),
-    ops: str = typer.Option(",".join(OPS), help="Comma-separated ops."),
+    ops: str = typer.Option(",".join(OPS), help="Comma-separated ops, among " + ", ".join(ALL_OPS)
+                                                 + " (the qk ops: QK-norm of a transposed [B, H, T, hd] "
+                                                   "view, at --qk-shapes)."),
+    qk_shapes: str = typer.Option(None, help="Comma-separated BxHxTxHD shapes of the qk ops (default: "
+                                             "8x32x4096x128 on CUDA, 2x8x256x128 on CPU, "
+                                             "2x8x64x128 for --quick on CPU)."),
     compile_: bool = typer.Option(None, "--compile/--no-compile",
                                   help="Include torch.compile (default: on, off for --quick on CPU)."),
     threads: int = typer.Option(None, help="torch CPU threads (default: torch's)."),
@@ -393,14 +453,16 @@ def kernels(
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype)
     op_list = tuple(o.strip() for o in ops.split(","))
-    bad = [o for o in op_list if o not in OPS]
+    bad = [o for o in op_list if o not in ALL_OPS]
     if bad:
-        raise typer.BadParameter(f"unknown op(s) {bad}; expected among {OPS}", param_hint="--ops")
+        raise typer.BadParameter(f"unknown op(s) {bad}; expected among {ALL_OPS}", param_hint="--ops")
     if threads:
         torch.set_num_threads(threads)
     gpu = dev.type == "cuda"
     steady_malloc = not gpu and keep_freed_memory()
     shape_pairs = parse_shapes(shapes)
+    qk_list = parse_qk_shapes(qk_shapes) or (
+        GPU_QK_SHAPES if gpu else CPU_QK_QUICK if quick else CPU_QK_SHAPES)
     rows_list = _ints(rows) or ((16384,) if quick and gpu else (1024,) if quick else GPU_ROWS if gpu else CPU_ROWS)
     hidden_list = _ints(hidden) or ((1024, 4096) if quick else GPU_HIDDEN if gpu else CPU_HIDDEN)
     if compile_ is None:
@@ -410,7 +472,8 @@ def kernels(
     from rich.progress import Progress
     with Progress(console=Console(stderr=True), transient=True) as bar:
         n_shapes = len(shape_pairs) if shape_pairs else len(rows_list) * len(hidden_list)
-        task = bar.add_task("bench kernels", total=len(op_list) * n_shapes)
+        n_qk = sum(o in QK_OPS for o in op_list)
+        task = bar.add_task("bench kernels", total=(len(op_list) - n_qk) * n_shapes + n_qk * len(qk_list))
 
         def advance(what: str) -> None:
             bar.update(task, advance=1, description=what)
@@ -422,7 +485,7 @@ def kernels(
                           steady_malloc=steady_malloc)
         records = run(dev, torch_dtype, rows_list, hidden_list, op_list, PASSES, compile_, timer,
                       copy_bytes=(64 << 20) if quick or not gpu else (1 << 30), progress=advance,
-                      checkpoint=save, shapes=shape_pairs)
+                      checkpoint=save, shapes=shape_pairs, qk_shapes=qk_list)
     paths = write_outputs(records, Path(out), stem, host_hidden=timer.hide_host,
                           device_type=dev.type, steady_malloc=steady_malloc)
     if as_json:

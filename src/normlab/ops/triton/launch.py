@@ -3,7 +3,8 @@ deterministic column reduction of per-program partial sums.
 
 A norm kernel sees its input as a 2-D [rows, hidden] matrix with unit stride along the
 hidden dim and any row stride; ``as_rows`` builds that view and copies only when no
-such view exists. Rows that fit one block run the single-block kernels; wider rows run
+such view exists. LayerNorm and RMSNorm without a residual also read rows whose leading
+dims have no single stride (a transposed [B, T, H, hd] view: ``row_layout``) in place. Rows that fit one block run the single-block kernels; wider rows run
 the looped kernels, which walk the row in chunks. The launch settings are a pure
 function of the row width and an immutable ``LaunchOverrides`` value (``force_looped``
 shrinks the single-block limit so tests reach the looped kernels on small rows;
@@ -195,6 +196,70 @@ def as_rows(t: torch.Tensor, hidden: int) -> tuple[torch.Tensor, int, int]:
     if rows.stride(1) != 1 and hidden > 1:
         rows = rows.contiguous()
     return rows, rows.shape[0], rows.stride(0) if rows.shape[0] > 1 else hidden
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """How kernels find row ``r`` of each tensor of one shape, read as [rows, hidden] with
+    unit stride along hidden. ``strided`` False: at ``r * strides[k][0]`` (one row stride;
+    every contiguous tensor). ``strided`` True: the row dims, merged where every tensor
+    allows it, are at most three, of sizes (rows / (n1 * n2), n1, n2); row r is
+    (i0, i1, i2) in them and starts at i0 * s0 + i1 * s1 + i2 * s2, with (s0, s1, s2) =
+    ``strides[k]``. ``tensors`` are the inputs, or a contiguous copy of those no layout
+    reaches (hidden dims not one unit-stride block, or more than three row dims)."""
+    tensors: tuple[torch.Tensor | None, ...]
+    rows: int
+    strided: bool
+    n1: int
+    n2: int
+    strides: tuple[tuple[int, int, int], ...]
+
+
+def _dense_tail(t: torch.Tensor, lead: int) -> bool:
+    """The dims of ``t`` from ``lead`` on form one block of unit stride (row-major)."""
+    expected = 1
+    for d in range(t.dim() - 1, lead - 1, -1):
+        if t.shape[d] != 1 and t.stride(d) != expected:
+            return False
+        expected *= t.shape[d]
+    return True
+
+
+def row_layout(tensors: Sequence[torch.Tensor | None], hidden: int) -> RowLayout:
+    """The ``RowLayout`` of ``tensors`` (all of one shape; None where absent) normalized
+    over their trailing ``hidden`` elements. Contiguous tensors are passed as they are;
+    strided views (a [B, T, H, hd] tensor transposed to [B, H, T, hd], a slice of rows)
+    are read in place as long as their row dims merge into at most three; only a tensor
+    whose hidden elements are not one unit-stride block, or whose row dims stay more than
+    three, is copied."""
+    ts = tuple(tensors)
+    first = next(t for t in ts if t is not None)
+    rows = first.numel() // hidden if hidden else 0
+    if rows <= 1 or all(t is None or t.is_contiguous() for t in ts):
+        if rows == 1:
+            ts = tuple(t if t is None or _dense_tail(t, 0) else t.contiguous() for t in ts)
+        return RowLayout(ts, rows, False, 1, 1, tuple((hidden, 0, 0) for _ in ts))
+    shape = first.shape
+    lead = len(row_shape(shape, hidden))
+    ts = tuple(t if t is None or _dense_tail(t, lead) else t.contiguous() for t in ts)
+    groups: list[tuple[int, list[int]]] = []  # merged row dims: (size, stride per tensor)
+    for d in range(lead):
+        n = shape[d]
+        if n == 1:
+            continue
+        st = [t.stride(d) if t is not None else 0 for t in ts]
+        if groups and all(gs == s * n for gs, s in zip(groups[-1][1], st, strict=True)):
+            groups[-1] = (groups[-1][0] * n, st)
+        else:
+            groups.append((n, st))
+    if len(groups) > 3:
+        return row_layout([t if t is None or t.is_contiguous() else t.contiguous() for t in ts], hidden)
+    if len(groups) == 1:  # one row stride
+        return RowLayout(ts, rows, False, 1, 1, tuple((s, 0, 0) for s in groups[0][1]))
+    if len(groups) == 2:
+        groups.insert(0, (1, [0] * len(ts)))
+    (_, s0), (n1, s1), (n2, s2) = groups
+    return RowLayout(ts, rows, True, n1, n2, tuple(zip(s0, s1, s2, strict=True)))
 
 
 def row_shape(shape: Sequence[int], hidden: int) -> tuple[int, ...]:

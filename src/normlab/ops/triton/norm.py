@@ -32,8 +32,21 @@ from normlab.ops.triton import launch
 
 
 @triton.jit
-def _load_row(PTR, stride, row, cols, mask):
-    return tl.load(PTR + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
+def _load_row(PTR, off, cols, mask):
+    return tl.load(PTR + off + cols, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _row_offset(row, s0, s1, s2, n1, n2, STRIDED: tl.constexpr):
+    # where row ``row`` starts: one row stride, or (STRIDED) row = (i0, i1, i2) over row
+    # dims of sizes (., n1, n2) and strides (s0, s1, s2) (``launch.RowLayout``)
+    if STRIDED:
+        i2 = row % n2
+        r = row // n2
+        off = (r // n1) * s0 + (r % n1) * s1 + i2 * s2
+    else:
+        off = row * s0
+    return off
 
 
 @triton.jit
@@ -44,18 +57,18 @@ def _keep(seed, row, hidden, cols, drop_p):
 
 
 @triton.jit
-def _new_residual(X, RES, row, cols, mask, stride_x, stride_res, hidden, seed, drop_p, drop_scale,
+def _new_residual(X, RES, row, cols, mask, x_off, res_off, hidden, seed, drop_p, drop_scale,
                   HAS_RES: tl.constexpr, HAS_DROPOUT: tl.constexpr):
-    h = _load_row(X, stride_x, row, cols, mask)
+    h = _load_row(X, x_off, cols, mask)
     if HAS_DROPOUT:
         h = tl.where(_keep(seed, row, hidden, cols, drop_p), h * drop_scale, 0.0)
     if HAS_RES:
-        h += _load_row(RES, stride_res, row, cols, mask)
+        h += _load_row(RES, res_off, cols, mask)
     return h
 
 
 @triton.jit
-def _affine_store(Y, RES_OUT, W, B, row, cols, mask, stride_y, xhat, hidden,
+def _affine_store(Y, RES_OUT, W, B, y_off, cols, mask, xhat, hidden,
                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, ROUND_TO_RES: tl.constexpr):
     y = xhat
     if HAS_W:
@@ -64,7 +77,7 @@ def _affine_store(Y, RES_OUT, W, B, row, cols, mask, stride_y, xhat, hidden,
         y = y + tl.load(B + cols, mask=cols < hidden, other=0.0).to(tl.float32)
     if ROUND_TO_RES:  # the norm's result is rounded to new_residual's dtype, then to x's
         y = y.to(RES_OUT.dtype.element_ty)
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + y_off + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -75,13 +88,17 @@ def _fwd_kernel(
     IS_RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     STORE_RES: tl.constexpr, ROUND_TO_RES: tl.constexpr, HAS_W: tl.constexpr,
     HAS_B: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+    stride_x1=0, stride_x2=0, n1=1, n2=1, STRIDED: tl.constexpr = False,
 ):
-    # a tile of ROWS whole rows per program: narrow rows get enough bytes in flight
+    # a tile of ROWS whole rows per program: narrow rows get enough bytes in flight.
+    # STRIDED: x's rows are found through its row dims (_row_offset); the rest use
+    # one row stride
     row1 = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row = row1[:, None]
     cols = tl.arange(0, BLOCK)[None, :]
     mask = (row < rows) & (cols < hidden)
-    h = _new_residual(X, RES, row, cols, mask, stride_x, stride_res, hidden, seed, drop_p,
+    x_off = _row_offset(row, stride_x, stride_x1, stride_x2, n1, n2, STRIDED)
+    h = _new_residual(X, RES, row, cols, mask, x_off, row * stride_res, hidden, seed, drop_p,
                       drop_scale, HAS_RES, HAS_DROPOUT)
     if STORE_RES:
         stored = h.to(RES_OUT.dtype.element_ty)
@@ -95,7 +112,7 @@ def _fwd_kernel(
         tl.store(MEAN + row1, mean, mask=row1 < rows)
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / hidden + eps)
     tl.store(RSTD + row1, rstd, mask=row1 < rows)
-    _affine_store(Y, RES_OUT, W, B, row, cols, mask, stride_y, centered * rstd[:, None], hidden,
+    _affine_store(Y, RES_OUT, W, B, row * stride_y, cols, mask, centered * rstd[:, None], hidden,
                   HAS_W, HAS_B, ROUND_TO_RES)
 
 
@@ -107,21 +124,23 @@ def _fwd_looped_kernel(
     IS_RMS: tl.constexpr, HAS_RES: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     STORE_RES: tl.constexpr, ROUND_TO_RES: tl.constexpr, HAS_W: tl.constexpr,
     HAS_B: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+    stride_x1=0, stride_x2=0, n1=1, n2=1, STRIDED: tl.constexpr = False,
 ):
     # wide rows: pass 1 forms (and stores) h and its sum; pass 2 the centred sum of
     # squares (LayerNorm only); pass 3 normalizes. Passes 2-3 re-read the stored h.
     row = tl.program_id(0).to(tl.int64)
+    x_off = _row_offset(row, stride_x, stride_x1, stride_x2, n1, n2, STRIDED)
     if STORE_RES:
         H = RES_OUT
-        stride_h = stride_res_out
+        h_off = row * stride_res_out
     else:
         H = X
-        stride_h = stride_x
+        h_off = x_off
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, hidden, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < hidden
-        h = _new_residual(X, RES, row, cols, mask, stride_x, stride_res, hidden, seed, drop_p,
+        h = _new_residual(X, RES, row, cols, mask, x_off, row * stride_res, hidden, seed, drop_p,
                           drop_scale, HAS_RES, HAS_DROPOUT)
         if STORE_RES:
             stored = h.to(RES_OUT.dtype.element_ty)
@@ -142,7 +161,7 @@ def _fwd_looped_kernel(
         for start in range(0, hidden, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < hidden
-            centered = tl.where(mask, _load_row(H, stride_h, row, cols, mask) - mean, 0.0)
+            centered = tl.where(mask, _load_row(H, h_off, cols, mask) - mean, 0.0)
             acc += centered * centered
         var = tl.sum(acc, axis=0) / hidden
     rstd = 1.0 / tl.sqrt(var + eps)
@@ -150,8 +169,8 @@ def _fwd_looped_kernel(
     for start in range(0, hidden, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < hidden
-        xhat = (_load_row(H, stride_h, row, cols, mask) - mean) * rstd
-        _affine_store(Y, RES_OUT, W, B, row, cols, mask, stride_y, xhat, hidden, HAS_W, HAS_B,
+        xhat = (_load_row(H, h_off, cols, mask) - mean) * rstd
+        _affine_store(Y, RES_OUT, W, B, row * stride_y, cols, mask, xhat, hidden, HAS_W, HAS_B,
                       ROUND_TO_RES)
 
 
@@ -178,7 +197,7 @@ def _store_grads(DX, DRES, DRES_OUT, row, cols, mask, stride_dx, stride_dres, st
                  dh, hidden, seed, drop_p, drop_scale,
                  HAS_DRES_OUT: tl.constexpr, HAS_RES: tl.constexpr, HAS_DROPOUT: tl.constexpr):
     if HAS_DRES_OUT:
-        dh += _load_row(DRES_OUT, stride_dres_out, row, cols, mask)
+        dh += _load_row(DRES_OUT, row * stride_dres_out, cols, mask)
     if HAS_RES:
         tl.store(DRES + row * stride_dres + cols, dh.to(DRES.dtype.element_ty), mask=mask)
     if HAS_DROPOUT:
@@ -205,6 +224,7 @@ def _bwd_kernel(
     IS_RMS: tl.constexpr, HAS_DRES_OUT: tl.constexpr, HAS_RES: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr,
     ROWS: tl.constexpr, ZERO_SQ: tl.constexpr,
+    stride_dy1=0, stride_dy2=0, stride_h1=0, stride_h2=0, n1=1, n2=1, STRIDED: tl.constexpr = False,
 ):
     # the program's rows stream through in tiles of ROWS rows; dweight/dbias partials
     # stay in registers and are written once
@@ -219,10 +239,11 @@ def _bwd_kernel(
         row = start + tl.arange(0, ROWS)[:, None]
         row_mask = row < last
         mask = row_mask & col_mask
-        dy = _load_row(DY, stride_dy, row, cols, mask)
+        dy = _load_row(DY, _row_offset(row, stride_dy, stride_dy1, stride_dy2, n1, n2, STRIDED), cols,
+                       mask)
         rstd = tl.load(RSTD + row, mask=row_mask, other=0.0)
-        xhat = _xhat(_load_row(H, stride_h, row, cols, mask), row, MEAN, rstd, mask, row_mask,
-                     IS_RMS)
+        h_off = _row_offset(row, stride_h, stride_h1, stride_h2, n1, n2, STRIDED)
+        xhat = _xhat(_load_row(H, h_off, cols, mask), row, MEAN, rstd, mask, row_mask, IS_RMS)
         g = dy
         if HAS_W:
             # reloaded each step (from L1): registers go to the row instead
@@ -252,6 +273,7 @@ def _bwd_split_kernel(
     IS_RMS: tl.constexpr, HAS_DRES_OUT: tl.constexpr, HAS_RES: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr,
     ROWS: tl.constexpr, ZERO_SQ: tl.constexpr, SPLIT: tl.constexpr,
+    stride_dy1=0, stride_dy2=0, stride_h1=0, stride_h2=0, n1=1, n2=1, STRIDED: tl.constexpr = False,
 ):
     # wide rows, columns split SPLIT ways: program (b * SPLIT + s, c) owns column part s
     # of its rows, so its dweight/dbias partials are a part wide, not a row (a whole
@@ -274,22 +296,22 @@ def _bwd_split_kernel(
     db = tl.zeros([PART], dtype=tl.float32)
     for row in range(first, last):
         rstd = tl.load(RSTD + row)
+        dy_off = _row_offset(row, stride_dy, stride_dy1, stride_dy2, n1, n2, STRIDED)
+        h_off = _row_offset(row, stride_h, stride_h1, stride_h2, n1, n2, STRIDED)
         a1 = 0.0
         a2 = 0.0
         for k in range(1, SPLIT + 1):
             cols = ((s + k) % SPLIT) * PART + tl.arange(0, PART)
             mask = cols < hidden
-            g = _load_row(DY, stride_dy, row, cols, mask)
+            g = _load_row(DY, dy_off, cols, mask)
             if HAS_W:
                 g = g * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-            xhat = _xhat(_load_row(H, stride_h, row, cols, mask), row, MEAN, rstd, mask, True,
-                         IS_RMS)
+            xhat = _xhat(_load_row(H, h_off, cols, mask), row, MEAN, rstd, mask, True, IS_RMS)
             a1 += tl.sum(xhat * g, axis=0)
             a2 += tl.sum(g, axis=0)
         c1 = a1 / hidden
-        dy = _load_row(DY, stride_dy, row, own, own_mask)
-        xhat = _xhat(_load_row(H, stride_h, row, own, own_mask), row, MEAN, rstd, own_mask, True,
-                     IS_RMS)
+        dy = _load_row(DY, dy_off, own, own_mask)
+        xhat = _xhat(_load_row(H, h_off, own, own_mask), row, MEAN, rstd, own_mask, True, IS_RMS)
         g = dy
         if HAS_W:
             dw += dy * xhat
@@ -317,6 +339,7 @@ def _bwd_looped_kernel(
     IS_RMS: tl.constexpr, HAS_DRES_OUT: tl.constexpr, HAS_RES: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr,
     ROWS: tl.constexpr, ZERO_SQ: tl.constexpr,
+    stride_dy1=0, stride_dy2=0, stride_h1=0, stride_h2=0, n1=1, n2=1, STRIDED: tl.constexpr = False,
 ):
     # wide rows: pass A reduces each row's mean(g * xhat) and mean(g) into C1/C2; pass B
     # walks column chunks outermost, so the dweight/dbias partials of a chunk stay in
@@ -325,16 +348,17 @@ def _bwd_looped_kernel(
     first, last, part_row = _row_range(rows_per_example, rows_per_program)
     for row in range(first, last):
         rstd = tl.load(RSTD + row)
+        dy_off = _row_offset(row, stride_dy, stride_dy1, stride_dy2, n1, n2, STRIDED)
+        h_off = _row_offset(row, stride_h, stride_h1, stride_h2, n1, n2, STRIDED)
         a1 = tl.zeros([BLOCK], dtype=tl.float32)
         a2 = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, hidden, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < hidden
-            g = _load_row(DY, stride_dy, row, cols, mask)
+            g = _load_row(DY, dy_off, cols, mask)
             if HAS_W:
                 g = g * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-            xhat = _xhat(_load_row(H, stride_h, row, cols, mask), row, MEAN, rstd, mask, True,
-                         IS_RMS)
+            xhat = _xhat(_load_row(H, h_off, cols, mask), row, MEAN, rstd, mask, True, IS_RMS)
             a1 += xhat * g
             a2 += g
         tl.store(C1 + row, tl.sum(a1, axis=0) / hidden)
@@ -349,10 +373,11 @@ def _bwd_looped_kernel(
         dw = tl.zeros([BLOCK], dtype=tl.float32)
         db = tl.zeros([BLOCK], dtype=tl.float32)
         for row in range(first, last):
-            dy = _load_row(DY, stride_dy, row, cols, mask)
+            dy = _load_row(DY, _row_offset(row, stride_dy, stride_dy1, stride_dy2, n1, n2, STRIDED),
+                           cols, mask)
             rstd = tl.load(RSTD + row)
-            xhat = _xhat(_load_row(H, stride_h, row, cols, mask), row, MEAN, rstd, mask, True,
-                         IS_RMS)
+            h_off = _row_offset(row, stride_h, stride_h1, stride_h2, n1, n2, STRIDED)
+            xhat = _xhat(_load_row(H, h_off, cols, mask), row, MEAN, rstd, mask, True, IS_RMS)
             g = dy
             if HAS_W:
                 dw += dy * xhat
@@ -406,8 +431,20 @@ def norm_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, new_residual, mean, rstd): out and new_residual have x's shape (contiguous),
     new_residual is None unless ``store_residual``; mean/rstd are float32 with x's row
-    dims as shape (``launch.row_shape``; mean None for RMSNorm)."""
-    x2, rows, x_stride = launch.as_rows(x, hidden)
+    dims as shape (``launch.row_shape``; mean None for RMSNorm). Without a residual
+    (plain LayerNorm / RMSNorm), x is read in place through ``launch.row_layout`` (a
+    strided view such as a transposed [B, T, H, hd] tensor is not copied); with one, x and
+    residual each need one row stride (``launch.as_rows``: copied otherwise)."""
+    strided = None
+    if residual is None and not store_residual and not x.is_contiguous():
+        layout = launch.row_layout((x,), hidden)
+        x2, rows, (x_strides,) = layout.tensors[0], layout.rows, layout.strides
+        x_stride = x_strides[0]
+        if layout.strided:
+            strided = dict(stride_x1=x_strides[1], stride_x2=x_strides[2], n1=layout.n1, n2=layout.n2,
+                           STRIDED=True)
+    else:
+        x2, rows, x_stride = launch.as_rows(x, hidden)
     res2, _, res_stride = launch.as_rows(residual, hidden) if residual is not None else (None, 0, 0)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     res_dtype = residual_dtype or x.dtype
@@ -427,7 +464,7 @@ def norm_forward(
         IS_RMS=is_rms, HAS_RES=res2 is not None, HAS_DROPOUT=dropout is not None,
         STORE_RES=store_residual, ROUND_TO_RES=store_residual and res_dtype != x.dtype,
         HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=cfg.block, ROWS=cfg.rows,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **(strided or {}),
     )
     return out, new_res, mean, rstd
 
@@ -443,9 +480,21 @@ def norm_backward(
     """(dx, dresidual, dweight, dbias, per_example_sq): ``h`` is the normalized input
     (the stored new_residual). With ``examples`` set, per_example_sq is float32
     [2, examples]: each example's ||dweight||^2 and ||dbias||^2 (zeros without bias),
-    written into ``out_sq`` when given (a float32 [2, examples] tensor)."""
-    h2, rows, h_stride = launch.as_rows(h, hidden)
-    dy2, _, dy_stride = launch.as_rows(dout, hidden)
+    written into ``out_sq`` when given (a float32 [2, examples] tensor). dx (and
+    dresidual) are contiguous. Without residual gradients, h and dout are read in place
+    through ``launch.row_layout``; otherwise each needs one row stride (copied if not)."""
+    strided = None
+    if (dnew_residual is None and residual_grad_dtype is None
+            and not (h.is_contiguous() and dout.is_contiguous())):
+        layout = launch.row_layout((h, dout), hidden)
+        (h2, dy2), rows = layout.tensors, layout.rows
+        (h_stride, h_s1, h_s2), (dy_stride, dy_s1, dy_s2) = layout.strides
+        if layout.strided:
+            strided = dict(stride_dy1=dy_s1, stride_dy2=dy_s2, stride_h1=h_s1, stride_h2=h_s2,
+                           n1=layout.n1, n2=layout.n2, STRIDED=True)
+    else:
+        h2, rows, h_stride = launch.as_rows(h, hidden)
+        dy2, _, dy_stride = launch.as_rows(dout, hidden)
     dres_out2, _, dres_out_stride = (launch.as_rows(dnew_residual, hidden)
                                      if dnew_residual is not None else (None, 0, 0))
     device = h.device
@@ -491,7 +540,7 @@ def norm_backward(
         IS_RMS=is_rms, HAS_DRES_OUT=dres_out2 is not None, HAS_RES=dres is not None,
         HAS_DROPOUT=dropout is not None, HAS_W=weight is not None,
         HAS_B=bias_dtype is not None, BLOCK=cfg.block, ROWS=cfg.bwd_rows, ZERO_SQ=atomic,
-        num_warps=cfg.bwd_warps, num_stages=cfg.num_stages, **extra,
+        num_warps=cfg.bwd_warps, num_stages=cfg.num_stages, **extra, **(strided or {}),
     )
     if parts is None:  # neither weight nor bias: nothing to reduce
         if per_example:
