@@ -499,3 +499,16 @@ def test_scaled_keys_sanity_rows_report_the_largest_fraction():
     assert set(rows) == {"brody-scaled-keys-selectable@layernorm", "brody-scaled-keys-selectable@rmsnorm"}
     assert rows["brody-scaled-keys-selectable@rmsnorm"]["estimate"] == pytest.approx(0.001)
     assert all(r["verdict"] == "sanity" for r in rows.values())
+
+
+def test_unselectable_keys_count_every_run_that_did_not_diverge():
+    runs = _unselectable("agrees")
+    for r in runs:  # no better than the unigram baseline: still measured
+        r["final_val_loss"] = r["final_val_loss_test"] = BASELINE + 0.1
+    (row,) = judge(CLAIMS["brody-scaling-selects-keys"], runs)
+    assert row["n_seeds"] == len(SEEDS) and row["verdict"] == "agrees"
+    for r in runs:
+        if r["norm"] == "none" and r["seed"] == 0:
+            r.update(diverged=True, final_val_loss=math.nan)
+    (row,) = judge(CLAIMS["brody-scaling-selects-keys"], runs)
+    assert row["n_seeds"] == len(SEEDS) - 1

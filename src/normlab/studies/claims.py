@@ -774,9 +774,14 @@ def _majority_gap(other: str) -> Callable[[list[Result]], list[Measurement]]:
 
 
 def _unselectable_mean(r: Result) -> float | None:
-    """The fraction of a run's attention inputs that are unselectable, averaged over its layers."""
+    """The fraction of a run's attention inputs that are unselectable, averaged over its
+    layers. A run counts unless it diverged: the geometry of what attention reads is
+    measured whatever loss the run reached (a run no better than the unigram baseline
+    still has keys)."""
     values = r.get("unselectable_by_layer")
-    return _mean(values) if values and not failed(r) else None
+    loss = r.get("final_val_loss")
+    ok = not r.get("diverged") and loss is not None and math.isfinite(loss)
+    return _mean(values) if values and ok else None
 
 
 def _unselectable_gap(results: list[Result]) -> list[Measurement]:
