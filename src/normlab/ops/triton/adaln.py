@@ -34,9 +34,6 @@ from normlab.ops.triton import launch
 MAX_HIDDEN = 16384
 """The widest D the fused AdaLN kernels take (one block per row)."""
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
 @triton.jit
 def _adaln_fwd_kernel(
     X, SCALE, SHIFT, Y, MEAN, RSTD, rows, hidden, scale_group, shift_group, eps,
@@ -119,7 +116,7 @@ def _adaln_bwd_kernel(
 
 def _check(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, hidden: int) -> None:
     for name, t in (("input", x), ("scale", scale), ("shift", shift)):
-        if t.dtype not in _DTYPES:
+        if t.dtype not in launch.SUPPORTED_DTYPES:
             raise NormArgumentError(
                 f"adaln_modulate: the triton backend supports {name} dtypes float16, bfloat16 and "
                 f"float32, got {t.dtype}; use normlab.set_backend('auto') or ('torch') for {t.dtype}"
