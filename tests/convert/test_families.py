@@ -37,6 +37,7 @@ FAMILIES = {
     "phi3": ("refuses", "is not a LayerNorm"),
     "gemma": ("refuses", "is not a LayerNorm"),  # an RMSNorm already: (1 + weight), swapped as offset 1
     "cohere": ("converts", None),  # a parallel block; its per-head q/k LayerNorms read a branch and stay
+    "olmo2": ("refuses", r"writes the residual stream \(OLMo 2"),  # RMSNorms on the sublayers' outputs
     "bert": ("refuses", "Post-LN"),
     "roberta": ("refuses", "Post-LN"),
     "t5": ("refuses", "is not a LayerNorm"),

@@ -447,6 +447,26 @@ def _cohere_layer(m: nn.Module) -> BlockSpec:
     )
 
 
+# OLMo 2: a norm on each sublayer's output inside the residual, x + Norm(F(x)) (normlab's
+# olmo2 placement): those norms write the stream; its q/k RMSNorms over the whole query and
+# key projections read the attention's branch.
+@register_block("transformers.models.olmo2.modeling_olmo2.Olmo2DecoderLayer")
+def _olmo2_layer(m: nn.Module) -> BlockSpec:
+    inner = {n: _QK_NORM for n in ("self_attn.q_norm", "self_attn.k_norm") if _has(m, n)}
+    return BlockSpec(
+        writers=("self_attn.o_proj", "mlp.down_proj"), inner_norms=inner,
+        writer_norms={"post_attention_layernorm": "OLMo 2: Norm(attention's output) before the residual add",
+                      "post_feedforward_layernorm": "OLMo 2: Norm(FFN's output) before the residual add"},
+        kinds={"self_attn": "attention", "mlp.gate_proj": "ffn_w1", "mlp.up_proj": "ffn_w1",
+               "mlp.down_proj": "ffn_w2"},
+    )
+
+
+register_model("transformers.models.olmo2.modeling_olmo2.Olmo2ForCausalLM")(
+    lambda r: _lm_head(r, "model.norm", ("model.embed_tokens",)))
+register_model("transformers.models.olmo2.modeling_olmo2.Olmo2Model")(lambda r: _lm_head(r, "norm", ("embed_tokens",)))
+
+
 # RoBERTa: BERT's Post-LN sublayer outputs and embeddings under other class names.
 register_block("transformers.models.roberta.modeling_roberta.RobertaSelfOutput",
                "transformers.models.roberta.modeling_roberta.RobertaOutput",
