@@ -173,3 +173,36 @@ def test_public_ops_carry_no_per_example_buffer_and_the_variants_do():
     for name in ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"):
         assert "per_example_grad_sq" not in inspect.signature(getattr(functional, name)).parameters, name
         assert "per_example_grad_sq" in inspect.signature(getattr(per_example, name)).parameters, name
+
+
+@pytest.mark.parametrize("make", [
+    lambda: normlab.RMSNorm(8, offset=1.0, casting_mode="gemma"),
+    lambda: normlab.RMSNorm(8, casting_mode="llama"),
+    lambda: normlab.LayerNorm(8, offset=1.0),
+    lambda: normlab.LayerNorm(4, bias=False, weight_shape=(2, 4)),
+], ids=["gemma", "llama", "layernorm1p", "per-head"])
+def test_norms_with_options_the_fused_backward_lacks_are_recorded_by_hooks(make):
+    """Gemma's, Llama's and Cohere's swapped norms: per-example weight gradients from
+    hooks, against torch.func's per-example gradients of the weight."""
+    torch.manual_seed(0)
+    norm = make()
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 8) if norm.weight.dim() == 1 and norm.weight.shape[0] == 8 else torch.randn(3, 5, 2, 4)
+    target = torch.randn_like(x)
+    with per_example_grad_norms(norm) as rec:
+        loss = ((norm(x) - target) ** 2).sum()
+        loss.backward()
+    params = dict(norm.named_parameters())
+
+    def loss_one(p, xb, tb):
+        out = torch.func.functional_call(norm, p, (xb[None],))
+        return ((out - tb[None]) ** 2).sum()
+
+    grads = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))(params, x, target)
+    expected = grads["weight"].flatten(1).double().square().sum(1)
+    torch.testing.assert_close(rec[""]["weight"].double(), expected, rtol=1e-4, atol=1e-6)
+    if "bias" in params:
+        torch.testing.assert_close(rec[""]["bias"].double(), grads["bias"].flatten(1).double().square().sum(1),
+                                   rtol=1e-4, atol=1e-6)

@@ -18,8 +18,11 @@ showed they predict the whole model's gradient noise scale.
 Positions whose grad_out is zero (padding that the loss ignores) contribute nothing.
 For normlab's LayerNorm/RMSNorm the numbers come from the fused backward itself (the
 op's ``per_example_grad_sq`` buffer, switched on while the context is active: no extra
-pass). For torch's nn.LayerNorm/nn.RMSNorm they come from a forward hook (which keeps
-the norm's input) and a tensor hook on its output (which sees grad_out).
+pass). For torch's nn.LayerNorm/nn.RMSNorm, and for normlab norms with a weight offset,
+a casting mode or a per-head weight (Gemma's and Cohere's, swapped), they come from a
+forward hook (which keeps the norm's input) and a tensor hook on its output (which sees
+grad_out); x_hat is then recomputed in float32, so a casting mode's rounding of it is
+not in the numbers.
 """
 
 from __future__ import annotations
@@ -82,8 +85,11 @@ def _supported(module: nn.Module) -> bool:
 
 
 def _from_backward(module: nn.Module) -> bool:
-    """normlab norms compute per-example norms inside their own backward."""
-    return hasattr(module, "collect_per_example_grad_sq")
+    """normlab norms compute per-example norms inside their own backward, except those
+    whose options the fused backward does not take (a weight offset, a casting mode, a
+    per-head weight): those are recorded by hooks, as torch's own norms."""
+    return (hasattr(module, "collect_per_example_grad_sq") and getattr(module, "offset", 0.0) == 0.0
+            and getattr(module, "casting_mode", "torch") == "torch" and getattr(module, "weight_shape", None) is None)
 
 
 class PerExampleGradNorms:
@@ -173,7 +179,9 @@ class PerExampleGradNorms:
                     x_hat = reference.layer_norm(xc, shape, eps=module.eps)
                 else:
                     x_hat = reference.rms_norm(xc, shape, eps=module.eps)
-                w_sq, b_sq = reference.per_example_param_grad_sq(grad_out, x_hat, shape)
+                # dL/dweight = sum of grad_out * x_hat whatever the offset (y = x_hat * (offset + w));
+                # a per-head weight (weight_shape) keeps its head dims in the sum
+                w_sq, b_sq = reference.per_example_param_grad_sq(grad_out, x_hat, tuple(module.weight.shape))
                 self._check_batch(name, w_sq.shape[0])
                 rec = {"weight": w_sq}
                 if getattr(module, "bias", None) is not None:
