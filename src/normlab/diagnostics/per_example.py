@@ -88,8 +88,7 @@ def _from_backward(module: nn.Module) -> bool:
     """normlab norms compute per-example norms inside their own backward, except those
     whose options the fused backward does not take (a weight offset, a casting mode, a
     per-head weight): those are recorded by hooks, as torch's own norms."""
-    return (hasattr(module, "collect_per_example_grad_sq") and getattr(module, "offset", 0.0) == 0.0
-            and getattr(module, "casting_mode", "torch") == "torch" and getattr(module, "weight_shape", None) is None)
+    return hasattr(module, "collect_per_example_grad_sq") and getattr(module, "per_example_in_backward", True)
 
 
 class PerExampleGradNorms:

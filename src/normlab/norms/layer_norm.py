@@ -169,8 +169,13 @@ class LayerNorm(_CheckedOnce, _PerExampleGradSq, _WeightOffset, ResidualNorm, nn
         return (super().extra_repr() + (f", offset={self.offset!r}" if self.offset != 0.0 else "")
                 + (f", weight_shape={self.weight_shape}" if self.weight_shape is not None else ""))
 
+    @property
+    def per_example_in_backward(self) -> bool:
+        """The fused backward fills per-example gradient norms (no offset, no per-head weight)."""
+        return self.offset == 0.0 and self.weight_shape is None
+
     def normalize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        if self.offset != 0.0 or self.weight_shape is not None:
+        if not self.per_example_in_backward:
             if self.collect_per_example_grad_sq:
                 raise NotImplementedError("LayerNorm: per-example gradient norms do not take offset or "
                                           "weight_shape yet")
@@ -189,7 +194,7 @@ class LayerNorm(_CheckedOnce, _PerExampleGradSq, _WeightOffset, ResidualNorm, nn
             per_example_grad_sq=self._per_example_buffer(x)))
 
     def add_normalize(self, x, residual, dropout_p, residual_dtype, padding_mask):
-        if (self.offset != 0.0 or self.weight_shape is not None) and self.collect_per_example_grad_sq:
+        if not self.per_example_in_backward and self.collect_per_example_grad_sq:
             raise NotImplementedError("LayerNorm: per-example gradient norms do not take offset or "
                                       "weight_shape yet")
         if self.weight_shape is not None:  # the add, then normalize: no fused op takes a per-head gamma
@@ -231,8 +236,13 @@ class RMSNorm(_CheckedOnce, _PerExampleGradSq, _WeightOffset, ResidualNorm, nn.R
                         if getattr(self, k) != default)
         return super().extra_repr() + extra
 
+    @property
+    def per_example_in_backward(self) -> bool:
+        """The fused backward fills per-example gradient norms (no offset, torch's casting)."""
+        return self.offset == 0.0 and self.casting_mode == "torch"
+
     def normalize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        if self.offset != 0.0 or self.casting_mode != "torch":
+        if not self.per_example_in_backward:
             if self.collect_per_example_grad_sq:
                 raise NotImplementedError("RMSNorm: per-example gradient norms do not take offset or casting_mode yet")
             return F.rms_norm(x, self.normalized_shape, self.weight, self.eps, offset=self.offset,
@@ -250,7 +260,7 @@ class RMSNorm(_CheckedOnce, _PerExampleGradSq, _WeightOffset, ResidualNorm, nn.R
             per_example_grad_sq=self._per_example_buffer(x)))
 
     def add_normalize(self, x, residual, dropout_p, residual_dtype, padding_mask):
-        cast = self.offset != 0.0 or self.casting_mode != "torch"
+        cast = not self.per_example_in_backward
         if cast and self.collect_per_example_grad_sq:
             raise NotImplementedError("RMSNorm: per-example gradient norms do not take offset or casting_mode yet")
         if not self.collect_per_example_grad_sq:

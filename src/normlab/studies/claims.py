@@ -263,14 +263,22 @@ def _list(items: Iterable[Any]) -> str:
 def compare(name_a: str, runs_a: list[Result], name_b: str, runs_b: list[Result], suffix: str = "",
             setup: str | None = None) -> Measurement:
     """L(a) - L(b), each at its own (cross-fitted) best setting, paired by seed."""
-    ba, bb = best_setting(runs_a), best_setting(runs_b)
+    return compare_best(name_a, best_setting(runs_a), runs_a, name_b, best_setting(runs_b), runs_b, suffix,
+                        run_setup(runs_a + runs_b) if setup is None else setup)
+
+
+def compare_best(name_a: str, ba: Best, runs_a: list[Result], name_b: str, bb: Best, runs_b: list[Result],
+                 suffix: str, setup: str, statistic: str = "L", unit: str = " nats",
+                 floor: str = "the unigram baseline") -> Measurement:
+    """statistic(a) - statistic(b) from each configuration's ``Best`` (``best_setting``),
+    paired by seed; ``floor``: where a failed run is counted."""
     i = paired_ci(ba.by_seed, bb.by_seed)
     caveats = ba.caveats(name_a) + bb.caveats(name_b)
     for name, best, runs in ((name_a, ba, runs_a), (name_b, bb, runs_b)):
         if _mostly_failed(best, runs) and not best.all_failed:
-            caveats.append(f"most seeds of {name} failed at their chosen setting: counted at the unigram baseline")
-    return Measurement(suffix, i, f"{ba.text(name_a)}; {bb.text(name_b)}; L({name_a}) - L({name_b}) = "
-                       f"{_ci_text(i, ' nats')}", run_setup(runs_a + runs_b) if setup is None else setup,
+            caveats.append(f"most seeds of {name} failed at their chosen setting: counted at {floor}")
+    return Measurement(suffix, i, f"{ba.text(name_a)}; {bb.text(name_b)}; {statistic}({name_a}) - "
+                       f"{statistic}({name_b}) = {_ci_text(i, unit)}", setup,
                        tuple(caveats), _both_failed_note([(name_a, ba, runs_a), (name_b, bb, runs_b)]))
 
 
@@ -760,15 +768,15 @@ def _majority_gap(other: str) -> Callable[[list[Result]], list[Measurement]]:
             return _missing(f"majority runs with LayerNorm and {other}")
         bl = best_setting(ln, judged_error, "mean test accuracy error")
         bo = best_setting(ot, judged_error, "mean test accuracy error")
-        i = paired_ci(bo.by_seed, bl.by_seed)
+        m = compare_best(other, bo, ot, "LayerNorm", bl, ln, "", _majority_setup(ln + ot), statistic="error",
+                         unit="", floor="chance")
         final = {n: _mean(r["final_val_accuracy"] for r in rs if r["lr"] == b.setting[0]
                           and math.isfinite(r.get("final_val_accuracy", math.nan)))
                  for n, b, rs in (("layernorm", bl, ln), (other, bo, ot))}
-        return [Measurement("", i, f"{bl.text('layernorm')}; {bo.text(other)}; mean accuracy over training "
-                            f"LayerNorm {1 - _mean(bl.by_seed.values()):.3f}, {other} {1 - _mean(bo.by_seed.values()):.3f}; "
-                            f"final accuracy at the best lr LayerNorm {final['layernorm']:.3f}, {other} "
-                            f"{final[other]:.3f}; error({other}) - error(LayerNorm) = {_ci_text(i)}",
-                            _majority_setup(ln + ot), tuple(bl.caveats("LayerNorm") + bo.caveats(other)))]
+        return [replace(m, detail=f"{m.detail}; mean accuracy over training LayerNorm "
+                        f"{1 - _mean(bl.by_seed.values()):.3f}, {other} {1 - _mean(bo.by_seed.values()):.3f}; "
+                        f"final accuracy at the best lr LayerNorm {final['layernorm']:.3f}, {other} "
+                        f"{final[other]:.3f}")]
 
     return measure
 

@@ -181,6 +181,7 @@ class Task:
         self.numbers = NumberWords() if spec.task == "seq2seq" else None
         self.majority = Majority(**spec.task_options) if spec.task == "majority" else None
         self._val: dict[int, tuple[Tensor, Tensor]] = {}
+        self._majority_val: tuple[Tensor, Tensor] | None = None  # majority's validation batches, made once
 
     def batch(self, step: int, split: str, env: Env) -> dict[str, Tensor]:
         s = self.spec
@@ -268,8 +269,10 @@ class Task:
         ``UNSELECTABLE_SEQUENCES`` sequences."""
         from normlab.studies.probes import unselectable_keys
 
-        xs, ys = zip(*((b["x"], b["y"]) for b in (self.batch(i, "val", env) for i in range(self.spec.eval_batches))))
-        x, y = torch.cat(xs), torch.cat(ys)
+        if self._majority_val is None:  # the same sequences at every evaluation
+            batches = [self.batch(i, "val", env) for i in range(self.spec.eval_batches)]
+            self._majority_val = (torch.cat([b["x"] for b in batches]), torch.cat([b["y"] for b in batches]))
+        x, y = self._majority_val
         with env.autocast():
             logits = model(x).float()
         loss = TF.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1).double()
