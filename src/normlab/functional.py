@@ -30,6 +30,7 @@ __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "dropout_
 
 _HALF = (torch.float16, torch.bfloat16)
 _isfinite = math.isfinite
+_INF = math.inf
 # the dtypes whose fused add is a plain ``residual + x`` on the torch backend (float64 goes
 # through the reference, which gives the same sum)
 _SHORT_ADD_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32))
@@ -447,30 +448,11 @@ def rms_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | 
     return _rms_norm(x, normalized_shape, weight, eps)
 
 
-def _plain_residual_add(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
-                        normalized_shape: int | Sequence[int] | None, eps: float | None, rms: bool,
-                        dropout_p: float, training: bool, generator: torch.Generator | None,
-                        residual_dtype: torch.dtype | None) -> tuple[Tensor, Sequence[int]] | None:
-    """(residual + x, the normalized shape) for a fused add+norm call whose checked path is
-    that sum and then torch's norm (CPU; no dropout, generator or mixed dtypes; a finite
-    eps; a weight or a normalized_shape; for RMSNorm a weight in x's dtype and at most
-    NATIVE_RMS_MAX_NUMEL elements; for LayerNorm no half-precision x with a ``_param_grad``), else None."""
-    try:
-        if ((weight is not None or normalized_shape is not None)
-                and type(x) is Tensor and type(residual) is Tensor and x.is_cpu and generator is None
-                and (dt := x.dtype) in _SHORT_ADD_DTYPES and residual.dtype is dt
-                and (residual_dtype is None or residual_dtype is dt)
-                and type(dropout_p) is float and 0.0 <= dropout_p <= 1.0 and (dropout_p == 0.0 or not training)
-                and ((type(eps) is float and _isfinite(eps)) or (eps is None and rms))
-                and (not rms or ((weight is None or weight.dtype is dt) and x.numel() <= NATIVE_RMS_MAX_NUMEL))
-                and (rms or dt not in _HALF or not _param_grad(weight, bias))
-                and residual.shape == x.shape and get_backend() != "triton"):
-            shape = weight.shape if normalized_shape is None else \
-                (normalized_shape,) if type(normalized_shape) is int else normalized_shape
-            return residual + x, shape
-    except Exception:  # noqa: BLE001 - the checked path names the bad argument
-        pass
-    return None
+def _plain_shape(weight: Tensor | None, normalized_shape: int | Sequence[int] | None) -> Sequence[int] | None:
+    """The normalized shape of a fused add+norm call: normalized_shape, else the weight's."""
+    if normalized_shape is None:
+        return None if weight is None else weight.shape
+    return (normalized_shape,) if type(normalized_shape) is int else normalized_shape
 
 
 def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
@@ -489,10 +471,18 @@ def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bi
         return _add_then_norm("add_layer_norm", x, residual, weight, bias, dropout_p, training, generator,
                               residual_dtype, normalized_shape,
                               lambda h, shape: _layer_norm_torch_ops(h, shape, weight, bias, eps, offset))
-    if (plain := _plain_residual_add(x, residual, weight, bias, normalized_shape, eps, False, dropout_p, training,
-                                     generator, residual_dtype)) is not None:
+    # the common call (CPU, no dropout, one dtype; no half-precision x with a parameter
+    # gradient, whose sums the checked path forms in float32): residual + x, then torch's
+    # op, with the fewest checks; anything else, or an error, takes the checked path
+    if (type(dropout_p) is float and (dropout_p == 0.0 or (not training and 0.0 <= dropout_p <= 1.0))
+            and generator is None and residual_dtype is None and type(x) is Tensor
+            and type(residual) is Tensor and x.is_cpu and residual.dtype is (dt := x.dtype)
+            and dt in _SHORT_ADD_DTYPES and type(eps) is float and -_INF < eps < _INF
+            and (dt not in _HALF or not _param_grad(weight, bias)) and residual.shape == x.shape
+            and get_backend() != "triton"):
         try:
-            return torch.layer_norm(plain[0], plain[1], weight, bias, eps), plain[0]
+            h = residual + x
+            return torch.layer_norm(h, _plain_shape(weight, normalized_shape), weight, bias, eps), h
         except Exception:  # noqa: BLE001 - the checked path below names the bad argument
             pass
     return _add_layer_norm(x, residual, weight, bias, eps, dropout_p=dropout_p, training=training,
@@ -510,10 +500,17 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps:
         return _add_then_norm("add_rms_norm", x, residual, weight, None, dropout_p, training, generator,
                               residual_dtype, normalized_shape,
                               lambda h, shape: _rms_norm_cast(h, shape, weight, eps, offset, casting_mode))
-    if (plain := _plain_residual_add(x, residual, weight, None, normalized_shape, eps, True, dropout_p, training,
-                                     generator, residual_dtype)) is not None:
+    # the common call, as add_layer_norm's: residual + x, then torch's op where it is the
+    # faster one (native_rms_ok)
+    if (type(dropout_p) is float and (dropout_p == 0.0 or (not training and 0.0 <= dropout_p <= 1.0))
+            and generator is None and residual_dtype is None and type(x) is Tensor
+            and type(residual) is Tensor and x.is_cpu and residual.dtype is (dt := x.dtype)
+            and dt in _SHORT_ADD_DTYPES and (eps is None or (type(eps) is float and -_INF < eps < _INF))
+            and (weight is None or getattr(weight, "dtype", None) is dt) and x.numel() <= NATIVE_RMS_MAX_NUMEL
+            and residual.shape == x.shape and get_backend() != "triton"):
         try:
-            return torch.rms_norm(plain[0], plain[1], weight, eps), plain[0]
+            h = residual + x
+            return torch.rms_norm(h, _plain_shape(weight, normalized_shape), weight, eps), h
         except Exception:  # noqa: BLE001 - the checked path below names the bad argument
             pass
     return _add_rms_norm(x, residual, weight, eps, dropout_p=dropout_p, training=training, generator=generator,

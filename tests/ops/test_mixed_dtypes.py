@@ -259,3 +259,37 @@ def test_triton_parameter_gradients_are_summed_in_float32(op, x_dtype):
     from normlab.ops.triton import launch
     with normlab.set_backend("triton"), launch.tuning(fwd_rows=512, bwd_rows=128):
         _check_param_grad_sums(op, x_dtype, FP32, 512, device=DEVICE)
+
+
+@pytest.mark.parametrize("x_dtype,p_dtype", [(BF16, BF16), (FP16, FP32)], ids=_ids([(BF16, BF16), (FP16, FP32)]))
+@pytest.mark.parametrize("transposed", [False, True])
+def test_layer_norm_backward_in_row_chunks(monkeypatch, x_dtype, p_dtype, transposed):
+    # half-precision x is converted to float32 for the backward a chunk of rows at a time
+    # (eager.LN_BACKWARD_CHUNK, at least 64 rows): 200 rows of a (3, 5) normalized shape
+    # make chunks of 64, 64, 64 and 8 rows. dx is the same per row as in one call; the
+    # chunks' dweight/dbias add in float32, so they meet the float64 reference as before.
+    from normlab.ops import eager
+    from normlab.ops.eager import layer_norm as eager_layer_norm
+
+    g = torch.Generator().manual_seed(5)
+    x0 = (torch.randn(3, 5, 200, generator=g) * 2 + 0.5).to(x_dtype)
+    x0 = x0.permute(2, 0, 1) if transposed else x0.permute(2, 0, 1).contiguous()
+    w0 = (torch.randn(3, 5, generator=g) * 0.5 + 1).to(p_dtype)
+    b0 = torch.randn(3, 5, generator=g).to(p_dtype)
+    dy = torch.randn(200, 3, 5, generator=g).to(x_dtype)
+
+    def grads(chunk):
+        monkeypatch.setattr(eager, "LN_BACKWARD_CHUNK", chunk)
+        x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+        out = eager_layer_norm(x, (3, 5), w, b, 1e-5)
+        out.backward(dy)
+        return out, x.grad, w.grad, b.grad
+
+    whole, chunked = grads(1 << 30), grads(1)
+    torch.testing.assert_close(chunked[0], whole[0], rtol=0, atol=0)
+    torch.testing.assert_close(chunked[1], whole[1], rtol=0, atol=0)
+    assert chunked[1].shape == x0.shape and chunked[2].dtype == p_dtype and chunked[3].dtype == p_dtype
+    xd, wd, bd = (t.double().requires_grad_() for t in (x0, w0, b0))
+    reference.layer_norm(xd, (3, 5), wd, bd, 1e-5).backward(dy.double())
+    for ours, ref, name in ((chunked[2], wd.grad, "weight"), (chunked[3], bd.grad, "bias")):
+        assert_close(ours, ref, _grad_sum_dtype(x_dtype, p_dtype), PARAM_GRAD_SUM, what=f"chunked d{name}")
