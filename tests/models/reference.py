@@ -45,8 +45,9 @@ def head_norm_ref(norm, y):
 
 
 def attention_ref(attn, x, context=None, *, causal=False, key_padding=None, rope=False, inner_norm=None):
-    """W_out [softmax(Q K^T / sqrt(d_head) + mask) V]; Q and K per head through the
-    attention's q_norm / k_norm where it has them (QK-norm, before RoPE); inner_norm
+    """W_out [softmax(Q K^T / sqrt(d_head) + mask) V]; Q and K through the attention's
+    q_norm / k_norm where it has them (QK-norm, before RoPE: per head, or over the whole
+    projection before the head split with qk_norm_scope "projection"); inner_norm
     before W_out (Sub-LN)."""
     kv = x if context is None else context
     b, t, d = x.shape
@@ -57,8 +58,12 @@ def attention_ref(attn, x, context=None, *, causal=False, key_padding=None, rope
     def heads(y):
         return y.reshape(b, -1, h, hd).transpose(1, 2)
 
-    q, k, v = heads(linear(attn.q_proj, x)), heads(linear(attn.k_proj, kv)), heads(linear(attn.v_proj, kv))
-    if getattr(attn, "q_norm", None) is not None:
+    q, k, v = linear(attn.q_proj, x), linear(attn.k_proj, kv), linear(attn.v_proj, kv)
+    normed = getattr(attn, "q_norm", None) is not None
+    if normed and attn.qk_norm_scope == "projection":  # OLMo 2: over the whole projection
+        q, k = head_norm_ref(attn.q_norm, q), head_norm_ref(attn.k_norm, k)
+    q, k, v = heads(q), heads(k), heads(v)
+    if normed and attn.qk_norm_scope == "head":
         q, k = head_norm_ref(attn.q_norm, q), head_norm_ref(attn.k_norm, k)
     if rope:
         q, k = rope_ref(q), rope_ref(k)

@@ -267,6 +267,40 @@ def test_attention_with_qk_norm_matches_reference(qk_norm, cross, rope):
 
 
 @pytest.mark.parametrize("qk_norm", ["rmsnorm", "layernorm"])
+@pytest.mark.parametrize("cross,rope", [(False, True), (True, False)])
+def test_attention_with_qk_norm_over_the_projection_matches_reference(qk_norm, cross, rope):
+    """OLMo 2's scope: Q = Norm_q(W_q x) over all d_model features, then the head split."""
+    torch.manual_seed(15)
+    attn = _randomize_norms(Attention(24, 3, qk_norm=qk_norm, qk_norm_eps=1e-6,
+                                      qk_norm_scope="projection")).double().eval()
+    assert attn.q_norm.normalized_shape == (24,) and attn.k_norm.normalized_shape == (24,)
+    x = torch.randn(2, 5, 24, dtype=torch.float64)
+    ctx = torch.randn(2, 7, 24, dtype=torch.float64) if cross else None
+    rope_t = None
+    if rope:
+        from normlab.models.attention import rope_tables
+        rope_t = rope_tables(5, 8, torch.float64, x.device)
+    out = attn(x, ctx, is_causal=not cross, rope=rope_t)
+    torch.testing.assert_close(out, attention_ref(attn, x, ctx, causal=not cross, rope=rope), rtol=1e-10, atol=1e-10)
+    # not the per-head norm: the heads share one statistic
+    per_head = Attention(24, 3, qk_norm=qk_norm, qk_norm_eps=1e-6).double().eval()
+    per_head.load_state_dict({k: v for k, v in attn.state_dict().items() if "_norm" not in k}, strict=False)
+    assert not torch.allclose(per_head(x, ctx, is_causal=not cross, rope=rope_t), out, atol=1e-3)
+
+
+def test_qk_norm_scope_in_the_config_reaches_every_attention():
+    cfg = _cfg("pre", qk_norm="rmsnorm", qk_norm_scope="projection")
+    model = Seq2SeqTransformer(cfg)
+    attns = [m for m in model.modules() if isinstance(m, Attention)]
+    assert attns and all(a.qk_norm_scope == "projection" and a.q_norm.normalized_shape == (cfg.d_model,)
+                         for a in attns)
+    with pytest.raises(ValueError, match="qk_norm_scope"):
+        _cfg("pre", qk_norm="rmsnorm", qk_norm_scope="heads")
+    with pytest.raises(ValueError, match="qk_norm_scope"):
+        Attention(24, 3, qk_norm="rmsnorm", qk_norm_scope="all")
+
+
+@pytest.mark.parametrize("qk_norm", ["rmsnorm", "layernorm"])
 def test_qk_norm_on_a_strided_head_view(qk_norm):
     """The norms normalize the last dim of any view: on [B, H, T, hd] from a transpose
     (not contiguous) they match the reference, forward and backward."""
@@ -284,10 +318,12 @@ def test_qk_norm_on_a_strided_head_view(qk_norm):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("scope", ["head", "projection"])
 @pytest.mark.parametrize("placement,options", [("pre", None), *NEW], ids=["pre", *NEW_IDS])
-def test_lm_with_qk_norm_matches_equation(placement, options):
+def test_lm_with_qk_norm_matches_equation(placement, options, scope):
     torch.manual_seed(13)
-    cfg = _cfg(placement, placement_options=options, qk_norm="rmsnorm", positional="rope", norm_eps=None)
+    cfg = _cfg(placement, placement_options=options, qk_norm="rmsnorm", positional="rope", norm_eps=None,
+               qk_norm_scope=scope)
     model = _randomize_norms(TransformerLM(cfg)).double().eval()
     assert model.blocks[0].attn.q_norm.eps is None  # norm_eps None: the norm's default
     tokens = torch.randint(0, cfg.vocab_size, (2, 7))

@@ -574,7 +574,8 @@ _NORMLAB_INPUTS = {
     "ffn": ("ffn.w1",),
 }
 _NORMLAB_OUTPUTS = {"attn": "attn.out_proj", "cross_attn": "cross_attn.out_proj", "ffn": "ffn.w2"}
-_NORMLAB_QK_NORM = ("QK-norm: it normalizes each query or key head, whose output feeds the attention "
+_NORMLAB_QK_NORM = ("QK-norm: it normalizes each query or key head (or, scoped to the projection, the "
+                    "whole query or key projection), whose output feeds the attention "
                     "scores (through RoPE where used), not Linear layers")
 
 

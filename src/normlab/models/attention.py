@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from normlab.models.config import QK_NORM_SCOPES
 from normlab.norms import build_norm
 
 
@@ -25,10 +26,14 @@ class Attention(nn.Module):
     each head's head_dim features (eps ``qk_norm_eps``, None: the norm's default, with an
     elementwise affine shared by the heads), applied to Q and K after the projection
     and head split, before RoPE (as Qwen3 and Gemma 3 do):
-    Q_h = Norm_q(W_q x)_h, K_h = Norm_k(W_k context)_h."""
+    Q_h = Norm_q(W_q x)_h, K_h = Norm_k(W_k context)_h.
+    ``qk_norm_scope="projection"``: one norm over the whole d_model-wide projection, before
+    the head split (as OLMo 2 does): Q_h = Norm_q(W_q x)_h with Norm_q over d_model
+    features, so the heads share one statistic and each feature has its own gain."""
 
     def __init__(self, d_model: int, n_heads: int, attention_dropout: float = 0.0, *,
-                 qk_norm: str | None = None, qk_norm_eps: float | None = None) -> None:
+                 qk_norm: str | None = None, qk_norm_eps: float | None = None,
+                 qk_norm_scope: str = "head") -> None:
         super().__init__()
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
         self.attention_dropout = attention_dropout
@@ -38,8 +43,12 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model)
         if qk_norm not in (None, "rmsnorm", "layernorm"):
             raise ValueError(f"Attention: expected qk_norm to be None, 'rmsnorm' or 'layernorm', got {qk_norm!r}")
-        self.q_norm = build_norm(qk_norm, self.head_dim, eps=qk_norm_eps) if qk_norm else None
-        self.k_norm = build_norm(qk_norm, self.head_dim, eps=qk_norm_eps) if qk_norm else None
+        if qk_norm_scope not in QK_NORM_SCOPES:
+            raise ValueError(f"Attention: expected qk_norm_scope to be 'head' or 'projection', got {qk_norm_scope!r}")
+        self.qk_norm_scope = qk_norm_scope
+        width = self.head_dim if qk_norm_scope == "head" else d_model
+        self.q_norm = build_norm(qk_norm, width, eps=qk_norm_eps) if qk_norm else None
+        self.k_norm = build_norm(qk_norm, width, eps=qk_norm_eps) if qk_norm else None
 
     def forward(self, x: Tensor, context: Tensor | None = None, *, attn_mask: Tensor | None = None,
                 is_causal: bool = False, rope: tuple[Tensor, Tensor] | None = None,
@@ -62,10 +71,13 @@ class Attention(nn.Module):
         return self.out_proj(y)
 
     def _heads(self, t: Tensor, norm: nn.Module | None = None) -> Tensor:
-        """[B, T, d] -> [B, H, T, head_dim], each head normalized by ``norm`` (QK-norm) on
-        the [B, T, H, head_dim] view, before the transpose."""
+        """[B, T, d] -> [B, H, T, head_dim], normalized by ``norm`` (QK-norm): each head on
+        the [B, T, H, head_dim] view before the transpose, or, with the "projection"
+        scope, the whole [B, T, d] projection before the split."""
+        if norm is not None and self.qk_norm_scope == "projection":
+            t = norm(t)
         t = t.unflatten(-1, (self.n_heads, self.head_dim))
-        if norm is not None:
+        if norm is not None and self.qk_norm_scope == "head":
             t = norm(t)
         return t.transpose(1, 2)
 

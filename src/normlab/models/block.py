@@ -156,7 +156,7 @@ class Block(nn.Module):
                 raise ValueError(f"Block: a parallel placement takes 'in', 'out' and 'inner' norm slots, "
                                  f"placement {placement.name!r} declares {', '.join(map(repr, other))}")
         self.placement, self.causal, self.dropout = placement, causal, cfg.dropout
-        qk = dict(qk_norm=cfg.qk_norm, qk_norm_eps=cfg.norm_eps)
+        qk = dict(qk_norm=cfg.qk_norm, qk_norm_eps=cfg.norm_eps, qk_norm_scope=cfg.qk_norm_scope)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.attention_dropout, **qk)
         self.cross_attn = Attention(cfg.d_model, cfg.n_heads, cfg.attention_dropout, **qk) if cross_attention else None
         self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation)

@@ -16,6 +16,8 @@ from normlab.norms import norm_names
 
 POSITIONALS = ("learned", "sinusoidal", "rope", "none")
 QK_NORMS = ("rmsnorm", "layernorm")
+# where QK-norm normalizes: each head's head_dim features, or the whole projection
+QK_NORM_SCOPES = ("head", "projection")
 INITS = ("xavier", "gpt2")
 ACTIVATIONS = ("gelu", "relu")
 
@@ -45,6 +47,8 @@ class TransformerConfig:
                       before RoPE, in self- and cross-attention (QK-norm as in Qwen3 and
                       Gemma 3; Dehghani et al. 2023, "Scaling Vision Transformers to 22
                       Billion Parameters")
+    qk_norm_scope     "head" (the above) | "projection": one norm over the whole d_model-wide
+                      query and key projections, before the head split (OLMo 2)
     placement         any ``placement_names()`` entry: where the norms sit
     placement_options keyword arguments of the placement class (None: its defaults), e.g.
                       {"shared_norm": False} for "parallel" (two input norms, GPT-NeoX);
@@ -75,6 +79,7 @@ class TransformerConfig:
     norm_eps: float | None = 1e-5
     norm_options: dict[str, Any] | None = None
     qk_norm: str | None = None
+    qk_norm_scope: str = "head"
     placement: str = "pre"
     placement_options: dict[str, Any] | None = None
     residual_scale: float = 1.0
@@ -138,6 +143,7 @@ class TransformerConfig:
             raise ValueError(
                 f"TransformerConfig: unknown qk_norm {self.qk_norm!r}; expected None or one of: {', '.join(QK_NORMS)}"
             )
+        _check_choice("qk_norm_scope", self.qk_norm_scope, QK_NORM_SCOPES)
         if self.placement_options is not None:
             self._check_placement_options()
         for name in ("embedding_norm", "tie_embeddings"):

@@ -307,8 +307,8 @@ class OLMo2Norm(Placement):
 
     The norm sits on each sublayer's output only (the paper's reordered norm): nothing
     normalizes a sublayer's input, and the final norm closes the stack. OLMo 2 also
-    normalizes queries and keys, over the whole projection; ``TransformerConfig(qk_norm=...)``
-    is the per-head QK-norm of Qwen3 and Gemma 3."""
+    normalizes queries and keys, over the whole projection:
+    ``TransformerConfig(qk_norm=..., qk_norm_scope="projection")``."""
 
     slots = ("out",)
     final_norm = True
