@@ -244,6 +244,15 @@ def test_safetensors_round_trip_keeps_placement_options_and_qk_norm(tmp_path):
 # ---------------------------------------------------------------------------- QK-norm
 
 
+def _attention_inputs(cross, rope):
+    """x [2, 5, 24], a context [2, 7, 24] for cross-attention, and RoPE tables (head_dim 8)."""
+    from normlab.models.attention import rope_tables
+
+    x = torch.randn(2, 5, 24, dtype=torch.float64)
+    ctx = torch.randn(2, 7, 24, dtype=torch.float64) if cross else None
+    return x, ctx, rope_tables(5, 8, torch.float64, x.device) if rope else None
+
+
 @pytest.mark.parametrize("qk_norm", ["rmsnorm", "layernorm"])
 @pytest.mark.parametrize("cross,rope", [(False, False), (False, True), (True, False)])
 def test_attention_with_qk_norm_matches_reference(qk_norm, cross, rope):
@@ -252,12 +261,7 @@ def test_attention_with_qk_norm_matches_reference(qk_norm, cross, rope):
     attn = _randomize_norms(Attention(24, 3, qk_norm=qk_norm, qk_norm_eps=1e-6)).double().eval()
     assert attn.q_norm.normalized_shape == (8,) and attn.q_norm.eps == 1e-6
     assert attn.q_norm is not attn.k_norm
-    x = torch.randn(2, 5, 24, dtype=torch.float64)
-    ctx = torch.randn(2, 7, 24, dtype=torch.float64) if cross else None
-    rope_t = None
-    if rope:
-        from normlab.models.attention import rope_tables
-        rope_t = rope_tables(5, 8, torch.float64, x.device)
+    x, ctx, rope_t = _attention_inputs(cross, rope)
     out = attn(x, ctx, is_causal=not cross, rope=rope_t)
     ref = attention_ref(attn, x, ctx, causal=not cross, rope=rope)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
@@ -274,12 +278,7 @@ def test_attention_with_qk_norm_over_the_projection_matches_reference(qk_norm, c
     attn = _randomize_norms(Attention(24, 3, qk_norm=qk_norm, qk_norm_eps=1e-6,
                                       qk_norm_scope="projection")).double().eval()
     assert attn.q_norm.normalized_shape == (24,) and attn.k_norm.normalized_shape == (24,)
-    x = torch.randn(2, 5, 24, dtype=torch.float64)
-    ctx = torch.randn(2, 7, 24, dtype=torch.float64) if cross else None
-    rope_t = None
-    if rope:
-        from normlab.models.attention import rope_tables
-        rope_t = rope_tables(5, 8, torch.float64, x.device)
+    x, ctx, rope_t = _attention_inputs(cross, rope)
     out = attn(x, ctx, is_causal=not cross, rope=rope_t)
     torch.testing.assert_close(out, attention_ref(attn, x, ctx, causal=not cross, rope=rope), rtol=1e-10, atol=1e-10)
     # not the per-head norm: the heads share one statistic
