@@ -244,12 +244,14 @@ def _check_weight_shape(op: str, x: Tensor, shape: tuple[int, ...], weight_shape
 
 def _layer_norm_torch_ops(x, normalized_shape, weight, bias, eps, offset,
                           weight_shape: Sequence[int] | None = None) -> Tensor:
-    """layer_norm as torch ops in float32 (float64) on every device, rounded once to x's
-    dtype (``ops.reference.layer_norm``), for what the kernels do not take: a weight
-    offset (the scale offset + weight, formed in float32), or weight and bias of
-    ``weight_shape``: normalized_shape with dims in front of it, one weight per head
-    (broadcast over those trailing dims of x, which x must end with; Cohere's q/k norm
-    normalizes each head over head_dim with weight_shape (heads, head_dim))."""
+    """layer_norm with a weight offset (the scale offset + weight, formed in float32), or
+    with weight and bias of ``weight_shape``: normalized_shape with dims in front of it,
+    one weight per head (broadcast over those trailing dims of x, which x must end with;
+    Cohere's q/k norm normalizes each head over head_dim with weight_shape (heads,
+    head_dim)). The Triton kernels take the offset where the backend in force resolves
+    to them for x (``backend_ops``); otherwise, and for ``weight_shape`` on every
+    device, torch ops in float32 (float64), rounded once to x's dtype
+    (``ops.reference.layer_norm``)."""
     op = "layer_norm"
     _check_tensor(op, "input", x)
     shape = _check_normalized_shape(op, x, normalized_shape)
@@ -259,6 +261,11 @@ def _layer_norm_torch_ops(x, normalized_shape, weight, bias, eps, offset,
     _check_param(op, "bias", bias, pshape, x, what)
     eps = _check_eps(op, eps, allow_none=False)
     _check_cast(op, offset, "torch")
+    if pshape == shape:
+        from normlab.backend import resolve
+
+        if resolve(x) == "triton":
+            return backend_ops(x).layer_norm(x, shape, weight, bias, eps, offset=float(offset))
     ct = reference.compute_dtype(x.dtype)
     scale = weight
     if offset != 0.0:
@@ -267,27 +274,54 @@ def _layer_norm_torch_ops(x, normalized_shape, weight, bias, eps, offset,
     return reference.layer_norm(x, shape, scale, None if bias is None else bias.to(ct), eps)
 
 
-def _add_then_norm(op, x, residual, weight, bias, dropout_p, training, generator, residual_dtype,
-                   normalized_shape, norm) -> tuple[Tensor, Tensor]:
-    """A fused add+norm op in two steps, for the norm options the fused kernels do not take:
-    new_residual = dropout_add(x, residual), then ``norm(new_residual, shape)`` in x's dtype."""
+def _add_then_norm(op, x, residual, weight, bias, eps, dropout_p, training, generator, residual_dtype,
+                   normalized_shape, offset, casting_mode="torch") -> tuple[Tensor, Tensor]:
+    """add_layer_norm / add_rms_norm (``op``) with a weight offset or a casting mode: the fused
+    kernels where the backend in force resolves to them for x (``_rms_norm_cast`` says
+    which llama calls they take); otherwise in two steps, new_residual =
+    dropout_add(x, residual), then the norm of new_residual in x's dtype
+    (``_layer_norm_torch_ops`` / ``_rms_norm_cast``)."""
+    from normlab.backend import resolve
+
     _check_tensor(op, "input", x)
     _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype)
+    is_rms = op == "add_rms_norm"
+    if resolve(x) == "triton" and (casting_mode != "llama" or weight is None
+                                   or weight.dtype in (torch.float16, torch.bfloat16, torch.float32)):
+        shape = _fused_shape(op, x, normalized_shape, weight, bias)
+        _check_param(op, "weight", weight, shape, x)
+        _check_param(op, "bias", bias, shape, x)
+        eps = _check_eps(op, eps, allow_none=is_rms)
+        _check_cast(op, offset, casting_mode)
+        kw = dict(dropout_p=float(dropout_p), training=bool(training), generator=generator,
+                  residual_dtype=residual_dtype, normalized_shape=shape, offset=float(offset))
+        if is_rms:
+            return backend_ops(x).add_rms_norm(x, residual, weight, eps, casting_mode=casting_mode, **kw)
+        return backend_ops(x).add_layer_norm(x, residual, weight, bias, eps, **kw)
     new_residual = dropout_add(x, residual, dropout_p=dropout_p, training=training, generator=generator,
                                residual_dtype=residual_dtype)
     shape = _fused_shape(op, new_residual, normalized_shape, weight, bias)
-    return norm(new_residual, shape).to(x.dtype), new_residual
+    out = (_rms_norm_cast(new_residual, shape, weight, eps, offset, casting_mode) if is_rms
+           else _layer_norm_torch_ops(new_residual, shape, weight, bias, eps, offset))
+    return out.to(x.dtype), new_residual
 
 
 def _rms_norm_cast(x, normalized_shape, weight, eps, offset, casting_mode) -> Tensor:
-    """rms_norm with an offset or a casting mode: torch ops on every device (the Triton
-    kernels do not take them yet), differentiable by autograd."""
+    """rms_norm with an offset or a casting mode: the Triton kernels where the backend in
+    force resolves to them for x (``backend_ops``), except llama's order with a float64
+    weight (its product is float64, which the kernels do not form); otherwise torch ops
+    (``ops.reference.rms_norm_cast``), differentiable by autograd."""
+    from normlab.backend import resolve
+
     op = "rms_norm"
     _check_tensor(op, "input", x)
     shape = _check_normalized_shape(op, x, normalized_shape)
     _check_param(op, "weight", weight, shape, x)
     eps = _check_eps(op, eps, allow_none=True)
     _check_cast(op, offset, casting_mode)
+    if resolve(x) == "triton" and (casting_mode != "llama" or weight is None
+                                   or weight.dtype in (torch.float16, torch.bfloat16, torch.float32)):
+        return backend_ops(x).rms_norm(x, shape, weight, eps, offset=float(offset), casting_mode=casting_mode)
     return reference.rms_norm_cast(x, shape, weight, eps, offset=float(offset), casting_mode=casting_mode)
 
 
@@ -468,9 +502,8 @@ def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bi
     Post-LN uses ``out`` as the next residual, Pre-LN uses ``new_residual``.
     (``offset`` as in ``layer_norm``.)"""
     if offset != 0.0:
-        return _add_then_norm("add_layer_norm", x, residual, weight, bias, dropout_p, training, generator,
-                              residual_dtype, normalized_shape,
-                              lambda h, shape: _layer_norm_torch_ops(h, shape, weight, bias, eps, offset))
+        return _add_then_norm("add_layer_norm", x, residual, weight, bias, eps, dropout_p, training, generator,
+                              residual_dtype, normalized_shape, offset)
     # the common call (CPU, no dropout, one dtype; no half-precision x with a parameter
     # gradient, whose sums the checked path forms in float32): residual + x, then torch's
     # op, with the fewest checks; anything else, or an error, takes the checked path
@@ -497,9 +530,8 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps:
     """Fused residual add + dropout + RMSNorm: returns (out, new_residual), as add_layer_norm
     (``offset`` and ``casting_mode`` as in ``rms_norm``)."""
     if offset != 0.0 or casting_mode != "torch":
-        return _add_then_norm("add_rms_norm", x, residual, weight, None, dropout_p, training, generator,
-                              residual_dtype, normalized_shape,
-                              lambda h, shape: _rms_norm_cast(h, shape, weight, eps, offset, casting_mode))
+        return _add_then_norm("add_rms_norm", x, residual, weight, None, eps, dropout_p, training, generator,
+                              residual_dtype, normalized_shape, offset, casting_mode)
     # the common call, as add_layer_norm's: residual + x, then torch's op where it is the
     # faster one (native_rms_ok)
     if (type(dropout_p) is float and (dropout_p == 0.0 or (not training and 0.0 <= dropout_p <= 1.0))
@@ -538,17 +570,23 @@ def _check_modulation(op: str, name: str, t: object, x: Tensor) -> Tensor:
 
 
 def adaln_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6, *,
-                   norm: str = "layernorm", normalized_shape: int | Sequence[int] | None = None) -> Tensor:
-    """Adaptive normalization, fused: y = Norm(x) * (1 + scale) + shift (DiT's adaLN
-    modulation, Peebles & Xie 2023), forward and backward in one op.
+                   norm: str = "layernorm", normalized_shape: int | Sequence[int] | None = None,
+                   weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    """Adaptive normalization, fused: y = (Norm(x) * weight + bias) * (1 + scale) + shift
+    (DiT's adaLN modulation, Peebles & Xie 2023), forward and backward in one op.
 
-    Norm: ``norm="layernorm"`` (no affine) or ``"rmsnorm"``, over the last dim D (the only
-    ``normalized_shape`` taken: None, D or (D,)). ``scale`` and ``shift`` broadcast to x's
-    shape with last dim D: [B, 1, ..., D] (one modulation per example), x's shape (one per
-    token), or [D] / [1, ..., D] (shared). Statistics and the modulation in float32
-    (float64 when any tensor is float64), y rounded once to the promoted dtype of x, scale
-    and shift; the scale and shift gradients are summed over the broadcast dims in float32
-    (float64) and rounded once to each one's dtype (docs/kernels.md, "Fused AdaLN")."""
+    Norm: ``norm="layernorm"`` or ``"rmsnorm"``, over the last dim D (the only
+    ``normalized_shape`` taken: None, D or (D,)), with the norm's optional affine
+    ``weight`` and ``bias`` of shape [D] (elementwise_affine=True; any floating dtype;
+    ``rmsnorm`` takes a weight only, as torch.nn.RMSNorm). ``scale`` and ``shift``
+    broadcast to x's shape with last dim D: [B, 1, ..., D] (one modulation per example),
+    x's shape (one per token), or [D] / [1, ..., D] (shared). Statistics and the
+    modulation in float32 (float64 when x, scale or shift is float64), y rounded once to
+    the promoted dtype of x, scale and shift; the scale, shift, weight and bias gradients
+    are summed over the broadcast dims in float32 (float64) and rounded once to each one's
+    dtype. On the triton backend the op is the custom op ``normlab::adaln_modulate`` under
+    torch.compile and torch.export; under torch.func transforms (vmap, grad, jvp) it runs
+    as torch ops (docs/kernels.md, "Fused AdaLN")."""
     op = "adaln_modulate"
     _check_tensor(op, "input", x)
     if x.dim() == 0:
@@ -564,8 +602,15 @@ def adaln_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6, *
         raise NormArgumentError(f"{op}: expected norm to be one of {', '.join(reference.ADALN_NORMS)}, got {norm!r}")
     _check_modulation(op, "scale", scale, x)
     _check_modulation(op, "shift", shift, x)
+    _check_param(op, "weight", weight, x.shape[-1:], x, what="the input's last dim")
+    _check_param(op, "bias", bias, x.shape[-1:], x, what="the input's last dim")
+    if bias is not None and norm == "rmsnorm":
+        raise NormArgumentError(
+            f"{op}: norm='rmsnorm' takes no bias (RMSNorm's affine is a weight only, as "
+            f"torch.nn.RMSNorm's), got bias of shape {list(bias.shape)}; pass bias=None or norm='layernorm'"
+        )
     eps = _check_eps(op, eps, allow_none=False)
-    return backend_ops(x).adaln_modulate(x, scale, shift, eps, is_rms=norm == "rmsnorm")
+    return backend_ops(x).adaln_modulate(x, scale, shift, eps, weight=weight, bias=bias, is_rms=norm == "rmsnorm")
 
 
 __all__ += ["adaln_modulate"]

@@ -34,10 +34,20 @@ def _inputs(x_shape, scale_shape, shift_shape, dtype, *, device="cpu", seed=0, s
             rnd(shift_shape, scale_dtype or dtype, 0.5))
 
 
-def _unfused(x, scale, shift, eps, norm):
-    """The module's former math: the norm (torch's op), then two elementwise ops."""
+def _affine(d, norm, dtype, *, device="cpu", seed=3, bias_dtype=None):
+    """(weight, bias) of a norm with elementwise_affine=True (bias None for rmsnorm)."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(d, generator=g) * 0.5 + 1.0).to(dtype).to(device).requires_grad_()
+    b = (torch.randn(d, generator=g) * 0.5).to(bias_dtype or dtype).to(device).requires_grad_()
+    return w, (b if norm == "layernorm" else None)
+
+
+def _unfused(x, scale, shift, eps, norm, weight=None, bias=None):
+    """The module's former math: the norm (torch's op, with its affine), then two
+    elementwise ops."""
     d = x.shape[-1]
-    y = torch.layer_norm(x, (d,), None, None, eps) if norm == "layernorm" else torch.rms_norm(x, (d,), None, eps)
+    y = (torch.layer_norm(x, (d,), weight, bias, eps) if norm == "layernorm"
+         else torch.rms_norm(x, (d,), weight, eps))
     return y * (1 + scale) + shift
 
 
@@ -86,6 +96,102 @@ def test_torch_path_matches_unfused(dtype, norm, kind):
     for name, a, b in zip(("dx", "dscale", "dshift"), grads, expected_grads):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert_close(a, b, dtype, GRAD, what=name)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_torch_path_gradcheck_float64_with_weight_and_bias(norm, kind):
+    with normlab.set_backend("torch"):
+        x, scale, shift = _inputs(*KINDS[kind], torch.float64)
+        w, b = _affine(5, norm, torch.float64)
+        leaves = (x, scale, shift, w) + ((b,) if b is not None else ())
+
+        def fn(x, scale, shift, w, b=None):
+            return F.adaln_modulate(x, scale, shift, 1e-6, norm=norm, weight=w, bias=b)
+
+        assert torch.autograd.gradcheck(fn, leaves)
+        assert torch.autograd.gradgradcheck(fn, leaves)
+        expected = R.adaln_modulate(x, (5,), scale, shift, 1e-6, w, b, norm=norm)
+        assert_close(fn(*leaves), expected, torch.float64, OUTPUT)
+        with torch.no_grad():
+            assert_close(fn(*leaves), expected, torch.float64, OUTPUT)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm", NORMS)
+def test_torch_path_with_weight_and_bias_matches_unfused(dtype, norm):
+    leaves = _inputs((4, 16, 40), (4, 1, 40), (4, 1, 40), dtype)
+    w, b = _affine(40, norm, dtype)
+    params = (w,) + ((b,) if b is not None else ())
+    with normlab.set_backend("torch"):
+        y = F.adaln_modulate(*leaves, 1e-6, norm=norm, weight=w, bias=b)
+        grads, g = _grads(y, leaves + params)
+    expected = _unfused(*leaves, 1e-6, norm, w, b)
+    expected_grads = torch.autograd.grad(expected, leaves + params, g)
+    assert y.dtype == expected.dtype == dtype
+    assert_close(y, expected, dtype, OUTPUT, what="y")
+    for name, a, e in zip(("dx", "dscale", "dshift", "dweight", "dbias"), grads, expected_grads):
+        assert a.dtype == e.dtype and a.shape == e.shape
+        assert_close(a, e, dtype, GRAD, what=name)
+
+
+# x, scale/shift, weight, bias dtypes: y in the promoted dtype of x, scale and shift
+MIXED = {
+    "bf16_x_fp32_weight": (torch.bfloat16, torch.bfloat16, torch.float32, torch.bfloat16),
+    "bf16_x_fp32_modulation_fp64_bias": (torch.bfloat16, torch.float32, torch.bfloat16, torch.float64),
+    "fp32_x_bf16_weight_fp16_bias": (torch.float32, torch.float32, torch.bfloat16, torch.float16),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_kernels)])
+@pytest.mark.parametrize("case", list(MIXED))
+def test_weight_and_bias_of_mixed_dtypes(backend, case):
+    # the parameter gradients summed over 2 x 256 rows in float32, rounded once to each
+    # parameter's dtype
+    x_dt, mod_dt, w_dt, b_dt = MIXED[case]
+    device = DEVICE if backend == "triton" else "cpu"
+    leaves = _inputs((2, 256, 8), (2, 1, 8), (2, 1, 8), x_dt, device=device, scale_dtype=mod_dt)
+    w, b = _affine(8, "layernorm", w_dt, device=device, bias_dtype=b_dt)
+    with normlab.set_backend(backend):
+        y = F.adaln_modulate(*leaves, 1e-6, weight=w, bias=b)
+        grads, g = _grads(y, leaves + (w, b))
+    ref = [t.detach().double().requires_grad_() for t in leaves + (w, b)]
+    expected = R.adaln_modulate(ref[0], (8,), ref[1], ref[2], 1e-6, ref[3], ref[4])
+    expected_grads = torch.autograd.grad(expected, ref, g.double())
+    assert y.dtype == torch.promote_types(x_dt, mod_dt)
+    assert [d.dtype for d in grads] == [x_dt, mod_dt, mod_dt, w_dt, b_dt]
+    assert_close(y, expected, torch.promote_types(x_dt, mod_dt), BACKEND_OUTPUT, what="y")
+    assert_close(grads[0], expected_grads[0], x_dt, GRAD, what="dx")
+    for name, a, e in zip(("dscale", "dshift", "dweight", "dbias"), grads[1:], expected_grads[1:]):
+        # one rounding of a float32 sum to the gradient's dtype (bf16 x: x_hat from bf16 x)
+        assert_close(a, e, a.dtype if a.dtype != torch.float64 else torch.float32, PARAM_GRAD_SUM, what=name)
+
+
+def test_weight_and_bias_argument_errors_name_the_argument():
+    x = torch.randn(2, 3, 8)
+    s = torch.randn(2, 1, 8)
+    w = torch.randn(8)
+    with pytest.raises(NormArgumentError, match=r"Expected weight to be of same shape as the input's last dim, "
+                                                r"but got weight of shape \[7\]"):
+        F.adaln_modulate(x, s, s, weight=torch.randn(7))
+    with pytest.raises(NormArgumentError, match=r"bias of shape \[1, 8\] and the input's last dim = \[8\]"):
+        F.adaln_modulate(x, s, s, weight=w, bias=torch.randn(1, 8))
+    with pytest.raises(NormArgumentError, match="expected weight on cpu"):
+        F.adaln_modulate(x, s, s, weight=w.to("meta"))
+    with pytest.raises(NormArgumentError, match="expected bias on cpu"):
+        F.adaln_modulate(x, s, s, bias=w.to("meta"))
+    with pytest.raises(NormDtypeError, match="expected weight to have a floating-point dtype"):
+        F.adaln_modulate(x, s, s, weight=torch.ones(8, dtype=torch.int64))
+    with pytest.raises(NormDtypeError, match="expected bias to have a floating-point dtype"):
+        F.adaln_modulate(x, s, s, bias=torch.ones(8, dtype=torch.bool))
+    with pytest.raises(TypeError, match="expected weight to be a torch.Tensor"):
+        F.adaln_modulate(x, s, s, weight=1.0)
+    with pytest.raises(NormArgumentError, match=r"norm='rmsnorm' takes no bias .*got bias of shape \[8\]"):
+        F.adaln_modulate(x, s, s, norm="rmsnorm", weight=w, bias=w)
+    # weight alone and bias alone are both taken
+    torch.testing.assert_close(F.adaln_modulate(x, s, s, bias=torch.zeros(8)), F.adaln_modulate(x, s, s))
+    torch.testing.assert_close(F.adaln_modulate(x, s, s, norm="rmsnorm", weight=torch.ones(8)),
+                               F.adaln_modulate(x, s, s, norm="rmsnorm"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -176,37 +282,45 @@ TRITON_CASES = {
 
 
 @needs_kernels
+@pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("case", list(TRITON_CASES))
-def test_triton_matches_reference(norm, case):
+def test_triton_matches_reference(norm, case, affine):
     x_shape, s_shape, h_shape = TRITON_CASES[case]
     leaves = _inputs(x_shape, s_shape, h_shape, torch.float32, device=DEVICE)
+    w, b = _affine(x_shape[-1], norm, torch.float32, device=DEVICE) if affine else (None, None)
+    params = tuple(t for t in (w, b) if t is not None)
     with normlab.set_backend("triton"):
-        y = F.adaln_modulate(*leaves, 1e-6, norm=norm)
-        grads, g = _grads(y, leaves)
-    ref = [t.detach().double().requires_grad_() for t in leaves]
-    expected = R.adaln_modulate(ref[0], x_shape[-1:], ref[1], ref[2], 1e-6, norm=norm)
+        y = F.adaln_modulate(*leaves, 1e-6, norm=norm, weight=w, bias=b)
+        grads, g = _grads(y, leaves + params)
+    ref = [t.detach().double().requires_grad_() for t in leaves + params]
+    ref_w, ref_b = (ref[3], ref[4] if b is not None else None) if affine else (None, None)
+    expected = R.adaln_modulate(ref[0], x_shape[-1:], ref[1], ref[2], 1e-6, ref_w, ref_b, norm=norm)
     expected_grads = torch.autograd.grad(expected, ref, g.double(), allow_unused=True)
     assert y.dtype == torch.float32 and y.shape == x_shape
     assert_close(y, expected, torch.float32, BACKEND_OUTPUT, what="y")
-    for name, a, b, t in zip(("dx", "dscale", "dshift"), grads, expected_grads, leaves):
+    for name, a, e, t in zip(("dx", "dscale", "dshift", "dweight", "dbias"), grads, expected_grads,
+                             leaves + params):
         assert a.shape == t.shape and a.dtype == t.dtype
-        b = torch.zeros_like(a, dtype=torch.float64) if b is None else b
-        assert_close(a, b, torch.float32, GRAD, what=name)
+        e = torch.zeros_like(a, dtype=torch.float64) if e is None else e
+        assert_close(a, e, torch.float32, GRAD, what=name)
 
 
 @needs_kernels
+@pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
 @pytest.mark.parametrize("norm", NORMS)
-def test_triton_bf16_matches_torch_path(norm):
+def test_triton_bf16_matches_torch_path(norm, affine):
     leaves = _inputs((2, 64, 24), (2, 1, 24), (2, 1, 24), torch.bfloat16, device=DEVICE)
+    w, b = _affine(24, norm, torch.bfloat16, device=DEVICE) if affine else (None, None)
+    params = tuple(t for t in (w, b) if t is not None)
     out = []
     for backend in ("triton", "torch"):
         with normlab.set_backend(backend):
-            y = F.adaln_modulate(*leaves, 1e-6, norm=norm)
-            out.append((y, *_grads(y, leaves)[0]))
-    for name, a, b in zip(("y", "dx", "dscale", "dshift"), *out):
-        assert a.dtype == b.dtype == torch.bfloat16
-        assert_close(a, b, torch.bfloat16, BACKEND_OUTPUT if name == "y" else GRAD, what=name)
+            y = F.adaln_modulate(*leaves, 1e-6, norm=norm, weight=w, bias=b)
+            out.append((y, *_grads(y, leaves + params)[0]))
+    for name, a, e in zip(("y", "dx", "dscale", "dshift", "dweight", "dbias"), *out):
+        assert a.dtype == e.dtype == torch.bfloat16
+        assert_close(a, e, torch.bfloat16, BACKEND_OUTPUT if name == "y" else GRAD, what=name)
 
 
 @needs_kernels
@@ -252,30 +366,59 @@ def test_torch_func_transforms_pass_through():
 
 
 SM90_SCRIPT = r"""
+import inspect
+import triton
+from triton.compiler import ASTSource
 from tests.ops import sm90
 from normlab.ops.triton import adaln
+
+def compile_aligned(kernel, types, constexprs, warps):
+    # as a launch compiles it where D and every pointer are multiples of 16 (Triton
+    # specializes on that): vectorized loads and stores, no per-element pointers
+    sig, ce, attrs = {}, {}, {}
+    for i, name in enumerate(inspect.signature(kernel.fn).parameters):
+        if name in constexprs or types.get(name) is None:
+            sig[name], ce[(i,)] = "constexpr", constexprs.get(name)
+        else:
+            sig[name] = types[name]
+            if types[name].startswith("*") or name == "hidden":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=kernel, signature=sig, constexprs=ce, attrs=attrs)
+    return triton.compile(src, target=sm90.TARGET, options={"num_warps": warps, "num_stages": 3})
+
 stack = []
 for hidden in (1, 100, 4096, 8192, 16384):
     for rms in (False, True):
-        block, rows, warps = adaln.launch_config(hidden, backward=False)
-        c = sm90.compile_sm90(adaln._adaln_fwd_kernel, dict(
-            X="*bf16", SCALE="*fp32", SHIFT="*bf16", Y="*fp32", MEAN=None if rms else "*fp32",
-            RSTD="*fp32", rows="i32", hidden="i32", scale_group="i32", shift_group="i32", eps="fp32"),
-            dict(IS_RMS=rms, BLOCK=block, ROWS=rows), warps)
-        stack.append(("fwd", hidden, sm90.resource_usage(c).get("STACK", 0)))
-        for sc_row, sh_row in ((False, False), (True, True), (True, False)):
-            if rms and sc_row != sh_row:
-                continue
-            block, rows, warps = adaln.launch_config(hidden, backward=True)
-            c = sm90.compile_sm90(adaln._adaln_bwd_kernel, dict(
-                DY="*fp32", X="*bf16", SCALE="*fp32", MEAN=None if rms else "*fp32", RSTD="*fp32",
-                DX="*bf16", DSCALE="*fp32" if sc_row else None, DSHIFT="*bf16" if sh_row else None,
-                SCALE_PART=None if sc_row else "*fp32", SHIFT_PART=None if sh_row else "*fp32",
-                hidden="i32", scale_group="i32", rows_per_example="i32", rows_per_program="i32"),
-                dict(IS_RMS=rms, SCALE_PER_ROW=sc_row, SHIFT_PER_ROW=sh_row, BLOCK=block, ROWS=rows),
-                warps)
-            stack.append(("bwd", hidden, sm90.resource_usage(c).get("STACK", 0)))
-heavy = [s for s in stack if s[2] > 64 and s[1] <= 8192]
+        for affine in (False, True) if 1 < hidden < 16384 else (False,):
+            # the affine variants as launched for D a multiple of 16; unaligned, their
+            # per-token backward spills from D = 4096 (docs/kernels.md, "Fused AdaLN")
+            compile = compile_aligned if affine and hidden % 16 == 0 else sm90.compile_sm90
+            w, b = ("*fp32", None if rms else "*bf16") if affine else (None, None)
+            flags = dict(IS_RMS=rms, HAS_WEIGHT=affine, HAS_BIAS=b is not None)
+            block, rows, warps = adaln.launch_config(hidden, backward=False)
+            c = compile(adaln._adaln_fwd_kernel, dict(
+                X="*bf16", SCALE="*fp32", SHIFT="*bf16", W=w, B=b, Y="*fp32", MEAN=None if rms else "*fp32",
+                RSTD="*fp32", rows="i32", hidden="i32", scale_group="i32", shift_group="i32", eps="fp32"),
+                dict(flags, BLOCK=block, ROWS=rows), warps)
+            stack.append(("fwd", hidden, rms, affine, 64, sm90.resource_usage(c).get("STACK", 0)))
+            for sc_row, sh_row in ((False, False), (True, True), (True, False)):
+                if rms and sc_row != sh_row:
+                    continue
+                block, rows, warps = adaln.launch_config(hidden, backward=True)
+                c = compile(adaln._adaln_bwd_kernel, dict(
+                    DY="*fp32", X="*bf16", SCALE="*fp32", W=w, B=b, MEAN=None if rms else "*fp32",
+                    RSTD="*fp32", DX="*bf16", DSCALE="*fp32" if sc_row else None,
+                    DSHIFT="*bf16" if sh_row else None, SCALE_PART=None if sc_row else "*fp32",
+                    SHIFT_PART=None if sh_row else "*fp32", W_PART="*fp32" if w else None,
+                    B_PART="*fp32" if b else None, hidden="i32", scale_group="i32",
+                    rows_per_example="i32", rows_per_program="i32"),
+                    dict(flags, SCALE_PER_ROW=sc_row, SHIFT_PER_ROW=sh_row, BLOCK=block, ROWS=rows),
+                    warps)
+                # a scale per token, a summed shift and weight and bias: three sums in
+                # registers beside the per-row store; 192 bytes spill at D = 8192
+                limit = 256 if affine and sc_row and not sh_row else 64
+                stack.append(("bwd", hidden, rms, affine, limit, sm90.resource_usage(c).get("STACK", 0)))
+heavy = [s for s in stack if s[-1] > s[-2] and s[1] <= 8192]
 assert not heavy, heavy
 print("compiled", len(stack))
 """

@@ -87,6 +87,11 @@ def _worker(rank, store_path):
                         [seq, rep], seq, counts)
             _check_case(mesh, lambda x, r, w: F.add_rms_norm(x, r, w), [x, r, w], cots,
                         [seq, seq, rep], seq, counts)
+            # the weight offset and a casting mode: settings of the same ops
+            _check_case(mesh, lambda x, r, w: F.add_rms_norm(x, r, w, offset=1.0, casting_mode="llama"),
+                        [x, r, w], cots, [seq, seq, rep], seq, counts)
+            _check_case(mesh, lambda x, w, b: (F.layer_norm(x, 16, w, b, offset=0.5),), [x, w, b], cots,
+                        [Shard(0), rep], Shard(0), counts)
             # sharded along the normalized dim: not offered, DTensor replicates first
             _check_case(mesh, lambda x, w, b: (F.layer_norm(x, 16, w, b),), [x, w, b], cots,
                         [Shard(2), rep], rep, counts)

@@ -137,9 +137,9 @@ class LayerNorm(_CheckedOnce, _PerExampleGradSq, _WeightOffset, ResidualNorm, nn
     normalized_shape and gamma/beta broadcast over those leading dims, so the input ends
     with weight_shape: one gamma per head. Cohere's q/k norm is
     ``LayerNorm(head_dim, bias=False, weight_shape=(heads, head_dim))`` on queries of
-    shape [..., heads, head_dim]. Such a norm (as one with an offset) runs torch ops in
-    float32 (float64 for float64 input), rounded once to the input's dtype, on every
-    device: the fused kernels take a gamma of the normalized shape only."""
+    shape [..., heads, head_dim]. Such a norm runs torch ops in float32 (float64 for
+    float64 input), rounded once to the input's dtype, on every device: the fused kernels
+    take a gamma of the normalized shape only (an offset they take)."""
 
     offset: float = 0.0
     weight_shape: tuple[int, ...] | None = None  # None: normalized_shape

@@ -475,6 +475,13 @@ def _adaln_xhat(xf: Tensor, mean: Tensor | None, rstd: Tensor) -> Tensor:
     return xf * rstd if mean is None else (xf - mean) * rstd
 
 
+def _adaln_affine(xhat: Tensor, weight: Tensor | None, bias: Tensor | None, ct: torch.dtype) -> Tensor:
+    """h = xhat * weight + bias in the compute dtype (weight and bias each optional)."""
+    if weight is None:
+        return xhat if bias is None else xhat + bias.to(ct)
+    return xhat * weight.to(ct) if bias is None else torch.addcmul(bias.to(ct), xhat, weight.to(ct))
+
+
 def _adaln_dtypes(x: Tensor, scale: Tensor, shift: Tensor) -> tuple[torch.dtype, torch.dtype]:
     """(compute dtype, output dtype): float32 (float64 when any tensor is float64), and the
     promoted dtype of x, scale and shift, which the unfused expression returns."""
@@ -482,61 +489,76 @@ def _adaln_dtypes(x: Tensor, scale: Tensor, shift: Tensor) -> tuple[torch.dtype,
     return reference.compute_dtype(out), out
 
 
-class _AdaLNModulate(torch.autograd.Function):
-    """y = Norm(x) * (1 + scale) + shift in one expression (``addcmul``), statistics in
-    float32 (float64), rounded once. Saves (x, mean, rstd, scale); the backward forms
-    dshift = sum of dy and dscale = sum of dy * xhat over the broadcast dims (in the
-    compute dtype, rounded once to each parameter's dtype) and dx as the norm's backward
-    with the per-row gain g = (1 + scale):
+def _adaln_forward(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor | None, bias: Tensor | None,
+                   eps: float, is_rms: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(y, mean, rstd): y = h * (1 + scale) + shift in one ``addcmul``, rounded once."""
+    ct, out_dtype = _adaln_dtypes(x, scale, shift)
+    xf = x.to(ct)
+    mean, rstd = _adaln_stats(xf, eps, is_rms)
+    h = _adaln_affine(_adaln_xhat(xf, mean, rstd), weight, bias, ct)
+    return torch.addcmul(shift.to(ct), h, scale.to(ct) + 1).to(out_dtype), mean, rstd
 
-        LayerNorm  dx = rstd * (g*dy - mean(g*dy) - xhat * mean(g*dy * xhat))
-        RMSNorm    dx = rstd * (g*dy - xhat * mean(g*dy * xhat))
+
+class _AdaLNModulate(torch.autograd.Function):
+    """y = (Norm(x) * weight + bias) * (1 + scale) + shift in one expression (``addcmul``),
+    statistics in float32 (float64), rounded once. Saves (x, mean, rstd, scale, weight,
+    bias); the backward forms dshift = sum of dy and dscale = sum of dy * h (h = xhat *
+    weight + bias) over the broadcast dims, dweight = sum of dn * xhat and dbias = sum of
+    dn over the rows (dn = dy * (1 + scale), h's gradient), each in the compute dtype and
+    rounded once to its tensor's dtype, and dx as the norm's backward with the per-row
+    gain g = dn * weight:
+
+        LayerNorm  dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+        RMSNorm    dx = rstd * (g - xhat * mean(g * xhat))
 
     With ``create_graph`` the backward recomputes the statistics from x out of place,
     so second derivatives flow through it."""
 
     @staticmethod
-    def forward(ctx, x, scale, shift, eps, is_rms):
-        ct, out_dtype = _adaln_dtypes(x, scale, shift)
-        xf = x.to(ct)
-        mean, rstd = _adaln_stats(xf, eps, is_rms)
-        y = torch.addcmul(shift.to(ct), _adaln_xhat(xf, mean, rstd), scale.to(ct) + 1)
-        ctx.save_for_backward(x, mean, rstd, scale)
-        ctx.eps, ctx.is_rms, ctx.ct, ctx.shift_shape, ctx.shift_dtype = eps, is_rms, ct, shift.shape, shift.dtype
-        return y.to(out_dtype)
+    def forward(ctx, x, scale, shift, weight, bias, eps, is_rms):
+        y, mean, rstd = _adaln_forward(x, scale, shift, weight, bias, eps, is_rms)
+        ctx.save_for_backward(x, mean, rstd, scale, weight, bias)
+        ctx.eps, ctx.is_rms, ctx.ct = eps, is_rms, reference.compute_dtype(y.dtype)
+        ctx.shift_shape, ctx.shift_dtype = shift.shape, shift.dtype
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, mean, rstd, scale = ctx.saved_tensors
+        x, mean, rstd, scale, weight, bias = ctx.saved_tensors
         ct = ctx.ct
         xf = x.to(ct)
         if torch.is_grad_enabled():  # create_graph: statistics as functions of x
             mean, rstd = _adaln_stats(xf, ctx.eps, ctx.is_rms)
         dyf = dy.to(ct)
         xhat = _adaln_xhat(xf, mean, rstd)
-        needs_x, needs_scale, needs_shift = ctx.needs_input_grad[:3]
-        dx = dscale = dshift = None
+        needs_x, needs_scale, needs_shift, needs_weight, needs_bias = ctx.needs_input_grad[:5]
+        dx = dscale = dshift = dweight = dbias = None
         if needs_shift:
             dshift = dyf.sum_to_size(ctx.shift_shape).to(ctx.shift_dtype)
         if needs_scale:
-            dscale = (dyf * xhat).sum_to_size(scale.shape).to(scale.dtype)
-        if needs_x:
-            g = dyf * (scale.to(ct) + 1)
-            c1 = (g * xhat).mean(-1, keepdim=True)
-            dx = g - xhat * c1 if mean is None else g - g.mean(-1, keepdim=True) - xhat * c1
-            dx = (dx * rstd).to(x.dtype)
-        return dx, dscale, dshift, None, None
+            dscale = (dyf * _adaln_affine(xhat, weight, bias, ct)).sum_to_size(scale.shape).to(scale.dtype)
+        if needs_x or needs_weight or needs_bias:
+            dn = dyf * (scale.to(ct) + 1)
+            if needs_weight:
+                dweight = (dn * xhat).sum_to_size(weight.shape).to(weight.dtype)
+            if needs_bias:
+                dbias = dn.sum_to_size(bias.shape).to(bias.dtype)
+            if needs_x:
+                g = dn if weight is None else dn * weight.to(ct)
+                c1 = (g * xhat).mean(-1, keepdim=True)
+                dx = g - xhat * c1 if mean is None else g - g.mean(-1, keepdim=True) - xhat * c1
+                dx = (dx * rstd).to(x.dtype)
+        return dx, dscale, dshift, dweight, dbias, None, None
 
 
-def adaln_modulate(x, scale, shift, eps, *, is_rms=False):
-    """Norm(x) * (1 + scale) + shift over the last dim (``reference.adaln_modulate``)."""
+def adaln_modulate(x, scale, shift, eps, *, weight=None, bias=None, is_rms=False):
+    """(Norm(x) * weight + bias) * (1 + scale) + shift over the last dim
+    (``reference.adaln_modulate``)."""
     if not _plain_eager():
         # torch.func transforms and compilation: torch ops that autograd (and inductor) see
-        return reference.adaln_modulate(x, x.shape[-1:], scale, shift, eps,
+        return reference.adaln_modulate(x, x.shape[-1:], scale, shift, eps, weight, bias,
                                         norm="rmsnorm" if is_rms else "layernorm")
-    if not torch.is_grad_enabled() or not (x.requires_grad or scale.requires_grad or shift.requires_grad):
-        ct, out_dtype = _adaln_dtypes(x, scale, shift)  # nothing to differentiate
-        xf = x.to(ct)
-        mean, rstd = _adaln_stats(xf, eps, is_rms)
-        return torch.addcmul(shift.to(ct), _adaln_xhat(xf, mean, rstd), scale.to(ct) + 1).to(out_dtype)
-    return _AdaLNModulate.apply(x, scale, shift, eps, is_rms)
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad or (
+            weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)):
+        return _AdaLNModulate.apply(x, scale, shift, weight, bias, eps, is_rms)
+    return _adaln_forward(x, scale, shift, weight, bias, eps, is_rms)[0]  # nothing to differentiate

@@ -238,13 +238,15 @@ def adaln_modulate(
 ) -> Tensor:
     """Adaptive normalization (DiT's adaLN modulation, Peebles & Xie 2023):
 
-        y = Norm(x) * (1 + scale) + shift
+        y = (Norm(x) * weight + bias) * (1 + scale) + shift
 
-    Norm is ``layer_norm`` (weight, bias) or ``rms_norm`` (weight) over the trailing
-    ``normalized_shape`` dims; scale and shift broadcast against x: [B, 1, ..., D] (one
-    modulation per example), x's shape (one per token), or any shape that broadcasts.
-    Computed in float32 (float64 when any tensor is float64) and rounded once to the
-    promoted dtype of x, scale and shift (the unfused expression's dtype)."""
+    Norm is layer norm or RMS norm (``norm``) over the trailing ``normalized_shape`` dims,
+    with the optional affine ``weight`` and ``bias`` (of normalized_shape, any floating
+    dtype); scale and shift broadcast against x: [B, 1, ..., D] (one modulation per
+    example), x's shape (one per token), or any shape that broadcasts. Computed in float32
+    (float64 when x, scale or shift is float64; weight and bias are cast to that dtype) and
+    rounded once to the promoted dtype of x, scale and shift (the unfused expression's
+    dtype)."""
     out_dtype = torch.promote_types(torch.promote_types(x.dtype, scale.dtype), shift.dtype)
     ct = compute_dtype(out_dtype)
     dims = _dims(normalized_shape)

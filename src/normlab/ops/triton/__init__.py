@@ -33,6 +33,7 @@ def _fused(
     eps: float | None, normalized_shape: Sequence[int], *, is_rms: bool, dropout_p: float = 0.0,
     training: bool = False, generator: torch.Generator | None = None,
     residual_dtype: torch.dtype | None = None, per_example_grad_sq: Tensor | None = None,
+    offset: float = 0.0, casting_mode: str = "torch", out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     hidden = math.prod(normalized_shape)
     launch.check_supported(op, x, hidden)
@@ -51,22 +52,33 @@ def _fused(
     if custom_ops.use_ops(x, residual, weight, bias, per_example_grad_sq):
         out, new_res, _mean, _rstd = torch.ops.normlab.fused_norm(
             x, residual, weight, bias, seed, per_example_grad_sq, float(eps), hidden, is_rms, p,
-            residual_dtype, store)
+            residual_dtype, store, offset, casting_mode, out_dtype)
         return out, (new_res if store else x)
-    spec = custom_ops.FusedSpec(seed, per_example_grad_sq, float(eps), hidden, is_rms, p, residual_dtype, store)
+    spec = custom_ops.FusedSpec(seed, per_example_grad_sq, float(eps), hidden, is_rms, p, residual_dtype, store,
+                                offset, casting_mode, out_dtype)
     if store:
         return custom_ops.FusedNorm.apply(x, residual, weight, bias, spec)
     return custom_ops.FusedNorm.apply(x, residual, weight, bias, spec), x
 
 
-def layer_norm(x, normalized_shape, weight, bias, eps, *, per_example_grad_sq=None):
+# ``offset`` (the scale is offset + weight) and RMSNorm's ``casting_mode``
+# (``reference.rms_norm_cast``) are taken by the kernels; ``normlab.functional`` passes
+# them only where they differ from the defaults (offset 0, "torch")
+
+
+def layer_norm(x, normalized_shape, weight, bias, eps, *, per_example_grad_sq=None, offset=0.0):
     return _fused("layer_norm", x, None, weight, bias, eps, normalized_shape, is_rms=False,
-                  per_example_grad_sq=per_example_grad_sq)[0]
+                  per_example_grad_sq=per_example_grad_sq, offset=offset)[0]
 
 
-def rms_norm(x, normalized_shape, weight, eps, *, per_example_grad_sq=None):
+def rms_norm(x, normalized_shape, weight, eps, *, per_example_grad_sq=None, offset=0.0, casting_mode="torch"):
+    # llama: out in promote(weight's dtype, x's), as Hugging Face's LlamaRMSNorm returns
+    out_dtype = None
+    if casting_mode == "llama" and weight is not None and weight.dtype != x.dtype:
+        out_dtype = torch.promote_types(weight.dtype, x.dtype)
     return _fused("rms_norm", x, None, weight, None, eps, normalized_shape, is_rms=True,
-                  per_example_grad_sq=per_example_grad_sq)[0]
+                  per_example_grad_sq=per_example_grad_sq, offset=offset, casting_mode=casting_mode,
+                  out_dtype=out_dtype)[0]
 
 
 def add_layer_norm(x, residual, weight, bias, eps, *, normalized_shape, **kw):

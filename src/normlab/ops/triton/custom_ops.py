@@ -5,7 +5,8 @@ Both are opaque ``torch.library.custom_op``s with hand-written fake (meta) funct
 and the forward's autograd formula calls the backward op, so ``torch.compile(...,
 fullgraph=True)`` and ``torch.export`` see two graph nodes and never trace into
 Triton. One op pair serves LayerNorm and RMSNorm, with or without the residual add and
-dropout; the registered impls in ``normlab.ops.triton`` pick the flags.
+dropout, a weight offset and RMSNorm's casting modes; the registered impls in
+``normlab.ops.triton`` pick the flags.
 
 The per-example buffer is an input of the forward op (carried to the backward) and of
 the backward op (for its shape only); both ops are functional. The autograd formula
@@ -42,15 +43,18 @@ def fused_norm(
     x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],  # noqa: UP045
     seed: Optional[Tensor], per_example_grad_sq: Optional[Tensor], eps: float, hidden: int,  # noqa: UP045
     is_rms: bool, dropout_p: float, residual_dtype: Optional[torch.dtype],  # noqa: UP045
-    store_residual: bool,
+    store_residual: bool, offset: float = 0.0, casting_mode: str = "torch",
+    out_dtype: Optional[torch.dtype] = None,  # noqa: UP045
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, new_residual, mean, rstd) of residual + dropout(x) normalized over the last
     ``hidden`` elements; mean/rstd have x's row dims as shape (mean empty for RMSNorm). ``seed`` (int64 scalar) turns dropout on; new_residual is empty
-    unless ``store_residual``; ``per_example_grad_sq`` is only carried to the backward."""
+    unless ``store_residual``; ``per_example_grad_sq`` is only carried to the backward.
+    The scale is ``offset`` + weight; ``casting_mode`` is RMSNorm's (``norm.norm_forward``);
+    out has ``out_dtype`` (default x's)."""
     out, new_res, mean, rstd = norm_forward(
         x, residual, weight, bias, eps, hidden=hidden, is_rms=is_rms,
         dropout=_dropout(seed, dropout_p), residual_dtype=residual_dtype,
-        store_residual=store_residual,
+        store_residual=store_residual, offset=offset, casting_mode=casting_mode, out_dtype=out_dtype,
     )
     # an op's outputs are tensors: empty ones where nothing is stored
     if new_res is None:
@@ -62,9 +66,10 @@ def fused_norm(
 
 @fused_norm.register_fake
 def _fused_norm_fake(x, residual, weight, bias, seed, per_example_grad_sq, eps, hidden, is_rms,
-                     dropout_p, residual_dtype, store_residual):
+                     dropout_p, residual_dtype, store_residual, offset=0.0, casting_mode="torch",
+                     out_dtype=None):
     stats_shape = row_shape(x.shape, hidden)
-    out = x.new_empty(x.shape)
+    out = x.new_empty(x.shape, dtype=out_dtype or x.dtype)
     new_res = x.new_empty(x.shape if store_residual else (0,), dtype=residual_dtype or x.dtype)
     mean = x.new_empty((0,) if is_rms else stats_shape, dtype=torch.float32)
     return out, new_res, mean, x.new_empty(stats_shape, dtype=torch.float32)
@@ -76,19 +81,22 @@ def fused_norm_backward(
     mean: Tensor, rstd: Tensor, seed: Optional[Tensor], per_example_grad_sq: Optional[Tensor],  # noqa: UP045
     hidden: int, is_rms: bool, dropout_p: float, x_dtype: torch.dtype,
     residual_grad_dtype: Optional[torch.dtype], bias_dtype: Optional[torch.dtype],  # noqa: UP045
+    offset: float = 0.0, casting_mode: str = "torch",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dresidual, dweight, dbias, per_example_sq), each empty where its input is
     absent. ``per_example_grad_sq`` [2, B] is read for its shape only (the op is
     functional): per_example_sq is a new float32 [2, B] tensor with each example's
-    squared weight/bias gradient norms, which the autograd formula copies into it."""
+    squared weight/bias gradient norms, which the autograd formula copies into it.
+    ``offset`` and ``casting_mode`` as the forward's."""
     dx, dres, dw, db, sq = norm_backward(
         dout, dnew_residual, h, weight, bias_dtype, mean, rstd, hidden=hidden, is_rms=is_rms,
         dropout=_dropout(seed, dropout_p), x_dtype=x_dtype,
         residual_grad_dtype=residual_grad_dtype,
         examples=per_example_grad_sq.shape[1] if per_example_grad_sq is not None else None,
+        offset=offset, casting_mode=casting_mode,
     )
     empty = dout.new_empty((0,))
-    return (dx, dres if dres is not None else empty,
+    return (dx, dres if dres is not None else dout.new_empty((0,), dtype=x_dtype),
             dw.reshape(weight.shape) if dw is not None else empty.clone(),
             db if db is not None else empty.clone(),
             sq if sq is not None else dout.new_empty((0,), dtype=torch.float32))
@@ -97,7 +105,7 @@ def fused_norm_backward(
 @fused_norm_backward.register_fake
 def _fused_norm_backward_fake(dout, dnew_residual, h, weight, mean, rstd, seed,
                               per_example_grad_sq, hidden, is_rms, dropout_p, x_dtype,
-                              residual_grad_dtype, bias_dtype):
+                              residual_grad_dtype, bias_dtype, offset=0.0, casting_mode="torch"):
     dx = dout.new_empty(dout.shape, dtype=x_dtype)
     dres = dout.new_empty(dout.shape if residual_grad_dtype is not None else (0,),
                           dtype=residual_grad_dtype or x_dtype)
@@ -121,6 +129,9 @@ class FusedSpec(NamedTuple):
     dropout_p: float
     residual_dtype: torch.dtype | None
     store_residual: bool
+    offset: float = 0.0
+    casting_mode: str = "torch"
+    out_dtype: torch.dtype | None = None  # None: x's
 
 
 class SavedMeta(NamedTuple):
@@ -134,10 +145,12 @@ class SavedMeta(NamedTuple):
     residual_dtype: torch.dtype | None  # None: no residual input, so no residual gradient
     bias_dtype: torch.dtype | None      # None: no bias
     bias_shape: torch.Size | None
+    offset: float
+    casting_mode: str
 
 
 def _save_state(ctx, x, residual, weight, bias, seed, per_example_grad_sq, hidden, is_rms,
-                dropout_p, store_residual, new_res, mean, rstd) -> None:
+                dropout_p, store_residual, new_res, mean, rstd, offset, casting_mode) -> None:
     """What both autograd formulas (the op's and ``FusedNorm``'s) keep for the backward."""
     ctx.save_for_backward(new_res if store_residual else x, weight, mean, rstd, seed)
     # written by the backward, never read: held outside the saved tensors, so their
@@ -146,7 +159,7 @@ def _save_state(ctx, x, residual, weight, bias, seed, per_example_grad_sq, hidde
     ctx.meta = SavedMeta(hidden, is_rms, dropout_p, store_residual, x.dtype,
                          residual.dtype if residual is not None else None,
                          bias.dtype if bias is not None else None,
-                         bias.shape if bias is not None else None)
+                         bias.shape if bias is not None else None, offset, casting_mode)
 
 
 def _param_grads(ctx, dx, dres, dw, db) -> tuple:
@@ -160,9 +173,9 @@ def _param_grads(ctx, dx, dres, dw, db) -> tuple:
 def _setup_context(ctx, inputs, output):
     _out, new_res, mean, rstd = output
     (x, residual, weight, bias, seed, per_example_grad_sq, _eps, hidden, is_rms, dropout_p,
-     _residual_dtype, store_residual) = inputs
+     _residual_dtype, store_residual, offset, casting_mode, _out_dtype) = inputs
     _save_state(ctx, x, residual, weight, bias, seed, per_example_grad_sq, hidden, is_rms,
-                dropout_p, store_residual, new_res, mean, rstd)
+                dropout_p, store_residual, new_res, mean, rstd, offset, casting_mode)
     ctx.mark_non_differentiable(mean, rstd)
 
 
@@ -172,11 +185,11 @@ def _backward(ctx, dout, dnew_res, _dmean, _drstd):
     dx, dres, dw, db, sq = torch.ops.normlab.fused_norm_backward(
         dout, dnew_res if meta.store_residual else None, h, weight, mean, rstd, seed,
         per_example_grad_sq, meta.hidden, meta.is_rms, meta.dropout_p, meta.x_dtype, meta.residual_dtype,
-        meta.bias_dtype,
+        meta.bias_dtype, meta.offset, meta.casting_mode,
     )
     if per_example_grad_sq is not None:
         per_example_grad_sq.copy_(sq)
-    return _param_grads(ctx, dx, dres, dw, db) + (None,) * 8
+    return _param_grads(ctx, dx, dres, dw, db) + (None,) * 11
 
 
 torch.library.register_autograd("normlab::fused_norm", _backward, setup_context=_setup_context)
@@ -208,10 +221,12 @@ class FusedNorm(torch.autograd.Function):
         out, new_res, mean, rstd = norm_forward(
             x, residual, weight, bias, spec.eps, hidden=spec.hidden, is_rms=spec.is_rms,
             dropout=_dropout(spec.seed, spec.dropout_p), residual_dtype=spec.residual_dtype,
-            store_residual=spec.store_residual,
+            store_residual=spec.store_residual, offset=spec.offset, casting_mode=spec.casting_mode,
+            out_dtype=spec.out_dtype,
         )
         _save_state(ctx, x, residual, weight, bias, spec.seed, spec.per_example_grad_sq, spec.hidden,
-                    spec.is_rms, spec.dropout_p, spec.store_residual, new_res, mean, rstd)
+                    spec.is_rms, spec.dropout_p, spec.store_residual, new_res, mean, rstd, spec.offset,
+                    spec.casting_mode)
         return (out, new_res) if spec.store_residual else out
 
     @staticmethod
@@ -229,7 +244,7 @@ def _fused_backward(ctx, dout, dnew_res):
         hidden=meta.hidden, is_rms=meta.is_rms, dropout=_dropout(seed, meta.dropout_p), x_dtype=meta.x_dtype,
         residual_grad_dtype=meta.residual_dtype, examples=buf.shape[1] if buf is not None else None,
         out_sq=buf if buf is not None and buf.is_contiguous() and buf.dtype == torch.float32
-        else None,
+        else None, offset=meta.offset, casting_mode=meta.casting_mode,
     )
     if buf is not None and sq is not buf:
         buf.copy_(sq)

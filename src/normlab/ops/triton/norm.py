@@ -6,17 +6,24 @@ new_residual). Per row, in float32:
 
     h    = residual + dropout(x)     rounded once to residual_dtype (the stored tensor)
     xhat = (h - mean) * rstd         rstd = 1 / sqrt(Var[h] + eps)   (RMS: mean = 0)
-    out  = xhat * weight + bias
+    out  = xhat * scale + bias       scale = offset + weight, formed in float32
 
-Backward, per row, with g = dout * weight and N = hidden:
+``HAS_OFFSET`` adds the runtime ``offset`` to the weight (LayerNorm1p, Gemma's
+zero-centred weight; without a weight the scale is the offset). RMSNorm's casting
+modes (``ops.reference.rms_norm_cast``): "torch" and "gemma" are the order above;
+``LLAMA`` (Hugging Face's LlamaRMSNorm) rounds xhat to h's dtype and the scale to the
+weight's dtype, and their product is the one a multiply in those dtypes gives.
+
+Backward, per row, with g = dout * scale and N = hidden:
 
     dh = rstd * (g - xhat * mean(g * xhat) - mean(g))   (RMS: without mean(g))
          + dnew_residual
     dx = dropout'(dh) (the same mask, regenerated from the seed), dresidual = dh
 
-dweight = sum over rows of dout * xhat and dbias = sum of dout are accumulated per
-program and summed by ``launch.reduce_partials``; the same partials give each
-example's squared gradient norms (Gray et al. 2024) at the cost of one extra pass over
+dweight = sum over rows of dout * xhat (``LLAMA``: the rounded xhat of the forward; the
+roundings pass gradients through unchanged, as autograd's ``.to()`` does) and dbias =
+sum of dout are accumulated per program and summed by ``launch.reduce_partials``; the
+same partials give each example's squared gradient norms (Gray et al. 2024) at the cost of one extra pass over
 the small partial buffer.
 """
 
@@ -68,11 +75,34 @@ def _new_residual(X, RES, row, cols, mask, x_off, res_off, hidden, seed, drop_p,
 
 
 @triton.jit
-def _affine_store(Y, RES_OUT, W, B, y_off, cols, mask, xhat, hidden,
-                  HAS_W: tl.constexpr, HAS_B: tl.constexpr, ROUND_TO_RES: tl.constexpr):
+def _round_to(v, PTR):
+    # v rounded to the dtype PTR points to, back in float32
+    return v.to(PTR.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _scale(W, cols, mask, offset, HAS_OFFSET: tl.constexpr, LLAMA: tl.constexpr):
+    # offset + w in float32 (never w's dtype first); LLAMA: then rounded to w's dtype
+    s = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_OFFSET:
+        s = s + offset
+        if LLAMA:
+            s = _round_to(s, W)
+    return s
+
+
+@triton.jit
+def _affine_store(Y, RES_OUT, W, B, y_off, cols, mask, xhat, hidden, offset,
+                  HAS_W: tl.constexpr, HAS_B: tl.constexpr, ROUND_TO_RES: tl.constexpr,
+                  HAS_OFFSET: tl.constexpr, LLAMA: tl.constexpr):
+    # LLAMA: xhat arrives rounded. Two half-precision factors multiply exactly in float32,
+    # so one rounding (ROUND_TO_RES, set where their dtype is h's and not out's, or the
+    # store) gives their product in their dtype; with a float32 factor it is float32's
     y = xhat
     if HAS_W:
-        y = y * tl.load(W + cols, mask=cols < hidden, other=0.0).to(tl.float32)
+        y = y * _scale(W, cols, cols < hidden, offset, HAS_OFFSET, LLAMA)
+    elif HAS_OFFSET:
+        y = y * offset
     if HAS_B:
         y = y + tl.load(B + cols, mask=cols < hidden, other=0.0).to(tl.float32)
     if ROUND_TO_RES:  # the norm's result is rounded to new_residual's dtype, then to x's
@@ -89,6 +119,7 @@ def _fwd_kernel(
     STORE_RES: tl.constexpr, ROUND_TO_RES: tl.constexpr, HAS_W: tl.constexpr,
     HAS_B: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
     stride_x1=0, stride_x2=0, n1=1, n2=1, STRIDED: tl.constexpr = False,
+    offset=0.0, HAS_OFFSET: tl.constexpr = False, LLAMA: tl.constexpr = False,
 ):
     # a tile of ROWS whole rows per program: narrow rows get enough bytes in flight.
     # STRIDED: x's rows are found through its row dims (_row_offset); the rest use
@@ -112,8 +143,14 @@ def _fwd_kernel(
         tl.store(MEAN + row1, mean, mask=row1 < rows)
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / hidden + eps)
     tl.store(RSTD + row1, rstd, mask=row1 < rows)
-    _affine_store(Y, RES_OUT, W, B, row * stride_y, cols, mask, centered * rstd[:, None], hidden,
-                  HAS_W, HAS_B, ROUND_TO_RES)
+    xhat = centered * rstd[:, None]
+    if LLAMA:  # xhat in the dtype of the tensor normalized
+        if STORE_RES:
+            xhat = _round_to(xhat, RES_OUT)
+        else:
+            xhat = _round_to(xhat, X)
+    _affine_store(Y, RES_OUT, W, B, row * stride_y, cols, mask, xhat, hidden, offset,
+                  HAS_W, HAS_B, ROUND_TO_RES, HAS_OFFSET, LLAMA)
 
 
 @triton.jit
@@ -125,6 +162,7 @@ def _fwd_looped_kernel(
     STORE_RES: tl.constexpr, ROUND_TO_RES: tl.constexpr, HAS_W: tl.constexpr,
     HAS_B: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
     stride_x1=0, stride_x2=0, n1=1, n2=1, STRIDED: tl.constexpr = False,
+    offset=0.0, HAS_OFFSET: tl.constexpr = False, LLAMA: tl.constexpr = False,
 ):
     # wide rows: pass 1 forms (and stores) h and its sum; pass 2 the centred sum of
     # squares (LayerNorm only); pass 3 normalizes. Passes 2-3 re-read the stored h.
@@ -170,8 +208,10 @@ def _fwd_looped_kernel(
         cols = start + tl.arange(0, BLOCK)
         mask = cols < hidden
         xhat = (_load_row(H, h_off, cols, mask) - mean) * rstd
-        _affine_store(Y, RES_OUT, W, B, row * stride_y, cols, mask, xhat, hidden, HAS_W, HAS_B,
-                      ROUND_TO_RES)
+        if LLAMA:
+            xhat = _round_to(xhat, H)
+        _affine_store(Y, RES_OUT, W, B, row * stride_y, cols, mask, xhat, hidden, offset,
+                      HAS_W, HAS_B, ROUND_TO_RES, HAS_OFFSET, LLAMA)
 
 
 @triton.jit
@@ -189,6 +229,15 @@ def _xhat(h, row, MEAN, rstd, mask, row_mask, IS_RMS: tl.constexpr):
         xhat = h * rstd
     else:
         xhat = tl.where(mask, (h - tl.load(MEAN + row, mask=row_mask, other=0.0)) * rstd, 0.0)
+    return xhat
+
+
+@triton.jit
+def _forward_xhat(xhat, H, LLAMA: tl.constexpr):
+    # the xhat the forward multiplied the weight by (dweight's factor); dx's formula
+    # takes the unrounded one
+    if LLAMA:
+        xhat = _round_to(xhat, H)
     return xhat
 
 
@@ -225,6 +274,7 @@ def _bwd_kernel(
     HAS_DROPOUT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr,
     ROWS: tl.constexpr, ZERO_SQ: tl.constexpr,
     stride_dy1=0, stride_dy2=0, stride_h1=0, stride_h2=0, n1=1, n2=1, STRIDED: tl.constexpr = False,
+    offset=0.0, HAS_OFFSET: tl.constexpr = False, LLAMA: tl.constexpr = False,
 ):
     # the program's rows stream through in tiles of ROWS rows; dweight/dbias partials
     # stay in registers and are written once
@@ -247,9 +297,11 @@ def _bwd_kernel(
         g = dy
         if HAS_W:
             # reloaded each step (from L1): registers go to the row instead
-            w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-            dw += dy * xhat
+            w = _scale(W, cols, col_mask, offset, HAS_OFFSET, LLAMA)
+            dw += dy * _forward_xhat(xhat, H, LLAMA)
             g = dy * w
+        elif HAS_OFFSET:
+            g = dy * offset
         if HAS_B:
             db += dy
         c1 = tl.sum(xhat * g, axis=1)[:, None] / hidden
@@ -274,6 +326,7 @@ def _bwd_split_kernel(
     HAS_DROPOUT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr,
     ROWS: tl.constexpr, ZERO_SQ: tl.constexpr, SPLIT: tl.constexpr,
     stride_dy1=0, stride_dy2=0, stride_h1=0, stride_h2=0, n1=1, n2=1, STRIDED: tl.constexpr = False,
+    offset=0.0, HAS_OFFSET: tl.constexpr = False, LLAMA: tl.constexpr = False,
 ):
     # wide rows, columns split SPLIT ways: program (b * SPLIT + s, c) owns column part s
     # of its rows, so its dweight/dbias partials are a part wide, not a row (a whole
@@ -305,7 +358,9 @@ def _bwd_split_kernel(
             mask = cols < hidden
             g = _load_row(DY, dy_off, cols, mask)
             if HAS_W:
-                g = g * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                g = g * _scale(W, cols, mask, offset, HAS_OFFSET, LLAMA)
+            elif HAS_OFFSET:
+                g = g * offset
             xhat = _xhat(_load_row(H, h_off, cols, mask), row, MEAN, rstd, mask, True, IS_RMS)
             a1 += tl.sum(xhat * g, axis=0)
             a2 += tl.sum(g, axis=0)
@@ -314,8 +369,10 @@ def _bwd_split_kernel(
         xhat = _xhat(_load_row(H, h_off, own, own_mask), row, MEAN, rstd, own_mask, True, IS_RMS)
         g = dy
         if HAS_W:
-            dw += dy * xhat
-            g = dy * tl.load(W + own, mask=own_mask, other=0.0).to(tl.float32)
+            dw += dy * _forward_xhat(xhat, H, LLAMA)
+            g = dy * _scale(W, own, own_mask, offset, HAS_OFFSET, LLAMA)
+        elif HAS_OFFSET:
+            g = dy * offset
         if HAS_B:
             db += dy
         if IS_RMS:
@@ -340,6 +397,7 @@ def _bwd_looped_kernel(
     HAS_DROPOUT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr,
     ROWS: tl.constexpr, ZERO_SQ: tl.constexpr,
     stride_dy1=0, stride_dy2=0, stride_h1=0, stride_h2=0, n1=1, n2=1, STRIDED: tl.constexpr = False,
+    offset=0.0, HAS_OFFSET: tl.constexpr = False, LLAMA: tl.constexpr = False,
 ):
     # wide rows: pass A reduces each row's mean(g * xhat) and mean(g) into C1/C2; pass B
     # walks column chunks outermost, so the dweight/dbias partials of a chunk stay in
@@ -357,7 +415,9 @@ def _bwd_looped_kernel(
             mask = cols < hidden
             g = _load_row(DY, dy_off, cols, mask)
             if HAS_W:
-                g = g * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                g = g * _scale(W, cols, mask, offset, HAS_OFFSET, LLAMA)
+            elif HAS_OFFSET:
+                g = g * offset
             xhat = _xhat(_load_row(H, h_off, cols, mask), row, MEAN, rstd, mask, True, IS_RMS)
             a1 += xhat * g
             a2 += g
@@ -369,7 +429,7 @@ def _bwd_looped_kernel(
         cols = start + tl.arange(0, BLOCK)
         mask = cols < hidden
         if HAS_W:
-            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            w = _scale(W, cols, mask, offset, HAS_OFFSET, LLAMA)
         dw = tl.zeros([BLOCK], dtype=tl.float32)
         db = tl.zeros([BLOCK], dtype=tl.float32)
         for row in range(first, last):
@@ -380,8 +440,10 @@ def _bwd_looped_kernel(
             xhat = _xhat(_load_row(H, h_off, cols, mask), row, MEAN, rstd, mask, True, IS_RMS)
             g = dy
             if HAS_W:
-                dw += dy * xhat
+                dw += dy * _forward_xhat(xhat, H, LLAMA)
                 g = dy * w
+            elif HAS_OFFSET:
+                g = dy * offset
             if HAS_B:
                 db += dy
             if IS_RMS:
@@ -415,6 +477,15 @@ def _dropout_args(dropout: Dropout | None) -> tuple[int, float, float]:
     return (dropout.seed, dropout.p, dropout.scale) if dropout is not None else (0, 0.0, 1.0)
 
 
+def _cast_args(offset: float, casting_mode: str, is_rms: bool) -> dict | None:
+    """The kernels' offset and casting-mode arguments; None for the defaults (offset 0,
+    "torch"), which the kernels take without them. "gemma" computes as "torch" does."""
+    llama = casting_mode == "llama" and is_rms
+    if offset == 0.0 and not llama:
+        return None
+    return dict(offset=float(offset), HAS_OFFSET=offset != 0.0, LLAMA=llama)
+
+
 def backward_kernel(cfg: launch.BlockConfig) -> tuple[triton.JITFunction, dict]:
     """The backward kernel a launch config runs, and the constexprs only it takes."""
     if cfg.looped:
@@ -428,10 +499,15 @@ def norm_forward(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
     bias: torch.Tensor | None, eps: float, *, hidden: int, is_rms: bool,
     dropout: Dropout | None, residual_dtype: torch.dtype | None, store_residual: bool,
+    offset: float = 0.0, casting_mode: str = "torch", out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, new_residual, mean, rstd): out and new_residual have x's shape (contiguous),
-    new_residual is None unless ``store_residual``; mean/rstd are float32 with x's row
-    dims as shape (``launch.row_shape``; mean None for RMSNorm). Without a residual
+    out in ``out_dtype`` (default x's), new_residual is None unless ``store_residual``;
+    mean/rstd are float32 with x's row dims as shape (``launch.row_shape``; mean None for
+    RMSNorm). The scale is ``offset`` + weight; ``casting_mode`` as in
+    ``ops.reference.rms_norm_cast`` (RMSNorm; "llama" needs a weight of a kernel dtype,
+    whose product with the rounded xhat is then rounded to promote(weight's dtype, h's
+    dtype) before out's). Without a residual
     (plain LayerNorm / RMSNorm), x is read in place through ``launch.row_layout`` (a
     strided view such as a transposed [B, T, H, hd] tensor is not copied); with one, x and
     residual each need one row stride (``launch.as_rows``: copied otherwise)."""
@@ -446,7 +522,7 @@ def norm_forward(
     else:
         x2, rows, x_stride = launch.as_rows(x, hidden)
     res2, _, res_stride = launch.as_rows(residual, hidden) if residual is not None else (None, 0, 0)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
     res_dtype = residual_dtype or x.dtype
     new_res = torch.empty(x.shape, dtype=res_dtype, device=x.device) if store_residual else None
     stats_shape = launch.row_shape(x.shape, hidden)
@@ -457,14 +533,19 @@ def norm_forward(
     cfg = launch.block_config(hidden)
     kernel = _fwd_looped_kernel if cfg.looped else _fwd_kernel
     seed, p, scale = _dropout_args(dropout)
+    cast = _cast_args(offset, casting_mode, is_rms)
+    # the norm's result is rounded to new_residual's dtype before out's, except where
+    # llama's product is formed in a wider dtype (a weight of another dtype than h's)
+    round_to_res = store_residual and res_dtype != out.dtype and (
+        cast is None or not cast["LLAMA"] or weight is None or weight.dtype == res_dtype)
     kernel[(launch.cdiv(rows, cfg.rows),)](
         x2, res2, weight, bias, out, new_res, mean, rstd,
         x_stride, res_stride, hidden, hidden,
         rows, hidden, eps, seed, p, scale,
         IS_RMS=is_rms, HAS_RES=res2 is not None, HAS_DROPOUT=dropout is not None,
-        STORE_RES=store_residual, ROUND_TO_RES=store_residual and res_dtype != x.dtype,
+        STORE_RES=store_residual, ROUND_TO_RES=round_to_res,
         HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=cfg.block, ROWS=cfg.rows,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **(strided or {}),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **(strided or {}), **(cast or {}),
     )
     return out, new_res, mean, rstd
 
@@ -474,13 +555,14 @@ def norm_backward(
     weight: torch.Tensor | None, bias_dtype: torch.dtype | None, mean: torch.Tensor,
     rstd: torch.Tensor, *, hidden: int, is_rms: bool, dropout: Dropout | None,
     x_dtype: torch.dtype, residual_grad_dtype: torch.dtype | None, examples: int | None,
-    out_sq: torch.Tensor | None = None,
+    out_sq: torch.Tensor | None = None, offset: float = 0.0, casting_mode: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None,
            torch.Tensor | None]:
     """(dx, dresidual, dweight, dbias, per_example_sq): ``h`` is the normalized input
     (the stored new_residual). With ``examples`` set, per_example_sq is float32
     [2, examples]: each example's ||dweight||^2 and ||dbias||^2 (zeros without bias),
-    written into ``out_sq`` when given (a float32 [2, examples] tensor). dx (and
+    written into ``out_sq`` when given (a float32 [2, examples] tensor). ``offset`` and
+    ``casting_mode`` as the forward's. dx (and
     dresidual) are contiguous. Without residual gradients, h and dout are read in place
     through ``launch.row_layout``; otherwise each needs one row stride (copied if not)."""
     strided = None
@@ -541,6 +623,7 @@ def norm_backward(
         HAS_DROPOUT=dropout is not None, HAS_W=weight is not None,
         HAS_B=bias_dtype is not None, BLOCK=cfg.block, ROWS=cfg.bwd_rows, ZERO_SQ=atomic,
         num_warps=cfg.bwd_warps, num_stages=cfg.num_stages, **extra, **(strided or {}),
+        **(_cast_args(offset, casting_mode, is_rms) or {}),
     )
     if parts is None:  # neither weight nor bias: nothing to reduce
         if per_example:

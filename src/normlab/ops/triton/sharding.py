@@ -1,7 +1,8 @@
 """DTensor sharding rules of ``normlab::fused_norm`` and ``normlab::fused_norm_backward``.
 
 A norm works row by row, so on a DTensor it runs shard-locally whenever the shards
-hold whole rows. Per mesh dim, the strategies offered are:
+hold whole rows (the weight offset and casting mode change nothing here). Per mesh
+dim, the strategies offered are:
 
 * rows sharded: x (and residual, and out/new_residual and the per-row mean/rstd)
   ``Shard(d)`` for every row dim d, i.e. every dim in front of the normalized ones
@@ -54,14 +55,15 @@ def _buffer_placement(p):
 
 @register_sharding(torch.ops.normlab.fused_norm.default)
 def _fused_norm_sharding(x, residual, weight, bias, seed, per_example_grad_sq, eps, hidden,
-                         is_rms, dropout_p, residual_dtype, store_residual):
+                         is_rms, dropout_p, residual_dtype, store_residual, offset=0.0,
+                         casting_mode="torch", out_dtype=None):
     per_example = per_example_grad_sq is not None
     strategies = []
     for p in _row_placements(x, hidden, per_example):
         outputs = [p, p if store_residual else _R, _R if is_rms else p, p]
         inputs = [p, _given(residual, p), _given(weight, _R), _given(bias, _R),
                   _given(seed, _R), _given(per_example_grad_sq, _buffer_placement(p)),
-                  None, None, None, None, None, None]
+                  None, None, None, None, None, None, None, None, None]
         strategies.append((outputs, inputs))
     return strategies
 
@@ -69,7 +71,7 @@ def _fused_norm_sharding(x, residual, weight, bias, seed, per_example_grad_sq, e
 @register_sharding(torch.ops.normlab.fused_norm_backward.default)
 def _fused_norm_backward_sharding(dout, dnew_residual, h, weight, mean, rstd, seed,
                                   per_example_grad_sq, hidden, is_rms, dropout_p, x_dtype,
-                                  residual_grad_dtype, bias_dtype):
+                                  residual_grad_dtype, bias_dtype, offset=0.0, casting_mode="torch"):
     per_example = per_example_grad_sq is not None
     strategies = []
     for p in _row_placements(h, hidden, per_example):
@@ -81,6 +83,6 @@ def _fused_norm_backward_sharding(dout, dnew_residual, h, weight, mean, rstd, se
         inputs = [p, _given(dnew_residual, p), p, _given(weight, _R),
                   _R if is_rms else p, p, _given(seed, _R),
                   _given(per_example_grad_sq, _buffer_placement(p)),
-                  None, None, None, None, None, None]
+                  None, None, None, None, None, None, None, None]
         strategies.append((outputs, inputs))
     return strategies
