@@ -79,7 +79,7 @@ def main(argv=None) -> None:
             g, None, x, w, b.dtype, mean, rstd, hidden=hidden, is_rms=False, dropout=None,
             x_dtype=x.dtype, residual_grad_dtype=None, examples=None),
         "custom op fwd": lambda: torch.ops.normlab.fused_norm(
-            x, None, w, b, None, None, 1e-5, hidden, False, 0.0, None, False),
+            x, None, w, b, None, 1e-5, hidden, False, 0.0, None, False),
     }
     res = {}
     with torch.no_grad():

@@ -143,27 +143,27 @@ def _fused_shape(op: str, x: Tensor, normalized_shape: int | Sequence[int] | Non
     return tuple(x.shape[-1:])
 
 
-def _check_per_example(op: str, buffer: Tensor | None, x: Tensor, shape: tuple[int, ...],
-                       weight: Tensor | None) -> None:
-    """per_example_grad_sq: float32 [2, x.shape[0]] on x's device, for an input with an
-    example dim in front of the normalized dims, and a weight to take gradients of."""
-    if buffer is None:
-        return
-    if not isinstance(buffer, Tensor):
-        raise TypeError(f"{op}: expected per_example_grad_sq to be a torch.Tensor or None, got {type(buffer).__name__}")
-    if x.dim() <= len(shape):
-        raise NormArgumentError(
-            f"{op}: per_example_grad_sq needs an example dim (dim 0) in front of the normalized "
-            f"dims: expected input with more than {len(shape)} dims, got shape {list(x.shape)}"
-        )
-    if weight is None:
-        raise NormArgumentError(f"{op}: per_example_grad_sq needs weight (the parameter whose per-example gradient norms it holds), got None")
-    expected = [2, x.shape[0]]
-    if buffer.dtype != torch.float32 or list(buffer.shape) != expected or buffer.device != x.device:
-        raise NormArgumentError(
-            f"{op}: expected per_example_grad_sq to be a float32 tensor of shape {expected} on "
-            f"{x.device}, got {buffer.dtype} of shape {list(buffer.shape)} on {buffer.device}"
-        )
+def _check_norm_args(op: str, x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None,
+                     bias: Tensor | None, eps: float | None, *, is_rms: bool) -> tuple[tuple[int, ...], float | None]:
+    """The checks of layer_norm / rms_norm (``is_rms``: eps may be None): (normalized shape, eps)."""
+    _check_tensor(op, "input", x)
+    shape = _check_normalized_shape(op, x, normalized_shape)
+    _check_param(op, "weight", weight, shape, x)
+    _check_param(op, "bias", bias, shape, x)
+    return shape, _check_eps(op, eps, allow_none=is_rms)
+
+
+def _check_add_args(op: str, x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
+                    eps: float | None, dropout_p: float, generator: torch.Generator | None,
+                    residual_dtype: torch.dtype | None, normalized_shape: int | Sequence[int] | None, *,
+                    is_rms: bool) -> tuple[tuple[int, ...], float | None]:
+    """The checks of add_layer_norm / add_rms_norm: (normalized shape, eps)."""
+    _check_tensor(op, "input", x)
+    _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype)
+    shape = _fused_shape(op, x, normalized_shape, weight, bias)
+    _check_param(op, "weight", weight, shape, x)
+    _check_param(op, "bias", bias, shape, x)
+    return shape, _check_eps(op, eps, allow_none=is_rms)
 
 
 # ---------------------------------------------------------------------------- ops
@@ -175,28 +175,13 @@ def _layer_norm(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     eps: float = 1e-5,
-    *,
-    per_example_grad_sq: Tensor | None = None,
 ) -> Tensor:
     """Layer normalization over the trailing ``normalized_shape`` dims (Ba et al. 2016).
 
     y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias, biased variance, statistics in
-    float32 (float64 for float64 input); same semantics as ``torch.nn.functional.layer_norm``.
-
-    (With ``per_example_grad_sq``, the variant ``normlab.diagnostics.per_example.layer_norm``:
-    a caller-allocated float32 tensor of shape [2, x.shape[0]] on x's device that the
-    backward overwrites with, for each example b along dim 0 of x, ||dL_b/dweight||^2
-    (row 0) and ||dL_b/dbias||^2 (row 1; zeros without a bias), L_b being the loss
-    through example b's positions (Gray et al. 2024). Untouched if no backward runs;
-    needs weight and a dim in front of the normalized dims.)"""
-    op = "layer_norm"
-    _check_tensor(op, "input", x)
-    shape = _check_normalized_shape(op, x, normalized_shape)
-    _check_param(op, "weight", weight, shape, x)
-    _check_param(op, "bias", bias, shape, x)
-    eps = _check_eps(op, eps, allow_none=False)
-    _check_per_example(op, per_example_grad_sq, x, shape, weight)
-    return getattr(backend_ops(x), op)(x, shape, weight, bias, eps, per_example_grad_sq=per_example_grad_sq)
+    float32 (float64 for float64 input); same semantics as ``torch.nn.functional.layer_norm``."""
+    shape, eps = _check_norm_args("layer_norm", x, normalized_shape, weight, bias, eps, is_rms=False)
+    return backend_ops(x).layer_norm(x, shape, weight, bias, eps)
 
 
 def _rms_norm(
@@ -204,22 +189,13 @@ def _rms_norm(
     normalized_shape: int | Sequence[int],
     weight: Tensor | None = None,
     eps: float | None = None,
-    *,
-    per_example_grad_sq: Tensor | None = None,
 ) -> Tensor:
     """RMS normalization over the trailing ``normalized_shape`` dims (Zhang & Sennrich 2019).
 
     y = x / sqrt(mean(x^2) + eps) * weight; eps=None uses float32's machine epsilon
-    (float64's for float64 input), as ``torch.nn.functional.rms_norm``. Output keeps x's dtype.
-
-    (``per_example_grad_sq``: as in ``_layer_norm``; row 1, the bias row, is zeros.)"""
-    op = "rms_norm"
-    _check_tensor(op, "input", x)
-    shape = _check_normalized_shape(op, x, normalized_shape)
-    _check_param(op, "weight", weight, shape, x)
-    eps = _check_eps(op, eps, allow_none=True)
-    _check_per_example(op, per_example_grad_sq, x, shape, weight)
-    return getattr(backend_ops(x), op)(x, shape, weight, eps, per_example_grad_sq=per_example_grad_sq)
+    (float64's for float64 input), as ``torch.nn.functional.rms_norm``. Output keeps x's dtype."""
+    shape, eps = _check_norm_args("rms_norm", x, normalized_shape, weight, None, eps, is_rms=True)
+    return backend_ops(x).rms_norm(x, shape, weight, eps)
 
 
 def _check_cast(op: str, offset: float, casting_mode: str) -> None:
@@ -357,28 +333,18 @@ def _add_layer_norm(
     generator: torch.Generator | None = None,
     residual_dtype: torch.dtype | None = None,
     normalized_shape: int | Sequence[int] | None = None,
-    per_example_grad_sq: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused residual add + dropout + LayerNorm: returns (out, new_residual).
 
     new_residual = residual + dropout(x)   (stored in residual_dtype, default x.dtype)
     out          = layer_norm(new_residual) over normalized_shape (default: weight's
                    shape, the last dim without weight and bias), in x's dtype.
-    Post-LN uses ``out`` as the next residual, Pre-LN uses ``new_residual``.
-
-    (``per_example_grad_sq``: as in ``_layer_norm``, for this norm's weight and bias.)"""
-    op = "add_layer_norm"
-    _check_tensor(op, "input", x)
-    _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype)
-    shape = _fused_shape(op, x, normalized_shape, weight, bias)
-    _check_param(op, "weight", weight, shape, x)
-    _check_param(op, "bias", bias, shape, x)
-    eps = _check_eps(op, eps, allow_none=False)
-    _check_per_example(op, per_example_grad_sq, x, shape, weight)
-    return getattr(backend_ops(x), op)(
+    Post-LN uses ``out`` as the next residual, Pre-LN uses ``new_residual``."""
+    shape, eps = _check_add_args("add_layer_norm", x, residual, weight, bias, eps, dropout_p, generator,
+                                 residual_dtype, normalized_shape, is_rms=False)
+    return backend_ops(x).add_layer_norm(
         x, residual, weight, bias, eps, dropout_p=float(dropout_p), training=bool(training),
         generator=generator, residual_dtype=residual_dtype, normalized_shape=shape,
-        per_example_grad_sq=per_example_grad_sq,
     )
 
 
@@ -393,22 +359,13 @@ def _add_rms_norm(
     generator: torch.Generator | None = None,
     residual_dtype: torch.dtype | None = None,
     normalized_shape: int | Sequence[int] | None = None,
-    per_example_grad_sq: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Fused residual add + dropout + RMSNorm: returns (out, new_residual), as add_layer_norm.
-
-    (``per_example_grad_sq``: as in ``_layer_norm``; row 1, the bias row, is zeros.)"""
-    op = "add_rms_norm"
-    _check_tensor(op, "input", x)
-    _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype)
-    shape = _fused_shape(op, x, normalized_shape, weight, None)
-    _check_param(op, "weight", weight, shape, x)
-    eps = _check_eps(op, eps, allow_none=True)
-    _check_per_example(op, per_example_grad_sq, x, shape, weight)
-    return getattr(backend_ops(x), op)(
-        x, residual, weight, eps, dropout_p=float(dropout_p),
-        training=bool(training), generator=generator, residual_dtype=residual_dtype,
-        normalized_shape=shape, per_example_grad_sq=per_example_grad_sq,
+    """Fused residual add + dropout + RMSNorm: returns (out, new_residual), as add_layer_norm."""
+    shape, eps = _check_add_args("add_rms_norm", x, residual, weight, None, eps, dropout_p, generator,
+                                 residual_dtype, normalized_shape, is_rms=True)
+    return backend_ops(x).add_rms_norm(
+        x, residual, weight, eps, dropout_p=float(dropout_p), training=bool(training),
+        generator=generator, residual_dtype=residual_dtype, normalized_shape=shape,
     )
 
 

@@ -3,6 +3,8 @@ torch.autograd.gradcheck in float64 for the hand-written backwards."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -65,11 +67,11 @@ def _gradcheck(fn, *inputs):
 def test_gradcheck_rms_norm():
     x = torch.randn(3, 4, 7, dtype=torch.float64, requires_grad=True)
     w = torch.randn(7, dtype=torch.float64, requires_grad=True)
-    _gradcheck(lambda x, w: eager.RMSNormFunction.apply(x, (7,), w, 1e-6, None), x, w)
-    _gradcheck(lambda x: eager.RMSNormFunction.apply(x, (7,), None, 1e-6, None), x)
+    _gradcheck(lambda x, w: eager.RMSNormFunction.apply(x, (7,), w, 1e-6), x, w)
+    _gradcheck(lambda x: eager.RMSNormFunction.apply(x, (7,), None, 1e-6), x)
     x2 = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     w2 = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    _gradcheck(lambda x, w: eager.RMSNormFunction.apply(x, (3, 4), w, 1e-6, None), x2, w2)
+    _gradcheck(lambda x, w: eager.RMSNormFunction.apply(x, (3, 4), w, 1e-6), x2, w2)
 
 
 def test_gradcheck_layer_norm_with_per_example():
@@ -77,7 +79,39 @@ def test_gradcheck_layer_norm_with_per_example():
     w = torch.randn(7, dtype=torch.float64, requires_grad=True)
     b = torch.randn(7, dtype=torch.float64, requires_grad=True)
     buf = torch.zeros(2, 3)
-    _gradcheck(lambda x, w, b: eager.LayerNormFunction.apply(x, [7], w, b, 1e-5, buf), x, w, b)
+    _gradcheck(lambda x, w, b: eager.LayerNormFunction.apply(x, [7], w, b, 1e-5), x, w, b)
+    _gradcheck(lambda x, w, b: eager.LayerNormPerExampleFunction.apply(x, [7], w, b, 1e-5, buf), x, w, b)
+    _gradcheck(lambda x, w: eager.RMSNormPerExampleFunction.apply(x, (7,), w, 1e-6, buf), x, w)
+
+
+def test_default_functions_and_ops_take_no_per_example_buffer():
+    # the buffer is the variants' alone: the default Functions and entry points take none
+    for fn in (eager.LayerNormFunction, eager._LayerNormEager, eager.RMSNormFunction, eager._RMSNormEager):
+        assert "per_example_grad_sq" not in inspect.signature(fn.forward).parameters, fn
+    for name in ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"):
+        assert "per_example_grad_sq" not in inspect.signature(getattr(eager, name)).parameters, name
+        assert "per_example_grad_sq" in inspect.signature(getattr(eager, name + "_per_example")).parameters, name
+    for fn in (eager.LayerNormPerExampleFunction, eager._LayerNormPerExampleEager,
+               eager.RMSNormPerExampleFunction, eager._RMSNormPerExampleEager):
+        assert "per_example_grad_sq" in inspect.signature(fn.forward).parameters, fn
+
+
+def test_per_example_variant_matches_the_op_and_writes_the_buffer():
+    # same outputs and gradients as the default op; the buffer holds each example's squared norms
+    a = make_inputs("add_rms_norm", (3, 5, 12), (12,), torch.bfloat16, weight_dtype=torch.float32, device="cpu")
+    res = []
+    for variant in (False, True):
+        x, r, w = (a[k].detach().requires_grad_() for k in ("x", "residual", "weight"))
+        buf = torch.full((2, 3), float("nan"))
+        if variant:
+            out, new_res = eager.add_rms_norm_per_example(x, r, w, None, buf, normalized_shape=(12,))
+        else:
+            out, new_res = eager.add_rms_norm(x, r, w, None, normalized_shape=(12,))
+        g = torch.autograd.grad(out.float().square().sum() + new_res.float().sum(), (x, r, w))
+        res.append((out, new_res, *g))
+    for p, q in zip(*res, strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert (buf[0] > 0).all() and (buf[1] == 0).all()
 
 
 def test_gradcheck_fused_ops():

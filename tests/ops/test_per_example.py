@@ -196,9 +196,9 @@ def test_retain_graph_each_backward_writes_the_buffer(name, op):
         torch.testing.assert_close(buf, oracle(op, a, (8,), cot), rtol=1e-4, atol=1e-6)
 
 
-@needs_kernels
+@pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_compile_fullgraph_writes_the_buffer(compiler):
+def test_compile_fullgraph_writes_the_buffer(name, compiler):
     import torch._inductor.config
 
     def f(x, residual, weight, buf):
@@ -211,7 +211,7 @@ def test_compile_fullgraph_writes_the_buffer(compiler):
     buf = torch.full((2, 3), float("nan"), device=DEVICE)
     torch._dynamo.reset()
     # inductor's on-disk caches do not key on the op's Python fake: compile afresh
-    with backend("triton"), torch._inductor.config.patch(force_disable_caches=True):
+    with backend(name), torch._inductor.config.patch(force_disable_caches=True):
         outs = torch.compile(f, fullgraph=True, backend=compiler)(*leaves, buf)
     gen = torch.Generator().manual_seed(3)
     cot = [torch.randn(o.shape, generator=gen).to(o.device) for o in outs]

@@ -354,7 +354,7 @@ def _op_args(is_rms, offset, mode, *, residual=False, dropout=False, x_dtype=tor
     res = t(3, 5, 16) if residual else None
     b = None if is_rms else t(16, dt=w_dtype)
     seed = torch.tensor(99) if dropout else None
-    return (x, res, t(16, dt=w_dtype), b, seed, None, 1e-5, 16, is_rms, 0.25 if dropout else 0.0,
+    return (x, res, t(16, dt=w_dtype), b, seed, 1e-5, 16, is_rms, 0.25 if dropout else 0.0,
             None, residual or dropout, offset, mode, out_dtype)
 
 
@@ -369,10 +369,10 @@ def test_opcheck_with_offset_and_casting_mode(args):
     out, new_res, mean, rstd = torch.ops.normlab.fused_norm(*args)
     assert out.dtype == (args[-1] or args[0].dtype)
     x, res, w, b, seed = args[:5]
-    bwd = (torch.randn_like(out), torch.randn_like(new_res) if args[11] else None,
-           new_res.detach() if args[11] else x.detach(), w.detach(), mean, rstd, seed, None, 16, args[8],
-           args[9], x.dtype, res.dtype if res is not None else None, b.dtype if b is not None else None,
-           args[12], args[13])
+    bwd = (torch.randn_like(out), torch.randn_like(new_res) if args[10] else None,
+           new_res.detach() if args[10] else x.detach(), w.detach(), mean, rstd, seed, 16, args[7],
+           args[8], x.dtype, res.dtype if res is not None else None, b.dtype if b is not None else None,
+           args[11], args[12])
     torch.library.opcheck(torch.ops.normlab.fused_norm_backward.default, bwd)
 
 

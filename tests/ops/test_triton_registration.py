@@ -1,5 +1,5 @@
-"""normlab::fused_norm as a real PyTorch op: opcheck, torch.compile(fullgraph=True),
-torch.export."""
+"""normlab::fused_norm (and its per-example variant normlab::fused_norm_per_example) as
+real PyTorch ops: opcheck, torch.compile(fullgraph=True), torch.export."""
 
 from __future__ import annotations
 
@@ -27,8 +27,7 @@ def _fwd_args(is_rms, residual, dropout, residual_dtype=None, dtype=torch.float3
     b = None if is_rms else t(16, dt=bias_dtype)
     seed = torch.tensor(1234) if dropout else None
     store = residual or dropout or residual_dtype is not None
-    return (x, res, w, b, seed, None, 1e-5, 16, is_rms, 0.25 if dropout else 0.0, residual_dtype,
-            store)
+    return (x, res, w, b, seed, 1e-5, 16, is_rms, 0.25 if dropout else 0.0, residual_dtype, store)
 
 
 @pytest.mark.parametrize("args", [
@@ -42,19 +41,47 @@ def test_opcheck_forward(args):
     torch.library.opcheck(torch.ops.normlab.fused_norm.default, args)
 
 
-def test_opcheck_backward_with_per_example_buffer():
+def _per_example(args):
+    """``_fwd_args`` for ``fused_norm_per_example``: the [2, B] buffer after seed."""
+    return (*args[:5], torch.zeros(2, args[0].shape[0], device=DEVICE), *args[5:])
+
+
+def test_the_default_ops_carry_no_per_example_buffer():
+    for op in (torch.ops.normlab.fused_norm, torch.ops.normlab.fused_norm_backward):
+        schema = str(op.default._schema)
+        assert "per_example" not in schema, schema
+    fwd = str(torch.ops.normlab.fused_norm_per_example.default._schema)
+    bwd = str(torch.ops.normlab.fused_norm_per_example_backward.default._schema)
+    assert "Tensor per_example_grad_sq," in fwd and "Tensor per_example_grad_sq," in bwd
+    assert bwd.endswith("-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+    assert str(torch.ops.normlab.fused_norm_backward.default._schema).endswith("-> (Tensor, Tensor, Tensor, Tensor)")
+
+
+@pytest.mark.parametrize("args", [
+    _fwd_args(False, True, False),
+    _fwd_args(True, True, True),
+], ids=["add_ln", "add_rms_dropout"])
+def test_opcheck_per_example_forward(args):
+    torch.library.opcheck(torch.ops.normlab.fused_norm_per_example.default, _per_example(args))
+
+
+def test_opcheck_backward_ops_and_the_per_example_buffer():
     x = torch.randn(3, 5, 16, device=DEVICE)
     w = torch.randn(16, device=DEVICE)
-    out, new_res, mean, rstd = torch.ops.normlab.fused_norm(
-        x, None, w, None, None, None, 1e-5, 16, False, 0.0, None, False)
+    out, new_res, mean, rstd = torch.ops.normlab.fused_norm(x, None, w, None, None, 1e-5, 16, False, 0.0, None, False)
+    saved = (torch.randn_like(out), None, x, w, mean, rstd, None)
+    settings = (16, False, 0.0, torch.float32, None, None)
+    torch.library.opcheck(torch.ops.normlab.fused_norm_backward.default, (*saved, *settings))
     buf = torch.zeros(2, 3, device=DEVICE)
-    args = (torch.randn_like(out), None, x, w, mean, rstd, None, buf, 16, False, 0.0,
-            torch.float32, None, None)
-    torch.library.opcheck(torch.ops.normlab.fused_norm_backward.default, args)
-    *_grads, sq = torch.ops.normlab.fused_norm_backward(*args)
+    args = (*saved, buf, *settings)
+    torch.library.opcheck(torch.ops.normlab.fused_norm_per_example_backward.default, args)
+    *grads, sq = torch.ops.normlab.fused_norm_per_example_backward(*args)
     # functional: the buffer gives the shape; the autograd formula copies sq into it
     assert (buf == 0).all()
     assert sq.shape == (2, 3) and sq[0].min() > 0 and (sq[1] == 0).all()
+    # the plain backward op's gradients (dweight summed per example first: another order)
+    for p, q in zip(grads, torch.ops.normlab.fused_norm_backward(*saved, *settings), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
 
 
 class _Block(nn.Module):
@@ -118,17 +145,25 @@ def test_export_runs_the_op():
     torch.testing.assert_close(ep.module()(x, r), expected)
 
 
-def test_eager_function_and_op_agree_bit_for_bit():
-    """Eager calls on plain tensors take FusedNorm; compile/export take the op: the same
-    kernels and formula, so the same bits, per-example buffer included."""
+@pytest.mark.parametrize("per_example", [False, True], ids=["plain", "per_example"])
+def test_eager_function_and_op_agree_bit_for_bit(per_example):
+    """Eager calls on plain tensors take FusedNorm (FusedNormPerExample); compile/export
+    take the op: the same kernels and formula, so the same bits, per-example buffer
+    included."""
     from normlab.ops.triton import custom_ops
     results = []
     for path in ("function", "op"):
-        (x, res, w, b, seed, _, eps, hidden, is_rms, p, rdt, store) = _fwd_args(False, True, True)
+        args = _fwd_args(False, True, True)
+        x, res, w, b = args[:4]
+        spec = custom_ops.FusedSpec(*args[4:])
         buf = torch.zeros(2, 3, device=DEVICE)
-        args = (x, res, w, b, seed, buf, eps, hidden, is_rms, p, rdt, store)
-        if path == "function":
-            out, new_res = custom_ops.FusedNorm.apply(*args[:4], custom_ops.FusedSpec(*args[4:]))
+        if path == "function" and per_example:
+            out, new_res = custom_ops.FusedNormPerExample.apply(x, res, w, b, spec, buf)
+        elif path == "function":
+            out, new_res = custom_ops.FusedNorm.apply(x, res, w, b, spec)
+        elif per_example:
+            out, new_res, _mean, _rstd = torch.ops.normlab.fused_norm_per_example(*_per_example(args)[:5], buf,
+                                                                                   *args[5:])
         else:
             out, new_res, _mean, _rstd = torch.ops.normlab.fused_norm(*args)
         g = torch.Generator().manual_seed(1)
@@ -137,7 +172,7 @@ def test_eager_function_and_op_agree_bit_for_bit():
         results.append((out, new_res, *grads, buf))
     for a, b_ in zip(*results, strict=True):
         assert torch.equal(a, b_)
-    assert results[0][-1].min() > 0
+    assert results[0][-1].min() > 0 if per_example else (results[0][-1] == 0).all()
 
 
 def test_use_ops_picks_the_op_where_the_function_cannot_go():

@@ -16,33 +16,87 @@ showed they predict the whole model's gradient noise scale.
     rec.batch_grad_sq()    # ||gradient of this backward||^2 over the same parameters
 
 Positions whose grad_out is zero (padding that the loss ignores) contribute nothing.
-For normlab's LayerNorm/RMSNorm the numbers come from the fused backward itself (the
-op's ``per_example_grad_sq`` buffer, switched on while the context is active: no extra
-pass). For torch's nn.LayerNorm/nn.RMSNorm, and for normlab norms with a weight offset,
-a casting mode or a per-head weight (Gemma's and Cohere's, swapped), they come from a
-forward hook (which keeps the norm's input) and a tensor hook on its output (which sees
-grad_out); x_hat is then recomputed in float32, so a casting mode's rounding of it is
-not in the numbers.
+For normlab's LayerNorm/RMSNorm the numbers come from the fused backward itself: while
+the context is active they run the op variants below, whose ``per_example_grad_sq``
+buffer the backward fills (no extra pass); the plain ops carry none of it. For torch's
+nn.LayerNorm/nn.RMSNorm, and for normlab norms with a weight offset, a casting mode or
+a per-head weight (Gemma's and Cohere's, swapped), they come from a forward hook (which
+keeps the norm's input) and a tensor hook on its output (which sees grad_out); x_hat is
+then recomputed in float32, so a casting mode's rounding of it is not in the numbers.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from normlab import functional as _F
-from normlab.ops import reference
+from normlab.errors import NormArgumentError
+from normlab.ops import backend_ops, reference
 
 # ----------------------------------------------------------------------- the op variants
 # The public ops (``normlab.functional``) carry no per-example buffer; these variants take
-# one, and the backward of normlab's LayerNorm/RMSNorm fills it from the fused pass.
+# one (checked here), and run the backends' ``*_per_example`` ops, whose backward fills it
+# from the fused pass. Otherwise their arguments and checks are the public ops'; with
+# ``per_example_grad_sq=None`` they are the public ops.
+
+
+def _check_per_example(op: str, buffer: Tensor, x: Tensor, shape: tuple[int, ...], weight: Tensor | None) -> None:
+    """per_example_grad_sq: float32 [2, x.shape[0]] on x's device, for an input with an
+    example dim in front of the normalized dims, and a weight to take gradients of."""
+    if not isinstance(buffer, Tensor):
+        raise TypeError(f"{op}: expected per_example_grad_sq to be a torch.Tensor or None, got {type(buffer).__name__}")
+    if x.dim() <= len(shape):
+        raise NormArgumentError(
+            f"{op}: per_example_grad_sq needs an example dim (dim 0) in front of the normalized "
+            f"dims: expected input with more than {len(shape)} dims, got shape {list(x.shape)}"
+        )
+    if weight is None:
+        raise NormArgumentError(f"{op}: per_example_grad_sq needs weight (the parameter whose per-example "
+                                "gradient norms it holds), got None")
+    expected = [2, x.shape[0]]
+    if buffer.dtype != torch.float32 or list(buffer.shape) != expected or buffer.device != x.device:
+        raise NormArgumentError(
+            f"{op}: expected per_example_grad_sq to be a float32 tensor of shape {expected} on "
+            f"{x.device}, got {buffer.dtype} of shape {list(buffer.shape)} on {buffer.device}"
+        )
+
+
+def _norm(op: str, x: Tensor, normalized_shape, weight: Tensor | None, bias: Tensor | None, eps: float | None,
+          buffer: Tensor | None) -> Tensor:
+    """layer_norm / rms_norm (``op``): the public op's checks and the buffer's, then the
+    backend's per-example variant (its plain op without a buffer)."""
+    is_rms = op == "rms_norm"
+    shape, eps = _F._check_norm_args(op, x, normalized_shape, weight, bias, eps, is_rms=is_rms)
+    args = (x, shape, weight, eps) if is_rms else (x, shape, weight, bias, eps)
+    if buffer is None:
+        return getattr(backend_ops(x), op)(*args)
+    _check_per_example(op, buffer, x, shape, weight)
+    return getattr(backend_ops(x), op + "_per_example")(*args, buffer)
+
+
+def _add_norm(op: str, x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
+              eps: float | None, buffer: Tensor | None, dropout_p: float, training: bool,
+              generator: torch.Generator | None, residual_dtype: torch.dtype | None,
+              normalized_shape) -> tuple[Tensor, Tensor]:
+    """add_layer_norm / add_rms_norm (``op``), as ``_norm``."""
+    is_rms = op == "add_rms_norm"
+    shape, eps = _F._check_add_args(op, x, residual, weight, bias, eps, dropout_p, generator, residual_dtype,
+                                    normalized_shape, is_rms=is_rms)
+    args = (x, residual, weight, eps) if is_rms else (x, residual, weight, bias, eps)
+    kw = dict(dropout_p=float(dropout_p), training=bool(training), generator=generator,
+              residual_dtype=residual_dtype, normalized_shape=shape)
+    if buffer is None:
+        return getattr(backend_ops(x), op)(*args, **kw)
+    _check_per_example(op, buffer, x, shape, weight)
+    return getattr(backend_ops(x), op + "_per_example")(*args, buffer, **kw)
 
 
 def layer_norm(x: Tensor, normalized_shape, weight: Tensor | None = None, bias: Tensor | None = None,
-               eps: float = 1e-5, *, per_example_grad_sq: Tensor) -> Tensor:
+               eps: float = 1e-5, *, per_example_grad_sq: Tensor | None) -> Tensor:
     """``normlab.functional.layer_norm`` that also writes per-example squared gradient norms.
 
     ``per_example_grad_sq``: a caller-allocated float32 tensor of shape [2, x.shape[0]] on
@@ -50,28 +104,35 @@ def layer_norm(x: Tensor, normalized_shape, weight: Tensor | None = None, bias: 
     ||dL_b/dweight||^2 (row 0) and ||dL_b/dbias||^2 (row 1; zeros without a bias), L_b
     being the loss through example b's positions (Gray et al. 2024). Untouched if no
     backward runs; needs weight and a dim in front of the normalized dims."""
-    return _F._layer_norm(x, normalized_shape, weight, bias, eps, per_example_grad_sq=per_example_grad_sq)
+    return _norm("layer_norm", x, normalized_shape, weight, bias, eps, per_example_grad_sq)
 
 
 def rms_norm(x: Tensor, normalized_shape, weight: Tensor | None = None, eps: float | None = None, *,
-             per_example_grad_sq: Tensor) -> Tensor:
+             per_example_grad_sq: Tensor | None) -> Tensor:
     """``normlab.functional.rms_norm`` that also writes per-example squared gradient norms
     (as ``layer_norm`` here; row 1, the bias row, is zeros)."""
-    return _F._rms_norm(x, normalized_shape, weight, eps, per_example_grad_sq=per_example_grad_sq)
+    return _norm("rms_norm", x, normalized_shape, weight, None, eps, per_example_grad_sq)
 
 
 def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
-                   eps: float = 1e-5, *, per_example_grad_sq: Tensor, **kw) -> tuple[Tensor, Tensor]:
-    """``normlab.functional.add_layer_norm`` (same keywords) that also writes per-example
-    squared gradient norms of this norm's weight and bias."""
-    return _F._add_layer_norm(x, residual, weight, bias, eps, per_example_grad_sq=per_example_grad_sq, **kw)
+                   eps: float = 1e-5, *, per_example_grad_sq: Tensor | None, dropout_p: float = 0.0,
+                   training: bool = False, generator: torch.Generator | None = None,
+                   residual_dtype: torch.dtype | None = None,
+                   normalized_shape: int | Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+    """``normlab.functional.add_layer_norm`` that also writes per-example squared gradient
+    norms of this norm's weight and bias (as ``layer_norm`` here)."""
+    return _add_norm("add_layer_norm", x, residual, weight, bias, eps, per_example_grad_sq, dropout_p, training,
+                     generator, residual_dtype, normalized_shape)
 
 
 def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps: float | None = None, *,
-                 per_example_grad_sq: Tensor, **kw) -> tuple[Tensor, Tensor]:
-    """``normlab.functional.add_rms_norm`` (same keywords) that also writes per-example
-    squared gradient norms of this norm's weight (row 1 zeros)."""
-    return _F._add_rms_norm(x, residual, weight, eps, per_example_grad_sq=per_example_grad_sq, **kw)
+                 per_example_grad_sq: Tensor | None, dropout_p: float = 0.0, training: bool = False,
+                 generator: torch.Generator | None = None, residual_dtype: torch.dtype | None = None,
+                 normalized_shape: int | Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+    """``normlab.functional.add_rms_norm`` that also writes per-example squared gradient
+    norms of this norm's weight (row 1 zeros)."""
+    return _add_norm("add_rms_norm", x, residual, weight, None, eps, per_example_grad_sq, dropout_p, training,
+                     generator, residual_dtype, normalized_shape)
 
 
 class _Call:

@@ -6,12 +6,13 @@ forward changes: it runs normlab's ops (fused Triton kernels on CUDA) and takes 
 optional residual for the fused add + dropout + norm.
 
 Per-example gradient norms: set ``module.collect_per_example_grad_sq = True``; each
-forward then allocates a float32 [2, x.shape[0]] buffer, passes it to the op as
-``per_example_grad_sq``, and ``module.per_example_grad_sq`` returns it; after the
-backward it holds each example's ||dL_b/dweight||^2 and ||dL_b/dbias||^2 (see
-``normlab.functional.layer_norm``). A norm called more than once before the backward
-(shared parameters) has per-example gradients g1_b + g2_b, whose norms the per-call
-buffers cannot give: reading ``per_example_grad_sq`` then raises instead of answering.
+forward then allocates a float32 [2, x.shape[0]] buffer, runs the op's per-example
+variant with it (``normlab.diagnostics.per_example``), and ``module.per_example_grad_sq``
+returns it; after the backward it holds each example's ||dL_b/dweight||^2 and
+||dL_b/dbias||^2. The default forward tests that one attribute and nothing else of it.
+A norm called more than once before the backward (shared parameters) has per-example
+gradients g1_b + g2_b, whose norms the per-call buffers cannot give: reading
+``per_example_grad_sq`` then raises instead of answering.
 """
 
 from __future__ import annotations
@@ -74,6 +75,19 @@ class _PerExampleGradSq:
     outputs sets; a forward after every earlier one got its gradient starts over."""
 
     collect_per_example_grad_sq: bool = False
+    _refused_options = ""  # the options the fused per-example backward does not take
+
+    def _per_example(self, op: str, x: Tensor, *args, **kw):
+        """``normlab.diagnostics.per_example.<op>(x, *args, **kw)`` with this call's buffer
+        (with none, so the plain op, for a norm without a weight or outside grad mode)."""
+        from normlab.diagnostics import per_example  # the variants (diagnostics imports the norms)
+
+        if not self.per_example_in_backward:
+            raise NotImplementedError(f"{type(self).__name__}: per-example gradient norms do not take "
+                                      f"{self._refused_options} yet")
+        buffer = self._per_example_buffer(x)
+        out = getattr(per_example, op)(x, *args, per_example_grad_sq=buffer, **kw)
+        return out if buffer is None else self._watch_backward(out)
 
     def _per_example_buffer(self, x: Tensor) -> Tensor | None:
         if not self.collect_per_example_grad_sq or self.weight is None or not torch.is_grad_enabled():
@@ -143,6 +157,7 @@ class LayerNorm(_CheckedOnce, _PerExampleGradSq, _WeightOffset, ResidualNorm, nn
 
     offset: float = 0.0
     weight_shape: tuple[int, ...] | None = None  # None: normalized_shape
+    _refused_options = "offset or weight_shape"
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
                  device=None, dtype=None, *, offset: float = 0.0, weight_shape=None) -> None:
@@ -175,41 +190,31 @@ class LayerNorm(_CheckedOnce, _PerExampleGradSq, _WeightOffset, ResidualNorm, nn
         return self.offset == 0.0 and self.weight_shape is None
 
     def normalize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        if not self.per_example_in_backward:
-            if self.collect_per_example_grad_sq:
-                raise NotImplementedError("LayerNorm: per-example gradient norms do not take offset or "
-                                          "weight_shape yet")
+        if self.collect_per_example_grad_sq:
+            return self._per_example("layer_norm", x, self.normalized_shape, self.weight, self.bias, self.eps)
+        if self.offset != 0.0 or self.weight_shape is not None:
             return F._layer_norm_torch_ops(x, self.normalized_shape, self.weight, self.bias, self.eps,
                                            self.offset, self.weight_shape)
-        if not self.collect_per_example_grad_sq:
-            params = self._parameters  # nn.Module.__getattr__ costs ~1 us a parameter
-            if "weight" in params and "bias" in params:
-                if x.__class__ is Tensor and x.is_cpu:  # functional's short path to torch's op
-                    return F.layer_norm(x, self.normalized_shape, params["weight"], params["bias"], self.eps)
-                if len(self.normalized_shape) == 1 and not torch.compiler.is_compiling():
-                    return self._call("layer_norm", F.layer_norm, x, self.normalized_shape,
-                                      params["weight"], params["bias"], self.eps)
-        return self._watch_backward(F._layer_norm(
-            x, self.normalized_shape, self.weight, self.bias, self.eps,
-            per_example_grad_sq=self._per_example_buffer(x)))
+        params = self._parameters  # nn.Module.__getattr__ costs ~1 us a parameter
+        if "weight" in params and "bias" in params:
+            if x.__class__ is Tensor and x.is_cpu:  # functional's short path to torch's op
+                return F.layer_norm(x, self.normalized_shape, params["weight"], params["bias"], self.eps)
+            if len(self.normalized_shape) == 1 and not torch.compiler.is_compiling():
+                return self._call("layer_norm", F.layer_norm, x, self.normalized_shape,
+                                  params["weight"], params["bias"], self.eps)
+        return F._layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
     def add_normalize(self, x, residual, dropout_p, residual_dtype, padding_mask):
-        if not self.per_example_in_backward and self.collect_per_example_grad_sq:
-            raise NotImplementedError("LayerNorm: per-example gradient norms do not take offset or "
-                                      "weight_shape yet")
+        if self.collect_per_example_grad_sq:
+            return self._per_example("add_layer_norm", x, residual, self.weight, self.bias, self.eps,
+                                     dropout_p=dropout_p, training=self.training, residual_dtype=residual_dtype,
+                                     normalized_shape=self.normalized_shape)
         if self.weight_shape is not None:  # the add, then normalize: no fused op takes a per-head gamma
             return ResidualNorm.add_normalize(self, x, residual, dropout_p, residual_dtype, padding_mask)
-        if not self.collect_per_example_grad_sq:
-            return F.add_layer_norm(x, residual, self.weight, self.bias, self.eps, dropout_p=dropout_p,
-                                    training=self.training, residual_dtype=residual_dtype,
-                                    normalized_shape=self.normalized_shape,
-                                    **({"offset": self.offset} if self.offset != 0.0 else {}))
-        return self._watch_backward(F._add_layer_norm(
-            x, residual, self.weight, self.bias, self.eps, dropout_p=dropout_p,
-            training=self.training, residual_dtype=residual_dtype,
-            normalized_shape=self.normalized_shape,
-            per_example_grad_sq=self._per_example_buffer(x),
-        ))
+        return F.add_layer_norm(x, residual, self.weight, self.bias, self.eps, dropout_p=dropout_p,
+                                training=self.training, residual_dtype=residual_dtype,
+                                normalized_shape=self.normalized_shape,
+                                **({"offset": self.offset} if self.offset != 0.0 else {}))
 
 
 @register_norm("rmsnorm")
@@ -223,6 +228,7 @@ class RMSNorm(_CheckedOnce, _PerExampleGradSq, _WeightOffset, ResidualNorm, nn.R
 
     offset: float = 0.0
     casting_mode: str = "torch"
+    _refused_options = "offset or casting_mode"
 
     def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True,
                  device=None, dtype=None, *, offset: float = 0.0, casting_mode: str = "torch") -> None:
@@ -242,33 +248,26 @@ class RMSNorm(_CheckedOnce, _PerExampleGradSq, _WeightOffset, ResidualNorm, nn.R
         return self.offset == 0.0 and self.casting_mode == "torch"
 
     def normalize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        if not self.per_example_in_backward:
-            if self.collect_per_example_grad_sq:
-                raise NotImplementedError("RMSNorm: per-example gradient norms do not take offset or casting_mode yet")
+        if self.collect_per_example_grad_sq:
+            return self._per_example("rms_norm", x, self.normalized_shape, self.weight, self.eps)
+        if self.offset != 0.0 or self.casting_mode != "torch":
             return F.rms_norm(x, self.normalized_shape, self.weight, self.eps, offset=self.offset,
                               casting_mode=self.casting_mode)
-        if not self.collect_per_example_grad_sq:
-            params = self._parameters  # nn.Module.__getattr__ costs ~1 us a parameter
-            if "weight" in params:
-                if x.__class__ is Tensor and x.is_cpu:  # functional's short path to torch's op
-                    return F.rms_norm(x, self.normalized_shape, params["weight"], self.eps)
-                if len(self.normalized_shape) == 1 and not torch.compiler.is_compiling():
-                    return self._call("rms_norm", F.rms_norm, x, self.normalized_shape, params["weight"],
-                                      self.eps)
-        return self._watch_backward(F._rms_norm(
-            x, self.normalized_shape, self.weight, self.eps,
-            per_example_grad_sq=self._per_example_buffer(x)))
+        params = self._parameters  # nn.Module.__getattr__ costs ~1 us a parameter
+        if "weight" in params:
+            if x.__class__ is Tensor and x.is_cpu:  # functional's short path to torch's op
+                return F.rms_norm(x, self.normalized_shape, params["weight"], self.eps)
+            if len(self.normalized_shape) == 1 and not torch.compiler.is_compiling():
+                return self._call("rms_norm", F.rms_norm, x, self.normalized_shape, params["weight"],
+                                  self.eps)
+        return F._rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
     def add_normalize(self, x, residual, dropout_p, residual_dtype, padding_mask):
-        cast = not self.per_example_in_backward
-        if cast and self.collect_per_example_grad_sq:
-            raise NotImplementedError("RMSNorm: per-example gradient norms do not take offset or casting_mode yet")
-        if not self.collect_per_example_grad_sq:
-            return F.add_rms_norm(x, residual, self.weight, self.eps, dropout_p=dropout_p, training=self.training,
-                                  residual_dtype=residual_dtype, normalized_shape=self.normalized_shape,
-                                  **({"offset": self.offset, "casting_mode": self.casting_mode} if cast else {}))
-        return self._watch_backward(F._add_rms_norm(
-            x, residual, self.weight, self.eps, dropout_p=dropout_p, training=self.training,
-            residual_dtype=residual_dtype, normalized_shape=self.normalized_shape,
-            per_example_grad_sq=self._per_example_buffer(x),
-        ))
+        if self.collect_per_example_grad_sq:
+            return self._per_example("add_rms_norm", x, residual, self.weight, self.eps, dropout_p=dropout_p,
+                                     training=self.training, residual_dtype=residual_dtype,
+                                     normalized_shape=self.normalized_shape)
+        cast = self.offset != 0.0 or self.casting_mode != "torch"
+        return F.add_rms_norm(x, residual, self.weight, self.eps, dropout_p=dropout_p, training=self.training,
+                              residual_dtype=residual_dtype, normalized_shape=self.normalized_shape,
+                              **({"offset": self.offset, "casting_mode": self.casting_mode} if cast else {}))

@@ -16,8 +16,10 @@ Parameters of any floating-point dtype: out keeps x's dtype, and dweight/dbias a
 summed in float32 (float64 for float64 x or parameters), then rounded to each
 parameter's dtype.
 
-Per-example gradient norms (``per_example_grad_sq``): the norm runs in an
-autograd.Function whose backward also computes ``reference.per_example_param_grad_sq``.
+Per-example gradient norms are a variant of each op (``layer_norm_per_example``, ...,
+entered through ``normlab.diagnostics.per_example``, at the end of this file): a subclass
+of the op's autograd.Function takes the buffer, and its backward also writes
+``reference.per_example_param_grad_sq`` into it; the ops themselves carry none of it.
 """
 
 from __future__ import annotations
@@ -30,17 +32,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from normlab.ops import reference
-
-# ----------------------------------------------------------------------- per-example
-
-
-def _write_per_example(buffer: Tensor, grad_out: Tensor, x_hat: Tensor, examples: int,
-                       normalized_shape: Sequence[int], has_bias: bool) -> None:
-    g = grad_out.reshape(examples, -1, *normalized_shape)
-    sq_w, sq_b = reference.per_example_param_grad_sq(g, x_hat.reshape(g.shape), normalized_shape)
-    buffer[0].copy_(sq_w)
-    buffer[1].copy_(sq_b if has_bias else torch.zeros_like(sq_b))
-
 
 # ----------------------------------------------------------------------- layer norm
 
@@ -98,8 +89,8 @@ LN_BACKWARD_CHUNK = 1 << 16
 
 
 def _layer_norm_backward(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor,
-                         dout: Tensor, normalized_shape: Sequence[int], needs: Sequence[bool],
-                         per_example_grad_sq: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+                         dout: Tensor, normalized_shape: Sequence[int],
+                         needs: Sequence[bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(dx, dweight, dbias) from torch's backward kernel run in the compute dtype (x and
     dout converted first, ``LN_BACKWARD_CHUNK`` elements at a time: its CPU kernel sums
     dweight/dbias in its input's dtype), the chunks' dweight/dbias added in that dtype,
@@ -111,12 +102,9 @@ def _layer_norm_backward(x: Tensor, weight: Tensor | None, bias: Tensor | None, 
     k = len(normalized_shape)
     step = max(64, LN_BACKWARD_CHUNK // max(1, math.prod(normalized_shape)))
     rows = x.numel() // max(1, math.prod(normalized_shape))
-    if per_example_grad_sq is not None or rows <= step or (xa.dtype is ct and dout.dtype is ct):
-        xc, dc = xa.to(ct), dout.to(ct)
-        dx, dw, db = torch.ops.aten.native_layer_norm_backward(dc, xc, normalized_shape, mean, rstd, wa, ba, mask)
-        if per_example_grad_sq is not None:
-            _write_per_example(per_example_grad_sq, dc, (xc - mean) * rstd, per_example_grad_sq.shape[1],
-                               normalized_shape, bias is not None)
+    if rows <= step or (xa.dtype is ct and dout.dtype is ct):
+        dx, dw, db = torch.ops.aten.native_layer_norm_backward(
+            dout.to(ct), xa.to(ct), normalized_shape, mean, rstd, wa, ba, mask)
     else:
         x2, d2 = xa.reshape(-1, *normalized_shape), dout.reshape(-1, *normalized_shape)
         m2, r2 = mean.reshape(-1, *[1] * k), rstd.reshape(-1, *[1] * k)
@@ -142,33 +130,35 @@ def _x_weight_bias(needs_input_grad: tuple[bool, ...]) -> tuple[bool, bool, bool
 class LayerNormFunction(torch.autograd.Function):
     """torch's fused layer norm with parameters of any dtype, dweight and dbias summed in
     float32 (float64 for float64 x or parameters) and rounded once to each parameter's
-    dtype (``_layer_norm_forward``, ``_layer_norm_backward``), and, with
-    ``per_example_grad_sq``, the per-example gradient norms. (forward + setup_context,
+    dtype (``_layer_norm_forward``, ``_layer_norm_backward``). (forward + setup_context,
     so torch.func transforms such as vmap(grad) and torch.compile pass through; mean and
     rstd are non-differentiable outputs kept for the backward.)"""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, normalized_shape, weight, bias, eps, per_example_grad_sq):
+    def forward(x, normalized_shape, weight, bias, eps):
         return _layer_norm_forward(x, normalized_shape, weight, bias, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, normalized_shape, weight, bias, _, per_example_grad_sq = inputs
+        x, normalized_shape, weight, bias, _eps = inputs
         _, mean, rstd = output
         ctx.mark_non_differentiable(mean, rstd)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.per_example_grad_sq = per_example_grad_sq  # written, not read: no version check
         ctx.normalized_shape = normalized_shape
 
     @staticmethod
     def backward(ctx, dout, _dmean, _drstd):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        dx, dw, db = _layer_norm_backward(x, weight, bias, mean, rstd, dout, ctx.normalized_shape,
-                                          _x_weight_bias(ctx.needs_input_grad),
-                                          ctx.per_example_grad_sq)
-        return dx, None, dw, db, None, None
+        return _layer_norm_grads(ctx, dout)
+
+
+def _layer_norm_grads(ctx, dout: Tensor) -> tuple:
+    """The gradients of (x, normalized_shape, weight, bias, eps) from the saved state."""
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dw, db = _layer_norm_backward(x, weight, bias, mean, rstd, dout, ctx.normalized_shape,
+                                      _x_weight_bias(ctx.needs_input_grad))
+    return dx, None, dw, db, None
 
 
 class _LayerNormEager(torch.autograd.Function):
@@ -176,32 +166,28 @@ class _LayerNormEager(torch.autograd.Function):
     per call on a CPU, as ``_RMSNormEager``)."""
 
     @staticmethod
-    def forward(ctx, x, normalized_shape, weight, bias, eps, per_example_grad_sq):
+    def forward(ctx, x, normalized_shape, weight, bias, eps):
         out, mean, rstd = _layer_norm_forward(x, normalized_shape, weight, bias, eps)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.per_example_grad_sq, ctx.normalized_shape = per_example_grad_sq, normalized_shape
+        ctx.normalized_shape = normalized_shape
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        dx, dw, db = _layer_norm_backward(x, weight, bias, mean, rstd, dout, ctx.normalized_shape,
-                                          _x_weight_bias(ctx.needs_input_grad),
-                                          ctx.per_example_grad_sq)
-        return dx, None, dw, db, None, None
+        return _layer_norm_grads(ctx, dout)
 
 
-def layer_norm(x, normalized_shape, weight, bias, eps, *, per_example_grad_sq=None):
-    if per_example_grad_sq is None and layer_norm_native_ok(x, weight, bias):
+def layer_norm(x, normalized_shape, weight, bias, eps):
+    if layer_norm_native_ok(x, weight, bias):
         # torch's native op is already one fused pass on every device
         return F.layer_norm(x, normalized_shape, weight, bias, eps)
     if _plain_eager():
-        if per_example_grad_sq is None and not (torch.is_grad_enabled() and (
+        if not (torch.is_grad_enabled() and (
                 x.requires_grad or (weight is not None and weight.requires_grad)
                 or (bias is not None and bias.requires_grad))):
             return _layer_norm_forward(x, normalized_shape, weight, bias, eps)[0]  # nothing to differentiate
-        return _LayerNormEager.apply(x, list(normalized_shape), weight, bias, eps, per_example_grad_sq)
-    return LayerNormFunction.apply(x, list(normalized_shape), weight, bias, eps, per_example_grad_sq)[0]
+        return _LayerNormEager.apply(x, list(normalized_shape), weight, bias, eps)
+    return LayerNormFunction.apply(x, list(normalized_shape), weight, bias, eps)[0]
 
 
 # ----------------------------------------------------------------------- rms norm
@@ -250,17 +236,13 @@ def _rms_forward(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | No
 
 
 def _rms_backward(x: Tensor, weight: Tensor | None, rstd: Tensor, dout: Tensor, normalized_shape: tuple,
-                  eps: float, needs_x: bool, needs_weight: bool,
-                  per_example_grad_sq: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+                  eps: float, needs_x: bool, needs_weight: bool) -> tuple[Tensor | None, Tensor | None]:
     """With P = dy * x, c = (P @ weight) * rstd^3 / N (a matrix-vector product):
     dx = (dy * weight) * rstd - x * c and dweight = P^T @ rstd, so dy and x are each read
     twice and no [rows, hidden] intermediate is kept."""
     ct = rstd.dtype
     hidden = math.prod(normalized_shape)
     x2 = x.reshape(-1, hidden)
-    if per_example_grad_sq is not None:
-        _write_per_example(per_example_grad_sq, dout.reshape(-1, hidden).to(ct), x2 * rstd,
-                           per_example_grad_sq.shape[1], normalized_shape, False)
     if torch.is_grad_enabled():
         # create_graph (double backward): out-of-place ops, and rstd recomputed from x
         # so the second derivative flows through it too
@@ -313,31 +295,35 @@ class RMSNormFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, normalized_shape, weight, eps, per_example_grad_sq):
+    def forward(x, normalized_shape, weight, eps):
         return _rms_forward(x, normalized_shape, weight, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, normalized_shape, weight, eps, per_example_grad_sq = inputs
+        x, normalized_shape, weight, eps = inputs
         _, rstd = output
         ctx.mark_non_differentiable(rstd)
         ctx.save_for_backward(x, weight, rstd)
         ctx.saved_for_jvp = (x, weight, rstd)
         ctx.eps = eps
-        ctx.per_example_grad_sq = per_example_grad_sq
         ctx.normalized_shape = tuple(normalized_shape)
 
     @staticmethod
     def backward(ctx, dout, _drstd):
-        x, weight, rstd = ctx.saved_tensors
-        dx, dw = _rms_backward(x, weight, rstd, dout, ctx.normalized_shape, ctx.eps, ctx.needs_input_grad[0],
-                               ctx.needs_input_grad[2], ctx.per_example_grad_sq)
-        return dx, None, dw, None, None
+        return _rms_grads(ctx, dout)
 
     @staticmethod
-    def jvp(ctx, dx, _dshape, dweight, _deps, _dbuffer):
+    def jvp(ctx, dx, _dshape, dweight, *_rest):
         x, weight, rstd = ctx.saved_for_jvp
         return _rms_jvp(x, weight, rstd, ctx.normalized_shape, dx, dweight), None
+
+
+def _rms_grads(ctx, dout: Tensor) -> tuple:
+    """The gradients of (x, normalized_shape, weight, eps) from the saved state."""
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = _rms_backward(x, weight, rstd, dout, ctx.normalized_shape, ctx.eps, ctx.needs_input_grad[0],
+                           ctx.needs_input_grad[2])
+    return dx, None, dw, None
 
 
 class _RMSNormEager(torch.autograd.Function):
@@ -346,23 +332,19 @@ class _RMSNormEager(torch.autograd.Function):
     at small shapes is most of the op."""
 
     @staticmethod
-    def forward(ctx, x, normalized_shape, weight, eps, per_example_grad_sq):
+    def forward(ctx, x, normalized_shape, weight, eps):
         y, rstd = _rms_forward(x, normalized_shape, weight, eps, fused_ok=True)
         ctx.save_for_backward(x, weight, rstd)
-        ctx.eps, ctx.per_example_grad_sq, ctx.normalized_shape = eps, per_example_grad_sq, tuple(normalized_shape)
+        ctx.eps, ctx.normalized_shape = eps, tuple(normalized_shape)
         return y
 
     @staticmethod
     def backward(ctx, dout):
-        x, weight, rstd = ctx.saved_tensors
-        dx, dw = _rms_backward(x, weight, rstd, dout, ctx.normalized_shape, ctx.eps, ctx.needs_input_grad[0],
-                               ctx.needs_input_grad[2], ctx.per_example_grad_sq)
-        return dx, None, dw, None, None
+        return _rms_grads(ctx, dout)
 
 
 def _plain_eager() -> bool:
-    """No torch.func transform and no compilation (per-example calls reach here under
-    compile): the cheap autograd.Function form works."""
+    """No torch.func transform and no compilation: the cheap autograd.Function form works."""
     return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
 
 
@@ -380,21 +362,20 @@ def native_rms_ok(x: Tensor, weight: Tensor | None) -> bool:
             and (weight is None or weight.dtype == x.dtype))
 
 
-def rms_norm(x, normalized_shape, weight, eps, *, per_example_grad_sq=None):
+def rms_norm(x, normalized_shape, weight, eps):
     if eps is None:
         eps = reference.default_rms_eps(x.dtype)
-    if per_example_grad_sq is None:
-        if torch.compiler.is_compiling():
-            # torch's own op decomposes into primitives that inductor fuses with the
-            # neighbouring ops, forward and backward; one rounding to x's dtype, as normlab's
-            return torch.rms_norm(x, normalized_shape, weight, eps).to(x.dtype)
-        if native_rms_ok(x, weight):
-            return torch.rms_norm(x, normalized_shape, weight, eps)
+    if torch.compiler.is_compiling():
+        # torch's own op decomposes into primitives that inductor fuses with the
+        # neighbouring ops, forward and backward; one rounding to x's dtype, as normlab's
+        return torch.rms_norm(x, normalized_shape, weight, eps).to(x.dtype)
+    if native_rms_ok(x, weight):
+        return torch.rms_norm(x, normalized_shape, weight, eps)
     if _plain_eager():
         if not torch.is_grad_enabled() or not (x.requires_grad or (weight is not None and weight.requires_grad)):
             return _rms_forward(x, normalized_shape, weight, eps, fused_ok=True)[0]  # nothing to differentiate
-        return _RMSNormEager.apply(x, tuple(normalized_shape), weight, eps, per_example_grad_sq)
-    return RMSNormFunction.apply(x, tuple(normalized_shape), weight, eps, per_example_grad_sq)[0]
+        return _RMSNormEager.apply(x, tuple(normalized_shape), weight, eps)
+    return RMSNormFunction.apply(x, tuple(normalized_shape), weight, eps)[0]
 
 
 # ----------------------------------------------------------------------- residual add
@@ -433,30 +414,153 @@ def _plain_add(x, residual, dropout_p, training, residual_dtype):
 
 
 def add_layer_norm(x, residual, weight, bias, eps, *, dropout_p=0.0, training=False,
-                   generator=None, residual_dtype=None, normalized_shape=None,
-                   per_example_grad_sq=None):
+                   generator=None, residual_dtype=None, normalized_shape=None):
     new_residual = _plain_add(x, residual, dropout_p, training, residual_dtype)
     if new_residual is not None:
         # the common call, in two torch ops: layer_norm keeps new_residual's dtype, x's
-        return layer_norm(new_residual, normalized_shape, weight, bias, eps,
-                          per_example_grad_sq=per_example_grad_sq), new_residual
+        return layer_norm(new_residual, normalized_shape, weight, bias, eps), new_residual
     new_residual = dropout_add(x, residual, dropout_p=dropout_p, training=training,
                                generator=generator, residual_dtype=residual_dtype)
-    out = layer_norm(new_residual, normalized_shape, weight, bias, eps,
-                     per_example_grad_sq=per_example_grad_sq)
-    return out.to(x.dtype), new_residual
+    return layer_norm(new_residual, normalized_shape, weight, bias, eps).to(x.dtype), new_residual
 
 
 def add_rms_norm(x, residual, weight, eps, *, dropout_p=0.0, training=False, generator=None,
-                 residual_dtype=None, normalized_shape=None, per_example_grad_sq=None):
+                 residual_dtype=None, normalized_shape=None):
     new_residual = _plain_add(x, residual, dropout_p, training, residual_dtype)
     if new_residual is not None:
-        out = rms_norm(new_residual, normalized_shape, weight, eps, per_example_grad_sq=per_example_grad_sq)
+        out = rms_norm(new_residual, normalized_shape, weight, eps)
         return out, new_residual  # rms_norm keeps new_residual's dtype, which is x's
     new_residual = dropout_add(x, residual, dropout_p=dropout_p, training=training,
                                generator=generator, residual_dtype=residual_dtype)
-    out = rms_norm(new_residual, normalized_shape, weight, eps,
-                   per_example_grad_sq=per_example_grad_sq)
+    return rms_norm(new_residual, normalized_shape, weight, eps).to(x.dtype), new_residual
+
+
+# ----------------------------------------------------------------------- per-example variants
+# The ops above with a float32 [2, B] buffer that each backward overwrites with every
+# example's squared weight and bias gradient norms (``reference.per_example_param_grad_sq``;
+# checked and entered through ``normlab.diagnostics.per_example``). Each runs a subclass of
+# the op's Function that takes the buffer last and holds it on ctx, outside the saved
+# tensors: written, never read, so no version check fires when a retained graph runs
+# backward again.
+
+
+def _write_per_example(buffer: Tensor, grad_out: Tensor, x_hat: Tensor,
+                       normalized_shape: Sequence[int], has_bias: bool) -> None:
+    """buffer [2, B] = each example's squared weight and bias gradient norms (B: dim 0 of
+    the input; ``grad_out`` and ``x_hat`` in the compute dtype)."""
+    g = grad_out.reshape(buffer.shape[1], -1, *normalized_shape)
+    sq_w, sq_b = reference.per_example_param_grad_sq(g, x_hat.reshape(g.shape), normalized_shape)
+    buffer[0].copy_(sq_w)
+    buffer[1].copy_(sq_b if has_bias else torch.zeros_like(sq_b))
+
+
+def _layer_norm_per_example(ctx, dout: Tensor) -> None:
+    x, _weight, bias, mean, rstd = ctx.saved_tensors
+    ct = mean.dtype
+    _write_per_example(ctx.per_example_grad_sq, dout.to(ct), (x.to(ct) - mean) * rstd, ctx.normalized_shape,
+                       bias is not None)
+
+
+def _rms_per_example(ctx, dout: Tensor) -> None:
+    x, _weight, rstd = ctx.saved_tensors
+    hidden = math.prod(ctx.normalized_shape)
+    _write_per_example(ctx.per_example_grad_sq, dout.reshape(-1, hidden).to(rstd.dtype),
+                       x.reshape(-1, hidden) * rstd, ctx.normalized_shape, False)
+
+
+class LayerNormPerExampleFunction(LayerNormFunction):
+    """``LayerNormFunction`` that also writes the per-example buffer (its last input)."""
+
+    @staticmethod
+    def forward(x, normalized_shape, weight, bias, eps, per_example_grad_sq):
+        return _layer_norm_forward(x, normalized_shape, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        LayerNormFunction.setup_context(ctx, inputs[:5], output)
+        ctx.per_example_grad_sq = inputs[5]
+
+    @staticmethod
+    def backward(ctx, dout, _dmean, _drstd):
+        _layer_norm_per_example(ctx, dout)
+        return *_layer_norm_grads(ctx, dout), None
+
+
+class _LayerNormPerExampleEager(_LayerNormEager):
+    """The ctx-in-forward form of ``LayerNormPerExampleFunction``, for plain eager calls."""
+
+    @staticmethod
+    def forward(ctx, x, normalized_shape, weight, bias, eps, per_example_grad_sq):
+        ctx.per_example_grad_sq = per_example_grad_sq
+        return _LayerNormEager.forward(ctx, x, normalized_shape, weight, bias, eps)
+
+    @staticmethod
+    def backward(ctx, dout):
+        _layer_norm_per_example(ctx, dout)
+        return *_layer_norm_grads(ctx, dout), None
+
+
+class RMSNormPerExampleFunction(RMSNormFunction):
+    """``RMSNormFunction`` that also writes the per-example buffer (its last input). No
+    forward-mode AD (a buffer of backward results has no tangent), which lets
+    torch.compile trace it: dynamo refuses Functions with a custom jvp."""
+
+    jvp = torch.autograd.Function.jvp
+
+    @staticmethod
+    def forward(x, normalized_shape, weight, eps, per_example_grad_sq):
+        return _rms_forward(x, normalized_shape, weight, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        RMSNormFunction.setup_context(ctx, inputs[:4], output)
+        ctx.per_example_grad_sq = inputs[4]
+
+    @staticmethod
+    def backward(ctx, dout, _drstd):
+        _rms_per_example(ctx, dout)
+        return *_rms_grads(ctx, dout), None
+
+
+class _RMSNormPerExampleEager(_RMSNormEager):
+    """The ctx-in-forward form of ``RMSNormPerExampleFunction``, for plain eager calls."""
+
+    @staticmethod
+    def forward(ctx, x, normalized_shape, weight, eps, per_example_grad_sq):
+        ctx.per_example_grad_sq = per_example_grad_sq
+        return _RMSNormEager.forward(ctx, x, normalized_shape, weight, eps)
+
+    @staticmethod
+    def backward(ctx, dout):
+        _rms_per_example(ctx, dout)
+        return *_rms_grads(ctx, dout), None
+
+
+def layer_norm_per_example(x, normalized_shape, weight, bias, eps, per_example_grad_sq):
+    if _plain_eager():
+        return _LayerNormPerExampleEager.apply(x, list(normalized_shape), weight, bias, eps, per_example_grad_sq)
+    return LayerNormPerExampleFunction.apply(x, list(normalized_shape), weight, bias, eps, per_example_grad_sq)[0]
+
+
+def rms_norm_per_example(x, normalized_shape, weight, eps, per_example_grad_sq):
+    if eps is None:
+        eps = reference.default_rms_eps(x.dtype)
+    if _plain_eager():
+        if not torch.is_grad_enabled() or not (x.requires_grad or (weight is not None and weight.requires_grad)):
+            return _rms_forward(x, normalized_shape, weight, eps, fused_ok=True)[0]  # nothing to differentiate
+        return _RMSNormPerExampleEager.apply(x, tuple(normalized_shape), weight, eps, per_example_grad_sq)
+    return RMSNormPerExampleFunction.apply(x, tuple(normalized_shape), weight, eps, per_example_grad_sq)[0]
+
+
+def add_layer_norm_per_example(x, residual, weight, bias, eps, per_example_grad_sq, *, normalized_shape, **kw):
+    new_residual = dropout_add(x, residual, **kw)
+    out = layer_norm_per_example(new_residual, normalized_shape, weight, bias, eps, per_example_grad_sq)
+    return out.to(x.dtype), new_residual
+
+
+def add_rms_norm_per_example(x, residual, weight, eps, per_example_grad_sq, *, normalized_shape, **kw):
+    new_residual = dropout_add(x, residual, **kw)
+    out = rms_norm_per_example(new_residual, normalized_shape, weight, eps, per_example_grad_sq)
     return out.to(x.dtype), new_residual
 
 

@@ -28,13 +28,13 @@ def _seed(generator: torch.Generator | None) -> Tensor:
     return torch.randint(0, 2**31 - 1, (), dtype=torch.int64, generator=generator, device=device)
 
 
-def _fused(
-    op: str, x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
-    eps: float | None, normalized_shape: Sequence[int], *, is_rms: bool, dropout_p: float = 0.0,
-    training: bool = False, generator: torch.Generator | None = None,
-    residual_dtype: torch.dtype | None = None, per_example_grad_sq: Tensor | None = None,
-    offset: float = 0.0, casting_mode: str = "torch", out_dtype: torch.dtype | None = None,
-) -> tuple[Tensor, Tensor]:
+def _spec(
+    op: str, x: Tensor, residual: Tensor | None, eps: float | None, normalized_shape: Sequence[int], *,
+    is_rms: bool, dropout_p: float = 0.0, training: bool = False, generator: torch.Generator | None = None,
+    residual_dtype: torch.dtype | None = None, offset: float = 0.0, casting_mode: str = "torch",
+    out_dtype: torch.dtype | None = None,
+) -> custom_ops.FusedSpec:
+    """The fused op's settings for this call (its inputs after bias), checked."""
     hidden = math.prod(normalized_shape)
     launch.check_supported(op, x, hidden)
     if eps is None:
@@ -49,14 +49,17 @@ def _fused(
         )
     seed = _seed(generator) if p > 0.0 else None
     store = residual is not None or seed is not None or residual_dtype not in (None, x.dtype)
-    if custom_ops.use_ops(x, residual, weight, bias, per_example_grad_sq):
-        out, new_res, _mean, _rstd = torch.ops.normlab.fused_norm(
-            x, residual, weight, bias, seed, per_example_grad_sq, float(eps), hidden, is_rms, p,
-            residual_dtype, store, offset, casting_mode, out_dtype)
-        return out, (new_res if store else x)
-    spec = custom_ops.FusedSpec(seed, per_example_grad_sq, float(eps), hidden, is_rms, p, residual_dtype, store,
-                                offset, casting_mode, out_dtype)
-    if store:
+    return custom_ops.FusedSpec(seed, float(eps), hidden, is_rms, p, residual_dtype, store, offset, casting_mode,
+                                out_dtype)
+
+
+def _fused(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
+           spec: custom_ops.FusedSpec) -> tuple[Tensor, Tensor]:
+    """(out, new_residual): ``normlab::fused_norm``, or ``FusedNorm`` in plain eager calls."""
+    if custom_ops.use_ops(x, residual, weight, bias):
+        out, new_res, _mean, _rstd = torch.ops.normlab.fused_norm(x, residual, weight, bias, *spec)
+        return out, (new_res if spec.store_residual else x)
+    if spec.store_residual:
         return custom_ops.FusedNorm.apply(x, residual, weight, bias, spec)
     return custom_ops.FusedNorm.apply(x, residual, weight, bias, spec), x
 
@@ -66,29 +69,65 @@ def _fused(
 # them only where they differ from the defaults (offset 0, "torch")
 
 
-def layer_norm(x, normalized_shape, weight, bias, eps, *, per_example_grad_sq=None, offset=0.0):
-    return _fused("layer_norm", x, None, weight, bias, eps, normalized_shape, is_rms=False,
-                  per_example_grad_sq=per_example_grad_sq, offset=offset)[0]
+def layer_norm(x, normalized_shape, weight, bias, eps, *, offset=0.0):
+    spec = _spec("layer_norm", x, None, eps, normalized_shape, is_rms=False, offset=offset)
+    return _fused(x, None, weight, bias, spec)[0]
 
 
-def rms_norm(x, normalized_shape, weight, eps, *, per_example_grad_sq=None, offset=0.0, casting_mode="torch"):
+def rms_norm(x, normalized_shape, weight, eps, *, offset=0.0, casting_mode="torch"):
     # llama: out in promote(weight's dtype, x's), as Hugging Face's LlamaRMSNorm returns
     out_dtype = None
     if casting_mode == "llama" and weight is not None and weight.dtype != x.dtype:
         out_dtype = torch.promote_types(weight.dtype, x.dtype)
-    return _fused("rms_norm", x, None, weight, None, eps, normalized_shape, is_rms=True,
-                  per_example_grad_sq=per_example_grad_sq, offset=offset, casting_mode=casting_mode,
-                  out_dtype=out_dtype)[0]
+    spec = _spec("rms_norm", x, None, eps, normalized_shape, is_rms=True, offset=offset,
+                 casting_mode=casting_mode, out_dtype=out_dtype)
+    return _fused(x, None, weight, None, spec)[0]
 
 
 def add_layer_norm(x, residual, weight, bias, eps, *, normalized_shape, **kw):
-    return _fused("add_layer_norm", x, residual, weight, bias, eps, normalized_shape,
-                  is_rms=False, **kw)
+    return _fused(x, residual, weight, bias, _spec("add_layer_norm", x, residual, eps, normalized_shape,
+                                                   is_rms=False, **kw))
 
 
 def add_rms_norm(x, residual, weight, eps, *, normalized_shape, **kw):
-    return _fused("add_rms_norm", x, residual, weight, None, eps, normalized_shape,
-                  is_rms=True, **kw)
+    return _fused(x, residual, weight, None, _spec("add_rms_norm", x, residual, eps, normalized_shape,
+                                                   is_rms=True, **kw))
+
+
+# ---------------------------------------------------------------- per-example variants
+# The same ops with the [2, B] buffer (``normlab.diagnostics.per_example`` checks it):
+# ``normlab::fused_norm_per_example``, or ``FusedNormPerExample`` in plain eager calls.
+
+
+def _fused_per_example(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
+                       spec: custom_ops.FusedSpec, per_example_grad_sq: Tensor) -> tuple[Tensor, Tensor]:
+    if custom_ops.use_ops(x, residual, weight, bias, per_example_grad_sq):
+        out, new_res, _mean, _rstd = torch.ops.normlab.fused_norm_per_example(
+            x, residual, weight, bias, spec.seed, per_example_grad_sq, *spec[1:])
+    else:
+        res = custom_ops.FusedNormPerExample.apply(x, residual, weight, bias, spec, per_example_grad_sq)
+        out, new_res = res if spec.store_residual else (res, None)
+    return out, (new_res if spec.store_residual else x)
+
+
+def layer_norm_per_example(x, normalized_shape, weight, bias, eps, per_example_grad_sq):
+    spec = _spec("layer_norm", x, None, eps, normalized_shape, is_rms=False)
+    return _fused_per_example(x, None, weight, bias, spec, per_example_grad_sq)[0]
+
+
+def rms_norm_per_example(x, normalized_shape, weight, eps, per_example_grad_sq):
+    spec = _spec("rms_norm", x, None, eps, normalized_shape, is_rms=True)
+    return _fused_per_example(x, None, weight, None, spec, per_example_grad_sq)[0]
+
+
+def add_layer_norm_per_example(x, residual, weight, bias, eps, per_example_grad_sq, *, normalized_shape, **kw):
+    spec = _spec("add_layer_norm", x, residual, eps, normalized_shape, is_rms=False, **kw)
+    return _fused_per_example(x, residual, weight, bias, spec, per_example_grad_sq)
+
+
+def add_rms_norm_per_example(x, residual, weight, eps, per_example_grad_sq, *, normalized_shape, **kw):
+    spec = _spec("add_rms_norm", x, residual, eps, normalized_shape, is_rms=True, **kw)
+    return _fused_per_example(x, residual, weight, None, spec, per_example_grad_sq)
 
 
 # dropout_add alone has no reduction to fuse: it is elementwise and torch's own ops run it
