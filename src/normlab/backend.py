@@ -95,9 +95,11 @@ def auto_choice(is_cuda: bool, dtype: torch.dtype, numel: int) -> str:
 
 
 def resolve(x: torch.Tensor) -> str:
-    """The backend that will run an op on ``x``: "torch" or "triton"."""
+    """The backend that will run an op on ``x``: "torch" or "triton". Under torch.func
+    transforms (grad, vmap, jvp, ...) always "torch": the kernels' custom ops have no
+    functorch rules, so even a forced "triton" runs the torch path there."""
     choice = get_backend()
-    if choice == "torch":
+    if choice == "torch" or torch._C._are_functorch_transforms_active():
         return "torch"
     if choice == "auto":
         return auto_choice(True, x.dtype, x.numel()) if x.is_cuda else "torch"

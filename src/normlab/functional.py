@@ -417,7 +417,8 @@ def rms_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | 
     """RMS normalization over the trailing ``normalized_shape`` dims (Zhang & Sennrich 2019).
 
     y = x / sqrt(mean(x^2) + eps) * weight; eps=None uses float32's machine epsilon
-    (float64's for float64 input), as ``torch.nn.functional.rms_norm``. Output keeps x's dtype.
+    (float64's for float64 input), as ``torch.nn.functional.rms_norm``. Output keeps x's dtype
+    (casting_mode "llama": the promoted dtype of x and the weight, as ``LlamaRMSNorm``).
 
     ``offset``: the scale is (offset + weight), formed in float32 (Gemma's zero-centred
     gamma is offset=1). ``casting_mode``: "torch" (``nn.RMSNorm``'s numerics), "llama"

@@ -53,9 +53,16 @@ def _spec(
                                 out_dtype)
 
 
+def _dense(t: Tensor | None) -> Tensor | None:
+    """A parameter as the kernels read it: contiguous (a strided or expanded weight is
+    copied; autograd maps its gradient back)."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
 def _fused(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
            spec: custom_ops.FusedSpec) -> tuple[Tensor, Tensor]:
     """(out, new_residual): ``normlab::fused_norm``, or ``FusedNorm`` in plain eager calls."""
+    weight, bias = _dense(weight), _dense(bias)
     if custom_ops.use_ops(x, residual, weight, bias):
         out, new_res, _mean, _rstd = torch.ops.normlab.fused_norm(x, residual, weight, bias, *spec)
         return out, (new_res if spec.store_residual else x)
@@ -101,6 +108,7 @@ def add_rms_norm(x, residual, weight, eps, *, normalized_shape, **kw):
 
 def _fused_per_example(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
                        spec: custom_ops.FusedSpec, per_example_grad_sq: Tensor) -> tuple[Tensor, Tensor]:
+    weight, bias = _dense(weight), _dense(bias)
     if custom_ops.use_ops(x, residual, weight, bias, per_example_grad_sq):
         out, new_res, _mean, _rstd = torch.ops.normlab.fused_norm_per_example(
             x, residual, weight, bias, spec.seed, per_example_grad_sq, *spec[1:])
