@@ -81,6 +81,8 @@ def main() -> None:
         "interleaved rounds (`benchmarks/host_time_cpu.py`); ratio = torch / normlab (above 1: "
         "normlab faster). torch's fused add+norm counterpart is `x + r` then its norm.",
         "",
+        "bfloat16 LayerNorm rows with fwd+bwd (and the module's forward in grad mode) take normlab's float32 parameter-gradient sums, which torch's CPU kernel does not form (it sums in bfloat16): a chosen cost, docs/kernels.md.",
+        "",
         "| op | dtype | shape | pass | torch us | normlab us | ratio |",
         "|---|---|---|---|---|---|---|",
     ]
