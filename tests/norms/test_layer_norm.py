@@ -8,6 +8,7 @@ from torch import nn
 
 import normlab
 from normlab import functional as F
+from normlab.backend import triton_interpreter_on
 from normlab.ops import reference as R
 from tests._tolerances import DTYPES, OUTPUT, assert_close
 
@@ -113,3 +114,24 @@ def test_two_dim_normalized_shape_without_affine_with_residual():
 def test_module_bad_input_names_expected_shape():
     with pytest.raises(RuntimeError, match=r"expected input with shape \[\*, 8\]"):
         normlab.LayerNorm(8)(torch.randn(2, 7))
+
+
+
+def test_a_remembered_signature_does_not_bypass_torch_func_transforms():
+    # a signature's first call caches the implementation the backend resolved; under
+    # torch.func transforms every call takes the checked path, which runs the torch path
+    # (the kernels' ops have no functorch rules), even after a triton call was cached
+    m = normlab.RMSNorm(16)
+    x = torch.randn(3, 2, 16)
+
+    def call(t):
+        return m._call("rms_norm", F.rms_norm, t, m.normalized_shape, m.weight, m.eps)
+
+    with normlab.set_backend("triton" if triton_interpreter_on() else "torch"):
+        call(x[0])  # remembers the signature
+        got = torch.func.vmap(call)(x)
+        jac = torch.func.jacrev(call)(x[0])
+    with normlab.set_backend("torch"):
+        want, want_jac = torch.func.vmap(call)(x), torch.func.jacrev(call)(x[0])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(jac, want_jac, rtol=0, atol=0)

@@ -166,6 +166,26 @@ def test_module_collects_per_example_grad_sq(name, cls):
     assert m.per_example_grad_sq is None
 
 
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("cls", [normlab.LayerNorm, normlab.RMSNorm])
+def test_compiled_module_collects_per_example_grad_sq(name, cls):
+    # the module allocates each call's buffer outside the compiled graph, which the
+    # backward then writes (allocated inside, the partitioner could not hand it back)
+    m = cls(8).to(DEVICE)
+    m.collect_per_example_grad_sq = True
+    x = torch.randn(3, 4, 8, device=DEVICE)
+    torch._dynamo.reset()
+    with backend(name):
+        y = torch.compile(m, backend="aot_eager")(x.requires_grad_())
+    cot = torch.randn_like(y)
+    (y * cot).sum().backward()
+    op = "layer_norm" if cls is normlab.LayerNorm else "rms_norm"
+    a = {"x": x.detach(), "weight": m.weight.detach(), "bias": getattr(m, "bias", None)}
+    if a["bias"] is not None:
+        a["bias"] = a["bias"].detach()
+    torch.testing.assert_close(m.per_example_grad_sq, oracle(op, a, (8,), [cot]), rtol=1e-4, atol=1e-6)
+
 def test_bad_buffers_are_rejected():
     F = per_example
     x, w = torch.randn(3, 4, 8), torch.ones(8)

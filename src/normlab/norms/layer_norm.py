@@ -36,12 +36,14 @@ class _CheckedOnce:
     that signature go straight to the implementation the first call resolved (norms over
     one dim; over several dims every call is checked). Changing
     the parameters (``.to()``, assigning weight, bias or eps) forgets the signatures.
-    Under torch.compile, and while per-example gradients are collected, every call takes
-    the checked path."""
+    Under torch.compile, under torch.func transforms, and while per-example gradients are
+    collected, every call takes the checked path."""
 
     def _call(self, op: str, public: Callable, x: Tensor, *args) -> Tensor:
         """``public(x, *args)`` (the checked op) on a signature's first call, then the
         implementation it resolved to, unchecked."""
+        if torch._C._are_functorch_transforms_active():
+            return public(x, *args)  # torch.func transforms run the torch path (backend.resolve)
         shape = x.shape
         # on CUDA ``auto`` chooses by size: the size class is part of the signature there
         size_class = x.numel() >= AUTO_TRITON_MIN_ELEMENTS if x.is_cuda else None
@@ -68,6 +70,19 @@ class _CheckedOnce:
         super().__setattr__(name, value)
 
 
+_NEW_BUFFER_OUTSIDE_GRAPH = None
+
+
+def _outside_graph():
+    """``_PerExampleGradSq._new_buffer`` under ``torch.compiler.disable``, made on first use
+    (when a norm's collection is switched on): disabling imports torch._dynamo, which a
+    plain ``import normlab`` does not pay for."""
+    global _NEW_BUFFER_OUTSIDE_GRAPH
+    if _NEW_BUFFER_OUTSIDE_GRAPH is None:
+        _NEW_BUFFER_OUTSIDE_GRAPH = torch.compiler.disable(_PerExampleGradSq._new_buffer)
+    return _NEW_BUFFER_OUTSIDE_GRAPH
+
+
 class _PerExampleGradSq:
     """Mixin: ``collect_per_example_grad_sq`` switches on the per-example buffer.
 
@@ -89,9 +104,20 @@ class _PerExampleGradSq:
         out = getattr(per_example, op)(x, *args, per_example_grad_sq=buffer, **kw)
         return out if buffer is None else self._watch_backward(out)
 
+    def __setattr__(self, name: str, value) -> None:
+        if name == "collect_per_example_grad_sq" and value:
+            _outside_graph()  # made here, outside any compiled region
+        super().__setattr__(name, value)
+
     def _per_example_buffer(self, x: Tensor) -> Tensor | None:
+        """This call's [2, B] buffer, made outside any compiled graph (the backward writes
+        it; allocated inside a graph it would be an intermediate the partitioner cannot
+        hand back)."""
         if not self.collect_per_example_grad_sq or self.weight is None or not torch.is_grad_enabled():
             return None
+        return _outside_graph()(self, x)
+
+    def _new_buffer(self, x: Tensor) -> Tensor:
         calls = self.__dict__.setdefault("_per_example_calls", [])
         if all(done for _, done in calls):
             calls.clear()

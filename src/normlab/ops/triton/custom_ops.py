@@ -285,7 +285,8 @@ torch.library.register_autograd("normlab::fused_norm_per_example", _op_backward_
 
 def use_ops(*tensors: Tensor | None) -> bool:
     """True where a call must go through the registered ops: under torch.compile or
-    export, under functorch transforms, and for tensor subclasses (DTensor, fake
+    export, under functorch transforms (which normlab.functional sends to the torch path
+    first: backend.resolve), and for tensor subclasses (DTensor, fake
     tensors); plain tensors and Parameters in eager mode take ``FusedNorm``."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return True
