@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from normlab.backend import get_backend
+from normlab.backend import get_backend, resolve
 from normlab.errors import NormArgumentError, NormDtypeError
 from normlab.ops import backend_ops, reference
 from normlab.ops.eager import NATIVE_RMS_MAX_NUMEL
@@ -237,11 +237,8 @@ def _layer_norm_torch_ops(x, normalized_shape, weight, bias, eps, offset,
     _check_param(op, "bias", bias, pshape, x, what)
     eps = _check_eps(op, eps, allow_none=False)
     _check_cast(op, offset, "torch")
-    if pshape == shape:
-        from normlab.backend import resolve
-
-        if resolve(x) == "triton":
-            return backend_ops(x).layer_norm(x, shape, weight, bias, eps, offset=float(offset))
+    if pshape == shape and _kernels_take(x, weight, "torch"):
+        return backend_ops(x).layer_norm(x, shape, weight, bias, eps, offset=float(offset))
     ct = reference.compute_dtype(x.dtype)
     scale = weight
     if offset != 0.0:
@@ -250,30 +247,31 @@ def _layer_norm_torch_ops(x, normalized_shape, weight, bias, eps, offset,
     return reference.layer_norm(x, shape, scale, None if bias is None else bias.to(ct), eps)
 
 
+def _kernels_take(x: Tensor, weight: object, casting_mode: str) -> bool:
+    """An offset / casting-mode call on x runs the fused kernels: the backend in force
+    resolves to them for x, and the call is not llama's order with a float64 weight (its
+    product is float64, which the kernels do not form)."""
+    return resolve(x) == "triton" and (casting_mode != "llama" or getattr(weight, "dtype", None) is not torch.float64)
+
+
 def _add_then_norm(op, x, residual, weight, bias, eps, dropout_p, training, generator, residual_dtype,
                    normalized_shape, offset, casting_mode="torch") -> tuple[Tensor, Tensor]:
     """add_layer_norm / add_rms_norm (``op``) with a weight offset or a casting mode: the fused
-    kernels where the backend in force resolves to them for x (``_rms_norm_cast`` says
-    which llama calls they take); otherwise in two steps, new_residual =
-    dropout_add(x, residual), then the norm of new_residual in x's dtype
+    kernels where they take the call (``_kernels_take``); otherwise in two steps,
+    new_residual = dropout_add(x, residual), then the norm of new_residual in x's dtype
     (``_layer_norm_torch_ops`` / ``_rms_norm_cast``)."""
-    from normlab.backend import resolve
-
     _check_tensor(op, "input", x)
-    _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype)
     is_rms = op == "add_rms_norm"
-    if resolve(x) == "triton" and (casting_mode != "llama" or weight is None
-                                   or weight.dtype in (torch.float16, torch.bfloat16, torch.float32)):
-        shape = _fused_shape(op, x, normalized_shape, weight, bias)
-        _check_param(op, "weight", weight, shape, x)
-        _check_param(op, "bias", bias, shape, x)
-        eps = _check_eps(op, eps, allow_none=is_rms)
+    if _kernels_take(x, weight, casting_mode):
+        shape, eps = _check_add_args(op, x, residual, weight, bias, eps, dropout_p, generator, residual_dtype,
+                                     normalized_shape, is_rms=is_rms)
         _check_cast(op, offset, casting_mode)
         kw = dict(dropout_p=float(dropout_p), training=bool(training), generator=generator,
                   residual_dtype=residual_dtype, normalized_shape=shape, offset=float(offset))
         if is_rms:
             return backend_ops(x).add_rms_norm(x, residual, weight, eps, casting_mode=casting_mode, **kw)
         return backend_ops(x).add_layer_norm(x, residual, weight, bias, eps, **kw)
+    _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype)
     new_residual = dropout_add(x, residual, dropout_p=dropout_p, training=training, generator=generator,
                                residual_dtype=residual_dtype)
     shape = _fused_shape(op, new_residual, normalized_shape, weight, bias)
@@ -287,16 +285,13 @@ def _rms_norm_cast(x, normalized_shape, weight, eps, offset, casting_mode) -> Te
     force resolves to them for x (``backend_ops``), except llama's order with a float64
     weight (its product is float64, which the kernels do not form); otherwise torch ops
     (``ops.reference.rms_norm_cast``), differentiable by autograd."""
-    from normlab.backend import resolve
-
     op = "rms_norm"
     _check_tensor(op, "input", x)
     shape = _check_normalized_shape(op, x, normalized_shape)
     _check_param(op, "weight", weight, shape, x)
     eps = _check_eps(op, eps, allow_none=True)
     _check_cast(op, offset, casting_mode)
-    if resolve(x) == "triton" and (casting_mode != "llama" or weight is None
-                                   or weight.dtype in (torch.float16, torch.bfloat16, torch.float32)):
+    if _kernels_take(x, weight, casting_mode):
         return backend_ops(x).rms_norm(x, shape, weight, eps, offset=float(offset), casting_mode=casting_mode)
     return reference.rms_norm_cast(x, shape, weight, eps, offset=float(offset), casting_mode=casting_mode)
 

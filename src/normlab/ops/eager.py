@@ -99,9 +99,8 @@ def _layer_norm_backward(x: Tensor, weight: Tensor | None, bias: Tensor | None, 
     xa, wa, ba = _layer_norm_operands(x, weight, bias)
     ct = mean.dtype  # the compute dtype: float32, or float64
     mask = [needs[0], weight is not None and needs[1], bias is not None and needs[2]]
-    k = len(normalized_shape)
-    step = max(64, LN_BACKWARD_CHUNK // max(1, math.prod(normalized_shape)))
-    rows = x.numel() // max(1, math.prod(normalized_shape))
+    k, hidden = len(normalized_shape), max(1, math.prod(normalized_shape))
+    step, rows = max(64, LN_BACKWARD_CHUNK // hidden), x.numel() // hidden
     if rows <= step or (xa.dtype is ct and dout.dtype is ct):
         dx, dw, db = torch.ops.aten.native_layer_norm_backward(
             dout.to(ct), xa.to(ct), normalized_shape, mean, rstd, wa, ba, mask)
@@ -114,7 +113,7 @@ def _layer_norm_backward(x: Tensor, weight: Tensor | None, bias: Tensor | None, 
                 d2[s:s + step].to(ct), x2[s:s + step].to(ct), normalized_shape, m2[s:s + step], r2[s:s + step],
                 wa, ba, mask)
             if gx is not None:
-                dxs.append(gx.to(x.dtype))
+                dxs.append(gx.to(x.dtype))  # rounded per chunk: x's dtype is the smaller one
             dw = gw if dw is None else dw + gw
             db = gb if db is None else db + gb
         dx = torch.cat(dxs).reshape(x.shape) if dxs else None
@@ -182,9 +181,7 @@ def layer_norm(x, normalized_shape, weight, bias, eps):
         # torch's native op is already one fused pass on every device
         return F.layer_norm(x, normalized_shape, weight, bias, eps)
     if _plain_eager():
-        if not (torch.is_grad_enabled() and (
-                x.requires_grad or (weight is not None and weight.requires_grad)
-                or (bias is not None and bias.requires_grad))):
+        if not _differentiable(x, weight, bias):
             return _layer_norm_forward(x, normalized_shape, weight, bias, eps)[0]  # nothing to differentiate
         return _LayerNormEager.apply(x, list(normalized_shape), weight, bias, eps)
     return LayerNormFunction.apply(x, list(normalized_shape), weight, bias, eps)[0]
@@ -343,6 +340,15 @@ class _RMSNormEager(torch.autograd.Function):
         return _rms_grads(ctx, dout)
 
 
+def _differentiable(*tensors: Tensor | None) -> bool:
+    """Grad mode is on and one of ``tensors`` requires a gradient: the call needs autograd."""
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t is not None and t.requires_grad:
+                return True
+    return False
+
+
 def _plain_eager() -> bool:
     """No torch.func transform and no compilation: the cheap autograd.Function form works."""
     return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
@@ -372,7 +378,7 @@ def rms_norm(x, normalized_shape, weight, eps):
     if native_rms_ok(x, weight):
         return torch.rms_norm(x, normalized_shape, weight, eps)
     if _plain_eager():
-        if not torch.is_grad_enabled() or not (x.requires_grad or (weight is not None and weight.requires_grad)):
+        if not _differentiable(x, weight):
             return _rms_forward(x, normalized_shape, weight, eps, fused_ok=True)[0]  # nothing to differentiate
         return _RMSNormEager.apply(x, tuple(normalized_shape), weight, eps)
     return RMSNormFunction.apply(x, tuple(normalized_shape), weight, eps)[0]
@@ -546,7 +552,7 @@ def rms_norm_per_example(x, normalized_shape, weight, eps, per_example_grad_sq):
     if eps is None:
         eps = reference.default_rms_eps(x.dtype)
     if _plain_eager():
-        if not torch.is_grad_enabled() or not (x.requires_grad or (weight is not None and weight.requires_grad)):
+        if not _differentiable(x, weight):
             return _rms_forward(x, normalized_shape, weight, eps, fused_ok=True)[0]  # nothing to differentiate
         return _RMSNormPerExampleEager.apply(x, tuple(normalized_shape), weight, eps, per_example_grad_sq)
     return RMSNormPerExampleFunction.apply(x, tuple(normalized_shape), weight, eps, per_example_grad_sq)[0]
@@ -662,7 +668,6 @@ def adaln_modulate(x, scale, shift, eps, *, weight=None, bias=None, is_rms=False
         # torch.func transforms and compilation: torch ops that autograd (and inductor) see
         return reference.adaln_modulate(x, x.shape[-1:], scale, shift, eps, weight, bias,
                                         norm="rmsnorm" if is_rms else "layernorm")
-    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad or (
-            weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)):
+    if _differentiable(x, scale, shift, weight, bias):
         return _AdaLNModulate.apply(x, scale, shift, weight, bias, eps, is_rms)
     return _adaln_forward(x, scale, shift, weight, bias, eps, is_rms)[0]  # nothing to differentiate
