@@ -189,7 +189,7 @@ def _check(x: Tensor, scale: Tensor, shift: Tensor) -> None:
 
 def _out_dtype(x: Tensor, scale: Tensor, shift: Tensor) -> torch.dtype:
     """y's dtype: the promoted dtype of x, scale and shift (the unfused expression's)."""
-    return torch.promote_types(torch.promote_types(x.dtype, scale.dtype), shift.dtype)
+    return eager._adaln_dtypes(x, scale, shift)[1]
 
 
 def _layout(shape: Sequence[int], x_shape: Sequence[int]) -> tuple[int, bool]:
@@ -439,8 +439,7 @@ def adaln_modulate(x, scale, shift, eps, *, weight=None, bias=None, is_rms=False
     the torch path's ops under torch.func transforms and for DTensors."""
     if type(x) is Tensor and eager._plain_eager():  # (a subclass of x's decides for all)
         _check(x, scale, shift)
-        if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad or (
-                weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)):
+        if eager._differentiable(x, scale, shift, weight, bias):
             return AdaLNFunction.apply(x, scale, shift, weight, bias, float(eps), is_rms)
         return _forward(x, scale, shift, weight, bias, float(eps), is_rms)[0]  # nothing to differentiate
     if torch._C._are_functorch_transforms_active() or any(

@@ -92,17 +92,23 @@ def _scale(W, cols, mask, offset, HAS_OFFSET: tl.constexpr, LLAMA: tl.constexpr)
 
 
 @triton.jit
+def _gain(v, W, cols, mask, offset, HAS_W: tl.constexpr, HAS_OFFSET: tl.constexpr, LLAMA: tl.constexpr):
+    # v times the scale: offset + w (``_scale``), the offset alone without a weight
+    if HAS_W:
+        v = v * _scale(W, cols, mask, offset, HAS_OFFSET, LLAMA)
+    elif HAS_OFFSET:
+        v = v * offset
+    return v
+
+
+@triton.jit
 def _affine_store(Y, RES_OUT, W, B, y_off, cols, mask, xhat, hidden, offset,
                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, ROUND_TO_RES: tl.constexpr,
                   HAS_OFFSET: tl.constexpr, LLAMA: tl.constexpr):
     # LLAMA: xhat arrives rounded. Two half-precision factors multiply exactly in float32,
     # so one rounding (ROUND_TO_RES, set where their dtype is h's and not out's, or the
     # store) gives their product in their dtype; with a float32 factor it is float32's
-    y = xhat
-    if HAS_W:
-        y = y * _scale(W, cols, cols < hidden, offset, HAS_OFFSET, LLAMA)
-    elif HAS_OFFSET:
-        y = y * offset
+    y = _gain(xhat, W, cols, cols < hidden, offset, HAS_W, HAS_OFFSET, LLAMA)
     if HAS_B:
         y = y + tl.load(B + cols, mask=cols < hidden, other=0.0).to(tl.float32)
     if ROUND_TO_RES:  # the norm's result is rounded to new_residual's dtype, then to x's
@@ -294,14 +300,10 @@ def _bwd_kernel(
         rstd = tl.load(RSTD + row, mask=row_mask, other=0.0)
         h_off = _row_offset(row, stride_h, stride_h1, stride_h2, n1, n2, STRIDED)
         xhat = _xhat(_load_row(H, h_off, cols, mask), row, MEAN, rstd, mask, row_mask, IS_RMS)
-        g = dy
+        # the weight reloaded each step (from L1): registers go to the row instead
+        g = _gain(dy, W, cols, col_mask, offset, HAS_W, HAS_OFFSET, LLAMA)
         if HAS_W:
-            # reloaded each step (from L1): registers go to the row instead
-            w = _scale(W, cols, col_mask, offset, HAS_OFFSET, LLAMA)
             dw += dy * _forward_xhat(xhat, H, LLAMA)
-            g = dy * w
-        elif HAS_OFFSET:
-            g = dy * offset
         if HAS_B:
             db += dy
         c1 = tl.sum(xhat * g, axis=1)[:, None] / hidden
@@ -356,23 +358,16 @@ def _bwd_split_kernel(
         for k in range(1, SPLIT + 1):
             cols = ((s + k) % SPLIT) * PART + tl.arange(0, PART)
             mask = cols < hidden
-            g = _load_row(DY, dy_off, cols, mask)
-            if HAS_W:
-                g = g * _scale(W, cols, mask, offset, HAS_OFFSET, LLAMA)
-            elif HAS_OFFSET:
-                g = g * offset
+            g = _gain(_load_row(DY, dy_off, cols, mask), W, cols, mask, offset, HAS_W, HAS_OFFSET, LLAMA)
             xhat = _xhat(_load_row(H, h_off, cols, mask), row, MEAN, rstd, mask, True, IS_RMS)
             a1 += tl.sum(xhat * g, axis=0)
             a2 += tl.sum(g, axis=0)
         c1 = a1 / hidden
         dy = _load_row(DY, dy_off, own, own_mask)
         xhat = _xhat(_load_row(H, h_off, own, own_mask), row, MEAN, rstd, own_mask, True, IS_RMS)
-        g = dy
+        g = _gain(dy, W, own, own_mask, offset, HAS_W, HAS_OFFSET, LLAMA)
         if HAS_W:
             dw += dy * _forward_xhat(xhat, H, LLAMA)
-            g = dy * _scale(W, own, own_mask, offset, HAS_OFFSET, LLAMA)
-        elif HAS_OFFSET:
-            g = dy * offset
         if HAS_B:
             db += dy
         if IS_RMS:
@@ -413,11 +408,7 @@ def _bwd_looped_kernel(
         for start in range(0, hidden, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < hidden
-            g = _load_row(DY, dy_off, cols, mask)
-            if HAS_W:
-                g = g * _scale(W, cols, mask, offset, HAS_OFFSET, LLAMA)
-            elif HAS_OFFSET:
-                g = g * offset
+            g = _gain(_load_row(DY, dy_off, cols, mask), W, cols, mask, offset, HAS_W, HAS_OFFSET, LLAMA)
             xhat = _xhat(_load_row(H, h_off, cols, mask), row, MEAN, rstd, mask, True, IS_RMS)
             a1 += xhat * g
             a2 += g
