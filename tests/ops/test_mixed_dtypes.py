@@ -293,3 +293,32 @@ def test_layer_norm_backward_in_row_chunks(monkeypatch, x_dtype, p_dtype, transp
     reference.layer_norm(xd, (3, 5), wd, bd, 1e-5).backward(dy.double())
     for ours, ref, name in ((chunked[2], wd.grad, "weight"), (chunked[3], bd.grad, "bias")):
         assert_close(ours, ref, _grad_sum_dtype(x_dtype, p_dtype), PARAM_GRAD_SUM, what=f"chunked d{name}")
+
+
+@pytest.mark.parametrize("p_dtype", [BF16, FP16, FP64], ids=lambda d: f"p_{str(d)[6:]}")
+def test_layer_norm_in_the_compute_dtype_runs_autograds_own_nodes(p_dtype):
+    # float32 x with parameters of another dtype: torch's op on the parameters converted
+    # (eager.layer_norm_upcast), whose gradients are autograd's own and rounded once:
+    # the same bits as normlab's autograd.Function, and forward-mode AD works
+    from normlab.ops import eager
+
+    g = torch.Generator().manual_seed(11)
+    x0 = torch.randn(37, 1000, generator=g) * 2 + 0.5
+    w0, b0 = (torch.randn(1000, generator=g) * 0.5 + 1).to(p_dtype), torch.randn(1000, generator=g).to(p_dtype)
+    dy = torch.randn(37, 1000, generator=g)
+    results = []
+    for fn in (lambda *a: normlab.functional.layer_norm(*a),
+               lambda x, s, w, b, e: eager.LayerNormFunction.apply(x, [s], w, b, e)[0]):
+        x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+        out = fn(x, 1000, w, b, 1e-5)
+        out.backward(dy)
+        results.append((out, x.grad, w.grad, b.grad))
+    for ours, functions in zip(*results):
+        assert ours.dtype == functions.dtype
+        torch.testing.assert_close(ours, functions, rtol=0, atol=0)
+    tx, tw = torch.randn_like(x0), torch.randn_like(w0)
+    _, got = torch.func.jvp(lambda a, w: normlab.functional.layer_norm(a, 1000, w, b0), (x0, w0), (tx, tw))
+    _, want = torch.func.jvp(lambda a, w: reference.layer_norm(a.double(), (1000,), w.double(), b0.double(), 1e-5),
+                             (x0, w0), (tx, tw))
+    assert got.dtype == FP32
+    assert_close(got, want, FP32, GRAD, what="jvp")

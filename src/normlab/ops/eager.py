@@ -5,7 +5,9 @@ the reference itself runs: the backend "torch" of ``normlab.ops``.
 
 * layer_norm: ``torch.nn.functional.layer_norm`` (one fused pass on every device)
   where torch's kernels take the parameters' dtypes and sum the parameter gradients in
-  float32; otherwise ``LayerNormFunction`` (torch's kernels, normlab's float32 sums).
+  float32; otherwise torch's op in the compute dtype (``layer_norm_upcast``: x already in
+  it, or compiled) or ``LayerNormFunction`` (half-precision x: torch's kernels, normlab's
+  float32 sums).
 * rms_norm: ``RMSNormFunction``, one fused reduction (``vector_norm``) for the
   statistics and a hand-written backward with few passes; torch's own rms_norm is a
   chain of pointwise ops on CPU and its autograd saves every intermediate.
@@ -58,15 +60,20 @@ def layer_norm_native_ok(x: Tensor, weight: Tensor | None, bias: Tensor | None) 
             or not ((weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)))
 
 
+def _layer_norm_dtype(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> torch.dtype:
+    """The compute dtype: float32, or float64 where x or a parameter is float64."""
+    if (weight is not None and weight.dtype is torch.float64) or (bias is not None and bias.dtype is torch.float64):
+        return torch.float64
+    return reference.compute_dtype(x.dtype)
+
+
 def _layer_norm_operands(x: Tensor, weight: Tensor | None,
                          bias: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(x, weight, bias) for torch's kernels, run in the compute dtype: parameters cast to
     float32 (float64 where x or a parameter is float64), and x too for a float64
     parameter. Half-precision x stays: torch's kernels pair it with float32 parameters
     (and give the same output bits as with half-precision ones, with float32 statistics)."""
-    ct = reference.compute_dtype(x.dtype)
-    if (weight is not None and weight.dtype is torch.float64) or (bias is not None and bias.dtype is torch.float64):
-        ct = torch.float64
+    ct = _layer_norm_dtype(x, weight, bias)
     return (x if ct is torch.float32 or x.dtype is ct else x.to(ct),
             None if weight is None else weight.to(ct), None if bias is None else bias.to(ct))
 
@@ -176,15 +183,32 @@ class _LayerNormEager(torch.autograd.Function):
         return _layer_norm_grads(ctx, dout)
 
 
+def layer_norm_upcast(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, bias: Tensor | None,
+                      eps: float) -> Tensor:
+    """torch's layer_norm on x and the parameters converted to the compute dtype, rounded
+    to x's dtype; autograd's own nodes round each gradient once from its float32 (float64)
+    sums, as ``LayerNormFunction``. For x already in the compute dtype (float32 x, float16
+    weight, ...) the same bits as that Function, for less host time; under torch.compile
+    it decomposes into ops inductor fuses, and under torch.func it has every rule (jvp
+    too). For half-precision x in eager it is not used: torch's float32 kernel on
+    converted x can differ from its half-precision kernel by an ulp."""
+    ct = _layer_norm_dtype(x, weight, bias)
+    return F.layer_norm(x.to(ct), normalized_shape, None if weight is None else weight.to(ct),
+                        None if bias is None else bias.to(ct), eps).to(x.dtype)
+
+
 def layer_norm(x, normalized_shape, weight, bias, eps):
     if layer_norm_native_ok(x, weight, bias):
         # torch's native op is already one fused pass on every device
         return F.layer_norm(x, normalized_shape, weight, bias, eps)
-    if _plain_eager():
-        if not _differentiable(x, weight, bias):
-            return _layer_norm_forward(x, normalized_shape, weight, bias, eps)[0]  # nothing to differentiate
-        return _LayerNormEager.apply(x, list(normalized_shape), weight, bias, eps)
-    return LayerNormFunction.apply(x, list(normalized_shape), weight, bias, eps)[0]
+    if not _differentiable(x, weight, bias):
+        return _layer_norm_forward(x, normalized_shape, weight, bias, eps)[0]  # nothing to differentiate
+    if x.dtype is _layer_norm_dtype(x, weight, bias) or not _plain_eager():
+        return layer_norm_upcast(x, normalized_shape, weight, bias, eps)
+    # half-precision x in eager: torch's kernel on x itself, so the output has torch's op's
+    # bits (torch's float32 kernel on converted x differs by an ulp at some sizes, hidden
+    # 1, 1000, 4097, ...), and the backward converts x a chunk of rows at a time
+    return _LayerNormEager.apply(x, list(normalized_shape), weight, bias, eps)
 
 
 # ----------------------------------------------------------------------- rms norm
