@@ -8,7 +8,8 @@ them. Under torchrun (one data-parallel run over the processes) the runs go one 
 another.
 
 Ctrl-C finishes each running run's current step and saves it; the finished runs are
-in ``summary.json``; the same command resumes.
+in ``summary.json``; the same command resumes. A run that raises, or whose worker
+process dies, is reported failed and the others go on.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import sys
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -401,15 +403,33 @@ def _run_serial(runs, title, study_dir, env, corpus, progress, finish, keep_weig
 _WORKER: dict[str, Any] = {}
 
 
+class WorkerDied(RuntimeError):
+    """A run's worker process died without a Python error (a signal such as the
+    out-of-memory killer's SIGKILL, a crash in native code, ``os._exit``). The run is
+    reported failed; the pool is started again for the other runs."""
+
+
 def _init_worker(threads: int, train: torch.Tensor | None, val: torch.Tensor | None, source: str, n_files: int,
                  queue: Any, stop: Any, slots: Any = None, devices: tuple[str, ...] = ("cpu",),
-                 dtype: str = "fp32") -> None:
+                 dtype: str = "fp32", running: Any = None, pids: Any = None) -> None:
     os.setpgrp()  # a terminal's Ctrl-C reaches the parent alone, which tells the workers through ``stop``
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # outside a training run; run_one handles its own
     torch.set_num_threads(threads)
     device = _pin_worker(slots, devices)
     corpus = ByteCorpus(train, val, source, n_files) if train is not None else None
-    _WORKER.update(corpus=corpus, queue=queue, stop=stop, device=device, dtype=dtype)
+    _WORKER.update(corpus=corpus, queue=queue, stop=stop, device=device, dtype=dtype, running=running)
+    if running is not None:
+        pids[_WORKER["slot"]] = os.getpid()
+        signal.signal(signal.SIGTERM, _on_terminate)
+
+
+def _on_terminate(signum, frame) -> None:
+    """The pool ends this worker because another one died: mark its run as cut off, not
+    crashed (it resumes from its last checkpoint in the next pool), and exit."""
+    running, k = _WORKER["running"], _WORKER.get("slot", 0)
+    if running[k] > 0:
+        running[k] = -running[k]
+    os._exit(128 + signum)
 
 
 def _pin_worker(slots: Any, devices: tuple[str, ...]) -> torch.device:
@@ -421,14 +441,17 @@ def _pin_worker(slots: Any, devices: tuple[str, ...]) -> torch.device:
     if slots is not None:
         with slots.get_lock():
             k, slots.value = slots.value, slots.value + 1
+    _WORKER["slot"] = k
     device = torch.device(devices[k % len(devices)])
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
 
 
-def _worker_run(spec: RunSpec, run_dir: Path, keep_weights: bool) -> dict[str, Any] | None:
-    """One run in a worker, on the worker's device; None when the study was stopped before it began."""
+def _worker_run(spec: RunSpec, run_dir: Path, keep_weights: bool, index: int = -1) -> dict[str, Any] | None:
+    """One run in a worker, on the worker's device; None when the study was stopped before
+    it began. ``index``: the run's place in the pool's list, kept in the shared ``running``
+    array while it runs (so the parent knows which run a dead worker was running)."""
     queue, stop = _WORKER["queue"], _WORKER["stop"]
     if stop.is_set():
         return None
@@ -444,20 +467,48 @@ def _worker_run(spec: RunSpec, run_dir: Path, keep_weights: bool) -> dict[str, A
             queue.put((spec.name, n))
 
     env = Env(device=_WORKER.get("device", torch.device("cpu")), dtype=_WORKER.get("dtype", "fp32"))
-    return run_one(spec, run_dir, env, _WORKER["corpus"], on_step=on_step, keep_weights=keep_weights)
+    running, k = _WORKER.get("running"), _WORKER.get("slot", 0)
+    if running is not None:
+        running[k] = index + 1
+    try:
+        return run_one(spec, run_dir, env, _WORKER["corpus"], on_step=on_step, keep_weights=keep_weights)
+    finally:
+        if running is not None:
+            running[k] = 0
+
+
+# a pool that breaks without naming a run that died (a worker killed between runs, or by
+# SIGTERM from outside) is started again this many times before its runs are failed
+POOL_RESTARTS = 3
+
+
+def _how_it_died(exitcode: int | None) -> str:
+    if exitcode is None or exitcode == 0:
+        return "died"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"was killed by {name}" + (" (often the out-of-memory killer)" if -exitcode == signal.SIGKILL else "")
+    return f"exited with code {exitcode}"
 
 
 def _run_parallel(study, study_dir, corpus, progress, finish, fail, keep_weights, workers, threads,
-                  devices=None, dtype="fp32") -> None:
+                  devices=None, dtype="fp32", target=None) -> None:
     """The runs in ``workers`` spawned processes of ``threads`` threads; worker k runs on
-    ``devices[k]`` (default: all on the CPU) with autocast ``dtype``."""
+    ``devices[k]`` (default: all on the CPU) with autocast ``dtype``. ``target``: what a
+    worker calls per run (default ``_worker_run``; tests pass a module-level wrapper).
+
+    A worker that dies outright breaks the process pool: its run is reported failed
+    (``WorkerDied``, with the exit code or signal), the runs the pool cut off resume from
+    their checkpoints in a new pool, and the study goes on."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")  # CUDA cannot run in a forked child
-    queue, stop, slots = ctx.Queue(), ctx.Event(), ctx.Value("i", 0)
     devices = tuple(devices or ["cpu"] * workers)
     specs = {r.name: r for r in study.runs}
-    order = sorted(study.runs, key=_cost, reverse=True)  # longest first: the pool ends together
+    todo = sorted(study.runs, key=_cost, reverse=True)  # longest first: the pool ends together
     gpus = sorted({d for d in devices if d.startswith("cuda")})
     where = f" on {workers} workers" + (f" ({len(gpus)} GPU{'s' if len(gpus) > 1 else ''})" if gpus else "")
     overall = progress.add_task(_counts(study.name, 0, 0, 0, len(study.runs), where),
@@ -465,58 +516,107 @@ def _run_parallel(study, study_dir, corpus, progress, finish, fail, keep_weights
     n_done, n_failed = [0], [0]
     bars: dict[str, Any] = {}
     completed: dict[str, int] = {}
-    executor = ProcessPoolExecutor(
-        max_workers=workers, mp_context=ctx, initializer=_init_worker,
-        initargs=(threads, corpus.train if corpus else None, corpus.val if corpus else None,
-                  corpus.source if corpus else "", corpus.n_files if corpus else 0, queue, stop, slots,
-                  devices, dtype))
+    # the pool in use, with its stop flag; each pool has its own flag and progress queue,
+    # as a worker that dies holding their lock leaves them unusable
+    current: dict[str, Any] = {}
+    stopping = [False]
 
     def on_sigint(signum, frame) -> None:
-        if stop.is_set():  # a second Ctrl-C: stop the workers at once
-            for proc in list(getattr(executor, "_processes", {}).values()):
+        if stopping[0]:  # a second Ctrl-C: stop the workers at once
+            for proc in list((getattr(current.get("pool"), "_processes", None) or {}).values()):
                 try:
                     os.kill(proc.pid, signal.SIGINT)
                 except OSError:
                     pass
             raise KeyboardInterrupt
-        stop.set()
+        stopping[0] = True
+        if "stop" in current:
+            current["stop"].set()
 
+    def one_pool(runs: list[RunSpec]) -> tuple[list[RunSpec], Interrupted | None]:
+        """``runs`` on a new pool; returns the runs a broken pool left unfinished (none
+        when it did not break) and the interruption, if any."""
+        n = min(workers, len(runs))
+        queue, stop = ctx.Queue(), ctx.Event()
+        running = ctx.Array("i", n, lock=False)  # worker slot -> 1 + index in ``runs`` while it runs one
+        pids = ctx.Array("i", n, lock=False)  # worker slot -> its process id
+        pool = ProcessPoolExecutor(
+            max_workers=n, mp_context=ctx, initializer=_init_worker,
+            initargs=(threads, corpus.train if corpus else None, corpus.val if corpus else None,
+                      corpus.source if corpus else "", corpus.n_files if corpus else 0, queue, stop,
+                      ctx.Value("i", 0), devices[:n], dtype, running, pids))
+        current.update(pool=pool, stop=stop)
+        if stopping[0]:
+            stop.set()
+        procs = getattr(pool, "_processes", None)  # pid -> Process, for a dead worker's exit code (private)
+        interrupted, broken = None, []
+        try:
+            pending: dict[Future, RunSpec] = {
+                pool.submit(target or _worker_run, spec, study_dir / spec.name, keep_weights, i): spec
+                for i, spec in enumerate(runs)}
+            while pending:
+                done, _ = wait(list(pending), timeout=0.2, return_when=FIRST_COMPLETED)
+                _drain(queue, specs, bars, completed, progress, overall)
+                for fut in done:
+                    spec = pending.pop(fut)
+                    if spec.name in bars:
+                        progress.remove_task(bars.pop(spec.name))
+                    if fut.cancelled():
+                        continue
+                    try:
+                        result = fut.result()
+                    except Interrupted as e:
+                        interrupted = interrupted or e
+                        continue
+                    except BrokenProcessPool:
+                        broken.append(spec)  # a worker died: sorted out below, once the pool has ended
+                        continue
+                    except Exception as e:  # the run's error, with the worker's traceback
+                        n_failed[0] += 1
+                        fail(spec, e)
+                        continue
+                    if result is not None:
+                        n_done[0] += 1
+                        completed[spec.name] = _work(spec)
+                        finish(spec, result)
+                progress.update(overall, completed=sum(completed.values()),
+                                description=_counts(study.name, n_done[0], len(bars), n_failed[0],
+                                                    len(study.runs), where))
+                if stopping[0]:  # (the handler sets the pool's flag: the loop leaves its lock alone)
+                    for fut in [f for f in pending if f.cancel()]:
+                        pending.pop(fut)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if broken:
+            # a worker that died still holds its run's index; the pool's SIGTERM made the
+            # others mark theirs as cut off (negative)
+            dead = sorted((running[k] - 1, pids[k]) for k in range(n) if running[k] > 0)
+            for i, pid in dead:
+                spec, proc = runs[i], procs.get(pid) if isinstance(procs, dict) else None
+                how = _how_it_died(None if proc is None else proc.exitcode)
+                n_failed[0] += 1
+                fail(spec, WorkerDied(f"run {spec.name}: its worker process {how} while running it; "
+                                      "the other runs went on in a new pool"))
+                broken = [r for r in broken if r.name != spec.name]
+            if not dead:
+                broken_unexplained[0] += 1
+        return broken, interrupted
+
+    broken_unexplained = [0]
     previous = signal.signal(signal.SIGINT, on_sigint) if _in_main_thread() else None
     interrupted: Interrupted | None = None
     try:
-        pending: dict[Future, RunSpec] = {
-            executor.submit(_worker_run, spec, study_dir / spec.name, keep_weights): spec for spec in order}
-        while pending:
-            done, _ = wait(list(pending), timeout=0.2, return_when=FIRST_COMPLETED)
-            _drain(queue, specs, bars, completed, progress, overall)
-            for fut in done:
-                spec = pending.pop(fut)
-                if spec.name in bars:
-                    progress.remove_task(bars.pop(spec.name))
-                if fut.cancelled():
-                    continue
-                try:
-                    result = fut.result()
-                except Interrupted as e:
-                    interrupted = interrupted or e
-                    continue
-                except Exception as e:  # the run's error, with the worker's traceback
+        while todo and interrupted is None and not stopping[0]:
+            todo, interrupted = one_pool(todo)
+            if todo and broken_unexplained[0] > POOL_RESTARTS:
+                for spec in todo:
                     n_failed[0] += 1
-                    fail(spec, e)
-                    continue
-                if result is not None:
-                    n_done[0] += 1
-                    completed[spec.name] = _work(spec)
-                    finish(spec, result)
-            progress.update(overall, completed=sum(completed.values()),
-                            description=_counts(study.name, n_done[0], len(bars), n_failed[0], len(study.runs), where))
-            if stop.is_set():
-                for fut in [f for f in pending if f.cancel()]:
-                    pending.pop(fut)
-        if stop.is_set() and interrupted is None:
+                    fail(spec, WorkerDied(f"run {spec.name}: the worker pool broke {broken_unexplained[0]} times "
+                                          "without a run to blame (a worker killed between runs, or from outside)"))
+                todo = []
+        if stopping[0] and interrupted is None:
             interrupted = Interrupted(study.name, 0)
     finally:
-        executor.shutdown(wait=True, cancel_futures=True)
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     if interrupted is not None:
