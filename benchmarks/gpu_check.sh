@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of the hot path, in one run of about 8 minutes, for a lent GPU machine:
+# The GPU checks of the hot path (and of the study workers, last), in one run of about 8 minutes, for a lent GPU machine:
 #   device run:  bash benchmarks/gpu_check.sh        (timeout_s 600; results come back from $OUT)
 # Uses the machine's own python3 (torch, triton, typer, rich, matplotlib, safetensors are
 # there) with this checkout on PYTHONPATH: nothing is installed. Each step has its own time
@@ -34,5 +34,7 @@ step 120 bench_kernels "$PY" -m normlab bench kernels --device cuda --dtype bf16
 step 60 per_example "$PY" benchmarks/per_example_overhead.py
 # 5. the GPU tests
 step 100 gpu_tests "$PY" -m pytest -q -x -p no:cacheprovider -m gpu tests/ops tests/bench tests/diagnostics
+# 6. study workers on the GPU: runs per GPU against one after another, a killed worker, Ctrl-C
+step 90 gpu_study_workers "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/studies
 tar -czf "$OUT/gpu_check_results.tgz" -C "$OUT" results
 echo "done $(date -u +%T)" | tee -a "$LOG"

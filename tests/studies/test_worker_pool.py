@@ -61,6 +61,25 @@ def test_a_worker_killed_mid_run_fails_that_run_and_the_others_resume(tmp_path, 
     assert report.exists() and "Failed runs" in report.read_text()
 
 
+def test_a_worker_whose_run_hit_a_sticky_cuda_error_retires(tmp_path, corpus, monkeypatch):
+    # "bad" fails with its traceback as any run; its worker leaves at its next call (a real
+    # CUDA context would fail every later call), the pool starts again and the rest finish
+    runs = (_spec("bad", steps=14), _spec("a", seed=1), _spec("b", seed=2), _spec("c", seed=3))
+    with one_thread():
+        straight, _ = runner.run_study(Study("ok", "serial", runs[1:]), tmp_path / "serial", cpu_env(), workers=1,
+                                       corpus=corpus)
+    _with_target(monkeypatch, worker_targets.cuda_error_mid_run)
+    pools = []
+    real = runner.ProcessPoolExecutor
+    monkeypatch.setattr(runner, "ProcessPoolExecutor", lambda *a, **k: pools.append(1) or real(*a, **k))
+    results, _ = runner.run_study(Study("sticky", "a CUDA error", runs), tmp_path / "pool", cpu_env(), workers=2,
+                                  corpus=corpus)
+    assert _losses(results) == _losses(straight)
+    (failed,) = json.loads((tmp_path / "pool" / "sticky" / "summary.json").read_text())["failed"]
+    assert failed["name"] == "bad" and "illegal memory access" in failed["error"] and "Traceback" in failed["error"]
+    assert len(pools) == 2  # the worker retired and the pool started again
+
+
 def test_a_pool_that_breaks_with_no_run_to_blame_is_restarted_then_gives_up(tmp_path, corpus, monkeypatch):
     monkeypatch.setattr(runner, "POOL_RESTARTS", 1)
     _with_target(monkeypatch, worker_targets.killed_between_runs)

@@ -45,3 +45,14 @@ def ctrl_c_at_step_3(spec, run_dir, keep_weights, index=-1):
     if spec.name == "first":
         return _with_hook(spec, run_dir, keep_weights, index, 3, lambda: os.kill(os.getppid(), signal.SIGINT))
     return runner._worker_run(spec, run_dir, keep_weights, index)
+
+
+def cuda_error_mid_run(spec, run_dir, keep_weights, index=-1):
+    """Run "bad" fails at its step 2 with the error a CUDA kernel's illegal address gives
+    (after which a real CUDA context is unusable to the process)."""
+    def fail():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    if spec.name == "bad":
+        return _with_hook(spec, run_dir, keep_weights, index, 2, fail)
+    return runner._worker_run(spec, run_dir, keep_weights, index)

@@ -411,13 +411,14 @@ class WorkerDied(RuntimeError):
 
 def _init_worker(threads: int, train: torch.Tensor | None, val: torch.Tensor | None, source: str, n_files: int,
                  queue: Any, stop: Any, slots: Any = None, devices: tuple[str, ...] = ("cpu",),
-                 dtype: str = "fp32", running: Any = None, pids: Any = None) -> None:
+                 dtype: str = "fp32", running: Any = None, pids: Any = None, retired: Any = None) -> None:
     os.setpgrp()  # a terminal's Ctrl-C reaches the parent alone, which tells the workers through ``stop``
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # outside a training run; run_one handles its own
     torch.set_num_threads(threads)
     device = _pin_worker(slots, devices)
     corpus = ByteCorpus(train, val, source, n_files) if train is not None else None
-    _WORKER.update(corpus=corpus, queue=queue, stop=stop, device=device, dtype=dtype, running=running)
+    _WORKER.update(corpus=corpus, queue=queue, stop=stop, device=device, dtype=dtype, running=running,
+                   retired=retired, poisoned=False)
     if running is not None:
         pids[_WORKER["slot"]] = os.getpid()
         signal.signal(signal.SIGTERM, _on_terminate)
@@ -448,13 +449,27 @@ def _pin_worker(slots: Any, devices: tuple[str, ...]) -> torch.device:
     return device
 
 
+# a CUDA error after which the process's CUDA context is unusable: every later call fails
+# the same way (a kernel's illegal address, a device-side assert, a launch failure)
+_STICKY_DEVICE_ERROR = re.compile(r"CUDA error|device-side assert|illegal memory access|unspecified launch failure"
+                                  r"|CUBLAS_STATUS_EXECUTION_FAILED")
+
+
 def _worker_run(spec: RunSpec, run_dir: Path, keep_weights: bool, index: int = -1) -> dict[str, Any] | None:
     """One run in a worker, on the worker's device; None when the study was stopped before
     it began. ``index``: the run's place in the pool's list, kept in the shared ``running``
-    array while it runs (so the parent knows which run a dead worker was running)."""
+    array while it runs (so the parent knows which run a dead worker was running).
+
+    A run that fails with a CUDA error that leaves the device unusable to this process
+    is reported as any failed run; the worker then retires at its next call (``retired``,
+    exit), and the pool is started again, so the later runs get a sound device."""
     queue, stop = _WORKER["queue"], _WORKER["stop"]
     if stop.is_set():
         return None
+    running, k = _WORKER.get("running"), _WORKER.get("slot", 0)
+    if _WORKER.get("poisoned") and running is not None:
+        _WORKER["retired"][k] = 1
+        os._exit(75)  # EX_TEMPFAIL: the pool breaks; the parent starts a new one and sends this run again
     last, signalled = [0.0], [False]
 
     def on_step(n: int) -> None:
@@ -467,11 +482,14 @@ def _worker_run(spec: RunSpec, run_dir: Path, keep_weights: bool, index: int = -
             queue.put((spec.name, n))
 
     env = Env(device=_WORKER.get("device", torch.device("cpu")), dtype=_WORKER.get("dtype", "fp32"))
-    running, k = _WORKER.get("running"), _WORKER.get("slot", 0)
     if running is not None:
         running[k] = index + 1
     try:
         return run_one(spec, run_dir, env, _WORKER["corpus"], on_step=on_step, keep_weights=keep_weights)
+    except Exception as e:
+        if _STICKY_DEVICE_ERROR.search(str(e)):
+            _WORKER["poisoned"] = True
+        raise
     finally:
         if running is not None:
             running[k] = 0
@@ -540,11 +558,12 @@ def _run_parallel(study, study_dir, corpus, progress, finish, fail, keep_weights
         queue, stop = ctx.Queue(), ctx.Event()
         running = ctx.Array("i", n, lock=False)  # worker slot -> 1 + index in ``runs`` while it runs one
         pids = ctx.Array("i", n, lock=False)  # worker slot -> its process id
+        retired = ctx.Array("b", n, lock=False)  # worker slot -> 1 once it left after a CUDA error
         pool = ProcessPoolExecutor(
             max_workers=n, mp_context=ctx, initializer=_init_worker,
             initargs=(threads, corpus.train if corpus else None, corpus.val if corpus else None,
                       corpus.source if corpus else "", corpus.n_files if corpus else 0, queue, stop,
-                      ctx.Value("i", 0), devices[:n], dtype, running, pids))
+                      ctx.Value("i", 0), devices[:n], dtype, running, pids, retired))
         current.update(pool=pool, stop=stop)
         if stopping[0]:
             stop.set()
@@ -598,7 +617,7 @@ def _run_parallel(study, study_dir, corpus, progress, finish, fail, keep_weights
                 fail(spec, WorkerDied(f"run {spec.name}: its worker process {how} while running it; "
                                       "the other runs went on in a new pool"))
                 broken = [r for r in broken if r.name != spec.name]
-            if not dead:
+            if not dead and not any(retired):
                 broken_unexplained[0] += 1
         return broken, interrupted
 
