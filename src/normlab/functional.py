@@ -24,6 +24,7 @@ from torch import Tensor
 from normlab.backend import get_backend, resolve
 from normlab.errors import NormArgumentError, NormDtypeError
 from normlab.ops import backend_ops, reference
+from normlab.ops import eager as _eager
 from normlab.ops.eager import NATIVE_RMS_MAX_NUMEL
 
 __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "dropout_add"]
@@ -540,6 +541,21 @@ def adaln_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6, *
     dtype. On the triton backend the op is the custom op ``normlab::adaln_modulate`` under
     torch.compile and torch.export; under torch.func transforms (vmap, grad, jvp) it runs
     as torch ops (docs/kernels.md, "Fused AdaLN")."""
+    # the common small call (no affine, no normalized_shape, modulation that keeps x's shape):
+    # torch ops first, as the other ops' short paths; anything else, or an error, takes
+    # the checked path below, which names the bad argument
+    if (weight is None and bias is None and normalized_shape is None and type(eps) is float and -_INF < eps < _INF
+            and type(x) is Tensor and type(scale) is Tensor and type(shift) is Tensor
+            and x.numel() <= _eager.ADALN_NATIVE_MAX_NUMEL and get_backend() != "triton"):
+        try:  # (a 0-dim x, scale or shift raises here)
+            d = x.shape[-1]
+            if (scale.shape[-1] == d and shift.shape[-1] == d and scale.is_floating_point()
+                    and shift.is_floating_point() and (norm == "layernorm" or norm == "rmsnorm")):
+                y = _eager.adaln_native(x, scale, shift, eps, is_rms=norm == "rmsnorm")
+                if y.shape == x.shape:  # scale or shift did not broadcast x up
+                    return y
+        except Exception:  # noqa: BLE001 - the checked path below names the bad argument
+            pass
     op = "adaln_modulate"
     _check_tensor(op, "input", x)
     if x.dim() == 0:

@@ -97,3 +97,28 @@ def test_bench_rejects_bad_qk_shapes():
     result = CliRunner().invoke(app, ["bench", "kernels", "--device", "cpu", "--ops", "qk_rms_norm",
                                       "--qk-shapes", "8x128"])
     assert result.exit_code != 0 and "BxHxTxHD" in result.output
+
+
+def test_bench_kernels_adaln_ops(tmp_path, monkeypatch):
+    # x [8, rows / 8, hidden] with one scale and shift per example ([8, 1, hidden]); rows
+    # not a multiple of 8: one example; torch's counterpart is the unfused expression
+    import normlab.bench.kernels as bk
+    monkeypatch.setattr(bk, "keep_freed_memory", lambda: True)
+    seen = []
+    real_inputs = bk._inputs
+    monkeypatch.setattr(bk, "_inputs", lambda *a, **k: seen.append(real_inputs(*a, **k)) or seen[-1])
+    result = CliRunner().invoke(app, [
+        "bench", "kernels", "--device", "cpu", "--dtype", "fp32", "--quick", "--json",
+        "--ops", "adaln_layer_norm,adaln_rms_norm", "--shapes", "16x32,9x32", "--out", str(tmp_path),
+    ])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(records) == 2 * 2 * 3 * 2  # ops x shapes x passes x impls
+    assert {r["op"] for r in records} == {"adaln_layer_norm", "adaln_rms_norm"}
+    assert all(r["median_ms"] > 0 and r["gbps"] > 0 for r in records)
+    shapes = [tuple(t.shape for t in inputs[:3]) for inputs in seen]
+    assert ((8, 2, 32), (8, 1, 32), (8, 1, 32)) in shapes and ((1, 9, 32), (1, 1, 32), (1, 1, 32)) in shapes
+    x, scale, shift, _ = seen[0]
+    torch_fn, ours = bk._torch_eager("adaln_layer_norm", 32), bk._normlab("adaln_layer_norm", 32)
+    import torch
+    torch.testing.assert_close(ours(x, scale, shift, None), torch_fn(x, scale, shift, None))

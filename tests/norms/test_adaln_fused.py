@@ -20,7 +20,23 @@ KINDS = {
     "per_example": ((2, 3, 5), (2, 1, 5), (2, 1, 5)),
     "per_token": ((2, 3, 5), (2, 3, 5), (2, 3, 5)),
     "shared": ((2, 3, 5), (5,), (1, 1, 5)),
+    "shared_scale_per_example_shift": ((2, 3, 5), (1, 5), (2, 1, 5)),
 }
+
+
+@pytest.fixture(params=["native", "function", "by_example"])
+def plan(request, monkeypatch):
+    """The torch path as it runs at these sizes ("native": torch ops with torch's autograd),
+    and as larger calls run: "function" (the autograd.Function: its general path, and one
+    layer_norm call with the gains for shared modulation) and "by_example" (every
+    per-example call on the by-example layer_norm path too)."""
+    from normlab.ops import eager
+
+    if request.param != "native":
+        monkeypatch.setattr(eager, "ADALN_NATIVE_MAX_NUMEL", -1)
+    if request.param == "by_example":
+        monkeypatch.setattr(eager, "ADALN_BY_EXAMPLE_MIN", 1)
+    return request.param
 
 
 def _inputs(x_shape, scale_shape, shift_shape, dtype, *, device="cpu", seed=0, scale_dtype=None):
@@ -61,7 +77,7 @@ def _grads(y, leaves, seed=1):
 
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_torch_path_gradcheck_float64(norm, kind):
+def test_torch_path_gradcheck_float64(norm, kind, plan):
     with normlab.set_backend("torch"):
         x, scale, shift = _inputs(*KINDS[kind], torch.float64)
 
@@ -80,7 +96,7 @@ def test_torch_path_gradcheck_float64(norm, kind):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_torch_path_matches_unfused(dtype, norm, kind):
+def test_torch_path_matches_unfused(dtype, norm, kind, plan):
     x_shape, s_shape, h_shape = KINDS[kind]
     x_shape, s_shape, h_shape = (4, 16, 40), s_shape[:-1] + (40,), h_shape[:-1] + (40,)
     s_shape = tuple(4 if d == 2 else 16 if d == 3 else d for d in s_shape)
@@ -100,7 +116,7 @@ def test_torch_path_matches_unfused(dtype, norm, kind):
 
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_torch_path_gradcheck_float64_with_weight_and_bias(norm, kind):
+def test_torch_path_gradcheck_float64_with_weight_and_bias(norm, kind, plan):
     with normlab.set_backend("torch"):
         x, scale, shift = _inputs(*KINDS[kind], torch.float64)
         w, b = _affine(5, norm, torch.float64)
@@ -119,7 +135,7 @@ def test_torch_path_gradcheck_float64_with_weight_and_bias(norm, kind):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("norm", NORMS)
-def test_torch_path_with_weight_and_bias_matches_unfused(dtype, norm):
+def test_torch_path_with_weight_and_bias_matches_unfused(dtype, norm, plan):
     leaves = _inputs((4, 16, 40), (4, 1, 40), (4, 1, 40), dtype)
     w, b = _affine(40, norm, dtype)
     params = (w,) + ((b,) if b is not None else ())
@@ -145,7 +161,7 @@ MIXED = {
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_kernels)])
 @pytest.mark.parametrize("case", list(MIXED))
-def test_weight_and_bias_of_mixed_dtypes(backend, case):
+def test_weight_and_bias_of_mixed_dtypes(backend, case, plan):
     # the parameter gradients summed over 2 x 256 rows in float32, rounded once to each
     # parameter's dtype
     x_dt, mod_dt, w_dt, b_dt = MIXED[case]
@@ -195,7 +211,7 @@ def test_weight_and_bias_argument_errors_name_the_argument():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_summed_modulation_grads_are_float32_sums(dtype):
+def test_summed_modulation_grads_are_float32_sums(dtype, plan):
     # per-example dscale/dshift over 512 tokens: summed in float32, rounded once
     leaves = _inputs((2, 512, 8), (2, 1, 8), (2, 1, 8), dtype)
     with normlab.set_backend("torch"):
@@ -206,7 +222,7 @@ def test_summed_modulation_grads_are_float32_sums(dtype):
         assert_close(a, b, dtype, PARAM_GRAD_SUM, what=name)
 
 
-def test_mixed_dtypes_follow_the_unfused_promotion():
+def test_mixed_dtypes_follow_the_unfused_promotion(plan):
     x, scale, shift = _inputs((2, 3, 8), (2, 1, 8), (2, 1, 8), torch.bfloat16, scale_dtype=torch.float32)
     y = F.adaln_modulate(x, scale, shift)
     grads, _ = _grads(y, (x, scale, shift))
@@ -442,3 +458,50 @@ def test_triton_kernels_compile_for_sm90():
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "compiled" in proc.stdout
+
+
+def test_which_torch_path_a_call_takes(monkeypatch):
+    # one scale and shift for every row: torch's layer_norm kernel with the gains, once;
+    # one per example: once per example on a CPU with large enough examples; else the
+    # general path (per-token modulation, RMSNorm, small examples)
+    from normlab.ops import eager
+
+    def plan(x_shape, s_shape, h_shape, is_rms=False):
+        return eager._adaln_plan(torch.empty(x_shape), torch.empty(s_shape), torch.empty(h_shape), is_rms)
+
+    assert plan(*KINDS["shared"]) == "shared" and plan((7,), (7,), (7,)) == "shared"
+    assert plan(*KINDS["per_example"]) is None  # 15 elements per example
+    assert plan(*KINDS["per_token"]) is None and plan(*KINDS["shared"], is_rms=True) is None
+    assert plan((2, 128, 128), (2, 1, 128), (1, 128)) == "example"  # 16384 elements each
+    assert plan((2, 127, 128), (2, 1, 128), (2, 1, 128)) is None
+    assert plan((2, 0, 128), (128,), (128,)) is None  # no rows
+    assert plan((2, 128, 128), (128, 128), (2, 1, 128)) is None  # per position: not per example
+    monkeypatch.setattr(eager, "ADALN_BY_EXAMPLE_MIN", 1)
+    assert plan(*KINDS["per_example"]) == "example" and plan(*KINDS["shared_scale_per_example_shift"]) == "example"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("affine", [False, True])
+def test_by_example_path_at_its_real_size_matches_the_reference(dtype, affine):
+    # 2 examples of 320 x 128 (above ADALN_NATIVE_MAX_NUMEL in all, and each above
+    # ADALN_BY_EXAMPLE_MIN), against the float64 reference
+    from normlab.ops import eager
+
+    leaves = _inputs((2, 320, 128), (2, 1, 128), (2, 1, 128), dtype)
+    assert eager._adaln_plan(*leaves, False) == "example" and leaves[0].numel() > eager.ADALN_NATIVE_MAX_NUMEL
+    params = _affine(128, "layernorm", dtype) if affine else ()
+    kw = dict(zip(("weight", "bias"), params))
+    with normlab.set_backend("torch"):
+        y = F.adaln_modulate(*leaves, 1e-6, **kw)
+        grads, g = _grads(y, leaves + params)
+        with torch.no_grad():
+            y_no_grad = F.adaln_modulate(*leaves, 1e-6, **kw)
+    ref = [t.detach().double().requires_grad_() for t in leaves + params]
+    expected = R.adaln_modulate(ref[0], (128,), ref[1], ref[2], 1e-6, *ref[3:])
+    expected_grads = torch.autograd.grad(expected, ref, g.double())
+    assert y.dtype == dtype and torch.equal(y, y_no_grad)
+    assert_close(y, expected, dtype, BACKEND_OUTPUT, what="y")
+    assert_close(grads[0], expected_grads[0], dtype, GRAD, what="dx")
+    for name, a, e in zip(("dscale", "dshift", "dweight", "dbias"), grads[1:], expected_grads[1:]):
+        assert a.dtype == dtype and a.shape == e.shape
+        assert_close(a, e, dtype, PARAM_GRAD_SUM, what=name)

@@ -8,6 +8,11 @@ torch eager (torch-eager time / this time, > 1 is faster) and against the device
 bandwidth. Implementations: normlab (backend auto), torch eager, torch.compile of the
 eager code, and Liger-Kernel / Apex when importable.
 
+AdaLN (``adaln_layer_norm``, ``adaln_rms_norm``, chosen with ``--ops``): DiT's
+modulation norm(x) * (1 + scale) + shift on x of [8, rows / 8, hidden] (rows not a
+multiple of 8: [1, rows, hidden]) with one scale and shift per example; torch's
+counterpart is the unfused expression around its norm op.
+
 QK-norm (``qk_layer_norm``, ``qk_rms_norm``, chosen with ``--ops``): the norm over
 head_dim of a [B, H, T, hd] view of a contiguous [B, T, H, hd] tensor (``.transpose(1,
 2)``, as q and k are laid out after the projection), at the [B, H, T, hd] shapes of
@@ -45,7 +50,11 @@ from normlab.bench.common import (
 
 OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
 QK_OPS = ("qk_layer_norm", "qk_rms_norm")
-ALL_OPS = OPS + QK_OPS
+# DiT's adaLN modulation: norm(x) * (1 + scale) + shift, x [B, rows / B, hidden] with one
+# scale and shift per example ([B, 1, hidden]), no affine (``normlab.functional.adaln_modulate``)
+ADALN_OPS = ("adaln_layer_norm", "adaln_rms_norm")
+ADALN_EXAMPLES = 8
+ALL_OPS = OPS + QK_OPS + ADALN_OPS
 PASSES = ("fwd", "bwd", "fwdbwd")
 GPU_ROWS = (4096, 16384, 65536)
 GPU_HIDDEN = (768, 1024, 2048, 4096, 5120, 8192, 12288, 16384)
@@ -99,6 +108,10 @@ def copy_bandwidth(device: torch.device, timer: Timer, nbytes: int) -> float:
 
 def _torch_eager(op: str, hidden: int) -> Callable:
     F = torch.nn.functional
+    if op == "adaln_layer_norm":  # (x, scale, shift, None): see _inputs
+        return lambda x, scale, shift, _: F.layer_norm(x, (hidden,), None, None, 1e-6) * (1 + scale) + shift
+    if op == "adaln_rms_norm":
+        return lambda x, scale, shift, _: F.rms_norm(x, (hidden,), None, 1e-6) * (1 + scale) + shift
     if op == "layer_norm":
         return lambda x, r, w, b: F.layer_norm(x, (hidden,), w, b)
     if op == "rms_norm":
@@ -122,6 +135,8 @@ def _normlab(op: str, hidden: int) -> Callable:
         "rms_norm": lambda x, r, w, b: F.rms_norm(x, hidden, w),
         "add_layer_norm": lambda x, r, w, b: F.add_layer_norm(x, r, w, b),
         "add_rms_norm": lambda x, r, w, b: F.add_rms_norm(x, r, w),
+        "adaln_layer_norm": lambda x, scale, shift, _: F.adaln_modulate(x, scale, shift, 1e-6),
+        "adaln_rms_norm": lambda x, scale, shift, _: F.adaln_modulate(x, scale, shift, 1e-6, norm="rmsnorm"),
     }[op]
 
 
@@ -217,11 +232,15 @@ def torch_path(fn: Callable, inputs: tuple, device: torch.device) -> str:
 def _inputs(op: str, rows: int, hidden: int, device: torch.device, dtype: torch.dtype,
             qk_shape: tuple[int, int, int, int] | None = None) -> tuple:
     """(x, residual, weight, bias), all requiring grad; None where the op has none. With
-    ``qk_shape`` (B, H, T, hd), x is a [B, H, T, hd] view of a contiguous [B, T, H, hd]."""
+    ``qk_shape`` (B, H, T, hd), x is a [B, H, T, hd] view of a contiguous [B, T, H, hd].
+    The adaln ops: (x [B, rows / B, hidden], scale, shift [B, 1, hidden], None)."""
     g = torch.Generator(device="cpu").manual_seed(0)
 
-    def t(*shape):
-        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    def t(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dtype).requires_grad_()
+    if op in ADALN_OPS:
+        b = ADALN_EXAMPLES if rows % ADALN_EXAMPLES == 0 else 1
+        return t(b, rows // b, hidden), t(b, 1, hidden, std=0.1), t(b, 1, hidden, std=0.1), None
     if qk_shape is not None:
         b, h, s, hd = qk_shape
         x = torch.randn(b, s, h, hd, generator=g).to(device=device, dtype=dtype)
@@ -436,7 +455,9 @@ def kernels(
                                           "4096x1024 (instead of rows x hidden)."),
     ops: str = typer.Option(",".join(OPS), help="Comma-separated ops, among " + ", ".join(ALL_OPS)
                                                  + " (the qk ops: QK-norm of a transposed [B, H, T, hd] "
-                                                   "view, at --qk-shapes)."),
+                                                   "view, at --qk-shapes; the adaln ops: DiT's "
+                                                   "norm(x) * (1 + scale) + shift, one scale and shift "
+                                                   "per example of [8, rows / 8, hidden])."),
     qk_shapes: str = typer.Option(None, help="Comma-separated BxHxTxHD shapes of the qk ops (default: "
                                              "8x32x4096x128 on CUDA, 2x8x256x128 on CPU, "
                                              "2x8x64x128 for --quick on CPU)."),
@@ -448,7 +469,7 @@ def kernels(
         help="GPU: hold the GPU until the host has issued each timed call, so the times are "
              "the kernels' (default); --no-hide-host times host-bound calls as they run."),
 ) -> None:
-    """LayerNorm / RMSNorm / add+norm: fwd, bwd, fwd+bwd GB/s, normlab vs torch."""
+    """LayerNorm / RMSNorm / add+norm (and QK-norm, AdaLN): fwd, bwd, fwd+bwd GB/s, normlab vs torch."""
     console = Console()
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype)

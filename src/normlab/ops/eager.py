@@ -623,14 +623,136 @@ def _adaln_dtypes(x: Tensor, scale: Tensor, shift: Tensor) -> tuple[torch.dtype,
     return reference.compute_dtype(out), out
 
 
+def _adaln_normalize(xf: Tensor, eps: float, is_rms: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(xhat, mean, rstd) of xf over its last dim in one fused pass of torch's kernels
+    (``native_layer_norm`` / ``_fused_rms_norm``; mean None for RMSNorm), statistics
+    keepdim. (``torch.var_mean`` over the last dim is about 8x slower on a CPU.)"""
+    if not is_rms:
+        return torch.native_layer_norm(xf, xf.shape[-1:], None, None, eps)
+    if _FUSED_RMS_FORWARD is not None:
+        xhat, rstd = _FUSED_RMS_FORWARD(xf, [xf.shape[-1]], None, eps)
+        return xhat, None, rstd
+    mean, rstd = _adaln_stats(xf, eps, True)
+    return xf * rstd, None, rstd
+
+
 def _adaln_forward(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor | None, bias: Tensor | None,
                    eps: float, is_rms: bool) -> tuple[Tensor, Tensor | None, Tensor]:
     """(y, mean, rstd): y = h * (1 + scale) + shift in one ``addcmul``, rounded once."""
     ct, out_dtype = _adaln_dtypes(x, scale, shift)
-    xf = x.to(ct)
-    mean, rstd = _adaln_stats(xf, eps, is_rms)
-    h = _adaln_affine(_adaln_xhat(xf, mean, rstd), weight, bias, ct)
+    xhat, mean, rstd = _adaln_normalize(x.to(ct), eps, is_rms)
+    h = _adaln_affine_(xhat, weight, bias, ct)
     return torch.addcmul(shift.to(ct), h, scale.to(ct) + 1).to(out_dtype), mean, rstd
+
+
+def _adaln_affine_(xhat: Tensor, weight: Tensor | None, bias: Tensor | None, ct: torch.dtype) -> Tensor:
+    """``_adaln_affine`` in place on a fresh xhat (no autograd)."""
+    if weight is not None:
+        xhat.mul_(weight.to(ct))
+    return xhat if bias is None else xhat.add_(bias.to(ct))
+
+
+# AdaLN with one scale and shift per example (or one for all the rows) is a LayerNorm
+# whose gain and bias are weight * (1 + scale) and bias * (1 + scale) + shift: torch's
+# fused kernel runs it, forward and backward, once for all the rows or once per example
+# (on a CPU, where a call costs little: at least this many elements per example).
+ADALN_BY_EXAMPLE_MIN = 1 << 14
+
+
+def _adaln_plan(x: Tensor, scale: Tensor, shift: Tensor, is_rms: bool) -> str | None:
+    """"shared" (scale and shift the same for every row), "example" (one per example, the
+    rest shared; CPU, ``ADALN_BY_EXAMPLE_MIN`` elements per example), or None (the
+    general path: per-token modulation, RMSNorm, small examples, CUDA)."""
+    if is_rms or x.numel() == 0:
+        return None
+
+    def kind(t: Tensor) -> str | None:
+        if all(n == 1 for n in t.shape[:-1]):
+            return "shared"
+        if t.dim() == x.dim() and t.shape[0] == x.shape[0] and all(n == 1 for n in t.shape[1:-1]):
+            return "example"
+        return None
+
+    kinds = {kind(scale), kind(shift)}
+    if kinds == {"shared"}:
+        return "shared"
+    if None not in kinds and x.is_cpu and x.numel() >= ADALN_BY_EXAMPLE_MIN * x.shape[0]:
+        return "example"
+    return None
+
+
+def _adaln_gains(scale: Tensor, shift: Tensor | None, weight: Tensor | None, bias: Tensor | None,
+                 ct: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(gain, beta, 1 + scale) as [1 or B, D] rows in the compute dtype: gain = weight *
+    (1 + scale), beta = bias * (1 + scale) + shift (None without shift)."""
+    d = scale.shape[-1]
+    onep = (scale.to(ct) + 1).reshape(-1, d)
+    gain = onep if weight is None else onep * weight.to(ct)
+    beta = None
+    if shift is not None:
+        beta = shift.to(ct).reshape(-1, d)
+        if bias is not None:
+            beta = beta + onep * bias.to(ct)
+    return gain, beta, onep
+
+
+def _adaln_ln_forward(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor | None, bias: Tensor | None,
+                      eps: float, plan: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, rstd) of a ``_adaln_plan`` call: torch's layer_norm kernel with the gains,
+    statistics in the compute dtype, y rounded once to the output dtype (half-precision
+    x goes to the kernel as it is, which computes in float32)."""
+    ct, out_dtype = _adaln_dtypes(x, scale, shift)
+    gain, beta, _ = _adaln_gains(scale, shift, weight, bias, ct)
+    xin = x if x.dtype is out_dtype else x.to(ct)
+    d = x.shape[-1]
+    if plan == "shared":
+        y, mean, rstd = torch.native_layer_norm(xin, (d,), gain[0], beta[0], eps)
+    else:
+        y = torch.empty(x.shape, dtype=xin.dtype, device=x.device)
+        mean = torch.empty((*x.shape[:-1], 1), dtype=ct, device=x.device)
+        rstd = torch.empty_like(mean)
+        for i in range(x.shape[0]):
+            torch.ops.aten.native_layer_norm.out(xin[i], (d,), gain[i % len(gain)], beta[i % len(beta)], eps,
+                                                 out0=y[i], out1=mean[i], out2=rstd[i])
+    return y.to(out_dtype), mean, rstd
+
+
+def _adaln_ln_backward(ctx, dy: Tensor, plan: str) -> tuple:
+    """The gradients of a ``_adaln_plan`` call: torch's layer_norm backward kernel with the
+    gains (``_layer_norm_backward``: float32 sums, half-precision rows converted a chunk
+    at a time) gives dx, G = sum of dy * xhat and S = sum of dy per example (or over all
+    rows); then dscale = G * weight + S * bias, dshift = S, dweight = sum of G * (1 +
+    scale), dbias = sum of S * (1 + scale)."""
+    x, mean, rstd, scale, weight, bias = ctx.saved_tensors
+    ct, d = ctx.ct, x.shape[-1]
+    needs_x, needs_scale, needs_shift, needs_weight, needs_bias = ctx.needs_input_grad[:5]
+    gain, _, onep = _adaln_gains(scale, None, weight, bias, ct)
+    flags = (needs_x, True, True)
+    if plan == "shared":
+        dx, big_g, big_s = _layer_norm_backward(x, gain[0], gain[0], mean, rstd, dy, (d,), flags)
+        big_g, big_s = big_g[None], big_s[None]
+    else:
+        dx = torch.empty_like(x) if needs_x else None
+        big_g = torch.empty(x.shape[0], d, dtype=ct, device=x.device)
+        big_s = torch.empty_like(big_g)
+        for i in range(x.shape[0]):
+            g_i = gain[i % len(gain)]
+            dx_i, big_g[i], big_s[i] = _layer_norm_backward(x[i], g_i, g_i, mean[i], rstd[i], dy[i], (d,), flags)
+            if dx is not None:
+                dx[i] = dx_i
+    dscale = dshift = dweight = dbias = None
+    if needs_scale:
+        ds = big_g if weight is None else big_g * weight.to(ct)
+        if bias is not None:
+            ds = ds + big_s * bias.to(ct)
+        dscale = ds.sum_to_size(onep.shape).reshape(scale.shape).to(scale.dtype)
+    if needs_shift:
+        dshift = big_s.sum_to_size(math.prod(ctx.shift_shape[:-1]), d).reshape(ctx.shift_shape).to(ctx.shift_dtype)
+    if needs_weight and weight is not None:
+        dweight = (big_g * onep).sum(0).reshape(weight.shape).to(weight.dtype)
+    if needs_bias and bias is not None:
+        dbias = (big_s * onep).sum(0).reshape(bias.shape).to(bias.dtype)
+    return dx, dscale, dshift, dweight, dbias, None, None
 
 
 class _AdaLNModulate(torch.autograd.Function):
@@ -650,19 +772,26 @@ class _AdaLNModulate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, shift, weight, bias, eps, is_rms):
-        y, mean, rstd = _adaln_forward(x, scale, shift, weight, bias, eps, is_rms)
+        plan = _adaln_plan(x, scale, shift, is_rms)
+        if plan is None:
+            y, mean, rstd = _adaln_forward(x, scale, shift, weight, bias, eps, is_rms)
+        else:
+            y, mean, rstd = _adaln_ln_forward(x, scale, shift, weight, bias, eps, plan)
         ctx.save_for_backward(x, mean, rstd, scale, weight, bias)
-        ctx.eps, ctx.is_rms, ctx.ct = eps, is_rms, reference.compute_dtype(y.dtype)
+        ctx.eps, ctx.is_rms, ctx.ct, ctx.plan = eps, is_rms, reference.compute_dtype(y.dtype), plan
         ctx.shift_shape, ctx.shift_dtype = shift.shape, shift.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
+        if not torch.is_grad_enabled():
+            if ctx.plan is not None:
+                return _adaln_ln_backward(ctx, dy, ctx.plan)
+            return _adaln_backward_fused(ctx, dy)
         x, mean, rstd, scale, weight, bias = ctx.saved_tensors
         ct = ctx.ct
         xf = x.to(ct)
-        if torch.is_grad_enabled():  # create_graph: statistics as functions of x
-            mean, rstd = _adaln_stats(xf, ctx.eps, ctx.is_rms)
+        mean, rstd = _adaln_stats(xf, ctx.eps, ctx.is_rms)  # create_graph: statistics as functions of x
         dyf = dy.to(ct)
         xhat = _adaln_xhat(xf, mean, rstd)
         needs_x, needs_scale, needs_shift, needs_weight, needs_bias = ctx.needs_input_grad[:5]
@@ -685,6 +814,67 @@ class _AdaLNModulate(torch.autograd.Function):
         return dx, dscale, dshift, dweight, dbias, None, None
 
 
+def _adaln_backward_fused(ctx, dy: Tensor) -> tuple:
+    """``_AdaLNModulate``'s backward without create_graph: dshift and dscale as there
+    (xhat rebuilt in place from the saved statistics), and dx, dweight (and dbias) from
+    torch's fused norm backward kernels run on dn = dy * (1 + scale) in the compute dtype
+    (``native_layer_norm_backward``; RMSNorm: ``_rms_backward``)."""
+    x, mean, rstd, scale, weight, bias = ctx.saved_tensors
+    ct = ctx.ct
+    xf, dyf = x.to(ct), dy.to(ct)
+    needs_x, needs_scale, needs_shift, needs_weight, needs_bias = ctx.needs_input_grad[:5]
+    dx = dscale = dshift = dweight = dbias = None
+    if needs_shift:
+        dshift = dyf.sum_to_size(ctx.shift_shape).to(ctx.shift_dtype)
+    if needs_scale:
+        xhat = xf * rstd if mean is None else torch.sub(xf, mean).mul_(rstd)
+        h = _adaln_affine_(xhat, weight, bias, ct)
+        dscale = h.mul_(dyf).sum_to_size(scale.shape).to(scale.dtype)
+    if needs_x or needs_weight or needs_bias:
+        dn = dyf * (scale.to(ct) + 1)
+        if needs_bias:
+            dbias = dn.sum_to_size(bias.shape).to(bias.dtype)
+        needs_weight = needs_weight and weight is not None
+        if needs_x or needs_weight:
+            hidden = x.shape[-1]
+            if mean is None:
+                dx, dweight = _rms_backward(xf, weight, rstd.reshape(-1, 1), dn, (hidden,), ctx.eps, needs_x,
+                                            needs_weight)
+            else:
+                dx, dweight, _ = torch.ops.aten.native_layer_norm_backward(
+                    dn, xf, (hidden,), mean, rstd, None if weight is None else weight.to(ct), None,
+                    [needs_x, needs_weight, False])
+                dweight = None if dweight is None else dweight.to(weight.dtype)
+            dx = None if dx is None else dx.to(x.dtype)
+    return dx, dscale, dshift, dweight, dbias, None, None
+
+
+# Up to this many elements an AdaLN call runs as torch ops whose autograd is torch's own
+# (adaln_native), with or without grad: the Python autograd.Function's fixed cost is more
+# than the work at such sizes.
+ADALN_NATIVE_MAX_NUMEL = 1 << 16
+
+
+def adaln_native(x: Tensor, scale: Tensor, shift: Tensor, eps: float, weight: Tensor | None = None,
+                 bias: Tensor | None = None, is_rms: bool = False) -> Tensor:
+    """AdaLN as three torch ops in the compute dtype (torch's norm with the affine, then one
+    ``addcmul``), rounded once to the output dtype; autograd's own nodes sum the
+    modulation and parameter gradients in the compute dtype and round each once."""
+    dt = x.dtype
+    if dt is torch.float32 and scale.dtype is dt and shift.dtype is dt:
+        ct = out_dtype = dt  # the common call, without the dtype rules' host time
+    else:
+        ct, out_dtype = _adaln_dtypes(x, scale, shift)
+    d = x.shape[-1:]
+    xf = x if dt is ct else x.to(ct)
+    w = None if weight is None else weight.to(ct)
+    h = (torch.rms_norm(xf, d, w, eps) if is_rms
+         else torch.layer_norm(xf, d, w, None if bias is None else bias.to(ct), eps))
+    y = torch.addcmul(shift if shift.dtype is ct else shift.to(ct), h,
+                      (scale if scale.dtype is ct else scale.to(ct)) + 1)
+    return y if y.dtype is out_dtype else y.to(out_dtype)
+
+
 def adaln_modulate(x, scale, shift, eps, *, weight=None, bias=None, is_rms=False):
     """(Norm(x) * weight + bias) * (1 + scale) + shift over the last dim
     (``reference.adaln_modulate``)."""
@@ -692,6 +882,11 @@ def adaln_modulate(x, scale, shift, eps, *, weight=None, bias=None, is_rms=False
         # torch.func transforms and compilation: torch ops that autograd (and inductor) see
         return reference.adaln_modulate(x, x.shape[-1:], scale, shift, eps, weight, bias,
                                         norm="rmsnorm" if is_rms else "layernorm")
+    if x.numel() <= ADALN_NATIVE_MAX_NUMEL:  # by size alone: the same bits with and without grad
+        return adaln_native(x, scale, shift, eps, weight, bias, is_rms)
     if _differentiable(x, scale, shift, weight, bias):
         return _AdaLNModulate.apply(x, scale, shift, weight, bias, eps, is_rms)
-    return _adaln_forward(x, scale, shift, weight, bias, eps, is_rms)[0]  # nothing to differentiate
+    plan = _adaln_plan(x, scale, shift, is_rms)  # nothing to differentiate
+    if plan is not None:
+        return _adaln_ln_forward(x, scale, shift, weight, bias, eps, plan)[0]
+    return _adaln_forward(x, scale, shift, weight, bias, eps, is_rms)[0]
