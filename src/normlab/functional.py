@@ -380,6 +380,18 @@ def _add_rms_norm(
 # parameter gradient to take is not such a call (``_param_grad``).
 
 
+# Under torch.compile the short paths' try/except does not catch what torch's CPU kernel
+# refuses only when it runs (layer_norm of float32 x with parameters of another dtype,
+# which its shape check passes at trace time): compiled calls take the checked path.
+_compiling = torch.compiler.is_compiling
+
+
+def _half_pair_ok(x: Tensor, weight: object, bias: object) -> bool:
+    """torch's layer_norm backward takes half-precision x with these parameters: not a
+    float32 bias without a weight (its forward does, its backward fails on the pair)."""
+    return weight is not None or bias is None or getattr(bias, "dtype", None) is x.dtype
+
+
 def _param_grad(weight: object, bias: object) -> bool:
     """A weight or bias gradient will be taken. torch's CPU layer_norm backward sums those
     in x's dtype (a bfloat16 sum of ones stops at 256), so with half-precision x the call
@@ -399,7 +411,8 @@ def layer_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor 
     if offset != 0.0:
         return _layer_norm_torch_ops(x, normalized_shape, weight, bias, eps, offset)
     if type(x) is Tensor and x.is_cpu and type(eps) is float and _isfinite(eps) and get_backend() != "triton" \
-            and (x.dtype not in _HALF or not _param_grad(weight, bias)):
+            and (x.dtype not in _HALF or (not _param_grad(weight, bias) and _half_pair_ok(x, weight, bias))) \
+            and not _compiling():
         try:
             return torch.layer_norm(
                 x, (normalized_shape,) if type(normalized_shape) is int else normalized_shape, weight, bias, eps)
@@ -465,8 +478,8 @@ def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bi
             and generator is None and residual_dtype is None and type(x) is Tensor
             and type(residual) is Tensor and x.is_cpu and residual.dtype is (dt := x.dtype)
             and dt in _SHORT_ADD_DTYPES and type(eps) is float and -_INF < eps < _INF
-            and (dt not in _HALF or not _param_grad(weight, bias)) and residual.shape == x.shape
-            and get_backend() != "triton"):
+            and (dt not in _HALF or (not _param_grad(weight, bias) and _half_pair_ok(x, weight, bias)))
+            and residual.shape == x.shape and get_backend() != "triton" and not _compiling()):
         try:
             h = residual + x
             return torch.layer_norm(h, _plain_shape(weight, normalized_shape), weight, bias, eps), h

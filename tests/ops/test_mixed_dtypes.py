@@ -322,3 +322,61 @@ def test_layer_norm_in_the_compute_dtype_runs_autograds_own_nodes(p_dtype):
                              (x0, w0), (tx, tw))
     assert got.dtype == FP32
     assert_close(got, want, FP32, GRAD, what="jvp")
+
+
+@pytest.mark.parametrize("x_dtype", [BF16, FP16])
+def test_half_x_with_a_float32_bias_and_no_weight_has_a_backward(x_dtype):
+    # torch's layer_norm takes this pair forward and fails on it backward: normlab's own
+    # path runs it (float32 sums), through the public op and its short path alike
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.randn(64, 8, generator=g).to(x_dtype)
+    b0 = torch.randn(8, generator=g)
+    for frozen in (True, False):
+        x, b = x0.clone().requires_grad_(), b0.clone().requires_grad_(not frozen)
+        out = normlab.functional.layer_norm(x, 8, None, b)
+        out.float().square().sum().backward()
+        xd, bd = x0.double().requires_grad_(), b0.double().requires_grad_()
+        reference.layer_norm(xd, (8,), None, bd, 1e-5).square().sum().backward()
+        assert out.dtype == x_dtype and x.grad.dtype == x_dtype
+        assert_close(x.grad, xd.grad, x_dtype, GRAD, what="dx")
+        if not frozen:
+            assert b.grad.dtype == FP32
+
+
+def test_forward_mode_ad_keeps_half_precision_tangents():
+    # bf16 x with an fp16 weight under jvp / jacfwd: torch's op in the compute dtype,
+    # rounded to x's dtype, tangent included (nothing requires grad under forward-mode AD)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(5, 16, generator=g).to(BF16)
+    w = (torch.randn(16, generator=g) * 0.5 + 1).to(FP16)
+    tx = torch.randn(5, 16, generator=g).to(BF16)
+    primal, tangent = torch.func.jvp(lambda a: normlab.functional.layer_norm(a, 16, w), (x,), (tx,))
+    _, want = torch.func.jvp(lambda a: reference.layer_norm(a, (16,), w.double(), None, 1e-5),
+                             (x.double(),), (tx.double(),))
+    assert primal.dtype == tangent.dtype == BF16
+    assert_close(tangent, want, BF16, GRAD, what="tangent")
+    assert torch.func.jacfwd(lambda a: normlab.functional.layer_norm(a, 16, w))(x[:1]).dtype == BF16
+
+
+@pytest.mark.parametrize("p_dtype", [BF16, FP16, FP64], ids=lambda d: f"p_{str(d)[6:]}")
+def test_compiled_calls_take_parameters_of_another_dtype(p_dtype):
+    # float32 x with bf16/fp16/fp64 parameters: torch's CPU kernel refuses the pair only when
+    # it runs, so compiled calls skip the short path to it (backend aot_eager: the traced
+    # ops run as they are)
+    g = torch.Generator().manual_seed(8)
+    x, r = torch.randn(3, 16, generator=g), torch.randn(3, 16, generator=g)
+    w, b = torch.randn(16, generator=g).to(p_dtype), torch.randn(16, generator=g).to(p_dtype)
+    module = normlab.LayerNorm(16).to(p_dtype)
+    calls = {
+        "layer_norm": (lambda x: normlab.functional.layer_norm(x, 16, w, b),
+                       lambda: reference.layer_norm(x.double(), (16,), w.double(), b.double(), 1e-5)),
+        "add_layer_norm": (lambda x: normlab.functional.add_layer_norm(x, r, w, b)[0],
+                           lambda: reference.layer_norm((x + r).double(), (16,), w.double(), b.double(), 1e-5)),
+        "LayerNorm module": (module, lambda: reference.layer_norm(
+            x.double(), (16,), module.weight.double(), module.bias.double(), 1e-5)),
+    }
+    for name, (fn, ref) in calls.items():
+        torch._dynamo.reset()
+        got = torch.compile(fn, backend="aot_eager")(x)
+        assert got.dtype == FP32, name
+        assert_close(got, ref(), FP32, OUTPUT, what=name)

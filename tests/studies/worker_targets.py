@@ -56,3 +56,9 @@ def cuda_error_mid_run(spec, run_dir, keep_weights, index=-1):
     if spec.name == "bad":
         return _with_hook(spec, run_dir, keep_weights, index, 2, fail)
     return runner._worker_run(spec, run_dir, keep_weights, index)
+
+
+def cuda_set_device_fails(spec, run_dir, keep_weights, index=-1):
+    """Never called: the workers' start fails first (their initializer pins a GPU that a
+    CPU build of torch cannot set)."""
+    return runner._worker_run(spec, run_dir, keep_weights, index)

@@ -45,8 +45,10 @@ def _params_native(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> boo
     """torch's layer_norm kernels take these parameters with x: all of one dtype, x's,
     or float32 for half-precision x."""
     dt = weight.dtype if weight is not None else bias.dtype if bias is not None else x.dtype
-    return ((bias is None or bias.dtype is dt)
-            and (dt is x.dtype or (dt is torch.float32 and x.dtype in _HALF)))
+    # (a float32 bias without a weight on half-precision x: torch's forward takes it, its
+    # backward fails on the pair)
+    return ((bias is None or bias.dtype is dt) and (dt is x.dtype or (
+        dt is torch.float32 and x.dtype in _HALF and weight is not None)))
 
 
 def layer_norm_native_ok(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
@@ -201,9 +203,11 @@ def layer_norm(x, normalized_shape, weight, bias, eps):
     if layer_norm_native_ok(x, weight, bias):
         # torch's native op is already one fused pass on every device
         return F.layer_norm(x, normalized_shape, weight, bias, eps)
+    if not _plain_eager():  # (before the test below: under forward-mode AD nothing requires grad)
+        return layer_norm_upcast(x, normalized_shape, weight, bias, eps)
     if not _differentiable(x, weight, bias):
         return _layer_norm_forward(x, normalized_shape, weight, bias, eps)[0]  # nothing to differentiate
-    if x.dtype is _layer_norm_dtype(x, weight, bias) or not _plain_eager():
+    if x.dtype is _layer_norm_dtype(x, weight, bias):
         return layer_norm_upcast(x, normalized_shape, weight, bias, eps)
     # half-precision x in eager: torch's kernel on x itself, so the output has torch's op's
     # bits (torch's float32 kernel on converted x differs by an ulp at some sizes, hidden

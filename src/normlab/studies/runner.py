@@ -409,19 +409,58 @@ class WorkerDied(RuntimeError):
     reported failed; the pool is started again for the other runs."""
 
 
+class _StopFlag:
+    """The pool's stop flag: one byte of shared memory, read and written without a lock
+    (a worker that dies holding an ``Event``'s lock would block the parent's ``set``)."""
+
+    def __init__(self, ctx: Any) -> None:
+        self._value = ctx.RawValue("b", 0)
+
+    def set(self) -> None:
+        self._value.value = 1
+
+    def is_set(self) -> bool:
+        return bool(self._value.value)
+
+
+_START_ERROR = "__worker_start_error__"  # a progress-queue message: a worker's start-up failed
+
+
+class WorkerStartFailed(RuntimeError):
+    """The worker processes could not start (their initializer raised): every run of the
+    pool is reported failed with that error, at once."""
+
+
 def _init_worker(threads: int, train: torch.Tensor | None, val: torch.Tensor | None, source: str, n_files: int,
                  queue: Any, stop: Any, slots: Any = None, devices: tuple[str, ...] = ("cpu",),
-                 dtype: str = "fp32", running: Any = None, pids: Any = None, retired: Any = None) -> None:
-    os.setpgrp()  # a terminal's Ctrl-C reaches the parent alone, which tells the workers through ``stop``
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # outside a training run; run_one handles its own
-    torch.set_num_threads(threads)
-    device = _pin_worker(slots, devices)
-    corpus = ByteCorpus(train, val, source, n_files) if train is not None else None
-    _WORKER.update(corpus=corpus, queue=queue, stop=stop, device=device, dtype=dtype, running=running,
-                   retired=retired, poisoned=False)
-    if running is not None:
-        pids[_WORKER["slot"]] = os.getpid()
-        signal.signal(signal.SIGTERM, _on_terminate)
+                 dtype: str = "fp32", running: Any = None, pids: Any = None, retired: Any = None,
+                 barrier: Any = None) -> None:
+    try:
+        os.setpgrp()  # a terminal's Ctrl-C reaches the parent alone, which tells the workers through ``stop``
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # outside a training run; run_one handles its own
+        torch.set_num_threads(threads)
+        device = _pin_worker(slots, devices)
+        corpus = ByteCorpus(train, val, source, n_files) if train is not None else None
+        _WORKER.update(corpus=corpus, queue=queue, stop=stop, device=device, dtype=dtype, running=running,
+                       retired=retired, poisoned=False, barrier=barrier)
+        if running is not None:
+            pids[_WORKER["slot"]] = os.getpid()
+            signal.signal(signal.SIGTERM, _on_terminate)
+    except BaseException:
+        queue.put((_START_ERROR, traceback.format_exc()))  # the parent reports it for the pool's runs
+        queue.close()
+        queue.join_thread()
+        raise
+
+
+def _started(timeout: float) -> int:
+    """A pool's first task for each worker: wait until every worker has started (so no
+    worker is still being spawned once runs are handed out, and a start-up failure is
+    told apart from a run's)."""
+    barrier = _WORKER.get("barrier")
+    if barrier is not None:
+        barrier.wait(timeout)
+    return os.getpid()
 
 
 def _on_terminate(signum, frame) -> None:
@@ -498,6 +537,8 @@ def _worker_run(spec: RunSpec, run_dir: Path, keep_weights: bool, index: int = -
 # a pool that breaks without naming a run that died (a worker killed between runs, or by
 # SIGTERM from outside) is started again this many times before its runs are failed
 POOL_RESTARTS = 3
+# how long a pool's workers may take to start (import torch, the corpus, CUDA)
+WORKER_START_S = 600.0
 
 
 def _how_it_died(exitcode: int | None) -> str:
@@ -555,21 +596,50 @@ def _run_parallel(study, study_dir, corpus, progress, finish, fail, keep_weights
         """``runs`` on a new pool; returns the runs a broken pool left unfinished (none
         when it did not break) and the interruption, if any."""
         n = min(workers, len(runs))
-        queue, stop = ctx.Queue(), ctx.Event()
+        queue, stop = ctx.Queue(), _StopFlag(ctx)
         running = ctx.Array("i", n, lock=False)  # worker slot -> 1 + index in ``runs`` while it runs one
         pids = ctx.Array("i", n, lock=False)  # worker slot -> its process id
         retired = ctx.Array("b", n, lock=False)  # worker slot -> 1 once it left after a CUDA error
+        barrier = ctx.Barrier(n)  # every worker has started
         pool = ProcessPoolExecutor(
             max_workers=n, mp_context=ctx, initializer=_init_worker,
             initargs=(threads, corpus.train if corpus else None, corpus.val if corpus else None,
                       corpus.source if corpus else "", corpus.n_files if corpus else 0, queue, stop,
-                      ctx.Value("i", 0), devices[:n], dtype, running, pids, retired))
+                      ctx.Value("i", 0), devices[:n], dtype, running, pids, retired, barrier))
         current.update(pool=pool, stop=stop)
         if stopping[0]:
             stop.set()
         procs = getattr(pool, "_processes", None)  # pid -> Process, for a dead worker's exit code (private)
         interrupted, broken = None, []
         try:
+            # every worker started before any run is handed out: a pool that breaks while
+            # a worker is still being spawned can leave that worker unterminated
+            start_errors: list[str] = []
+            try:
+                starting = [pool.submit(_started, WORKER_START_S) for _ in range(n)]
+                while not all(f.done() for f in starting):
+                    wait(starting, timeout=0.2, return_when=FIRST_COMPLETED)
+                    start_errors += _drain(queue, specs, bars, completed, progress, overall)
+                    if stopping[0]:
+                        barrier.abort()  # the workers waiting for the others go on, to their end
+                        return list(runs), None
+                for f in starting:
+                    f.result()
+            except Exception as e:  # BrokenProcessPool, or the barrier's timeout
+                barrier.abort()
+                start_errors += _drain(queue, specs, bars, completed, progress, overall)
+                if start_errors:
+                    for spec in runs:
+                        n_failed[0] += 1
+                        fail(spec, WorkerStartFailed(
+                            f"run {spec.name}: the worker processes did not start:\n{start_errors[0]}"))
+                    progress.update(overall, description=_counts(study.name, n_done[0], 0, n_failed[0],
+                                                                 len(study.runs), where))
+                    return [], None
+                broken_unexplained[0] += 1
+                if not stopping[0]:
+                    print(f"the worker pool did not start ({type(e).__name__}); starting it again", file=sys.stderr)
+                return list(runs), None
             pending: dict[Future, RunSpec] = {
                 pool.submit(target or _worker_run, spec, study_dir / spec.name, keep_weights, i): spec
                 for i, spec in enumerate(runs)}
@@ -619,7 +689,9 @@ def _run_parallel(study, study_dir, corpus, progress, finish, fail, keep_weights
                 broken = [r for r in broken if r.name != spec.name]
             if not dead and not any(retired):
                 broken_unexplained[0] += 1
-        return broken, interrupted
+            progress.update(overall, description=_counts(study.name, n_done[0], 0, n_failed[0], len(study.runs),
+                                                         where))
+        return sorted(broken, key=_cost, reverse=True), interrupted
 
     broken_unexplained = [0]
     previous = signal.signal(signal.SIGINT, on_sigint) if _in_main_thread() else None
@@ -633,6 +705,8 @@ def _run_parallel(study, study_dir, corpus, progress, finish, fail, keep_weights
                     fail(spec, WorkerDied(f"run {spec.name}: the worker pool broke {broken_unexplained[0]} times "
                                           "without a run to blame (a worker killed between runs, or from outside)"))
                 todo = []
+                progress.update(overall, description=_counts(study.name, n_done[0], 0, n_failed[0],
+                                                             len(study.runs), where))
         if stopping[0] and interrupted is None:
             interrupted = Interrupted(study.name, 0)
     finally:
@@ -642,19 +716,25 @@ def _run_parallel(study, study_dir, corpus, progress, finish, fail, keep_weights
         raise interrupted
 
 
-def _drain(queue, specs, bars, completed, progress, overall) -> None:
+def _drain(queue, specs, bars, completed, progress, overall) -> list[str]:
+    """Show the progress the workers reported; returns the start-up errors among it."""
     import queue as queue_module
 
+    errors = []
     while True:
         try:
             name, n = queue.get_nowait()
         except queue_module.Empty:
             break
+        if name == _START_ERROR:
+            errors.append(n)
+            continue
         if name not in bars:
             bars[name] = progress.add_task(name, total=_work(specs[name]))
         progress.update(bars[name], completed=n)
         completed[name] = n
     progress.update(overall, completed=sum(completed.values()))
+    return errors
 
 
 def _in_main_thread() -> bool:
