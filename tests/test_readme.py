@@ -11,3 +11,10 @@ def test_readme_python_blocks_run():
     assert blocks, "README has no python example"
     for block in blocks:
         exec(compile(block, str(README), "exec"), {})
+
+
+def test_readme_names_every_study_preset():
+    from normlab.studies.presets import PRESETS
+
+    (listed,) = re.findall(r"\(`--list`: ([a-z, -]+)\)", README.read_text())
+    assert [p.strip() for p in listed.split(",")] == list(PRESETS)

@@ -206,3 +206,21 @@ def test_norms_with_options_the_fused_backward_lacks_are_recorded_by_hooks(make)
     if "bias" in params:
         torch.testing.assert_close(rec[""]["bias"].double(), grads["bias"].flatten(1).double().square().sum(1),
                                    rtol=1e-4, atol=1e-6)
+
+
+def test_a_model_without_a_covered_norm_says_so():
+    # e.g. an unswapped Hugging Face model, whose norms are its own classes: the error says
+    # which norms are covered and how to swap them, not "run the backward inside"
+    class OwnNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(8))
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6) * self.weight
+
+    model = nn.Sequential(nn.Linear(8, 8), OwnNorm())
+    with per_example_grad_norms(model) as norms:
+        model(torch.randn(4, 8)).sum().backward()
+    with pytest.raises(RuntimeError, match=r"no norm this covers .*apply_normlab\(model\)"):
+        norms.total()

@@ -512,3 +512,17 @@ def test_unselectable_keys_count_every_run_that_did_not_diverge():
             r.update(diverged=True, final_val_loss=math.nan)
     (row,) = judge(CLAIMS["brody-scaling-selects-keys"], runs)
     assert row["n_seeds"] == len(SEEDS) - 1
+
+
+def test_a_claim_without_runs_that_learned_says_why():
+    # gns runs that ended no better than byte frequencies alone are left out: the row says
+    # so (and how many diverged), not only that it lacks runs
+    runs = _gns("agrees")
+    for r in runs[:-1]:
+        r.update(final_val_loss=BASELINE + 0.1, final_val_loss_test=BASELINE + 0.1)
+    runs[-1].update(diverged=True, final_val_loss=math.nan)
+    (row,) = judge(CLAIMS["gray-norm-gns-matches-total"], runs)
+    assert row["verdict"] == "inconclusive"
+    n = len(runs)
+    assert (f"{n - 1} of {n} ended with a validation loss no better than the unigram baseline's" in row["measured"]
+            and f"1 of {n} diverged" in row["measured"]), row["measured"]

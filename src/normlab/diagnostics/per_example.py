@@ -299,6 +299,12 @@ class PerExampleGradNorms:
     def total(self) -> Tensor:
         """Sum over all recorded norm layers and their parameters: float32 [B]."""
         if not self._results:
+            if not self._modules:
+                raise RuntimeError(
+                    "per_example_grad_norms: the model has no norm this covers (torch's or normlab's "
+                    "LayerNorm/RMSNorm with a weight); a Hugging Face model's own norms "
+                    "(LlamaRMSNorm, ...) are covered once swapped: normlab.integrations.hf.apply_normlab(model)"
+                )
             raise RuntimeError(
                 "per_example_grad_norms: nothing recorded; run the forward and the backward "
                 "inside the context"

@@ -708,7 +708,8 @@ GNS_COVERAGE = ("normlab's per-example gradients cover LayerNorm and RMSNorm (to
 
 def _gns_ratio(results: list[Result]) -> list[Measurement]:
     """Per configuration and seed: ln(B_simple from the norm layers / from every parameter)."""
-    runs = [r for r in runs_of(results, "gns") if r.get("kind") == "train" and not failed(r)]
+    trained = [r for r in runs_of(results, "gns") if r.get("kind") == "train"]
+    runs = [r for r in trained if not failed(r)]
     rows = []
     for norm in sorted({r["norm"] for r in runs}):
         ratios = {r["seed"]: math.log(r["gns_norms"] / r["gns_total"]) for r in runs
@@ -721,7 +722,22 @@ def _gns_ratio(results: list[Result]) -> list[Measurement]:
             f"@{norm}", i, f"{norm}: B_simple from the norm layers {_mean(r['gns_norms'] for r in mine):.3g}, from "
             f"every parameter {_mean(r['gns_total'] for r in mine):.3g} (means over seeds); ln(norms / total): "
             f"{_ci_text(i)} (x{math.exp(i.estimate):.2f}). {GNS_COVERAGE}.", run_setup(mine)))
+    if not rows and len(runs) < len(trained):
+        return _missing(f"gns training runs with both estimates that learned: {_failed_text(trained)}. "
+                        f"{GNS_COVERAGE}")
     return rows or _missing(f"gns training runs with both estimates. {GNS_COVERAGE}")
+
+
+def _failed_text(runs: list[Result]) -> str:
+    """Why runs are left out as failed: how many diverged, and how many ended no better
+    than the unigram baseline (byte frequencies alone)."""
+    bad = [r for r in runs if failed(r)]
+    diverged = sum(bool(r.get("diverged")) or not math.isfinite(r.get("final_val_loss") or math.nan) for r in bad)
+    parts = [f"{len(bad) - diverged} of {len(runs)} ended with a validation loss no better than the unigram "
+             "baseline's (train longer: --steps)"] if len(bad) > diverged else []
+    if diverged:
+        parts.append(f"{diverged} of {len(runs)} diverged")
+    return "; ".join(parts)
 
 
 def judged_error(r: Result, half: str = "test") -> float:

@@ -523,6 +523,7 @@ def _worker_run(spec: RunSpec, run_dir: Path, keep_weights: bool, index: int = -
     env = Env(device=_WORKER.get("device", torch.device("cpu")), dtype=_WORKER.get("dtype", "fp32"))
     if running is not None:
         running[k] = index + 1
+    queue.put((spec.name, 0))  # running: the progress view counts it from now, not from its first step
     try:
         return run_one(spec, run_dir, env, _WORKER["corpus"], on_step=on_step, keep_weights=keep_weights)
     except Exception as e:
