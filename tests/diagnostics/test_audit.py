@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -9,7 +12,8 @@ from typer.testing import CliRunner
 
 import normlab
 from normlab.cli import app
-from normlab.diagnostics import Finding, audit, has_warmup
+from normlab.diagnostics import Finding, audit, findings_table, has_warmup
+from normlab.diagnostics.audit import example_input_for
 from tests.diagnostics.helpers import hook_count
 from tests.diagnostics.torch_models import torch_lm
 
@@ -79,6 +83,46 @@ def test_norm_after_residual_add_is_not_double():
     assert kinds(audit(Back2Back(), x)) == {"double-norm": {"b"}}
 
 
+def test_norm_fed_a_residual_sum_is_not_double():
+    """normlab's norm(x, residual) normalizes residual + x: not x, even where x is a norm's output."""
+    class OutThenAddNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = normlab.LayerNorm(8), normlab.LayerNorm(8)
+
+        def forward(self, x):
+            return self.b(self.a(x), x)[0]
+
+    class Back2Back(OutThenAddNorm):
+        def forward(self, x, mask=None):
+            return self.b(self.a(x), padding_mask=mask)  # a mask is not a second input
+
+    x = torch.randn(2, 3, 8)
+    assert audit(OutThenAddNorm(), x) == []
+    assert kinds(audit(Back2Back(), x)) == {"double-norm": {"b"}}
+    assert kinds(audit(Back2Back(), (x, torch.zeros(2, 3, dtype=torch.bool)))) == {"double-norm": {"b"}}
+
+
+def _normlab_lm(placement, **kw):
+    from normlab.models import TransformerConfig, TransformerLM
+
+    torch.manual_seed(0)
+    return TransformerLM(TransformerConfig(vocab_size=64, d_model=32, n_heads=4, n_layers=2,
+                                           placement=placement, **kw))
+
+
+@pytest.mark.parametrize("placement", ["sandwich", "peri"])
+def test_sandwich_and_peri_ln_out_norms_are_not_double(placement):
+    """Each ``out`` norm's output reaches the next norm as x of norm(x, residual): a sum."""
+    tokens = torch.randint(0, 64, (2, 8))
+    model = _normlab_lm(placement)
+    assert audit(model, tokens) == []
+    # in eval mode (dropout returns its input) Peri-LN's embedding norm feeds block 0's input
+    # norm directly: a norm of a norm's output, as the placement declares (x_0 = Norm_emb(e))
+    found = kinds(audit(model.eval(), tokens))
+    assert found == ({} if placement == "sandwich" else {"double-norm": {"blocks.0.norms.attn_in"}})
+
+
 # ----------------------------------------------------------------- Pre-LN final norm
 
 
@@ -121,6 +165,18 @@ def test_normlab_parallel_olmo2_and_qk_norm_models(placement, options, qk_norm):
     model.final_norm = None
     found = kinds(audit(model, example_input=tokens))
     assert found == ({} if placement == "olmo2" else {"pre-ln-no-final-norm": {"blocks"}})
+
+
+@pytest.mark.parametrize("placement", ["pre", "sandwich"])
+def test_normlab_lm_is_traced_without_example_input(placement):
+    """TransformerLM registers its blocks (Linears) before its embedding: the made-up input
+    must still be token ids, so the data-flow checks run."""
+    model = _normlab_lm(placement)
+    tokens = example_input_for(model)
+    assert tokens.dtype == torch.long and tokens.shape == (2, 8) and int(tokens.max()) < 64
+    assert audit(model) == []  # no "no-trace" info
+    model.final_norm = None  # found only from the trace (normlab's stack is no torch encoder)
+    assert kinds(audit(model)) == {"pre-ln-no-final-norm": {"blocks"}}
 
 
 # -------------------------------------------------------------------------------- eps
@@ -244,3 +300,76 @@ def test_cli_factory_and_hf_config(tmp_path):
                             n_positions=32).save_pretrained(tmp_path)
     res = runner.invoke(app, ["audit", str(tmp_path)])
     assert res.exit_code == 0 and "no findings" in res.output and "GPT2LMHeadModel" in res.output
+
+
+def test_findings_table_prints_brackets_as_text():
+    from rich.console import Console
+
+    f = Finding("info", "no-trace", "[a]", "expected tokens of shape [batch, seq_len]", "pass [bold]x[/bold]")
+    console = Console(file=io.StringIO(), width=300)
+    console.print(findings_table([f]))
+    out = console.file.getvalue()
+    assert "[batch, seq_len]" in out and "[bold]x[/bold]" in out and "[a]" in out
+
+
+def _flat(output: str) -> str:
+    """CLI output with rich's panel borders and line breaks folded to single spaces."""
+    return re.sub(r"[\s│╭╮╰╯─]+", " ", output)
+
+
+def make_none():
+    return None
+
+
+class _RaisesBracketed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        raise ValueError("expected tokens of shape [batch, seq_len]")
+
+
+def make_untraceable():
+    return _RaisesBracketed()
+
+
+@pytest.mark.parametrize("factory,got", [
+    ("os:getcwd", "returned a str"), ("tests.diagnostics.test_audit:make_none", "returned None"),
+    ("torch.nn:Linear", "calling 'torch.nn:Linear' failed (TypeError"), ("os:sep", "not callable"),
+])
+def test_cli_factory_not_returning_a_model(factory, got):
+    res = CliRunner().invoke(app, ["audit", factory])
+    out = _flat(res.output)
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.output
+    assert got in out and "an nn.Module" in out and "Traceback" not in res.output
+
+
+def test_cli_prints_bracketed_messages():
+    res = CliRunner().invoke(app, ["audit", "tests.diagnostics.test_audit:make_untraceable"],
+                             env={"COLUMNS": "1000"})  # a table row on one line
+    assert res.exit_code == 0, res.output
+    assert "no-trace" in res.output and "expected tokens of shape [batch, seq_len]" in res.output
+
+
+def test_cli_hf_checkpoint_loads_its_weights_and_architecture(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    runner = CliRunner()
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32)
+    model = transformers.GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+    model.save_pretrained(tmp_path / "gpt2")
+    res = runner.invoke(app, ["audit", str(tmp_path / "gpt2")])
+    assert res.exit_code == 1 and "dead-norm" in res.output and "transformer.ln_f" in res.output, res.output
+    assert "random weights" not in _flat(res.output)
+    cfg.save_pretrained(tmp_path / "config_only")
+    res = runner.invoke(app, ["audit", str(tmp_path / "config_only")])
+    assert res.exit_code == 0 and "no findings" in res.output, res.output
+    assert "random weights" in _flat(res.output)
+    bert = transformers.BertModel(transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=32))
+    bert.save_pretrained(tmp_path / "bert")
+    res = runner.invoke(app, ["audit", str(tmp_path / "bert")])
+    assert res.exit_code == 0 and "BertModel" in res.output and "BertLMHeadModel" not in res.output, res.output

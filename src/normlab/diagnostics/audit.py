@@ -8,7 +8,8 @@ add, then a norm", and a Pre-LN block (its norms read the block's input, its out
 an add) from a Post-LN one (its output is a norm's output).
 
 Findings (kind: severity)
-    double-norm          warning  a norm applied directly to another norm's output
+    double-norm          warning  a norm whose one input is another norm's output (not a
+                                  norm(x, residual), which normalizes a sum)
     pre-ln-no-final-norm warning  a Pre-LN stack whose output reaches no norm
     eps-underflow        error    eps rounds to 0 in the norm's parameter dtype
     batchnorm-padding    warning  torch BatchNorm in a sequence model (padding in the stats)
@@ -53,7 +54,7 @@ class Finding:
 @dataclass
 class _NormCall:
     path: str
-    input_id: int                # the tensor it normalizes
+    input_id: int | None         # the one tensor it normalizes; None when it reads several
     consumed: set[int]           # every tensor argument
     output_id: int | None = None
 
@@ -81,6 +82,15 @@ def _tensor_args(args, kwargs) -> list[Tensor]:
     out = [a for a in args if isinstance(a, Tensor)]
     out += [v for v in kwargs.values() if isinstance(v, Tensor)]
     return out
+
+
+def _normalized_input(ts: list[Tensor]) -> int | None:
+    """The id of the one tensor a norm call normalizes, or None when the call reads several
+    floating-point tensors: normlab's ``norm(x, residual)`` normalizes ``residual + x``, a
+    sum, so it is no norm's output even where ``x`` is (Sandwich/Peri-LN's ``out`` norm
+    feeding the next ``in`` norm). Masks (bool, integer) do not count."""
+    data = [t for t in ts if t.is_floating_point() or t.is_complex()] or ts
+    return id(data[0]) if len(data) == 1 else None
 
 
 def _first_tensor(obj) -> Tensor | None:
@@ -113,7 +123,7 @@ def trace_forward(model: nn.Module, example_input) -> Trace:
             if not ts:
                 return
             trace.keep.extend(ts)
-            trace.norm_calls.append(_NormCall(path, id(ts[0]), {id(t) for t in ts}))
+            trace.norm_calls.append(_NormCall(path, _normalized_input(ts), {id(t) for t in ts}))
         return hook
 
     def norm_post(path):
@@ -173,9 +183,19 @@ def trace_forward(model: nn.Module, example_input) -> Trace:
     return trace
 
 
-def example_input_for(model: nn.Module):
-    """A small made-up input for ``model``, or None: (src, tgt) for nn.Transformer, token ids
-    [2, 8] when the model has an nn.Embedding, else a float [2, 8, in_features]."""
+# last path token of an nn.Embedding that reads token ids (not positions or token types)
+_TOKEN_EMBEDDINGS = {"tokens", "wte", "embed_tokens", "word_embeddings", "tok_embeddings", "tok_emb",
+                     "token_embedding", "token_embeddings", "embed", "embedding", "embeddings", "shared",
+                     "emb", "embed_in"}
+
+
+def example_inputs_for(model: nn.Module) -> list:
+    """Small made-up inputs for ``model``, most likely first (``audit`` tries them in order):
+    (src, tgt) for nn.Transformer; token ids [2, 8] when the model has an nn.Embedding
+    (below the vocabulary of its token embedding: one named like ``tokens``/``wte``/
+    ``embed_tokens``/``word_embeddings``, else the first); a float [2, 8, in_features]
+    for the first nn.Linear. Token ids come first wherever there is an embedding, even
+    after a Linear in module order (normlab's TransformerLM registers its blocks first)."""
     p = next(model.parameters(), None)
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
     device = p.device if p is not None else None
@@ -183,14 +203,23 @@ def example_input_for(model: nn.Module):
     if isinstance(model, nn.Transformer):
         d = model.d_model
         shape = (2, 8, d) if model.batch_first else (8, 2, d)
-        return (torch.randn(shape, generator=g).to(device, dtype),
-                torch.randn(shape, generator=g).to(device, dtype))
-    for mod in model.modules():
-        if isinstance(mod, nn.Embedding):
-            return torch.randint(0, mod.num_embeddings, (2, 8), generator=g).to(device)
-        if isinstance(mod, nn.Linear):
-            return torch.randn(2, 8, mod.in_features, generator=g).to(device, dtype)
-    return None
+        return [(torch.randn(shape, generator=g).to(device, dtype),
+                 torch.randn(shape, generator=g).to(device, dtype))]
+    out = []
+    embeddings = [(path, mod) for path, mod in model.named_modules() if isinstance(mod, nn.Embedding)]
+    if embeddings:
+        named = [mod for path, mod in embeddings if path.rsplit(".", 1)[-1].lower() in _TOKEN_EMBEDDINGS]
+        vocab = (named or [embeddings[0][1]])[0].num_embeddings
+        out.append(torch.randint(0, vocab, (2, 8), generator=g).to(device))
+    linear = next((mod for mod in model.modules() if isinstance(mod, nn.Linear)), None)
+    if linear is not None:
+        out.append(torch.randn(2, 8, linear.in_features, generator=g).to(device, dtype))
+    return out
+
+
+def example_input_for(model: nn.Module):
+    """The first of :func:`example_inputs_for`, or None."""
+    return next(iter(example_inputs_for(model)), None)
 
 
 # ---------------------------------------------------------------------------- context
@@ -244,7 +273,7 @@ def check_double_norm(ctx: AuditContext) -> list[Finding]:
     if ctx.trace is not None:
         outputs = ctx.trace.norm_outputs()
         for c in ctx.trace.norm_calls:
-            if c.input_id in outputs:
+            if c.input_id is not None and c.input_id in outputs:
                 found.setdefault(c.path, outputs[c.input_id])
     else:  # known structure: torch's TransformerEncoder/Decoder with a norm after Post-LN layers
         for path, mod in ctx.model.named_modules():
@@ -441,16 +470,19 @@ def audit(model: nn.Module, example_input=None, optimizer=None, scheduler=None) 
 
     ``example_input`` (a tensor, a tuple of positional arguments or a dict of keyword
     arguments) is used for one traced forward; without it one is made up when possible
-    (:func:`example_input_for`), else structural checks fall back to known module types.
+    (:func:`example_inputs_for`: the first that runs), else structural checks fall back
+    to known module types.
     ``optimizer``/``scheduler`` enable the warm-up check."""
     trace, err = None, None
-    if example_input is None:
-        example_input = example_input_for(model)
-    if example_input is not None:
+    candidates = example_inputs_for(model) if example_input is None else [example_input]
+    for candidate in candidates:
         try:
-            trace = trace_forward(model, example_input)
-        except Exception as e:  # a made-up input may not fit: fall back to structure
-            err = f"{type(e).__name__}: {e}"
+            trace = trace_forward(model, candidate)
+        except Exception as e:  # a made-up input may not fit: try the next, else fall back to structure
+            err = err or f"{type(e).__name__}: {e}"
+        else:
+            err = None
+            break
     ctx = AuditContext(model, trace, optimizer, scheduler, find_block_lists(model), err)
     findings: list[Finding] = []
     if err is not None:
@@ -465,7 +497,8 @@ def audit(model: nn.Module, example_input=None, optimizer=None, scheduler=None) 
 
 
 def findings_table(findings: list[Finding], title: str = "normlab audit"):
-    """A rich.table.Table of findings."""
+    """A rich.table.Table of findings (their text is escaped: printed as is, not as markup)."""
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=title)
@@ -473,7 +506,7 @@ def findings_table(findings: list[Finding], title: str = "normlab audit"):
         table.add_column(col, overflow="fold")
     colors = {"error": "red", "warning": "yellow", "info": "cyan"}
     for f in findings:
-        table.add_row(f"[{colors.get(f.severity, 'white')}]{f.severity}[/]", f.kind,
-                      f.module or "(model)", f.message, f.suggestion)
+        table.add_row(f"[{colors.get(f.severity, 'white')}]{escape(f.severity)}[/]", escape(f.kind),
+                      escape(f.module or "(model)"), escape(f.message), escape(f.suggestion))
     return table
 

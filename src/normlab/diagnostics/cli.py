@@ -1,4 +1,4 @@
-"""``normlab audit MODEL``: load a model from a factory or a local Hugging Face config and audit it."""
+"""``normlab audit MODEL``: load a model from a factory or a local Hugging Face checkpoint and audit it."""
 
 from __future__ import annotations
 
@@ -8,28 +8,67 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from torch import nn
 
 from normlab.diagnostics.audit import audit, findings_table
 
+_FACTORY = "pkg.module:factory, a callable taking no arguments that returns an nn.Module or (nn.Module, example_input)"
+# the weight files transformers' from_pretrained reads (sharded ones through their index)
+_WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
 
-def load_model(spec: str) -> tuple[nn.Module, object]:
-    """(model, example_input or None) from ``pkg.module:factory`` or a Hugging Face config.
 
-    A factory may return a model or (model, example_input). A config is a local directory
-    with a config.json, or a name already in the local Hugging Face cache; the model is
-    built from it with random weights (nothing is downloaded)."""
+def load_model(spec: str) -> tuple[nn.Module, object, str | None]:
+    """(model, example_input or None, note or None) from ``pkg.module:factory`` or a Hugging Face checkpoint.
+
+    A factory takes no arguments and returns a model or (model, example_input); anything
+    else (or a factory that raises) is a ``typer.BadParameter``. A checkpoint is a local
+    directory with a config.json, or a name already in the local Hugging Face cache
+    (nothing is downloaded): the model class is the config's ``architectures`` entry
+    (else AutoModelForCausalLM, else AutoModel), loaded with its saved weights; where
+    there are none it is built from the config with random weights and ``note`` says so."""
     if ":" in spec and not Path(spec).exists():
-        mod_name, _, attr = spec.partition(":")
-        try:
-            factory = getattr(importlib.import_module(mod_name), attr)
-        except (ImportError, AttributeError) as e:
-            raise typer.BadParameter(f"cannot import '{spec}' ({e}); expected pkg.module:factory",
-                                     param_hint="MODEL") from None
+        model, example_input = _from_factory(spec)
+        return model, example_input, None
+    return _from_hugging_face(spec)
+
+
+def _from_factory(spec: str) -> tuple[nn.Module, object]:
+    mod_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise typer.BadParameter(f"cannot import '{spec}' ({e}); expected pkg.module:factory",
+                                 param_hint="MODEL") from None
+    if not callable(factory):
+        raise typer.BadParameter(f"'{spec}' is a {type(factory).__name__}, not callable; expected {_FACTORY}",
+                                 param_hint="MODEL")
+    try:
         made = factory()
-        if isinstance(made, tuple):
-            return made[0], (made[1] if len(made) > 1 else None)
-        return made, None
+    except Exception as e:  # the factory's own error, reported as one line
+        raise typer.BadParameter(f"calling '{spec}' failed ({type(e).__name__}: {e}); expected {_FACTORY}",
+                                 param_hint="MODEL") from None
+    model, example_input = made, None
+    if isinstance(made, tuple) and made:
+        model, example_input = made[0], (made[1] if len(made) > 1 else None)
+    if not isinstance(model, nn.Module):
+        got = "None" if made is None else f"a {type(made).__name__}" + (
+            f" whose first item is a {type(model).__name__}" if model is not made else "")
+        raise typer.BadParameter(f"'{spec}' returned {got}; expected {_FACTORY}", param_hint="MODEL")
+    return model, example_input
+
+
+def _model_classes(transformers, config) -> list:
+    """The saved architecture's class (``config.architectures``), then the Auto classes."""
+    classes = []
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            classes.append(cls)
+    return classes + [transformers.AutoModelForCausalLM, transformers.AutoModel]
+
+
+def _from_hugging_face(spec: str) -> tuple[nn.Module, object, str | None]:
     try:
         import transformers
     except ImportError:
@@ -43,21 +82,45 @@ def load_model(spec: str) -> tuple[nn.Module, object]:
         raise typer.BadParameter(
             f"'{spec}' is neither pkg.module:factory nor a local Hugging Face config ({e})",
             param_hint="MODEL") from None
-    try:
-        model = transformers.AutoModelForCausalLM.from_config(config)
-    except ValueError:
-        model = transformers.AutoModel.from_config(config)
-    return model, None
+    local = Path(spec).is_dir()
+    has_weights = any(any(Path(spec).glob(p)) for p in _WEIGHT_FILES) if local else None
+    errors = []
+    for cls in _model_classes(transformers, config):
+        auto = cls.__module__.startswith("transformers.models.auto")
+        if has_weights is not False:
+            try:
+                return cls.from_pretrained(spec, local_files_only=True), None, None
+            except ValueError as e:  # an Auto class that does not know this config
+                errors.append(f"{cls.__name__}: {e}")
+                continue
+            except OSError as e:
+                if has_weights:
+                    raise typer.BadParameter(f"cannot load the weights in '{spec}' ({e})",
+                                             param_hint="MODEL") from None
+                has_weights = False  # a cached config without weights: build it below
+        try:
+            model = cls.from_config(config) if auto else cls(config)
+        except ValueError as e:
+            errors.append(f"{cls.__name__}: {e}")
+            continue
+        return model, None, (f"no weights in '{spec}': {type(model).__name__} was built from its config with "
+                             f"random weights, so the weight checks (dead-norm, norm-far-from-init) describe "
+                             f"an untrained model")
+    raise typer.BadParameter(f"no transformers model class builds the config in '{spec}' ({'; '.join(errors)})",
+                             param_hint="MODEL")
 
 
 def audit_command(spec: str) -> None:
     """Print the audit of the model named by ``spec``; exit 1 if any finding is an error."""
-    model, example_input = load_model(spec)
+    model, example_input, note = load_model(spec)
     findings = audit(model, example_input)
     console = Console()
+    name = escape(f"{type(model).__name__} ({spec})")
+    if note is not None:
+        console.print(f"normlab audit: {escape(note)}")
     if not findings:
-        console.print(f"normlab audit: no findings for {type(model).__name__} ({spec})")
+        console.print(f"normlab audit: no findings for {name}")
         return
-    console.print(findings_table(findings, title=f"normlab audit: {type(model).__name__} ({spec})"))
+    console.print(findings_table(findings, title=f"normlab audit: {name}"))
     if any(f.severity == "error" for f in findings):
         raise typer.Exit(1)
