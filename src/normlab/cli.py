@@ -19,6 +19,16 @@ console = Console()
 @app.callback()
 def _root() -> None:
     """normlab: normalization for transformers."""
+    # a bad $NORMLAB_BACKEND would otherwise surface as a traceback from the first op
+    import os
+
+    from normlab.backend import _check_name
+
+    try:
+        _check_name(os.environ.get("NORMLAB_BACKEND", "auto"), "NORMLAB_BACKEND")
+    except ValueError as err:
+        raise typer.BadParameter(str(err).removeprefix("NORMLAB_BACKEND: "),
+                                 param_hint="NORMLAB_BACKEND (environment variable)") from err
 
 
 @app.command()
@@ -28,6 +38,11 @@ def norms(
     seed: int = typer.Option(0, help="Random seed."),
 ) -> None:
     """List the registered norms and measure each one's defining property and CPU cost."""
+    if rows < 16:  # the demo input is [rows // 16, 16, hidden]
+        raise typer.BadParameter(f"expected an integer >= 16 (the input is [rows / 16, 16, hidden]), got {rows}",
+                                 param_hint="--rows")
+    if hidden < 1:
+        raise typer.BadParameter(f"expected a positive integer, got {hidden}", param_hint="--hidden")
     import torch
 
     from normlab.norms import build_norm, get_norm_entry, norm_names
@@ -58,7 +73,8 @@ def norms(
 
 @app.command()
 def audit(
-    model: str = typer.Argument(..., help="pkg.module:factory, or a local Hugging Face config dir/name."),
+    model: str = typer.Argument(..., help="pkg.module:factory, or a local Hugging Face checkpoint (its weights) "
+                                          "or config (random weights) dir/name."),
 ) -> None:
     """Audit a model's normalization: double norms, missing final norm, eps, BatchNorm, dead norms."""
     from normlab.diagnostics.cli import audit_command

@@ -1,4 +1,4 @@
-"""normlab convert over a local Hugging Face model directory."""
+"""normlab convert over a local Hugging Face model directory; its refusals of bad input."""
 
 import json
 
@@ -9,10 +9,9 @@ from typer.testing import CliRunner
 from normlab.cli import app
 from tests.convert.models import hf_inputs, hf_model, perturb
 
-transformers = pytest.importorskip("transformers", reason="transformers not installed (pip install 'normlab[hf]')")
-
 
 def test_convert_gpt2_dir_rms_then_fold_reloads_exactly(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers not installed (pip install 'normlab[hf]')")
     torch.manual_seed(0)
     model = perturb(hf_model("gpt2"), scale=0.05).eval()
     model.save_pretrained(tmp_path / "src")
@@ -41,3 +40,81 @@ def test_convert_refusal_exits_nonzero(tmp_path):
 def test_convert_rejects_unknown_transform(tmp_path):
     result = CliRunner().invoke(app, ["convert", str(tmp_path), str(tmp_path / "out"), "-t", "nope"])
     assert result.exit_code != 0 and "expected each --transform" in result.output
+
+
+def _refused(args, *needles):
+    result = CliRunner().invoke(app, ["convert", *map(str, args)], env={"COLUMNS": "400"})
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in result.output, result.output
+    return result
+
+
+def _tiny_lm():
+    from normlab.models import TransformerConfig, TransformerLM
+    torch.manual_seed(0)
+    return TransformerLM(TransformerConfig(vocab_size=50, d_model=16, n_heads=2, n_layers=1, max_seq_len=8))
+
+
+def test_convert_refuses_an_unusable_out(tmp_path):
+    from normlab.models import save_model
+    save_model(_tiny_lm(), tmp_path / "lm.safetensors")
+    (tmp_path / "afile").write_text("")
+    _refused([tmp_path / "lm.safetensors", tmp_path / "afile"], "Invalid value for OUT", "not a directory")
+    _refused([tmp_path / "lm.safetensors", "/proc/normlab-x"], "Invalid value for OUT", "cannot write to /proc/normlab-x")
+    # OUT/model.safetensors would be SRC itself
+    (tmp_path / "d").mkdir()
+    save_model(_tiny_lm(), tmp_path / "d" / "model.safetensors")
+    _refused([tmp_path / "d" / "model.safetensors", tmp_path / "d"], "Invalid value for OUT",
+             "would write over the source")
+
+
+def test_convert_refuses_to_write_over_a_source_directory(tmp_path):
+    hf_model("gpt2").save_pretrained(tmp_path / "src")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "src").iterdir()}
+    _refused([tmp_path / "src", tmp_path / "src"], "OUT", "is SRC", "would write over the source")
+    _refused([tmp_path / "src", tmp_path / "src" / "sub"], "OUT", "is inside SRC")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "src").iterdir()} == before
+
+
+def test_convert_refuses_a_directory_without_weights(tmp_path):
+    hf_model("gpt2").save_pretrained(tmp_path / "src")
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.json").write_text((tmp_path / "src" / "config.json").read_text())
+    _refused([tmp_path / "cfg", tmp_path / "out"], "Invalid value for SRC", "cannot load",
+             "as a Hugging Face model directory")
+    _refused([tmp_path / "missing", tmp_path / "out"], "Invalid value for SRC", "no such file or directory")
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_refuses_a_previous_normlab_output_dir_with_a_pointer_to_its_file(tmp_path):
+    # SRC is a Hugging Face directory or a normlab .safetensors file (docs/convert.md):
+    # the directory convert writes for a normlab model is refused, naming the file to pass
+    from normlab.models import save_model
+    (tmp_path / "o").mkdir()
+    lm = _tiny_lm()
+    save_model(lm, tmp_path / "o" / "model.safetensors")
+    (tmp_path / "o" / "config.json").write_text(json.dumps(lm.cfg.to_dict()))
+    _refused([tmp_path / "o", tmp_path / "o2"], "Invalid value for SRC", "holds a normlab model",
+             str(tmp_path / "o" / "model.safetensors"))
+
+
+def test_convert_refuses_bad_normlab_inputs(tmp_path):
+    import safetensors.torch
+    lm = _tiny_lm()
+    safetensors.torch.save_model(lm, str(tmp_path / "plain.safetensors"))
+    (tmp_path / "garbage.safetensors").write_bytes(b"not a safetensors file")
+    wrong = dict(lm.cfg.to_dict(), d_model=32)
+    (tmp_path / "wrong.json").write_text(json.dumps(wrong))
+    (tmp_path / "list.json").write_text("[]")
+    out = tmp_path / "out"
+    _refused([tmp_path / "plain.safetensors", out, "--config", tmp_path / "missing.json"],
+             "Invalid value for --config", "cannot read", "No such file or directory")
+    _refused([tmp_path / "plain.safetensors", out, "--config", tmp_path / "list.json"],
+             "Invalid value for --config", "expected a JSON object")
+    _refused([tmp_path / "garbage.safetensors", out], "Invalid value for SRC", "cannot read",
+             "as a safetensors file")
+    _refused([tmp_path / "plain.safetensors", out, "--config", tmp_path / "wrong.json"],
+             "Invalid value for --config", "does not fit the TransformerLM of", "size mismatch")
+    assert not out.exists()

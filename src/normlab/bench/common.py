@@ -1,12 +1,15 @@
 """What the benchmarks share: the ``normlab bench`` Typer app, the device's name, the
-timer, the load average, the CLI's device/dtype checks and the CSV writer."""
+timer, the load average, the CLI's option checks (device, dtype, positive integers, the
+output directory) and the CSV writer."""
 
 from __future__ import annotations
 
 import csv
 import os
 import platform
+import re
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -179,11 +182,50 @@ def keep_freed_memory() -> bool:
 
 
 def pick_device(device: str | None) -> torch.device:
-    """``--device`` (default: cuda when available), refused when CUDA is asked for and absent."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise typer.BadParameter("no CUDA device is available", param_hint="--device")
+    """``--device``: cpu, cuda or cuda:N (default: cuda when available); a CUDA device
+    this machine does not have is refused."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device.strip().lower()):
+        raise typer.BadParameter(f"expected cpu, cuda or cuda:N, got {device!r}", param_hint="--device")
+    dev = torch.device(device.strip().lower())
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise typer.BadParameter(f"{device!r}: no CUDA device is available on this machine; expected cpu",
+                                     param_hint="--device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise typer.BadParameter(f"{device!r}: this machine has {torch.cuda.device_count()} CUDA "
+                                     f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}",
+                                     param_hint="--device")
     return dev
+
+
+def check_positive(value: int | None, param_hint: str) -> int | None:
+    """An integer option that must be at least 1 when given (None: not given)."""
+    if value is not None and value < 1:
+        raise typer.BadParameter(f"expected a positive integer, got {value}", param_hint=param_hint)
+    return value
+
+
+def check_out_dir(path: str | os.PathLike, param_hint: str = "--out") -> Path:
+    """A directory that can be written to, or be created and written to: refused (as
+    ``param_hint``) up front, before any work, rather than when the results are saved.
+    Nothing is left behind: the check makes and removes a temporary directory in
+    ``path``, or in its nearest existing parent where ``path`` does not exist yet."""
+    path = Path(path)
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        what = "is" if probe == path else f"is inside {probe}, which is"
+        raise typer.BadParameter(f"{path} {what} not a directory; expected a directory to write to",
+                                 param_hint=param_hint)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".normlab-check-", dir=probe))
+    except OSError as err:
+        raise typer.BadParameter(f"cannot write to {path}: {err.strerror or err}; expected a "
+                                 "directory that can be created and written to", param_hint=param_hint) from err
+    return path
 
 
 def pick_dtype(dtype: str, allowed: tuple[str, ...] = tuple(DTYPES)) -> torch.dtype:

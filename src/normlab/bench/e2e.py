@@ -43,6 +43,8 @@ from normlab.backend import resolve
 from normlab.bench.common import (
     Timer,
     app,
+    check_out_dir,
+    check_positive,
     device_name,
     load_average,
     pick_device,
@@ -302,6 +304,10 @@ def e2e(
     console = Console()
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, E2E_DTYPES)
+    for value, hint in ((threads, "--threads"), (d_model, "--d-model"), (n_layers, "--n-layers"),
+                        (tokens, "--tokens"), (batch, "--batch")):
+        check_positive(value, hint)
+    check_out_dir(out)
     if threads:
         torch.set_num_threads(threads)
     gpu = dev.type == "cuda"

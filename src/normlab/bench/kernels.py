@@ -40,6 +40,8 @@ from normlab.backend import resolve
 from normlab.bench.common import (
     Timer,
     app,
+    check_out_dir,
+    check_positive,
     device_name,
     keep_freed_memory,
     load_average,
@@ -409,8 +411,15 @@ def _plot(records: list[Record], path: Path) -> None:
     plt.close(fig)
 
 
-def _ints(text: str | None) -> tuple[int, ...] | None:
-    return tuple(int(v) for v in text.split(",")) if text else None
+def _sizes(text: str | None, param_hint: str) -> tuple[int, ...] | None:
+    """``--rows`` / ``--hidden``: comma-separated positive integers (None: not given)."""
+    if text is None:
+        return None
+    items = [v.strip() for v in text.split(",")]
+    if not all(v.isdigit() and int(v) > 0 for v in items):
+        raise typer.BadParameter(f"expected comma-separated positive integers such as 1024,4096; got {text!r}",
+                                 param_hint=param_hint)
+    return tuple(int(v) for v in items)
 
 
 def parse_shapes(text: str | None) -> tuple[tuple[int, int], ...] | None:
@@ -477,15 +486,21 @@ def kernels(
     bad = [o for o in op_list if o not in ALL_OPS]
     if bad:
         raise typer.BadParameter(f"unknown op(s) {bad}; expected among {ALL_OPS}", param_hint="--ops")
+    check_positive(threads, "--threads")
+    shape_pairs = parse_shapes(shapes)
+    if shape_pairs and (rows is not None or hidden is not None):
+        raise typer.BadParameter("cannot be combined with --rows/--hidden (each ROWSxHIDDEN pair gives "
+                                 "both); expected one or the other", param_hint="--shapes")
+    rows_given, hidden_given = _sizes(rows, "--rows"), _sizes(hidden, "--hidden")
+    check_out_dir(out)
     if threads:
         torch.set_num_threads(threads)
     gpu = dev.type == "cuda"
     steady_malloc = not gpu and keep_freed_memory()
-    shape_pairs = parse_shapes(shapes)
     qk_list = parse_qk_shapes(qk_shapes) or (
         GPU_QK_SHAPES if gpu else CPU_QK_QUICK if quick else CPU_QK_SHAPES)
-    rows_list = _ints(rows) or ((16384,) if quick and gpu else (1024,) if quick else GPU_ROWS if gpu else CPU_ROWS)
-    hidden_list = _ints(hidden) or ((1024, 4096) if quick else GPU_HIDDEN if gpu else CPU_HIDDEN)
+    rows_list = rows_given or ((16384,) if quick and gpu else (1024,) if quick else GPU_ROWS if gpu else CPU_ROWS)
+    hidden_list = hidden_given or ((1024, 4096) if quick else GPU_HIDDEN if gpu else CPU_HIDDEN)
     if compile_ is None:
         compile_ = gpu or not quick
     timer = Timer(dev, warmup=3 if quick else 10, reps=5 if quick else (50 if gpu else 15),

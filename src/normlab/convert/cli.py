@@ -17,12 +17,37 @@ def _load_hf(src: Path):
     except ImportError as err:
         raise typer.BadParameter("a Hugging Face model directory needs transformers: "
                                  "pip install 'normlab[hf]'") from err
-    config = transformers.AutoConfig.from_pretrained(src, local_files_only=True)
-    archs = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, archs[0], None) if archs else None
-    if cls is None:
-        cls = transformers.AutoModel
-    return cls.from_pretrained(src, local_files_only=True)
+    weights = src / "model.safetensors"
+    if weights.is_file() and _normlab_metadata(weights).get("normlab.model"):
+        # what `normlab convert` writes for a normlab model: SRC takes the file itself
+        raise typer.BadParameter(f"{src} holds a normlab model (normlab.models.save_model), not a Hugging "
+                                 f"Face model; expected its file as SRC: {weights}", param_hint="SRC")
+    try:
+        config = transformers.AutoConfig.from_pretrained(src, local_files_only=True)
+        archs = getattr(config, "architectures", None) or []
+        cls = getattr(transformers, archs[0], None) if archs else None
+        if cls is None:
+            cls = transformers.AutoModel
+        return cls.from_pretrained(src, local_files_only=True)
+    except (OSError, ValueError) as err:  # no config or weights, an unknown model_type, ...
+        raise typer.BadParameter(f"cannot load {src} as a Hugging Face model directory: {_first_line(err)}",
+                                 param_hint="SRC") from err
+
+
+def _first_line(err: BaseException) -> str:
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+
+
+def _normlab_metadata(weights: Path) -> dict:
+    """The metadata of a safetensors file; a file that is not one is refused."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise typer.BadParameter(f"cannot read {weights} as a safetensors file: {_first_line(err)}",
+                                 param_hint="SRC") from err
 
 
 def _load_normlab(weights: Path, config: Path | None):
@@ -30,23 +55,35 @@ def _load_normlab(weights: Path, config: Path | None):
     ``normlab.models.save_model`` stores in its metadata, or, for a plain state dict, a
     TransformerLM built from ``config`` (a JSON of TransformerConfig fields)."""
     import safetensors.torch
-    from safetensors import safe_open
 
     from normlab.models import TransformerConfig, TransformerLM, load_model
 
-    with safe_open(str(weights), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = _normlab_metadata(weights)
     if config is None:
         if "normlab.model" not in meta:
             raise typer.BadParameter(f"{weights} has no normlab model metadata (normlab.models.save_model "
-                                     "writes it); pass --config with the TransformerConfig JSON")
-        return load_model(weights)
+                                     "writes it); pass --config with the TransformerConfig JSON", param_hint="SRC")
+        try:
+            return load_model(weights)
+        except (ValueError, RuntimeError) as err:
+            raise typer.BadParameter(f"cannot load {weights}: {_first_line(err)}", param_hint="SRC") from err
     try:
-        cfg = TransformerConfig.from_dict(json.loads(config.read_text()))
+        d = json.loads(config.read_text())
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object of TransformerConfig fields, got {type(d).__name__}")
+        cfg = TransformerConfig.from_dict(d)
+    except OSError as err:
+        raise typer.BadParameter(f"cannot read {config}: {err.strerror or err}", param_hint="--config") from err
     except ValueError as err:
-        raise typer.BadParameter(f"--config {config}: {err}") from err
+        raise typer.BadParameter(f"{config}: {_first_line(err)}", param_hint="--config") from err
     model = TransformerLM(cfg)
-    safetensors.torch.load_model(model, str(weights), strict=True)
+    try:
+        safetensors.torch.load_model(model, str(weights), strict=True)
+    except RuntimeError as err:  # missing/unexpected keys, size mismatches: lines after a header
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        detail = lines[-1] if len(lines) < 3 else f"{lines[1]} (and {len(lines) - 2} more)"
+        raise typer.BadParameter(f"{weights} does not fit the TransformerLM of {config}: {detail}",
+                                 param_hint="--config") from err
     return model
 
 
@@ -127,12 +164,25 @@ def convert(
     bad = [t for t in transform if t not in TRANSFORMS]
     if bad:
         raise typer.BadParameter(f"expected each --transform in {', '.join(TRANSFORMS)}, got {', '.join(bad)}")
+    if not src.is_dir() and (src.suffix != ".safetensors" or not src.is_file()):
+        raise typer.BadParameter(f"expected a model directory or a .safetensors file, got {src}"
+                                 + ("" if src.exists() else " (no such file or directory)"), param_hint="SRC")
+    # the model is written to OUT: refuse to write over SRC (in place, or inside it)
+    src_path, out_path = src.resolve(), out.resolve()
+    if src.is_dir() and (out_path == src_path or src_path in out_path.parents):
+        raise typer.BadParameter(f"{out} is {'SRC' if out_path == src_path else 'inside SRC'}: converting "
+                                 "would write over the source model; expected another directory",
+                                 param_hint="OUT")
+    if not src.is_dir() and (out_path / "model.safetensors") == src_path:
+        raise typer.BadParameter(f"{out}/model.safetensors is SRC: converting would write over the source "
+                                 "model; expected another directory", param_hint="OUT")
+    from normlab.bench.common import check_out_dir
+
+    check_out_dir(out, param_hint="OUT")
     if src.is_dir():
         model, kind = _load_hf(src), "hf"
-    elif src.suffix == ".safetensors":
-        model, kind = _load_normlab(src, config), "normlab"
     else:
-        raise typer.BadParameter(f"SRC must be a model directory or a .safetensors file, got {src}")
+        model, kind = _load_normlab(src, config), "normlab"
     model.eval()
     reports = []
     for t in transform:
