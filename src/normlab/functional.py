@@ -449,13 +449,6 @@ def rms_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | 
     return _rms_norm(x, normalized_shape, weight, eps)
 
 
-def _plain_shape(weight: Tensor | None, normalized_shape: int | Sequence[int] | None) -> Sequence[int] | None:
-    """The normalized shape of a fused add+norm call: normalized_shape, else the weight's."""
-    if normalized_shape is None:
-        return None if weight is None else weight.shape
-    return (normalized_shape,) if type(normalized_shape) is int else normalized_shape
-
-
 def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
                    eps: float = 1e-5, *, dropout_p: float = 0.0, training: bool = False,
                    generator: torch.Generator | None = None, residual_dtype: torch.dtype | None = None,
@@ -482,7 +475,8 @@ def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bi
             and residual.shape == x.shape and get_backend() != "triton" and not _compiling()):
         try:
             h = residual + x
-            return torch.layer_norm(h, _plain_shape(weight, normalized_shape), weight, bias, eps), h
+            return torch.layer_norm(h, weight.shape if normalized_shape is None else (  # (no weight: raises)
+                (normalized_shape,) if type(normalized_shape) is int else normalized_shape), weight, bias, eps), h
         except Exception:  # noqa: BLE001 - the checked path below names the bad argument
             pass
     return _add_layer_norm(x, residual, weight, bias, eps, dropout_p=dropout_p, training=training,
@@ -509,7 +503,8 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps:
             and residual.shape == x.shape and get_backend() != "triton"):
         try:
             h = residual + x
-            return torch.rms_norm(h, _plain_shape(weight, normalized_shape), weight, eps), h
+            return torch.rms_norm(h, weight.shape if normalized_shape is None else (  # (no weight: raises)
+                (normalized_shape,) if type(normalized_shape) is int else normalized_shape), weight, eps), h
         except Exception:  # noqa: BLE001 - the checked path below names the bad argument
             pass
     return _add_rms_norm(x, residual, weight, eps, dropout_p=dropout_p, training=training, generator=generator,
