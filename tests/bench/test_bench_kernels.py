@@ -71,18 +71,22 @@ def test_bench_rejects_bad_dtype():
     assert result.exit_code != 0 and "bf16" in result.output
 
 
-def test_bench_kernels_qk_norm_on_a_transposed_view(tmp_path, monkeypatch):
+def _quick_json(tmp_path, monkeypatch, *args):
+    """``bench kernels --device cpu --dtype fp32 --quick --json ARGS``: (records, the inputs
+    each measurement was given)."""
     import normlab.bench.kernels as bk
     monkeypatch.setattr(bk, "keep_freed_memory", lambda: True)
     seen = []
     real_inputs = bk._inputs
     monkeypatch.setattr(bk, "_inputs", lambda *a, **k: seen.append(real_inputs(*a, **k)) or seen[-1])
-    result = CliRunner().invoke(app, [
-        "bench", "kernels", "--device", "cpu", "--dtype", "fp32", "--quick", "--json",
-        "--ops", "qk_rms_norm,qk_layer_norm", "--qk-shapes", "1x2x8x64", "--out", str(tmp_path),
-    ])
+    result = CliRunner().invoke(app, ["bench", "kernels", "--device", "cpu", "--dtype", "fp32", "--quick", "--json",
+                                      *args, "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")], seen
+
+
+def test_bench_kernels_qk_norm_on_a_transposed_view(tmp_path, monkeypatch):
+    records, seen = _quick_json(tmp_path, monkeypatch, "--ops", "qk_rms_norm,qk_layer_norm", "--qk-shapes", "1x2x8x64")
     assert len(records) == 2 * 3 * 2  # ops x passes x impls
     for r in records:
         assert r["op"] in ("qk_rms_norm", "qk_layer_norm") and r["impl"] in ("normlab", "torch")
@@ -103,16 +107,8 @@ def test_bench_kernels_adaln_ops(tmp_path, monkeypatch):
     # x [8, rows / 8, hidden] with one scale and shift per example ([8, 1, hidden]); rows
     # not a multiple of 8: one example; torch's counterpart is the unfused expression
     import normlab.bench.kernels as bk
-    monkeypatch.setattr(bk, "keep_freed_memory", lambda: True)
-    seen = []
-    real_inputs = bk._inputs
-    monkeypatch.setattr(bk, "_inputs", lambda *a, **k: seen.append(real_inputs(*a, **k)) or seen[-1])
-    result = CliRunner().invoke(app, [
-        "bench", "kernels", "--device", "cpu", "--dtype", "fp32", "--quick", "--json",
-        "--ops", "adaln_layer_norm,adaln_rms_norm", "--shapes", "16x32,9x32", "--out", str(tmp_path),
-    ])
-    assert result.exit_code == 0, result.output
-    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    records, seen = _quick_json(tmp_path, monkeypatch, "--ops", "adaln_layer_norm,adaln_rms_norm",
+                                "--shapes", "16x32,9x32")
     assert len(records) == 2 * 2 * 3 * 2  # ops x shapes x passes x impls
     assert {r["op"] for r in records} == {"adaln_layer_norm", "adaln_rms_norm"}
     assert all(r["median_ms"] > 0 and r["gbps"] > 0 for r in records)
