@@ -49,6 +49,12 @@ def test_cpu_tensors_resolve_to_torch_under_auto():
 
 
 def test_forcing_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    # the kernels are defined first, as the session runs them: triton.jit reads
+    # TRITON_INTERPRET when a kernel is defined, and set_backend("triton") imports them,
+    # so importing them here with the interpreter off would leave compiled-mode kernels
+    # to every later test in this process
+    if backend.triton_available():
+        import normlab.ops.triton  # noqa: F401
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with normlab.set_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         normlab.functional.layer_norm(torch.randn(2, 3), 3)
