@@ -386,12 +386,6 @@ def _add_rms_norm(
 _compiling = torch.compiler.is_compiling
 
 
-def _half_pair_ok(x: Tensor, weight: object, bias: object) -> bool:
-    """torch's layer_norm backward takes half-precision x with these parameters: not a
-    float32 bias without a weight (its forward does, its backward fails on the pair)."""
-    return weight is not None or bias is None or getattr(bias, "dtype", None) is x.dtype
-
-
 def _param_grad(weight: object, bias: object) -> bool:
     """A weight or bias gradient will be taken. torch's CPU layer_norm backward sums those
     in x's dtype (a bfloat16 sum of ones stops at 256), so with half-precision x the call
@@ -411,7 +405,7 @@ def layer_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor 
     if offset != 0.0:
         return _layer_norm_torch_ops(x, normalized_shape, weight, bias, eps, offset)
     if type(x) is Tensor and x.is_cpu and type(eps) is float and _isfinite(eps) and get_backend() != "triton" \
-            and (x.dtype not in _HALF or (not _param_grad(weight, bias) and _half_pair_ok(x, weight, bias))) \
+            and (x.dtype not in _HALF or (not _param_grad(weight, bias) and not _eager.bias_alone_refused(x, weight, bias))) \
             and not _compiling():
         try:
             return torch.layer_norm(
@@ -449,6 +443,13 @@ def rms_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | 
     return _rms_norm(x, normalized_shape, weight, eps)
 
 
+def _plain_shape(weight: Tensor | None, normalized_shape: int | Sequence[int] | None) -> Sequence[int] | None:
+    """The normalized shape of a fused add+norm call: normalized_shape, else the weight's."""
+    if normalized_shape is None:
+        return None if weight is None else weight.shape
+    return (normalized_shape,) if type(normalized_shape) is int else normalized_shape
+
+
 def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
                    eps: float = 1e-5, *, dropout_p: float = 0.0, training: bool = False,
                    generator: torch.Generator | None = None, residual_dtype: torch.dtype | None = None,
@@ -471,12 +472,11 @@ def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bi
             and generator is None and residual_dtype is None and type(x) is Tensor
             and type(residual) is Tensor and x.is_cpu and residual.dtype is (dt := x.dtype)
             and dt in _SHORT_ADD_DTYPES and type(eps) is float and -_INF < eps < _INF
-            and (dt not in _HALF or (not _param_grad(weight, bias) and _half_pair_ok(x, weight, bias)))
+            and (dt not in _HALF or (not _param_grad(weight, bias) and not _eager.bias_alone_refused(x, weight, bias)))
             and residual.shape == x.shape and get_backend() != "triton" and not _compiling()):
         try:
             h = residual + x
-            return torch.layer_norm(h, weight.shape if normalized_shape is None else (  # (no weight: raises)
-                (normalized_shape,) if type(normalized_shape) is int else normalized_shape), weight, bias, eps), h
+            return torch.layer_norm(h, _plain_shape(weight, normalized_shape), weight, bias, eps), h
         except Exception:  # noqa: BLE001 - the checked path below names the bad argument
             pass
     return _add_layer_norm(x, residual, weight, bias, eps, dropout_p=dropout_p, training=training,
@@ -503,8 +503,7 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps:
             and residual.shape == x.shape and get_backend() != "triton"):
         try:
             h = residual + x
-            return torch.rms_norm(h, weight.shape if normalized_shape is None else (  # (no weight: raises)
-                (normalized_shape,) if type(normalized_shape) is int else normalized_shape), weight, eps), h
+            return torch.rms_norm(h, _plain_shape(weight, normalized_shape), weight, eps), h
         except Exception:  # noqa: BLE001 - the checked path below names the bad argument
             pass
     return _add_rms_norm(x, residual, weight, eps, dropout_p=dropout_p, training=training, generator=generator,

@@ -41,14 +41,18 @@ from normlab.ops import reference
 _HALF = (torch.float16, torch.bfloat16)
 
 
+def bias_alone_refused(x: Tensor, weight: object, bias: object) -> bool:
+    """A bias without a weight, of another dtype than x: torch's layer_norm forward takes
+    a float32 one with half-precision x, its backward fails on the pair."""
+    return weight is None and bias is not None and getattr(bias, "dtype", None) is not x.dtype
+
+
 def _params_native(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
     """torch's layer_norm kernels take these parameters with x: all of one dtype, x's,
-    or float32 for half-precision x."""
+    or float32 for half-precision x (a weight with it: ``bias_alone_refused``)."""
     dt = weight.dtype if weight is not None else bias.dtype if bias is not None else x.dtype
-    # (a float32 bias without a weight on half-precision x: torch's forward takes it, its
-    # backward fails on the pair)
     return ((bias is None or bias.dtype is dt) and (dt is x.dtype or (
-        dt is torch.float32 and x.dtype in _HALF and weight is not None)))
+        dt is torch.float32 and x.dtype in _HALF and not bias_alone_refused(x, weight, bias))))
 
 
 def layer_norm_native_ok(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
@@ -721,6 +725,16 @@ def _adaln_ln_forward(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor | 
     return y.to(out_dtype), mean, rstd
 
 
+def _adaln_forward_any(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor | None, bias: Tensor | None,
+                       eps: float, is_rms: bool) -> tuple[Tensor, Tensor | None, Tensor, str | None]:
+    """(y, mean, rstd, plan): the layer_norm-kernel forward where ``_adaln_plan`` gives a
+    plan, else the general one."""
+    plan = _adaln_plan(x, scale, shift, is_rms)
+    if plan is None:
+        return (*_adaln_forward(x, scale, shift, weight, bias, eps, is_rms), None)
+    return (*_adaln_ln_forward(x, scale, shift, weight, bias, eps, plan), plan)
+
+
 def _adaln_ln_backward(ctx, dy: Tensor, plan: str) -> tuple:
     """The gradients of a ``_adaln_plan`` call: torch's layer_norm backward kernel with the
     gains (``_layer_norm_backward``: float32 sums, half-precision rows converted a chunk
@@ -776,11 +790,7 @@ class _AdaLNModulate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, shift, weight, bias, eps, is_rms):
-        plan = _adaln_plan(x, scale, shift, is_rms)
-        if plan is None:
-            y, mean, rstd = _adaln_forward(x, scale, shift, weight, bias, eps, is_rms)
-        else:
-            y, mean, rstd = _adaln_ln_forward(x, scale, shift, weight, bias, eps, plan)
+        y, mean, rstd, plan = _adaln_forward_any(x, scale, shift, weight, bias, eps, is_rms)
         ctx.save_for_backward(x, mean, rstd, scale, weight, bias)
         ctx.eps, ctx.is_rms, ctx.ct, ctx.plan = eps, is_rms, reference.compute_dtype(y.dtype), plan
         ctx.shift_shape, ctx.shift_dtype = shift.shape, shift.dtype
@@ -890,7 +900,4 @@ def adaln_modulate(x, scale, shift, eps, *, weight=None, bias=None, is_rms=False
         return adaln_native(x, scale, shift, eps, weight, bias, is_rms)
     if _differentiable(x, scale, shift, weight, bias):
         return _AdaLNModulate.apply(x, scale, shift, weight, bias, eps, is_rms)
-    plan = _adaln_plan(x, scale, shift, is_rms)  # nothing to differentiate
-    if plan is not None:
-        return _adaln_ln_forward(x, scale, shift, weight, bias, eps, plan)[0]
-    return _adaln_forward(x, scale, shift, weight, bias, eps, is_rms)[0]
+    return _adaln_forward_any(x, scale, shift, weight, bias, eps, is_rms)[0]  # nothing to differentiate
