@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -30,7 +31,6 @@ from normlab.ops.eager import NATIVE_RMS_MAX_NUMEL
 __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "dropout_add"]
 
 _HALF = (torch.float16, torch.bfloat16)
-_isfinite = math.isfinite
 _INF = math.inf
 # the dtypes whose fused add is a plain ``residual + x`` on the torch backend (float64 goes
 # through the reference, which gives the same sum)
@@ -60,7 +60,7 @@ def _check_normalized_shape(op: str, x: Tensor, normalized_shape: int | Sequence
         shape = (int(normalized_shape),)
     else:
         try:
-            shape = tuple(int(d) for d in normalized_shape)
+            shape = tuple(operator.index(d) for d in normalized_shape)
         except TypeError:
             raise TypeError(
                 f"{op}: expected normalized_shape to be an int or a sequence of ints, "
@@ -96,10 +96,12 @@ def _check_param(op: str, name: str, p: Tensor | None, shape: tuple[int, ...], x
 def _check_eps(op: str, eps: float | Tensor | None, allow_none: bool) -> float | None:
     """eps as a float: any finite number, as torch takes (torch's own OpInfo samples use
     eps=-0.5), or a 0-dim tensor holding one; inf and nan are refused."""
-    if type(eps) is float and math.isfinite(eps):
+    if type(eps) is float and -_INF < eps < _INF:  # (comparisons: traceable on a symbolic eps)
         return eps
     if eps is None and allow_none:
         return None
+    if isinstance(eps, torch.SymFloat):
+        return eps  # a traced eps (torch.compile with dynamic floats): checked where it is a number
     if isinstance(eps, Tensor) and eps.dim() == 0 and not eps.is_complex():
         eps = eps.item()
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps):
@@ -384,6 +386,9 @@ def _add_rms_norm(
 # refuses only when it runs (layer_norm of float32 x with parameters of another dtype,
 # which its shape check passes at trace time): compiled calls take the checked path.
 _compiling = torch.compiler.is_compiling
+# Under torch.func transforms torch's layer_norm of parameters of another dtype than x
+# decomposes and promotes (batched parameters): such calls take the checked path.
+_functorch_active = torch._C._are_functorch_transforms_active
 
 
 def _param_grad(weight: object, bias: object) -> bool:
@@ -404,9 +409,9 @@ def layer_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor 
     zero-centred gamma: offset=1), and y is rounded once to x's dtype."""
     if offset != 0.0:
         return _layer_norm_torch_ops(x, normalized_shape, weight, bias, eps, offset)
-    if type(x) is Tensor and x.is_cpu and type(eps) is float and _isfinite(eps) and get_backend() != "triton" \
+    if type(x) is Tensor and x.is_cpu and type(eps) is float and -_INF < eps < _INF and get_backend() != "triton" \
             and (x.dtype not in _HALF or (not _param_grad(weight, bias) and not _eager.bias_alone_refused(x, weight, bias))) \
-            and not _compiling():
+            and not _compiling() and (not _functorch_active() or _eager.one_dtype(x, weight, bias)):
         try:
             return torch.layer_norm(
                 x, (normalized_shape,) if type(normalized_shape) is int else normalized_shape, weight, bias, eps)
@@ -430,7 +435,7 @@ def rms_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | 
     ``LlamaRMSNorm`` / ``GemmaRMSNorm`` (see ``ops.reference.rms_norm_cast``)."""
     if offset != 0.0 or casting_mode != "torch":
         return _rms_norm_cast(x, normalized_shape, weight, eps, offset, casting_mode)
-    if type(x) is Tensor and x.is_cpu and (eps is None or (type(eps) is float and _isfinite(eps))) \
+    if type(x) is Tensor and x.is_cpu and (eps is None or (type(eps) is float and -_INF < eps < _INF)) \
             and get_backend() != "triton":
         try:
             # torch takes complex input, which normlab refuses (docs/kernels.md)
@@ -500,7 +505,7 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps:
             and type(residual) is Tensor and x.is_cpu and residual.dtype is (dt := x.dtype)
             and dt in _SHORT_ADD_DTYPES and (eps is None or (type(eps) is float and -_INF < eps < _INF))
             and (weight is None or getattr(weight, "dtype", None) is dt) and x.numel() <= NATIVE_RMS_MAX_NUMEL
-            and residual.shape == x.shape and get_backend() != "triton"):
+            and residual.shape == x.shape and get_backend() != "triton" and not _compiling()):
         try:
             h = residual + x
             return torch.rms_norm(h, _plain_shape(weight, normalized_shape), weight, eps), h
@@ -556,7 +561,7 @@ def adaln_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6, *
             and x.numel() <= _eager.ADALN_NATIVE_MAX_NUMEL and get_backend() != "triton"):
         try:  # (a 0-dim x, scale or shift raises here)
             d = x.shape[-1]
-            if (scale.shape[-1] == d and shift.shape[-1] == d and scale.is_floating_point()
+            if (scale.shape[-1] == d and shift.shape[-1] == d and x.is_floating_point() and scale.is_floating_point()
                     and shift.is_floating_point() and (norm == "layernorm" or norm == "rmsnorm")):
                 y = _eager.adaln_native(x, scale, shift, eps, is_rms=norm == "rmsnorm")
                 if y.shape == x.shape:  # scale or shift did not broadcast x up

@@ -203,9 +203,18 @@ def layer_norm_upcast(x: Tensor, normalized_shape: Sequence[int], weight: Tensor
                         None if bias is None else bias.to(ct), eps).to(x.dtype)
 
 
+def one_dtype(x: Tensor, weight: object, bias: object) -> bool:
+    """The parameters (those given) have x's dtype."""
+    dt = x.dtype
+    return getattr(weight, "dtype", dt) is dt and getattr(bias, "dtype", dt) is dt
+
+
 def layer_norm(x, normalized_shape, weight, bias, eps):
-    if layer_norm_native_ok(x, weight, bias):
-        # torch's native op is already one fused pass on every device
+    if layer_norm_native_ok(x, weight, bias) and (
+            not torch._C._are_functorch_transforms_active() or one_dtype(x, weight, bias)):
+        # torch's native op is already one fused pass on every device (under torch.func
+        # with mixed dtypes it decomposes and promotes, batched parameters, so not there:
+        # normlab's output keeps x's dtype)
         return F.layer_norm(x, normalized_shape, weight, bias, eps)
     if not _plain_eager():  # (before the test below: under forward-mode AD nothing requires grad)
         return layer_norm_upcast(x, normalized_shape, weight, bias, eps)
@@ -230,6 +239,12 @@ _FUSED_RMS_FORWARD = getattr(torch.ops.aten, "_fused_rms_norm", None)
 FUSED_RMS_MAX_NUMEL = 1 << 17
 
 
+def _rows(x: Tensor, normalized_shape: Sequence[int]) -> int:
+    """The number of normalized rows (the leading dims' product: right for a zero-size
+    normalized dim too, where ``reshape(-1, 0)`` cannot infer it)."""
+    return math.prod(x.shape[:x.dim() - len(normalized_shape)])
+
+
 def _rms_forward(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None,
                  eps: float, fused_ok: bool = False) -> tuple[Tensor, Tensor]:
     """y = x * rstd * weight and rstd [rows, 1], rstd = 1 / sqrt(mean(x^2) + eps), in
@@ -244,7 +259,7 @@ def _rms_forward(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | No
         return y, rstd.reshape(-1, 1)
     hidden = math.prod(normalized_shape)
     ct = reference.compute_dtype(x.dtype)
-    x2 = x.reshape(-1, hidden)
+    x2 = x.reshape(_rows(x, normalized_shape), hidden)
     if not x2.is_contiguous():  # rows read in order, and a row-major y, as torch returns
         x2 = x2.contiguous()
     if x2.dtype == ct:  # no conversion: y = x * rstd is the first pass that writes
@@ -257,7 +272,10 @@ def _rms_forward(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | No
         rstd = rstd.square_().div_(hidden).add_(eps).rsqrt_()
         y.mul_(rstd)
     if weight is not None:
-        y = y.mul_(weight.reshape(-1)) if weight.dtype != torch.float64 or ct == weight.dtype else y * weight.reshape(-1)
+        # in place where it can be; out of place for a float64 weight (promotes) and under
+        # torch.func, where the weight may be batched and y not (model ensembling)
+        inplace = (weight.dtype != torch.float64 or ct == weight.dtype) and _plain_eager()
+        y = y.mul_(weight.reshape(-1)) if inplace else y * weight.reshape(-1)
     y = y.to(x.dtype).reshape(x.shape)
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         y = y.contiguous(memory_format=torch.channels_last)  # as torch's rms_norm keeps it
@@ -271,14 +289,15 @@ def _rms_backward(x: Tensor, weight: Tensor | None, rstd: Tensor, dout: Tensor, 
     twice and no [rows, hidden] intermediate is kept."""
     ct = rstd.dtype
     hidden = math.prod(normalized_shape)
-    x2 = x.reshape(-1, hidden)
+    rows = _rows(x, normalized_shape)
+    x2 = x.reshape(rows, hidden)
     if torch.is_grad_enabled():
         # create_graph (double backward): out-of-place ops, and rstd recomputed from x
         # so the second derivative flows through it too
         rstd = torch.rsqrt(x2.to(ct).square().mean(1, keepdim=True) + eps)
-        dyf = dout.reshape(-1, hidden).to(ct)
+        dyf = dout.reshape(rows, hidden).to(ct)
     else:
-        dyf = dout.reshape(-1, hidden).to(ct, copy=True)  # scratch, updated in place below
+        dyf = dout.reshape(rows, hidden).to(ct, copy=True)  # scratch, updated in place below
     p = dyf * x2
     dx = dw = None
     if weight is not None and needs_weight:
@@ -304,10 +323,11 @@ def _rms_jvp(x: Tensor, weight: Tensor | None, rstd: Tensor, normalized_shape: t
     dy = dx * rstd * w - x * rstd^3 * mean(x * dx) * w + x * rstd * dw."""
     ct = rstd.dtype
     hidden = math.prod(normalized_shape)
-    x2 = x.reshape(-1, hidden).to(ct)
+    rows = _rows(x, normalized_shape)
+    x2 = x.reshape(rows, hidden).to(ct)
     out = torch.zeros_like(x2)
     if dx is not None:
-        d2 = dx.reshape(-1, hidden).to(ct)
+        d2 = dx.reshape(rows, hidden).to(ct)
         out = d2 * rstd - x2 * rstd.pow(3) * (x2 * d2).mean(1, keepdim=True)
         if weight is not None:
             out = out * weight.reshape(-1).to(ct)
@@ -501,9 +521,9 @@ def _layer_norm_per_example(ctx, dout: Tensor) -> None:
 
 def _rms_per_example(ctx, dout: Tensor) -> None:
     x, _weight, rstd = ctx.saved_tensors
-    hidden = math.prod(ctx.normalized_shape)
-    _write_per_example(ctx.per_example_grad_sq, dout.reshape(-1, hidden).to(rstd.dtype),
-                       x.reshape(-1, hidden) * rstd, ctx.normalized_shape, False)
+    shape = (_rows(x, ctx.normalized_shape), math.prod(ctx.normalized_shape))
+    _write_per_example(ctx.per_example_grad_sq, dout.reshape(shape).to(rstd.dtype),
+                       x.reshape(shape) * rstd, ctx.normalized_shape, False)
 
 
 class LayerNormPerExampleFunction(LayerNormFunction):
