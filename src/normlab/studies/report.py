@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -21,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from normlab.studies.claims import best_setting, judged_error, judged_loss, runs_of  # noqa: E402
+from normlab.studies.spec import read_jsonl  # noqa: E402
 from normlab.studies.stats import mean_ci  # noqa: E402
 
 Result = dict[str, Any]
@@ -33,10 +33,8 @@ DPI = 150
 
 
 def load_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """A run's logged records (``spec.read_jsonl``: damaged lines skipped with a warning)."""
+    return read_jsonl(run_dir / "metrics.jsonl")
 
 
 def _group(r: Result) -> str:

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -49,7 +50,15 @@ from normlab.studies.cluster import JobOptions
 from normlab.studies.data import ByteCorpus
 from normlab.studies.report import load_metrics, make_plots, write_html, write_markdown
 from normlab.studies.spec import RunSpec, Study
-from normlab.studies.train import Env, Interrupted, model_config, run_one
+from normlab.studies.train import (
+    CHECKPOINT,
+    Env,
+    FolderLock,
+    Interrupted,
+    model_config,
+    run_holder,
+    run_one,
+)
 
 
 def apply_overrides(study: Study, *, seeds: int | None = None, steps: int | None = None) -> Study:
@@ -212,11 +221,80 @@ def provenance(env: Env, corpus: ByteCorpus | None, *, workers: int, threads: in
 # ------------------------------------------------------------------ running
 
 
+class StudyBusy(RuntimeError):
+    """Another ``normlab study`` is running in the study's folder (it holds the folder's
+    lock): two writers would interleave their runs' records."""
+
+
+class StudyInterrupted(Interrupted):
+    """Ctrl-C stopped the study: what each running run saved, and how to go on."""
+
+    def __init__(self, message: str) -> None:
+        Exception.__init__(self, message)
+        self.run, self.step = None, None
+
+    def __reduce__(self):
+        return (StudyInterrupted, (str(self),))
+
+
+def _interrupted(study: Study, runs: list[Interrupted]) -> StudyInterrupted:
+    if not runs:
+        return StudyInterrupted(f"interrupted before the next runs of {study.name!r} started; the finished runs "
+                                "are in summary.json; re-run the same command to resume")
+    saved = [f"{i.run} (step {i.step})" for i in runs if i.step is not None]
+    over = [i.run for i in runs if i.step is None]
+    parts = ([f"saved {', '.join(saved)}"] if saved else []) + (
+        [f"{', '.join(over)} keep{'s' if len(over) == 1 else ''} no checkpoint and start over"] if over else [])
+    return StudyInterrupted(f"interrupted: {'; '.join(parts)}; re-run the same command to resume")
+
+
+def _error_line(text: str) -> str:
+    """The line of a traceback (or a job's log) that names the error: the last line that
+    starts with an exception's name, else the last line."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Died|Failed|Busy|Exit)\b:?", line):
+            return line
+    return lines[-1] if lines else ""
+
+
+def _stale_runs(study: Study, study_dir: Path) -> list[str]:
+    """The study's runs whose folder holds work made with other settings: a result, or a
+    checkpoint, of another fingerprint."""
+    stale = []
+    for spec in study.runs:
+        run_dir = study_dir / spec.name
+        for path in (run_dir / "result.json", run_dir / CHECKPOINT / "state.json"):
+            try:
+                found = json.loads(path.read_text()).get("fingerprint")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if found != spec.fingerprint():
+                stale.append(spec.name)
+                break
+    return stale
+
+
+def _refuse_stale(study: Study, study_dir: Path, stale: list[str], report_only: bool) -> None:
+    try:
+        made_by = json.loads((study_dir / "summary.json").read_text())["provenance"]["command"]
+    except (OSError, ValueError, KeyError, TypeError):
+        made_by = None
+    names = ", ".join(stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
+    how = f"; the last command there: `{made_by}`" if made_by else ""
+    if report_only:
+        raise ValueError(f"{study_dir} holds {len(stale)} run(s) made with other settings ({names}{how}): give "
+                         "the options they were made with to report them")
+    raise ValueError(f"{study_dir} holds {len(stale)} run(s) made with other settings ({names}{how}): re-run "
+                     "with the options they were made with to resume them, --overwrite to replace them, or "
+                     "--out another folder")
+
+
 def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, console: Console | None = None,
               workers: int | None = None, keep_weights: bool = True,
               corpus: ByteCorpus | None = None, launcher: str | None = None,
               job_options: JobOptions | None = None, wait: bool = True,
-              report_only: bool = False, runs_per_gpu: int | None = None
+              report_only: bool = False, runs_per_gpu: int | None = None, overwrite: bool = False
               ) -> tuple[list[dict[str, Any]], Path | None]:
     """Run (or resume) every run of ``study`` under ``out/<study>``, then judge its claims
     and write the report; returns the results and the report's path (None on ranks other
@@ -228,11 +306,36 @@ def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, con
     the summary and report, and lists the others as not finished.
 
     ``workers`` None (auto): one per core on a CPU, ``runs_per_gpu`` (default 1) per
-    visible GPU on CUDA. On CUDA worker k runs on GPU k % GPUs (``gpu_plan``)."""
+    visible GPU on CUDA. On CUDA worker k runs on GPU k % GPUs (``gpu_plan``).
+
+    The study holds its folder's lock while it runs: a second study on the same folder
+    raises ``StudyBusy`` (``report_only`` takes no lock: it only reads the runs). A folder
+    whose runs were made with other settings (another ``--steps``, an older preset) is
+    refused with ValueError, and nothing in it is touched, unless ``overwrite``: those
+    runs then start over."""
     console = console or Console()
     _check_workers(env, workers, runs_per_gpu, launcher is not None or report_only)
     study_dir = out / study.name
     study_dir.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(study_dir)
+    if env.is_main and not report_only:
+        holder = lock.acquire()
+        if holder is not None:
+            raise StudyBusy(f"another normlab study{f' (pid {holder})' if holder else ''} is running in "
+                            f"{study_dir}; wait for it to finish, or give another --out")
+    try:
+        return _run_study(study, study_dir, env, data=data, console=console, workers=workers,
+                          keep_weights=keep_weights, corpus=corpus, launcher=launcher, job_options=job_options,
+                          wait=wait, report_only=report_only, runs_per_gpu=runs_per_gpu, overwrite=overwrite)
+    finally:
+        lock.release()
+
+
+def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, workers, keep_weights, corpus, launcher,
+               job_options, wait, report_only, runs_per_gpu, overwrite) -> tuple[list[dict[str, Any]], Path | None]:
+    stale = _stale_runs(study, study_dir)
+    if stale and (report_only or not overwrite):
+        _refuse_stale(study, study_dir, stale, report_only)
     corpus_given = corpus is not None
     if corpus is None and any(r.task == "lm" for r in study.runs):
         corpus = ByteCorpus.from_path(data)
@@ -266,12 +369,26 @@ def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, con
     results: dict[str, dict[str, Any]] = {}
     failures: dict[str, str] = {}  # run name -> its traceback: the other runs go on
 
+    unwritable: list[str] = []
+
+    def save_summary() -> None:
+        """summary.json after each run; a write that fails (a full disk) is told once, and
+        the runs go on (the last write, after them all, raises)."""
+        if not env.is_main:
+            return
+        try:
+            _write_summary(study_dir, study, _ordered(study, results), prov, failures)
+        except OSError as e:
+            if not unwritable:
+                console.print(f"[red]could not write {escape(str(study_dir / 'summary.json'))}:[/red] "
+                              f"{escape(str(e))}; the runs go on")
+            unwritable.append(str(e))
+
     def fail(spec: RunSpec, error: BaseException) -> None:
         failures[spec.name] = "".join(traceback.format_exception(error)).strip()
-        last = failures[spec.name].splitlines()[-1]
-        console.print(f"[red]run {spec.name} failed:[/red] {last} (traceback in summary.json)")
-        if env.is_main:
-            _write_summary(study_dir, study, _ordered(study, results), prov, failures)
+        console.print(f"[red]run {escape(spec.name)} failed:[/red] {escape(_error_line(failures[spec.name]))} "
+                      "(traceback in summary.json)")
+        save_summary()
 
     def finish(spec: RunSpec, result: dict[str, Any]) -> None:
         if corpus is not None and spec.task == "lm":
@@ -280,8 +397,7 @@ def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, con
                 baselines[key] = corpus.baselines(*key)
             result.update(baselines[key])
         results[spec.name] = result
-        if env.is_main:
-            _write_summary(study_dir, study, _ordered(study, results), prov, failures)
+        save_summary()
 
     try:
         with progress:
@@ -292,6 +408,11 @@ def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, con
                 prov["not_finished"] = [r.name for r in study.runs if r.name not in results]
             elif launcher is not None:
                 pending = [r for r in study.runs if not _finished(r, study_dir / r.name)]
+                busy = [r.name for r in pending if run_holder(study_dir / r.name) is not None]
+                if busy:  # jobs of an earlier submission that still run: not submitted twice
+                    console.print(f"{len(busy)} run(s) still running in earlier jobs, not submitted again: "
+                                  + escape(", ".join(busy[:8]) + (" ..." if len(busy) > 8 else "")))
+                    pending = [r for r in pending if r.name not in busy]
                 jobs = cluster.submit(pending, study_dir, launcher, job_options or JobOptions(), data=data,
                                       ship_corpus=corpus if corpus_given else None, dtype=env.dtype,
                                       keep_weights=keep_weights) if pending else {}
@@ -299,7 +420,7 @@ def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, con
                     console.print(f"submitted {len(jobs)} job(s) ({launcher}; ids in {study_dir / 'jobs.json'}); "
                                   f"`normlab study {study.name} --report-only` merges the finished runs")
                     return [], None
-                _wait_for_jobs(study, jobs, progress, fail)
+                _wait_for_jobs(study, jobs, progress, fail, launcher)
                 for spec in study.runs:
                     if spec.name not in failures and _finished(spec, study_dir / spec.name):
                         finish(spec, json.loads((study_dir / spec.name / "result.json").read_text()))
@@ -319,9 +440,11 @@ def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, con
                         _run_serial(timed, "timing", study_dir, env, corpus, progress, finish, keep_weights, fail)
                     finally:
                         torch.set_num_threads(before)
-    except Interrupted:
-        if env.is_main:
-            _write_summary(study_dir, study, _ordered(study, results), prov, failures)
+    except (Interrupted, KeyboardInterrupt) as e:
+        save_summary()
+        if isinstance(e, KeyboardInterrupt):  # a second Ctrl-C: the workers stopped at once
+            raise StudyInterrupted("interrupted at once: the running runs resume from their last checkpoints; "
+                                   "re-run the same command to resume") from None
         raise
     ordered = _ordered(study, results)
     report = None
@@ -341,7 +464,7 @@ def _counts(study: str, done: int, running: int, failed: int, total: int, where:
     return (f"{study}: {done} done, {running} running, {failed} failed of {total}{where}")
 
 
-def _wait_for_jobs(study: Study, jobs: dict[str, Any], progress: Progress, fail) -> None:
+def _wait_for_jobs(study: Study, jobs: dict[str, Any], progress: Progress, fail, launcher: str = "slurm") -> None:
     specs = {r.name: r for r in study.runs}
     task = progress.add_task(_counts(study.name, 0, 0, 0, len(jobs), " jobs"), total=max(1, len(jobs)))
 
@@ -352,7 +475,11 @@ def _wait_for_jobs(study: Study, jobs: dict[str, Any], progress: Progress, fail)
     try:
         errors = cluster.wait(jobs, on_update)
     except KeyboardInterrupt:
-        raise Interrupted(study.name, 0) from None  # the jobs go on; --report-only merges them later
+        if launcher == "local":  # the jobs are this terminal's processes: Ctrl-C reached them too
+            raise StudyInterrupted("interrupted: the local jobs were stopped too, each saving its run's checkpoint; "
+                                   "re-run the same command to resume them") from None
+        raise StudyInterrupted(f"stopped waiting for {len(jobs)} job(s), which go on; `normlab study {study.name} "
+                               "--report-only` (with the same options) merges the finished runs") from None
     for name, err in errors.items():
         fail(specs[name], err)
 
@@ -384,6 +511,11 @@ def _run_serial(runs, title, study_dir, env, corpus, progress, finish, keep_weig
             result = run_one(spec, study_dir / spec.name, env, corpus, on_step=on_step, keep_weights=keep_weights)
         except Interrupted:
             raise
+        except KeyboardInterrupt:  # a run with no step loop (a probe, a timing), or a second Ctrl-C
+            if spec.kind == "train":
+                raise StudyInterrupted(f"interrupted at once in run {spec.name!r}: it resumes from its last "
+                                       "checkpoint; re-run the same command to resume") from None
+            raise Interrupted(spec.name, None) from None
         except Exception as e:
             if fail is None:
                 raise
@@ -657,6 +789,7 @@ def _run_parallel(study, study_dir, corpus, progress, finish, fail, keep_weights
                         result = fut.result()
                     except Interrupted as e:
                         interrupted = interrupted or e
+                        cut_off.append(e)
                         continue
                     except BrokenProcessPool:
                         broken.append(spec)  # a worker died: sorted out below, once the pool has ended
@@ -695,6 +828,7 @@ def _run_parallel(study, study_dir, corpus, progress, finish, fail, keep_weights
         return sorted(broken, key=_cost, reverse=True), interrupted
 
     broken_unexplained = [0]
+    cut_off: list[Interrupted] = []  # the runs Ctrl-C stopped, as their workers reported them
     previous = signal.signal(signal.SIGINT, on_sigint) if _in_main_thread() else None
     interrupted: Interrupted | None = None
     try:
@@ -708,8 +842,8 @@ def _run_parallel(study, study_dir, corpus, progress, finish, fail, keep_weights
                 todo = []
                 progress.update(overall, description=_counts(study.name, n_done[0], 0, n_failed[0],
                                                              len(study.runs), where))
-        if stopping[0] and interrupted is None:
-            interrupted = Interrupted(study.name, 0)
+        if stopping[0] or interrupted is not None:
+            interrupted = _interrupted(study, cut_off)
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
@@ -762,9 +896,12 @@ def _write_summary(study_dir: Path, study: Study, results: list[dict[str, Any]],
                    failures: dict[str, str] | None = None) -> None:
     summary = {"study": study.name, "description": study.description, "provenance": prov, "runs": results,
                "failed": [{"name": name, "error": text} for name, text in (failures or {}).items()]}
-    tmp = study_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(_json_safe(summary), indent=1, default=str))
-    tmp.replace(study_dir / "summary.json")
+    tmp = study_dir / f"summary.json.{os.getpid()}.tmp"  # (one per writer: --report-only may run alongside)
+    try:
+        tmp.write_text(json.dumps(_json_safe(summary), indent=1, default=str))
+        tmp.replace(study_dir / "summary.json")
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_report(study_dir: Path, study: Study, results: list[dict[str, Any]], prov: dict[str, Any],

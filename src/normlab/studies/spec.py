@@ -124,3 +124,33 @@ class Study:
     runs: tuple[RunSpec, ...]
     claims: tuple[str, ...] = ()
     margins: dict[str, Margin] = field(default_factory=dict)
+
+
+def read_jsonl(path: Any) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (a run's ``metrics.jsonl``); [] when it is missing.
+    A line that is not a JSON object (cut off by a kill mid-write, or damaged) is
+    skipped with a warning naming the file and the line: the other records stay usable."""
+    import warnings
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    out, bad = [], []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            out.append(record)
+        else:
+            bad.append(i)
+    if bad:
+        warnings.warn(f"{path}: skipped {len(bad)} damaged line(s) (line {', '.join(map(str, bad[:5]))}"
+                      f"{', ...' if len(bad) > 5 else ''})", RuntimeWarning, stacklevel=2)
+    return out

@@ -44,7 +44,7 @@ from normlab.studies.data import (
     fixed_windows,
     lm_batch,
 )
-from normlab.studies.spec import RunSpec
+from normlab.studies.spec import RunSpec, read_jsonl
 
 CHECKPOINT = "checkpoint"
 WEIGHTS = "model.safetensors"
@@ -53,14 +53,75 @@ UNSELECTABLE_SEQUENCES = 8  # validation sequences whose attention inputs are te
 
 
 class Interrupted(Exception):
-    """Ctrl-C during a run: its state was saved; re-run the same command to resume."""
+    """Ctrl-C during a run: its state was saved; re-run the same command to resume.
+    ``step`` None: a run that keeps no checkpoint (a probe, a timing) and starts over."""
 
-    def __init__(self, run: str, step: int) -> None:
-        super().__init__(f"interrupted in run {run!r} at step {step}; state saved, re-run the same command to resume")
+    def __init__(self, run: str, step: int | None) -> None:
+        if step is None:
+            text = f"interrupted in run {run!r}, which keeps no checkpoint (a probe or a timing) and starts over"
+        else:
+            text = f"interrupted in run {run!r} at step {step}; state saved"
+        super().__init__(text + "; re-run the same command to resume")
         self.run, self.step = run, step
 
     def __reduce__(self):  # raised in a worker process, re-raised in the parent
         return (Interrupted, (self.run, self.step))
+
+
+class RunBusy(RuntimeError):
+    """Another process is running this run (it holds the run folder's lock): a job of an
+    earlier submission, or another ``normlab study`` on the same folder."""
+
+
+LOCK = ".lock"
+
+
+class FolderLock:
+    """An exclusive lock on a folder for as long as this object is held (``flock`` on
+    ``<folder>/.lock``, which holds the owner's pid). The kernel releases it when the
+    owner exits, however it exits, so a killed run never leaves a stale lock. Where the
+    platform has no ``fcntl`` it locks nothing."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> int | None:
+        """Take the lock; returns None, or the holder's pid (0 if unknown) when another
+        process holds it."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not on Linux or macOS
+            return None
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = int(os.read(fd, 32).decode().strip() or 0)
+            except (OSError, ValueError):
+                holder = 0
+            os.close(fd)
+            return holder
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # (closing releases the flock)
+            self._fd = None
+
+
+def run_holder(run_dir: Path) -> int | None:
+    """The pid holding the run's lock (0: unknown), or None when no process runs it."""
+    if not (run_dir / LOCK).exists():
+        return None
+    lock = FolderLock(run_dir)
+    holder = lock.acquire()
+    lock.release()
+    return holder
 
 
 # ------------------------------------------------------------------ environment
@@ -334,14 +395,32 @@ def save_checkpoint(run_dir: Path, spec: RunSpec, step: int, model: nn.Module,
 
 def load_checkpoint(run_dir: Path, spec: RunSpec, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, device: torch.device) -> dict[str, Any] | None:
+    """The saved state (and the model, optimizer and scheduler loaded from it); None with
+    no checkpoint, one of other settings, or a damaged one: a damaged checkpoint is moved
+    aside to ``checkpoint.damaged`` with a warning, and the run starts over."""
+    import warnings
+
+    from safetensors.torch import load_file
+
     ckpt = run_dir / CHECKPOINT
     if not (ckpt / "state.json").exists():
         return None
-    state = json.loads((ckpt / "state.json").read_text())
-    if state.get("fingerprint") != spec.fingerprint():
-        return None  # settings changed: start over
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("state.json holds no step")
+        if state.get("fingerprint") != spec.fingerprint():
+            return None  # settings changed: start over
+        load_file(str(ckpt / "model.safetensors"))  # read whole before any of it goes into the model
+        opt = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file: the checkpoint cannot be used
+        aside = run_dir / (CHECKPOINT + ".damaged")
+        shutil.rmtree(aside, ignore_errors=True)
+        ckpt.rename(aside)
+        warnings.warn(f"run {spec.name}: its checkpoint {ckpt} cannot be read ({type(e).__name__}: {e}); "
+                      f"moved it to {aside}, and the run starts over", RuntimeWarning, stacklevel=2)
+        return None
     load_model(model, str(ckpt / "model.safetensors"), device=str(device))
-    opt = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
     return state
@@ -351,8 +430,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Keep the records up to ``step`` (what a resumed run has already logged)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = [r for r in read_jsonl(path) if isinstance(r.get("step"), int) and r["step"] <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
 
 # ------------------------------------------------------------------ one run
@@ -423,9 +502,12 @@ def run_config(spec: RunSpec, model: nn.Module) -> dict[str, Any]:
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
     """Write through a temporary file, so a crash never leaves half a result."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # (one per writer)
+    try:
+        tmp.write_text(json.dumps(obj, indent=1))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def speed_run(spec: RunSpec, env: Env, corpus: ByteCorpus | None) -> dict[str, Any]:
@@ -487,15 +569,41 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
 
     ``diagnostics`` (see ``normlab.studies.probes``) measures gradient norms, activation
     statistics and the gradient noise scale every ``diag_every`` steps. ``keep_weights``:
-    the trained model is kept as ``<run>/model.safetensors``."""
+    the trained model is kept as ``<run>/model.safetensors``.
+
+    The run holds its folder's lock while it runs (``FolderLock``): a second process
+    asked to run it raises ``RunBusy`` and touches nothing."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(run_dir)
+    if env.is_main:  # (under torchrun every rank runs this run: rank 0 holds its lock)
+        holder = lock.acquire()
+        if holder is not None:
+            raise RunBusy(f"run {spec.name}: another process{f' (pid {holder})' if holder else ''} is running it "
+                          f"in {run_dir} (a job of an earlier submission, or another normlab study on this "
+                          "folder); it was left alone")
+    try:
+        return _run_one(spec, run_dir, env, corpus, on_step, diagnostics, keep_weights)
+    finally:
+        lock.release()
+
+
+def _read_result(path: Path) -> dict[str, Any] | None:
+    """A run's result.json; None when it is missing or damaged (the run runs again)."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return result if isinstance(result, dict) else None
+
+
+def _run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
+             on_step: Callable[[int], None] | None, diagnostics: Any, keep_weights: bool) -> dict[str, Any]:
     from normlab.studies import probes
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     done = run_dir / "result.json"
-    if done.exists():
-        result = json.loads(done.read_text())
-        if result.get("fingerprint") == spec.fingerprint():
-            return result
+    result = _read_result(done)
+    if result is not None and result.get("fingerprint") == spec.fingerprint():
+        return result
     if spec.kind == "train" and spec.batch_size % env.world:
         raise ValueError(f"RunSpec {spec.name!r}: batch_size {spec.batch_size} does not split evenly "
                          f"over {env.world} processes")
@@ -533,8 +641,9 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
     if env.is_main:
         if state:
             _truncate_metrics(metrics_path, start - 1)
-        else:
-            metrics_path.unlink(missing_ok=True)
+        else:  # a new start: what an earlier run of this name left goes, all of it together
+            for stale in (done, run_dir / WEIGHTS, metrics_path):
+                stale.unlink(missing_ok=True)
     train_model = model
     if env.world > 1:
         train_model = nn.parallel.DistributedDataParallel(
@@ -651,7 +760,7 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
         for key in ("val_accuracy", "val_accuracy_select", "val_accuracy_test"):
             result[f"final_{key}"] = last_eval.get(key, float("nan")) if finished else float("nan")
         if finished and env.is_main:  # how fast it learned: the accuracy averaged over the evaluations
-            evals = [m for m in map(json.loads, metrics_path.read_text().splitlines()) if "val_accuracy_test" in m]
+            evals = [m for m in read_jsonl(metrics_path) if "val_accuracy_test" in m]
             for half in ("select", "test"):
                 result[f"val_accuracy_mean_{half}"] = sum(m[f"val_accuracy_{half}"] for m in evals) / len(evals)
     for when, stats in activations.items():  # e.g. activation_max_by_layer_final

@@ -1,0 +1,211 @@
+"""A study's folder is safe to share and to damage: one writer at a time (folder and run
+locks), damaged files start their run over instead of failing it forever, runs made with
+other settings are never silently replaced or mixed, Ctrl-C and a full disk are told."""
+
+import json
+import os
+import signal
+import warnings
+
+import pytest
+
+from normlab.studies import runner
+from normlab.studies.runner import StudyBusy, StudyInterrupted, _error_line, run_study
+from normlab.studies.spec import Study, read_jsonl
+from normlab.studies.train import FolderLock, Interrupted, RunBusy, run_holder, run_one
+from tests.studies.helpers import cpu_env, micro_spec
+
+
+def _study(name="safe", steps=6, kinds=("train",)):
+    runs = []
+    for i, kind in enumerate(kinds):
+        runs.append(micro_spec(f"r{i}", steps=steps, kind=kind, probe_batches=1))
+    return Study(name, "folder safety", tuple(runs), claims=())
+
+
+def _results(study_dir):
+    return {r["name"]: r for r in json.loads((study_dir / "summary.json").read_text())["runs"]}
+
+
+def test_a_second_study_on_the_same_folder_is_refused(tmp_path, corpus):
+    study = _study()
+    (tmp_path / study.name).mkdir()
+    other = FolderLock(tmp_path / study.name)  # another study holds the folder
+    assert other.acquire() is None
+    try:
+        with pytest.raises(StudyBusy, match=f"pid {os.getpid()}"):
+            run_study(study, tmp_path, cpu_env(), corpus=corpus, workers=1)
+        assert not (tmp_path / study.name / "r0").exists()  # nothing ran
+        # --report-only only reads: it runs alongside
+        run_study(study, tmp_path, cpu_env(), corpus=corpus, report_only=True)
+    finally:
+        other.release()
+    run_study(study, tmp_path, cpu_env(), corpus=corpus, workers=1)  # free again: the lock went with its holder
+
+
+def test_a_run_held_by_another_process_is_left_alone(tmp_path, corpus):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 0}\n')
+    held = FolderLock(run_dir)
+    assert held.acquire() is None
+    try:
+        assert run_holder(run_dir) == os.getpid()
+        with pytest.raises(RunBusy, match="another process"):
+            run_one(micro_spec("r"), run_dir, cpu_env(), corpus)
+        assert (run_dir / "metrics.jsonl").read_text() == '{"step": 0}\n'  # untouched
+    finally:
+        held.release()
+    assert run_holder(run_dir) is None
+    assert run_one(micro_spec("r", steps=2), run_dir, cpu_env(), corpus)["steps"] == 2
+
+
+def test_a_damaged_result_runs_again(tmp_path, corpus):
+    study = _study()
+    run_study(study, tmp_path, cpu_env(), corpus=corpus, workers=1)
+    first = _results(tmp_path / study.name)["r0"]
+    path = tmp_path / study.name / "r0" / "result.json"
+    path.write_text(path.read_text()[:40])  # cut off
+    run_study(study, tmp_path, cpu_env(), corpus=corpus, workers=1)
+    again = _results(tmp_path / study.name)["r0"]
+    assert again["final_val_loss"] == first["final_val_loss"]
+
+
+@pytest.mark.parametrize("damage", ["state", "weights", "optimizer"])
+def test_a_damaged_checkpoint_is_moved_aside_and_the_run_starts_over(tmp_path, corpus, damage):
+    spec = micro_spec("d", steps=8, checkpoint_every=100)
+    straight = run_one(spec, tmp_path / "a", cpu_env(), corpus)
+
+    def ctrl_c_at_3(n):
+        if n == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted):
+        run_one(spec, tmp_path / "b", cpu_env(), corpus, on_step=ctrl_c_at_3)
+    ckpt = tmp_path / "b" / "checkpoint"
+    target = {"state": "state.json", "weights": "model.safetensors", "optimizer": "optimizer.pt"}[damage]
+    data = (ckpt / target).read_bytes()
+    (ckpt / target).write_bytes(data[: len(data) // 2])
+    with pytest.warns(RuntimeWarning, match="cannot be read.*starts over"):
+        resumed = run_one(spec, tmp_path / "b", cpu_env(), corpus)
+    assert (tmp_path / "b" / "checkpoint.damaged" / target).exists()  # the user's file is kept
+    assert resumed["final_val_loss"] == straight["final_val_loss"]
+    steps = [m["step"] for m in read_jsonl(tmp_path / "b" / "metrics.jsonl")]
+    assert steps == sorted(set(steps)) and steps[0] == 0  # one clean record per logged step
+
+
+def test_a_cut_off_metrics_line_is_dropped_on_resume_and_in_the_report(tmp_path, corpus):
+    spec = micro_spec("m", steps=8, checkpoint_every=100)
+    straight = run_one(spec, tmp_path / "a", cpu_env(), corpus)
+
+    def ctrl_c_at_4(n):
+        if n == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted):
+        run_one(spec, tmp_path / "b", cpu_env(), corpus, on_step=ctrl_c_at_4)
+    metrics = tmp_path / "b" / "metrics.jsonl"
+    with metrics.open("a") as f:
+        f.write('{"step": 4, "train_lo')  # a kill mid-write
+    with pytest.warns(RuntimeWarning, match="skipped 1 damaged line"):
+        run_one(spec, tmp_path / "b", cpu_env(), corpus)
+    assert read_jsonl(metrics) == read_jsonl(tmp_path / "a" / "metrics.jsonl")
+    assert straight["final_val_loss"] == json.loads((tmp_path / "b" / "result.json").read_text())["final_val_loss"]
+
+
+def test_read_jsonl_skips_and_names_damaged_lines(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 0}\nnot json\n[1, 2]\n\n{"step": 1}\n{"step": 2, "x"')
+    with pytest.warns(RuntimeWarning, match=r"m.jsonl: skipped 3 damaged line\(s\) \(line 2, 3, 6\)"):
+        assert read_jsonl(path) == [{"step": 0}, {"step": 1}]
+    assert read_jsonl(tmp_path / "missing.jsonl") == []
+
+
+def test_runs_made_with_other_settings_are_refused_not_replaced(tmp_path, corpus):
+    study = _study(steps=4)
+    run_study(study, tmp_path, cpu_env(), corpus=corpus, workers=1)
+    study_dir = tmp_path / study.name
+    before = {p: p.read_bytes() for p in study_dir.rglob("*") if p.is_file()}
+    changed = _study(steps=6)
+    with pytest.raises(ValueError, match=r"holds 1 run\(s\) made with other settings \(r0.*--overwrite"):
+        run_study(changed, tmp_path, cpu_env(), corpus=corpus, workers=1)
+    with pytest.raises(ValueError, match="give the options they were made with"):
+        run_study(changed, tmp_path, cpu_env(), corpus=corpus, report_only=True)
+    after = {p: p.read_bytes() for p in study_dir.rglob("*") if p.is_file()}
+    assert after == before  # nothing touched: results, metrics, summary
+    run_study(changed, tmp_path, cpu_env(), corpus=corpus, workers=1, overwrite=True)
+    result = _results(study_dir)["r0"]
+    assert result["steps"] == 6
+    assert max(m["step"] for m in read_jsonl(study_dir / "r0" / "metrics.jsonl")) == 5  # no 4-step records mixed in
+
+
+def test_a_checkpoint_of_other_settings_counts_as_their_work(tmp_path, corpus):
+    study = _study(steps=8)
+    spec = study.runs[0]
+
+    def ctrl_c_at_3(n):
+        if n == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted):
+        run_one(spec.with_overrides(checkpoint_every=100), tmp_path / study.name / "r0", cpu_env(), corpus,
+                on_step=ctrl_c_at_3)
+    with pytest.raises(ValueError, match="made with other settings"):
+        run_study(study, tmp_path, cpu_env(), corpus=corpus, workers=1)
+
+
+def test_ctrl_c_in_a_run_without_checkpoints_is_told_and_saves_the_summary(tmp_path, corpus, monkeypatch):
+    study = _study(kinds=("train", "probe"))
+    real = runner.run_one
+
+    def run_one_then_ctrl_c(spec, *args, **kw):
+        if spec.kind == "probe":
+            raise KeyboardInterrupt
+        return real(spec, *args, **kw)
+
+    monkeypatch.setattr(runner, "run_one", run_one_then_ctrl_c)
+    with pytest.raises(Interrupted, match="'r1', which keeps no checkpoint.*re-run the same command"):
+        run_study(study, tmp_path, cpu_env(), corpus=corpus, workers=1)
+    assert list(_results(tmp_path / study.name)) == ["r0"]  # the finished run is in the summary
+
+
+def test_an_unwritable_summary_does_not_stop_the_runs(tmp_path, corpus, monkeypatch):
+    study = _study(kinds=("train", "train"))
+    real, calls = runner._write_summary, []
+
+    def full_disk_once(*args, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(runner, "_write_summary", full_disk_once)
+    run_study(study, tmp_path, cpu_env(), corpus=corpus, workers=1)
+    assert set(_results(tmp_path / study.name)) == {"r0", "r1"}
+    assert not list((tmp_path / study.name).glob("*.tmp"))
+
+
+def test_the_error_line_of_a_job_log():
+    log = ("submitit INFO (2026-12-06) - Loading pickle: /x/jobs/12_submitted.pkl\n"
+           "Traceback (most recent call last):\n  File \"x.py\", line 3, in f\n"
+           "ValueError: RunSpec 'a': bad setting\n"
+           "submitit ERROR - Submitted job triggered an exception\n")
+    assert _error_line(log) == "ValueError: RunSpec 'a': bad setting"
+    assert _error_line("just one line") == "just one line"
+    assert issubclass(StudyInterrupted, Interrupted)
+
+
+def test_a_failed_run_names_its_error_not_the_log_tail(tmp_path, corpus, monkeypatch, capsys):
+    study = _study()
+
+    def boom(spec, *a, **k):
+        raise ValueError("bad setting")
+
+    monkeypatch.setattr(runner, "run_one", boom)
+    from rich.console import Console
+
+    console = Console(width=200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_study(study, tmp_path, cpu_env(), corpus=corpus, workers=1, console=console)
+    assert "run r0 failed: ValueError: bad setting" in capsys.readouterr().out
