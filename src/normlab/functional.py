@@ -386,6 +386,11 @@ def _add_rms_norm(
 # refuses only when it runs (layer_norm of float32 x with parameters of another dtype,
 # which its shape check passes at trace time): compiled calls take the checked path.
 _compiling = torch.compiler.is_compiling
+# What torch's ops raise for arguments they refuse: the short paths then take the checked
+# path, which names the bad argument. Nothing broader: activation checkpointing stops a
+# recomputation with an exception of its own (``_StopRecomputationError``), which must
+# reach it.
+_REFUSED = (RuntimeError, TypeError, ValueError, IndexError, AttributeError, ArithmeticError)
 # Under torch.func transforms torch's layer_norm of parameters of another dtype than x
 # decomposes and promotes (batched parameters): such calls take the checked path.
 _functorch_active = torch._C._are_functorch_transforms_active
@@ -415,7 +420,7 @@ def layer_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor 
         try:
             return torch.layer_norm(
                 x, (normalized_shape,) if type(normalized_shape) is int else normalized_shape, weight, bias, eps)
-        except Exception:  # noqa: BLE001 - the checked path below names the bad argument
+        except _REFUSED:  # the checked path below names the bad argument
             pass
     return _layer_norm(x, normalized_shape, weight, bias, eps)
 
@@ -443,7 +448,7 @@ def rms_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | 
                     and x.is_floating_point():
                 return torch.rms_norm(
                     x, (normalized_shape,) if type(normalized_shape) is int else normalized_shape, weight, eps)
-        except Exception:  # noqa: BLE001 - the checked path below names the bad argument
+        except _REFUSED:  # the checked path below names the bad argument
             pass
     return _rms_norm(x, normalized_shape, weight, eps)
 
@@ -482,7 +487,7 @@ def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bi
         try:
             h = residual + x
             return torch.layer_norm(h, _plain_shape(weight, normalized_shape), weight, bias, eps), h
-        except Exception:  # noqa: BLE001 - the checked path below names the bad argument
+        except _REFUSED:  # the checked path below names the bad argument
             pass
     return _add_layer_norm(x, residual, weight, bias, eps, dropout_p=dropout_p, training=training,
                            generator=generator, residual_dtype=residual_dtype, normalized_shape=normalized_shape)
@@ -509,7 +514,7 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps:
         try:
             h = residual + x
             return torch.rms_norm(h, _plain_shape(weight, normalized_shape), weight, eps), h
-        except Exception:  # noqa: BLE001 - the checked path below names the bad argument
+        except _REFUSED:  # the checked path below names the bad argument
             pass
     return _add_rms_norm(x, residual, weight, eps, dropout_p=dropout_p, training=training, generator=generator,
                          residual_dtype=residual_dtype, normalized_shape=normalized_shape)
@@ -566,7 +571,7 @@ def adaln_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6, *
                 y = _eager.adaln_native(x, scale, shift, eps, is_rms=norm == "rmsnorm")
                 if y.shape == x.shape:  # scale or shift did not broadcast x up
                     return y
-        except Exception:  # noqa: BLE001 - the checked path below names the bad argument
+        except _REFUSED:  # the checked path below names the bad argument
             pass
     op = "adaln_modulate"
     _check_tensor(op, "input", x)

@@ -165,9 +165,11 @@ class LayerNormFunction(torch.autograd.Function):
         return _layer_norm_grads(ctx, dout)
 
 
-def _layer_norm_grads(ctx, dout: Tensor) -> tuple:
-    """The gradients of (x, normalized_shape, weight, bias, eps) from the saved state."""
-    x, weight, bias, mean, rstd = ctx.saved_tensors
+def _layer_norm_grads(ctx, dout: Tensor, saved: tuple | None = None) -> tuple:
+    """The gradients of (x, normalized_shape, weight, bias, eps) from the saved state
+    (``saved``: ``ctx.saved_tensors`` already unpacked: activation checkpointing refuses a
+    second unpack in one backward)."""
+    x, weight, bias, mean, rstd = ctx.saved_tensors if saved is None else saved
     dx, dw, db = _layer_norm_backward(x, weight, bias, mean, rstd, dout, ctx.normalized_shape,
                                       _x_weight_bias(ctx.needs_input_grad))
     return dx, None, dw, db, None
@@ -367,9 +369,10 @@ class RMSNormFunction(torch.autograd.Function):
         return _rms_jvp(x, weight, rstd, ctx.normalized_shape, dx, dweight), None
 
 
-def _rms_grads(ctx, dout: Tensor) -> tuple:
-    """The gradients of (x, normalized_shape, weight, eps) from the saved state."""
-    x, weight, rstd = ctx.saved_tensors
+def _rms_grads(ctx, dout: Tensor, saved: tuple | None = None) -> tuple:
+    """The gradients of (x, normalized_shape, weight, eps) from the saved state (``saved``:
+    as ``_layer_norm_grads``)."""
+    x, weight, rstd = ctx.saved_tensors if saved is None else saved
     dx, dw = _rms_backward(x, weight, rstd, dout, ctx.normalized_shape, ctx.eps, ctx.needs_input_grad[0],
                            ctx.needs_input_grad[2])
     return dx, None, dw, None
@@ -512,15 +515,15 @@ def _write_per_example(buffer: Tensor, grad_out: Tensor, x_hat: Tensor,
     buffer[1].copy_(sq_b if has_bias else torch.zeros_like(sq_b))
 
 
-def _layer_norm_per_example(ctx, dout: Tensor) -> None:
-    x, _weight, bias, mean, rstd = ctx.saved_tensors
+def _layer_norm_per_example(ctx, dout: Tensor, saved: tuple) -> None:
+    x, _weight, bias, mean, rstd = saved
     ct = mean.dtype
     _write_per_example(ctx.per_example_grad_sq, dout.to(ct), (x.to(ct) - mean) * rstd, ctx.normalized_shape,
                        bias is not None)
 
 
-def _rms_per_example(ctx, dout: Tensor) -> None:
-    x, _weight, rstd = ctx.saved_tensors
+def _rms_per_example(ctx, dout: Tensor, saved: tuple) -> None:
+    x, _weight, rstd = saved
     shape = (_rows(x, ctx.normalized_shape), math.prod(ctx.normalized_shape))
     _write_per_example(ctx.per_example_grad_sq, dout.reshape(shape).to(rstd.dtype),
                        x.reshape(shape) * rstd, ctx.normalized_shape, False)
@@ -540,8 +543,9 @@ class LayerNormPerExampleFunction(LayerNormFunction):
 
     @staticmethod
     def backward(ctx, dout, _dmean, _drstd):
-        _layer_norm_per_example(ctx, dout)
-        return *_layer_norm_grads(ctx, dout), None
+        saved = ctx.saved_tensors  # (once: activation checkpointing refuses a second unpack)
+        _layer_norm_per_example(ctx, dout, saved)
+        return *_layer_norm_grads(ctx, dout, saved), None
 
 
 class _LayerNormPerExampleEager(_LayerNormEager):
@@ -554,8 +558,9 @@ class _LayerNormPerExampleEager(_LayerNormEager):
 
     @staticmethod
     def backward(ctx, dout):
-        _layer_norm_per_example(ctx, dout)
-        return *_layer_norm_grads(ctx, dout), None
+        saved = ctx.saved_tensors  # (once: activation checkpointing refuses a second unpack)
+        _layer_norm_per_example(ctx, dout, saved)
+        return *_layer_norm_grads(ctx, dout, saved), None
 
 
 class RMSNormPerExampleFunction(RMSNormFunction):
@@ -576,8 +581,9 @@ class RMSNormPerExampleFunction(RMSNormFunction):
 
     @staticmethod
     def backward(ctx, dout, _drstd):
-        _rms_per_example(ctx, dout)
-        return *_rms_grads(ctx, dout), None
+        saved = ctx.saved_tensors  # (once: activation checkpointing refuses a second unpack)
+        _rms_per_example(ctx, dout, saved)
+        return *_rms_grads(ctx, dout, saved), None
 
 
 class _RMSNormPerExampleEager(_RMSNormEager):
@@ -590,8 +596,9 @@ class _RMSNormPerExampleEager(_RMSNormEager):
 
     @staticmethod
     def backward(ctx, dout):
-        _rms_per_example(ctx, dout)
-        return *_rms_grads(ctx, dout), None
+        saved = ctx.saved_tensors  # (once: activation checkpointing refuses a second unpack)
+        _rms_per_example(ctx, dout, saved)
+        return *_rms_grads(ctx, dout, saved), None
 
 
 def layer_norm_per_example(x, normalized_shape, weight, bias, eps, per_example_grad_sq):

@@ -228,9 +228,11 @@ def _save_state(ctx, x, residual, weight, bias, seed, hidden, is_rms, dropout_p,
                          bias.shape if bias is not None else None, offset, casting_mode)
 
 
-def _param_grads(ctx, dx, dres, dw, db) -> tuple:
-    """The gradients of (x, residual, weight, bias) from the backward's results."""
-    weight, meta = ctx.saved_tensors[1], ctx.meta
+def _param_grads(ctx, weight, dx, dres, dw, db) -> tuple:
+    """The gradients of (x, residual, weight, bias) from the backward's results (``weight``:
+    the saved one, unpacked once per backward: activation checkpointing refuses a second
+    unpack)."""
+    meta = ctx.meta
     return (dx, dres if meta.residual_dtype is not None else None,
             dw.reshape(weight.shape) if weight is not None else None,
             db.reshape(meta.bias_shape) if meta.bias_dtype is not None else None)
@@ -265,17 +267,17 @@ def _backward_settings(meta: SavedMeta) -> tuple:
 
 
 def _op_backward(ctx, dout, dnew_res, _dmean, _drstd):
-    grads = torch.ops.normlab.fused_norm_backward(*_backward_inputs(ctx, dout, dnew_res),
-                                                  *_backward_settings(ctx.meta))
-    return _param_grads(ctx, *grads) + (None,) * 10
+    inputs = _backward_inputs(ctx, dout, dnew_res)
+    grads = torch.ops.normlab.fused_norm_backward(*inputs, *_backward_settings(ctx.meta))
+    return _param_grads(ctx, inputs[3], *grads) + (None,) * 10
 
 
 def _op_backward_per_example(ctx, dout, dnew_res, _dmean, _drstd):
     buf = ctx.per_example_grad_sq
-    *grads, sq = torch.ops.normlab.fused_norm_per_example_backward(
-        *_backward_inputs(ctx, dout, dnew_res), buf, *_backward_settings(ctx.meta))
+    inputs = _backward_inputs(ctx, dout, dnew_res)
+    *grads, sq = torch.ops.normlab.fused_norm_per_example_backward(*inputs, buf, *_backward_settings(ctx.meta))
     buf.copy_(sq)
-    return _param_grads(ctx, *grads) + (None,) * 11
+    return _param_grads(ctx, inputs[3], *grads) + (None,) * 11
 
 
 torch.library.register_autograd("normlab::fused_norm", _op_backward, setup_context=_setup_context)
@@ -354,7 +356,7 @@ def _fused_backward(ctx, dout, dnew_res, buf=None):
     )
     if buf is not None and sq is not buf:
         buf.copy_(sq)
-    return _param_grads(ctx, dx, dres, dw, db) + (None,)
+    return _param_grads(ctx, weight, dx, dres, dw, db) + (None,)
 
 
 _fused_backward_once = torch.autograd.function.once_differentiable(_fused_backward)
