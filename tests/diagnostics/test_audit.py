@@ -182,18 +182,21 @@ def test_normlab_lm_is_traced_without_example_input(placement):
 # -------------------------------------------------------------------------------- eps
 
 
-def test_eps_underflow_in_fp16():
+def test_eps_underflow_judged_in_the_statistics_dtype():
+    """torch forms a half-precision norm's statistics in float32: eps=1e-12 there is no
+    division by zero (a constant row gives zeros, not nan); eps=0 is, in every dtype."""
     def model(eps, dtype):
         m = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8, eps=eps))
         return m.to(dtype)
 
-    assert kinds(audit(model(1e-12, torch.float16)))["eps-underflow"] == {"1"}
-    assert audit(model(1e-5, torch.float16)) == []
-    assert audit(model(1e-12, torch.bfloat16)) == []  # bf16 has float32's range
-    assert audit(model(1e-12, torch.float32)) == []
-    assert kinds(audit(model(0.0, torch.float32)))["eps-underflow"] == {"1"}
-    (f,) = [f for f in audit(model(1e-12, torch.float16)) if f.kind == "eps-underflow"]
-    assert f.severity == "error" and "float16" in f.message
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        assert audit(model(1e-12, dtype)) == [], dtype
+        assert kinds(audit(model(0.0, dtype)))["eps-underflow"] == {"1"}, dtype
+    row = torch.full((2, 8), 3.0, dtype=torch.float16)
+    assert torch.equal(model(1e-12, torch.float16)[1](row), torch.zeros_like(row))
+    assert model(0.0, torch.float16)[1](row).isnan().all()
+    (f,) = [f for f in audit(model(0.0, torch.float16)) if f.kind == "eps-underflow"]
+    assert f.severity == "error" and "float32" in f.message
 
 
 # ------------------------------------------------------------------------- BatchNorm
@@ -291,7 +294,7 @@ def test_cli_factory_and_hf_config(tmp_path):
     res = runner.invoke(app, ["audit", "tests.diagnostics.torch_models:small_torch_transformer"])
     assert res.exit_code == 0, res.output
     assert "double-norm" in res.output and "encoder.norm" in res.output
-    res = runner.invoke(app, ["audit", "tests.diagnostics.torch_models:fp16_tiny_eps_lm"])
+    res = runner.invoke(app, ["audit", "tests.diagnostics.torch_models:zero_eps_lm"])
     assert res.exit_code == 1 and "eps-underflow" in res.output
     res = runner.invoke(app, ["audit", "no_such_module_xyz:make"])
     assert res.exit_code == 2 and "pkg.module:factory" in res.output

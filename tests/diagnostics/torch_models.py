@@ -129,11 +129,11 @@ def small_torch_transformer() -> nn.Module:
                           dim_feedforward=64, dropout=0.0, batch_first=True)
 
 
-def fp16_tiny_eps_lm() -> nn.Module:
-    """A Pre-LN LM whose norms are float16 with eps=1e-12."""
+def zero_eps_lm() -> nn.Module:
+    """A Pre-LN LM whose norms are float16 with eps=0."""
     model = torch_lm("pre", n_layers=2, d_model=16, n_heads=2)
     for mod in model.modules():
         if isinstance(mod, nn.LayerNorm):
-            mod.eps = 1e-12
+            mod.eps = 0.0
             mod.half()
     return model

@@ -329,19 +329,22 @@ def _param_dtype(mod: nn.Module) -> torch.dtype | None:
 
 
 def check_eps(ctx: AuditContext) -> list[Finding]:
+    from normlab.convert.detect import _eps_of  # eps, variance_epsilon (Hugging Face's), ...
+
     out = []
     for path, mod in ctx.model.named_modules():
-        eps = getattr(mod, "eps", None)
-        if not is_norm(mod) or not isinstance(eps, (int, float)):
+        eps = _eps_of(mod) if is_norm(mod) else None
+        if eps is None:
             continue
-        dtype = _param_dtype(mod) or torch.get_default_dtype()
+        # the statistics' dtype: torch's norms, normlab's and Hugging Face's form them in
+        # float32 for half-precision parameters and input (float64 for float64)
+        dtype = torch.float64 if _param_dtype(mod) is torch.float64 else torch.float32
         if eps <= 0 or torch.tensor(float(eps), dtype=dtype).item() == 0.0:
-            smallest = torch.finfo(dtype).smallest_normal
             out.append(Finding(
                 "error", "eps-underflow", path,
-                f"eps={eps:g} rounds to 0 in {dtype} (smallest normal {smallest:.3g}): a row with "
-                f"zero variance divides by zero",
-                "use eps=1e-5 (LayerNorm) or 1e-6 (RMSNorm), or keep the norm's parameters in float32"))
+                f"eps={eps:g} is 0 in {dtype}, the dtype of the norm's statistics: a row with zero "
+                f"variance (a constant or all-zero row, padding) divides by zero and gives nan",
+                "use eps=1e-5 (LayerNorm) or 1e-6 (RMSNorm)"))
     return out
 
 
@@ -378,6 +381,21 @@ def _init_params(mod: nn.Module) -> dict[str, Tensor] | None:
     return {k: v.detach() for k, v in fresh.named_parameters(recurse=False)}
 
 
+def _gain_offset(mod: nn.Module) -> float:
+    """The offset of a norm's gain, offset + weight: normlab's ``offset``; for a norm of
+    another library, what ``convert.detect`` verifies by running it (1 for Gemma's
+    x * (1 + weight)); else 0."""
+    offset = getattr(mod, "offset", None)
+    if isinstance(offset, (int, float)) and not isinstance(offset, bool):
+        return float(offset)
+    if isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
+        return 0.0
+    from normlab.convert.detect import NormSemantics, semantics
+
+    sem = semantics(mod)
+    return float(sem.offset) if isinstance(sem, NormSemantics) else 0.0
+
+
 def check_norm_weights(ctx: AuditContext) -> list[Finding]:
     out = []
     for path, mod in ctx.model.named_modules():
@@ -388,19 +406,25 @@ def check_norm_weights(ctx: AuditContext) -> list[Finding]:
         if not params:
             continue
         init = _init_params(mod) or {}
+        offset = _gain_offset(mod)  # the gain is offset + weight (Gemma's zero-centred gamma: 1)
         for name, w in params.items():
-            w0 = init.get(name, torch.ones_like(w))
+            # without reset_parameters, the weight that makes the gain 1
+            w0 = init.get(name, torch.full_like(w, 1.0 - offset) if name == "weight" else torch.ones_like(w))
             full = f"{path}.{name}" if path else name
             w64, w064 = w.double(), w0.double()
+            if name == "weight":  # judged on the gain it applies
+                w64, w064 = w64 + offset, w064 + offset
             if not torch.isfinite(w64).all():
                 out.append(Finding("error", "dead-norm", path, f"'{full}' has non-finite values",
                                    "restart from a checkpoint before the divergence; lower the lr"))
             elif w64.abs().max() == 0 and w064.abs().max() > 0:
                 out.append(Finding(
                     "error", "dead-norm", path,
-                    f"'{full}' is all zero: the norm outputs a constant (its bias) and passes no "
-                    f"gradient to its input",
-                    "re-initialize the weight (ones), check weight decay on norm weights (usually excluded)"))
+                    (f"'{full}' is all zero" if not offset else
+                     f"the gain {offset:g} + '{full}' is all zero ('{full}' is all {-offset:g})")
+                    + ": the norm outputs a constant (its bias) and passes no gradient to its input",
+                    f"re-initialize the weight ({'ones' if not offset else f'{1 - offset:g}: a gain of 1'}), check "
+                    "weight decay on norm weights (usually excluded)"))
             elif w064.norm() > 0:
                 rel = float((w64 - w064).norm() / w064.norm())
                 if rel > FAR_FROM_INIT:

@@ -163,9 +163,10 @@ def grad_norms(model: nn.Module, loss: Tensor | None = None) -> GradNorms:
 class GradientMonitor:
     """Records per-parameter gradient norms during training with tensor hooks.
 
-    Every parameter gets a hook that stores the norm of the gradient flowing into it in
-    that backward (the contribution of this backward, before accumulation into
-    ``.grad``). A *step* is one forward of ``model``; on steps where
+    Every parameter gets a hook that keeps the gradient flowing into it: a step's entry
+    is the norm of the step's gradient, summed over its backward calls, before
+    accumulation into ``.grad`` (a gradient left in ``.grad`` from an earlier step is not
+    in it). A *step* is one forward of ``model``; on steps where
     ``step % every == 0`` the hooks record, on the others they return at once.
 
         with GradientMonitor(model, every=10) as mon:
@@ -224,15 +225,16 @@ class GradientMonitor:
         def hook(grad: Tensor) -> None:
             if self._sampling():
                 prev = self._pending.get(key)
-                sq = grad.detach().float().square().sum()
-                self._pending[key] = sq if prev is None else prev + sq
+                # several backward calls in one step (losses backwarded one by one): their
+                # gradients add up, so the step's norm is that of the sum, not of each
+                self._pending[key] = grad.detach() if prev is None else prev + grad.detach()
         return hook
 
     def flush(self) -> None:
         """Turn the norms gathered since the last step into a GradNorms entry of ``history``."""
         if not self._pending or self._flushed_step == self.step:
             return
-        grads = {k: v.sqrt() for k, v in self._pending.items()}
+        grads = {k: v.float().square().sum().sqrt() for k, v in self._pending.items()}
         self._pending = {}
         self._flushed_step = self.step
         self.history.append((self.step, _records(self.model, grads)))

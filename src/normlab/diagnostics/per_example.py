@@ -141,6 +141,19 @@ class _Call:
     done = False
 
 
+def _in_backward() -> bool:
+    """Inside a backward pass (a hook run by autograd's engine, or activation checkpointing
+    recomputing a forward)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _trained(module: nn.Module) -> tuple[str, ...]:
+    """The norm's parameters that take a gradient, of weight and bias: a frozen one has no
+    per-example gradient (and no batch gradient) to record."""
+    return tuple(k for k in ("weight", "bias")
+                 if getattr(module, k, None) is not None and getattr(module, k).requires_grad)
+
+
 def _supported(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and getattr(module, "weight", None) is not None
 
@@ -163,6 +176,7 @@ class PerExampleGradNorms:
         self._results: dict[str, dict[str, Tensor]] = {}
         self._batch_sq: dict[str, Tensor] = {}
         self._collect_was: dict[str, bool] = {}
+        self._backward_seen = False  # a gradient reached a recorded norm since the last new round
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self) -> PerExampleGradNorms:
@@ -173,6 +187,7 @@ class PerExampleGradNorms:
                 self._collect_was[name] = mod.collect_per_example_grad_sq
                 mod.collect_per_example_grad_sq = True
                 mod.per_example_grad_sq = None
+            self._handles.append(mod.register_forward_pre_hook(self._new_round))
             self._handles.append(mod.register_forward_hook(self._forward_hook(name), with_kwargs=True))
             for pname, p in mod.named_parameters(recurse=False):
                 if p.requires_grad:
@@ -194,6 +209,20 @@ class PerExampleGradNorms:
         self.detach()
 
     # ----------------------------------------------------------------------- hooks
+    def _new_round(self, module, args) -> None:
+        """The first forward (in grad mode, outside a backward) after a backward starts a
+        new round: the numbers of the last one go, for every norm, including those that
+        do not run this time, and calls whose gradient never came are forgotten."""
+        if not self._backward_seen or not torch.is_grad_enabled() or _in_backward():
+            return
+        self._backward_seen = False
+        self._results.clear()
+        self._batch_sq.clear()
+        self._pending.clear()
+        for name, mod in self._modules.items():
+            if name in self._collect_was:
+                mod.per_example_grad_sq = None
+
     def _forward_hook(self, name: str):
         def hook(module, args, kwargs, output):
             x = args[0] if args else kwargs.get("input", kwargs.get("x"))
@@ -204,7 +233,12 @@ class PerExampleGradNorms:
             if not isinstance(out, Tensor) or not out.requires_grad:
                 return
             prev = self._pending.get(name)
-            if prev is not None and prev() is not None and not prev().done:
+            live = prev is not None and prev() is not None
+            if live and _in_backward():
+                # activation checkpointing (non-reentrant) running the forward again inside
+                # the backward, to recompute what it needs: the numbers are the first call's
+                return
+            if live and not prev().done:
                 raise RuntimeError(
                     f"per_example_grad_norms: norm '{name}' was called more than once before "
                     f"backward; its parameters are shared between the calls, so per-example "
@@ -224,15 +258,17 @@ class PerExampleGradNorms:
 
             buffer = module.per_example_grad_sq if _from_backward(module) else None
 
+            trained = _trained(module)  # the parameters that take a gradient: weight, bias
+
             def grad_hook(grad_out: Tensor) -> None:
                 call.done = True
+                self._backward_seen = True
+                if not trained:
+                    return
                 if buffer is not None:
                     # views of the buffer that the op's backward (running next) fills in place
                     self._check_batch(name, buffer.shape[1])
-                    rec = {"weight": buffer[0]}
-                    if getattr(module, "bias", None) is not None:
-                        rec["bias"] = buffer[1]
-                    self._results[name] = rec
+                    self._results[name] = {k: buffer[0 if k == "weight" else 1] for k in trained}
                     return
                 xc = xd.to(reference.compute_dtype(xd.dtype))
                 if isinstance(module, nn.LayerNorm):
@@ -243,10 +279,7 @@ class PerExampleGradNorms:
                 # a per-head weight (weight_shape) keeps its head dims in the sum
                 w_sq, b_sq = reference.per_example_param_grad_sq(grad_out, x_hat, tuple(module.weight.shape))
                 self._check_batch(name, w_sq.shape[0])
-                rec = {"weight": w_sq}
-                if getattr(module, "bias", None) is not None:
-                    rec["bias"] = b_sq
-                self._results[name] = rec
+                self._results[name] = {k: w_sq if k == "weight" else b_sq for k in trained}
 
             out.register_hook(grad_hook)
         return hook
@@ -258,10 +291,11 @@ class PerExampleGradNorms:
 
     def _check_batch(self, name: str, b: int) -> None:
         for other, rec in self._results.items():
-            if other != name and rec["weight"].shape[0] != b:
+            seen = next(iter(rec.values())).shape[0]
+            if other != name and seen != b:
                 raise RuntimeError(
                     f"per_example_grad_norms: norm '{name}' saw a batch of {b} examples (dim 0 of "
-                    f"its input) but '{other}' saw {rec['weight'].shape[0]}; every norm must see "
+                    f"its input) but '{other}' saw {seen}; every norm must see "
                     f"the examples along dim 0 (for batch_first=False modules, dim 0 is time)"
                 )
             break
@@ -331,8 +365,11 @@ def per_example_grad_norms(model: nn.Module) -> PerExampleGradNorms:
 
     Run the forward and the backward inside the context; then ``rec[name]`` (name as in
     ``model.named_modules()``) is {"weight": float32 [B], "bias": float32 [B]} ("bias"
-    only when the norm has one): the squared L2 norm of each example's contribution to
-    that parameter's gradient in the latest backward. ``rec.total()`` is their sum.
-    Dim 0 of each norm's input is the example. A norm called twice before backward
-    (shared parameters) raises; so do norms that disagree on the batch size."""
+    only when the norm has one; a frozen weight or bias, requires_grad=False, is left
+    out): the squared L2 norm of each example's contribution to that parameter's
+    gradient in the latest backward (a norm that did not take part in it has no entry).
+    ``rec.total()`` is their sum. Dim 0 of each norm's input is the example. A norm
+    called twice before backward (shared parameters) raises; so do norms that disagree
+    on the batch size. Activation checkpointing (torch.utils.checkpoint, reentrant or
+    not) is taken: a forward recomputed inside the backward is not a second call."""
     return PerExampleGradNorms(model)
