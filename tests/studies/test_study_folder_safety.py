@@ -209,3 +209,22 @@ def test_a_failed_run_names_its_error_not_the_log_tail(tmp_path, corpus, monkeyp
         warnings.simplefilter("ignore")
         run_study(study, tmp_path, cpu_env(), corpus=corpus, workers=1, console=console)
     assert "run r0 failed: ValueError: bad setting" in capsys.readouterr().out
+
+
+def test_a_checkpoint_swap_cut_off_between_its_renames_resumes(tmp_path, corpus):
+    spec = micro_spec("swap", steps=8, checkpoint_every=2)
+    straight = run_one(spec, tmp_path / "a", cpu_env(), corpus)
+
+    def ctrl_c_at_5(n):
+        if n == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted):
+        run_one(spec, tmp_path / "b", cpu_env(), corpus, on_step=ctrl_c_at_5)
+    run_dir = tmp_path / "b"
+    assert not (run_dir / "checkpoint.old").exists()  # a whole swap leaves nothing aside
+    (run_dir / "checkpoint").rename(run_dir / "checkpoint.old")  # killed after the first rename
+    resumed = run_one(spec, run_dir, cpu_env(), corpus)
+    assert resumed["final_val_loss"] == straight["final_val_loss"]
+    assert read_jsonl(run_dir / "metrics.jsonl") == read_jsonl(tmp_path / "a" / "metrics.jsonl")
+    assert not (run_dir / "checkpoint").exists() and not (run_dir / "checkpoint.old").exists()

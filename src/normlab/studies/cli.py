@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console()
@@ -15,7 +16,7 @@ def study(
     preset: str = typer.Argument(None, help="Study preset (see --list)."),
     list_presets: bool = typer.Option(False, "--list", help="Describe the presets and exit."),
     out: Path = typer.Option(Path("runs"), help="Output folder; the study writes to OUT/PRESET."),
-    device: str = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    device: str = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda when available)."),
     dtype: str = typer.Option("fp32", help="fp32, or bf16 (autocast)."),
     seeds: int = typer.Option(None, help="Run every configuration with seeds 0..N-1."),
     steps: int = typer.Option(None, help="Training steps per run (overrides the preset)."),
@@ -28,24 +29,32 @@ def study(
     keep_weights: bool = typer.Option(True, "--keep-weights/--no-keep-weights",
                                       help="Keep each run's final weights as <run>/model.safetensors."),
     launcher: str = typer.Option(None, help="Run each run as a job: slurm, or local (subprocesses); "
-                                            "needs normlab[cluster]."),
+                                            "needs normlab\\[cluster]."),
+    # the launcher's options default to None, so that one given without --launcher is refused
+    # rather than ignored; JobOptions fills in the defaults the help states
     partition: str = typer.Option(None, help="--launcher slurm: the SLURM partition."),
-    time_min: int = typer.Option(60, help="--launcher: wall-time limit per job, minutes (a job over it "
-                                          "is requeued and resumes)."),
-    cpus_per_run: int = typer.Option(1, help="--launcher: CPU cores (torch threads) per run."),
-    gpus_per_run: int = typer.Option(0, help="--launcher: GPUs per run (0: the runs train on CPUs)."),
+    time_min: int | None = typer.Option(None, help="--launcher: wall-time limit per job, minutes (a job "
+                                                   "over it is requeued and resumes; default 60)."),
+    cpus_per_run: int | None = typer.Option(None, help="--launcher: CPU cores (torch threads) per run "
+                                                       "(default 1)."),
+    gpus_per_run: int | None = typer.Option(None, help="--launcher: GPUs per run (default 0: the runs "
+                                                       "train on CPUs)."),
     mem_gb: float = typer.Option(None, help="--launcher: memory per job, GB."),
     max_parallel: int = typer.Option(None, help="--launcher slurm: at most this many jobs at once."),
-    wait: bool = typer.Option(True, "--wait/--no-wait", help="--launcher: wait for the jobs and write the "
-                                                             "report (--no-wait: submit and exit)."),
+    wait: bool | None = typer.Option(None, "--wait/--no-wait", help="--launcher: wait for the jobs and "
+                                                                    "write the report (the default; "
+                                                                    "--no-wait: submit and exit)."),
     report_only: bool = typer.Option(False, "--report-only", help="Run nothing: merge the finished runs "
                                                                   "into the summary and report."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace runs in the output folder that were "
+                                                              "made with other settings (without it the "
+                                                              "study refuses to touch them)."),
 ) -> None:
     """Reproduce published normalization findings; resumable, writes a report with plots."""
-    from normlab.studies.cluster import JobOptions
+    from normlab.studies.cluster import JobOptions, check_launch
     from normlab.studies.data import DataError
     from normlab.studies.presets import get_study, preset_names
-    from normlab.studies.runner import apply_overrides, run_study
+    from normlab.studies.runner import StudyBusy, apply_overrides, run_study
     from normlab.studies.train import Interrupted, setup_env, teardown_env
 
     if list_presets or preset is None:
@@ -55,48 +64,79 @@ def study(
         table.add_column("what it reproduces")
         for name in preset_names():
             s = get_study(name)
-            table.add_row(name, str(len(s.runs)), s.description)
+            table.add_row(name, str(len(s.runs)), escape(s.description))
         console.print(table)
         if preset is None and not list_presets:
             raise typer.Exit(code=2)
         return
     try:
         n_workers = _parse_workers(workers)
+        _check_device(device)
+        # every launcher option is checked here, before anything runs: a run that has
+        # finished submits no job, so the checks in cluster.submit alone would miss it
+        chosen = {k: v for k, v in dict(partition=partition, max_parallel=max_parallel, time_min=time_min,
+                                         cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
+                                         mem_gb=mem_gb).items() if v is not None}
+        options = JobOptions(**chosen)  # JobOptions' defaults for the others
+        given = {"--" + k.replace("_", "-") for k in chosen}
+        if wait is not None:
+            given.add("--wait" if wait else "--no-wait")
+        check_launch(launcher, options, given=given, report_only=report_only)
         spec = apply_overrides(get_study(preset), seeds=seeds, steps=steps)
         env = setup_env(device, dtype)
-        options = JobOptions(partition=partition, time_min=time_min, cpus_per_run=cpus_per_run,
-                             gpus_per_run=gpus_per_run, mem_gb=mem_gb, max_parallel=max_parallel)
         try:
             _, report = run_study(spec, out, env, data=str(data) if data else None, console=console,
                                   workers=n_workers, keep_weights=keep_weights, launcher=launcher,
-                                  job_options=options, wait=wait, report_only=report_only,
-                                  runs_per_gpu=runs_per_gpu)
+                                  job_options=options, wait=True if wait is None else wait,
+                                  report_only=report_only, runs_per_gpu=runs_per_gpu, overwrite=overwrite)
         except Interrupted:
             teardown_env(env)  # every rank stops at the same step
             raise
         # (on other errors this process exits; torchrun ends the others)
         teardown_env(env)
+    except StudyBusy as e:  # another command is running this study: nothing wrong with the options
+        console.print(f"[red]error:[/red] {escape(str(e))}")
+        raise typer.Exit(code=1) from None
     except (ValueError, DataError, ImportError) as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(code=2) from None
     except Interrupted as e:
-        console.print(f"[yellow]{e}[/yellow]")
+        console.print(f"[yellow]{escape(str(e))}[/yellow]")
         raise typer.Exit(code=130) from None
+    except OSError as e:  # the output folder: unwritable, or the disk full
+        console.print(f"[red]error:[/red] {escape(str(e))}")
+        raise typer.Exit(code=1) from None
     if report is not None:
         _print_claims(report.parent / "claims.json")
-        console.print(f"report: {report}")
+        console.print(f"report: {escape(str(report))}")
         import json
 
         summary = json.loads((report.parent / "summary.json").read_text())
         missing = summary["provenance"].get("not_finished") or []
         if missing:
             more = f" and {len(missing) - 8} more (summary.json: provenance.not_finished)" if len(missing) > 8 else ""
-            console.print(f"[yellow]{len(missing)} run(s) not finished yet[/yellow]: " + ", ".join(missing[:8]) + more)
+            console.print(f"[yellow]{len(missing)} run(s) not finished yet[/yellow]: "
+                          + escape(", ".join(missing[:8]) + more))
         failed = summary.get("failed", [])
         if failed:
             console.print(f"[red]{len(failed)} run(s) failed[/red] (tracebacks in summary.json): "
-                          + ", ".join(f["name"] for f in failed))
+                          + escape(", ".join(f["name"] for f in failed)))
             raise typer.Exit(code=1)
+
+
+def _check_device(text: str | None) -> None:
+    """``--device``: cpu, cuda or cuda:N (None: run_study's default); refused here, before
+    torch would refuse it with a traceback."""
+    if text is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {text!r}")
 
 
 def _parse_workers(text: str | None) -> int | None:
@@ -124,6 +164,6 @@ def _print_claims(path: Path) -> None:
         ci = r["ci95"]
         ci_text = "-" if ci[0] is None or ci[1] is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
         est = "-" if r["estimate"] is None else f"{r['estimate']:+.3f}"
-        table.add_row(r["id"], est, ci_text, f"{r['margin']:g}", str(r["n_seeds"]),
+        table.add_row(escape(r["id"]), est, ci_text, f"{r['margin']:g}", str(r["n_seeds"]),
                       f"[{colors[r['verdict']]}]{r['verdict']}[/]")
     console.print(table)

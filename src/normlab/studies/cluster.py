@@ -11,12 +11,16 @@ requeued by submitit and resumes from its run's last checkpoint. ``launcher="loc
 runs the same jobs as local subprocesses through submitit's local executor (all at
 once: for a few runs, and for the tests); on one machine ``--workers`` is the better
 tool. Why submitit and not Ray: docs/studies.md, "Runs on a cluster".
+
+``check_launch`` refuses launcher settings that cannot hold, before anything runs; the
+command calls it first, and ``submit`` again for callers of the API.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +50,46 @@ class JobOptions:
     gpus_per_run: int = 0          # GPUs per run (0: the run trains on the CPU)
     mem_gb: float | None = None    # memory per job
     max_parallel: int | None = None  # SLURM: at most this many of the study's jobs at once
+
+
+# the command's launcher options, in the order they are checked; the first two go to SLURM only
+LAUNCH_OPTIONS = ("--partition", "--max-parallel", "--time-min", "--cpus-per-run", "--gpus-per-run", "--mem-gb",
+                  "--wait", "--no-wait")
+_SLURM_ONLY = ("--partition", "--max-parallel")
+
+
+def check_launch(launcher: str | None, options: JobOptions | None = None, *, given: Collection[str] = (),
+                 report_only: bool = False) -> None:
+    """Refuse launcher settings that cannot hold, before anything is loaded, run or
+    submitted: raises ValueError with one line that names the option and what it expects.
+
+    ``launcher`` None: the runs run on this machine (or none run, ``report_only``).
+    ``given``: the launcher options the user gave, spelled as their flags
+    (``LAUNCH_OPTIONS``); given without the launcher they apply to, they would be ignored,
+    so they are refused. ``options``' values are checked whoever gave them."""
+    options = options or JobOptions()
+    if launcher is not None and launcher not in LAUNCHERS:
+        raise ValueError(f"--launcher: expected one of {', '.join(LAUNCHERS)}, got {launcher!r}")
+    if launcher is not None and report_only:
+        raise ValueError("--report-only runs nothing; it cannot combine with --launcher")
+    for flag in (f for f in LAUNCH_OPTIONS if f in given):
+        if flag in _SLURM_ONLY and launcher != "slurm":
+            raise ValueError(f"{flag} only applies with --launcher slurm")
+        if launcher is None:
+            raise ValueError(f"{flag} only applies with --launcher"
+                             + (" (--report-only runs nothing)" if report_only else ""))
+    if not options.time_min >= 1:
+        raise ValueError(f"--time-min: expected >= 1 (minutes), got {options.time_min}")
+    if not options.cpus_per_run >= 1:
+        raise ValueError(f"--cpus-per-run: expected >= 1, got {options.cpus_per_run}")
+    if not options.gpus_per_run >= 0:
+        raise ValueError(f"--gpus-per-run: expected >= 0, got {options.gpus_per_run}")
+    if options.mem_gb is not None and not options.mem_gb > 0:
+        raise ValueError(f"--mem-gb: expected > 0, got {options.mem_gb:g}")
+    if options.max_parallel is not None and not options.max_parallel >= 1:
+        raise ValueError(f"--max-parallel: expected >= 1, got {options.max_parallel}")
+    if launcher == "slurm" and not options.partition:
+        raise ValueError("--launcher slurm: expected --partition (the SLURM partition to submit to)")
 
 
 def run_in_job(spec: RunSpec, run_dir: str, data: str | None, corpus: Any, dtype: str, device: str,
@@ -79,14 +123,16 @@ class RunJob(_Checkpointable):
 def submit(runs: list[RunSpec], study_dir: Path, launcher: str, options: JobOptions, *, data: str | None,
            ship_corpus: Any, dtype: str, keep_weights: bool) -> dict[str, Any]:
     """Submit one job per run; returns {run name: submitit Job} and records the job ids in
-    ``study_dir/jobs.json``. Each job reads the corpus from ``data`` (the default corpus
-    when None) unless ``ship_corpus`` hands it one in memory."""
-    if launcher not in LAUNCHERS:
-        raise ValueError(f"--launcher: expected one of {', '.join(LAUNCHERS)}, got {launcher!r}")
-    if launcher == "slurm" and not options.partition:
-        raise ValueError("--launcher slurm: expected --partition (the SLURM partition to submit to)")
+    ``study_dir/jobs.json``; the jobs' logs go to ``study_dir/jobs/<job id>_0_log.out``
+    and ``.err``. Each job reads the corpus from ``data`` (the default corpus when None)
+    unless ``ship_corpus`` hands it one in memory."""
+    if launcher is None:
+        raise ValueError(f"--launcher: expected one of {', '.join(LAUNCHERS)}, got None")
+    check_launch(launcher, options)
     submitit = _submitit()
-    executor = submitit.AutoExecutor(folder=study_dir / "jobs" / "%j", cluster=launcher)
+    # one folder for every job's files, each named by its job id (<id>_0_log.out, ...): a
+    # %j in the folder itself would be taken literally by submitit's local executor
+    executor = submitit.AutoExecutor(folder=study_dir / "jobs", cluster=launcher)
     params: dict[str, Any] = dict(name=f"normlab-{study_dir.name}", timeout_min=options.time_min,
                                   cpus_per_task=options.cpus_per_run, gpus_per_node=options.gpus_per_run)
     if options.mem_gb is not None:

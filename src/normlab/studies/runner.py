@@ -476,8 +476,8 @@ def _wait_for_jobs(study: Study, jobs: dict[str, Any], progress: Progress, fail,
         errors = cluster.wait(jobs, on_update)
     except KeyboardInterrupt:
         if launcher == "local":  # the jobs are this terminal's processes: Ctrl-C reached them too
-            raise StudyInterrupted("interrupted: the local jobs were stopped too, each saving its run's checkpoint; "
-                                   "re-run the same command to resume them") from None
+            raise StudyInterrupted("interrupted: the local jobs stopped too (they share this terminal); re-run the "
+                                   "same command: each run resumes from its last checkpoint") from None
         raise StudyInterrupted(f"stopped waiting for {len(jobs)} job(s), which go on; `normlab study {study.name} "
                                "--report-only` (with the same options) merges the finished runs") from None
     for name, err in errors.items():

@@ -380,17 +380,21 @@ def greedy_decode(model: nn.Module, src: Tensor, src_padding_mask: Tensor, lengt
 
 def save_checkpoint(run_dir: Path, spec: RunSpec, step: int, model: nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: Any, extra: dict[str, Any]) -> None:
-    """Write the checkpoint to a temporary folder, then swap it in (a crash mid-write
-    never leaves a half checkpoint)."""
+    """Write the checkpoint to a temporary folder, then swap it in: the old one is renamed
+    aside first and removed last, so a crash or a kill at any point leaves a whole
+    checkpoint (``load_checkpoint`` takes the old one back if the swap was cut off)."""
     tmp = run_dir / (CHECKPOINT + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_model(model, str(tmp / "model.safetensors"))  # handles tied (shared) weights
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "fingerprint": spec.fingerprint(), **extra}))
-    final = run_dir / CHECKPOINT
-    shutil.rmtree(final, ignore_errors=True)
+    final, old = run_dir / CHECKPOINT, run_dir / (CHECKPOINT + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
     tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(run_dir: Path, spec: RunSpec, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -402,7 +406,9 @@ def load_checkpoint(run_dir: Path, spec: RunSpec, model: nn.Module, optimizer: t
 
     from safetensors.torch import load_file
 
-    ckpt = run_dir / CHECKPOINT
+    ckpt, old = run_dir / CHECKPOINT, run_dir / (CHECKPOINT + ".old")
+    if not ckpt.exists() and (old / "state.json").exists():
+        old.rename(ckpt)  # a swap cut off between its two renames
     if not (ckpt / "state.json").exists():
         return None
     try:
@@ -775,5 +781,6 @@ def _run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
             save_model(model, str(run_dir / WEIGHTS))
             result["weights"] = WEIGHTS
         _write_json(done, result)
-        shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)
+        for leftover in (CHECKPOINT, CHECKPOINT + ".old"):
+            shutil.rmtree(run_dir / leftover, ignore_errors=True)
     return result
