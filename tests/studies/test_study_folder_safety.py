@@ -23,6 +23,16 @@ def _study(name="safe", steps=6, kinds=("train",)):
     return Study(name, "folder safety", tuple(runs), claims=())
 
 
+def _ctrl_c_at(step, spec, run_dir, env, corpus):
+    """Run ``spec`` and press Ctrl-C at the end of ``step``: it saves and stops."""
+    def on_step(n):
+        if n == step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted):
+        run_one(spec, run_dir, env, corpus, on_step=on_step)
+
+
 def _results(study_dir):
     return {r["name"]: r for r in json.loads((study_dir / "summary.json").read_text())["runs"]}
 
@@ -76,12 +86,7 @@ def test_a_damaged_checkpoint_is_moved_aside_and_the_run_starts_over(tmp_path, c
     spec = micro_spec("d", steps=8, checkpoint_every=100)
     straight = run_one(spec, tmp_path / "a", cpu_env(), corpus)
 
-    def ctrl_c_at_3(n):
-        if n == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    with pytest.raises(Interrupted):
-        run_one(spec, tmp_path / "b", cpu_env(), corpus, on_step=ctrl_c_at_3)
+    _ctrl_c_at(3, spec, tmp_path / "b", cpu_env(), corpus)
     ckpt = tmp_path / "b" / "checkpoint"
     target = {"state": "state.json", "weights": "model.safetensors", "optimizer": "optimizer.pt"}[damage]
     data = (ckpt / target).read_bytes()
@@ -98,12 +103,7 @@ def test_a_cut_off_metrics_line_is_dropped_on_resume_and_in_the_report(tmp_path,
     spec = micro_spec("m", steps=8, checkpoint_every=100)
     straight = run_one(spec, tmp_path / "a", cpu_env(), corpus)
 
-    def ctrl_c_at_4(n):
-        if n == 4:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    with pytest.raises(Interrupted):
-        run_one(spec, tmp_path / "b", cpu_env(), corpus, on_step=ctrl_c_at_4)
+    _ctrl_c_at(4, spec, tmp_path / "b", cpu_env(), corpus)
     metrics = tmp_path / "b" / "metrics.jsonl"
     with metrics.open("a") as f:
         f.write('{"step": 4, "train_lo')  # a kill mid-write
@@ -143,13 +143,7 @@ def test_a_checkpoint_of_other_settings_counts_as_their_work(tmp_path, corpus):
     study = _study(steps=8)
     spec = study.runs[0]
 
-    def ctrl_c_at_3(n):
-        if n == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    with pytest.raises(Interrupted):
-        run_one(spec.with_overrides(checkpoint_every=100), tmp_path / study.name / "r0", cpu_env(), corpus,
-                on_step=ctrl_c_at_3)
+    _ctrl_c_at(3, spec.with_overrides(checkpoint_every=100), tmp_path / study.name / "r0", cpu_env(), corpus)
     with pytest.raises(ValueError, match="made with other settings"):
         run_study(study, tmp_path, cpu_env(), corpus=corpus, workers=1)
 
@@ -215,12 +209,7 @@ def test_a_checkpoint_swap_cut_off_between_its_renames_resumes(tmp_path, corpus)
     spec = micro_spec("swap", steps=8, checkpoint_every=2)
     straight = run_one(spec, tmp_path / "a", cpu_env(), corpus)
 
-    def ctrl_c_at_5(n):
-        if n == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    with pytest.raises(Interrupted):
-        run_one(spec, tmp_path / "b", cpu_env(), corpus, on_step=ctrl_c_at_5)
+    _ctrl_c_at(5, spec, tmp_path / "b", cpu_env(), corpus)
     run_dir = tmp_path / "b"
     assert not (run_dir / "checkpoint.old").exists()  # a whole swap leaves nothing aside
     (run_dir / "checkpoint").rename(run_dir / "checkpoint.old")  # killed after the first rename
