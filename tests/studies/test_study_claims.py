@@ -144,7 +144,8 @@ def _dyt(outcome):
 
 
 def _speed(outcome):
-    ratio, scale = {"agrees": (1.2, 0.01), "disagrees": (0.8, 0.01), "inconclusive": (1.0, 0.1)}[outcome]
+    # the margin is ln(1/0.93) = 0.0726: the paper's smallest reduction in running time, 7%
+    ratio, scale = {"agrees": (1.2, 0.01), "disagrees": (1.01, 0.01), "inconclusive": (1.075, 0.1)}[outcome]
     return [{"name": "speed", "kind": "speed", "placement": "pre", "norm": "rmsnorm", "n_layers": 4, "d_model": 32,
              "lr": 1e-3, "warmup_steps": 0, "seed": 0, "steps": 5, "tags": {"study": "norms", "group": "speed"},
              "speed_against": {"norm": "layernorm"}, "tokens_per_s": 1000.0 * ratio, "baseline_tokens_per_s": 1000.0,

@@ -385,7 +385,7 @@ def plot_depth(results: list[Result], path: Path) -> Path | None:
     ax.set_xscale("log", base=2)
     ax.set_xticks(depths_all, [str(n) for n in depths_all])
     ax.minorticks_off()
-    _finish(ax, "layers", "final val loss at best lr", "Depth (95% CI over seeds)")
+    _finish(ax, "layers", "test loss, cross-fitted best lr", "Depth (95% CI over seeds)")
     return _save(fig, path)
 
 
@@ -402,7 +402,7 @@ def plot_norms(results: list[Result], path: Path) -> Path | None:
                     fmt="o", color=_color(n, i), capsize=5, ms=6)
     ax.set_xticks(range(len(names)), names, rotation=30)
     ax.set_xlim(-0.6, len(names) - 0.4)
-    _finish(ax, "norm", "final val loss at best setting", "Norms at Pre-LN (mean, 95% CI over seeds)")
+    _finish(ax, "norm", "test loss, cross-fitted best setting", "Norms at Pre-LN (mean, 95% CI over seeds)")
     return _save(fig, path)
 
 
@@ -548,8 +548,10 @@ def write_html(out: Path, study_name: str, description: str, rows: list[dict[str
     configs = configurations(results)
     if configs:
         parts.append("<h2>Configurations at their best setting</h2><p class='src'>Best setting: the lowest mean "
-                     "loss over seeds on the select half of the validation set; loss: the test half there, mean "
-                     "and 95% t-interval over seeds; largest stable lr: the largest lr of the sweep at which no "
+                     "loss over all seeds on the select half of the validation set. Loss: cross-fitted, as the "
+                     "claims judge it: each seed's test-half loss at the setting the other seeds chose on their "
+                     "select halves (it can differ from the best setting by seed), mean and 95% t-interval over "
+                     "seeds. Largest stable lr: the largest lr of the sweep at which no "
                      "seed failed (non-finite, or no better than the unigram baseline).</p><table><tr>"
                      "<th>study</th><th>configuration</th><th>layers</th><th>lrs swept</th><th>best</th>"
                      "<th>loss</th><th>95% CI</th><th>seeds</th><th>largest stable lr</th><th>failed runs</th></tr>")
@@ -618,7 +620,7 @@ def write_markdown(out: Path, study_name: str, rows: list[dict[str, Any]], prov:
     configs = configurations(results or [])
     if configs:
         lines += ["", "## Configurations at their best setting", "",
-                  "| study | configuration | layers | best | loss (test half) | 95% CI | largest lr, no seed failed "
+                  "| study | configuration | layers | best | loss (test half, cross-fitted) | 95% CI | largest lr, no seed failed "
                   "| failed |",
                   "|---|---|---|---|---|---|---|---|"]
         for c in configs:
