@@ -132,3 +132,19 @@ def test_bad_inputs_give_clear_errors():
         model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4))
     with pytest.raises(ValueError, match="n_outputs"):
         TransformerEncoder(_cfg(), n_outputs=0)
+
+
+def test_lm_loss_leaves_out_padded_positions():
+    from normlab.models import TransformerConfig, TransformerLM
+
+    torch.manual_seed(0)
+    m = TransformerLM(TransformerConfig(vocab_size=50, d_model=32, n_heads=2, n_layers=1, dropout=0.0)).eval()
+    tokens = torch.randint(1, 50, (2, 8))
+    targets = torch.randint(1, 50, (2, 8))
+    pad = torch.zeros(2, 8, dtype=torch.bool)
+    pad[1, 5:] = True
+    got = m.loss(tokens, targets, pad)
+    want = m.loss(tokens, targets.masked_fill(pad, -100), pad)
+    torch.testing.assert_close(got, want)
+    every = torch.nn.functional.cross_entropy(m(tokens, pad).flatten(0, 1), targets.flatten())
+    assert not torch.allclose(got, every)  # (the padded positions would have counted)

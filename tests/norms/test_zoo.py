@@ -176,7 +176,8 @@ def test_powernorm_padding_is_ignored_in_statistics():
 
 
 def test_powernorm_approximate_backward():
-    # dL/dx = (g - Gamma * x_hat) / psi; Gamma <- a * Gamma + (1 - a) * mean(g * x_hat)
+    # dL/dx = (g - nu * x_hat) / psi; nu <- nu * (1 - (1 - a) * Gamma) + (1 - a) * Lambda,
+    # Lambda = mean(g * x_hat), Gamma = mean(x_hat^2) (Shen et al. 2020, Algorithm 1)
     m = normlab.PowerNorm(3, warmup_iters=0, alpha_bkw=0.8, affine=False)
     with torch.no_grad():
         m.running_phi.copy_(torch.tensor([1.0, 4.0, 9.0]))
@@ -187,10 +188,91 @@ def test_powernorm_approximate_backward():
     psi = torch.sqrt(torch.tensor([1.0, 4.0, 9.0]) + m.eps)
     x_hat = x.detach() / psi
     torch.testing.assert_close(y, x_hat)
-    gamma = m.grad_ema.clone()
+    nu = m.grad_ema.clone()
     (dx,) = torch.autograd.grad(y, x, g)
-    torch.testing.assert_close(dx, (g - gamma * x_hat) / psi)
-    torch.testing.assert_close(m.grad_ema, 0.8 * gamma + 0.2 * (g * x_hat).mean(0))
+    torch.testing.assert_close(dx, (g - nu * x_hat) / psi)
+    torch.testing.assert_close(m.grad_ema, nu * (1 - 0.2 * x_hat.square().mean(0)) + 0.2 * (g * x_hat).mean(0))
+
+
+def test_powernorm_backward_is_the_authors_code_over_steps():
+    """The authors' form (their running ema_gz E: approx = g - (1 - a) E z, dx = approx / psi,
+    E += mean(approx * z)) is ours with nu = (1 - a) E, step after step."""
+    torch.manual_seed(0)
+    a = 0.9
+    m = normlab.PowerNorm(4, warmup_iters=0, alpha_bkw=a, alpha_fwd=0.95, affine=False)
+    e = torch.zeros(4)
+    for _ in range(4):
+        x = (torch.randn(6, 4) * 3).requires_grad_()
+        psi = torch.sqrt(m.running_phi.clone() + m.eps)
+        g = torch.randn(6, 4)
+        (dx,) = torch.autograd.grad(m(x), x, g)
+        z = x.detach() / psi
+        approx = g - (1 - a) * e * z
+        e = e + (approx * z).mean(0)
+        torch.testing.assert_close(dx, approx / psi)
+        torch.testing.assert_close(m.grad_ema, (1 - a) * e)
+
+
+@pytest.mark.parametrize("name", ["powernorm", "batchnorm"])
+def test_padding_gets_no_gradient_and_garbage_there_changes_nothing(name):
+    """Changing only the padded positions (even to inf/nan) changes no gradient and no
+    statistic: the loss sees the real positions only."""
+    torch.manual_seed(0)
+    cls = {"powernorm": normlab.PowerNorm, "batchnorm": normlab.MaskedBatchNorm}[name]
+    x = torch.randn(3, 5, 4)
+    pad = torch.zeros(3, 5, dtype=torch.bool)
+    pad[0, 3:] = pad[2, 1:] = True
+    w = torch.randn(3, 5, 4)
+    grads, states = [], []
+    for fill in (None, 7.0, math.inf, math.nan):
+        m = cls(4)
+        if name == "powernorm":
+            m.warmup_iters = 0
+            with torch.no_grad():
+                m.grad_ema.fill_(0.3)
+        torch.manual_seed(1)
+        lin = torch.nn.Linear(4, 4)  # the same weights each time
+        xi = lin(x)
+        if fill is not None:
+            xi = xi.masked_fill(pad.unsqueeze(-1), fill)  # garbage at the norm's padded inputs
+        xi.retain_grad()
+        h = m(xi, padding_mask=pad)
+        loss = (h * w).masked_fill(pad.unsqueeze(-1), 0.0).square().sum()
+        loss.backward()
+        assert torch.isfinite(xi.grad).all() and (xi.grad[pad] == 0).all()
+        grads.append([lin.weight.grad.clone(), m.weight.grad.clone()])
+        states.append({k: v.clone() for k, v in m.state_dict().items()})
+    for other, state in zip(grads[1:], states[1:]):
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(a, b)
+        for k in state:
+            torch.testing.assert_close(state[k], states[0][k])
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: normlab.PowerNorm(4, alpha_fwd=1.5), "alpha_fwd"),
+    (lambda: normlab.PowerNorm(4, alpha_bkw=-0.1), "alpha_bkw"),
+    (lambda: normlab.PowerNorm(4, warmup_iters=-3), "warmup_iters"),
+    (lambda: normlab.PowerNorm(4, eps=0.0), "eps"),
+    (lambda: normlab.MaskedBatchNorm(4, momentum=-0.5), "momentum"),
+    (lambda: normlab.MaskedBatchNorm(4, eps=float("nan")), "eps"),
+    (lambda: normlab.ScaleNorm(4, eps=-1.0), "eps"),
+    (lambda: normlab.DyT(4, alpha_init=float("nan")), "alpha_init"),
+])
+def test_zoo_hyperparameters_are_checked(make, match):
+    with pytest.raises(NormArgumentError, match=match):
+        make()
+
+
+def test_masked_batchnorm_momentum_none_is_a_cumulative_average():
+    torch.manual_seed(0)
+    m, ref = normlab.MaskedBatchNorm(4, momentum=None), torch.nn.BatchNorm1d(4, momentum=None)
+    for _ in range(3):
+        x = torch.randn(8, 4) * 2 + 1
+        m(x)
+        ref(x)
+    torch.testing.assert_close(m.running_mean, ref.running_mean)
+    torch.testing.assert_close(m.running_var, ref.running_var)
 
 
 # ------------------------------------------------------------- AdaLN

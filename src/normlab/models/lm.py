@@ -40,7 +40,9 @@ class TransformerLM(BlockStack):
 
     def loss(self, tokens: Tensor, targets: Tensor, padding_mask: Tensor | None = None,
              ignore_index: int = -100) -> Tensor:
-        """Mean cross-entropy of ``forward(tokens)`` against ``targets`` [B, T] (positions
-        with ``ignore_index`` excluded)."""
+        """Mean cross-entropy of ``forward(tokens)`` against ``targets`` [B, T], over the
+        positions that are neither padded (``padding_mask`` True) nor ``ignore_index``."""
         logits = self(tokens, padding_mask)
+        if padding_mask is not None:
+            targets = targets.masked_fill(padding_mask, ignore_index)  # a padded position has no target
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)

@@ -27,6 +27,16 @@ def _check_last_dim(name: str, x: Tensor, dim: int) -> None:
         )
 
 
+def _check_number(name: str, arg: str, value: object, low: float, high: float = math.inf, *,
+                  low_open: bool = False, high_open: bool = False) -> None:
+    """A hyperparameter: a finite real number in [low, high] (an end excluded where open)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
+        value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        where = (f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or high == math.inf else ']'}")
+        raise NormArgumentError(f"{name}: expected {arg} to be a finite number in {where}, got {value!r}")
+
+
 def _valid_positions(name: str, x: Tensor, padding_mask: Tensor | None) -> Tensor:
     """A float [*x.shape[:-1], 1] tensor: 1 at real positions, 0 at padded ones."""
     if padding_mask is None:
@@ -50,6 +60,7 @@ class ScaleNorm(ResidualNorm, nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None) -> None:
         super().__init__()
+        _check_number("ScaleNorm", "eps", eps, 0.0, low_open=True)
         self.dim, self.eps = dim, eps
         self.g = nn.Parameter(torch.empty((), device=device, dtype=dtype))
         self.reset_parameters()
@@ -74,6 +85,7 @@ class DyT(ResidualNorm, nn.Module):
     def __init__(self, dim: int, alpha_init: float = 0.5, elementwise_affine: bool = True,
                  device=None, dtype=None) -> None:
         super().__init__()
+        _check_number("DyT", "alpha_init", alpha_init, -math.inf)
         self.dim, self.alpha_init = dim, alpha_init
         factory = {"device": device, "dtype": dtype}
         self.alpha = nn.Parameter(torch.empty(1, **factory))
@@ -126,6 +138,9 @@ class MaskedBatchNorm(ResidualNorm, nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
                  device=None, dtype=None) -> None:
         super().__init__()
+        _check_number("MaskedBatchNorm", "eps", eps, 0.0, low_open=True)
+        if momentum is not None:  # None: a cumulative average over the batches (as torch's BatchNorm)
+            _check_number("MaskedBatchNorm", "momentum", momentum, 0.0, 1.0)
         self.dim, self.eps, self.momentum = dim, eps, momentum
         factory = {"device": device, "dtype": dtype}
         if affine:
@@ -154,7 +169,9 @@ class MaskedBatchNorm(ResidualNorm, nn.Module):
     def normalize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         _check_last_dim("MaskedBatchNorm", x, self.dim)
         valid = _valid_positions("MaskedBatchNorm", x, padding_mask)
-        xf = x.to(valid.dtype)
+        # padded values (even inf or nan) reach neither the statistics nor, through them,
+        # the gradient: they are zeros from here on
+        xf = torch.where(valid.bool(), x.to(valid.dtype), 0.0) if padding_mask is not None else x.to(valid.dtype)
         if self.training:
             n = valid.sum()
             if n.item() < 2:
@@ -162,15 +179,15 @@ class MaskedBatchNorm(ResidualNorm, nn.Module):
                     f"MaskedBatchNorm: expected more than 1 real (unpadded) position per channel "
                     f"when training, got {int(n.item())}"
                 )
-            xv = torch.where(valid.bool(), xf, 0.0)  # padded values never reach the statistics
             dims = tuple(range(x.dim() - 1))
-            mean = xv.sum(dims) / n
-            var = (((xv - mean) * valid).square()).sum(dims) / n
+            mean = xf.sum(dims) / n
+            var = (((xf - mean) * valid).square()).sum(dims) / n
             with torch.no_grad():
                 self.num_batches_tracked += 1
-                self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+                weight = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), weight)
                 unbiased = var * n / (n - 1)
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), weight)
         else:
             mean, var = self.running_mean.to(xf.dtype), self.running_var.to(xf.dtype)
         y = (xf - mean) * torch.rsqrt(var + self.eps)
@@ -183,13 +200,17 @@ class MaskedBatchNorm(ResidualNorm, nn.Module):
 
 
 class _PowerNormScale(torch.autograd.Function):
-    """x_hat = x / psi with PowerNorm's approximate backward (Shen et al. 2020, Algorithm 1):
+    """x_hat = x / psi with PowerNorm's approximate backward (Shen et al. 2020, Algorithm 1,
+    as the authors' code computes it):
 
-        dL/dx = (g - Gamma * x_hat) / psi,   g = dL/dx_hat,
-        Gamma <- alpha_bkw * Gamma + (1 - alpha_bkw) * mean_B(g * x_hat)
+        dL/dx = (g - nu * x_hat) / psi,   g = dL/dx_hat,
+        nu <- nu * (1 - (1 - alpha_bkw) * Gamma_B) + (1 - alpha_bkw) * Lambda_B,
+        Lambda_B = mean_B(g * x_hat),   Gamma_B = mean_B(x_hat^2)
 
-    Gamma is the running estimate of the term that exact backpropagation through the
-    batch statistic would subtract; it is updated in place during backward."""
+    (means over the real positions). nu is the running estimate of the term that exact
+    backpropagation through the batch statistic would subtract; it is updated in place
+    during backward. Padded positions have x = 0, so x_hat = 0 there: they get no
+    gradient and no say in nu."""
 
     @staticmethod
     def forward(ctx, x, psi, grad_ema, valid, alpha_bkw):
@@ -202,11 +223,14 @@ class _PowerNormScale(torch.autograd.Function):
     def backward(ctx, g):
         x_hat, psi, valid = ctx.saved_tensors
         grad_ema = ctx.grad_ema
+        g = g * valid  # (what reaches a padded output never reaches x)
         dx = (g - grad_ema * x_hat) / psi
         with torch.no_grad():
             dims = tuple(range(g.dim() - 1))
-            batch_term = (g * x_hat * valid).sum(dims) / valid.sum().clamp_min(1)
-            grad_ema.mul_(ctx.alpha_bkw).add_((1 - ctx.alpha_bkw) * batch_term)
+            n = valid.sum().clamp_min(1)
+            lam = (g * x_hat).sum(dims) / n
+            gam = x_hat.square().sum(dims) / n
+            grad_ema.mul_(1 - (1 - ctx.alpha_bkw) * gam).add_((1 - ctx.alpha_bkw) * lam)
         return dx, None, None, None, None
 
 
@@ -225,6 +249,11 @@ class PowerNorm(ResidualNorm, nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5, alpha_fwd: float = 0.9, alpha_bkw: float = 0.9,
                  warmup_iters: int = 100, affine: bool = True, device=None, dtype=None) -> None:
         super().__init__()
+        _check_number("PowerNorm", "eps", eps, 0.0, low_open=True)
+        _check_number("PowerNorm", "alpha_fwd", alpha_fwd, 0.0, 1.0)
+        _check_number("PowerNorm", "alpha_bkw", alpha_bkw, 0.0, 1.0)
+        if isinstance(warmup_iters, bool) or not isinstance(warmup_iters, int) or warmup_iters < 0:
+            raise NormArgumentError(f"PowerNorm: expected warmup_iters to be an int >= 0, got {warmup_iters!r}")
         self.dim, self.eps, self.alpha_fwd, self.alpha_bkw = dim, eps, alpha_fwd, alpha_bkw
         self.warmup_iters = warmup_iters
         factory = {"device": device, "dtype": dtype}
@@ -250,14 +279,15 @@ class PowerNorm(ResidualNorm, nn.Module):
     def normalize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         _check_last_dim("PowerNorm", x, self.dim)
         valid = _valid_positions("PowerNorm", x, padding_mask)
-        xf = x.to(valid.dtype)
+        # padded values (even inf or nan) are zeros from here on: no statistics, no gradient
+        xf = torch.where(valid.bool(), x.to(valid.dtype), 0.0) if padding_mask is not None else x.to(valid.dtype)
         if self.training:
             n = valid.sum()
             if n.item() < 1:
                 raise NormArgumentError("PowerNorm: expected at least one real (unpadded) position when training")
             dims = tuple(range(x.dim() - 1))
             with torch.no_grad():
-                batch_phi = (torch.where(valid.bool(), xf, 0.0).square()).sum(dims) / n
+                batch_phi = xf.square().sum(dims) / n
                 self.iters += 1
                 t = int(self.iters.item())
                 phi = batch_phi if t <= self.warmup_iters else self.running_phi.clone()
