@@ -57,7 +57,11 @@ def test_padding_changes_nothing_at_real_positions(placement, norm):
     model.load_state_dict(state)  # running statistics back to where they were
     b = model(other, pad)
     torch.testing.assert_close(a[~pad], b[~pad], rtol=0, atol=1e-5)
-    assert (a[pad] - b[pad]).abs().max() > 1e-3
+    assert (other[pad] != tokens[pad]).all()  # the padded tokens did change
+    if norm not in ("batchnorm", "powernorm"):
+        # (a batch-statistics norm zeroes padded values: after one that ends the stack,
+        # Post-LN's or Peri-LN's, every padded output is the same)
+        assert (a[pad] - b[pad]).abs().max() > 1e-3
 
 
 def test_padded_batch_equals_unpadded_sequences():
