@@ -25,7 +25,8 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -101,9 +102,16 @@ def register_model(*qualified_names: str):
 
 
 def _lookup(table: dict, module: nn.Module | type):
-    for cls in (module if isinstance(module, type) else type(module)).__mro__:
+    """(the registered class, its entry) for ``module``'s class or its nearest registered
+    base. A subclass that defines its own ``forward`` (a layer scale, an adapter) computes
+    something the entry does not describe: it is not a known block (None, None). normlab's
+    fused subclasses (``convert.fused``) are the registered block's own forward."""
+    t = module if isinstance(module, type) else type(module)
+    for k, cls in enumerate(t.__mro__):
         entry = table.get(_qualified(cls))
         if entry is not None:
+            if any("forward" in sub.__dict__ and "_normlab_base" not in sub.__dict__ for sub in t.__mro__[:k]):
+                return None, None
             return cls, entry
     return None, None
 
@@ -165,6 +173,15 @@ def _consumers(module: nn.Module, *paths: str) -> tuple[Consumer, ...]:
     return tuple(Consumer(p) for p in paths if _has(module, p))
 
 
+def _add_norm(norm: nn.Module, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+    """``norm(x, residual)``, the fused residual add + norm, in the dtype of the unfused
+    ``residual + x``: under autocast a sublayer's output is bfloat16 and the residual
+    stream float32, and the stream stays float32, as in the original block."""
+    if x.dtype is not residual.dtype:
+        x = x.to(torch.promote_types(x.dtype, residual.dtype))
+    return norm(x, residual)
+
+
 # ---------------------------------------------------------------------- torch.nn blocks
 
 _TORCH_KINDS = {"self_attn": "attention", "multihead_attn": "attention", "linear1": "ffn_w1",
@@ -177,10 +194,10 @@ def _torch_encoder_layer_forward(self, src, src_mask=None, src_key_padding_mask=
     x = src
     if self.norm_first:
         sa = self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
-        h, x = self.norm2(sa, x)
+        h, x = _add_norm(self.norm2, sa, x)
         return x + self._ff_block(h)
-    x, _ = self.norm1(self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal), x)
-    x, _ = self.norm2(self._ff_block(x), x)
+    x, _ = _add_norm(self.norm1, self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal), x)
+    x, _ = _add_norm(self.norm2, self._ff_block(x), x)
     return x
 
 
@@ -203,14 +220,14 @@ def _torch_decoder_layer_forward(self, tgt, memory, tgt_mask=None, memory_mask=N
     x = tgt
     if self.norm_first:
         sa = self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
-        h, x = self.norm2(sa, x)
+        h, x = _add_norm(self.norm2, sa, x)
         ca = self._mha_block(h, memory, memory_mask, memory_key_padding_mask, memory_is_causal)
-        h, x = self.norm3(ca, x)
+        h, x = _add_norm(self.norm3, ca, x)
         return x + self._ff_block(h)
-    x, _ = self.norm1(self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal), x)
-    x, _ = self.norm2(self._mha_block(x, memory, memory_mask, memory_key_padding_mask,
-                                      memory_is_causal), x)
-    x, _ = self.norm3(self._ff_block(x), x)
+    x, _ = _add_norm(self.norm1, self._sa_block(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal), x)
+    x, _ = _add_norm(self.norm2, self._mha_block(x, memory, memory_mask, memory_key_padding_mask,
+                                                 memory_is_causal), x)
+    x, _ = _add_norm(self.norm3, self._ff_block(x), x)
     return x
 
 
@@ -247,7 +264,7 @@ def _llama_layer_forward(self, hidden_states, *args, **kwargs):
         kwargs = {k: v for k, v in bound.arguments.items() if k not in ("self", "hidden_states")}
         kwargs.update(kwargs.pop("kwargs", {}))
     h, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
-    h, residual = self.post_attention_layernorm(h, hidden_states)
+    h, residual = _add_norm(self.post_attention_layernorm, h, hidden_states)
     return residual + self.mlp(h)
 
 
@@ -272,22 +289,41 @@ for _mod, _prefix in LLAMA_LIKE.items():
                    forward=_llama_layer_forward)(_llama_layer)
 
 
+def _cache_keyword(attention: nn.Module) -> str:
+    """The name GPT-2's attention takes the KV cache under: ``cache`` from transformers
+    5.25 (``past_key_values`` is deprecated there, and goes in 5.40), else ``past_key_values``."""
+    name = _CACHE_KEYWORD.get(type(attention))
+    if name is None:
+        params = inspect.signature(type(attention).forward).parameters
+        name = _CACHE_KEYWORD[type(attention)] = "cache" if "cache" in params else "past_key_values"
+    return name
+
+
+_CACHE_KEYWORD: dict[type, str] = {}
+
+
 def _gpt2_block_forward(self, hidden_states, past_key_values=None, attention_mask=None,
                         encoder_hidden_states=None, encoder_attention_mask=None,
                         use_cache=False, **kwargs):
+    # (the second parameter is the cache under either name: the block's caller passes it
+    # positionally, or by keyword as ``past_key_values`` or ``cache``)
+    if "cache" in kwargs:
+        cached = kwargs.pop("cache")
+        past_key_values = cached if past_key_values is None else past_key_values
+    cache = {_cache_keyword(self.attn): past_key_values}
     residual = hidden_states
-    attn, _ = self.attn(self.ln_1(hidden_states), past_key_values=past_key_values,
+    attn, _ = self.attn(self.ln_1(hidden_states), **cache,
                         attention_mask=attention_mask, use_cache=use_cache, **kwargs)
     if encoder_hidden_states is not None:
         if not hasattr(self, "crossattention"):
             raise ValueError(f"If `encoder_hidden_states` are passed, {self} has to be instantiated "
                              "with cross-attention layers by setting `config.add_cross_attention=True`")
-        h, residual = self.ln_cross_attn(attn, residual)
-        attn, _ = self.crossattention(h, past_key_values=past_key_values,
+        h, residual = _add_norm(self.ln_cross_attn, attn, residual)
+        attn, _ = self.crossattention(h, **{_cache_keyword(self.crossattention): past_key_values},
                                       attention_mask=attention_mask,
                                       encoder_hidden_states=encoder_hidden_states,
                                       encoder_attention_mask=encoder_attention_mask)
-    h, residual = self.ln_2(attn, residual)
+    h, residual = _add_norm(self.ln_2, attn, residual)
     return residual + self.mlp(h)
 
 
@@ -306,7 +342,7 @@ def _gpt2_block(m: nn.Module) -> BlockSpec:
 
 
 def _bert_output_forward(self, hidden_states, input_tensor):
-    return self.LayerNorm(self.dropout(self.dense(hidden_states)), input_tensor)[0]
+    return _add_norm(self.LayerNorm, self.dropout(self.dense(hidden_states)), input_tensor)[0]
 
 
 @register_block("transformers.models.bert.modeling_bert.BertSelfOutput",

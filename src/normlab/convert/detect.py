@@ -14,6 +14,7 @@ Cohere's q/k norm).
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -170,40 +171,78 @@ _KNOWN_VARIANTS = {
 }
 
 
+# a module's hooks, which the probe's copy runs without (the user's hooks must not fire on
+# probe data, and one that changes the output is carried over to the swapped module)
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+# probe inputs: (std, mean) of x; the small ones are where eps matters (activations of
+# std 0.02 are common at init), the large one where it does not
+PROBE_SCALES = ((3.0, 1.5), (0.02, 0.0), (1e-3, 0.0))
+
+
 def _probe(module: nn.Module, cand: NormSemantics) -> tuple[bool, str]:
-    """Run a randomized copy of ``module`` and the candidate on the same probe; compare
-    outputs (values and dtype) and input gradients."""
+    """Run a randomized copy of ``module`` (without its hooks) and the candidate on the
+    same probes, at several input scales; compare outputs (values and dtype) and input
+    gradients. For half-precision parameters, also on float32 input (a model that keeps
+    some layers in float32 feeds its norms float32): where the module takes it, the
+    candidate must give the same dtype and values."""
     ref_p = next(module.parameters(), None)
     if ref_p is not None and ref_p.device.type == "meta":
         return False, "parameters on the meta device: cannot verify"
     dtype = ref_p.dtype if ref_p is not None else torch.float32
     device = ref_p.device if ref_p is not None else torch.device("cpu")
     gen = torch.Generator().manual_seed(0)
-    orig = copy.deepcopy(module).train(False)
-    with torch.no_grad():
-        for p in orig.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen).mul_(0.5).add_(1.0))
-    new = cand.build(orig)
-    x = (torch.randn(3, 5, *(cand.weight_shape or cand.shape), generator=gen) * 3 + 1.5).to(device, dtype)
-    g = torch.randn(x.shape, generator=gen).to(device, dtype)
+    with torch.inference_mode(False), torch.enable_grad():  # (apply_normlab may run under inference_mode)
+        orig = copy.deepcopy(module).train(False)
+        for attr in _HOOK_DICTS:
+            if isinstance(getattr(orig, attr, None), dict):
+                setattr(orig, attr, type(getattr(orig, attr))())
+        with torch.no_grad():
+            for p in orig.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen).mul_(0.5).add_(1.0))
+        new = cand.build(orig)
+        shape = (3, 5, *(cand.weight_shape or cand.shape))
+        worst = 0.0
+        for k, (std, mean) in enumerate(PROBE_SCALES):
+            x = (torch.randn(shape, generator=gen) * std + mean).to(device, dtype)
+            ok, detail, dy = _compare(orig, new, x, torch.randn(shape, generator=gen).to(device, dtype), dtype,
+                                      must_run=k == 0)
+            if not ok:
+                return False, detail + ("" if k == 0 else f" (inputs of std {std:g})")
+            worst = max(worst, dy)
+        if dtype in (torch.float16, torch.bfloat16):
+            x = (torch.randn(shape, generator=gen) * 3 + 1.5).to(device)
+            ok, detail, _ = _compare(orig, new, x, torch.randn(shape, generator=gen).to(device), dtype,
+                                     must_run=False)
+            if not ok:
+                return False, detail + f" with float32 input to {str(dtype).removeprefix('torch.')} parameters"
+    return True, (f"verified on {str(dtype).removeprefix('torch.')} probes at {len(PROBE_SCALES)} input scales "
+                  f"(max |diff| {worst:.1e})")
+
+
+def _compare(orig: nn.Module, new: nn.Module, x: torch.Tensor, g: torch.Tensor, dtype: torch.dtype,
+             must_run: bool) -> tuple[bool, str, float]:
+    """(ok, why not, max |output diff|) of ``orig`` and ``new`` on ``x`` (output gradient
+    ``g``). An input ``orig`` itself refuses fails the probe only when ``must_run``."""
     outs = []
-    with torch.enable_grad():
-        for m in (orig, new):
-            xi = x.clone().requires_grad_(True)
-            try:
-                y = m(xi)
-            except Exception as err:  # a module that rejects the probe cannot be verified
-                return False, f"probe failed ({type(err).__name__}: {err})"
-            (gx,) = torch.autograd.grad(y, xi, g.to(y.dtype))
-            outs.append((y.detach(), gx))
+    for m in (orig, new):
+        xi = x.clone().requires_grad_(True)
+        try:
+            y = m(xi)
+        except Exception as err:  # a module that rejects the probe cannot be verified
+            if m is orig and not must_run:
+                return True, "", 0.0  # the original does not take such input either
+            return False, f"probe failed ({type(err).__name__}: {err})", math.inf
+        (gx,) = torch.autograd.grad(y, xi, g.to(y.dtype))
+        outs.append((y.detach(), gx))
     (y0, g0), (y1, g1) = outs
     if y0.dtype != y1.dtype:
-        return False, f"output dtype {y0.dtype} vs normlab's {y1.dtype}"
-    atol, rtol = PROBE_TOL.get(dtype, (1e-5, 1e-5))
+        return False, f"output dtype {y0.dtype} vs normlab's {y1.dtype}", math.inf
+    atol, rtol = PROBE_TOL.get(min(dtype, x.dtype, key=lambda d: torch.finfo(d).bits), (1e-5, 1e-5))
     dy = (y0.double() - y1.double()).abs().max().item()
     if not torch.allclose(y0.double(), y1.double(), atol=atol, rtol=rtol):
-        return False, f"max |output diff| {dy:.3g} on a probe"
+        return False, f"max |output diff| {dy:.3g} on a probe", dy
     scale = max(1.0, g0.double().abs().max().item())
     if not torch.allclose(g0.double(), g1.double(), atol=atol * 10 * scale, rtol=rtol * 10):
-        return False, "input gradients differ on a probe"
-    return True, f"verified on a {str(dtype).removeprefix('torch.')} probe (max |diff| {dy:.1e})"
+        return False, "input gradients differ on a probe", dy
+    return True, "", dy

@@ -32,9 +32,10 @@ def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
     old = getattr(parent, name)
-    for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                 "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
-                 "_forward_hooks_always_called", "_state_dict_hooks", "_load_state_dict_pre_hooks"):
+    for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                 "_is_full_backward_hook", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+                 "_forward_hooks_always_called", "_state_dict_hooks", "_state_dict_pre_hooks",
+                 "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"):
         if hasattr(old, attr):
             setattr(new, attr, getattr(old, attr))
     setattr(parent, name, new)
