@@ -462,7 +462,7 @@ def _phi3_layer(m: nn.Module) -> BlockSpec:
 
 
 # Gemma: Llama's layout; its RMSNorm scales by (1 + weight), which normlab.convert.detect
-# names when it declines the norm.
+# verifies as RMSNorm(offset=1, casting_mode="gemma") and swaps (the block is not fused).
 @register_block("transformers.models.gemma.modeling_gemma.GemmaDecoderLayer")
 def _gemma_layer(m: nn.Module) -> BlockSpec:
     return _llama_layer(m)

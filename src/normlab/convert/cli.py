@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -80,11 +81,43 @@ def _load_normlab(weights: Path, config: Path | None):
     try:
         safetensors.torch.load_model(model, str(weights), strict=True)
     except RuntimeError as err:  # missing/unexpected keys, size mismatches: lines after a header
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-        detail = lines[-1] if len(lines) < 3 else f"{lines[1]} (and {len(lines) - 2} more)"
-        raise typer.BadParameter(f"{weights} does not fit the TransformerLM of {config}: {detail}",
+        raise typer.BadParameter(f"{weights} does not fit the TransformerLM of {config}: {_mismatch(err)}",
                                  param_hint="--config") from err
     return model
+
+
+_SHOWN = 3  # keys named in a one-line mismatch summary
+
+
+def _mismatch(err: RuntimeError) -> str:
+    """A state dict that does not fit the model, in one line: how many keys are missing,
+    unexpected or of another shape, naming the first few of each."""
+    text = str(err)
+    parts = []
+    for label, head in (("missing key", "Missing key(s) in state_dict:"),
+                        ("unexpected key", "Unexpected key(s) in state_dict:")):
+        line = next((line for line in text.splitlines() if head in line), None)
+        if line is not None:
+            keys = re.findall(r'"([^"]+)"', line.partition(head)[2])
+            parts.append(_count(len(keys), label) + f" ({_few(keys)})")
+    sizes = re.findall(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) "
+                       r"from checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)", text)
+    if sizes:
+        key, a, b = sizes[0]
+        parts.append(_count(len(sizes), "size mismatch", "es")
+                     + f" ({'first: ' if len(sizes) > 1 else ''}{key} is {a} in the file, {b} in the model)")
+    if parts:
+        return "; ".join(parts)
+    lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(err).__name__]
+    return lines[-1] if len(lines) < 3 else f"{lines[1]} (and {len(lines) - 2} more lines)"
+
+
+def _count(n: int, noun: str, plural: str = "s") -> str:
+    return f"{n} {noun}{'' if n == 1 else plural}"
+
+
+def _few(items: list[str]) -> str:
+    return ", ".join(items[:_SHOWN]) + (f", and {len(items) - _SHOWN} more" if len(items) > _SHOWN else "")
 
 
 def _rebuild(model):
@@ -194,9 +227,9 @@ def convert(
             else:
                 r = layernorm_to_rmsnorm(model, example_inputs=_example_inputs(model)).normlab_report
         except ConversionError as err:
-            console.print(f"[red]{err}[/red]")
+            _error(str(err))
             raise typer.Exit(1) from err
-        console.print(str(r), highlight=False, soft_wrap=True)
+        console.print(str(r), highlight=False, soft_wrap=True, markup=False)
         reports.append(r.to_dict())
     out.mkdir(parents=True, exist_ok=True)
     if kind == "hf":
@@ -204,21 +237,32 @@ def convert(
         # (re-apply normlab.integrations.hf.apply_normlab); folded and RMS-converted
         # weights stay exact in the original architecture (norm weights 1, zero-mean stream)
         model.save_pretrained(out)
+        saved = f" (weights in {_dtypes(model)})"
     else:
-        import torch
-
-        from normlab.convert.verify import run_outputs
+        from normlab.convert.verify import compare, run_outputs
         from normlab.models import load_model
 
         path = _save_normlab(model, out)
         inputs = _example_inputs(model)
-        want, got = run_outputs(model, inputs), run_outputs(load_model(path), inputs)
-        worst = max(float((a.double() - b.double()).abs().max()) for a, b in zip(want, got))
-        if not all(torch.allclose(a.double(), b.double(), atol=1e-4, rtol=1e-4) for a, b in zip(want, got)):
-            console.print(f"[red]the written model's outputs differ from the converted model's by up to "
-                          f"{worst:.3g}[/red]")
+        ok, worst = compare(run_outputs(model, inputs), run_outputs(load_model(path), inputs), 1e-4, 1e-4)
+        if not ok:
+            _error(f"the written model's outputs differ from the converted model's by up to {worst:.3g}")
             raise typer.Exit(1)
         console.print(f"reloaded {path.name} with normlab.models.load_model: outputs equal the converted "
                       f"model's (max |diff| {worst:.2g})", highlight=False)
+        saved = ""
     (out / "normlab_convert.json").write_text(json.dumps(reports, indent=2))
-    console.print(f"wrote {out}")
+    console.print(f"wrote {out}{saved}", highlight=False, soft_wrap=True, markup=False)
+
+
+def _error(message: str) -> None:
+    """An error on stderr, in red, on one line (never wrapped), with no markup read from it."""
+    from rich.console import Console
+    from rich.text import Text
+
+    Console(stderr=True).print(Text(message, style="red"), soft_wrap=True)
+
+
+def _dtypes(model) -> str:
+    names = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()})
+    return ", ".join(names)

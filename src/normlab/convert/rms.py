@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from normlab import functional as F
 from normlab.convert.analysis import analyse
 from normlab.convert.detect import semantics
+from normlab.convert.fused import is_fused, unfuse
 from normlab.convert.report import ConversionError, ConversionReport
 from normlab.convert.swap import (
     all_paths,
@@ -28,7 +29,13 @@ from normlab.convert.swap import (
     replace_module,
     shared_params,
 )
-from normlab.convert.verify import run_outputs
+from normlab.convert.verify import (
+    compare,
+    float32_copy,
+    inputs_in_float32,
+    low_precision,
+    run_outputs,
+)
 from normlab.norms import RMSNorm
 
 
@@ -59,8 +66,8 @@ class RMSNormWithBias(RMSNorm):
         return (out + self.bias).to(x.dtype), new_residual
 
 
-def _outputs(model: nn.Module, example_inputs) -> list[Tensor]:
-    return run_outputs(model, example_inputs)
+_ALREADY = ("already converted: an RMSNorm reading a zero-mean residual stream (every writer of the "
+            "stream is centered), the form layernorm_to_rmsnorm leaves; nothing to do")
 
 
 def layernorm_to_rmsnorm(model: nn.Module, *, example_inputs=None, atol: float = 1e-4,
@@ -76,16 +83,60 @@ def layernorm_to_rmsnorm(model: nn.Module, *, example_inputs=None, atol: float =
     (the output layer keeps the original weights). Exact in eval mode: dropout on a
     residual branch breaks the zero mean in training.
 
-    Raises ConversionError, leaving the model unchanged, when the stream's writers
-    cannot all be established (Post-LN blocks, a stream starting at a model input, an
-    unknown module on the stream, a norm that is not a LayerNorm reading it), or when
-    ``example_inputs`` (a tensor, tuple or dict for ``model(...)``) are given and the
-    outputs before and after differ beyond ``atol``/``rtol``.
+    With ``example_inputs`` (a tensor, tuple or dict for ``model(...)``) the outputs
+    before and after are compared within ``atol``/``rtol``. The conversion is exact in
+    real arithmetic, so a model with bfloat16/float16 parameters is checked in float32:
+    a float32 copy of it is converted and compared on the example inputs (their
+    half-precision tensors made float32), then the model itself is converted in its own
+    dtype (each new weight computed in float64 and rounded once) and its new weights
+    are checked to be the float32 copy's, rounded. The copy costs the model's size in
+    float32 for the duration of the call. The report's "verified" line says which dtype
+    the check ran in.
+
+    A model that is already converted (every norm on the residual stream an RMSNorm
+    and every writer of the stream centered, as this function leaves it) is left as it
+    is: a no-op whose report lists those norms as left, "already converted".
+
+    Raises ConversionError, leaving the model unchanged (weights, ties, config, module
+    and block classes), when the stream's writers cannot all be established (Post-LN
+    blocks, a stream starting at a model input, an unknown module on the stream, a norm
+    that is not a LayerNorm reading a stream that is not centered), or when the outputs
+    on ``example_inputs`` differ beyond ``atol``/``rtol`` (every change is undone).
     """
+    a, plans, left, done = _plan(model)
+    report = ConversionReport("layernorm_to_rmsnorm", model)
+    for path, m, why in left:
+        report.add(path, m, "left", why)
+    for path, m in done:
+        report.add(path, m, "left", _ALREADY)
+    if not plans:
+        return report.attach()
+    low = None if example_inputs is None else low_precision(model)
+    if low is None:
+        check = None if example_inputs is None else _outputs_check(model, example_inputs, atol, rtol,
+                                                                   f"in {_dtypes(model)}")
+        _apply(model, a, plans, report, check)
+        return report.attach()
+    # half precision: its rounding (about 4e-3 in bfloat16) would drown the check and fail
+    # a correct conversion; the conversion's math is checked on a float32 copy instead,
+    # and the model's own new weights must be that copy's, rounded to its dtype
+    shadow = float32_copy(model)
+    sa, splans, _, _ = _plan(shadow)
+    verified = _apply(shadow, sa, splans, ConversionReport("layernorm_to_rmsnorm", shadow), _outputs_check(
+        shadow, inputs_in_float32(example_inputs), atol, rtol, f"in float32, on a float32 copy of the {low} model"))
+    del sa, splans
+    _apply(model, a, plans, report, lambda: _rounded_check(model, shadow, verified, low))
+    return report.attach()
+
+
+def _plan(model: nn.Module):
+    """What the conversion does, or a ConversionError: (analysis, LayerNorms to convert,
+    norms left with the reason, RMSNorms of an already converted model)."""
     a = analyse(model)
     if isinstance(a.writers, str):
         raise ConversionError(f"layernorm_to_rmsnorm: {a.writers}")
-    plans, left = [], []
+    plans, left, done = [], [], []
+    centered = None
     for path, m in norm_modules(model):
         sem = m if isinstance(m, RMSNormWithBias) else semantics(m)
         if isinstance(sem, str):
@@ -93,6 +144,11 @@ def layernorm_to_rmsnorm(model: nn.Module, *, example_inputs=None, atol: float =
                                   f"normlab reproduces: {sem}")
         if sem is m or sem.kind != "layernorm":
             if path in a.stream_norms:
+                if centered is None:
+                    centered = all(_centered(v) for v in a.writers)
+                if centered and (sem is m or (sem.offset == 0.0 and sem.weight_shape is None)):
+                    done.append((path, m))
+                    continue
                 raise ConversionError(
                     f"layernorm_to_rmsnorm: {path} ({type(m).__name__}) reads the residual stream and "
                     "is not a LayerNorm: centering the stream would change its output")
@@ -110,14 +166,85 @@ def layernorm_to_rmsnorm(model: nn.Module, *, example_inputs=None, atol: float =
             raise ConversionError(f"layernorm_to_rmsnorm: the LayerNorm {path} does not read the "
                                   "residual stream (its input is not a known sum of writers)")
         plans.append((path, m, sem))
-    if not plans:
+    if not plans and not done:
         raise ConversionError("layernorm_to_rmsnorm: the model has no LayerNorm to convert")
-    before = None if example_inputs is None else _outputs(model, example_inputs)
+    return a, plans, left, done
 
-    report = ConversionReport("layernorm_to_rmsnorm", model)
-    for path, m, why in left:
-        report.add(path, m, "left", why)
-    undo = []
+
+def _centered(v) -> bool:
+    """Whether a writer's outputs are already zero-mean over the hidden dim, within one
+    rounding of its dtype (what ``center_output`` leaves)."""
+    m = v.module
+    if isinstance(m, (nn.Embedding, nn.Parameter)):
+        parts = [(m.weight if isinstance(m, nn.Embedding) else m).detach()]
+        dim = -1
+    else:
+        parts = [t for t in (v.weight(), v.bias()) if t is not None]
+        dim = 0
+    for t in parts:
+        if not t.is_floating_point():
+            return False
+        t64 = t.double()
+        if bool((t64.mean(dim).abs() > torch.finfo(t.dtype).eps * t64.abs().mean(dim)).any()):
+            return False
+    return True
+
+
+def _dtypes(model: nn.Module) -> str:
+    names = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()})
+    return ", ".join(names) or "the model's dtype"
+
+
+def _outputs_check(model: nn.Module, example_inputs, atol: float, rtol: float, where: str):
+    """A check of ``model``'s outputs after the conversion against those before (run now)."""
+    before = run_outputs(model, example_inputs)
+
+    def check() -> str:
+        ok, worst = compare(before, run_outputs(model, example_inputs), atol, rtol)
+        if not ok:
+            raise ConversionError(f"layernorm_to_rmsnorm: outputs changed by up to {worst:.3g} on the example "
+                                  f"inputs (checked {where}; atol={atol:g}, rtol={rtol:g}); the model is left "
+                                  "unchanged")
+        return f"outputs equal on the example inputs, checked {where} (max |diff| {worst:.2g})"
+
+    return check
+
+
+def _rounded_check(model: nn.Module, shadow: nn.Module, verified: str, low: str) -> str:
+    """``model``'s converted state is the verified float32 ``shadow``'s, rounded to the
+    model's dtypes (within one rounding: float64 -> float32 -> bfloat16 may round twice)."""
+    want = shadow.state_dict()
+    for key, t in model.state_dict().items():
+        s = want[key].to(t.dtype)
+        if t.is_floating_point():
+            fi = torch.finfo(t.dtype)
+            same = torch.allclose(t.double(), s.double(), rtol=fi.eps, atol=fi.tiny)
+        else:
+            same = torch.equal(t, s)
+        if not same:
+            raise ConversionError(f"layernorm_to_rmsnorm: {key} converted in {t.dtype} differs from the float32 "
+                                  "copy's conversion that was checked; the model is left unchanged")
+    return f"{verified}; the model itself converted in {low}: its weights are that copy's, rounded"
+
+
+def _apply(model: nn.Module, a, plans, report: ConversionReport, check=None) -> str | None:
+    """Convert ``model`` by the plan; then ``check()`` (it returns the "verified" detail or
+    raises). On any error every change is undone before it propagates."""
+    undo: list = []
+    try:
+        _convert(model, a, plans, report, undo)
+        detail = None if check is None else check()
+    except BaseException:
+        for fn in reversed(undo):
+            fn()
+        raise
+    if detail is not None:
+        report.add("<root>", model, "verified", detail)
+    return detail
+
+
+def _convert(model: nn.Module, a, plans, report: ConversionReport, undo: list) -> None:
+    """The changes, each with its inverse appended to ``undo`` before it is made."""
     shared = shared_params(model)
     seen = set()
     with torch.no_grad():
@@ -126,13 +253,12 @@ def layernorm_to_rmsnorm(model: nn.Module, *, example_inputs=None, atol: float =
             if key in seen:
                 continue
             seen.add(key)
-            params = v.parameters()
-            for p in params:
+            for p in v.parameters():
                 others = [n for n in shared[id(p)] if not _is_writer_name(n, v)]
                 if others and isinstance(v.module, nn.Embedding) and p is v.module.weight:
                     original = v.module.weight
-                    v.module.weight = nn.Parameter(original.detach().clone(), original.requires_grad)
                     undo.append(lambda m=v.module, o=original: setattr(m, "weight", o))
+                    v.module.weight = nn.Parameter(original.detach().clone(), original.requires_grad)
                     undo.append(_untie_config(model))
                     report.add(v.path, v.module, "untied", f"from {', '.join(others)}, which keeps the original weights")
                 elif others:
@@ -157,20 +283,24 @@ def layernorm_to_rmsnorm(model: nn.Module, *, example_inputs=None, atol: float =
                 new.weight = m.weight
         new.train(m.training)
         for p in paths[id(m)]:
-            replace_module(model, p, new)
             undo.append(lambda p=p, m=m: replace_module(model, p, m))
+            replace_module(model, p, new)
         report.add(path, m, "converted", f"-> {type(new).__name__} (eps={sem.eps})")
+    # fuse_known_blocks swaps block classes and turns off torch encoders' nested-tensor
+    # fast path: both are undone too, so a refusal leaves the original forward
+    fused_before = {id(m) for m in model.modules() if is_fused(m)}
+    nested = [(m, m.use_nested_tensor) for m in model.modules()
+              if isinstance(m, nn.TransformerEncoder) and hasattr(m, "use_nested_tensor")]
+
+    def unfuse_new() -> None:
+        for m in model.modules():
+            if is_fused(m) and id(m) not in fused_before:
+                unfuse(m)
+        for m, was in nested:
+            m.use_nested_tensor = was
+
+    undo.append(unfuse_new)
     fuse_known_blocks(model, report, quiet=True)
-    if before is not None:
-        after = _outputs(model, example_inputs)
-        worst = max((float((x.double() - y.double()).abs().max()) for x, y in zip(before, after)), default=0.0)
-        if not all(torch.allclose(x.double(), y.double(), atol=atol, rtol=rtol) for x, y in zip(before, after)):
-            for fn in reversed(undo):
-                fn()
-            raise ConversionError(f"layernorm_to_rmsnorm: outputs changed by up to {worst:.3g} on the "
-                                  "example inputs; the model is left unchanged")
-        report.add("<root>", model, "verified", f"outputs equal on the example inputs (max |diff| {worst:.2g})")
-    return report.attach()
 
 
 def _is_writer_name(name: str, v) -> bool:

@@ -71,8 +71,9 @@ def swap_norms(
 
     Swapped: torch.nn.LayerNorm, torch.nn.RMSNorm, and any other norm class whose
     forward normlab reproduces, checked on a probe (Hugging Face's LlamaRMSNorm and its
-    Mistral/Qwen2/... copies, T5LayerNorm, ...). Left, with the reason: norms normlab does
-    not reproduce (e.g. Gemma's ``x * (1 + weight)``), batch/group norms, and paths
+    Mistral/Qwen2/... copies, T5LayerNorm, Gemma's ``x * (1 + weight)`` as
+    ``RMSNorm(offset=1, casting_mode="gemma")``, ...). Left, with the reason: norms normlab
+    does not reproduce (a mean-free variance, another cast order), batch/group norms, and paths
     filtered out by ``include``/``exclude`` (fnmatch patterns over module paths). The
     parameters are the same Parameter objects (dtype, device, ties and optimizer state
     kept); module paths and state_dict keys do not change. Blocks of a known type

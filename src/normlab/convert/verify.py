@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+from itertools import chain
+
 import torch
 from torch import Tensor, nn
 
@@ -36,3 +39,40 @@ def run_outputs(model: nn.Module, example_inputs) -> list[Tensor]:
     if hasattr(out, "logits"):
         out = out.logits
     return _tensors(out)
+
+
+def compare(before: list[Tensor], after: list[Tensor], atol: float, rtol: float) -> tuple[bool, float]:
+    """Whether every output pair agrees within ``atol``/``rtol`` (compared in float64),
+    and the largest absolute difference."""
+    pairs = [(x.double(), y.double()) for x, y in zip(before, after)]
+    worst = max((float((x - y).abs().max()) for x, y in pairs if x.numel()), default=0.0)
+    ok = len(before) == len(after) and all(
+        x.shape == y.shape and torch.allclose(x, y, atol=atol, rtol=rtol) for x, y in pairs)
+    return ok, worst
+
+
+def low_precision(model: nn.Module) -> str | None:
+    """The names of the model's floating-point parameter/buffer dtypes narrower than
+    float32 ("bfloat16", "float16", ...), or None when there are none."""
+    narrow = {t.dtype for t in chain(model.parameters(), model.buffers())
+              if t.is_floating_point() and torch.finfo(t.dtype).bits < 32}
+    return ", ".join(sorted(str(d).removeprefix("torch.") for d in narrow)) or None
+
+
+def float32_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every floating-point parameter and buffer in float32
+    (ties kept): where a half-precision model's conversion is checked."""
+    return copy.deepcopy(model).to(torch.float32)
+
+
+def inputs_in_float32(example_inputs):
+    """``example_inputs`` with their narrower-than-float32 floating tensors in float32."""
+    if isinstance(example_inputs, Tensor):
+        narrow = example_inputs.is_floating_point() and torch.finfo(example_inputs.dtype).bits < 32
+        return example_inputs.float() if narrow else example_inputs
+    if isinstance(example_inputs, dict):
+        return {k: inputs_in_float32(v) for k, v in example_inputs.items()}
+    if isinstance(example_inputs, (tuple, list)):
+        out = [inputs_in_float32(v) for v in example_inputs]
+        return out if isinstance(example_inputs, list) else tuple(out)
+    return example_inputs

@@ -9,7 +9,10 @@
 Supported: Llama, Mistral, Qwen2, Qwen3 (RMSNorm; fused add+norm after attention),
 GPT-2 (LayerNorm, Pre-LN; fused before the MLP and cross-attention), BERT (LayerNorm,
 Post-LN; fused in BertSelfOutput/BertOutput), T5 (T5LayerNorm == RMSNorm; not fused).
-Gemma-style ``x * (1 + weight)`` norms are left: normlab's RMSNorm scales by weight.
+Gemma's ``x * (1 + weight)`` norms are swapped by ``apply_normlab`` (not by ``patch``,
+which has no "gemma"): as ``normlab.RMSNorm(offset=1, casting_mode="gemma")``, which
+computes Gemma's float32 ``x * (1 + weight)``, so the logits stay bit for bit equal in
+float32 and bf16; Gemma's blocks are not fused.
 Numerics: identical in float32; in bf16/fp16 within one rounding, because LlamaRMSNorm
 (and T5LayerNorm) round to the input dtype before multiplying by the weight and normlab
 rounds once after. ``apply_normlab`` checks each norm on a probe input before swapping;
