@@ -193,10 +193,11 @@ def _probe(module: nn.Module, cand: NormSemantics) -> tuple[bool, str]:
     device = ref_p.device if ref_p is not None else torch.device("cpu")
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode(False), torch.enable_grad():  # (apply_normlab may run under inference_mode)
-        orig = copy.deepcopy(module).train(False)
-        for attr in _HOOK_DICTS:
-            if isinstance(getattr(orig, attr, None), dict):
-                setattr(orig, attr, type(getattr(orig, attr))())
+        # copied with empty hook dicts in place of the module's (a hook may not even copy:
+        # a bound method of an object holding a lock)
+        memo = {id(hooks): type(hooks)() for attr in _HOOK_DICTS
+                if isinstance(hooks := getattr(module, attr, None), dict)}
+        orig = copy.deepcopy(module, memo).train(False)
         with torch.no_grad():
             for p in orig.parameters():
                 p.copy_(torch.randn(p.shape, generator=gen).mul_(0.5).add_(1.0))

@@ -392,7 +392,10 @@ def _gain_offset(mod: nn.Module) -> float:
         return 0.0
     from normlab.convert.detect import NormSemantics, semantics
 
-    sem = semantics(mod)
+    try:
+        sem = semantics(mod)
+    except Exception:  # noqa: BLE001 - a module the probe cannot run: judged as offset 0
+        return 0.0
     return float(sem.offset) if isinstance(sem, NormSemantics) else 0.0
 
 

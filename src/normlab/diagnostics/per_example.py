@@ -210,10 +210,12 @@ class PerExampleGradNorms:
 
     # ----------------------------------------------------------------------- hooks
     def _new_round(self, module, args) -> None:
-        """The first forward (in grad mode, outside a backward) after a backward starts a
-        new round: the numbers of the last one go, for every norm, including those that
-        do not run this time, and calls whose gradient never came are forgotten."""
-        if not self._backward_seen or not torch.is_grad_enabled() or _in_backward():
+        """The first training forward (in grad mode, or in train mode: reentrant activation
+        checkpointing runs it under no_grad; not inside a backward) after a backward starts
+        a new round: the numbers of the last one go, for every norm, including those that
+        do not run this time, and calls whose gradient never came are forgotten. (An
+        evaluation pass, eval mode under no_grad, keeps them.)"""
+        if not self._backward_seen or not (torch.is_grad_enabled() or module.training) or _in_backward():
             return
         self._backward_seen = False
         self._results.clear()

@@ -93,17 +93,21 @@ def check_launch(launcher: str | None, options: JobOptions | None = None, *, giv
 
 
 def run_in_job(spec: RunSpec, run_dir: str, data: str | None, corpus: Any, dtype: str, device: str,
-               threads: int, keep_weights: bool) -> dict[str, Any]:
+               threads: int, keep_weights: bool) -> dict[str, Any] | None:
     """One run, inside its job: the same ``run_one`` as every other way of running it,
     resuming from the run's checkpoint when the job is a requeued one."""
     from normlab.studies.data import ByteCorpus
-    from normlab.studies.train import Env, run_one
+    from normlab.studies.train import Env, RunBusy, run_one
 
     torch.set_num_threads(threads)
     if corpus is None and spec.task == "lm":
         corpus = ByteCorpus.from_path(data)
-    return run_one(spec, Path(run_dir), Env(device=torch.device(device), dtype=dtype), corpus,
-                   keep_weights=keep_weights)
+    try:
+        return run_one(spec, Path(run_dir), Env(device=torch.device(device), dtype=dtype), corpus,
+                       keep_weights=keep_weights)
+    except RunBusy as e:  # a job of another submission runs it: that one finishes it
+        print(e, flush=True)
+        return None
 
 
 try:  # the optional extra; without it RunJob is a plain callable and ``submit`` says what to install

@@ -244,7 +244,8 @@ def _interrupted(study: Study, runs: list[Interrupted]) -> StudyInterrupted:
     saved = [f"{i.run} (step {i.step})" for i in runs if i.step is not None]
     over = [i.run for i in runs if i.step is None]
     parts = ([f"saved {', '.join(saved)}"] if saved else []) + (
-        [f"{', '.join(over)} keep{'s' if len(over) == 1 else ''} no checkpoint and start over"] if over else [])
+        [f"{', '.join(over)} keep{'s' if len(over) == 1 else ''} no checkpoint and "
+         f"start{'s' if len(over) == 1 else ''} over"] if over else [])
     return StudyInterrupted(f"interrupted: {'; '.join(parts)}; re-run the same command to resume")
 
 
@@ -424,6 +425,8 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
                 for spec in study.runs:
                     if spec.name not in failures and _finished(spec, study_dir / spec.name):
                         finish(spec, json.loads((study_dir / spec.name / "result.json").read_text()))
+                # runs an earlier submission's jobs still run (or took over from this one's)
+                prov["not_finished"] = [r.name for r in study.runs if r.name not in results and r.name not in failures]
             elif workers == 1:
                 _run_serial(study.runs, study.name, study_dir, env, corpus, progress, finish, keep_weights,
                             fail if env.world == 1 else None)
@@ -443,8 +446,8 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
     except (Interrupted, KeyboardInterrupt) as e:
         save_summary()
         if isinstance(e, KeyboardInterrupt):  # a second Ctrl-C: the workers stopped at once
-            raise StudyInterrupted("interrupted at once: the running runs resume from their last checkpoints; "
-                                   "re-run the same command to resume") from None
+            raise StudyInterrupted("interrupted at once: the running runs resume from their last checkpoints "
+                                   "(or start over, those with none yet); re-run the same command to resume") from None
         raise
     ordered = _ordered(study, results)
     report = None
@@ -514,7 +517,8 @@ def _run_serial(runs, title, study_dir, env, corpus, progress, finish, keep_weig
         except KeyboardInterrupt:  # a run with no step loop (a probe, a timing), or a second Ctrl-C
             if spec.kind == "train":
                 raise StudyInterrupted(f"interrupted at once in run {spec.name!r}: it resumes from its last "
-                                       "checkpoint; re-run the same command to resume") from None
+                                       "checkpoint (or starts over, with none yet); re-run the same command "
+                                       "to resume") from None
             raise Interrupted(spec.name, None) from None
         except Exception as e:
             if fail is None:

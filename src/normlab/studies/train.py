@@ -17,6 +17,7 @@ masks. Rank 0 alone writes files and shows progress.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -96,13 +97,20 @@ class FolderLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # EWOULDBLOCK / EAGAIN: another process holds it
             try:
                 holder = int(os.read(fd, 32).decode().strip() or 0)
             except (OSError, ValueError):
                 holder = 0
             os.close(fd)
             return holder
+        except OSError as e:  # no locks on this file system (NFS mounted nolock, Lustre without flock)
+            os.close(fd)
+            import warnings
+
+            warnings.warn(f"{self.path.parent}: this file system takes no locks ({e.strerror or e}); nothing "
+                          "stops two processes from writing here at once", RuntimeWarning, stacklevel=2)
+            return None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
@@ -397,11 +405,20 @@ def save_checkpoint(run_dir: Path, spec: RunSpec, step: int, model: nn.Module,
     shutil.rmtree(old, ignore_errors=True)
 
 
+# I/O errors that say nothing about a file's contents: reading may succeed next time
+_TRANSIENT_IO = frozenset(getattr(errno, name) for name in (
+    "EIO", "EAGAIN", "EINTR", "ETIMEDOUT", "ENOMEM", "EACCES", "EPERM", "ESTALE", "EBUSY", "EMFILE",
+    "ENFILE", "ENOLCK", "ENETDOWN", "ENETUNREACH", "EHOSTUNREACH", "ECONNRESET") if hasattr(errno, name))
+
+
 def load_checkpoint(run_dir: Path, spec: RunSpec, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, device: torch.device) -> dict[str, Any] | None:
+                    scheduler: Any, device: torch.device, main: bool = True) -> dict[str, Any] | None:
     """The saved state (and the model, optimizer and scheduler loaded from it); None with
-    no checkpoint, one of other settings, or a damaged one: a damaged checkpoint is moved
-    aside to ``checkpoint.damaged`` with a warning, and the run starts over."""
+    no checkpoint, one of other settings, or a damaged one (a file missing, or one that
+    does not parse): the main process (``main``) moves a damaged checkpoint aside to
+    ``checkpoint.damaged`` (``.damaged-2``, ... after the first) with a warning, and the
+    run starts over. Any other error while reading (out of memory, an I/O error) is
+    raised: the checkpoint may be sound."""
     import warnings
 
     from safetensors.torch import load_file
@@ -419,17 +436,29 @@ def load_checkpoint(run_dir: Path, spec: RunSpec, model: nn.Module, optimizer: t
             return None  # settings changed: start over
         load_file(str(ckpt / "model.safetensors"))  # read whole before any of it goes into the model
         opt = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file: the checkpoint cannot be used
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except OSError as e:
+        if e.errno in _TRANSIENT_IO:
+            raise  # the disk or the network file system, not the checkpoint
+        damage = e  # a missing file, or one the reader cannot parse (torch.load: EINVAL)
+    except Exception as e:  # noqa: BLE001 - a file that does not parse (cut short, overwritten)
+        damage = e
+    else:
+        load_model(model, str(ckpt / "model.safetensors"), device=str(device))
+        optimizer.load_state_dict(opt["optimizer"])
+        scheduler.load_state_dict(opt["scheduler"])
+        return state
+    if main:
         aside = run_dir / (CHECKPOINT + ".damaged")
-        shutil.rmtree(aside, ignore_errors=True)
+        k = 1
+        while aside.exists():  # an earlier damaged one is kept too
+            k += 1
+            aside = run_dir / f"{CHECKPOINT}.damaged-{k}"
         ckpt.rename(aside)
-        warnings.warn(f"run {spec.name}: its checkpoint {ckpt} cannot be read ({type(e).__name__}: {e}); "
-                      f"moved it to {aside}, and the run starts over", RuntimeWarning, stacklevel=2)
-        return None
-    load_model(model, str(ckpt / "model.safetensors"), device=str(device))
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    return state
+        warnings.warn(f"run {spec.name}: its checkpoint {ckpt} cannot be read ({type(damage).__name__}: "
+                      f"{damage}); moved it to {aside}, and the run starts over", RuntimeWarning, stacklevel=2)
+    return None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -642,7 +671,7 @@ def _run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
                                  foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(spec))
     metrics_path = run_dir / "metrics.jsonl"
-    state = load_checkpoint(run_dir, spec, model, optimizer, scheduler, env.device)
+    state = load_checkpoint(run_dir, spec, model, optimizer, scheduler, env.device, main=env.is_main)
     start = state["step"] if state else 0
     if env.is_main:
         if state:
