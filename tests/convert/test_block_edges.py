@@ -142,3 +142,39 @@ def test_apply_normlab_under_inference_mode():
         got = model(ids).logits
     assert type(model.model.norm).__module__.startswith("normlab")
     torch.testing.assert_close(got, want)
+
+
+def test_a_model_subclass_with_its_own_forward_keeps_its_structure():
+    from normlab.convert.blocks import model_spec
+
+    class MyGPT2(transformers.GPT2LMHeadModel):
+        def forward(self, *args, **kwargs):  # e.g. another loss
+            return super().forward(*args, **kwargs)
+
+    model = MyGPT2(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=16))
+    assert model_spec(model) is not None
+
+
+def test_a_norm_whose_hook_cannot_be_copied_is_probed_and_swapped():
+    import threading
+
+    from normlab.diagnostics import audit
+
+    class Counter:
+        def __init__(self):
+            self.lock, self.n = threading.Lock(), 0  # (a lock does not deep-copy)
+
+        def hook(self, module, args, output):
+            with self.lock:
+                self.n += 1
+
+    _, model = _llama(1)
+    counter = Counter()
+    model.model.norm.register_forward_hook(counter.hook)
+    assert isinstance(audit(model), list)  # (the audit's own forward passes call it)
+    before = counter.n
+    apply_normlab(model)
+    assert counter.n == before  # the probes ran without it
+    assert type(model.model.norm).__module__.startswith("normlab")
+    model(torch.randint(0, 128, (1, 4)))
+    assert counter.n == before + 1

@@ -111,3 +111,29 @@ def test_gradient_monitor_sums_a_steps_backward_calls():
     got = {r.name: r.grad_norm for r in mon.last}
     for n, p in m.named_parameters():
         assert got[n] == pytest.approx(float((p.grad - left[n]).norm()), rel=1e-5), n
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_every_norm_inside_checkpoints_and_one_sits_out_a_step(reentrant):
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.a, self.b = nn.Linear(8, 8), nn.LayerNorm(8), nn.LayerNorm(8)
+
+        def forward(self, x, use_b):
+            x = checkpoint(self.a, self.lin(x), use_reentrant=reentrant)
+            return checkpoint(self.b, x, use_reentrant=reentrant) if use_b else x
+
+    net = Net()
+    with per_example_grad_norms(net) as rec:
+        net(torch.randn(4, 8), True).square().sum().backward()
+        assert set(rec) == {"a", "b"}
+        net.eval()
+        with torch.no_grad():
+            net(torch.randn(4, 8), True)  # an evaluation pass keeps the last step's numbers
+        assert set(rec) == {"a", "b"}
+        net.train()
+        net(torch.randn(4, 8), False).square().sum().backward()
+        assert set(rec) == {"a"}

@@ -217,3 +217,56 @@ def test_a_checkpoint_swap_cut_off_between_its_renames_resumes(tmp_path, corpus)
     assert resumed["final_val_loss"] == straight["final_val_loss"]
     assert read_jsonl(run_dir / "metrics.jsonl") == read_jsonl(tmp_path / "a" / "metrics.jsonl")
     assert not (run_dir / "checkpoint").exists() and not (run_dir / "checkpoint.old").exists()
+
+
+def test_a_transient_read_error_keeps_the_checkpoint(tmp_path, corpus, monkeypatch):
+    import errno
+
+    import torch
+
+    spec = micro_spec("t", steps=8, checkpoint_every=100)
+    _ctrl_c_at(4, spec, tmp_path / "r", cpu_env(), corpus)
+
+    def flaky(*a, **k):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(torch, "load", flaky)
+    with pytest.raises(OSError, match="Input/output"):
+        run_one(spec, tmp_path / "r", cpu_env(), corpus)
+    assert (tmp_path / "r" / "checkpoint" / "state.json").exists()
+    assert not list(tmp_path.glob("r/checkpoint.damaged*"))
+
+
+def test_damaged_checkpoints_are_kept_under_numbered_names(tmp_path, corpus):
+    spec = micro_spec("n", steps=8, checkpoint_every=100)
+    _ctrl_c_at(3, spec, tmp_path / "r", cpu_env(), corpus)
+    for expected in ("checkpoint.damaged", "checkpoint.damaged-2"):
+        (tmp_path / "r" / "checkpoint" / "state.json").write_text("{")  # (starts over, saves at 3 again)
+        with pytest.warns(RuntimeWarning, match="cannot be read"):
+            _ctrl_c_at(3, spec, tmp_path / "r", cpu_env(), corpus)
+        assert (tmp_path / "r" / expected).is_dir()
+
+
+def test_a_file_system_without_locks_warns_and_runs(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(RuntimeWarning, match="takes no locks"):
+        assert FolderLock(tmp_path).acquire() is None
+
+
+def test_a_job_whose_run_is_held_elsewhere_ends_without_failing(tmp_path, corpus):
+    from normlab.studies.cluster import run_in_job
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    held = FolderLock(run_dir)
+    assert held.acquire() is None
+    try:
+        assert run_in_job(micro_spec("r", steps=2), str(run_dir), None, corpus, "fp32", "cpu", 1, False) is None
+    finally:
+        held.release()
