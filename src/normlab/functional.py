@@ -35,6 +35,8 @@ _INF = math.inf
 # the dtypes whose fused add is a plain ``residual + x`` on the torch backend (float64 goes
 # through the reference, which gives the same sum)
 _SHORT_ADD_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32))
+# a residual stream's dtypes (float8 and the like: no sum is formed in them)
+_STREAM_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 
 
 # ---------------------------------------------------------------------------- checks
@@ -127,9 +129,13 @@ def _check_residual_args(op: str, x: Tensor, residual: Tensor | None, dropout_p:
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"{op}: expected generator to be a torch.Generator or None, got {type(generator).__name__}")
     if residual_dtype is not None and (
-        not isinstance(residual_dtype, torch.dtype) or not residual_dtype.is_floating_point
+        not isinstance(residual_dtype, torch.dtype) or residual_dtype not in _STREAM_DTYPES
     ):
-        raise NormArgumentError(f"{op}: expected residual_dtype to be a floating-point torch.dtype or None, got {residual_dtype!r}")
+        raise NormArgumentError(f"{op}: expected residual_dtype to be float16, bfloat16, float32, float64 or None, "
+                                f"got {residual_dtype!r}")
+    if residual is not None and residual.dtype not in _STREAM_DTYPES:
+        raise NormArgumentError(f"{op}: expected residual of dtype float16, bfloat16, float32 or float64, "
+                                f"got {residual.dtype}")
 
 
 def _fused_shape(op: str, x: Tensor, normalized_shape: int | Sequence[int] | None,
@@ -272,8 +278,9 @@ def _add_then_norm(op, x, residual, weight, bias, eps, dropout_p, training, gene
         kw = dict(dropout_p=float(dropout_p), training=bool(training), generator=generator,
                   residual_dtype=residual_dtype, normalized_shape=shape, offset=float(offset))
         if is_rms:
-            return backend_ops(x).add_rms_norm(x, residual, weight, eps, casting_mode=casting_mode, **kw)
-        return backend_ops(x).add_layer_norm(x, residual, weight, bias, eps, **kw)
+            return _add_ops(op, x, residual, residual_dtype).add_rms_norm(x, residual, weight, eps,
+                                                                          casting_mode=casting_mode, **kw)
+        return _add_ops(op, x, residual, residual_dtype).add_layer_norm(x, residual, weight, bias, eps, **kw)
     _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype)
     new_residual = dropout_add(x, residual, dropout_p=dropout_p, training=training, generator=generator,
                                residual_dtype=residual_dtype)
@@ -313,7 +320,7 @@ def dropout_add(
     op = "dropout_add"
     _check_tensor(op, "input", x)
     _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype)
-    return getattr(backend_ops(x), op)(
+    return getattr(_add_ops(op, x, residual, residual_dtype), op)(
         x, residual, dropout_p=float(dropout_p), training=bool(training), generator=generator,
         residual_dtype=residual_dtype,
     )
@@ -340,10 +347,26 @@ def _add_layer_norm(
     Post-LN uses ``out`` as the next residual, Pre-LN uses ``new_residual``."""
     shape, eps = _check_add_args("add_layer_norm", x, residual, weight, bias, eps, dropout_p, generator,
                                  residual_dtype, normalized_shape, is_rms=False)
-    return backend_ops(x).add_layer_norm(
+    return _add_ops("add_layer_norm", x, residual, residual_dtype).add_layer_norm(
         x, residual, weight, bias, eps, dropout_p=float(dropout_p), training=bool(training),
         generator=generator, residual_dtype=residual_dtype, normalized_shape=shape,
     )
+
+
+def _add_ops(op: str, x: Tensor, residual: Tensor | None, residual_dtype: torch.dtype | None):
+    """``backend_ops(x)`` for a residual add: the kernels add in float32 and store float16,
+    bfloat16 or float32, so a float64 residual stream runs the torch path under auto and
+    is refused, by name, under a forced triton backend."""
+    ops = backend_ops(x)
+    if ops is _eager:
+        return ops
+    wide = [d for d in (getattr(residual, "dtype", None), residual_dtype) if d is not None and d not in _SHORT_ADD_DTYPES]
+    if not wide:
+        return ops
+    if get_backend() == "auto":
+        return _eager
+    raise NormArgumentError(f"{op}: the triton backend adds in float32 and stores float16, bfloat16 or float32; "
+                            f"got a {wide[0]} residual stream; use normlab.set_backend('auto') or ('torch') for it")
 
 
 def _add_rms_norm(
@@ -361,7 +384,7 @@ def _add_rms_norm(
     """Fused residual add + dropout + RMSNorm: returns (out, new_residual), as add_layer_norm."""
     shape, eps = _check_add_args("add_rms_norm", x, residual, weight, None, eps, dropout_p, generator,
                                  residual_dtype, normalized_shape, is_rms=True)
-    return backend_ops(x).add_rms_norm(
+    return _add_ops("add_rms_norm", x, residual, residual_dtype).add_rms_norm(
         x, residual, weight, eps, dropout_p=float(dropout_p), training=bool(training),
         generator=generator, residual_dtype=residual_dtype, normalized_shape=shape,
     )

@@ -13,6 +13,7 @@ Arguments are assumed valid here: ``normlab.functional`` checks them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -216,7 +217,8 @@ def per_example_param_grad_sq(
     b = grad_out.shape[0]
     n = len(normalized_shape)
     ct = torch.promote_types(compute_dtype(grad_out.dtype), compute_dtype(x_hat.dtype))
-    g = grad_out.to(ct).reshape(b, -1, *normalized_shape)
+    positions = math.prod(grad_out.shape[1:grad_out.dim() - n])  # (explicit: -1 is ambiguous for B = 0)
+    g = grad_out.to(ct).reshape(b, positions, *normalized_shape)
     dweight = (g * x_hat.to(ct).reshape(g.shape)).sum(1)
     dbias = g.sum(1)
     dims = tuple(range(1, n + 1))

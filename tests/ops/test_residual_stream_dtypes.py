@@ -1,0 +1,60 @@
+"""The residual stream's dtype: the kernels add in float32, so a float64 stream runs the
+torch path under auto (float64 sums) and is refused under a forced triton backend; a
+float8 stream is refused on every backend."""
+
+import pytest
+import torch
+
+import normlab
+import normlab.functional as NF
+import normlab.ops
+from normlab.errors import NormArgumentError
+from tests.ops.helpers import needs_kernels
+
+OPS = [lambda x, r, **k: NF.add_layer_norm(x, r, None, None, **k),
+       lambda x, r, **k: NF.add_rms_norm(x, r, None, **k),
+       lambda x, r, **k: (NF.dropout_add(x, r, **k),) * 2]
+
+
+@needs_kernels
+@pytest.mark.parametrize("op", OPS)
+def test_a_float64_stream_is_refused_by_the_forced_kernels(op):
+    x = torch.randn(4, 8)
+    with normlab.set_backend("triton"):
+        with pytest.raises(NormArgumentError, match="float64 residual stream"):
+            op(x, torch.randn(4, 8, dtype=torch.float64))
+        with pytest.raises(NormArgumentError, match="float64 residual stream"):
+            op(x, torch.randn(4, 8), residual_dtype=torch.float64)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_a_float64_stream_under_auto_sums_in_float64(op, monkeypatch):
+    monkeypatch.setattr(normlab.ops, "resolve", lambda x: "triton")  # as auto picks the kernels on a GPU
+    x = torch.full((4, 8), 1e-3)
+    r = torch.full((4, 8), 1 + 1e-9, dtype=torch.float64)
+    with normlab.set_backend("auto"):
+        _, new = op(x, r, residual_dtype=torch.float64)
+        _, stored = op(x, r)  # stored in x's dtype: the float64 sum, rounded once
+    assert new.dtype == torch.float64 and stored.dtype == torch.float32
+    torch.testing.assert_close(new, r + x.double(), rtol=0, atol=0)
+    torch.testing.assert_close(stored, (r + x.double()).float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["torch", pytest.param("triton", marks=needs_kernels)])
+@pytest.mark.parametrize("op", OPS)
+def test_a_float8_stream_is_refused(op, name):
+    if not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("no float8 dtype in this torch")
+    x = torch.randn(4, 8)
+    with normlab.set_backend(name):
+        with pytest.raises(NormArgumentError, match="residual_dtype to be float16, bfloat16, float32, float64"):
+            op(x, torch.randn(4, 8), residual_dtype=torch.float8_e4m3fn)
+        with pytest.raises(NormArgumentError, match="residual of dtype"):
+            op(x, torch.randn(4, 8).to(torch.float8_e4m3fn))
+
+
+def test_per_example_reference_takes_an_empty_batch():
+    from normlab.ops import reference
+
+    w, b = reference.per_example_param_grad_sq(torch.zeros(0, 3, 4), torch.zeros(0, 3, 4), (4,))
+    assert w.shape == b.shape == (0,)
