@@ -271,16 +271,16 @@ def _add_then_norm(op, x, residual, weight, bias, eps, dropout_p, training, gene
     (``_layer_norm_torch_ops`` / ``_rms_norm_cast``)."""
     _check_tensor(op, "input", x)
     is_rms = op == "add_rms_norm"
-    if _kernels_take(x, weight, casting_mode):
+    if _kernels_take(x, weight, casting_mode) and _add_ops(op, x, residual, residual_dtype) is not _eager:
         shape, eps = _check_add_args(op, x, residual, weight, bias, eps, dropout_p, generator, residual_dtype,
                                      normalized_shape, is_rms=is_rms)
         _check_cast(op, offset, casting_mode)
         kw = dict(dropout_p=float(dropout_p), training=bool(training), generator=generator,
                   residual_dtype=residual_dtype, normalized_shape=shape, offset=float(offset))
+        ops = backend_ops(x)
         if is_rms:
-            return _add_ops(op, x, residual, residual_dtype).add_rms_norm(x, residual, weight, eps,
-                                                                          casting_mode=casting_mode, **kw)
-        return _add_ops(op, x, residual, residual_dtype).add_layer_norm(x, residual, weight, bias, eps, **kw)
+            return ops.add_rms_norm(x, residual, weight, eps, casting_mode=casting_mode, **kw)
+        return ops.add_layer_norm(x, residual, weight, bias, eps, **kw)
     _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype)
     new_residual = dropout_add(x, residual, dropout_p=dropout_p, training=training, generator=generator,
                                residual_dtype=residual_dtype)
@@ -320,7 +320,7 @@ def dropout_add(
     op = "dropout_add"
     _check_tensor(op, "input", x)
     _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype)
-    return getattr(_add_ops(op, x, residual, residual_dtype), op)(
+    return getattr(backend_ops(x), op)(  # (both backends' dropout_add forms float64 sums)
         x, residual, dropout_p=float(dropout_p), training=bool(training), generator=generator,
         residual_dtype=residual_dtype,
     )

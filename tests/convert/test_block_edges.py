@@ -144,15 +144,32 @@ def test_apply_normlab_under_inference_mode():
     torch.testing.assert_close(got, want)
 
 
-def test_a_model_subclass_with_its_own_forward_keeps_its_structure():
+def test_a_model_subclass_with_its_own_forward_is_not_restructured():
+    """Its forward may feed the final norm to a second head, which the table does not
+    list: folding into lm_head alone would change that head's output."""
+    from normlab.convert import fold_norm_affine
     from normlab.convert.blocks import model_spec
 
-    class MyGPT2(transformers.GPT2LMHeadModel):
-        def forward(self, *args, **kwargs):  # e.g. another loss
-            return super().forward(*args, **kwargs)
+    class TwoHeads(transformers.GPT2LMHeadModel):
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            self.value = nn.Linear(cfg.n_embd, 1)
 
-    model = MyGPT2(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=16))
-    assert model_spec(model) is not None
+        def forward(self, input_ids):
+            h = self.transformer(input_ids).last_hidden_state
+            return self.lm_head(h), self.value(h)
+
+    torch.manual_seed(0)
+    model = TwoHeads(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, n_positions=16,
+                                             tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        model.transformer.ln_f.weight.normal_()
+    assert model_spec(model) is None
+    ids = torch.randint(0, 64, (2, 5))
+    want = model(ids)
+    fold_norm_affine(model)
+    for a, b in zip(model(ids), want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_a_norm_whose_hook_cannot_be_copied_is_probed_and_swapped():

@@ -204,3 +204,33 @@ def test_hf_docstring_matches_gemma_behaviour():
     doc = " ".join(hf.__doc__.split())
     assert "norms are left" not in doc
     assert "Gemma's ``x * (1 + weight)`` norms are swapped by ``apply_normlab``" in doc
+
+
+def test_a_half_precision_model_with_float64_state_and_an_uncopyable_hook_converts():
+    import threading
+
+    import torch
+
+    from normlab.convert import layernorm_to_rmsnorm
+    from normlab.convert.verify import float32_copy
+
+    lock = threading.Lock()
+
+    class Holder:
+        def __init__(self):
+            self.lock, self.n = lock, 0
+
+        def hook(self, module, args, output):
+            self.n += 1
+
+    model = hf_model("gpt2").to(torch.bfloat16).eval()
+    model.register_buffer("calib", torch.ones(3, dtype=torch.float64))
+    holder = Holder()
+    model.transformer.h[0].register_forward_hook(holder.hook)
+    shadow = float32_copy(model)
+    assert shadow.calib.dtype == torch.float64 and shadow.transformer.wte.weight.dtype == torch.float32
+    assert not shadow.transformer.h[0]._forward_hooks  # the user's hooks stay on the model
+    ids = torch.randint(0, 64, (1, 5))
+    layernorm_to_rmsnorm(model, example_inputs=(ids,))
+    model(ids)
+    assert holder.n >= 1

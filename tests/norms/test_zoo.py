@@ -328,3 +328,13 @@ def test_gradcheck_adaln():
     c = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(m, (x, c))
     assert math.isfinite(m(x, c).sum().item())
+
+
+def test_powernorm_a_nan_gradient_at_padded_outputs_reaches_nothing():
+    m = normlab.PowerNorm(4, warmup_iters=0)
+    x = torch.randn(2, 5, 4, requires_grad=True)
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    g = torch.randn(2, 5, 4).masked_fill(pad.unsqueeze(-1), math.nan)
+    m(x, padding_mask=pad).backward(g)
+    assert torch.isfinite(x.grad).all() and torch.isfinite(m.grad_ema).all()

@@ -91,3 +91,10 @@ def test_seeds_without_a_pair_are_named():
 def test_a_sanity_row_with_nothing_measured_has_no_interval():
     (row,) = judge_all(["postln-stream-normalized"], [])
     assert row["ci95"] == [None, None]
+
+
+def test_equal_units_near_zero_are_inconclusive():
+    units = [0.1 + 0.2 - 0.3, 0.0, 0.3 - 0.2 - 0.1]  # zero, up to summation order
+    i = mean_ci(units)
+    assert verdict("equivalence", i, 0.05) == "inconclusive"
+    assert verdict("directional", i, 0.0) == "inconclusive"

@@ -251,6 +251,10 @@ def test_a_file_system_without_locks_warns_and_runs(tmp_path, monkeypatch):
     import errno
     import fcntl
 
+    from normlab.studies import train
+
+    monkeypatch.setattr(train, "_NO_LOCKS_TOLD", [])
+
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
 
@@ -270,3 +274,39 @@ def test_a_job_whose_run_is_held_elsewhere_ends_without_failing(tmp_path, corpus
         assert run_in_job(micro_spec("r", steps=2), str(run_dir), None, corpus, "fp32", "cpu", 1, False) is None
     finally:
         held.release()
+
+
+def test_the_cpu_allocators_out_of_memory_keeps_the_checkpoint(tmp_path, corpus, monkeypatch):
+    import torch
+
+    spec = micro_spec("o", steps=8, checkpoint_every=100)
+    _ctrl_c_at(4, spec, tmp_path / "r", cpu_env(), corpus)
+
+    def oom(*a, **k):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+
+    monkeypatch.setattr(torch, "load", oom)
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        run_one(spec, tmp_path / "r", cpu_env(), corpus)
+    assert (tmp_path / "r" / "checkpoint" / "state.json").exists()
+
+
+def test_no_locks_is_told_once_per_process(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+    import warnings
+
+    from normlab.studies import train
+
+    monkeypatch.setattr(train, "_NO_LOCKS_TOLD", [])
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for k in range(3):
+            (tmp_path / str(k)).mkdir()
+            assert FolderLock(tmp_path / str(k)).acquire() is None
+    assert len([w for w in caught if "takes no locks" in str(w.message)]) == 1

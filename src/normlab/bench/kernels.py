@@ -288,9 +288,12 @@ def run(device: torch.device, dtype: torch.dtype, rows_list, hidden_list, ops, p
             for rows, qk_shape in cases:
                 inputs = _inputs(op, rows, hidden, device, dtype, qk_shape)
                 if compiled is not None:
-                    for t in inputs[:2]:
-                        if t is not None:
-                            torch._dynamo.mark_dynamic(t, 0)
+                    if op.startswith("adaln"):  # x is [8, rows/8, hidden]: its example dim is fixed
+                        torch._dynamo.mark_dynamic(inputs[0], 1)
+                    else:
+                        for t in inputs[:2]:
+                            if t is not None:
+                                torch._dynamo.mark_dynamic(t, 0)
                 impls = {"normlab": _normlab(_base_op(op), hidden), "torch": eager}
                 if device.type == "cuda":  # auto runs torch's ops below its size: time the kernels too
                     impls["normlab triton"] = _forced_triton(_normlab(_base_op(op), hidden))

@@ -101,19 +101,17 @@ def register_model(*qualified_names: str):
     return wrap
 
 
-def _lookup(table: dict, module: nn.Module | type, own_forward_is_unknown: bool = False):
+def _lookup(table: dict, module: nn.Module | type):
     """(the registered class, its entry) for ``module``'s class or its nearest registered
-    base. ``own_forward_is_unknown`` (blocks): a subclass that defines its own ``forward``
-    (a layer scale, an adapter) computes something the entry does not describe, so it is
-    not a known block (None, None); normlab's fused subclasses (``convert.fused``) are
-    the registered block's own forward. (A model's entry describes where its parts are,
-    which a subclass's forward, e.g. one with another loss, does not change.)"""
+    base. A subclass that defines its own ``forward`` computes something the entry does
+    not describe: a block with a layer scale or an adapter; a model whose final norm
+    feeds a second head. It is not known (None, None), and the transforms leave it.
+    normlab's fused subclasses (``convert.fused``) are the registered block's own forward."""
     t = module if isinstance(module, type) else type(module)
     for k, cls in enumerate(t.__mro__):
         entry = table.get(_qualified(cls))
         if entry is not None:
-            if own_forward_is_unknown and any("forward" in sub.__dict__ and "_normlab_base" not in sub.__dict__
-                                              for sub in t.__mro__[:k]):
+            if any("forward" in sub.__dict__ and "_normlab_base" not in sub.__dict__ for sub in t.__mro__[:k]):
                 return None, None
             return cls, entry
     return None, None
@@ -121,7 +119,7 @@ def _lookup(table: dict, module: nn.Module | type, own_forward_is_unknown: bool 
 
 def block_entry(module: nn.Module | type) -> tuple[type | None, _BlockEntry | None]:
     """(the registered base class, its entry) for a known block (or class), else (None, None)."""
-    return _lookup(_BLOCKS, module, own_forward_is_unknown=True)
+    return _lookup(_BLOCKS, module)
 
 
 def block_spec(module: nn.Module) -> BlockSpec | None:

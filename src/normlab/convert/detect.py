@@ -13,13 +13,13 @@ Cohere's q/k norm).
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
+from normlab.convert.verify import copy_without_hooks
 from normlab.norms import LayerNorm, RMSNorm
 
 EPS_ATTRS = ("eps", "variance_epsilon", "epsilon", "layer_norm_eps")
@@ -171,10 +171,6 @@ _KNOWN_VARIANTS = {
 }
 
 
-# a module's hooks, which the probe's copy runs without (the user's hooks must not fire on
-# probe data, and one that changes the output is carried over to the swapped module)
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
 # probe inputs: (std, mean) of x; the small ones are where eps matters (activations of
 # std 0.02 are common at init), the large one where it does not
 PROBE_SCALES = ((3.0, 1.5), (0.02, 0.0), (1e-3, 0.0))
@@ -193,11 +189,9 @@ def _probe(module: nn.Module, cand: NormSemantics) -> tuple[bool, str]:
     device = ref_p.device if ref_p is not None else torch.device("cpu")
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode(False), torch.enable_grad():  # (apply_normlab may run under inference_mode)
-        # copied with empty hook dicts in place of the module's (a hook may not even copy:
-        # a bound method of an object holding a lock)
-        memo = {id(hooks): type(hooks)() for attr in _HOOK_DICTS
-                if isinstance(hooks := getattr(module, attr, None), dict)}
-        orig = copy.deepcopy(module, memo).train(False)
+        # without the user's hooks: they must not fire on probe data, and one that changes
+        # the output is carried over to the swapped module
+        orig = copy_without_hooks(module).train(False)
         with torch.no_grad():
             for p in orig.parameters():
                 p.copy_(torch.randn(p.shape, generator=gen).mul_(0.5).add_(1.0))

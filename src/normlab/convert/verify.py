@@ -59,10 +59,27 @@ def low_precision(model: nn.Module) -> str | None:
     return ", ".join(sorted(str(d).removeprefix("torch.") for d in narrow)) or None
 
 
+# a module's hook dicts: a copy made for a check runs without the user's hooks (which may
+# not even copy: a bound method of an object holding a lock)
+HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+              "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def copy_without_hooks(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose modules have no hooks (the originals keep theirs)."""
+    memo = {id(hooks): type(hooks)() for m in module.modules() for attr in HOOK_DICTS
+            if isinstance(hooks := getattr(m, attr, None), dict)}
+    return copy.deepcopy(module, memo)
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def float32_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` with every floating-point parameter and buffer in float32
-    (ties kept): where a half-precision model's conversion is checked."""
-    return copy.deepcopy(model).to(torch.float32)
+    """A deep copy of ``model``, without hooks, with its half-precision parameters and
+    buffers in float32 (float32 and float64 ones as they are; ties kept): where a
+    half-precision model's conversion is checked."""
+    return copy_without_hooks(model)._apply(lambda t: t.float() if t.dtype in _HALF else t)
 
 
 def inputs_in_float32(example_inputs):

@@ -210,12 +210,13 @@ class PerExampleGradNorms:
 
     # ----------------------------------------------------------------------- hooks
     def _new_round(self, module, args) -> None:
-        """The first training forward (in grad mode, or in train mode: reentrant activation
-        checkpointing runs it under no_grad; not inside a backward) after a backward starts
-        a new round: the numbers of the last one go, for every norm, including those that
-        do not run this time, and calls whose gradient never came are forgotten. (An
-        evaluation pass, eval mode under no_grad, keeps them.)"""
-        if not self._backward_seen or not (torch.is_grad_enabled() or module.training) or _in_backward():
+        """The first forward in grad mode (not inside a backward) after a backward starts a
+        new round: the numbers of the last one go, for every norm, including those that do
+        not run this time, and calls whose gradient never came are forgotten. A pass under
+        no_grad keeps them (an evaluation pass; also reentrant activation checkpointing's
+        first forward, so with every norm inside such checkpoints a norm that sits out a
+        step keeps its entry: use use_reentrant=False)."""
+        if not self._backward_seen or not torch.is_grad_enabled() or _in_backward():
             return
         self._backward_seen = False
         self._results.clear()
@@ -372,6 +373,7 @@ def per_example_grad_norms(model: nn.Module) -> PerExampleGradNorms:
     gradient in the latest backward (a norm that did not take part in it has no entry).
     ``rec.total()`` is their sum. Dim 0 of each norm's input is the example. A norm
     called twice before backward (shared parameters) raises; so do norms that disagree
-    on the batch size. Activation checkpointing (torch.utils.checkpoint, reentrant or
-    not) is taken: a forward recomputed inside the backward is not a second call."""
+    on the batch size. Activation checkpointing (torch.utils.checkpoint) is taken: a
+    forward recomputed inside the backward is not a second call (with reentrant
+    checkpointing around every norm, a norm that sits out a step keeps its last entry)."""
     return PerExampleGradNorms(model)

@@ -213,9 +213,10 @@ class _PowerNormScale(torch.autograd.Function):
     gradient and no say in nu."""
 
     @staticmethod
-    def forward(ctx, x, psi, grad_ema, valid, alpha_bkw):
+    def forward(ctx, x, psi, grad_ema, valid, alpha_bkw, masked):
         x_hat = x / psi
         ctx.save_for_backward(x_hat, psi, valid)
+        ctx.masked = masked  # a padding mask was given
         ctx.grad_ema, ctx.alpha_bkw = grad_ema, alpha_bkw  # a buffer, read at backward time
         return x_hat
 
@@ -223,7 +224,8 @@ class _PowerNormScale(torch.autograd.Function):
     def backward(ctx, g):
         x_hat, psi, valid = ctx.saved_tensors
         grad_ema = ctx.grad_ema
-        g = g * valid  # (what reaches a padded output never reaches x)
+        if ctx.masked:  # what reaches a padded output (even nan) never reaches x or nu
+            g = torch.where(valid.bool(), g, 0.0)
         dx = (g - grad_ema * x_hat) / psi
         with torch.no_grad():
             dims = tuple(range(g.dim() - 1))
@@ -231,7 +233,7 @@ class _PowerNormScale(torch.autograd.Function):
             lam = (g * x_hat).sum(dims) / n
             gam = x_hat.square().sum(dims) / n
             grad_ema.mul_(1 - (1 - ctx.alpha_bkw) * gam).add_((1 - ctx.alpha_bkw) * lam)
-        return dx, None, None, None, None
+        return dx, None, None, None, None, None
 
 
 @register_norm("powernorm")
@@ -296,7 +298,7 @@ class PowerNorm(ResidualNorm, nn.Module):
                 else:
                     self.running_phi.mul_(self.alpha_fwd).add_((1 - self.alpha_fwd) * batch_phi)
             psi = torch.sqrt(phi.to(xf.dtype) + self.eps)
-            y = _PowerNormScale.apply(xf, psi, self.grad_ema, valid, self.alpha_bkw)
+            y = _PowerNormScale.apply(xf, psi, self.grad_ema, valid, self.alpha_bkw, padding_mask is not None)
         else:
             y = xf / torch.sqrt(self.running_phi.to(xf.dtype) + self.eps)
         if self.weight is not None:

@@ -92,14 +92,17 @@ def slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
 
 
-# an interval narrower than this fraction of its estimate is the rounding of equal units
+# an interval narrower than this fraction of its estimate (or than EQUAL_UNITS_ATOL, for
+# estimates near 0) is the rounding of equal units
 EQUAL_UNITS_RTOL = 1e-9
+EQUAL_UNITS_ATOL = 1e-12
 
 
 def verdict(test: str, interval: Interval, margin: float) -> str:
     """agrees | disagrees | inconclusive: where the interval lies against the margin."""
     lo, hi = interval.lo, interval.hi
-    if not (math.isfinite(lo) and math.isfinite(hi)) or hi - lo <= EQUAL_UNITS_RTOL * abs(interval.estimate):
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi - lo <= max(EQUAL_UNITS_RTOL * abs(interval.estimate),
+                                                                         EQUAL_UNITS_ATOL):
         # no interval, or a degenerate one: every unit equal (up to the rounding of their
         # mean and spread, e.g. 1.0 - 0.9 and 2.0 - 1.9), no spread to judge by
         return "inconclusive"

@@ -75,6 +75,7 @@ class RunBusy(RuntimeError):
 
 
 LOCK = ".lock"
+_NO_LOCKS_TOLD: list[bool] = []  # the warning that locks do not work here, once per process
 
 
 class FolderLock:
@@ -106,10 +107,12 @@ class FolderLock:
             return holder
         except OSError as e:  # no locks on this file system (NFS mounted nolock, Lustre without flock)
             os.close(fd)
-            import warnings
+            if not _NO_LOCKS_TOLD:
+                import warnings
 
-            warnings.warn(f"{self.path.parent}: this file system takes no locks ({e.strerror or e}); nothing "
-                          "stops two processes from writing here at once", RuntimeWarning, stacklevel=2)
+                _NO_LOCKS_TOLD.append(True)
+                warnings.warn(f"{self.path.parent}: this file system takes no locks ({e.strerror or e}); nothing "
+                              "stops two processes from writing here at once", RuntimeWarning, stacklevel=2)
             return None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
@@ -443,6 +446,8 @@ def load_checkpoint(run_dir: Path, spec: RunSpec, model: nn.Module, optimizer: t
             raise  # the disk or the network file system, not the checkpoint
         damage = e  # a missing file, or one the reader cannot parse (torch.load: EINVAL)
     except Exception as e:  # noqa: BLE001 - a file that does not parse (cut short, overwritten)
+        if isinstance(e, RuntimeError) and any(m in str(e) for m in ("out of memory", "can't allocate memory")):
+            raise  # the CPU allocator's out-of-memory is a plain RuntimeError
         damage = e
     else:
         load_model(model, str(ckpt / "model.safetensors"), device=str(device))
