@@ -12,7 +12,6 @@ is faster).
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import timeit
 
@@ -21,6 +20,7 @@ import torch.nn.functional as TF
 
 import normlab
 from normlab import functional as F
+from normlab.bench.common import device_name
 
 
 def _cases(rows: int, hidden: int, dtype: torch.dtype, grad: bool):
@@ -76,7 +76,7 @@ def main() -> None:
     lines = [
         "# Time per call on a CPU: normlab's public ops and modules against torch's",
         "",
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), "
+        f"{device_name(torch.device('cpu'))}, "
         f"torch {torch.__version__}, backend {normlab.get_backend()}. Medians over {args.rounds} "
         "interleaved rounds (`benchmarks/host_time_cpu.py`); ratio = torch / normlab (above 1: "
         "normlab faster). torch's fused add+norm counterpart is `x + r` then its norm.",

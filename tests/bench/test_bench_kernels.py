@@ -118,3 +118,28 @@ def test_bench_kernels_adaln_ops(tmp_path, monkeypatch):
     torch_fn, ours = bk._torch_eager("adaln_layer_norm", 32), bk._normlab("adaln_layer_norm", 32)
     import torch
     torch.testing.assert_close(ours(x, scale, shift, None), torch_fn(x, scale, shift, None))
+
+
+def test_an_interrupted_run_keeps_its_rows_marked_partial(tmp_path, monkeypatch):
+    import normlab.bench.kernels as bk
+
+    monkeypatch.setattr(bk, "keep_freed_memory", lambda: True)
+    (tmp_path / "kernels-cpu-fp32.png").write_bytes(b"an earlier run's plot")
+    real, calls = bk._inputs, []
+
+    def inputs_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bk, "_inputs", inputs_then_ctrl_c)
+    result = CliRunner().invoke(app, [
+        "bench", "kernels", "--device", "cpu", "--dtype", "fp32", "--quick",
+        "--rows", "8", "--hidden", "16,32", "--ops", "rms_norm", "--out", str(tmp_path),
+    ])
+    assert result.exit_code == 130, result.output
+    assert "interrupted: kept the" in result.output and "marked partial" in result.output
+    md = (tmp_path / "kernels-cpu-fp32.md").read_text()
+    assert "**Partial: the run stopped after" in md and "| rms_norm | fwd | 8 | 16 | normlab |" in md
+    assert not (tmp_path / "kernels-cpu-fp32.png").exists()  # it would not match the tables

@@ -10,12 +10,16 @@ this measures the median time of
 for these implementations of the same model (one model and one optimizer per
 configuration, so every implementation steps the same parameters):
 
-* ``normlab``: backend "auto" (fused Triton kernels on CUDA, normlab's torch path on CPU),
-* ``torch``: backend "torch" (normlab's unfused torch path, on CUDA too),
-* ``torch.compile``: ``torch.compile(model)`` run under backend "torch" (inductor sees
-  the torch ops of the norms and fuses them itself),
-* ``normlab+compile`` (CUDA only): ``torch.compile(model)`` under backend "auto", the
-  Triton kernels as opaque custom ops in the compiled graph.
+* ``normlab``: backend "auto": on CUDA the fused Triton kernels where ``auto`` picks
+  them (from ``backend.AUTO_TRITON_MIN_ELEMENTS`` elements per call, so none at this
+  bench's sizes: the ``backend`` column, resolved on a tensor of the model's activation
+  size, says which ran; ``bench kernels`` times the forced kernels), normlab's torch
+  path on CPU,
+* ``torch``: backend "torch" (normlab's torch path, on CUDA too),
+* ``torch norms``: the same model with torch's own LayerNorm/RMSNorm modules,
+* with compilation (``--compile``: the default on CUDA, off on CPU):
+  ``normlab+compile`` (``torch.compile(model)`` under backend "auto") and
+  ``torch norms+compile``, compared with each other (``vs torch norms``).
 
 The implementations are timed side by side (``Timer.median_ms_interleaved``: each round
 runs each of them once), and ``ratio_vs_torch`` = the ``torch`` run's median / this
@@ -210,7 +214,7 @@ def measure(size: Size, placement: str, norm: str, device: torch.device, dtype: 
     data = torch.randint(0, size.vocab_size, (size.batch, size.seq_len + 1), generator=g).to(device)
     tokens, targets = data[:, :-1], data[:, 1:]
     impls = _impls(model, device, compile_)
-    probe = torch.empty(0, device=device, dtype=dtype)
+    probe = torch.empty(size.batch * size.seq_len, size.d_model, device=device, dtype=dtype)  # an activation
     records: list[Record] = []
     for step in STEPS:
         for i in impls:

@@ -352,11 +352,19 @@ def timing_note(device_type: str, host_hidden: bool, steady_malloc: bool = False
 
 def write_outputs(records: list[Record], out: Path, stem: str, plot: bool = True,
                   host_hidden: bool = False, device_type: str = "cpu",
-                  steady_malloc: bool = False) -> list[Path]:
+                  steady_malloc: bool = False, partial: int | None = None) -> list[Path]:
+    """The CSV, markdown and (``plot``) PNG of ``records``. ``partial``: the number of cases
+    the run was to measure, when it has not measured them all yet (the markdown says so,
+    and a PNG of an earlier run is removed: it would not match the tables)."""
     csv_path, md_path, png_path = out / f"{stem}.csv", out / f"{stem}.md", out / f"{stem}.png"
     write_csv([r.as_json() for r in records], csv_path)
     r0 = records[0]
-    lines = [f"# normlab bench kernels: {r0.device}", "",
+    lines = [f"# normlab bench kernels: {r0.device}", ""]
+    if partial is not None:
+        lines += [f"**Partial: the run stopped after {len(records)} rows** (of the {partial} cases it was to "
+                  "measure, each a few rows); these are the rows it measured.", ""]
+        png_path.unlink(missing_ok=True)
+    lines += [
              f"torch {r0.torch_version}, dtype {r0.dtype}, copy bandwidth {r0.copy_gbps} GB/s "
              "(measured in the same run). Median times; `vs torch` = torch-eager time / this "
              "time (> 1: faster than torch eager). `host ms` = median host time of one call "
@@ -518,13 +526,22 @@ def kernels(
             bar.update(task, advance=1, description=what)
         stem = f"kernels-{dev.type}-{dtype}"
 
+        saved: list[int] = []
+
         def save(so_far: list[Record]) -> None:  # partial tables survive an interruption
             write_outputs(sorted(so_far, key=_order), Path(out), stem, plot=False,
                           host_hidden=timer.hide_host, device_type=dev.type,
-                          steady_malloc=steady_malloc)
-        records = run(dev, torch_dtype, rows_list, hidden_list, op_list, PASSES, compile_, timer,
-                      copy_bytes=(64 << 20) if quick or not gpu else (1 << 30), progress=advance,
-                      checkpoint=save, shapes=shape_pairs, qk_shapes=qk_list)
+                          steady_malloc=steady_malloc, partial=int(bar.tasks[0].total or 0))
+            saved[:] = [len(so_far)]
+        try:
+            records = run(dev, torch_dtype, rows_list, hidden_list, op_list, PASSES, compile_, timer,
+                          copy_bytes=(64 << 20) if quick or not gpu else (1 << 30), progress=advance,
+                          checkpoint=save, shapes=shape_pairs, qk_shapes=qk_list)
+        except KeyboardInterrupt:
+            kept = (f"kept the {saved[0]} rows measured so far in {Path(out) / stem}.csv and .md, marked partial"
+                    if saved else "nothing was measured yet; nothing written")
+            Console(stderr=True).print(f"interrupted: {kept}", markup=False, highlight=False)
+            raise typer.Exit(code=130) from None
     paths = write_outputs(records, Path(out), stem, host_hidden=timer.hide_host,
                           device_type=dev.type, steady_malloc=steady_malloc)
     if as_json:
