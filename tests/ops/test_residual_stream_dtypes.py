@@ -49,7 +49,7 @@ def test_a_float8_stream_is_refused(op, name):
     with normlab.set_backend(name):
         with pytest.raises(NormArgumentError, match="residual_dtype to be float16, bfloat16, float32, float64"):
             op(x, torch.randn(4, 8), residual_dtype=torch.float8_e4m3fn)
-        with pytest.raises(NormArgumentError, match="residual of dtype"):
+        with pytest.raises(NormArgumentError, match="expected residual to have a floating-point dtype"):
             op(x, torch.randn(4, 8).to(torch.float8_e4m3fn))
 
 
@@ -84,3 +84,15 @@ def test_offset_and_casting_mode_with_a_float64_stream_under_auto(is_rms, monkey
             want = NF.layer_norm((r + x.double()).float(), (8,), w, offset=1.0)
     torch.testing.assert_close(new, r + x.double(), rtol=0, atol=0)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("call", [lambda x: NF.dropout_add(x, None), lambda x: NF.add_rms_norm(x, None, None),
+                                  lambda x: NF.add_layer_norm(x, None, None, None), lambda x: NF.layer_norm(x, (8,)),
+                                  lambda x: NF.rms_norm(x, (8,))])
+def test_float8_input_is_refused_by_name(call):
+    from normlab.errors import NormDtypeError
+
+    if not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("no float8 dtype in this torch")
+    with pytest.raises(NormDtypeError, match="expected input to have a floating-point dtype"):
+        call(torch.randn(4, 8).to(torch.float8_e4m3fn))
