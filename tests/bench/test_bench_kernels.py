@@ -53,6 +53,8 @@ def test_bench_kernels_quick_json(tmp_path, monkeypatch):
     md = (tmp_path / "kernels-cpu-fp32.md").read_text()
     assert "| rms_norm | fwd | 8 | 16 | normlab |" in md
     assert calls == [1] and "kept freed memory for reuse" in md
+    from normlab.provenance import code_line
+    assert code_line() in md  # which code made the table (normlab's version, the checkout's commit)
 
 
 def test_keep_freed_memory():

@@ -57,6 +57,7 @@ from normlab.bench.common import (
 )
 from normlab.models import TransformerConfig, TransformerLM
 from normlab.norms.base import ResidualNorm
+from normlab.provenance import code_line
 
 PLACEMENTS = ("pre", "post")
 NORMS = ("layernorm", "rmsnorm")
@@ -267,7 +268,7 @@ def write_outputs(records: list[Record], out: Path, stem: str, load_before: str)
     write_csv([r.as_json() for r in records], csv_path)
     r0 = records[0]
     lines = [f"# normlab bench e2e: {r0.device}", "",
-             f"torch {r0.torch_version}, dtype {r0.dtype}, TransformerLM (GELU FFN 4x, learned "
+             f"{code_line()}, torch {r0.torch_version}, dtype {r0.dtype}, TransformerLM (GELU FFN 4x, learned "
              "positions, tied embeddings, dropout 0), `torch.optim.Adam`. `train` = forward + "
              "cross-entropy + backward + Adam step; `infer` = eval-mode forward under no_grad. "
              f"Median of {r0.reps} steps per implementation, the implementations timed side by "

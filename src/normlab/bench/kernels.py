@@ -49,6 +49,7 @@ from normlab.bench.common import (
     pick_dtype,
     write_csv,
 )
+from normlab.provenance import code_line
 
 OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
 QK_OPS = ("qk_layer_norm", "qk_rms_norm")
@@ -365,7 +366,7 @@ def write_outputs(records: list[Record], out: Path, stem: str, plot: bool = True
                   "measure, each a few rows); these are the rows it measured.", ""]
         png_path.unlink(missing_ok=True)
     lines += [
-             f"torch {r0.torch_version}, dtype {r0.dtype}, copy bandwidth {r0.copy_gbps} GB/s "
+             f"{code_line()}, torch {r0.torch_version}, dtype {r0.dtype}, copy bandwidth {r0.copy_gbps} GB/s "
              "(measured in the same run). Median times; `vs torch` = torch-eager time / this "
              "time (> 1: faster than torch eager). `host ms` = median host time of one call "
              + timing_note(device_type, host_hidden, steady_malloc),
@@ -396,17 +397,19 @@ def _plot(records: list[Record], path: Path) -> None:
     import matplotlib.pyplot as plt
     ops = sorted({r.op for r in records}, key=ALL_OPS.index)
     passes = sorted({r.pass_ for r in records}, key=PASSES.index)
-    rows_max = max(r.rows for r in records if r.op in OPS) if any(r.op in OPS for r in records) else 0
     fig, axes = plt.subplots(len(passes), len(ops), figsize=(4 * len(ops), 3 * len(passes)),
                              squeeze=False, sharey=True)
     for i, p in enumerate(passes):
         for j, op in enumerate(ops):
             ax = axes[i][j]
-            rows_op = rows_max if op in OPS else max(r.rows for r in records if r.op == op)
-            sel = [r for r in records if r.op == op and r.pass_ == p and r.rows == rows_op]
+            sel = [r for r in records if r.op == op and r.pass_ == p]
+            rows_all = sorted({r.rows for r in sel})
             for impl in sorted({r.impl for r in sel}):
-                pts = sorted((r.hidden, r.gbps) for r in sel if r.impl == impl)
-                ax.plot([h for h, _ in pts], [g for _, g in pts], marker="o", label=impl)
+                for rows in rows_all:  # one line per row count: every measured shape is drawn
+                    pts = sorted((r.hidden, r.gbps) for r in sel if r.impl == impl and r.rows == rows)
+                    if pts:
+                        ax.plot([h for h, _ in pts], [g for _, g in pts], marker="o",
+                                label=impl if len(rows_all) == 1 else f"{impl}, rows {rows}")
             if sel:
                 ax.axhline(sel[0].copy_gbps, color="grey", ls="--", lw=0.8, label="copy")
             ax.set_title(f"{op} {p}", fontsize=9)
@@ -415,7 +418,8 @@ def _plot(records: list[Record], path: Path) -> None:
             if j == 0:
                 ax.set_ylabel("GB/s")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{records[0].device}, {records[0].dtype}" + (f", rows={rows_max}" if rows_max else ""),
+    rows_seen = sorted({r.rows for r in records})
+    fig.suptitle(f"{records[0].device}, {records[0].dtype}" + (f", rows={rows_seen[0]}" if len(rows_seen) == 1 else ""),
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

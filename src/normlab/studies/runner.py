@@ -14,14 +14,12 @@ process dies, is reported failed and the others go on.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import math
 import os
 import platform
 import re
 import signal
-import subprocess
 import sys
 import time
 import traceback
@@ -44,6 +42,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from normlab.provenance import git_commit, normlab_version
 from normlab.studies import cluster
 from normlab.studies.claims import judge_all
 from normlab.studies.cluster import JobOptions
@@ -167,23 +166,6 @@ def _check_workers(env: Env, workers: int | None, runs_per_gpu: int | None, else
 # ------------------------------------------------------------------ provenance
 
 
-def _git_commit() -> str | None:
-    """The commit of the checkout normlab runs from (with "-dirty" if it has changes), else None."""
-    here = Path(__file__).resolve().parent
-    try:
-        top = subprocess.run(["git", "-C", str(here), "rev-parse", "--show-toplevel"], capture_output=True,
-                             text=True, timeout=10)
-        if top.returncode != 0 or not (Path(top.stdout.strip()) / "src" / "normlab").is_dir():
-            return None
-        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (head + ("-dirty" if dirty else "")) or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -198,12 +180,8 @@ def _device_name(device: torch.device) -> str:
 
 def provenance(env: Env, corpus: ByteCorpus | None, *, workers: int, threads: int) -> dict[str, Any]:
     """What a reader needs to reproduce the study: code, libraries, machine and data."""
-    try:
-        version = importlib.metadata.version("normlab")
-    except importlib.metadata.PackageNotFoundError:
-        version = None
     out: dict[str, Any] = {
-        "normlab_version": version, "git_commit": _git_commit(), "torch_version": torch.__version__,
+        "normlab_version": normlab_version(), "git_commit": git_commit(), "torch_version": torch.__version__,
         "python_version": platform.python_version(), "platform": platform.platform(),
         "device": _device_name(env.device), "device_type": env.device.type, "dtype": env.dtype,
         "processes": env.world, "workers": workers, "threads": threads,
