@@ -83,3 +83,30 @@ def test_torch_norms_baseline_is_the_same_model():
 def test_bench_e2e_rejects_fp16():
     result = CliRunner().invoke(app, ["bench", "e2e", "--device", "cpu", "--dtype", "fp16"])
     assert result.exit_code != 0 and "fp32" in result.output
+
+
+def test_an_interrupted_e2e_run_keeps_its_rows_marked_partial(tmp_path, monkeypatch):
+    import normlab.bench.e2e as be
+
+    real, calls = be.measure, []
+
+    def measure_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(be, "measure", measure_then_ctrl_c)
+    threads = torch.get_num_threads()
+    try:
+        result = CliRunner().invoke(app, [
+            "bench", "e2e", "--device", "cpu", "--dtype", "fp32", "--quick", "--threads", "1",
+            "--d-model", "32", "--n-layers", "1", "--tokens", "8", "--batch", "2", "--out", str(tmp_path),
+        ])
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 130, result.output
+    assert "interrupted: kept the 6 rows" in result.output  # one configuration: 2 steps x 3 impls
+    md = (tmp_path / "e2e-cpu-fp32.md").read_text()
+    assert "**Partial: the run stopped before measuring all 4 configurations**" in md
+    assert md.count("| train |") + md.count("| infer |") == 6

@@ -243,7 +243,10 @@ def measure(size: Size, placement: str, norm: str, device: torch.device, dtype: 
 
 
 def run(device: torch.device, dtype: torch.dtype, sizes: tuple[Size, ...], compile_: bool,
-        timer: Timer, console: Console | None = None) -> list[Record]:
+        timer: Timer, console: Console | None = None, progress: Callable[[str], None] | None = None,
+        checkpoint: Callable[[list[Record]], None] | None = None) -> list[Record]:
+    """Every (size, placement, norm) configuration; ``progress(what)`` after each, and
+    ``checkpoint(records so far)``, so an interruption keeps what was measured."""
     name = device_name(device)
     records: list[Record] = []
     for size in sizes:
@@ -251,6 +254,10 @@ def run(device: torch.device, dtype: torch.dtype, sizes: tuple[Size, ...], compi
             for norm in NORMS:
                 try:
                     records += measure(size, placement, norm, device, dtype, compile_, timer, name)
+                    if checkpoint is not None and records:
+                        checkpoint(records)
+                    if progress is not None:
+                        progress(f"e2e d{size.d_model} L{size.n_layers} {placement} {norm}")
                 except torch.OutOfMemoryError:
                     torch._dynamo.reset()
                     gc.collect()
@@ -263,11 +270,18 @@ def run(device: torch.device, dtype: torch.dtype, sizes: tuple[Size, ...], compi
 # ----------------------------------------------------------------------------- outputs
 
 
-def write_outputs(records: list[Record], out: Path, stem: str, load_before: str) -> list[Path]:
+def write_outputs(records: list[Record], out: Path, stem: str, load_before: str,
+                  partial: int | None = None) -> list[Path]:
+    """The CSV and markdown of ``records``; ``partial``: the number of configurations the
+    run was to measure, when it has not measured them all yet (the markdown says so)."""
     csv_path, md_path = out / f"{stem}.csv", out / f"{stem}.md"
     write_csv([r.as_json() for r in records], csv_path)
     r0 = records[0]
-    lines = [f"# normlab bench e2e: {r0.device}", "",
+    lines = [f"# normlab bench e2e: {r0.device}", ""]
+    if partial is not None:
+        lines += [f"**Partial: the run stopped before measuring all {partial} configurations**; these are the "
+                  "rows it measured.", ""]
+    lines += [
              f"{code_line()}, torch {r0.torch_version}, dtype {r0.dtype}, TransformerLM (GELU FFN 4x, learned "
              "positions, tied embeddings, dropout 0), `torch.optim.Adam`. `train` = forward + "
              "cross-entropy + backward + Adam step; `infer` = eval-mode forward under no_grad. "
@@ -328,10 +342,27 @@ def e2e(
     timer = Timer(dev, warmup=2 if quick else 3, reps=(10 if quick else 30) if not gpu else (20 if quick else 50),
                   hide_host=False)
     load_before = load_average()
-    records = run(dev, torch_dtype, sizes, compile_, timer, console)
+    stem, total = f"e2e-{dev.type}-{dtype}", len(sizes) * len(PLACEMENTS) * len(NORMS)
+    saved: list[int] = []
+
+    def save(so_far: list[Record]) -> None:  # partial tables survive an interruption
+        write_outputs(so_far, Path(out), stem, load_before, partial=total)
+        saved[:] = [len(so_far)]
+
+    from rich.progress import Progress
+    try:
+        with Progress(console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task("bench e2e", total=total)
+            records = run(dev, torch_dtype, sizes, compile_, timer, console,
+                          progress=lambda what: bar.update(task, advance=1, description=what), checkpoint=save)
+    except KeyboardInterrupt:
+        kept = (f"kept the {saved[0]} rows measured so far in {Path(out) / stem}.csv and .md, marked partial"
+                if saved else "nothing was measured yet; nothing written")
+        Console(stderr=True).print(f"interrupted: {kept}", markup=False, highlight=False)
+        raise typer.Exit(code=130) from None
     if not records:
         raise typer.Exit(1)
-    paths = write_outputs(records, Path(out), f"e2e-{dev.type}-{dtype}", load_before)
+    paths = write_outputs(records, Path(out), stem, load_before)
     if as_json:
         for r in records:
             print(json.dumps(r.as_json()))
