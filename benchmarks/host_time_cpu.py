@@ -2,7 +2,8 @@
 small shapes where the host's work is the whole cost.
 
 Each case runs beside its torch counterpart in interleaved rounds (all cases once per
-round, in turn), so drifts in the machine's speed hit both alike; the table gives the
+round, in turn, torch and normlab first in alternate rounds), so drifts in the machine's
+speed hit both alike; the table gives the
 median over rounds and the ratio of the two medians (torch / normlab: above 1, normlab
 is faster).
 
@@ -59,10 +60,11 @@ def measure(rows, hidden, dtype, grad, rounds, number) -> list[tuple[str, float,
         for _ in range(max(number // 10, 20)):
             theirs()
             ours()
-    for _ in range(rounds):
+    for k in range(rounds):
         for name, (theirs, ours) in cases.items():
-            times[name][0].append(timeit.timeit(theirs, number=number) / number * 1e6)
-            times[name][1].append(timeit.timeit(ours, number=number) / number * 1e6)
+            # the order alternates round by round: drift (clock, caches) hits both sides alike
+            for side, fn in ((0, theirs), (1, ours)) if k % 2 == 0 else ((1, ours), (0, theirs)):
+                times[name][side].append(timeit.timeit(fn, number=number) / number * 1e6)
     return [(name, statistics.median(t), statistics.median(o)) for name, (t, o) in times.items()]
 
 
