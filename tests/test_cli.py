@@ -41,3 +41,18 @@ def test_bad_backend_environment_variable_is_one_clear_error():
     assert "NORMLAB_BACKEND" in result.output and "expected one of 'auto', 'torch', 'triton', got 'bogus'" \
         in result.output
     assert "Traceback" not in result.output and not isinstance(result.exception, ValueError)
+
+
+def test_norms_refuses_a_demo_too_large_to_allocate():
+    result = CliRunner().invoke(app, ["norms", "--rows", "1000000000"], env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "expected rows x hidden up to" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_bench_kernels_refuses_empty_values():
+    for args, hint in ((["--shapes", ""], "--shapes"), (["--qk-shapes", ""], "--qk-shapes"),
+                       (["--out", ""], "--out")):
+        result = CliRunner().invoke(app, ["bench", "kernels", "--device", "cpu", "--quick", "--ops", "rms_norm",
+                                          *args], env={"COLUMNS": "200"})
+        assert result.exit_code == 2, (args, result.output)
+        assert f"Invalid value for {hint}" in result.output, result.output

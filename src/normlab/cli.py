@@ -31,6 +31,10 @@ def _root() -> None:
                                  param_hint="NORMLAB_BACKEND (environment variable)") from err
 
 
+
+# the largest demo input of `normlab norms` (256 MiB of float32)
+NORMS_DEMO_MAX_ELEMENTS = 1 << 26
+
 @app.command()
 def norms(
     hidden: int = typer.Option(256, help="Hidden size of the demo input."),
@@ -43,6 +47,9 @@ def norms(
                                  param_hint="--rows")
     if hidden < 1:
         raise typer.BadParameter(f"expected a positive integer, got {hidden}", param_hint="--hidden")
+    if rows * hidden > NORMS_DEMO_MAX_ELEMENTS:  # a demo: refused before an allocation fails
+        raise typer.BadParameter(f"expected rows x hidden up to {NORMS_DEMO_MAX_ELEMENTS:,} elements (a demo input), "
+                                 f"got {rows} x {hidden} = {rows * hidden:,}", param_hint="--rows/--hidden")
     import torch
 
     from normlab.norms import build_norm, get_norm_entry, norm_names

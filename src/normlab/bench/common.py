@@ -212,6 +212,8 @@ def check_out_dir(path: str | os.PathLike, param_hint: str = "--out") -> Path:
     ``param_hint``) up front, before any work, rather than when the results are saved.
     Nothing is left behind: the check makes and removes a temporary directory in
     ``path``, or in its nearest existing parent where ``path`` does not exist yet."""
+    if not str(path).strip():
+        raise typer.BadParameter("expected a directory to write to, got an empty path", param_hint=param_hint)
     path = Path(path)
     probe = path
     while not probe.exists() and probe != probe.parent:

@@ -438,8 +438,8 @@ def _sizes(text: str | None, param_hint: str) -> tuple[int, ...] | None:
 
 
 def parse_shapes(text: str | None) -> tuple[tuple[int, int], ...] | None:
-    """"8x64,256x128" -> ((8, 64), (256, 128))."""
-    if not text:
+    """"8x64,256x128" -> ((8, 64), (256, 128)); None when not given (an empty value is refused)."""
+    if text is None:
         return None
     out = []
     for item in text.split(","):
@@ -452,8 +452,9 @@ def parse_shapes(text: str | None) -> tuple[tuple[int, int], ...] | None:
 
 
 def parse_qk_shapes(text: str | None) -> tuple[tuple[int, int, int, int], ...] | None:
-    """"8x32x4096x128,1x2x8x64" -> ((8, 32, 4096, 128), (1, 2, 8, 64)): (B, H, T, hd)."""
-    if not text:
+    """"8x32x4096x128,1x2x8x64" -> ((8, 32, 4096, 128), (1, 2, 8, 64)): (B, H, T, hd); None
+    when not given (an empty value is refused)."""
+    if text is None:
         return None
     out = []
     for item in text.split(","):
