@@ -268,13 +268,13 @@ def _add_then_norm(op, x, residual, weight, bias, eps, dropout_p, training, gene
     (``_layer_norm_torch_ops`` / ``_rms_norm_cast``)."""
     _check_tensor(op, "input", x)
     is_rms = op == "add_rms_norm"
-    if _kernels_take(x, weight, casting_mode) and _add_ops(op, x, residual, residual_dtype) is not _eager:
+    ops = _add_ops(op, x, residual, residual_dtype) if _kernels_take(x, weight, casting_mode) else _eager
+    if ops is not _eager:
         shape, eps = _check_add_args(op, x, residual, weight, bias, eps, dropout_p, generator, residual_dtype,
                                      normalized_shape, is_rms=is_rms)
         _check_cast(op, offset, casting_mode)
         kw = dict(dropout_p=float(dropout_p), training=bool(training), generator=generator,
                   residual_dtype=residual_dtype, normalized_shape=shape, offset=float(offset))
-        ops = backend_ops(x)
         if is_rms:
             return ops.add_rms_norm(x, residual, weight, eps, casting_mode=casting_mode, **kw)
         return ops.add_layer_norm(x, residual, weight, bias, eps, **kw)

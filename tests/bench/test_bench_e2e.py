@@ -87,16 +87,9 @@ def test_bench_e2e_rejects_fp16():
 
 def test_an_interrupted_e2e_run_keeps_its_rows_marked_partial(tmp_path, monkeypatch):
     import normlab.bench.e2e as be
+    from tests.bench.helpers import ctrl_c_on_call
 
-    real, calls = be.measure, []
-
-    def measure_then_ctrl_c(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(be, "measure", measure_then_ctrl_c)
+    ctrl_c_on_call(monkeypatch, be, "measure")
     threads = torch.get_num_threads()
     try:
         result = CliRunner().invoke(app, [

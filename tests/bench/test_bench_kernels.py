@@ -124,18 +124,11 @@ def test_bench_kernels_adaln_ops(tmp_path, monkeypatch):
 
 def test_an_interrupted_run_keeps_its_rows_marked_partial(tmp_path, monkeypatch):
     import normlab.bench.kernels as bk
+    from tests.bench.helpers import ctrl_c_on_call
 
     monkeypatch.setattr(bk, "keep_freed_memory", lambda: True)
     (tmp_path / "kernels-cpu-fp32.png").write_bytes(b"an earlier run's plot")
-    real, calls = bk._inputs, []
-
-    def inputs_then_ctrl_c(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(bk, "_inputs", inputs_then_ctrl_c)
+    ctrl_c_on_call(monkeypatch, bk, "_inputs")
     result = CliRunner().invoke(app, [
         "bench", "kernels", "--device", "cpu", "--dtype", "fp32", "--quick",
         "--rows", "8", "--hidden", "16,32", "--ops", "rms_norm", "--out", str(tmp_path),

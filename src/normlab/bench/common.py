@@ -181,12 +181,17 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 31))
 
 
+def is_device_text(text: str) -> bool:
+    """``text`` names a device normlab's commands run on: cpu, cuda or cuda:N."""
+    return re.fullmatch(r"cpu|cuda(:\d+)?", text.strip().lower()) is not None
+
+
 def pick_device(device: str | None) -> torch.device:
     """``--device``: cpu, cuda or cuda:N (default: cuda when available); a CUDA device
     this machine does not have is refused."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device.strip().lower()):
+    if not is_device_text(device):
         raise typer.BadParameter(f"expected cpu, cuda or cuda:N, got {device!r}", param_hint="--device")
     dev = torch.device(device.strip().lower())
     if dev.type == "cuda":

@@ -11,6 +11,7 @@ from normlab.convert.blocks import block_entry, block_spec
 from normlab.convert.detect import NormSemantics, semantics
 from normlab.convert.fused import fuse, is_fused
 from normlab.convert.report import ConversionReport
+from normlab.convert.verify import HOOK_DICTS
 from normlab.norms import LayerNorm, RMSNorm, is_norm
 from normlab.norms.base import ResidualNorm
 
@@ -32,9 +33,7 @@ def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
     old = getattr(parent, name)
-    for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-                 "_is_full_backward_hook", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
-                 "_forward_hooks_always_called", "_state_dict_hooks", "_state_dict_pre_hooks",
+    for attr in (*HOOK_DICTS, "_is_full_backward_hook", "_state_dict_hooks", "_state_dict_pre_hooks",
                  "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"):
         if hasattr(old, attr):
             setattr(new, attr, getattr(old, attr))

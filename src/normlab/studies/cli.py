@@ -71,7 +71,7 @@ def study(
         return
     try:
         n_workers = _parse_workers(workers)
-        _check_device(device)
+        device = _check_device(device)
         # every launcher option is checked here, before anything runs: a run that has
         # finished submits no job, so the checks in cluster.submit alone would miss it
         chosen = {k: v for k, v in dict(partition=partition, max_parallel=max_parallel, time_min=time_min,
@@ -124,19 +124,16 @@ def study(
             raise typer.Exit(code=1)
 
 
-def _check_device(text: str | None) -> None:
+def _check_device(text: str | None) -> str | None:
     """``--device``: cpu, cuda or cuda:N (None: run_study's default); refused here, before
     torch would refuse it with a traceback."""
-    if text is None:
-        return
-    import torch
+    from normlab.bench.common import is_device_text
 
-    try:
-        dev = torch.device(text)
-    except (RuntimeError, ValueError, TypeError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
+    if text is None:
+        return None
+    if not is_device_text(text):
         raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {text!r}")
+    return text.strip().lower()
 
 
 def _parse_workers(text: str | None) -> int | None:

@@ -55,6 +55,7 @@ from normlab.studies.train import (
     FolderLock,
     Interrupted,
     model_config,
+    read_result,
     run_holder,
     run_one,
 )
@@ -466,10 +467,8 @@ def _wait_for_jobs(study: Study, jobs: dict[str, Any], progress: Progress, fail,
 
 
 def _finished(spec: RunSpec, run_dir: Path) -> bool:
-    try:
-        return json.loads((run_dir / "result.json").read_text()).get("fingerprint") == spec.fingerprint()
-    except (OSError, ValueError):
-        return False
+    result = read_result(run_dir / "result.json")
+    return result is not None and result.get("fingerprint") == spec.fingerprint()
 
 
 def _ordered(study: Study, results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

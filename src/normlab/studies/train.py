@@ -627,7 +627,7 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
         lock.release()
 
 
-def _read_result(path: Path) -> dict[str, Any] | None:
+def read_result(path: Path) -> dict[str, Any] | None:
     """A run's result.json; None when it is missing or damaged (the run runs again)."""
     try:
         result = json.loads(path.read_text())
@@ -641,7 +641,7 @@ def _run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
     from normlab.studies import probes
 
     done = run_dir / "result.json"
-    result = _read_result(done)
+    result = read_result(done)
     if result is not None and result.get("fingerprint") == spec.fingerprint():
         return result
     if spec.kind == "train" and spec.batch_size % env.world:
