@@ -1,4 +1,7 @@
-"""Adaptive LayerNorm conditioned on a vector (DiT's adaLN-Zero modulation)."""
+"""Adaptive LayerNorm conditioned on a vector: DiT's adaLN modulation (shift and scale),
+zero-initialised. adaLN-Zero's third output, the gate that scales the residual branch
+before its add (zero at init, so each DiT block starts as the identity), belongs to the
+block and is not part of this module."""
 
 from __future__ import annotations
 
