@@ -19,19 +19,32 @@ How runs are read:
 * a run **failed** when its loss went non-finite or it ended no better than the
   unigram baseline (a model of byte frequencies alone); a failed run counts with the
   baseline's loss, so failures stay in the paired statistics instead of dropping out;
-* seeds pair runs: the same seed gives the same data order and (equal shapes) init.
+* seeds pair runs: the same seed gives the same data order and (equal shapes) init;
+* nothing is left out silently: a seed one side lacks, a unit that is not finite, a
+  setting only one side ran, and a planned run that raised or did not finish
+  (``missing_runs``) are named in the caveats of the rows that would have read them.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from normlab.studies.spec import Margin
-from normlab.studies.stats import Interval, mean_ci, paired_ci, slope, verdict
+from normlab.studies.spec import Margin, RunSpec
+from normlab.studies.stats import (
+    SIGN_TEST_MIN_N,
+    Interval,
+    degenerate,
+    mean_ci,
+    paired_ci,
+    sign_test_coverage,
+    slope,
+    verdict,
+)
 
 Result = dict[str, Any]
 UNIFORM_BYTE_LOSS = math.log(256)  # the baseline when a result does not carry its own
@@ -47,6 +60,12 @@ class Measurement:
     setup: str = ""
     caveats: tuple[str, ...] = ()
     undetermined: str | None = None  # why the runs cannot decide this row: it is inconclusive
+    # what the row read, so that a planned run that left no result is named where it was
+    # needed: the runs (their configurations, any lr, or only ``lr`` for a row judged at
+    # one), and for a row with nothing to read the (study, match) selections it needed
+    used: tuple[Result, ...] = ()
+    lr: float | None = None
+    wanted: tuple[tuple[str, tuple], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -123,13 +142,25 @@ class Best:
     sweep: dict[tuple, float]       # setting -> mean select-half loss over seeds
     failures: dict[tuple, int]      # setting -> failed seeds
     seeds: int
-    complete: bool                  # every setting ran every seed
+    complete: bool                  # every setting of the sweep ran every seed
     metric: str = "test loss"       # what by_seed holds
+    gaps: tuple[str, ...] = ()      # what the sweep lacks: a setting without a run, a seed a setting lacks
+    lrs: tuple[float, ...] = ()     # the lrs swept (those run, and those the sweep should have had)
+
+    def _edges(self) -> tuple[float, ...]:
+        lrs = sorted(set(self.lrs) | {s[0] for s in self.sweep})
+        return (lrs[0], lrs[-1]) if len(lrs) > 1 else ()
 
     @property
     def at_edge(self) -> bool:
-        lrs = sorted({s[0] for s in self.sweep})
-        return len(lrs) > 1 and self.setting[0] in (lrs[0], lrs[-1])
+        return self.setting[0] in self._edges()
+
+    @property
+    def edge_seeds(self) -> dict[int, float]:
+        """Seeds whose cross-fitted setting sits at the sweep's edge (seed -> its lr): a
+        seed is judged at its own choice, whatever the all-seed best."""
+        edges = self._edges()
+        return {seed: st[0] for seed, st in sorted(self.chosen.items()) if st[0] in edges}
 
     @property
     def largest_stable_lr(self) -> float | None:
@@ -158,16 +189,23 @@ class Best:
             return [f"every run of {name} failed: it is compared as the unigram baseline"]
         if self.at_edge:
             out.append(f"{name}'s best lr is at the edge of the sweep: a better one may lie outside it")
+        off = {seed: lr for seed, lr in self.edge_seeds.items() if lr != self.setting[0]}
+        if off:
+            lrs = sorted(set(off.values()))
+            out.append(f"{name}'s cross-fitted lr of seed{'s' if len(off) > 1 else ''} {_list(off)} is at the edge "
+                       f"of the sweep (lr {_list(f'{x:g}' for x in lrs)}): a better one may lie outside it")
         if not self.complete:
-            out.append(f"{name}'s sweep is incomplete: not every setting ran every seed")
+            out.append(f"{name}'s sweep is incomplete: " + "; ".join(self.gaps))
         return out
 
 
 def best_setting(runs: list[Result], value: Callable[[Result, str], float] | None = None,
-                 metric: str = "test loss") -> Best | None:
+                 metric: str = "test loss", lrs: Iterable[float] = ()) -> Best | None:
     """Each seed's test-half loss at the setting (lr, alpha0) with the lowest mean
     select-half loss over the other seeds; and the best setting over all seeds.
-    ``value(run, half)``: what is minimised and judged in place of ``judged_loss``."""
+    ``value(run, half)``: what is minimised and judged in place of ``judged_loss``;
+    ``lrs``: the sweep the configuration should have run (a configuration compared with
+    another runs over the same lrs), so that an lr with no run at all reads as a gap."""
     value = value or judged_loss
     if not runs:
         return None
@@ -189,9 +227,24 @@ def best_setting(runs: list[Result], value: Callable[[Result, str], float] | Non
         st = choose(seed if len(seeds) > 1 else None)
         if seed in cells[st]:
             chosen[seed], by_seed[seed] = st, value(cells[st][seed], "test")
+    # the grid the configuration should fill: every lr (its own and ``lrs``) with every
+    # option it swept, each over every seed
+    all_lrs = sorted({st[0] for st in cells} | set(lrs))
+    grid = [(lr, option) for lr in all_lrs for option in sorted({st[1] for st in cells}, key=_none_first)]
+    gaps = []
+    for st in grid:
+        lacking = [s for s in seeds if s not in cells.get(st, {})]
+        if st not in cells:
+            gaps.append(f"no run at {_setting_text(st)}")
+        elif lacking:
+            gaps.append(f"{_setting_text(st)} lacks seed{'s' if len(lacking) > 1 else ''} {_list(lacking)}")
     return Best(setting=choose(None), by_seed=by_seed, chosen=chosen, sweep=sweep,
                 failures={st: sum(failed(r) for r in bs.values()) for st, bs in cells.items()},
-                seeds=len(seeds), complete=all(len(bs) == len(seeds) for bs in cells.values()), metric=metric)
+                seeds=len(seeds), complete=not gaps, metric=metric, gaps=tuple(gaps), lrs=tuple(all_lrs))
+
+
+def _none_first(x: Any) -> tuple:
+    return (x is not None, x if x is not None else 0)
 
 
 def _mostly_failed(best: Best, runs: list[Result]) -> bool:
@@ -223,12 +276,32 @@ def _ci_text(i: Interval, unit: str = "") -> str:
     return f"{i.estimate:+.3f}{unit} [{i.lo:+.3f}, {i.hi:+.3f}] (n={i.n})"
 
 
-def _missing(what: str) -> list[Measurement]:
-    return [Measurement("", Interval(math.nan, math.nan, math.nan, 0), f"not measured: needs {what}")]
+def _want(study: str, **match: Any) -> tuple[str, tuple]:
+    """A selection of runs (``runs_of``'s arguments) a row with nothing to read needed."""
+    return (study, tuple(sorted(match.items())))
 
 
-def run_setup(runs: list[Result]) -> str:
-    """Our side of a claim's scope, from the runs' records."""
+def _missing(what: str, *wanted: tuple[str, tuple]) -> list[Measurement]:
+    return [Measurement("", Interval(math.nan, math.nan, math.nan, 0), f"not measured: needs {what}",
+                        wanted=wanted)]
+
+
+def _seeds_text(run: int, judged: int | None, word: str) -> str:
+    """How many seeds a row stands on: those it judged, out of those run when fewer."""
+    if judged is None or judged == run:
+        return f"{run} {word}"
+    return f"{judged} {word} (of {run} run)"
+
+
+def _left_out(name: str, seeds: Iterable[int], why: str) -> list[str]:
+    """The caveat for seeds a row left out, and why (empty when none)."""
+    seeds = sorted(set(seeds))
+    return [f"{name}: seed{'s' if len(seeds) > 1 else ''} {_list(seeds)} left out: {why}"] if seeds else []
+
+
+def run_setup(runs: list[Result], judged: int | None = None, paired: bool = False) -> str:
+    """Our side of a claim's scope, from the runs' records; ``judged``: the seeds the row
+    stands on (the seeds both sides of a pair ran), when fewer than the runs'."""
     trained = [r for r in runs if r.get("kind") == "train"]
     if not trained:
         probes = [r for r in runs if r.get("kind") == "probe"]
@@ -238,7 +311,7 @@ def run_setup(runs: list[Result]) -> str:
         return (f"here: byte-level LM at initialization, d_model {probes[0].get('d_model')}, "
                 f"{_list(sorted({r['n_layers'] for r in probes}))} layers, batch {cfg.get('batch_size', '?')} x "
                 f"{cfg.get('seq_len', '?')} bytes, {cfg.get('probe_batches', '?')} batches per seed, "
-                f"{len({r['seed'] for r in probes})} seeds")
+                f"{_seeds_text(len({r['seed'] for r in probes}), judged, 'paired seeds' if paired else 'seeds')}")
     r0 = trained[0]
     cfg = r0.get("config", {})
     params = sorted({r.get("n_params", 0) for r in trained})
@@ -252,7 +325,7 @@ def run_setup(runs: list[Result]) -> str:
             f"{r0['steps']} steps x {cfg.get('batch_size', '?')} x {cfg.get('seq_len', '?')} bytes "
             f"({tokens / 1e6:.2f}M tokens), Adam{tuple(cfg.get('betas', ()))}, linear warm-up of "
             f"{_list(warm)} steps then a {cfg.get('schedule', 'constant')} lr, lr swept over "
-            f"{_list(f'{x:g}' for x in lrs)}, {len({r['seed'] for r in trained})} paired seeds")
+            f"{_list(f'{x:g}' for x in lrs)}, {_seeds_text(len({r['seed'] for r in trained}), judged, 'paired seeds')}")
 
 
 def _list(items: Iterable[Any]) -> str:
@@ -260,26 +333,33 @@ def _list(items: Iterable[Any]) -> str:
     return xs[0] if len(xs) == 1 else ", ".join(xs[:-1]) + " and " + xs[-1] if xs else "-"
 
 
-def compare(name_a: str, runs_a: list[Result], name_b: str, runs_b: list[Result], suffix: str = "",
-            setup: str | None = None) -> Measurement:
+def _lrs(*runs: Iterable[Result]) -> list[float]:
+    """The lrs any of ``runs`` swept: the sweep every configuration compared should cover."""
+    return sorted({r["lr"] for rs in runs for r in rs})
+
+
+def compare(name_a: str, runs_a: list[Result], name_b: str, runs_b: list[Result], suffix: str = "") -> Measurement:
     """L(a) - L(b), each at its own (cross-fitted) best setting, paired by seed."""
-    return compare_best(name_a, best_setting(runs_a), runs_a, name_b, best_setting(runs_b), runs_b, suffix,
-                        run_setup(runs_a + runs_b) if setup is None else setup)
+    lrs = _lrs(runs_a, runs_b)
+    return compare_best(name_a, best_setting(runs_a, lrs=lrs), runs_a, name_b, best_setting(runs_b, lrs=lrs),
+                        runs_b, suffix, lambda n: run_setup(runs_a + runs_b, n))
 
 
 def compare_best(name_a: str, ba: Best, runs_a: list[Result], name_b: str, bb: Best, runs_b: list[Result],
-                 suffix: str, setup: str, statistic: str = "L", unit: str = " nats",
+                 suffix: str, setup: Callable[[int], str], statistic: str = "L", unit: str = " nats",
                  floor: str = "the unigram baseline") -> Measurement:
     """statistic(a) - statistic(b) from each configuration's ``Best`` (``best_setting``),
-    paired by seed; ``floor``: where a failed run is counted."""
+    paired by seed; ``floor``: where a failed run is counted; ``setup(n)``: the scope for
+    n paired seeds."""
     i = paired_ci(ba.by_seed, bb.by_seed)
     caveats = ba.caveats(name_a) + bb.caveats(name_b) + _pairing_caveats(name_a, ba.by_seed, name_b, bb.by_seed)
     for name, best, runs in ((name_a, ba, runs_a), (name_b, bb, runs_b)):
         if _mostly_failed(best, runs) and not best.all_failed:
             caveats.append(f"most seeds of {name} failed at their chosen setting: counted at {floor}")
     return Measurement(suffix, i, f"{ba.text(name_a)}; {bb.text(name_b)}; {statistic}({name_a}) - "
-                       f"{statistic}({name_b}) = {_ci_text(i, unit)}", setup,
-                       tuple(caveats), _both_failed_note([(name_a, ba, runs_a), (name_b, bb, runs_b)]))
+                       f"{statistic}({name_b}) = {_ci_text(i, unit)}", setup(i.n),
+                       tuple(caveats), _both_failed_note([(name_a, ba, runs_a), (name_b, bb, runs_b)]),
+                       used=tuple(runs_a) + tuple(runs_b))
 
 
 # ------------------------------------------------------------------ gradients and activations at init
@@ -302,11 +382,35 @@ def _positive(values: list[float] | None) -> bool:
     return bool(values) and all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values)
 
 
+def _usable(r: Result) -> bool:
+    """A probe whose W2 gradient profile can be read: every layer's norm finite and > 0."""
+    return _positive(r.get("grad_norms_by_layer", {}).get("ffn_w2"))
+
+
+def _all_probes(results: list[Result], placement: str, n_layers: int | None = None) -> list[Result]:
+    return [r for r in runs_of(results, "grad-at-init", placement=placement)
+            if n_layers is None or r["n_layers"] == n_layers]
+
+
 def _probes(results: list[Result], placement: str, n_layers: int | None = None) -> list[Result]:
     """Probes with a usable W2 gradient profile (every layer's norm finite and > 0)."""
-    return [r for r in runs_of(results, "grad-at-init", placement=placement)
-            if _positive(r.get("grad_norms_by_layer", {}).get("ffn_w2"))
-            and (n_layers is None or r["n_layers"] == n_layers)]
+    return [r for r in _all_probes(results, placement, n_layers) if _usable(r)]
+
+
+def _at(pairs: Iterable[tuple[int, int]]) -> str:
+    """(seed, layers) pairs as text: "seed 1 at 24 layers, seeds 0 and 2 at 6 layers"."""
+    by_depth: dict[int, list[int]] = defaultdict(list)
+    for seed, n in sorted(set(pairs)):
+        by_depth[n].append(seed)
+    return ", ".join(f"seed{'s' if len(ss) > 1 else ''} {_list(ss)} at {n} layers"
+                     for n, ss in sorted(by_depth.items()))
+
+
+def _unusable_caveat(name: str, runs: list[Result]) -> list[str]:
+    """The probes left out for a W2 gradient profile that cannot be read."""
+    bad = [(r["seed"], r["n_layers"]) for r in runs if not _usable(r)]
+    return [f"{name}: the probe{'s' if len(bad) > 1 else ''} of {_at(bad)} left out: W2 gradient profile not "
+            "finite and positive"] if bad else []
 
 
 def _judged_depth(results: list[Result]) -> int | None:
@@ -320,54 +424,76 @@ def _log_slope(profile: list[float]) -> float:
     return slope(list(range(1, len(profile) + 1)), [math.log(v) for v in profile])
 
 
+PLACEMENT_NAMES = {"post": "Post-LN", "pre": "Pre-LN", "deepnorm": "DeepNorm", "peri": "Peri-LN"}
+
+
 def _grad_slope(placement: str) -> Callable[[list[Result]], list[Measurement]]:
     def measure(results: list[Result]) -> list[Measurement]:
         depth = _judged_depth(results)
-        runs = _probes(results, placement, depth)
+        every = _all_probes(results, placement, depth)
+        runs = [r for r in every if _usable(r)]
         if not runs or depth is None or depth < 2:
-            return _missing(f"{placement} probes of at least 2 layers")
+            return _missing(f"{placement} probes of at least 2 layers", _want("grad-at-init", placement=placement))
         slopes = {r["seed"]: _log_slope(r["grad_norms_by_layer"]["ffn_w2"]) for r in runs}
         i = mean_ci(list(slopes.values()))
         growth = math.exp(i.estimate * (depth - 1))
         return [Measurement(f"@L{depth}", i,
                             f"slope of ln|grad W2| per layer, {placement}: {_ci_text(i)}; first -> last layer "
-                            f"x{growth:.2f} at the mean slope", run_setup(runs))]
+                            f"x{growth:.2f} at the mean slope", run_setup(every, i.n),
+                            tuple(_unusable_caveat(PLACEMENT_NAMES.get(placement, placement), every)),
+                            used=tuple(every))]
 
     return measure
 
 
 def _last_layer_ratio(results: list[Result]) -> list[Measurement]:
     depth = _judged_depth(results)
-    post, pre = _probes(results, "post", depth), _probes(results, "pre", depth)
+    every = {p: _all_probes(results, p, depth) for p in ("post", "pre")}
+    post, pre = ([r for r in every[p] if _usable(r)] for p in ("post", "pre"))
     if not post or not pre:
-        return _missing("Post-LN and Pre-LN probes")
+        return _missing("Post-LN and Pre-LN probes", _want("grad-at-init"))
     a = {r["seed"]: math.log(r["grad_norms_by_layer"]["ffn_w2"][-1]) for r in post}
     b = {r["seed"]: math.log(r["grad_norms_by_layer"]["ffn_w2"][-1]) for r in pre}
     i = paired_ci(a, b)
+    caveats = (_unusable_caveat("Post-LN", every["post"]) + _unusable_caveat("Pre-LN", every["pre"])
+               + _pairing_caveats("Post-LN", a, "Pre-LN", b))
     return [Measurement(f"@L{depth}", i, f"ln(last-layer |grad W2| Post-LN / Pre-LN), paired by seed: "
-                        f"{_ci_text(i)} (ratio x{math.exp(i.estimate):.2f})", run_setup(post + pre))]
+                        f"{_ci_text(i)} (ratio x{math.exp(i.estimate):.2f})",
+                        run_setup(every["post"] + every["pre"], i.n, paired=True), tuple(caveats),
+                        used=tuple(every["post"] + every["pre"]))]
 
 
 def _ratio_growth(results: list[Result]) -> list[Measurement]:
     """Per seed: slope of ln(last-layer |grad W2| Post-LN / Pre-LN) against ln L over depths."""
-    post, pre = _probes(results, "post"), _probes(results, "pre")
+    every = {p: _all_probes(results, p) for p in ("post", "pre")}
+    post, pre = ([r for r in every[p] if _usable(r)] for p in ("post", "pre"))
     ratios: dict[int, dict[int, float]] = defaultdict(dict)
     pre_by = {(r["seed"], r["n_layers"]): r for r in pre}
-    for r in post:
-        other = pre_by.get((r["seed"], r["n_layers"]))
+    post_by = {(r["seed"], r["n_layers"]): r for r in post}
+    for key, r in post_by.items():
+        other = pre_by.get(key)
         if other:
             ratios[r["seed"]][r["n_layers"]] = math.log(r["grad_norms_by_layer"]["ffn_w2"][-1]
                                                         / other["grad_norms_by_layer"]["ffn_w2"][-1])
     slopes = {s: slope([math.log(n) for n in sorted(c)], [c[n] for n in sorted(c)])
               for s, c in ratios.items() if len(c) >= 2}
     if not slopes:
-        return _missing("Post-LN and Pre-LN probes at two or more depths")
+        return _missing("Post-LN and Pre-LN probes at two or more depths", _want("grad-at-init"))
     i = mean_ci(list(slopes.values()))
     shifted = Interval(i.estimate - 0.5, i.lo - 0.5, i.hi - 0.5, i.n)
     depths = sorted({n for c in ratios.values() for n in c})
+    caveats = _unusable_caveat("Post-LN", every["post"]) + _unusable_caveat("Pre-LN", every["pre"])
+    for name, mine, other in (("Post-LN", post_by, pre_by), ("Pre-LN", pre_by, post_by)):
+        alone = [key for key in mine if key not in other]
+        if alone:
+            caveats.append(f"{name}: the probe{'s' if len(alone) > 1 else ''} of {_at(alone)} left out: no probe of "
+                           "the other placement to pair with")
+    seeds = {r["seed"] for r in every["post"] + every["pre"]}
+    caveats += _left_out("Post-LN / Pre-LN", seeds - set(slopes), "fewer than two depths with a ratio to fit")
     return [Measurement("", shifted, f"exponent of the last-layer ratio Post-LN / Pre-LN against L over depths "
                         f"{_list(depths)}: {_ci_text(i)}; statistic exponent - 0.5 = {_ci_text(shifted)}",
-                        run_setup(post + pre))]
+                        run_setup(every["post"] + every["pre"], i.n, paired=True), tuple(caveats),
+                        used=tuple(every["post"] + every["pre"]))]
 
 
 def _residual_variance(results: list[Result]) -> list[Measurement]:
@@ -375,8 +501,10 @@ def _residual_variance(results: list[Result]) -> list[Measurement]:
     runs = [r for r in runs_of(results, "grad-at-init", placement="pre")
             if _positive(r.get("activation_rms_by_layer")) and len(r["activation_rms_by_layer"]) >= 4]
     if not runs:
-        return _missing("Pre-LN probes of at least 4 layers with activation statistics")
+        return _missing("Pre-LN probes of at least 4 layers with activation statistics",
+                        _want("grad-at-init", placement="pre"))
     deepest = max(r["n_layers"] for r in runs)
+    every = _all_probes(results, "pre", deepest)
     runs = [r for r in runs if r["n_layers"] == deepest]
     exps = {}
     for r in runs:
@@ -385,26 +513,32 @@ def _residual_variance(results: list[Result]) -> list[Measurement]:
         if len(points) >= 3:
             exps[r["seed"]] = slope([x for x, _ in points], [y for _, y in points])
     if not exps:
-        return _missing("Pre-LN probes whose residual stream grows past its first block")
+        return _missing("Pre-LN probes whose residual stream grows past its first block",
+                        _want("grad-at-init", placement="pre"))
     i = mean_ci(list(exps.values()))
     shifted = Interval(i.estimate - 1.0, i.lo - 1.0, i.hi - 1.0, i.n)
     first = _mean(r["activation_rms_by_layer"][0] for r in runs)
     last = _mean(r["activation_rms_by_layer"][-1] for r in runs)
+    kept = {r["seed"] for r in runs}
+    caveats = (_left_out("Pre-LN", {r["seed"] for r in every} - kept, "residual RMS profile not finite and "
+                         "positive")
+               + _left_out("Pre-LN", kept - set(exps), "fewer than three blocks whose stream grows past the first "
+                           "block's, too few to fit"))
     return [Measurement(f"@L{deepest}", shifted,
                         f"residual RMS after block 1 -> {deepest}: {first:.3g} -> {last:.3g} (mean over seeds); "
                         f"exponent e of RMS_l^2 - RMS_1^2 ~ (l - 1)^e: {_ci_text(i)}; statistic e - 1 = "
-                        f"{_ci_text(shifted)}", run_setup(runs))]
+                        f"{_ci_text(shifted)}", run_setup(every, i.n), tuple(caveats), used=tuple(every))]
 
 
 def _postln_stream(results: list[Result]) -> list[Measurement]:
     runs = [r for r in runs_of(results, "grad-at-init", placement="post") if r.get("activation_rms_by_layer")]
     if not runs:
-        return _missing("Post-LN probes")
+        return _missing("Post-LN probes", _want("grad-at-init", placement="post"))
     values = [v for r in runs for v in r["activation_rms_by_layer"]]
     i = Interval(_mean(values), min(values), max(values), len({r["seed"] for r in runs}))
     return [Measurement("", i, f"Post-LN residual RMS after every block, all probes: {min(values):.3f} to "
                         f"{max(values):.3f} (a LayerNorm output: 1 up to eps and gamma = 1 at init)",
-                        run_setup(runs))]
+                        run_setup(runs), used=tuple(runs))]
 
 
 # ------------------------------------------------------------------ warm-up
@@ -415,12 +549,28 @@ def _warmup_runs(results: list[Result]) -> dict[tuple[str, bool], list[Result]]:
             for p in ("post", "pre") for w in (False, True)}
 
 
+WARMUP_NAMES = {("post", False): "Post-LN without warm-up", ("post", True): "Post-LN with warm-up",
+                ("pre", False): "Pre-LN without warm-up", ("pre", True): "Pre-LN with warm-up"}
+
+
 def _interaction(cells: dict[tuple[str, bool], dict[int, float]]) -> Interval:
     """[L(post, none) - L(post, warm-up)] - [L(pre, none) - L(pre, warm-up)], paired by seed."""
     seeds = set.intersection(*(set(c) for c in cells.values()))
     d = {s: (cells[("post", False)][s] - cells[("post", True)][s])
          - (cells[("pre", False)][s] - cells[("pre", True)][s]) for s in seeds}
-    return mean_ci(list(d.values()))
+    return mean_ci([d[s] for s in sorted(d)])
+
+
+def _interaction_caveats(cells: dict[tuple[str, bool], dict[int, float]], where: str = "") -> list[str]:
+    """The seeds the interaction left out: those any of the four configurations lacks."""
+    seeds = set.union(*(set(c) for c in cells.values()))
+    out = []
+    for key, c in cells.items():
+        lacking = sorted(seeds - set(c))
+        if lacking:
+            out.append(f"seed{'s' if len(lacking) > 1 else ''} {_list(lacking)} left out: no result of "
+                       f"{WARMUP_NAMES[key]}{where} (the interaction needs all four configurations)")
+    return out
 
 
 def _warmup_text(cells: dict[tuple[str, bool], dict[int, float]]) -> str:
@@ -432,8 +582,8 @@ def _warmup_text(cells: dict[tuple[str, bool], dict[int, float]]) -> str:
 def _warmup_each_lr(results: list[Result]) -> list[Measurement]:
     groups = _warmup_runs(results)
     if not all(groups.values()):
-        return _missing("Post-LN and Pre-LN runs with and without warm-up")
-    setup = run_setup([r for rs in groups.values() for r in rs])
+        return _missing("Post-LN and Pre-LN runs with and without warm-up", _want("warmup"))
+    every = [r for rs in groups.values() for r in rs]
     lrs = sorted(set.intersection(*({r["lr"] for r in rs} for rs in groups.values())))
     out = []
     for lr in lrs:
@@ -446,34 +596,42 @@ def _warmup_each_lr(results: list[Result]) -> list[Measurement]:
         note = ("Post-LN failed on every seed with and without warm-up at this lr: the statistic would "
                 "measure Pre-LN alone") if post_always else None
         out.append(Measurement(f"@lr={lr:g}", i, f"lr {lr:g}: {_warmup_text(cells)}; what warm-up buys Post-LN "
-                               f"minus what it buys Pre-LN: {_ci_text(i, ' nats')}; failed runs: {fails}", setup,
-                               undetermined=note))
+                               f"minus what it buys Pre-LN: {_ci_text(i, ' nats')}; failed runs: {fails}",
+                               run_setup(every, i.n), tuple(_interaction_caveats(cells, f" at lr {lr:g}")),
+                               undetermined=note, used=tuple(r for r in every if r["lr"] == lr), lr=lr))
+    lonely = sorted({r["lr"] for r in every} - set(lrs))
+    if lonely and out:  # an lr some configuration lacks has no row: the rows say so
+        gaps = "; ".join(f"lr {lr:g}: no run of " + " or ".join(WARMUP_NAMES[k] for k, rs in groups.items()
+                                                                if all(r["lr"] != lr for r in rs)) for lr in lonely)
+        out = [replace(m, caveats=m.caveats + (f"no row at an lr one configuration lacks ({gaps})",)) for m in out]
     return out
 
 
 def _warmup_best(results: list[Result]) -> list[Measurement]:
     groups = _warmup_runs(results)
     if not all(groups.values()):
-        return _missing("Post-LN and Pre-LN runs with and without warm-up")
-    best = {k: best_setting(rs) for k, rs in groups.items()}
-    i = _interaction({k: b.by_seed for k, b in best.items()})
-    names = {("post", False): "Post-LN without warm-up", ("post", True): "Post-LN with warm-up",
-             ("pre", False): "Pre-LN without warm-up", ("pre", True): "Pre-LN with warm-up"}
-    detail = "; ".join(b.text(names[k]) for k, b in best.items())
-    caveats = tuple(c for k, b in best.items() for c in b.caveats(names[k]))
+        return _missing("Post-LN and Pre-LN runs with and without warm-up", _want("warmup"))
+    lrs = _lrs(*groups.values())
+    best = {k: best_setting(rs, lrs=lrs) for k, rs in groups.items()}
+    cells = {k: b.by_seed for k, b in best.items()}
+    i = _interaction(cells)
+    detail = "; ".join(b.text(WARMUP_NAMES[k]) for k, b in best.items())
+    caveats = tuple(c for k, b in best.items() for c in b.caveats(WARMUP_NAMES[k])) + tuple(
+        _interaction_caveats(cells, " at its chosen lr"))
     # as the per-lr rows: with Post-LN failed on most seeds with and without warm-up, the
     # interaction is what warm-up buys Pre-LN alone
     post_failed = all(_mostly_failed(best[("post", w)], groups[("post", w)]) for w in (False, True))
     note = ("most seeds of Post-LN failed at their chosen lr with and without warm-up: the statistic would "
             "measure Pre-LN alone") if post_failed else None
+    every = [r for rs in groups.values() for r in rs]
     return [Measurement("@best-lr", i, f"each at its own best lr: {detail}; interaction {_ci_text(i, ' nats')}",
-                        run_setup([r for rs in groups.values() for r in rs]), caveats, note)]
+                        run_setup(every, i.n), caveats, note, used=tuple(every))]
 
 
 def _preln_without_warmup(results: list[Result]) -> list[Measurement]:
     groups = _warmup_runs(results)
     if not groups[("pre", False)] or not groups[("pre", True)]:
-        return _missing("Pre-LN runs with and without warm-up")
+        return _missing("Pre-LN runs with and without warm-up", _want("warmup", placement="pre"))
     m = compare("Pre-LN without warm-up", groups[("pre", False)], "Pre-LN with warm-up", groups[("pre", True)],
                 "@best-lr")
     return [m]
@@ -494,7 +652,9 @@ def _deepnorm_beats(other: str) -> Callable[[list[Result]], list[Measurement]]:
     def measure(results: list[Result]) -> list[Measurement]:
         n, cells = _deepest(results)
         if n is None or not cells[other] or not cells["deepnorm"]:
-            return _missing(f"DeepNorm and {other} runs at the same depth")
+            wanted = (_want("depth", placement=p, n_layers=n) if n else _want("depth", placement=p)
+                      for p in (other, "deepnorm"))
+            return _missing(f"DeepNorm and {other} runs at the same depth", *wanted)
         return [compare(other, cells[other], "deepnorm", cells["deepnorm"], f"@L{n}")]
 
     return measure
@@ -503,24 +663,42 @@ def _deepnorm_beats(other: str) -> Callable[[list[Result]], list[Measurement]]:
 def _deepnorm_stability(results: list[Result]) -> list[Measurement]:
     n, cells = _deepest(results)
     if n is None or not cells["post"] or not cells["deepnorm"]:
-        return _missing("DeepNorm and Post-LN runs at the same depth")
-
-    def fails_by_seed(runs: list[Result]) -> dict[int, float]:
-        out: dict[int, float] = defaultdict(float)
-        for r in runs:
-            out[r["seed"]] += failed(r)
-        return dict(out)
-
-    i = paired_ci(fails_by_seed(cells["post"]), fails_by_seed(cells["deepnorm"]))
-    lrs = sorted({r["lr"] for r in cells["post"]})
+        wanted = (_want("depth", placement=p, n_layers=n) if n else _want("depth", placement=p)
+                  for p in ("post", "deepnorm"))
+        return _missing("DeepNorm and Post-LN runs at the same depth", *wanted)
+    # per seed, failures are counted over the settings both placements ran: a run that is
+    # missing on one side (it raised, or has not finished) would otherwise count as one
+    # that did not fail, and shift the difference
+    ran: dict[str, dict[int, dict[tuple, bool]]] = {p: defaultdict(dict) for p in ("post", "deepnorm")}
+    for p in ran:
+        for r in cells[p]:
+            ran[p][r["seed"]][_setting(r)] = failed(r)
+    names = {"post": "Post-LN", "deepnorm": "DeepNorm"}
+    units, lone = {}, defaultdict(list)  # lone: (side that lacks it, setting) -> seeds
+    for seed in sorted(set(ran["post"]) | set(ran["deepnorm"])):
+        a, b = ran["post"].get(seed, {}), ran["deepnorm"].get(seed, {})
+        shared = set(a) & set(b)
+        for st in set(a) ^ set(b):
+            lone[("post" if st not in a else "deepnorm", st)].append(seed)
+        if shared:
+            units[seed] = float(sum(a[st] for st in shared) - sum(b[st] for st in shared))
+    i = mean_ci([units[s] for s in sorted(units)])
+    caveats = [f"{names[side]} has no run at {_setting_text(st)} for seed{'s' if len(seeds) > 1 else ''} "
+               f"{_list(seeds)}: {names['deepnorm' if side == 'post' else 'post']}'s runs there are left out of the "
+               f"count too" for (side, st), seeds in sorted(lone.items(), key=lambda kv: (kv[0][1][0], kv[0][0]))]
+    every = sorted({s for p in ran for s in ran[p]})
+    caveats += _left_out("Post-LN - DeepNorm", set(every) - set(units), "no setting that both placements ran")
+    lrs = sorted({r["lr"] for r in cells["post"] + cells["deepnorm"]})
     counts = {p: f"{sum(failed(r) for r in rs)}/{len(rs)}" for p, rs in cells.items() if rs}
     stable = {p: best_setting(rs).largest_stable_lr for p, rs in cells.items() if rs}
     detail = (f"{n} layers, lrs {_list(f'{x:g}' for x in lrs)}: failed runs " + ", ".join(f"{p} {c}" for p, c in counts.items())
               + "; largest stable lr " + ", ".join(f"{p} {'none' if s is None else f'{s:g}'}" for p, s in stable.items())
-              + f"; Post-LN minus DeepNorm failures per seed {_ci_text(i)}")
+              + f"; Post-LN minus DeepNorm failures per seed, over the settings both ran {_ci_text(i)}")
     if i.n and i.estimate == 0 and i.lo == i.hi == 0:
         detail += " (no failures at these settings: stability is not tested here)"
-    return [Measurement(f"@L{n}", i, detail, run_setup(cells["post"] + cells["deepnorm"]))]
+    note = None if units else "no seed has a setting that both Post-LN and DeepNorm ran"
+    return [Measurement(f"@L{n}", i, detail, run_setup(cells["post"] + cells["deepnorm"], i.n), tuple(caveats),
+                        note, used=tuple(cells["post"] + cells["deepnorm"]))]
 
 
 # ------------------------------------------------------------------ norms
@@ -535,7 +713,7 @@ def _norm_difference(a: str, b: str) -> Callable[[list[Result]], list[Measuremen
     def measure(results: list[Result]) -> list[Measurement]:
         ra, rb = _norm_runs(results, a), _norm_runs(results, b)
         if not ra or not rb:
-            return _missing(f"{a} and {b} runs")
+            return _missing(f"{a} and {b} runs", _want("norms", norm=a), _want("norms", norm=b))
         return [compare(a, ra, b, rb)]
 
     return measure
@@ -548,7 +726,7 @@ def _negated(measure: Callable[[list[Result]], list[Measurement]]) -> Callable[[
             i = m.interval
             out.append(Measurement(m.suffix, Interval(-i.estimate, -i.hi, -i.lo, i.n),
                                    m.detail + " (statistic: the negative, so > 0 favours the claim)", m.setup,
-                                   m.caveats, m.undetermined))
+                                   m.caveats, m.undetermined, m.used, m.lr, m.wanted))
         return out
 
     return flipped
@@ -558,7 +736,8 @@ def _rmsnorm_speed(results: list[Result]) -> list[Measurement]:
     runs = [r for r in runs_of(results, "norms") if r.get("kind") == "speed" and r.get("speed_ratios")
             and r["norm"] == "rmsnorm" and r.get("speed_against", {}).get("norm") == "layernorm"]
     if not runs:
-        return _missing("a side-by-side speed run (normlab study measures one per norms study)")
+        return _missing("a side-by-side speed run (normlab study measures one per norms study)",
+                        _want("norms", kind="speed"))
     r = runs[0]
     i = mean_ci([math.log(x) for x in r["speed_ratios"]])
     return [Measurement("", i, f"training step, RMSNorm vs LayerNorm models timed side by side in "
@@ -566,7 +745,7 @@ def _rmsnorm_speed(results: list[Result]) -> list[Measurement]:
                         f"{r['tokens_per_s']:,.0f} vs {r['baseline_tokens_per_s']:,.0f} tokens/s (medians); "
                         f"ln(speed ratio) {_ci_text(i)} = x{math.exp(i.estimate):.3f}",
                         f"here: {r.get('n_params', 0) / 1e3:.0f}k-parameter model, {r.get('n_layers')} layers, "
-                        f"d_model {r.get('d_model')}, the default backend on this device")]
+                        f"d_model {r.get('d_model')}, the default backend on this device", used=(r,))]
 
 
 # ------------------------------------------------------------------ mechanisms
@@ -574,14 +753,21 @@ def _rmsnorm_speed(results: list[Result]) -> list[Measurement]:
 INIT_DEPTH_MIN = 6  # the depths Xiong et al.'s Theorem 1 is checked over start here (as the issue's 6-48)
 
 
-def _last_grad_by_depth(results: list[Result], placement: str) -> dict[int, dict[int, float]]:
-    """seed -> {depth: ln(last-layer |grad W2|)} from the probes at init of both studies."""
+def _last_grad_by_depth(results: list[Result], placement: str
+                        ) -> tuple[dict[int, dict[int, float]], list[Result], list[tuple[int, int]]]:
+    """seed -> {depth: ln(last-layer |grad W2|)} from the probes at init of both studies;
+    the probes read, and the (seed, depth) of those left out (no finite, positive profile)."""
     out: dict[int, dict[int, float]] = defaultdict(dict)
-    for r in runs_of(results, "grad-at-init", placement=placement) + runs_of(results, "init-depth", placement=placement):
+    runs = [r for r in runs_of(results, "grad-at-init", placement=placement)
+            + runs_of(results, "init-depth", placement=placement) if r["n_layers"] >= INIT_DEPTH_MIN]
+    bad = []
+    for r in runs:
         w2 = r.get("grad_norms_by_layer", {}).get("ffn_w2")
-        if _positive(w2) and r["n_layers"] >= INIT_DEPTH_MIN:
+        if _positive(w2):
             out[r["seed"]][r["n_layers"]] = math.log(w2[-1])
-    return out
+        else:
+            bad.append((r["seed"], r["n_layers"]))
+    return out, runs, bad
 
 
 def _depth_slopes(by_seed: dict[int, dict[int, float]], x: Callable[[int], float]) -> dict[int, float]:
@@ -589,40 +775,62 @@ def _depth_slopes(by_seed: dict[int, dict[int, float]], x: Callable[[int], float
     return {s: slope([x(n) for n in sorted(c)], [c[n] for n in sorted(c)]) for s, c in by_seed.items() if len(c) >= 2}
 
 
+def _depth_caveats(name: str, runs: list[Result], bad: list[tuple[int, int]], slopes: dict[int, float],
+                   what: str) -> list[str]:
+    """What a fit over depths left out: values that are not finite and positive (named by
+    seed and depth; those seeds' slopes are fitted over their other depths), and seeds
+    left with fewer than two depths."""
+    out = []
+    if bad:
+        out.append(f"{name}: {what} of {_at(bad)} is not finite and positive: left out, and those seeds' slopes "
+                   "are fitted over their other depths")
+    out += _left_out(name, {r["seed"] for r in runs} - set(slopes), "fewer than two depths with a usable value")
+    return out
+
+
 def _init_depth(placement: str, theory: float) -> Callable[[list[Result]], list[Measurement]]:
     """Per seed: slope of ln(last-layer |grad W2|) against ln L; the statistic is slope - theory."""
 
     def measure(results: list[Result]) -> list[Measurement]:
-        by_seed = _last_grad_by_depth(results, placement)
+        by_seed, every, bad = _last_grad_by_depth(results, placement)
         slopes = _depth_slopes(by_seed, math.log)
         if not slopes:
-            return _missing(f"{placement} probes at two or more depths of at least {INIT_DEPTH_MIN} layers")
+            return _missing(f"{placement} probes at two or more depths of at least {INIT_DEPTH_MIN} layers",
+                            _want("grad-at-init", placement=placement), _want("init-depth", placement=placement))
         i = mean_ci(list(slopes.values()))
         shifted = Interval(i.estimate - theory, i.lo - theory, i.hi - theory, i.n)
         depths = sorted({n for c in by_seed.values() for n in c})
-        runs = [r for r in runs_of(results, "grad-at-init", placement=placement)
-                + runs_of(results, "init-depth", placement=placement) if r["n_layers"] in depths]
+        runs = [r for r in every if r["n_layers"] in depths]
         means = {n: math.exp(_mean(c[n] for c in by_seed.values() if n in c)) for n in depths}
         return [Measurement("", shifted,
                             f"last-layer |grad W2| at {_list(depths)} layers: "
                             f"{_list(f'{means[n]:.3g}' for n in depths)} (geometric mean over seeds); exponent of L: "
                             f"{_ci_text(i)}; statistic exponent - ({theory:g}) = {_ci_text(shifted)}",
-                            run_setup(runs))]
+                            run_setup(runs, i.n),
+                            tuple(_depth_caveats(PLACEMENT_NAMES.get(placement, placement), every, bad, slopes,
+                                                 "the last layer's W2 gradient")), used=tuple(every))]
 
     return measure
 
 
-def _update_by_depth(results: list[Result], placement: str) -> dict[int, dict[int, float]]:
-    """seed -> {depth: ln of the output change after one Adam update}."""
+def _update_by_depth(results: list[Result], placement: str
+                     ) -> tuple[dict[int, dict[int, float]], list[Result], list[tuple[int, int]]]:
+    """seed -> {depth: ln of the output change after one Adam update}; the runs read, and
+    the (seed, depth) of those whose change is missing, not finite or not > 0 (a blown-up
+    probe: the most amplified, which the caveat must name)."""
     out: dict[int, dict[int, float]] = defaultdict(dict)
-    for r in runs_of(results, "amplification", placement=placement):
+    runs = runs_of(results, "amplification", placement=placement)
+    bad = []
+    for r in runs:
         v = r.get("output_change_sq")
         if v is not None and math.isfinite(v) and v > 0:
             out[r["seed"]][r["n_layers"]] = math.log(v)
-    return out
+        else:
+            bad.append((r["seed"], r["n_layers"]))
+    return out, runs, bad
 
 
-def _update_setup(results: list[Result]) -> str:
+def _update_setup(results: list[Result], judged: int | None = None, paired: bool = False) -> str:
     runs = runs_of(results, "amplification")
     if not runs:
         return ""
@@ -630,7 +838,10 @@ def _update_setup(results: list[Result]) -> str:
     return (f"here: byte-level LM at initialization, d_model {r0.get('d_model')}, "
             f"{_list(sorted({r['n_layers'] for r in runs}))} layers, one Adam step at lr {r0['lr']:g} on "
             f"{r0.get('config', {}).get('probe_batches', '?')} batches, output change on one fixed validation "
-            f"batch, {len({r['seed'] for r in runs})} seeds")
+            f"batch, {_seeds_text(len({r['seed'] for r in runs}), judged, 'paired seeds' if paired else 'seeds')}")
+
+
+CHANGE = "the output change"
 
 
 def _update_exponent(placement: str, x: Callable[[int], float], theory: float, x_text: str
@@ -638,10 +849,11 @@ def _update_exponent(placement: str, x: Callable[[int], float], theory: float, x
     """Per seed: slope of ln ||dF||^2 against x(N); the statistic is slope - theory."""
 
     def measure(results: list[Result]) -> list[Measurement]:
-        by_seed = _update_by_depth(results, placement)
+        by_seed, every, bad = _update_by_depth(results, placement)
         slopes = _depth_slopes(by_seed, x)
         if not slopes:
-            return _missing(f"{placement} update probes at two or more depths")
+            return _missing(f"{placement} update probes at two or more depths",
+                            _want("amplification", placement=placement))
         i = mean_ci(list(slopes.values()))
         shifted = Interval(i.estimate - theory, i.lo - theory, i.hi - theory, i.n)
         depths = sorted({n for c in by_seed.values() for n in c})
@@ -650,21 +862,27 @@ def _update_exponent(placement: str, x: Callable[[int], float], theory: float, x
                             f"{placement}: output change ||dF||^2 per coordinate at {_list(depths)} layers: "
                             f"{_list(f'{means[n]:.3g}' for n in depths)} (geometric mean over seeds); slope of "
                             f"ln ||dF||^2 against {x_text}: {_ci_text(i)}; statistic slope - {theory:g} = "
-                            f"{_ci_text(shifted)}", _update_setup(results))]
+                            f"{_ci_text(shifted)}", _update_setup(results, i.n),
+                            tuple(_depth_caveats(placement, every, bad, slopes, CHANGE)), used=tuple(every))]
 
     return measure
 
 
 def _update_growth_gap(results: list[Result]) -> list[Measurement]:
     """Per seed: slope(Post-LN) - slope(Pre-LN) of ln ||dF||^2 against ln N."""
-    post = _depth_slopes(_update_by_depth(results, "post"), math.log)
-    pre = _depth_slopes(_update_by_depth(results, "pre"), math.log)
+    (post_by, post_runs, post_bad), (pre_by, pre_runs, pre_bad) = (_update_by_depth(results, p)
+                                                                   for p in ("post", "pre"))
+    post, pre = _depth_slopes(post_by, math.log), _depth_slopes(pre_by, math.log)
     if not post or not pre:
-        return _missing("Post-LN and Pre-LN update probes at two or more depths")
+        return _missing("Post-LN and Pre-LN update probes at two or more depths",
+                        _want("amplification", placement="post"), _want("amplification", placement="pre"))
     i = paired_ci(post, pre)
+    caveats = (_depth_caveats("Post-LN", post_runs, post_bad, post, CHANGE)
+               + _depth_caveats("Pre-LN", pre_runs, pre_bad, pre, CHANGE)
+               + _pairing_caveats("Post-LN", post, "Pre-LN", pre))
     return [Measurement("", i, f"exponent of N in ||dF||^2, Post-LN - Pre-LN, paired by seed: {_ci_text(i)} "
                         f"(Post-LN {_mean(post.values()):.2f}, Pre-LN {_mean(pre.values()):.2f})",
-                        _update_setup(results))]
+                        _update_setup(results, i.n, paired=True), tuple(caveats), used=tuple(post_runs + pre_runs))]
 
 
 def _last_block(r: Result, stat: str, when: str) -> float | None:
@@ -704,11 +922,12 @@ def _activation_growth(placement: str, stat: str) -> Callable[[list[Result]], li
         growth = {r["seed"]: _last_block(r, stat, "final") - _last_block(r, stat, "init") for r in runs
                   if _last_block(r, stat, "final") is not None and _last_block(r, stat, "init") is not None}
         if not growth:
-            return _missing(f"{placement} training runs with activation statistics")
+            return _missing(f"{placement} training runs with activation statistics",
+                            _want("activations", placement=placement))
         i = mean_ci(list(growth.values()))
         return [Measurement("", i, f"{placement}: ln({stat} of the last block's residual at the last diagnostics "
-                            f"step / at step 0): {_ci_text(i)} (x{math.exp(i.estimate):.2f})", run_setup(runs),
-                            tuple(_activation_caveats(runs, growth, placement)))]
+                            f"step / at step 0): {_ci_text(i)} (x{math.exp(i.estimate):.2f})", run_setup(runs, i.n),
+                            tuple(_activation_caveats(runs, growth, placement)), used=tuple(runs))]
 
     return measure
 
@@ -722,7 +941,8 @@ def _activation_gap(stat: str) -> Callable[[list[Result]], list[Measurement]]:
         pre = {k: v for k, v in pre.items() if v is not None}
         peri = {k: v for k, v in peri.items() if v is not None}
         if not pre or not peri:
-            return _missing("Pre-LN and Peri-LN training runs with activation statistics")
+            return _missing("Pre-LN and Peri-LN training runs with activation statistics",
+                            _want("activations", placement="pre"), _want("activations", placement="peri"))
         i = paired_ci(pre, peri)
         runs = _activation_runs(results, "pre") + _activation_runs(results, "peri")
         caveats = (_activation_caveats(_activation_runs(results, "pre"), pre, "Pre-LN")
@@ -731,7 +951,7 @@ def _activation_gap(stat: str) -> Callable[[list[Result]], list[Measurement]]:
         return [Measurement("", i, f"ln({stat} of the last block's residual) Pre-LN - Peri-LN after training, "
                             f"paired by seed: {_ci_text(i)} (Pre-LN x{math.exp(i.estimate):.2f} Peri-LN's; Pre-LN "
                             f"{math.exp(_mean(pre.values())):.3g}, Peri-LN {math.exp(_mean(peri.values())):.3g})",
-                            run_setup(runs), tuple(caveats))]
+                            run_setup(runs, i.n), tuple(caveats), used=tuple(runs))]
 
     return measure
 
@@ -742,30 +962,50 @@ GNS_COVERAGE = ("normlab's per-example gradients cover LayerNorm and RMSNorm (to
                 "with those norms get no norm-layer estimate")
 
 
+def _gns_estimate(r: Result) -> bool:
+    """Both noise scales recorded and > 0: a run records one only where its |G|^2
+    estimate, summed over the diagnostics steps, came out positive (the unbiased estimate
+    from two batch sizes can be negative when the noise swamps the signal)."""
+    return all(isinstance(r.get(k), (int, float)) and math.isfinite(r[k]) and r[k] > 0
+               for k in ("gns_norms", "gns_total"))
+
+
 def _gns_ratio(results: list[Result]) -> list[Measurement]:
     """Per configuration and seed: ln(B_simple from the norm layers / from every parameter)."""
     trained = [r for r in runs_of(results, "gns") if r.get("kind") == "train"]
     runs = [r for r in trained if not failed(r)]
+    if not runs:
+        if trained:
+            return _missing(f"gns training runs with both estimates that learned: {_failed_text(trained)}. "
+                            f"{GNS_COVERAGE}", _want("gns"))
+        return _missing(f"gns training runs with both estimates. {GNS_COVERAGE}", _want("gns"))
     rows = []
-    for norm in sorted({r["norm"] for r in runs}):
-        ratios = {r["seed"]: math.log(r["gns_norms"] / r["gns_total"]) for r in runs
-                  if r["norm"] == norm and (r.get("gns_norms") or 0) > 0 and (r.get("gns_total") or 0) > 0}
-        if not ratios:
-            continue
-        i = mean_ci(list(ratios.values()))
+    for norm in sorted({r["norm"] for r in trained}):
+        every = [r for r in trained if r["norm"] == norm]
         mine = [r for r in runs if r["norm"] == norm]
-        dropped = [r for r in trained if r["norm"] == norm and failed(r)]
-        caveats = (f"{len(dropped)} of {len(dropped) + len(mine)} {norm} runs left out as failed: "
-                   f"{_failed_text(dropped)} (a noise scale of a model that did not learn measures nothing)",
-                   ) if dropped else ()
+        usable = [r for r in mine if _gns_estimate(r)]
+        ratios = {r["seed"]: math.log(r["gns_norms"] / r["gns_total"]) for r in usable}
+        i = mean_ci([ratios[s] for s in sorted(ratios)])
+        dropped = [r for r in every if failed(r)]
+        caveats = [f"{len(dropped)} of {len(every)} {norm} runs left out as failed: {_failed_text(dropped)} (a noise "
+                   "scale of a model that did not learn measures nothing)"] if dropped else []
+        blank = sorted(r["name"] for r in mine if not _gns_estimate(r))
+        if blank:
+            caveats.append(f"{len(blank)} of {len(every)} {norm} runs left out with no estimate of one of the noise "
+                           f"scales (the run's |G|^2 estimate, summed over the diagnostics steps, was not positive): "
+                           f"{', '.join(blank)}")
+        if not usable:
+            why = (f"no {norm} run that learned has both noise-scale estimates" if mine
+                   else f"every {norm} run failed: {_failed_text(every)}")
+            rows.append(Measurement(f"@{norm}", i, f"{norm}: no estimate to compare. {GNS_COVERAGE}.",
+                                    run_setup(every, 0), tuple(caveats), why, used=tuple(every)))
+            continue
         rows.append(Measurement(
-            f"@{norm}", i, f"{norm}: B_simple from the norm layers {_mean(r['gns_norms'] for r in mine):.3g}, from "
-            f"every parameter {_mean(r['gns_total'] for r in mine):.3g} (means over seeds); ln(norms / total): "
-            f"{_ci_text(i)} (x{math.exp(i.estimate):.2f}). {GNS_COVERAGE}.", run_setup(mine), caveats))
-    if not rows and len(runs) < len(trained):
-        return _missing(f"gns training runs with both estimates that learned: {_failed_text(trained)}. "
-                        f"{GNS_COVERAGE}")
-    return rows or _missing(f"gns training runs with both estimates. {GNS_COVERAGE}")
+            f"@{norm}", i, f"{norm}: B_simple from the norm layers {_mean(r['gns_norms'] for r in usable):.3g}, "
+            f"from every parameter {_mean(r['gns_total'] for r in usable):.3g} (means over seeds); ln(norms / "
+            f"total): {_ci_text(i)} (x{math.exp(i.estimate):.2f}). {GNS_COVERAGE}.", run_setup(every, i.n),
+            tuple(caveats), used=tuple(every)))
+    return rows
 
 
 def _failed_text(runs: list[Result]) -> str:
@@ -791,6 +1031,9 @@ def judged_error(r: Result, half: str = "test") -> float:
     return 1.0 - chance if value is None or not math.isfinite(value) else 1.0 - value
 
 
+ERROR_METRIC = "mean test accuracy error"  # what judged_error gives, for Best.metric
+
+
 def _majority_runs(results: list[Result], norm: str) -> list[Result]:
     return [r for r in runs_of(results, "expressivity", norm=norm, task="majority") if r.get("kind") == "train"]
 
@@ -800,7 +1043,7 @@ def _keys_runs(results: list[Result], norm: str) -> list[Result]:
     return [r for r in runs_of(results, "expressivity", norm=norm, task="lm") if r.get("unselectable_by_layer")]
 
 
-def _majority_setup(runs: list[Result]) -> str:
+def _majority_setup(runs: list[Result], judged: int | None = None) -> str:
     if not runs:
         return ""
     r0 = runs[0]
@@ -811,7 +1054,7 @@ def _majority_setup(runs: list[Result]) -> str:
             f"{cfg.get('n_heads', '?')} head(s), FFN {cfg.get('d_ff', '?')}, no positions, the same norm before "
             f"attention, before the FFN and at the end, {r0['steps']} steps x {cfg.get('batch_size', '?')} "
             f"sequences, lr swept over {_list(f'{x:g}' for x in sorted({r['lr'] for r in runs}))}, "
-            f"{len({r['seed'] for r in runs})} paired seeds")
+            f"{_seeds_text(len({r['seed'] for r in runs}), judged, 'paired seeds')}")
 
 
 def _majority_gap(other: str) -> Callable[[list[Result]], list[Measurement]]:
@@ -821,11 +1064,13 @@ def _majority_gap(other: str) -> Callable[[list[Result]], list[Measurement]]:
     def measure(results: list[Result]) -> list[Measurement]:
         ln, ot = _majority_runs(results, "layernorm"), _majority_runs(results, other)
         if not ln or not ot:
-            return _missing(f"majority runs with LayerNorm and {other}")
-        bl = best_setting(ln, judged_error, "mean test accuracy error")
-        bo = best_setting(ot, judged_error, "mean test accuracy error")
-        m = compare_best(other, bo, ot, "LayerNorm", bl, ln, "", _majority_setup(ln + ot), statistic="error",
-                         unit="", floor="chance")
+            return _missing(f"majority runs with LayerNorm and {other}",
+                            *(_want("expressivity", norm=n, task="majority") for n in ("layernorm", other)))
+        lrs = _lrs(ln, ot)
+        bl = best_setting(ln, judged_error, ERROR_METRIC, lrs)
+        bo = best_setting(ot, judged_error, ERROR_METRIC, lrs)
+        m = compare_best(other, bo, ot, "LayerNorm", bl, ln, "", lambda n: _majority_setup(ln + ot, n),
+                         statistic="error", unit="", floor="chance")
         final = {n: _mean(r["final_val_accuracy"] for r in rs if r["lr"] == b.setting[0]
                           and math.isfinite(r.get("final_val_accuracy", math.nan)))
                  for n, b, rs in (("layernorm", bl, ln), (other, bo, ot))}
@@ -850,19 +1095,25 @@ def _unselectable_mean(r: Result) -> float | None:
 
 def _unselectable_gap(results: list[Result]) -> list[Measurement]:
     """fraction of unselectable attention inputs without a norm - with LayerNorm, paired by seed."""
-    none = {r["seed"]: _unselectable_mean(r) for r in _keys_runs(results, "none")}
-    ln = {r["seed"]: _unselectable_mean(r) for r in _keys_runs(results, "layernorm")}
-    none, ln = {k: v for k, v in none.items() if v is not None}, {k: v for k, v in ln.items() if v is not None}
+    every = {n: _keys_runs(results, n) for n in ("none", "layernorm")}
+    values = {n: {r["seed"]: _unselectable_mean(r) for r in rs} for n, rs in every.items()}
+    none, ln = ({k: v for k, v in values[n].items() if v is not None} for n in ("none", "layernorm"))
     if not none or not ln:
-        return _missing("LM runs with and without LayerNorm that tested their attention inputs")
+        return _missing("LM runs with and without LayerNorm that tested their attention inputs",
+                        *(_want("expressivity", norm=n, task="lm") for n in ("none", "layernorm")))
     i = paired_ci(none, ln)
-    runs = _keys_runs(results, "none") + _keys_runs(results, "layernorm")
+    runs = every["none"] + every["layernorm"]
     undetermined = max((max(r.get("undetermined_by_layer") or [0.0]) for r in runs), default=0.0)
-    by_layer = [_mean(v) for v in zip(*(r["unselectable_by_layer"] for r in _keys_runs(results, "none")))]
+    by_layer = [_mean(v) for v in zip(*(r["unselectable_by_layer"] for r in every["none"]
+                                        if _unselectable_mean(r) is not None))]
+    caveats = [c for n, name in (("none", "no norm"), ("layernorm", "LayerNorm"))
+               for c in _left_out(name, (s for s, v in values[n].items() if v is None),
+                                  "diverged (or no finite loss): its attention inputs are not measured")]
+    caveats += _pairing_caveats("no norm", none, "LayerNorm", ln)
     return [Measurement("", i, f"unselectable attention inputs: no norm {_mean(none.values()):.3f} (by layer "
                         f"{', '.join(f'{v:.3f}' for v in by_layer)}), LayerNorm {_mean(ln.values()):.3f} (means over "
                         f"seeds); difference {_ci_text(i)}; at most {undetermined:.3f} of any layer's vectors were "
-                        f"left undetermined", run_setup(runs))]
+                        f"left undetermined", run_setup(runs, i.n), tuple(caveats), used=tuple(runs))]
 
 
 def _scaled_keys(results: list[Result]) -> list[Measurement]:
@@ -875,8 +1126,9 @@ def _scaled_keys(results: list[Result]) -> list[Measurement]:
                                     f"{norm}: the largest fraction of unselectable attention inputs over "
                                     f"{len(values)} runs: {max(values):.4f} (scaling puts the norm's outputs on an "
                                     f"ellipsoid, whose points are all vertices: 0 up to the test's tolerance)",
-                                    run_setup(_keys_runs(results, norm))))
-    return rows or _missing("LM runs with LayerNorm or RMSNorm that tested their attention inputs")
+                                    run_setup(_keys_runs(results, norm)), used=tuple(_keys_runs(results, norm))))
+    return rows or _missing("LM runs with LayerNorm or RMSNorm that tested their attention inputs",
+                            *(_want("expressivity", norm=n, task="lm") for n in ("layernorm", "rmsnorm")))
 
 
 def _qk_runs(results: list[Result], group: str) -> list[Result]:
@@ -889,50 +1141,87 @@ def _qk_logits(results: list[Result]) -> list[Measurement]:
     plain, qk = _qk_runs(results, "no qk-norm"), _qk_runs(results, "qk-norm")
     lrs = sorted({r["lr"] for r in plain} & {r["lr"] for r in qk})
     if not lrs:
-        return _missing("qk-norm runs with and without QK-norm at a shared lr")
+        return _missing("qk-norm runs with and without QK-norm at a shared lr",
+                        *(_want("qk-norm", group=g) for g in ("no qk-norm", "qk-norm")))
 
     def logs(runs: list[Result], lr: float) -> dict[int, float]:
         return {r["seed"]: math.log(r["attention_logit_max"]) for r in runs
-                if r["lr"] == lr and (r.get("attention_logit_max") or 0) > 0}
+                if r["lr"] == lr and _recorded(r.get("attention_logit_max"))}
 
     profile = "; ".join(f"lr {lr:g}: {math.exp(_mean(logs(plain, lr).values())):.3g} vs "
                         f"{math.exp(_mean(logs(qk, lr).values())):.3g}" for lr in lrs
                         if logs(plain, lr) and logs(qk, lr))
     top = lrs[-1]
-    i = paired_ci(logs(plain, top), logs(qk, top))
+    a, b = logs(plain, top), logs(qk, top)
+    i = paired_ci(a, b)
     failures = {g: sum(failed(r) for r in rs if r["lr"] == top) for g, rs in (("without", plain), ("with", qk))}
+    caveats = [c for name, rs, kept in (("no QK-norm", plain, a), ("QK-norm", qk, b))
+               for c in _left_out(name, {r["seed"] for r in rs if r["lr"] == top} - set(kept),
+                                  f"no attention logit recorded at lr {top:g}")]
+    caveats += _pairing_caveats("no QK-norm", a, "QK-norm", b)
+    used = tuple(r for r in plain + qk if r["lr"] == top)
     return [Measurement(f"@lr={top:g}", i, f"largest attention logit over training (geometric means over seeds), "
                         f"without vs with QK-norm: {profile}; at lr {top:g} ln(without / with) = {_ci_text(i)} "
                         f"(x{math.exp(i.estimate):.2f}); failed runs at lr {top:g}: {failures['without']} without, "
                         f"{failures['with']} with (their logits up to the last diagnostics step count)",
-                        run_setup(plain + qk))]
+                        run_setup(plain + qk, i.n), tuple(caveats), used=used, lr=top)]
 
 
-def _lr_sensitivity(runs: list[Result]) -> dict[int, float]:
-    """Per seed: the mean over the sweep of L(lr) - min over the sweep of L, each loss
-    counted at most at the unigram baseline (a failed run counts there) (Wortsman et
-    al.'s E_lr[min(L(lr), L0) - L*], with the baseline as the cap)."""
-    by_seed: dict[int, list[float]] = defaultdict(list)
-    for r in runs:
-        by_seed[r["seed"]].append(judged_loss(r))
-    return {s: _mean(ls) - min(ls) for s, ls in by_seed.items()}
+def _recorded(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
+def _sensitivity(losses: list[float]) -> float:
+    """The mean over the sweep of L(lr) - the best L of the sweep (Wortsman et al.'s
+    E_lr[min(L(lr), L0) - L*], each loss already capped at the unigram baseline: a failed
+    run counts there)."""
+    return _mean(losses) - min(losses)
 
 
 def _qk_sensitivity(results: list[Result]) -> list[Measurement]:
     plain, qk = _qk_runs(results, "no qk-norm"), _qk_runs(results, "qk-norm")
     if not plain or not qk:
-        return _missing("qk-norm runs with and without QK-norm")
-    a, b = _lr_sensitivity(plain), _lr_sensitivity(qk)
+        return _missing("qk-norm runs with and without QK-norm",
+                        *(_want("qk-norm", group=g) for g in ("no qk-norm", "qk-norm")))
+    # per seed, over the lrs both sides ran: a mean over two different sweeps (one side's
+    # worst lr missing, because it raised or has not finished) would compare unlike things
+    loss: dict[str, dict[int, dict[float, float]]] = {"without": defaultdict(dict), "with": defaultdict(dict)}
+    for side, rs in (("without", plain), ("with", qk)):
+        for r in rs:
+            loss[side][r["seed"]][r["lr"]] = judged_loss(r)
+    sweep = sorted({r["lr"] for r in plain + qk})
+    a, b, short = {}, {}, []
+    lone: dict[tuple[float, str], list[int]] = defaultdict(list)  # (lr, the side without it) -> seeds
+    for seed in sorted(set(loss["without"]) | set(loss["with"])):
+        x, y = loss["without"].get(seed, {}), loss["with"].get(seed, {})
+        shared = sorted(set(x) & set(y))
+        for lr in sweep:
+            if lr not in shared:
+                lone[(lr, "without" if lr not in x else "with")].append(seed)
+        if len(shared) < 2:
+            short.append(seed)
+            continue
+        a[seed], b[seed] = _sensitivity([x[lr] for lr in shared]), _sensitivity([y[lr] for lr in shared])
     i = paired_ci(a, b)
-    return [Measurement("", i, f"lr sensitivity over {len({r['lr'] for r in plain})} lrs: without QK-norm "
+    caveats = [f"lr {lr:g} left out for seed{'s' if len(seeds) > 1 else ''} {_list(seeds)}: no run {side} "
+               f"QK-norm there; the sensitivity of {'those seeds' if len(seeds) > 1 else 'that seed'} is over the "
+               "lrs both sides ran, a narrower sweep than planned" for (lr, side), seeds in sorted(lone.items())]
+    caveats += _left_out("without - with QK-norm", short, "fewer than two lrs that both sides ran")
+    n_lrs = sorted({len(set(loss["without"][s]) & set(loss["with"][s])) for s in a})
+    over = (f"{len(sweep)} lrs" if n_lrs == [len(sweep)]
+            else f"the lrs both sides ran ({_list(n_lrs)} of the sweep's {len(sweep)}, by seed)")
+    note = None if a else "no seed has two lrs that both sides ran"
+    return [Measurement("", i, f"lr sensitivity over {over}: without QK-norm "
                         f"{_mean(a.values()):.3f}, with {_mean(b.values()):.3f} nats; without - with = "
-                        f"{_ci_text(i, ' nats')}", run_setup(plain + qk))]
+                        f"{_ci_text(i, ' nats')}", run_setup(plain + qk, i.n), tuple(caveats), note,
+                        used=tuple(plain + qk))]
 
 
 def _qk_best(results: list[Result]) -> list[Measurement]:
     plain, qk = _qk_runs(results, "no qk-norm"), _qk_runs(results, "qk-norm")
     if not plain or not qk:
-        return _missing("qk-norm runs with and without QK-norm")
+        return _missing("qk-norm runs with and without QK-norm",
+                        *(_want("qk-norm", group=g) for g in ("no qk-norm", "qk-norm")))
     return [compare("QK-norm", qk, "no QK-norm", plain)]
 
 
@@ -1204,25 +1493,98 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in [
 ]}
 
 
-def judge(claim: Claim, results: list[Result], margin: Margin | None = None) -> list[dict[str, Any]]:
+def _cell(r: Result) -> str:
+    """A run's configuration apart from its seed and its setting (lr, alpha0): the cell a
+    planned run would have filled."""
+    tags = {k: v for k, v in r.get("tags", {}).items() if k not in ("lr", "alpha0")}
+    return json.dumps([r.get(k) for k in ("kind", "task", "placement", "norm", "n_layers", "d_model", "warmup_steps")]
+                      + [tags], sort_keys=True, default=str)
+
+
+def _missing_caveats(m: Measurement, missing: list[Result]) -> list[str]:
+    """The planned runs that left no result and that ``m`` would have read: those of the
+    configurations it read (at its lr, for a row judged at one), or of the selections a
+    row with nothing to read needed."""
+    if not missing:
+        return []
+    cells = {_cell(r) for r in m.used}
+    hit = [r for r in missing
+           if (_cell(r) in cells and (m.lr is None or r["lr"] == m.lr))
+           or any(runs_of([r], study, **dict(match)) for study, match in m.wanted)]
+    if not hit:
+        return []
+    planned = {r["seed"] for r in m.used} | {r["seed"] for r in hit}
+    lacking = {r["seed"] for r in hit}
+    by_why: dict[str, list[str]] = defaultdict(list)
+    for r in hit:
+        by_why[r["missing"]].append(r["name"])
+    names = "; ".join(f"{why}: {', '.join(sorted(ns))}" for why, ns in sorted(by_why.items()))
+    return [f"{len(lacking)} of {len(planned)} planned seeds lack a run this row reads ({names})"]
+
+
+def _equal_units_caveat(i: Interval, unit: str) -> str:
+    """Why a row of equal units is judged as it is (``stats.verdict``'s rule)."""
+    head = f"every {unit} gave the same value ({i.estimate:+g}): the t-interval has no width"
+    if i.n < SIGN_TEST_MIN_N:
+        return (f"{head}, and the sign test's distribution-free interval for the median reaches 95% only from "
+                f"{SIGN_TEST_MIN_N} {unit}s (over {i.n}, at most {sign_test_coverage(i.n):.1%}): inconclusive")
+    return (f"{head}; judged by the sign test's 95% interval for the median, [{i.estimate:+g}, {i.estimate:+g}] "
+            f"(coverage {sign_test_coverage(i.n):.1%} over {i.n} {unit}s)")
+
+
+def missing_runs(specs: Iterable[RunSpec], finished: Iterable[str], raised: Iterable[str] = ()) -> list[Result]:
+    """The planned runs (``specs``) that left no result, as records for ``judge_all``: the
+    fields claims select runs by (name, kind, task, placement, norm, layers, width, lr,
+    warm-up, seed, tags) and ``missing``: "raised" for those in ``raised``, else "not
+    finished". A judged row names those it would have read, so a seed that is missing
+    shows as missing, not as a smaller n."""
+    specs = list(specs)
+    planned = {spec.name for spec in specs}
+    finished, raised = set(finished), set(raised)
+    for name in sorted((finished | raised) - planned):
+        raise ValueError(f"missing_runs: not a planned run: {name!r}")
+    out = []
+    for spec in specs:
+        if spec.name in finished:
+            continue
+        try:
+            from normlab.studies.train import model_config
+
+            cfg = model_config(spec)
+            model = {"placement": cfg.placement, "norm": cfg.norm, "n_layers": cfg.n_layers, "d_model": cfg.d_model}
+        except (TypeError, ValueError):  # settings the model refuses (what the run raised for): as written
+            model = {k: spec.model.get(k) for k in ("placement", "norm", "n_layers", "d_model")}
+        out.append({"name": spec.name, "kind": spec.kind, "task": spec.task, **model, "lr": spec.lr,
+                    "warmup_steps": spec.warmup_steps, "seed": spec.seed, "steps": spec.steps,
+                    "tags": spec.tags, "missing": "raised" if spec.name in raised else "not finished"})
+    return out
+
+
+def judge(claim: Claim, results: list[Result], margin: Margin | None = None,
+          missing: Iterable[Result] = ()) -> list[dict[str, Any]]:
     """The claims.json rows of ``claim`` on ``results``, judged against ``margin``
-    (default: the claim's own)."""
+    (default: the claim's own); ``missing``: the planned runs that left no result
+    (``missing_runs``), named in the rows that would have read them."""
     margin = margin or claim.margin
+    missing = list(missing)
+    for r in missing:
+        if not r.get("missing") or "name" not in r or "seed" not in r:
+            raise ValueError(f"judge: a missing run needs its name, seed and why it is missing (missing_runs "
+                             f"builds them), got {r!r}")
     rows = []
     for m in claim.measure(results):
+        m = replace(m, caveats=m.caveats + tuple(_missing_caveats(m, missing)))
         if claim.test == "sanity":
             outcome = "sanity"
             ci = m.interval.ci95  # (None for a bound that was not measured)
             interval = "min to max over the probes (not a confidence interval)"
         else:
             outcome = "inconclusive" if m.undetermined else verdict(claim.test, m.interval, margin.value)
-            i = m.interval
-            if i.n >= 2 and i.lo == i.hi and i.estimate != margin.value:
-                m = replace(m, caveats=m.caveats + (
-                    f"every seed gave the same value ({i.estimate:+g}): the t-interval has no width, and a sign "
-                    f"test over {i.n} seeds gives one-sided p = {0.5 ** i.n:.3g} at best (p < 0.05 needs 5 seeds)",))
+            timing = claim.id == "rmsnorm-faster"
+            if degenerate(m.interval):
+                m = replace(m, caveats=m.caveats + (_equal_units_caveat(m.interval, "round" if timing else "seed"),))
             ci = m.interval.ci95
-            interval = ("95% Student-t over interleaved timing rounds" if claim.id == "rmsnorm-faster"
+            interval = ("95% Student-t over interleaved timing rounds" if timing
                         else "95% Student-t over paired seeds")
         rows.append({
             "id": claim.id + m.suffix,
@@ -1246,8 +1608,12 @@ def judge(claim: Claim, results: list[Result], margin: Margin | None = None) -> 
     return rows
 
 
-def judge_all(claim_ids: Iterable[str], results: list[Result], margins: dict[str, Margin] | None = None
-              ) -> list[dict[str, Any]]:
-    """Every row of every named claim, in order."""
+def judge_all(claim_ids: Iterable[str], results: list[Result], margins: dict[str, Margin] | None = None,
+              missing: Iterable[Result] = ()) -> list[dict[str, Any]]:
+    """Every row of every named claim, in order; ``missing`` as for ``judge``."""
     margins = margins or {}
-    return [row for cid in claim_ids for row in judge(CLAIMS[cid], results, margins.get(cid))]
+    claim_ids, missing = list(claim_ids), list(missing)
+    unknown = [cid for cid in claim_ids if cid not in CLAIMS]
+    if unknown:
+        raise ValueError(f"judge_all: unknown claim(s) {', '.join(map(repr, unknown))}; known: {', '.join(CLAIMS)}")
+    return [row for cid in claim_ids for row in judge(CLAIMS[cid], results, margins.get(cid), missing)]

@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from normlab.studies.claims import best_setting, judged_error, judged_loss, runs_of  # noqa: E402
+from normlab.studies.claims import ERROR_METRIC, best_setting, judged_error, judged_loss, runs_of  # noqa: E402
 from normlab.studies.spec import read_jsonl  # noqa: E402
 from normlab.studies.stats import mean_ci  # noqa: E402
 
@@ -434,24 +434,33 @@ def make_plots(out: Path, results: list[Result], metrics: dict[str, list]) -> di
     return {k: v for k, v in plots.items() if v is not None}
 
 
+MEASURES = {"loss": "test-half loss (nats/byte)",
+            "error": "error: 1 - the test-half accuracy averaged over training (the majority claims' statistic)"}
+
+
 def configurations(results: list[Result]) -> list[dict[str, Any]]:
-    """One row per trained configuration (study, group, depth): its best setting, the
-    mean test-half loss there with its 95% interval, the largest stable lr, failures."""
+    """One row per trained configuration (study, group, depth, task): its best setting and
+    the cross-fitted value there with its 95% interval, the largest stable lr, failures.
+    A configuration is ranked and judged as its claims judge it, so the report names one
+    best lr per configuration: the majority task by its error (``judged_error``: 1 - the
+    accuracy averaged over training), every other run by its test-half loss. ``measure``
+    says which ("error" | "loss")."""
     cells: dict[tuple, list[Result]] = defaultdict(list)
     for r in results:
         if r.get("kind") == "train":
-            cells[(r.get("tags", {}).get("study", ""), _group(r), r["n_layers"])].append(r)
+            cells[(r.get("tags", {}).get("study", ""), _group(r), r["n_layers"], r.get("task", "lm"))].append(r)
     rows = []
-    for (study, group, n), runs in cells.items():
-        best = best_setting(runs)
+    for (study, group, n, task), runs in cells.items():
+        majority = task == "majority"
+        best = best_setting(runs, judged_error, ERROR_METRIC) if majority else best_setting(runs)
         ci = mean_ci(list(best.by_seed.values()))
         lr, alpha0 = best.setting
         rows.append({"study": study, "configuration": group, "layers": n,
                      "best": "none: every run failed" if best.all_failed else
                      f"lr {lr:g}" + (f", alpha0 {alpha0:g}" if alpha0 is not None else "")
                      + (" (edge)" if best.at_edge else ""),
-                     "all_failed": best.all_failed,
-                     "loss": ci.estimate, "ci95": ci.ci95, "seeds": best.seeds,
+                     "all_failed": best.all_failed, "measure": "error" if majority else "loss",
+                     "value": ci.estimate, "ci95": ci.ci95, "seeds": best.seeds,
                      "largest_stable_lr": best.largest_stable_lr,
                      "failed": f"{sum(best.failures.values())}/{len(runs)}",
                      "lrs": sorted({r['lr'] for r in runs})})
@@ -521,8 +530,10 @@ def write_html(out: Path, study_name: str, description: str, rows: list[dict[str
             "paired seeds (same data order and init); the interval is its 95% Student-t interval. A verdict "
             "compares the interval with the margin fixed before the runs: <b>agrees</b> when the whole "
             "interval is on the claim's side, <b>disagrees</b> when it is wholly on the other side, "
-            "<b>inconclusive</b> when it straddles the margin. <b>sanity</b> rows are true by construction "
-            "and are not verdicts. Losses are nats/byte on the test half of a fixed validation set; each "
+            "<b>inconclusive</b> when it straddles the margin. Where every seed gave the same value the "
+            "t-interval has no width: the row is judged by the sign test's 95% interval for the median, which "
+            "needs 6 seeds (inconclusive with fewer), and its caveat says so. <b>sanity</b> rows are true by "
+            "construction and are not verdicts. Losses are nats/byte on the test half of a fixed validation set; each "
             "configuration is taken at its own best lr, chosen on the other half.</p>"
             "<table><tr><th>claim</th><th>statistic</th><th>test</th><th>margin</th><th>estimate</th>"
             "<th>95% CI</th><th>n</th><th>verdict</th></tr>")
@@ -547,20 +558,25 @@ def write_html(out: Path, study_name: str, description: str, rows: list[dict[str
                 + f"<p><i>Scope:</i> {esc(row['scope'])}</p></details>")
     configs = configurations(results)
     if configs:
-        parts.append("<h2>Configurations at their best setting</h2><p class='src'>Best setting: the lowest mean "
-                     "loss over all seeds on the select half of the validation set. Loss: cross-fitted, as the "
-                     "claims judge it: each seed's test-half loss at the setting the other seeds chose on their "
+        parts.append("<h2>Configurations at their best setting</h2><p class='src'>Each configuration is ranked "
+                     "and judged on the measure its claims use: the loss, or for the majority task the error "
+                     "(1 - the accuracy averaged over training). Best setting: the lowest mean of that measure "
+                     "over all seeds on the select half of the validation set. Value: cross-fitted, as the "
+                     "claims judge it: each seed's test-half value at the setting the other seeds chose on their "
                      "select halves (it can differ from the best setting by seed), mean and 95% t-interval over "
                      "seeds. Largest stable lr: the largest lr of the sweep at which no "
                      "seed failed (non-finite, or no better than the unigram baseline).</p><table><tr>"
                      "<th>study</th><th>configuration</th><th>layers</th><th>lrs swept</th><th>best</th>"
-                     "<th>loss</th><th>95% CI</th><th>seeds</th><th>largest stable lr</th><th>failed runs</th></tr>")
+                     "<th>measure</th><th>value</th><th>95% CI</th><th>seeds</th><th>largest stable lr</th>"
+                     "<th>failed runs</th></tr>")
         for c in configs:
             parts.append(
                 f"<tr><td>{esc(c['study'])}</td><td>{esc(c['configuration'])}</td><td class='num'>{c['layers']}</td>"
                 f"<td>{esc(', '.join(f'{x:g}' for x in c['lrs']))}</td><td>{esc(c['best'])}</td>"
-                + ("<td colspan='2'>unigram baseline</td>" if c["all_failed"] else
-                   f"<td class='num'>{_num(c['loss'])}</td><td class='num'>{_ci(c['ci95'])}</td>")
+                f"<td>{esc(MEASURES[c['measure']])}</td>"
+                + (f"<td colspan='2'>{'chance' if c['measure'] == 'error' else 'unigram baseline'}</td>"
+                   if c["all_failed"] else
+                   f"<td class='num'>{_num(c['value'])}</td><td class='num'>{_ci(c['ci95'])}</td>")
                 + f"<td class='num'>{c['seeds']}</td><td class='num'>{_num(c['largest_stable_lr'], '{:g}')}</td>"
                 f"<td class='num'>{esc(c['failed'])}</td></tr>")
         parts.append("</table>")
@@ -604,33 +620,65 @@ def write_html(out: Path, study_name: str, description: str, rows: list[dict[str
     return path
 
 
+def _sentence(text: str) -> str:
+    """``text`` ending in a full stop, so that the next one reads apart from it."""
+    text = text.rstrip()
+    return text if text.endswith(".") else text + "."
+
+
+def _md(text: str) -> str:
+    """Text for a Markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def write_markdown(out: Path, study_name: str, rows: list[dict[str, Any]], prov: dict[str, Any],
-                   results: list[Result] | None = None) -> Path:
-    """``claims.md``: the provenance and the claims table, for a README or a results folder."""
+                   results: list[Result] | None = None, failures: dict[str, str] | None = None) -> Path:
+    """``claims.md``: the provenance, the runs that raised (``failures``: name -> its
+    traceback), the claims table, the configurations, and for each claim the paper's
+    statement, its margin and why, and each row's measurement, caveats and scope: what a
+    README or a results folder needs to read a verdict without the HTML."""
     lines = [f"# normlab study {study_name}", ""]
     lines += [f"- {k}: {v}" for k, v in prov.items()]
+    if failures:
+        lines += ["", "## Failed runs", "",
+                  f"{len(failures)} run(s) raised; the claims are judged on the runs that finished, and each row "
+                  "that would have read a failed run names it in a caveat. Tracebacks are in summary.json.", ""]
+        lines += [f"- `{name}`: {(text.strip().splitlines() or ['?'])[-1]}" for name, text in failures.items()]
     lines += ["", "Estimates are means over paired seeds with 95% Student-t intervals; verdicts compare the "
-              "interval with the margin fixed before the runs.", "",
+              "interval with the margin fixed before the runs (where every seed gave the same value, the sign "
+              "test's 95% interval for the median, from 6 seeds; inconclusive with fewer).", "",
               "| claim | statistic | test | margin | estimate | 95% CI | n | verdict |",
               "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         est = "-" if r["estimate"] is None else f"{r['estimate']:+.3f}"
-        lines.append(f"| `{r['id']}` | {r['statistic'].replace('|', chr(92) + '|')} | {r['test']} | {r['margin']:g} | {est} | {_ci(r['ci95'])} "
+        lines.append(f"| `{r['id']}` | {_md(r['statistic'])} | {r['test']} | {r['margin']:g} | {est} | {_ci(r['ci95'])} "
                      f"| {r['n_seeds']} | **{r['verdict']}** |")
     configs = configurations(results or [])
     if configs:
         lines += ["", "## Configurations at their best setting", "",
-                  "| study | configuration | layers | best | loss (test half, cross-fitted) | 95% CI | largest lr, no seed failed "
-                  "| failed |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "Each configuration is ranked and judged on its claims' measure: the test-half loss, or for the "
+                  "majority task the error (1 - the accuracy averaged over training).", "",
+                  "| study | configuration | layers | best | measure | value (test half, cross-fitted) | 95% CI "
+                  "| largest lr, no seed failed | failed |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for c in configs:
             stable = "none" if c["largest_stable_lr"] is None else f"{c['largest_stable_lr']:g}"
-            loss = "unigram baseline | -" if c["all_failed"] else f"{c['loss']:.3f} | {_ci(c['ci95'])}"
-            lines.append(f"| {c['study']} | {c['configuration']} | {c['layers']} | {c['best']} | {loss} "
-                         f"| {stable} | {c['failed']} |")
-    lines += ["", "## Measured", ""]
-    lines += [f"- `{r['id']}`: {r['measured']}" + "".join(f" Caveat: {c}." for c in r.get("caveats", []))
-              for r in rows]
+            floor = "chance" if c["measure"] == "error" else "unigram baseline"
+            value = f"{floor} | -" if c["all_failed"] else f"{c['value']:.3f} | {_ci(c['ci95'])}"
+            lines.append(f"| {c['study']} | {c['configuration']} | {c['layers']} | {c['best']} | {c['measure']} "
+                         f"| {value} | {stable} | {c['failed']} |")
+    lines += ["", "## What each claim says, what was measured, and the scope"]
+    claims: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        claims.setdefault(r["claim"], []).append(r)
+    for cid, mine in claims.items():
+        r0 = mine[0]
+        lines += ["", f"### `{cid}`: {r0['title']}", "", f"Claim ({'; '.join(r0['papers'])}): {r0['statement']}", "",
+                  f"Margin {r0['margin']:g} ({r0['test']}): {r0['margin_why']}", ""]
+        for r in mine:
+            lines.append(f"- `{r['id']}` (**{r['verdict']}**): {_sentence(r['measured'])}"
+                         + "".join(f" Caveat: {_sentence(c)}" for c in r.get("caveats", []))
+                         + f" Scope: {_sentence(r['scope'])}")
     path = out / "claims.md"
     path.write_text("\n".join(lines) + "\n")
     return path

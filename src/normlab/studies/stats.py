@@ -6,9 +6,8 @@ Every interval here is a two-sided 95% Student-t interval over independent units
 configurations uses the *paired* differences (same seed: same data order and, where the
 shapes allow, the same initialization), so seed-to-seed variation common to both cancels.
 
-A verdict compares the interval with a margin fixed before the runs (a zero-width
-interval, every unit equal, is inconclusive: n equal values carry no spread to judge by;
-for equivalence a 95% interval is stricter than the 90% of the usual two one-sided tests):
+A verdict compares the interval with a margin fixed before the runs (for equivalence a
+95% interval is stricter than the 90% of the usual two one-sided tests):
 
     directional     the claim says estimate > margin
                     agrees: lo > margin; disagrees: hi < margin; else inconclusive
@@ -17,6 +16,16 @@ for equivalence a 95% interval is stricter than the 90% of the usual two one-sid
                     hi < -margin; else inconclusive
     noninferiority  the claim says estimate < margin (estimate: how much worse)
                     agrees: hi < margin; disagrees: lo > margin; else inconclusive
+
+Equal units (``degenerate``: every unit the same value v, up to the rounding of their
+mean and spread) give a t-interval of no width, which is no interval: n equal values
+carry no spread to scale it by. Such units are judged by the distribution-free 95%
+interval for their median instead, the sign test's, whose bounds are order statistics:
+[x(k), x(n+1-k)] covers the median with probability 1 - 2 P(Binomial(n, 1/2) < k). With
+every unit at v it is [v, v], judged against the margin by the rules above, but only
+from n = 6 units (``SIGN_TEST_MIN_N``), where k = 1 already covers 1 - 2 * 0.5^6 =
+96.9%; with 5 or fewer, even [min, max] covers less than 95% (1 - 2 * 0.5^5 = 93.8%),
+so no order-statistic interval reaches 95% and the verdict is inconclusive.
 """
 
 from __future__ import annotations
@@ -96,15 +105,36 @@ def slope(xs: Sequence[float], ys: Sequence[float]) -> float:
 # estimates near 0) is the rounding of equal units
 EQUAL_UNITS_RTOL = 1e-9
 EQUAL_UNITS_ATOL = 1e-12
+# the fewest equal units whose sign-test interval for the median reaches 95%
+SIGN_TEST_MIN_N = 6
+
+
+def degenerate(interval: Interval) -> bool:
+    """Every unit equal: a finite interval of no width, up to the rounding of the units'
+    mean and spread (1.0 - 0.9 and 2.0 - 1.9 differ in the last bit). The one test of
+    it, for the verdict and for the caveat that explains the verdict."""
+    lo, hi = interval.lo, interval.hi
+    return (interval.n >= 2 and math.isfinite(lo) and math.isfinite(hi)
+            and hi - lo <= max(EQUAL_UNITS_RTOL * abs(interval.estimate), EQUAL_UNITS_ATOL))
+
+
+def sign_test_coverage(n: int) -> float:
+    """The coverage of [min, max] of n units as an interval for their median: the most
+    an order-statistic interval over n units can reach."""
+    return 1.0 - 2.0 * 0.5 ** n
 
 
 def verdict(test: str, interval: Interval, margin: float) -> str:
     """agrees | disagrees | inconclusive: where the interval lies against the margin."""
+    if test not in TESTS:
+        raise ValueError(f"verdict: unknown test {test!r}; expected one of: {', '.join(TESTS)}")
     lo, hi = interval.lo, interval.hi
-    if not (math.isfinite(lo) and math.isfinite(hi)) or hi - lo <= max(EQUAL_UNITS_RTOL * abs(interval.estimate),
-                                                                         EQUAL_UNITS_ATOL):
-        # no interval, or a degenerate one: every unit equal (up to the rounding of their
-        # mean and spread, e.g. 1.0 - 0.9 and 2.0 - 1.9), no spread to judge by
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "inconclusive"  # fewer than 2 units, or a non-finite one: no interval
+    if degenerate(interval) and interval.n < SIGN_TEST_MIN_N:
+        # equal units: the t-interval has no width, and too few units for the sign test's
+        # interval to reach 95%. From SIGN_TEST_MIN_N units that interval is [v, v], which
+        # [lo, hi] is up to rounding: judged as any other
         return "inconclusive"
     if test == "directional":
         return "agrees" if lo > margin else "disagrees" if hi < margin else "inconclusive"
@@ -112,6 +142,4 @@ def verdict(test: str, interval: Interval, margin: float) -> str:
         if -margin < lo and hi < margin:
             return "agrees"
         return "disagrees" if lo > margin or hi < -margin else "inconclusive"
-    if test == "noninferiority":
-        return "agrees" if hi < margin else "disagrees" if lo > margin else "inconclusive"
-    raise ValueError(f"verdict: unknown test {test!r}; expected one of: {', '.join(TESTS)}")
+    return "agrees" if hi < margin else "disagrees" if lo > margin else "inconclusive"
