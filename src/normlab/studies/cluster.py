@@ -92,12 +92,27 @@ def check_launch(launcher: str | None, options: JobOptions | None = None, *, giv
         raise ValueError("--launcher slurm: expected --partition (the SLURM partition to submit to)")
 
 
+def job_device(device_type: str, options: JobOptions) -> str:
+    """The device type a job's run trains on: "cuda" when the job gets GPUs
+    (``gpus_per_run``), else "cpu". ``device_type`` is the study's (``--device``, or its
+    default): a study on CUDA whose jobs get no GPU is refused, as its runs would train on
+    CPUs under a GPU's name. A study on a CPU may submit GPU jobs (a login node without
+    GPUs submits to a GPU partition)."""
+    if options.gpus_per_run > 0:
+        return "cuda"
+    if device_type == "cuda":
+        raise ValueError("--device cuda (given, or the default where CUDA is available): the jobs get no GPU "
+                         "(--gpus-per-run 0), so their runs would train on CPUs; give --gpus-per-run N, or "
+                         "--device cpu")
+    return "cpu"
+
+
 def run_in_job(spec: RunSpec, run_dir: str, data: str | None, corpus: Any, dtype: str, device: str,
                threads: int, keep_weights: bool) -> dict[str, Any] | None:
     """One run, inside its job: the same ``run_one`` as every other way of running it,
     resuming from the run's checkpoint when the job is a requeued one."""
     from normlab.studies.data import ByteCorpus
-    from normlab.studies.train import Env, RunBusy, run_one
+    from normlab.studies.train import Env, Interrupted, RunBusy, run_one
 
     torch.set_num_threads(threads)
     if corpus is None and spec.task == "lm":
@@ -108,6 +123,11 @@ def run_in_job(spec: RunSpec, run_dir: str, data: str | None, corpus: Any, dtype
     except RunBusy as e:  # a job of another submission runs it: that one finishes it
         print(e, flush=True)
         return None
+    except Interrupted as e:
+        if e.result is None:
+            raise
+        print(e, flush=True)  # interrupted as it finished: its result is written, and the job's work done
+        return e.result
 
 
 try:  # the optional extra; without it RunJob is a plain callable and ``submit`` says what to install
@@ -125,14 +145,16 @@ class RunJob(_Checkpointable):
 
 
 def submit(runs: list[RunSpec], study_dir: Path, launcher: str, options: JobOptions, *, data: str | None,
-           ship_corpus: Any, dtype: str, keep_weights: bool) -> dict[str, Any]:
+           ship_corpus: Any, dtype: str, keep_weights: bool, device: str = "cpu") -> dict[str, Any]:
     """Submit one job per run; returns {run name: submitit Job} and records the job ids in
     ``study_dir/jobs.json``; the jobs' logs go to ``study_dir/jobs/<job id>_0_log.out``
     and ``.err``. Each job reads the corpus from ``data`` (the default corpus when None)
-    unless ``ship_corpus`` hands it one in memory."""
+    unless ``ship_corpus`` hands it one in memory. ``device``: the study's device type;
+    the jobs train on ``job_device(device, options)``."""
     if launcher is None:
         raise ValueError(f"--launcher: expected one of {', '.join(LAUNCHERS)}, got None")
     check_launch(launcher, options)
+    device = job_device(torch.device(device).type, options)
     submitit = _submitit()
     # one folder for every job's files, each named by its job id (<id>_0_log.out, ...): a
     # %j in the folder itself would be taken literally by submitit's local executor
@@ -146,7 +168,6 @@ def submit(runs: list[RunSpec], study_dir: Path, launcher: str, options: JobOpti
         if options.max_parallel:
             params["slurm_array_parallelism"] = options.max_parallel
     executor.update_parameters(**params)
-    device = "cuda" if options.gpus_per_run > 0 else "cpu"
     jobs: dict[str, Any] = {}
     with executor.batch():
         for spec in runs:

@@ -14,6 +14,7 @@ exactly the data of an uninterrupted single-process run.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sysconfig
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ class ByteCorpus:
     source: str
     n_files: int
     _unigram_logp: Tensor | None = field(default=None, repr=False, compare=False)
+    _sha256: str | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_path(cls, path: str | Path | None = None, *, val_percent: int = 5,
@@ -85,7 +87,9 @@ class ByteCorpus:
             sizes[is_val] += len(blob)
         train = b"\n".join(parts[False])
         val = b"\n".join(parts[True])
-        if len(files) == 1 or len(val) == 0:  # one file (or an unlucky split): hold out the tail
+        # one file, or a split that left one side empty (every file hashed to the same
+        # side, as a folder of two or three files can): hold out the tail of them all
+        if len(files) == 1 or len(val) == 0 or len(train) == 0:
             whole = train + val
             cut = int(len(whole) * (1 - val_percent / 100))
             train, val = whole[:cut], whole[cut:]
@@ -101,12 +105,15 @@ class ByteCorpus:
         )
 
     def sha256(self) -> str:
-        """Identifies the bytes a study trained and validated on (both splits, in order)."""
-        h = hashlib.sha256()
-        h.update(self.train.numpy().tobytes())
-        h.update(b"\x00--validation--\x00")
-        h.update(self.val.numpy().tobytes())
-        return h.hexdigest()
+        """Identifies the bytes a study trained and validated on (both splits, in order).
+        Computed once (each LM run records it, and a finished run is checked against it)."""
+        if self._sha256 is None:
+            h = hashlib.sha256()
+            h.update(self.train.numpy().tobytes())
+            h.update(b"\x00--validation--\x00")
+            h.update(self.val.numpy().tobytes())
+            self._sha256 = h.hexdigest()
+        return self._sha256
 
     def unigram_val_loss(self, targets: Tensor | None = None) -> float:
         """Cross-entropy (nats/byte) of ``targets`` (default: the validation bytes) under the
@@ -181,15 +188,61 @@ def number_to_words(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+@functools.lru_cache(maxsize=1)
+def _group_gains() -> tuple[tuple[int, ...], ...]:
+    """For the millions, thousands and units group of a number, what each group value
+    0..999 adds to the length of its words: nothing for 0, else the group's words, its
+    scale word and the space that joins it to the next."""
+    return tuple(tuple([0] + [len(number_to_words(g)) + len(scale) + 1 for g in range(1, 1000)])
+                 for scale in (" million", " thousand", ""))
+
+
+@functools.lru_cache(maxsize=64)
+def longest_words(max_value: int) -> int:
+    """The length in bytes of the longest ``number_to_words(n)`` for 0 <= n <= max_value.
+
+    A number's words are those of its nonzero groups of three digits, each with its scale
+    word, joined by spaces, so each group adds to the length on its own: the longest is
+    max_value's groups up to one, a smaller value there, and the longest groups after it
+    (or max_value's own groups). Exact for every bound, without listing the numbers."""
+    if not 0 <= max_value < 10**9:
+        raise ValueError(f"longest_words: expected 0 <= max_value < 10**9, got {max_value}")
+    gains = _group_gains()
+    groups = (max_value // 10**6, max_value // 1000 % 1000, max_value % 1000)
+    best, tight = 0, 0  # tight: what max_value's own groups so far add
+    for i, top in enumerate(groups):
+        if top > 0:
+            best = max(best, tight + max(gains[i][:top]) + sum(max(g) for g in gains[i + 1:]))
+        tight += gains[i][top]
+    return max(max(best, tight) - 1, len(number_to_words(0)))  # (no space after the last group)
+
+
 @dataclass(frozen=True)
 class NumberWords:
     """Number -> English words as a byte-level transduction: '4052' -> 'four thousand fifty-two'.
 
-    Source: the digits; target: BOS + words + EOS; both padded with PAD (0)."""
+    Source: the digits; target: BOS + words + EOS; both padded with PAD (0). ``tgt_len``
+    None (the default): long enough for the longest number in range (51 up to 99,999,
+    whose longest words take 50 bytes); a length given that some number in range does not
+    fit is refused, not found out by the batch that draws that number."""
 
     max_value: int = 99_999
     src_len: int = 8
-    tgt_len: int = 48
+    tgt_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_value, bool) or not isinstance(self.max_value, int) or not 0 <= self.max_value < 10**9:
+            raise ValueError(f"NumberWords: expected max_value to be an int in [0, 10**9), got {self.max_value!r}")
+        digits = len(str(self.max_value))
+        if self.src_len < digits:
+            raise ValueError(f"NumberWords: src_len {self.src_len} is too short for {self.max_value} "
+                             f"(expected >= {digits})")
+        need = longest_words(self.max_value) + 1  # the target's BOS + words + EOS, shifted by one
+        if self.tgt_len is None:
+            object.__setattr__(self, "tgt_len", need)
+        elif self.tgt_len < need:
+            raise ValueError(f"NumberWords: tgt_len {self.tgt_len} is too short for the numbers up to "
+                             f"{self.max_value} (expected >= {need}: the longest takes {need - 1} bytes)")
 
     def batch(self, batch_size: int, seed: int, step: int) -> dict[str, Tensor]:
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)

@@ -44,7 +44,7 @@ from rich.progress import (
 
 from normlab.provenance import git_commit, normlab_version
 from normlab.studies import cluster
-from normlab.studies.claims import judge_all
+from normlab.studies.claims import judge_all, missing_runs
 from normlab.studies.cluster import JobOptions
 from normlab.studies.data import ByteCorpus
 from normlab.studies.report import load_metrics, make_plots, write_html, write_markdown
@@ -57,7 +57,9 @@ from normlab.studies.train import (
     model_config,
     read_result,
     run_holder,
+    run_identity,
     run_one,
+    same_run,
 )
 
 
@@ -238,18 +240,21 @@ def _error_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def _stale_runs(study: Study, study_dir: Path) -> list[str]:
+def _stale_runs(study: Study, study_dir: Path, made_by=None) -> list[str]:
     """The study's runs whose folder holds work made with other settings: a result, or a
-    checkpoint, of another fingerprint."""
+    checkpoint (or the one a cut-off swap left aside), of another fingerprint, or made on
+    another corpus, dtype or device than ``made_by(spec)`` says (``train.run_identity``)."""
     stale = []
     for spec in study.runs:
         run_dir = study_dir / spec.name
-        for path in (run_dir / "result.json", run_dir / CHECKPOINT / "state.json"):
+        want = made_by(spec) if made_by else {"fingerprint": spec.fingerprint()}
+        for path in (run_dir / "result.json", run_dir / CHECKPOINT / "state.json",
+                     run_dir / (CHECKPOINT + ".old") / "state.json"):
             try:
-                found = json.loads(path.read_text()).get("fingerprint")
-            except (OSError, ValueError, AttributeError):
+                found = json.loads(path.read_text())
+            except (OSError, ValueError):
                 continue
-            if found != spec.fingerprint():
+            if isinstance(found, dict) and not same_run(found, want):
                 stale.append(spec.name)
                 break
     return stale
@@ -313,12 +318,18 @@ def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, con
 
 def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, workers, keep_weights, corpus, launcher,
                job_options, wait, report_only, runs_per_gpu, overwrite) -> tuple[list[dict[str, Any]], Path | None]:
-    stale = _stale_runs(study, study_dir)
-    if stale and (report_only or not overwrite):
-        _refuse_stale(study, study_dir, stale, report_only)
+    job_device = cluster.job_device(env.device.type, job_options or JobOptions()) if launcher is not None else None
     corpus_given = corpus is not None
     if corpus is None and any(r.task == "lm" for r in study.runs):
         corpus = ByteCorpus.from_path(data)
+    device_type = None if report_only else job_device or env.device.type  # (--report-only: runs of any device)
+
+    def made_by(spec: RunSpec) -> dict[str, Any]:  # a run found finished or saved must match it
+        return run_identity(spec, corpus, env.dtype, device_type)
+
+    stale = _stale_runs(study, study_dir, made_by)
+    if stale and (report_only or not overwrite):
+        _refuse_stale(study, study_dir, stale, report_only)
     if launcher is not None or report_only:
         workers = 1
     workers = default_workers(env, runs_per_gpu or 1) if workers is None else workers
@@ -333,10 +344,10 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
         prov.update(worker_devices=devices, runs_per_gpu=runs_per_gpu)
     if prov:
         prov["runs"] = len(study.runs)
-        prov["runs_found_finished"] = sum(_finished(spec, study_dir / spec.name) for spec in study.runs)
+        prov["runs_found_finished"] = sum(_finished(spec, study_dir / spec.name, made_by) for spec in study.runs)
         if launcher is not None:
             options = job_options or JobOptions()
-            prov.update(launcher=launcher, workers=None, threads=options.cpus_per_run,
+            prov.update(launcher=launcher, workers=None, threads=options.cpus_per_run, job_device=job_device,
                         job_options={k: v for k, v in vars(options).items() if v is not None})
         if report_only:
             prov.update(report_only=True, workers=None, threads=None)
@@ -383,11 +394,11 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
         with progress:
             if report_only:
                 for spec in study.runs:
-                    if _finished(spec, study_dir / spec.name):
+                    if _finished(spec, study_dir / spec.name, made_by):
                         finish(spec, json.loads((study_dir / spec.name / "result.json").read_text()))
                 prov["not_finished"] = [r.name for r in study.runs if r.name not in results]
             elif launcher is not None:
-                pending = [r for r in study.runs if not _finished(r, study_dir / r.name)]
+                pending = [r for r in study.runs if not _finished(r, study_dir / r.name, made_by)]
                 busy = [r.name for r in pending if run_holder(study_dir / r.name) is not None]
                 if busy:  # jobs of an earlier submission that still run: not submitted twice
                     console.print(f"{len(busy)} run(s) still running in earlier jobs, not submitted again: "
@@ -395,14 +406,14 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
                     pending = [r for r in pending if r.name not in busy]
                 jobs = cluster.submit(pending, study_dir, launcher, job_options or JobOptions(), data=data,
                                       ship_corpus=corpus if corpus_given else None, dtype=env.dtype,
-                                      keep_weights=keep_weights) if pending else {}
+                                      keep_weights=keep_weights, device=env.device.type) if pending else {}
                 if not wait:
                     console.print(f"submitted {len(jobs)} job(s) ({launcher}; ids in {study_dir / 'jobs.json'}); "
                                   f"`normlab study {study.name} --report-only` merges the finished runs")
                     return [], None
                 _wait_for_jobs(study, jobs, progress, fail, launcher)
                 for spec in study.runs:
-                    if spec.name not in failures and _finished(spec, study_dir / spec.name):
+                    if spec.name not in failures and _finished(spec, study_dir / spec.name, made_by):
                         finish(spec, json.loads((study_dir / spec.name / "result.json").read_text()))
                 # runs an earlier submission's jobs still run (or took over from this one's)
                 prov["not_finished"] = [r.name for r in study.runs if r.name not in results and r.name not in failures]
@@ -435,7 +446,7 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
         prov["run_time_s"] = round(sum(r.get("wall_s") or 0.0 for r in ordered), 1)  # every run, when it ran
         prov["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         _write_summary(study_dir, study, ordered, prov, failures)
-        rows = judge_all(study.claims, ordered, study.margins)
+        rows = judge_all(study.claims, ordered, study.margins, missing_runs(study.runs, results, failures))
         (study_dir / "claims.json").write_text(json.dumps(_json_safe(rows), indent=1))
         report = write_report(study_dir, study, ordered, prov, rows, failures)
     return ordered, report
@@ -466,9 +477,9 @@ def _wait_for_jobs(study: Study, jobs: dict[str, Any], progress: Progress, fail,
         fail(specs[name], err)
 
 
-def _finished(spec: RunSpec, run_dir: Path) -> bool:
+def _finished(spec: RunSpec, run_dir: Path, made_by=None) -> bool:
     result = read_result(run_dir / "result.json")
-    return result is not None and result.get("fingerprint") == spec.fingerprint()
+    return same_run(result, made_by(spec) if made_by else {"fingerprint": spec.fingerprint()})
 
 
 def _ordered(study: Study, results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -489,7 +500,9 @@ def _run_serial(runs, title, study_dir, env, corpus, progress, finish, keep_weig
 
         try:
             result = run_one(spec, study_dir / spec.name, env, corpus, on_step=on_step, keep_weights=keep_weights)
-        except Interrupted:
+        except Interrupted as e:
+            if e.result is not None:  # Ctrl-C as the run finished: it counts, and the study stops
+                finish(spec, e.result)
             raise
         except KeyboardInterrupt:  # a run with no step loop (a probe, a timing), or a second Ctrl-C
             if spec.kind == "train":
@@ -551,6 +564,7 @@ def _init_worker(threads: int, train: torch.Tensor | None, val: torch.Tensor | N
     try:
         os.setpgrp()  # a terminal's Ctrl-C reaches the parent alone, which tells the workers through ``stop``
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # outside a training run; run_one handles its own
+        _watch_parent()
         torch.set_num_threads(threads)
         device = _pin_worker(slots, devices)
         corpus = ByteCorpus(train, val, source, n_files) if train is not None else None
@@ -583,6 +597,63 @@ def _on_terminate(signum, frame) -> None:
     if running[k] > 0:
         running[k] = -running[k]
     os._exit(128 + signum)
+
+
+def _watch_parent() -> None:
+    """Make this worker notice the death of the study's process: on Linux the kernel
+    sends it SIGHUP then (``PR_SET_PDEATHSIG``); elsewhere a daemon thread sends it once
+    the worker's parent changes (it was handed to another). A worker runs in its own
+    process group, so a killed study's or a closed terminal's signals do not reach it:
+    unwatched, it would train on, hold its run's lock against the next study, and then
+    wait forever for a run nobody sends.
+
+    SIGHUP, not SIGTERM: SIGTERM is the pool's own "leave now" (``_on_terminate``), and
+    when the study's process is killed the kernel may send the signal while the worker's
+    parent pid still reads as alive (its other threads are still being torn down)."""
+    import multiprocessing as mp
+    import threading
+
+    parent = mp.parent_process()
+    _WORKER["parent"] = parent.pid if parent is not None else os.getppid()
+    signal.signal(signal.SIGHUP, lambda signum, frame: _orphaned())
+    if not _parent_death_signal(signal.SIGHUP):
+        threading.Thread(target=_poll_parent, daemon=True, name="normlab-parent-watch").start()
+    if _parent_gone():  # it died before the watch began
+        _orphaned()
+
+
+def _parent_death_signal(signum: int) -> bool:
+    """Ask Linux to send ``signum`` to this process when its parent dies; False where
+    that cannot be asked (another system, no libc to call)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl(1, int(signum), 0, 0, 0) == 0  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return False
+
+
+def _poll_parent() -> None:
+    while not _parent_gone():
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGHUP)  # handled in the main thread, as the kernel's signal would be
+
+
+def _parent_gone() -> bool:
+    parent = _WORKER.get("parent")
+    return parent is not None and os.getppid() != parent
+
+
+def _orphaned() -> None:
+    """The study's process died (killed, or its terminal closed): nobody takes this
+    worker's results or hands it runs. A run it is running stops at the end of its
+    current step and saves (``_worker_run``), and the worker then exits; between runs
+    it exits at once. Its run's lock goes with it: the same command resumes the run."""
+    _WORKER["orphaned"] = True
+    if not _WORKER.get("in_run"):
+        os._exit(128 + signal.SIGHUP)
 
 
 def _pin_worker(slots: Any, devices: tuple[str, ...]) -> torch.device:
@@ -625,7 +696,7 @@ def _worker_run(spec: RunSpec, run_dir: Path, keep_weights: bool, index: int = -
     last, signalled = [0.0], [False]
 
     def on_step(n: int) -> None:
-        if stop.is_set() and not signalled[0]:
+        if (stop.is_set() or _WORKER.get("orphaned")) and not signalled[0]:
             signalled[0] = True
             os.kill(os.getpid(), signal.SIGINT)  # run_one saves at the end of this step and stops
         now = time.monotonic()
@@ -637,15 +708,23 @@ def _worker_run(spec: RunSpec, run_dir: Path, keep_weights: bool, index: int = -
     if running is not None:
         running[k] = index + 1
     queue.put((spec.name, 0))  # running: the progress view counts it from now, not from its first step
+    _WORKER["in_run"] = True  # (the study's process dying now stops the run at a step's end: _orphaned)
     try:
         return run_one(spec, run_dir, env, _WORKER["corpus"], on_step=on_step, keep_weights=keep_weights)
+    except Interrupted as e:
+        if e.result is None:
+            raise
+        return e.result  # stopped as it finished: its result counts (the stop flag holds back the next runs)
     except Exception as e:
         if _STICKY_DEVICE_ERROR.search(str(e)):
             _WORKER["poisoned"] = True
         raise
     finally:
+        _WORKER["in_run"] = False
         if running is not None:
             running[k] = 0
+        if _WORKER.get("orphaned"):  # what the run computed is saved; nobody waits for the rest
+            os._exit(128 + signal.SIGHUP)
 
 
 # a pool that breaks without naming a run that died (a worker killed between runs, or by
@@ -810,7 +889,10 @@ def _run_parallel(study, study_dir, corpus, progress, finish, fail, keep_weights
 
     broken_unexplained = [0]
     cut_off: list[Interrupted] = []  # the runs Ctrl-C stopped, as their workers reported them
-    previous = signal.signal(signal.SIGINT, on_sigint) if _in_main_thread() else None
+    # SIGTERM (``kill``, a cancelled CI job) and SIGHUP (the terminal closed) stop the study
+    # as Ctrl-C does: the workers save at a step boundary and the study exits interrupted
+    stop_signals = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    previous = {s: signal.signal(s, on_sigint) for s in stop_signals} if _in_main_thread() else {}
     interrupted: Interrupted | None = None
     try:
         while todo and interrupted is None and not stopping[0]:
@@ -826,8 +908,9 @@ def _run_parallel(study, study_dir, corpus, progress, finish, fail, keep_weights
         if stopping[0] or interrupted is not None:
             interrupted = _interrupted(study, cut_off)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
     if interrupted is not None:
         raise interrupted
 
@@ -889,5 +972,5 @@ def write_report(study_dir: Path, study: Study, results: list[dict[str, Any]], p
                  rows: list[dict[str, Any]], failures: dict[str, str] | None = None) -> Path:
     metrics = {r["name"]: load_metrics(study_dir / r["name"]) for r in results}
     plots = make_plots(study_dir, results, metrics)
-    write_markdown(study_dir, study.name, rows, prov, results)
+    write_markdown(study_dir, study.name, rows, prov, results, failures)
     return write_html(study_dir, study.name, study.description, rows, results, plots, prov, failures)

@@ -59,6 +59,9 @@ class RunSpec:
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
             (self.steps >= 0, f"steps must be >= 0, got {self.steps}"),
+            # a training run of no steps has no loss to report: it would read as a run that
+            # neither learned nor diverged
+            (self.steps >= 1 or self.kind != "train", f"steps must be >= 1 for a training run, got {self.steps}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.seq_len >= 2, f"seq_len must be >= 2, got {self.seq_len}"),
             (self.val_bytes > self.seq_len, f"val_bytes must be > seq_len, got {self.val_bytes}"),
@@ -124,6 +127,19 @@ class Study:
     runs: tuple[RunSpec, ...]
     claims: tuple[str, ...] = ()
     margins: dict[str, Margin] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # a run's name is its folder: two runs of one name would write over each other's
+        # checkpoint and result, and the second would be taken as finished by the first
+        seen: dict[str, int] = {}
+        for run in self.runs:
+            seen[run.name] = seen.get(run.name, 0) + 1
+        repeated = [(name, n) for name, n in seen.items() if n > 1]
+        if repeated:
+            name, n = repeated[0]
+            more = f" (and {len(repeated) - 1} more name(s))" if len(repeated) > 1 else ""
+            raise ValueError(f"Study {self.name!r}: run name {name!r} is given {n} times{more}; each run "
+                             "needs its own name (it names the run's folder)")
 
 
 def read_jsonl(path: Any) -> list[dict[str, Any]]:

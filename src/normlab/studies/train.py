@@ -6,7 +6,8 @@ noise-scale EMA, every ``checkpoint_every`` steps and on Ctrl-C) and ``result.js
 once finished. Re-running the same command skips finished runs and resumes unfinished
 ones from their checkpoint; because a batch and the step's dropout masks are pure
 functions of (seed, step[, rank]), the resumed run's numbers equal an uninterrupted
-run's.
+run's. A result or checkpoint counts as the run's only if made with the same spec and on
+the same corpus, dtype and device type (``run_identity``), which both record.
 
 Under ``torchrun`` every rank takes its slice of each global batch (the batch size must
 split evenly), the loss is the mean over the global batch's tokens, and DDP averages
@@ -55,18 +56,24 @@ UNSELECTABLE_SEQUENCES = 8  # validation sequences whose attention inputs are te
 
 class Interrupted(Exception):
     """Ctrl-C during a run: its state was saved; re-run the same command to resume.
-    ``step`` None: a run that keeps no checkpoint (a probe, a timing) and starts over."""
+    ``step`` None: a run that keeps no checkpoint (a probe, a timing) and starts over.
+    ``result``: the run's result, when Ctrl-C came in its last step: the run finished
+    and wrote it, and the interruption still stops whatever would come next."""
 
-    def __init__(self, run: str, step: int | None) -> None:
-        if step is None:
+    result: dict[str, Any] | None = None
+
+    def __init__(self, run: str, step: int | None, result: dict[str, Any] | None = None) -> None:
+        if result is not None:
+            text = f"interrupted in run {run!r} as it finished (step {step}); its result is saved"
+        elif step is None:
             text = f"interrupted in run {run!r}, which keeps no checkpoint (a probe or a timing) and starts over"
         else:
             text = f"interrupted in run {run!r} at step {step}; state saved"
         super().__init__(text + "; re-run the same command to resume")
-        self.run, self.step = run, step
+        self.run, self.step, self.result = run, step, result
 
     def __reduce__(self):  # raised in a worker process, re-raised in the parent
-        return (Interrupted, (self.run, self.step))
+        return (Interrupted, (self.run, self.step, self.result))
 
 
 class RunBusy(RuntimeError):
@@ -190,6 +197,33 @@ def teardown_env(env: Env) -> None:
     if env.world > 1 and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ what a run was made with
+
+
+def run_identity(spec: RunSpec, corpus: ByteCorpus | None, dtype: str, device_type: str | None) -> dict[str, Any]:
+    """What a run's numbers depend on besides its spec: the corpus (an LM's; the other
+    tasks draw their own data), the autocast dtype and the device type. A run records
+    these in its result and checkpoint, and one made with others is not taken as this
+    run's (``same_run``). ``device_type`` None: any device (a report read on a machine
+    without the GPUs the runs trained on)."""
+    out: dict[str, Any] = {"fingerprint": spec.fingerprint(), "dtype": dtype}
+    if device_type is not None:
+        out["device_type"] = device_type
+    if spec.task == "lm" and corpus is not None:
+        out["corpus_sha256"] = corpus.sha256()
+    return out
+
+
+def same_run(found: Any, identity: dict[str, Any]) -> bool:
+    """Whether ``found`` (a result.json or a checkpoint's state.json) was made by the run
+    ``identity`` (``run_identity``) describes: the same fingerprint, and each of the
+    other fields the same where ``found`` records it (runs written before a field was
+    recorded are taken as they are: nothing says otherwise)."""
+    if not isinstance(found, dict) or found.get("fingerprint") != identity["fingerprint"]:
+        return False
+    return all(found[k] == v for k, v in identity.items() if k in found)
 
 
 # ------------------------------------------------------------------ model, data, schedule
@@ -415,10 +449,12 @@ _TRANSIENT_IO = frozenset(getattr(errno, name) for name in (
 
 
 def load_checkpoint(run_dir: Path, spec: RunSpec, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, device: torch.device, main: bool = True) -> dict[str, Any] | None:
+                    scheduler: Any, device: torch.device, main: bool = True,
+                    identity: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The saved state (and the model, optimizer and scheduler loaded from it); None with
-    no checkpoint, one of other settings, or a damaged one (a file missing, or one that
-    does not parse): the main process (``main``) moves a damaged checkpoint aside to
+    no checkpoint, one of other settings (``identity``, see ``run_identity``: also one
+    made on another corpus, dtype or device; None: the spec's fingerprint alone), or a
+    damaged one (a file missing, or one that does not parse): the main process (``main``) moves a damaged checkpoint aside to
     ``checkpoint.damaged`` (``.damaged-2``, ... after the first) with a warning, and the
     run starts over. Any other error while reading (out of memory, an I/O error) is
     raised: the checkpoint may be sound."""
@@ -435,7 +471,7 @@ def load_checkpoint(run_dir: Path, spec: RunSpec, model: nn.Module, optimizer: t
         state = json.loads((ckpt / "state.json").read_text())
         if not isinstance(state, dict) or not isinstance(state.get("step"), int):
             raise ValueError("state.json holds no step")
-        if state.get("fingerprint") != spec.fingerprint():
+        if not same_run(state, identity or {"fingerprint": spec.fingerprint()}):
             return None  # settings changed: start over
         load_file(str(ckpt / "model.safetensors"))  # read whole before any of it goes into the model
         opt = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
@@ -467,11 +503,21 @@ def load_checkpoint(run_dir: Path, spec: RunSpec, model: nn.Module, optimizer: t
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep the records up to ``step`` (what a resumed run has already logged)."""
+    """Keep the records up to ``step`` (what a resumed run has already logged).
+
+    Written to a temporary file beside it and swapped in: a kill mid-write leaves the
+    file as it was (the next resume cuts it again), never a file cut short, as its
+    records are all there is of the run's curve up to its checkpoint."""
     if not path.exists():
         return
     keep = [r for r in read_jsonl(path) if isinstance(r.get("step"), int) and r["step"] <= step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in keep))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------ one run
@@ -641,15 +687,16 @@ def _run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
     from normlab.studies import probes
 
     done = run_dir / "result.json"
+    identity = run_identity(spec, corpus, env.dtype, env.device.type)
     result = read_result(done)
-    if result is not None and result.get("fingerprint") == spec.fingerprint():
+    if same_run(result, identity):
         return result
     if spec.kind == "train" and spec.batch_size % env.world:
         raise ValueError(f"RunSpec {spec.name!r}: batch_size {spec.batch_size} does not split evenly "
                          f"over {env.world} processes")
     started = time.perf_counter()
     if spec.kind == "speed":
-        result = speed_run(spec, env, corpus)
+        result = {**speed_run(spec, env, corpus), **identity}
         if env.is_main:
             _write_json(done, result)
         return result
@@ -665,7 +712,7 @@ def _run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
             model, task, env)
         result = {**_result_fields(spec, model), **measured, "final_train_loss": measured["probe_loss"],
                   "final_val_loss": math.nan, "diverged": not math.isfinite(measured["probe_loss"]),
-                  "diverged_step": None, "tokens_per_s": math.nan, "fingerprint": spec.fingerprint(),
+                  "diverged_step": None, "tokens_per_s": math.nan, **identity,
                   "wall_s": round(time.perf_counter() - started, 3)}
         if env.is_main:
             _write_json(done, result)
@@ -676,7 +723,8 @@ def _run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
                                  foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(spec))
     metrics_path = run_dir / "metrics.jsonl"
-    state = load_checkpoint(run_dir, spec, model, optimizer, scheduler, env.device, main=env.is_main)
+    state = load_checkpoint(run_dir, spec, model, optimizer, scheduler, env.device, main=env.is_main,
+                            identity=identity)
     start = state["step"] if state else 0
     if env.is_main:
         if state:
@@ -763,58 +811,69 @@ def _run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
             periodic = spec.checkpoint_every and (step + 1) % spec.checkpoint_every == 0
             if env.is_main and (periodic or interrupted) and not last_step:
                 save_checkpoint(run_dir, spec, step + 1, model, optimizer, scheduler,
-                                {"train_time": train_time, "train_tokens": train_tokens, "recent": recent,
+                                {**identity, "train_time": train_time, "train_tokens": train_tokens, "recent": recent,
                                  "diagnostics": diagnostics.state_dict(), "activations": activations,
                                  "noise_sums": noise_sums, "logit_max": logit_max,
                                  "wall_s": state.get("wall_s", 0.0) + time.perf_counter() - started})
             if interrupted and not last_step:
                 raise Interrupted(spec.name, step + 1)
-    finally:
+    except BaseException:
         stop.restore()
+        raise
+    finally:
         diagnostics.close()
 
-    finished = diverged_at is None
-    result = {
-        **_result_fields(spec, model),
-        "final_train_loss": sum(recent) / len(recent) if recent else float("nan"),
-        "final_val_loss": last_eval.get("val_loss", float("nan")) if finished else float("nan"),
-        "final_val_loss_select": last_eval.get("val_loss_select", float("nan")) if finished else float("nan"),
-        "final_val_loss_test": last_eval.get("val_loss_test", float("nan")) if finished else float("nan"),
-        "diverged": diverged_at is not None,
-        "diverged_step": diverged_at,
-        "tokens_per_s": train_tokens / train_time if train_time > 0 else float("nan"),
-        "fingerprint": spec.fingerprint(),
-        "wall_s": round(state.get("wall_s", 0.0) + time.perf_counter() - started, 3),  # this process + earlier ones
-    }
-    if "val_exact_match" in last_eval:
-        result["final_val_exact_match"] = last_eval["val_exact_match"]
-    if logit_max is not None:
-        result["attention_logit_max"] = logit_max
-    for key in ("unselectable_by_layer", "undetermined_by_layer"):
-        if finished and key in last_eval:
-            result[key] = last_eval[key]
-    if task.majority is not None:  # chance: the uniform guess over the classes
-        chance = math.log(task.majority.classes)
-        result.update(baseline_val_loss=chance, baseline_val_loss_select=chance, baseline_val_loss_test=chance,
-                      chance_accuracy=1.0 / task.majority.classes)
-        for key in ("val_accuracy", "val_accuracy_select", "val_accuracy_test"):
-            result[f"final_{key}"] = last_eval.get(key, float("nan")) if finished else float("nan")
-        if finished and env.is_main:  # how fast it learned: the accuracy averaged over the evaluations
-            evals = [m for m in read_jsonl(metrics_path) if "val_accuracy_test" in m]
-            for half in ("select", "test"):
-                result[f"val_accuracy_mean_{half}"] = sum(m[f"val_accuracy_{half}"] for m in evals) / len(evals)
-    for when, stats in activations.items():  # e.g. activation_max_by_layer_final
-        result.update({f"{k}_{when}": v for k, v in stats.items()})
-    if noise_sums:  # B_simple over the diagnostics steps: numerators and denominators summed, divided last
-        for key, trace, g_sq in (("gns_norms", "gns_trace", "gns_g_sq"),
-                                 ("gns_total", "gns_total_trace", "gns_total_g_sq")):
-            if noise_sums.get(g_sq, 0.0) > 0:
-                result[key] = noise_sums[trace] / noise_sums[g_sq]
-    if env.is_main:
-        if keep_weights:
-            save_model(model, str(run_dir / WEIGHTS))
-            result["weights"] = WEIGHTS
-        _write_json(done, result)
-        for leftover in (CHECKPOINT, CHECKPOINT + ".old"):
-            shutil.rmtree(run_dir / leftover, ignore_errors=True)
+    # Ctrl-C stays deferred until the result is written: one in the last step (its final
+    # evaluation, say) or while the result is written still lets the run finish, then
+    # stops whatever would come next (the study's next run) as any Ctrl-C does
+    try:
+        finished = diverged_at is None
+        result = {
+            **_result_fields(spec, model),
+            "final_train_loss": sum(recent) / len(recent) if recent else float("nan"),
+            "final_val_loss": last_eval.get("val_loss", float("nan")) if finished else float("nan"),
+            "final_val_loss_select": last_eval.get("val_loss_select", float("nan")) if finished else float("nan"),
+            "final_val_loss_test": last_eval.get("val_loss_test", float("nan")) if finished else float("nan"),
+            "diverged": diverged_at is not None,
+            "diverged_step": diverged_at,
+            "tokens_per_s": train_tokens / train_time if train_time > 0 else float("nan"),
+            **identity,
+            "wall_s": round(state.get("wall_s", 0.0) + time.perf_counter() - started, 3),  # this process + earlier ones
+        }
+        if "val_exact_match" in last_eval:
+            result["final_val_exact_match"] = last_eval["val_exact_match"]
+        if logit_max is not None:
+            result["attention_logit_max"] = logit_max
+        for key in ("unselectable_by_layer", "undetermined_by_layer"):
+            if finished and key in last_eval:
+                result[key] = last_eval[key]
+        if task.majority is not None:  # chance: the uniform guess over the classes
+            chance = math.log(task.majority.classes)
+            result.update(baseline_val_loss=chance, baseline_val_loss_select=chance, baseline_val_loss_test=chance,
+                          chance_accuracy=1.0 / task.majority.classes)
+            for key in ("val_accuracy", "val_accuracy_select", "val_accuracy_test"):
+                result[f"final_{key}"] = last_eval.get(key, float("nan")) if finished else float("nan")
+            if finished and env.is_main:  # how fast it learned: the accuracy averaged over the evaluations
+                evals = [m for m in read_jsonl(metrics_path) if "val_accuracy_test" in m]
+                for half in ("select", "test"):
+                    result[f"val_accuracy_mean_{half}"] = sum(m[f"val_accuracy_{half}"] for m in evals) / len(evals)
+        for when, stats in activations.items():  # e.g. activation_max_by_layer_final
+            result.update({f"{k}_{when}": v for k, v in stats.items()})
+        if noise_sums:  # B_simple over the diagnostics steps: numerators and denominators summed, divided last
+            for key, trace, g_sq in (("gns_norms", "gns_trace", "gns_g_sq"),
+                                     ("gns_total", "gns_total_trace", "gns_total_g_sq")):
+                if noise_sums.get(g_sq, 0.0) > 0:
+                    result[key] = noise_sums[trace] / noise_sums[g_sq]
+        if env.is_main:
+            if keep_weights:
+                save_model(model, str(run_dir / WEIGHTS))
+                result["weights"] = WEIGHTS
+            _write_json(done, result)
+            for leftover in (CHECKPOINT, CHECKPOINT + ".old"):
+                shutil.rmtree(run_dir / leftover, ignore_errors=True)
+        interrupted = stop.requested(env)
+    finally:
+        stop.restore()
+    if interrupted:
+        raise Interrupted(spec.name, spec.steps if diverged_at is None else diverged_at + 1, result=result)
     return result
