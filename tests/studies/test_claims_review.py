@@ -383,3 +383,23 @@ def test_stronger_stability_evidence_no_longer_reads_weaker_with_six_seeds():
     assert any("sign test" in c for c in row["caveats"])
     (five,) = judge_all(["deepnorm-stability"], [r for r in runs if r["seed"] < 5])
     assert five["verdict"] == "inconclusive" and any("6 seeds" in c for c in five["caveats"])
+
+
+def test_diverged_keys_runs_without_a_measurement_are_named_as_diverged():
+    # a keys run that diverged writes no unselectable_by_layer: it is still one of the
+    # rows' runs, named as diverged (it used to vanish, its partner named as unpaired)
+    runs = []
+    for s in range(5):
+        for norm in ("none", "layernorm"):
+            diverged = norm == "none" and s == 4
+            extra = {} if diverged else {"unselectable_by_layer": [0.05 if norm == "none" else 0.0] * 4,
+                                         "undetermined_by_layer": [0.0] * 4}
+            r = _train("expressivity", s, 3e-3, 2.8, norm=norm, n_layers=4, diverged=diverged, **extra)
+            r["tags"]["part"] = "keys"
+            runs.append(r)
+    (row,) = judge_all(["brody-scaling-selects-keys"], runs)
+    assert row["n_seeds"] == 4
+    text = _caveats(row)
+    assert "seed 4" in text and "diverged" in text, text
+    assert "no norm: seed 4 left out: diverged" in text, text
+    assert "(of 5 run)" in row["scope"], row["scope"]

@@ -192,8 +192,9 @@ def test_an_lm_run_with_unselectable_keys_reports_them_by_layer(tmp_path, corpus
                              "placement": "pre", "norm": "none"})
     with one_thread():
         result = run_one(spec, tmp_path / "keys", cpu_env(), corpus, keep_weights=False)
-    assert len(result["unselectable_by_layer"]) == 2 and len(result["undetermined_by_layer"]) == 2
-    assert all(0.0 <= v <= 1.0 for v in result["unselectable_by_layer"])
+    for measure in ("", "_causal", "_heads_causal"):  # the judged one, and the two beside it
+        assert len(result[f"unselectable{measure}_by_layer"]) == 2 and len(result[f"undetermined{measure}_by_layer"]) == 2
+        assert all(0.0 <= v <= 1.0 for v in result[f"unselectable{measure}_by_layer"])
 
 
 def test_old_runs_keep_their_fingerprints():

@@ -9,8 +9,10 @@
   averaged over ``probe_batches`` batches (Xiong et al. 2020, Fig. 3);
 * at initialization (update runs): how much one Adam update changes the model's output
   (Liu et al. 2020, Theorem 2 and Fig. 5; Wang et al. 2022, Sec. 4);
-* after training: the fraction of attention keys that no query can give the highest
-  score, "unselectable" keys (Brody et al. 2023, Sec. 3.2).
+* after training: the fraction of attention inputs that no query can give the highest
+  score, "unselectable" keys, over whole sequences (Brody et al. 2023, Sec. 3.2, as their
+  code counts them); beside it, the inputs and each head's keys against their causal
+  prefix.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from normlab.diagnostics import (
     per_example_grad_norms,
 )
 from normlab.diagnostics.noise_scale import gradient_noise_scale
+from normlab.models.attention import apply_rope
 
 PROFILE_KINDS = ("ffn_w1", "ffn_w2", "attention", "norm")
 
@@ -180,26 +183,33 @@ def total_noise_scale(model: nn.Module, task: Any, batch: dict[str, Any], env: A
 
 
 def unselectable(points: torch.Tensor, *, candidates: torch.Tensor | None = None, queries: int = 4096,
-                 iters: int = 1000, tol: float = 1e-3, seed: int = 0) -> torch.Tensor:
+                 iters: int = 1000, tol: float = 1e-3, seed: int = 0, causal: bool = False) -> torch.Tensor:
     """Which points of each set no linear score can rank first: [N, T, d] -> int8 [N, T],
     1 = unselectable, 0 = selectable, -1 = undetermined.
 
     A key k_i of a set can receive the strictly highest score q . k_i only if it is a
     vertex of the set's convex hull, i.e. if it lies outside the hull of the other keys
     (Brody et al. 2023, Sec. 3.2); copies of k_i are left out of "the others", and a point
-    whose every other is a copy counts as selectable. In float64, each set centred and
-    scaled to unit RMS, a point is decided by a certificate:
+    whose every other is a copy counts as selectable. ``causal``: point i competes only
+    with points 0..i (a causal LM's query at position t sees keys 0..t, and the query at
+    t = i sees the fewest rivals of k_i), so it is decided against the hull of
+    k_0..k_{i-1}. In float64, each set centred and scaled to unit RMS, a point is decided
+    by a certificate:
 
     * selectable: a query ranks it strictly first, checked exactly: first each point's
       own ``candidates`` query ([N, T, d], e.g. the normal of the ellipsoid a norm puts its
-      outputs on) and its direction from the set's mean, then ``queries`` random Gaussian
-      queries; for the points none of them picks, the residual
+      outputs on) and its direction from the set's mean (causal: its prefix's mean), then
+      ``queries`` random Gaussian queries (causal: a query picks point i when it scores
+      k_i above every k_j, j < i); for the points none of them picks, the residual
       r = k_i - K^T lam of the nearest point K^T lam of the others' hull (FISTA on
       min ||K^T lam - k_i|| over the simplex) is such a query once lam is near optimal;
     * unselectable: a convex combination of the others lies within ``tol`` of k_i, so no
       query ranks k_i first by more than tol |q| of score.
 
-    A point with neither certificate after ``iters`` iterations is undetermined (-1)."""
+    In the plane (d = 2, e.g. a head's keys in a model of head_dim 2) ``_plane_gaps``
+    proposes both certificates from the angular order of each point's rivals, which
+    decides every point in general position without FISTA. A point with neither
+    certificate after ``iters`` iterations is undetermined (-1)."""
     if points.dim() != 3:
         raise ValueError(f"unselectable: expected points of shape [N, T, d], got {tuple(points.shape)}")
     n, t, d = points.shape
@@ -210,8 +220,19 @@ def unselectable(points: torch.Tensor, *, candidates: torch.Tensor | None = None
     p = p - p.mean(dim=1, keepdim=True)
     p = p / p.pow(2).sum(-1).mean(1).sqrt().clamp_min(1e-300)[:, None, None]
     allowed = ~(p[:, :, None, :] == p[:, None, :, :]).all(-1)  # [N, T(i), T(j)]: j is not a copy of i
+    if causal:
+        allowed &= torch.ones(t, t, dtype=torch.bool).tril()  # and j <= i
     out[~allowed.any(-1)] = 0
-    own_queries = [p] if candidates is None else [p, candidates.detach().double().cpu()]
+    if causal:  # each point's direction from its prefix's mean
+        steps = torch.arange(1, t + 1, dtype=torch.float64)[None, :, None]
+        own_queries = [p - p.cumsum(1) / steps]
+    else:
+        own_queries = [p]
+    if candidates is not None:
+        own_queries.append(candidates.detach().double().cpu())
+    plane = _plane_gaps(p, allowed) if d == 2 else None
+    if plane is not None:
+        own_queries.append(plane[0])
     for q in own_queries:  # q[n, i] is tried for point i of set n
         scores = q @ p.transpose(1, 2)  # [N, T(i), T(j)]
         own = scores.diagonal(dim1=1, dim2=2)
@@ -221,27 +242,90 @@ def unselectable(points: torch.Tensor, *, candidates: torch.Tensor | None = None
     g = torch.Generator().manual_seed(seed)
     for chunk in torch.randn(queries, d, generator=g, dtype=torch.float64).split(1024):
         scores = p @ chunk.T  # [N, T, Q]
+        if causal:  # point i against the best of 0..i-1 (a copy among them blocks it: FISTA decides)
+            best_before = scores.cummax(dim=1).values.roll(1, dims=1)
+            best_before[:, 0] = -math.inf
+            out[(scores > best_before + 1e-12).any(-1)] = 0
+            continue
         top = scores.topk(min(2, t), dim=1)
         winners = top.indices[:, 0]  # [N, Q]
         strict = top.values[:, 0] > top.values[:, -1] + 1e-12 if t > 1 else torch.ones_like(winners, dtype=torch.bool)
         hit = torch.zeros(n, t, dtype=torch.bool)
         hit.scatter_(1, winners.masked_fill(~strict, 0), strict)
         out[hit] = 0
+    if plane is not None:  # a triangle of the others around each point the gaps leave inside
+        undecided = out == -1
+        out[undecided & (plane[1] < tol)] = 1
     todo = (out == -1).nonzero()  # [P, 2]: (set, point)
     if len(todo):
-        _nearest_in_hull(p, allowed, todo, out, iters, tol)
+        _nearest_in_hull(p, allowed, todo, out, iters, tol, causal)
     return out
 
 
+def _plane_gaps(p: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both certificates for points in the plane, read off the directions u_j from k_i
+    to its allowed others, sorted by angle: [N, T, 2] queries and [N, T] distances.
+
+    * the query: the bisector of the widest angular gap between consecutive u_j; when
+      that gap exceeds pi, every u_j is more than pi/2 from it, so it ranks k_i first
+      (``unselectable`` checks it exactly);
+    * the distance from k_i to a convex combination of three others: u_a (the first
+      direction) and the consecutive u_b, u_c around -u_a, with -u_a = beta u_b + gamma u_c
+      (beta, gamma >= 0 when no gap exceeds pi), make k_i a convex combination of k_a,
+      k_b, k_c. The weights are clipped to the simplex and the distance is recomputed
+      from them, so it certifies whatever rounding did (inf where there is no triangle)."""
+    n, t, _ = p.shape
+    diff = p[:, None, :, :] - p[:, :, None, :]  # [N, T(i), T(j), 2]: k_j - k_i
+    angle = torch.atan2(diff[..., 1], diff[..., 0]).masked_fill(~allowed, math.inf)
+    angle, order = angle.sort(dim=-1)
+    count = allowed.sum(-1)  # [N, T]
+    last = (count - 1).clamp_min(0)[..., None]
+    first = angle[..., :1]
+    nxt = torch.cat([angle[..., 1:], first + 2 * math.pi], dim=-1)
+    nxt.scatter_(-1, last, first + 2 * math.pi)  # after the last allowed direction comes the first
+    position = torch.arange(t)
+    gaps = (nxt - angle).masked_fill(position >= count[..., None], -math.inf)
+    widest, at = gaps.max(-1)
+    middle = angle.gather(-1, at[..., None]).squeeze(-1) + widest / 2
+    queries = torch.stack([middle.cos(), middle.sin()], -1).nan_to_num(0.0, 0.0, 0.0)
+    # the triangle: b the last direction up to u_a's opposite, c the one after it
+    unit = diff / diff.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    sorted_unit = unit.gather(2, order[..., None].expand(-1, -1, -1, 2))
+    b_at = ((angle <= first + math.pi) & (position < count[..., None])).sum(-1, keepdim=True) - 1
+    c_at = torch.where(b_at + 1 >= count[..., None], torch.zeros_like(b_at), b_at + 1)
+    b_at = b_at.clamp_min(0)
+    u_a, u_b, u_c = (sorted_unit.gather(2, i[..., None].expand(-1, -1, 1, 2)).squeeze(2)
+                     for i in (torch.zeros_like(b_at), b_at, c_at))
+    cross = u_b[..., 0] * u_c[..., 1] - u_b[..., 1] * u_c[..., 0]
+    beta = (-u_a[..., 0] * u_c[..., 1] + u_a[..., 1] * u_c[..., 0]) / cross  # Cramer's rule
+    gamma = (-u_b[..., 0] * u_a[..., 1] + u_b[..., 1] * u_a[..., 0]) / cross
+    degenerate = cross.abs() < 1e-12  # u_b, u_c (anti)parallel: -u_a = u_b when it is on the line
+    beta = torch.where(degenerate, -(u_a * u_b).sum(-1), beta)
+    gamma = torch.where(degenerate, torch.zeros_like(gamma), gamma)
+    idx = order.gather(-1, torch.cat([torch.zeros_like(b_at), b_at, c_at], -1))  # [N, T, 3]
+    length = diff.norm(dim=-1).gather(-1, idx).clamp_min(1e-300)
+    weights = (torch.stack([torch.ones_like(beta), beta, gamma], -1) / length).nan_to_num(0.0, 0.0, 0.0)
+    weights = weights.clamp_min(0.0)
+    weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-300)
+    corners = p[torch.arange(n)[:, None, None], idx]  # [N, T, 3, 2]
+    dist = (p - (weights[..., None] * corners).sum(-2)).norm(dim=-1)
+    valid = (count >= 2) & (weights.sum(-1) > 0.5) & allowed.gather(-1, idx).all(-1)
+    return queries, dist.masked_fill(~valid, math.inf)
+
+
 def _nearest_in_hull(p: torch.Tensor, allowed: torch.Tensor, todo: torch.Tensor, out: torch.Tensor,
-                     iters: int, tol: float) -> None:
+                     iters: int, tol: float, restrict: bool = False) -> None:
     """FISTA for min ||K^T lam - k_i|| over the simplex of each (set, point) of ``todo``,
-    writing each certificate into ``out`` as it appears (checked every 50 iterations)."""
+    writing each certificate into ``out`` as it appears (checked every 50 iterations).
+    ``restrict``: the Gram matrix (and so the step, 1 / its largest eigenvalue) only over
+    each point's allowed others, a longer step where they are few (a causal prefix)."""
     sets, idx = todo[:, 0], todo[:, 1]
     k = p[sets]  # [P, T, d]
     target = p[sets, idx]  # [P, d]
     mask = allowed[sets, idx]  # [P, T]
     gram = k @ k.transpose(1, 2)  # [P, T, T]
+    if restrict:
+        gram = gram * (mask[:, :, None] & mask[:, None, :])
     linear = torch.einsum("pjd,pd->pj", k, target)
     step = (1.0 / torch.linalg.eigvalsh(gram)[:, -1].clamp_min(1e-12))[:, None]
     lam = mask.double() / mask.sum(-1, keepdim=True).clamp_min(1)
@@ -285,19 +369,38 @@ def _project_simplex(v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def unselectable_keys(model: nn.Module, tokens: torch.Tensor, env: Any) -> dict[str, Any]:
-    """The fraction of each self-attention layer's input vectors that are unselectable
-    within their sequence (``unselectable``), over the sequences of ``tokens``.
+    """The fraction of each self-attention layer's inputs, and of each head's keys, that
+    are unselectable (``unselectable``), over the sequences of ``tokens`` (no padding);
+    each ``unselectable_*`` list has an ``undetermined_*`` twin, the fraction per layer
+    left without a certificate.
 
-    The vectors are what each block's self-attention reads: its input norm's output (the
-    residual stream itself without one), as Brody et al. measure them after the norm.
-    The keys are one linear map of them, which keeps a vertex of the set a vertex when it
-    is injective. Returns ``unselectable_by_layer`` (the fraction per block) and
-    ``undetermined_by_layer`` (the fraction left without a certificate)."""
+    * ``unselectable_by_layer``, Brody et al.'s measurement: the vectors each block's
+      self-attention reads (its input norm's output; the residual stream itself without
+      one), each decided in d_model dimensions against its whole sequence, as the
+      authors' code does with GPT-2's ln_1 outputs. It is about those vectors, not the
+      keys: a head's key map W_k^h (d_model -> head_dim, 8 -> 2 in the study's model)
+      is not injective, and it can map a vertex of the inputs' hull inside the hull of
+      the others' images, so the keys of inputs on a sphere can be unselectable.
+    * causal models (LMs), where the query at position t sees keys 0..t only, so key i
+      is selectable by some query the model could form iff it is a vertex of the hull
+      of keys 0..i: ``unselectable_causal_by_layer``, the same inputs decided against
+      their prefix; ``unselectable_heads_causal_by_layer``, each head's keys
+      k = W_k^h h + b_k^h (after QK-norm and RoPE where the model has them: what its
+      scores are taken with) decided against their prefix, the mean over heads,
+      sequences and positions.
+    * other models: ``unselectable_heads_by_layer``, each head's keys against the whole
+      sequence."""
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise ValueError(f"unselectable_keys: expected a model with normlab Blocks, got {type(model).__name__}")
-    inputs: list[torch.Tensor] = []
-    handles = [b.attn.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach())) for b in blocks]
+    seen: list[tuple[torch.Tensor, Any]] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if kwargs.get("attn_mask") is not None:
+            raise ValueError("unselectable_keys: expected sequences without padding (an attention mask was given)")
+        seen.append((args[0].detach(), kwargs.get("rope")))
+
+    handles = [b.attn.register_forward_pre_hook(hook, with_kwargs=True) for b in blocks]
     norms = [b.norms["attn_in"] if "attn_in" in b.norms else None for b in blocks]
     was_training = model.training
     model.eval()
@@ -308,12 +411,43 @@ def unselectable_keys(model: nn.Module, tokens: torch.Tensor, env: Any) -> dict[
         for h in handles:
             h.remove()
         model.train(was_training)
-    fractions, undetermined = [], []
-    for h, norm in zip(inputs, norms):
-        flags = unselectable(h.float(), candidates=_ellipsoid_normals(norm, h.float()))
-        fractions.append(float((flags == 1).double().mean()))
-        undetermined.append(float((flags == -1).double().mean()))
-    return {"unselectable_by_layer": fractions, "undetermined_by_layer": undetermined}
+    causal = {bool(getattr(b, "causal", False)) for b in blocks}
+    if len(causal) > 1:
+        raise ValueError("unselectable_keys: expected every block causal or none")
+    causal_lm = causal == {True}
+    out: dict[str, list[float]] = {}
+
+    def add(name: str, flags: torch.Tensor) -> None:
+        out.setdefault(f"unselectable{name}_by_layer", []).append(float((flags == 1).double().mean()))
+        out.setdefault(f"undetermined{name}_by_layer", []).append(float((flags == -1).double().mean()))
+
+    for (h, rope), norm, block in zip(seen, norms, blocks):
+        h = h.float()
+        normals = _ellipsoid_normals(norm, h)
+        add("", unselectable(h, candidates=normals))
+        if causal_lm:
+            add("_causal", unselectable(h, candidates=normals, causal=True))
+        keys, candidates = head_keys(block.attn, h, rope)
+        add("_heads_causal" if causal_lm else "_heads",
+            unselectable(keys.flatten(0, 1), causal=causal_lm,
+                         candidates=None if candidates is None else candidates.flatten(0, 1)))
+    return out
+
+
+def head_keys(attn: nn.Module, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each head's keys of the attention inputs ``h`` [B, T, d_model], as ``attn``
+    (normlab's ``Attention``) forms them, in float32: [B, H, T, head_dim]; and, where
+    a per-head QK-norm puts them on one ellipsoid (no RoPE), each key's normal on it."""
+    weight = attn.k_proj.weight
+    with torch.autocast(h.device.type, enabled=False):
+        keys = attn._heads(attn.k_proj(h.to(weight.dtype)), attn.k_norm).float()
+    candidates = None
+    if attn.k_norm is not None and getattr(attn, "qk_norm_scope", "head") == "head" and rope is None:
+        candidates = _ellipsoid_normals(attn.k_norm, keys)
+    if rope is not None:
+        keys = apply_rope(keys, *rope)
+    return keys, candidates
 
 
 def _ellipsoid_normals(norm: nn.Module | None, h: torch.Tensor) -> torch.Tensor | None:

@@ -26,6 +26,14 @@ every unit at v it is [v, v], judged against the margin by the rules above, but 
 from n = 6 units (``SIGN_TEST_MIN_N``), where k = 1 already covers 1 - 2 * 0.5^6 =
 96.9%; with 5 or fewer, even [min, max] covers less than 95% (1 - 2 * 0.5^5 = 93.8%),
 so no order-statistic interval reaches 95% and the verdict is inconclusive.
+
+A known limitation of the t-interval on counts (failures per seed) with few seeds: under
+6 units, units that all tie cannot be judged (no width, and the sign test's interval
+needs 6), while nearly tied units can pass, the one unit that differs giving the
+interval its width: failures per seed [1, 1, 1, 1, 1] read inconclusive and
+[1, 1, 1, 1, 2] agree (directional, margin 0). There, more consistent evidence reads
+weaker; a row of equal units says so in a caveat (``claims``), and 6 seeds or more lift
+the limitation.
 """
 
 from __future__ import annotations
