@@ -108,15 +108,29 @@ def job_device(device_type: str, options: JobOptions) -> str:
 
 
 def run_in_job(spec: RunSpec, run_dir: str, data: str | None, corpus: Any, dtype: str, device: str,
-               threads: int, keep_weights: bool) -> dict[str, Any] | None:
+               threads: int, keep_weights: bool, expect_corpus: str | None = None) -> dict[str, Any] | None:
     """One run, inside its job: the same ``run_one`` as every other way of running it,
-    resuming from the run's checkpoint when the job is a requeued one."""
-    from normlab.studies.data import ByteCorpus
+    resuming from the run's checkpoint when the job is a requeued one.
+
+    ``expect_corpus``: the sha256 of the corpus the submitting command read; a job that
+    reads another (the default corpus is its node's Python's standard library, and a
+    node may run another Python) refuses with ValueError before it trains: its run
+    would be made on other bytes than the study's, and the study would not take it."""
+    import platform
+
+    from normlab.studies.data import ByteCorpus, stdlib_root
     from normlab.studies.train import Env, Interrupted, RunBusy, run_one
 
     torch.set_num_threads(threads)
     if corpus is None and spec.task == "lm":
         corpus = ByteCorpus.from_path(data)
+    if expect_corpus is not None and corpus is not None and spec.task == "lm" and corpus.sha256() != expect_corpus:
+        where = (f"the default corpus (no --data) is this node's Python's standard library ({stdlib_root()}, "
+                 f"Python {platform.python_version()}), not the submitting machine's" if data is None
+                 else f"--data {data} reads other bytes here than on the submitting machine")
+        raise ValueError(f"run {spec.name}: this job's corpus (sha256 {corpus.sha256()[:12]}) is not the study's "
+                         f"({expect_corpus[:12]}): {where}; give --data with a corpus every node reads the same, or "
+                         "run the jobs with the submitting machine's Python")
     try:
         return run_one(spec, Path(run_dir), Env(device=torch.device(device), dtype=dtype), corpus,
                        keep_weights=keep_weights)
@@ -145,12 +159,14 @@ class RunJob(_Checkpointable):
 
 
 def submit(runs: list[RunSpec], study_dir: Path, launcher: str, options: JobOptions, *, data: str | None,
-           ship_corpus: Any, dtype: str, keep_weights: bool, device: str = "cpu") -> dict[str, Any]:
+           ship_corpus: Any, dtype: str, keep_weights: bool, device: str = "cpu",
+           expect_corpus: str | None = None) -> dict[str, Any]:
     """Submit one job per run; returns {run name: submitit Job} and records the job ids in
     ``study_dir/jobs.json``; the jobs' logs go to ``study_dir/jobs/<job id>_0_log.out``
     and ``.err``. Each job reads the corpus from ``data`` (the default corpus when None)
-    unless ``ship_corpus`` hands it one in memory. ``device``: the study's device type;
-    the jobs train on ``job_device(device, options)``."""
+    unless ``ship_corpus`` hands it one in memory, and checks that it is the corpus of
+    sha256 ``expect_corpus`` (``run_in_job``). ``device``: the study's device type; the
+    jobs train on ``job_device(device, options)``."""
     if launcher is None:
         raise ValueError(f"--launcher: expected one of {', '.join(LAUNCHERS)}, got None")
     check_launch(launcher, options)
@@ -173,7 +189,7 @@ def submit(runs: list[RunSpec], study_dir: Path, launcher: str, options: JobOpti
         for spec in runs:
             jobs[spec.name] = executor.submit(
                 RunJob(), spec, str(study_dir / spec.name), data, ship_corpus, dtype, device,
-                options.cpus_per_run, keep_weights)
+                options.cpus_per_run, keep_weights, expect_corpus)
     record = _read_jobs(study_dir)
     record.update({name: {"job_id": job.job_id, "launcher": launcher} for name, job in jobs.items()})
     (study_dir / "jobs.json").write_text(json.dumps(record, indent=1))

@@ -23,6 +23,7 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
@@ -54,8 +55,12 @@ from normlab.studies.train import (
     Env,
     FolderLock,
     Interrupted,
+    build_model,
+    checkpoint_misfit,
     model_config,
     read_result,
+    run_config,
+    run_differences,
     run_holder,
     run_identity,
     run_one,
@@ -240,11 +245,14 @@ def _error_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def _stale_runs(study: Study, study_dir: Path, made_by=None) -> list[str]:
-    """The study's runs whose folder holds work made with other settings: a result, or a
-    checkpoint (or the one a cut-off swap left aside), of another fingerprint, or made on
-    another corpus, dtype or device than ``made_by(spec)`` says (``train.run_identity``)."""
-    stale = []
+def _stale_runs(study: Study, study_dir: Path, made_by=None) -> dict[str, list[str]]:
+    """The study's runs whose folder holds work made with other settings, each with what
+    differs (``train.run_differences``): a result, or a checkpoint (or the one a cut-off
+    swap left aside), of another fingerprint, made on another corpus, dtype or device
+    than ``made_by(spec)`` says (``train.run_identity``), or of another model: a result's
+    recorded one, or a checkpoint's tensors (``train.checkpoint_misfit``: checkpoints
+    made before the model was recorded say nothing else about it)."""
+    stale: dict[str, list[str]] = {}
     for spec in study.runs:
         run_dir = study_dir / spec.name
         want = made_by(spec) if made_by else {"fingerprint": spec.fingerprint()}
@@ -254,25 +262,92 @@ def _stale_runs(study: Study, study_dir: Path, made_by=None) -> list[str]:
                 found = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
-            if isinstance(found, dict) and not same_run(found, want):
-                stale.append(spec.name)
+            if not isinstance(found, dict):
+                continue
+            differs = run_differences(found, want)
+            if any(d.startswith("settings:") for d in differs):  # (a model the settings changed: told there)
+                differs = [_settings_differ(spec, found) if d.startswith("settings:") else d
+                           for d in differs if not d.startswith("model:")]
+            if not differs and path.name == "state.json":
+                differs = _misfit(spec, path.parent / "model.safetensors")
+            if differs:
+                stale[spec.name] = differs
                 break
     return stale
 
 
-def _refuse_stale(study: Study, study_dir: Path, stale: list[str], report_only: bool) -> None:
+def _settings_differ(spec: RunSpec, found: dict[str, Any]) -> str:
+    """A fingerprint that differs, told by the settings a result records (``config``)
+    where they show it ("settings: steps 8, here 4"), else by the fingerprints."""
     try:
-        made_by = json.loads((study_dir / "summary.json").read_text())["provenance"]["command"]
-    except (OSError, ValueError, KeyError, TypeError):
+        want = json.loads(json.dumps(run_config(spec)))
+    except ValueError:
+        want = {}
+    have = found.get("config") if isinstance(found.get("config"), dict) else {}
+    keys = [k for k, v in want.items() if k in have and have[k] != v]
+    if keys:
+        return "settings: " + ", ".join(f"{k} {have[k]!r}, here {want[k]!r}" for k in keys[:3])
+    return f"settings: fingerprint {found.get('fingerprint')!r}, here {spec.fingerprint()!r}"
+
+
+def _misfit(spec: RunSpec, weights: Path) -> list[str]:
+    """``train.checkpoint_misfit`` for the run's model, built on the meta device (shapes
+    alone, nothing allocated); nothing when the file cannot be read or the model not
+    built: the run itself finds a damaged checkpoint, or a bad setting, in its turn."""
+    try:
+        with torch.device("meta"):
+            model = build_model(spec)
+        why = checkpoint_misfit(model, weights)
+    except Exception:  # noqa: BLE001 - see above
+        return []
+    return [f"model: {why}"] if why else []
+
+
+def _read_summary(study_dir: Path) -> dict[str, Any]:
+    """The folder's summary.json as the last command wrote it; {} when there is none."""
+    try:
+        summary = json.loads((study_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
+def _default_corpus_note(corpus: ByteCorpus) -> str:
+    from normlab.studies import data  # (its stdlib_root: where the default corpus was read)
+
+    return (f"the default corpus (no --data) is this Python's standard library ({data.stdlib_root()}, Python "
+            f"{platform.python_version()}; sha256 {corpus.sha256()[:12]}), so runs made with another Python read "
+            "other bytes")
+
+
+def _refuse_stale(study: Study, study_dir: Path, stale: dict[str, list[str]], report_only: bool,
+                  corpus: ByteCorpus | None = None) -> None:
+    """Raise ValueError naming the runs made with other settings, what differs in each,
+    the last command run in the folder, and the ways on. ``corpus``: the default corpus
+    (this Python's standard library) when the runs would resume on it: runs made with
+    another Python's are told apart from runs of another --data."""
+    try:
+        made_by = _read_summary(study_dir)["provenance"]["command"]
+    except (KeyError, TypeError):
         made_by = None
-    names = ", ".join(stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
+    names = ", ".join(list(stale)[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
     how = f"; the last command there: `{made_by}`" if made_by else ""
+    what = "; ".join(f"{name}: {', '.join(differs)}" for name, differs in list(stale.items())[:5])
+    what = f"what differs: {what}" + (f"; and {len(stale) - 5} more run(s)" if len(stale) > 5 else "")
+    head = f"{study_dir} holds {len(stale)} run(s) made with other settings ({names}{how})"
+    if any(d.startswith("model:") for differs in stale.values() for d in differs):  # (settings alike: _stale_runs)
+        what += ("; a model that differs under the same options was made by another version of normlab, which "
+                 "resolved it otherwise: no option of this one remakes it (--overwrite replaces such runs, --out "
+                 "another folder leaves them)")
     if report_only:
-        raise ValueError(f"{study_dir} holds {len(stale)} run(s) made with other settings ({names}{how}): give "
-                         "the options they were made with to report them")
-    raise ValueError(f"{study_dir} holds {len(stale)} run(s) made with other settings ({names}{how}): re-run "
-                     "with the options they were made with to resume them, --overwrite to replace them, or "
-                     "--out another folder")
+        raise ValueError(f"{head}: give the options they were made with to report them ({what})")
+    if corpus is not None and any(d.startswith("corpus:") for differs in stale.values() for d in differs):
+        raise ValueError(f"{head}: {_default_corpus_note(corpus)} ({what}). To resume them, re-run with the Python "
+                         "they were made with, or with --data giving the corpus they were made on if they were made "
+                         "with one; --overwrite replaces them, --out another folder leaves them. A corpus given with "
+                         "--data is the same under every Python")
+    raise ValueError(f"{head}: re-run with the options they were made with to resume them, --overwrite to replace "
+                     f"them, or --out another folder ({what})")
 
 
 def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, console: Console | None = None,
@@ -288,7 +363,8 @@ def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, con
     ``launcher`` ("local" or "slurm", see ``normlab.studies.cluster``) submits each
     unfinished run as a job; ``wait=False`` returns once they are submitted.
     ``report_only`` runs nothing: it merges the runs that have finished (by anyone) into
-    the summary and report, and lists the others as not finished.
+    the summary and report, and lists the others as not finished (the runs the last
+    summary recorded as failed, and not finished since, stay failed).
 
     ``workers`` None (auto): one per core on a CPU, ``runs_per_gpu`` (default 1) per
     visible GPU on CUDA. On CUDA worker k runs on GPU k % GPUs (``gpu_plan``).
@@ -297,7 +373,18 @@ def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, con
     raises ``StudyBusy`` (``report_only`` takes no lock: it only reads the runs). A folder
     whose runs were made with other settings (another ``--steps``, an older preset) is
     refused with ValueError, and nothing in it is touched, unless ``overwrite``: those
-    runs then start over."""
+    runs then start over. The error names what differs in each run (its settings, corpus,
+    dtype, device or model).
+
+    The default corpus (no ``data``, or a ``corpus`` of the standard library) is the
+    running Python's standard library, so another Python build reads other bytes. A
+    study refuses to resume runs made on another one: the resumed steps would train on
+    a second corpus, and the report judges them against this one's baselines. Under
+    ``report_only`` such runs are reported, with a warning naming them: each finished
+    whole on one corpus, recorded in its result, and a folder copied from another
+    machine would otherwise have no report at all; the provenance lists them
+    (``runs_on_other_corpora``). Another ``data`` is refused under ``report_only`` too:
+    a corpus named on purpose says which runs are meant."""
     console = console or Console()
     _check_workers(env, workers, runs_per_gpu, launcher is not None or report_only)
     study_dir = out / study.name
@@ -323,13 +410,18 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
     if corpus is None and any(r.task == "lm" for r in study.runs):
         corpus = ByteCorpus.from_path(data)
     device_type = None if report_only else job_device or env.device.type  # (--report-only: runs of any device)
+    default_corpus = corpus if corpus is not None and corpus.source == "python-stdlib" else None
+    any_corpus = report_only and default_corpus is not None  # (see run_study: reported, with a warning)
 
     def made_by(spec: RunSpec) -> dict[str, Any]:  # a run found finished or saved must match it
-        return run_identity(spec, corpus, env.dtype, device_type)
+        identity = run_identity(spec, corpus, env.dtype, device_type)
+        if any_corpus:
+            identity.pop("corpus_sha256", None)
+        return identity
 
     stale = _stale_runs(study, study_dir, made_by)
     if stale and (report_only or not overwrite):
-        _refuse_stale(study, study_dir, stale, report_only)
+        _refuse_stale(study, study_dir, stale, report_only, default_corpus)
     if launcher is not None or report_only:
         workers = 1
     workers = default_workers(env, runs_per_gpu or 1) if workers is None else workers
@@ -382,7 +474,7 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
         save_summary()
 
     def finish(spec: RunSpec, result: dict[str, Any]) -> None:
-        if corpus is not None and spec.task == "lm":
+        if corpus is not None and spec.task == "lm" and "baseline_val_loss" not in result:  # (one of its own)
             key = (spec.seq_len, spec.val_bytes)
             if key not in baselines:
                 baselines[key] = corpus.baselines(*key)
@@ -393,10 +485,7 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
     try:
         with progress:
             if report_only:
-                for spec in study.runs:
-                    if _finished(spec, study_dir / spec.name, made_by):
-                        finish(spec, json.loads((study_dir / spec.name / "result.json").read_text()))
-                prov["not_finished"] = [r.name for r in study.runs if r.name not in results]
+                _report_finished(study, study_dir, made_by, corpus if any_corpus else None, finish, failures, prov)
             elif launcher is not None:
                 pending = [r for r in study.runs if not _finished(r, study_dir / r.name, made_by)]
                 busy = [r.name for r in pending if run_holder(study_dir / r.name) is not None]
@@ -404,9 +493,13 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
                     console.print(f"{len(busy)} run(s) still running in earlier jobs, not submitted again: "
                                   + escape(", ".join(busy[:8]) + (" ..." if len(busy) > 8 else "")))
                     pending = [r for r in pending if r.name not in busy]
+                # a job that reads the corpus itself checks it reads this one (another Python's
+                # standard library, on a node with another Python, is another corpus)
                 jobs = cluster.submit(pending, study_dir, launcher, job_options or JobOptions(), data=data,
                                       ship_corpus=corpus if corpus_given else None, dtype=env.dtype,
-                                      keep_weights=keep_weights, device=env.device.type) if pending else {}
+                                      keep_weights=keep_weights, device=env.device.type,
+                                      expect_corpus=corpus.sha256() if corpus is not None and not corpus_given
+                                      else None) if pending else {}
                 if not wait:
                     console.print(f"submitted {len(jobs)} job(s) ({launcher}; ids in {study_dir / 'jobs.json'}); "
                                   f"`normlab study {study.name} --report-only` merges the finished runs")
@@ -450,6 +543,49 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
         (study_dir / "claims.json").write_text(json.dumps(_json_safe(rows), indent=1))
         report = write_report(study_dir, study, ordered, prov, rows, failures)
     return ordered, report
+
+
+def _report_finished(study: Study, study_dir: Path, made_by, default_corpus: ByteCorpus | None, finish,
+                     failures: dict[str, str], prov: dict[str, Any]) -> None:
+    """--report-only: hand every finished run to ``finish``; the runs that raised before
+    (the last summary.json's ``failed``) and have not finished since stay failed, with
+    their tracebacks, so a report never reads a run that raised as one merely not
+    finished; the others are listed as not finished.
+
+    ``default_corpus``: this Python's standard library, when the report reads on the
+    default corpus; LM runs finished on another (``made_by`` does not compare the corpus
+    then) are reported with a warning, each with its own corpus recorded, their unigram
+    baselines those the last summary.json gave them on that corpus (else this corpus's),
+    and the provenance lists them (``runs_on_other_corpora``: corpus sha256 -> runs)."""
+    previous = _read_summary(study_dir)
+    earlier = {r.get("name"): r for r in previous.get("runs") or [] if isinstance(r, dict)}
+    others: dict[str, list[str]] = {}
+    done: set[str] = set()
+    for spec in study.runs:
+        if not _finished(spec, study_dir / spec.name, made_by):
+            continue
+        done.add(spec.name)
+        result = json.loads((study_dir / spec.name / "result.json").read_text())
+        theirs = result.get("corpus_sha256")
+        if default_corpus is not None and spec.task == "lm" and theirs not in (None, default_corpus.sha256()):
+            others.setdefault(theirs, []).append(spec.name)
+            before = earlier.get(spec.name) or {}
+            if before.get("corpus_sha256") == theirs:
+                result.update({k: v for k, v in before.items() if k.startswith("baseline_val_loss")})
+        finish(spec, result)
+    names = {r.name for r in study.runs}
+    for entry in previous.get("failed") or []:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if name in names and name not in done:
+            failures[name] = str(entry.get("error") or "")
+    prov["not_finished"] = [r.name for r in study.runs if r.name not in done and r.name not in failures]
+    if others:
+        prov["runs_on_other_corpora"] = others
+        n = sum(len(v) for v in others.values())
+        shown = ", ".join(run for runs in others.values() for run in runs[:5])
+        warnings.warn(f"{n} finished run(s) were made on another corpus ({shown}): "
+                      f"{_default_corpus_note(default_corpus)}. They are reported as they were made, each with its own "
+                      "corpus recorded (summary.json: provenance.runs_on_other_corpora)", RuntimeWarning, stacklevel=3)
 
 
 def _counts(study: str, done: int, running: int, failed: int, total: int, where: str = "") -> str:
@@ -891,8 +1027,7 @@ def _run_parallel(study, study_dir, corpus, progress, finish, fail, keep_weights
     cut_off: list[Interrupted] = []  # the runs Ctrl-C stopped, as their workers reported them
     # SIGTERM (``kill``, a cancelled CI job) and SIGHUP (the terminal closed) stop the study
     # as Ctrl-C does: the workers save at a step boundary and the study exits interrupted
-    stop_signals = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
-    previous = {s: signal.signal(s, on_sigint) for s in stop_signals} if _in_main_thread() else {}
+    previous = {s: signal.signal(s, on_sigint) for s in _stop_signals()} if _in_main_thread() else {}
     interrupted: Interrupted | None = None
     try:
         while todo and interrupted is None and not stopping[0]:
@@ -934,6 +1069,16 @@ def _drain(queue, specs, bars, completed, progress, overall) -> list[str]:
         completed[name] = n
     progress.update(overall, completed=sum(completed.values()))
     return errors
+
+
+def _stop_signals() -> list[int]:
+    """The signals that stop a study with workers as Ctrl-C does: SIGINT, SIGTERM and
+    SIGHUP, less those this process was started with ignored. ``nohup`` ignores SIGHUP
+    so that a command outlives its terminal, and a shell starts a background job with
+    SIGINT ignored so that the terminal's Ctrl-C leaves it alone: taking such a signal
+    over would stop the study on exactly the event it was started to survive."""
+    wanted = (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None))
+    return [s for s in wanted if s is not None and signal.getsignal(s) != signal.SIG_IGN]
 
 
 def _in_main_thread() -> bool:

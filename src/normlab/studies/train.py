@@ -204,7 +204,10 @@ def teardown_env(env: Env) -> None:
 
 def run_identity(spec: RunSpec, corpus: ByteCorpus | None, dtype: str, device_type: str | None) -> dict[str, Any]:
     """What a run's numbers depend on besides its spec: the corpus (an LM's; the other
-    tasks draw their own data), the autocast dtype and the device type. A run records
+    tasks draw their own data), the autocast dtype, the device type, and the model as the
+    code resolves it (``model_config``: the task's sequence lengths and vocabulary, the
+    config's defaults), which can change while the spec, and so its fingerprint, stays
+    the same (the seq2seq target length grew to fit the longest number). A run records
     these in its result and checkpoint, and one made with others is not taken as this
     run's (``same_run``). ``device_type`` None: any device (a report read on a machine
     without the GPUs the runs trained on)."""
@@ -213,17 +216,81 @@ def run_identity(spec: RunSpec, corpus: ByteCorpus | None, dtype: str, device_ty
         out["device_type"] = device_type
     if spec.task == "lm" and corpus is not None:
         out["corpus_sha256"] = corpus.sha256()
+    try:
+        out["model_config"] = json.loads(json.dumps(model_config(spec).to_dict()))  # (as a record reads back)
+    except (TypeError, ValueError):  # a bad model setting: the run itself reports it, in its turn
+        pass
+    return out
+
+
+# how run_differences names each field of a run's identity
+IDENTITY_FIELDS = {"fingerprint": "settings", "corpus_sha256": "corpus", "dtype": "dtype", "device_type": "device",
+                   "model_config": "model"}
+
+
+def _shown(value: Any) -> str:
+    return value[:12] if isinstance(value, str) and len(value) == 64 else repr(value)  # a sha256: its head
+
+
+def run_differences(found: Any, identity: dict[str, Any]) -> list[str]:
+    """What keeps ``found`` (a result.json or a checkpoint's state.json) from being the
+    run ``identity`` (``run_identity``) describes, one phrase per field that differs and
+    named as ``IDENTITY_FIELDS`` names it ("dtype: 'fp32', here 'bf16'"); empty when it
+    is that run.
+
+    The fingerprint must match; each other field only where ``found`` records it: runs
+    written before a field was recorded are taken as they are, as nothing says
+    otherwise. The model is compared key by key (a config field added later is missing
+    from older records, and takes its default), and in records made before it was
+    recorded on its own, with the model settings a result keeps in its ``config``."""
+    if not isinstance(found, dict):
+        return ["settings: not a run's record"]
+    out = []
+    for key, want in identity.items():
+        label = IDENTITY_FIELDS.get(key, key)
+        if key == "model_config":
+            have = found.get("model_config")
+            if not isinstance(have, dict):
+                have = found.get("config") if isinstance(found.get("config"), dict) else {}
+            keys = [k for k, v in want.items() if k in have and have[k] != v]
+            if keys:
+                out.append(f"{label}: " + ", ".join(f"{k} {have[k]!r}, here {want[k]!r}" for k in keys[:3]))
+        elif (key in found or key == "fingerprint") and found.get(key) != want:
+            out.append(f"{label}: {_shown(found.get(key))}, here {_shown(want)}")
     return out
 
 
 def same_run(found: Any, identity: dict[str, Any]) -> bool:
     """Whether ``found`` (a result.json or a checkpoint's state.json) was made by the run
-    ``identity`` (``run_identity``) describes: the same fingerprint, and each of the
-    other fields the same where ``found`` records it (runs written before a field was
-    recorded are taken as they are: nothing says otherwise)."""
-    if not isinstance(found, dict) or found.get("fingerprint") != identity["fingerprint"]:
-        return False
-    return all(found[k] == v for k, v in identity.items() if k in found)
+    ``identity`` (``run_identity``) describes (``run_differences`` finds nothing)."""
+    return not run_differences(found, identity)
+
+
+def checkpoint_misfit(model: nn.Module, weights: Path) -> str | None:
+    """What in the weights file ``weights`` (a checkpoint's, as ``save_model`` wrote it)
+    does not fit ``model``: a tensor the model lacks or holds in another shape, or one of
+    the model's it lacks; None when each fits. Read from the file's header alone, and
+    ``model`` may be on the meta device: a run's settings can be checked against its
+    checkpoint without building the model in memory.
+
+    A checkpoint made before ``run_identity`` recorded the model says no more than its
+    fingerprint, which a model's shape can change without (a task's sequence length);
+    loading it would fail part way, with the model half overwritten. Tied weights are
+    stored once, under either name: a tensor of the model counts as in the file when
+    any name it goes by is."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    own = model.state_dict(keep_vars=True)  # (the tensors themselves: tied names share one)
+    for k, shape in shapes.items():
+        if k not in own:
+            return f"the checkpoint holds {k}, which the model has not"
+        if list(own[k].shape) != shape:
+            return f"{k} is {shape} in the checkpoint, {list(own[k].shape)} here"
+    stored = {id(own[k]) for k in shapes}
+    lacking = [k for k, v in own.items() if id(v) not in stored]
+    return f"the checkpoint lacks {lacking[0]}" if lacking else None
 
 
 # ------------------------------------------------------------------ model, data, schedule
@@ -453,11 +520,12 @@ def load_checkpoint(run_dir: Path, spec: RunSpec, model: nn.Module, optimizer: t
                     identity: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The saved state (and the model, optimizer and scheduler loaded from it); None with
     no checkpoint, one of other settings (``identity``, see ``run_identity``: also one
-    made on another corpus, dtype or device; None: the spec's fingerprint alone), or a
-    damaged one (a file missing, or one that does not parse): the main process (``main``) moves a damaged checkpoint aside to
-    ``checkpoint.damaged`` (``.damaged-2``, ... after the first) with a warning, and the
-    run starts over. Any other error while reading (out of memory, an I/O error) is
-    raised: the checkpoint may be sound."""
+    made on another corpus, dtype or device; None: the spec's fingerprint alone; also one
+    whose tensors do not fit the model, ``checkpoint_misfit``), or a damaged one (a file
+    missing, or one that does not parse): the main process (``main``) moves a damaged
+    checkpoint aside to ``checkpoint.damaged`` (``.damaged-2``, ... after the first) with a
+    warning, and the run starts over. Any other error while reading (out of memory, an I/O
+    error) is raised: the checkpoint may be sound."""
     import warnings
 
     from safetensors.torch import load_file
@@ -473,6 +541,8 @@ def load_checkpoint(run_dir: Path, spec: RunSpec, model: nn.Module, optimizer: t
             raise ValueError("state.json holds no step")
         if not same_run(state, identity or {"fingerprint": spec.fingerprint()}):
             return None  # settings changed: start over
+        if checkpoint_misfit(model, ckpt / "model.safetensors") is not None:
+            return None  # a model of other settings (made before the model was recorded): start over
         load_file(str(ckpt / "model.safetensors"))  # read whole before any of it goes into the model
         opt = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
     except (MemoryError, torch.OutOfMemoryError):
@@ -573,11 +643,13 @@ def _result_fields(spec: RunSpec, model: nn.Module | None = None) -> dict[str, A
     return out
 
 
-def run_config(spec: RunSpec, model: nn.Module) -> dict[str, Any]:
+def run_config(spec: RunSpec, model: nn.Module | None = None) -> dict[str, Any]:
     """Every setting that defines a run: the model's resolved TransformerConfig and the
-    training settings (optimizer, schedule, batch, data)."""
+    training settings (optimizer, schedule, batch, data). ``model`` None: the config the
+    spec resolves to (``model_config``), to compare with a result's without building it."""
     return {
-        **model.cfg.to_dict(), "task": spec.task, "kind": spec.kind, "seed": spec.seed,
+        **(model.cfg if model is not None else model_config(spec)).to_dict(),
+        "task": spec.task, "kind": spec.kind, "seed": spec.seed,
         "optimizer": "Adam", "lr": spec.lr, "betas": list(spec.betas), "eps": 1e-8,
         "weight_decay": spec.weight_decay, "grad_clip": spec.grad_clip, "warmup_steps": spec.warmup_steps,
         "schedule": spec.schedule, "steps": spec.steps, "batch_size": spec.batch_size, "seq_len": spec.seq_len,
@@ -844,8 +916,8 @@ def _run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
             result["final_val_exact_match"] = last_eval["val_exact_match"]
         if logit_max is not None:
             result["attention_logit_max"] = logit_max
-        for key in ("unselectable_by_layer", "undetermined_by_layer"):
-            if finished and key in last_eval:
+        for key in last_eval:  # unselectable_keys' measures: unselectable_by_layer, ..._heads_causal_by_layer
+            if finished and key.startswith(("unselectable", "undetermined")) and key.endswith("_by_layer"):
                 result[key] = last_eval[key]
         if task.majority is not None:  # chance: the uniform guess over the classes
             chance = math.log(task.majority.classes)

@@ -1,0 +1,287 @@
+"""What a study keeps when it outlives its terminal, is read on another machine, or
+meets runs of an older version: signals the study was started with ignored stay
+ignored; the default corpus, this Python's standard library, differs between Python
+builds, and runs made on another one are reported (with a warning) but not resumed; a
+model that changed under the same settings (the seq2seq target length) is refused,
+never loaded part way; runs that raised stay failed in a later --report-only."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from normlab.studies import cluster, data, runner, train
+from normlab.studies.data import ByteCorpus
+from normlab.studies.runner import run_study
+from normlab.studies.spec import RunSpec, Study, read_jsonl
+from normlab.studies.train import Env, Interrupted, run_one
+from tests.studies.helpers import MICRO, cpu_env, micro_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def no_report(monkeypatch):
+    """The study's report (its plots take seconds) is not what these tests check."""
+    monkeypatch.setattr(runner, "write_report", lambda study_dir, *a, **k: study_dir / "index.html")
+
+
+def _files(folder):
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _ctrl_c_at(step, spec, run_dir, env, corpus):
+    def on_step(n):
+        if n == step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted):
+        run_one(spec, run_dir, env, corpus, on_step=on_step)
+
+
+# ------------------------------------------------------------------ signals the study was started with ignored
+
+
+_IGNORED_SCRIPT = """
+import os, signal, sys
+from concurrent.futures import Future
+from pathlib import Path
+
+from rich.progress import Progress
+
+from normlab.studies import runner
+from normlab.studies.spec import Study
+from tests.studies.helpers import micro_spec
+
+
+class Pool:
+    # runs each task at once, here; as the workers start, the terminal closes and Ctrl-C is pressed
+    def __init__(self, max_workers, **kw):
+        self._processes, self._started = {}, False
+
+    def submit(self, fn, *args):
+        f = Future()
+        if fn is runner._started and not self._started:
+            self._started = True
+            print("SIGTERM handled:", callable(signal.getsignal(signal.SIGTERM)), flush=True)
+            os.kill(os.getpid(), signal.SIGHUP)
+            os.kill(os.getpid(), signal.SIGINT)
+            f.set_result(os.getpid())
+        elif fn is runner._started:
+            f.set_result(os.getpid())
+        else:
+            f.set_result({"name": args[0].name})
+        return f
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        pass
+
+
+runner.ProcessPoolExecutor = Pool
+shown = {signal.SIG_IGN: "ignored", signal.SIG_DFL: "default"}
+study = Study("s", "two runs", (micro_spec("a"), micro_spec("b", seed=1)))
+for attempt in ("ignored", "SIGHUP handled"):
+    if attempt != "ignored":
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    done = []
+    try:
+        with Progress(disable=True) as progress:
+            runner._run_parallel(study, Path(sys.argv[1]), None, progress, lambda s, r: done.append(s.name),
+                                 lambda s, e: done.append(repr(e)), False, 2, 1)
+        print(attempt, "finished", sorted(done), flush=True)
+    except runner.StudyInterrupted:
+        print(attempt, "stopped", flush=True)
+    print(attempt, "after:", *(shown.get(signal.getsignal(s), "a handler") for s in (signal.SIGHUP, signal.SIGINT)),
+          flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP")
+def test_signals_the_study_was_started_with_ignored_stay_ignored(tmp_path):
+    # nohup starts a command with SIGHUP ignored, a shell a background job with SIGINT
+    # ignored: the study runs on when its terminal closes, or Ctrl-C is pressed there
+    (tmp_path / "child.py").write_text(_IGNORED_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+
+    def ignore():
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    out = subprocess.run([sys.executable, str(tmp_path / "child.py"), str(tmp_path)], env=env, preexec_fn=ignore,
+                         capture_output=True, text=True, timeout=60)
+    lines = out.stdout.splitlines()
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "ignored finished ['a', 'b']" in lines, out.stdout
+    assert "ignored after: ignored ignored" in lines, out.stdout
+    # a signal not ignored still stops the study as Ctrl-C does, and its disposition comes back
+    assert "SIGHUP handled stopped" in lines and "SIGHUP handled after: default ignored" in lines, out.stdout
+    assert lines.count("SIGTERM handled: True") == 2, out.stdout
+
+
+# ------------------------------------------------------------------ the default corpus under another Python
+
+
+def _another_python(corpus):
+    """The standard library of another Python build: the default corpus, other bytes."""
+    return ByteCorpus(corpus.train[: -1000].clone(), corpus.val.clone(), "python-stdlib", corpus.n_files)
+
+
+def test_runs_made_with_another_pythons_default_corpus_are_reported_with_a_warning(tmp_path, corpus, no_report):
+    majority = micro_spec("m", task="majority", task_options={"classes": 4, "margin": 2}, steps=2, eval_every=1)
+    study = Study("py", "made under another Python", (micro_spec("lm", steps=2), majority))
+    first, _ = run_study(study, tmp_path, cpu_env(), corpus=corpus, workers=1)
+    study_dir = tmp_path / study.name
+    before = _files(study_dir)
+    here = _another_python(corpus)
+    # running: the runs would resume on other bytes; the error says why, and the ways on
+    with pytest.raises(ValueError, match=r"made with other settings \(lm;.*this Python's standard library.*"
+                                         r"lm: corpus: [0-9a-f]{12}, here [0-9a-f]{12}\).*Python they were made "
+                                         r"with.*--data.*--overwrite.*--out"):
+        run_study(study, tmp_path, cpu_env(), corpus=here, workers=1)
+    assert _files(study_dir) == before
+    # --report-only: reported as they were made, with a warning, and the provenance says so
+    with pytest.warns(RuntimeWarning, match=r"1 finished run\(s\) were made on another corpus \(lm\).*standard "
+                                            r"library"):
+        reported, _ = run_study(study, tmp_path, cpu_env(), corpus=here, report_only=True)
+    assert [r["name"] for r in reported] == ["lm", "m"]
+    assert reported[0]["corpus_sha256"] == corpus.sha256() != here.sha256()
+    # judged against the unigram baseline of the corpus they trained on, as reported before
+    assert reported[0]["baseline_val_loss"] == first[0]["baseline_val_loss"]
+    assert here.baselines(16, 4096)["baseline_val_loss"] != first[0]["baseline_val_loss"]
+    prov = json.loads((study_dir / "summary.json").read_text())["provenance"]
+    assert prov["runs_on_other_corpora"] == {corpus.sha256(): ["lm"]} and prov["not_finished"] == []
+    assert prov["corpus_sha256"] == here.sha256()
+    # a corpus given with --data says which runs are meant: another is refused, naming the field
+    other = tmp_path / "other.txt"
+    other.write_text("".join(f"line {i} of another corpus\n" for i in range(600)))
+    with pytest.raises(ValueError, match=r"give the options they were made with.*lm: corpus: "):
+        run_study(study, tmp_path, cpu_env(), corpus=ByteCorpus.from_path(other), report_only=True)
+    with pytest.raises(ValueError, match=r"what differs: lm: dtype: 'fp32', here 'bf16'; m: dtype: 'fp32', "
+                                         r"here 'bf16'"):
+        run_study(study, tmp_path, Env(device=torch.device("cpu"), dtype="bf16"), corpus=corpus, workers=1)
+
+
+def test_a_job_whose_corpus_is_not_the_studys_refuses_before_training(tmp_path, corpus, monkeypatch):
+    # a compute node's Python has another standard library: its run would be made on other bytes
+    with pytest.raises(ValueError, match=r"this job's corpus .* is not the study's .*this node's Python's standard "
+                                         r"library.*--data"):
+        cluster.run_in_job(micro_spec("r"), str(tmp_path / "r"), None, corpus, "fp32", "cpu", 1, False, "0" * 64)
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+    # the submitting command hands each job the sha256 of the corpus it read
+    jobs = []
+
+    class Executor:
+        def __init__(self, folder, cluster):
+            pass
+
+        def update_parameters(self, **kw):
+            pass
+
+        def batch(self):
+            from contextlib import nullcontext
+
+            return nullcontext()
+
+        def submit(self, fn, *args):
+            from types import SimpleNamespace
+
+            jobs.append(args)
+            return SimpleNamespace(job_id=str(len(jobs)))
+
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(cluster, "_submitit", lambda: SimpleNamespace(AutoExecutor=Executor))
+    data = tmp_path / "data.txt"
+    data.write_text("".join(f"the {i}th line of a small corpus\n" for i in range(300)))
+    run_study(Study("jobs", "jobs", (micro_spec("a"),)), tmp_path, cpu_env(), data=str(data), launcher="local",
+              wait=False)
+    assert [job[8] for job in jobs] == [ByteCorpus.from_path(data).sha256()]
+
+
+# ------------------------------------------------------------------ a model that changed under the same settings
+
+
+def test_a_seq2seq_checkpoint_of_the_shorter_target_is_refused_never_loaded(tmp_path, corpus, monkeypatch, no_report):
+    spec = micro_spec("s", task="seq2seq", steps=6, checkpoint_every=100, diag_every=0)
+    study = Study("s2s", "made before the target length changed", (spec,))
+    run_dir = tmp_path / study.name / "s"
+    with monkeypatch.context() as m:  # the version before: targets of 48 (too short for 1.7% of numbers)
+        m.setattr(data, "longest_words", lambda max_value: 47)
+        assert train.model_config(spec).max_seq_len == 48
+        _ctrl_c_at(2, spec, run_dir, cpu_env(), None)
+    assert train.model_config(spec).max_seq_len == 51
+    before = _files(run_dir)
+    with pytest.raises(ValueError, match=r"\(s\): re-run .*what differs: s: model: max_seq_len 48, here 51; .*another "
+                                         r"version of normlab"):
+        run_study(study, tmp_path, cpu_env(), workers=1)
+    # made before the model was recorded: its tensors tell
+    state_path = run_dir / "checkpoint" / "state.json"
+    state = json.loads(state_path.read_text())
+    state_path.write_text(json.dumps({k: v for k, v in state.items() if k != "model_config"}))
+    before = _files(run_dir)
+    for report_only in (False, True):
+        with pytest.raises(ValueError, match=r"what differs: s: model: embed\.positions\.weight is \[48, 16\] in the "
+                                             r"checkpoint, \[51, 16\] here"):
+            run_study(study, tmp_path, cpu_env(), workers=1, report_only=report_only)
+    assert _files(run_dir) == before
+    # --overwrite (and run_one itself, as a job runs it): the run starts over, nothing loaded part way
+    done, _ = run_study(study, tmp_path, cpu_env(), workers=1, overwrite=True)
+    straight = run_one(spec, tmp_path / "straight", cpu_env(), None)
+    assert done[0]["final_val_loss"] == straight["final_val_loss"] and done[0]["model_config"]["max_seq_len"] == 51
+    assert read_jsonl(run_dir / "metrics.jsonl") == read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+
+
+def test_an_old_finished_seq2seq_result_is_refused_where_its_config_tells(tmp_path, corpus, no_report):
+    spec = micro_spec("s", task="seq2seq", steps=2, diag_every=0)
+    study = Study("old", "a result of the shorter target", (spec,))
+    (done,), _ = run_study(study, tmp_path, cpu_env(), workers=1)
+    path = tmp_path / study.name / "s" / "result.json"
+    old = {k: v for k, v in done.items() if k != "model_config"}  # as results were written before it
+    path.write_text(json.dumps({**old, "config": {**old["config"], "max_seq_len": 48}}))
+    for report_only in (False, True):
+        with pytest.raises(ValueError, match=r"what differs: s: model: max_seq_len 48, here 51"):
+            run_study(study, tmp_path, cpu_env(), workers=1, report_only=report_only)
+    # a config without a field added since, or a result that records no config, is taken as it is
+    path.write_text(json.dumps({**old, "config": {k: v for k, v in old["config"].items() if k != "qk_norm_scope"}}))
+    assert runner._finished(spec, path.parent, lambda s: train.run_identity(s, None, "fp32", "cpu"))
+    identity = train.run_identity(spec, None, "fp32", "cpu")
+    assert train.same_run({"fingerprint": spec.fingerprint()}, identity)
+    assert train.run_differences({"fingerprint": spec.fingerprint(), "config": {"max_seq_len": 48}}, identity) == [
+        "model: max_seq_len 48, here 51"]
+    # a bad model setting leaves the model out: the run reports its error in its turn
+    bad = RunSpec(name="x", model={**MICRO, "n_heads": 3})
+    assert "model_config" not in train.run_identity(bad, None, "fp32", "cpu")
+
+
+# ------------------------------------------------------------------ runs that raised, read again
+
+
+def test_report_only_keeps_the_runs_that_raised_until_they_finish(tmp_path, corpus, monkeypatch, no_report):
+    study = Study("f", "one run raises", (micro_spec("a", steps=2), micro_spec("b", steps=2, seed=1)))
+    real = runner.run_one
+
+    def raises(spec, *a, **k):
+        if spec.name == "b":
+            raise RuntimeError("out of memory, say")
+        return real(spec, *a, **k)
+
+    monkeypatch.setattr(runner, "run_one", raises)
+    run_study(study, tmp_path, cpu_env(), corpus=corpus, workers=1)
+    study_dir = tmp_path / study.name
+    summary = json.loads((study_dir / "summary.json").read_text())
+    assert [f["name"] for f in summary["failed"]] == ["b"]
+    error = summary["failed"][0]["error"]
+    run_study(study, tmp_path, cpu_env(), corpus=corpus, report_only=True)
+    summary = json.loads((study_dir / "summary.json").read_text())
+    assert summary["failed"] == [{"name": "b", "error": error}]
+    assert summary["provenance"]["not_finished"] == []  # failed, not merely unfinished
+    # once it has finished (a job, a later command), it is no longer failed
+    run_one(study.runs[1], study_dir / "b", cpu_env(), corpus)
+    done, _ = run_study(study, tmp_path, cpu_env(), corpus=corpus, report_only=True)
+    summary = json.loads((study_dir / "summary.json").read_text())
+    assert [r["name"] for r in done] == ["a", "b"] and summary["failed"] == []
