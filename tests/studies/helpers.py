@@ -1,11 +1,14 @@
 """What the study tests share: a micro model, a run spec builder, the CPU."""
 
+import os
+import signal
 from contextlib import contextmanager
 
+import pytest
 import torch
 
 from normlab.studies.spec import RunSpec
-from normlab.studies.train import Env
+from normlab.studies.train import Env, Interrupted, run_one
 
 MICRO = {"d_model": 16, "n_heads": 2, "d_ff": 32, "dropout": 0.0, "n_layers": 2}
 
@@ -34,3 +37,18 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def folder_files(folder):
+    """Every file under ``folder`` with its bytes."""
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def ctrl_c_at(step, spec, run_dir, env, corpus):
+    """Run ``spec`` and press Ctrl-C at the end of ``step``: it saves and stops."""
+    def on_step(n):
+        if n == step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted):
+        run_one(spec, run_dir, env, corpus, on_step=on_step)

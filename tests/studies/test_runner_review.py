@@ -23,7 +23,7 @@ from normlab.studies.data import ByteCorpus, NumberWords, _is_validation, number
 from normlab.studies.runner import run_study
 from normlab.studies.spec import RunSpec, Study, read_jsonl
 from normlab.studies.train import Env, Interrupted, run_holder, run_one
-from tests.studies.helpers import MICRO, cpu_env, micro_spec
+from tests.studies.helpers import MICRO, cpu_env, ctrl_c_at, folder_files, micro_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,25 +32,6 @@ def _other_corpus(tmp_path):
     path = tmp_path / "other.txt"
     path.write_text("".join(f"line {i} of another corpus, not the standard library\n" for i in range(600)))
     return ByteCorpus.from_path(path)
-
-
-@pytest.fixture
-def no_report(monkeypatch):
-    """The study's report (its plots take seconds) is not what these tests check."""
-    monkeypatch.setattr(runner, "write_report", lambda study_dir, *a, **k: study_dir / "index.html")
-
-
-def _files(folder):
-    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
-def _ctrl_c_at(step, spec, run_dir, env, corpus):
-    def on_step(n):
-        if n == step:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    with pytest.raises(Interrupted):
-        run_one(spec, run_dir, env, corpus, on_step=on_step)
 
 
 # ------------------------------------------------------------------ the runs' data, dtype, device
@@ -63,7 +44,7 @@ def test_runs_made_on_another_corpus_dtype_or_device_are_refused(tmp_path, corpu
     assert (first[0]["corpus_sha256"], first[0]["dtype"], first[0]["device_type"]) == (corpus.sha256(), "fp32", "cpu")
     assert "corpus_sha256" not in first[1]  # the majority task draws its own data
     study_dir = tmp_path / study.name
-    before = _files(study_dir)
+    before = folder_files(study_dir)
     other = _other_corpus(tmp_path)
     # another --data: the LM run's numbers (and the baselines that judge them) are another corpus's
     with pytest.raises(ValueError, match=r"holds 1 run\(s\) made with other settings \(lm;.*--overwrite"):
@@ -74,7 +55,7 @@ def test_runs_made_on_another_corpus_dtype_or_device_are_refused(tmp_path, corpu
         run_study(study, tmp_path, Env(device=torch.device("cpu"), dtype="bf16"), corpus=corpus, workers=1)
     with pytest.raises(ValueError, match=r"holds 2 run\(s\) made with other settings"):  # another --device
         run_study(study, tmp_path, Env(device=torch.device("cuda")), corpus=corpus, workers=1)
-    assert _files(study_dir) == before  # nothing touched
+    assert folder_files(study_dir) == before  # nothing touched
     # --overwrite: the LM run starts over on the other corpus; the majority run is found finished
     redone, _ = run_study(study, tmp_path, cpu_env(), corpus=other, workers=1, overwrite=True)
     assert redone[0]["corpus_sha256"] == other.sha256() and redone[1] == first[1]
@@ -86,7 +67,7 @@ def test_a_checkpoint_made_on_another_corpus_is_refused_and_never_resumed(tmp_pa
     spec = micro_spec("r", steps=8, checkpoint_every=100)
     study = Study("ckpt", "a checkpoint of another corpus", (spec,))
     other = _other_corpus(tmp_path)
-    _ctrl_c_at(3, spec, tmp_path / study.name / "r", cpu_env(), corpus)
+    ctrl_c_at(3, spec, tmp_path / study.name / "r", cpu_env(), corpus)
     with pytest.raises(ValueError, match="made with other settings"):
         run_study(study, tmp_path, cpu_env(), corpus=other, workers=1)
     # run_one itself starts such a run over: its records are the other corpus's alone
@@ -100,12 +81,12 @@ def test_a_checkpoint_of_other_settings_left_aside_is_refused(tmp_path, corpus):
     study = Study("aside", "a swap cut off", (micro_spec("r0", steps=8),))
     spec = study.runs[0].with_overrides(checkpoint_every=100)  # other settings
     run_dir = tmp_path / study.name / "r0"
-    _ctrl_c_at(3, spec, run_dir, cpu_env(), corpus)
+    ctrl_c_at(3, spec, run_dir, cpu_env(), corpus)
     (run_dir / "checkpoint").rename(run_dir / "checkpoint.old")  # killed between the swap's two renames
-    before = _files(run_dir)
+    before = folder_files(run_dir)
     with pytest.raises(ValueError, match=r"made with other settings \(r0"):
         run_study(study, tmp_path, cpu_env(), corpus=corpus, workers=1)
-    assert _files(run_dir) == before
+    assert folder_files(run_dir) == before
 
 
 # ------------------------------------------------------------------ the study's process stopped

@@ -19,29 +19,10 @@ from normlab.studies import cluster, data, runner, train
 from normlab.studies.data import ByteCorpus
 from normlab.studies.runner import run_study
 from normlab.studies.spec import RunSpec, Study, read_jsonl
-from normlab.studies.train import Env, Interrupted, run_one
-from tests.studies.helpers import MICRO, cpu_env, micro_spec
+from normlab.studies.train import Env, run_one
+from tests.studies.helpers import MICRO, cpu_env, ctrl_c_at, folder_files, micro_spec
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def no_report(monkeypatch):
-    """The study's report (its plots take seconds) is not what these tests check."""
-    monkeypatch.setattr(runner, "write_report", lambda study_dir, *a, **k: study_dir / "index.html")
-
-
-def _files(folder):
-    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
-def _ctrl_c_at(step, spec, run_dir, env, corpus):
-    def on_step(n):
-        if n == step:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    with pytest.raises(Interrupted):
-        run_one(spec, run_dir, env, corpus, on_step=on_step)
 
 
 # ------------------------------------------------------------------ signals the study was started with ignored
@@ -136,14 +117,14 @@ def test_runs_made_with_another_pythons_default_corpus_are_reported_with_a_warni
     study = Study("py", "made under another Python", (micro_spec("lm", steps=2), majority))
     first, _ = run_study(study, tmp_path, cpu_env(), corpus=corpus, workers=1)
     study_dir = tmp_path / study.name
-    before = _files(study_dir)
+    before = folder_files(study_dir)
     here = _another_python(corpus)
     # running: the runs would resume on other bytes; the error says why, and the ways on
     with pytest.raises(ValueError, match=r"made with other settings \(lm;.*this Python's standard library.*"
                                          r"lm: corpus: [0-9a-f]{12}, here [0-9a-f]{12}\).*Python they were made "
                                          r"with.*--data.*--overwrite.*--out"):
         run_study(study, tmp_path, cpu_env(), corpus=here, workers=1)
-    assert _files(study_dir) == before
+    assert folder_files(study_dir) == before
     # --report-only: reported as they were made, with a warning, and the provenance says so
     with pytest.warns(RuntimeWarning, match=r"1 finished run\(s\) were made on another corpus \(lm\).*standard "
                                             r"library"):
@@ -213,9 +194,9 @@ def test_a_seq2seq_checkpoint_of_the_shorter_target_is_refused_never_loaded(tmp_
     with monkeypatch.context() as m:  # the version before: targets of 48 (too short for 1.7% of numbers)
         m.setattr(data, "longest_words", lambda max_value: 47)
         assert train.model_config(spec).max_seq_len == 48
-        _ctrl_c_at(2, spec, run_dir, cpu_env(), None)
+        ctrl_c_at(2, spec, run_dir, cpu_env(), None)
     assert train.model_config(spec).max_seq_len == 51
-    before = _files(run_dir)
+    before = folder_files(run_dir)
     with pytest.raises(ValueError, match=r"\(s\): re-run .*what differs: s: model: max_seq_len 48, here 51; .*another "
                                          r"version of normlab"):
         run_study(study, tmp_path, cpu_env(), workers=1)
@@ -223,12 +204,12 @@ def test_a_seq2seq_checkpoint_of_the_shorter_target_is_refused_never_loaded(tmp_
     state_path = run_dir / "checkpoint" / "state.json"
     state = json.loads(state_path.read_text())
     state_path.write_text(json.dumps({k: v for k, v in state.items() if k != "model_config"}))
-    before = _files(run_dir)
+    before = folder_files(run_dir)
     for report_only in (False, True):
         with pytest.raises(ValueError, match=r"what differs: s: model: embed\.positions\.weight is \[48, 16\] in the "
                                              r"checkpoint, \[51, 16\] here"):
             run_study(study, tmp_path, cpu_env(), workers=1, report_only=report_only)
-    assert _files(run_dir) == before
+    assert folder_files(run_dir) == before
     # --overwrite (and run_one itself, as a job runs it): the run starts over, nothing loaded part way
     done, _ = run_study(study, tmp_path, cpu_env(), workers=1, overwrite=True)
     straight = run_one(spec, tmp_path / "straight", cpu_env(), None)

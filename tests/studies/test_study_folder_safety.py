@@ -4,7 +4,6 @@ other settings are never silently replaced or mixed, Ctrl-C and a full disk are 
 
 import json
 import os
-import signal
 import warnings
 
 import pytest
@@ -13,7 +12,7 @@ from normlab.studies import runner
 from normlab.studies.runner import StudyBusy, StudyInterrupted, _error_line, run_study
 from normlab.studies.spec import Study, read_jsonl
 from normlab.studies.train import FolderLock, Interrupted, RunBusy, run_holder, run_one
-from tests.studies.helpers import cpu_env, micro_spec
+from tests.studies.helpers import cpu_env, ctrl_c_at, micro_spec
 
 
 def _study(name="safe", steps=6, kinds=("train",)):
@@ -21,16 +20,6 @@ def _study(name="safe", steps=6, kinds=("train",)):
     for i, kind in enumerate(kinds):
         runs.append(micro_spec(f"r{i}", steps=steps, kind=kind, probe_batches=1))
     return Study(name, "folder safety", tuple(runs), claims=())
-
-
-def _ctrl_c_at(step, spec, run_dir, env, corpus):
-    """Run ``spec`` and press Ctrl-C at the end of ``step``: it saves and stops."""
-    def on_step(n):
-        if n == step:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    with pytest.raises(Interrupted):
-        run_one(spec, run_dir, env, corpus, on_step=on_step)
 
 
 def _results(study_dir):
@@ -86,7 +75,7 @@ def test_a_damaged_checkpoint_is_moved_aside_and_the_run_starts_over(tmp_path, c
     spec = micro_spec("d", steps=8, checkpoint_every=100)
     straight = run_one(spec, tmp_path / "a", cpu_env(), corpus)
 
-    _ctrl_c_at(3, spec, tmp_path / "b", cpu_env(), corpus)
+    ctrl_c_at(3, spec, tmp_path / "b", cpu_env(), corpus)
     ckpt = tmp_path / "b" / "checkpoint"
     target = {"state": "state.json", "weights": "model.safetensors", "optimizer": "optimizer.pt"}[damage]
     data = (ckpt / target).read_bytes()
@@ -103,7 +92,7 @@ def test_a_cut_off_metrics_line_is_dropped_on_resume_and_in_the_report(tmp_path,
     spec = micro_spec("m", steps=8, checkpoint_every=100)
     straight = run_one(spec, tmp_path / "a", cpu_env(), corpus)
 
-    _ctrl_c_at(4, spec, tmp_path / "b", cpu_env(), corpus)
+    ctrl_c_at(4, spec, tmp_path / "b", cpu_env(), corpus)
     metrics = tmp_path / "b" / "metrics.jsonl"
     with metrics.open("a") as f:
         f.write('{"step": 4, "train_lo')  # a kill mid-write
@@ -143,7 +132,7 @@ def test_a_checkpoint_of_other_settings_counts_as_their_work(tmp_path, corpus):
     study = _study(steps=8)
     spec = study.runs[0]
 
-    _ctrl_c_at(3, spec.with_overrides(checkpoint_every=100), tmp_path / study.name / "r0", cpu_env(), corpus)
+    ctrl_c_at(3, spec.with_overrides(checkpoint_every=100), tmp_path / study.name / "r0", cpu_env(), corpus)
     with pytest.raises(ValueError, match="made with other settings"):
         run_study(study, tmp_path, cpu_env(), corpus=corpus, workers=1)
 
@@ -209,7 +198,7 @@ def test_a_checkpoint_swap_cut_off_between_its_renames_resumes(tmp_path, corpus)
     spec = micro_spec("swap", steps=8, checkpoint_every=2)
     straight = run_one(spec, tmp_path / "a", cpu_env(), corpus)
 
-    _ctrl_c_at(5, spec, tmp_path / "b", cpu_env(), corpus)
+    ctrl_c_at(5, spec, tmp_path / "b", cpu_env(), corpus)
     run_dir = tmp_path / "b"
     assert not (run_dir / "checkpoint.old").exists()  # a whole swap leaves nothing aside
     (run_dir / "checkpoint").rename(run_dir / "checkpoint.old")  # killed after the first rename
@@ -225,7 +214,7 @@ def test_a_transient_read_error_keeps_the_checkpoint(tmp_path, corpus, monkeypat
     import torch
 
     spec = micro_spec("t", steps=8, checkpoint_every=100)
-    _ctrl_c_at(4, spec, tmp_path / "r", cpu_env(), corpus)
+    ctrl_c_at(4, spec, tmp_path / "r", cpu_env(), corpus)
 
     def flaky(*a, **k):
         raise OSError(errno.EIO, "Input/output error")
@@ -239,11 +228,11 @@ def test_a_transient_read_error_keeps_the_checkpoint(tmp_path, corpus, monkeypat
 
 def test_damaged_checkpoints_are_kept_under_numbered_names(tmp_path, corpus):
     spec = micro_spec("n", steps=8, checkpoint_every=100)
-    _ctrl_c_at(3, spec, tmp_path / "r", cpu_env(), corpus)
+    ctrl_c_at(3, spec, tmp_path / "r", cpu_env(), corpus)
     for expected in ("checkpoint.damaged", "checkpoint.damaged-2"):
         (tmp_path / "r" / "checkpoint" / "state.json").write_text("{")  # (starts over, saves at 3 again)
         with pytest.warns(RuntimeWarning, match="cannot be read"):
-            _ctrl_c_at(3, spec, tmp_path / "r", cpu_env(), corpus)
+            ctrl_c_at(3, spec, tmp_path / "r", cpu_env(), corpus)
         assert (tmp_path / "r" / expected).is_dir()
 
 
@@ -280,7 +269,7 @@ def test_the_cpu_allocators_out_of_memory_keeps_the_checkpoint(tmp_path, corpus,
     import torch
 
     spec = micro_spec("o", steps=8, checkpoint_every=100)
-    _ctrl_c_at(4, spec, tmp_path / "r", cpu_env(), corpus)
+    ctrl_c_at(4, spec, tmp_path / "r", cpu_env(), corpus)
 
     def oom(*a, **k):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
