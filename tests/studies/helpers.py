@@ -52,3 +52,26 @@ def ctrl_c_at(step, spec, run_dir, env, corpus):
 
     with pytest.raises(Interrupted):
         run_one(spec, run_dir, env, corpus, on_step=on_step)
+
+
+def recording_executor(jobs: list):
+    """A stand-in for submitit's ``AutoExecutor`` that appends each job's arguments to
+    ``jobs`` instead of running it."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    class Executor:
+        def __init__(self, folder, cluster):
+            pass
+
+        def update_parameters(self, **kw):
+            pass
+
+        def batch(self):
+            return nullcontext()
+
+        def submit(self, fn, *args):
+            jobs.append(args)
+            return SimpleNamespace(job_id=str(len(jobs)))
+
+    return Executor

@@ -11,23 +11,13 @@ from normlab.studies.claims import best_setting, judge_all, missing_runs
 from normlab.studies.report import configurations, write_markdown
 from normlab.studies.spec import RunSpec
 from normlab.studies.stats import Interval, degenerate, mean_ci, verdict
+from tests.studies.test_claim_edges import _train as _edge_train
 
-BASE = 3.2  # the unigram baseline (full, select and test halves)
 
-
-def _train(study, seed, lr, loss, *, placement="pre", norm="layernorm", n_layers=6, warmup=30, diverged=False,
-           group=None, **extra):
-    nan = math.nan
-    r = {"name": f"{study}-{placement}-{norm}-L{n_layers}-lr{lr:g}-w{warmup}-s{seed}", "kind": "train",
-         "task": "lm", "placement": placement, "norm": norm, "n_layers": n_layers, "d_model": 32, "lr": lr,
-         "warmup_steps": warmup, "seed": seed, "steps": 120,
-         "tags": {"study": study, "lr": lr, "group": group or (norm if study == "norms" else placement)},
-         "config": {"batch_size": 16, "seq_len": 64, "betas": [0.9, 0.98], "schedule": "constant"},
-         "n_params": 1000, "final_val_loss": nan if diverged else loss,
-         "final_val_loss_select": nan if diverged else loss, "final_val_loss_test": nan if diverged else loss,
-         "diverged": diverged, "baseline_val_loss": BASE, "baseline_val_loss_select": BASE,
-         "baseline_val_loss_test": BASE}
-    r.update(extra)
+def _train(study, seed, lr, loss, *, placement="pre", norm="layernorm", group=None, **kw):
+    """``test_claim_edges``' training result, with a ``group`` tag (the configuration's name)."""
+    r = _edge_train(study, seed, lr, loss, placement=placement, norm=norm, **kw)
+    r["tags"]["group"] = group or (norm if study == "norms" else placement)
     return r
 
 

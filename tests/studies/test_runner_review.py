@@ -23,7 +23,14 @@ from normlab.studies.data import ByteCorpus, NumberWords, _is_validation, number
 from normlab.studies.runner import run_study
 from normlab.studies.spec import RunSpec, Study, read_jsonl
 from normlab.studies.train import Env, Interrupted, run_holder, run_one
-from tests.studies.helpers import MICRO, cpu_env, ctrl_c_at, folder_files, micro_spec
+from tests.studies.helpers import (
+    MICRO,
+    cpu_env,
+    ctrl_c_at,
+    folder_files,
+    micro_spec,
+    recording_executor,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -287,40 +294,17 @@ def test_repeated_run_names_and_training_runs_of_no_steps_are_refused():
     assert micro_spec("p", kind="probe", steps=0).steps == 0  # a probe trains no step
 
 
-class _Executor:
-    """Stands in for submitit's executor: records what each job would be handed."""
-
-    jobs: list[tuple] = []
-
-    def __init__(self, folder, cluster):
-        pass
-
-    def update_parameters(self, **kw):
-        pass
-
-    def batch(self):
-        from contextlib import nullcontext
-
-        return nullcontext()
-
-    def submit(self, fn, *args):
-        from types import SimpleNamespace
-
-        _Executor.jobs.append(args)
-        return SimpleNamespace(job_id=str(len(_Executor.jobs)))
-
-
 def test_a_jobs_device_follows_the_study_and_its_gpus(tmp_path, corpus, monkeypatch, no_report):
     from types import SimpleNamespace
 
-    _Executor.jobs = []
-    monkeypatch.setattr(cluster, "_submitit", lambda: SimpleNamespace(AutoExecutor=_Executor))
+    jobs = []
+    monkeypatch.setattr(cluster, "_submitit", lambda: SimpleNamespace(AutoExecutor=recording_executor(jobs)))
     runs = [micro_spec("a")]
     cluster.submit(runs, tmp_path, "local", JobOptions(gpus_per_run=1), data=None, ship_corpus=None, dtype="fp32",
                    keep_weights=False, device="cpu")
     cluster.submit(runs, tmp_path, "local", JobOptions(), data=None, ship_corpus=None, dtype="bf16",
                    keep_weights=False, device="cpu")
-    assert [(job[4], job[5]) for job in _Executor.jobs] == [("fp32", "cuda"), ("bf16", "cpu")]
+    assert [(job[4], job[5]) for job in jobs] == [("fp32", "cuda"), ("bf16", "cpu")]
     # --device cuda with jobs that get no GPU would train on their CPUs: refused, naming the options
     with pytest.raises(ValueError, match="--device cuda.*--gpus-per-run"):
         cluster.submit(runs, tmp_path, "local", JobOptions(), data=None, ship_corpus=None, dtype="fp32",
@@ -335,7 +319,7 @@ def test_a_jobs_device_follows_the_study_and_its_gpus(tmp_path, corpus, monkeypa
     result_path.write_text(json.dumps({**json.loads(result_path.read_text()), "device_type": "cuda"}))
     done, _ = run_study(study, tmp_path / "gpu", cpu_env(), corpus=corpus, launcher="local",
                         job_options=JobOptions(gpus_per_run=1))
-    assert [r["name"] for r in done] == ["a"] and len(_Executor.jobs) == 2  # nothing submitted
+    assert [r["name"] for r in done] == ["a"] and len(jobs) == 2  # nothing submitted
     summary = json.loads((tmp_path / "gpu" / "jobs" / "summary.json").read_text())
     assert summary["provenance"]["job_device"] == "cuda"
     with pytest.raises(ValueError, match="made with other settings"):  # the CPU jobs would not match it

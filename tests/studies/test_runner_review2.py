@@ -20,7 +20,14 @@ from normlab.studies.data import ByteCorpus
 from normlab.studies.runner import run_study
 from normlab.studies.spec import RunSpec, Study, read_jsonl
 from normlab.studies.train import Env, run_one
-from tests.studies.helpers import MICRO, cpu_env, ctrl_c_at, folder_files, micro_spec
+from tests.studies.helpers import (
+    MICRO,
+    cpu_env,
+    ctrl_c_at,
+    folder_files,
+    micro_spec,
+    recording_executor,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -154,29 +161,10 @@ def test_a_job_whose_corpus_is_not_the_studys_refuses_before_training(tmp_path, 
         cluster.run_in_job(micro_spec("r"), str(tmp_path / "r"), None, corpus, "fp32", "cpu", 1, False, "0" * 64)
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
     # the submitting command hands each job the sha256 of the corpus it read
-    jobs = []
-
-    class Executor:
-        def __init__(self, folder, cluster):
-            pass
-
-        def update_parameters(self, **kw):
-            pass
-
-        def batch(self):
-            from contextlib import nullcontext
-
-            return nullcontext()
-
-        def submit(self, fn, *args):
-            from types import SimpleNamespace
-
-            jobs.append(args)
-            return SimpleNamespace(job_id=str(len(jobs)))
-
     from types import SimpleNamespace
 
-    monkeypatch.setattr(cluster, "_submitit", lambda: SimpleNamespace(AutoExecutor=Executor))
+    jobs = []
+    monkeypatch.setattr(cluster, "_submitit", lambda: SimpleNamespace(AutoExecutor=recording_executor(jobs)))
     data = tmp_path / "data.txt"
     data.write_text("".join(f"the {i}th line of a small corpus\n" for i in range(300)))
     run_study(Study("jobs", "jobs", (micro_spec("a"),)), tmp_path, cpu_env(), data=str(data), launcher="local",
