@@ -254,3 +254,24 @@ def test_report_only_keeps_the_runs_that_raised_until_they_finish(tmp_path, corp
     done, _ = run_study(study, tmp_path, cpu_env(), corpus=corpus, report_only=True)
     summary = json.loads((study_dir / "summary.json").read_text())
     assert [r["name"] for r in done] == ["a", "b"] and summary["failed"] == []
+
+
+def test_report_only_on_the_default_corpus_refuses_runs_made_with_data(tmp_path, corpus, no_report):
+    # runs made with --data are not "another Python's standard library": a report without
+    # --data refuses them (it would judge them against this corpus's baseline), by the
+    # runs' own record, or, for records older than it, by the last summary's
+    mine = tmp_path / "mydata.txt"
+    mine.write_text("".join(f"the {i}th line of my own corpus, quite unlike python\n" for i in range(3000)))
+    study = Study("d", "made with --data", (micro_spec("lm", steps=2, eval_every=1),))
+    run_study(study, tmp_path, cpu_env(), data=str(mine), workers=1)
+    with pytest.raises(ValueError, match=r"the default corpus \(no --data\): False, here True"):
+        run_study(study, tmp_path, cpu_env(), corpus=corpus, report_only=True)
+    result_path = tmp_path / "d" / "lm" / "result.json"
+    old = json.loads(result_path.read_text())
+    del old["corpus_default"]  # as written before runs recorded it
+    result_path.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"made with --data .*mydata.*give the same --data"):
+        run_study(study, tmp_path, cpu_env(), corpus=corpus, report_only=True)
+    # with the same --data it is reported
+    reported, _ = run_study(study, tmp_path, cpu_env(), data=str(mine), report_only=True)
+    assert [r["name"] for r in reported] == ["lm"]

@@ -556,9 +556,14 @@ def _report_finished(study: Study, study_dir: Path, made_by, default_corpus: Byt
     default corpus; LM runs finished on another (``made_by`` does not compare the corpus
     then) are reported with a warning, each with its own corpus recorded, their unigram
     baselines those the last summary.json gave them on that corpus (else this corpus's),
-    and the provenance lists them (``runs_on_other_corpora``: corpus sha256 -> runs)."""
+    and the provenance lists them (``runs_on_other_corpora``: corpus sha256 -> runs).
+    Runs made with --data are refused: by their record (``corpus_default``, which
+    ``made_by`` still compares), or, in records older than it, by the last summary's
+    ``corpus_source``."""
     previous = _read_summary(study_dir)
     earlier = {r.get("name"): r for r in previous.get("runs") or [] if isinstance(r, dict)}
+    earlier_prov = previous.get("provenance") if isinstance(previous.get("provenance"), dict) else {}
+    earlier_source = earlier_prov.get("corpus_source")
     others: dict[str, list[str]] = {}
     done: set[str] = set()
     for spec in study.runs:
@@ -568,6 +573,11 @@ def _report_finished(study: Study, study_dir: Path, made_by, default_corpus: Byt
         result = json.loads((study_dir / spec.name / "result.json").read_text())
         theirs = result.get("corpus_sha256")
         if default_corpus is not None and spec.task == "lm" and theirs not in (None, default_corpus.sha256()):
+            if result.get("corpus_default") is None and earlier_source not in (None, "python-stdlib"):
+                # recorded before runs said which corpus they read: the last summary did
+                raise ValueError(
+                    f"{study_dir} holds runs made with --data {earlier_source} ({spec.name} ...): give the same "
+                    f"--data to report them (the default corpus is this Python's standard library)")
             others.setdefault(theirs, []).append(spec.name)
             before = earlier.get(spec.name) or {}
             if before.get("corpus_sha256") == theirs:

@@ -216,6 +216,9 @@ def run_identity(spec: RunSpec, corpus: ByteCorpus | None, dtype: str, device_ty
         out["device_type"] = device_type
     if spec.task == "lm" and corpus is not None:
         out["corpus_sha256"] = corpus.sha256()
+        # the default corpus (this Python's standard library) or a --data one: a report read
+        # on another Python's default corpus takes only the runs made on the default one
+        out["corpus_default"] = corpus.source == "python-stdlib"
     try:
         out["model_config"] = json.loads(json.dumps(model_config(spec).to_dict()))  # (as a record reads back)
     except (TypeError, ValueError):  # a bad model setting: the run itself reports it, in its turn
@@ -225,7 +228,7 @@ def run_identity(spec: RunSpec, corpus: ByteCorpus | None, dtype: str, device_ty
 
 # how run_differences names each field of a run's identity
 IDENTITY_FIELDS = {"fingerprint": "settings", "corpus_sha256": "corpus", "dtype": "dtype", "device_type": "device",
-                   "model_config": "model"}
+                   "model_config": "model", "corpus_default": "the default corpus (no --data)"}
 
 
 def _shown(value: Any) -> str:
