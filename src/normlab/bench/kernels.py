@@ -6,7 +6,8 @@ after warm-up on a GPU; ``time.perf_counter`` on the CPU), the effective bandwid
 (bytes that must move / median time) and two ratios measured in the same run: against
 torch eager (torch-eager time / this time, > 1 is faster) and against the device's copy
 bandwidth. Implementations: normlab (backend auto), torch eager, torch.compile of the
-eager code, and Liger-Kernel / Apex when importable.
+eager code, normlab's op compiled alike (``normlab+compile``: compare it with
+``torch.compile``), and Liger-Kernel / Apex when importable.
 
 AdaLN (``adaln_layer_norm``, ``adaln_rms_norm``, chosen with ``--ops``): DiT's
 modulation norm(x) * (1 + scale) + shift on x of [8, rows / 8, hidden] (rows not a
@@ -282,6 +283,8 @@ def run(device: torch.device, dtype: torch.dtype, rows_list, hidden_list, ops, p
                 if hasattr(torch._functorch.config, "donated_buffer"):
                     torch._functorch.config.donated_buffer = False
                 compiled = torch.compile(eager)
+                # normlab's op compiled alike: what a user who compiles the model gets
+                compiled_normlab = torch.compile(_normlab(_base_op(op), hidden))
             if qk:
                 cases = [(s[0] * s[1] * s[2], s) for s in qk_shapes if s[3] == hidden]
             else:
@@ -300,6 +303,7 @@ def run(device: torch.device, dtype: torch.dtype, rows_list, hidden_list, ops, p
                     impls["normlab triton"] = _forced_triton(_normlab(_base_op(op), hidden))
                 if compiled is not None:
                     impls["torch.compile"] = compiled
+                    impls["normlab+compile"] = compiled_normlab
                 # Liger-Kernel and Apex run CUDA tensors only (and rows of one stride: not qk)
                 for label, make in ((("liger", _liger), ("apex", _apex)) if device.type == "cuda" and not qk
                                     else ()):
