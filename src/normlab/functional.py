@@ -22,7 +22,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from normlab import backend as _backend
 from normlab.backend import get_backend, resolve
 from normlab.errors import NormArgumentError, NormDtypeError
 from normlab.ops import backend_ops, reference
@@ -418,11 +417,6 @@ _REFUSED = (RuntimeError, TypeError, ValueError, IndexError, AttributeError, Ari
 _functorch_active = torch._C._are_functorch_transforms_active
 
 
-def _backend_not_triton() -> bool:
-    """The backend in force is not "triton" (``get_backend``, its value read directly once set)."""
-    return (_backend._current or get_backend()) != "triton"
-
-
 def _param_grad(weight: object, bias: object) -> bool:
     """A weight or bias gradient will be taken. torch's CPU layer_norm backward sums those
     in x's dtype (a bfloat16 sum of ones stops at 256), so with half-precision x the call
@@ -512,7 +506,7 @@ def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bi
             and -_INF < eps < _INF and x.is_cpu
             and (dt is _F32 or (dt in _HALF and not _param_grad(weight, bias)
                                 and not _eager.bias_alone_refused(x, weight, bias)))
-            and residual.shape == x.shape and _backend_not_triton() and not _compiling()):
+            and residual.shape == x.shape and get_backend() != "triton" and not _compiling()):
         try:
             h = residual + x
             return torch.layer_norm(h, weight.shape if normalized_shape is None and weight is not None
@@ -540,7 +534,7 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps:
             and (dropout_p == 0.0 or (not training and 0.0 <= dropout_p <= 1.0))
             and (eps is None or (type(eps) is float and -_INF < eps < _INF)) and x.is_cpu
             and (dt is _F32 or dt in _HALF) and (weight is None or getattr(weight, "dtype", None) is dt)
-            and x.numel() <= NATIVE_RMS_MAX_NUMEL and residual.shape == x.shape and _backend_not_triton()
+            and x.numel() <= NATIVE_RMS_MAX_NUMEL and residual.shape == x.shape and get_backend() != "triton"
             and not _compiling()):
         try:
             h = residual + x
