@@ -191,10 +191,10 @@ def test_a_failing_run_is_reported_and_the_others_go_on(tmp_path, corpus, worker
 
 
 def test_a_runs_model_settings_are_read_from_the_resolved_config():
-    from normlab.studies.train import _result_fields, model_config
+    from normlab.studies.train import model_config, result_fields
 
     spec = RunSpec(name="defaults", model={"d_model": 16, "n_heads": 2, "d_ff": 32})  # n_layers etc. left to the config
-    cfg, fields = model_config(spec), _result_fields(spec)
+    cfg, fields = model_config(spec), result_fields(spec)
     defaults = TransformerConfig(vocab_size=2, d_model=16, n_heads=2, d_ff=32)
     assert cfg.n_layers == defaults.n_layers and fields["n_layers"] == defaults.n_layers
     assert (fields["placement"], fields["norm"], fields["init"]) == (defaults.placement, defaults.norm, defaults.init)

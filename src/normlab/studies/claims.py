@@ -1744,16 +1744,16 @@ def missing_runs(specs: Iterable[RunSpec], finished: Iterable[str], raised: Iter
     for spec in specs:
         if spec.name in finished:
             continue
+        why = "raised" if spec.name in raised else "not finished"
         try:
-            from normlab.studies.train import model_config
+            from normlab.studies.train import result_fields
 
-            cfg = model_config(spec)
-            model = {"placement": cfg.placement, "norm": cfg.norm, "n_layers": cfg.n_layers, "d_model": cfg.d_model}
+            out.append({**result_fields(spec), "missing": why})
         except (TypeError, ValueError):  # settings the model refuses (what the run raised for): as written
-            model = {k: spec.model.get(k) for k in ("placement", "norm", "n_layers", "d_model")}
-        out.append({"name": spec.name, "kind": spec.kind, "task": spec.task, **model, "lr": spec.lr,
-                    "warmup_steps": spec.warmup_steps, "seed": spec.seed, "steps": spec.steps,
-                    "tags": spec.tags, "missing": "raised" if spec.name in raised else "not finished"})
+            out.append({"name": spec.name, "kind": spec.kind, "task": spec.task,
+                        **{k: spec.model.get(k) for k in ("placement", "norm", "n_layers", "d_model")},
+                        "lr": spec.lr, "warmup_steps": spec.warmup_steps, "seed": spec.seed, "steps": spec.steps,
+                        "tags": spec.tags, "missing": why})
     return out
 
 

@@ -65,6 +65,7 @@ from normlab.studies.train import (
     run_identity,
     run_one,
     same_run,
+    write_atomic,
 )
 
 
@@ -413,11 +414,15 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
     default_corpus = corpus if corpus is not None and corpus.source == "python-stdlib" else None
     any_corpus = report_only and default_corpus is not None  # (see run_study: reported, with a warning)
 
+    identities: dict[str, dict[str, Any]] = {}  # (built once per run: the loops below ask again)
+
     def made_by(spec: RunSpec) -> dict[str, Any]:  # a run found finished or saved must match it
-        identity = run_identity(spec, corpus, env.dtype, device_type)
-        if any_corpus:
-            identity.pop("corpus_sha256", None)
-        return identity
+        if spec.name not in identities:
+            identity = run_identity(spec, corpus, env.dtype, device_type)
+            if any_corpus:
+                identity.pop("corpus_sha256", None)
+            identities[spec.name] = identity
+        return identities[spec.name]
 
     stale = _stale_runs(study, study_dir, made_by)
     if stale and (report_only or not overwrite):
@@ -706,14 +711,15 @@ class WorkerStartFailed(RuntimeError):
 def _init_worker(threads: int, train: torch.Tensor | None, val: torch.Tensor | None, source: str, n_files: int,
                  queue: Any, stop: Any, slots: Any = None, devices: tuple[str, ...] = ("cpu",),
                  dtype: str = "fp32", running: Any = None, pids: Any = None, retired: Any = None,
-                 barrier: Any = None) -> None:
+                 barrier: Any = None, sha256: str | None = None) -> None:
     try:
         os.setpgrp()  # a terminal's Ctrl-C reaches the parent alone, which tells the workers through ``stop``
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # outside a training run; run_one handles its own
         _watch_parent()
         torch.set_num_threads(threads)
         device = _pin_worker(slots, devices)
-        corpus = ByteCorpus(train, val, source, n_files) if train is not None else None
+        # (the corpus's sha256 as the parent computed it: each run's identity compares it)
+        corpus = ByteCorpus(train, val, source, n_files, _sha256=sha256) if train is not None else None
         _WORKER.update(corpus=corpus, queue=queue, stop=stop, device=device, dtype=dtype, running=running,
                        retired=retired, poisoned=False, barrier=barrier)
         if running is not None:
@@ -944,7 +950,8 @@ def _run_parallel(study, study_dir, corpus, progress, finish, fail, keep_weights
             max_workers=n, mp_context=ctx, initializer=_init_worker,
             initargs=(threads, corpus.train if corpus else None, corpus.val if corpus else None,
                       corpus.source if corpus else "", corpus.n_files if corpus else 0, queue, stop,
-                      ctx.Value("i", 0), devices[:n], dtype, running, pids, retired, barrier))
+                      ctx.Value("i", 0), devices[:n], dtype, running, pids, retired, barrier,
+                      corpus.sha256() if corpus else None))
         current.update(pool=pool, stop=stop)
         if stopping[0]:
             stop.set()
@@ -1115,12 +1122,8 @@ def _write_summary(study_dir: Path, study: Study, results: list[dict[str, Any]],
                    failures: dict[str, str] | None = None) -> None:
     summary = {"study": study.name, "description": study.description, "provenance": prov, "runs": results,
                "failed": [{"name": name, "error": text} for name, text in (failures or {}).items()]}
-    tmp = study_dir / f"summary.json.{os.getpid()}.tmp"  # (one per writer: --report-only may run alongside)
-    try:
-        tmp.write_text(json.dumps(_json_safe(summary), indent=1, default=str))
-        tmp.replace(study_dir / "summary.json")
-    finally:
-        tmp.unlink(missing_ok=True)
+    # (one temporary file per writer: --report-only may run alongside)
+    write_atomic(study_dir / "summary.json", json.dumps(_json_safe(summary), indent=1, default=str))
 
 
 def write_report(study_dir: Path, study: Study, results: list[dict[str, Any]], prov: dict[str, Any],

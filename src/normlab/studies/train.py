@@ -584,13 +584,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [r for r in read_jsonl(path) if isinstance(r.get("step"), int) and r["step"] <= step]
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("w") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in keep))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 # ------------------------------------------------------------------ one run
@@ -632,7 +626,9 @@ class _StepBoundaryInterrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def _result_fields(spec: RunSpec, model: nn.Module | None = None) -> dict[str, Any]:
+def result_fields(spec: RunSpec, model: nn.Module | None = None) -> dict[str, Any]:
+    """The fields a result is selected by (name, kind, task, placement, norm, layers, width,
+    init, lr, warm-up, seed, steps, tags); with ``model``, its size and ``run_config`` too."""
     m = model_config(spec)
     out = {
         "name": spec.name, "task": spec.task, "kind": spec.kind,
@@ -661,14 +657,20 @@ def run_config(spec: RunSpec, model: nn.Module | None = None) -> dict[str, Any]:
     }
 
 
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    """Write through a temporary file, so a crash never leaves half a result."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # (one per writer)
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it, swapped in: a crash or
+    a kill never leaves the file cut short (one temporary file per writer)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(obj, indent=1))
+        tmp.write_text(text)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    """A result or a checkpoint's state, written whole (``write_atomic``)."""
+    write_atomic(path, json.dumps(obj, indent=1))
 
 
 def speed_run(spec: RunSpec, env: Env, corpus: ByteCorpus | None) -> dict[str, Any]:
@@ -709,7 +711,7 @@ def speed_run(spec: RunSpec, env: Env, corpus: ByteCorpus | None) -> dict[str, A
         seconds.append((t[0], t[1]))
     tokens = sum(int(b["x"].numel()) if "x" in b else int(b["tgt_out"].numel()) for b in batches)
     return {
-        **_result_fields(spec, models[0]),
+        **result_fields(spec, models[0]),
         "speed_against": spec.speed_against,
         "tokens_per_s": statistics.median(tokens / a for a, _ in seconds),
         "baseline_tokens_per_s": statistics.median(tokens / b for _, b in seconds),
@@ -785,7 +787,7 @@ def _run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
                              f"{spec.task!r}")
         measured = (probes.gradients_at_init if spec.kind == "probe" else probes.output_change_after_update)(
             model, task, env)
-        result = {**_result_fields(spec, model), **measured, "final_train_loss": measured["probe_loss"],
+        result = {**result_fields(spec, model), **measured, "final_train_loss": measured["probe_loss"],
                   "final_val_loss": math.nan, "diverged": not math.isfinite(measured["probe_loss"]),
                   "diverged_step": None, "tokens_per_s": math.nan, **identity,
                   "wall_s": round(time.perf_counter() - started, 3)}
@@ -904,7 +906,7 @@ def _run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
     try:
         finished = diverged_at is None
         result = {
-            **_result_fields(spec, model),
+            **result_fields(spec, model),
             "final_train_loss": sum(recent) / len(recent) if recent else float("nan"),
             "final_val_loss": last_eval.get("val_loss", float("nan")) if finished else float("nan"),
             "final_val_loss_select": last_eval.get("val_loss_select", float("nan")) if finished else float("nan"),
