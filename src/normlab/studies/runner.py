@@ -511,8 +511,9 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
                     return [], None
                 _wait_for_jobs(study, jobs, progress, fail, launcher)
                 for spec in study.runs:
-                    if spec.name not in failures and _finished(spec, study_dir / spec.name, made_by):
-                        finish(spec, json.loads((study_dir / spec.name / "result.json").read_text()))
+                    if spec.name not in failures and (
+                            result := _finished_result(spec, study_dir / spec.name, made_by)) is not None:
+                        finish(spec, result)
                 # runs an earlier submission's jobs still run (or took over from this one's)
                 prov["not_finished"] = [r.name for r in study.runs if r.name not in results and r.name not in failures]
             elif workers == 1:
@@ -572,10 +573,10 @@ def _report_finished(study: Study, study_dir: Path, made_by, default_corpus: Byt
     others: dict[str, list[str]] = {}
     done: set[str] = set()
     for spec in study.runs:
-        if not _finished(spec, study_dir / spec.name, made_by):
+        result = _finished_result(spec, study_dir / spec.name, made_by)
+        if result is None:
             continue
         done.add(spec.name)
-        result = json.loads((study_dir / spec.name / "result.json").read_text())
         theirs = result.get("corpus_sha256")
         if default_corpus is not None and spec.task == "lm" and theirs not in (None, default_corpus.sha256()):
             if result.get("corpus_default") is None and earlier_source not in (None, "python-stdlib"):
@@ -628,9 +629,14 @@ def _wait_for_jobs(study: Study, jobs: dict[str, Any], progress: Progress, fail,
         fail(specs[name], err)
 
 
-def _finished(spec: RunSpec, run_dir: Path, made_by=None) -> bool:
+def _finished_result(spec: RunSpec, run_dir: Path, made_by=None) -> dict[str, Any] | None:
+    """The run's result, read once, when it is this run's (``made_by``); else None."""
     result = read_result(run_dir / "result.json")
-    return same_run(result, made_by(spec) if made_by else {"fingerprint": spec.fingerprint()})
+    return result if same_run(result, made_by(spec) if made_by else {"fingerprint": spec.fingerprint()}) else None
+
+
+def _finished(spec: RunSpec, run_dir: Path, made_by=None) -> bool:
+    return _finished_result(spec, run_dir, made_by) is not None
 
 
 def _ordered(study: Study, results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
