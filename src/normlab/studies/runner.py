@@ -57,6 +57,7 @@ from normlab.studies.train import (
     Interrupted,
     build_model,
     checkpoint_misfit,
+    differing_keys,
     model_config,
     read_result,
     run_config,
@@ -285,9 +286,8 @@ def _settings_differ(spec: RunSpec, found: dict[str, Any]) -> str:
     except ValueError:
         want = {}
     have = found.get("config") if isinstance(found.get("config"), dict) else {}
-    keys = [k for k, v in want.items() if k in have and have[k] != v]
-    if keys:
-        return "settings: " + ", ".join(f"{k} {have[k]!r}, here {want[k]!r}" for k in keys[:3])
+    if differs := differing_keys(have, want):
+        return f"settings: {differs}"
     return f"settings: fingerprint {found.get('fingerprint')!r}, here {spec.fingerprint()!r}"
 
 

@@ -235,6 +235,13 @@ def _shown(value: Any) -> str:
     return value[:12] if isinstance(value, str) and len(value) == 64 else repr(value)  # a sha256: its head
 
 
+def differing_keys(have: dict[str, Any], want: dict[str, Any], shown: int = 3) -> str:
+    """The keys both record with other values, as "steps 8, here 4" (the first ``shown``);
+    empty when none differ."""
+    keys = [k for k, v in want.items() if k in have and have[k] != v]
+    return ", ".join(f"{k} {have[k]!r}, here {want[k]!r}" for k in keys[:shown])
+
+
 def run_differences(found: Any, identity: dict[str, Any]) -> list[str]:
     """What keeps ``found`` (a result.json or a checkpoint's state.json) from being the
     run ``identity`` (``run_identity``) describes, one phrase per field that differs and
@@ -255,9 +262,8 @@ def run_differences(found: Any, identity: dict[str, Any]) -> list[str]:
             have = found.get("model_config")
             if not isinstance(have, dict):
                 have = found.get("config") if isinstance(found.get("config"), dict) else {}
-            keys = [k for k, v in want.items() if k in have and have[k] != v]
-            if keys:
-                out.append(f"{label}: " + ", ".join(f"{k} {have[k]!r}, here {want[k]!r}" for k in keys[:3]))
+            if differs := differing_keys(have, want):
+                out.append(f"{label}: {differs}")
         elif (key in found or key == "fingerprint") and found.get(key) != want:
             out.append(f"{label}: {_shown(found.get(key))}, here {_shown(want)}")
     return out
