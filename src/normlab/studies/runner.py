@@ -644,7 +644,26 @@ def _ordered(study: Study, results: dict[str, dict[str, Any]]) -> list[dict[str,
 
 
 def _run_serial(runs, title, study_dir, env, corpus, progress, finish, keep_weights, fail=None) -> None:
-    """One run after another; ``fail`` (None: raise) records a run that raised."""
+    """One run after another; ``fail`` (None: raise) records a run that raised.
+
+    SIGTERM and SIGHUP stop it as Ctrl-C does (a run saves at the end of its step), as
+    they stop a study with workers; signals this process was started with ignored stay
+    ignored (``_stop_signals``). Under torchrun (``env.world > 1``) only SIGINT: the
+    launcher's SIGTERM to its ranks stays its "leave now"."""
+    stop_signals = None
+    previous: dict[int, Any] = {}
+    if env.world == 1 and _in_main_thread():
+        stop_signals = _stop_signals()
+        previous = {s: signal.signal(s, signal.default_int_handler) for s in stop_signals if s != signal.SIGINT}
+    try:
+        _serial(runs, title, study_dir, env, corpus, progress, finish, keep_weights, fail, stop_signals)
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+
+
+def _serial(runs, title, study_dir, env, corpus, progress, finish, keep_weights, fail, stop_signals) -> None:
     overall = progress.add_task(_counts(title, 0, 0, 0, len(runs)), total=sum(_work(r) for r in runs))
     done_before, n_done, n_failed = 0, 0, 0
     for spec in runs:
@@ -656,7 +675,8 @@ def _run_serial(runs, title, study_dir, env, corpus, progress, finish, keep_weig
             progress.update(overall, completed=base + n)
 
         try:
-            result = run_one(spec, study_dir / spec.name, env, corpus, on_step=on_step, keep_weights=keep_weights)
+            result = run_one(spec, study_dir / spec.name, env, corpus, on_step=on_step, keep_weights=keep_weights,
+                             stop_signals=stop_signals)
         except Interrupted as e:
             if e.result is not None:  # Ctrl-C as the run finished: it counts, and the study stops
                 finish(spec, e.result)

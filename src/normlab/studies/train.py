@@ -25,7 +25,7 @@ import os
 import shutil
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -601,17 +601,18 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
 
 
 class _StepBoundaryInterrupt:
-    """Defers Ctrl-C to the end of the current step, so the saved state is a whole step;
-    a second Ctrl-C interrupts at once."""
+    """Defers Ctrl-C (each of ``signals``; default SIGINT) to the end of the current step,
+    so the saved state is a whole step; a second one interrupts at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, signals: Sequence[int] | None = None) -> None:
         import signal
         import threading
 
         self._flag = False
-        self._previous = None
+        self._previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for signum in (signal.SIGINT,) if signals is None else signals:
+                self._previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
         if self._flag:
@@ -628,8 +629,10 @@ class _StepBoundaryInterrupt:
     def restore(self) -> None:
         import signal
 
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, handler in self._previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+        self._previous = {}
 
 
 def result_fields(spec: RunSpec, model: nn.Module | None = None) -> dict[str, Any]:
@@ -733,8 +736,12 @@ _ACTIVATION_KEYS = ("activation_rms_by_layer", "activation_max_by_layer")
 
 def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
             on_step: Callable[[int], None] | None = None,
-            diagnostics: Any = None, keep_weights: bool = True) -> dict[str, Any]:
+            diagnostics: Any = None, keep_weights: bool = True,
+            stop_signals: Sequence[int] | None = None) -> dict[str, Any]:
     """Train (or probe, or time) one run to completion, resuming from its checkpoint if any.
+
+    ``stop_signals`` (default: SIGINT) are the signals that stop training at the end of
+    the current step, saved (``Interrupted``); a second one stops it at once.
 
     ``diagnostics`` (see ``normlab.studies.probes``) measures gradient norms, activation
     statistics and the gradient noise scale every ``diag_every`` steps. ``keep_weights``:
@@ -751,7 +758,7 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
                           f"in {run_dir} (a job of an earlier submission, or another normlab study on this "
                           "folder); it was left alone")
     try:
-        return _run_one(spec, run_dir, env, corpus, on_step, diagnostics, keep_weights)
+        return _run_one(spec, run_dir, env, corpus, on_step, diagnostics, keep_weights, stop_signals)
     finally:
         lock.release()
 
@@ -766,7 +773,8 @@ def read_result(path: Path) -> dict[str, Any] | None:
 
 
 def _run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
-             on_step: Callable[[int], None] | None, diagnostics: Any, keep_weights: bool) -> dict[str, Any]:
+             on_step: Callable[[int], None] | None, diagnostics: Any, keep_weights: bool,
+             stop_signals: Sequence[int] | None = None) -> dict[str, Any]:
     from normlab.studies import probes
 
     done = run_dir / "result.json"
@@ -834,7 +842,7 @@ def _run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
     diverged_at = None
     train_time, train_tokens = state.get("train_time", 0.0), state.get("train_tokens", 0)
     last_eval: dict[str, float] = {}
-    stop = _StepBoundaryInterrupt()
+    stop = _StepBoundaryInterrupt(stop_signals)
     try:
         for step in range(start, spec.steps):
             model.train()
