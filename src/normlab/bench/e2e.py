@@ -303,6 +303,12 @@ def write_outputs(records: list[Record], out: Path, stem: str, load_before: str,
     return [csv_path, md_path]
 
 
+def heads_for(d_model: int) -> int:
+    """Attention heads for a custom ``--d-model``: the largest divisor of ``d_model`` that is at
+    most ``max(1, d_model // 64)`` (heads of width 64 where it divides, wider where not)."""
+    return next(h for h in range(max(1, d_model // 64), 0, -1) if d_model % h == 0)
+
+
 @app.command("e2e")
 def e2e(
     device: str = typer.Option(None, help="cuda or cpu (default: cuda when available)."),
@@ -314,7 +320,8 @@ def e2e(
     compile_: bool = typer.Option(None, "--compile/--no-compile",
                                   help="Include torch.compile of the model (default: on for CUDA, off for CPU)."),
     threads: int = typer.Option(None, help="torch CPU threads (default: torch's)."),
-    d_model: int = typer.Option(None, hidden=True, help="One custom size: d_model."),
+    d_model: int = typer.Option(None, hidden=True, help="One custom size: d_model (heads: the largest divisor "
+                                                        "of d_model at most max(1, d_model // 64))."),
     n_layers: int = typer.Option(None, hidden=True, help="One custom size: layers."),
     tokens: int = typer.Option(None, hidden=True, help="One custom size: sequence length."),
     batch: int = typer.Option(None, hidden=True, help="One custom size: batch."),
@@ -334,7 +341,7 @@ def e2e(
     if any(v is not None for v in (d_model, n_layers, tokens, batch)):
         base = sizes[0]
         d = d_model or base.d_model
-        sizes = (Size(d, n_layers or base.n_layers, max(1, d // 64), batch or base.batch,
+        sizes = (Size(d, n_layers or base.n_layers, heads_for(d), batch or base.batch,
                       tokens or base.seq_len, base.vocab_size if d_model is None else max(64, 4 * d)),)
     if compile_ is None:
         compile_ = gpu

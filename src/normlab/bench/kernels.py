@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -430,15 +431,22 @@ def _plot(records: list[Record], path: Path) -> None:
     plt.close(fig)
 
 
+def _positive_int(text: str) -> int | None:
+    """``text`` as a positive integer written in ASCII digits; None when it is not one
+    (``str.isdigit`` accepts "²", which ``int`` refuses)."""
+    text = text.strip()
+    return int(text) if re.fullmatch(r"[0-9]+", text) and int(text) > 0 else None
+
+
 def _sizes(text: str | None, param_hint: str) -> tuple[int, ...] | None:
     """``--rows`` / ``--hidden``: comma-separated positive integers (None: not given)."""
     if text is None:
         return None
-    items = [v.strip() for v in text.split(",")]
-    if not all(v.isdigit() and int(v) > 0 for v in items):
+    items = [_positive_int(v) for v in text.split(",")]
+    if not all(items):
         raise typer.BadParameter(f"expected comma-separated positive integers such as 1024,4096; got {text!r}",
                                  param_hint=param_hint)
-    return tuple(int(v) for v in items)
+    return tuple(items)
 
 
 def parse_shapes(text: str | None) -> tuple[tuple[int, int], ...] | None:
@@ -447,11 +455,11 @@ def parse_shapes(text: str | None) -> tuple[tuple[int, int], ...] | None:
         return None
     out = []
     for item in text.split(","):
-        parts = item.strip().lower().split("x")
-        if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        parts = [_positive_int(p) for p in item.strip().lower().split("x")]
+        if len(parts) != 2 or not all(parts):
             raise typer.BadParameter(f"expected ROWSxHIDDEN pairs such as 8x64,4096x1024; got {item!r}",
                                      param_hint="--shapes")
-        out.append((int(parts[0]), int(parts[1])))
+        out.append((parts[0], parts[1]))
     return tuple(out)
 
 
@@ -462,11 +470,11 @@ def parse_qk_shapes(text: str | None) -> tuple[tuple[int, int, int, int], ...] |
         return None
     out = []
     for item in text.split(","):
-        parts = item.strip().lower().split("x")
-        if len(parts) != 4 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        parts = [_positive_int(p) for p in item.strip().lower().split("x")]
+        if len(parts) != 4 or not all(parts):
             raise typer.BadParameter(f"expected BxHxTxHD shapes such as 8x32x4096x128; got {item!r}",
                                      param_hint="--qk-shapes")
-        out.append(tuple(int(p) for p in parts))
+        out.append(tuple(parts))
     return tuple(out)
 
 

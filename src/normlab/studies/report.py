@@ -2,7 +2,8 @@
 
 The HTML shows the provenance, the claims table (each claim's statistic, margin,
 estimate, 95% interval over paired seeds, verdict and scope), the plots (bands are 95%
-t-intervals over seeds) and every run.
+t-intervals over the seeds present at each step, on the logs on a log axis) and every
+run. Every file is written whole through a temporary file (``write_atomic``, ``_save``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import base64
 import html
 import math
+import os
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +22,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from normlab.studies.claims import ERROR_METRIC, best_setting, judged_error, judged_loss, runs_of  # noqa: E402
+from normlab.studies.claims import (  # noqa: E402
+    ERROR_METRIC,
+    _names_by_why,
+    best_setting,
+    judged_error,
+    judged_loss,
+    runs_of,
+)
 from normlab.studies.spec import read_jsonl  # noqa: E402
-from normlab.studies.stats import mean_ci  # noqa: E402
+from normlab.studies.stats import Interval, mean_ci  # noqa: E402
+from normlab.studies.train import write_atomic  # noqa: E402
 
 Result = dict[str, Any]
 COLORS = {"post": "#d62728", "pre": "#1f77b4", "deepnorm": "#2ca02c", "peri": "#9467bd", "sandwich": "#8c564b",
@@ -45,16 +56,61 @@ def _color(key: str, i: int):
     return COLORS.get(key, COLORS.get(key.split()[0], plt.cm.tab10(i % 10)))
 
 
-def _band(ax, xs_list: list[list[float]], ys_list: list[list[float]], label: str, color, **kw) -> None:
-    """Mean curve over seeds with its 95% t-interval band (curves aligned on common xs)."""
-    common = sorted(set.intersection(*[set(xs) for xs in xs_list])) if xs_list else []
-    if not common:
-        return
-    rows = [[dict(zip(xs, ys))[x] for x in common] for xs, ys in zip(xs_list, ys_list)]
-    cis = [mean_ci(col) for col in zip(*rows)]
-    ax.plot(common, [c.estimate for c in cis], label=label, color=color, lw=1.6, **kw)
-    if len(rows) > 1:
-        ax.fill_between(common, [c.lo for c in cis], [c.hi for c in cis], color=color, alpha=0.18, lw=0)
+def seed_interval(values: Sequence[float], log: bool = False) -> Interval:
+    """Mean over seeds with its 95% t-interval; ``log``: computed on the logs and mapped
+    back (the geometric mean), so that on a log axis the interval stays positive, where a
+    linear one from few seeds (t = 12.7 for two) runs below zero. Values that are not all
+    positive have no log: their plain mean, without an interval."""
+    if not log:
+        return mean_ci(values)
+    if not values or not all(v > 0 for v in values):
+        return Interval(mean_ci(values).estimate, math.nan, math.nan, len(values))
+    c = mean_ci([math.log(v) for v in values])
+    return Interval(math.exp(c.estimate), math.exp(c.lo), math.exp(c.hi), c.n)
+
+
+def _seeds(drawn: int, of: int) -> str:
+    """How many seeds a curve draws: "n=3", or "2 of 3 seeds" where some had nothing to draw."""
+    return f"n={drawn}" if drawn == of else f"{drawn} of {of} seeds"
+
+
+def _band(ax, xs_list: list[list[float]], ys_list: list[list[float]], label: str, color,
+          of: int | None = None, diverged: Sequence[int | None] = (), **kw) -> None:
+    """Mean curve over seeds with its 95% t-interval band, each step over the seeds that
+    reached it (a seed that stopped early leaves the later steps to the others; one with
+    no points is not drawn). The label gets the number of seeds drawn, of ``of`` (default:
+    the curves given). ``diverged``: per curve, the step it diverged at (None: it did
+    not), marked with an x on its last point. On a log y axis (set before) the curve is
+    the geometric mean (``seed_interval``)."""
+    log = ax.get_yscale() == "log"
+    curves = [dict(zip(xs, ys)) for xs, ys in zip(xs_list, ys_list) if len(xs)]
+    of = len(xs_list) if of is None else of
+    text = f"{label} ({_seeds(len(curves), of)})"
+    steps = sorted({x for c in curves for x in c})
+    if steps:
+        cis = [seed_interval([c[x] for c in curves if x in c], log) for x in steps]
+        ax.plot(steps, [c.estimate for c in cis], label=text, color=color, lw=1.6, **kw)
+        shown = [c.n > 1 and math.isfinite(c.lo) and math.isfinite(c.hi) for c in cis]
+        if any(shown):
+            ax.fill_between(steps, [c.lo if ok else c.estimate for c, ok in zip(cis, shown)],
+                            [c.hi if ok else c.estimate for c, ok in zip(cis, shown)], where=shown,
+                            color=color, alpha=0.18, lw=0)
+    else:
+        gone = sum(step is not None for step in diverged)
+        ax.plot([], [], color=color, lw=1.6,
+                label=f"{label}: no seed has points" + (f" ({gone} of {of} diverged)" if gone else ""))
+    marks = []
+    for xs, ys, step in zip(xs_list, ys_list, diverged):
+        if step is None:
+            continue
+        before = [(x, y) for x, y in zip(xs, ys) if x <= step]
+        if before:
+            marks.append((step, before[-1][1]))
+        elif steps:  # nothing logged before it diverged: on the curve where it begins
+            marks.append((step, cis[0].estimate))
+    if marks:
+        ax.plot([x for x, _ in marks], [y for _, y in marks], "x", color=color, ms=8, mew=2, ls="none",
+                label=f"{label}: diverged ({len(marks)} of {of})")
 
 
 def _finish(ax, xlabel: str, ylabel: str, title: str) -> None:
@@ -70,9 +126,17 @@ def _finish(ax, xlabel: str, ylabel: str, title: str) -> None:
 
 
 def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    """Save ``fig`` as the PNG ``path`` through a temporary file beside it, swapped in: a
+    report written while another reads (``--report-only`` beside a study) never sees half
+    a PNG (one temporary file per process)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.tight_layout()
+        fig.savefig(tmp, dpi=DPI, format="png", bbox_inches="tight")  # the legend under the axes too
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -92,36 +156,37 @@ def plot_grad_by_layer(results: list[Result], path: Path, kinds=("ffn_w2", "ffn_
     runs = [r for r in runs if r["n_layers"] == depth]
     fig, axes = plt.subplots(1, len(kinds), figsize=(4.6 * len(kinds), 4.2), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
+        ax.set_yscale("log")
         groups: dict[str, list[list[float]]] = defaultdict(list)
         for r in runs:
-            if r["grad_norms_by_layer"].get(kind):
-                groups[r["placement"]].append(r["grad_norms_by_layer"][kind])
+            groups[r["placement"]].append(r["grad_norms_by_layer"].get(kind) or [])
         for i, (p, profiles) in enumerate(sorted(groups.items())):
-            _band(ax, [list(range(1, len(v) + 1)) for v in profiles], profiles,
-                  f"{p} ({len(profiles)} seeds)", _color(p, i))
-        ax.set_yscale("log")
+            _band(ax, [list(range(1, len(v) + 1)) for v in profiles], profiles, p, _color(p, i))
         _finish(ax, "layer", f"|grad| of {kind}", f"{kind} gradient norm at init, {depth} layers")
     return _save(fig, path)
 
 
 def _depth_errorbars(ax, cells: dict[str, dict[int, list[float]]], ref: dict[str, float] | None = None) -> None:
-    """Per group: the mean over seeds at each depth with its 95% t-interval, log-log;
-    ``ref``: group -> exponent of a dotted reference line through the first point."""
+    """Per group: the geometric mean over seeds at each depth with its 95% t-interval on
+    the logs (``seed_interval``), log-log; ``ref``: group -> exponent of a dotted
+    reference line through the first point."""
+    ax.set_yscale("log")
     for i, (group, by_depth) in enumerate(sorted(cells.items())):
         depths = sorted(by_depth)
         if not depths:
             continue
-        cis = [mean_ci(by_depth[n]) for n in depths]
+        cis = [seed_interval(by_depth[n], log=True) for n in depths]
         color = _color(group, i)
+        counts = sorted({c.n for c in cis})
+        seeds = f"n={counts[0]}" if len(counts) == 1 else f"n={counts[0]}-{counts[-1]} by depth"
         ax.errorbar(depths, [c.estimate for c in cis],
                     yerr=[[c.estimate - c.lo if math.isfinite(c.lo) else 0 for c in cis],
                           [c.hi - c.estimate if math.isfinite(c.hi) else 0 for c in cis]],
-                    fmt="o-", color=color, label=f"{group} ({len(by_depth[depths[0]])} seeds)", capsize=3)
+                    fmt="o-", color=color, label=f"{group} ({seeds})", capsize=3)
         if ref and group in ref and len(depths) > 1:
             ax.plot(depths, [cis[0].estimate * (n / depths[0]) ** ref[group] for n in depths], ":", color=color,
                     label=f"{group}: L^{ref[group]:g}")
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
     depths = sorted({n for by_depth in cells.values() for n in by_depth})
     ax.set_xticks(depths, [str(n) for n in depths])
     ax.minorticks_off()
@@ -178,6 +243,8 @@ def plot_activations(results: list[Result], metrics: dict[str, list], path: Path
     if not runs:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(9.4, 4.4))
+    for ax in axes:
+        ax.set_yscale("log")
     groups: dict[str, list[Result]] = defaultdict(list)
     for r in runs:
         groups[r["placement"]].append(r)
@@ -187,14 +254,12 @@ def plot_activations(results: list[Result], metrics: dict[str, list], path: Path
         for r in rs:
             pts = [(m["step"], m["activation_max_by_layer"][-1]) for m in metrics.get(r["name"], [])
                    if m.get("activation_max_by_layer")]
-            if pts:
-                xs.append([x for x, _ in pts])
-                ys.append([y for _, y in pts])
-        _band(axes[0], xs, ys, f"{p} ({len(rs)} seeds)", color)
+            xs.append([x for x, _ in pts])
+            ys.append([y for _, y in pts])
+        _band(axes[0], xs, ys, p, color, diverged=[r.get("diverged_step") if r.get("diverged") else None
+                                                     for r in rs])
         profiles = [r["activation_rms_by_layer_final"] for r in rs]
-        _band(axes[1], [list(range(1, len(v) + 1)) for v in profiles], profiles, f"{p} ({len(rs)} seeds)", color)
-    for ax in axes:
-        ax.set_yscale("log")
+        _band(axes[1], [list(range(1, len(v) + 1)) for v in profiles], profiles, p, color)
     _finish(axes[0], "step", "max |x| after the last block", "Largest activation through training")
     _finish(axes[1], "block", "residual RMS", "Residual RMS by block after training")
     return _save(fig, path)
@@ -209,22 +274,21 @@ def plot_gns(results: list[Result], metrics: dict[str, list], path: Path) -> Pat
     fig, axes = plt.subplots(1, len(norms), figsize=(4.6 * len(norms), 4.2), squeeze=False, sharey=True)
     sources = (("gns_trace", "gns_g_sq", "norm layers"), ("gns_total_trace", "gns_total_g_sq", "every parameter"))
     for ax, norm in zip(axes[0], norms):
+        ax.set_yscale("log")
+        mine = [r for r in runs if r["norm"] == norm]
         for i, (trace, g_sq, label) in enumerate(sources):
             xs, ys = [], []
-            for r in runs:
-                if r["norm"] != norm:
-                    continue
+            for r in mine:
                 pts, num, den = [], 0.0, 0.0
                 for m in metrics.get(r["name"], []):  # the claim's estimate up to each step: sums, divided last
                     if m.get(trace) is not None and m.get(g_sq) is not None:
                         num, den = num + m[trace], den + m[g_sq]
                         if den > 0 and num > 0:
                             pts.append((m["step"], num / den))
-                if pts:
-                    xs.append([x for x, _ in pts])
-                    ys.append([y for _, y in pts])
-            _band(ax, xs, ys, f"{label} ({len(xs)} seeds)", plt.cm.tab10(i))
-        ax.set_yscale("log")
+                xs.append([x for x, _ in pts])
+                ys.append([y for _, y in pts])
+            _band(ax, xs, ys, label, plt.cm.tab10(i),
+                  diverged=[r.get("diverged_step") if r.get("diverged") else None for r in mine])
         _finish(ax, "step", "B_simple (sums up to the step)", f"Gradient noise scale, {norm}")
     return _save(fig, path)
 
@@ -241,20 +305,18 @@ def plot_expressivity(results: list[Result], metrics: dict[str, list], path: Pat
         runs = [r for r in majority if r["norm"] == norm]
         best = best_setting(runs, judged_error)
         xs, ys = [], []
-        for r in runs:
-            if r["lr"] != best.setting[0]:
-                continue
+        chosen = [r for r in runs if r["lr"] == best.setting[0]]
+        for r in chosen:
             pts = [(m["step"], m["val_accuracy"]) for m in metrics.get(r["name"], []) if "val_accuracy" in m]
-            if pts:
-                xs.append([x for x, _ in pts])
-                ys.append([y for _, y in pts])
-        _band(axes[0], xs, ys, f"{norm}, lr {best.setting[0]:g} ({len(xs)} seeds)", _color(norm, i))
+            xs.append([x for x, _ in pts])
+            ys.append([y for _, y in pts])
+        _band(axes[0], xs, ys, f"{norm}, lr {best.setting[0]:g}", _color(norm, i),
+              diverged=[r.get("diverged_step") if r.get("diverged") else None for r in chosen])
     if majority:
         axes[0].axhline(majority[0].get("chance_accuracy", 0.0), color="k", lw=0.8, ls=":", label="chance")
     for i, norm in enumerate(sorted({r["norm"] for r in keys})):
         profiles = [r["unselectable_by_layer"] for r in keys if r["norm"] == norm]
-        _band(axes[1], [list(range(1, len(v) + 1)) for v in profiles], profiles, f"{norm} ({len(profiles)} seeds)",
-              _color(norm, i), marker="o")
+        _band(axes[1], [list(range(1, len(v) + 1)) for v in profiles], profiles, norm, _color(norm, i), marker="o")
     depth = max((len(r["unselectable_by_layer"]) for r in keys), default=0)
     axes[1].set_xticks(range(1, depth + 1))
     _finish(axes[0], "step", "validation accuracy", "Majority, one layer of width 8")
@@ -272,12 +334,11 @@ def plot_qk_logits(results: list[Result], path: Path) -> Path | None:
     for i, g in enumerate(sorted({_group(r) for r in runs})):
         mine = [r for r in runs if _group(r) == g]
         lrs = sorted({r["lr"] for r in mine})
-        cis = [mean_ci([math.log(r["attention_logit_max"]) for r in mine if r["lr"] == lr]) for lr in lrs]
+        cis = [seed_interval([r["attention_logit_max"] for r in mine if r["lr"] == lr], log=True) for lr in lrs]
         color = plt.cm.tab10(i)
-        ax.plot(lrs, [math.exp(c.estimate) for c in cis], "o-", color=color, label=g, ms=3)
+        ax.plot(lrs, [c.estimate for c in cis], "o-", color=color, label=g, ms=3)
         if all(math.isfinite(c.lo) for c in cis):
-            ax.fill_between(lrs, [math.exp(c.lo) for c in cis], [math.exp(c.hi) for c in cis], color=color,
-                            alpha=0.15, lw=0)
+            ax.fill_between(lrs, [c.lo for c in cis], [c.hi for c in cis], color=color, alpha=0.15, lw=0)
     ax.set_xscale("log")
     ax.set_yscale("log")
     _finish(ax, "peak learning rate", "largest attention logit during training", "Attention logit growth")
@@ -319,7 +380,8 @@ def plot_loss_curves(results: list[Result], metrics: dict[str, list], study: str
                 recs = [m for m in metrics.get(r["name"], []) if math.isfinite(m.get("train_loss", math.nan))]
                 xs_list.append([m["step"] for m in recs])
                 ys_list.append([m["train_loss"] for m in recs])
-            _band(ax, xs_list, ys_list, f"{g} (lr {best.setting[0]:g})", _color(g, i))
+            _band(ax, xs_list, ys_list, f"{g}, lr {best.setting[0]:g}", _color(g, i),
+                  diverged=[r.get("diverged_step") if r.get("diverged") else None for r in chosen])
         _finish(ax, "step", "train loss (nats/byte)", f"{study}: {n} layers, each at its best lr")
     return _save(fig, path)
 
@@ -394,15 +456,23 @@ def plot_norms(results: list[Result], path: Path) -> Path | None:
     if not runs:
         return None
     names = sorted({r["norm"] for r in runs})
-    cis = [mean_ci(list(best_setting([r for r in runs if r["norm"] == n]).by_seed.values())) for n in names]
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
-    for i, (n, c) in enumerate(zip(names, cis)):
+    for i, n in enumerate(names):
+        mine = [r for r in runs if r["norm"] == n]
+        best = best_setting(mine)
+        if best.all_failed:  # as plot_depth: an x at the unigram baseline, not a point with an interval
+            top = max((r.get("baseline_val_loss") or 0) for r in mine)
+            ax.plot([i], [top], "x", color=_color(n, i), ms=9, mew=2, label=f"{n}: every run failed")
+            continue
+        c = mean_ci(list(best.by_seed.values()))
         ax.errorbar([i], [c.estimate], yerr=[[c.estimate - c.lo if math.isfinite(c.lo) else 0],
                                             [c.hi - c.estimate if math.isfinite(c.hi) else 0]],
                     fmt="o", color=_color(n, i), capsize=5, ms=6)
     ax.set_xticks(range(len(names)), names, rotation=30)
     ax.set_xlim(-0.6, len(names) - 0.4)
     _finish(ax, "norm", "test loss, cross-fitted best setting", "Norms at Pre-LN (mean, 95% CI over seeds)")
+    if ax.get_legend() is not None:  # below the rotated norm names and the axis label
+        ax.get_legend().set_bbox_to_anchor((0.5, -0.38))
     return _save(fig, path)
 
 
@@ -438,17 +508,38 @@ MEASURES = {"loss": "test-half loss (nats/byte)",
             "error": "error: 1 - the test-half accuracy averaged over training (the majority claims' statistic)"}
 
 
-def configurations(results: list[Result]) -> list[dict[str, Any]]:
+def _cell(r: Result) -> tuple:
+    """The configuration a trained run belongs to: (study, group, depth, task). A missing
+    run's record (``missing_runs``) written from its spec as given may lack the depth: the
+    model's default then, as the run would have been built with."""
+    n = r.get("n_layers")
+    if n is None:
+        from normlab.models import TransformerConfig
+
+        n = TransformerConfig.n_layers
+    return r.get("tags", {}).get("study", ""), _group(r), n, r.get("task", "lm")
+
+
+def configurations(results: list[Result], missing: Iterable[Result] = ()) -> list[dict[str, Any]]:
     """One row per trained configuration (study, group, depth, task): its best setting and
     the cross-fitted value there with its 95% interval, the largest stable lr, failures.
     A configuration is ranked and judged as its claims judge it, so the report names one
     best lr per configuration: the majority task by its error (``judged_error``: 1 - the
     accuracy averaged over training), every other run by its test-half loss. ``measure``
-    says which ("error" | "loss")."""
+    says which ("error" | "loss").
+
+    ``missing``: the planned runs that left no result (``missing_runs``); a configuration
+    none of whose runs finished still gets a row (after the others), its best "none: no
+    run finished (raised: ...; not finished: ...)", its value nan and ``none_finished``
+    True, so that a reader sees it was planned."""
     cells: dict[tuple, list[Result]] = defaultdict(list)
     for r in results:
         if r.get("kind") == "train":
-            cells[(r.get("tags", {}).get("study", ""), _group(r), r["n_layers"], r.get("task", "lm"))].append(r)
+            cells[_cell(r)].append(r)
+    lacking: dict[tuple, list[Result]] = defaultdict(list)
+    for r in missing:
+        if r.get("kind") == "train" and _cell(r) not in cells:
+            lacking[_cell(r)].append(r)
     rows = []
     for (study, group, n, task), runs in cells.items():
         majority = task == "majority"
@@ -463,7 +554,14 @@ def configurations(results: list[Result]) -> list[dict[str, Any]]:
                      "value": ci.estimate, "ci95": ci.ci95, "seeds": best.seeds,
                      "largest_stable_lr": best.largest_stable_lr,
                      "failed": f"{sum(best.failures.values())}/{len(runs)}",
-                     "lrs": sorted({r['lr'] for r in runs})})
+                     "lrs": sorted({r['lr'] for r in runs}), "none_finished": False})
+    for (study, group, n, task), runs in lacking.items():
+        rows.append({"study": study, "configuration": group, "layers": n,
+                     "best": f"none: no run finished ({_names_by_why(runs)})", "all_failed": False,
+                     "measure": "error" if task == "majority" else "loss", "value": math.nan,
+                     "ci95": [None, None], "seeds": 0, "largest_stable_lr": None,
+                     "failed": f"{len(runs)} missing", "lrs": sorted({r["lr"] for r in runs if r.get("lr") is not None}),
+                     "none_finished": True})
     return rows
 
 
@@ -508,7 +606,10 @@ _TEST_WORDS = {"directional": "> margin", "equivalence": "|x| < margin", "noninf
 
 def write_html(out: Path, study_name: str, description: str, rows: list[dict[str, Any]],
                results: list[Result], plots: dict[str, Path], prov: dict[str, Any],
-               failures: dict[str, str] | None = None) -> Path:
+               failures: dict[str, str] | None = None, missing: Iterable[Result] = ()) -> Path:
+    """``index.html`` (written whole, ``write_atomic``); ``missing``: the planned runs
+    that left no result (``missing_runs``), for the configurations none of whose runs
+    finished."""
     esc = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>normlab study: {esc(study_name)}</title>"
              f"<style>{_CSS}</style></head><body>",
@@ -556,7 +657,7 @@ def write_html(out: Path, study_name: str, description: str, rows: list[dict[str
                 f"<p><i>Interval:</i> {esc(row['interval'])}</p>"
                 + "".join(f"<p class='caveat'>Caveat: {esc(c)}</p>" for c in row.get("caveats", []))
                 + f"<p><i>Scope:</i> {esc(row['scope'])}</p></details>")
-    configs = configurations(results)
+    configs = configurations(results, missing)
     if configs:
         parts.append("<h2>Configurations at their best setting</h2><p class='src'>Each configuration is ranked "
                      "and judged on the measure its claims use: the loss, or for the majority task the error "
@@ -575,12 +676,15 @@ def write_html(out: Path, study_name: str, description: str, rows: list[dict[str
                 f"<td>{esc(', '.join(f'{x:g}' for x in c['lrs']))}</td><td>{esc(c['best'])}</td>"
                 f"<td>{esc(MEASURES[c['measure']])}</td>"
                 + (f"<td colspan='2'>{'chance' if c['measure'] == 'error' else 'unigram baseline'}</td>"
-                   if c["all_failed"] else
+                   if c["all_failed"] else "<td class='num'>—</td><td class='num'>—</td>" if c.get("none_finished")
+                   else
                    f"<td class='num'>{_num(c['value'])}</td><td class='num'>{_ci(c['ci95'])}</td>")
                 + f"<td class='num'>{c['seeds']}</td><td class='num'>{_num(c['largest_stable_lr'], '{:g}')}</td>"
                 f"<td class='num'>{esc(c['failed'])}</td></tr>")
         parts.append("</table>")
-    parts.append("<h2>Plots</h2><p class='src'>Bands and error bars: 95% t-intervals over seeds. Placements: "
+    parts.append("<h2>Plots</h2><p class='src'>Bands and error bars: 95% t-intervals over the seeds present at "
+                 "each step (on a log axis over the logs: the geometric mean and its interval); an x marks a seed "
+                 "that diverged, or a configuration whose every run failed. Placements: "
                  "post = Post-LN, x + F(x) then a norm (Vaswani et al. 2017); pre = Pre-LN, x + F(norm(x)) "
                  "(Xiong et al. 2020); deepnorm = norm(alpha x + F(x)) with beta-scaled init (Wang et al. 2022); "
                  "peri = Peri-LN, norms on each sublayer's input and output and on the embeddings (Kim et al. 2025).</p>")
@@ -616,7 +720,7 @@ def write_html(out: Path, study_name: str, description: str, rows: list[dict[str
             f"<td class='num'>{_num(r.get('tokens_per_s'), '{:,.0f}')}</td></tr>")
     parts.append("</table></body></html>")
     path = out / "index.html"
-    path.write_text("\n".join(parts))
+    write_atomic(path, "\n".join(parts))
     return path
 
 
@@ -632,11 +736,14 @@ def _md(text: str) -> str:
 
 
 def write_markdown(out: Path, study_name: str, rows: list[dict[str, Any]], prov: dict[str, Any],
-                   results: list[Result] | None = None, failures: dict[str, str] | None = None) -> Path:
+                   results: list[Result] | None = None, failures: dict[str, str] | None = None,
+                   missing: Iterable[Result] = ()) -> Path:
     """``claims.md``: the provenance, the runs that raised (``failures``: name -> its
-    traceback), the claims table, the configurations, and for each claim the paper's
-    statement, its margin and why, and each row's measurement, caveats and scope: what a
-    README or a results folder needs to read a verdict without the HTML."""
+    traceback), the claims table, the configurations (``missing``: the planned runs that
+    left no result, for those none of whose runs finished), and for each claim the
+    paper's statement, its margin and why, and each row's measurement, caveats and scope:
+    what a README or a results folder needs to read a verdict without the HTML. Written
+    whole (``write_atomic``)."""
     lines = [f"# normlab study {study_name}", ""]
     lines += [f"- {k}: {v}" for k, v in prov.items()]
     if failures:
@@ -653,7 +760,7 @@ def write_markdown(out: Path, study_name: str, rows: list[dict[str, Any]], prov:
         est = "-" if r["estimate"] is None else f"{r['estimate']:+.3f}"
         lines.append(f"| `{r['id']}` | {_md(r['statistic'])} | {r['test']} | {r['margin']:g} | {est} | {_ci(r['ci95'])} "
                      f"| {r['n_seeds']} | **{r['verdict']}** |")
-    configs = configurations(results or [])
+    configs = configurations(results or [], missing)
     if configs:
         lines += ["", "## Configurations at their best setting", "",
                   "Each configuration is ranked and judged on its claims' measure: the test-half loss, or for the "
@@ -662,10 +769,12 @@ def write_markdown(out: Path, study_name: str, rows: list[dict[str, Any]], prov:
                   "| largest lr, no seed failed | failed |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for c in configs:
-            stable = "none" if c["largest_stable_lr"] is None else f"{c['largest_stable_lr']:g}"
+            stable = ("—" if c.get("none_finished") else "none" if c["largest_stable_lr"] is None
+                      else f"{c['largest_stable_lr']:g}")
             floor = "chance" if c["measure"] == "error" else "unigram baseline"
-            value = f"{floor} | -" if c["all_failed"] else f"{c['value']:.3f} | {_ci(c['ci95'])}"
-            lines.append(f"| {c['study']} | {c['configuration']} | {c['layers']} | {c['best']} | {c['measure']} "
+            value = (f"{floor} | -" if c["all_failed"] else "— | —" if c.get("none_finished")
+                     else f"{c['value']:.3f} | {_ci(c['ci95'])}")
+            lines.append(f"| {c['study']} | {c['configuration']} | {c['layers']} | {_md(c['best'])} | {c['measure']} "
                          f"| {value} | {stable} | {c['failed']} |")
     lines += ["", "## What each claim says, what was measured, and the scope"]
     claims: dict[str, list[dict[str, Any]]] = {}
@@ -680,5 +789,5 @@ def write_markdown(out: Path, study_name: str, rows: list[dict[str, Any]], prov:
                          + "".join(f" Caveat: {_sentence(c)}" for c in r.get("caveats", []))
                          + f" Scope: {_sentence(r['scope'])}")
     path = out / "claims.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_atomic(path, "\n".join(lines) + "\n")
     return path

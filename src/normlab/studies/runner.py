@@ -545,9 +545,10 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
         prov["run_time_s"] = round(sum(r.get("wall_s") or 0.0 for r in ordered), 1)  # every run, when it ran
         prov["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         _write_summary(study_dir, study, ordered, prov, failures)
-        rows = judge_all(study.claims, ordered, study.margins, missing_runs(study.runs, results, failures))
-        (study_dir / "claims.json").write_text(json.dumps(_json_safe(rows), indent=1))
-        report = write_report(study_dir, study, ordered, prov, rows, failures)
+        missing = missing_runs(study.runs, results, failures)
+        rows = judge_all(study.claims, ordered, study.margins, missing)
+        write_atomic(study_dir / "claims.json", json.dumps(_json_safe(rows), indent=1))
+        report = write_report(study_dir, study, ordered, prov, rows, failures, missing)
     return ordered, report
 
 
@@ -1153,8 +1154,12 @@ def _write_summary(study_dir: Path, study: Study, results: list[dict[str, Any]],
 
 
 def write_report(study_dir: Path, study: Study, results: list[dict[str, Any]], prov: dict[str, Any],
-                 rows: list[dict[str, Any]], failures: dict[str, str] | None = None) -> Path:
+                 rows: list[dict[str, Any]], failures: dict[str, str] | None = None,
+                 missing: list[dict[str, Any]] | None = None) -> Path:
+    """The plots, ``claims.md`` and ``index.html`` of ``results`` (each file swapped in
+    whole); ``missing``: the planned runs that left no result (``missing_runs``), so that
+    a configuration none of whose runs finished still has its row."""
     metrics = {r["name"]: load_metrics(study_dir / r["name"]) for r in results}
     plots = make_plots(study_dir, results, metrics)
-    write_markdown(study_dir, study.name, rows, prov, results, failures)
-    return write_html(study_dir, study.name, study.description, rows, results, plots, prov, failures)
+    write_markdown(study_dir, study.name, rows, prov, results, failures, missing or ())
+    return write_html(study_dir, study.name, study.description, rows, results, plots, prov, failures, missing or ())
