@@ -58,6 +58,29 @@ def test_safetensors_round_trip(tmp_path, build):
         assert loaded.head.weight is loaded.embed.tokens.weight
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["fp64", "bf16"])
+def test_safetensors_round_trip_keeps_the_dtype(tmp_path, dtype):
+    # load_model rebuilt every model in float32 and copied the weights into it: a float64
+    # model came back rounded (logits off by ~1e-7), a bfloat16 one twice as large
+    torch.manual_seed(1)
+    model = TransformerLM(_cfg(norm="powernorm")).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.train()
+    model(torch.randint(0, 29, (2, 6))).float().square().mean().backward()  # PowerNorm's running stats move
+    model.eval()
+    save_model(model, tmp_path / "m.safetensors")
+    loaded = load_model(tmp_path / "m.safetensors").eval()
+    mine, theirs = model.state_dict(), loaded.state_dict()
+    assert {k: v.dtype for k, v in theirs.items()} == {k: v.dtype for k, v in mine.items()}
+    for k in mine:
+        assert torch.equal(mine[k], theirs[k]), k
+    tokens = torch.randint(0, 29, (2, 6))
+    torch.testing.assert_close(loaded(tokens), model(tokens), rtol=0, atol=0)
+    assert loaded.head.weight is loaded.embed.tokens.weight
+
+
 def test_load_model_rejects_a_plain_file(tmp_path):
     import safetensors.torch
 

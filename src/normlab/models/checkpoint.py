@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 
+import torch
 from torch import nn
 
 from normlab.models.config import TransformerConfig
@@ -45,11 +46,19 @@ def save_model(model: nn.Module, path: str | os.PathLike) -> None:
     _safetensors().torch.save_model(model, os.fspath(path), metadata=meta)
 
 
+# safetensors' dtype names (``get_slice(...).get_dtype()``) of the dtypes a model holds
+_STORED_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                  "I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool}
+
+
 def load_model(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
-    """The model ``save_model`` wrote: rebuilt from its config, weights loaded strictly."""
+    """The model ``save_model`` wrote: rebuilt from its config, weights loaded strictly,
+    each parameter and buffer in the dtype it was stored in (a float64 or bfloat16 model
+    comes back as it was, not as float32)."""
     st = _safetensors()
     with st.safe_open(os.fspath(path), framework="pt") as f:
         meta = f.metadata() or {}
+        stored = {k: _STORED_DTYPES.get(f.get_slice(k).get_dtype()) for k in f.keys()}
     if "normlab.model" not in meta or meta["normlab.model"] not in _MODELS:
         raise ValueError(f"load_model: {os.fspath(path)!r} has no normlab model metadata (was it written by save_model?)")
     cfg = TransformerConfig.from_dict(json.loads(meta["normlab.config"]))
@@ -59,5 +68,9 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
         model = cls(cfg, n_outputs=int(n_out) if n_out else None)
     else:
         model = cls(cfg)
+    for name, t in model.state_dict(keep_vars=True).items():
+        # (a tied weight is stored once: its other name shares the cast tensor)
+        if stored.get(name) is not None and t.dtype != stored[name]:
+            t.data = t.data.to(stored[name])
     st.torch.load_model(model, os.fspath(path), strict=True, device=device)
     return model.to(device)
