@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 
 import normlab
 from normlab.diagnostics import ActivationMonitor, per_example_grad_norms, tensor_stats
+from normlab.errors import NormArgumentError
 from tests.diagnostics.helpers import hook_count
 from tests.diagnostics.torch_models import text_batches, torch_lm
 
@@ -136,3 +138,28 @@ def test_residual_of_normlab_blocks_is_the_stream_the_next_block_reads(placement
     else:  # Post-LN: the block output is the normalized stream, the next add's residual input
         assert residual[:2] != pytest.approx(nxt, rel=1e-3)  # (next norm input = stream + F)
         assert residual == pytest.approx([1.0, 1.0, 1.0], rel=0.05)
+
+
+def test_empty_and_partly_finite_tensors():
+    """An empty tensor has no non-finite entry (the old code said 100%) and all-zero
+    statistics, so nothing downstream turns NaN; the statistics of the finite entries
+    leave the others out."""
+    assert tensor_stats(torch.empty(0, 8)).tolist() == [0.0, 0.0, 0.0, 0.0]
+    net = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    with ActivationMonitor(net) as mon:
+        net(torch.randn(0, 8))
+    assert [(r.site, r.mean, r.rms, r.max_abs, r.nonfinite) for r in mon.records] == [
+        ("norm_input", 0.0, 0.0, 0.0, 0.0)]
+    x = torch.tensor([1e15, -3e15, 2e14, float("nan")])
+    finite = x[:3].double()
+    want = [finite.mean(), finite.square().mean().sqrt(), finite.abs().max(), 0.25]
+    torch.testing.assert_close(tensor_stats(x), torch.tensor(want, dtype=torch.float32), rtol=1e-6, atol=0)
+
+
+def test_bad_arguments_are_named():
+    for every in (2.5, "10", 0):
+        with pytest.raises(NormArgumentError, match=r"ActivationMonitor: expected every to be an int >= 1, got "
+                                                    + re.escape(repr(every))):
+            ActivationMonitor(nn.Linear(2, 2), every=every)
+    with pytest.raises(NormArgumentError, match="ActivationMonitor: expected model to be a torch.nn.Module"):
+        ActivationMonitor("x")

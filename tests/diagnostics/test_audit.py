@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +18,7 @@ import normlab
 from normlab.cli import app
 from normlab.diagnostics import Finding, audit, findings_table, has_warmup
 from normlab.diagnostics.audit import example_input_for
+from normlab.errors import NormArgumentError
 from tests.diagnostics.helpers import hook_count
 from tests.diagnostics.torch_models import torch_lm
 
@@ -376,3 +381,128 @@ def test_cli_hf_checkpoint_loads_its_weights_and_architecture(tmp_path):
     bert.save_pretrained(tmp_path / "bert")
     res = runner.invoke(app, ["audit", str(tmp_path / "bert")])
     assert res.exit_code == 0 and "BertModel" in res.output and "BertLMHeadModel" not in res.output, res.output
+
+
+# ------------------------------------------------------------- review fixes: audit
+
+
+def test_norm_output_changed_in_place_is_not_double():
+    """h = n1(x); h += fc(x); n2(h): the tensor n2 reads is n1's output object, but it
+    now holds a residual sum (its version changed), so n2 normalizes no norm's output."""
+    class InPlaceAdd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.n1, self.n2 = nn.Linear(8, 8), nn.LayerNorm(8), nn.LayerNorm(8)
+
+        def forward(self, x):
+            h = self.n1(x)
+            h += self.fc(x)
+            return self.n2(h)
+
+    class Back2Back(InPlaceAdd):
+        def forward(self, x):
+            return self.n2(self.n1(x))
+
+    x = torch.randn(2, 8)
+    assert audit(InPlaceAdd(), x) == []
+    assert kinds(audit(Back2Back(), x)) == {"double-norm": {"n2"}}
+
+
+class _Stateful(nn.Module):
+    """A forward that changes a non-persistent buffer in place, replaces another buffer
+    by a new tensor, updates BatchNorm statistics and draws dropout masks."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.bn, self.drop, self.norm = nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.LayerNorm(8)
+        self.register_buffer("calls", torch.zeros(()), persistent=False)
+        self.register_buffer("last_mean", torch.zeros(8))
+
+    def forward(self, x):
+        self.calls += 1
+        self.last_mean = x.mean(0).detach()
+        return self.norm(self.drop(self.bn(self.lin(x))))
+
+
+def test_audit_leaves_every_buffer_and_the_global_rng_as_they_were():
+    model = _Stateful()
+    before = {n: (b, b.clone()) for n, b in model.named_buffers()}
+    assert "calls" not in model.state_dict()  # the one state_dict does not restore
+    x = torch.randn(4, 8)
+    torch.manual_seed(123)
+    want = torch.rand(5)
+    torch.manual_seed(123)
+    assert audit(model, x) == []
+    assert torch.equal(torch.rand(5), want)  # no dropout draw taken from the global RNG
+    after = dict(model.named_buffers())
+    assert sorted(after) == sorted(before)
+    for n, (tensor, value) in before.items():
+        assert after[n] is tensor and torch.equal(tensor, value), n
+
+
+def test_audit_refuses_what_is_not_a_model():
+    with pytest.raises(NormArgumentError, match="audit: expected model to be a torch.nn.Module, got str"):
+        audit("x")
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    with pytest.raises(NormArgumentError, match=r"audit: expected a model with values, got '0\.weight' on the meta"):
+        audit(meta)
+
+
+def _probe_state(opt, sched):
+    """Everything of the optimizer and the scheduler a warm-up probe could change."""
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    return repr(groups), repr(sched.state_dict()), opt.state_dict()["state"] == {}
+
+
+@pytest.mark.filterwarnings("ignore:The verbose parameter is deprecated")
+def test_warmup_probe_takes_any_scheduler_and_changes_nothing():
+    """ReduceLROnPlateau (step() needs a metric) and a OneCycleLR that ends within the
+    probe crashed audit(); the probe now runs on copies, and the caller's scheduler and
+    optimizer (lr, OneCycleLR's betas, step counts) are exactly as before."""
+    lin = nn.Linear(2, 2)
+    opt = _opt(lin)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+    state = _probe_state(opt, plateau)
+    assert not has_warmup(opt, plateau)  # lowers the lr on plateaus only
+    assert _probe_state(opt, plateau) == state
+    deep_post = torch_lm("post", n_layers=13, d_model=16, n_heads=2)
+    dp_opt = _opt(deep_post)
+    found = kinds(audit(deep_post, optimizer=dp_opt, scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau(dp_opt)))
+    assert found == {"deep-post-ln-no-warmup": {"blocks"}}
+
+    for total_steps in (100, 1000):  # 100: ends within the probe (ValueError past its end)
+        opt = _opt(lin)
+        one_cycle = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=total_steps)
+        state = _probe_state(opt, one_cycle)
+        assert has_warmup(opt, one_cycle)  # peak at 30% of total_steps
+        assert _probe_state(opt, one_cycle) == state
+        assert opt.param_groups[0]["betas"] == (0.95, 0.999)  # set by OneCycleLR, not moved by the probe
+
+    opt = _opt(lin)
+    # a warm-up whose lr function fails after 5 steps (TypeError): judged on the 5 it gave
+    failing = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4) if s < 5 else None)
+    state = _probe_state(opt, failing)
+    assert has_warmup(opt, failing) and _probe_state(opt, failing) == state
+    opt = _opt(lin)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=50)
+    assert not has_warmup(scheduler=cosine) and opt.param_groups[0]["lr"] == 1e-3 and cosine.last_epoch == 0
+
+
+def test_console_script_imports_a_factory_from_the_working_directory(tmp_path):
+    """The ``normlab`` console script has its bin directory first on sys.path, not the
+    working directory (``python -m`` has the latter): a module there must still import.
+    Run as the console script runs: a launcher file in another directory."""
+    work, bin_dir = tmp_path / "work", tmp_path / "bin"
+    work.mkdir()
+    bin_dir.mkdir()
+    (work / "my_cwd_models.py").write_text(
+        "import torch.nn as nn\n\n\ndef make():\n    return nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4, eps=0.0))\n")
+    launcher = bin_dir / "normlab"
+    launcher.write_text("import sys\nfrom normlab.__main__ import main\nsys.exit(main())\n")
+    src = Path(normlab.__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(src), "COLUMNS": "200"}
+    res = subprocess.run([sys.executable, str(launcher), "audit", "my_cwd_models:make"], cwd=work, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1, res.stdout + res.stderr  # the eps=0 norm is an error finding
+    assert "eps-underflow" in res.stdout and "cannot import" not in res.stdout + res.stderr

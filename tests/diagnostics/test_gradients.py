@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from rich.console import Console
@@ -15,6 +17,7 @@ from normlab.diagnostics import (
     register_kind_rule,
     structure,
 )
+from normlab.errors import NormArgumentError
 from tests.diagnostics.helpers import hook_count
 from tests.diagnostics.torch_models import LM_FACTORIES, lm_loss, text_batches, torch_lm
 
@@ -210,3 +213,50 @@ def test_gradient_monitor_detaches_on_error():
             lm_loss(model, text_batches(1, 2, 8)[0]).backward()
             1 / 0  # noqa: B018
     assert hook_count(model) == 0
+
+
+def test_gradient_monitor_read_in_the_middle_of_a_step():
+    """Reading ``last`` between a step's backward calls gives a provisional entry; the
+    step's final entry still sums all its backward calls, and the next step's holds only
+    its own gradient (the old code lost the second backward from step 0 and moved it
+    into step 1)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    x = torch.randn(5, 4)
+
+    def grads():
+        return {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    with GradientMonitor(m) as mon:
+        y = m(x)
+        y[:, 0].pow(2).sum().backward(retain_graph=True)
+        first = grads()
+        provisional = {r.name: r.grad_norm for r in mon.last}
+        y[:, 1:].sum().backward()
+        step0 = grads()
+        m.zero_grad()
+        m(x).pow(3).sum().backward()
+        step1 = grads()
+    assert provisional == pytest.approx({n: float(g.norm()) for n, g in first.items()}, rel=1e-5)
+    assert [s for s, _ in mon.history] == [0, 1]
+    for (step, recs), want in zip(mon.history, (step0, step1), strict=True):
+        got = {r.name: r.grad_norm for r in recs}
+        assert got == pytest.approx({n: float(g.norm()) for n, g in want.items()}, rel=1e-5), step
+
+
+def test_grad_norms_of_a_frozen_model_is_empty_and_bad_arguments_are_named():
+    frozen = nn.Sequential(nn.Linear(4, 4)).requires_grad_(False)
+    assert grad_norms(frozen, frozen(torch.randn(2, 4)).sum()) == []
+    m = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    with pytest.raises(NormArgumentError, match="grad_norms: expected loss to be a scalar torch.Tensor.*got float"):
+        grad_norms(m, 3.0)
+    with pytest.raises(NormArgumentError, match=r"expected loss .*got a tensor of shape \[2, 4\]"):
+        grad_norms(m, m(torch.randn(2, 4)))
+    with pytest.raises(NormArgumentError, match="grad_norms: expected model to be a torch.nn.Module, got str"):
+        grad_norms("x")
+    for every in ("10", 2.5, 0, True):
+        with pytest.raises(NormArgumentError, match=r"GradientMonitor: expected every to be an int >= 1, got "
+                                                    + re.escape(repr(every))):
+            GradientMonitor(m, every=every)
+    with pytest.raises(NormArgumentError, match="GradientMonitor: expected model"):
+        GradientMonitor("x")

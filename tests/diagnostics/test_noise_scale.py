@@ -9,6 +9,7 @@ import torch
 from torch.func import grad, vmap
 
 from normlab.diagnostics import NoiseScaleEMA, gradient_noise_scale, two_batch_estimates
+from normlab.errors import NormArgumentError
 
 
 def _linear_problem(d=256, seed=0):
@@ -86,3 +87,17 @@ def test_ema_is_bias_corrected_ratio_of_averages():
         NoiseScaleEMA(beta=1.0)
     with pytest.raises(ValueError, match="shape"):
         gradient_noise_scale(torch.ones(1), 1.0)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(NormArgumentError, match=r"gradient_noise_scale: expected per_example_sq to be a "
+                                                r"torch.Tensor of shape \[B\] with B >= 2, got list"):
+        gradient_noise_scale([1.0, 2.0, 3.0], 1.0)
+    with pytest.raises(NormArgumentError, match="expected batch_grad_sq to be a number or a one-element"):
+        gradient_noise_scale(torch.ones(3), torch.ones(3))
+    with pytest.raises(NormArgumentError, match=r"NoiseScaleEMA: expected beta .* got '0\.9'"):
+        NoiseScaleEMA("0.9")
+    # a one-element tensor still goes: per-example norms 1, 2, 3 of a mean loss (|G_1|^2 =
+    # 9 * mean = 18) and |G_3|^2 = 0.5: |G|^2 = (3 * 0.5 - 18) / 2, tr(Sigma) = (18 - 0.5) / (2 / 3)
+    est = gradient_noise_scale(torch.tensor([1.0, 2.0, 3.0]), torch.tensor(0.5))
+    assert (est.g_sq, est.trace_sigma) == pytest.approx((-8.25, 26.25))

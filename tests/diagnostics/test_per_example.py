@@ -9,6 +9,8 @@ from torch.func import functional_call, grad, vmap
 
 import normlab
 from normlab.diagnostics import per_example_grad_norms
+from normlab.errors import NormArgumentError
+from tests.diagnostics.helpers import hook_count
 from tests.diagnostics.torch_models import VOCAB, torch_lm
 
 NORMS = {
@@ -224,3 +226,85 @@ def test_a_model_without_a_covered_norm_says_so():
         model(torch.randn(4, 8)).sum().backward()
     with pytest.raises(RuntimeError, match=r"no norm this covers .*apply_normlab\(model\)"):
         norms.total()
+
+
+# ------------------------------------------- shared parameters, batch_first=False layers
+
+
+class _Tied(nn.Module):
+    """Two norm modules holding one weight and one bias (n2.weight = n1.weight)."""
+
+    def __init__(self, cls, tie_bias=True):
+        super().__init__()
+        self.lin, self.n1, self.n2 = nn.Linear(8, 8), cls(8), cls(8)
+        self.n2.weight = self.n1.weight
+        if tie_bias:
+            self.n2.bias = self.n1.bias
+
+    def forward(self, x):
+        return self.n2(self.lin(self.n1(x)))
+
+
+@pytest.mark.parametrize("cls", [nn.LayerNorm, normlab.LayerNorm])
+def test_a_parameter_shared_between_norms_is_refused(cls):
+    """The per-example gradient of a shared weight is |g_b(n1) + g_b(n2)|^2, which the
+    per-module squared norms cannot give (the old code reported |a|^2 + |b|^2, and counted
+    the batch gradient twice): entering the context refuses, naming the parameter."""
+    m = _Tied(cls)
+    with pytest.raises(NormArgumentError, match=r"'n1\.weight' is shared with 'n2\.weight'"):
+        with per_example_grad_norms(m):
+            m(torch.randn(3, 8)).sum().backward()
+    assert hook_count(m) == 0
+    m = _Tied(cls, tie_bias=False)
+    m.n1.weight.requires_grad_(False)  # a frozen shared weight has nothing to record
+    with per_example_grad_norms(m) as rec:
+        m(torch.randn(3, 8)).sum().backward()
+    assert sorted(rec) == ["n1", "n2"] and all(list(r) == ["bias"] for _, r in rec.items())
+
+
+def test_a_norm_registered_under_two_names_is_one_norm():
+    """One module reachable under two paths (an alias, not a tie) is recorded once, with
+    one gradient hook per parameter: the numbers match single-example backward passes."""
+    torch.manual_seed(0)
+
+    class Aliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.norm, self.out = nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 8)
+            self.final_norm = self.norm  # the same module again, called once
+
+        def forward(self, x):
+            return self.out(self.final_norm(self.lin(x)))
+
+    m = Aliased()
+    _randomize_norms(m)
+    x = torch.randn(4, 8)
+    with per_example_grad_norms(m) as rec:
+        m(x).pow(2).sum().backward()
+    params = list(m.norm.parameters())
+    want = []
+    for b in range(4):
+        gs = torch.autograd.grad(m(x[b:b + 1]).pow(2).sum(), params)
+        want.append(sum(float(g.double().square().sum()) for g in gs))
+    assert list(rec) == ["norm"]
+    torch.testing.assert_close(rec.total().double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=0)
+    assert rec.batch_grad_sq() == pytest.approx(sum(float(p.grad.square().sum()) for p in params), rel=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")
+def test_batch_first_false_torch_layers_are_refused():
+    """torch's layers with batch_first=False feed their norms [T, B, D]: dim 0 is time,
+    which the old code recorded as T examples."""
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)  # batch_first=False
+    with pytest.raises(NormArgumentError, match=r"the model is a TransformerEncoderLayer with "
+                                                r"batch_first=False.*'norm1', 'norm2'.*expected the example"):
+        with per_example_grad_norms(layer):
+            layer(torch.randn(5, 3, 8)).sum().backward()
+    assert hook_count(layer) == 0
+    model = nn.Transformer(8, 2, 1, 1, 16, dropout=0.0)
+    with pytest.raises(NormArgumentError, match=r"'encoder' is a TransformerEncoder .*'encoder\.norm'"):
+        per_example_grad_norms(model).attach()
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    with per_example_grad_norms(layer) as rec:
+        layer(torch.randn(3, 5, 8)).sum().backward()
+    assert rec.total().shape == (3,)

@@ -9,7 +9,8 @@ an add) from a Post-LN one (its output is a norm's output).
 
 Findings (kind: severity)
     double-norm          warning  a norm whose one input is another norm's output (not a
-                                  norm(x, residual), which normalizes a sum)
+                                  norm(x, residual), which normalizes a sum, nor a norm
+                                  output changed in place before the next norm reads it)
     pre-ln-no-final-norm warning  a Pre-LN stack whose output reaches no norm
     eps-underflow        error    eps rounds to 0 in the norm's parameter dtype
     batchnorm-padding    warning  torch BatchNorm in a sequence model (padding in the stats)
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 
 from normlab.convert.blocks import block_spec
 from normlab.diagnostics.structure import find_block_lists, is_norm
+from normlab.errors import NormArgumentError
 
 SEVERITIES = ("error", "warning", "info")
 POST_LN_MAX_SAFE_DEPTH = 12
@@ -57,6 +59,10 @@ class _NormCall:
     input_id: int | None         # the one tensor it normalizes; None when it reads several
     consumed: set[int]           # every tensor argument
     output_id: int | None = None
+    # the tensors' versions (Tensor._version) when read: an in-place op in between
+    # (h = norm1(x); h += fc(x); norm2(h)) makes the same tensor hold something else
+    input_version: int | None = None
+    output_version: int | None = None
 
 
 @dataclass
@@ -74,8 +80,9 @@ class Trace:
     block_calls: list[_BlockCall] = field(default_factory=list)
     keep: list[Tensor] = field(default_factory=list)  # holds tensors so ids stay unique
 
-    def norm_outputs(self) -> dict[int, str]:
-        return {c.output_id: c.path for c in self.norm_calls if c.output_id is not None}
+    def norm_outputs(self) -> dict[tuple[int, int | None], str]:
+        """(id, version) of each norm call's output -> the norm's path."""
+        return {(c.output_id, c.output_version): c.path for c in self.norm_calls if c.output_id is not None}
 
 
 def _tensor_args(args, kwargs) -> list[Tensor]:
@@ -84,13 +91,13 @@ def _tensor_args(args, kwargs) -> list[Tensor]:
     return out
 
 
-def _normalized_input(ts: list[Tensor]) -> int | None:
-    """The id of the one tensor a norm call normalizes, or None when the call reads several
+def _normalized_input(ts: list[Tensor]) -> Tensor | None:
+    """The one tensor a norm call normalizes, or None when the call reads several
     floating-point tensors: normlab's ``norm(x, residual)`` normalizes ``residual + x``, a
     sum, so it is no norm's output even where ``x`` is (Sandwich/Peri-LN's ``out`` norm
     feeding the next ``in`` norm). Masks (bool, integer) do not count."""
     data = [t for t in ts if t.is_floating_point() or t.is_complex()] or ts
-    return id(data[0]) if len(data) == 1 else None
+    return data[0] if len(data) == 1 else None
 
 
 def _first_tensor(obj) -> Tensor | None:
@@ -112,7 +119,9 @@ def _call(model: nn.Module, example_input):
 def trace_forward(model: nn.Module, example_input) -> Trace:
     """Run one forward of ``model`` on ``example_input`` (a tensor, a tuple of positional
     arguments or a dict of keyword arguments) and record the norms' and blocks' data flow.
-    Buffers (BatchNorm running statistics ...) are restored afterwards."""
+    Every buffer (BatchNorm running statistics, non-persistent ones ...) is restored
+    afterwards, and the forward runs on a fork of the global RNG (CPU and the CUDA
+    devices in use), which it leaves as it was."""
     trace = Trace()
     handles = []
     lists = find_block_lists(model)
@@ -123,7 +132,9 @@ def trace_forward(model: nn.Module, example_input) -> Trace:
             if not ts:
                 return
             trace.keep.extend(ts)
-            trace.norm_calls.append(_NormCall(path, _normalized_input(ts), {id(t) for t in ts}))
+            x = _normalized_input(ts)
+            trace.norm_calls.append(_NormCall(path, None if x is None else id(x), {id(t) for t in ts},
+                                              input_version=None if x is None else x._version))
         return hook
 
     def norm_post(path):
@@ -133,7 +144,7 @@ def trace_forward(model: nn.Module, example_input) -> Trace:
                 trace.keep.append(out)
                 for c in reversed(trace.norm_calls):
                     if c.path == path and c.output_id is None:
-                        c.output_id = id(out)
+                        c.output_id, c.output_version = id(out), out._version
                         break
         return hook
 
@@ -168,19 +179,30 @@ def trace_forward(model: nn.Module, example_input) -> Trace:
             path = f"{stack}.{i}" if stack else str(i)
             handles.append(block.register_forward_pre_hook(block_pre(stack, i, path), with_kwargs=True))
             handles.append(block.register_forward_hook(block_post(path), with_kwargs=True))
-    buffers = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()
-               if not isinstance(v, nn.Parameter)}
+    # every buffer, persistent or not: (module, name, the tensor, its values)
+    buffers = [(mod, name, b, b.detach().clone()) for mod in model.modules()
+               for name, b in mod.named_buffers(recurse=False)]
     try:
-        with torch.enable_grad():  # grad mode keeps torch's encoder off its fused fast path
+        # grad mode keeps torch's encoder off its fused fast path; the forked RNG leaves
+        # the global one (dropout draws) as it was
+        with torch.random.fork_rng(devices=_cuda_devices(model, example_input)), torch.enable_grad():
             _call(model, example_input)
     finally:
         for h in handles:
             h.remove()
         with torch.no_grad():
-            state = model.state_dict(keep_vars=True)
-            for k, v in buffers.items():
-                state[k].copy_(v)
+            for mod, name, b, value in buffers:
+                setattr(mod, name, b)  # a forward that replaced the tensor gets it back
+                b.copy_(value)
     return trace
+
+
+def _cuda_devices(model: nn.Module, example_input) -> list[int]:
+    """Indices of the CUDA devices the model's tensors and the input live on."""
+    inputs = example_input.values() if isinstance(example_input, dict) else (
+        example_input if isinstance(example_input, (tuple, list)) else [example_input])
+    tensors = [*model.parameters(), *model.buffers(), *(t for t in inputs if isinstance(t, Tensor))]
+    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
 
 
 # last path token of an nn.Embedding that reads token ids (not positions or token types)
@@ -273,8 +295,9 @@ def check_double_norm(ctx: AuditContext) -> list[Finding]:
     if ctx.trace is not None:
         outputs = ctx.trace.norm_outputs()
         for c in ctx.trace.norm_calls:
-            if c.input_id is not None and c.input_id in outputs:
-                found.setdefault(c.path, outputs[c.input_id])
+            key = (c.input_id, c.input_version)
+            if c.input_id is not None and key in outputs:
+                found.setdefault(c.path, outputs[key])
     else:  # known structure: torch's TransformerEncoder/Decoder with a norm after Post-LN layers
         for path, mod in ctx.model.named_modules():
             if not (isinstance(mod, (nn.TransformerEncoder, nn.TransformerDecoder)) and mod.norm is not None
@@ -445,27 +468,44 @@ def _lrs(optimizer) -> list[float]:
 
 def has_warmup(optimizer=None, scheduler=None, probe_steps: int = 200) -> bool:
     """True if the learning rate starts below half its peak in the first ``probe_steps``
-    scheduler steps (probed on the scheduler's state, which is restored), or the optimizer
-    is RAdam (rectified: warm-up built in)."""
+    scheduler steps, or the optimizer is RAdam (rectified: warm-up built in).
+
+    The steps run on copies of the scheduler and of the optimizer's param_groups (the
+    parameters and the optimizer state are not copied), so the caller's scheduler and
+    optimizer are never changed. ReduceLROnPlateau (which only lowers the lr, on plateaus
+    of a metric) has no warm-up. A scheduler that cannot step further (OneCycleLR past its
+    total_steps: ValueError; a step() that wants arguments: TypeError) ends the probe,
+    judged on the lrs seen so far; one that cannot be copied (copy.deepcopy) is judged
+    without warm-up."""
     if optimizer is None and scheduler is not None:
         optimizer = getattr(scheduler, "optimizer", None)
     if isinstance(optimizer, torch.optim.RAdam):
         return True
     if scheduler is None or optimizer is None:
         return False
-    start = _lrs(optimizer)
-    state = scheduler.state_dict()
-    lrs = [start]
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        return False
+    optimizer = getattr(scheduler, "optimizer", optimizer)  # the one the scheduler steps
+    # a stand-in optimizer: the same class and state, its own copy of the param_groups'
+    # settings (lr, betas, ...), which is all a scheduler reads and writes
+    stand_in = object.__new__(type(optimizer))
+    stand_in.__dict__.update(optimizer.__dict__)
+    stand_in.param_groups = [{k: v if k == "params" else copy.deepcopy(v) for k, v in g.items()}
+                             for g in optimizer.param_groups]
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for _ in range(probe_steps):
-                scheduler.step()
-                lrs.append(_lrs(optimizer))
-    finally:
-        scheduler.load_state_dict(state)
-        for g, lr in zip(optimizer.param_groups, start, strict=True):
-            g["lr"] = lr
+        probe = copy.deepcopy(scheduler, {id(optimizer): stand_in})
+    except Exception:  # noqa: BLE001 - a scheduler holding what cannot be copied: not probed
+        return False
+    start = _lrs(stand_in)
+    lrs = [start]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(probe_steps):
+            try:
+                probe.step()
+            except (ValueError, TypeError):
+                break
+            lrs.append(_lrs(stand_in))
     peak = [max(col) for col in zip(*lrs, strict=True)]
     return any(s < 0.5 * p for s, p in zip(start, peak, strict=True))
 
@@ -499,7 +539,21 @@ def audit(model: nn.Module, example_input=None, optimizer=None, scheduler=None) 
     arguments) is used for one traced forward; without it one is made up when possible
     (:func:`example_inputs_for`: the first that runs), else structural checks fall back
     to known module types.
-    ``optimizer``/``scheduler`` enable the warm-up check."""
+    ``optimizer``/``scheduler`` enable the warm-up check. The model, its buffers, the
+    optimizer, the scheduler and the global RNG are left as they were."""
+    if not isinstance(model, nn.Module):
+        raise NormArgumentError(f"audit: expected model to be a torch.nn.Module, got {type(model).__name__}")
+    meta = next((n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
+    if meta is not None:
+        raise NormArgumentError(
+            f"audit: expected a model with values, got '{meta}' on the meta device (no values for the "
+            f"weight checks, nothing to run): materialize it first (model.to_empty(device=...) and "
+            f"load its weights)")
+    with torch.random.fork_rng(devices=_cuda_devices(model, example_input)):
+        return _audit(model, example_input, optimizer, scheduler)
+
+
+def _audit(model: nn.Module, example_input, optimizer, scheduler) -> list[Finding]:
     trace, err = None, None
     candidates = example_inputs_for(model) if example_input is None else [example_input]
     for candidate in candidates:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from pathlib import Path
 
 import typer
@@ -21,8 +22,10 @@ _WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.jso
 def load_model(spec: str) -> tuple[nn.Module, object, str | None]:
     """(model, example_input or None, note or None) from ``pkg.module:factory`` or a Hugging Face checkpoint.
 
-    A factory takes no arguments and returns a model or (model, example_input); anything
-    else (or a factory that raises) is a ``typer.BadParameter``. A checkpoint is a local
+    ``pkg.module`` is imported with the working directory first on sys.path (as
+    ``python -m`` has it). A factory takes no arguments and returns a model or
+    (model, example_input); anything else (or a factory that raises) is a
+    ``typer.BadParameter``. A checkpoint is a local
     directory with a config.json, or a name already in the local Hugging Face cache
     (nothing is downloaded): the model class is the config's ``architectures`` entry
     (else AutoModelForCausalLM, else AutoModel), loaded with its saved weights; where
@@ -35,6 +38,11 @@ def load_model(spec: str) -> tuple[nn.Module, object, str | None]:
 
 def _from_factory(spec: str) -> tuple[nn.Module, object]:
     mod_name, _, attr = spec.partition(":")
+    # the console script's sys.path starts with its own bin directory, not the working
+    # directory that `python -m normlab` puts first: a module there must import as well
+    cwd = os.getcwd()
+    if sys.path[:1] not in ([cwd], [""]):
+        sys.path.insert(0, cwd)
     try:
         factory = getattr(importlib.import_module(mod_name), attr)
     except (ImportError, AttributeError) as e:

@@ -15,6 +15,7 @@ Layers and kinds are inferred by :mod:`normlab.diagnostics.structure`.
 from __future__ import annotations
 
 import math
+import numbers
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.diagnostics.structure import SUBLAYER_KINDS, iter_param_info
+from normlab.errors import NormArgumentError
 
 
 @dataclass
@@ -152,10 +154,19 @@ def grad_norms(model: nn.Module, loss: Tensor | None = None) -> GradNorms:
     With ``loss``, the gradients of ``loss`` w.r.t. the parameters are computed with
     ``torch.autograd.grad`` (``.grad`` is left untouched, the graph is retained).
     Without, the parameters' current ``.grad`` is read. Parameters without a gradient
-    are left out."""
+    are left out (a frozen model, or a loss that does not require grad, gives an empty
+    list). ``loss``: a one-element tensor; anything else raises NormArgumentError."""
+    if not isinstance(model, nn.Module):
+        raise NormArgumentError(f"grad_norms: expected model to be a torch.nn.Module, got {type(model).__name__}")
     if loss is None:
         return _records(model, {id(p): p.grad for p in model.parameters()})
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        got = f"a tensor of shape {list(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+        raise NormArgumentError(f"grad_norms: expected loss to be a scalar torch.Tensor (one element) or None, "
+                                f"got {got}")
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params or not loss.requires_grad:  # a frozen model, a loss outside autograd: no gradient
+        return GradNorms()
     grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
     return _records(model, {id(p): g for p, g in zip(params, grads, strict=True)})
 
@@ -179,15 +190,18 @@ class GradientMonitor:
     """
 
     def __init__(self, model: nn.Module, every: int = 1) -> None:
-        if every < 1:
-            raise ValueError(f"GradientMonitor: expected every >= 1, got {every}")
-        self.model, self.every = model, every
+        if not isinstance(model, nn.Module):
+            raise NormArgumentError(f"GradientMonitor: expected model to be a torch.nn.Module, "
+                                    f"got {type(model).__name__}")
+        if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
+            raise NormArgumentError(f"GradientMonitor: expected every to be an int >= 1, got {every!r}")
+        self.model, self.every = model, int(every)
         self.step = -1
         self.history: list[tuple[int, GradNorms]] = []
         self._handles: list = []
-        self._pending: dict[int, Tensor] = {}
+        self._pending: dict[int, Tensor] = {}  # the current step's gradients, summed
         self._params: list[nn.Parameter] = []
-        self._flushed_step = -1
+        self._changed = False  # a gradient came since the current step's entry was written
 
     # --------------------------------------------------------------- attach / detach
     def attach(self) -> GradientMonitor:
@@ -216,7 +230,8 @@ class GradientMonitor:
         return self.step >= 0 and self.step % self.every == 0
 
     def _on_forward(self, module, args) -> None:
-        self.flush()
+        self.flush()  # the finished step's final entry
+        self._pending = {}
         self.step += 1
 
     def _make_hook(self, p: nn.Parameter):
@@ -228,18 +243,27 @@ class GradientMonitor:
                 # several backward calls in one step (losses backwarded one by one): their
                 # gradients add up, so the step's norm is that of the sum, not of each
                 self._pending[key] = grad.detach() if prev is None else prev + grad.detach()
+                self._changed = True
         return hook
 
     def flush(self) -> None:
-        """Turn the norms gathered since the last step into a GradNorms entry of ``history``."""
-        if not self._pending or self._flushed_step == self.step:
+        """Write the current step's entry of ``history`` from the gradients gathered so far.
+
+        Read in the middle of a step (between two of its backward calls) the entry is
+        provisional: a later backward of the same step replaces it, and the next forward
+        writes the final one, summed over all the step's backward calls."""
+        if not self._changed:
             return
+        self._changed = False
         grads = {k: v.float().square().sum().sqrt() for k, v in self._pending.items()}
-        self._pending = {}
-        self._flushed_step = self.step
-        self.history.append((self.step, _records(self.model, grads)))
+        entry = (self.step, _records(self.model, grads))
+        if self.history and self.history[-1][0] == self.step:
+            self.history[-1] = entry
+        else:
+            self.history.append(entry)
 
     @property
     def last(self) -> GradNorms:
+        """The latest step's GradNorms (provisional while that step's backward calls go on)."""
         self.flush()
         return self.history[-1][1] if self.history else GradNorms()

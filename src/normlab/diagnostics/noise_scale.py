@@ -21,9 +21,12 @@ whole model's noise scale: feed :func:`per_example_grad_norms`'s ``rec.total()``
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 from torch import Tensor
+
+from normlab.errors import NormArgumentError
 
 
 @dataclass(frozen=True)
@@ -58,13 +61,22 @@ def gradient_noise_scale(per_example_sq: Tensor, batch_grad_sq: Tensor | float, 
     ``reduction`` says how the loss combined the examples: "mean" (loss = mean of the
     example losses: contribution = g_b / B, batch gradient = G_B) or "sum"
     (contribution = g_b, batch gradient = B G_B)."""
+    if not isinstance(per_example_sq, Tensor):
+        raise NormArgumentError(f"gradient_noise_scale: expected per_example_sq to be a torch.Tensor of "
+                                f"shape [B] with B >= 2, got {type(per_example_sq).__name__}")
     if per_example_sq.dim() != 1 or per_example_sq.shape[0] < 2:
-        raise ValueError(
+        raise NormArgumentError(
             f"gradient_noise_scale: expected per_example_sq of shape [B] with B >= 2, "
             f"got {list(per_example_sq.shape)}"
         )
+    if not (isinstance(batch_grad_sq, numbers.Real) and not isinstance(batch_grad_sq, bool)
+            or isinstance(batch_grad_sq, Tensor) and batch_grad_sq.numel() == 1):
+        got = (f"a tensor of shape {list(batch_grad_sq.shape)}" if isinstance(batch_grad_sq, Tensor)
+               else type(batch_grad_sq).__name__)
+        raise NormArgumentError(f"gradient_noise_scale: expected batch_grad_sq to be a number or a one-element "
+                                f"torch.Tensor, got {got}")
     if reduction not in ("mean", "sum"):
-        raise ValueError(f"gradient_noise_scale: expected reduction 'mean' or 'sum', got {reduction!r}")
+        raise NormArgumentError(f"gradient_noise_scale: expected reduction 'mean' or 'sum', got {reduction!r}")
     b = per_example_sq.shape[0]
     pe = per_example_sq.double()
     g_batch_sq = _as_float(batch_grad_sq)
@@ -92,8 +104,8 @@ class NoiseScaleEMA:
     the ratio of the averages, not the average of ratios."""
 
     def __init__(self, beta: float = 0.95) -> None:
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"NoiseScaleEMA: expected 0 <= beta < 1, got {beta}")
+        if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0.0 <= beta < 1.0:
+            raise NormArgumentError(f"NoiseScaleEMA: expected beta to be a number with 0 <= beta < 1, got {beta!r}")
         self.beta = beta
         self.steps = 0
         self._g_sq = 0.0

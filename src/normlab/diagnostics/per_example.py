@@ -169,6 +169,9 @@ class PerExampleGradNorms:
     """The recorder behind :func:`per_example_grad_norms`; a read-only mapping name -> dict."""
 
     def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise NormArgumentError(
+                f"per_example_grad_norms: expected model to be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self._modules = {name: m for name, m in model.named_modules() if _supported(m)}
         self._handles: list = []
@@ -182,6 +185,8 @@ class PerExampleGradNorms:
     def attach(self) -> PerExampleGradNorms:
         if self._handles:
             return self
+        self._check_examples_along_dim0()
+        self._check_unshared()
         for name, mod in self._modules.items():
             if _from_backward(mod):
                 self._collect_was[name] = mod.collect_per_example_grad_sq
@@ -193,6 +198,52 @@ class PerExampleGradNorms:
                 if p.requires_grad:
                     self._handles.append(p.register_hook(self._param_hook(f"{name}.{pname}")))
         return self
+
+    def _check_unshared(self) -> None:
+        """A recorded norm's parameter must belong to that norm alone: the per-example
+        gradient of a parameter shared between modules (n2.weight = n1.weight) sums the
+        modules' per-example gradient vectors before squaring, which the per-example
+        squared norms of each module do not give."""
+        owners: dict[int, list[str]] = {}
+        for path, mod in self.model.named_modules():  # a module registered twice counts once
+            for pname, p in mod.named_parameters(recurse=False):
+                owners.setdefault(id(p), []).append(f"{path}.{pname}" if path else pname)
+        for mod in self._modules.values():
+            for pname in _trained(mod):
+                where = owners[id(getattr(mod, pname))]
+                if len(where) > 1:
+                    raise NormArgumentError(
+                        f"per_example_grad_norms: parameter '{where[0]}' is shared with "
+                        f"{', '.join(repr(w) for w in where[1:])} (one tensor in several modules); "
+                        f"expected each recorded norm's weight and bias to belong to that norm alone: "
+                        f"the per-example gradient of a shared parameter is the sum of the modules' "
+                        f"per-example gradients, which per-module squared norms do not give. Untie "
+                        f"them, or freeze the shared parameter (requires_grad=False)"
+                    )
+
+    def _check_examples_along_dim0(self) -> None:
+        """torch's transformer layers built with batch_first=False take [T, B, D]: their
+        norms (and the final norm of their nn.TransformerEncoder/Decoder) would see time
+        along dim 0 and report one entry per time step as if it were an example."""
+        recorded = {id(m) for m in self._modules.values()}
+        layers = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+        for path, mod in self.model.named_modules():
+            if isinstance(mod, layers):
+                time_first = not mod.self_attn.batch_first
+                norms = [n for n, sub in mod.named_modules() if id(sub) in recorded]
+            elif isinstance(mod, (nn.TransformerEncoder, nn.TransformerDecoder)):
+                time_first = any(isinstance(la, layers) and not la.self_attn.batch_first for la in mod.layers)
+                norms = ["norm"] if mod.norm is not None and id(mod.norm) in recorded else []
+            else:
+                continue
+            if time_first and norms:
+                where = ", ".join(repr(f"{path}.{n}" if path else n) for n in norms)
+                raise NormArgumentError(
+                    f"per_example_grad_norms: {repr(path) if path else 'the model'} is a "
+                    f"{type(mod).__name__} with batch_first=False, so its norms ({where}) see "
+                    f"[T, B, D] with time along dim 0; expected the example along dim 0: build it "
+                    f"with batch_first=True and feed [B, T, D]"
+                )
 
     def detach(self) -> None:
         for h in self._handles:
@@ -373,7 +424,12 @@ def per_example_grad_norms(model: nn.Module) -> PerExampleGradNorms:
     gradient in the latest backward (a norm that did not take part in it has no entry).
     ``rec.total()`` is their sum. Dim 0 of each norm's input is the example. A norm
     called twice before backward (shared parameters) raises; so do norms that disagree
-    on the batch size. Activation checkpointing (torch.utils.checkpoint) is taken: a
-    forward recomputed inside the backward is not a second call (with reentrant
-    checkpointing around every norm, a norm that sits out a step keeps its last entry)."""
+    on the batch size. Entering the context raises NormArgumentError for a norm whose
+    trained weight or bias is shared with another module (n2.weight = n1.weight: its
+    per-example gradient sums both modules' before squaring), and for a norm inside a
+    torch TransformerEncoderLayer/DecoderLayer built with batch_first=False (or the
+    final norm of their TransformerEncoder/Decoder), whose dim 0 is time. Activation
+    checkpointing (torch.utils.checkpoint) is taken: a forward recomputed inside the
+    backward is not a second call (with reentrant checkpointing around every norm, a
+    norm that sits out a step keeps its last entry)."""
     return PerExampleGradNorms(model)
