@@ -338,3 +338,55 @@ def test_powernorm_a_nan_gradient_at_padded_outputs_reaches_nothing():
     g = torch.randn(2, 5, 4).masked_fill(pad.unsqueeze(-1), math.nan)
     m(x, padding_mask=pad).backward(g)
     assert torch.isfinite(x.grad).all() and torch.isfinite(m.grad_ema).all()
+
+
+def test_masked_batchnorm_gradient_at_padded_outputs_stays_off_the_real_positions():
+    # a padded output used to be (0 - mu_B) / sigma_B * gamma + beta: a gradient there (a
+    # custom loss that does not mask) reached every real position through the batch
+    # statistics, and a nan one made them nan; now it normalizes to 0 (output beta), as
+    # PowerNorm's, and the real positions' gradients are nn.BatchNorm1d's on them alone
+    torch.manual_seed(0)
+    m = normlab.MaskedBatchNorm(3, dtype=torch.float64)
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.uniform_(-1, 1)
+    x = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    y = m(x, padding_mask=pad)
+    torch.testing.assert_close(y[pad], m.bias.detach().expand(2, 3), rtol=0, atol=0)
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref = nn.BatchNorm1d(3, dtype=torch.float64)
+    with torch.no_grad():
+        ref.weight.copy_(m.weight)
+        ref.bias.copy_(m.bias)
+    real = x.detach()[~pad].clone().requires_grad_()
+    out = ref(real)
+    out.backward(g[~pad])
+    torch.testing.assert_close(y[~pad], out, rtol=0, atol=1e-12)
+    torch.testing.assert_close(x.grad[~pad], real.grad, rtol=0, atol=1e-12)
+    assert x.grad[pad].abs().max() == 0
+    x.grad = None
+    m(x, padding_mask=pad).backward(g.masked_fill(pad.unsqueeze(-1), math.nan))
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("build", [
+    lambda: normlab.ScaleNorm(0), lambda: normlab.PowerNorm(0), lambda: normlab.MaskedBatchNorm(0),
+    lambda: normlab.DyT(-1), lambda: normlab.AdaLN(0, 4), lambda: normlab.AdaLN(4, 0), lambda: normlab.DyT(2.0),
+], ids=["scalenorm", "powernorm", "batchnorm", "dyt", "adaln-dim", "adaln-cond", "dyt-float"])
+def test_a_norm_built_directly_checks_its_size(build):
+    # ScaleNorm(0), PowerNorm(0), MaskedBatchNorm(0) and AdaLN(0, 4) were built, DyT(-1)
+    # raised torch's "negative dimension": build_norm checked, the classes did not
+    with pytest.raises(NormArgumentError, match=r"expected (dim|cond_dim) to be an int >= 1"):
+        build()
+
+
+def test_powernorm_buffers_follow_its_dtype():
+    m = normlab.PowerNorm(4, dtype=torch.float64, warmup_iters=0)
+    assert m.running_phi.dtype == m.grad_ema.dtype == torch.float64
+    x = torch.full((3, 4), 1e-5, dtype=torch.float64, requires_grad=True)
+    m(x).sum().backward()
+    # psi^2 = 0.9 * 1 + 0.1 * 1e-10: a float32 buffer rounds the batch's share away
+    assert math.isclose(m.running_phi[0].item(), 0.9 + 1e-11, rel_tol=1e-13)

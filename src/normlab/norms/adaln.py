@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from normlab import functional as F
 from normlab.errors import NormArgumentError
+from normlab.norms.registry import check_size
 from normlab.ops.reference import ADALN_NORMS
 
 
@@ -24,6 +25,8 @@ class AdaLN(nn.Module):
     def __init__(self, dim: int, cond_dim: int, eps: float = 1e-6, device=None, dtype=None,
                  norm: str = "layernorm") -> None:
         super().__init__()
+        check_size("AdaLN", "dim", dim)
+        check_size("AdaLN", "cond_dim", cond_dim)
         if norm not in ADALN_NORMS:
             raise NormArgumentError(f"AdaLN: expected norm to be one of {', '.join(ADALN_NORMS)}, got {norm!r}")
         self.dim, self.cond_dim, self.eps, self.norm = dim, cond_dim, eps, norm

@@ -75,14 +75,19 @@ def get_norm_entry(name: str) -> NormEntry:
         ) from None
 
 
+def check_size(name: str, arg: str, value: object) -> None:
+    """A norm's size (``dim``, ``cond_dim``): an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise NormArgumentError(f"{name}: expected {arg} to be an int >= 1, got {value!r}")
+
+
 def build_norm(name: str, dim: int, **kw) -> nn.Module:
     """Build the norm registered as ``name`` over a last dim of size ``dim``.
 
     ``eps`` is passed to norms that have one and ignored by those that have none
     (``dyt``, ``none``), so a model can pass its ``norm_eps`` whatever the norm."""
     entry = get_norm_entry(name)
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise NormArgumentError(f"build_norm: expected dim to be an int >= 1, got {dim!r}")
+    check_size("build_norm", "dim", dim)
     if not entry.has_eps or kw.get("eps", 0.0) is None:
         kw.pop("eps", None)  # None: the norm's own default
     return entry.cls(dim, **kw)

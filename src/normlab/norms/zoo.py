@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from normlab.errors import NormArgumentError
 from normlab.norms.base import ResidualNorm
-from normlab.norms.registry import register_norm
+from normlab.norms.registry import check_size, register_norm
 from normlab.ops.reference import compute_dtype
 
 
@@ -60,6 +60,7 @@ class ScaleNorm(ResidualNorm, nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None) -> None:
         super().__init__()
+        check_size("ScaleNorm", "dim", dim)
         _check_number("ScaleNorm", "eps", eps, 0.0, low_open=True)
         self.dim, self.eps = dim, eps
         self.g = nn.Parameter(torch.empty((), device=device, dtype=dtype))
@@ -85,6 +86,7 @@ class DyT(ResidualNorm, nn.Module):
     def __init__(self, dim: int, alpha_init: float = 0.5, elementwise_affine: bool = True,
                  device=None, dtype=None) -> None:
         super().__init__()
+        check_size("DyT", "dim", dim)
         _check_number("DyT", "alpha_init", alpha_init, -math.inf)
         self.dim, self.alpha_init = dim, alpha_init
         factory = {"device": device, "dtype": dtype}
@@ -138,6 +140,7 @@ class MaskedBatchNorm(ResidualNorm, nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
                  device=None, dtype=None) -> None:
         super().__init__()
+        check_size("MaskedBatchNorm", "dim", dim)
         _check_number("MaskedBatchNorm", "eps", eps, 0.0, low_open=True)
         if momentum is not None:  # None: a cumulative average over the batches (as torch's BatchNorm)
             _check_number("MaskedBatchNorm", "momentum", momentum, 0.0, 1.0)
@@ -191,6 +194,11 @@ class MaskedBatchNorm(ResidualNorm, nn.Module):
         else:
             mean, var = self.running_mean.to(xf.dtype), self.running_var.to(xf.dtype)
         y = (xf - mean) * torch.rsqrt(var + self.eps)
+        if padding_mask is not None:
+            # a padded position normalizes to 0 (its output: beta), as PowerNorm's: what
+            # reaches its output (a custom loss's gradient, even nan) stays off the batch
+            # statistics and so off the real positions' gradients
+            y = torch.where(valid.bool(), y, 0.0)
         if self.weight is not None:
             y = y * self.weight + self.bias
         return y.to(x.dtype)
@@ -251,6 +259,7 @@ class PowerNorm(ResidualNorm, nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5, alpha_fwd: float = 0.9, alpha_bkw: float = 0.9,
                  warmup_iters: int = 100, affine: bool = True, device=None, dtype=None) -> None:
         super().__init__()
+        check_size("PowerNorm", "dim", dim)
         _check_number("PowerNorm", "eps", eps, 0.0, low_open=True)
         _check_number("PowerNorm", "alpha_fwd", alpha_fwd, 0.0, 1.0)
         _check_number("PowerNorm", "alpha_bkw", alpha_bkw, 0.0, 1.0)
@@ -265,8 +274,9 @@ class PowerNorm(ResidualNorm, nn.Module):
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
-        self.register_buffer("running_phi", torch.ones(dim, device=device))
-        self.register_buffer("grad_ema", torch.zeros(dim, device=device))
+        stat = {"device": device, "dtype": torch.float32 if dtype is None else dtype}  # as MaskedBatchNorm's
+        self.register_buffer("running_phi", torch.ones(dim, **stat))
+        self.register_buffer("grad_ema", torch.zeros(dim, **stat))
         self.register_buffer("iters", torch.zeros((), dtype=torch.long, device=device))
         self.reset_parameters()
 
