@@ -148,7 +148,34 @@ def test_lm_loss_leaves_out_padded_positions():
     pad = torch.zeros(2, 8, dtype=torch.bool)
     pad[1, 5:] = True
     got = m.loss(tokens, targets, pad)
-    want = m.loss(tokens, targets.masked_fill(pad, -100), pad)
+    # the mean cross-entropy over the real positions alone, written out
+    logp = torch.log_softmax(m(tokens, pad).float(), dim=-1)
+    nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    want = nll[~pad].sum() / (~pad).sum()
     torch.testing.assert_close(got, want)
-    every = torch.nn.functional.cross_entropy(m(tokens, pad).flatten(0, 1), targets.flatten())
+    every = nll.mean()
     assert not torch.allclose(got, every)  # (the padded positions would have counted)
+
+
+def test_seq2seq_decode_names_a_bad_memory_or_source_mask():
+    # decode took any memory and src_padding_mask: a float or int mask, one of the wrong
+    # length or memory of another width failed inside attention with torch's messages
+    m = Seq2SeqTransformer(TransformerConfig(vocab_size=20, d_model=16, n_heads=2, n_layers=1, dropout=0.0)).eval()
+    src, tgt = torch.randint(0, 20, (2, 4)), torch.randint(0, 20, (2, 3))
+    memory = m.encode(src)
+    for bad in (torch.zeros(2, 4, 8), torch.zeros(3, 4, 16), torch.zeros(2, 4, 16, dtype=torch.long), "memory"):
+        with pytest.raises(ValueError, match=r"expected memory to be a floating-point tensor of shape \[2, S, 16\]"):
+            m.decode(tgt, bad)
+    for mask in (torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 3, dtype=torch.bool)):
+        with pytest.raises(ValueError, match=r"expected src_padding_mask of shape \(2, 4\)"):
+            m.decode(tgt, memory, mask)
+    pad = torch.tensor([[False, False, True, True], [False] * 4])
+    torch.testing.assert_close(m.decode(tgt, m.encode(src, pad), pad), m(src, tgt, pad), rtol=0, atol=0)
+
+
+def test_config_names_an_eps_its_norm_refuses():
+    # TransformerConfig(norm="scalenorm", norm_eps=0.0) was accepted; building the model
+    # then failed naming ScaleNorm's own "eps"
+    with pytest.raises(ValueError, match=r"norm 'scalenorm' refuses norm_eps=0.0: ScaleNorm: expected eps"):
+        TransformerConfig(norm="scalenorm", norm_eps=0.0)
+    assert TransformerConfig(norm="layernorm", norm_eps=0.0).norm_eps == 0.0  # torch's LayerNorm takes it

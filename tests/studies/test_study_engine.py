@@ -170,7 +170,7 @@ def test_norm_options_reach_the_norm_and_are_checked():
     alphas = {float(m.alpha.detach()) for m in TransformerLM(cfg).modules() if type(m).__name__ == "DyT"}
     assert alphas == {2.0}
     assert TransformerConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match="norm_options .* do not fit norm 'layernorm'"):
+    with pytest.raises(ValueError, match="norm 'layernorm' refuses .*norm_options"):
         TransformerConfig(norm="layernorm", norm_options={"alpha_init": 1.0})
     with pytest.raises(ValueError, match="expected norm_options to be None or a dict"):
         TransformerConfig(norm_options=[("alpha_init", 1.0)])

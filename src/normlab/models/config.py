@@ -53,8 +53,11 @@ class TransformerConfig:
     placement_options keyword arguments of the placement class (None: its defaults), e.g.
                       {"shared_norm": False} for "parallel" (two input norms, GPT-NeoX);
                       the keys a placement takes are its ``options``
-    residual_scale    lambda in x + lambda * F(x) (Liu et al. 2020, "Rethinking Skip
-                      Connection with Layer Normalization"); 1.0 is the plain residual
+    residual_scale    lambda in x + lambda * F(x), a plain scale of every branch; 1.0 is
+                      the plain residual. (Liu et al. 2020, "Rethinking Skip Connection
+                      with Layer Normalization", scale the skip instead: LN(mu * x + F(x));
+                      under Post-LN that is lambda = 1/mu up to eps, under the other
+                      placements no lambda gives it.)
     embedding_norm    a norm after the embeddings (as BERT); Peri-LN has one regardless
     tie_embeddings    the output head shares the token embedding matrix
     init              "xavier" (Vaswani et al., Xiong et al.) | "gpt2" (Radford et al. 2019);
@@ -125,19 +128,23 @@ class TransformerConfig:
         _check_choice("placement", self.placement, placement_names())
         _check_choice("init", self.init, INITS)
         _check_choice("activation", self.activation, ACTIVATIONS)
-        if self.norm_options is not None:
-            if not isinstance(self.norm_options, dict) or not all(isinstance(k, str) for k in self.norm_options):
-                raise ValueError(
-                    f"TransformerConfig: expected norm_options to be None or a dict of keyword arguments, "
-                    f"got {self.norm_options!r}"
-                )
-            from normlab.norms import build_norm
+        if self.norm_options is not None and (
+                not isinstance(self.norm_options, dict) or not all(isinstance(k, str) for k in self.norm_options)):
+            raise ValueError(
+                f"TransformerConfig: expected norm_options to be None or a dict of keyword arguments, "
+                f"got {self.norm_options!r}"
+            )
+        from normlab.norms import build_norm
 
-            try:
-                build_norm(self.norm, 1, eps=self.norm_eps, **self.norm_options)
-            except TypeError as e:
-                raise ValueError(f"TransformerConfig: norm_options {self.norm_options!r} do not fit norm "
-                                 f"{self.norm!r}: {e}") from None
+        # one norm of the config, built here: an eps or an option the norm refuses (ScaleNorm's
+        # eps must be > 0) is named as the config's field, not later by the norm's own name
+        try:
+            build_norm(self.norm, 1, eps=self.norm_eps, **(self.norm_options or {}))
+        except (TypeError, ValueError) as e:
+            fields = f"norm_eps={self.norm_eps!r}" + (f", norm_options {self.norm_options!r}"
+                                                      if self.norm_options else "")
+            raise ValueError(f"TransformerConfig: norm {self.norm!r} refuses {fields}: {e}") from None
+        if self.norm_options is not None:
             object.__setattr__(self, "norm_options", dict(self.norm_options))
         if self.qk_norm is not None and (not isinstance(self.qk_norm, str) or self.qk_norm not in QK_NORMS):
             raise ValueError(

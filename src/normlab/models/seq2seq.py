@@ -45,6 +45,12 @@ class Seq2SeqTransformer(nn.Module):
         """tgt [B, T] and memory [B, S, d_model] -> logits [B, T, vocab_size]."""
         check_tokens("Seq2SeqTransformer", tgt, self.cfg.max_seq_len)
         check_padding_mask("Seq2SeqTransformer", "tgt_padding_mask", tgt_padding_mask, tgt)
+        if (not isinstance(memory, Tensor) or not memory.is_floating_point() or memory.dim() != 3
+                or memory.shape[0] != tgt.shape[0] or memory.shape[-1] != self.cfg.d_model):
+            got = f"{list(memory.shape)} {memory.dtype}" if isinstance(memory, Tensor) else type(memory).__name__
+            raise ValueError(f"Seq2SeqTransformer: expected memory to be a floating-point tensor of shape "
+                             f"[{tgt.shape[0]}, S, {self.cfg.d_model}] (encode()'s output for tgt's batch), got {got}")
+        check_padding_mask("Seq2SeqTransformer", "src_padding_mask", src_padding_mask, memory[..., 0])
         h = self.decoder(self.embed(tgt, tgt_padding_mask), padding_mask=tgt_padding_mask,
                          context=memory, context_padding_mask=src_padding_mask)
         return self.head(h)
