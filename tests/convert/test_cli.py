@@ -118,3 +118,50 @@ def test_convert_refuses_bad_normlab_inputs(tmp_path):
     _refused([tmp_path / "plain.safetensors", out, "--config", tmp_path / "wrong.json"],
              "Invalid value for --config", "does not fit the TransformerLM of", "size mismatch")
     assert not out.exists()
+
+
+def test_convert_refuses_config_with_a_hugging_face_directory(tmp_path):
+    hf_model("gpt2").save_pretrained(tmp_path / "src")
+    (tmp_path / "cfg.json").write_text(json.dumps(_tiny_lm().cfg.to_dict()))
+    _refused([tmp_path / "src", tmp_path / "out", "--config", tmp_path / "cfg.json"], "Invalid value for --config",
+             "applies only to a .safetensors SRC", "is a Hugging Face model directory")
+    assert not (tmp_path / "out").exists()
+
+
+def _t5_with_initializer_factor(path):
+    """A T5 whose initializer scales norm weights by 0.5: a norm weight missing from the
+    file reloads as 0.5, not 1."""
+    transformers = pytest.importorskip("transformers", reason="transformers not installed (pip install 'normlab[hf]')")
+    cfg = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                decoder_start_token_id=0, dropout_rate=0.0, initializer_factor=0.5)
+    torch.manual_seed(0)
+    model = perturb(transformers.T5ForConditionalGeneration(cfg), scale=0.3).eval()
+    model.save_pretrained(path)
+    return transformers, model
+
+
+def test_convert_t5_fold_writes_the_folded_norm_weights_and_reloads_exactly(tmp_path):
+    transformers, model = _t5_with_initializer_factor(tmp_path / "src")
+    result = CliRunner().invoke(app, ["convert", str(tmp_path / "src"), str(tmp_path / "out"), "-t", "fold"],
+                                env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert "fold_norm_affine: 10 folded, 2 left" in result.output
+    assert "weights as written, outputs equal the converted model's" in result.output
+    back = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+    assert torch.equal(back.encoder.block[0].layer[0].layer_norm.weight, torch.ones(32))
+    kw = hf_inputs("t5")
+    with torch.no_grad():
+        torch.testing.assert_close(back(**kw).logits, model(**kw).logits, atol=2e-5, rtol=2e-5)
+
+
+def test_convert_exits_1_when_the_written_hugging_face_model_does_not_reload(tmp_path, monkeypatch):
+    from normlab.convert import cli
+
+    _t5_with_initializer_factor(tmp_path / "src")
+    # the folded norms' weights left out of the file: T5's initializer reloads them as 0.5
+    monkeypatch.setattr(cli, "_hf_state", lambda model, original: model.state_dict())
+    result = CliRunner().invoke(app, ["convert", str(tmp_path / "src"), str(tmp_path / "out"), "-t", "fold"],
+                                env={"COLUMNS": "400"})
+    assert result.exit_code == 1, result.output
+    assert ("convert: the written model does not reload as converted: encoder.block.0.layer.0.layer_norm.weight "
+            "is absent from the written file") in result.output

@@ -46,3 +46,33 @@ def test_apply_normlab_on_hf_and_rejects_other_models():
 def test_patch_unknown_architecture():
     with pytest.raises(ValueError, match="expected one of llama, mistral"):
         patch("gemma")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_patch_t5_in_half_precision_returns_t5_layer_norms_dtype(tmp_path, dtype):
+    """transformers keeps T5's wo in float32 in a float16 model, so its norms get float32
+    input and must return the weight's dtype, as T5LayerNorm does."""
+    torch.manual_seed(0)
+    perturb(hf_model("t5"), scale=0.05).save_pretrained(tmp_path)
+    t5 = transformers.T5ForConditionalGeneration
+    kw = hf_inputs("t5")
+    plain = t5.from_pretrained(tmp_path, dtype=dtype)
+    if dtype == torch.float16:
+        assert plain.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
+    with patch("t5"):
+        patched = t5.from_pretrained(tmp_path, dtype=dtype)
+    ours, theirs = patched.encoder.block[0].layer[1].layer_norm, plain.encoder.block[0].layer[1].layer_norm
+    assert isinstance(ours, normlab.RMSNorm) and ours.weight.dtype == dtype
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0)) * 3
+    with torch.no_grad():
+        y_ours, y_theirs = ours(x), theirs(x)
+    assert y_ours.dtype == y_theirs.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(y_ours.float(), y_theirs.float(), atol=eps, rtol=2 * eps)  # within one rounding
+    reference = _logits(t5.from_pretrained(tmp_path), kw)  # float32
+    got, want = _logits(patched, kw), _logits(plain, kw)
+    assert got.dtype == want.dtype
+    tol = 1e-2 if dtype == torch.float16 else 8e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    # as close to the float32 model as Hugging Face's own half-precision model is
+    assert (got.float() - reference).abs().max() <= 1.5 * (want.float() - reference).abs().max()

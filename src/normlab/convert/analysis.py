@@ -34,15 +34,44 @@ def _join(prefix: str, path: str) -> str:
 @dataclass
 class Analysis:
     """``consumers``: norm path -> the Linear views reading its output, or why unknown.
+    ``fx_uses``: id(norm module) -> the Linear views reading the outputs of all its calls in
+    the torch.fx graph (a module called twice, or also called by a parent of the known
+    block holding it), or why unknown; ``consumers_of`` merges the two.
     ``writers``: modules writing the residual stream, or why it cannot be established.
     ``stream_norms``: the norms whose input is that residual stream.
     ``branch_norms``: norm path -> why it reads a branch rather than the stream (Sub-LN's
     inner norms): a LayerNorm there stays one under layernorm_to_rmsnorm."""
 
     consumers: dict[str, list[LinearView] | str] = field(default_factory=dict)
+    fx_uses: dict[int, list[LinearView] | str] = field(default_factory=dict)
     writers: list[LinearView] | str = ""
     stream_norms: set[str] = field(default_factory=set)
     branch_norms: dict[str, str] = field(default_factory=dict)
+
+    def consumers_of(self, module: nn.Module, paths: list[str]) -> tuple[list[LinearView], set[str]] | str:
+        """Every Linear view reading ``module``'s output, over each path it sits at and each
+        call of it (one view a consumer module), with every path those views were found
+        at; or why its output is not read only by Linear layers at one of them. A norm used
+        at several places folds into all their consumers at once (exact: each use feeds
+        only Linear layers reading only this norm); one use that cannot fold leaves it."""
+        uses: list[list[LinearView] | str] = []
+        for result in [self.consumers.get(p, "consumers unknown") for p in paths] + [self.fx_uses.get(id(module))]:
+            if result is not None and not any(result is u for u in uses):
+                uses.append(result)
+        shared = len(paths) > 1 or len(uses) > 1
+        where = f"shared norm (used at {', '.join(paths)}): " if shared else ""
+        views: dict[int, LinearView] = {}
+        positions: set[str] = set()
+        for use in uses:
+            if isinstance(use, str):
+                return where + use
+            for v in use:
+                seen = views.setdefault(id(v.module), v)
+                positions.add(v.path)
+                if seen.rows != v.rows:
+                    return (f"{where}consumer {v.path} reads its output as rows {seen.rows!r} at one use "
+                            f"and {v.rows!r} at another")
+        return list(views.values()), positions
 
 
 def _view(model: nn.Module, path: str, rows: str = "all") -> LinearView:
@@ -52,8 +81,9 @@ def _view(model: nn.Module, path: str, rows: str = "all") -> LinearView:
 
 
 def _known_blocks(model: nn.Module) -> list[tuple[str, nn.Module, BlockSpec]]:
+    """Every path of every known block (a block reachable by two paths runs at both)."""
     out = []
-    for path, m in model.named_modules():
+    for path, m in model.named_modules(remove_duplicate=False):
         if block_entry(m)[1] is not None:
             out.append((path, m, block_spec(m)))
     return out
@@ -69,7 +99,7 @@ def analyse(model: nn.Module) -> Analysis:
     stream_why: str | None = None  # why the stream is not a sum of Linear writers, first found
     for path, block, spec in blocks:
         if spec.unknown:
-            for sub, m in block.named_modules():
+            for sub, m in block.named_modules(remove_duplicate=False):
                 if sub and is_norm(m):
                     a.consumers[_join(path, sub)] = f"consumers unknown: {spec.unknown}"
             stream_why = stream_why or f"residual stream unknown: {path}: {spec.unknown}"
@@ -102,6 +132,11 @@ def analyse(model: nn.Module) -> Analysis:
             a.stream_norms.add(norm)
         if stream_why:
             a.writers = stream_why
+        elif not mspec.final_norms and a.stream_norms:
+            # Pre-LN blocks without a final norm (OPT with _remove_final_layer_norm): the
+            # stream itself reaches the head or the model's output
+            a.writers = ("the residual stream is itself a model output (no final norm reads it: it feeds "
+                         "the head or leaves the model directly): centering would change it")
         elif mspec.embeddings is None:
             a.writers = ("the residual stream starts at a model input, which cannot be made zero-mean; "
                          "convert a model that includes its embedding")
@@ -114,7 +149,7 @@ def analyse(model: nn.Module) -> Analysis:
         # a Hugging Face model's structure comes from the table, never from a trace
         why = (f"{type(model).__name__} is not in normlab's table of Hugging Face models "
                f"(normlab/convert/blocks.py; it has {', '.join(hf_families())})")
-        for path, m in model.named_modules():
+        for path, m in model.named_modules(remove_duplicate=False):
             if is_norm(m):
                 a.consumers.setdefault(path, f"consumers unknown: {why}")
         a.writers = stream_why or f"residual stream unknown: {why}"
@@ -151,60 +186,131 @@ def _trace(model: nn.Module, a: Analysis, blocks) -> None:
         graph = _Tracer().trace(model)
     except Exception as err:  # any tracing failure means: structure unknown
         reason = f"consumers unknown: not a known block, and torch.fx cannot trace {type(model).__name__} ({type(err).__name__})"
-        for path, m in model.named_modules():
+        for path, m in model.named_modules(remove_duplicate=False):
             if is_norm(m):
                 a.consumers.setdefault(path, reason)
         a.writers = f"residual stream unknown: torch.fx cannot trace {type(model).__name__} ({type(err).__name__}: {err})"
         return
     mod = dict(model.named_modules())
+    paths: dict[int, list[str]] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(path)
+    table = set(a.consumers)  # the paths inside known blocks, which the table describes
     calls: dict[str, list[fx.Node]] = {}
     for n in graph.nodes:
         if n.op == "call_module":
             calls.setdefault(n.target, []).append(n)
-    # consumers of norms that are graph nodes (not inside known blocks)
-    for n in graph.nodes:
-        if n.op != "call_module" or not is_norm(mod[n.target]) or n.target in a.consumers:
-            continue
-        a.consumers[n.target] = _fx_consumers(model, mod, calls, n)
-    for n in graph.nodes:  # a torch encoder/decoder's final norm: its users are the container's
-        m = mod.get(n.target) if n.op == "call_module" else None
+    reads = _direct_reads(model, graph)
+    # the norms called in the graph (fx names a module by its first path): their consumers
+    # over all their calls, for every path of theirs outside the known blocks
+    for target, nodes in calls.items():
+        m = mod[target]
+        if is_norm(m):
+            a.fx_uses[id(m)] = _fx_consumers(model, mod, calls, nodes)
+            for p in paths[id(m)]:
+                if p not in table:
+                    a.consumers[p] = a.fx_uses[id(m)]
+    for target, nodes in calls.items():  # a torch encoder/decoder's final norm: its users are the container's
+        m = mod[target]
         if isinstance(m, _CONTAINERS) and m.norm is not None:
-            a.consumers[f"{n.target}.norm"] = _fx_consumers(model, mod, calls, n)
-            a.stream_norms.add(f"{n.target}.norm")
-    for path, m in model.named_modules():
+            a.consumers[f"{target}.norm"] = _fx_consumers(model, mod, calls, nodes)
+            a.stream_norms.add(f"{target}.norm")
+    for path, m in model.named_modules(remove_duplicate=False):
         if is_norm(m):
             a.consumers.setdefault(path, "consumers unknown: not reached as a leaf in the torch.fx graph")
-    a.writers = _fx_stream(model, mod, graph, a)
+    # a consumer whose parameter the forward also reads directly (F.linear(h, self.head.weight))
+    checked: dict[int, list[LinearView] | str] = {}
+    for table_ in (a.consumers, a.fx_uses):
+        for key, use in table_.items():
+            if id(use) not in checked:
+                checked[id(use)] = _read_elsewhere(use, reads, "folding")
+            table_[key] = checked[id(use)]
+    a.writers = _fx_stream(model, mod, graph, a, calls, reads, paths)
 
 
-def _fx_consumers(model, mod, calls, node: fx.Node) -> list[LinearView] | str:
-    norm_calls = set(calls[node.target])
-    views = []
-    for user in node.users:
-        m = mod.get(user.target) if user.op == "call_module" else None
-        if m is not None and is_linear_like(m) and user.args[0] is node:
-            views.append(LinearView(m, user.target))
-        elif isinstance(m, nn.MultiheadAttention) and node in user.args[:3] and not user.kwargs.keys() & {"query", "key", "value"}:
-            q, k, v = user.args[:3]
-            if q is node and k is node and v is node:
-                views.append(LinearView(m, user.target, "all"))
-            elif q is node and node not in (k, v):
-                views.append(LinearView(m, user.target, "q"))
-            elif q is not node and k is node and v is node:
-                views.append(LinearView(m, user.target, "kv"))
+def _direct_reads(model: nn.Module, graph: fx.Graph) -> dict[int, list[fx.Node]]:
+    """id(tensor) -> the get_attr nodes reading it: parameters and buffers the forward uses
+    outside their module's call."""
+    reads: dict[int, list[fx.Node]] = {}
+    for n in graph.nodes:
+        if n.op != "get_attr":
+            continue
+        t = model
+        try:
+            for part in n.target.split("."):
+                t = getattr(t, part)
+        except AttributeError:
+            continue
+        if isinstance(t, torch.Tensor):
+            reads.setdefault(id(t), []).append(n)
+    return reads
+
+
+def _read_elsewhere(use, reads: dict[int, list[fx.Node]], action: str, allowed=frozenset()) -> list[LinearView] | str:
+    """``use`` (views), or why not: a parameter of one of them is read directly by the
+    forward (a get_attr node not in ``allowed``), so changing it changes that read too."""
+    if isinstance(use, str):
+        return use
+    for v in use:
+        for p in v.parameters():
+            for n in reads.get(id(p), ()):
+                if n in allowed:
+                    continue
+                by = ", ".join(f"`{_callee(u)}`" for u in n.users) or "the forward"
+                role = "consumer" if action == "folding" else "writer of the residual stream"
+                return (f"{role} {v.path}'s parameter `{n.target}` is also read directly by {by}, outside "
+                        f"{v.path}'s call: {action} would change that use too")
+    return use
+
+
+def _callee(n: fx.Node) -> str:
+    """A node as ``name(...)``: what it calls, in one short phrase."""
+    target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+    return f"{target}(...)" if n.op.startswith("call") else str(target)
+
+
+def _fx_consumers(model, mod, calls, nodes: list[fx.Node]) -> list[LinearView] | str:
+    """The Linear views reading the outputs of ``nodes`` (every call of one norm), or why
+    not only Linear layers read them."""
+    norm_calls = set(nodes)
+    views: dict[tuple[str, str], LinearView] = {}
+    rows_of: dict[str, str] = {}
+
+    def add(view: LinearView) -> str | None:
+        if rows_of.setdefault(view.path, view.rows) != view.rows:
+            return f"consumer {view.path} reads its output as rows {rows_of[view.path]!r} at one call and {view.rows!r} at another"
+        views[(view.path, view.rows)] = view
+        return None
+
+    for node in nodes:
+        for user in node.users:
+            m = mod.get(user.target) if user.op == "call_module" else None
+            why = None
+            if m is not None and is_linear_like(m) and user.args[0] is node:
+                why = add(LinearView(m, user.target))
+            elif isinstance(m, nn.MultiheadAttention) and node in user.args[:3] and not user.kwargs.keys() & {"query", "key", "value"}:
+                q, k, v = (i in norm_calls for i in user.args[:3])
+                if q and k and v:
+                    why = add(LinearView(m, user.target, "all"))
+                elif q and not k and not v:
+                    why = add(LinearView(m, user.target, "q"))
+                elif not q and k and v:
+                    why = add(LinearView(m, user.target, "kv"))
+                else:
+                    return f"its output feeds {user.target} as only part of its key/value inputs"
             else:
-                return f"its output feeds {user.target} as only part of its key/value inputs"
-        else:
-            return f"its output also feeds `{user.format_node()}`, which is not a Linear layer (a non-linear path or the residual stream)"
-    for v in views:  # every call of a consumer must read this norm's output
+                return f"its output also feeds `{user.format_node()}`, which is not a Linear layer (a non-linear path or the residual stream)"
+            if why:
+                return why
+    for v in views.values():  # every call of a consumer must read this norm's output
         for call in calls[v.path]:
             inputs = call.args[:3] if v.rows != "all" or isinstance(v.module, nn.MultiheadAttention) else call.args[:1]
             if not any(isinstance(i, fx.Node) and i in norm_calls for i in inputs):
                 return f"consumer {v.path} is also called on another input"
-    return views
+    return list(views.values())
 
 
-def _fx_stream(model, mod, graph: fx.Graph, a: Analysis) -> list[LinearView] | str:
+def _fx_stream(model, mod, graph: fx.Graph, a: Analysis, calls, reads, paths) -> list[LinearView] | str:
     writers: dict[tuple[str, str], LinearView] = {}
     stream: set[fx.Node] = set()
 
@@ -248,7 +354,7 @@ def _fx_stream(model, mod, graph: fx.Graph, a: Analysis) -> list[LinearView] | s
         m = mod[n.target]
         if is_norm(m):
             roots.append(n)
-            a.stream_norms.add(n.target)
+            a.stream_norms.update(paths[id(m)])
         elif isinstance(m, _CONTAINERS) or block_entry(m)[1] is not None:
             roots.append(n)
     for n in roots:
@@ -270,6 +376,14 @@ def _fx_stream(model, mod, graph: fx.Graph, a: Analysis) -> list[LinearView] | s
             ok = user in stream or (user.op == "call_module" and user in roots and user.args[0] is n)
             if not ok:
                 return f"the residual stream also feeds `{user.format_node()}`"
+    for v in writers.values():  # a writer used elsewhere: centering it would change that use
+        for call in calls.get(v.path, ()):
+            if call not in stream:
+                return (f"writer of the residual stream {v.path} is also called outside it "
+                        f"(`{call.format_node()}`): centering would change that use too")
+        why = _read_elsewhere([v], reads, "centering", allowed=stream)
+        if isinstance(why, str):
+            return why
     return list(writers.values())
 
 

@@ -159,6 +159,56 @@ def _save_normlab(model, out: Path) -> Path:
     return path
 
 
+def _hf_state(model, original: dict) -> dict:
+    """The converted model's state dict, with the norm weights (1) and biases (0) that a
+    transform removed written explicitly: the original architecture reloads them from the
+    file, not from its initializer (T5's scales them by ``initializer_factor``)."""
+    import torch
+
+    from normlab.norms import is_norm
+
+    state = model.state_dict()
+    for key, (shape, dtype) in original.items():
+        if key in state:
+            continue
+        path, _, name = key.rpartition(".")
+        module = model.get_submodule(path) if path else model
+        if not is_norm(module) or name not in ("weight", "bias"):
+            raise RuntimeError(f"convert: the converted model has no {key}, which is not a norm affine")
+        device = next((t.device for t in state.values()), None)
+        state[key] = (torch.ones if name == "weight" else torch.zeros)(shape, dtype=dtype, device=device)
+    return state
+
+
+def _verify_hf(model, state: dict, out: Path) -> str:
+    """Reload the written Hugging Face model with its own class: every tensor must be the
+    written one, and its outputs the converted model's (a half-precision model compared
+    in float32, within its dtype's rounding); else RuntimeError."""
+    import torch
+
+    from normlab.convert.verify import compare, float32_copy, low_precision, run_outputs
+
+    back = type(model).from_pretrained(out, local_files_only=True).eval()
+    for key, t in back.state_dict().items():
+        want = state.get(key)
+        if want is None or want.dtype != t.dtype or not torch.equal(want.to(t.device), t):
+            got = "absent from the written file" if want is None else "not the converted weights"
+            raise RuntimeError(f"convert: the written model does not reload as converted: {key} is {got} "
+                               f"({type(model).__name__}.from_pretrained({out}))")
+    inputs = _example_inputs(model)
+    low = low_precision(model)
+    a, b = (model, back) if low is None else (float32_copy(model), float32_copy(back))
+    tol = 1e-4 if low is None else max(torch.finfo(t.dtype).eps for t in model.parameters()
+                                       if t.is_floating_point())
+    ok, worst = compare(run_outputs(a, inputs), run_outputs(b, inputs), tol, tol)
+    if not ok:
+        raise RuntimeError(f"convert: the written model's outputs differ from the converted model's by up "
+                           f"to {worst:.3g} (reloaded with {type(model).__name__}.from_pretrained)")
+    where = "" if low is None else f", compared in float32 within {low} rounding"
+    return (f"reloaded {out} with {type(model).__name__}.from_pretrained: weights as written, outputs equal "
+            f"the converted model's (max |diff| {worst:.2g}{where})")
+
+
 def _example_inputs(model):
     import torch
 
@@ -209,6 +259,10 @@ def convert(
     if not src.is_dir() and (out_path / "model.safetensors") == src_path:
         raise typer.BadParameter(f"{out}/model.safetensors is SRC: converting would write over the source "
                                  "model; expected another directory", param_hint="OUT")
+    if src.is_dir() and config is not None:
+        raise typer.BadParameter(f"{config} applies only to a .safetensors SRC (a state dict without normlab "
+                                 f"metadata); {src} is a Hugging Face model directory, built from its own "
+                                 "config.json: drop --config", param_hint="--config")
     from normlab.bench.common import check_out_dir
 
     check_out_dir(out, param_hint="OUT")
@@ -217,6 +271,7 @@ def convert(
     else:
         model, kind = _load_normlab(src, config), "normlab"
     model.eval()
+    original = {k: (t.shape, t.dtype) for k, t in model.state_dict().items()}
     reports = []
     for t in transform:
         try:
@@ -236,7 +291,13 @@ def convert(
         # the state dict is what is saved: swapped norms load back as the original classes
         # (re-apply normlab.integrations.hf.apply_normlab); folded and RMS-converted
         # weights stay exact in the original architecture (norm weights 1, zero-mean stream)
-        model.save_pretrained(out)
+        try:
+            state = _hf_state(model, original)
+            model.save_pretrained(out, state_dict=dict(state))  # (it drops tied keys from the dict)
+            console.print(_verify_hf(model, state, out), highlight=False, soft_wrap=True, markup=False)
+        except RuntimeError as err:
+            _error(str(err))
+            raise typer.Exit(1) from err
         saved = f" (weights in {_dtypes(model)})"
     else:
         from normlab.convert.verify import compare, run_outputs

@@ -13,14 +13,17 @@ Cohere's q/k norm).
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from normlab.convert.verify import copy_without_hooks
 from normlab.norms import LayerNorm, RMSNorm
+from normlab.norms.base import ResidualNorm
 
 EPS_ATTRS = ("eps", "variance_epsilon", "epsilon", "layer_norm_eps")
 
@@ -96,8 +99,51 @@ def _is_exactly(module: nn.Module, cls: type) -> bool:
         getattr(t, f) is getattr(cls, f) for f in ("forward", "normalize", "add_normalize"))
 
 
+def _extra_state(module: nn.Module) -> str | None:
+    """Why ``module`` holds state a normlab norm would not carry over (its state_dict
+    would lose keys), or None: a parametrization, parameters besides weight/bias,
+    persistent buffers, or a ``get_extra_state``."""
+    if parametrize.is_parametrized(module):
+        names = ", ".join(module.parametrizations.keys())
+        return (f"parametrized ({names} computed by torch.nn.utils.parametrize): a normlab norm holds "
+                "plain parameters, so the parametrization and its state_dict keys would be lost")
+    params = dict(module.named_parameters(recurse=False))
+    extra = sorted(set(params) - {"weight", "bias"}) + [
+        n for n, _ in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set]
+    if type(module).get_extra_state is not nn.Module.get_extra_state:
+        extra.append("get_extra_state")
+    if extra:
+        return f"has state besides weight/bias ({', '.join(extra)})"
+    return None
+
+
+def _signature_why(module: nn.Module) -> str | None:
+    """Why ``module``'s forward is not ``forward(x)`` (one argument): a norm taking a second
+    argument (a conditioning input, a mask, ``*args``), even with a default, computes
+    something normlab's ``forward(x, residual=None)`` would take differently. normlab's
+    own protocol (``ResidualNorm.forward``) passes its extra arguments to ``add_normalize``."""
+    forward = type(module).forward
+    if forward is ResidualNorm.forward:
+        return None
+    try:
+        params = list(inspect.signature(forward).parameters.values())[1:]  # without self
+    except (TypeError, ValueError):
+        return "its forward's signature cannot be read"
+    plain = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if len(params) == 1 and params[0].kind in plain:
+        return None
+    shown = ", ".join(str(p) for p in params)
+    return (f"its forward takes ({shown}), not one input: normlab's norms take forward(x, residual=None), "
+            "so a second argument would be read as a residual")
+
+
 def semantics(module: nn.Module) -> NormSemantics | str:
     """The module's semantics as a normlab norm, or the reason it has none."""
+    if isinstance(module, (nn.GroupNorm, nn.modules.batchnorm._NormBase)):
+        return f"{type(module).__name__} normalizes over channels or the batch, not per row"
+    why = _extra_state(module)
+    if why:
+        return why
     if _is_exactly(module, LayerNorm):
         return NormSemantics("layernorm", tuple(module.normalized_shape), module.eps,
                              module.elementwise_affine, module.bias is not None, "normlab.LayerNorm", module.offset,
@@ -111,14 +157,14 @@ def semantics(module: nn.Module) -> NormSemantics | str:
     if _inherits_forward(module, nn.RMSNorm):
         return NormSemantics("rmsnorm", tuple(module.normalized_shape), module.eps,
                              module.elementwise_affine, False, "torch.nn.RMSNorm")
-    if isinstance(module, (nn.GroupNorm, nn.modules.batchnorm._NormBase)):
-        return f"{type(module).__name__} normalizes over channels or the batch, not per row"
     if list(module.children()):
         return "has submodules; not a plain per-row norm"
     params = dict(module.named_parameters(recurse=False))
-    if set(params) - {"weight", "bias"} or list(module.buffers(recurse=False)):
-        extra = sorted(set(params) - {"weight", "bias"}) + [n for n, _ in module.named_buffers(recurse=False)]
-        return f"has state besides weight/bias ({', '.join(extra)})"
+    if list(module.buffers(recurse=False)):
+        return f"has state besides weight/bias ({', '.join(n for n, _ in module.named_buffers(recurse=False))})"
+    why = _signature_why(module)
+    if why:
+        return why
     eps = _eps_of(module)
     if eps is None:
         return f"no eps attribute ({' / '.join(EPS_ATTRS)})"
@@ -211,8 +257,41 @@ def _probe(module: nn.Module, cand: NormSemantics) -> tuple[bool, str]:
                                      must_run=False)
             if not ok:
                 return False, detail + f" with float32 input to {str(dtype).removeprefix('torch.')} parameters"
+        x = (torch.randn(shape, generator=gen) * 3 + 1.5).to(device, dtype)
+        ok, detail = _probe_training(orig, new, x, dtype)
+        if not ok:
+            return False, detail
     return True, (f"verified on {str(dtype).removeprefix('torch.')} probes at {len(PROBE_SCALES)} input scales "
                   f"(max |diff| {worst:.1e})")
+
+
+def _probe_training(orig: nn.Module, new: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> tuple[bool, str]:
+    """The same forward in training mode: ``orig`` called twice must give the same output
+    (a norm with dropout inside does not), and that must be the candidate's. The global
+    RNG state is restored after (the probe must not move a user's random stream)."""
+    devices = [x.device] if x.device.type == "cuda" else []
+    orig.train(True)
+    new.train(True)
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            try:
+                y0, y1 = orig(x), orig(x)
+            except Exception as err:
+                return False, f"probe in training mode failed ({type(err).__name__}: {err})"
+            yn = new(x)
+    finally:
+        orig.train(False)
+        new.train(False)
+    if not (isinstance(y0, torch.Tensor) and isinstance(y1, torch.Tensor)) or not torch.equal(y0, y1):
+        return False, ("in training mode two calls on the same input differ (dropout or another random op "
+                       "inside the norm), which normlab's norm does not reproduce")
+    if y0.dtype != yn.dtype:
+        return False, f"in training mode: output dtype {y0.dtype} vs normlab's {yn.dtype}"
+    atol, rtol = PROBE_TOL.get(dtype, (1e-5, 1e-5))
+    if not torch.allclose(y0.double(), yn.double(), atol=atol, rtol=rtol):
+        dy = (y0.double() - yn.double()).abs().max().item()
+        return False, f"in training mode: max |output diff| {dy:.3g} on a probe"
+    return True, ""
 
 
 def _compare(orig: nn.Module, new: nn.Module, x: torch.Tensor, g: torch.Tensor, dtype: torch.dtype,

@@ -39,13 +39,24 @@ def _needs_bias(v: LinearView, beta) -> bool:
     return beta is not None and v.bias() is None and bool(beta.detach().ne(0).any())
 
 
-def _check_consumers(views: list[LinearView], beta, shared, norm_path: str, add_bias: bool) -> str | None:
+def _check_consumers(views: list[LinearView], positions: set[str], beta, shared, shape: tuple[int, ...],
+                     add_bias: bool) -> str | None:
+    """Why gamma/beta of a norm over ``shape`` cannot fold into ``views`` (found at
+    ``positions``, the module paths reading the norm), or None."""
+    if len(shape) != 1:
+        return (f"it normalizes over several dims {list(shape)}: a Linear layer mixes only the last one, so "
+                "its gamma cannot move into the consumer's weight")
     for v in views:
         why = v.check()
         if why:
             return why
+        if v.weight().shape[1] != shape[0]:
+            return (f"consumer {v.path} takes {v.weight().shape[1]} input features, the norm's gamma has "
+                    f"{shape[0]}")
         for p in v.parameters():
-            others = [n for n in shared[id(p)] if n.rpartition(".")[0] != v.path]
+            # a parameter's other names are fine where they are consumers of this same norm
+            # (a module reachable by two paths, both reading it)
+            others = [n for n in shared[id(p)] if n.rpartition(".")[0] not in positions]
             if others:
                 return (f"consumer {v.path} shares its parameter with {', '.join(others)} "
                         "(tied weights): folding would change the other use too")
@@ -72,10 +83,13 @@ def fold_norm_affine(
     Pre-LN blocks, GPT-2's Conv1D, the LM head after the final norm) or by tracing the
     model with torch.fx. A norm is left (with the reason in the report) when its output
     also feeds anything but Linear layers (a non-linear path, or the residual stream as
-    in Post-LN), when a consumer's weight is tied to another module, or when its
-    consumers are unknown. A norm's beta needs a bias in each consumer to go to: with
-    ``add_bias=True`` a ``torch.nn.Linear`` consumer without one gets a bias (adding a
-    ``<consumer>.bias`` state_dict entry), else the norm is left. Exact in real
+    in Post-LN), when a consumer's weight is tied to another module or read directly by the
+    forward, when it normalizes over several dims, or when its consumers are unknown. A
+    norm used at several places (called twice, or one module at two paths) folds into the
+    consumers of all its uses at once, or is left when one use cannot fold. A norm's
+    beta needs a bias in each consumer to go to: with ``add_bias=True`` a
+    ``torch.nn.Linear`` consumer without one gets a bias (adding a ``<consumer>.bias``
+    state_dict entry), else the norm is left. Exact in real
     arithmetic; the weights are updated in float64 and rounded once. The folded norms
     lose their weight/bias state_dict entries.
     """
@@ -99,10 +113,11 @@ def fold_norm_affine(
         if not all(selected(p, include, exclude) for p in paths[id(module)]):
             report.add(path, module, "left", "filtered out by include/exclude")
             continue
-        views = analysis.consumers.get(path, "consumers unknown")
-        if isinstance(views, str):
-            report.add(path, module, "left", f"cannot fold: {views}")
+        found = analysis.consumers_of(module, paths[id(module)])
+        if isinstance(found, str):
+            report.add(path, module, "left", f"cannot fold: {found}")
             continue
+        views, positions = found
         if not views:
             report.add(path, module, "left", "cannot fold: no consumer found")
             continue
@@ -111,7 +126,7 @@ def fold_norm_affine(
                        f"{list(sem.weight_shape)}, normalized over {list(sem.shape)}); folding takes a weight "
                        "of the normalized shape")
             continue
-        why = _check_consumers(views, beta, shared, path, add_bias)
+        why = _check_consumers(views, positions, beta, shared, sem.shape, add_bias)
         if why:
             report.add(path, module, "left", f"cannot fold: {why}")
             continue

@@ -99,8 +99,10 @@ def layernorm_to_rmsnorm(model: nn.Module, *, example_inputs=None, atol: float =
 
     Raises ConversionError, leaving the model unchanged (weights, ties, config, module
     and block classes), when the stream's writers cannot all be established (Post-LN
-    blocks, a stream starting at a model input, an unknown module on the stream, a norm
-    that is not a LayerNorm reading a stream that is not centered), or when the outputs
+    blocks, a stream starting at a model input, a stream that is a model output or feeds
+    the head with no final norm, an unknown module on the stream, a writer whose parameter
+    the forward also reads directly, a norm that is not a LayerNorm reading a stream that
+    is not centered), or when the outputs
     on ``example_inputs`` differ beyond ``atol``/``rtol`` (every change is undone).
     """
     a, plans, left, done = _plan(model)
@@ -137,13 +139,16 @@ def _plan(model: nn.Module):
         raise ConversionError(f"layernorm_to_rmsnorm: {a.writers}")
     plans, left, done = [], [], []
     centered = None
+    every = all_paths(model)
     for path, m in norm_modules(model):
+        # a norm module used at several paths is converted at all of them: each must read the stream
+        paths = every[id(m)]
         sem = m if isinstance(m, RMSNormWithBias) else semantics(m)
         if isinstance(sem, str):
             raise ConversionError(f"layernorm_to_rmsnorm: {path} ({type(m).__name__}) is not a norm "
                                   f"normlab reproduces: {sem}")
         if sem is m or sem.kind != "layernorm":
-            if path in a.stream_norms:
+            if any(p in a.stream_norms for p in paths):
                 if centered is None:
                     centered = all(_centered(v) for v in a.writers)
                 if centered and (sem is m or (sem.offset == 0.0 and sem.weight_shape is None)):
@@ -153,17 +158,23 @@ def _plan(model: nn.Module):
                     f"layernorm_to_rmsnorm: {path} ({type(m).__name__}) reads the residual stream and "
                     "is not a LayerNorm: centering the stream would change its output")
             continue
-        if path in a.branch_norms:
-            left.append((path, m, f"{a.branch_norms[path]}: stays a LayerNorm"))
+        branch = [p for p in paths if p in a.branch_norms]
+        if branch and len(branch) == len(paths):
+            left.append((path, m, f"{a.branch_norms[branch[0]]}: stays a LayerNorm"))
             continue
+        if branch:
+            raise ConversionError(f"layernorm_to_rmsnorm: the LayerNorm {path} is shared: it reads a branch at "
+                                  f"{', '.join(branch)} and the residual stream elsewhere; as an RMSNorm its "
+                                  "output on the branch (not zero-mean) would change")
         if not sem.plain:
             raise ConversionError(f"layernorm_to_rmsnorm: {path}'s scale is offset + weight (offset={sem.offset:g}): "
                                   "the conversion does not take a weight offset yet")
         if sem.weight_shape is not None:
             raise ConversionError(f"layernorm_to_rmsnorm: {path} has one weight per head "
                                   f"{list(sem.weight_shape)}: the conversion takes a weight of the normalized shape")
-        if path not in a.stream_norms:
-            raise ConversionError(f"layernorm_to_rmsnorm: the LayerNorm {path} does not read the "
+        outside = [p for p in paths if p not in a.stream_norms]
+        if outside:
+            raise ConversionError(f"layernorm_to_rmsnorm: the LayerNorm {outside[0]} does not read the "
                                   "residual stream (its input is not a known sum of writers)")
         plans.append((path, m, sem))
     if not plans and not done:

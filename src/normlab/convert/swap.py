@@ -72,8 +72,11 @@ def swap_norms(
     forward normlab reproduces, checked on a probe (Hugging Face's LlamaRMSNorm and its
     Mistral/Qwen2/... copies, T5LayerNorm, Gemma's ``x * (1 + weight)`` as
     ``RMSNorm(offset=1, casting_mode="gemma")``, ...). Left, with the reason: norms normlab
-    does not reproduce (a mean-free variance, another cast order), batch/group norms, and paths
-    filtered out by ``include``/``exclude`` (fnmatch patterns over module paths). The
+    does not reproduce (a mean-free variance, another cast order, a forward taking a second
+    argument, dropout inside the norm: the probe runs in training mode too), norms with
+    state a normlab norm would drop (extra parameters or persistent buffers, a
+    parametrization), batch/group norms, and paths filtered out by ``include``/``exclude``
+    (fnmatch patterns over module paths). The
     parameters are the same Parameter objects (dtype, device, ties and optimizer state
     kept); module paths and state_dict keys do not change. Blocks of a known type
     (``normlab.convert.blocks``) whose norms all became normlab's get the forward that

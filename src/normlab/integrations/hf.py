@@ -8,7 +8,8 @@
 
 Supported: Llama, Mistral, Qwen2, Qwen3 (RMSNorm; fused add+norm after attention),
 GPT-2 (LayerNorm, Pre-LN; fused before the MLP and cross-attention), BERT (LayerNorm,
-Post-LN; fused in BertSelfOutput/BertOutput), T5 (T5LayerNorm == RMSNorm; not fused).
+Post-LN; fused in BertSelfOutput/BertOutput), T5 (T5LayerNorm == RMSNorm, as
+``T5StyleRMSNorm``: output in a half-precision weight's dtype, as T5LayerNorm; not fused).
 Gemma's ``x * (1 + weight)`` norms are swapped by ``apply_normlab`` (not by ``patch``,
 which has no "gemma"): as ``normlab.RMSNorm(offset=1, casting_mode="gemma")``, which
 computes Gemma's float32 ``x * (1 + weight)``, so the logits stay bit for bit equal in
@@ -24,7 +25,8 @@ from __future__ import annotations
 import importlib
 import types
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from normlab.convert import swap_norms
 from normlab.convert.fused import fused_class
@@ -68,6 +70,27 @@ def _hf_norm_class(base: type, name: str) -> type:
 
 LlamaStyleRMSNorm = _hf_norm_class(RMSNorm, "LlamaStyleRMSNorm")
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class T5StyleRMSNorm(LlamaStyleRMSNorm):
+    """normlab.RMSNorm with T5LayerNorm's output dtype: the weight's where that is half
+    precision, whatever the input's (transformers keeps T5's ``wo`` in float32, so a
+    float16/bfloat16 T5 feeds its norms float32 and its next Linear layers expect the
+    weight's dtype). Computed in float32 and rounded once; T5LayerNorm rounds twice (to the
+    weight's dtype, then the product), so the two agree within one rounding."""
+
+    def _cast(self, out: Tensor) -> Tensor:
+        w = self.weight
+        return out.to(w.dtype) if w is not None and w.dtype in _HALF and out.dtype != w.dtype else out
+
+    def normalize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        return self._cast(super().normalize(x, padding_mask))
+
+    def add_normalize(self, x, residual, dropout_p, residual_dtype, padding_mask):
+        out, new_residual = super().add_normalize(x, residual, dropout_p, residual_dtype, padding_mask)
+        return self._cast(out), new_residual
+
 
 class _TorchNNWithNormlab(types.ModuleType):
     """``torch.nn`` as seen by a patched modeling file: LayerNorm/RMSNorm are normlab's."""
@@ -97,7 +120,7 @@ def _plan(architecture: str) -> tuple[str, dict[str, object], tuple[str, ...]]:
         return ("transformers.models.bert.modeling_bert", {"nn": _TorchNNWithNormlab()},
                 ("BertSelfOutput", "BertOutput"))
     if architecture == "t5":
-        return "transformers.models.t5.modeling_t5", {"T5LayerNorm": LlamaStyleRMSNorm}, ()
+        return "transformers.models.t5.modeling_t5", {"T5LayerNorm": T5StyleRMSNorm}, ()
     raise ValueError(f"patch(architecture): expected one of {', '.join(ARCHITECTURES)}, got {architecture!r}")
 
 
