@@ -130,6 +130,31 @@ def test_fold_leaves_a_norm_whose_consumer_weight_is_read_directly():
     torch.testing.assert_close(model(idx), want, atol=0, rtol=0)
 
 
+class _ReadsItsNormWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln = nn.LayerNorm(4)
+        self.fc = nn.Linear(4, 4)
+        with torch.no_grad():
+            self.ln.weight.uniform_(0.5, 1.5)
+            self.ln.bias.uniform_(-1, 1)
+
+    def forward(self, x):
+        return self.fc(self.ln(x)) * self.ln.weight
+
+
+def test_fold_leaves_a_norm_whose_own_weight_is_read_directly():
+    # the norm's gamma was folded away (weight None) though the forward reads it: the
+    # converted model raised TypeError
+    model = _ReadsItsNormWeight().double().eval()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    want, state = model(x), _state(model)
+    why = fold_norm_affine(model).normlab_report.left["ln"]
+    assert "the norm's own parameter `ln.weight` is also read directly by `mul(...)`" in why, why
+    assert _same_state(model, state)
+    torch.testing.assert_close(model(x), want, atol=0, rtol=0)
+
+
 class _Block(nn.Module):
     def __init__(self, d):
         super().__init__()

@@ -179,3 +179,27 @@ def test_config_names_an_eps_its_norm_refuses():
     with pytest.raises(ValueError, match=r"norm 'scalenorm' refuses norm_eps=0.0: ScaleNorm: expected eps"):
         TransformerConfig(norm="scalenorm", norm_eps=0.0)
     assert TransformerConfig(norm="layernorm", norm_eps=0.0).norm_eps == 0.0  # torch's LayerNorm takes it
+
+
+def test_config_builds_its_norm_at_d_model(monkeypatch):
+    # the config's check built the norm at size 1: a registered norm with a rule on its
+    # size (divisible by its groups) was refused at any d_model, and the message blamed
+    # norm_eps
+    from torch import nn
+
+    from normlab.norms import registry
+
+    class GroupFeatNorm(nn.LayerNorm):
+        """y = LN over groups of features (a test norm)."""
+
+        def __init__(self, dim, eps=1e-5, groups=4):
+            if dim % groups:
+                raise ValueError(f"GroupFeatNorm: dim {dim} not divisible by groups {groups}")
+            super().__init__(dim, eps=eps)
+
+    monkeypatch.setitem(registry._REGISTRY, "groupfeat", registry.NormEntry("groupfeat", GroupFeatNorm, True))
+    assert TransformerConfig(d_model=16, n_heads=2, norm="groupfeat").norm == "groupfeat"
+    with pytest.raises(ValueError, match=r"norm 'groupfeat' refuses d_model=18: GroupFeatNorm: dim 18"):
+        TransformerConfig(d_model=18, n_heads=2, norm="groupfeat")
+    with pytest.raises(ValueError, match=r"norm 'groupfeat' refuses norm_eps=1e-05, norm_options \{'groups': 3\}"):
+        TransformerConfig(d_model=16, n_heads=2, norm="groupfeat", norm_options={"groups": 3})

@@ -343,8 +343,8 @@ def test_powernorm_a_nan_gradient_at_padded_outputs_reaches_nothing():
 def test_masked_batchnorm_gradient_at_padded_outputs_stays_off_the_real_positions():
     # a padded output used to be (0 - mu_B) / sigma_B * gamma + beta: a gradient there (a
     # custom loss that does not mask) reached every real position through the batch
-    # statistics, and a nan one made them nan; now it normalizes to 0 (output beta), as
-    # PowerNorm's, and the real positions' gradients are nn.BatchNorm1d's on them alone
+    # statistics, and a nan one made them nan; now it is 0, and the real positions' and
+    # the parameters' gradients are nn.BatchNorm1d's on the real positions alone
     torch.manual_seed(0)
     m = normlab.MaskedBatchNorm(3, dtype=torch.float64)
     with torch.no_grad():
@@ -354,7 +354,7 @@ def test_masked_batchnorm_gradient_at_padded_outputs_stays_off_the_real_position
     pad = torch.zeros(2, 5, dtype=torch.bool)
     pad[1, 3:] = True
     y = m(x, padding_mask=pad)
-    torch.testing.assert_close(y[pad], m.bias.detach().expand(2, 3), rtol=0, atol=0)
+    assert y[pad].abs().max() == 0
     g = torch.randn_like(y)
     y.backward(g)
     ref = nn.BatchNorm1d(3, dtype=torch.float64)
@@ -366,10 +366,12 @@ def test_masked_batchnorm_gradient_at_padded_outputs_stays_off_the_real_position
     out.backward(g[~pad])
     torch.testing.assert_close(y[~pad], out, rtol=0, atol=1e-12)
     torch.testing.assert_close(x.grad[~pad], real.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(m.weight.grad, ref.weight.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(m.bias.grad, ref.bias.grad, rtol=0, atol=1e-12)
     assert x.grad[pad].abs().max() == 0
-    x.grad = None
+    x.grad = m.weight.grad = m.bias.grad = None
     m(x, padding_mask=pad).backward(g.masked_fill(pad.unsqueeze(-1), math.nan))
-    assert torch.isfinite(x.grad).all()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(m.weight.grad).all() and torch.isfinite(m.bias.grad).all()
 
 
 @pytest.mark.parametrize("build", [

@@ -210,6 +210,16 @@ def _trace(model: nn.Module, a: Analysis, blocks) -> None:
             for p in paths[id(m)]:
                 if p not in table:
                     a.consumers[p] = a.fx_uses[id(m)]
+    for target in calls:  # a norm whose own weight or bias the forward also reads directly (x * ln.weight)
+        m = mod[target]
+        own = [n for p in m.parameters(recurse=False) for n in reads.get(id(p), ())] if is_norm(m) else []
+        if own:
+            by = ", ".join(f"`{_callee(u)}`" for u in own[0].users) or "the forward"
+            why = (f"the norm's own parameter `{own[0].target}` is also read directly by {by}, outside its "
+                   "call: folding would change that use too")
+            a.fx_uses[id(m)] = why
+            for p in paths[id(m)]:
+                a.consumers[p] = why
     for target, nodes in calls.items():  # a torch encoder/decoder's final norm: its users are the container's
         m = mod[target]
         if isinstance(m, _CONTAINERS) and m.norm is not None:

@@ -210,7 +210,8 @@ class PerExampleGradNorms:
                 owners.setdefault(id(p), []).append(f"{path}.{pname}" if path else pname)
         for mod in self._modules.values():
             for pname in _trained(mod):
-                where = owners[id(getattr(mod, pname))]
+                # (a parametrized weight is computed at each access: no module owns that tensor)
+                where = owners.get(id(getattr(mod, pname)), ())
                 if len(where) > 1:
                     raise NormArgumentError(
                         f"per_example_grad_norms: parameter '{where[0]}' is shared with "

@@ -136,11 +136,17 @@ class TransformerConfig:
             )
         from normlab.norms import build_norm
 
-        # one norm of the config, built here: an eps or an option the norm refuses (ScaleNorm's
-        # eps must be > 0) is named as the config's field, not later by the norm's own name
+        # one norm of the config, built here at d_model: an eps or an option the norm refuses
+        # (ScaleNorm's eps must be > 0) is named as the config's field, not later by the
+        # norm's own name; a norm that refuses d_model itself is named so
         try:
-            build_norm(self.norm, 1, eps=self.norm_eps, **(self.norm_options or {}))
+            build_norm(self.norm, self.d_model, eps=self.norm_eps, **(self.norm_options or {}))
         except (TypeError, ValueError) as e:
+            try:
+                build_norm(self.norm, self.d_model)
+            except (TypeError, ValueError) as plain:
+                raise ValueError(f"TransformerConfig: norm {self.norm!r} refuses d_model={self.d_model}: "
+                                 f"{plain}") from None
             fields = f"norm_eps={self.norm_eps!r}" + (f", norm_options {self.norm_options!r}"
                                                       if self.norm_options else "")
             raise ValueError(f"TransformerConfig: norm {self.norm!r} refuses {fields}: {e}") from None

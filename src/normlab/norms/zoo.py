@@ -194,13 +194,13 @@ class MaskedBatchNorm(ResidualNorm, nn.Module):
         else:
             mean, var = self.running_mean.to(xf.dtype), self.running_var.to(xf.dtype)
         y = (xf - mean) * torch.rsqrt(var + self.eps)
-        if padding_mask is not None:
-            # a padded position normalizes to 0 (its output: beta), as PowerNorm's: what
-            # reaches its output (a custom loss's gradient, even nan) stays off the batch
-            # statistics and so off the real positions' gradients
-            y = torch.where(valid.bool(), y, 0.0)
         if self.weight is not None:
             y = y * self.weight + self.bias
+        if padding_mask is not None:
+            # a padded position's output is 0: what reaches it (a custom loss's gradient,
+            # even nan) reaches neither the batch statistics, so neither the real
+            # positions' gradients, nor gamma and beta
+            y = torch.where(valid.bool(), y, 0.0)
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
