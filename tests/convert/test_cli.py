@@ -165,3 +165,4 @@ def test_convert_exits_1_when_the_written_hugging_face_model_does_not_reload(tmp
     assert result.exit_code == 1, result.output
     assert ("convert: the written model does not reload as converted: encoder.block.0.layer.0.layer_norm.weight "
             "is absent from the written file") in result.output
+    assert "are left for inspection: do not use them" in result.output

@@ -296,7 +296,7 @@ def convert(
             model.save_pretrained(out, state_dict=dict(state))  # (it drops tied keys from the dict)
             console.print(_verify_hf(model, state, out), highlight=False, soft_wrap=True, markup=False)
         except RuntimeError as err:
-            _error(str(err))
+            _error(f"{err}; the files written to {out} are left for inspection: do not use them")
             raise typer.Exit(1) from err
         saved = f" (weights in {_dtypes(model)})"
     else:
@@ -307,7 +307,8 @@ def convert(
         inputs = _example_inputs(model)
         ok, worst = compare(run_outputs(model, inputs), run_outputs(load_model(path), inputs), 1e-4, 1e-4)
         if not ok:
-            _error(f"the written model's outputs differ from the converted model's by up to {worst:.3g}")
+            _error(f"the written model's outputs differ from the converted model's by up to {worst:.3g}; the "
+                   f"files written to {out} are left for inspection: do not use them")
             raise typer.Exit(1)
         console.print(f"reloaded {path.name} with normlab.models.load_model: outputs equal the converted "
                       f"model's (max |diff| {worst:.2g})", highlight=False)
