@@ -375,6 +375,15 @@ def test_cli_hf_checkpoint_loads_its_weights_and_architecture(tmp_path):
     res = runner.invoke(app, ["audit", str(tmp_path / "config_only")])
     assert res.exit_code == 0 and "no findings" in res.output, res.output
     assert "random weights" in _flat(res.output)
+    # the config file itself was handed to torch.load as weights (an UnpicklingError traceback)
+    res = runner.invoke(app, ["audit", str(tmp_path / "config_only" / "config.json")])
+    assert res.exit_code == 0 and "no findings" in res.output and "GPT2LMHeadModel" in res.output, res.output
+    assert "random weights" in _flat(res.output)
+    (tmp_path / "damaged").mkdir()
+    cfg.save_pretrained(tmp_path / "damaged")
+    (tmp_path / "damaged" / "pytorch_model.bin").write_bytes(b"not a checkpoint")
+    res = runner.invoke(app, ["audit", str(tmp_path / "damaged")])
+    assert res.exit_code == 2 and "cannot load the weights in" in _flat(res.output), res.output
     bert = transformers.BertModel(transformers.BertConfig(
         vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
         max_position_embeddings=32))
@@ -506,3 +515,22 @@ def test_console_script_imports_a_factory_from_the_working_directory(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 1, res.stdout + res.stderr  # the eps=0 norm is an error finding
     assert "eps-underflow" in res.stdout and "cannot import" not in res.stdout + res.stderr
+
+
+def test_a_check_appended_as_the_docs_say_runs():
+    # docs/diagnostics.md: `from normlab.diagnostics.audit import CHECKS` (the package's
+    # `audit` is the function, which has no CHECKS)
+    from normlab.diagnostics import audit as audit_function
+    from normlab.diagnostics.audit import CHECKS, Finding
+
+    def count_norms(ctx):
+        n = sum(isinstance(m, nn.LayerNorm) for m in ctx.model.modules())
+        return [Finding("info", "norm-count", "", f"{n} LayerNorm(s)", "")]
+
+    CHECKS.append(count_norms)
+    try:
+        model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 4), nn.LayerNorm(4))
+        found = [f for f in audit_function(model, torch.randn(2, 4)) if f.kind == "norm-count"]
+    finally:
+        CHECKS.remove(count_norms)
+    assert [f.message for f in found] == ["2 LayerNorm(s)"]

@@ -91,7 +91,9 @@ def _from_hugging_face(spec: str) -> tuple[nn.Module, object, str | None]:
             f"'{spec}' is neither pkg.module:factory nor a local Hugging Face config ({e})",
             param_hint="MODEL") from None
     local = Path(spec).is_dir()
-    has_weights = any(any(Path(spec).glob(p)) for p in _WEIGHT_FILES) if local else None
+    # a config file alone (config.json) holds no weights: the model is built from it
+    has_weights = (any(any(Path(spec).glob(p)) for p in _WEIGHT_FILES) if local
+                   else False if Path(spec).is_file() else None)
     errors = []
     for cls in _model_classes(transformers, config):
         auto = cls.__module__.startswith("transformers.models.auto")
@@ -106,6 +108,9 @@ def _from_hugging_face(spec: str) -> tuple[nn.Module, object, str | None]:
                     raise typer.BadParameter(f"cannot load the weights in '{spec}' ({e})",
                                              param_hint="MODEL") from None
                 has_weights = False  # a cached config without weights: build it below
+            except Exception as e:  # weights torch cannot read (a damaged or foreign file)
+                raise typer.BadParameter(f"cannot load the weights in '{spec}' ({type(e).__name__}: {e})",
+                                         param_hint="MODEL") from None
         try:
             model = cls.from_config(config) if auto else cls(config)
         except ValueError as e:
