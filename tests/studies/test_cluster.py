@@ -2,11 +2,13 @@
 the results equal one-after-another runs, a failing job is reported by its run's name,
 --no-wait then --report-only merges what has finished, and bad options are refused."""
 
+import io
 import json
 import math
 import time
 
 import pytest
+from rich.console import Console
 
 from normlab.studies import runner
 from normlab.studies.cluster import JobOptions
@@ -65,8 +67,13 @@ def test_no_wait_then_report_only_merges_what_finished(tmp_path, corpus):
     assert early == [] and report.exists()
     summary = json.loads((tmp_path / "jobs" / "summary.json").read_text())
     assert summary["provenance"]["not_finished"] == ["x", "y"]
-    submitted, report = runner.run_study(study, tmp_path, cpu_env(), corpus=corpus, launcher="local", wait=False)
+    console = Console(file=io.StringIO(), width=400)
+    submitted, report = runner.run_study(study, tmp_path, cpu_env(), corpus=corpus, launcher="local", wait=False,
+                                         console=console, merge_command="normlab study jobs --report-only --steps 2")
     assert submitted == [] and report is None
+    # the hint is the invocation's own merge command (it said `normlab study jobs --report-only`
+    # whatever --out, --seeds or --steps the runs were made with, and that was refused)
+    assert "`normlab study jobs --report-only --steps 2` merges the finished runs" in console.file.getvalue()
     deadline = time.monotonic() + 120
     while not all((tmp_path / "jobs" / n / "result.json").exists() for n in ("x", "y")):
         assert time.monotonic() < deadline, "the local jobs did not finish"

@@ -275,3 +275,14 @@ def test_report_only_on_the_default_corpus_refuses_runs_made_with_data(tmp_path,
     # with the same --data it is reported
     reported, _ = run_study(study, tmp_path, cpu_env(), data=str(mine), report_only=True)
     assert [r["name"] for r in reported] == ["lm"]
+
+
+def test_metrics_log_the_lr_each_step_ran_at(tmp_path, corpus):
+    # the record took the scheduler's lr after its step: the next step's, so a warm-up's
+    # first step (lr/4 here) was never logged and every curve was one step early
+    spec = micro_spec("w", steps=6, warmup_steps=4, lr=1e-2, eval_every=0, checkpoint_every=0, diag_every=0)
+    run_one(spec, tmp_path / "w", cpu_env(), corpus, keep_weights=False)
+    logged = [(m["step"], m["lr"]) for m in read_jsonl(tmp_path / "w" / "metrics.jsonl")]
+    factor = train.lr_factor(spec)
+    assert logged == [(s, pytest.approx(1e-2 * factor(s), rel=1e-12)) for s in range(6)]
+    assert logged[0][1] == pytest.approx(2.5e-3) and logged[3][1] == pytest.approx(1e-2)

@@ -4,6 +4,7 @@ and what the command prints (Rich markup in user text is escaped). Nothing here 
 ``run_study`` is replaced by a stand-in that records how it was called."""
 
 import json
+import shlex
 
 import pytest
 from rich.console import Console
@@ -124,6 +125,21 @@ def test_the_command_refuses_bad_options_before_running_anything(tmp_path, study
     assert out.exit_code == 2, out.output
     assert f"error: {message}" in out.output and "Traceback" not in out.output
     assert study_calls == [] and list(tmp_path.iterdir()) == []
+
+
+def test_the_merge_command_repeats_the_options_the_runs_were_made_with(tmp_path, study_calls):
+    # `--no-wait` printed `normlab study quick --report-only`, which a report-only run
+    # refused (other --steps) or read from another folder (no --out)
+    data = tmp_path / "my text.txt"
+    data.write_text("some text\n" * 50)
+    assert _study(tmp_path, "--launcher", "local", "--no-wait", "--seeds", "1", "--steps", "4",
+                  "--data", str(data), "--dtype", "bf16").exit_code == 0
+    assert _study(tmp_path, "--report-only").exit_code == 0
+    given, plain = study_calls
+    assert shlex.split(given["merge_command"]) == [
+        "normlab", "study", "quick", "--report-only", "--out", str(tmp_path), "--seeds", "1", "--steps", "4",
+        "--data", str(data), "--dtype", "bf16"]
+    assert plain["merge_command"] == f"normlab study quick --report-only --out {shlex.quote(str(tmp_path))}"
 
 
 def test_the_command_fills_in_the_job_defaults_and_passes_overwrite(tmp_path, study_calls):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import typer
@@ -19,7 +20,9 @@ def study(
     device: str = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda when available)."),
     dtype: str = typer.Option("fp32", help="fp32, or bf16 (autocast)."),
     seeds: int = typer.Option(None, help="Run every configuration with seeds 0..N-1."),
-    steps: int = typer.Option(None, help="Training steps per run (overrides the preset)."),
+    steps: int = typer.Option(None, help="Training steps per run (overrides the preset; the eval, diagnostics, "
+                                         "checkpoint and log intervals scale with it, and a warm-up is cut to at "
+                                         "most half of it)."),
     data: Path = typer.Option(None, help="Text file or folder to train on (default: the Python standard library's sources)."),
     workers: str = typer.Option("auto", help="Runs side by side in worker processes: a number, or auto (one per "
                                               "core, one thread each, on a CPU; one per GPU, or --runs-per-gpu, "
@@ -88,7 +91,8 @@ def study(
             _, report = run_study(spec, out, env, data=str(data) if data else None, console=console,
                                   workers=n_workers, keep_weights=keep_weights, launcher=launcher,
                                   job_options=options, wait=True if wait is None else wait,
-                                  report_only=report_only, runs_per_gpu=runs_per_gpu, overwrite=overwrite)
+                                  report_only=report_only, runs_per_gpu=runs_per_gpu, overwrite=overwrite,
+                                  merge_command=merge_command(preset, out, seeds, steps, data, dtype))
         except Interrupted:
             teardown_env(env)  # every rank stops at the same step
             raise
@@ -122,6 +126,24 @@ def study(
             console.print(f"[red]{len(failed)} run(s) failed[/red] (tracebacks in summary.json): "
                           + escape(", ".join(f["name"] for f in failed)))
             raise typer.Exit(code=1)
+
+
+def merge_command(preset: str, out: Path, seeds: int | None, steps: int | None, data: Path | None,
+                  dtype: str) -> str:
+    """The ``--report-only`` command that merges this invocation's runs: its folder and
+    the options the runs were made with (what a report-only run must repeat)."""
+    parts = ["normlab", "study", preset, "--report-only"]
+    if out != Path("runs"):
+        parts += ["--out", str(out)]
+    if seeds is not None:
+        parts += ["--seeds", str(seeds)]
+    if steps is not None:
+        parts += ["--steps", str(steps)]
+    if data is not None:
+        parts += ["--data", str(data)]
+    if dtype != "fp32":
+        parts += ["--dtype", dtype]
+    return shlex.join(parts)
 
 
 def _check_device(text: str | None) -> str | None:

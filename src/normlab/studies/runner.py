@@ -355,8 +355,8 @@ def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, con
               workers: int | None = None, keep_weights: bool = True,
               corpus: ByteCorpus | None = None, launcher: str | None = None,
               job_options: JobOptions | None = None, wait: bool = True,
-              report_only: bool = False, runs_per_gpu: int | None = None, overwrite: bool = False
-              ) -> tuple[list[dict[str, Any]], Path | None]:
+              report_only: bool = False, runs_per_gpu: int | None = None, overwrite: bool = False,
+              merge_command: str | None = None) -> tuple[list[dict[str, Any]], Path | None]:
     """Run (or resume) every run of ``study`` under ``out/<study>``, then judge its claims
     and write the report; returns the results and the report's path (None on ranks other
     than 0, and when jobs were submitted without waiting for them).
@@ -385,8 +385,13 @@ def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, con
     whole on one corpus, recorded in its result, and a folder copied from another
     machine would otherwise have no report at all; the provenance lists them
     (``runs_on_other_corpora``). Another ``data`` is refused under ``report_only`` too:
-    a corpus named on purpose says which runs are meant."""
+    a corpus named on purpose says which runs are meant.
+
+    ``merge_command``: the command that merges the finished runs, shown when jobs go on
+    without this process (``wait=False``, or Ctrl-C while waiting); the CLI gives the
+    invocation's own options (default ``normlab study NAME --report-only``)."""
     console = console or Console()
+    merge_command = merge_command or f"normlab study {study.name} --report-only"
     _check_workers(env, workers, runs_per_gpu, launcher is not None or report_only)
     study_dir = out / study.name
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -399,13 +404,15 @@ def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, con
     try:
         return _run_study(study, study_dir, env, data=data, console=console, workers=workers,
                           keep_weights=keep_weights, corpus=corpus, launcher=launcher, job_options=job_options,
-                          wait=wait, report_only=report_only, runs_per_gpu=runs_per_gpu, overwrite=overwrite)
+                          wait=wait, report_only=report_only, runs_per_gpu=runs_per_gpu, overwrite=overwrite,
+                          merge_command=merge_command)
     finally:
         lock.release()
 
 
 def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, workers, keep_weights, corpus, launcher,
-               job_options, wait, report_only, runs_per_gpu, overwrite) -> tuple[list[dict[str, Any]], Path | None]:
+               job_options, wait, report_only, runs_per_gpu, overwrite,
+               merge_command) -> tuple[list[dict[str, Any]], Path | None]:
     job_device = cluster.job_device(env.device.type, job_options or JobOptions()) if launcher is not None else None
     corpus_given = corpus is not None
     if corpus is None and any(r.task == "lm" for r in study.runs):
@@ -507,9 +514,9 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
                                       else None) if pending else {}
                 if not wait:
                     console.print(f"submitted {len(jobs)} job(s) ({launcher}; ids in {study_dir / 'jobs.json'}); "
-                                  f"`normlab study {study.name} --report-only` merges the finished runs")
+                                  f"`{merge_command}` merges the finished runs", markup=False, highlight=False)
                     return [], None
-                _wait_for_jobs(study, jobs, progress, fail, launcher)
+                _wait_for_jobs(study, jobs, progress, fail, launcher, merge_command)
                 for spec in study.runs:
                     if spec.name not in failures and (
                             result := _finished_result(spec, study_dir / spec.name, made_by)) is not None:
@@ -610,7 +617,8 @@ def _counts(study: str, done: int, running: int, failed: int, total: int, where:
     return (f"{study}: {done} done, {running} running, {failed} failed of {total}{where}")
 
 
-def _wait_for_jobs(study: Study, jobs: dict[str, Any], progress: Progress, fail, launcher: str = "slurm") -> None:
+def _wait_for_jobs(study: Study, jobs: dict[str, Any], progress: Progress, fail, launcher: str = "slurm",
+                   merge_command: str | None = None) -> None:
     specs = {r.name: r for r in study.runs}
     task = progress.add_task(_counts(study.name, 0, 0, 0, len(jobs), " jobs"), total=max(1, len(jobs)))
 
@@ -624,8 +632,9 @@ def _wait_for_jobs(study: Study, jobs: dict[str, Any], progress: Progress, fail,
         if launcher == "local":  # the jobs are this terminal's processes: Ctrl-C reached them too
             raise StudyInterrupted("interrupted: the local jobs stopped too (they share this terminal); re-run the "
                                    "same command: each run resumes from its last checkpoint") from None
-        raise StudyInterrupted(f"stopped waiting for {len(jobs)} job(s), which go on; `normlab study {study.name} "
-                               "--report-only` (with the same options) merges the finished runs") from None
+        merge = merge_command or f"normlab study {study.name} --report-only"
+        raise StudyInterrupted(f"stopped waiting for {len(jobs)} job(s), which go on; `{merge}` merges the "
+                               "finished runs") from None
     for name, err in errors.items():
         fail(specs[name], err)
 

@@ -867,12 +867,13 @@ def _run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
                         noise_sums[k] = noise_sums.get(k, 0.0) + measured[k]
             loss_value = env.all_sum(loss_sum.item()) / max(n_tokens, 1)
             finite = math.isfinite(loss_value) and math.isfinite(float(grad_norm))
+            lr_now = optimizer.param_groups[0]["lr"]  # this step's (the scheduler moves it for the next)
             if finite:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             elapsed = time.perf_counter() - t0
-            record: dict[str, Any] = {"step": step, "train_loss": loss_value, "lr": scheduler.get_last_lr()[0],
+            record: dict[str, Any] = {"step": step, "train_loss": loss_value, "lr": lr_now,
                                       "grad_norm": float(grad_norm)}
             record.update(measured)
             logits = [v for v in measured.get("attention_logit_max_by_layer", ()) if math.isfinite(v)]
