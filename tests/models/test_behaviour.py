@@ -203,3 +203,47 @@ def test_config_builds_its_norm_at_d_model(monkeypatch):
         TransformerConfig(d_model=18, n_heads=2, norm="groupfeat")
     with pytest.raises(ValueError, match=r"norm 'groupfeat' refuses norm_eps=1e-05, norm_options \{'groups': 3\}"):
         TransformerConfig(d_model=16, n_heads=2, norm="groupfeat", norm_options={"groups": 3})
+
+
+@pytest.mark.parametrize("positional", ["learned", "sinusoidal", "rope"])
+def test_left_padding_keeps_the_real_tokens_positions(positional):
+    # learned and sinusoidal positions were 0..T-1 whatever the padding: left-padded real
+    # tokens were shifted (their outputs off by 0.1-1.9)
+    torch.manual_seed(5)
+    model = TransformerLM(_cfg(placement="pre", positional=positional, dropout=0.0)).eval()
+    real = torch.randint(0, 19, (1, 6))
+    tokens = torch.cat([torch.zeros(1, 3, dtype=torch.long), real], dim=1)
+    pad = torch.zeros(1, 9, dtype=torch.bool)
+    pad[0, :3] = True
+    torch.testing.assert_close(model(tokens, pad)[0, 3:], model(real)[0], rtol=0, atol=1e-5)
+    right = torch.cat([real, torch.zeros(1, 3, dtype=torch.long)], dim=1)  # right padding: bit for bit
+    assert torch.equal(model(right, pad.flip(1))[0, :6], model(right)[0, :6])
+
+
+def test_token_ids_outside_the_vocabulary_are_named():
+    model = TransformerLM(_cfg())
+    for bad in (19, -1):
+        tokens = torch.zeros(2, 4, dtype=torch.long)
+        tokens[1, 2] = bad
+        with pytest.raises(ValueError, match=rf"TransformerLM: expected tokens in \[0, 19\) \(vocab_size\), "
+                                             rf"got values from {min(bad, 0)} to {max(bad, 0)}"):
+            model(tokens)
+    s2s = Seq2SeqTransformer(_cfg())
+    with pytest.raises(ValueError, match=r"expected tgt in \[0, 19\)"):
+        s2s(torch.zeros(1, 3, dtype=torch.long), torch.full((1, 2), 25))
+
+
+def test_lm_loss_checks_its_targets_and_keeps_float64():
+    torch.manual_seed(6)
+    model = TransformerLM(_cfg()).double().eval()
+    tokens = torch.randint(0, 19, (2, 3))
+    with pytest.raises(ValueError, match=r"expected targets of tokens' shape \(2, 3\) and an integer dtype, "
+                                         r"got \(3, 2\)"):
+        model.loss(tokens, torch.randint(0, 19, (3, 2)))  # the same number of elements: it was taken
+    with pytest.raises(ValueError, match="integer dtype, got .*float"):
+        model.loss(tokens, tokens.double())
+    targets = torch.randint(0, 19, (2, 3))
+    logp = torch.log_softmax(model(tokens), dim=-1)
+    want = -logp.gather(-1, targets.unsqueeze(-1)).mean()
+    assert model.loss(tokens, targets).dtype == torch.float64
+    torch.testing.assert_close(model.loss(tokens, targets), want, rtol=1e-14, atol=0)

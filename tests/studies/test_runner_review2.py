@@ -286,3 +286,24 @@ def test_metrics_log_the_lr_each_step_ran_at(tmp_path, corpus):
     factor = train.lr_factor(spec)
     assert logged == [(s, pytest.approx(1e-2 * factor(s), rel=1e-12)) for s in range(6)]
     assert logged[0][1] == pytest.approx(2.5e-3) and logged[3][1] == pytest.approx(1e-2)
+
+
+def test_seq2seq_training_keeps_the_targets_padding_out_of_batch_statistics():
+    # the loss called the model without tgt_padding_mask: a batchnorm decoder took the
+    # PAD positions after EOS (about a fifth of them) into its batch statistics
+    from normlab.studies.data import PAD
+
+    spec = RunSpec(name="s2s", model={**MICRO, "norm": "batchnorm", "dropout": 0.0}, task="seq2seq", batch_size=8)
+    task = train.Task(spec, None)
+    batch = task.batch(0, "train", cpu_env())
+    assert (batch["tgt_in"] == PAD).any()
+    torch.manual_seed(0)
+    model = train.build_model(spec).train()
+    total, n = task.loss_sum(model, batch)
+    masked = model(batch["src"], batch["tgt_in"], src_padding_mask=batch["src_padding_mask"],
+                   tgt_padding_mask=batch["tgt_in"] == PAD)
+    want = torch.nn.functional.cross_entropy(masked.flatten(0, 1), batch["tgt_out"].flatten(), ignore_index=PAD,
+                                             reduction="sum")
+    torch.testing.assert_close(total, want, rtol=1e-6, atol=0)
+    unmasked = model(batch["src"], batch["tgt_in"], src_padding_mask=batch["src_padding_mask"])
+    assert not torch.allclose(unmasked, masked)  # (so the test tells the two apart)

@@ -101,3 +101,35 @@ def test_exact_match_ignores_padding():
     target = torch.tensor([[5, 6, EOS, PAD], [5, 6, EOS, PAD]])
     pred = torch.tensor([[5, 6, EOS, 9], [5, 7, EOS, PAD]])
     assert exact_match(pred, target) == 0.5
+
+
+def test_number_words_validation_numbers_are_held_out():
+    # both splits drew from all of 0..99,999: over 2,000 steps of 16, 18 of 64 validation
+    # numbers had been trained on, so exact match partly measured memory
+    task = NumberWords()
+    train_pool, val_pool = set(task.pool("train").tolist()), set(task.pool("val").tolist())
+    assert not train_pool & val_pool and len(train_pool) + len(val_pool) == task.max_value + 1
+    assert 0.08 < len(val_pool) / (task.max_value + 1) < 0.12
+
+    def drawn(split, seed, steps):
+        out = set()
+        for step in range(steps):
+            src = task.batch(16, seed, step, split)["src"]
+            out |= {int(bytes(t for t in row.tolist() if t != PAD)) for row in src}
+        return out
+
+    assert drawn("val", 10_000, 4) <= val_pool
+    assert not drawn("train", 0, 300) & val_pool
+    with pytest.raises(ValueError, match="split 'train' or 'val'"):
+        task.batch(2, 0, 0, "test")
+    with pytest.raises(ValueError, match="large enough to hold out"):
+        NumberWords(max_value=0)
+
+
+def test_the_majority_tasks_validation_seed_is_refused_for_training():
+    # its training batches would have been the validation batches, step for step
+    from normlab.studies.spec import VAL_SEED, RunSpec
+
+    with pytest.raises(ValueError, match=f"seed {VAL_SEED} is the majority task's validation seed"):
+        RunSpec(name="m", model={}, task="majority", seed=VAL_SEED, seq_len=32)
+    assert RunSpec(name="lm", model={}, seed=VAL_SEED).seed == VAL_SEED  # the LM's validation is its own bytes

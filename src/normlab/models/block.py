@@ -32,12 +32,24 @@ def _build_norm(cfg: TransformerConfig, dim: int) -> nn.Module:
     return build_norm(cfg.norm, dim, eps=cfg.norm_eps, **(cfg.norm_options or {}))
 
 
-def check_tokens(where: str, tokens: Tensor, max_seq_len: int) -> None:
+def check_tokens(where: str, tokens: Tensor, max_seq_len: int, vocab_size: int | None = None,
+                 name: str = "tokens") -> None:
+    """[batch, seq_len] integer token ids within max_seq_len; on the CPU in eager mode also
+    within [0, vocab_size) (on a GPU that check would wait for the device at every call:
+    the embedding's own device-side assert stays; under torch.compile and torch.func the
+    values are not at hand)."""
     if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.long, torch.int):
         got = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, Tensor) else type(tokens).__name__
-        raise ValueError(f"{where}: expected tokens of shape [batch, seq_len] and dtype torch.long, got {got}")
+        raise ValueError(f"{where}: expected {name} of shape [batch, seq_len] and dtype torch.long (or "
+                         f"torch.int), got {got}")
     if tokens.shape[1] > max_seq_len:
         raise ValueError(f"{where}: expected seq_len <= max_seq_len={max_seq_len}, got {tokens.shape[1]}")
+    if (vocab_size is not None and tokens.is_cpu and tokens.numel() and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()):  # (no values to read there)
+        lo, hi = tokens.min().item(), tokens.max().item()
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"{where}: expected {name} in [0, {vocab_size}) (vocab_size), got values from {lo} "
+                             f"to {hi}")
 
 
 def check_padding_mask(where: str, name: str, mask: Tensor | None, tokens: Tensor) -> None:
@@ -73,10 +85,14 @@ class Embedding(nn.Module):
         if self.scale != 1.0:
             x = x * self.scale
         t = tokens.shape[1]
+        # with a padding mask, a position counts the real tokens before it, so left padding
+        # leaves the real tokens' positions (0, 1, ...) as they are without it
+        pos = None if padding_mask is None else ((~padding_mask).cumsum(1) - 1).clamp_min(0)
         if self.positions is not None:
-            x = x + self.positions.weight[:t]
+            x = x + (self.positions.weight[:t] if pos is None else self.positions.weight[pos])
         elif self.sinusoidal:
-            x = x + sinusoidal_table(t, x.shape[-1], x.dtype, x.device)
+            table = sinusoidal_table(t, x.shape[-1], x.dtype, x.device)
+            x = x + (table if pos is None else table[pos])
         if self.norm is not None:
             x = self.norm(x, padding_mask=padding_mask)
         return F.dropout(x, self.dropout, self.training)

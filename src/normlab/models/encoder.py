@@ -34,7 +34,7 @@ class TransformerEncoder(BlockStack):
     def encode(self, tokens: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """tokens [B, T] -> hidden states [B, T, d_model]. ``padding_mask`` [B, T], True =
         padded: padded positions change nothing at the real ones."""
-        check_tokens("TransformerEncoder", tokens, self.cfg.max_seq_len)
+        check_tokens("TransformerEncoder", tokens, self.cfg.max_seq_len, self.cfg.vocab_size)
         check_padding_mask("TransformerEncoder", "padding_mask", padding_mask, tokens)
         return self.run_blocks(self.embed(tokens, padding_mask), padding_mask=padding_mask)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -33,7 +34,7 @@ class TransformerLM(BlockStack):
 
         ``padding_mask`` [B, T] (True = padded) keeps padded keys out of attention and
         padded positions out of batch-statistics norms."""
-        check_tokens("TransformerLM", tokens, self.cfg.max_seq_len)
+        check_tokens("TransformerLM", tokens, self.cfg.max_seq_len, self.cfg.vocab_size)
         check_padding_mask("TransformerLM", "padding_mask", padding_mask, tokens)
         x = self.embed(tokens, padding_mask)
         return self.head(self.run_blocks(x, padding_mask=padding_mask))
@@ -43,6 +44,13 @@ class TransformerLM(BlockStack):
         """Mean cross-entropy of ``forward(tokens)`` against ``targets`` [B, T], over the
         positions that are neither padded (``padding_mask`` True) nor ``ignore_index``."""
         logits = self(tokens, padding_mask)
+        if not isinstance(targets, Tensor) or targets.shape != tokens.shape or targets.is_floating_point() \
+                or targets.is_complex() or targets.dtype == torch.bool:
+            got = f"{tuple(targets.shape)} {targets.dtype}" if isinstance(targets, Tensor) else type(targets).__name__
+            raise ValueError(f"TransformerLM.loss: expected targets of tokens' shape {tuple(tokens.shape)} and an "
+                             f"integer dtype, got {got}")
         if padding_mask is not None:
             targets = targets.masked_fill(padding_mask, ignore_index)  # a padded position has no target
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
+        # (half-precision logits in float32; float32 and float64 as they are)
+        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten().long(), ignore_index=ignore_index)

@@ -36,14 +36,14 @@ class Seq2SeqTransformer(nn.Module):
 
     def encode(self, src: Tensor, src_padding_mask: Tensor | None = None) -> Tensor:
         """src [B, S] -> memory [B, S, d_model]."""
-        check_tokens("Seq2SeqTransformer", src, self.cfg.max_seq_len)
+        check_tokens("Seq2SeqTransformer", src, self.cfg.max_seq_len, self.cfg.vocab_size, "src")
         check_padding_mask("Seq2SeqTransformer", "src_padding_mask", src_padding_mask, src)
         return self.encoder(self.embed(src, src_padding_mask), padding_mask=src_padding_mask)
 
     def decode(self, tgt: Tensor, memory: Tensor, src_padding_mask: Tensor | None = None,
                tgt_padding_mask: Tensor | None = None) -> Tensor:
         """tgt [B, T] and memory [B, S, d_model] -> logits [B, T, vocab_size]."""
-        check_tokens("Seq2SeqTransformer", tgt, self.cfg.max_seq_len)
+        check_tokens("Seq2SeqTransformer", tgt, self.cfg.max_seq_len, self.cfg.vocab_size, "tgt")
         check_padding_mask("Seq2SeqTransformer", "tgt_padding_mask", tgt_padding_mask, tgt)
         if (not isinstance(memory, Tensor) or not memory.is_floating_point() or memory.dim() != 3
                 or memory.shape[0] != tgt.shape[0] or memory.shape[-1] != self.cfg.d_model):

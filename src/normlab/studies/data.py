@@ -224,7 +224,11 @@ class NumberWords:
     Source: the digits; target: BOS + words + EOS; both padded with PAD (0). ``tgt_len``
     None (the default): long enough for the longest number in range (51 up to 99,999,
     whose longest words take 50 bytes); a length given that some number in range does not
-    fit is refused, not found out by the batch that draws that number."""
+    fit is refused, not found out by the batch that draws that number.
+
+    The numbers are split once, by a fixed hash, into a training pool and a held-out
+    validation pool (about 1 in 10): a validation batch draws only numbers no training
+    batch draws, so exact match measures the transduction, not memory."""
 
     max_value: int = 99_999
     src_len: int = 8
@@ -243,10 +247,26 @@ class NumberWords:
         elif self.tgt_len < need:
             raise ValueError(f"NumberWords: tgt_len {self.tgt_len} is too short for the numbers up to "
                              f"{self.max_value} (expected >= {need}: the longest takes {need - 1} bytes)")
+        if self.max_value < 1:  # 0 is always held out, 1 never: a training pool needs 1
+            raise ValueError(f"NumberWords: expected max_value large enough to hold out validation numbers "
+                             f"(>= 1), got {self.max_value}")
 
-    def batch(self, batch_size: int, seed: int, step: int) -> dict[str, Tensor]:
+    @functools.cached_property
+    def _pools(self) -> dict[str, Tensor]:
+        n = torch.arange(self.max_value + 1, dtype=torch.long)
+        held_out = (n * 2_654_435_761 % 2**32) % 10 == 0  # Knuth's multiplicative hash: no pattern in the digits
+        return {"train": n[~held_out], "val": n[held_out]}
+
+    def pool(self, split: str) -> Tensor:
+        """The numbers a ``split`` ("train" | "val") batch draws from (disjoint)."""
+        if split not in ("train", "val"):
+            raise ValueError(f"NumberWords: expected split 'train' or 'val', got {split!r}")
+        return self._pools[split]
+
+    def batch(self, batch_size: int, seed: int, step: int, split: str = "train") -> dict[str, Tensor]:
+        pool = self.pool(split)
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        numbers = torch.randint(0, self.max_value + 1, (batch_size,), generator=g).tolist()
+        numbers = pool[torch.randint(0, len(pool), (batch_size,), generator=g)].tolist()
         src = torch.full((batch_size, self.src_len), PAD, dtype=torch.long)
         tgt = torch.full((batch_size, self.tgt_len + 1), PAD, dtype=torch.long)
         for i, n in enumerate(numbers):

@@ -7,6 +7,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+# the generator seed of the validation batches drawn from a generator (majority, seq2seq)
+VAL_SEED = 10_000
+
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -68,6 +71,11 @@ class RunSpec:
             (0 < self.val_bytes_during <= self.val_bytes,
              f"val_bytes_during must be in (0, val_bytes], got {self.val_bytes_during}"),
             (self.speed_rounds >= 2, f"speed_rounds must be >= 2, got {self.speed_rounds}"),
+            # the majority task's validation batches are its seed VAL_SEED's first steps: a
+            # run of that seed would train on them
+            (self.task != "majority" or self.seed != VAL_SEED,
+             f"seed {VAL_SEED} is the majority task's validation seed (its training batches would be the "
+             "validation batches): pick another seed"),
         ]
         for ok, message in checks:
             if not ok:

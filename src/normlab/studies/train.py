@@ -46,7 +46,7 @@ from normlab.studies.data import (
     fixed_windows,
     lm_batch,
 )
-from normlab.studies.spec import RunSpec, read_jsonl
+from normlab.studies.spec import VAL_SEED, RunSpec, read_jsonl
 
 CHECKPOINT = "checkpoint"
 WEIGHTS = "model.safetensors"
@@ -312,7 +312,8 @@ def model_config(spec: RunSpec):
     from normlab.models import TransformerConfig
 
     if spec.task == "seq2seq":
-        seq_len, vocab = max(NumberWords().src_len, NumberWords().tgt_len), VOCAB_SIZE
+        numbers = NumberWords()
+        seq_len, vocab = max(numbers.src_len, numbers.tgt_len), VOCAB_SIZE
     elif spec.task == "majority":
         seq_len, vocab = spec.seq_len, Majority(**spec.task_options).classes
     else:
@@ -355,7 +356,7 @@ class Task:
     the validation data is the same for every run and seed (``fixed_windows`` for the LM,
     a fixed generator seed for seq2seq)."""
 
-    VAL_SEED = 10_000
+    VAL_SEED = VAL_SEED
 
     def __init__(self, spec: RunSpec, corpus: ByteCorpus | None) -> None:
         self.spec = spec
@@ -369,7 +370,7 @@ class Task:
         s = self.spec
         seed = s.seed if split == "train" else self.VAL_SEED
         if self.numbers is not None:
-            full = self.numbers.batch(s.batch_size, seed, step)
+            full = self.numbers.batch(s.batch_size, seed, step, split)
         elif self.majority is not None:
             x, label = self.majority.batch(s.batch_size, s.seq_len, seed, step)
             full = {"x": x, "y": label[:, None].expand_as(x).contiguous()}
@@ -389,7 +390,10 @@ class Task:
             logits = model(batch["x"])
             target = batch["y"]
             return TF.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="sum"), target.numel()
-        logits = model(batch["src"], batch["tgt_in"], src_padding_mask=batch["src_padding_mask"])
+        # the target's padding (PAD after EOS; BOS opens every row) stays out of
+        # batch-statistics norms, as the source's does
+        logits = model(batch["src"], batch["tgt_in"], src_padding_mask=batch["src_padding_mask"],
+                       tgt_padding_mask=batch["tgt_in"] == 0)
         target = batch["tgt_out"]
         loss = TF.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=0, reduction="sum")
         return loss, int((target != 0).sum())
