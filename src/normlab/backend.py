@@ -16,6 +16,7 @@ import importlib.util
 import os
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -94,12 +95,19 @@ def auto_choice(is_cuda: bool, dtype: torch.dtype, numel: int) -> str:
     return "torch"
 
 
+def forward_ad_active() -> bool:
+    """A ``torch.autograd.forward_ad.dual_level`` is open: dual tensors may reach an op,
+    and normlab's autograd Functions and custom ops have no forward-mode formula."""
+    return _forward_ad._current_level >= 0
+
+
 def resolve(x: torch.Tensor) -> str:
     """The backend that will run an op on ``x``: "torch" or "triton". Under torch.func
-    transforms (grad, vmap, jvp, ...) always "torch": the kernels' custom ops have no
-    functorch rules, so even a forced "triton" runs the torch path there."""
+    transforms (grad, vmap, jvp, ...) and forward-mode AD (dual tensors) always "torch":
+    the kernels' custom ops have no functorch or forward-mode rules, so even a forced
+    "triton" runs the torch path there."""
     choice = get_backend()
-    if choice == "torch" or torch._C._are_functorch_transforms_active():
+    if choice == "torch" or torch._C._are_functorch_transforms_active() or forward_ad_active():
         return "torch"
     if choice == "auto":
         return auto_choice(True, x.dtype, x.numel()) if x.is_cuda else "torch"

@@ -129,3 +129,73 @@ def test_dropout_add_without_dropout_is_the_reference_exactly():
         x, r = torch.randn(64, 32).to(xd), torch.randn(64, 32).to(rd)
         got = normlab.functional.dropout_add(x, r, residual_dtype=od)
         assert torch.equal(got, reference.dropout_add(x, r, residual_dtype=od)), (xd, rd, od)
+
+
+# ---------------------------------------------------------------- forward-mode AD with dual tensors
+
+
+def _dual_tangent(f, args, tangents):
+    import torch.autograd.forward_ad as fwad
+
+    with fwad.dual_level():
+        out = f(*(fwad.make_dual(a, t) for a, t in zip(args, tangents)))
+        out = out[0] if isinstance(out, tuple) else out
+        return fwad.unpack_dual(out).tangent
+
+
+@pytest.mark.parametrize("case", ["layernorm-bf16-module", "rms-large", "rms-mixed-weight", "adaln-large",
+                                  "add-rms-large"])
+def test_dual_tensors_take_the_paths_with_a_forward_formula(case):
+    # the paths through normlab's autograd Functions (half-precision LayerNorm with a
+    # trained weight, rms_norm over 65,536 elements or with a weight of another dtype,
+    # adaln_modulate over 65,536) raised "You must implement the jvp function"; torch's
+    # ops give the tangent, which normlab's must equal
+    import torch.nn.functional as F
+
+    import normlab.functional as NF
+
+    torch.manual_seed(0)
+    if case == "layernorm-bf16-module":
+        m = normlab.LayerNorm(64, dtype=torch.bfloat16)
+        ref = torch.nn.LayerNorm(64, dtype=torch.bfloat16)
+        args = (torch.randn(2, 64).bfloat16(),)
+        mine, theirs = m, ref
+    elif case in ("rms-large", "rms-mixed-weight"):
+        n = 40_000 if case == "rms-large" else 8
+        w = torch.randn(n, dtype=torch.float32 if case == "rms-large" else torch.float64, requires_grad=True)
+        args = (torch.randn(2, n),)
+        mine = lambda x: NF.rms_norm(x, (n,), w)  # noqa: E731
+        theirs = lambda x: F.rms_norm(x.to(w.dtype), (n,), w).to(x.dtype) if w.dtype != x.dtype \
+            else F.rms_norm(x, (n,), w)  # noqa: E731
+    elif case == "adaln-large":
+        args = (torch.randn(2, 256, 256, dtype=torch.float64), torch.randn(2, 1, 256, dtype=torch.float64),
+                torch.randn(2, 1, 256, dtype=torch.float64))
+        mine = lambda x, s, b: NF.adaln_modulate(x, s, b)  # noqa: E731
+        theirs = lambda x, s, b: F.layer_norm(x, (256,), eps=1e-6) * (1 + s) + b  # noqa: E731
+    else:
+        w = torch.randn(40_000, dtype=torch.float64, requires_grad=True)
+        args = (torch.randn(2, 40_000, dtype=torch.float64), torch.randn(2, 40_000, dtype=torch.float64))
+        mine = lambda x, r: NF.add_rms_norm(x, r, w)  # noqa: E731
+        theirs = lambda x, r: F.rms_norm(r + x, (40_000,), w)  # noqa: E731
+    tangents = tuple(torch.randn_like(a) for a in args)
+    got, want = _dual_tangent(mine, args, tangents), _dual_tangent(theirs, args, tangents)
+    assert got is not None and got.dtype == want.dtype
+    torch.testing.assert_close(got.double(), want.double(), rtol=2e-2 if got.dtype == torch.bfloat16 else 1e-5,
+                               atol=2e-2 if got.dtype == torch.bfloat16 else 1e-5)
+
+
+def test_vmap_different_randomness_takes_float64_dropout():
+    # the float64 reference drew its mask in place (bernoulli_), which vmap's "different"
+    # randomness refuses on an unbatched tensor
+    from torch.func import vmap
+
+    import normlab.functional as NF
+
+    x, r = torch.randn(4, 3, 8, dtype=torch.float64), torch.randn(4, 3, 8, dtype=torch.float64)
+    w = torch.ones(8, dtype=torch.float64)
+    out = vmap(lambda a, b: NF.add_rms_norm(a, b, w, dropout_p=0.5, training=True)[1], randomness="different")(x, r)
+    dropped = out - r  # the new residual: r + x * keep / 0.5
+    kept = dropped != 0
+    assert 0.2 < kept.double().mean() < 0.8
+    torch.testing.assert_close(dropped[kept], 2 * x[kept], rtol=1e-15, atol=0)
+    assert not torch.equal(kept[0], kept[1])  # a mask per batch element

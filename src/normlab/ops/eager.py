@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from normlab.backend import forward_ad_active
 from normlab.ops import reference
 
 # ----------------------------------------------------------------------- layer norm
@@ -405,8 +406,10 @@ def _differentiable(*tensors: Tensor | None) -> bool:
 
 
 def _plain_eager() -> bool:
-    """No torch.func transform and no compilation: the cheap autograd.Function form works."""
-    return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+    """No torch.func transform, no forward-mode AD (dual tensors) and no compilation: the
+    cheap autograd.Function form (no jvp) works."""
+    return (not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+            and not forward_ad_active())
 
 
 # Up to this many elements torch's own rms_norm (its fused CPU forward and its autograd)

@@ -147,9 +147,9 @@ def dropout_add(
         if dropout_p >= 1.0:
             h = torch.zeros_like(h)
         else:
-            keep = torch.empty(x.shape, dtype=ct, device=x.device).bernoulli_(
-                1.0 - dropout_p, generator=generator
-            )
+            # keep where a uniform draw is >= dropout_p (the eager path's and the kernels'
+            # rule), drawn out of place: vmap(randomness="different") refuses in-place draws
+            keep = (torch.rand(x.shape, dtype=ct, device=x.device, generator=generator) >= dropout_p).to(ct)
             h = h * keep / (1.0 - dropout_p)
     if residual is not None:
         h = residual.to(ct) + h
