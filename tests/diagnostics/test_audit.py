@@ -379,6 +379,9 @@ def test_cli_hf_checkpoint_loads_its_weights_and_architecture(tmp_path):
     res = runner.invoke(app, ["audit", str(tmp_path / "config_only" / "config.json")])
     assert res.exit_code == 0 and "no findings" in res.output and "GPT2LMHeadModel" in res.output, res.output
     assert "random weights" in _flat(res.output)
+    # a checkpoint's config.json: the checkpoint, its weights included (not random ones)
+    res = runner.invoke(app, ["audit", str(tmp_path / "gpt2" / "config.json")])
+    assert res.exit_code == 1 and "dead-norm" in res.output and "random weights" not in _flat(res.output), res.output
     (tmp_path / "damaged").mkdir()
     cfg.save_pretrained(tmp_path / "damaged")
     (tmp_path / "damaged" / "pytorch_model.bin").write_bytes(b"not a checkpoint")
@@ -534,3 +537,19 @@ def test_a_check_appended_as_the_docs_say_runs():
     finally:
         CHECKS.remove(count_norms)
     assert [f.message for f in found] == ["2 LayerNorm(s)"]
+
+
+def test_an_error_that_is_not_the_weight_files_is_not_called_one(tmp_path, monkeypatch):
+    # every exception from from_pretrained was reported as "cannot load the weights"
+    transformers = pytest.importorskip("transformers")
+    from typer.testing import CliRunner
+
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained", out_of_memory)
+    res = CliRunner().invoke(app, ["audit", str(tmp_path / "gpt2")])
+    assert isinstance(res.exception, torch.OutOfMemoryError) and "cannot load the weights" not in res.output

@@ -247,3 +247,26 @@ def test_lm_loss_checks_its_targets_and_keeps_float64():
     want = -logp.gather(-1, targets.unsqueeze(-1)).mean()
     assert model.loss(tokens, targets).dtype == torch.float64
     torch.testing.assert_close(model.loss(tokens, targets), want, rtol=1e-14, atol=0)
+
+
+def test_lm_loss_of_uint8_targets_with_padding():
+    # the padding fill (-100) ran before the cast: in uint8 it wrapped to 156, a real token
+    torch.manual_seed(7)
+    model = TransformerLM(_cfg(vocab_size=256)).eval()
+    tokens = torch.randint(0, 256, (2, 6))
+    targets = torch.randint(0, 256, (2, 6))
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[0, 4:] = True
+    torch.testing.assert_close(model.loss(tokens, targets.to(torch.uint8), pad), model.loss(tokens, targets, pad),
+                               rtol=0, atol=0)
+
+
+def test_token_check_leaves_fake_tensors_alone():
+    # fake tensors report is_cpu: the range check read their values and raised
+    # DataDependentOutputException under FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    model = TransformerLM(_cfg())
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        out = model(mode.from_tensor(torch.zeros(2, 4, dtype=torch.long)))
+    assert tuple(out.shape) == (2, 4, 19)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib
 import os
+import pickle
 import sys
 from pathlib import Path
 
+import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -76,6 +78,22 @@ def _model_classes(transformers, config) -> list:
     return classes + [transformers.AutoModelForCausalLM, transformers.AutoModel]
 
 
+def _unreadable() -> tuple[type[BaseException], ...]:
+    """What reading a damaged or foreign weights file raises: torch.load's unpickling and
+    its RuntimeErrors, a truncated file, safetensors' own error."""
+    errors: list[type[BaseException]] = [pickle.UnpicklingError, EOFError, RuntimeError]
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+_UNREADABLE = _unreadable()
+
+
 def _from_hugging_face(spec: str) -> tuple[nn.Module, object, str | None]:
     try:
         import transformers
@@ -90,10 +108,14 @@ def _from_hugging_face(spec: str) -> tuple[nn.Module, object, str | None]:
         raise typer.BadParameter(
             f"'{spec}' is neither pkg.module:factory nor a local Hugging Face config ({e})",
             param_hint="MODEL") from None
-    local = Path(spec).is_dir()
+    where = Path(spec)
+    if where.is_file() and any(any(where.parent.glob(p)) for p in _WEIGHT_FILES):
+        spec = str(where.parent)  # a checkpoint's config.json: the checkpoint, its weights included
+        where = where.parent
+    local = where.is_dir()
     # a config file alone (config.json) holds no weights: the model is built from it
-    has_weights = (any(any(Path(spec).glob(p)) for p in _WEIGHT_FILES) if local
-                   else False if Path(spec).is_file() else None)
+    has_weights = (any(any(where.glob(p)) for p in _WEIGHT_FILES) if local
+                   else False if where.is_file() else None)
     errors = []
     for cls in _model_classes(transformers, config):
         auto = cls.__module__.startswith("transformers.models.auto")
@@ -108,7 +130,9 @@ def _from_hugging_face(spec: str) -> tuple[nn.Module, object, str | None]:
                     raise typer.BadParameter(f"cannot load the weights in '{spec}' ({e})",
                                              param_hint="MODEL") from None
                 has_weights = False  # a cached config without weights: build it below
-            except Exception as e:  # weights torch cannot read (a damaged or foreign file)
+            except _UNREADABLE as e:  # weights torch cannot read (a damaged or foreign file)
+                if isinstance(e, torch.OutOfMemoryError):  # (a RuntimeError, not the file's fault)
+                    raise
                 raise typer.BadParameter(f"cannot load the weights in '{spec}' ({type(e).__name__}: {e})",
                                          param_hint="MODEL") from None
         try:

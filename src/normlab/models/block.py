@@ -44,8 +44,9 @@ def check_tokens(where: str, tokens: Tensor, max_seq_len: int, vocab_size: int |
                          f"torch.int), got {got}")
     if tokens.shape[1] > max_seq_len:
         raise ValueError(f"{where}: expected seq_len <= max_seq_len={max_seq_len}, got {tokens.shape[1]}")
-    if (vocab_size is not None and tokens.is_cpu and tokens.numel() and not torch.compiler.is_compiling()
-            and not torch._C._are_functorch_transforms_active()):  # (no values to read there)
+    if (vocab_size is not None and type(tokens) is Tensor and tokens.is_cpu and tokens.numel()
+            and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()):
+        # (plain tensors only: a fake tensor, a DTensor or a traced value has no values to read)
         lo, hi = tokens.min().item(), tokens.max().item()
         if lo < 0 or hi >= vocab_size:
             raise ValueError(f"{where}: expected {name} in [0, {vocab_size}) (vocab_size), got values from {lo} "

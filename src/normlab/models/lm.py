@@ -49,8 +49,9 @@ class TransformerLM(BlockStack):
             got = f"{tuple(targets.shape)} {targets.dtype}" if isinstance(targets, Tensor) else type(targets).__name__
             raise ValueError(f"TransformerLM.loss: expected targets of tokens' shape {tuple(tokens.shape)} and an "
                              f"integer dtype, got {got}")
+        targets = targets.long()  # (before the fill: ignore_index -100 wraps around in uint8)
         if padding_mask is not None:
             targets = targets.masked_fill(padding_mask, ignore_index)  # a padded position has no target
         # (half-precision logits in float32; float32 and float64 as they are)
         logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten().long(), ignore_index=ignore_index)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)

@@ -514,7 +514,8 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
                                       else None) if pending else {}
                 if not wait:
                     console.print(f"submitted {len(jobs)} job(s) ({launcher}; ids in {study_dir / 'jobs.json'}); "
-                                  f"`{merge_command}` merges the finished runs", markup=False, highlight=False)
+                                  f"`{merge_command}` merges the finished runs", markup=False, highlight=False,
+                                  soft_wrap=True)  # (one line: a wrapped command pastes as two)
                     return [], None
                 _wait_for_jobs(study, jobs, progress, fail, launcher, merge_command)
                 for spec in study.runs:
