@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 
 import normlab
 from normlab.convert import ConversionError, fold_norm_affine, layernorm_to_rmsnorm, swap_norms
-from tests.convert.models import hf_model, perturb
+from tests.convert.models import MLPBlock, hf_model, perturb
 
 
 def _state(model):
@@ -155,24 +155,13 @@ def test_fold_leaves_a_norm_whose_own_weight_is_read_directly():
     torch.testing.assert_close(model(x), want, atol=0, rtol=0)
 
 
-class _Block(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.ln = nn.LayerNorm(d)
-        self.fc = nn.Linear(d, 2 * d)
-        self.proj = nn.Linear(2 * d, d)
-
-    def forward(self, x):
-        return x + self.proj(torch.relu(self.fc(self.ln(x))))
-
-
 class _TiedByFunctionalHead(nn.Module):
     """minGPT-style: the head reuses the token embedding functionally."""
 
     def __init__(self, vocab=30, d=16):
         super().__init__()
         self.wte = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList([_Block(d), _Block(d)])
+        self.blocks = nn.ModuleList([MLPBlock(d), MLPBlock(d)])
         self.ln_f = nn.LayerNorm(d)
 
     def forward(self, idx):

@@ -17,14 +17,18 @@ computed on the tensor's device without a host sync; records are materialized wh
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
 
-from normlab.diagnostics.structure import find_block_lists, is_norm, module_layer
-from normlab.errors import NormArgumentError
+from normlab.diagnostics.structure import (
+    check_every,
+    check_model,
+    find_block_lists,
+    is_norm,
+    module_layer,
+)
 
 STATS = ("mean", "rms", "max_abs", "nonfinite")
 
@@ -89,12 +93,8 @@ class ActivationMonitor:
     are the explicit form of the context."""
 
     def __init__(self, model: nn.Module, every: int = 1) -> None:
-        if not isinstance(model, nn.Module):
-            raise NormArgumentError(f"ActivationMonitor: expected model to be a torch.nn.Module, "
-                                    f"got {type(model).__name__}")
-        if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
-            raise NormArgumentError(f"ActivationMonitor: expected every to be an int >= 1, got {every!r}")
-        self.model, self.every = model, int(every)
+        check_model("ActivationMonitor", model)
+        self.model, self.every = model, check_every("ActivationMonitor", every)
         self.step = -1
         self._handles: list = []
         self._raw: list[tuple[int, str, str, str, int | None, Tensor]] = []

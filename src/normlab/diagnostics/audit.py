@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.convert.blocks import block_spec
-from normlab.diagnostics.structure import find_block_lists, is_norm
+from normlab.diagnostics.structure import check_model, find_block_lists, is_norm
 from normlab.errors import NormArgumentError
 
 SEVERITIES = ("error", "warning", "info")
@@ -541,8 +541,7 @@ def audit(model: nn.Module, example_input=None, optimizer=None, scheduler=None) 
     to known module types.
     ``optimizer``/``scheduler`` enable the warm-up check. The model, its buffers, the
     optimizer, the scheduler and the global RNG are left as they were."""
-    if not isinstance(model, nn.Module):
-        raise NormArgumentError(f"audit: expected model to be a torch.nn.Module, got {type(model).__name__}")
+    check_model("audit", model)
     meta = next((n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
     if meta is not None:
         raise NormArgumentError(

@@ -15,7 +15,6 @@ Layers and kinds are inferred by :mod:`normlab.diagnostics.structure`.
 from __future__ import annotations
 
 import math
-import numbers
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from normlab.diagnostics.structure import SUBLAYER_KINDS, iter_param_info
+from normlab.diagnostics.structure import SUBLAYER_KINDS, check_every, check_model, iter_param_info
 from normlab.errors import NormArgumentError
 
 
@@ -156,8 +155,7 @@ def grad_norms(model: nn.Module, loss: Tensor | None = None) -> GradNorms:
     Without, the parameters' current ``.grad`` is read. Parameters without a gradient
     are left out (a frozen model, or a loss that does not require grad, gives an empty
     list). ``loss``: a one-element tensor; anything else raises NormArgumentError."""
-    if not isinstance(model, nn.Module):
-        raise NormArgumentError(f"grad_norms: expected model to be a torch.nn.Module, got {type(model).__name__}")
+    check_model("grad_norms", model)
     if loss is None:
         return _records(model, {id(p): p.grad for p in model.parameters()})
     if not isinstance(loss, Tensor) or loss.numel() != 1:
@@ -190,12 +188,8 @@ class GradientMonitor:
     """
 
     def __init__(self, model: nn.Module, every: int = 1) -> None:
-        if not isinstance(model, nn.Module):
-            raise NormArgumentError(f"GradientMonitor: expected model to be a torch.nn.Module, "
-                                    f"got {type(model).__name__}")
-        if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
-            raise NormArgumentError(f"GradientMonitor: expected every to be an int >= 1, got {every!r}")
-        self.model, self.every = model, int(every)
+        check_model("GradientMonitor", model)
+        self.model, self.every = model, check_every("GradientMonitor", every)
         self.step = -1
         self.history: list[tuple[int, GradNorms]] = []
         self._handles: list = []

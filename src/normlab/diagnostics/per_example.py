@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab import functional as _F
+from normlab.diagnostics.structure import check_model
 from normlab.errors import NormArgumentError
 from normlab.ops import backend_ops, reference
 
@@ -169,9 +170,7 @@ class PerExampleGradNorms:
     """The recorder behind :func:`per_example_grad_norms`; a read-only mapping name -> dict."""
 
     def __init__(self, model: nn.Module) -> None:
-        if not isinstance(model, nn.Module):
-            raise NormArgumentError(
-                f"per_example_grad_norms: expected model to be a torch.nn.Module, got {type(model).__name__}")
+        check_model("per_example_grad_norms", model)
         self.model = model
         self._modules = {name: m for name, m in model.named_modules() if _supported(m)}
         self._handles: list = []

@@ -39,13 +39,28 @@ Extend with :func:`register_kind_rule` (prepended, so it wins over the built-in 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from torch import nn
 
 from normlab.convert.blocks import structure_kinds
+from normlab.errors import NormArgumentError
 from normlab.norms.registry import is_norm
+
+
+def check_model(where: str, model: object) -> None:
+    """The diagnostics' ``model`` argument: an nn.Module, else NormArgumentError."""
+    if not isinstance(model, nn.Module):
+        raise NormArgumentError(f"{where}: expected model to be a torch.nn.Module, got {type(model).__name__}")
+
+
+def check_every(where: str, every: object) -> int:
+    """A monitor's ``every``: an int >= 1, else NormArgumentError."""
+    if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
+        raise NormArgumentError(f"{where}: expected every to be an int >= 1, got {every!r}")
+    return int(every)
 
 SUBLAYER_KINDS = ("attention", "ffn_w1", "ffn_w2", "norm", "embedding", "head", "other")
 
