@@ -6,7 +6,15 @@ import math
 
 import pytest
 
-from normlab.studies.claims import CLAIMS, best_setting, failed, judge, judge_all, judged_loss
+from normlab.studies.claims import (
+    CLAIMS,
+    baseline,
+    best_setting,
+    failed,
+    judge,
+    judge_all,
+    judged_loss,
+)
 from normlab.studies.presets import CLAIMS_BY_STUDY, get_study
 from normlab.studies.spec import Margin
 
@@ -116,14 +124,42 @@ def _deepnorm_vs(other):
     return build
 
 
-def _deepnorm_stability(outcome):
+def _deepnorm_stability(outcome, seeds=tuple(range(6))):
+    # (six seeds: failure counts are judged from the sign test's 6, ``test_stability_counts_need_six_seeds``)
     runs = []
     for placement in ("post", "deepnorm"):
         fails = {"agrees": placement == "post", "disagrees": placement == "deepnorm", "inconclusive": False}[outcome]
         # the failing side fails at the two larger lrs on every seed, and at the smallest on seed 1
         runs += [_run("depth", s, lr, 2.4, placement=placement, n_layers=12,
-                      diverged=fails and (lr > 1e-3 or s == 1)) for lr in LRS for s in SEEDS]
+                      diverged=fails and (lr > 1e-3 or s == 1)) for lr in LRS for s in seeds]
     return runs
+
+
+def test_stability_counts_need_six_seeds():
+    # failure counts are a few integers: over 3 seeds [2, 1, 2] "agreed" by the t-interval
+    # while [2, 2, 2] could not be judged; below the sign test's 6 seeds the row is
+    # inconclusive, and says why
+    (row,) = judge(CLAIMS["deepnorm-stability"], _deepnorm_stability("agrees", seeds=(0, 1, 2, 3, 4)))
+    assert row["verdict"] == "inconclusive" and row["estimate"] > 0
+    assert "the units are failure counts" in row["measured"] and "only from 6 seeds" in row["measured"]
+    (row,) = judge(CLAIMS["deepnorm-stability"], _deepnorm_stability("agrees"))
+    assert row["verdict"] == "agrees"
+    assert not any("no run here diverged" in c for c in row["caveats"])
+
+
+def test_stability_row_says_when_no_run_diverged_and_names_runs_near_the_baseline():
+    # every failure a run stuck at the baseline, one "trained" run 0.01 nats under it
+    runs = []
+    for s in range(6):
+        for lr in LRS:
+            post_fail = lr > 1e-3
+            runs.append(_run("depth", s, lr, 2.4 + 10 * post_fail, placement="post", n_layers=12))
+            runs.append(_run("depth", s, lr, 2.4, placement="deepnorm", n_layers=12))
+    near = next(r for r in runs if r["placement"] == "post" and not failed(r))
+    near["final_val_loss"] = baseline(near) - 0.01
+    (row,) = judge(CLAIMS["deepnorm-stability"], runs)
+    assert any("no run here diverged" in c for c in row["caveats"]), row["caveats"]
+    assert any(f"within 0.05 nats under the baseline ({near['name']})" in c for c in row["caveats"]), row["caveats"]
 
 
 def _norm_pair(a, b, flip=False, equivalence=False):
@@ -527,3 +563,30 @@ def test_a_claim_without_runs_that_learned_says_why():
     n = len(runs)
     assert (f"{n - 1} of {n} ended with a validation loss no better than the unigram baseline's" in row["measured"]
             and f"1 of {n} diverged" in row["measured"]), row["measured"]
+
+
+def test_ratio_row_reports_the_init_depth_rows_depths_beside_its_own():
+    # the ratio row fits the grad-at-init probes (3-24 layers), the init-depth rows both
+    # studies' probes from 6 layers (to 48): the same statistic over those depths is
+    # reported beside it, not judged
+    runs = _ratio_growth("agrees")
+    for s in SEEDS:  # deeper probes whose ratio grows as L^1 instead
+        for n in (48,):
+            for placement, w2 in (("post", [1.0] * (n - 1) + [1.5 * 24 ** 0.5 * (n / 24)]), ("pre", [1.0] * n)):
+                r = _probe(placement, n, s, w2, [1.0] * n)
+                r["tags"]["study"] = "init-depth"
+                runs.append(r)
+    (row,) = judge(CLAIMS["xiong-ratio-grows-sqrt-depth"], runs)
+    assert row["verdict"] == "agrees" and row["estimate"] == pytest.approx(0.0, abs=0.05)
+    wide = [c for c in row["caveats"] if c.startswith("over the depths the init-depth rows fit (6, 12, 24 and 48")]
+    assert len(wide) == 1 and "not judged here" in wide[0], row["caveats"]
+
+
+def test_an_equivalence_that_agrees_away_from_the_value_says_so():
+    # init-depth-pre "agreed" with e + 0.5 in [0.029, 0.174]: within the margin, not at 0
+    runs = _init_depth("pre", -0.5 + 0.1)("agrees")
+    (row,) = judge(CLAIMS["init-depth-pre"], runs)
+    assert row["verdict"] == "agrees" and row["ci95"][0] > 0
+    assert any("the interval excludes 0, the claim's own value" in c for c in row["caveats"]), row["caveats"]
+    (row,) = judge(CLAIMS["init-depth-pre"], _init_depth("pre", -0.5)("agrees"))
+    assert not any("excludes 0" in c for c in row["caveats"])

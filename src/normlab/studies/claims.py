@@ -517,6 +517,19 @@ def _ratio_growth(results: list[Result]) -> list[Measurement]:
                            "the other placement to pair with")
     seeds = {r["seed"] for r in every["post"] + every["pre"]}
     caveats += _left_out("Post-LN / Pre-LN", seeds - set(slopes), "fewer than two depths with a ratio to fit")
+    # contrary evidence, not judged: the same statistic over the depths the init-depth rows
+    # fit (both studies' probes from INIT_DEPTH_MIN layers), where those rows read Xiong's
+    # per-placement exponents
+    post_d, pre_d = (_last_grad_by_depth(results, p)[0] for p in ("post", "pre"))
+    wide = {seed: {n: post_d[seed][n] - pre_d[seed][n] for n in post_d[seed] if n in pre_d.get(seed, {})}
+            for seed in post_d}
+    wide_slopes = _depth_slopes({seed: c for seed, c in wide.items() if len(c) >= 2}, math.log)
+    wide_depths = sorted({n for c in wide.values() for n in c})
+    if len(wide_slopes) >= 2 and wide_depths != depths:
+        w = mean_ci(list(wide_slopes.values()))
+        caveats.append(f"over the depths the init-depth rows fit ({_list(wide_depths)}, both studies' probes from "
+                       f"{INIT_DEPTH_MIN} layers), not judged here: exponent - 0.5 = "
+                       f"{_ci_text(Interval(w.estimate - 0.5, w.lo - 0.5, w.hi - 0.5, w.n))}")
     return [Measurement("", shifted, f"exponent of the last-layer ratio Post-LN / Pre-LN against L over depths "
                         f"{_list(depths)}: {_ci_text(i)}; statistic exponent - 0.5 = {_ci_text(shifted)}",
                         run_setup(every["post"] + every["pre"], i.n, paired=True), tuple(caveats),
@@ -698,6 +711,11 @@ def _deepnorm_beats(other: str) -> Callable[[list[Result]], list[Measurement]]:
     return measure
 
 
+# a run that ended less than this many nats under its unigram baseline is named in the
+# stability row: it counts as trained, but noise could put it on the other side
+NEAR_BASELINE = 0.05
+
+
 def _deepnorm_stability(results: list[Result]) -> list[Measurement]:
     n, cells = _deepest(results)
     if n is None or not cells["post"] or not cells["deepnorm"]:
@@ -741,9 +759,25 @@ def _deepnorm_stability(results: list[Result]) -> list[Measurement]:
     elif units and counted["post"] == counted["deepnorm"] == counted["both"]:
         detail += (" (both placements failed at every setting both ran: stability is not separable at these "
                    "settings)")
+    runs = cells["post"] + cells["deepnorm"]
+    if not any(r.get("diverged") or not math.isfinite(r.get("final_val_loss") or math.nan) for r in runs):
+        caveats.append("no run here diverged (a non-finite loss): every failure counted is a run that ended no "
+                       "better than the unigram baseline, which tells training that did not get going from "
+                       "instability only in part")
+    close = sorted(r["name"] for r in runs if not failed(r) and r["final_val_loss"] > baseline(r) - NEAR_BASELINE)
+    if close:
+        caveats.append(f"{len(close)} run(s) counted as not failed ended within {NEAR_BASELINE:g} nats under the "
+                       f"baseline ({_list(close)}): a count near the line moves with the runs' noise")
     note = None if units else "no seed has a setting that both Post-LN and DeepNorm ran"
-    return [Measurement(f"@L{n}", i, detail, run_setup(cells["post"] + cells["deepnorm"], i.n), tuple(caveats),
-                        note, used=tuple(cells["post"] + cells["deepnorm"]), planned=_deepest_planned(n))]
+    if units and i.n < SIGN_TEST_MIN_N:
+        # failure counts are a few integers: a t-interval over few of them is no 95% interval
+        # (three seeds of [2, 1, 2] would agree, three of [2, 2, 2] could not be judged),
+        # and the distribution-free sign test's interval reaches 95% from SIGN_TEST_MIN_N
+        note = (f"the units are failure counts, a few integers, over {i.n} seed(s): a Student-t interval is no "
+                f"95% interval for them, and the sign test's interval for their median reaches 95% only from "
+                f"{SIGN_TEST_MIN_N} seeds (over {i.n}, at most {sign_test_coverage(i.n):.1%})")
+    return [Measurement(f"@L{n}", i, detail, run_setup(runs, i.n), tuple(caveats),
+                        note, used=tuple(runs), planned=_deepest_planned(n))]
 
 
 # ------------------------------------------------------------------ norms
@@ -1781,6 +1815,10 @@ def judge(claim: Claim, results: list[Result], margin: Margin | None = None,
             interval = "min to max over the probes (not a confidence interval)"
         else:
             outcome = "inconclusive" if m.undetermined else verdict(claim.test, m.interval, margin.value)
+            if claim.test == "equivalence" and outcome == "agrees" and (m.interval.lo > 0 or m.interval.hi < 0):
+                m = replace(m, caveats=m.caveats + (
+                    f"the interval excludes 0, the claim's own value: within the margin of {margin.value:g}, "
+                    "not at the value",))
             timing = claim.id == "rmsnorm-faster"
             if degenerate(m.interval):
                 m = replace(m, caveats=m.caveats + (_equal_units_caveat(m.interval, "round" if timing else "seed"),))
