@@ -307,3 +307,34 @@ def test_seq2seq_training_keeps_the_targets_padding_out_of_batch_statistics():
     torch.testing.assert_close(total, want, rtol=1e-6, atol=0)
     unmasked = model(batch["src"], batch["tgt_in"], src_padding_mask=batch["src_padding_mask"])
     assert not torch.allclose(unmasked, masked)  # (so the test tells the two apart)
+
+
+def test_a_released_run_lock_names_no_process(tmp_path):
+    # a finished run's .lock kept its worker's pid: "kill the worker of run X" from it
+    # killed the worker's next run, or later an unrelated process
+    lock = train.FolderLock(tmp_path)
+    assert lock.acquire() is None
+    assert (tmp_path / train.LOCK).read_text() == str(os.getpid())
+    lock.release()
+    assert (tmp_path / train.LOCK).read_text() == "" and train.run_holder(tmp_path) is None
+
+
+def test_the_recorded_command_can_be_pasted_back(monkeypatch):
+    import shlex
+
+    monkeypatch.setattr(sys, "argv", ["/x/normlab/__main__.py", "study", "gns", "--out", "runs dir/é x"])
+    assert runner._command_line() == "normlab study gns --out 'runs dir/é x'"
+    assert shlex.split(runner._command_line())[-1] == "runs dir/é x"
+
+
+def test_a_result_records_the_thread_counts_it_trained_at(tmp_path, corpus):
+    spec = micro_spec("t", steps=6, eval_every=0, checkpoint_every=0, diag_every=0)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ctrl_c_at(3, spec, tmp_path / "t", cpu_env(), corpus)
+        torch.set_num_threads(2)
+        result = run_one(spec, tmp_path / "t", cpu_env(), corpus, keep_weights=False)
+    finally:
+        torch.set_num_threads(before)
+    assert result["threads"] == [1, 2]

@@ -19,6 +19,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import signal
 import sys
 import time
@@ -195,7 +196,7 @@ def provenance(env: Env, corpus: ByteCorpus | None, *, workers: int, threads: in
         "python_version": platform.python_version(), "platform": platform.platform(),
         "device": _device_name(env.device), "device_type": env.device.type, "dtype": env.dtype,
         "processes": env.world, "workers": workers, "threads": threads,
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": _command_line(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "corpus_source": None, "corpus_sha256": None,
     }
@@ -476,7 +477,7 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
         except OSError as e:
             if not unwritable:
                 console.print(f"[red]could not write {escape(str(study_dir / 'summary.json'))}:[/red] "
-                              f"{escape(str(e))}; the runs go on")
+                              f"{escape(str(e))}" + ("" if report_only else "; the runs go on"))
             unwritable.append(str(e))
 
     def fail(spec: RunSpec, error: BaseException) -> None:
@@ -611,6 +612,13 @@ def _report_finished(study: Study, study_dir: Path, made_by, default_corpus: Byt
         warnings.warn(f"{n} finished run(s) were made on another corpus ({shown}): "
                       f"{_default_corpus_note(default_corpus)}. They are reported as they were made, each with its own "
                       "corpus recorded (summary.json: provenance.runs_on_other_corpora)", RuntimeWarning, stacklevel=3)
+
+
+def _command_line() -> str:
+    """This invocation, as a shell would take it back: quoted, and ``normlab`` for the
+    console script and ``python -m normlab`` alike."""
+    prog = Path(sys.argv[0]).name
+    return shlex.join(["normlab" if prog in ("__main__.py", "normlab") else prog, *sys.argv[1:]])
 
 
 def _counts(study: str, done: int, running: int, failed: int, total: int, where: str = "") -> str:

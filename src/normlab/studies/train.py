@@ -128,6 +128,12 @@ class FolderLock:
 
     def release(self) -> None:
         if self._fd is not None:
+            # the pid goes with the lock: a finished run's file named a worker that had
+            # moved on to another run (or, later, an unrelated process with that pid)
+            try:
+                os.ftruncate(self._fd, 0)
+            except OSError:
+                pass
             os.close(self._fd)  # (closing releases the flock)
             self._fd = None
 
@@ -600,6 +606,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
 # ------------------------------------------------------------------ one run
 
 
+def _threads_seen(state: dict[str, Any]) -> list[int]:
+    """The torch thread counts of a run's processes so far (its checkpoint's), and this one's."""
+    return sorted(set(state.get("threads", [])) | {torch.get_num_threads()})
+
+
 def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 4_099 + rank
 
@@ -910,7 +921,8 @@ def _run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
                                 {**identity, "train_time": train_time, "train_tokens": train_tokens, "recent": recent,
                                  "diagnostics": diagnostics.state_dict(), "activations": activations,
                                  "noise_sums": noise_sums, "logit_max": logit_max,
-                                 "wall_s": state.get("wall_s", 0.0) + time.perf_counter() - started})
+                                 "wall_s": state.get("wall_s", 0.0) + time.perf_counter() - started,
+                                 "threads": _threads_seen(state)})
             if interrupted and not last_step:
                 raise Interrupted(spec.name, step + 1)
     except BaseException:
@@ -935,6 +947,9 @@ def _run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
             "tokens_per_s": train_tokens / train_time if train_time > 0 else float("nan"),
             **identity,
             "wall_s": round(state.get("wall_s", 0.0) + time.perf_counter() - started, 3),  # this process + earlier ones
+            # the torch thread counts it trained at: the order of a CPU's sums, so the last bits
+            # of the numbers, follow it (two counts: resumed under another)
+            "threads": _threads_seen(state),
         }
         if "val_exact_match" in last_eval:
             result["final_val_exact_match"] = last_eval["val_exact_match"]
