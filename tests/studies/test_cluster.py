@@ -108,3 +108,39 @@ def test_the_cli_report_only_and_launcher_options(tmp_path):
     assert (tmp_path / "quick" / "index.html").exists() and (tmp_path / "quick" / "claims.json").exists()
     bad = CliRunner().invoke(app, ["study", "quick", "--launcher", "slurm", "--out", str(tmp_path)])
     assert bad.exit_code == 2 and "expected --partition" in bad.output
+
+
+def test_report_only_names_jobs_that_ended_without_a_result(tmp_path, corpus):
+    # --report-only listed a killed or failed job's run as "not finished": a SLURM user
+    # would wait for a job that had run out of memory or raised
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    from normlab.studies.train import FolderLock
+
+    study = _study(_spec("killed"), _spec("raised", seed=1), _spec("running", seed=2), _spec("starting", seed=3))
+    study_dir = tmp_path / "jobs"
+    (study_dir / "jobs").mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid no process has now (a local job's id is its pid)
+    ids = {"killed": dead.pid, "raised": 101, "running": 102, "starting": os.getpid()}  # (this test: alive)
+    (study_dir / "jobs.json").write_text(json.dumps({name: {"job_id": str(i), "launcher": "local"}
+                                                     for name, i in ids.items()}))
+    with open(study_dir / "jobs" / "101_0_result.pkl", "wb") as f:
+        pickle.dump(("error", "Traceback (most recent call last):\nValueError: the job's own error"), f)
+    (study_dir / "running").mkdir()
+    lock = FolderLock(study_dir / "running")  # a job of this run holds its lock
+    assert lock.acquire() is None
+    try:
+        merged, report = runner.run_study(study, tmp_path, cpu_env(), corpus=corpus, report_only=True)
+    finally:
+        lock.release()
+    summary = json.loads((study_dir / "summary.json").read_text())
+    failed = {f["name"]: f["error"] for f in summary["failed"]}
+    assert set(failed) == {"killed", "raised"}, failed
+    assert f"job {dead.pid} is not running and left no result" in failed["killed"]
+    assert "job 101 raised" in failed["raised"] and "the job's own error" in failed["raised"]
+    # a job holding its run's lock, and one still starting (its process alive, no lock yet)
+    assert summary["provenance"]["not_finished"] == ["running", "starting"] and merged == []

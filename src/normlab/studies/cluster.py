@@ -19,8 +19,10 @@ command calls it first, and ``submit`` again for callers of the API.
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,6 +196,75 @@ def submit(runs: list[RunSpec], study_dir: Path, launcher: str, options: JobOpti
     record.update({name: {"job_id": job.job_id, "launcher": launcher} for name, job in jobs.items()})
     (study_dir / "jobs.json").write_text(json.dumps(record, indent=1))
     return jobs
+
+
+# the SLURM states of a job that ended without finishing (sacct's names)
+_ENDED = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
+
+
+def ended_jobs(study_dir: Path, names: Collection[str], running: Callable[[str], bool]) -> dict[str, str]:
+    """Of the runs ``names`` (none of them finished), those whose last submitted job
+    (``jobs.json``) has ended all the same: run name -> why, for ``--report-only`` to
+    report them failed rather than not finished. A job ended when submitit's result file
+    holds an error; when a SLURM job's state is one of ``_ENDED``; or, for a local job
+    (a process that may have been killed outright), when it left no result and no process
+    holds its run (``running``: the run's lock is held)."""
+    record = _read_jobs(study_dir)
+    if not any(name in record for name in names):
+        return {}
+    submitit = _submitit()
+    out: dict[str, str] = {}
+    for name in names:
+        entry = record.get(name)
+        if not isinstance(entry, dict) or "job_id" not in entry:
+            continue
+        job_id, launcher = str(entry["job_id"]), entry.get("launcher")
+        log = study_dir / "jobs" / f"{job_id}_0_log.err"
+        job = (submitit.SlurmJob if launcher == "slurm" else submitit.LocalJob)(study_dir / "jobs", job_id)
+        pickled = job.paths.result_pickle
+        if pickled.exists():
+            try:
+                with open(pickled, "rb") as f:
+                    status, payload = pickle.load(f)
+            except Exception:  # (a torn file: read as no result)
+                status, payload = None, None
+            if status == "error":
+                out[name] = f"job {job_id} raised:\n{payload}"
+                continue
+        if launcher == "slurm":
+            try:
+                state = str(job.state).upper()
+            except Exception:  # no sacct here: the state is unknown, the run not finished
+                continue
+            if state.split()[0] in _ENDED:
+                out[name] = f"job {job_id} ended {state} without a result (its log: {log})"
+        elif not running(name) and not _process_alive(job_id):
+            # (a local job's id is its process's pid: a job still starting, before it
+            # takes its run's lock, is alive)
+            out[name] = (f"job {job_id} is not running and left no result: killed, or it crashed outside Python "
+                         f"(its log: {log})")
+    return out
+
+
+def _process_alive(pid: str) -> bool:
+    """The process ``pid`` exists and is not a zombie (Linux: /proc; elsewhere signal 0)."""
+    try:
+        n = int(pid)
+    except ValueError:
+        return False
+    proc = Path(f"/proc/{n}/stat")
+    if proc.parent.parent.exists() and Path("/proc/self").exists():
+        try:
+            return proc.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+    try:
+        os.kill(n, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _read_jobs(study_dir: Path) -> dict[str, Any]:

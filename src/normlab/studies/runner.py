@@ -604,6 +604,11 @@ def _report_finished(study: Study, study_dir: Path, made_by, default_corpus: Byt
         name = entry.get("name") if isinstance(entry, dict) else None
         if name in names and name not in done:
             failures[name] = str(entry.get("error") or "")
+    # runs whose --launcher job ended without a result (it raised, SLURM ended it, or a
+    # local job was killed) are failed, not "not finished": nothing will finish them
+    waiting = [r.name for r in study.runs if r.name not in done and r.name not in failures]
+    if waiting and (study_dir / "jobs.json").exists():
+        failures.update(cluster.ended_jobs(study_dir, waiting, lambda name: run_holder(study_dir / name) is not None))
     prov["not_finished"] = [r.name for r in study.runs if r.name not in done and r.name not in failures]
     if others:
         prov["runs_on_other_corpora"] = others
