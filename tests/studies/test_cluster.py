@@ -144,3 +144,23 @@ def test_report_only_names_jobs_that_ended_without_a_result(tmp_path, corpus):
     assert "job 101 raised" in failed["raised"] and "the job's own error" in failed["raised"]
     # a job holding its run's lock, and one still starting (its process alive, no lock yet)
     assert summary["provenance"]["not_finished"] == ["running", "starting"] and merged == []
+
+
+def test_overwrite_refuses_runs_that_earlier_jobs_still_run(tmp_path, corpus):
+    # --overwrite with new settings skipped the runs earlier jobs held and exited 0: those
+    # jobs went on with the old settings, and the next invocation found them stale
+    from normlab.studies.train import FolderLock
+
+    study = _study(_spec("held"))
+    study_dir = tmp_path / "jobs"
+    (study_dir / "held").mkdir(parents=True)
+    (study_dir / "jobs.json").write_text(json.dumps({"held": {"job_id": "4242", "launcher": "local"}}))
+    lock = FolderLock(study_dir / "held")
+    assert lock.acquire() is None
+    try:
+        with pytest.raises(ValueError, match=r"--overwrite: 1 run\(s\) are running in earlier jobs \(held\).*"
+                                             r"cancel the jobs \(4242\), then re-run"):
+            runner.run_study(study, tmp_path, cpu_env(), corpus=corpus, launcher="local", overwrite=True)
+    finally:
+        lock.release()
+    assert not (study_dir / "held" / "result.json").exists()

@@ -267,6 +267,13 @@ def _process_alive(pid: str) -> bool:
     return True
 
 
+def job_ids(study_dir: Path, names: Collection[str]) -> str:
+    """The last job ids ``jobs.json`` records for ``names``, as text ("" for none)."""
+    record = _read_jobs(study_dir)
+    return ", ".join(str(record[n]["job_id"]) for n in names if isinstance(record.get(n), dict)
+                     and "job_id" in record[n])
+
+
 def _read_jobs(study_dir: Path) -> dict[str, Any]:
     try:
         return json.loads((study_dir / "jobs.json").read_text())

@@ -502,9 +502,15 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
             elif launcher is not None:
                 pending = [r for r in study.runs if not _finished(r, study_dir / r.name, made_by)]
                 busy = [r.name for r in pending if run_holder(study_dir / r.name) is not None]
+                shown = ", ".join(busy[:8]) + (" ..." if len(busy) > 8 else "")
+                if busy and overwrite:  # a running run keeps the settings its job was submitted with
+                    ids = cluster.job_ids(study_dir, busy)
+                    raise ValueError(f"--overwrite: {len(busy)} run(s) are running in earlier jobs ({shown}), with "
+                                     "the settings those were submitted with, and a running run cannot be replaced: "
+                                     f"cancel the jobs{f' ({ids})' if ids else ''}, then re-run")
                 if busy:  # jobs of an earlier submission that still run: not submitted twice
-                    console.print(f"{len(busy)} run(s) still running in earlier jobs, not submitted again: "
-                                  + escape(", ".join(busy[:8]) + (" ..." if len(busy) > 8 else "")))
+                    console.print(f"{len(busy)} run(s) still running in earlier jobs (with the settings those were "
+                                  f"submitted with), not submitted again: " + escape(shown))
                     pending = [r for r in pending if r.name not in busy]
                 # a job that reads the corpus itself checks it reads this one (another Python's
                 # standard library, on a node with another Python, is another corpus)
