@@ -590,3 +590,16 @@ def test_an_equivalence_that_agrees_away_from_the_value_says_so():
     assert any("the interval excludes 0, the claim's own value" in c for c in row["caveats"]), row["caveats"]
     (row,) = judge(CLAIMS["init-depth-pre"], _init_depth("pre", -0.5)("agrees"))
     assert not any("excludes 0" in c for c in row["caveats"])
+
+
+def test_selection_decides_failure_on_the_select_half_alone():
+    # failed() reads the whole validation set: a run that learned on the select windows but
+    # not on the test windows counted at the baseline in selection too, so the test
+    # windows took part in choosing a setting
+    r = _run("norms", 0, 1e-3, 3.25, select=3.0)
+    r.update(baseline_val_loss_select=3.2, baseline_val_loss_test=3.2, final_val_loss_test=3.5)
+    assert failed(r)  # the whole set: 3.25 >= 3.2
+    assert judged_loss(r, "select") == 3.0  # the select half alone: it learned there
+    assert judged_loss(r, "test") == 3.2  # judged as failed
+    r["final_val_loss_select"] = 3.21
+    assert judged_loss(r, "select") == 3.2
