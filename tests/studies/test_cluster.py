@@ -123,13 +123,15 @@ def test_report_only_names_jobs_that_ended_without_a_result(tmp_path, corpus):
     study = _study(_spec("killed"), _spec("raised", seed=1), _spec("running", seed=2), _spec("starting", seed=3))
     study_dir = tmp_path / "jobs"
     (study_dir / "jobs").mkdir(parents=True)
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()  # a pid no process has now (a local job's id is its pid)
-    ids = {"killed": dead.pid, "raised": 101, "running": 102, "starting": os.getpid()}  # (this test: alive)
+    dead, gone = (subprocess.Popen([sys.executable, "-c", "pass"]) for _ in range(2))
+    dead.wait()  # pids no process has now (a local job's id is its pid)
+    gone.wait()
+    ids = {"killed": dead.pid, "raised": gone.pid, "running": 102, "starting": os.getpid()}  # (this test: alive)
     (study_dir / "jobs.json").write_text(json.dumps({name: {"job_id": str(i), "launcher": "local"}
                                                      for name, i in ids.items()}))
-    with open(study_dir / "jobs" / "101_0_result.pkl", "wb") as f:
-        pickle.dump(("error", "Traceback (most recent call last):\nValueError: the job's own error"), f)
+    for job_id in (gone.pid, 102):  # 102: an old error, its run running again (a requeued job)
+        with open(study_dir / "jobs" / f"{job_id}_0_result.pkl", "wb") as f:
+            pickle.dump(("error", "Traceback (most recent call last):\nValueError: the job's own error"), f)
     (study_dir / "running").mkdir()
     lock = FolderLock(study_dir / "running")  # a job of this run holds its lock
     assert lock.acquire() is None
@@ -141,7 +143,7 @@ def test_report_only_names_jobs_that_ended_without_a_result(tmp_path, corpus):
     failed = {f["name"]: f["error"] for f in summary["failed"]}
     assert set(failed) == {"killed", "raised"}, failed
     assert f"job {dead.pid} is not running and left no result" in failed["killed"]
-    assert "job 101 raised" in failed["raised"] and "the job's own error" in failed["raised"]
+    assert f"job {gone.pid} raised" in failed["raised"] and "the job's own error" in failed["raised"]
     # a job holding its run's lock, and one still starting (its process alive, no lock yet)
     assert summary["provenance"]["not_finished"] == ["running", "starting"] and merged == []
 
@@ -149,6 +151,8 @@ def test_report_only_names_jobs_that_ended_without_a_result(tmp_path, corpus):
 def test_overwrite_refuses_runs_that_earlier_jobs_still_run(tmp_path, corpus):
     # --overwrite with new settings skipped the runs earlier jobs held and exited 0: those
     # jobs went on with the old settings, and the next invocation found them stale
+    import os
+
     from normlab.studies.train import FolderLock
 
     study = _study(_spec("held"))
@@ -158,9 +162,21 @@ def test_overwrite_refuses_runs_that_earlier_jobs_still_run(tmp_path, corpus):
     lock = FolderLock(study_dir / "held")
     assert lock.acquire() is None
     try:
-        with pytest.raises(ValueError, match=r"--overwrite: 1 run\(s\) are running in earlier jobs \(held\).*"
-                                             r"cancel the jobs \(4242\), then re-run"):
+        with pytest.raises(ValueError, match=r"1 run\(s\) are running in earlier jobs with other settings \(held\)"
+                                             r".*cancel the jobs \(4242\), then re-run"):
             runner.run_study(study, tmp_path, cpu_env(), corpus=corpus, launcher="local", overwrite=True)
+        # the same settings: the job goes on, the run is not submitted twice (no refusal)
+        (study_dir / "jobs.json").write_text(json.dumps({"held": {
+            "job_id": "4242", "launcher": "local", "fingerprint": study.runs[0].fingerprint()}}))
+        console = Console(file=io.StringIO(), width=300)
+        assert runner.run_study(study, tmp_path, cpu_env(), corpus=corpus, launcher="local", overwrite=True,
+                                console=console, wait=False) == ([], None)
+        assert "1 run(s) still running in earlier jobs, not submitted again: held" in console.file.getvalue()
     finally:
         lock.release()
     assert not (study_dir / "held" / "result.json").exists()
+    # a queued or starting job (alive, no lock yet) of other settings is refused too
+    (study_dir / "jobs.json").write_text(json.dumps({"held": {"job_id": str(os.getpid()), "launcher": "local",
+                                                              "fingerprint": "older settings"}}))
+    with pytest.raises(ValueError, match="running in earlier jobs with other settings"):
+        runner.run_study(study, tmp_path, cpu_env(), corpus=corpus, launcher="local")

@@ -603,3 +603,7 @@ def test_selection_decides_failure_on_the_select_half_alone():
     assert judged_loss(r, "test") == 3.2  # judged as failed
     r["final_val_loss_select"] = 3.21
     assert judged_loss(r, "select") == 3.2
+    # and the value judged is failed as the test half alone says (the select windows take
+    # no part in it either)
+    r.update(final_val_loss_test=3.1)
+    assert failed(r) and judged_loss(r, "test") == 3.1

@@ -218,7 +218,8 @@ def test_job_logs_go_to_the_jobs_folder_with_no_literal_percent_j(tmp_path, monk
     monkeypatch.setattr(cluster, "RunJob", lambda: print)
     study_dir = tmp_path / "study"
     study_dir.mkdir()
-    jobs = cluster.submit([micro_spec("a"), micro_spec("b", seed=1)], study_dir, "local", JobOptions(time_min=2),
+    specs = {"a": micro_spec("a"), "b": micro_spec("b", seed=1)}
+    jobs = cluster.submit(list(specs.values()), study_dir, "local", JobOptions(time_min=2),
                           data=None, ship_corpus=None, dtype="fp32", keep_weights=False)
     for name, job in jobs.items():
         assert job.result() is None
@@ -227,4 +228,5 @@ def test_job_logs_go_to_the_jobs_folder_with_no_literal_percent_j(tmp_path, monk
         assert str(study_dir / name) in log.read_text()
     assert not [p for p in tmp_path.rglob("*") if "%j" in p.name]
     record = json.loads((study_dir / "jobs.json").read_text())
-    assert record == {name: {"job_id": job.job_id, "launcher": "local"} for name, job in jobs.items()}
+    assert record == {name: {"job_id": job.job_id, "launcher": "local", "fingerprint": specs[name].fingerprint()}
+                      for name, job in jobs.items()}

@@ -15,7 +15,7 @@ How runs are read:
   loss over the *other* seeds, on the *select* half of the fixed validation set (even
   windows), and its loss is read on the *test* half (odd windows). Neither seed s's
   training noise nor its test windows take part in choosing its setting (whether a run
-  failed is decided there on the select half too), so a configuration with more
+  failed is decided on each half alone: ``failed_on``), so a configuration with more
   settings to pick from gains no selection bias (the seeds' cross-fitted values still
   depend on each other through the choice, which the t-interval does not model);
 * a run **failed** when its loss went non-finite or it ended no better than the
@@ -132,21 +132,22 @@ def failed(r: Result) -> bool:
     return bool(r.get("diverged")) or not math.isfinite(loss) or loss >= baseline(r)
 
 
-def _failed_on_select(r: Result) -> bool:
-    """``failed``, decided on the select half alone (its loss against its baseline), so
-    that the test windows take no part in choosing a setting, not even as whether a run
-    failed; a run without half losses is judged on the whole set."""
-    loss = r.get("final_val_loss_select")
-    if loss is None or r.get("baseline_val_loss_select") is None:
+def failed_on(r: Result, half: str) -> bool:
+    """``failed``, decided on one half of the validation set alone (its loss against its
+    baseline): the select half's for choosing a setting, so that the test windows take no
+    part in it, not even as whether a run failed, and the test half's for the value
+    judged; a run without half losses is judged on the whole set."""
+    loss = r.get(f"final_val_loss_{half}")
+    if loss is None or r.get(f"baseline_val_loss_{half}") is None:
         return failed(r)
-    return bool(r.get("diverged")) or not math.isfinite(loss) or loss >= baseline(r, "select")
+    return bool(r.get("diverged")) or not math.isfinite(loss) or loss >= baseline(r, half)
 
 
 def judged_loss(r: Result, half: str = "test") -> float:
     """The final validation loss on one half of the fixed set ("select" | "test");
-    a failed run counts with the unigram baseline's loss (on the select half, failed as
-    that half alone says: ``_failed_on_select``)."""
-    if (_failed_on_select(r) if half == "select" else failed(r)):
+    a failed run counts with the unigram baseline's loss, failed as that half alone says
+    (``failed_on``)."""
+    if failed_on(r, half):
         return baseline(r, half)
     value = r.get(f"final_val_loss_{half}")
     return r["final_val_loss"] if value is None or not math.isfinite(value) else value
@@ -1116,7 +1117,7 @@ def judged_error(r: Result, half: str = "test") -> float:
     training, on one half of the fixed validation set (how fast it learned, lower is
     better); a failed run counts at chance (1 - 1/classes)."""
     chance = r.get("chance_accuracy", 0.0)
-    if (_failed_on_select(r) if half == "select" else failed(r)):
+    if failed_on(r, half):
         return 1.0 - chance
     value = r.get(f"val_accuracy_mean_{half}")
     return 1.0 - chance if value is None or not math.isfinite(value) else 1.0 - value
@@ -1854,7 +1855,8 @@ def judge(claim: Claim, results: list[Result], margin: Margin | None = None,
             "interval": interval,
             "verdict": outcome,
             "scope": "; ".join(x for x in (m.setup, claim.paper_setup) if x),
-            "measured": m.detail + (f" Inconclusive by construction: {m.undetermined}." if m.undetermined else ""),
+            "measured": m.detail + ((". " if not m.detail.rstrip().endswith(".") else " ")
+                                    + f"Inconclusive by construction: {m.undetermined}." if m.undetermined else ""),
             "caveats": list(m.caveats),
         })
     return rows

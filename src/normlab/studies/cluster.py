@@ -193,7 +193,9 @@ def submit(runs: list[RunSpec], study_dir: Path, launcher: str, options: JobOpti
                 RunJob(), spec, str(study_dir / spec.name), data, ship_corpus, dtype, device,
                 options.cpus_per_run, keep_weights, expect_corpus)
     record = _read_jobs(study_dir)
-    record.update({name: {"job_id": job.job_id, "launcher": launcher} for name, job in jobs.items()})
+    specs = {spec.name: spec for spec in runs}
+    record.update({name: {"job_id": job.job_id, "launcher": launcher, "fingerprint": specs[name].fingerprint()}
+                   for name, job in jobs.items()})
     (study_dir / "jobs.json").write_text(json.dumps(record, indent=1))
     return jobs
 
@@ -202,13 +204,15 @@ def submit(runs: list[RunSpec], study_dir: Path, launcher: str, options: JobOpti
 _ENDED = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
 
 
-def ended_jobs(study_dir: Path, names: Collection[str], running: Callable[[str], bool]) -> dict[str, str]:
+def ended_jobs(study_dir: Path, names: Collection[str], busy: Callable[[str], bool]) -> dict[str, str]:
     """Of the runs ``names`` (none of them finished), those whose last submitted job
     (``jobs.json``) has ended all the same: run name -> why, for ``--report-only`` to
-    report them failed rather than not finished. A job ended when submitit's result file
-    holds an error; when a SLURM job's state is one of ``_ENDED``; or, for a local job
-    (a process that may have been killed outright), when it left no result and no process
-    holds its run (``running``: the run's lock is held)."""
+    report them failed rather than not finished. A run that ``busy`` says a process holds
+    (or that finished meanwhile) is never one; nor is one whose job is alive
+    (``job_alive``: a requeued SLURM job keeps its old result file). A job ended when
+    submitit's result file holds an error; when a SLURM job's state is one of ``_ENDED``;
+    or, for a local job (a process that may have been killed outright), when its process
+    is gone and it left no result."""
     record = _read_jobs(study_dir)
     if not any(name in record for name in names):
         return {}
@@ -216,34 +220,64 @@ def ended_jobs(study_dir: Path, names: Collection[str], running: Callable[[str],
     out: dict[str, str] = {}
     for name in names:
         entry = record.get(name)
-        if not isinstance(entry, dict) or "job_id" not in entry:
+        if not isinstance(entry, dict) or "job_id" not in entry or busy(name):
+            continue
+        alive = job_alive(study_dir, entry)
+        if alive is not False:  # alive, or its state unknown here (no sacct): not ended as far as told
             continue
         job_id, launcher = str(entry["job_id"]), entry.get("launcher")
         log = study_dir / "jobs" / f"{job_id}_0_log.err"
         job = (submitit.SlurmJob if launcher == "slurm" else submitit.LocalJob)(study_dir / "jobs", job_id)
         pickled = job.paths.result_pickle
+        status, payload = None, None
         if pickled.exists():
             try:
                 with open(pickled, "rb") as f:
                     status, payload = pickle.load(f)
             except Exception:  # (a torn file: read as no result)
-                status, payload = None, None
-            if status == "error":
-                out[name] = f"job {job_id} raised:\n{payload}"
-                continue
-        if launcher == "slurm":
-            try:
-                state = str(job.state).upper()
-            except Exception:  # no sacct here: the state is unknown, the run not finished
-                continue
+                pass
+        if status == "error":
+            out[name] = f"job {job_id} raised:\n{payload}"
+        elif launcher == "slurm":
+            state = _slurm_state(job)
             if state.split()[0] in _ENDED:
                 out[name] = f"job {job_id} ended {state} without a result (its log: {log})"
-        elif not running(name) and not _process_alive(job_id):
-            # (a local job's id is its process's pid: a job still starting, before it
-            # takes its run's lock, is alive)
+        elif status is None:
             out[name] = (f"job {job_id} is not running and left no result: killed, or it crashed outside Python "
                          f"(its log: {log})")
     return out
+
+
+# the SLURM states of a job that has not ended (queued, running, requeued)
+_ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
+           "SUSPENDED", "RESIZING", "STOPPED", "SIGNALING", "STAGE_OUT")
+
+
+def _slurm_state(job: Any) -> str:
+    try:
+        return str(job.state).upper()
+    except Exception:  # no sacct here
+        return "UNKNOWN"
+
+
+def job_alive(study_dir: Path, entry: Any) -> bool | None:
+    """Whether the job ``entry`` (a ``jobs.json`` record) has not ended: a local job's
+    process (its id is its pid) is alive, a SLURM job is queued or running; None when
+    that cannot be told here (no sacct)."""
+    if not isinstance(entry, dict) or "job_id" not in entry:
+        return False
+    job_id = str(entry["job_id"])
+    if entry.get("launcher") != "slurm":
+        return _process_alive(job_id)
+    state = _slurm_state(_submitit().SlurmJob(study_dir / "jobs", job_id))
+    if state == "UNKNOWN":
+        return None
+    return state.split()[0] in _ACTIVE
+
+
+def submitted(study_dir: Path) -> dict[str, Any]:
+    """``jobs.json``: run name -> its last job (job_id, launcher, fingerprint)."""
+    return _read_jobs(study_dir)
 
 
 def _process_alive(pid: str) -> bool:

@@ -501,17 +501,25 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
                 _report_finished(study, study_dir, made_by, corpus if any_corpus else None, finish, failures, prov)
             elif launcher is not None:
                 pending = [r for r in study.runs if not _finished(r, study_dir / r.name, made_by)]
-                busy = [r.name for r in pending if run_holder(study_dir / r.name) is not None]
-                shown = ", ".join(busy[:8]) + (" ..." if len(busy) > 8 else "")
-                if busy and overwrite:  # a running run keeps the settings its job was submitted with
-                    ids = cluster.job_ids(study_dir, busy)
-                    raise ValueError(f"--overwrite: {len(busy)} run(s) are running in earlier jobs ({shown}), with "
-                                     "the settings those were submitted with, and a running run cannot be replaced: "
-                                     f"cancel the jobs{f' ({ids})' if ids else ''}, then re-run")
-                if busy:  # jobs of an earlier submission that still run: not submitted twice
-                    console.print(f"{len(busy)} run(s) still running in earlier jobs (with the settings those were "
-                                  f"submitted with), not submitted again: " + escape(shown))
-                    pending = [r for r in pending if r.name not in busy]
+                # runs an earlier submission's jobs hold (their lock) or will run (queued, or a
+                # local job still starting): not submitted twice
+                record = cluster.submitted(study_dir)
+                busy = [r for r in pending if run_holder(study_dir / r.name) is not None
+                        or (r.name in record and cluster.job_alive(study_dir, record[r.name]))]
+                # ... and those jobs keep the settings they were submitted with
+                other = [r.name for r in busy if record.get(r.name, {}).get("fingerprint", None if overwrite else
+                                                                            r.fingerprint()) != r.fingerprint()]
+                if other:
+                    shown = ", ".join(other[:8]) + (" ..." if len(other) > 8 else "")
+                    ids = cluster.job_ids(study_dir, other)
+                    raise ValueError(f"{len(other)} run(s) are running in earlier jobs with other settings ({shown}), "
+                                     "and a running run cannot be replaced: cancel the jobs"
+                                     f"{f' ({ids})' if ids else ''}, then re-run")
+                if busy:
+                    shown = ", ".join(r.name for r in busy[:8]) + (" ..." if len(busy) > 8 else "")
+                    console.print(f"{len(busy)} run(s) still running in earlier jobs, not submitted again: "
+                                  + escape(shown))
+                    pending = [r for r in pending if r not in busy]
                 # a job that reads the corpus itself checks it reads this one (another Python's
                 # standard library, on a node with another Python, is another corpus)
                 jobs = cluster.submit(pending, study_dir, launcher, job_options or JobOptions(), data=data,
@@ -614,7 +622,9 @@ def _report_finished(study: Study, study_dir: Path, made_by, default_corpus: Byt
     # local job was killed) are failed, not "not finished": nothing will finish them
     waiting = [r.name for r in study.runs if r.name not in done and r.name not in failures]
     if waiting and (study_dir / "jobs.json").exists():
-        failures.update(cluster.ended_jobs(study_dir, waiting, lambda name: run_holder(study_dir / name) is not None))
+        failures.update(cluster.ended_jobs(  # (a run that finished meanwhile is no ended job's)
+            study_dir, waiting,
+            lambda name: run_holder(study_dir / name) is not None or (study_dir / name / "result.json").exists()))
     prov["not_finished"] = [r.name for r in study.runs if r.name not in done and r.name not in failures]
     if others:
         prov["runs_on_other_corpora"] = others
