@@ -335,6 +335,8 @@ def test_a_result_records_the_thread_counts_it_trained_at(tmp_path, corpus):
         ctrl_c_at(3, spec, tmp_path / "t", cpu_env(), corpus)
         torch.set_num_threads(2)
         result = run_one(spec, tmp_path / "t", cpu_env(), corpus, keep_weights=False)
+        probe = run_one(micro_spec("p", kind="probe", probe_batches=1), tmp_path / "p", cpu_env(), corpus)
     finally:
         torch.set_num_threads(before)
     assert result["threads"] == [1, 2]
+    assert probe["threads"] == [2]  # probe and timing runs record theirs too

@@ -802,7 +802,7 @@ def _run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
                          f"over {env.world} processes")
     started = time.perf_counter()
     if spec.kind == "speed":
-        result = {**speed_run(spec, env, corpus), **identity}
+        result = {**speed_run(spec, env, corpus), **identity, "threads": _threads_seen({})}
         if env.is_main:
             _write_json(done, result)
         return result
@@ -819,7 +819,7 @@ def _run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
         result = {**result_fields(spec, model), **measured, "final_train_loss": measured["probe_loss"],
                   "final_val_loss": math.nan, "diverged": not math.isfinite(measured["probe_loss"]),
                   "diverged_step": None, "tokens_per_s": math.nan, **identity,
-                  "wall_s": round(time.perf_counter() - started, 3)}
+                  "wall_s": round(time.perf_counter() - started, 3), "threads": _threads_seen({})}
         if env.is_main:
             _write_json(done, result)
         return result
