@@ -1700,10 +1700,10 @@ def _missing_caveats(m: Measurement, missing: list[Result]) -> list[str]:
         return []
     planned = {r["seed"] for r in m.used} | {r["seed"] for r in hit}
     lacking = {r["seed"] for r in hit}
-    return [f"{len(lacking)} of {len(planned)} planned seeds lack a run this row reads ({_names_by_why(hit)})"]
+    return [f"{len(lacking)} of {len(planned)} planned seeds lack a run this row reads ({names_by_why(hit)})"]
 
 
-def _names_by_why(missing: list[Result]) -> str:
+def names_by_why(missing: list[Result]) -> str:
     """Missing runs' names, by why they are missing: "raised: a, b; not finished: c"."""
     by_why: dict[str, list[str]] = defaultdict(list)
     for r in missing:
@@ -1740,7 +1740,7 @@ def _moved_caveats(m: Measurement, missing: list[Result]) -> list[str]:
     why = [p.above[1]] if p.above and p.above[0] == target else []
     if named:
         at = _list(_value_text(p.field, v) for v in sorted({r[p.field] for r in named}))
-        why.append(f"the planned runs at {at} left no result ({_names_by_why(named)})")
+        why.append(f"the planned runs at {at} left no result ({names_by_why(named)})")
     return [f"judged at {_value_text(p.field, p.value)}, not at the planned {_value_text(p.field, target)}: "
             + "; ".join(why)]
 

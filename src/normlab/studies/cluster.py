@@ -192,7 +192,7 @@ def submit(runs: list[RunSpec], study_dir: Path, launcher: str, options: JobOpti
             jobs[spec.name] = executor.submit(
                 RunJob(), spec, str(study_dir / spec.name), data, ship_corpus, dtype, device,
                 options.cpus_per_run, keep_weights, expect_corpus)
-    record = _read_jobs(study_dir)
+    record = read_jobs(study_dir)
     specs = {spec.name: spec for spec in runs}
     record.update({name: {"job_id": job.job_id, "launcher": launcher, "fingerprint": specs[name].fingerprint()}
                    for name, job in jobs.items()})
@@ -213,7 +213,7 @@ def ended_jobs(study_dir: Path, names: Collection[str], busy: Callable[[str], bo
     submitit's result file holds an error; when a SLURM job's state is one of ``_ENDED``;
     or, for a local job (a process that may have been killed outright), when its process
     is gone and it left no result."""
-    record = _read_jobs(study_dir)
+    record = read_jobs(study_dir)
     if not any(name in record for name in names):
         return {}
     submitit = _submitit()
@@ -222,12 +222,12 @@ def ended_jobs(study_dir: Path, names: Collection[str], busy: Callable[[str], bo
         entry = record.get(name)
         if not isinstance(entry, dict) or "job_id" not in entry or busy(name):
             continue
-        alive = job_alive(study_dir, entry)
-        if alive is not False:  # alive, or its state unknown here (no sacct): not ended as far as told
-            continue
         job_id, launcher = str(entry["job_id"]), entry.get("launcher")
-        log = study_dir / "jobs" / f"{job_id}_0_log.err"
         job = (submitit.SlurmJob if launcher == "slurm" else submitit.LocalJob)(study_dir / "jobs", job_id)
+        state = _slurm_state(job) if launcher == "slurm" else None
+        if _alive(job_id, state) is not False:  # alive, or unknown here (no sacct): not ended as far as told
+            continue
+        log = study_dir / "jobs" / f"{job_id}_0_log.err"
         pickled = job.paths.result_pickle
         status, payload = None, None
         if pickled.exists():
@@ -238,8 +238,7 @@ def ended_jobs(study_dir: Path, names: Collection[str], busy: Callable[[str], bo
                 pass
         if status == "error":
             out[name] = f"job {job_id} raised:\n{payload}"
-        elif launcher == "slurm":
-            state = _slurm_state(job)
+        elif state is not None:
             if state.split()[0] in _ENDED:
                 out[name] = f"job {job_id} ended {state} without a result (its log: {log})"
         elif status is None:
@@ -267,17 +266,18 @@ def job_alive(study_dir: Path, entry: Any) -> bool | None:
     if not isinstance(entry, dict) or "job_id" not in entry:
         return False
     job_id = str(entry["job_id"])
-    if entry.get("launcher") != "slurm":
+    slurm = entry.get("launcher") == "slurm"
+    return _alive(job_id, _slurm_state(_submitit().SlurmJob(study_dir / "jobs", job_id)) if slurm else None)
+
+
+def _alive(job_id: str, slurm_state: str | None) -> bool | None:
+    """A SLURM job (its state given) is queued or running, None when its state is unknown;
+    a local job (no state) has its process alive (its id is its pid)."""
+    if slurm_state is None:
         return _process_alive(job_id)
-    state = _slurm_state(_submitit().SlurmJob(study_dir / "jobs", job_id))
-    if state == "UNKNOWN":
+    if slurm_state == "UNKNOWN":
         return None
-    return state.split()[0] in _ACTIVE
-
-
-def submitted(study_dir: Path) -> dict[str, Any]:
-    """``jobs.json``: run name -> its last job (job_id, launcher, fingerprint)."""
-    return _read_jobs(study_dir)
+    return slurm_state.split()[0] in _ACTIVE
 
 
 def _process_alive(pid: str) -> bool:
@@ -301,14 +301,14 @@ def _process_alive(pid: str) -> bool:
     return True
 
 
-def job_ids(study_dir: Path, names: Collection[str]) -> str:
-    """The last job ids ``jobs.json`` records for ``names``, as text ("" for none)."""
-    record = _read_jobs(study_dir)
+def job_ids(record: dict[str, Any], names: Collection[str]) -> str:
+    """The last job ids a ``read_jobs`` record holds for ``names``, as text ("" for none)."""
     return ", ".join(str(record[n]["job_id"]) for n in names if isinstance(record.get(n), dict)
                      and "job_id" in record[n])
 
 
-def _read_jobs(study_dir: Path) -> dict[str, Any]:
+def read_jobs(study_dir: Path) -> dict[str, Any]:
+    """``jobs.json``: run name -> its last job (job_id, launcher, fingerprint); {} for none."""
     try:
         return json.loads((study_dir / "jobs.json").read_text())
     except (OSError, ValueError):

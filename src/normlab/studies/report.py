@@ -24,10 +24,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from normlab.studies.claims import (  # noqa: E402
     ERROR_METRIC,
-    _names_by_why,
     best_setting,
     judged_error,
     judged_loss,
+    names_by_why,
     runs_of,
 )
 from normlab.studies.spec import read_jsonl  # noqa: E402
@@ -557,7 +557,7 @@ def configurations(results: list[Result], missing: Iterable[Result] = ()) -> lis
                      "lrs": sorted({r['lr'] for r in runs}), "none_finished": False})
     for (study, group, n, task), runs in lacking.items():
         rows.append({"study": study, "configuration": group, "layers": n,
-                     "best": f"none: no run finished ({_names_by_why(runs)})", "all_failed": False,
+                     "best": f"none: no run finished ({names_by_why(runs)})", "all_failed": False,
                      "measure": "error" if task == "majority" else "loss", "value": math.nan,
                      "ci95": [None, None], "seeds": 0, "largest_stable_lr": None,
                      "failed": f"{len(runs)} missing", "lrs": sorted({r["lr"] for r in runs if r.get("lr") is not None}),

@@ -503,7 +503,7 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
                 pending = [r for r in study.runs if not _finished(r, study_dir / r.name, made_by)]
                 # runs an earlier submission's jobs hold (their lock) or will run (queued, or a
                 # local job still starting): not submitted twice
-                record = cluster.submitted(study_dir)
+                record = cluster.read_jobs(study_dir)
                 busy = [r for r in pending if run_holder(study_dir / r.name) is not None
                         or (r.name in record and cluster.job_alive(study_dir, record[r.name]))]
                 # ... and those jobs keep the settings they were submitted with
@@ -511,7 +511,7 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
                                                                             r.fingerprint()) != r.fingerprint()]
                 if other:
                     shown = ", ".join(other[:8]) + (" ..." if len(other) > 8 else "")
-                    ids = cluster.job_ids(study_dir, other)
+                    ids = cluster.job_ids(record, other)
                     raise ValueError(f"{len(other)} run(s) are running in earlier jobs with other settings ({shown}), "
                                      "and a running run cannot be replaced: cancel the jobs"
                                      f"{f' ({ids})' if ids else ''}, then re-run")
@@ -647,8 +647,8 @@ def _counts(study: str, done: int, running: int, failed: int, total: int, where:
     return (f"{study}: {done} done, {running} running, {failed} failed of {total}{where}")
 
 
-def _wait_for_jobs(study: Study, jobs: dict[str, Any], progress: Progress, fail, launcher: str = "slurm",
-                   merge_command: str | None = None) -> None:
+def _wait_for_jobs(study: Study, jobs: dict[str, Any], progress: Progress, fail, launcher: str,
+                   merge_command: str) -> None:
     specs = {r.name: r for r in study.runs}
     task = progress.add_task(_counts(study.name, 0, 0, 0, len(jobs), " jobs"), total=max(1, len(jobs)))
 
@@ -662,8 +662,7 @@ def _wait_for_jobs(study: Study, jobs: dict[str, Any], progress: Progress, fail,
         if launcher == "local":  # the jobs are this terminal's processes: Ctrl-C reached them too
             raise StudyInterrupted("interrupted: the local jobs stopped too (they share this terminal); re-run the "
                                    "same command: each run resumes from its last checkpoint") from None
-        merge = merge_command or f"normlab study {study.name} --report-only"
-        raise StudyInterrupted(f"stopped waiting for {len(jobs)} job(s), which go on; `{merge}` merges the "
+        raise StudyInterrupted(f"stopped waiting for {len(jobs)} job(s), which go on; `{merge_command}` merges the "
                                "finished runs") from None
     for name, err in errors.items():
         fail(specs[name], err)
