@@ -3,6 +3,7 @@
 import os
 import signal
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,3 +76,10 @@ def recording_executor(jobs: list):
             return SimpleNamespace(job_id=str(len(jobs)))
 
     return Executor
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment of a child Python that runs this checkout's normlab and tests,
+    one thread (a study script started as its own process, to signal or kill it)."""
+    root = Path(__file__).resolve().parents[2]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)]), "OMP_NUM_THREADS": "1"}

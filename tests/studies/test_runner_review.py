@@ -30,9 +30,8 @@ from tests.studies.helpers import (
     folder_files,
     micro_spec,
     recording_executor,
+    subprocess_env,
 )
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _other_corpus(tmp_path):
@@ -138,7 +137,7 @@ def _alive(pid: int) -> bool:
 def test_workers_save_and_leave_when_the_study_process_is_killed(tmp_path, how):
     (tmp_path / "data.txt").write_text("".join(f"the {i}th line of a small corpus\n" for i in range(300)))
     (tmp_path / "study.py").write_text(_STUDY_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env()
     parent = subprocess.Popen([sys.executable, str(tmp_path / "study.py"), str(tmp_path), str(tmp_path / "data.txt")],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run_dirs = [tmp_path / "long" / f"r{i}" for i in range(2)]

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,10 +26,8 @@ from tests.studies.helpers import (
     folder_files,
     micro_spec,
     recording_executor,
+    subprocess_env,
 )
-
-ROOT = Path(__file__).resolve().parents[2]
-
 
 # ------------------------------------------------------------------ signals the study was started with ignored
 
@@ -94,7 +91,7 @@ def test_signals_the_study_was_started_with_ignored_stay_ignored(tmp_path):
     # nohup starts a command with SIGHUP ignored, a shell a background job with SIGINT
     # ignored: the study runs on when its terminal closes, or Ctrl-C is pressed there
     (tmp_path / "child.py").write_text(_IGNORED_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env()
 
     def ignore():
         signal.signal(signal.SIGHUP, signal.SIG_IGN)

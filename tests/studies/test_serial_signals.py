@@ -15,8 +15,7 @@ import pytest
 
 from normlab.studies.spec import read_jsonl
 from normlab.studies.train import run_holder
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.studies.helpers import subprocess_env
 
 _SCRIPT = """
 import sys
@@ -47,7 +46,7 @@ except (Interrupted, StudyInterrupted) as e:
 def _start(tmp_path: Path, steps: int, ignore_sigint: bool = False) -> subprocess.Popen:
     (tmp_path / "data.txt").write_text("".join(f"the {i}th line of a small corpus\n" for i in range(300)))
     (tmp_path / "study.py").write_text(_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env()
     preexec = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
     return subprocess.Popen([sys.executable, str(tmp_path / "study.py"), str(tmp_path), str(tmp_path / "data.txt"),
                              str(steps)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
