@@ -101,3 +101,30 @@ def test_padding_masks_and_cross_attention():
     s2s = Seq2SeqTransformer(TransformerConfig(vocab_size=64, d_model=16, n_heads=2, n_layers=2, d_ff=32))
     names = [n for n, _ in AttentionLogitMonitor(s2s).modules]
     assert len(names) == 4 and not any(n.endswith("cross_attn") for n in names)
+
+
+@pytest.mark.parametrize("scope", ["head", "projection"])
+def test_recomputing_the_logits_fires_no_hook_of_the_model(scope):
+    # ActivationMonitor beside it sees each QK-norm once per forward, as without it
+    from collections import Counter
+
+    from normlab.diagnostics import ActivationMonitor
+
+    torch.manual_seed(0)
+    lm = TransformerLM(TransformerConfig(vocab_size=50, d_model=16, n_heads=2, n_layers=2, d_ff=32, dropout=0.0,
+                                         qk_norm="rmsnorm", qk_norm_scope=scope, max_seq_len=16))
+    tok = torch.randint(0, 50, (2, 5))
+    calls = Counter()
+    handles = [m.register_forward_hook(lambda mod, a, o, n=n: calls.update([n]))
+               for n, m in lm.named_modules() if n.endswith(("q_proj", "k_proj", "q_norm", "k_norm"))]
+    with ActivationMonitor(lm) as alone:
+        lm(tok)
+    before = dict(calls)
+    calls.clear()
+    with ActivationMonitor(lm) as am, AttentionLogitMonitor(lm) as logits:
+        lm(tok)
+    for h in handles:
+        h.remove()
+    assert dict(calls) == before and len(before) == 8
+    assert [(r.site, r.module) for r in am.step_records()] == [(r.site, r.module) for r in alone.step_records()]
+    assert all(math.isfinite(v) for v in logits.by_layer())

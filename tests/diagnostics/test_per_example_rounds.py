@@ -135,3 +135,35 @@ def test_every_norm_inside_checkpoints_and_one_sits_out_a_step(reentrant):
         assert set(rec) == {"a", "b"} and rec.total().shape == (4,)
         net(torch.randn(4, 8), False).square().sum().backward()
         assert set(rec) == {"a"}
+
+
+@pytest.mark.parametrize("cls", NORMS)
+@pytest.mark.parametrize("shape", [(0, H), (0, 3, H), (3, 0, H)])
+def test_an_empty_batch_records_empty_numbers(cls, shape):
+    # an empty last shard: the step runs inside the context as outside it
+    m = nn.Sequential(nn.Linear(H, H), cls(H), nn.Linear(H, 1))
+    with per_example_grad_norms(m) as rec:
+        m(torch.randn(*shape)).sum().backward()
+        got = rec["1"]
+    assert got["weight"].shape == (shape[0],) and got["bias" if "bias" in got else "weight"].shape == (shape[0],)
+    assert torch.equal(got["weight"], torch.zeros(shape[0]))
+
+
+@pytest.mark.parametrize("cls", NORMS)
+def test_numbers_read_stay_as_read_after_another_backward(cls):
+    # a second backward through the same graph (retain_graph) gives new numbers; the
+    # tensors read after the first keep the first's, as torch's norms' fresh tensors do
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(H, H), cls(H), nn.Linear(H, 1))
+    x = torch.randn(3, H)
+    with per_example_grad_norms(m) as rec:
+        out = m(x)
+        out.sum().backward(retain_graph=True)
+        first = rec["1"]["weight"]
+        kept = first.clone()
+        (10 * out.sum()).backward()
+        second = rec["1"]["weight"]
+        by_items = dict(rec.items())["1"]["weight"]
+    assert torch.equal(first, kept)
+    torch.testing.assert_close(second, 100 * kept)
+    torch.testing.assert_close(by_items, second)

@@ -4,7 +4,7 @@ transformer diverges at a high learning rate (Dehghani et al. 2023; Wortsman et 
 ``AttentionLogitMonitor(model)`` hooks every normlab ``Attention`` module that attends
 to its own input (self-attention) and, on each forward pass inside the ``with`` block,
 recomputes that call's logits q . k / sqrt(head_dim) (QK-norm and RoPE included) without
-gradients, and keeps the largest over the positions the call may attend to. The model's
+gradients and without firing the projections' and norms' hooks, and keeps the largest over the positions the call may attend to. The model's
 own forward is untouched: the attention still runs through SDPA, which never forms the
 logits, so this costs one extra q/k product per monitored call.
 """
@@ -60,8 +60,11 @@ def max_logit(attn: nn.Module, x: Tensor, *, attn_mask: Tensor | None = None, is
     self-attention over ``x`` [B, T, d], over the (query, key) pairs the mask allows."""
     from normlab.models.attention import apply_rope
 
-    q = attn._heads(attn.q_proj(x), attn.q_norm)
-    k = attn._heads(attn.k_proj(x), attn.k_norm)
+    # the modules' forward methods, not their calls: the recomputation fires none of
+    # their hooks, so another monitor (ActivationMonitor's on the QK-norms) sees each
+    # call of the model once
+    q = attn._heads(attn.q_proj.forward(x), None if attn.q_norm is None else attn.q_norm.forward)
+    k = attn._heads(attn.k_proj.forward(x), None if attn.k_norm is None else attn.k_norm.forward)
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     logits = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(attn.head_dim)

@@ -367,7 +367,10 @@ class PerExampleGradNorms:
                 f"backward inside `with per_example_grad_norms(model)` (the forward keeps the "
                 f"norm's input)"
             )
-        return self._results[name]
+        # a copy: a normlab norm's entries are views of the buffer its backward fills, which
+        # a second backward through the same graph (retain_graph) would change under the
+        # caller; torch's norms' entries are fresh tensors each backward, and so is this
+        return {k: t.clone() for k, t in self._results[name].items()}
 
     def __contains__(self, name: object) -> bool:
         return name in self._results
@@ -382,7 +385,7 @@ class PerExampleGradNorms:
         return self._results.keys()
 
     def items(self):
-        return self._results.items()
+        return [(name, self[name]) for name in self._results]
 
     def total(self) -> Tensor:
         """Sum over all recorded norm layers and their parameters: float32 [B]."""

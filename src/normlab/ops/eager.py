@@ -512,7 +512,9 @@ def _write_per_example(buffer: Tensor, grad_out: Tensor, x_hat: Tensor,
                        normalized_shape: Sequence[int], has_bias: bool) -> None:
     """buffer [2, B] = each example's squared weight and bias gradient norms (B: dim 0 of
     the input; ``grad_out`` and ``x_hat`` in the compute dtype)."""
-    g = grad_out.reshape(buffer.shape[1], -1, *normalized_shape)
+    n, hidden = buffer.shape[1], math.prod(normalized_shape)
+    # the rows per example explicit: -1 is ambiguous for an empty batch or hidden size 0
+    g = grad_out.reshape(n, grad_out.numel() // (n * hidden) if n * hidden else 1, *normalized_shape)
     sq_w, sq_b = reference.per_example_param_grad_sq(g, x_hat.reshape(g.shape), normalized_shape)
     buffer[0].copy_(sq_w)
     buffer[1].copy_(sq_b if has_bias else torch.zeros_like(sq_b))
