@@ -109,3 +109,20 @@ def test_normalized_shape_must_hold_ints(shape):
         NF.layer_norm(torch.randn(2, 8), shape)
     with pytest.raises(TypeError, match="normalized_shape"):
         NF.rms_norm(torch.randn(2, 8), shape)
+
+
+def test_compiled_code_recompiles_for_another_offset():
+    # the second offset for the same code is traced as a symbolic float: the argument
+    # checks take it (as they take a symbolic eps) instead of breaking the graph
+    def f(m, x):
+        return m(x)
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 16)
+    mods = [normlab.LayerNorm(16, offset=1.0), normlab.LayerNorm(16, offset=2.0),
+            normlab.RMSNorm(16, offset=1.0, casting_mode="gemma"), normlab.RMSNorm(16, offset=0.5, casting_mode="gemma"),
+            normlab.LayerNorm(16), normlab.LayerNorm(16, offset=3.0)]
+    for m in mods:
+        with torch.no_grad():
+            m.weight.normal_()
+        torch.testing.assert_close(cf(m, x), m(x))

@@ -206,7 +206,11 @@ def _rms_norm(
 
 
 def _check_cast(op: str, offset: float, casting_mode: str) -> None:
-    if isinstance(offset, bool) or not isinstance(offset, numbers.Real) or not math.isfinite(offset):
+    if type(offset) is float and -_INF < offset < _INF:  # (comparisons: traceable on a symbolic offset)
+        pass
+    elif isinstance(offset, torch.SymFloat):
+        pass  # a traced offset (torch.compile specializes floats on recompiling): checked where it is a number
+    elif isinstance(offset, bool) or not isinstance(offset, numbers.Real) or not math.isfinite(offset):
         raise NormArgumentError(f"{op}: expected offset to be a finite number, got {offset!r}")
     if casting_mode not in reference.CASTING_MODES:
         raise NormArgumentError(f"{op}: expected casting_mode to be one of {', '.join(reference.CASTING_MODES)}, "
@@ -268,6 +272,9 @@ def _add_then_norm(op, x, residual, weight, bias, eps, dropout_p, training, gene
     new_residual = dropout_add(x, residual), then the norm of new_residual in x's dtype
     (``_layer_norm_torch_ops`` / ``_rms_norm_cast``)."""
     _check_tensor(op, "input", x)
+    # residual and residual_dtype first: _add_ops names the backend's residual dtypes,
+    # which is the wrong cause for an integer residual or a residual_dtype that is no dtype
+    _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype)
     is_rms = op == "add_rms_norm"
     ops = _add_ops(op, x, residual, residual_dtype) if _kernels_take(x, weight, casting_mode) else _eager
     if ops is not _eager:
@@ -279,7 +286,6 @@ def _add_then_norm(op, x, residual, weight, bias, eps, dropout_p, training, gene
         if is_rms:
             return ops.add_rms_norm(x, residual, weight, eps, casting_mode=casting_mode, **kw)
         return ops.add_layer_norm(x, residual, weight, bias, eps, **kw)
-    _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype)
     new_residual = dropout_add(x, residual, dropout_p=dropout_p, training=training, generator=generator,
                                residual_dtype=residual_dtype)
     shape = _fused_shape(op, new_residual, normalized_shape, weight, bias)

@@ -392,3 +392,44 @@ def test_powernorm_buffers_follow_its_dtype():
     m(x).sum().backward()
     # psi^2 = 0.9 * 1 + 0.1 * 1e-10: a float32 buffer rounds the batch's share away
     assert math.isclose(m.running_phi[0].item(), 0.9 + 1e-11, rel_tol=1e-13)
+
+
+def test_powernorm_padded_outputs_are_zero_and_reach_no_parameter():
+    # as MaskedBatchNorm's: a padded output was beta, and the gradient at it (all of a
+    # plain sum's, or a nan) reached gamma and beta
+    torch.manual_seed(0)
+    m = normlab.PowerNorm(4, warmup_iters=0)
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.fill_(0.5)
+    x = torch.randn(2, 5, 4)
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 2:] = True
+    y = m(x, padding_mask=pad)
+    assert y[pad].abs().max() == 0
+    y.sum().backward()
+    assert torch.equal(m.bias.grad, torch.full((4,), 7.0))  # the 7 real positions
+    x_hat = y.detach()[~pad] - 0.5  # gamma * x_hat at the real positions
+    torch.testing.assert_close(m.weight.grad, (x_hat / m.weight.detach()).sum(0))
+    m.zero_grad()
+    m(x, padding_mask=pad).backward(torch.ones(2, 5, 4).masked_fill(pad.unsqueeze(-1), math.nan))
+    assert torch.isfinite(m.weight.grad).all() and torch.equal(m.bias.grad, torch.full((4,), 7.0))
+
+
+def test_powernorm_refuses_a_second_derivative_by_name():
+    torch.manual_seed(0)
+    m = normlab.PowerNorm(8, warmup_iters=0)
+    x = torch.randn(4, 8, requires_grad=True)
+    (g,) = torch.autograd.grad((m(x) ** 3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="PowerNorm: no second derivative"):
+        g.sum().backward()
+    # the first derivative under create_graph is the plain backward's
+    m2 = normlab.PowerNorm(8, warmup_iters=0)
+    (plain,) = torch.autograd.grad((m2(x) ** 3).sum(), x)
+    torch.testing.assert_close(g, plain)
+    torch.testing.assert_close(m.grad_ema, m2.grad_ema)
+    # a second derivative whose graph holds PowerNorm's output (not its backward) still runs
+    lin = nn.Linear(8, 8)
+    (gw,) = torch.autograd.grad(lin(m(x)).square().sum(), lin.weight, create_graph=True)
+    gw.square().sum().backward()
+    assert lin.weight.grad.abs().sum() > 0

@@ -496,3 +496,25 @@ def test_torch_func_transforms_run_the_torch_path():
     got = torch.vmap(lambda a: F.rms_norm(a, 16, w, 1e-6, offset=1.0, casting_mode="gemma"))(x[:, None])
     torch.testing.assert_close(got[:, 0], reference.rms_norm_cast(x, (16,), w, 1e-6, offset=1.0,
                                                                   casting_mode="gemma"))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("op", ["add_rms_norm", "add_layer_norm"])
+@pytest.mark.parametrize("bad,match", [
+    (dict(residual=torch.ones(2, 8, dtype=torch.int64)), "expected residual to have a floating-point dtype"),
+    (dict(residual=None, residual_dtype=torch.int32), "expected residual_dtype to be float16"),
+    (dict(residual=None, residual_dtype="float32"), "expected residual_dtype to be float16"),
+], ids=["int-residual", "int-residual-dtype", "string-residual-dtype"])
+def test_a_bad_residual_with_an_offset_is_named_as_without_one(backend, op, bad, match):
+    # with an offset the triton backend's residual-stream check ran first, and told the
+    # user to switch backend for an integer residual or a string residual_dtype
+    x, w = torch.randn(2, 8, device=DEVICE), torch.randn(8, device=DEVICE)
+    bad = dict(bad)
+    residual = bad.pop("residual")
+    residual = residual if residual is None else residual.to(DEVICE)
+    fn = getattr(F, op)
+    args = (x, residual, w) if op == "add_rms_norm" else (x, residual, w, None)
+    with normlab.set_backend(backend):
+        for kw in ({}, {"offset": 1.0}):
+            with pytest.raises(normlab.NormArgumentError, match=match):
+                fn(*args, **bad, **kw)

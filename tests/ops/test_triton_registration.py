@@ -198,16 +198,57 @@ class _Sub(torch.Tensor):
     pass
 
 
-def test_double_backward_is_refused():
-    # the kernels' backward is not differentiable: a second derivative raises (the torch
-    # backend is the one to use for gradient penalties)
+_SECOND_ORDER_OPS = {
+    "rms_norm": lambda x, w: normlab.functional.rms_norm(x, 16, w),
+    "layer_norm": lambda x, w: normlab.functional.layer_norm(x, 16, w, None),
+    "add_rms_norm": lambda x, w: normlab.functional.add_rms_norm(x, 2 * x, w)[0],
+    "add_layer_norm_both_outputs": lambda x, w: sum(normlab.functional.add_layer_norm(x, 2 * x, w, None)),
+    "adaln_modulate": lambda x, w: normlab.functional.adaln_modulate(x, w, torch.zeros(16, device=DEVICE)),
+}
+
+
+@pytest.mark.parametrize("op", list(_SECOND_ORDER_OPS))
+@pytest.mark.parametrize("penalty", ["square", "linear"])  # dL/dy depends on y, or is a constant
+def test_a_second_derivative_raises_by_name_through_autograd_grad_too(op, penalty):
+    # the kernels' backward is not differentiable. It used to be wrapped in torch's
+    # once_differentiable, whose error node hangs on detached copies: .backward() raised,
+    # but torch.autograd.grad of the inputs (a gradient penalty's usual form) returned
+    # gradients without the second-order terms, off by hundreds, and no error
+    torch.manual_seed(0)
+    x0, w0 = torch.randn(4, 16, device=DEVICE), torch.randn(16, device=DEVICE)
+
+    def penalized(backend):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with normlab.set_backend(backend):
+            y = _SECOND_ORDER_OPS[op](x, w)
+        first = y.square().sum() if penalty == "square" else (y * torch.linspace(-1, 1, 16, device=DEVICE)).sum()
+        (gx,) = torch.autograd.grad(first, x, create_graph=True)
+        return torch.autograd.grad(y.sum() + gx.square().sum(), (x, w))
+
+    with pytest.raises(RuntimeError, match="triton backend: no second derivative"):
+        penalized("triton")
+    dx, dw = penalized("torch")  # the torch backend's formulas are differentiable
+    assert dx.abs().sum() > 0 and dw.abs().sum() > 0
+
+
+def test_double_backward_is_refused_and_other_second_derivatives_run():
     x = torch.randn(3, 16, device=DEVICE, requires_grad=True)
     w = torch.randn(16, device=DEVICE, requires_grad=True)
     with normlab.set_backend("triton"):
         y = normlab.functional.rms_norm(x, 16, w)
     (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="not have been used in the graph"):
-        torch.autograd.grad(gx.sum(), x)
+    with pytest.raises(RuntimeError, match="triton backend: no second derivative"):
+        gx.sum().backward()
+    # under create_graph the first derivative is the plain backward's
+    (plain,) = torch.autograd.grad(y.square().sum(), x, retain_graph=True)
+    torch.testing.assert_close(gx, plain, rtol=0, atol=0)
+    # a second derivative whose graph holds the norm's output, not its backward, runs
+    lin = nn.Linear(16, 16).to(DEVICE)
+    with normlab.set_backend("triton"):
+        z = lin(normlab.functional.rms_norm(x, 16, w))
+    (gw,) = torch.autograd.grad(z.square().sum(), lin.weight, create_graph=True)
+    gw.square().sum().backward()
+    assert lin.weight.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
 
 
 def test_modules_take_the_eager_function_in_eager_mode():

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from normlab.errors import NormArgumentError
 from normlab.norms.base import ResidualNorm
 from normlab.norms.registry import check_size, register_norm
+from normlab.ops.eager import refuse_second_derivative
 from normlab.ops.reference import compute_dtype
 
 
@@ -207,6 +208,12 @@ class MaskedBatchNorm(ResidualNorm, nn.Module):
         return f"{self.dim}, eps={self.eps}, momentum={self.momentum}, affine={self.weight is not None}"
 
 
+_POWERNORM_NO_SECOND = (
+    "PowerNorm: no second derivative: its backward is Shen et al.'s approximation (a running estimate "
+    "in place of the batch statistic's term), which has no derivative of its own; differentiate through "
+    "another norm, or keep PowerNorm out of the second derivative's graph")
+
+
 class _PowerNormScale(torch.autograd.Function):
     """x_hat = x / psi with PowerNorm's approximate backward (Shen et al. 2020, Algorithm 1,
     as the authors' code computes it):
@@ -218,7 +225,8 @@ class _PowerNormScale(torch.autograd.Function):
     (means over the real positions). nu is the running estimate of the term that exact
     backpropagation through the batch statistic would subtract; it is updated in place
     during backward. Padded positions have x = 0, so x_hat = 0 there: they get no
-    gradient and no say in nu."""
+    gradient and no say in nu. The approximation has no derivative of its own: a second
+    derivative through it (create_graph=True, as a gradient penalty takes) raises."""
 
     @staticmethod
     def forward(ctx, x, psi, grad_ema, valid, alpha_bkw, masked):
@@ -234,7 +242,12 @@ class _PowerNormScale(torch.autograd.Function):
         grad_ema = ctx.grad_ema
         if ctx.masked:  # what reaches a padded output (even nan) never reaches x or nu
             g = torch.where(valid.bool(), g, 0.0)
-        dx = (g - grad_ema * x_hat) / psi
+        if torch.is_grad_enabled():  # create_graph: dx computed without a graph, its derivative refused
+            with torch.no_grad():
+                dx = (g - grad_ema * x_hat) / psi
+            (dx,) = refuse_second_derivative((dx,), (g, x_hat, psi), _POWERNORM_NO_SECOND)
+        else:
+            dx = (g - grad_ema * x_hat) / psi
         with torch.no_grad():
             dims = tuple(range(g.dim() - 1))
             n = valid.sum().clamp_min(1)
@@ -251,7 +264,9 @@ class PowerNorm(ResidualNorm, nn.Module):
     Training step t: psi_B^2 = mean over real positions of x^2 (per channel);
     the forward divides by psi_{t-1} (by psi_B during the first ``warmup_iters`` steps);
     psi_t^2 = alpha_fwd * psi_{t-1}^2 + (1 - alpha_fwd) * psi_B^2 (a plain average of
-    the batches seen during warm-up). Eval divides by the running psi.
+    the batches seen during warm-up). Eval divides by the running psi. With a
+    ``padding_mask`` padded outputs are 0 and take no part in any gradient, as in
+    ``MaskedBatchNorm``.
     """
 
     uses_batch_statistics = True
@@ -313,6 +328,8 @@ class PowerNorm(ResidualNorm, nn.Module):
             y = xf / torch.sqrt(self.running_phi.to(xf.dtype) + self.eps)
         if self.weight is not None:
             y = y * self.weight + self.bias
+        if padding_mask is not None:
+            y = torch.where(valid.bool(), y, 0.0)  # as MaskedBatchNorm's: nothing at a padded output reaches gamma, beta
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:

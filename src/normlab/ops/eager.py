@@ -135,6 +135,39 @@ def _layer_norm_backward(x: Tensor, weight: Tensor | None, bias: Tensor | None, 
             None if db is None else db.to(bias.dtype))
 
 
+class _NoSecondDerivative(torch.autograd.Function):
+    """The gradients a backward computed, as outputs of a node whose backward raises."""
+
+    @staticmethod
+    def forward(ctx, message, count, *tensors):
+        ctx.message = message
+        return tuple(t.clone() for t in tensors[:count])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(ctx.message)
+
+
+def refuse_second_derivative(grads: tuple, came_from: Sequence[Tensor | None], message: str) -> tuple:
+    """For a backward run with create_graph=True whose formula has no derivative (a
+    kernel's, an approximation's): ``grads`` (computed without a graph) as outputs of a
+    node that raises ``message`` when a second derivative reaches it. The node's inputs
+    are ``came_from`` too (the incoming gradients, the saved inputs): it sits on every path
+    from the gradients back to what they depend on, so ``torch.autograd.grad`` raises as
+    ``.backward()`` does. (torch's ``once_differentiable`` hangs its error node on
+    detached copies: ``autograd.grad`` of the inputs never reaches it and silently drops
+    the second-order terms.)"""
+    at = [i for i, g in enumerate(grads) if isinstance(g, Tensor)]
+    anchors = [t for t in came_from if isinstance(t, Tensor) and t.requires_grad]
+    if not at or not anchors:
+        return grads  # nothing to differentiate through
+    outs = _NoSecondDerivative.apply(message, len(at), *[grads[i] for i in at], *anchors)
+    result = list(grads)
+    for i, o in zip(at, outs, strict=True):
+        result[i] = o
+    return tuple(result)
+
+
 def _x_weight_bias(needs_input_grad: tuple[bool, ...]) -> tuple[bool, bool, bool]:
     """The input-gradient flags of (x, weight, bias) among the op's inputs."""
     return needs_input_grad[0], needs_input_grad[2], needs_input_grad[3]

@@ -47,6 +47,7 @@ from torch import Tensor
 from normlab.errors import NormArgumentError
 from normlab.ops import eager
 from normlab.ops.triton import launch
+from normlab.ops.triton.custom_ops import SECOND_DERIVATIVE_REFUSED
 
 MAX_HIDDEN = 16384
 """The widest D the fused AdaLN kernels take (one block per row)."""
@@ -404,6 +405,7 @@ class AdaLNFunction(torch.autograd.Function):
             ctx.save_for_backward(read.x, read.scale, weight, bias, mean, rstd)
             ctx.layouts = read.layouts
         ctx.x_dtype, ctx.is_rms = x.dtype, is_rms
+        ctx.inputs = (x, scale)  # what a second derivative would reach (the saved rows are copies or views)
         ctx.params = ((scale.shape, scale.dtype), (shift.shape, shift.dtype))
         return y
 
@@ -421,8 +423,14 @@ def _function_backward(ctx, dy):
     return *grads, None, None
 
 
-# ``once_differentiable``'s wrapping costs host time: only where a graph of the backward is built
-_function_backward_once = torch.autograd.function.once_differentiable(_function_backward)
+# the refusing node costs host time: only where a graph of the backward is built
+def _function_backward_once(ctx, dy):
+    """``_function_backward`` under create_graph=True: the gradients refuse a second
+    derivative (``eager.refuse_second_derivative``)."""
+    with torch.no_grad():
+        grads = _function_backward(ctx, dy)
+    _x2, _sc, weight, bias, _mean, _rstd = ctx.saved_tensors
+    return eager.refuse_second_derivative(grads, (dy, *ctx.inputs, weight, bias), SECOND_DERIVATIVE_REFUSED)
 
 
 if torch.distributed.is_available():

@@ -35,6 +35,7 @@ from typing import (
 import torch
 from torch import Tensor
 
+from normlab.ops.eager import refuse_second_derivative
 from normlab.ops.triton.launch import row_shape
 from normlab.ops.triton.norm import Dropout, norm_backward, norm_forward
 
@@ -304,8 +305,8 @@ class FusedNorm(torch.autograd.Function):
     with ``spec.store_residual``. Same saved state and backward formula as the op's autograd.
 
     Host time per call is what this path exists for: one tensor output where no residual
-    is stored, the settings in one argument, and ``once_differentiable``'s wrapping only
-    where a graph of the backward is being built (where it refuses a second derivative)."""
+    is stored, the settings in one argument, and the node refusing a second derivative only
+    where a graph of the backward is being built (create_graph=True)."""
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, spec: FusedSpec):
@@ -338,8 +339,9 @@ class FusedNormPerExample(FusedNorm):
 
     @staticmethod
     def backward(ctx, dout, dnew_res=None):
-        backward = _fused_backward_once if torch.is_grad_enabled() else _fused_backward
-        return *backward(ctx, dout, dnew_res, ctx.per_example_grad_sq), None
+        if torch.is_grad_enabled():  # create_graph
+            return *_fused_backward_once(ctx, dout, dnew_res, ctx.per_example_grad_sq), None
+        return *_fused_backward(ctx, dout, dnew_res, ctx.per_example_grad_sq), None
 
 
 def _fused_backward(ctx, dout, dnew_res, buf=None):
@@ -359,4 +361,16 @@ def _fused_backward(ctx, dout, dnew_res, buf=None):
     return _param_grads(ctx, weight, dx, dres, dw, db) + (None,)
 
 
-_fused_backward_once = torch.autograd.function.once_differentiable(_fused_backward)
+SECOND_DERIVATIVE_REFUSED = (
+    "normlab's triton backend: no second derivative (the kernels' backward is not differentiable); "
+    "for gradient penalties and other create_graph=True uses run the norm on the torch backend: "
+    "normlab.set_backend('torch')")
+
+
+def _fused_backward_once(ctx, dout, dnew_res, buf=None):
+    """``_fused_backward`` under create_graph=True: the gradients, computed without a
+    graph, refuse a second derivative (``eager.refuse_second_derivative``)."""
+    with torch.no_grad():
+        grads = _fused_backward(ctx, dout, dnew_res, buf)
+    h, weight, _mean, _rstd, _seed = ctx.saved_tensors
+    return refuse_second_derivative(grads, (dout, dnew_res, h, weight), SECOND_DERIVATIVE_REFUSED)
