@@ -115,7 +115,7 @@ def _check_eps(op: str, eps: float | Tensor | None, allow_none: bool) -> float |
 
 def _check_residual_args(op: str, x: Tensor, residual: Tensor | None, dropout_p: float,
                          generator: torch.Generator | None,
-                         residual_dtype: torch.dtype | None) -> None:
+                         residual_dtype: torch.dtype | None, training: bool = False) -> None:
     if residual is not None:
         _check_tensor(op, "residual", residual)
         if residual.shape != x.shape:
@@ -127,8 +127,20 @@ def _check_residual_args(op: str, x: Tensor, residual: Tensor | None, dropout_p:
     if (type(dropout_p) is not float and (isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real))) \
             or not 0.0 <= dropout_p <= 1.0:
         raise NormArgumentError(f"{op}: expected dropout_p in [0, 1], got {dropout_p!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"{op}: expected generator to be a torch.Generator or None, got {type(generator).__name__}")
+    if type(training) is not bool and training is not None:  # (torch's dropout takes None, as False)
+        raise TypeError(f"{op}: expected training to be a bool, got {training!r}")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"{op}: expected generator to be a torch.Generator or None, got {type(generator).__name__}")
+        if training and dropout_p > 0.0 and torch._C._current_graph_task_id() != -1:
+            # activation checkpointing recomputing the forward inside the backward: it
+            # restores torch's global RNG, not this generator, which has moved on since
+            raise RuntimeError(
+                f"{op}: dropout with an explicit generator cannot run again inside a backward pass: "
+                f"activation checkpointing (torch.utils.checkpoint) recomputes the forward there and "
+                f"restores only torch's global RNG, so the mask would differ from the forward's and the "
+                f"gradients would be wrong; under checkpointing pass generator=None (the global RNG), "
+                f"or keep this call out of the checkpointed region")
     if residual_dtype is not None and (
         not isinstance(residual_dtype, torch.dtype) or residual_dtype not in _STREAM_DTYPES
     ):
@@ -163,10 +175,10 @@ def _check_norm_args(op: str, x: Tensor, normalized_shape: int | Sequence[int], 
 def _check_add_args(op: str, x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
                     eps: float | None, dropout_p: float, generator: torch.Generator | None,
                     residual_dtype: torch.dtype | None, normalized_shape: int | Sequence[int] | None, *,
-                    is_rms: bool) -> tuple[tuple[int, ...], float | None]:
+                    is_rms: bool, training: bool = False) -> tuple[tuple[int, ...], float | None]:
     """The checks of add_layer_norm / add_rms_norm: (normalized shape, eps)."""
     _check_tensor(op, "input", x)
-    _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype)
+    _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype, training)
     shape = _fused_shape(op, x, normalized_shape, weight, bias)
     _check_param(op, "weight", weight, shape, x)
     _check_param(op, "bias", bias, shape, x)
@@ -274,12 +286,12 @@ def _add_then_norm(op, x, residual, weight, bias, eps, dropout_p, training, gene
     _check_tensor(op, "input", x)
     # residual and residual_dtype first: _add_ops names the backend's residual dtypes,
     # which is the wrong cause for an integer residual or a residual_dtype that is no dtype
-    _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype)
+    _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype, training)
     is_rms = op == "add_rms_norm"
     ops = _add_ops(op, x, residual, residual_dtype) if _kernels_take(x, weight, casting_mode) else _eager
     if ops is not _eager:
         shape, eps = _check_add_args(op, x, residual, weight, bias, eps, dropout_p, generator, residual_dtype,
-                                     normalized_shape, is_rms=is_rms)
+                                     normalized_shape, is_rms=is_rms, training=training)
         _check_cast(op, offset, casting_mode)
         kw = dict(dropout_p=float(dropout_p), training=bool(training), generator=generator,
                   residual_dtype=residual_dtype, normalized_shape=shape, offset=float(offset))
@@ -323,7 +335,7 @@ def dropout_add(
     ``residual_dtype`` (default x.dtype). ``residual=None`` is a zero residual."""
     op = "dropout_add"
     _check_tensor(op, "input", x)
-    _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype)
+    _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype, training)
     return getattr(backend_ops(x), op)(  # (both backends' dropout_add forms float64 sums)
         x, residual, dropout_p=float(dropout_p), training=bool(training), generator=generator,
         residual_dtype=residual_dtype,
@@ -350,7 +362,7 @@ def _add_layer_norm(
                    shape, the last dim without weight and bias), in x's dtype.
     Post-LN uses ``out`` as the next residual, Pre-LN uses ``new_residual``."""
     shape, eps = _check_add_args("add_layer_norm", x, residual, weight, bias, eps, dropout_p, generator,
-                                 residual_dtype, normalized_shape, is_rms=False)
+                                 residual_dtype, normalized_shape, is_rms=False, training=training)
     return _add_ops("add_layer_norm", x, residual, residual_dtype).add_layer_norm(
         x, residual, weight, bias, eps, dropout_p=float(dropout_p), training=bool(training),
         generator=generator, residual_dtype=residual_dtype, normalized_shape=shape,
@@ -387,7 +399,7 @@ def _add_rms_norm(
 ) -> tuple[Tensor, Tensor]:
     """Fused residual add + dropout + RMSNorm: returns (out, new_residual), as add_layer_norm."""
     shape, eps = _check_add_args("add_rms_norm", x, residual, weight, None, eps, dropout_p, generator,
-                                 residual_dtype, normalized_shape, is_rms=True)
+                                 residual_dtype, normalized_shape, is_rms=True, training=training)
     return _add_ops("add_rms_norm", x, residual, residual_dtype).add_rms_norm(
         x, residual, weight, eps, dropout_p=float(dropout_p), training=bool(training),
         generator=generator, residual_dtype=residual_dtype, normalized_shape=shape,
@@ -464,7 +476,9 @@ def rms_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | 
     gamma is offset=1). ``casting_mode``: "torch" (``nn.RMSNorm``'s numerics), "llama"
     (normalize in float32, cast to x's dtype, then multiply by the weight) or "gemma"
     (multiply by (offset + weight) in float32, then cast); bit for bit Hugging Face's
-    ``LlamaRMSNorm`` / ``GemmaRMSNorm`` (see ``ops.reference.rms_norm_cast``)."""
+    ``LlamaRMSNorm`` / ``GemmaRMSNorm`` for float32, bfloat16 and float16 input (float64
+    input is normalized in float64, where Hugging Face's modules compute in float32: about
+    1e-7 apart; see ``ops.reference.rms_norm_cast``)."""
     if offset != 0.0 or casting_mode != "torch":
         return _rms_norm_cast(x, normalized_shape, weight, eps, offset, casting_mode)
     if type(x) is Tensor and x.is_cpu and (eps is None or (type(eps) is float and -_INF < eps < _INF)) \

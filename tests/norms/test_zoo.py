@@ -433,3 +433,48 @@ def test_powernorm_refuses_a_second_derivative_by_name():
     (gw,) = torch.autograd.grad(lin(m(x)).square().sum(), lin.weight, create_graph=True)
     gw.square().sum().backward()
     assert lin.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("weight_shape", [(2.5, 8), (-1, 8), "ab", (0, 8), (True, 8), (2, 7)])
+def test_layernorm_weight_shape_is_checked_by_name(weight_shape):
+    # (2.5, 8) became (2, 8), (0, 8) a zero-size weight; -1 and "ab" raised from torch / int()
+    with pytest.raises(NormArgumentError, match="expected weight_shape"):
+        normlab.LayerNorm(8, weight_shape=weight_shape)
+    assert normlab.LayerNorm(8, weight_shape=[3, 8]).weight.shape == (3, 8)
+
+
+def test_nonorm_checks_its_size_and_its_input_as_every_norm():
+    for dim in (-3, "8", 0):
+        with pytest.raises(NormArgumentError, match="expected dim to be an int >= 1"):
+            normlab.NoNorm(dim)
+    m = normlab.NoNorm(8)
+    with pytest.raises(NormArgumentError, match=r"expected input with shape \[\*, 8\]"):
+        m(torch.randn(2, 7))  # passed through: a wrong width upstream went unnoticed
+    x = torch.randn(2, 8)
+    assert m(x) is x
+
+
+@pytest.mark.parametrize("cls", [normlab.LayerNorm, normlab.RMSNorm, normlab.NoNorm])
+def test_an_input_that_is_no_tensor_is_named(cls):
+    with pytest.raises(TypeError, match="expected input to be a torch.Tensor, got list"):
+        cls(8)([1.0] * 8)  # LayerNorm/RMSNorm raised AttributeError: 'list' object has no attribute 'shape'
+
+
+@pytest.mark.parametrize("x,cond,match", [
+    ((2, 3, 7), (2, 4), r"expected input of shape \[B, \.\.\., 8\]"),  # blamed a scale the caller never passed
+    ((8,), (2, 4), r"expected input of shape \[B, \.\.\., 8\]"),  # took x's 8 for the batch
+    ((2, 3, 8), (3, 4), r"expected cond of shape \[2, 4\]"),
+])
+def test_adaln_names_the_argument_at_fault(x, cond, match):
+    with pytest.raises(NormArgumentError, match=match):
+        normlab.AdaLN(8, 4)(torch.randn(*x), torch.randn(*cond))
+
+
+def test_adaln_checks_cond_dtype_and_eps():
+    a = normlab.AdaLN(8, 4)
+    with pytest.raises(NormArgumentError, match="expected cond as the modulation's parameters: torch.float32"):
+        a(torch.randn(2, 3, 8), torch.randn(2, 4, dtype=torch.float64))  # F.linear's "mat1 and mat2" before
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts for the linear: taken
+        assert a(torch.randn(2, 3, 8), torch.randn(2, 4).bfloat16()).shape == (2, 3, 8)
+    with pytest.raises(NormArgumentError, match="expected eps to be a finite number"):
+        normlab.AdaLN(8, 4, eps="a")  # accepted, failing at the first forward

@@ -59,3 +59,42 @@ def test_non_reentrant_checkpointing(name, kind, collect):
         ckpt = _grads(block, x, r, True, collect)
     for a, b in zip(plain, ckpt, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", ["torch", pytest.param("triton", marks=needs_kernels)])
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("op", ["add_layer_norm", "add_rms_norm", "dropout_add", "add_rms_norm_offset"])
+def test_dropout_with_a_generator_refuses_to_be_recomputed(name, reentrant, op):
+    # checkpointing restores torch's global RNG, not the caller's generator: the
+    # recomputed forward drew another mask, and the gradients silently used it
+    torch.manual_seed(0)
+    x = torch.randn(4, H, device=DEVICE, requires_grad=True)
+    r, w = torch.randn(4, H, device=DEVICE), torch.randn(H, device=DEVICE, requires_grad=True)
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+
+    def call(t, training=True):
+        kw = dict(dropout_p=0.5, training=training, generator=gen)
+        if op == "dropout_add":
+            return NF.dropout_add(t, r, **kw)
+        if op == "add_rms_norm_offset":
+            return NF.add_rms_norm(t, r, w, offset=1.0, **kw)[0]
+        return (NF.add_rms_norm(t, r, w, **kw) if op == "add_rms_norm" else NF.add_layer_norm(t, r, w, None, **kw))[0]
+
+    with backend(name):
+        y = checkpoint(call, x, use_reentrant=reentrant)
+        with pytest.raises(RuntimeError, match="explicit generator cannot run again inside a backward pass"):
+            y.square().sum().backward()
+        # without dropout in force (eval), and outside checkpointing, the generator is fine
+        checkpoint(lambda t: call(t, training=False), x, use_reentrant=reentrant).sum().backward()
+        call(x).sum().backward()
+
+
+@pytest.mark.parametrize("training", ["no", 1, torch.tensor(True)])
+def test_training_must_be_a_bool_as_torch_dropout_asks(training):
+    x, r = torch.randn(2, H), torch.randn(2, H)
+    with pytest.raises(TypeError, match="expected training to be a bool"):
+        NF.add_layer_norm(x, r, torch.ones(H), None, dropout_p=0.5, training=training)
+    with pytest.raises(TypeError, match="expected training to be a bool"):
+        NF.dropout_add(x, r, dropout_p=0.5, training=training)
+    with pytest.raises(TypeError):
+        torch.nn.functional.dropout(x, 0.5, training=training)

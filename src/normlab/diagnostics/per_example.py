@@ -86,7 +86,7 @@ def _add_norm(op: str, x: Tensor, residual: Tensor | None, weight: Tensor | None
     """add_layer_norm / add_rms_norm (``op``), as ``_norm``."""
     is_rms = op == "add_rms_norm"
     shape, eps = _F._check_add_args(op, x, residual, weight, bias, eps, dropout_p, generator, residual_dtype,
-                                    normalized_shape, is_rms=is_rms)
+                                    normalized_shape, is_rms=is_rms, training=training)
     args = (x, residual, weight, eps) if is_rms else (x, residual, weight, bias, eps)
     kw = dict(dropout_p=float(dropout_p), training=bool(training), generator=generator,
               residual_dtype=residual_dtype, normalized_shape=shape)

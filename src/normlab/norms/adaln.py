@@ -29,6 +29,7 @@ class AdaLN(nn.Module):
         check_size("AdaLN", "cond_dim", cond_dim)
         if norm not in ADALN_NORMS:
             raise NormArgumentError(f"AdaLN: expected norm to be one of {', '.join(ADALN_NORMS)}, got {norm!r}")
+        eps = F._check_eps("AdaLN", eps, allow_none=False)
         self.dim, self.cond_dim, self.eps, self.norm = dim, cond_dim, eps, norm
         self.modulation = nn.Linear(cond_dim, 2 * dim, device=device, dtype=dtype)
         self.reset_parameters()
@@ -38,13 +39,23 @@ class AdaLN(nn.Module):
         nn.init.zeros_(self.modulation.bias)
 
     def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        # x first: its batch is what cond is checked against
+        if not isinstance(x, Tensor):
+            raise TypeError(f"AdaLN: expected input to be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 2 or x.shape[-1] != self.dim:
+            raise NormArgumentError(f"AdaLN: expected input of shape [B, ..., {self.dim}] (a batch dim, then "
+                                    f"any dims, then dim), got input of size{list(x.shape)}")
         if not isinstance(cond, Tensor) or cond.dim() != 2 or cond.shape[-1] != self.cond_dim \
-                or x.dim() < 2 or cond.shape[0] != x.shape[0]:
+                or cond.shape[0] != x.shape[0]:
             got = list(cond.shape) if isinstance(cond, Tensor) else type(cond).__name__
             raise NormArgumentError(
-                f"AdaLN: expected cond of shape [{x.shape[0] if x.dim() else 'B'}, {self.cond_dim}] "
+                f"AdaLN: expected cond of shape [{x.shape[0]}, {self.cond_dim}] "
                 f"(batch, cond_dim) for input of size{list(x.shape)}, got {got}"
             )
+        w = self.modulation.weight
+        if cond.device != w.device or (cond.dtype != w.dtype and not torch.is_autocast_enabled(cond.device.type)):
+            raise NormArgumentError(f"AdaLN: expected cond as the modulation's parameters: {w.dtype} on "
+                                    f"{w.device}, got {cond.dtype} on {cond.device}")
         shift, scale = self.modulation(torch.nn.functional.silu(cond)).chunk(2, dim=-1)
         view = (x.shape[0],) + (1,) * (x.dim() - 2) + (self.dim,)
         return F.adaln_modulate(x, scale.view(view), shift.view(view), self.eps, norm=self.norm)

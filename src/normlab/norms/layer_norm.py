@@ -42,8 +42,10 @@ class _CheckedOnce:
     def _call(self, op: str, public: Callable, x: Tensor, *args) -> Tensor:
         """``public(x, *args)`` (the checked op) on a signature's first call, then the
         implementation it resolved to, unchecked."""
-        if torch._C._are_functorch_transforms_active():
-            return public(x, *args)  # torch.func transforms run the torch path (backend.resolve)
+        if torch._C._are_functorch_transforms_active() or not isinstance(x, Tensor):
+            # torch.func transforms run the torch path (backend.resolve); an input that is
+            # no tensor is named by the checked op
+            return public(x, *args)
         shape = x.shape
         # on CUDA ``auto`` chooses by size: the size class is part of the signature there
         size_class = x.numel() >= AUTO_TRITON_MIN_ELEMENTS if x.is_cuda else None
@@ -192,7 +194,14 @@ class LayerNorm(_CheckedOnce, _PerExampleGradSq, _WeightOffset, ResidualNorm, nn
         super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias,
                          device=device, dtype=dtype)
         if weight_shape is not None:
-            shape = (weight_shape,) if isinstance(weight_shape, int) else tuple(int(d) for d in weight_shape)
+            dims = (weight_shape,) if isinstance(weight_shape, int) else weight_shape
+            if (isinstance(dims, (str, bytes)) or not isinstance(dims, (tuple, list, torch.Size))
+                    or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims)
+                    or not all(d >= 1 for d in dims[:len(dims) - len(self.normalized_shape)])):
+                raise NormArgumentError(f"LayerNorm: expected weight_shape to be a sequence of ints, the "
+                                        f"leading ones >= 1, ending with normalized_shape "
+                                        f"{list(self.normalized_shape)}, got {weight_shape!r}")
+            shape = tuple(dims)
             n = len(self.normalized_shape)
             if shape[len(shape) - n:] != self.normalized_shape:
                 raise NormArgumentError(f"LayerNorm: expected weight_shape to end with normalized_shape "
@@ -250,7 +259,8 @@ class RMSNorm(_CheckedOnce, _PerExampleGradSq, _WeightOffset, ResidualNorm, nn.R
     ``offset``: the scale is (offset + gamma), formed in float32, and gamma starts at
     1 - offset (Gemma's zero-centred gamma: offset=1, gamma starts at 0).
     ``casting_mode``: "torch" (``nn.RMSNorm``'s numerics, the default), "llama" or
-    "gemma" (Hugging Face's casting orders, bit for bit; see ``normlab.functional.rms_norm``)."""
+    "gemma" (Hugging Face's casting orders, bit for bit below float64; see
+    ``normlab.functional.rms_norm``)."""
 
     offset: float = 0.0
     casting_mode: str = "torch"

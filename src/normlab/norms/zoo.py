@@ -123,9 +123,11 @@ class NoNorm(ResidualNorm, nn.Module):
 
     def __init__(self, dim: int, device=None, dtype=None) -> None:
         super().__init__()
+        check_size("NoNorm", "dim", dim)
         self.dim = dim
 
     def normalize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        _check_last_dim("NoNorm", x, self.dim)  # as every norm: a wrong width is a bug upstream
         return x
 
     def extra_repr(self) -> str:

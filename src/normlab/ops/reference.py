@@ -100,10 +100,11 @@ def rms_norm_cast(
 
         "torch": y = x / sqrt(mean(x^2) + eps) in float32 (float64), times (offset + w)
                  formed in float32, rounded once to x's dtype;
-        "llama": h = x / sqrt(mean(x^2) + eps) in float32, cast to x's dtype, then
+        "llama": h = x / sqrt(mean(x^2) + eps) in float32 (float64 for float64 x, where
+                 Hugging Face's modules stay in float32), cast to x's dtype, then
                  (offset + w) * h in the weight's dtype, (offset + w) formed in float32 and
                  rounded once to it (Hugging Face's LlamaRMSNorm is offset 0);
-        "gemma": h = x / sqrt(mean(x^2) + eps) in float32, times (offset + w) in float32,
+        "gemma": h = x / sqrt(mean(x^2) + eps) in float32 (float64), times (offset + w) in float32,
                  cast to x's dtype (Hugging Face's GemmaRMSNorm with offset 1).
 
     The offset is added in float32 (float64 for float64), never to a half-precision weight
