@@ -52,8 +52,10 @@ def norms(
                                  f"got {rows} x {hidden} = {rows * hidden:,}", param_hint="--rows/--hidden")
     import torch
 
+    from normlab.bench.common import check_backend
     from normlab.norms import build_norm, get_norm_entry, norm_names
 
+    check_backend(torch.device("cpu"))  # the demo runs on the CPU
     torch.manual_seed(seed)
     x = torch.randn(rows // 16, 16, hidden) * 2.0 + 3.0  # mean 3, std 2: far from normalized
     table = Table(title=f"normlab norms on x ~ N(3, 2^2), shape {list(x.shape)}, CPU fp32")

@@ -97,12 +97,13 @@ def test_the_cli_report_only_and_launcher_options(tmp_path):
     from typer.testing import CliRunner
 
     from normlab.cli import app
+    from normlab.studies.presets import get_study
 
+    # a run's folder (a run not finished): --report-only refuses a folder without runs
+    (tmp_path / "quick" / get_study("quick").runs[0].name).mkdir(parents=True)
     out = CliRunner().invoke(app, ["study", "quick", "--report-only", "--out", str(tmp_path)],
                              env={"COLUMNS": "200"})
     assert out.exit_code == 0, out.output
-    from normlab.studies.presets import get_study
-
     n = len(get_study("quick").runs)
     assert f"{n} run(s) not finished yet" in out.output and "more (summary.json" in out.output
     assert (tmp_path / "quick" / "index.html").exists() and (tmp_path / "quick" / "claims.json").exists()

@@ -134,6 +134,8 @@ def test_the_merge_command_repeats_the_options_the_runs_were_made_with(tmp_path,
     data.write_text("some text\n" * 50)
     assert _study(tmp_path, "--launcher", "local", "--no-wait", "--seeds", "1", "--steps", "4",
                   "--data", str(data), "--dtype", "bf16").exit_code == 0
+    (tmp_path / "quick" / "jobs.json").parent.mkdir()
+    (tmp_path / "quick" / "jobs.json").write_text("{}")  # (--report-only refuses a folder without runs)
     assert _study(tmp_path, "--report-only").exit_code == 0
     given, plain = study_calls
     assert shlex.split(given["merge_command"]) == [
@@ -147,6 +149,8 @@ def test_the_command_fills_in_the_job_defaults_and_passes_overwrite(tmp_path, st
     assert _study(tmp_path, "--launcher", "local", "--cpus-per-run", "2", "--no-wait").exit_code == 0
     assert _study(tmp_path, "--launcher", "slurm", "--partition", "gpu", "--gpus-per-run", "1", "--time-min", "5",
                   "--mem-gb", "8", "--max-parallel", "3", "--wait", "--overwrite").exit_code == 0
+    (tmp_path / "quick" / "jobs.json").parent.mkdir()
+    (tmp_path / "quick" / "jobs.json").write_text("{}")  # (--report-only refuses a folder without runs)
     assert _study(tmp_path, "--report-only").exit_code == 0
     plain, local, slurm, report_only = study_calls
     assert plain["launcher"] is None and plain["job_options"] == JobOptions() and plain["wait"] is True

@@ -163,6 +163,13 @@ class Timer:
         return {k: statistics.median(t for t, _ in v) for k, v in runs.items()}
 
 
+def out_of_memory(err: BaseException) -> bool:
+    """``err`` is a failed allocation: torch.OutOfMemoryError on a GPU, or the RuntimeError
+    of torch's CPU allocator ("DefaultCPUAllocator: can't allocate memory")."""
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
+
+
 def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep freed memory for reuse (large M_MMAP_THRESHOLD and
     M_TRIM_THRESHOLD) instead of returning it to the OS: each CPU timing of a call that
@@ -203,6 +210,19 @@ def pick_device(device: str | None) -> torch.device:
                                      f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}",
                                      param_hint="--device")
     return dev
+
+
+def check_backend(device: torch.device) -> None:
+    """The backend in force (``$NORMLAB_BACKEND``) runs normlab's ops on ``device``:
+    "triton" needs triton installed and CUDA tensors, or ``TRITON_INTERPRET=1`` on the
+    CPU. Refused up front, naming the variable (as the root command refuses a bad name),
+    rather than as a traceback from the first op."""
+    from normlab.backend import resolve
+
+    try:
+        resolve(torch.empty(0, device=device))
+    except RuntimeError as err:
+        raise typer.BadParameter(str(err), param_hint="NORMLAB_BACKEND (environment variable)") from None
 
 
 def check_positive(value: int | None, param_hint: str) -> int | None:

@@ -51,6 +51,7 @@ from normlab.bench.common import (
     check_positive,
     device_name,
     load_average,
+    out_of_memory,
     pick_device,
     pick_dtype,
     write_csv,
@@ -258,7 +259,9 @@ def run(device: torch.device, dtype: torch.dtype, sizes: tuple[Size, ...], compi
                         checkpoint(records)
                     if progress is not None:
                         progress(f"e2e d{size.d_model} L{size.n_layers} {placement} {norm}")
-                except torch.OutOfMemoryError:
+                except RuntimeError as err:  # (torch.OutOfMemoryError is one)
+                    if not out_of_memory(err):  # (on the CPU, the allocator's RuntimeError)
+                        raise
                     torch._dynamo.reset()
                     gc.collect()
                     torch.cuda.empty_cache()

@@ -25,6 +25,7 @@ so page faults of fresh allocations are part of every timing alike.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import re
@@ -42,11 +43,13 @@ from normlab.backend import resolve
 from normlab.bench.common import (
     Timer,
     app,
+    check_backend,
     check_out_dir,
     check_positive,
     device_name,
     keep_freed_memory,
     load_average,
+    out_of_memory,
     pick_device,
     pick_dtype,
     write_csv,
@@ -260,11 +263,13 @@ def run(device: torch.device, dtype: torch.dtype, rows_list, hidden_list, ops, p
         progress: Callable[[str], None] | None = None,
         checkpoint: Callable[[list[Record]], None] | None = None,
         shapes: tuple[tuple[int, int], ...] | None = None,
-        qk_shapes: tuple[tuple[int, int, int, int], ...] = ()) -> list[Record]:
+        qk_shapes: tuple[tuple[int, int, int, int], ...] = (),
+        skipped: list[str] | None = None) -> list[Record]:
     """Every measurement, in table order: rows_list x hidden_list, or the (rows, hidden)
     pairs of ``shapes``; the qk ops at each (B, H, T, hd) of ``qk_shapes``. ``progress``
     is called after each shape, ``checkpoint`` with the records so far after each (op,
-    hidden)."""
+    hidden). A shape that runs out of memory is skipped, none of its rows kept, and the
+    others measured; ``skipped`` gets "op shape" for each."""
     if shapes:
         hidden_list = sorted({h for _, h in shapes})
     name = device_name(device)
@@ -291,48 +296,61 @@ def run(device: torch.device, dtype: torch.dtype, rows_list, hidden_list, ops, p
             else:
                 cases = [(r, None) for r in ([r for r, h in shapes if h == hidden] if shapes else rows_list)]
             for rows, qk_shape in cases:
-                inputs = _inputs(op, rows, hidden, device, dtype, qk_shape)
-                if compiled is not None:
-                    if op.startswith("adaln"):  # x is [8, rows/8, hidden]: its example dim is fixed
-                        torch._dynamo.mark_dynamic(inputs[0], 1)
-                    else:
-                        for t in inputs[:2]:
-                            if t is not None:
-                                torch._dynamo.mark_dynamic(t, 0)
-                impls = {"normlab": _normlab(_base_op(op), hidden), "torch": eager}
-                if device.type == "cuda":  # auto runs torch's ops below its size: time the kernels too
-                    impls["normlab triton"] = _forced_triton(_normlab(_base_op(op), hidden))
-                if compiled is not None:
-                    impls["torch.compile"] = compiled
-                    impls["normlab+compile"] = compiled_normlab
-                # Liger-Kernel and Apex run CUDA tensors only (and rows of one stride: not qk)
-                for label, make in ((("liger", _liger), ("apex", _apex)) if device.type == "cuda" and not qk
-                                    else ()):
-                    fn = make(op, hidden)
-                    if fn is not None:
-                        impls[label] = fn
-                path = torch_path(eager, inputs, device)
-                normlab_path = f"normlab backend {resolve(inputs[0])}"
                 shape_text = "x".join(map(str, qk_shape or (rows, hidden)))
-                for pass_ in passes:
-                    # side by side: every round times each implementation once, so a
-                    # change of the machine's load falls on all of them alike
-                    ms_by_impl = timer.median_ms_interleaved(
-                        {k: pass_fn(fn, inputs, pass_) for k, fn in impls.items()})
-                    times = {k: (ms, timer.host_ms[k]) for k, ms in ms_by_impl.items()}
-                    nbytes = bytes_moved(op, pass_, rows, hidden, itemsize)
-                    for impl, (ms, host_ms) in times.items():
-                        gbps = nbytes / (ms * 1e-3) / 1e9
-                        records.append(Record(
-                            op, pass_, str(dtype).removeprefix("torch."), rows, hidden, impl, name,
-                            round(ms, 6), round(gbps, 4), round(times["torch"][0] / ms, 3),
-                            round(gbps / copy_gbps, 4), round(copy_gbps, 2), torch.__version__,
-                            path, normlab_path if impl == "normlab" else impl, round(host_ms, 6),
-                            shape_text,
-                        ))
+                measured = len(records)
+                try:
+                    inputs = _inputs(op, rows, hidden, device, dtype, qk_shape)
+                    if compiled is not None:
+                        if op.startswith("adaln"):  # x is [8, rows/8, hidden]: its example dim is fixed
+                            torch._dynamo.mark_dynamic(inputs[0], 1)
+                        else:
+                            for t in inputs[:2]:
+                                if t is not None:
+                                    torch._dynamo.mark_dynamic(t, 0)
+                    impls = {"normlab": _normlab(_base_op(op), hidden), "torch": eager}
+                    if device.type == "cuda":  # auto runs torch's ops below its size: time the kernels too
+                        impls["normlab triton"] = _forced_triton(_normlab(_base_op(op), hidden))
+                    if compiled is not None:
+                        impls["torch.compile"] = compiled
+                        impls["normlab+compile"] = compiled_normlab
+                    # Liger-Kernel and Apex run CUDA tensors only (and rows of one stride: not qk)
+                    for label, make in ((("liger", _liger), ("apex", _apex)) if device.type == "cuda" and not qk
+                                        else ()):
+                        fn = make(op, hidden)
+                        if fn is not None:
+                            impls[label] = fn
+                    path = torch_path(eager, inputs, device)
+                    normlab_path = f"normlab backend {resolve(inputs[0])}"
+                    for pass_ in passes:
+                        # side by side: every round times each implementation once, so a
+                        # change of the machine's load falls on all of them alike
+                        ms_by_impl = timer.median_ms_interleaved(
+                            {k: pass_fn(fn, inputs, pass_) for k, fn in impls.items()})
+                        times = {k: (ms, timer.host_ms[k]) for k, ms in ms_by_impl.items()}
+                        nbytes = bytes_moved(op, pass_, rows, hidden, itemsize)
+                        for impl, (ms, host_ms) in times.items():
+                            gbps = nbytes / (ms * 1e-3) / 1e9
+                            records.append(Record(
+                                op, pass_, str(dtype).removeprefix("torch."), rows, hidden, impl, name,
+                                round(ms, 6), round(gbps, 4), round(times["torch"][0] / ms, 3),
+                                round(gbps / copy_gbps, 4), round(copy_gbps, 2), torch.__version__,
+                                path, normlab_path if impl == "normlab" else impl, round(host_ms, 6),
+                                shape_text,
+                            ))
+                except RuntimeError as err:  # (torch.OutOfMemoryError is one)
+                    if not out_of_memory(err):
+                        raise
+                    # the shape does not fit: skipped whole (as bench e2e skips a configuration)
+                    del records[measured:]
+                    inputs = impls = None
+                    gc.collect()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    if skipped is not None:
+                        skipped.append(f"{op} {shape_text}")
                 if progress is not None:
                     progress(f"{op} {shape_text}")
-            if checkpoint is not None:
+            if checkpoint is not None and records:
                 checkpoint(records)
     records.sort(key=_order)
     return records
@@ -358,10 +376,12 @@ def timing_note(device_type: str, host_hidden: bool, steady_malloc: bool = False
 
 def write_outputs(records: list[Record], out: Path, stem: str, plot: bool = True,
                   host_hidden: bool = False, device_type: str = "cpu",
-                  steady_malloc: bool = False, partial: int | None = None) -> list[Path]:
+                  steady_malloc: bool = False, partial: int | None = None,
+                  skipped: list[str] | tuple[str, ...] = ()) -> list[Path]:
     """The CSV, markdown and (``plot``) PNG of ``records``. ``partial``: the number of cases
     the run was to measure, when it has not measured them all yet (the markdown says so,
-    and a PNG of an earlier run is removed: it would not match the tables)."""
+    and a PNG of an earlier run is removed: it would not match the tables). ``skipped``:
+    the shapes ("op shape") that ran out of memory, named under the title."""
     csv_path, md_path, png_path = out / f"{stem}.csv", out / f"{stem}.md", out / f"{stem}.png"
     write_csv([r.as_json() for r in records], csv_path)
     r0 = records[0]
@@ -370,6 +390,8 @@ def write_outputs(records: list[Record], out: Path, stem: str, plot: bool = True
         lines += [f"**Partial: the run stopped after {len(records)} rows** (of the {partial} cases it was to "
                   "measure, each a few rows); these are the rows it measured.", ""]
         png_path.unlink(missing_ok=True)
+    if skipped:
+        lines += [f"**Skipped, out of memory:** {', '.join(skipped)} (not measured; the other shapes were).", ""]
     lines += [
              f"{code_line()}, torch {r0.torch_version}, dtype {r0.dtype}, copy bandwidth {r0.copy_gbps} GB/s "
              "(measured in the same run). Median times; `vs torch` = torch-eager time / this "
@@ -509,6 +531,7 @@ def kernels(
     """LayerNorm / RMSNorm / add+norm (and QK-norm, AdaLN): fwd, bwd, fwd+bwd GB/s, normlab vs torch."""
     console = Console()
     dev = pick_device(device)
+    check_backend(dev)
     torch_dtype = pick_dtype(dtype)
     op_list = tuple(o.strip() for o in ops.split(","))
     bad = [o for o in op_list if o not in ALL_OPS]
@@ -544,29 +567,37 @@ def kernels(
         stem = f"kernels-{dev.type}-{dtype}"
 
         saved: list[int] = []
+        skipped: list[str] = []  # shapes that ran out of memory
 
         def save(so_far: list[Record]) -> None:  # partial tables survive an interruption
             write_outputs(sorted(so_far, key=_order), Path(out), stem, plot=False,
                           host_hidden=timer.hide_host, device_type=dev.type,
-                          steady_malloc=steady_malloc, partial=int(bar.tasks[0].total or 0))
+                          steady_malloc=steady_malloc, partial=int(bar.tasks[0].total or 0), skipped=skipped)
             saved[:] = [len(so_far)]
         try:
             records = run(dev, torch_dtype, rows_list, hidden_list, op_list, PASSES, compile_, timer,
                           copy_bytes=(64 << 20) if quick or not gpu else (1 << 30), progress=advance,
-                          checkpoint=save, shapes=shape_pairs, qk_shapes=qk_list)
+                          checkpoint=save, shapes=shape_pairs, qk_shapes=qk_list, skipped=skipped)
         except KeyboardInterrupt:
             kept = (f"kept the {saved[0]} rows measured so far in {Path(out) / stem}.csv and .md, marked partial"
                     if saved else "nothing was measured yet; nothing written")
             Console(stderr=True).print(f"interrupted: {kept}", markup=False, highlight=False)
             raise typer.Exit(code=130) from None
+    errors = Console(stderr=True)
+    for what in skipped:  # (on stderr: --json prints only records)
+        errors.print(f"[yellow]skipped {what}: out of memory")
+    if not records:
+        errors.print("[red]nothing measured: every shape ran out of memory; nothing written")
+        raise typer.Exit(1)
     paths = write_outputs(records, Path(out), stem, host_hidden=timer.hide_host,
-                          device_type=dev.type, steady_malloc=steady_malloc)
+                          device_type=dev.type, steady_malloc=steady_malloc, skipped=skipped)
     if as_json:
         for r in records:
             print(json.dumps(r.as_json()))
         return
     table = Table(title=f"normlab bench kernels: {records[0].device}, {dtype}, "
-                        f"copy {records[0].copy_gbps} GB/s, torch {torch.__version__}")
+                        f"copy {records[0].copy_gbps} GB/s, torch {torch.__version__}",
+                  caption=f"skipped, out of memory: {', '.join(skipped)}" if skipped else None)
     for col in ("op", "pass", "rows", "hidden", "impl", "median ms", "GB/s", "vs torch", "vs copy"):
         table.add_column(col, justify="right" if col not in ("op", "pass", "impl") else "left")
     for r in records:

@@ -78,12 +78,40 @@ def _load_normlab(weights: Path, config: Path | None):
     except ValueError as err:
         raise typer.BadParameter(f"{config}: {_first_line(err)}", param_hint="--config") from err
     model = TransformerLM(cfg)
+    state = safetensors.torch.load_file(str(weights))
+    _complete_tied(model, state, f"{weights} does not fit the TransformerLM of {config}")
     try:
-        safetensors.torch.load_model(model, str(weights), strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as err:  # missing/unexpected keys, size mismatches: lines after a header
         raise typer.BadParameter(f"{weights} does not fit the TransformerLM of {config}: {_mismatch(err)}",
                                  param_hint="--config") from err
     return model
+
+
+def _complete_tied(model, state: dict, what: str) -> None:
+    """Complete ``state`` (read from a file) for the weights ``model`` ties (one tensor
+    under several keys: the token embedding and the head): a file may hold each name
+    (``safetensors.torch.save_file`` of a state dict) or one of them (``save_model``,
+    which stores a tied tensor once). A file whose tied names hold different values is
+    refused, naming them: loading it would keep one and silently drop the other."""
+    import torch
+
+    groups: dict[tuple, list[str]] = {}
+    for key, t in model.state_dict().items():
+        groups.setdefault((t.data_ptr(), t.shape, t.stride()), []).append(key)
+    for keys in (k for k in groups.values() if len(k) > 1):
+        given = [k for k in keys if k in state]
+        if not given:
+            continue  # missing: load_state_dict names them
+        first = state[given[0]]
+        for other in given[1:]:
+            t = state[other]
+            if t.shape == first.shape and not (t.dtype == first.dtype and torch.equal(t, first)):
+                raise typer.BadParameter(
+                    f"{what}: {given[0]} and {other} hold different values in the file, but the model ties them "
+                    "(one tensor, tie_embeddings); expected equal tensors, or one of them", param_hint="--config")
+        for key in keys:
+            state.setdefault(key, first)
 
 
 _SHOWN = 3  # keys named in a one-line mismatch summary
@@ -263,9 +291,12 @@ def convert(
         raise typer.BadParameter(f"{config} applies only to a .safetensors SRC (a state dict without normlab "
                                  f"metadata); {src} is a Hugging Face model directory, built from its own "
                                  "config.json: drop --config", param_hint="--config")
-    from normlab.bench.common import check_out_dir
+    import torch
+
+    from normlab.bench.common import check_backend, check_out_dir
 
     check_out_dir(out, param_hint="OUT")
+    check_backend(torch.device("cpu"))  # the model is loaded, probed and verified on the CPU
     if src.is_dir():
         model, kind = _load_hf(src), "hf"
     else:

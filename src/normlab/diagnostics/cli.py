@@ -15,6 +15,7 @@ from rich.markup import escape
 from torch import nn
 
 from normlab.diagnostics.audit import audit, findings_table
+from normlab.errors import NormArgumentError
 
 _FACTORY = "pkg.module:factory, a callable taking no arguments that returns an nn.Module or (nn.Module, example_input)"
 # the weight files transformers' from_pretrained reads (sharded ones through their index)
@@ -94,6 +95,16 @@ def _unreadable() -> tuple[type[BaseException], ...]:
 _UNREADABLE = _unreadable()
 
 
+def _in_hf_cache(spec: str) -> bool:
+    """``spec`` names a Hugging Face model whose config.json is in the local cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(spec, "config.json"), str)
+    except (ImportError, ValueError):  # no huggingface_hub, or not a model name at all
+        return False
+
+
 def _from_hugging_face(spec: str) -> tuple[nn.Module, object, str | None]:
     try:
         import transformers
@@ -105,6 +116,16 @@ def _from_hugging_face(spec: str) -> tuple[nn.Module, object, str | None]:
     try:
         config = transformers.AutoConfig.from_pretrained(spec, local_files_only=True)
     except (OSError, ValueError) as e:
+        # (for a mistyped path transformers asks to check the internet connection: nothing is downloaded)
+        if not Path(spec).exists() and not _in_hf_cache(spec):
+            raise typer.BadParameter(
+                f"'{spec}': no such file or directory, nor a Hugging Face model of that name in the local cache "
+                f"(nothing is downloaded); expected a local Hugging Face checkpoint or config, or {_FACTORY}",
+                param_hint="MODEL") from None
+        if Path(spec).is_dir() and not (Path(spec) / "config.json").is_file():
+            raise typer.BadParameter(
+                f"'{spec}' is a directory without a config.json; expected a local Hugging Face checkpoint or "
+                f"config, or {_FACTORY}", param_hint="MODEL") from None
         raise typer.BadParameter(
             f"'{spec}' is neither pkg.module:factory nor a local Hugging Face config ({e})",
             param_hint="MODEL") from None
@@ -149,8 +170,17 @@ def _from_hugging_face(spec: str) -> tuple[nn.Module, object, str | None]:
 
 def audit_command(spec: str) -> None:
     """Print the audit of the model named by ``spec``; exit 1 if any finding is an error."""
+    from normlab.bench.common import check_backend
+
     model, example_input, note = load_model(spec)
-    findings = audit(model, example_input)
+    device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
+    if device.type != "meta":  # (audit refuses a model on the meta device itself)
+        check_backend(device)  # the audit's forward runs there
+    try:
+        findings = audit(model, example_input)
+    except NormArgumentError as e:  # a model audit cannot take (on the meta device, ...): one line
+        raise typer.BadParameter(f"cannot audit '{spec}': {str(e).removeprefix('audit: ')}",
+                                 param_hint="MODEL") from None
     console = Console()
     name = escape(f"{type(model).__name__} ({spec})")
     if note is not None:

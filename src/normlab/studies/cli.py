@@ -86,6 +86,7 @@ def study(
             given.add("--wait" if wait else "--no-wait")
         check_launch(launcher, options, given=given, report_only=report_only)
         spec = apply_overrides(get_study(preset), seeds=seeds, steps=steps)
+        _check_out(out, spec, report_only)
         env = setup_env(device, dtype)
         try:
             _, report = run_study(spec, out, env, data=str(data) if data else None, console=console,
@@ -144,6 +145,21 @@ def merge_command(preset: str, out: Path, seeds: int | None, steps: int | None, 
     if dtype != "fp32":
         parts += ["--dtype", dtype]
     return shlex.join(parts)
+
+
+def _check_out(out: Path, spec, report_only: bool) -> None:
+    """``--out``: a folder the study can write OUT/PRESET in; with ``--report-only`` one
+    that holds runs of the preset (a run's folder, finished or not, or the launcher's
+    jobs.json): a mistyped folder would otherwise get a report of nothing but
+    inconclusive claims. Refused before anything is written."""
+    from normlab.bench.common import check_out_dir
+
+    study_dir = out / spec.name
+    check_out_dir(study_dir, param_hint="--out")
+    if report_only and not ((study_dir / "jobs.json").is_file()
+                            or any((study_dir / r.name).is_dir() for r in spec.runs)):
+        raise typer.BadParameter(f"{out} holds no runs of {spec.name!r} (no run folder in {study_dir}), nothing to "
+                                 "report; expected the --out the runs were made with", param_hint="--out")
 
 
 def _check_device(text: str | None) -> str | None:
