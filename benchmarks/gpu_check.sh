@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The GPU checks of the hot path (and of the study workers, last), in one run of about 8 minutes, for a lent GPU machine:
+# The GPU checks of the hot path and of the study workers, in one run of at most 9 minutes
+# (BUDGET seconds), for a lent GPU machine:
 #   device run:  bash benchmarks/gpu_check.sh        (timeout_s 600; results come back from $OUT)
 # Uses the machine's own python3 (torch, triton, typer, rich, matplotlib, safetensors are
-# there) with this checkout on PYTHONPATH: nothing is installed. Each step has its own time
-# limit, so one slow step cannot eat the others; every table goes to $OUT/results and the
-# whole folder comes back as one archive beside the log.
+# there) with this checkout on PYTHONPATH: nothing is installed. The steps run in order of
+# what they decide, each under its own limit and all under the budget: a step that runs
+# out of time gets SIGINT (pytest then prints what ran, the benches write the rows they
+# measured, marked partial) and the next step starts. Every table goes to $OUT/results;
+# the folder is archived on exit, whatever happened, beside the log.
 set -uo pipefail
 OUT="${OUT:-runs/gpu_check}"
 RES="$OUT/results"
@@ -12,29 +15,44 @@ mkdir -p "$RES"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 LOG="$OUT/gpu_check.log"
-step() {  # step SECONDS NAME COMMAND...
+BUDGET="${BUDGET:-540}"  # seconds for all the steps; the archive takes a second after them
+trap 'tar -czf "$OUT/gpu_check_results.tgz" -C "$OUT" results; echo "done $(date -u +%T) after ${SECONDS}s" | tee -a "$LOG"' EXIT
+step() {  # step SECONDS NAME COMMAND...: at most SECONDS, and never past the budget
   local limit=$1 name=$2; shift 2
+  local left=$((BUDGET - SECONDS))
+  ((left < limit)) && limit=$left
+  if ((limit < 15)); then
+    echo "=== $name: skipped, ${left}s of the budget left" | tee -a "$LOG"
+    return
+  fi
   echo "=== $name (limit ${limit}s) $(date -u +%T)" | tee -a "$LOG"
   local t0=$SECONDS
-  timeout "$limit" "$@" >>"$LOG" 2>&1
+  timeout -s INT -k 15 "$limit" "$@" >>"$LOG" 2>&1
   echo "=== $name: exit $? after $((SECONDS - t0))s" | tee -a "$LOG"
 }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; "$PY" -c \
   "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"; } \
   >>"$LOG" 2>&1
 # 1. host time per call, normlab vs torch (its own table on stdout)
-step 75 host_overhead "$PY" benchmarks/host_overhead.py
-# 2. a TransformerLM step: pre/post x layernorm/rmsnorm, d_model 1024, 12 layers, 8 x 1024, eager and compiled
-step 200 bench_e2e "$PY" -m normlab bench e2e --device cuda --dtype bf16 --compile \
-  --d-model 1024 --n-layers 12 --tokens 1024 --batch 8 --out "$RES"
-# 3. the kernels at hidden 1024, 4096 and 8192
-step 120 bench_kernels "$PY" -m normlab bench kernels --device cuda --dtype bf16 --hidden 1024,4096,8192 \
-  --rows 16384,65536 --out "$RES"
-# 4. what per-example gradient norms cost
-step 60 per_example "$PY" benchmarks/per_example_overhead.py
-# 5. the GPU tests
-step 100 gpu_tests "$PY" -m pytest -q -x -p no:cacheprovider -m gpu tests/ops tests/bench tests/diagnostics
-# 6. study workers on the GPU: runs per GPU against one after another, a killed worker, Ctrl-C
-step 90 gpu_study_workers "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/studies
-tar -czf "$OUT/gpu_check_results.tgz" -C "$OUT" results
-echo "done $(date -u +%T)" | tee -a "$LOG"
+step 60 host_overhead "$PY" benchmarks/host_overhead.py
+# 2. study workers on the GPU: runs per GPU against one after another, a killed worker, Ctrl-C
+step 60 gpu_study_workers "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/studies
+# 3. the kernels' tests on the GPU (conftest turns the interpreter on only without CUDA):
+#    the kernel files first, then the rest of tests/ops, the per-example diagnostics, the timer
+step 150 gpu_tests "$PY" -m pytest -q -rfE -p no:cacheprovider \
+  tests/ops/test_triton_gpu.py tests/ops/test_triton_norm.py tests/ops/test_triton_offset_cast.py \
+  tests/ops/test_triton_strided_rows.py tests/ops/test_adaln_ops.py tests/ops/test_triton_registration.py \
+  tests/ops/test_per_example.py tests/ops/test_checkpointing.py tests/ops/test_dropout.py \
+  tests/diagnostics/test_per_example.py tests/bench/test_timer.py tests/ops
+# 4. a TransformerLM step, eager: pre/post x layernorm/rmsnorm, d_model 1024, 12 layers, 8 x 1024,
+#    vocabulary 32000 (--quick: the committed table's configuration)
+step 90 bench_e2e "$PY" -m normlab bench e2e --device cuda --dtype bf16 --quick --no-compile --out "$RES"
+# 5. the kernels at hidden 1024, 4096 and 8192, eager (the auto threshold's evidence)
+step 60 bench_kernels "$PY" -m normlab bench kernels --device cuda --dtype bf16 --hidden 1024,4096,8192 \
+  --rows 16384,65536 --no-compile --out "$RES"
+# 6. what per-example gradient norms cost
+step 40 per_example "$PY" benchmarks/per_example_overhead.py
+# 7. the compiled step against the same model with torch's norms, compiled alike (4 layers:
+#    the ratio, not the size, is the target), with what is left of the budget
+step 120 bench_e2e_compiled "$PY" -m normlab bench e2e --device cuda --dtype bf16 --quick --compile \
+  --n-layers 4 --configs pre-layernorm,pre-rmsnorm --out "$RES/compiled"

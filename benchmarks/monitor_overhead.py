@@ -76,14 +76,19 @@ def main() -> None:
     }
     times: dict[str, list[float]] = {k: [] for k in variants}
     walls: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(3):
-        step()  # warm-up
-    for _ in range(args.rounds):
-        for name, make in variants.items():
+    names = list(variants)
+    for k in range(args.rounds + 1):  # round 0: a warm-up step of every variant, untimed
+        # the order rotates round by round: drift (clock, caches, allocator) hits every variant alike
+        order = names[k % len(names):] + names[:k % len(names)]
+        for name in order:
+            make = variants[name]
             with make() as ctx:
                 if name == "both monitors":
                     ctx.enter_context(ActivationMonitor(model, every=args.every))
                     ctx.enter_context(GradientMonitor(model, every=args.every))
+                if k == 0:
+                    step()
+                    continue
                 c0, t0 = time.process_time(), time.perf_counter()
                 for _ in range(3):
                     step()

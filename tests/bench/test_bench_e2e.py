@@ -103,3 +103,22 @@ def test_an_interrupted_e2e_run_keeps_its_rows_marked_partial(tmp_path, monkeypa
     md = (tmp_path / "e2e-cpu-fp32.md").read_text()
     assert "**Partial: the run stopped before measuring all 4 configurations**" in md
     assert md.count("| train |") + md.count("| infer |") == 6
+
+
+def test_bench_e2e_configs_measures_only_the_pairs_asked_for(tmp_path):
+    # (the GPU check runs the compiled Pre-LN pairs alone, in what is left of its budget)
+    threads = torch.get_num_threads()
+    try:
+        result = CliRunner().invoke(app, [
+            "bench", "e2e", "--device", "cpu", "--quick", "--json", "--threads", "1", "--d-model", "32",
+            "--n-layers", "1", "--tokens", "8", "--batch", "2", "--configs", "post-rmsnorm, pre-layernorm,post-rmsnorm",
+            "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [(r["placement"], r["norm"]) for r in records[::6]] == [("post", "rmsnorm"), ("pre", "layernorm")]
+    assert len(records) == 12
+    for bad in ("pre-foo", "pre", "", "sandwich-layernorm"):
+        out = CliRunner().invoke(app, ["bench", "e2e", "--device", "cpu", "--configs", bad, "--out", str(tmp_path)])
+        assert out.exit_code == 2 and "--configs" in out.output, (bad, out.output)

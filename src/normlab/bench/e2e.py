@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import gc
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -245,28 +245,30 @@ def measure(size: Size, placement: str, norm: str, device: torch.device, dtype: 
 
 def run(device: torch.device, dtype: torch.dtype, sizes: tuple[Size, ...], compile_: bool,
         timer: Timer, console: Console | None = None, progress: Callable[[str], None] | None = None,
-        checkpoint: Callable[[list[Record]], None] | None = None) -> list[Record]:
-    """Every (size, placement, norm) configuration; ``progress(what)`` after each, and
-    ``checkpoint(records so far)``, so an interruption keeps what was measured."""
+        checkpoint: Callable[[list[Record]], None] | None = None,
+        configs: Sequence[tuple[str, str]] | None = None) -> list[Record]:
+    """Every (size, placement, norm) configuration (``configs``: these (placement, norm)
+    pairs only); ``progress(what)`` after each, and ``checkpoint(records so far)``, so an
+    interruption keeps what was measured."""
     name = device_name(device)
     records: list[Record] = []
+    pairs = list(configs) if configs is not None else [(p, n) for p in PLACEMENTS for n in NORMS]
     for size in sizes:
-        for placement in PLACEMENTS:
-            for norm in NORMS:
-                try:
-                    records += measure(size, placement, norm, device, dtype, compile_, timer, name)
-                    if checkpoint is not None and records:
-                        checkpoint(records)
-                    if progress is not None:
-                        progress(f"e2e d{size.d_model} L{size.n_layers} {placement} {norm}")
-                except RuntimeError as err:  # (torch.OutOfMemoryError is one)
-                    if not out_of_memory(err):  # (on the CPU, the allocator's RuntimeError)
-                        raise
-                    torch._dynamo.reset()
-                    gc.collect()
-                    torch.cuda.empty_cache()
-                    if console is not None:
-                        console.print(f"[yellow]skipped {size} {placement} {norm}: out of memory")
+        for placement, norm in pairs:
+            try:
+                records += measure(size, placement, norm, device, dtype, compile_, timer, name)
+                if checkpoint is not None and records:
+                    checkpoint(records)
+                if progress is not None:
+                    progress(f"e2e d{size.d_model} L{size.n_layers} {placement} {norm}")
+            except RuntimeError as err:  # (torch.OutOfMemoryError is one)
+                if not out_of_memory(err):  # (on the CPU, the allocator's RuntimeError)
+                    raise
+                torch._dynamo.reset()
+                gc.collect()
+                torch.cuda.empty_cache()
+                if console is not None:
+                    console.print(f"[yellow]skipped {size} {placement} {norm}: out of memory")
     return records
 
 
@@ -306,6 +308,19 @@ def write_outputs(records: list[Record], out: Path, stem: str, load_before: str,
     return [csv_path, md_path]
 
 
+def _parse_configs(text: str | None) -> list[tuple[str, str]] | None:
+    """``--configs``: PLACEMENT-NORM pairs (None: all of PLACEMENTS x NORMS)."""
+    if text is None:
+        return None
+    pairs = [tuple(item.strip().split("-", 1)) for item in text.split(",") if item.strip()]
+    valid = [f"{p}-{n}" for p in PLACEMENTS for n in NORMS]
+    bad = [("-".join(p)) for p in pairs if len(p) != 2 or "-".join(p) not in valid]
+    if bad or not pairs:
+        raise typer.BadParameter(f"expected comma-separated pairs among {', '.join(valid)}, got {text!r}",
+                                 param_hint="--configs")
+    return list(dict.fromkeys(pairs))
+
+
 def heads_for(d_model: int) -> int:
     """Attention heads for a custom ``--d-model``: the largest divisor of ``d_model`` that is at
     most ``max(1, d_model // 64)`` (heads of width 64 where it divides, wider where not)."""
@@ -328,6 +343,8 @@ def e2e(
     n_layers: int = typer.Option(None, hidden=True, help="One custom size: layers."),
     tokens: int = typer.Option(None, hidden=True, help="One custom size: sequence length."),
     batch: int = typer.Option(None, hidden=True, help="One custom size: batch."),
+    configs: str = typer.Option(None, hidden=True, help="Only these PLACEMENT-NORM pairs, comma-separated "
+                                                        "(e.g. pre-layernorm,pre-rmsnorm; default: all four)."),
 ) -> None:
     """TransformerLM training step and inference forward: normlab vs its torch path and torch.compile."""
     console = Console()
@@ -336,6 +353,7 @@ def e2e(
     for value, hint in ((threads, "--threads"), (d_model, "--d-model"), (n_layers, "--n-layers"),
                         (tokens, "--tokens"), (batch, "--batch")):
         check_positive(value, hint)
+    pairs = _parse_configs(configs)
     check_out_dir(out)
     if threads:
         torch.set_num_threads(threads)
@@ -352,7 +370,7 @@ def e2e(
     timer = Timer(dev, warmup=2 if quick else 3, reps=(10 if quick else 30) if not gpu else (20 if quick else 50),
                   hide_host=False)
     load_before = load_average()
-    stem, total = f"e2e-{dev.type}-{dtype}", len(sizes) * len(PLACEMENTS) * len(NORMS)
+    stem, total = f"e2e-{dev.type}-{dtype}", len(sizes) * (len(pairs) if pairs else len(PLACEMENTS) * len(NORMS))
     saved: list[int] = []
 
     def save(so_far: list[Record]) -> None:  # partial tables survive an interruption
@@ -364,7 +382,8 @@ def e2e(
         with Progress(console=Console(stderr=True), transient=True) as bar:
             task = bar.add_task("bench e2e", total=total)
             records = run(dev, torch_dtype, sizes, compile_, timer, console,
-                          progress=lambda what: bar.update(task, advance=1, description=what), checkpoint=save)
+                          progress=lambda what: bar.update(task, advance=1, description=what), checkpoint=save,
+                          configs=pairs)
     except KeyboardInterrupt:
         kept = (f"kept the {saved[0]} rows measured so far in {Path(out) / stem}.csv and .md, marked partial"
                 if saved else "nothing was measured yet; nothing written")
