@@ -250,3 +250,18 @@ def test_the_whole_models_noise_scale_matches_torch_func_per_example_gradients(c
     assert got["gns_total_step"] == pytest.approx(want.b_simple, rel=1e-5)
     assert got["gns_total_g_sq"] == pytest.approx(want.g_sq, rel=1e-5)
     assert batch_sq == pytest.approx(sum(float(g.double().pow(2).sum()) for g in before.values()), rel=1e-5)
+
+
+def test_the_pool_progress_line_says_the_timing_runs_come_after_it(tmp_path, corpus, monkeypatch):
+    # the pool's count leaves the speed runs out ("of 303" where the study has 304): the
+    # line says what follows the pool, so the two counts agree
+    spec = RunSpec(name="speed", kind="speed", model={**MICRO, "placement": "pre", "norm": "rmsnorm"},
+                   speed_against={"norm": "layernorm"}, steps=2, batch_size=4, seq_len=16, speed_rounds=2,
+                   tags={"study": "norms", "group": "speed"})
+    study = Study(name="pool", description="two runs and a timing", runs=(micro_spec("a", steps=2), micro_spec("b", steps=2), spec))
+    lines = []
+    counts = runner._counts
+    monkeypatch.setattr(runner, "_counts", lambda *a, **k: lines.append(counts(*a, **k)) or lines[-1])
+    runner.run_study(study, tmp_path, _cpu(), workers=2, corpus=corpus)
+    pool = [line for line in lines if "workers" in line]
+    assert pool and all(line.endswith("of 2 on 2 workers; then 1 timing run alone") for line in pool), pool

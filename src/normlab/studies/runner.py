@@ -545,9 +545,11 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
             else:
                 # timings run alone, after the pool, with a worker's thread count: nothing shares the cores
                 parallel = tuple(r for r in study.runs if r.kind != "speed")
-                _run_parallel(replace(study, runs=parallel), study_dir, corpus, progress, finish, fail,
-                              keep_weights, workers, threads, devices=devices, dtype=env.dtype)
                 timed = tuple(r for r in study.runs if r.kind == "speed")
+                _run_parallel(replace(study, runs=parallel), study_dir, corpus, progress, finish, fail,
+                              keep_weights, workers, threads, devices=devices, dtype=env.dtype,
+                              then=f"; then {len(timed)} timing run{'s' if len(timed) > 1 else ''} alone"
+                              if timed else "")
                 if timed:
                     before = torch.get_num_threads()
                     torch.set_num_threads(threads)
@@ -964,10 +966,11 @@ def _how_it_died(exitcode: int | None) -> str:
 
 
 def _run_parallel(study, study_dir, corpus, progress, finish, fail, keep_weights, workers, threads,
-                  devices=None, dtype="fp32", target=None) -> None:
+                  devices=None, dtype="fp32", target=None, then: str = "") -> None:
     """The runs in ``workers`` spawned processes of ``threads`` threads; worker k runs on
     ``devices[k]`` (default: all on the CPU) with autocast ``dtype``. ``target``: what a
     worker calls per run (default ``_worker_run``; tests pass a module-level wrapper).
+    ``then``: what runs after the pool, said on the progress line (whose count is the pool's).
 
     A worker that dies outright breaks the process pool: its run is reported failed
     (``WorkerDied``, with the exit code or signal), the runs the pool cut off resume from
@@ -979,7 +982,8 @@ def _run_parallel(study, study_dir, corpus, progress, finish, fail, keep_weights
     specs = {r.name: r for r in study.runs}
     todo = sorted(study.runs, key=_cost, reverse=True)  # longest first: the pool ends together
     gpus = sorted({d for d in devices if d.startswith("cuda")})
-    where = f" on {workers} workers" + (f" ({len(gpus)} GPU{'s' if len(gpus) > 1 else ''})" if gpus else "")
+    where = (f" on {workers} workers" + (f" ({len(gpus)} GPU{'s' if len(gpus) > 1 else ''})" if gpus else "")
+             + then)
     overall = progress.add_task(_counts(study.name, 0, 0, 0, len(study.runs), where),
                                 total=sum(_work(r) for r in study.runs))
     n_done, n_failed = [0], [0]
