@@ -5,8 +5,9 @@
 # Uses the machine's own python3 (torch, triton, typer, rich, matplotlib, safetensors are
 # there) with this checkout on PYTHONPATH: nothing is installed. The steps run in order of
 # what they decide, each under its own limit and all under the budget: a step that runs
-# out of time gets SIGINT (pytest then prints what ran, the benches write the rows they
-# measured, marked partial) and the next step starts. Every table goes to $OUT/results;
+# out of time gets SIGINT (pytest then prints what ran; `normlab bench` writes the rows it
+# measured, marked partial; the two scripts in benchmarks/ print only at their end) and
+# the next step starts. Every table goes to $OUT/results;
 # the folder is archived on exit, whatever happened, beside the log.
 set -uo pipefail
 OUT="${OUT:-runs/gpu_check}"
@@ -38,12 +39,17 @@ step 60 host_overhead "$PY" benchmarks/host_overhead.py
 # 2. study workers on the GPU: runs per GPU against one after another, a killed worker, Ctrl-C
 step 60 gpu_study_workers "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/studies
 # 3. the kernels' tests on the GPU (conftest turns the interpreter on only without CUDA):
-#    the kernel files first, then the rest of tests/ops, the per-example diagnostics, the timer
-step 150 gpu_tests "$PY" -m pytest -q -rfE -p no:cacheprovider \
-  tests/ops/test_triton_gpu.py tests/ops/test_triton_norm.py tests/ops/test_triton_offset_cast.py \
-  tests/ops/test_triton_strided_rows.py tests/ops/test_adaln_ops.py tests/ops/test_triton_registration.py \
-  tests/ops/test_per_example.py tests/ops/test_checkpointing.py tests/ops/test_dropout.py \
-  tests/diagnostics/test_per_example.py tests/bench/test_timer.py tests/ops
+#    the kernel files, in this order (files only: a directory among them would make pytest
+#    collect in its own order), then the rest of tests/ops
+KERNEL_TESTS="tests/ops/test_triton_gpu.py tests/ops/test_triton_norm.py tests/ops/test_triton_offset_cast.py
+  tests/ops/test_triton_strided_rows.py tests/ops/test_adaln_ops.py tests/ops/test_triton_registration.py
+  tests/ops/test_per_example.py tests/ops/test_checkpointing.py tests/ops/test_dropout.py
+  tests/diagnostics/test_per_example.py tests/bench/test_timer.py"
+# shellcheck disable=SC2086
+step 120 gpu_kernel_tests "$PY" -m pytest -q -rfE -p no:cacheprovider $KERNEL_TESTS
+# shellcheck disable=SC2086
+step 45 gpu_other_op_tests "$PY" -m pytest -q -rfE -p no:cacheprovider tests/ops \
+  $(for f in $KERNEL_TESTS; do case $f in tests/ops/*) printf -- '--ignore=%s ' "$f";; esac; done)
 # 4. a TransformerLM step, eager: pre/post x layernorm/rmsnorm, d_model 1024, 12 layers, 8 x 1024,
 #    vocabulary 32000 (--quick: the committed table's configuration)
 step 90 bench_e2e "$PY" -m normlab bench e2e --device cuda --dtype bf16 --quick --no-compile --out "$RES"

@@ -113,6 +113,14 @@ def _check_eps(op: str, eps: float | Tensor | None, allow_none: bool) -> float |
     return float(eps)
 
 
+def _restored_by_checkpointing(generator: torch.Generator) -> bool:
+    """A device's default generator, whose state activation checkpointing saves and
+    restores (torch's global RNG): a recomputed forward draws the same mask."""
+    if generator is torch.default_generator:
+        return True
+    return generator.device.type == "cuda" and generator is torch.cuda.default_generators[generator.device.index or 0]
+
+
 def _check_residual_args(op: str, x: Tensor, residual: Tensor | None, dropout_p: float,
                          generator: torch.Generator | None,
                          residual_dtype: torch.dtype | None, training: bool = False) -> None:
@@ -127,12 +135,13 @@ def _check_residual_args(op: str, x: Tensor, residual: Tensor | None, dropout_p:
     if (type(dropout_p) is not float and (isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real))) \
             or not 0.0 <= dropout_p <= 1.0:
         raise NormArgumentError(f"{op}: expected dropout_p in [0, 1], got {dropout_p!r}")
-    if type(training) is not bool and training is not None:  # (torch's dropout takes None, as False)
+    if type(training) is not bool:  # as torch's dropout asks (None, 1, a tensor refused)
         raise TypeError(f"{op}: expected training to be a bool, got {training!r}")
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"{op}: expected generator to be a torch.Generator or None, got {type(generator).__name__}")
-        if training and dropout_p > 0.0 and torch._C._current_graph_task_id() != -1:
+        if (training and dropout_p > 0.0 and torch._C._current_graph_task_id() != -1
+                and not _restored_by_checkpointing(generator)):
             # activation checkpointing recomputing the forward inside the backward: it
             # restores torch's global RNG, not this generator, which has moved on since
             raise RuntimeError(
@@ -221,7 +230,9 @@ def _check_cast(op: str, offset: float, casting_mode: str) -> None:
     if type(offset) is float and -_INF < offset < _INF:  # (comparisons: traceable on a symbolic offset)
         pass
     elif isinstance(offset, torch.SymFloat):
-        pass  # a traced offset (torch.compile specializes floats on recompiling): checked where it is a number
+        # a traced offset (torch.compile on recompiling): not checked there (neither a
+        # guard nor torch._check on it refuses inf in torch 2.13); eager calls refuse it
+        pass
     elif isinstance(offset, bool) or not isinstance(offset, numbers.Real) or not math.isfinite(offset):
         raise NormArgumentError(f"{op}: expected offset to be a finite number, got {offset!r}")
     if casting_mode not in reference.CASTING_MODES:
@@ -521,7 +532,7 @@ def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bi
     # op, with the fewest checks; anything else, or an error, takes the checked path
     # (the checks ordered and merged for host time: this path is most of an 8 x 64 call)
     if (generator is None and residual_dtype is None and type(x) is Tensor and type(residual) is Tensor
-            and (dt := x.dtype) is residual.dtype and type(dropout_p) is float
+            and (dt := x.dtype) is residual.dtype and type(dropout_p) is float and training.__class__ is bool
             and (dropout_p == 0.0 or (not training and 0.0 <= dropout_p <= 1.0)) and type(eps) is float
             and -_INF < eps < _INF and x.is_cpu
             and (dt is _F32 or (dt in _HALF and not _param_grad(weight, bias)
@@ -550,7 +561,7 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps:
     # the common call, as add_layer_norm's: residual + x, then torch's op where it is the
     # faster one (native_rms_ok)
     if (generator is None and residual_dtype is None and type(x) is Tensor and type(residual) is Tensor
-            and (dt := x.dtype) is residual.dtype and type(dropout_p) is float
+            and (dt := x.dtype) is residual.dtype and type(dropout_p) is float and training.__class__ is bool
             and (dropout_p == 0.0 or (not training and 0.0 <= dropout_p <= 1.0))
             and (eps is None or (type(eps) is float and -_INF < eps < _INF)) and x.is_cpu
             and (dt is _F32 or dt in _HALF) and (weight is None or getattr(weight, "dtype", None) is dt)

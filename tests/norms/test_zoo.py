@@ -441,6 +441,9 @@ def test_layernorm_weight_shape_is_checked_by_name(weight_shape):
     with pytest.raises(NormArgumentError, match="expected weight_shape"):
         normlab.LayerNorm(8, weight_shape=weight_shape)
     assert normlab.LayerNorm(8, weight_shape=[3, 8]).weight.shape == (3, 8)
+    import numpy as np
+
+    assert normlab.LayerNorm(8, weight_shape=(np.int64(4), 8)).weight.shape == (4, 8)  # integers of any kind
 
 
 def test_nonorm_checks_its_size_and_its_input_as_every_norm():

@@ -89,12 +89,61 @@ def test_dropout_with_a_generator_refuses_to_be_recomputed(name, reentrant, op):
         call(x).sum().backward()
 
 
-@pytest.mark.parametrize("training", ["no", 1, torch.tensor(True)])
+@pytest.mark.parametrize("training", ["no", 1, torch.tensor(True), None])
 def test_training_must_be_a_bool_as_torch_dropout_asks(training):
     x, r = torch.randn(2, H), torch.randn(2, H)
+    for p in (0.0, 0.5):  # the short path (no dropout) too
+        with pytest.raises(TypeError, match="expected training to be a bool"):
+            NF.add_rms_norm(x, r, torch.ones(H), dropout_p=p, training=training)
     with pytest.raises(TypeError, match="expected training to be a bool"):
         NF.add_layer_norm(x, r, torch.ones(H), None, dropout_p=0.5, training=training)
     with pytest.raises(TypeError, match="expected training to be a bool"):
         NF.dropout_add(x, r, dropout_p=0.5, training=training)
     with pytest.raises(TypeError):
         torch.nn.functional.dropout(x, 0.5, training=training)
+
+
+@needs_kernels
+def test_triton_adaln_keeps_no_activation_alive_under_checkpointing():
+    # the second-derivative anchors (x, scale) were held on ctx, out of reach of
+    # checkpointing's saved-tensor hooks: the checkpointed block's activations stayed alive
+    import gc
+    import weakref
+
+    lin = nn.Linear(H, H).to(DEVICE)
+    x = torch.randn(2, 4, H, device=DEVICE, requires_grad=True)
+    s, sh = torch.randn(2, 1, H, device=DEVICE, requires_grad=True), torch.randn(2, 1, H, device=DEVICE)
+    refs = []
+
+    def block(x, s, sh):
+        h = lin(x) * 2
+        refs.append(weakref.ref(h))
+        return NF.adaln_modulate(h, s, sh)
+
+    with backend("triton"):
+        y = checkpoint(block, x, s, sh, use_reentrant=False)
+        gc.collect()
+        assert refs[0]() is None
+        y.square().sum().backward()
+    with backend("torch"):
+        x2 = x.detach().clone().requires_grad_()
+        NF.adaln_modulate(lin(x2) * 2, s.detach(), sh).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_the_default_generator_is_restored_by_checkpointing_and_taken(reentrant):
+    # checkpointing restores torch's global RNG: a recomputation with it draws the forward's mask
+    torch.manual_seed(0)
+    x = torch.randn(4, H, requires_grad=True)
+    r = torch.randn(4, H)
+
+    def call(t):
+        return NF.dropout_add(t, r, dropout_p=0.5, training=True, generator=torch.default_generator).square()
+
+    torch.manual_seed(1)
+    checkpoint(call, x, use_reentrant=reentrant).sum().backward()
+    got, x.grad = x.grad, None
+    torch.manual_seed(1)
+    call(x).sum().backward()
+    torch.testing.assert_close(got, x.grad, rtol=0, atol=0)

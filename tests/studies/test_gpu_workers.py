@@ -44,7 +44,7 @@ def pool(monkeypatch):
     calls = []
 
     def fake(study, study_dir, corpus, progress, finish, fail, keep_weights, workers, threads, devices=None,
-             dtype="fp32"):
+             dtype="fp32", then=""):
         calls.append({"runs": [r.name for r in study.runs], "workers": workers, "threads": threads,
                       "devices": list(devices), "dtype": dtype})
 

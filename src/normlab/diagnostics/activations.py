@@ -17,6 +17,7 @@ computed on the tensor's device without a host sync; records are materialized wh
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -31,6 +32,20 @@ from normlab.diagnostics.structure import (
 )
 
 STATS = ("mean", "rms", "max_abs", "nonfinite")
+
+_replays = [0]  # > 0 while a monitor recomputes part of a forward (``replaying``)
+
+
+@contextmanager
+def replaying():
+    """A monitor's own recomputation of part of the model's forward (AttentionLogitMonitor's
+    q and k): ActivationMonitor does not record the calls inside, which are no calls of the
+    model's."""
+    _replays[0] += 1
+    try:
+        yield
+    finally:
+        _replays[0] -= 1
 
 
 @dataclass
@@ -129,7 +144,7 @@ class ActivationMonitor:
         self.detach()
 
     def _sampling(self) -> bool:
-        return self.step >= 0 and self.step % self.every == 0
+        return self.step >= 0 and self.step % self.every == 0 and not _replays[0]
 
     def _on_root(self, module, args) -> None:
         self.step += 1

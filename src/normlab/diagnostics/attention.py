@@ -4,7 +4,8 @@ transformer diverges at a high learning rate (Dehghani et al. 2023; Wortsman et 
 ``AttentionLogitMonitor(model)`` hooks every normlab ``Attention`` module that attends
 to its own input (self-attention) and, on each forward pass inside the ``with`` block,
 recomputes that call's logits q . k / sqrt(head_dim) (QK-norm and RoPE included) without
-gradients and without firing the projections' and norms' hooks, and keeps the largest over the positions the call may attend to. The model's
+gradients (its calls of the projections and norms are marked as a replay, which
+normlab's other monitors do not record), and keeps the largest over the positions the call may attend to. The model's
 own forward is untouched: the attention still runs through SDPA, which never forms the
 logits, so this costs one extra q/k product per monitored call.
 """
@@ -15,6 +16,8 @@ import math
 
 import torch
 from torch import Tensor, nn
+
+from normlab.diagnostics.activations import replaying
 
 
 class AttentionLogitMonitor:
@@ -60,11 +63,12 @@ def max_logit(attn: nn.Module, x: Tensor, *, attn_mask: Tensor | None = None, is
     self-attention over ``x`` [B, T, d], over the (query, key) pairs the mask allows."""
     from normlab.models.attention import apply_rope
 
-    # the modules' forward methods, not their calls: the recomputation fires none of
-    # their hooks, so another monitor (ActivationMonitor's on the QK-norms) sees each
-    # call of the model once
-    q = attn._heads(attn.q_proj.forward(x), None if attn.q_norm is None else attn.q_norm.forward)
-    k = attn._heads(attn.k_proj.forward(x), None if attn.k_norm is None else attn.k_norm.forward)
+    # the modules are called as the model calls them (their hooks run: FSDP's unshard,
+    # casts), under ``replaying``, which normlab's own monitors skip, so ActivationMonitor
+    # sees each QK-norm call of the model once
+    with replaying():
+        q = attn._heads(attn.q_proj(x), attn.q_norm)
+        k = attn._heads(attn.k_proj(x), attn.k_norm)
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     logits = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(attn.head_dim)

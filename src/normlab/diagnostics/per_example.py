@@ -350,7 +350,9 @@ class PerExampleGradNorms:
                 raise RuntimeError(
                     f"per_example_grad_norms: norm '{name}' saw a batch of {b} examples (dim 0 of "
                     f"its input) but '{other}' saw {seen}; every norm must see "
-                    f"the examples along dim 0 (for batch_first=False modules, dim 0 is time)"
+                    f"the examples along dim 0 (for batch_first=False modules, dim 0 is time; a model "
+                    f"that flattens [B, T, D] to [B*T, D] before a norm, as OPT's layers do, has no "
+                    f"example dim there, so its per-example norms cannot be recorded)"
                 )
             break
 

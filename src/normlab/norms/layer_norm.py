@@ -17,6 +17,7 @@ gradients g1_b + g2_b, whose norms the per-call buffers cannot give: reading
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -196,12 +197,12 @@ class LayerNorm(_CheckedOnce, _PerExampleGradSq, _WeightOffset, ResidualNorm, nn
         if weight_shape is not None:
             dims = (weight_shape,) if isinstance(weight_shape, int) else weight_shape
             if (isinstance(dims, (str, bytes)) or not isinstance(dims, (tuple, list, torch.Size))
-                    or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims)
+                    or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in dims)
                     or not all(d >= 1 for d in dims[:len(dims) - len(self.normalized_shape)])):
                 raise NormArgumentError(f"LayerNorm: expected weight_shape to be a sequence of ints, the "
                                         f"leading ones >= 1, ending with normalized_shape "
                                         f"{list(self.normalized_shape)}, got {weight_shape!r}")
-            shape = tuple(dims)
+            shape = tuple(int(d) for d in dims)
             n = len(self.normalized_shape)
             if shape[len(shape) - n:] != self.normalized_shape:
                 raise NormArgumentError(f"LayerNorm: expected weight_shape to end with normalized_shape "

@@ -399,13 +399,15 @@ class AdaLNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, shift, weight, bias, eps, is_rms):
         y, mean, rstd, read = _forward(x, scale, shift, weight, bias, eps, is_rms)
+        # x and scale themselves too (the saved rows are copies or graph-less views): what a
+        # second derivative reaches (``_function_backward_once``); saved, not held on ctx,
+        # so activation checkpointing and saved-tensor hooks see them
         if read is None:
-            ctx.save_for_backward(None, None, weight, bias, mean, rstd)
+            ctx.save_for_backward(None, None, weight, bias, mean, rstd, x, scale)
         else:
-            ctx.save_for_backward(read.x, read.scale, weight, bias, mean, rstd)
+            ctx.save_for_backward(read.x, read.scale, weight, bias, mean, rstd, x, scale)
             ctx.layouts = read.layouts
         ctx.x_dtype, ctx.is_rms = x.dtype, is_rms
-        ctx.inputs = (x, scale)  # what a second derivative would reach (the saved rows are copies or views)
         ctx.params = ((scale.shape, scale.dtype), (shift.shape, shift.dtype))
         return y
 
@@ -416,8 +418,9 @@ class AdaLNFunction(torch.autograd.Function):
         return _function_backward(ctx, dy)
 
 
-def _function_backward(ctx, dy):
-    x2, sc, weight, bias, mean, rstd = ctx.saved_tensors
+def _function_backward(ctx, dy, saved=None):
+    """(``saved``: ``ctx.saved_tensors`` already unpacked: checkpointing allows one unpack.)"""
+    x2, sc, weight, bias, mean, rstd = (ctx.saved_tensors if saved is None else saved)[:6]
     read = _Rows(x2, sc, ctx.layouts) if x2 is not None else None
     grads = _backward(dy, read, ctx.x_dtype, ctx.params, weight, bias, mean, rstd, ctx.is_rms)
     return *grads, None, None
@@ -427,10 +430,11 @@ def _function_backward(ctx, dy):
 def _function_backward_once(ctx, dy):
     """``_function_backward`` under create_graph=True: the gradients refuse a second
     derivative (``eager.refuse_second_derivative``)."""
+    saved = ctx.saved_tensors
     with torch.no_grad():
-        grads = _function_backward(ctx, dy)
-    _x2, _sc, weight, bias, _mean, _rstd = ctx.saved_tensors
-    return eager.refuse_second_derivative(grads, (dy, *ctx.inputs, weight, bias), SECOND_DERIVATIVE_REFUSED)
+        grads = _function_backward(ctx, dy, saved)
+    _x2, _sc, weight, bias, _mean, _rstd, x, scale = saved
+    return eager.refuse_second_derivative(grads, (dy, x, scale, weight, bias), SECOND_DERIVATIVE_REFUSED)
 
 
 if torch.distributed.is_available():
