@@ -553,3 +553,22 @@ def test_an_error_that_is_not_the_weight_files_is_not_called_one(tmp_path, monke
     monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained", out_of_memory)
     res = CliRunner().invoke(app, ["audit", str(tmp_path / "gpt2")])
     assert isinstance(res.exception, torch.OutOfMemoryError) and "cannot load the weights" not in res.output
+
+
+def test_an_encoder_decoder_is_traced_with_source_and_target_ids():
+    # the made-up token ids alone made T5's forward raise (no decoder_input_ids): the
+    # audit ran without its data-flow checks, with an info finding, and exited 0
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from normlab.diagnostics.audit import example_inputs_for, trace_forward
+    from normlab.models import Seq2SeqTransformer, TransformerConfig
+
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+                                             decoder_start_token_id=0))
+    s2s = Seq2SeqTransformer(TransformerConfig(vocab_size=64, d_model=16, n_heads=2, n_layers=1, d_ff=32,
+                                               max_seq_len=16))
+    for model in (t5, s2s):
+        assert "no-trace" not in [f.code for f in audit(model)]
+        first = example_inputs_for(model)[0]
+        assert isinstance(first, (dict, tuple)) and trace_forward(model, first) is not None

@@ -214,6 +214,8 @@ _TOKEN_EMBEDDINGS = {"tokens", "wte", "embed_tokens", "word_embeddings", "tok_em
 def example_inputs_for(model: nn.Module) -> list:
     """Small made-up inputs for ``model``, most likely first (``audit`` tries them in order):
     (src, tgt) for nn.Transformer; token ids [2, 8] when the model has an nn.Embedding
+    (for an encoder-decoder, normlab's Seq2SeqTransformer or a Hugging Face model whose
+    config says ``is_encoder_decoder``, source and target ids first)
     (below the vocabulary of its token embedding: one named like ``tokens``/``wte``/
     ``embed_tokens``/``word_embeddings``, else the first); a float [2, 8, in_features]
     for the first nn.Linear. Token ids come first wherever there is an embedding, even
@@ -232,7 +234,14 @@ def example_inputs_for(model: nn.Module) -> list:
     if embeddings:
         named = [mod for path, mod in embeddings if path.rsplit(".", 1)[-1].lower() in _TOKEN_EMBEDDINGS]
         vocab = (named or [embeddings[0][1]])[0].num_embeddings
-        out.append(torch.randint(0, vocab, (2, 8), generator=g).to(device))
+        ids = torch.randint(0, vocab, (2, 8), generator=g).to(device)
+        from normlab.models import Seq2SeqTransformer
+
+        if isinstance(model, Seq2SeqTransformer):  # (source, target) token ids
+            out.append((ids, ids.flip(-1)))
+        elif getattr(getattr(model, "config", None), "is_encoder_decoder", False):  # Hugging Face's T5, BART, ...
+            out.append({"input_ids": ids, "decoder_input_ids": ids.flip(-1)})
+        out.append(ids)
     linear = next((mod for mod in model.modules() if isinstance(mod, nn.Linear)), None)
     if linear is not None:
         out.append(torch.randn(2, 8, linear.in_features, generator=g).to(device, dtype))
