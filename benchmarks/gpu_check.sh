@@ -27,10 +27,20 @@ step() {  # step SECONDS NAME COMMAND...: at most SECONDS, and never past the bu
     return
   fi
   echo "=== $name (limit ${limit}s) $(date -u +%T)" | tee -a "$LOG"
-  local t0=$SECONDS
-  timeout -s INT -k 15 "$limit" "$@" >>"$LOG" 2>&1
-  echo "=== $name: exit $? after $((SECONDS - t0))s" | tee -a "$LOG"
+  local t0=$SECONDS rc
+  # in the background and waited for: a signal to this script reaches the trap below
+  # at once, which hands it on to the step (timeout passes it to the command)
+  timeout -s INT -k 15 "$limit" "$@" >>"$LOG" 2>&1 &
+  STEP=$!
+  wait "$STEP"
+  rc=$?
+  STEP=
+  echo "=== $name: exit $rc after $((SECONDS - t0))s" | tee -a "$LOG"
 }
+STEP=
+# stopped from outside (the machine's own limit, Ctrl-C): the running step is stopped too,
+# and its output so far goes into the archive (the EXIT trap) rather than on after it
+trap 'if [ -n "$STEP" ]; then kill -INT "$STEP" 2>/dev/null; wait "$STEP"; fi; echo "=== stopped from outside" >>"$LOG"; exit 130' INT TERM
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; "$PY" -c \
   "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"; } \
   >>"$LOG" 2>&1
