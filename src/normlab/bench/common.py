@@ -5,6 +5,7 @@ output directory) and the CSV writer."""
 from __future__ import annotations
 
 import csv
+import gc
 import os
 import platform
 import re
@@ -168,6 +169,14 @@ def out_of_memory(err: BaseException) -> bool:
     of torch's CPU allocator ("DefaultCPUAllocator: can't allocate memory")."""
     return isinstance(err, torch.OutOfMemoryError) or (
         isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
+
+
+def release_memory(device: torch.device) -> None:
+    """Free what a finished or failed measurement left: Python's garbage, and on a GPU
+    the caching allocator's free blocks."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def keep_freed_memory() -> bool:

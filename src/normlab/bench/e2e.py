@@ -30,7 +30,6 @@ their ratio shows the noise of the run. Dropout is 0 (as in most LLM pre-trainin
 
 from __future__ import annotations
 
-import gc
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -54,6 +53,7 @@ from normlab.bench.common import (
     out_of_memory,
     pick_device,
     pick_dtype,
+    release_memory,
     write_csv,
 )
 from normlab.models import TransformerConfig, TransformerLM
@@ -237,9 +237,7 @@ def measure(size: Size, placement: str, norm: str, device: torch.device, dtype: 
             ))
     del impls, model
     torch._dynamo.reset()
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release_memory(device)
     return records
 
 
@@ -265,8 +263,7 @@ def run(device: torch.device, dtype: torch.dtype, sizes: tuple[Size, ...], compi
                 if not out_of_memory(err):  # (on the CPU, the allocator's RuntimeError)
                     raise
                 torch._dynamo.reset()
-                gc.collect()
-                torch.cuda.empty_cache()
+                release_memory(device)
                 if console is not None:
                     console.print(f"[yellow]skipped {size} {placement} {norm}: out of memory")
     return records

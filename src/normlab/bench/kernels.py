@@ -25,7 +25,6 @@ so page faults of fresh allocations are part of every timing alike.
 
 from __future__ import annotations
 
-import gc
 import importlib.util
 import json
 import re
@@ -52,6 +51,7 @@ from normlab.bench.common import (
     out_of_memory,
     pick_device,
     pick_dtype,
+    release_memory,
     write_csv,
 )
 from normlab.provenance import code_line
@@ -343,9 +343,7 @@ def run(device: torch.device, dtype: torch.dtype, rows_list, hidden_list, ops, p
                     # the shape does not fit: skipped whole (as bench e2e skips a configuration)
                     del records[measured:]
                     inputs = impls = None
-                    gc.collect()
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+                    release_memory(device)
                     if skipped is not None:
                         skipped.append(f"{op} {shape_text}")
                 if progress is not None:

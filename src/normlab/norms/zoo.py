@@ -244,12 +244,11 @@ class _PowerNormScale(torch.autograd.Function):
         grad_ema = ctx.grad_ema
         if ctx.masked:  # what reaches a padded output (even nan) never reaches x or nu
             g = torch.where(valid.bool(), g, 0.0)
-        if torch.is_grad_enabled():  # create_graph: dx computed without a graph, its derivative refused
-            with torch.no_grad():
-                dx = (g - grad_ema * x_hat) / psi
-            (dx,) = refuse_second_derivative((dx,), (g, x_hat, psi), _POWERNORM_NO_SECOND)
-        else:
+        create_graph = torch.is_grad_enabled()
+        with torch.no_grad():
             dx = (g - grad_ema * x_hat) / psi
+        if create_graph:  # dx was computed without a graph: its derivative refused
+            (dx,) = refuse_second_derivative((dx,), (g, x_hat, psi), _POWERNORM_NO_SECOND)
         with torch.no_grad():
             dims = tuple(range(g.dim() - 1))
             n = valid.sum().clamp_min(1)
