@@ -569,6 +569,52 @@ def test_an_encoder_decoder_is_traced_with_source_and_target_ids():
     s2s = Seq2SeqTransformer(TransformerConfig(vocab_size=64, d_model=16, n_heads=2, n_layers=1, d_ff=32,
                                                max_seq_len=16))
     for model in (t5, s2s):
-        assert "no-trace" not in [f.code for f in audit(model)]
+        assert "no-trace" not in [f.kind for f in audit(model)]
         first = example_inputs_for(model)[0]
         assert isinstance(first, (dict, tuple)) and trace_forward(model, first) is not None
+
+
+def test_vision_and_speech_models_are_traced_with_their_own_inputs():
+    # token ids or a float [2, 8, in_features] made ViT's and Whisper's forwards raise:
+    # the data-flow checks did not run (an info finding) and the audit exited 0
+    import transformers
+
+    from normlab.diagnostics.audit import example_inputs_for, trace_forward
+
+    torch.manual_seed(0)
+    vit = transformers.ViTModel(transformers.ViTConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=16,
+        patch_size=8, num_channels=2))
+    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=16,
+        patch_size=8))
+    whisper = transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(
+        d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=32, decoder_ffn_dim=32, vocab_size=64, num_mel_bins=4, max_source_positions=8,
+        max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1))
+    for model, key, shape in ((vit, "pixel_values", (2, 2, 16, 16)), (clip, "pixel_values", (2, 3, 16, 16)),
+                              (whisper, "input_features", (2, 4, 16))):
+        first = example_inputs_for(model)[0]
+        assert isinstance(first, dict) and tuple(first[key].shape) == shape
+        assert ("decoder_input_ids" in first) == (model is whisper)
+        assert trace_forward(model, first) is not None
+        assert "no-trace" not in [f.kind for f in audit(model)]
+    # a text model keeps its token ids first
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32,
+                                                                n_positions=16))
+    assert isinstance(example_inputs_for(gpt2)[0], torch.Tensor)
+
+
+def test_a_config_its_model_class_refuses_is_a_usage_error(tmp_path):
+    # Whisper's embedding asserts that pad_token_id lies in the vocabulary: the audit gave
+    # a traceback from inside transformers
+    import transformers
+    from typer.testing import CliRunner
+
+    transformers.WhisperConfig(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                               decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, vocab_size=64,
+                               num_mel_bins=4, max_source_positions=8, max_target_positions=16,
+                               pad_token_id=500).save_pretrained(tmp_path / "w")
+    res = CliRunner().invoke(app, ["audit", str(tmp_path / "w")])
+    assert res.exit_code == 2 and "builds the config" in res.output and "AssertionError" in res.output
+    assert "Traceback" not in res.output

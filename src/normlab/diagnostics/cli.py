@@ -158,8 +158,9 @@ def _from_hugging_face(spec: str) -> tuple[nn.Module, object, str | None]:
                                          param_hint="MODEL") from None
         try:
             model = cls.from_config(config) if auto else cls(config)
-        except ValueError as e:
-            errors.append(f"{cls.__name__}: {e}")
+        except (ValueError, AssertionError, TypeError, IndexError, KeyError) as e:
+            # (a config its own model class refuses: e.g. a pad_token_id outside the vocabulary)
+            errors.append(f"{cls.__name__}: {type(e).__name__}: {e}")
             continue
         return model, None, (f"no weights in '{spec}': {type(model).__name__} was built from its config with "
                              f"random weights, so the weight checks (dead-norm, norm-far-from-init) describe "
