@@ -166,3 +166,33 @@ def test_convert_exits_1_when_the_written_hugging_face_model_does_not_reload(tmp
     assert ("convert: the written model does not reload as converted: encoder.block.0.layer.0.layer_norm.weight "
             "is absent from the written file") in result.output
     assert "are left for inspection: do not use them" in result.output
+
+
+@pytest.mark.parametrize("family", ["vit", "whisper"])
+def test_convert_a_vision_or_speech_model_verifies_it_on_images_or_audio_features(tmp_path, family):
+    # the check of the written model ran it on token ids made from config.vocab_size:
+    # ViT has none (model(None): AttributeError), Whisper's encoder takes log-mel features
+    transformers = pytest.importorskip("transformers", reason="transformers not installed (pip install 'normlab[hf]')")
+    torch.manual_seed(0)
+    if family == "vit":
+        cls, cfg = transformers.ViTModel, transformers.ViTConfig(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=16,
+            patch_size=8)
+        kw = {"pixel_values": torch.randn(2, 3, 16, 16)}
+    else:
+        cls, cfg = transformers.WhisperForConditionalGeneration, transformers.WhisperConfig(
+            d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+            encoder_ffn_dim=32, decoder_ffn_dim=32, vocab_size=64, num_mel_bins=4, max_source_positions=8,
+            max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+        kw = {"input_features": torch.randn(2, 4, 16), "decoder_input_ids": torch.randint(0, 64, (2, 5))}
+    model = perturb(cls(cfg), scale=0.05).eval()
+    model.save_pretrained(tmp_path / "src")
+    result = CliRunner().invoke(app, ["convert", str(tmp_path / "src"), str(tmp_path / "out"), "-t", "fold"],
+                                env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert "weights as written, outputs equal the converted model's" in result.output
+    back = cls.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        a, b = back(**kw), model(**kw)
+    a, b = (a.logits, b.logits) if hasattr(a, "logits") else (a.last_hidden_state, b.last_hidden_state)
+    torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)

@@ -93,3 +93,31 @@ def inputs_in_float32(example_inputs):
         out = [inputs_in_float32(v) for v in example_inputs]
         return out if isinstance(example_inputs, list) else tuple(out)
     return example_inputs
+
+
+def hf_feature_inputs(model: nn.Module, g: torch.Generator, device, dtype) -> list:
+    """A Hugging Face vision or speech model's input, from its ``main_input_name`` and its
+    config: images [2, num_channels, image_size, image_size] for ``pixel_values`` (ViT,
+    DINOv2, CLIP's vision tower), log-mel features [2, num_mel_bins, 2 * max_source_positions]
+    for ``input_features`` (Whisper's encoder); with target ids for an encoder-decoder.
+    Empty for any other model."""
+    config, name = getattr(model, "config", None), getattr(model, "main_input_name", None)
+    if config is None or not isinstance(name, str):
+        return []
+    if name == "pixel_values":
+        size = getattr(config, "image_size", None)
+        size = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else ()
+        shape = (2, getattr(config, "num_channels", 3), *size)
+    elif name == "input_features" and isinstance(getattr(config, "num_mel_bins", None), int):
+        shape = (2, config.num_mel_bins, 2 * getattr(config, "max_source_positions", 1500))
+    else:
+        return []
+    if len(shape) != 4 and name == "pixel_values" or not all(isinstance(n, int) and n > 0 for n in shape):
+        return []
+    inputs = {name: torch.randn(shape, generator=g).to(device, dtype)}
+    if getattr(config, "is_encoder_decoder", False):
+        vocab = getattr(config, "vocab_size", None)
+        if not isinstance(vocab, int) or vocab < 1:
+            return []
+        inputs["decoder_input_ids"] = torch.randint(0, vocab, (2, 8), generator=g).to(device)
+    return [inputs]

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.convert.blocks import block_spec
+from normlab.convert.verify import hf_feature_inputs
 from normlab.diagnostics.structure import check_model, find_block_lists, is_norm
 from normlab.errors import NormArgumentError
 
@@ -219,7 +220,7 @@ def example_inputs_for(model: nn.Module) -> list:
     (below the vocabulary of its token embedding: one named like ``tokens``/``wte``/
     ``embed_tokens``/``word_embeddings``, else the first); a float [2, 8, in_features]
     for the first nn.Linear; for a Hugging Face vision or speech model, images or audio
-    features first (``_hf_feature_inputs``). Token ids come first wherever there is an embedding, even
+    features first (``convert.verify.hf_feature_inputs``). Token ids come first wherever there is an embedding, even
     after a Linear in module order (normlab's TransformerLM registers its blocks first)."""
     p = next(model.parameters(), None)
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
@@ -230,7 +231,7 @@ def example_inputs_for(model: nn.Module) -> list:
         shape = (2, 8, d) if model.batch_first else (8, 2, d)
         return [(torch.randn(shape, generator=g).to(device, dtype),
                  torch.randn(shape, generator=g).to(device, dtype))]
-    out = _hf_feature_inputs(model, g, device, dtype)
+    out = hf_feature_inputs(model, g, device, dtype)
     embeddings = [(path, mod) for path, mod in model.named_modules() if isinstance(mod, nn.Embedding)]
     if embeddings:
         named = [mod for path, mod in embeddings if path.rsplit(".", 1)[-1].lower() in _TOKEN_EMBEDDINGS]
@@ -247,34 +248,6 @@ def example_inputs_for(model: nn.Module) -> list:
     if linear is not None:
         out.append(torch.randn(2, 8, linear.in_features, generator=g).to(device, dtype))
     return out
-
-
-def _hf_feature_inputs(model: nn.Module, g: torch.Generator, device, dtype) -> list:
-    """A Hugging Face vision or speech model's input, from its ``main_input_name`` and its
-    config: images [2, num_channels, image_size, image_size] for ``pixel_values`` (ViT,
-    DINOv2, CLIP's vision tower), log-mel features [2, num_mel_bins, 2 * max_source_positions]
-    for ``input_features`` (Whisper's encoder); with target ids for an encoder-decoder.
-    Empty for any other model."""
-    config, name = getattr(model, "config", None), getattr(model, "main_input_name", None)
-    if config is None or not isinstance(name, str):
-        return []
-    if name == "pixel_values":
-        size = getattr(config, "image_size", None)
-        size = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else ()
-        shape = (2, getattr(config, "num_channels", 3), *size)
-    elif name == "input_features" and isinstance(getattr(config, "num_mel_bins", None), int):
-        shape = (2, config.num_mel_bins, 2 * getattr(config, "max_source_positions", 1500))
-    else:
-        return []
-    if len(shape) != 4 and name == "pixel_values" or not all(isinstance(n, int) and n > 0 for n in shape):
-        return []
-    inputs = {name: torch.randn(shape, generator=g).to(device, dtype)}
-    if getattr(config, "is_encoder_decoder", False):
-        vocab = getattr(config, "vocab_size", None)
-        if not isinstance(vocab, int) or vocab < 1:
-            return []
-        inputs["decoder_input_ids"] = torch.randint(0, vocab, (2, 8), generator=g).to(device)
-    return [inputs]
 
 
 def example_input_for(model: nn.Module):
