@@ -29,7 +29,9 @@ class Attention(nn.Module):
     Q_h = Norm_q(W_q x)_h, K_h = Norm_k(W_k context)_h.
     ``qk_norm_scope="projection"``: one norm over the whole d_model-wide projection, before
     the head split (as OLMo 2 does): Q_h = Norm_q(W_q x)_h with Norm_q over d_model
-    features, so the heads share one statistic and each feature has its own gain."""
+    features, so the heads share one statistic and each feature has its own gain. The
+    normalized width must be >= 2: over one feature a normalized query or key keeps only
+    its sign (rmsnorm) or its bias (layernorm)."""
 
     def __init__(self, d_model: int, n_heads: int, attention_dropout: float = 0.0, *,
                  qk_norm: str | None = None, qk_norm_eps: float | None = None,
@@ -47,6 +49,10 @@ class Attention(nn.Module):
             raise ValueError(f"Attention: expected qk_norm_scope to be 'head' or 'projection', got {qk_norm_scope!r}")
         self.qk_norm_scope = qk_norm_scope
         width = self.head_dim if qk_norm_scope == "head" else d_model
+        if qk_norm and width < 2:
+            raise ValueError(f"Attention: qk_norm={qk_norm!r} with qk_norm_scope={qk_norm_scope!r} needs "
+                             f"{'head_dim' if qk_norm_scope == 'head' else 'd_model'} >= 2, got 1: over one "
+                             f"feature it leaves each query and key only its sign or its bias")
         self.q_norm = build_norm(qk_norm, width, eps=qk_norm_eps) if qk_norm else None
         self.k_norm = build_norm(qk_norm, width, eps=qk_norm_eps) if qk_norm else None
 

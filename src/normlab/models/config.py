@@ -46,7 +46,9 @@ class TransformerConfig:
                       key (head_dim wide, eps from norm_eps) after their projections,
                       before RoPE, in self- and cross-attention (QK-norm as in Qwen3 and
                       Gemma 3; Dehghani et al. 2023, "Scaling Vision Transformers to 22
-                      Billion Parameters")
+                      Billion Parameters"); head_dim must be >= 2: over one feature a
+                      normalized query or key keeps only its sign (rmsnorm) or the norm's
+                      bias (layernorm: uniform attention)
     qk_norm_scope     "head" (the above) | "projection": one norm over the whole d_model-wide
                       query and key projections, before the head split (OLMo 2)
     placement         any ``placement_names()`` entry: where the norms sit
@@ -55,9 +57,12 @@ class TransformerConfig:
                       the keys a placement takes are its ``options``
     residual_scale    lambda in x + lambda * F(x), a plain scale of every branch; 1.0 is
                       the plain residual. (Liu et al. 2020, "Rethinking Skip Connection
-                      with Layer Normalization", scale the skip instead: LN(mu * x + F(x));
-                      under Post-LN that is lambda = 1/mu up to eps, under the other
-                      placements no lambda gives it.)
+                      with Layer Normalization", scale the skip instead: LN(mu * x + F(x)).
+                      Under Post-LN with a norm blind to its input's scale (layernorm,
+                      rmsnorm, scalenorm; batchnorm in training, powernorm in its
+                      warm-up: while they divide by the batch's own statistics) that is
+                      lambda = 1/mu up to eps; with dyt, none or running statistics, and
+                      under the other placements, no lambda gives it.)
     embedding_norm    a norm after the embeddings (as BERT); Peri-LN has one regardless
     tie_embeddings    the output head shares the token embedding matrix
     init              "xavier" (Vaswani et al., Xiong et al.) | "gpt2" (Radford et al. 2019);
@@ -65,7 +70,10 @@ class TransformerConfig:
     activation        the FFN's nonlinearity: "gelu" | "relu"
 
     ``d_ff`` and ``n_decoder_layers`` given as None are resolved on construction, so the
-    config always records the numbers the model was built with.
+    config always records the numbers the model was built with. Numbers are stored as
+    plain ints and floats (a numpy scalar or a Fraction converted exactly as ``int`` and
+    ``float`` do), in the fields and in the values of ``norm_options`` and
+    ``placement_options``.
     """
 
     vocab_size: int = 256
@@ -93,13 +101,13 @@ class TransformerConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "max_seq_len"):
-            _check_int(name, getattr(self, name))
+            object.__setattr__(self, name, _check_int(name, getattr(self, name)))
         if self.n_decoder_layers is None:
             object.__setattr__(self, "n_decoder_layers", self.n_layers)
-        _check_int("n_decoder_layers", self.n_decoder_layers)
+        object.__setattr__(self, "n_decoder_layers", _check_int("n_decoder_layers", self.n_decoder_layers))
         if self.d_ff is None:
             object.__setattr__(self, "d_ff", 4 * self.d_model)
-        _check_int("d_ff", self.d_ff)
+        object.__setattr__(self, "d_ff", _check_int("d_ff", self.d_ff))
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"TransformerConfig: expected d_model to be divisible by n_heads, got "
@@ -111,18 +119,23 @@ class TransformerConfig:
                 f"got {self.d_model // self.n_heads}"
             )
         for name in ("dropout", "attention_dropout"):
-            p = getattr(self, name)
-            if not _is_real(p) or not 0.0 <= p < 1.0:
-                raise ValueError(f"TransformerConfig: expected {name} in [0, 1), got {p!r}")
-        if self.norm_eps is not None and (not _is_real(self.norm_eps) or not math.isfinite(self.norm_eps)
-                                          or self.norm_eps < 0):
-            raise ValueError(
-                f"TransformerConfig: expected norm_eps to be None or a finite number >= 0, got {self.norm_eps!r}"
-            )
-        if not _is_real(self.residual_scale) or not math.isfinite(self.residual_scale) or self.residual_scale <= 0:
+            p = _as_float(getattr(self, name))
+            if p is None or not 0.0 <= p < 1.0:
+                raise ValueError(f"TransformerConfig: expected {name} in [0, 1), got {getattr(self, name)!r}")
+            object.__setattr__(self, name, p)
+        if self.norm_eps is not None:
+            eps = _as_float(self.norm_eps)
+            if eps is None or not math.isfinite(eps) or eps < 0:
+                raise ValueError(
+                    f"TransformerConfig: expected norm_eps to be None or a finite number >= 0, got {self.norm_eps!r}"
+                )
+            object.__setattr__(self, "norm_eps", eps)
+        scale = _as_float(self.residual_scale)
+        if scale is None or not math.isfinite(scale) or scale <= 0:
             raise ValueError(
                 f"TransformerConfig: expected residual_scale to be a finite number > 0, got {self.residual_scale!r}"
             )
+        object.__setattr__(self, "residual_scale", scale)
         _check_choice("positional", self.positional, POSITIONALS)
         _check_choice("norm", self.norm, norm_names())
         _check_choice("placement", self.placement, placement_names())
@@ -134,6 +147,8 @@ class TransformerConfig:
                 f"TransformerConfig: expected norm_options to be None or a dict of keyword arguments, "
                 f"got {self.norm_options!r}"
             )
+        if self.norm_options is not None:
+            object.__setattr__(self, "norm_options", _plain_options(self.norm_options))
         from normlab.norms import build_norm
 
         # one norm of the config, built here at d_model: an eps or an option the norm refuses
@@ -150,13 +165,17 @@ class TransformerConfig:
             fields = f"norm_eps={self.norm_eps!r}" + (f", norm_options {self.norm_options!r}"
                                                       if self.norm_options else "")
             raise ValueError(f"TransformerConfig: norm {self.norm!r} refuses {fields}: {e}") from None
-        if self.norm_options is not None:
-            object.__setattr__(self, "norm_options", dict(self.norm_options))
         if self.qk_norm is not None and (not isinstance(self.qk_norm, str) or self.qk_norm not in QK_NORMS):
             raise ValueError(
                 f"TransformerConfig: unknown qk_norm {self.qk_norm!r}; expected None or one of: {', '.join(QK_NORMS)}"
             )
         _check_choice("qk_norm_scope", self.qk_norm_scope, QK_NORM_SCOPES)
+        if self.qk_norm is not None and (self.head_dim if self.qk_norm_scope == "head" else self.d_model) < 2:
+            over = "head_dim (d_model / n_heads)" if self.qk_norm_scope == "head" else "d_model"
+            raise ValueError(
+                f"TransformerConfig: qk_norm={self.qk_norm!r} with qk_norm_scope={self.qk_norm_scope!r} needs "
+                f"{over} >= 2, got 1: over one feature it leaves each query and key only its sign or its bias"
+            )
         if self.placement_options is not None:
             self._check_placement_options()
         for name in ("embedding_norm", "tie_embeddings"):
@@ -170,6 +189,7 @@ class TransformerConfig:
                 f"TransformerConfig: expected placement_options to be None or a dict of keyword arguments, "
                 f"got {opts!r}"
             )
+        opts = _plain_options(opts)
         cls = get_placement(self.placement)
         unknown = sorted(set(opts) - set(cls.options))
         if unknown:
@@ -183,7 +203,7 @@ class TransformerConfig:
         except (TypeError, ValueError) as e:
             raise ValueError(f"TransformerConfig: placement_options {opts!r} do not fit placement "
                              f"{self.placement!r}: {e}") from None
-        object.__setattr__(self, "placement_options", dict(opts))
+        object.__setattr__(self, "placement_options", opts)
 
     @property
     def head_dim(self) -> int:
@@ -206,13 +226,35 @@ class TransformerConfig:
         return cls(**d)
 
 
-def _is_real(v: object) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+def _as_float(v: object) -> float | None:
+    """A real number (numpy scalar and Fraction included, bool not) as a plain float, else None."""
+    if not isinstance(v, numbers.Real) or isinstance(v, bool):
+        return None
+    try:
+        return float(v)
+    except (OverflowError, ValueError, TypeError):
+        return None
 
 
-def _check_int(name: str, v: object) -> None:
+def _check_int(name: str, v: object) -> int:
+    """An int >= 1 (a numpy integer included, bool not), as a plain int."""
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
         raise ValueError(f"TransformerConfig: expected {name} to be an int >= 1, got {v!r}")
+    return int(v)
+
+
+def _plain_options(opts: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``opts`` with its numbers as plain ints and floats (bools as they are), so
+    the config stays JSON-serialisable; what else a value may be is the norm's or
+    placement's to check."""
+    def plain(v: object) -> object:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            return v
+        if isinstance(v, numbers.Integral):
+            return int(v)
+        f = _as_float(v)
+        return v if f is None else f
+    return {k: plain(v) for k, v in opts.items()}
 
 
 def _check_choice(name: str, v: object, choices: list[str] | tuple[str, ...]) -> None:

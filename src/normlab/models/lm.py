@@ -17,7 +17,13 @@ class TransformerLM(BlockStack):
 
     Modules: ``embed`` (``embed.tokens``, ``embed.positions``, ``embed.norm``), ``blocks``,
     ``final_norm``, ``head`` (sharing ``embed.tokens.weight`` when ``tie_embeddings``).
-    DeepNorm/Sub-LN constants are the decoder-only ones for M = n_layers."""
+    DeepNorm/Sub-LN constants are the decoder-only ones for M = n_layers.
+
+    Causality holds in the attention. A norm on batch statistics (``batchnorm`` in
+    training, ``powernorm`` in training during its warm-up) takes them over every real
+    position of the batch, later ones included, so in training position t's output also
+    depends on tokens after t (as in any causal model with batch normalization); in eval
+    mode, and with every other norm, it does not."""
 
     def __init__(self, cfg: TransformerConfig) -> None:
         placement = build_placement(cfg, "decoder", 0, cfg.n_layers)
@@ -30,7 +36,9 @@ class TransformerLM(BlockStack):
         init_weights(self, cfg)
 
     def forward(self, tokens: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        """tokens [B, T] (long) -> logits [B, T, vocab_size]; position t sees tokens <= t.
+        """tokens [B, T] (long) -> logits [B, T, vocab_size]; position t sees tokens <= t
+        (in training with a batch-statistics norm, the statistics mix every position: see
+        the class docstring).
 
         ``padding_mask`` [B, T] (True = padded) keeps padded keys out of attention and
         padded positions out of batch-statistics norms."""

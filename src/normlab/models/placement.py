@@ -321,11 +321,11 @@ class ParallelNorm(Placement):
     """Parallel block: x_{l+1} = x_l + lambda (Attn(Norm_a(x_l)) + FFN(Norm_f(x_l))); y = Norm_final(x_L) (GPT-J, Wang & Komatsuzaki 2021; GPT-NeoX, Black et al. 2022; PaLM, Chowdhery et al. 2022; Falcon, Almazrouei et al. 2023).
 
     Both sublayers read the same stream value. ``shared_norm=True`` (the default; GPT-J,
-    PaLM, Falcon-7B/40B): Norm_a = Norm_f, one module (``attn_in``) feeding attention and
-    FFN; ``shared_norm=False`` (GPT-NeoX, Falcon's new decoder): two norms, ``attn_in``
-    and ``ffn_in``, both reading x_l. Each branch has its own dropout (as GPT-NeoX's
-    ``post_attention_dropout`` / ``post_mlp_dropout``). No cross-attention (a seq2seq
-    decoder refuses this placement)."""
+    PaLM, Falcon-7B): Norm_a = Norm_f, one module (``attn_in``) feeding attention and
+    FFN; ``shared_norm=False`` (GPT-NeoX, Falcon-40B's new decoder architecture): two
+    norms, ``attn_in`` and ``ffn_in``, both reading x_l. Each branch has its own dropout
+    (as GPT-NeoX's ``post_attention_dropout`` / ``post_mlp_dropout``). No cross-attention
+    (a seq2seq decoder refuses this placement)."""
 
     slots = ("in",)
     final_norm = True
