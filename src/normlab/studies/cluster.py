@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from normlab.studies.spec import RunSpec
+from normlab.studies.train import write_atomic
 
 LAUNCHERS = ("local", "slurm")
 
@@ -196,7 +197,9 @@ def submit(runs: list[RunSpec], study_dir: Path, launcher: str, options: JobOpti
     specs = {spec.name: spec for spec in runs}
     record.update({name: {"job_id": job.job_id, "launcher": launcher, "fingerprint": specs[name].fingerprint()}
                    for name, job in jobs.items()})
-    (study_dir / "jobs.json").write_text(json.dumps(record, indent=1))
+    # swapped in whole: a kill part way through the write keeps the earlier records (the
+    # jobs of an earlier submission, which a re-run must not submit twice)
+    write_atomic(study_dir / "jobs.json", json.dumps(record, indent=1))
     return jobs
 
 
@@ -315,10 +318,12 @@ def read_jobs(study_dir: Path) -> dict[str, Any]:
         return {}
 
 
-def wait(jobs: dict[str, Any], on_update, poll_s: float = 1.0) -> dict[str, BaseException]:
+def wait(jobs: dict[str, Any], on_update, poll_s: float = 1.0,
+         errors: dict[str, BaseException] | None = None) -> dict[str, BaseException]:
     """Wait for every job; ``on_update(done, running, failed, pending)`` after each poll
-    (run names). Returns the failed runs' errors."""
-    failed: dict[str, BaseException] = {}
+    (run names). Returns the failed runs' errors; ``errors``, when given, is filled with
+    them as they come (a caller stopped part way still has those so far)."""
+    failed: dict[str, BaseException] = {} if errors is None else errors
     done: set[str] = set()
     while True:
         running, pending = [], []

@@ -3,12 +3,17 @@
 Runs are independent, so they run side by side in worker processes: on a CPU by
 default one per core, one thread each (tiny models use a second thread poorly and a
 second core fully); on GPUs one per GPU, or ``runs_per_gpu`` per GPU, each worker pinned
-to one GPU. Every run is seeded, so the numbers do not depend on how many workers ran
-them. Under torchrun (one data-parallel run over the processes) the runs go one after
-another.
+to one GPU. Every run is seeded, so its numbers depend on its settings and on the torch
+thread count it trained at (recorded in its result as ``threads``), not on how many
+workers ran the study: at the same thread count they are identical. The worker count
+sets the thread count, though (``--workers 1``: every thread; N workers: a share each),
+and another thread count sums in another order: fp32 rounding, which training amplifies
+(a 20-step ``gns`` run ends about 4e-7 relative apart).
+Under torchrun (one data-parallel run over the processes) the runs go one after another.
 
-Ctrl-C finishes each running run's current step and saves it; the finished runs are
-in ``summary.json``; the same command resumes. A run that raises, or whose worker
+Ctrl-C finishes each running run's current step and saves it; ``summary.json`` holds
+every finished run of the plan (those found on disk too) and the runs that failed and
+have not run again since; the same command resumes. A run that raises, or whose worker
 process dies, is reported failed and the others go on.
 """
 
@@ -25,6 +30,7 @@ import sys
 import time
 import traceback
 import warnings
+from collections.abc import Collection
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
@@ -216,26 +222,28 @@ class StudyBusy(RuntimeError):
 
 
 class StudyInterrupted(Interrupted):
-    """Ctrl-C stopped the study: what each running run saved, and how to go on."""
+    """Ctrl-C stopped the study: what each running run saved, and how to go on.
+    ``runs``: the runs it cut off (they had started again in this invocation)."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, runs: tuple[str, ...] = ()) -> None:
         Exception.__init__(self, message)
-        self.run, self.step = None, None
+        self.run, self.step, self.runs = None, None, tuple(runs)
 
     def __reduce__(self):
-        return (StudyInterrupted, (str(self),))
+        return (StudyInterrupted, (str(self), self.runs))
 
 
 def _interrupted(study: Study, runs: list[Interrupted]) -> StudyInterrupted:
     if not runs:
         return StudyInterrupted(f"interrupted before the next runs of {study.name!r} started; the finished runs "
                                 "are in summary.json; re-run the same command to resume")
+    cut = tuple(i.run for i in runs if i.run is not None)
     saved = [f"{i.run} (step {i.step})" for i in runs if i.step is not None]
     over = [i.run for i in runs if i.step is None]
     parts = ([f"saved {', '.join(saved)}"] if saved else []) + (
         [f"{', '.join(over)} keep{'s' if len(over) == 1 else ''} no checkpoint and "
          f"start{'s' if len(over) == 1 else ''} over"] if over else [])
-    return StudyInterrupted(f"interrupted: {'; '.join(parts)}; re-run the same command to resume")
+    return StudyInterrupted(f"interrupted: {'; '.join(parts)}; re-run the same command to resume", cut)
 
 
 def _error_line(text: str) -> str:
@@ -314,6 +322,35 @@ def _read_summary(study_dir: Path) -> dict[str, Any]:
     return summary if isinstance(summary, dict) else {}
 
 
+def _unplanned_runs(study: Study, study_dir: Path) -> list[str]:
+    """The finished runs in the study's folder (a run folder with a result) that are not in
+    ``study.runs``: runs of seeds beyond ``--seeds``, or of configurations this plan has
+    not (another version of the preset). Nothing reads them: the summary, claims and
+    report are the plan's."""
+    planned = {r.name for r in study.runs}
+    try:
+        folders = [d for d in study_dir.iterdir() if d.name not in planned and d.is_dir()]
+    except OSError:
+        return []
+    return sorted(d.name for d in folders if read_result(d / "result.json") is not None)
+
+
+def _unplanned_warning(study: Study, study_dir: Path, unread: list[str]) -> str:
+    """Why the finished runs ``unread`` (``_unplanned_runs``) were not read, and how to read them."""
+    bases = {re.sub(r"-s\d+$", "", r.name) for r in study.runs if r.kind != "speed"}
+    seeds = [int(m.group(2)) for name in unread if (m := re.match(r"^(.*)-s(\d+)$", name)) and m.group(1) in bases]
+    why = []
+    if seeds:
+        why.append(f"{len(seeds)} of seeds outside this plan's (--seeds {max(seeds) + 1} or more reads them)")
+    if len(seeds) < len(unread):
+        why.append(f"{len(unread) - len(seeds)} of configurations this plan does not have (another version of the "
+                   "preset)")
+    shown = ", ".join(unread[:5]) + (f" and {len(unread) - 5} more" if len(unread) > 5 else "")
+    return (f"{len(unread)} finished run(s) of {study.name!r} in {study_dir} were not read ({shown}): "
+            f"{'; '.join(why)}. The summary, claims and report hold the {len(study.runs)} planned run(s) only "
+            "(summary.json: provenance.runs_not_read)")
+
+
 def _default_corpus_note(corpus: ByteCorpus) -> str:
     from normlab.studies import data  # (its stdlib_root: where the default corpus was read)
 
@@ -366,7 +403,11 @@ def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, con
     unfinished run as a job; ``wait=False`` returns once they are submitted.
     ``report_only`` runs nothing: it merges the runs that have finished (by anyone) into
     the summary and report, and lists the others as not finished (the runs the last
-    summary recorded as failed, and not finished since, stay failed).
+    summary recorded as failed, and not finished since, stay failed). Finished runs in the
+    folder that are not in ``study.runs`` (seeds beyond ``--seeds``, a configuration the
+    preset dropped) are not read: a RuntimeWarning names them (provenance ``runs_not_read``).
+    A summary written part way (after each run, on Ctrl-C) holds every finished run of
+    the plan found on disk, and the last summary's failures of the runs not run since.
 
     ``workers`` None (auto): one per core on a CPU, ``runs_per_gpu`` (default 1) per
     visible GPU on CUDA. On CUDA worker k runs on GPU k % GPUs (``gpu_plan``).
@@ -447,25 +488,72 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
     prov = provenance(env, corpus, workers=workers, threads=threads) if env.is_main else {}
     if prov and env.device.type == "cuda" and workers > 1:
         prov.update(worker_devices=devices, runs_per_gpu=runs_per_gpu)
+    results: dict[str, dict[str, Any]] = {}
+    failures: dict[str, str] = {}  # run name -> its traceback: the other runs go on
+    # a summary written before every run is reached (after each run, or on Ctrl-C) holds
+    # what the folder held too: the runs finished on disk (``found``), and the runs the last
+    # summary lists as failed that have not run again since (``earlier_failed``; ``rerun``:
+    # the runs this invocation started, whose earlier failure it supersedes)
+    found: dict[str, dict[str, Any]] = {}
+    earlier_failed: dict[str, str] = {}
+    rerun: set[str] = set()
+    baselines: dict[tuple[int, int], dict[str, float]] = {}
+
+    def with_baselines(spec: RunSpec, result: dict[str, Any]) -> dict[str, Any]:
+        if corpus is not None and spec.task == "lm" and "baseline_val_loss" not in result:  # (one of its own)
+            key = (spec.seq_len, spec.val_bytes)
+            if key not in baselines:
+                baselines[key] = corpus.baselines(*key)
+            result.update(baselines[key])
+        return result
+
+    def scan() -> None:
+        """``found``: the runs finished on disk (by an earlier command, or a job) that this
+        invocation has not finished or failed."""
+        for spec in study.runs:
+            if spec.name in results or spec.name in failures:
+                continue
+            result = _finished_result(spec, study_dir / spec.name, made_by)
+            if result is None:
+                found.pop(spec.name, None)
+            elif spec.name not in found:
+                found[spec.name] = with_baselines(spec, result)
+
     if prov:
         prov["runs"] = len(study.runs)
-        prov["runs_found_finished"] = sum(_finished(spec, study_dir / spec.name, made_by) for spec in study.runs)
+        if report_only:
+            prov["runs_found_finished"] = sum(_finished(spec, study_dir / spec.name, made_by) for spec in study.runs)
+        else:
+            scan()
+            prov["runs_found_finished"] = len(found)
+            names = {r.name for r in study.runs}
+            for entry in _read_summary(study_dir).get("failed") or []:
+                name = entry.get("name") if isinstance(entry, dict) else None
+                if name in names and name not in found and name not in stale:  # (stale: --overwrite replaces it)
+                    earlier_failed[name] = str(entry.get("error") or "")
+        if unread := _unplanned_runs(study, study_dir):
+            prov["runs_not_read"] = unread
+            warnings.warn(_unplanned_warning(study, study_dir, unread), RuntimeWarning, stacklevel=3)
         if launcher is not None:
             options = job_options or JobOptions()
             prov.update(launcher=launcher, workers=None, threads=options.cpus_per_run, job_device=job_device,
                         job_options={k: v for k, v in vars(options).items() if v is not None})
         if report_only:
             prov.update(report_only=True, workers=None, threads=None)
-    baselines: dict[tuple[int, int], dict[str, float]] = {}
     started = time.perf_counter()
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not env.is_main,
     )
-    results: dict[str, dict[str, Any]] = {}
-    failures: dict[str, str] = {}  # run name -> its traceback: the other runs go on
-
     unwritable: list[str] = []
+
+    def summary_runs() -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+        """The finished runs and the failed ones, as far as known now (see ``found``)."""
+        runs = {**{k: v for k, v in found.items() if k not in failures}, **results}
+        failed = dict(failures)
+        failed.update({name: text for name, text in earlier_failed.items()
+                       if name not in runs and name not in failed and name not in rerun})
+        return runs, failed
 
     def save_summary() -> None:
         """summary.json after each run; a write that fails (a full disk) is told once, and
@@ -473,7 +561,8 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
         if not env.is_main:
             return
         try:
-            _write_summary(study_dir, study, _ordered(study, results), prov, failures)
+            runs, failed = summary_runs()
+            _write_summary(study_dir, study, _ordered(study, runs), prov, failed)
         except OSError as e:
             if not unwritable:
                 console.print(f"[red]could not write {escape(str(study_dir / 'summary.json'))}:[/red] "
@@ -487,12 +576,7 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
         save_summary()
 
     def finish(spec: RunSpec, result: dict[str, Any]) -> None:
-        if corpus is not None and spec.task == "lm" and "baseline_val_loss" not in result:  # (one of its own)
-            key = (spec.seq_len, spec.val_bytes)
-            if key not in baselines:
-                baselines[key] = corpus.baselines(*key)
-            result.update(baselines[key])
-        results[spec.name] = result
+        results[spec.name] = with_baselines(spec, result)
         save_summary()
 
     try:
@@ -527,6 +611,7 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
                                       keep_weights=keep_weights, device=env.device.type,
                                       expect_corpus=corpus.sha256() if corpus is not None and not corpus_given
                                       else None) if pending else {}
+                rerun.update(r.name for r in pending + busy)  # (run again: by this submission's jobs or earlier ones)
                 if not wait:
                     console.print(f"submitted {len(jobs)} job(s) ({launcher}; ids in {study_dir / 'jobs.json'}); "
                                   f"`{merge_command}` merges the finished runs", markup=False, highlight=False,
@@ -558,22 +643,29 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
                     finally:
                         torch.set_num_threads(before)
     except (Interrupted, KeyboardInterrupt) as e:
+        # the runs it cut off had started again; what finished meanwhile (a job's run) is read
+        rerun.update(getattr(e, "runs", ()))
+        if getattr(e, "run", None) is not None:
+            rerun.add(e.run)
+        if env.is_main and not report_only:
+            scan()
         save_summary()
         if isinstance(e, KeyboardInterrupt):  # a second Ctrl-C: the workers stopped at once
             raise StudyInterrupted("interrupted at once: the running runs resume from their last checkpoints "
                                    "(or start over, those with none yet); re-run the same command to resume") from None
         raise
-    ordered = _ordered(study, results)
+    finished, failed = summary_runs()  # (every run was reached: these are this invocation's, or its jobs')
+    ordered = _ordered(study, finished)
     report = None
     if env.is_main:
         prov["wall_s"] = round(time.perf_counter() - started, 1)  # this invocation
         prov["run_time_s"] = round(sum(r.get("wall_s") or 0.0 for r in ordered), 1)  # every run, when it ran
         prov["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        _write_summary(study_dir, study, ordered, prov, failures)
-        missing = missing_runs(study.runs, results, failures)
+        _write_summary(study_dir, study, ordered, prov, failed)
+        missing = missing_runs(study.runs, finished, failed)
         rows = judge_all(study.claims, ordered, study.margins, missing)
         write_atomic(study_dir / "claims.json", json.dumps(_json_safe(rows), indent=1))
-        report = write_report(study_dir, study, ordered, prov, rows, failures, missing)
+        report = write_report(study_dir, study, ordered, prov, rows, failed, missing)
     return ordered, report
 
 
@@ -651,6 +743,11 @@ def _counts(study: str, done: int, running: int, failed: int, total: int, where:
 
 def _wait_for_jobs(study: Study, jobs: dict[str, Any], progress: Progress, fail, launcher: str,
                    merge_command: str) -> None:
+    """Wait for ``jobs``, failing the runs whose job raised. SIGTERM and SIGHUP stop the
+    waiting as Ctrl-C does (``_stop_signals``; those this process was started with ignored
+    stay ignored): SLURM jobs go on; local jobs stop, as a terminal's Ctrl-C stops them
+    (their processes are in its process group), and a signal sent to this process alone
+    stops them through submitit (``_stop_local_jobs``)."""
     specs = {r.name: r for r in study.runs}
     task = progress.add_task(_counts(study.name, 0, 0, 0, len(jobs), " jobs"), total=max(1, len(jobs)))
 
@@ -658,16 +755,70 @@ def _wait_for_jobs(study: Study, jobs: dict[str, Any], progress: Progress, fail,
         progress.update(task, completed=len(done) + len(failed),
                         description=_counts(study.name, len(done), len(running), len(failed), len(jobs), " jobs"))
 
+    caught: list[int] = []
+
+    def on_signal(signum, frame) -> None:
+        caught.append(signum)
+        raise KeyboardInterrupt
+
+    previous = ({s: signal.signal(s, on_signal) for s in _stop_signals() if s != signal.SIGINT}
+                if _in_main_thread() else {})
+    errors: dict[str, BaseException] = {}  # (filled as jobs fail: those that failed before a stop count)
     try:
-        errors = cluster.wait(jobs, on_update)
+        cluster.wait(jobs, on_update, errors=errors)
     except KeyboardInterrupt:
-        if launcher == "local":  # the jobs are this terminal's processes: Ctrl-C reached them too
-            raise StudyInterrupted("interrupted: the local jobs stopped too (they share this terminal); re-run the "
-                                   "same command: each run resumes from its last checkpoint") from None
-        raise StudyInterrupted(f"stopped waiting for {len(jobs)} job(s), which go on; `{merge_command}` merges the "
-                               "finished runs") from None
+        for name, err in errors.items():
+            fail(specs[name], err)
+        how = signal.Signals(caught[-1]).name if caught else "Ctrl-C"
+        if launcher == "local":
+            alive = _stop_local_jobs(jobs, signalled=bool(caught))
+            if alive:  # (jobs that ignore SIGINT: this process was started with it ignored, a background job)
+                shown = ", ".join(alive[:8]) + (" ..." if len(alive) > 8 else "")
+                raise StudyInterrupted(
+                    f"interrupted ({how}): {len(jobs) - len(alive)} of the {len(jobs)} local job(s) stopped; "
+                    f"{len(alive)} go on ({shown}), and `{merge_command}` merges their runs once they finish; "
+                    "re-run the same command: each stopped run resumes from its last checkpoint", tuple(jobs)) from None
+            raise StudyInterrupted(f"interrupted ({how}): the local jobs stopped too; re-run the same command: "
+                                   "each run resumes from its last checkpoint", tuple(jobs)) from None
+        raise StudyInterrupted(f"stopped waiting ({how}) for {len(jobs)} job(s), which go on; `{merge_command}` "
+                               "merges the finished runs", tuple(jobs)) from None
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
     for name, err in errors.items():
         fail(specs[name], err)
+
+
+def _stop_local_jobs(jobs: dict[str, Any], signalled: bool, grace_s: float = 2.0, wait_s: float = 5.0) -> list[str]:
+    """Stop the local jobs still running after a stop; returns the runs whose job is still
+    running after ``wait_s``. A terminal's Ctrl-C reached them already (they share its
+    process group): they get ``grace_s`` to end on their own. ``signalled`` (a SIGTERM or
+    SIGHUP sent to this process) or a Ctrl-C that did not reach them: submitit cancels
+    them (SIGINT to each job, which stops its run as Ctrl-C does: it saves at the end of
+    its step, if that step ends within the second submitit then gives it)."""
+    def running() -> list[str]:
+        out = []
+        for name, job in jobs.items():
+            try:
+                if not job.done():
+                    out.append(name)
+            except Exception:  # noqa: BLE001 - a job that cannot be asked is left as it is
+                pass
+        return out
+
+    deadline = time.monotonic() + (0.0 if signalled else grace_s)
+    while (alive := running()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for name in alive:
+        try:
+            jobs[name].cancel(check=False)
+        except Exception:  # noqa: BLE001 - (see above)
+            pass
+    deadline = time.monotonic() + wait_s
+    while (alive := running()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return alive
 
 
 def _finished_result(spec: RunSpec, run_dir: Path, made_by=None) -> dict[str, Any] | None:
@@ -726,7 +877,7 @@ def _serial(runs, title, study_dir, env, corpus, progress, finish, keep_weights,
             if spec.kind == "train":
                 raise StudyInterrupted(f"interrupted at once in run {spec.name!r}: it resumes from its last "
                                        "checkpoint (or starts over, with none yet); re-run the same command "
-                                       "to resume") from None
+                                       "to resume", (spec.name,)) from None
             raise Interrupted(spec.name, None) from None
         except Exception as e:
             if fail is None:
@@ -989,6 +1140,24 @@ def _run_parallel(study, study_dir, corpus, progress, finish, fail, keep_weights
     n_done, n_failed = [0], [0]
     bars: dict[str, Any] = {}
     completed: dict[str, int] = {}
+    # the runs that finished or failed: a progress message that arrives after its run's
+    # future (a queue's feeder thread may deliver it late) leaves them be (``_drain``)
+    ended: set[str] = set()
+
+    def end(spec: RunSpec, error: BaseException | None = None) -> None:
+        """A run is over: its work counts in full (finished or failed, as the serial path
+        counts it), its bar goes, and ``error`` (a failure) is reported."""
+        ended.add(spec.name)
+        completed[spec.name] = _work(spec)
+        if spec.name in bars:
+            progress.remove_task(bars.pop(spec.name))
+        if error is not None:
+            n_failed[0] += 1
+            fail(spec, error)
+
+    def show(running: int) -> None:
+        progress.update(overall, completed=sum(completed.values()),
+                        description=_counts(study.name, n_done[0], running, n_failed[0], len(study.runs), where))
     # the pool in use, with its stop flag; each pool has its own flag and progress queue,
     # as a worker that dies holding their lock leaves them unusable
     current: dict[str, Any] = {}
@@ -1034,7 +1203,7 @@ def _run_parallel(study, study_dir, corpus, progress, finish, fail, keep_weights
                 starting = [pool.submit(_started, WORKER_START_S) for _ in range(n)]
                 while not all(f.done() for f in starting):
                     wait(starting, timeout=0.2, return_when=FIRST_COMPLETED)
-                    start_errors += _drain(queue, specs, bars, completed, progress, overall)
+                    start_errors += _drain(queue, specs, bars, completed, progress, overall, ended)
                     if stopping[0]:
                         barrier.abort()  # the workers waiting for the others go on, to their end
                         return list(runs), None
@@ -1042,14 +1211,12 @@ def _run_parallel(study, study_dir, corpus, progress, finish, fail, keep_weights
                     f.result()
             except Exception as e:  # BrokenProcessPool, or the barrier's timeout
                 barrier.abort()
-                start_errors += _drain(queue, specs, bars, completed, progress, overall)
+                start_errors += _drain(queue, specs, bars, completed, progress, overall, ended)
                 if start_errors:
                     for spec in runs:
-                        n_failed[0] += 1
-                        fail(spec, WorkerStartFailed(
+                        end(spec, WorkerStartFailed(
                             f"run {spec.name}: the worker processes did not start:\n{start_errors[0]}"))
-                    progress.update(overall, description=_counts(study.name, n_done[0], 0, n_failed[0],
-                                                                 len(study.runs), where))
+                    show(0)
                     return [], None
                 broken_unexplained[0] += 1
                 if not stopping[0]:
@@ -1060,7 +1227,7 @@ def _run_parallel(study, study_dir, corpus, progress, finish, fail, keep_weights
                 for i, spec in enumerate(runs)}
             while pending:
                 done, _ = wait(list(pending), timeout=0.2, return_when=FIRST_COMPLETED)
-                _drain(queue, specs, bars, completed, progress, overall)
+                _drain(queue, specs, bars, completed, progress, overall, ended)
                 for fut in done:
                     spec = pending.pop(fut)
                     if spec.name in bars:
@@ -1077,16 +1244,13 @@ def _run_parallel(study, study_dir, corpus, progress, finish, fail, keep_weights
                         broken.append(spec)  # a worker died: sorted out below, once the pool has ended
                         continue
                     except Exception as e:  # the run's error, with the worker's traceback
-                        n_failed[0] += 1
-                        fail(spec, e)
+                        end(spec, e)
                         continue
                     if result is not None:
                         n_done[0] += 1
-                        completed[spec.name] = _work(spec)
+                        end(spec)
                         finish(spec, result)
-                progress.update(overall, completed=sum(completed.values()),
-                                description=_counts(study.name, n_done[0], len(bars), n_failed[0],
-                                                    len(study.runs), where))
+                show(len(bars))
                 if stopping[0]:  # (the handler sets the pool's flag: the loop leaves its lock alone)
                     for fut in [f for f in pending if f.cancel()]:
                         pending.pop(fut)
@@ -1099,14 +1263,12 @@ def _run_parallel(study, study_dir, corpus, progress, finish, fail, keep_weights
             for i, pid in dead:
                 spec, proc = runs[i], procs.get(pid) if isinstance(procs, dict) else None
                 how = _how_it_died(None if proc is None else proc.exitcode)
-                n_failed[0] += 1
-                fail(spec, WorkerDied(f"run {spec.name}: its worker process {how} while running it; "
-                                      "the other runs went on in a new pool"))
+                end(spec, WorkerDied(f"run {spec.name}: its worker process {how} while running it; "
+                                     "the other runs went on in a new pool"))
                 broken = [r for r in broken if r.name != spec.name]
             if not dead and not any(retired):
                 broken_unexplained[0] += 1
-            progress.update(overall, description=_counts(study.name, n_done[0], 0, n_failed[0], len(study.runs),
-                                                         where))
+            show(0)
         return sorted(broken, key=_cost, reverse=True), interrupted
 
     broken_unexplained = [0]
@@ -1120,12 +1282,10 @@ def _run_parallel(study, study_dir, corpus, progress, finish, fail, keep_weights
             todo, interrupted = one_pool(todo)
             if todo and broken_unexplained[0] > POOL_RESTARTS:
                 for spec in todo:
-                    n_failed[0] += 1
-                    fail(spec, WorkerDied(f"run {spec.name}: the worker pool broke {broken_unexplained[0]} times "
-                                          "without a run to blame (a worker killed between runs, or from outside)"))
+                    end(spec, WorkerDied(f"run {spec.name}: the worker pool broke {broken_unexplained[0]} times "
+                                         "without a run to blame (a worker killed between runs, or from outside)"))
                 todo = []
-                progress.update(overall, description=_counts(study.name, n_done[0], 0, n_failed[0],
-                                                             len(study.runs), where))
+                show(0)
         if stopping[0] or interrupted is not None:
             interrupted = _interrupted(study, cut_off)
     finally:
@@ -1136,8 +1296,11 @@ def _run_parallel(study, study_dir, corpus, progress, finish, fail, keep_weights
         raise interrupted
 
 
-def _drain(queue, specs, bars, completed, progress, overall) -> list[str]:
-    """Show the progress the workers reported; returns the start-up errors among it."""
+def _drain(queue, specs, bars, completed, progress, overall, ended: Collection[str] = ()) -> list[str]:
+    """Show the progress the workers reported; returns the start-up errors among it.
+    ``ended``: the runs already over (finished or failed), whose late messages (a queue's
+    feeder thread can deliver them after the run's future) would bring back a bar that
+    nothing removes and undo their counted work: left out."""
     import queue as queue_module
 
     errors = []
@@ -1148,6 +1311,8 @@ def _drain(queue, specs, bars, completed, progress, overall) -> list[str]:
             break
         if name == _START_ERROR:
             errors.append(n)
+            continue
+        if name in ended:
             continue
         if name not in bars:
             bars[name] = progress.add_task(name, total=_work(specs[name]))
