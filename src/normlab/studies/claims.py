@@ -4,9 +4,11 @@ A ``Claim`` states one half of a paper's claim, the statistic that tests it and 
 (``normlab.studies.stats``): directional, equivalence or non-inferiority, judged against
 a margin the preset fixes before the runs. ``judge(claim, results, margin)`` returns one
 row per measurement (a claim judged at several learning rates gives several rows), each
-with the estimate, its 95% t-interval over paired seeds and the verdict: "agrees",
-"disagrees" or "inconclusive" (the interval straddles the margin). A statement that is
-true by construction is a "sanity" row, never a verdict.
+with the estimate, its 95% t-interval (over paired seeds where a row compares two
+configurations, over seeds where it reads a statistic of one, over timing rounds for a
+speed ratio: the row's "interval" says which) and the verdict: "agrees", "disagrees" or
+"inconclusive" (the interval straddles the margin). A statement that is true by
+construction is a "sanity" row, never a verdict; its interval is the min to max.
 
 How runs are read:
 
@@ -26,7 +28,11 @@ How runs are read:
   setting only one side ran, and a planned run that raised or did not finish
   (``missing_runs``) are named in the caveats of the rows that would have read them; a
   row whose lr or depth is chosen from the runs that finished names the planned one it
-  moved off (``Planned``), and a planned lr of a per-lr claim with no row gets one.
+  moved off (``Planned``), and a planned lr of a per-lr claim with no row gets one;
+* a value left out because it is not finite (or not > 0 where the statistic takes its
+  log: a probe or a stream that overflowed) is evidence the statistic could not weigh,
+  the most extreme of its kind: a row that left one out cannot agree (at most
+  inconclusive; it still disagrees where the values that remain disagree), and says so.
 """
 
 from __future__ import annotations
@@ -71,6 +77,14 @@ class Measurement:
     lr: float | None = None
     wanted: tuple[tuple[str, tuple], ...] = ()
     planned: Planned | None = None  # where the row's lr or depth was chosen from the runs that finished
+    # values the row left out because they are not finite (or not > 0 where their log is
+    # taken: an overflowed stream or probe), named: evidence the statistic could not weigh,
+    # so the row cannot agree (``judge``)
+    unweighed: tuple[str, ...] = ()
+    # what the interval is over: "paired seeds" (two configurations, paired by seed), "" (a
+    # statistic of one configuration per seed: "seeds"; for a sanity row, min to max), or
+    # another unit ("interleaved timing rounds", "min to max over the runs")
+    over: str = ""
 
 
 @dataclass(frozen=True)
@@ -394,7 +408,7 @@ def compare_best(name_a: str, ba: Best, runs_a: list[Result], name_b: str, bb: B
     return Measurement(suffix, i, f"{ba.text(name_a)}; {bb.text(name_b)}; {statistic}({name_a}) - "
                        f"{statistic}({name_b}) = {_ci_text(i, unit)}", setup(i.n),
                        tuple(caveats), _both_failed_note([(name_a, ba, runs_a), (name_b, bb, runs_b)]),
-                       used=tuple(runs_a) + tuple(runs_b))
+                       used=tuple(runs_a) + tuple(runs_b), over="paired seeds")
 
 
 # ------------------------------------------------------------------ gradients and activations at init
@@ -441,6 +455,27 @@ def _at(pairs: Iterable[tuple[int, int]]) -> str:
                      for n, ss in sorted(by_depth.items()))
 
 
+def _blown(value: Any) -> bool:
+    """A value that was recorded (a number, or a profile of numbers) but that the
+    statistic cannot weigh: not finite, or not > 0 where its log is taken (a probe or a
+    stream that overflowed). A value never recorded (None, empty) is not one."""
+    if value is None:
+        return False
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    return bool(values) and not _positive(values)
+
+
+def _unweighed(name: str, what: str, runs: Iterable[Result], value: Callable[[Result], Any]) -> tuple[str, ...]:
+    """The values of ``runs`` a row left out because they are not finite and positive
+    (``_blown``), named by seed and depth, for ``Measurement.unweighed``."""
+    blown = [(r["seed"], r["n_layers"]) for r in runs if _blown(value(r))]
+    return (f"{name}: {what} of {_at(blown)}",) if blown else ()
+
+
+def _w2(r: Result) -> Any:
+    return r.get("grad_norms_by_layer", {}).get("ffn_w2")
+
+
 def _unusable_caveat(name: str, runs: list[Result]) -> list[str]:
     """The probes left out for a W2 gradient profile that cannot be read."""
     bad = [(r["seed"], r["n_layers"]) for r in runs if not _usable(r)]
@@ -482,7 +517,9 @@ def _grad_slope(placement: str) -> Callable[[list[Result]], list[Measurement]]:
                             f"slope of ln|grad W2| per layer, {placement}: {_ci_text(i)}; first -> last layer "
                             f"x{growth:.2f} at the mean slope", run_setup(every, i.n),
                             tuple(_unusable_caveat(PLACEMENT_NAMES.get(placement, placement), every)),
-                            used=tuple(every), planned=_probe_depth(depth))]
+                            used=tuple(every), planned=_probe_depth(depth),
+                            unweighed=_unweighed(PLACEMENT_NAMES.get(placement, placement), "the W2 gradient profile",
+                                                 every, _w2))]
 
     return measure
 
@@ -501,7 +538,9 @@ def _last_layer_ratio(results: list[Result]) -> list[Measurement]:
     return [Measurement(f"@L{depth}", i, f"ln(last-layer |grad W2| Post-LN / Pre-LN), paired by seed: "
                         f"{_ci_text(i)} (ratio x{math.exp(i.estimate):.2f})",
                         run_setup(every["post"] + every["pre"], i.n, paired=True), tuple(caveats),
-                        used=tuple(every["post"] + every["pre"]), planned=_probe_depth(depth))]
+                        used=tuple(every["post"] + every["pre"]), planned=_probe_depth(depth),
+                        unweighed=_unweighed("Post-LN", "the W2 gradient profile", every["post"], _w2)
+                        + _unweighed("Pre-LN", "the W2 gradient profile", every["pre"], _w2), over="paired seeds")]
 
 
 def _ratio_growth(results: list[Result]) -> list[Measurement]:
@@ -547,7 +586,9 @@ def _ratio_growth(results: list[Result]) -> list[Measurement]:
     return [Measurement("", shifted, f"exponent of the last-layer ratio Post-LN / Pre-LN against L over depths "
                         f"{_list(depths)}: {_ci_text(i)}; statistic exponent - 0.5 = {_ci_text(shifted)}",
                         run_setup(every["post"] + every["pre"], i.n, paired=True), tuple(caveats),
-                        used=tuple(every["post"] + every["pre"]))]
+                        used=tuple(every["post"] + every["pre"]),
+                        unweighed=_unweighed("Post-LN", "the W2 gradient profile", every["post"], _w2)
+                        + _unweighed("Pre-LN", "the W2 gradient profile", every["pre"], _w2), over="paired seeds")]
 
 
 def _residual_variance(results: list[Result]) -> list[Measurement]:
@@ -582,7 +623,11 @@ def _residual_variance(results: list[Result]) -> list[Measurement]:
                         f"residual RMS after block 1 -> {deepest}: {first:.3g} -> {last:.3g} (mean over seeds); "
                         f"exponent e of RMS_l^2 - RMS_1^2 ~ (l - 1)^e: {_ci_text(i)}; statistic e - 1 = "
                         f"{_ci_text(shifted)}", run_setup(every, i.n), tuple(caveats), used=tuple(every),
-                        planned=Planned("n_layers", deepest, (_want("grad-at-init", placement="pre"),)))]
+                        planned=Planned("n_layers", deepest, (_want("grad-at-init", placement="pre"),)),
+                        # a deeper probe whose stream overflowed moved the row off its depth
+                        unweighed=_unweighed("Pre-LN", "the residual RMS profile",
+                                             [r for r in runs_of(results, "grad-at-init", placement="pre")
+                                              if r["n_layers"] >= deepest], lambda r: r.get("activation_rms_by_layer")))]
 
 
 def _postln_stream(results: list[Result]) -> list[Measurement]:
@@ -593,7 +638,7 @@ def _postln_stream(results: list[Result]) -> list[Measurement]:
     i = Interval(_mean(values), min(values), max(values), len({r["seed"] for r in runs}))
     return [Measurement("", i, f"Post-LN residual RMS after every block, all probes: {min(values):.3f} to "
                         f"{max(values):.3f} (a LayerNorm output: 1 up to eps and gamma = 1 at init)",
-                        run_setup(runs), used=tuple(runs))]
+                        run_setup(runs), used=tuple(runs), over="min to max over every block of every probe")]
 
 
 # ------------------------------------------------------------------ warm-up
@@ -656,7 +701,7 @@ def _warmup_each_lr(results: list[Result]) -> list[Measurement]:
                                f"minus what it buys Pre-LN: {_ci_text(i, ' nats')}; failed runs: {fails}",
                                run_setup(every, i.n), tuple(_interaction_caveats(cells, f" at lr {lr:g}")),
                                undetermined=note, used=tuple(r for r in every if r["lr"] == lr), lr=lr,
-                               planned=Planned("lr", lr, (_want("warmup"),), rule="each")))
+                               planned=Planned("lr", lr, (_want("warmup"),), rule="each"), over="paired seeds"))
     lonely = sorted({r["lr"] for r in every} - set(lrs))
     if lonely:  # an lr some configuration lacks is not judged: the rows say so
         gaps = "; ".join(f"lr {lr:g}: no run of " + " or ".join(WARMUP_NAMES[k] for k, rs in groups.items()
@@ -684,7 +729,7 @@ def _warmup_best(results: list[Result]) -> list[Measurement]:
             "measure Pre-LN alone") if post_failed else None
     every = [r for rs in groups.values() for r in rs]
     return [Measurement("@best-lr", i, f"each at its own best lr: {detail}; interaction {_ci_text(i, ' nats')}",
-                        run_setup(every, i.n), caveats, note, used=tuple(every))]
+                        run_setup(every, i.n), caveats, note, used=tuple(every), over="paired seeds")]
 
 
 def _preln_without_warmup(results: list[Result]) -> list[Measurement]:
@@ -791,7 +836,7 @@ def _deepnorm_stability(results: list[Result]) -> list[Measurement]:
                 f"95% interval for them, and the sign test's interval for their median reaches 95% only from "
                 f"{SIGN_TEST_MIN_N} seeds (over {i.n}, at most {sign_test_coverage(i.n):.1%})")
     return [Measurement(f"@L{n}", i, detail, run_setup(runs, i.n), tuple(caveats),
-                        note, used=tuple(runs), planned=_deepest_planned(n))]
+                        note, used=tuple(runs), planned=_deepest_planned(n), over="paired seeds")]
 
 
 # ------------------------------------------------------------------ norms
@@ -837,7 +882,8 @@ def _rmsnorm_speed(results: list[Result]) -> list[Measurement]:
                         f"{r['tokens_per_s']:,.0f} vs {r['baseline_tokens_per_s']:,.0f} tokens/s (medians); "
                         f"ln(speed ratio) {_ci_text(i)} = x{math.exp(i.estimate):.3f}",
                         f"here: {r.get('n_params', 0) / 1e3:.0f}k-parameter model, {r.get('n_layers')} layers, "
-                        f"d_model {r.get('d_model')}, the default backend on this device", used=(r,))]
+                        f"d_model {r.get('d_model')}, the default backend on this device", used=(r,),
+                        over="interleaved timing rounds")]
 
 
 # ------------------------------------------------------------------ mechanisms
@@ -900,7 +946,9 @@ def _init_depth(placement: str, theory: float) -> Callable[[list[Result]], list[
                             f"{_ci_text(i)}; statistic exponent - ({theory:g}) = {_ci_text(shifted)}",
                             run_setup(runs, i.n),
                             tuple(_depth_caveats(PLACEMENT_NAMES.get(placement, placement), every, bad, slopes,
-                                                 "the last layer's W2 gradient")), used=tuple(every))]
+                                                 "the last layer's W2 gradient")), used=tuple(every),
+                            unweighed=_unweighed(PLACEMENT_NAMES.get(placement, placement), "the W2 gradient profile",
+                                                 every, _w2))]
 
     return measure
 
@@ -936,6 +984,10 @@ def _update_setup(results: list[Result], judged: int | None = None, paired: bool
 CHANGE = "the output change"
 
 
+def _change(r: Result) -> Any:
+    return r.get("output_change_sq")
+
+
 def _update_exponent(placement: str, x: Callable[[int], float], theory: float, x_text: str
                      ) -> Callable[[list[Result]], list[Measurement]]:
     """Per seed: slope of ln ||dF||^2 against x(N); the statistic is slope - theory."""
@@ -955,7 +1007,8 @@ def _update_exponent(placement: str, x: Callable[[int], float], theory: float, x
                             f"{_list(f'{means[n]:.3g}' for n in depths)} (geometric mean over seeds); slope of "
                             f"ln ||dF||^2 against {x_text}: {_ci_text(i)}; statistic slope - {theory:g} = "
                             f"{_ci_text(shifted)}", _update_setup(results, i.n),
-                            tuple(_depth_caveats(placement, every, bad, slopes, CHANGE)), used=tuple(every))]
+                            tuple(_depth_caveats(placement, every, bad, slopes, CHANGE)), used=tuple(every),
+                            unweighed=_unweighed(placement, CHANGE, every, _change))]
 
     return measure
 
@@ -974,7 +1027,9 @@ def _update_growth_gap(results: list[Result]) -> list[Measurement]:
                + _pairing_caveats("Post-LN", post, "Pre-LN", pre))
     return [Measurement("", i, f"exponent of N in ||dF||^2, Post-LN - Pre-LN, paired by seed: {_ci_text(i)} "
                         f"(Post-LN {_mean(post.values()):.2f}, Pre-LN {_mean(pre.values()):.2f})",
-                        _update_setup(results, i.n, paired=True), tuple(caveats), used=tuple(post_runs + pre_runs))]
+                        _update_setup(results, i.n, paired=True), tuple(caveats), used=tuple(post_runs + pre_runs),
+                        unweighed=_unweighed("Post-LN", CHANGE, post_runs, _change)
+                        + _unweighed("Pre-LN", CHANGE, pre_runs, _change), over="paired seeds")]
 
 
 def _last_block(r: Result, stat: str, when: str) -> float | None:
@@ -984,6 +1039,12 @@ def _last_block(r: Result, stat: str, when: str) -> float | None:
     if not _positive(values):  # (a run that failed later keeps its last finite statistics)
         return None
     return math.log(values[-1])
+
+
+def _stream(stat: str, *when: str) -> Callable[[Result], list]:
+    """A run's recorded ``stat`` profiles at the diagnostics steps ``when`` ("init",
+    "final"), one list: what ``_last_block`` reads, for ``_unweighed``."""
+    return lambda r: [v for w in when for v in (r.get(f"activation_{stat}_by_layer_{w}") or [])]
 
 
 def _activation_caveats(runs: list[Result], kept: Iterable[int], name: str) -> list[str]:
@@ -1019,7 +1080,9 @@ def _activation_growth(placement: str, stat: str) -> Callable[[list[Result]], li
         i = mean_ci(list(growth.values()))
         return [Measurement("", i, f"{placement}: ln({stat} of the last block's residual at the last diagnostics "
                             f"step / at step 0): {_ci_text(i)} (x{math.exp(i.estimate):.2f})", run_setup(runs, i.n),
-                            tuple(_activation_caveats(runs, growth, placement)), used=tuple(runs))]
+                            tuple(_activation_caveats(runs, growth, placement)), used=tuple(runs),
+                            unweighed=_unweighed(placement, f"the {stat} of the residual stream", runs,
+                                                 _stream(stat, "init", "final")))]
 
     return measure
 
@@ -1043,7 +1106,12 @@ def _activation_gap(stat: str) -> Callable[[list[Result]], list[Measurement]]:
         return [Measurement("", i, f"ln({stat} of the last block's residual) Pre-LN - Peri-LN after training, "
                             f"paired by seed: {_ci_text(i)} (Pre-LN x{math.exp(i.estimate):.2f} Peri-LN's; Pre-LN "
                             f"{math.exp(_mean(pre.values())):.3g}, Peri-LN {math.exp(_mean(peri.values())):.3g})",
-                            run_setup(runs, i.n), tuple(caveats), used=tuple(runs))]
+                            run_setup(runs, i.n), tuple(caveats), used=tuple(runs),
+                            unweighed=_unweighed("Pre-LN", f"the {stat} of the residual stream after training",
+                                                 _activation_runs(results, "pre"), _stream(stat, "final"))
+                            + _unweighed("Peri-LN", f"the {stat} of the residual stream after training",
+                                         _activation_runs(results, "peri"), _stream(stat, "final")),
+                            over="paired seeds")]
 
     return measure
 
@@ -1084,19 +1152,25 @@ def _gns_ratio(results: list[Result]) -> list[Measurement]:
         blank = sorted(r["name"] for r in mine if not _gns_estimate(r))
         if blank:
             caveats.append(f"{len(blank)} of {len(every)} {norm} runs left out with no estimate of one of the noise "
-                           f"scales (the run's |G|^2 estimate, summed over the diagnostics steps, was not positive): "
-                           f"{', '.join(blank)}")
+                           f"scales that can be read (none recorded: the run's |G|^2 estimate, summed over the diagnostics steps, "
+                           f"was not positive; or one recorded that is not finite and positive): {', '.join(blank)}")
+        unweighed = _unweighed(norm, "a noise-scale estimate", mine,
+                               lambda r: [v for v in (r.get("gns_norms"), r.get("gns_total")) if v is not None])
+        diverged = [(r["seed"], r["n_layers"]) for r in dropped if _unweighable_loss(r)]
+        if diverged:  # left out for a loss that is not finite, as the unselectable-keys row's runs
+            unweighed += (f"{norm}: the noise scales of {_at(diverged)} (the run diverged: no finite loss)",)
         if not usable:
             why = (f"no {norm} run that learned has both noise-scale estimates" if mine
                    else f"every {norm} run failed: {_failed_text(every)}")
             rows.append(Measurement(f"@{norm}", i, f"{norm}: no estimate to compare. {GNS_COVERAGE}.",
-                                    run_setup(every, 0), tuple(caveats), why, used=tuple(every)))
+                                    run_setup(every, 0), tuple(caveats), why, used=tuple(every),
+                                    unweighed=unweighed))
             continue
         rows.append(Measurement(
             f"@{norm}", i, f"{norm}: B_simple from the norm layers {_mean(r['gns_norms'] for r in usable):.3g}, "
             f"from every parameter {_mean(r['gns_total'] for r in usable):.3g} (means over seeds); ln(norms / "
             f"total): {_ci_text(i)} (x{math.exp(i.estimate):.2f}). {GNS_COVERAGE}.", run_setup(every, i.n),
-            tuple(caveats), used=tuple(every)))
+            tuple(caveats), used=tuple(every), unweighed=unweighed))
     return rows
 
 
@@ -1194,6 +1268,13 @@ def _unselectable_mean(r: Result, key: str = "unselectable_by_layer") -> float |
     return _mean(values) if values and ok else None
 
 
+def _unweighable_loss(r: Result) -> bool:
+    """A run that diverged or whose recorded final loss is not finite: ``_unselectable_mean``
+    leaves it out."""
+    loss = r.get("final_val_loss")
+    return bool(r.get("diverged")) or (loss is not None and not math.isfinite(loss))
+
+
 def _head_map(runs: list[Result]) -> str:
     """Each head's key map, d_model -> head_dim, from the runs' configuration."""
     cfg = runs[0].get("config", {}) if runs else {}
@@ -1262,11 +1343,17 @@ def _unselectable_gap(results: list[Result]) -> list[Measurement]:
                    f"vectors, the norm's outputs) each against its whole sequence; not the keys (each head's key "
                    f"map, {_head_map(runs)}, is not injective), and not what a causal query sees (keys 0..i)")
     beside, contrary = _beside_keys(every)
+    # a run left out for a loss that is not finite: its keys are evidence the row could not weigh
+    unweighed = tuple(f"{name}: the attention inputs of {_at(blown)} (the run diverged: no finite loss)"
+                      for n, name in (("none", "no norm"), ("layernorm", "LayerNorm"))
+                      if (blown := [(r["seed"], r["n_layers"]) for r in every[n] if _unselectable_mean(r) is None
+                                    and _unweighable_loss(r)]))
     return [Measurement("", i, f"unselectable attention inputs against their whole sequence (judged): no norm "
                         f"{_mean(none.values()):.3f} (by layer {', '.join(f'{v:.3f}' for v in by_layer)}), "
                         f"LayerNorm {_mean(ln.values()):.3f} (means over seeds); difference {_ci_text(i)}; at most "
                         f"{undetermined:.3f} of any layer's vectors were left undetermined. Beside it, not judged: "
-                        f"{beside}", run_setup(runs, i.n), tuple(caveats + contrary), used=tuple(runs))]
+                        f"{beside}", run_setup(runs, i.n), tuple(caveats + contrary), used=tuple(runs),
+                        unweighed=unweighed, over="paired seeds")]
 
 
 def _scaled_keys(results: list[Result]) -> list[Measurement]:
@@ -1292,7 +1379,7 @@ def _scaled_keys(results: list[Result]) -> list[Measurement]:
                            f"causal prefix): the ellipsoid is the inputs', and each head's key map "
                            f"({_head_map(runs)}) puts some keys inside the others' hull",)
         rows.append(Measurement(f"@{norm}", Interval(max(values), min(values), max(values), len(values)),
-                                detail, run_setup(runs), caveats, used=tuple(runs)))
+                                detail, run_setup(runs), caveats, used=tuple(runs), over="min to max over the runs"))
     return rows or _missing("LM runs with LayerNorm or RMSNorm that tested their attention inputs",
                             *(_want("expressivity", norm=n, task="lm") for n in ("layernorm", "rmsnorm")))
 
@@ -1338,7 +1425,12 @@ def _qk_logits(results: list[Result]) -> list[Measurement]:
                         f"{failures['with']} with (their logits up to the last diagnostics step count)",
                         run_setup(plain + qk, i.n), tuple(caveats), used=used, lr=top,
                         planned=Planned("lr", top, tuple(_want("qk-norm", group=g) for g in ("no qk-norm", "qk-norm")),
-                                        above=above))]
+                                        above=above),
+                        unweighed=tuple(u for name, rs in (("no QK-norm", plain), ("QK-norm", qk))
+                                        for u in _unweighed(name, f"the largest attention logit at lr {top:g}",
+                                                            [r for r in rs if r["lr"] == top],
+                                                            lambda r: r.get("attention_logit_max"))),
+                        over="paired seeds")]
 
 
 def _recorded(v: Any) -> bool:
@@ -1388,7 +1480,7 @@ def _qk_sensitivity(results: list[Result]) -> list[Measurement]:
     return [Measurement("", i, f"lr sensitivity over {over}: without QK-norm "
                         f"{_mean(a.values()):.3f}, with {_mean(b.values()):.3f} nats; without - with = "
                         f"{_ci_text(i, ' nats')}", run_setup(plain + qk, i.n), tuple(caveats), note,
-                        used=tuple(plain + qk))]
+                        used=tuple(plain + qk), over="paired seeds")]
 
 
 def _qk_best(results: list[Result]) -> list[Measurement]:
@@ -1410,6 +1502,11 @@ DEEPNET = "Wang et al. 2022, DeepNet: Scaling Transformers to 1,000 Layers"
 DEEPNET_SETUP = ("paper: encoder-decoder translation models of 18 to 1,000 layers (d_model 512), WMT-17 "
                  "and OPUS-100, trained to convergence with warm-up and inverse-sqrt decay")
 NORMS_NOTE = "every norm at Pre-LN placement, each at its own best lr"
+BATCH_STATS_NOTE = ("a setup difference from a causal LM's usual norms, shared with the paper's language-model runs: "
+                    "in training, batch normalization (normlab.MaskedBatchNorm) and PowerNorm during its warm-up "
+                    "(its first warmup_iters steps, 100 by default) normalize each position with statistics over "
+                    "every real position of the batch, so a position's training output depends on later tokens; "
+                    "evaluation, on running statistics, is causal")
 MARGIN_SIGN = Margin(0.0, "a directional claim: the sign decides; an interval covering 0 is inconclusive")
 MARGIN_RMSNORM_SPEED = Margin(round(math.log(1 / 0.93), 4), "the paper's smallest reduction in running time, "
                               "7%: a speed ratio of 1/0.93, ln 0.0726; a smaller gain does not reproduce its claim")
@@ -1601,8 +1698,12 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in [
           MARGIN_SIGN),
     Claim("wortsman-qk-norm-keeps-best-loss", "QK-norm costs nothing at the best learning rate", (WORTSMAN,),
           "With qk-layernorm the loss at the optimal learning rate is about the same as without it: the gain "
-          "is in stability, not in the best loss (Sec. 3.1, Fig. 1).",
-          "L(QK-norm) - L(no QK-norm), each at its own cross-fitted best lr, paired by seed", "noninferiority",
+          "is in stability, not in the best loss (Sec. 3.1, Fig. 1). The row tests the half of this that a "
+          "non-inferiority test can: that QK-norm's best-lr loss is no worse than without it by more than the "
+          "margin. 'About the same' would also rule out QK-norm being better by more than the margin, which "
+          "this test lets pass; a row whose whole interval lies below minus the margin says so in a caveat.",
+          "L(QK-norm) - L(no QK-norm), each at its own cross-fitted best lr, paired by seed; non-inferiority: "
+          "agrees when the interval lies below the margin", "noninferiority",
           WORTSMAN_SETUP, _qk_best, MARGIN_EQUIV),
     Claim("postln-needs-warmup", "Post-LN needs learning-rate warm-up; Pre-LN does not", (XIONG,),
           "Post-LN needs a learning-rate warm-up stage: without it, it trains much worse or not at all; "
@@ -1614,11 +1715,14 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in [
           "buys Post-LN more than it buys Pre-LN.",
           "the warm-up interaction above, each of the four configurations at its own best lr",
           "directional", XIONG_TRAIN, _warmup_best, MARGIN_SIGN),
-    Claim("preln-without-warmup", "Pre-LN without warm-up matches Pre-LN with it", (XIONG,),
+    Claim("preln-without-warmup", "Dropping warm-up costs Pre-LN nothing", (XIONG,),
           "Pre-LN without the warm-up stage reaches results comparable to the baselines with it (Sec. 4; "
-          "the paper's baselines are Post-LN models with warm-up: here the reference is Pre-LN with warm-up, "
-          "so the row asks whether dropping warm-up costs Pre-LN anything).",
-          "L(Pre-LN, no warm-up) - L(Pre-LN, warm-up), each at its best lr, paired by seed",
+          "the paper's baselines are Post-LN models with warm-up: here the reference is Pre-LN with warm-up). "
+          "The row asks whether Pre-LN without warm-up is no worse than with it by more than the margin "
+          "(non-inferiority), not whether the two are comparable: being better by more than the margin passes "
+          "this test, and a row whose whole interval lies below minus the margin says so in a caveat.",
+          "L(Pre-LN, no warm-up) - L(Pre-LN, warm-up), each at its best lr, paired by seed; non-inferiority: "
+          "agrees when the interval lies below the margin",
           "noninferiority", XIONG_TRAIN, _preln_without_warmup, MARGIN_EQUIV),
     Claim("deepnorm-beats-postln", "DeepNorm trains deep stacks better than Post-LN", (DEEPNET,),
           "DeepNorm (x_{l+1} = LN(alpha x_l + G(x_l)), weights scaled by beta at init) keeps deep "
@@ -1665,7 +1769,7 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in [
           "subtraction) trains clearly better than batch normalization.",
           "L(BatchNorm) - L(PowerNorm), each at its own best lr, paired by seed", "directional",
           "paper: Transformer-base/big translation (IWSLT14, WMT14) and language modeling (PTB, "
-          "WikiText-103), trained to convergence; " + NORMS_NOTE,
+          "WikiText-103), trained to convergence; " + NORMS_NOTE + "; " + BATCH_STATS_NOTE,
           _negated(_norm_difference("powernorm", "batchnorm")), MARGIN_SIGN),
     Claim("powernorm-beats-layernorm", "PowerNorm outperforms LayerNorm",
           ("Shen et al. 2020, PowerNorm: Rethinking Batch Normalization in Transformers (ICML)",),
@@ -1673,7 +1777,7 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in [
           "on PTB and WikiText-103).",
           "L(LayerNorm) - L(PowerNorm), each at its own best lr, paired by seed", "directional",
           "paper: Transformer-base/big translation (IWSLT14, WMT14) and language modeling (PTB, "
-          "WikiText-103), trained to convergence; " + NORMS_NOTE,
+          "WikiText-103), trained to convergence; " + NORMS_NOTE + "; " + BATCH_STATS_NOTE,
           _negated(_norm_difference("powernorm", "layernorm")), MARGIN_SIGN),
 ]}
 
@@ -1777,6 +1881,21 @@ def _equal_units_caveat(i: Interval, unit: str) -> str:
             f"(coverage {sign_test_coverage(i.n):.1%} over {i.n} {unit}s)")
 
 
+def _unweighed_caveat(unweighed: tuple[str, ...], capped: bool) -> str:
+    """Why a row that left out values that are not finite cannot agree (``Measurement.unweighed``)."""
+    return ("left out as not finite (or not > 0 where the statistic takes its log): " + "; ".join(unweighed)
+            + ". A blown-up value is evidence the statistic could not weigh: the most extreme of its kind, it "
+            "may be what decides the claim, so the row cannot agree while it is left out"
+            + (" (the values that remain would agree): inconclusive" if capped else "; at most inconclusive"))
+
+
+def _beyond_caveat(i: Interval, margin: float) -> str:
+    """A non-inferiority row whose whole interval lies beyond the margin on the favourable side."""
+    return (f"better by more than the margin: the whole interval [{i.lo:+.3f}, {i.hi:+.3f}] lies below "
+            f"-{margin:g}, more than a claim that the two are about the same; the non-inferiority test asks only "
+            f"that it be no worse by more than {margin:g}, so this row does not test 'about the same'")
+
+
 def missing_runs(specs: Iterable[RunSpec], finished: Iterable[str], raised: Iterable[str] = ()) -> list[Result]:
     """The planned runs (``specs``) that left no result, as records for ``judge_all``: the
     fields claims select runs by (name, kind, task, placement, norm, layers, width, lr,
@@ -1826,19 +1945,25 @@ def judge(claim: Claim, results: list[Result], margin: Margin | None = None,
         if claim.test == "sanity":
             outcome = "sanity"
             ci = m.interval.ci95  # (None for a bound that was not measured)
-            interval = "min to max over the probes (not a confidence interval)"
+            kind = m.over or "min to max"
+            interval = f"{kind} (not a confidence interval)"
         else:
             outcome = "inconclusive" if m.undetermined else verdict(claim.test, m.interval, margin.value)
+            if m.unweighed:  # a value left out as not finite: the row cannot agree without it
+                m = replace(m, caveats=m.caveats + (_unweighed_caveat(m.unweighed, outcome == "agrees"),))
+                outcome = "inconclusive" if outcome == "agrees" else outcome
             if claim.test == "equivalence" and outcome == "agrees" and (m.interval.lo > 0 or m.interval.hi < 0):
                 m = replace(m, caveats=m.caveats + (
                     f"the interval excludes 0, the claim's own value: within the margin of {margin.value:g}, "
                     "not at the value",))
+            if claim.test == "noninferiority" and outcome == "agrees" and m.interval.hi < -margin.value:
+                m = replace(m, caveats=m.caveats + (_beyond_caveat(m.interval, margin.value),))
             timing = claim.id == "rmsnorm-faster"
             if degenerate(m.interval):
                 m = replace(m, caveats=m.caveats + (_equal_units_caveat(m.interval, "round" if timing else "seed"),))
             ci = m.interval.ci95
-            interval = ("95% Student-t over interleaved timing rounds" if timing
-                        else "95% Student-t over paired seeds")
+            kind = m.over or "seeds"
+            interval = f"95% Student-t over {kind}"
         rows.append({
             "id": claim.id + m.suffix,
             "claim": claim.id,
@@ -1853,6 +1978,7 @@ def judge(claim: Claim, results: list[Result], margin: Margin | None = None,
             "ci95": ci,
             "n_seeds": m.interval.n,
             "interval": interval,
+            "interval_kind": "min to max" if claim.test == "sanity" else kind,
             "verdict": outcome,
             "scope": "; ".join(x for x in (m.setup, claim.paper_setup) if x),
             "measured": m.detail + ((". " if not m.detail.rstrip().endswith(".") else " ")

@@ -1,9 +1,11 @@
 """The study report: PNG plots and one self-contained ``index.html``.
 
 The HTML shows the provenance, the claims table (each claim's statistic, margin,
-estimate, 95% interval over paired seeds, verdict and scope), the plots (bands are 95%
-t-intervals over the seeds present at each step, on the logs on a log axis) and every
-run. Every file is written whole through a temporary file (``write_atomic``, ``_save``).
+estimate, interval, verdict and scope; the interval is a 95% t-interval over paired
+seeds, over seeds or over timing rounds, or a sanity row's min to max, as each row
+says), the plots (bands are 95% t-intervals over the seeds present at each step, on the
+logs on a log axis) and every run, its status by the claims' own failure rule. Every
+file is written whole through a temporary file (``write_atomic``, ``_save``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from normlab.studies.claims import (  # noqa: E402
     ERROR_METRIC,
+    baseline,
     best_setting,
+    failed,
+    failed_on,
     judged_error,
     judged_loss,
     names_by_why,
@@ -396,7 +401,6 @@ def plot_loss_vs_lr(results: list[Result], study: str, path: Path) -> Path | Non
     fig, panels = _depth_panels(results, study, label)
     if fig is None:
         return None
-    runs = _trained(results, study)
     for ax, n, groups in panels:
         for i, (g, rs) in enumerate(sorted(groups.items())):
             lrs = sorted({r["lr"] for r in rs})
@@ -405,9 +409,9 @@ def plot_loss_vs_lr(results: list[Result], study: str, path: Path) -> Path | Non
             ax.plot(lrs, [c.estimate for c in cis], "o-", color=color, label=g, ms=3)
             if all(math.isfinite(c.lo) for c in cis):
                 ax.fill_between(lrs, [c.lo for c in cis], [c.hi for c in cis], color=color, alpha=0.15, lw=0)
-        baseline = runs[0].get("baseline_val_loss")
-        if baseline:
-            ax.axhline(baseline, color="k", lw=0.8, ls=":", label="unigram (failed)")
+        # where judged_loss puts a failed run: the unigram baseline on the test half
+        for floor in sorted({baseline(r, "test") for rs in groups.values() for r in rs}):
+            ax.axhline(floor, color="k", lw=0.8, ls=":", label="unigram, test half (failed)")
         ax.set_xscale("log")
         lrs_swept = sorted({r["lr"] for rs in groups.values() for r in rs})
         ax.set_xticks(lrs_swept, [f"{x:g}" for x in lrs_swept])
@@ -440,8 +444,8 @@ def plot_depth(results: list[Result], path: Path) -> Path | None:
                         yerr=[[c.estimate - c.lo if math.isfinite(c.lo) else 0 for c in cis],
                               [c.hi - c.estimate if math.isfinite(c.hi) else 0 for c in cis]],
                         fmt="o-", color=color, label=p, capsize=3)
-        if failed_at:
-            top = max((r.get("baseline_val_loss") or 0) for r in runs)
+        if failed_at:  # where the claims count a failed run: the test half's baseline
+            top = max(baseline(r, "test") for r in runs)
             ax.plot(failed_at, [top] * len(failed_at), "x", color=color, ms=9, mew=2,
                     label=f"{p}: every run failed")
     ax.set_xscale("log", base=2)
@@ -461,7 +465,7 @@ def plot_norms(results: list[Result], path: Path) -> Path | None:
         mine = [r for r in runs if r["norm"] == n]
         best = best_setting(mine)
         if best.all_failed:  # as plot_depth: an x at the unigram baseline, not a point with an interval
-            top = max((r.get("baseline_val_loss") or 0) for r in mine)
+            top = max(baseline(r, "test") for r in mine)
             ax.plot([i], [top], "x", color=_color(n, i), ms=9, mew=2, label=f"{n}: every run failed")
             continue
         c = mean_ci(list(best.by_seed.values()))
@@ -600,6 +604,15 @@ def _ci(ci: list) -> str:
     return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
 
 
+def interval_label(row: dict[str, Any]) -> str:
+    """What a claims row's interval is: "95% CI over paired seeds" (or over seeds, over
+    timing rounds), or "min to max (not a CI)" for a sanity row."""
+    kind = row.get("interval_kind") or ("min to max" if row.get("test") == "sanity" else "")
+    if row.get("test") == "sanity" or kind.startswith("min to max"):
+        return "min to max (not a CI)"
+    return f"95% CI over {kind}" if kind else "95% CI"
+
+
 _TEST_WORDS = {"directional": "> margin", "equivalence": "|x| < margin", "noninferiority": "< margin",
                "sanity": "by construction"}
 
@@ -628,16 +641,20 @@ def write_html(out: Path, study_name: str, description: str, rows: list[dict[str
     if rows:
         parts.append(
             "<h2>Claims</h2><p class='src'>Each row tests one half of a paper's claim. The estimate is a mean over "
-            "paired seeds (same data order and init); the interval is its 95% Student-t interval. A verdict "
+            "seeds: of paired differences where the row compares two configurations (a seed fixes the data order "
+            "and init of both), of a per-seed statistic (a slope, a ratio) where it reads one configuration, or "
+            "over interleaved timing rounds for the speed row; the interval is its 95% Student-t interval, and "
+            "the interval column says what it is over. A verdict "
             "compares the interval with the margin fixed before the runs: <b>agrees</b> when the whole "
             "interval is on the claim's side, <b>disagrees</b> when it is wholly on the other side, "
             "<b>inconclusive</b> when it straddles the margin. Where every seed gave the same value the "
             "t-interval has no width: the row is judged by the sign test's 95% interval for the median, which "
             "needs 6 seeds (inconclusive with fewer), and its caveat says so. <b>sanity</b> rows are true by "
-            "construction and are not verdicts. Losses are nats/byte on the test half of a fixed validation set; each "
+            "construction and are not verdicts; their interval is the min to max, not a confidence interval. "
+            "Losses are nats/byte on the test half of a fixed validation set; each "
             "configuration is taken at its own best lr, chosen on the other half.</p>"
             "<table><tr><th>claim</th><th>statistic</th><th>test</th><th>margin</th><th>estimate</th>"
-            "<th>95% CI</th><th>n</th><th>verdict</th></tr>")
+            "<th>interval</th><th>n</th><th>verdict</th></tr>")
         for row in rows:
             caveats = "".join(f"<div class='caveat'>caveat: {esc(c)}</div>" for c in row.get("caveats", []))
             parts.append(
@@ -645,7 +662,8 @@ def write_html(out: Path, study_name: str, description: str, rows: list[dict[str
                 f"{esc('; '.join(row['papers']))}</div>{caveats}</td><td>{esc(row['statistic'])}</td>"
                 f"<td>{esc(row['test'])} ({esc(_TEST_WORDS[row['test']])})</td>"
                 f"<td class='num'>{_num(row['margin'], '{:g}')}</td><td class='num'>{_num(row['estimate'], '{:+.3f}')}</td>"
-                f"<td class='num'>{_ci(row['ci95'])}</td><td class='num'>{row['n_seeds']}</td>"
+                f"<td class='num'>{_ci(row['ci95'])}<div class='src'>{esc(interval_label(row))}</div></td>"
+                f"<td class='num'>{row['n_seeds']}</td>"
                 f"<td><span class='verdict {esc(row['verdict'])}'>{esc(row['verdict'])}</span></td></tr>")
         parts.append("</table><h2>What each claim says, what was measured, and the scope</h2>")
         for row in rows:
@@ -702,12 +720,8 @@ def write_html(out: Path, study_name: str, description: str, rows: list[dict[str
         elif kind == "speed":
             status = (f"timing vs {', '.join(f'{k}={v}' for k, v in r.get('speed_against', {}).items())}: "
                       f"{_num(r.get('baseline_tokens_per_s'), '{:,.0f}')} tokens/s")
-        elif r.get("diverged"):
-            status = f"diverged at step {r.get('diverged_step')}"
-        elif r.get("baseline_val_loss") and (r.get("final_val_loss") or 0) >= r["baseline_val_loss"]:
-            status = "did not train (no better than unigram)"
         else:
-            status = "ok"
+            status = run_status(r)
         train = kind == "train"
         parts.append(
             f"<tr><td class='name'>{esc(r['name'])}</td><td>{esc(str(r['placement']))}</td>"
@@ -722,6 +736,24 @@ def write_html(out: Path, study_name: str, description: str, rows: list[dict[str
     path = out / "index.html"
     write_atomic(path, "\n".join(parts))
     return path
+
+
+def run_status(r: Result) -> str:
+    """A trained run's status by the claims' own rule (``claims.failed``, and ``failed_on``
+    for each half of the validation set): "ok" only for a run the claims count as trained
+    on the whole set and on both halves."""
+    if r.get("diverged"):
+        return f"diverged at step {r.get('diverged_step')}"
+    loss = r.get("final_val_loss")
+    if failed(r):
+        if loss is None or not math.isfinite(loss):
+            return "failed: no finite final loss"
+        return "did not train (no better than the baseline)"
+    halves = [h for h in ("select", "test") if failed_on(r, h)]
+    if halves:
+        return (f"failed on the {' and '.join(halves)} half (no finite loss there, or no better than the "
+                "baseline there)")
+    return "ok"
 
 
 def _sentence(text: str) -> str:
@@ -751,15 +783,18 @@ def write_markdown(out: Path, study_name: str, rows: list[dict[str, Any]], prov:
                   f"{len(failures)} run(s) raised; the claims are judged on the runs that finished, and each row "
                   "that would have read a failed run names it in a caveat. Tracebacks are in summary.json.", ""]
         lines += [f"- `{name}`: {(text.strip().splitlines() or ['?'])[-1]}" for name, text in failures.items()]
-    lines += ["", "Estimates are means over paired seeds with 95% Student-t intervals; verdicts compare the "
-              "interval with the margin fixed before the runs (where every seed gave the same value, the sign "
-              "test's 95% interval for the median, from 6 seeds; inconclusive with fewer).", "",
-              "| claim | statistic | test | margin | estimate | 95% CI | n | verdict |",
+    lines += ["", "Estimates are means over seeds (of paired differences where a row compares two configurations, "
+              "of a per-seed statistic where it reads one; the speed row over interleaved timing rounds) with 95% "
+              "Student-t intervals, the interval column saying which; a sanity row's interval is its min to max, "
+              "not a confidence interval. Verdicts compare the interval with the margin fixed before the runs "
+              "(where every seed gave the same value, the sign test's 95% interval for the median, from 6 seeds; "
+              "inconclusive with fewer).", "",
+              "| claim | statistic | test | margin | estimate | interval | n | verdict |",
               "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         est = "-" if r["estimate"] is None else f"{r['estimate']:+.3f}"
         lines.append(f"| `{r['id']}` | {_md(r['statistic'])} | {r['test']} | {r['margin']:g} | {est} | {_ci(r['ci95'])} "
-                     f"| {r['n_seeds']} | **{r['verdict']}** |")
+                     f"{interval_label(r)} | {r['n_seeds']} | **{r['verdict']}** |")
     configs = configurations(results or [], missing)
     if configs:
         lines += ["", "## Configurations at their best setting", "",

@@ -891,8 +891,11 @@ def _run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
             record: dict[str, Any] = {"step": step, "train_loss": loss_value, "lr": lr_now,
                                       "grad_norm": float(grad_norm)}
             record.update(measured)
-            logits = [v for v in measured.get("attention_logit_max_by_layer", ()) if math.isfinite(v)]
-            if logits:  # the largest attention logit seen at any diagnostics step
+            # the largest attention logit seen at any diagnostics step: one that overflowed
+            # (inf) is kept, the growth the claims must see (nan: a layer the step did not
+            # call, or weights already nan, a divergence the run records)
+            logits = [v for v in measured.get("attention_logit_max_by_layer", ()) if not math.isnan(v)]
+            if logits:
                 logit_max = max(logits) if logit_max is None else max(logit_max, *logits)
             if "activation_rms_by_layer" in measured:  # the stream at the first and latest diagnostics step
                 activations.setdefault("init", {k: measured[k] for k in _ACTIVATION_KEYS if k in measured})

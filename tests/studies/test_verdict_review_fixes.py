@@ -1,0 +1,267 @@
+"""Rows that leave out a value that is not finite cannot agree; non-inferiority rows say
+what they test and when the interval lies beyond the margin on the favourable side; the
+report's run status and failure lines follow the claims' own rule and baseline; and the
+claims table says what each row's interval is."""
+
+import math
+import re
+
+import pytest
+
+from normlab.studies import report
+from normlab.studies.claims import CLAIMS, failed, judge, judge_all, judged_loss
+from tests.studies.test_study_claims import (
+    LR_PENALTY,
+    LRS,
+    NOISE,
+    SCENARIOS,
+    SEEDS,
+    _act_run,
+    _probe,
+    _qk_run,
+    _run,
+    _slope_probes,
+    _sweep,
+    _update_exponent,
+    _update_run,
+)
+
+# ------------------------------------------------------------------ values that are not finite
+
+
+def _find(runs, **match):
+    return next(r for r in runs if all(r.get(k, r.get("tags", {}).get(k)) == v for k, v in match.items()))
+
+
+def _w2_inf(placement, n_layers, index=-1, study=None):
+    def blow(runs):
+        r = _find(runs, placement=placement, n_layers=n_layers, seed=0, **({"study": study} if study else {}))
+        r["grad_norms_by_layer"]["ffn_w2"] = list(r["grad_norms_by_layer"]["ffn_w2"])
+        r["grad_norms_by_layer"]["ffn_w2"][index] = math.inf
+    return blow
+
+
+def _change_inf(placement):
+    def blow(runs):
+        _find(runs, placement=placement, n_layers=24, seed=0)["output_change_sq"] = math.inf
+    return blow
+
+
+def _stream_inf(placement, key):
+    def blow(runs):
+        r = _find(runs, placement=placement, seed=0)
+        r[key] = list(r[key][:-1]) + [math.inf]
+    return blow
+
+
+def _rms_inf(runs):
+    r = _find(runs, placement="pre", n_layers=24, seed=0)
+    r["activation_rms_by_layer"] = list(r["activation_rms_by_layer"][:-1]) + [math.inf]
+
+
+def _gns_inf(runs):
+    _find(runs, seed=0)["gns_norms"] = math.inf
+
+
+def _logit_inf(runs):
+    _find(runs, group="qk-norm", seed=0, lr=max(LRS))["attention_logit_max"] = math.inf
+
+
+def _keys_diverged(runs):
+    r = _find(runs, norm="none", seed=0)
+    r.update(diverged=True, final_val_loss=math.nan, final_val_loss_select=math.nan, final_val_loss_test=math.nan)
+
+
+# each row that leaves out a unit or a depth for a value that is not finite, and how to
+# blow up one value of seed 0 in the scenario that agrees
+BLOWN = {
+    "xiong-postln-grad-grows": _w2_inf("post", 6, index=2),
+    "xiong-preln-grad-flat": _w2_inf("pre", 6, index=2),
+    "xiong-last-layer-larger": _w2_inf("post", 6),
+    "xiong-ratio-grows-sqrt-depth": _w2_inf("post", 24),
+    "preln-stream-variance-linear": _rms_inf,
+    "init-depth-post": _w2_inf("post", 48),
+    "init-depth-pre": _w2_inf("pre", 48),
+    "liu-postln-update-grows": _change_inf("post"),
+    "liu-postln-update-linear-in-n": _change_inf("post"),
+    "liu-preln-update-slower": _change_inf("pre"),
+    "liu-preln-update-log-n": _change_inf("pre"),
+    "deepnet-update-bounded": _change_inf("deepnorm"),
+    "preln-activations-grow": _stream_inf("pre", "activation_max_by_layer_final"),
+    "peri-bounds-max-activations": _stream_inf("peri", "activation_max_by_layer_final"),
+    "peri-bounds-rms": _stream_inf("peri", "activation_rms_by_layer_final"),
+    "gray-norm-gns-matches-total": _gns_inf,
+    "wortsman-qk-norm-bounds-logits": _logit_inf,
+    "brody-scaling-selects-keys": _keys_diverged,
+}
+
+
+@pytest.mark.parametrize("claim_id", sorted(BLOWN))
+def test_a_row_that_left_out_a_value_that_is_not_finite_cannot_agree(claim_id):
+    runs = SCENARIOS[claim_id]("agrees")
+    BLOWN[claim_id](runs)
+    rows = judge(CLAIMS[claim_id], runs)
+    assert rows
+    for row in rows:
+        assert row["verdict"] == "inconclusive", (row["id"], row["estimate"], row["ci95"], row["caveats"])
+        assert any("not finite" in c and "cannot agree" in c and "would agree" in c for c in row["caveats"]), \
+            row["caveats"]
+
+
+def test_a_row_with_every_value_finite_is_judged_as_before():
+    for claim_id in BLOWN:
+        for row in judge(CLAIMS[claim_id], SCENARIOS[claim_id]("agrees")):
+            assert row["verdict"] == "agrees", row["id"]
+            assert not any("cannot agree" in c for c in row["caveats"])
+
+
+def test_deepnorm_update_with_every_deepest_probe_overflowed_is_not_bounded():
+    # flat from 6 to 12 layers, every seed's 24-layer output change overflowed: the slope
+    # refitted on 6-12 layers is 0 on every seed, which would "agree" with a bounded update
+    def runs(top):
+        return [_update_run("deepnorm", n, s, top if n == 24 else 1e-6 * (1 + 0.01 * s))
+                for s in range(6) for n in (6, 12, 24)]
+
+    (row,) = judge(CLAIMS["deepnet-update-bounded"], runs(math.inf))
+    assert row["verdict"] == "inconclusive"
+    assert any("24 layers" in c and "cannot agree" in c for c in row["caveats"])
+    (finite,) = judge(CLAIMS["deepnet-update-bounded"], runs(1e30))
+    assert finite["verdict"] == "disagrees"
+
+
+def test_peri_stream_overflow_leaves_the_gap_inconclusive():
+    pre = [_act_run("pre", s, 1.0, 4.0 * (1.3 + 0.01 * s)) for s in range(3)]
+    peri = [_act_run("peri", s, 1.0, 4.0 * (1.0 + 0.01 * s)) for s in range(3)]
+    peri[0]["activation_max_by_layer_final"] = [4.0] * 11 + [math.inf]
+    (row,) = judge(CLAIMS["peri-bounds-max-activations"], pre + peri)
+    assert row["n_seeds"] == 2 and row["verdict"] == "inconclusive"
+    assert any("Peri-LN" in c and "seed 0" in c and "cannot agree" in c for c in row["caveats"])
+
+
+def test_a_row_that_disagrees_on_the_values_that_remain_still_disagrees():
+    runs = _update_exponent("deepnorm", 0.0, margin=0.2)("disagrees")
+    _change_inf("deepnorm")(runs)
+    (row,) = judge(CLAIMS["deepnet-update-bounded"], runs)
+    assert row["verdict"] == "disagrees"
+    assert any("cannot agree" in c and "at most inconclusive" in c for c in row["caveats"])
+
+
+def test_a_value_never_recorded_is_not_a_blown_up_one():
+    runs = _slope_probes("post", 0.1, 0.01)
+    del runs[0]["grad_norms_by_layer"]["ffn_w2"]  # not measured: left out and named, but no overflow
+    (row,) = judge(CLAIMS["xiong-postln-grad-grows"], runs)
+    assert row["verdict"] == "agrees" and row["n_seeds"] == len(SEEDS) - 1
+
+
+# ------------------------------------------------------------------ non-inferiority
+
+
+def _qk_better_by(delta):
+    return ([_qk_run("qk-norm", s, lr, 2.4 + LR_PENALTY[lr] - delta + 0.005 * NOISE[s], 10.0)
+             for lr in LRS for s in SEEDS]
+            + [_qk_run("no qk-norm", s, lr, 2.4 + LR_PENALTY[lr], 10.0) for lr in LRS for s in SEEDS])
+
+
+def test_noninferiority_beyond_the_margin_on_the_favourable_side_says_so():
+    (row,) = judge(CLAIMS["wortsman-qk-norm-keeps-best-loss"], _qk_better_by(0.5))
+    assert row["verdict"] == "agrees" and row["ci95"][1] < -row["margin"]
+    assert any("better by more than the margin" in c and "about the same" in c for c in row["caveats"])
+    runs = (_sweep("warmup", -0.5, 0.005, placement="pre", warmup=0)
+            + _sweep("warmup", 0.0, 0.0, placement="pre", warmup=40))
+    (pre,) = judge(CLAIMS["preln-without-warmup"], runs)
+    assert pre["verdict"] == "agrees"
+    assert any("better by more than the margin" in c for c in pre["caveats"])
+
+
+def test_noninferiority_within_the_margin_has_no_such_caveat():
+    (row,) = judge(CLAIMS["wortsman-qk-norm-keeps-best-loss"], _qk_better_by(0.0))
+    assert row["verdict"] == "agrees"
+    assert not any("better by more than the margin" in c for c in row["caveats"])
+
+
+@pytest.mark.parametrize("claim_id", ["wortsman-qk-norm-keeps-best-loss", "preln-without-warmup"])
+def test_noninferiority_claims_say_what_is_tested(claim_id):
+    claim = CLAIMS[claim_id]
+    assert claim.test == "noninferiority"
+    assert "no worse" in claim.statement and "non-inferiority" in claim.statement
+    assert "non-inferiority" in claim.statistic
+    assert "matches" not in claim.title
+
+
+# ------------------------------------------------------------------ the report's failure rule
+
+
+def _lm(**kw):
+    r = _run("norms", 0, 1e-3, 2.5, norm="layernorm")
+    r.update(baseline_val_loss_select=3.0, baseline_val_loss_test=3.0, **kw)
+    return r
+
+
+def _status(tmp_path, r):
+    page = report.write_html(tmp_path, "t", "t", [], [r], {}, {}).read_text()
+    row = re.search(rf"<td class='name'>{re.escape(r['name'])}</td>.*?</tr>", page).group(0)
+    return re.findall(r"<td>([^<]*)</td>", row)[-1]
+
+
+def test_run_status_follows_the_claims_failure_rule(tmp_path):
+    no_loss = _lm(final_val_loss=math.nan, final_val_loss_select=2.5, final_val_loss_test=math.nan)
+    assert failed(no_loss) and judged_loss(no_loss) == 3.0
+    assert _status(tmp_path, no_loss) != "ok"
+    test_half = _lm(final_val_loss=2.5, final_val_loss_select=2.5, final_val_loss_test=3.1)
+    assert not failed(test_half) and judged_loss(test_half) == 3.0
+    assert "test half" in _status(tmp_path, test_half)
+    assert _status(tmp_path, _lm(final_val_loss_select=2.5, final_val_loss_test=2.5)) == "ok"
+
+
+def test_loss_vs_lr_draws_the_failed_line_where_failed_runs_are_counted(tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig) or path)
+    runs = [_lm(final_val_loss_select=2.5, final_val_loss_test=2.5)]  # whole-set baseline 3.2, test half 3.0
+    report.plot_loss_vs_lr(runs, "norms", tmp_path / "lr.png")
+    (fig,) = figures
+    lines = [line for ax in fig.axes for line in ax.get_lines() if "unigram" in str(line.get_label())]
+    assert lines and all(set(line.get_ydata()) == {3.0} for line in lines)
+
+
+# ------------------------------------------------------------------ what each interval is
+
+
+def _rows():
+    probes = [_probe("post", 6, s, [1.0] * 6, [1.0] * 6) for s in SEEDS]
+    return judge_all(["postln-stream-normalized", "xiong-postln-grad-grows", "xiong-last-layer-larger"],
+                     probes + SCENARIOS["xiong-last-layer-larger"]("agrees")
+                     + SCENARIOS["xiong-postln-grad-grows"]("agrees"))
+
+
+def test_each_row_names_what_its_interval_is_over():
+    rows = {r["claim"]: r for r in _rows()}
+    assert "min to max" in rows["postln-stream-normalized"]["interval"]
+    assert "paired" not in rows["xiong-postln-grad-grows"]["interval"]
+    assert "over seeds" in rows["xiong-postln-grad-grows"]["interval"]
+    assert "paired seeds" in rows["xiong-last-layer-larger"]["interval"]
+    keys = judge(CLAIMS["brody-scaled-keys-selectable"], SCENARIOS["brody-scaling-selects-keys"]("agrees"))
+    assert keys and all("min to max" in r["interval"] and "not a confidence interval" in r["interval"] for r in keys)
+
+
+def test_the_claims_tables_mark_min_to_max_rows(tmp_path):
+    rows = _rows()
+    page = report.write_html(tmp_path, "t", "t", rows, [], {}, {}).read_text()
+    table = page[page.index("<h2>Claims</h2>"):page.index("<h2>What each claim says")]
+    assert "mean over paired seeds (same data order" not in table
+    sanity = re.search(r"postln-stream-normalized.*?</tr>", table, re.S).group(0)
+    assert "min to max" in sanity
+    grows = re.search(r"xiong-postln-grad-grows@.*?</tr>", table, re.S).group(0)
+    assert "over seeds" in grows and "paired" not in grows
+    md = report.write_markdown(tmp_path, "t", rows, {}).read_text()
+    line = next(x for x in md.splitlines() if x.startswith("| `postln-stream-normalized"))
+    assert "min to max" in line
+    assert "Estimates are means over paired seeds" not in md
+
+
+def test_a_noise_scale_row_that_left_out_a_diverged_run_cannot_agree():
+    runs = SCENARIOS["gray-norm-gns-matches-total"]("agrees")
+    _find(runs, seed=0).update(diverged=True, final_val_loss=math.nan, final_val_loss_select=math.nan,
+                               final_val_loss_test=math.nan)
+    (row,) = judge(CLAIMS["gray-norm-gns-matches-total"], runs)
+    assert row["verdict"] == "inconclusive" and row["n_seeds"] == len(SEEDS) - 1
+    assert any("diverged" in c and "cannot agree" in c for c in row["caveats"])
