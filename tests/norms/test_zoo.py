@@ -481,3 +481,18 @@ def test_adaln_checks_cond_dtype_and_eps():
         assert a(torch.randn(2, 3, 8), torch.randn(2, 4).bfloat16()).shape == (2, 3, 8)
     with pytest.raises(NormArgumentError, match="expected eps to be a finite number"):
         normlab.AdaLN(8, 4, eps="a")  # accepted, failing at the first forward
+
+
+def test_is_norm_knows_norms_by_type_and_name_but_not_weight_parametrizations():
+    # torch's weight-norm and spectral-norm parametrizations (_WeightNorm, _SpectralNorm)
+    # end in "Norm": convert and the diagnostics took them for activation norms
+    from normlab.norms import is_norm
+
+    class T5LayerNorm(nn.Module):  # a norm known by its name alone
+        def forward(self, x):
+            return x
+
+    m = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 4), T5LayerNorm(), nn.RMSNorm(4))
+    torch.nn.utils.parametrizations.weight_norm(m[0])
+    torch.nn.utils.parametrizations.spectral_norm(m[2])
+    assert [n for n, x in m.named_modules() if is_norm(x)] == ["1", "3", "4"]

@@ -21,6 +21,7 @@ from torch import fx, nn
 
 from normlab.convert.blocks import BlockSpec, block_entry, block_spec, hf_families, model_spec
 from normlab.convert.linear import LinearView, is_linear_like
+from normlab.convert.swap import parametrization_modules
 from normlab.norms import is_norm
 
 _CONTAINERS = (nn.TransformerEncoder, nn.TransformerDecoder)
@@ -47,6 +48,14 @@ class Analysis:
     writers: list[LinearView] | str = ""
     stream_norms: set[str] = field(default_factory=set)
     branch_norms: dict[str, str] = field(default_factory=dict)
+    # final norm path -> the output returned on request that folding it changes (ModelSpec.final_outputs)
+    final_outputs: dict[str, str] = field(default_factory=dict)
+    # id() of the modules computing a parametrized tensor (weight norm's ``_WeightNorm``):
+    # not layers of the model, even where the class name ends in "Norm"
+    parametrizations: set[int] = field(default_factory=set, repr=False)
+
+    def is_norm(self, m: nn.Module) -> bool:
+        return id(m) not in self.parametrizations and is_norm(m)
 
     def consumers_of(self, module: nn.Module, paths: list[str]) -> tuple[list[LinearView], set[str]] | str:
         """Every Linear view reading ``module``'s output, over each path it sits at and each
@@ -93,14 +102,14 @@ _POST_LN = "the model has Post-LN blocks: the residual stream is re-normalized, 
 
 
 def analyse(model: nn.Module) -> Analysis:
-    a = Analysis()
+    a = Analysis(parametrizations=parametrization_modules(model))
     blocks = _known_blocks(model)
     block_writers: list[LinearView] = []
     stream_why: str | None = None  # why the stream is not a sum of Linear writers, first found
     for path, block, spec in blocks:
         if spec.unknown:
             for sub, m in block.named_modules(remove_duplicate=False):
-                if sub and is_norm(m):
+                if sub and a.is_norm(m):
                     a.consumers[_join(path, sub)] = f"consumers unknown: {spec.unknown}"
             stream_why = stream_why or f"residual stream unknown: {path}: {spec.unknown}"
             continue
@@ -125,6 +134,7 @@ def analyse(model: nn.Module) -> Analysis:
         block_writers += [_view(model, _join(path, w)) for w in spec.writers if _has(model, _join(path, w))]
     mspec = model_spec(model)
     if mspec is not None:
+        a.final_outputs.update(mspec.final_outputs)
         for norm, cons in mspec.final_norms.items():
             if cons is None:
                 cons = "its output leaves the model (a model output); no consumer to fold into"
@@ -150,7 +160,7 @@ def analyse(model: nn.Module) -> Analysis:
         why = (f"{type(model).__name__} is not in normlab's table of Hugging Face models "
                f"(normlab/convert/blocks.py; it has {', '.join(hf_families())})")
         for path, m in model.named_modules(remove_duplicate=False):
-            if is_norm(m):
+            if a.is_norm(m):
                 a.consumers.setdefault(path, f"consumers unknown: {why}")
         a.writers = stream_why or f"residual stream unknown: {why}"
         return a
@@ -173,9 +183,13 @@ def _has(model: nn.Module, path: str) -> bool:
 
 
 class _Tracer(fx.Tracer):
+    def __init__(self, analysis: Analysis) -> None:
+        super().__init__()
+        self.analysis = analysis
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return (
-            is_norm(m) or is_linear_like(m)
+            self.analysis.is_norm(m) or is_linear_like(m)
             or isinstance(m, (nn.Embedding, nn.MultiheadAttention, nn.Dropout, *_CONTAINERS))
             or block_entry(m)[1] is not None or super().is_leaf_module(m, qualname)
         )
@@ -183,11 +197,11 @@ class _Tracer(fx.Tracer):
 
 def _trace(model: nn.Module, a: Analysis, blocks) -> None:
     try:
-        graph = _Tracer().trace(model)
+        graph = _Tracer(a).trace(model)
     except Exception as err:  # any tracing failure means: structure unknown
         reason = f"consumers unknown: not a known block, and torch.fx cannot trace {type(model).__name__} ({type(err).__name__})"
         for path, m in model.named_modules(remove_duplicate=False):
-            if is_norm(m):
+            if a.is_norm(m):
                 a.consumers.setdefault(path, reason)
         a.writers = f"residual stream unknown: torch.fx cannot trace {type(model).__name__} ({type(err).__name__}: {err})"
         return
@@ -205,14 +219,14 @@ def _trace(model: nn.Module, a: Analysis, blocks) -> None:
     # over all their calls, for every path of theirs outside the known blocks
     for target, nodes in calls.items():
         m = mod[target]
-        if is_norm(m):
+        if a.is_norm(m):
             a.fx_uses[id(m)] = _fx_consumers(model, mod, calls, nodes)
             for p in paths[id(m)]:
                 if p not in table:
                     a.consumers[p] = a.fx_uses[id(m)]
     for target in calls:  # a norm whose own weight or bias the forward also reads directly (x * ln.weight)
         m = mod[target]
-        own = [n for p in m.parameters(recurse=False) for n in reads.get(id(p), ())] if is_norm(m) else []
+        own = [n for p in m.parameters(recurse=False) for n in reads.get(id(p), ())] if a.is_norm(m) else []
         if own:
             by = ", ".join(f"`{_callee(u)}`" for u in own[0].users) or "the forward"
             why = (f"the norm's own parameter `{own[0].target}` is also read directly by {by}, outside its "
@@ -226,7 +240,7 @@ def _trace(model: nn.Module, a: Analysis, blocks) -> None:
             a.consumers[f"{target}.norm"] = _fx_consumers(model, mod, calls, nodes)
             a.stream_norms.add(f"{target}.norm")
     for path, m in model.named_modules(remove_duplicate=False):
-        if is_norm(m):
+        if a.is_norm(m):
             a.consumers.setdefault(path, "consumers unknown: not reached as a leaf in the torch.fx graph")
     # a consumer whose parameter the forward also reads directly (F.linear(h, self.head.weight))
     checked: dict[int, list[LinearView] | str] = {}
@@ -362,13 +376,13 @@ def _fx_stream(model, mod, graph: fx.Graph, a: Analysis, calls, reads, paths) ->
         if n.op != "call_module":
             continue
         m = mod[n.target]
-        if is_norm(m):
+        if a.is_norm(m):
             roots.append(n)
             a.stream_norms.update(paths[id(m)])
         elif isinstance(m, _CONTAINERS) or block_entry(m)[1] is not None:
             roots.append(n)
     for n in roots:
-        if not is_norm(mod[n.target]):
+        if not a.is_norm(mod[n.target]):
             inner = _block_writers(model, n.target, mod[n.target])
             if isinstance(inner, str):
                 return inner

@@ -65,6 +65,10 @@ class ModelSpec:
 
     final_norms: dict[str, tuple[Consumer, ...] | str | None]
     embeddings: tuple[str, ...] | str | None
+    # final norm path -> the output the model returns on request that is this norm's output
+    # (``hidden_states[-1]`` with ``output_hidden_states=True``): folding the norm into its
+    # consumers keeps the logits and changes that output (it becomes n(x)); the report says so
+    final_outputs: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -514,10 +518,19 @@ register_block("transformers.models.roberta.modeling_roberta.RobertaEmbeddings")
 # ------------------------------------------------------------------------- models
 
 
+def _hidden_output(name: str = "hidden_states") -> str:
+    return (f"{name}[-1] (returned with output_hidden_states=True) is this norm's output: folded, it is n(x) "
+            "without gamma and beta; the logits are unchanged")
+
+
 def _lm_head(root: nn.Module, norm: str, embeddings: tuple[str, ...], head: str = "lm_head") -> ModelSpec:
+    # a Hugging Face model's last hidden state is its final norm's output: a model without a
+    # head returns it (last_hidden_state: left); a model with one returns it only on request
+    # (hidden_states[-1]), so the norm folds into the head and the report names that output
     consumers = (Consumer(head),) if _has(root, head) else None
     return ModelSpec(final_norms={norm: consumers},
-                     embeddings=tuple(e for e in embeddings if _has(root, e)))
+                     embeddings=tuple(e for e in embeddings if _has(root, e)),
+                     final_outputs={norm: _hidden_output()} if consumers else {})
 
 
 for _mod, _prefix in LLAMA_LIKE.items():
@@ -561,10 +574,13 @@ def _opt(root: nn.Module, decoder: str) -> ModelSpec:
     pre = decoder + "."
     tokens = pre + ("project_in" if d.project_in is not None else "embed_tokens")
     finals: dict[str, tuple[Consumer, ...] | str | None] = {}
+    outputs: dict[str, str] = {}
     if d.final_layer_norm is not None:
         reader = pre + "project_out" if d.project_out is not None else "lm_head"
         finals[pre + "final_layer_norm"] = (Consumer(reader),) if _has(root, reader) else None
-    return ModelSpec(final_norms=finals, embeddings=(tokens, pre + "embed_positions"))
+        if reader == "lm_head" and _has(root, reader):  # (project_out's output is the hidden state)
+            outputs[pre + "final_layer_norm"] = _hidden_output()
+    return ModelSpec(final_norms=finals, embeddings=(tokens, pre + "embed_positions"), final_outputs=outputs)
 
 
 register_model(f"{_HF}.opt.modeling_opt.OPTForCausalLM")(lambda r: _opt(r, "model.decoder"))
@@ -573,11 +589,13 @@ register_model("transformers.models.gpt2.modeling_gpt2.GPT2LMHeadModel")(
     lambda r: _lm_head(r, "transformer.ln_f", ("transformer.wte", "transformer.wpe")))
 register_model("transformers.models.gpt2.modeling_gpt2.GPT2Model")(
     lambda r: _lm_head(r, "ln_f", ("wte", "wpe")))
-# the encoder's final norm output is also returned (encoder_last_hidden_state): not folded
+# the encoder's final norm output is always returned (encoder_last_hidden_state): not folded;
+# the decoder's is returned only on request (decoder_hidden_states[-1]): folded, and named
 register_model("transformers.models.t5.modeling_t5.T5ForConditionalGeneration")(
     lambda r: ModelSpec(final_norms={"encoder.final_layer_norm": None,
                                      "decoder.final_layer_norm": (Consumer("lm_head"),)},
-                        embeddings=("shared",)))
+                        embeddings=("shared",),
+                        final_outputs={"decoder.final_layer_norm": _hidden_output("decoder_hidden_states")}))
 
 
 @register_model("torch.nn.modules.transformer.Transformer")

@@ -182,6 +182,9 @@ def semantics(module: nn.Module) -> NormSemantics | str:
     has_w, has_b = "weight" in params, "bias" in params
     if has_b and not has_w:
         return "a bias without a weight has no normlab counterpart"
+    if any(p.is_meta for p in params.values()):
+        return ("parameters on the meta device: its forward is checked on a probe, which needs their values "
+                "(load the weights first)")
     kinds = ("layernorm",) if has_b else ("rmsnorm", "layernorm")
     diffs = []
     for kind in kinds:

@@ -13,6 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -22,6 +25,21 @@ def is_conv1d(module: nn.Module) -> bool:
 
 def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def recomputed_by(module: nn.Module) -> str | None:
+    """How ``module``'s weight is recomputed from other tensors on every call, or None: a
+    ``torch.nn.utils.parametrize`` parametrization (``parametrizations.weight_norm``,
+    ``orthogonal``, ...) or torch's older hook-based ``weight_norm`` / ``spectral_norm``.
+    Rewriting such a weight in place does not last: the next call computes it again."""
+    if parametrize.is_parametrized(module):
+        names = ", ".join(module.parametrizations.keys())
+        return f"{names} computed by torch.nn.utils.parametrize from other tensors on every call"
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, (WeightNorm, SpectralNorm)):
+            kind = "weight_norm" if isinstance(hook, WeightNorm) else "spectral_norm"
+            return f"{hook.name} recomputed by torch.nn.utils.{kind}, a forward pre-hook, on every call"
+    return None
 
 
 @dataclass
@@ -70,17 +88,43 @@ class LinearView:
             return [p for p in (m.in_proj_weight, m.in_proj_bias) if p is not None]
         return [p for p in (m.weight, getattr(m, "bias", None)) if p is not None]
 
+    def weight_param(self) -> nn.Parameter:
+        """The parameter holding W (a packed MultiheadAttention's ``in_proj_weight``)."""
+        m = self.module
+        if isinstance(m, nn.Parameter):
+            return m
+        return m.in_proj_weight if isinstance(m, nn.MultiheadAttention) else m.weight
+
+    def bias_param(self) -> nn.Parameter | None:
+        m = self.module
+        if isinstance(m, nn.MultiheadAttention):
+            return m.in_proj_bias
+        return None if isinstance(m, nn.Parameter) else getattr(m, "bias", None)
+
+    def layout(self) -> tuple[str, str]:
+        """How W sits in its parameter: ("conv1d" (stored [in, out]) | "linear", rows). Two
+        views of one parameter with the same layout rewrite the same entries."""
+        return ("conv1d" if is_conv1d(self.module) else "linear", self.rows)
+
+    def fold_beta(self, beta: Tensor) -> None:
+        """b -> b + W beta (with W before ``scale_input``); the caller gives the view a bias."""
+        b = self.bias()
+        b.copy_((b.double() + self.weight().double() @ beta.double()).to(b.dtype))
+
+    def scale_input(self, gamma: Tensor) -> None:
+        """W -> W diag(gamma)."""
+        w = self.weight()
+        w.copy_((w.double() * gamma.double()).to(w.dtype))
+
     def fold_input_affine(self, gamma: Tensor | None, beta: Tensor | None) -> None:
         """W(gamma * x + beta) + b  ->  (W diag(gamma)) x + (W beta + b).
 
-        Without a bias, beta must be zero (the caller checks)."""
-        w = self.weight()
-        w64 = w.double()
-        b = self.bias()
-        if beta is not None and b is not None:
-            b.copy_((b.double() + w64 @ beta.double()).to(b.dtype))
+        Without a bias, beta must be zero (the caller checks). For one view; consumers
+        sharing a parameter are folded by ``fold_norm_affine``, each tensor once."""
+        if beta is not None and self.bias() is not None:
+            self.fold_beta(beta)
         if gamma is not None:
-            w.copy_((w64 * gamma.double()).to(w.dtype))
+            self.scale_input(gamma)
 
     def center_output(self) -> None:
         """Make every output zero-mean over the output dim: W -= mean_out(W), b -= mean(b).

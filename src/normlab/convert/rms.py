@@ -21,11 +21,13 @@ from normlab import functional as F
 from normlab.convert.analysis import analyse
 from normlab.convert.detect import semantics
 from normlab.convert.fused import is_fused, unfuse
+from normlab.convert.linear import recomputed_by
 from normlab.convert.report import ConversionError, ConversionReport
 from normlab.convert.swap import (
     all_paths,
     fuse_known_blocks,
     norm_modules,
+    refuse_meta,
     replace_module,
     shared_params,
 )
@@ -98,13 +100,16 @@ def layernorm_to_rmsnorm(model: nn.Module, *, example_inputs=None, atol: float =
     is: a no-op whose report lists those norms as left, "already converted".
 
     Raises ConversionError, leaving the model unchanged (weights, ties, config, module
-    and block classes), when the stream's writers cannot all be established (Post-LN
+    and block classes), when the model has parameters on the meta device (the new
+    weights are computed from their values), when the stream's writers cannot all be established (Post-LN
     blocks, a stream starting at a model input, a stream that is a model output or feeds
     the head with no final norm, an unknown module on the stream, a writer whose parameter
     the forward also reads directly, a norm that is not a LayerNorm reading a stream that
     is not centered), or when the outputs
     on ``example_inputs`` differ beyond ``atol``/``rtol`` (every change is undone).
     """
+    refuse_meta(model, "layernorm_to_rmsnorm",
+                "centering the residual stream's writers computes their new weights from their values")
     a, plans, left, done = _plan(model)
     report = ConversionReport("layernorm_to_rmsnorm", model)
     for path, m, why in left:
@@ -137,6 +142,11 @@ def _plan(model: nn.Module):
     a = analyse(model)
     if isinstance(a.writers, str):
         raise ConversionError(f"layernorm_to_rmsnorm: {a.writers}")
+    for v in a.writers:
+        recomputed = recomputed_by(v.module) if isinstance(v.module, nn.Module) else None
+        if recomputed:
+            raise ConversionError(f"layernorm_to_rmsnorm: writer of the residual stream {v.path} is parametrized "
+                                  f"({recomputed}): its weight cannot be centered in place")
     plans, left, done = [], [], []
     centered = None
     every = all_paths(model)

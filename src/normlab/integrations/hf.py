@@ -124,6 +124,12 @@ def _plan(architecture: str) -> tuple[str, dict[str, object], tuple[str, ...]]:
     raise ValueError(f"patch(architecture): expected one of {', '.join(ARCHITECTURES)}, got {architecture!r}")
 
 
+# architecture -> [the modeling module, its original attributes, active handles]: the
+# first handle saves the originals and patches; the last one undone restores them, in
+# whatever order the handles are undone
+_ACTIVE: dict[str, list] = {}
+
+
 class patch:
     """Patch a transformers architecture so models built afterwards use normlab.
 
@@ -131,27 +137,45 @@ class patch:
     ...     model = LlamaForCausalLM(config)     # normlab RMSNorm, fused decoder layers
     >>> handle = patch("gpt2"); ...; handle.undo()
 
-    Only construction is affected: models built before, or after ``undo()``, are not."""
+    Only construction is affected: models built before, or after ``undo()``, are not.
+    Handles for one architecture may overlap and be undone in any order: it stays patched
+    until every handle is undone, and then has its original classes again."""
 
     def __init__(self, architecture: str) -> None:
         _transformers()
+        if not isinstance(architecture, str):
+            raise ValueError(f"patch(architecture): expected one of {', '.join(ARCHITECTURES)}, "
+                             f"got {architecture!r}")
         module_name, replacements, blocks = _plan(architecture.lower())
         self.architecture = architecture.lower()
         self._module = importlib.import_module(module_name)
-        self._saved: dict[str, object] = {}
+        self._active = True
+        state = _ACTIVE.get(self.architecture)
+        if state is not None:
+            state[2] += 1
+            return
+        saved: dict[str, object] = {}
         for name, new in replacements.items():
-            self._saved[name] = getattr(self._module, name)
+            saved[name] = getattr(self._module, name)
             setattr(self._module, name, new)
         for name in blocks:
             base = getattr(self._module, name)
-            self._saved[name] = base
+            saved[name] = base
             setattr(self._module, name, fused_class(base))
+        _ACTIVE[self.architecture] = [self._module, saved, 1]
 
     def undo(self) -> None:
-        """Restore the architecture's original classes (idempotent)."""
-        for name, old in self._saved.items():
-            setattr(self._module, name, old)
-        self._saved = {}
+        """Release this handle (a second call does nothing); when no other handle for the
+        architecture is active, restore its original classes."""
+        if not self._active:
+            return
+        self._active = False
+        state = _ACTIVE[self.architecture]
+        state[2] -= 1
+        if state[2] == 0:
+            module, saved, _ = _ACTIVE.pop(self.architecture)
+            for name, old in saved.items():
+                setattr(module, name, old)
 
     def __enter__(self) -> patch:
         return self
@@ -160,4 +184,4 @@ class patch:
         self.undo()
 
     def __repr__(self) -> str:
-        return f"patch({self.architecture!r}, active={bool(self._saved)})"
+        return f"patch({self.architecture!r}, active={self._active})"

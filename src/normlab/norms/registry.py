@@ -53,12 +53,16 @@ _TORCH_NORM_TYPES: tuple[type, ...] = (
 
 def is_norm(module: nn.Module) -> bool:
     """True for a normalization layer: torch's, normlab's (every registered norm), and any
-    other leaf module whose class name ends in ``Norm`` (LlamaRMSNorm, T5LayerNorm, ...)."""
+    other leaf module whose class name ends in ``Norm`` (LlamaRMSNorm, T5LayerNorm, ...),
+    except torch's weight parametrizations (``_WeightNorm``, ``_SpectralNorm``: their
+    forward takes a layer's weight, not activations)."""
     from normlab.norms.base import ResidualNorm
 
     if isinstance(module, (*_TORCH_NORM_TYPES, ResidualNorm)):
         return True
-    return type(module).__name__.endswith("Norm") and next(module.children(), None) is None
+    cls = type(module)
+    return (cls.__name__.endswith("Norm") and not cls.__module__.startswith("torch.nn.utils.")
+            and next(module.children(), None) is None)
 
 
 def norm_names() -> list[str]:
