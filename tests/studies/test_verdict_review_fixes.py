@@ -265,3 +265,26 @@ def test_a_noise_scale_row_that_left_out_a_diverged_run_cannot_agree():
     (row,) = judge(CLAIMS["gray-norm-gns-matches-total"], runs)
     assert row["verdict"] == "inconclusive" and row["n_seeds"] == len(SEEDS) - 1
     assert any("diverged" in c and "cannot agree" in c for c in row["caveats"])
+
+
+def test_the_command_lines_claims_table_says_what_each_interval_is(tmp_path, monkeypatch):
+    # its title said "95% t-intervals over paired seeds" for every row, a sanity row's
+    # min-to-max range included
+    import io
+    import json
+
+    from rich.console import Console
+
+    from normlab.studies import cli
+
+    rows = [{"id": "paired-row", "ci95": [0.1, 0.3], "estimate": 0.2, "margin": 0.05, "n_seeds": 3,
+             "verdict": "agrees", "test": "directional", "interval_kind": "paired seeds"},
+            {"id": "sanity-row", "ci95": [1.0, 2.0], "estimate": 2.0, "margin": 0.0, "n_seeds": 3,
+             "verdict": "sanity", "test": "sanity", "interval_kind": "min to max"}]
+    (tmp_path / "claims.json").write_text(json.dumps(rows))
+    out = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=out, width=250))
+    cli._print_claims(tmp_path / "claims.json")
+    text = out.getvalue()
+    assert "[+0.100, +0.300] " in text and "(over" not in text.split("paired-row")[1].split("\n")[0]
+    assert "[+1.000, +2.000] (min to max (not a CI))" in text

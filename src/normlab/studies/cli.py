@@ -190,14 +190,18 @@ def _print_claims(path: Path) -> None:
     rows = json.loads(path.read_text())
     if not rows:
         return
-    table = Table(title="claims (95% t-intervals over paired seeds)")
+    from normlab.studies.report import interval_label
+
+    table = Table(title="claims (95% t-intervals over paired seeds unless the interval says otherwise)")
     table.add_column("claim", overflow="fold")
-    for col in ("estimate", "95% CI", "margin", "n", "verdict"):
+    for col in ("estimate", "interval", "margin", "n", "verdict"):
         table.add_column(col, no_wrap=True)
     colors = {"agrees": "green", "disagrees": "red", "inconclusive": "yellow", "sanity": "blue"}
     for r in rows:
-        ci = r["ci95"]
+        ci, label = r["ci95"], interval_label(r)
         ci_text = "-" if ci[0] is None or ci[1] is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+        if ci_text != "-" and label != "95% CI over paired seeds":
+            ci_text += f" ({label.removeprefix('95% CI ')})"
         est = "-" if r["estimate"] is None else f"{r['estimate']:+.3f}"
         table.add_row(escape(r["id"]), est, ci_text, f"{r['margin']:g}", str(r["n_seeds"]),
                       f"[{colors[r['verdict']]}]{r['verdict']}[/]")
