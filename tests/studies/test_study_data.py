@@ -41,6 +41,35 @@ def test_split_is_by_whole_file(tmp_path):
     assert in_val and in_train and not in_val & in_train and in_val | in_train == set(range(60))
 
 
+def test_a_validation_file_that_repeats_the_training_text_is_left_out(tmp_path):
+    # the standard library's generated codecs (encodings/cp1140.py beside cp037.py) put
+    # text copied from the training split into a fifth of the 256 KiB validation set
+    from normlab.studies.data import _is_validation
+
+    names = [f"f{i}.txt" for i in range(200)]
+    val_names = [n for n in names if _is_validation(n, 20)]
+    train_names = [n for n in names if not _is_validation(n, 20)]
+    table = [f"    0x{i:04x}: 0x{(i * 7919) % 65536:04x},  # entry number {i}" for i in range(64)]
+    (tmp_path / train_names[0]).write_text("\n".join(["# codec A"] + table))
+    # a generated sibling: the same table but for a few rows -> left out
+    sibling = table[:]
+    sibling[3] = "    0x0003: 0xffff,  # a row of its own, number 3"
+    (tmp_path / val_names[0]).write_text("\n".join(["# codec B"] + sibling))
+    # a file with its own text, sharing a few boilerplate lines with training -> kept
+    own = [f"value_{i} = compute_something_else({i}, {i * i})" for i in range(40)] + table[:5]
+    (tmp_path / val_names[1]).write_text("\n".join(own))
+    for n in train_names[1:20]:
+        (tmp_path / n).write_text(f"training text of {n}, long enough to count as a line\n" * 3)
+    c = ByteCorpus.from_path(tmp_path, val_percent=20)
+    val = bytes(c.val.tolist()).decode()
+    assert c.repeats_left_out == (val_names[0],)
+    assert "codec B" not in val and "compute_something_else(39" in val
+    # the default corpus: its generated codecs are not validation text
+    stdlib_full = ByteCorpus.from_path()
+    assert {"encodings/cp1140.py", "encodings/cp1252.py"} <= set(stdlib_full.repeats_left_out)
+    assert b"Python Character Mapping Codec cp1252" not in bytes(stdlib_full.val.tolist())
+
+
 def test_lm_batches_are_pure_functions_of_seed_and_step(stdlib):
     x1, y1 = lm_batch(stdlib.train, 4, 32, seed=1, step=7)
     x2, y2 = lm_batch(stdlib.train, 4, 32, seed=1, step=7)

@@ -40,6 +40,25 @@ def _is_validation(rel_path: str, val_percent: int) -> bool:
     return int.from_bytes(digest[:4], "little") % 100 < val_percent
 
 
+# a validation file repeats the training text when at least this share of its distinct
+# lines of at least ``REPEAT_LINE_CHARS`` characters (stripped) also occur in the training
+# files: generated siblings (the standard library's encodings/cp1140.py beside cp037.py,
+# byte for byte but for a table), copies, near-copies (bz2.py beside lzma.py). Such a file
+# is left out of validation, which would otherwise reward memorizing the training text.
+REPEAT_SHARE = 0.5
+REPEAT_LINE_CHARS = 24
+
+
+def _long_lines(blob: bytes) -> set[bytes]:
+    return {s for line in blob.splitlines() if len(s := line.strip()) >= REPEAT_LINE_CHARS}
+
+
+def _repeats(blob: bytes, train_lines: set[bytes]) -> bool:
+    """Whether ``blob`` (a validation file) repeats the training text (``REPEAT_SHARE``)."""
+    lines = _long_lines(blob)
+    return bool(lines) and len(lines & train_lines) >= REPEAT_SHARE * len(lines)
+
+
 def _collect_files(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
     if path.is_file():
         return [path]
@@ -58,6 +77,7 @@ class ByteCorpus:
     val: Tensor
     source: str
     n_files: int
+    repeats_left_out: tuple[str, ...] = ()  # validation files that repeat the training text
     _unigram_logp: Tensor | None = field(default=None, repr=False, compare=False)
     _sha256: str | None = field(default=None, repr=False, compare=False)
 
@@ -67,7 +87,9 @@ class ByteCorpus:
         """Read ``path`` (a file or folder; default: the Python standard library) as bytes.
 
         Files are split into train/validation by a hash of their path relative to
-        ``path``; ``max_bytes`` caps each split (files in sorted order)."""
+        ``path``; ``max_bytes`` caps each split (files in sorted order). A validation file
+        that repeats the training text (``_repeats``: half of its distinct long lines
+        occur in the training files read) is left out (``repeats_left_out``)."""
         root = stdlib_root() if path is None else Path(path).expanduser()
         if not root.exists():
             raise DataError(f"--data: {str(root)!r} does not exist")
@@ -77,14 +99,27 @@ class ByteCorpus:
             raise DataError(f"--data: no text files ({', '.join(suffixes)}) under {str(root)!r}")
         parts: dict[bool, list[bytes]] = {False: [], True: []}
         sizes = {False: 0, True: 0}
-        for f in files:
+        held: list[tuple[str, Path]] = []
+        for f in files:  # the training files first: the validation files are checked against them
             rel = f.name if root.is_file() else f.relative_to(root).as_posix()
-            is_val = _is_validation(rel, val_percent) if len(files) > 1 else False
-            if max_bytes is not None and sizes[is_val] >= max_bytes:
-                continue
+            if len(files) > 1 and _is_validation(rel, val_percent):
+                held.append((rel, f))
+            elif max_bytes is None or sizes[False] < max_bytes:
+                blob = f.read_bytes()
+                parts[False].append(blob)
+                sizes[False] += len(blob)
+        train_lines = set().union(*map(_long_lines, parts[False])) if held else set()
+        left_out = []
+        for rel, f in held:
+            if max_bytes is not None and sizes[True] >= max_bytes:
+                break
             blob = f.read_bytes()
-            parts[is_val].append(blob)
-            sizes[is_val] += len(blob)
+            if _repeats(blob, train_lines):
+                left_out.append(rel)
+                continue
+            parts[True].append(blob)
+            sizes[True] += len(blob)
+        del train_lines
         train = b"\n".join(parts[False])
         val = b"\n".join(parts[True])
         # one file, or a split that left one side empty (every file hashed to the same
@@ -102,6 +137,7 @@ class ByteCorpus:
             val=torch.frombuffer(bytearray(val), dtype=torch.uint8),
             source="python-stdlib" if path is None else str(root),
             n_files=len(files),
+            repeats_left_out=tuple(left_out),
         )
 
     def sha256(self) -> str:

@@ -208,7 +208,8 @@ def provenance(env: Env, corpus: ByteCorpus | None, *, workers: int, threads: in
     }
     if corpus is not None:
         out.update(corpus_source=corpus.source, corpus_files=corpus.n_files, train_bytes=int(corpus.train.numel()),
-                   val_bytes=int(corpus.val.numel()), corpus_sha256=corpus.sha256(),
+                   val_bytes=int(corpus.val.numel()), val_files_left_out=list(corpus.repeats_left_out),
+                   corpus_sha256=corpus.sha256(),
                    unigram_val_loss=corpus.unigram_val_loss())
     return out
 
