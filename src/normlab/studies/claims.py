@@ -1409,8 +1409,11 @@ def _qk_logits(results: list[Result]) -> list[Measurement]:
     i = paired_ci(a, b)
     failures = {g: sum(failed(r) for r in rs if r["lr"] == top) for g, rs in (("without", plain), ("with", qk))}
     caveats = [c for name, rs, kept in (("no QK-norm", plain, a), ("QK-norm", qk, b))
-               for c in _left_out(name, {r["seed"] for r in rs if r["lr"] == top} - set(kept),
-                                  f"no attention logit recorded at lr {top:g}")]
+               for blown in (False, True)
+               for c in _left_out(name, {r["seed"] for r in rs if r["lr"] == top and r["seed"] not in kept
+                                         and _blown(r.get("attention_logit_max")) == blown},
+                                  f"its largest attention logit at lr {top:g} is not finite (named below)" if blown
+                                  else f"no attention logit recorded at lr {top:g}")]
     caveats += _pairing_caveats("no QK-norm", a, "QK-norm", b)
     used = tuple(r for r in plain + qk if r["lr"] == top)
     # the sweep's largest lr is where the claim is judged: a larger one that only one side
@@ -1881,12 +1884,37 @@ def _equal_units_caveat(i: Interval, unit: str) -> str:
             f"(coverage {sign_test_coverage(i.n):.1%} over {i.n} {unit}s)")
 
 
-def _unweighed_caveat(unweighed: tuple[str, ...], capped: bool) -> str:
-    """Why a row that left out values that are not finite cannot agree (``Measurement.unweighed``)."""
-    return ("left out as not finite (or not > 0 where the statistic takes its log): " + "; ".join(unweighed)
-            + ". A blown-up value is evidence the statistic could not weigh: the most extreme of its kind, it "
-            "may be what decides the claim, so the row cannot agree while it is left out"
-            + (" (the values that remain would agree): inconclusive" if capped else "; at most inconclusive"))
+# an infinite value (an overflow) counted as the most extreme finite value of its sign,
+# to see whether leaving it out decides a row (``judge``)
+STAND_IN = 1e30
+
+
+def _with_stand_ins(value: Any) -> Any:
+    """``value`` (a result, or one of its fields) with every infinite float replaced by
+    +-``STAND_IN``; nan and every other value as they are."""
+    if isinstance(value, float) and math.isinf(value):
+        return math.copysign(STAND_IN, value)
+    if isinstance(value, dict):
+        return {k: _with_stand_ins(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_with_stand_ins(v) for v in value)
+    return value
+
+
+def _unweighed_caveat(unweighed: tuple[str, ...], outcome: str, counted: str | None) -> str:
+    """What a row that left out values that are not finite (``Measurement.unweighed``)
+    reads with them counted at +-``STAND_IN`` (``counted``: that verdict; None where they
+    cannot be counted: nan, a value not > 0 under a log, a run that diverged), and so
+    whether its verdict (``outcome``, on the values that remain) stands."""
+    head = ("left out as not finite (or not > 0 where the statistic takes its log): " + "; ".join(unweighed)
+            + ". A blown-up value is the most extreme of its kind and may be what decides the claim")
+    if counted is None:
+        return head + f"; it cannot be counted at a stand-in value, so the row is inconclusive (the values that " \
+                      f"remain read {outcome})"
+    if counted == outcome:
+        return head + f"; counted at +-{STAND_IN:g} instead, the row reads the same ({outcome}), so the verdict stands"
+    return head + f"; the values that remain read {outcome}, counted at +-{STAND_IN:g} it reads {counted}: " \
+                  "inconclusive"
 
 
 def _beyond_caveat(i: Interval, margin: float) -> str:
@@ -1937,6 +1965,7 @@ def judge(claim: Claim, results: list[Result], margin: Margin | None = None,
                              f"builds them), got {r!r}")
     rows = []
     measured = claim.measure(results)
+    counted: dict[str, Measurement] | None = None  # the measurements with infinite values at +-STAND_IN
     unjudged = _unjudged_rows(measured, missing)
     if unjudged:  # in order of the planned values
         measured = sorted(measured + unjudged, key=lambda m: m.planned.value if m.planned else math.inf)
@@ -1949,9 +1978,14 @@ def judge(claim: Claim, results: list[Result], margin: Margin | None = None,
             interval = f"{kind} (not a confidence interval)"
         else:
             outcome = "inconclusive" if m.undetermined else verdict(claim.test, m.interval, margin.value)
-            if m.unweighed:  # a value left out as not finite: the row cannot agree without it
-                m = replace(m, caveats=m.caveats + (_unweighed_caveat(m.unweighed, outcome == "agrees"),))
-                outcome = "inconclusive" if outcome == "agrees" else outcome
+            if m.unweighed:  # values left out as not finite: the verdict stands only if they do not decide it
+                if counted is None:
+                    counted = {x.suffix: x for x in claim.measure([_with_stand_ins(r) for r in results])}
+                alt = counted.get(m.suffix)
+                alt_outcome = (None if alt is None or alt.unweighed else "inconclusive" if alt.undetermined
+                               else verdict(claim.test, alt.interval, margin.value))
+                m = replace(m, caveats=m.caveats + (_unweighed_caveat(m.unweighed, outcome, alt_outcome),))
+                outcome = outcome if alt_outcome == outcome else "inconclusive"
             if claim.test == "equivalence" and outcome == "agrees" and (m.interval.lo > 0 or m.interval.hi < 0):
                 m = replace(m, caveats=m.caveats + (
                     f"the interval excludes 0, the claim's own value: within the margin of {margin.value:g}, "
