@@ -126,7 +126,7 @@ def test_runs_made_with_another_pythons_default_corpus_are_reported_with_a_warni
     # running: the runs would resume on other bytes; the error says why, and the ways on
     with pytest.raises(ValueError, match=r"made with other settings \(lm;.*this Python's standard library.*"
                                          r"lm: corpus: [0-9a-f]{12}, here [0-9a-f]{12}\).*Python they were made "
-                                         r"with.*--data.*--overwrite.*--out"):
+                                         r"with.*--data.*--overwrite.*--out.*version of normlab that split it"):
         run_study(study, tmp_path, cpu_env(), corpus=here, workers=1)
     assert folder_files(study_dir) == before
     # --report-only: reported as they were made, with a warning, and the provenance says so

@@ -275,7 +275,7 @@ def test_jobs_json_is_swapped_in_whole(tmp_path, monkeypatch):
 
     def half_then_killed(self, text, *a, **k):
         real(self, text[: len(text) // 2], *a, **k)
-        raise Killed  # as SIGKILL part way through the write
+        raise Killed  # stops the write part way, as a kill does (a real SIGKILL would leave the temporary file)
 
     monkeypatch.setattr(Path, "write_text", half_then_killed)
     with pytest.raises(Killed):
@@ -283,7 +283,7 @@ def test_jobs_json_is_swapped_in_whole(tmp_path, monkeypatch):
                        dtype="fp32", keep_weights=False)
     monkeypatch.undo()
     assert cluster.read_jobs(tmp_path) == {"old": {"job_id": "7", "launcher": "local"}}  # the earlier records
-    assert [p.name for p in tmp_path.iterdir()] == ["jobs.json"]  # no temporary file left
+    assert [p.name for p in tmp_path.iterdir()] == ["jobs.json"]  # (the temporary file removed on the way out)
     cluster.submit([micro_spec("new")], tmp_path, "local", JobOptions(), data=None, ship_corpus=None,
                    dtype="fp32", keep_weights=False)
     assert set(cluster.read_jobs(tmp_path)) == {"old", "new"}

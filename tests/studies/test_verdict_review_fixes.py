@@ -316,6 +316,12 @@ def test_the_claims_tables_mark_min_to_max_rows(tmp_path):
     line = next(x for x in md.splitlines() if x.startswith("| `postln-stream-normalized"))
     assert "min to max" in line
     assert "Estimates are means over paired seeds" not in md
+    # a row with no interval (nothing measured) gets no label: "- 95% CI over seeds" read as one
+    empty = dict(rows[0], id="nothing-measured", ci95=[None, None], estimate=None)
+    md = report.write_markdown(tmp_path, "t", [empty], {}).read_text()
+    assert "| - | - |" in next(x for x in md.splitlines() if x.startswith("| `nothing-measured"))
+    page = report.write_html(tmp_path, "t", "t", [empty], [], {}, {}).read_text()
+    assert re.search(r"nothing-measured.*?</tr>", page, re.S).group(0).count("95% CI") == 0
 
 
 def test_a_noise_scale_row_that_left_out_a_diverged_run_cannot_agree():

@@ -657,12 +657,15 @@ def write_html(out: Path, study_name: str, description: str, rows: list[dict[str
             "<th>interval</th><th>n</th><th>verdict</th></tr>")
         for row in rows:
             caveats = "".join(f"<div class='caveat'>caveat: {esc(c)}</div>" for c in row.get("caveats", []))
+            ci_cell = _ci(row["ci95"])
+            if ci_cell != "-":
+                ci_cell += f"<div class='src'>{esc(interval_label(row))}</div>"
             parts.append(
                 f"<tr><td><b>{esc(row['title'])}</b><div class='src'>{esc(row['id'])} · "
                 f"{esc('; '.join(row['papers']))}</div>{caveats}</td><td>{esc(row['statistic'])}</td>"
                 f"<td>{esc(row['test'])} ({esc(_TEST_WORDS[row['test']])})</td>"
                 f"<td class='num'>{_num(row['margin'], '{:g}')}</td><td class='num'>{_num(row['estimate'], '{:+.3f}')}</td>"
-                f"<td class='num'>{_ci(row['ci95'])}<div class='src'>{esc(interval_label(row))}</div></td>"
+                f"<td class='num'>{ci_cell}</td>"
                 f"<td class='num'>{row['n_seeds']}</td>"
                 f"<td><span class='verdict {esc(row['verdict'])}'>{esc(row['verdict'])}</span></td></tr>")
         parts.append("</table><h2>What each claim says, what was measured, and the scope</h2>")
@@ -793,8 +796,10 @@ def write_markdown(out: Path, study_name: str, rows: list[dict[str, Any]], prov:
               "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         est = "-" if r["estimate"] is None else f"{r['estimate']:+.3f}"
-        lines.append(f"| `{r['id']}` | {_md(r['statistic'])} | {r['test']} | {r['margin']:g} | {est} | {_ci(r['ci95'])} "
-                     f"{interval_label(r)} | {r['n_seeds']} | **{r['verdict']}** |")
+        ci = _ci(r["ci95"])
+        ci = ci if ci == "-" else f"{ci} {interval_label(r)}"
+        lines.append(f"| `{r['id']}` | {_md(r['statistic'])} | {r['test']} | {r['margin']:g} | {est} | {ci} "
+                     f"| {r['n_seeds']} | **{r['verdict']}** |")
     configs = configurations(results or [], missing)
     if configs:
         lines += ["", "## Configurations at their best setting", "",

@@ -76,6 +76,13 @@ from normlab.studies.train import (
     write_atomic,
 )
 
+_SEED_SUFFIX = re.compile(r"-s(\d+)$")  # a trained configuration's run name ends in its seed
+
+
+def _base_name(name: str) -> str:
+    """A run's name without its seed suffix: the configuration's."""
+    return _SEED_SUFFIX.sub("", name)
+
 
 def apply_overrides(study: Study, *, seeds: int | None = None, steps: int | None = None) -> Study:
     """``seeds``: run every configuration with seeds 0..seeds-1; ``steps``: train for that
@@ -86,7 +93,7 @@ def apply_overrides(study: Study, *, seeds: int | None = None, steps: int | None
             raise ValueError(f"--seeds: expected >= 1, got {seeds}")
         bases: dict[str, RunSpec] = {}
         for r in runs:
-            bases.setdefault(r.name if r.kind == "speed" else re.sub(r"-s\d+$", "", r.name), r)
+            bases.setdefault(r.name if r.kind == "speed" else _base_name(r.name), r)
         runs = [r if r.kind == "speed" else replace(r, name=f"{base}-s{s}", seed=s)
                 for base, r in bases.items() for s in (range(1) if r.kind == "speed" else range(seeds))]
     if steps is not None:
@@ -323,6 +330,16 @@ def _read_summary(study_dir: Path) -> dict[str, Any]:
     return summary if isinstance(summary, dict) else {}
 
 
+def _failed_before(summary: dict[str, Any]) -> dict[str, str]:
+    """The runs a summary lists as failed -> their tracebacks (entries it cannot read skipped)."""
+    out = {}
+    for entry in summary.get("failed") or []:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if isinstance(name, str):
+            out[name] = str(entry.get("error") or "")
+    return out
+
+
 def _unplanned_runs(study: Study, study_dir: Path) -> list[str]:
     """The finished runs in the study's folder (a run folder with a result) that are not in
     ``study.runs``: runs of seeds beyond ``--seeds``, or of configurations this plan has
@@ -338,8 +355,8 @@ def _unplanned_runs(study: Study, study_dir: Path) -> list[str]:
 
 def _unplanned_warning(study: Study, study_dir: Path, unread: list[str]) -> str:
     """Why the finished runs ``unread`` (``_unplanned_runs``) were not read, and how to read them."""
-    bases = {re.sub(r"-s\d+$", "", r.name) for r in study.runs if r.kind != "speed"}
-    seeds = [int(m.group(2)) for name in unread if (m := re.match(r"^(.*)-s(\d+)$", name)) and m.group(1) in bases]
+    bases = {_base_name(r.name) for r in study.runs if r.kind != "speed"}
+    seeds = [int(m.group(1)) for name in unread if (m := _SEED_SUFFIX.search(name)) and _base_name(name) in bases]
     why = []
     if seeds:
         why.append(f"{len(seeds)} of seeds outside this plan's (--seeds {max(seeds) + 1} or more reads them)")
@@ -379,15 +396,21 @@ def _refuse_stale(study: Study, study_dir: Path, stale: dict[str, list[str]], re
         what += ("; a model that differs under the same options was made by another version of normlab, which "
                  "resolved it otherwise: no option of this one remakes it (--overwrite replaces such runs, --out "
                  "another folder leaves them)")
+    other_corpus = any(d.startswith("corpus:") for differs in stale.values() for d in differs)
+    # (the split changed once: runs from before it read other validation bytes, whatever the options)
+    split = (". A corpus that differs may also come from a version of normlab that split it otherwise: since "
+             "validation leaves out files repeating the training text, runs made before read other validation "
+             "bytes, and no option remakes them (--overwrite replaces them, --out another folder leaves them)"
+             if other_corpus else "")
     if report_only:
-        raise ValueError(f"{head}: give the options they were made with to report them ({what})")
-    if corpus is not None and any(d.startswith("corpus:") for differs in stale.values() for d in differs):
+        raise ValueError(f"{head}: give the options they were made with to report them ({what}){split}")
+    if corpus is not None and other_corpus:
         raise ValueError(f"{head}: {_default_corpus_note(corpus)} ({what}). To resume them, re-run with the Python "
                          "they were made with, or with --data giving the corpus they were made on if they were made "
                          "with one; --overwrite replaces them, --out another folder leaves them. A corpus given with "
-                         "--data is the same under every Python")
+                         f"--data is the same under every Python{split}")
     raise ValueError(f"{head}: re-run with the options they were made with to resume them, --overwrite to replace "
-                     f"them, or --out another folder ({what})")
+                     f"them, or --out another folder ({what}){split}")
 
 
 def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, console: Console | None = None,
@@ -528,10 +551,9 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
             scan()
             prov["runs_found_finished"] = len(found)
             names = {r.name for r in study.runs}
-            for entry in _read_summary(study_dir).get("failed") or []:
-                name = entry.get("name") if isinstance(entry, dict) else None
-                if name in names and name not in found and name not in stale:  # (stale: --overwrite replaces it)
-                    earlier_failed[name] = str(entry.get("error") or "")
+            earlier_failed.update({name: error for name, error in _failed_before(_read_summary(study_dir)).items()
+                                   if name in names and name not in found and name not in stale})
+            # (stale: --overwrite replaces it)
         if unread := _unplanned_runs(study, study_dir):
             prov["runs_not_read"] = unread
             warnings.warn(_unplanned_warning(study, study_dir, unread), RuntimeWarning, stacklevel=3)
@@ -709,10 +731,8 @@ def _report_finished(study: Study, study_dir: Path, made_by, default_corpus: Byt
                 result.update({k: v for k, v in before.items() if k.startswith("baseline_val_loss")})
         finish(spec, result)
     names = {r.name for r in study.runs}
-    for entry in previous.get("failed") or []:
-        name = entry.get("name") if isinstance(entry, dict) else None
-        if name in names and name not in done:
-            failures[name] = str(entry.get("error") or "")
+    failures.update({name: error for name, error in _failed_before(previous).items()
+                     if name in names and name not in done})
     # runs whose --launcher job ended without a result (it raised, SLURM ended it, or a
     # local job was killed) are failed, not "not finished": nothing will finish them
     waiting = [r.name for r in study.runs if r.name not in done and r.name not in failures]
