@@ -116,3 +116,17 @@ def test_layernorm_lm_is_causal_in_training():
 def test_batchnorm_lm_sees_the_future_in_training_only():
     assert _future_dependence("batchnorm", train=True) > 1e-3
     assert _future_dependence("batchnorm", train=False) == 0.0
+
+
+def test_numbers_inside_option_sequences_are_plain_too():
+    # only the options' top-level values were converted: a numpy number in a list stayed
+    import json
+
+    import numpy as np
+
+    from normlab.models.config import _plain_options
+
+    opts = _plain_options({"a": [np.float32(0.5), np.int64(2)], "b": (np.int64(3),), "c": {"d": np.float64(1.5)}})
+    assert opts == {"a": [0.5, 2], "b": (3,), "c": {"d": 1.5}}
+    assert type(opts["a"][0]) is float and type(opts["a"][1]) is int and type(opts["c"]["d"]) is float
+    json.dumps(opts)

@@ -248,6 +248,10 @@ def _plain_options(opts: dict[str, Any]) -> dict[str, Any]:
     the config stays JSON-serialisable; what else a value may be is the norm's or
     placement's to check."""
     def plain(v: object) -> object:
+        if isinstance(v, (list, tuple)):  # (a sequence of numbers: each one)
+            return type(v)(plain(x) for x in v)
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
         if isinstance(v, bool) or not isinstance(v, numbers.Real):
             return v
         if isinstance(v, numbers.Integral):
