@@ -310,3 +310,20 @@ def test_finished_runs_outside_the_plan_are_named_not_quietly_dropped(tmp_path, 
 
 def _provenance(tmp_path):
     return json.loads((tmp_path / "seeds" / "summary.json").read_text())["provenance"]
+
+
+def test_ctrl_c_while_the_report_is_written_says_the_runs_are_saved(tmp_path, corpus, monkeypatch):
+    # a KeyboardInterrupt from the plots gave a traceback after every run had finished
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "write_report", interrupted)
+    study = Study("rep", "stopped in the report", (micro_spec("r", steps=2),))
+    with pytest.raises(runner.StudyInterrupted, match=r"while writing the report: the runs are finished and saved; "
+                                                      r"`normlab study rep --report-only` writes"):
+        runner.run_study(study, tmp_path, cpu_env(), corpus=corpus, workers=1)
+    assert [r["name"] for r in _summary_of(tmp_path / "rep")["runs"]] == ["r"]
+
+
+def _summary_of(study_dir):
+    return json.loads((study_dir / "summary.json").read_text())

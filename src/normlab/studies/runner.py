@@ -684,11 +684,15 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
         prov["wall_s"] = round(time.perf_counter() - started, 1)  # this invocation
         prov["run_time_s"] = round(sum(r.get("wall_s") or 0.0 for r in ordered), 1)  # every run, when it ran
         prov["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        _write_summary(study_dir, study, ordered, prov, failed)
-        missing = missing_runs(study.runs, finished, failed)
-        rows = judge_all(study.claims, ordered, study.margins, missing)
-        write_atomic(study_dir / "claims.json", json.dumps(_json_safe(rows), indent=1))
-        report = write_report(study_dir, study, ordered, prov, rows, failed, missing)
+        try:
+            _write_summary(study_dir, study, ordered, prov, failed)
+            missing = missing_runs(study.runs, finished, failed)
+            rows = judge_all(study.claims, ordered, study.margins, missing)
+            write_atomic(study_dir / "claims.json", json.dumps(_json_safe(rows), indent=1))
+            report = write_report(study_dir, study, ordered, prov, rows, failed, missing)
+        except KeyboardInterrupt:  # the runs are over and saved: only the report is left to write
+            raise StudyInterrupted(f"interrupted while writing the report: the runs are finished and saved; "
+                                   f"`{merge_command}` writes the claims and the report") from None
     return ordered, report
 
 
