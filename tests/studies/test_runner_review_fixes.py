@@ -327,3 +327,27 @@ def test_ctrl_c_while_the_report_is_written_says_the_runs_are_saved(tmp_path, co
 
 def _summary_of(study_dir):
     return json.loads((study_dir / "summary.json").read_text())
+
+
+def test_the_gradient_probes_loss_is_not_finite_when_any_batch_was_not():
+    # it reported the last batch's loss alone: a non-finite first batch left the probe
+    # "not diverged"
+    import math
+    from types import SimpleNamespace
+
+    import torch
+
+    from normlab.studies import probes
+    from normlab.studies.train import build_model
+
+    spec = micro_spec("g")
+    model = build_model(spec)
+    tokens = torch.randint(0, 256, (2, 8))
+
+    def loss(m, batch):
+        out = m(tokens).float().mean()
+        return (out * math.nan if batch == 0 else out), None
+
+    task = SimpleNamespace(spec=SimpleNamespace(probe_batches=2), batch=lambda i, split, env: i, loss=loss)
+    env = SimpleNamespace(autocast=lambda: torch.autocast("cpu", enabled=False))
+    assert math.isnan(probes.gradients_at_init(model, task, env)["probe_loss"])

@@ -103,19 +103,23 @@ def gradients_at_init(model: nn.Module, task: Any, env: Any) -> dict[str, Any]:
     model.train()
     grads: list[dict[str, list[float]]] = []
     rms: list[list[float]] = []
+    losses: list[float] = []
     for i in range(task.spec.probe_batches):
         batch = task.batch(i, "train", env)
         with ActivationMonitor(model) as monitor:
             with env.autocast():
                 loss, _ = task.loss(model, batch)
             loss.backward()
+        losses.append(loss.item())
         grads.append(_profiles(model))
         rms.append(monitor.residual_rms())
         model.zero_grad(set_to_none=True)
     return {
         "grad_norms_by_layer": {k: [mean(v) for v in zip(*(g[k] for g in grads))] for k in PROFILE_KINDS},
         "activation_rms_by_layer": [mean(v) for v in zip(*rms)],
-        "probe_loss": loss.item(),
+        # the mean over the probe batches, as the update probe's: a batch whose loss is not
+        # finite makes it not finite (the run's ``diverged``), whichever batch it was
+        "probe_loss": mean(losses),
     }
 
 
