@@ -130,3 +130,8 @@ def test_numbers_inside_option_sequences_are_plain_too():
     assert opts == {"a": [0.5, 2], "b": (3,), "c": {"d": 1.5}}
     assert type(opts["a"][0]) is float and type(opts["a"][1]) is int and type(opts["c"]["d"]) is float
     json.dumps(opts)
+    # a namedtuple (its own constructor) is left as it is
+    from collections import namedtuple
+
+    point = namedtuple("point", "x y")(1, 2)
+    assert _plain_options({"p": point})["p"] is point

@@ -98,12 +98,12 @@ BLOWN = {
 
 
 def _at_largest_finite(value):
-    """The oracle: ``value`` with every infinity replaced by +-1e30 by hand, a finite value
-    the statistics weigh as they weigh any other."""
+    """The oracle: ``value`` with every infinity replaced by +-1e150 by hand (a loss left
+    to the failure rule), a finite value the statistics weigh as they weigh any other."""
     if isinstance(value, float) and math.isinf(value):
-        return math.copysign(1e30, value)
+        return math.copysign(1e150, value)
     if isinstance(value, dict):
-        return {k: _at_largest_finite(v) for k, v in value.items()}
+        return {k: v if "loss" in k else _at_largest_finite(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_at_largest_finite(v) for v in value]
     return value
@@ -112,14 +112,14 @@ def _at_largest_finite(value):
 @pytest.mark.parametrize("claim_id", sorted(BLOWN))
 def test_a_row_that_left_out_a_value_that_is_not_finite_keeps_its_verdict_only_if_the_value_would(claim_id):
     # the fit over what remains hid the overflow: every row agreed; now a row agrees only
-    # where the same runs with the overflow at 1e30, finite, agree too
+    # where the same runs with the overflow at 1e150, finite, agree too
     runs = SCENARIOS[claim_id]("agrees")
     BLOWN[claim_id](runs)
     rows = judge(CLAIMS[claim_id], runs)
     finite = {r["id"]: r["verdict"] for r in judge(CLAIMS[claim_id], [_at_largest_finite(r) for r in runs])}
     assert rows
     for row in rows:
-        caveat = next(c for c in row["caveats"] if "not finite" in c)
+        caveat = next(c for c in row["caveats"] if "A blown-up value" in c)
         if row["verdict"] == "agrees":
             assert finite[row["id"]] == "agrees" and "reads the same (agrees)" in caveat
         else:
@@ -147,7 +147,7 @@ def test_deepnorm_update_with_every_deepest_probe_overflowed_is_not_bounded():
     (row,) = judge(CLAIMS["deepnet-update-bounded"], runs(math.inf))
     assert row["verdict"] == "inconclusive"
     assert any("24 layers" in c and "it reads disagrees" in c for c in row["caveats"])
-    (finite,) = judge(CLAIMS["deepnet-update-bounded"], runs(1e30))
+    (finite,) = judge(CLAIMS["deepnet-update-bounded"], runs(1e150))
     assert finite["verdict"] == "disagrees"
 
 
@@ -163,8 +163,8 @@ def test_peri_stream_overflow_leaves_the_gap_inconclusive():
 
 def test_an_overflow_is_weighed_in_its_direction_but_never_decides_alone():
     # the logits without QK-norm overflowing is the growth the claim is about: the caveat
-    # says the overflow, counted at 1e30, reads agrees, but with every seed's overflowed
-    # no pair remains to judge, and one seed's at 1e30 against finite ones makes the
+    # says the overflow, counted at 1e150, reads agrees, but with every seed's overflowed
+    # no pair remains to judge, and one seed's at 1e150 against finite ones makes the
     # Student-t interval as wide as it goes: inconclusive either way, the overflow named
     def runs(seeds):
         out = SCENARIOS["wortsman-qk-norm-bounds-logits"]("agrees")
@@ -194,9 +194,49 @@ def test_an_overflow_against_a_disagreeing_row_makes_it_inconclusive():
     assert any("read disagrees" in c and "it reads" in c for c in row["caveats"])
 
 
+def test_an_agreeing_row_whose_overflow_points_the_claims_way_still_agrees():
+    # every seed's deepest Post-LN update overflowed: growth, what the claim says, and the
+    # depths that remain agree too
+    runs = SCENARIOS["liu-postln-update-grows"]("agrees")
+    for r in runs:
+        if r.get("placement") == "post" and r.get("n_layers") == 24:
+            r["output_change_sq"] = math.inf
+    (row,) = judge(CLAIMS["liu-postln-update-grows"], runs)
+    assert row["verdict"] == "agrees"
+    assert any("A blown-up value" in c and "reads the same (agrees)" in c for c in row["caveats"])
+
+
+def test_the_stand_in_lies_beyond_every_finite_value_a_run_records():
+    # at 1e30 an overflow of the QK-norm side (against the claim) counted below finite
+    # logits of 1e35 without QK-norm, and the row kept agreeing
+    runs = SCENARIOS["wortsman-qk-norm-bounds-logits"]("agrees")
+    for s in SEEDS:
+        _find(runs, group="no qk-norm", seed=s, lr=max(LRS))["attention_logit_max"] = 1e35 * (1 + 0.1 * s)
+        _find(runs, group="qk-norm", seed=s, lr=max(LRS))["attention_logit_max"] = 1.0 + 0.1 * s
+    _find(runs, group="qk-norm", seed=0, lr=max(LRS))["attention_logit_max"] = math.inf
+    (row,) = judge(CLAIMS["wortsman-qk-norm-bounds-logits"], runs)
+    assert row["verdict"] == "inconclusive"
+
+
+def test_a_row_that_the_counted_overflow_moves_says_so():
+    # every seed's 24-layer stream overflowed: the row, judged at 12 layers without them,
+    # is at 24 layers with them counted; it said they "cannot be counted"
+    deep = SCENARIOS["preln-stream-variance-linear"]("agrees")
+    shallow = [dict(r, n_layers=12, name=r["name"].replace("L24", "L12"),
+                    activation_rms_by_layer=r["activation_rms_by_layer"][:12],
+                    grad_norms_by_layer={"ffn_w2": [1.0] * 12, "ffn_w1": [1.0] * 12}) for r in deep]
+    for r in deep:
+        r["activation_rms_by_layer"] = list(r["activation_rms_by_layer"][:-1]) + [math.inf]
+    rows = judge(CLAIMS["preln-stream-variance-linear"], deep + shallow)
+    assert rows
+    for row in rows:
+        caveat = next(c for c in row["caveats"] if "A blown-up value" in c)
+        assert row["verdict"] == "inconclusive" and "another depth or lr" in caveat, caveat
+
+
 def test_a_row_that_disagrees_with_or_without_the_overflow_still_disagrees():
     # every seed's deepest DeepNorm update overflowed, in a row that disagrees with a
-    # bounded update on the depths that remain: counted at 1e30 it disagrees the more
+    # bounded update on the depths that remain: counted at 1e150 it disagrees the more
     runs = _update_exponent("deepnorm", 0.0, margin=0.2)("disagrees")
     for r in runs:
         if r.get("placement") == "deepnorm" and r.get("n_layers") == 24:
@@ -320,8 +360,11 @@ def test_the_claims_tables_mark_min_to_max_rows(tmp_path):
     empty = dict(rows[0], id="nothing-measured", ci95=[None, None], estimate=None)
     md = report.write_markdown(tmp_path, "t", [empty], {}).read_text()
     assert "| - | - |" in next(x for x in md.splitlines() if x.startswith("| `nothing-measured"))
+    directional = next(r for r in rows if r["test"] == "directional")
+    empty = dict(directional, id="nothing-measured", ci95=[None, None], estimate=None)
     page = report.write_html(tmp_path, "t", "t", [empty], [], {}, {}).read_text()
-    assert re.search(r"nothing-measured.*?</tr>", page, re.S).group(0).count("95% CI") == 0
+    cell = re.search(r"nothing-measured.*?</tr>", page, re.S).group(0)
+    assert "95% CI" not in cell and "over" not in cell.split("class='num'>-")[-1]
 
 
 def test_a_noise_scale_row_that_left_out_a_diverged_run_cannot_agree():

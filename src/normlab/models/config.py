@@ -248,9 +248,9 @@ def _plain_options(opts: dict[str, Any]) -> dict[str, Any]:
     the config stays JSON-serialisable; what else a value may be is the norm's or
     placement's to check."""
     def plain(v: object) -> object:
-        if isinstance(v, (list, tuple)):  # (a sequence of numbers: each one)
+        if type(v) in (list, tuple):  # (a sequence of numbers: each one; a namedtuple's as it is)
             return type(v)(plain(x) for x in v)
-        if isinstance(v, dict):
+        if type(v) is dict:
             return {k: plain(x) for k, x in v.items()}
         if isinstance(v, bool) or not isinstance(v, numbers.Real):
             return v

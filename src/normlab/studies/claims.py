@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -1884,19 +1885,23 @@ def _equal_units_caveat(i: Interval, unit: str) -> str:
             f"(coverage {sign_test_coverage(i.n):.1%} over {i.n} {unit}s)")
 
 
-# an infinite value (an overflow) counted as the most extreme finite value of its sign,
-# to see whether leaving it out decides a row (``judge``)
-STAND_IN = 1e30
+# an infinite value (an overflow) counted as a finite value beyond any a run records (its
+# measurements are float32, finite up to 3.4e38; the square of this one is still a finite
+# float64), to see whether leaving it out decides a row (``judge``)
+STAND_IN = 1e150
 
 
-def _with_stand_ins(value: Any) -> Any:
-    """``value`` (a result, or one of its fields) with every infinite float replaced by
-    +-``STAND_IN``; nan and every other value as they are."""
-    if isinstance(value, float) and math.isinf(value):
-        return math.copysign(STAND_IN, value)
-    if isinstance(value, dict):
-        return {k: _with_stand_ins(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
+def _with_stand_ins(value: Any, key: str = "") -> Any:
+    """``value`` (a result, or one of its fields) with every infinite number replaced by
+    +-``STAND_IN``; nan, every other value, and the losses (``key`` naming one: whether
+    a run failed is the failure rule's to say, an infinite loss included) as they are."""
+    if "loss" in key:
+        return value
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isinf(value):
+        return math.copysign(STAND_IN, float(value))
+    if type(value) is dict:
+        return {k: _with_stand_ins(v, k if isinstance(k, str) else "") for k, v in value.items()}
+    if type(value) in (list, tuple):
         return type(value)(_with_stand_ins(v) for v in value)
     return value
 
@@ -1904,10 +1909,14 @@ def _with_stand_ins(value: Any) -> Any:
 def _unweighed_caveat(unweighed: tuple[str, ...], outcome: str, counted: str | None) -> str:
     """What a row that left out values that are not finite (``Measurement.unweighed``)
     reads with them counted at +-``STAND_IN`` (``counted``: that verdict; None where they
-    cannot be counted: nan, a value not > 0 under a log, a run that diverged), and so
-    whether its verdict (``outcome``, on the values that remain) stands."""
+    cannot be counted: nan, a value not > 0 under a log, a run that diverged; "moved"
+    where, counted, the row is measured elsewhere: another depth or lr), and so whether
+    its verdict (``outcome``, on the values that remain) stands."""
     head = ("left out as not finite (or not > 0 where the statistic takes its log): " + "; ".join(unweighed)
             + ". A blown-up value is the most extreme of its kind and may be what decides the claim")
+    if counted == "moved":
+        return head + f"; counted at +-{STAND_IN:g} they move the row to another depth or lr, so the row is " \
+                      f"inconclusive (the values that remain read {outcome})"
     if counted is None:
         return head + f"; it cannot be counted at a stand-in value, so the row is inconclusive (the values that " \
                       f"remain read {outcome})"
@@ -1982,7 +1991,8 @@ def judge(claim: Claim, results: list[Result], margin: Margin | None = None,
                 if counted is None:
                     counted = {x.suffix: x for x in claim.measure([_with_stand_ins(r) for r in results])}
                 alt = counted.get(m.suffix)
-                alt_outcome = (None if alt is None or alt.unweighed else "inconclusive" if alt.undetermined
+                alt_outcome = ("moved" if alt is None else None if alt.unweighed
+                               else "inconclusive" if alt.undetermined
                                else verdict(claim.test, alt.interval, margin.value))
                 m = replace(m, caveats=m.caveats + (_unweighed_caveat(m.unweighed, outcome, alt_outcome),))
                 outcome = outcome if alt_outcome == outcome else "inconclusive"
