@@ -42,6 +42,12 @@ def _w2_inf(placement, n_layers, index=-1, study=None):
     return blow
 
 
+def _every_deepest_change_inf(runs, placement):
+    for r in runs:
+        if r.get("placement") == placement and r.get("n_layers") == 24:
+            r["output_change_sq"] = math.inf
+
+
 def _change_inf(placement):
     def blow(runs):
         _find(runs, placement=placement, n_layers=24, seed=0)["output_change_sq"] = math.inf
@@ -198,9 +204,7 @@ def test_an_agreeing_row_whose_overflow_points_the_claims_way_still_agrees():
     # every seed's deepest Post-LN update overflowed: growth, what the claim says, and the
     # depths that remain agree too
     runs = SCENARIOS["liu-postln-update-grows"]("agrees")
-    for r in runs:
-        if r.get("placement") == "post" and r.get("n_layers") == 24:
-            r["output_change_sq"] = math.inf
+    _every_deepest_change_inf(runs, "post")
     (row,) = judge(CLAIMS["liu-postln-update-grows"], runs)
     assert row["verdict"] == "agrees"
     assert any("A blown-up value" in c and "reads the same (agrees)" in c for c in row["caveats"])
@@ -238,9 +242,7 @@ def test_a_row_that_disagrees_with_or_without_the_overflow_still_disagrees():
     # every seed's deepest DeepNorm update overflowed, in a row that disagrees with a
     # bounded update on the depths that remain: counted at 1e150 it disagrees the more
     runs = _update_exponent("deepnorm", 0.0, margin=0.2)("disagrees")
-    for r in runs:
-        if r.get("placement") == "deepnorm" and r.get("n_layers") == 24:
-            r["output_change_sq"] = math.inf
+    _every_deepest_change_inf(runs, "deepnorm")
     (row,) = judge(CLAIMS["deepnet-update-bounded"], runs)
     assert row["verdict"] == "disagrees"
     assert any("not finite" in c and "reads the same (disagrees)" in c for c in row["caveats"])
