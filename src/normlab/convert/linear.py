@@ -107,7 +107,9 @@ class LinearView:
         return ("conv1d" if is_conv1d(self.module) else "linear", self.rows)
 
     def fold_beta(self, beta: Tensor) -> None:
-        """b -> b + W beta (with W before ``scale_input``); the caller gives the view a bias."""
+        """b -> b + W beta (with W before ``scale_input``: W(gamma x + beta) + b folds into
+        (W diag(gamma)) x + (W beta + b)); the caller gives the view a bias. One view; a
+        tensor several views share is rewritten once (``fold._fold``)."""
         b = self.bias()
         b.copy_((b.double() + self.weight().double() @ beta.double()).to(b.dtype))
 
@@ -115,16 +117,6 @@ class LinearView:
         """W -> W diag(gamma)."""
         w = self.weight()
         w.copy_((w.double() * gamma.double()).to(w.dtype))
-
-    def fold_input_affine(self, gamma: Tensor | None, beta: Tensor | None) -> None:
-        """W(gamma * x + beta) + b  ->  (W diag(gamma)) x + (W beta + b).
-
-        Without a bias, beta must be zero (the caller checks). For one view; consumers
-        sharing a parameter are folded by ``fold_norm_affine``, each tensor once."""
-        if beta is not None and self.bias() is not None:
-            self.fold_beta(beta)
-        if gamma is not None:
-            self.scale_input(gamma)
 
     def center_output(self) -> None:
         """Make every output zero-mean over the output dim: W -= mean_out(W), b -= mean(b).
