@@ -31,8 +31,9 @@ How runs are read:
   moved off (``Planned``), and a planned lr of a per-lr claim with no row gets one;
 * a value left out because it is not finite (or not > 0 where the statistic takes its
   log: a probe or a stream that overflowed) is evidence the statistic could not weigh,
-  the most extreme of its kind: a row that left one out cannot agree (at most
-  inconclusive; it still disagrees where the values that remain disagree), and says so.
+  the most extreme of its kind: a row that left one out keeps its verdict only where the
+  row judged again with every infinity counted at +-``STAND_IN`` reads the same, else it
+  is inconclusive, and it says which (``judge``).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class Measurement:
     planned: Planned | None = None  # where the row's lr or depth was chosen from the runs that finished
     # values the row left out because they are not finite (or not > 0 where their log is
     # taken: an overflowed stream or probe), named: evidence the statistic could not weigh,
-    # so the row cannot agree (``judge``)
+    # so the verdict stands only where counting them at +-STAND_IN does not change it (``judge``)
     unweighed: tuple[str, ...] = ()
     # what the interval is over: "paired seeds" (two configurations, paired by seed), "" (a
     # statistic of one configuration per seed: "seeds"; for a sanity row, min to max), or
