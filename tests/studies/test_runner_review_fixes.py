@@ -351,3 +351,21 @@ def test_the_gradient_probes_loss_is_not_finite_when_any_batch_was_not():
     task = SimpleNamespace(spec=SimpleNamespace(probe_batches=2), batch=lambda i, split, env: i, loss=loss)
     env = SimpleNamespace(autocast=lambda: torch.autocast("cpu", enabled=False))
     assert math.isnan(probes.gradients_at_init(model, task, env)["probe_loss"])
+
+
+# ------------------------------------------------------------------ handlers installed outside Python
+
+
+def test_a_signal_whose_handler_python_cannot_give_back_is_not_taken_over(monkeypatch):
+    # signal.signal returns None for a handler installed outside Python (an embedding
+    # program's): the study took such a signal over and, unable to restore it, left its
+    # own handler (which raises KeyboardInterrupt) installed after the study ended
+    from normlab.studies import train
+
+    real = signal.getsignal
+    monkeypatch.setattr(signal, "getsignal", lambda s: None if s == signal.SIGTERM else real(s))
+    assert signal.SIGTERM not in runner._stop_signals()
+    before = real(signal.SIGTERM)
+    stop = train._StepBoundaryInterrupt([signal.SIGTERM])
+    assert real(signal.SIGTERM) is before and stop._previous == {}
+    stop.restore()

@@ -1352,9 +1352,11 @@ def _stop_signals() -> list[int]:
     SIGHUP, less those this process was started with ignored. ``nohup`` ignores SIGHUP
     so that a command outlives its terminal, and a shell starts a background job with
     SIGINT ignored so that the terminal's Ctrl-C leaves it alone: taking such a signal
-    over would stop the study on exactly the event it was started to survive."""
+    over would stop the study on exactly the event it was started to survive. A signal whose
+    handler was installed outside Python (``getsignal`` gives None: an embedding program's)
+    is left alone too: Python could not give it back afterwards."""
     wanted = (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None))
-    return [s for s in wanted if s is not None and signal.getsignal(s) != signal.SIG_IGN]
+    return [s for s in wanted if s is not None and signal.getsignal(s) not in (signal.SIG_IGN, None)]
 
 
 def _in_main_thread() -> bool:

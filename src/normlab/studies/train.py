@@ -627,7 +627,8 @@ class _StepBoundaryInterrupt:
         self._previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT,) if signals is None else signals:
-                self._previous[signum] = signal.signal(signum, self._handle)
+                if signal.getsignal(signum) is not None:  # (None: installed outside Python, not to be given back)
+                    self._previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
         if self._flag:
