@@ -259,3 +259,35 @@ def test_modules_take_the_eager_function_in_eager_mode():
         out, _ = normlab.RMSNorm(16).to(DEVICE)(x, torch.randn_like(x))
     assert "FusedNorm" in type(y.grad_fn).__name__
     assert "FusedNorm" in type(out.grad_fn).__name__
+
+
+@pytest.mark.parametrize("how", ["no_grad", "nothing_requires_grad", "inference_mode"])
+def test_a_call_autograd_will_not_record_runs_the_kernel_without_an_autograd_node(how, monkeypatch):
+    """Inference (no_grad, inference_mode, or no input requiring a gradient) skips
+    FusedNorm: no node would be recorded, and the Function's host time is a third of the
+    call's. The results are the Function's, bit for bit, with the residual and dropout."""
+    import contextlib
+
+    from normlab.ops.triton import custom_ops
+    g = torch.Generator().manual_seed(0)
+    x, r = (torch.randn(3, 5, 16, generator=g).to(DEVICE) for _ in range(2))
+    w, b = torch.randn(16, generator=g).to(DEVICE), torch.randn(16, generator=g).to(DEVICE)
+    expected = [custom_ops.FusedNorm.apply(x, None, w, b, custom_ops.FusedSpec(None, 1e-5, 16, False, 0.0, None,
+                                                                                  False)),
+                *custom_ops.FusedNorm.apply(x, r, w, None, custom_ops.FusedSpec(torch.tensor(7), 1e-6, 16, True,
+                                                                                   0.25, None, True))]
+    if how == "nothing_requires_grad":
+        ctx = contextlib.nullcontext()
+    else:
+        x, r, w, b = (t.requires_grad_() for t in (x, r, w, b))
+        ctx = torch.no_grad() if how == "no_grad" else torch.inference_mode()
+
+    def refused(*args):
+        raise AssertionError("FusedNorm ran")
+    monkeypatch.setattr(custom_ops.FusedNorm, "apply", refused)
+    monkeypatch.setattr(normlab.ops.triton, "_seed", lambda generator: torch.tensor(7))
+    with normlab.set_backend("triton"), ctx:
+        got = [normlab.functional.layer_norm(x, 16, w, b),
+               *normlab.functional.add_rms_norm(x, r, w, 1e-6, dropout_p=0.25, training=True)]
+    for a, e in zip(got, expected, strict=True):
+        assert torch.equal(a, e) and a.grad_fn is None

@@ -59,12 +59,22 @@ def _dense(t: Tensor | None) -> Tensor | None:
     return t if t is None or t.is_contiguous() else t.contiguous()
 
 
+def _graph_wanted(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None) -> bool:
+    """Autograd will record this call: grad mode is on and an input requires a gradient."""
+    return torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)
+                                        or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad))
+
+
 def _fused(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
            spec: custom_ops.FusedSpec) -> tuple[Tensor, Tensor]:
     """(out, new_residual): ``normlab::fused_norm``, or ``FusedNorm`` in plain eager calls."""
     weight, bias = _dense(weight), _dense(bias)
     if custom_ops.use_ops(x, residual, weight, bias):
         out, new_res, _mean, _rstd = torch.ops.normlab.fused_norm(x, residual, weight, bias, *spec)
+        return out, (new_res if spec.store_residual else x)
+    if not _graph_wanted(x, residual, weight, bias):  # inference: the kernel alone, no autograd node
+        out, new_res, _mean, _rstd = custom_ops.spec_forward(x, residual, weight, bias, spec)
         return out, (new_res if spec.store_residual else x)
     if spec.store_residual:
         return custom_ops.FusedNorm.apply(x, residual, weight, bias, spec)

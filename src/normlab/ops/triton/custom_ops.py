@@ -234,9 +234,10 @@ def _param_grads(ctx, weight, dx, dres, dw, db) -> tuple:
     the saved one, unpacked once per backward: activation checkpointing refuses a second
     unpack)."""
     meta = ctx.meta
+    # (the kernels' dweight and dbias are flat: a parameter of one dim has their shape)
     return (dx, dres if meta.residual_dtype is not None else None,
-            dw.reshape(weight.shape) if weight is not None else None,
-            db.reshape(meta.bias_shape) if meta.bias_dtype is not None else None)
+            None if weight is None else dw if weight.dim() == 1 else dw.reshape(weight.shape),
+            None if meta.bias_dtype is None else db if len(meta.bias_shape) == 1 else db.reshape(meta.bias_shape))
 
 
 def _setup_context(ctx, inputs, output):
@@ -299,6 +300,16 @@ def use_ops(*tensors: Tensor | None) -> bool:
 _PLAIN = (Tensor, torch.nn.Parameter)  # a module's weights are Parameters
 
 
+def spec_forward(x, residual, weight, bias, spec: FusedSpec) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``norm_forward`` with a ``FusedSpec``'s settings: (out, new_residual, mean, rstd)."""
+    return norm_forward(
+        x, residual, weight, bias, spec.eps, hidden=spec.hidden, is_rms=spec.is_rms,
+        dropout=_dropout(spec.seed, spec.dropout_p), residual_dtype=spec.residual_dtype,
+        store_residual=spec.store_residual, offset=spec.offset, casting_mode=spec.casting_mode,
+        out_dtype=spec.out_dtype,
+    )
+
+
 class FusedNorm(torch.autograd.Function):
     """``fused_norm`` for eager mode: ``apply(x, residual, weight, bias, spec)`` with
     ``spec`` a ``FusedSpec``, the op's other inputs; returns out, or (out, new_residual)
@@ -310,12 +321,7 @@ class FusedNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, spec: FusedSpec):
-        out, new_res, mean, rstd = norm_forward(
-            x, residual, weight, bias, spec.eps, hidden=spec.hidden, is_rms=spec.is_rms,
-            dropout=_dropout(spec.seed, spec.dropout_p), residual_dtype=spec.residual_dtype,
-            store_residual=spec.store_residual, offset=spec.offset, casting_mode=spec.casting_mode,
-            out_dtype=spec.out_dtype,
-        )
+        out, new_res, mean, rstd = spec_forward(x, residual, weight, bias, spec)
         _save_state(ctx, x, residual, weight, bias, spec.seed, spec.hidden, spec.is_rms, spec.dropout_p,
                     spec.store_residual, new_res, mean, rstd, spec.offset, spec.casting_mode)
         return (out, new_res) if spec.store_residual else out

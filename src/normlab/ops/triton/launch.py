@@ -310,8 +310,12 @@ class RowSplit:
 
 
 def split_rows(rows: int, examples: int, device: torch.device, programs_per_sm: int = 4) -> RowSplit:
+    return _split_rows(rows, examples, num_programs_target(device, programs_per_sm))
+
+
+@functools.lru_cache(maxsize=4096)
+def _split_rows(rows: int, examples: int, target: int) -> RowSplit:
     per_example = rows // examples
-    target = num_programs_target(device, programs_per_sm)
     chunks = max(1, min(per_example, math.ceil(target / examples)))
     per_program = max(1, math.ceil(per_example / chunks))
     chunks = max(1, math.ceil(per_example / per_program))
