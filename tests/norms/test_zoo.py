@@ -194,9 +194,10 @@ def test_powernorm_approximate_backward():
     torch.testing.assert_close(m.grad_ema, nu * (1 - 0.2 * x_hat.square().mean(0)) + 0.2 * (g * x_hat).mean(0))
 
 
-def test_powernorm_backward_is_the_authors_code_over_steps():
-    """The authors' form (their running ema_gz E: approx = g - (1 - a) E z, dx = approx / psi,
-    E += mean(approx * z)) is ours with nu = (1 - a) E, step after step."""
+def test_powernorm_backward_is_the_authors_nu_update_over_steps():
+    """The authors' nu update (their running ema_gz E: approx = g - (1 - a) E z,
+    E += mean(approx * z)) is ours with nu = (1 - a) E, step after step. dx = approx / psi
+    with Algorithm 1's running psi (their code divides by the batch's psi instead)."""
     torch.manual_seed(0)
     a = 0.9
     m = normlab.PowerNorm(4, warmup_iters=0, alpha_bkw=a, alpha_fwd=0.95, affine=False)

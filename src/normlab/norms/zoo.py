@@ -6,6 +6,7 @@ Each class's first docstring line is its equation and paper (shown by ``normlab 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor, nn
@@ -29,13 +30,15 @@ def _check_last_dim(name: str, x: Tensor, dim: int) -> None:
 
 
 def _check_number(name: str, arg: str, value: object, low: float, high: float = math.inf, *,
-                  low_open: bool = False, high_open: bool = False) -> None:
-    """A hyperparameter: a finite real number in [low, high] (an end excluded where open)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
+                  low_open: bool = False, high_open: bool = False) -> float:
+    """A hyperparameter: a finite real number in [low, high] (an end excluded where open),
+    returned as a float (a numpy scalar, a Fraction, ... taken)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and (
         value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:
         where = (f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or high == math.inf else ']'}")
         raise NormArgumentError(f"{name}: expected {arg} to be a finite number in {where}, got {value!r}")
+    return float(value)
 
 
 def _valid_positions(name: str, x: Tensor, padding_mask: Tensor | None) -> Tensor:
@@ -62,7 +65,7 @@ class ScaleNorm(ResidualNorm, nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None) -> None:
         super().__init__()
         check_size("ScaleNorm", "dim", dim)
-        _check_number("ScaleNorm", "eps", eps, 0.0, low_open=True)
+        eps = _check_number("ScaleNorm", "eps", eps, 0.0, low_open=True)
         self.dim, self.eps = dim, eps
         self.g = nn.Parameter(torch.empty((), device=device, dtype=dtype))
         self.reset_parameters()
@@ -88,7 +91,7 @@ class DyT(ResidualNorm, nn.Module):
                  device=None, dtype=None) -> None:
         super().__init__()
         check_size("DyT", "dim", dim)
-        _check_number("DyT", "alpha_init", alpha_init, -math.inf)
+        alpha_init = _check_number("DyT", "alpha_init", alpha_init, -math.inf)
         self.dim, self.alpha_init = dim, alpha_init
         factory = {"device": device, "dtype": dtype}
         self.alpha = nn.Parameter(torch.empty(1, **factory))
@@ -144,9 +147,9 @@ class MaskedBatchNorm(ResidualNorm, nn.Module):
                  device=None, dtype=None) -> None:
         super().__init__()
         check_size("MaskedBatchNorm", "dim", dim)
-        _check_number("MaskedBatchNorm", "eps", eps, 0.0, low_open=True)
+        eps = _check_number("MaskedBatchNorm", "eps", eps, 0.0, low_open=True)
         if momentum is not None:  # None: a cumulative average over the batches (as torch's BatchNorm)
-            _check_number("MaskedBatchNorm", "momentum", momentum, 0.0, 1.0)
+            momentum = _check_number("MaskedBatchNorm", "momentum", momentum, 0.0, 1.0)
         self.dim, self.eps, self.momentum = dim, eps, momentum
         factory = {"device": device, "dtype": dtype}
         if affine:
@@ -218,7 +221,8 @@ _POWERNORM_NO_SECOND = (
 
 class _PowerNormScale(torch.autograd.Function):
     """x_hat = x / psi with PowerNorm's approximate backward (Shen et al. 2020, Algorithm 1,
-    as the authors' code computes it):
+    as the paper prints it; the authors' released code has the same nu update, for
+    nu / (1 - alpha_bkw), but divides by the batch's psi after warm-up too):
 
         dL/dx = (g - nu * x_hat) / psi,   g = dL/dx_hat,
         nu <- nu * (1 - (1 - alpha_bkw) * Gamma_B) + (1 - alpha_bkw) * Lambda_B,
@@ -250,12 +254,52 @@ class _PowerNormScale(torch.autograd.Function):
         if create_graph:  # dx was computed without a graph: its derivative refused
             (dx,) = refuse_second_derivative((dx,), (g, x_hat, psi), _POWERNORM_NO_SECOND)
         with torch.no_grad():
-            dims = tuple(range(g.dim() - 1))
+            d = x_hat.shape[-1]
             n = valid.sum().clamp_min(1)
-            lam = (g * x_hat).sum(dims) / n
-            gam = x_hat.square().sum(dims) / n
+            lam = (g * x_hat).reshape(-1, d).sum(0) / n  # (a 1-D input is one position)
+            gam = x_hat.square().reshape(-1, d).sum(0) / n
             grad_ema.mul_(1 - (1 - ctx.alpha_bkw) * gam).add_((1 - ctx.alpha_bkw) * lam)
         return dx, None, None, None, None, None
+
+
+_POWERNORM_RECOMPUTED = (
+    "PowerNorm: a training-mode forward cannot run inside a backward pass: activation checkpointing "
+    "(torch.utils.checkpoint) recomputes the forward there, which would count the step and update the "
+    "running statistics a second time, and divide by another psi than the forward did (wrong gradients); "
+    "keep PowerNorm out of the checkpointed region")
+
+
+def _powernorm_statistics(norm: PowerNorm, xf: Tensor, valid: Tensor) -> Tensor:
+    """One training step's statistics: counts the step, updates ``running_phi`` and
+    returns the phi this step divides by (the batch's during warm-up, else the running
+    one of the previous step). Outside any compiled graph (``_powernorm_step``): traced,
+    the in-place buffer updates and the value read before them were not kept apart, so
+    the backward divided by the updated psi."""
+    with torch.no_grad():
+        n = valid.sum()
+        if n.item() < 1:
+            raise NormArgumentError("PowerNorm: expected at least one real (unpadded) position when training")
+        batch_phi = xf.reshape(-1, norm.dim).square().sum(0) / n  # (a 1-D input is one position)
+        norm.iters += 1
+        t = int(norm.iters.item())
+        phi = batch_phi if t <= norm.warmup_iters else norm.running_phi.clone()
+        if t <= norm.warmup_iters:
+            norm.running_phi.mul_((t - 1) / t).add_(batch_phi / t)
+        else:
+            norm.running_phi.mul_(norm.alpha_fwd).add_((1 - norm.alpha_fwd) * batch_phi)
+    return phi
+
+
+_POWERNORM_STEP = None
+
+
+def _powernorm_step():
+    """``_powernorm_statistics`` under ``torch.compiler.disable``, made on first use
+    (disabling imports torch._dynamo, which a plain ``import normlab`` does not pay for)."""
+    global _POWERNORM_STEP
+    if _POWERNORM_STEP is None:
+        _POWERNORM_STEP = torch.compiler.disable(_powernorm_statistics)
+    return _POWERNORM_STEP
 
 
 @register_norm("powernorm")
@@ -268,19 +312,34 @@ class PowerNorm(ResidualNorm, nn.Module):
     the batches seen during warm-up). Eval divides by the running psi. With a
     ``padding_mask`` padded outputs are 0 and take no part in any gradient, as in
     ``MaskedBatchNorm``.
+
+    ``groups``: None (default), Algorithm 1 as the paper prints it; k, each position is
+    first divided by its root mean square over each of k contiguous groups of channels
+    (x_g / sqrt(mean(x_g^2) + eps), differentiated exactly), as the authors' code does
+    before the power normalization (``GroupScaling1D``; their language-model and
+    translation runs use k = the number of attention heads, described in the paper's
+    appendix as stabilizing training).
     """
 
     uses_batch_statistics = True
 
     def __init__(self, dim: int, eps: float = 1e-5, alpha_fwd: float = 0.9, alpha_bkw: float = 0.9,
-                 warmup_iters: int = 100, affine: bool = True, device=None, dtype=None) -> None:
+                 warmup_iters: int = 100, affine: bool = True, device=None, dtype=None, *,
+                 groups: int | None = None) -> None:
         super().__init__()
         check_size("PowerNorm", "dim", dim)
-        _check_number("PowerNorm", "eps", eps, 0.0, low_open=True)
-        _check_number("PowerNorm", "alpha_fwd", alpha_fwd, 0.0, 1.0)
-        _check_number("PowerNorm", "alpha_bkw", alpha_bkw, 0.0, 1.0)
-        if isinstance(warmup_iters, bool) or not isinstance(warmup_iters, int) or warmup_iters < 0:
+        if groups is not None:
+            if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1 or dim % groups:
+                raise NormArgumentError(f"PowerNorm: expected groups to be None or a positive int dividing "
+                                        f"dim={dim}, got {groups!r}")
+            groups = int(groups)
+        self.groups = groups
+        eps = _check_number("PowerNorm", "eps", eps, 0.0, low_open=True)
+        alpha_fwd = _check_number("PowerNorm", "alpha_fwd", alpha_fwd, 0.0, 1.0)
+        alpha_bkw = _check_number("PowerNorm", "alpha_bkw", alpha_bkw, 0.0, 1.0)
+        if isinstance(warmup_iters, bool) or not isinstance(warmup_iters, numbers.Integral) or warmup_iters < 0:
             raise NormArgumentError(f"PowerNorm: expected warmup_iters to be an int >= 0, got {warmup_iters!r}")
+        warmup_iters = int(warmup_iters)
         self.dim, self.eps, self.alpha_fwd, self.alpha_bkw = dim, eps, alpha_fwd, alpha_bkw
         self.warmup_iters = warmup_iters
         factory = {"device": device, "dtype": dtype}
@@ -309,20 +368,13 @@ class PowerNorm(ResidualNorm, nn.Module):
         valid = _valid_positions("PowerNorm", x, padding_mask)
         # padded values (even inf or nan) are zeros from here on: no statistics, no gradient
         xf = torch.where(valid.bool(), x.to(valid.dtype), 0.0) if padding_mask is not None else x.to(valid.dtype)
+        if self.groups is not None:  # (a padded position stays 0)
+            g = xf.unflatten(-1, (self.groups, self.dim // self.groups))
+            xf = (g * torch.rsqrt(g.square().mean(-1, keepdim=True) + self.eps)).flatten(-2)
         if self.training:
-            n = valid.sum()
-            if n.item() < 1:
-                raise NormArgumentError("PowerNorm: expected at least one real (unpadded) position when training")
-            dims = tuple(range(x.dim() - 1))
-            with torch.no_grad():
-                batch_phi = xf.square().sum(dims) / n
-                self.iters += 1
-                t = int(self.iters.item())
-                phi = batch_phi if t <= self.warmup_iters else self.running_phi.clone()
-                if t <= self.warmup_iters:
-                    self.running_phi.mul_((t - 1) / t).add_(batch_phi / t)
-                else:
-                    self.running_phi.mul_(self.alpha_fwd).add_((1 - self.alpha_fwd) * batch_phi)
+            if torch._C._current_graph_task_id() != -1:
+                raise RuntimeError(_POWERNORM_RECOMPUTED)
+            phi = _powernorm_step()(self, xf, valid)
             psi = torch.sqrt(phi.to(xf.dtype) + self.eps)
             y = _PowerNormScale.apply(xf, psi, self.grad_ema, valid, self.alpha_bkw, padding_mask is not None)
         else:
@@ -335,4 +387,5 @@ class PowerNorm(ResidualNorm, nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.dim}, eps={self.eps}, alpha_fwd={self.alpha_fwd}, alpha_bkw={self.alpha_bkw}, "
-                f"warmup_iters={self.warmup_iters}, affine={self.weight is not None}")
+                f"warmup_iters={self.warmup_iters}, affine={self.weight is not None}"
+                + (f", groups={self.groups}" if self.groups is not None else ""))

@@ -1512,6 +1512,10 @@ BATCH_STATS_NOTE = ("a setup difference from a causal LM's usual norms, shared w
                     "(its first warmup_iters steps, 100 by default) normalize each position with statistics over "
                     "every real position of the batch, so a position's training output depends on later tokens; "
                     "evaluation, on running statistics, is causal")
+POWERNORM_NOTE = ("PowerNorm as the paper's Algorithm 1 after the authors' group scaling (each position divided by "
+                  "its root mean square over one channel group per attention head: GroupScaling1D of their code, "
+                  "described in the paper's appendix); their released code also divides the gradient by the batch's "
+                  "psi after warm-up, where Algorithm 1 and normlab divide by the running psi")
 MARGIN_SIGN = Margin(0.0, "a directional claim: the sign decides; an interval covering 0 is inconclusive")
 MARGIN_RMSNORM_SPEED = Margin(round(math.log(1 / 0.93), 4), "the paper's smallest reduction in running time, "
                               "7%: a speed ratio of 1/0.93, ln 0.0726; a smaller gain does not reproduce its claim")
@@ -1774,7 +1778,7 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in [
           "subtraction) trains clearly better than batch normalization.",
           "L(BatchNorm) - L(PowerNorm), each at its own best lr, paired by seed", "directional",
           "paper: Transformer-base/big translation (IWSLT14, WMT14) and language modeling (PTB, "
-          "WikiText-103), trained to convergence; " + NORMS_NOTE + "; " + BATCH_STATS_NOTE,
+          "WikiText-103), trained to convergence; " + NORMS_NOTE + "; " + POWERNORM_NOTE + "; " + BATCH_STATS_NOTE,
           _negated(_norm_difference("powernorm", "batchnorm")), MARGIN_SIGN),
     Claim("powernorm-beats-layernorm", "PowerNorm outperforms LayerNorm",
           ("Shen et al. 2020, PowerNorm: Rethinking Batch Normalization in Transformers (ICML)",),
@@ -1782,7 +1786,7 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in [
           "on PTB and WikiText-103).",
           "L(LayerNorm) - L(PowerNorm), each at its own best lr, paired by seed", "directional",
           "paper: Transformer-base/big translation (IWSLT14, WMT14) and language modeling (PTB, "
-          "WikiText-103), trained to convergence; " + NORMS_NOTE + "; " + BATCH_STATS_NOTE,
+          "WikiText-103), trained to convergence; " + NORMS_NOTE + "; " + POWERNORM_NOTE + "; " + BATCH_STATS_NOTE,
           _negated(_norm_difference("powernorm", "layernorm")), MARGIN_SIGN),
 ]}
 
