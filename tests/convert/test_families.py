@@ -184,5 +184,5 @@ def test_audit_reads_pre_or_post_ln_from_the_structure_table(name, post):
     assert {ctx.placement(stack) for stack, _ in ctx.block_lists} == {"post" if post else "pre"}
     opt = torch.optim.SGD(model.parameters(), lr=0.1)  # no warm-up
     deep = [f for f in audit(model, example_input=hf_inputs(name), optimizer=opt)
-            if f.code == "deep-post-ln-no-warmup"]
+            if f.kind == "deep-post-ln-no-warmup"]
     assert deep == []  # two layers: under the depth that warrants the warning

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab.diagnostics.activations import replaying
+from normlab.diagnostics.structure import check_model
 
 
 class AttentionLogitMonitor:
@@ -27,6 +28,7 @@ class AttentionLogitMonitor:
     def __init__(self, model: nn.Module) -> None:
         from normlab.models.attention import Attention
 
+        check_model("AttentionLogitMonitor", model)
         self.modules = [(name, m) for name, m in model.named_modules()
                         if isinstance(m, Attention) and not name.endswith("cross_attn")]
         self._max: dict[str, Tensor] = {}

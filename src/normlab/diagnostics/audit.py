@@ -7,14 +7,25 @@ data flow is what tells "two norms back to back" apart from "a norm, then a resi
 add, then a norm", and a Pre-LN block (its norms read the block's input, its output is
 an add) from a Post-LN one (its output is a norm's output).
 
+The forward runs in eval mode with every parameter requiring grad (both restored
+afterwards): dropout then returns its input, so the findings do not depend on the mode
+the model was left in, and the autograd graph of the forward says which ops read each
+norm's output, for a frozen model too.
+
 Findings (kind: severity)
-    double-norm          warning  a norm whose one input is another norm's output (not a
-                                  norm(x, residual), which normalizes a sum, nor a norm
-                                  output changed in place before the next norm reads it)
-    pre-ln-no-final-norm warning  a Pre-LN stack whose output reaches no norm
+    double-norm          warning  a norm whose one input is another norm's output, which
+                                  nothing else reads (not a norm(x, residual), which
+                                  normalizes a sum, nor a norm output changed in place
+                                  before the next norm reads it, nor one that is also the
+                                  residual stream a block adds to), both norms with
+                                  per-example statistics or both with batch statistics
+    pre-ln-no-final-norm warning  a Pre-LN stack whose output reaches no norm (directly, or
+                                  pooled, sliced or reshaped first)
     eps-underflow        error    eps rounds to 0 in the norm's parameter dtype
     batchnorm-padding    warning  torch BatchNorm in a sequence model (padding in the stats)
-    dead-norm            error    a norm's weight is all zero (or not finite)
+    dead-norm            error    a norm's weight is all zero (or not finite); a warning
+                                  where the all-zero norm's output is added to another
+                                  tensor (a zero-initialized residual branch)
     norm-far-from-init   warning  ||w - w_init|| > 10 ||w_init||
     deep-post-ln-no-warmup warning  Post-LN with more than 12 layers and no lr warm-up
 """
@@ -64,6 +75,10 @@ class _NormCall:
     # (h = norm1(x); h += fc(x); norm2(h)) makes the same tensor hold something else
     input_version: int | None = None
     output_version: int | None = None
+    # the autograd node that made the tensor, and which of its outputs it is, when read
+    # (None outside autograd); an in-place op later gives the tensor another node
+    input_node: _Node | None = None
+    output_node: _Node | None = None
 
 
 @dataclass
@@ -73,6 +88,15 @@ class _BlockCall:
     path: str
     input_id: int | None
     output_id: int | None = None
+    output_node: _Node | None = None
+
+
+_Node = tuple[object, int]  # (torch.autograd.graph.Node, output_nr)
+_GRAPH_LIMIT = 100_000  # nodes walked at most, for one question about the graph
+
+
+def _node(t: Tensor) -> _Node | None:
+    return None if t.grad_fn is None else (t.grad_fn, t.output_nr)
 
 
 @dataclass
@@ -80,10 +104,84 @@ class Trace:
     norm_calls: list[_NormCall] = field(default_factory=list)
     block_calls: list[_BlockCall] = field(default_factory=list)
     keep: list[Tensor] = field(default_factory=list)  # holds tensors so ids stay unique
+    # autograd node -> [(a node that reads one of its outputs, which output)], over the
+    # graph of the forward's outputs and every recorded tensor
+    readers: dict[object, list[_Node]] = field(default_factory=dict)
 
     def norm_outputs(self) -> dict[tuple[int, int | None], str]:
         """(id, version) of each norm call's output -> the norm's path."""
         return {(c.output_id, c.output_version): c.path for c in self.norm_calls if c.output_id is not None}
+
+    def readers_of(self, node: _Node) -> list[object]:
+        """The autograd nodes that read the tensor ``node`` made (their ops, in the forward)."""
+        return [r for r, nr in self.readers.get(node[0], ()) if nr == node[1]]
+
+    def read_besides(self, first: _NormCall, second: _NormCall) -> bool:
+        """Whether anything besides the norm call ``second`` reads ``first``'s output:
+        another norm call (normlab's norm(x, residual), which adds it to a branch), or an op
+        outside ``second`` (the residual add of the Pre-LN block whose input norm is
+        ``second``, as after an embedding norm). Without autograd nodes, only the former."""
+        if any(first.output_id in c.consumed for c in self.norm_calls if c is not second and c is not first):
+            return True
+        if first.output_node is None or second.output_node is None:
+            return False
+        inside = _upstream(second.output_node[0], stop=first.output_node[0])
+        return any(r not in inside for r in self.readers_of(first.output_node))
+
+    def fed_to_a_sum(self, call: _NormCall) -> bool:
+        """Whether ``call``'s output is added to another tensor: read by an add (``x + out``,
+        ``out += x``) or by normlab's norm(out, residual), which normalizes residual + out."""
+        if any(call.output_id in c.consumed and c.input_id is None for c in self.norm_calls):
+            return True
+        return call.output_node is not None and any(
+            type(r).__name__ == "AddBackward0" for r in self.readers_of(call.output_node))
+
+
+def _graph_readers(roots) -> dict[object, list[_Node]]:
+    """node -> [(a node that reads one of its outputs, which output)] over the graph above ``roots``."""
+    readers: dict[object, list[_Node]] = {}
+    seen: set[int] = set()
+    todo = [r for r in roots if r is not None]
+    while todo and len(seen) < _GRAPH_LIMIT:
+        node = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        for nxt, nr in node.next_functions:
+            if nxt is not None:
+                readers.setdefault(nxt, []).append((node, nr))
+                todo.append(nxt)
+    return readers
+
+
+def _upstream(node, stop) -> set:
+    """The autograd nodes from ``node`` up (itself included), not past ``stop``: the ops
+    that made ``node``'s tensor out of ``stop``'s (a norm's own ops, read from its output)."""
+    seen, todo = set(), [node]
+    while todo and len(seen) < _GRAPH_LIMIT:
+        n = todo.pop()
+        if n is stop or n in seen:
+            continue
+        seen.add(n)
+        todo.extend(nxt for nxt, _ in n.next_functions if nxt is not None)
+    return seen
+
+
+def _derives(node: _Node | None, source: _Node | None, max_steps: int = 16) -> bool:
+    """Whether the tensor of ``node`` is made from ``source``'s by a chain of ops that each
+    read one tensor of the graph (pooling, slicing, reshaping, a mask or a constant scale:
+    ``norm(x[:, 1:].mean(1))``); an op that mixes in another (a Linear's weight, an
+    attention) ends the chain."""
+    for _ in range(max_steps):
+        if node is None or source is None:
+            return False
+        if node[0] is source[0] and node[1] == source[1]:
+            return True
+        inputs = [n for n in node[0].next_functions if n[0] is not None]
+        if len(inputs) != 1:
+            return False
+        node = inputs[0]
+    return False
 
 
 def _tensor_args(args, kwargs) -> list[Tensor]:
@@ -120,9 +218,10 @@ def _call(model: nn.Module, example_input):
 def trace_forward(model: nn.Module, example_input) -> Trace:
     """Run one forward of ``model`` on ``example_input`` (a tensor, a tuple of positional
     arguments or a dict of keyword arguments) and record the norms' and blocks' data flow.
-    Every buffer (BatchNorm running statistics, non-persistent ones ...) is restored
-    afterwards, and the forward runs on a fork of the global RNG (CPU and the CUDA
-    devices in use), which it leaves as it was."""
+    The forward runs in eval mode with every parameter requiring grad; the modules' modes,
+    the parameters' requires_grad and every buffer (BatchNorm running statistics,
+    non-persistent ones ...) are restored afterwards, and the forward runs on a fork of
+    the global RNG (CPU and the CUDA devices in use), which it leaves as it was."""
     trace = Trace()
     handles = []
     lists = find_block_lists(model)
@@ -135,7 +234,8 @@ def trace_forward(model: nn.Module, example_input) -> Trace:
             trace.keep.extend(ts)
             x = _normalized_input(ts)
             trace.norm_calls.append(_NormCall(path, None if x is None else id(x), {id(t) for t in ts},
-                                              input_version=None if x is None else x._version))
+                                              input_version=None if x is None else x._version,
+                                              input_node=None if x is None else _node(x)))
         return hook
 
     def norm_post(path):
@@ -145,7 +245,7 @@ def trace_forward(model: nn.Module, example_input) -> Trace:
                 trace.keep.append(out)
                 for c in reversed(trace.norm_calls):
                     if c.path == path and c.output_id is None:
-                        c.output_id, c.output_version = id(out), out._version
+                        c.output_id, c.output_version, c.output_node = id(out), out._version, _node(out)
                         break
         return hook
 
@@ -167,7 +267,7 @@ def trace_forward(model: nn.Module, example_input) -> Trace:
                 trace.keep.append(out)
                 for c in reversed(trace.block_calls):
                     if c.path == path and c.output_id is None:
-                        c.output_id = id(out)
+                        c.output_id, c.output_node = id(out), _node(out)
                         break
         return hook
 
@@ -183,19 +283,52 @@ def trace_forward(model: nn.Module, example_input) -> Trace:
     # every buffer, persistent or not: (module, name, the tensor, its values)
     buffers = [(mod, name, b, b.detach().clone()) for mod in model.modules()
                for name, b in mod.named_buffers(recurse=False)]
+    # the data flow, not the training noise: in eval mode dropout returns its input, so what
+    # a norm reads is the same whatever mode the model was left in (set on each module, as
+    # restored: a train() override is not run). Every parameter requiring grad makes the
+    # autograd graph record which ops read each norm's output, for a frozen model too
+    modes = [(mod, mod.training) for mod in model.modules()]
+    thawed = []
     try:
+        for mod, _ in modes:
+            mod.training = False
+        for p in model.parameters():
+            if not p.requires_grad and (p.is_floating_point() or p.is_complex()):
+                try:
+                    p.requires_grad_(True)
+                except RuntimeError:  # an inference-mode tensor: left frozen
+                    continue
+                thawed.append(p)
         # grad mode keeps torch's encoder off its fused fast path; the forked RNG leaves
-        # the global one (dropout draws) as it was
+        # the global one as it was
         with torch.random.fork_rng(devices=_cuda_devices(model, example_input)), torch.enable_grad():
-            _call(model, example_input)
+            result = _call(model, example_input)
+        roots = [t.grad_fn for t in _tensors_in(result)]
+        roots += [c.output_node[0] for c in (*trace.norm_calls, *trace.block_calls) if c.output_node is not None]
+        trace.readers = _graph_readers(roots)
     finally:
         for h in handles:
             h.remove()
+        for mod, training in modes:
+            mod.training = training
+        for p in thawed:
+            p.requires_grad_(False)
         with torch.no_grad():
             for mod, name, b, value in buffers:
                 setattr(mod, name, b)  # a forward that replaced the tensor gets it back
                 b.copy_(value)
     return trace
+
+
+def _tensors_in(obj, depth: int = 0) -> list[Tensor]:
+    """The tensors of a forward's output: a tensor, or in tuples, lists and dicts (a
+    Hugging Face ModelOutput) of them."""
+    if isinstance(obj, Tensor):
+        return [obj]
+    if depth > 4:
+        return []
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (tuple, list)) else ()
+    return [t for o in items for t in _tensors_in(o, depth + 1)]
 
 
 def _cuda_devices(model: nn.Module, example_input) -> list[int]:
@@ -301,14 +434,30 @@ class AuditContext:
 # ----------------------------------------------------------------------------- checks
 
 
+def _batch_statistics(mod: nn.Module) -> bool:
+    """A norm whose statistics are each channel's over the batch (torch's BatchNorm,
+    normlab's MaskedBatchNorm and PowerNorm): a per-example norm (LayerNorm, RMSNorm,
+    GroupNorm) next to it normalizes along other axes, so neither rescales what the other
+    already normalized."""
+    from normlab.norms import MaskedBatchNorm, PowerNorm
+
+    return isinstance(mod, (nn.modules.batchnorm._BatchNorm, MaskedBatchNorm, PowerNorm))
+
+
 def check_double_norm(ctx: AuditContext) -> list[Finding]:
     found: dict[str, str] = {}
     if ctx.trace is not None:
-        outputs = ctx.trace.norm_outputs()
-        for c in ctx.trace.norm_calls:
-            key = (c.input_id, c.input_version)
-            if c.input_id is not None and key in outputs:
-                found.setdefault(c.path, outputs[key])
+        trace = ctx.trace
+        outputs = {(c.output_id, c.output_version): c for c in trace.norm_calls if c.output_id is not None}
+        for c in trace.norm_calls:
+            prev = outputs.get((c.input_id, c.input_version)) if c.input_id is not None else None
+            # a norm output that something else reads too is the residual stream (an
+            # embedding norm's output, which block 0 adds to): the second norm is no
+            # rescaling of the first's then, but a block's own input norm
+            if (prev is not None and not trace.read_besides(prev, c)
+                    and _batch_statistics(ctx.model.get_submodule(prev.path))
+                    == _batch_statistics(ctx.model.get_submodule(c.path))):
+                found.setdefault(c.path, prev.path)
     else:  # known structure: torch's TransformerEncoder/Decoder with a norm after Post-LN layers
         for path, mod in ctx.model.named_modules():
             if not (isinstance(mod, (nn.TransformerEncoder, nn.TransformerDecoder)) and mod.norm is not None
@@ -341,9 +490,13 @@ def check_pre_ln_final_norm(ctx: AuditContext) -> list[Finding]:
             calls = [c for c in ctx.trace.block_calls if c.path == last_path]
             if not calls or calls[-1].output_id is None:
                 continue
-            out_id = calls[-1].output_id
-            if any(out_id in c.consumed for c in ctx.trace.norm_calls
-                   if not c.path.startswith(last_path + ".")):
+            out_id, out_node = calls[-1].output_id, calls[-1].output_node
+            outside = [c for c in ctx.trace.norm_calls if not c.path.startswith(last_path + ".")]
+            if any(out_id in c.consumed for c in outside):
+                continue
+            # a final norm after pooling (BEiT's, timm's fc_norm(x[:, 1:].mean(1))) reads a
+            # tensor made from the stack output
+            if any(_derives(c.input_node, out_node) for c in outside):
                 continue
         else:
             parent = ctx.model.get_submodule(stack.rsplit(".", 1)[0]) if "." in stack else ctx.model
@@ -383,14 +536,16 @@ def check_eps(ctx: AuditContext) -> list[Finding]:
 
 
 def _is_sequence_model(model: nn.Module) -> bool:
-    from normlab.diagnostics.structure import _ATTN_TOKENS
+    """A model with attention or embeddings, told by module types: torch's
+    MultiheadAttention and Embedding, normlab's Attention, the attention the model-structure
+    table declares (the Hugging Face families). Not by names: a conv net's head named
+    ``value`` or ``key`` is no attention."""
+    from normlab.convert.blocks import structure_kinds
+    from normlab.models.attention import Attention
 
-    for path, mod in model.named_modules():
-        if isinstance(mod, (nn.MultiheadAttention, nn.Embedding)):
-            return True
-        if path and path.rsplit(".", 1)[-1].lower() in _ATTN_TOKENS:
-            return True
-    return False
+    if any(isinstance(mod, (nn.MultiheadAttention, nn.Embedding, Attention)) for mod in model.modules()):
+        return True
+    return any(kind in ("attention", "embedding") for kind in structure_kinds(model).values())
 
 
 def check_batchnorm(ctx: AuditContext) -> list[Finding]:
@@ -443,6 +598,8 @@ def check_norm_weights(ctx: AuditContext) -> list[Finding]:
         if not params:
             continue
         init = _init_params(mod) or {}
+        residual = ctx.trace is not None and any(ctx.trace.fed_to_a_sum(c) for c in ctx.trace.norm_calls
+                                                 if c.path == path)
         offset = _gain_offset(mod)  # the gain is offset + weight (Gemma's zero-centred gamma: 1)
         for name, w in params.items():
             # without reset_parameters, the weight that makes the gain 1
@@ -455,13 +612,25 @@ def check_norm_weights(ctx: AuditContext) -> list[Finding]:
                 out.append(Finding("error", "dead-norm", path, f"'{full}' has non-finite values",
                                    "restart from a checkpoint before the divergence; lower the lr"))
             elif w64.abs().max() == 0 and w064.abs().max() > 0:
+                zero = (f"'{full}' is all zero" if not offset else
+                        f"the gain {offset:g} + '{full}' is all zero ('{full}' is all {-offset:g})")
+                if residual:
+                    # the output is added to another tensor: the branch is switched off, the
+                    # network is not (torchvision's zero_init_residual, zero-gamma init)
+                    out.append(Finding(
+                        "warning", "dead-norm", path,
+                        zero + ", and the norm's output is added to another tensor: a zero-init residual "
+                        "branch (torchvision's zero_init_residual), the identity at init, as intended there; "
+                        "in a trained model the branch is switched off",
+                        "nothing to do at init; in a trained model, check weight decay on norm weights "
+                        "(usually excluded)"))
+                    continue
                 out.append(Finding(
                     "error", "dead-norm", path,
-                    (f"'{full}' is all zero" if not offset else
-                     f"the gain {offset:g} + '{full}' is all zero ('{full}' is all {-offset:g})")
-                    + ": the norm outputs a constant (its bias) and passes no gradient to its input",
+                    zero + ": the norm outputs a constant (its bias) and passes no gradient to its input",
                     f"re-initialize the weight ({'ones' if not offset else f'{1 - offset:g}: a gain of 1'}), check "
-                    "weight decay on norm weights (usually excluded)"))
+                    "weight decay on norm weights (usually excluded); a zero-init residual branch is a warning "
+                    "where the traced forward shows its add (pass example_input=)"))
             elif w064.norm() > 0:
                 rel = float((w64 - w064).norm() / w064.norm())
                 if rel > FAR_FROM_INIT:
@@ -477,6 +646,17 @@ def _lrs(optimizer) -> list[float]:
     return [float(g["lr"]) for g in optimizer.param_groups]
 
 
+def _check_schedule(where: str, optimizer, scheduler) -> None:
+    """``optimizer``: None or a torch optimizer (what has ``param_groups``, the lrs read);
+    ``scheduler``: None or an lr scheduler (what has ``step()``); else NormArgumentError."""
+    if optimizer is not None and not isinstance(getattr(optimizer, "param_groups", None), list):
+        raise NormArgumentError(f"{where}: expected optimizer to be a torch.optim.Optimizer (with param_groups) "
+                                f"or None, got {type(optimizer).__name__}")
+    if scheduler is not None and not callable(getattr(scheduler, "step", None)):
+        raise NormArgumentError(f"{where}: expected scheduler to be a learning-rate scheduler "
+                                f"(torch.optim.lr_scheduler, with step()) or None, got {type(scheduler).__name__}")
+
+
 def has_warmup(optimizer=None, scheduler=None, probe_steps: int = 200) -> bool:
     """True if the learning rate starts below half its peak in the first ``probe_steps``
     scheduler steps, or the optimizer is RAdam (rectified: warm-up built in).
@@ -487,7 +667,9 @@ def has_warmup(optimizer=None, scheduler=None, probe_steps: int = 200) -> bool:
     of a metric) has no warm-up. A scheduler that cannot step further (OneCycleLR past its
     total_steps: ValueError; a step() that wants arguments: TypeError) ends the probe,
     judged on the lrs seen so far; one that cannot be copied (copy.deepcopy) is judged
-    without warm-up."""
+    without warm-up. An optimizer without ``param_groups`` or a scheduler without
+    ``step()`` raises NormArgumentError."""
+    _check_schedule("has_warmup", optimizer, scheduler)
     if optimizer is None and scheduler is not None:
         optimizer = getattr(scheduler, "optimizer", None)
     if isinstance(optimizer, torch.optim.RAdam):
@@ -550,9 +732,12 @@ def audit(model: nn.Module, example_input=None, optimizer=None, scheduler=None) 
     arguments) is used for one traced forward; without it one is made up when possible
     (:func:`example_inputs_for`: the first that runs), else structural checks fall back
     to known module types.
-    ``optimizer``/``scheduler`` enable the warm-up check. The model, its buffers, the
-    optimizer, the scheduler and the global RNG are left as they were."""
+    ``optimizer``/``scheduler`` enable the warm-up check (an optimizer without
+    ``param_groups`` or a scheduler without ``step()`` raises NormArgumentError). The
+    model (its modes, requires_grad flags and buffers), the optimizer, the scheduler and
+    the global RNG are left as they were."""
     check_model("audit", model)
+    _check_schedule("audit", optimizer, scheduler)
     meta = next((n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
     if meta is not None:
         raise NormArgumentError(

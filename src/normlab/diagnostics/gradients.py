@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +25,21 @@ from torch import Tensor, nn
 
 from normlab.diagnostics.structure import SUBLAYER_KINDS, check_every, check_model, iter_param_info
 from normlab.errors import NormArgumentError
+
+_probes = [0]  # > 0 while normlab computes gradients for a measurement of its own (``probing``)
+
+
+@contextmanager
+def probing():
+    """normlab's own gradient computation for a measurement (``grad_norms(model, loss)``'s
+    torch.autograd.grad): GradientMonitor does not record the gradients computed inside,
+    which are no part of the training step's. A counter, not a thread-local: the
+    parameters' hooks run on autograd's device threads."""
+    _probes[0] += 1
+    try:
+        yield
+    finally:
+        _probes[0] -= 1
 
 
 @dataclass
@@ -165,7 +181,8 @@ def grad_norms(model: nn.Module, loss: Tensor | None = None) -> GradNorms:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params or not loss.requires_grad:  # a frozen model, a loss outside autograd: no gradient
         return GradNorms()
-    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    with probing():  # a measurement, not the step's gradient: GradientMonitor skips it
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
     return _records(model, {id(p): g for p, g in zip(params, grads, strict=True)})
 
 
@@ -177,6 +194,9 @@ class GradientMonitor:
     accumulation into ``.grad`` (a gradient left in ``.grad`` from an earlier step is not
     in it). A *step* is one forward of ``model``; on steps where
     ``step % every == 0`` the hooks record, on the others they return at once.
+    Gradients that normlab computes for its own measurements (``grad_norms(model, loss)``)
+    are skipped; a ``torch.autograd.grad`` call of the training step's own (a gradient
+    penalty) reaches the parameters' hooks and is counted, as a second backward would be.
 
         with GradientMonitor(model, every=10) as mon:
             for batch in data:
@@ -232,7 +252,7 @@ class GradientMonitor:
         key = id(p)
 
         def hook(grad: Tensor) -> None:
-            if self._sampling():
+            if self._sampling() and not _probes[0]:
                 prev = self._pending.get(key)
                 # several backward calls in one step (losses backwarded one by one): their
                 # gradients add up, so the step's norm is that of the sum, not of each

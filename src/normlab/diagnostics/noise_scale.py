@@ -39,9 +39,17 @@ class NoiseScale:
 
 def two_batch_estimates(sq_small: float, sq_big: float, b_small: float,
                         b_big: float) -> tuple[float, float]:
-    """Unbiased (|G|^2, tr(Sigma)) from |G_B|^2 measured at batch sizes b_small < b_big."""
+    """Unbiased (|G|^2, tr(Sigma)) from |G_B|^2 measured at batch sizes b_small < b_big.
+
+    Batch sizes that are not positive finite numbers, or not two different ones, raise
+    NormArgumentError (the estimates divide by 1/b and by their difference)."""
+    if not all(isinstance(b, numbers.Real) and not isinstance(b, bool) and math.isfinite(b) and b > 0
+               for b in (b_small, b_big)):
+        raise NormArgumentError(f"two_batch_estimates: expected b_small and b_big to be positive finite numbers "
+                                f"(batch sizes), got {b_small!r} and {b_big!r}")
     if not b_small < b_big:
-        raise ValueError(f"two_batch_estimates: expected b_small < b_big, got {b_small} and {b_big}")
+        raise NormArgumentError(f"two_batch_estimates: expected b_small < b_big (two different batch sizes), "
+                                f"got {b_small} and {b_big}")
     g_sq = (b_big * sq_big - b_small * sq_small) / (b_big - b_small)
     trace_sigma = (sq_small - sq_big) / (1.0 / b_small - 1.0 / b_big)
     return g_sq, trace_sigma
@@ -91,6 +99,12 @@ def gradient_noise_scale(per_example_sq: Tensor, batch_grad_sq: Tensor | float, 
     return NoiseScale(b_simple, g_sq, trace_sigma, b)
 
 
+def _check_beta(where: str, beta: object, name: str = "beta") -> float:
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0.0 <= beta < 1.0:
+        raise NormArgumentError(f"{where}: expected {name} to be a number with 0 <= beta < 1, got {beta!r}")
+    return float(beta)
+
+
 class NoiseScaleEMA:
     """Exponential moving averages of |G|^2 and tr(Sigma), for tracking B_simple in training.
 
@@ -104,9 +118,7 @@ class NoiseScaleEMA:
     the ratio of the averages, not the average of ratios."""
 
     def __init__(self, beta: float = 0.95) -> None:
-        if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0.0 <= beta < 1.0:
-            raise NormArgumentError(f"NoiseScaleEMA: expected beta to be a number with 0 <= beta < 1, got {beta!r}")
-        self.beta = beta
+        self.beta = _check_beta("NoiseScaleEMA", beta)
         self.steps = 0
         self._g_sq = 0.0
         self._trace = 0.0
@@ -128,8 +140,25 @@ class NoiseScaleEMA:
         return {"beta": self.beta, "steps": self.steps, "g_sq": self._g_sq, "trace_sigma": self._trace}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
-        self.beta, self.steps = float(state["beta"]), int(state["steps"])
-        self._g_sq, self._trace = float(state["g_sq"]), float(state["trace_sigma"])
+        """Continue from ``state_dict()``'s dict; a state that is not one (a key missing,
+        beta outside [0, 1), steps not an int >= 0) raises NormArgumentError and changes
+        nothing."""
+        where = "NoiseScaleEMA.load_state_dict"
+        keys = ("beta", "steps", "g_sq", "trace_sigma")
+        if not isinstance(state, dict) or any(k not in state for k in keys):
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise NormArgumentError(f"{where}: expected state to be a dict with keys {list(keys)} "
+                                    f"(from state_dict()), got {got}")
+        steps = state["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+            raise NormArgumentError(f"{where}: expected state['steps'] to be an int >= 0, got {steps!r}")
+        beta = _check_beta(where, state["beta"], "state['beta']")
+        try:
+            g_sq, trace = float(state["g_sq"]), float(state["trace_sigma"])
+        except (TypeError, ValueError):
+            raise NormArgumentError(f"{where}: expected state['g_sq'] and state['trace_sigma'] to be numbers, "
+                                    f"got {state['g_sq']!r} and {state['trace_sigma']!r}") from None
+        self.beta, self.steps, self._g_sq, self._trace = beta, int(steps), g_sq, trace
 
     @property
     def g_sq(self) -> float:

@@ -166,6 +166,13 @@ def _from_backward(module: nn.Module) -> bool:
     return hasattr(module, "collect_per_example_grad_sq") and getattr(module, "per_example_in_backward", True)
 
 
+def _frozen(names: list[str]) -> str:
+    """Why nothing is recorded for the norms ``names``: their parameters are frozen."""
+    what = "its weight and bias are" if len(names) == 1 else "their weights and biases are"
+    return (f"nothing recorded for {', '.join(repr(n) for n in names)}: {what} frozen (requires_grad=False), "
+            f"so there is no gradient, per-example or batch, to record; unfreeze them to record them")
+
+
 class PerExampleGradNorms:
     """The recorder behind :func:`per_example_grad_norms`; a read-only mapping name -> dict."""
 
@@ -364,6 +371,8 @@ class PerExampleGradNorms:
                     f"per_example_grad_norms: '{name}' is not a LayerNorm/RMSNorm with a weight in "
                     f"the model; recorded norms: {sorted(self._modules)}"
                 )
+            if not _trained(self._modules[name]):
+                raise KeyError(f"per_example_grad_norms: {_frozen([name])}")
             raise KeyError(
                 f"per_example_grad_norms: nothing recorded for '{name}': run the forward and the "
                 f"backward inside `with per_example_grad_norms(model)` (the forward keeps the "
@@ -389,19 +398,27 @@ class PerExampleGradNorms:
     def items(self):
         return [(name, self[name]) for name in self._results]
 
+    def _check_recorded(self) -> None:
+        """Something recorded to read; else why not (no covered norm, every one frozen, no
+        backward inside the context)."""
+        if self._results:
+            return
+        if not self._modules:
+            raise RuntimeError(
+                "per_example_grad_norms: the model has no norm this covers (torch's or normlab's "
+                "LayerNorm/RMSNorm with a weight); a Hugging Face model's own norms "
+                "(LlamaRMSNorm, ...) are covered once swapped: normlab.integrations.hf.apply_normlab(model)"
+            )
+        if not any(_trained(m) for m in self._modules.values()):
+            raise RuntimeError(f"per_example_grad_norms: {_frozen(list(self._modules))}")
+        raise RuntimeError(
+            "per_example_grad_norms: nothing recorded; run the forward and the backward "
+            "inside the context"
+        )
+
     def total(self) -> Tensor:
         """Sum over all recorded norm layers and their parameters: float32 [B]."""
-        if not self._results:
-            if not self._modules:
-                raise RuntimeError(
-                    "per_example_grad_norms: the model has no norm this covers (torch's or normlab's "
-                    "LayerNorm/RMSNorm with a weight); a Hugging Face model's own norms "
-                    "(LlamaRMSNorm, ...) are covered once swapped: normlab.integrations.hf.apply_normlab(model)"
-                )
-            raise RuntimeError(
-                "per_example_grad_norms: nothing recorded; run the forward and the backward "
-                "inside the context"
-            )
+        self._check_recorded()
         tensors = [t for rec in self._results.values() for t in rec.values()]
         sizes = {t.shape[0] for t in tensors}
         if len(sizes) != 1:
@@ -410,7 +427,9 @@ class PerExampleGradNorms:
 
     def batch_grad_sq(self) -> float:
         """||g||^2 of the gradient of the latest backward over the recorded norm parameters
-        (the sum of the examples' contributions, before accumulation into ``.grad``)."""
+        (the sum of the examples' contributions, before accumulation into ``.grad``).
+        Nothing recorded raises, as ``total()`` does (a 0 would read as a noise-free gradient)."""
+        self._check_recorded()
         keys = [f"{n}.{k}" for n, rec in self._results.items() for k in rec]
         missing = [k for k in keys if k not in self._batch_sq]
         if missing:
