@@ -34,7 +34,7 @@ def test_a_checkpointed_training_forward_is_refused_where_it_is_recomputed(reent
     norm = PowerNorm(4, warmup_iters=1)
     norm(torch.randn(8, 4))
     x = torch.randn(8, 4, requires_grad=True)
-    with pytest.raises(RuntimeError, match="activation checkpointing"):
+    with pytest.raises(RuntimeError, match="Activation checkpointing"):
         checkpoint(norm, x, use_reentrant=reentrant).sum().backward()
     norm.eval()  # on running statistics it is recomputed exactly
     checkpoint(norm, x, use_reentrant=reentrant).sum().backward()
@@ -125,3 +125,10 @@ def test_the_studies_run_powernorm_with_one_group_per_head(preset):
         assert r.model["norm_options"] == {"groups": r.model["n_heads"]}
     model = TransformerLM(TransformerConfig(**{**runs[0].model, "vocab_size": 16, "max_seq_len": 8}))
     assert {m.groups for m in model.modules() if isinstance(m, PowerNorm)} == {runs[0].model["n_heads"]}
+
+
+def test_a_powernorm_pickled_before_groups_existed_still_runs():
+    norm = PowerNorm(8)
+    del norm.__dict__["groups"]  # as a module pickled before the argument existed unpickles
+    assert "groups" not in repr(norm)
+    assert norm(torch.randn(3, 8)).shape == (3, 8)

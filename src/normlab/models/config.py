@@ -60,7 +60,8 @@ class TransformerConfig:
                       with Layer Normalization", scale the skip instead: LN(mu * x + F(x)).
                       Under Post-LN with a norm blind to its input's scale (layernorm,
                       rmsnorm, scalenorm; batchnorm in training, powernorm in its
-                      warm-up: while they divide by the batch's own statistics) that is
+                      warm-up: while they divide by the batch's own statistics; powernorm
+                      with groups always) that is
                       lambda = 1/mu up to eps; with dyt, none or running statistics, and
                       under the other placements, no lambda gives it.)
     embedding_norm    a norm after the embeddings (as BERT); Peri-LN has one regardless

@@ -263,10 +263,12 @@ class _PowerNormScale(torch.autograd.Function):
 
 
 _POWERNORM_RECOMPUTED = (
-    "PowerNorm: a training-mode forward cannot run inside a backward pass: activation checkpointing "
+    "PowerNorm: a training-mode forward cannot run inside a backward pass. Activation checkpointing "
     "(torch.utils.checkpoint) recomputes the forward there, which would count the step and update the "
     "running statistics a second time, and divide by another psi than the forward did (wrong gradients); "
-    "keep PowerNorm out of the checkpointed region")
+    "keep PowerNorm out of the checkpointed region (in eval mode, on running statistics, it may be "
+    "recomputed). Any other training-mode call from a backward hook is refused alike: run it after the "
+    "backward")
 
 
 def _powernorm_statistics(norm: PowerNorm, xf: Tensor, valid: Tensor) -> Tensor:
@@ -322,6 +324,7 @@ class PowerNorm(ResidualNorm, nn.Module):
     """
 
     uses_batch_statistics = True
+    groups: int | None = None  # (a PowerNorm pickled before groups existed has none)
 
     def __init__(self, dim: int, eps: float = 1e-5, alpha_fwd: float = 0.9, alpha_bkw: float = 0.9,
                  warmup_iters: int = 100, affine: bool = True, device=None, dtype=None, *,

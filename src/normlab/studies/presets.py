@@ -234,8 +234,7 @@ def norms(*, base=TINY, n_layers=4, lrs=QUICK_LRS, warmup_steps=40, steps=150, s
         if n == "dyt":
             cells += [(f"dyt-a{a:g}", {"norm": n, "norm_options": {"alpha_init": a}}, {"alpha0": a}) for a in alpha0]
         elif n == "powernorm":  # with the authors' group scaling, one group per head (POWERNORM_NOTE)
-            heads = kw.get("n_heads", base["n_heads"])
-            cells.append((n, {"norm": n, "norm_options": {"groups": heads}}, {}))
+            cells.append((n, {"norm": n, "norm_options": {"groups": base["n_heads"]}}, {}))
         else:
             cells.append((n, {"norm": n}, {}))
     runs = [
