@@ -192,7 +192,7 @@ def _print_claims(path: Path) -> None:
         return
     from normlab.studies.report import interval_label
 
-    table = Table(title="claims (95% t-intervals over paired seeds unless the interval says otherwise)")
+    table = Table(title="claims (95% intervals over paired seeds unless the interval says otherwise)")
     table.add_column("claim", overflow="fold")
     for col in ("estimate", "interval", "margin", "n", "verdict"):
         table.add_column(col, no_wrap=True)

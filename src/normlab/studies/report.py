@@ -1,7 +1,7 @@
 """The study report: PNG plots and one self-contained ``index.html``.
 
 The HTML shows the provenance, the claims table (each claim's statistic, margin,
-estimate, interval, verdict and scope; the interval is a 95% t-interval over paired
+estimate, interval, verdict and scope; the interval is a 95% t-interval (or jackknife) over paired
 seeds, over seeds or over timing rounds, or a sanity row's min to max, as each row
 says), the plots (bands are 95% t-intervals over the seeds present at each step, on the
 logs on a log axis) and every run, its status by the claims' own failure rule. Every
@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from normlab.studies.claims import (  # noqa: E402
     ERROR_METRIC,
     baseline,
+    best_ci,
     best_setting,
     failed,
     failed_on,
@@ -437,7 +438,7 @@ def plot_depth(results: list[Result], path: Path) -> Path | None:
                 failed_at.append(n * shift)
                 continue
             xs.append(n * shift)
-            cis.append(mean_ci(list(best.by_seed.values())))
+            cis.append(best_ci(best))
         color = _color(p, i)
         if xs:
             ax.errorbar(xs, [c.estimate for c in cis],
@@ -468,7 +469,7 @@ def plot_norms(results: list[Result], path: Path) -> Path | None:
             top = max(baseline(r, "test") for r in mine)
             ax.plot([i], [top], "x", color=_color(n, i), ms=9, mew=2, label=f"{n}: every run failed")
             continue
-        c = mean_ci(list(best.by_seed.values()))
+        c = best_ci(best)
         ax.errorbar([i], [c.estimate], yerr=[[c.estimate - c.lo if math.isfinite(c.lo) else 0],
                                             [c.hi - c.estimate if math.isfinite(c.hi) else 0]],
                     fmt="o", color=_color(n, i), capsize=5, ms=6)
@@ -548,7 +549,7 @@ def configurations(results: list[Result], missing: Iterable[Result] = ()) -> lis
     for (study, group, n, task), runs in cells.items():
         majority = task == "majority"
         best = best_setting(runs, judged_error, ERROR_METRIC) if majority else best_setting(runs)
-        ci = mean_ci(list(best.by_seed.values()))
+        ci = best_ci(best)
         lr, alpha0 = best.setting
         rows.append({"study": study, "configuration": group, "layers": n,
                      "best": "none: every run failed" if best.all_failed else
@@ -643,7 +644,9 @@ def write_html(out: Path, study_name: str, description: str, rows: list[dict[str
             "<h2>Claims</h2><p class='src'>Each row tests one half of a paper's claim. The estimate is a mean over "
             "seeds: of paired differences where the row compares two configurations (a seed fixes the data order "
             "and init of both), of a per-seed statistic (a slope, a ratio) where it reads one configuration, or "
-            "over interleaved timing rounds for the speed row; the interval is its 95% Student-t interval, and "
+            "over interleaved timing rounds for the speed row; the interval is its 95% Student-t interval (at "
+            "each configuration's cross-fitted best lr, the delete-one-seed jackknife of the whole choice, with t "
+            "quantiles: the seeds' values lean on each other through the choice), and "
             "the interval column says what it is over. A verdict "
             "compares the interval with the margin fixed before the runs: <b>agrees</b> when the whole "
             "interval is on the claim's side, <b>disagrees</b> when it is wholly on the other side, "
@@ -685,8 +688,8 @@ def write_html(out: Path, study_name: str, description: str, rows: list[dict[str
                      "(1 - the accuracy averaged over training). Best setting: the lowest mean of that measure "
                      "over all seeds on the select half of the validation set. Value: cross-fitted, as the "
                      "claims judge it: each seed's test-half value at the setting the other seeds chose on their "
-                     "select halves (it can differ from the best setting by seed), mean and 95% t-interval over "
-                     "seeds. Largest stable lr: the largest lr of the sweep at which no "
+                     "select halves (it can differ from the best setting by seed), mean over seeds and the 95% "
+                     "interval of the delete-one-seed jackknife of that choice. Largest stable lr: the largest lr of the sweep at which no "
                      "seed failed (non-finite, or no better than the unigram baseline).</p><table><tr>"
                      "<th>study</th><th>configuration</th><th>layers</th><th>lrs swept</th><th>best</th>"
                      "<th>measure</th><th>value</th><th>95% CI</th><th>seeds</th><th>largest stable lr</th>"
@@ -788,7 +791,8 @@ def write_markdown(out: Path, study_name: str, rows: list[dict[str, Any]], prov:
         lines += [f"- `{name}`: {(text.strip().splitlines() or ['?'])[-1]}" for name, text in failures.items()]
     lines += ["", "Estimates are means over seeds (of paired differences where a row compares two configurations, "
               "of a per-seed statistic where it reads one; the speed row over interleaved timing rounds) with 95% "
-              "Student-t intervals, the interval column saying which; a sanity row's interval is its min to max, "
+              "Student-t intervals (at cross-fitted best lrs, the delete-one-seed jackknife's), the interval column "
+              "saying which; a sanity row's interval is its min to max, "
               "not a confidence interval. Verdicts compare the interval with the margin fixed before the runs "
               "(where every seed gave the same value, the sign test's 95% interval for the median, from 6 seeds; "
               "inconclusive with fewer).", "",

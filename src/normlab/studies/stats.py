@@ -92,6 +92,35 @@ def mean_ci(values: Sequence[float]) -> Interval:
     return Interval(m, m - half, m + half, n)
 
 
+def jackknife_ci(full: dict, without: dict) -> Interval:
+    """The mean of ``full``'s units (one per seed) with a 95% interval from the
+    delete-one-seed jackknife of the procedure that made them: ``without[k]`` holds the
+    units the whole procedure gives with seed k deleted (the other seeds' settings chosen
+    again without k). Where each unit is made from its own seed alone, this is
+    ``mean_ci``'s t-interval exactly; where a seed's unit depends on the other seeds
+    (each judged at a setting chosen on the others), the spread of the delete-one means
+    carries that dependence, which the t-interval over the units would not. nan bounds
+    for fewer than 2 units, a unit that is not finite, or a deletion that leaves none."""
+    keys = sorted(full)
+    n = len(keys)
+    if n == 0:
+        return Interval(math.nan, math.nan, math.nan, 0)
+    xs = [float(full[k]) for k in keys]
+    m = sum(xs) / n
+    if n < 2 or not all(math.isfinite(x) for x in xs):
+        return Interval(m, math.nan, math.nan, n)
+    thetas = []
+    for k in keys:
+        rest = [float(v) for kk, v in without.get(k, {}).items() if kk != k]
+        if not rest or not all(math.isfinite(v) for v in rest):
+            return Interval(m, math.nan, math.nan, n)
+        thetas.append(sum(rest) / len(rest))
+    tm = sum(thetas) / n
+    se = math.sqrt((n - 1) / n * sum((t - tm) ** 2 for t in thetas))
+    half = t975(n - 1) * se
+    return Interval(m, m - half, m + half, n)
+
+
 def paired_ci(a: dict, b: dict) -> Interval:
     """Mean of a[k] - b[k] over the keys (seeds) both hold, with its 95% t-interval."""
     keys = sorted(set(a) & set(b))
