@@ -92,3 +92,14 @@ def test_a_row_at_best_settings_takes_the_jackknife_interval():
     j = cross_fitted_ci([rms, ln], _paired_units)
     assert row["ci95"] == [pytest.approx(j.lo), pytest.approx(j.hi)]
     assert j.hi - j.lo > t.hi - t.lo
+
+
+@pytest.mark.parametrize("test,margin", [("equivalence", -0.05), ("equivalence", 0.0), ("directional", math.nan),
+                                         ("noninferiority", math.inf), ("directional", None)])
+def test_a_margin_no_verdict_can_read_is_refused(test, margin):
+    # a negative equivalence margin made "agrees" impossible and an interval on 0 "disagrees"
+    from normlab.studies.stats import Interval, verdict
+
+    with pytest.raises(ValueError, match="margin"):
+        verdict(test, Interval(0.0, -0.01, 0.01, 6), margin)
+    assert verdict("directional", Interval(0.2, 0.1, 0.3, 6), -0.05) == "agrees"  # (a negative one is fine there)

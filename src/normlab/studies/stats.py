@@ -165,6 +165,11 @@ def verdict(test: str, interval: Interval, margin: float) -> str:
     """agrees | disagrees | inconclusive: where the interval lies against the margin."""
     if test not in TESTS:
         raise ValueError(f"verdict: unknown test {test!r}; expected one of: {', '.join(TESTS)}")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+        raise ValueError(f"verdict: expected the margin to be a finite number, got {margin!r}")
+    if test == "equivalence" and margin <= 0:
+        # [-margin, margin] would be empty: "agrees" impossible, an interval on 0 "disagrees"
+        raise ValueError(f"verdict: an equivalence test needs a margin > 0, got {margin!r}")
     lo, hi = interval.lo, interval.hi
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return "inconclusive"  # fewer than 2 units, or a non-finite one: no interval
