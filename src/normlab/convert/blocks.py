@@ -178,12 +178,29 @@ def _consumers(module: nn.Module, *paths: str) -> tuple[Consumer, ...]:
     return tuple(Consumer(p) for p in paths if _has(module, p))
 
 
+# the hooks that see a module's call (its own, and torch's global module hooks)
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+_GLOBAL_HOOKS = tuple(getattr(torch.nn.modules.module, f"_global{h}", {}) for h in _HOOKS)
+
+
+def _hooked(norm: nn.Module) -> bool:
+    d = norm.__dict__
+    return any(d.get(h) for h in _HOOKS) or any(_GLOBAL_HOOKS)
+
+
 def _add_norm(norm: nn.Module, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
     """``norm(x, residual)``, the fused residual add + norm, in the dtype of the unfused
     ``residual + x``: under autocast a sublayer's output is bfloat16 and the residual
-    stream float32, and the stream stays float32, as in the original block."""
+    stream float32, and the stream stays float32, as in the original block.
+
+    A norm with hooks at call time (registered after fusion, or torch's global module
+    hooks) is called unfused, ``norm(residual + x)``, so its hooks see the one input
+    and the one output the original block's call gives them."""
     if x.dtype is not residual.dtype:
         x = x.to(torch.promote_types(x.dtype, residual.dtype))
+    if _hooked(norm):
+        new_residual = residual + x
+        return norm(new_residual), new_residual
     return norm(x, residual)
 
 

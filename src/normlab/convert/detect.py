@@ -8,19 +8,24 @@ and backward. It is accepted only if both agree within the dtype's rounding; oth
 the reason is returned. A weight-only norm that matches neither norm is probed as
 Gemma's ``x * (1 + weight)`` (RMSNorm with offset 1), and one whose weight has several
 dims as a LayerNorm over the last dim with one weight per head (``weight_shape``:
-Cohere's q/k norm).
+Cohere's q/k norm). Float32 parameters are also probed on bfloat16 input: a norm whose
+output there is float32 (Hugging Face's LlamaRMSNorm and its copies, T5LayerNorm: the
+weight times the normalized input, in the promoted dtype) is taken as
+``PromotedRMSNorm``, which gives that dtype.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from dataclasses import dataclass, replace
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from normlab import functional as F
 from normlab.convert.verify import copy_without_hooks
 from normlab.norms import LayerNorm, RMSNorm
 from normlab.norms.base import ResidualNorm
@@ -38,6 +43,41 @@ PROBE_TOL = {
 }
 
 
+class PromotedRMSNorm(RMSNorm):
+    """normlab.RMSNorm whose output dtype is the promoted dtype of its input and weight, as
+    Hugging Face's ``LlamaRMSNorm`` (``weight * x_hat.to(input_dtype)``): bfloat16 input to
+    a float32 weight gives float32, where normlab.RMSNorm keeps the input's dtype. Where
+    the two dtypes differ it computes with ``casting_mode="llama"`` (bit for bit
+    LlamaRMSNorm's); where they are equal, as normlab.RMSNorm (identical in float32,
+    within one rounding in half precision). The fused add+norm (``norm(x, residual)``)
+    gives its output in the same dtype: where the weight's dtype is wider than ``x``'s,
+    it adds, then normalizes (unfused)."""
+
+    def _promoted(self, x: Tensor) -> torch.dtype | None:
+        """The output dtype where it differs from ``x``'s (a weight of a wider dtype), else None."""
+        w = self._parameters.get("weight")
+        if w is None or w.dtype is x.dtype:
+            return None
+        dt = torch.promote_types(x.dtype, w.dtype)
+        return None if dt is x.dtype else dt
+
+    def normalize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        dt = self._promoted(x)
+        if dt is None:
+            return super().normalize(x, padding_mask)
+        if self.collect_per_example_grad_sq or self.offset != 0.0 or self.casting_mode != "torch":
+            return super().normalize(x, padding_mask).to(dt)
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps, casting_mode="llama")
+
+    def add_normalize(self, x, residual, dropout_p, residual_dtype, padding_mask):
+        if self._promoted(x) is None:
+            return super().add_normalize(x, residual, dropout_p, residual_dtype, padding_mask)
+        # as the unfused block: norm(residual + x), in the promoted dtype
+        new_residual = F.dropout_add(x, residual, dropout_p=dropout_p, training=self.training,
+                                     residual_dtype=residual_dtype)
+        return self.normalize(new_residual.to(x.dtype), padding_mask), new_residual
+
+
 @dataclass(frozen=True)
 class NormSemantics:
     """What a norm computes: normlab's ``kind`` ("layernorm" | "rmsnorm") with these arguments."""
@@ -53,6 +93,9 @@ class NormSemantics:
     # LayerNorm: the weight/bias shape where it has dims in front of ``shape`` (one weight
     # per head: Cohere's q/k norm); None: ``shape``
     weight_shape: tuple[int, ...] | None = None
+    # RMSNorm: "input" (normlab's: the input's dtype) or "promoted" (the promoted dtype of
+    # input and weight, as Hugging Face's LlamaRMSNorm: PromotedRMSNorm)
+    output_dtype: str = "input"
 
     @property
     def plain(self) -> bool:
@@ -69,8 +112,9 @@ class NormSemantics:
             new = LayerNorm(self.shape, eps=self.eps, elementwise_affine=self.affine,
                             bias=self.bias, offset=self.offset, weight_shape=self.weight_shape, **factory)
         else:
-            new = RMSNorm(self.shape, eps=self.eps, elementwise_affine=self.affine, offset=self.offset,
-                          casting_mode=self.casting_mode, **factory)
+            cls = PromotedRMSNorm if self.output_dtype == "promoted" and self.affine else RMSNorm
+            new = cls(self.shape, eps=self.eps, elementwise_affine=self.affine, offset=self.offset,
+                      casting_mode=self.casting_mode, **factory)
         # the very same Parameter objects: tied weights and optimizer state stay valid
         if self.affine:
             new.weight = w
@@ -148,9 +192,11 @@ def semantics(module: nn.Module) -> NormSemantics | str:
         return NormSemantics("layernorm", tuple(module.normalized_shape), module.eps,
                              module.elementwise_affine, module.bias is not None, "normlab.LayerNorm", module.offset,
                              weight_shape=module.weight_shape)
-    if _is_exactly(module, RMSNorm):
-        return NormSemantics("rmsnorm", tuple(module.normalized_shape), module.eps,
-                             module.elementwise_affine, False, "normlab.RMSNorm", module.offset, module.casting_mode)
+    for cls, out_dtype in ((RMSNorm, "input"), (PromotedRMSNorm, "promoted")):
+        if _is_exactly(module, cls):
+            return NormSemantics("rmsnorm", tuple(module.normalized_shape), module.eps, module.elementwise_affine,
+                                 False, f"normlab.{cls.__name__}", module.offset, module.casting_mode,
+                                 output_dtype=out_dtype)
     if _inherits_forward(module, nn.LayerNorm):
         return NormSemantics("layernorm", tuple(module.normalized_shape), module.eps,
                              module.elementwise_affine, module.bias is not None, "torch.nn.LayerNorm")
@@ -190,8 +236,14 @@ def semantics(module: nn.Module) -> NormSemantics | str:
     for kind in kinds:
         cand = NormSemantics(kind, shape, eps, has_w, has_b, "")
         ok, detail = _probe(module, cand)
+        if not ok and kind == "rmsnorm" and has_w and detail.startswith(_PROMOTES):
+            # the weight times the normalized input, in the promoted dtype (LlamaRMSNorm)
+            cand = replace(cand, output_dtype="promoted")
+            ok, detail = _probe(module, cand)
+            if ok:
+                detail = f"as PromotedRMSNorm (output in the promoted dtype of input and weight), {detail}"
         if ok:
-            return NormSemantics(kind, shape, eps, has_w, has_b, detail)
+            return replace(cand, verified=detail)
         diffs.append(f"{kind}: {detail}")
     if has_w and not has_b:  # Gemma's zero-centred gamma: x / rms(x) * (1 + weight), in float32
         cand = NormSemantics("rmsnorm", shape, eps, True, False, "", 1.0, "gemma")
@@ -225,12 +277,16 @@ _KNOWN_VARIANTS = {
 PROBE_SCALES = ((3.0, 1.5), (0.02, 0.0), (1e-3, 0.0))
 
 
+_PROMOTES = "output in the promoted dtype of input and weight"
+
+
 def _probe(module: nn.Module, cand: NormSemantics) -> tuple[bool, str]:
     """Run a randomized copy of ``module`` (without its hooks) and the candidate on the
     same probes, at several input scales; compare outputs (values and dtype) and input
     gradients. For half-precision parameters, also on float32 input (a model that keeps
     some layers in float32 feeds its norms float32): where the module takes it, the
-    candidate must give the same dtype and values."""
+    candidate must give the same dtype and values; and bfloat16 input to float32 parameters
+    (on a float32 copy), where the output dtype tells the input's from the promoted one."""
     ref_p = next(module.parameters(), None)
     if ref_p is not None and ref_p.device.type == "meta":
         return False, "parameters on the meta device: cannot verify"
@@ -260,6 +316,18 @@ def _probe(module: nn.Module, cand: NormSemantics) -> tuple[bool, str]:
                                      must_run=False)
             if not ok:
                 return False, detail + f" with float32 input to {str(dtype).removeprefix('torch.')} parameters"
+        # bfloat16 input to float32 parameters (a float32 model fed bfloat16, or run under
+        # autocast): the output dtype tells normlab's (the input's) from LlamaRMSNorm's (the
+        # promoted one); on a float32 copy where the parameters are in another dtype
+        o32 = orig if dtype is torch.float32 else copy.deepcopy(orig).float()
+        n32 = new if dtype is torch.float32 else cand.build(o32).train(False)
+        x = (torch.randn(shape, generator=gen) * 3 + 1.5).to(device, torch.bfloat16)
+        ok, detail, _ = _compare(o32, n32, x, torch.randn(shape, generator=gen).to(device), torch.float32,
+                                 must_run=False)
+        if not ok:
+            if detail.startswith("output dtype") and cand.output_dtype == "input":
+                return False, f"{_PROMOTES} ({detail} with bfloat16 input to float32 parameters)"
+            return False, detail + " with bfloat16 input to float32 parameters"
         x = (torch.randn(shape, generator=gen) * 3 + 1.5).to(device, dtype)
         ok, detail = _probe_training(orig, new, x, dtype)
         if not ok:

@@ -23,8 +23,18 @@ def _encode(base: type) -> str:
     return _PREFIX + f"{base.__module__}:{base.__qualname__}".replace(".", "_o_").replace(":", "_c_")
 
 
+def _unfused(cls: type) -> type:
+    """``cls``'s original block class where ``cls`` is a fused subclass (as the block class
+    itself is while ``normlab.integrations.hf.patch`` replaces it in its modeling module)."""
+    while "_normlab_base" in cls.__dict__:
+        cls = cls.__dict__["_normlab_base"]
+    return cls
+
+
 def fused_class(base: type) -> type:
-    """The fused subclass of a registered block class."""
+    """The fused subclass of a registered block class (of its original class where ``base``
+    is itself a fused subclass: one fused class per block class, never fused twice)."""
+    base = _unfused(base)
     cls = _CLASSES.get(base)
     if cls is None:
         _, entry = block_entry(base)
@@ -54,7 +64,9 @@ def unfuse(block: nn.Module) -> None:
 
 
 def __getattr__(name: str) -> type:
-    # unpickling: rebuild the fused class from its encoded base class
+    # pickling and unpickling: the fused class of its encoded base class; while a patch
+    # replaces that base in its module by the fused class, fused_class unwraps it, so
+    # this is the very class instances have (pickle checks that) and never a fused fused
     if not name.startswith(_PREFIX):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     mod, _, qual = name[len(_PREFIX):].replace("_o_", ".").partition("_c_")

@@ -16,8 +16,16 @@ computes Gemma's float32 ``x * (1 + weight)``, so the logits stay bit for bit eq
 float32 and bf16; Gemma's blocks are not fused.
 Numerics: identical in float32; in bf16/fp16 within one rounding, because LlamaRMSNorm
 (and T5LayerNorm) round to the input dtype before multiplying by the weight and normlab
-rounds once after. ``apply_normlab`` checks each norm on a probe input before swapping;
-``patch`` replaces the classes without a probe.
+rounds once after. Output dtypes are Hugging Face's: LlamaRMSNorm returns the promoted
+dtype of input and weight (bf16 input to a float32 weight, as under autocast or from
+bf16 ``inputs_embeds``, gives float32), and so do the swapped and patched norms
+(``LlamaStyleRMSNorm`` is a ``PromotedRMSNorm``, which computes that case exactly as
+LlamaRMSNorm; ``T5StyleRMSNorm`` computes it in float32, as T5LayerNorm).
+``apply_normlab`` checks each norm on a probe input before swapping (a float32 weight
+is also probed on bf16 input, which tells the two output dtypes apart); ``patch``
+replaces the classes without a probe. A fused block calls a norm that has hooks
+(registered after fusion, or torch's global module hooks) unfused, ``norm(residual + x)``,
+so the hooks see what they see on the original model.
 """
 
 from __future__ import annotations
@@ -28,7 +36,9 @@ import types
 import torch
 from torch import Tensor, nn
 
+from normlab import functional as F
 from normlab.convert import swap_norms
+from normlab.convert.detect import PromotedRMSNorm
 from normlab.convert.fused import fused_class
 from normlab.norms import LayerNorm, RMSNorm
 
@@ -68,7 +78,7 @@ def _hf_norm_class(base: type, name: str) -> type:
     })
 
 
-LlamaStyleRMSNorm = _hf_norm_class(RMSNorm, "LlamaStyleRMSNorm")
+LlamaStyleRMSNorm = _hf_norm_class(PromotedRMSNorm, "LlamaStyleRMSNorm")
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -77,19 +87,37 @@ class T5StyleRMSNorm(LlamaStyleRMSNorm):
     """normlab.RMSNorm with T5LayerNorm's output dtype: the weight's where that is half
     precision, whatever the input's (transformers keeps T5's ``wo`` in float32, so a
     float16/bfloat16 T5 feeds its norms float32 and its next Linear layers expect the
-    weight's dtype). Computed in float32 and rounded once; T5LayerNorm rounds twice (to the
-    weight's dtype, then the product), so the two agree within one rounding."""
+    weight's dtype), else the promoted dtype of input and weight (a float32 weight on
+    bfloat16 input gives float32, computed in float32 as T5LayerNorm). Computed in float32
+    and rounded once; T5LayerNorm rounds twice (to the weight's dtype, then the product),
+    so the two agree within one rounding."""
 
-    def _cast(self, out: Tensor) -> Tensor:
-        w = self.weight
-        return out.to(w.dtype) if w is not None and w.dtype in _HALF and out.dtype != w.dtype else out
+    def _wider(self, x: Tensor) -> torch.dtype | None:
+        """The dtype T5LayerNorm computes and returns in where it differs from ``x``'s."""
+        w = self._parameters.get("weight")
+        if w is None or w.dtype is x.dtype:
+            return None
+        dt = w.dtype if w.dtype in _HALF else torch.promote_types(x.dtype, w.dtype)
+        return None if dt is x.dtype else dt
 
     def normalize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        return self._cast(super().normalize(x, padding_mask))
+        dt = self._wider(x)
+        if dt is None:
+            return RMSNorm.normalize(self, x, padding_mask)
+        if dt in _HALF:  # a half-precision weight: computed in the input's dtype, then cast
+            return RMSNorm.normalize(self, x, padding_mask).to(dt)
+        return RMSNorm.normalize(self, x.to(dt), padding_mask)  # T5LayerNorm computes in float32
 
     def add_normalize(self, x, residual, dropout_p, residual_dtype, padding_mask):
-        out, new_residual = super().add_normalize(x, residual, dropout_p, residual_dtype, padding_mask)
-        return self._cast(out), new_residual
+        dt = self._wider(x)
+        if dt is None:
+            return RMSNorm.add_normalize(self, x, residual, dropout_p, residual_dtype, padding_mask)
+        if dt in _HALF:
+            out, new_residual = RMSNorm.add_normalize(self, x, residual, dropout_p, residual_dtype, padding_mask)
+            return out.to(dt), new_residual
+        new_residual = F.dropout_add(x, residual, dropout_p=dropout_p, training=self.training,
+                                     residual_dtype=residual_dtype)
+        return self.normalize(new_residual.to(x.dtype), padding_mask), new_residual
 
 
 class _TorchNNWithNormlab(types.ModuleType):
@@ -139,7 +167,10 @@ class patch:
 
     Only construction is affected: models built before, or after ``undo()``, are not.
     Handles for one architecture may overlap and be undone in any order: it stays patched
-    until every handle is undone, and then has its original classes again."""
+    until every handle is undone, and then has its original classes again. A handle
+    entered again (``with handle:`` after its block ended or ``undo()``) patches again
+    until that block ends. Models built while patched pickle and unpickle, with the
+    patch active or not."""
 
     def __init__(self, architecture: str) -> None:
         _transformers()
@@ -149,16 +180,21 @@ class patch:
         module_name, replacements, blocks = _plan(architecture.lower())
         self.architecture = architecture.lower()
         self._module = importlib.import_module(module_name)
+        self._replacements, self._blocks = replacements, blocks
+        self._active = False
+        self._activate()
+
+    def _activate(self) -> None:
         self._active = True
         state = _ACTIVE.get(self.architecture)
         if state is not None:
             state[2] += 1
             return
         saved: dict[str, object] = {}
-        for name, new in replacements.items():
+        for name, new in self._replacements.items():
             saved[name] = getattr(self._module, name)
             setattr(self._module, name, new)
-        for name in blocks:
+        for name in self._blocks:
             base = getattr(self._module, name)
             saved[name] = base
             setattr(self._module, name, fused_class(base))
@@ -178,6 +214,10 @@ class patch:
                 setattr(module, name, old)
 
     def __enter__(self) -> patch:
+        # a handle used as a context manager again after its ``with`` block (or ``undo()``)
+        # patches again, until the block ends
+        if not self._active:
+            self._activate()
         return self
 
     def __exit__(self, *exc: object) -> None:
