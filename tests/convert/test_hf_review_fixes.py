@@ -268,3 +268,16 @@ def test_a_patch_handle_patches_again_in_a_second_with_block():
     assert ml.LlamaRMSNorm is original and "active=False" in repr(p)
     p.undo()  # still nothing to undo
     assert ml.LlamaRMSNorm is original
+
+
+def test_promoted_fused_norm_normalizes_the_stored_float32_residual():
+    # with residual_dtype=float32 the sum was rounded to the input's dtype before the norm
+    # (0.02 off the unfused norm of the stored residual)
+    from normlab.convert.detect import PromotedRMSNorm
+
+    torch.manual_seed(0)
+    norm = PromotedRMSNorm(16)
+    x, res = torch.randn(2, 16).bfloat16(), torch.randn(2, 16)
+    out, new_res = norm(x, res, residual_dtype=torch.float32)
+    assert out.dtype == new_res.dtype == torch.float32
+    assert torch.equal(out, norm(new_res))

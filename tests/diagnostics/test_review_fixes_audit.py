@@ -304,3 +304,70 @@ def test_bad_arguments_raise_norm_argument_error_naming_them():
     assert ema.state_dict() == good  # a refused state leaves the averages as they were
     ema.load_state_dict({**good, "beta": 0.5, "steps": 3})
     assert ema.beta == 0.5 and ema.steps == 3
+
+
+# ------------------------------------------------------------------ from a review of the fixes above
+
+
+@pytest.mark.parametrize("kind", ["torch", "normlab"])
+def test_an_all_zero_post_ln_norm_stays_an_error(kind):
+    # its output is the residual stream, which the next sublayer reads too: the model's
+    # output no longer depends on its input. Downgraded to a warning as "a zero-init
+    # residual branch" because a residual add also read it
+    if kind == "torch":
+        model = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, norm_first=False,
+                                                                 dropout=0.0), 2, enable_nested_tensor=False)
+        norm, example = model.layers[0].norm1, torch.randn(2, 5, 16)
+    else:
+        model = _lm("post")
+        norm, example = model.blocks[0].norms.attn_add, torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        norm.weight.zero_()
+    dead = [f for f in audit(model.eval(), example) if f.kind == "dead-norm"]
+    assert [f.severity for f in dead] == ["error"], dead
+
+
+class _EvalRefused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.LayerNorm(8), nn.LayerNorm(8)
+
+    def forward(self, x):
+        if not self.training:
+            raise RuntimeError("this model runs in training mode only")
+        return self.b(self.a(x))
+
+
+def test_a_forward_that_refuses_eval_mode_is_traced_as_the_model_was_left():
+    model = _EvalRefused().train()
+    assert kinds(audit(model, torch.randn(2, 8))) == {"double-norm": {"b"}}
+    assert model.training and model.a.training
+
+
+def test_a_cut_short_graph_walk_finds_no_double_norm(monkeypatch):
+    # readers past the walk's limit are unknown: "nothing else reads it" cannot be told
+    import importlib
+
+    audit_module = importlib.import_module("normlab.diagnostics.audit")
+
+    class Pre(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln, self.fc = nn.LayerNorm(8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return x + self.fc(self.ln(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb_ln, self.blocks = nn.LayerNorm(8), nn.ModuleList([Pre(), Pre()])
+
+        def forward(self, x):
+            x = self.emb_ln(x)
+            for b in self.blocks:
+                x = b(x)
+            return x
+
+    monkeypatch.setattr(audit_module, "_GRAPH_LIMIT", 3)
+    assert "double-norm" not in kinds(audit(Net(), torch.randn(2, 5, 8)))

@@ -103,3 +103,22 @@ def test_a_margin_no_verdict_can_read_is_refused(test, margin):
     with pytest.raises(ValueError, match="margin"):
         verdict(test, Interval(0.0, -0.01, 0.01, 6), margin)
     assert verdict("directional", Interval(0.2, 0.1, 0.3, 6), -0.05) == "agrees"  # (a negative one is fine there)
+
+
+def test_two_seeds_take_the_wider_of_the_t_and_jackknife_intervals():
+    # with two seeds each deletion leaves one, which chooses on itself: there the jackknife
+    # covered less than the t-interval; the row takes the wider
+    rng = random.Random(2)
+    wider = 0
+    for _ in range(40):
+        sides = []
+        for _config in range(2):
+            runs = [_run(s, lr, 2.5 + (e := rng.gauss(0, 0.05)) + rng.gauss(0, 0.01), 2.5 + e + rng.gauss(0, 0.01))
+                    for s in range(2) for lr in (1e-3, 1e-2, 3e-2)]
+            sides.append(best_setting(runs))
+        got, t = cross_fitted_ci(sides, _paired_units), paired_ci(sides[0].by_seed, sides[1].by_seed)
+        full = _paired_units([b.by_seed for b in sides])
+        jack = jackknife_ci(full, {k: _paired_units([b.without.get(k, {}) for b in sides]) for k in full})
+        assert got.hi - got.lo == pytest.approx(max(t.hi - t.lo, jack.hi - jack.lo))
+        wider += (t.hi - t.lo) > (jack.hi - jack.lo)
+    assert 0 < wider < 40  # both happen

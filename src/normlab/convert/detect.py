@@ -75,7 +75,7 @@ class PromotedRMSNorm(RMSNorm):
         # as the unfused block: norm(residual + x), in the promoted dtype
         new_residual = F.dropout_add(x, residual, dropout_p=dropout_p, training=self.training,
                                      residual_dtype=residual_dtype)
-        return self.normalize(new_residual.to(x.dtype), padding_mask), new_residual
+        return self.normalize(new_residual, padding_mask), new_residual
 
 
 @dataclass(frozen=True)

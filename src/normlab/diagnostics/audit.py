@@ -107,6 +107,9 @@ class Trace:
     # autograd node -> [(a node that reads one of its outputs, which output)], over the
     # graph of the forward's outputs and every recorded tensor
     readers: dict[object, list[_Node]] = field(default_factory=dict)
+    # the walk of the graph stopped at _GRAPH_LIMIT nodes: readers it did not reach are
+    # unknown, so no finding rests on "nothing else reads it"
+    truncated: bool = False
 
     def norm_outputs(self) -> dict[tuple[int, int | None], str]:
         """(id, version) of each norm call's output -> the norm's path."""
@@ -125,20 +128,27 @@ class Trace:
             return True
         if first.output_node is None or second.output_node is None:
             return False
+        if self.truncated:
+            return True
         inside = _upstream(second.output_node[0], stop=first.output_node[0])
         return any(r not in inside for r in self.readers_of(first.output_node))
 
-    def fed_to_a_sum(self, call: _NormCall) -> bool:
-        """Whether ``call``'s output is added to another tensor: read by an add (``x + out``,
-        ``out += x``) or by normlab's norm(out, residual), which normalizes residual + out."""
-        if any(call.output_id in c.consumed and c.input_id is None for c in self.norm_calls):
-            return True
-        return call.output_node is not None and any(
-            type(r).__name__ == "AddBackward0" for r in self.readers_of(call.output_node))
+    def only_summed(self, call: _NormCall) -> bool:
+        """Whether everything that reads ``call``'s output adds it to another tensor (``x +
+        out``, ``out += x``, normlab's norm(out, residual)): a residual branch's last norm. A
+        Post-LN norm's output is the residual stream, which the next sublayer reads too:
+        not only summed."""
+        if call.output_node is None or self.truncated:
+            return False
+        readers = self.readers_of(call.output_node)
+        fused = {c.output_node[0] for c in self.norm_calls
+                 if c.input_id is None and call.output_id in c.consumed and c.output_node is not None}
+        return bool(readers) and all(type(r).__name__ == "AddBackward0" or r in fused for r in readers)
 
 
-def _graph_readers(roots) -> dict[object, list[_Node]]:
-    """node -> [(a node that reads one of its outputs, which output)] over the graph above ``roots``."""
+def _graph_readers(roots) -> tuple[dict[object, list[_Node]], bool]:
+    """node -> [(a node that reads one of its outputs, which output)] over the graph above
+    ``roots``, and whether the walk stopped at ``_GRAPH_LIMIT`` nodes before its end."""
     readers: dict[object, list[_Node]] = {}
     seen: set[int] = set()
     todo = [r for r in roots if r is not None]
@@ -151,7 +161,7 @@ def _graph_readers(roots) -> dict[object, list[_Node]]:
             if nxt is not None:
                 readers.setdefault(nxt, []).append((node, nr))
                 todo.append(nxt)
-    return readers
+    return readers, bool(todo)
 
 
 def _upstream(node, stop) -> set:
@@ -302,10 +312,27 @@ def trace_forward(model: nn.Module, example_input) -> Trace:
         # grad mode keeps torch's encoder off its fused fast path; the forked RNG leaves
         # the global one as it was
         with torch.random.fork_rng(devices=_cuda_devices(model, example_input)), torch.enable_grad():
-            result = _call(model, example_input)
+            try:
+                result = _call(model, example_input)
+            except Exception:
+                # a forward that refuses eval mode, or updates a frozen parameter in place
+                # (refused once it requires grad): once more as the model was left
+                for mod, training in modes:
+                    mod.training = training
+                for p in thawed:
+                    p.requires_grad_(False)
+                thawed.clear()
+                with torch.no_grad():
+                    for mod, name, b, value in buffers:
+                        setattr(mod, name, b)
+                        b.copy_(value)
+                trace.norm_calls.clear()
+                trace.block_calls.clear()
+                trace.keep.clear()
+                result = _call(model, example_input)
         roots = [t.grad_fn for t in _tensors_in(result)]
         roots += [c.output_node[0] for c in (*trace.norm_calls, *trace.block_calls) if c.output_node is not None]
-        trace.readers = _graph_readers(roots)
+        trace.readers, trace.truncated = _graph_readers(roots)
     finally:
         for h in handles:
             h.remove()
@@ -598,8 +625,8 @@ def check_norm_weights(ctx: AuditContext) -> list[Finding]:
         if not params:
             continue
         init = _init_params(mod) or {}
-        residual = ctx.trace is not None and any(ctx.trace.fed_to_a_sum(c) for c in ctx.trace.norm_calls
-                                                 if c.path == path)
+        calls = [c for c in ctx.trace.norm_calls if c.path == path] if ctx.trace is not None else []
+        residual = bool(calls) and all(ctx.trace.only_summed(c) for c in calls)
         offset = _gain_offset(mod)  # the gain is offset + weight (Gemma's zero-centred gamma: 1)
         for name, w in params.items():
             # without reset_parameters, the weight that makes the gain 1

@@ -117,7 +117,7 @@ class T5StyleRMSNorm(LlamaStyleRMSNorm):
             return out.to(dt), new_residual
         new_residual = F.dropout_add(x, residual, dropout_p=dropout_p, training=self.training,
                                      residual_dtype=residual_dtype)
-        return self.normalize(new_residual.to(x.dtype), padding_mask), new_residual
+        return self.normalize(new_residual, padding_mask), new_residual
 
 
 class _TorchNNWithNormlab(types.ModuleType):

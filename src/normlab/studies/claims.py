@@ -316,7 +316,15 @@ def cross_fitted_ci(bests: list[Best], unit: Callable[[list[dict[int, float]]], 
     other, which a t-interval over them would miss (its 95% covered 85-91% of the time
     in a simulation of lrs that differ by noise alone)."""
     full = unit([b.by_seed for b in bests])
-    return jackknife_ci(full, {k: unit([b.without.get(k, {}) for b in bests]) for k in full})
+    jack = jackknife_ci(full, {k: unit([b.without.get(k, {}) for b in bests]) for k in full})
+    if len(full) == 2:
+        # each deletion leaves one seed, which chooses its setting on itself: another
+        # procedure than the one measured, and the jackknife then covers less than the
+        # t-interval (8.6% against 7.2% missed in the simulation): the wider of the two
+        t = mean_ci([full[k] for k in sorted(full)])
+        if math.isfinite(t.lo) and not (t.hi - t.lo <= jack.hi - jack.lo):
+            return t
+    return jack
 
 
 def _none_first(x: Any) -> tuple:

@@ -707,7 +707,8 @@ def write_html(out: Path, study_name: str, description: str, rows: list[dict[str
                 f"<td class='num'>{esc(c['failed'])}</td></tr>")
         parts.append("</table>")
     parts.append("<h2>Plots</h2><p class='src'>Bands and error bars: 95% t-intervals over the seeds present at "
-                 "each step (on a log axis over the logs: the geometric mean and its interval); an x marks a seed "
+                 "each step (on a log axis over the logs: the geometric mean and its interval; a configuration at "
+                 "its cross-fitted best lr, the delete-one-seed jackknife's, as its claims); an x marks a seed "
                  "that diverged, or a configuration whose every run failed. Placements: "
                  "post = Post-LN, x + F(x) then a norm (Vaswani et al. 2017); pre = Pre-LN, x + F(norm(x)) "
                  "(Xiong et al. 2020); deepnorm = norm(alpha x + F(x)) with beta-scaled init (Wang et al. 2022); "
