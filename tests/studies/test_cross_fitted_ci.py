@@ -122,3 +122,13 @@ def test_two_seeds_take_the_wider_of_the_t_and_jackknife_intervals():
         assert got.hi - got.lo == pytest.approx(max(t.hi - t.lo, jack.hi - jack.lo))
         wider += (t.hi - t.lo) > (jack.hi - jack.lo)
     assert 0 < wider < 40  # both happen
+
+
+def test_two_runs_in_one_cell_of_the_sweep_are_named_in_a_caveat():
+    # (a custom preset: two warm-up lengths at one lr and seed) only one can be read; it
+    # was read silently
+    runs = [_run(s, 1e-3, 2.5, 2.5) for s in range(3)] + [_run(0, 1e-3, 2.4, 2.4, warmup_steps=100)]
+    best = best_setting(runs)
+    assert best.duplicates and "2 runs at lr 0.001 with seed 0" in best.duplicates[0]
+    assert any("only the last is read" in c for c in best.caveats("LayerNorm"))
+    assert not best_setting(runs[:3]).duplicates

@@ -204,6 +204,8 @@ class Best:
     # seed k -> by_seed as the cross-fitting gives it with seed k deleted (each other seed
     # judged at the setting chosen on the rest): the delete-one-seed jackknife's input
     without: dict[int, dict[int, float]] = field(default_factory=dict)
+    # (setting, seed) cells that held more than one run: the last is read (runs_of's order)
+    duplicates: tuple[str, ...] = ()
 
     def _edges(self) -> tuple[float, ...]:
         lrs = sorted(set(self.lrs) | {s[0] for s in self.sweep})
@@ -242,7 +244,7 @@ class Best:
                 f"{'none' if stable is None else f'{stable:g}'}")
 
     def caveats(self, name: str) -> list[str]:
-        out = []
+        out = [f"{name}: {d}" for d in self.duplicates]
         if self.all_failed:
             return [f"every run of {name} failed: it is compared as the unigram baseline"]
         if self.at_edge:
@@ -268,7 +270,10 @@ def best_setting(runs: list[Result], value: Callable[[Result, str], float] | Non
     if not runs:
         return None
     cells: dict[tuple, dict[int, Result]] = defaultdict(dict)
+    dups: dict[tuple, int] = defaultdict(int)
     for r in runs:
+        if r["seed"] in cells[_setting(r)]:
+            dups[(_setting(r), r["seed"])] += 1
         cells[_setting(r)][r["seed"]] = r
     seeds = sorted({r["seed"] for r in runs})
 
@@ -306,7 +311,10 @@ def best_setting(runs: list[Result], value: Callable[[Result, str], float] | Non
     return Best(setting=choose(()), by_seed=by_seed, chosen=chosen, sweep=sweep,
                 failures={st: sum(failed(r) for r in bs.values()) for st, bs in cells.items()},
                 seeds=len(seeds), complete=not gaps, metric=metric, gaps=tuple(gaps), lrs=tuple(all_lrs),
-                without=without)
+                without=without,
+                duplicates=tuple(f"{n + 1} runs at {_setting_text(st)} with seed {seed} (a setting the sweep does "
+                                 "not tell apart, such as another warm-up): only the last is read"
+                                 for (st, seed), n in sorted(dups.items(), key=lambda kv: (kv[0][0][0], kv[0][1]))))
 
 
 def cross_fitted_ci(bests: list[Best], unit: Callable[[list[dict[int, float]]], dict[int, float]]) -> Interval:
