@@ -132,3 +132,12 @@ def test_two_runs_in_one_cell_of_the_sweep_are_named_in_a_caveat():
     assert best.duplicates and "2 runs at lr 0.001 with seed 0" in best.duplicates[0]
     assert any("only the last is read" in c for c in best.caveats("LayerNorm"))
     assert not best_setting(runs[:3]).duplicates
+
+
+def test_a_bound_near_the_margin_is_shown_with_the_digits_that_tell_its_side():
+    from normlab.studies.report import _ci, bound_text
+
+    assert _ci([-0.02, 0.0496], 0.05) == "[-0.020, +0.04960]"  # (agrees: it was shown as +0.050)
+    assert _ci([-0.02, 0.0504], 0.05) == "[-0.020, +0.05040]"  # (inconclusive)
+    assert bound_text(0.0004, 0.0) == "+0.00040" and bound_text(-0.0496, 0.05) == "-0.04960"
+    assert bound_text(0.123456, 0.05) == "+0.123" and _ci([None, 0.1], 0.05) == "-"

@@ -599,10 +599,18 @@ def _num(v: Any, fmt: str = "{:.3f}") -> str:
     return html.escape(str(v))
 
 
-def _ci(ci: list) -> str:
+def bound_text(x: float, margin: float | None = None) -> str:
+    """An interval bound to 3 decimals, to 5 within 5e-4 of the margin (or its negative):
+    rounded there, a bound of 0.0496 (agrees, margin 0.05) and one of 0.0504
+    (inconclusive) would both read +0.050."""
+    near = margin is not None and any(abs(x - m) < 5e-4 for m in (margin, -margin))
+    return f"{x:+.5f}" if near else f"{x:+.3f}"
+
+
+def _ci(ci: list, margin: float | None = None) -> str:
     if not ci or ci[0] is None or ci[1] is None:
         return "-"
-    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+    return f"[{bound_text(ci[0], margin)}, {bound_text(ci[1], margin)}]"
 
 
 def interval_label(row: dict[str, Any]) -> str:
@@ -660,7 +668,7 @@ def write_html(out: Path, study_name: str, description: str, rows: list[dict[str
             "<th>interval</th><th>n</th><th>verdict</th></tr>")
         for row in rows:
             caveats = "".join(f"<div class='caveat'>caveat: {esc(c)}</div>" for c in row.get("caveats", []))
-            ci_cell = _ci(row["ci95"])
+            ci_cell = _ci(row["ci95"], row.get("margin"))
             if ci_cell != "-":
                 ci_cell += f"<div class='src'>{esc(interval_label(row))}</div>"
             parts.append(
@@ -801,7 +809,7 @@ def write_markdown(out: Path, study_name: str, rows: list[dict[str, Any]], prov:
               "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         est = "-" if r["estimate"] is None else f"{r['estimate']:+.3f}"
-        ci = _ci(r["ci95"])
+        ci = _ci(r["ci95"], r.get("margin"))
         ci = ci if ci == "-" else f"{ci} {interval_label(r)}"
         lines.append(f"| `{r['id']}` | {_md(r['statistic'])} | {r['test']} | {r['margin']:g} | {est} | {ci} "
                      f"| {r['n_seeds']} | **{r['verdict']}** |")
