@@ -190,7 +190,7 @@ def _print_claims(path: Path) -> None:
     rows = json.loads(path.read_text())
     if not rows:
         return
-    from normlab.studies.report import bound_text, interval_label
+    from normlab.studies.report import bound_text, interval_label, judged_margin
 
     table = Table(title="claims (95% intervals over paired seeds unless the interval says otherwise)")
     table.add_column("claim", overflow="fold")
@@ -200,7 +200,7 @@ def _print_claims(path: Path) -> None:
     for r in rows:
         ci, label = r["ci95"], interval_label(r)
         ci_text = ("-" if ci[0] is None or ci[1] is None
-                   else f"[{bound_text(ci[0], r.get('margin'))}, {bound_text(ci[1], r.get('margin'))}]")
+                   else f"[{bound_text(ci[0], judged_margin(r))}, {bound_text(ci[1], judged_margin(r))}]")
         if ci_text != "-" and label != "95% CI over paired seeds":
             ci_text += f" ({label.removeprefix('95% CI ')})"
         est = "-" if r["estimate"] is None else f"{r['estimate']:+.3f}"

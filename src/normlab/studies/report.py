@@ -607,6 +607,11 @@ def bound_text(x: float, margin: float | None = None) -> str:
     return f"{x:+.5f}" if near else f"{x:+.3f}"
 
 
+def judged_margin(row: dict[str, Any]) -> float | None:
+    """The margin a row's interval is judged against (none for a sanity row's min to max)."""
+    return None if row.get("test") == "sanity" else row.get("margin")
+
+
 def _ci(ci: list, margin: float | None = None) -> str:
     if not ci or ci[0] is None or ci[1] is None:
         return "-"
@@ -668,7 +673,7 @@ def write_html(out: Path, study_name: str, description: str, rows: list[dict[str
             "<th>interval</th><th>n</th><th>verdict</th></tr>")
         for row in rows:
             caveats = "".join(f"<div class='caveat'>caveat: {esc(c)}</div>" for c in row.get("caveats", []))
-            ci_cell = _ci(row["ci95"], row.get("margin"))
+            ci_cell = _ci(row["ci95"], judged_margin(row))
             if ci_cell != "-":
                 ci_cell += f"<div class='src'>{esc(interval_label(row))}</div>"
             parts.append(
@@ -809,7 +814,7 @@ def write_markdown(out: Path, study_name: str, rows: list[dict[str, Any]], prov:
               "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         est = "-" if r["estimate"] is None else f"{r['estimate']:+.3f}"
-        ci = _ci(r["ci95"], r.get("margin"))
+        ci = _ci(r["ci95"], judged_margin(r))
         ci = ci if ci == "-" else f"{ci} {interval_label(r)}"
         lines.append(f"| `{r['id']}` | {_md(r['statistic'])} | {r['test']} | {r['margin']:g} | {est} | {ci} "
                      f"| {r['n_seeds']} | **{r['verdict']}** |")
