@@ -281,3 +281,37 @@ def test_promoted_fused_norm_normalizes_the_stored_float32_residual():
     out, new_res = norm(x, res, residual_dtype=torch.float32)
     assert out.dtype == new_res.dtype == torch.float32
     assert torch.equal(out, norm(new_res))
+
+
+@pytest.mark.parametrize("swap_first", [False, True])
+def test_a_folded_promoted_norm_keeps_the_dtype_the_next_layer_takes(swap_first):
+    # the weightless norm a folded LlamaRMSNorm became kept bf16: a float32 model fed bf16
+    # inputs_embeds stopped at the next float32 Linear with a dtype error
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from normlab.convert import fold_norm_affine
+    from normlab.convert.detect import PromotedRMSNorm
+    from normlab.integrations.hf import apply_normlab
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=64)
+    original = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in original.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    folded = copy.deepcopy(original)
+    if swap_first:
+        apply_normlab(folded)
+    fold_norm_affine(folded)
+    norm = folded.model.layers[0].input_layernorm
+    assert isinstance(norm, PromotedRMSNorm) and norm.weight is None and norm.weight_dtype == torch.float32
+    ids = torch.randint(0, 64, (2, 6))
+    emb = original.model.embed_tokens(ids).detach().bfloat16()
+    want, got = original(inputs_embeds=emb).logits, folded(inputs_embeds=emb).logits
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(folded(ids).logits, original(ids).logits, rtol=1e-5, atol=1e-5)

@@ -53,19 +53,27 @@ class PromotedRMSNorm(RMSNorm):
     gives its output in the same dtype: where the weight's dtype is wider than ``x``'s,
     it adds, then normalizes (unfused)."""
 
+    # without a weight (its gamma folded into the next layer: ``fold_norm_affine``), the
+    # dtype the folded weight had: the output keeps the promoted dtype the next layer takes
+    weight_dtype: torch.dtype | None = None
+
     def _promoted(self, x: Tensor) -> torch.dtype | None:
         """The output dtype where it differs from ``x``'s (a weight of a wider dtype), else None."""
         w = self._parameters.get("weight")
-        if w is None or w.dtype is x.dtype:
+        wdt = w.dtype if w is not None else self.weight_dtype
+        if wdt is None or wdt is x.dtype:
             return None
-        dt = torch.promote_types(x.dtype, w.dtype)
+        dt = torch.promote_types(x.dtype, wdt)
         return None if dt is x.dtype else dt
 
     def normalize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         dt = self._promoted(x)
         if dt is None:
             return super().normalize(x, padding_mask)
-        if self.collect_per_example_grad_sq or self.offset != 0.0 or self.casting_mode != "torch":
+        if (self.weight is None or self.collect_per_example_grad_sq or self.offset != 0.0
+                or self.casting_mode != "torch"):
+            # (without a weight: normalized in float32, rounded to x's dtype, as LlamaRMSNorm's
+            # hidden_states.to(input_dtype), then given the dtype the next layer takes)
             return super().normalize(x, padding_mask).to(dt)
         return F.rms_norm(x, self.normalized_shape, self.weight, self.eps, casting_mode="llama")
 
@@ -112,9 +120,11 @@ class NormSemantics:
             new = LayerNorm(self.shape, eps=self.eps, elementwise_affine=self.affine,
                             bias=self.bias, offset=self.offset, weight_shape=self.weight_shape, **factory)
         else:
-            cls = PromotedRMSNorm if self.output_dtype == "promoted" and self.affine else RMSNorm
+            cls = PromotedRMSNorm if self.output_dtype == "promoted" else RMSNorm
             new = cls(self.shape, eps=self.eps, elementwise_affine=self.affine, offset=self.offset,
                       casting_mode=self.casting_mode, **factory)
+            if cls is PromotedRMSNorm and not self.affine:  # the dtype of the weight folded away
+                new.weight_dtype = w.dtype if isinstance(w, torch.Tensor) else getattr(like, "weight_dtype", None)
         # the very same Parameter objects: tied weights and optimizer state stay valid
         if self.affine:
             new.weight = w

@@ -221,7 +221,8 @@ def fold_norm_affine(
             continue
         sem, gamma, beta, views = plan
         _fold(views, gamma, beta, path, report)
-        plain = NormSemantics(sem.kind, sem.shape, sem.eps, False, False, "").build(module)
+        plain = NormSemantics(sem.kind, sem.shape, sem.eps, False, False, "",
+                              output_dtype=sem.output_dtype).build(module)
         for p in paths[id(module)]:
             replace_module(model, p, plain)
         note = analysis.final_outputs.get(path)
