@@ -61,19 +61,11 @@ def test_embedding_norm_feeding_the_residual_stream_is_no_double_norm_in_either_
 
 def test_pre_ln_stack_after_an_embedding_layernorm_is_no_double_norm():
     """BLOOM-like: an embedding LayerNorm, then Pre-LN blocks (x + f(ln(x))), frozen."""
-    class Pre(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.ln, self.fc = nn.LayerNorm(8), nn.Linear(8, 8)
-
-        def forward(self, x):
-            return x + self.fc(self.ln(x))
-
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
             self.emb, self.emb_ln = nn.Embedding(10, 8), nn.LayerNorm(8)
-            self.blocks, self.final = nn.ModuleList([Pre(), Pre()]), nn.LayerNorm(8)
+            self.blocks, self.final = nn.ModuleList([_PreBlock(), _PreBlock()]), nn.LayerNorm(8)
 
         def forward(self, ids):
             x = self.emb_ln(self.emb(ids))
@@ -350,18 +342,10 @@ def test_a_cut_short_graph_walk_finds_no_double_norm(monkeypatch):
 
     audit_module = importlib.import_module("normlab.diagnostics.audit")
 
-    class Pre(nn.Module):
+    class Net(nn.Module):  # an embedding norm feeding Pre-LN blocks (no double norm)
         def __init__(self):
             super().__init__()
-            self.ln, self.fc = nn.LayerNorm(8), nn.Linear(8, 8)
-
-        def forward(self, x):
-            return x + self.fc(self.ln(x))
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb_ln, self.blocks = nn.LayerNorm(8), nn.ModuleList([Pre(), Pre()])
+            self.emb_ln, self.blocks = nn.LayerNorm(8), nn.ModuleList([_PreBlock(), _PreBlock()])
 
         def forward(self, x):
             x = self.emb_ln(x)
