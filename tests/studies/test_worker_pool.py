@@ -53,8 +53,11 @@ def test_a_worker_killed_mid_run_fails_that_run_and_the_others_resume(tmp_path, 
     monkeypatch.setattr(runner, "ProcessPoolExecutor", Recorded)
     results, report = runner.run_study(Study("crash", "a worker dies", runs), tmp_path / "pool", cpu_env(),
                                        workers=2, corpus=corpus)
-    # the second pool got "a" (40 steps: cut off by the first pool's end), never "die"
-    assert pools[0][1] == ["die", "a", "b"] and len(pools) == 2 and "a" in pools[1][1] and "die" not in pools[1][1]
+    # a second pool got what the first one's end cut off ("a", 40 steps, as a rule; "b" where
+    # "a" finished before "die" reached its step 2, as on a loaded machine), never "die"
+    later = [name for _, names in pools[1:] for name in names]
+    assert pools[0][1] == ["die", "a", "b"] and len(pools) <= 2 and "die" not in later
+    assert set(later) <= {"a", "b"}
     assert _losses(results) == _losses(straight)  # bit for bit: one thread each, exact resume
     summary = json.loads((tmp_path / "pool" / "crash" / "summary.json").read_text())
     (failed,) = summary["failed"]
