@@ -265,3 +265,36 @@ def test_the_pool_progress_line_says_the_timing_runs_come_after_it(tmp_path, cor
     runner.run_study(study, tmp_path, _cpu(), workers=2, corpus=corpus)
     pool = [line for line in lines if "workers" in line]
     assert pool and all(line.endswith("of 2 on 2 workers; then 1 timing run alone") for line in pool), pool
+
+
+@pytest.mark.parametrize("norm", ["powernorm", "batchnorm"])
+def test_the_whole_models_noise_scale_leaves_batch_statistics_as_they_were(corpus, norm):
+    # each example's forward in training mode moved a batch-statistics norm's running
+    # statistics (and PowerNorm's step count: 25 steps counted in 5), which changed the run
+    from normlab.studies.probes import total_noise_scale
+
+    spec = _spec("g", model={**MICRO, "placement": "pre", "n_layers": 2, "norm": norm}, batch_size=4)
+    torch.manual_seed(0)
+    model = build_model(spec)
+    task = Task(spec, corpus)
+    batch = task.batch(0, "train", _cpu())
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    total_noise_scale(model, task, batch, _cpu())
+    assert before and all(torch.equal(b, before[n]) for n, b in model.named_buffers())
+
+
+def test_seq2seq_validation_loss_is_the_mean_over_its_tokens(corpus):
+    # it was the mean of the batches' means: a token of a short batch weighed more than one
+    # of a long batch, where training takes the mean over the tokens
+    spec = _spec("s", task="seq2seq", eval_batches=4)
+    torch.manual_seed(0)
+    model = build_model(spec)
+    task = Task(spec, corpus)
+    got = task.evaluate(model, _cpu())
+    total, tokens = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for i in range(4):
+            s, n = task.loss_sum(model, task.batch(i, "val", _cpu()))
+            total, tokens = total + s.item(), tokens + n
+    assert got["val_loss"] == pytest.approx(total / tokens, rel=1e-12)

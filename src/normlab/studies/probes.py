@@ -158,9 +158,12 @@ def output_change_after_update(model: nn.Module, task: Any, env: Any) -> dict[st
 def total_noise_scale(model: nn.Module, task: Any, batch: dict[str, Any], env: Any) -> dict[str, float]:
     """The whole model's B_simple on ``batch``, from every parameter's per-example
     gradients, one example at a time (Gray et al. 2024 validate the norm layers'
-    estimate against it). Leaves the model's ``.grad`` and the RNG as they were."""
+    estimate against it). Leaves the model's ``.grad``, its buffers (a batch-statistics
+    norm's running statistics and step count, which each example's forward would move)
+    and the RNG as they were."""
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [None if p.grad is None else p.grad.detach().clone() for p in params]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
     n = next(iter(batch.values())).shape[0]
     total = [torch.zeros_like(p) for p in params]
     per_example = []
@@ -177,6 +180,9 @@ def total_noise_scale(model: nn.Module, task: Any, batch: dict[str, Any], env: A
                 t.add_(g)
     for p, g in zip(params, saved):
         p.grad = g
+    with torch.no_grad():
+        for b, value in buffers:
+            b.copy_(value)
     # the loss is the mean over examples (equal token counts): contribution g_i / n, batch gradient mean g_i
     batch_sq = sum(float((t.double() / n).pow(2).sum()) for t in total)
     step = gradient_noise_scale(torch.tensor(per_example, dtype=torch.float64) / (n * n), batch_sq)

@@ -479,15 +479,18 @@ class Task:
         return out
 
     def _evaluate_seq2seq(self, model: nn.Module, env: Env) -> dict[str, float]:
-        losses, accs = [], []
+        """The mean over the validation batches' (non-pad) tokens, as the training loss is
+        (a mean of the batches' means would weight a token by its batch's length), and the
+        exact-match rate over their examples (equal batch sizes)."""
+        total, tokens, accs = 0.0, 0, []
         for i in range(self.spec.eval_batches):
             batch = self.batch(i, "val", env)
             with env.autocast():
-                loss, _ = self.loss(model, batch)
-            losses.append(loss.item())
+                loss, n = self.loss_sum(model, batch)
+            total, tokens = total + loss.item(), tokens + n
             accs.append(exact_match(greedy_decode(model, batch["src"], batch["src_padding_mask"],
                                                   batch["tgt_out"].shape[1]), batch["tgt_out"]))
-        return {"val_loss": sum(losses) / len(losses), "val_exact_match": sum(accs) / len(accs)}
+        return {"val_loss": total / max(tokens, 1), "val_exact_match": sum(accs) / len(accs)}
 
 
 @torch.no_grad()
