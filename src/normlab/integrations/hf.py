@@ -36,7 +36,6 @@ import types
 import torch
 from torch import Tensor, nn
 
-from normlab import functional as F
 from normlab.convert import swap_norms
 from normlab.convert.detect import PromotedRMSNorm
 from normlab.convert.fused import fused_class
@@ -92,8 +91,9 @@ class T5StyleRMSNorm(LlamaStyleRMSNorm):
     and rounded once; T5LayerNorm rounds twice (to the weight's dtype, then the product),
     so the two agree within one rounding."""
 
-    def _wider(self, x: Tensor) -> torch.dtype | None:
-        """The dtype T5LayerNorm computes and returns in where it differs from ``x``'s."""
+    def _promoted(self, x: Tensor) -> torch.dtype | None:
+        """The dtype T5LayerNorm returns where it differs from ``x``'s (the fused add+norm,
+        ``PromotedRMSNorm``'s, then adds and normalizes in it)."""
         w = self._parameters.get("weight")
         if w is None or w.dtype is x.dtype:
             return None
@@ -101,23 +101,12 @@ class T5StyleRMSNorm(LlamaStyleRMSNorm):
         return None if dt is x.dtype else dt
 
     def normalize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        dt = self._wider(x)
+        dt = self._promoted(x)
         if dt is None:
             return RMSNorm.normalize(self, x, padding_mask)
         if dt in _HALF:  # a half-precision weight: computed in the input's dtype, then cast
             return RMSNorm.normalize(self, x, padding_mask).to(dt)
         return RMSNorm.normalize(self, x.to(dt), padding_mask)  # T5LayerNorm computes in float32
-
-    def add_normalize(self, x, residual, dropout_p, residual_dtype, padding_mask):
-        dt = self._wider(x)
-        if dt is None:
-            return RMSNorm.add_normalize(self, x, residual, dropout_p, residual_dtype, padding_mask)
-        if dt in _HALF:
-            out, new_residual = RMSNorm.add_normalize(self, x, residual, dropout_p, residual_dtype, padding_mask)
-            return out.to(dt), new_residual
-        new_residual = F.dropout_add(x, residual, dropout_p=dropout_p, training=self.training,
-                                     residual_dtype=residual_dtype)
-        return self.normalize(new_residual, padding_mask), new_residual
 
 
 class _TorchNNWithNormlab(types.ModuleType):
