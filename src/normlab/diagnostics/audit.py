@@ -298,7 +298,20 @@ def trace_forward(model: nn.Module, example_input) -> Trace:
     # restored: a train() override is not run). Every parameter requiring grad makes the
     # autograd graph record which ops read each norm's output, for a frozen model too
     modes = [(mod, mod.training) for mod in model.modules()]
-    thawed = []
+    thawed: list[Tensor] = []
+
+    def restore() -> None:
+        """The modules' modes, the parameters' requires_grad and every buffer, as they were."""
+        for mod, training in modes:
+            mod.training = training
+        for p in thawed:
+            p.requires_grad_(False)
+        thawed.clear()
+        with torch.no_grad():
+            for mod, name, b, value in buffers:
+                setattr(mod, name, b)  # a forward that replaced the tensor gets it back
+                b.copy_(value)
+
     try:
         for mod, _ in modes:
             mod.training = False
@@ -317,15 +330,7 @@ def trace_forward(model: nn.Module, example_input) -> Trace:
             except Exception:
                 # a forward that refuses eval mode, or updates a frozen parameter in place
                 # (refused once it requires grad): once more as the model was left
-                for mod, training in modes:
-                    mod.training = training
-                for p in thawed:
-                    p.requires_grad_(False)
-                thawed.clear()
-                with torch.no_grad():
-                    for mod, name, b, value in buffers:
-                        setattr(mod, name, b)
-                        b.copy_(value)
+                restore()
                 trace.norm_calls.clear()
                 trace.block_calls.clear()
                 trace.keep.clear()
@@ -336,14 +341,7 @@ def trace_forward(model: nn.Module, example_input) -> Trace:
     finally:
         for h in handles:
             h.remove()
-        for mod, training in modes:
-            mod.training = training
-        for p in thawed:
-            p.requires_grad_(False)
-        with torch.no_grad():
-            for mod, name, b, value in buffers:
-                setattr(mod, name, b)  # a forward that replaced the tensor gets it back
-                b.copy_(value)
+        restore()
     return trace
 
 
