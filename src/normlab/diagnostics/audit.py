@@ -111,10 +111,6 @@ class Trace:
     # unknown, so no finding rests on "nothing else reads it"
     truncated: bool = False
 
-    def norm_outputs(self) -> dict[tuple[int, int | None], str]:
-        """(id, version) of each norm call's output -> the norm's path."""
-        return {(c.output_id, c.output_version): c.path for c in self.norm_calls if c.output_id is not None}
-
     def readers_of(self, node: _Node) -> list[object]:
         """The autograd nodes that read the tensor ``node`` made (their ops, in the forward)."""
         return [r for r, nr in self.readers.get(node[0], ()) if nr == node[1]]
