@@ -57,6 +57,7 @@ from normlab.studies.stats import (
     jackknife_ci,
     mean_ci,
     paired_ci,
+    paired_units,
     sign_test_coverage,
     slope,
     verdict,
@@ -448,9 +449,8 @@ def best_ci(best: Best) -> Interval:
 
 
 def _paired_units(sides: list[dict[int, float]]) -> dict[int, float]:
-    """a[seed] - b[seed] over the seeds both sides hold."""
-    a, b = sides
-    return {s: a[s] - b[s] for s in sorted(set(a) & set(b))}
+    """a[seed] - b[seed] over the seeds both sides hold (``cross_fitted_ci``'s unit)."""
+    return paired_units(*sides)
 
 
 def compare_best(name_a: str, ba: Best, runs_a: list[Result], name_b: str, bb: Best, runs_b: list[Result],

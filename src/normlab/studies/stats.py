@@ -121,10 +121,14 @@ def jackknife_ci(full: dict, without: dict) -> Interval:
     return Interval(m, m - half, m + half, n)
 
 
+def paired_units(a: dict, b: dict) -> dict:
+    """a[k] - b[k] over the keys (seeds) both hold, in key order."""
+    return {k: a[k] - b[k] for k in sorted(set(a) & set(b))}
+
+
 def paired_ci(a: dict, b: dict) -> Interval:
     """Mean of a[k] - b[k] over the keys (seeds) both hold, with its 95% t-interval."""
-    keys = sorted(set(a) & set(b))
-    return mean_ci([a[k] - b[k] for k in keys])
+    return mean_ci(list(paired_units(a, b).values()))
 
 
 def slope(xs: Sequence[float], ys: Sequence[float]) -> float:
