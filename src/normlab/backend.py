@@ -101,13 +101,16 @@ def forward_ad_active() -> bool:
     return _forward_ad._current_level >= 0
 
 
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
 def resolve(x: torch.Tensor) -> str:
     """The backend that will run an op on ``x``: "torch" or "triton". Under torch.func
     transforms (grad, vmap, jvp, ...) and forward-mode AD (dual tensors) always "torch":
     the kernels' custom ops have no functorch or forward-mode rules, so even a forced
     "triton" runs the torch path there."""
-    choice = get_backend()
-    if choice == "torch" or torch._C._are_functorch_transforms_active() or forward_ad_active():
+    choice = _current if _current is not None else get_backend()
+    if choice == "torch" or _functorch_active() or _forward_ad._current_level >= 0:
         return "torch"
     if choice == "auto":
         return auto_choice(True, x.dtype, x.numel()) if x.is_cuda else "torch"
@@ -116,7 +119,7 @@ def resolve(x: torch.Tensor) -> str:
             "normlab backend 'triton' was asked for, but triton is not installed "
             "(pip install 'normlab[triton]')"
         )
-    if x.is_cuda or (x.device.type == "cpu" and triton_interpreter_on()):
+    if x.is_cuda or (x.is_cpu and triton_interpreter_on()):
         return "triton"
     raise RuntimeError(
         f"normlab backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 to run the kernels "

@@ -165,7 +165,10 @@ def _fused_shape(op: str, x: Tensor, normalized_shape: int | Sequence[int] | Non
         return _check_normalized_shape(op, x, normalized_shape)
     param = weight if weight is not None else bias
     if param is not None and isinstance(param, Tensor):
-        return _check_normalized_shape(op, x, tuple(param.shape))
+        pshape = param.shape
+        if len(pshape) == 1:  # (a 1-D parameter: the int path of the check)
+            return _check_normalized_shape(op, x, pshape[0])
+        return _check_normalized_shape(op, x, tuple(pshape))
     if x.dim() == 0:
         raise NormArgumentError(f"{op}: expected input with at least one dimension, got a 0-dim tensor")
     return tuple(x.shape[-1:])
@@ -176,8 +179,12 @@ def _check_norm_args(op: str, x: Tensor, normalized_shape: int | Sequence[int], 
     """The checks of layer_norm / rms_norm (``is_rms``: eps may be None): (normalized shape, eps)."""
     _check_tensor(op, "input", x)
     shape = _check_normalized_shape(op, x, normalized_shape)
-    _check_param(op, "weight", weight, shape, x)
-    _check_param(op, "bias", bias, shape, x)
+    if weight is not None:
+        _check_param(op, "weight", weight, shape, x)
+    if bias is not None:
+        _check_param(op, "bias", bias, shape, x)
+    if type(eps) is float and -_INF < eps < _INF:  # (the common eps, without a call)
+        return shape, eps
     return shape, _check_eps(op, eps, allow_none=is_rms)
 
 
@@ -189,8 +196,12 @@ def _check_add_args(op: str, x: Tensor, residual: Tensor | None, weight: Tensor 
     _check_tensor(op, "input", x)
     _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype, training)
     shape = _fused_shape(op, x, normalized_shape, weight, bias)
-    _check_param(op, "weight", weight, shape, x)
-    _check_param(op, "bias", bias, shape, x)
+    if weight is not None:
+        _check_param(op, "weight", weight, shape, x)
+    if bias is not None:
+        _check_param(op, "bias", bias, shape, x)
+    if type(eps) is float and -_INF < eps < _INF:
+        return shape, eps
     return shape, _check_eps(op, eps, allow_none=is_rms)
 
 
@@ -387,7 +398,8 @@ def _add_ops(op: str, x: Tensor, residual: Tensor | None, residual_dtype: torch.
     ops = backend_ops(x)
     if ops is _eager:
         return ops
-    wide = [d for d in (getattr(residual, "dtype", None), residual_dtype) if d is not None and d not in _SHORT_ADD_DTYPES]
+    wide = [d for d in (getattr(residual, "dtype", None), residual_dtype) if d is not None and d not in _SHORT_ADD_DTYPES] \
+        if residual_dtype is not None or (residual is not None and residual.dtype not in _SHORT_ADD_DTYPES) else None
     if not wide:
         return ops
     if get_backend() == "auto":

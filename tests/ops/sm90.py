@@ -54,21 +54,23 @@ def resource_usage(compiled) -> dict:
 
 
 def fwd_variant(hidden: int, *, rms: bool, res: bool, dropout: bool, dtype=torch.bfloat16,
-                res_dtype=None, weight=True, bias=True, strided=False):
+                res_dtype=None, weight=True, bias=True, strided=False, store_stats=True):
     cfg = launch.block_config(hidden)
     dt = _TYPES[dtype]
     store = res or dropout or res_dtype is not None
     types = dict(X=dt, RES=dt if res else None, W="*fp32" if weight else None,
                  B="*fp32" if bias and not rms else None, Y=dt,
                  RES_OUT=_TYPES[res_dtype or dtype] if store else None,
-                 MEAN=None if rms else "*fp32", RSTD="*fp32", stride_x="i32", stride_res="i32",
+                 MEAN=None if rms or not store_stats else "*fp32", RSTD="*fp32" if store_stats else None,
+                 stride_x="i32", stride_res="i32",
                  stride_y="i32", stride_res_out="i32", rows="i32", hidden="i32", eps="fp32",
                  seed="i64", drop_p="fp32", drop_scale="fp32", stride_x1="i32", stride_x2="i32",
                  n1="i32", n2="i32")
     kernel = norm._fwd_looped_kernel if cfg.looped else norm._fwd_kernel
     consts = dict(IS_RMS=rms, HAS_RES=res, HAS_DROPOUT=dropout, STORE_RES=store,
                   ROUND_TO_RES=store and res_dtype not in (None, dtype), HAS_W=weight,
-                  HAS_B=bias and not rms, BLOCK=cfg.block, ROWS=cfg.rows, STRIDED=strided)
+                  HAS_B=bias and not rms, BLOCK=cfg.block, ROWS=cfg.rows, STRIDED=strided,
+                  STORE_STATS=store_stats)
     return compile_sm90(kernel, types, consts, cfg.num_warps, cfg.num_stages)
 
 
@@ -87,7 +89,7 @@ def bwd_variant(hidden: int, *, rms: bool, res: bool, dropout: bool, dtype=torch
                  stride_dres="i32", hidden="i32", rows_per_example="i32",
                  rows_per_program="i32", seed="i64", drop_p="fp32", drop_scale="fp32",
                  stride_dy1="i32", stride_dy2="i32", stride_h1="i32", stride_h2="i32", n1="i32",
-                 n2="i32")
+                 n2="i32", db_offset="i32")
     kernel, extra = norm.backward_kernel(cfg)
     consts = dict(IS_RMS=rms, HAS_DRES_OUT=res, HAS_RES=res, HAS_DROPOUT=dropout,
                   HAS_W=weight, HAS_B=has_b, BLOCK=cfg.block, ROWS=cfg.bwd_rows, ZERO_SQ=zero_sq,

@@ -30,6 +30,9 @@ for hidden in (1, 100, 1024, 4096, 8192, 16384, 40000):
 # dtype / weight / residual-dtype corners
 sm90.fwd_variant(4096, rms=False, res=True, dropout=False, dtype=torch.float16, res_dtype=torch.float32)
 sm90.fwd_variant(4096, rms=False, res=False, dropout=False, weight=False, bias=True)
+# no statistics stored (a call no backward follows), single-block and looped
+for hidden, rms in itertools.product((100, 40000), (False, True)):
+    sm90.fwd_variant(hidden, rms=rms, res=False, dropout=False, store_stats=False)
 sm90.bwd_variant(4096, rms=False, res=False, dropout=False, dtype=torch.float32, weight=False, bias=True)
 sm90.bwd_variant(4096, rms=True, res=False, dropout=False, weight=False, bias=False)
 for w, b, pe in itertools.product((True, False), (True, False), (True, False)):

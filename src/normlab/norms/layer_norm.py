@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from normlab import backend as _backend
 from normlab import functional as F
 from normlab.backend import AUTO_TRITON_MIN_ELEMENTS, get_backend
 from normlab.errors import NormArgumentError
@@ -233,7 +234,9 @@ class LayerNorm(_CheckedOnce, _PerExampleGradSq, _WeightOffset, ResidualNorm, nn
                                            self.offset, self.weight_shape)
         params = self._parameters  # nn.Module.__getattr__ costs ~1 us a parameter
         if "weight" in params and "bias" in params:
-            if x.__class__ is Tensor and x.is_cpu:  # functional's short path to torch's op
+            # functional's short path to torch's op (not under a forced triton backend,
+            # CPU tensors under the Triton interpreter: checked once, as on CUDA)
+            if x.__class__ is Tensor and x.is_cpu and _backend._current != "triton":
                 return F.layer_norm(x, self.normalized_shape, params["weight"], params["bias"], self.eps)
             if len(self.normalized_shape) == 1 and not torch.compiler.is_compiling():
                 return self._call("layer_norm", F.layer_norm, x, self.normalized_shape,
@@ -292,7 +295,9 @@ class RMSNorm(_CheckedOnce, _PerExampleGradSq, _WeightOffset, ResidualNorm, nn.R
                               casting_mode=self.casting_mode)
         params = self._parameters  # nn.Module.__getattr__ costs ~1 us a parameter
         if "weight" in params:
-            if x.__class__ is Tensor and x.is_cpu:  # functional's short path to torch's op
+            # functional's short path to torch's op (not under a forced triton backend,
+            # CPU tensors under the Triton interpreter: checked once, as on CUDA)
+            if x.__class__ is Tensor and x.is_cpu and _backend._current != "triton":
                 return F.rms_norm(x, self.normalized_shape, params["weight"], self.eps)
             if len(self.normalized_shape) == 1 and not torch.compiler.is_compiling():
                 return self._call("rms_norm", F.rms_norm, x, self.normalized_shape, params["weight"],

@@ -32,7 +32,9 @@ def triton_ops() -> ModuleType:
 
 def backend_ops(x) -> ModuleType:
     """The module that runs an op on ``x``: ``ops.eager`` or ``ops.triton``."""
-    return triton_ops() if resolve(x) == "triton" else eager
+    if resolve(x) == "triton":
+        return _triton if _triton is not None else triton_ops()
+    return eager
 
 
 def _import_triton_for_cuda() -> None:

@@ -35,7 +35,7 @@ def _spec(
     out_dtype: torch.dtype | None = None,
 ) -> custom_ops.FusedSpec:
     """The fused op's settings for this call (its inputs after bias), checked."""
-    hidden = math.prod(normalized_shape)
+    hidden = normalized_shape[0] if len(normalized_shape) == 1 else math.prod(normalized_shape)
     launch.check_supported(op, x, hidden)
     if eps is None:
         eps = reference.default_rms_eps(x.dtype)
@@ -69,16 +69,19 @@ def _graph_wanted(x: Tensor, residual: Tensor | None, weight: Tensor | None, bia
 def _fused(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
            spec: custom_ops.FusedSpec) -> tuple[Tensor, Tensor]:
     """(out, new_residual): ``normlab::fused_norm``, or ``FusedNorm`` in plain eager calls."""
-    weight, bias = _dense(weight), _dense(bias)
+    if weight is not None and not weight.is_contiguous():
+        weight = weight.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
     if custom_ops.use_ops(x, residual, weight, bias):
         out, new_res, _mean, _rstd = torch.ops.normlab.fused_norm(x, residual, weight, bias, *spec)
         return out, (new_res if spec.store_residual else x)
     if not _graph_wanted(x, residual, weight, bias):  # inference: the kernel alone, no autograd node
-        out, new_res, _mean, _rstd = custom_ops.spec_forward(x, residual, weight, bias, spec)
+        out, new_res, _mean, _rstd = custom_ops.spec_forward(x, residual, weight, bias, spec, store_stats=False)
         return out, (new_res if spec.store_residual else x)
     if spec.store_residual:
-        return custom_ops.FusedNorm.apply(x, residual, weight, bias, spec)
-    return custom_ops.FusedNorm.apply(x, residual, weight, bias, spec), x
+        return custom_ops.apply_fused(x, residual, weight, bias, spec)
+    return custom_ops.apply_fused(x, residual, weight, bias, spec), x
 
 
 # ``offset`` (the scale is offset + weight) and RMSNorm's ``casting_mode``

@@ -292,21 +292,30 @@ def use_ops(*tensors: Tensor | None) -> bool:
     export, under functorch transforms (which normlab.functional sends to the torch path
     first: backend.resolve), and for tensor subclasses (DTensor, fake
     tensors); plain tensors and Parameters in eager mode take ``FusedNorm``."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if _is_compiling() or _functorch_active():
         return True
-    return any(t is not None and type(t) not in _PLAIN for t in tensors)
+    for t in tensors:  # (a loop: any() over a generator costs more host time)
+        if t is not None and type(t) not in _PLAIN:
+            return True
+    return False
+
+
+_is_compiling = torch.compiler.is_compiling
+_functorch_active = torch._C._are_functorch_transforms_active
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)  # a module's weights are Parameters
 
 
-def spec_forward(x, residual, weight, bias, spec: FusedSpec) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``norm_forward`` with a ``FusedSpec``'s settings: (out, new_residual, mean, rstd)."""
+def spec_forward(x, residual, weight, bias, spec: FusedSpec,
+                 store_stats: bool = True) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """``norm_forward`` with a ``FusedSpec``'s settings: (out, new_residual, mean, rstd);
+    without ``store_stats`` (no backward follows) mean and rstd are None."""
     return norm_forward(
         x, residual, weight, bias, spec.eps, hidden=spec.hidden, is_rms=spec.is_rms,
         dropout=_dropout(spec.seed, spec.dropout_p), residual_dtype=spec.residual_dtype,
         store_residual=spec.store_residual, offset=spec.offset, casting_mode=spec.casting_mode,
-        out_dtype=spec.out_dtype,
+        out_dtype=spec.out_dtype, store_stats=store_stats,
     )
 
 
@@ -331,6 +340,22 @@ class FusedNorm(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: the result must refuse a 2nd derivative
             return _fused_backward_once(ctx, dout, dnew_res)
         return _fused_backward(ctx, dout, dnew_res)
+
+
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+# the C implementation of ``Function.apply`` (torch._C._FunctionBase's), bound to FusedNorm
+_fused_c_apply = super(torch.autograd.Function, FusedNorm).apply
+
+
+def apply_fused(x, residual, weight, bias, spec: FusedSpec):
+    """``FusedNorm.apply(x, residual, weight, bias, spec)`` for a call outside torch.func
+    transforms (``use_ops`` False): the C apply under ``torch.autograd.Function.apply``,
+    without that method's Python layer (its functorch checks, about 2 us a call). What
+    that layer does outside transforms is done here: a dead functorch wrapper (a tensor
+    that escaped a transform) is unwrapped, as torch's own ops unwrap it."""
+    return _fused_c_apply(_unwrap_if_dead(x), residual if residual is None else _unwrap_if_dead(residual),
+                    weight if weight is None else _unwrap_if_dead(weight),
+                    bias if bias is None else _unwrap_if_dead(bias), spec)
 
 
 class FusedNormPerExample(FusedNorm):

@@ -29,6 +29,7 @@ the small partial buffer.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -126,6 +127,7 @@ def _fwd_kernel(
     HAS_B: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
     stride_x1=0, stride_x2=0, n1=1, n2=1, STRIDED: tl.constexpr = False,
     offset=0.0, HAS_OFFSET: tl.constexpr = False, LLAMA: tl.constexpr = False,
+    STORE_STATS: tl.constexpr = True,
 ):
     # a tile of ROWS whole rows per program: narrow rows get enough bytes in flight.
     # STRIDED: x's rows are found through its row dims (_row_offset); the rest use
@@ -146,9 +148,11 @@ def _fwd_kernel(
     else:
         mean = tl.sum(h, axis=1) / hidden
         centered = tl.where(mask, h - mean[:, None], 0.0)
-        tl.store(MEAN + row1, mean, mask=row1 < rows)
+        if STORE_STATS:
+            tl.store(MEAN + row1, mean, mask=row1 < rows)
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / hidden + eps)
-    tl.store(RSTD + row1, rstd, mask=row1 < rows)
+    if STORE_STATS:  # (False: no backward will read them, MEAN and RSTD are None)
+        tl.store(RSTD + row1, rstd, mask=row1 < rows)
     xhat = centered * rstd[:, None]
     if LLAMA:  # xhat in the dtype of the tensor normalized
         if STORE_RES:
@@ -169,6 +173,7 @@ def _fwd_looped_kernel(
     HAS_B: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
     stride_x1=0, stride_x2=0, n1=1, n2=1, STRIDED: tl.constexpr = False,
     offset=0.0, HAS_OFFSET: tl.constexpr = False, LLAMA: tl.constexpr = False,
+    STORE_STATS: tl.constexpr = True,
 ):
     # wide rows: pass 1 forms (and stores) h and its sum; pass 2 the centred sum of
     # squares (LayerNorm only); pass 3 normalizes. Passes 2-3 re-read the stored h.
@@ -200,7 +205,8 @@ def _fwd_looped_kernel(
         var = tl.sum(acc, axis=0) / hidden
     else:
         mean = tl.sum(acc, axis=0) / hidden
-        tl.store(MEAN + row, mean)
+        if STORE_STATS:
+            tl.store(MEAN + row, mean)
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, hidden, BLOCK):
             cols = start + tl.arange(0, BLOCK)
@@ -209,7 +215,8 @@ def _fwd_looped_kernel(
             acc += centered * centered
         var = tl.sum(acc, axis=0) / hidden
     rstd = 1.0 / tl.sqrt(var + eps)
-    tl.store(RSTD + row, rstd)
+    if STORE_STATS:
+        tl.store(RSTD + row, rstd)
     for start in range(0, hidden, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < hidden
@@ -280,7 +287,7 @@ def _bwd_kernel(
     HAS_DROPOUT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr,
     ROWS: tl.constexpr, ZERO_SQ: tl.constexpr,
     stride_dy1=0, stride_dy2=0, stride_h1=0, stride_h2=0, n1=1, n2=1, STRIDED: tl.constexpr = False,
-    offset=0.0, HAS_OFFSET: tl.constexpr = False, LLAMA: tl.constexpr = False,
+    offset=0.0, HAS_OFFSET: tl.constexpr = False, LLAMA: tl.constexpr = False, db_offset=0,
 ):
     # the program's rows stream through in tiles of ROWS rows; dweight/dbias partials
     # stay in registers and are written once
@@ -316,7 +323,7 @@ def _bwd_kernel(
     if HAS_W:
         tl.store(DW_PART + part_row * hidden + cols1, tl.sum(dw, axis=0), mask=cols1 < hidden)
     if HAS_B:
-        tl.store(DB_PART + part_row * hidden + cols1, tl.sum(db, axis=0), mask=cols1 < hidden)
+        tl.store(DB_PART + db_offset + part_row * hidden + cols1, tl.sum(db, axis=0), mask=cols1 < hidden)
 
 
 @triton.jit
@@ -328,7 +335,7 @@ def _bwd_split_kernel(
     HAS_DROPOUT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr,
     ROWS: tl.constexpr, ZERO_SQ: tl.constexpr, SPLIT: tl.constexpr,
     stride_dy1=0, stride_dy2=0, stride_h1=0, stride_h2=0, n1=1, n2=1, STRIDED: tl.constexpr = False,
-    offset=0.0, HAS_OFFSET: tl.constexpr = False, LLAMA: tl.constexpr = False,
+    offset=0.0, HAS_OFFSET: tl.constexpr = False, LLAMA: tl.constexpr = False, db_offset=0,
 ):
     # wide rows, columns split SPLIT ways: program (b * SPLIT + s, c) owns column part s
     # of its rows, so its dweight/dbias partials are a part wide, not a row (a whole
@@ -380,7 +387,7 @@ def _bwd_split_kernel(
     if HAS_W:
         tl.store(DW_PART + part_row * hidden + own, dw, mask=own_mask)
     if HAS_B:
-        tl.store(DB_PART + part_row * hidden + own, db, mask=own_mask)
+        tl.store(DB_PART + db_offset + part_row * hidden + own, db, mask=own_mask)
 
 
 @triton.jit
@@ -392,7 +399,7 @@ def _bwd_looped_kernel(
     HAS_DROPOUT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr,
     ROWS: tl.constexpr, ZERO_SQ: tl.constexpr,
     stride_dy1=0, stride_dy2=0, stride_h1=0, stride_h2=0, n1=1, n2=1, STRIDED: tl.constexpr = False,
-    offset=0.0, HAS_OFFSET: tl.constexpr = False, LLAMA: tl.constexpr = False,
+    offset=0.0, HAS_OFFSET: tl.constexpr = False, LLAMA: tl.constexpr = False, db_offset=0,
 ):
     # wide rows: pass A reduces each row's mean(g * xhat) and mean(g) into C1/C2; pass B
     # walks column chunks outermost, so the dweight/dbias partials of a chunk stay in
@@ -447,7 +454,7 @@ def _bwd_looped_kernel(
         if HAS_W:
             tl.store(DW_PART + part_row * hidden + cols, dw, mask=mask)
         if HAS_B:
-            tl.store(DB_PART + part_row * hidden + cols, db, mask=mask)
+            tl.store(DB_PART + db_offset + part_row * hidden + cols, db, mask=mask)
 
 
 # ------------------------------------------------------------------------------ host side
@@ -477,6 +484,39 @@ def _cast_args(offset: float, casting_mode: str, is_rms: bool) -> dict | None:
     return dict(offset=float(offset), HAS_OFFSET=offset != 0.0, LLAMA=llama)
 
 
+# The keyword arguments of a launch (constexprs and launch settings) are a pure function
+# of the call's flags and its ``BlockConfig``: built once per combination, not per call.
+# (The kernel itself is looked up per call, so a replaced kernel is the one launched.)
+
+
+@functools.lru_cache(maxsize=1024)
+def _fwd_keywords(cfg: launch.BlockConfig, is_rms: bool, has_res: bool, has_dropout: bool, store_res: bool,
+                  round_to_res: bool, has_w: bool, has_b: bool, store_stats: bool, offset: float,
+                  casting_mode: str) -> dict:
+    kw = dict(IS_RMS=is_rms, HAS_RES=has_res, HAS_DROPOUT=has_dropout, STORE_RES=store_res,
+              ROUND_TO_RES=round_to_res, HAS_W=has_w, HAS_B=has_b, BLOCK=cfg.block, ROWS=cfg.rows,
+              num_warps=cfg.num_warps, num_stages=cfg.num_stages, **(_cast_args(offset, casting_mode, is_rms) or {}))
+    if not store_stats:
+        kw["STORE_STATS"] = False
+    return kw
+
+
+@functools.lru_cache(maxsize=1024)
+def _bwd_keywords(cfg: launch.BlockConfig, is_rms: bool, has_dres_out: bool, has_res: bool, has_dropout: bool,
+                  has_w: bool, has_b: bool, zero_sq: bool, offset: float, casting_mode: str) -> dict:
+    return dict(IS_RMS=is_rms, HAS_DRES_OUT=has_dres_out, HAS_RES=has_res, HAS_DROPOUT=has_dropout,
+                HAS_W=has_w, HAS_B=has_b, BLOCK=cfg.block, ROWS=cfg.bwd_rows, ZERO_SQ=zero_sq,
+                num_warps=cfg.bwd_warps, num_stages=cfg.num_stages, **backward_kernel(cfg)[1],
+                **(_cast_args(offset, casting_mode, is_rms) or {}))
+
+
+def _stats(shape: tuple[int, ...] | torch.Size, device: torch.device) -> torch.Tensor:
+    """A float32 tensor of ``shape`` (sizes passed one by one: torch parses them faster
+    than one tuple)."""
+    return torch.empty(*shape, dtype=torch.float32, device=device) if shape else \
+        torch.empty((), dtype=torch.float32, device=device)
+
+
 def backward_kernel(cfg: launch.BlockConfig) -> tuple[triton.JITFunction, dict]:
     """The backward kernel a launch config runs, and the constexprs only it takes."""
     if cfg.looped:
@@ -491,11 +531,12 @@ def norm_forward(
     bias: torch.Tensor | None, eps: float, *, hidden: int, is_rms: bool,
     dropout: Dropout | None, residual_dtype: torch.dtype | None, store_residual: bool,
     offset: float = 0.0, casting_mode: str = "torch", out_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    store_stats: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(out, new_residual, mean, rstd): out and new_residual have x's shape (contiguous),
     out in ``out_dtype`` (default x's), new_residual is None unless ``store_residual``;
     mean/rstd are float32 with x's row dims as shape (``launch.row_shape``; mean None for
-    RMSNorm). The scale is ``offset`` + weight; ``casting_mode`` as in
+    RMSNorm; both None without ``store_stats``, for a call no backward follows). The scale is ``offset`` + weight; ``casting_mode`` as in
     ``ops.reference.rms_norm_cast`` (RMSNorm; "llama" needs a weight of a kernel dtype,
     whose product with the rounded xhat is then rounded to promote(weight's dtype, h's
     dtype) before out's). Without a residual
@@ -503,7 +544,9 @@ def norm_forward(
     strided view such as a transposed [B, T, H, hd] tensor is not copied); with one, x and
     residual each need one row stride (``launch.as_rows``: copied otherwise)."""
     strided = None
-    if residual is None and not store_residual and not x.is_contiguous():
+    if x.is_contiguous():  # (``launch.as_rows``'s first case, inline: the common call)
+        x2, rows, x_stride = x, x.numel() // hidden, hidden
+    elif residual is None and not store_residual:
         layout = launch.row_layout((x,), hidden)
         x2, rows, (x_strides,) = layout.tensors[0], layout.rows, layout.strides
         x_stride = x_strides[0]
@@ -512,32 +555,38 @@ def norm_forward(
                            STRIDED=True)
     else:
         x2, rows, x_stride = launch.as_rows(x, hidden)
-    res2, _, res_stride = launch.as_rows(residual, hidden) if residual is not None else (None, 0, 0)
+    if residual is None:
+        res2, res_stride = None, 0
+    elif residual.is_contiguous():
+        res2, res_stride = residual, hidden
+    else:
+        res2, _, res_stride = launch.as_rows(residual, hidden)
     # (empty_like: a third of torch.empty's host time given x.shape)
     out = torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=torch.contiguous_format)
     res_dtype = residual_dtype or x.dtype
     new_res = torch.empty_like(x, dtype=res_dtype, memory_format=torch.contiguous_format) if store_residual else None
-    stats_shape = launch.row_shape(x.shape, hidden)
-    mean = None if is_rms else torch.empty(stats_shape, dtype=torch.float32, device=x.device)
-    rstd = torch.empty(stats_shape, dtype=torch.float32, device=x.device)
+    mean = rstd = None
+    if store_stats:
+        shape = x.shape
+        stats_shape = shape[:-1] if shape and shape[-1] == hidden else launch.row_shape(shape, hidden)
+        device = x.device
+        mean = None if is_rms else _stats(stats_shape, device)
+        rstd = _stats(stats_shape, device)
     if rows == 0:
         return out, new_res, mean, rstd
     cfg = launch.block_config(hidden)
     kernel = _fwd_looped_kernel if cfg.looped else _fwd_kernel
-    seed, p, scale = _dropout_args(dropout)
-    cast = _cast_args(offset, casting_mode, is_rms)
+    seed, p, scale = (0, 0.0, 1.0) if dropout is None else _dropout_args(dropout)
     # the norm's result is rounded to new_residual's dtype before out's, except where
     # llama's product is formed in a wider dtype (a weight of another dtype than h's)
     round_to_res = store_residual and res_dtype != out.dtype and (
-        cast is None or not cast["LLAMA"] or weight is None or weight.dtype == res_dtype)
-    kernel[(launch.cdiv(rows, cfg.rows),)](
+        casting_mode != "llama" or not is_rms or weight is None or weight.dtype == res_dtype)
+    kw = _fwd_keywords(cfg, is_rms, res2 is not None, dropout is not None, store_residual, round_to_res,
+                       weight is not None, bias is not None, store_stats, offset, casting_mode)
+    kernel[(-(-rows // cfg.rows),)](  # (cdiv)
         x2, res2, weight, bias, out, new_res, mean, rstd,
         x_stride, res_stride, hidden, hidden,
-        rows, hidden, eps, seed, p, scale,
-        IS_RMS=is_rms, HAS_RES=res2 is not None, HAS_DROPOUT=dropout is not None,
-        STORE_RES=store_residual, ROUND_TO_RES=round_to_res,
-        HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=cfg.block, ROWS=cfg.rows,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **(strided or {}), **(cast or {}),
+        rows, hidden, eps, seed, p, scale, **kw, **(strided or {}),
     )
     return out, new_res, mean, rstd
 
@@ -558,8 +607,9 @@ def norm_backward(
     dresidual) are contiguous. Without residual gradients, h and dout are read in place
     through ``launch.row_layout``; otherwise each needs one row stride (copied if not)."""
     strided = None
-    if (dnew_residual is None and residual_grad_dtype is None
-            and not (h.is_contiguous() and dout.is_contiguous())):
+    if h.is_contiguous() and dout.is_contiguous():  # (``launch.as_rows``, inline: the common call)
+        h2, dy2, rows, h_stride, dy_stride = h, dout, h.numel() // hidden, hidden, hidden
+    elif dnew_residual is None and residual_grad_dtype is None:
         layout = launch.row_layout((h, dout), hidden)
         (h2, dy2), rows = layout.tensors, layout.rows
         (h_stride, h_s1, h_s2), (dy_stride, dy_s1, dy_s2) = layout.strides
@@ -588,15 +638,18 @@ def norm_backward(
     n_parts = split.examples * split.chunks
     n_bufs = (weight is not None) + (bias_dtype is not None)
     parts = torch.empty(n_bufs, n_parts, hidden, dtype=torch.float32, device=device) if n_bufs else None
-    dw_part = parts[0] if weight is not None else None
-    db_part = parts[n_bufs - 1] if bias_dtype is not None else None
-    kernel, extra = backward_kernel(cfg)
+    # (the kernels take pointers: both buffers are found from where ``parts`` starts, the
+    # bias's ``db_offset`` elements on; a select would cost as much host time as an
+    # allocation)
+    dw_part = parts if weight is not None else None
+    db_part = parts if bias_dtype is not None else None
+    kernel = backward_kernel(cfg)[0]
     grid = (split.examples * cfg.bwd_split, split.chunks)  # bwd_split is 1 unless split
     c1 = c2 = None
     if cfg.looped:  # per-row statistics of pass A
         c1 = torch.empty(rows, dtype=torch.float32, device=device)
         c2 = torch.empty(rows, dtype=torch.float32, device=device)
-    seed, p, scale = _dropout_args(dropout)
+    seed, p, scale = (0, 0.0, 1.0) if dropout is None else _dropout_args(dropout)
     # per example, unless deterministic algorithms are asked for: the backward kernel
     # zeroes the [2, examples] result and the column reduction adds each column block's
     # squared sums into it with atomics (no extra launch; the float32 sums' last bits may
@@ -610,12 +663,10 @@ def norm_backward(
         dy2, dres_out2, h2, weight, mean, rstd, dx, dres, dw_part, db_part, c1, c2, sq,
         dy_stride, dres_out_stride, h_stride, hidden, hidden,
         hidden, split.rows_per_example, split.rows_per_program, seed, p, scale,
-        2 * examples if atomic else 0,
-        IS_RMS=is_rms, HAS_DRES_OUT=dres_out2 is not None, HAS_RES=dres is not None,
-        HAS_DROPOUT=dropout is not None, HAS_W=weight is not None,
-        HAS_B=bias_dtype is not None, BLOCK=cfg.block, ROWS=cfg.bwd_rows, ZERO_SQ=atomic,
-        num_warps=cfg.bwd_warps, num_stages=cfg.num_stages, **extra, **(strided or {}),
-        **(_cast_args(offset, casting_mode, is_rms) or {}),
+        2 * examples if atomic else 0, db_offset=n_parts * hidden if n_bufs == 2 else 0,
+        **_bwd_keywords(cfg, is_rms, dres_out2 is not None, dres is not None, dropout is not None,
+                        weight is not None, bias_dtype is not None, atomic, offset, casting_mode),
+        **(strided or {}),
     )
     if parts is None:  # neither weight nor bias: nothing to reduce
         if per_example:
