@@ -394,13 +394,18 @@ def reduce_partials(
     device = partials.device
     dw = torch.empty(hidden, dtype=weight_dtype, device=device) if weight_dtype is not None else None
     db = torch.empty(hidden, dtype=bias_dtype, device=device) if bias_dtype is not None else None
-    block_c = _reduce_block_c(hidden)
-    block_r = min(max(1, 4096 // block_c), next_power_of_2(split.chunks))
-    n_col_blocks = cdiv(hidden, block_c)
-    _reduce_partials_kernel[(n_col_blocks, partials.shape[0])](
-        partials, dw, db, sq, hidden, split.examples, split.chunks, n_col_blocks,
-        HAS_W=dw is not None, HAS_B=db is not None, PER_EXAMPLE=sq is not None, BLOCK_C=block_c,
-        BLOCK_R=block_r, ATOMIC_SQ=atomic,
-        num_warps=4,
-    )
+    n_col_blocks, keywords = _reduce_launch(hidden, split.chunks, dw is not None, db is not None, sq is not None,
+                                            atomic)
+    _reduce_partials_kernel[(n_col_blocks, (dw is not None) + (db is not None))](
+        partials, dw, db, sq, hidden, split.examples, split.chunks, n_col_blocks, **keywords)
     return dw, db
+
+
+@functools.lru_cache(maxsize=1024)
+def _reduce_launch(hidden: int, chunks: int, has_w: bool, has_b: bool, per_example: bool,
+                   atomic: bool) -> tuple[int, dict]:
+    """``reduce_partials``' column blocks and launch keywords (built once per combination)."""
+    block_c = _reduce_block_c(hidden)
+    block_r = min(max(1, 4096 // block_c), next_power_of_2(chunks))
+    return cdiv(hidden, block_c), dict(HAS_W=has_w, HAS_B=has_b, PER_EXAMPLE=per_example, BLOCK_C=block_c,
+                                       BLOCK_R=block_r, ATOMIC_SQ=atomic, num_warps=4)
