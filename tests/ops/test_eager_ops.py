@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import normlab
+from normlab import functional as F
 from normlab.ops import eager
 from tests.ops.helpers import OPS, check_against_reference, make_inputs
 
@@ -199,3 +200,30 @@ def test_vmap_different_randomness_takes_float64_dropout():
     assert 0.2 < kept.double().mean() < 0.8
     torch.testing.assert_close(dropped[kept], 2 * x[kept], rtol=1e-15, atol=0)
     assert not torch.equal(kept[0], kept[1])  # a mask per batch element
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_the_eager_functions_unwrap_a_dead_functorch_wrapper(op):
+    """The CPU path applies its autograd.Functions through the C apply (``eager.c_apply``),
+    unwrapping what escaped a torch.func transform as ``Function.apply`` would."""
+    leaked = []
+
+    def f(t):
+        leaked.append(t)
+        return t.float().sum()
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 16, generator=g).bfloat16()
+    torch.func.grad(f)(x)
+    dead = leaked[0]
+    assert torch._C._functorch.is_functorch_wrapped_tensor(dead)
+    # bfloat16 LayerNorm with a parameter gradient, and RMSNorm with a float32 weight:
+    # normlab's own Functions on a CPU, not torch's op
+    w = torch.randn(16, generator=g).to(torch.bfloat16 if op == "layer_norm" else torch.float32).requires_grad_()
+    call = (lambda t: F.layer_norm(t, 16, w, None)) if op == "layer_norm" else (lambda t: F.rms_norm(t, 16, w))
+    out = call(dead)
+    assert not torch._C._functorch.is_functorch_wrapped_tensor(out)
+    assert type(out.grad_fn).__name__ in ("_LayerNormEagerBackward", "_RMSNormEagerBackward")
+    assert out.equal(call(x))
+    out.float().sum().backward()
+    assert torch.isfinite(w.grad).all()

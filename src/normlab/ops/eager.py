@@ -91,7 +91,7 @@ def _layer_norm_forward(x: Tensor, normalized_shape: Sequence[int], weight: Tens
     as torch's op wherever torch takes the call), out rounded to x's dtype."""
     xa, wa, ba = _layer_norm_operands(x, weight, bias)
     out, mean, rstd = torch.native_layer_norm(xa, normalized_shape, wa, ba, eps)
-    return out.to(x.dtype), mean, rstd
+    return (out if out.dtype is x.dtype else out.to(x.dtype)), mean, rstd
 
 
 # Half-precision x is converted to float32 for torch's backward kernel (whose CPU
@@ -114,16 +114,21 @@ def _layer_norm_backward(x: Tensor, weight: Tensor | None, bias: Tensor | None, 
     dweight/dbias in its input's dtype), the chunks' dweight/dbias added in that dtype,
     each result rounded to its tensor's dtype; ``needs``: the input-gradient flags of
     (x, weight, bias)."""
-    xa, wa, ba = _layer_norm_operands(x, weight, bias)
     ct = mean.dtype  # the compute dtype: float32, or float64
+    wa = None if weight is None else weight.to(ct)
+    # the backward kernel reads no value of the bias (the gradients do not depend on it),
+    # only that there is one, of the compute dtype: the weight stands in, saving a conversion
+    ba = None if bias is None else wa if wa is not None else bias.to(ct)
     mask = [needs[0], weight is not None and needs[1], bias is not None and needs[2]]
     k, hidden = len(normalized_shape), max(1, math.prod(normalized_shape))
     step, rows = max(64, LN_BACKWARD_CHUNK // hidden), x.numel() // hidden
-    if rows <= step or (xa.dtype is ct and dout.dtype is ct):
+    # (x is converted to the compute dtype as it is read: whole when float64 is the compute
+    # dtype, as ``_layer_norm_operands`` converts it)
+    if rows <= step or ((x.dtype is ct or ct is torch.float64) and dout.dtype is ct):
         dx, dw, db = torch.ops.aten.native_layer_norm_backward(
-            dout.to(ct), xa.to(ct), normalized_shape, mean, rstd, wa, ba, mask)
+            dout.to(ct), x.to(ct), normalized_shape, mean, rstd, wa, ba, mask)
     else:
-        x2, d2 = xa.reshape(-1, *normalized_shape), dout.reshape(-1, *normalized_shape)
+        x2, d2 = x.reshape(-1, *normalized_shape), dout.reshape(-1, *normalized_shape)
         m2, r2 = mean.reshape(-1, *[1] * k), rstd.reshape(-1, *[1] * k)
         dx = torch.empty(x2.shape, dtype=x.dtype, device=x.device) if mask[0] else None
         dw = db = None
@@ -138,6 +143,18 @@ def _layer_norm_backward(x: Tensor, weight: Tensor | None, bias: Tensor | None, 
         dx = None if dx is None else dx.reshape(x.shape)
     return (None if dx is None else dx.to(x.dtype), None if dw is None else dw.to(weight.dtype),
             None if db is None else db.to(bias.dtype))
+
+
+def c_apply(cls: type) -> object:
+    """``cls.apply`` without ``torch.autograd.Function.apply``'s Python layer: the C apply
+    of ``torch._C._FunctionBase``, bound to ``cls``. That layer is functorch bookkeeping
+    (about 2 us a call on a CPU); a caller outside torch.func transforms passes the
+    tensors through ``unwrap_if_dead`` itself, the one thing the layer does there (a
+    tensor that escaped a transform is unwrapped, as torch's own ops unwrap it)."""
+    return super(torch.autograd.Function, cls).apply
+
+
+unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 
 class _NoSecondDerivative(torch.autograd.Function):
@@ -266,7 +283,11 @@ def layer_norm(x, normalized_shape, weight, bias, eps):
     # half-precision x in eager: torch's kernel on x itself, so the output has torch's op's
     # bits (torch's float32 kernel on converted x differs by an ulp at some sizes, hidden
     # 1, 1000, 4097, ...), and the backward converts x a chunk of rows at a time
-    return _LayerNormEager.apply(x, list(normalized_shape), weight, bias, eps)
+    return _LN_EAGER_APPLY(unwrap_if_dead(x), list(normalized_shape), weight if weight is None else unwrap_if_dead(weight),
+                           bias if bias is None else unwrap_if_dead(bias), eps)
+
+
+_LN_EAGER_APPLY = c_apply(_LayerNormEager)  # (layer_norm runs it in plain eager calls only)
 
 
 # ----------------------------------------------------------------------- rms norm
@@ -434,6 +455,9 @@ class _RMSNormEager(torch.autograd.Function):
         return _rms_grads(ctx, dout)
 
 
+_RMS_EAGER_APPLY = c_apply(_RMSNormEager)  # (rms_norm runs it in plain eager calls only)
+
+
 def _differentiable(*tensors: Tensor | None) -> bool:
     """Grad mode is on and one of ``tensors`` requires a gradient: the call needs autograd."""
     if torch.is_grad_enabled():
@@ -476,7 +500,8 @@ def rms_norm(x, normalized_shape, weight, eps):
     if _plain_eager():
         if not _differentiable(x, weight):
             return _rms_forward(x, normalized_shape, weight, eps, fused_ok=True)[0]  # nothing to differentiate
-        return _RMSNormEager.apply(x, tuple(normalized_shape), weight, eps)
+        return _RMS_EAGER_APPLY(unwrap_if_dead(x), tuple(normalized_shape),
+                                weight if weight is None else unwrap_if_dead(weight), eps)
     return RMSNormFunction.apply(x, tuple(normalized_shape), weight, eps)[0]
 
 

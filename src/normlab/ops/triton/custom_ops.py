@@ -35,7 +35,7 @@ from typing import (
 import torch
 from torch import Tensor
 
-from normlab.ops.eager import refuse_second_derivative
+from normlab.ops.eager import c_apply, refuse_second_derivative, unwrap_if_dead
 from normlab.ops.triton.launch import row_shape
 from normlab.ops.triton.norm import Dropout, norm_backward, norm_forward
 
@@ -342,20 +342,16 @@ class FusedNorm(torch.autograd.Function):
         return _fused_backward(ctx, dout, dnew_res)
 
 
-_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
-# the C implementation of ``Function.apply`` (torch._C._FunctionBase's), bound to FusedNorm
-_fused_c_apply = super(torch.autograd.Function, FusedNorm).apply
+_fused_c_apply = c_apply(FusedNorm)
 
 
 def apply_fused(x, residual, weight, bias, spec: FusedSpec):
     """``FusedNorm.apply(x, residual, weight, bias, spec)`` for a call outside torch.func
-    transforms (``use_ops`` False): the C apply under ``torch.autograd.Function.apply``,
-    without that method's Python layer (its functorch checks, about 2 us a call). What
-    that layer does outside transforms is done here: a dead functorch wrapper (a tensor
-    that escaped a transform) is unwrapped, as torch's own ops unwrap it."""
-    return _fused_c_apply(_unwrap_if_dead(x), residual if residual is None else _unwrap_if_dead(residual),
-                    weight if weight is None else _unwrap_if_dead(weight),
-                    bias if bias is None else _unwrap_if_dead(bias), spec)
+    transforms (``use_ops`` False), through the C apply (``eager.c_apply``: dead
+    functorch wrappers unwrapped here)."""
+    return _fused_c_apply(unwrap_if_dead(x), residual if residual is None else unwrap_if_dead(residual),
+                          weight if weight is None else unwrap_if_dead(weight),
+                          bias if bias is None else unwrap_if_dead(bias), spec)
 
 
 class FusedNormPerExample(FusedNorm):
