@@ -175,7 +175,9 @@ def lm_batch(stream: Tensor, batch_size: int, seq_len: int, seed: int, step: int
     """Random windows of ``seq_len + 1`` bytes -> (inputs, targets), int64 [B, T].
 
     A pure function of (seed, step), so resuming or splitting a batch across ranks
-    reproduces the same data."""
+    reproduces the same data. Windows start at 0 .. numel - seq_len - 2, so the stream's
+    last byte is never a target: an off-by-one kept as it is, since widening the range
+    would change every batch of every committed study for one byte of the corpus."""
     if stream.numel() <= seq_len + 1:
         raise DataError(f"the corpus ({stream.numel()} bytes) is shorter than seq_len + 1 = {seq_len + 1}")
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -186,8 +188,11 @@ def lm_batch(stream: Tensor, batch_size: int, seq_len: int, seed: int, step: int
 
 
 def fixed_windows(stream: Tensor, seq_len: int, max_bytes: int) -> tuple[Tensor, Tensor]:
-    """The validation set: the first ``max_bytes`` bytes of ``stream`` (or all of it)
-    cut into consecutive, non-overlapping windows -> (inputs, targets), int64 [N, T].
+    """The validation set: consecutive windows of ``seq_len + 1`` bytes starting every
+    ``seq_len`` bytes, each window's last byte the next one's first, as many as fit in
+    the first ``max_bytes + 1`` bytes of ``stream`` (or in all of it) -> (inputs,
+    targets), int64 [N, T]. The windows read bytes 0 .. N * seq_len: N * seq_len <=
+    ``max_bytes`` targets, and one byte more with the first input.
 
     The same for every run and every seed: it depends on the data and seq_len alone."""
     usable = min(max_bytes, stream.numel() - 1)
