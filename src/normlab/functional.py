@@ -166,7 +166,7 @@ def _fused_shape(op: str, x: Tensor, normalized_shape: int | Sequence[int] | Non
     param = weight if weight is not None else bias
     if param is not None and isinstance(param, Tensor):
         pshape = param.shape
-        if len(pshape) == 1:  # (a 1-D parameter: the int path of the check)
+        if len(pshape) == 1 and type(pshape[0]) is int:  # (the int path of the check; not a SymInt)
             return _check_normalized_shape(op, x, pshape[0])
         return _check_normalized_shape(op, x, tuple(pshape))
     if x.dim() == 0:

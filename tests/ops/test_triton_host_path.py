@@ -151,3 +151,46 @@ def test_modules_under_a_forced_triton_backend_check_a_call_signature_once(cls, 
         assert m(x).equal(first) and len(checks) == 1
     with normlab.set_backend("torch"):
         torch.testing.assert_close(m(x), first, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_fused_add_norm_with_a_symbolic_parameter_size_exports(backend_name):
+    """normalized_shape None: the parameter's size (a SymInt under symbolic tracing) is
+    the normalized shape."""
+
+    class M(torch.nn.Module):
+        def forward(self, x, r, w, b):
+            return F.add_layer_norm(x, r, w, b, 1e-5)
+
+    auto = torch.export.Dim.AUTO
+    args = tuple(torch.randn(*s, device=DEVICE) for s in ((3, 8), (3, 8), (8,), (8,)))
+    with normlab.set_backend(backend_name):
+        ep = torch.export.export(M(), args, dynamic_shapes=({0: auto, 1: auto}, {0: auto, 1: auto}, {0: auto},
+                                                            {0: auto}), strict=False)
+        expected = F.add_layer_norm(*args, 1e-5)
+    for got, want in zip(ep.module()(*args), expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("cls", [normlab.LayerNorm, normlab.RMSNorm])
+def test_modules_remember_no_signature_under_forward_mode_ad(cls):
+    """Forward-mode AD runs the torch path whatever the backend (``backend.resolve``): a
+    module's checked-once cache neither sends dual tensors to the kernels nor keeps the
+    torch path for later plain calls."""
+    import torch.autograd.forward_ad as fwad
+
+    x, t = _inputs(4, 8)[0], torch.randn(4, 8, device=DEVICE)
+    with normlab.set_backend("torch"):
+        ref = cls(8).to(DEVICE)
+        with fwad.dual_level():
+            want = fwad.unpack_dual(ref(fwad.make_dual(x, t))).tangent
+    with normlab.set_backend("triton"):
+        m = cls(8).to(DEVICE)
+        m(x)  # a plain call first: the kernels remembered
+        with fwad.dual_level():
+            got = fwad.unpack_dual(m(fwad.make_dual(x, t))).tangent
+        torch.testing.assert_close(got, want)
+        m2 = cls(8).to(DEVICE)
+        with fwad.dual_level():  # forward AD first: nothing remembered
+            m2(fwad.make_dual(x, t))
+        assert type(m2(x.detach().requires_grad_()).grad_fn).__name__ == "FusedNormBackward"

@@ -41,6 +41,17 @@ def test_opcheck_forward(args):
     torch.library.opcheck(torch.ops.normlab.fused_norm.default, args)
 
 
+@pytest.mark.parametrize("is_rms", [False, True])
+def test_opcheck_forward_of_rows_one_wide(is_rms):
+    """hidden 1: the statistics keep every dim of x (``launch.row_shape``), as the fake says."""
+    x = torch.randn(4, 1, device=DEVICE)
+    w, b = torch.ones(1, device=DEVICE), None if is_rms else torch.zeros(1, device=DEVICE)
+    args = (x, None, w, b, None, 1e-5, 1, is_rms, 0.0, None, False)
+    _out, _res, mean, rstd = torch.ops.normlab.fused_norm(*args)
+    assert rstd.shape == (4, 1) and (is_rms or mean.shape == (4, 1))
+    torch.library.opcheck(torch.ops.normlab.fused_norm.default, args)
+
+
 def _per_example(args):
     """``_fwd_args`` for ``fused_norm_per_example``: the [2, B] buffer after seed."""
     return (*args[:5], torch.zeros(2, args[0].shape[0], device=DEVICE), *args[5:])

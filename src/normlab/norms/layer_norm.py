@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from normlab import backend as _backend
 from normlab import functional as F
-from normlab.backend import AUTO_TRITON_MIN_ELEMENTS, get_backend
+from normlab.backend import AUTO_TRITON_MIN_ELEMENTS, forward_ad_active, get_backend
 from normlab.errors import NormArgumentError
 from normlab.norms.base import ResidualNorm
 from normlab.norms.registry import register_norm
@@ -44,9 +44,10 @@ class _CheckedOnce:
     def _call(self, op: str, public: Callable, x: Tensor, *args) -> Tensor:
         """``public(x, *args)`` (the checked op) on a signature's first call, then the
         implementation it resolved to, unchecked."""
-        if torch._C._are_functorch_transforms_active() or not isinstance(x, Tensor):
-            # torch.func transforms run the torch path (backend.resolve); an input that is
-            # no tensor is named by the checked op
+        if torch._C._are_functorch_transforms_active() or forward_ad_active() or not isinstance(x, Tensor):
+            # torch.func transforms and forward-mode AD run the torch path (backend.resolve)
+            # whatever the backend: not a signature to remember; an input that is no
+            # tensor is named by the checked op
             return public(x, *args)
         shape = x.shape
         # on CUDA ``auto`` chooses by size: the size class is part of the signature there

@@ -568,7 +568,8 @@ def norm_forward(
     mean = rstd = None
     if store_stats:
         shape = x.shape
-        stats_shape = shape[:-1] if shape and shape[-1] == hidden else launch.row_shape(shape, hidden)
+        # (the common case of ``launch.row_shape`` inline; hidden 1 keeps every dim there)
+        stats_shape = shape[:-1] if shape and shape[-1] == hidden != 1 else launch.row_shape(shape, hidden)
         device = x.device
         mean = None if is_rms else _stats(stats_shape, device)
         rstd = _stats(stats_shape, device)
