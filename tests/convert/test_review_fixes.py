@@ -280,3 +280,73 @@ def test_patch_handles_undone_in_any_order_restore_the_originals():
         assert mg.nn is nn_ and mg.GPT2Block is block
     finally:
         mg.nn, mg.GPT2Block = nn_, block
+
+
+class _KeywordConsumer(nn.Module):
+    """A Linear reading the norm's output by keyword: ``fc(input=ln(x))``."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.ln, self.fc = nn.LayerNorm(d), nn.Linear(d, 4)
+
+    def forward(self, x):
+        return self.fc(input=self.ln(x))
+
+
+class _KeywordNorm(_KeywordConsumer):
+    """The norm itself called by keyword: ``fc(ln(input=x))`` (torch's name for it)."""
+
+    def forward(self, x):
+        return self.fc(self.ln(input=x))
+
+
+class _KeywordAdd(nn.Module):
+    """embedding -> a block adding by keyword (``torch.add(x, other=...)``) -> final norm."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.emb, self.ln, self.fc = nn.Embedding(10, d), nn.LayerNorm(d), nn.Linear(d, d)
+        self.lnf, self.head = nn.LayerNorm(d), nn.Linear(d, 10)
+
+    def forward(self, i):
+        x = self.emb(i)
+        x = torch.add(x, other=self.fc(self.ln(x)))
+        return self.head(self.lnf(x))
+
+
+def test_calls_by_keyword_are_left_with_a_reason_or_followed():
+    x = torch.randn(3, 8, dtype=torch.float64)
+    m = perturb(_KeywordConsumer().double(), scale=0.3)
+    want = m(x)
+    fold_norm_affine(m)  # the consumer's input is a keyword: not followed, the norm left
+    assert "takes its input as a keyword argument" in str(m.normlab_report)
+    torch.testing.assert_close(m(x), want)
+    m = perturb(_KeywordNorm().double(), scale=0.3)
+    want = m(x)
+    fold_norm_affine(m)  # the norm's own input by keyword: folded, and still called so
+    assert "1 folded" in str(m.normlab_report)
+    torch.testing.assert_close(m(x), want)
+    m = perturb(_KeywordAdd().double(), scale=0.3)
+    i = torch.randint(0, 10, (2, 5))
+    want = m(i)
+    fold_norm_affine(m)
+    torch.testing.assert_close(m(i), want)
+    with pytest.raises(ConversionError, match="keyword argument"):
+        layernorm_to_rmsnorm(perturb(_KeywordAdd().double(), scale=0.3))
+
+
+def test_a_norm_that_cannot_be_copied_is_left_and_the_others_swapped():
+    import threading
+
+    class LockedRMSNorm(nn.Module):
+        def __init__(self, d, eps=1e-6):
+            super().__init__()
+            self.weight, self.eps, self.lock = nn.Parameter(torch.ones(d)), eps, threading.Lock()
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+    m = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8), LockedRMSNorm(8))
+    swap_norms(m)
+    assert isinstance(m[0], normlab.LayerNorm) and type(m[2]).__name__ == "LockedRMSNorm"
+    assert "cannot be copied to probe its forward" in str(m.normlab_report)

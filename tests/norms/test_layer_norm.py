@@ -31,6 +31,16 @@ def test_constructor_signature_and_defaults_match_torch(ours, theirs):
                      else {"offset": 0.0, "weight_shape": None})
 
 
+@pytest.mark.parametrize("ours, theirs", PAIRS)
+def test_forward_takes_its_input_by_torchs_name(ours, theirs):
+    """A drop-in called as ``norm(input=x)`` (nn.LayerNorm) or ``norm(x=x)`` (nn.RMSNorm)."""
+    name = list(inspect.signature(theirs.forward).parameters)[1]
+    assert list(inspect.signature(ours.forward).parameters)[1] == name
+    m, t = ours(8), theirs(8)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(m(**{name: x}), t(**{name: x}))
+
+
 @pytest.mark.parametrize("kw", [{}, {"elementwise_affine": False}, {"eps": 1e-3}, {"bias": False}])
 @pytest.mark.parametrize("shape", [7, (3, 7)])
 @pytest.mark.parametrize("ours, theirs", PAIRS)

@@ -242,30 +242,32 @@ def measure(size: Size, placement: str, norm: str, device: torch.device, dtype: 
 
 
 def run(device: torch.device, dtype: torch.dtype, sizes: tuple[Size, ...], compile_: bool,
-        timer: Timer, console: Console | None = None, progress: Callable[[str], None] | None = None,
+        timer: Timer, skipped: list[str] | None = None, progress: Callable[[str], None] | None = None,
         checkpoint: Callable[[list[Record]], None] | None = None,
         configs: Sequence[tuple[str, str]] | None = None) -> list[Record]:
     """Every (size, placement, norm) configuration (``configs``: these (placement, norm)
     pairs only); ``progress(what)`` after each, and ``checkpoint(records so far)``, so an
-    interruption keeps what was measured."""
+    interruption keeps what was measured. A configuration that runs out of memory is
+    skipped and the others measured; ``skipped`` gets "size placement norm" for each."""
     name = device_name(device)
     records: list[Record] = []
     pairs = list(configs) if configs is not None else [(p, n) for p in PLACEMENTS for n in NORMS]
     for size in sizes:
         for placement, norm in pairs:
+            what = f"d{size.d_model} L{size.n_layers} {size.batch}x{size.seq_len} {placement} {norm}"
             try:
                 records += measure(size, placement, norm, device, dtype, compile_, timer, name)
                 if checkpoint is not None and records:
                     checkpoint(records)
-                if progress is not None:
-                    progress(f"e2e d{size.d_model} L{size.n_layers} {placement} {norm}")
             except RuntimeError as err:  # (torch.OutOfMemoryError is one)
                 if not out_of_memory(err):  # (on the CPU, the allocator's RuntimeError)
                     raise
                 torch._dynamo.reset()
                 release_memory(device)
-                if console is not None:
-                    console.print(f"[yellow]skipped {size} {placement} {norm}: out of memory")
+                if skipped is not None:
+                    skipped.append(what)
+            if progress is not None:
+                progress(f"e2e {what}")
     return records
 
 
@@ -273,9 +275,10 @@ def run(device: torch.device, dtype: torch.dtype, sizes: tuple[Size, ...], compi
 
 
 def write_outputs(records: list[Record], out: Path, stem: str, load_before: str,
-                  partial: int | None = None) -> list[Path]:
+                  partial: int | None = None, skipped: Sequence[str] = ()) -> list[Path]:
     """The CSV and markdown of ``records``; ``partial``: the number of configurations the
-    run was to measure, when it has not measured them all yet (the markdown says so)."""
+    run was to measure, when it has not measured them all yet (the markdown says so);
+    ``skipped``: the configurations that ran out of memory (named under the title)."""
     csv_path, md_path = out / f"{stem}.csv", out / f"{stem}.md"
     write_csv([r.as_json() for r in records], csv_path)
     r0 = records[0]
@@ -283,6 +286,9 @@ def write_outputs(records: list[Record], out: Path, stem: str, load_before: str,
     if partial is not None:
         lines += [f"**Partial: the run stopped before measuring all {partial} configurations**; these are the "
                   "rows it measured.", ""]
+    if skipped:
+        lines += [f"**Skipped, out of memory:** {', '.join(skipped)} (not measured; the other configurations "
+                  "were).", ""]
     lines += [
              f"{code_line()}, torch {r0.torch_version}, dtype {r0.dtype}, TransformerLM (GELU FFN 4x, learned "
              "positions, tied embeddings, dropout 0), `torch.optim.Adam`. `train` = forward + "
@@ -370,15 +376,17 @@ def e2e(
     stem, total = f"e2e-{dev.type}-{dtype}", len(sizes) * (len(pairs) if pairs else len(PLACEMENTS) * len(NORMS))
     saved: list[int] = []
 
+    skipped: list[str] = []  # configurations that ran out of memory
+
     def save(so_far: list[Record]) -> None:  # partial tables survive an interruption
-        write_outputs(so_far, Path(out), stem, load_before, partial=total)
+        write_outputs(so_far, Path(out), stem, load_before, partial=total, skipped=skipped)
         saved[:] = [len(so_far)]
 
     from rich.progress import Progress
     try:
         with Progress(console=Console(stderr=True), transient=True) as bar:
             task = bar.add_task("bench e2e", total=total)
-            records = run(dev, torch_dtype, sizes, compile_, timer, console,
+            records = run(dev, torch_dtype, sizes, compile_, timer, skipped,
                           progress=lambda what: bar.update(task, advance=1, description=what), checkpoint=save,
                           configs=pairs)
     except KeyboardInterrupt:
@@ -386,15 +394,20 @@ def e2e(
                 if saved else "nothing was measured yet; nothing written")
         Console(stderr=True).print(f"interrupted: {kept}", markup=False, highlight=False)
         raise typer.Exit(code=130) from None
+    errors = Console(stderr=True)
+    for what in skipped:  # (on stderr: --json prints only records)
+        errors.print(f"[yellow]skipped {what}: out of memory")
     if not records:
+        errors.print("[red]nothing measured: every configuration ran out of memory; nothing written")
         raise typer.Exit(1)
-    paths = write_outputs(records, Path(out), stem, load_before)
+    paths = write_outputs(records, Path(out), stem, load_before, skipped=skipped)
     if as_json:
         for r in records:
             print(json.dumps(r.as_json()))
         return
     table = Table(title=f"normlab bench e2e: {records[0].device}, {dtype}, torch {torch.__version__}, "
-                        f"load {load_average()}")
+                        f"load {load_average()}",
+                  caption=f"skipped, out of memory: {', '.join(skipped)}" if skipped else None)
     for col in ("step", "placement", "norm", "model", "impl", "median ms", "tokens/s", "vs torch",
                 "vs torch norms"):
         table.add_column(col, justify="left" if col in ("step", "placement", "norm", "model", "impl") else "right")

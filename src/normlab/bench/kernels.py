@@ -355,7 +355,13 @@ def run(device: torch.device, dtype: torch.dtype, rows_list, hidden_list, ops, p
 
 
 def _order(r: Record) -> tuple:
-    return (ALL_OPS.index(r.op), r.rows, r.hidden, PASSES.index(r.pass_))
+    return (ALL_OPS.index(r.op), r.rows, r.hidden, r.shape, PASSES.index(r.pass_))
+
+
+def _op_cell(r: Record) -> str:
+    """A table's op cell: a qk op names its [B, H, T, hd] shape, which rows and hidden
+    alone do not tell apart (1x2x8x64 and 2x1x8x64 are both 16 rows of 64)."""
+    return f"{r.op} {r.shape}" if r.op in QK_OPS else r.op
 
 
 def timing_note(device_type: str, host_hidden: bool, steady_malloc: bool = False) -> str:
@@ -399,7 +405,7 @@ def write_outputs(records: list[Record], out: Path, stem: str, plot: bool = True
              "when it is above the core count).", "",
              "| op | pass | rows | hidden | impl | median ms | GB/s | vs torch | vs copy | host ms |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r.op} | {r.pass_} | {r.rows} | {r.hidden} | {r.impl} | {r.median_ms:.3f} | "
+    lines += [f"| {_op_cell(r)} | {r.pass_} | {r.rows} | {r.hidden} | {r.impl} | {r.median_ms:.3f} | "
               f"{r.gbps:.1f} | {r.ratio_vs_torch:.2f} | {r.ratio_vs_copy:.2f} | {r.host_ms:.3f} |"
               for r in records]
     qk = sorted({(r.op, r.shape) for r in records if r.op in QK_OPS})
@@ -428,13 +434,15 @@ def _plot(records: list[Record], path: Path) -> None:
         for j, op in enumerate(ops):
             ax = axes[i][j]
             sel = [r for r in records if r.op == op and r.pass_ == p]
-            rows_all = sorted({r.rows for r in sel})
+            # one line per row count (per shape for the qk ops): every measured shape is drawn
+            lines_all = sorted({(r.rows, r.shape if op in QK_OPS else "") for r in sel})
             for impl in sorted({r.impl for r in sel}):
-                for rows in rows_all:  # one line per row count: every measured shape is drawn
-                    pts = sorted((r.hidden, r.gbps) for r in sel if r.impl == impl and r.rows == rows)
+                for rows, shape in lines_all:
+                    pts = sorted((r.hidden, r.gbps) for r in sel
+                                 if r.impl == impl and r.rows == rows and (not shape or r.shape == shape))
                     if pts:
                         ax.plot([h for h, _ in pts], [g for _, g in pts], marker="o",
-                                label=impl if len(rows_all) == 1 else f"{impl}, rows {rows}")
+                                label=impl if len(lines_all) == 1 else f"{impl}, {shape or f'rows {rows}'}")
             if sel:
                 ax.axhline(sel[0].copy_gbps, color="grey", ls="--", lw=0.8, label="copy")
             ax.set_title(f"{op} {p}", fontsize=9)
@@ -466,7 +474,7 @@ def _sizes(text: str | None, param_hint: str) -> tuple[int, ...] | None:
     if not all(items):
         raise typer.BadParameter(f"expected comma-separated positive integers such as 1024,4096; got {text!r}",
                                  param_hint=param_hint)
-    return tuple(items)
+    return tuple(dict.fromkeys(items))  # (a value given twice is measured once)
 
 
 def parse_shapes(text: str | None) -> tuple[tuple[int, int], ...] | None:
@@ -480,7 +488,7 @@ def parse_shapes(text: str | None) -> tuple[tuple[int, int], ...] | None:
             raise typer.BadParameter(f"expected ROWSxHIDDEN pairs such as 8x64,4096x1024; got {item!r}",
                                      param_hint="--shapes")
         out.append((parts[0], parts[1]))
-    return tuple(out)
+    return tuple(dict.fromkeys(out))
 
 
 def parse_qk_shapes(text: str | None) -> tuple[tuple[int, int, int, int], ...] | None:
@@ -495,7 +503,7 @@ def parse_qk_shapes(text: str | None) -> tuple[tuple[int, int, int, int], ...] |
             raise typer.BadParameter(f"expected BxHxTxHD shapes such as 8x32x4096x128; got {item!r}",
                                      param_hint="--qk-shapes")
         out.append(tuple(parts))
-    return tuple(out)
+    return tuple(dict.fromkeys(out))
 
 
 @app.command("kernels")
@@ -531,7 +539,7 @@ def kernels(
     dev = pick_device(device)
     check_backend(dev)
     torch_dtype = pick_dtype(dtype)
-    op_list = tuple(o.strip() for o in ops.split(","))
+    op_list = tuple(dict.fromkeys(o.strip() for o in ops.split(",")))
     bad = [o for o in op_list if o not in ALL_OPS]
     if bad:
         raise typer.BadParameter(f"unknown op(s) {bad}; expected among {ALL_OPS}", param_hint="--ops")
@@ -599,7 +607,7 @@ def kernels(
     for col in ("op", "pass", "rows", "hidden", "impl", "median ms", "GB/s", "vs torch", "vs copy"):
         table.add_column(col, justify="right" if col not in ("op", "pass", "impl") else "left")
     for r in records:
-        table.add_row(r.op, r.pass_, str(r.rows), str(r.hidden), r.impl, f"{r.median_ms:.3f}",
+        table.add_row(_op_cell(r), r.pass_, str(r.rows), str(r.hidden), r.impl, f"{r.median_ms:.3f}",
                       f"{r.gbps:.1f}", f"{r.ratio_vs_torch:.2f}", f"{r.ratio_vs_copy:.2f}")
     console.print(table)
     console.print("wrote " + ", ".join(str(p) for p in paths))

@@ -287,6 +287,15 @@ def _read_elsewhere(use, reads: dict[int, list[fx.Node]], action: str, allowed=f
     return use
 
 
+def _keyword_inputs(n: fx.Node, count: int = 1) -> str | None:
+    """Why ``n``'s first ``count`` inputs cannot be followed: a call passing them by
+    keyword (``fc(input=h)``, ``torch.add(x, other=y)``), which the analysis reads by
+    position only; None when they are positional."""
+    if len(n.args) >= count:
+        return None
+    return f"`{n.format_node()}` takes its input as a keyword argument, which the analysis does not follow"
+
+
 def _callee(n: fx.Node) -> str:
     """A node as ``name(...)``: what it calls, in one short phrase."""
     target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
@@ -310,6 +319,8 @@ def _fx_consumers(model, mod, calls, nodes: list[fx.Node]) -> list[LinearView] |
         for user in node.users:
             m = mod.get(user.target) if user.op == "call_module" else None
             why = None
+            if m is not None and is_linear_like(m) and (kw := _keyword_inputs(user)):
+                return kw
             if m is not None and is_linear_like(m) and user.args[0] is node:
                 why = add(LinearView(m, user.target))
             elif isinstance(m, nn.MultiheadAttention) and node in user.args[:3] and not user.kwargs.keys() & {"query", "key", "value"}:
@@ -328,6 +339,8 @@ def _fx_consumers(model, mod, calls, nodes: list[fx.Node]) -> list[LinearView] |
                 return why
     for v in views.values():  # every call of a consumer must read this norm's output
         for call in calls[v.path]:
+            if kw := _keyword_inputs(call):
+                return kw
             inputs = call.args[:3] if v.rows != "all" or isinstance(v.module, nn.MultiheadAttention) else call.args[:1]
             if not any(isinstance(i, fx.Node) and i in norm_calls for i in inputs):
                 return f"consumer {v.path} is also called on another input"
@@ -345,8 +358,8 @@ def _fx_stream(model, mod, graph: fx.Graph, a: Analysis, calls, reads, paths) ->
             return None
         stream.add(n)
         if (n.op == "call_function" and n.target in _ADDS) or (n.op == "call_method" and n.target in ("add", "add_")):
-            return walk(n.args[0]) or walk(n.args[1])
-        if n.op == "call_function" and n.target is operator.getitem and getattr(n.args[0], "op", "") == "get_attr":
+            return _keyword_inputs(n, 2) or walk(n.args[0]) or walk(n.args[1])
+        if n.op == "call_function" and n.target is operator.getitem and n.args and getattr(n.args[0], "op", "") == "get_attr":
             return walk(n.args[0])
         if n.op == "get_attr":
             writers[(n.target, "all")] = _view(model, n.target)
@@ -354,7 +367,7 @@ def _fx_stream(model, mod, graph: fx.Graph, a: Analysis, calls, reads, paths) ->
         if n.op == "call_module":
             m = mod[n.target]
             if isinstance(m, (nn.Dropout, nn.Identity)):
-                return walk(n.args[0])
+                return _keyword_inputs(n) or walk(n.args[0])
             if isinstance(m, _CONTAINERS) and m.norm is not None:
                 return f"{n.target} ends with a norm: its output is not the residual stream"
             if is_linear_like(m) or isinstance(m, nn.Embedding):
@@ -365,7 +378,7 @@ def _fx_stream(model, mod, graph: fx.Graph, a: Analysis, calls, reads, paths) ->
                 return inner
             for v in inner:
                 writers[(v.path, v.rows)] = v
-            return walk(n.args[0])
+            return _keyword_inputs(n) or walk(n.args[0])
         if n.op == "placeholder":
             return (f"the residual stream starts at the model input `{n.target}`, which cannot be made "
                     "zero-mean; convert a model that includes its embedding")
@@ -388,7 +401,7 @@ def _fx_stream(model, mod, graph: fx.Graph, a: Analysis, calls, reads, paths) ->
                 return inner
             for v in inner:
                 writers[(v.path, v.rows)] = v
-        why = walk(n.args[0])
+        why = _keyword_inputs(n) or walk(n.args[0])
         if why:
             return why
     out = next(n for n in graph.nodes if n.op == "output")
@@ -397,7 +410,7 @@ def _fx_stream(model, mod, graph: fx.Graph, a: Analysis, calls, reads, paths) ->
             return "the residual stream is itself a model output (no final norm): centering would change it"
     for n in stream:
         for user in n.users:
-            ok = user in stream or (user.op == "call_module" and user in roots and user.args[0] is n)
+            ok = user in stream or (user.op == "call_module" and user in roots and user.args[:1] == (n,))
             if not ok:
                 return f"the residual stream also feeds `{user.format_node()}`"
     for v in writers.values():  # a writer used elsewhere: centering it would change that use

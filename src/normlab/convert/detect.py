@@ -241,6 +241,10 @@ def semantics(module: nn.Module) -> NormSemantics | str:
     if any(p.is_meta for p in params.values()):
         return ("parameters on the meta device: its forward is checked on a probe, which needs their values "
                 "(load the weights first)")
+    try:  # the probes run copies of it
+        copy_without_hooks(module)
+    except Exception as err:  # (a lock, an open file, ... among its attributes)
+        return f"cannot be copied to probe its forward ({type(err).__name__}: {err})"
     kinds = ("layernorm",) if has_b else ("rmsnorm", "layernorm")
     diffs = []
     for kind in kinds:

@@ -218,6 +218,15 @@ class LayerNorm(_CheckedOnce, _PerExampleGradSq, _WeightOffset, ResidualNorm, nn
                     self.bias = nn.Parameter(torch.empty(shape, **factory))
                 self.reset_parameters()
 
+    def forward(self, input: Tensor, residual: Tensor | None = None, *, dropout_p: float = 0.0,
+                residual_dtype: torch.dtype | None = None,
+                padding_mask: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """``ResidualNorm.forward``, its input named ``input`` as ``torch.nn.LayerNorm``'s is
+        (a drop-in called as ``norm(input=x)``)."""
+        if residual is None:
+            return self.normalize(input, padding_mask)
+        return self.add_normalize(input, residual, dropout_p, residual_dtype, padding_mask)
+
     def extra_repr(self) -> str:
         return (super().extra_repr() + (f", offset={self.offset!r}" if self.offset != 0.0 else "")
                 + (f", weight_shape={self.weight_shape}" if self.weight_shape is not None else ""))
