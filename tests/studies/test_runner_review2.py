@@ -244,7 +244,8 @@ def test_report_only_keeps_the_runs_that_raised_until_they_finish(tmp_path, corp
     error = summary["failed"][0]["error"]
     run_study(study, tmp_path, cpu_env(), corpus=corpus, report_only=True)
     summary = json.loads((study_dir / "summary.json").read_text())
-    assert summary["failed"] == [{"name": "b", "error": error}]
+    assert [{k: f[k] for k in ("name", "error")} for f in summary["failed"]] == [{"name": "b", "error": error}]
+    assert summary["failed"][0]["identity"]["fingerprint"] == study.runs[1].fingerprint()  # (whose failure)
     assert summary["provenance"]["not_finished"] == []  # failed, not merely unfinished
     # once it has finished (a job, a later command), it is no longer failed
     run_one(study.runs[1], study_dir / "b", cpu_env(), corpus)

@@ -144,7 +144,8 @@ def test_the_merge_command_repeats_the_options_the_runs_were_made_with(tmp_path,
     assert plain["merge_command"] == f"normlab study quick --report-only --out {shlex.quote(str(tmp_path))}"
 
 
-def test_the_command_fills_in_the_job_defaults_and_passes_overwrite(tmp_path, study_calls):
+def test_the_command_fills_in_the_job_defaults_and_passes_overwrite(tmp_path, study_calls, monkeypatch):
+    monkeypatch.setattr(cluster.shutil, "which", lambda name: f"/usr/bin/{name}")  # (as on a login node)
     assert _study(tmp_path).exit_code == 0
     assert _study(tmp_path, "--launcher", "local", "--cpus-per-run", "2", "--no-wait").exit_code == 0
     assert _study(tmp_path, "--launcher", "slurm", "--partition", "gpu", "--gpus-per-run", "1", "--time-min", "5",
@@ -225,12 +226,18 @@ def test_job_logs_go_to_the_jobs_folder_with_no_literal_percent_j(tmp_path, monk
     specs = {"a": micro_spec("a"), "b": micro_spec("b", seed=1)}
     jobs = cluster.submit(list(specs.values()), study_dir, "local", JobOptions(time_min=2),
                           data=None, ship_corpus=None, dtype="fp32", keep_weights=False)
+    record = json.loads((study_dir / "jobs.json").read_text())
+    folders = {entry["folder"] for entry in record.values()}
+    assert len(folders) == 1  # one folder for the submission, in jobs/
+    folder = study_dir / folders.pop()
+    assert folder.parent == study_dir / "jobs"
     for name, job in jobs.items():
         assert job.result() is None
         log = job.paths.stdout
-        assert log.parent == study_dir / "jobs" and log.name == f"{job.job_id}_0_log.out"
+        assert log.parent == folder and log.name == f"{job.job_id}_0_log.out"
         assert str(study_dir / name) in log.read_text()
     assert not [p for p in tmp_path.rglob("*") if "%j" in p.name]
-    record = json.loads((study_dir / "jobs.json").read_text())
-    assert record == {name: {"job_id": job.job_id, "launcher": "local", "fingerprint": specs[name].fingerprint()}
-                      for name, job in jobs.items()}
+    assert {name: {k: e[k] for k in ("job_id", "launcher", "fingerprint")} for name, e in record.items()} == \
+        {name: {"job_id": job.job_id, "launcher": "local", "fingerprint": specs[name].fingerprint()}
+         for name, job in jobs.items()}
+    assert all("process" in e for e in record.values()) or cluster.process_identity(1) is None

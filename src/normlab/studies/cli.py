@@ -54,7 +54,7 @@ def study(
                                                               "study refuses to touch them)."),
 ) -> None:
     """Reproduce published normalization findings; resumable, writes a report with plots."""
-    from normlab.studies.cluster import JobOptions, check_launch
+    from normlab.studies.cluster import JobOptions, check_launch, check_slurm_here
     from normlab.studies.data import DataError
     from normlab.studies.presets import get_study, preset_names
     from normlab.studies.runner import StudyBusy, apply_overrides, run_study
@@ -85,6 +85,12 @@ def study(
         if wait is not None:
             given.add("--wait" if wait else "--no-wait")
         check_launch(launcher, options, given=given, report_only=report_only)
+        check_slurm_here(launcher)
+        if report_only:  # options that would change what runs: --report-only runs nothing
+            for flag, ignored in (("--overwrite", overwrite), ("--no-keep-weights", not keep_weights),
+                                  (f"--workers {workers}", n_workers is not None)):
+                if ignored:
+                    raise ValueError(f"{flag}: --report-only runs nothing; it cannot combine with {flag.split()[0]}")
         spec = apply_overrides(get_study(preset), seeds=seeds, steps=steps)
         _check_out(out, spec, report_only)
         env = setup_env(device, dtype)

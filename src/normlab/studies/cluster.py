@@ -21,7 +21,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import time
+import uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,23 +163,37 @@ class RunJob(_Checkpointable):
         return run_in_job(*args)
 
 
+def check_slurm_here(launcher: str | None) -> None:
+    """``--launcher slurm`` needs SLURM's commands on this machine (a login node)."""
+    if launcher == "slurm" and shutil.which("sbatch") is None:
+        raise ValueError("--launcher slurm: sbatch is not on this machine's PATH; submit from a SLURM login "
+                         "node, or run the jobs here with --launcher local")
+
+
 def submit(runs: list[RunSpec], study_dir: Path, launcher: str, options: JobOptions, *, data: str | None,
            ship_corpus: Any, dtype: str, keep_weights: bool, device: str = "cpu",
-           expect_corpus: str | None = None) -> dict[str, Any]:
+           expect_corpus: str | None = None,
+           identities: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Submit one job per run; returns {run name: submitit Job} and records the job ids in
-    ``study_dir/jobs.json``; the jobs' logs go to ``study_dir/jobs/<job id>_0_log.out``
-    and ``.err``. Each job reads the corpus from ``data`` (the default corpus when None)
-    unless ``ship_corpus`` hands it one in memory, and checks that it is the corpus of
-    sha256 ``expect_corpus`` (``run_in_job``). ``device``: the study's device type; the
-    jobs train on ``job_device(device, options)``."""
+    ``study_dir/jobs.json``, with each run's identity (``identities``: ``run_identity``,
+    what a later command compares its own run with) and, for a local job, its process's
+    (``process_identity``: a pid alone may be another process's by then). The jobs' files
+    go to a folder of their own for this submission, ``study_dir/jobs/<time>-<random>/``
+    (``<job id>_0_log.out`` and ``.err``, the result): local job ids are pids, which a
+    later submission may be given again. Each job reads the corpus from ``data`` (the
+    default corpus when None) unless ``ship_corpus`` hands it one in memory, and checks
+    that it is the corpus of sha256 ``expect_corpus`` (``run_in_job``). ``device``: the
+    study's device type; the jobs train on ``job_device(device, options)``."""
     if launcher is None:
         raise ValueError(f"--launcher: expected one of {', '.join(LAUNCHERS)}, got None")
     check_launch(launcher, options)
+    check_slurm_here(launcher)
     device = job_device(torch.device(device).type, options)
     submitit = _submitit()
-    # one folder for every job's files, each named by its job id (<id>_0_log.out, ...): a
-    # %j in the folder itself would be taken literally by submitit's local executor
-    executor = submitit.AutoExecutor(folder=study_dir / "jobs", cluster=launcher)
+    # one folder per submission, each job's files in it named by its job id (a %j in the
+    # folder itself would be taken literally by submitit's local executor)
+    folder = Path("jobs") / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    executor = submitit.AutoExecutor(folder=study_dir / folder, cluster=launcher)
     params: dict[str, Any] = dict(name=f"normlab-{study_dir.name}", timeout_min=options.time_min,
                                   cpus_per_task=options.cpus_per_run, gpus_per_node=options.gpus_per_run)
     if options.mem_gb is not None:
@@ -195,8 +211,14 @@ def submit(runs: list[RunSpec], study_dir: Path, launcher: str, options: JobOpti
                 options.cpus_per_run, keep_weights, expect_corpus)
     record = read_jobs(study_dir)
     specs = {spec.name: spec for spec in runs}
-    record.update({name: {"job_id": job.job_id, "launcher": launcher, "fingerprint": specs[name].fingerprint()}
-                   for name, job in jobs.items()})
+    for name, job in jobs.items():
+        entry: dict[str, Any] = {"job_id": job.job_id, "launcher": launcher, "folder": folder.as_posix(),
+                                 "fingerprint": specs[name].fingerprint()}
+        if identities and name in identities:
+            entry["identity"] = identities[name]
+        if launcher == "local" and (proc := process_identity(job.job_id)) is not None:
+            entry["process"] = proc
+        record[name] = entry
     # swapped in whole: a kill part way through the write keeps the earlier records (the
     # jobs of an earlier submission, which a re-run must not submit twice)
     write_atomic(study_dir / "jobs.json", json.dumps(record, indent=1))
@@ -225,12 +247,12 @@ def ended_jobs(study_dir: Path, names: Collection[str], busy: Callable[[str], bo
         entry = record.get(name)
         if not isinstance(entry, dict) or "job_id" not in entry or busy(name):
             continue
-        job_id, launcher = str(entry["job_id"]), entry.get("launcher")
-        job = (submitit.SlurmJob if launcher == "slurm" else submitit.LocalJob)(study_dir / "jobs", job_id)
+        job_id, launcher, folder = str(entry["job_id"]), entry.get("launcher"), job_folder(study_dir, entry)
+        job = (submitit.SlurmJob if launcher == "slurm" else submitit.LocalJob)(folder, job_id)
         state = _slurm_state(job) if launcher == "slurm" else None
-        if _alive(job_id, state) is not False:  # alive, or unknown here (no sacct): not ended as far as told
+        if _alive(job_id, state, entry.get("process")) is not False:  # alive, or unknown here (no sacct)
             continue
-        log = study_dir / "jobs" / f"{job_id}_0_log.err"
+        log = folder / f"{job_id}_0_log.err"
         pickled = job.paths.result_pickle
         status, payload = None, None
         if pickled.exists():
@@ -270,13 +292,24 @@ def job_alive(study_dir: Path, entry: Any) -> bool | None:
         return False
     job_id = str(entry["job_id"])
     slurm = entry.get("launcher") == "slurm"
-    return _alive(job_id, _slurm_state(_submitit().SlurmJob(study_dir / "jobs", job_id)) if slurm else None)
+    state = _slurm_state(_submitit().SlurmJob(job_folder(study_dir, entry), job_id)) if slurm else None
+    return _alive(job_id, state, entry.get("process"))
 
 
-def _alive(job_id: str, slurm_state: str | None) -> bool | None:
+def job_folder(study_dir: Path, entry: dict[str, Any]) -> Path:
+    """Where a job's files are: its submission's folder (``jobs/`` for records older than
+    those folders)."""
+    folder = entry.get("folder")
+    return study_dir / (folder if isinstance(folder, str) and folder.startswith("jobs") else "jobs")
+
+
+def _alive(job_id: str, slurm_state: str | None, process: str | None = None) -> bool | None:
     """A SLURM job (its state given) is queued or running, None when its state is unknown;
-    a local job (no state) has its process alive (its id is its pid)."""
+    a local job (no state) has its process alive (its id is its pid; ``process``: the
+    ``process_identity`` recorded at submission, which the pid's process must still have)."""
     if slurm_state is None:
+        if process is not None:
+            return bool(process) and process_identity(job_id) == process and _process_alive(job_id)
         return _process_alive(job_id)
     if slurm_state == "UNKNOWN":
         return None
@@ -302,6 +335,21 @@ def _process_alive(pid: str) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+def process_identity(pid: str | int) -> str | None:
+    """What tells process ``pid`` from a later one given the same pid: this boot's id and
+    the process's start time (Linux: /proc); "" when no such process runs, None where
+    /proc cannot tell."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+    try:
+        fields = Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()
+        return f"{boot}:{fields[19]}"  # (field 22, the start time; fields[0] is field 3)
+    except (OSError, ValueError, IndexError):
+        return ""
 
 
 def job_ids(record: dict[str, Any], names: Collection[str]) -> str:

@@ -330,13 +330,31 @@ def _read_summary(study_dir: Path) -> dict[str, Any]:
     return summary if isinstance(summary, dict) else {}
 
 
-def _failed_before(summary: dict[str, Any]) -> dict[str, str]:
-    """The runs a summary lists as failed -> their tracebacks (entries it cannot read skipped)."""
+def _submitted_as(entry: Any, identity: dict[str, Any], overwrite: bool) -> bool:
+    """Whether a running job (its ``jobs.json`` entry) runs the run ``identity`` describes:
+    by the identity it was submitted with (its settings, corpus, dtype, device type),
+    else, in records older than that, by its settings' fingerprint. A busy run with no
+    record is taken as this one, except under --overwrite (which cannot replace it)."""
+    if not isinstance(entry, dict) or not ("identity" in entry or "fingerprint" in entry):
+        return not overwrite
+    have = entry["identity"] if isinstance(entry.get("identity"), dict) else {"fingerprint": entry["fingerprint"]}
+    return same_run(have, identity)
+
+
+def _failed_before(summary: dict[str, Any], study: Study, made_by) -> dict[str, str]:
+    """The runs of ``study`` a summary lists as failed -> their tracebacks (entries it
+    cannot read skipped). A failure recorded with the run's identity (``run_identity``)
+    counts only for the run ``made_by`` describes now: a run that failed under other
+    settings has not run under these."""
+    specs = {r.name: r for r in study.runs}
     out = {}
     for entry in summary.get("failed") or []:
         name = entry.get("name") if isinstance(entry, dict) else None
-        if isinstance(name, str):
-            out[name] = str(entry.get("error") or "")
+        if name not in specs:
+            continue
+        if isinstance(entry.get("identity"), dict) and not same_run(entry["identity"], made_by(specs[name])):
+            continue
+        out[name] = str(entry.get("error") or "")
     return out
 
 
@@ -551,7 +569,8 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
             scan()
             prov["runs_found_finished"] = len(found)
             names = {r.name for r in study.runs}
-            earlier_failed.update({name: error for name, error in _failed_before(_read_summary(study_dir)).items()
+            earlier_failed.update({name: error for name, error in
+                                   _failed_before(_read_summary(study_dir), study, made_by).items()
                                    if name in names and name not in found and name not in stale})
             # (stale: --overwrite replaces it)
         if unread := _unplanned_runs(study, study_dir):
@@ -585,7 +604,7 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
             return
         try:
             runs, failed = summary_runs()
-            _write_summary(study_dir, study, _ordered(study, runs), prov, failed)
+            _write_summary(study_dir, study, _ordered(study, runs), prov, failed, made_by)
         except OSError as e:
             if not unwritable:
                 console.print(f"[red]could not write {escape(str(study_dir / 'summary.json'))}:[/red] "
@@ -614,8 +633,7 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
                 busy = [r for r in pending if run_holder(study_dir / r.name) is not None
                         or (r.name in record and cluster.job_alive(study_dir, record[r.name]))]
                 # ... and those jobs keep the settings they were submitted with
-                other = [r.name for r in busy if record.get(r.name, {}).get("fingerprint", None if overwrite else
-                                                                            r.fingerprint()) != r.fingerprint()]
+                other = [r.name for r in busy if not _submitted_as(record.get(r.name), made_by(r), overwrite)]
                 if other:
                     shown = ", ".join(other[:8]) + (" ..." if len(other) > 8 else "")
                     ids = cluster.job_ids(record, other)
@@ -633,7 +651,7 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
                                       ship_corpus=corpus if corpus_given else None, dtype=env.dtype,
                                       keep_weights=keep_weights, device=env.device.type,
                                       expect_corpus=corpus.sha256() if corpus is not None and not corpus_given
-                                      else None) if pending else {}
+                                      else None, identities={r.name: made_by(r) for r in pending}) if pending else {}
                 rerun.update(r.name for r in pending + busy)  # (run again: by this submission's jobs or earlier ones)
                 if not wait:
                     console.print(f"submitted {len(jobs)} job(s) ({launcher}; ids in {study_dir / 'jobs.json'}); "
@@ -685,7 +703,7 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
         prov["run_time_s"] = round(sum(r.get("wall_s") or 0.0 for r in ordered), 1)  # every run, when it ran
         prov["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         try:
-            _write_summary(study_dir, study, ordered, prov, failed)
+            _write_summary(study_dir, study, ordered, prov, failed, made_by)
             missing = missing_runs(study.runs, finished, failed)
             rows = judge_all(study.claims, ordered, study.margins, missing)
             write_atomic(study_dir / "claims.json", json.dumps(_json_safe(rows), indent=1))
@@ -735,7 +753,7 @@ def _report_finished(study: Study, study_dir: Path, made_by, default_corpus: Byt
                 result.update({k: v for k, v in before.items() if k.startswith("baseline_val_loss")})
         finish(spec, result)
     names = {r.name for r in study.runs}
-    failures.update({name: error for name, error in _failed_before(previous).items()
+    failures.update({name: error for name, error in _failed_before(previous, study, made_by).items()
                      if name in names and name not in done})
     # runs whose --launcher job ended without a result (it raised, SLURM ended it, or a
     # local job was killed) are failed, not "not finished": nothing will finish them
@@ -1380,9 +1398,19 @@ def _json_safe(obj: Any) -> Any:
 
 
 def _write_summary(study_dir: Path, study: Study, results: list[dict[str, Any]], prov: dict[str, Any],
-                   failures: dict[str, str] | None = None) -> None:
+                   failures: dict[str, str] | None = None, made_by=None) -> None:
+    """summary.json; each failed run with its identity (``made_by``), so a failure is not
+    carried over to the run under other settings (``_failed_before``)."""
+    specs = {r.name: r for r in study.runs}
+
+    def failed(name: str, text: str) -> dict[str, Any]:
+        entry: dict[str, Any] = {"name": name, "error": text}
+        if made_by is not None and name in specs:
+            entry["identity"] = made_by(specs[name])
+        return entry
+
     summary = {"study": study.name, "description": study.description, "provenance": prov, "runs": results,
-               "failed": [{"name": name, "error": text} for name, text in (failures or {}).items()]}
+               "failed": [failed(name, text) for name, text in (failures or {}).items()]}
     # (one temporary file per writer: --report-only may run alongside)
     write_atomic(study_dir / "summary.json", json.dumps(_json_safe(summary), indent=1, default=str))
 

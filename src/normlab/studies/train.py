@@ -82,6 +82,9 @@ class RunBusy(RuntimeError):
 
 
 LOCK = ".lock"
+# how long a run waits for its folder's lock before it is taken as run by another process:
+# a probe (``run_holder``, by a launcher or ``--report-only``) holds it for an instant
+RUN_LOCK_WAIT_S = 1.0
 _NO_LOCKS_TOLD: list[bool] = []  # the warning that locks do not work here, once per process
 
 
@@ -95,32 +98,37 @@ class FolderLock:
         self.path = folder / LOCK
         self._fd: int | None = None
 
-    def acquire(self) -> int | None:
+    def acquire(self, wait_s: float = 0.0) -> int | None:
         """Take the lock; returns None, or the holder's pid (0 if unknown) when another
-        process holds it."""
+        process holds it (still, after trying for ``wait_s`` seconds: a ``run_holder``
+        probe holds it for an instant)."""
         try:
             import fcntl
         except ImportError:  # pragma: no cover - not on Linux or macOS
             return None
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # EWOULDBLOCK / EAGAIN: another process holds it
+        deadline = time.monotonic() + wait_s
+        while True:
             try:
-                holder = int(os.read(fd, 32).decode().strip() or 0)
-            except (OSError, ValueError):
-                holder = 0
-            os.close(fd)
-            return holder
-        except OSError as e:  # no locks on this file system (NFS mounted nolock, Lustre without flock)
-            os.close(fd)
-            if not _NO_LOCKS_TOLD:
-                import warnings
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:  # EWOULDBLOCK / EAGAIN: another process holds it
+                if time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    continue
+                holder = _holder_pid(fd)
+                os.close(fd)
+                return holder
+            except OSError as e:  # no locks on this file system (NFS mounted nolock, Lustre without flock)
+                os.close(fd)
+                if not _NO_LOCKS_TOLD:
+                    import warnings
 
-                _NO_LOCKS_TOLD.append(True)
-                warnings.warn(f"{self.path.parent}: this file system takes no locks ({e.strerror or e}); nothing "
-                              "stops two processes from writing here at once", RuntimeWarning, stacklevel=2)
-            return None
+                    _NO_LOCKS_TOLD.append(True)
+                    warnings.warn(f"{self.path.parent}: this file system takes no locks ({e.strerror or e}); "
+                                  "nothing stops two processes from writing here at once", RuntimeWarning,
+                                  stacklevel=2)
+                return None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
@@ -138,14 +146,38 @@ class FolderLock:
             self._fd = None
 
 
+def _holder_pid(fd: int) -> int:
+    """The pid a lock file holds (0: unknown)."""
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
 def run_holder(run_dir: Path) -> int | None:
-    """The pid holding the run's lock (0: unknown), or None when no process runs it."""
-    if not (run_dir / LOCK).exists():
+    """The pid holding the run's lock (0: unknown), or None when no process runs it.
+    Probed with a shared lock, taken and dropped at once (the file is not written): a
+    run starting meanwhile waits for it (``FolderLock.acquire``'s ``wait_s``)."""
+    path = run_dir / LOCK
+    if not path.exists():
         return None
-    lock = FolderLock(run_dir)
-    holder = lock.acquire()
-    lock.release()
-    return holder
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux or macOS
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder_pid(fd)
+    except OSError:  # no locks on this file system
+        return None
+    finally:
+        os.close(fd)  # (closing drops a lock taken)
+    return None
 
 
 # ------------------------------------------------------------------ environment
@@ -771,7 +803,7 @@ def run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = FolderLock(run_dir)
     if env.is_main:  # (under torchrun every rank runs this run: rank 0 holds its lock)
-        holder = lock.acquire()
+        holder = lock.acquire(wait_s=RUN_LOCK_WAIT_S)
         if holder is not None:
             raise RunBusy(f"run {spec.name}: another process{f' (pid {holder})' if holder else ''} is running it "
                           f"in {run_dir} (a job of an earlier submission, or another normlab study on this "
