@@ -174,8 +174,8 @@ def test_bench_e2e_skips_a_configuration_out_of_cpu_memory(tmp_path):
     result = _invoke(["bench", "e2e", "--device", "cpu", "--quick", "--batch", str(HUGE_ROWS), "--n-layers", "1",
                       "--out", tmp_path / "bench"])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
-    assert f"skipped Size(d_model=256, n_layers=1, n_heads=4, batch={HUGE_ROWS}" in result.output
-    assert "pre layernorm: out of memory" in result.output and "Traceback" not in result.output
+    assert f"skipped d256 L1 {HUGE_ROWS}x128 pre layernorm: out of memory" in result.output
+    assert "nothing measured" in result.output and "Traceback" not in result.output
 
 
 # ----------------------------------------------------------------- audit
