@@ -350,3 +350,15 @@ def test_a_norm_that_cannot_be_copied_is_left_and_the_others_swapped():
     swap_norms(m)
     assert isinstance(m[0], normlab.LayerNorm) and type(m[2]).__name__ == "LockedRMSNorm"
     assert "cannot be copied to probe its forward" in str(m.normlab_report)
+
+
+def test_a_subclass_of_normlab_layernorm_is_still_a_norm_of_the_protocol():
+    from normlab.convert.detect import semantics
+
+    class ScaledLN(normlab.LayerNorm):
+        def normalize(self, x, padding_mask=None):
+            return super().normalize(x, padding_mask)
+
+    found = semantics(ScaledLN(8))
+    assert not isinstance(found, str), found
+    assert found.kind == "layernorm"

@@ -107,3 +107,34 @@ def test_slurm_without_sbatch_is_refused_naming_the_launcher(tmp_path, monkeypat
     assert out.exit_code == 2, out.output
     assert "--launcher slurm: sbatch is not on this machine's PATH" in " ".join(out.output.split())
     assert not (tmp_path / "quick").exists()
+
+
+def test_a_job_submitted_as_another_run_is_not_this_runs_failure(tmp_path):
+    pytest.importorskip("submitit", reason="submitit not installed (pip install 'normlab[cluster]')")
+    import json
+
+    spec = micro_spec("a")
+    mine = {"fingerprint": spec.fingerprint(), "dtype": "fp32"}
+    entry = {"job_id": "999999999", "launcher": "local", "folder": "jobs/x", "process": "",
+             "identity": {**mine, "dtype": "bf16"}}  # a killed bf16 job, no result
+    (tmp_path / "jobs.json").write_text(json.dumps({"a": entry}))
+    assert cluster.ended_jobs(tmp_path, ["a"], lambda name: False, identity=lambda name: mine) == {}
+    entry["identity"] = dict(mine)
+    (tmp_path / "jobs.json").write_text(json.dumps({"a": entry}))
+    ended = cluster.ended_jobs(tmp_path, ["a"], lambda name: False, identity=lambda name: mine)
+    assert "is not running and left no result" in ended["a"]
+
+
+def test_a_carried_over_failure_keeps_the_identity_it_failed_under(tmp_path):
+    import json
+
+    spec = micro_spec("a")
+    study = runner.Study("s", "", (spec,), ())
+    recorded = {"fingerprint": spec.fingerprint(), "dtype": "fp32", "device_type": "cuda"}
+    (tmp_path / "summary.json").write_text(json.dumps({"failed": [{"name": "a", "error": "boom",
+                                                                    "identity": recorded}]}))
+    narrower = {"fingerprint": spec.fingerprint(), "dtype": "fp32"}  # a report read without the GPUs
+    runner._write_summary(tmp_path, study, [], {}, {"a": "boom"}, lambda s: narrower)
+    assert json.loads((tmp_path / "summary.json").read_text())["failed"][0]["identity"] == recorded
+    runner._write_summary(tmp_path, study, [], {}, {"a": "another traceback"}, lambda s: narrower)
+    assert json.loads((tmp_path / "summary.json").read_text())["failed"][0]["identity"] == narrower

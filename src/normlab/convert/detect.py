@@ -177,7 +177,7 @@ def _signature_why(module: nn.Module) -> str | None:
     something normlab's ``forward(x, residual=None)`` would take differently. normlab's
     own protocol (``ResidualNorm.forward``) passes its extra arguments to ``add_normalize``."""
     forward = type(module).forward
-    if forward is ResidualNorm.forward:
+    if forward in (ResidualNorm.forward, LayerNorm.forward):  # (LayerNorm's: the protocol, input named as torch's)
         return None
     try:
         params = list(inspect.signature(forward).parameters.values())[1:]  # without self

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from normlab.studies.spec import RunSpec
-from normlab.studies.train import write_atomic
+from normlab.studies.train import same_run, write_atomic
 
 LAUNCHERS = ("local", "slurm")
 
@@ -229,12 +229,15 @@ def submit(runs: list[RunSpec], study_dir: Path, launcher: str, options: JobOpti
 _ENDED = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
 
 
-def ended_jobs(study_dir: Path, names: Collection[str], busy: Callable[[str], bool]) -> dict[str, str]:
+def ended_jobs(study_dir: Path, names: Collection[str], busy: Callable[[str], bool],
+               identity: Callable[[str], dict[str, Any]] | None = None) -> dict[str, str]:
     """Of the runs ``names`` (none of them finished), those whose last submitted job
     (``jobs.json``) has ended all the same: run name -> why, for ``--report-only`` to
     report them failed rather than not finished. A run that ``busy`` says a process holds
     (or that finished meanwhile) is never one; nor is one whose job is alive
-    (``job_alive``: a requeued SLURM job keeps its old result file). A job ended when
+    (``job_alive``: a requeued SLURM job keeps its old result file), nor one whose job was
+    submitted as another run (``identity(name)``: the run's identity now; a job recorded
+    with another, other settings, dtype or corpus, is not this run's). A job ended when
     submitit's result file holds an error; when a SLURM job's state is one of ``_ENDED``;
     or, for a local job (a process that may have been killed outright), when its process
     is gone and it left no result."""
@@ -247,6 +250,9 @@ def ended_jobs(study_dir: Path, names: Collection[str], busy: Callable[[str], bo
         entry = record.get(name)
         if not isinstance(entry, dict) or "job_id" not in entry or busy(name):
             continue
+        if identity is not None and isinstance(entry.get("identity"), dict) \
+                and not same_run(entry["identity"], identity(name)):
+            continue  # a job of the run under other settings: its end is not this run's failure
         job_id, launcher, folder = str(entry["job_id"]), entry.get("launcher"), job_folder(study_dir, entry)
         job = (submitit.SlurmJob if launcher == "slurm" else submitit.LocalJob)(folder, job_id)
         state = _slurm_state(job) if launcher == "slurm" else None

@@ -759,9 +759,11 @@ def _report_finished(study: Study, study_dir: Path, made_by, default_corpus: Byt
     # local job was killed) are failed, not "not finished": nothing will finish them
     waiting = [r.name for r in study.runs if r.name not in done and r.name not in failures]
     if waiting and (study_dir / "jobs.json").exists():
+        specs = {r.name: r for r in study.runs}
         failures.update(cluster.ended_jobs(  # (a run that finished meanwhile is no ended job's)
             study_dir, waiting,
-            lambda name: run_holder(study_dir / name) is not None or (study_dir / name / "result.json").exists()))
+            lambda name: run_holder(study_dir / name) is not None or (study_dir / name / "result.json").exists(),
+            identity=lambda name: made_by(specs[name])))
     prov["not_finished"] = [r.name for r in study.runs if r.name not in done and r.name not in failures]
     if others:
         prov["runs_on_other_corpora"] = others
@@ -1399,13 +1401,21 @@ def _json_safe(obj: Any) -> Any:
 
 def _write_summary(study_dir: Path, study: Study, results: list[dict[str, Any]], prov: dict[str, Any],
                    failures: dict[str, str] | None = None, made_by=None) -> None:
-    """summary.json; each failed run with its identity (``made_by``), so a failure is not
-    carried over to the run under other settings (``_failed_before``)."""
+    """summary.json; each failed run with its identity, so a failure is not carried over
+    to the run under other settings (``_failed_before``): the one it was recorded with
+    when the failure is the last summary's (the same traceback: carried over, and
+    ``made_by`` may be narrower now, as a report on another device's is), else this
+    command's (``made_by``)."""
     specs = {r.name: r for r in study.runs}
+    before = {e["name"]: e for e in _read_summary(study_dir).get("failed") or []
+              if isinstance(e, dict) and isinstance(e.get("name"), str)}
 
     def failed(name: str, text: str) -> dict[str, Any]:
         entry: dict[str, Any] = {"name": name, "error": text}
-        if made_by is not None and name in specs:
+        earlier = before.get(name, {})
+        if earlier.get("error") == text and isinstance(earlier.get("identity"), dict):
+            entry["identity"] = earlier["identity"]
+        elif made_by is not None and name in specs:
             entry["identity"] = made_by(specs[name])
         return entry
 
