@@ -178,7 +178,12 @@ def _check_norm_args(op: str, x: Tensor, normalized_shape: int | Sequence[int], 
                      bias: Tensor | None, eps: float | None, *, is_rms: bool) -> tuple[tuple[int, ...], float | None]:
     """The checks of layer_norm / rms_norm (``is_rms``: eps may be None): (normalized shape, eps)."""
     _check_tensor(op, "input", x)
-    shape = _check_normalized_shape(op, x, normalized_shape)
+    return _check_params_eps(op, x, _check_normalized_shape(op, x, normalized_shape), weight, bias, eps, is_rms)
+
+
+def _check_params_eps(op: str, x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None,
+                      eps: float | None, is_rms: bool) -> tuple[tuple[int, ...], float | None]:
+    """The parameters' checks and eps, the end of every norm op's checks: (shape, eps)."""
     if weight is not None:
         _check_param(op, "weight", weight, shape, x)
     if bias is not None:
@@ -195,14 +200,7 @@ def _check_add_args(op: str, x: Tensor, residual: Tensor | None, weight: Tensor 
     """The checks of add_layer_norm / add_rms_norm: (normalized shape, eps)."""
     _check_tensor(op, "input", x)
     _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype, training)
-    shape = _fused_shape(op, x, normalized_shape, weight, bias)
-    if weight is not None:
-        _check_param(op, "weight", weight, shape, x)
-    if bias is not None:
-        _check_param(op, "bias", bias, shape, x)
-    if type(eps) is float and -_INF < eps < _INF:
-        return shape, eps
-    return shape, _check_eps(op, eps, allow_none=is_rms)
+    return _check_params_eps(op, x, _fused_shape(op, x, normalized_shape, weight, bias), weight, bias, eps, is_rms)
 
 
 # ---------------------------------------------------------------------------- ops
@@ -398,14 +396,15 @@ def _add_ops(op: str, x: Tensor, residual: Tensor | None, residual_dtype: torch.
     ops = backend_ops(x)
     if ops is _eager:
         return ops
-    wide = [d for d in (getattr(residual, "dtype", None), residual_dtype) if d is not None and d not in _SHORT_ADD_DTYPES] \
-        if residual_dtype is not None or (residual is not None and residual.dtype not in _SHORT_ADD_DTYPES) else None
-    if not wide:
+    stream = None if residual is None else residual.dtype
+    wide = (stream if stream is not None and stream not in _SHORT_ADD_DTYPES
+            else residual_dtype if residual_dtype is not None and residual_dtype not in _SHORT_ADD_DTYPES else None)
+    if wide is None:
         return ops
     if get_backend() == "auto":
         return _eager
     raise NormArgumentError(f"{op}: the triton backend adds in float32 and stores float16, bfloat16 or float32; "
-                            f"got a {wide[0]} residual stream; use normlab.set_backend('auto') or ('torch') for it")
+                            f"got a {wide} residual stream; use normlab.set_backend('auto') or ('torch') for it")
 
 
 def _add_rms_norm(

@@ -32,9 +32,7 @@ def triton_ops() -> ModuleType:
 
 def backend_ops(x) -> ModuleType:
     """The module that runs an op on ``x``: ``ops.eager`` or ``ops.triton``."""
-    if resolve(x) == "triton":
-        return _triton if _triton is not None else triton_ops()
-    return eager
+    return triton_ops() if resolve(x) == "triton" else eager
 
 
 def _import_triton_for_cuda() -> None:

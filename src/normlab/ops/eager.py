@@ -157,6 +157,11 @@ def c_apply(cls: type) -> object:
 unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 
+def unwrapped(t: Tensor | None) -> Tensor | None:
+    """``unwrap_if_dead`` of an optional tensor (``c_apply``'s callers)."""
+    return t if t is None else unwrap_if_dead(t)
+
+
 class _NoSecondDerivative(torch.autograd.Function):
     """The gradients a backward computed, as outputs of a node whose backward raises."""
 
@@ -283,8 +288,7 @@ def layer_norm(x, normalized_shape, weight, bias, eps):
     # half-precision x in eager: torch's kernel on x itself, so the output has torch's op's
     # bits (torch's float32 kernel on converted x differs by an ulp at some sizes, hidden
     # 1, 1000, 4097, ...), and the backward converts x a chunk of rows at a time
-    return _LN_EAGER_APPLY(unwrap_if_dead(x), list(normalized_shape), weight if weight is None else unwrap_if_dead(weight),
-                           bias if bias is None else unwrap_if_dead(bias), eps)
+    return _LN_EAGER_APPLY(unwrap_if_dead(x), list(normalized_shape), unwrapped(weight), unwrapped(bias), eps)
 
 
 _LN_EAGER_APPLY = c_apply(_LayerNormEager)  # (layer_norm runs it in plain eager calls only)
@@ -500,8 +504,7 @@ def rms_norm(x, normalized_shape, weight, eps):
     if _plain_eager():
         if not _differentiable(x, weight):
             return _rms_forward(x, normalized_shape, weight, eps, fused_ok=True)[0]  # nothing to differentiate
-        return _RMS_EAGER_APPLY(unwrap_if_dead(x), tuple(normalized_shape),
-                                weight if weight is None else unwrap_if_dead(weight), eps)
+        return _RMS_EAGER_APPLY(unwrap_if_dead(x), tuple(normalized_shape), unwrapped(weight), eps)
     return RMSNormFunction.apply(x, tuple(normalized_shape), weight, eps)[0]
 
 

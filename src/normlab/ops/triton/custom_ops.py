@@ -35,7 +35,7 @@ from typing import (
 import torch
 from torch import Tensor
 
-from normlab.ops.eager import c_apply, refuse_second_derivative, unwrap_if_dead
+from normlab.ops.eager import c_apply, refuse_second_derivative, unwrap_if_dead, unwrapped
 from normlab.ops.triton.launch import row_shape
 from normlab.ops.triton.norm import Dropout, norm_backward, norm_forward
 
@@ -349,9 +349,7 @@ def apply_fused(x, residual, weight, bias, spec: FusedSpec):
     """``FusedNorm.apply(x, residual, weight, bias, spec)`` for a call outside torch.func
     transforms (``use_ops`` False), through the C apply (``eager.c_apply``: dead
     functorch wrappers unwrapped here)."""
-    return _fused_c_apply(unwrap_if_dead(x), residual if residual is None else unwrap_if_dead(residual),
-                          weight if weight is None else unwrap_if_dead(weight),
-                          bias if bias is None else unwrap_if_dead(bias), spec)
+    return _fused_c_apply(unwrap_if_dead(x), unwrapped(residual), unwrapped(weight), unwrapped(bias), spec)
 
 
 class FusedNormPerExample(FusedNorm):

@@ -544,9 +544,7 @@ def norm_forward(
     strided view such as a transposed [B, T, H, hd] tensor is not copied); with one, x and
     residual each need one row stride (``launch.as_rows``: copied otherwise)."""
     strided = None
-    if x.is_contiguous():  # (``launch.as_rows``'s first case, inline: the common call)
-        x2, rows, x_stride = x, x.numel() // hidden, hidden
-    elif residual is None and not store_residual:
+    if residual is None and not store_residual and not x.is_contiguous():
         layout = launch.row_layout((x,), hidden)
         x2, rows, (x_strides,) = layout.tensors[0], layout.rows, layout.strides
         x_stride = x_strides[0]
@@ -555,12 +553,7 @@ def norm_forward(
                            STRIDED=True)
     else:
         x2, rows, x_stride = launch.as_rows(x, hidden)
-    if residual is None:
-        res2, res_stride = None, 0
-    elif residual.is_contiguous():
-        res2, res_stride = residual, hidden
-    else:
-        res2, _, res_stride = launch.as_rows(residual, hidden)
+    res2, _, res_stride = launch.as_rows(residual, hidden) if residual is not None else (None, 0, 0)
     # (empty_like: a third of torch.empty's host time given x.shape)
     out = torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=torch.contiguous_format)
     res_dtype = residual_dtype or x.dtype
@@ -577,14 +570,14 @@ def norm_forward(
         return out, new_res, mean, rstd
     cfg = launch.block_config(hidden)
     kernel = _fwd_looped_kernel if cfg.looped else _fwd_kernel
-    seed, p, scale = (0, 0.0, 1.0) if dropout is None else _dropout_args(dropout)
+    seed, p, scale = _dropout_args(dropout)
     # the norm's result is rounded to new_residual's dtype before out's, except where
     # llama's product is formed in a wider dtype (a weight of another dtype than h's)
     round_to_res = store_residual and res_dtype != out.dtype and (
         casting_mode != "llama" or not is_rms or weight is None or weight.dtype == res_dtype)
     kw = _fwd_keywords(cfg, is_rms, res2 is not None, dropout is not None, store_residual, round_to_res,
                        weight is not None, bias is not None, store_stats, offset, casting_mode)
-    kernel[(-(-rows // cfg.rows),)](  # (cdiv)
+    kernel[(launch.cdiv(rows, cfg.rows),)](
         x2, res2, weight, bias, out, new_res, mean, rstd,
         x_stride, res_stride, hidden, hidden,
         rows, hidden, eps, seed, p, scale, **kw, **(strided or {}),
@@ -608,9 +601,8 @@ def norm_backward(
     dresidual) are contiguous. Without residual gradients, h and dout are read in place
     through ``launch.row_layout``; otherwise each needs one row stride (copied if not)."""
     strided = None
-    if h.is_contiguous() and dout.is_contiguous():  # (``launch.as_rows``, inline: the common call)
-        h2, dy2, rows, h_stride, dy_stride = h, dout, h.numel() // hidden, hidden, hidden
-    elif dnew_residual is None and residual_grad_dtype is None:
+    if (dnew_residual is None and residual_grad_dtype is None
+            and not (h.is_contiguous() and dout.is_contiguous())):
         layout = launch.row_layout((h, dout), hidden)
         (h2, dy2), rows = layout.tensors, layout.rows
         (h_stride, h_s1, h_s2), (dy_stride, dy_s1, dy_s2) = layout.strides
@@ -650,7 +642,7 @@ def norm_backward(
     if cfg.looped:  # per-row statistics of pass A
         c1 = torch.empty(rows, dtype=torch.float32, device=device)
         c2 = torch.empty(rows, dtype=torch.float32, device=device)
-    seed, p, scale = (0, 0.0, 1.0) if dropout is None else _dropout_args(dropout)
+    seed, p, scale = _dropout_args(dropout)
     # per example, unless deterministic algorithms are asked for: the backward kernel
     # zeroes the [2, examples] result and the column reduction adds each column block's
     # squared sums into it with atomics (no extra launch; the float32 sums' last bits may
