@@ -32,7 +32,7 @@ run: $(VENV)/.installed-run
 	$(BIN)/normlab study quick
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests benchmarks
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

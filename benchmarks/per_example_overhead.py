@@ -32,34 +32,38 @@ def main(argv=None) -> None:
     print("GPU times (the host's issuing hidden: Timer's hide_host); host us per call beside")
     print("| op | hidden | without (ms) | with (ms) | overhead | host us without / with |")
     print("|---|---|---|---|---|---|")
-    F = normlab.functional
     for op in ("layer_norm", "rms_norm"):
         for hidden in map(int, a.hidden.split(",")):
-            x = torch.randn(a.examples, a.tokens, hidden, device=dev, dtype=torch.bfloat16,
-                            requires_grad=True)
-            w = torch.randn(hidden, device=dev, dtype=torch.bfloat16, requires_grad=True)
-            b = torch.randn(hidden, device=dev, dtype=torch.bfloat16, requires_grad=True)
-            buf = torch.zeros(2, a.examples, device=dev)
-            leaves = (x, w, b) if op == "layer_norm" else (x, w)
+            print(_row(op, hidden, a.examples, a.tokens, dev, timer), flush=True)
 
-            def call(per_example):
-                ops = PE if per_example else F  # the per-example variant, or the plain op
-                kw = {"per_example_grad_sq": buf} if per_example else {}
-                with normlab.set_backend("triton"):  # the kernels, whatever auto would pick
-                    if op == "layer_norm":
-                        return ops.layer_norm(x, hidden, w, b, **kw)
-                    return ops.rms_norm(x, hidden, w, **kw)
-            y0, y1 = call(False), call(True)
-            g = torch.randn_like(y0)
-            t = timer.median_ms_interleaved({
-                "without": lambda: torch.autograd.grad(y0, leaves, g, retain_graph=True),
-                "with": lambda: torch.autograd.grad(y1, leaves, g, retain_graph=True),
-            })
-            host = timer.host_ms
-            print(f"| {op} | {hidden} | {t['without']:.4f} | {t['with']:.4f} | "
-                  f"{t['with'] / t['without'] - 1:+.1%} | {host['without'] * 1e3:.0f} / "
-                  f"{host['with'] * 1e3:.0f} |", flush=True)
-            del x, w, b, y0, y1, g
+
+def _row(op: str, hidden: int, examples: int, tokens: int, dev: torch.device, timer: Timer) -> str:
+    """One table row: the backward with and without the per-example norms (the tensors
+    are freed when it returns)."""
+    F = normlab.functional
+    x = torch.randn(examples, tokens, hidden, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(hidden, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(hidden, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    buf = torch.zeros(2, examples, device=dev)
+    leaves = (x, w, b) if op == "layer_norm" else (x, w)
+
+    def call(per_example):
+        ops = PE if per_example else F  # the per-example variant, or the plain op
+        kw = {"per_example_grad_sq": buf} if per_example else {}
+        with normlab.set_backend("triton"):  # the kernels, whatever auto would pick
+            if op == "layer_norm":
+                return ops.layer_norm(x, hidden, w, b, **kw)
+            return ops.rms_norm(x, hidden, w, **kw)
+    y0, y1 = call(False), call(True)
+    g = torch.randn_like(y0)
+    t = timer.median_ms_interleaved({
+        "without": lambda: torch.autograd.grad(y0, leaves, g, retain_graph=True),
+        "with": lambda: torch.autograd.grad(y1, leaves, g, retain_graph=True),
+    })
+    host = timer.host_ms
+    return (f"| {op} | {hidden} | {t['without']:.4f} | {t['with']:.4f} | "
+            f"{t['with'] / t['without'] - 1:+.1%} | {host['without'] * 1e3:.0f} / "
+            f"{host['with'] * 1e3:.0f} |")
 
 
 if __name__ == "__main__":

@@ -174,7 +174,7 @@ def main(argv=None) -> None:
         fb = nbytes(op, "fwd", rows, hidden, itemsize) / 1e6
         bb = nbytes(op, "bwd", rows, hidden, itemsize) / 1e6
 
-        def log(**kw):
+        def log(rec=rec, fb=fb, bb=bb, **kw):
             r = {**rec, **kw}
             if "ms" in r:
                 r["gbps"] = (fb if r["pass"] == "fwd" else bb) / r["ms"]
@@ -185,7 +185,7 @@ def main(argv=None) -> None:
         block = triton.next_power_of_2(hidden)
         rows_opts = [r for r in tile_rows if r * block <= 16384]
 
-        def warps_ok(v, r, sp=1):  # 4 to 64 elements per thread
+        def warps_ok(v, r, sp=1, block=block):  # 4 to 64 elements per thread
             return 4 <= r * block // sp // (32 * v) <= 64
         # the column-split backward (programs sharing each row) for wide rows
         splits = (1, 2, 4) if block >= 8192 else (1,)
