@@ -27,6 +27,7 @@ from normlab.diagnostics.structure import (
     check_every,
     check_model,
     find_block_lists,
+    in_backward,
     is_norm,
     module_layer,
 )
@@ -144,7 +145,9 @@ class ActivationMonitor:
         self.detach()
 
     def _sampling(self) -> bool:
-        return self.step >= 0 and self.step % self.every == 0 and not _replays[0]
+        # (not a forward that activation checkpointing runs again inside the backward: its
+        # values were recorded when the step's forward ran)
+        return self.step >= 0 and self.step % self.every == 0 and not _replays[0] and not in_backward()
 
     def _on_root(self, module, args) -> None:
         self.step += 1

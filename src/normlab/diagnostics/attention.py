@@ -1,9 +1,10 @@
 """The largest attention logit of each self-attention layer: what grows before a
 transformer diverges at a high learning rate (Dehghani et al. 2023; Wortsman et al. 2023).
 
-``AttentionLogitMonitor(model)`` hooks every normlab ``Attention`` module that attends
-to its own input (self-attention) and, on each forward pass inside the ``with`` block,
-recomputes that call's logits q . k / sqrt(head_dim) (QK-norm and RoPE included) without
+``AttentionLogitMonitor(model)`` hooks every normlab ``Attention`` module but the
+cross-attention of normlab's decoder blocks (named ``cross_attn``) and, on each forward
+pass inside the ``with`` block, recomputes that call's logits q . k / sqrt(head_dim)
+(QK-norm and RoPE included; the keys from the call's ``context`` where it has one) without
 gradients (its calls of the projections and norms are marked as a replay, which
 normlab's other monitors do not record), and keeps the largest over the positions the call may attend to. The model's
 own forward is untouched: the attention still runs through SDPA, which never forms the
@@ -47,7 +48,9 @@ class AttentionLogitMonitor:
 
     def _hook(self, name: str):
         def hook(module, args, kwargs, output):
-            value = max_logit(module, args[0], attn_mask=kwargs.get("attn_mask"),
+            context = args[1] if len(args) > 1 else kwargs.get("context")
+            value = max_logit(module, args[0] if args else kwargs["x"], context=context,
+                              attn_mask=kwargs.get("attn_mask"),
                               is_causal=bool(kwargs.get("is_causal", False)), rope=kwargs.get("rope"))
             prev = self._max.get(name)
             self._max[name] = value if prev is None else torch.maximum(prev, value)
@@ -59,10 +62,12 @@ class AttentionLogitMonitor:
 
 
 @torch.no_grad()
-def max_logit(attn: nn.Module, x: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False,
-              rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """The largest q . k / sqrt(head_dim) of ``attn`` (a normlab ``Attention``) on
-    self-attention over ``x`` [B, T, d], over the (query, key) pairs the mask allows."""
+def max_logit(attn: nn.Module, x: Tensor, *, context: Tensor | None = None, attn_mask: Tensor | None = None,
+              is_causal: bool = False, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """The largest q . k / sqrt(head_dim) of ``attn`` (a normlab ``Attention``) over the
+    (query, key) pairs the mask allows: queries from ``x`` [B, T, d], keys from
+    ``context`` [B, S, d] where given (cross-attention, as the module's forward), else
+    from ``x``."""
     from normlab.models.attention import apply_rope
 
     # the modules are called as the model calls them (their hooks run: FSDP's unshard,
@@ -70,7 +75,7 @@ def max_logit(attn: nn.Module, x: Tensor, *, attn_mask: Tensor | None = None, is
     # sees each QK-norm call of the model once
     with replaying():
         q = attn._heads(attn.q_proj(x), attn.q_norm)
-        k = attn._heads(attn.k_proj(x), attn.k_norm)
+        k = attn._heads(attn.k_proj(x if context is None else context), attn.k_norm)
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     logits = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(attn.head_dim)

@@ -51,7 +51,7 @@ class GradNormRecord:
     layer: int | None    # index in that block list (None outside)
     kind: str            # one of SUBLAYER_KINDS
     grad_norm: float
-    param_norm: float
+    param_norm: float    # the parameter's norm where its gradient was computed
     numel: int
 
     def as_dict(self) -> dict:
@@ -152,13 +152,16 @@ def plot_grad_norms(runs: list[tuple[str, GradNorms]], path: str | Path, *,
     return path
 
 
-def _records(model: nn.Module, grads: dict[int, Tensor | None]) -> GradNorms:
+def _records(model: nn.Module, grads: dict[int, Tensor | None],
+             param_norms: dict[int, Tensor] | None = None) -> GradNorms:
+    """``param_norms``: each parameter's norm when its gradient was computed (default: now)."""
     infos = [(info, p) for info, p in iter_param_info(model) if grads.get(id(p)) is not None]
     if not infos:
         return GradNorms()
     # one device sync for all norms
     gn = torch.stack([grads[id(p)].detach().float().norm() for _, p in infos]).tolist()
-    pn = torch.stack([p.detach().float().norm() for _, p in infos]).tolist()
+    pnorm = param_norms or {}
+    pn = torch.stack([pnorm[id(p)] if id(p) in pnorm else p.detach().float().norm() for _, p in infos]).tolist()
     return GradNorms(GradNormRecord(i.name, i.stack, i.layer, i.kind, g, w, p.numel())
                      for (i, p), g, w in zip(infos, gn, pn, strict=True))
 
@@ -214,6 +217,7 @@ class GradientMonitor:
         self.history: list[tuple[int, GradNorms]] = []
         self._handles: list = []
         self._pending: dict[int, Tensor] = {}  # the current step's gradients, summed
+        self._param_norms: dict[int, Tensor] = {}  # each parameter's norm at its first gradient of the step
         self._params: list[nn.Parameter] = []
         self._changed = False  # a gradient came since the current step's entry was written
 
@@ -246,6 +250,7 @@ class GradientMonitor:
     def _on_forward(self, module, args) -> None:
         self.flush()  # the finished step's final entry
         self._pending = {}
+        self._param_norms = {}
         self.step += 1
 
     def _make_hook(self, p: nn.Parameter):
@@ -254,6 +259,10 @@ class GradientMonitor:
         def hook(grad: Tensor) -> None:
             if self._sampling() and not _probes[0]:
                 prev = self._pending.get(key)
+                if prev is None:
+                    # the weights the gradient was computed at (before the optimizer's step,
+                    # whenever the entry is written)
+                    self._param_norms[key] = p.detach().float().norm()
                 # several backward calls in one step (losses backwarded one by one): their
                 # gradients add up, so the step's norm is that of the sum, not of each
                 self._pending[key] = grad.detach() if prev is None else prev + grad.detach()
@@ -270,7 +279,7 @@ class GradientMonitor:
             return
         self._changed = False
         grads = {k: v.float().square().sum().sqrt() for k, v in self._pending.items()}
-        entry = (self.step, _records(self.model, grads))
+        entry = (self.step, _records(self.model, grads, self._param_norms))
         if self.history and self.history[-1][0] == self.step:
             self.history[-1] = entry
         else:

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from normlab import functional as _F
 from normlab.diagnostics.structure import check_model
+from normlab.diagnostics.structure import in_backward as _in_backward
 from normlab.errors import NormArgumentError
 from normlab.ops import backend_ops, reference
 
@@ -142,10 +143,13 @@ class _Call:
     done = False
 
 
-def _in_backward() -> bool:
-    """Inside a backward pass (a hook run by autograd's engine, or activation checkpointing
-    recomputing a forward)."""
-    return torch._C._current_graph_task_id() != -1
+def _check_example_dim(name: str, module: nn.Module, x: Tensor) -> None:
+    shape = tuple(module.normalized_shape)
+    if x.dim() <= len(shape):
+        raise RuntimeError(
+            f"per_example_grad_norms: norm '{name}' got input of size {list(x.shape)}; "
+            f"expected [B, ..., {', '.join(map(str, shape))}] with the example along dim 0"
+        )
 
 
 def _trained(module: nn.Module) -> tuple[str, ...]:
@@ -198,7 +202,7 @@ class PerExampleGradNorms:
                 self._collect_was[name] = mod.collect_per_example_grad_sq
                 mod.collect_per_example_grad_sq = True
                 mod.per_example_grad_sq = None
-            self._handles.append(mod.register_forward_pre_hook(self._new_round))
+            self._handles.append(mod.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True))
             self._handles.append(mod.register_forward_hook(self._forward_hook(name), with_kwargs=True))
             for pname, p in mod.named_parameters(recurse=False):
                 if p.requires_grad:
@@ -284,6 +288,14 @@ class PerExampleGradNorms:
             if name in self._collect_was:
                 mod.per_example_grad_sq = None
 
+    def _pre_hook(self, name: str):
+        def hook(module, args, kwargs):
+            self._new_round(module, args)
+            x = args[0] if args else kwargs.get("input", kwargs.get("x"))
+            if isinstance(x, Tensor) and torch.is_grad_enabled() and _trained(module):
+                _check_example_dim(name, module, x)  # before a fused op's own check, which cannot name the norm
+        return hook
+
     def _forward_hook(self, name: str):
         def hook(module, args, kwargs, output):
             x = args[0] if args else kwargs.get("input", kwargs.get("x"))
@@ -311,11 +323,7 @@ class PerExampleGradNorms:
             self._pending[name] = weakref.ref(call)
             shape = tuple(module.normalized_shape)
             xd = x.detach()
-            if xd.dim() <= len(shape):
-                raise RuntimeError(
-                    f"per_example_grad_norms: norm '{name}' got input of size {list(xd.shape)}; "
-                    f"expected [B, ..., {', '.join(map(str, shape))}] with the example along dim 0"
-                )
+            _check_example_dim(name, module, xd)
 
             buffer = module.per_example_grad_sq if _from_backward(module) else None
 

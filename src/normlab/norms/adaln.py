@@ -25,8 +25,8 @@ class AdaLN(nn.Module):
     def __init__(self, dim: int, cond_dim: int, eps: float = 1e-6, device=None, dtype=None,
                  norm: str = "layernorm") -> None:
         super().__init__()
-        check_size("AdaLN", "dim", dim)
-        check_size("AdaLN", "cond_dim", cond_dim)
+        dim = check_size("AdaLN", "dim", dim)
+        cond_dim = check_size("AdaLN", "cond_dim", cond_dim)
         if norm not in ADALN_NORMS:
             raise NormArgumentError(f"AdaLN: expected norm to be one of {', '.join(ADALN_NORMS)}, got {norm!r}")
         eps = F._check_eps("AdaLN", eps, allow_none=False)

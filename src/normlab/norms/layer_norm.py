@@ -18,6 +18,7 @@ gradients g1_b + g2_b, whose norms the per-call buffers cannot give: reading
 from __future__ import annotations
 
 import numbers
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -34,7 +35,8 @@ from normlab.ops import backend_ops
 
 class _CheckedOnce:
     """Mixin: a norm call's arguments are checked once per call signature (the input's
-    type, dtype, device, rank and last dim, and the backend in force); later calls with
+    type, dtype, device, rank and last dim, the parameters' shapes, dtypes and devices, and
+    the backend in force); later calls with
     that signature go straight to the implementation the first call resolved (norms over
     one dim; over several dims every call is checked). Changing
     the parameters (``.to()``, assigning weight, bias or eps) forgets the signatures.
@@ -52,8 +54,13 @@ class _CheckedOnce:
         shape = x.shape
         # on CUDA ``auto`` chooses by size: the size class is part of the signature there
         size_class = x.numel() >= AUTO_TRITON_MIN_ELEMENTS if x.is_cuda else None
+        # the parameters' shapes, dtypes and devices too: an assignment to ``weight.data``
+        # passes no __setattr__ of the module, and the kernels trust what the check saw
+        # (args: normalized_shape, weight[, bias], eps; the modules pass both parameters)
+        w, b = args[1], (args[2] if len(args) == 4 else None)
         key = (x.__class__, x.dtype, x.device, shape[-1] if len(shape) else None, len(shape), get_backend(),
-               size_class)
+               size_class, w.shape, w.dtype, w.device,
+               None if b is None else b.shape, None if b is None else b.dtype, None if b is None else b.device)
         impls = self.__dict__.get("_impls")
         impl = impls.get(key) if impls is not None else None
         if impl is not None:
@@ -78,6 +85,11 @@ class _CheckedOnce:
 _NEW_BUFFER_OUTSIDE_GRAPH = None
 
 
+def _dropped(call: list) -> bool:
+    """A per-example call whose graph was freed before any gradient reached it."""
+    return not call[1] and call[2] is not None and call[2]() is None
+
+
 def _outside_graph():
     """``_PerExampleGradSq._new_buffer`` under ``torch.compiler.disable``, made on first use
     (when a norm's collection is switched on): disabling imports torch._dynamo, which a
@@ -92,7 +104,10 @@ class _PerExampleGradSq:
     """Mixin: ``collect_per_example_grad_sq`` switches on the per-example buffer.
 
     Each forward's buffer is kept with a flag that a gradient reaching the forward's
-    outputs sets; a forward after every earlier one got its gradient starts over."""
+    outputs sets; a forward after every earlier one got its gradient starts over. A
+    forward whose graph was freed with no gradient (a skipped step, an exception in the
+    middle of a forward) is forgotten: no backward can come for it. (Under torch.compile
+    that is not known, and such a forward counts until the next one after a backward.)"""
 
     collect_per_example_grad_sq: bool = False
     _refused_options = ""  # the options the fused per-example backward does not take
@@ -106,8 +121,14 @@ class _PerExampleGradSq:
             raise NotImplementedError(f"{type(self).__name__}: per-example gradient norms do not take "
                                       f"{self._refused_options} yet")
         buffer = self._per_example_buffer(x)
-        out = getattr(per_example, op)(x, *args, per_example_grad_sq=buffer, **kw)
-        return out if buffer is None else self._watch_backward(out)
+        if buffer is None:
+            return getattr(per_example, op)(x, *args, per_example_grad_sq=None, **kw)
+        try:
+            out = getattr(per_example, op)(x, *args, per_example_grad_sq=buffer, **kw)
+        except BaseException:
+            self._per_example_calls.pop()  # a refused call: no backward will come for it
+            raise
+        return self._watch_backward(out)
 
     def __setattr__(self, name: str, value) -> None:
         if name == "collect_per_example_grad_sq" and value:
@@ -118,16 +139,18 @@ class _PerExampleGradSq:
         """This call's [2, B] buffer, made outside any compiled graph (the backward writes
         it; allocated inside a graph it would be an intermediate the partitioner cannot
         hand back)."""
-        if not self.collect_per_example_grad_sq or self.weight is None or not torch.is_grad_enabled():
+        if (not self.collect_per_example_grad_sq or self.weight is None or not torch.is_grad_enabled()
+                or not isinstance(x, Tensor) or x.dim() == 0):  # (the op names what a bad input lacks)
             return None
         return _outside_graph()(self, x)
 
     def _new_buffer(self, x: Tensor) -> Tensor:
         calls = self.__dict__.setdefault("_per_example_calls", [])
-        if all(done for _, done in calls):
+        calls[:] = [c for c in calls if not _dropped(c)]
+        if all(c[1] for c in calls):
             calls.clear()
         buffer = torch.zeros(2, x.shape[0], dtype=torch.float32, device=x.device)
-        calls.append([buffer, False])
+        calls.append([buffer, False, None])  # [buffer, gradient came, weakref to the graph's node]
         return buffer
 
     def _watch_backward(self, result):
@@ -135,14 +158,25 @@ class _PerExampleGradSq:
         calls = self.__dict__.get("_per_example_calls")
         if calls:
             entry = calls[-1]
-            for t in result if isinstance(result, tuple) else (result,):
+            outs = result if isinstance(result, tuple) else (result,)
+            for t in outs:
                 if t.requires_grad:
                     t.register_hook(lambda grad, entry=entry: entry.__setitem__(1, True))
+            if not torch.compiler.is_compiling():
+                # the op's autograd node lives as long as the graph that can run its backward
+                node = next((t.grad_fn for t in outs if t.grad_fn is not None), None)
+                if node is None:  # nothing requires grad (frozen weights, a detached input)
+                    calls.pop()
+                    return result
+                try:
+                    entry[2] = weakref.ref(node)
+                except TypeError:  # a node without weak references: kept until a backward
+                    pass
         return result
 
     @property
     def per_example_grad_sq(self) -> Tensor | None:
-        calls = self.__dict__.get("_per_example_calls") or []
+        calls = [c for c in self.__dict__.get("_per_example_calls") or () if not _dropped(c)]
         if len(calls) > 1:
             raise RuntimeError(
                 f"{type(self).__name__}: per_example_grad_sq is undefined: the norm ran {len(calls)} "
@@ -196,6 +230,9 @@ class LayerNorm(_CheckedOnce, _PerExampleGradSq, _WeightOffset, ResidualNorm, nn
         self.__dict__["offset"] = float(offset)
         super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias,
                          device=device, dtype=dtype)
+        if weight_shape is not None and not elementwise_affine:
+            raise NormArgumentError(f"LayerNorm: weight_shape={weight_shape!r} shapes gamma and beta, which "
+                                    f"elementwise_affine=False leaves out; expected weight_shape=None there")
         if weight_shape is not None:
             dims = (weight_shape,) if isinstance(weight_shape, int) else weight_shape
             if (isinstance(dims, (str, bytes)) or not isinstance(dims, (tuple, list, torch.Size))

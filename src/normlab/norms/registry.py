@@ -7,6 +7,7 @@ file; callers (models, studies, the CLI) only ever use the registry.
 from __future__ import annotations
 
 import inspect
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -79,10 +80,12 @@ def get_norm_entry(name: str) -> NormEntry:
         ) from None
 
 
-def check_size(name: str, arg: str, value: object) -> None:
-    """A norm's size (``dim``, ``cond_dim``): an int >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+def check_size(name: str, arg: str, value: object) -> int:
+    """A norm's size (``dim``, ``cond_dim``): an int >= 1 (a numpy integer taken, as torch's
+    modules take it), returned as a plain int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise NormArgumentError(f"{name}: expected {arg} to be an int >= 1, got {value!r}")
+    return int(value)
 
 
 def build_norm(name: str, dim: int, **kw) -> nn.Module:
@@ -91,7 +94,7 @@ def build_norm(name: str, dim: int, **kw) -> nn.Module:
     ``eps`` is passed to norms that have one and ignored by those that have none
     (``dyt``, ``none``), so a model can pass its ``norm_eps`` whatever the norm."""
     entry = get_norm_entry(name)
-    check_size("build_norm", "dim", dim)
+    dim = check_size("build_norm", "dim", dim)
     if not entry.has_eps or kw.get("eps", 0.0) is None:
         kw.pop("eps", None)  # None: the norm's own default
     return entry.cls(dim, **kw)

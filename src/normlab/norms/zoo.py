@@ -11,18 +11,21 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-from normlab.errors import NormArgumentError
+from normlab.errors import NormArgumentError, NormDtypeError
 from normlab.norms.base import ResidualNorm
 from normlab.norms.registry import check_size, register_norm
 from normlab.ops.eager import refuse_second_derivative
 from normlab.ops.reference import compute_dtype
 
+_COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
 
 def _check_last_dim(name: str, x: Tensor, dim: int) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: expected input to be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise NormArgumentError(f"{name}: expected input to have a floating-point dtype, got {x.dtype}")
+    if x.dtype not in _COMPUTE_DTYPES:  # (float8: torch's ops do not compute in it, as normlab's refuse it)
+        raise NormDtypeError(f"{name}: expected input to have a floating-point dtype (float16, bfloat16, "
+                             f"float32 or float64), got {x.dtype}")
     if x.dim() == 0 or x.shape[-1] != dim:
         raise NormArgumentError(
             f"{name}: expected input with shape [*, {dim}], but got input of size{list(x.shape)}"
@@ -36,7 +39,8 @@ def _check_number(name: str, arg: str, value: object, low: float, high: float = 
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and (
         value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:
-        where = (f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or high == math.inf else ']'}")
+        where = (f"{'(' if low_open or low == -math.inf else '['}{low:g}, "
+                 f"{high:g}{')' if high_open or high == math.inf else ']'}")
         raise NormArgumentError(f"{name}: expected {arg} to be a finite number in {where}, got {value!r}")
     return float(value)
 
@@ -64,7 +68,7 @@ class ScaleNorm(ResidualNorm, nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None) -> None:
         super().__init__()
-        check_size("ScaleNorm", "dim", dim)
+        dim = check_size("ScaleNorm", "dim", dim)
         eps = _check_number("ScaleNorm", "eps", eps, 0.0, low_open=True)
         self.dim, self.eps = dim, eps
         self.g = nn.Parameter(torch.empty((), device=device, dtype=dtype))
@@ -90,7 +94,7 @@ class DyT(ResidualNorm, nn.Module):
     def __init__(self, dim: int, alpha_init: float = 0.5, elementwise_affine: bool = True,
                  device=None, dtype=None) -> None:
         super().__init__()
-        check_size("DyT", "dim", dim)
+        dim = check_size("DyT", "dim", dim)
         alpha_init = _check_number("DyT", "alpha_init", alpha_init, -math.inf)
         self.dim, self.alpha_init = dim, alpha_init
         factory = {"device": device, "dtype": dtype}
@@ -126,7 +130,7 @@ class NoNorm(ResidualNorm, nn.Module):
 
     def __init__(self, dim: int, device=None, dtype=None) -> None:
         super().__init__()
-        check_size("NoNorm", "dim", dim)
+        dim = check_size("NoNorm", "dim", dim)
         self.dim = dim
 
     def normalize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
@@ -146,7 +150,7 @@ class MaskedBatchNorm(ResidualNorm, nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
                  device=None, dtype=None) -> None:
         super().__init__()
-        check_size("MaskedBatchNorm", "dim", dim)
+        dim = check_size("MaskedBatchNorm", "dim", dim)
         eps = _check_number("MaskedBatchNorm", "eps", eps, 0.0, low_open=True)
         if momentum is not None:  # None: a cumulative average over the batches (as torch's BatchNorm)
             momentum = _check_number("MaskedBatchNorm", "momentum", momentum, 0.0, 1.0)
@@ -181,6 +185,13 @@ class MaskedBatchNorm(ResidualNorm, nn.Module):
         # padded values (even inf or nan) reach neither the statistics nor, through them,
         # the gradient: they are zeros from here on
         xf = torch.where(valid.bool(), x.to(valid.dtype), 0.0) if padding_mask is not None else x.to(valid.dtype)
+        if self.training and x.numel() == 0:
+            # an empty batch, as torch's BatchNorm takes it: counted, the running statistics
+            # kept, an empty output still joined to gamma and beta's graph
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+            y = xf if self.weight is None else xf * self.weight + self.bias
+            return y.to(x.dtype)
         if self.training:
             n = valid.sum()
             if n.item() < 2:
@@ -330,7 +341,7 @@ class PowerNorm(ResidualNorm, nn.Module):
                  warmup_iters: int = 100, affine: bool = True, device=None, dtype=None, *,
                  groups: int | None = None) -> None:
         super().__init__()
-        check_size("PowerNorm", "dim", dim)
+        dim = check_size("PowerNorm", "dim", dim)
         if groups is not None:
             if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1 or dim % groups:
                 raise NormArgumentError(f"PowerNorm: expected groups to be None or a positive int dividing "
@@ -374,7 +385,9 @@ class PowerNorm(ResidualNorm, nn.Module):
         if self.groups is not None:  # (a padded position stays 0)
             g = xf.unflatten(-1, (self.groups, self.dim // self.groups))
             xf = (g * torch.rsqrt(g.square().mean(-1, keepdim=True) + self.eps)).flatten(-2)
-        if self.training:
+        if self.training and x.numel() == 0:
+            y = xf  # an empty batch: no statistics, so no step counted (as MaskedBatchNorm's, torch's BatchNorm's)
+        elif self.training:
             if torch._C._current_graph_task_id() != -1:
                 raise RuntimeError(_POWERNORM_RECOMPUTED)
             phi = _powernorm_step()(self, xf, valid)
