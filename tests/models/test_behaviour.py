@@ -128,7 +128,7 @@ def test_rope_scores_depend_on_relative_position_only():
 
 def test_bad_inputs_give_clear_errors():
     model = TransformerLM(_cfg())
-    with pytest.raises(ValueError, match=r"seq_len <= max_seq_len=12, got 13"):
+    with pytest.raises(ValueError, match=r"with seq_len <= max_seq_len=12, got seq_len 13"):
         model(torch.zeros(1, 13, dtype=torch.long))
     with pytest.raises(ValueError, match=r"tokens of shape \[batch, seq_len\] and dtype torch.long"):
         model(torch.zeros(4, dtype=torch.long))

@@ -43,7 +43,8 @@ def check_tokens(where: str, tokens: Tensor, max_seq_len: int, vocab_size: int |
         raise ValueError(f"{where}: expected {name} of shape [batch, seq_len] and dtype torch.long (or "
                          f"torch.int), got {got}")
     if tokens.shape[1] > max_seq_len:
-        raise ValueError(f"{where}: expected seq_len <= max_seq_len={max_seq_len}, got {tokens.shape[1]}")
+        raise ValueError(f"{where}: expected {name} with seq_len <= max_seq_len={max_seq_len}, got "
+                         f"seq_len {tokens.shape[1]}")
     if (vocab_size is not None and type(tokens) is Tensor and tokens.is_cpu and tokens.numel()
             and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()):
         # (plain tensors only: a fake tensor, a DTensor or a traced value has no values to read)
@@ -139,12 +140,18 @@ class Stream(NamedTuple):
 
 
 def _add_norm(norm: nn.Module, f: Tensor | None, residual: Tensor, dropout_p: float,
-              padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+              padding_mask: Tensor | None, *, out_is_stream: bool = False) -> tuple[Tensor, Tensor]:
     """(Norm(residual + dropout(f)), residual + dropout(f)) as one fused op; f=None: no add.
 
-    The new residual keeps the residual's dtype (float32 under autocast)."""
+    The new residual keeps the residual's dtype (float32 under autocast). With
+    ``out_is_stream`` (an 'add' slot: Post-LN, DeepNorm, ResiDual) the normalized output is
+    the next residual, so it has the residual's dtype too, as torch's LayerNorm(x + f)
+    promotes to it: f is converted first (a bf16 branch under autocast rounded the
+    float32 stream to bf16 at every sublayer)."""
     if f is None:
         return norm(residual, padding_mask=padding_mask), residual
+    if out_is_stream and f.dtype != residual.dtype:
+        f = f.to(residual.dtype)
     return norm(f, residual, dropout_p=dropout_p, residual_dtype=residual.dtype, padding_mask=padding_mask)
 
 
@@ -194,6 +201,13 @@ class Block(nn.Module):
     def forward(self, stream: Stream, *, attn_mask: Tensor | None = None, is_causal: bool = False,
                 rope: tuple[Tensor, Tensor] | None = None, padding_mask: Tensor | None = None,
                 context: Tensor | None = None, context_mask: Tensor | None = None) -> Stream:
+        if (context is None) != (self.cross_attn is None):
+            # without it a decoder's cross-attention would attend to its own input, every
+            # position (future ones included); an encoder block would ignore one
+            raise ValueError("Block: a block with cross-attention (a decoder's) expects context, the encoder's "
+                             "output [B, S, d_model]; got none" if context is None else
+                             "Block: got context, but this block has no cross-attention (an encoder's or a "
+                             "decoder-only model's); expected context=None")
         p = self.dropout if self.training else 0.0
 
         def attn(h: Tensor) -> Tensor:
@@ -237,11 +251,11 @@ class Block(nn.Module):
         if norm_add is not None and place.dual_stream:
             if dropout_p > 0.0:
                 f = F.dropout(f, dropout_p, training=True)
-            x, _ = _add_norm(norm_add, f, x, 0.0, padding_mask)
+            x, _ = _add_norm(norm_add, f, x, 0.0, padding_mask, out_is_stream=True)
             return Stream(x, None, s.dual + f)
         if norm_add is not None:
             skip = x if place.skip_scale == 1.0 else x * place.skip_scale
-            x, _ = _add_norm(norm_add, f, skip, dropout_p, padding_mask)
+            x, _ = _add_norm(norm_add, f, skip, dropout_p, padding_mask, out_is_stream=True)
             return Stream(x, None, s.dual)
         return Stream(NF.dropout_add(f, x, dropout_p=dropout_p, training=dropout_p > 0.0, residual_dtype=x.dtype),
                       None, s.dual)

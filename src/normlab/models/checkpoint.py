@@ -61,7 +61,12 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
         stored = {k: _STORED_DTYPES.get(f.get_slice(k).get_dtype()) for k in f.keys()}
     if "normlab.model" not in meta or meta["normlab.model"] not in _MODELS:
         raise ValueError(f"load_model: {os.fspath(path)!r} has no normlab model metadata (was it written by save_model?)")
-    cfg = TransformerConfig.from_dict(json.loads(meta["normlab.config"]))
+    try:
+        cfg = TransformerConfig.from_dict(json.loads(meta["normlab.config"]))
+    except (KeyError, json.JSONDecodeError) as e:
+        why = "no normlab.config entry" if isinstance(e, KeyError) else f"a normlab.config that is not JSON ({e})"
+        raise ValueError(f"load_model: {os.fspath(path)!r} has {why}; expected the model's config as "
+                         f"save_model writes it") from None
     cls = _MODELS[meta["normlab.model"]]
     if cls is TransformerEncoder:
         n_out = meta.get("normlab.n_outputs")

@@ -6,6 +6,7 @@ same seed) are the same model, and ``to_dict``/``from_dict`` round-trip it throu
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from dataclasses import asdict, dataclass, fields
@@ -150,6 +151,9 @@ class TransformerConfig:
             )
         if self.norm_options is not None:
             object.__setattr__(self, "norm_options", _plain_options(self.norm_options))
+            if "eps" in self.norm_options:
+                raise ValueError("TransformerConfig: norm_options sets eps, which is the field norm_eps; "
+                                 "expected norm_eps=... and norm_options without 'eps'")
         from normlab.norms import build_norm
 
         # one norm of the config, built here at d_model: an eps or an option the norm refuses
@@ -179,6 +183,14 @@ class TransformerConfig:
             )
         if self.placement_options is not None:
             self._check_placement_options()
+        if "inner" in get_placement(self.placement).slots and self.d_ff != self.d_model:
+            # the FFN's inner norm (Sub-LN) is d_ff wide: a size rule of the norm (PowerNorm's
+            # groups) is named here, as d_ff's, not when the model is built
+            try:
+                build_norm(self.norm, self.d_ff, eps=self.norm_eps, **(self.norm_options or {}))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"TransformerConfig: placement {self.placement!r} puts a {self.norm!r} norm "
+                                 f"inside the FFN, over d_ff={self.d_ff} features, which it refuses: {e}") from None
         for name in ("embedding_norm", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TransformerConfig: expected {name} to be a bool, got {getattr(self, name)!r}")
@@ -213,6 +225,10 @@ class TransformerConfig:
     def to_dict(self) -> dict[str, Any]:
         """A plain, JSON-serialisable dict of every field."""
         return asdict(self)
+
+    def __hash__(self) -> int:
+        # (the option dicts are not hashable: the fields as JSON, as equal configs write them)
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TransformerConfig:
@@ -253,6 +269,8 @@ def _plain_options(opts: dict[str, Any]) -> dict[str, Any]:
             return type(v)(plain(x) for x in v)
         if type(v) is dict:
             return {k: plain(x) for k, x in v.items()}
+        if type(v).__module__ == "numpy" and isinstance(getattr(v, "item", lambda: None)(), bool):
+            return bool(v)  # numpy's bool (not a numbers.Real)
         if isinstance(v, bool) or not isinstance(v, numbers.Real):
             return v
         if isinstance(v, numbers.Integral):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 from torch import Tensor, nn
 
 from normlab.models.block import BlockStack, Embedding, check_padding_mask, check_tokens
@@ -19,9 +21,10 @@ class TransformerEncoder(BlockStack):
     DeepNorm/Sub-LN constants are the encoder-only ones for N = n_layers."""
 
     def __init__(self, cfg: TransformerConfig, n_outputs: int | None = None) -> None:
-        if n_outputs is not None and (isinstance(n_outputs, bool) or not isinstance(n_outputs, int)
+        if n_outputs is not None and (isinstance(n_outputs, bool) or not isinstance(n_outputs, numbers.Integral)
                                       or n_outputs < 1):
             raise ValueError(f"TransformerEncoder: expected n_outputs to be None or an int >= 1, got {n_outputs!r}")
+        n_outputs = None if n_outputs is None else int(n_outputs)
         placement = build_placement(cfg, "encoder", cfg.n_layers, 0)
         super().__init__(cfg, placement, cfg.n_layers, causal=False)
         self.cfg = cfg
