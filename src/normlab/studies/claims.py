@@ -207,6 +207,7 @@ class Best:
     without: dict[int, dict[int, float]] = field(default_factory=dict)
     # (setting, seed) cells that held more than one run: the last is read (runs_of's order)
     duplicates: tuple[str, ...] = ()
+    ran: dict[tuple, int] = field(default_factory=dict)  # setting -> seeds run (default: ``seeds``)
 
     def _edges(self) -> tuple[float, ...]:
         lrs = sorted(set(self.lrs) | {s[0] for s in self.sweep})
@@ -231,7 +232,8 @@ class Best:
 
     @property
     def all_failed(self) -> bool:
-        return all(n >= self.seeds for n in self.failures.values())
+        """Every run of the sweep failed (a setting that lacks a seed included)."""
+        return all(n >= self.ran.get(st, self.seeds) for st, n in self.failures.items())
 
     def text(self, name: str) -> str:
         if self.all_failed:
@@ -247,7 +249,10 @@ class Best:
     def caveats(self, name: str) -> list[str]:
         out = [f"{name}: {d}" for d in self.duplicates]
         if self.all_failed:
-            return [f"every run of {name} failed: it is compared as the unigram baseline"]
+            out.append(f"every run of {name} failed: it is compared as the unigram baseline")
+            if not self.complete:
+                out.append(f"{name}'s sweep is incomplete: " + "; ".join(self.gaps))
+            return out
         if self.at_edge:
             out.append(f"{name}'s best lr is at the edge of the sweep: a better one may lie outside it")
         off = {seed: lr for seed, lr in self.edge_seeds.items() if lr != self.setting[0]}
@@ -310,9 +315,10 @@ def best_setting(runs: list[Result], value: Callable[[Result, str], float] | Non
         elif lacking:
             gaps.append(f"{_setting_text(st)} lacks seed{'s' if len(lacking) > 1 else ''} {_list(lacking)}")
     return Best(setting=choose(()), by_seed=by_seed, chosen=chosen, sweep=sweep,
-                failures={st: sum(failed(r) for r in bs.values()) for st, bs in cells.items()},
+                # (failed as the judged values say: on the test half)
+                failures={st: sum(failed_on(r, "test") for r in bs.values()) for st, bs in cells.items()},
                 seeds=len(seeds), complete=not gaps, metric=metric, gaps=tuple(gaps), lrs=tuple(all_lrs),
-                without=without,
+                without=without, ran={st: len(bs) for st, bs in cells.items()},
                 duplicates=tuple(f"{n + 1} runs at {_setting_text(st)} with seed {seed} (a setting the sweep does "
                                  "not tell apart, such as another warm-up): only the last is read"
                                  for (st, seed), n in sorted(dups.items(), key=lambda kv: (kv[0][0][0], kv[0][1]))))
@@ -341,9 +347,10 @@ def _none_first(x: Any) -> tuple:
 
 
 def _mostly_failed(best: Best, runs: list[Result]) -> bool:
-    """More than half the seeds failed at the settings chosen for them."""
+    """More than half the seeds failed at the settings chosen for them, on the test half,
+    whose values are judged (``judged_loss``)."""
     by = {(_setting(r), r["seed"]): r for r in runs}
-    fails = sum(failed(by[(st, seed)]) for seed, st in best.chosen.items())
+    fails = sum(failed_on(by[(st, seed)], "test") for seed, st in best.chosen.items())
     return fails * 2 > len(best.chosen)
 
 
@@ -747,6 +754,9 @@ def _warmup_text(cells: dict[tuple[str, bool], dict[int, float]]) -> str:
             f"Pre-LN {m[('pre', False)]:.3f} / {m[('pre', True)]:.3f}")
 
 
+_PLACEMENT_NAMES = {"post": "Post-LN", "pre": "Pre-LN"}
+
+
 def _warmup_each_lr(results: list[Result]) -> list[Measurement]:
     groups = _warmup_runs(results)
     if not all(groups.values()):
@@ -759,12 +769,17 @@ def _warmup_each_lr(results: list[Result]) -> list[Measurement]:
     for lr in lrs:
         cells = {k: at_setting(rs, lr) for k, rs in groups.items()}
         i = _interaction(cells)
-        failures = {k: sum(failed(r) for r in rs if r["lr"] == lr) for k, rs in groups.items()}
+        failures = {k: sum(failed_on(r, "test") for r in rs if r["lr"] == lr) for k, rs in groups.items()}
         fails = ", ".join(f"{'Post-LN' if p == 'post' else 'Pre-LN'} {'with' if w else 'without'} warm-up {n}"
                           for (p, w), n in failures.items())
-        post_always = all(failures[("post", w)] == len(cells[("post", w)]) for w in (False, True))
-        note = ("Post-LN failed on every seed with and without warm-up at this lr: the statistic would "
-                "measure Pre-LN alone") if post_always else None
+        # a placement failed on every seed with and without warm-up gains nothing either way:
+        # the interaction would measure the other placement alone
+        always = [p for p in ("post", "pre") if all(failures[(p, w)] == len(cells[(p, w)]) for w in (False, True))]
+        note = (f"{_PLACEMENT_NAMES[always[0]]} failed on every seed with and without warm-up at this lr: the "
+                f"statistic would measure {_PLACEMENT_NAMES['pre' if always[0] == 'post' else 'post']} alone"
+                if len(always) == 1 else
+                "both Post-LN and Pre-LN failed on every seed with and without warm-up at this lr: the statistic "
+                "is between baselines" if always else None)
         out.append(Measurement(f"@lr={lr:g}", i, f"lr {lr:g}: {_warmup_text(cells)}; what warm-up buys Post-LN "
                                f"minus what it buys Pre-LN: {_ci_text(i, ' nats')}; failed runs: {fails}",
                                run_setup(every, i.n), tuple(_interaction_caveats(cells, f" at lr {lr:g}")),
@@ -792,9 +807,12 @@ def _warmup_best(results: list[Result]) -> list[Measurement]:
         _interaction_caveats(cells, " at its chosen lr"))
     # as the per-lr rows: with Post-LN failed on most seeds with and without warm-up, the
     # interaction is what warm-up buys Pre-LN alone
-    post_failed = all(_mostly_failed(best[("post", w)], groups[("post", w)]) for w in (False, True))
-    note = ("most seeds of Post-LN failed at their chosen lr with and without warm-up: the statistic would "
-            "measure Pre-LN alone") if post_failed else None
+    mostly = [p for p in ("post", "pre") if all(_mostly_failed(best[(p, w)], groups[(p, w)]) for w in (False, True))]
+    note = (f"most seeds of {_PLACEMENT_NAMES[mostly[0]]} failed at their chosen lr with and without warm-up: the "
+            f"statistic would measure {_PLACEMENT_NAMES['pre' if mostly[0] == 'post' else 'post']} alone"
+            if len(mostly) == 1 else
+            "most seeds of both Post-LN and Pre-LN failed at their chosen lr with and without warm-up: the "
+            "statistic is between baselines" if mostly else None)
     every = [r for rs in groups.values() for r in rs]
     return [Measurement("@best-lr", i, f"each at its own best lr: {detail}; interaction {_ci_text(i, ' nats')}",
                         run_setup(every, i.n), caveats, note, used=tuple(every), over=JACKKNIFE_OVER)]
@@ -1616,6 +1634,8 @@ GRAY = "Gray et al. 2024, Normalization Layer Per-Example Gradients are Sufficie
 GRAY_SETUP = ("paper: GPT-2-style models up to 111M parameters pre-trained on OpenWebText, the noise scale tracked "
               "through training")
 LOG_SLOPE = math.log(math.log(24) / math.log(6)) / math.log(4)  # ln ln N against ln N between 6 and 24 layers
+# the same between 6 and 48 layers, full's amplification depths (the margins were fixed at 6-24, quick's)
+LOG_SLOPE_48 = math.log(math.log(48) / math.log(6)) / math.log(8)
 
 CLAIMS: dict[str, Claim] = {c.id: c for c in [
     Claim("xiong-postln-grad-grows", "Post-LN's gradients at initialization grow toward the output", (XIONG,),
@@ -1656,14 +1676,15 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in [
     Claim("init-depth-post", "Post-LN's last-layer gradient at init does not depend on depth", (XIONG,),
           "Theorem 1: at initialization the gradient of the last layer's W2 is O(d sqrt(ln d)) in Post-LN, "
           "independent of the number of layers L.",
-          "e, the exponent of L in the last-layer |grad W2| (slope of its log against ln L over 6-48 layers, "
-          "fitted per seed); mean over seeds", "equivalence", XIONG_SETUP, _init_depth("post", 0.0),
+          "e, the exponent of L in the last-layer |grad W2| (slope of its log against ln L over the probe depths "
+          "from 6 layers, named in the row: 6-48 in quick, to 96 in full), fitted per seed; mean over seeds", "equivalence", XIONG_SETUP, _init_depth("post", 0.0),
           Margin(0.25, "halfway from the claimed exponent 0 to Pre-LN's -0.5, the alternative the theorem "
                  "sets it against")),
     Claim("init-depth-pre", "Pre-LN's last-layer gradient at init shrinks like 1/sqrt(L)", (XIONG,),
           "Theorem 1: at initialization the gradient of the last layer's W2 is O(d sqrt(ln d / L)) in "
           "Pre-LN: it shrinks like L^-0.5.",
-          "e + 0.5, e the exponent of L in the last-layer |grad W2| over 6-48 layers, fitted per seed",
+          "e + 0.5, e the exponent of L in the last-layer |grad W2| over the probe depths from 6 layers (named in "
+          "the row), fitted per seed",
           "equivalence", XIONG_SETUP, _init_depth("pre", -0.5),
           Margin(0.25, "halfway from the claimed exponent -0.5 to the alternatives 0 (depth-independent) "
                  "and -1")),
@@ -1677,7 +1698,8 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in [
           "slope of ln ||dF||^2 against ln N, minus 1, fitted per seed", "equivalence", LIU_SETUP,
           _update_exponent("post", math.log, 1.0, "ln N"),
           Margin(0.3, f"about halfway from the claimed exponent 1 to the log-N law's effective exponent at "
-                 f"6-24 layers ({LOG_SLOPE:.2f}); N^2 would be 1 away")),
+                 f"6-24 layers ({LOG_SLOPE:.2f}; {LOG_SLOPE_48:.2f} at 6-48, where full probes); N^2 would be 1 "
+                 "away")),
     Claim("liu-preln-update-slower", "Pre-LN's output change grows more slowly with depth than Post-LN's", (LIU,),
           "Pre-LN's output change after an update grows like log N, Post-LN's like N (Theorem 2): "
           "Pre-LN's grows more slowly with depth.",
@@ -1688,15 +1710,15 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in [
           "slope of ln ||dF||^2 against ln ln N, minus 1, fitted per seed", "equivalence", LIU_SETUP,
           _update_exponent("pre", lambda n: math.log(math.log(n)), 1.0, "ln ln N"),
           Margin(0.7, "halfway from the claimed 1 to linear growth in N, whose slope against ln ln N is "
-                 f"{1 / LOG_SLOPE:.2f} at 6-24 layers")),
+                 f"{1 / LOG_SLOPE:.2f} at 6-24 layers ({1 / LOG_SLOPE_48:.2f} at 6-48)")),
     Claim("deepnet-update-bounded", "DeepNorm keeps the model update bounded as depth grows", (DEEPNET,),
           "DeepNorm's alpha and beta bound the model update by a constant independent of the depth N "
           "(Sec. 4), where Post-LN's grows with N.",
           "slope of ln ||dF||^2 against ln N for DeepNorm, fitted per seed; mean over seeds", "equivalence",
           DEEPNET_SETUP + "; " + UPDATE_NOTE,
           _update_exponent("deepnorm", math.log, 0.0, "ln N"),
-          Margin(0.2, f"half the log-N law's effective exponent at 6-24 layers ({LOG_SLOPE:.2f}): a bounded "
-                 "update is told apart from Pre-LN's claimed slow growth")),
+          Margin(0.2, f"half the log-N law's effective exponent at 6-24 layers ({LOG_SLOPE:.2f}; "
+                 f"{LOG_SLOPE_48:.2f} at 6-48): a bounded update is told apart from Pre-LN's claimed slow growth")),
     Claim("preln-activations-grow", "Pre-LN's residual stream grows large during training", (PERI,),
           "In Pre-LN the hidden states' magnitude grows during training, up to massive activations, because "
           "every sublayer adds its unnormalized output to the stream (Sec. 3-4, the hidden-state norms by "
@@ -2032,6 +2054,41 @@ def missing_runs(specs: Iterable[RunSpec], finished: Iterable[str], raised: Iter
     return out
 
 
+def _name_unreadable(m: Measurement, results: list[Result]) -> Measurement:
+    """A row not measured though the runs it reads finished (every value they hold not
+    finite, or not > 0 where its log is taken: a stream or probe that overflowed) names
+    them: they are evidence, not absent."""
+    if m.interval.n or not m.wanted or m.used:
+        return m
+    runs = {r.get("name", "?"): r for study, match in m.wanted for r in runs_of(results, study, **dict(match))}
+    if not runs:
+        return m
+    blown = sorted(name for name, r in runs.items() if _non_finite(r))
+
+    def names(xs: list[str]) -> str:
+        return ", ".join(xs[:8]) + (f", and {len(xs) - 8} more" if len(xs) > 8 else "")
+    if blown:
+        return replace(m, detail=m.detail + f"; {len(blown)} run(s) it would read finished with values not finite "
+                       f"({names(blown)}): left out as the statistic cannot weigh them, which leaves it nothing")
+    return replace(m, detail=m.detail + f"; {len(runs)} run(s) it would read finished ({names(sorted(runs))}) "
+                   "with nothing it can weigh: values not > 0 where the statistic takes its log, not recorded, or "
+                   "short of what it needs")
+
+
+def _non_finite(value: Any, key: str = "") -> bool:
+    """A result (or one of its fields) holding a number that is not finite, its losses
+    aside (whether a run failed is the failure rule's to say)."""
+    if "loss" in key:
+        return False
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return not math.isfinite(value)
+    if type(value) is dict:
+        return any(_non_finite(v, k if isinstance(k, str) else "") for k, v in value.items())
+    if type(value) in (list, tuple):
+        return any(_non_finite(v) for v in value)
+    return False
+
+
 def judge(claim: Claim, results: list[Result], margin: Margin | None = None,
           missing: Iterable[Result] = ()) -> list[dict[str, Any]]:
     """The claims.json rows of ``claim`` on ``results``, judged against ``margin``
@@ -2051,6 +2108,7 @@ def judge(claim: Claim, results: list[Result], margin: Margin | None = None,
         measured = sorted(measured + unjudged, key=lambda m: m.planned.value if m.planned else math.inf)
     for m in measured:
         m = replace(m, caveats=m.caveats + tuple(_missing_caveats(m, missing)) + tuple(_moved_caveats(m, missing)))
+        m = _name_unreadable(m, results)
         if claim.test == "sanity":
             outcome = "sanity"
             ci = m.interval.ci95  # (None for a bound that was not measured)
@@ -2078,8 +2136,11 @@ def judge(claim: Claim, results: list[Result], margin: Margin | None = None,
                 m = replace(m, caveats=m.caveats + (_equal_units_caveat(m.interval, "round" if timing else "seed"),))
             ci = m.interval.ci95
             kind = m.over or "seeds"
-            interval = (f"95% delete-one-seed jackknife (t, n - 1 df) over {kind.split(',')[0]}"
-                        if kind == JACKKNIFE_OVER else f"95% Student-t over {kind}")
+            interval = (f"95% Student-t over {kind}" if kind != JACKKNIFE_OVER
+                        else f"95% delete-one-seed jackknife (t, n - 1 df) over {kind.split(',')[0]}" if m.interval.n != 2
+                        # (two seeds: the wider of the jackknife's and the t-interval, ``cross_fitted_ci``)
+                        else f"95%, the wider of the delete-one-seed jackknife and Student-t intervals over "
+                             f"{kind.split(',')[0]} (two seeds)")
         rows.append({
             "id": claim.id + m.suffix,
             "claim": claim.id,

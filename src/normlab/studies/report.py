@@ -326,7 +326,7 @@ def plot_expressivity(results: list[Result], metrics: dict[str, list], path: Pat
     depth = max((len(r["unselectable_by_layer"]) for r in keys), default=0)
     axes[1].set_xticks(range(1, depth + 1))
     _finish(axes[0], "step", "validation accuracy", "Majority, one layer of width 8")
-    _finish(axes[1], "layer", "fraction of attention inputs", "Unselectable keys, byte-level LM of width 8")
+    _finish(axes[1], "layer", "fraction of attention inputs", "Unselectable attention inputs, byte-level LM of width 8")
     return _save(fig, path)
 
 
@@ -452,7 +452,7 @@ def plot_depth(results: list[Result], path: Path) -> Path | None:
     ax.set_xscale("log", base=2)
     ax.set_xticks(depths_all, [str(n) for n in depths_all])
     ax.minorticks_off()
-    _finish(ax, "layers", "test loss, cross-fitted best lr", "Depth (95% CI over seeds)")
+    _finish(ax, "layers", "test loss, cross-fitted best lr", "Depth (95% jackknife CI over seeds)")
     return _save(fig, path)
 
 
@@ -475,7 +475,7 @@ def plot_norms(results: list[Result], path: Path) -> Path | None:
                     fmt="o", color=_color(n, i), capsize=5, ms=6)
     ax.set_xticks(range(len(names)), names, rotation=30)
     ax.set_xlim(-0.6, len(names) - 0.4)
-    _finish(ax, "norm", "test loss, cross-fitted best setting", "Norms at Pre-LN (mean, 95% CI over seeds)")
+    _finish(ax, "norm", "test loss, cross-fitted best setting", "Norms at Pre-LN (mean, 95% jackknife CI over seeds)")
     if ax.get_legend() is not None:  # below the rotated norm names and the axis label
         ax.get_legend().set_bbox_to_anchor((0.5, -0.38))
     return _save(fig, path)
@@ -603,8 +603,15 @@ def bound_text(x: float, margin: float | None = None) -> str:
     """An interval bound to 3 decimals, to 5 within 5e-4 of the margin (or its negative):
     rounded there, a bound of 0.0496 (agrees, margin 0.05) and one of 0.0504
     (inconclusive) would both read +0.050."""
-    near = margin is not None and any(abs(x - m) < 5e-4 for m in (margin, -margin))
-    return f"{x:+.5f}" if near else f"{x:+.3f}"
+    near = [m for m in ((margin, -margin) if margin is not None else ()) if abs(x - m) < 5e-4]
+    if not near:
+        return f"{x:+.3f}"
+    m = near[0]
+    for digits in range(5, 16):  # as many as it takes for the text to stay on x's side of the margin
+        text = f"{x:+.{digits}f}"
+        if x == m or (float(text) - m) * (x - m) > 0:
+            return text
+    return repr(x)
 
 
 def judged_margin(row: dict[str, Any]) -> float | None:
@@ -650,7 +657,7 @@ def write_html(out: Path, study_name: str, description: str, rows: list[dict[str
                      "on the runs that finished. Tracebacks are in summary.json.</p><table>"
                      "<tr><th>run</th><th>error</th></tr>")
         for name, text in failures.items():
-            parts.append(f"<tr><td class='name'>{esc(name)}</td><td>{esc(text.splitlines()[-1])}</td></tr>")
+            parts.append(f"<tr><td class='name'>{esc(name)}</td><td>{esc((text.splitlines() or ['?'])[-1])}</td></tr>")
         parts.append("</table>")
     if rows:
         parts.append(

@@ -78,16 +78,22 @@ def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _fmean(xs: Sequence[float]) -> float:
+    """The mean, its sum correctly rounded (math.fsum) where every value is finite, so
+    that it does not depend on the values' order."""
+    return math.fsum(xs) / len(xs) if all(math.isfinite(x) for x in xs) else sum(xs) / len(xs)
+
+
 def mean_ci(values: Sequence[float]) -> Interval:
     """Mean of ``values`` with its 95% t-interval (nan bounds for fewer than 2 values)."""
     xs = [float(v) for v in values]
     n = len(xs)
     if n == 0:
         return Interval(math.nan, math.nan, math.nan, 0)
-    m = sum(xs) / n
+    m = _fmean(xs)
     if n < 2 or not all(math.isfinite(x) for x in xs):
         return Interval(m, math.nan, math.nan, n)
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+    sd = math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (n - 1))
     half = t975(n - 1) * sd / math.sqrt(n)
     return Interval(m, m - half, m + half, n)
 
@@ -106,7 +112,7 @@ def jackknife_ci(full: dict, without: dict) -> Interval:
     if n == 0:
         return Interval(math.nan, math.nan, math.nan, 0)
     xs = [float(full[k]) for k in keys]
-    m = sum(xs) / n
+    m = _fmean(xs)
     if n < 2 or not all(math.isfinite(x) for x in xs):
         return Interval(m, math.nan, math.nan, n)
     thetas = []
@@ -114,9 +120,9 @@ def jackknife_ci(full: dict, without: dict) -> Interval:
         rest = [float(v) for kk, v in without.get(k, {}).items() if kk != k]
         if not rest or not all(math.isfinite(v) for v in rest):
             return Interval(m, math.nan, math.nan, n)
-        thetas.append(sum(rest) / len(rest))
-    tm = sum(thetas) / n
-    se = math.sqrt((n - 1) / n * sum((t - tm) ** 2 for t in thetas))
+        thetas.append(_fmean(rest))
+    tm = _fmean(thetas)
+    se = math.sqrt((n - 1) / n * math.fsum((t - tm) ** 2 for t in thetas))
     half = t975(n - 1) * se
     return Interval(m, m - half, m + half, n)
 
