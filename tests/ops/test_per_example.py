@@ -255,10 +255,13 @@ def test_module_buffer_refuses_a_norm_called_twice_before_backward(cls):
     for _ in range(2):
         m(x).square().sum().backward()
         assert m.per_example_grad_sq.shape == (2, 3)
-    # a forward whose backward never ran, then a normal step: the stale call makes reading refuse
-    m(x)
+    # a forward whose graph is still held and whose backward never ran, then a normal
+    # step: the pending call makes reading refuse (its backward may still come)
+    held = m(x)
     m(x).square().sum().backward()
     with pytest.raises(RuntimeError, match="ran 2 times"):
         _ = m.per_example_grad_sq
+    del held  # its graph freed: no backward can come, and the call is forgotten
+    assert m.per_example_grad_sq.shape == (2, 3)
     m.per_example_grad_sq = None
     assert m.per_example_grad_sq is None
