@@ -134,3 +134,10 @@ def test_messages():
         DyT(8, alpha_init=float("nan"))
     with pytest.raises(NormArgumentError, match="elementwise_affine=False"):
         normlab.LayerNorm(5, elementwise_affine=False, weight_shape=(3, 5))
+
+
+@pytest.mark.parametrize("name", ["scalenorm", "dyt", "batchnorm", "powernorm"])
+def test_a_bad_residual_is_named_as_the_norms_call(name):
+    norm = normlab.build_norm(name, 4)
+    with pytest.raises(NormArgumentError, match=rf"^{type(norm).__name__}: expected residual"):
+        norm(torch.randn(2, 4), torch.randn(3, 4))

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from normlab import functional as F
+from normlab.errors import NormArgumentError
 
 
 class ResidualNorm:
@@ -30,9 +31,12 @@ class ResidualNorm:
     def add_normalize(self, x: Tensor, residual: Tensor, dropout_p: float,
                       residual_dtype: torch.dtype | None,
                       padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        new_residual = F.dropout_add(
-            x, residual, dropout_p=dropout_p, training=self.training, residual_dtype=residual_dtype
-        )
+        try:
+            new_residual = F.dropout_add(
+                x, residual, dropout_p=dropout_p, training=self.training, residual_dtype=residual_dtype
+            )
+        except NormArgumentError as e:  # named as this norm's call, not the op inside it
+            raise type(e)(str(e).replace("dropout_add:", f"{type(self).__name__}:", 1)) from None
         return self.normalize(new_residual, padding_mask).to(x.dtype), new_residual
 
     def forward(self, x: Tensor, residual: Tensor | None = None, *, dropout_p: float = 0.0,
