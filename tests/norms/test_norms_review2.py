@@ -141,3 +141,16 @@ def test_a_bad_residual_is_named_as_the_norms_call(name):
     norm = normlab.build_norm(name, 4)
     with pytest.raises(NormArgumentError, match=rf"^{type(norm).__name__}: expected residual"):
         norm(torch.randn(2, 4), torch.randn(3, 4))
+
+
+def test_masked_batchnorm_compiles_whole_with_a_padding_mask():
+    torch.manual_seed(0)
+    m, ref = MaskedBatchNorm(8), MaskedBatchNorm(8)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 5, 8)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[0, 3:] = True
+    torch.testing.assert_close(compiled(x, padding_mask=mask), ref(x, padding_mask=mask))
+    torch.testing.assert_close(m.running_var, ref.running_var)
+    with pytest.raises(RuntimeError, match="more than 1 real|assertion failed"):  # checked as the graph runs
+        compiled(x, padding_mask=torch.ones(2, 5, dtype=torch.bool))

@@ -194,7 +194,10 @@ class MaskedBatchNorm(ResidualNorm, nn.Module):
             return y.to(x.dtype)
         if self.training:
             n = valid.sum()
-            if n.item() < 2:
+            if torch.compiler.is_compiling():  # (a value the trace cannot branch on: checked when the graph runs)
+                torch._check_tensor_all(n >= 2, lambda: "MaskedBatchNorm: expected more than 1 real (unpadded) "
+                                                        "position per channel when training")
+            elif n.item() < 2:
                 raise NormArgumentError(
                     f"MaskedBatchNorm: expected more than 1 real (unpadded) position per channel "
                     f"when training, got {int(n.item())}"
