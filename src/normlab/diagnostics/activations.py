@@ -150,7 +150,8 @@ class ActivationMonitor:
         return self.step >= 0 and self.step % self.every == 0 and not _replays[0] and not in_backward()
 
     def _on_root(self, module, args) -> None:
-        self.step += 1
+        if not in_backward():  # (the model's forward recomputed by checkpointing is no new step)
+            self.step += 1
 
     def _block_hook(self, path: str, stack: str, layer: int):
         def hook(module, args, output):

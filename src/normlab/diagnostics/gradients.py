@@ -23,7 +23,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from normlab.diagnostics.structure import SUBLAYER_KINDS, check_every, check_model, iter_param_info
+from normlab.diagnostics.structure import (
+    SUBLAYER_KINDS,
+    check_every,
+    check_model,
+    in_backward,
+    iter_param_info,
+)
 from normlab.errors import NormArgumentError
 
 _probes = [0]  # > 0 while normlab computes gradients for a measurement of its own (``probing``)
@@ -248,6 +254,8 @@ class GradientMonitor:
         return self.step >= 0 and self.step % self.every == 0
 
     def _on_forward(self, module, args) -> None:
+        if in_backward():  # the model's forward recomputed by checkpointing: no new step
+            return
         self.flush()  # the finished step's final entry
         self._pending = {}
         self._param_norms = {}

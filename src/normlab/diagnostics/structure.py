@@ -53,8 +53,9 @@ from normlab.norms.registry import is_norm
 
 def in_backward() -> bool:
     """Inside a backward pass (a hook run by autograd's engine, or activation checkpointing
-    recomputing a forward): the monitors do not count such a forward again."""
-    return torch._C._current_graph_task_id() != -1
+    recomputing a forward): the monitors do not count such a forward again. (Not known
+    inside a compiled graph, which dynamo traces: False there.)"""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 def check_model(where: str, model: object) -> None:

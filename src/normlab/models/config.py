@@ -6,7 +6,6 @@ same seed) are the same model, and ``to_dict``/``from_dict`` round-trip it throu
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 from dataclasses import asdict, dataclass, fields
@@ -227,8 +226,9 @@ class TransformerConfig:
         return asdict(self)
 
     def __hash__(self) -> int:
-        # (the option dicts are not hashable: the fields as JSON, as equal configs write them)
-        return hash(json.dumps(self.to_dict(), sort_keys=True))
+        # (the option dicts are not hashable: their items as frozensets, so that configs
+        # equal as dataclasses, 1 and 1.0 or 0.0 and -0.0 alike, hash alike)
+        return hash(tuple(_frozen(getattr(self, f.name)) for f in fields(self)))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TransformerConfig:
@@ -241,6 +241,15 @@ class TransformerConfig:
                 f"expected any of: {', '.join(sorted(known))}"
             )
         return cls(**d)
+
+
+def _frozen(v: object) -> object:
+    """``v`` hashable: dicts as frozensets of their items, lists as tuples."""
+    if isinstance(v, dict):
+        return frozenset((k, _frozen(x)) for k, x in v.items())
+    if isinstance(v, (list, tuple)):
+        return tuple(_frozen(x) for x in v)
+    return v
 
 
 def _as_float(v: object) -> float | None:

@@ -35,8 +35,8 @@ from normlab.ops import backend_ops
 
 class _CheckedOnce:
     """Mixin: a norm call's arguments are checked once per call signature (the input's
-    type, dtype, device, rank and last dim, the parameters' shapes, dtypes and devices, and
-    the backend in force); later calls with
+    type, dtype, device, rank and last dim, and the backend in force; the parameters'
+    shapes as it saw them); later calls with
     that signature go straight to the implementation the first call resolved (norms over
     one dim; over several dims every call is checked). Changing
     the parameters (``.to()``, assigning weight, bias or eps) forgets the signatures.
@@ -54,19 +54,19 @@ class _CheckedOnce:
         shape = x.shape
         # on CUDA ``auto`` chooses by size: the size class is part of the signature there
         size_class = x.numel() >= AUTO_TRITON_MIN_ELEMENTS if x.is_cuda else None
-        # the parameters' shapes, dtypes and devices too: an assignment to ``weight.data``
-        # passes no __setattr__ of the module, and the kernels trust what the check saw
-        # (args: normalized_shape, weight[, bias], eps; the modules pass both parameters)
-        w, b = args[1], (args[2] if len(args) == 4 else None)
         key = (x.__class__, x.dtype, x.device, shape[-1] if len(shape) else None, len(shape), get_backend(),
-               size_class, w.shape, w.dtype, w.device,
-               None if b is None else b.shape, None if b is None else b.dtype, None if b is None else b.device)
+               size_class)
+        # (args: normalized_shape, weight[, bias], eps; either None where the norm has none)
+        w, b = args[1], (args[2] if len(args) == 4 else None)
         impls = self.__dict__.get("_impls")
-        impl = impls.get(key) if impls is not None else None
-        if impl is not None:
-            return impl(x, *args)
+        hit = impls.get(key) if impls is not None else None
+        # the parameters' shapes as the check saw them: an assignment to ``weight.data``
+        # passes no __setattr__ of the module, and the kernels read as many values as it saw
+        if hit is not None and (w is None or w.shape == hit[1]) and (b is None or b.shape == hit[2]):
+            return hit[0](x, *args)
         out = public(x, *args)  # raises normlab's argument errors for a bad call
-        self.__dict__.setdefault("_impls", {})[key] = getattr(backend_ops(x), op)
+        self.__dict__.setdefault("_impls", {})[key] = (getattr(backend_ops(x), op), None if w is None else w.shape,
+                                                      None if b is None else b.shape)
         return out
 
     def _forget_signatures(self) -> None:
@@ -83,6 +83,24 @@ class _CheckedOnce:
 
 
 _NEW_BUFFER_OUTSIDE_GRAPH = None
+
+
+class _MarkDone:
+    """A per-example call's gradient hook: marks the call done (a weak reference to it
+    tells whether the call's graph is still held)."""
+
+    __slots__ = ("entry", "__weakref__")
+
+    def __init__(self, entry: list) -> None:
+        self.entry = entry
+
+    def __call__(self, grad: Tensor) -> None:
+        self.entry[1] = True
+
+
+def _graph_held(calls: list | None) -> bool:
+    """The latest per-example call's graph is still held (its hook alive)."""
+    return bool(calls) and calls[-1][2] is not None and calls[-1][2]() is not None
 
 
 def _dropped(call: list) -> bool:
@@ -107,7 +125,9 @@ class _PerExampleGradSq:
     outputs sets; a forward after every earlier one got its gradient starts over. A
     forward whose graph was freed with no gradient (a skipped step, an exception in the
     middle of a forward) is forgotten: no backward can come for it. (Under torch.compile
-    that is not known, and such a forward counts until the next one after a backward.)"""
+    that is not known: such a forward counts until ``per_example_grad_sq = None``.) A
+    forward that activation checkpointing runs again inside the backward is not a call:
+    the first forward's buffer is the one its backward fills."""
 
     collect_per_example_grad_sq: bool = False
     _refused_options = ""  # the options the fused per-example backward does not take
@@ -120,6 +140,13 @@ class _PerExampleGradSq:
         if not self.per_example_in_backward:
             raise NotImplementedError(f"{type(self).__name__}: per-example gradient norms do not take "
                                       f"{self._refused_options} yet")
+        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1 and \
+                _graph_held(self.__dict__.get("_per_example_calls")):
+            # a forward inside the backward of the latest call's graph: non-reentrant
+            # checkpointing recomputing it (reentrant checkpointing's first forward ran
+            # without grad, so recorded no call); a buffer of the same shape, which nothing reads
+            buffer = self._per_example_buffer(x, record=False)
+            return getattr(per_example, op)(x, *args, per_example_grad_sq=buffer, **kw)
         buffer = self._per_example_buffer(x)
         if buffer is None:
             return getattr(per_example, op)(x, *args, per_example_grad_sq=None, **kw)
@@ -135,13 +162,15 @@ class _PerExampleGradSq:
             _outside_graph()  # made here, outside any compiled region
         super().__setattr__(name, value)
 
-    def _per_example_buffer(self, x: Tensor) -> Tensor | None:
+    def _per_example_buffer(self, x: Tensor, record: bool = True) -> Tensor | None:
         """This call's [2, B] buffer, made outside any compiled graph (the backward writes
         it; allocated inside a graph it would be an intermediate the partitioner cannot
-        hand back)."""
+        hand back); ``record``: kept as a call (``per_example_grad_sq``)."""
         if (not self.collect_per_example_grad_sq or self.weight is None or not torch.is_grad_enabled()
                 or not isinstance(x, Tensor) or x.dim() == 0):  # (the op names what a bad input lacks)
             return None
+        if not record:
+            return torch.zeros(2, x.shape[0], dtype=torch.float32, device=x.device)
         return _outside_graph()(self, x)
 
     def _new_buffer(self, x: Tensor) -> Tensor:
@@ -158,20 +187,20 @@ class _PerExampleGradSq:
         calls = self.__dict__.get("_per_example_calls")
         if calls:
             entry = calls[-1]
-            outs = result if isinstance(result, tuple) else (result,)
-            for t in outs:
-                if t.requires_grad:
+            outs = [t for t in (result if isinstance(result, tuple) else (result,)) if t.requires_grad]
+            if torch.compiler.is_compiling():
+                for t in outs:
                     t.register_hook(lambda grad, entry=entry: entry.__setitem__(1, True))
-            if not torch.compiler.is_compiling():
-                # the op's autograd node lives as long as the graph that can run its backward
-                node = next((t.grad_fn for t in outs if t.grad_fn is not None), None)
-                if node is None:  # nothing requires grad (frozen weights, a detached input)
-                    calls.pop()
-                    return result
-                try:
-                    entry[2] = weakref.ref(node)
-                except TypeError:  # a node without weak references: kept until a backward
-                    pass
+                return result
+            if not outs:  # nothing requires grad (frozen weights, a detached input): no backward will come
+                calls.pop()
+                return result
+            # the hook lives as long as the graph that can run the backward (its nodes hold it):
+            # a weak reference to it says whether that graph is still there
+            hook = _MarkDone(entry)
+            for t in outs:
+                t.register_hook(hook)
+            entry[2] = weakref.ref(hook)
         return result
 
     @property

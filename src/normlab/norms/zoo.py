@@ -389,7 +389,7 @@ class PowerNorm(ResidualNorm, nn.Module):
             g = xf.unflatten(-1, (self.groups, self.dim // self.groups))
             xf = (g * torch.rsqrt(g.square().mean(-1, keepdim=True) + self.eps)).flatten(-2)
         if self.training and x.numel() == 0:
-            y = xf  # an empty batch: no statistics, so no step counted (as MaskedBatchNorm's, torch's BatchNorm's)
+            y = xf  # an empty batch: no statistics, so no step counted (its warm-up counts steps with statistics)
         elif self.training:
             if torch._C._current_graph_task_id() != -1:
                 raise RuntimeError(_POWERNORM_RECOMPUTED)

@@ -81,7 +81,12 @@ def _finite_or_none(x: float) -> float | None:
 def _fmean(xs: Sequence[float]) -> float:
     """The mean, its sum correctly rounded (math.fsum) where every value is finite, so
     that it does not depend on the values' order."""
-    return math.fsum(xs) / len(xs) if all(math.isfinite(x) for x in xs) else sum(xs) / len(xs)
+    if all(math.isfinite(x) for x in xs):
+        try:
+            return math.fsum(xs) / len(xs)
+        except OverflowError:  # (a sum past float's range, which ``sum`` reads as inf)
+            pass
+    return sum(xs) / len(xs)
 
 
 def mean_ci(values: Sequence[float]) -> Interval:
