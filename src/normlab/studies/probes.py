@@ -73,8 +73,8 @@ class Diagnostics:
         """The measurements of the captured step; call after backward, before zero_grad."""
         out: dict[str, Any] = {"grad_norms_by_layer": _profiles(self.model)}
         if self._activations is not None:
-            out["activation_rms_by_layer"] = self._activations.residual_rms()
-            out["activation_max_by_layer"] = self._activations.residual_rms(stat="max_abs")
+            out["activation_rms_by_layer"] = _stream_profile(self._activations, "rms")
+            out["activation_max_by_layer"] = _stream_profile(self._activations, "max_abs")
         if self._logits is not None and self._logits.modules:
             out["attention_logit_max_by_layer"] = self._logits.by_layer()
         if self._per_example is not None and len(self._per_example):
@@ -98,6 +98,16 @@ class Diagnostics:
             self.noise.load_state_dict(state["noise"])
 
 
+def _stream_profile(monitor: ActivationMonitor, stat: str) -> list[float]:
+    """``stat`` of the residual stream after each layer, inf where the stream holds a value
+    that is not finite: the monitor's statistics are over the finite entries, so a stream
+    that overflowed in part (or whole) would read as a small (or zero) one, and the
+    claims take inf as an overflow to name."""
+    values = monitor.residual_rms(stat=stat)
+    bad = monitor.residual_rms(stat="nonfinite")
+    return [math.inf if nf > 0 else v for v, nf in zip(values, bad, strict=True)]
+
+
 def gradients_at_init(model: nn.Module, task: Any, env: Any) -> dict[str, Any]:
     """Mean gradient-norm profiles and residual RMS at initialization over the probe batches."""
     model.train()
@@ -112,7 +122,7 @@ def gradients_at_init(model: nn.Module, task: Any, env: Any) -> dict[str, Any]:
             loss.backward()
         losses.append(loss.item())
         grads.append(_profiles(model))
-        rms.append(monitor.residual_rms())
+        rms.append(_stream_profile(monitor, "rms"))
         model.zero_grad(set_to_none=True)
     return {
         "grad_norms_by_layer": {k: [mean(v) for v in zip(*(g[k] for g in grads))] for k in PROFILE_KINDS},
@@ -131,28 +141,42 @@ def output_change_after_update(model: nn.Module, task: Any, env: Any) -> dict[st
     the placement has one), on one fixed validation batch, the same for every run; delta
     is one Adam step (the run's lr and betas) on the gradient of the mean loss over
     ``probe_batches`` training batches. Adam's first step moves every parameter by about
-    lr whatever its gradient's scale, so the change measures the amplification alone."""
+    lr whatever its gradient's scale, so the change measures the amplification alone.
+
+    It runs in float32 whatever the run's dtype: a step of 1e-5 is below bf16's
+    resolution, where the change would measure which roundings flip. The theorems are
+    about the linear response to a small update, so the change of a tenth of the step
+    (theta + delta / 10, the same direction) is measured too: ``update_linearity`` =
+    change / (100 x that change) is 1 where F responds linearly, below 1 where the step
+    is large enough that the response saturates."""
     spec = task.spec
     held = task.batch(0, "val", env)["x"]
 
     def output() -> torch.Tensor:
         model.eval()
-        with torch.no_grad(), env.autocast():
+        with torch.no_grad():
             return model.run_blocks(model.embed(held)).float()
 
     before = output()
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, betas=spec.betas)
+    params = [p for p in model.parameters() if p.requires_grad]
+    theta = [p.detach().clone() for p in params]
+    optimizer = torch.optim.Adam(params, lr=spec.lr, betas=spec.betas)
     losses = []
     for i in range(spec.probe_batches):
-        with env.autocast():
-            loss, _ = task.loss(model, task.batch(i, "train", env))
+        loss, _ = task.loss(model, task.batch(i, "train", env))
         (loss / spec.probe_batches).backward()
         losses.append(loss.item())
     optimizer.step()
     after = output()
     change = float((after - before).pow(2).mean())
-    return {"output_change_sq": change, "output_sq": float(before.pow(2).mean()), "probe_loss": mean(losses)}
+    with torch.no_grad():  # a tenth of the same step
+        for p, t in zip(params, theta, strict=True):
+            p.copy_(t + (p - t) / 10)
+    tenth = float((output() - before).pow(2).mean())
+    return {"output_change_sq": change, "output_change_sq_tenth": tenth,
+            "update_linearity": change / (100 * tenth) if tenth > 0 else math.nan,
+            "output_sq": float(before.pow(2).mean()), "probe_loss": mean(losses)}
 
 
 def total_noise_scale(model: nn.Module, task: Any, batch: dict[str, Any], env: Any) -> dict[str, float]:

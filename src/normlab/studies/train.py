@@ -18,6 +18,7 @@ masks. Rank 0 alone writes files and shows progress.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import math
@@ -850,8 +851,10 @@ def _run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
         if spec.task != "lm" and spec.kind == "update":
             raise ValueError(f"RunSpec {spec.name!r}: kind 'update' measures the LM's stack output; got task "
                              f"{spec.task!r}")
+        # every rank probes the whole batch (nothing is reduced across ranks: a rank's slice
+        # would measure another batch than a single process does); the main rank writes it
         measured = (probes.gradients_at_init if spec.kind == "probe" else probes.output_change_after_update)(
-            model, task, env)
+            model, task, dataclasses.replace(env, rank=0, world=1))
         result = {**result_fields(spec, model), **measured, "final_train_loss": measured["probe_loss"],
                   "final_val_loss": math.nan, "diverged": not math.isfinite(measured["probe_loss"]),
                   "diverged_step": None, "tokens_per_s": math.nan, **identity,
