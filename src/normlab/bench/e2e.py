@@ -375,12 +375,15 @@ def e2e(
     load_before = load_average()
     stem, total = f"e2e-{dev.type}-{dtype}", len(sizes) * (len(pairs) if pairs else len(PLACEMENTS) * len(NORMS))
     saved: list[int] = []
+    writing: list[int] = []  # rows being written, while they are
 
     skipped: list[str] = []  # configurations that ran out of memory
 
     def save(so_far: list[Record]) -> None:  # partial tables survive an interruption
+        writing[:] = [len(so_far)]  # (an interruption while writing leaves the files unsure)
         write_outputs(so_far, Path(out), stem, load_before, partial=total, skipped=skipped)
         saved[:] = [len(so_far)]
+        writing.clear()
 
     from rich.progress import Progress
     try:
@@ -390,7 +393,9 @@ def e2e(
                           progress=lambda what: bar.update(task, advance=1, description=what), checkpoint=save,
                           configs=pairs)
     except KeyboardInterrupt:
-        kept = (f"kept the {saved[0]} rows measured so far in {Path(out) / stem}.csv and .md, marked partial"
+        kept = (f"stopped while writing the {writing[0]} rows measured so far to {Path(out) / stem}.csv and "
+                ".md: they may be incomplete" if writing
+                else f"kept the {saved[0]} rows measured so far in {Path(out) / stem}.csv and .md, marked partial"
                 if saved else "nothing was measured yet; nothing written")
         Console(stderr=True).print(f"interrupted: {kept}", markup=False, highlight=False)
         raise typer.Exit(code=130) from None

@@ -573,19 +573,24 @@ def kernels(
         stem = f"kernels-{dev.type}-{dtype}"
 
         saved: list[int] = []
+        writing: list[int] = []  # rows being written, while they are
         skipped: list[str] = []  # shapes that ran out of memory
 
         def save(so_far: list[Record]) -> None:  # partial tables survive an interruption
+            writing[:] = [len(so_far)]  # (an interruption while writing leaves the files unsure)
             write_outputs(sorted(so_far, key=_order), Path(out), stem, plot=False,
                           host_hidden=timer.hide_host, device_type=dev.type,
                           steady_malloc=steady_malloc, partial=int(bar.tasks[0].total or 0), skipped=skipped)
             saved[:] = [len(so_far)]
+            writing.clear()
         try:
             records = run(dev, torch_dtype, rows_list, hidden_list, op_list, PASSES, compile_, timer,
                           copy_bytes=(64 << 20) if quick or not gpu else (1 << 30), progress=advance,
                           checkpoint=save, shapes=shape_pairs, qk_shapes=qk_list, skipped=skipped)
         except KeyboardInterrupt:
-            kept = (f"kept the {saved[0]} rows measured so far in {Path(out) / stem}.csv and .md, marked partial"
+            kept = (f"stopped while writing the {writing[0]} rows measured so far to {Path(out) / stem}.csv and "
+                    ".md: they may be incomplete" if writing
+                    else f"kept the {saved[0]} rows measured so far in {Path(out) / stem}.csv and .md, marked partial"
                     if saved else "nothing was measured yet; nothing written")
             Console(stderr=True).print(f"interrupted: {kept}", markup=False, highlight=False)
             raise typer.Exit(code=130) from None

@@ -10,6 +10,9 @@ from typing import Annotated
 import typer
 
 TRANSFORMS = ("swap", "fold", "rms")
+# what a directory that holds a model has (a Hugging Face checkpoint's files, convert's own)
+_MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "normlab_convert.json")
 
 
 def _load_hf(src: Path):
@@ -29,8 +32,10 @@ def _load_hf(src: Path):
         cls = getattr(transformers, archs[0], None) if archs else None
         if cls is None:
             cls = transformers.AutoModel
-        return cls.from_pretrained(src, local_files_only=True)
-    except (OSError, ValueError) as err:  # no config or weights, an unknown model_type, ...
+        from normlab.integrations.hf import load_pretrained
+
+        return load_pretrained(cls, src)
+    except (OSError, ValueError) as err:  # no config or weights, an unknown model_type, weights that do not fit, ...
         raise typer.BadParameter(f"cannot load {src} as a Hugging Face model directory: {_first_line(err)}",
                                  param_hint="SRC") from err
 
@@ -60,6 +65,10 @@ def _load_normlab(weights: Path, config: Path | None):
     from normlab.models import TransformerConfig, TransformerLM, load_model
 
     meta = _normlab_metadata(weights)
+    if config is not None and "normlab.model" in meta:
+        raise typer.BadParameter(f"{weights} holds its own config (normlab.models.save_model's metadata), which "
+                                 f"{config} would replace; --config is for a state dict without it: drop --config",
+                                 param_hint="--config")
     if config is None:
         if "normlab.model" not in meta:
             raise typer.BadParameter(f"{weights} has no normlab model metadata (normlab.models.save_model "
@@ -275,6 +284,7 @@ def convert(
     out: Annotated[Path, typer.Argument(help="Directory to write the converted model and report to.")],
     transform: Annotated[list[str] | None, typer.Option("--transform", "-t", help="swap | fold | rms; repeat to chain, applied in order (default: swap).")] = None,
     config: Annotated[Path | None, typer.Option(help="A TransformerConfig JSON, for a .safetensors SRC without normlab metadata (built as a TransformerLM).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into an OUT that already holds a model (its files are replaced; others stay).")] = False,
 ) -> None:
     """Convert a saved model: swap its norms for normlab's, fold norm affines, or turn
     Pre-LN into Pre-RMSNorm; write it to OUT with the report (normlab_convert.json)."""
@@ -308,6 +318,11 @@ def convert(
     from normlab.bench.common import check_backend, check_out_dir
 
     check_out_dir(out, param_hint="OUT")
+    held = sorted(p.name for p in out.glob("*") if p.name in _MODEL_FILES or p.suffix in (".safetensors", ".bin")) \
+        if out.is_dir() else []
+    if held and not overwrite:
+        raise typer.BadParameter(f"{out} already holds a model ({', '.join(held)}), which converting would write "
+                                 "over; expected an empty or new directory, or --overwrite", param_hint="OUT")
     check_backend(torch.device("cpu"))  # the model is loaded, probed and verified on the CPU
     if src.is_dir():
         model, kind = _load_hf(src), "hf"

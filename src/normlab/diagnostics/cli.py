@@ -36,7 +36,30 @@ def load_model(spec: str) -> tuple[nn.Module, object, str | None]:
     if ":" in spec and not Path(spec).exists():
         model, example_input = _from_factory(spec)
         return model, example_input, None
+    if Path(spec).is_file() and Path(spec).suffix == ".safetensors":
+        return _from_normlab_file(Path(spec)), None, None
     return _from_hugging_face(spec)
+
+
+def _from_normlab_file(path: Path) -> nn.Module:
+    """A model ``normlab.models.save_model`` wrote (its class and config in the metadata)."""
+    from safetensors import SafetensorError, safe_open
+
+    from normlab.models import load_model
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise typer.BadParameter(f"cannot read '{path}' as a safetensors file ({e})", param_hint="MODEL") from None
+    if "normlab.model" not in meta:
+        raise typer.BadParameter(f"'{path}' is a safetensors file without normlab's metadata (a state dict alone "
+                                 f"does not say which model it is); expected a file normlab.models.save_model wrote, "
+                                 f"a local Hugging Face checkpoint directory, or {_FACTORY}", param_hint="MODEL")
+    try:
+        return load_model(path)
+    except (ValueError, RuntimeError) as e:
+        raise typer.BadParameter(f"cannot load '{path}' ({e})", param_hint="MODEL") from None
 
 
 def _from_factory(spec: str) -> tuple[nn.Module, object]:
@@ -48,8 +71,8 @@ def _from_factory(spec: str) -> tuple[nn.Module, object]:
         sys.path.insert(0, cwd)
     try:
         factory = getattr(importlib.import_module(mod_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise typer.BadParameter(f"cannot import '{spec}' ({e}); expected pkg.module:factory",
+    except Exception as e:  # no such module or name, an empty or relative name, the module's own error
+        raise typer.BadParameter(f"cannot import '{spec}' ({type(e).__name__}: {e}); expected pkg.module:factory",
                                  param_hint="MODEL") from None
     if not callable(factory):
         raise typer.BadParameter(f"'{spec}' is a {type(factory).__name__}, not callable; expected {_FACTORY}",
@@ -112,6 +135,8 @@ def _from_hugging_face(spec: str) -> tuple[nn.Module, object, str | None]:
         raise typer.BadParameter(
             f"'{spec}' is not an import path (pkg.module:factory) and transformers is not installed "
             f"to read it as a Hugging Face config", param_hint="MODEL") from None
+    from normlab.integrations.hf import WeightsDoNotFit, load_pretrained
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         config = transformers.AutoConfig.from_pretrained(spec, local_files_only=True)
@@ -142,7 +167,9 @@ def _from_hugging_face(spec: str) -> tuple[nn.Module, object, str | None]:
         auto = cls.__module__.startswith("transformers.models.auto")
         if has_weights is not False:
             try:
-                return cls.from_pretrained(spec, local_files_only=True), None, None
+                return load_pretrained(cls, spec), None, None
+            except WeightsDoNotFit as e:
+                raise typer.BadParameter(str(e), param_hint="MODEL") from None
             except ValueError as e:  # an Auto class that does not know this config
                 errors.append(f"{cls.__name__}: {e}")
                 continue

@@ -214,3 +214,28 @@ class patch:
 
     def __repr__(self) -> str:
         return f"patch({self.architecture!r}, active={self._active})"
+
+
+class WeightsDoNotFit(ValueError):
+    """Saved weights that leave some of a model's parameters at their initialization."""
+
+
+def load_pretrained(cls: type, path: object, **kw) -> nn.Module:
+    """``cls.from_pretrained(path, local_files_only=True, **kw)``, refused where the saved
+    weights do not fill the model: a weight missing from the file or of another shape
+    would be left at its random initialization (transformers only logs it), so a model
+    built from mismatched files would pass for the saved one. Weights the class has no
+    place for (a head that a base-model class drops) are left out, as transformers does.
+    Raises WeightsDoNotFit (a ValueError) naming the first few keys."""
+    model, info = cls.from_pretrained(path, local_files_only=True, output_loading_info=True, **kw)
+    missing = list(info.get("missing_keys") or ())
+    mismatched = [k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys") or ()]
+    if missing or mismatched:
+        def few(keys: list[str]) -> str:
+            return ", ".join(keys[:3]) + (f", and {len(keys) - 3} more" if len(keys) > 3 else "")
+        parts = ([f"{len(missing)} weight(s) of {cls.__name__} missing from the files ({few(missing)})"]
+                 if missing else []) + ([f"{len(mismatched)} of another shape ({few(mismatched)})"]
+                                        if mismatched else [])
+        raise WeightsDoNotFit(f"the weights in {path} do not fit its config: {'; '.join(parts)}; loaded, they would "
+                         "keep their random initialization")
+    return model

@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 console = Console()
+errors = Console(stderr=True, soft_wrap=True)  # one line each, apart from the results on stdout
 
 
 def study(
@@ -70,6 +71,7 @@ def study(
             table.add_row(name, str(len(s.runs)), escape(s.description))
         console.print(table)
         if preset is None and not list_presets:
+            errors.print("[red]error:[/red] expected a study preset (one of the table above), e.g. normlab study quick")
             raise typer.Exit(code=2)
         return
     try:
@@ -106,16 +108,16 @@ def study(
         # (on other errors this process exits; torchrun ends the others)
         teardown_env(env)
     except StudyBusy as e:  # another command is running this study: nothing wrong with the options
-        console.print(f"[red]error:[/red] {escape(str(e))}")
+        errors.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(code=1) from None
     except (ValueError, DataError, ImportError) as e:
-        console.print(f"[red]error:[/red] {escape(str(e))}")
+        errors.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(code=2) from None
     except Interrupted as e:
-        console.print(f"[yellow]{escape(str(e))}[/yellow]")
+        errors.print(f"[yellow]{escape(str(e))}[/yellow]")
         raise typer.Exit(code=130) from None
     except OSError as e:  # the output folder: unwritable, or the disk full
-        console.print(f"[red]error:[/red] {escape(str(e))}")
+        errors.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(code=1) from None
     if report is not None:
         _print_claims(report.parent / "claims.json")

@@ -54,7 +54,7 @@ from normlab.provenance import git_commit, normlab_version
 from normlab.studies import cluster
 from normlab.studies.claims import judge_all, missing_runs
 from normlab.studies.cluster import JobOptions
-from normlab.studies.data import ByteCorpus
+from normlab.studies.data import ByteCorpus, DataError
 from normlab.studies.report import load_metrics, make_plots, write_html, write_markdown
 from normlab.studies.spec import RunSpec, Study
 from normlab.studies.train import (
@@ -477,6 +477,9 @@ def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, con
     console = console or Console()
     merge_command = merge_command or f"normlab study {study.name} --report-only"
     _check_workers(env, workers, runs_per_gpu, launcher is not None or report_only)
+    if data is not None and corpus is None and not Path(data).expanduser().exists():
+        # (before the study's folder is made: a refused command leaves nothing behind)
+        raise DataError(f"--data: {str(data)!r} does not exist")
     study_dir = out / study.name
     study_dir.mkdir(parents=True, exist_ok=True)
     lock = FolderLock(study_dir)
