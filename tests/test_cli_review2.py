@@ -109,3 +109,18 @@ def test_bench_interrupted_while_writing_says_so(tmp_path, monkeypatch):
     r = _invoke(["bench", "kernels", "--device", "cpu", "--quick", "--shapes", "8x64", "--ops", "layer_norm",
                  "--dtype", "fp32", "--out", tmp_path / "b"])
     assert r.exit_code == 130 and "stopped while writing" in r.stderr
+
+
+def test_convert_interrupted_while_writing_says_so(tmp_path, monkeypatch):
+    import normlab.convert.cli as convert_cli
+    from normlab.models import TransformerConfig, TransformerLM, save_model
+
+    save_model(TransformerLM(TransformerConfig(vocab_size=32, d_model=16, n_heads=2, n_layers=1)),
+               tmp_path / "m.safetensors")
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert_cli, "_save_normlab", interrupted)
+    r = _invoke(["convert", tmp_path / "m.safetensors", tmp_path / "out"])
+    assert r.exit_code == 130 and "interrupted while writing and checking" in r.stderr

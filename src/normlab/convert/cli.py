@@ -344,6 +344,16 @@ def convert(
             raise typer.Exit(1) from err
         console.print(str(r), highlight=False, soft_wrap=True, markup=False)
         reports.append(r.to_dict())
+    try:
+        _write(model, kind, original, reports, out, console)
+    except KeyboardInterrupt:
+        _error(f"interrupted while writing and checking {out}: its files may be incomplete or unchecked; do not "
+               "use them")
+        raise typer.Exit(130) from None
+
+
+def _write(model, kind: str, original: dict, reports: list, out: Path, console) -> None:
+    """Write the converted model and its report to ``out``, reloaded and verified."""
     out.mkdir(parents=True, exist_ok=True)
     if kind == "hf":
         # the state dict is what is saved: swapped norms load back as the original classes
