@@ -286,8 +286,9 @@ def convert(
     config: Annotated[Path | None, typer.Option(help="A TransformerConfig JSON, for a .safetensors SRC without normlab metadata (built as a TransformerLM).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into an OUT that already holds a model (its files are replaced; others stay).")] = False,
 ) -> None:
-    """Convert a saved model: swap its norms for normlab's, fold norm affines, or turn
-    Pre-LN into Pre-RMSNorm; write it to OUT with the report (normlab_convert.json)."""
+    """Convert a saved model: swap its norms for normlab's, fold norm affines, or turn Pre-LN into Pre-RMSNorm.
+
+    Writes it to OUT with the report (normlab_convert.json)."""
     from rich.console import Console
 
     from normlab.convert import ConversionError, fold_norm_affine, layernorm_to_rmsnorm, swap_norms
@@ -296,7 +297,8 @@ def convert(
     transform = transform or ["swap"]
     bad = [t for t in transform if t not in TRANSFORMS]
     if bad:
-        raise typer.BadParameter(f"expected each --transform in {', '.join(TRANSFORMS)}, got {', '.join(bad)}")
+        raise typer.BadParameter(f"expected each --transform in {', '.join(TRANSFORMS)}, got {', '.join(bad)}",
+                                 param_hint="--transform")
     if not src.is_dir() and (src.suffix != ".safetensors" or not src.is_file()):
         raise typer.BadParameter(f"expected a model directory or a .safetensors file, got {src}"
                                  + ("" if src.exists() else " (no such file or directory)"), param_hint="SRC")
