@@ -43,7 +43,7 @@ def test_weights_that_do_not_fit_their_config_are_refused(tmp_path):
     for args in (["convert", mis, tmp_path / "out"], ["audit", mis]):
         r = _invoke(args)
         assert r.exit_code == 2, (args, r.output)
-        assert "do not fit its config" in r.output and "missing from the files" in r.output
+        assert "do not fit LlamaForCausalLM" in r.output and "missing from the files" in r.output
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 

@@ -405,7 +405,12 @@ def e2e(
     if not records:
         errors.print("[red]nothing measured: every configuration ran out of memory; nothing written")
         raise typer.Exit(1)
-    paths = write_outputs(records, Path(out), stem, load_before, skipped=skipped)
+    try:
+        paths = write_outputs(records, Path(out), stem, load_before, skipped=skipped)
+    except KeyboardInterrupt:
+        errors.print(f"interrupted: stopped while writing the {len(records)} rows measured to "
+                     f"{Path(out) / stem}.csv and .md: they may be incomplete", markup=False, highlight=False)
+        raise typer.Exit(code=130) from None
     if as_json:
         for r in records:
             print(json.dumps(r.as_json()))

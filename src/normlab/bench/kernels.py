@@ -600,8 +600,13 @@ def kernels(
     if not records:
         errors.print("[red]nothing measured: every shape ran out of memory; nothing written")
         raise typer.Exit(1)
-    paths = write_outputs(records, Path(out), stem, host_hidden=timer.hide_host,
-                          device_type=dev.type, steady_malloc=steady_malloc, skipped=skipped)
+    try:
+        paths = write_outputs(records, Path(out), stem, host_hidden=timer.hide_host,
+                              device_type=dev.type, steady_malloc=steady_malloc, skipped=skipped)
+    except KeyboardInterrupt:
+        errors.print(f"interrupted: stopped while writing the {len(records)} rows measured to "
+                     f"{Path(out) / stem}.csv, .md and .png: they may be incomplete", markup=False, highlight=False)
+        raise typer.Exit(code=130) from None
     if as_json:
         for r in records:
             print(json.dumps(r.as_json()))

@@ -10,9 +10,10 @@ from typing import Annotated
 import typer
 
 TRANSFORMS = ("swap", "fold", "rms")
-# what a directory that holds a model has (a Hugging Face checkpoint's files, convert's own)
-_MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "normlab_convert.json")
+# the files convert writes (save_pretrained's, save_model's, its report), and the weights of
+# another checkpoint there, which reloading OUT would read with them
+_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                "pytorch_model.bin", "normlab_convert.json")
 
 
 def _load_hf(src: Path):
@@ -320,8 +321,8 @@ def convert(
     from normlab.bench.common import check_backend, check_out_dir
 
     check_out_dir(out, param_hint="OUT")
-    held = sorted(p.name for p in out.glob("*") if p.name in _MODEL_FILES or p.suffix in (".safetensors", ".bin")) \
-        if out.is_dir() else []
+    held = sorted(p.name for p in out.glob("*") if p.name in _MODEL_FILES
+                  or re.fullmatch(r"model-\d+-of-\d+\.safetensors", p.name)) if out.is_dir() else []
     if held and not overwrite:
         raise typer.BadParameter(f"{out} already holds a model ({', '.join(held)}), which converting would write "
                                  "over; expected an empty or new directory, or --overwrite", param_hint="OUT")

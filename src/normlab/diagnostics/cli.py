@@ -163,13 +163,16 @@ def _from_hugging_face(spec: str) -> tuple[nn.Module, object, str | None]:
     has_weights = (any(any(where.glob(p)) for p in _WEIGHT_FILES) if local
                    else False if where.is_file() else None)
     errors = []
+    unfit = None  # the first class the saved weights did not fill
     for cls in _model_classes(transformers, config):
         auto = cls.__module__.startswith("transformers.models.auto")
         if has_weights is not False:
             try:
                 return load_pretrained(cls, spec), None, None
-            except WeightsDoNotFit as e:
-                raise typer.BadParameter(str(e), param_hint="MODEL") from None
+            except WeightsDoNotFit as e:  # (an Auto class of another head: the next class may fit)
+                unfit = unfit or e
+                errors.append(f"{cls.__name__}: {e}")
+                continue
             except ValueError as e:  # an Auto class that does not know this config
                 errors.append(f"{cls.__name__}: {e}")
                 continue
@@ -192,6 +195,8 @@ def _from_hugging_face(spec: str) -> tuple[nn.Module, object, str | None]:
         return model, None, (f"no weights in '{spec}': {type(model).__name__} was built from its config with "
                              f"random weights, so the weight checks (dead-norm, norm-far-from-init) describe "
                              f"an untrained model")
+    if unfit is not None:  # weights that no class takes whole
+        raise typer.BadParameter(str(unfit), param_hint="MODEL")
     raise typer.BadParameter(f"no transformers model class builds the config in '{spec}' ({'; '.join(errors)})",
                              param_hint="MODEL")
 

@@ -216,6 +216,24 @@ class patch:
         return f"patch({self.architecture!r}, active={self._active})"
 
 
+def _deterministic(model: nn.Module, key: str) -> bool:
+    """The model's own init (``_init_weights``) gives parameter ``key`` the value it has
+    under another seed too: not a random weight. False where that cannot be told."""
+    path, _, name = key.rpartition(".")
+    try:
+        module = model.get_submodule(path)
+        param = getattr(module, name)
+        saved = param.detach().clone()
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(0x5EED)
+            model._init_weights(module)
+            same = torch.equal(param.detach(), saved)
+            param.copy_(saved)
+    except Exception:  # no such init, or one that fails on its own module
+        return False
+    return same
+
+
 class WeightsDoNotFit(ValueError):
     """Saved weights that leave some of a model's parameters at their initialization."""
 
@@ -227,8 +245,14 @@ def load_pretrained(cls: type, path: object, **kw) -> nn.Module:
     built from mismatched files would pass for the saved one. Weights the class has no
     place for (a head that a base-model class drops) are left out, as transformers does.
     Raises WeightsDoNotFit (a ValueError) naming the first few keys."""
-    model, info = cls.from_pretrained(path, local_files_only=True, output_loading_info=True, **kw)
-    missing = list(info.get("missing_keys") or ())
+    # (mismatched sizes reported rather than raised, so that they are named with the rest)
+    model, info = cls.from_pretrained(path, local_files_only=True, output_loading_info=True,
+                                      ignore_mismatched_sizes=True, **kw)
+    # a parameter left out is random unless the model's init rebuilds it the same whatever
+    # the seed (sinusoidal positions, a norm's ones); a buffer (running statistics, a step
+    # count) is not a weight
+    params = dict(model.named_parameters())
+    missing = sorted(k for k in info.get("missing_keys") or () if k in params and not _deterministic(model, k))
     mismatched = [k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys") or ()]
     if missing or mismatched:
         def few(keys: list[str]) -> str:
@@ -236,6 +260,6 @@ def load_pretrained(cls: type, path: object, **kw) -> nn.Module:
         parts = ([f"{len(missing)} weight(s) of {cls.__name__} missing from the files ({few(missing)})"]
                  if missing else []) + ([f"{len(mismatched)} of another shape ({few(mismatched)})"]
                                         if mismatched else [])
-        raise WeightsDoNotFit(f"the weights in {path} do not fit its config: {'; '.join(parts)}; loaded, they would "
-                         "keep their random initialization")
+        raise WeightsDoNotFit(f"the weights in {path} do not fit {cls.__name__}: {'; '.join(parts)}; loaded, "
+                              "they would keep their random initialization")
     return model

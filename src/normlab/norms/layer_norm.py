@@ -89,18 +89,21 @@ class _MarkDone:
     """A per-example call's gradient hook: marks the call done (a weak reference to it
     tells whether the call's graph is still held)."""
 
-    __slots__ = ("entry", "__weakref__")
+    __slots__ = ("entry", "task", "__weakref__")
 
     def __init__(self, entry: list) -> None:
-        self.entry = entry
+        self.entry, self.task = entry, None
 
     def __call__(self, grad: Tensor) -> None:
         self.entry[1] = True
+        self.task = torch._C._current_graph_task_id()  # the backward that reached the call
 
 
-def _graph_held(calls: list | None) -> bool:
-    """The latest per-example call's graph is still held (its hook alive)."""
-    return bool(calls) and calls[-1][2] is not None and calls[-1][2]() is not None
+def _recomputing(calls: list | None) -> bool:
+    """The backward running now has reached the latest per-example call (its hook ran in
+    this graph task): a forward of the norm inside it recomputes that call."""
+    hook = calls[-1][2]() if calls and calls[-1][2] is not None else None
+    return hook is not None and hook.task == torch._C._current_graph_task_id()
 
 
 def _dropped(call: list) -> bool:
@@ -141,10 +144,11 @@ class _PerExampleGradSq:
             raise NotImplementedError(f"{type(self).__name__}: per-example gradient norms do not take "
                                       f"{self._refused_options} yet")
         if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1 and \
-                _graph_held(self.__dict__.get("_per_example_calls")):
-            # a forward inside the backward of the latest call's graph: non-reentrant
-            # checkpointing recomputing it (reentrant checkpointing's first forward ran
-            # without grad, so recorded no call); a buffer of the same shape, which nothing reads
+                _recomputing(self.__dict__.get("_per_example_calls")):
+            # a forward inside the backward that is running through the latest call's graph:
+            # non-reentrant checkpointing recomputing it (reentrant checkpointing's first
+            # forward ran without grad, so recorded no call); a buffer of the same shape,
+            # which nothing reads
             buffer = self._per_example_buffer(x, record=False)
             return getattr(per_example, op)(x, *args, per_example_grad_sq=buffer, **kw)
         buffer = self._per_example_buffer(x)

@@ -148,7 +148,8 @@ def output_change_after_update(model: nn.Module, task: Any, env: Any) -> dict[st
     about the linear response to a small update, so the change of a tenth of the step
     (theta + delta / 10, the same direction) is measured too: ``update_linearity`` =
     change / (100 x that change) is 1 where F responds linearly, below 1 where the step
-    is large enough that the response saturates."""
+    is large enough that the response saturates (nan for a model whose running statistics
+    the step's forwards moved)."""
     spec = task.spec
     held = task.batch(0, "val", env)["x"]
 
@@ -158,6 +159,7 @@ def output_change_after_update(model: nn.Module, task: Any, env: Any) -> dict[st
             return model.run_blocks(model.embed(held)).float()
 
     before = output()
+    buffers = [b.detach().clone() for b in model.buffers()]
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     theta = [p.detach().clone() for p in params]
@@ -174,8 +176,11 @@ def output_change_after_update(model: nn.Module, task: Any, env: Any) -> dict[st
         for p, t in zip(params, theta, strict=True):
             p.copy_(t + (p - t) / 10)
     tenth = float((output() - before).pow(2).mean())
+    # a norm with running statistics (batch norm, PowerNorm) moved them in the step's
+    # forwards, by the whole step's batches in both measurements: no linear response to read
+    moved = any(not torch.equal(a, b) for a, b in zip(buffers, model.buffers(), strict=True))
     return {"output_change_sq": change, "output_change_sq_tenth": tenth,
-            "update_linearity": change / (100 * tenth) if tenth > 0 else math.nan,
+            "update_linearity": change / (100 * tenth) if tenth > 0 and not moved else math.nan,
             "output_sq": float(before.pow(2).mean()), "probe_loss": mean(losses)}
 
 

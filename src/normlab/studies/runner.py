@@ -54,7 +54,7 @@ from normlab.provenance import git_commit, normlab_version
 from normlab.studies import cluster
 from normlab.studies.claims import judge_all, missing_runs
 from normlab.studies.cluster import JobOptions
-from normlab.studies.data import ByteCorpus, DataError
+from normlab.studies.data import ByteCorpus
 from normlab.studies.report import load_metrics, make_plots, write_html, write_markdown
 from normlab.studies.spec import RunSpec, Study
 from normlab.studies.train import (
@@ -477,9 +477,9 @@ def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, con
     console = console or Console()
     merge_command = merge_command or f"normlab study {study.name} --report-only"
     _check_workers(env, workers, runs_per_gpu, launcher is not None or report_only)
-    if data is not None and corpus is None and not Path(data).expanduser().exists():
-        # (before the study's folder is made: a refused command leaves nothing behind)
-        raise DataError(f"--data: {str(data)!r} does not exist")
+    loaded = None  # --data read before the study's folder is made: a refused one leaves nothing behind
+    if data is not None and corpus is None and any(r.task == "lm" for r in study.runs):
+        loaded = ByteCorpus.from_path(data)
     study_dir = out / study.name
     study_dir.mkdir(parents=True, exist_ok=True)
     lock = FolderLock(study_dir)
@@ -492,18 +492,18 @@ def run_study(study: Study, out: Path, env: Env, *, data: str | None = None, con
         return _run_study(study, study_dir, env, data=data, console=console, workers=workers,
                           keep_weights=keep_weights, corpus=corpus, launcher=launcher, job_options=job_options,
                           wait=wait, report_only=report_only, runs_per_gpu=runs_per_gpu, overwrite=overwrite,
-                          merge_command=merge_command)
+                          merge_command=merge_command, loaded=loaded)
     finally:
         lock.release()
 
 
 def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, workers, keep_weights, corpus, launcher,
                job_options, wait, report_only, runs_per_gpu, overwrite,
-               merge_command) -> tuple[list[dict[str, Any]], Path | None]:
+               merge_command, loaded=None) -> tuple[list[dict[str, Any]], Path | None]:
     job_device = cluster.job_device(env.device.type, job_options or JobOptions()) if launcher is not None else None
-    corpus_given = corpus is not None
+    corpus_given = corpus is not None  # (a corpus the caller gave: shipped to jobs; --data's, read by them)
     if corpus is None and any(r.task == "lm" for r in study.runs):
-        corpus = ByteCorpus.from_path(data)
+        corpus = loaded if loaded is not None else ByteCorpus.from_path(data)
     device_type = None if report_only else job_device or env.device.type  # (--report-only: runs of any device)
     default_corpus = corpus if corpus is not None and corpus.source == "python-stdlib" else None
     any_corpus = report_only and default_corpus is not None  # (see run_study: reported, with a warning)
