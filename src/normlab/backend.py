@@ -101,6 +101,18 @@ def forward_ad_active() -> bool:
     return _forward_ad._current_level >= 0
 
 
+def checkpoint_recompute() -> bool:
+    """Non-reentrant activation checkpointing (``torch.utils.checkpoint``) is recomputing
+    a forward inside the backward: its recomputation's saved-tensor hooks are the ones in
+    force. (Reentrant checkpointing runs its first forward without grad and records it in
+    the backward, as a plain forward: not this.) False inside a compiled graph."""
+    if torch.compiler.is_compiling():
+        return False
+    hooks = _top_saved_tensors_hooks(False) if _top_saved_tensors_hooks is not None else None
+    return hooks is not None and "_recomputation_hook" in getattr(hooks[0], "__qualname__", "")
+
+
+_top_saved_tensors_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
 _functorch_active = torch._C._are_functorch_transforms_active
 
 

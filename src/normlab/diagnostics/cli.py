@@ -168,7 +168,9 @@ def _from_hugging_face(spec: str) -> tuple[nn.Module, object, str | None]:
         auto = cls.__module__.startswith("transformers.models.auto")
         if has_weights is not False:
             try:
-                return load_pretrained(cls, spec), None, None
+                model = load_pretrained(cls, spec)
+                return model, None, (None if unfit is None else
+                                     f"{unfit}; audited as {type(model).__name__}, which they fill")
             except WeightsDoNotFit as e:  # (an Auto class of another head: the next class may fit)
                 unfit = unfit or e
                 errors.append(f"{cls.__name__}: {e}")

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from normlab import functional as _F
+from normlab.backend import checkpoint_recompute
 from normlab.diagnostics.structure import check_model
 from normlab.diagnostics.structure import in_backward as _in_backward
 from normlab.errors import NormArgumentError
@@ -141,6 +142,7 @@ class _Call:
     """One forward call of a norm whose backward has not run yet."""
 
     done = False
+    task = -1  # the graph task (backward) whose gradient reached it
 
 
 def _check_example_dim(name: str, module: nn.Module, x: Tensor) -> None:
@@ -307,11 +309,14 @@ class PerExampleGradNorms:
                 return
             prev = self._pending.get(name)
             live = prev is not None and prev() is not None
-            if live and _in_backward():
-                # activation checkpointing (non-reentrant) running the forward again inside
-                # the backward, to recompute what it needs: the numbers are the first call's
+            if live and checkpoint_recompute():
+                # non-reentrant activation checkpointing running the forward again inside the
+                # backward, to recompute what it needs: the numbers are the first call's
+                # (reentrant checkpointing's forward there is the call itself)
                 return
-            if live and not prev().done:
+            # (a call inside the backward that already reached the earlier call, as reentrant
+            # checkpointing's, is a second call of the same step)
+            if live and (not prev().done or (_in_backward() and prev().task == torch._C._current_graph_task_id())):
                 raise RuntimeError(
                     f"per_example_grad_norms: norm '{name}' was called more than once before "
                     f"backward; its parameters are shared between the calls, so per-example "
@@ -331,6 +336,7 @@ class PerExampleGradNorms:
 
             def grad_hook(grad_out: Tensor) -> None:
                 call.done = True
+                call.task = torch._C._current_graph_task_id()
                 self._backward_seen = True
                 if not trained:
                     return

@@ -216,22 +216,30 @@ class patch:
         return f"patch({self.architecture!r}, active={self._active})"
 
 
-def _deterministic(model: nn.Module, key: str) -> bool:
-    """The model's own init (``_init_weights``) gives parameter ``key`` the value it has
-    under another seed too: not a random weight. False where that cannot be told."""
+def _rebuilt(model: nn.Module, key: str) -> bool:
+    """The model's own init (``_init_weights``) rebuilds parameter ``key`` to one table
+    whatever the seed, and not a constant (a sinusoidal position table, which the file
+    need not hold). A constant (a norm's ones, a zero bias) is not the saved value, and an
+    init that does not write the parameter (it stays nan here) rebuilds nothing. False
+    where that cannot be told."""
     path, _, name = key.rpartition(".")
     try:
         module = model.get_submodule(path)
         param = getattr(module, name)
         saved = param.detach().clone()
+        built = []
         with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(0x5EED)
-            model._init_weights(module)
-            same = torch.equal(param.detach(), saved)
+            for seed in (1, 2):
+                param.fill_(float("nan"))
+                torch.manual_seed(seed)
+                model._init_weights(module)
+                built.append(param.detach().clone())
             param.copy_(saved)
     except Exception:  # no such init, or one that fails on its own module
         return False
-    return same
+    a, b = built
+    return (a.numel() > 1 and bool(torch.isfinite(a).all()) and torch.equal(a, b)
+            and not bool((a == a.flatten()[0]).all()))
 
 
 class WeightsDoNotFit(ValueError):
@@ -240,19 +248,20 @@ class WeightsDoNotFit(ValueError):
 
 def load_pretrained(cls: type, path: object, **kw) -> nn.Module:
     """``cls.from_pretrained(path, local_files_only=True, **kw)``, refused where the saved
-    weights do not fill the model: a weight missing from the file or of another shape
-    would be left at its random initialization (transformers only logs it), so a model
+    weights do not fill the model: a weight or buffer missing from the file or of another
+    shape would be left at its initialization (transformers only logs it), so a model
     built from mismatched files would pass for the saved one. Weights the class has no
     place for (a head that a base-model class drops) are left out, as transformers does.
     Raises WeightsDoNotFit (a ValueError) naming the first few keys."""
     # (mismatched sizes reported rather than raised, so that they are named with the rest)
     model, info = cls.from_pretrained(path, local_files_only=True, output_loading_info=True,
                                       ignore_mismatched_sizes=True, **kw)
-    # a parameter left out is random unless the model's init rebuilds it the same whatever
-    # the seed (sinusoidal positions, a norm's ones); a buffer (running statistics, a step
-    # count) is not a weight
+    # a parameter or buffer left out is not the saved model's (random, a constant, running
+    # statistics at their init), but for a table the model's init rebuilds (``_rebuilt``)
+    # and a batch-norm step count (older checkpoints lack it; it matters only to momentum=None)
     params = dict(model.named_parameters())
-    missing = sorted(k for k in info.get("missing_keys") or () if k in params and not _deterministic(model, k))
+    missing = sorted(k for k in info.get("missing_keys") or ()
+                     if not k.endswith("num_batches_tracked") and not (k in params and _rebuilt(model, k)))
     mismatched = [k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys") or ()]
     if missing or mismatched:
         def few(keys: list[str]) -> str:

@@ -99,11 +99,10 @@ class _MarkDone:
         self.task = torch._C._current_graph_task_id()  # the backward that reached the call
 
 
-def _recomputing(calls: list | None) -> bool:
-    """The backward running now has reached the latest per-example call (its hook ran in
-    this graph task): a forward of the norm inside it recomputes that call."""
-    hook = calls[-1][2]() if calls and calls[-1][2] is not None else None
-    return hook is not None and hook.task == torch._C._current_graph_task_id()
+def _reached_in(call: list, task: int) -> bool:
+    """The call's gradient came in graph task ``task``."""
+    hook = call[2]() if call[2] is not None else None
+    return hook is not None and hook.task == task
 
 
 def _dropped(call: list) -> bool:
@@ -143,12 +142,11 @@ class _PerExampleGradSq:
         if not self.per_example_in_backward:
             raise NotImplementedError(f"{type(self).__name__}: per-example gradient norms do not take "
                                       f"{self._refused_options} yet")
-        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1 and \
-                _recomputing(self.__dict__.get("_per_example_calls")):
-            # a forward inside the backward that is running through the latest call's graph:
-            # non-reentrant checkpointing recomputing it (reentrant checkpointing's first
-            # forward ran without grad, so recorded no call); a buffer of the same shape,
-            # which nothing reads
+        if _backend.checkpoint_recompute() and self.__dict__.get("_per_example_calls"):
+            # non-reentrant checkpointing recomputing a recorded call (reentrant
+            # checkpointing's first forward ran without grad, so recorded none, and its
+            # forward in the backward is the call): a buffer of the same shape, which
+            # nothing reads
             buffer = self._per_example_buffer(x, record=False)
             return getattr(per_example, op)(x, *args, per_example_grad_sq=buffer, **kw)
         buffer = self._per_example_buffer(x)
@@ -180,7 +178,10 @@ class _PerExampleGradSq:
     def _new_buffer(self, x: Tensor) -> Tensor:
         calls = self.__dict__.setdefault("_per_example_calls", [])
         calls[:] = [c for c in calls if not _dropped(c)]
-        if all(c[1] for c in calls):
+        task = torch._C._current_graph_task_id()
+        # every earlier call got its gradient: a new step, unless one got it in the backward
+        # running now (a call from inside it, as reentrant checkpointing's, shares this step)
+        if all(c[1] for c in calls) and not (task != -1 and any(_reached_in(c, task) for c in calls)):
             calls.clear()
         buffer = torch.zeros(2, x.shape[0], dtype=torch.float32, device=x.device)
         calls.append([buffer, False, None])  # [buffer, gradient came, weakref to the graph's node]
