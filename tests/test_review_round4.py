@@ -96,9 +96,12 @@ def test_a_norm_inside_a_reentrant_checkpoint_and_after_it_is_shared():
         _ = norm.per_example_grad_sq
     norm.collect_per_example_grad_sq = False
     norm.per_example_grad_sq = None
-    with pytest.raises(RuntimeError, match="called more than once before backward"):
-        with per_example_grad_norms(nn.ModuleList([norm])):
-            f(torch.randn(4, 6)).backward()
+    with per_example_grad_norms(nn.ModuleList([norm])) as rec:
+        f(torch.randn(4, 6)).backward()
+        with pytest.raises(RuntimeError, match="ran 2 times"):  # the recorder reads the norm's own record
+            rec.total()
+        with pytest.raises(RuntimeError, match="ran 2 times"):
+            _ = rec["0"]
 
 
 def test_audit_says_which_class_it_fell_back_to(tmp_path):
@@ -109,3 +112,39 @@ def test_audit_says_which_class_it_fell_back_to(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     r = CliRunner().invoke(app, ["audit", str(tmp_path)], env={"COLUMNS": "400"})
     assert r.exit_code == 0 and "audited as LlamaModel" in r.output, r.output
+
+
+def test_the_recorder_under_nested_checkpoints_and_a_forward_in_a_backward_hook():
+    from torch.autograd.graph import save_on_cpu
+
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(4, 4), normlab.LayerNorm(4), nn.Linear(4, 4))
+    pre, post = nn.Linear(4, 4), nn.Linear(4, 1)
+
+    def run(x, how):
+        def region(h):
+            if how == "nested":
+                return post(checkpoint(inner, h, use_reentrant=False))
+            with save_on_cpu():
+                return post(inner(h))
+        return checkpoint(region, pre(x), use_reentrant=False).square().sum()
+
+    x = torch.randn(3, 4)
+    want = _reference(inner[1], lambda z: post(inner(pre(z))).square().sum(-1), x)
+    for how in ("nested", "offloaded"):
+        with per_example_grad_norms(inner) as rec:
+            run(x, how).backward()
+            assert rec["1"]["weight"].tolist() == pytest.approx(want, rel=1e-4), how
+    # a backward hook that runs a forward of the model under grad (a measurement): a second
+    # call of the norm in the step, which a reentrant checkpoint's call cannot be told from,
+    # so the read refuses rather than answer with one of the two
+    with per_example_grad_norms(inner) as rec:
+        y = inner(x)
+
+        def measure(grad):
+            with torch.enable_grad():
+                torch.autograd.grad(inner(x.detach().requires_grad_()).sum(), inner[0].weight)
+        y.register_hook(measure)
+        y.square().sum().backward()
+        with pytest.raises(RuntimeError, match="ran 2 times"):
+            _ = rec["1"]

@@ -34,7 +34,6 @@ import torch
 from torch import Tensor, nn
 
 from normlab import functional as _F
-from normlab.backend import checkpoint_recompute
 from normlab.diagnostics.structure import check_model
 from normlab.diagnostics.structure import in_backward as _in_backward
 from normlab.errors import NormArgumentError
@@ -142,7 +141,6 @@ class _Call:
     """One forward call of a norm whose backward has not run yet."""
 
     done = False
-    task = -1  # the graph task (backward) whose gradient reached it
 
 
 def _check_example_dim(name: str, module: nn.Module, x: Tensor) -> None:
@@ -309,14 +307,14 @@ class PerExampleGradNorms:
                 return
             prev = self._pending.get(name)
             live = prev is not None and prev() is not None
-            if live and checkpoint_recompute():
-                # non-reentrant activation checkpointing running the forward again inside the
-                # backward, to recompute what it needs: the numbers are the first call's
-                # (reentrant checkpointing's forward there is the call itself)
+            if live and _in_backward():
+                # activation checkpointing (non-reentrant) running the forward again inside
+                # the backward, to recompute what it needs (under hooks of its own or nested
+                # checkpoints too), or a forward a backward hook runs: the numbers are the
+                # first call's. (A norm called inside a reentrant checkpoint and again after
+                # it is not told apart here: the module's own buffer refuses it.)
                 return
-            # (a call inside the backward that already reached the earlier call, as reentrant
-            # checkpointing's, is a second call of the same step)
-            if live and (not prev().done or (_in_backward() and prev().task == torch._C._current_graph_task_id())):
+            if live and not prev().done:
                 raise RuntimeError(
                     f"per_example_grad_norms: norm '{name}' was called more than once before "
                     f"backward; its parameters are shared between the calls, so per-example "
@@ -336,7 +334,6 @@ class PerExampleGradNorms:
 
             def grad_hook(grad_out: Tensor) -> None:
                 call.done = True
-                call.task = torch._C._current_graph_task_id()
                 self._backward_seen = True
                 if not trained:
                     return
@@ -392,6 +389,7 @@ class PerExampleGradNorms:
                 f"backward inside `with per_example_grad_norms(model)` (the forward keeps the "
                 f"norm's input)"
             )
+        self._check_single_calls([name])
         # a copy: a normlab norm's entries are views of the buffer its backward fills, which
         # a second backward through the same graph (retain_graph) would change under the
         # caller; torch's norms' entries are fresh tensors each backward, and so is this
@@ -430,9 +428,19 @@ class PerExampleGradNorms:
             "inside the context"
         )
 
+    def _check_single_calls(self, names) -> None:
+        """A normlab norm's own record of its calls refuses a read where it ran more than
+        once in the step (inside a reentrant checkpoint and again after it, which the
+        forward hook cannot tell from a recomputation)."""
+        for name in names:
+            mod = self._modules.get(name)
+            if mod is not None and _from_backward(mod):
+                mod.per_example_grad_sq  # noqa: B018 (raises RuntimeError for several calls)
+
     def total(self) -> Tensor:
         """Sum over all recorded norm layers and their parameters: float32 [B]."""
         self._check_recorded()
+        self._check_single_calls(self._results)
         tensors = [t for rec in self._results.values() for t in rec.values()]
         sizes = {t.shape[0] for t in tensors}
         if len(sizes) != 1:
@@ -444,6 +452,7 @@ class PerExampleGradNorms:
         (the sum of the examples' contributions, before accumulation into ``.grad``).
         Nothing recorded raises, as ``total()`` does (a 0 would read as a noise-free gradient)."""
         self._check_recorded()
+        self._check_single_calls(self._results)
         keys = [f"{n}.{k}" for n, rec in self._results.items() for k in rec]
         missing = [k for k in keys if k not in self._batch_sq]
         if missing:
