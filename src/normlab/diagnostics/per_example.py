@@ -387,7 +387,8 @@ class PerExampleGradNorms:
             raise KeyError(
                 f"per_example_grad_norms: nothing recorded for '{name}': run the forward and the "
                 f"backward inside `with per_example_grad_norms(model)` (the forward keeps the "
-                f"norm's input)"
+                f"norm's input); a forward after the backward, under grad, drops that backward's "
+                f"numbers (run evaluation passes under torch.no_grad())"
             )
         self._check_single_calls([name])
         # a copy: a normlab norm's entries are views of the buffer its backward fills, which

@@ -214,8 +214,9 @@ class _PerExampleGradSq:
         if len(calls) > 1:
             raise RuntimeError(
                 f"{type(self).__name__}: per_example_grad_sq is undefined: the norm ran {len(calls)} "
-                "times before its backward (shared parameters); per-example gradient norms need "
-                "one call per backward"
+                "times before its backward (shared parameters, or an earlier forward's graph still held: "
+                "a validation loss kept from a pass under grad, or any such pass under torch.compile; "
+                "run those under torch.no_grad()); per-example gradient norms need one call per backward"
             )
         return calls[0][0] if calls else None
 
