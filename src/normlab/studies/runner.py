@@ -99,6 +99,12 @@ def apply_overrides(study: Study, *, seeds: int | None = None, steps: int | None
     if steps is not None:
         if steps < 1:
             raise ValueError(f"--steps: expected >= 1, got {steps}")
+        lost = sorted(r.name for r in runs if r.kind == "train" and r.warmup_steps > 0 and steps // 2 == 0)
+        if lost:
+            # (the warm-up is cut to half the steps: none at all would make a warm-up arm
+            # the same run as its no-warm-up arm, and the warm-up claims compare the two)
+            raise ValueError(f"--steps {steps} leaves no warm-up to runs that have one ({', '.join(lost[:3])}"
+                             f"{', ...' if len(lost) > 3 else ''}); expected --steps >= 2")
         runs = [r if r.kind != "train" else r.with_overrides(
             steps=steps, eval_every=max(1, steps // 3), diag_every=max(1, steps // 6),
             checkpoint_every=max(1, steps // 2), warmup_steps=min(r.warmup_steps, steps // 2),
@@ -114,7 +120,7 @@ def _cost(r: RunSpec) -> float:
     """A rough relative cost, to start the longest runs first."""
     try:
         cfg = model_config(r)
-    except ValueError:  # a bad model setting: the run itself reports it, in its turn
+    except (TypeError, ValueError):  # a bad model setting: the run itself reports it, in its turn
         return 0.0
     layers = cfg.n_layers * cfg.d_model ** 0.5
     return layers * (r.steps * r.batch_size * r.seq_len + r.val_bytes if r.kind == "train" else r.batch_size * 64)

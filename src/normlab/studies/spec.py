@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -59,7 +60,13 @@ class RunSpec:
              f"kind must be 'train', 'probe', 'update' or 'speed', got {self.kind!r}"),
             (self.schedule in ("constant", "cosine", "inverse_sqrt"),
              f"schedule must be 'constant', 'cosine' or 'inverse_sqrt', got {self.schedule!r}"),
-            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.lr > 0 and math.isfinite(self.lr), f"lr must be a finite number > 0, got {self.lr}"),
+            (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            (min(self.eval_every, self.diag_every, self.checkpoint_every) >= 0,
+             f"eval_every, diag_every and checkpoint_every must be >= 0 (0: never), got {self.eval_every}, "
+             f"{self.diag_every} and {self.checkpoint_every}"),
+            (self.eval_batches >= 1 and self.probe_batches >= 1,
+             f"eval_batches and probe_batches must be >= 1, got {self.eval_batches} and {self.probe_batches}"),
             (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
             (self.steps >= 0, f"steps must be >= 0, got {self.steps}"),
             # a training run of no steps has no loss to report: it would read as a run that
