@@ -85,8 +85,9 @@ def _base_name(name: str) -> str:
 
 
 def apply_overrides(study: Study, *, seeds: int | None = None, steps: int | None = None) -> Study:
-    """``seeds``: run every configuration with seeds 0..seeds-1; ``steps``: train for that
-    many steps (intervals scaled to match). Probes and speed runs keep their own settings."""
+    """``seeds``: run every configuration, probes included, with seeds 0..seeds-1 (a speed
+    run keeps its one seed); ``steps``: train for that many steps (intervals scaled to
+    match, a warm-up cut to half of them); probes and speed runs keep their steps."""
     runs: list[RunSpec] = list(study.runs)
     if seeds is not None:
         if seeds < 1:
