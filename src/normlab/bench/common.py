@@ -241,6 +241,32 @@ def check_positive(value: int | None, param_hint: str) -> int | None:
     return value
 
 
+class TableWrites:
+    """What a benchmark's tables hold when Ctrl-C stops it: the rows written (marked
+    partial), the rows being written when it came (the files unsure), or none.
+    ``write(rows, fn)`` runs ``fn`` (the write of ``rows`` rows); ``interrupted()``: the
+    exit, with that said on stderr on one line."""
+
+    def __init__(self, stem: Path) -> None:
+        self.stem, self.saved, self.writing = stem, 0, 0
+
+    def write(self, rows: int, fn: Callable[[], object]) -> object:
+        self.writing = rows
+        out = fn()
+        self.saved, self.writing = rows, 0
+        return out
+
+    def interrupted(self) -> typer.Exit:
+        kept = (f"stopped while writing the {self.writing} rows measured to {self.stem}.csv and .md: they may be "
+                "incomplete" if self.writing
+                else f"kept the {self.saved} rows measured so far in {self.stem}.csv and .md, marked partial"
+                if self.saved else "nothing was measured yet; nothing written")
+        from rich.console import Console
+
+        Console(stderr=True).print(f"interrupted: {kept}", markup=False, highlight=False)
+        return typer.Exit(code=130)
+
+
 def check_out_dir(path: str | os.PathLike, param_hint: str = "--out") -> Path:
     """A directory that can be written to, or be created and written to: refused (as
     ``param_hint``) up front, before any work, rather than when the results are saved.

@@ -44,6 +44,7 @@ from rich.table import Table
 import normlab
 from normlab.backend import resolve
 from normlab.bench.common import (
+    TableWrites,
     Timer,
     app,
     check_out_dir,
@@ -374,16 +375,12 @@ def e2e(
                   hide_host=False)
     load_before = load_average()
     stem, total = f"e2e-{dev.type}-{dtype}", len(sizes) * (len(pairs) if pairs else len(PLACEMENTS) * len(NORMS))
-    saved: list[int] = []
-    writing: list[int] = []  # rows being written, while they are
-
+    writes = TableWrites(Path(out) / stem)
     skipped: list[str] = []  # configurations that ran out of memory
 
     def save(so_far: list[Record]) -> None:  # partial tables survive an interruption
-        writing[:] = [len(so_far)]  # (an interruption while writing leaves the files unsure)
-        write_outputs(so_far, Path(out), stem, load_before, partial=total, skipped=skipped)
-        saved[:] = [len(so_far)]
-        writing.clear()
+        writes.write(len(so_far), lambda: write_outputs(so_far, Path(out), stem, load_before, partial=total,
+                                                         skipped=skipped))
 
     from rich.progress import Progress
     try:
@@ -393,12 +390,7 @@ def e2e(
                           progress=lambda what: bar.update(task, advance=1, description=what), checkpoint=save,
                           configs=pairs)
     except KeyboardInterrupt:
-        kept = (f"stopped while writing the {writing[0]} rows measured so far to {Path(out) / stem}.csv and "
-                ".md: they may be incomplete" if writing
-                else f"kept the {saved[0]} rows measured so far in {Path(out) / stem}.csv and .md, marked partial"
-                if saved else "nothing was measured yet; nothing written")
-        Console(stderr=True).print(f"interrupted: {kept}", markup=False, highlight=False)
-        raise typer.Exit(code=130) from None
+        raise writes.interrupted() from None
     errors = Console(stderr=True)
     for what in skipped:  # (on stderr: --json prints only records)
         errors.print(f"[yellow]skipped {what}: out of memory")
@@ -406,11 +398,10 @@ def e2e(
         errors.print("[red]nothing measured: every configuration ran out of memory; nothing written")
         raise typer.Exit(1)
     try:
-        paths = write_outputs(records, Path(out), stem, load_before, skipped=skipped)
+        paths = writes.write(len(records), lambda: write_outputs(records, Path(out), stem, load_before,
+                                                                  skipped=skipped))
     except KeyboardInterrupt:
-        errors.print(f"interrupted: stopped while writing the {len(records)} rows measured to "
-                     f"{Path(out) / stem}.csv and .md: they may be incomplete", markup=False, highlight=False)
-        raise typer.Exit(code=130) from None
+        raise writes.interrupted() from None
     if as_json:
         for r in records:
             print(json.dumps(r.as_json()))

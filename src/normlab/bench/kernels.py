@@ -40,6 +40,7 @@ from rich.table import Table
 import normlab
 from normlab.backend import resolve
 from normlab.bench.common import (
+    TableWrites,
     Timer,
     app,
     check_backend,
@@ -572,28 +573,20 @@ def kernels(
             bar.update(task, advance=1, description=what)
         stem = f"kernels-{dev.type}-{dtype}"
 
-        saved: list[int] = []
-        writing: list[int] = []  # rows being written, while they are
+        writes = TableWrites(Path(out) / stem)
         skipped: list[str] = []  # shapes that ran out of memory
 
         def save(so_far: list[Record]) -> None:  # partial tables survive an interruption
-            writing[:] = [len(so_far)]  # (an interruption while writing leaves the files unsure)
-            write_outputs(sorted(so_far, key=_order), Path(out), stem, plot=False,
-                          host_hidden=timer.hide_host, device_type=dev.type,
-                          steady_malloc=steady_malloc, partial=int(bar.tasks[0].total or 0), skipped=skipped)
-            saved[:] = [len(so_far)]
-            writing.clear()
+            writes.write(len(so_far), lambda: write_outputs(
+                sorted(so_far, key=_order), Path(out), stem, plot=False, host_hidden=timer.hide_host,
+                device_type=dev.type, steady_malloc=steady_malloc, partial=int(bar.tasks[0].total or 0),
+                skipped=skipped))
         try:
             records = run(dev, torch_dtype, rows_list, hidden_list, op_list, PASSES, compile_, timer,
                           copy_bytes=(64 << 20) if quick or not gpu else (1 << 30), progress=advance,
                           checkpoint=save, shapes=shape_pairs, qk_shapes=qk_list, skipped=skipped)
         except KeyboardInterrupt:
-            kept = (f"stopped while writing the {writing[0]} rows measured so far to {Path(out) / stem}.csv and "
-                    ".md: they may be incomplete" if writing
-                    else f"kept the {saved[0]} rows measured so far in {Path(out) / stem}.csv and .md, marked partial"
-                    if saved else "nothing was measured yet; nothing written")
-            Console(stderr=True).print(f"interrupted: {kept}", markup=False, highlight=False)
-            raise typer.Exit(code=130) from None
+            raise writes.interrupted() from None
     errors = Console(stderr=True)
     for what in skipped:  # (on stderr: --json prints only records)
         errors.print(f"[yellow]skipped {what}: out of memory")
@@ -601,12 +594,11 @@ def kernels(
         errors.print("[red]nothing measured: every shape ran out of memory; nothing written")
         raise typer.Exit(1)
     try:
-        paths = write_outputs(records, Path(out), stem, host_hidden=timer.hide_host,
-                              device_type=dev.type, steady_malloc=steady_malloc, skipped=skipped)
+        paths = writes.write(len(records), lambda: write_outputs(
+            records, Path(out), stem, host_hidden=timer.hide_host, device_type=dev.type,
+            steady_malloc=steady_malloc, skipped=skipped))
     except KeyboardInterrupt:
-        errors.print(f"interrupted: stopped while writing the {len(records)} rows measured to "
-                     f"{Path(out) / stem}.csv, .md and .png: they may be incomplete", markup=False, highlight=False)
-        raise typer.Exit(code=130) from None
+        raise writes.interrupted() from None
     if as_json:
         for r in records:
             print(json.dumps(r.as_json()))
