@@ -101,6 +101,13 @@ def forward_ad_active() -> bool:
     return _forward_ad._current_level >= 0
 
 
+def in_backward() -> bool:
+    """Inside a backward pass (a hook run by autograd's engine, or activation checkpointing
+    recomputing a forward): the monitors do not count such a forward again. (Not known
+    inside a compiled graph, which dynamo traces: False there.)"""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 def checkpoint_recompute() -> bool:
     """Non-reentrant activation checkpointing (``torch.utils.checkpoint``) is recomputing
     a forward inside the backward: its recomputation's saved-tensor hooks are the ones in

@@ -23,11 +23,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from normlab.backend import in_backward
 from normlab.diagnostics.structure import (
     check_every,
     check_model,
     find_block_lists,
-    in_backward,
     is_norm,
     module_layer,
 )

@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from normlab.backend import in_backward
 from normlab.diagnostics.structure import (
     SUBLAYER_KINDS,
     check_every,
     check_model,
-    in_backward,
     iter_param_info,
 )
 from normlab.errors import NormArgumentError

@@ -34,8 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from normlab import functional as _F
+from normlab.backend import in_backward as _in_backward
 from normlab.diagnostics.structure import check_model
-from normlab.diagnostics.structure import in_backward as _in_backward
 from normlab.errors import NormArgumentError
 from normlab.ops import backend_ops, reference
 
@@ -325,8 +325,7 @@ class PerExampleGradNorms:
             call = _Call()  # lives as long as the graph holding grad_hook
             self._pending[name] = weakref.ref(call)
             shape = tuple(module.normalized_shape)
-            xd = x.detach()
-            _check_example_dim(name, module, xd)
+            xd = x.detach()  # (its example dim checked by the pre-hook)
 
             buffer = module.per_example_grad_sq if _from_backward(module) else None
 

@@ -43,19 +43,11 @@ import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from normlab.convert.blocks import structure_kinds
 from normlab.errors import NormArgumentError
 from normlab.norms.registry import is_norm
-
-
-def in_backward() -> bool:
-    """Inside a backward pass (a hook run by autograd's engine, or activation checkpointing
-    recomputing a forward): the monitors do not count such a forward again. (Not known
-    inside a compiled graph, which dynamo traces: False there.)"""
-    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 def check_model(where: str, model: object) -> None:

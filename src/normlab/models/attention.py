@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from normlab.models.config import QK_NORM_SCOPES
 from normlab.norms import build_norm
+from normlab.norms.registry import check_size
 
 
 class Attention(nn.Module):
@@ -38,15 +39,12 @@ class Attention(nn.Module):
                  qk_norm: str | None = None, qk_norm_eps: float | None = None,
                  qk_norm_scope: str = "head") -> None:
         super().__init__()
-        for name, v in (("d_model", d_model), ("n_heads", n_heads)):
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-                raise ValueError(f"Attention: expected {name} to be an int >= 1, got {v!r}")
+        d_model, n_heads = check_size("Attention", "d_model", d_model), check_size("Attention", "n_heads", n_heads)
         if d_model % n_heads:
             raise ValueError(f"Attention: expected d_model ({d_model}) to be divisible by n_heads ({n_heads})")
         if (isinstance(attention_dropout, bool) or not isinstance(attention_dropout, numbers.Real)
                 or not 0.0 <= attention_dropout <= 1.0):
             raise ValueError(f"Attention: expected attention_dropout in [0, 1], got {attention_dropout!r}")
-        d_model, n_heads = int(d_model), int(n_heads)
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
         self.attention_dropout = attention_dropout
         self.q_proj = nn.Linear(d_model, d_model)

@@ -99,6 +99,11 @@ class _MarkDone:
         self.task = torch._C._current_graph_task_id()  # the backward that reached the call
 
 
+def _zero_buffer(x: Tensor) -> Tensor:
+    """A call's [2, B] float32 buffer, zeros, that its backward fills."""
+    return torch.zeros(2, x.shape[0], dtype=torch.float32, device=x.device)
+
+
 def _reached_in(call: list, task: int) -> bool:
     """The call's gradient came in graph task ``task``."""
     hook = call[2]() if call[2] is not None else None
@@ -171,9 +176,7 @@ class _PerExampleGradSq:
         if (not self.collect_per_example_grad_sq or self.weight is None or not torch.is_grad_enabled()
                 or not isinstance(x, Tensor) or x.dim() == 0):  # (the op names what a bad input lacks)
             return None
-        if not record:
-            return torch.zeros(2, x.shape[0], dtype=torch.float32, device=x.device)
-        return _outside_graph()(self, x)
+        return _outside_graph()(self, x) if record else _zero_buffer(x)
 
     def _new_buffer(self, x: Tensor) -> Tensor:
         calls = self.__dict__.setdefault("_per_example_calls", [])
@@ -183,7 +186,7 @@ class _PerExampleGradSq:
         # running now (a call from inside it, as reentrant checkpointing's, shares this step)
         if all(c[1] for c in calls) and not (task != -1 and any(_reached_in(c, task) for c in calls)):
             calls.clear()
-        buffer = torch.zeros(2, x.shape[0], dtype=torch.float32, device=x.device)
+        buffer = _zero_buffer(x)
         calls.append([buffer, False, None])  # [buffer, gradient came, weakref to the graph's node]
         return buffer
 

@@ -754,7 +754,16 @@ def _warmup_text(cells: dict[tuple[str, bool], dict[int, float]]) -> str:
             f"Pre-LN {m[('pre', False)]:.3f} / {m[('pre', True)]:.3f}")
 
 
-_PLACEMENT_NAMES = {"post": "Post-LN", "pre": "Pre-LN"}
+def _one_side_note(failed: list[str], how: str) -> str | None:
+    """Why a warm-up interaction cannot be read: the placements (of "post", "pre") that
+    ``how`` failed gain nothing from warm-up either way, so the statistic would measure
+    the other placement alone, or, with both, nothing but baselines."""
+    if not failed:
+        return None
+    if len(failed) == 2:
+        return f"both Post-LN and Pre-LN {how}: the statistic is between baselines"
+    other = "pre" if failed[0] == "post" else "post"
+    return f"{PLACEMENT_NAMES[failed[0]]} {how}: the statistic would measure {PLACEMENT_NAMES[other]} alone"
 
 
 def _warmup_each_lr(results: list[Result]) -> list[Measurement]:
@@ -774,12 +783,9 @@ def _warmup_each_lr(results: list[Result]) -> list[Measurement]:
                           for (p, w), n in failures.items())
         # a placement failed on every seed with and without warm-up gains nothing either way:
         # the interaction would measure the other placement alone
-        always = [p for p in ("post", "pre") if all(failures[(p, w)] == len(cells[(p, w)]) for w in (False, True))]
-        note = (f"{_PLACEMENT_NAMES[always[0]]} failed on every seed with and without warm-up at this lr: the "
-                f"statistic would measure {_PLACEMENT_NAMES['pre' if always[0] == 'post' else 'post']} alone"
-                if len(always) == 1 else
-                "both Post-LN and Pre-LN failed on every seed with and without warm-up at this lr: the statistic "
-                "is between baselines" if always else None)
+        note = _one_side_note([p for p in ("post", "pre") if all(failures[(p, w)] == len(cells[(p, w)])
+                                                                  for w in (False, True))],
+                              "failed on every seed with and without warm-up at this lr")
         out.append(Measurement(f"@lr={lr:g}", i, f"lr {lr:g}: {_warmup_text(cells)}; what warm-up buys Post-LN "
                                f"minus what it buys Pre-LN: {_ci_text(i, ' nats')}; failed runs: {fails}",
                                run_setup(every, i.n), tuple(_interaction_caveats(cells, f" at lr {lr:g}")),
@@ -807,12 +813,9 @@ def _warmup_best(results: list[Result]) -> list[Measurement]:
         _interaction_caveats(cells, " at its chosen lr"))
     # as the per-lr rows: with Post-LN failed on most seeds with and without warm-up, the
     # interaction is what warm-up buys Pre-LN alone
-    mostly = [p for p in ("post", "pre") if all(_mostly_failed(best[(p, w)], groups[(p, w)]) for w in (False, True))]
-    note = (f"most seeds of {_PLACEMENT_NAMES[mostly[0]]} failed at their chosen lr with and without warm-up: the "
-            f"statistic would measure {_PLACEMENT_NAMES['pre' if mostly[0] == 'post' else 'post']} alone"
-            if len(mostly) == 1 else
-            "most seeds of both Post-LN and Pre-LN failed at their chosen lr with and without warm-up: the "
-            "statistic is between baselines" if mostly else None)
+    note = _one_side_note([p for p in ("post", "pre") if all(_mostly_failed(best[(p, w)], groups[(p, w)])
+                                                              for w in (False, True))],
+                          "failed on most seeds at their chosen lr with and without warm-up")
     every = [r for rs in groups.values() for r in rs]
     return [Measurement("@best-lr", i, f"each at its own best lr: {detail}; interaction {_ci_text(i, ' nats')}",
                         run_setup(every, i.n), caveats, note, used=tuple(every), over=JACKKNIFE_OVER)]
@@ -1654,9 +1657,13 @@ BRODY_SETUP = ("paper: majority of 50 tokens over 20 classes (ahead by >= 6), on
 GRAY = "Gray et al. 2024, Normalization Layer Per-Example Gradients are Sufficient to Predict Gradient Noise Scale in Transformers (NeurIPS)"
 GRAY_SETUP = ("paper: GPT-2-style models up to 111M parameters pre-trained on OpenWebText, the noise scale tracked "
               "through training")
-LOG_SLOPE = math.log(math.log(24) / math.log(6)) / math.log(4)  # ln ln N against ln N between 6 and 24 layers
-# the same between 6 and 48 layers, full's amplification depths (the margins were fixed at 6-24, quick's)
-LOG_SLOPE_48 = math.log(math.log(48) / math.log(6)) / math.log(8)
+def _log_n_slope(lo: int, hi: int) -> float:
+    """The log-N law's effective exponent: the slope of ln ln N against ln N from lo to hi layers."""
+    return math.log(math.log(hi) / math.log(lo)) / math.log(hi / lo)
+
+
+LOG_SLOPE = _log_n_slope(6, 24)  # quick's amplification depths, where the margins were fixed
+LOG_SLOPE_48 = _log_n_slope(6, 48)  # full's
 
 CLAIMS: dict[str, Claim] = {c.id: c for c in [
     Claim("xiong-postln-grad-grows", "Post-LN's gradients at initialization grow toward the output", (XIONG,),
