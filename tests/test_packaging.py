@@ -133,3 +133,27 @@ def test_core_dependencies_are_torch_only():
     assert {"triton", "hf", "cluster"} <= set(extras)
     assert [_name(r) for r in extras["cluster"]] == ["submitit"]
     assert project["scripts"]["normlab"] == "normlab.__main__:main"
+
+
+def test_ctrl_c_while_the_command_line_imports_exits_130_without_a_traceback():
+    # a Ctrl-C that lands while torch and the command line are imported (seconds on a
+    # cold start): one line and 130, as a Ctrl-C in a study, not a traceback
+    code = textwrap.dedent(
+        """
+        import sys
+
+        class Interrupt:
+            def find_spec(self, name, path=None, target=None):
+                if name == "normlab.cli":
+                    raise KeyboardInterrupt
+                return None
+
+        sys.meta_path.insert(0, Interrupt())
+        sys.argv = ["normlab", "--help"]
+        from normlab.__main__ import main
+        main()
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 130, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr and result.stderr.strip() == "interrupted", result.stderr

@@ -14,9 +14,13 @@ MISSING_EXTRA = "normlab's command line needs the study extra: pip install 'norm
 
 
 def main() -> None:
-    """Run the ``normlab`` command line, or exit 1 with one line if the study extra is missing."""
+    """Run the ``normlab`` command line, or exit 1 with one line if the study extra is missing
+    (130, with no traceback, on Ctrl-C while torch and the command line are imported)."""
     try:
         from normlab.cli import app
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except ModuleNotFoundError as e:
         if (e.name or "").partition(".")[0] not in STUDY_EXTRA:
             raise
