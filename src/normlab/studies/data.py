@@ -53,10 +53,24 @@ def _long_lines(blob: bytes) -> set[bytes]:
     return {s for line in blob.splitlines() if len(s := line.strip()) >= REPEAT_LINE_CHARS}
 
 
-def _repeats(blob: bytes, train_lines: set[bytes]) -> bool:
-    """Whether ``blob`` (a validation file) repeats the training text (``REPEAT_SHARE``)."""
+def _short_text_key(blob: bytes) -> bytes | None:
+    """For a file without long lines (a word list, a CSV of short rows), which the line
+    share cannot judge: a digest of its stripped non-empty lines, so a copy (whitespace
+    aside) is found; None for a file with long lines or no text."""
+    if _long_lines(blob):
+        return None
+    text = b"\n".join(s for line in blob.splitlines() if (s := line.strip()))
+    return hashlib.sha256(text).digest() if text else None
+
+
+def _repeats(blob: bytes, train_lines: set[bytes], train_short: set[bytes] = frozenset()) -> bool:
+    """Whether ``blob`` (a validation file) repeats the training text: ``REPEAT_SHARE`` of
+    its distinct long lines occur in the training files, or, for a file without long
+    lines, it copies a training file (``_short_text_key``)."""
     lines = _long_lines(blob)
-    return bool(lines) and len(lines & train_lines) >= REPEAT_SHARE * len(lines)
+    if not lines:
+        return (key := _short_text_key(blob)) is not None and key in train_short
+    return len(lines & train_lines) >= REPEAT_SHARE * len(lines)
 
 
 def _collect_files(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
@@ -64,8 +78,9 @@ def _collect_files(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
         return [path]
     return sorted(
         f for f in path.rglob("*")
-        if f.is_file() and f.suffix in suffixes and "site-packages" not in f.parts
-        and "__pycache__" not in f.parts
+        # (the folders below ``path`` only: a --data folder may itself sit under site-packages)
+        if f.is_file() and f.suffix in suffixes and "site-packages" not in (rel := f.relative_to(path).parts)
+        and "__pycache__" not in rel
     )
 
 
@@ -89,7 +104,8 @@ class ByteCorpus:
         Files are split into train/validation by a hash of their path relative to
         ``path``; ``max_bytes`` caps each split (files in sorted order). A validation file
         that repeats the training text (``_repeats``: half of its distinct long lines
-        occur in the training files read) is left out (``repeats_left_out``)."""
+        occur in the training files read, or, without long lines, it copies one) is left
+        out (``repeats_left_out``)."""
         root = stdlib_root() if path is None else Path(path).expanduser()
         if not root.exists():
             raise DataError(f"--data: {str(root)!r} does not exist")
@@ -109,17 +125,18 @@ class ByteCorpus:
                 parts[False].append(blob)
                 sizes[False] += len(blob)
         train_lines = set().union(*map(_long_lines, parts[False])) if held else set()
+        train_short = {k for blob in parts[False] if (k := _short_text_key(blob)) is not None} if held else set()
         left_out = []
         for rel, f in held:
             if max_bytes is not None and sizes[True] >= max_bytes:
                 break
             blob = f.read_bytes()
-            if _repeats(blob, train_lines):
+            if _repeats(blob, train_lines, train_short):
                 left_out.append(rel)
                 continue
             parts[True].append(blob)
             sizes[True] += len(blob)
-        del train_lines
+        del train_lines, train_short
         train = b"\n".join(parts[False])
         val = b"\n".join(parts[True])
         # one file, or a split that left one side empty (every file hashed to the same
@@ -198,6 +215,8 @@ def fixed_windows(stream: Tensor, seq_len: int, max_bytes: int) -> tuple[Tensor,
     usable = min(max_bytes, stream.numel() - 1)
     n = usable // seq_len
     if n < 1:
+        if max_bytes < seq_len:
+            raise DataError(f"a validation set of {max_bytes} bytes holds no window of seq_len = {seq_len} bytes")
         raise DataError(f"the validation split ({stream.numel()} bytes) is shorter than seq_len + 1 = {seq_len + 1}")
     idx = (torch.arange(n) * seq_len)[:, None] + torch.arange(seq_len + 1)
     windows = stream[idx].long()

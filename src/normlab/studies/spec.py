@@ -68,15 +68,32 @@ class RunSpec:
             (self.eval_batches >= 1 and self.probe_batches >= 1,
              f"eval_batches and probe_batches must be >= 1, got {self.eval_batches} and {self.probe_batches}"),
             (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
+            # a warm-up past the last step never reaches the lr the run is labelled with
+            (self.kind != "train" or self.warmup_steps <= self.steps,
+             f"warmup_steps must be <= steps ({self.steps}) for a training run, got {self.warmup_steps}"),
+            # a negative max_norm flips every gradient (the run climbs the loss), nan makes
+            # them nan (a divergence that is the setting's, not the model's)
+            (self.grad_clip is None or (isinstance(self.grad_clip, (int, float)) and not isinstance(self.grad_clip, bool)
+                                        and math.isfinite(self.grad_clip) and self.grad_clip > 0),
+             f"grad_clip must be None (no clipping) or a finite number > 0, got {self.grad_clip!r}"),
             (self.steps >= 0, f"steps must be >= 0, got {self.steps}"),
             # a training run of no steps has no loss to report: it would read as a run that
             # neither learned nor diverged
             (self.steps >= 1 or self.kind != "train", f"steps must be >= 1 for a training run, got {self.steps}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.seq_len >= 2, f"seq_len must be >= 2, got {self.seq_len}"),
-            (self.val_bytes > self.seq_len, f"val_bytes must be > seq_len, got {self.val_bytes}"),
-            (0 < self.val_bytes_during <= self.val_bytes,
-             f"val_bytes_during must be in (0, val_bytes], got {self.val_bytes_during}"),
+            # the LM's final validation set is judged in two halves (even and odd windows of
+            # seq_len bytes: one picks the lr, the other is judged), so it needs two windows
+            (self.val_bytes >= 2 * self.seq_len,
+             f"val_bytes must be >= 2 * seq_len = {2 * self.seq_len} (two validation windows: the select and "
+             f"test halves), got {self.val_bytes}"),
+            (self.seq_len <= self.val_bytes_during <= self.val_bytes,
+             f"val_bytes_during must be in [seq_len, val_bytes] = [{self.seq_len}, {self.val_bytes}] (at least one "
+             f"window), got {self.val_bytes_during}"),
+            # the majority task's validation sequences are judged in two halves too
+            (self.task != "majority" or self.batch_size * self.eval_batches >= 2,
+             f"batch_size * eval_batches must be >= 2 for task 'majority' (two validation sequences: the select "
+             f"and test halves), got {self.batch_size} * {self.eval_batches}"),
             (self.speed_rounds >= 2, f"speed_rounds must be >= 2, got {self.speed_rounds}"),
             # the majority task's validation batches are its seed VAL_SEED's first steps: a
             # run of that seed would train on them
