@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from normlab.norms.base import ResidualNorm
+
 
 @dataclass(frozen=True)
 class Consumer:
@@ -195,10 +197,12 @@ def _add_norm(norm: nn.Module, x: Tensor, residual: Tensor) -> tuple[Tensor, Ten
 
     A norm with hooks at call time (registered after fusion, or torch's global module
     hooks) is called unfused, ``norm(residual + x)``, so its hooks see the one input
-    and the one output the original block's call gives them."""
+    and the one output the original block's call gives them; so is a norm that is no
+    longer a normlab one (replaced or wrapped after fusion: an adapter, the original
+    class put back), which takes one input."""
     if x.dtype is not residual.dtype:
         x = x.to(torch.promote_types(x.dtype, residual.dtype))
-    if _hooked(norm):
+    if _hooked(norm) or not isinstance(norm, ResidualNorm):
         new_residual = residual + x
         return norm(new_residual), new_residual
     return norm(x, residual)

@@ -57,6 +57,16 @@ class PromotedRMSNorm(RMSNorm):
     # dtype the folded weight had: the output keeps the promoted dtype the next layer takes
     weight_dtype: torch.dtype | None = None
 
+    def _apply(self, fn, recurse=True):
+        # ``weight_dtype`` follows the module's conversions as the weight it stands for
+        # would (``.to(torch.bfloat16)``, ``.half()``: a model folded in float32, then cast)
+        out = super()._apply(fn, recurse)
+        if self.weight_dtype is not None and self._parameters.get("weight") is None:
+            moved = fn(torch.empty(0, dtype=self.weight_dtype))
+            if isinstance(moved, Tensor):
+                self.weight_dtype = moved.dtype
+        return out
+
     def _promoted(self, x: Tensor) -> torch.dtype | None:
         """The output dtype where it differs from ``x``'s (a weight of a wider dtype), else None."""
         w = self._parameters.get("weight")
@@ -280,7 +290,8 @@ def semantics(module: nn.Module) -> NormSemantics | str:
 
 # Hugging Face norms known to compute something else than normlab's norms; the probe
 # decides, these name the difference in the reason
-_GEMMA = "scales by (1 + weight), Gemma's zero-centred gamma, which normlab's RMSNorm does not take"
+_GEMMA = ("scales by (1 + weight) (Gemma's zero-centred gamma) in float32 whatever its input's dtype; "
+          "normlab's RMSNorm(offset=1, casting_mode='gemma') differs from it here")
 _KNOWN_VARIANTS = {
     "GemmaRMSNorm": _GEMMA, "Gemma2RMSNorm": _GEMMA, "Gemma3RMSNorm": _GEMMA,
 }

@@ -100,10 +100,11 @@ def _check_consumers(views: list[LinearView], positions: set[str], beta, shared,
     return None
 
 
-def _fold(views: list[LinearView], gamma, beta, path: str, report: ConversionReport) -> None:
+def _fold(views: list[LinearView], gamma, beta, path: str, report: ConversionReport, hf_class: str | None) -> None:
     """W -> W diag(gamma) and b -> b + W beta for every consumer; a weight or bias that
     several consumers share (tied q/k projections) is rewritten once, every bias with its
-    own consumer's W before the scaling."""
+    own consumer's W before the scaling. ``hf_class``: the Hugging Face model's class,
+    whose architecture has no slot for an added bias (its report line says so)."""
     with torch.no_grad():
         g = None if gamma is None else gamma.detach()
         b = None if beta is None else beta.detach()
@@ -112,7 +113,11 @@ def _fold(views: list[LinearView], gamma, beta, path: str, report: ConversionRep
                 w = v.module.weight
                 v.module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
                                              requires_grad=w.requires_grad)
-                report.add(v.path, v.module, "added", f"a zero bias, to absorb {path}'s beta")
+                report.add(v.path, v.module, "added", f"a zero bias, to absorb {path}'s beta" + (
+                    "" if hf_class is None else
+                    f"; {hf_class} has no slot for {v.path}.bias: save_pretrained writes it and from_pretrained "
+                    "drops it, so the reloaded model is not the folded one (keep the state dict with safetensors, "
+                    "or fold without add_bias)"))
         if b is not None:
             done: set[tuple[int, str]] = set()
             for v in views:
@@ -198,6 +203,7 @@ def fold_norm_affine(
     include, exclude = patterns(include), patterns(exclude)
     report = ConversionReport("fold_norm_affine", model)
     analysis = analyse(model)
+    hf_class = type(model).__name__ if type(model).__module__.startswith("transformers.") else None
     shared = shared_params(model)
     paths = all_paths(model)
     outside = outside_references(model)
@@ -220,7 +226,7 @@ def fold_norm_affine(
             report.add(path, module, "left", plan)
             continue
         sem, gamma, beta, views = plan
-        _fold(views, gamma, beta, path, report)
+        _fold(views, gamma, beta, path, report, hf_class)
         plain = NormSemantics(sem.kind, sem.shape, sem.eps, False, False, "",
                               output_dtype=sem.output_dtype).build(module)
         for p in paths[id(module)]:
