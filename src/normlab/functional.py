@@ -551,8 +551,12 @@ def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bi
             and residual.shape == x.shape and get_backend() != "triton" and not _compiling()):
         try:
             h = residual + x
-            return torch.layer_norm(h, weight.shape if normalized_shape is None and weight is not None
-                                    else _plain_shape(weight, normalized_shape), weight, bias, eps), h
+            out = torch.layer_norm(h, weight.shape if normalized_shape is None and weight is not None
+                                   else _plain_shape(weight, normalized_shape), weight, bias, eps)
+            # (under torch.func transforms torch's op promotes to parameters of another
+            # dtype, batched ones: the checked path keeps x's dtype, as in eager)
+            if out.dtype is dt:
+                return out, h
         except _REFUSED:  # the checked path below names the bad argument
             pass
     return _add_layer_norm(x, residual, weight, bias, eps, dropout_p=dropout_p, training=training,

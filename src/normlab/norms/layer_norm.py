@@ -36,7 +36,7 @@ from normlab.ops import backend_ops
 class _CheckedOnce:
     """Mixin: a norm call's arguments are checked once per call signature (the input's
     type, dtype, device, rank and last dim, and the backend in force; the parameters'
-    shapes as it saw them); later calls with
+    shapes, dtypes and device as it saw them); later calls with
     that signature go straight to the implementation the first call resolved (norms over
     one dim; over several dims every call is checked). Changing
     the parameters (``.to()``, assigning weight, bias or eps) forgets the signatures.
@@ -60,14 +60,25 @@ class _CheckedOnce:
         w, b = args[1], (args[2] if len(args) == 4 else None)
         impls = self.__dict__.get("_impls")
         hit = impls.get(key) if impls is not None else None
-        # the parameters' shapes as the check saw them: an assignment to ``weight.data``
-        # passes no __setattr__ of the module, and the kernels read as many values as it saw
-        if hit is not None and (w is None or w.shape == hit[1]) and (b is None or b.shape == hit[2]):
+        # the parameters as the check saw them (shape, dtype, device): an assignment to
+        # ``weight.data``, torch.func.functional_call and writes to ``_parameters`` pass no
+        # __setattr__ of the module, and the kernels read as many values, of the dtype and
+        # on the device, the check saw
+        if hit is not None and (w is None or (w.shape == hit[1] and w.dtype is hit[3] and w.device == hit[5])) \
+                and (b is None or (b.shape == hit[2] and b.dtype is hit[4] and b.device == hit[5])):
             return hit[0](x, *args)
         out = public(x, *args)  # raises normlab's argument errors for a bad call
-        self.__dict__.setdefault("_impls", {})[key] = (getattr(backend_ops(x), op), None if w is None else w.shape,
-                                                      None if b is None else b.shape)
+        self.__dict__.setdefault("_impls", {})[key] = (
+            getattr(backend_ops(x), op), None if w is None else w.shape, None if b is None else b.shape,
+            None if w is None else w.dtype, None if b is None else b.dtype, x.device)
         return out
+
+    def __getstate__(self):
+        # the signatures' implementations are not pickled: they name the backend's module
+        # (unpickling one that saw the triton backend would import triton)
+        state = super().__getstate__()
+        state.pop("_impls", None)
+        return state
 
     def _forget_signatures(self) -> None:
         self.__dict__.pop("_impls", None)
@@ -228,6 +239,16 @@ class _PerExampleGradSq:
         if value is not None:
             raise ValueError("per_example_grad_sq can only be reset to None")
         self.__dict__.pop("_per_example_calls", None)
+
+    def __getstate__(self):
+        # calls whose gradient came are pickled with their buffers (``per_example_grad_sq``
+        # is the user's data), without their hooks (weak references); calls still waiting
+        # for a gradient are not: no backward can reach a copy's
+        state = super().__getstate__()
+        calls = state.pop("_per_example_calls", None)
+        if calls:
+            state["_per_example_calls"] = [[c[0], True, None] for c in calls if c[1]]
+        return state
 
 
 class _WeightOffset:

@@ -84,6 +84,19 @@ def _fused(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tens
     return custom_ops.apply_fused(x, residual, weight, bias, spec), x
 
 
+def _channels_last(x: Tensor, residual: Tensor | None = None) -> bool:
+    """x (and the residual) is a 4-D channels_last tensor that is not contiguous: torch's
+    rms_norm and its residual add keep that layout (layer_norm's output does not), where
+    the kernels write contiguous rows."""
+    return (x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+            and (residual is None or (not residual.is_contiguous()
+                                      and residual.is_contiguous(memory_format=torch.channels_last))))
+
+
+def _as_channels_last(t: Tensor) -> Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
 # ``offset`` (the scale is offset + weight) and RMSNorm's ``casting_mode``
 # (``reference.rms_norm_cast``) are taken by the kernels; ``normlab.functional`` passes
 # them only where they differ from the defaults (offset 0, "torch")
@@ -101,17 +114,24 @@ def rms_norm(x, normalized_shape, weight, eps, *, offset=0.0, casting_mode="torc
         out_dtype = torch.promote_types(weight.dtype, x.dtype)
     spec = _spec("rms_norm", x, None, eps, normalized_shape, is_rms=True, offset=offset,
                  casting_mode=casting_mode, out_dtype=out_dtype)
-    return _fused(x, None, weight, None, spec)[0]
+    out = _fused(x, None, weight, None, spec)[0]
+    return _as_channels_last(out) if x.dim() == 4 and _channels_last(x) else out
 
 
 def add_layer_norm(x, residual, weight, bias, eps, *, normalized_shape, **kw):
-    return _fused(x, residual, weight, bias, _spec("add_layer_norm", x, residual, eps, normalized_shape,
-                                                   is_rms=False, **kw))
+    out, new_res = _fused(x, residual, weight, bias, _spec("add_layer_norm", x, residual, eps, normalized_shape,
+                                                           is_rms=False, **kw))
+    if x.dim() == 4 and residual is not None and _channels_last(x, residual):
+        new_res = _as_channels_last(new_res)  # (layer_norm's out stays contiguous, as torch's)
+    return out, new_res
 
 
 def add_rms_norm(x, residual, weight, eps, *, normalized_shape, **kw):
-    return _fused(x, residual, weight, None, _spec("add_rms_norm", x, residual, eps, normalized_shape,
-                                                   is_rms=True, **kw))
+    out, new_res = _fused(x, residual, weight, None, _spec("add_rms_norm", x, residual, eps, normalized_shape,
+                                                           is_rms=True, **kw))
+    if x.dim() == 4 and residual is not None and _channels_last(x, residual):
+        return _as_channels_last(out), _as_channels_last(new_res)
+    return out, new_res
 
 
 # ---------------------------------------------------------------- per-example variants

@@ -1,0 +1,133 @@
+"""From a review against torch's own samples: add_layer_norm under vmap with parameters
+of another dtype, a module's remembered signature given parameters of another dtype or
+device, pickling modules that ran the triton backend or collected per-example norms,
+and channels_last layouts on the triton backend (and the torch path's RMS backward)."""
+
+import io
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.func import functional_call, vmap
+
+import normlab
+import normlab.functional as NF
+from normlab.errors import NormArgumentError, NormDtypeError
+
+
+@pytest.mark.parametrize("x_dtype,p_dtype", [(torch.float32, torch.float64), (torch.bfloat16, torch.float32)])
+def test_add_layer_norm_under_vmap_keeps_x_dtype(x_dtype, p_dtype):
+    g = torch.Generator().manual_seed(0)
+    x, r = torch.randn(4, 8, generator=g).to(x_dtype), torch.randn(4, 8, generator=g).to(x_dtype)
+    ws, b = torch.randn(3, 8, generator=g).to(p_dtype), torch.randn(8, generator=g).to(p_dtype)
+    out, h = vmap(lambda w: NF.add_layer_norm(x, r, w, b))(ws)
+    loop = torch.stack([NF.add_layer_norm(x, r, w, b)[0] for w in ws])
+    assert out.dtype is x_dtype and h.dtype is x_dtype
+    torch.testing.assert_close(out, loop, atol=0, rtol=0)
+
+
+def _warm(module, x):
+    with normlab.set_backend("triton"):
+        module(x)  # the signature is remembered
+
+
+@pytest.mark.parametrize("cls", [normlab.LayerNorm, normlab.RMSNorm])
+def test_a_remembered_signature_still_refuses_an_integer_weight(cls):
+    m, x = cls(8), torch.randn(4, 8)
+    _warm(m, x)
+    params = {"weight": torch.ones(8, dtype=torch.int32)}
+    if cls is normlab.LayerNorm:
+        params["bias"] = torch.zeros(8)
+    with normlab.set_backend("triton"), pytest.raises(NormDtypeError, match="weight"):
+        functional_call(m, params, (x,))
+
+
+def test_a_remembered_signature_still_refuses_a_weight_on_another_device():
+    m, x = normlab.LayerNorm(8), torch.randn(4, 8)
+    _warm(m, x)
+    with normlab.set_backend("triton"), pytest.raises(NormArgumentError, match="expected weight on cpu"):
+        functional_call(m, {"weight": torch.ones(8, device="meta"), "bias": torch.zeros(8)}, (x,))
+
+
+def test_a_remembered_signature_takes_a_float64_weight_swap_through_the_checked_path():
+    m, x = normlab.LayerNorm(8), torch.randn(4, 8)
+    _warm(m, x)
+    w = torch.randn(8, dtype=torch.float64)
+    with normlab.set_backend("triton"):
+        got = functional_call(m, {"weight": w, "bias": torch.zeros(8)}, (x,))
+    want = torch.nn.functional.layer_norm(x.double(), (8,), w, None, 1e-5).float()
+    assert got.dtype is torch.float32
+    torch.testing.assert_close(got, want)
+
+
+def test_a_module_that_ran_the_triton_backend_unpickles_without_triton():
+    m = normlab.LayerNorm(8)
+    _warm(m, torch.randn(4, 8))
+    blob = pickle.dumps(m)
+    code = (
+        "import sys, pickle\n"
+        "sys.modules['triton'] = None  # as where the triton extra is not installed\n"
+        f"m = pickle.loads({blob!r})\n"
+        "import torch\n"
+        "print(m(torch.ones(2, 8)).shape)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "torch.Size([2, 8])" in r.stdout
+
+
+@pytest.mark.parametrize("cls", [normlab.LayerNorm, normlab.RMSNorm])
+def test_a_module_that_collected_per_example_norms_saves_and_keeps_them(cls):
+    m = cls(8)
+    m.collect_per_example_grad_sq = True
+    m(torch.randn(4, 8, generator=torch.Generator().manual_seed(0))).pow(2).sum().backward()
+    want = m.per_example_grad_sq.clone()
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    torch.testing.assert_close(back.per_example_grad_sq, want, atol=0, rtol=0)
+    # the copy collects anew: one more call and its backward
+    back(torch.randn(4, 8)).sum().backward()
+    assert back.per_example_grad_sq.shape == want.shape
+    # a call still waiting for its gradient (it replaced the finished one) is not pickled
+    m(torch.randn(4, 8))
+    assert pickle.loads(pickle.dumps(m)).per_example_grad_sq is None
+
+
+def _channels_last(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "add_rms_norm", "add_layer_norm", "layer_norm"])
+def test_the_triton_backend_keeps_torch_layouts_for_channels_last(op):
+    H = 4
+    x, r, w, b = _channels_last((2, 8, 5, H), 0), _channels_last((2, 8, 5, H), 1), torch.randn(H), torch.randn(H)
+    torch_ops = {"rms_norm": lambda: (torch.rms_norm(x, (H,), w),),
+                 "layer_norm": lambda: (torch.layer_norm(x, (H,), w, b),),
+                 "add_rms_norm": lambda: (torch.rms_norm(r + x, (H,), w), r + x),
+                 "add_layer_norm": lambda: (torch.layer_norm(r + x, (H,), w, b), r + x)}
+    ours = {"rms_norm": lambda: (NF.rms_norm(x, (H,), w),), "layer_norm": lambda: (NF.layer_norm(x, (H,), w, b),),
+            "add_rms_norm": lambda: NF.add_rms_norm(x, r, w), "add_layer_norm": lambda: NF.add_layer_norm(x, r, w, b)}
+    want = torch_ops[op]()
+    with normlab.set_backend("triton"):
+        got = ours[op]()
+    for g, t in zip(got, want, strict=True):
+        assert g.stride() == t.stride()
+        torch.testing.assert_close(g, t, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 5, 4), (2, 64, 5, 300)])  # the fused forward's size, and above it
+def test_the_torch_paths_rms_backward_gives_torchs_layout_for_channels_last(shape):
+    x = _channels_last(shape, 0).requires_grad_()
+    H = shape[-1]
+    w = torch.randn(H, requires_grad=True)
+    y = x * 1.0  # a non-leaf: its gradient keeps the layout the op gave it (a leaf's is x's)
+    dy = torch.randn(shape)
+    (ours,) = torch.autograd.grad(NF.rms_norm(y, (H,), w), y, dy)
+    (want,) = torch.autograd.grad(torch.rms_norm(y, (H,), w), y, dy)
+    assert ours.stride() == want.stride()
+    torch.testing.assert_close(ours, want)
