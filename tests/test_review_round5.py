@@ -102,22 +102,71 @@ def _channels_last(shape, seed):
     return torch.randn(shape, generator=g).to(memory_format=torch.channels_last)
 
 
+def _layout(kind, seed):
+    """x or residual of shape [2, 8, 5, 4] ([2, 8, 3, 5, 4] for cl3d) in a named layout."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "contig":
+        return torch.randn(2, 8, 5, 4, generator=g)
+    if kind == "cl":
+        return torch.randn(2, 8, 5, 4, generator=g).to(memory_format=torch.channels_last)
+    if kind == "cl_slice":  # a channel slice of a channels_last tensor: not dense, still channels_last
+        return torch.randn(2, 16, 5, 4, generator=g).to(memory_format=torch.channels_last)[:, :8]
+    if kind == "cl3d":
+        return torch.randn(2, 8, 3, 5, 4, generator=g).to(memory_format=torch.channels_last_3d)
+    raise ValueError(kind)
+
+
+LAYOUTS = [("cl", "cl"), ("contig", "cl"), ("cl", "contig"), ("cl3d", "cl3d"), ("cl_slice", "cl"), ("cl", None)]
+
+
+@pytest.mark.parametrize("x_kind,r_kind", LAYOUTS)
 @pytest.mark.parametrize("op", ["rms_norm", "add_rms_norm", "add_layer_norm", "layer_norm"])
-def test_the_triton_backend_keeps_torch_layouts_for_channels_last(op):
-    H = 4
-    x, r, w, b = _channels_last((2, 8, 5, H), 0), _channels_last((2, 8, 5, H), 1), torch.randn(H), torch.randn(H)
+def test_the_triton_backend_gives_torchs_layouts(op, x_kind, r_kind):
+    x = _layout(x_kind, 0)
+    r = None if r_kind is None else _layout(r_kind, 1)
+    if r is not None and r.shape != x.shape:
+        pytest.skip("shapes differ")
+    H = x.shape[-1]
+    w, b = torch.randn(H), torch.randn(H)
+    h = x if r is None else r + x
     torch_ops = {"rms_norm": lambda: (torch.rms_norm(x, (H,), w),),
                  "layer_norm": lambda: (torch.layer_norm(x, (H,), w, b),),
-                 "add_rms_norm": lambda: (torch.rms_norm(r + x, (H,), w), r + x),
-                 "add_layer_norm": lambda: (torch.layer_norm(r + x, (H,), w, b), r + x)}
+                 "add_rms_norm": lambda: (torch.rms_norm(h, (H,), w), h),
+                 "add_layer_norm": lambda: (torch.layer_norm(h, (H,), w, b), h)}
     ours = {"rms_norm": lambda: (NF.rms_norm(x, (H,), w),), "layer_norm": lambda: (NF.layer_norm(x, (H,), w, b),),
             "add_rms_norm": lambda: NF.add_rms_norm(x, r, w), "add_layer_norm": lambda: NF.add_layer_norm(x, r, w, b)}
     want = torch_ops[op]()
     with normlab.set_backend("triton"):
         got = ours[op]()
     for g, t in zip(got, want, strict=True):
-        assert g.stride() == t.stride()
+        assert g.stride() == t.stride(), (g.stride(), t.stride())
         torch.testing.assert_close(g, t, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("x_kind,r_kind", [("cl", None), ("cl", "cl"), ("contig", "cl")])
+def test_the_per_example_variant_gives_torchs_layouts_too(x_kind, r_kind):
+    x = _layout(x_kind, 0)
+    r = None if r_kind is None else _layout(r_kind, 1)
+    m = normlab.RMSNorm(4)
+    m.collect_per_example_grad_sq = True
+    want = torch.nn.RMSNorm(4)
+    with normlab.set_backend("triton"):
+        got = m(x) if r is None else m(x, r)
+    ref = (want(x),) if r is None else (want(r + x), r + x)
+    for g, t in zip(got if isinstance(got, tuple) else (got,), ref, strict=True):
+        assert g.stride() == t.stride(), (g.stride(), t.stride())
+
+
+def test_a_module_pickled_with_an_earlier_signature_format_runs():
+    m, x = normlab.LayerNorm(8), torch.randn(4, 8)
+    _warm(m, x)
+    # an earlier version kept (impl, weight shape, bias shape) per signature
+    m.__dict__["_impls"] = {k: v[:3] for k, v in m.__dict__["_impls"].items()}
+    state = m.__dict__.copy()  # what pickle wrote then (no __getstate__ dropped the cache)
+    back = normlab.LayerNorm.__new__(normlab.LayerNorm)
+    back.__setstate__(state)
+    with normlab.set_backend("triton"):
+        torch.testing.assert_close(back(x), torch.nn.functional.layer_norm(x, (8,), m.weight, m.bias))
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 5, 4), (2, 64, 5, 300)])  # the fused forward's size, and above it

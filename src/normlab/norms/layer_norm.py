@@ -80,6 +80,11 @@ class _CheckedOnce:
         state.pop("_impls", None)
         return state
 
+    def __setstate__(self, state):
+        # (a module pickled by an earlier version holds its signatures, in their format then)
+        state.pop("_impls", None)
+        super().__setstate__(state)
+
     def _forget_signatures(self) -> None:
         self.__dict__.pop("_impls", None)
 

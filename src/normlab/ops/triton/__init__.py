@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch._prims_common import suggest_memory_format as _suggest_memory_format
 
 from normlab.ops import eager, reference
 from normlab.ops.triton import custom_ops, launch
@@ -84,17 +85,28 @@ def _fused(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tens
     return custom_ops.apply_fused(x, residual, weight, bias, spec), x
 
 
-def _channels_last(x: Tensor, residual: Tensor | None = None) -> bool:
-    """x (and the residual) is a 4-D channels_last tensor that is not contiguous: torch's
-    rms_norm and its residual add keep that layout (layer_norm's output does not), where
-    the kernels write contiguous rows."""
-    return (x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-            and (residual is None or (not residual.is_contiguous()
-                                      and residual.is_contiguous(memory_format=torch.channels_last))))
+def _torch_format(t: Tensor) -> torch.memory_format | None:
+    """The channels_last(_3d) layout torch's ops give their output for ``t`` (its
+    ``suggest_memory_format``; torch's rms_norm keeps it, and ``residual + x`` takes the
+    residual's), where the kernels write contiguous rows; None for the rest (a 4-D or 5-D
+    tensor that is not contiguous is the only case looked at: the others cost one test)."""
+    if t.dim() < 4 or t.is_contiguous():
+        return None
+    fmt = _suggest_memory_format(t)
+    return fmt if fmt is torch.channels_last or fmt is torch.channels_last_3d else None
 
 
-def _as_channels_last(t: Tensor) -> Tensor:
-    return t.contiguous(memory_format=torch.channels_last)
+def _in_torch_layout(out: Tensor, new_res: Tensor, x: Tensor, residual: Tensor | None,
+                     is_rms: bool) -> tuple[Tensor, Tensor]:
+    """(out, new_residual) in the layouts torch's unfused ops give them: new_residual in
+    the residual's (x's without one), out in new_residual's for RMSNorm (layer_norm's is
+    contiguous)."""
+    fmt = _torch_format(residual if residual is not None else x)
+    if fmt is None:
+        return out, new_res
+    if residual is not None:
+        new_res = new_res.contiguous(memory_format=fmt)
+    return (out.contiguous(memory_format=fmt) if is_rms else out), new_res
 
 
 # ``offset`` (the scale is offset + weight) and RMSNorm's ``casting_mode``
@@ -115,23 +127,19 @@ def rms_norm(x, normalized_shape, weight, eps, *, offset=0.0, casting_mode="torc
     spec = _spec("rms_norm", x, None, eps, normalized_shape, is_rms=True, offset=offset,
                  casting_mode=casting_mode, out_dtype=out_dtype)
     out = _fused(x, None, weight, None, spec)[0]
-    return _as_channels_last(out) if x.dim() == 4 and _channels_last(x) else out
+    return out if x.dim() < 4 else _in_torch_layout(out, x, x, None, True)[0]
 
 
 def add_layer_norm(x, residual, weight, bias, eps, *, normalized_shape, **kw):
     out, new_res = _fused(x, residual, weight, bias, _spec("add_layer_norm", x, residual, eps, normalized_shape,
                                                            is_rms=False, **kw))
-    if x.dim() == 4 and residual is not None and _channels_last(x, residual):
-        new_res = _as_channels_last(new_res)  # (layer_norm's out stays contiguous, as torch's)
-    return out, new_res
+    return (out, new_res) if x.dim() < 4 else _in_torch_layout(out, new_res, x, residual, False)
 
 
 def add_rms_norm(x, residual, weight, eps, *, normalized_shape, **kw):
     out, new_res = _fused(x, residual, weight, None, _spec("add_rms_norm", x, residual, eps, normalized_shape,
                                                            is_rms=True, **kw))
-    if x.dim() == 4 and residual is not None and _channels_last(x, residual):
-        return _as_channels_last(out), _as_channels_last(new_res)
-    return out, new_res
+    return (out, new_res) if x.dim() < 4 else _in_torch_layout(out, new_res, x, residual, True)
 
 
 # ---------------------------------------------------------------- per-example variants
@@ -158,17 +166,20 @@ def layer_norm_per_example(x, normalized_shape, weight, bias, eps, per_example_g
 
 def rms_norm_per_example(x, normalized_shape, weight, eps, per_example_grad_sq):
     spec = _spec("rms_norm", x, None, eps, normalized_shape, is_rms=True)
-    return _fused_per_example(x, None, weight, None, spec, per_example_grad_sq)[0]
+    out = _fused_per_example(x, None, weight, None, spec, per_example_grad_sq)[0]
+    return out if x.dim() < 4 else _in_torch_layout(out, x, x, None, True)[0]
 
 
 def add_layer_norm_per_example(x, residual, weight, bias, eps, per_example_grad_sq, *, normalized_shape, **kw):
     spec = _spec("add_layer_norm", x, residual, eps, normalized_shape, is_rms=False, **kw)
-    return _fused_per_example(x, residual, weight, bias, spec, per_example_grad_sq)
+    out, new_res = _fused_per_example(x, residual, weight, bias, spec, per_example_grad_sq)
+    return (out, new_res) if x.dim() < 4 else _in_torch_layout(out, new_res, x, residual, False)
 
 
 def add_rms_norm_per_example(x, residual, weight, eps, per_example_grad_sq, *, normalized_shape, **kw):
     spec = _spec("add_rms_norm", x, residual, eps, normalized_shape, is_rms=True, **kw)
-    return _fused_per_example(x, residual, weight, None, spec, per_example_grad_sq)
+    out, new_res = _fused_per_example(x, residual, weight, None, spec, per_example_grad_sq)
+    return (out, new_res) if x.dim() < 4 else _in_torch_layout(out, new_res, x, residual, True)
 
 
 # dropout_add alone has no reduction to fuse: it is elementwise and torch's own ops run it
