@@ -165,10 +165,12 @@ class Timer:
 
 
 def out_of_memory(err: BaseException) -> bool:
-    """``err`` is a failed allocation: torch.OutOfMemoryError on a GPU, or the RuntimeError
-    of torch's CPU allocator ("DefaultCPUAllocator: can't allocate memory")."""
+    """``err`` is a failed allocation: torch.OutOfMemoryError on a GPU, the RuntimeError of
+    torch's CPU allocator ("DefaultCPUAllocator: can't allocate memory"), or a size whose
+    byte count overflows ("Storage size calculation overflowed")."""
     return isinstance(err, torch.OutOfMemoryError) or (
-        isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
+        isinstance(err, RuntimeError) and ("can't allocate memory" in str(err)
+                                           or "Storage size calculation overflowed" in str(err)))
 
 
 def release_memory(device: torch.device) -> None:

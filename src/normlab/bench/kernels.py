@@ -349,8 +349,8 @@ def run(device: torch.device, dtype: torch.dtype, rows_list, hidden_list, ops, p
                         skipped.append(f"{op} {shape_text}")
                 if progress is not None:
                     progress(f"{op} {shape_text}")
-            if checkpoint is not None and records:
-                checkpoint(records)
+                if checkpoint is not None and len(records) > measured:
+                    checkpoint(records)  # after every shape: a Ctrl-C keeps each one measured
     records.sort(key=_order)
     return records
 
@@ -460,11 +460,15 @@ def _plot(records: list[Record], path: Path) -> None:
     plt.close(fig)
 
 
+# a size above this cannot be a tensor dim (torch takes int64 sizes)
+MAX_SIZE = 2**62
+
+
 def _positive_int(text: str) -> int | None:
-    """``text`` as a positive integer written in ASCII digits; None when it is not one
-    (``str.isdigit`` accepts "²", which ``int`` refuses)."""
+    """``text`` as a positive integer written in ASCII digits, at most ``MAX_SIZE``; None
+    when it is not one (``str.isdigit`` accepts "²", which ``int`` refuses)."""
     text = text.strip()
-    return int(text) if re.fullmatch(r"[0-9]+", text) and int(text) > 0 else None
+    return int(text) if re.fullmatch(r"[0-9]+", text) and 0 < int(text) <= MAX_SIZE else None
 
 
 def _sizes(text: str | None, param_hint: str) -> tuple[int, ...] | None:
@@ -473,7 +477,8 @@ def _sizes(text: str | None, param_hint: str) -> tuple[int, ...] | None:
         return None
     items = [_positive_int(v) for v in text.split(",")]
     if not all(items):
-        raise typer.BadParameter(f"expected comma-separated positive integers such as 1024,4096; got {text!r}",
+        raise typer.BadParameter(f"expected comma-separated positive integers (at most 2^62) such as 1024,4096; "
+                                 f"got {text!r}",
                                  param_hint=param_hint)
     return tuple(dict.fromkeys(items))  # (a value given twice is measured once)
 

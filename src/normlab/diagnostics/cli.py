@@ -155,8 +155,10 @@ def _from_hugging_face(spec: str) -> tuple[nn.Module, object, str | None]:
             f"'{spec}' is neither pkg.module:factory nor a local Hugging Face config ({e})",
             param_hint="MODEL") from None
     where = Path(spec)
-    if where.is_file() and any(any(where.parent.glob(p)) for p in _WEIGHT_FILES):
-        spec = str(where.parent)  # a checkpoint's config.json: the checkpoint, its weights included
+    # a checkpoint's own config.json: the checkpoint, its weights included (another config
+    # file beside a checkpoint is that config, built with random weights)
+    if where.is_file() and where.name == "config.json" and any(any(where.parent.glob(p)) for p in _WEIGHT_FILES):
+        spec = str(where.parent)
         where = where.parent
     local = where.is_dir()
     # a config file alone (config.json) holds no weights: the model is built from it
