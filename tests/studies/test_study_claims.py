@@ -156,7 +156,7 @@ def test_stability_row_says_when_no_run_diverged_and_names_runs_near_the_baselin
             runs.append(_run("depth", s, lr, 2.4 + 10 * post_fail, placement="post", n_layers=12))
             runs.append(_run("depth", s, lr, 2.4, placement="deepnorm", n_layers=12))
     near = next(r for r in runs if r["placement"] == "post" and not failed(r))
-    near["final_val_loss"] = baseline(near) - 0.01
+    near["final_val_loss"] = near["final_val_loss_test"] = baseline(near) - 0.01  # (the judged half decides)
     (row,) = judge(CLAIMS["deepnorm-stability"], runs)
     assert any("no run here diverged" in c for c in row["caveats"]), row["caveats"]
     assert any(f"within 0.05 nats under the baseline ({near['name']})" in c for c in row["caveats"]), row["caveats"]

@@ -41,6 +41,7 @@ How runs are read:
 
 from __future__ import annotations
 
+import contextvars
 import json
 import math
 import numbers
@@ -53,6 +54,7 @@ from normlab.studies.spec import Margin, RunSpec
 from normlab.studies.stats import (
     SIGN_TEST_MIN_N,
     Interval,
+    bound_text,
     degenerate,
     jackknife_ci,
     mean_ci,
@@ -370,10 +372,16 @@ def _mean(values: Iterable[float]) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
+# the margin of the claim being measured (``judge`` sets it): the rows' text prints a bound
+# near it with the digits that keep it on its side (``stats.bound_text``), as the tables do
+_JUDGED_MARGIN: contextvars.ContextVar[float | None] = contextvars.ContextVar("judged_margin", default=None)
+
+
 def _ci_text(i: Interval, unit: str = "") -> str:
     if not math.isfinite(i.lo):
         return f"{i.estimate:+.3f}{unit} (n={i.n}, no interval)"
-    return f"{i.estimate:+.3f}{unit} [{i.lo:+.3f}, {i.hi:+.3f}] (n={i.n})"
+    m = _JUDGED_MARGIN.get()
+    return f"{i.estimate:+.3f}{unit} [{bound_text(i.lo, m)}, {bound_text(i.hi, m)}] (n={i.n})"
 
 
 def _want(study: str, **match: Any) -> tuple[str, tuple]:
@@ -876,7 +884,7 @@ def _deepnorm_stability(results: list[Result]) -> list[Measurement]:
     ran: dict[str, dict[int, dict[tuple, bool]]] = {p: defaultdict(dict) for p in ("post", "deepnorm")}
     for p in ran:
         for r in cells[p]:
-            ran[p][r["seed"]][_setting(r)] = failed(r)
+            ran[p][r["seed"]][_setting(r)] = failed_on(r, "test")  # (the judged half, as every row's values)
     names = {"post": "Post-LN", "deepnorm": "DeepNorm"}
     units, lone = {}, defaultdict(list)  # lone: (side that lacks it, setting) -> seeds
     counted = {"post": 0, "deepnorm": 0, "both": 0}  # failures over the shared settings, and those settings
@@ -897,7 +905,7 @@ def _deepnorm_stability(results: list[Result]) -> list[Measurement]:
     every = sorted({s for p in ran for s in ran[p]})
     caveats += _left_out("Post-LN - DeepNorm", set(every) - set(units), "no setting that both placements ran")
     lrs = sorted({r["lr"] for r in cells["post"] + cells["deepnorm"]})
-    counts = {p: f"{sum(failed(r) for r in rs)}/{len(rs)}" for p, rs in cells.items() if rs}
+    counts = {p: f"{sum(failed_on(r, 'test') for r in rs)}/{len(rs)}" for p, rs in cells.items() if rs}
     stable = {p: best_setting(rs).largest_stable_lr for p, rs in cells.items() if rs}
     detail = (f"{n} layers, lrs {_list(f'{x:g}' for x in lrs)}: failed runs " + ", ".join(f"{p} {c}" for p, c in counts.items())
               + "; largest stable lr " + ", ".join(f"{p} {'none' if s is None else f'{s:g}'}" for p, s in stable.items())
@@ -912,7 +920,8 @@ def _deepnorm_stability(results: list[Result]) -> list[Measurement]:
         caveats.append("no run here diverged (a non-finite loss): every failure counted is a run that ended no "
                        "better than the unigram baseline, which tells training that did not get going from "
                        "instability only in part")
-    close = sorted(r["name"] for r in runs if not failed(r) and r["final_val_loss"] > baseline(r) - NEAR_BASELINE)
+    close = sorted(r["name"] for r in runs
+                   if not failed_on(r, "test") and judged_loss(r) > baseline(r, "test") - NEAR_BASELINE)
     if close:
         caveats.append(f"{len(close)} run(s) counted as not failed ended within {NEAR_BASELINE:g} nats under the "
                        f"baseline ({_list(close)}): a count near the line moves with the runs' noise")
@@ -965,14 +974,18 @@ def _rmsnorm_speed(results: list[Result]) -> list[Measurement]:
         return _missing("a side-by-side speed run (normlab study measures one per norms study)",
                         _want("norms", kind="speed"))
     r = runs[0]
-    i = mean_ci([math.log(x) for x in r["speed_ratios"]])
+    # a round whose ratio is not finite and > 0 (a corrupt timing) has no log: left out, named
+    bad = [k + 1 for k, x in enumerate(r["speed_ratios"]) if not _recorded(x)]
+    i = mean_ci([math.log(x) for x in r["speed_ratios"] if _recorded(x)])
+    unweighed = (f"the speed ratio{'s' if len(bad) > 1 else ''} of round{'s' if len(bad) > 1 else ''} "
+                 f"{_list(bad)}",) if bad else ()
     return [Measurement("", i, f"training step, RMSNorm vs LayerNorm models timed side by side in "
                         f"{len(r['speed_ratios'])} interleaved rounds ({r.get('threads', '?')} thread(s)): "
                         f"{r['tokens_per_s']:,.0f} vs {r['baseline_tokens_per_s']:,.0f} tokens/s (medians); "
                         f"ln(speed ratio) {_ci_text(i)} = x{math.exp(i.estimate):.3f}",
                         f"here: {r.get('n_params', 0) / 1e3:.0f}k-parameter model, {r.get('n_layers')} layers, "
                         f"d_model {r.get('d_model')}, the default backend on this device", used=(r,),
-                        over="interleaved timing rounds")]
+                        unweighed=unweighed, over="interleaved timing rounds")]
 
 
 # ------------------------------------------------------------------ mechanisms
@@ -1565,11 +1578,14 @@ def _qk_sensitivity(results: list[Result]) -> list[Measurement]:
     # per seed, over the lrs both sides ran: a mean over two different sweeps (one side's
     # worst lr missing, because it raised or has not finished) would compare unlike things
     loss: dict[str, dict[int, dict[float, float]]] = {"without": defaultdict(dict), "with": defaultdict(dict)}
+    fails: dict[str, dict[int, dict[float, bool]]] = {"without": defaultdict(dict), "with": defaultdict(dict)}
     for side, rs in (("without", plain), ("with", qk)):
         for r in rs:
             loss[side][r["seed"]][r["lr"]] = judged_loss(r)
+            fails[side][r["seed"]][r["lr"]] = failed_on(r, "test")
     sweep = sorted({r["lr"] for r in plain + qk})
     a, b, short = {}, {}, []
+    all_failed: dict[str, list[int]] = defaultdict(list)  # side -> seeds it failed at every shared lr
     lone: dict[tuple[float, str], list[int]] = defaultdict(list)  # (lr, the side without it) -> seeds
     for seed in sorted(set(loss["without"]) | set(loss["with"])):
         x, y = loss["without"].get(seed, {}), loss["with"].get(seed, {})
@@ -1580,16 +1596,33 @@ def _qk_sensitivity(results: list[Result]) -> list[Measurement]:
         if len(shared) < 2:
             short.append(seed)
             continue
+        # a side that failed at every lr has every loss at the baseline (the cap): a
+        # sensitivity of 0 by the cap, not by stability, so the seed has no defined value
+        failed_sides = [side for side in ("without", "with") if all(fails[side][seed][lr] for lr in shared)]
+        if failed_sides:
+            all_failed[" and ".join(failed_sides)].append(seed)
+            continue
         a[seed], b[seed] = _sensitivity([x[lr] for lr in shared]), _sensitivity([y[lr] for lr in shared])
     i = paired_ci(a, b)
     caveats = [f"lr {lr:g} left out for seed{'s' if len(seeds) > 1 else ''} {_list(seeds)}: no run {side} "
                f"QK-norm there; the sensitivity of {'those seeds' if len(seeds) > 1 else 'that seed'} is over the "
                "lrs both sides ran, a narrower sweep than planned" for (lr, side), seeds in sorted(lone.items())]
     caveats += _left_out("without - with QK-norm", short, "fewer than two lrs that both sides ran")
+    for sides, seeds in sorted(all_failed.items()):
+        caveats += _left_out("without - with QK-norm", seeds,
+                             f"the runs {sides} QK-norm failed at every lr: each loss is the unigram baseline "
+                             "(the cap), a sensitivity of 0 by the cap, not by stability")
     n_lrs = sorted({len(set(loss["without"][s]) & set(loss["with"][s])) for s in a})
     over = (f"{len(sweep)} lrs" if n_lrs == [len(sweep)]
             else f"the lrs both sides ran ({_list(n_lrs)} of the sweep's {len(sweep)}, by seed)")
-    note = None if a else "no seed has two lrs that both sides ran"
+    dropped = sum(len(v) for v in all_failed.values())
+    note = None
+    if dropped * 2 > dropped + len(a):  # most seeds: the row would stand on the few left
+        note = ("most seeds failed at every lr on a side (" + "; ".join(
+            f"seed{'s' if len(seeds) > 1 else ''} {_list(seeds)}: {sides} QK-norm"
+            for sides, seeds in sorted(all_failed.items())) + "): no sensitivity is defined for them")
+    elif not a:
+        note = "no seed has two lrs that both sides ran"
     return [Measurement("", i, f"lr sensitivity over {over}: without QK-norm "
                         f"{_mean(a.values()):.3f}, with {_mean(b.values()):.3f} nats; without - with = "
                         f"{_ci_text(i, ' nats')}", run_setup(plain + qk, i.n), tuple(caveats), note,
@@ -2128,6 +2161,15 @@ def judge(claim: Claim, results: list[Result], margin: Margin | None = None,
         if not r.get("missing") or "name" not in r or "seed" not in r:
             raise ValueError(f"judge: a missing run needs its name, seed and why it is missing (missing_runs "
                              f"builds them), got {r!r}")
+    token = _JUDGED_MARGIN.set(None if claim.test == "sanity" else margin.value)
+    try:
+        return _judge_rows(claim, margin, results, missing)
+    finally:
+        _JUDGED_MARGIN.reset(token)
+
+
+def _judge_rows(claim: Claim, margin: Margin, results: list[Result], missing: list[Result]) -> list[dict[str, Any]]:
+    """``judge``'s rows (``_JUDGED_MARGIN`` set to the claim's margin)."""
     rows = []
     measured = claim.measure(results)
     counted: dict[str, Measurement] | None = None  # the measurements with infinite values at +-STAND_IN

@@ -37,7 +37,7 @@ from normlab.studies.claims import (  # noqa: E402
     runs_of,
 )
 from normlab.studies.spec import read_jsonl  # noqa: E402
-from normlab.studies.stats import Interval, mean_ci  # noqa: E402
+from normlab.studies.stats import Interval, bound_text, mean_ci  # noqa: E402, F401 (bound_text: the tables' too)
 from normlab.studies.train import write_atomic  # noqa: E402
 
 Result = dict[str, Any]
@@ -597,21 +597,6 @@ def _num(v: Any, fmt: str = "{:.3f}") -> str:
     if isinstance(v, float):
         return fmt.format(v)
     return html.escape(str(v))
-
-
-def bound_text(x: float, margin: float | None = None) -> str:
-    """An interval bound to 3 decimals, to 5 within 5e-4 of the margin (or its negative):
-    rounded there, a bound of 0.0496 (agrees, margin 0.05) and one of 0.0504
-    (inconclusive) would both read +0.050."""
-    near = [m for m in ((margin, -margin) if margin is not None else ()) if abs(x - m) < 5e-4]
-    if not near:
-        return f"{x:+.3f}"
-    m = near[0]
-    for digits in range(5, 16):  # as many as it takes for the text to stay on x's side of the margin
-        text = f"{x:+.{digits}f}"
-        if x == m or (float(text) - m) * (x - m) > 0:
-            return text
-    return repr(x)
 
 
 def judged_margin(row: dict[str, Any]) -> float | None:

@@ -200,3 +200,18 @@ def verdict(test: str, interval: Interval, margin: float) -> str:
             return "agrees"
         return "disagrees" if lo > margin or hi < -margin else "inconclusive"
     return "agrees" if hi < margin else "disagrees" if lo > margin else "inconclusive"
+
+
+def bound_text(x: float, margin: float | None = None) -> str:
+    """An interval bound to 3 decimals, to 5 within 5e-4 of the margin (or its negative):
+    rounded there, a bound of 0.0496 (agrees, margin 0.05) and one of 0.0504
+    (inconclusive) would both read +0.050."""
+    near = [m for m in ((margin, -margin) if margin is not None else ()) if abs(x - m) < 5e-4]
+    if not near:
+        return f"{x:+.3f}"
+    m = near[0]
+    for digits in range(5, 16):  # as many as it takes for the text to stay on x's side of the margin
+        text = f"{x:+.{digits}f}"
+        if x == m or (float(text) - m) * (x - m) > 0:
+            return text
+    return repr(x)
