@@ -93,7 +93,8 @@ def test_padding_masks_and_cross_attention():
         enc(tokens, padding_mask=pad)
     hook.remove()
     x = seen[0]
-    allowed = (~pad[:, None, None, :]) | torch.eye(10, dtype=torch.bool)
+    # the keys the mask allows, for the real queries only (a padded query's row is discarded)
+    allowed = ((~pad[:, None, None, :]) | torch.eye(10, dtype=torch.bool)) & ~pad[:, None, :, None]
     with torch.no_grad():
         expected = _logits_by_hand(enc.blocks[0].attn, x, causal=False, allowed=allowed).amax()
     assert monitor.by_layer() == pytest.approx([float(expected)], rel=1e-5)
@@ -129,3 +130,38 @@ def test_recomputing_the_logits_is_recorded_by_no_other_monitor(scope):
     assert dict(calls) == {name: 2 * n for name, n in before.items()} and len(before) == 8
     assert [(r.site, r.module) for r in am.step_records()] == [(r.site, r.module) for r in alone.step_records()]
     assert all(math.isfinite(v) for v in logits.by_layer())
+
+
+def test_padded_queries_do_not_count():
+    # a pad token with a huge embedding: its queries' logits are large, and discarded by
+    # the model; the monitor reads the real positions' logits only
+    from normlab.models import TransformerLM
+
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=64, d_model=16, n_heads=2, n_layers=1, d_ff=32, dropout=0.0, placement="none")
+    model = TransformerLM(cfg).eval()
+    with torch.no_grad():
+        model.embed.tokens.weight[0] *= 30
+    real = torch.randint(1, 64, (1, 8))
+    padded = torch.cat([torch.zeros(1, 2, dtype=torch.long), real[:, :6]], dim=1)
+    pad = torch.zeros(1, 8, dtype=torch.bool)
+    pad[0, :2] = True
+    with AttentionLogitMonitor(model) as monitor:
+        model(padded, padding_mask=pad)
+    with torch.no_grad():
+        hooked = []
+        h = model.blocks[0].attn.register_forward_hook(
+            lambda m, a, kw, o: hooked.append((a[0] if a else kw["x"], kw)), with_kwargs=True)
+        model(padded, padding_mask=pad)
+        h.remove()
+    x, kw = hooked[0]
+    from normlab.diagnostics.attention import max_logit
+    every = max_logit(model.blocks[0].attn, x, attn_mask=kw.get("attn_mask"), is_causal=kw.get("is_causal", False),
+                      rope=kw.get("rope"))
+    assert float(every) > 10 * monitor.by_layer()[0]  # the padded queries' logits were the largest
+    # what the monitor read: the real queries' rows of the same logits, by hand
+    q = model.blocks[0].attn
+    with torch.no_grad():
+        logits = _logits_by_hand(q, x, kw.get("rope"), causal=True,
+                                 allowed=(~pad[:, None, None, :]) | torch.eye(8, dtype=torch.bool))
+    assert monitor.by_layer()[0] == pytest.approx(float(logits[:, :, 2:, :].amax()), rel=1e-5)

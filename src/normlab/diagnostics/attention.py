@@ -24,7 +24,8 @@ from normlab.diagnostics.structure import check_model
 
 class AttentionLogitMonitor:
     """Context manager: ``by_layer()`` -> the largest logit of each self-attention module
-    (in module order) over the calls seen, or NaN for one not called."""
+    (in module order) over the calls seen, or NaN for one not called (queries at padded
+    positions left out: ``max_logit``)."""
 
     def __init__(self, model: nn.Module) -> None:
         from normlab.models.attention import Attention
@@ -51,7 +52,8 @@ class AttentionLogitMonitor:
             context = args[1] if len(args) > 1 else kwargs.get("context")
             value = max_logit(module, args[0] if args else kwargs["x"], context=context,
                               attn_mask=kwargs.get("attn_mask"),
-                              is_causal=bool(kwargs.get("is_causal", False)), rope=kwargs.get("rope"))
+                              is_causal=bool(kwargs.get("is_causal", False)), rope=kwargs.get("rope"),
+                              padding_mask=kwargs.get("padding_mask"))
             prev = self._max.get(name)
             self._max[name] = value if prev is None else torch.maximum(prev, value)
 
@@ -63,11 +65,15 @@ class AttentionLogitMonitor:
 
 @torch.no_grad()
 def max_logit(attn: nn.Module, x: Tensor, *, context: Tensor | None = None, attn_mask: Tensor | None = None,
-              is_causal: bool = False, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+              is_causal: bool = False, rope: tuple[Tensor, Tensor] | None = None,
+              padding_mask: Tensor | None = None) -> Tensor:
     """The largest q . k / sqrt(head_dim) of ``attn`` (a normlab ``Attention``) over the
     (query, key) pairs the mask allows: queries from ``x`` [B, T, d], keys from
     ``context`` [B, S, d] where given (cross-attention, as the module's forward), else
-    from ``x``."""
+    from ``x``. Queries at padded positions (``padding_mask`` [B, T], True = padded) are
+    left out: the model discards their rows (the mask lets a padded query attend to
+    itself only so that its row is not empty), so their logits, which depend on the pad
+    token, say nothing of the model's."""
     from normlab.models.attention import apply_rope
 
     # the modules are called as the model calls them (their hooks run: FSDP's unshard,
@@ -84,4 +90,6 @@ def max_logit(attn: nn.Module, x: Tensor, *, context: Tensor | None = None, attn
         allowed = allowed.tril()
     if attn_mask is not None:
         allowed = allowed & attn_mask
+    if padding_mask is not None:
+        allowed = allowed & ~padding_mask[:, None, :, None]
     return logits.masked_fill(~allowed, -math.inf).amax()

@@ -303,7 +303,9 @@ class Block(nn.Module):
 
     def residual_stream(self, output: Stream) -> Tensor:
         """The residual stream after this block, from its ``forward`` output (the protocol
-        ``normlab.diagnostics.ActivationMonitor`` reads)."""
+        ``normlab.diagnostics.ActivationMonitor`` reads). A pending branch is added as it
+        is, before the dropout the next norm's fused add draws for it (in training with
+        dropout the model's stream differs by that dropout: docs/diagnostics.md)."""
         return output.value
 
     def extra_repr(self) -> str:
