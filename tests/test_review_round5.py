@@ -4,6 +4,7 @@ device, pickling modules that ran the triton backend or collected per-example no
 and channels_last layouts on the triton backend (and the torch path's RMS backward)."""
 
 import io
+import math
 import pickle
 import subprocess
 import sys
@@ -180,3 +181,31 @@ def test_the_torch_paths_rms_backward_gives_torchs_layout_for_channels_last(shap
     (want,) = torch.autograd.grad(torch.rms_norm(y, (H,), w), y, dy)
     assert ours.stride() == want.stride()
     torch.testing.assert_close(ours, want)
+
+
+@pytest.mark.parametrize("op", ["add_rms_norm", "add_layer_norm"])
+@pytest.mark.parametrize("bad", [{"casting_mode": "gema"}, {"offset": math.inf}, {"eps": "x", "offset": 1.0},
+                                 {"weight": torch.ones(8, dtype=torch.long), "offset": 1.0}])
+def test_a_refused_add_norm_with_an_offset_names_its_op_and_draws_no_mask(op, bad):
+    if op == "add_layer_norm" and "casting_mode" in bad:
+        pytest.skip("add_layer_norm takes no casting_mode")
+    x, r = torch.randn(2, 8), torch.randn(2, 8)
+    kw = {"weight": torch.ones(8), "offset": 0.0, **bad}
+    w = kw.pop("weight")
+    g = torch.Generator().manual_seed(0)
+    before = g.get_state()
+    fn = getattr(NF, op)
+    args = (x, r, w) if op == "add_rms_norm" else (x, r, w, None)
+    with pytest.raises((NormArgumentError, NormDtypeError, TypeError), match=f"^{op}: "):
+        fn(*args, dropout_p=0.5, training=True, generator=g, **kw)
+    assert torch.equal(g.get_state(), before)
+
+
+@pytest.mark.parametrize("numel", [24, 2 * 300 * 128])  # the short path, and the checked one
+def test_adaln_modulate_refuses_float8_at_every_size(numel):
+    f8 = getattr(torch, "float8_e4m3fn", None)
+    if f8 is None:
+        pytest.skip("no float8 in this torch")
+    x = torch.randn(2, numel // 8, 4).to(f8)
+    with pytest.raises(NormDtypeError, match="adaln_modulate: expected input"):
+        NF.adaln_modulate(x, x[:, :1], x[:, :1])

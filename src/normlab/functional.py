@@ -308,11 +308,14 @@ def _add_then_norm(op, x, residual, weight, bias, eps, dropout_p, training, gene
     # which is the wrong cause for an integer residual or a residual_dtype that is no dtype
     _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype, training)
     is_rms = op == "add_rms_norm"
+    # every argument checked before any work (the two-step path below draws its dropout
+    # mask first: a refused call must not move the generator), named for this op
+    shape, checked_eps = _check_add_args(op, x, residual, weight, bias, eps, dropout_p, generator, residual_dtype,
+                                         normalized_shape, is_rms=is_rms, training=training)
+    _check_cast(op, offset, casting_mode)
     ops = _add_ops(op, x, residual, residual_dtype) if _kernels_take(x, weight, casting_mode) else _eager
     if ops is not _eager:
-        shape, eps = _check_add_args(op, x, residual, weight, bias, eps, dropout_p, generator, residual_dtype,
-                                     normalized_shape, is_rms=is_rms, training=training)
-        _check_cast(op, offset, casting_mode)
+        eps = checked_eps
         kw = dict(dropout_p=float(dropout_p), training=bool(training), generator=generator,
                   residual_dtype=residual_dtype, normalized_shape=shape, offset=float(offset))
         if is_rms:
@@ -638,8 +641,10 @@ def adaln_modulate(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6, *
             and x.numel() <= _eager.ADALN_NATIVE_MAX_NUMEL and get_backend() != "triton"):
         try:  # (a 0-dim x, scale or shift raises here)
             d = x.shape[-1]
-            if (scale.shape[-1] == d and shift.shape[-1] == d and x.is_floating_point() and scale.is_floating_point()
-                    and shift.is_floating_point() and (norm == "layernorm" or norm == "rmsnorm")):
+            # (the dtypes the ops take: float8 and the like go to the checked path, refused there)
+            if (scale.shape[-1] == d and shift.shape[-1] == d and x.dtype in _STREAM_DTYPES
+                    and scale.dtype in _STREAM_DTYPES and shift.dtype in _STREAM_DTYPES
+                    and (norm == "layernorm" or norm == "rmsnorm")):
                 y = _eager.adaln_native(x, scale, shift, eps, is_rms=norm == "rmsnorm")
                 if y.shape == x.shape:  # scale or shift did not broadcast x up
                     return y
