@@ -209,3 +209,17 @@ def test_adaln_modulate_refuses_float8_at_every_size(numel):
     x = torch.randn(2, numel // 8, 4).to(f8)
     with pytest.raises(NormDtypeError, match="adaln_modulate: expected input"):
         NF.adaln_modulate(x, x[:, :1], x[:, :1])
+
+
+@pytest.mark.parametrize("op", ["add_rms_norm", "add_layer_norm"])
+@pytest.mark.parametrize("kw", [{"residual_dtype": torch.bfloat16}, {"dropout_p": 0.5, "training": True}])
+def test_a_stored_new_residual_without_a_residual_keeps_xs_layout(op, kw):
+    x = _layout("cl", 0)
+    w = torch.ones(4)
+    args = (x, None, w) if op == "add_rms_norm" else (x, None, w, None)
+    with normlab.set_backend("torch"):
+        want = getattr(NF, op)(*args, generator=torch.Generator().manual_seed(0), **kw)
+    with normlab.set_backend("triton"):
+        got = getattr(NF, op)(*args, generator=torch.Generator().manual_seed(0), **kw)
+    for g, t in zip(got, want, strict=True):
+        assert g.stride() == t.stride(), (g.stride(), t.stride())

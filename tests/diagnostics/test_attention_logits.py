@@ -165,3 +165,30 @@ def test_padded_queries_do_not_count():
         logits = _logits_by_hand(q, x, kw.get("rope"), causal=True,
                                  allowed=(~pad[:, None, None, :]) | torch.eye(8, dtype=torch.bool))
     assert monitor.by_layer()[0] == pytest.approx(float(logits[:, :, 2:, :].amax()), rel=1e-5)
+
+
+def test_an_all_padded_call_reads_nan_and_a_float_mask_is_read_as_nonzero():
+    from normlab.models.attention import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(16, 2).eval()
+
+    class One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = attn
+
+        def forward(self, x, pad):
+            return self.attn(x, padding_mask=pad)
+
+    model, x = One(), torch.randn(2, 5, 16)
+    with AttentionLogitMonitor(model) as monitor:
+        model(x, torch.ones(2, 5, dtype=torch.bool))
+    assert math.isnan(monitor.by_layer()[0])
+    pad = torch.zeros(2, 5)
+    pad[0, 3:] = 1.0
+    with AttentionLogitMonitor(model) as as_float:
+        model(x, pad)
+    with AttentionLogitMonitor(model) as as_bool:
+        model(x, pad.bool())
+    assert as_float.by_layer() == as_bool.by_layer() and math.isfinite(as_bool.by_layer()[0])

@@ -99,3 +99,20 @@ def test_a_corrupt_timing_round_is_left_out_and_named(bad):
     assert any("round 12" in c and "left out as not finite" in c for c in row["caveats"]), row["caveats"]
     if bad != math.inf:  # no stand-in value can count it: the row cannot be judged
         assert row["verdict"] == "inconclusive"
+
+
+def test_the_beyond_the_margin_caveat_keeps_its_bounds_on_their_side():
+    d = [-0.05964 - 0.003864, -0.05964, -0.05964 + 0.003864]  # hi = -0.05004: beyond -0.05
+    runs = []
+    for s in range(3):
+        runs.append(_run("norms", s, 1e-2, 2.5, norm="layernorm"))
+        runs.append(_run("norms", s, 1e-2, 2.5 + d[s], norm="dyt"))
+    (row,) = judge_all(["dyt-matches-layernorm"], runs)
+    assert row["verdict"] == "agrees"
+    beyond = [c for c in row["caveats"] if c.startswith("better by more than the margin")]
+    assert beyond and "-0.050]" not in beyond[0] and "-0.0500" in beyond[0], beyond
+
+
+def test_a_qk_row_with_every_seed_left_out_reads_cleanly():
+    (row,) = judge_all(["wortsman-qk-norm-lr-sensitivity"], _qk("no qk-norm"))
+    assert "nan" not in row["measured"] and "no seed measured" in row["measured"], row["measured"]

@@ -60,7 +60,9 @@ class AttentionLogitMonitor:
         return hook
 
     def by_layer(self) -> list[float]:
-        return [float(self._max[name]) if name in self._max else math.nan for name, _ in self.modules]
+        # (-inf: every call's queries were padded, so no logit was read)
+        values = [float(self._max[name]) if name in self._max else math.nan for name, _ in self.modules]
+        return [math.nan if v == -math.inf else v for v in values]
 
 
 @torch.no_grad()
@@ -73,7 +75,9 @@ def max_logit(attn: nn.Module, x: Tensor, *, context: Tensor | None = None, attn
     from ``x``. Queries at padded positions (``padding_mask`` [B, T], True = padded) are
     left out: the model discards their rows (the mask lets a padded query attend to
     itself only so that its row is not empty), so their logits, which depend on the pad
-    token, say nothing of the model's."""
+    token, say nothing of the model's; -inf when every query is padded (no reading:
+    ``AttentionLogitMonitor.by_layer`` gives NaN). A padding mask that is not bool is read
+    as its nonzero entries (True = padded)."""
     from normlab.models.attention import apply_rope
 
     # the modules are called as the model calls them (their hooks run: FSDP's unshard,
@@ -91,5 +95,6 @@ def max_logit(attn: nn.Module, x: Tensor, *, context: Tensor | None = None, attn
     if attn_mask is not None:
         allowed = allowed & attn_mask
     if padding_mask is not None:
-        allowed = allowed & ~padding_mask[:, None, :, None]
+        padded = padding_mask if padding_mask.dtype is torch.bool else padding_mask != 0
+        allowed = allowed & ~padded[:, None, :, None]
     return logits.masked_fill(~allowed, -math.inf).amax()

@@ -1613,8 +1613,6 @@ def _qk_sensitivity(results: list[Result]) -> list[Measurement]:
                              f"the runs {sides} QK-norm failed at every lr: each loss is the unigram baseline "
                              "(the cap), a sensitivity of 0 by the cap, not by stability")
     n_lrs = sorted({len(set(loss["without"][s]) & set(loss["with"][s])) for s in a})
-    over = (f"{len(sweep)} lrs" if n_lrs == [len(sweep)]
-            else f"the lrs both sides ran ({_list(n_lrs)} of the sweep's {len(sweep)}, by seed)")
     dropped = sum(len(v) for v in all_failed.values())
     note = None
     if dropped * 2 > dropped + len(a):  # most seeds: the row would stand on the few left
@@ -1623,9 +1621,14 @@ def _qk_sensitivity(results: list[Result]) -> list[Measurement]:
             for sides, seeds in sorted(all_failed.items())) + "): no sensitivity is defined for them")
     elif not a:
         note = "no seed has two lrs that both sides ran"
-    return [Measurement("", i, f"lr sensitivity over {over}: without QK-norm "
-                        f"{_mean(a.values()):.3f}, with {_mean(b.values()):.3f} nats; without - with = "
-                        f"{_ci_text(i, ' nats')}", run_setup(plain + qk, i.n), tuple(caveats), note,
+    if not a:  # no seed measured: the row is its note (and caveats)
+        detail = f"lr sensitivity over the sweep's {len(sweep)} lrs: no seed measured"
+    else:
+        over = (f"{len(sweep)} lrs" if n_lrs == [len(sweep)]
+                else f"the lrs both sides ran ({_list(n_lrs)} of the sweep's {len(sweep)}, by seed)")
+        detail = (f"lr sensitivity over {over}: without QK-norm {_mean(a.values()):.3f}, with "
+                  f"{_mean(b.values()):.3f} nats; without - with = {_ci_text(i, ' nats')}")
+    return [Measurement("", i, detail, run_setup(plain + qk, i.n), tuple(caveats), note,
                         used=tuple(plain + qk), over="paired seeds")]
 
 
@@ -2082,7 +2085,8 @@ def _unweighed_caveat(unweighed: tuple[str, ...], outcome: str, counted: str | N
 
 def _beyond_caveat(i: Interval, margin: float) -> str:
     """A non-inferiority row whose whole interval lies beyond the margin on the favourable side."""
-    return (f"better by more than the margin: the whole interval [{i.lo:+.3f}, {i.hi:+.3f}] lies below "
+    return (f"better by more than the margin: the whole interval [{bound_text(i.lo, margin)}, "
+            f"{bound_text(i.hi, margin)}] lies below "
             f"-{margin:g}, more than a claim that the two are about the same; the non-inferiority test asks only "
             f"that it be no worse by more than {margin:g}, so this row does not test 'about the same'")
 

@@ -104,7 +104,7 @@ def _in_torch_layout(out: Tensor, new_res: Tensor, x: Tensor, residual: Tensor |
     fmt = _torch_format(residual if residual is not None else x)
     if fmt is None:
         return out, new_res
-    if residual is not None:
+    if new_res is not x:  # (a stored new residual: with a residual, dropout or residual_dtype)
         new_res = new_res.contiguous(memory_format=fmt)
     return (out.contiguous(memory_format=fmt) if is_rms else out), new_res
 
