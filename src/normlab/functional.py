@@ -282,6 +282,13 @@ def _layer_norm_torch_ops(x, normalized_shape, weight, bias, eps, offset,
     _check_cast(op, offset, "torch")
     if pshape == shape and _kernels_take(x, weight, "torch"):
         return backend_ops(x).layer_norm(x, shape, weight, bias, eps, offset=float(offset))
+    return _layer_norm_offset(x, shape, pshape, weight, bias, eps, offset)
+
+
+def _layer_norm_offset(x: Tensor, shape: tuple[int, ...], pshape: tuple[int, ...], weight: Tensor | None,
+                       bias: Tensor | None, eps: float, offset: float) -> Tensor:
+    """``_layer_norm_torch_ops``' torch ops, on checked arguments (``pshape``: the
+    parameters' shape)."""
     ct = reference.compute_dtype(x.dtype)
     scale = weight
     if offset != 0.0:
@@ -302,30 +309,28 @@ def _add_then_norm(op, x, residual, weight, bias, eps, dropout_p, training, gene
     """add_layer_norm / add_rms_norm (``op``) with a weight offset or a casting mode: the fused
     kernels where they take the call (``_kernels_take``); otherwise in two steps,
     new_residual = dropout_add(x, residual), then the norm of new_residual in x's dtype
-    (``_layer_norm_torch_ops`` / ``_rms_norm_cast``)."""
-    _check_tensor(op, "input", x)
-    # residual and residual_dtype first: _add_ops names the backend's residual dtypes,
-    # which is the wrong cause for an integer residual or a residual_dtype that is no dtype
-    _check_residual_args(op, x, residual, dropout_p, generator, residual_dtype, training)
+    (``_layer_norm_offset`` / ``reference.rms_norm_cast``, the torch ops of layer_norm's and
+    rms_norm's offset paths)."""
     is_rms = op == "add_rms_norm"
-    # every argument checked before any work (the two-step path below draws its dropout
-    # mask first: a refused call must not move the generator), named for this op
-    shape, checked_eps = _check_add_args(op, x, residual, weight, bias, eps, dropout_p, generator, residual_dtype,
-                                         normalized_shape, is_rms=is_rms, training=training)
+    # every argument checked before any work, named for this op: the two-step path below
+    # draws its dropout mask first (a refused call must not move the generator), and
+    # _add_ops names the backend's residual dtypes, the wrong cause for an integer residual
+    shape, eps = _check_add_args(op, x, residual, weight, bias, eps, dropout_p, generator, residual_dtype,
+                                 normalized_shape, is_rms=is_rms, training=training)
     _check_cast(op, offset, casting_mode)
     ops = _add_ops(op, x, residual, residual_dtype) if _kernels_take(x, weight, casting_mode) else _eager
     if ops is not _eager:
-        eps = checked_eps
         kw = dict(dropout_p=float(dropout_p), training=bool(training), generator=generator,
                   residual_dtype=residual_dtype, normalized_shape=shape, offset=float(offset))
         if is_rms:
             return ops.add_rms_norm(x, residual, weight, eps, casting_mode=casting_mode, **kw)
         return ops.add_layer_norm(x, residual, weight, bias, eps, **kw)
-    new_residual = dropout_add(x, residual, dropout_p=dropout_p, training=training, generator=generator,
-                               residual_dtype=residual_dtype)
-    shape = _fused_shape(op, new_residual, normalized_shape, weight, bias)
-    out = (_rms_norm_cast(new_residual, shape, weight, eps, offset, casting_mode) if is_rms
-           else _layer_norm_torch_ops(new_residual, shape, weight, bias, eps, offset))
+    # (checked: the op itself, which both backends run; then torch ops, in float32 or
+    # float64: the kernels did not take the call)
+    new_residual = _eager.dropout_add(x, residual, dropout_p=float(dropout_p), training=bool(training),
+                                      generator=generator, residual_dtype=residual_dtype)
+    out = (reference.rms_norm_cast(new_residual, shape, weight, eps, offset=float(offset), casting_mode=casting_mode)
+           if is_rms else _layer_norm_offset(new_residual, shape, shape, weight, bias, eps, offset))
     return out.to(x.dtype), new_residual
 
 

@@ -56,11 +56,22 @@ def _long_lines(blob: bytes) -> set[bytes]:
 def _short_text_key(blob: bytes) -> bytes | None:
     """For a file without long lines (a word list, a CSV of short rows), which the line
     share cannot judge: a digest of its stripped non-empty lines, so a copy (whitespace
-    aside) is found; None for a file with long lines or no text."""
-    if _long_lines(blob):
-        return None
+    aside) is found; None for a file without text."""
     text = b"\n".join(s for line in blob.splitlines() if (s := line.strip()))
     return hashlib.sha256(text).digest() if text else None
+
+
+def _training_text(blobs: list[bytes]) -> tuple[set[bytes], set[bytes]]:
+    """What ``_repeats`` compares a validation file with: the training files' long lines,
+    and the ``_short_text_key`` of each training file without long lines (each file read once)."""
+    lines: set[bytes] = set()
+    short: set[bytes] = set()
+    for blob in blobs:
+        if own := _long_lines(blob):
+            lines |= own
+        elif (key := _short_text_key(blob)) is not None:
+            short.add(key)
+    return lines, short
 
 
 def _repeats(blob: bytes, train_lines: set[bytes], train_short: set[bytes] = frozenset()) -> bool:
@@ -124,8 +135,7 @@ class ByteCorpus:
                 blob = f.read_bytes()
                 parts[False].append(blob)
                 sizes[False] += len(blob)
-        train_lines = set().union(*map(_long_lines, parts[False])) if held else set()
-        train_short = {k for blob in parts[False] if (k := _short_text_key(blob)) is not None} if held else set()
+        train_lines, train_short = _training_text(parts[False]) if held else (set(), set())
         left_out = []
         for rel, f in held:
             if max_bytes is not None and sizes[True] >= max_bytes:
