@@ -38,6 +38,7 @@ _INF = math.inf
 _SHORT_ADD_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32))
 # a residual stream's dtypes (float8 and the like: no sum is formed in them)
 _STREAM_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+_PARAM_TYPES = (Tensor, torch.nn.Parameter)  # (a weight of another subclass takes the checked path)
 
 
 # ---------------------------------------------------------------------------- checks
@@ -289,12 +290,21 @@ def _layer_norm_offset(x: Tensor, shape: tuple[int, ...], pshape: tuple[int, ...
                        bias: Tensor | None, eps: float, offset: float) -> Tensor:
     """``_layer_norm_torch_ops``' torch ops, on checked arguments (``pshape``: the
     parameters' shape)."""
+    if weight is not None and offset != 0.0 and pshape == shape:
+        return _layer_norm_scaled(x, shape, weight, bias, eps, float(offset))
     ct = reference.compute_dtype(x.dtype)
     scale = weight
     if offset != 0.0:
         scale = (torch.full(pshape, float(offset), dtype=ct, device=x.device) if weight is None  # offset alone
                  else weight.to(ct) + float(offset))
-    return reference.layer_norm(x, shape, scale, None if bias is None else bias.to(ct), eps)
+    if bias is not None:
+        bias = bias.to(ct)
+    if pshape == shape:
+        # the torch backend's layer_norm: torch's fused op with parameters in the compute
+        # dtype (float32 statistics and parameter-gradient sums, y rounded once to x's
+        # dtype), 5-8x the chain below on a CPU
+        return _eager.layer_norm(x, shape, scale, bias, eps)
+    return reference.layer_norm(x, shape, scale, bias, eps)
 
 
 def _kernels_take(x: Tensor, weight: object, casting_mode: str) -> bool:
@@ -482,6 +492,16 @@ def layer_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor 
     ``offset``: the scale is (offset + weight), formed in float32 (LayerNorm1p,
     zero-centred gamma: offset=1), and y is rounded once to x's dtype."""
     if offset != 0.0:
+        # the common call (a weight, contiguous CPU x), as the plain op's short path: torch's
+        # op on the scale; anything else, or an error, takes the checked path
+        if weight is not None and _offset_short_ok(x, weight, bias, eps, offset) and eps is not None \
+                and (not _functorch_active() or _eager.one_dtype(x, weight, bias)):
+            try:
+                return _layer_norm_scaled(
+                    x, (normalized_shape,) if type(normalized_shape) is int else normalized_shape, weight, bias,
+                    eps, offset)
+            except _REFUSED:  # the checked path below names the bad argument
+                pass
         return _layer_norm_torch_ops(x, normalized_shape, weight, bias, eps, offset)
     if type(x) is Tensor and x.is_cpu and type(eps) is float and -_INF < eps < _INF and get_backend() != "triton" \
             and (x.dtype not in _HALF or (not _param_grad(weight, bias) and not _eager.bias_alone_refused(x, weight, bias))) \
@@ -492,6 +512,35 @@ def layer_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor 
         except _REFUSED:  # the checked path below names the bad argument
             pass
     return _layer_norm(x, normalized_shape, weight, bias, eps)
+
+
+def _offset_short_ok(x: object, weight: object, bias: object, eps: object, offset: object,
+                     casting_mode: object = "torch") -> bool:
+    """An offset / casting-mode norm call on x takes the short path (``_eager.rms_norm_cast``,
+    ``_layer_norm_scaled``): a contiguous CPU x (torch's ops return a contiguous tensor,
+    rms_norm's checked path keeps x's strides) of a dtype normlab computes, parameters of
+    such dtypes (torch's ops take an integer one, cast), a finite eps (rms_norm: or None)
+    and offset and a known casting mode. torch's ops check x's trailing dims against
+    normalized_shape, the parameters' shapes (rms_norm's llama order broadcasts: its
+    caller checks the weight's) and devices."""
+    return (type(x) is Tensor and x.is_cpu and x.dtype in _STREAM_DTYPES and x.is_contiguous()
+            and (weight is None or (type(weight) in _PARAM_TYPES and weight.dtype in _STREAM_DTYPES))
+            and (bias is None or (type(bias) in _PARAM_TYPES and bias.dtype in _STREAM_DTYPES))
+            and (eps is None or (type(eps) is float and -_INF < eps < _INF))
+            and type(offset) is float and -_INF < offset < _INF and casting_mode in reference.CASTING_MODES
+            and get_backend() != "triton" and not _compiling())
+
+
+def _layer_norm_scaled(x: Tensor, shape: Sequence[int], weight: Tensor, bias: Tensor | None, eps: float,
+                       offset: float) -> Tensor:
+    """layer_norm of x with the scale (offset + weight) and the bias in the compute dtype:
+    ``_layer_norm_offset``'s op (the torch backend's layer_norm) with a weight, on
+    arguments torch's op checks (the short path)."""
+    if x.dtype is _F32:  # (.float(): .to's cast at a third of its host time)
+        return torch.layer_norm(x, shape, weight.float() + offset, None if bias is None else bias.float(), eps)
+    if x.dtype is torch.float64:
+        return _eager.layer_norm(x, shape, weight.double() + offset, None if bias is None else bias.double(), eps)
+    return _eager.layer_norm(x, shape, weight.float() + offset, None if bias is None else bias.float(), eps)
 
 
 def rms_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
@@ -510,6 +559,13 @@ def rms_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | 
     input is normalized in float64, where Hugging Face's modules compute in float32: about
     1e-7 apart; see ``ops.reference.rms_norm_cast``)."""
     if offset != 0.0 or casting_mode != "torch":
+        if _offset_short_ok(x, weight, None, eps, offset, casting_mode):
+            try:
+                shape = (normalized_shape,) if type(normalized_shape) is int else tuple(normalized_shape)
+                if weight is None or weight.shape == shape:
+                    return _eager.rms_norm_cast(x, shape, weight, eps, offset, casting_mode)
+            except _REFUSED:  # the checked path below names the bad argument
+                pass
         return _rms_norm_cast(x, normalized_shape, weight, eps, offset, casting_mode)
     if type(x) is Tensor and x.is_cpu and (eps is None or (type(eps) is float and -_INF < eps < _INF)) \
             and get_backend() != "triton":
@@ -544,6 +600,19 @@ def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bi
     Post-LN uses ``out`` as the next residual, Pre-LN uses ``new_residual``.
     (``offset`` as in ``layer_norm``.)"""
     if offset != 0.0:
+        # the common call, as add_rms_norm's with an offset: residual + x, then layer_norm's
+        if (generator is None and residual_dtype is None and weight is not None and eps is not None
+                and _offset_short_ok(x, weight, bias, eps, offset)
+                and type(residual) is Tensor and residual.dtype is x.dtype and residual.shape == x.shape
+                and residual.is_contiguous() and type(dropout_p) is float and training.__class__ is bool
+                and (dropout_p == 0.0 or (not training and 0.0 <= dropout_p <= 1.0))
+                and (not _functorch_active() or _eager.one_dtype(x, weight, bias))):
+            try:
+                h = residual + x
+                return _layer_norm_scaled(h, weight.shape if normalized_shape is None
+                                          else _plain_shape(weight, normalized_shape), weight, bias, eps, offset), h
+            except _REFUSED:  # the checked path below names the bad argument
+                pass
         return _add_then_norm("add_layer_norm", x, residual, weight, bias, eps, dropout_p, training, generator,
                               residual_dtype, normalized_shape, offset)
     # the common call (CPU, no dropout, one dtype; no half-precision x with a parameter
@@ -579,6 +648,20 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps:
     """Fused residual add + dropout + RMSNorm: returns (out, new_residual), as add_layer_norm
     (``offset`` and ``casting_mode`` as in ``rms_norm``)."""
     if offset != 0.0 or casting_mode != "torch":
+        # the common call (no dropout, one dtype, contiguous), as rms_norm's: residual + x,
+        # then the offset / casting-mode norm's torch ops
+        if (generator is None and residual_dtype is None and _offset_short_ok(x, weight, None, eps, offset, casting_mode)
+                and type(residual) is Tensor and residual.dtype is x.dtype and residual.shape == x.shape
+                and residual.is_contiguous() and type(dropout_p) is float and training.__class__ is bool
+                and (dropout_p == 0.0 or (not training and 0.0 <= dropout_p <= 1.0))):
+            try:
+                shape = ((x.shape[-1],) if weight is None else weight.shape) if normalized_shape is None \
+                    else (normalized_shape,) if type(normalized_shape) is int else tuple(normalized_shape)
+                if weight is None or weight.shape == shape:
+                    h = residual + x
+                    return _eager.rms_norm_cast(h, shape, weight, eps, offset, casting_mode).type_as(x), h
+            except _REFUSED:  # the checked path below names the bad argument
+                pass
         return _add_then_norm("add_rms_norm", x, residual, weight, None, eps, dropout_p, training, generator,
                               residual_dtype, normalized_shape, offset, casting_mode)
     # the common call, as add_layer_norm's: residual + x, then torch's op where it is the

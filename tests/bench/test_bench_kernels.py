@@ -138,3 +138,23 @@ def test_an_interrupted_run_keeps_its_rows_marked_partial(tmp_path, monkeypatch)
     md = (tmp_path / "kernels-cpu-fp32.md").read_text()
     assert "**Partial: the run stopped after" in md and "| rms_norm | fwd | 8 | 16 | normlab |" in md
     assert not (tmp_path / "kernels-cpu-fp32.png").exists()  # it would not match the tables
+
+
+def test_bench_kernels_practitioners_variants(tmp_path, monkeypatch):
+    # Gemma's and Llama's RMSNorm and LayerNorm1p: normlab's offset / casting modes against
+    # the torch code those models run, which computes the same function (the Hugging Face
+    # ones bit for bit; LayerNorm1p adds the offset in the weight's dtype, here float32)
+    import normlab.bench.kernels as bk
+    ops = "gemma_rms_norm,llama_rms_norm,layer_norm_1p"
+    records, seen = _quick_json(tmp_path, monkeypatch, "--ops", ops, "--shapes", "8x32")
+    assert len(records) == 3 * 3 * 2  # ops x passes x impls
+    assert {r["op"] for r in records} == set(ops.split(","))
+    assert all(r["median_ms"] > 0 and r["gbps"] > 0 for r in records)
+    import torch
+    for op, (x, r, w, b) in zip(ops.split(","), seen, strict=True):
+        assert r is None and (b is not None) == (op == "layer_norm_1p")
+        ours, theirs = bk._normlab(op, 32)(x, r, w, b), bk._torch_eager(op, 32)(x, r, w, b)
+        if op == "layer_norm_1p":
+            torch.testing.assert_close(ours, theirs)
+        else:
+            assert torch.equal(ours, theirs)

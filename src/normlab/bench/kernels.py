@@ -63,7 +63,11 @@ QK_OPS = ("qk_layer_norm", "qk_rms_norm")
 # scale and shift per example ([B, 1, hidden]), no affine (``normlab.functional.adaln_modulate``)
 ADALN_OPS = ("adaln_layer_norm", "adaln_rms_norm")
 ADALN_EXAMPLES = 8
-ALL_OPS = OPS + QK_OPS + ADALN_OPS
+# practitioners' variants, each against the torch code their models run (the "torch" row):
+# Hugging Face's GemmaRMSNorm (offset 1, the gemma order) and LlamaRMSNorm (the llama
+# order, here with a weight in x's dtype), Megatron's LayerNorm1p (F.layer_norm with w + 1)
+CAST_OPS = ("gemma_rms_norm", "llama_rms_norm", "layer_norm_1p")
+ALL_OPS = OPS + QK_OPS + ADALN_OPS + CAST_OPS
 PASSES = ("fwd", "bwd", "fwdbwd")
 GPU_ROWS = (4096, 16384, 65536)
 GPU_HIDDEN = (768, 1024, 2048, 4096, 5120, 8192, 12288, 16384)
@@ -125,6 +129,20 @@ def _torch_eager(op: str, hidden: int) -> Callable:
         return lambda x, r, w, b: F.layer_norm(x, (hidden,), w, b)
     if op == "rms_norm":
         return lambda x, r, w, b: F.rms_norm(x, (hidden,), w)
+    if op == "layer_norm_1p":
+        return lambda x, r, w, b: F.layer_norm(x, (hidden,), w + 1, b)
+    if op == "gemma_rms_norm":
+        def gemma(x, r, w, b):
+            h = x.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+            return (h * (1.0 + w.float())).type_as(x)
+        return gemma
+    if op == "llama_rms_norm":
+        def llama(x, r, w, b):
+            h = x.to(torch.float32)
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+            return w * h.to(x.dtype)
+        return llama
     if op == "add_layer_norm":
         def add_ln(x, r, w, b):
             h = r + x
@@ -146,6 +164,9 @@ def _normlab(op: str, hidden: int) -> Callable:
         "add_rms_norm": lambda x, r, w, b: F.add_rms_norm(x, r, w),
         "adaln_layer_norm": lambda x, scale, shift, _: F.adaln_modulate(x, scale, shift, 1e-6),
         "adaln_rms_norm": lambda x, scale, shift, _: F.adaln_modulate(x, scale, shift, 1e-6, norm="rmsnorm"),
+        "layer_norm_1p": lambda x, r, w, b: F.layer_norm(x, hidden, w, b, offset=1.0),
+        "gemma_rms_norm": lambda x, r, w, b: F.rms_norm(x, hidden, w, 1e-6, offset=1.0, casting_mode="gemma"),
+        "llama_rms_norm": lambda x, r, w, b: F.rms_norm(x, hidden, w, 1e-6, casting_mode="llama"),
     }[op]
 
 
@@ -528,7 +549,11 @@ def kernels(
                                                  + " (the qk ops: QK-norm of a transposed [B, H, T, hd] "
                                                    "view, at --qk-shapes; the adaln ops: DiT's "
                                                    "norm(x) * (1 + scale) + shift, one scale and shift "
-                                                   "per example of [8, rows / 8, hidden])."),
+                                                   "per example of [8, rows / 8, hidden]; the "
+                                                   "practitioners' variants gemma_rms_norm, llama_rms_norm "
+                                                   "and layer_norm_1p: normlab's offset and casting modes "
+                                                   "against the torch code of Hugging Face's GemmaRMSNorm "
+                                                   "and LlamaRMSNorm and Megatron's LayerNorm1p)."),
     qk_shapes: str = typer.Option(None, help="Comma-separated BxHxTxHD shapes of the qk ops (default: "
                                              "8x32x4096x128 on CUDA, 2x8x256x128 on CPU, "
                                              "2x8x64x128 for --quick on CPU)."),

@@ -340,10 +340,14 @@ class LayerNorm(_CheckedOnce, _PerExampleGradSq, _WeightOffset, ResidualNorm, nn
     def normalize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         if self.collect_per_example_grad_sq:
             return self._per_example("layer_norm", x, self.normalized_shape, self.weight, self.bias, self.eps)
-        if self.offset != 0.0 or self.weight_shape is not None:
+        params = self._parameters  # nn.Module.__getattr__ costs ~1 us a parameter
+        if self.weight_shape is None and self.offset != 0.0:  # (the functional op's short path first)
+            both = "weight" in params and "bias" in params
+            return F.layer_norm(x, self.normalized_shape, params["weight"] if both else self.weight,
+                                params["bias"] if both else self.bias, self.eps, offset=self.offset)
+        if self.weight_shape is not None:
             return F._layer_norm_torch_ops(x, self.normalized_shape, self.weight, self.bias, self.eps,
                                            self.offset, self.weight_shape)
-        params = self._parameters  # nn.Module.__getattr__ costs ~1 us a parameter
         if "weight" in params and "bias" in params:
             # functional's short path to torch's op (not under a forced triton backend,
             # CPU tensors under the Triton interpreter: checked once, as on CUDA)
@@ -401,10 +405,10 @@ class RMSNorm(_CheckedOnce, _PerExampleGradSq, _WeightOffset, ResidualNorm, nn.R
     def normalize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         if self.collect_per_example_grad_sq:
             return self._per_example("rms_norm", x, self.normalized_shape, self.weight, self.eps)
-        if self.offset != 0.0 or self.casting_mode != "torch":
-            return F.rms_norm(x, self.normalized_shape, self.weight, self.eps, offset=self.offset,
-                              casting_mode=self.casting_mode)
         params = self._parameters  # nn.Module.__getattr__ costs ~1 us a parameter
+        if self.offset != 0.0 or self.casting_mode != "torch":
+            return F.rms_norm(x, self.normalized_shape, params["weight"] if "weight" in params else self.weight,
+                              self.eps, offset=self.offset, casting_mode=self.casting_mode)
         if "weight" in params:
             # functional's short path to torch's op (not under a forced triton backend,
             # CPU tensors under the Triton interpreter: checked once, as on CUDA)
