@@ -205,3 +205,19 @@ def test_eager_rms_norm_cast_is_the_reference_on_any_layout():
         got = eager.rms_norm_cast(x, (6,), w, None, offset, mode)
         want = reference.rms_norm_cast(x, (6,), w, None, offset=offset, casting_mode=mode)
         assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_half_precision_layer_norm_backward_takes_batched_gradients(offset):
+    # more rows than one backward chunk (LN_BACKWARD_CHUNK): the chunks' in-place writes
+    # cannot take a gradient batched by autograd.grad(is_grads_batched=True); it runs whole
+    torch.manual_seed(0)
+    x = torch.randn(65, 4096, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.zeros(4096, dtype=torch.bfloat16, requires_grad=True)
+    assert 65 > max(64, eager.LN_BACKWARD_CHUNK // 4096)
+    y = F.layer_norm(x, 4096, w, None, offset=offset)
+    v = torch.randn(2, *y.shape, dtype=y.dtype)
+    (gx,) = torch.autograd.grad(y, x, v, is_grads_batched=True, retain_graph=True)
+    for i in range(2):
+        (want,) = torch.autograd.grad(y, x, v[i], retain_graph=True)
+        assert torch.equal(gx[i], want)

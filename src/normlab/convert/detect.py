@@ -67,6 +67,15 @@ class PromotedRMSNorm(RMSNorm):
                 self.weight_dtype = moved.dtype
         return out
 
+    @property
+    def per_example_in_backward(self) -> bool:
+        """The fused backward's per-example norms are of normlab.RMSNorm's order; a weight
+        wider than half precision makes half-precision input take llama's (the promoted
+        output), so such a module is recorded by hooks, around the forward it runs anyway
+        (``per_example_grad_norms``)."""
+        w = self._parameters.get("weight")
+        return super().per_example_in_backward and (w is None or w.dtype in (torch.float16, torch.bfloat16))
+
     def _promoted(self, x: Tensor) -> torch.dtype | None:
         """The output dtype where it differs from ``x``'s (a weight of a wider dtype), else None."""
         w = self._parameters.get("weight")

@@ -160,7 +160,14 @@ def _trained(module: nn.Module) -> tuple[str, ...]:
 
 
 def _supported(module: nn.Module) -> bool:
-    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and getattr(module, "weight", None) is not None
+    """torch's LayerNorm/RMSNorm and normlab's norms, with a weight. A subclass with a
+    forward of its own is left out (Hugging Face's ConvNext and SqueezeBERT norms move
+    the channels to the last dim inside it): the hooks rebuild x_hat from the module's
+    input over its last dims, which such a forward does not normalize."""
+    if not isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or getattr(module, "weight", None) is None:
+        return False
+    return (hasattr(module, "collect_per_example_grad_sq")
+            or type(module).forward in (nn.LayerNorm.forward, nn.RMSNorm.forward))
 
 
 def _from_backward(module: nn.Module) -> bool:
@@ -325,9 +332,12 @@ class PerExampleGradNorms:
             call = _Call()  # lives as long as the graph holding grad_hook
             self._pending[name] = weakref.ref(call)
             shape = tuple(module.normalized_shape)
-            xd = x.detach()  # (its example dim checked by the pre-hook)
-
             buffer = module.per_example_grad_sq if _from_backward(module) else None
+            # the input, for the hooks to rebuild x_hat in the backward (its example dim
+            # checked by the pre-hook); a fused norm's backward fills the buffer and needs
+            # none of it (held, the input would live as long as the graph)
+            xd = x.detach() if buffer is None else None
+            version = None if xd is None else xd._version
 
             trained = _trained(module)  # the parameters that take a gradient: weight, bias
 
@@ -341,14 +351,25 @@ class PerExampleGradNorms:
                     self._check_batch(name, buffer.shape[1])
                     self._results[name] = {k: buffer[0 if k == "weight" else 1] for k in trained}
                     return
-                xc = xd.to(reference.compute_dtype(xd.dtype))
-                if isinstance(module, nn.LayerNorm):
-                    x_hat = reference.layer_norm(xc, shape, eps=module.eps)
-                else:
-                    x_hat = reference.rms_norm(xc, shape, eps=module.eps)
-                # dL/dweight = sum of grad_out * x_hat whatever the offset (y = x_hat * (offset + w));
-                # a per-head weight (weight_shape) keeps its head dims in the sum
-                w_sq, b_sq = reference.per_example_param_grad_sq(grad_out, x_hat, tuple(module.weight.shape))
+                if xd._version != version:
+                    # (torch's own backward raises for a modified saved input; a half-precision
+                    # RMSNorm saves an upcast copy, so only this read would see the change)
+                    raise RuntimeError(
+                        f"per_example_grad_norms: the input of norm '{name}' was modified in place "
+                        f"after the norm read it (version {version}, now {xd._version}), so its "
+                        f"per-example gradients cannot be rebuilt from it; update the tensor out of "
+                        f"place (h = h + ...) inside the context"
+                    )
+                with torch.no_grad():  # (a create_graph backward: the numbers hold no graph)
+                    xc = xd.to(reference.compute_dtype(xd.dtype))
+                    if isinstance(module, nn.LayerNorm):
+                        x_hat = reference.layer_norm(xc, shape, eps=module.eps)
+                    else:
+                        x_hat = reference.rms_norm(xc, shape, eps=module.eps)
+                    # dL/dweight = sum of grad_out * x_hat whatever the offset (y = x_hat * (offset + w));
+                    # a per-head weight (weight_shape) keeps its head dims in the sum
+                    w_sq, b_sq = reference.per_example_param_grad_sq(grad_out.detach(), x_hat,
+                                                                     tuple(module.weight.shape))
                 self._check_batch(name, w_sq.shape[0])
                 self._results[name] = {k: w_sq if k == "weight" else b_sq for k in trained}
 
@@ -377,9 +398,14 @@ class PerExampleGradNorms:
     def __getitem__(self, name: str) -> dict[str, Tensor]:
         if name not in self._results:
             if name not in self._modules:
+                mod = dict(self.model.named_modules()).get(name)
+                own = (isinstance(mod, (nn.LayerNorm, nn.RMSNorm)) and getattr(mod, "weight", None) is not None
+                       and not _supported(mod))
                 raise KeyError(
                     f"per_example_grad_norms: '{name}' is not a LayerNorm/RMSNorm with a weight in "
-                    f"the model; recorded norms: {sorted(self._modules)}"
+                    f"the model" + (f" ({type(mod).__name__} has a forward of its own, which may "
+                                    f"normalize other dims than its input's last: not recorded)" if own else "")
+                    + f"; recorded norms: {sorted(self._modules)}"
                 )
             if not _trained(self._modules[name]):
                 raise KeyError(f"per_example_grad_norms: {_frozen([name])}")

@@ -106,6 +106,14 @@ def _layer_norm_forward(x: Tensor, normalized_shape: Sequence[int], weight: Tens
 LN_BACKWARD_CHUNK = 1 << 18
 
 
+def _batched(t: Tensor) -> bool:
+    """t is batched by a vmap: functorch's, or the legacy one under which autograd.grad's
+    is_grads_batched runs a backward (tensors look plain there, the mode is on; its
+    dispatch key has no Python name, so it is read from the thread's key set)."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t) or "VmapMode" in str(
+        torch._C._dispatch_tls_local_include_set())
+
+
 def _layer_norm_backward(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor,
                          dout: Tensor, normalized_shape: Sequence[int],
                          needs: Sequence[bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -124,7 +132,11 @@ def _layer_norm_backward(x: Tensor, weight: Tensor | None, bias: Tensor | None, 
     step, rows = max(64, LN_BACKWARD_CHUNK // hidden), x.numel() // hidden
     # (x is converted to the compute dtype as it is read: whole when float64 is the compute
     # dtype, as ``_layer_norm_operands`` converts it)
-    if rows <= step or ((x.dtype is ct or ct is torch.float64) and dout.dtype is ct):
+    # (whole, too, for a gradient that is not a plain tensor: a DTensor, or batched under a
+    # torch.func transform such as autograd.grad's is_grads_batched, which the chunks'
+    # in-place writes into a plain buffer cannot take)
+    if rows <= step or ((x.dtype is ct or ct is torch.float64) and dout.dtype is ct) \
+            or type(dout) is not Tensor or type(x) is not Tensor or _batched(dout) or _batched(x):
         dx, dw, db = torch.ops.aten.native_layer_norm_backward(
             dout.to(ct), x.to(ct), normalized_shape, mean, rstd, wa, ba, mask)
     else:
@@ -606,9 +618,11 @@ def _write_per_example(buffer: Tensor, grad_out: Tensor, x_hat: Tensor,
     n, hidden = buffer.shape[1], math.prod(normalized_shape)
     # the rows per example explicit: -1 is ambiguous for an empty batch or hidden size 0
     g = grad_out.reshape(n, grad_out.numel() // (n * hidden) if n * hidden else 1, *normalized_shape)
-    sq_w, sq_b = reference.per_example_param_grad_sq(g, x_hat.reshape(g.shape), normalized_shape)
-    buffer[0].copy_(sq_w)
-    buffer[1].copy_(sq_b if has_bias else torch.zeros_like(sq_b))
+    with torch.no_grad():  # (a create_graph backward: the buffer joins no graph)
+        sq_w, sq_b = reference.per_example_param_grad_sq(g.detach(), x_hat.detach().reshape(g.shape),
+                                                         normalized_shape)
+        buffer[0].copy_(sq_w)
+        buffer[1].copy_(sq_b if has_bias else torch.zeros_like(sq_b))
 
 
 def _layer_norm_per_example(ctx, dout: Tensor, saved: tuple) -> None:
