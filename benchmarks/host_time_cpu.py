@@ -23,18 +23,8 @@ import torch.nn.functional as TF
 import normlab
 from normlab import functional as F
 from normlab.bench.common import device_name
-
-
-def _gemma(x, w):  # Hugging Face's GemmaRMSNorm, op for op
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
-    return (h * (1.0 + w.float())).type_as(x)
-
-
-def _llama(x, w):  # Hugging Face's LlamaRMSNorm, op for op
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
-    return w * h.to(x.dtype)
+from normlab.bench.kernels import hf_gemma_rms_norm as _gemma
+from normlab.bench.kernels import hf_llama_rms_norm as _llama
 
 
 def _offset_cases(x, r, w, b, hidden, dtype, run):

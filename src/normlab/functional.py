@@ -290,21 +290,14 @@ def _layer_norm_offset(x: Tensor, shape: tuple[int, ...], pshape: tuple[int, ...
                        bias: Tensor | None, eps: float, offset: float) -> Tensor:
     """``_layer_norm_torch_ops``' torch ops, on checked arguments (``pshape``: the
     parameters' shape)."""
-    if weight is not None and offset != 0.0 and pshape == shape:
-        return _layer_norm_scaled(x, shape, weight, bias, eps, float(offset))
+    if pshape == shape:  # (torch's fused op: 5-8x the chain below on a CPU)
+        return _eager.layer_norm_scaled(x, shape, weight, bias, eps, float(offset))
     ct = reference.compute_dtype(x.dtype)
     scale = weight
     if offset != 0.0:
         scale = (torch.full(pshape, float(offset), dtype=ct, device=x.device) if weight is None  # offset alone
                  else weight.to(ct) + float(offset))
-    if bias is not None:
-        bias = bias.to(ct)
-    if pshape == shape:
-        # the torch backend's layer_norm: torch's fused op with parameters in the compute
-        # dtype (float32 statistics and parameter-gradient sums, y rounded once to x's
-        # dtype), 5-8x the chain below on a CPU
-        return _eager.layer_norm(x, shape, scale, bias, eps)
-    return reference.layer_norm(x, shape, scale, bias, eps)
+    return reference.layer_norm(x, shape, scale, None if bias is None else bias.to(ct), eps)
 
 
 def _kernels_take(x: Tensor, weight: object, casting_mode: str) -> bool:
@@ -483,6 +476,17 @@ def _param_grad(weight: object, bias: object) -> bool:
         getattr(weight, "requires_grad", False) or getattr(bias, "requires_grad", False))
 
 
+def _plain_add_call(x: Tensor, residual: object, dropout_p: object, training: object, generator: object,
+                    residual_dtype: object) -> bool:
+    """The fused add of an offset norm's short path is ``residual + x``: a contiguous
+    residual of x's dtype and shape, no dropout to draw (dropout_p in [0, 1] outside
+    training), no generator, no residual_dtype (x is checked by ``_offset_short_ok``)."""
+    return (generator is None and residual_dtype is None and type(residual) is Tensor
+            and residual.dtype is x.dtype and residual.shape == x.shape and residual.is_contiguous()
+            and type(dropout_p) is float and training.__class__ is bool
+            and (dropout_p == 0.0 or (not training and 0.0 <= dropout_p <= 1.0)))
+
+
 def layer_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
                bias: Tensor | None = None, eps: float = 1e-5, *, offset: float = 0.0) -> Tensor:
     """Layer normalization over the trailing ``normalized_shape`` dims (Ba et al. 2016).
@@ -497,7 +501,7 @@ def layer_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor 
         if weight is not None and _offset_short_ok(x, weight, bias, eps, offset) and eps is not None \
                 and (not _functorch_active() or _eager.one_dtype(x, weight, bias)):
             try:
-                return _layer_norm_scaled(
+                return _eager.layer_norm_scaled(
                     x, (normalized_shape,) if type(normalized_shape) is int else normalized_shape, weight, bias,
                     eps, offset)
             except _REFUSED:  # the checked path below names the bad argument
@@ -517,7 +521,7 @@ def layer_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor 
 def _offset_short_ok(x: object, weight: object, bias: object, eps: object, offset: object,
                      casting_mode: object = "torch") -> bool:
     """An offset / casting-mode norm call on x takes the short path (``_eager.rms_norm_cast``,
-    ``_layer_norm_scaled``): a contiguous CPU x (torch's ops return a contiguous tensor,
+    ``_eager.layer_norm_scaled``): a contiguous CPU x (torch's ops return a contiguous tensor,
     rms_norm's checked path keeps x's strides) of a dtype normlab computes, parameters of
     such dtypes (torch's ops take an integer one, cast), a finite eps (rms_norm: or None)
     and offset and a known casting mode. torch's ops check x's trailing dims against
@@ -529,18 +533,6 @@ def _offset_short_ok(x: object, weight: object, bias: object, eps: object, offse
             and (eps is None or (type(eps) is float and -_INF < eps < _INF))
             and type(offset) is float and -_INF < offset < _INF and casting_mode in reference.CASTING_MODES
             and get_backend() != "triton" and not _compiling())
-
-
-def _layer_norm_scaled(x: Tensor, shape: Sequence[int], weight: Tensor, bias: Tensor | None, eps: float,
-                       offset: float) -> Tensor:
-    """layer_norm of x with the scale (offset + weight) and the bias in the compute dtype:
-    ``_layer_norm_offset``'s op (the torch backend's layer_norm) with a weight, on
-    arguments torch's op checks (the short path)."""
-    if x.dtype is _F32:  # (.float(): .to's cast at a third of its host time)
-        return torch.layer_norm(x, shape, weight.float() + offset, None if bias is None else bias.float(), eps)
-    if x.dtype is torch.float64:
-        return _eager.layer_norm(x, shape, weight.double() + offset, None if bias is None else bias.double(), eps)
-    return _eager.layer_norm(x, shape, weight.float() + offset, None if bias is None else bias.float(), eps)
 
 
 def rms_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | None = None,
@@ -601,16 +593,14 @@ def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bi
     (``offset`` as in ``layer_norm``.)"""
     if offset != 0.0:
         # the common call, as add_rms_norm's with an offset: residual + x, then layer_norm's
-        if (generator is None and residual_dtype is None and weight is not None and eps is not None
-                and _offset_short_ok(x, weight, bias, eps, offset)
-                and type(residual) is Tensor and residual.dtype is x.dtype and residual.shape == x.shape
-                and residual.is_contiguous() and type(dropout_p) is float and training.__class__ is bool
-                and (dropout_p == 0.0 or (not training and 0.0 <= dropout_p <= 1.0))
+        if (weight is not None and eps is not None and _offset_short_ok(x, weight, bias, eps, offset)
+                and _plain_add_call(x, residual, dropout_p, training, generator, residual_dtype)
                 and (not _functorch_active() or _eager.one_dtype(x, weight, bias))):
             try:
                 h = residual + x
-                return _layer_norm_scaled(h, weight.shape if normalized_shape is None
-                                          else _plain_shape(weight, normalized_shape), weight, bias, eps, offset), h
+                return _eager.layer_norm_scaled(h, weight.shape if normalized_shape is None
+                                                else _plain_shape(weight, normalized_shape), weight, bias, eps,
+                                                offset), h
             except _REFUSED:  # the checked path below names the bad argument
                 pass
         return _add_then_norm("add_layer_norm", x, residual, weight, bias, eps, dropout_p, training, generator,
@@ -650,13 +640,11 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps:
     if offset != 0.0 or casting_mode != "torch":
         # the common call (no dropout, one dtype, contiguous), as rms_norm's: residual + x,
         # then the offset / casting-mode norm's torch ops
-        if (generator is None and residual_dtype is None and _offset_short_ok(x, weight, None, eps, offset, casting_mode)
-                and type(residual) is Tensor and residual.dtype is x.dtype and residual.shape == x.shape
-                and residual.is_contiguous() and type(dropout_p) is float and training.__class__ is bool
-                and (dropout_p == 0.0 or (not training and 0.0 <= dropout_p <= 1.0))):
+        if (_offset_short_ok(x, weight, None, eps, offset, casting_mode)
+                and _plain_add_call(x, residual, dropout_p, training, generator, residual_dtype)):
             try:
-                shape = ((x.shape[-1],) if weight is None else weight.shape) if normalized_shape is None \
-                    else (normalized_shape,) if type(normalized_shape) is int else tuple(normalized_shape)
+                shape = _plain_shape(weight, normalized_shape)
+                shape = (x.shape[-1],) if shape is None else tuple(shape)
                 if weight is None or weight.shape == shape:
                     h = residual + x
                     return _eager.rms_norm_cast(h, shape, weight, eps, offset, casting_mode).type_as(x), h

@@ -119,6 +119,20 @@ def copy_bandwidth(device: torch.device, timer: Timer, nbytes: int) -> float:
 # ----------------------------------------------------------------------------- workloads
 
 
+def hf_gemma_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Hugging Face's GemmaRMSNorm forward, op for op (the torch code Gemma runs)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (h * (1.0 + w.float())).type_as(x)
+
+
+def hf_llama_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Hugging Face's LlamaRMSNorm forward, op for op (the torch code Llama runs)."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
 def _torch_eager(op: str, hidden: int) -> Callable:
     F = torch.nn.functional
     if op == "adaln_layer_norm":  # (x, scale, shift, None): see _inputs
@@ -132,17 +146,9 @@ def _torch_eager(op: str, hidden: int) -> Callable:
     if op == "layer_norm_1p":
         return lambda x, r, w, b: F.layer_norm(x, (hidden,), w + 1, b)
     if op == "gemma_rms_norm":
-        def gemma(x, r, w, b):
-            h = x.float()
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
-            return (h * (1.0 + w.float())).type_as(x)
-        return gemma
+        return lambda x, r, w, b: hf_gemma_rms_norm(x, w)
     if op == "llama_rms_norm":
-        def llama(x, r, w, b):
-            h = x.to(torch.float32)
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
-            return w * h.to(x.dtype)
-        return llama
+        return lambda x, r, w, b: hf_llama_rms_norm(x, w)
     if op == "add_layer_norm":
         def add_ln(x, r, w, b):
             h = r + x

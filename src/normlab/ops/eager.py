@@ -284,6 +284,27 @@ def one_dtype(x: Tensor, weight: object, bias: object) -> bool:
     return getattr(weight, "dtype", dt) is dt and getattr(bias, "dtype", dt) is dt
 
 
+def layer_norm_scaled(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, bias: Tensor | None,
+                      eps: float, offset: float) -> Tensor:
+    """layer_norm with the scale (offset + weight; the offset alone without a weight) and
+    the bias formed in the compute dtype (float32, float64 for float64 x): ``layer_norm``
+    below, whose float32 (float64) statistics and parameter-gradient sums give y rounded
+    once to x's dtype. Float32 x calls torch's op itself (its parameters are then x's
+    dtype: nothing for ``layer_norm`` to choose)."""
+    # (.float() / .double(): the casts of .to(dtype), at a third of its host time)
+    f64 = x.dtype is torch.float64
+    if weight is None:
+        scale = None if offset == 0.0 else torch.full(
+            normalized_shape, offset, dtype=torch.float64 if f64 else torch.float32, device=x.device)
+    else:
+        scale = (weight.double() if f64 else weight.float()) + offset
+    if bias is not None:
+        bias = bias.double() if f64 else bias.float()
+    if x.dtype is torch.float32:
+        return torch.layer_norm(x, normalized_shape, scale, bias, eps)
+    return layer_norm(x, normalized_shape, scale, bias, eps)
+
+
 def layer_norm(x, normalized_shape, weight, bias, eps):
     if layer_norm_native_ok(x, weight, bias) and (
             not torch._C._are_functorch_transforms_active() or one_dtype(x, weight, bias)):
