@@ -112,3 +112,15 @@ def test_a_converted_llama_norm_computes_the_same_output_while_recorded():
         (g,) = torch.autograd.grad((norm(x[b:b + 1]) * cot[b:b + 1]).sum(), norm.weight)
         want.append(g.square().sum())
     torch.testing.assert_close(got, torch.stack(want), rtol=1e-2, atol=1e-3)
+
+
+def test_a_kept_evaluation_pass_under_grad_is_named_in_the_next_forwards_error():
+    # torch's norms (hooks) refuse the next forward; the error names the kept pass as a
+    # cause, beside shared parameters, as docs/diagnostics.md says
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 1))
+    x = torch.randn(3, 4, 8)
+    with per_example_grad_norms(model):
+        kept = model(x).mean()  # a validation loss computed under grad, kept for logging
+        with pytest.raises(RuntimeError, match=r"called more than once(.|\n)*torch\.no_grad"):
+            model(x).square().sum().backward()
+    assert kept.requires_grad

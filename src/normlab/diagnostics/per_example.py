@@ -326,7 +326,9 @@ class PerExampleGradNorms:
                     f"per_example_grad_norms: norm '{name}' was called more than once before "
                     f"backward; its parameters are shared between the calls, so per-example "
                     f"gradients of one call are not defined. Call each norm once per forward "
-                    f"inside the context (or record outside it)."
+                    f"inside the context (or record outside it). (Or an earlier forward's graph "
+                    f"is still held without a backward, such as an evaluation pass under grad "
+                    f"mode whose output is kept: run such passes under torch.no_grad().)"
                 )
             self._results.pop(name, None)  # a new forward: the previous backward's numbers go
             call = _Call()  # lives as long as the graph holding grad_hook
