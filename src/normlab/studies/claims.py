@@ -1951,19 +1951,25 @@ def _cell(r: Result) -> str:
                       + [tags], sort_keys=True, default=str)
 
 
-def _missing_caveats(m: Measurement, missing: list[Result]) -> list[str]:
+def _missing_caveats(m: Measurement, missing: list[Result], results: list[Result] = ()) -> list[str]:
     """The planned runs that left no result and that ``m`` would have read: those of the
     configurations it read (at its lr, for a row judged at one), or of the selections a
-    row with nothing to read needed."""
+    row with nothing to read needed. The planned seeds: those of the runs it read, of the
+    missing ones, and of the finished runs of those selections (a row that could use none
+    of them still planned their seeds)."""
     if not missing:
         return []
     cells = {_cell(r) for r in m.used}
-    hit = [r for r in missing
-           if (_cell(r) in cells and (m.lr is None or r["lr"] == m.lr))
-           or any(runs_of([r], study, **dict(match)) for study, match in m.wanted)]
+
+    def reads(r: Result) -> bool:
+        return ((_cell(r) in cells and (m.lr is None or r.get("lr") == m.lr))
+                or any(runs_of([r], study, **dict(match)) for study, match in m.wanted))
+
+    hit = [r for r in missing if reads(r)]
     if not hit:
         return []
-    planned = {r["seed"] for r in m.used} | {r["seed"] for r in hit}
+    planned = ({r["seed"] for r in m.used} | {r["seed"] for r in hit}
+               | {r["seed"] for r in results if "seed" in r and reads(r)})
     lacking = {r["seed"] for r in hit}
     return [f"{len(lacking)} of {len(planned)} planned seeds lack a run this row reads ({names_by_why(hit)})"]
 
@@ -2181,7 +2187,8 @@ def _judge_rows(claim: Claim, margin: Margin, results: list[Result], missing: li
     if unjudged:  # in order of the planned values
         measured = sorted(measured + unjudged, key=lambda m: m.planned.value if m.planned else math.inf)
     for m in measured:
-        m = replace(m, caveats=m.caveats + tuple(_missing_caveats(m, missing)) + tuple(_moved_caveats(m, missing)))
+        m = replace(m, caveats=m.caveats + tuple(_missing_caveats(m, missing, results))
+                    + tuple(_moved_caveats(m, missing)))
         m = _name_unreadable(m, results)
         if claim.test == "sanity":
             outcome = "sanity"

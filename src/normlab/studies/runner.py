@@ -236,6 +236,28 @@ class StudyBusy(RuntimeError):
     lock): two writers would interleave their runs' records."""
 
 
+# the verdicts and the report a finished invocation writes (the plots stay: the report
+# that names them is what would be read)
+REPORT_FILES = ("claims.json", "claims.md", "index.html")
+
+
+def _set_aside_stale_report(study_dir: Path, merge_command: str, console: Console) -> None:
+    """An invocation stopped part way has rewritten summary.json for its own command; a
+    report an earlier command left in the folder no longer matches it (other steps,
+    seeds, runs): renamed to ``*.stale.*``, kept, not read, and the user told how to
+    write the current one."""
+    moved = []
+    for name in REPORT_FILES:
+        path = study_dir / name
+        if path.exists():
+            stem, _, ext = name.partition(".")
+            path.replace(study_dir / f"{stem}.stale.{ext}")
+            moved.append(name)
+    if moved:
+        console.print(f"{', '.join(moved)} came from an earlier command and no longer match summary.json: "
+                      f"renamed *.stale.*; `{escape(merge_command)}` writes them for what has finished")
+
+
 class StudyInterrupted(Interrupted):
     """Ctrl-C stopped the study: what each running run saved, and how to go on.
     ``runs``: the runs it cut off (they had started again in this invocation)."""
@@ -701,6 +723,8 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
         if env.is_main and not report_only:
             scan()
         save_summary()
+        if env.is_main and not report_only:
+            _set_aside_stale_report(study_dir, merge_command, console)
         if isinstance(e, KeyboardInterrupt):  # a second Ctrl-C: the workers stopped at once
             raise StudyInterrupted("interrupted at once: the running runs resume from their last checkpoints "
                                    "(or start over, those with none yet); re-run the same command to resume") from None
