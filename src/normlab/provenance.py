@@ -3,9 +3,11 @@ the provenance of studies and the headers of benchmark tables."""
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import subprocess
 from pathlib import Path
+from typing import Any
 
 
 def git_commit() -> str | None:
@@ -30,6 +32,26 @@ def normlab_version() -> str | None:
         return importlib.metadata.version("normlab")
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+@functools.lru_cache(maxsize=1)
+def code_record() -> dict[str, Any]:
+    """The code this process runs: normlab's version, its checkout's commit and torch's
+    version, as a study's run records them (read once per process: the code a process
+    imported is what it runs, whatever the checkout holds later)."""
+    import torch
+
+    return {"normlab_version": normlab_version(), "git_commit": git_commit(), "torch_version": torch.__version__}
+
+
+def describe_code(record: Any) -> str:
+    """A code record (``code_record``) in words: "normlab 0.1.0, commit 1a2b3c4d5e6f, torch 2.13.0"."""
+    if not isinstance(record, dict):
+        return "unrecorded code"
+    commit = record.get("git_commit")
+    return (f"normlab {record.get('normlab_version') or '(not installed)'}"
+            + (f", commit {commit[:12]}{'-dirty' if str(commit).endswith('-dirty') else ''}" if commit else "")
+            + f", torch {record.get('torch_version') or '?'}")
 
 
 def code_line() -> str:

@@ -99,15 +99,16 @@ class Measurement:
 @dataclass(frozen=True)
 class Planned:
     """How a row's lr or depth (``field``: "lr" | "n_layers") was chosen from the runs
-    that finished, so that a planned one they lack is named (``judge`` reads the planned
-    runs that left no result): ``value``, the one the row is judged at; ``among``, the
-    selections (``_want``) whose planned runs give the planned values; ``rule``: "largest"
-    (the row stands for the largest planned value, or for ``prefer`` where that is
-    planned) or "each" (the claim has a row per planned value); ``above``: the largest
-    value the finished runs have that the row could not be judged at, and why."""
+    that finished, or which norm it reads ("norm", a row per norm), so that a planned one
+    they lack is named (``judge`` reads the planned runs that left no result): ``value``,
+    the one the row is judged at; ``among``, the selections (``_want``) whose planned
+    runs give the planned values; ``rule``: "largest" (the row stands for the largest
+    planned value, or for ``prefer`` where that is planned) or "each" (the claim has a
+    row per planned value); ``above``: the largest value the finished runs have that the
+    row could not be judged at, and why."""
 
     field: str
-    value: float
+    value: float | str
     among: tuple[tuple[str, tuple], ...]
     rule: str = "largest"
     prefer: float | None = None
@@ -1282,18 +1283,19 @@ def _gns_ratio(results: list[Result]) -> list[Measurement]:
         diverged = [(r["seed"], r["n_layers"]) for r in dropped if _unweighable_loss(r)]
         if diverged:  # left out for a loss that is not finite, as the unselectable-keys row's runs
             unweighed += (f"{norm}: the noise scales of {_at(diverged)} (the run diverged: no finite loss)",)
+        planned = Planned("norm", norm, (_want("gns", kind="train"),), rule="each")
         if not usable:
             why = (f"no {norm} run that learned has both noise-scale estimates" if mine
                    else f"every {norm} run failed: {_failed_text(every)}")
             rows.append(Measurement(f"@{norm}", i, f"{norm}: no estimate to compare. {GNS_COVERAGE}.",
                                     run_setup(every, 0), tuple(caveats), why, used=tuple(every),
-                                    unweighed=unweighed))
+                                    unweighed=unweighed, planned=planned))
             continue
         rows.append(Measurement(
             f"@{norm}", i, f"{norm}: B_simple from the norm layers {_mean(r['gns_norms'] for r in usable):.3g}, "
             f"from every parameter {_mean(r['gns_total'] for r in usable):.3g} (means over seeds); ln(norms / "
             f"total): {_ci_text(i)} (x{math.exp(i.estimate):.2f}). {GNS_COVERAGE}.", run_setup(every, i.n),
-            tuple(caveats), used=tuple(every), unweighed=unweighed))
+            tuple(caveats), used=tuple(every), unweighed=unweighed, planned=planned))
     return rows
 
 
@@ -1502,7 +1504,9 @@ def _scaled_keys(results: list[Result]) -> list[Measurement]:
                            f"causal prefix): the ellipsoid is the inputs', and each head's key map "
                            f"({_head_map(runs)}) puts some keys inside the others' hull",)
         rows.append(Measurement(f"@{norm}", Interval(max(values), min(values), max(values), len(values)),
-                                detail, run_setup(runs), caveats, used=tuple(runs), over="min to max over the runs"))
+                                detail, run_setup(runs), caveats, used=tuple(runs), over="min to max over the runs",
+                                planned=Planned("norm", norm, tuple(_want("expressivity", norm=n, task="lm", part="keys")
+                                                                    for n in ("layernorm", "rmsnorm")), rule="each")))
     return rows or _missing("LM runs with LayerNorm or RMSNorm that tested their attention inputs",
                             *(_want("expressivity", norm=n, task="lm") for n in ("layernorm", "rmsnorm")))
 
@@ -1982,13 +1986,13 @@ def names_by_why(missing: list[Result]) -> str:
     return "; ".join(f"{why}: {', '.join(sorted(ns))}" for why, ns in sorted(by_why.items()))
 
 
-def _value_text(field: str, value: float) -> str:
-    return f"lr {value:g}" if field == "lr" else f"{value:g} layers"
+def _value_text(field: str, value: float | str) -> str:
+    return str(value) if field == "norm" else f"lr {value:g}" if field == "lr" else f"{value:g} layers"
 
 
 def _planned_of(p: Planned, missing: list[Result]) -> list[Result]:
     """The missing runs among ``p``'s selections, with a value of its field."""
-    return [r for r in missing if isinstance(r.get(p.field), (int, float))
+    return [r for r in missing if isinstance(r.get(p.field), str if p.field == "norm" else (int, float))
             and any(runs_of([r], study, **dict(match)) for study, match in p.among)]
 
 
@@ -2027,11 +2031,16 @@ def _unjudged_rows(ms: list[Measurement], missing: list[Result]) -> list[Measure
     out = []
     for value in sorted({r[p.field] for r in _planned_of(p, missing)} - judged):
         text = _value_text(p.field, value)
-        suffix = f"@lr={value:g}" if p.field == "lr" else f"@L{value:g}"
-        out.append(Measurement(suffix, Interval(math.nan, math.nan, math.nan, 0),
-                               f"{text}: not measured: the runs there that finished do not cover every "
-                               "configuration the row compares.",
-                               undetermined=f"planned runs at {text} left no result",
+        if p.field == "norm":  # a row per norm: none of the norm's planned runs left a result
+            suffix, detail, undetermined = (f"@{value}", f"{text}: not measured: none of its planned runs finished.",
+                                            f"the planned {text} runs left no result")
+        else:
+            suffix = f"@lr={value:g}" if p.field == "lr" else f"@L{value:g}"
+            detail = (f"{text}: not measured: the runs there that finished do not cover every configuration the "
+                      "row compares.")
+            undetermined = f"planned runs at {text} left no result"
+        out.append(Measurement(suffix, Interval(math.nan, math.nan, math.nan, 0), detail,
+                               undetermined=undetermined,
                                wanted=tuple((study, tuple(sorted({**dict(match), p.field: value}.items())))
                                             for study, match in p.among),
                                planned=replace(p, value=value)))
@@ -2185,7 +2194,7 @@ def _judge_rows(claim: Claim, margin: Margin, results: list[Result], missing: li
     counted: dict[str, Measurement] | None = None  # the measurements with infinite values at +-STAND_IN
     unjudged = _unjudged_rows(measured, missing)
     if unjudged:  # in order of the planned values
-        measured = sorted(measured + unjudged, key=lambda m: m.planned.value if m.planned else math.inf)
+        measured = sorted(measured + unjudged, key=lambda m: (m.planned is None, m.planned.value if m.planned else 0))
     for m in measured:
         m = replace(m, caveats=m.caveats + tuple(_missing_caveats(m, missing, results))
                     + tuple(_moved_caveats(m, missing)))

@@ -50,7 +50,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from normlab.provenance import git_commit, normlab_version
+from normlab.provenance import code_record, describe_code
 from normlab.studies import cluster
 from normlab.studies.claims import judge_all, missing_runs
 from normlab.studies.cluster import JobOptions
@@ -212,7 +212,7 @@ def _device_name(device: torch.device) -> str:
 def provenance(env: Env, corpus: ByteCorpus | None, *, workers: int, threads: int) -> dict[str, Any]:
     """What a reader needs to reproduce the study: code, libraries, machine and data."""
     out: dict[str, Any] = {
-        "normlab_version": normlab_version(), "git_commit": git_commit(), "torch_version": torch.__version__,
+        **code_record(),
         "python_version": platform.python_version(), "platform": platform.platform(),
         "device": _device_name(env.device), "device_type": env.device.type, "dtype": env.dtype,
         "processes": env.world, "workers": workers, "threads": threads,
@@ -738,6 +738,8 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
         prov["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         try:
             _write_summary(study_dir, study, ordered, prov, failed, made_by)
+            if warning := _code_warning(prov):
+                warnings.warn(warning, RuntimeWarning, stacklevel=3)
             missing = missing_runs(study.runs, finished, failed)
             rows = judge_all(study.claims, ordered, study.margins, missing)
             write_atomic(study_dir / "claims.json", json.dumps(_json_safe(rows), indent=1))
@@ -1433,6 +1435,45 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
+def _note_code(results: list[dict[str, Any]], prov: dict[str, Any]) -> None:
+    """Name in ``prov`` the runs that code other than this command's made (a report merges
+    runs finished earlier, by other code or another torch: their numbers are that code's):
+    ``runs_from_other_code`` (code, in words -> runs; a run resumed under several is under
+    each of them that differs) and ``runs_without_code_record`` (results written before
+    runs recorded it)."""
+    here = {k: prov.get(k) for k in code_record()}
+    other: dict[str, list[str]] = {}
+    unrecorded: list[str] = []
+    for r in results:
+        records = r.get("code")
+        if not isinstance(records, list) or not records:
+            unrecorded.append(str(r.get("name")))
+            continue
+        for record in records:
+            if record != here:
+                other.setdefault(describe_code(record), []).append(str(r.get("name")))
+    for key, value in (("runs_from_other_code", other), ("runs_without_code_record", unrecorded)):
+        if value:
+            prov[key] = value
+        else:
+            prov.pop(key, None)
+
+
+def _code_warning(prov: dict[str, Any]) -> str | None:
+    """The warning a report made of other code's runs gives (``_note_code``); None when every run is this code's."""
+    other, unrecorded = prov.get("runs_from_other_code") or {}, prov.get("runs_without_code_record") or []
+    if not other and not unrecorded:
+        return None
+    parts = [f"{len(runs)} by {code} ({', '.join(runs[:3])}{' ...' if len(runs) > 3 else ''})"
+             for code, runs in other.items()]
+    if unrecorded:
+        parts.append(f"{len(unrecorded)} with no record of their code ({', '.join(unrecorded[:3])}"
+                     f"{' ...' if len(unrecorded) > 3 else ''})")
+    return (f"the report reads runs that other code than this command's ({describe_code(code_record())}) made: "
+            + "; ".join(parts) + ". Their numbers are that code's (summary.json: provenance.runs_from_other_code, "
+            "runs_without_code_record); to run them with this code, remove their folders")
+
+
 def _write_summary(study_dir: Path, study: Study, results: list[dict[str, Any]], prov: dict[str, Any],
                    failures: dict[str, str] | None = None, made_by=None) -> None:
     """summary.json; each failed run with its identity, so a failure is not carried over
@@ -1453,6 +1494,8 @@ def _write_summary(study_dir: Path, study: Study, results: list[dict[str, Any]],
             entry["identity"] = made_by(specs[name])
         return entry
 
+    if prov:
+        _note_code(results, prov)
     summary = {"study": study.name, "description": study.description, "provenance": prov, "runs": results,
                "failed": [failed(name, text) for name, text in (failures or {}).items()]}
     # (one temporary file per writer: --report-only may run alongside)

@@ -38,6 +38,7 @@ import torch.nn.functional as TF
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
+from normlab.provenance import code_record
 from normlab.studies.data import (
     VOCAB_SIZE,
     ByteCorpus,
@@ -642,6 +643,13 @@ def _truncate_metrics(path: Path, step: int) -> None:
 # ------------------------------------------------------------------ one run
 
 
+def _code_seen(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The code of a run's processes so far (its checkpoint's records), and this one's
+    (``provenance.code_record``), each once: a run resumed under other code names both."""
+    seen = [r for r in state.get("code", []) if isinstance(r, dict)]
+    return seen + [code_record()] if code_record() not in seen else seen
+
+
 def _threads_seen(state: dict[str, Any]) -> list[int]:
     """The torch thread counts of a run's processes so far (its checkpoint's), and this one's."""
     return sorted(set(state.get("threads", [])) | {torch.get_num_threads()})
@@ -839,7 +847,7 @@ def _run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
                          f"over {env.world} processes")
     started = time.perf_counter()
     if spec.kind == "speed":
-        result = {**speed_run(spec, env, corpus), **identity, "threads": _threads_seen({})}
+        result = {**speed_run(spec, env, corpus), **identity, "threads": _threads_seen({}), "code": _code_seen({})}
         if env.is_main:
             _write_json(done, result)
         return result
@@ -858,7 +866,7 @@ def _run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
         result = {**result_fields(spec, model), **measured, "final_train_loss": measured["probe_loss"],
                   "final_val_loss": math.nan, "diverged": not math.isfinite(measured["probe_loss"]),
                   "diverged_step": None, "tokens_per_s": math.nan, **identity,
-                  "wall_s": round(time.perf_counter() - started, 3), "threads": _threads_seen({})}
+                  "wall_s": round(time.perf_counter() - started, 3), "threads": _threads_seen({}), "code": _code_seen({})}
         if env.is_main:
             _write_json(done, result)
         return result
@@ -964,7 +972,7 @@ def _run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
                                  "diagnostics": diagnostics.state_dict(), "activations": activations,
                                  "noise_sums": noise_sums, "logit_max": logit_max,
                                  "wall_s": state.get("wall_s", 0.0) + time.perf_counter() - started,
-                                 "threads": _threads_seen(state)})
+                                 "threads": _threads_seen(state), "code": _code_seen(state)})
             if interrupted and not last_step:
                 raise Interrupted(spec.name, step + 1)
     except BaseException:
@@ -992,6 +1000,8 @@ def _run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
             # the torch thread counts it trained at: the order of a CPU's sums, so the last bits
             # of the numbers, follow it (two counts: resumed under another)
             "threads": _threads_seen(state),
+            # which code made it (a report may merge runs that other code finished)
+            "code": _code_seen(state),
         }
         if "val_exact_match" in last_eval:
             result["final_val_exact_match"] = last_eval["val_exact_match"]
