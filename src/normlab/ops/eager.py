@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._prims_common import suggest_memory_format as _suggest_memory_format
 
 from normlab.backend import forward_ad_active
 from normlab.ops import reference
@@ -344,6 +345,18 @@ def _rows(x: Tensor, normalized_shape: Sequence[int]) -> int:
     return math.prod(x.shape[:x.dim() - len(normalized_shape)])
 
 
+def torch_format(t: Tensor) -> torch.memory_format | None:
+    """The channels_last(_3d) layout torch's ops give their output for ``t`` (its
+    ``suggest_memory_format``; torch's rms_norm keeps it, and ``residual + x`` takes the
+    residual's), where normlab's kernels write contiguous rows; None for the rest (a 4-D
+    or 5-D tensor that is not contiguous is the only case looked at: the others cost one
+    test)."""
+    if t.dim() < 4 or t.is_contiguous():
+        return None
+    fmt = _suggest_memory_format(t)
+    return fmt if fmt is torch.channels_last or fmt is torch.channels_last_3d else None
+
+
 def _rms_forward(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None,
                  eps: float, fused_ok: bool = False) -> tuple[Tensor, Tensor]:
     """y = x * rstd * weight and rstd [rows, 1], rstd = 1 / sqrt(mean(x^2) + eps), in
@@ -376,8 +389,8 @@ def _rms_forward(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | No
         inplace = (weight.dtype != torch.float64 or ct == weight.dtype) and _plain_eager()
         y = y.mul_(weight.reshape(-1)) if inplace else y * weight.reshape(-1)
     y = y.to(x.dtype).reshape(x.shape)
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        y = y.contiguous(memory_format=torch.channels_last)  # as torch's rms_norm keeps it
+    if (fmt := torch_format(x)) is not None:
+        y = y.contiguous(memory_format=fmt)  # as torch's rms_norm keeps it
     return y, rstd
 
 

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torch._prims_common import suggest_memory_format as _suggest_memory_format
 
 from normlab.ops import eager, reference
 from normlab.ops.triton import custom_ops, launch
@@ -85,23 +84,12 @@ def _fused(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tens
     return custom_ops.apply_fused(x, residual, weight, bias, spec), x
 
 
-def _torch_format(t: Tensor) -> torch.memory_format | None:
-    """The channels_last(_3d) layout torch's ops give their output for ``t`` (its
-    ``suggest_memory_format``; torch's rms_norm keeps it, and ``residual + x`` takes the
-    residual's), where the kernels write contiguous rows; None for the rest (a 4-D or 5-D
-    tensor that is not contiguous is the only case looked at: the others cost one test)."""
-    if t.dim() < 4 or t.is_contiguous():
-        return None
-    fmt = _suggest_memory_format(t)
-    return fmt if fmt is torch.channels_last or fmt is torch.channels_last_3d else None
-
-
 def _in_torch_layout(out: Tensor, new_res: Tensor, x: Tensor, residual: Tensor | None,
                      is_rms: bool) -> tuple[Tensor, Tensor]:
     """(out, new_residual) in the layouts torch's unfused ops give them: new_residual in
     the residual's (x's without one), out in new_residual's for RMSNorm (layer_norm's is
     contiguous)."""
-    fmt = _torch_format(residual if residual is not None else x)
+    fmt = eager.torch_format(residual if residual is not None else x)
     if fmt is None:
         return out, new_res
     if new_res is not x:  # (a stored new residual: with a residual, dropout or residual_dtype)
