@@ -197,6 +197,10 @@ class PerExampleGradNorms:
         self._batch_sq: dict[str, Tensor] = {}
         self._collect_was: dict[str, bool] = {}
         self._backward_seen = False  # a gradient reached a recorded norm since the last new round
+        # a norm's latest call made inside a backward (reentrant checkpointing records its
+        # forward there): the backward's graph task, and the norms called twice in one
+        self._backward_calls: dict[str, int] = {}
+        self._repeated: set[str] = set()
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self) -> PerExampleGradNorms:
@@ -291,6 +295,8 @@ class PerExampleGradNorms:
         self._results.clear()
         self._batch_sq.clear()
         self._pending.clear()
+        self._backward_calls.clear()
+        self._repeated.clear()
         for name, mod in self._modules.items():
             if name in self._collect_was:
                 mod.per_example_grad_sq = None
@@ -321,6 +327,17 @@ class PerExampleGradNorms:
                 # first call's. (A norm called inside a reentrant checkpoint and again after
                 # it is not told apart here: the module's own buffer refuses it.)
                 return
+            if _in_backward():
+                # a forward recorded inside a backward: reentrant checkpointing recomputes
+                # each segment there, in the outer backward's graph task, then runs the
+                # segment's backward. One norm in two segments (a module shared between
+                # layers) is two calls of one step, each with part of the gradient: refused
+                task = torch._C._current_graph_task_id()
+                if self._backward_calls.get(name) == task:
+                    self._repeated.add(name)
+                else:
+                    self._backward_calls[name] = task
+                    self._repeated.discard(name)  # (a new backward: its own calls count)
             if live and not prev().done:
                 raise RuntimeError(
                     f"per_example_grad_norms: norm '{name}' was called more than once before "
@@ -457,10 +474,19 @@ class PerExampleGradNorms:
         )
 
     def _check_single_calls(self, names) -> None:
-        """A normlab norm's own record of its calls refuses a read where it ran more than
-        once in the step (inside a reentrant checkpoint and again after it, which the
-        forward hook cannot tell from a recomputation)."""
+        """A read is refused where a norm ran more than once in the step: twice inside one
+        backward (``_repeated``: in two reentrant checkpoint segments), or, by a normlab
+        norm's own record of its calls, inside a reentrant checkpoint and again after it,
+        which the forward hook cannot tell from a recomputation."""
         for name in names:
+            if name in self._repeated:
+                raise RuntimeError(
+                    f"per_example_grad_norms: norm '{name}' ran more than once in one backward "
+                    f"(one module in several reentrant activation-checkpoint segments, as a layer "
+                    f"shared between depths, or a forward a backward hook ran): its parameters are "
+                    f"shared between the calls, so per-example gradients of one call are not defined. "
+                    f"Use checkpoint(..., use_reentrant=False), or call each norm once per step"
+                )
             mod = self._modules.get(name)
             if mod is not None and _from_backward(mod):
                 mod.per_example_grad_sq  # noqa: B018 (raises RuntimeError for several calls)
