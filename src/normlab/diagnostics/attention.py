@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from normlab.diagnostics.activations import replaying
 from normlab.diagnostics.structure import check_model
+from normlab.errors import NormArgumentError
 
 
 class AttentionLogitMonitor:
@@ -33,6 +34,12 @@ class AttentionLogitMonitor:
         check_model("AttentionLogitMonitor", model)
         self.modules = [(name, m) for name, m in model.named_modules()
                         if isinstance(m, Attention) and not name.endswith("cross_attn")]
+        if not self.modules:
+            raise NormArgumentError(
+                f"AttentionLogitMonitor: expected a model with normlab's self-attention "
+                f"(normlab.models.attention.Attention, as in normlab's TransformerLM), got a "
+                f"{type(model).__name__} with none: the logits are recomputed from that module's "
+                f"projections, and other attention modules (torch's, Hugging Face's) are not read")
         self._max: dict[str, Tensor] = {}
         self._handles: list = []
 

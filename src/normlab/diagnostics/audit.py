@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -213,8 +213,26 @@ def _first_tensor(obj) -> Tensor | None:
     return None
 
 
+def _requiring_grad(example_input):
+    """``example_input`` with each floating-point tensor (the input itself, or one of its
+    arguments) a copy that requires grad: the graph then records every op that reads a
+    norm of the input, an affine-free one too (whose output otherwise has no autograd
+    node to ask who reads it). Token ids stay as they are."""
+    def one(t):
+        if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()) and not t.requires_grad:
+            return t.detach().requires_grad_()
+        return t
+
+    if isinstance(example_input, Mapping):
+        return {k: one(v) for k, v in example_input.items()}
+    if isinstance(example_input, (tuple, list)):
+        return type(example_input)(one(t) for t in example_input) if type(example_input) in (tuple, list) \
+            else example_input
+    return one(example_input)
+
+
 def _call(model: nn.Module, example_input):
-    if isinstance(example_input, dict):
+    if isinstance(example_input, Mapping):  # (a tokenizer's BatchEncoding is a UserDict)
         return model(**example_input)
     if isinstance(example_input, (tuple, list)):
         return model(*example_input)
@@ -322,7 +340,7 @@ def trace_forward(model: nn.Module, example_input) -> Trace:
         # the global one as it was
         with torch.random.fork_rng(devices=_cuda_devices(model, example_input)), torch.enable_grad():
             try:
-                result = _call(model, example_input)
+                result = _call(model, _requiring_grad(example_input))
             except Exception:
                 # a forward that refuses eval mode, or updates a frozen parameter in place
                 # (refused once it requires grad): once more as the model was left
@@ -354,7 +372,7 @@ def _tensors_in(obj, depth: int = 0) -> list[Tensor]:
 
 def _cuda_devices(model: nn.Module, example_input) -> list[int]:
     """Indices of the CUDA devices the model's tensors and the input live on."""
-    inputs = example_input.values() if isinstance(example_input, dict) else (
+    inputs = example_input.values() if isinstance(example_input, Mapping) else (
         example_input if isinstance(example_input, (tuple, list)) else [example_input])
     tensors = [*model.parameters(), *model.buffers(), *(t for t in inputs if isinstance(t, Tensor))]
     return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
@@ -547,7 +565,14 @@ def check_eps(ctx: AuditContext) -> list[Finding]:
         # the statistics' dtype: torch's norms, normlab's and Hugging Face's form them in
         # float32 for half-precision parameters and input (float64 for float64)
         dtype = torch.float64 if _param_dtype(mod) is torch.float64 else torch.float32
-        if eps <= 0 or torch.tensor(float(eps), dtype=dtype).item() == 0.0:
+        if eps < 0:
+            out.append(Finding(
+                "error", "eps-underflow", path,
+                f"eps={eps:g} is negative: every row whose variance (mean square, for RMSNorm) is "
+                f"below {-eps:g} takes the square root of a negative number and gives nan, a "
+                f"constant or all-zero row (padding) first",
+                "use eps=1e-5 (LayerNorm) or 1e-6 (RMSNorm)"))
+        elif eps == 0 or torch.tensor(float(eps), dtype=dtype).item() == 0.0:
             out.append(Finding(
                 "error", "eps-underflow", path,
                 f"eps={eps:g} is 0 in {dtype}, the dtype of the norm's statistics: a row with zero "
@@ -782,11 +807,22 @@ def _audit(model: nn.Module, example_input, optimizer, scheduler) -> list[Findin
             break
     ctx = AuditContext(model, trace, optimizer, scheduler, find_block_lists(model), err)
     findings: list[Finding] = []
-    if err is not None:
+    if err is not None and example_input is not None:
+        findings.append(Finding(
+            "info", "no-trace", "", f"the forward on the example input given failed ({err}); data-flow "
+            f"checks fell back to known module structure", "fix example_input (a tensor, a tuple of "
+            "positional arguments or a dict of keyword arguments the model's forward takes)"))
+    elif err is not None:
         findings.append(Finding(
             "info", "no-trace", "", f"the example forward failed ({err}); data-flow checks "
             f"fell back to known module structure", "pass example_input= (or a factory that "
             "returns (model, example_input))"))
+    elif trace is None and any(is_norm(m) for m in model.modules()):
+        findings.append(Finding(
+            "info", "no-trace", "", f"no example input could be made up for {type(model).__name__} (one is "
+            f"made up from an nn.Embedding's vocabulary, an nn.Linear's in_features or a known model's "
+            f"config); data-flow checks fell back to known module structure",
+            "pass example_input= (or a factory that returns (model, example_input))"))
     for check in CHECKS:
         findings.extend(check(ctx))
     findings.sort(key=lambda f: SEVERITIES.index(f.severity))

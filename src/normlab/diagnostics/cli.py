@@ -140,7 +140,7 @@ def _from_hugging_face(spec: str) -> tuple[nn.Module, object, str | None]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         config = transformers.AutoConfig.from_pretrained(spec, local_files_only=True)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # (OSError, ValueError, and the config validation's own errors)
         # (for a mistyped path transformers asks to check the internet connection: nothing is downloaded)
         if not Path(spec).exists() and not _in_hf_cache(spec):
             raise typer.BadParameter(
@@ -151,6 +151,9 @@ def _from_hugging_face(spec: str) -> tuple[nn.Module, object, str | None]:
             raise typer.BadParameter(
                 f"'{spec}' is a directory without a config.json; expected a local Hugging Face checkpoint or "
                 f"config, or {_FACTORY}", param_hint="MODEL") from None
+        if Path(spec).exists():
+            raise typer.BadParameter(f"'{spec}': transformers cannot build a model config from it "
+                                     f"({type(e).__name__}: {e})", param_hint="MODEL") from None
         raise typer.BadParameter(
             f"'{spec}' is neither pkg.module:factory nor a local Hugging Face config ({e})",
             param_hint="MODEL") from None

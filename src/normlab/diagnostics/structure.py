@@ -10,7 +10,9 @@ and heads). The name rules below cover only models outside the table.
 Blocks
     A *block list* is an ``nn.ModuleList`` or ``nn.Sequential`` of at least two children
     that all have the same type (``encoder.layers``, ``transformer.h``, ``model.layers``,
-    ``blocks``). Lists nested inside another block list's blocks are ignored. A parameter's
+    ``blocks``; children that are containers themselves must hold the same modules in the
+    same order, and not be lists of like blocks, whose own lists are the block lists).
+    Lists nested inside another block list's blocks are ignored. A parameter's
     *stack* is the path of its block list and its *layer* the child's index; parameters
     outside every block list get ``layer=None``.
 
@@ -159,20 +161,32 @@ def register_kind_rule(rule: KindRule) -> KindRule:
 # ------------------------------------------------------------------------ block lists
 
 
+def _like_children(mod: nn.Module) -> bool:
+    """Whether ``mod`` has >= 2 children, all of one type."""
+    children = list(mod.children())
+    return len(children) >= 2 and len({type(c) for c in children}) == 1
+
+
 def find_block_lists(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """All block lists of ``model`` as (path, container), the longest first.
 
-    A block list is an ``nn.ModuleList``/``nn.Sequential`` of >= 2 same-typed children
-    that are not themselves containers, and that is not inside another block list."""
+    A block list is an ``nn.ModuleList``/``nn.Sequential`` of >= 2 same-typed children,
+    and that is not inside another block list; children that are themselves containers
+    (``nn.Sequential(nn.Sequential(norm, linear), ...)``) count where they hold the same
+    modules in the same order (a container of unlike parts, a stem beside a head, is none)
+    and are not block lists themselves (a model's stages, each a list of blocks: those
+    inner lists are the block lists)."""
     found: list[tuple[str, nn.Module]] = []
     for path, mod in model.named_modules():
         if not isinstance(mod, (nn.ModuleList, nn.Sequential)):
             continue
         children = list(mod.children())
-        if len(children) < 2 or isinstance(children[0], (nn.ModuleList, nn.Sequential)):
+        if len(children) < 2 or len({type(c) for c in children}) != 1:
             continue
-        if len({type(c) for c in children}) != 1:
-            continue
+        if isinstance(children[0], (nn.ModuleList, nn.Sequential, nn.ModuleDict)) and (
+                len({tuple((name, type(m)) for name, m in c.named_modules()) for c in children}) != 1
+                or _like_children(children[0])):
+            continue  # (lists of lists of blocks, as a model's stages: the inner lists are the block lists)
         if not any(True for _ in children[0].parameters()):
             continue
         if any(path.startswith(p + ".") or (p == "" and path) for p, _ in found):

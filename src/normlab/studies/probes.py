@@ -61,11 +61,12 @@ class Diagnostics:
             yield
             return
         self._activations = ActivationMonitor(self.model)
-        self._logits = AttentionLogitMonitor(self.model)
+        self._logits = AttentionLogitMonitor(self.model) if _has_attention(self.model) else None
         self._per_example = per_example_grad_norms(self.model)
         with ExitStack() as stack:
             stack.enter_context(self._activations)
-            stack.enter_context(self._logits)
+            if self._logits is not None:
+                stack.enter_context(self._logits)
             stack.enter_context(self._per_example)
             yield
 
@@ -96,6 +97,13 @@ class Diagnostics:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "noise" in state:
             self.noise.load_state_dict(state["noise"])
+
+
+def _has_attention(model: nn.Module) -> bool:
+    """Whether ``model`` has a self-attention module AttentionLogitMonitor reads."""
+    from normlab.models.attention import Attention
+
+    return any(isinstance(m, Attention) and not name.endswith("cross_attn") for name, m in model.named_modules())
 
 
 def _stream_profile(monitor: ActivationMonitor, stat: str) -> list[float]:
