@@ -31,11 +31,21 @@ def _load_hf(src: Path):
         config = transformers.AutoConfig.from_pretrained(src, local_files_only=True)
         archs = getattr(config, "architectures", None) or []
         cls = getattr(transformers, archs[0], None) if archs else None
-        if cls is None:
-            cls = transformers.AutoModel
-        from normlab.integrations.hf import load_pretrained
+        from normlab.integrations.hf import WeightsDoNotFit, load_pretrained
 
-        return load_pretrained(cls, src)
+        if cls is not None:
+            return load_pretrained(cls, src, keep_every_weight=True)
+        # no class named (or one transformers has not, a remote-code checkpoint's): the base
+        # model of its model_type, refused where the files hold more (a head it would drop)
+        try:
+            return load_pretrained(transformers.AutoModel, src, keep_every_weight=True)
+        except WeightsDoNotFit as err:
+            named = f"names {archs[0]!r}, which transformers has not" if archs else "names no architectures"
+            raise typer.BadParameter(
+                f"cannot load {src} whole: its config.json {named}, and the base model of its model_type "
+                f"({config.model_type}) has no place for some of its weights: {_first_line(err)}; set "
+                f"\"architectures\" in config.json to the model's transformers class (e.g. LlamaForCausalLM)",
+                param_hint="SRC") from err
     except (OSError, ValueError) as err:  # no config or weights, an unknown model_type, weights that do not fit, ...
         raise typer.BadParameter(f"cannot load {src} as a Hugging Face model directory: {_first_line(err)}",
                                  param_hint="SRC") from err

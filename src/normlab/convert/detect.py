@@ -301,8 +301,11 @@ def semantics(module: nn.Module) -> NormSemantics | str:
 # decides, these name the difference in the reason
 _GEMMA = ("scales by (1 + weight) (Gemma's zero-centred gamma) in float32 whatever its input's dtype; "
           "normlab's RMSNorm(offset=1, casting_mode='gemma') differs from it here")
+_T5 = ("casts its output to its weight's half-precision dtype whatever its input's (transformers keeps T5's "
+       "wo in float32, so in a float16/bfloat16 T5 its norms see float32 input and return the weight's dtype), "
+       "which normlab's casting modes do not; normlab.integrations.hf.patch('t5') builds T5 with a norm that does")
 _KNOWN_VARIANTS = {
-    "GemmaRMSNorm": _GEMMA, "Gemma2RMSNorm": _GEMMA, "Gemma3RMSNorm": _GEMMA,
+    "GemmaRMSNorm": _GEMMA, "Gemma2RMSNorm": _GEMMA, "Gemma3RMSNorm": _GEMMA, "T5LayerNorm": _T5,
 }
 
 

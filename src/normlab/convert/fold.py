@@ -244,6 +244,11 @@ def fold_norm_affine(
 
 def _plan(model, path, module, analysis, shared, paths, outside, include, exclude, add_bias):
     """Why ``module`` (at ``path``) is left, or (semantics, gamma, beta, consumer views)."""
+    weight = getattr(module, "weight", None)
+    if (type(module).__name__ == "T5StyleRMSNorm" and type(module).__module__ == "normlab.integrations.hf"
+            and isinstance(weight, torch.Tensor) and weight.dtype in (torch.float16, torch.bfloat16)):
+        return ("cannot fold: its output takes its half-precision weight's dtype whatever its input's (T5LayerNorm's "
+                "rule: a half-precision T5 feeds its norms float32), which a norm without the weight cannot keep")
     sem, gamma, beta = _affine_of(module)
     if isinstance(sem, str):
         return f"not a norm normlab reproduces: {sem}"

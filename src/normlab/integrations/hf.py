@@ -246,12 +246,13 @@ class WeightsDoNotFit(ValueError):
     """Saved weights that leave some of a model's parameters at their initialization."""
 
 
-def load_pretrained(cls: type, path: object, **kw) -> nn.Module:
+def load_pretrained(cls: type, path: object, *, keep_every_weight: bool = False, **kw) -> nn.Module:
     """``cls.from_pretrained(path, local_files_only=True, **kw)``, refused where the saved
     weights do not fill the model: a weight or buffer missing from the file or of another
     shape would be left at its initialization (transformers only logs it), so a model
     built from mismatched files would pass for the saved one. Weights the class has no
-    place for (a head that a base-model class drops) are left out, as transformers does.
+    place for (a head that a base-model class drops) are left out, as transformers does,
+    or, with ``keep_every_weight`` (a model that will be written back), refused too.
     Raises WeightsDoNotFit (a ValueError) naming the first few keys."""
     # (mismatched sizes reported rather than raised, so that they are named with the rest)
     model, info = cls.from_pretrained(path, local_files_only=True, output_loading_info=True,
@@ -263,12 +264,18 @@ def load_pretrained(cls: type, path: object, **kw) -> nn.Module:
     missing = sorted(k for k in info.get("missing_keys") or ()
                      if not k.endswith("num_batches_tracked") and not (k in params and _rebuilt(model, k)))
     mismatched = [k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys") or ()]
+
+    def few(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f", and {len(keys) - 3} more" if len(keys) > 3 else "")
+
     if missing or mismatched:
-        def few(keys: list[str]) -> str:
-            return ", ".join(keys[:3]) + (f", and {len(keys) - 3} more" if len(keys) > 3 else "")
         parts = ([f"{len(missing)} weight(s) of {cls.__name__} missing from the files ({few(missing)})"]
                  if missing else []) + ([f"{len(mismatched)} of another shape ({few(mismatched)})"]
                                         if mismatched else [])
         raise WeightsDoNotFit(f"the weights in {path} do not fit {cls.__name__}: {'; '.join(parts)}; loaded, "
                               "they would keep their random initialization")
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    if keep_every_weight and unexpected:
+        raise WeightsDoNotFit(f"{len(unexpected)} weight(s) in {path} have no place in {type(model).__name__} "
+                              f"({few(unexpected)}): the model written back would lack them")
     return model
