@@ -24,7 +24,7 @@ from normlab.models.attention import (
     sinusoidal_table,
 )
 from normlab.models.config import TransformerConfig
-from normlab.models.placement import Placement
+from normlab.models.placement import SLOT_ROLES, Placement
 from normlab.norms import build_norm
 
 
@@ -155,6 +155,24 @@ def _add_norm(norm: nn.Module, f: Tensor | None, residual: Tensor, dropout_p: fl
     return norm(f, residual, dropout_p=dropout_p, residual_dtype=residual.dtype, padding_mask=padding_mask)
 
 
+def _check_slots(placement: Placement, sublayers: tuple[str, ...]) -> None:
+    """Refuse norm slots ``Block.sublayer`` does not run: a name outside ``SLOT_ROLES``, an
+    'in' norm beside an 'add' norm (the sublayer takes its input from one or the other),
+    and a dual stream (ResiDual's) in a sublayer without the 'add' norm that feeds it.
+    Built, such norms would hold parameters that never touch the output."""
+    for sub in sublayers:
+        slots = tuple(placement.norm_slots(sub))
+        unknown = [slot for slot in slots if slot not in SLOT_ROLES]
+        problem = (f"declares {', '.join(map(repr, unknown))}, not a norm slot ({', '.join(SLOT_ROLES)})" if unknown
+                   else "declares both 'in' and 'add', which one sublayer does not combine (its input is the "
+                        "normalized stream, or the stream a Post-LN norm closes)" if {"in", "add"} <= set(slots)
+                   else "keeps a dual stream (final_norm_reads='dual'), which only an 'add' norm feeds; it has none"
+                   if placement.dual_stream and "add" not in slots and not placement.parallel else None)
+        if problem:
+            raise ValueError(f"Block: placement {placement.name!r} {problem} for its {sub} sublayer (slots "
+                             f"{slots}); a norm in such a slot would never run")
+
+
 class Block(nn.Module):
     """One transformer layer: self-attention (``attn``), cross-attention (``cross_attn``, in
     seq2seq decoders), FFN (``ffn``); each sublayer gets the norms its placement names,
@@ -179,6 +197,7 @@ class Block(nn.Module):
             if other:
                 raise ValueError(f"Block: a parallel placement takes 'in', 'out' and 'inner' norm slots, "
                                  f"placement {placement.name!r} declares {', '.join(map(repr, other))}")
+        _check_slots(placement, ("attn", "cross_attn", "ffn") if cross_attention else ("attn", "ffn"))
         self.placement, self.causal, self.dropout = placement, causal, cfg.dropout
         qk = dict(qk_norm=cfg.qk_norm, qk_norm_eps=cfg.norm_eps, qk_norm_scope=cfg.qk_norm_scope)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.attention_dropout, **qk)

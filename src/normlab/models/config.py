@@ -6,6 +6,7 @@ same seed) are the same model, and ``to_dict``/``from_dict`` round-trip it throu
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from dataclasses import asdict, dataclass, fields
@@ -153,6 +154,18 @@ class TransformerConfig:
             if "eps" in self.norm_options:
                 raise ValueError("TransformerConfig: norm_options sets eps, which is the field norm_eps; "
                                  "expected norm_eps=... and norm_options without 'eps'")
+            factory = sorted({"device", "dtype"} & set(self.norm_options))
+            if factory:
+                raise ValueError(f"TransformerConfig: norm_options sets {' and '.join(factory)}, where the model's "
+                                 f"norms would differ from the rest of it (and the config no longer reads back "
+                                 f"from JSON); expected norm_options without them: move the model with "
+                                 f"model.to(device, dtype), or build it under torch.device(...)")
+            try:
+                json.dumps(self.norm_options)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"TransformerConfig: expected norm_options to hold values JSON can write (numbers, "
+                                 f"strings, bools, lists, dicts), as the config is saved with the model; got "
+                                 f"{self.norm_options!r} ({e})") from None
         from normlab.norms import build_norm
 
         # one norm of the config, built here at d_model: an eps or an option the norm refuses

@@ -261,6 +261,17 @@ class _WeightOffset:
 
     offset: float = 0.0
 
+    @staticmethod
+    def _check_offset_has_weight(name: str, offset: float, elementwise_affine: bool) -> None:
+        """An offset parametrizes the weight: without one (elementwise_affine=False) the
+        scale would be the offset alone, a constant gain of ``offset``, not the gain 1 the
+        offset keeps."""
+        if not elementwise_affine and float(offset) != 0.0:
+            raise NormArgumentError(
+                f"{name}: offset={offset!r} shifts the weight (the scale is offset + weight), which "
+                f"elementwise_affine=False leaves out: the output would be scaled by {offset!r}; expected "
+                f"offset=0 without a weight (or elementwise_affine=True)")
+
     def reset_parameters(self) -> None:
         super().reset_parameters()
         if self.offset != 0.0 and getattr(self, "weight", None) is not None:
@@ -291,6 +302,7 @@ class LayerNorm(_CheckedOnce, _PerExampleGradSq, _WeightOffset, ResidualNorm, nn
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
                  device=None, dtype=None, *, offset: float = 0.0, weight_shape=None) -> None:
         F._check_cast("LayerNorm", offset, "torch")
+        self._check_offset_has_weight("LayerNorm", offset, elementwise_affine)
         self.__dict__["offset"] = float(offset)
         super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias,
                          device=device, dtype=dtype)
@@ -388,6 +400,7 @@ class RMSNorm(_CheckedOnce, _PerExampleGradSq, _WeightOffset, ResidualNorm, nn.R
     def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True,
                  device=None, dtype=None, *, offset: float = 0.0, casting_mode: str = "torch") -> None:
         F._check_cast("RMSNorm", offset, casting_mode)
+        self._check_offset_has_weight("RMSNorm", offset, elementwise_affine)
         self.__dict__["offset"], self.__dict__["casting_mode"] = float(offset), casting_mode
         super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, device=device,
                          dtype=dtype)
