@@ -7,33 +7,56 @@ behind one registry, every norm placement, and diagnostics of training stability
 from __future__ import annotations
 
 import importlib
-
-from normlab import functional
-from normlab.backend import get_backend, set_backend
-from normlab.errors import NormArgumentError
-from normlab.norms import (
-    AdaLN,
-    DyT,
-    LayerNorm,
-    MaskedBatchNorm,
-    NoNorm,
-    PowerNorm,
-    RMSNorm,
-    ScaleNorm,
-    build_norm,
-    norm_names,
-)
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
+# every public name loads on first use (``import normlab`` imports no torch): the command
+# line's entry point (``normlab.__main__``, under this package) then covers torch's own
+# import, which a Ctrl-C in the first second interrupts, with its one-line exit
+_NAMES = {
+    "functional": ("normlab.functional", None),
+    "get_backend": ("normlab.backend", "get_backend"),
+    "set_backend": ("normlab.backend", "set_backend"),
+    "NormArgumentError": ("normlab.errors", "NormArgumentError"),
+    **{name: ("normlab.norms", name) for name in (
+        "AdaLN", "DyT", "LayerNorm", "MaskedBatchNorm", "NoNorm", "PowerNorm", "RMSNorm", "ScaleNorm",
+        "build_norm", "norm_names")},
+}
 _SUBPACKAGES = ("models", "diagnostics", "convert", "studies", "bench", "integrations")
+
+if TYPE_CHECKING:  # (what the names are, for type checkers and editors)
+    from normlab import functional
+    from normlab.backend import get_backend, set_backend
+    from normlab.errors import NormArgumentError
+    from normlab.norms import (
+        AdaLN,
+        DyT,
+        LayerNorm,
+        MaskedBatchNorm,
+        NoNorm,
+        PowerNorm,
+        RMSNorm,
+        ScaleNorm,
+        build_norm,
+        norm_names,
+    )
 
 
 def __getattr__(name: str):
-    # subpackages load on first use, so ``import normlab`` stays light
+    if name in _NAMES:
+        module, attr = _NAMES[name]
+        value = importlib.import_module(module)
+        value = value if attr is None else getattr(value, attr)
+        globals()[name] = value  # (looked up once)
+        return value
     if name in _SUBPACKAGES:
         return importlib.import_module(f"normlab.{name}")
     raise AttributeError(f"module 'normlab' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_NAMES, *_SUBPACKAGES})
 
 
 __all__ = [

@@ -6,6 +6,7 @@ import shlex
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -200,17 +201,20 @@ def _print_claims(path: Path) -> None:
         return
     from normlab.studies.report import bound_text, interval_label, judged_margin
 
-    table = Table(title="claims (95% intervals over paired seeds unless the interval says otherwise)")
-    table.add_column("claim", overflow="fold")
+    # the claim's name keeps room to be read at 80 columns (a piped log's width): no column
+    # rules, and the interval's label on a line of its own below its bounds
+    table = Table(title="claims (95% intervals over paired seeds unless the interval says otherwise)",
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table.add_column("claim", overflow="fold", min_width=20, ratio=1)
     for col in ("estimate", "interval", "margin", "n", "verdict"):
-        table.add_column(col, no_wrap=True)
+        table.add_column(col, no_wrap=col != "interval", max_width=18 if col == "interval" else None)
     colors = {"agrees": "green", "disagrees": "red", "inconclusive": "yellow", "sanity": "blue"}
     for r in rows:
         ci, label = r["ci95"], interval_label(r)
         ci_text = ("-" if ci[0] is None or ci[1] is None
                    else f"[{bound_text(ci[0], judged_margin(r))}, {bound_text(ci[1], judged_margin(r))}]")
         if ci_text != "-" and label != "95% CI over paired seeds":
-            ci_text += f" ({label.removeprefix('95% CI ')})"
+            ci_text += f"\n({label.removeprefix('95% CI ')})"
         est = "-" if r["estimate"] is None else f"{r['estimate']:+.3f}"
         table.add_row(escape(r["id"]), est, ci_text, f"{r['margin']:g}", str(r["n_seeds"]),
                       f"[{colors[r['verdict']]}]{r['verdict']}[/]")

@@ -24,6 +24,7 @@ import pickle
 import shutil
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,11 @@ def check_launch(launcher: str | None, options: JobOptions | None = None, *, giv
         raise ValueError(f"--launcher: expected one of {', '.join(LAUNCHERS)}, got {launcher!r}")
     if launcher is not None and report_only:
         raise ValueError("--report-only runs nothing; it cannot combine with --launcher")
+    if launcher is not None:
+        try:
+            _submitit()
+        except ImportError as err:
+            raise ValueError(f"--launcher {launcher}: {err}") from None
     for flag in (f for f in LAUNCH_OPTIONS if f in given):
         if flag in _SLURM_ONLY and launcher != "slurm":
             raise ValueError(f"{flag} only applies with --launcher slurm")
@@ -244,7 +250,13 @@ def ended_jobs(study_dir: Path, names: Collection[str], busy: Callable[[str], bo
     record = read_jobs(study_dir)
     if not any(name in record for name in names):
         return {}
-    submitit = _submitit()
+    try:
+        submitit = _submitit()
+    except ImportError:  # a report read where the cluster extra is not installed: those runs stay not finished
+        warnings.warn("submitit is not installed here, so whether the unfinished runs' jobs (jobs.json) have ended "
+                      "cannot be read: they are reported as not finished (pip install 'normlab[cluster]' to tell "
+                      "the jobs that ended without a result)", RuntimeWarning, stacklevel=3)
+        return {}
     out: dict[str, str] = {}
     for name in names:
         entry = record.get(name)

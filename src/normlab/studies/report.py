@@ -14,6 +14,7 @@ import base64
 import html
 import math
 import os
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -623,6 +624,17 @@ _TEST_WORDS = {"directional": "> margin", "equivalence": "|x| < margin", "noninf
                "sanity": "by construction"}
 
 
+def error_line(text: str) -> str:
+    """The line of a traceback (or a job's log) that names the error: the last line that
+    starts with an exception's name, else the last line (a job's error ends with where
+    its log is)."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Died|Failed|Busy|Exit)\b:?", line):
+            return line
+    return lines[-1] if lines else ""
+
+
 def write_html(out: Path, study_name: str, description: str, rows: list[dict[str, Any]],
                results: list[Result], plots: dict[str, Path], prov: dict[str, Any],
                failures: dict[str, str] | None = None, missing: Iterable[Result] = ()) -> Path:
@@ -642,7 +654,7 @@ def write_html(out: Path, study_name: str, description: str, rows: list[dict[str
                      "on the runs that finished. Tracebacks are in summary.json.</p><table>"
                      "<tr><th>run</th><th>error</th></tr>")
         for name, text in failures.items():
-            parts.append(f"<tr><td class='name'>{esc(name)}</td><td>{esc((text.splitlines() or ['?'])[-1])}</td></tr>")
+            parts.append(f"<tr><td class='name'>{esc(name)}</td><td>{esc(error_line(text) or '?')}</td></tr>")
         parts.append("</table>")
     if rows:
         parts.append(
@@ -794,7 +806,7 @@ def write_markdown(out: Path, study_name: str, rows: list[dict[str, Any]], prov:
         lines += ["", "## Failed runs", "",
                   f"{len(failures)} run(s) raised; the claims are judged on the runs that finished, and each row "
                   "that would have read a failed run names it in a caveat. Tracebacks are in summary.json.", ""]
-        lines += [f"- `{name}`: {(text.strip().splitlines() or ['?'])[-1]}" for name, text in failures.items()]
+        lines += [f"- `{name}`: {error_line(text) or '?'}" for name, text in failures.items()]
     lines += ["", "Estimates are means over seeds (of paired differences where a row compares two configurations, "
               "of a per-seed statistic where it reads one; the speed row over interleaved timing rounds) with 95% "
               "Student-t intervals (at cross-fitted best lrs, the delete-one-seed jackknife's), the interval column "

@@ -33,6 +33,7 @@ import warnings
 from collections.abc import Collection
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,6 +56,7 @@ from normlab.studies import cluster
 from normlab.studies.claims import judge_all, missing_runs
 from normlab.studies.cluster import JobOptions
 from normlab.studies.data import ByteCorpus
+from normlab.studies.report import error_line as _error_line
 from normlab.studies.report import load_metrics, make_plots, write_html, write_markdown
 from normlab.studies.spec import RunSpec, Study
 from normlab.studies.train import (
@@ -110,7 +112,11 @@ def apply_overrides(study: Study, *, seeds: int | None = None, steps: int | None
             steps=steps, eval_every=max(1, steps // 3), diag_every=max(1, steps // 6),
             checkpoint_every=max(1, steps // 2), warmup_steps=min(r.warmup_steps, steps // 2),
             log_every=max(1, min(r.log_every, steps // 10))) for r in runs]
-    return replace(study, runs=tuple(runs))
+    given = [f"--{flag} {value}" for flag, value in (("seeds", seeds), ("steps", steps)) if value is not None]
+    # the preset's description names its own seeds and steps: the report's header says what ran
+    description = study.description + (f" Run with {' '.join(given)}, which replace the preset's counts above."
+                                       if given else "")
+    return replace(study, runs=tuple(runs), description=description)
 
 
 def _work(r: RunSpec) -> int:
@@ -281,16 +287,6 @@ def _interrupted(study: Study, runs: list[Interrupted]) -> StudyInterrupted:
         [f"{', '.join(over)} keep{'s' if len(over) == 1 else ''} no checkpoint and "
          f"start{'s' if len(over) == 1 else ''} over"] if over else [])
     return StudyInterrupted(f"interrupted: {'; '.join(parts)}; re-run the same command to resume", cut)
-
-
-def _error_line(text: str) -> str:
-    """The line of a traceback (or a job's log) that names the error: the last line that
-    starts with an exception's name, else the last line."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    for line in reversed(lines):
-        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Died|Failed|Busy|Exit)\b:?", line):
-            return line
-    return lines[-1] if lines else ""
 
 
 def _stale_runs(study: Study, study_dir: Path, made_by=None) -> dict[str, list[str]]:
@@ -1007,6 +1003,21 @@ class WorkerStartFailed(RuntimeError):
     pool is reported failed with that error, at once."""
 
 
+@contextmanager
+def _sigint_blocked():
+    """SIGINT blocked in this thread (the processes it spawns inherit the mask), then as it
+    was: a Ctrl-C meanwhile is delivered when the block ends. A no-op where the platform
+    has no signal masks."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def _init_worker(threads: int, train: torch.Tensor | None, val: torch.Tensor | None, source: str, n_files: int,
                  queue: Any, stop: Any, slots: Any = None, devices: tuple[str, ...] = ("cpu",),
                  dtype: str = "fp32", running: Any = None, pids: Any = None, retired: Any = None,
@@ -1014,6 +1025,8 @@ def _init_worker(threads: int, train: torch.Tensor | None, val: torch.Tensor | N
     try:
         os.setpgrp()  # a terminal's Ctrl-C reaches the parent alone, which tells the workers through ``stop``
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # outside a training run; run_one handles its own
+        if hasattr(signal, "pthread_sigmask"):  # spawned with SIGINT blocked (``_sigint_blocked``): a pending one is ignored
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         _watch_parent()
         torch.set_num_threads(threads)
         device = _pin_worker(slots, devices)
@@ -1281,7 +1294,12 @@ def _run_parallel(study, study_dir, corpus, progress, finish, fail, keep_weights
             # a worker is still being spawned can leave that worker unterminated
             start_errors: list[str] = []
             try:
-                starting = [pool.submit(_started, WORKER_START_S) for _ in range(n)]
+                # the workers are spawned here, each a new Python that imports torch before it
+                # can leave the terminal's process group (``_init_worker``): they start with
+                # SIGINT blocked, so a Ctrl-C meanwhile reaches this process alone (held here
+                # until they are spawned), and no worker prints a KeyboardInterrupt of its own
+                with _sigint_blocked():
+                    starting = [pool.submit(_started, WORKER_START_S) for _ in range(n)]
                 while not all(f.done() for f in starting):
                     wait(starting, timeout=0.2, return_when=FIRST_COMPLETED)
                     start_errors += _drain(queue, specs, bars, completed, progress, overall, ended)
