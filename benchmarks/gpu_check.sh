@@ -6,7 +6,7 @@
 # there) with this checkout on PYTHONPATH: nothing is installed. The steps run in order of
 # what they decide, each under its own limit and all under the budget: a step that runs
 # out of time gets SIGINT (pytest then prints what ran; `normlab bench` writes the rows it
-# measured, marked partial; the two scripts in benchmarks/ print only at their end) and
+# measured, marked partial; host_overhead.py prints at its end, per_example_overhead.py each row) and
 # the next step starts. Every table goes to $OUT/results;
 # the folder is archived on exit, whatever happened, beside the log.
 set -uo pipefail

@@ -18,9 +18,8 @@ import time
 
 import torch
 
-import normlab
 from normlab.bench.common import device_name
-from normlab.provenance import git_commit
+from normlab.provenance import code_line
 
 SIZES = ((64, 2, 4, 32), (256, 4, 8, 128))  # (d_model, layers, batch, tokens)
 
@@ -63,7 +62,7 @@ def main(argv=None) -> None:
     dtype = getattr(torch, a.dtype)
     print(f"# Hugging Face training step, torch's norms against normlab's (apply_normlab): "
           f"{device_name(torch.device('cpu'))}, {a.dtype}\n")
-    print(f"normlab {normlab.__version__}, commit {(git_commit() or '?')[:12]}, torch {torch.__version__}. "
+    print(f"{code_line()}, torch {torch.__version__}. "
           f"Forward with labels + backward + AdamW step, medians over {a.rounds} interleaved rounds "
           f"(`benchmarks/hf_train_step.py`); ratio = torch norms / normlab (> 1: normlab faster).\n")
     print("| model | d_model | layers | batch x tokens | torch norms ms | normlab ms | ratio |")

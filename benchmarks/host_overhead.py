@@ -5,7 +5,11 @@ host spends issuing the call (median of perf_counter over many calls). Prints th
 layers from the raw Triton launch up to the public API with autograd, torch's own op for
 scale, and a cProfile of the API's forward + backward.
 
-    python benchmarks/host_overhead.py [--device cuda]
+    python benchmarks/host_overhead.py [--device cuda] [--backend triton|auto|torch]
+
+The public API's rows run on ``--backend`` (default triton, on every device: the layers
+below it are the Triton path's; ``auto`` picks torch's op for calls this small on a GPU,
+so its rows would time normlab's wrapper around torch's op). The backend is printed.
 
 (``--device cpu`` with TRITON_INTERPRET=1 runs the same layers through the interpreter:
 a smoke test of the script, not a measurement.)
@@ -23,6 +27,7 @@ import torch
 
 import normlab
 from normlab.ops.triton import launch, norm
+from normlab.provenance import code_line
 
 
 def _sync() -> None:
@@ -31,6 +36,7 @@ def _sync() -> None:
 
 
 def host_us(fn, n=3000) -> float:
+    n = max(1, n)  # (the halved counts of the fwd+bwd rows: at least one call)
     for _ in range(min(200, n)):
         fn()
     _sync()
@@ -47,10 +53,15 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--calls", type=int, default=3000, help="timed calls per layer")
+    ap.add_argument("--backend", default="triton", choices=("triton", "auto", "torch"),
+                    help="the backend of the public API's rows (default triton: the path the layers build)")
     a = ap.parse_args(argv)
     dev, calls = a.device, a.calls
-    if dev == "cpu":
-        normlab.set_backend("triton")
+    if calls < 1:
+        ap.error(f"--calls: expected >= 1, got {calls}")
+    normlab.set_backend(a.backend)
+    print(f"device {dev}, backend {a.backend} for the api rows, {calls} calls per layer; {code_line()}, "
+          f"torch {torch.__version__}")
     hidden = 1024
     x = torch.randn(8, hidden, device=dev, dtype=torch.bfloat16)
     r = torch.randn_like(x)

@@ -22,9 +22,10 @@ import torch.nn.functional as TF
 
 import normlab
 from normlab import functional as F
-from normlab.bench.common import device_name
+from normlab.bench.common import device_name, out_file_problem
 from normlab.bench.kernels import hf_gemma_rms_norm as _gemma
 from normlab.bench.kernels import hf_llama_rms_norm as _llama
+from normlab.provenance import code_line
 
 
 def _offset_cases(x, r, w, b, hidden, dtype, run):
@@ -92,6 +93,15 @@ def measure(rows, hidden, dtype, grad, rounds, number, which="plain") -> list[tu
     return [(name, statistics.median(t), statistics.median(o)) for name, (t, o) in times.items()]
 
 
+def _check(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Refuse counts below 1 and an --out that cannot be written, before any measurement."""
+    for name in ("rounds", "number", "threads"):
+        if getattr(a, name, 1) < 1:
+            ap.error(f"--{name}: expected >= 1, got {getattr(a, name)}")
+    if a.out and (problem := out_file_problem(a.out)):
+        ap.error(f"--out: {problem}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=21)
@@ -101,12 +111,13 @@ def main() -> None:
                     help="plain: the ops against torch's; offset: the offsets and casting modes against "
                          "Hugging Face's and Megatron's torch code")
     args = ap.parse_args()
+    _check(ap, args)
     torch.set_num_threads(args.threads)
     lines = [
         "# Time per call on a CPU: normlab's public ops and modules against torch's"
         + (" (offsets and casting modes)" if args.cases == "offset" else ""),
         "",
-        f"{device_name(torch.device('cpu'))}, "
+        f"{device_name(torch.device('cpu'))}, {code_line()}, "
         f"torch {torch.__version__}, backend {normlab.get_backend()}. Medians over {args.rounds} "
         "interleaved rounds (`benchmarks/host_time_cpu.py`); ratio = torch / normlab (above 1: "
         "normlab faster). torch's fused add+norm counterpart is `x + r` then its norm."

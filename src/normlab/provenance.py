@@ -50,11 +50,16 @@ def describe_code(record: Any) -> str:
         return "unrecorded code"
     commit = record.get("git_commit")
     return (f"normlab {record.get('normlab_version') or '(not installed)'}"
-            + (f", commit {commit[:12]}{'-dirty' if str(commit).endswith('-dirty') else ''}" if commit else "")
+            + (f", commit {_short(str(commit))}" if commit else "")
             + f", torch {record.get('torch_version') or '?'}")
 
 
 def code_line() -> str:
     """"normlab 0.1.0, commit 1a2b3c4d5e6f" (what is known of it), for a table's header."""
     commit = git_commit()
-    return f"normlab {normlab_version() or '(not installed)'}" + (f", commit {commit[:12]}" if commit else "")
+    return f"normlab {normlab_version() or '(not installed)'}" + (f", commit {_short(commit)}" if commit else "")
+
+
+def _short(commit: str) -> str:
+    """A commit's head, "-dirty" kept (a checkout with changes is not that commit)."""
+    return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")

@@ -84,13 +84,14 @@ class Timer:
         """The GPU's ``torch.cuda._sleep`` cycles per millisecond, measured once."""
         if self._cycles_per_ms is None:
             n = 2_000_000
-            torch.cuda._sleep(n)  # first call: module load
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(self.device)
-            start.record()
-            torch.cuda._sleep(n)
-            end.record()
-            end.synchronize()
+            with torch.cuda.device(self.device):  # (events and the wait on this device's stream, not cuda:0's)
+                torch.cuda._sleep(n)  # first call: module load
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize(self.device)
+                start.record()
+                torch.cuda._sleep(n)
+                end.record()
+                end.synchronize()
             Timer._cycles_per_ms = n / max(start.elapsed_time(end), 1e-3)
         return self._cycles_per_ms
 
@@ -117,17 +118,19 @@ class Timer:
         if self.device.type == "cuda":
             if self._flush is None:
                 self._flush = torch.ones(64 << 20, dtype=torch.float32, device=self.device)
-            torch.cuda.synchronize(self.device)
-            self._flush.sum()
-            if hold_ms > 0:
-                torch.cuda._sleep(int(hold_ms * self._sleep_cycles_per_ms()))
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            t0 = time.perf_counter()
-            fn()
-            host = (time.perf_counter() - t0) * 1e3
-            end.record()
-            end.synchronize()
+            # the device's own stream: on cuda:1 the events on cuda:0's would bracket an idle stream
+            with torch.cuda.device(self.device):
+                torch.cuda.synchronize(self.device)
+                self._flush.sum()
+                if hold_ms > 0:
+                    torch.cuda._sleep(int(hold_ms * self._sleep_cycles_per_ms()))
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                t0 = time.perf_counter()
+                fn()
+                host = (time.perf_counter() - t0) * 1e3
+                end.record()
+                end.synchronize()
             return start.elapsed_time(end), host
         if self._cpu_flush is None:
             self._cpu_flush = torch.ones(_cpu_flush_bytes() // 4, dtype=torch.float32)
@@ -236,10 +239,12 @@ def check_backend(device: torch.device) -> None:
         raise typer.BadParameter(str(err), param_hint="NORMLAB_BACKEND (environment variable)") from None
 
 
-def check_positive(value: int | None, param_hint: str) -> int | None:
-    """An integer option that must be at least 1 when given (None: not given)."""
-    if value is not None and value < 1:
-        raise typer.BadParameter(f"expected a positive integer, got {value}", param_hint=param_hint)
+def check_positive(value: int | None, param_hint: str, most: int = 2**31 - 1) -> int | None:
+    """An integer option that must be in [1, ``most``] when given (None: not given): the
+    default bound is the largest thread count torch takes (a C int)."""
+    if value is not None and not 1 <= value <= most:
+        raise typer.BadParameter(f"expected a positive integer{f' at most {most}' if value > most else ''}, "
+                                 f"got {value}", param_hint=param_hint)
     return value
 
 
@@ -267,6 +272,26 @@ class TableWrites:
 
         Console(stderr=True).print(f"interrupted: {kept}", markup=False, highlight=False)
         return typer.Exit(code=130)
+
+
+def out_file_problem(path: str | os.PathLike) -> str | None:
+    """Why a table cannot be written to the file ``path`` (a directory, a missing or
+    unwritable folder), checked before any measurement; None when it can (nothing is left
+    behind: a file that did not exist is not created)."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{path} is a directory; expected a file to write the table to"
+    if not path.parent.is_dir():
+        return f"{path.parent} is not a directory to write {path.name} in"
+    existed = path.exists()
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        return f"cannot write {path}: {e.strerror or e}"
+    if not existed:
+        path.unlink(missing_ok=True)
+    return None
 
 
 def check_out_dir(path: str | os.PathLike, param_hint: str = "--out") -> Path:

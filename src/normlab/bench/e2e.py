@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -59,7 +59,7 @@ from normlab.bench.common import (
 )
 from normlab.models import TransformerConfig, TransformerLM
 from normlab.norms.base import ResidualNorm
-from normlab.provenance import code_line
+from normlab.provenance import code_line, code_record
 
 PLACEMENTS = ("pre", "post")
 NORMS = ("layernorm", "rmsnorm")
@@ -107,6 +107,9 @@ class Record:
     reps: int
     torch_version: str
     load_avg: str       # os.getloadavg() right after this configuration was measured
+    # the code that measured it (a CSV or JSON row read on its own names it too)
+    normlab_version: str = field(default_factory=lambda: code_record()["normlab_version"] or "")
+    git_commit: str = field(default_factory=lambda: code_record()["git_commit"] or "")
 
     def as_json(self) -> dict:
         return asdict(self)
@@ -354,9 +357,11 @@ def e2e(
     console = Console()
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, E2E_DTYPES)
-    for value, hint in ((threads, "--threads"), (d_model, "--d-model"), (n_layers, "--n-layers"),
-                        (tokens, "--tokens"), (batch, "--batch")):
-        check_positive(value, hint)
+    # (bounds far above any model a machine holds, so that a mistyped size is refused, not
+    # left to overflow an index or count divisors and layers for hours)
+    for value, hint, most in ((threads, "--threads", 2**31 - 1), (d_model, "--d-model", 2**20),
+                              (n_layers, "--n-layers", 4096), (tokens, "--tokens", 2**24), (batch, "--batch", 2**24)):
+        check_positive(value, hint, most)
     pairs = _parse_configs(configs)
     check_out_dir(out)
     if threads:

@@ -19,8 +19,9 @@ head_dim of a [B, H, T, hd] view of a contiguous [B, T, H, hd] tensor (``.transp
 2)``, as q and k are laid out after the projection), at the [B, H, T, hd] shapes of
 ``--qk-shapes``; normlab and torch eager (and torch.compile) run on the same view.
 
-On the CPU every implementation allocates its outputs (normlab's API has no ``out=``),
-so page faults of fresh allocations are part of every timing alike.
+On the CPU every implementation allocates its outputs (normlab's API has no ``out=``);
+freed memory is kept mapped (``keep_freed_memory``), so the times are of the calls, not
+of page faults.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import importlib.util
 import json
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,7 +56,7 @@ from normlab.bench.common import (
     release_memory,
     write_csv,
 )
-from normlab.provenance import code_line
+from normlab.provenance import code_line, code_record
 
 OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
 QK_OPS = ("qk_layer_norm", "qk_rms_norm")
@@ -98,6 +99,9 @@ class Record:
     impl_path: str
     host_ms: float  # median host time of one call (on a GPU: issuing it; see Timer)
     shape: str = ""  # x's shape: ROWSxHIDDEN, or BxHxTxHD for the qk ops (a transposed view)
+    # the code that measured it (a CSV or JSON row read on its own names it too)
+    normlab_version: str = field(default_factory=lambda: code_record()["normlab_version"] or "")
+    git_commit: str = field(default_factory=lambda: code_record()["git_commit"] or "")
 
     def as_json(self) -> dict:
         d = asdict(self)
