@@ -360,7 +360,7 @@ def e2e(
     # (bounds far above any model a machine holds, so that a mistyped size is refused, not
     # left to overflow an index or count divisors and layers for hours)
     for value, hint, most in ((threads, "--threads", 2**31 - 1), (d_model, "--d-model", 2**20),
-                              (n_layers, "--n-layers", 4096), (tokens, "--tokens", 2**24), (batch, "--batch", 2**24)):
+                              (n_layers, "--n-layers", 4096), (tokens, "--tokens", 2**40), (batch, "--batch", 2**40)):
         check_positive(value, hint, most)
     pairs = _parse_configs(configs)
     check_out_dir(out)

@@ -211,6 +211,8 @@ class Best:
     # (setting, seed) cells that held more than one run: the last is read (runs_of's order)
     duplicates: tuple[str, ...] = ()
     ran: dict[tuple, int] = field(default_factory=dict)  # setting -> seeds run (default: ``seeds``)
+    # seeds left out of ``by_seed``: the setting chosen for them on the other seeds has no run of them
+    unrun: dict[int, tuple] = field(default_factory=dict)
 
     def _edges(self) -> tuple[float, ...]:
         lrs = sorted(set(self.lrs) | {s[0] for s in self.sweep})
@@ -263,6 +265,9 @@ class Best:
             lrs = sorted(set(off.values()))
             out.append(f"{name}'s cross-fitted lr of seed{'s' if len(off) > 1 else ''} {_list(off)} is at the edge "
                        f"of the sweep (lr {_list(f'{x:g}' for x in lrs)}): a better one may lie outside it")
+        for seed, st in sorted(self.unrun.items()):
+            out.append(f"seed {seed} of {name} left out: the setting chosen for it on the other seeds "
+                       f"({_setting_text(st)}) has no run of it")
         if not self.complete:
             out.append(f"{name}'s sweep is incomplete: " + "; ".join(self.gaps))
         return out
@@ -305,6 +310,7 @@ def best_setting(runs: list[Result], value: Callable[[Result, str], float] | Non
 
     sweep = {st: _mean(value(r, "select") for r in by_seed.values()) for st, by_seed in cells.items()}
     chosen, by_seed = cross_fit(seeds)
+    unrun = {seed: choose((seed,) if len(seeds) > 1 else ()) for seed in seeds if seed not in by_seed}
     without = {k: cross_fit([s for s in seeds if s != k], (k,))[1] for k in seeds} if len(seeds) > 1 else {}
     # the grid the configuration should fill: every lr (its own and ``lrs``) with every
     # option it swept, each over every seed
@@ -321,7 +327,7 @@ def best_setting(runs: list[Result], value: Callable[[Result, str], float] | Non
                 # (failed as the judged values say: on the test half)
                 failures={st: sum(failed_on(r, "test") for r in bs.values()) for st, bs in cells.items()},
                 seeds=len(seeds), complete=not gaps, metric=metric, gaps=tuple(gaps), lrs=tuple(all_lrs),
-                without=without, ran={st: len(bs) for st, bs in cells.items()},
+                without=without, ran={st: len(bs) for st, bs in cells.items()}, unrun=unrun,
                 duplicates=tuple(f"{n + 1} runs at {_setting_text(st)} with seed {seed} (a setting the sweep does "
                                  "not tell apart, such as another warm-up): only the last is read"
                                  for (st, seed), n in sorted(dups.items(), key=lambda kv: (kv[0][0][0], kv[0][1]))))
@@ -677,9 +683,12 @@ def _residual_variance(results: list[Result]) -> list[Measurement]:
     every = _all_probes(results, "pre", deepest)
     runs = [r for r in runs if r["n_layers"] == deepest]
     exps = {}
+    flat: dict[int, list[int]] = {}  # seed -> the blocks (1-based) whose stream is not above block 1's
     for r in runs:
         sq = [v * v for v in r["activation_rms_by_layer"]]
         points = [(math.log(l), math.log(sq[l] - sq[0])) for l in range(1, len(sq)) if sq[l] > sq[0]]
+        if len(points) < len(sq) - 1:
+            flat[r["seed"]] = [l + 1 for l in range(1, len(sq)) if not sq[l] > sq[0]]
         if len(points) >= 3:
             exps[r["seed"]] = slope([x for x, _ in points], [y for _, y in points])
     if not exps:
@@ -694,10 +703,20 @@ def _residual_variance(results: list[Result]) -> list[Measurement]:
                          "positive")
                + _left_out("Pre-LN", kept - set(exps), "fewer than three blocks whose stream grows past the first "
                            "block's, too few to fit"))
+    # a block whose stream is not above block 1's has no log to fit: the fit over the others
+    # would read a growth that stalls (or shrinks) there as linear, so the row is not judged
+    stalled = {seed: blocks for seed, blocks in flat.items() if seed in exps}
+    undetermined = None
+    if stalled:
+        shown = "; ".join(f"seed {seed}: block{'s' if len(b) > 1 else ''} {_list(b)}" for seed, b in sorted(stalled.items()))
+        caveats += [f"blocks whose residual stream is not above block 1's (no log of RMS_l^2 - RMS_1^2 to fit), "
+                    f"left out of those seeds' fits: {shown}"]
+        undetermined = ("the stream does not grow past block 1's at every block, so the exponent fitted over the "
+                        "blocks that do would not describe the whole stack")
     return [Measurement(f"@L{deepest}", shifted,
                         f"residual RMS after block 1 -> {deepest}: {first:.3g} -> {last:.3g} (mean over seeds); "
                         f"exponent e of RMS_l^2 - RMS_1^2 ~ (l - 1)^e: {_ci_text(i)}; statistic e - 1 = "
-                        f"{_ci_text(shifted)}", run_setup(every, i.n), tuple(caveats), used=tuple(every),
+                        f"{_ci_text(shifted)}", run_setup(every, i.n), tuple(caveats), undetermined, used=tuple(every),
                         planned=Planned("n_layers", deepest, (_want("grad-at-init", placement="pre"),)),
                         # a deeper probe whose stream overflowed moved the row off its depth
                         unweighed=_unweighed("Pre-LN", "the residual RMS profile",

@@ -110,8 +110,10 @@ def jackknife_ci(full: dict, without: dict) -> Interval:
     again without k). Where each unit is made from its own seed alone, this is
     ``mean_ci``'s t-interval exactly; where a seed's unit depends on the other seeds
     (each judged at a setting chosen on the others), the spread of the delete-one means
-    carries that dependence, which the t-interval over the units would not. nan bounds
-    for fewer than 2 units, a unit that is not finite, or a deletion that leaves none."""
+    carries that dependence, which the t-interval over the units would not. Where the
+    delete-one means all agree but the units do not, the t-interval over the units. nan
+    bounds for fewer than 2 units, a unit that is not finite, or a deletion that leaves
+    none."""
     keys = sorted(full)
     n = len(keys)
     if n == 0:
@@ -129,7 +131,13 @@ def jackknife_ci(full: dict, without: dict) -> Interval:
     tm = _fmean(thetas)
     se = math.sqrt((n - 1) / n * math.fsum((t - tm) ** 2 for t in thetas))
     half = t975(n - 1) * se
-    return Interval(m, m - half, m + half, n)
+    jack = Interval(m, m - half, m + half, n)
+    # every deletion giving the same mean while the units differ (ties: seeds whose value
+    # moves with the choice, balanced by others that do not) leaves the jackknife no width,
+    # which would read as equal units (``degenerate``) and judge a point: the units' own
+    # spread, the t-interval over them, stands instead
+    t = mean_ci(xs)
+    return t if degenerate(jack) and not degenerate(t) else jack
 
 
 def paired_units(a: dict, b: dict) -> dict:
