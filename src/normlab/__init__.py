@@ -24,6 +24,7 @@ _NAMES = {
         "build_norm", "norm_names")},
 }
 _SUBPACKAGES = ("models", "diagnostics", "convert", "studies", "bench", "integrations")
+_MODULES = ("backend", "errors", "norms", "ops", "provenance", "cli")
 
 if TYPE_CHECKING:  # (what the names are, for type checkers and editors)
     from normlab import functional
@@ -50,13 +51,13 @@ def __getattr__(name: str):
         value = value if attr is None else getattr(value, attr)
         globals()[name] = value  # (looked up once)
         return value
-    if name in _SUBPACKAGES:
+    if name in _SUBPACKAGES or name in _MODULES:  # (``normlab.backend`` after ``import normlab``, as before)
         return importlib.import_module(f"normlab.{name}")
     raise AttributeError(f"module 'normlab' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_NAMES, *_SUBPACKAGES})
+    return sorted({*globals(), *_NAMES, *_SUBPACKAGES, *_MODULES})
 
 
 __all__ = [
