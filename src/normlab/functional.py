@@ -332,9 +332,18 @@ def _add_then_norm(op, x, residual, weight, bias, eps, dropout_p, training, gene
     # float64: the kernels did not take the call)
     new_residual = _eager.dropout_add(x, residual, dropout_p=float(dropout_p), training=bool(training),
                                       generator=generator, residual_dtype=residual_dtype)
-    out = (reference.rms_norm_cast(new_residual, shape, weight, eps, offset=float(offset), casting_mode=casting_mode)
+    out = (_torch_layout(reference.rms_norm_cast(new_residual, shape, weight, eps, offset=float(offset),
+                                                 casting_mode=casting_mode), new_residual)
            if is_rms else _layer_norm_offset(new_residual, shape, shape, weight, bias, eps, offset))
     return out.to(x.dtype), new_residual
+
+
+def _torch_layout(y: Tensor, x: Tensor) -> Tensor:
+    """``y`` (the reference's op chain on ``x``, which keeps x's strides) in the layout
+    torch's rms_norm and the kernels give: row-major, or x's channels_last(_3d)."""
+    if y.is_contiguous() or y.is_nested:
+        return y
+    return y.contiguous(memory_format=_eager.torch_format(x) or torch.contiguous_format)
 
 
 def _rms_norm_cast(x, normalized_shape, weight, eps, offset, casting_mode) -> Tensor:
@@ -350,7 +359,8 @@ def _rms_norm_cast(x, normalized_shape, weight, eps, offset, casting_mode) -> Te
     _check_cast(op, offset, casting_mode)
     if _kernels_take(x, weight, casting_mode):
         return backend_ops(x).rms_norm(x, shape, weight, eps, offset=float(offset), casting_mode=casting_mode)
-    return reference.rms_norm_cast(x, shape, weight, eps, offset=float(offset), casting_mode=casting_mode)
+    return _torch_layout(reference.rms_norm_cast(x, shape, weight, eps, offset=float(offset),
+                                                 casting_mode=casting_mode), x)
 
 
 def dropout_add(

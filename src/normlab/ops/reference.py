@@ -146,7 +146,7 @@ def dropout_add(
     h = x.to(ct)
     if training and dropout_p > 0.0:
         if dropout_p >= 1.0:
-            h = torch.zeros_like(h)
+            h = h * 0.0  # (as torch's dropout: every element dropped, an inf or nan one to nan)
         else:
             # keep where a uniform draw is >= dropout_p (the eager path's and the kernels'
             # rule), drawn out of place: vmap(randomness="different") refuses in-place draws

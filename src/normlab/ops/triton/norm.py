@@ -69,7 +69,8 @@ def _new_residual(X, RES, row, cols, mask, x_off, res_off, hidden, seed, drop_p,
                   HAS_RES: tl.constexpr, HAS_DROPOUT: tl.constexpr):
     h = _load_row(X, x_off, cols, mask)
     if HAS_DROPOUT:
-        h = tl.where(_keep(seed, row, hidden, cols, drop_p), h * drop_scale, 0.0)
+        # times a scaled mask, as torch's dropout: a dropped inf or nan gives nan (a select would give 0)
+        h = h * tl.where(_keep(seed, row, hidden, cols, drop_p), drop_scale, 0.0)
     if HAS_RES:
         h += _load_row(RES, res_off, cols, mask)
     return h
@@ -263,7 +264,7 @@ def _store_grads(DX, DRES, DRES_OUT, row, cols, mask, stride_dx, stride_dres, st
     if HAS_RES:
         tl.store(DRES + row * stride_dres + cols, dh.to(DRES.dtype.element_ty), mask=mask)
     if HAS_DROPOUT:
-        dh = tl.where(_keep(seed, row, hidden, cols, drop_p), dh * drop_scale, 0.0)
+        dh = dh * tl.where(_keep(seed, row, hidden, cols, drop_p), drop_scale, 0.0)
     tl.store(DX + row * stride_dx + cols, dh.to(DX.dtype.element_ty), mask=mask)
 
 
