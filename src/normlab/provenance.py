@@ -34,11 +34,15 @@ def normlab_version() -> str | None:
         return None
 
 
-@functools.lru_cache(maxsize=1)
 def code_record() -> dict[str, Any]:
     """The code this process runs: normlab's version, its checkout's commit and torch's
     version, as a study's run records them (read once per process: the code a process
-    imported is what it runs, whatever the checkout holds later)."""
+    imported is what it runs, whatever the checkout holds later). A new dict each call."""
+    return dict(_code_record())
+
+
+@functools.lru_cache(maxsize=1)
+def _code_record() -> dict[str, Any]:
     import torch
 
     return {"normlab_version": normlab_version(), "git_commit": git_commit(), "torch_version": torch.__version__}
