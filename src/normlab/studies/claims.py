@@ -776,6 +776,28 @@ def _interaction_caveats(cells: dict[tuple[str, bool], dict[int, float]], where:
     return out
 
 
+def _postln_gain_check(interaction: Interval, gain: Interval, pre_gain: Interval) -> tuple[list[str], str | None]:
+    """The claim is that Post-LN needs warm-up: an interaction above 0 can also come from
+    warm-up costing Pre-LN while it buys Post-LN nothing. (caveats, why the row is not
+    judged): the split of the interaction always; the row is not judged where the
+    interaction would agree but Post-LN's own gain from warm-up (L(post, none) -
+    L(post, warm-up), paired by seed) is not shown above 0."""
+    caveats = [f"the interaction splits into what warm-up buys Post-LN, {_ci_text(gain, ' nats')}, and what it "
+               f"buys Pre-LN, {_ci_text(pre_gain, ' nats')}"]
+    shown = math.isfinite(gain.lo) and gain.lo > 0
+    margin = _JUDGED_MARGIN.get() or 0.0  # (the claim's margin, which ``judge`` sets)
+    if math.isfinite(interaction.lo) and interaction.lo > margin and not shown:
+        return caveats, ("the interaction is above 0, but what warm-up buys Post-LN itself is not shown to be (its "
+                         "interval reaches 0): the claim is that Post-LN needs warm-up, and an interaction that "
+                         "rests on what warm-up costs Pre-LN does not show it")
+    return caveats, None
+
+
+def _gain_units(sides: list[dict[int, float]]) -> dict[int, float]:
+    """Per seed, L(none) - L(warm-up) of one placement (``sides``: without, with)."""
+    return paired_units(*sides)
+
+
 def _warmup_text(cells: dict[tuple[str, bool], dict[int, float]]) -> str:
     m = {k: _mean(v.values()) for k, v in cells.items()}
     return (f"test loss Post-LN {m[('post', False)]:.3f} without / {m[('post', True)]:.3f} with warm-up, "
@@ -814,10 +836,12 @@ def _warmup_each_lr(results: list[Result]) -> list[Measurement]:
         note = _one_side_note([p for p in ("post", "pre") if all(failures[(p, w)] == len(cells[(p, w)])
                                                                   for w in (False, True))],
                               "failed on every seed with and without warm-up at this lr")
+        split, unshown = _postln_gain_check(i, paired_ci(cells[("post", False)], cells[("post", True)]),
+                                            paired_ci(cells[("pre", False)], cells[("pre", True)]))
         out.append(Measurement(f"@lr={lr:g}", i, f"lr {lr:g}: {_warmup_text(cells)}; what warm-up buys Post-LN "
                                f"minus what it buys Pre-LN: {_ci_text(i, ' nats')}; failed runs: {fails}",
-                               run_setup(every, i.n), tuple(_interaction_caveats(cells, f" at lr {lr:g}")),
-                               undetermined=note, used=tuple(r for r in every if r["lr"] == lr), lr=lr,
+                               run_setup(every, i.n), tuple(_interaction_caveats(cells, f" at lr {lr:g}")) + tuple(split),
+                               undetermined=note or unshown, used=tuple(r for r in every if r["lr"] == lr), lr=lr,
                                planned=Planned("lr", lr, (_want("warmup"),), rule="each"), over="paired seeds"))
     lonely = sorted({r["lr"] for r in every} - set(lrs))
     if lonely:  # an lr some configuration lacks is not judged: the rows say so
@@ -845,8 +869,11 @@ def _warmup_best(results: list[Result]) -> list[Measurement]:
                                                               for w in (False, True))],
                           "failed on most seeds at their chosen lr with and without warm-up")
     every = [r for rs in groups.values() for r in rs]
+    split, unshown = _postln_gain_check(i, cross_fitted_ci([best[("post", False)], best[("post", True)]], _gain_units),
+                                        cross_fitted_ci([best[("pre", False)], best[("pre", True)]], _gain_units))
     return [Measurement("@best-lr", i, f"each at its own best lr: {detail}; interaction {_ci_text(i, ' nats')}",
-                        run_setup(every, i.n), caveats, note, used=tuple(every), over=JACKKNIFE_OVER)]
+                        run_setup(every, i.n), caveats + tuple(split), note or unshown, used=tuple(every),
+                        over=JACKKNIFE_OVER)]
 
 
 def _preln_without_warmup(results: list[Result]) -> list[Measurement]:
