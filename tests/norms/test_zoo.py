@@ -177,7 +177,7 @@ def test_powernorm_padding_is_ignored_in_statistics():
 
 def test_powernorm_approximate_backward():
     # dL/dx = (g - nu * x_hat) / psi; nu <- nu * (1 - (1 - a) * Gamma) + (1 - a) * Lambda,
-    # Lambda = mean(g * x_hat), Gamma = mean(x_hat^2) (Shen et al. 2020, Algorithm 1)
+    # Lambda = mean(g * x_hat), Gamma = mean(x_hat^2) (Shen et al. 2020, Algorithm 2)
     m = normlab.PowerNorm(3, warmup_iters=0, alpha_bkw=0.8, affine=False)
     with torch.no_grad():
         m.running_phi.copy_(torch.tensor([1.0, 4.0, 9.0]))
@@ -197,7 +197,7 @@ def test_powernorm_approximate_backward():
 def test_powernorm_backward_is_the_authors_nu_update_over_steps():
     """The authors' nu update (their running ema_gz E: approx = g - (1 - a) E z,
     E += mean(approx * z)) is ours with nu = (1 - a) E, step after step. dx = approx / psi
-    with Algorithm 1's running psi (their code divides by the batch's psi instead)."""
+    with Algorithm 2's running psi (their code divides by the batch's psi instead)."""
     torch.manual_seed(0)
     a = 0.9
     m = normlab.PowerNorm(4, warmup_iters=0, alpha_bkw=a, alpha_fwd=0.95, affine=False)

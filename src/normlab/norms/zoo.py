@@ -234,7 +234,7 @@ _POWERNORM_NO_SECOND = (
 
 
 class _PowerNormScale(torch.autograd.Function):
-    """x_hat = x / psi with PowerNorm's approximate backward (Shen et al. 2020, Algorithm 1,
+    """x_hat = x / psi with PowerNorm's approximate backward (Shen et al. 2020, Algorithm 2,
     as the paper prints it; the authors' released code has the same nu update, for
     nu / (1 - alpha_bkw), but divides by the batch's psi after warm-up too):
 
@@ -329,7 +329,7 @@ class PowerNorm(ResidualNorm, nn.Module):
     ``padding_mask`` padded outputs are 0 and take no part in any gradient, as in
     ``MaskedBatchNorm``.
 
-    ``groups``: None (default), Algorithm 1 as the paper prints it; k, each position is
+    ``groups``: None (default), Algorithm 2 as the paper prints it; k, each position is
     first divided by its root mean square over each of k contiguous groups of channels
     (x_g / sqrt(mean(x_g^2) + eps), differentiated exactly), as the authors' code does
     before the power normalization (``GroupScaling1D``; their language-model and

@@ -1706,10 +1706,13 @@ BATCH_STATS_NOTE = ("a setup difference from a causal LM's usual norms, shared w
                     "(its first warmup_iters steps, 100 by default) normalize each position with statistics over "
                     "every real position of the batch, so a position's training output depends on later tokens; "
                     "evaluation, on running statistics, is causal")
-POWERNORM_NOTE = ("PowerNorm as the paper's Algorithm 1 after the authors' group scaling (each position divided by "
+POWERNORM_NOTE = ("PowerNorm as the paper's Algorithm 2 after the authors' group scaling (each position divided by "
                   "its root mean square over one channel group per attention head: GroupScaling1D of their code, "
                   "described in the paper's appendix); their released code also divides the gradient by the batch's "
-                  "psi after warm-up, where Algorithm 1 and normlab divide by the running psi")
+                  "psi after warm-up, where Algorithm 2 and normlab divide by the running psi. Its warm-up "
+                  "(warmup_iters, 100 steps here, during which it divides by the batch's statistics) is not tied to "
+                  "the lr warm-up as the authors' code ties it (8,000 updates on IWSLT): in quick, 100 of its 120 "
+                  "training steps use batch statistics, so the running quadratic mean, the method's core, acts for 20")
 MARGIN_SIGN = Margin(0.0, "a directional claim: the sign decides; an interval covering 0 is inconclusive")
 MARGIN_RMSNORM_SPEED = Margin(round(math.log(1 / 0.93), 4), "the paper's smallest reduction in running time, "
                               "7%: a speed ratio of 1/0.93, ln 0.0726; a smaller gain does not reproduce its claim")
@@ -1729,16 +1732,19 @@ PERI_SETUP = ("paper: decoder-only LMs of 400M-3.2B parameters pre-trained on 30
 WORTSMAN = ("Wortsman et al. 2023, Small-scale proxies for large-scale Transformer training instabilities "
             "(ICLR 2024)")
 DEHGHANI = "Dehghani et al. 2023, Scaling Vision Transformers to 22 Billion Parameters (ICML)"
-WORTSMAN_SETUP = ("paper: Pre-LN decoder-only LMs from 9M to 1.2B parameters on C4, AdamW with warm-up and cosine "
-                  "decay, lr swept from 3e-4 to 3e-1 (Wortsman); ViT-22B, where logit growth appeared at scale "
-                  "(Dehghani)")
+WORTSMAN_SETUP = ("paper: Pre-LN decoder-only LMs from 9M to 1.2B parameters on C4, AdamW (betas 0.9, 0.95) with "
+                  "gradient clipping at 1, independent weight decay 1e-4, a z-loss of 1e-4 and warm-up (5e3 of 1e5 "
+                  "steps) then cosine decay, lr swept from 3e-4 to 3e-1 (Wortsman); these runs have Adam (0.9, 0.98) "
+                  "without clipping, weight decay or z-loss, which bear on divergence at high lr; ViT models scaled "
+                  "towards 22B, where logit growth appeared at about 8B parameters (Dehghani)")
 BRODY = "Brody, Alon & Yahav 2023, On the Expressivity Role of LayerNorm in Transformers' Attention (Findings of ACL)"
 BRODY_SETUP = ("paper: majority of 50 tokens over 20 classes (ahead by >= 6), one Pre-LN encoder layer, d 8, one "
                "head, FFN 8, no positions, LayerNorm (no affine) or its scaling alone before attention only, batch "
                "6000, Adam lr 1e-3, up to 1000 epochs of 80k sequences; unselectable points counted among the attention "
                "inputs (GPT-2's ln_1 outputs; the block inputs of a BERT without LayerNorm) of models trained with "
-               "small hidden sizes, "
-               "each over a whole SQuAD passage of up to 128 tokens, in the hidden space (not per head, no causal "
+               "small hidden sizes (GPT-2 trained 50,000 steps with dropout 0.1), each over a whole passage: SQuAD "
+               "passages of 768-1024 tokens for GPT-2 (Tables 1-2), SST-2 sentences of up to 128 tokens (Tables 3-4, "
+               "where the BERT without LayerNorm is measured), in the hidden space (not per head, no causal "
                "restriction)")
 GRAY = "Gray et al. 2024, Normalization Layer Per-Example Gradients are Sufficient to Predict Gradient Noise Scale in Transformers (NeurIPS)"
 GRAY_SETUP = ("paper: GPT-2-style models up to 111M parameters pre-trained on OpenWebText, the noise scale tracked "
@@ -1770,11 +1776,14 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in [
           "ln(last-layer |grad W2| Post-LN / Pre-LN), paired by seed", "directional", XIONG_SETUP,
           _last_layer_ratio, MARGIN_SIGN),
     Claim("xiong-ratio-grows-sqrt-depth", "Post-LN's last-layer gradient exceeds Pre-LN's by ~sqrt(L)", (XIONG,),
-          "Theorem 1: at initialization the last layer's W2 gradient is O(d sqrt(ln d)) in Post-LN and "
-          "O(d sqrt(ln d / L)) in Pre-LN, so their ratio grows like sqrt(L).",
+          "Theorem 1: at initialization, with high probability, the last layer's W2 gradient is bounded by "
+          "O(d sqrt(ln d)) in Post-LN and by O(d sqrt(ln d / L)) in Pre-LN; the paper reads this as Post-LN's "
+          "gradient scale staying the same for any L and Pre-LN's decreasing as L grows. The row tests the "
+          "reading that both bounds are tight, so that the ratio grows like sqrt(L): an extension, since upper "
+          "bounds alone leave faster decay possible.",
           "e - 0.5, e the slope of ln(last-layer |grad W2| Post-LN / Pre-LN) against ln L over the probe "
           "depths, fitted per seed", "equivalence", XIONG_SETUP, _ratio_growth,
-          Margin(0.25, "halfway from the claimed exponent 0.5 to the alternatives it rules out: 0 (a "
+          Margin(0.25, "halfway from the exponent 0.5 of tight bounds to the nearest simple alternatives: 0 (a "
                  "depth-independent ratio) and 1")),
     Claim("preln-stream-variance-linear", "Pre-LN's residual stream variance grows linearly with depth", (XIONG,),
           "Lemma 2: in Pre-LN at initialization (1 + l/2) d <= E||x_l||^2 <= (1 + 3l/2) d: the squared norm "
@@ -1788,20 +1797,24 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in [
           "Post-LN residual RMS after each block (min to max)", "sanity", XIONG_SETUP, _postln_stream,
           Margin(0.0, "true by construction: shown as a check of the measurement, not judged")),
     Claim("init-depth-post", "Post-LN's last-layer gradient at init does not depend on depth", (XIONG,),
-          "Theorem 1: at initialization the gradient of the last layer's W2 is O(d sqrt(ln d)) in Post-LN, "
-          "independent of the number of layers L.",
+          "Theorem 1: at initialization, with high probability, the gradient of the last layer's W2 is bounded "
+          "by O(d sqrt(ln d)) in Post-LN, a bound independent of the number of layers L, which the paper reads "
+          "as a gradient scale that stays the same for any L (the row tests that reading: the bound alone "
+          "would allow a gradient that shrinks with L).",
           "e, the exponent of L in the last-layer |grad W2| (slope of its log against ln L over the probe depths "
           "from 6 layers, named in the row: 6-48 in quick, to 96 in full), fitted per seed; mean over seeds", "equivalence", XIONG_SETUP, _init_depth("post", 0.0),
-          Margin(0.25, "halfway from the claimed exponent 0 to Pre-LN's -0.5, the alternative the theorem "
-                 "sets it against")),
+          Margin(0.25, "halfway from the exponent 0 of the paper's reading to Pre-LN's -0.5, the alternative the "
+                 "theorem sets it against")),
     Claim("init-depth-pre", "Pre-LN's last-layer gradient at init shrinks like 1/sqrt(L)", (XIONG,),
-          "Theorem 1: at initialization the gradient of the last layer's W2 is O(d sqrt(ln d / L)) in "
-          "Pre-LN: it shrinks like L^-0.5.",
+          "Theorem 1: at initialization, with high probability, the gradient of the last layer's W2 is bounded "
+          "by O(d sqrt(ln d / L)) in Pre-LN, which the paper reads as a gradient that decreases as L grows; "
+          "the row tests that the bound is tight, a gradient shrinking like L^-0.5 (an extension: the bound "
+          "alone would allow faster decay).",
           "e + 0.5, e the exponent of L in the last-layer |grad W2| over the probe depths from 6 layers (named in "
           "the row), fitted per seed",
           "equivalence", XIONG_SETUP, _init_depth("pre", -0.5),
-          Margin(0.25, "halfway from the claimed exponent -0.5 to the alternatives 0 (depth-independent) "
-                 "and -1")),
+          Margin(0.25, "halfway from the exponent -0.5 of a tight bound to the nearest simple alternatives, 0 "
+                 "(depth-independent) and -1")),
     Claim("liu-postln-update-grows", "Post-LN amplifies a small update more with depth", (LIU,),
           "The change of a Post-LN model's output after an update at initialization grows with the "
           "number of layers N (Fig. 5; Theorem 2: Var[F(x, W) - F(x, W*)] = O(N)).",
@@ -1897,7 +1910,7 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in [
           (WORTSMAN, DEHGHANI),
           "At high learning rates the attention logits grow until the softmax collapses to one-hot and "
           "training diverges (attention logit growth); a LayerNorm on the queries and keys (qk-layernorm) "
-          "prevents it (Dehghani et al. Sec. 3.1; Wortsman et al. Sec. 3.1, Fig. 3-4).",
+          "prevents it (Dehghani et al., QK normalization; Wortsman et al. Sec. 3.1, Fig. 3-4).",
           "ln(largest attention logit at any diagnostics step) without - with QK-norm at the sweep's largest "
           "lr, paired by seed", "directional", WORTSMAN_SETUP, _qk_logits, MARGIN_SIGN),
     Claim("wortsman-qk-norm-lr-sensitivity", "QK-norm makes the loss less sensitive to the learning rate",
