@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 import normlab  # noqa: E402
 from normlab import functional as F  # noqa: E402
-from normlab.bench.common import device_name, out_file_problem  # noqa: E402
+from normlab.bench.common import check_script_args, device_name  # noqa: E402
 from normlab.provenance import code_line  # noqa: E402
 
 TARGET = 1.5
@@ -236,15 +236,6 @@ def table(records: list[dict], rounds: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _check(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
-    """Refuse counts below 1 and an --out that cannot be written, before any measurement."""
-    for name in ("rounds", "number", "threads"):
-        if getattr(a, name, 1) < 1:
-            ap.error(f"--{name}: expected >= 1, got {getattr(a, name)}")
-    if a.out and (problem := out_file_problem(a.out)):
-        ap.error(f"--out: {problem}")
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=21)
@@ -254,7 +245,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="write the table here (default: print it)")
     a = ap.parse_args(argv)
-    _check(ap, a)
+    check_script_args(ap, a)
     torch.set_num_threads(a.threads)
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
     dtypes = [getattr(torch, d) for d in a.dtypes.split(",")]

@@ -22,7 +22,7 @@ import torch.nn.functional as TF
 
 import normlab
 from normlab import functional as F
-from normlab.bench.common import device_name, out_file_problem
+from normlab.bench.common import check_script_args, device_name
 from normlab.bench.kernels import hf_gemma_rms_norm as _gemma
 from normlab.bench.kernels import hf_llama_rms_norm as _llama
 from normlab.provenance import code_line
@@ -93,15 +93,6 @@ def measure(rows, hidden, dtype, grad, rounds, number, which="plain") -> list[tu
     return [(name, statistics.median(t), statistics.median(o)) for name, (t, o) in times.items()]
 
 
-def _check(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
-    """Refuse counts below 1 and an --out that cannot be written, before any measurement."""
-    for name in ("rounds", "number", "threads"):
-        if getattr(a, name, 1) < 1:
-            ap.error(f"--{name}: expected >= 1, got {getattr(a, name)}")
-    if a.out and (problem := out_file_problem(a.out)):
-        ap.error(f"--out: {problem}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=21)
@@ -111,7 +102,7 @@ def main() -> None:
                     help="plain: the ops against torch's; offset: the offsets and casting modes against "
                          "Hugging Face's and Megatron's torch code")
     args = ap.parse_args()
-    _check(ap, args)
+    check_script_args(ap, args)
     torch.set_num_threads(args.threads)
     lines = [
         "# Time per call on a CPU: normlab's public ops and modules against torch's"

@@ -294,6 +294,17 @@ def out_file_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
+def check_script_args(ap, args) -> None:
+    """A benchmark script's (argparse) counts at least 1 (``--rounds``, ``--number``,
+    ``--threads``, those it has) and its ``--out`` file writable, before it measures:
+    ``ap.error`` (exit 2) naming the option otherwise."""
+    for name in ("rounds", "number", "threads"):
+        if getattr(args, name, 1) < 1:
+            ap.error(f"--{name}: expected >= 1, got {getattr(args, name)}")
+    if getattr(args, "out", None) and (problem := out_file_problem(args.out)):
+        ap.error(f"--out: {problem}")
+
+
 def check_out_dir(path: str | os.PathLike, param_hint: str = "--out") -> Path:
     """A directory that can be written to, or be created and written to: refused (as
     ``param_hint``) up front, before any work, rather than when the results are saved.
