@@ -83,3 +83,17 @@ def test_t5_norms_in_half_precision_are_left_with_t5s_reason(dtype):
     fold_norm_affine(p)
     left = [r for r in p.normlab_report.left.values() if "half-precision weight's dtype" in r]
     assert left and not any("not a norm normlab reproduces" in r for r in p.normlab_report.left.values())
+
+
+def test_convert_takes_a_checkpoint_whose_named_class_drops_weights(tmp_path):
+    # bert-base-uncased's way: BertForMaskedLM named, pre-training heads in the weights; the
+    # named class keeps what transformers keeps (only the no-class fallback refuses)
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=32)
+    transformers.BertForPreTraining(cfg).save_pretrained(tmp_path / "src")
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    config["architectures"] = ["BertForMaskedLM"]
+    (tmp_path / "src" / "config.json").write_text(json.dumps(config))
+    res = CliRunner().invoke(app, ["convert", str(tmp_path / "src"), str(tmp_path / "out"), "-t", "swap"])
+    assert res.exit_code == 0, res.output

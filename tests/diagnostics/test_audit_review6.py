@@ -153,3 +153,23 @@ def test_blocks_that_are_sequentials_make_a_block_list():
         == []
     stages = nn.ModuleList([nn.ModuleList([_Block(), _Block()]) for _ in range(2)])
     assert [p for p, _ in find_block_lists(stages)] == ["0", "1"]
+
+
+def test_container_blocks_add_no_residual_so_no_placement_finding():
+    mlp = nn.Sequential(*[nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16)) for _ in range(4)])
+    assert audit(mlp, torch.randn(2, 16)) == []  # it read "the Pre-LN stack ends without a norm"
+    deep = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16)) for _ in range(24)])
+    assert audit(deep, torch.randn(2, 16), optimizer=torch.optim.Adam(deep.parameters())) == []
+
+
+def test_dir_of_normlab_lists_what_a_core_install_can_read():
+    # (a fresh process: here other tests have imported normlab.cli, which binds it)
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import normlab; names = dir(normlab); print('cli' in names, 'bench' in names); "
+            "[getattr(normlab, n) for n in names]; print({'LayerNorm', 'functional', 'backend', 'ops'} <= set(names))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={"PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src"), "PATH": "/usr/bin:/bin"})
+    assert out.stdout.split() == ["False", "False", "True"], out.stderr[-2000:]

@@ -91,3 +91,18 @@ def test_describe_code_says_what_is_known():
     assert describe_code({"normlab_version": None, "git_commit": "a" * 40 + "-dirty", "torch_version": "2.13.0"}) \
         == "normlab (not installed), commit aaaaaaaaaaaa-dirty, torch 2.13.0"
     assert describe_code(None) == "unrecorded code"
+
+
+def test_a_run_resumed_from_a_checkpoint_without_a_code_record_is_counted_unrecorded(tmp_path, corpus):
+    spec = micro_spec("r", steps=6, checkpoint_every=0)
+    run_dir = tmp_path / "r"
+    ctrl_c_at(2, spec, run_dir, cpu_env(), corpus)
+    state = run_dir / CHECKPOINT / "state.json"
+    saved = json.loads(state.read_text())
+    del saved["code"]  # written before runs recorded it
+    state.write_text(json.dumps(saved))
+    result = run_one(spec, run_dir, cpu_env(), corpus)
+    assert result["code"][0] == {"unrecorded": True} and result["code"][1] == code_record()
+    prov = {**code_record()}
+    runner._note_code([result], prov)
+    assert prov["runs_without_code_record"] == ["r"] and "runs_from_other_code" not in prov

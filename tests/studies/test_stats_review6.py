@@ -109,3 +109,11 @@ def test_the_warmup_rows_need_warmup_to_help_post_ln_itself():
             assert any(c.startswith("the interaction splits into what warm-up buys Post-LN") for c in row["caveats"])
         # where warm-up does help Post-LN, the rows agree as before
         assert {row["verdict"] for row in judge(CLAIMS[claim], _warmup_runs(0.2, 0.0))} == {"agrees"}
+
+
+def test_a_jackknife_narrowed_to_rounding_takes_the_units_spread_too():
+    full = {0: 1.0, 1: 2.0, 2: 3.0}
+    without = {k: {j: 2.0 + (1e-7 if (k, j) == (0, 1) else 0.0) for j in full if j != k} for k in full}
+    i = jackknife_ci(full, without)
+    t = mean_ci([1.0, 2.0, 3.0])
+    assert (i.lo, i.hi) == (t.lo, t.hi)

@@ -33,8 +33,8 @@ def _load_hf(src: Path):
         cls = getattr(transformers, archs[0], None) if archs else None
         from normlab.integrations.hf import WeightsDoNotFit, load_pretrained
 
-        if cls is not None:
-            return load_pretrained(cls, src, keep_every_weight=True)
+        if cls is not None:  # the class the checkpoint names: what it keeps is transformers' to say
+            return load_pretrained(cls, src)
         # no class named (or one transformers has not, a remote-code checkpoint's): the base
         # model of its model_type, refused where the files hold more (a head it would drop)
         try:

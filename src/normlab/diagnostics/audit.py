@@ -451,7 +451,8 @@ class AuditContext:
             if not any(s.post_norms for s in specs):
                 return "pre"
             return "deepnorm" if getattr(getattr(first, "placement", None), "skip_scale", 1.0) > 1.0 else "post"
-        if self.trace is None:
+        if self.trace is None or isinstance(first, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            # (a container block adds no residual: neither Pre-LN nor Post-LN, whatever its norms read)
             return None
         votes = [self._traced_placement(c) for c in self.trace.block_calls if c.stack == stack]
         votes = [v for v in votes if v is not None]

@@ -1468,7 +1468,9 @@ def _note_code(results: list[dict[str, Any]], prov: dict[str, Any]) -> None:
             unrecorded.append(str(r.get("name")))
             continue
         for record in records:
-            if record != here:
+            if isinstance(record, dict) and record.get("unrecorded"):  # (part of it resumed from an older checkpoint)
+                unrecorded.append(str(r.get("name")))
+            elif record != here:
                 other.setdefault(describe_code(record), []).append(str(r.get("name")))
     for key, value in (("runs_from_other_code", other), ("runs_without_code_record", unrecorded)):
         if value:

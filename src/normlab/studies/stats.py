@@ -103,6 +103,11 @@ def mean_ci(values: Sequence[float]) -> Interval:
     return Interval(m, m - half, m + half, n)
 
 
+# a jackknife interval narrower than this fraction of the t-interval over the same units
+# has collapsed (delete-one means equal up to rounding while the units differ)
+JACKKNIFE_COLLAPSE = 1e-6
+
+
 def jackknife_ci(full: dict, without: dict) -> Interval:
     """The mean of ``full``'s units (one per seed) with a 95% interval from the
     delete-one-seed jackknife of the procedure that made them: ``without[k]`` holds the
@@ -137,7 +142,8 @@ def jackknife_ci(full: dict, without: dict) -> Interval:
     # which would read as equal units (``degenerate``) and judge a point: the units' own
     # spread, the t-interval over them, stands instead
     t = mean_ci(xs)
-    return t if degenerate(jack) and not degenerate(t) else jack
+    collapsed = degenerate(jack) or jack.hi - jack.lo < JACKKNIFE_COLLAPSE * (t.hi - t.lo)
+    return t if collapsed and not degenerate(t) else jack
 
 
 def paired_units(a: dict, b: dict) -> dict:

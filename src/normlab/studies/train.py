@@ -647,7 +647,13 @@ def _code_seen(state: dict[str, Any]) -> list[dict[str, Any]]:
     """The code of a run's processes so far (its checkpoint's records), and this one's
     (``provenance.code_record``), each once: a run resumed under other code names both."""
     seen = [r for r in state.get("code", []) if isinstance(r, dict)]
+    if state.get("step") and "code" not in state:  # resumed from a checkpoint written before runs recorded it
+        seen = [UNRECORDED_CODE]
     return seen + [code_record()] if code_record() not in seen else seen
+
+
+# the code record of a run's part that a checkpoint without one made (``_code_seen``)
+UNRECORDED_CODE = {"unrecorded": True}
 
 
 def _threads_seen(state: dict[str, Any]) -> list[int]:
