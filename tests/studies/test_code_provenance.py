@@ -62,15 +62,21 @@ def test_a_report_of_runs_other_code_made_names_them_and_warns(tmp_path, corpus,
     assert "runs_from_other_code" not in prov and "runs_without_code_record" not in prov
 
 
-def test_a_run_resumed_under_other_code_records_both(tmp_path, corpus):
+def _resumed(tmp_path, corpus, code):
+    """A run stopped at step 2, its checkpoint's code record replaced by ``code`` (None:
+    none, as written before runs recorded it), then resumed: (its result, its folder)."""
     spec = micro_spec("r", steps=6, checkpoint_every=0)
     run_dir = tmp_path / "r"
     ctrl_c_at(2, spec, run_dir, cpu_env(), corpus)
     state = run_dir / CHECKPOINT / "state.json"
     saved = json.loads(state.read_text())
-    assert saved["code"] == [code_record()]
-    state.write_text(json.dumps({**saved, "code": [OTHER]}))  # saved by other code
-    result = run_one(spec, run_dir, cpu_env(), corpus)
+    assert saved.pop("code") == [code_record()]
+    state.write_text(json.dumps(saved if code is None else {**saved, "code": code}))
+    return run_one(spec, run_dir, cpu_env(), corpus), run_dir
+
+
+def test_a_run_resumed_under_other_code_records_both(tmp_path, corpus):
+    result, run_dir = _resumed(tmp_path, corpus, [OTHER])  # saved by other code
     assert result["code"] == [OTHER, code_record()]
     assert json.loads((run_dir / "result.json").read_text())["code"] == [OTHER, code_record()]
 
@@ -94,14 +100,7 @@ def test_describe_code_says_what_is_known():
 
 
 def test_a_run_resumed_from_a_checkpoint_without_a_code_record_is_counted_unrecorded(tmp_path, corpus):
-    spec = micro_spec("r", steps=6, checkpoint_every=0)
-    run_dir = tmp_path / "r"
-    ctrl_c_at(2, spec, run_dir, cpu_env(), corpus)
-    state = run_dir / CHECKPOINT / "state.json"
-    saved = json.loads(state.read_text())
-    del saved["code"]  # written before runs recorded it
-    state.write_text(json.dumps(saved))
-    result = run_one(spec, run_dir, cpu_env(), corpus)
+    result, _ = _resumed(tmp_path, corpus, None)
     assert result["code"][0] == {"unrecorded": True} and result["code"][1] == code_record()
     prov = {**code_record()}
     runner._note_code([result], prov)
