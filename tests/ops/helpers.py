@@ -29,6 +29,14 @@ def backend(name):
 OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
 
 
+def float64_leaves(seed=1, rows=3, hidden=5):
+    """x, weight, bias and a residual in float64 requiring grad (gradcheck's inputs)."""
+    torch.manual_seed(seed)
+    x = torch.randn(rows, hidden, dtype=torch.float64, requires_grad=True)
+    w, b = (torch.randn(hidden, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    return x, w, b, torch.randn(rows, hidden, dtype=torch.float64, requires_grad=True)
+
+
 def make_inputs(op, shape, hidden_shape, dtype, *, weight_dtype=None, bias=True, weight=True,
                 residual=True, residual_in_dtype=None, seed=0, device=DEVICE):
     """Inputs of ``op`` with x ~ N(0.5, 2^2) (far from normalized), on ``device``."""

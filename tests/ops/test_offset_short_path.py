@@ -16,6 +16,7 @@ import normlab
 from normlab import functional as F
 from normlab.errors import NormArgumentError
 from normlab.ops import eager, reference
+from tests.ops.helpers import float64_leaves
 from tests.ops.test_short_path import _DTYPES, _EPS, _SHAPES, _assert_same, _weights
 
 _CASTS = ((1.0, "torch"), (0.5, "torch"), (0.0, "llama"), (1.0, "llama"), (0.0, "gemma"), (1.0, "gemma"))
@@ -171,11 +172,7 @@ def test_layer_norm_offset_is_the_float32_norm_rounded_once(dtype):
 
 
 def test_offset_short_paths_keep_gradients_and_autograd_transforms():
-    torch.manual_seed(1)
-    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(5, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
-    r = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    x, w, b, r = float64_leaves()
     fns = [(lambda a, c, d: F.layer_norm(a, 5, c, d, offset=1.0), (x, w, b)),
            (lambda a, c, d: F.add_layer_norm(a, c, d, None, offset=0.5)[0], (x, r, w))]
     for mode in ("torch", "llama", "gemma"):

@@ -11,6 +11,7 @@ import torch
 
 import normlab
 from normlab import functional as F
+from tests.ops.helpers import float64_leaves
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -125,11 +126,7 @@ def test_the_short_path_is_torchs_op_and_the_triton_backend_skips_it(monkeypatch
 
 
 def test_the_short_path_keeps_gradients_and_autograd_transforms():
-    torch.manual_seed(1)
-    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(5, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
-    r = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    x, w, b, r = float64_leaves()
     assert torch.autograd.gradcheck(lambda a, c, d: F.layer_norm(a, 5, c, d), (x, w, b))
     assert torch.autograd.gradcheck(lambda a, c: F.rms_norm(a, 5, c), (x, w))
     assert torch.autograd.gradcheck(lambda a, c, d: F.add_layer_norm(a, c, d, None)[0], (x, r, w))

@@ -793,11 +793,6 @@ def _postln_gain_check(interaction: Interval, gain: Interval, pre_gain: Interval
     return caveats, None
 
 
-def _gain_units(sides: list[dict[int, float]]) -> dict[int, float]:
-    """Per seed, L(none) - L(warm-up) of one placement (``sides``: without, with)."""
-    return paired_units(*sides)
-
-
 def _warmup_text(cells: dict[tuple[str, bool], dict[int, float]]) -> str:
     m = {k: _mean(v.values()) for k, v in cells.items()}
     return (f"test loss Post-LN {m[('post', False)]:.3f} without / {m[('post', True)]:.3f} with warm-up, "
@@ -869,8 +864,8 @@ def _warmup_best(results: list[Result]) -> list[Measurement]:
                                                               for w in (False, True))],
                           "failed on most seeds at their chosen lr with and without warm-up")
     every = [r for rs in groups.values() for r in rs]
-    split, unshown = _postln_gain_check(i, cross_fitted_ci([best[("post", False)], best[("post", True)]], _gain_units),
-                                        cross_fitted_ci([best[("pre", False)], best[("pre", True)]], _gain_units))
+    split, unshown = _postln_gain_check(i, cross_fitted_ci([best[("post", False)], best[("post", True)]], _paired_units),
+                                        cross_fitted_ci([best[("pre", False)], best[("pre", True)]], _paired_units))
     return [Measurement("@best-lr", i, f"each at its own best lr: {detail}; interaction {_ci_text(i, ' nats')}",
                         run_setup(every, i.n), caveats + tuple(split), note or unshown, used=tuple(every),
                         over=JACKKNIFE_OVER)]
