@@ -38,9 +38,15 @@ def register_norm(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
     protocol of ``normlab.norms.base.ResidualNorm``."""
 
     def wrap(cls: type[nn.Module]) -> type[nn.Module]:
-        if name in _REGISTRY:
-            raise ValueError(f"register_norm: a norm named {name!r} is already registered")
-        has_eps = "eps" in inspect.signature(cls.__init__).parameters
+        old = _REGISTRY.get(name)
+        # (the same class defined again, by importlib.reload or a notebook's autoreload,
+        # takes its name back; another class may not)
+        if old is not None and (old.cls.__module__, old.cls.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"register_norm: a norm named {name!r} is already registered "
+                             f"({old.cls.__module__}.{old.cls.__qualname__})")
+        params = inspect.signature(cls.__init__).parameters.values()
+        # a norm whose __init__ passes **kw on (to torch's LayerNorm, say) takes eps too
+        has_eps = any(p.name == "eps" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
         _REGISTRY[name] = NormEntry(name, cls, has_eps)
         return cls
 

@@ -193,15 +193,23 @@ class MaskedBatchNorm(ResidualNorm, nn.Module):
             y = xf if self.weight is None else xf * self.weight + self.bias
             return y.to(x.dtype)
         if self.training:
-            n = valid.sum()
-            if torch.compiler.is_compiling():  # (a value the trace cannot branch on: checked when the graph runs)
-                torch._check_tensor_all(n >= 2, lambda: "MaskedBatchNorm: expected more than 1 real (unpadded) "
-                                                        "position per channel when training")
-            elif n.item() < 2:
-                raise NormArgumentError(
-                    f"MaskedBatchNorm: expected more than 1 real (unpadded) position per channel "
-                    f"when training, got {int(n.item())}"
-                )
+            if padding_mask is None:  # every position real: the count is the shape's (no host sync)
+                n = x.numel() // x.shape[-1]
+                if n < 2:
+                    raise NormArgumentError(
+                        f"MaskedBatchNorm: expected more than 1 real (unpadded) position per channel "
+                        f"when training, got {n}"
+                    )
+            else:
+                n = valid.sum()
+                if torch.compiler.is_compiling():  # (a value the trace cannot branch on: checked when the graph runs)
+                    torch._check_tensor_all(n >= 2, lambda: "MaskedBatchNorm: expected more than 1 real (unpadded) "
+                                                            "position per channel when training")
+                elif n.item() < 2:
+                    raise NormArgumentError(
+                        f"MaskedBatchNorm: expected more than 1 real (unpadded) position per channel "
+                        f"when training, got {int(n.item())}"
+                    )
             dims = tuple(range(x.dim() - 1))
             mean = xf.sum(dims) / n
             var = (((xf - mean) * valid).square()).sum(dims) / n
@@ -285,24 +293,32 @@ _POWERNORM_RECOMPUTED = (
     "backward")
 
 
-def _powernorm_statistics(norm: PowerNorm, xf: Tensor, valid: Tensor) -> Tensor:
+def _powernorm_statistics(norm: PowerNorm, xf: Tensor, valid: Tensor, masked: bool) -> Tensor:
     """One training step's statistics: counts the step, updates ``running_phi`` and
     returns the phi this step divides by (the batch's during warm-up, else the running
     one of the previous step). Outside any compiled graph (``_powernorm_step``): traced,
     the in-place buffer updates and the value read before them were not kept apart, so
-    the backward divided by the updated psi."""
+    the backward divided by the updated psi. The warm-up switch is taken on the device
+    (no host sync per step); only a padding mask's count of real positions is read."""
+    if torch._C._current_graph_task_id() != -1:
+        raise RuntimeError(_POWERNORM_RECOMPUTED)
     with torch.no_grad():
-        n = valid.sum()
-        if n.item() < 1:
-            raise NormArgumentError("PowerNorm: expected at least one real (unpadded) position when training")
-        batch_phi = xf.reshape(-1, norm.dim).square().sum(0) / n  # (a 1-D input is one position)
-        norm.iters += 1
-        t = int(norm.iters.item())
-        phi = batch_phi if t <= norm.warmup_iters else norm.running_phi.clone()
-        if t <= norm.warmup_iters:
-            norm.running_phi.mul_((t - 1) / t).add_(batch_phi / t)
+        if masked:
+            n = valid.sum()
+            if n.item() < 1:
+                raise NormArgumentError("PowerNorm: expected at least one real (unpadded) position when training")
         else:
-            norm.running_phi.mul_(norm.alpha_fwd).add_((1 - norm.alpha_fwd) * batch_phi)
+            n = xf.numel() // norm.dim  # (a 1-D input is one position)
+        batch_phi = xf.reshape(-1, norm.dim).square().sum(0) / n
+        norm.iters += 1
+        t = norm.iters
+        warm = t <= norm.warmup_iters
+        phi = torch.where(warm, batch_phi, norm.running_phi)  # (a copy: the buffer changes below)
+        t64 = t.to(torch.float64)
+        running = norm.running_phi
+        mean_so_far = running * ((t64 - 1) / t64) + batch_phi / t
+        ema = running * norm.alpha_fwd + (1 - norm.alpha_fwd) * batch_phi
+        running.copy_(torch.where(warm, mean_so_far, ema))
     return phi
 
 
@@ -314,7 +330,10 @@ def _powernorm_step():
     (disabling imports torch._dynamo, which a plain ``import normlab`` does not pay for)."""
     global _POWERNORM_STEP
     if _POWERNORM_STEP is None:
-        _POWERNORM_STEP = torch.compiler.disable(_powernorm_statistics)
+        _POWERNORM_STEP = torch.compiler.disable(
+            _powernorm_statistics,
+            reason="PowerNorm's training-mode step updates its running statistics in place, outside "
+                   "the graph: compile it with fullgraph=False, or compile the model in eval mode")
     return _POWERNORM_STEP
 
 
@@ -391,9 +410,7 @@ class PowerNorm(ResidualNorm, nn.Module):
         if self.training and x.numel() == 0:
             y = xf  # an empty batch: no statistics, so no step counted (its warm-up counts steps with statistics)
         elif self.training:
-            if torch._C._current_graph_task_id() != -1:
-                raise RuntimeError(_POWERNORM_RECOMPUTED)
-            phi = _powernorm_step()(self, xf, valid)
+            phi = _powernorm_step()(self, xf, valid, padding_mask is not None)
             psi = torch.sqrt(phi.to(xf.dtype) + self.eps)
             y = _PowerNormScale.apply(xf, psi, self.grad_ema, valid, self.alpha_bkw, padding_mask is not None)
         else:
