@@ -199,6 +199,7 @@ class Block(nn.Module):
                                  f"placement {placement.name!r} declares {', '.join(map(repr, other))}")
         _check_slots(placement, ("attn", "cross_attn", "ffn") if cross_attention else ("attn", "ffn"))
         self.placement, self.causal, self.dropout = placement, causal, cfg.dropout
+        self.rope_dim = cfg.head_dim if cfg.positional == "rope" else None
         qk = dict(qk_norm=cfg.qk_norm, qk_norm_eps=cfg.norm_eps, qk_norm_scope=cfg.qk_norm_scope)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.attention_dropout, **qk)
         self.cross_attn = Attention(cfg.d_model, cfg.n_heads, cfg.attention_dropout, **qk) if cross_attention else None
@@ -217,9 +218,13 @@ class Block(nn.Module):
         key = f"{sub}_{slot}"
         return self.norms[key] if key in self.norms else None
 
-    def forward(self, stream: Stream, *, attn_mask: Tensor | None = None, is_causal: bool = False,
+    def forward(self, stream: Stream, *, attn_mask: Tensor | None = None, is_causal: bool | None = None,
                 rope: tuple[Tensor, Tensor] | None = None, padding_mask: Tensor | None = None,
                 context: Tensor | None = None, context_mask: Tensor | None = None) -> Stream:
+        """One layer over ``stream``. A stack passes the masks and RoPE tables it built once
+        for all its blocks; a block called on its own builds them: its self-attention
+        mask from its ``causal`` and ``padding_mask`` (unless ``attn_mask`` or ``is_causal``
+        is given), and RoPE's tables where the config's positions are RoPE."""
         if (context is None) != (self.cross_attn is None):
             # without it a decoder's cross-attention would attend to its own input, every
             # position (future ones included); an encoder block would ignore one
@@ -227,6 +232,12 @@ class Block(nn.Module):
                              "output [B, S, d_model]; got none" if context is None else
                              "Block: got context, but this block has no cross-attention (an encoder's or a "
                              "decoder-only model's); expected context=None")
+        if attn_mask is None and is_causal is None:
+            attn_mask, is_causal = self_attention_mask(padding_mask, self.causal)
+        is_causal = bool(is_causal)  # (an attn_mask given alone decides by itself)
+        if rope is None and self.rope_dim is not None:
+            x = stream.x
+            rope = rope_tables(x.shape[1], self.rope_dim, x.dtype, x.device)
         p = self.dropout if self.training else 0.0
 
         def attn(h: Tensor) -> Tensor:

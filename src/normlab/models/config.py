@@ -283,12 +283,15 @@ def _check_int(name: str, v: object) -> int:
 
 
 def _plain_options(opts: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``opts`` with its numbers as plain ints and floats (bools as they are), so
-    the config stays JSON-serialisable; what else a value may be is the norm's or
+    """A copy of ``opts`` with its numbers as plain ints and floats (bools as they are) and
+    its sequences as lists, so the config stays JSON-serialisable and equal to itself
+    read back; what else a value may be is the norm's or
     placement's to check."""
     def plain(v: object) -> object:
-        if type(v) in (list, tuple):  # (a sequence of numbers: each one; a namedtuple's as it is)
-            return type(v)(plain(x) for x in v)
+        if type(v) in (list, tuple):
+            # (each number plain; a tuple as a list, as JSON gives it back, so a config
+            # read from its dict equals it; a namedtuple's as it is)
+            return [plain(x) for x in v]
         if type(v) is dict:
             return {k: plain(x) for k, x in v.items()}
         if type(v).__module__ == "numpy" and isinstance(getattr(v, "item", lambda: None)(), bool):
