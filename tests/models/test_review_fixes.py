@@ -127,7 +127,7 @@ def test_numbers_inside_option_sequences_are_plain_too():
     from normlab.models.config import _plain_options
 
     opts = _plain_options({"a": [np.float32(0.5), np.int64(2)], "b": (np.int64(3),), "c": {"d": np.float64(1.5)}})
-    assert opts == {"a": [0.5, 2], "b": (3,), "c": {"d": 1.5}}
+    assert opts == {"a": [0.5, 2], "b": [3], "c": {"d": 1.5}}  # (a tuple as a list, as JSON reads it back)
     assert type(opts["a"][0]) is float and type(opts["a"][1]) is int and type(opts["c"]["d"]) is float
     json.dumps(opts)
     # a namedtuple (its own constructor) is left as it is
