@@ -201,12 +201,19 @@ class PerExampleGradNorms:
         # forward there): the backward's graph task, and the norms called twice in one
         self._backward_calls: dict[str, int] = {}
         self._repeated: set[str] = set()
+        # the graph task (backward pass) each entry came from: a later backward of the same
+        # forward replaces the round's numbers, not only those of the norms it reaches.
+        # Reentrant checkpointing runs each segment's backward as a task of its own inside
+        # the step's: with a forward recorded inside a backward, entries are not dropped
+        self._tasks: dict[tuple[str, str], int] = {}
+        self._nested_backward = False
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self) -> PerExampleGradNorms:
         if self._handles:
             return self
         self._check_examples_along_dim0()
+        self._check_unparametrized()
         self._check_unshared()
         for name, mod in self._modules.items():
             if _from_backward(mod):
@@ -219,6 +226,23 @@ class PerExampleGradNorms:
                 if p.requires_grad:
                     self._handles.append(p.register_hook(self._param_hook(f"{name}.{pname}")))
         return self
+
+    def _check_unparametrized(self) -> None:
+        """A parametrized weight (``torch.nn.utils.parametrize``: weight = f(original)) is
+        computed at each access: the hooks would record gradients with respect to that
+        computed tensor, not the trained parameter (``parametrizations.weight.original``)."""
+        from torch.nn.utils import parametrize
+
+        for name, mod in self._modules.items():
+            for pname in ("weight", "bias"):
+                if parametrize.is_parametrized(mod, pname):
+                    raise NormArgumentError(
+                        f"per_example_grad_norms: norm '{name}' has a parametrized {pname} "
+                        f"(torch.nn.utils.parametrize: {pname} = f(original)); expected a plain "
+                        f"parameter: the per-example gradients recorded would be those of the computed "
+                        f"{pname}, not of the trained parameters.{pname}.original. Remove the "
+                        f"parametrization (parametrize.remove_parametrizations) to record it"
+                    )
 
     def _check_unshared(self) -> None:
         """A recorded norm's parameter must belong to that norm alone: the per-example
@@ -297,6 +321,8 @@ class PerExampleGradNorms:
         self._pending.clear()
         self._backward_calls.clear()
         self._repeated.clear()
+        self._tasks.clear()
+        self._nested_backward = False
         for name, mod in self._modules.items():
             if name in self._collect_was:
                 mod.per_example_grad_sq = None
@@ -333,6 +359,7 @@ class PerExampleGradNorms:
                 # segment's backward. One norm in two segments (a module shared between
                 # layers) is two calls of one step, each with part of the gradient: refused
                 task = torch._C._current_graph_task_id()
+                self._nested_backward = True
                 if self._backward_calls.get(name) == task:
                     self._repeated.add(name)
                 else:
@@ -363,6 +390,7 @@ class PerExampleGradNorms:
             def grad_hook(grad_out: Tensor) -> None:
                 call.done = True
                 self._backward_seen = True
+                self._enter_backward(("norm", name))
                 if not trained:
                     return
                 if buffer is not None:
@@ -397,8 +425,21 @@ class PerExampleGradNorms:
 
     def _param_hook(self, key: str):
         def hook(grad: Tensor) -> None:
+            self._enter_backward(("batch", key))
             self._batch_sq[key] = grad.detach().float().square().sum()
         return hook
+
+    def _enter_backward(self, key: tuple[str, str]) -> None:
+        """An entry (a norm's, or a parameter's batch gradient) about to be written by the
+        current backward: the entries an earlier backward of the same forward wrote go
+        (a loss backwarded after another, reaching fewer norms), so that every number
+        read is one backward's."""
+        task = torch._C._current_graph_task_id()
+        if not self._nested_backward and any(t != task for t in self._tasks.values()):
+            for k in [k for k, t in self._tasks.items() if t != task]:
+                (self._results if k[0] == "norm" else self._batch_sq).pop(k[1], None)
+                del self._tasks[k]
+        self._tasks[key] = task
 
     def _check_batch(self, name: str, b: int) -> None:
         for other, rec in self._results.items():
