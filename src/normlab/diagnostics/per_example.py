@@ -206,6 +206,7 @@ class PerExampleGradNorms:
         # Reentrant checkpointing runs each segment's backward as a task of its own inside
         # the step's: with a forward recorded inside a backward, entries are not dropped
         self._tasks: dict[tuple[str, str], int] = {}
+        self._last_task: int | None = None
         self._nested_backward = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -322,6 +323,7 @@ class PerExampleGradNorms:
         self._backward_calls.clear()
         self._repeated.clear()
         self._tasks.clear()
+        self._last_task = None
         self._nested_backward = False
         for name, mod in self._modules.items():
             if name in self._collect_was:
@@ -435,10 +437,12 @@ class PerExampleGradNorms:
         (a loss backwarded after another, reaching fewer norms), so that every number
         read is one backward's."""
         task = torch._C._current_graph_task_id()
-        if not self._nested_backward and any(t != task for t in self._tasks.values()):
-            for k in [k for k, t in self._tasks.items() if t != task]:
-                (self._results if k[0] == "norm" else self._batch_sq).pop(k[1], None)
-                del self._tasks[k]
+        if task != self._last_task:  # (the first entry of a backward: the others take the fast path)
+            if not self._nested_backward:
+                for k in [k for k, t in self._tasks.items() if t != task]:
+                    (self._results if k[0] == "norm" else self._batch_sq).pop(k[1], None)
+                    del self._tasks[k]
+            self._last_task = task
         self._tasks[key] = task
 
     def _check_batch(self, name: str, b: int) -> None:
