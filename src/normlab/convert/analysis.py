@@ -362,7 +362,12 @@ def _fx_stream(model, mod, graph: fx.Graph, a: Analysis, calls, reads, paths) ->
         if n.op == "call_function" and n.target is operator.getitem and n.args and getattr(n.args[0], "op", "") == "get_attr":
             return walk(n.args[0])
         if n.op == "get_attr":
-            writers[(n.target, "all")] = _view(model, n.target)
+            try:  # a parameter table (a learned position table, on any module): centred as a writer
+                param = model.get_parameter(n.target)
+            except AttributeError:
+                return (f"{n.target} (a buffer, not a parameter: a fixed table) is added to the residual "
+                        f"stream; centring the stream would have to change it")
+            writers[(n.target, "all")] = LinearView(param, n.target)
             return None
         if n.op == "call_module":
             m = mod[n.target]

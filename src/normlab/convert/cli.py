@@ -85,7 +85,9 @@ def _load_normlab(weights: Path, config: Path | None):
             raise typer.BadParameter(f"{weights} has no normlab model metadata (normlab.models.save_model "
                                      "writes it); pass --config with the TransformerConfig JSON", param_hint="SRC")
         try:
-            return load_model(weights)
+            # converted and written in float32 (as the written file is rebuilt): a bfloat16
+            # checkpoint's transforms run on its float32 copy, and its check compares like with like
+            return load_model(weights).float()
         except (ValueError, RuntimeError) as err:
             raise typer.BadParameter(f"cannot load {weights}: {_first_line(err)}", param_hint="SRC") from err
     try:
