@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from normlab.convert.blocks import block_spec
 from normlab.convert.verify import hf_feature_inputs
@@ -79,6 +80,9 @@ class _NormCall:
     # (None outside autograd); an in-place op later gives the tensor another node
     input_node: _Node | None = None
     output_node: _Node | None = None
+    input_dtype: torch.dtype | None = None
+    input_last: int | None = None   # the size of the last dim read and written
+    output_last: int | None = None
 
 
 @dataclass
@@ -231,6 +235,53 @@ def _requiring_grad(example_input):
     return one(example_input)
 
 
+def _outside_inference(example_input):
+    """``example_input`` with each inference tensor (made under torch.inference_mode) a
+    normal copy, which a forward outside inference mode can record."""
+    def one(t):
+        if isinstance(t, Tensor) and t.is_inference():
+            with torch.inference_mode(False):
+                return t.clone()
+        return t
+
+    if isinstance(example_input, Mapping):
+        return {k: one(v) for k, v in example_input.items()}
+    if type(example_input) in (tuple, list):
+        return type(example_input)(one(t) for t in example_input)
+    return one(example_input)
+
+
+# autograd nodes of ops that select or reshape whole rows, leaving each row's values as
+# they were (a slice, an index, a view, a copy, a cast): a norm reading their output reads
+# normalized rows when their input is a norm's output (a last-token head's n(h[:, -1]))
+_ROW_VIEWS = frozenset({
+    "SliceBackward0", "SelectBackward0", "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
+    "IndexBackward0", "CloneBackward0", "ToCopyBackward0", "ExpandBackward0", "SqueezeBackward0",
+    "SqueezeBackward1", "SqueezeBackward2", "UnsqueezeBackward0", "AliasBackward0",
+})
+
+
+def _row_view_of(call: _NormCall, trace: Trace, max_steps: int = 8) -> _NormCall | None:
+    """The norm call whose output ``call`` reads through ops that only select or reshape
+    its rows (same last dim), or None."""
+    node = call.input_node
+    if node is None or call.input_last is None:
+        return None
+    outputs = {(id(c.output_node[0]), c.output_node[1]): c for c in trace.norm_calls
+               if c.output_node is not None and c is not call}
+    for _ in range(max_steps):
+        if type(node[0]).__name__ not in _ROW_VIEWS:
+            return None
+        inputs = [n for n in node[0].next_functions if n[0] is not None]
+        if len(inputs) != 1:
+            return None
+        node = inputs[0]
+        prev = outputs.get((id(node[0]), node[1]))
+        if prev is not None:
+            return prev if prev.output_last == call.input_last else None
+    return None
+
+
 def _call(model: nn.Module, example_input):
     if isinstance(example_input, Mapping):  # (a tokenizer's BatchEncoding is a UserDict)
         return model(**example_input)
@@ -259,7 +310,9 @@ def trace_forward(model: nn.Module, example_input) -> Trace:
             x = _normalized_input(ts)
             trace.norm_calls.append(_NormCall(path, None if x is None else id(x), {id(t) for t in ts},
                                               input_version=None if x is None else x._version,
-                                              input_node=None if x is None else _node(x)))
+                                              input_node=None if x is None else _node(x),
+                                              input_dtype=None if x is None else x.dtype,
+                                              input_last=x.shape[-1] if x is not None and x.dim() else None))
         return hook
 
     def norm_post(path):
@@ -270,6 +323,7 @@ def trace_forward(model: nn.Module, example_input) -> Trace:
                 for c in reversed(trace.norm_calls):
                     if c.path == path and c.output_id is None:
                         c.output_id, c.output_version, c.output_node = id(out), out._version, _node(out)
+                        c.output_last = out.shape[-1] if out.dim() else None
                         break
         return hook
 
@@ -313,6 +367,7 @@ def trace_forward(model: nn.Module, example_input) -> Trace:
     # autograd graph record which ops read each norm's output, for a frozen model too
     modes = [(mod, mod.training) for mod in model.modules()]
     thawed: list[Tensor] = []
+    frozen: list[tuple[Tensor, int, Tensor]] = []  # (parameter, its version, its values)
 
     def restore() -> None:
         """The modules' modes, the parameters' requires_grad and every buffer, as they were."""
@@ -325,6 +380,10 @@ def trace_forward(model: nn.Module, example_input) -> Trace:
             for mod, name, b, value in buffers:
                 setattr(mod, name, b)  # a forward that replaced the tensor gets it back
                 b.copy_(value)
+            for p, version, value in frozen:
+                if p._version != version:
+                    p.copy_(value)
+        frozen.clear()
 
     try:
         for mod, _ in modes:
@@ -338,16 +397,23 @@ def trace_forward(model: nn.Module, example_input) -> Trace:
                 thawed.append(p)
         # grad mode keeps torch's encoder off its fused fast path; the forked RNG leaves
         # the global one as it was
-        with torch.random.fork_rng(devices=_cuda_devices(model, example_input)), torch.enable_grad():
+        # (under torch.inference_mode the forward would record no versions and no graph: the
+        # trace runs outside it, on a normal copy of an inference tensor given)
+        example_input = _outside_inference(example_input)
+        with torch.random.fork_rng(devices=_cuda_devices(model, example_input)), torch.enable_grad(), \
+                torch.inference_mode(False):
             try:
                 result = _call(model, _requiring_grad(example_input))
             except Exception:
                 # a forward that refuses eval mode, or updates a frozen parameter in place
-                # (refused once it requires grad): once more as the model was left
+                # (refused once it requires grad): once more as the model was left, the
+                # frozen parameters' values kept to be put back
                 restore()
                 trace.norm_calls.clear()
                 trace.block_calls.clear()
                 trace.keep.clear()
+                frozen.extend((p, p._version, p.detach().clone()) for p in model.parameters()
+                              if not p.requires_grad)
                 result = _call(model, example_input)
         roots = [t.grad_fn for t in _tensors_in(result)]
         roots += [c.output_node[0] for c in (*trace.norm_calls, *trace.block_calls) if c.output_node is not None]
@@ -484,6 +550,14 @@ def _batch_statistics(mod: nn.Module) -> bool:
     return isinstance(mod, (nn.modules.batchnorm._BatchNorm, MaskedBatchNorm, PowerNorm))
 
 
+def _normalizes(mod: nn.Module) -> bool:
+    """A norm that divides by a statistic: not normlab's "none" (the identity) or Dynamic
+    Tanh (an elementwise tanh), which register as norms to stand in for one."""
+    from normlab.norms import DyT, NoNorm
+
+    return not isinstance(mod, (DyT, NoNorm))
+
+
 def check_double_norm(ctx: AuditContext) -> list[Finding]:
     found: dict[str, str] = {}
     if ctx.trace is not None:
@@ -491,10 +565,14 @@ def check_double_norm(ctx: AuditContext) -> list[Finding]:
         outputs = {(c.output_id, c.output_version): c for c in trace.norm_calls if c.output_id is not None}
         for c in trace.norm_calls:
             prev = outputs.get((c.input_id, c.input_version)) if c.input_id is not None else None
+            if prev is None or prev is c:  # (a norm that returns its input: normlab's "none")
+                prev = _row_view_of(c, trace)
             # a norm output that something else reads too is the residual stream (an
             # embedding norm's output, which block 0 adds to): the second norm is no
             # rescaling of the first's then, but a block's own input norm
             if (prev is not None and not trace.read_besides(prev, c)
+                    and _normalizes(ctx.model.get_submodule(prev.path))
+                    and _normalizes(ctx.model.get_submodule(c.path))
                     and _batch_statistics(ctx.model.get_submodule(prev.path))
                     == _batch_statistics(ctx.model.get_submodule(c.path))):
                 found.setdefault(c.path, prev.path)
@@ -555,6 +633,17 @@ def _param_dtype(mod: nn.Module) -> torch.dtype | None:
     return p.dtype if p is not None and p.is_floating_point() else None
 
 
+def _stat_dtype(ctx: AuditContext, path: str, mod: nn.Module) -> torch.dtype | None:
+    """The dtype a norm computes in: its parameters', else (no parameters) its traced
+    input's, else the model's first floating-point parameter's."""
+    dtype = _param_dtype(mod)
+    if dtype is None and ctx.trace is not None:
+        dtype = next((c.input_dtype for c in ctx.trace.norm_calls if c.path == path and c.input_dtype), None)
+    if dtype is None:
+        dtype = next((p.dtype for p in ctx.model.parameters() if p.is_floating_point()), None)
+    return dtype
+
+
 def check_eps(ctx: AuditContext) -> list[Finding]:
     from normlab.convert.detect import _eps_of  # eps, variance_epsilon (Hugging Face's), ...
 
@@ -565,7 +654,7 @@ def check_eps(ctx: AuditContext) -> list[Finding]:
             continue
         # the statistics' dtype: torch's norms, normlab's and Hugging Face's form them in
         # float32 for half-precision parameters and input (float64 for float64)
-        dtype = torch.float64 if _param_dtype(mod) is torch.float64 else torch.float32
+        dtype = torch.float64 if _stat_dtype(ctx, path, mod) is torch.float64 else torch.float32
         if eps < 0:
             out.append(Finding(
                 "error", "eps-underflow", path,
@@ -674,7 +763,8 @@ def check_norm_weights(ctx: AuditContext) -> list[Finding]:
                     continue
                 out.append(Finding(
                     "error", "dead-norm", path,
-                    zero + ": the norm outputs a constant (its bias) and passes no gradient to its input",
+                    zero + (": the norm outputs a constant (its bias)" if getattr(mod, "bias", None) is not None
+                            else ": the norm outputs zeros") + " and passes no gradient to its input",
                     f"re-initialize the weight ({'ones' if not offset else f'{1 - offset:g}: a gain of 1'}), check "
                     "weight decay on norm weights (usually excluded); a zero-init residual branch is a warning "
                     "where the traced forward shows its add (pass example_input=)"))
@@ -706,7 +796,8 @@ def _check_schedule(where: str, optimizer, scheduler) -> None:
 
 def has_warmup(optimizer=None, scheduler=None, probe_steps: int = 200) -> bool:
     """True if the learning rate starts below half its peak in the first ``probe_steps``
-    scheduler steps, or the optimizer is RAdam (rectified: warm-up built in).
+    scheduler steps, or the optimizer has a warm-up built in: RAdam (rectified), Hugging
+    Face's Adafactor with ``relative_step`` and ``warmup_init``.
 
     The steps run on copies of the scheduler and of the optimizer's param_groups (the
     parameters and the optimizer state are not copied), so the caller's scheduler and
@@ -721,6 +812,9 @@ def has_warmup(optimizer=None, scheduler=None, probe_steps: int = 200) -> bool:
         optimizer = getattr(scheduler, "optimizer", None)
     if isinstance(optimizer, torch.optim.RAdam):
         return True
+    if type(optimizer).__name__ == "Adafactor" and any(
+            g.get("warmup_init") and g.get("relative_step") for g in optimizer.param_groups):
+        return True  # (Hugging Face's Adafactor with warmup_init: its relative step size warms up)
     if scheduler is None or optimizer is None:
         return False
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -785,6 +879,12 @@ def audit(model: nn.Module, example_input=None, optimizer=None, scheduler=None) 
     the global RNG are left as they were."""
     check_model("audit", model)
     _check_schedule("audit", optimizer, scheduler)
+    lazy = next((n for n, t in [*model.named_parameters(), *model.named_buffers()] if is_lazy(t)), None)
+    if lazy is not None:
+        raise NormArgumentError(
+            f"audit: expected a model with values, got '{lazy}' uninitialized (a lazy module: torch.nn.Lazy*, "
+            f"whose shapes its first forward decides): run one forward on a real input first (a "
+            f"made-up input would fix its shapes for good)")
     meta = next((n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
     if meta is not None:
         raise NormArgumentError(
