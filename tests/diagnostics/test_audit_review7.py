@@ -142,3 +142,67 @@ def test_adafactor_with_warmup_init_has_a_warmup():
     assert has_warmup(transformers.optimization.Adafactor(params, lr=None, relative_step=True, warmup_init=True))
     assert not has_warmup(transformers.optimization.Adafactor(params, lr=None, relative_step=True,
                                                               warmup_init=False))
+
+
+class _PreLN(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.ln, self.fc = nn.LayerNorm(d), nn.Linear(d, d)
+
+    def forward(self, h):
+        return h + self.fc(self.ln(h))
+
+
+class _EmbNormStream(nn.Module):
+    """An embedding norm whose output, flattened to rows, is the residual stream."""
+
+    def __init__(self, view: bool):
+        super().__init__()
+        self.view = view
+        self.emb, self.emb_norm = nn.Embedding(50, 16), nn.LayerNorm(16)
+        self.blocks = nn.ModuleList(_PreLN(16) for _ in range(2))
+        self.final, self.head = nn.LayerNorm(16), nn.Linear(16, 50)
+
+    def forward(self, idx):
+        h = self.emb_norm(self.emb(idx))
+        if self.view:
+            h = h.flatten(0, 1)
+        for b in self.blocks:
+            h = b(h)
+        return self.head(self.final(h))
+
+
+@pytest.mark.parametrize("view", [False, True])
+def test_a_view_of_a_norms_output_that_is_the_stream_is_no_double_norm(view):
+    assert audit(_EmbNormStream(view), torch.randint(0, 50, (2, 8))) == []
+
+
+class _FrozenTwoNorms(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.n1, self.n2, self.head = nn.Linear(8, 8), nn.LayerNorm(8), nn.LayerNorm(8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.n2(self.n1(self.fc(x))))
+
+
+def test_a_model_built_under_inference_mode_is_traced():
+    with torch.inference_mode():
+        m = _FrozenTwoNorms().eval().requires_grad_(False)
+    assert [(f.kind, f.module) for f in audit(m, torch.randn(2, 8))] == [("double-norm", "n2")]
+
+
+def test_a_failed_forward_copies_no_parameter(monkeypatch):
+    m = _FrozenTwoNorms().requires_grad_(False)
+    clones = []
+    real = torch.Tensor.clone
+
+    def clone(self, *a, **k):
+        clones.append(tuple(self.shape))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "clone", clone)
+    findings = audit(m, torch.randn(2, 5))  # the wrong width: the forward fails
+    monkeypatch.undo()
+    assert [f.kind for f in findings] == ["no-trace"]
+    assert (8, 8) not in clones  # (the Linear weights were not copied)

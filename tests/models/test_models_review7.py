@@ -86,5 +86,12 @@ def test_load_model_takes_a_torch_device(tmp_path):
     loaded = load_model(tmp_path / "m.safetensors", device=torch.device("cpu"))
     for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
-    with pytest.raises(TypeError, match="expected device to be a str or torch.device, got int"):
-        load_model(tmp_path / "m.safetensors", device=0)
+    with pytest.raises(TypeError, match="expected device to be a str, an int \\(a CUDA index\\) or a torch.device, got float"):
+        load_model(tmp_path / "m.safetensors", device=0.0)
+
+
+def test_a_block_pickled_without_rope_dim_still_runs():
+    _, blk = _block()
+    del blk.__dict__["rope_dim"]  # as a Block pickled before it held one
+    x = torch.randn(1, 4, 16)
+    assert blk(Stream(x)).value.shape == x.shape

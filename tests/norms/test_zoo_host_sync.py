@@ -13,20 +13,23 @@ from normlab.norms.registry import _REGISTRY, register_norm
 
 
 def _count_items(monkeypatch) -> list:
+    """Every read of a tensor's value on the host: item(), float(), int(), bool(), tolist()."""
     calls = []
-    real = torch.Tensor.item
+    for name in ("item", "__float__", "__int__", "__bool__", "__index__", "tolist"):
+        real = getattr(torch.Tensor, name)
 
-    def item(self):
-        calls.append(1)
-        return real(self)
+        def read(self, *a, _real=real, _name=name):
+            calls.append(_name)
+            return _real(self, *a)
 
-    monkeypatch.setattr(torch.Tensor, "item", item)
+        monkeypatch.setattr(torch.Tensor, name, read)
     return calls
 
 
-@pytest.mark.parametrize("cls", [MaskedBatchNorm, PowerNorm])
-def test_unmasked_training_step_reads_nothing_back(monkeypatch, cls):
-    norm = cls(6).train()
+@pytest.mark.parametrize("cls, kw", [(MaskedBatchNorm, {}), (MaskedBatchNorm, {"momentum": None}),
+                                     (PowerNorm, {})])
+def test_unmasked_training_step_reads_nothing_back(monkeypatch, cls, kw):
+    norm = cls(6, **kw).train()
     x = torch.randn(3, 5, 6)
     calls = _count_items(monkeypatch)
     for _ in range(3):
@@ -46,6 +49,27 @@ def test_masked_training_step_still_checks_its_count(cls):
 def test_masked_batchnorm_unmasked_count_checked():
     with pytest.raises(normlab.NormArgumentError, match="more than 1 real"):
         MaskedBatchNorm(4).train()(torch.randn(1, 4))
+
+
+def test_masked_batchnorm_momentum_none_is_the_cumulative_average():
+    torch.manual_seed(0)
+    norm, ref = MaskedBatchNorm(5, momentum=None).train(), nn.BatchNorm1d(5, momentum=None).train()
+    for _ in range(4):
+        x = torch.randn(3, 4, 5)
+        norm(x)
+        ref(x.reshape(-1, 5))
+    torch.testing.assert_close(norm.running_mean, ref.running_mean)
+    torch.testing.assert_close(norm.running_var, ref.running_var)
+
+
+def test_masked_batchnorm_exported_with_dynamic_shapes_keeps_the_count_check():
+    from torch.export import Dim
+
+    ep = torch.export.export(MaskedBatchNorm(8).train(), (torch.randn(4, 5, 8),),
+                             dynamic_shapes={"x": {0: Dim("b", min=1), 1: Dim("s", min=1)}})
+    ep.module()(torch.randn(2, 3, 8))
+    with pytest.raises(RuntimeError):
+        ep.module()(torch.randn(1, 1, 8))
 
 
 def _powernorm_ref_steps(x_steps, dim, warmup, alpha):
@@ -125,3 +149,24 @@ def test_reloading_a_module_that_registers_norms_works(tmp_path, monkeypatch):
         _REGISTRY.pop("test-reloaded-norm", None)
         import sys
         sys.modules.pop("my_norms_mod", None)
+
+
+def test_build_norm_keeps_eps_from_a_var_keyword_that_reaches_none():
+    name = "test-factory-kw-norm"
+
+    class FactoryKw(nn.Module):  # (a DyT-like norm: its **kw are factory kwargs)
+        def __init__(self, dim, alpha_init=0.5, **factory_kwargs):
+            super().__init__()
+            self.alpha = nn.Parameter(torch.full((), alpha_init, **factory_kwargs))
+
+        def forward(self, x):
+            return torch.tanh(self.alpha * x)
+
+    try:
+        register_norm(name)(FactoryKw)
+        assert isinstance(normlab.build_norm(name, 8, eps=1e-5), FactoryKw)
+        from normlab.models import TransformerConfig, TransformerLM
+
+        TransformerLM(TransformerConfig(vocab_size=10, d_model=8, n_heads=2, n_layers=1, norm=name))
+    finally:
+        _REGISTRY.pop(name, None)

@@ -263,22 +263,30 @@ _ROW_VIEWS = frozenset({
 
 def _row_view_of(call: _NormCall, trace: Trace, max_steps: int = 8) -> _NormCall | None:
     """The norm call whose output ``call`` reads through ops that only select or reshape
-    its rows (same last dim), or None."""
+    its rows (same last dim), where nothing outside ``call`` reads those ops' outputs
+    (a view of a norm's output that a residual add reads too is the stream), or None."""
     node = call.input_node
-    if node is None or call.input_last is None:
+    if node is None or call.input_last is None or call.output_node is None or trace.truncated:
         return None
     outputs = {(id(c.output_node[0]), c.output_node[1]): c for c in trace.norm_calls
                if c.output_node is not None and c is not call}
+    chain = []
     for _ in range(max_steps):
         if type(node[0]).__name__ not in _ROW_VIEWS:
             return None
+        chain.append(node)
         inputs = [n for n in node[0].next_functions if n[0] is not None]
         if len(inputs) != 1:
             return None
         node = inputs[0]
         prev = outputs.get((id(node[0]), node[1]))
         if prev is not None:
-            return prev if prev.output_last == call.input_last else None
+            if prev.output_last != call.input_last:
+                return None
+            inside = _upstream(call.output_node[0], stop=prev.output_node[0])
+            if any(r not in inside for n in chain for r in trace.readers_of(n)):
+                return None
+            return prev
     return None
 
 
@@ -404,16 +412,17 @@ def trace_forward(model: nn.Module, example_input) -> Trace:
                 torch.inference_mode(False):
             try:
                 result = _call(model, _requiring_grad(example_input))
-            except Exception:
+            except Exception as err:
                 # a forward that refuses eval mode, or updates a frozen parameter in place
-                # (refused once it requires grad): once more as the model was left, the
-                # frozen parameters' values kept to be put back
+                # (refused once it requires grad): once more as the model was left; for the
+                # latter, the frozen parameters' values are kept to be put back (copied only then)
                 restore()
                 trace.norm_calls.clear()
                 trace.block_calls.clear()
                 trace.keep.clear()
-                frozen.extend((p, p._version, p.detach().clone()) for p in model.parameters()
-                              if not p.requires_grad)
+                if "leaf Variable that requires grad" in str(err):
+                    frozen.extend((p, p._version, p.detach().clone()) for p in model.parameters()
+                                  if not p.requires_grad and not p.is_inference())
                 result = _call(model, example_input)
         roots = [t.grad_fn for t in _tensors_in(result)]
         roots += [c.output_node[0] for c in (*trace.norm_calls, *trace.block_calls) if c.output_node is not None]
@@ -883,8 +892,8 @@ def audit(model: nn.Module, example_input=None, optimizer=None, scheduler=None) 
     if lazy is not None:
         raise NormArgumentError(
             f"audit: expected a model with values, got '{lazy}' uninitialized (a lazy module: torch.nn.Lazy*, "
-            f"whose shapes its first forward decides): run one forward on a real input first (a "
-            f"made-up input would fix its shapes for good)")
+            f"whose shapes and values its first forward decides): run one forward on a real input first "
+            f"(the audit's own forward would initialize it, and leave the model changed)")
     meta = next((n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
     if meta is not None:
         raise NormArgumentError(

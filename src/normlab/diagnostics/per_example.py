@@ -204,7 +204,7 @@ class PerExampleGradNorms:
         # the graph task (backward pass) each entry came from: a later backward of the same
         # forward replaces the round's numbers, not only those of the norms it reaches.
         # Reentrant checkpointing runs each segment's backward as a task of its own inside
-        # the step's: with a forward recorded inside a backward, entries are not dropped
+        # the step's: after a forward inside a backward, entries are not dropped
         self._tasks: dict[tuple[str, str], int] = {}
         self._last_task: int | None = None
         self._nested_backward = False
@@ -348,6 +348,11 @@ class PerExampleGradNorms:
                 return
             prev = self._pending.get(name)
             live = prev is not None and prev() is not None
+            if _in_backward():
+                # a forward inside a backward (checkpointing's recomputation; a reentrant
+                # one runs a backward of its own after it): backward passes are not told
+                # apart by their graph tasks for the rest of the round
+                self._nested_backward = True
             if live and _in_backward():
                 # activation checkpointing (non-reentrant) running the forward again inside
                 # the backward, to recompute what it needs (under hooks of its own or nested
@@ -361,7 +366,6 @@ class PerExampleGradNorms:
                 # segment's backward. One norm in two segments (a module shared between
                 # layers) is two calls of one step, each with part of the gradient: refused
                 task = torch._C._current_graph_task_id()
-                self._nested_backward = True
                 if self._backward_calls.get(name) == task:
                     self._repeated.add(name)
                 else:

@@ -182,6 +182,8 @@ class Block(nn.Module):
     the sublayer ``input_norm_of`` names). With ``cfg.qk_norm`` each attention holds
     ``q_norm`` and ``k_norm``."""
 
+    rope_dim: int | None = None  # (a Block pickled before it held its own: no RoPE tables of its own)
+
     def __init__(self, cfg: TransformerConfig, placement: Placement, *, causal: bool,
                  cross_attention: bool) -> None:
         super().__init__()

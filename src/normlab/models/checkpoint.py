@@ -51,14 +51,16 @@ _STORED_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float
                   "I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool}
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+def load_model(path: str | os.PathLike, device: str | int | torch.device = "cpu") -> nn.Module:
     """The model ``save_model`` wrote: rebuilt from its config, weights loaded strictly,
     each parameter and buffer in the dtype it was stored in (a float64 or bfloat16 model
-    comes back as it was, not as float32), on ``device`` (a name or a torch.device)."""
+    comes back as it was, not as float32), on ``device`` (a name, a CUDA index or a
+    torch.device)."""
     if isinstance(device, torch.device):
         device = str(device)
-    elif not isinstance(device, str):
-        raise TypeError(f"load_model: expected device to be a str or torch.device, got {type(device).__name__}")
+    elif isinstance(device, bool) or not isinstance(device, (str, int)):
+        raise TypeError(f"load_model: expected device to be a str, an int (a CUDA index) or a torch.device, "
+                        f"got {type(device).__name__}")
     st = _safetensors()
     with st.safe_open(os.fspath(path), framework="pt") as f:
         meta = f.metadata() or {}

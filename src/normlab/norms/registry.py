@@ -44,13 +44,26 @@ def register_norm(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
         if old is not None and (old.cls.__module__, old.cls.__qualname__) != (cls.__module__, cls.__qualname__):
             raise ValueError(f"register_norm: a norm named {name!r} is already registered "
                              f"({old.cls.__module__}.{old.cls.__qualname__})")
-        params = inspect.signature(cls.__init__).parameters.values()
-        # a norm whose __init__ passes **kw on (to torch's LayerNorm, say) takes eps too
-        has_eps = any(p.name == "eps" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-        _REGISTRY[name] = NormEntry(name, cls, has_eps)
+        _REGISTRY[name] = NormEntry(name, cls, _takes_eps(cls))
         return cls
 
     return wrap
+
+
+def _takes_eps(cls: type) -> bool:
+    """Whether ``cls(dim, eps=...)`` takes eps: its ``__init__`` names it, or passes its
+    ``**kw`` on to a base class's that does (a subclass of torch's LayerNorm). A ``**kw``
+    that reaches no eps (factory kwargs, nn.Module's) does not take it."""
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        if any(p.name == "eps" for p in params):
+            return True
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            return False
+    return False
 
 
 _TORCH_NORM_TYPES: tuple[type, ...] = (

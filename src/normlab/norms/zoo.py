@@ -195,7 +195,12 @@ class MaskedBatchNorm(ResidualNorm, nn.Module):
         if self.training:
             if padding_mask is None:  # every position real: the count is the shape's (no host sync)
                 n = x.numel() // x.shape[-1]
-                if n < 2:
+                if torch.compiler.is_compiling():
+                    # asserted when the graph runs, on a tensor: a check of the dynamic shape
+                    # itself is dropped (traced sizes are taken to be >= 2)
+                    torch._check_tensor_all(valid.sum() >= 2, lambda: "MaskedBatchNorm: expected more than 1 "
+                                                                      "real (unpadded) position per channel when training")
+                elif n < 2:
                     raise NormArgumentError(
                         f"MaskedBatchNorm: expected more than 1 real (unpadded) position per channel "
                         f"when training, got {n}"
@@ -215,7 +220,9 @@ class MaskedBatchNorm(ResidualNorm, nn.Module):
             var = (((xf - mean) * valid).square()).sum(dims) / n
             with torch.no_grad():
                 self.num_batches_tracked += 1
-                weight = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                # (momentum=None, the cumulative average: a weight on the device, not read back)
+                weight = (1.0 / self.num_batches_tracked).to(self.running_mean.dtype) if self.momentum is None \
+                    else self.momentum
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), weight)
                 unbiased = var * n / (n - 1)
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), weight)
