@@ -8,6 +8,11 @@ class NormArgumentError(ValueError, RuntimeError):
     for the same checks), so code written against either keeps working."""
 
 
+class NormTypeError(NormArgumentError, TypeError):
+    """An argument of the wrong type (an eps that is no number): also a TypeError, which
+    is what torch raises for the same call."""
+
+
 class NormDtypeError(NormArgumentError, NotImplementedError):
     """An input dtype normlab's ops do not run (integers, bool, complex): also a
     NotImplementedError, which is what torch raises for the same call ("not implemented

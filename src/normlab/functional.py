@@ -21,9 +21,10 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function
 
 from normlab.backend import get_backend, resolve
-from normlab.errors import NormArgumentError, NormDtypeError
+from normlab.errors import NormArgumentError, NormDtypeError, NormTypeError
 from normlab.ops import backend_ops, reference
 from normlab.ops import eager as _eager
 from normlab.ops.eager import NATIVE_RMS_MAX_NUMEL
@@ -42,6 +43,14 @@ _PARAM_TYPES = (Tensor, torch.nn.Parameter)  # (a weight of another subclass tak
 
 
 # ---------------------------------------------------------------------------- checks
+
+
+def _traced(*args: object) -> bool:
+    """An argument that is no tensor but takes part in ``__torch_function__`` (torch.fx's
+    Proxy, when a model is traced symbolically): the call is handed to it, to be recorded,
+    as torch's own functional ops hand theirs."""
+    return any(a is not None and not isinstance(a, Tensor) for a in args) and has_torch_function(
+        tuple(a for a in args if a is not None))
 
 
 def _check_tensor(op: str, name: str, t: object) -> Tensor:
@@ -110,7 +119,9 @@ def _check_eps(op: str, eps: float | Tensor | None, allow_none: bool) -> float |
         eps = eps.item()
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps):
         expected = "None or a finite number" if allow_none else "a finite number"
-        raise NormArgumentError(f"{op}: expected eps to be {expected}, got {eps!r}")
+        # (no number at all: also a TypeError, as torch raises; inf or nan: a ValueError)
+        error = NormArgumentError if isinstance(eps, numbers.Real) and not isinstance(eps, bool) else NormTypeError
+        raise error(f"{op}: expected eps to be {expected}, got {eps!r}")
     return float(eps)
 
 
@@ -167,8 +178,16 @@ def _fused_shape(op: str, x: Tensor, normalized_shape: int | Sequence[int] | Non
     param = weight if weight is not None else bias
     if param is not None and isinstance(param, Tensor):
         pshape = param.shape
-        if len(pshape) == 1 and type(pshape[0]) is int:  # (the int path of the check; not a SymInt)
-            return _check_normalized_shape(op, x, pshape[0])
+        if len(pshape) == 1 and type(pshape[0]) is int and x.dim() >= 1 and x.shape[-1] == pshape[0]:
+            return _check_normalized_shape(op, x, pshape[0])  # (the int path of the check; not a SymInt)
+        n = len(pshape)
+        if n == 0 or x.dim() < n or tuple(x.shape[-n:]) != tuple(pshape):
+            # (no normalized_shape given: the parameter's shape is what disagrees with x)
+            name = "weight" if weight is not None else "bias"
+            raise NormArgumentError(
+                f"{op}: expected {name} of shape {list(x.shape[-max(n, 1):])} (input's trailing dims, as "
+                f"normalized_shape is not given), got {name} of shape {list(pshape)} for input of size "
+                f"{list(x.shape)}")
         return _check_normalized_shape(op, x, tuple(pshape))
     if x.dim() == 0:
         raise NormArgumentError(f"{op}: expected input with at least one dimension, got a 0-dim tensor")
@@ -516,6 +535,8 @@ def layer_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor 
                     eps, offset)
             except _REFUSED:  # the checked path below names the bad argument
                 pass
+        if x.__class__ is not Tensor and _traced(x):
+            return handle_torch_function(layer_norm, (x,), x, normalized_shape, weight, bias, eps, offset=offset)
         return _layer_norm_torch_ops(x, normalized_shape, weight, bias, eps, offset)
     if type(x) is Tensor and x.is_cpu and type(eps) is float and -_INF < eps < _INF and get_backend() != "triton" \
             and (x.dtype not in _HALF or (not _param_grad(weight, bias) and not _eager.bias_alone_refused(x, weight, bias))) \
@@ -525,6 +546,8 @@ def layer_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor 
                 x, (normalized_shape,) if type(normalized_shape) is int else normalized_shape, weight, bias, eps)
         except _REFUSED:  # the checked path below names the bad argument
             pass
+    if x.__class__ is not Tensor and _traced(x):
+        return handle_torch_function(layer_norm, (x,), x, normalized_shape, weight, bias, eps)
     return _layer_norm(x, normalized_shape, weight, bias, eps)
 
 
@@ -568,9 +591,12 @@ def rms_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | 
                     return _eager.rms_norm_cast(x, shape, weight, eps, offset, casting_mode)
             except _REFUSED:  # the checked path below names the bad argument
                 pass
+        if x.__class__ is not Tensor and _traced(x):
+            return handle_torch_function(rms_norm, (x,), x, normalized_shape, weight, eps, offset=offset,
+                                         casting_mode=casting_mode)
         return _rms_norm_cast(x, normalized_shape, weight, eps, offset, casting_mode)
     if type(x) is Tensor and x.is_cpu and (eps is None or (type(eps) is float and -_INF < eps < _INF)) \
-            and get_backend() != "triton":
+            and get_backend() != "triton" and not _compiling():
         try:
             # torch takes complex input, which normlab refuses (docs/kernels.md)
             if x.numel() <= NATIVE_RMS_MAX_NUMEL and (weight is None or weight.dtype is x.dtype) \
@@ -579,6 +605,8 @@ def rms_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Tensor | 
                     x, (normalized_shape,) if type(normalized_shape) is int else normalized_shape, weight, eps)
         except _REFUSED:  # the checked path below names the bad argument
             pass
+    if x.__class__ is not Tensor and _traced(x):
+        return handle_torch_function(rms_norm, (x,), x, normalized_shape, weight, eps)
     return _rms_norm(x, normalized_shape, weight, eps)
 
 
@@ -613,6 +641,10 @@ def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bi
                                                 offset), h
             except _REFUSED:  # the checked path below names the bad argument
                 pass
+        if (x.__class__ is not Tensor or residual.__class__ is not Tensor) and _traced(x, residual):
+            return handle_torch_function(
+                add_layer_norm, (x, residual), x, residual, weight, bias, eps, dropout_p=dropout_p, training=training,
+                generator=generator, residual_dtype=residual_dtype, normalized_shape=normalized_shape, offset=offset)
         return _add_then_norm("add_layer_norm", x, residual, weight, bias, eps, dropout_p, training, generator,
                               residual_dtype, normalized_shape, offset)
     # the common call (CPU, no dropout, one dtype; no half-precision x with a parameter
@@ -636,6 +668,10 @@ def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bi
                 return out, h
         except _REFUSED:  # the checked path below names the bad argument
             pass
+    if (x.__class__ is not Tensor or residual.__class__ is not Tensor) and _traced(x, residual):
+        return handle_torch_function(
+            add_layer_norm, (x, residual), x, residual, weight, bias, eps, dropout_p=dropout_p, training=training,
+            generator=generator, residual_dtype=residual_dtype, normalized_shape=normalized_shape)
     return _add_layer_norm(x, residual, weight, bias, eps, dropout_p=dropout_p, training=training,
                            generator=generator, residual_dtype=residual_dtype, normalized_shape=normalized_shape)
 
@@ -660,6 +696,11 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps:
                     return _eager.rms_norm_cast(h, shape, weight, eps, offset, casting_mode).type_as(x), h
             except _REFUSED:  # the checked path below names the bad argument
                 pass
+        if (x.__class__ is not Tensor or residual.__class__ is not Tensor) and _traced(x, residual):
+            return handle_torch_function(
+                add_rms_norm, (x, residual), x, residual, weight, eps, dropout_p=dropout_p, training=training,
+                generator=generator, residual_dtype=residual_dtype, normalized_shape=normalized_shape, offset=offset,
+                casting_mode=casting_mode)
         return _add_then_norm("add_rms_norm", x, residual, weight, None, eps, dropout_p, training, generator,
                               residual_dtype, normalized_shape, offset, casting_mode)
     # the common call, as add_layer_norm's: residual + x, then torch's op where it is the
@@ -677,6 +718,10 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps:
                                   else _plain_shape(weight, normalized_shape), weight, eps), h
         except _REFUSED:  # the checked path below names the bad argument
             pass
+    if (x.__class__ is not Tensor or residual.__class__ is not Tensor) and _traced(x, residual):
+        return handle_torch_function(
+            add_rms_norm, (x, residual), x, residual, weight, eps, dropout_p=dropout_p, training=training,
+            generator=generator, residual_dtype=residual_dtype, normalized_shape=normalized_shape)
     return _add_rms_norm(x, residual, weight, eps, dropout_p=dropout_p, training=training, generator=generator,
                          residual_dtype=residual_dtype, normalized_shape=normalized_shape)
 

@@ -365,6 +365,8 @@ class LayerNorm(_CheckedOnce, _PerExampleGradSq, _WeightOffset, ResidualNorm, nn
             # CPU tensors under the Triton interpreter: checked once, as on CUDA)
             if x.__class__ is Tensor and x.is_cpu and _backend._current != "triton":
                 return F.layer_norm(x, self.normalized_shape, params["weight"], params["bias"], self.eps)
+            if x.__class__ is not Tensor and F._traced(x):  # (torch.fx's Proxy: the call is recorded)
+                return F.layer_norm(x, self.normalized_shape, params["weight"], params["bias"], self.eps)
             if len(self.normalized_shape) == 1 and not torch.compiler.is_compiling():
                 return self._call("layer_norm", F.layer_norm, x, self.normalized_shape,
                                   params["weight"], params["bias"], self.eps)
@@ -426,6 +428,8 @@ class RMSNorm(_CheckedOnce, _PerExampleGradSq, _WeightOffset, ResidualNorm, nn.R
             # functional's short path to torch's op (not under a forced triton backend,
             # CPU tensors under the Triton interpreter: checked once, as on CUDA)
             if x.__class__ is Tensor and x.is_cpu and _backend._current != "triton":
+                return F.rms_norm(x, self.normalized_shape, params["weight"], self.eps)
+            if x.__class__ is not Tensor and F._traced(x):  # (torch.fx's Proxy: the call is recorded)
                 return F.rms_norm(x, self.normalized_shape, params["weight"], self.eps)
             if len(self.normalized_shape) == 1 and not torch.compiler.is_compiling():
                 return self._call("rms_norm", F.rms_norm, x, self.normalized_shape, params["weight"],

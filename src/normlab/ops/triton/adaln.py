@@ -184,7 +184,7 @@ def _check(x: Tensor, scale: Tensor, shift: Tensor) -> None:
     if not 1 <= x.shape[-1] <= MAX_HIDDEN:
         raise NormArgumentError(
             f"adaln_modulate: the triton backend supports a last dim from 1 to {MAX_HIDDEN}, got "
-            f"{x.shape[-1]}; use normlab.set_backend('torch') for wider rows"
+            f"{x.shape[-1]}; use normlab.set_backend('torch') for {'empty' if x.shape[-1] < 1 else 'wider'} rows"
         )
 
 

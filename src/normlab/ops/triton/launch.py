@@ -182,7 +182,8 @@ def check_supported(op: str, x: torch.Tensor, hidden: int) -> None:
     if not 1 <= hidden <= MAX_HIDDEN:
         raise NormArgumentError(
             f"{op}: the triton backend supports normalized sizes (product of normalized_shape) "
-            f"from 1 to {MAX_HIDDEN}, got {hidden}; use normlab.set_backend('torch') for wider rows"
+            f"from 1 to {MAX_HIDDEN}, got {hidden}; use normlab.set_backend('torch') for "
+            f"{'empty' if hidden < 1 else 'wider'} rows"
         )
 
 
