@@ -175,22 +175,22 @@ def _fused_shape(op: str, x: Tensor, normalized_shape: int | Sequence[int] | Non
     parameters' shape, else over the last dim."""
     if normalized_shape is not None:
         return _check_normalized_shape(op, x, normalized_shape)
+    if x.dim() == 0:
+        raise NormArgumentError(f"{op}: expected input with at least one dimension, got a 0-dim tensor")
     param = weight if weight is not None else bias
     if param is not None and isinstance(param, Tensor):
         pshape = param.shape
-        if len(pshape) == 1 and type(pshape[0]) is int and x.dim() >= 1 and x.shape[-1] == pshape[0]:
+        if len(pshape) == 1 and type(pshape[0]) is int and x.shape[-1] == pshape[0]:
             return _check_normalized_shape(op, x, pshape[0])  # (the int path of the check; not a SymInt)
         n = len(pshape)
         if n == 0 or x.dim() < n or tuple(x.shape[-n:]) != tuple(pshape):
             # (no normalized_shape given: the parameter's shape is what disagrees with x)
             name = "weight" if weight is not None else "bias"
             raise NormArgumentError(
-                f"{op}: expected {name} of shape {list(x.shape[-max(n, 1):])} (input's trailing dims, as "
+                f"{op}: expected {name} of shape {list(x.shape[-max(n, 1):])} (the input's trailing dims, as "
                 f"normalized_shape is not given), got {name} of shape {list(pshape)} for input of size "
                 f"{list(x.shape)}")
         return _check_normalized_shape(op, x, tuple(pshape))
-    if x.dim() == 0:
-        raise NormArgumentError(f"{op}: expected input with at least one dimension, got a 0-dim tensor")
     return tuple(x.shape[-1:])
 
 
@@ -710,8 +710,8 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps:
             and (dropout_p == 0.0 or (not training and 0.0 <= dropout_p <= 1.0))
             and (eps is None or (type(eps) is float and -_INF < eps < _INF)) and x.is_cpu
             and (dt is _F32 or dt in _HALF) and (weight is None or getattr(weight, "dtype", None) is dt)
-            and x.numel() <= NATIVE_RMS_MAX_NUMEL and residual.shape == x.shape and get_backend() != "triton"
-            and not _compiling()):
+            and not _compiling() and x.numel() <= NATIVE_RMS_MAX_NUMEL and residual.shape == x.shape
+            and get_backend() != "triton"):
         try:
             h = residual + x
             return torch.rms_norm(h, weight.shape if normalized_shape is None and weight is not None

@@ -119,3 +119,52 @@ def test_triton_backend_names_empty_rows():
     x = torch.randn(2, 3, 0)
     with normlab.set_backend("triton"), pytest.raises(normlab.NormArgumentError, match="for empty rows"):
         F.add_rms_norm(x, x, torch.randn(0))
+
+
+def test_vmap_of_grad_through_rms_norms_own_backward():
+    # a channels_last cotangent per sample (a permute after the norm) into normlab's own
+    # backward (a weight of another dtype): vmap's clone takes no channels_last
+    w = (torch.rand(8) + 0.5).double()
+    xb = torch.randn(2, 3, 4, 5, 8)
+    c = torch.randn(3, 5, 8, 4)
+
+    def loss(x):
+        return (F.rms_norm(x, 8, w).permute(0, 2, 3, 1) * c).sum()
+
+    got = torch.func.vmap(torch.func.grad(loss))(xb)
+    want = torch.stack([torch.func.grad(loss)(x) for x in xb])
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("make", [lambda: normlab.LayerNorm(8), lambda: normlab.RMSNorm(8)])
+def test_a_norm_traced_as_the_root_module(make):
+    m = make()
+    with pytest.raises(normlab.NormArgumentError, match="concrete_args=\\{'residual': None\\}"):
+        torch.fx.symbolic_trace(m)
+    gm = torch.fx.symbolic_trace(m, concrete_args={"residual": None})
+    x = torch.randn(3, 8)
+    out = gm(x)
+    assert isinstance(out, torch.Tensor)
+    torch.testing.assert_close(out, m(x), rtol=0, atol=0)
+
+
+def test_add_rms_norm_compiles_once_over_batch_sizes():
+    from torch._dynamo.testing import CompileCounter
+
+    normlab.get_backend()
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    norm = normlab.RMSNorm(256)
+    m = torch.compile(lambda x, r: norm(x, r), fullgraph=True, dynamic=True, backend=counter)
+    for rows in (100, 200, 300, 400):
+        x, r = torch.randn(rows, 256), torch.randn(rows, 256)
+        out, h = m(x, r)
+        torch.testing.assert_close(h, r + x)
+        torch.testing.assert_close(out, torch.nn.functional.rms_norm(r + x, (256,), norm.weight))
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+
+
+def test_a_0_dim_input_to_a_fused_op_is_named():
+    with pytest.raises(normlab.NormArgumentError, match="at least one dimension, got a 0-dim tensor"):
+        F.add_layer_norm(torch.tensor(1.0), torch.tensor(0.0), torch.ones(1), None)

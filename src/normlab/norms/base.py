@@ -17,6 +17,19 @@ from normlab import functional as F
 from normlab.errors import NormArgumentError
 
 
+def refuse_traced_default(name: str, residual: object) -> None:
+    """A norm traced by ``torch.fx.symbolic_trace`` as the root module: its ``residual``,
+    None by default, is a placeholder the graph would take as given (and return the
+    fused op's pair at run time without one); refused, naming the way to trace it."""
+    node = getattr(residual, "node", None)
+    if getattr(node, "op", None) == "placeholder" and node.args[:1] == (None,):
+        raise NormArgumentError(
+            f"{name}: traced as the root module, its residual (None by default) became a graph "
+            f"input; expected a residual that is given: trace it with "
+            f"torch.fx.symbolic_trace(norm, concrete_args={{'residual': None}}), or trace the model "
+            f"that calls it")
+
+
 class ResidualNorm:
     """Mixin: ``forward(x, residual=None, *, dropout_p=0.0, residual_dtype=None, padding_mask=None)``.
 
@@ -44,4 +57,6 @@ class ResidualNorm:
                 padding_mask: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         if residual is None:
             return self.normalize(x, padding_mask)
+        if residual.__class__ is not Tensor:
+            refuse_traced_default(type(self).__name__, residual)
         return self.add_normalize(x, residual, dropout_p, residual_dtype, padding_mask)

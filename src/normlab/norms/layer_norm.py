@@ -28,7 +28,7 @@ from normlab import backend as _backend
 from normlab import functional as F
 from normlab.backend import AUTO_TRITON_MIN_ELEMENTS, forward_ad_active, get_backend
 from normlab.errors import NormArgumentError
-from normlab.norms.base import ResidualNorm
+from normlab.norms.base import ResidualNorm, refuse_traced_default
 from normlab.norms.registry import register_norm
 from normlab.ops import backend_ops
 
@@ -338,6 +338,8 @@ class LayerNorm(_CheckedOnce, _PerExampleGradSq, _WeightOffset, ResidualNorm, nn
         (a drop-in called as ``norm(input=x)``)."""
         if residual is None:
             return self.normalize(input, padding_mask)
+        if residual.__class__ is not Tensor:
+            refuse_traced_default(type(self).__name__, residual)
         return self.add_normalize(input, residual, dropout_p, residual_dtype, padding_mask)
 
     def extra_repr(self) -> str:

@@ -426,8 +426,10 @@ def _rms_backward(x: Tensor, weight: Tensor | None, rstd: Tensor, dout: Tensor, 
             g = dyf.mul_(w) if w is not None else dyf
             dx = g.mul_(rstd).addcmul_(x2, c, value=-1)
         dx = dx.to(x.dtype).reshape(x.shape)
-        if (fmt := torch_format(dout)) is not None:
-            dx = dx.contiguous(memory_format=fmt)  # as torch's rms_norm backward gives it: in dy's layout
+        if (fmt := torch_format(dout)) is not None and not torch._C._are_functorch_transforms_active():
+            # as torch's rms_norm backward gives it: in dy's layout (not under vmap, which
+            # takes no layout: its clone refuses channels_last)
+            dx = dx.contiguous(memory_format=fmt)
     return dx, dw
 
 
