@@ -168,3 +168,50 @@ def test_add_rms_norm_compiles_once_over_batch_sizes():
 def test_a_0_dim_input_to_a_fused_op_is_named():
     with pytest.raises(normlab.NormArgumentError, match="at least one dimension, got a 0-dim tensor"):
         F.add_layer_norm(torch.tensor(1.0), torch.tensor(0.0), torch.ones(1), None)
+
+
+class _PassesResidual(nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.lin, self.norm = nn.Linear(8, 8), norm
+
+    def forward(self, x, residual=None):
+        return self.norm(self.lin(x), residual)
+
+
+@pytest.mark.parametrize("make", [lambda: normlab.LayerNorm(8), lambda: normlab.RMSNorm(8)])
+def test_a_model_passing_its_own_residual_on_is_traced(make):
+    m = _PassesResidual(make())
+    gm = torch.fx.symbolic_trace(m)
+    x, r = torch.randn(3, 8), torch.randn(3, 8)
+    for got, want in zip(gm(x, r), m(x, r)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _cl_loss(w, c, rms):
+    return lambda x: (rms(x, w).permute(0, 2, 3, 1) * c).sum()
+
+
+def test_rms_norm_gradient_layout_under_torch_func_is_torchs():
+    # normlab's own backward (a float64 weight) against torch's op: grad and vmap(grad)
+    w = (torch.rand(8) + 0.5).double()
+    c = torch.randn(3, 5, 8, 4)
+    ours = _cl_loss(w, c, lambda x, w: F.rms_norm(x, 8, w))
+    theirs = _cl_loss(w, c, lambda x, w: torch.nn.functional.rms_norm(x, (8,), w.float()))
+    x = torch.randn(3, 4, 5, 8)
+    got, want = torch.func.grad(ours)(x), torch.func.grad(theirs)(x)
+    assert got.stride() == want.stride()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    xb = torch.randn(2, 3, 4, 5, 8)
+    got, want = torch.func.vmap(torch.func.grad(ours))(xb), torch.func.vmap(torch.func.grad(theirs))(xb)
+    assert got.stride() == want.stride()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_vmap_of_rms_norm_over_channels_last_samples():
+    w = (torch.rand(8) + 0.5).double()  # (normlab's own forward)
+    samples = [torch.randn(3, 5, 8, 4).contiguous(memory_format=torch.channels_last) for _ in range(2)]
+    xb = torch.stack(samples)
+    got = torch.func.vmap(lambda a: F.rms_norm(a, 4, w.new_ones(4)))(xb)
+    want = torch.stack([F.rms_norm(a, 4, w.new_ones(4)) for a in samples])
+    torch.testing.assert_close(got, want)

@@ -17,12 +17,15 @@ from normlab import functional as F
 from normlab.errors import NormArgumentError
 
 
-def refuse_traced_default(name: str, residual: object) -> None:
-    """A norm traced by ``torch.fx.symbolic_trace`` as the root module: its ``residual``,
-    None by default, is a placeholder the graph would take as given (and return the
-    fused op's pair at run time without one); refused, naming the way to trace it."""
+def refuse_traced_default(norm: object, residual: object) -> None:
+    """A norm traced by ``torch.fx.symbolic_trace`` as the root module: its own
+    ``residual``, None by default, is a placeholder the graph would take as given (and
+    return the fused op's pair at run time without one); refused, naming the way to trace
+    it. (A model that passes its own residual argument on is traced as it is.)"""
     node = getattr(residual, "node", None)
-    if getattr(node, "op", None) == "placeholder" and node.args[:1] == (None,):
+    if (getattr(node, "op", None) == "placeholder" and node.args[:1] == (None,)
+            and getattr(getattr(residual, "tracer", None), "root", None) is norm):
+        name = type(norm).__name__
         raise NormArgumentError(
             f"{name}: traced as the root module, its residual (None by default) became a graph "
             f"input; expected a residual that is given: trace it with "
@@ -58,5 +61,5 @@ class ResidualNorm:
         if residual is None:
             return self.normalize(x, padding_mask)
         if residual.__class__ is not Tensor:
-            refuse_traced_default(type(self).__name__, residual)
+            refuse_traced_default(self, residual)
         return self.add_normalize(x, residual, dropout_p, residual_dtype, padding_mask)

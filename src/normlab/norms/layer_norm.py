@@ -339,7 +339,7 @@ class LayerNorm(_CheckedOnce, _PerExampleGradSq, _WeightOffset, ResidualNorm, nn
         if residual is None:
             return self.normalize(input, padding_mask)
         if residual.__class__ is not Tensor:
-            refuse_traced_default(type(self).__name__, residual)
+            refuse_traced_default(self, residual)
         return self.add_normalize(input, residual, dropout_p, residual_dtype, padding_mask)
 
     def extra_repr(self) -> str:

@@ -357,6 +357,22 @@ def torch_format(t: Tensor) -> torch.memory_format | None:
     return fmt if fmt is torch.channels_last or fmt is torch.channels_last_3d else None
 
 
+def in_layout_of(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` (row-major) in ``like``'s channels_last(_3d) layout, where ``like`` has one
+    (``torch_format``). Made by permuting to channels-last order and back, which torch.func's
+    vmap takes (its clone refuses a channels_last memory_format, and inside it a layout
+    query may be refused: then ``t`` is kept as it is)."""
+    try:
+        fmt = torch_format(like)
+    except RuntimeError:  # (vmap: "querying is_contiguous inside of vmap ... is not supported")
+        return t
+    if fmt is torch.channels_last:
+        return t.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    if fmt is torch.channels_last_3d:
+        return t.permute(0, 2, 3, 4, 1).contiguous().permute(0, 4, 1, 2, 3)
+    return t
+
+
 def _rms_forward(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None,
                  eps: float, fused_ok: bool = False) -> tuple[Tensor, Tensor]:
     """y = x * rstd * weight and rstd [rows, 1], rstd = 1 / sqrt(mean(x^2) + eps), in
@@ -388,9 +404,7 @@ def _rms_forward(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | No
         # torch.func, where the weight may be batched and y not (model ensembling)
         inplace = (weight.dtype != torch.float64 or ct == weight.dtype) and _plain_eager()
         y = y.mul_(weight.reshape(-1)) if inplace else y * weight.reshape(-1)
-    y = y.to(x.dtype).reshape(x.shape)
-    if (fmt := torch_format(x)) is not None:
-        y = y.contiguous(memory_format=fmt)  # as torch's rms_norm keeps it
+    y = in_layout_of(y.to(x.dtype).reshape(x.shape), x)  # as torch's rms_norm keeps it
     return y, rstd
 
 
@@ -425,11 +439,7 @@ def _rms_backward(x: Tensor, weight: Tensor | None, rstd: Tensor, dout: Tensor, 
         else:
             g = dyf.mul_(w) if w is not None else dyf
             dx = g.mul_(rstd).addcmul_(x2, c, value=-1)
-        dx = dx.to(x.dtype).reshape(x.shape)
-        if (fmt := torch_format(dout)) is not None and not torch._C._are_functorch_transforms_active():
-            # as torch's rms_norm backward gives it: in dy's layout (not under vmap, which
-            # takes no layout: its clone refuses channels_last)
-            dx = dx.contiguous(memory_format=fmt)
+        dx = in_layout_of(dx.to(x.dtype).reshape(x.shape), dout)  # as torch's backward: in dy's layout
     return dx, dw
 
 
