@@ -338,3 +338,21 @@ def test_a_result_records_the_thread_counts_it_trained_at(tmp_path, corpus):
         torch.set_num_threads(before)
     assert result["threads"] == [1, 2]
     assert probe["threads"] == [2]  # probe and timing runs record theirs too
+
+
+def test_a_run_from_another_corpus_is_judged_against_its_own_baseline_without_a_summary(tmp_path, corpus,
+                                                                                        no_report):
+    # each LM result records the unigram baseline of its own validation set: a report read on
+    # another Python's standard library, from a folder with no summary.json (runs merged in
+    # from elsewhere), judges the run against it, not against the reporting machine's
+    study = Study("py", "made under another Python", (micro_spec("lm", steps=2),))
+    first, _ = run_study(study, tmp_path, cpu_env(), corpus=corpus, workers=1)
+    study_dir = tmp_path / study.name
+    stored = json.loads((study_dir / "lm" / "result.json").read_text())
+    assert stored["baseline_val_loss"] == first[0]["baseline_val_loss"] == corpus.baselines(16, 4096)["baseline_val_loss"]
+    (study_dir / "summary.json").unlink()
+    here = _another_python(corpus)
+    with pytest.warns(RuntimeWarning, match="made on another corpus"):
+        reported, _ = run_study(study, tmp_path, cpu_env(), corpus=here, report_only=True)
+    assert reported[0]["baseline_val_loss"] == first[0]["baseline_val_loss"]
+    assert here.baselines(16, 4096)["baseline_val_loss"] != first[0]["baseline_val_loss"]

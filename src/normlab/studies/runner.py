@@ -756,7 +756,8 @@ def _report_finished(study: Study, study_dir: Path, made_by, default_corpus: Byt
     ``default_corpus``: this Python's standard library, when the report reads on the
     default corpus; LM runs finished on another (``made_by`` does not compare the corpus
     then) are reported with a warning, each with its own corpus recorded, their unigram
-    baselines those the last summary.json gave them on that corpus (else this corpus's),
+    baselines their own (recorded with the result; in older results, those the last
+    summary.json gave them on that corpus, else this corpus's),
     and the provenance lists them (``runs_on_other_corpora``: corpus sha256 -> runs).
     Runs made with --data are refused: by their record (``corpus_default``, which
     ``made_by`` still compares), or, in records older than it, by the last summary's

@@ -1016,6 +1016,11 @@ def _run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
         for key in last_eval:  # unselectable_keys' measures: unselectable_by_layer, ..._heads_causal_by_layer
             if finished and key.startswith(("unselectable", "undetermined")) and key.endswith("_by_layer"):
                 result[key] = last_eval[key]
+        if spec.task == "lm" and corpus is not None:
+            # the unigram baseline of this run's own validation set, kept with its numbers: a
+            # report read on another corpus (another Python's standard library) judges the
+            # run against it, not against the reporting machine's
+            result.update(corpus.baselines(spec.seq_len, spec.val_bytes))
         if task.majority is not None:  # chance: the uniform guess over the classes
             chance = math.log(task.majority.classes)
             result.update(baseline_val_loss=chance, baseline_val_loss_select=chance, baseline_val_loss_test=chance,
