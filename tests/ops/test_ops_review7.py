@@ -171,21 +171,34 @@ def test_a_0_dim_input_to_a_fused_op_is_named():
 
 
 class _PassesResidual(nn.Module):
-    def __init__(self, norm):
+    def __init__(self, norm, required: bool):
         super().__init__()
-        self.lin, self.norm = nn.Linear(8, 8), norm
+        self.lin, self.norm, self.required = nn.Linear(8, 8), norm, required
 
     def forward(self, x, residual=None):
         return self.norm(self.lin(x), residual)
 
 
+class _RequiresResidual(_PassesResidual):
+    def forward(self, x, residual):
+        return self.norm(self.lin(x), residual)
+
+
 @pytest.mark.parametrize("make", [lambda: normlab.LayerNorm(8), lambda: normlab.RMSNorm(8)])
-def test_a_model_passing_its_own_residual_on_is_traced(make):
-    m = _PassesResidual(make())
-    gm = torch.fx.symbolic_trace(m)
+def test_a_model_passing_its_residual_on(make):
     x, r = torch.randn(3, 8), torch.randn(3, 8)
+    # a required residual: traced as the fused op
+    m = _RequiresResidual(make(), True)
+    gm = torch.fx.symbolic_trace(m)
     for got, want in zip(gm(x, r), m(x, r)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # residual=None by default: the graph could not tell the calls apart, refused naming it
+    m = _PassesResidual(make(), False)
+    with pytest.raises(normlab.NormArgumentError, match="graph's input 'residual', None by default.*"
+                                                        "concrete_args=\\{'residual': None\\}"):
+        torch.fx.symbolic_trace(m)
+    gm = torch.fx.symbolic_trace(m, concrete_args={"residual": None})
+    torch.testing.assert_close(gm(x), m(x), rtol=0, atol=0)
 
 
 def _cl_loss(w, c, rms):

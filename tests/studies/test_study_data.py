@@ -11,6 +11,7 @@ from normlab.studies.data import (
     DataError,
     NumberWords,
     exact_match,
+    fixed_windows,
     lm_batch,
     number_to_words,
 )
@@ -166,3 +167,28 @@ def test_the_majority_tasks_validation_seed_is_refused_for_training():
     with pytest.raises(ValueError, match=f"seed {VAL_SEED} is the majority task's validation seed"):
         RunSpec(name="m", model={}, task="majority", seed=VAL_SEED, seq_len=32)
     assert RunSpec(name="lm", model={}, seed=VAL_SEED).seed == VAL_SEED  # the LM's validation is its own bytes
+
+
+def test_the_unigram_baseline_is_the_same_bits_at_any_thread_count():
+    import math
+
+    g = torch.Generator().manual_seed(0)
+    # (a validation set big enough for torch to split a sum over threads)
+    corpus = ByteCorpus(torch.randint(0, 256, (50_000,), generator=g, dtype=torch.uint8),
+                        torch.randint(0, 256, (300_000,), generator=g, dtype=torch.uint8), "test", 1)
+    threads = torch.get_num_threads()
+    try:
+        seen = set()
+        for n in (1, 2, 3, 4):
+            torch.set_num_threads(n)
+            corpus._unigram_logp = None
+            seen.add(corpus.baselines(128, 262_144)["baseline_val_loss"])
+    finally:
+        torch.set_num_threads(threads)
+    assert len(seen) == 1
+    # the cross-entropy of the targets under the training bytes' add-one frequencies
+    counts = torch.bincount(corpus.train.long(), minlength=256).double() + 1.0
+    logp = (counts / counts.sum()).log()
+    _, y = fixed_windows(corpus.val, 128, 262_144)
+    want = -math.fsum(logp[y.reshape(-1).long()].tolist()) / y.numel()
+    assert math.isclose(seen.pop(), want, rel_tol=1e-13)

@@ -18,19 +18,18 @@ from normlab.errors import NormArgumentError
 
 
 def refuse_traced_default(norm: object, residual: object) -> None:
-    """A norm traced by ``torch.fx.symbolic_trace`` as the root module: its own
-    ``residual``, None by default, is a placeholder the graph would take as given (and
-    return the fused op's pair at run time without one); refused, naming the way to trace
-    it. (A model that passes its own residual argument on is traced as it is.)"""
+    """A norm's residual that is a ``torch.fx.symbolic_trace`` graph input with a default of
+    None (the norm's own ``residual`` when it is the root module, or a traced model's
+    ``forward(x, residual=None)`` passing its own on): the graph would take it as given,
+    and return the fused op's pair at run time without one. Refused, naming the argument
+    to fix with ``concrete_args``."""
     node = getattr(residual, "node", None)
-    if (getattr(node, "op", None) == "placeholder" and node.args[:1] == (None,)
-            and getattr(getattr(residual, "tracer", None), "root", None) is norm):
-        name = type(norm).__name__
+    if getattr(node, "op", None) == "placeholder" and node.args[:1] == (None,):
         raise NormArgumentError(
-            f"{name}: traced as the root module, its residual (None by default) became a graph "
-            f"input; expected a residual that is given: trace it with "
-            f"torch.fx.symbolic_trace(norm, concrete_args={{'residual': None}}), or trace the model "
-            f"that calls it")
+            f"{type(norm).__name__}: its residual is the traced graph's input {node.target!r}, None by "
+            f"default, which the graph would take as given (a call without it would return the fused "
+            f"op's pair); expected a residual that is given: trace with concrete_args={{{node.target!r}: "
+            f"None}} for calls without one, or make {node.target!r} a required argument")
 
 
 class ResidualNorm:

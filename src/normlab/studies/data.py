@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,7 +187,11 @@ class ByteCorpus:
             counts = torch.bincount(self.train.long(), minlength=VOCAB_SIZE).double() + 1.0
             self._unigram_logp = (counts / counts.sum()).log()
         targets = self.val if targets is None else targets
-        return float(-self._unigram_logp[targets.long()].mean())
+        # summed over the 256 byte values, their counts exact and the sum correctly rounded
+        # (fsum): the same bits at any thread count, where a mean over the bytes is summed
+        # in an order the threads decide
+        counts = torch.bincount(targets.reshape(-1).long(), minlength=VOCAB_SIZE).double()
+        return -math.fsum((counts * self._unigram_logp).tolist()) / float(counts.sum())
 
     def baselines(self, seq_len: int, val_bytes: int) -> dict[str, float]:
         """The unigram loss on the fixed validation set of a run, and on its two halves."""
