@@ -241,7 +241,7 @@ class PerExampleGradNorms:
                         f"per_example_grad_norms: norm '{name}' has a parametrized {pname} "
                         f"(torch.nn.utils.parametrize: {pname} = f(original)); expected a plain "
                         f"parameter: the per-example gradients recorded would be those of the computed "
-                        f"{pname}, not of the trained parameters.{pname}.original. Remove the "
+                        f"{pname}, not of the trained parametrizations.{pname}.original. Remove the "
                         f"parametrization (parametrize.remove_parametrizations) to record it"
                     )
 
