@@ -356,3 +356,22 @@ def test_a_run_from_another_corpus_is_judged_against_its_own_baseline_without_a_
         reported, _ = run_study(study, tmp_path, cpu_env(), corpus=here, report_only=True)
     assert reported[0]["baseline_val_loss"] == first[0]["baseline_val_loss"]
     assert here.baselines(16, 4096)["baseline_val_loss"] != first[0]["baseline_val_loss"]
+
+
+def test_a_folder_of_runs_from_two_corpora_is_refused_as_it_was(tmp_path, corpus, no_report):
+    # two Pythons' runs merged into one folder: a claim would pair runs of different
+    # validation sets by seed
+    import shutil
+
+    study = Study("py", "two corpora", (micro_spec("a", steps=2), micro_spec("b", steps=2)))
+    run_study(study, tmp_path / "one", cpu_env(), corpus=corpus, workers=1)
+    here = _another_python(corpus)
+    run_study(study, tmp_path / "two", cpu_env(), corpus=here, workers=1)
+    merged = tmp_path / "one" / study.name
+    shutil.rmtree(merged / "b")
+    shutil.copytree(tmp_path / "two" / study.name / "b", merged / "b")
+    before = folder_files(merged)
+    with pytest.raises(ValueError, match=r"holds LM runs made on 2 corpora \([0-9a-f]{12}: a; [0-9a-f]{12}: b; "
+                                         r"this Python's is [0-9a-f]{12}\): a claim pairs runs by seed"):
+        run_study(study, tmp_path / "one", cpu_env(), corpus=here, report_only=True)
+    assert folder_files(merged) == before

@@ -759,7 +759,8 @@ def _report_finished(study: Study, study_dir: Path, made_by, default_corpus: Byt
     baselines their own (recorded with the result; in older results, those the last
     summary.json gave them on that corpus, else this corpus's),
     and the provenance lists them (``runs_on_other_corpora``: corpus sha256 -> runs).
-    Runs made with --data are refused: by their record (``corpus_default``, which
+    LM runs of more than one corpus (folders merged from two Pythons) are refused: a
+    claim pairs them by seed on one validation set. Runs made with --data are refused: by their record (``corpus_default``, which
     ``made_by`` still compares), or, in records older than it, by the last summary's
     ``corpus_source``."""
     previous = _read_summary(study_dir)
@@ -767,23 +768,41 @@ def _report_finished(study: Study, study_dir: Path, made_by, default_corpus: Byt
     earlier_prov = previous.get("provenance") if isinstance(previous.get("provenance"), dict) else {}
     earlier_source = earlier_prov.get("corpus_source")
     others: dict[str, list[str]] = {}
-    done: set[str] = set()
-    for spec in study.runs:
+    here: list[str] = []  # the LM runs made on this corpus
+    finished: list[tuple[RunSpec, dict[str, Any]]] = []
+    for spec in study.runs:  # (read and checked first: a refusal leaves the summary as it was)
         result = _finished_result(spec, study_dir / spec.name, made_by)
         if result is None:
             continue
-        done.add(spec.name)
+        finished.append((spec, result))
         theirs = result.get("corpus_sha256")
-        if default_corpus is not None and spec.task == "lm" and theirs not in (None, default_corpus.sha256()):
-            if result.get("corpus_default") is None and earlier_source not in (None, "python-stdlib"):
-                # recorded before runs said which corpus they read: the last summary did
-                raise ValueError(
-                    f"{study_dir} holds runs made with --data {earlier_source} ({spec.name} ...): give the same "
-                    f"--data to report them (the default corpus is this Python's standard library)")
-            others.setdefault(theirs, []).append(spec.name)
-            before = earlier.get(spec.name) or {}
-            if before.get("corpus_sha256") == theirs:
-                result.update({k: v for k, v in before.items() if k.startswith("baseline_val_loss")})
+        if default_corpus is None or spec.task != "lm" or theirs is None:
+            continue
+        if theirs == default_corpus.sha256():
+            here.append(spec.name)
+            continue
+        if result.get("corpus_default") is None and earlier_source not in (None, "python-stdlib"):
+            # recorded before runs said which corpus they read: the last summary did
+            raise ValueError(
+                f"{study_dir} holds runs made with --data {earlier_source} ({spec.name} ...): give the same "
+                f"--data to report them (the default corpus is this Python's standard library)")
+        others.setdefault(theirs, []).append(spec.name)
+        before = earlier.get(spec.name) or {}
+        if before.get("corpus_sha256") == theirs:
+            result.update({k: v for k, v in before.items() if k.startswith("baseline_val_loss")})
+    corpora = {**others, **({default_corpus.sha256(): here} if here else {})}
+    if len(corpora) > 1:
+        # a claim pairs runs by seed on one validation set: runs of two corpora (two Pythons'
+        # standard libraries, merged into one folder) read different bytes
+        listed = "; ".join(f"{sha[:12]}: {', '.join(runs[:4])}{' ...' if len(runs) > 4 else ''}"
+                           for sha, runs in corpora.items())
+        raise ValueError(
+            f"{study_dir} holds LM runs made on {len(corpora)} corpora ({listed}; this Python's is "
+            f"{default_corpus.sha256()[:12]}): a claim pairs runs by seed on one validation set, which runs "
+            f"of different corpora do not share. Report each set from a folder of its own (move one set's "
+            f"run folders out), or rerun one set with --overwrite")
+    done = {spec.name for spec, _ in finished}
+    for spec, result in finished:
         finish(spec, result)
     names = {r.name for r in study.runs}
     failures.update({name: error for name, error in _failed_before(previous, study, made_by).items()
