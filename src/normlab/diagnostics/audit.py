@@ -227,6 +227,13 @@ def _requiring_grad(example_input):
             return t.detach().requires_grad_()
         return t
 
+    return _each_input(example_input, one)
+
+
+def _each_input(example_input, one):
+    """``example_input`` (a tensor, a tuple or list of positional arguments, a mapping of
+    keyword arguments) with ``one`` applied to the tensor or to each argument (a
+    namedtuple, its own constructor, is left as it is)."""
     if isinstance(example_input, Mapping):
         return {k: one(v) for k, v in example_input.items()}
     if isinstance(example_input, (tuple, list)):
@@ -244,11 +251,7 @@ def _outside_inference(example_input):
                 return t.clone()
         return t
 
-    if isinstance(example_input, Mapping):
-        return {k: one(v) for k, v in example_input.items()}
-    if type(example_input) in (tuple, list):
-        return type(example_input)(one(t) for t in example_input)
-    return one(example_input)
+    return _each_input(example_input, one)
 
 
 # autograd nodes of ops that select or reshape whole rows, leaving each row's values as

@@ -348,19 +348,20 @@ class PerExampleGradNorms:
                 return
             prev = self._pending.get(name)
             live = prev is not None and prev() is not None
-            if _in_backward():
+            in_backward = _in_backward()
+            if in_backward:
                 # a forward inside a backward (checkpointing's recomputation; a reentrant
                 # one runs a backward of its own after it): backward passes are not told
                 # apart by their graph tasks for the rest of the round
                 self._nested_backward = True
-            if live and _in_backward():
+            if live and in_backward:
                 # activation checkpointing (non-reentrant) running the forward again inside
                 # the backward, to recompute what it needs (under hooks of its own or nested
                 # checkpoints too), or a forward a backward hook runs: the numbers are the
                 # first call's. (A norm called inside a reentrant checkpoint and again after
                 # it is not told apart here: the module's own buffer refuses it.)
                 return
-            if _in_backward():
+            if in_backward:
                 # a forward recorded inside a backward: reentrant checkpointing recomputes
                 # each segment there, in the outer backward's graph task, then runs the
                 # segment's backward. One norm in two segments (a module shared between

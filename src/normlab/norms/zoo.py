@@ -141,6 +141,9 @@ class NoNorm(ResidualNorm, nn.Module):
         return f"{self.dim}"
 
 
+_MBN_TOO_FEW = "MaskedBatchNorm: expected more than 1 real (unpadded) position per channel when training"
+
+
 @register_norm("batchnorm")
 class MaskedBatchNorm(ResidualNorm, nn.Module):
     """y = (x - mu_B) / sqrt(var_B + eps) * gamma + beta, statistics over the real (unpadded) positions of the batch (Ioffe & Szegedy 2015, masked for sequences)."""
@@ -193,28 +196,14 @@ class MaskedBatchNorm(ResidualNorm, nn.Module):
             y = xf if self.weight is None else xf * self.weight + self.bias
             return y.to(x.dtype)
         if self.training:
-            if padding_mask is None:  # every position real: the count is the shape's (no host sync)
-                n = x.numel() // x.shape[-1]
-                if torch.compiler.is_compiling():
-                    # asserted when the graph runs, on a tensor: a check of the dynamic shape
-                    # itself is dropped (traced sizes are taken to be >= 2)
-                    torch._check_tensor_all(valid.sum() >= 2, lambda: "MaskedBatchNorm: expected more than 1 "
-                                                                      "real (unpadded) position per channel when training")
-                elif n < 2:
-                    raise NormArgumentError(
-                        f"MaskedBatchNorm: expected more than 1 real (unpadded) position per channel "
-                        f"when training, got {n}"
-                    )
-            else:
-                n = valid.sum()
-                if torch.compiler.is_compiling():  # (a value the trace cannot branch on: checked when the graph runs)
-                    torch._check_tensor_all(n >= 2, lambda: "MaskedBatchNorm: expected more than 1 real (unpadded) "
-                                                            "position per channel when training")
-                elif n.item() < 2:
-                    raise NormArgumentError(
-                        f"MaskedBatchNorm: expected more than 1 real (unpadded) position per channel "
-                        f"when training, got {int(n.item())}"
-                    )
+            # every position real: the count is the shape's (no host sync); else the mask's
+            n = x.numel() // x.shape[-1] if padding_mask is None else valid.sum()
+            if torch.compiler.is_compiling():
+                # asserted when the graph runs, on a tensor (a check of a dynamic shape itself
+                # is dropped: traced sizes are taken to be >= 2)
+                torch._check_tensor_all(valid.sum() >= 2, lambda: _MBN_TOO_FEW)
+            elif (count := n if padding_mask is None else int(n.item())) < 2:
+                raise NormArgumentError(f"{_MBN_TOO_FEW}, got {count}")
             dims = tuple(range(x.dim() - 1))
             mean = xf.sum(dims) / n
             var = (((xf - mean) * valid).square()).sum(dims) / n

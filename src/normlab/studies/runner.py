@@ -760,9 +760,9 @@ def _report_finished(study: Study, study_dir: Path, made_by, default_corpus: Byt
     summary.json gave them on that corpus, else this corpus's),
     and the provenance lists them (``runs_on_other_corpora``: corpus sha256 -> runs).
     LM runs of more than one corpus (folders merged from two Pythons) are refused: a
-    claim pairs them by seed on one validation set. Runs made with --data are refused: by their record (``corpus_default``, which
-    ``made_by`` still compares), or, in records older than it, by the last summary's
-    ``corpus_source``."""
+    claim pairs them by seed on one validation set. Runs made with --data are refused:
+    by their record (``corpus_default``, which ``made_by`` still compares), or, in
+    records older than it, by the last summary's ``corpus_source``."""
     previous = _read_summary(study_dir)
     earlier = {r.get("name"): r for r in previous.get("runs") or [] if isinstance(r, dict)}
     earlier_prov = previous.get("provenance") if isinstance(previous.get("provenance"), dict) else {}
