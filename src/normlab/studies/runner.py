@@ -86,10 +86,20 @@ def _base_name(name: str) -> str:
     return _SEED_SUFFIX.sub("", name)
 
 
+def _rescaled(every: int, preset_steps: int, steps: int) -> int:
+    """An interval of a run of ``preset_steps`` steps, for ``steps``: the same fraction of
+    the run (the expressivity preset's majority runs evaluate 16 times, the others 3; the
+    preset's own step count gives back its own interval), 0 (never) kept as 0."""
+    if every == 0:
+        return 0
+    return max(1, round(every * steps / max(preset_steps, 1)))
+
+
 def apply_overrides(study: Study, *, seeds: int | None = None, steps: int | None = None) -> Study:
     """``seeds``: run every configuration, probes included, with seeds 0..seeds-1 (a speed
-    run keeps its one seed); ``steps``: train for that many steps (intervals scaled to
-    match, a warm-up cut to half of them); probes and speed runs keep their steps."""
+    run keeps its one seed); ``steps``: train for that many steps (evaluation, diagnostics
+    and checkpoint intervals scaled in proportion, so each happens as often per run as in
+    the preset, a warm-up cut to half of them); probes and speed runs keep their steps."""
     runs: list[RunSpec] = list(study.runs)
     if seeds is not None:
         if seeds < 1:
@@ -109,8 +119,10 @@ def apply_overrides(study: Study, *, seeds: int | None = None, steps: int | None
             raise ValueError(f"--steps {steps} leaves no warm-up to runs that have one ({', '.join(lost[:3])}"
                              f"{', ...' if len(lost) > 3 else ''}); expected --steps >= 2")
         runs = [r if r.kind != "train" else r.with_overrides(
-            steps=steps, eval_every=max(1, steps // 3), diag_every=max(1, steps // 6),
-            checkpoint_every=max(1, steps // 2), warmup_steps=min(r.warmup_steps, steps // 2),
+            steps=steps, eval_every=_rescaled(r.eval_every, r.steps, steps),
+            diag_every=_rescaled(r.diag_every, r.steps, steps),
+            checkpoint_every=_rescaled(r.checkpoint_every, r.steps, steps),
+            warmup_steps=min(r.warmup_steps, steps // 2),
             log_every=max(1, min(r.log_every, steps // 10))) for r in runs]
     given = [f"--{flag} {value}" for flag, value in (("seeds", seeds), ("steps", steps)) if value is not None]
     # the preset's description names its own seeds and steps: the report's header says what ran

@@ -926,8 +926,10 @@ def _run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
                 # DDP averages gradients over ranks: scaling by world / n_tokens makes the
                 # gradient that of the mean over the global batch's tokens
                 (loss_sum * (env.world / max(n_tokens, 1))).backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip or float("inf"))
+            # the per-layer gradient norms are the step's gradients, before clipping scales
+            # them (as the logged total grad_norm is)
             measured = diagnostics.collect() if diag_now else {}
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip or float("inf"))
             if diag_now and spec.total_gns and env.world == 1:
                 measured.update(probes.total_noise_scale(model, task, batch, env))
                 for k in ("gns_g_sq", "gns_trace", "gns_total_g_sq", "gns_total_trace"):
