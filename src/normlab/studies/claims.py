@@ -246,9 +246,12 @@ class Best:
         edge = " (edge of the sweep)" if self.at_edge else ""
         stable = self.largest_stable_lr
         varied = len(set(self.chosen.values())) > 1
+        value = _mean(self.by_seed.values())
         return (f"{name}: best {_setting_text(self.setting)}{edge}"
                 + (" (cross-fitted choice differs by seed)" if varied else "")
-                + f", {self.metric} {_mean(self.by_seed.values()):.3f}; largest stable lr "
+                + (f", {self.metric} {value:.3f}" if not math.isnan(value) else
+                   f", no {self.metric}: no seed has a run at the setting the others chose")
+                + "; largest stable lr "
                 f"{'none' if stable is None else f'{stable:g}'}")
 
     def caveats(self, name: str) -> list[str]:
@@ -385,6 +388,8 @@ _JUDGED_MARGIN: contextvars.ContextVar[float | None] = contextvars.ContextVar("j
 
 
 def _ci_text(i: Interval, unit: str = "") -> str:
+    if i.n == 0 or math.isnan(i.estimate):
+        return f"none (n={i.n}: no seed to read)"
     if not math.isfinite(i.lo):
         return f"{i.estimate:+.3f}{unit} (n={i.n}, no interval)"
     m = _JUDGED_MARGIN.get()
@@ -503,8 +508,8 @@ def _pairing_caveats(name_a: str, a: dict, name_b: str, b: dict) -> list[str]:
     out = [f"seed{'s' if len(seeds) > 1 else ''} {_list(seeds)} of {n} left out: no pair on the other side"
            for n, seeds in only if seeds]
     if (a or b) and not set(a) & set(b):
-        out.append(f"no seed ran on both sides ({name_a}: {_list(sorted(a)) if a else 'none'}; "
-                   f"{name_b}: {_list(sorted(b)) if b else 'none'})")
+        out.append(f"no seed ran on both sides ({name_a}: {_list(sorted(a)) if a else 'none judged'}; "
+                   f"{name_b}: {_list(sorted(b)) if b else 'none judged'})")
     return out
 
 

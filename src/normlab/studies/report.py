@@ -38,7 +38,7 @@ from normlab.studies.claims import (  # noqa: E402
     runs_of,
 )
 from normlab.studies.spec import read_jsonl  # noqa: E402
-from normlab.studies.stats import Interval, bound_text, mean_ci  # noqa: E402, F401 (bound_text: the tables' too)
+from normlab.studies.stats import Interval, bound_text, degenerate, mean_ci  # noqa: E402, F401 (bound_text: the tables' too)
 from normlab.studies.train import write_atomic  # noqa: E402
 
 Result = dict[str, Any]
@@ -64,16 +64,40 @@ def _color(key: str, i: int):
 
 
 def seed_interval(values: Sequence[float], log: bool = False) -> Interval:
-    """Mean over seeds with its 95% t-interval; ``log``: computed on the logs and mapped
-    back (the geometric mean), so that on a log axis the interval stays positive, where a
-    linear one from few seeds (t = 12.7 for two) runs below zero. Values that are not all
-    positive have no log: their plain mean, without an interval."""
+    """Mean over seeds with its 95% t-interval, over the finite values (``n`` counts them:
+    an overflowed or NaN seed has no place on an axis, and the plots mark it apart,
+    ``_not_finite``); ``log``: computed on the logs and mapped back (the geometric mean),
+    so that on a log axis the interval stays positive, where a linear one from few seeds
+    (t = 12.7 for two) runs below zero. Values that are not all positive have no log:
+    their plain mean, without an interval."""
+    values = [v for v in values if math.isfinite(v)]
     if not log:
         return mean_ci(values)
     if not values or not all(v > 0 for v in values):
         return Interval(mean_ci(values).estimate, math.nan, math.nan, len(values))
     c = mean_ci([math.log(v) for v in values])
     return Interval(math.exp(c.estimate), math.exp(c.lo), math.exp(c.hi), c.n)
+
+
+def _not_finite(ax, xs: Sequence[float], seeds: int, of: int, label: str, color) -> None:
+    """Mark the x positions where ``seeds`` of ``of`` seeds have a value that is not
+    finite (an overflow, which the claims count as the most extreme evidence, or a NaN):
+    a triangle at the top edge of the axes, named in the legend."""
+    if not seeds:
+        return
+    xs = sorted(set(xs))
+    ax.plot(xs, [1.0] * len(xs), "^", color=color, ms=7, ls="none", transform=ax.get_xaxis_transform(),
+            clip_on=False, label=f"{label}: not finite ({seeds} of {of}, at the top)")
+
+
+def _band_fill(ax, xs: Sequence[float], cis: Sequence[Interval], color, alpha: float = 0.18) -> None:
+    """The 95% band of ``cis`` over ``xs`` where each has one (two seeds or more, finite
+    bounds): a point with fewer seeds breaks the band there, not everywhere."""
+    shown = [c.n > 1 and math.isfinite(c.lo) and math.isfinite(c.hi) for c in cis]
+    if any(shown):
+        ax.fill_between(xs, [c.lo if ok else c.estimate for c, ok in zip(cis, shown)],
+                        [c.hi if ok else c.estimate for c, ok in zip(cis, shown)], where=shown,
+                        color=color, alpha=alpha, lw=0)
 
 
 def _seeds(drawn: int, of: int) -> str:
@@ -90,18 +114,18 @@ def _band(ax, xs_list: list[list[float]], ys_list: list[list[float]], label: str
     not), marked with an x on its last point. On a log y axis (set before) the curve is
     the geometric mean (``seed_interval``)."""
     log = ax.get_yscale() == "log"
-    curves = [dict(zip(xs, ys)) for xs, ys in zip(xs_list, ys_list) if len(xs)]
+    # a point that is not finite (an overflowed activation is kept as inf) is no point of
+    # the curve: the others' mean goes on there, and a triangle at the top marks it
+    curves = [c for c in ({x: y for x, y in zip(xs, ys) if math.isfinite(y)}
+                          for xs, ys in zip(xs_list, ys_list)) if c]
+    bad = [[x for x, y in zip(xs, ys) if not math.isfinite(y)] for xs, ys in zip(xs_list, ys_list)]
     of = len(xs_list) if of is None else of
     text = f"{label} ({_seeds(len(curves), of)})"
     steps = sorted({x for c in curves for x in c})
     if steps:
         cis = [seed_interval([c[x] for c in curves if x in c], log) for x in steps]
         ax.plot(steps, [c.estimate for c in cis], label=text, color=color, lw=1.6, **kw)
-        shown = [c.n > 1 and math.isfinite(c.lo) and math.isfinite(c.hi) for c in cis]
-        if any(shown):
-            ax.fill_between(steps, [c.lo if ok else c.estimate for c, ok in zip(cis, shown)],
-                            [c.hi if ok else c.estimate for c, ok in zip(cis, shown)], where=shown,
-                            color=color, alpha=0.18, lw=0)
+        _band_fill(ax, steps, cis, color)
     else:
         gone = sum(step is not None for step in diverged)
         ax.plot([], [], color=color, lw=1.6,
@@ -110,7 +134,7 @@ def _band(ax, xs_list: list[list[float]], ys_list: list[list[float]], label: str
     for xs, ys, step in zip(xs_list, ys_list, diverged):
         if step is None:
             continue
-        before = [(x, y) for x, y in zip(xs, ys) if x <= step]
+        before = [(x, y) for x, y in zip(xs, ys) if x <= step and math.isfinite(y)]
         if before:
             marks.append((step, before[-1][1]))
         elif steps:  # nothing logged before it diverged: on the curve where it begins
@@ -118,6 +142,7 @@ def _band(ax, xs_list: list[list[float]], ys_list: list[list[float]], label: str
     if marks:
         ax.plot([x for x, _ in marks], [y for _, y in marks], "x", color=color, ms=8, mew=2, ls="none",
                 label=f"{label}: diverged ({len(marks)} of {of})")
+    _not_finite(ax, [x for xs in bad for x in xs], sum(map(bool, bad)), of, label, color)
 
 
 def _finish(ax, xlabel: str, ylabel: str, title: str) -> None:
@@ -184,12 +209,15 @@ def _depth_errorbars(ax, cells: dict[str, dict[int, list[float]]], ref: dict[str
             continue
         cis = [seed_interval(by_depth[n], log=True) for n in depths]
         color = _color(group, i)
-        counts = sorted({c.n for c in cis})
+        counts = sorted({c.n for c in cis})  # (the seeds each point is the mean of: finite ones)
         seeds = f"n={counts[0]}" if len(counts) == 1 else f"n={counts[0]}-{counts[-1]} by depth"
         ax.errorbar(depths, [c.estimate for c in cis],
                     yerr=[[c.estimate - c.lo if math.isfinite(c.lo) else 0 for c in cis],
                           [c.hi - c.estimate if math.isfinite(c.hi) else 0 for c in cis]],
                     fmt="o-", color=color, label=f"{group} ({seeds})", capsize=3)
+        bad = [n for n in depths if any(not math.isfinite(v) for v in by_depth[n])]
+        _not_finite(ax, bad, max((sum(not math.isfinite(v) for v in by_depth[n]) for n in bad), default=0),
+                    max(len(by_depth[n]) for n in depths), group, color)
         if ref and group in ref and len(depths) > 1:
             ax.plot(depths, [cis[0].estimate * (n / depths[0]) ** ref[group] for n in depths], ":", color=color,
                     label=f"{group}: L^{ref[group]:g}")
@@ -341,11 +369,14 @@ def plot_qk_logits(results: list[Result], path: Path) -> Path | None:
     for i, g in enumerate(sorted({_group(r) for r in runs})):
         mine = [r for r in runs if _group(r) == g]
         lrs = sorted({r["lr"] for r in mine})
-        cis = [seed_interval([r["attention_logit_max"] for r in mine if r["lr"] == lr], log=True) for lr in lrs]
+        values = [[r["attention_logit_max"] for r in mine if r["lr"] == lr] for lr in lrs]
+        cis = [seed_interval(v, log=True) for v in values]
         color = plt.cm.tab10(i)
         ax.plot(lrs, [c.estimate for c in cis], "o-", color=color, label=g, ms=3)
-        if all(math.isfinite(c.lo) for c in cis):
-            ax.fill_between(lrs, [c.lo for c in cis], [c.hi for c in cis], color=color, alpha=0.15, lw=0)
+        _band_fill(ax, lrs, cis, color, alpha=0.15)
+        bad = [lr for lr, v in zip(lrs, values) if any(not math.isfinite(x) for x in v)]
+        _not_finite(ax, bad, max((sum(not math.isfinite(x) for x in v) for v in values), default=0),
+                    max(map(len, values)), g, color)
     ax.set_xscale("log")
     ax.set_yscale("log")
     _finish(ax, "peak learning rate", "largest attention logit during training", "Attention logit growth")
@@ -409,8 +440,7 @@ def plot_loss_vs_lr(results: list[Result], study: str, path: Path) -> Path | Non
             cis = [mean_ci([judged_loss(r) for r in rs if r["lr"] == lr]) for lr in lrs]
             color = _color(g, i)
             ax.plot(lrs, [c.estimate for c in cis], "o-", color=color, label=g, ms=3)
-            if all(math.isfinite(c.lo) for c in cis):
-                ax.fill_between(lrs, [c.lo for c in cis], [c.hi for c in cis], color=color, alpha=0.15, lw=0)
+            _band_fill(ax, lrs, cis, color, alpha=0.15)
         # where judged_loss puts a failed run: the unigram baseline on the test half
         for floor in sorted({baseline(r, "test") for rs in groups.values() for r in rs}):
             ax.axhline(floor, color="k", lw=0.8, ls=":", label="unigram, test half (failed)")
@@ -611,6 +641,16 @@ def _ci(ci: list, margin: float | None = None) -> str:
     return f"[{bound_text(ci[0], margin)}, {bound_text(ci[1], margin)}]"
 
 
+def _config_ci(c: dict[str, Any]) -> str:
+    """A configuration's 95% interval, or "every seed equal" where every seed's value is
+    the same (most often each at the failure baseline): an interval of no width there
+    says nothing about the noise."""
+    lo, hi = c["ci95"] if c["ci95"] else (None, None)
+    if lo is not None and hi is not None and degenerate(Interval(c["value"], lo, hi, c["seeds"])):
+        return "every seed equal"
+    return _ci(c["ci95"])
+
+
 def interval_label(row: dict[str, Any]) -> str:
     """What a claims row's interval is: "95% CI over paired seeds" (or over seeds, over
     timing rounds), or "min to max (not a CI)" for a sanity row."""
@@ -719,14 +759,15 @@ def write_html(out: Path, study_name: str, description: str, rows: list[dict[str
                 + (f"<td colspan='2'>{'chance' if c['measure'] == 'error' else 'unigram baseline'}</td>"
                    if c["all_failed"] else "<td class='num'>—</td><td class='num'>—</td>" if c.get("none_finished")
                    else
-                   f"<td class='num'>{_num(c['value'])}</td><td class='num'>{_ci(c['ci95'])}</td>")
+                   f"<td class='num'>{_num(c['value'])}</td><td class='num'>{_config_ci(c)}</td>")
                 + f"<td class='num'>{c['seeds']}</td><td class='num'>{_num(c['largest_stable_lr'], '{:g}')}</td>"
                 f"<td class='num'>{esc(c['failed'])}</td></tr>")
         parts.append("</table>")
     parts.append("<h2>Plots</h2><p class='src'>Bands and error bars: 95% t-intervals over the seeds present at "
                  "each step (on a log axis over the logs: the geometric mean and its interval; a configuration at "
                  "its cross-fitted best lr, the delete-one-seed jackknife's, as its claims); an x marks a seed "
-                 "that diverged, or a configuration whose every run failed. Placements: "
+                 "that diverged, or a configuration whose every run failed; a triangle at the top edge a value that "
+                 "is not finite (an overflow), which the mean beside it leaves out. Placements: "
                  "post = Post-LN, x + F(x) then a norm (Vaswani et al. 2017); pre = Pre-LN, x + F(norm(x)) "
                  "(Xiong et al. 2020); deepnorm = norm(alpha x + F(x)) with beta-scaled init (Wang et al. 2022); "
                  "peri = Peri-LN, norms on each sublayer's input and output and on the embeddings (Kim et al. 2025).</p>")
@@ -820,7 +861,7 @@ def write_markdown(out: Path, study_name: str, rows: list[dict[str, Any]], prov:
         est = "-" if r["estimate"] is None else f"{r['estimate']:+.3f}"
         ci = _ci(r["ci95"], judged_margin(r))
         ci = ci if ci == "-" else f"{ci} {interval_label(r)}"
-        lines.append(f"| `{r['id']}` | {_md(r['statistic'])} | {r['test']} | {r['margin']:g} | {est} | {ci} "
+        lines.append(f"| `{_md(r['id'])}` | {_md(r['statistic'])} | {r['test']} | {r['margin']:g} | {est} | {ci} "
                      f"| {r['n_seeds']} | **{r['verdict']}** |")
     configs = configurations(results or [], missing)
     if configs:
@@ -835,8 +876,9 @@ def write_markdown(out: Path, study_name: str, rows: list[dict[str, Any]], prov:
                       else f"{c['largest_stable_lr']:g}")
             floor = "chance" if c["measure"] == "error" else "unigram baseline"
             value = (f"{floor} | -" if c["all_failed"] else "— | —" if c.get("none_finished")
-                     else f"{c['value']:.3f} | {_ci(c['ci95'])}")
-            lines.append(f"| {c['study']} | {c['configuration']} | {c['layers']} | {_md(c['best'])} | {c['measure']} "
+                     else f"{_num(c['value'])} | {_config_ci(c)}")
+            lines.append(f"| {_md(c['study'])} | {_md(c['configuration'])} | {c['layers']} | {_md(c['best'])} "
+                         f"| {c['measure']} "
                          f"| {value} | {stable} | {c['failed']} |")
     lines += ["", "## What each claim says, what was measured, and the scope"]
     claims: dict[str, list[dict[str, Any]]] = {}
