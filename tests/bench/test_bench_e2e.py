@@ -53,7 +53,7 @@ def test_bench_e2e_quick_json(tmp_path):
         assert (tmp_path / f"e2e-cpu-fp32.{suffix}").stat().st_size > 0
     md = (tmp_path / "e2e-cpu-fp32.md").read_text()
     assert md.startswith("# normlab bench e2e: ") and torch.__version__ in md and "Load average" in md
-    assert "| train | pre | rmsnorm | 32 | 2 | 2 x 16 |" in md
+    assert "| train | pre | rmsnorm | 32 | 1 | 2 | 128 | 2 x 16 |" in md  # d_model, heads, layers, vocab
     assert len((tmp_path / "e2e-cpu-fp32.csv").read_text().splitlines()) == 25
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import gc
+import math
 import os
 import platform
 import re
@@ -248,6 +249,30 @@ def check_positive(value: int | None, param_hint: str, most: int = 2**31 - 1) ->
     return value
 
 
+def print_table(console, table) -> None:
+    """A results table whole. Where the output is not a terminal (a pipe, a CI log, a file:
+    80 columns to Rich) it is printed at its own width, so no op or impl name is cut to
+    "layer…" and no number wraps; in a terminal at the terminal's width, the names (their
+    columns ``overflow="fold"``) folding onto more lines where it is narrow."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    natural = console.measure(table, options=console.options.update_width(1 << 14)).maximum
+    width = console.width
+    console.width = max(width, natural)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
+
+
+def significant(x: float, digits: int = 3) -> str:
+    """``x`` with ``digits`` significant digits, positional (0.0000694, not 6.94e-05)."""
+    if x == 0 or not math.isfinite(x):
+        return f"{x:g}"
+    return f"{x:.{max(0, digits - 1 - math.floor(math.log10(abs(x))))}f}"
+
+
 class TableWrites:
     """What a benchmark's tables hold when Ctrl-C stops it: the rows written (marked
     partial), the rows being written when it came (the files unsure), or none.
@@ -264,9 +289,10 @@ class TableWrites:
         return out
 
     def interrupted(self) -> typer.Exit:
-        kept = (f"stopped while writing the {self.writing} rows measured to {self.stem}.csv and .md: they may be "
-                "incomplete" if self.writing
-                else f"kept the {self.saved} rows measured so far in {self.stem}.csv and .md, marked partial"
+        kept = (f"stopped while writing the {self.writing} rows measured to {self.stem}.partial.csv and .md: they "
+                "may be incomplete" if self.writing
+                else f"kept the {self.saved} rows measured so far in {self.stem}.partial.csv and {self.stem}.md, "
+                "marked partial"
                 if self.saved else "nothing was measured yet; nothing written")
         from rich.console import Console
 
@@ -332,6 +358,19 @@ def pick_dtype(dtype: str, allowed: tuple[str, ...] = tuple(DTYPES)) -> torch.dt
     if dtype not in allowed:
         raise typer.BadParameter(f"expected one of {', '.join(allowed)}, got {dtype!r}", param_hint="--dtype")
     return DTYPES[dtype]
+
+
+def write_table_csv(rows: list[dict], out: Path, stem: str, partial: bool) -> Path:
+    """A benchmark's CSV: ``{stem}.csv``, or ``{stem}.partial.csv`` while the run has not
+    measured all it was to (a CSV has no place to say so, as the markdown does: a partial
+    one read alone would pass for a run of fewer shapes). The other of the two is removed,
+    so the folder never holds a CSV of an earlier run beside this run's markdown."""
+    path, other = out / f"{stem}.partial.csv", out / f"{stem}.csv"
+    if not partial:
+        path, other = other, path
+    write_csv(rows, path)
+    other.unlink(missing_ok=True)
+    return path
 
 
 def write_csv(rows: list[dict], path: Path) -> Path:

@@ -54,8 +54,9 @@ from normlab.bench.common import (
     out_of_memory,
     pick_device,
     pick_dtype,
+    print_table,
     release_memory,
-    write_csv,
+    write_table_csv,
 )
 from normlab.models import TransformerConfig, TransformerLM
 from normlab.norms.base import ResidualNorm
@@ -283,8 +284,8 @@ def write_outputs(records: list[Record], out: Path, stem: str, load_before: str,
     """The CSV and markdown of ``records``; ``partial``: the number of configurations the
     run was to measure, when it has not measured them all yet (the markdown says so);
     ``skipped``: the configurations that ran out of memory (named under the title)."""
-    csv_path, md_path = out / f"{stem}.csv", out / f"{stem}.md"
-    write_csv([r.as_json() for r in records], csv_path)
+    md_path = out / f"{stem}.md"
+    csv_path = write_table_csv([r.as_json() for r in records], out, stem, partial is not None)
     r0 = records[0]
     lines = [f"# normlab bench e2e: {r0.device}", ""]
     if partial is not None:
@@ -304,11 +305,11 @@ def write_outputs(records: list[Record], out: Path, stem: str, load_before: str,
              "ops ran on.",
              f"Load average (1, 5, 15 min) before the run: {load_before}; at the end: "
              f"{load_average()} (other processes share the device when it is above the core count).",
-             "", "| step | placement | norm | d_model | layers | batch x seq | params (M) | impl | backend "
-             "| median ms | tokens/s | vs torch | vs torch norms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r.step} | {r.placement} | {r.norm} | {r.d_model} | {r.n_layers} | "
-              f"{r.batch} x {r.seq_len} | {r.params / 1e6:.1f} | {r.impl} | {r.backend} | "
+             "", "| step | placement | norm | d_model | heads | layers | vocab | batch x seq | params (M) | impl "
+             "| backend | median ms | tokens/s | vs torch | vs torch norms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.step} | {r.placement} | {r.norm} | {r.d_model} | {r.n_heads} | {r.n_layers} | "
+              f"{r.vocab_size} | {r.batch} x {r.seq_len} | {r.params / 1e6:.1f} | {r.impl} | {r.backend} | "
               f"{r.median_ms:.2f} | {r.tokens_per_s:,.0f} | {r.ratio_vs_torch:.2f} | "
               f"{r.ratio_vs_torch_norms:.2f} |" for r in records]
     md_path.write_text("\n".join(lines) + "\n")
@@ -346,7 +347,9 @@ def e2e(
                                   help="Include torch.compile of the model (default: on for CUDA, off for CPU)."),
     threads: int = typer.Option(None, help="torch CPU threads (default: torch's)."),
     d_model: int = typer.Option(None, hidden=True, help="One custom size: d_model (heads: the largest divisor "
-                                                        "of d_model at most max(1, d_model // 64))."),
+                                                        "of d_model at most max(1, d_model // 64); vocabulary: "
+                                                        "max(64, 4 * d_model), so the LM head keeps its share "
+                                                        "of a small model's step; the tables name it)."),
     n_layers: int = typer.Option(None, hidden=True, help="One custom size: layers."),
     tokens: int = typer.Option(None, hidden=True, help="One custom size: sequence length."),
     batch: int = typer.Option(None, hidden=True, help="One custom size: batch."),
@@ -416,10 +419,12 @@ def e2e(
                   caption=f"skipped, out of memory: {', '.join(skipped)}" if skipped else None)
     for col in ("step", "placement", "norm", "model", "impl", "median ms", "tokens/s", "vs torch",
                 "vs torch norms"):
-        table.add_column(col, justify="left" if col in ("step", "placement", "norm", "model", "impl") else "right")
+        text = col in ("step", "placement", "norm", "model", "impl")  # (names fold, never cut to "norml…")
+        table.add_column(col, justify="left" if text else "right", overflow="fold", no_wrap=not text)
     for r in records:
-        table.add_row(r.step, r.placement, r.norm, f"d{r.d_model} L{r.n_layers} {r.batch}x{r.seq_len}", r.impl,
+        table.add_row(r.step, r.placement, r.norm, f"d{r.d_model} L{r.n_layers} V{r.vocab_size} {r.batch}x{r.seq_len}",
+                      r.impl,
                       f"{r.median_ms:.2f}", f"{r.tokens_per_s:,.0f}", f"{r.ratio_vs_torch:.2f}",
                       f"{r.ratio_vs_torch_norms:.2f}")
-    console.print(table)
+    print_table(console, table)
     console.print("wrote " + ", ".join(str(p) for p in paths))

@@ -53,8 +53,10 @@ from normlab.bench.common import (
     out_of_memory,
     pick_device,
     pick_dtype,
+    print_table,
     release_memory,
-    write_csv,
+    significant,
+    write_table_csv,
 )
 from normlab.provenance import code_line, code_record
 
@@ -183,6 +185,16 @@ def _normlab(op: str, hidden: int) -> Callable:
 def _base_op(op: str) -> str:
     """The norm a qk op runs (``qk_rms_norm`` -> ``rms_norm``)."""
     return op.removeprefix("qk_")
+
+
+def triton_hidden_limit(op: str) -> int:
+    """The largest hidden size normlab's Triton kernels take for ``op`` (beyond it the
+    backend "auto" runs torch's ops, and "triton" refuses the call)."""
+    if op in ADALN_OPS:
+        from normlab.ops.triton.adaln import MAX_HIDDEN
+    else:
+        from normlab.ops.triton.launch import MAX_HIDDEN
+    return MAX_HIDDEN
 
 
 def _forced_triton(fn: Callable) -> Callable:
@@ -340,7 +352,8 @@ def run(device: torch.device, dtype: torch.dtype, rows_list, hidden_list, ops, p
                                 if t is not None:
                                     torch._dynamo.mark_dynamic(t, 0)
                     impls = {"normlab": _normlab(_base_op(op), hidden), "torch": eager}
-                    if device.type == "cuda":  # auto runs torch's ops below its size: time the kernels too
+                    # auto runs torch's ops below its size: time the kernels too, where they run
+                    if device.type == "cuda" and hidden <= triton_hidden_limit(op):
                         impls["normlab triton"] = _forced_triton(_normlab(_base_op(op), hidden))
                     if compiled is not None:
                         impls["torch.compile"] = compiled
@@ -364,8 +377,8 @@ def run(device: torch.device, dtype: torch.dtype, rows_list, hidden_list, ops, p
                             gbps = nbytes / (ms * 1e-3) / 1e9
                             records.append(Record(
                                 op, pass_, str(dtype).removeprefix("torch."), rows, hidden, impl, name,
-                                round(ms, 6), round(gbps, 4), round(times["torch"][0] / ms, 3),
-                                round(gbps / copy_gbps, 4), round(copy_gbps, 2), torch.__version__,
+                                round(ms, 6), _sig(gbps), round(times["torch"][0] / ms, 3),
+                                _sig(gbps / copy_gbps), round(copy_gbps, 2), torch.__version__,
                                 path, normlab_path if impl == "normlab" else impl, round(host_ms, 6),
                                 shape_text,
                             ))
@@ -384,6 +397,56 @@ def run(device: torch.device, dtype: torch.dtype, rows_list, hidden_list, ops, p
                     checkpoint(records)  # after every shape: a Ctrl-C keeps each one measured
     records.sort(key=_order)
     return records
+
+
+def _check_triton_sizes(ops: tuple[str, ...], shapes, hidden_list, qk_list) -> None:
+    """Under ``NORMLAB_BACKEND=triton`` every op runs normlab's Triton kernels, which take
+    hidden sizes up to their limit: a larger one is refused here, naming its option, not
+    as a traceback after the shapes before it were measured."""
+    if normlab.get_backend() != "triton":
+        return
+    for op in ops:
+        limit = triton_hidden_limit(op)
+        if op in QK_OPS:
+            sizes, hint = [q[3] for q in qk_list], "--qk-shapes"
+        else:
+            sizes, hint = ([h for _, h in shapes], "--shapes") if shapes else (hidden_list, "--hidden")
+        big = [h for h in sizes if h > limit]
+        if big:
+            raise typer.BadParameter(
+                f"{op}: NORMLAB_BACKEND=triton runs normlab's Triton kernels, which take a hidden size from 1 to "
+                f"{limit}, got {big[0]}; expected sizes up to {limit}, or the backend auto (torch's ops there)",
+                param_hint=hint)
+
+
+def _warn_unused(ops: tuple[str, ...], sizes_given: bool, qk_given: bool, no_hide_host: bool) -> None:
+    """Say on stderr which given options no selected op (or the device) reads."""
+    errors = Console(stderr=True)
+    if sizes_given and all(o in QK_OPS for o in ops):
+        errors.print("[yellow]--rows/--hidden/--shapes: not used: the qk ops take their sizes from --qk-shapes")
+    if qk_given and not any(o in QK_OPS for o in ops):
+        errors.print(f"[yellow]--qk-shapes: not used: no qk op ({', '.join(QK_OPS)}) among --ops")
+    if no_hide_host:
+        errors.print("[yellow]--no-hide-host: not used on the CPU (it holds a GPU's work until the host has "
+                     "issued a call)")
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    """``x`` to ``digits`` significant digits: a small shape's 0.0005 GB/s keeps its value
+    (rounding to decimals left 0.0)."""
+    return float(f"{x:.{digits}g}")
+
+
+def _gbps_text(x: float) -> str:
+    """GB/s in a table: one decimal from 10 up, three significant digits below (a small
+    shape's 0.0000694, not 0.0)."""
+    return f"{x:.1f}" if x >= 10 else significant(x)
+
+
+def _copy_ratio_text(x: float) -> str:
+    """The fraction of the copy bandwidth in a table: two decimals, or two significant
+    digits below 0.1 (a small shape's 0.00012, not 0.00)."""
+    return f"{x:.2f}" if x >= 0.1 else significant(x, 2)
 
 
 def _order(r: Record) -> tuple:
@@ -418,8 +481,8 @@ def write_outputs(records: list[Record], out: Path, stem: str, plot: bool = True
     the run was to measure, when it has not measured them all yet (the markdown says so,
     and a PNG of an earlier run is removed: it would not match the tables). ``skipped``:
     the shapes ("op shape") that ran out of memory, named under the title."""
-    csv_path, md_path, png_path = out / f"{stem}.csv", out / f"{stem}.md", out / f"{stem}.png"
-    write_csv([r.as_json() for r in records], csv_path)
+    md_path, png_path = out / f"{stem}.md", out / f"{stem}.png"
+    csv_path = write_table_csv([r.as_json() for r in records], out, stem, partial is not None)
     r0 = records[0]
     lines = [f"# normlab bench kernels: {r0.device}", ""]
     if partial is not None:
@@ -438,13 +501,20 @@ def write_outputs(records: list[Record], out: Path, stem: str, plot: bool = True
              "| op | pass | rows | hidden | impl | median ms | GB/s | vs torch | vs copy | host ms |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {_op_cell(r)} | {r.pass_} | {r.rows} | {r.hidden} | {r.impl} | {r.median_ms:.3f} | "
-              f"{r.gbps:.1f} | {r.ratio_vs_torch:.2f} | {r.ratio_vs_copy:.2f} | {r.host_ms:.3f} |"
+              f"{_gbps_text(r.gbps)} | {r.ratio_vs_torch:.2f} | {_copy_ratio_text(r.ratio_vs_copy)} | "
+              f"{r.host_ms:.3f} |"
               for r in records]
     qk = sorted({(r.op, r.shape) for r in records if r.op in QK_OPS})
     if qk:
         lines += ["", "qk ops: x is a [B, H, T, hd] view of a contiguous [B, T, H, hd] tensor "
                   "(`.transpose(1, 2)`), rows = B * H * T: "
                   + ", ".join(f"{op} {shape}" for op, shape in qk)]
+    if device_type == "cuda":
+        beyond = sorted({(r.op, r.hidden) for r in records if r.hidden > triton_hidden_limit(r.op)})
+        if beyond:
+            lines += ["", "`normlab triton` is not measured at "
+                      + ", ".join(f"{op} hidden {h}" for op, h in beyond)
+                      + ": beyond the Triton kernels' hidden size (auto runs torch's ops there)."]
     paths = {(r.op, r.torch_path) for r in records}
     lines += ["", "torch eager ran (profiler):", ""] + [f"- {op}: `{p}`" for op, p in sorted(paths)]
     md_path.write_text("\n".join(lines) + "\n")
@@ -599,6 +669,9 @@ def kernels(
         GPU_QK_SHAPES if gpu else CPU_QK_QUICK if quick else CPU_QK_SHAPES)
     rows_list = rows_given or ((16384,) if quick and gpu else (1024,) if quick else GPU_ROWS if gpu else CPU_ROWS)
     hidden_list = hidden_given or ((1024, 4096) if quick else GPU_HIDDEN if gpu else CPU_HIDDEN)
+    _check_triton_sizes(op_list, shape_pairs, hidden_list, qk_list)
+    _warn_unused(op_list, sizes_given=bool(shape_pairs or rows_given or hidden_given),
+                 qk_given=qk_shapes is not None, no_hide_host=not hide_host and not gpu)
     if compile_ is None:
         compile_ = gpu or not quick
     timer = Timer(dev, warmup=3 if quick else 10, reps=5 if quick else (50 if gpu else 15),
@@ -647,9 +720,10 @@ def kernels(
                         f"copy {records[0].copy_gbps} GB/s, torch {torch.__version__}",
                   caption=f"skipped, out of memory: {', '.join(skipped)}" if skipped else None)
     for col in ("op", "pass", "rows", "hidden", "impl", "median ms", "GB/s", "vs torch", "vs copy"):
-        table.add_column(col, justify="right" if col not in ("op", "pass", "impl") else "left")
+        text = col in ("op", "pass", "impl")  # (names fold in a narrow terminal, never cut to "layer…")
+        table.add_column(col, justify="left" if text else "right", overflow="fold", no_wrap=not text)
     for r in records:
         table.add_row(_op_cell(r), r.pass_, str(r.rows), str(r.hidden), r.impl, f"{r.median_ms:.3f}",
-                      f"{r.gbps:.1f}", f"{r.ratio_vs_torch:.2f}", f"{r.ratio_vs_copy:.2f}")
-    console.print(table)
+                      _gbps_text(r.gbps), f"{r.ratio_vs_torch:.2f}", _copy_ratio_text(r.ratio_vs_copy))
+    print_table(console, table)
     console.print("wrote " + ", ".join(str(p) for p in paths))
