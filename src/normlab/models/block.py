@@ -54,15 +54,29 @@ def check_tokens(where: str, tokens: Tensor, max_seq_len: int, vocab_size: int |
                              f"to {hi}")
 
 
-def check_padding_mask(where: str, name: str, mask: Tensor | None, tokens: Tensor) -> None:
+def check_padding_mask(where: str, name: str, mask: Tensor | None, tokens: Tensor | torch.Size,
+                       what: str = "the tokens' shape") -> None:
+    """``mask`` None, or bool of ``tokens``' shape (a tensor's, or a shape given as it is:
+    [B, T] of a stack's input, ``what`` says which). Shape and dtype only: no values read."""
     if mask is None:
         return
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != tokens.shape:
+    shape = tokens.shape if isinstance(tokens, Tensor) else tokens
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != shape:
         got = f"{tuple(mask.shape)} {mask.dtype}" if isinstance(mask, Tensor) else type(mask).__name__
         raise ValueError(
-            f"{where}: expected {name} of shape {tuple(tokens.shape)} (the tokens' shape) and dtype "
+            f"{where}: expected {name} of shape {tuple(shape)} ({what}) and dtype "
             f"torch.bool (True = padded), got {got}"
         )
+
+
+def check_context(where: str, context: Tensor, batch: int, d_model: int | None) -> None:
+    """A cross-attention's context: [B, S, d_model], B the batch of the stream it meets."""
+    if (not isinstance(context, Tensor) or context.dim() != 3 or context.shape[0] != batch
+            or (d_model is not None and context.shape[-1] != d_model)):
+        got = f"{list(context.shape)}" if isinstance(context, Tensor) else type(context).__name__
+        raise ValueError(f"{where}: expected context of shape [B, S, d_model] = [{batch}, S, "
+                         f"{'d_model' if d_model is None else d_model}] (the encoder's output for the input's "
+                         f"batch), got {got}")
 
 
 class Embedding(nn.Module):
@@ -144,10 +158,11 @@ def _add_norm(norm: nn.Module, f: Tensor | None, residual: Tensor, dropout_p: fl
     """(Norm(residual + dropout(f)), residual + dropout(f)) as one fused op; f=None: no add.
 
     The new residual keeps the residual's dtype (float32 under autocast). With
-    ``out_is_stream`` (an 'add' slot: Post-LN, DeepNorm, ResiDual) the normalized output is
-    the next residual, so it has the residual's dtype too, as torch's LayerNorm(x + f)
-    promotes to it: f is converted first (a bf16 branch under autocast rounded the
-    float32 stream to bf16 at every sublayer)."""
+    ``out_is_stream`` (an 'add' slot: Post-LN, DeepNorm, ResiDual; and a stack's final norm)
+    the normalized output is the next residual (the stack's output), so it has the
+    residual's dtype too, as torch's LayerNorm(x + f) promotes to it: f is converted first
+    (a bf16 branch under autocast rounded the float32 stream to bf16 at every sublayer).
+    Where f already has the residual's dtype (no autocast) nothing changes."""
     if f is None:
         return norm(residual, padding_mask=padding_mask), residual
     if out_is_stream and f.dtype != residual.dtype:
@@ -183,6 +198,7 @@ class Block(nn.Module):
     ``q_norm`` and ``k_norm``."""
 
     rope_dim: int | None = None  # (a Block pickled before it held its own: no RoPE tables of its own)
+    d_model: int | None = None  # (likewise: its context's width is then left to the projections)
 
     def __init__(self, cfg: TransformerConfig, placement: Placement, *, causal: bool,
                  cross_attention: bool) -> None:
@@ -202,6 +218,7 @@ class Block(nn.Module):
         _check_slots(placement, ("attn", "cross_attn", "ffn") if cross_attention else ("attn", "ffn"))
         self.placement, self.causal, self.dropout = placement, causal, cfg.dropout
         self.rope_dim = cfg.head_dim if cfg.positional == "rope" else None
+        self.d_model = cfg.d_model
         qk = dict(qk_norm=cfg.qk_norm, qk_norm_eps=cfg.norm_eps, qk_norm_scope=cfg.qk_norm_scope)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.attention_dropout, **qk)
         self.cross_attn = Attention(cfg.d_model, cfg.n_heads, cfg.attention_dropout, **qk) if cross_attention else None
@@ -223,10 +240,19 @@ class Block(nn.Module):
     def forward(self, stream: Stream, *, attn_mask: Tensor | None = None, is_causal: bool | None = None,
                 rope: tuple[Tensor, Tensor] | None = None, padding_mask: Tensor | None = None,
                 context: Tensor | None = None, context_mask: Tensor | None = None) -> Stream:
-        """One layer over ``stream``. A stack passes the masks and RoPE tables it built once
+        """One layer over ``stream``, a ``Stream`` (``Stream(x)`` for an input x [B, T, d_model];
+        a bare tensor is refused). A stack passes the masks and RoPE tables it built once
         for all its blocks; a block called on its own builds them: its self-attention
         mask from its ``causal`` and ``padding_mask`` (unless ``attn_mask`` or ``is_causal``
-        is given), and RoPE's tables where the config's positions are RoPE."""
+        is given), and RoPE's tables where the config's positions are RoPE. A placement
+        with a dual stream (ResiDual) starts it, where ``stream.dual`` is None, at the
+        stream's x (d_0 = x_0), as a stack does.
+
+        ``padding_mask`` [B, T] bool and ``context`` [B, S, d_model] are checked by shape
+        and dtype (no values read)."""
+        if not isinstance(stream, Stream):
+            raise TypeError(f"Block: expected stream to be a normlab.models.block.Stream (Stream(x) for an input "
+                            f"x [B, T, d_model]), got {type(stream).__name__}")
         if (context is None) != (self.cross_attn is None):
             # without it a decoder's cross-attention would attend to its own input, every
             # position (future ones included); an encoder block would ignore one
@@ -234,6 +260,11 @@ class Block(nn.Module):
                              "output [B, S, d_model]; got none" if context is None else
                              "Block: got context, but this block has no cross-attention (an encoder's or a "
                              "decoder-only model's); expected context=None")
+        if context is not None:
+            check_context("Block", context, stream.x.shape[0], self.d_model)
+        check_padding_mask("Block", "padding_mask", padding_mask, stream.x.shape[:2], "[B, T] of the stream's x")
+        if stream.dual is None and self.placement.dual_stream:
+            stream = Stream(stream.x, stream.pending, stream.x)
         if attn_mask is None and is_causal is None:
             attn_mask, is_causal = self_attention_mask(padding_mask, self.causal)
         is_causal = bool(is_causal)  # (an attn_mask given alone decides by itself)
@@ -367,9 +398,22 @@ class BlockStack(nn.Module):
 
     def run_blocks(self, x: Tensor, *, padding_mask: Tensor | None = None, context: Tensor | None = None,
                    context_padding_mask: Tensor | None = None) -> Tensor:
+        """``padding_mask`` [B, T] and ``context_padding_mask`` [B, S] bool (True = padded),
+        ``context`` [B, S, d_model]: checked by shape and dtype, before any mask is built."""
+        where = type(self).__name__
+        check_padding_mask(where, "padding_mask", padding_mask, x.shape[:2], "[B, T] of x, the input")
+        cross = context is not None and len(self.blocks) > 0 and self.blocks[0].cross_attn is not None
+        if cross:
+            check_context(where, context, x.shape[0], self.blocks[0].d_model)
+            check_padding_mask(where, "context_padding_mask", context_padding_mask, context.shape[:2],
+                               "[B, S] of the context")
+        elif context is None and context_padding_mask is not None:
+            raise ValueError(f"{where}: got context_padding_mask without context; expected both (the encoder's "
+                             f"output [B, S, d_model] and its [B, S] mask) or neither")
         attn_mask, is_causal = self_attention_mask(padding_mask, self.causal)
         rope = None if self.rope_dim is None else rope_tables(x.shape[1], self.rope_dim, x.dtype, x.device)
-        context_mask = cross_attention_mask(context_padding_mask)
+        # (an encoder's blocks refuse a context: no mask of it to build)
+        context_mask = cross_attention_mask(context_padding_mask) if cross else None
         p = self.dropout if self.training else 0.0
         stream = Stream(x, None, x if self.placement.dual_stream else None)
         for block in self.blocks:
@@ -382,7 +426,9 @@ class BlockStack(nn.Module):
                                   residual_dtype=stream.x.dtype)
         if self.placement.final_norm_reads == "dual":
             return stream.x + self.final_norm(stream.dual, padding_mask=padding_mask)
-        out, _ = _add_norm(self.final_norm, stream.pending, stream.x, p, padding_mask)
+        # (out_is_stream: a pending bf16 branch under autocast is converted to the stream's
+        # dtype first, so the output has the stream's dtype under every placement)
+        out, _ = _add_norm(self.final_norm, stream.pending, stream.x, p, padding_mask, out_is_stream=True)
         return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from normlab.models.block import Embedding, Stack, check_padding_mask, check_tokens
@@ -42,7 +43,8 @@ class Seq2SeqTransformer(nn.Module):
 
     def decode(self, tgt: Tensor, memory: Tensor, src_padding_mask: Tensor | None = None,
                tgt_padding_mask: Tensor | None = None) -> Tensor:
-        """tgt [B, T] and memory [B, S, d_model] -> logits [B, T, vocab_size]."""
+        """tgt [B, T] and memory [B, S, d_model] -> logits [B, T, vocab_size]. ``memory`` has
+        the model's dtype and device (under autocast any floating dtype autocast casts: not float64)."""
         check_tokens("Seq2SeqTransformer", tgt, self.cfg.max_seq_len, self.cfg.vocab_size, "tgt")
         check_padding_mask("Seq2SeqTransformer", "tgt_padding_mask", tgt_padding_mask, tgt)
         if (not isinstance(memory, Tensor) or not memory.is_floating_point() or memory.dim() != 3
@@ -50,7 +52,15 @@ class Seq2SeqTransformer(nn.Module):
             got = f"{list(memory.shape)} {memory.dtype}" if isinstance(memory, Tensor) else type(memory).__name__
             raise ValueError(f"Seq2SeqTransformer: expected memory to be a floating-point tensor of shape "
                              f"[{tgt.shape[0]}, S, {self.cfg.d_model}] (encode()'s output for tgt's batch), got {got}")
-        check_padding_mask("Seq2SeqTransformer", "src_padding_mask", src_padding_mask, memory[..., 0])
+        w = self.embed.tokens.weight
+        # (autocast casts float32, float16 and bfloat16 inputs of its ops, never float64)
+        autocast = torch.is_autocast_enabled(memory.device.type) and memory.dtype != torch.float64
+        if memory.device != w.device or (memory.dtype != w.dtype and not autocast):
+            raise ValueError(f"Seq2SeqTransformer: expected memory as the model's parameters: {w.dtype} on "
+                             f"{w.device} (encode()'s output; under autocast any floating dtype but float64), "
+                             f"got {memory.dtype} on {memory.device}")
+        check_padding_mask("Seq2SeqTransformer", "src_padding_mask", src_padding_mask, memory.shape[:2],
+                           "memory's [B, S]")
         h = self.decoder(self.embed(tgt, tgt_padding_mask), padding_mask=tgt_padding_mask,
                          context=memory, context_padding_mask=src_padding_mask)
         return self.head(h)
@@ -58,5 +68,9 @@ class Seq2SeqTransformer(nn.Module):
     def forward(self, src: Tensor, tgt: Tensor, src_padding_mask: Tensor | None = None,
                 tgt_padding_mask: Tensor | None = None) -> Tensor:
         """src [B, S], tgt [B, T] (long; True = padded in the masks) -> logits [B, T, vocab_size]."""
+        if (isinstance(src, Tensor) and isinstance(tgt, Tensor) and src.dim() == tgt.dim() == 2
+                and src.shape[0] != tgt.shape[0]):  # (anything else wrong with them: encode's and decode's checks)
+            raise ValueError(f"Seq2SeqTransformer: expected src and tgt of one batch size, got src of shape "
+                             f"{list(src.shape)} and tgt of shape {list(tgt.shape)}")
         memory = self.encode(src, src_padding_mask)
         return self.decode(tgt, memory, src_padding_mask, tgt_padding_mask)
