@@ -480,6 +480,9 @@ def test_adaln_checks_cond_dtype_and_eps():
         a(torch.randn(2, 3, 8), torch.randn(2, 4, dtype=torch.float64))  # F.linear's "mat1 and mat2" before
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts for the linear: taken
         assert a(torch.randn(2, 3, 8), torch.randn(2, 4).bfloat16()).shape == (2, 3, 8)
+        # autocast never casts float64: F.linear's "mat1 and mat2" there before
+        with pytest.raises(NormArgumentError, match="expected cond as the modulation's parameters"):
+            a(torch.randn(2, 3, 8), torch.randn(2, 4, dtype=torch.float64))
     with pytest.raises(NormArgumentError, match="expected eps to be a finite number"):
         normlab.AdaLN(8, 4, eps="a")  # accepted, failing at the first forward
 

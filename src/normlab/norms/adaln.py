@@ -53,9 +53,12 @@ class AdaLN(nn.Module):
                 f"(batch, cond_dim) for input of size{list(x.shape)}, got {got}"
             )
         w = self.modulation.weight
-        if cond.device != w.device or (cond.dtype != w.dtype and not torch.is_autocast_enabled(cond.device.type)):
+        # (autocast casts a float32, float16 or bfloat16 input of the modulation, never a float64 one)
+        autocast = torch.is_autocast_enabled(cond.device.type) and cond.dtype != torch.float64
+        if cond.device != w.device or (cond.dtype != w.dtype and not autocast):
             raise NormArgumentError(f"AdaLN: expected cond as the modulation's parameters: {w.dtype} on "
-                                    f"{w.device}, got {cond.dtype} on {cond.device}")
+                                    f"{w.device} (under autocast any floating dtype but float64), got {cond.dtype} "
+                                    f"on {cond.device}")
         shift, scale = self.modulation(torch.nn.functional.silu(cond)).chunk(2, dim=-1)
         view = (x.shape[0],) + (1,) * (x.dim() - 2) + (self.dim,)
         return F.adaln_modulate(x, scale.view(view), shift.view(view), self.eps, norm=self.norm)
