@@ -31,6 +31,7 @@ from normlab.diagnostics.structure import (
     is_norm,
     module_layer,
 )
+from normlab.errors import NormArgumentError
 
 STATS = ("mean", "rms", "max_abs", "nonfinite")
 
@@ -201,6 +202,10 @@ class ActivationMonitor:
         if stat not in STATS:
             raise ValueError(f"residual_rms: expected stat in {STATS}, got {stat!r}")
         recs = [r for r in self.step_records(step) if r.site == "residual"]
+        stacks = list(dict.fromkeys(r.stack for r in recs))
+        if stack is not None and recs and stack not in stacks:  # (a misspelling would read as no layers)
+            raise NormArgumentError(f"residual_rms: expected stack among {stacks} (the block lists recorded), "
+                                    f"got {stack!r}")
         if stack is None:
             lists = find_block_lists(self.model)
             stack = lists[0][0] if lists else ""

@@ -104,4 +104,6 @@ def max_logit(attn: nn.Module, x: Tensor, *, context: Tensor | None = None, attn
     if padding_mask is not None:
         padded = padding_mask if padding_mask.dtype is torch.bool else padding_mask != 0
         allowed = allowed & ~padded[:, None, :, None]
+    if logits.numel() == 0:  # an empty batch (or no keys): no logit, as when every query is padded
+        return logits.new_full((), -math.inf)
     return logits.masked_fill(~allowed, -math.inf).amax()

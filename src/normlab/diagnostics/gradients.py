@@ -90,10 +90,18 @@ class GradNorms(list):
 
     def by_layer(self, kind: str, *, stack: str | None = None, weights_only: bool = True) -> list[float]:
         """Gradient norm of ``kind`` in each layer of ``stack`` (default: the first stack);
-        0.0 for a layer without that kind."""
+        0.0 for a layer without that kind. A ``kind`` that is none of SUBLAYER_KINDS nor
+        any record's, or a ``stack`` that is none of ``stacks()`` (when there are records),
+        raises NormArgumentError: a misspelling would read as zero gradients."""
+        known = dict.fromkeys([*SUBLAYER_KINDS, *(r.kind for r in self)])
+        if kind not in known:
+            raise NormArgumentError(f"by_layer: expected kind among {list(known)}, got {kind!r}")
         stacks = self.stacks()
         if not stacks:
             return []
+        if stack is not None and stack not in stacks:
+            raise NormArgumentError(f"by_layer: expected stack among {stacks} (the block lists with "
+                                    f"gradients), got {stack!r}")
         stack = stacks[0] if stack is None else stack
         groups = [g for g in self.grouped(weights_only=weights_only)
                   if g["stack"] == stack and g["layer"] is not None]
@@ -238,10 +246,15 @@ class GradientMonitor:
         return self
 
     def detach(self) -> None:
-        self.flush()
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        """Write the last step's entry and remove the hooks; the gradients held for it are
+        released (a model-sized copy otherwise kept as long as the monitor)."""
+        try:
+            self.flush()
+        finally:
+            for h in self._handles:
+                h.remove()
+            self._handles.clear()
+            self._pending, self._param_norms = {}, {}
 
     def __enter__(self) -> GradientMonitor:
         return self.attach()
@@ -272,8 +285,15 @@ class GradientMonitor:
                     # whenever the entry is written)
                     self._param_norms[key] = p.detach().float().norm()
                 # several backward calls in one step (losses backwarded one by one): their
-                # gradients add up, so the step's norm is that of the sum, not of each
-                self._pending[key] = grad.detach() if prev is None else prev + grad.detach()
+                # gradients add up, so the step's norm is that of the sum, not of each.
+                # The gradient itself is held, not a detach()ed view of it: autograd then
+                # sees it referenced and copies it into a .grad that is None, where it would
+                # install this very tensor, whose memory clipping, GradScaler.unscale_ or
+                # zero_grad(set_to_none=False) change in place later in the step (the
+                # monitor read the clipped or zeroed gradient). A gradient with a graph of
+                # its own (create_graph=True) is copied instead, without the graph.
+                own = grad.detach().clone() if grad.requires_grad else grad
+                self._pending[key] = own if prev is None else prev + own.detach()
                 self._changed = True
         return hook
 
