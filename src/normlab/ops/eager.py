@@ -8,9 +8,11 @@ the reference itself runs: the backend "torch" of ``normlab.ops``.
   float32; otherwise torch's op in the compute dtype (``layer_norm_upcast``: x already in
   it, or compiled) or ``LayerNormFunction`` (half-precision x: torch's kernels, normlab's
   float32 sums).
-* rms_norm: ``RMSNormFunction``, one fused reduction (``vector_norm``) for the
+* rms_norm: ``_RMSNormEager``, one fused reduction (``vector_norm``) for the
   statistics and a hand-written backward with few passes; torch's own rms_norm is a
-  chain of pointwise ops on CPU and its autograd saves every intermediate.
+  chain of pointwise ops on CPU and its autograd saves every intermediate. Small CPU
+  inputs, compiled calls, and torch.func transforms / forward-mode AD run torch's op
+  (``rms_norm_upcast`` for the latter: its decomposition differentiates to any order).
 * add_*_norm: the residual add (with dropout, one ``addcmul``) in a single pass, then
   the norm above.
 
@@ -444,13 +446,16 @@ def _rms_backward(x: Tensor, weight: Tensor | None, rstd: Tensor, dout: Tensor, 
 
 
 def _rms_jvp(x: Tensor, weight: Tensor | None, rstd: Tensor, normalized_shape: tuple,
-             dx: Tensor | None, dweight: Tensor | None) -> Tensor:
+             dx: Tensor | None, dweight: Tensor | None, eps: float) -> Tensor:
     """Forward-mode derivative of y = x * rstd * w:
-    dy = dx * rstd * w - x * rstd^3 * mean(x * dx) * w + x * rstd * dw."""
+    dy = dx * rstd * w - x * rstd^3 * mean(x * dx) * w + x * rstd * dw, with rstd
+    recomputed from x (the saved one is a constant to autograd: a derivative of this
+    tangent would miss rstd's dependence on x), row-major as the primal output."""
     ct = rstd.dtype
     hidden = math.prod(normalized_shape)
     rows = _rows(x, normalized_shape)
     x2 = x.reshape(rows, hidden).to(ct)
+    rstd = torch.rsqrt(x2.square().mean(1, keepdim=True) + eps)
     out = torch.zeros_like(x2)
     if dx is not None:
         d2 = dx.reshape(rows, hidden).to(ct)
@@ -459,7 +464,7 @@ def _rms_jvp(x: Tensor, weight: Tensor | None, rstd: Tensor, normalized_shape: t
             out = out * weight.reshape(-1).to(ct)
     if dweight is not None:
         out = out + x2 * rstd * dweight.reshape(-1).to(ct)
-    return out.to(x.dtype).reshape(x.shape)
+    return in_layout_of(out.to(x.dtype).contiguous().reshape(x.shape), x)
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -490,7 +495,7 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, dx, _dshape, dweight, *_rest):
         x, weight, rstd = ctx.saved_for_jvp
-        return _rms_jvp(x, weight, rstd, ctx.normalized_shape, dx, dweight), None
+        return _rms_jvp(x, weight, rstd, ctx.normalized_shape, dx, dweight, ctx.eps), None
 
 
 def _rms_grads(ctx, dout: Tensor, saved: tuple | None = None) -> tuple:
@@ -565,7 +570,19 @@ def rms_norm(x, normalized_shape, weight, eps):
         if not _differentiable(x, weight):
             return _rms_forward(x, normalized_shape, weight, eps, fused_ok=True)[0]  # nothing to differentiate
         return _RMS_EAGER_APPLY(unwrap_if_dead(x), tuple(normalized_shape), unwrapped(weight), eps)
-    return RMSNormFunction.apply(x, tuple(normalized_shape), weight, eps)[0]
+    # torch.func transforms and forward-mode AD: torch's op in the compute dtype, whose
+    # decomposition differentiates to any order (a jvp from the forward's saved rstd, a
+    # constant to a second derivative, gave wrong reverse-over-forward derivatives and
+    # failed forward-over-forward), in every layout
+    return rms_norm_upcast(x, normalized_shape, weight, eps)
+
+
+def rms_norm_upcast(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, eps: float) -> Tensor:
+    """torch's rms_norm on x and the weight converted to the compute dtype (float32;
+    float64 where x or the weight is float64), rounded once to x's dtype, as
+    ``layer_norm_upcast``."""
+    ct = _layer_norm_dtype(x, weight, None)
+    return torch.rms_norm(x.to(ct), normalized_shape, None if weight is None else weight.to(ct), eps).to(x.dtype)
 
 
 def rms_norm_cast(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, eps: float | None,
@@ -613,7 +630,9 @@ def dropout_add(x, residual, *, dropout_p=0.0, training=False, generator=None,
         if torch.promote_types(residual.dtype, x.dtype) == out_dtype:
             return residual + x  # torch forms half-precision sums in float32, rounds once
         return (residual.float() + x).to(out_dtype)
-    keep_scaled = torch.rand(x.shape, generator=generator, device=x.device)
+    # (generator=None passed explicitly fails under torch.compile once the shape is symbolic)
+    keep_scaled = (torch.rand(x.shape, device=x.device) if generator is None
+                   else torch.rand(x.shape, generator=generator, device=x.device))
     keep_scaled.ge_(dropout_p).mul_(1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0)
     if residual is None:
         return torch.mul(x, keep_scaled).to(out_dtype)

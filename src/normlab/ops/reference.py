@@ -150,7 +150,10 @@ def dropout_add(
         else:
             # keep where a uniform draw is >= dropout_p (the eager path's and the kernels'
             # rule), drawn out of place: vmap(randomness="different") refuses in-place draws
-            keep = (torch.rand(x.shape, dtype=ct, device=x.device, generator=generator) >= dropout_p).to(ct)
+            # (generator=None passed explicitly fails under torch.compile once the shape is symbolic)
+            draw = (torch.rand(x.shape, dtype=ct, device=x.device) if generator is None
+                    else torch.rand(x.shape, dtype=ct, device=x.device, generator=generator))
+            keep = (draw >= dropout_p).to(ct)
             h = h * keep / (1.0 - dropout_p)
     if residual is not None:
         h = residual.to(ct) + h
