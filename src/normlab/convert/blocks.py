@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from normlab.convert.args import check_names
+from normlab.errors import NormTypeError
 from normlab.norms.base import ResidualNorm
 
 
@@ -87,10 +89,26 @@ def _qualified(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+_QUALIFIED = "the class's module and qualified name, as 'transformers.models.llama.modeling_llama.LlamaDecoderLayer'"
+
+
+def _check_spec(where: str, spec: object) -> None:
+    if not callable(spec):
+        raise NormTypeError(f"{where}: expected the decorated spec to be a callable taking the module, got "
+                            f"{type(spec).__name__}")
+
+
 def register_block(*qualified_names: str, forward: Callable | None = None):
-    """Decorator: ``spec(module) -> BlockSpec`` for the classes named ``module.QualName``."""
+    """Decorator: ``spec(module) -> BlockSpec`` for the classes named ``module.QualName``
+    (``forward``: the block's fused forward, or None). Raises NormTypeError / NormArgumentError
+    for a name that is not a non-empty str, no name, or a ``forward`` that is not callable."""
+    check_names("register_block", "qualified name", qualified_names, _QUALIFIED)
+    if forward is not None and not callable(forward):
+        raise NormTypeError(f"register_block: expected forward to be None or the block's fused forward (a "
+                            f"callable), got {type(forward).__name__}")
 
     def wrap(spec: Callable[[nn.Module], BlockSpec]):
+        _check_spec("register_block", spec)
         for name in qualified_names:
             _BLOCKS[name] = _BlockEntry(spec, forward)
         return spec
@@ -99,7 +117,12 @@ def register_block(*qualified_names: str, forward: Callable | None = None):
 
 
 def register_model(*qualified_names: str):
+    """Decorator: ``spec(model) -> ModelSpec`` for the classes named ``module.QualName``
+    (checked as ``register_block``'s)."""
+    check_names("register_model", "qualified name", qualified_names, _QUALIFIED)
+
     def wrap(spec: Callable[[nn.Module], ModelSpec]):
+        _check_spec("register_model", spec)
         for name in qualified_names:
             _MODELS[name] = spec
         return spec

@@ -13,7 +13,17 @@ TRANSFORMS = ("swap", "fold", "rms")
 # the files convert writes (save_pretrained's, save_model's, its report), and the weights of
 # another checkpoint there, which reloading OUT would read with them
 _MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-                "pytorch_model.bin", "normlab_convert.json")
+                "pytorch_model.bin", "pytorch_model.bin.index.json", "normlab_convert.json")
+# and the shards an index names (save_pretrained's ``max_shard_size``)
+_SHARD = re.compile(r"model-\d+-of-\d+\.safetensors|pytorch_model-\d+-of-\d+\.bin")
+
+
+def _model_files(out: Path) -> list[Path]:
+    """The files in ``out`` that writing a converted model there replaces (``_MODEL_FILES``
+    and weight shards), sorted; nothing else (a tokenizer, a README) is one of them."""
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.iterdir() if p.name in _MODEL_FILES or _SHARD.fullmatch(p.name))
 
 
 def _load_hf(src: Path):
@@ -297,7 +307,7 @@ def convert(
     out: Annotated[Path, typer.Argument(help="Directory to write the converted model and report to.")],
     transform: Annotated[list[str] | None, typer.Option("--transform", "-t", help="swap | fold | rms; repeat to chain, applied in order (default: swap).")] = None,
     config: Annotated[Path | None, typer.Option(help="A TransformerConfig JSON, for a .safetensors SRC without normlab metadata (built as a TransformerLM).")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into an OUT that already holds a model (its files are replaced; others stay).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into an OUT that already holds a model: its model files (config, weights, shards and their index, the report) are removed and replaced; other files stay.")] = False,
 ) -> None:
     """Convert a saved model: swap its norms for normlab's, fold norm affines, or turn Pre-LN into Pre-RMSNorm.
 
@@ -333,11 +343,11 @@ def convert(
     from normlab.bench.common import check_backend, check_out_dir
 
     check_out_dir(out, param_hint="OUT")
-    held = sorted(p.name for p in out.glob("*") if p.name in _MODEL_FILES
-                  or re.fullmatch(r"model-\d+-of-\d+\.safetensors", p.name)) if out.is_dir() else []
+    held = _model_files(out)
     if held and not overwrite:
-        raise typer.BadParameter(f"{out} already holds a model ({', '.join(held)}), which converting would write "
-                                 "over; expected an empty or new directory, or --overwrite", param_hint="OUT")
+        raise typer.BadParameter(f"{out} already holds a model ({', '.join(p.name for p in held)}), which "
+                                 "converting would write over; expected an empty or new directory, or --overwrite",
+                                 param_hint="OUT")
     check_backend(torch.device("cpu"))  # the model is loaded, probed and verified on the CPU
     if src.is_dir():
         model, kind = _load_hf(src), "hf"
@@ -360,11 +370,27 @@ def convert(
         console.print(str(r), highlight=False, soft_wrap=True, markup=False)
         reports.append(r.to_dict())
     try:
+        _remove_model_files(out)  # (after the transforms: a refused conversion leaves OUT as it was)
         _write(model, kind, original, reports, out, console)
     except KeyboardInterrupt:
         _error(f"interrupted while writing and checking {out}: its files may be incomplete or unchecked; do not "
                "use them")
         raise typer.Exit(130) from None
+
+
+def _remove_model_files(out: Path) -> None:
+    """Remove the model files an overwritten OUT holds (``_model_files``): what is written
+    replaces some of them, and any left would be read with it (a sharded checkpoint's
+    index, naming shards and keys of the old model, beside the new single file)."""
+    for p in _model_files(out):
+        if p.is_file() or p.is_symlink():
+            try:
+                p.unlink()
+            except OSError as err:
+                _error(f"cannot remove {p}, a file of the model in {out} that converting replaces: "
+                       f"{err.strerror or err}; nothing was written, but {out} may have lost some of its old "
+                       "model's files: do not use it")
+                raise typer.Exit(1) from err
 
 
 def _write(model, kind: str, original: dict, reports: list, out: Path, console) -> None:

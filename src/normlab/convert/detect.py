@@ -29,6 +29,7 @@ from normlab import functional as F
 from normlab.convert.verify import copy_without_hooks
 from normlab.norms import LayerNorm, RMSNorm
 from normlab.norms.base import ResidualNorm
+from normlab.ops.reference import default_rms_eps
 
 EPS_ATTRS = ("eps", "variance_epsilon", "epsilon", "layer_norm_eps")
 
@@ -49,9 +50,13 @@ class PromotedRMSNorm(RMSNorm):
     a float32 weight gives float32, where normlab.RMSNorm keeps the input's dtype. Where
     the two dtypes differ it computes with ``casting_mode="llama"`` (bit for bit
     LlamaRMSNorm's); where they are equal, as normlab.RMSNorm (identical in float32,
-    within one rounding in half precision). The fused add+norm (``norm(x, residual)``)
-    gives its output in the same dtype: where the weight's dtype is wider than ``x``'s,
-    it adds, then normalizes (unfused)."""
+    within one rounding in half precision). Float64 input is computed as LlamaRMSNorm
+    computes it, bit for bit: normalized in float32 (Hugging Face's norms form their
+    statistic in float32 whatever the input's dtype), cast back to float64, times the
+    weight; so a float64 model keeps its outputs (normlab.RMSNorm computes float64 in
+    float64, about 1e-7 from it). The fused add+norm (``norm(x, residual)``) gives its
+    output in the same dtype: where the weight's dtype is wider than ``x``'s, or ``x`` is
+    float64, it adds, then normalizes (unfused)."""
 
     # without a weight (its gamma folded into the next layer: ``fold_norm_affine``), the
     # dtype the folded weight had: the output keeps the promoted dtype the next layer takes
@@ -85,9 +90,28 @@ class PromotedRMSNorm(RMSNorm):
         dt = torch.promote_types(x.dtype, wdt)
         return None if dt is x.dtype else dt
 
+    def _llama_float64(self) -> bool:
+        """Whether float64 input takes LlamaRMSNorm's path (``_as_llama_float64``): a plain
+        norm (no offset, torch's casting), not recording per-example gradient norms (which
+        normlab's own op gives)."""
+        return self.offset == 0.0 and self.casting_mode == "torch" and not self.collect_per_example_grad_sq
+
+    def _as_llama_float64(self, x: Tensor) -> Tensor:
+        """LlamaRMSNorm on float64 input, op for op (so the bits match): normalized in
+        float32 (``hidden_states.to(torch.float32)``), cast back to float64, times the weight."""
+        shape = F._check_normalized_shape("rms_norm", x, self.normalized_shape)
+        eps = default_rms_eps(torch.float32) if self.eps is None else self.eps
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1 if len(shape) == 1 else tuple(range(-len(shape), 0)), keepdim=True)
+                            + eps)
+        w = self._parameters.get("weight")
+        return h.to(x.dtype) if w is None else w * h.to(x.dtype)
+
     def normalize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         dt = self._promoted(x)
         if dt is None:
+            if x.dtype is torch.float64 and self._llama_float64():
+                return self._as_llama_float64(x)
             return super().normalize(x, padding_mask)
         if (self.weight is None or self.collect_per_example_grad_sq or self.offset != 0.0
                 or self.casting_mode != "torch"):
@@ -97,9 +121,10 @@ class PromotedRMSNorm(RMSNorm):
         return F.rms_norm(x, self.normalized_shape, self.weight, self.eps, casting_mode="llama")
 
     def add_normalize(self, x, residual, dropout_p, residual_dtype, padding_mask):
-        if self._promoted(x) is None:
+        if self._promoted(x) is None and not (x.dtype is torch.float64 and self._llama_float64()):
             return super().add_normalize(x, residual, dropout_p, residual_dtype, padding_mask)
-        # as the unfused block: norm(residual + x), in the promoted dtype
+        # as the unfused block: norm(residual + x), in the promoted dtype (float64: in
+        # LlamaRMSNorm's float32, ``normalize``)
         new_residual = F.dropout_add(x, residual, dropout_p=dropout_p, training=self.training,
                                      residual_dtype=residual_dtype)
         return self.normalize(new_residual, padding_mask), new_residual
@@ -265,16 +290,24 @@ def semantics(module: nn.Module) -> NormSemantics | str:
     except Exception as err:  # (a lock, an open file, ... among its attributes)
         return f"cannot be copied to probe its forward ({type(err).__name__}: {err})"
     kinds = ("layernorm",) if has_b else ("rmsnorm", "layernorm")
+    dtype = next(iter(params.values())).dtype if params else torch.float32  # the probes' (``_probe``)
     diffs = []
     for kind in kinds:
         cand = NormSemantics(kind, shape, eps, has_w, has_b, "")
         ok, detail = _probe(module, cand)
-        if not ok and kind == "rmsnorm" and has_w and detail.startswith(_PROMOTES):
-            # the weight times the normalized input, in the promoted dtype (LlamaRMSNorm)
-            cand = replace(cand, output_dtype="promoted")
-            ok, detail = _probe(module, cand)
-            if ok:
-                detail = f"as PromotedRMSNorm (output in the promoted dtype of input and weight), {detail}"
+        promotes = detail.startswith(_PROMOTES)
+        if not ok and kind == "rmsnorm" and has_w and (promotes or dtype is torch.float64):
+            # the weight times the normalized input, in the promoted dtype; float64 input
+            # normalized in float32 (LlamaRMSNorm)
+            pcand = replace(cand, output_dtype="promoted")
+            pok, pdetail = _probe(module, pcand)
+            if pok:
+                cand, ok = pcand, True
+                detail = ("as PromotedRMSNorm (" + ("LlamaRMSNorm's numerics: float64 input normalized in float32, "
+                                                    if dtype is torch.float64 else "")
+                          + f"output in the promoted dtype of input and weight), {pdetail}")
+            elif promotes:
+                detail = pdetail
         if ok:
             return replace(cand, verified=detail)
         diffs.append(f"{kind}: {detail}")
@@ -290,23 +323,42 @@ def semantics(module: nn.Module) -> NormSemantics | str:
         if ok:
             return replace(cand, verified=f"over the last dim with a weight per head, {detail}")
         diffs.append(f"layernorm over the last dim, a weight per head: {detail}")
-    known = _KNOWN_VARIANTS.get(type(module).__name__)
-    if known and type(module).__module__.startswith("transformers."):
+    known = _known_variant(module, dtype)
+    if known:
         return f"{type(module).__name__} {known} (probe: " + "; ".join(diffs) + ")"
-    return ("forward differs from normlab's " + "; ".join(diffs)
-            + " (e.g. a (1 + weight) scale, a different cast order or a mean-free variance)")
+    return ("forward differs from normlab's " + "; ".join(diffs) + " (e.g. a (1 + weight) scale, a different cast "
+            "order" + (", a statistic formed in float32 whatever the input's dtype" if dtype is torch.float64
+                       else "") + " or a mean-free variance)")
 
 
 # Hugging Face norms known to compute something else than normlab's norms; the probe
-# decides, these name the difference in the reason
+# decides, these name the difference in the reason, each for the parameter dtypes it
+# describes (None: any)
 _GEMMA = ("scales by (1 + weight) (Gemma's zero-centred gamma) in float32 whatever its input's dtype; "
           "normlab's RMSNorm(offset=1, casting_mode='gemma') differs from it here")
-_T5 = ("casts its output to its weight's half-precision dtype whatever its input's (transformers keeps T5's "
-       "wo in float32, so in a float16/bfloat16 T5 its norms see float32 input and return the weight's dtype), "
-       "which normlab's casting modes do not; normlab.integrations.hf.patch('t5') builds T5 with a norm that does")
-_KNOWN_VARIANTS = {
-    "GemmaRMSNorm": _GEMMA, "Gemma2RMSNorm": _GEMMA, "Gemma3RMSNorm": _GEMMA, "T5LayerNorm": _T5,
+_T5_HALF = ("casts its output to its weight's half-precision dtype whatever its input's (transformers keeps T5's "
+            "wo in float32, so in a float16/bfloat16 T5 its norms see float32 input and return the weight's "
+            "dtype), which normlab's casting modes do not; normlab.integrations.hf.patch('t5') builds T5 with a "
+            "norm that does")
+_T5_FLOAT64 = ("forms its variance in float32 whatever its input's dtype (float64 here) and scales the float64 "
+               "input by it, which normlab's norms do not (normlab.RMSNorm computes float64 in float64; "
+               "PromotedRMSNorm, as LlamaRMSNorm, normalizes a float32 copy): about 1e-7 apart; "
+               "normlab.integrations.hf.patch('t5') builds T5 with a norm that computes as it does")
+_KNOWN_VARIANTS: dict[str, tuple[tuple[tuple[torch.dtype, ...] | None, str], ...]] = {
+    "GemmaRMSNorm": ((None, _GEMMA),), "Gemma2RMSNorm": ((None, _GEMMA),), "Gemma3RMSNorm": ((None, _GEMMA),),
+    "T5LayerNorm": (((torch.float16, torch.bfloat16), _T5_HALF), ((torch.float64,), _T5_FLOAT64)),
 }
+
+
+def _known_variant(module: nn.Module, dtype: torch.dtype) -> str | None:
+    """The known difference of a Hugging Face norm from normlab's for parameters of ``dtype``
+    (the probes' dtype), or None where none is known for it."""
+    if not type(module).__module__.startswith("transformers."):
+        return None
+    for dtypes, why in _KNOWN_VARIANTS.get(type(module).__name__, ()):
+        if dtypes is None or dtype in dtypes:
+            return why
+    return None
 
 
 # probe inputs: (std, mean) of x; the small ones are where eps matters (activations of

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from normlab.convert.analysis import analyse
+from normlab.convert.args import check_bool, check_module, check_patterns
 from normlab.convert.blocks import block_entry, block_spec
 from normlab.convert.detect import NormSemantics, semantics
 from normlab.convert.fused import is_fused
@@ -21,7 +22,6 @@ from normlab.convert.swap import (
     hook_kinds,
     norm_modules,
     outside_references,
-    patterns,
     refuse_meta,
     replace_module,
     selected,
@@ -196,11 +196,16 @@ def fold_norm_affine(
     once. The folded norms lose their weight/bias state_dict entries.
 
     Raises ConversionError, changing nothing, when the model has parameters on the meta
-    device (folding needs their values).
+    device (folding needs their values); NormTypeError (a TypeError), changing nothing,
+    when ``model`` is not a torch.nn.Module, ``include``/``exclude`` not a str or an
+    iterable of str, or ``add_bias`` not a bool.
     """
+    check_module("fold_norm_affine", "model", model)
+    include = check_patterns("fold_norm_affine", "include", include)
+    exclude = check_patterns("fold_norm_affine", "exclude", exclude)
+    add_bias = check_bool("fold_norm_affine", "add_bias", add_bias)
     refuse_meta(model, "fold_norm_affine",
                 "folding computes the consumers' new weights from their values and the norms' gamma and beta")
-    include, exclude = patterns(include), patterns(exclude)
     report = ConversionReport("fold_norm_affine", model)
     analysis = analyse(model)
     hf_class = type(model).__name__ if type(model).__module__.startswith("transformers.") else None

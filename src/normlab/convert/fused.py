@@ -13,7 +13,9 @@ import importlib
 
 from torch import nn
 
+from normlab.convert.args import check_module
 from normlab.convert.blocks import block_entry
+from normlab.errors import NormArgumentError
 
 _PREFIX = "Fused__"
 _CLASSES: dict[type, type] = {}
@@ -54,11 +56,21 @@ def is_fused(module: nn.Module) -> bool:
 
 
 def fuse(block: nn.Module) -> None:
+    """Give ``block`` (an instance of a registered block class) its fused forward, in place;
+    a fused block is left as it is."""
+    check_module("fuse", "block", block)
     if not is_fused(block):
+        _, entry = block_entry(block)
+        if entry is None or entry.forward is None:
+            raise NormArgumentError(f"fuse: expected block to be a block whose fused forward is registered in "
+                                    f"normlab.convert.blocks, got {type(block).__qualname__} (no fused forward is "
+                                    "registered for it, or it defines its own forward)")
         block.__class__ = fused_class(type(block))
 
 
 def unfuse(block: nn.Module) -> None:
+    """Give a fused ``block`` its original class back, in place; any other module is left."""
+    check_module("unfuse", "block", block)
     if is_fused(block):
         block.__class__ = type(block)._normlab_base
 

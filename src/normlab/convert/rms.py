@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from normlab import functional as F
 from normlab.convert.analysis import analyse
+from normlab.convert.args import check_module, check_tolerance
 from normlab.convert.detect import semantics
 from normlab.convert.fused import is_fused, unfuse
 from normlab.convert.linear import recomputed_by
@@ -107,7 +108,13 @@ def layernorm_to_rmsnorm(model: nn.Module, *, example_inputs=None, atol: float =
     the forward also reads directly, a norm that is not a LayerNorm reading a stream that
     is not centered), or when the outputs
     on ``example_inputs`` differ beyond ``atol``/``rtol`` (every change is undone).
+    Raises NormTypeError (a TypeError) when ``model`` is not a torch.nn.Module or a
+    tolerance is no number, NormArgumentError (a ValueError) when a tolerance is negative
+    or not finite: before any work.
     """
+    check_module("layernorm_to_rmsnorm", "model", model)
+    atol = check_tolerance("layernorm_to_rmsnorm", "atol", atol)
+    rtol = check_tolerance("layernorm_to_rmsnorm", "rtol", rtol)
     refuse_meta(model, "layernorm_to_rmsnorm",
                 "centering the residual stream's writers computes their new weights from their values")
     a, plans, left, done = _plan(model)

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from torch import nn
 from torch.nn.utils import parametrize
 
+from normlab.convert.args import check_module, check_patterns
 from normlab.convert.blocks import block_entry, block_spec
 from normlab.convert.detect import NormSemantics, semantics
 from normlab.convert.fused import fuse, is_fused
@@ -15,12 +16,6 @@ from normlab.convert.report import ConversionError, ConversionReport
 from normlab.convert.verify import HOOK_DICTS
 from normlab.norms import LayerNorm, RMSNorm, is_norm
 from normlab.norms.base import ResidualNorm
-
-
-def patterns(p: str | Iterable[str] | None) -> tuple[str, ...] | None:
-    if p is None:
-        return None
-    return (p,) if isinstance(p, str) else tuple(p)
 
 
 def selected(path: str, include, exclude) -> bool:
@@ -155,8 +150,13 @@ def swap_norms(
     kept); module paths and state_dict keys do not change. Blocks of a known type
     (``normlab.convert.blocks``) whose norms all became normlab's get the forward that
     fuses their residual adds into the norms.
+
+    Raises NormTypeError (a TypeError), changing nothing, when ``model`` is not a
+    torch.nn.Module or ``include``/``exclude`` is not a str or an iterable of str.
     """
-    include, exclude = patterns(include), patterns(exclude)
+    check_module("swap_norms", "model", model)
+    include = check_patterns("swap_norms", "include", include)
+    exclude = check_patterns("swap_norms", "exclude", exclude)
     report = ConversionReport("swap_norms", model)
     paths = all_paths(model)
     for path, module in norm_modules(model):

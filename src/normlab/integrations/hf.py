@@ -16,9 +16,16 @@ computes Gemma's float32 ``x * (1 + weight)``, so the logits stay bit for bit eq
 float32 and bf16; Gemma's blocks are not fused.
 Numerics: identical in float32; in bf16/fp16 within one rounding, because LlamaRMSNorm
 (and T5LayerNorm) round to the input dtype before multiplying by the weight and normlab
-rounds once after. Output dtypes are Hugging Face's: LlamaRMSNorm returns the promoted
-dtype of input and weight (bf16 input to a float32 weight, as under autocast or from
-bf16 ``inputs_embeds``, gives float32), and so do the swapped and patched norms
+rounds once after; in float64 identical, bit for bit: Hugging Face's norms form their
+statistic in float32 whatever the input's dtype (where normlab.RMSNorm computes float64
+in float64, about 1e-7 apart), and the patched norms compute float64 input (T5's: a
+float64 input or weight) op for op as they do. ``apply_normlab`` swaps a float64
+LlamaRMSNorm (and its copies) for ``PromotedRMSNorm``, which does the same, and leaves a
+float64 T5LayerNorm (it scales the float64 input by its float32 variance; the report
+says so) and Gemma's norms (float32 whatever the input) in a float64 model. Output
+dtypes are Hugging Face's: LlamaRMSNorm returns the promoted dtype of input and weight
+(bf16 input to a float32 weight, as under autocast or from bf16 ``inputs_embeds``,
+gives float32), and so do the swapped and patched norms
 (``LlamaStyleRMSNorm`` is a ``PromotedRMSNorm``, which computes that case exactly as
 LlamaRMSNorm; ``T5StyleRMSNorm`` computes it in float32, as T5LayerNorm).
 ``apply_normlab`` checks each norm on a probe input before swapping (a float32 weight
@@ -36,9 +43,11 @@ import types
 import torch
 from torch import Tensor, nn
 
+from normlab import functional as F
 from normlab.convert import swap_norms
 from normlab.convert.detect import PromotedRMSNorm
 from normlab.convert.fused import fused_class
+from normlab.errors import NormTypeError
 from normlab.norms import LayerNorm, RMSNorm
 
 
@@ -58,8 +67,8 @@ def apply_normlab(model: nn.Module) -> nn.Module:
     model is a transformers PreTrainedModel."""
     t = _transformers()
     if not isinstance(model, t.PreTrainedModel):
-        raise TypeError(f"apply_normlab(model): expected a transformers PreTrainedModel, got "
-                        f"{type(model).__name__}; use normlab.convert.swap_norms for other models")
+        raise NormTypeError(f"apply_normlab(model): expected a transformers PreTrainedModel, got "
+                            f"{type(model).__name__}; use normlab.convert.swap_norms for other models")
     swap_norms(model).normlab_report.transform = "apply_normlab"
     return model
 
@@ -80,6 +89,7 @@ def _hf_norm_class(base: type, name: str) -> type:
 LlamaStyleRMSNorm = _hf_norm_class(PromotedRMSNorm, "LlamaStyleRMSNorm")
 
 _HALF = (torch.float16, torch.bfloat16)
+_F64 = torch.float64
 
 
 class T5StyleRMSNorm(LlamaStyleRMSNorm):
@@ -89,7 +99,21 @@ class T5StyleRMSNorm(LlamaStyleRMSNorm):
     weight's dtype), else the promoted dtype of input and weight (a float32 weight on
     bfloat16 input gives float32, computed in float32 as T5LayerNorm). Computed in float32
     and rounded once; T5LayerNorm rounds twice (to the weight's dtype, then the product),
-    so the two agree within one rounding."""
+    so the two agree within one rounding. Where the input or the weight is float64 it
+    computes as T5LayerNorm, op for op (the same bits): the variance in float32 whatever
+    the input's dtype, the input scaled by it in the promoted dtype, times the weight."""
+
+    def _as_t5(self, x: Tensor, w: Tensor | None) -> Tensor:
+        """T5LayerNorm's forward (float64 input or weight, where normlab's float64 differs)."""
+        shape = F._check_normalized_shape("rms_norm", x, self.normalized_shape)
+        eps = torch.finfo(torch.float32).eps if self.eps is None else self.eps
+        dims = -1 if len(shape) == 1 else tuple(range(-len(shape), 0))
+        h = x * torch.rsqrt(x.to(torch.float32).pow(2).mean(dims, keepdim=True) + eps)
+        if w is None:
+            return h
+        if w.dtype in _HALF:
+            h = h.to(w.dtype)
+        return w * h
 
     def _promoted(self, x: Tensor) -> torch.dtype | None:
         """The dtype T5LayerNorm returns where it differs from ``x``'s (the fused add+norm,
@@ -102,10 +126,17 @@ class T5StyleRMSNorm(LlamaStyleRMSNorm):
 
     def normalize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         dt = self._promoted(x)
+        # (float64 input, or a float64 weight: T5LayerNorm's own ops; one check on each path)
         if dt is None:
+            if x.dtype is _F64 and self._llama_float64():
+                return self._as_t5(x, self._parameters.get("weight"))
             return RMSNorm.normalize(self, x, padding_mask)
         if dt in _HALF:  # a half-precision weight: computed in the input's dtype, then cast
+            if x.dtype is _F64 and self._llama_float64():
+                return self._as_t5(x, self._parameters.get("weight"))
             return RMSNorm.normalize(self, x, padding_mask).to(dt)
+        if dt is _F64 and self._llama_float64():
+            return self._as_t5(x, self._parameters.get("weight"))
         return RMSNorm.normalize(self, x.to(dt), padding_mask)  # T5LayerNorm computes in float32
 
 
@@ -158,19 +189,21 @@ class patch:
     Handles for one architecture may overlap and be undone in any order: it stays patched
     until every handle is undone, and then has its original classes again. A handle
     entered again (``with handle:`` after its block ended or ``undo()``) patches again
-    until that block ends. Models built while patched pickle and unpickle, with the
-    patch active or not."""
+    until that block ends; ``with handle:`` blocks of one handle may nest, and the handle
+    is released when the outermost ends (``undo()`` releases it at once). Models built
+    while patched pickle and unpickle, with the patch active or not."""
 
     def __init__(self, architecture: str) -> None:
         _transformers()
-        if not isinstance(architecture, str):
-            raise ValueError(f"patch(architecture): expected one of {', '.join(ARCHITECTURES)}, "
-                             f"got {architecture!r}")
+        if not isinstance(architecture, str):  # (also a ValueError, which this raised before)
+            raise NormTypeError(f"patch(architecture): expected one of {', '.join(ARCHITECTURES)}, "
+                                f"got {type(architecture).__name__} {architecture!r}")
         module_name, replacements, blocks = _plan(architecture.lower())
         self.architecture = architecture.lower()
         self._module = importlib.import_module(module_name)
         self._replacements, self._blocks = replacements, blocks
         self._active = False
+        self._depth = 0  # ``with`` blocks of this handle entered and not yet exited
         self._activate()
 
     def _activate(self) -> None:
@@ -204,13 +237,17 @@ class patch:
 
     def __enter__(self) -> patch:
         # a handle used as a context manager again after its ``with`` block (or ``undo()``)
-        # patches again, until the block ends
+        # patches again, until the block ends; a block nested in another of the same handle
+        # (``with p:`` inside ``with p:``) leaves it patched for the rest of the outer one
         if not self._active:
             self._activate()
+        self._depth += 1
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.undo()
+        self._depth = max(self._depth - 1, 0)
+        if self._depth == 0:
+            self.undo()
 
     def __repr__(self) -> str:
         return f"patch({self.architecture!r}, active={self._active})"
