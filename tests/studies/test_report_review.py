@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 
-import matplotlib.pyplot as plt
 import pytest
 from matplotlib.figure import Figure
 
@@ -18,16 +17,6 @@ from normlab.studies.stats import mean_ci
 from tests.studies.helpers import micro_spec
 
 STEPS = range(0, 100, 10)
-
-
-@pytest.fixture
-def drawn(monkeypatch):
-    """The figures the plot functions would save, kept open to read their artists."""
-    figs: list = []
-    monkeypatch.setattr(report, "_save", lambda fig, path: figs.append(fig) or path)
-    yield figs
-    for fig in figs:
-        plt.close(fig)
 
 
 def _lines(fig) -> dict:

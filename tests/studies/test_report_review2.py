@@ -7,22 +7,12 @@ from __future__ import annotations
 
 import math
 
-import matplotlib.pyplot as plt
 import pytest
 
 from normlab.studies import report
 from normlab.studies.claims import judge_all
 
 STEPS = range(0, 100, 10)
-
-
-@pytest.fixture
-def drawn(monkeypatch):
-    figs: list = []
-    monkeypatch.setattr(report, "_save", lambda fig, path: figs.append(fig) or path)
-    yield figs
-    for fig in figs:
-        plt.close(fig)
 
 
 def _labels(ax) -> list[str]:
