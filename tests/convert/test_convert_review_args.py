@@ -137,7 +137,7 @@ def _refused(error, name, fn, *args, **kw):
     (lambda m: fold_norm_affine(m, exclude=b"x"), "expected exclude to be a str or an iterable of str"),
     (lambda m: fold_norm_affine(m, include=2.5), "expected include to be"),
     (lambda m: fold_norm_affine(m, add_bias="False"), "expected add_bias to be a bool"),
-    (lambda m: fold_norm_affine(m, add_bias=1), "expected add_bias to be a bool"),
+    (lambda m: fold_norm_affine(m, add_bias=2), "expected add_bias to be a bool"),
     (lambda m: fold_norm_affine(None), "expected model to be a torch.nn.Module"),
     (lambda m: layernorm_to_rmsnorm([m]), "expected model to be a torch.nn.Module"),
     (lambda m: layernorm_to_rmsnorm(m, atol="1e-4"), "expected atol to be a finite number >= 0"),

@@ -99,3 +99,16 @@ def test_the_functions_own_jvp_differentiates_again():
             tangent = fwAD.unpack_dual(fn(fwAD.make_dual(x, t))).tangent
         grads.append(torch.autograd.grad(tangent.square().sum(), x)[0])
     torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_transforms_give_the_eager_paths_bits(dtype):
+    from torch.func import vmap
+
+    torch.manual_seed(0)
+    x, w = (torch.randn(1024, 256) * 3).to(dtype), torch.randn(256).to(dtype)
+    eager_out = NF.rms_norm(x, (256,), w)
+    mapped = vmap(lambda a: NF.rms_norm(a, (256,), w))(x.view(2, 512, 256)).reshape(1024, 256)
+    with fwAD.dual_level():
+        primal = fwAD.unpack_dual(NF.rms_norm(fwAD.make_dual(x, torch.randn_like(x)), (256,), w)).primal
+    assert torch.equal(mapped, eager_out) and torch.equal(primal, eager_out)

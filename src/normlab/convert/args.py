@@ -10,6 +10,7 @@ import math
 import numbers
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 from normlab.errors import NormArgumentError, NormTypeError
@@ -40,15 +41,23 @@ def check_patterns(where: str, name: str, value: object) -> tuple[str, ...] | No
 
 
 def check_bool(where: str, name: str, value: object) -> bool:
-    """A flag: True or False (a string such as "False" is truthy, so it is refused)."""
-    if not isinstance(value, bool):
-        raise NormTypeError(f"{where}: expected {name} to be a bool (True or False), got "
-                            f"{type(value).__name__} {value!r}")
-    return value
+    """A flag: True or False, numpy's bools, or the integers 0 and 1 (a string such as
+    "False" is truthy, so it is refused)."""
+    if isinstance(value, bool):
+        return value
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+    if numpy_bool or (isinstance(value, numbers.Integral) and value in (0, 1)):
+        return bool(value)
+    raise NormTypeError(f"{where}: expected {name} to be a bool (True or False), got "
+                        f"{type(value).__name__} {value!r}")
 
 
 def check_tolerance(where: str, name: str, value: object) -> float:
-    """A comparison tolerance: a finite real number >= 0, returned as a float."""
+    """A comparison tolerance: a finite real number >= 0 (a one-element real tensor too),
+    returned as a float."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex() \
+            and value.dtype is not torch.bool:
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise NormTypeError(f"{where}: expected {name} to be a finite number >= 0, got "
                             f"{type(value).__name__} {value!r}")

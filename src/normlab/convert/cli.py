@@ -331,9 +331,13 @@ def convert(
         raise typer.BadParameter(f"{out} is {'SRC' if out_path == src_path else 'inside SRC'}: converting "
                                  "would write over the source model; expected another directory",
                                  param_hint="OUT")
-    if not src.is_dir() and (out_path / "model.safetensors") == src_path:
-        raise typer.BadParameter(f"{out}/model.safetensors is SRC: converting would write over the source "
-                                 "model; expected another directory", param_hint="OUT")
+    # SRC or --config as one of the files converting writes or removes in OUT (model.safetensors,
+    # a shard, config.json: ``_model_files``) would be lost
+    for given, what in ((src, "SRC"), (config, "--config")):
+        if (given is not None and not given.is_dir() and given.resolve().parent == out_path
+                and (given.name in _MODEL_FILES or _SHARD.fullmatch(given.name))):
+            raise typer.BadParameter(f"{out}/{given.name} is {what}: converting writes (or removes) that file "
+                                     "of OUT; expected another directory", param_hint="OUT")
     if src.is_dir() and config is not None:
         raise typer.BadParameter(f"{config} applies only to a .safetensors SRC (a state dict without normlab "
                                  f"metadata); {src} is a Hugging Face model directory, built from its own "

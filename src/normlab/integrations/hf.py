@@ -225,6 +225,7 @@ class patch:
     def undo(self) -> None:
         """Release this handle (a second call does nothing); when no other handle for the
         architecture is active, restore its original classes."""
+        self._depth = 0  # (a block entered again after this starts counting afresh)
         if not self._active:
             return
         self._active = False

@@ -578,11 +578,18 @@ def rms_norm(x, normalized_shape, weight, eps):
 
 
 def rms_norm_upcast(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, eps: float) -> Tensor:
-    """torch's rms_norm on x and the weight converted to the compute dtype (float32;
-    float64 where x or the weight is float64), rounded once to x's dtype, as
-    ``layer_norm_upcast``."""
-    ct = _layer_norm_dtype(x, weight, None)
-    return torch.rms_norm(x.to(ct), normalized_shape, None if weight is None else weight.to(ct), eps).to(x.dtype)
+    """``_rms_forward``'s ops out of place (``vector_norm`` for rstd, in the compute dtype,
+    times the weight, rounded once to x's dtype): the eager path's bits (above
+    ``FUSED_RMS_MAX_NUMEL``, where eager does not take torch's fused forward), with torch
+    ops autograd differentiates to any order, under every transform."""
+    ct = reference.compute_dtype(x.dtype)
+    dims = tuple(range(-len(normalized_shape), 0))
+    h = x.to(ct)
+    rstd = torch.linalg.vector_norm(h, dim=dims, keepdim=True).square().div(math.prod(normalized_shape))
+    y = h * rstd.add(eps).rsqrt()
+    if weight is not None:
+        y = y * weight
+    return y.to(x.dtype)
 
 
 def rms_norm_cast(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, eps: float | None,

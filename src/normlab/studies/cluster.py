@@ -279,6 +279,8 @@ def ended_jobs(study_dir: Path, names: Collection[str], busy: Callable[[str], bo
                     status, payload = pickle.load(f)
             except Exception:  # (a torn file: read as no result)
                 pass
+        if status == "error" and _interrupted(payload):
+            continue  # Ctrl-C (or the job's stop signal) saved the run at a step: it resumes, not failed
         if status == "error":
             out[name] = f"job {job_id} raised:\n{payload}"
         elif state is not None:
@@ -376,12 +378,29 @@ def job_ids(record: dict[str, Any], names: Collection[str]) -> str:
                      and "job_id" in record[n])
 
 
+def _interrupted(payload: object) -> bool:
+    """A job's error that is normlab's ``Interrupted`` (the run saved its state and stops)."""
+    return "normlab.studies.train.Interrupted" in str(payload) or "\nInterrupted: interrupted in run" in str(payload)
+
+
 def read_jobs(study_dir: Path) -> dict[str, Any]:
-    """``jobs.json``: run name -> its last job (job_id, launcher, fingerprint); {} for none."""
+    """``jobs.json``: run name -> its last job (job_id, launcher, fingerprint); {} for none.
+    A file that does not hold such an object (torn, or edited) reads as {} with a warning
+    naming it; entries that are not objects are left out."""
+    path = study_dir / "jobs.json"
     try:
-        return json.loads((study_dir / "jobs.json").read_text())
-    except (OSError, ValueError):
+        data = json.loads(path.read_text())
+    except OSError:
         return {}
+    except ValueError:
+        warnings.warn(f"{path} is not JSON (torn, or edited): its job records are not read", RuntimeWarning,
+                      stacklevel=2)
+        return {}
+    if not isinstance(data, dict):
+        warnings.warn(f"{path} holds a {type(data).__name__}, not an object of run names: its job records are "
+                      "not read", RuntimeWarning, stacklevel=2)
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, dict)}
 
 
 def wait(jobs: dict[str, Any], on_update, poll_s: float = 1.0,

@@ -64,6 +64,7 @@ from normlab.studies.train import (
     Env,
     FolderLock,
     Interrupted,
+    RunBusy,
     build_model,
     checkpoint_misfit,
     differing_keys,
@@ -723,6 +724,10 @@ def _run_study(study: Study, study_dir: Path, env: Env, *, data, console, worker
                         _run_serial(timed, "timing", study_dir, env, corpus, progress, finish, keep_weights, fail)
                     finally:
                         torch.set_num_threads(before)
+            # runs another process holds (RunBusy: a job of a --launcher submission runs them)
+            left = [r.name for r in study.runs if r.name not in results and r.name not in failures]
+            if left:
+                prov["not_finished"] = left
     except (Interrupted, KeyboardInterrupt) as e:
         # the runs it cut off had started again; what finished meanwhile (a job's run) is read
         rerun.update(getattr(e, "runs", ()))
@@ -817,8 +822,9 @@ def _report_finished(study: Study, study_dir: Path, made_by, default_corpus: Byt
     for spec, result in finished:
         finish(spec, result)
     names = {r.name for r in study.runs}
+    # (a run another process holds now is running again, whatever an earlier summary said)
     failures.update({name: error for name, error in _failed_before(previous, study, made_by).items()
-                     if name in names and name not in done})
+                     if name in names and name not in done and run_holder(study_dir / name) is None})
     # runs whose --launcher job ended without a result (it raised, SLURM ended it, or a
     # local job was killed) are failed, not "not finished": nothing will finish them
     waiting = [r.name for r in study.runs if r.name not in done and r.name not in failures]
@@ -988,6 +994,9 @@ def _serial(runs, title, study_dir, env, corpus, progress, finish, keep_weights,
                                        "checkpoint (or starts over, with none yet); re-run the same command "
                                        "to resume", (spec.name,)) from None
             raise Interrupted(spec.name, None) from None
+        except RunBusy as e:  # another process runs it (a job of a --launcher submission): not failed
+            result = None
+            warnings.warn(f"{e}; left to it (not finished here)", RuntimeWarning, stacklevel=2)
         except Exception as e:
             if fail is None:
                 raise
@@ -1373,6 +1382,9 @@ def _run_parallel(study, study_dir, corpus, progress, finish, fail, keep_weights
                         continue
                     except BrokenProcessPool:
                         broken.append(spec)  # a worker died: sorted out below, once the pool has ended
+                        continue
+                    except RunBusy as e:  # another process runs it: that one finishes it, not failed
+                        warnings.warn(f"{e}; left to it (not finished here)", RuntimeWarning, stacklevel=2)
                         continue
                     except Exception as e:  # the run's error, with the worker's traceback
                         end(spec, e)
