@@ -337,7 +337,7 @@ def convert(
         if (given is not None and not given.is_dir() and given.resolve().parent == out_path
                 and (given.name in _MODEL_FILES or _SHARD.fullmatch(given.name))):
             raise typer.BadParameter(f"{out}/{given.name} is {what}: converting writes (or removes) that file "
-                                     "of OUT; expected another directory", param_hint="OUT")
+                                     "of OUT: it would write over the source; expected another directory", param_hint="OUT")
     if src.is_dir() and config is not None:
         raise typer.BadParameter(f"{config} applies only to a .safetensors SRC (a state dict without normlab "
                                  f"metadata); {src} is a Hugging Face model directory, built from its own "
