@@ -63,3 +63,16 @@ def test_a_one_element_tensor_is_a_tolerance():
     model = PreLNLM().eval()
     x = torch.randint(0, 32, (2, 8))
     layernorm_to_rmsnorm(model, example_inputs=x, atol=torch.tensor(1e-4), rtol=np.float64(1e-4))
+
+
+def test_a_link_to_outs_model_file_is_refused_as_src(tmp_path):
+    out, other = tmp_path / "out", tmp_path / "other"
+    out.mkdir()
+    other.mkdir()
+    save_file({"w": torch.zeros(2)}, out / "model.safetensors")
+    (other / "src.safetensors").symlink_to(out / "model.safetensors")
+    before = (out / "model.safetensors").read_bytes()
+    r = CliRunner().invoke(app, ["convert", str(other / "src.safetensors"), str(out), "--overwrite"],
+                           env={"COLUMNS": "400"})
+    assert r.exit_code == 2 and "model.safetensors is SRC" in " ".join(r.output.split())
+    assert (out / "model.safetensors").read_bytes() == before

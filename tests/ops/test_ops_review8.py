@@ -112,3 +112,23 @@ def test_transforms_give_the_eager_paths_bits(dtype):
     with fwAD.dual_level():
         primal = fwAD.unpack_dual(NF.rms_norm(fwAD.make_dual(x, torch.randn_like(x)), (256,), w)).primal
     assert torch.equal(mapped, eager_out) and torch.equal(primal, eager_out)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.randn(2, 3, 200, 250).to(memory_format=torch.channels_last),
+    lambda: torch.randn(250, 200, 6).transpose(0, 2),
+])
+def test_transforms_give_the_eager_paths_bits_and_layout_for_strided_inputs(make):
+    from torch.func import vmap
+
+    torch.manual_seed(0)
+    x = make()
+    shape = tuple(x.shape[2:]) if x.dim() == 4 else (x.shape[-1],)
+    eager_out = NF.rms_norm(x, shape, None, 1e-5)
+    assert x.numel() > eager.NATIVE_RMS_MAX_NUMEL  # normlab's own path, not torch's op
+    with fwAD.dual_level():
+        primal = fwAD.unpack_dual(NF.rms_norm(fwAD.make_dual(x, torch.randn_like(x)), shape, None, 1e-5)).primal
+    assert torch.equal(primal, eager_out) and primal.stride() == eager_out.stride()
+    # (vmap over a strided batch: its samples' physical layout may sum in another order)
+    mapped = vmap(lambda a: NF.rms_norm(a, shape, None, 1e-5))(x)
+    torch.testing.assert_close(mapped, eager_out)

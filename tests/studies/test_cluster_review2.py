@@ -39,6 +39,11 @@ def test_a_job_stopped_by_ctrl_c_is_not_finished_and_one_that_raised_is_failed(t
     raised = "Traceback (most recent call last):\n  File \"x.py\", line 1\nValueError: bad"
     (tmp_path / "jobs").rename(tmp_path / "old")
     assert "ValueError: bad" in _ended(tmp_path, monkeypatch, raised)["r0"]
+    # an error raised while handling an Interrupted (its save failed): the job failed
+    chained = (stopped + "\n\nDuring handling of the above exception, another exception occurred:\n\n"
+               "Traceback (most recent call last):\n  File \"y.py\", line 2\nFileNotFoundError: gone")
+    (tmp_path / "jobs").rename(tmp_path / "old2")
+    assert "FileNotFoundError: gone" in _ended(tmp_path, monkeypatch, chained)["r0"]
 
 
 @pytest.mark.parametrize("text", ["null", "[]", "3", "{not json"])

@@ -56,7 +56,7 @@ def check_tolerance(where: str, name: str, value: object) -> float:
     """A comparison tolerance: a finite real number >= 0 (a one-element real tensor too),
     returned as a float."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex() \
-            and value.dtype is not torch.bool:
+            and value.dtype is not torch.bool and not value.is_meta:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise NormTypeError(f"{where}: expected {name} to be a finite number >= 0, got "

@@ -333,10 +333,11 @@ def convert(
                                  param_hint="OUT")
     # SRC or --config as one of the files converting writes or removes in OUT (model.safetensors,
     # a shard, config.json: ``_model_files``) would be lost
+    # (the file itself, a link resolved: a link elsewhere to OUT/model.safetensors is that file)
     for given, what in ((src, "SRC"), (config, "--config")):
-        if (given is not None and not given.is_dir() and given.resolve().parent == out_path
-                and (given.name in _MODEL_FILES or _SHARD.fullmatch(given.name))):
-            raise typer.BadParameter(f"{out}/{given.name} is {what}: converting writes (or removes) that file "
+        real = None if given is None or given.is_dir() else given.resolve()
+        if real is not None and real.parent == out_path and (real.name in _MODEL_FILES or _SHARD.fullmatch(real.name)):
+            raise typer.BadParameter(f"{out}/{real.name} is {what}: converting writes (or removes) that file "
                                      "of OUT: it would write over the source; expected another directory", param_hint="OUT")
     if src.is_dir() and config is not None:
         raise typer.BadParameter(f"{config} applies only to a .safetensors SRC (a state dict without normlab "

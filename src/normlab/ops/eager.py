@@ -584,12 +584,12 @@ def rms_norm_upcast(x: Tensor, normalized_shape: Sequence[int], weight: Tensor |
     ops autograd differentiates to any order, under every transform."""
     ct = reference.compute_dtype(x.dtype)
     dims = tuple(range(-len(normalized_shape), 0))
-    h = x.to(ct)
+    h = x.to(ct).contiguous()  # (rows read in order, as _rms_forward: the same sums)
     rstd = torch.linalg.vector_norm(h, dim=dims, keepdim=True).square().div(math.prod(normalized_shape))
     y = h * rstd.add(eps).rsqrt()
     if weight is not None:
         y = y * weight
-    return y.to(x.dtype)
+    return in_layout_of(y.to(x.dtype), x)  # (as the eager path: x's layout)
 
 
 def rms_norm_cast(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, eps: float | None,

@@ -380,7 +380,10 @@ def job_ids(record: dict[str, Any], names: Collection[str]) -> str:
 
 def _interrupted(payload: object) -> bool:
     """A job's error that is normlab's ``Interrupted`` (the run saved its state and stops)."""
-    return "normlab.studies.train.Interrupted" in str(payload) or "\nInterrupted: interrupted in run" in str(payload)
+    # the traceback's last line is the exception raised (an error while handling an
+    # Interrupted, a failed save, chains it: that job failed)
+    lines = str(payload).rstrip().splitlines()
+    return bool(lines) and lines[-1].startswith(("normlab.studies.train.Interrupted:", "Interrupted:"))
 
 
 def read_jobs(study_dir: Path) -> dict[str, Any]:
