@@ -96,14 +96,21 @@ class PromotedRMSNorm(RMSNorm):
         normlab's own op gives)."""
         return self.offset == 0.0 and self.casting_mode == "torch" and not self.collect_per_example_grad_sq
 
+    def _rstd(self, x32: Tensor) -> Tensor:
+        """1 / sqrt(mean(x^2) + eps) over the normalized dims of ``x32``, x's float32 copy,
+        as Hugging Face's LlamaRMSNorm and T5LayerNorm form it whatever x's dtype (the
+        caller makes the copy: LlamaRMSNorm normalizes that copy, so one cast node feeds
+        both, and their gradients sum as Hugging Face's)."""
+        shape = F._check_normalized_shape("rms_norm", x32, self.normalized_shape)
+        eps = default_rms_eps(torch.float32) if self.eps is None else self.eps
+        dims = -1 if len(shape) == 1 else tuple(range(-len(shape), 0))
+        return torch.rsqrt(x32.pow(2).mean(dims, keepdim=True) + eps)
+
     def _as_llama_float64(self, x: Tensor) -> Tensor:
         """LlamaRMSNorm on float64 input, op for op (so the bits match): normalized in
         float32 (``hidden_states.to(torch.float32)``), cast back to float64, times the weight."""
-        shape = F._check_normalized_shape("rms_norm", x, self.normalized_shape)
-        eps = default_rms_eps(torch.float32) if self.eps is None else self.eps
         h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1 if len(shape) == 1 else tuple(range(-len(shape), 0)), keepdim=True)
-                            + eps)
+        h = h * self._rstd(h)
         w = self._parameters.get("weight")
         return h.to(x.dtype) if w is None else w * h.to(x.dtype)
 

@@ -43,7 +43,6 @@ import types
 import torch
 from torch import Tensor, nn
 
-from normlab import functional as F
 from normlab.convert import swap_norms
 from normlab.convert.detect import PromotedRMSNorm
 from normlab.convert.fused import fused_class
@@ -105,10 +104,7 @@ class T5StyleRMSNorm(LlamaStyleRMSNorm):
 
     def _as_t5(self, x: Tensor, w: Tensor | None) -> Tensor:
         """T5LayerNorm's forward (float64 input or weight, where normlab's float64 differs)."""
-        shape = F._check_normalized_shape("rms_norm", x, self.normalized_shape)
-        eps = torch.finfo(torch.float32).eps if self.eps is None else self.eps
-        dims = -1 if len(shape) == 1 else tuple(range(-len(shape), 0))
-        h = x * torch.rsqrt(x.to(torch.float32).pow(2).mean(dims, keepdim=True) + eps)
+        h = x * self._rstd(x.to(torch.float32))
         if w is None:
             return h
         if w.dtype in _HALF:
@@ -126,17 +122,12 @@ class T5StyleRMSNorm(LlamaStyleRMSNorm):
 
     def normalize(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         dt = self._promoted(x)
-        # (float64 input, or a float64 weight: T5LayerNorm's own ops; one check on each path)
+        if (x.dtype is _F64 or dt is _F64) and self._llama_float64():  # T5LayerNorm's own ops
+            return self._as_t5(x, self._parameters.get("weight"))
         if dt is None:
-            if x.dtype is _F64 and self._llama_float64():
-                return self._as_t5(x, self._parameters.get("weight"))
             return RMSNorm.normalize(self, x, padding_mask)
         if dt in _HALF:  # a half-precision weight: computed in the input's dtype, then cast
-            if x.dtype is _F64 and self._llama_float64():
-                return self._as_t5(x, self._parameters.get("weight"))
             return RMSNorm.normalize(self, x, padding_mask).to(dt)
-        if dt is _F64 and self._llama_float64():
-            return self._as_t5(x, self._parameters.get("weight"))
         return RMSNorm.normalize(self, x.to(dt), padding_mask)  # T5LayerNorm computes in float32
 
 
