@@ -189,8 +189,13 @@ def _ddp_worker(rank, world, port, out, corpus_train, corpus_val, specs):
 def test_ddp_two_processes_match_one(tmp_path, corpus):
     # the LM (equal tokens per rank) and seq2seq (different non-pad token counts per rank:
     # the loss must be the mean over the global batch's tokens, not a mean of rank means)
+    # masked BatchNorm and PowerNorm: statistics over the global batch (seq2seq: padded)
     specs = [_spec("ddp-lm", diag_every=0),
-             _spec("ddp-s2s", task="seq2seq", steps=4, eval_every=4, diag_every=0)]
+             _spec("ddp-s2s", task="seq2seq", steps=4, eval_every=4, diag_every=0),
+             _spec("ddp-bn", task="seq2seq", steps=4, eval_every=4, diag_every=0,
+                   model={**MICRO, "placement": "pre", "norm": "batchnorm"}),
+             _spec("ddp-pn", steps=4, eval_every=4, diag_every=0,
+                   model={**MICRO, "placement": "pre", "norm": "powernorm", "norm_options": {"warmup_iters": 2}})]
     for spec in specs:
         run_one(spec, tmp_path / "single" / spec.name, _cpu(), corpus)
     mp.start_processes(_ddp_worker, args=(2, _free_port(), tmp_path / "ddp", corpus.train, corpus.val, specs),

@@ -141,6 +141,88 @@ class NoNorm(ResidualNorm, nn.Module):
         return f"{self.dim}"
 
 
+def _synced(norm: nn.Module) -> tuple[bool, object]:
+    """Whether ``norm`` reduces its batch statistics over the ranks of a process group
+    (``sync_batch_statistics``), and that group (None: the default group). Off outside
+    torch.distributed, and over a group of one rank: the local statistics are the same."""
+    if not getattr(norm, "sync_statistics", False):
+        return False, None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False, None
+    group = getattr(norm, "process_group", None)
+    return dist.get_world_size(group) > 1, group
+
+
+def _count(valid: Tensor, group: object) -> int:
+    """The real positions over every rank of ``group`` (one collective, read on the host:
+    every rank needs it to tell a batch with too few positions)."""
+    import torch.distributed as dist
+
+    n = valid.sum(dtype=torch.float64).reshape(1)
+    dist.all_reduce(n, group=group)
+    return int(n.item())
+
+
+def _global_moments(xf: Tensor, valid: Tensor, group: object) -> tuple[Tensor, Tensor, int]:
+    """The mean and biased variance of ``xf``'s real positions over every rank of
+    ``group``, per channel, differentiable across the ranks (the gradient of each rank's
+    loss reaches every rank's input through the shared statistics, as in
+    torch.nn.SyncBatchNorm), and the global count. Two passes, as a single process
+    computes them (no sum-of-squares cancellation)."""
+    from torch.distributed.nn.functional import all_reduce
+
+    n = _count(valid, group)
+    if n < 2:
+        return xf.new_zeros(()), xf.new_zeros(()), n
+    dims = tuple(range(xf.dim() - 1))
+    mean = all_reduce(xf.sum(dims), group=group) / n
+    var = all_reduce((((xf - mean) * valid).square()).sum(dims), group=group) / n
+    return mean, var, n
+
+
+_GLOBAL_MOMENTS = None
+
+
+def _global_moments_eager():
+    """``_global_moments`` outside any compiled graph (its collectives are eager ones:
+    a graph break under torch.compile, refused under fullgraph=True)."""
+    global _GLOBAL_MOMENTS
+    if _GLOBAL_MOMENTS is None:
+        _GLOBAL_MOMENTS = torch.compiler.disable(
+            _global_moments, reason="synced batch statistics run eager collectives (torch.distributed.nn)")
+    return _GLOBAL_MOMENTS
+
+
+def sync_batch_statistics(model: nn.Module, process_group: object = None) -> nn.Module:
+    """Makes every norm in ``model`` that computes batch statistics (``MaskedBatchNorm``,
+    ``PowerNorm``) compute them over the whole batch of every rank of ``process_group``
+    (default: torch.distributed's default group) when training, as
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does for torch's BatchNorm (it
+    leaves normlab's norms alone). Under DistributedDataParallel each rank otherwise
+    normalizes by its own slice's statistics, so the model computes something else than
+    on one process. Returns ``model``, changed in place.
+
+    Every rank must then call each such norm in training mode the same number of times,
+    in the same order (each call is a collective; an empty slice on one rank takes part).
+    Outside torch.distributed, or over a group of one rank, the norms compute as before.
+    Eval mode uses the running statistics, which the synced steps keep equal on every
+    rank. Under torch.compile the collectives break the graph (fullgraph=True refuses
+    them)."""
+    if not isinstance(model, nn.Module):
+        raise NormArgumentError(f"sync_batch_statistics: expected model to be a torch.nn.Module, "
+                                f"got {type(model).__name__}")
+    for module in model.modules():
+        if isinstance(module, (MaskedBatchNorm, PowerNorm)):
+            module.sync_statistics = True
+            if process_group is None:
+                module.__dict__.pop("process_group", None)
+            else:
+                module.process_group = process_group
+    return model
+
+
 _MBN_TOO_FEW = "MaskedBatchNorm: expected more than 1 real (unpadded) position per channel when training"
 
 
@@ -149,6 +231,8 @@ class MaskedBatchNorm(ResidualNorm, nn.Module):
     """y = (x - mu_B) / sqrt(var_B + eps) * gamma + beta, statistics over the real (unpadded) positions of the batch (Ioffe & Szegedy 2015, masked for sequences)."""
 
     uses_batch_statistics = True
+    sync_statistics = False  # ``sync_batch_statistics``: over every rank's batch
+    process_group = None
 
     def __init__(self, dim: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
                  device=None, dtype=None) -> None:
@@ -188,7 +272,12 @@ class MaskedBatchNorm(ResidualNorm, nn.Module):
         # padded values (even inf or nan) reach neither the statistics nor, through them,
         # the gradient: they are zeros from here on
         xf = torch.where(valid.bool(), x.to(valid.dtype), 0.0) if padding_mask is not None else x.to(valid.dtype)
-        if self.training and x.numel() == 0:
+        synced, group = _synced(self) if self.training else (False, None)
+        if synced:  # over every rank's real positions (an empty slice takes part)
+            mean, var, n = _global_moments_eager()(xf, valid, group)
+            if n == 1:
+                raise NormArgumentError(f"{_MBN_TOO_FEW}, got 1 over all ranks")
+        if self.training and (n == 0 if synced else x.numel() == 0):
             # an empty batch, as torch's BatchNorm takes it: counted, the running statistics
             # kept, an empty output still joined to gamma and beta's graph
             with torch.no_grad():
@@ -196,17 +285,18 @@ class MaskedBatchNorm(ResidualNorm, nn.Module):
             y = xf if self.weight is None else xf * self.weight + self.bias
             return y.to(x.dtype)
         if self.training:
-            # every position real: the count is the shape's (no host sync); else the mask's
-            n = x.numel() // x.shape[-1] if padding_mask is None else valid.sum()
-            if torch.compiler.is_compiling():
-                # asserted when the graph runs, on a tensor (a check of a dynamic shape itself
-                # is dropped: traced sizes are taken to be >= 2)
-                torch._check_tensor_all(valid.sum() >= 2, lambda: _MBN_TOO_FEW)
-            elif (count := n if padding_mask is None else int(n.item())) < 2:
-                raise NormArgumentError(f"{_MBN_TOO_FEW}, got {count}")
-            dims = tuple(range(x.dim() - 1))
-            mean = xf.sum(dims) / n
-            var = (((xf - mean) * valid).square()).sum(dims) / n
+            if not synced:
+                # every position real: the count is the shape's (no host sync); else the mask's
+                n = x.numel() // x.shape[-1] if padding_mask is None else valid.sum()
+                if torch.compiler.is_compiling():
+                    # asserted when the graph runs, on a tensor (a check of a dynamic shape itself
+                    # is dropped: traced sizes are taken to be >= 2)
+                    torch._check_tensor_all(valid.sum() >= 2, lambda: _MBN_TOO_FEW)
+                elif (count := n if padding_mask is None else int(n.item())) < 2:
+                    raise NormArgumentError(f"{_MBN_TOO_FEW}, got {count}")
+                dims = tuple(range(x.dim() - 1))
+                mean = xf.sum(dims) / n
+                var = (((xf - mean) * valid).square()).sum(dims) / n
             with torch.no_grad():
                 self.num_batches_tracked += 1
                 # (momentum=None, the cumulative average: a weight on the device, not read back)
@@ -250,13 +340,18 @@ class _PowerNormScale(torch.autograd.Function):
     backpropagation through the batch statistic would subtract; it is updated in place
     during backward. Padded positions have x = 0, so x_hat = 0 there: they get no
     gradient and no say in nu. The approximation has no derivative of its own: a second
-    derivative through it (create_graph=True, as a gradient penalty takes) raises."""
+    derivative through it (create_graph=True, as a gradient penalty takes) raises.
+
+    nu is in the units of g: a loss scale is in it (a changed scale washes out in about
+    1 / ((1 - alpha_bkw) * Gamma) steps), and a g that is not finite (a loss scaler's
+    overflow step, skipped) leaves nu as it was."""
 
     @staticmethod
-    def forward(ctx, x, psi, grad_ema, valid, alpha_bkw, masked):
+    def forward(ctx, x, psi, grad_ema, valid, alpha_bkw, masked, synced, group):
         x_hat = x / psi
         ctx.save_for_backward(x_hat, psi, valid)
         ctx.masked = masked  # a padding mask was given
+        ctx.synced, ctx.group = synced, group  # over every rank of the process group (``_synced``)
         ctx.grad_ema, ctx.alpha_bkw = grad_ema, alpha_bkw  # a buffer, read at backward time
         return x_hat
 
@@ -273,11 +368,20 @@ class _PowerNormScale(torch.autograd.Function):
             (dx,) = refuse_second_derivative((dx,), (g, x_hat, psi), _POWERNORM_NO_SECOND)
         with torch.no_grad():
             d = x_hat.shape[-1]
-            n = valid.sum().clamp_min(1)
-            lam = (g * x_hat).reshape(-1, d).sum(0) / n  # (a 1-D input is one position)
-            gam = x_hat.square().reshape(-1, d).sum(0) / n
-            grad_ema.mul_(1 - (1 - ctx.alpha_bkw) * gam).add_((1 - ctx.alpha_bkw) * lam)
-        return dx, None, None, None, None, None
+            # (a 1-D input is one position)
+            sums = torch.cat([(g * x_hat).reshape(-1, d).sum(0), x_hat.square().reshape(-1, d).sum(0),
+                              valid.sum().reshape(1)])
+            if ctx.synced:  # over every rank's real positions, as the forward's
+                import torch.distributed as dist
+
+                dist.all_reduce(sums, group=ctx.group)
+            n = sums[-1].clamp_min(1)
+            lam, gam = sums[:d] / n, sums[d:2 * d] / n
+            new = grad_ema * (1 - (1 - ctx.alpha_bkw) * gam) + (1 - ctx.alpha_bkw) * lam
+            # a gradient that is not finite (a loss scaler's overflow step, which it skips)
+            # leaves nu as it was: kept, it would make every later gradient non-finite
+            grad_ema.copy_(torch.where(torch.isfinite(lam).all(), new, grad_ema))
+        return dx, None, None, None, None, None, None, None
 
 
 _POWERNORM_RECOMPUTED = (
@@ -289,23 +393,36 @@ _POWERNORM_RECOMPUTED = (
     "backward")
 
 
-def _powernorm_statistics(norm: PowerNorm, xf: Tensor, valid: Tensor, masked: bool) -> Tensor:
+def _powernorm_statistics(norm: PowerNorm, xf: Tensor, valid: Tensor, masked: bool, synced: bool,
+                          group: object) -> Tensor:
     """One training step's statistics: counts the step, updates ``running_phi`` and
     returns the phi this step divides by (the batch's during warm-up, else the running
     one of the previous step). Outside any compiled graph (``_powernorm_step``): traced,
     the in-place buffer updates and the value read before them were not kept apart, so
     the backward divided by the updated psi. The warm-up switch is taken on the device
-    (no host sync per step); only a padding mask's count of real positions is read."""
+    (no host sync per step); only a padding mask's count of real positions is read.
+    ``synced``: over every rank of the process group ``group`` (``_synced``)."""
     if torch._C._current_graph_task_id() != -1:
         raise RuntimeError(_POWERNORM_RECOMPUTED)
     with torch.no_grad():
-        if masked:
-            n = valid.sum()
-            if n.item() < 1:
-                raise NormArgumentError("PowerNorm: expected at least one real (unpadded) position when training")
+        if synced:  # over every rank's real positions (an empty slice takes part)
+            import torch.distributed as dist
+
+            n = _count(valid, group)
+            if n < 1:
+                raise NormArgumentError("PowerNorm: expected at least one real (unpadded) position over all "
+                                        "ranks when training")
+            sq = xf.reshape(-1, norm.dim).square().sum(0)
+            dist.all_reduce(sq, group=group)
+            batch_phi = sq / n
         else:
-            n = xf.numel() // norm.dim  # (a 1-D input is one position)
-        batch_phi = xf.reshape(-1, norm.dim).square().sum(0) / n
+            if masked:
+                n = valid.sum()
+                if n.item() < 1:
+                    raise NormArgumentError("PowerNorm: expected at least one real (unpadded) position when training")
+            else:
+                n = xf.numel() // norm.dim  # (a 1-D input is one position)
+            batch_phi = xf.reshape(-1, norm.dim).square().sum(0) / n
         norm.iters += 1
         t = norm.iters
         warm = t <= norm.warmup_iters
@@ -353,6 +470,8 @@ class PowerNorm(ResidualNorm, nn.Module):
     """
 
     uses_batch_statistics = True
+    sync_statistics = False  # ``sync_batch_statistics``: over every rank's batch
+    process_group = None
     groups: int | None = None  # (a PowerNorm pickled before groups existed has none)
 
     def __init__(self, dim: int, eps: float = 1e-5, alpha_fwd: float = 0.9, alpha_bkw: float = 0.9,
@@ -403,12 +522,14 @@ class PowerNorm(ResidualNorm, nn.Module):
         if self.groups is not None:  # (a padded position stays 0)
             g = xf.unflatten(-1, (self.groups, self.dim // self.groups))
             xf = (g * torch.rsqrt(g.square().mean(-1, keepdim=True) + self.eps)).flatten(-2)
-        if self.training and x.numel() == 0:
+        synced, group = _synced(self) if self.training else (False, None)
+        if self.training and x.numel() == 0 and not synced:
             y = xf  # an empty batch: no statistics, so no step counted (its warm-up counts steps with statistics)
-        elif self.training:
-            phi = _powernorm_step()(self, xf, valid, padding_mask is not None)
+        elif self.training:  # (synced: an empty slice takes part in the collectives)
+            phi = _powernorm_step()(self, xf, valid, padding_mask is not None, synced, group)
             psi = torch.sqrt(phi.to(xf.dtype) + self.eps)
-            y = _PowerNormScale.apply(xf, psi, self.grad_ema, valid, self.alpha_bkw, padding_mask is not None)
+            y = _PowerNormScale.apply(xf, psi, self.grad_ema, valid, self.alpha_bkw, padding_mask is not None,
+                                      synced, group)
         else:
             y = xf / torch.sqrt(self.running_phi.to(xf.dtype) + self.eps)
         if self.weight is not None:

@@ -38,6 +38,7 @@ import torch.nn.functional as TF
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
+from normlab.norms import sync_batch_statistics
 from normlab.provenance import code_record
 from normlab.studies.data import (
     VOCAB_SIZE,
@@ -893,6 +894,9 @@ def _run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
                 stale.unlink(missing_ok=True)
     train_model = model
     if env.world > 1:
+        # batch statistics (masked BatchNorm, PowerNorm) over the global batch, as one
+        # process computes them, not over each rank's slice
+        sync_batch_statistics(model)
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
 
