@@ -91,10 +91,13 @@ def _add_norm(op: str, x: Tensor, residual: Tensor | None, weight: Tensor | None
     args = (x, residual, weight, eps) if is_rms else (x, residual, weight, bias, eps)
     kw = dict(dropout_p=float(dropout_p), training=bool(training), generator=generator,
               residual_dtype=residual_dtype, normalized_shape=shape)
+    # (the public op's choice: a float64 residual stream runs the torch path under auto
+    # and is refused under a forced triton backend, whose kernels add in float32)
+    ops = _F._add_ops(op, x, residual, residual_dtype)
     if buffer is None:
-        return getattr(backend_ops(x), op)(*args, **kw)
+        return getattr(ops, op)(*args, **kw)
     _check_per_example(op, buffer, x, shape, weight)
-    return getattr(backend_ops(x), op + "_per_example")(*args, buffer, **kw)
+    return getattr(ops, op + "_per_example")(*args, buffer, **kw)
 
 
 def layer_norm(x: Tensor, normalized_shape, weight: Tensor | None = None, bias: Tensor | None = None,
