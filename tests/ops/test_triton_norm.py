@@ -240,3 +240,60 @@ def test_launch_overrides_are_values_per_context():
     assert explicit.looped and explicit.block == 512 and launch.block_config(1024) == base
     with pytest.raises(ValueError, match="unknown settings"):
         launch.tuning(chunk=3)
+
+
+def test_a_backward_on_autograd_device_thread_sees_the_callers_launch_settings():
+    """On CUDA autograd runs a backward on its own device thread, where the caller's
+    context variables are not set; the engine carries a copy of the caller's context in
+    its thread-local state. Simulated on a plain thread with that state set as the engine
+    sets it (``_engine_run_backward``); on a GPU the next test runs the real engine."""
+    import contextvars
+    import threading
+
+    from normlab.ops.triton import launch
+
+    base = launch.block_config(1024)
+    with launch.tuning(bwd_split=2):
+        caller = contextvars.copy_context()
+    seen = []
+
+    def device_thread():
+        seen.append(launch.block_config(1024))  # nothing stashed: the defaults
+        torch._C._stash_obj_in_tls("context", caller)
+        try:
+            seen.append(launch.block_config(1024))
+            with launch.force_looped(256):  # the thread's own setting, on top of the caller's
+                seen.append(launch.current_overrides())
+        finally:
+            torch._C._remove_obj_from_tls("context")
+        seen.append(launch.block_config(1024))
+
+    t = threading.Thread(target=device_thread)
+    t.start()
+    t.join()
+    assert seen[0] == base and seen[3] == base
+    assert seen[1].bwd_split == 2 and not seen[1].looped
+    assert seen[2] == launch.LaunchOverrides(single_block=256, chunk=256, bwd_split=2)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="autograd runs a CUDA backward on a device thread")
+def test_launch_settings_reach_a_cuda_backward(monkeypatch):
+    import threading
+
+    from normlab.ops.triton import launch
+
+    seen = []
+    real = launch.block_config
+
+    def spy(hidden, overrides=None):
+        cfg = real(hidden, overrides)
+        seen.append((threading.current_thread() is threading.main_thread(), cfg.bwd_split))
+        return cfg
+
+    monkeypatch.setattr(launch, "block_config", spy)
+    a = make_inputs("layer_norm", (9, 40), (40,), torch.float32, seed=1)
+    x = a["x"].clone().requires_grad_()
+    with normlab.set_backend("triton"), launch.tuning(bwd_split=2):
+        normlab.functional.layer_norm(x, (40,), a["weight"], a["bias"]).square().sum().backward()
+    assert seen and all(split == 2 for _, split in seen), seen
+    assert any(not main for main, _ in seen), "the backward ran on the calling thread"

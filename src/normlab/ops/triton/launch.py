@@ -63,12 +63,29 @@ _TUNABLE = ("fwd_warps", "bwd_warps", "num_stages", "programs_per_sm", "fwd_rows
 
 
 def current_overrides() -> LaunchOverrides:
-    return _overrides.get()
+    """The overrides in force: this thread's, or, in a backward that autograd runs on one
+    of its device threads (CUDA), those of the thread that called backward. Python
+    context variables do not follow autograd onto those threads; the engine carries a
+    copy of the calling thread's context in its thread-local state instead
+    (``torch.autograd.graph._engine_run_backward``), read here where it is present."""
+    o = _overrides.get()
+    return _callers_overrides() if o is DEFAULT_OVERRIDES and _is_key_in_tls("context") else o
+
+
+def _callers_overrides() -> LaunchOverrides:
+    caller = _get_obj_in_tls("context")
+    return caller.get(_overrides, DEFAULT_OVERRIDES) if isinstance(caller, contextvars.Context) \
+        else DEFAULT_OVERRIDES
+
+
+# (private torch API, looked up once; without it a device thread's backward runs the defaults)
+_is_key_in_tls = getattr(torch._C, "_is_key_in_tls", lambda key: False)
+_get_obj_in_tls = getattr(torch._C, "_get_obj_in_tls", lambda key: None)
 
 
 @contextlib.contextmanager
 def _overriding(**changes: int | None) -> Iterator[None]:
-    token = _overrides.set(dataclasses.replace(_overrides.get(), **changes))
+    token = _overrides.set(dataclasses.replace(current_overrides(), **changes))
     try:
         yield
     finally:
@@ -144,7 +161,11 @@ def block_config(hidden: int, overrides: LaunchOverrides | None = None) -> Block
     """Block size, rows per tile, warps, pipelining depth and backward programs per SM
     for rows of ``hidden`` elements: a pure function of (hidden, overrides), cached;
     ``overrides`` defaults to the ones in force (``force_looped``, ``tuning``)."""
-    return _block_config(hidden, overrides if overrides is not None else _overrides.get())
+    if overrides is None:  # (current_overrides, inline: this runs at every launch)
+        overrides = _overrides.get()
+        if overrides is DEFAULT_OVERRIDES and _is_key_in_tls("context"):
+            overrides = _callers_overrides()
+    return _block_config(hidden, overrides)
 
 
 @functools.lru_cache(maxsize=1024)
