@@ -107,7 +107,7 @@ def make_small_lm():
     return TransformerLM(TransformerConfig(vocab_size=32, d_model=16, n_heads=2, n_layers=1, max_seq_len=8))
 
 
-@pytest.mark.parametrize("command", ["norms", "kernels", "convert", "audit"])
+@pytest.mark.parametrize("command", ["norms", "kernels", "convert", "audit", "study"])
 @pytest.mark.parametrize("cuda", [False, True], ids=["no-cuda", "cuda-machine-cpu-tensors"])
 def test_a_triton_backend_that_cannot_run_here_is_one_usage_error(tmp_path, monkeypatch, command, cuda):
     # each command raised RuntimeError from its first op (audit reported a "no-trace"
@@ -121,7 +121,10 @@ def test_a_triton_backend_that_cannot_run_here_is_one_usage_error(tmp_path, monk
             "kernels": ["bench", "kernels", "--device", "cpu", "--quick", "--ops", "rms_norm", "--shapes", "8x64",
                         "--no-compile", "--out", tmp_path / "bench"],
             "convert": ["convert", tmp_path / "lm.safetensors", tmp_path / "out", "--config", tmp_path / "cfg.json"],
-            "audit": ["audit", "tests.test_cli_review_fixes:make_small_lm"]}[command]
+            "audit": ["audit", "tests.test_cli_review_fixes:make_small_lm"],
+            # (every run failed on its first op, and the study wrote a report of failed runs)
+            "study": ["study", "gns", "--seeds", "1", "--steps", "2", "--workers", "1", "--device", "cpu",
+                      "--out", tmp_path / "out"]}[command]
     _triton_without_cuda(monkeypatch, cuda)
     result = _invoke(args)
     assert result.exit_code == 2, result.output
@@ -207,3 +210,22 @@ def test_audit_of_a_path_that_does_not_exist_says_so(tmp_path, monkeypatch):
         assert f"Invalid value for MODEL: {needle}" in result.output, result.output
         # nothing is downloaded: transformers' "check your internet connection" misleads
         assert "internet" not in result.output and "huggingface.co" not in result.output
+
+
+# ----------------------------------------------------------------- out-of-range counts
+
+
+@pytest.mark.parametrize("seeds", ["0", "10001", "99999999999999999999"])
+def test_study_seeds_out_of_range_is_one_error(tmp_path, seeds):
+    # 10^20 seeds listed runs for minutes, gigabytes deep, before any error
+    result = _invoke(["study", "gns", "--seeds", seeds, "--out", tmp_path / "out"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert f"--seeds: expected an integer in [1, 10000], got {seeds}" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("seed", [str(2**64), str(-(2**63) - 1)])
+def test_norms_seed_out_of_torchs_range_is_one_usage_error(seed):
+    result = _invoke(["norms", "--rows", "16", "--hidden", "4", "--seed", seed])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert "Invalid value for --seed: expected an integer in [-2**63, 2**64 - 1]" in " ".join(result.output.split())
+    assert _invoke(["norms", "--rows", "16", "--hidden", "4", "--seed", str(2**64 - 1)]).exit_code == 0

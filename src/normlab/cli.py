@@ -47,6 +47,8 @@ def norms(
                                  param_hint="--rows")
     if hidden < 1:
         raise typer.BadParameter(f"expected a positive integer, got {hidden}", param_hint="--hidden")
+    if not -(2**63) <= seed < 2**64:  # the range torch.manual_seed takes
+        raise typer.BadParameter(f"expected an integer in [-2**63, 2**64 - 1], got {seed}", param_hint="--seed")
     if rows * hidden > NORMS_DEMO_MAX_ELEMENTS:  # a demo: refused before an allocation fails
         raise typer.BadParameter(f"expected rows x hidden up to {NORMS_DEMO_MAX_ELEMENTS:,} elements (a demo input), "
                                  f"got {rows} x {hidden} = {rows * hidden:,}", param_hint="--rows/--hidden")

@@ -84,6 +84,25 @@ def test_weights_kept_or_not(tmp_path, corpus):
     assert not (tmp_path / "d" / "model.safetensors").exists() and "weights" not in dropped
 
 
+@pytest.mark.parametrize("task", ["lm", "majority", "seq2seq"])
+def test_kept_weights_rebuild_the_model_alone(tmp_path, corpus, task):
+    # the file carries the model's class and config: load_model, normlab audit and
+    # normlab convert read it without the run's spec
+    from typer.testing import CliRunner
+
+    from normlab.cli import app
+    from normlab.models import load_model
+
+    spec = _spec(task=task, steps=2, eval_every=2, diag_every=0, checkpoint_every=0)
+    kept = run_one(spec, tmp_path / "k", _cpu(), corpus)
+    model = load_model(tmp_path / "k" / "model.safetensors")
+    assert type(model) is type(build_model(spec)) and model.cfg == build_model(spec).cfg
+    assert Task(spec, corpus).evaluate(model, _cpu())["val_loss"] == pytest.approx(kept["final_val_loss"],
+                                                                                   rel=1e-6)
+    audited = CliRunner().invoke(app, ["audit", str(tmp_path / "k" / "model.safetensors")])
+    assert audited.exit_code == 0 and f"no findings for {type(model).__name__}" in audited.output, audited.output
+
+
 def _study(seeds=(0, 1)):
     runs = [_spec(f"n-{norm}-s{s}", seed=s, model={**MICRO, "placement": "pre", "norm": norm},
                   tags={"study": "norms", "group": norm}) for norm in ("layernorm", "rmsnorm") for s in seeds]

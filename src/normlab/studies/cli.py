@@ -97,6 +97,10 @@ def study(
         spec = apply_overrides(get_study(preset), seeds=seeds, steps=steps)
         _check_out(out, spec, report_only)
         env = setup_env(device, dtype)
+        if launcher is None and not report_only:  # the runs' ops run here: a backend that cannot, refused
+            from normlab.bench.common import check_backend
+
+            check_backend(env.device)
         try:
             _, report = run_study(spec, out, env, data=str(data) if data else None, console=console,
                                   workers=n_workers, keep_weights=keep_weights, launcher=launcher,

@@ -96,6 +96,9 @@ def _rescaled(every: int, preset_steps: int, steps: int) -> int:
     return max(1, round(every * steps / max(preset_steps, 1)))
 
 
+MAX_SEEDS = 10_000
+
+
 def apply_overrides(study: Study, *, seeds: int | None = None, steps: int | None = None) -> Study:
     """``seeds``: run every configuration, probes included, with seeds 0..seeds-1 (a speed
     run keeps its one seed); ``steps``: train for that many steps (evaluation, diagnostics
@@ -103,8 +106,8 @@ def apply_overrides(study: Study, *, seeds: int | None = None, steps: int | None
     the preset, a warm-up cut to half of them); probes and speed runs keep their steps."""
     runs: list[RunSpec] = list(study.runs)
     if seeds is not None:
-        if seeds < 1:
-            raise ValueError(f"--seeds: expected >= 1, got {seeds}")
+        if not 1 <= seeds <= MAX_SEEDS:  # (an enormous count spent minutes and gigabytes listing runs)
+            raise ValueError(f"--seeds: expected an integer in [1, {MAX_SEEDS}], got {seeds}")
         bases: dict[str, RunSpec] = {}
         for r in runs:
             bases.setdefault(r.name if r.kind == "speed" else _base_name(r.name), r)

@@ -38,6 +38,7 @@ import torch.nn.functional as TF
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
+from normlab.models.checkpoint import save_model as save_normlab_model
 from normlab.norms import sync_batch_statistics
 from normlab.provenance import code_record
 from normlab.studies.data import (
@@ -1046,7 +1047,9 @@ def _run_one(spec: RunSpec, run_dir: Path, env: Env, corpus: ByteCorpus | None,
                     result[key] = noise_sums[trace] / noise_sums[g_sq]
         if env.is_main:
             if keep_weights:
-                save_model(model, str(run_dir / WEIGHTS))
+                # with the model's class and config in the metadata: normlab.models.load_model,
+                # normlab audit and normlab convert read the file alone
+                save_normlab_model(model, run_dir / WEIGHTS)
                 result["weights"] = WEIGHTS
             _write_json(done, result)
             for leftover in (CHECKPOINT, CHECKPOINT + ".old"):
