@@ -39,6 +39,7 @@ from normlab.convert.verify import (
     low_precision,
     run_outputs,
 )
+from normlab.errors import NormTypeError
 from normlab.norms import RMSNorm
 
 
@@ -108,11 +109,15 @@ def layernorm_to_rmsnorm(model: nn.Module, *, example_inputs=None, atol: float =
     the forward also reads directly, a norm that is not a LayerNorm reading a stream that
     is not centered), or when the outputs
     on ``example_inputs`` differ beyond ``atol``/``rtol`` (every change is undone).
-    Raises NormTypeError (a TypeError) when ``model`` is not a torch.nn.Module or a
-    tolerance is no number, NormArgumentError (a ValueError) when a tolerance is negative
+    Raises NormTypeError (a TypeError) when ``model`` is not a torch.nn.Module,
+    ``example_inputs`` is none of a tensor, tuple, list or dict, or a tolerance is no
+    number (a model that fails on ``example_inputs``: ConversionError, unchanged), NormArgumentError (a ValueError) when a tolerance is negative
     or not finite: before any work.
     """
     check_module("layernorm_to_rmsnorm", "model", model)
+    if example_inputs is not None and not isinstance(example_inputs, (Tensor, tuple, list, dict)):
+        raise NormTypeError(f"layernorm_to_rmsnorm: expected example_inputs to be a tensor, a tuple or list "
+                            f"(model(*inputs)) or a dict (model(**inputs)), got {type(example_inputs).__name__}")
     atol = check_tolerance("layernorm_to_rmsnorm", "atol", atol)
     rtol = check_tolerance("layernorm_to_rmsnorm", "rtol", rtol)
     refuse_meta(model, "layernorm_to_rmsnorm",
@@ -225,7 +230,11 @@ def _dtypes(model: nn.Module) -> str:
 
 def _outputs_check(model: nn.Module, example_inputs, atol: float, rtol: float, where: str):
     """A check of ``model``'s outputs after the conversion against those before (run now)."""
-    before = run_outputs(model, example_inputs)
+    try:
+        before = run_outputs(model, example_inputs)
+    except Exception as e:  # (the model's own error, e.g. "'int' object has no attribute 'size'")
+        raise ConversionError(f"layernorm_to_rmsnorm: the model failed on example_inputs ({type(e).__name__}: "
+                              f"{e}); the model is left unchanged") from e
 
     def check() -> str:
         ok, worst = compare(before, run_outputs(model, example_inputs), atol, rtol)
