@@ -18,6 +18,21 @@ _MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "m
 _SHARD = re.compile(r"model-\d+-of-\d+\.safetensors|pytorch_model-\d+-of-\d+\.bin")
 
 
+def _path(param_hint: str, expected: str):
+    """A callback for a path parameter that Typer hands over as given (``path_type=str``):
+    an empty one is refused, naming ``param_hint`` (Typer would read "" as the current
+    directory), and the rest become Paths."""
+
+    def check(value: str | None) -> Path | None:
+        if value is None:
+            return None
+        if not value.strip():
+            raise typer.BadParameter(f"expected {expected}, got an empty path", param_hint=param_hint)
+        return Path(value)
+
+    return check
+
+
 def _model_files(out: Path) -> list[Path]:
     """The files in ``out`` that writing a converted model there replaces (``_MODEL_FILES``
     and weight shards), sorted; nothing else (a tokenizer, a README) is one of them."""
@@ -27,16 +42,15 @@ def _model_files(out: Path) -> list[Path]:
 
 
 def _load_hf(src: Path):
+    refuse_normlab_dir(src, "SRC")
+    if not (src / "config.json").is_file():  # (transformers would ask for a model_type key in it)
+        raise typer.BadParameter(f"{src} is a directory without a config.json; expected a Hugging Face model "
+                                 "directory or a normlab .safetensors file", param_hint="SRC")
     try:
         import transformers
     except ImportError as err:
         raise typer.BadParameter("a Hugging Face model directory needs transformers: "
                                  "pip install 'normlab[hf]'") from err
-    weights = src / "model.safetensors"
-    if weights.is_file() and _normlab_metadata(weights).get("normlab.model"):
-        # what `normlab convert` writes for a normlab model: SRC takes the file itself
-        raise typer.BadParameter(f"{src} holds a normlab model (normlab.models.save_model), not a Hugging "
-                                 f"Face model; expected its file as SRC: {weights}", param_hint="SRC")
     try:
         config = transformers.AutoConfig.from_pretrained(src, local_files_only=True)
         archs = getattr(config, "architectures", None) or []
@@ -65,8 +79,8 @@ def _first_line(err: BaseException) -> str:
     return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
-def _normlab_metadata(weights: Path) -> dict:
-    """The metadata of a safetensors file; a file that is not one is refused."""
+def _normlab_metadata(weights: Path, param_hint: str = "SRC") -> dict:
+    """The metadata of a safetensors file; a file that is not one is refused (as ``param_hint``)."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -74,7 +88,28 @@ def _normlab_metadata(weights: Path) -> dict:
             return f.metadata() or {}
     except (SafetensorError, OSError) as err:
         raise typer.BadParameter(f"cannot read {weights} as a safetensors file: {_first_line(err)}",
-                                 param_hint="SRC") from err
+                                 param_hint=param_hint) from err
+
+
+def refuse_normlab_dir(directory: Path, param_hint: str) -> None:
+    """Refuse (as ``param_hint``) a directory that holds a normlab model, not a Hugging Face
+    one: what ``normlab convert`` writes for a normlab model (model.safetensors with
+    ``normlab.models.save_model``'s metadata, a config.json without a model_type), which is
+    given as its file. (``normlab audit`` refuses it alike.)"""
+    weights = directory / "model.safetensors"
+    if weights.is_file() and _normlab_metadata(weights, param_hint).get("normlab.model"):
+        raise typer.BadParameter(f"{directory} holds a normlab model (normlab.models.save_model), not a Hugging "
+                                 f"Face model; expected its file as {param_hint}: {weights}", param_hint=param_hint)
+
+
+def load_failure(err: Exception) -> str:
+    """Why ``normlab.models.load_model`` refused a file, in one line: its ValueErrors (metadata
+    it cannot rebuild a model from) as they are, weights that do not fit the model its
+    metadata describes summarized by ``_mismatch``."""
+    head = re.match(r"Error\(s\) in loading state_dict for (\w+)", str(err).strip())
+    if isinstance(err, RuntimeError) and head:
+        return f"its weights do not fit the {head[1]} of its own normlab.config: {_mismatch(err)}"
+    return _first_line(err)
 
 
 def _load_normlab(weights: Path, config: Path | None):
@@ -82,6 +117,7 @@ def _load_normlab(weights: Path, config: Path | None):
     ``normlab.models.save_model`` stores in its metadata, or, for a plain state dict, a
     TransformerLM built from ``config`` (a JSON of TransformerConfig fields)."""
     import safetensors.torch
+    import torch
 
     from normlab.models import TransformerConfig, TransformerLM, load_model
 
@@ -99,7 +135,9 @@ def _load_normlab(weights: Path, config: Path | None):
             # checkpoint's transforms run on its float32 copy, and its check compares like with like
             return load_model(weights).float()
         except (ValueError, RuntimeError) as err:
-            raise typer.BadParameter(f"cannot load {weights}: {_first_line(err)}", param_hint="SRC") from err
+            if isinstance(err, torch.OutOfMemoryError):  # (a RuntimeError, not the file's fault)
+                raise
+            raise typer.BadParameter(f"cannot load {weights}: {load_failure(err)}", param_hint="SRC") from err
     try:
         d = json.loads(config.read_text())
         if not isinstance(d, dict):
@@ -303,10 +341,13 @@ def _example_inputs(model):
 
 
 def convert(
-    src: Annotated[Path, typer.Argument(help="A local Hugging Face model directory, or a normlab .safetensors file (normlab.models.save_model, or a state dict with --config).")],
-    out: Annotated[Path, typer.Argument(help="Directory to write the converted model and report to.")],
+    src: Annotated[Path, typer.Argument(help="A local Hugging Face model directory, or a normlab .safetensors file (normlab.models.save_model, or a state dict with --config).",
+                                        path_type=str, callback=_path("SRC", "a model directory or a .safetensors file"))],
+    out: Annotated[Path, typer.Argument(help="Directory to write the converted model and report to.",
+                                        path_type=str, callback=_path("OUT", "a directory to write to"))],
     transform: Annotated[list[str] | None, typer.Option("--transform", "-t", help="swap | fold | rms; repeat to chain, applied in order (default: swap).")] = None,
-    config: Annotated[Path | None, typer.Option(help="A TransformerConfig JSON, for a .safetensors SRC without normlab metadata (built as a TransformerLM).")] = None,
+    config: Annotated[Path | None, typer.Option(help="A TransformerConfig JSON, for a .safetensors SRC without normlab metadata (built as a TransformerLM).",
+                                                path_type=str, callback=_path("--config", "a TransformerConfig JSON file"))] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into an OUT that already holds a model: its model files (config, weights, shards and their index, the report) are removed and replaced; other files stay.")] = False,
 ) -> None:
     """Convert a saved model: swap its norms for normlab's, fold norm affines, or turn Pre-LN into Pre-RMSNorm.

@@ -32,12 +32,22 @@ def load_model(spec: str) -> tuple[nn.Module, object, str | None]:
     directory with a config.json, or a name already in the local Hugging Face cache
     (nothing is downloaded): the model class is the config's ``architectures`` entry
     (else AutoModelForCausalLM, else AutoModel), loaded with its saved weights; where
-    there are none it is built from the config with random weights and ``note`` says so."""
+    there are none it is built from the config with random weights and ``note`` says so.
+    An empty ``spec`` is refused (a path would read it as the current directory)."""
+    if not spec.strip():
+        raise typer.BadParameter("expected pkg.module:factory, a local Hugging Face checkpoint or config, or a "
+                                 "normlab .safetensors file, got an empty path", param_hint="MODEL")
     if ":" in spec and not Path(spec).exists():
         model, example_input = _from_factory(spec)
         return model, example_input, None
     if Path(spec).is_file() and Path(spec).suffix == ".safetensors":
         return _from_normlab_file(Path(spec)), None, None
+    if Path(spec).is_dir():
+        # what `normlab convert` writes for a normlab model (its config.json has no model_type):
+        # MODEL is the file it holds
+        from normlab.convert.cli import refuse_normlab_dir
+
+        refuse_normlab_dir(Path(spec), "MODEL")
     return _from_hugging_face(spec)
 
 
@@ -45,6 +55,7 @@ def _from_normlab_file(path: Path) -> nn.Module:
     """A model ``normlab.models.save_model`` wrote (its class and config in the metadata)."""
     from safetensors import SafetensorError, safe_open
 
+    from normlab.convert.cli import load_failure
     from normlab.models import load_model
 
     try:
@@ -59,7 +70,9 @@ def _from_normlab_file(path: Path) -> nn.Module:
     try:
         return load_model(path)
     except (ValueError, RuntimeError) as e:
-        raise typer.BadParameter(f"cannot load '{path}' ({e})", param_hint="MODEL") from None
+        if isinstance(e, torch.OutOfMemoryError):  # (a RuntimeError, not the file's fault)
+            raise
+        raise typer.BadParameter(f"cannot load '{path}' ({load_failure(e)})", param_hint="MODEL") from None
 
 
 def _from_factory(spec: str) -> tuple[nn.Module, object]:

@@ -51,6 +51,12 @@ _STORED_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float
                   "I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool}
 
 
+def _json_kind(v: object) -> str:
+    """The JSON name of a decoded value's type (an array, a string, ...)."""
+    kinds = ((bool, "boolean"), (list, "array"), (str, "string"), ((int, float), "number"), (type(None), "null"))
+    return next((name for t, name in kinds if isinstance(v, t)), type(v).__name__)
+
+
 def load_model(path: str | os.PathLike, device: str | int | torch.device = "cpu") -> nn.Module:
     """The model ``save_model`` wrote: rebuilt from its config, weights loaded strictly,
     each parameter and buffer in the dtype it was stored in (a float64 or bfloat16 model
@@ -65,17 +71,34 @@ def load_model(path: str | os.PathLike, device: str | int | torch.device = "cpu"
     with st.safe_open(os.fspath(path), framework="pt") as f:
         meta = f.metadata() or {}
         stored = {k: _STORED_DTYPES.get(f.get_slice(k).get_dtype()) for k in f.keys()}
-    if "normlab.model" not in meta or meta["normlab.model"] not in _MODELS:
-        raise ValueError(f"load_model: {os.fspath(path)!r} has no normlab model metadata (was it written by save_model?)")
+    where = os.fspath(path)
+    if "normlab.model" not in meta:
+        raise ValueError(f"load_model: {where!r} has no normlab model metadata (was it written by save_model?)")
+    if meta["normlab.model"] not in _MODELS:
+        raise ValueError(f"load_model: {where!r} has normlab.model {meta['normlab.model']!r} in its metadata, "
+                         f"not a class save_model writes; expected one of {', '.join(_MODELS)}")
+    if "normlab.config" not in meta:
+        raise ValueError(f"load_model: {where!r} has no normlab.config entry; expected the model's config as "
+                         f"save_model writes it")
     try:
-        cfg = TransformerConfig.from_dict(json.loads(meta["normlab.config"]))
-    except (KeyError, json.JSONDecodeError) as e:
-        why = "no normlab.config entry" if isinstance(e, KeyError) else f"a normlab.config that is not JSON ({e})"
-        raise ValueError(f"load_model: {os.fspath(path)!r} has {why}; expected the model's config as "
-                         f"save_model writes it") from None
+        d = json.loads(meta["normlab.config"])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"load_model: {where!r} has a normlab.config that is not JSON ({e}); expected the "
+                         f"model's config as save_model writes it") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"load_model: {where!r} has a normlab.config that is a JSON {_json_kind(d)}; expected "
+                         f"a JSON object (dict) of TransformerConfig fields, as save_model writes it")
+    try:
+        cfg = TransformerConfig.from_dict(d)
+    except (TypeError, ValueError) as e:  # unknown fields, values TransformerConfig refuses
+        why = " ".join(str(e).split()).removeprefix("TransformerConfig.from_dict: ").removeprefix("TransformerConfig: ")
+        raise ValueError(f"load_model: {where!r} has a normlab.config that TransformerConfig refuses: {why}") from None
     cls = _MODELS[meta["normlab.model"]]
     if cls is TransformerEncoder:
         n_out = meta.get("normlab.n_outputs")
+        if n_out and not (n_out.isascii() and n_out.isdigit() and int(n_out) >= 1):
+            raise ValueError(f"load_model: {where!r} has normlab.n_outputs {n_out!r}; expected a positive "
+                             f"integer (the width of the encoder's head)")
         model = cls(cfg, n_outputs=int(n_out) if n_out else None)
     else:
         model = cls(cfg)
