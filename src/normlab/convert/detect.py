@@ -185,6 +185,52 @@ class NormSemantics:
         return new
 
 
+# (original class, semantics, dtype) -> None where the probe agrees there, else why not
+_CAST_VERDICTS: dict[tuple, str | None] = {}
+_CAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class CastCheck:
+    """What ``swap_norms`` attaches to a module it swapped in for a norm it verified on a
+    probe (``cast_check``): the probe ran in the model's dtype at the swap, and a later
+    cast (``model.half()``, ``.double()``) can take the module to a dtype where the
+    original computes otherwise (T5LayerNorm in half precision, Gemma's norms in
+    float64). The original is probed in every other floating dtype at the swap (once
+    per class, semantics and dtype in a process); called by the module after each
+    conversion (``_apply``), a cast to a dtype where it differs is warned about, naming
+    the original and the reason. Holds names and dtypes only (it pickles whatever
+    classes a ``patch`` has replaced)."""
+
+    def __init__(self, original: nn.Module, sem: NormSemantics) -> None:
+        self.name = type(original).__name__
+        self.dtype = next(original.parameters()).dtype
+        self.why: dict[torch.dtype, str] = {}
+        probe = copy_without_hooks(original).to("cpu")  # (its values do not matter: probes randomize)
+        for dtype in _CAST_DTYPES:
+            if dtype is self.dtype:
+                continue
+            key = (type(original), sem, dtype)
+            if key not in _CAST_VERDICTS:
+                cast = probe.to(dtype)
+                ok, detail = _probe(cast, sem)
+                _CAST_VERDICTS[key] = None if ok else (_known_variant(cast, dtype) or detail)
+            if _CAST_VERDICTS[key] is not None:
+                self.why[dtype] = _CAST_VERDICTS[key]
+
+    def __call__(self, module: nn.Module) -> None:
+        p = next(module.parameters(recurse=False), None)
+        why = None if p is None else self.why.get(p.dtype)
+        if why is not None:
+            import warnings
+
+            was = str(self.dtype).removeprefix("torch.")
+            warnings.warn(
+                f"normlab.convert: a {self.name} swapped for normlab.{type(module).__name__} in {was} was cast to "
+                f"{str(p.dtype).removeprefix('torch.')}, where it computes otherwise than {self.name}: {why}. Cast "
+                f"the original model first, then swap (swap_norms / apply_normlab probe the dtype the model "
+                f"has), or keep it in {was}", stacklevel=2)
+
+
 def _eps_of(module: nn.Module) -> float | None:
     for attr in EPS_ATTRS:
         v = getattr(module, attr, None)

@@ -10,7 +10,7 @@ from torch.nn.utils import parametrize
 
 from normlab.convert.args import check_module, check_patterns
 from normlab.convert.blocks import block_entry, block_spec
-from normlab.convert.detect import NormSemantics, semantics
+from normlab.convert.detect import CastCheck, NormSemantics, semantics
 from normlab.convert.fused import fuse, is_fused
 from normlab.convert.report import ConversionError, ConversionReport
 from normlab.convert.verify import HOOK_DICTS
@@ -171,6 +171,11 @@ def swap_norms(
             report.add(path, module, "left", sem)
             continue
         new = sem.build(module)
+        if any(p.is_floating_point() for p in module.parameters(recurse=False)) and not (
+                isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and type(module).forward in (
+                nn.LayerNorm.forward, nn.RMSNorm.forward)):
+            # verified on a probe in today's dtype: a later cast is probed again (CastCheck)
+            new.cast_check = CastCheck(module, sem)
         for p in paths[id(module)]:
             replace_module(model, p, new)
         report.add(path, module, "swapped", _describe(sem, new))

@@ -90,7 +90,12 @@ class _CheckedOnce:
 
     def _apply(self, fn, recurse=True):
         self._forget_signatures()
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        # a norm normlab.convert swapped in, verified in the dtype it had: a cast re-probed
+        cast_check = self.__dict__.get("cast_check")
+        if cast_check is not None:
+            cast_check(self)
+        return out
 
     def __setattr__(self, name: str, value) -> None:
         if name in ("weight", "bias", "eps", "normalized_shape"):
