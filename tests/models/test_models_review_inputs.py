@@ -164,3 +164,25 @@ def test_the_checks_compile_in_one_graph(s2s):
     src_pad[0, 3] = True
     compiled = torch.compile(s2s, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(src, tgt, src_pad, tgt_pad), s2s(src, tgt, src_pad, tgt_pad))
+
+
+def test_a_cross_attention_block_on_its_own_takes_the_contexts_padding_mask(s2s):
+    # it had no context_padding_mask: only context_mask, unchecked and of the opposite
+    # sense (True = may attend), which a padding mask passed as it is silently inverted
+    from normlab.models.attention import cross_attention_mask
+
+    block = s2s.decoder.blocks[0]
+    ctx, cpad = torch.randn(2, 4, 16), torch.zeros(2, 4, dtype=torch.bool)
+    cpad[0, 2:] = True
+    y = block(Stream(X), context=ctx, context_padding_mask=cpad)
+    torch.testing.assert_close(y.value, block(Stream(X), context=ctx, context_mask=cross_attention_mask(cpad)).value)
+    ctx2 = ctx.clone()
+    ctx2[0, 2:] = 1e3  # padded context positions change nothing
+    torch.testing.assert_close(block(Stream(X), context=ctx2, context_padding_mask=cpad).value, y.value)
+    assert not torch.allclose(block(Stream(X), context=ctx).value, y.value)
+    with pytest.raises(ValueError, match=r"Block: expected context_padding_mask .*\[B, S\] of the context"):
+        block(Stream(X), context=ctx, context_padding_mask=torch.zeros(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="Block: got a context mask without context"):
+        s2s.encoder.blocks[0](Stream(X), context_padding_mask=cpad)
+    with pytest.raises(ValueError, match="Block: got both context_padding_mask and context_mask"):
+        block(Stream(X), context=ctx, context_padding_mask=cpad, context_mask=cross_attention_mask(cpad))

@@ -239,7 +239,8 @@ class Block(nn.Module):
 
     def forward(self, stream: Stream, *, attn_mask: Tensor | None = None, is_causal: bool | None = None,
                 rope: tuple[Tensor, Tensor] | None = None, padding_mask: Tensor | None = None,
-                context: Tensor | None = None, context_mask: Tensor | None = None) -> Stream:
+                context: Tensor | None = None, context_padding_mask: Tensor | None = None,
+                context_mask: Tensor | None = None) -> Stream:
         """One layer over ``stream``, a ``Stream`` (``Stream(x)`` for an input x [B, T, d_model];
         a bare tensor is refused). A stack passes the masks and RoPE tables it built once
         for all its blocks; a block called on its own builds them: its self-attention
@@ -248,8 +249,12 @@ class Block(nn.Module):
         with a dual stream (ResiDual) starts it, where ``stream.dual`` is None, at the
         stream's x (d_0 = x_0), as a stack does.
 
-        ``padding_mask`` [B, T] bool and ``context`` [B, S, d_model] are checked by shape
-        and dtype (no values read)."""
+        ``padding_mask`` [B, T] bool, ``context`` [B, S, d_model] and its
+        ``context_padding_mask`` [B, S] bool (True = padded, as every padding mask) are
+        checked by shape and dtype (no values read). ``context_mask`` is the cross-attention's
+        attn_mask a stack builds once from its ``context_padding_mask`` (True = may attend,
+        [B, 1, 1, S]); given, it is taken as it is, and not together with
+        ``context_padding_mask``."""
         if not isinstance(stream, Stream):
             raise TypeError(f"Block: expected stream to be a normlab.models.block.Stream (Stream(x) for an input "
                             f"x [B, T, d_model]), got {type(stream).__name__}")
@@ -262,6 +267,16 @@ class Block(nn.Module):
                              "decoder-only model's); expected context=None")
         if context is not None:
             check_context("Block", context, stream.x.shape[0], self.d_model)
+            check_padding_mask("Block", "context_padding_mask", context_padding_mask, context.shape[:2],
+                               "[B, S] of the context")
+        elif context_padding_mask is not None or context_mask is not None:
+            raise ValueError("Block: got a context mask without context; expected context (the encoder's output "
+                             "[B, S, d_model]) with it, or neither")
+        if context_padding_mask is not None:
+            if context_mask is not None:
+                raise ValueError("Block: got both context_padding_mask and context_mask; expected one (a stack "
+                                 "passes context_mask, built from its context_padding_mask)")
+            context_mask = cross_attention_mask(context_padding_mask)
         check_padding_mask("Block", "padding_mask", padding_mask, stream.x.shape[:2], "[B, T] of the stream's x")
         if stream.dual is None and self.placement.dual_stream:
             stream = Stream(stream.x, stream.pending, stream.x)

@@ -343,7 +343,11 @@ def cross_fitted_ci(bests: list[Best], unit: Callable[[list[dict[int, float]]], 
     other, which a t-interval over them would miss (its 95% covered 85-91% of the time
     in a simulation of lrs that differ by noise alone)."""
     full = unit([b.by_seed for b in bests])
-    jack = jackknife_ci(full, {k: unit([b.without.get(k, {}) for b in bests]) for k in full})
+    # each delete-one mean over the estimate's own seeds: a seed left out of it (its chosen
+    # setting has no run) is no unit of the deletions either (its select half still takes
+    # part in every choice, as in the estimate's)
+    jack = jackknife_ci(full, {k: {s: v for s, v in unit([b.without.get(k, {}) for b in bests]).items() if s in full}
+                               for k in full})
     if len(full) == 2:
         # each deletion leaves one seed, which chooses its setting on itself: another
         # procedure than the one measured, and the jackknife then covers less than the
@@ -1905,7 +1909,8 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in [
           "(Sec. 3.2); it says nothing of each head's keys.",
           "the largest fraction of unselectable attention inputs over the LM runs with each scaling norm",
           "sanity",
-          BRODY_SETUP, _scaled_keys, MARGIN_SIGN),
+          BRODY_SETUP, _scaled_keys, Margin(0.0, "true by construction: shown as a check of the measurement, "
+                                                  "not judged")),
     Claim("wortsman-qk-norm-bounds-logits", "QK-norm stops the attention logits from growing at high lr",
           (WORTSMAN, DEHGHANI),
           "At high learning rates the attention logits grow until the softmax collapses to one-hot and "
@@ -2258,6 +2263,7 @@ def _judge_rows(claim: Claim, margin: Margin, results: list[Result], missing: li
         m = replace(m, caveats=m.caveats + tuple(_missing_caveats(m, missing, results))
                     + tuple(_moved_caveats(m, missing)))
         m = _name_unreadable(m, results)
+        overridden = None  # why the row is inconclusive whatever its interval says
         if claim.test == "sanity":
             outcome = "sanity"
             ci = m.interval.ci95  # (None for a bound that was not measured)
@@ -2273,7 +2279,12 @@ def _judge_rows(claim: Claim, margin: Margin, results: list[Result], missing: li
                                else "inconclusive" if alt.undetermined
                                else verdict(claim.test, alt.interval, margin.value))
                 m = replace(m, caveats=m.caveats + (_unweighed_caveat(m.unweighed, outcome, alt_outcome),))
-                outcome = outcome if alt_outcome == outcome else "inconclusive"
+                if alt_outcome != outcome:
+                    overridden, outcome = "values left out as not finite would decide it (its caveat)", "inconclusive"
+            if outcome == "inconclusive" and verdict(claim.test, m.interval, margin.value) != "inconclusive":
+                overridden = m.undetermined or overridden
+            else:
+                overridden = None
             if claim.test == "equivalence" and outcome == "agrees" and (m.interval.lo > 0 or m.interval.hi < 0):
                 m = replace(m, caveats=m.caveats + (
                     f"the interval excludes 0, the claim's own value: within the margin of {margin.value:g}, "
@@ -2306,6 +2317,8 @@ def _judge_rows(claim: Claim, margin: Margin, results: list[Result], missing: li
             "interval": interval,
             "interval_kind": "min to max" if claim.test == "sanity" else kind,
             "verdict": outcome,
+            # an interval wholly on one side of the margin, read inconclusive all the same: why
+            "inconclusive_why": overridden,
             "scope": "; ".join(x for x in (m.setup, claim.paper_setup) if x),
             "measured": m.detail + ((". " if not m.detail.rstrip().endswith(".") else " ")
                                     + f"Inconclusive by construction: {m.undetermined}." if m.undetermined else ""),

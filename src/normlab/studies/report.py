@@ -707,7 +707,8 @@ def write_html(out: Path, study_name: str, description: str, rows: list[dict[str
             "the interval column says what it is over. A verdict "
             "compares the interval with the margin fixed before the runs: <b>agrees</b> when the whole "
             "interval is on the claim's side, <b>disagrees</b> when it is wholly on the other side, "
-            "<b>inconclusive</b> when it straddles the margin. Where every seed gave the same value the "
+            "<b>inconclusive</b> when it straddles the margin, or where the runs cannot decide the row "
+            "whatever its interval (the reason under the verdict). Where every seed gave the same value the "
             "t-interval has no width: the row is judged by the sign test's 95% interval for the median, which "
             "needs 6 seeds (inconclusive with fewer), and its caveat says so. <b>sanity</b> rows are true by "
             "construction and are not verdicts; their interval is the min to max, not a confidence interval. "
@@ -727,7 +728,9 @@ def write_html(out: Path, study_name: str, description: str, rows: list[dict[str
                 f"<td class='num'>{_num(row['margin'], '{:g}')}</td><td class='num'>{_num(row['estimate'], '{:+.3f}')}</td>"
                 f"<td class='num'>{ci_cell}</td>"
                 f"<td class='num'>{row['n_seeds']}</td>"
-                f"<td><span class='verdict {esc(row['verdict'])}'>{esc(row['verdict'])}</span></td></tr>")
+                f"<td><span class='verdict {esc(row['verdict'])}'>{esc(row['verdict'])}</span>"
+                + (f"<div class='src'>whatever the interval: {esc(row['inconclusive_why'])}</div>"
+                   if row.get("inconclusive_why") else "") + "</td></tr>")
         parts.append("</table><h2>What each claim says, what was measured, and the scope</h2>")
         for row in rows:
             parts.append(
@@ -854,20 +857,27 @@ def write_markdown(out: Path, study_name: str, rows: list[dict[str, Any]], prov:
               "saying which; a sanity row's interval is its min to max, "
               "not a confidence interval. Verdicts compare the interval with the margin fixed before the runs "
               "(where every seed gave the same value, the sign test's 95% interval for the median, from 6 seeds; "
-              "inconclusive with fewer).", "",
+              "inconclusive with fewer); † marks a row the runs cannot decide whatever its interval, the reason "
+              "below the table.", "",
               "| claim | statistic | test | margin | estimate | interval | n | verdict |",
               "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         est = "-" if r["estimate"] is None else f"{r['estimate']:+.3f}"
         ci = _ci(r["ci95"], judged_margin(r))
         ci = ci if ci == "-" else f"{ci} {interval_label(r)}"
+        mark = " †" if r.get("inconclusive_why") else ""
         lines.append(f"| `{_md(r['id'])}` | {_md(r['statistic'])} | {r['test']} | {r['margin']:g} | {est} | {ci} "
-                     f"| {r['n_seeds']} | **{r['verdict']}** |")
+                     f"| {r['n_seeds']} | **{r['verdict']}**{mark} |")
+    overridden = [r for r in rows if r.get("inconclusive_why")]
+    if overridden:
+        lines += ["", "† Inconclusive whatever the interval says against the margin:", ""]
+        lines += [f"- `{_md(r['id'])}`: {_md(_sentence(r['inconclusive_why']))}" for r in overridden]
     configs = configurations(results or [], missing)
     if configs:
         lines += ["", "## Configurations at their best setting", "",
-                  "Each configuration is ranked and judged on its claims' measure: the test-half loss, or for the "
-                  "majority task the error (1 - the accuracy averaged over training).", "",
+                  "Each configuration is ranked and judged on its claims' measure: the loss, or for the majority "
+                  "task the error (1 - the accuracy averaged over training); its best setting is chosen on the "
+                  "select half of the validation set, its value read on the test half.", "",
                   "| study | configuration | layers | best | measure | value (test half, cross-fitted) | 95% CI "
                   "| largest lr, no seed failed | failed |",
                   "|---|---|---|---|---|---|---|---|---|"]

@@ -730,7 +730,7 @@ def run_config(spec: RunSpec, model: nn.Module | None = None) -> dict[str, Any]:
         "weight_decay": spec.weight_decay, "grad_clip": spec.grad_clip, "warmup_steps": spec.warmup_steps,
         "schedule": spec.schedule, "steps": spec.steps, "batch_size": spec.batch_size, "seq_len": spec.seq_len,
         "val_bytes": spec.val_bytes, "val_bytes_during": spec.val_bytes_during, "eval_every": spec.eval_every,
-        "probe_batches": spec.probe_batches,
+        "probe_batches": spec.probe_batches, "task_options": dict(spec.task_options),
     }
 
 
