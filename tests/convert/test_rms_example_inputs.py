@@ -31,3 +31,14 @@ def test_a_model_that_fails_on_its_example_inputs_is_a_conversion_error_left_unc
         layernorm_to_rmsnorm(model, example_inputs={"foo": 1})
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert type(model.transformer.h[0].ln_1) is type(hf_model("gpt2").transformer.h[0].ln_1)
+
+
+def test_out_of_memory_on_the_example_inputs_propagates_as_it_is(monkeypatch):
+    import normlab.convert.rms as rms
+
+    def oom(model, inputs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(rms, "run_outputs", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        layernorm_to_rmsnorm(perturb(hf_model("gpt2")), example_inputs=torch.zeros(1, 3, dtype=torch.long))

@@ -60,6 +60,9 @@ def _run(norm, rows, masked):
 
 
 def _worker(rank, store_path, out_path):
+    import warnings
+
+    warnings.simplefilter("error")  # (no deprecated collective, no other warning)
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD)
     try:
         results = {}
@@ -68,6 +71,19 @@ def _worker(rank, store_path, out_path):
                 norm = sync_batch_statistics(_make(kind))
                 results[kind, masked] = _run(norm, lambda split: slice(0, split) if rank == 0 else slice(split, 6),
                                              masked)
+        # the edges as one process takes them, on every rank alike
+        edges = {}
+        bn, pn = sync_batch_statistics(MaskedBatchNorm(D)), sync_batch_statistics(PowerNorm(D))
+        padded = torch.ones(2, 3, dtype=torch.bool)
+        for name, norm in (("bn", bn), ("pn", pn)):
+            try:  # every position on every rank padded: refused
+                norm(torch.randn(2, 3, D), padding_mask=padded)
+                edges[name, "padded"] = "ran"
+            except NormArgumentError as e:
+                edges[name, "padded"] = str(e)
+            y = norm(torch.randn(0, 3, D))  # every rank empty: no statistics (BatchNorm counts the batch)
+            edges[name, "empty"] = (tuple(y.shape), int(norm.num_batches_tracked if name == "bn" else norm.iters))
+        results["edges"] = edges
         torch.save(results, f"{out_path}.{rank}")
         dist.barrier()
     except BaseException:
@@ -104,6 +120,12 @@ def test_two_ranks_compute_what_one_process_computes(tmp_path):
             for name, buf in whole[2].items():  # running statistics, PowerNorm's nu: the same on every rank
                 torch.testing.assert_close(bufs0[name], buf, msg=f"{kind} {name}")
                 torch.testing.assert_close(bufs1[name], buf, msg=f"{kind} {name}")
+    for rank in ranks:
+        edges = rank["edges"]
+        assert "MaskedBatchNorm: expected more than 1 real (unpadded) position" in edges["bn", "padded"]
+        assert "got 0 over all ranks" in edges["bn", "padded"]
+        assert "PowerNorm: expected at least one real (unpadded) position over all ranks" in edges["pn", "padded"]
+        assert edges["bn", "empty"] == ((0, 3, D), 1) and edges["pn", "empty"] == ((0, 3, D), 0)
     # and without the sync each rank normalizes its own slice: the test can tell
     local = _run(_make("batchnorm"), lambda split: slice(0, split), False)
     assert not torch.allclose(local[2]["running_mean"], ranks[0]["batchnorm", False][2]["running_mean"])

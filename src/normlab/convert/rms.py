@@ -232,6 +232,8 @@ def _outputs_check(model: nn.Module, example_inputs, atol: float, rtol: float, w
     """A check of ``model``'s outputs after the conversion against those before (run now)."""
     try:
         before = run_outputs(model, example_inputs)
+    except torch.OutOfMemoryError:  # (not the inputs' fault: the caller's to handle, as it is)
+        raise
     except Exception as e:  # (the model's own error, e.g. "'int' object has no attribute 'size'")
         raise ConversionError(f"layernorm_to_rmsnorm: the model failed on example_inputs ({type(e).__name__}: "
                               f"{e}); the model is left unchanged") from e

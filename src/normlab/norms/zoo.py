@@ -155,44 +155,66 @@ def _synced(norm: nn.Module) -> tuple[bool, object]:
     return dist.get_world_size(group) > 1, group
 
 
-def _count(valid: Tensor, group: object) -> int:
-    """The real positions over every rank of ``group`` (one collective, read on the host:
-    every rank needs it to tell a batch with too few positions)."""
+def _counts(valid: Tensor, group: object) -> tuple[int, int]:
+    """(real positions, positions) over every rank of ``group``: one collective, read on
+    the host (every rank needs them alike: to tell a batch with too few real positions,
+    and one empty on every rank, which counts no statistics)."""
     import torch.distributed as dist
 
-    n = valid.sum(dtype=torch.float64).reshape(1)
+    n = torch.stack([valid.sum(dtype=torch.float64), torch.tensor(valid.numel(), dtype=torch.float64,
+                                                                  device=valid.device)])
     dist.all_reduce(n, group=group)
-    return int(n.item())
+    real, rows = n.tolist()
+    return int(real), int(rows)
 
 
-def _global_moments(xf: Tensor, valid: Tensor, group: object) -> tuple[Tensor, Tensor, int]:
+class _AllReduceSum(torch.autograd.Function):
+    """The sum of ``x`` over the ranks of ``group``, differentiable: the gradient of each
+    rank's loss reaches every rank's input (backward: the sum of the ranks' gradients),
+    as in torch.nn.SyncBatchNorm."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        import torch.distributed as dist
+
+        ctx.group = group
+        out = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        import torch.distributed as dist
+
+        g = g.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
+def _global_moments(xf: Tensor, valid: Tensor, group: object) -> tuple[Tensor, Tensor, int, int]:
     """The mean and biased variance of ``xf``'s real positions over every rank of
-    ``group``, per channel, differentiable across the ranks (the gradient of each rank's
-    loss reaches every rank's input through the shared statistics, as in
-    torch.nn.SyncBatchNorm), and the global count. Two passes, as a single process
-    computes them (no sum-of-squares cancellation)."""
-    from torch.distributed.nn.functional import all_reduce
-
-    n = _count(valid, group)
+    ``group``, per channel, differentiable across the ranks (``_AllReduceSum``), with the
+    global counts of real positions and of positions (``_counts``). Two passes, as a
+    single process computes them (no sum-of-squares cancellation)."""
+    n, rows = _counts(valid, group)
     if n < 2:
-        return xf.new_zeros(()), xf.new_zeros(()), n
+        return xf.new_zeros(()), xf.new_zeros(()), n, rows
     dims = tuple(range(xf.dim() - 1))
-    mean = all_reduce(xf.sum(dims), group=group) / n
-    var = all_reduce((((xf - mean) * valid).square()).sum(dims), group=group) / n
-    return mean, var, n
+    mean = _AllReduceSum.apply(xf.sum(dims), group) / n
+    var = _AllReduceSum.apply((((xf - mean) * valid).square()).sum(dims), group) / n
+    return mean, var, n, rows
 
 
-_GLOBAL_MOMENTS = None
+_EAGER: dict = {}
 
 
-def _global_moments_eager():
-    """``_global_moments`` outside any compiled graph (its collectives are eager ones:
-    a graph break under torch.compile, refused under fullgraph=True)."""
-    global _GLOBAL_MOMENTS
-    if _GLOBAL_MOMENTS is None:
-        _GLOBAL_MOMENTS = torch.compiler.disable(
-            _global_moments, reason="synced batch statistics run eager collectives (torch.distributed.nn)")
-    return _GLOBAL_MOMENTS
+def _eager(fn):
+    """``fn`` outside any compiled graph (its collectives are eager ones: a graph break
+    under torch.compile, refused under fullgraph=True); made on first use (disabling
+    imports torch._dynamo, which a plain ``import normlab`` does not pay for)."""
+    if fn not in _EAGER:
+        _EAGER[fn] = torch.compiler.disable(fn, reason="synced batch statistics run eager collectives")
+    return _EAGER[fn]
 
 
 def sync_batch_statistics(model: nn.Module, process_group: object = None) -> nn.Module:
@@ -206,6 +228,8 @@ def sync_batch_statistics(model: nn.Module, process_group: object = None) -> nn.
 
     Every rank must then call each such norm in training mode the same number of times,
     in the same order (each call is a collective; an empty slice on one rank takes part).
+    A ``process_group`` other than the default is held by each norm, which then neither
+    pickles nor deep-copies (as torch.nn.SyncBatchNorm's); ``state_dict`` is unchanged.
     Outside torch.distributed, or over a group of one rank, the norms compute as before.
     Eval mode uses the running statistics, which the synced steps keep equal on every
     rank. Under torch.compile the collectives break the graph (fullgraph=True refuses
@@ -274,10 +298,10 @@ class MaskedBatchNorm(ResidualNorm, nn.Module):
         xf = torch.where(valid.bool(), x.to(valid.dtype), 0.0) if padding_mask is not None else x.to(valid.dtype)
         synced, group = _synced(self) if self.training else (False, None)
         if synced:  # over every rank's real positions (an empty slice takes part)
-            mean, var, n = _global_moments_eager()(xf, valid, group)
-            if n == 1:
-                raise NormArgumentError(f"{_MBN_TOO_FEW}, got 1 over all ranks")
-        if self.training and (n == 0 if synced else x.numel() == 0):
+            mean, var, n, rows = _eager(_global_moments)(xf, valid, group)
+            if n < 2 and rows:  # (every rank empty: an empty batch, below)
+                raise NormArgumentError(f"{_MBN_TOO_FEW}, got {n} over all ranks")
+        if self.training and (rows == 0 if synced else x.numel() == 0):
             # an empty batch, as torch's BatchNorm takes it: counted, the running statistics
             # kept, an empty output still joined to gamma and beta's graph
             with torch.no_grad():
@@ -369,14 +393,15 @@ class _PowerNormScale(torch.autograd.Function):
         with torch.no_grad():
             d = x_hat.shape[-1]
             # (a 1-D input is one position)
-            sums = torch.cat([(g * x_hat).reshape(-1, d).sum(0), x_hat.square().reshape(-1, d).sum(0),
-                              valid.sum().reshape(1)])
-            if ctx.synced:  # over every rank's real positions, as the forward's
+            lam, gam, n = (g * x_hat).reshape(-1, d).sum(0), x_hat.square().reshape(-1, d).sum(0), valid.sum()
+            if ctx.synced:  # over every rank's real positions, as the forward's (one collective)
                 import torch.distributed as dist
 
+                sums = torch.cat([lam, gam, n.reshape(1)])
                 dist.all_reduce(sums, group=ctx.group)
-            n = sums[-1].clamp_min(1)
-            lam, gam = sums[:d] / n, sums[d:2 * d] / n
+                lam, gam, n = sums[:d], sums[d:2 * d], sums[-1]
+            n = n.clamp_min(1)
+            lam, gam = lam / n, gam / n
             new = grad_ema * (1 - (1 - ctx.alpha_bkw) * gam) + (1 - ctx.alpha_bkw) * lam
             # a gradient that is not finite (a loss scaler's overflow step, which it skips)
             # leaves nu as it was: kept, it would make every later gradient non-finite
@@ -394,21 +419,22 @@ _POWERNORM_RECOMPUTED = (
 
 
 def _powernorm_statistics(norm: PowerNorm, xf: Tensor, valid: Tensor, masked: bool, synced: bool,
-                          group: object) -> Tensor:
+                          group: object, real: int) -> Tensor:
     """One training step's statistics: counts the step, updates ``running_phi`` and
     returns the phi this step divides by (the batch's during warm-up, else the running
     one of the previous step). Outside any compiled graph (``_powernorm_step``): traced,
     the in-place buffer updates and the value read before them were not kept apart, so
     the backward divided by the updated psi. The warm-up switch is taken on the device
     (no host sync per step); only a padding mask's count of real positions is read.
-    ``synced``: over every rank of the process group ``group`` (``_synced``)."""
+    ``synced``: over every rank of the process group ``group`` (``_synced``), whose real
+    positions (``real``, counted by ``_counts``) every rank takes."""
     if torch._C._current_graph_task_id() != -1:
         raise RuntimeError(_POWERNORM_RECOMPUTED)
     with torch.no_grad():
         if synced:  # over every rank's real positions (an empty slice takes part)
             import torch.distributed as dist
 
-            n = _count(valid, group)
+            n = real
             if n < 1:
                 raise NormArgumentError("PowerNorm: expected at least one real (unpadded) position over all "
                                         "ranks when training")
@@ -523,10 +549,13 @@ class PowerNorm(ResidualNorm, nn.Module):
             g = xf.unflatten(-1, (self.groups, self.dim // self.groups))
             xf = (g * torch.rsqrt(g.square().mean(-1, keepdim=True) + self.eps)).flatten(-2)
         synced, group = _synced(self) if self.training else (False, None)
-        if self.training and x.numel() == 0 and not synced:
-            y = xf  # an empty batch: no statistics, so no step counted (its warm-up counts steps with statistics)
+        real, rows = _eager(_counts)(valid, group) if synced else (0, x.numel())
+        if self.training and rows == 0:
+            # an empty batch (on every rank, synced): no statistics, so no step counted (its
+            # warm-up counts steps with statistics)
+            y = xf
         elif self.training:  # (synced: an empty slice takes part in the collectives)
-            phi = _powernorm_step()(self, xf, valid, padding_mask is not None, synced, group)
+            phi = _powernorm_step()(self, xf, valid, padding_mask is not None, synced, group, real)
             psi = torch.sqrt(phi.to(xf.dtype) + self.eps)
             y = _PowerNormScale.apply(xf, psi, self.grad_ema, valid, self.alpha_bkw, padding_mask is not None,
                                       synced, group)
