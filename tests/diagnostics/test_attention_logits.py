@@ -192,3 +192,14 @@ def test_an_all_padded_call_reads_nan_and_a_float_mask_is_read_as_nonzero():
     with AttentionLogitMonitor(model) as as_bool:
         model(x, pad.bool())
     assert as_float.by_layer() == as_bool.by_layer() and math.isfinite(as_bool.by_layer()[0])
+
+
+def test_entering_a_monitor_again_while_attached_adds_no_second_set_of_hooks():
+    torch.manual_seed(0)
+    model = TransformerLM(TransformerConfig(vocab_size=64, d_model=16, n_heads=2, n_layers=2, d_ff=32))
+    monitor = AttentionLogitMonitor(model)
+    with monitor, monitor:  # (each hook recomputed every logit: twice the work)
+        assert all(len(m._forward_hooks) == 1 for _, m in monitor.modules)
+        model(torch.randint(0, 64, (2, 8)))
+        assert all(math.isfinite(v) for v in monitor.by_layer())
+    assert all(not m._forward_hooks for _, m in monitor.modules)

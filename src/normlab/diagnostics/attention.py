@@ -45,8 +45,9 @@ class AttentionLogitMonitor:
 
     def __enter__(self) -> AttentionLogitMonitor:
         self._max.clear()
-        for name, m in self.modules:
-            self._handles.append(m.register_forward_hook(self._hook(name), with_kwargs=True))
+        if not self._handles:  # (entered again while attached: one set of hooks, not two recomputing each logit)
+            for name, m in self.modules:
+                self._handles.append(m.register_forward_hook(self._hook(name), with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
