@@ -138,7 +138,8 @@ def test_weights_that_do_not_fit_their_own_config_are_summarized(tmp_path):
     assert line.rstrip().endswith(")") and "Error(s) in loading state_dict" not in line
 
 
-def test_a_missing_weight_is_named(tmp_path):
+def _missing_weight(tmp_path):
+    """A normlab file that lacks one of its config's weights: (its path, the key gone)."""
     import safetensors.torch
 
     src = _saved(tmp_path / "good.safetensors")
@@ -147,7 +148,12 @@ def test_a_missing_weight_is_named(tmp_path):
     del state[gone]
     safetensors.torch.save_file(state, str(tmp_path / "bad.safetensors"), metadata={
         "normlab.model": "TransformerLM", "normlab.config": json.dumps(_cfg().to_dict())})
-    _refused([tmp_path / "bad.safetensors", tmp_path / "out"], "SRC", "1 missing key", gone)
+    return tmp_path / "bad.safetensors", gone
+
+
+def test_a_missing_weight_is_named(tmp_path):
+    bad, gone = _missing_weight(tmp_path)
+    _refused([bad, tmp_path / "out"], "SRC", "1 missing key", gone)
 
 
 # ---------------------------------------------------------------------- directories

@@ -8,28 +8,15 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from normlab.cli import app
-from normlab.models import TransformerConfig, TransformerLM, save_model
-
-
-def _cfg(**kw) -> TransformerConfig:
-    return TransformerConfig(**{**dict(vocab_size=50, d_model=16, n_heads=2, n_layers=1, max_seq_len=8), **kw})
-
-
-def _saved(path, **kw):
-    torch.manual_seed(0)
-    save_model(TransformerLM(_cfg(**kw)), path)
-    return path
-
-
-def _with_metadata(path, src, **meta):
-    import safetensors.torch
-
-    safetensors.torch.save_file(safetensors.torch.load_file(str(src)), str(path), metadata=meta)
-    return path
+from tests.convert.test_convert_review8 import (  # (the same tiny files)
+    _cfg,
+    _missing_weight,
+    _saved,
+    _with_metadata,
+)
 
 
 def _refused(spec, *needles: str) -> str:
@@ -78,15 +65,8 @@ def test_weights_that_do_not_fit_their_own_config_are_summarized(tmp_path):
 
 
 def test_a_missing_weight_is_named(tmp_path):
-    import safetensors.torch
-
-    src = _saved(tmp_path / "good.safetensors")
-    state = safetensors.torch.load_file(str(src))
-    gone = sorted(state)[0]
-    del state[gone]
-    safetensors.torch.save_file(state, str(tmp_path / "bad.safetensors"), metadata={
-        "normlab.model": "TransformerLM", "normlab.config": json.dumps(_cfg().to_dict())})
-    _refused(tmp_path / "bad.safetensors", "1 missing key", gone)
+    bad, gone = _missing_weight(tmp_path)
+    _refused(bad, "1 missing key", gone)
 
 
 @pytest.mark.parametrize("config_json", ["normlab", "none"])

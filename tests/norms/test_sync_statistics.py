@@ -1,16 +1,13 @@
 """Batch statistics over every rank (``sync_batch_statistics``), and PowerNorm under a
 loss scaler's overflow step."""
 
-import os
-import sys
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from normlab.errors import NormArgumentError
 from normlab.norms import MaskedBatchNorm, PowerNorm, sync_batch_statistics
+from tests._gloo import gloo_group, leave
 
 WORLD = 2
 D = 4
@@ -63,8 +60,7 @@ def _worker(rank, store_path, out_path):
     import warnings
 
     warnings.simplefilter("error")  # (no deprecated collective, no other warning)
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, store_path, WORLD):
         results = {}
         for kind in ("batchnorm", "powernorm"):
             for masked in (False, True):
@@ -85,15 +81,7 @@ def _worker(rank, store_path, out_path):
             edges[name, "empty"] = (tuple(y.shape), int(norm.num_batches_tracked if name == "bn" else norm.iters))
         results["edges"] = edges
         torch.save(results, f"{out_path}.{rank}")
-        dist.barrier()
-    except BaseException:
-        traceback.print_exc()
-        raise
-    finally:
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # (as test_dtensor's workers: no interpreter teardown after the group is gone)
+    leave()
 
 
 def test_two_ranks_compute_what_one_process_computes(tmp_path):

@@ -5,14 +5,13 @@ sequence-parallel (x sharded on the sequence dim, weight replicated) and data-pa
 from __future__ import annotations
 
 import os
-import sys
-import traceback
 from unittest import mock
 
 import pytest
 import torch
 
 import normlab
+from tests._gloo import gloo_group, leave
 from tests.ops.helpers import DEVICE, needs_kernels
 
 dist = pytest.importorskip("torch.distributed")
@@ -72,8 +71,7 @@ def _worker(rank, store_path):
 
     import normlab.ops.triton.custom_ops as custom_ops
 
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, store_path, WORLD):
         mesh = init_device_mesh("cpu", (WORLD,))
         F = normlab.functional
         import normlab.diagnostics.per_example as PE
@@ -113,18 +111,7 @@ def _worker(rank, store_path):
             assert tuple(buf.placements) == (Shard(1),)
             assert want[0].min() > 0
             _close(buf.full_tensor(), want, "per_example_grad_sq")
-        dist.barrier()  # no rank tears the group down while the other still talks (gloo aborts)
-    except BaseException:
-        traceback.print_exc()
-        raise
-    finally:
-        dist.destroy_process_group()
-    # every check passed: leave without the interpreter's teardown, where a C++ thread's
-    # destructor sometimes aborts the process after the group is gone ("terminate called
-    # without an active exception", about 1 run in 10 on a 2-core CPU)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()
 
 
 def test_dtensor_matches_single_process(tmp_path):
