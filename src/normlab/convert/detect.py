@@ -231,6 +231,18 @@ class CastCheck:
                 f"has), or keep it in {was}", stacklevel=2)
 
 
+def cast_check_for(module: nn.Module, sem: NormSemantics) -> CastCheck | None:
+    """The ``CastCheck`` a module swapped in for ``module`` carries: one for a norm whose
+    semantics a probe established (in one dtype), none for torch's own LayerNorm/RMSNorm
+    (normlab's semantics in every dtype by construction) or a norm without floating
+    parameters (nothing a cast changes)."""
+    if _inherits_forward(module, nn.LayerNorm) or _inherits_forward(module, nn.RMSNorm):
+        return None
+    if not any(p.is_floating_point() for p in module.parameters(recurse=False)):
+        return None
+    return CastCheck(module, sem)
+
+
 def _eps_of(module: nn.Module) -> float | None:
     for attr in EPS_ATTRS:
         v = getattr(module, attr, None)

@@ -10,7 +10,7 @@ from torch.nn.utils import parametrize
 
 from normlab.convert.args import check_module, check_patterns
 from normlab.convert.blocks import block_entry, block_spec
-from normlab.convert.detect import CastCheck, NormSemantics, semantics
+from normlab.convert.detect import NormSemantics, cast_check_for, semantics
 from normlab.convert.fused import fuse, is_fused
 from normlab.convert.report import ConversionError, ConversionReport
 from normlab.convert.verify import HOOK_DICTS
@@ -171,11 +171,8 @@ def swap_norms(
             report.add(path, module, "left", sem)
             continue
         new = sem.build(module)
-        if any(p.is_floating_point() for p in module.parameters(recurse=False)) and not (
-                isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and type(module).forward in (
-                nn.LayerNorm.forward, nn.RMSNorm.forward)):
-            # verified on a probe in today's dtype: a later cast is probed again (CastCheck)
-            new.cast_check = CastCheck(module, sem)
+        if (check := cast_check_for(module, sem)) is not None:
+            new.cast_check = check  # verified on a probe in today's dtype: a later cast is checked
         for p in paths[id(module)]:
             replace_module(model, p, new)
         report.add(path, module, "swapped", _describe(sem, new))
