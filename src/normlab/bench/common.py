@@ -232,12 +232,21 @@ def check_backend(device: torch.device) -> None:
     "triton" needs triton installed and CUDA tensors, or ``TRITON_INTERPRET=1`` on the
     CPU. Refused up front, naming the variable (as the root command refuses a bad name),
     rather than as a traceback from the first op."""
-    from normlab.backend import resolve
+    from normlab.backend import get_backend, resolve, triton_available
 
+    hint = "NORMLAB_BACKEND (environment variable)"
+    if device.type == "cuda":
+        # resolve's rule for CUDA tensors, without allocating one there (the check runs
+        # before anything else: a study's runs are in other processes, and a CUDA
+        # context started here would be the command's own, for nothing)
+        if get_backend() == "triton" and not triton_available():
+            raise typer.BadParameter("normlab backend 'triton' was asked for, but triton is not installed "
+                                     "(pip install 'normlab[triton]')", param_hint=hint)
+        return
     try:
         resolve(torch.empty(0, device=device))
     except RuntimeError as err:
-        raise typer.BadParameter(str(err), param_hint="NORMLAB_BACKEND (environment variable)") from None
+        raise typer.BadParameter(str(err), param_hint=hint) from None
 
 
 def check_positive(value: int | None, param_hint: str, most: int = 2**31 - 1) -> int | None:

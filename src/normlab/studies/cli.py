@@ -98,7 +98,9 @@ def study(
         _check_out(out, spec, report_only)
         env = setup_env(device, dtype)
         if launcher is None and not report_only:  # the runs' ops run here: a backend that cannot, refused
-            _check_backend_here(env.device)
+            from normlab.bench.common import check_backend
+
+            check_backend(env.device)
         try:
             _, report = run_study(spec, out, env, data=str(data) if data else None, console=console,
                                   workers=n_workers, keep_weights=keep_weights, launcher=launcher,
@@ -171,20 +173,6 @@ def _check_out(out: Path, spec, report_only: bool) -> None:
                             or any((study_dir / r.name).is_dir() for r in spec.runs)):
         raise typer.BadParameter(f"{out} holds no runs of {spec.name!r} (no run folder in {study_dir}), nothing to "
                                  "report; expected the --out the runs were made with", param_hint="--out")
-
-
-def _check_backend_here(device) -> None:
-    """``$NORMLAB_BACKEND`` runs the runs' ops on ``device``: on the CPU as every command
-    checks it (``check_backend``); on a GPU, without allocating there, that triton is
-    installed where it is asked for (its kernels take CUDA tensors)."""
-    from normlab.backend import get_backend, triton_available
-    from normlab.bench.common import check_backend
-
-    if device.type != "cuda":
-        check_backend(device)
-    elif get_backend() == "triton" and not triton_available():
-        raise typer.BadParameter("normlab backend 'triton' was asked for, but triton is not installed "
-                                 "(pip install 'normlab[triton]')", param_hint="NORMLAB_BACKEND (environment variable)")
 
 
 def _check_device(text: str | None) -> str | None:
