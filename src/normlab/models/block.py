@@ -69,14 +69,18 @@ def check_padding_mask(where: str, name: str, mask: Tensor | None, tokens: Tenso
         )
 
 
-def check_context(where: str, context: Tensor, batch: int, d_model: int | None) -> None:
-    """A cross-attention's context: [B, S, d_model], B the batch of the stream it meets."""
+def check_context(where: str, context: Tensor, batch: int, d_model: int | None,
+                  context_padding_mask: Tensor | None = None) -> None:
+    """A cross-attention's context: [B, S, d_model], B the batch of the stream it meets,
+    and its ``context_padding_mask``: None or bool [B, S]."""
     if (not isinstance(context, Tensor) or context.dim() != 3 or context.shape[0] != batch
             or (d_model is not None and context.shape[-1] != d_model)):
         got = f"{list(context.shape)}" if isinstance(context, Tensor) else type(context).__name__
         raise ValueError(f"{where}: expected context of shape [B, S, d_model] = [{batch}, S, "
                          f"{'d_model' if d_model is None else d_model}] (the encoder's output for the input's "
                          f"batch), got {got}")
+    check_padding_mask(where, "context_padding_mask", context_padding_mask, context.shape[:2],
+                       "[B, S] of the context")
 
 
 class Embedding(nn.Module):
@@ -266,9 +270,7 @@ class Block(nn.Module):
                              "Block: got context, but this block has no cross-attention (an encoder's or a "
                              "decoder-only model's); expected context=None")
         if context is not None:
-            check_context("Block", context, stream.x.shape[0], self.d_model)
-            check_padding_mask("Block", "context_padding_mask", context_padding_mask, context.shape[:2],
-                               "[B, S] of the context")
+            check_context("Block", context, stream.x.shape[0], self.d_model, context_padding_mask)
         elif context_padding_mask is not None or context_mask is not None:
             raise ValueError("Block: got a context mask without context; expected context (the encoder's output "
                              "[B, S, d_model]) with it, or neither")
@@ -419,9 +421,7 @@ class BlockStack(nn.Module):
         check_padding_mask(where, "padding_mask", padding_mask, x.shape[:2], "[B, T] of x, the input")
         cross = context is not None and len(self.blocks) > 0 and self.blocks[0].cross_attn is not None
         if cross:
-            check_context(where, context, x.shape[0], self.blocks[0].d_model)
-            check_padding_mask(where, "context_padding_mask", context_padding_mask, context.shape[:2],
-                               "[B, S] of the context")
+            check_context(where, context, x.shape[0], self.blocks[0].d_model, context_padding_mask)
         elif context is None and context_padding_mask is not None:
             raise ValueError(f"{where}: got context_padding_mask without context; expected both (the encoder's "
                              f"output [B, S, d_model] and its [B, S] mask) or neither")
