@@ -208,12 +208,12 @@ def _global_moments(xf: Tensor, valid: Tensor, group: object) -> tuple[Tensor, T
 _EAGER: dict = {}
 
 
-def _eager(fn):
-    """``fn`` outside any compiled graph (its collectives are eager ones: a graph break
-    under torch.compile, refused under fullgraph=True); made on first use (disabling
-    imports torch._dynamo, which a plain ``import normlab`` does not pay for)."""
+def _eager(fn, reason: str = "synced batch statistics run eager collectives"):
+    """``fn`` under ``torch.compiler.disable`` (outside any compiled graph: a graph break
+    under torch.compile, refused under fullgraph=True, with ``reason``); made on first use
+    (disabling imports torch._dynamo, which a plain ``import normlab`` does not pay for)."""
     if fn not in _EAGER:
-        _EAGER[fn] = torch.compiler.disable(fn, reason="synced batch statistics run eager collectives")
+        _EAGER[fn] = torch.compiler.disable(fn, reason=reason)
     return _EAGER[fn]
 
 
@@ -422,7 +422,7 @@ def _powernorm_statistics(norm: PowerNorm, xf: Tensor, valid: Tensor, masked: bo
                           group: object, real: int) -> Tensor:
     """One training step's statistics: counts the step, updates ``running_phi`` and
     returns the phi this step divides by (the batch's during warm-up, else the running
-    one of the previous step). Outside any compiled graph (``_powernorm_step``): traced,
+    one of the previous step). Outside any compiled graph (``_eager``): traced,
     the in-place buffer updates and the value read before them were not kept apart, so
     the backward divided by the updated psi. The warm-up switch is taken on the device
     (no host sync per step); only a padding mask's count of real positions is read.
@@ -461,19 +461,8 @@ def _powernorm_statistics(norm: PowerNorm, xf: Tensor, valid: Tensor, masked: bo
     return phi
 
 
-_POWERNORM_STEP = None
-
-
-def _powernorm_step():
-    """``_powernorm_statistics`` under ``torch.compiler.disable``, made on first use
-    (disabling imports torch._dynamo, which a plain ``import normlab`` does not pay for)."""
-    global _POWERNORM_STEP
-    if _POWERNORM_STEP is None:
-        _POWERNORM_STEP = torch.compiler.disable(
-            _powernorm_statistics,
-            reason="PowerNorm's training-mode step updates its running statistics in place, outside "
-                   "the graph: compile it with fullgraph=False, or compile the model in eval mode")
-    return _POWERNORM_STEP
+_POWERNORM_STEP_REASON = ("PowerNorm's training-mode step updates its running statistics in place, outside the "
+                          "graph: compile it with fullgraph=False, or compile the model in eval mode")
 
 
 @register_norm("powernorm")
@@ -555,7 +544,8 @@ class PowerNorm(ResidualNorm, nn.Module):
             # warm-up counts steps with statistics)
             y = xf
         elif self.training:  # (synced: an empty slice takes part in the collectives)
-            phi = _powernorm_step()(self, xf, valid, padding_mask is not None, synced, group, real)
+            step = _eager(_powernorm_statistics, _POWERNORM_STEP_REASON)
+            phi = step(self, xf, valid, padding_mask is not None, synced, group, real)
             psi = torch.sqrt(phi.to(xf.dtype) + self.eps)
             y = _PowerNormScale.apply(xf, psi, self.grad_ema, valid, self.alpha_bkw, padding_mask is not None,
                                       synced, group)
